@@ -1,0 +1,1 @@
+"""The daemon's inside: Pykka actors that route, order, deduplicate, store and report events."""

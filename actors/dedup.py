@@ -1,0 +1,244 @@
+"""The dedup actor: the only owner of the SQLite write connection, and where duplicates are found.
+
+Ordering actors ask it which event ids are new (a read inside the writer's connection, so it
+sees rows written but not yet committed), then tell it the rows to write. It groups writes into
+one transaction until its inbox runs dry, ``commit_max_events`` events are waiting or
+``commit_max_ms`` has passed (group commit), and only after COMMIT returns does it count the
+events as processed: it publishes the new counters, answers the acknowledged batches the commit
+completed and gives the in-flight credit back. Counters are written in the same transaction as
+the rows, so they survive restarts and agree with the rows after a crash.
+
+A failed commit (disk full, I/O error) is rolled back; its writes are kept and retried with
+backoff, their ids still count as present so no retry can store an event twice, and no
+acknowledgement is sent until they commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pykka
+import zmq
+
+from actors.flow import InFlight, LiveFigures
+from actors.messages import (
+    AddRejected,
+    AckTicket,
+    ClassifyRequest,
+    ClassifyResult,
+    Freeze,
+    Ping,
+    Sync,
+    Tick,
+    WriteBatch,
+)
+from actors.store import COUNTER_NAMES, EventStore, TopicDelta, connect_writer
+
+log = logging.getLogger(__name__)
+
+ACK_ENDPOINT = "inproc://eventagg-acks"
+
+_RETRY_BASE_S = 0.1
+_RETRY_CAP_S = 5.0
+
+
+class DedupActor(pykka.ThreadingActor):
+    """Owns the database; classifies ids as new or duplicate; writes and commits in groups."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: str,
+        commit_max_events: int,
+        commit_max_ms: int,
+        in_flight: InFlight,
+        live: LiveFigures,
+        zmq_context: zmq.Context[Any],
+    ) -> None:
+        super().__init__()
+        self._path = path
+        self._synchronous = synchronous
+        self._commit_max_events = commit_max_events
+        self._commit_max_s = commit_max_ms / 1000
+        self._in_flight = in_flight
+        self._live = live
+        self._zmq_context = zmq_context
+        self._store: EventStore | None = None
+        self._acks: zmq.Socket[Any] | None = None
+        self._writes: list[WriteBatch] = []
+        self._rejected = 0
+        self._txn_events = 0
+        self._txn_started = 0.0
+        self._failed_keys: set[tuple[str, str]] = set()
+        self._retry_at = 0.0
+        self._retry_delay = _RETRY_BASE_S
+        self._counters: dict[str, int] = {}
+
+    def on_start(self) -> None:
+        # The connection is opened here, on the actor's own thread, never in __init__.
+        self._store = EventStore(connect_writer(self._path, self._synchronous))
+        self._counters = self._store.counters()
+        self._live.committed = dict(self._counters)
+        self._acks = self._zmq_context.socket(zmq.PUSH)
+        self._acks.setsockopt(zmq.LINGER, 0)
+        self._acks.connect(ACK_ENDPOINT)
+
+    def on_stop(self) -> None:
+        self._commit()
+        self._close()
+
+    def on_failure(self, *args: object) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        if self._acks is not None:
+            self._acks.close(linger=1000)
+            self._acks = None
+
+    def on_receive(self, message: Any) -> Any:
+        try:
+            return self._handle(message)
+        finally:
+            if self._writes or self._rejected:
+                self._maybe_commit()
+
+    def _handle(self, message: Any) -> Any:
+        if isinstance(message, ClassifyRequest):
+            return self._classify(message)
+        if isinstance(message, WriteBatch):
+            self._write(message)
+        elif isinstance(message, AddRejected):
+            self._rejected += message.count
+        elif isinstance(message, Sync):
+            self._commit()
+            return not self._writes
+        elif isinstance(message, Ping):
+            return self._store is not None
+        elif isinstance(message, Tick):
+            pass  # a chance to retry a failed commit; _maybe_commit runs after every message
+        elif isinstance(message, Freeze):
+            time.sleep(message.seconds)
+        else:
+            log.error("dedup actor got an unknown message %r", message)
+        return None
+
+    def _classify(self, request: ClassifyRequest) -> ClassifyResult:
+        assert self._store is not None
+        new_ids: dict[str, set[str]] = {}
+        for topic, ids in request.ids.items():
+            existing = self._store.existing_ids(topic, ids)
+            if self._failed_keys:
+                existing.update(i for i in ids if (topic, i) in self._failed_keys)
+            new_ids[topic] = {i for i in ids if i not in existing}
+        states = self._store.topic_states(request.unknown_topics) if request.unknown_topics else {}
+        return ClassifyResult(new_ids, states)
+
+    def _write(self, write: WriteBatch) -> None:
+        assert self._store is not None
+        if not self._writes and not self._rejected:
+            self._txn_started = time.monotonic()
+        if self._failed_keys:
+            # Earlier writes wait for a retry; queue behind them so commit order stays arrival order.
+            self._writes.append(write)
+            self._failed_keys.update((row[0], row[1]) for row in write.rows)
+            return
+        if not self._store.in_transaction:
+            self._store.begin()
+        self._store.insert(write.rows)
+        self._writes.append(write)
+        self._txn_events += write.events
+
+    def _maybe_commit(self) -> None:
+        now = time.monotonic()
+        if self._failed_keys:
+            if now >= self._retry_at:
+                self._commit()
+            return
+        if (
+            self.actor_inbox.empty()
+            or self._txn_events >= self._commit_max_events
+            or now - self._txn_started >= self._commit_max_s
+        ):
+            self._commit()
+
+    def _commit(self) -> None:
+        """Commit the open group of writes, then publish counters, send acks and release credit."""
+        store = self._store
+        if store is None or (not self._writes and not self._rejected):
+            return
+        writes = self._writes
+        totals = dict.fromkeys(COUNTER_NAMES, 0)
+        topics: dict[str, TopicDelta] = {}
+        for write in writes:
+            totals["received"] += write.events
+            totals["unique_processed"] += len(write.rows)
+            for topic, delta in write.topics.items():
+                total = topics.get(topic)
+                if total is None:
+                    topics[topic] = total = TopicDelta()
+                total.last_seq = max(total.last_seq, delta.last_seq)
+                total.last_ts_ns = max(total.last_ts_ns, delta.last_ts_ns)
+                total.received += delta.received
+                total.duplicate_dropped += delta.duplicate_dropped
+                total.late += delta.late
+                totals["duplicate_dropped"] += delta.duplicate_dropped
+                totals["late"] += delta.late
+        totals["rejected"] = self._rejected
+        try:
+            if self._failed_keys:
+                store.begin()
+                for write in writes:
+                    store.insert(write.rows)
+            elif not store.in_transaction:
+                store.begin()
+            store.add_counts(topics, totals)
+            store.commit()
+        except sqlite3.Error as exc:
+            store.rollback()
+            self._failed_keys = {(row[0], row[1]) for write in writes for row in write.rows}
+            self._retry_at = time.monotonic() + self._retry_delay
+            log.error(
+                "commit of %d events failed (%s); nothing of it is acknowledged; retrying in %.1f s",
+                sum(w.events for w in writes), exc, self._retry_delay,
+            )
+            self._retry_delay = min(self._retry_delay * 2, _RETRY_CAP_S)
+            self._live.last_commit_error = str(exc)
+            return
+        if self._failed_keys:
+            log.warning("commit succeeded again after a failure; %d events stored", totals["unique_processed"])
+        self._failed_keys = set()
+        self._retry_delay = _RETRY_BASE_S
+        self._live.last_commit_error = None
+        self._writes = []
+        self._rejected = 0
+        self._txn_events = 0
+        self._after_commit(writes, totals, topics)
+
+    def _after_commit(self, writes: list[WriteBatch], totals: dict[str, int], topics: dict[str, TopicDelta]) -> None:
+        counters = self._counters
+        for name, value in totals.items():
+            counters[name] += value
+        counters["topic_count"] += sum(write.new_topics for write in writes)
+        self._live.committed = dict(counters)
+        self._live.commits += 1
+        finished: list[AckTicket] = []
+        for write in writes:
+            for ticket, (new, duplicate) in write.tickets.items():
+                ticket.new += new
+                ticket.duplicate += duplicate
+                ticket.remaining -= new + duplicate
+                if ticket.remaining == 0:
+                    finished.append(ticket)
+        self._in_flight.release(totals["received"])
+        if finished and self._acks is not None:
+            for ticket in finished:
+                self._acks.send_multipart([*ticket.envelope, msgpack.packb(ticket.reply())])

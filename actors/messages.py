@@ -1,0 +1,137 @@
+"""The messages the actors send each other, one frozen-ish dataclass each.
+
+Batches flow through the pipeline, never single events: ingest → router (:class:`IngestBatch`)
+→ ordering actor (:class:`OrderingBatch`) → dedup actor (:class:`ClassifyRequest` as an ask,
+then :class:`WriteBatch` as a tell). An :class:`AckTicket` rides along with the events of an
+acknowledged batch and is answered once every one of its events is committed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from actors.store import Row, TopicDelta, TopicState
+from transport.schema import Event
+
+
+@dataclass(slots=True, eq=False)
+class AckTicket:
+    """An acknowledged batch waiting for its events to commit.
+
+    Only the dedup actor's thread touches ``remaining``, ``new`` and ``duplicate`` after the
+    ticket is handed to the router, so they need no lock.
+    """
+
+    envelope: list[bytes]
+    batch_id: int | str
+    remaining: int
+    rejected: list[tuple[int, str]]
+    new: int = 0
+    duplicate: int = 0
+
+    def reply(self) -> dict[str, object]:
+        """The acknowledgement map sent back to the publisher."""
+        return {
+            "batch": self.batch_id,
+            "new": self.new,
+            "duplicate": self.duplicate,
+            "rejected": [[index, reason] for index, reason in self.rejected],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class IngestBatch:
+    """Valid events of one or more frames, as the ingest loop hands them to the router.
+
+    ``tickets`` is None when no event belongs to an acknowledged batch; otherwise it runs
+    parallel to ``events`` and names each event's ticket (or None).
+    """
+
+    events: list[Event]
+    received_at: float
+    tickets: list[AckTicket | None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OrderingBatch:
+    """The share of one ingest batch owned by one ordering actor (same shape as the batch)."""
+
+    events: list[Event]
+    received_at: float
+    tickets: list[AckTicket | None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifyRequest:
+    """Ask the dedup actor which of these events are new.
+
+    ``ids`` maps each topic to its event ids in arrival order (no repeats). ``unknown_topics``
+    are topics the asking ordering actor has no state for yet; their stored state comes back.
+    """
+
+    ids: dict[str, list[str]]
+    unknown_topics: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifyResult:
+    """The answer to a :class:`ClassifyRequest`: the new ids of each topic, and topic states."""
+
+    new_ids: dict[str, set[str]]
+    states: dict[str, TopicState]
+
+
+@dataclass(slots=True)
+class WriteBatch:
+    """Rows to insert and counts to add, with the tickets whose events they complete.
+
+    ``tickets`` maps a ticket to ``[new, duplicate]``: how many of the ticket's events this write
+    settles; ``events`` counts every valid event it settles (new or duplicate), which is the
+    in-flight credit its commit gives back; ``new_topics`` counts topics whose first event
+    (seq 1) is among the rows.
+    """
+
+    rows: list[Row] = field(default_factory=list)
+    topics: dict[str, TopicDelta] = field(default_factory=dict)
+    tickets: dict[AckTicket, list[int]] = field(default_factory=dict)
+    events: int = 0
+    new_topics: int = 0
+
+    def settle(self, ticket: AckTicket | None, new: int, duplicate: int) -> None:
+        """Record that ``new`` + ``duplicate`` events of ``ticket`` are settled by this write."""
+        if ticket is not None:
+            counts = self.tickets.get(ticket)
+            if counts is None:
+                self.tickets[ticket] = [new, duplicate]
+            else:
+                counts[0] += new
+                counts[1] += duplicate
+
+
+@dataclass(frozen=True, slots=True)
+class AddRejected:
+    """Count refused events and frames (committed with the next transaction)."""
+
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Sync:
+    """Ask an actor to finish all it holds: ordering actors release their buffers, dedup commits."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Liveness check: answered with True by a responsive actor."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Time passes: ordering actors release events whose reorder window has ended."""
+
+
+@dataclass(frozen=True, slots=True)
+class Freeze:
+    """Test hook: make the receiving actor unresponsive for ``seconds``."""
+
+    seconds: float

@@ -1,0 +1,102 @@
+"""The stats actor: answers queries (stats, events, topics, health) without slowing ingest.
+
+Counters come from memory (the dedup actor publishes them after every commit); events and
+topics come from a read-only SQLite connection of its own, which WAL lets read while the dedup
+actor writes. Health asks the supervisor which parts answer a ping in time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pykka
+
+from actors.flow import InFlight, LiveFigures
+from actors.messages import Ping
+from actors.store import EventReader
+from transport.queries import EventsQuery, HealthQuery, Query, StatsQuery, TopicsQuery
+
+log = logging.getLogger(__name__)
+
+
+class StatsActor(pykka.ThreadingActor):
+    """Answers parsed queries with reply maps."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        in_flight: InFlight,
+        live: LiveFigures,
+        liveness: Callable[[], dict[str, bool]],
+    ) -> None:
+        super().__init__()
+        self._path = path
+        self._in_flight = in_flight
+        self._live = live
+        self._liveness = liveness
+        self._reader: EventReader | None = None
+
+    def on_start(self) -> None:
+        self._reader = EventReader(self._path)
+
+    def on_stop(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Ping):
+            return True
+        return self.answer(message)
+
+    def answer(self, query: Query) -> dict[str, Any]:
+        """The reply map for one query."""
+        assert self._reader is not None
+        if isinstance(query, StatsQuery):
+            return self.stats()
+        if isinstance(query, EventsQuery):
+            events, cursor = self._reader.events(query.topic, query.after, query.limit)
+            return {"events": events, "next": cursor}
+        if isinstance(query, TopicsQuery):
+            return {"topics": self._reader.topics()}
+        if isinstance(query, HealthQuery):
+            return self.health()
+        return {"error": f"unsupported query {query!r}"}
+
+    def stats(self) -> dict[str, Any]:
+        """The global counters; ``received`` includes events still in flight."""
+        committed = self._live.committed
+        in_flight = self._in_flight.value
+        return {
+            "received": committed.get("received", 0) + in_flight,
+            "unique_processed": committed.get("unique_processed", 0),
+            "duplicate_dropped": committed.get("duplicate_dropped", 0),
+            "rejected": committed.get("rejected", 0),
+            "late": committed.get("late", 0),
+            "topic_count": committed.get("topic_count", 0),
+            "in_flight": in_flight,
+            "buffered": sum(self._live.buffered),
+            "commits": self._live.commits,
+            "uptime_s": round(time.monotonic() - self._live.started, 3),
+        }
+
+    def health(self) -> dict[str, Any]:
+        """Which parts answer a ping in time, and whether the database takes writes."""
+        alive = self._liveness()
+        alive["stats"] = True  # it is answering this very query
+        problems = [f"{name} is not answering" for name, ok in alive.items() if not ok]
+        if self._live.last_commit_error is not None:
+            problems.append(f"the last commit failed: {self._live.last_commit_error}")
+        if not os.access(self._path, os.W_OK):
+            problems.append(f"database {self._path} is not writable")
+        reply: dict[str, Any] = {"actors": alive, "database": str(self._path)}
+        if problems:
+            reply["error"] = "; ".join(problems)
+        else:
+            reply["status"] = "ok"
+        return reply

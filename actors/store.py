@@ -1,0 +1,283 @@
+"""SQLite storage: the schema, the single writer's operations and the read-only query side.
+
+Theory of operation. Exactly one :class:`EventStore` (owned by the dedup actor's thread) writes.
+Each unique event is one row of ``events`` under PRIMARY KEY (topic, event_id); its rowid is
+its position in commit order, which the all-topics cursor pages on. ``topics`` and ``counters``
+hold every counter the stats report, and are updated inside the same transaction as the rows
+they count, so after any crash the counters agree with the rows. :class:`EventReader` opens its
+own read-only connection (WAL lets it read while the writer writes), so queries never wait
+behind ingest.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+SCHEMA_VERSION = "1"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    topic       TEXT    NOT NULL,
+    event_id    TEXT    NOT NULL,
+    seq         INTEGER NOT NULL,
+    timestamp   TEXT    NOT NULL,
+    ts_ns       INTEGER NOT NULL,
+    source      TEXT    NOT NULL,
+    payload     BLOB    NOT NULL,
+    received_at REAL    NOT NULL,
+    late        INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (topic, event_id)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS events_by_topic_seq ON events (topic, seq);
+CREATE TABLE IF NOT EXISTS topics (
+    topic             TEXT PRIMARY KEY,
+    last_seq          INTEGER NOT NULL DEFAULT 0,
+    last_ts_ns        INTEGER NOT NULL DEFAULT 0,
+    received          INTEGER NOT NULL DEFAULT 0,
+    duplicate_dropped INTEGER NOT NULL DEFAULT 0,
+    late              INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+COUNTER_NAMES = ("received", "unique_processed", "duplicate_dropped", "rejected", "late")
+
+INSERT_EVENT = (
+    "INSERT INTO events (topic, event_id, seq, timestamp, ts_ns, source, payload, received_at, late)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_UPSERT_TOPIC = """
+INSERT INTO topics (topic, last_seq, last_ts_ns, received, duplicate_dropped, late)
+VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (topic) DO UPDATE SET
+    last_seq = max(last_seq, excluded.last_seq),
+    last_ts_ns = max(last_ts_ns, excluded.last_ts_ns),
+    received = received + excluded.received,
+    duplicate_dropped = duplicate_dropped + excluded.duplicate_dropped,
+    late = late + excluded.late
+"""
+# SQLite's default limit on bound parameters is 32766; stay far below it per lookup.
+_LOOKUP_CHUNK = 500
+
+Row = tuple[str, str, int, str, int, str, bytes, float, int]
+"""An ``events`` row in INSERT_EVENT's column order."""
+
+
+class StorageError(Exception):
+    """The database cannot be opened, is damaged, or refused a write."""
+
+
+@dataclass(slots=True)
+class TopicDelta:
+    """What one transaction adds to one topic's counters."""
+
+    last_seq: int = 0
+    last_ts_ns: int = 0
+    received: int = 0
+    duplicate_dropped: int = 0
+    late: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TopicState:
+    """Where a topic stands in the database: its last seq and the timestamp of its last event."""
+
+    last_seq: int
+    last_ts_ns: int
+
+
+def connect_writer(path: Path, synchronous: str = "NORMAL") -> sqlite3.Connection:
+    """Open (creating if needed) the database for writing, with WAL, and check its integrity."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not path.exists():
+        # Create the file owner-only before SQLite does, so events are never world-readable.
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+        conn.execute("PRAGMA cache_size=-65536")  # 64 MiB of page cache
+        conn.execute("PRAGMA busy_timeout=5000")
+        problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            conn.close()
+            raise StorageError(
+                f"database {path} failed PRAGMA quick_check ({'; '.join(problems[:3])}); "
+                "restore it from a backup or move it away to start empty"
+            )
+        conn.executescript(_SCHEMA)
+        conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        conn.executemany(
+            "INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)", [(n,) for n in COUNTER_NAMES]
+        )
+    except sqlite3.DatabaseError as exc:
+        raise StorageError(f"cannot open database {path}: {exc}") from exc
+    return conn
+
+
+class EventStore:
+    """The single writer: lookups, inserts and counter updates inside explicit transactions."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self.in_transaction = False
+
+    def begin(self) -> None:
+        """Start a write transaction (taking the write lock now, not at the first write)."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        self.in_transaction = True
+
+    def commit(self) -> None:
+        """Commit the open transaction; on failure it is rolled back and the error re-raised."""
+        try:
+            self._conn.execute("COMMIT")
+        except sqlite3.Error:
+            self.rollback()
+            raise
+        self.in_transaction = False
+
+    def rollback(self) -> None:
+        """Abandon the open transaction, if any."""
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
+        self.in_transaction = False
+
+    def existing_ids(self, topic: str, event_ids: Sequence[str]) -> set[str]:
+        """Which of these event ids of ``topic`` are already stored (committed or in this transaction)."""
+        found: set[str] = set()
+        for start in range(0, len(event_ids), _LOOKUP_CHUNK):
+            chunk = event_ids[start : start + _LOOKUP_CHUNK]
+            sql = f"SELECT event_id FROM events WHERE topic = ? AND event_id IN ({','.join('?' * len(chunk))})"
+            found.update(row[0] for row in self._conn.execute(sql, (topic, *chunk)))
+        return found
+
+    def topic_states(self, topics: Iterable[str]) -> dict[str, TopicState]:
+        """The stored last seq and last timestamp of each topic (zeros for a topic never seen)."""
+        states: dict[str, TopicState] = {}
+        for topic in topics:
+            row = self._conn.execute(
+                "SELECT last_seq, last_ts_ns FROM topics WHERE topic = ?", (topic,)
+            ).fetchone()
+            states[topic] = TopicState(*row) if row else TopicState(0, 0)
+        return states
+
+    def insert(self, rows: Sequence[Row]) -> None:
+        """Insert events already known to be new (a conflict here is a bug, and raises)."""
+        self._conn.executemany(INSERT_EVENT, rows)
+
+    def add_counts(self, topics: Mapping[str, TopicDelta], totals: Mapping[str, int]) -> None:
+        """Add this transaction's counts to the per-topic and global counters."""
+        if topics:
+            self._conn.executemany(
+                _UPSERT_TOPIC,
+                [
+                    (t, d.last_seq, d.last_ts_ns, d.received, d.duplicate_dropped, d.late)
+                    for t, d in topics.items()
+                ],
+            )
+        self._conn.executemany(
+            "UPDATE counters SET value = value + ? WHERE name = ?",
+            [(value, name) for name, value in totals.items() if value],
+        )
+
+    def counters(self) -> dict[str, int]:
+        """The global counters as the open transaction sees them."""
+        return read_counters(self._conn)
+
+    def close(self) -> None:
+        """Roll back anything uncommitted and close the connection."""
+        self.rollback()
+        self._conn.close()
+
+
+def read_counters(conn: sqlite3.Connection) -> dict[str, int]:
+    """The global counters plus ``topic_count``."""
+    values = {name: 0 for name in COUNTER_NAMES}
+    values.update(dict(conn.execute("SELECT name, value FROM counters")))
+    values["topic_count"] = conn.execute("SELECT count(*) FROM topics").fetchone()[0]
+    return values
+
+
+class EventReader:
+    """A read-only connection for queries; it never blocks the writer and never writes."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self._conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, check_same_thread=False)
+            self._conn.execute("PRAGMA busy_timeout=5000")
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open database {path} for reading: {exc}") from exc
+
+    def events(self, topic: str | None, after: int, limit: int) -> tuple[list[dict[str, Any]], int]:
+        """A page of events and the cursor after it.
+
+        With a topic, events with seq > ``after`` in seq order and the cursor is their seq;
+        without, events of all topics in commit order and the cursor is the commit position.
+        """
+        if topic is not None:
+            cursor = self._conn.execute(
+                "SELECT seq, topic, event_id, timestamp, source, payload, seq, late FROM events"
+                " WHERE topic = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (topic, after, limit),
+            )
+        else:
+            cursor = self._conn.execute(
+                "SELECT rowid, topic, event_id, timestamp, source, payload, seq, late FROM events"
+                " WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                (after, limit),
+            )
+        events = []
+        position = after
+        for position, topic_, event_id, timestamp, source, payload, seq, late in cursor:
+            events.append(
+                {
+                    "topic": topic_,
+                    "event_id": event_id,
+                    "timestamp": timestamp,
+                    "source": source,
+                    "payload": msgpack.unpackb(payload, raw=False, strict_map_key=False),
+                    "seq": seq,
+                    "late": bool(late),
+                }
+            )
+        return events, position
+
+    def topics(self) -> list[dict[str, Any]]:
+        """Every topic with its stored event count, last seq and counters, by name."""
+        rows = self._conn.execute(
+            "SELECT topic, last_seq, received, duplicate_dropped, late FROM topics ORDER BY topic"
+        )
+        return [
+            {
+                "topic": topic,
+                "count": last_seq,  # seqs are gapless from 1, so the last seq is the count
+                "last_seq": last_seq,
+                "received": received,
+                "unique_processed": last_seq,
+                "duplicate_dropped": duplicates,
+                "late": late,
+            }
+            for topic, last_seq, received, duplicates, late in rows
+        ]
+
+    def counters(self) -> dict[str, int]:
+        """The committed global counters."""
+        return read_counters(self._conn)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._conn.close()

@@ -1,0 +1,265 @@
+"""The supervisor: starts the daemon's parts in a fixed order and stops them in reverse.
+
+Start: dedup actor (opens the database), ordering actors, router, stats actor, each confirmed
+alive by a ping; then the ingest and query sockets are bound, and only then is the daemon
+ready. Stop (SIGTERM/SIGINT): stop reading, push everything queued through router → ordering
+(buffers flushed in order) → dedup (committed), forward the last acknowledgements, close the
+sockets, stop the actors in reverse. SIGHUP re-reads the config file's log level.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pykka
+import zmq
+
+from actors.dedup import DedupActor
+from actors.flow import InFlight, LiveFigures
+from actors.messages import Ping, Sync, Tick
+from actors.ordering import OrderingActor
+from actors.router import RouterActor
+from actors.stats import StatsActor
+from transport.config import Config, ConfigError, load_config
+from transport.ingest import IngestServer
+from transport.logs import set_level
+from transport.query_server import QueryServer
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 30.0
+DRAIN_TIMEOUT_S = 60.0
+DEDUP_TICK_S = 0.1
+
+
+class StartupError(Exception):
+    """The daemon could not start: a socket could not be bound or an actor did not come up."""
+
+
+class Daemon:
+    """The whole aggregator in one process: actors, ingest and query threads."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.live = LiveFigures()
+        self.in_flight = InFlight(config.ingest.max_in_flight)
+        self.context: zmq.Context[Any] = zmq.Context()
+        self.dedup: pykka.ActorRef[Any] | None = None
+        self.ordering: list[pykka.ActorRef[Any]] = []
+        self.router: pykka.ActorRef[Any] | None = None
+        self.stats: pykka.ActorRef[Any] | None = None
+        self.ingest: IngestServer | None = None
+        self.query: QueryServer | None = None
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+        self.on_tick: list[Callable[[], None]] = []
+
+    @property
+    def actors(self) -> dict[str, pykka.ActorRef[Any]]:
+        """Every actor by name, in start order."""
+        named: dict[str, pykka.ActorRef[Any]] = {}
+        if self.dedup is not None:
+            named["dedup"] = self.dedup
+        for index, ref in enumerate(self.ordering):
+            named[f"ordering-{index}"] = ref
+        if self.router is not None:
+            named["router"] = self.router
+        if self.stats is not None:
+            named["stats"] = self.stats
+        return named
+
+    def start(self) -> None:
+        """Start every part; raises :class:`StartupError` (after undoing what started) on failure."""
+        cfg = self.config
+        path = cfg.database_path
+        try:
+            self.dedup = DedupActor.start(
+                path,
+                synchronous=cfg.storage.synchronous,
+                commit_max_events=cfg.storage.commit_max_events,
+                commit_max_ms=cfg.storage.commit_max_ms,
+                in_flight=self.in_flight,
+                live=self.live,
+                zmq_context=self.context,
+            )
+            self._confirm(self.dedup, "dedup")
+            self.live.buffered = [0] * cfg.ordering.actors
+            for index in range(cfg.ordering.actors):
+                ref = OrderingActor.start(
+                    index,
+                    self.dedup,
+                    window_ms=cfg.ordering.window_ms,
+                    max_buffered=cfg.ordering.max_buffered,
+                    in_flight=self.in_flight,
+                    live=self.live,
+                )
+                self.ordering.append(ref)
+                self._confirm(ref, f"ordering-{index}")
+            self.router = RouterActor.start(self.ordering)
+            self._confirm(self.router, "router")
+            self.stats = StatsActor.start(
+                path, in_flight=self.in_flight, live=self.live, liveness=lambda: self.liveness(exclude=("stats",))
+            )
+            self._confirm(self.stats, "stats")
+            self.ingest = self._bind(
+                "ingest",
+                lambda: IngestServer(self.context, cfg.ingest, self.router, self.dedup, self.in_flight),  # type: ignore[arg-type]
+            )
+            self.query = self._bind("query", lambda: QueryServer(self.context, cfg.query, self.stats))  # type: ignore[arg-type]
+        except BaseException:
+            self._stop_actors()
+            self.context.term()
+            raise
+        self.ingest.start()
+        self.query.start()
+        self._ticker = threading.Thread(target=self._tick, name="ticker", daemon=True)
+        self._ticker.start()
+        log.info(
+            "eventagg ready: ingest %s, acked ingest %s, queries %s, database %s, %d ordering actors",
+            cfg.ingest.bind, cfg.ingest.ack_bind, cfg.query.bind, path, cfg.ordering.actors,
+        )
+
+    def _confirm(self, ref: pykka.ActorRef[Any], name: str) -> None:
+        try:
+            ref.ask(Ping(), timeout=START_TIMEOUT_S)
+        except pykka.Timeout:
+            raise StartupError(f"actor {name} did not start within {START_TIMEOUT_S:.0f} s") from None
+
+    def _bind(self, what: str, make: Callable[[], Any]) -> Any:
+        try:
+            return make()
+        except zmq.ZMQError as exc:
+            raise StartupError(
+                f"cannot bind the {what} endpoint: {exc}; is another daemon running, or is the port taken?"
+            ) from None
+
+    def _tick(self) -> None:
+        window_s = self.config.ordering.window_ms / 1000
+        # Tick often enough that an event waits at most about a tenth of the window too long.
+        interval = min(DEDUP_TICK_S, max(0.002, window_s / 10)) if window_s > 0 else DEDUP_TICK_S
+        last_dedup_tick = 0.0
+        while not self._stop.wait(interval):
+            now = time.monotonic()
+            try:
+                if window_s > 0:
+                    for ref in self.ordering:
+                        ref.tell(Tick())
+                if now - last_dedup_tick >= DEDUP_TICK_S and self.dedup is not None:
+                    self.dedup.tell(Tick())
+                    last_dedup_tick = now
+                for hook in self.on_tick:
+                    hook()
+            except pykka.ActorDeadError:
+                log.error("an actor has died; ticks stop")
+                return
+
+    def liveness(self, timeout: float = 2.0, exclude: tuple[str, ...] = ()) -> dict[str, bool]:
+        """Which actors answer a ping within ``timeout`` (all asked at once), and the ingest thread."""
+        alive: dict[str, bool] = {}
+        futures = {}
+        for name, ref in self.actors.items():
+            if name in exclude:
+                continue
+            try:
+                futures[name] = ref.ask(Ping(), block=False)
+            except pykka.ActorDeadError:
+                alive[name] = False
+        deadline = time.monotonic() + timeout
+        for name, future in futures.items():
+            try:
+                alive[name] = bool(future.get(timeout=max(0.0, deadline - time.monotonic())))
+            except (pykka.Timeout, pykka.ActorDeadError):
+                alive[name] = False
+        if self.ingest is not None:
+            alive["ingest"] = self.ingest.alive
+        return alive
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to stop (safe from a signal handler)."""
+        self._stop.set()
+
+    def drain(self) -> bool:
+        """Push everything received through the pipeline and commit it; True if it all committed."""
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+
+        def remaining() -> float:
+            return max(0.1, deadline - time.monotonic())
+
+        try:
+            if self.router is not None:
+                self.router.ask(Ping(), timeout=remaining())
+            for ref in self.ordering:
+                ref.ask(Sync(), timeout=remaining())
+            if self.dedup is not None:
+                return bool(self.dedup.ask(Sync(), timeout=remaining()))
+        except (pykka.Timeout, pykka.ActorDeadError) as exc:
+            log.error("drain did not finish (%s); uncommitted events are not acknowledged", type(exc).__name__)
+            return False
+        return True
+
+    def stop(self) -> bool:
+        """Stop reading, drain, close; True when everything received was committed."""
+        log.info("stopping: no new events are read; draining what was received")
+        self._stop.set()
+        if self.ingest is not None:
+            self.ingest.stop_accepting()
+            # Let the ingest thread take what the PULL socket already holds.
+            deadline = time.monotonic() + 5.0
+            while self.ingest.alive and time.monotonic() < deadline:
+                before = self.ingest.frames
+                time.sleep(0.1)
+                if self.ingest.frames == before:
+                    break
+        drained = self.drain()
+        if self.ingest is not None:
+            self.ingest.close()
+        if self.query is not None:
+            self.query.close()
+        if self._ticker is not None:
+            self._ticker.join(2.0)
+        self._stop_actors()
+        self.context.term()
+        counters = self.live.committed
+        log.info(
+            "stopped: received %d, unique %d, duplicates %d, rejected %d%s",
+            counters.get("received", 0), counters.get("unique_processed", 0),
+            counters.get("duplicate_dropped", 0), counters.get("rejected", 0),
+            "" if drained else " (drain incomplete)",
+        )
+        return drained
+
+    def _stop_actors(self) -> None:
+        for ref in reversed(list(self.actors.values())):
+            try:
+                ref.stop(timeout=DRAIN_TIMEOUT_S)
+            except (pykka.Timeout, pykka.ActorDeadError):
+                log.error("an actor did not stop in time")
+
+    def run(self) -> int:
+        """Start, serve until SIGTERM or SIGINT, stop; the process exit status."""
+        signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
+        signal.signal(signal.SIGINT, lambda *_: self.request_stop())
+        signal.signal(signal.SIGHUP, lambda *_: self.reload())
+        self.start()
+        while not self._stop.wait(1.0):
+            pass
+        return 0 if self.stop() else 1
+
+    def reload(self) -> None:
+        """Re-read what can change at run time: the log level."""
+        source = self.config.source
+        if source is None:
+            log.info("SIGHUP: no config file to reload")
+            return
+        try:
+            fresh = load_config(source)
+        except ConfigError as exc:
+            log.error("SIGHUP: config not reloaded: %s", exc)
+            return
+        set_level(fresh.log.level)
+        log.warning("SIGHUP: reloaded %s; log level is now %s (other changes need a restart)", source, fresh.log.level)

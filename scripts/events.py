@@ -1,0 +1,51 @@
+#!/usr/bin/env python3
+"""List stored events: ``events.py [TOPIC] [--after S] [--limit N] [--endpoint URL | --config PATH]``.
+
+Without a topic, every topic in commit order. Pages through the daemon with the cursor and
+prints one JSON object per line (JSON Lines), so the output pipes into jq or a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import _bootstrap  # noqa: F401
+
+from stats import add_endpoint_args, endpoint_from_args
+from transport.client import QueryClient, QueryClientError
+from transport.config import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="List a topic's stored events as JSON Lines.")
+    parser.add_argument("topic", nargs="?", help="the topic (default: every topic, in commit order)")
+    parser.add_argument("--after", type=int, default=0, metavar="S", help="start after this seq (or commit position)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="print at most N events")
+    parser.add_argument("--page", type=int, default=1000, metavar="N", help="events per request (default 1000)")
+    add_endpoint_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        endpoint = endpoint_from_args(args)
+    except ConfigError as exc:
+        print(f"events: {exc}", file=sys.stderr)
+        return 2
+    printed = 0
+    try:
+        with QueryClient(endpoint, timeout=args.timeout) as client:
+            for event in client.iter_events(args.topic, args.after, args.page):
+                print(json.dumps(event, default=repr, ensure_ascii=False))
+                printed += 1
+                if args.limit is not None and printed >= args.limit:
+                    break
+    except QueryClientError as exc:
+        print(f"events: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

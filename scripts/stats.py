@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Print the daemon's stats: ``stats.py [--endpoint URL | --config PATH] [--json] [--timeout S]``.
+
+Exits 0 with the stats, or non-zero with a message on stderr within the timeout when no daemon
+answers. With ``--json``, stdout holds exactly one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import _bootstrap  # noqa: F401
+
+from transport.client import QueryClient, QueryClientError, connectable
+from transport.config import ConfigError, QueryConfig, load_config
+
+ORDER = ("received", "unique_processed", "duplicate_dropped", "rejected", "late", "topic_count",
+         "in_flight", "buffered", "commits", "uptime_s")
+
+
+def endpoint_from_args(args: argparse.Namespace) -> str:
+    """The query endpoint from --endpoint, --config, or the default."""
+    if args.endpoint:
+        return str(args.endpoint)
+    if args.config:
+        return connectable(load_config(args.config).query.bind)
+    return connectable(QueryConfig().bind)
+
+
+def add_endpoint_args(parser: argparse.ArgumentParser) -> None:
+    """The --endpoint/--config/--timeout flags shared by the query scripts."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--endpoint", metavar="URL", help="query endpoint, e.g. tcp://127.0.0.1:5556")
+    where.add_argument("--config", metavar="PATH", help="read the query endpoint from this config file")
+    parser.add_argument("--timeout", type=float, default=5.0, metavar="S", help="seconds to wait for an answer (default 5)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Print the eventagg daemon's stats.")
+    add_endpoint_args(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    args = parser.parse_args(argv)
+    try:
+        endpoint = endpoint_from_args(args)
+    except ConfigError as exc:
+        print(f"stats: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with QueryClient(endpoint, timeout=args.timeout) as client:
+            stats = client.call({"op": "stats"})
+    except QueryClientError as exc:
+        print(f"stats: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(stats, sort_keys=True))
+        return 0
+    keys = [k for k in ORDER if k in stats] + sorted(k for k in stats if k not in ORDER)
+    width = max(len(k) for k in keys)
+    print(f"eventagg at {endpoint}")
+    for key in keys:
+        value = stats[key]
+        shown = f"{value:,}" if isinstance(value, int) else str(value)
+        print(f"  {key:<{width}}  {shown:>14}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

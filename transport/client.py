@@ -1,0 +1,109 @@
+"""A query client for the daemon's REQ/REP endpoint that never hangs.
+
+Each request waits at most ``timeout`` seconds per attempt. A REQ socket whose reply did not
+come is stuck in its send/receive cycle, so it is closed with linger 0 and a fresh one opened
+for the next attempt (the zguide's "Lazy Pirate" pattern).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import msgpack
+import zmq
+
+from transport.config import Config
+
+
+class QueryClientError(Exception):
+    """The daemon could not be asked, or answered with an error."""
+
+
+class NoAnswer(QueryClientError):
+    """No daemon answered within the timeout."""
+
+
+class QueryClient:
+    """Sends query maps and returns reply maps; one instance per thread."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        timeout: float = 5.0,
+        attempts: int = 1,
+        configure: Callable[["zmq.Socket[Any]"], None] | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.attempts = attempts
+        self._configure = configure
+        self._context: zmq.Context[Any] = zmq.Context()
+        self._socket: zmq.Socket[Any] | None = None
+
+    @classmethod
+    def from_config(cls, config: Config, timeout: float = 5.0) -> "QueryClient":
+        """A client for the query endpoint named in a config (a wildcard bind becomes loopback)."""
+        return cls(connectable(config.query.bind), timeout)
+
+    def _open(self) -> zmq.Socket[Any]:
+        sock = self._context.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self._configure is not None:
+            self._configure(sock)
+        sock.connect(self.endpoint)
+        return sock
+
+    def request(self, query: dict[str, Any]) -> dict[str, Any]:
+        """Send one query and return the reply map (which may hold an ``error`` key)."""
+        payload = msgpack.packb(query, use_bin_type=True)
+        for _ in range(self.attempts):
+            if self._socket is None:
+                self._socket = self._open()
+            self._socket.send(payload)
+            if self._socket.poll(int(self.timeout * 1000), zmq.POLLIN):
+                reply = msgpack.unpackb(self._socket.recv(), raw=False, strict_map_key=False)
+                if not isinstance(reply, dict):
+                    raise QueryClientError(f"{self.endpoint} sent a reply that is not a map: {reply!r}")
+                return reply
+            self._socket.close(linger=0)
+            self._socket = None
+        raise NoAnswer(
+            f"no answer from {self.endpoint} within {self.timeout:g} s"
+            f"{f' ({self.attempts} attempts)' if self.attempts > 1 else ''}; is the daemon running?"
+        )
+
+    def call(self, query: dict[str, Any]) -> dict[str, Any]:
+        """Like :meth:`request`, but an ``error`` reply raises :class:`QueryClientError`."""
+        reply = self.request(query)
+        if "error" in reply:
+            raise QueryClientError(f"{self.endpoint} answered: {reply['error']}")
+        return reply
+
+    def iter_events(self, topic: str | None = None, after: int = 0, page: int = 1000) -> Iterator[dict[str, Any]]:
+        """Every stored event after ``after``, paging with the cursor until an empty page."""
+        while True:
+            reply = self.call({"op": "events", "topic": topic, "after": after, "limit": page})
+            events = reply["events"]
+            if not events:
+                return
+            yield from events
+            after = reply["next"]
+
+    def close(self) -> None:
+        """Close the socket and the context without waiting."""
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+        self._context.term()
+
+    def __enter__(self) -> "QueryClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connectable(endpoint: str) -> str:
+    """Turn a bind endpoint into one a client can connect to (``*`` or 0.0.0.0 become loopback)."""
+    return endpoint.replace("://*:", "://127.0.0.1:").replace("://0.0.0.0:", "://127.0.0.1:")

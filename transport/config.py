@@ -1,0 +1,199 @@
+"""Configuration: the TOML file that tells the daemon and its clients where everything is.
+
+Every setting has a default (the same values as the repository's ``config.toml``), so a file
+may set any subset. Unknown sections or keys, and values of the wrong type or range, raise
+:class:`ConfigError` naming the key, so a typo fails at start rather than being ignored.
+Relative paths are resolved against the config file's folder, except ``[storage] path``, which
+is resolved against ``$STATE_DIRECTORY`` when systemd sets it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or holds a bad key or value."""
+
+
+@dataclass(frozen=True, slots=True)
+class IngestConfig:
+    """``[ingest]``: the two ingest endpoints and the limits on what they accept."""
+
+    bind: str = "tcp://127.0.0.1:5555"
+    ack_bind: str = "tcp://127.0.0.1:5557"
+    max_in_flight: int = 20_000
+    max_batch_events: int = 10_000
+    max_payload_bytes: int = 1_048_576
+    max_message_bytes: int = 16_777_216
+    rcvhwm: int = 1_000
+
+
+@dataclass(frozen=True, slots=True)
+class OrderingConfig:
+    """``[ordering]``: the pool of per-topic ordering actors and their reorder window."""
+
+    actors: int = 4
+    window_ms: int = 0
+    max_buffered: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """``[storage]``: the SQLite database and how the dedup actor groups its commits."""
+
+    path: str = "data/events.db"
+    synchronous: str = "NORMAL"
+    commit_max_events: int = 5_000
+    commit_max_ms: int = 50
+
+
+@dataclass(frozen=True, slots=True)
+class QueryConfig:
+    """``[query]``: the REQ/REP endpoint for stats, events, topics and health."""
+
+    bind: str = "tcp://127.0.0.1:5556"
+    max_limit: int = 10_000
+    timeout_ms: int = 5_000
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """``[log]``: how much the daemon says."""
+
+    level: str = "INFO"
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    """``[security]``: CURVE keys and the switch for listening beyond loopback without them."""
+
+    curve_secret_key: str = ""
+    authorized_keys: str = ""
+    allow_insecure: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration, one frozen dataclass per TOML section."""
+
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    ordering: OrderingConfig = field(default_factory=OrderingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    source: Path | None = None
+
+    @property
+    def database_path(self) -> Path:
+        """The SQLite file, absolute: relative paths go under ``$STATE_DIRECTORY`` or the config's folder."""
+        path = Path(self.storage.path)
+        if path.is_absolute():
+            return path
+        state_dir = os.environ.get("STATE_DIRECTORY")
+        if state_dir:
+            # systemd may pass several colon-separated folders; the first is ours.
+            return Path(state_dir.split(":")[0]) / path
+        return self._base_dir / path
+
+    def resolve(self, path: str) -> Path:
+        """A path from the config, made absolute against the config file's folder."""
+        candidate = Path(path)
+        return candidate if candidate.is_absolute() else self._base_dir / candidate
+
+    @property
+    def _base_dir(self) -> Path:
+        return self.source.parent if self.source is not None else Path.cwd()
+
+
+_SECTIONS: dict[str, type] = {
+    "ingest": IngestConfig,
+    "ordering": OrderingConfig,
+    "storage": StorageConfig,
+    "query": QueryConfig,
+    "log": LogConfig,
+    "security": SecurityConfig,
+}
+
+_POSITIVE = {
+    ("ingest", "max_in_flight"),
+    ("ingest", "max_batch_events"),
+    ("ingest", "max_payload_bytes"),
+    ("ingest", "max_message_bytes"),
+    ("ingest", "rcvhwm"),
+    ("ordering", "actors"),
+    ("ordering", "max_buffered"),
+    ("storage", "commit_max_events"),
+    ("storage", "commit_max_ms"),
+    ("query", "max_limit"),
+    ("query", "timeout_ms"),
+}
+_CHOICES = {
+    ("storage", "synchronous"): ("OFF", "NORMAL", "FULL", "EXTRA"),
+    ("log", "level"): ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+}
+_ENDPOINTS = {("ingest", "bind"), ("ingest", "ack_bind"), ("query", "bind")}
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read a config file (or return the defaults when ``path`` is None) and check every value."""
+    if path is None:
+        return Config()
+    source = Path(path).resolve()
+    try:
+        with source.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {source} does not exist: pass --config with an existing file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {source} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {source}: {exc.strerror}") from None
+    return parse_config(data, source)
+
+
+def parse_config(data: dict[str, Any], source: Path | None = None) -> Config:
+    """Build a :class:`Config` from already-parsed TOML, raising :class:`ConfigError` on any bad key."""
+    sections: dict[str, Any] = {}
+    for name, values in data.items():
+        section_type = _SECTIONS.get(name)
+        if section_type is None:
+            raise ConfigError(f"unknown section [{name}]; known sections: {', '.join(sorted(_SECTIONS))}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{name}] must be a table of keys, not {type(values).__name__}")
+        sections[name] = _parse_section(name, section_type, values)
+    return Config(**sections, source=source)
+
+
+def _parse_section(name: str, section_type: type, values: dict[str, Any]) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(section_type)}
+    checked: dict[str, Any] = {}
+    for key, value in values.items():
+        spec = fields.get(key)
+        if spec is None:
+            raise ConfigError(f"unknown key [{name}] {key}; known keys: {', '.join(sorted(fields))}")
+        expected = type(spec.default)
+        # bool is a subclass of int in Python; keep them apart so `actors = true` is an error.
+        if type(value) is not expected:
+            raise ConfigError(
+                f"[{name}] {key} must be a {expected.__name__}, not {type(value).__name__} ({value!r})"
+            )
+        if (name, key) in _POSITIVE and value <= 0:
+            raise ConfigError(f"[{name}] {key} must be greater than 0, not {value}")
+        if (name, key) == ("ordering", "window_ms") and value < 0:
+            raise ConfigError(f"[ordering] window_ms must be 0 (arrival order) or more, not {value}")
+        choices = _CHOICES.get((name, key))
+        if choices is not None:
+            value = value.upper()
+            if value not in choices:
+                raise ConfigError(f"[{name}] {key} must be one of {', '.join(choices)}, not {values[key]!r}")
+        if (name, key) in _ENDPOINTS and "://" not in value:
+            raise ConfigError(f"[{name}] {key} must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, not {value!r}")
+        checked[key] = value
+    return section_type(**checked)

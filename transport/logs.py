@@ -1,0 +1,75 @@
+"""Logging: one line per record on stderr, journald-aware, and a rate limit for per-input warnings.
+
+Under systemd (``$JOURNAL_STREAM`` set) each line starts with the syslog priority as ``<N>``
+and has no timestamp, since journald adds its own; elsewhere lines carry a timestamp.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+_SYSLOG_PRIORITY = {
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
+}
+
+
+class JournaldFormatter(logging.Formatter):
+    """``<priority>logger: message``, the form journald reads from a service's stderr."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = _SYSLOG_PRIORITY.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)
+        text = super().format(record).replace("\n", " | ")
+        return f"<{priority}>{text}"
+
+
+def setup_logging(level: str) -> None:
+    """Send the daemon's logs to stderr in the form that suits where it runs."""
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(JournaldFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def set_level(level: str) -> None:
+    """Change the log level at run time (SIGHUP)."""
+    logging.getLogger().setLevel(level)
+
+
+class RateLimitedLog:
+    """Logs at most ``burst`` messages per ``interval_s``, then one line saying how many it held back."""
+
+    def __init__(self, logger: logging.Logger, burst: int = 10, interval_s: float = 10.0) -> None:
+        self._logger = logger
+        self._burst = burst
+        self._interval_s = interval_s
+        self._window_start = 0.0
+        self._count = 0
+        self._suppressed = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        """Log a warning unless this interval's burst is spent."""
+        now = time.monotonic()
+        if now - self._window_start >= self._interval_s:
+            if self._suppressed:
+                self._logger.warning("%d similar warnings suppressed in the last %.0f s", self._suppressed, self._interval_s)
+            self._window_start = now
+            self._count = 0
+            self._suppressed = 0
+        if self._count < self._burst:
+            self._count += 1
+            self._logger.warning(message, *args)
+        else:
+            self._suppressed += 1

@@ -1,0 +1,148 @@
+"""The event schema: what a valid event is, checked field by field with a reason for every refusal.
+
+The same rules run in the daemon (on every decoded event) and in the publisher library (before
+an event leaves the application), so a caller learns of a bad event at once. This module is
+pure: no sockets, no threads, no clock.
+
+Unknown extra fields in an event map are ignored: they are neither stored nor an error, so a
+publisher may send fields that a later version of the daemon understands.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+MAX_NAME_CHARS = 255
+DEFAULT_MAX_PAYLOAD_BYTES = 1_048_576
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_MICROSECOND = dt.timedelta(microseconds=1)
+
+
+class InvalidEvent(ValueError):
+    """An event breaks the schema; the message says which rule and how to fix it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One valid event as the daemon holds it.
+
+    ``timestamp`` is the publisher's ISO-8601 string as sent (or the ISO form of a msgpack
+    Timestamp); ``ts_ns`` is the same instant in nanoseconds since the Unix epoch, which is what
+    ordering compares. ``payload`` is the payload map encoded as msgpack, ready to store.
+    """
+
+    topic: str
+    event_id: str
+    timestamp: str
+    ts_ns: int
+    source: str
+    payload: bytes
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """The identity that deduplication is keyed on."""
+        return (self.topic, self.event_id)
+
+
+_valid_topics: set[str] = set()
+
+
+def _check_topic(topic: Any) -> str:
+    if topic in _valid_topics:  # topics repeat: check each distinct one once
+        return topic  # type: ignore[no-any-return]
+    if not isinstance(topic, str):
+        raise InvalidEvent(f"topic must be a string, not {type_name(topic)}")
+    if not 1 <= len(topic) <= MAX_NAME_CHARS:
+        raise InvalidEvent(f"topic must be 1-{MAX_NAME_CHARS} characters, not {len(topic)}")
+    # isprintable() is False for control characters and for every whitespace except ' '.
+    if not topic.isprintable() or " " in topic:
+        raise InvalidEvent(f"topic {topic!r} must not contain whitespace or control characters")
+    if len(_valid_topics) < 1_000_000:
+        _valid_topics.add(topic)
+    return topic
+
+
+def parse_timestamp(value: Any) -> tuple[str, int]:
+    """Return ``(iso_string, ns_since_epoch)`` for an ISO-8601 string with a zone or a msgpack Timestamp."""
+    if isinstance(value, str):
+        if len(value) > 64:
+            raise InvalidEvent(f"timestamp must be at most 64 characters, not {len(value)}")
+        try:
+            parsed = dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise InvalidEvent(
+                f"timestamp {value!r} is not ISO-8601; send e.g. '2025-10-22T10:00:00Z'"
+            ) from None
+        if parsed.tzinfo is None:
+            raise InvalidEvent(f"timestamp {value!r} has no timezone; add 'Z' or an offset like '+02:00'")
+        try:
+            return value, ((parsed - _EPOCH) // _MICROSECOND) * 1000
+        except OverflowError:
+            raise InvalidEvent(f"timestamp {value!r} is out of range") from None
+    if isinstance(value, msgpack.Timestamp):
+        ns = value.to_unix_nano()
+        try:
+            instant = _EPOCH + dt.timedelta(microseconds=ns // 1000)
+        except OverflowError:
+            raise InvalidEvent("msgpack Timestamp is out of range") from None
+        return instant.isoformat().replace("+00:00", "Z"), ns
+    raise InvalidEvent(
+        f"timestamp must be an ISO-8601 string with a timezone or a msgpack Timestamp, not {type_name(value)}"
+    )
+
+
+def validate_event(obj: Any, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> Event:
+    """Check one decoded event map and return it as an :class:`Event`, or raise :class:`InvalidEvent`."""
+    if not isinstance(obj, dict):
+        raise InvalidEvent(f"an event must be a map, not {type_name(obj)}")
+    try:
+        topic = obj["topic"]
+        event_id = obj["event_id"]
+        raw_timestamp = obj["timestamp"]
+        source = obj["source"]
+    except KeyError as exc:
+        raise InvalidEvent(f"missing field {exc.args[0]!r}; every event needs topic, event_id, timestamp and source") from None
+    _check_topic(topic)
+    if not isinstance(event_id, str):
+        raise InvalidEvent(f"event_id must be a string, not {type_name(event_id)}")
+    if not 1 <= len(event_id) <= MAX_NAME_CHARS:
+        raise InvalidEvent(f"event_id must be 1-{MAX_NAME_CHARS} characters, not {len(event_id)}")
+    if not isinstance(source, str):
+        raise InvalidEvent(f"source must be a string, not {type_name(source)}")
+    if len(source) > MAX_NAME_CHARS:
+        raise InvalidEvent(f"source must be at most {MAX_NAME_CHARS} characters, not {len(source)}")
+    timestamp, ts_ns = parse_timestamp(raw_timestamp)
+    payload = obj.get("payload", _EMPTY_MAP)
+    if payload is _EMPTY_MAP:
+        packed = _EMPTY_PACKED
+    else:
+        if not isinstance(payload, dict):
+            raise InvalidEvent(f"payload must be a map, not {type_name(payload)}")
+        packed = msgpack.packb(payload, use_bin_type=True, datetime=False)
+        if len(packed) > max_payload_bytes:
+            raise InvalidEvent(f"payload is {len(packed)} bytes, over the limit of {max_payload_bytes}")
+    return Event(topic, event_id, timestamp, ts_ns, source, packed)
+
+
+def event_to_wire(event: Event) -> dict[str, Any]:
+    """The event as a map for the wire (the inverse of :func:`validate_event`)."""
+    return {
+        "topic": event.topic,
+        "event_id": event.event_id,
+        "timestamp": event.timestamp,
+        "source": event.source,
+        "payload": msgpack.unpackb(event.payload, raw=False, strict_map_key=False),
+    }
+
+
+def type_name(value: Any) -> str:
+    return "nil" if value is None else type(value).__name__
+
+
+_EMPTY_MAP: dict[str, Any] = {}
+_EMPTY_PACKED = msgpack.packb({})

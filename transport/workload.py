@@ -1,0 +1,68 @@
+"""Synthetic event streams for load generation, benchmarks and tests: deterministic by seed.
+
+``plan(n, duplicates, ...)`` returns exactly ``n`` events of which ``round(n × duplicates)`` are
+re-sends of events that came earlier in the stream, and the rest are distinct; the same
+arguments always give the same events.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from typing import Any
+
+BASE_TIME = dt.datetime(2025, 10, 22, 10, 0, 0, tzinfo=dt.timezone.utc)
+
+
+def make_event(index: int, topics: int, id_prefix: str, payload_bytes: int = 0) -> dict[str, Any]:
+    """The ``index``-th distinct event of a stream."""
+    stamp = BASE_TIME + dt.timedelta(milliseconds=index)
+    payload: dict[str, Any] = {"n": index, "level": "info", "message": f"event {index}"}
+    if payload_bytes:
+        payload["pad"] = "x" * payload_bytes
+    return {
+        "topic": f"topic-{index % topics}",
+        "event_id": f"{id_prefix}{index}",
+        "timestamp": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "source": "publish.py",
+        "payload": payload,
+    }
+
+
+def plan(
+    n: int,
+    duplicates: float = 0.0,
+    topics: int = 10,
+    seed: int = 0,
+    id_prefix: str = "e",
+    payload_bytes: int = 0,
+) -> list[dict[str, Any]]:
+    """``n`` events, ``round(n * duplicates)`` of them re-sends of earlier ones, shuffled in by ``seed``."""
+    if not 0.0 <= duplicates < 1.0:
+        raise ValueError(f"duplicates must be a fraction from 0 up to (not including) 1, not {duplicates}")
+    if n < 0 or topics < 1:
+        raise ValueError("n must be 0 or more and topics 1 or more")
+    dup_count = round(n * duplicates)
+    if n and dup_count >= n:
+        dup_count = n - 1
+    rng = random.Random(seed)
+    # The first event is always distinct, so every re-send has an earlier event to repeat.
+    dup_slots = set(rng.sample(range(1, n), dup_count)) if dup_count else set()
+    stream: list[dict[str, Any]] = []
+    distinct: list[dict[str, Any]] = []
+    for position in range(n):
+        if position in dup_slots:
+            stream.append(distinct[rng.randrange(len(distinct))])
+        else:
+            event = make_event(len(distinct), topics, id_prefix, payload_bytes)
+            distinct.append(event)
+            stream.append(event)
+    return stream
+
+
+def distinct_count(n: int, duplicates: float) -> int:
+    """How many distinct events ``plan(n, duplicates)`` holds."""
+    dup_count = round(n * duplicates)
+    if n and dup_count >= n:
+        dup_count = n - 1
+    return n - dup_count
