@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""The two quick-start commands, needing nothing but python3 ≥ 3.11.
+
+``python3 scripts/dev.py run [--config PATH]`` runs the daemon on ``config.toml``;
+``python3 scripts/dev.py test [PYTEST ARGS]`` runs the test suite. Either first makes a
+virtualenv in ``.venv`` and installs the project into it (again only when pyproject.toml changed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = ROOT / ".venv"
+STAMP = VENV / ".eventagg-installed"
+
+
+def python_in_venv() -> Path:
+    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def ensure_venv() -> Path:
+    """Create .venv and install the project with its test extras, once per pyproject.toml version."""
+    if sys.version_info < (3, 11):
+        sys.exit(f"eventagg needs Python 3.11 or newer; this is {sys.version.split()[0]}")
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    python = python_in_venv()
+    if python.exists() and STAMP.exists() and STAMP.read_text() == want:
+        return python
+    if not python.exists():
+        print(f"dev: creating a virtualenv in {VENV}", file=sys.stderr)
+        try:
+            venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
+        except (subprocess.CalledProcessError, OSError) as exc:
+            sys.exit(f"dev: cannot create a virtualenv ({exc}); on Debian/Ubuntu: apt-get install python3-venv")
+    print("dev: installing eventagg and its dependencies into .venv", file=sys.stderr)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-e", f"{ROOT}[test]"],
+        check=True,
+    )
+    STAMP.write_text(want)
+    return python
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("run", "test"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    command, rest = argv[0], argv[1:]
+    python = ensure_venv()
+    os.chdir(ROOT)
+    if command == "run":
+        if "--config" not in rest:
+            rest = ["--config", str(ROOT / "config.toml"), *rest]
+        args = [str(python), str(ROOT / "scripts" / "aggregatord.py"), *rest]
+    else:
+        args = [str(python), "-m", "pytest", *rest]
+    os.execv(args[0], args)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,197 @@
+"""Test harness: real daemon processes on real loopback ports with real SQLite files.
+
+Ports come from below the kernel's ephemeral range, so a client reconnecting to a stopped
+daemon can never connect to itself (libzmq issue 4588) and a restarted daemon can bind again.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from transport.client import NoAnswer, QueryClient
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+_used_ports: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port() -> int:
+    """A loopback TCP port below the ephemeral range that nothing is bound to right now."""
+    high = min(_ephemeral_low(), 32768) - 1
+    for _ in range(1000):
+        port = random.randint(20000, high)
+        if port in _used_ports:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _used_ports.add(port)
+        return port
+    raise RuntimeError("no free port found")
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def run_script(name: str, *args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run one of scripts/*.py with this interpreter, bounded in time."""
+    return subprocess.run(
+        [sys.executable, str(SCRIPTS / name), *args],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
+    )
+
+
+class Daemon:
+    """One aggregatord process with its own config, ports and database under ``workdir``."""
+
+    def __init__(self, workdir: Path, overrides: dict[str, dict[str, Any]] | None = None) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.ingest = f"tcp://127.0.0.1:{free_port()}"
+        self.ack = f"tcp://127.0.0.1:{free_port()}"
+        self.query = f"tcp://127.0.0.1:{free_port()}"
+        sections: dict[str, dict[str, Any]] = {
+            "ingest": {"bind": self.ingest, "ack_bind": self.ack},
+            "query": {"bind": self.query},
+            "storage": {"path": "events.db"},
+            "log": {"level": "INFO"},
+        }
+        for section, values in (overrides or {}).items():
+            sections.setdefault(section, {}).update(values)
+        self.config_path = write_config(workdir / "config.toml", sections)
+        self.db_path = workdir / str(sections["storage"]["path"])
+        self.log_path = workdir / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait: bool = True, timeout: float = 30.0, env: dict[str, str] | None = None) -> "Daemon":
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(SCRIPTS / "aggregatord.py"), "--config", str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=env,
+        )
+        log.close()
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                reply = self.request({"op": "health"}, timeout=1.0)
+            except NoAnswer:
+                continue
+            if "error" not in reply:
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"daemon not ready within {timeout} s:\n{self.log()}")
+
+    def request(self, query: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+        with QueryClient(self.query, timeout=timeout) as client:
+            return client.request(query)
+
+    def stats(self) -> dict[str, Any]:
+        reply = self.request({"op": "stats"})
+        assert "error" not in reply, reply
+        return reply
+
+    def wait_stats(self, timeout: float = 60.0, **expected: int) -> dict[str, Any]:
+        """Poll stats until every named counter has the expected value (or time out with the last seen)."""
+        deadline = time.monotonic() + timeout
+        stats: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            stats = self.stats()
+            if all(stats.get(k) == v for k, v in expected.items()):
+                return stats
+            time.sleep(0.1)
+        raise AssertionError(f"stats did not reach {expected} within {timeout} s; last: {stats}")
+
+    def wait_idle(self, timeout: float = 60.0, quiet_s: float = 0.5) -> dict[str, Any]:
+        """Poll stats until nothing is in flight and the counters stop moving for ``quiet_s``."""
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] | None = None
+        stable_since = time.monotonic()
+        while time.monotonic() < deadline:
+            stats = self.stats()
+            keys = ("received", "unique_processed", "duplicate_dropped", "rejected")
+            now = time.monotonic()
+            if last is None or any(stats[k] != last[k] for k in keys) or stats["in_flight"] or stats.get("buffered"):
+                stable_since = now
+            elif now - stable_since >= quiet_s:
+                return stats
+            last = stats
+            time.sleep(0.05)
+        raise AssertionError(f"daemon not idle within {timeout} s; last: {last}")
+
+    def events(self, topic: str | None = None, page: int = 1000) -> list[dict[str, Any]]:
+        with QueryClient(self.query, timeout=10.0) as client:
+            return list(client.iter_events(topic, 0, page))
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL and reap."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def publish(endpoint: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run scripts/publish.py against ``endpoint`` and fail loudly if it fails."""
+    result = run_script("publish.py", "--endpoint", endpoint, *args, timeout=timeout)
+    assert result.returncode == 0, f"publish.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def env_with(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(extra)
+    return env
