@@ -52,3 +52,4 @@ class LiveFigures:
         self.buffered = [0]  # per ordering actor: events waiting in its reorder window
         self.commits = 0
         self.last_commit_error: str | None = None
+        self.refused = 0  # failed CURVE handshakes (transport.security); not stored, since start

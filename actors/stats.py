@@ -77,6 +77,7 @@ class StatsActor(pykka.ThreadingActor):
             "unique_processed": committed.get("unique_processed", 0),
             "duplicate_dropped": committed.get("duplicate_dropped", 0),
             "rejected": committed.get("rejected", 0),
+            "refused": self._live.refused,
             "late": committed.get("late", 0),
             "topic_count": committed.get("topic_count", 0),
             "in_flight": in_flight,

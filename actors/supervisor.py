@@ -29,6 +29,7 @@ from transport.config import Config, ConfigError, load_config
 from transport.ingest import IngestServer
 from transport.logs import set_level
 from transport.query_server import QueryServer
+from transport.security import SecurityError, ServerSecurity
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class Daemon:
         self.stats: pykka.ActorRef[Any] | None = None
         self.ingest: IngestServer | None = None
         self.query: QueryServer | None = None
+        self.security: ServerSecurity | None = None
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
         self.on_tick: list[Callable[[], None]] = []
@@ -78,6 +80,11 @@ class Daemon:
         cfg = self.config
         path = cfg.database_path
         try:
+            try:
+                # Checked first: an unsafe bind or a bad key file must not even open the database.
+                self.security = ServerSecurity(self.context, cfg, on_refused=self._add_refused)
+            except SecurityError as exc:
+                raise StartupError(str(exc)) from None
             self.dedup = DedupActor.start(
                 path,
                 synchronous=cfg.storage.synchronous,
@@ -106,13 +113,17 @@ class Daemon:
                 path, in_flight=self.in_flight, live=self.live, liveness=lambda: self.liveness(exclude=("stats",))
             )
             self._confirm(self.stats, "stats")
+            self.security.start()  # the ZAP handler must be up before a CURVE socket binds
+            secure = self.security.hook
             self.ingest = self._bind(
                 "ingest",
-                lambda: IngestServer(self.context, cfg.ingest, self.router, self.dedup, self.in_flight),  # type: ignore[arg-type]
+                lambda: IngestServer(self.context, cfg.ingest, self.router, self.dedup, self.in_flight, secure),  # type: ignore[arg-type]
             )
-            self.query = self._bind("query", lambda: QueryServer(self.context, cfg.query, self.stats))  # type: ignore[arg-type]
+            self.query = self._bind("query", lambda: QueryServer(self.context, cfg.query, self.stats, secure))  # type: ignore[arg-type]
         except BaseException:
             self._stop_actors()
+            if self.security is not None:
+                self.security.stop()
             self.context.term()
             raise
         self.ingest.start()
@@ -123,6 +134,9 @@ class Daemon:
             "eventagg ready: ingest %s, acked ingest %s, queries %s, database %s, %d ordering actors",
             cfg.ingest.bind, cfg.ingest.ack_bind, cfg.query.bind, path, cfg.ordering.actors,
         )
+
+    def _add_refused(self, count: int) -> None:
+        self.live.refused += count
 
     def _confirm(self, ref: pykka.ActorRef[Any], name: str) -> None:
         try:
@@ -220,6 +234,8 @@ class Daemon:
             self.ingest.close()
         if self.query is not None:
             self.query.close()
+        if self.security is not None:
+            self.security.stop()
         if self._ticker is not None:
             self._ticker.join(2.0)
         self._stop_actors()
@@ -262,4 +278,6 @@ class Daemon:
             log.error("SIGHUP: config not reloaded: %s", exc)
             return
         set_level(fresh.log.level)
+        if self.security is not None:
+            self.security.reload()
         log.warning("SIGHUP: reloaded %s; log level is now %s (other changes need a restart)", source, fresh.log.level)

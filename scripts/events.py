@@ -13,9 +13,10 @@ import sys
 
 import _bootstrap  # noqa: F401
 
-from stats import add_endpoint_args, endpoint_from_args
+from stats import add_endpoint_args, curve_from_args, endpoint_from_args
 from transport.client import QueryClient, QueryClientError
 from transport.config import ConfigError
+from transport.security import SecurityError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,12 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         endpoint = endpoint_from_args(args)
-    except ConfigError as exc:
+        secure = curve_from_args(args)
+    except (ConfigError, SecurityError) as exc:
         print(f"events: {exc}", file=sys.stderr)
         return 2
     printed = 0
     try:
-        with QueryClient(endpoint, timeout=args.timeout) as client:
+        with QueryClient(endpoint, timeout=args.timeout, configure=secure) as client:
             for event in client.iter_events(args.topic, args.after, args.page):
                 print(json.dumps(event, default=repr, ensure_ascii=False))
                 printed += 1

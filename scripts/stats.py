@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Print the daemon's stats: ``stats.py [--endpoint URL | --config PATH] [--json] [--timeout S]``.
 
+With CURVE on, add ``--server-key server.key --client-cert NAME.key_secret`` (or set
+``[security] server_public_key`` and ``client_certificate`` in the file given to ``--config``).
+
 Exits 0 with the stats, or non-zero with a message on stderr within the timeout when no daemon
 answers. With ``--json``, stdout holds exactly one JSON document.
 """
@@ -10,13 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import _bootstrap  # noqa: F401
 
 from transport.client import QueryClient, QueryClientError, connectable
 from transport.config import ConfigError, QueryConfig, load_config
+from transport.security import SecurityError, SocketHook, curve_client, curve_client_from_config
 
-ORDER = ("received", "unique_processed", "duplicate_dropped", "rejected", "late", "topic_count",
+ORDER = ("received", "unique_processed", "duplicate_dropped", "rejected", "refused", "late", "topic_count",
          "in_flight", "buffered", "commits", "uptime_s")
 
 
@@ -35,6 +40,22 @@ def add_endpoint_args(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--endpoint", metavar="URL", help="query endpoint, e.g. tcp://127.0.0.1:5556")
     where.add_argument("--config", metavar="PATH", help="read the query endpoint from this config file")
     parser.add_argument("--timeout", type=float, default=5.0, metavar="S", help="seconds to wait for an answer (default 5)")
+    parser.add_argument("--server-key", metavar="PATH", help="CURVE: the daemon's public certificate (server.key)")
+    parser.add_argument("--client-cert", metavar="PATH", help="CURVE: this client's secret certificate (NAME.key_secret)")
+
+
+def curve_from_args(args: argparse.Namespace) -> SocketHook | None:
+    """The CURVE client hook from --server-key/--client-cert, else from --config's [security], else None.
+
+    Raises :class:`SecurityError` for a missing or unsafe key file, or only one of the two flags.
+    """
+    if args.server_key or args.client_cert:
+        if not (args.server_key and args.client_cert):
+            raise SecurityError("CURVE needs both --server-key and --client-cert")
+        return curve_client(Path(args.server_key), Path(args.client_cert))
+    if args.config:
+        return curve_client_from_config(load_config(args.config))
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,11 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         endpoint = endpoint_from_args(args)
-    except ConfigError as exc:
+        secure = curve_from_args(args)
+    except (ConfigError, SecurityError) as exc:
         print(f"stats: {exc}", file=sys.stderr)
         return 2
     try:
-        with QueryClient(endpoint, timeout=args.timeout) as client:
+        with QueryClient(endpoint, timeout=args.timeout, configure=secure) as client:
             stats = client.call({"op": "stats"})
     except QueryClientError as exc:
         print(f"stats: {exc}", file=sys.stderr)

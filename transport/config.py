@@ -71,11 +71,17 @@ class LogConfig:
 
 @dataclass(frozen=True, slots=True)
 class SecurityConfig:
-    """``[security]``: CURVE keys and the switch for listening beyond loopback without them."""
+    """``[security]``: CURVE keys and the switch for listening beyond loopback without them.
+
+    ``curve_secret_key``, ``authorized_keys`` and ``allow_insecure`` are the daemon's;
+    ``server_public_key`` and ``client_certificate`` are read by clients given ``--config``.
+    """
 
     curve_secret_key: str = ""
     authorized_keys: str = ""
     allow_insecure: bool = False
+    server_public_key: str = ""
+    client_certificate: str = ""
 
 
 @dataclass(frozen=True, slots=True)

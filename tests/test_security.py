@@ -1,0 +1,232 @@
+"""CURVE on real daemons: who gets in, who is refused and counted, and the safe defaults.
+
+Certificates are made with scripts/keys.py. Publishers here are plain PUSH sockets in the test
+process (with or without the :func:`transport.security.curve_client` hook), so the test does
+not depend on the publisher library's own CURVE flags.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+from harness import Daemon, free_port, run_script
+from transport.client import NoAnswer, QueryClient
+from transport.config import Config, IngestConfig, QueryConfig, SecurityConfig
+from transport.security import (
+    InsecureBindError,
+    KeyFileError,
+    SecurityError,
+    ServerSecurity,
+    curve_client,
+    is_local_endpoint,
+)
+from transport.workload import plan
+
+pytestmark = pytest.mark.timeout(90)
+
+Hook = Callable[["zmq.Socket[Any]"], None]
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> dict[str, Path]:
+    """A server certificate, an authorized client, and a client whose key is not authorized."""
+    folder = tmp_path / "keys"
+    authorized = tmp_path / "authorized"
+    for args in (("server", str(folder)),
+                 ("client", "alice", str(folder), "--authorize", str(authorized)),
+                 ("client", "mallory", str(folder))):
+        result = run_script("keys.py", *args, timeout=30)
+        assert result.returncode == 0, result.stderr
+    return {
+        "server_public": folder / "server.key",
+        "server_secret": folder / "server.key_secret",
+        "alice": folder / "alice.key_secret",
+        "mallory": folder / "mallory.key_secret",
+        "authorized": authorized,
+    }
+
+
+def curve_daemon(daemon_factory: Callable[..., Daemon], keys: dict[str, Path], **security: Any) -> Daemon:
+    return daemon_factory(
+        security={"curve_secret_key": str(keys["server_secret"]), "authorized_keys": str(keys["authorized"]), **security}
+    )
+
+
+def ask(daemon: Daemon, query: dict[str, Any], hook: Hook | None, timeout: float = 2.0) -> dict[str, Any]:
+    with QueryClient(daemon.query, timeout=timeout, configure=hook) as client:
+        return client.request(query)
+
+
+def wait_ready(daemon: Daemon, hook: Hook, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert daemon.proc is not None
+        if daemon.proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {daemon.proc.returncode}:\n{daemon.log()}")
+        try:
+            if "error" not in ask(daemon, {"op": "health"}, hook, timeout=1.0):
+                return
+        except NoAnswer:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"daemon not ready:\n{daemon.log()}")
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def push(endpoint: str, events: list[dict[str, Any]], hook: Hook | None, linger_ms: int = 1000) -> None:
+    """PUSH events one per frame; frames a refused peer never takes are dropped after ``linger_ms``."""
+    context: zmq.Context[Any] = zmq.Context()
+    sock = context.socket(zmq.PUSH)
+    if hook is not None:
+        hook(sock)
+    sock.connect(endpoint)
+    try:
+        for event in events:
+            sock.send(msgpack.packb(event), zmq.NOBLOCK)
+    finally:
+        sock.close(linger=linger_ms)
+        context.term()
+
+
+def test_curve_lets_in_only_authorized_clients(daemon_factory: Callable[..., Daemon], keys: dict[str, Path]) -> None:
+    alice = curve_client(keys["server_public"], keys["alice"])
+    mallory = curve_client(keys["server_public"], keys["mallory"])
+    daemon = curve_daemon(daemon_factory, keys).start(wait=False)
+    wait_ready(daemon, alice)
+
+    # A plain REQ gets no reply at all, within its timeout; an unauthorized CURVE one neither.
+    with pytest.raises(NoAnswer):
+        ask(daemon, {"op": "stats"}, None, timeout=1.0)
+    with pytest.raises(NoAnswer):
+        ask(daemon, {"op": "stats"}, mallory, timeout=1.0)
+
+    def stats() -> dict[str, Any]:
+        reply = ask(daemon, {"op": "stats"}, alice)
+        assert "error" not in reply, reply
+        return reply
+
+    refused_before = stats()["refused"]
+    assert refused_before >= 2  # the two refused queries above
+    push(daemon.ingest, plan(50, id_prefix="plain-"), None)
+    wait_for(lambda: stats()["refused"] > refused_before, "the plain publisher to be refused")
+    refused_before = stats()["refused"]
+    push(daemon.ingest, plan(50, id_prefix="mallory-"), mallory)
+    wait_for(lambda: stats()["refused"] > refused_before, "the unauthorized publisher to be refused")
+    time.sleep(0.3)
+    figures = stats()
+    assert figures["received"] == 0 and figures["unique_processed"] == 0, figures
+
+    push(daemon.ingest, plan(50, id_prefix="alice-"), alice, linger_ms=10_000)
+    wait_for(lambda: stats()["unique_processed"] == 50, "alice's 50 events to be stored")
+    with QueryClient(daemon.query, timeout=5.0, configure=alice) as client:
+        stored = list(client.iter_events())
+    assert {e["event_id"] for e in stored} == {f"alice-{i}" for i in range(50)}
+    assert "refused a client" in daemon.log()
+
+    # The query scripts speak CURVE with flags, and fail (not hang) without them.
+    result = run_script("stats.py", "--endpoint", daemon.query, "--json",
+                        "--server-key", str(keys["server_public"]), "--client-cert", str(keys["alice"]))
+    assert result.returncode == 0, result.stderr
+    assert '"unique_processed": 50' in result.stdout
+    result = run_script("stats.py", "--endpoint", daemon.query, "--timeout", "1")
+    assert result.returncode == 1 and "no answer" in result.stderr
+    assert daemon.terminate() == 0
+
+
+def test_sighup_reloads_authorized_keys(daemon_factory: Callable[..., Daemon], keys: dict[str, Path]) -> None:
+    alice = curve_client(keys["server_public"], keys["alice"])
+    mallory = curve_client(keys["server_public"], keys["mallory"])
+    daemon = curve_daemon(daemon_factory, keys).start(wait=False)
+    wait_ready(daemon, alice)
+    with pytest.raises(NoAnswer):
+        ask(daemon, {"op": "stats"}, mallory, timeout=1.0)
+    mallory_public = keys["mallory"].with_suffix(".key")
+    (keys["authorized"] / mallory_public.name).write_bytes(mallory_public.read_bytes())
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reloaded 2 authorized client keys" in daemon.log(), "the keys to be reloaded")
+    assert "error" not in ask(daemon, {"op": "stats"}, mallory, timeout=5.0)
+    assert daemon.terminate() == 0
+
+
+def test_wildcard_bind_without_curve_refuses_to_start(daemon_factory: Callable[..., Daemon]) -> None:
+    port = free_port()
+    daemon = daemon_factory("exposed", ingest={"bind": f"tcp://0.0.0.0:{port}"})
+    daemon.start(wait=False)
+    assert daemon.proc is not None
+    assert daemon.proc.wait(30) == 1
+    assert "refusing to listen beyond loopback without CURVE ([ingest] bind = tcp://0.0.0.0:" in daemon.log()
+    assert "allow_insecure = true" in daemon.log()
+    assert not daemon.db_path.exists()  # refused before the database was even opened
+
+    allowed = daemon_factory("allowed", ingest={"bind": f"tcp://0.0.0.0:{port}"}, security={"allow_insecure": True})
+    allowed.start()
+    assert "WITHOUT CURVE (allow_insecure = true): tcp://0.0.0.0:" in allowed.log()
+    assert allowed.terminate() == 0
+
+
+def test_loose_secret_key_permissions_refuse_to_start(daemon_factory: Callable[..., Daemon], keys: dict[str, Path]) -> None:
+    os.chmod(keys["server_secret"], 0o644)
+    daemon = curve_daemon(daemon_factory, keys).start(wait=False)
+    assert daemon.proc is not None
+    assert daemon.proc.wait(30) == 1
+    assert f"{keys['server_secret']} has loose permissions (-rw-r--r--)" in daemon.log()
+    assert "chmod 600" in daemon.log()
+
+
+def test_key_file_checks(keys: dict[str, Path]) -> None:
+    os.chmod(keys["alice"], 0o640)
+    with pytest.raises(KeyFileError, match="loose permissions"):
+        curve_client(keys["server_public"], keys["alice"])
+    os.chmod(keys["alice"], 0o600)
+    with pytest.raises(KeyFileError, match="holds no secret key"):
+        curve_client(keys["server_public"], keys["alice"].with_suffix(".key"))
+    with pytest.raises(KeyFileError, match="does not exist"):
+        curve_client(keys["server_public"], keys["alice"].with_name("nobody.key_secret"))
+    os.chmod(keys["authorized"], 0o777)
+    config = Config(security=SecurityConfig(str(keys["server_secret"]), str(keys["authorized"])))
+    with pytest.raises(KeyFileError, match="writable by others"):
+        ServerSecurity(zmq.Context.instance(), config)
+    half = Config(security=SecurityConfig(curve_secret_key=str(keys["server_secret"])))
+    with pytest.raises(SecurityError, match="authorized_keys is empty"):
+        ServerSecurity(zmq.Context.instance(), half)
+    # keys.py never overwrites a certificate.
+    again = run_script("keys.py", "server", str(keys["server_public"].parent), timeout=30)
+    assert again.returncode == 1 and "already exists" in again.stderr
+    assert keys["server_secret"].stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "local"),
+    [
+        ("tcp://127.0.0.1:5555", True), ("tcp://127.0.0.5:5555", True), ("tcp://localhost:5555", True),
+        ("tcp://[::1]:5555", True), ("ipc:///run/eventagg.sock", True), ("inproc://x", True),
+        ("tcp://0.0.0.0:5555", False), ("tcp://*:5555", False), ("tcp://eth0:5555", False),
+        ("tcp://192.168.1.4:5555", False), ("tcp://[::]:5555", False), ("pgm://eth0;239.0.0.1:5555", False),
+    ],
+)
+def test_is_local_endpoint(endpoint: str, local: bool) -> None:
+    assert is_local_endpoint(endpoint) is local
+
+
+def test_insecure_check_names_every_exposed_endpoint() -> None:
+    config = Config(ingest=IngestConfig(bind="tcp://*:5555"), query=QueryConfig(bind="tcp://0.0.0.0:5556"))
+    with pytest.raises(InsecureBindError, match=r"\[ingest\] bind = tcp://\*:5555, \[query\] bind = tcp://0.0.0.0:5556"):
+        ServerSecurity(zmq.Context.instance(), config)

@@ -1,0 +1,399 @@
+"""CURVE security: who may publish and query, and the safe defaults around it.
+
+Theory of operation. ZeroMQ's CURVE mechanism encrypts every connection and proves both ends'
+keys. The daemon holds one secret certificate (``[security] curve_secret_key``); clients hold
+their own certificate and the server's public key. Which client keys are let in is decided by
+pyzmq's own ZAP authenticator (:class:`zmq.auth.thread.ThreadAuthenticator`) from a folder of
+public certificates (``[security] authorized_keys``). A ZAP handler must be bound in the
+daemon's context *before* any CURVE socket accepts a connection, otherwise libzmq lets every
+valid CURVE client in, so :meth:`ServerSecurity.start` runs before the sockets bind.
+
+Refused clients are counted from socket monitor events: a plain (NULL) client meets a CURVE
+server with ``EVENT_HANDSHAKE_FAILED_PROTOCOL`` (mechanism mismatch) and a CURVE client whose key
+is not in the folder with ``EVENT_HANDSHAKE_FAILED_AUTH`` (ZAP said 400). Every failed
+handshake counts once; a client that keeps reconnecting counts once per attempt.
+
+Without CURVE, binding anything but loopback (or ``ipc://``/``inproc://``) is refused unless
+``[security] allow_insecure = true``. Key files that others could read (secret) or write
+(public, authorized folder) are refused, since either lets someone else impersonate a party.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import stat
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import parse_monitor_message
+
+from transport.config import Config
+from transport.logs import RateLimitedLog
+
+log = logging.getLogger(__name__)
+
+SocketHook = Callable[["zmq.Socket[Any]"], None]
+
+MONITOR_POLL_MS = 100
+REFUSAL_EVENTS = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "key not authorized",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol error (a client without CURVE, or the wrong server key)",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed",
+}
+
+_SOCKET_NAMES = {zmq.PULL: "ingest", zmq.ROUTER: "acknowledged ingest", zmq.REP: "query"}
+
+
+class SecurityError(Exception):
+    """The security settings or key files do not allow a safe start; the message says what to fix."""
+
+
+class InsecureBindError(SecurityError):
+    """An endpoint beyond loopback would be bound without CURVE."""
+
+
+class KeyFileError(SecurityError):
+    """A certificate file or folder is missing, malformed or has loose permissions."""
+
+
+def is_local_endpoint(endpoint: str) -> bool:
+    """Whether only this machine can reach ``endpoint``: loopback TCP, ``ipc://`` or ``inproc://``."""
+    transport, _, address = endpoint.partition("://")
+    if transport in ("ipc", "inproc"):
+        return True
+    if transport not in ("tcp", "ws", "wss"):
+        return False  # pgm, epgm, vmci, udp...: treat as reachable from elsewhere
+    host = address.rsplit(":", 1)[0]
+    if ";" in host:  # "source;destination" form: the bind side is the destination
+        host = host.split(";", 1)[1]
+    host = host.strip("[]")
+    if host in ("localhost", "lo"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "*", an interface name, a host name: assume it is reachable
+
+
+def check_secret_file(path: Path, what: str) -> None:
+    """Refuse a secret certificate that is missing or that anyone but its owner may read or write."""
+    info = _stat(path, what)
+    if not stat.S_ISREG(info.st_mode):
+        raise KeyFileError(f"{what} {path} is not a regular file")
+    if info.st_mode & 0o077:
+        raise KeyFileError(
+            f"{what} {path} has loose permissions ({stat.filemode(info.st_mode)}): it holds a secret key; "
+            f"run `chmod 600 {path}` (and make a new key pair if others may have read it)"
+        )
+
+
+def check_public_path(path: Path, what: str) -> None:
+    """Refuse a public certificate or folder of them that anyone but its owner may write."""
+    info = _stat(path, what)
+    if info.st_mode & 0o022:
+        raise KeyFileError(
+            f"{what} {path} is writable by others ({stat.filemode(info.st_mode)}), so anyone could add "
+            f"or swap a key; run `chmod go-w {path}`"
+        )
+
+
+def _stat(path: Path, what: str) -> os.stat_result:
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        raise KeyFileError(f"{what} {path} does not exist; create it with scripts/keys.py") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def load_secret_certificate(path: Path, what: str = "secret certificate") -> tuple[bytes, bytes]:
+    """The ``(public, secret)`` keys of a ``zmq.auth`` secret certificate, after checking its permissions."""
+    _stat(path, what)
+    public, secret = _load(path, what)
+    if not secret:
+        raise KeyFileError(
+            f"{what} {path} holds no secret key; pass the '.key_secret' file, not the public '.key' one"
+        )
+    check_secret_file(path, what)
+    return public, secret
+
+
+def load_public_key(path: Path, what: str = "public certificate") -> bytes:
+    """The public key of a ``zmq.auth`` certificate (public or secret one), after checking its permissions."""
+    check_public_path(path, what)
+    public, _ = _load(path, what)
+    return public
+
+
+def _load(path: Path, what: str) -> tuple[bytes, bytes | None]:
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise KeyFileError(f"{what} {path} is not a zmq.auth certificate ({exc}); make one with scripts/keys.py") from None
+    if len(public) != 40 or (secret is not None and len(secret) != 40):
+        raise KeyFileError(f"{what} {path} does not hold 40-character Z85 keys; make one with scripts/keys.py")
+    return public, secret
+
+
+def curve_client(server_public_key: Path, client_cert: Path) -> SocketHook:
+    """A hook that makes a client socket speak CURVE to the daemon; call it before ``connect``.
+
+    ``server_public_key`` is the server's public certificate (``server.key``), ``client_cert``
+    this client's secret certificate (``NAME.key_secret``), whose public half must be in the
+    daemon's ``authorized_keys`` folder. Both files are read and checked now, so a bad file
+    raises :class:`KeyFileError` at once rather than at the first send.
+    """
+    server_key = load_public_key(Path(server_public_key), "server public certificate")
+    public, secret = load_secret_certificate(Path(client_cert), "client certificate")
+
+    def secure(sock: zmq.Socket[Any]) -> None:
+        sock.curve_serverkey = server_key
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+
+    return secure
+
+
+def curve_client_from_config(config: Config) -> SocketHook | None:
+    """The client hook that ``[security] client_certificate`` asks for, or None when it is empty.
+
+    The server's key is ``[security] server_public_key``, or else the public half of
+    ``curve_secret_key`` (handy on the daemon's own machine, when that file is readable).
+    """
+    sec = config.security
+    if not sec.client_certificate:
+        return None
+    if sec.server_public_key:
+        return curve_client(config.resolve(sec.server_public_key), config.resolve(sec.client_certificate))
+    if sec.curve_secret_key:
+        return curve_client(config.resolve(sec.curve_secret_key), config.resolve(sec.client_certificate))
+    raise SecurityError(
+        "[security] client_certificate is set but server_public_key is empty; set it to the daemon's "
+        "public certificate (server.key)"
+    )
+
+
+@dataclass
+class _Watched:
+    name: str
+    monitor: zmq.Socket[Any]
+
+
+class _RefusalMonitor:
+    """One thread reading the monitor sockets of the server sockets and counting failed handshakes."""
+
+    def __init__(self, count: Callable[[int, str, str], None]) -> None:
+        self._count = count
+        self._lock = threading.Lock()
+        self._pending: list[_Watched] = []
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="curve-monitor", daemon=True)
+
+    def add(self, name: str, monitor: zmq.Socket[Any]) -> None:
+        # The monitor socket is made on the caller's thread and handed over under a lock (a full
+        # memory barrier), which is how ZeroMQ allows a socket to move between threads.
+        with self._lock:
+            self._pending.append(_Watched(name, monitor))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        with self._lock:
+            for watched in self._pending:
+                watched.monitor.close(linger=0)
+            self._pending.clear()
+
+    def _run(self) -> None:
+        watched: dict[zmq.Socket[Any], str] = {}
+        poller = zmq.Poller()
+        try:
+            while not self._stopping.is_set():
+                with self._lock:
+                    fresh, self._pending = self._pending, []
+                for item in fresh:
+                    watched[item.monitor] = item.name
+                    poller.register(item.monitor, zmq.POLLIN)
+                if not watched:
+                    self._stopping.wait(MONITOR_POLL_MS / 1000)
+                    continue
+                for sock, _ in poller.poll(MONITOR_POLL_MS):
+                    while True:
+                        try:
+                            parts = sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        event = parse_monitor_message(parts)
+                        reason = REFUSAL_EVENTS.get(event["event"])
+                        if reason is not None:
+                            peer = event["endpoint"].decode(errors="replace") if event["endpoint"] else "?"
+                            self._count(1, watched[sock], f"{reason} (on {peer})")
+        except Exception:
+            log.exception("the CURVE refusal monitor failed; refused clients are no longer counted")
+        finally:
+            for sock in watched:
+                sock.close(linger=0)
+
+
+@dataclass
+class RefusalCounts:
+    """Refused handshakes since start, in total and per server socket."""
+
+    total: int = 0
+    by_socket: dict[str, int] = field(default_factory=dict)
+
+
+class ServerSecurity:
+    """The daemon's side: checks the settings, runs the authenticator, secures server sockets.
+
+    Construct it first (it raises :class:`SecurityError` for unsafe settings or bad key files),
+    call :meth:`start` before binding any socket, pass :meth:`hook` to the socket owners, and
+    call :meth:`stop` after the sockets are closed and before the context is terminated.
+    """
+
+    def __init__(
+        self,
+        context: zmq.Context[Any],
+        config: Config,
+        on_refused: Callable[[int], None] | None = None,
+    ) -> None:
+        self._context = context
+        self._config = config
+        self._on_refused = on_refused
+        self._authenticator: ThreadAuthenticator | None = None
+        self._monitor: _RefusalMonitor | None = None
+        self._warn = RateLimitedLog(log)
+        self.refused = RefusalCounts()
+        sec = config.security
+        endpoints = {
+            "[ingest] bind": config.ingest.bind,
+            "[ingest] ack_bind": config.ingest.ack_bind,
+            "[query] bind": config.query.bind,
+        }
+        self.enabled = bool(sec.curve_secret_key)
+        if sec.authorized_keys and not self.enabled:
+            raise SecurityError(
+                "[security] authorized_keys is set but curve_secret_key is empty; set curve_secret_key to the "
+                "server's secret certificate (scripts/keys.py server DIR makes one) or clear authorized_keys"
+            )
+        if self.enabled:
+            if not sec.authorized_keys:
+                raise SecurityError(
+                    "[security] curve_secret_key is set but authorized_keys is empty; set it to a folder of "
+                    "client public certificates (scripts/keys.py client NAME DIR makes them)"
+                )
+            self.secret_path = config.resolve(sec.curve_secret_key)
+            self.keys_dir = config.resolve(sec.authorized_keys)
+            self._public, self._secret = load_secret_certificate(self.secret_path, "[security] curve_secret_key")
+            self._check_keys_dir()
+        else:
+            exposed = {key: ep for key, ep in endpoints.items() if not is_local_endpoint(ep)}
+            if exposed and not sec.allow_insecure:
+                listed = ", ".join(f"{key} = {ep}" for key, ep in exposed.items())
+                raise InsecureBindError(
+                    f"refusing to listen beyond loopback without CURVE ({listed}): anyone who can reach "
+                    "these ports could publish and read events. Set [security] curve_secret_key and "
+                    "authorized_keys (see scripts/keys.py), bind to 127.0.0.1, or set "
+                    "[security] allow_insecure = true to accept the risk"
+                )
+            if exposed:
+                log.warning(
+                    "listening beyond loopback WITHOUT CURVE (allow_insecure = true): %s; anyone who can "
+                    "reach these ports can publish and read events",
+                    ", ".join(exposed.values()),
+                )
+
+    def _check_keys_dir(self) -> int:
+        if not self.keys_dir.is_dir():
+            raise KeyFileError(
+                f"[security] authorized_keys {self.keys_dir} is not a folder; create it and copy the "
+                "clients' public '.key' certificates into it"
+            )
+        check_public_path(self.keys_dir, "[security] authorized_keys folder")
+        keys = sorted(self.keys_dir.glob("*.key"))
+        for path in keys:
+            load_public_key(path, "authorized client certificate")
+        if not keys:
+            log.warning("[security] authorized_keys %s holds no '*.key' certificates: every client is refused", self.keys_dir)
+        return len(keys)
+
+    @property
+    def public_key(self) -> bytes | None:
+        """The server's public key (Z85), or None when CURVE is off."""
+        return self._public if self.enabled else None
+
+    def start(self) -> None:
+        """Start the authenticator and the refusal monitor; a no-op when CURVE is off."""
+        if not self.enabled:
+            return
+        authenticator = ThreadAuthenticator(self._context, log=logging.getLogger("zmq.auth"))
+        authenticator.start()
+        self._authenticator = authenticator
+        authenticator.configure_curve(domain="*", location=str(self.keys_dir))
+        self._monitor = _RefusalMonitor(self._count)
+        self._monitor.start()
+        log.info(
+            "CURVE on: server key %s, %d authorized client keys in %s",
+            self._public.decode(), len(authenticator.certs.get("*", {})), self.keys_dir,
+        )
+
+    @property
+    def hook(self) -> SocketHook | None:
+        """What the socket owners apply to each server socket before bind; None when CURVE is off."""
+        return self.secure if self.enabled else None
+
+    def secure(self, sock: zmq.Socket[Any]) -> None:
+        """Make ``sock`` a CURVE server and watch its handshakes; call before ``bind``."""
+        if not self.enabled:
+            return
+        if self._authenticator is None:
+            raise SecurityError("ServerSecurity.start() must run before any socket is secured")
+        sock.curve_secretkey = self._secret
+        sock.curve_publickey = self._public
+        sock.curve_server = True
+        if self._monitor is not None:
+            name = _SOCKET_NAMES.get(sock.socket_type, "server")
+            address = f"inproc://eventagg-curve-monitor-{id(sock):x}"
+            sock.monitor(address, sum(REFUSAL_EVENTS))
+            watcher = self._context.socket(zmq.PAIR)
+            watcher.connect(address)
+            self._monitor.add(name, watcher)
+
+    def reload(self) -> None:
+        """Re-read the authorized keys folder (SIGHUP); a bad folder keeps the keys already loaded."""
+        if self._authenticator is None:
+            return
+        try:
+            count = self._check_keys_dir()
+        except SecurityError as exc:
+            log.error("authorized keys not reloaded, the old ones stay in force: %s", exc)
+            return
+        self._authenticator.configure_curve(domain="*", location=str(self.keys_dir))
+        log.warning("reloaded %d authorized client keys from %s", count, self.keys_dir)
+
+    def _count(self, count: int, socket_name: str, reason: str) -> None:
+        self.refused.total += count
+        self.refused.by_socket[socket_name] = self.refused.by_socket.get(socket_name, 0) + count
+        if self._on_refused is not None:
+            self._on_refused(count)
+        self._warn.warning("refused a client on the %s socket: %s", socket_name, reason)
+
+    def stop(self) -> None:
+        """Stop the monitor and the authenticator; call after the server sockets are closed."""
+        if self._monitor is not None:
+            self._monitor.stop()
+            self._monitor = None
+        if self._authenticator is not None:
+            self._authenticator.stop()
+            self._authenticator = None
