@@ -65,7 +65,6 @@ class OrderingActor(pykka.ThreadingActor):
         self._index = index
         self._dedup = dedup
         self._buffer: ReorderBuffer[_Held] = ReorderBuffer(window_ms / 1000, max_buffered)
-        self._held_keys: set[tuple[str, str]] = set()
         self._in_flight = in_flight
         self._live = live
 
@@ -93,16 +92,16 @@ class OrderingActor(pykka.ThreadingActor):
         by_topic: dict[str, list[int]] = {}
         seen: set[tuple[str, str]] = set()
         duplicates: list[int] = []
-        held_keys = self._held_keys
+        buffer = self._buffer
         for position, event in enumerate(batch.events):
             key = (event.topic, event.event_id)
-            if key in seen or key in held_keys:
+            if key in seen or buffer.holds(event.topic, event.event_id):
                 duplicates.append(position)
                 continue
             seen.add(key)
             by_topic.setdefault(event.topic, []).append(position)
         ids = {topic: [batch.events[p].event_id for p in positions] for topic, positions in by_topic.items()}
-        unknown = [topic for topic in by_topic if not self._buffer.knows(topic)]
+        unknown = [topic for topic in by_topic if not buffer.knows(topic)]
         result = self._classify(ClassifyRequest(ids, unknown))
         if result is None:
             # The dedup actor did not answer: drop the batch (its acks never come, so acked
@@ -110,7 +109,7 @@ class OrderingActor(pykka.ThreadingActor):
             self._in_flight.release(len(batch.events))
             return
         for topic, state in result.states.items():
-            self._buffer.set_state(topic, state)
+            buffer.set_state(topic, state)
 
         for position in duplicates:
             self._count_duplicate(write, batch.events[position].topic, tickets[position] if tickets else None)
@@ -123,13 +122,11 @@ class OrderingActor(pykka.ThreadingActor):
                 event = batch.events[position]
                 ticket = tickets[position] if tickets else None
                 if event.event_id in new_ids:
-                    entries.append((event.ts_ns, _Held(event, batch.received_at, ticket)))
+                    entries.append((event.ts_ns, event.event_id, _Held(event, batch.received_at, ticket)))
                 else:
                     self._count_duplicate(write, topic, ticket)
             if entries:
-                if self._buffer.window_s > 0:
-                    held_keys.update((topic, held.event.event_id) for _, held in entries)
-                released.extend(self._buffer.push(topic, entries, now))
+                released.extend(buffer.push(topic, entries, now))
         self._send(released, write)
 
     def _classify(self, request: ClassifyRequest) -> ClassifyResult | None:
@@ -182,8 +179,6 @@ class OrderingActor(pykka.ThreadingActor):
                 write.new_topics += 1
             write.events += 1
             write.settle(held.ticket, 1, 0)
-        if self._held_keys and released:
-            self._held_keys.difference_update((out.topic, out.item.event.event_id) for out in released)
         self._live.buffered[self._index] = self._buffer.buffered
         if write.events:
             self._dedup.tell(write)

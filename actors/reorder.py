@@ -33,6 +33,7 @@ class Released(Generic[T]):
 
     topic: str
     ts_ns: int
+    event_id: str
     item: T
     seq: int
     late: bool
@@ -42,6 +43,7 @@ class Released(Generic[T]):
 class _Waiting(Generic[T]):
     topic: str
     ts_ns: int
+    event_id: str
     arrival: int
     deadline: float
     item: T
@@ -64,6 +66,7 @@ class ReorderBuffer(Generic[T]):
         self._topics: dict[str, _Topic[T]] = {}
         self._arrivals: deque[_Waiting[T]] = deque()
         self._counter = 0
+        self._held: set[tuple[str, str]] = set()
         self.buffered = 0
 
     def knows(self, topic: str) -> bool:
@@ -74,15 +77,20 @@ class ReorderBuffer(Generic[T]):
         """Start a topic from its stored state, so seqs and lateness continue after a restart."""
         self._topics[topic] = _Topic(state.last_seq, state.last_ts_ns)
 
-    def push(self, topic: str, entries: Iterable[tuple[int, T]], now: float) -> list[Released[T]]:
-        """Add new events ``(ts_ns, item)`` of a known topic, in arrival order; return what leaves now."""
+    def holds(self, topic: str, event_id: str) -> bool:
+        """Whether this event is waiting in the buffer (so a copy arriving now is a duplicate)."""
+        return (topic, event_id) in self._held
+
+    def push(self, topic: str, entries: Iterable[tuple[int, str, T]], now: float) -> list[Released[T]]:
+        """Add new events ``(ts_ns, event_id, item)`` of a known topic, in arrival order; return what leaves now."""
         state = self._topics[topic]
         if self.window_s <= 0:
-            return [self._release(state, topic, ts_ns, item) for ts_ns, item in entries]
+            return [self._release(state, topic, ts_ns, event_id, item) for ts_ns, event_id, item in entries]
         deadline = now + self.window_s
-        for ts_ns, item in entries:
+        for ts_ns, event_id, item in entries:
             self._counter += 1
-            waiting = _Waiting(topic, ts_ns, self._counter, deadline, item)
+            self._held.add((topic, event_id))
+            waiting = _Waiting(topic, ts_ns, event_id, self._counter, deadline, item)
             heapq.heappush(state.heap, (ts_ns, self._counter, waiting))
             self._arrivals.append(waiting)
             self.buffered += 1
@@ -113,7 +121,8 @@ class ReorderBuffer(Generic[T]):
                 _, _, waiting = heapq.heappop(heap)
                 waiting.released = True
                 self.buffered -= 1
-                released.append(self._release(state, topic, waiting.ts_ns, waiting.item))
+                self._held.discard((topic, waiting.event_id))
+                released.append(self._release(state, topic, waiting.ts_ns, waiting.event_id, waiting.item))
         return released
 
     def flush(self) -> list[Released[T]]:
@@ -123,8 +132,9 @@ class ReorderBuffer(Generic[T]):
             while state.heap:
                 _, _, waiting = heapq.heappop(state.heap)
                 waiting.released = True
-                released.append(self._release(state, topic, waiting.ts_ns, waiting.item))
+                released.append(self._release(state, topic, waiting.ts_ns, waiting.event_id, waiting.item))
         self._arrivals.clear()
+        self._held.clear()
         self.buffered = 0
         return released
 
@@ -136,9 +146,9 @@ class ReorderBuffer(Generic[T]):
         return None
 
     @staticmethod
-    def _release(state: _Topic[T], topic: str, ts_ns: int, item: T) -> Released[T]:
+    def _release(state: _Topic[T], topic: str, ts_ns: int, event_id: str, item: T) -> Released[T]:
         state.last_seq += 1
         late = ts_ns < state.last_ts_ns
         if not late:
             state.last_ts_ns = ts_ns
-        return Released(topic, ts_ns, item, state.last_seq, late)
+        return Released(topic, ts_ns, event_id, item, state.last_seq, late)

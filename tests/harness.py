@@ -195,3 +195,32 @@ def env_with(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(extra)
     return env
+
+
+def push_frames(endpoint: str, frames: list[bytes | list[bytes]]) -> None:
+    """Send raw messages over PUSH (a list is a multipart message), then linger until delivered."""
+    import zmq
+
+    context = zmq.Context()
+    sock = context.socket(zmq.PUSH)
+    sock.connect(endpoint)
+    try:
+        for frame in frames:
+            if isinstance(frame, list):
+                sock.send_multipart(frame)
+            else:
+                sock.send(frame)
+    finally:
+        sock.close(linger=10_000)
+        context.term()
+
+
+def stored_rows(db_path: Path) -> list[tuple[str, str, int]]:
+    """(topic, event_id, seq) of every stored row, read straight from the SQLite file."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT topic, event_id, seq FROM events ORDER BY rowid").fetchall()
+    finally:
+        conn.close()

@@ -1,0 +1,61 @@
+"""Frame decoding: whole-frame refusals and per-event refusals inside a batch."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from transport.codec import FrameError, Limits, decode_ack_request, decode_frame
+
+GOOD = {"topic": "t", "event_id": "1", "timestamp": "2025-10-22T10:00:00Z", "source": "s"}
+
+
+def test_single_event_frame() -> None:
+    batch = decode_frame(msgpack.packb(GOOD))
+    assert [e.event_id for e in batch.events] == ["1"] and batch.rejected == []
+
+
+def test_batch_keeps_valid_events_and_names_each_invalid_one_by_index() -> None:
+    frame = msgpack.packb([GOOD, 5, {**GOOD, "event_id": "2"}, {**GOOD, "topic": ""}])
+    batch = decode_frame(frame)
+    assert [e.event_id for e in batch.events] == ["1", "2"]
+    assert [index for index, _ in batch.rejected] == [1, 3]
+    assert "must be a map" in batch.rejected[0][1]
+
+
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [
+        (b"\xc1", "not valid msgpack"),
+        (b"", "not valid msgpack"),
+        (msgpack.packb([]), "empty batch"),
+        (msgpack.packb(42), "not int"),
+        (msgpack.packb("text"), "not str"),
+        (msgpack.packb(GOOD) + b"\x01", "more than one msgpack object"),
+        (b"\xa3\xff\xfe\xfd", "not valid msgpack"),  # a str that is not UTF-8
+        (msgpack.packb([GOOD] * 11), "over the limit of 10"),
+    ],
+)
+def test_refused_frames(frame: bytes, reason: str) -> None:
+    with pytest.raises(FrameError, match=reason):
+        decode_frame(frame, Limits(max_batch_events=10))
+
+
+def test_ack_request() -> None:
+    batch_id, batch = decode_ack_request(msgpack.packb({"batch": 7, "events": [GOOD, "x"]}))
+    assert batch_id == 7 and len(batch.events) == 1 and batch.rejected[0][0] == 1
+
+
+@pytest.mark.parametrize(
+    ("request_", "reason"),
+    [
+        ([GOOD], "must be a map"),
+        ({"events": [GOOD]}, "'batch' id"),
+        ({"batch": True, "events": [GOOD]}, "'batch' id"),
+        ({"batch": 1, "events": GOOD}, "'events' must be an array"),
+        ({"batch": 1, "events": []}, "empty batch"),
+    ],
+)
+def test_refused_ack_requests(request_: object, reason: str) -> None:
+    with pytest.raises(FrameError, match=reason):
+        decode_ack_request(msgpack.packb(request_))

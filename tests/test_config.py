@@ -1,0 +1,77 @@
+"""Configuration: defaults, partial files, relative paths, and a clear error naming each bad key."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from transport.config import Config, ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_repository_config_toml_holds_every_default() -> None:
+    shipped = load_config(ROOT / "config.toml")
+    defaults = Config()
+    for section in ("ingest", "ordering", "storage", "query", "log", "security"):
+        assert getattr(shipped, section) == getattr(defaults, section), section
+    # ... and every key is written out, so the file documents them all.
+    data = tomllib.loads((ROOT / "config.toml").read_text())
+    for section in data:
+        assert set(data[section]) == set(type(getattr(defaults, section)).__dataclass_fields__), section
+
+
+def test_partial_file_takes_defaults_for_the_rest(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[ordering]\nactors = 2\n')
+    config = load_config(path)
+    assert config.ordering.actors == 2
+    assert config.ingest == Config().ingest
+
+
+def test_relative_storage_path_is_relative_to_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    path = tmp_path / "sub" / "c.toml"
+    path.parent.mkdir()
+    path.write_text('[storage]\npath = "db/events.db"\n')
+    assert load_config(path).database_path == tmp_path / "sub" / "db" / "events.db"
+
+
+def test_state_directory_wins_for_a_relative_storage_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
+    assert Config().database_path == tmp_path / "state" / "data" / "events.db"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[ingest]\nbindd = 'x'\n", r"unknown key \[ingest\] bindd"),
+        ("[nope]\nx = 1\n", r"unknown section \[nope\]"),
+        ("[ordering]\nactors = 0\n", r"\[ordering\] actors must be greater than 0"),
+        ("[ordering]\nactors = true\n", r"\[ordering\] actors must be a int"),
+        ("[ordering]\nactors = '4'\n", r"\[ordering\] actors must be a int"),
+        ("[ordering]\nwindow_ms = -1\n", r"\[ordering\] window_ms"),
+        ("[storage]\nsynchronous = 'SOMETIMES'\n", r"\[storage\] synchronous must be one of"),
+        ("[log]\nlevel = 'LOUD'\n", r"\[log\] level must be one of"),
+        ("[query]\nbind = '127.0.0.1:5556'\n", r"\[query\] bind must be a ZeroMQ endpoint"),
+        ("[ingest]\nbind = [1]\n", r"\[ingest\] bind must be a str"),
+        ("ingest = 3\n", r"\[ingest\] must be a table"),
+        ("not toml at all [", "not valid TOML"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_lowercase_choices_are_accepted() -> None:
+    assert parse_config({"storage": {"synchronous": "full"}}).storage.synchronous == "FULL"

@@ -1,0 +1,262 @@
+"""The daemon end to end: real processes, real sockets, real SQLite files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from typing import Any, Callable
+
+import msgpack
+
+from harness import SCRIPTS, Daemon, publish, push_frames, run_script, stored_rows
+from transport.workload import plan
+
+EVENT = {"topic": "orders", "event_id": "o-1", "timestamp": "2025-10-22T10:00:00Z", "source": "shop", "payload": {"n": 1}}
+
+
+def test_same_key_is_stored_once_and_same_id_in_two_topics_twice(daemon: Daemon) -> None:
+    other_topic = {**EVENT, "topic": "refunds"}
+    push_frames(daemon.ingest, [msgpack.packb(EVENT), msgpack.packb([EVENT, other_topic]), msgpack.packb(EVENT)])
+    stats = daemon.wait_stats(received=4, unique_processed=2, duplicate_dropped=2)
+    assert stats["topic_count"] == 2
+    assert sorted(stored_rows(daemon.db_path)) == [("orders", "o-1", 1), ("refunds", "o-1", 1)]
+
+
+def test_unknown_fields_are_accepted_and_not_stored(daemon: Daemon) -> None:
+    push_frames(daemon.ingest, [msgpack.packb({**EVENT, "priority": "high", "seq": 99})])
+    daemon.wait_stats(unique_processed=1, rejected=0)
+    (stored,) = daemon.events("orders")
+    assert stored == {
+        "topic": "orders", "event_id": "o-1", "timestamp": "2025-10-22T10:00:00Z", "source": "shop",
+        "payload": {"n": 1}, "seq": 1, "late": False,
+    }
+
+
+def start_publishers(daemon: Daemon, total: int, *, prefix: str = "e") -> list[subprocess.Popen[str]]:
+    """Three publisher processes share one stream: one sends single-event frames, two send batches."""
+    common = ["--endpoint", daemon.ingest, "--events", str(total), "--duplicates", "0.2", "--topics", "10",
+              "--seed", "7", "--id-prefix", prefix]
+    return [
+        subprocess.Popen([sys.executable, str(SCRIPTS / "publish.py"), *common, "--slice", f"{i}/3", "--batch", batch],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i, batch in enumerate(("1", "100", "37"))
+    ]
+
+
+def wait_all(procs: list[subprocess.Popen[str]], timeout: float = 120) -> None:
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, f"publisher failed: {out}\n{err}"
+
+
+def test_three_publishers_with_duplicates_then_restart_and_resend(daemon: Daemon) -> None:
+    wait_all(start_publishers(daemon, 5000))
+    stats = daemon.wait_stats(received=5000, unique_processed=4000, duplicate_dropped=1000)
+    assert stats["rejected"] == 0 and stats["topic_count"] == 10
+
+    # The events query returns exactly the 4 000 distinct events, seqs 1..n per topic, payloads intact.
+    expected = {e["event_id"]: e for e in plan(5000, 0.2, topics=10, seed=7, id_prefix="e")}
+    stored = daemon.events()
+    assert len(stored) == 4000 and {e["event_id"] for e in stored} == set(expected)
+    per_topic: dict[str, list[int]] = defaultdict(list)
+    for event in stored:
+        original = expected[event["event_id"]]
+        assert {k: event[k] for k in original} == original
+        per_topic[event["topic"]].append(event["seq"])
+    for topic, seqs in per_topic.items():
+        assert sorted(seqs) == list(range(1, len(seqs) + 1)), topic
+        assert [e["seq"] for e in daemon.events(topic, page=333)] == list(range(1, len(seqs) + 1))
+
+    # Restart: counters survive; resending everything adds only duplicates.
+    assert daemon.terminate() == 0
+    daemon.start()
+    before = daemon.stats()
+    assert {k: before[k] for k in ("received", "unique_processed", "duplicate_dropped", "topic_count")} == {
+        "received": 5000, "unique_processed": 4000, "duplicate_dropped": 1000, "topic_count": 10}
+    wait_all(start_publishers(daemon, 5000))
+    daemon.wait_stats(received=10000, unique_processed=4000, duplicate_dropped=6000)
+    assert len(stored_rows(daemon.db_path)) == 4000
+
+
+def test_kill_9_mid_stream_leaves_a_consistent_database(daemon: Daemon) -> None:
+    publisher = subprocess.Popen(
+        [sys.executable, str(SCRIPTS / "publish.py"), "--endpoint", daemon.ingest, "--events", "200000",
+         "--duplicates", "0.2", "--batch", "100"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while daemon.stats()["unique_processed"] < 5000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        daemon.kill()
+    finally:
+        publisher.kill()
+        publisher.wait(10)
+    daemon.start()
+    stats = daemon.wait_idle()
+    rows = stored_rows(daemon.db_path)
+    assert stats["unique_processed"] == len(rows) > 0
+    assert stats["received"] == stats["unique_processed"] + stats["duplicate_dropped"]
+    assert len({(t, e) for t, e, _ in rows}) == len(rows)
+    per_topic = Counter(t for t, _, _ in rows)
+    for topic, count in per_topic.items():
+        assert sorted(s for t, _, s in rows if t == topic) == list(range(1, count + 1))
+
+
+def malformed_frames() -> tuple[list[Any], int]:
+    """A few thousand bad messages of every kind, and how many refusals they must add up to."""
+    import random
+
+    rng = random.Random(3)
+    frames: list[Any] = []
+    expected = 0
+    for _ in range(1000):  # 0xc1 is never valid msgpack
+        frames.append(b"\xc1" + rng.randbytes(rng.randrange(0, 64)))
+        expected += 1
+    for _ in range(300):  # truncated msgpack
+        frames.append(msgpack.packb([EVENT, EVENT])[: rng.randrange(1, 40)])
+        expected += 1
+    for value in ([], 0, -5, "text", None, True, 2.5, b"bin", msgpack.ExtType(5, b"x")):
+        frames.extend([msgpack.packb(value)] * 50)
+        expected += 50
+    bad_events = [
+        {k: v for k, v in EVENT.items() if k != "topic"},
+        {**EVENT, "topic": "white space"},
+        {**EVENT, "topic": "x" * 256},
+        {**EVENT, "event_id": ""},
+        {**EVENT, "event_id": 12},
+        {**EVENT, "timestamp": "2025-10-22T10:00:00"},
+        {**EVENT, "timestamp": "not a time"},
+        {**EVENT, "source": ["list"]},
+        {**EVENT, "payload": [1, 2]},
+        [[EVENT]],
+        "event",
+    ]
+    for bad in bad_events:  # each alone, and all of them in one batch
+        frames.extend([msgpack.packb(bad)] * 40)
+        expected += 40
+    frames.extend([msgpack.packb(bad_events)] * 100)
+    expected += 100 * len(bad_events)
+    frames.extend([[msgpack.packb(EVENT), msgpack.packb(EVENT)]] * 50)  # two-part messages
+    expected += 50
+    frames.extend([msgpack.packb(EVENT) + b"\x00"] * 50)  # trailing bytes
+    expected += 50
+    return frames, expected
+
+
+def test_malformed_input_is_rejected_counted_and_harmless(daemon: Daemon) -> None:
+    frames, expected = malformed_frames()
+    assert len(frames) > 2000
+    push_frames(daemon.ingest, frames)
+    stats = daemon.wait_stats(rejected=expected)
+    assert stats["received"] == 0 and stats["unique_processed"] == 0
+    assert stored_rows(daemon.db_path) == []
+    assert "error" not in daemon.request({"op": "health"})
+    push_frames(daemon.ingest, [msgpack.packb(EVENT)])
+    daemon.wait_stats(unique_processed=1, rejected=expected)
+    assert "rejected" in daemon.log()  # explained in the log (rate-limited)
+    assert daemon.log().count("rejected ") < 100
+
+
+def test_query_protocol_errors_and_paging(daemon: Daemon) -> None:
+    events = [{**EVENT, "topic": f"t{i % 2}", "event_id": str(i)} for i in range(25)]
+    push_frames(daemon.ingest, [msgpack.packb(events)])
+    daemon.wait_stats(unique_processed=25)
+    import zmq
+
+    context = zmq.Context()
+    try:
+        for bad in (b"\xc1", msgpack.packb({"op": "nope"}), msgpack.packb({"op": "events", "after": "x"}),
+                    msgpack.packb([1]), msgpack.packb({"op": "events", "limit": -1})):
+            sock = context.socket(zmq.REQ)
+            sock.connect(daemon.query)
+            sock.send(bad)
+            assert sock.poll(10_000), "no reply to a bad request"
+            reply = msgpack.unpackb(sock.recv())
+            assert isinstance(reply.get("error"), str) and reply["error"]
+            sock.close(linger=0)
+    finally:
+        context.term()
+    # Paging one topic: next strictly increases, an empty page ends it, never null.
+    seen, after, cursors = [], 0, []
+    while True:
+        page = daemon.request({"op": "events", "topic": "t0", "after": after, "limit": 5})
+        assert isinstance(page["next"], int)
+        if not page["events"]:
+            assert page["events"] == []
+            break
+        cursors.append(page["next"])
+        seen.extend(e["seq"] for e in page["events"])
+        after = page["next"]
+    assert seen == list(range(1, 14)) and cursors == sorted(set(cursors))
+    # All topics in commit order, paged: each event once, each topic's seqs ascending.
+    listed, after, cursors = [], 0, []
+    while page := daemon.request({"op": "events", "after": after, "limit": 7})["events"]:
+        listed.extend(page)
+        after = daemon.request({"op": "events", "after": after, "limit": 7})["next"]
+        cursors.append(after)
+    assert sorted(int(e["event_id"]) for e in listed) == list(range(25))
+    assert cursors == sorted(set(cursors))
+    for topic in ("t0", "t1"):
+        seqs = [e["seq"] for e in listed if e["topic"] == topic]
+        assert seqs == sorted(seqs)
+    assert daemon.request({"op": "events", "topic": "absent"}) == {"events": [], "next": 0}
+    topics = {t["topic"]: t for t in daemon.request({"op": "topics"})["topics"]}
+    assert topics["t0"]["count"] == 13 and topics["t1"]["last_seq"] == 12
+    health = daemon.request({"op": "health"})
+    assert "error" not in health and all(health["actors"].values())
+
+
+def test_limit_is_capped(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory(query={"max_limit": 10}).start()
+    push_frames(daemon.ingest, [msgpack.packb([{**EVENT, "event_id": str(i)} for i in range(30)])])
+    daemon.wait_stats(unique_processed=30)
+    assert len(daemon.request({"op": "events", "topic": "orders", "limit": 1000})["events"]) == 10
+
+
+def test_stats_script_against_a_live_daemon_and_against_nothing(daemon: Daemon) -> None:
+    push_frames(daemon.ingest, [msgpack.packb(EVENT)])
+    daemon.wait_stats(unique_processed=1)
+    table = run_script("stats.py", "--endpoint", daemon.query)
+    assert table.returncode == 0 and "unique_processed" in table.stdout and "duplicate_dropped" in table.stdout
+    as_json = run_script("stats.py", "--config", str(daemon.config_path), "--json")
+    assert as_json.returncode == 0
+    document = json.loads(as_json.stdout)  # exactly one JSON document and nothing else
+    assert document["unique_processed"] == 1 and document["received"] == 1
+
+    started = time.monotonic()
+    nobody = run_script("stats.py", "--endpoint", "tcp://127.0.0.1:1", "--timeout", "1", timeout=30)
+    assert nobody.returncode != 0 and "no answer" in nobody.stderr and nobody.stdout == ""
+    assert time.monotonic() - started < 15
+
+
+def test_events_script_pages_through_a_topic(daemon: Daemon) -> None:
+    push_frames(daemon.ingest, [msgpack.packb([{**EVENT, "event_id": str(i)} for i in range(2500)])])
+    daemon.wait_stats(unique_processed=2500)
+    result = run_script("events.py", "orders", "--endpoint", daemon.query, "--page", "1000")
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.returncode == 0 and [e["seq"] for e in lines] == list(range(1, 2501))
+
+
+def test_bad_config_fails_at_start_naming_the_key(tmp_path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[ordering]\nactorz = 3\n")
+    result = run_script("aggregatord.py", "--config", str(config), timeout=30)
+    assert result.returncode == 2 and "[ordering] actorz" in result.stderr
+
+
+def test_port_in_use_fails_with_a_clear_message(daemon: Daemon, daemon_factory: Callable[..., Daemon]) -> None:
+    second = daemon_factory("second", ingest={"bind": daemon.ingest})
+    second.start(wait=False)
+    assert second.proc is not None and second.proc.wait(30) == 1
+    assert "cannot bind the ingest endpoint" in second.log()
+
+
+def test_publish_script_reports_what_it_sent(daemon: Daemon) -> None:
+    result = publish(daemon.ingest, "--events", "300", "--duplicates", "0.1", "--json")
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["sent"] == 300
+    daemon.wait_stats(received=300, unique_processed=270, duplicate_dropped=30)

@@ -1,0 +1,45 @@
+"""The query protocol's request parsing (pure)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from transport.queries import EventsQuery, HealthQuery, QueryError, StatsQuery, TopicsQuery, parse_query
+
+
+@pytest.mark.parametrize(
+    ("request_", "expected"),
+    [
+        ({"op": "stats"}, StatsQuery()),
+        ({"op": "topics"}, TopicsQuery()),
+        ({"op": "health"}, HealthQuery()),
+        ({"op": "events", "topic": "t"}, EventsQuery("t", 0, 1000)),
+        ({"op": "events", "topic": "t", "after": 5, "limit": 20}, EventsQuery("t", 5, 20)),
+        ({"op": "events"}, EventsQuery(None, 0, 1000)),
+        ({"op": "events", "after": None}, EventsQuery(None, 0, 1000)),
+        ({"op": "events", "limit": 10**9}, EventsQuery(None, 0, 5000)),
+    ],
+)
+def test_accepted(request_: dict[str, Any], expected: object) -> None:
+    assert parse_query(request_, max_limit=5000) == expected
+
+
+@pytest.mark.parametrize(
+    ("request_", "reason"),
+    [
+        ([1], "must be a map"),
+        ({}, "needs an 'op'"),
+        ({"op": 3}, "needs an 'op'"),
+        ({"op": "drop_tables"}, "unknown op"),
+        ({"op": "events", "topic": 5}, "'topic' must be a string"),
+        ({"op": "events", "after": -1}, "'after'"),
+        ({"op": "events", "after": "3"}, "'after'"),
+        ({"op": "events", "limit": 0}, "'limit'"),
+        ({"op": "events", "limit": True}, "'limit'"),
+    ],
+)
+def test_refused(request_: Any, reason: str) -> None:
+    with pytest.raises(QueryError, match=reason):
+        parse_query(request_, max_limit=5000)
