@@ -21,14 +21,17 @@ import zmq
 
 from actors.dedup import DedupActor
 from actors.flow import InFlight, LiveFigures
-from actors.messages import Ping, Sync, Tick
+from actors.messages import Freeze, Ping, Sync, Tick
 from actors.ordering import OrderingActor
 from actors.router import RouterActor
 from actors.stats import StatsActor
+from actors.watchdog import ServiceMonitor
 from transport.config import Config, ConfigError, load_config
 from transport.ingest import IngestServer
 from transport.logs import set_level
+from transport.queries import debug_hooks_enabled
 from transport.query_server import QueryServer
+from transport.sdnotify import Notifier, NotifyError, watchdog_interval
 from transport.security import SecurityError, ServerSecurity
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,8 @@ class Daemon:
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
         self.on_tick: list[Callable[[], None]] = []
+        self.notifier = Notifier.from_environment()
+        self._monitor: ServiceMonitor | None = None
 
     @property
     def actors(self) -> dict[str, pykka.ActorRef[Any]]:
@@ -110,7 +115,8 @@ class Daemon:
             self.router = RouterActor.start(self.ordering)
             self._confirm(self.router, "router")
             self.stats = StatsActor.start(
-                path, in_flight=self.in_flight, live=self.live, liveness=lambda: self.liveness(exclude=("stats",))
+                path, in_flight=self.in_flight, live=self.live, liveness=lambda: self.liveness(exclude=("stats",)),
+                freeze=self.freeze if debug_hooks_enabled() else None,
             )
             self._confirm(self.stats, "stats")
             self.security.start()  # the ZAP handler must be up before a CURVE socket binds
@@ -124,7 +130,9 @@ class Daemon:
             self._stop_actors()
             if self.security is not None:
                 self.security.stop()
-            self.context.term()
+            # Sockets made before the failure (e.g. one endpoint bound, the next taken) would make
+            # term() wait forever; no thread uses them yet, so close them all here.
+            self.context.destroy(linger=0)
             raise
         self.ingest.start()
         self.query.start()
@@ -219,6 +227,9 @@ class Daemon:
     def stop(self) -> bool:
         """Stop reading, drain, close; True when everything received was committed."""
         log.info("stopping: no new events are read; draining what was received")
+        if self._monitor is not None:
+            self._monitor.stop()
+        self.notifier.stopping(f"stopping: draining {self.in_flight.value:,} events in flight")
         self._stop.set()
         if self.ingest is not None:
             self.ingest.stop_accepting()
@@ -238,6 +249,8 @@ class Daemon:
             self.security.stop()
         if self._ticker is not None:
             self._ticker.join(2.0)
+        if self._monitor is not None:
+            self._monitor.join(2.0)
         self._stop_actors()
         self.context.term()
         counters = self.live.committed
@@ -262,6 +275,7 @@ class Daemon:
         signal.signal(signal.SIGINT, lambda *_: self.request_stop())
         signal.signal(signal.SIGHUP, lambda *_: self.reload())
         self.start()
+        self._notify_ready()
         while not self._stop.wait(1.0):
             pass
         return 0 if self.stop() else 1
@@ -281,3 +295,31 @@ class Daemon:
         if self.security is not None:
             self.security.reload()
         log.warning("SIGHUP: reloaded %s; log level is now %s (other changes need a restart)", source, fresh.log.level)
+
+    def _notify_ready(self) -> None:
+        """Tell systemd the daemon is ready, then keep its status and watchdog fed (only under systemd)."""
+        if not self.notifier.enabled:
+            return
+        try:
+            interval = watchdog_interval()
+        except NotifyError as exc:
+            log.error("the systemd watchdog is off: %s", exc)
+            interval = None
+        self._monitor = ServiceMonitor(
+            self.notifier, lambda timeout: self.liveness(timeout), self.live, watchdog_s=interval
+        )
+        self.notifier.ready(self._monitor.status_text())
+        self._monitor.start()
+        if interval is not None:
+            log.info("systemd watchdog on: pinging every part every %.1f s", interval)
+
+    def freeze(self, actor: str, seconds: float) -> None:
+        """Test hook: make one actor (named as in :attr:`actors`) unresponsive for ``seconds``.
+
+        Raises ValueError naming the known actors when ``actor`` is not one of them.
+        """
+        ref = self.actors.get(actor)
+        if ref is None:
+            raise ValueError(f"no actor named {actor!r}; actors: {', '.join(self.actors)}")
+        log.warning("test hook: freezing %s for %.1f s", actor, seconds)
+        ref.tell(Freeze(seconds))
