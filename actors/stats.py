@@ -17,9 +17,9 @@ from typing import Any
 import pykka
 
 from actors.flow import InFlight, LiveFigures
-from actors.messages import Ping
+from actors.messages import Freeze, Ping
 from actors.store import EventReader
-from transport.queries import EventsQuery, HealthQuery, Query, StatsQuery, TopicsQuery
+from transport.queries import DebugFreezeQuery, EventsQuery, HealthQuery, Query, StatsQuery, TopicsQuery
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +34,15 @@ class StatsActor(pykka.ThreadingActor):
         in_flight: InFlight,
         live: LiveFigures,
         liveness: Callable[[], dict[str, bool]],
+        freeze: Callable[[str, float], None] | None = None,
     ) -> None:
+        """``freeze(actor, seconds)`` serves the ``debug_freeze`` test hook; None refuses it."""
         super().__init__()
         self._path = path
         self._in_flight = in_flight
         self._live = live
         self._liveness = liveness
+        self._freeze = freeze
         self._reader: EventReader | None = None
 
     def on_start(self) -> None:
@@ -52,6 +55,9 @@ class StatsActor(pykka.ThreadingActor):
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, Ping):
             return True
+        if isinstance(message, Freeze):
+            time.sleep(message.seconds)
+            return None
         return self.answer(message)
 
     def answer(self, query: Query) -> dict[str, Any]:
@@ -66,6 +72,12 @@ class StatsActor(pykka.ThreadingActor):
             return {"topics": self._reader.topics()}
         if isinstance(query, HealthQuery):
             return self.health()
+        if isinstance(query, DebugFreezeQuery) and self._freeze is not None:
+            try:
+                self._freeze(query.actor, query.seconds)
+            except ValueError as exc:
+                return {"error": str(exc)}
+            return {"frozen": query.actor, "seconds": query.seconds}
         return {"error": f"unsupported query {query!r}"}
 
     def stats(self) -> dict[str, Any]:

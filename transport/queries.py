@@ -5,12 +5,20 @@ Requests and replies are msgpack maps on a REQ/REP socket. Pure: no sockets, no 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from transport.schema import type_name
 
 DEFAULT_LIMIT = 1000
+MAX_FREEZE_S = 600.0
+TEST_HOOKS_ENV = "EVENTAGG_TEST_HOOKS"
+
+
+def debug_hooks_enabled() -> bool:
+    """Whether the daemon runs with ``$EVENTAGG_TEST_HOOKS=1``, which unlocks the ``debug_*`` ops."""
+    return os.environ.get(TEST_HOOKS_ENV) == "1"
 
 
 class QueryError(ValueError):
@@ -41,13 +49,27 @@ class HealthQuery:
     """``{"op": "health"}``: are the actors alive and the database writable."""
 
 
-Query = StatsQuery | EventsQuery | TopicsQuery | HealthQuery
+@dataclass(frozen=True, slots=True)
+class DebugFreezeQuery:
+    """``{"op": "debug_freeze", "actor": NAME, "seconds": S}``: test hook, make one actor unresponsive.
+
+    Accepted only when the daemon runs with ``$EVENTAGG_TEST_HOOKS=1``; otherwise the op is unknown.
+    """
+
+    actor: str
+    seconds: float
+
+
+Query = StatsQuery | EventsQuery | TopicsQuery | HealthQuery | DebugFreezeQuery
 
 _SIMPLE = {"stats": StatsQuery(), "topics": TopicsQuery(), "health": HealthQuery()}
 
 
-def parse_query(request: Any, max_limit: int) -> Query:
-    """Check a decoded request map; ``limit`` is capped at ``max_limit`` (``[query] max_limit``)."""
+def parse_query(request: Any, max_limit: int, *, test_hooks: bool | None = None) -> Query:
+    """Check a decoded request map; ``limit`` is capped at ``max_limit`` (``[query] max_limit``).
+
+    ``test_hooks`` (default: :func:`debug_hooks_enabled`) admits the ``debug_freeze`` op.
+    """
     if not isinstance(request, dict):
         raise QueryError(f"a request must be a map with an 'op', not {type_name(request)}")
     op = request.get("op")
@@ -56,6 +78,8 @@ def parse_query(request: Any, max_limit: int) -> Query:
     simple = _SIMPLE.get(op)
     if simple is not None:
         return simple
+    if op == "debug_freeze" and (debug_hooks_enabled() if test_hooks is None else test_hooks):
+        return _parse_freeze(request)
     if op != "events":
         raise QueryError(f"unknown op {op!r}; known ops: stats, events, topics, health")
     topic = request.get("topic")
@@ -70,3 +94,13 @@ def parse_query(request: Any, max_limit: int) -> Query:
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         raise QueryError(f"'limit' must be an integer of 1 or more, not {limit!r}")
     return EventsQuery(topic, after, min(limit, max_limit))
+
+
+def _parse_freeze(request: dict[Any, Any]) -> DebugFreezeQuery:
+    actor = request.get("actor")
+    if not isinstance(actor, str) or not actor:
+        raise QueryError("'actor' must name an actor: dedup, ordering-N, router or stats")
+    seconds = request.get("seconds")
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 < seconds <= MAX_FREEZE_S:
+        raise QueryError(f"'seconds' must be a number above 0 and at most {MAX_FREEZE_S:.0f}, not {seconds!r}")
+    return DebugFreezeQuery(actor, float(seconds))

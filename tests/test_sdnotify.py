@@ -1,0 +1,312 @@
+"""systemd integration: sd_notify, the watchdog tied to actor liveness, graceful stop, journald logs.
+
+systemd is not needed: a real AF_UNIX datagram socket plays $NOTIFY_SOCKET, and the daemon runs
+as a real process, exactly as systemd would start it (same environment variables).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from actors.flow import LiveFigures
+from actors.supervisor import Daemon as InProcessDaemon
+from actors.watchdog import ServiceMonitor, Snapshot, ping_timeout, status_line
+from harness import Daemon, env_with, free_port, publish
+from transport.config import parse_config
+from transport.queries import DebugFreezeQuery, QueryError, parse_query
+from transport.sdnotify import Notifier, NotifyError, notify_address, watchdog_interval
+
+WATCHDOG_USEC = "2000000"  # WatchdogSec=2: pings expected every second
+SLACK_S = 0.3  # scheduling jitter allowed on top of the 1 s interval on a busy CI machine
+
+
+class NotifyListener:
+    """A real ``$NOTIFY_SOCKET``: receives datagrams on a thread and keeps them with their arrival time."""
+
+    def __init__(self, address: str | bytes) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(address)
+        self.sock.settimeout(0.1)
+        self.messages: list[tuple[float, list[str]]] = []
+        self._lock = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self.messages.append((time.monotonic(), data.decode().split("\n")))
+                self._lock.notify_all()
+
+    def wait_for(self, assignment: str, timeout: float, after: float = 0.0) -> float:
+        """Arrival time of the first datagram at or after ``after`` holding ``assignment``."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                for at, lines in self.messages:
+                    if at >= after and assignment in lines:
+                        return at
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no {assignment} within {timeout} s; got {self.messages}")
+                self._lock.wait(left)
+
+    def times(self, assignment: str) -> list[float]:
+        """Arrival times of every datagram holding ``assignment``."""
+        with self._lock:
+            return [at for at, lines in self.messages if assignment in lines]
+
+    def values(self, key: str) -> list[str]:
+        """Every value sent for ``key`` (e.g. every STATUS= text)."""
+        with self._lock:
+            return [line.split("=", 1)[1] for _, lines in self.messages for line in lines if line.startswith(key + "=")]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[NotifyListener]:
+    """A notify socket at a real path (AF_UNIX paths are short; tmp_path is short enough)."""
+    path = tmp_path / "notify.sock"
+    assert len(str(path)) < 100, "AF_UNIX path too long for this tmp_path"
+    made = NotifyListener(str(path))
+    yield made
+    made.close()
+
+
+def stored_rows(db_path: Path) -> list[tuple[str, str, int]]:
+    """(topic, event_id, seq) of every stored row, read straight from the SQLite file."""
+    conn = sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT topic, event_id, seq FROM events ORDER BY rowid").fetchall()
+    finally:
+        conn.close()
+
+
+def max_gap(times: list[float]) -> float:
+    return max(b - a for a, b in zip(times, times[1:]))
+
+
+# --- the pure parts ------------------------------------------------------------------------
+
+
+def test_notify_address_accepts_a_path_or_an_abstract_name() -> None:
+    assert notify_address("/run/systemd/notify") == "/run/systemd/notify"
+    assert notify_address("@eventagg/notify") == b"\0eventagg/notify"
+    for bad in ("relative/path", "@", "vsock:2:1234"):
+        with pytest.raises(NotifyError, match="NOTIFY_SOCKET"):
+            notify_address(bad)
+
+
+def test_watchdog_interval_is_half_of_watchdog_usec_and_only_for_us() -> None:
+    assert watchdog_interval({}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "0"}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "2000000"}) == 1.0
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "42"}, pid=42) == 15.0
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "42"}, pid=43) is None
+    with pytest.raises(NotifyError, match="WatchdogSec"):
+        watchdog_interval({"WATCHDOG_USEC": "soon"})
+
+
+def test_status_line_gives_rate_totals_and_silent_parts() -> None:
+    before = Snapshot(at=10.0, received=1000, unique=900, duplicates=100, rejected=0, topics=3)
+    after = Snapshot(at=12.0, received=5000, unique=4400, duplicates=600, rejected=2, topics=4)
+    assert status_line(after, before) == "2,000 events/s; 4,400 unique, 600 duplicates, 2 rejected; 4 topics"
+    assert status_line(after).startswith("0 events/s;")
+    assert status_line(after, before, ["dedup"]).startswith("UNHEALTHY, not answering: dedup; 2,000 events/s")
+
+
+def test_ping_timeout_leaves_room_within_the_interval() -> None:
+    assert ping_timeout(1.0) == pytest.approx(0.8)
+    assert ping_timeout(15.0) == 10.0
+
+
+def test_debug_freeze_is_an_unknown_op_unless_test_hooks_are_on() -> None:
+    request = {"op": "debug_freeze", "actor": "dedup", "seconds": 5}
+    with pytest.raises(QueryError, match="unknown op 'debug_freeze'"):
+        parse_query(request, 100, test_hooks=False)
+    assert parse_query(request, 100, test_hooks=True) == DebugFreezeQuery("dedup", 5.0)
+    with pytest.raises(QueryError, match="'seconds'"):
+        parse_query({**request, "seconds": 0}, 100, test_hooks=True)
+    with pytest.raises(QueryError, match="'actor'"):
+        parse_query({"op": "debug_freeze", "seconds": 1}, 100, test_hooks=True)
+
+
+# --- the notifier on a real socket ---------------------------------------------------------
+
+
+def test_notifier_without_notify_socket_is_silent_and_opens_nothing() -> None:
+    notifier = Notifier.from_environment({})
+    assert not notifier.enabled
+    assert notifier.ready("up") is False
+    assert notifier.watchdog() is False
+    assert notifier._socket is None  # noqa: SLF001 - the point is that no socket exists
+
+
+@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
+def test_notifier_delivers_datagrams(tmp_path: Path, abstract: bool) -> None:
+    name = f"@eventagg-test-{os.getpid()}-{time.monotonic_ns()}" if abstract else str(tmp_path / "n.sock")
+    listener = NotifyListener(notify_address(name))
+    try:
+        notifier = Notifier.from_environment({"NOTIFY_SOCKET": name})
+        assert notifier.enabled
+        assert notifier.ready("ready, line\nbreak")
+        assert notifier.watchdog()
+        assert notifier.stopping()
+        listener.wait_for("STOPPING=1", timeout=2)
+        assert [lines for _, lines in listener.messages] == [
+            ["READY=1", "STATUS=ready, line break"], ["WATCHDOG=1"], ["STOPPING=1"],
+        ]
+        notifier.close()
+    finally:
+        listener.close()
+
+
+def test_notifier_survives_a_missing_socket(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    notifier = Notifier(str(tmp_path / "nobody-listens.sock"))
+    assert notifier.watchdog() is False
+    assert notifier.watchdog() is False
+    assert sum("cannot notify systemd" in r.message for r in caplog.records) == 1
+
+
+# --- the watchdog against real actors in this process -----------------------------------------
+
+
+def in_process_daemon(tmp_path: Path) -> InProcessDaemon:
+    config = parse_config(
+        {
+            "ingest": {"bind": f"tcp://127.0.0.1:{free_port()}", "ack_bind": f"tcp://127.0.0.1:{free_port()}"},
+            "query": {"bind": f"tcp://127.0.0.1:{free_port()}"},
+            "storage": {"path": str(tmp_path / "events.db")},
+            "ordering": {"actors": 2},
+        }
+    )
+    return InProcessDaemon(config)
+
+
+def test_a_dead_ordering_actor_stops_the_watchdog(tmp_path: Path, listener: NotifyListener) -> None:
+    daemon = in_process_daemon(tmp_path)
+    daemon.start()
+    try:
+        notifier = Notifier(listener.sock.getsockname())
+        monitor = ServiceMonitor(notifier, lambda timeout: daemon.liveness(timeout), daemon.live, watchdog_s=0.5)
+        assert monitor.check() is True
+        listener.wait_for("WATCHDOG=1", timeout=2)
+        daemon.ordering[1].stop()
+        assert monitor.check() is False
+        assert "ordering-1" in monitor.status_text()
+        time.sleep(0.3)
+        assert len(listener.times("WATCHDOG=1")) == 1
+    finally:
+        daemon.stop()
+
+
+# --- a real daemon process under a fake systemd ------------------------------------------
+
+
+def systemd_env(listener: NotifyListener, **extra: str) -> dict[str, str]:
+    return env_with(NOTIFY_SOCKET=listener.sock.getsockname(), WATCHDOG_USEC=WATCHDOG_USEC, **extra)
+
+
+def test_ready_watchdog_status_then_stopping_and_a_full_drain(
+    daemon_factory: Callable[..., Daemon], listener: NotifyListener
+) -> None:
+    daemon = daemon_factory("notify")
+    daemon.start(wait=False, env=systemd_env(listener))
+    ready_at = listener.wait_for("READY=1", timeout=30)
+    # READY=1 means the sockets are bound and the database is open: a query is answered at once.
+    assert daemon.request({"op": "health"}, timeout=2.0).get("status") == "ok"
+    assert daemon.db_path.exists()
+
+    publish(daemon.ingest, "--events", "3000", "--duplicates", "0.1", "--topics", "5", "--batch", "50")
+    time.sleep(3.2)
+    pings = [at for at in listener.times("WATCHDOG=1") if at >= ready_at]
+    assert len(pings) >= 3, pings
+    assert max_gap([ready_at, *pings]) <= 1.0 + SLACK_S
+    statuses = listener.values("STATUS")
+    assert any(re.search(r"events/s; [\d,]+ unique, [\d,]+ duplicates", s) for s in statuses), statuses
+
+    # The next batch is still in flight when SIGTERM arrives: all of it must be stored.
+    publish(daemon.ingest, "--events", "3000", "--duplicates", "0", "--topics", "5", "--id-prefix", "late")
+    signalled = time.monotonic()
+    assert daemon.terminate(timeout=60) == 0, daemon.log()
+    stopping_at = listener.wait_for("STOPPING=1", timeout=1, after=signalled)
+    assert not [at for at in listener.times("WATCHDOG=1") if at > stopping_at]
+    assert len(listener.times("READY=1")) == 1
+    rows = stored_rows(daemon.db_path)
+    assert len(rows) == 2700 + 3000
+    assert len({(topic, event_id) for topic, event_id, _ in rows}) == len(rows)
+    assert "drain incomplete" not in daemon.log()
+
+
+def test_an_unresponsive_actor_stops_the_watchdog_until_it_answers_again(
+    daemon_factory: Callable[..., Daemon], listener: NotifyListener
+) -> None:
+    daemon = daemon_factory("frozen")
+    daemon.start(wait=False, env=systemd_env(listener, EVENTAGG_TEST_HOOKS="1"))
+    first = listener.wait_for("WATCHDOG=1", timeout=30)
+    listener.wait_for("WATCHDOG=1", timeout=3, after=first + 0.01)
+
+    reply = daemon.request({"op": "debug_freeze", "actor": "dedup", "seconds": 4})
+    assert reply == {"frozen": "dedup", "seconds": 4.0}
+    frozen_at = time.monotonic()
+    resumed = listener.wait_for("WATCHDOG=1", timeout=10, after=frozen_at + 1.1)
+    # A check that began before the freeze may still land; after that, nothing for the freeze's length.
+    assert resumed - frozen_at >= 3.5, listener.times("WATCHDOG=1")
+    assert any(s.startswith("UNHEALTHY, not answering: dedup") for s in listener.values("STATUS"))
+    assert "not answering a liveness ping: dedup" in daemon.log()
+    assert "watchdog notifications resume" in daemon.log()
+    assert daemon.request({"op": "debug_freeze", "actor": "nobody", "seconds": 1})["error"].startswith(
+        "no actor named 'nobody'"
+    )
+    assert daemon.terminate(timeout=30) == 0, daemon.log()
+
+
+def test_debug_freeze_is_refused_without_the_test_hooks_variable(daemon_factory: Callable[..., Daemon]) -> None:
+    env = env_with()
+    env.pop("EVENTAGG_TEST_HOOKS", None)
+    daemon = daemon_factory("nohooks").start(env=env)
+    reply = daemon.request({"op": "debug_freeze", "actor": "dedup", "seconds": 5})
+    assert reply["error"].startswith("unknown op 'debug_freeze'")
+    assert daemon.request({"op": "health"}, timeout=2.0).get("status") == "ok"
+    assert daemon.terminate(timeout=30) == 0
+
+
+def log_lines(daemon: Daemon) -> list[str]:
+    return [line for line in daemon.log().splitlines() if line.strip()]
+
+
+def test_journald_format_under_systemd_and_timestamps_otherwise(daemon_factory: Callable[..., Daemon]) -> None:
+    journald = daemon_factory("journald").start(env=env_with(JOURNAL_STREAM="8:12345"))
+    plain = daemon_factory("plain")
+    env = env_with()
+    env.pop("JOURNAL_STREAM", None)
+    plain.start(env=env)
+    assert journald.terminate() == 0 and plain.terminate() == 0
+
+    lines = log_lines(journald)
+    assert lines and all(re.match(r"<[0-7]>[\w.]+: ", line) for line in lines), lines
+    assert any(line.startswith("<6>actors.supervisor: eventagg ready") for line in lines)
+    assert not any(re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d", line) for line in lines)
+
+    lines = log_lines(plain)
+    assert lines and all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|ERROR) ", line) for line in lines), lines
