@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pykka
@@ -41,11 +41,16 @@ CLASSIFY_ATTEMPTS = 6
 
 @dataclass(slots=True)
 class _Held:
-    """A new event waiting in the reorder buffer, with what its row and its ack need."""
+    """A new event on its way to the store, with what its row and its ack need.
+
+    ``copies`` are the tickets of duplicates that arrived before it was written: they are
+    settled in the same write, so no copy is acknowledged before the original is committed.
+    """
 
     event: Event
     received_at: float
     ticket: AckTicket | None
+    copies: list[AckTicket | None] = field(default_factory=list)
 
 
 class OrderingActor(pykka.ThreadingActor):
@@ -86,45 +91,62 @@ class OrderingActor(pykka.ThreadingActor):
         return None
 
     def _accept(self, batch: OrderingBatch) -> None:
-        write = WriteBatch()
-        tickets = batch.tickets
-        # Group by topic in arrival order; repeats inside the batch or of held events are duplicates.
-        by_topic: dict[str, list[int]] = {}
-        seen: set[tuple[str, str]] = set()
-        duplicates: list[int] = []
+        events = batch.events
+        tickets = batch.tickets or [None] * len(events)
         buffer = self._buffer
-        for position, event in enumerate(batch.events):
+        # Group by topic in arrival order. A copy of an event earlier in this batch, or of one
+        # waiting in the buffer, follows that event: it is settled when the event is written.
+        by_topic: dict[str, list[int]] = {}
+        first_of: dict[tuple[str, str], int] = {}
+        copies: list[tuple[int, int]] = []
+        for position, event in enumerate(events):
             key = (event.topic, event.event_id)
-            if key in seen or buffer.holds(event.topic, event.event_id):
-                duplicates.append(position)
+            first = first_of.get(key)
+            if first is not None:
+                copies.append((position, first))
                 continue
-            seen.add(key)
+            waiting = buffer.holding(event.topic, event.event_id)
+            if waiting is not None:
+                waiting.copies.append(tickets[position])
+                continue
+            first_of[key] = position
             by_topic.setdefault(event.topic, []).append(position)
-        ids = {topic: [batch.events[p].event_id for p in positions] for topic, positions in by_topic.items()}
+        if not by_topic:
+            self._publish_buffered()
+            return
+        ids = {topic: [events[p].event_id for p in positions] for topic, positions in by_topic.items()}
         unknown = [topic for topic in by_topic if not buffer.knows(topic)]
         result = self._classify(ClassifyRequest(ids, unknown))
         if result is None:
             # The dedup actor did not answer: drop the batch (its acks never come, so acked
             # publishers resend) and give its credit back so ingest does not stall for good.
-            self._in_flight.release(len(batch.events))
+            self._in_flight.release(len(events))
             return
         for topic, state in result.states.items():
             buffer.set_state(topic, state)
 
-        for position in duplicates:
-            self._count_duplicate(write, batch.events[position].topic, tickets[position] if tickets else None)
-        now = time.monotonic()
-        released: list[Released[_Held]] = []
+        write = WriteBatch()
+        held: dict[int, _Held] = {}
+        entries_by_topic: dict[str, list[tuple[int, str, _Held]]] = {}
         for topic, positions in by_topic.items():
             new_ids = result.new_ids.get(topic, set())
-            entries = []
+            entries = entries_by_topic[topic] = []
             for position in positions:
-                event = batch.events[position]
-                ticket = tickets[position] if tickets else None
+                event = events[position]
                 if event.event_id in new_ids:
-                    entries.append((event.ts_ns, event.event_id, _Held(event, batch.received_at, ticket)))
+                    item = held[position] = _Held(event, batch.received_at, tickets[position])
+                    entries.append((event.ts_ns, event.event_id, item))
                 else:
-                    self._count_duplicate(write, topic, ticket)
+                    self._count_duplicate(write, topic, tickets[position])
+        for position, first in copies:
+            original = held.get(first)
+            if original is not None:
+                original.copies.append(tickets[position])
+            else:  # a copy of an event that was already stored
+                self._count_duplicate(write, events[position].topic, tickets[position])
+        now = time.monotonic()
+        released: list[Released[_Held]] = []
+        for topic, entries in entries_by_topic.items():
             if entries:
                 released.extend(buffer.push(topic, entries, now))
         self._send(released, write)
@@ -179,6 +201,11 @@ class OrderingActor(pykka.ThreadingActor):
                 write.new_topics += 1
             write.events += 1
             write.settle(held.ticket, 1, 0)
-        self._live.buffered[self._index] = self._buffer.buffered
+            for ticket in held.copies:
+                self._count_duplicate(write, out.topic, ticket)
+        self._publish_buffered()
         if write.events:
             self._dedup.tell(write)
+
+    def _publish_buffered(self) -> None:
+        self._live.buffered[self._index] = self._buffer.buffered

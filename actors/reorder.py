@@ -66,7 +66,7 @@ class ReorderBuffer(Generic[T]):
         self._topics: dict[str, _Topic[T]] = {}
         self._arrivals: deque[_Waiting[T]] = deque()
         self._counter = 0
-        self._held: set[tuple[str, str]] = set()
+        self._held: dict[tuple[str, str], T] = {}
         self.buffered = 0
 
     def knows(self, topic: str) -> bool:
@@ -77,9 +77,9 @@ class ReorderBuffer(Generic[T]):
         """Start a topic from its stored state, so seqs and lateness continue after a restart."""
         self._topics[topic] = _Topic(state.last_seq, state.last_ts_ns)
 
-    def holds(self, topic: str, event_id: str) -> bool:
-        """Whether this event is waiting in the buffer (so a copy arriving now is a duplicate)."""
-        return (topic, event_id) in self._held
+    def holding(self, topic: str, event_id: str) -> T | None:
+        """The item of this event if it is waiting in the buffer (a copy arriving now is a duplicate)."""
+        return self._held.get((topic, event_id))
 
     def push(self, topic: str, entries: Iterable[tuple[int, str, T]], now: float) -> list[Released[T]]:
         """Add new events ``(ts_ns, event_id, item)`` of a known topic, in arrival order; return what leaves now."""
@@ -89,7 +89,7 @@ class ReorderBuffer(Generic[T]):
         deadline = now + self.window_s
         for ts_ns, event_id, item in entries:
             self._counter += 1
-            self._held.add((topic, event_id))
+            self._held[(topic, event_id)] = item
             waiting = _Waiting(topic, ts_ns, event_id, self._counter, deadline, item)
             heapq.heappush(state.heap, (ts_ns, self._counter, waiting))
             self._arrivals.append(waiting)
@@ -121,7 +121,7 @@ class ReorderBuffer(Generic[T]):
                 _, _, waiting = heapq.heappop(heap)
                 waiting.released = True
                 self.buffered -= 1
-                self._held.discard((topic, waiting.event_id))
+                del self._held[(topic, waiting.event_id)]
                 released.append(self._release(state, topic, waiting.ts_ns, waiting.event_id, waiting.item))
         return released
 

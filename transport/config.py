@@ -39,7 +39,7 @@ class OrderingConfig:
     """``[ordering]``: the pool of per-topic ordering actors and their reorder window."""
 
     actors: int = 4
-    window_ms: int = 0
+    window_ms: int = 50
     max_buffered: int = 10_000
 
 
