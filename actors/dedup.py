@@ -151,10 +151,14 @@ class DedupActor(pykka.ThreadingActor):
             self._writes.append(write)
             self._failed_keys.update((row[0], row[1]) for row in write.rows)
             return
-        if not self._store.in_transaction:
-            self._store.begin()
-        self._store.insert(write.rows)
         self._writes.append(write)
+        try:
+            if not self._store.in_transaction:
+                self._store.begin()
+            self._store.insert(write.rows)
+        except sqlite3.Error as exc:  # e.g. the disk filled while pages spilled
+            self._fail(exc)
+            return
         self._txn_events += write.events
 
     def _maybe_commit(self) -> None:
@@ -203,15 +207,7 @@ class DedupActor(pykka.ThreadingActor):
             store.add_counts(topics, totals)
             store.commit()
         except sqlite3.Error as exc:
-            store.rollback()
-            self._failed_keys = {(row[0], row[1]) for write in writes for row in write.rows}
-            self._retry_at = time.monotonic() + self._retry_delay
-            log.error(
-                "commit of %d events failed (%s); nothing of it is acknowledged; retrying in %.1f s",
-                sum(w.events for w in writes), exc, self._retry_delay,
-            )
-            self._retry_delay = min(self._retry_delay * 2, _RETRY_CAP_S)
-            self._live.last_commit_error = str(exc)
+            self._fail(exc)
             return
         if self._failed_keys:
             log.warning("commit succeeded again after a failure; %d events stored", totals["unique_processed"])
@@ -222,6 +218,19 @@ class DedupActor(pykka.ThreadingActor):
         self._rejected = 0
         self._txn_events = 0
         self._after_commit(writes, totals, topics)
+
+    def _fail(self, exc: sqlite3.Error) -> None:
+        """Roll back; keep every write of the group for a retry, their ids still counted as present."""
+        assert self._store is not None
+        self._store.rollback()
+        self._failed_keys = {(row[0], row[1]) for write in self._writes for row in write.rows}
+        self._retry_at = time.monotonic() + self._retry_delay
+        log.error(
+            "writing %d events failed (%s); none of them is acknowledged; retrying in %.1f s",
+            sum(w.events for w in self._writes), exc, self._retry_delay,
+        )
+        self._retry_delay = min(self._retry_delay * 2, _RETRY_CAP_S)
+        self._live.last_commit_error = str(exc)
 
     def _after_commit(self, writes: list[WriteBatch], totals: dict[str, int], topics: dict[str, TopicDelta]) -> None:
         counters = self._counters

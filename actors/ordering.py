@@ -75,7 +75,13 @@ class OrderingActor(pykka.ThreadingActor):
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, OrderingBatch):
-            self._accept(message)
+            try:
+                self._accept(message)
+            except Exception:
+                # A bug must not kill the actor (its topics would stop for good): log it, give
+                # the batch's credit back, and carry on; acked publishers will resend.
+                log.exception("ordering actor %d: a batch of %d events failed", self._index, len(message.events))
+                self._in_flight.release(len(message.events))
         elif isinstance(message, Tick):
             if self._buffer.buffered:
                 self._send(self._buffer.release_due(time.monotonic()), WriteBatch())
@@ -164,6 +170,10 @@ class OrderingActor(pykka.ThreadingActor):
                 )
             except pykka.ActorDeadError:
                 break
+            except Exception:  # noqa: BLE001 - e.g. an I/O error reading the database; try again
+                log.exception("ordering actor %d: classifying a batch failed (attempt %d of %d)",
+                              self._index, attempt, CLASSIFY_ATTEMPTS)
+                time.sleep(min(0.1 * 2**attempt, 5.0))
         log.error("ordering actor %d: dropping a batch of %d events: the dedup actor is not answering",
                   self._index, sum(len(ids) for ids in request.ids.values()))
         return None
