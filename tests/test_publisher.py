@@ -1,0 +1,242 @@
+"""The publisher library against real daemons (or none): validation, retries, back-pressure, acks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import zmq
+
+from harness import Daemon, free_port
+from transport.backoff import Backoff
+from transport.publisher import (
+    BatchRefused,
+    DeliveryFailed,
+    InvalidEvent,
+    Publisher,
+    PublisherClosed,
+    PublishTimeout,
+)
+from transport.workload import make_event, plan
+
+
+def nowhere() -> str:
+    """An endpoint nothing listens on."""
+    return f"tcp://127.0.0.1:{free_port()}"
+
+
+def test_a_bad_event_raises_at_once_with_the_reason_and_nothing_is_queued() -> None:
+    with Publisher(nowhere(), deadline=1.0) as publisher:
+        good = make_event(0, 1, "v")
+        with pytest.raises(InvalidEvent, match="whitespace"):
+            publisher.publish({**good, "topic": "a b"})
+        with pytest.raises(InvalidEvent, match="timezone"):
+            publisher.publish({**good, "timestamp": "2025-10-22T10:00:00"})
+        with pytest.raises(InvalidEvent, match="missing field 'source'"):
+            publisher.publish({k: v for k, v in good.items() if k != "source"})
+        with pytest.raises(InvalidEvent, match="msgpack"):
+            publisher.publish({**good, "payload": {"x": object()}})
+        with pytest.raises(InvalidEvent, match=r"^event 2: event_id must be a string"):
+            publisher.publish_many([good, make_event(1, 1, "v"), {**good, "event_id": 7}])
+        assert publisher.unacknowledged == 0
+        assert publisher.totals.sent == 0
+
+
+def test_no_daemon_backs_off_with_growing_capped_pauses_then_raises_naming_the_endpoint() -> None:
+    endpoint = nowhere()
+    retries: list[tuple[int, float, float]] = []
+    sockets: list[zmq.Socket[Any]] = []
+    publisher = Publisher(
+        endpoint, ack_timeout=0.2, deadline=4.0,
+        backoff=Backoff(base=0.1, factor=2.0, cap=0.8, jitter=0.0),
+        on_retry=lambda attempt, pause: retries.append((attempt, pause, time.monotonic())),
+        configure=sockets.append,
+    )
+    events = [make_event(i, 2, "nd") for i in range(10)]
+    started = time.monotonic()
+    try:
+        publisher.publish_many(events)
+        with pytest.raises(DeliveryFailed) as caught:
+            publisher.flush(timeout=30)
+        took = time.monotonic() - started
+        assert publisher.unacknowledged == 0
+    finally:
+        publisher.close()
+    error = caught.value
+    assert endpoint in str(error) and "ack_bind" in str(error)
+    assert error.elapsed >= 4.0 and f"{error.elapsed:.1f} s" in str(error)
+    assert error.events == events  # every unacknowledged event is handed back, in order
+    assert 4.0 <= took < 20.0
+    pauses = [pause for _, pause, _ in retries]
+    assert pauses[:5] == pytest.approx([0.1, 0.2, 0.4, 0.8, 0.8])  # growth, then the cap
+    assert all(pause <= 0.8 for pause in pauses)
+    assert [attempt for attempt, _, _ in retries] == list(range(1, len(retries) + 1))
+    # Between two retries the publisher waited its pause and then a whole ack timeout.
+    for (_, pause, at), (_, _, next_at) in zip(retries, retries[1:]):
+        assert next_at - at >= pause + 0.2 - 0.02
+    assert error.attempts == len(retries) + 1
+    # Every socket it opened (first, one per retry, the fresh one after giving up) was configured.
+    assert len(sockets) == len(retries) + 2
+
+
+def test_attempt_limit_with_full_jitter() -> None:
+    retries: list[float] = []
+    with Publisher(
+        nowhere(), ack_timeout=0.1, deadline=None, max_attempts=4,
+        backoff=Backoff(base=0.05, factor=2.0, cap=0.2, jitter=1.0),
+        on_retry=lambda attempt, pause: retries.append(pause),
+    ) as publisher:
+        publisher.publish(make_event(0, 1, "j"))
+        with pytest.raises(DeliveryFailed, match=r"\(4 attempts\)"):
+            publisher.flush(timeout=30)
+    assert len(retries) == 3
+    assert all(0.0 <= pause <= ceiling for pause, ceiling in zip(retries, [0.05, 0.1, 0.2]))
+
+
+def test_a_daemon_that_starts_before_the_deadline_gets_everything(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory("late")
+    failures: list[BaseException] = []
+
+    def start_late() -> None:
+        time.sleep(1.5)
+        try:
+            daemon.start()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            failures.append(exc)
+
+    starter = threading.Thread(target=start_late)
+    starter.start()
+    events = plan(3000, 0.1, 5, 3, "late")
+    try:
+        with Publisher(daemon.ack, batch_size=100, window=4, ack_timeout=0.5, deadline=60.0,
+                       backoff=Backoff(base=0.1, cap=1.0)) as publisher:
+            publisher.publish_many(events)  # blocks on the full window while nobody answers
+            publisher.flush(timeout=60)
+    finally:
+        starter.join(60)
+    assert not failures, failures
+    totals = publisher.totals
+    assert totals.retries >= 1
+    assert totals.sent == 3000 and totals.acked == 3000 and totals.rejected == 0
+    assert totals.acked_new == 2700
+    stats = daemon.wait_stats(unique_processed=2700)
+    assert stats["received"] == stats["unique_processed"] + stats["duplicate_dropped"]
+    assert len(daemon.events()) == 2700
+
+
+def test_rejected_events_come_back_by_index_and_the_rest_is_stored(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory("reject", ingest={"max_payload_bytes": 200}).start()
+    events = [make_event(i, 1, "r") for i in range(10)]
+    for index in (3, 7):
+        events[index] = make_event(index, 1, "r", payload_bytes=500)
+    # The publisher's own limit is the default 1 MiB, so the daemon is the one to refuse them.
+    with Publisher(daemon.ack, batch_size=10) as publisher:
+        publisher.publish_many(events)
+        publisher.flush(timeout=30)
+    [result] = publisher.results
+    assert (result.size, result.new, result.duplicate) == (10, 8, 0)
+    assert [(r.index, r.event["event_id"]) for r in result.rejected] == [(3, "r3"), (7, "r7")]
+    assert all("over the limit of 200" in r.reason for r in result.rejected)
+    assert publisher.totals.rejected == 2
+    stats = daemon.wait_stats(unique_processed=8, rejected=2)
+    assert stats["received"] == 8
+    stored = {event["event_id"] for event in daemon.events()}
+    assert stored == {f"r{i}" for i in range(10)} - {"r3", "r7"}
+
+    # A publisher made from the daemon's config knows the limit and refuses such an event itself.
+    with Publisher.from_config(daemon.config_path) as configured:
+        assert configured.endpoint == daemon.ack
+        with pytest.raises(InvalidEvent, match="over the limit of 200"):
+            configured.publish(events[3])
+
+
+def test_resends_and_repeats_are_acknowledged_as_duplicates(daemon: Daemon) -> None:
+    events = [make_event(i, 3, "dup") for i in range(300)]
+    with Publisher(daemon.ack, batch_size=50) as publisher:
+        publisher.publish_many(events)
+        publisher.flush(timeout=30)
+        publisher.publish_many(events[:120])
+    assert (publisher.totals.acked_new, publisher.totals.acked_duplicate) == (300, 120)
+    daemon.wait_stats(unique_processed=300, duplicate_dropped=120)
+
+
+def test_a_whole_batch_refused_by_the_daemon_raises_batch_refused(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory("small", ingest={"max_batch_events": 5}).start()
+    with Publisher(daemon.ack, batch_size=8) as publisher:
+        with pytest.raises(BatchRefused, match="over the limit of 5") as caught:
+            publisher.publish_many([make_event(i, 1, "big") for i in range(8)])
+            publisher.flush(timeout=30)
+        assert len(caught.value.events) == 8
+    with Publisher.from_config(daemon.config_path, batch_size=8) as configured:
+        assert configured.batch_size == 5
+        configured.publish_many([make_event(i, 1, "big") for i in range(8)])
+    assert configured.totals.acked_new == 8
+
+
+def test_back_pressure_bounds_what_is_held_and_publish_times_out() -> None:
+    publisher = Publisher(nowhere(), batch_size=5, window=2, ack_timeout=10.0, block_timeout=0.3)
+    publisher.publish_many([make_event(i, 1, "bp") for i in range(15)])  # 2 batches out, 1 full pending
+    assert publisher.in_flight == 2 and publisher.unacknowledged == 15
+    started = time.monotonic()
+    with pytest.raises(PublishTimeout, match="no room"):
+        publisher.publish(make_event(15, 1, "bp"))
+    assert time.monotonic() - started >= 0.3
+    assert publisher.unacknowledged == 15  # the refused event was not queued: memory stays bounded
+    with pytest.raises(PublishTimeout) as caught:
+        publisher.publish_many([make_event(i, 1, "bp") for i in range(15, 18)], timeout=0.1)
+    assert caught.value.queued == 0
+    with pytest.raises(PublishTimeout, match="still unacknowledged"):
+        publisher.flush(timeout=0.2)
+    publisher.close(flush=False)
+    with pytest.raises(PublisherClosed):
+        publisher.publish(make_event(0, 1, "bp"))
+
+
+def test_linger_sends_a_partial_batch_and_poll_collects_its_ack(daemon: Daemon) -> None:
+    with Publisher(daemon.ack, batch_size=100, linger=0.05) as publisher:
+        publisher.publish(make_event(0, 1, "lg"))
+        assert publisher.in_flight == 0  # waiting for more events
+        time.sleep(0.1)
+        publisher.poll()
+        assert publisher.in_flight == 1  # the linger ended: sent alone
+        deadline = time.monotonic() + 30
+        while publisher.poll(0.5) and time.monotonic() < deadline:
+            pass
+        assert publisher.totals.acked_new == 1
+
+
+def test_fire_and_forget_delivers_everything_queued_when_closed(daemon: Daemon) -> None:
+    with Publisher(daemon.ingest, acked=False, batch_size=64) as publisher:
+        publisher.publish_many(plan(5000, 0.0, 4, 1, "ff"))
+        publisher.publish(make_event(99_999, 1, "single"))
+    assert publisher.totals.sent == 5001
+    daemon.wait_stats(unique_processed=5001)
+
+
+def test_from_config_picks_the_endpoint_of_the_mode(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory("cfg")
+    with Publisher.from_config(daemon.config_path) as acked, \
+            Publisher.from_config(daemon.config_path, acked=False) as pushed:
+        assert (acked.endpoint, acked.acked) == (daemon.ack, True)
+        assert (pushed.endpoint, pushed.acked) == (daemon.ingest, False)
+
+
+def test_a_publisher_dropped_in_a_reference_cycle_is_collected_without_hanging() -> None:
+    # pyzmq's Context.__del__ would terminate the context while the socket is still open and
+    # block for ever; the publisher's finalizer closes the socket first.
+    code = (
+        "import gc, sys\n"
+        "from transport.publisher import Publisher\n"
+        f"p = Publisher({nowhere()!r})\n"
+        "p.cycle = p\n"
+        "del p\n"
+        "gc.collect()\n"
+        "print('collected')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and "collected" in result.stdout, result.stderr

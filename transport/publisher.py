@@ -1,0 +1,691 @@
+"""The publisher library: what applications import to send events to eventagg.
+
+::
+
+    from transport.publisher import Publisher
+
+    with Publisher("tcp://127.0.0.1:5557") as publisher:      # acknowledged mode
+        publisher.publish({"topic": "orders", "event_id": "o-1",
+                           "timestamp": "2025-10-22T10:00:00Z", "source": "shop"})
+    # leaving the block flushed: every event was acknowledged, or an exception said otherwise
+
+Theory of operation
+-------------------
+Every event is checked with the daemon's own rules (:func:`transport.schema.validate_event`)
+and encoded to msgpack the moment it is published, so a bad event raises
+:class:`InvalidEvent` at once and later changes to the caller's dict cannot leak into the batch.
+Encoded events gather in a *pending* batch, which is sent when it holds ``batch_size`` events
+(or ``max_batch_bytes``), when a call finds it older than ``linger``, or on :meth:`flush`.
+
+There is no background thread: the publisher works only inside its caller's calls (publish,
+flush, poll, close). An application that publishes a few events and then idles should call
+:meth:`Publisher.poll` now and then, or :meth:`Publisher.flush` when it needs them delivered.
+
+*Fire-and-forget* mode PUSHes each batch as one frame to ``[ingest] bind``. It is the fastest
+path and has no acknowledgement: frames queued in either process when the daemon dies are lost.
+
+*Acknowledged* mode sends each batch over a DEALER socket to ``[ingest] ack_bind`` as
+``{"batch": id, "events": [...]}`` and keeps its events until the daemon answers, which it does
+only after the batch is committed. At most ``window`` batches are in flight; a publish that
+needs a slot waits (back-pressure), so memory stays bounded by ``window × batch_size`` events.
+When the oldest batch goes ``ack_timeout`` without an answer, the publisher runs the zguide's
+"Lazy Pirate" recovery: close the socket with linger 0, pause (exponential backoff with full
+jitter), open a new socket and resend every unacknowledged batch with its same id. Replies meant
+for the old socket can never arrive on the new one, so each batch is settled by exactly one
+reply. A resend whose first copy was committed comes back as duplicates: retries are safe
+because the daemon deduplicates by (topic, event_id). When the oldest batch has gone
+``deadline`` seconds (or ``max_attempts`` sends) without an answer, :class:`DeliveryFailed`
+is raised, carrying every unacknowledged event so the application may keep or resend them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from os import PathLike
+from typing import Any
+
+import msgpack
+import zmq
+
+from transport.backoff import Backoff, RetryBudget
+from transport.client import connectable
+from transport.config import load_config
+from transport.schema import DEFAULT_MAX_PAYLOAD_BYTES, InvalidEvent, validate_event
+
+__all__ = [
+    "BatchRefused",
+    "BatchResult",
+    "DeliveryFailed",
+    "InvalidEvent",
+    "Publisher",
+    "PublisherClosed",
+    "PublisherError",
+    "PublishTimeout",
+    "Rejection",
+    "Totals",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH_BYTES = 4 * 1024 * 1024
+
+SocketHook = Callable[["zmq.Socket[Any]"], None]
+
+
+class PublisherError(Exception):
+    """The root of the publisher's own errors (a bad event raises :class:`InvalidEvent` instead)."""
+
+
+class DeliveryFailed(PublisherError):
+    """No acknowledgement came in time, through every retry: the daemon is down or unreachable.
+
+    ``events`` holds every event the publisher had not got acknowledged (sent or still pending);
+    the publisher no longer holds them. Publishing them again is safe: duplicates are dropped.
+    """
+
+    def __init__(self, endpoint: str, elapsed: float, attempts: int, events: list[dict[str, Any]]) -> None:
+        self.endpoint = endpoint
+        self.elapsed = elapsed
+        self.attempts = attempts
+        self.events = events
+        super().__init__(
+            f"no acknowledgement from {endpoint} for {elapsed:.1f} s ({attempts} attempts): is the daemon "
+            f"running, and is this its acknowledged endpoint ([ingest] ack_bind)? "
+            f"{len(events)} unacknowledged events are in this exception's .events; publishing them again is safe"
+        )
+
+
+class PublishTimeout(PublisherError):
+    """A call waited its timeout for room (back-pressure) or for acknowledgements.
+
+    The event being published was not queued (for :meth:`Publisher.publish_many`: only the
+    first ``queued`` events were). Nothing queued earlier is lost: the publisher still holds
+    it and keeps retrying on the next call.
+    """
+
+    queued: int = 0
+
+
+class BatchRefused(PublisherError):
+    """The daemon refused a whole batch (e.g. more events than its ``max_batch_events``).
+
+    ``events`` holds the batch's events, which the publisher no longer holds. Lower
+    ``batch_size`` (or use :meth:`Publisher.from_config`, which reads the daemon's limits).
+    """
+
+    def __init__(self, endpoint: str, batch_id: int, reason: str, events: list[dict[str, Any]]) -> None:
+        self.batch_id = batch_id
+        self.reason = reason
+        self.events = events
+        super().__init__(f"{endpoint} refused batch {batch_id} of {len(events)} events: {reason}")
+
+
+class PublisherClosed(PublisherError):
+    """The publisher was used after :meth:`Publisher.close`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """One event of an acknowledged batch that the daemon refused, and why."""
+
+    index: int
+    reason: str
+    event: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """The daemon's answer to one acknowledged batch, after it was committed."""
+
+    batch_id: int
+    size: int
+    new: int
+    duplicate: int
+    rejected: tuple[Rejection, ...]
+    attempts: int
+
+
+@dataclass(slots=True)
+class Totals:
+    """Running counts of one publisher, in events (``retries`` counts Lazy Pirate recoveries)."""
+
+    sent: int = 0
+    acked_new: int = 0
+    acked_duplicate: int = 0
+    rejected: int = 0
+    batches_acked: int = 0
+    retries: int = 0
+    abandoned: int = 0
+
+    @property
+    def acked(self) -> int:
+        """Events the daemon has answered for: new, duplicate or rejected."""
+        return self.acked_new + self.acked_duplicate + self.rejected
+
+
+@dataclass(slots=True)
+class _Batch:
+    """A sent batch waiting for its acknowledgement."""
+
+    batch_id: int
+    events: list[dict[str, Any]]
+    frame: bytes
+    first_sent: float
+    sent_at: float
+    attempts: int = 1
+
+
+@dataclass(slots=True)
+class _Resources:
+    """The context and current socket, held apart from the publisher so cleanup has a fixed order.
+
+    A publisher dropped without :meth:`Publisher.close` inside a reference cycle would otherwise
+    let pyzmq's ``Context.__del__`` run ``term()`` while the socket is still open (the garbage
+    collector clears the context's weak references to its sockets first), which blocks for ever.
+    A ``weakref.finalize`` holding this object closes the socket first, then terminates.
+    """
+
+    context: zmq.Context[Any]
+    socket: zmq.Socket[Any] | None = None
+    linger_ms: int = 0
+
+    def release(self) -> None:
+        if self.socket is not None:
+            self.socket.close(linger=self.linger_ms)
+            self.socket = None
+        self.context.term()
+
+
+@dataclass(slots=True)
+class _Pending:
+    """Events gathered for the next batch, already validated and encoded."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+    packed: list[bytes] = field(default_factory=list)
+    size: int = 0
+    since: float = 0.0
+
+    def clear(self) -> None:
+        self.events = []
+        self.packed = []
+        self.size = 0
+
+
+class Publisher:
+    """Validates, batches and sends events to one daemon endpoint; one instance per thread.
+
+    Args:
+        endpoint: where to connect: the daemon's ``[ingest] ack_bind`` in acknowledged mode,
+            its ``[ingest] bind`` in fire-and-forget mode.
+        acked: acknowledged mode (True) or fire-and-forget (False).
+        batch_size: most events per batch.
+        linger: seconds a partial batch may wait for more events before a call sends it.
+        window: most acknowledged batches in flight at once (back-pressure beyond it).
+        ack_timeout: seconds to wait for a batch's acknowledgement before the Lazy Pirate retry.
+        deadline: give up (:class:`DeliveryFailed`) when the oldest batch has gone this many
+            seconds unacknowledged; None for no time limit.
+        max_attempts: give up when the oldest batch was sent this many times; None for no limit.
+        backoff: the pauses between retries.
+        block_timeout: the default timeout of :meth:`publish` when it waits for room; None
+            waits as long as retries go on.
+        close_timeout: how long :meth:`close` waits for acknowledgements (acknowledged mode) or
+            for queued frames to leave (fire-and-forget).
+        max_payload_bytes: the payload limit checked before sending (the daemon's own limit).
+        max_batch_bytes: a batch is sent once its encoded events reach this many bytes.
+        configure: called with every socket the publisher opens, before it connects (e.g. to set
+            CURVE keys).
+        on_ack: called with each :class:`BatchResult`.
+        on_retry: called before each retry pause with (attempt number, pause in seconds).
+        keep_results: how many recent :class:`BatchResult` to keep in :attr:`results`.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        acked: bool = True,
+        batch_size: int = 100,
+        linger: float = 0.005,
+        window: int = 8,
+        ack_timeout: float = 5.0,
+        deadline: float | None = 60.0,
+        max_attempts: int | None = None,
+        backoff: Backoff = Backoff(),
+        block_timeout: float | None = None,
+        close_timeout: float = 30.0,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        configure: SocketHook | None = None,
+        on_ack: Callable[[BatchResult], None] | None = None,
+        on_retry: Callable[[int, float], None] | None = None,
+        keep_results: int = 1000,
+    ) -> None:
+        if batch_size < 1 or window < 1:
+            raise ValueError(f"batch_size and window must be 1 or more, not {batch_size} and {window}")
+        if ack_timeout <= 0 or linger < 0:
+            raise ValueError(f"ack_timeout must be above 0 and linger 0 or more, not {ack_timeout} and {linger}")
+        self.endpoint = endpoint
+        self.acked = acked
+        self.batch_size = batch_size
+        self.linger = linger
+        self.window = window
+        self.ack_timeout = ack_timeout
+        self.block_timeout = block_timeout
+        self.close_timeout = close_timeout
+        self.max_payload_bytes = max_payload_bytes
+        self.max_batch_bytes = max_batch_bytes
+        self.totals = Totals()
+        self.results: deque[BatchResult] = deque(maxlen=keep_results)
+        self._configure = configure
+        self._on_ack = on_ack
+        self._on_retry = on_retry
+        self._budget = RetryBudget(backoff, deadline, max_attempts)
+        self._budget_batch: int | None = None  # the oldest batch, whose trouble the budget counts
+        self._pending = _Pending()
+        self._in_flight: dict[int, _Batch] = {}
+        self._next_id = 1
+        self._retry_at: float | None = None  # set while the socket is closed between retries
+        self._packer = msgpack.Packer(use_bin_type=True, datetime=False)
+        self._closed = False
+        # A context of its own, so close() can terminate it (which is what makes a PUSH socket's
+        # linger actually deliver queued frames) without touching the application's sockets.
+        self._resources = _Resources(zmq.Context(), linger_ms=0 if acked else int(close_timeout * 1000))
+        self._finalizer = weakref.finalize(self, self._resources.release)
+        self._socket = self._open()
+
+    @classmethod
+    def from_config(
+        cls, path: str | PathLike[str], *, acked: bool = True, **options: Any
+    ) -> "Publisher":
+        """A publisher for the daemon described by a config file.
+
+        Connects to ``[ingest] ack_bind`` (acknowledged) or ``[ingest] bind`` (fire-and-forget),
+        with a wildcard address made loopback, and checks events against the daemon's limits.
+        ``options`` are the keyword arguments of :class:`Publisher`. Raises
+        :class:`transport.config.ConfigError` for a missing or bad file.
+        """
+        ingest = load_config(path).ingest
+        endpoint = connectable(ingest.ack_bind if acked else ingest.bind)
+        options.setdefault("max_payload_bytes", ingest.max_payload_bytes)
+        options["batch_size"] = min(options.get("batch_size", 100), ingest.max_batch_events)
+        # Half the message limit leaves room for the batch envelope and the msgpack headers.
+        options["max_batch_bytes"] = min(options.get("max_batch_bytes", DEFAULT_MAX_BATCH_BYTES),
+                                         ingest.max_message_bytes // 2)
+        return cls(endpoint, acked=acked, **options)
+
+    # -- the public calls ------------------------------------------------------------------
+
+    def publish(self, event: dict[str, Any], timeout: float | None = None) -> None:
+        """Validate one event and queue it for sending.
+
+        Raises :class:`InvalidEvent` (nothing queued) for an event the daemon would refuse.
+        When the pending batch is full and cannot be sent (acknowledged mode: the window of
+        batches in flight is full; fire-and-forget: the socket's queue is full), waits up to
+        ``timeout`` seconds (default ``block_timeout``), then raises :class:`PublishTimeout`
+        without queueing the event. Raises :class:`DeliveryFailed` when retries are exhausted
+        and :class:`BatchRefused` when the daemon refused a whole batch.
+        """
+        self._check_open()
+        packed = self._encode(event)
+        self._add(event, packed, timeout)
+
+    def publish_many(self, events: Iterable[dict[str, Any]], timeout: float | None = None) -> None:
+        """Validate every event first, then queue them all; one bad event queues none.
+
+        :class:`InvalidEvent` names the bad event's position. Otherwise as :meth:`publish`.
+        """
+        self._check_open()
+        checked: list[tuple[dict[str, Any], bytes]] = []
+        for index, event in enumerate(events):
+            try:
+                checked.append((event, self._encode(event)))
+            except InvalidEvent as exc:
+                raise InvalidEvent(f"event {index}: {exc}") from None
+        for queued, (event, packed) in enumerate(checked):
+            try:
+                self._add(event, packed, timeout)
+            except PublishTimeout as exc:
+                exc.queued = queued
+                raise
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Send the pending batch and, in acknowledged mode, wait until every batch is acknowledged.
+
+        Raises :class:`PublishTimeout` after ``timeout`` seconds (None: as long as retries go
+        on; the events are kept), :class:`DeliveryFailed` when retries are exhausted. In
+        fire-and-forget mode there is nothing to wait for: the frames are queued, not confirmed.
+        """
+        self._check_open()
+        if not self.acked:
+            if self._pending.events:
+                self._send_pending(timeout)
+            return
+
+        def settled() -> bool:
+            if self._pending.events:
+                self._try_send()
+            return not self._pending.events and not self._in_flight
+
+        if not self._wait_until(settled, timeout):
+            raise PublishTimeout(
+                f"{self.unacknowledged} events still unacknowledged by {self.endpoint} after {timeout:g} s; "
+                f"the publisher keeps them and retries: call flush() again, or close()"
+            )
+
+    def poll(self, timeout: float = 0.0) -> int:
+        """Do the work that is due (read acks, retry, send a batch whose linger ended).
+
+        Waits up to ``timeout`` seconds for acknowledgements. Returns how many events are not yet
+        acknowledged (in fire-and-forget mode: not yet sent). Call it from an idle loop.
+        """
+        self._check_open()
+        if timeout > 0 and self.acked:
+            self._wait_until(lambda: not self._in_flight and not self._pending.events, timeout)
+        else:
+            self._service()
+        return self.unacknowledged
+
+    def close(self, timeout: float | None = None, flush: bool = True) -> None:
+        """Flush (unless ``flush`` is False), then close the socket and the context.
+
+        Waits up to ``timeout`` seconds (default ``close_timeout``); errors of the flush
+        propagate, but the socket and context are closed in any case. A fire-and-forget
+        publisher lingers up to that long for queued frames to leave. Closing twice is harmless.
+        """
+        if self._closed:
+            return
+        wait = self.close_timeout if timeout is None else timeout
+        try:
+            if flush:
+                self.flush(wait)
+        finally:
+            self._closed = True
+            # Acknowledged batches were settled (or handed back) above: nothing queued matters.
+            self._resources.linger_ms = 0 if self.acked else int(wait * 1000)
+            self._finalizer()
+
+    def __enter__(self) -> "Publisher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mode = "acked" if self.acked else "fire-and-forget"
+        return f"Publisher({self.endpoint!r}, {mode}, unacknowledged={self.unacknowledged})"
+
+    @property
+    def unacknowledged(self) -> int:
+        """Events held: pending, plus (acknowledged mode) sent and not yet answered."""
+        return len(self._pending.events) + sum(len(batch.events) for batch in self._in_flight.values())
+
+    @property
+    def in_flight(self) -> int:
+        """Batches sent and not yet acknowledged."""
+        return len(self._in_flight)
+
+    # -- batching --------------------------------------------------------------------------
+
+    def _encode(self, event: dict[str, Any]) -> bytes:
+        try:
+            validate_event(event, self.max_payload_bytes)
+            return self._packer.pack(event)
+        except InvalidEvent:
+            raise
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InvalidEvent(
+                f"event cannot be encoded as msgpack ({exc}); use maps, arrays, strings, numbers, "
+                f"booleans, nil and bytes"
+            ) from None
+
+    def _add(self, event: dict[str, Any], packed: bytes, timeout: float | None) -> None:
+        pending = self._pending
+        if pending.events and (
+            len(pending.events) >= self.batch_size or pending.size + len(packed) > self.max_batch_bytes
+        ):
+            # The batch is full and could not leave earlier: wait for it here, before queueing
+            # this event, so the pending batch never outgrows batch_size.
+            self._send_pending(self.block_timeout if timeout is None else timeout)
+        if not pending.events:
+            pending.since = time.monotonic()
+        pending.events.append(event)
+        pending.packed.append(packed)
+        pending.size += len(packed)
+        if len(pending.events) >= self.batch_size or pending.size >= self.max_batch_bytes:
+            self._try_send()
+        else:
+            self._service()
+
+    def _try_send(self) -> bool:
+        """Send the pending batch if that needs no waiting; returns whether it went."""
+        pending = self._pending
+        if self.acked:
+            if len(self._in_flight) >= self.window:
+                return False
+            self._send_batch(pending.events, pending.packed)
+        elif not self._push(pending.packed, 0):
+            return False
+        self.totals.sent += len(pending.events)
+        pending.clear()
+        return True
+
+    def _send_pending(self, timeout: float | None) -> None:
+        """Send the pending batch, waiting up to ``timeout`` for room; raises :class:`PublishTimeout`."""
+        if self._try_send():
+            return
+        if self.acked:
+            if not self._wait_until(lambda: not self._pending.events or self._try_send(), timeout):
+                raise PublishTimeout(
+                    f"{self.window} batches sent to {self.endpoint} are still unacknowledged after "
+                    f"{timeout:g} s, so there is no room for more; what was queued is kept: publish or "
+                    f"flush again later, or raise the timeout"
+                )
+            return
+        # Fire-and-forget: no timeout would block for ever on a daemon that never comes; the
+        # retry deadline bounds it instead.
+        limit = timeout if timeout is not None else self._budget.deadline
+        if not self._push(self._pending.packed, limit):
+            raise PublishTimeout(
+                f"{self.endpoint} took no frame for {limit:g} s (its queue is full or it is not running); "
+                f"what was queued is kept: publish or flush again later"
+            )
+        self.totals.sent += len(self._pending.events)
+        self._pending.clear()
+
+    def _send_batch(self, events: list[dict[str, Any]], packed: list[bytes]) -> None:
+        batch_id = self._next_id
+        self._next_id += 1
+        pack = self._packer
+        frame = b"".join([
+            pack.pack_map_header(2), pack.pack("batch"), pack.pack(batch_id),
+            pack.pack("events"), pack.pack_array_header(len(packed)), *packed,
+        ])
+        now = time.monotonic()
+        self._in_flight[batch_id] = _Batch(batch_id, events, frame, now, now)
+        if self._socket is not None:  # else it goes out with the others when the socket reopens
+            self._send_frame(frame)
+
+    def _push(self, packed: list[bytes], timeout: float | None) -> bool:
+        """PUSH one frame, waiting up to ``timeout`` (None: no limit); returns whether it was queued."""
+        assert self._socket is not None
+        frame = packed[0] if len(packed) == 1 else self._packer.pack_array_header(len(packed)) + b"".join(packed)
+        try:
+            if timeout is not None and timeout <= 0:
+                self._socket.send(frame, zmq.NOBLOCK)
+            else:
+                self._socket.setsockopt(zmq.SNDTIMEO, -1 if timeout is None else int(timeout * 1000))
+                self._socket.send(frame)
+        except zmq.Again:
+            return False
+        return True
+
+    # -- acknowledged mode: sockets, replies, retries ------------------------------------------
+
+    @property
+    def _socket(self) -> zmq.Socket[Any] | None:
+        return self._resources.socket
+
+    @_socket.setter
+    def _socket(self, sock: zmq.Socket[Any] | None) -> None:
+        self._resources.socket = sock
+
+    def _open(self) -> zmq.Socket[Any]:
+        sock = self._resources.context.socket(zmq.DEALER if self.acked else zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self.acked:
+            sock.setsockopt(zmq.SNDHWM, max(1000, 2 * self.window))
+        if self._configure is not None:
+            self._configure(sock)
+        sock.connect(self.endpoint)
+        return sock
+
+    def _send_frame(self, frame: bytes) -> None:
+        assert self._socket is not None
+        try:
+            self._socket.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # not queued: the ack timeout will resend it
+
+    def _service(self) -> None:
+        """Read replies, run the Lazy Pirate retry when due, send a batch whose linger ended."""
+        if not self.acked:
+            if self._pending.events and time.monotonic() - self._pending.since >= self.linger:
+                self._try_send()
+            return
+        if self._socket is not None:
+            self._read_replies()
+        now = time.monotonic()
+        if self._socket is None:
+            if self._retry_at is not None and now >= self._retry_at:
+                self._reopen(now)
+        elif self._in_flight:
+            oldest = next(iter(self._in_flight.values()))
+            if now - oldest.sent_at >= self.ack_timeout:
+                self._give_up_or_pause(oldest, now)
+        if self._pending.events and (
+            now - self._pending.since >= self.linger or len(self._pending.events) >= self.batch_size
+        ):
+            self._try_send()
+
+    def _read_replies(self) -> None:
+        assert self._socket is not None
+        while True:
+            try:
+                frames = self._socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                reply = msgpack.unpackb(frames[-1], raw=False, strict_map_key=False)
+            except (ValueError, TypeError, msgpack.UnpackException):
+                log.warning("%s sent a reply that is not msgpack; ignored", self.endpoint)
+                continue
+            if not isinstance(reply, dict) or not isinstance(reply.get("batch"), int):
+                log.warning("%s sent a reply that names no batch of ours: %r", self.endpoint, reply)
+                continue
+            batch = self._in_flight.pop(reply["batch"], None)
+            if batch is None:
+                continue  # an answer to a batch already settled
+            if "error" in reply:
+                self.totals.abandoned += len(batch.events)
+                raise BatchRefused(self.endpoint, batch.batch_id, str(reply["error"]), batch.events)
+            self._settle(batch, reply)
+
+    def _settle(self, batch: _Batch, reply: dict[str, Any]) -> None:
+        rejected = tuple(
+            Rejection(index, str(reason), batch.events[index])
+            for index, reason in reply.get("rejected", [])
+            if isinstance(index, int) and 0 <= index < len(batch.events)
+        )
+        result = BatchResult(
+            batch.batch_id, len(batch.events), int(reply.get("new", 0)), int(reply.get("duplicate", 0)),
+            rejected, batch.attempts,
+        )
+        if result.new + result.duplicate + len(rejected) != result.size:
+            log.warning("%s acknowledged batch %d of %d events with %d new, %d duplicate, %d rejected",
+                        self.endpoint, batch.batch_id, result.size, result.new, result.duplicate, len(rejected))
+        totals = self.totals
+        totals.acked_new += result.new
+        totals.acked_duplicate += result.duplicate
+        totals.rejected += len(rejected)
+        totals.batches_acked += 1
+        self.results.append(result)
+        if self._on_ack is not None:
+            self._on_ack(result)
+
+    def _give_up_or_pause(self, oldest: _Batch, now: float) -> None:
+        """The oldest batch timed out: close the socket and pause before resending, or give up."""
+        assert self._socket is not None
+        self._socket.close(linger=0)
+        self._socket = None
+        if self._budget_batch != oldest.batch_id:
+            # A new oldest batch means progress since the last failure: start a fresh budget.
+            self._budget.reset()
+            self._budget.start(at=oldest.first_sent)
+            self._budget_batch = oldest.batch_id
+        pause = self._budget.fail()
+        if pause is None:
+            raise self._abandon()
+        log.info("no acknowledgement from %s for %.1f s; resending %d batches in %.2f s",
+                 self.endpoint, now - oldest.first_sent, len(self._in_flight), pause)
+        if self._on_retry is not None:
+            self._on_retry(self._budget.failures, pause)
+        self._retry_at = now + pause
+
+    def _reopen(self, now: float) -> None:
+        self._socket = self._open()
+        self._retry_at = None
+        self.totals.retries += 1
+        for batch in self._in_flight.values():
+            batch.sent_at = now
+            batch.attempts += 1
+            self._send_frame(batch.frame)
+
+    def _abandon(self) -> DeliveryFailed:
+        """Drop every unacknowledged event into a :class:`DeliveryFailed` and start afresh."""
+        events = [event for batch in self._in_flight.values() for event in batch.events]
+        events.extend(self._pending.events)
+        attempts = self._budget.failures
+        elapsed = self._budget.elapsed()
+        self.totals.abandoned += len(events)
+        self._in_flight.clear()
+        self._pending.clear()
+        self._budget.reset()
+        self._budget_batch = None
+        self._retry_at = None
+        self._socket = self._open()
+        return DeliveryFailed(self.endpoint, elapsed, attempts, events)
+
+    def _wait_until(self, done: Callable[[], bool], timeout: float | None) -> bool:
+        """Service the socket until ``done()`` or ``timeout`` seconds pass; every wait is bounded."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._service()
+            if done():
+                return True
+            now = time.monotonic()
+            if end is not None and now >= end:
+                return False
+            wake = now + 0.5
+            if self._retry_at is not None:
+                wake = min(wake, self._retry_at)
+            elif self._in_flight:
+                wake = min(wake, next(iter(self._in_flight.values())).sent_at + self.ack_timeout)
+            if self._pending.events:
+                wake = min(wake, self._pending.since + self.linger)
+            if end is not None:
+                wake = min(wake, end)
+            wait_s = max(0.0, wake - now)
+            if self._socket is not None:
+                self._socket.poll(math.ceil(wait_s * 1000), zmq.POLLIN)
+            else:
+                time.sleep(wait_s)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PublisherClosed(f"this publisher to {self.endpoint} is closed; make a new one")
