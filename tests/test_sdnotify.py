@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import sqlite3
 import threading
@@ -15,18 +16,22 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import msgpack
 import pytest
+import zmq
 
-from actors.flow import LiveFigures
 from actors.supervisor import Daemon as InProcessDaemon
 from actors.watchdog import ServiceMonitor, Snapshot, ping_timeout, status_line
 from harness import Daemon, env_with, free_port, publish
 from transport.config import parse_config
 from transport.queries import DebugFreezeQuery, QueryError, parse_query
 from transport.sdnotify import Notifier, NotifyError, notify_address, watchdog_interval
+from transport.workload import plan
 
 WATCHDOG_USEC = "2000000"  # WatchdogSec=2: pings expected every second
 SLACK_S = 0.3  # scheduling jitter allowed on top of the 1 s interval on a busy CI machine
+ACKED_BATCHES = 20
+ACKED_PER_BATCH = 100
 
 
 class NotifyListener:
@@ -245,15 +250,34 @@ def test_ready_watchdog_status_then_stopping_and_a_full_drain(
     statuses = listener.values("STATUS")
     assert any(re.search(r"events/s; [\d,]+ unique, [\d,]+ duplicates", s) for s in statuses), statuses
 
-    # The next batch is still in flight when SIGTERM arrives: all of it must be stored.
+    # The next events are still in flight when SIGTERM arrives: all must be stored, every ack answered.
     publish(daemon.ingest, "--events", "3000", "--duplicates", "0", "--topics", "5", "--id-prefix", "late")
-    signalled = time.monotonic()
-    assert daemon.terminate(timeout=60) == 0, daemon.log()
+    context = zmq.Context()
+    dealer = context.socket(zmq.DEALER)
+    dealer.connect(daemon.ack)
+    try:
+        for batch in range(ACKED_BATCHES):
+            events = plan(ACKED_PER_BATCH, 0.0, 3, batch, f"acked-{batch}-")
+            dealer.send(msgpack.packb({"batch": batch, "events": events}, use_bin_type=True))
+        time.sleep(0.05)  # let ZeroMQ hand the frames to the daemon's socket before the signal
+        signalled = time.monotonic()
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGTERM)
+        acks = {}
+        while len(acks) < ACKED_BATCHES and dealer.poll(30_000):
+            reply = msgpack.unpackb(dealer.recv(), raw=False)
+            acks[reply["batch"]] = reply
+    finally:
+        dealer.close(linger=0)
+        context.term()
+    assert daemon.proc.wait(60) == 0, daemon.log()
+    assert sorted(acks) == list(range(ACKED_BATCHES)), acks
+    assert all(a["new"] == ACKED_PER_BATCH and "error" not in a for a in acks.values()), acks
     stopping_at = listener.wait_for("STOPPING=1", timeout=1, after=signalled)
     assert not [at for at in listener.times("WATCHDOG=1") if at > stopping_at]
     assert len(listener.times("READY=1")) == 1
     rows = stored_rows(daemon.db_path)
-    assert len(rows) == 2700 + 3000
+    assert len(rows) == 2700 + 3000 + ACKED_BATCHES * ACKED_PER_BATCH
     assert len({(topic, event_id) for topic, event_id, _ in rows}) == len(rows)
     assert "drain incomplete" not in daemon.log()
 
