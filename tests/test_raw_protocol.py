@@ -1,0 +1,138 @@
+"""A publisher written from the README's protocol description with raw pyzmq + msgpack only.
+
+Nothing of the project is imported here: the publisher side proves the wire protocol stands on
+its own. (The ``daemon`` fixture starts a real daemon and is only used to check what it stored.)
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgpack
+import zmq
+
+TIMEOUT_MS = 10_000
+
+
+def event(n: int, topic: str = "raw", **extra: Any) -> dict[str, Any]:
+    """A valid event map: topic, event_id, timestamp (ISO-8601 with a zone), source, payload."""
+    return {"topic": topic, "event_id": f"raw-{n}", "timestamp": f"2025-10-22T10:00:{n % 60:02d}Z",
+            "source": "raw-test", "payload": {"n": n}, **extra}
+
+
+def push(endpoint: str, frames: list[bytes]) -> None:
+    """Fire-and-forget: one PUSH message of one frame each; linger and terminate so none is dropped."""
+    context = zmq.Context()
+    sock = context.socket(zmq.PUSH)
+    sock.connect(endpoint)
+    for frame in frames:
+        sock.send(frame)
+    sock.close(linger=10_000)
+    context.term()
+
+
+def receive(sock: zmq.Socket[Any]) -> list[bytes]:
+    assert sock.poll(TIMEOUT_MS, zmq.POLLIN), "no reply within 10 s"
+    return sock.recv_multipart()
+
+
+class Dealer:
+    """An acknowledged-mode client over DEALER: send batches, read replies by batch id."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.context = zmq.Context()
+        self.sock = self.context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def send(self, batch: Any, events: Any) -> None:
+        self.sock.send(msgpack.packb({"batch": batch, "events": events}))
+
+    def reply(self) -> dict[str, Any]:
+        frames = receive(self.sock)
+        assert len(frames) == 1  # a DEALER sends no envelope, so none comes back
+        reply: dict[str, Any] = msgpack.unpackb(frames[0])
+        return reply
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.context.term()
+
+
+def test_fire_and_forget_one_event_per_frame_or_an_array(daemon: Any) -> None:
+    stamped = event(3)
+    stamped["timestamp"] = msgpack.Timestamp(1_761_127_200, 5_000)  # msgpack's own timestamp type
+    push(daemon.ingest, [
+        msgpack.packb(event(1)),
+        msgpack.packb([event(2), stamped, event(4, topic="other")]),
+        msgpack.packb(event(1)),  # a re-send: dropped as a duplicate
+    ])
+    stats = daemon.wait_stats(unique_processed=4, duplicate_dropped=1)
+    assert stats["received"] == 5
+    stored = {e["event_id"]: e for e in daemon.events("raw")}
+    assert sorted(stored) == ["raw-1", "raw-2", "raw-3"]
+    assert stored["raw-3"]["timestamp"] == "2025-10-22T10:00:00.000005Z"
+
+
+def test_acknowledged_batch_over_dealer_is_answered_after_commit_with_counts_and_rejections(daemon: Any) -> None:
+    client = Dealer(daemon.ack)
+    try:
+        client.send(1, [event(1), event(2), event(1), {"topic": "raw", "event_id": "raw-bad"}, event(3)])
+        reply = client.reply()
+        assert reply["batch"] == 1 and reply["new"] == 3 and reply["duplicate"] == 1
+        [[index, reason]] = reply["rejected"]
+        assert index == 3 and "timestamp" in reason
+        # The ack means committed: the events can be read back at once.
+        assert sorted(e["event_id"] for e in daemon.events("raw")) == ["raw-1", "raw-2", "raw-3"]
+
+        # Retrying the same batch (e.g. after a lost ack) is safe: it comes back as duplicates.
+        client.send(1, [event(1), event(2)])
+        assert client.reply() == {"batch": 1, "new": 0, "duplicate": 2, "rejected": []}
+
+        # Several batches in flight; replies carry the id and may come in any order.
+        ids = [f"b-{n}" for n in range(5)]
+        for n, batch_id in enumerate(ids):
+            client.send(batch_id, [event(100 + 10 * n + k) for k in range(10)])
+        replies = {r["batch"]: r for r in (client.reply() for _ in ids)}
+        assert set(replies) == set(ids) and all(r["new"] == 10 for r in replies.values())
+    finally:
+        client.close()
+    daemon.wait_stats(unique_processed=53, rejected=1)
+
+
+def test_acknowledged_batch_over_req_keeps_the_envelope(daemon: Any) -> None:
+    context = zmq.Context()
+    sock = context.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(daemon.ack)
+    try:
+        sock.send(msgpack.packb({"batch": "req-1", "events": [event(7)]}))
+        [frame] = receive(sock)  # REQ strips the empty delimiter the daemon echoed back
+        assert msgpack.unpackb(frame) == {"batch": "req-1", "new": 1, "duplicate": 0, "rejected": []}
+    finally:
+        sock.close(linger=0)
+        context.term()
+
+
+def test_a_malformed_acknowledged_request_gets_an_error_reply_at_once(daemon: Any) -> None:
+    client = Dealer(daemon.ack)
+    try:
+        client.send(7, "not an array")
+        reply = client.reply()
+        assert reply["batch"] == 7 and "events" in reply["error"]
+
+        client.sock.send(b"\xc1 not msgpack")
+        reply = client.reply()
+        assert reply["batch"] is None and "msgpack" in reply["error"]
+
+        client.send(True, [event(1)])  # a boolean is not a valid batch id
+        assert "batch" in client.reply()["error"]
+
+        started = time.monotonic()
+        client.send(8, [])  # an empty batch is refused whole
+        assert "empty" in client.reply()["error"]
+        assert time.monotonic() - started < 5
+    finally:
+        client.close()
+    assert daemon.stats()["unique_processed"] == 0
