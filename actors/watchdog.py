@@ -157,8 +157,8 @@ class ServiceMonitor:
                     self.check()
                     assert self._watchdog_s is not None
                     next_check += self._watchdog_s
-                    if next_check < time.monotonic():  # a slow check: restart the schedule from now
-                        next_check = time.monotonic()
+                    # After a check slower than the interval, the schedule restarts from now.
+                    next_check = max(next_check, time.monotonic())
                 if now >= next_status:
                     self.send_status()
                     next_status = now + self._status_s

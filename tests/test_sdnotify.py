@@ -6,6 +6,7 @@ as a real process, exactly as systemd would start it (same environment variables
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -108,7 +110,7 @@ def stored_rows(db_path: Path) -> list[tuple[str, str, int]]:
 
 
 def max_gap(times: list[float]) -> float:
-    return max(b - a for a, b in zip(times, times[1:]))
+    return max(b - a for a, b in itertools.pairwise(times))
 
 
 # --- the pure parts ------------------------------------------------------------------------
@@ -164,7 +166,7 @@ def test_notifier_without_notify_socket_is_silent_and_opens_nothing() -> None:
     assert not notifier.enabled
     assert notifier.ready("up") is False
     assert notifier.watchdog() is False
-    assert notifier._socket is None  # noqa: SLF001 - the point is that no socket exists
+    assert notifier._socket is None  # the point: no socket exists
 
 
 @pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
@@ -263,7 +265,7 @@ def test_ready_watchdog_status_then_stopping_and_a_full_drain(
         signalled = time.monotonic()
         assert daemon.proc is not None
         daemon.proc.send_signal(signal.SIGTERM)
-        acks = {}
+        acks: dict[int, dict[str, Any]] = {}
         while len(acks) < ACKED_BATCHES and dealer.poll(30_000):
             reply = msgpack.unpackb(dealer.recv(), raw=False)
             acks[reply["batch"]] = reply

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NotifyError", "Notifier", "notify_address", "watchdog_interval"]
+__all__ = ["Notifier", "NotifyError", "notify_address", "watchdog_interval"]
 
 
 class NotifyError(ValueError):
