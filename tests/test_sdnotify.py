@@ -327,11 +327,17 @@ def test_journald_format_under_systemd_and_timestamps_otherwise(daemon_factory: 
     env = env_with()
     env.pop("JOURNAL_STREAM", None)
     plain.start(env=env)
+    assert journald.proc is not None
+    journald.proc.send_signal(signal.SIGHUP)  # reloads the log level and says so
+    deadline = time.monotonic() + 10
+    while "SIGHUP: reloaded" not in journald.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert journald.terminate() == 0 and plain.terminate() == 0
 
     lines = log_lines(journald)
     assert lines and all(re.match(r"<[0-7]>[\w.]+: ", line) for line in lines), lines
     assert any(line.startswith("<6>actors.supervisor: eventagg ready") for line in lines)
+    assert any(line.startswith("<4>actors.supervisor: SIGHUP: reloaded") for line in lines), lines
     assert not any(re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d", line) for line in lines)
 
     lines = log_lines(plain)
