@@ -37,6 +37,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -452,12 +453,23 @@ def peak_rss_mb(pid: int | None) -> float | None:
     return None
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User plus system CPU time the process has used so far, if it can be read."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0-100) by nearest rank."""
     ordered = sorted(values)
     if not ordered:
         return float("nan")
-    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    rank = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
     return ordered[rank]
 
 
@@ -483,6 +495,7 @@ def full_speed_phase(scenario: Scenario, target: Target, id_prefix: str) -> dict
     events = plan(scenario.events, scenario.duplicates, scenario.topics, seed=1, id_prefix=id_prefix)
     before = query_stats(target.query)
     base = settled_of(before)
+    cpu_before = cpu_seconds(target.pid)
     jobs = split_jobs(scenario, events, target, scenario.processes, 0.0)
     poller = StatsPoller(target.query, FULL_SPEED_POLL_S)
     try:
@@ -493,6 +506,7 @@ def full_speed_phase(scenario: Scenario, target: Target, id_prefix: str) -> dict
     first = min(r.first_send for r in reports)
     last_send = max(r.last_send for r in reports)
     after = query_stats(target.query)
+    cpu_after = cpu_seconds(target.pid)
     distinct = distinct_count(scenario.events, scenario.duplicates)
     unique = after["unique_processed"] - before["unique_processed"]
     duplicates = after["duplicate_dropped"] - before["duplicate_dropped"]
@@ -505,7 +519,11 @@ def full_speed_phase(scenario: Scenario, target: Target, id_prefix: str) -> dict
         "stats_p50_ms": ms(percentile(rtts, 50)),
         "stats_p99_ms": ms(percentile(rtts, 99)),
         "stats_samples": len(rtts),
+        "commits": after["commits"] - before["commits"],
     }
+    if cpu_before is not None and cpu_after is not None:
+        # Less sensitive to a noisy machine than the rate: what each event cost the daemon in CPU.
+        result["daemon_cpu_us_per_event"] = round((cpu_after - cpu_before) / scenario.events * 1e6, 1)
     if not result["correct"]:
         result["error"] = f"stored {unique} new and {duplicates} duplicates; expected {distinct} and {scenario.events - distinct}"
     if scenario.acked:
@@ -567,7 +585,7 @@ def run_once(scenario: Scenario, workdir: Path, cache: Path, target: Target | No
             daemon = Daemon(workdir / "daemon", overrides)
             if scenario.prefill:
                 source, build_s = prefilled_db(cache, scenario.prefill, scenario.topics)
-                result["prefill_build_s"] = round(build_s, 1)
+                result["prefill_build_s"] = round(build_s, 2)
                 shutil.copyfile(source, daemon.db_path)
             daemon.start(timeout=120)
             assert daemon.proc is not None

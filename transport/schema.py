@@ -11,8 +11,8 @@ publisher may send fields that a later version of the daemon understands.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
-from typing import Any
+import threading
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -27,13 +27,16 @@ class InvalidEvent(ValueError):
     """An event breaks the schema; the message says which rule and how to fix it."""
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
     """One valid event as the daemon holds it.
 
     ``timestamp`` is the publisher's ISO-8601 string as sent (or the ISO form of a msgpack
     Timestamp); ``ts_ns`` is the same instant in nanoseconds since the Unix epoch, which is what
     ordering compares. ``payload`` is the payload map encoded as msgpack, ready to store.
+
+    Immutable like a frozen dataclass, but a NamedTuple because one is built for every event
+    received: that costs ~0.7 µs against ~2 µs for a frozen slotted dataclass, whose generated
+    ``__init__`` goes through ``object.__setattr__`` once per field.
     """
 
     topic: str
@@ -53,7 +56,8 @@ _valid_topics: set[str] = set()
 
 
 def _check_topic(topic: Any) -> str:
-    if topic in _valid_topics:  # topics repeat: check each distinct one once
+    # isinstance first: a list or map topic is unhashable, and the set lookup would raise TypeError.
+    if isinstance(topic, str) and topic in _valid_topics:  # topics repeat: check each distinct one once
         return topic  # type: ignore[no-any-return]
     if not isinstance(topic, str):
         raise InvalidEvent(f"topic must be a string, not {type_name(topic)}")
@@ -123,7 +127,7 @@ def validate_event(obj: Any, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES)
     else:
         if not isinstance(payload, dict):
             raise InvalidEvent(f"payload must be a map, not {type_name(payload)}")
-        packed = msgpack.packb(payload, use_bin_type=True, datetime=False)
+        packed = _packer().pack(payload)
         if len(packed) > max_payload_bytes:
             raise InvalidEvent(f"payload is {len(packed)} bytes, over the limit of {max_payload_bytes}")
     return Event(topic, event_id, timestamp, ts_ns, source, packed)
@@ -146,3 +150,15 @@ def type_name(value: Any) -> str:
 
 _EMPTY_MAP: dict[str, Any] = {}
 _EMPTY_PACKED = msgpack.packb({})
+_local = threading.local()
+
+
+def _packer() -> msgpack.Packer:
+    # msgpack.packb builds a new Packer per call, which costs more than packing a small payload;
+    # a Packer is not thread-safe (the publisher library validates on its callers' threads), so
+    # each thread keeps its own.
+    try:
+        return _local.packer  # type: ignore[no-any-return]
+    except AttributeError:
+        _local.packer = msgpack.Packer(use_bin_type=True, datetime=False)
+        return _local.packer  # type: ignore[no-any-return]

@@ -1,0 +1,110 @@
+"""scripts/bench.py runs end to end on a tiny workload and prints well-formed results.
+
+No timing is asserted: the figures depend on the machine. What is checked is that each mode
+runs to completion, stores exactly the distinct events, and reports every figure it promises.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness import ROOT, run_script
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import bench  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+COMMON = ("events_per_s", "elapsed_s", "stats_p50_ms", "stats_p99_ms", "commits", "rss_peak_mb",
+          "latency_p50_ms", "latency_p99_ms", "latency_max_ms", "latency_rate")
+
+
+def run_bench(*args: str) -> dict[str, Any]:
+    result = run_script("bench.py", "--events", "3000", "--latency-seconds", "0.5", "--json", *args, timeout=100)
+    assert result.returncode == 0, f"bench.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    report = json.loads(result.stdout)
+    assert report["machine"]["cpus"] >= 1
+    return report
+
+
+def check_figures(row: dict[str, Any], keys: tuple[str, ...]) -> None:
+    assert row["correct"] is True, row
+    for key in keys:
+        value = row[key]
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), (key, value)
+        assert math.isfinite(value) and value >= 0, (key, value)
+    assert row["events_per_s"] > 0
+
+
+def test_fire_and_forget_with_ceiling() -> None:
+    report = run_bench("--runs", "2")
+    assert report["runs"] == 2 and report["workload"]["mode"] == "ff"
+    (name, row), = report["median"].items()
+    assert len(report["all"][name]) == 2
+    check_figures(row, COMMON + ("ceiling_rows_per_s", "ceiling_pk_only_rows_per_s", "ratio"))
+    assert row["latency_method"].startswith("stats poll")
+    assert row["ratio"] == pytest.approx(row["events_per_s"] / row["ceiling_rows_per_s"], rel=0.5)
+
+
+def test_acked_with_two_publishers() -> None:
+    report = run_bench("--mode", "acked", "--processes", "2", "--no-ceiling", "--batch", "50")
+    (row,) = report["median"].values()
+    check_figures(row, COMMON + ("full_speed_ack_p50_ms", "full_speed_ack_p99_ms"))
+    assert row["latency_method"] == "acknowledgement"
+    assert "ratio" not in row
+
+
+def test_text_output_names_every_figure() -> None:
+    result = run_script("bench.py", "--events", "1000", "--no-latency", timeout=100)
+    assert result.returncode == 0, result.stderr
+    assert "events_per_s" in result.stdout and "ceiling_rows_per_s" in result.stdout
+
+
+def test_prefilled_database_agrees_with_its_counters(tmp_path: Path) -> None:
+    path, build_s = bench.prefilled_db(tmp_path, 1000, 7)
+    assert build_s > 0 and bench.prefilled_db(tmp_path, 1000, 7) == (path, 0.0)
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 1000
+        per_topic = dict(conn.execute("SELECT topic, count(*) FROM events GROUP BY topic"))
+        for topic, last_seq, received in conn.execute("SELECT topic, last_seq, received FROM topics"):
+            assert per_topic[topic] == last_seq == received
+            seqs = [s for (s,) in conn.execute("SELECT seq FROM events WHERE topic = ? ORDER BY seq", (topic,))]
+            assert seqs == list(range(1, last_seq + 1))
+        counters = dict(conn.execute("SELECT name, value FROM counters"))
+        assert counters["received"] == counters["unique_processed"] == 1000
+    finally:
+        conn.close()
+
+
+def test_prefilled_run_continues_the_stored_topics(tmp_path: Path) -> None:
+    result = run_script("bench.py", "--events", "2000", "--prefill", "5000", "--no-latency", "--no-ceiling",
+                        "--cache-dir", str(tmp_path), "--json", timeout=100)
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout)["median"].values()
+    assert row["correct"] is True and row["prefill_build_s"] >= 0
+
+
+def test_percentile_and_medians() -> None:
+    assert bench.percentile([5, 1, 3, 2, 4], 50) == 3
+    assert bench.percentile(list(range(1, 101)), 99) == 99
+    assert math.isnan(bench.percentile([], 50))
+    merged = bench.medians([{"a": 1, "ok": True, "m": "x"}, {"a": 3, "ok": False, "m": "x"}, {"a": 2, "ok": True, "m": "x"}])
+    assert merged == {"a": 2, "ok": False, "m": "x"}
+
+
+def test_overrides_parse_numbers() -> None:
+    assert bench.parse_overrides(["storage.commit_max_events=10000", "storage.synchronous=FULL"]) == {
+        "storage": {"commit_max_events": 10000, "synchronous": "FULL"}
+    }
+    with pytest.raises(ValueError):
+        bench.parse_overrides(["nonsense"])
