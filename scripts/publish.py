@@ -55,17 +55,20 @@ def send_slice(args: argparse.Namespace, endpoint: str, index: int, count: int, 
     )
     error = None
     reported = 0
-    started = time.monotonic()
+    next_at = time.monotonic()
     try:
         try:
-            for position, event in enumerate(events):
+            for event in events:
                 if rate:
-                    ahead = position / rate - (time.monotonic() - started)
+                    # Pace without saving up credit: after a stall (a daemon restarting) the
+                    # stream resumes at the rate, it does not burst to catch up.
+                    ahead = next_at - time.monotonic()
                     if ahead > 0 and args.acked:
                         publisher.poll(ahead)  # collect acks while pacing
-                        ahead = position / rate - (time.monotonic() - started)
+                        ahead = next_at - time.monotonic()
                     if ahead > 0:
                         time.sleep(ahead)
+                    next_at = max(next_at, time.monotonic() - 0.05) + 1 / rate
                 publisher.publish(event)
                 if not args.acked and publisher.totals.sent - reported >= args.batch:
                     advance(publisher.totals.sent - reported)
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=60.0, metavar="SECONDS",
                         help="give up when a batch has gone this long unacknowledged (default 60)")
     parser.add_argument("--rate", type=float, default=0.0, metavar="R",
-                        help="send at most R events/s in total (default: as fast as possible)")
+                        help="send at most R events/s in total, never bursting to catch up (default: no limit)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     args = parser.parse_args(argv)
     try:

@@ -45,7 +45,7 @@ import math
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from os import PathLike
 from typing import Any
@@ -74,6 +74,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH_BYTES = 4 * 1024 * 1024
+DEFAULT_BACKOFF = Backoff()
 
 SocketHook = Callable[["zmq.Socket[Any]"], None]
 
@@ -256,7 +257,7 @@ class Publisher:
         ack_timeout: float = 5.0,
         deadline: float | None = 60.0,
         max_attempts: int | None = None,
-        backoff: Backoff = Backoff(),
+        backoff: Backoff = DEFAULT_BACKOFF,
         block_timeout: float | None = None,
         close_timeout: float = 30.0,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
@@ -435,7 +436,8 @@ class Publisher:
     def _encode(self, event: dict[str, Any]) -> bytes:
         try:
             validate_event(event, self.max_payload_bytes)
-            return self._packer.pack(event)
+            packed: bytes = self._packer.pack(event)
+            return packed
         except InvalidEvent:
             raise
         except (TypeError, ValueError, OverflowError) as exc:
@@ -536,7 +538,7 @@ class Publisher:
         self._resources.socket = sock
 
     def _open(self) -> zmq.Socket[Any]:
-        sock = self._resources.context.socket(zmq.DEALER if self.acked else zmq.PUSH)
+        sock: zmq.Socket[Any] = self._resources.context.socket(zmq.DEALER if self.acked else zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
         if self.acked:
             sock.setsockopt(zmq.SNDHWM, max(1000, 2 * self.window))
