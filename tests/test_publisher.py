@@ -98,6 +98,21 @@ def test_attempt_limit_with_full_jitter() -> None:
     assert all(0.0 <= pause <= ceiling for pause, ceiling in zip(retries, [0.05, 0.1, 0.2]))
 
 
+def test_delivery_failed_hands_back_every_event_of_the_call_that_raised() -> None:
+    events = [make_event(i, 1, "hb") for i in range(40)]
+    with Publisher(nowhere(), batch_size=5, window=1, ack_timeout=0.1, deadline=0.5,
+                   backoff=Backoff(base=0.05, cap=0.1)) as publisher:
+        with pytest.raises(DeliveryFailed) as caught:
+            publisher.publish_many(events)  # the window is full after 5 events: it gives up inside
+        assert caught.value.events == events
+        assert publisher.unacknowledged == 0
+        single = make_event(99, 1, "hb")
+        publisher.publish_many(events[:10])  # one batch in flight, one full batch pending
+        with pytest.raises(DeliveryFailed) as caught:
+            publisher.publish(single)
+        assert caught.value.events == [*events[:10], single]
+
+
 def test_a_daemon_that_starts_before_the_deadline_gets_everything(daemon_factory: Callable[..., Daemon]) -> None:
     daemon = daemon_factory("late")
     failures: list[BaseException] = []

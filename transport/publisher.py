@@ -86,8 +86,9 @@ class PublisherError(Exception):
 class DeliveryFailed(PublisherError):
     """No acknowledgement came in time, through every retry: the daemon is down or unreachable.
 
-    ``events`` holds every event the publisher had not got acknowledged (sent or still pending);
-    the publisher no longer holds them. Publishing them again is safe: duplicates are dropped.
+    ``events`` holds every event the publisher had not got acknowledged (sent or still pending),
+    including those of the call that raised, in the order published; the publisher no longer
+    holds them. Publishing them again is safe: duplicates are dropped.
     """
 
     def __init__(self, endpoint: str, elapsed: float, attempts: int, events: list[dict[str, Any]]) -> None:
@@ -354,6 +355,9 @@ class Publisher:
             except PublishTimeout as exc:
                 exc.queued = queued
                 raise
+            except DeliveryFailed as exc:
+                exc.events.extend(event for event, _ in checked[queued + 1 :])
+                raise
 
     def flush(self, timeout: float | None = None) -> None:
         """Send the pending batch and, in acknowledged mode, wait until every batch is acknowledged.
@@ -453,7 +457,11 @@ class Publisher:
         ):
             # The batch is full and could not leave earlier: wait for it here, before queueing
             # this event, so the pending batch never outgrows batch_size.
-            self._send_pending(self.block_timeout if timeout is None else timeout)
+            try:
+                self._send_pending(self.block_timeout if timeout is None else timeout)
+            except DeliveryFailed as exc:
+                exc.events.append(event)  # not queued, so hand it back with the others
+                raise
         if not pending.events:
             pending.since = time.monotonic()
         pending.events.append(event)
