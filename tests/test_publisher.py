@@ -255,3 +255,18 @@ def test_a_publisher_dropped_in_a_reference_cycle_is_collected_without_hanging()
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and "collected" in result.stdout, result.stderr
+
+
+def test_fire_and_forget_frames_queued_while_the_daemon_is_down_arrive_when_it_starts(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    daemon = daemon_factory("ff-late")
+    publisher = Publisher(daemon.ingest, acked=False, batch_size=50, close_timeout=30)
+    try:
+        publisher.publish_many(plan(500, 0.0, 2, 5, "q"))
+        publisher.flush()
+        assert publisher.totals.sent == 500  # queued in the PUSH socket: nobody is listening yet
+        daemon.start()
+    finally:
+        publisher.close()  # lingers until the queued frames are out
+    daemon.wait_stats(unique_processed=500)
