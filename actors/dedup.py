@@ -113,7 +113,16 @@ class DedupActor(pykka.ThreadingActor):
 
     def _handle(self, message: Any) -> Any:
         if isinstance(message, ClassifyRequest):
-            return self._classify(message)
+            if message.reply_to is None:
+                return self._classify(message)
+            try:
+                result = self._classify(message)
+            except Exception as exc:  # noqa: BLE001 - a told request must not kill this actor
+                log.exception("looking up %d topics failed", len(message.ids))
+                result = ClassifyResult({}, {}, error=str(exc))
+            result.token = message.token
+            message.reply_to.tell(result)
+            return None
         if isinstance(message, WriteBatch):
             self._write(message)
         elif isinstance(message, AddRejected):

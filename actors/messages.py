@@ -1,14 +1,15 @@
 """The messages the actors send each other, one frozen-ish dataclass each.
 
 Batches flow through the pipeline, never single events: ingest → router (:class:`IngestBatch`)
-→ ordering actor (:class:`OrderingBatch`) → dedup actor (:class:`ClassifyRequest` as an ask,
-then :class:`WriteBatch` as a tell). An :class:`AckTicket` rides along with the events of an
+→ ordering actor (:class:`OrderingBatch`) → dedup actor (:class:`ClassifyRequest`, answered
+with a :class:`ClassifyResult` told back, then :class:`WriteBatch`). An :class:`AckTicket` rides along with the events of an
 acknowledged batch and is answered once every one of its events is committed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from actors.store import Row, TopicDelta, TopicState
 from transport.schema import Event
@@ -67,18 +68,27 @@ class ClassifyRequest:
 
     ``ids`` maps each topic to its event ids in arrival order (no repeats). ``unknown_topics``
     are topics the asking ordering actor has no state for yet; their stored state comes back.
+    With ``reply_to`` the answer is told to that actor, tagged with ``token``, so the asker
+    need not wait; without it the request is an ask and the answer is its return value.
     """
 
     ids: dict[str, list[str]]
     unknown_topics: list[str]
+    reply_to: Any = None
+    token: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ClassifyResult:
-    """The answer to a :class:`ClassifyRequest`: the new ids of each topic, and topic states."""
+    """The answer to a :class:`ClassifyRequest`: the new ids of each topic, and topic states.
+
+    ``error`` is set (and the rest empty) when the lookup failed, e.g. on an I/O error.
+    """
 
     new_ids: dict[str, set[str]]
     states: dict[str, TopicState]
+    token: int = 0
+    error: str | None = None
 
 
 @dataclass(slots=True)

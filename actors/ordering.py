@@ -1,17 +1,26 @@
 """The ordering actor: owns a share of the topics, keeps each in order and numbers its new events.
 
-For each batch it drops repeats within the batch and of events still waiting in its reorder
-window, asks the dedup actor which of the rest are new (one ask per batch, covering every topic
-in it), counts the duplicates, and puts the new events through its :class:`ReorderBuffer`, which
-hands out the per-topic seqs. What the buffer releases goes to the dedup actor as one
-:class:`WriteBatch`. A topic is only ever owned by one ordering actor, so nobody else can number
-its events or hold them back.
+For each batch it sets aside copies (of an event earlier in the batch, of one waiting in its
+reorder window, or of one in a batch still being looked up), asks the dedup actor which of the
+rest are new, counts the duplicates, and puts the new events through its
+:class:`ReorderBuffer`, which hands out the per-topic seqs. What the buffer releases goes to the
+dedup actor as one :class:`WriteBatch`. A topic is only ever owned by one ordering actor, so
+nobody else can number its events or hold them back.
+
+The lookups are pipelined: the request is told to the dedup actor and its answer told back, so
+the actor takes the next batch while the dedup actor works, and answers are applied strictly in
+the order the batches came. Because a batch's writes are sent only after its answer, a later
+batch's lookup may not see them yet; that is why a copy of an event from a batch still being
+looked up is never looked up itself, but settled once that batch is resolved. A copy is always
+settled in the same write as its original or a later one, so no copy is acknowledged before
+the original is committed.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,19 +47,25 @@ log = logging.getLogger(__name__)
 CLASSIFY_TIMEOUT_S = 10.0
 CLASSIFY_ATTEMPTS = 6
 
+# A new event on its way to the store: the event, when its batch arrived, and its ack ticket.
+_Item = tuple[Event, float, "AckTicket | None"]
+_Key = tuple[str, str]
 
-@dataclass(slots=True)
-class _Held:
-    """A new event on its way to the store, with what its row and its ack need.
 
-    ``copies`` are the tickets of duplicates that arrived before it was written: they are
-    settled in the same write, so no copy is acknowledged before the original is committed.
-    """
+@dataclass(slots=True, eq=False)
+class _Pending:
+    """A batch whose lookup is under way, with how its events were sorted before the lookup."""
 
-    event: Event
+    events: list[Event]
+    tickets: list[AckTicket | None]
     received_at: float
-    ticket: AckTicket | None
-    copies: list[AckTicket | None] = field(default_factory=list)
+    by_topic: dict[str, list[int]]
+    copies: list[tuple[int, int]]
+    later: list[int]
+    request: ClassifyRequest | None
+    result: ClassifyResult | None = None
+    attached: int = 0
+    keys: list[_Key] = field(default_factory=list)
 
 
 class OrderingActor(pykka.ThreadingActor):
@@ -69,24 +84,31 @@ class OrderingActor(pykka.ThreadingActor):
         super().__init__()
         self._index = index
         self._dedup = dedup
-        self._buffer: ReorderBuffer[_Held] = ReorderBuffer(window_ms / 1000, max_buffered)
+        self._buffer: ReorderBuffer[_Item] = ReorderBuffer(window_ms / 1000, max_buffered)
+        # Tickets of copies that arrived while their original waits in the buffer.
+        self._copies: dict[_Key, list[AckTicket | None]] = {}
+        self._awaiting: deque[_Pending] = deque()
+        self._looking_up: dict[_Key, int] = {}  # keys of awaiting batches, with how many hold them
+        self._token = 0
         self._in_flight = in_flight
         self._live = live
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, OrderingBatch):
             try:
-                self._accept(message)
+                self._admit(message)
             except Exception:
                 # A bug must not kill the actor (its topics would stop for good): log it, give
                 # the batch's credit back, and carry on; acked publishers will resend.
                 log.exception("ordering actor %d: a batch of %d events failed", self._index, len(message.events))
                 self._in_flight.release(len(message.events))
+        elif isinstance(message, ClassifyResult):
+            self._answer(message)
         elif isinstance(message, Tick):
             if self._buffer.buffered:
                 self._send(self._buffer.release_due(time.monotonic()), WriteBatch())
         elif isinstance(message, Sync):
-            self._send(self._buffer.flush(), WriteBatch())
+            self._sync()
             return True
         elif isinstance(message, Ping):
             return True
@@ -96,72 +118,142 @@ class OrderingActor(pykka.ThreadingActor):
             log.error("ordering actor %d got an unknown message %r", self._index, message)
         return None
 
-    def _accept(self, batch: OrderingBatch) -> None:
+    def _admit(self, batch: OrderingBatch) -> None:
+        """Sort a batch's events into lookups and copies, and send its lookup on its way."""
         events = batch.events
         tickets = batch.tickets or [None] * len(events)
         buffer = self._buffer
-        # Group by topic in arrival order. A copy of an event earlier in this batch, or of one
-        # waiting in the buffer, follows that event: it is settled when the event is written.
+        looking_up = self._looking_up
         by_topic: dict[str, list[int]] = {}
-        first_of: dict[tuple[str, str], int] = {}
+        first_of: dict[_Key, int] = {}
         copies: list[tuple[int, int]] = []
+        later: list[int] = []
+        attached = 0
         for position, event in enumerate(events):
             key = (event.topic, event.event_id)
             first = first_of.get(key)
             if first is not None:
                 copies.append((position, first))
-                continue
-            waiting = buffer.holding(event.topic, event.event_id)
-            if waiting is not None:
-                waiting.copies.append(tickets[position])
-                continue
-            first_of[key] = position
-            by_topic.setdefault(event.topic, []).append(position)
-        if not by_topic:
-            self._publish_buffered()
-            return
-        ids = {topic: [events[p].event_id for p in positions] for topic, positions in by_topic.items()}
-        unknown = [topic for topic in by_topic if not buffer.knows(topic)]
-        result = self._classify(ClassifyRequest(ids, unknown))
-        if result is None:
+            elif buffer.holding(event.topic, event.event_id) is not None:
+                self._copies.setdefault(key, []).append(tickets[position])
+                attached += 1
+            elif key in looking_up:
+                later.append(position)
+            else:
+                first_of[key] = position
+                by_topic.setdefault(event.topic, []).append(position)
+        request = None
+        if by_topic:
+            self._token += 1
+            request = ClassifyRequest(
+                {topic: [events[p].event_id for p in positions] for topic, positions in by_topic.items()},
+                [topic for topic in by_topic if not buffer.knows(topic)],
+                reply_to=self.actor_ref,
+                token=self._token,
+            )
+            for key in first_of:
+                looking_up[key] = looking_up.get(key, 0) + 1
+        elif not later:
+            return  # every event is a copy of a waiting one: settled when that one is written
+        self._awaiting.append(
+            _Pending(events, tickets, batch.received_at, by_topic, copies, later, request,
+                     attached=attached, keys=list(first_of))
+        )
+        if request is not None:
+            self._dedup.tell(request)
+        else:
+            self._resolve_ready()
+
+    def _answer(self, result: ClassifyResult) -> None:
+        for pending in self._awaiting:
+            if pending.request is not None and pending.request.token == result.token:
+                if result.error is not None:
+                    log.warning("ordering actor %d: lookup failed (%s); asking again", self._index, result.error)
+                    pending.result = self._classify(pending.request)
+                else:
+                    pending.result = result
+                break
+        else:
+            return  # an answer to a lookup already repeated by _sync
+        self._resolve_ready()
+
+    def _resolve_ready(self) -> None:
+        """Apply answers in batch order, as far as they have come."""
+        awaiting = self._awaiting
+        while awaiting and (awaiting[0].result is not None or awaiting[0].request is None):
+            self._resolve(awaiting.popleft())
+
+    def _resolve(self, pending: _Pending) -> None:
+        looking_up = self._looking_up
+        for key in pending.keys:
+            count = looking_up[key] - 1
+            if count:
+                looking_up[key] = count
+            else:
+                del looking_up[key]
+        result = pending.result
+        if pending.request is not None and result is None:
             # The dedup actor did not answer: drop the batch (its acks never come, so acked
             # publishers resend) and give its credit back so ingest does not stall for good.
-            self._in_flight.release(len(events))
+            self._in_flight.release(len(pending.events) - pending.attached)
             return
-        for topic, state in result.states.items():
-            buffer.set_state(topic, state)
-
+        buffer = self._buffer
+        events, tickets = pending.events, pending.tickets
         write = WriteBatch()
-        held: dict[int, _Held] = {}
-        entries_by_topic: dict[str, list[tuple[int, str, _Held]]] = {}
-        for topic, positions in by_topic.items():
-            new_ids = result.new_ids.get(topic, set())
-            entries = entries_by_topic[topic] = []
+        if result is not None:
+            for topic, state in result.states.items():
+                if not buffer.knows(topic):
+                    buffer.set_state(topic, state)
+        new_positions: set[int] = set()
+        entries_by_topic: list[tuple[str, list[tuple[int, str, _Item]]]] = []
+        for topic, positions in pending.by_topic.items():
+            new_ids = result.new_ids.get(topic, ()) if result is not None else ()
+            entries = []
             for position in positions:
                 event = events[position]
                 if event.event_id in new_ids:
-                    item = held[position] = _Held(event, batch.received_at, tickets[position])
-                    entries.append((event.ts_ns, event.event_id, item))
+                    new_positions.add(position)
+                    entries.append((event.ts_ns, event.event_id, (event, pending.received_at, tickets[position])))
                 else:
                     self._count_duplicate(write, topic, tickets[position])
-        for position, first in copies:
-            original = held.get(first)
-            if original is not None:
-                original.copies.append(tickets[position])
+            entries_by_topic.append((topic, entries))
+        copies = self._copies
+        for position, first in pending.copies:
+            if first in new_positions:  # settled with its original, in the write that stores it
+                event = events[position]
+                copies.setdefault((event.topic, event.event_id), []).append(tickets[position])
             else:  # a copy of an event that was already stored
                 self._count_duplicate(write, events[position].topic, tickets[position])
+        for position in pending.later:
+            event = events[position]
+            if buffer.holding(event.topic, event.event_id) is not None:
+                copies.setdefault((event.topic, event.event_id), []).append(tickets[position])
+            else:
+                # Its original was resolved before this batch: stored already, or written in an
+                # earlier write; either way this write commits with or after it.
+                self._count_duplicate(write, event.topic, tickets[position])
         now = time.monotonic()
-        released: list[Released[_Held]] = []
-        for topic, entries in entries_by_topic.items():
+        released: list[Released[_Item]] = []
+        for topic, entries in entries_by_topic:
             if entries:
                 released.extend(buffer.push(topic, entries, now))
         self._send(released, write)
 
+    def _sync(self) -> None:
+        """Finish every lookup (asking again where the answer has not come), then flush the buffer."""
+        for pending in self._awaiting:
+            if pending.request is not None and pending.result is None:
+                pending.result = self._classify(pending.request)
+        while self._awaiting:
+            self._resolve(self._awaiting.popleft())
+        self._send(self._buffer.flush(), WriteBatch())
+
     def _classify(self, request: ClassifyRequest) -> ClassifyResult | None:
-        # Classifying is a read, so asking again after a timeout is safe.
+        """Ask (blocking) for a lookup; asking again after a timeout is safe, since it is a read."""
+        ask = ClassifyRequest(request.ids, request.unknown_topics)
         for attempt in range(1, CLASSIFY_ATTEMPTS + 1):
             try:
-                result: ClassifyResult = self._dedup.ask(request, timeout=CLASSIFY_TIMEOUT_S)
+                result: ClassifyResult = self._dedup.ask(ask, timeout=CLASSIFY_TIMEOUT_S)
                 return result
             except pykka.Timeout:
                 log.warning(
@@ -186,36 +278,43 @@ class OrderingActor(pykka.ThreadingActor):
         delta.received += 1
         delta.duplicate_dropped += 1
         write.events += 1
-        write.settle(ticket, 0, 1)
+        if ticket is not None:
+            write.settle(ticket, 0, 1)
 
-    def _send(self, released: list[Released[_Held]], write: WriteBatch) -> None:
+    def _send(self, released: list[Released[_Item]], write: WriteBatch) -> None:
         """Turn released events into rows and tell the dedup actor, if there is anything to say."""
         rows = write.rows
+        topics = write.topics
+        copies = self._copies
+        topic = ""
+        delta = TopicDelta()
         for out in released:
-            held = out.item
-            event = held.event
+            event, received_at, ticket = out.item
             rows.append(
-                (event.topic, event.event_id, out.seq, event.timestamp, event.ts_ns, event.source,
-                 event.payload, held.received_at, int(out.late))
+                (out.topic, out.event_id, out.seq, event.timestamp, out.ts_ns, event.source,
+                 event.payload, received_at, 1 if out.late else 0)
             )
-            delta = write.topics.get(out.topic)
-            if delta is None:
-                write.topics[out.topic] = delta = TopicDelta()
+            if out.topic != topic:
+                topic = out.topic
+                delta = topics.get(topic)  # type: ignore[assignment]
+                if delta is None:
+                    topics[topic] = delta = TopicDelta()
             delta.received += 1
             delta.last_seq = out.seq
-            if out.ts_ns > delta.last_ts_ns:
-                delta.last_ts_ns = out.ts_ns
             if out.late:
                 delta.late += 1
+            elif out.ts_ns > delta.last_ts_ns:
+                delta.last_ts_ns = out.ts_ns
             if out.seq == 1:
                 write.new_topics += 1
-            write.events += 1
-            write.settle(held.ticket, 1, 0)
-            for ticket in held.copies:
-                self._count_duplicate(write, out.topic, ticket)
-        self._publish_buffered()
+            if ticket is not None:
+                write.settle(ticket, 1, 0)
+            if copies:
+                waiting = copies.pop((out.topic, out.event_id), None)
+                if waiting:
+                    for copy_ticket in waiting:
+                        self._count_duplicate(write, out.topic, copy_ticket)
+        write.events += len(released)
+        self._live.buffered[self._index] = self._buffer.buffered
         if write.events:
             self._dedup.tell(write)
-
-    def _publish_buffered(self) -> None:
-        self._live.buffered[self._index] = self._buffer.buffered

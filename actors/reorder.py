@@ -9,9 +9,13 @@ the window, and everything comes out per topic in ``(timestamp, arrival)`` order
 ``max_buffered`` events wait, the oldest arrivals are released early the same way.
 
 Each released event gets its topic's next sequence number, 1, 2, 3, ... with no gaps. An event
-whose timestamp is older than the last one already released for its topic is *late*: it still
-gets the next seq (nothing is dropped), flagged so. With a window of 0 events are released at
-once in arrival order.
+whose timestamp is older than the last one already released for its topic is *late*: waiting
+cannot put it in order any more, so it leaves at once, with the next seq, flagged so (nothing
+is dropped). With a window of 0 events are released at once in arrival order.
+
+Because a topic's events leave in key order and late ones leave at once, an event of the
+arrival queue has already left exactly when its key is at or below the last key released for
+its topic; that is how :meth:`release_due` skips them without a flag on every event.
 """
 
 from __future__ import annotations
@@ -19,16 +23,16 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 from actors.store import TopicState
 
 T = TypeVar("T")
 
+_NOTHING = (-1, -1)
 
-@dataclass(slots=True)
-class Released(Generic[T]):
+
+class Released(NamedTuple, Generic[T]):
     """An event leaving the buffer with its seq and lateness."""
 
     topic: str
@@ -39,22 +43,14 @@ class Released(Generic[T]):
     late: bool
 
 
-@dataclass(slots=True, eq=False)
-class _Waiting(Generic[T]):
-    topic: str
-    ts_ns: int
-    event_id: str
-    arrival: int
-    deadline: float
-    item: T
-    released: bool = False
-
-
-@dataclass(slots=True)
 class _Topic(Generic[T]):
-    last_seq: int
-    last_ts_ns: int
-    heap: list[tuple[int, int, _Waiting[T]]] = field(default_factory=list)
+    __slots__ = ("last_seq", "last_ts_ns", "heap", "released_upto")
+
+    def __init__(self, last_seq: int, last_ts_ns: int) -> None:
+        self.last_seq = last_seq
+        self.last_ts_ns = last_ts_ns
+        self.heap: list[tuple[int, int, str, T]] = []
+        self.released_upto: tuple[int, int] = _NOTHING
 
 
 class ReorderBuffer(Generic[T]):
@@ -64,7 +60,9 @@ class ReorderBuffer(Generic[T]):
         self.window_s = window_s
         self.max_buffered = max_buffered
         self._topics: dict[str, _Topic[T]] = {}
-        self._arrivals: deque[_Waiting[T]] = deque()
+        # (deadline, topic, ts_ns, arrival) in arrival order; entries already released stay
+        # until they reach the head.
+        self._arrivals: deque[tuple[float, str, int, int]] = deque()
         self._counter = 0
         self._held: dict[tuple[str, str], T] = {}
         self.buffered = 0
@@ -86,43 +84,50 @@ class ReorderBuffer(Generic[T]):
         state = self._topics[topic]
         if self.window_s <= 0:
             return [self._release(state, topic, ts_ns, event_id, item) for ts_ns, event_id, item in entries]
+        late: list[Released[T]] = []
         deadline = now + self.window_s
+        heap = state.heap
+        held = self._held
+        arrivals = self._arrivals
         for ts_ns, event_id, item in entries:
+            if ts_ns < state.last_ts_ns:
+                late.append(self._release(state, topic, ts_ns, event_id, item))
+                continue
             self._counter += 1
-            self._held[(topic, event_id)] = item
-            waiting = _Waiting(topic, ts_ns, event_id, self._counter, deadline, item)
-            heapq.heappush(state.heap, (ts_ns, self._counter, waiting))
-            self._arrivals.append(waiting)
+            heapq.heappush(heap, (ts_ns, self._counter, event_id, item))
+            arrivals.append((deadline, topic, ts_ns, self._counter))
+            held[(topic, event_id)] = item
             self.buffered += 1
-        return self.release_due(now)
+        return late + self.release_due(now) if late else self.release_due(now)
 
     def release_due(self, now: float) -> list[Released[T]]:
         """Release every event whose window has passed, or that the bound forces out."""
         limits: dict[str, tuple[int, int]] = {}
         excess = self.buffered - self.max_buffered
         arrivals = self._arrivals
+        topics = self._topics
         while arrivals:
-            head = arrivals[0]
-            if head.released:
-                arrivals.popleft()
+            deadline, topic, ts_ns, arrival = arrivals[0]
+            key = (ts_ns, arrival)
+            if key <= topics[topic].released_upto or key <= limits.get(topic, _NOTHING):
+                arrivals.popleft()  # left already, or leaves with this round's limit
                 continue
-            if head.deadline > now and excess <= 0:
+            if deadline > now and excess <= 0:
                 break
             arrivals.popleft()
+            limits[topic] = key
+            # At least this event leaves; that is all the bound needs counted (more may go with it).
             excess -= 1
-            key = (head.ts_ns, head.arrival)
-            if key > limits.get(head.topic, (-1, -1)):
-                limits[head.topic] = key
         released: list[Released[T]] = []
         for topic, limit in limits.items():
-            state = self._topics[topic]
+            state = topics[topic]
             heap = state.heap
-            while heap and heap[0][:2] <= limit:
-                _, _, waiting = heapq.heappop(heap)
-                waiting.released = True
+            while heap and (heap[0][0], heap[0][1]) <= limit:
+                ts_ns, arrival, event_id, item = heapq.heappop(heap)
                 self.buffered -= 1
-                del self._held[(topic, waiting.event_id)]
-                released.append(self._release(state, topic, waiting.ts_ns, waiting.event_id, waiting.item))
+                del self._held[(topic, event_id)]
+                released.append(self._release(state, topic, ts_ns, event_id, item))
+            state.released_upto = limit
         return released
 
     def flush(self) -> list[Released[T]]:
@@ -130,9 +135,9 @@ class ReorderBuffer(Generic[T]):
         released: list[Released[T]] = []
         for topic, state in self._topics.items():
             while state.heap:
-                _, _, waiting = heapq.heappop(state.heap)
-                waiting.released = True
-                released.append(self._release(state, topic, waiting.ts_ns, waiting.event_id, waiting.item))
+                ts_ns, arrival, event_id, item = heapq.heappop(state.heap)
+                released.append(self._release(state, topic, ts_ns, event_id, item))
+                state.released_upto = (ts_ns, arrival)
         self._arrivals.clear()
         self._held.clear()
         self.buffered = 0
@@ -140,9 +145,10 @@ class ReorderBuffer(Generic[T]):
 
     def next_deadline(self) -> float | None:
         """When the oldest waiting event is due, or None when nothing waits."""
-        for waiting in self._arrivals:
-            if not waiting.released:
-                return waiting.deadline
+        topics = self._topics
+        for deadline, topic, ts_ns, arrival in self._arrivals:
+            if (ts_ns, arrival) > topics[topic].released_upto:
+                return deadline
         return None
 
     @staticmethod
