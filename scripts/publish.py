@@ -2,13 +2,15 @@
 """Load generator and smoke tool: send a deterministic stream of events to a daemon.
 
 ``publish.py [--endpoint URL | --config PATH] [--acked] --events N --duplicates F --topics K
---processes P --batch B --seed S --id-prefix STR [--slice K/P] [--rate R] [--json]``
+--processes P --batch B --seed S --id-prefix STR [--slice K/P] [--rate R]
+[--server-key PATH --client-cert PATH] [--json]``
 
 Exactly ``round(N × F)`` of the N events are re-sends of earlier events of the run; the rest
 are distinct. With ``--processes P`` the stream is split into P interleaved slices, each sent by
 its own OS process, and the summary adds them up. ``--batch 1`` sends one event map per frame;
 more sends arrays. ``--acked`` uses the acknowledged endpoint (``[ingest] ack_bind``) and
-retries until every batch is acknowledged or ``--deadline`` passes.
+retries until every batch is acknowledged or ``--deadline`` passes. CURVE keys come from
+``--server-key``/``--client-cert`` or from the config's ``[security] client_certificate``.
 
 Progress goes to stderr when it is a terminal. The summary is one line (with ``--json``: one
 JSON object on the last line of stdout). Exit status: 0 when every event was sent and, with
@@ -23,16 +25,29 @@ import multiprocessing
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import _bootstrap  # noqa: F401
 
 from transport.client import connectable
 from transport.config import ConfigError, IngestConfig, load_config
-from transport.publisher import DeliveryFailed, Publisher, PublisherError
+from transport.publisher import DeliveryFailed, Publisher, PublisherError, SocketHook
+from transport.security import SecurityError, curve_client, curve_client_from_config
 from transport.workload import plan
 
 PROGRESS_EVERY_S = 0.5
+
+
+def curve_from_args(args: argparse.Namespace) -> SocketHook | None:
+    """The CURVE client hook from --server-key/--client-cert, else from --config's [security], else None."""
+    if args.server_key or args.client_cert:
+        if not (args.server_key and args.client_cert):
+            raise SecurityError("CURVE needs both --server-key and --client-cert")
+        return curve_client(Path(args.server_key), Path(args.client_cert))
+    if args.config:
+        return curve_client_from_config(load_config(args.config))
+    return None
 
 
 def send_slice(args: argparse.Namespace, endpoint: str, index: int, count: int, progress: Any) -> dict[str, Any]:
@@ -52,6 +67,7 @@ def send_slice(args: argparse.Namespace, endpoint: str, index: int, count: int, 
         endpoint, acked=args.acked, batch_size=args.batch, window=args.window,
         ack_timeout=args.ack_timeout, deadline=args.deadline, close_timeout=args.deadline,
         on_ack=(lambda result: advance(result.size)) if args.acked else None,
+        configure=curve_from_args(args),  # built here: each process reads the key files itself
     )
     error = None
     reported = 0
@@ -163,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="give up when a batch has gone this long unacknowledged (default 60)")
     parser.add_argument("--rate", type=float, default=0.0, metavar="R",
                         help="send at most R events/s in total, never bursting to catch up (default: no limit)")
+    parser.add_argument("--server-key", metavar="PATH", help="CURVE: the daemon's public certificate (server.key)")
+    parser.add_argument("--client-cert", metavar="PATH", help="CURVE: this client's secret certificate (NAME.key_secret)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     args = parser.parse_args(argv)
     try:
@@ -171,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ingest = load_config(args.config).ingest if args.config else IngestConfig()
             endpoint = connectable(ingest.ack_bind if args.acked else ingest.bind)
-    except ConfigError as exc:
+        curve_from_args(args)  # check the key files once, before starting any process
+    except (ConfigError, SecurityError) as exc:
         print(f"publish: {exc}", file=sys.stderr)
         return 2
     if args.batch < 1 or args.processes < 1 or args.window < 1:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import zmq
 
-from harness import Daemon, free_port
+from harness import Daemon, free_port, run_script, write_config
 from transport.backoff import Backoff
+from transport.client import NoAnswer, QueryClient
 from transport.publisher import (
     BatchRefused,
     DeliveryFailed,
@@ -22,6 +25,7 @@ from transport.publisher import (
     PublisherClosed,
     PublishTimeout,
 )
+from transport.security import curve_client
 from transport.workload import make_event, plan
 
 
@@ -270,3 +274,45 @@ def test_fire_and_forget_frames_queued_while_the_daemon_is_down_arrive_when_it_s
     finally:
         publisher.close()  # lingers until the queued frames are out
     daemon.wait_stats(unique_processed=500)
+
+
+def test_curve_from_keys_or_config_in_the_library_and_in_publish_py(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path,
+) -> None:
+    folder, authorized = tmp_path / "keys", tmp_path / "authorized"
+    for args in (("server", str(folder)), ("client", "alice", str(folder), "--authorize", str(authorized))):
+        made = run_script("keys.py", *args, timeout=30)
+        assert made.returncode == 0, made.stderr
+    server_key, alice = folder / "server.key", folder / "alice.key_secret"
+    daemon = daemon_factory("curve", security={
+        "curve_secret_key": str(folder / "server.key_secret"), "authorized_keys": str(authorized)})
+    daemon.start(wait=False)
+    hook = curve_client(server_key, alice)
+    deadline = time.monotonic() + 30
+    while True:  # the harness's own readiness check speaks plain text, which CURVE refuses
+        assert time.monotonic() < deadline, daemon.log()
+        with QueryClient(daemon.query, timeout=1.0, configure=hook) as client:
+            try:
+                if "error" not in client.request({"op": "health"}):
+                    break
+            except NoAnswer:
+                pass
+        time.sleep(0.1)
+
+    client_config = write_config(tmp_path / "client.toml", {
+        "ingest": {"bind": daemon.ingest, "ack_bind": daemon.ack},
+        "security": {"server_public_key": str(server_key), "client_certificate": str(alice)},
+    })
+    with Publisher.from_config(client_config, deadline=20) as publisher:
+        publisher.publish_many([make_event(i, 1, "cv") for i in range(100)])
+    assert publisher.totals.acked_new == 100
+
+    result = run_script("publish.py", "--endpoint", daemon.ack, "--acked", "--events", "300", "--processes", "2",
+                        "--server-key", str(server_key), "--client-cert", str(alice), "--id-prefix", "cvp",
+                        "--deadline", "20", "--json", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["acked_new"] == 300
+    # Without keys the daemon never answers: the load generator says so and fails.
+    plain = run_script("publish.py", "--endpoint", daemon.ack, "--acked", "--events", "10", "--deadline", "1",
+                       "--ack-timeout", "0.3", timeout=60)
+    assert plain.returncode == 1 and "no acknowledgement" in plain.stderr

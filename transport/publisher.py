@@ -57,6 +57,7 @@ from transport.backoff import Backoff, RetryBudget
 from transport.client import connectable
 from transport.config import load_config
 from transport.schema import DEFAULT_MAX_PAYLOAD_BYTES, InvalidEvent, validate_event
+from transport.security import curve_client_from_config
 
 __all__ = [
     "BatchRefused",
@@ -309,11 +310,16 @@ class Publisher:
 
         Connects to ``[ingest] ack_bind`` (acknowledged) or ``[ingest] bind`` (fire-and-forget),
         with a wildcard address made loopback, and checks events against the daemon's limits.
-        ``options`` are the keyword arguments of :class:`Publisher`. Raises
-        :class:`transport.config.ConfigError` for a missing or bad file.
+        When ``[security] client_certificate`` is set, every socket speaks CURVE with it (unless
+        ``configure`` is given). ``options`` are the keyword arguments of :class:`Publisher`.
+        Raises :class:`transport.config.ConfigError` for a missing or bad file and
+        :class:`transport.security.SecurityError` for a missing or unsafe key file.
         """
-        ingest = load_config(path).ingest
+        config = load_config(path)
+        ingest = config.ingest
         endpoint = connectable(ingest.ack_bind if acked else ingest.bind)
+        if options.get("configure") is None:
+            options["configure"] = curve_client_from_config(config)
         options.setdefault("max_payload_bytes", ingest.max_payload_bytes)
         options["batch_size"] = min(options.get("batch_size", 100), ingest.max_batch_events)
         # Half the message limit leaves room for the batch envelope and the msgpack headers.
