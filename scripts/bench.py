@@ -2,11 +2,15 @@
 """Benchmark: end-to-end rate, latency, stats latency and memory, next to the raw SQLite ceiling.
 
 ``bench.py [--events N] [--duplicates F] [--topics K] [--batch B] [--processes P]
-[--mode ff|acked] [--runs R] [--scaling] [--prefill N] [--json] [--target CONFIG --pid PID]``
+[--mode ff|acked] [--client raw|library] [--runs R] [--scaling] [--prefill N] [--json]
+[--target CONFIG --pid PID]``
 
 One run starts a daemon on a temporary database (or uses ``--target``'s running one), forks P
-publisher processes that pre-encode their share of a deterministic stream (``transport.workload``)
-and wait at a start line, then measures:
+publisher processes that prepare their share of a deterministic stream (``transport.workload``)
+and wait at a start line, then measures what follows. A ``raw`` publisher sends frames it
+encoded before the start (fire-and-forget PUSH, or a DEALER keeping ``--window`` acknowledged
+batches in flight), so it costs the shared CPUs almost nothing; a ``library`` publisher goes
+through ``transport.publisher`` and validates and encodes each event as an application would.
 
 * **end-to-end events/s**: N divided by the time from the first frame sent to the first stats
   reply showing all N events settled (committed or counted as duplicates). Stats are polled
@@ -96,6 +100,7 @@ class Scenario:
     batch: int = 100
     processes: int = 1
     acked: bool = False
+    library: bool = False
     window: int = 40
     prefill: int = 0
     ceiling: bool = True
@@ -238,6 +243,7 @@ class PublisherJob:
     window: int
     rate: float  # events/s; 0 sends as fast as the socket takes them
     timeout_s: float
+    chunks: list[list[dict[str, Any]]] = field(default_factory=list)  # for the publisher library
 
 
 @dataclass
@@ -325,9 +331,57 @@ def _send_acked(job: PublisherJob, sock: zmq.Socket[Any], report: PublisherRepor
     report.last_send = time.time()
 
 
+def _send_with_library(job: PublisherJob, ready: Any, go: Any, report: PublisherReport) -> None:
+    """Publish through ``transport.publisher`` (validation and encoding happen here, as in an application).
+
+    The library sends a batch inside the ``publish_many`` call that fills it, so a batch's send
+    time is taken when that call returns (or when it began, if the acknowledgement came first).
+    """
+    from transport.publisher import BatchResult, Publisher
+
+    acked_at: dict[int, float] = {}
+
+    def on_ack(result: BatchResult) -> None:
+        acked_at[result.batch_id] = time.time()
+        report.new += result.new
+        report.duplicate += result.duplicate
+        report.rejected += len(result.rejected)
+
+    calls: list[tuple[float, float]] = []
+    with Publisher(job.endpoint, acked=job.acked, batch_size=max(job.counts, default=1), window=job.window,
+                   deadline=job.timeout_s, block_timeout=job.timeout_s, close_timeout=job.timeout_s,
+                   on_ack=on_ack) as publisher:
+        ready.put(job.index)
+        if not go.wait(READY_TIMEOUT_S):
+            raise BenchError(f"publisher {job.index}: no start signal")
+        started = time.perf_counter()
+        report.first_send = time.time()
+        for chunk in job.chunks:
+            _pace(job, started, report.sent)
+            before = time.time()
+            publisher.publish_many(chunk)
+            calls.append((before, time.time()))
+            report.sent += len(chunk)
+        publisher.flush(job.timeout_s)
+    report.last_send = time.time()
+    report.send_times = [after for _, after in calls]
+    for batch_id, (before, after) in enumerate(calls, start=1):
+        acked = acked_at.get(batch_id)
+        if acked is not None:
+            report.latencies.append(acked - (after if acked >= after else before))
+
+
 def publisher_main(job: PublisherJob, ready: Any, go: Any, results: Any) -> None:
     """A publisher process: connect, say ready, wait for the start line, send, report."""
     report = PublisherReport(job.index)
+    if job.chunks:
+        try:
+            _send_with_library(job, ready, go, report)
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the run
+            report.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            results.put(report)
+        return
     context: zmq.Context[Any] = zmq.Context()
     sock = context.socket(zmq.DEALER if job.acked else zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, 1000)
@@ -484,9 +538,11 @@ def split_jobs(scenario: Scenario, events: list[dict[str, Any]], target: Target,
     endpoint = target.ack if scenario.acked else target.ingest
     jobs = []
     for index in range(processes):
-        frames, counts, ids = encode_job(index, events[index::processes], scenario.batch, scenario.acked, processes)
+        share = events[index::processes]
+        frames, counts, ids = encode_job(index, share, scenario.batch, scenario.acked, processes)
+        chunks = [share[i : i + scenario.batch] for i in range(0, len(share), scenario.batch)] if scenario.library else []
         jobs.append(PublisherJob(index, endpoint, frames, counts, ids, scenario.acked, scenario.window,
-                                 rate / processes, scenario.time_limit_s))
+                                 rate / processes, scenario.time_limit_s, chunks))
     return jobs
 
 
@@ -626,8 +682,16 @@ def scaling_scenarios(base: Scenario, prefill: int) -> list[Scenario]:
         dataclasses.replace(plain, name=f"prefill-{prefill // 1_000_000}M", prefill=prefill),
         dataclasses.replace(plain, name="publishers-2", processes=2),
         dataclasses.replace(plain, name="publishers-4", processes=4),
-        dataclasses.replace(base, name="acked-4", processes=4, acked=True, ceiling=False),
+        dataclasses.replace(base, name="acked-4", processes=4, acked=True, ceiling=False, library=_library_exists()),
     ]
+
+
+def _library_exists() -> bool:
+    try:
+        import transport.publisher  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -693,6 +757,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=100, metavar="B", help="events per frame (default 100)")
     parser.add_argument("--processes", type=int, default=1, metavar="P", help="publisher processes (default 1)")
     parser.add_argument("--mode", choices=("ff", "acked"), default="ff", help="fire-and-forget or acked (default ff)")
+    parser.add_argument("--client", choices=("raw", "library"), default=None,
+                        help="publishers: pre-encoded frames on a raw socket, or transport.publisher "
+                             "(default: library in acked mode when it exists, raw otherwise)")
     parser.add_argument("--window", type=int, default=40, metavar="W", help="acked: batches in flight per publisher (default 40)")
     parser.add_argument("--prefill", type=int, default=0, metavar="N", help="start from a database holding N events (default 0)")
     parser.add_argument("--scaling", action="store_true", help="also run the scaling variants (topics, prefill, publishers, acked)")
@@ -724,8 +791,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
 
+    client = args.client or ("library" if args.mode == "acked" and _library_exists() else "raw")
     base = Scenario(
-        name=f"{args.mode}-p{args.processes}", events=args.events, duplicates=args.duplicates,
+        name=f"{args.mode}-p{args.processes}", library=client == "library", events=args.events, duplicates=args.duplicates,
         topics=args.topics, batch=args.batch, processes=args.processes, acked=args.mode == "acked",
         window=args.window, prefill=args.prefill, ceiling=not args.no_ceiling, latency=not args.no_latency,
         latency_seconds=args.latency_seconds, time_limit_s=args.time_limit,
@@ -759,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "machine": machine(),
         "workload": {"events": args.events, "duplicates": args.duplicates, "topics": args.topics,
-                     "batch": args.batch, "processes": args.processes, "mode": args.mode},
+                     "batch": args.batch, "processes": args.processes, "mode": args.mode, "client": client},
         "overrides": overrides,
         "runs": args.runs,
         "median": {name: medians(runs) for name, runs in results.items()},

@@ -59,6 +59,14 @@ def test_acked_with_two_publishers() -> None:
     check_figures(row, COMMON + ("full_speed_ack_p50_ms", "full_speed_ack_p99_ms"))
     assert row["latency_method"] == "acknowledgement"
     assert "ratio" not in row
+    assert report["workload"]["client"] == "library"
+
+
+def test_acked_with_the_raw_client() -> None:
+    report = run_bench("--mode", "acked", "--client", "raw", "--no-ceiling", "--window", "4")
+    (row,) = report["median"].values()
+    check_figures(row, COMMON + ("full_speed_ack_p50_ms", "full_speed_ack_p99_ms"))
+    assert report["workload"]["client"] == "raw"
 
 
 def test_text_output_names_every_figure() -> None:
