@@ -50,13 +50,23 @@ def curve_from_args(args: argparse.Namespace) -> SocketHook | None:
     return None
 
 
-def send_slice(args: argparse.Namespace, endpoint: str, index: int, count: int, progress: Any) -> dict[str, Any]:
-    """Send slice ``index`` of ``count`` of the run's stream; returns this slice's summary.
+def run_slice(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The events of this run's ``--slice K/P``, or of the whole run."""
+    stream = plan(args.events, args.duplicates, args.topics, args.seed, args.id_prefix)
+    if not args.slice:
+        return stream
+    index, count = (int(part) for part in args.slice.split("/"))
+    return stream[index::count]
+
+
+def send_slice(
+    args: argparse.Namespace, endpoint: str, events: list[dict[str, Any]], count: int, progress: Any
+) -> dict[str, Any]:
+    """Send ``events``, one of ``count`` slices of the run's stream; returns this slice's summary.
 
     ``progress`` is a shared counter (``.value``) of events sent (fire-and-forget) or
     acknowledged (``--acked``), for the progress line.
     """
-    events = plan(args.events, args.duplicates, args.topics, args.seed, args.id_prefix)[index::count]
     rate = args.rate / count if args.rate else 0.0
 
     def advance(count: int) -> None:
@@ -105,9 +115,12 @@ def send_slice(args: argparse.Namespace, endpoint: str, index: int, count: int, 
     }
 
 
-def _worker(args: argparse.Namespace, endpoint: str, index: int, count: int, progress: Any, results: Any) -> None:
+def _worker(
+    args: argparse.Namespace, endpoint: str, index: int, events: list[dict[str, Any]], count: int,
+    progress: Any, results: Any,
+) -> None:
     try:
-        summary = send_slice(args, endpoint, index, count, progress)
+        summary = send_slice(args, endpoint, events, count, progress)
     except Exception as exc:  # noqa: BLE001 - reported in the summary instead of a lost traceback
         summary = {"errors": [f"process {index}: {type(exc).__name__}: {exc}"]}
     results.put(summary)
@@ -116,8 +129,12 @@ def _worker(args: argparse.Namespace, endpoint: str, index: int, count: int, pro
 def run_processes(args: argparse.Namespace, endpoint: str, progress: Any) -> list[dict[str, Any]]:
     """Run one process per slice and collect their summaries; a process that dies is an error."""
     results: Any = multiprocessing.Queue()
+    # The stream is planned once, here; each process is handed its slice.
+    stream = run_slice(args)
     workers = [
-        multiprocessing.Process(target=_worker, args=(args, endpoint, i, args.processes, progress, results))
+        multiprocessing.Process(
+            target=_worker, args=(args, endpoint, i, stream[i :: args.processes], args.processes, progress, results)
+        )
         for i in range(args.processes)
     ]
     for worker in workers:
@@ -218,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         ticker.start()
     try:
         if args.slice:
-            summaries = [send_slice(args, endpoint, index, count, progress)]
+            summaries = [send_slice(args, endpoint, run_slice(args), count, progress)]
         else:
             summaries = run_processes(args, endpoint, progress)
     finally:

@@ -692,7 +692,9 @@ class Publisher:
                 wake = min(wake, self._retry_at)
             elif self._in_flight:
                 wake = min(wake, next(iter(self._in_flight.values())).sent_at + self.ack_timeout)
-            if self._pending.events:
+            if self._pending.events and not (self.acked and len(self._in_flight) >= self.window):
+                # (With the window full, a pending batch cannot leave before an ack comes, which
+                # the poll below wakes for; waking for its linger would only spin.)
                 wake = min(wake, self._pending.since + self.linger)
             if end is not None:
                 wake = min(wake, end)
