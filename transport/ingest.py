@@ -138,10 +138,14 @@ class IngestServer:
                 except zmq.Again:
                     break
                 frames += 1
-                if sock is self._pull:
-                    tickets = self._take_frame(parts, events, tickets)
-                else:
-                    tickets = self._take_ack_request(parts, events, tickets)
+                try:
+                    if sock is self._pull:
+                        tickets = self._take_frame(parts, events, tickets)
+                    else:
+                        tickets = self._take_ack_request(parts, events, tickets)
+                except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop ingest for good
+                    # Decoding finishes before anything is added to the batch, so the batch is whole.
+                    self._reject(1, f"message could not be decoded ({type(exc).__name__}: {exc}); this is a bug")
         self.frames += frames
         if events:
             self._in_flight.add(len(events))
