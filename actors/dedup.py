@@ -37,7 +37,7 @@ from actors.messages import (
     Tick,
     WriteBatch,
 )
-from actors.store import COUNTER_NAMES, EventStore, TopicDelta, connect_writer
+from actors.store import COUNTER_NAMES, EventStore, StorageError, TopicDelta, connect_writer
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,17 @@ class DedupActor(pykka.ThreadingActor):
         self._retry_at = 0.0
         self._retry_delay = _RETRY_BASE_S
         self._counters: dict[str, int] = {}
+        self._startup_error: StorageError | None = None
 
     def on_start(self) -> None:
         # The connection is opened here, on the actor's own thread, never in __init__.
-        self._store = EventStore(connect_writer(self._path, self._synchronous))
+        try:
+            self._store = EventStore(connect_writer(self._path, self._synchronous))
+        except StorageError as exc:
+            # Raised here it would only kill the actor behind a pykka traceback; kept, it is
+            # raised to the supervisor by its start-up Ping, which stops with this message.
+            self._startup_error = exc
+            return
         self._counters = self._store.counters()
         self._live.committed = dict(self._counters)
         self._acks = self._zmq_context.socket(zmq.PUSH)
@@ -131,6 +138,8 @@ class DedupActor(pykka.ThreadingActor):
             self._commit()
             return not self._writes
         elif isinstance(message, Ping):
+            if self._startup_error is not None:
+                raise self._startup_error
             return self._store is not None
         elif isinstance(message, Tick):
             pass  # a chance to retry a failed commit; _maybe_commit runs after every message

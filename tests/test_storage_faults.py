@@ -1,0 +1,151 @@
+"""Storage faults on real daemons: damaged databases stop the start, a full disk never gets an ack.
+
+The write fault is a real full filesystem: a 4 MiB tmpfs mounted under the test's folder (root
+only), filled with a filler file after the daemon has opened its database there. Removing the
+filler is the repair. Where mounting is not possible the test is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import sqlite3
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+from harness import Daemon
+from transport.workload import make_event
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_database_and_folder_are_owner_only(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory(storage={"path": "state/events.db"}).start()
+    assert daemon.db_path.parent.stat().st_mode & 0o777 == 0o700
+    assert daemon.db_path.stat().st_mode & 0o777 == 0o600
+    assert daemon.terminate() == 0
+
+
+def test_not_a_database_stops_the_start(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory()
+    daemon.db_path.write_bytes(b"this is not an SQLite database\n" * 200)
+    daemon.start(wait=False)
+    assert daemon.proc is not None and daemon.proc.wait(30) == 1
+    assert f"cannot start: cannot open database {daemon.db_path}: file is not a database" in daemon.log()
+
+
+def test_failed_quick_check_stops_the_start(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory()
+    conn = sqlite3.connect(daemon.db_path)
+    conn.execute("CREATE TABLE filler (a INTEGER PRIMARY KEY, b TEXT)")
+    conn.executemany("INSERT INTO filler VALUES (?, ?)", [(i, f"value-{i:06d}" * 3) for i in range(20_000)])
+    conn.commit()
+    conn.close()
+    data = bytearray(daemon.db_path.read_bytes())
+    # Scramble the cells of a b-tree page in the middle, leaving its header: the file still
+    # opens, and only the integrity check can tell.
+    offset = (len(data) // 4096 // 2) * 4096 + 2000
+    data[offset : offset + 1000] = random.Random(7).randbytes(1000)
+    daemon.db_path.write_bytes(bytes(data))
+    daemon.start(wait=False)
+    assert daemon.proc is not None and daemon.proc.wait(30) == 1
+    log = daemon.log()
+    assert f"cannot start: database {daemon.db_path} failed PRAGMA quick_check" in log
+    assert "restore it from a backup or move it away to start empty" in log
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs, unmounted after the test."""
+    mountpoint = tmp_path / "disk"
+    mountpoint.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tiny tmpfs for the disk-full fault")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mountpoint)],
+                            capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (no CAP_SYS_ADMIN?): {result.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, timeout=30)
+
+
+def fill(path: Path) -> None:
+    """Write ``path`` until the filesystem is full."""
+    chunk = b"\0" * 65536
+    with path.open("wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(chunk)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+        try:  # the last few bytes
+            while True:
+                handle.write(b"\0" * 512)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+
+
+class AckedPublisher:
+    """A bare DEALER that sends one acknowledged batch and waits (bounded) for its reply."""
+
+    def __init__(self, endpoint: str) -> None:
+        self._context: zmq.Context[Any] = zmq.Context()
+        self._sock = self._context.socket(zmq.DEALER)
+        self._sock.connect(endpoint)
+
+    def send(self, batch_id: int, events: list[dict[str, Any]]) -> None:
+        self._sock.send(msgpack.packb({"batch": batch_id, "events": events}))
+
+    def reply(self, timeout_s: float) -> dict[str, Any] | None:
+        if not self._sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+            return None
+        reply: dict[str, Any] = msgpack.unpackb(self._sock.recv(), raw=False)
+        return reply
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+        self._context.term()
+
+
+def test_full_disk_gives_no_ack_and_recovers(daemon_factory: Callable[..., Daemon], tiny_disk: Path) -> None:
+    daemon = daemon_factory(storage={"path": str(tiny_disk / "events.db")}).start()
+    publisher = AckedPublisher(daemon.ack)
+    try:
+        publisher.send(1, [make_event(i, 3, "warm-") for i in range(10)])
+        assert publisher.reply(10.0) == {"batch": 1, "new": 10, "duplicate": 0, "rejected": []}
+
+        filler = tiny_disk / "filler"
+        fill(filler)
+        events = [make_event(i, 3, "full-", payload_bytes=1000) for i in range(300)]  # ~300 KB
+        publisher.send(2, events)
+        assert publisher.reply(3.0) is None, "a batch was acknowledged although the disk is full"
+        log = daemon.log()
+        assert "300 events failed (database or disk is full)" in log and "acknowledged; retrying in" in log
+        # Queries are still answered, and health says what is wrong.
+        stats = daemon.stats()
+        assert stats["unique_processed"] == 10 and stats["in_flight"] == 300, stats
+        health = daemon.request({"op": "health"})
+        assert "the last commit failed: database or disk is full" in health.get("error", ""), health
+        assert log.count("300 events failed") >= 2, "the commit was not retried"
+
+        filler.unlink()
+        reply = publisher.reply(15.0)  # backoff is capped at 5 s
+        assert reply == {"batch": 2, "new": 300, "duplicate": 0, "rejected": []}, reply
+        assert "commit succeeded again after a failure" in daemon.log()
+        stats = daemon.wait_stats(unique_processed=310, in_flight=0)
+        assert "error" not in daemon.request({"op": "health"})
+        # A re-send after recovery is a duplicate: the retried commit stored each event once.
+        publisher.send(3, events[:50])
+        assert publisher.reply(10.0) == {"batch": 3, "new": 0, "duplicate": 50, "rejected": []}
+    finally:
+        publisher.close()
+    assert daemon.terminate() == 0
