@@ -38,7 +38,9 @@ class QueryClient:
         self.timeout = timeout
         self.attempts = attempts
         self._configure = configure
-        self._context: zmq.Context[Any] = zmq.Context()
+        # The process-wide context: one per process, as ZeroMQ advises, and never terminated
+        # here, so a client dropped without close() cannot hang a garbage collection in term().
+        self._context: zmq.Context[Any] = zmq.Context.instance()
         self._socket: zmq.Socket[Any] | None = None
 
     @classmethod
@@ -91,11 +93,10 @@ class QueryClient:
             after = reply["next"]
 
     def close(self) -> None:
-        """Close the socket and the context without waiting."""
+        """Close the socket without waiting."""
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
-        self._context.term()
 
     def __enter__(self) -> "QueryClient":
         return self
