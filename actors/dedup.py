@@ -37,7 +37,7 @@ from actors.messages import (
     Tick,
     WriteBatch,
 )
-from actors.store import COUNTER_NAMES, EventStore, StorageError, TopicDelta, connect_writer
+from actors.store import COUNTER_NAMES, Checkpointer, EventStore, StorageError, TopicDelta, connect_writer
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class DedupActor(pykka.ThreadingActor):
         self._live = live
         self._zmq_context = zmq_context
         self._store: EventStore | None = None
+        self._checkpointer: Checkpointer | None = None
         self._acks: zmq.Socket[Any] | None = None
         self._writes: list[WriteBatch] = []
         self._rejected = 0
@@ -92,6 +93,8 @@ class DedupActor(pykka.ThreadingActor):
             return
         self._counters = self._store.counters()
         self._live.committed = dict(self._counters)
+        self._checkpointer = Checkpointer(self._path)
+        self._checkpointer.start()
         self._acks = self._zmq_context.socket(zmq.PUSH)
         self._acks.setsockopt(zmq.LINGER, 0)
         self._acks.connect(ACK_ENDPOINT)
@@ -104,6 +107,9 @@ class DedupActor(pykka.ThreadingActor):
         self._close()
 
     def _close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
         if self._store is not None:
             self._store.close()
             self._store = None

@@ -11,8 +11,10 @@ behind ingest.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +79,14 @@ Row = tuple[str, str, int, str, int, str, bytes, float, int]
 """An ``events`` row in INSERT_EVENT's column order."""
 
 
+# SQLite's own automatic checkpoint runs inside the COMMIT that takes the WAL past this many
+# pages, and it fsyncs: measured here, such a commit takes 67-114 ms against 0.3 ms for the others.
+BACKSTOP_CHECKPOINT_PAGES = 20_000
+CHECKPOINT_INTERVAL_S = 0.2
+
+log = logging.getLogger(__name__)
+
+
 class StorageError(Exception):
     """The database cannot be opened, is damaged, or refused a write."""
 
@@ -112,6 +122,8 @@ def connect_writer(path: Path, synchronous: str = "NORMAL") -> sqlite3.Connectio
         conn.execute(f"PRAGMA synchronous={synchronous}")
         conn.execute("PRAGMA cache_size=-65536")  # 64 MiB of page cache
         conn.execute("PRAGMA busy_timeout=5000")
+        # The Checkpointer thread keeps the WAL short; this is only the backstop should it stop.
+        conn.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_CHECKPOINT_PAGES}")
         problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
         if problems != ["ok"]:
             conn.close()
@@ -202,6 +214,50 @@ class EventStore:
         """Roll back anything uncommitted and close the connection."""
         self.rollback()
         self._conn.close()
+
+
+class Checkpointer:
+    """Copies the WAL back into the database on a thread of its own, off the writer's commit path.
+
+    Every ``interval_s`` it runs a PASSIVE checkpoint on its own connection: that waits for no
+    reader or writer, and its fsyncs happen with the GIL released, so the writer's commits (and
+    the acknowledgements that wait for them) never pay for them. SQLite rewinds the WAL once a
+    checkpoint has copied all of it, so the file stays near what a few intervals of ingest write.
+    """
+
+    def __init__(self, path: Path, interval_s: float = CHECKPOINT_INTERVAL_S) -> None:
+        self._path = path
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="checkpointer", daemon=True)
+        self.checkpoints = 0
+
+    def start(self) -> None:
+        """Start checkpointing."""
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop and wait (at most ``timeout``) for the thread; the writer's close checkpoints the rest."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            log.warning("no background checkpoints (%s); SQLite checkpoints inside commits instead", exc)
+            return
+        try:
+            conn.execute("PRAGMA busy_timeout=1000")
+            while not self._stop.wait(self._interval_s):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    self.checkpoints += 1
+                except sqlite3.Error as exc:  # e.g. disk full: the writer will report it too
+                    log.warning("background checkpoint failed: %s", exc)
+        finally:
+            conn.close()
 
 
 def read_counters(conn: sqlite3.Connection) -> dict[str, int]:
