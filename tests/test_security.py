@@ -140,11 +140,28 @@ def test_curve_lets_in_only_authorized_clients(daemon_factory: Callable[..., Dae
     assert {e["event_id"] for e in stored} == {f"alice-{i}" for i in range(50)}
     assert "refused a client" in daemon.log()
 
+    # The acknowledged endpoint: alice gets her ack; mallory's batch is never read.
+    for hook, who in ((alice, "alice"), (mallory, "mallory")):
+        context: zmq.Context[Any] = zmq.Context()
+        dealer = context.socket(zmq.DEALER)
+        hook(dealer)
+        dealer.connect(daemon.ack)
+        dealer.send(msgpack.packb({"batch": 7, "events": plan(5, id_prefix=f"{who}-acked-")}))
+        answered = dealer.poll(3000 if who == "alice" else 1000, zmq.POLLIN)
+        reply = msgpack.unpackb(dealer.recv(), raw=False) if answered else None
+        dealer.close(linger=0)
+        context.term()
+        if who == "alice":
+            assert reply == {"batch": 7, "new": 5, "duplicate": 0, "rejected": []}, reply
+        else:
+            assert reply is None, reply
+    assert stats()["unique_processed"] == 55
+
     # The query scripts speak CURVE with flags, and fail (not hang) without them.
     result = run_script("stats.py", "--endpoint", daemon.query, "--json",
                         "--server-key", str(keys["server_public"]), "--client-cert", str(keys["alice"]))
     assert result.returncode == 0, result.stderr
-    assert '"unique_processed": 50' in result.stdout
+    assert '"unique_processed": 55' in result.stdout
     result = run_script("stats.py", "--endpoint", daemon.query, "--timeout", "1")
     assert result.returncode == 1 and "no answer" in result.stderr
     assert daemon.terminate() == 0
