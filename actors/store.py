@@ -179,12 +179,15 @@ class EventStore:
 
     def topic_states(self, topics: Iterable[str]) -> dict[str, TopicState]:
         """The stored last seq and last timestamp of each topic (zeros for a topic never seen)."""
-        states: dict[str, TopicState] = {}
-        for topic in topics:
-            row = self._conn.execute(
-                "SELECT last_seq, last_ts_ns FROM topics WHERE topic = ?", (topic,)
-            ).fetchone()
-            states[topic] = TopicState(*row) if row else TopicState(0, 0)
+        wanted = list(topics)
+        states = dict.fromkeys(wanted, TopicState(0, 0))
+        # One query per chunk rather than per topic: with many topics, most are new to an
+        # ordering actor at first, and this ran once for each of them.
+        for start in range(0, len(wanted), _LOOKUP_CHUNK):
+            chunk = wanted[start : start + _LOOKUP_CHUNK]
+            sql = f"SELECT topic, last_seq, last_ts_ns FROM topics WHERE topic IN ({','.join('?' * len(chunk))})"
+            for topic, last_seq, last_ts_ns in self._conn.execute(sql, chunk):
+                states[topic] = TopicState(last_seq, last_ts_ns)
         return states
 
     def insert(self, rows: Sequence[Row]) -> None:
