@@ -271,7 +271,7 @@ class DedupActor(pykka.ThreadingActor):
                 ticket.remaining -= new + duplicate
                 if ticket.remaining == 0:
                     finished.append(ticket)
-        self._in_flight.release(totals["received"])
+        self._in_flight.release(totals["received"], sum(write.bytes for write in writes))
         if finished and self._acks is not None:
             for ticket in finished:
                 self._acks.send_multipart([*ticket.envelope, msgpack.packb(ticket.reply())])

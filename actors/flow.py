@@ -11,12 +11,27 @@ import threading
 import time
 
 
-class InFlight:
-    """Valid events admitted by ingest and not yet committed (or settled as duplicates)."""
+EVENT_OVERHEAD_BYTES = 256
+"""What an event costs in memory beyond its payload: its strings, tuple and bookkeeping."""
 
-    def __init__(self, limit: int) -> None:
+
+def event_bytes(payload: bytes) -> int:
+    """The credit an event takes in bytes: its encoded payload plus a fixed overhead."""
+    return len(payload) + EVENT_OVERHEAD_BYTES
+
+
+class InFlight:
+    """Valid events admitted by ingest and not yet committed (or settled as duplicates).
+
+    Bounded both in events and in bytes (see :func:`event_bytes`), so a flood of large
+    payloads is held back as surely as a flood of small ones.
+    """
+
+    def __init__(self, limit: int, limit_bytes: int = 64 * 1024 * 1024) -> None:
         self.limit = limit
+        self.limit_bytes = limit_bytes
         self._value = 0
+        self._bytes = 0
         self._lock = threading.Lock()
 
     @property
@@ -24,19 +39,26 @@ class InFlight:
         """How many events are in flight now."""
         return self._value
 
+    @property
+    def bytes(self) -> int:
+        """How many bytes of credit the events in flight hold."""
+        return self._bytes
+
     def has_room(self) -> bool:
         """Whether ingest may admit more events."""
-        return self._value < self.limit
+        return self._value < self.limit and self._bytes < self.limit_bytes
 
-    def add(self, count: int) -> None:
-        """Admit ``count`` events."""
+    def add(self, count: int, nbytes: int) -> None:
+        """Admit ``count`` events worth ``nbytes``."""
         with self._lock:
             self._value += count
+            self._bytes += nbytes
 
-    def release(self, count: int) -> None:
-        """Give back the credit of ``count`` settled events."""
+    def release(self, count: int, nbytes: int) -> None:
+        """Give back the credit of ``count`` settled events worth ``nbytes``."""
         with self._lock:
             self._value -= count
+            self._bytes -= nbytes
 
 
 class LiveFigures:

@@ -96,8 +96,8 @@ class WriteBatch:
     """Rows to insert and counts to add, with the tickets whose events they complete.
 
     ``tickets`` maps a ticket to ``[new, duplicate]``: how many of the ticket's events this write
-    settles; ``events`` counts every valid event it settles (new or duplicate), which is the
-    in-flight credit its commit gives back; ``new_topics`` counts topics whose first event
+    settles; ``events`` counts every valid event it settles (new or duplicate) and ``bytes``
+    their credit in bytes: what its commit gives back to the in-flight bound; ``new_topics`` counts topics whose first event
     (seq 1) is among the rows.
     """
 
@@ -105,6 +105,7 @@ class WriteBatch:
     topics: dict[str, TopicDelta] = field(default_factory=dict)
     tickets: dict[AckTicket, list[int]] = field(default_factory=dict)
     events: int = 0
+    bytes: int = 0
     new_topics: int = 0
 
     def settle(self, ticket: AckTicket | None, new: int, duplicate: int) -> None:

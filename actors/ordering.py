@@ -26,7 +26,7 @@ from typing import Any
 
 import pykka
 
-from actors.flow import InFlight, LiveFigures
+from actors.flow import InFlight, LiveFigures, event_bytes
 from actors.messages import (
     AckTicket,
     ClassifyRequest,
@@ -65,6 +65,7 @@ class _Pending:
     request: ClassifyRequest | None
     result: ClassifyResult | None = None
     attached: int = 0
+    attached_bytes: int = 0
     keys: list[_Key] = field(default_factory=list)
 
 
@@ -85,8 +86,8 @@ class OrderingActor(pykka.ThreadingActor):
         self._index = index
         self._dedup = dedup
         self._buffer: ReorderBuffer[_Item] = ReorderBuffer(window_ms / 1000, max_buffered)
-        # Tickets of copies that arrived while their original waits in the buffer.
-        self._copies: dict[_Key, list[AckTicket | None]] = {}
+        # Copies that arrived while their original waits in the buffer: (ticket, credit bytes).
+        self._copies: dict[_Key, list[tuple[AckTicket | None, int]]] = {}
         self._awaiting: deque[_Pending] = deque()
         self._looking_up: dict[_Key, int] = {}  # keys of awaiting batches, with how many hold them
         self._token = 0
@@ -101,7 +102,7 @@ class OrderingActor(pykka.ThreadingActor):
                 # A bug must not kill the actor (its topics would stop for good): log it, give
                 # the batch's credit back, and carry on; acked publishers will resend.
                 log.exception("ordering actor %d: a batch of %d events failed", self._index, len(message.events))
-                self._in_flight.release(len(message.events))
+                self._in_flight.release(len(message.events), _credit(message.events))
         elif isinstance(message, ClassifyResult):
             self._answer(message)
         elif isinstance(message, Tick):
@@ -128,15 +129,16 @@ class OrderingActor(pykka.ThreadingActor):
         first_of: dict[_Key, int] = {}
         copies: list[tuple[int, int]] = []
         later: list[int] = []
-        attached = 0
+        attached = attached_bytes = 0
         for position, event in enumerate(events):
             key = (event.topic, event.event_id)
             first = first_of.get(key)
             if first is not None:
                 copies.append((position, first))
             elif buffer.holding(event.topic, event.event_id) is not None:
-                self._copies.setdefault(key, []).append(tickets[position])
+                self._copies.setdefault(key, []).append((tickets[position], event_bytes(event.payload)))
                 attached += 1
+                attached_bytes += event_bytes(event.payload)
             elif key in looking_up:
                 later.append(position)
             else:
@@ -157,7 +159,7 @@ class OrderingActor(pykka.ThreadingActor):
             return  # every event is a copy of a waiting one: settled when that one is written
         self._awaiting.append(
             _Pending(events, tickets, batch.received_at, by_topic, copies, later, request,
-                     attached=attached, keys=list(first_of))
+                     attached=attached, attached_bytes=attached_bytes, keys=list(first_of))
         )
         if request is not None:
             self._dedup.tell(request)
@@ -195,7 +197,9 @@ class OrderingActor(pykka.ThreadingActor):
         if pending.request is not None and result is None:
             # The dedup actor did not answer: drop the batch (its acks never come, so acked
             # publishers resend) and give its credit back so ingest does not stall for good.
-            self._in_flight.release(len(pending.events) - pending.attached)
+            self._in_flight.release(
+                len(pending.events) - pending.attached, _credit(pending.events) - pending.attached_bytes
+            )
             return
         buffer = self._buffer
         events, tickets = pending.events, pending.tickets
@@ -215,23 +219,27 @@ class OrderingActor(pykka.ThreadingActor):
                     new_positions.add(position)
                     entries.append((event.ts_ns, event.event_id, (event, pending.received_at, tickets[position])))
                 else:
-                    self._count_duplicate(write, topic, tickets[position])
+                    self._count_duplicate(write, event, tickets[position])
             entries_by_topic.append((topic, entries))
         copies = self._copies
         for position, first in pending.copies:
+            event = events[position]
             if first in new_positions:  # settled with its original, in the write that stores it
-                event = events[position]
-                copies.setdefault((event.topic, event.event_id), []).append(tickets[position])
+                copies.setdefault((event.topic, event.event_id), []).append(
+                    (tickets[position], event_bytes(event.payload))
+                )
             else:  # a copy of an event that was already stored
-                self._count_duplicate(write, events[position].topic, tickets[position])
+                self._count_duplicate(write, event, tickets[position])
         for position in pending.later:
             event = events[position]
             if buffer.holding(event.topic, event.event_id) is not None:
-                copies.setdefault((event.topic, event.event_id), []).append(tickets[position])
+                copies.setdefault((event.topic, event.event_id), []).append(
+                    (tickets[position], event_bytes(event.payload))
+                )
             else:
                 # Its original was resolved before this batch: stored already, or written in an
                 # earlier write; either way this write commits with or after it.
-                self._count_duplicate(write, event.topic, tickets[position])
+                self._count_duplicate(write, event, tickets[position])
         now = time.monotonic()
         released: list[Released[_Item]] = []
         for topic, entries in entries_by_topic:
@@ -271,15 +279,8 @@ class OrderingActor(pykka.ThreadingActor):
         return None
 
     @staticmethod
-    def _count_duplicate(write: WriteBatch, topic: str, ticket: AckTicket | None) -> None:
-        delta = write.topics.get(topic)
-        if delta is None:
-            write.topics[topic] = delta = TopicDelta()
-        delta.received += 1
-        delta.duplicate_dropped += 1
-        write.events += 1
-        if ticket is not None:
-            write.settle(ticket, 0, 1)
+    def _count_duplicate(write: WriteBatch, event: Event, ticket: AckTicket | None) -> None:
+        _count_copy(write, event.topic, ticket, event_bytes(event.payload))
 
     def _send(self, released: list[Released[_Item]], write: WriteBatch) -> None:
         """Turn released events into rows and tell the dedup actor, if there is anything to say."""
@@ -288,8 +289,10 @@ class OrderingActor(pykka.ThreadingActor):
         copies = self._copies
         topic = ""
         delta = TopicDelta()
+        nbytes = 0
         for out in released:
             event, received_at, ticket = out.item
+            nbytes += event_bytes(event.payload)
             rows.append(
                 (out.topic, out.event_id, out.seq, event.timestamp, out.ts_ns, event.source,
                  event.payload, received_at, 1 if out.late else 0)
@@ -312,9 +315,27 @@ class OrderingActor(pykka.ThreadingActor):
             if copies:
                 waiting = copies.pop((out.topic, out.event_id), None)
                 if waiting:
-                    for copy_ticket in waiting:
-                        self._count_duplicate(write, out.topic, copy_ticket)
+                    for copy_ticket, copy_bytes in waiting:
+                        _count_copy(write, out.topic, copy_ticket, copy_bytes)
         write.events += len(released)
+        write.bytes += nbytes
         self._live.buffered[self._index] = self._buffer.buffered
         if write.events:
             self._dedup.tell(write)
+
+
+def _credit(events: list[Event]) -> int:
+    return sum(event_bytes(event.payload) for event in events)
+
+
+def _count_copy(write: WriteBatch, topic: str, ticket: AckTicket | None, nbytes: int) -> None:
+    """Count one duplicate into ``write``, settling its ticket there."""
+    delta = write.topics.get(topic)
+    if delta is None:
+        write.topics[topic] = delta = TopicDelta()
+    delta.received += 1
+    delta.duplicate_dropped += 1
+    write.events += 1
+    write.bytes += nbytes
+    if ticket is not None:
+        write.settle(ticket, 0, 1)

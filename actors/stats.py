@@ -93,6 +93,7 @@ class StatsActor(pykka.ThreadingActor):
             "late": committed.get("late", 0),
             "topic_count": committed.get("topic_count", 0),
             "in_flight": in_flight,
+            "in_flight_bytes": self._in_flight.bytes,
             "buffered": sum(self._live.buffered),
             "commits": self._live.commits,
             "uptime_s": round(time.monotonic() - self._live.started, 3),

@@ -51,7 +51,7 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.live = LiveFigures()
-        self.in_flight = InFlight(config.ingest.max_in_flight)
+        self.in_flight = InFlight(config.ingest.max_in_flight, config.ingest.max_in_flight_bytes)
         self.context: zmq.Context[Any] = zmq.Context()
         self.dedup: pykka.ActorRef[Any] | None = None
         self.ordering: list[pykka.ActorRef[Any]] = []

@@ -28,10 +28,11 @@ class IngestConfig:
     bind: str = "tcp://127.0.0.1:5555"
     ack_bind: str = "tcp://127.0.0.1:5557"
     max_in_flight: int = 20_000
+    max_in_flight_bytes: int = 67_108_864
     max_batch_events: int = 10_000
     max_payload_bytes: int = 1_048_576
     max_message_bytes: int = 16_777_216
-    rcvhwm: int = 1_000
+    rcvhwm: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +130,7 @@ _SECTIONS: dict[str, type] = {
 
 _POSITIVE = {
     ("ingest", "max_in_flight"),
+    ("ingest", "max_in_flight_bytes"),
     ("ingest", "max_batch_events"),
     ("ingest", "max_payload_bytes"),
     ("ingest", "max_message_bytes"),

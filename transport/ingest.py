@@ -20,7 +20,7 @@ import pykka
 import zmq
 
 from actors.dedup import ACK_ENDPOINT
-from actors.flow import InFlight
+from actors.flow import InFlight, event_bytes
 from actors.messages import AckTicket, AddRejected, IngestBatch
 from transport.codec import FrameError, Limits, batch_id_of, decode_ack_request, decode_frame
 from transport.config import IngestConfig
@@ -148,7 +148,7 @@ class IngestServer:
                     self._reject(1, f"message could not be decoded ({type(exc).__name__}: {exc}); this is a bug")
         self.frames += frames
         if events:
-            self._in_flight.add(len(events))
+            self._in_flight.add(len(events), sum(event_bytes(event.payload) for event in events))
             self._router.tell(IngestBatch(events, time.time(), tickets))
         return frames
 
