@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_S = 30.0
 DRAIN_TIMEOUT_S = 60.0
 DEDUP_TICK_S = 0.1
+SWITCH_INTERVAL_S = 0.0005
 
 
 class StartupError(Exception):
@@ -271,6 +273,10 @@ class Daemon:
 
     def run(self) -> int:
         """Start, serve until SIGTERM or SIGINT, stop; the process exit status."""
+        # The dedup actor drops the GIL for every row SQLite writes and must win it back from
+        # the ingest and ordering threads; at CPython's default 5 ms switch interval it waits
+        # long for it. 0.5 ms measured +12 % events/s and stats p99 60 -> 20 ms (bench.py, 3 runs).
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
         signal.signal(signal.SIGINT, lambda *_: self.request_stop())
         signal.signal(signal.SIGHUP, lambda *_: self.reload())
