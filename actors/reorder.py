@@ -115,35 +115,50 @@ class ReorderBuffer(Generic[T]):
         return late + self.release_due(now) if late else self.release_due(now)
 
     def release_due(self, now: float) -> list[Released[T]]:
-        """Release every event whose window has passed, or that the bound forces out."""
+        """Release every event whose window has passed, then as few as the bound forces out."""
         limits: dict[str, tuple[int, int]] = {}
-        excess = self.buffered - self.max_buffered
         arrivals = self._arrivals
         topics = self._topics
         while arrivals:
-            deadline, topic, key, count = arrivals[0]
+            deadline, topic, key, _ = arrivals[0]
             if key <= topics[topic].released_upto or key <= limits.get(topic, _NOTHING):
                 arrivals.popleft()  # left already, or leaves with this round's limit
-                continue
-            if deadline > now and excess <= 0:
+            elif deadline <= now:
+                arrivals.popleft()
+                limits[topic] = key
+            else:
                 break
-            arrivals.popleft()
-            limits[topic] = key
-            excess -= count  # these leave now (more of the topic may go with them)
         released: list[Released[T]] = []
         for topic, limit in limits.items():
+            self._release_upto(topic, limit, released)
+        while self.buffered > self.max_buffered and arrivals:
+            # Over the bound: the topic of the oldest push gives up its earliest events, just
+            # enough of them (releasing the earliest keeps the topic in order).
+            _, topic, key, _ = arrivals[0]
             state = topics[topic]
+            if key <= state.released_upto:
+                arrivals.popleft()
+                continue
             waiting = state.waiting
             waiting.sort(key=_order_key)
-            cut = bisect.bisect_right(waiting, limit, key=_order_key)
-            held = self._held
-            for ts_ns, _, event_id, item in waiting[:cut]:
-                del held[(topic, event_id)]
-                released.append(self._release(state, topic, ts_ns, event_id, item))
-            del waiting[:cut]
-            self.buffered -= cut
-            state.released_upto = limit
+            cut = min(self.buffered - self.max_buffered, len(waiting))
+            self._release_upto(topic, _order_key(waiting[cut - 1]), released)
         return released
+
+    def _release_upto(self, topic: str, limit: tuple[int, int], released: list[Released[T]]) -> None:
+        """Release the topic's waiting events with keys up to ``limit``, in key order."""
+        state = self._topics[topic]
+        waiting = state.waiting
+        waiting.sort(key=_order_key)
+        cut = bisect.bisect_right(waiting, limit, key=_order_key)
+        held = self._held
+        for ts_ns, _, event_id, item in waiting[:cut]:
+            del held[(topic, event_id)]
+            released.append(self._release(state, topic, ts_ns, event_id, item))
+        del waiting[:cut]
+        self.buffered -= cut
+        if limit > state.released_upto:
+            state.released_upto = limit
 
     def flush(self) -> list[Released[T]]:
         """Release everything still waiting, each topic in order (for shutdown)."""
