@@ -157,12 +157,14 @@ class DedupActor(pykka.ThreadingActor):
 
     def _classify(self, request: ClassifyRequest) -> ClassifyResult:
         assert self._store is not None
-        new_ids: dict[str, set[str]] = {}
-        for topic, ids in request.ids.items():
-            existing = self._store.existing_ids(topic, ids)
-            if self._failed_keys:
-                existing.update(i for i in ids if (topic, i) in self._failed_keys)
-            new_ids[topic] = {i for i in ids if i not in existing}
+        keys = [(topic, event_id) for topic, ids in request.ids.items() for event_id in ids]
+        existing = self._store.existing_keys(keys)
+        if self._failed_keys:  # written, rolled back, waiting for a retry: present all the same
+            existing.update(key for key in keys if key in self._failed_keys)
+        new_ids: dict[str, set[str]] = {
+            topic: {event_id for event_id in ids if (topic, event_id) not in existing}
+            for topic, ids in request.ids.items()
+        }
         states = self._store.topic_states(request.unknown_topics) if request.unknown_topics else {}
         return ClassifyResult(new_ids, states)
 
