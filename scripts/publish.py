@@ -25,29 +25,18 @@ import multiprocessing
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import _bootstrap  # noqa: F401
 
 from transport.client import connectable
 from transport.config import ConfigError, IngestConfig, load_config
-from transport.publisher import DeliveryFailed, Publisher, PublisherError, SocketHook
-from transport.security import SecurityError, curve_client, curve_client_from_config
+from transport.publisher import DeliveryFailed, Publisher, PublisherError
+from stats import curve_from_args
+from transport.security import SecurityError
 from transport.workload import plan
 
 PROGRESS_EVERY_S = 0.5
-
-
-def curve_from_args(args: argparse.Namespace) -> SocketHook | None:
-    """The CURVE client hook from --server-key/--client-cert, else from --config's [security], else None."""
-    if args.server_key or args.client_cert:
-        if not (args.server_key and args.client_cert):
-            raise SecurityError("CURVE needs both --server-key and --client-cert")
-        return curve_client(Path(args.server_key), Path(args.client_cert))
-    if args.config:
-        return curve_client_from_config(load_config(args.config))
-    return None
 
 
 def run_slice(args: argparse.Namespace) -> list[dict[str, Any]]:

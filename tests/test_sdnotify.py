@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import socket
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +23,7 @@ import zmq
 
 from actors.supervisor import Daemon as InProcessDaemon
 from actors.watchdog import ServiceMonitor, Snapshot, ping_timeout, status_line
-from harness import Daemon, env_with, free_port, publish
+from harness import Daemon, env_with, free_port, publish, stored_rows
 from transport.config import parse_config
 from transport.queries import DebugFreezeQuery, QueryError, parse_query
 from transport.sdnotify import Notifier, NotifyError, notify_address, watchdog_interval
@@ -98,15 +97,6 @@ def listener(tmp_path: Path) -> Iterator[NotifyListener]:
     made = NotifyListener(str(path))
     yield made
     made.close()
-
-
-def stored_rows(db_path: Path) -> list[tuple[str, str, int]]:
-    """(topic, event_id, seq) of every stored row, read straight from the SQLite file."""
-    conn = sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True)
-    try:
-        return conn.execute("SELECT topic, event_id, seq FROM events ORDER BY rowid").fetchall()
-    finally:
-        conn.close()
 
 
 def max_gap(times: list[float]) -> float:
