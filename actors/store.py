@@ -73,6 +73,14 @@ ON CONFLICT (topic) DO UPDATE SET
     duplicate_dropped = duplicate_dropped + excluded.duplicate_dropped,
     late = late + excluded.late
 """
+
+
+@functools.cache
+def _upsert_topics_sql(size: int) -> str:
+    head, _, tail = _UPSERT_TOPIC.partition("VALUES (?, ?, ?, ?, ?, ?)")
+    return head + "VALUES " + ",".join(["(?, ?, ?, ?, ?, ?)"] * size) + tail
+
+
 # SQLite's default limit on bound parameters is 32766; stay far below it per lookup.
 _LOOKUP_CHUNK = 500
 _KEY_CHUNK = 256
@@ -88,6 +96,25 @@ def _lookup_sql(size: int) -> str:
 
 Row = tuple[str, str, int, str, int, str, bytes, float, int]
 """An ``events`` row in INSERT_EVENT's column order."""
+
+# Rows per multi-row INSERT: 9 parameters each, far below SQLite's limit of 32766.
+_INSERT_CHUNK = 256
+
+
+@functools.cache
+def _insert_sql(size: int) -> str:
+    return INSERT_EVENT + ",(?, ?, ?, ?, ?, ?, ?, ?, ?)" * (size - 1)
+
+
+def _pow2_chunks(count: int, largest: int) -> list[tuple[int, int]]:
+    """(start, size) slices covering ``count`` items with sizes that are powers of two up to ``largest``."""
+    chunks = []
+    start = 0
+    while start < count:
+        size = min(largest, 1 << ((count - start).bit_length() - 1))
+        chunks.append((start, size))
+        start += size
+    return chunks
 
 
 # SQLite's own automatic checkpoint runs inside the COMMIT that takes the WAL past this many
@@ -211,19 +238,29 @@ class EventStore:
         return states
 
     def insert(self, rows: Sequence[Row]) -> None:
-        """Insert events already known to be new (a conflict here is a bug, and raises)."""
-        self._conn.executemany(INSERT_EVENT, rows)
+        """Insert events already known to be new (a conflict here is a bug, and raises).
+
+        Multi-row INSERTs, not ``executemany``: the sqlite3 module releases the GIL around every
+        ``sqlite3_step``, and with the ordering actors busy the writer then waits up to a switch
+        interval to get it back, once per row. Measured at 10 000 events/s, that made a 25-row
+        write take up to 22 ms (0.25 ms typical) and the dedup inbox back up behind it. Chunks
+        are powers of two (at most nine statement shapes, all kept in the statement cache).
+        """
+        conn = self._conn
+        for start, size in _pow2_chunks(len(rows), _INSERT_CHUNK):
+            conn.execute(_insert_sql(size), [part for row in rows[start : start + size] for part in row])
 
     def add_counts(self, topics: Mapping[str, TopicDelta], totals: Mapping[str, int]) -> None:
         """Add this transaction's counts to the per-topic and global counters."""
         if topics:
-            self._conn.executemany(
-                _UPSERT_TOPIC,
-                [
-                    (t, d.last_seq, d.last_ts_ns, d.received, d.duplicate_dropped, d.late)
-                    for t, d in topics.items()
-                ],
-            )
+            # One multi-row upsert per chunk rather than a step per topic (see insert).
+            deltas = [
+                (t, d.last_seq, d.last_ts_ns, d.received, d.duplicate_dropped, d.late) for t, d in topics.items()
+            ]
+            for start, size in _pow2_chunks(len(deltas), _INSERT_CHUNK):
+                self._conn.execute(
+                    _upsert_topics_sql(size), [part for delta in deltas[start : start + size] for part in delta]
+                )
         self._conn.executemany(
             "UPDATE counters SET value = value + ? WHERE name = ?",
             [(value, name) for name, value in totals.items() if value],
