@@ -305,11 +305,11 @@ def _send_acked(job: PublisherJob, sock: zmq.Socket[Any], report: PublisherRepor
         while next_frame < total and len(outstanding) < job.window:
             if job.rate > 0 and started + report.sent / job.rate > time.perf_counter():
                 break
-            now = time.time()
             if not report.first_send:
-                report.first_send = now
+                report.first_send = time.time()
             sock.send(job.frames[next_frame])
-            outstanding[job.batch_ids[next_frame]] = (now, job.counts[next_frame])
+            # Latencies on the monotonic clock: a wall-clock step would skew (or negate) them.
+            outstanding[job.batch_ids[next_frame]] = (time.perf_counter(), job.counts[next_frame])
             report.sent += job.counts[next_frame]
             next_frame += 1
         wait_ms = int(job.timeout_s * 1000)
@@ -320,7 +320,7 @@ def _send_acked(job: PublisherJob, sock: zmq.Socket[Any], report: PublisherRepor
                 raise BenchError(f"publisher {job.index}: no acknowledgement within {job.timeout_s:.0f} s")
             continue
         reply = msgpack.unpackb(sock.recv(), raw=False)
-        received = time.time()
+        received = time.perf_counter()
         if "error" in reply:
             raise BenchError(f"publisher {job.index}: batch {reply.get('batch')} refused: {reply['error']}")
         sent_at, _count = outstanding.pop(reply["batch"])
@@ -334,15 +334,18 @@ def _send_acked(job: PublisherJob, sock: zmq.Socket[Any], report: PublisherRepor
 def _send_with_library(job: PublisherJob, ready: Any, go: Any, report: PublisherReport) -> None:
     """Publish through ``transport.publisher`` (validation and encoding happen here, as in an application).
 
-    The library sends a batch inside the ``publish_many`` call that fills it, so a batch's send
-    time is taken when that call returns (or when it began, if the acknowledgement came first).
+    A batch's latency runs from the moment the library sends its frame (first send, so a resend
+    counts against it) to its acknowledgement, on the monotonic clock. Pairing publish_many calls
+    with batch ids by position, as this did before, went wrong when a full window made a batch
+    leave during the next call, and time.time() could step: it once gave a negative p50.
     """
     from transport.publisher import BatchResult, Publisher
 
     acked_at: dict[int, float] = {}
+    sent_at: dict[int, float] = {}
 
     def on_ack(result: BatchResult) -> None:
-        acked_at[result.batch_id] = time.time()
+        acked_at[result.batch_id] = time.perf_counter()
         report.new += result.new
         report.duplicate += result.duplicate
         report.rejected += len(result.rejected)
@@ -351,6 +354,13 @@ def _send_with_library(job: PublisherJob, ready: Any, go: Any, report: Publisher
     with Publisher(job.endpoint, acked=job.acked, batch_size=max(job.counts, default=1), window=job.window,
                    deadline=job.timeout_s, block_timeout=job.timeout_s, close_timeout=job.timeout_s,
                    on_ack=on_ack) as publisher:
+        send_batch = publisher._send_batch  # noqa: SLF001 - the one place a batch's id meets its send
+
+        def timed_send_batch(events: list[dict[str, Any]], packed: list[bytes]) -> None:
+            sent_at.setdefault(publisher._next_id, time.perf_counter())  # noqa: SLF001
+            send_batch(events, packed)
+
+        publisher._send_batch = timed_send_batch  # type: ignore[method-assign]  # noqa: SLF001
         ready.put(job.index)
         if not go.wait(READY_TIMEOUT_S):
             raise BenchError(f"publisher {job.index}: no start signal")
@@ -365,10 +375,7 @@ def _send_with_library(job: PublisherJob, ready: Any, go: Any, report: Publisher
         publisher.flush(job.timeout_s)
     report.last_send = time.time()
     report.send_times = [after for _, after in calls]
-    for batch_id, (before, after) in enumerate(calls, start=1):
-        acked = acked_at.get(batch_id)
-        if acked is not None:
-            report.latencies.append(acked - (after if acked >= after else before))
+    report.latencies = [acked - sent_at[batch_id] for batch_id, acked in acked_at.items() if batch_id in sent_at]
 
 
 def publisher_main(job: PublisherJob, ready: Any, go: Any, results: Any) -> None:
