@@ -599,7 +599,10 @@ def full_speed_phase(scenario: Scenario, target: Target, id_prefix: str) -> dict
 def paced_phase(scenario: Scenario, target: Target, id_prefix: str, rate: float) -> dict[str, Any]:
     """Send at ``rate`` events/s for ``latency_seconds``; publish→commit latency percentiles."""
     count = max(scenario.batch, int(rate * scenario.latency_seconds))
-    events = plan(count, scenario.duplicates, scenario.topics, seed=2, id_prefix=id_prefix)
+    # Stamped after every event of the full-speed phase: otherwise they would all be late and
+    # leave the reorder window at once, and the latency would not include the window.
+    events = plan(count, scenario.duplicates, scenario.topics, seed=2, id_prefix=id_prefix,
+                  start_ms=scenario.events + 1000)
     base = settled_of(query_stats(target.query))
     if scenario.acked:
         jobs = split_jobs(scenario, events, target, scenario.processes, rate)

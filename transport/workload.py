@@ -14,9 +14,11 @@ from typing import Any
 BASE_TIME = dt.datetime(2025, 10, 22, 10, 0, 0, tzinfo=dt.timezone.utc)
 
 
-def make_event(index: int, topics: int, id_prefix: str, payload_bytes: int = 0) -> dict[str, Any]:
-    """The ``index``-th distinct event of a stream."""
-    stamp = BASE_TIME + dt.timedelta(milliseconds=index)
+def make_event(
+    index: int, topics: int, id_prefix: str, payload_bytes: int = 0, start_ms: int = 0
+) -> dict[str, Any]:
+    """The ``index``-th distinct event of a stream, stamped ``start_ms + index`` ms after BASE_TIME."""
+    stamp = BASE_TIME + dt.timedelta(milliseconds=start_ms + index)
     payload: dict[str, Any] = {"n": index, "level": "info", "message": f"event {index}"}
     if payload_bytes:
         payload["pad"] = "x" * payload_bytes
@@ -36,8 +38,12 @@ def plan(
     seed: int = 0,
     id_prefix: str = "e",
     payload_bytes: int = 0,
+    start_ms: int = 0,
 ) -> list[dict[str, Any]]:
-    """``n`` events, ``round(n * duplicates)`` of them re-sends of earlier ones, shuffled in by ``seed``."""
+    """``n`` events, ``round(n * duplicates)`` of them re-sends of earlier ones, shuffled in by ``seed``.
+
+    Distinct event ``i`` is stamped ``start_ms + i`` milliseconds after BASE_TIME.
+    """
     if not 0.0 <= duplicates < 1.0:
         raise ValueError(f"duplicates must be a fraction from 0 up to (not including) 1, not {duplicates}")
     if n < 0 or topics < 1:
@@ -54,7 +60,7 @@ def plan(
         if position in dup_slots:
             stream.append(distinct[rng.randrange(len(distinct))])
         else:
-            event = make_event(len(distinct), topics, id_prefix, payload_bytes)
+            event = make_event(len(distinct), topics, id_prefix, payload_bytes, start_ms)
             distinct.append(event)
             stream.append(event)
     return stream
