@@ -140,7 +140,7 @@ class ReorderBuffer(Generic[T]):
                 arrivals.popleft()
                 continue
             waiting = state.waiting
-            waiting.sort(key=_order_key)
+            waiting.sort()
             cut = min(self.buffered - self.max_buffered, len(waiting))
             self._release_upto(topic, _order_key(waiting[cut - 1]), released)
         return released
@@ -149,8 +149,11 @@ class ReorderBuffer(Generic[T]):
         """Release the topic's waiting events with keys up to ``limit``, in key order."""
         state = self._topics[topic]
         waiting = state.waiting
-        waiting.sort(key=_order_key)
-        cut = bisect.bisect_right(waiting, limit, key=_order_key)
+        # Plain tuple order is key order (arrival counters are unique, so the comparison never
+        # reaches the id or the item), and keeps both the sort and the search in C. An entry's
+        # key is at most ``limit`` exactly when the entry sorts below (ts, arrival + 1).
+        waiting.sort()
+        cut = bisect.bisect_left(waiting, (limit[0], limit[1] + 1))
         held = self._held
         for ts_ns, _, event_id, item in waiting[:cut]:
             del held[(topic, event_id)]
@@ -165,7 +168,7 @@ class ReorderBuffer(Generic[T]):
         released: list[Released[T]] = []
         for topic, state in self._topics.items():
             if state.waiting:
-                state.waiting.sort(key=_order_key)
+                state.waiting.sort()
                 for ts_ns, _, event_id, item in state.waiting:
                     released.append(self._release(state, topic, ts_ns, event_id, item))
                 state.released_upto = _order_key(state.waiting[-1])
