@@ -178,14 +178,6 @@ class ReorderBuffer(Generic[T]):
         self.buffered = 0
         return released
 
-    def next_deadline(self) -> float | None:
-        """When the oldest waiting event is due, or None when nothing waits."""
-        topics = self._topics
-        for deadline, topic, key, _ in self._arrivals:
-            if key > topics[topic].released_upto:
-                return deadline
-        return None
-
     @staticmethod
     def _release(state: _Topic[T], topic: str, ts_ns: int, event_id: str, item: T) -> Released[T]:
         state.last_seq += 1

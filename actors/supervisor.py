@@ -64,7 +64,6 @@ class Daemon:
         self.security: ServerSecurity | None = None
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
-        self.on_tick: list[Callable[[], None]] = []
         self.notifier = Notifier.from_environment()
         self._monitor: ServiceMonitor | None = None
 
@@ -176,8 +175,6 @@ class Daemon:
                 if now - last_dedup_tick >= DEDUP_TICK_S and self.dedup is not None:
                     self.dedup.tell(Tick())
                     last_dedup_tick = now
-                for hook in self.on_tick:
-                    hook()
             except pykka.ActorDeadError:
                 log.error("an actor has died; ticks stop")
                 return
