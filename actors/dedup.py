@@ -132,7 +132,7 @@ class DedupActor(pykka.ThreadingActor):
                 result = self._classify(message)
             except Exception as exc:  # noqa: BLE001 - a told request must not kill this actor
                 log.exception("looking up %d topics failed", len(message.ids))
-                result = ClassifyResult({}, {}, error=str(exc))
+                result = ClassifyResult(set(), {}, error=str(exc))
             result.token = message.token
             message.reply_to.tell(result)
             return None
@@ -161,12 +161,8 @@ class DedupActor(pykka.ThreadingActor):
         existing = self._store.existing_keys(keys)
         if self._failed_keys:  # written, rolled back, waiting for a retry: present all the same
             existing.update(key for key in keys if key in self._failed_keys)
-        new_ids: dict[str, set[str]] = {
-            topic: {event_id for event_id in ids if (topic, event_id) not in existing}
-            for topic, ids in request.ids.items()
-        }
         states = self._store.topic_states(request.unknown_topics) if request.unknown_topics else {}
-        return ClassifyResult(new_ids, states)
+        return ClassifyResult(existing, states)
 
     def _write(self, write: WriteBatch) -> None:
         assert self._store is not None

@@ -80,12 +80,13 @@ class ClassifyRequest:
 
 @dataclass(slots=True)
 class ClassifyResult:
-    """The answer to a :class:`ClassifyRequest`: the new ids of each topic, and topic states.
+    """The answer to a :class:`ClassifyRequest`: which keys are already stored, and topic states.
 
-    ``error`` is set (and the rest empty) when the lookup failed, e.g. on an I/O error.
+    Every asked key not in ``existing`` is new. ``error`` is set (and the rest empty) when the
+    lookup failed, e.g. on an I/O error.
     """
 
-    new_ids: dict[str, set[str]]
+    existing: set[tuple[str, str]]
     states: dict[str, TopicState]
     token: int = 0
     error: str | None = None

@@ -210,12 +210,12 @@ class OrderingActor(pykka.ThreadingActor):
                     buffer.set_state(topic, state)
         new_positions: set[int] = set()
         entries_by_topic: list[tuple[str, list[tuple[int, str, _Item]]]] = []
+        existing = result.existing if result is not None else set()
         for topic, positions in pending.by_topic.items():
-            new_ids = result.new_ids.get(topic, ()) if result is not None else ()
             entries = []
             for position in positions:
                 event = events[position]
-                if event.event_id in new_ids:
+                if (topic, event.event_id) not in existing:
                     new_positions.add(position)
                     entries.append((event.ts_ns, event.event_id, (event, pending.received_at, tickets[position])))
                 else:
@@ -244,7 +244,8 @@ class OrderingActor(pykka.ThreadingActor):
         released: list[Released[_Item]] = []
         for topic, entries in entries_by_topic:
             if entries:
-                released.extend(buffer.push(topic, entries, now))
+                released.extend(buffer.push(topic, entries, now, release=False))
+        released.extend(buffer.release_due(now))
         self._send(released, write)
 
     def _sync(self) -> None:

@@ -87,8 +87,14 @@ class ReorderBuffer(Generic[T]):
         """The item of this event if it is waiting in the buffer (a copy arriving now is a duplicate)."""
         return self._held.get((topic, event_id))
 
-    def push(self, topic: str, entries: Iterable[tuple[int, str, T]], now: float) -> list[Released[T]]:
-        """Add new events ``(ts_ns, event_id, item)`` of a known topic, in arrival order; return what leaves now."""
+    def push(
+        self, topic: str, entries: Iterable[tuple[int, str, T]], now: float, release: bool = True
+    ) -> list[Released[T]]:
+        """Add new events ``(ts_ns, event_id, item)`` of a known topic, in arrival order; return what leaves now.
+
+        With ``release=False`` only late events (and, with no window, every event) leave; the
+        caller pushing several topics then calls :meth:`release_due` once for all of them.
+        """
         state = self._topics[topic]
         if self.window_s <= 0:
             return [self._release(state, topic, ts_ns, event_id, item) for ts_ns, event_id, item in entries]
@@ -112,6 +118,8 @@ class ReorderBuffer(Generic[T]):
         if pushed:
             self._arrivals.append((now + self.window_s, topic, largest, pushed))
             self.buffered += pushed
+        if not release:
+            return late
         return late + self.release_due(now) if late else self.release_due(now)
 
     def release_due(self, now: float) -> list[Released[T]]:
