@@ -131,7 +131,7 @@ class DedupActor(pykka.ThreadingActor):
             try:
                 result = self._classify(message)
             except Exception as exc:  # noqa: BLE001 - a told request must not kill this actor
-                log.exception("looking up %d topics failed", len(message.ids))
+                log.exception("looking up %d keys failed", len(message.keys))
                 result = ClassifyResult(set(), {}, error=str(exc))
             result.token = message.token
             message.reply_to.tell(result)
@@ -157,7 +157,7 @@ class DedupActor(pykka.ThreadingActor):
 
     def _classify(self, request: ClassifyRequest) -> ClassifyResult:
         assert self._store is not None
-        keys = [(topic, event_id) for topic, ids in request.ids.items() for event_id in ids]
+        keys = request.keys
         existing = self._store.existing_keys(keys)
         if self._failed_keys:  # written, rolled back, waiting for a retry: present all the same
             existing.update(key for key in keys if key in self._failed_keys)

@@ -64,15 +64,15 @@ class OrderingBatch:
 
 @dataclass(frozen=True, slots=True)
 class ClassifyRequest:
-    """Ask the dedup actor which of these events are new.
+    """Ask the dedup actor which of these events are already stored.
 
-    ``ids`` maps each topic to its event ids in arrival order (no repeats). ``unknown_topics``
+    ``keys`` are ``(topic, event_id)`` pairs in arrival order (no repeats). ``unknown_topics``
     are topics the asking ordering actor has no state for yet; their stored state comes back.
     With ``reply_to`` the answer is told to that actor, tagged with ``token``, so the asker
     need not wait; without it the request is an ask and the answer is its return value.
     """
 
-    ids: dict[str, list[str]]
+    keys: list[tuple[str, str]]
     unknown_topics: list[str]
     reply_to: Any = None
     token: int = 0

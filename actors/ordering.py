@@ -145,10 +145,11 @@ class OrderingActor(pykka.ThreadingActor):
                 first_of[key] = position
                 by_topic.setdefault(event.topic, []).append(position)
         request = None
+        keys = list(first_of)
         if by_topic:
             self._token += 1
             request = ClassifyRequest(
-                {topic: [events[p].event_id for p in positions] for topic, positions in by_topic.items()},
+                keys,
                 [topic for topic in by_topic if not buffer.knows(topic)],
                 reply_to=self.actor_ref,
                 token=self._token,
@@ -159,7 +160,7 @@ class OrderingActor(pykka.ThreadingActor):
             return  # every event is a copy of a waiting one: settled when that one is written
         self._awaiting.append(
             _Pending(events, tickets, batch.received_at, by_topic, copies, later, request,
-                     attached=attached, attached_bytes=attached_bytes, keys=list(first_of))
+                     attached=attached, attached_bytes=attached_bytes, keys=keys)
         )
         if request is not None:
             self._dedup.tell(request)
@@ -259,7 +260,7 @@ class OrderingActor(pykka.ThreadingActor):
 
     def _classify(self, request: ClassifyRequest) -> ClassifyResult | None:
         """Ask (blocking) for a lookup; asking again after a timeout is safe, since it is a read."""
-        ask = ClassifyRequest(request.ids, request.unknown_topics)
+        ask = ClassifyRequest(request.keys, request.unknown_topics)
         for attempt in range(1, CLASSIFY_ATTEMPTS + 1):
             try:
                 result: ClassifyResult = self._dedup.ask(ask, timeout=CLASSIFY_TIMEOUT_S)
@@ -276,7 +277,7 @@ class OrderingActor(pykka.ThreadingActor):
                               self._index, attempt, CLASSIFY_ATTEMPTS)
                 time.sleep(min(0.1 * 2**attempt, 5.0))
         log.error("ordering actor %d: dropping a batch of %d events: the dedup actor is not answering",
-                  self._index, sum(len(ids) for ids in request.ids.values()))
+                  self._index, len(request.keys))
         return None
 
     @staticmethod
