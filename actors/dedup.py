@@ -27,8 +27,8 @@ import zmq
 
 from actors.flow import InFlight, LiveFigures
 from actors.messages import (
-    AddRejected,
     AckTicket,
+    AddRejected,
     ClassifyRequest,
     ClassifyResult,
     Freeze,
@@ -37,14 +37,22 @@ from actors.messages import (
     Tick,
     WriteBatch,
 )
-from actors.store import COUNTER_NAMES, Checkpointer, EventStore, StorageError, TopicDelta, connect_writer
+from actors.store import (
+    COUNTER_NAMES,
+    Checkpointer,
+    EventStore,
+    StorageError,
+    TopicDelta,
+    connect_writer,
+)
+from transport.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
 ACK_ENDPOINT = "inproc://eventagg-acks"
 
-_RETRY_BASE_S = 0.1
-_RETRY_CAP_S = 5.0
+# Pauses between attempts at a failed write: 0.1 s doubling to 5 s. No jitter: one writer.
+STORAGE_RETRY = Backoff(base=0.1, factor=2.0, cap=5.0, jitter=0.0)
 
 
 class DedupActor(pykka.ThreadingActor):
@@ -78,7 +86,7 @@ class DedupActor(pykka.ThreadingActor):
         self._txn_started = 0.0
         self._failed_keys: set[tuple[str, str]] = set()
         self._retry_at = 0.0
-        self._retry_delay = _RETRY_BASE_S
+        self._failures = 0
         self._counters: dict[str, int] = {}
         self._startup_error: StorageError | None = None
 
@@ -234,27 +242,28 @@ class DedupActor(pykka.ThreadingActor):
         if self._failed_keys:
             log.warning("commit succeeded again after a failure; %d events stored", totals["unique_processed"])
         self._failed_keys = set()
-        self._retry_delay = _RETRY_BASE_S
+        self._failures = 0
         self._live.last_commit_error = None
         self._writes = []
         self._rejected = 0
         self._txn_events = 0
-        self._after_commit(writes, totals, topics)
+        self._after_commit(writes, totals)
 
     def _fail(self, exc: sqlite3.Error) -> None:
         """Roll back; keep every write of the group for a retry, their ids still counted as present."""
         assert self._store is not None
         self._store.rollback()
         self._failed_keys = {(row[0], row[1]) for write in self._writes for row in write.rows}
-        self._retry_at = time.monotonic() + self._retry_delay
+        delay = STORAGE_RETRY.delay(self._failures)
+        self._failures += 1
+        self._retry_at = time.monotonic() + delay
         log.error(
             "writing %d events failed (%s); none of them is acknowledged; retrying in %.1f s",
-            sum(w.events for w in self._writes), exc, self._retry_delay,
+            sum(w.events for w in self._writes), exc, delay,
         )
-        self._retry_delay = min(self._retry_delay * 2, _RETRY_CAP_S)
         self._live.last_commit_error = str(exc)
 
-    def _after_commit(self, writes: list[WriteBatch], totals: dict[str, int], topics: dict[str, TopicDelta]) -> None:
+    def _after_commit(self, writes: list[WriteBatch], totals: dict[str, int]) -> None:
         counters = self._counters
         for name, value in totals.items():
             counters[name] += value

@@ -26,6 +26,7 @@ from typing import Any
 
 import pykka
 
+from actors.dedup import STORAGE_RETRY
 from actors.flow import InFlight, LiveFigures, event_bytes
 from actors.messages import (
     AckTicket,
@@ -275,7 +276,7 @@ class OrderingActor(pykka.ThreadingActor):
             except Exception:  # noqa: BLE001 - e.g. an I/O error reading the database; try again
                 log.exception("ordering actor %d: classifying a batch failed (attempt %d of %d)",
                               self._index, attempt, CLASSIFY_ATTEMPTS)
-                time.sleep(min(0.1 * 2**attempt, 5.0))
+                time.sleep(STORAGE_RETRY.ceiling(attempt))
         log.error("ordering actor %d: dropping a batch of %d events: the dedup actor is not answering",
                   self._index, len(request.keys))
         return None

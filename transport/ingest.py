@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -22,10 +21,17 @@ import zmq
 from actors.dedup import ACK_ENDPOINT
 from actors.flow import InFlight, event_bytes
 from actors.messages import AckTicket, AddRejected, IngestBatch
-from transport.codec import FrameError, Limits, batch_id_of, decode_ack_request, decode_frame
+from transport.codec import (
+    FrameError,
+    Limits,
+    batch_id_of,
+    decode_ack_request,
+    decode_frame,
+)
 from transport.config import IngestConfig
 from transport.logs import RateLimitedLog
 from transport.schema import Event
+from transport.security import SocketHook
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +40,6 @@ COALESCE_EVENTS = 2_000
 REJECTED_FLUSH_S = 0.1
 SHUTDOWN_DRAIN_FRAMES = 100_000
 
-SocketHook = Callable[["zmq.Socket[Any]"], None]
 
 
 class IngestServer:

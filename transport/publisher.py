@@ -57,7 +57,7 @@ from transport.backoff import Backoff, RetryBudget
 from transport.client import connectable
 from transport.config import load_config
 from transport.schema import DEFAULT_MAX_PAYLOAD_BYTES, InvalidEvent, validate_event
-from transport.security import curve_client_from_config
+from transport.security import SocketHook, curve_client_from_config
 
 __all__ = [
     "BatchRefused",
@@ -77,7 +77,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BATCH_BYTES = 4 * 1024 * 1024
 DEFAULT_BACKOFF = Backoff()
 
-SocketHook = Callable[["zmq.Socket[Any]"], None]
 
 
 class PublisherError(Exception):

@@ -16,9 +16,9 @@ import pykka
 import zmq
 
 from transport.config import QueryConfig
-from transport.ingest import SocketHook
 from transport.logs import RateLimitedLog
 from transport.queries import QueryError, parse_query
+from transport.security import SocketHook
 
 log = logging.getLogger(__name__)
 
