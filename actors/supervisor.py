@@ -284,7 +284,7 @@ class Daemon:
         return 0 if self.stop() else 1
 
     def reload(self) -> None:
-        """Re-read what can change at run time: the log level."""
+        """Re-read what can change at run time: the log level and the authorized CURVE keys."""
         source = self.config.source
         if source is None:
             log.info("SIGHUP: no config file to reload")

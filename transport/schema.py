@@ -133,17 +133,6 @@ def validate_event(obj: Any, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES)
     return Event(topic, event_id, timestamp, ts_ns, source, packed)
 
 
-def event_to_wire(event: Event) -> dict[str, Any]:
-    """The event as a map for the wire (the inverse of :func:`validate_event`)."""
-    return {
-        "topic": event.topic,
-        "event_id": event.event_id,
-        "timestamp": event.timestamp,
-        "source": event.source,
-        "payload": msgpack.unpackb(event.payload, raw=False, strict_map_key=False),
-    }
-
-
 def type_name(value: Any) -> str:
     return "nil" if value is None else type(value).__name__
 
