@@ -59,3 +59,17 @@ def test_ack_request() -> None:
 def test_refused_ack_requests(request_: object, reason: str) -> None:
     with pytest.raises(FrameError, match=reason):
         decode_ack_request(msgpack.packb(request_))
+
+
+def test_a_plain_frame_keeps_each_payload_as_the_bytes_that_arrived() -> None:
+    # A float32 is re-encoded as a float64 by msgpack, so equal bytes show the fast decoder ran.
+    payload = b"\x81\xa1x\xca\x3f\xc0\x00\x00"  # {"x": 1.5} with a float32
+    head = msgpack.packb({"topic": "t", "event_id": "1", "timestamp": "2025-10-22T10:00:00Z", "source": "s"})
+    frame = b"\x85" + head[1:] + msgpack.packb("payload") + payload
+    [event] = decode_frame(frame).events
+    assert event.payload == payload
+    # With an unknown field the exact decoder takes it: the same event, the payload re-encoded.
+    extra = b"\x86" + head[1:] + msgpack.packb("payload") + payload + msgpack.packb("extra") + b"\x01"
+    [again] = decode_frame(extra).events
+    assert again[:5] == event[:5]
+    assert again.payload == msgpack.packb({"x": 1.5}) != payload

@@ -15,7 +15,15 @@ import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from transport.codec import DecodedBatch, FrameError, Limits, decode_ack_request, decode_frame
+from transport.codec import (
+    DecodedBatch,
+    FrameError,
+    Limits,
+    decode_ack_request,
+    decode_frame,
+    unpack,
+    validate_items,
+)
 from transport.schema import Event, InvalidEvent, validate_event
 
 # About 7 100 generated inputs in all (most decoded several ways); ~30 s on a 2-core machine.
@@ -114,3 +122,40 @@ def test_validate_event_raises_only_invalid_event(obj: Any) -> None:
         assert str(exc)
         return
     assert isinstance(event, Event) and 1 <= len(event.topic) <= 255 and len(event.payload) <= 512
+
+
+# Events the fast decoder takes whole (mostly): exactly the schema's fields, plainly valid values.
+plain_events = st.fixed_dictionaries(
+    {
+        "topic": st.sampled_from(["orders", "a.b-c", "t" * 255, "with space", ""]),
+        "event_id": st.text(min_size=1, max_size=12),
+        "timestamp": st.datetimes(timezones=st.just(dt.timezone.utc)).map(lambda d: d.isoformat()),
+        "source": st.text(max_size=12),
+    },
+    optional={"payload": st.dictionaries(st.one_of(st.text(max_size=8), ints), trees, max_size=5)},
+)
+
+
+def exact_decode(frame: bytes) -> tuple[list[tuple[Any, ...]], list[tuple[int, str]]] | str:
+    """What the exact decoder makes of a frame, payloads compared as the maps they encode."""
+    try:
+        batch = validate_items(unpack(frame), LIMITS)
+    except FrameError as exc:
+        return str(exc)
+    return comparable(batch)
+
+
+def comparable(batch: DecodedBatch) -> tuple[list[tuple[Any, ...]], list[tuple[int, str]]]:
+    events = [(*e[:5], msgpack.unpackb(e.payload, raw=False, strict_map_key=False)) for e in batch.events]
+    return events, batch.rejected
+
+
+@settings(FUZZ, max_examples=600)
+@given(st.lists(st.one_of(plain_events, plain_events, events), min_size=1, max_size=8))
+def test_fast_and_exact_decoders_agree(items: list[Any]) -> None:
+    frame = packed(items)
+    try:
+        fast: Any = comparable(decode_frame(frame, LIMITS))
+    except FrameError as exc:
+        fast = str(exc)
+    assert fast == exact_decode(frame)
