@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
+
+from transport.schema import Event
 
 
 EVENT_OVERHEAD_BYTES = 256
@@ -18,6 +21,11 @@ EVENT_OVERHEAD_BYTES = 256
 def event_bytes(payload: bytes) -> int:
     """The credit an event takes in bytes: its encoded payload plus a fixed overhead."""
     return len(payload) + EVENT_OVERHEAD_BYTES
+
+
+def events_bytes(events: Sequence[Event]) -> int:
+    """The credit of several events: the sum of their :func:`event_bytes`."""
+    return sum([len(event.payload) for event in events]) + EVENT_OVERHEAD_BYTES * len(events)
 
 
 class InFlight:

@@ -27,7 +27,7 @@ from typing import Any
 import pykka
 
 from actors.dedup import STORAGE_RETRY
-from actors.flow import InFlight, LiveFigures, event_bytes
+from actors.flow import EVENT_OVERHEAD_BYTES, InFlight, LiveFigures, event_bytes, events_bytes
 from actors.messages import (
     AckTicket,
     ClassifyRequest,
@@ -103,7 +103,7 @@ class OrderingActor(pykka.ThreadingActor):
                 # A bug must not kill the actor (its topics would stop for good): log it, give
                 # the batch's credit back, and carry on; acked publishers will resend.
                 log.exception("ordering actor %d: a batch of %d events failed", self._index, len(message.events))
-                self._in_flight.release(len(message.events), _credit(message.events))
+                self._in_flight.release(len(message.events), events_bytes(message.events))
         elif isinstance(message, ClassifyResult):
             self._answer(message)
         elif isinstance(message, Tick):
@@ -125,6 +125,7 @@ class OrderingActor(pykka.ThreadingActor):
         events = batch.events
         tickets = batch.tickets or [None] * len(events)
         buffer = self._buffer
+        held = buffer.held
         looking_up = self._looking_up
         by_topic: dict[str, list[int]] = {}
         first_of: dict[_Key, int] = {}
@@ -136,7 +137,7 @@ class OrderingActor(pykka.ThreadingActor):
             first = first_of.get(key)
             if first is not None:
                 copies.append((position, first))
-            elif buffer.holding(event.topic, event.event_id) is not None:
+            elif key in held:
                 self._copies.setdefault(key, []).append((tickets[position], event_bytes(event.payload)))
                 attached += 1
                 attached_bytes += event_bytes(event.payload)
@@ -200,7 +201,7 @@ class OrderingActor(pykka.ThreadingActor):
             # The dedup actor did not answer: drop the batch (its acks never come, so acked
             # publishers resend) and give its credit back so ingest does not stall for good.
             self._in_flight.release(
-                len(pending.events) - pending.attached, _credit(pending.events) - pending.attached_bytes
+                len(pending.events) - pending.attached, events_bytes(pending.events) - pending.attached_bytes
             )
             return
         buffer = self._buffer
@@ -295,7 +296,7 @@ class OrderingActor(pykka.ThreadingActor):
         nbytes = 0
         for out in released:
             event, received_at, ticket = out.item
-            nbytes += event_bytes(event.payload)
+            nbytes += len(event.payload)
             rows.append(
                 (out.topic, out.event_id, out.seq, event.timestamp, out.ts_ns, event.source,
                  event.payload, received_at, 1 if out.late else 0)
@@ -321,14 +322,10 @@ class OrderingActor(pykka.ThreadingActor):
                     for copy_ticket, copy_bytes in waiting:
                         _count_copy(write, out.topic, copy_ticket, copy_bytes)
         write.events += len(released)
-        write.bytes += nbytes
+        write.bytes += nbytes + EVENT_OVERHEAD_BYTES * len(released)  # event_bytes() of each
         self._live.buffered[self._index] = self._buffer.buffered
         if write.events:
             self._dedup.tell(write)
-
-
-def _credit(events: list[Event]) -> int:
-    return sum(event_bytes(event.payload) for event in events)
 
 
 def _count_copy(write: WriteBatch, topic: str, ticket: AckTicket | None, nbytes: int) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Generic, NamedTuple, TypeVar
 
 from actors.store import TopicState
@@ -32,6 +32,9 @@ from actors.store import TopicState
 T = TypeVar("T")
 
 _NOTHING = (-1, -1)
+# Builds a NamedTuple from a tuple in C: the NamedTuple's own __new__ is a Python function, and
+# one Released is made for every event stored.
+_make = tuple.__new__
 
 
 class Released(NamedTuple, Generic[T]):
@@ -86,6 +89,11 @@ class ReorderBuffer(Generic[T]):
     def holding(self, topic: str, event_id: str) -> T | None:
         """The item of this event if it is waiting in the buffer (a copy arriving now is a duplicate)."""
         return self._held.get((topic, event_id))
+
+    @property
+    def held(self) -> Mapping[tuple[str, str], T]:
+        """Every waiting event's item by (topic, event_id): :meth:`holding` for a whole batch."""
+        return self._held
 
     def push(
         self, topic: str, entries: Iterable[tuple[int, str, T]], now: float, release: bool = True
@@ -163,9 +171,18 @@ class ReorderBuffer(Generic[T]):
         waiting.sort()
         cut = bisect.bisect_left(waiting, (limit[0], limit[1] + 1))
         held = self._held
-        for ts_ns, _, event_id, item in waiting[:cut]:
+        seq = state.last_seq
+        last_ts_ns = state.last_ts_ns
+        append = released.append
+        for ts_ns, _, event_id, item in waiting[:cut]:  # _release, inlined: this runs per event
             del held[(topic, event_id)]
-            released.append(self._release(state, topic, ts_ns, event_id, item))
+            seq += 1
+            late = ts_ns < last_ts_ns
+            if not late:
+                last_ts_ns = ts_ns
+            append(_make(Released, (topic, ts_ns, event_id, item, seq, late)))
+        state.last_seq = seq
+        state.last_ts_ns = last_ts_ns
         del waiting[:cut]
         self.buffered -= cut
         if limit > state.released_upto:
@@ -192,4 +209,4 @@ class ReorderBuffer(Generic[T]):
         late = ts_ns < state.last_ts_ns
         if not late:
             state.last_ts_ns = ts_ns
-        return Released(topic, ts_ns, event_id, item, state.last_seq, late)
+        return _make(Released, (topic, ts_ns, event_id, item, state.last_seq, late))

@@ -137,7 +137,8 @@ plain_events = st.fixed_dictionaries(
 
 
 def exact_decode(frame: bytes) -> tuple[list[tuple[Any, ...]], list[tuple[int, str]]] | str:
-    """What the exact decoder makes of a frame, payloads compared as the maps they encode."""
+    """What the exact decoder makes of a frame, payloads compared as the maps they encode (re-encoded,
+    so that a NaN inside compares equal to itself)."""
     try:
         batch = validate_items(unpack(frame), LIMITS)
     except FrameError as exc:
@@ -146,7 +147,7 @@ def exact_decode(frame: bytes) -> tuple[list[tuple[Any, ...]], list[tuple[int, s
 
 
 def comparable(batch: DecodedBatch) -> tuple[list[tuple[Any, ...]], list[tuple[int, str]]]:
-    events = [(*e[:5], msgpack.unpackb(e.payload, raw=False, strict_map_key=False)) for e in batch.events]
+    events = [(*e[:5], packed(msgpack.unpackb(e.payload, raw=False, strict_map_key=False))) for e in batch.events]
     return events, batch.rejected
 
 

@@ -24,6 +24,7 @@ import msgspec
 from transport.schema import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     MAX_NAME_CHARS,
+    VALID_TOPICS,
     Event,
     InvalidEvent,
     check_topic,
@@ -76,6 +77,8 @@ class _WireAckRequest(msgspec.Struct, forbid_unknown_fields=True):
     events: list[_WireEvent]
 
 
+# Builds a NamedTuple from a tuple in C, skipping its Python-level __new__ (once per event).
+_make = tuple.__new__
 _frame_decoder = msgspec.msgpack.Decoder(Union[_WireEvent, list[_WireEvent]])
 _ack_decoder = msgspec.msgpack.Decoder(_WireAckRequest)
 
@@ -85,6 +88,7 @@ def _fast_events(wire: list[_WireEvent], limits: Limits) -> list[Event] | None:
     if not wire or len(wire) > limits.max_batch_events:
         return None
     unpackb = msgpack.unpackb
+    valid_topics = VALID_TOPICS
     max_payload = limits.max_payload_bytes
     events = []
     try:
@@ -95,8 +99,11 @@ def _fast_events(wire: list[_WireEvent], limits: Limits) -> list[Event] | None:
             # Decoded only to be sure it decodes exactly as the exact decoder would (UTF-8,
             # hashable keys): the bytes that arrived are what is stored.
             unpackb(payload, raw=False, strict_map_key=False)
+            topic = item.topic
+            if topic not in valid_topics:
+                check_topic(topic)
             timestamp, ts_ns = parse_timestamp(item.timestamp)
-            events.append(Event(check_topic(item.topic), item.event_id, timestamp, ts_ns, item.source, payload))
+            events.append(_make(Event, (topic, item.event_id, timestamp, ts_ns, item.source, payload)))
     except (InvalidEvent, ValueError, TypeError, msgpack.UnpackException):
         return None
     return events

@@ -19,7 +19,7 @@ import pykka
 import zmq
 
 from actors.dedup import ACK_ENDPOINT
-from actors.flow import InFlight, event_bytes
+from actors.flow import InFlight, events_bytes
 from actors.messages import AckTicket, AddRejected, IngestBatch
 from transport.codec import (
     FrameError,
@@ -153,7 +153,7 @@ class IngestServer:
                     self._reject(1, f"message could not be decoded ({type(exc).__name__}: {exc}); this is a bug")
         self.frames += frames
         if events:
-            self._in_flight.add(len(events), sum(event_bytes(event.payload) for event in events))
+            self._in_flight.add(len(events), events_bytes(events))
             self._router.tell(IngestBatch(events, time.time(), tickets))
         return frames
 
