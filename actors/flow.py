@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from transport.schema import Event
 
@@ -67,6 +68,29 @@ class InFlight:
         with self._lock:
             self._value -= count
             self._bytes -= nbytes
+
+
+class PipelineDepth:
+    """How many messages wait in the actors' inboxes: when many do, ingest lets frames gather.
+
+    Events are batched by what ingest can read without waiting. While the actors are behind,
+    reading on would only queue more small batches, each paying the per-message costs (a
+    lookup, a write, a release pass). Holding off lets frames gather in the sockets instead, so
+    the next read takes one large batch: under load batches grow by themselves, and under light
+    load (empty inboxes) nothing waits.
+    """
+
+    def __init__(self, inboxes: Sequence[Any], limit: int) -> None:
+        self._inboxes = list(inboxes)
+        self.limit = limit
+
+    def queued(self) -> int:
+        """Messages waiting in the watched inboxes now."""
+        return sum([inbox.qsize() for inbox in self._inboxes])
+
+    def busy(self) -> bool:
+        """Whether ingest should let frames gather before it reads more."""
+        return self.limit > 0 and self.queued() >= self.limit
 
 
 class LiveFigures:

@@ -33,6 +33,7 @@ class IngestConfig:
     max_payload_bytes: int = 1_048_576
     max_message_bytes: int = 16_777_216
     rcvhwm: int = 100
+    gather_at_queued: int = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +195,8 @@ def _parse_section(name: str, section_type: type, values: dict[str, Any]) -> Any
             )
         if (name, key) in _POSITIVE and value <= 0:
             raise ConfigError(f"[{name}] {key} must be greater than 0, not {value}")
+        if (name, key) == ("ingest", "gather_at_queued") and value < 0:
+            raise ConfigError(f"[ingest] gather_at_queued must be 0 (never pause) or more, not {value}")
         if (name, key) == ("ordering", "window_ms") and value < 0:
             raise ConfigError(f"[ordering] window_ms must be 0 (arrival order) or more, not {value}")
         choices = _CHOICES.get((name, key))

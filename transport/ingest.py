@@ -19,7 +19,7 @@ import pykka
 import zmq
 
 from actors.dedup import ACK_ENDPOINT
-from actors.flow import InFlight, events_bytes
+from actors.flow import InFlight, PipelineDepth, events_bytes
 from actors.messages import AckTicket, AddRejected, IngestBatch
 from transport.codec import (
     FrameError,
@@ -36,6 +36,8 @@ from transport.security import SocketHook
 log = logging.getLogger(__name__)
 
 POLL_MS = 50
+# While there is no credit or the actors are behind, how long to wait before looking again.
+HOLD_POLL_MS = 1
 COALESCE_EVENTS = 2_000
 REJECTED_FLUSH_S = 0.1
 SHUTDOWN_DRAIN_FRAMES = 100_000
@@ -53,11 +55,13 @@ class IngestServer:
         dedup: pykka.ActorRef[Any],
         in_flight: InFlight,
         secure: SocketHook | None = None,
+        depth: PipelineDepth | None = None,
     ) -> None:
         self._config = config
         self._router = router
         self._dedup = dedup
         self._in_flight = in_flight
+        self._depth = depth
         self._limits = Limits(config.max_batch_events, config.max_payload_bytes)
         self._warn = RateLimitedLog(log)
         self._accepting = threading.Event()
@@ -114,8 +118,13 @@ class IngestServer:
                 if not accepting and not drained_on_stop:
                     self._drain_on_stop()
                     drained_on_stop = True
-                poller = everything if accepting and self._in_flight.has_room() else acks_only
-                ready = dict(poller.poll(POLL_MS))
+                if not accepting:
+                    poller, wait_ms = acks_only, POLL_MS
+                elif not self._in_flight.has_room() or (self._depth is not None and self._depth.busy()):
+                    poller, wait_ms = acks_only, HOLD_POLL_MS
+                else:
+                    poller, wait_ms = everything, POLL_MS
+                ready = dict(poller.poll(wait_ms))
                 if self._acks in ready:
                     self._forward_acks()
                 if accepting and (self._pull in ready or self._ack_router in ready):
