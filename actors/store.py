@@ -4,9 +4,12 @@ Theory of operation. Exactly one :class:`EventStore` (owned by the dedup actor's
 Each unique event is one row of ``events`` under PRIMARY KEY (topic, event_id); its rowid is
 its position in commit order, which the all-topics cursor pages on. ``topics`` and ``counters``
 hold every counter the stats report, and are updated inside the same transaction as the rows
-they count, so after any crash the counters agree with the rows. :class:`EventReader` opens its
-own read-only connection (WAL lets it read while the writer writes), so queries never wait
-behind ingest.
+they count, so after any crash the counters agree with the rows. ``topics`` is WITHOUT ROWID:
+every commit upserts one row per topic it touched, and one B-tree instead of a table plus its
+key index made that 8-10 -> 6 us per topic (3 000 of 100 000 topics per transaction); a
+database made before keeps its rowid table, which the same statements serve just as well.
+:class:`EventReader` opens its own read-only connection (WAL lets it read while the writer
+writes), so queries never wait behind ingest.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ CREATE TABLE IF NOT EXISTS topics (
     received          INTEGER NOT NULL DEFAULT 0,
     duplicate_dropped INTEGER NOT NULL DEFAULT 0,
     late              INTEGER NOT NULL DEFAULT 0
-);
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
