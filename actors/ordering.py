@@ -323,7 +323,10 @@ class OrderingActor(pykka.ThreadingActor):
                         _count_copy(write, out.topic, copy_ticket, copy_bytes)
         write.events += len(released)
         write.bytes += nbytes + EVENT_OVERHEAD_BYTES * len(released)  # event_bytes() of each
-        self._live.buffered[self._index] = self._buffer.buffered
+        buffered = self._buffer.buffered
+        self._live.buffered[self._index] = buffered
+        if buffered:
+            self._live.waiting.set()  # after the count: the tick thread reads it once woken
         if write.events:
             self._dedup.tell(write)
 
