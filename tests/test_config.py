@@ -76,3 +76,12 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_lowercase_choices_are_accepted() -> None:
     assert parse_config({"storage": {"synchronous": "full"}}).storage.synchronous == "FULL"
+
+
+def test_paths_may_name_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", "/run/credentials/eventagg.service")
+    config = parse_config({"security": {"curve_secret_key": "${CREDENTIALS_DIRECTORY}/curve-secret"}})
+    assert config.security.curve_secret_key == "/run/credentials/eventagg.service/curve-secret"
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    with pytest.raises(ConfigError, match=r"\[security\] curve_secret_key = .* not set \(systemd sets it"):
+        parse_config({"security": {"curve_secret_key": "${CREDENTIALS_DIRECTORY}/curve-secret"}})

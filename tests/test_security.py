@@ -18,7 +18,7 @@ import msgpack
 import pytest
 import zmq
 
-from harness import Daemon, free_port, run_script
+from harness import Daemon, env_with, free_port, run_script
 from transport.client import NoAnswer, QueryClient
 from transport.config import Config, IngestConfig, QueryConfig, SecurityConfig
 from transport.security import (
@@ -181,6 +181,30 @@ def test_sighup_reloads_authorized_keys(daemon_factory: Callable[..., Daemon], k
     wait_for(lambda: "reloaded 2 authorized client keys" in daemon.log(), "the keys to be reloaded")
     assert "error" not in ask(daemon, {"op": "stats"}, mallory, timeout=5.0)
     assert daemon.terminate() == 0
+
+
+def test_the_secret_key_can_come_from_systemd_credentials(
+    daemon_factory: Callable[..., Daemon], keys: dict[str, Path], tmp_path: Path
+) -> None:
+    # What LoadCredential=curve-secret:/etc/eventagg/server.key_secret gives the service: a
+    # private folder in $CREDENTIALS_DIRECTORY holding a read-only copy under the credential's name.
+    credentials = tmp_path / "credentials"
+    credentials.mkdir(mode=0o700)
+    (credentials / "curve-secret").write_bytes(keys["server_secret"].read_bytes())
+    os.chmod(credentials / "curve-secret", 0o400)
+    daemon = daemon_factory("creds", security={
+        "curve_secret_key": "${CREDENTIALS_DIRECTORY}/curve-secret", "authorized_keys": str(keys["authorized"])})
+    daemon.start(wait=False, env=env_with(CREDENTIALS_DIRECTORY=str(credentials)))
+    wait_ready(daemon, curve_client(keys["server_public"], keys["alice"]))
+    assert daemon.terminate() == 0
+
+    # Without the variable (not started by systemd with the credential) the config is refused.
+    unset = daemon_factory("nocreds", security={
+        "curve_secret_key": "${CREDENTIALS_DIRECTORY}/curve-secret", "authorized_keys": str(keys["authorized"])})
+    unset.start(wait=False, env={k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"})
+    assert unset.proc is not None
+    assert unset.proc.wait(30) == 2
+    assert "names an environment variable that is not set (systemd sets it for a unit with LoadCredential=)" in unset.log()
 
 
 def test_wildcard_bind_without_curve_refuses_to_start(daemon_factory: Callable[..., Daemon]) -> None:

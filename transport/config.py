@@ -4,7 +4,9 @@ Every setting has a default (the same values as the repository's ``config.toml``
 may set any subset. Unknown sections or keys, and values of the wrong type or range, raise
 :class:`ConfigError` naming the key, so a typo fails at start rather than being ignored.
 Relative paths are resolved against the config file's folder, except ``[storage] path``, which
-is resolved against ``$STATE_DIRECTORY`` when systemd sets it.
+is resolved against ``$STATE_DIRECTORY`` when systemd sets it. Paths may name environment
+variables (``${CREDENTIALS_DIRECTORY}/curve-secret``: where systemd's ``LoadCredential=`` puts
+a key the service's dynamic user may read); one that is not set is an error at load.
 """
 
 from __future__ import annotations
@@ -148,6 +150,22 @@ _CHOICES = {
     ("log", "level"): ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
 }
 _ENDPOINTS = {("ingest", "bind"), ("ingest", "ack_bind"), ("query", "bind")}
+_PATHS = {
+    ("storage", "path"),
+    ("security", "curve_secret_key"),
+    ("security", "authorized_keys"),
+    ("security", "server_public_key"),
+    ("security", "client_certificate"),
+}
+
+
+def _expand(key: str, value: str) -> str:
+    """``value`` with its ``$NAME`` / ``${NAME}`` environment variables replaced."""
+    expanded = os.path.expandvars(value)
+    if "$" in expanded:
+        hint = " (systemd sets it for a unit with LoadCredential=)" if "CREDENTIALS_DIRECTORY" in expanded else ""
+        raise ConfigError(f"{key} = {value!r} names an environment variable that is not set{hint}")
+    return expanded
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
@@ -204,6 +222,8 @@ def _parse_section(name: str, section_type: type, values: dict[str, Any]) -> Any
             value = value.upper()
             if value not in choices:
                 raise ConfigError(f"[{name}] {key} must be one of {', '.join(choices)}, not {values[key]!r}")
+        if (name, key) in _PATHS and "$" in value:
+            value = _expand(f"[{name}] {key}", value)
         if (name, key) in _ENDPOINTS and "://" not in value:
             raise ConfigError(f"[{name}] {key} must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, not {value!r}")
         checked[key] = value
