@@ -265,7 +265,7 @@ class OrderingActor(pykka.ThreadingActor):
         ask = ClassifyRequest(request.keys, request.unknown_topics)
         for attempt in range(1, CLASSIFY_ATTEMPTS + 1):
             try:
-                result: ClassifyResult = self._dedup.ask(ask, timeout=CLASSIFY_TIMEOUT_S)
+                result: ClassifyResult = self._dedup.ask(ask, block=True, timeout=CLASSIFY_TIMEOUT_S)
                 return result
             except pykka.Timeout:
                 log.warning(

@@ -151,6 +151,7 @@ class Daemon:
         self.live.refused += count
 
     def _pipeline_depth(self) -> PipelineDepth:
+        assert self.router is not None and self.dedup is not None  # started before ingest
         refs = [self.router, *self.ordering, self.dedup]
         return PipelineDepth([ref.actor_inbox for ref in refs], self.config.ingest.gather_at_queued)
 

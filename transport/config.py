@@ -205,7 +205,8 @@ def _parse_section(name: str, section_type: type, values: dict[str, Any]) -> Any
         spec = fields.get(key)
         if spec is None:
             raise ConfigError(f"unknown key [{name}] {key}; known keys: {', '.join(sorted(fields))}")
-        expected = type(spec.default)
+        default: Any = spec.default  # every field has one; Any, since the sections differ
+        expected = type(default)
         # bool is a subclass of int in Python; keep them apart so `actors = true` is an error.
         if type(value) is not expected:
             raise ConfigError(

@@ -62,7 +62,7 @@ class DebugFreezeQuery:
 
 Query = StatsQuery | EventsQuery | TopicsQuery | HealthQuery | DebugFreezeQuery
 
-_SIMPLE = {"stats": StatsQuery(), "topics": TopicsQuery(), "health": HealthQuery()}
+_SIMPLE: dict[str, Query] = {"stats": StatsQuery(), "topics": TopicsQuery(), "health": HealthQuery()}
 
 
 def parse_query(request: Any, max_limit: int, *, test_hooks: bool | None = None) -> Query:

@@ -87,7 +87,7 @@ class QueryServer:
         except QueryError as exc:
             return self._error(str(exc))
         try:
-            reply: dict[str, Any] = self._stats.ask(query, timeout=self._config.timeout_ms / 1000)
+            reply: dict[str, Any] = self._stats.ask(query, block=True, timeout=self._config.timeout_ms / 1000)
             return reply
         except pykka.Timeout:
             return {"error": f"the stats actor did not answer within {self._config.timeout_ms} ms"}

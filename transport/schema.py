@@ -59,7 +59,7 @@ def check_topic(topic: Any) -> str:
     """Return ``topic`` if it is a valid topic name, or raise :class:`InvalidEvent` saying why."""
     # isinstance first: a list or map topic is unhashable, and the set lookup would raise TypeError.
     if isinstance(topic, str) and topic in VALID_TOPICS:  # topics repeat: check each distinct one once
-        return topic  # type: ignore[no-any-return]
+        return topic
     if not isinstance(topic, str):
         raise InvalidEvent(f"topic must be a string, not {type_name(topic)}")
     if not 1 <= len(topic) <= MAX_NAME_CHARS:
@@ -149,7 +149,7 @@ def _packer() -> msgpack.Packer:
     # a Packer is not thread-safe (the publisher library validates on its callers' threads), so
     # each thread keeps its own.
     try:
-        return _local.packer  # type: ignore[no-any-return]
+        return _local.packer
     except AttributeError:
         _local.packer = msgpack.Packer(use_bin_type=True, datetime=False)
-        return _local.packer  # type: ignore[no-any-return]
+        return _local.packer

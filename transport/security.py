@@ -43,13 +43,13 @@ log = logging.getLogger(__name__)
 SocketHook = Callable[["zmq.Socket[Any]"], None]
 
 MONITOR_POLL_MS = 100
-REFUSAL_EVENTS = {
+REFUSAL_EVENTS: dict[int, str] = {
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "key not authorized",
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol error (a client without CURVE, or the wrong server key)",
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed",
 }
 
-_SOCKET_NAMES = {zmq.PULL: "ingest", zmq.ROUTER: "acknowledged ingest", zmq.REP: "query"}
+_SOCKET_NAMES: dict[int, str] = {zmq.PULL: "ingest", zmq.ROUTER: "acknowledged ingest", zmq.REP: "query"}
 
 
 class SecurityError(Exception):
