@@ -135,7 +135,10 @@ def test_full_disk_gives_no_ack_and_recovers(daemon_factory: Callable[..., Daemo
         assert failures and "acknowledged; retrying in" in log, log
         # Queries are still answered, and health says what is wrong.
         stats = daemon.stats()
-        assert stats["unique_processed"] == 10 and stats["in_flight"] == 300, stats
+        # A write that fitted in pages SQLite already had may have committed before the disk
+        # refused the rest; the batch is acknowledged only once all of it has.
+        committed = stats["unique_processed"] - 10
+        assert 0 <= committed < 300 and stats["in_flight"] == 300 - committed, stats
         health = daemon.request({"op": "health"})
         assert "the last commit failed: database or disk is full" in health.get("error", ""), health
         assert len(failures) >= 2, "the commit was not retried"
