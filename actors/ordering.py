@@ -235,7 +235,7 @@ class OrderingActor(pykka.ThreadingActor):
                 self._count_duplicate(write, event, tickets[position])
         for position in pending.later:
             event = events[position]
-            if buffer.holding(event.topic, event.event_id) is not None:
+            if (event.topic, event.event_id) in buffer.held:
                 copies.setdefault((event.topic, event.event_id), []).append(
                     (tickets[position], event_bytes(event.payload))
                 )

@@ -86,13 +86,9 @@ class ReorderBuffer(Generic[T]):
         """Start a topic from its stored state, so seqs and lateness continue after a restart."""
         self._topics[topic] = _Topic(state.last_seq, state.last_ts_ns)
 
-    def holding(self, topic: str, event_id: str) -> T | None:
-        """The item of this event if it is waiting in the buffer (a copy arriving now is a duplicate)."""
-        return self._held.get((topic, event_id))
-
     @property
     def held(self) -> Mapping[tuple[str, str], T]:
-        """Every waiting event's item by (topic, event_id): :meth:`holding` for a whole batch."""
+        """Every waiting event's item by (topic, event_id): a copy of one of these arriving now is a duplicate."""
         return self._held
 
     def push(

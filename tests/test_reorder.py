@@ -35,10 +35,10 @@ def test_events_wait_for_the_window_then_leave_in_timestamp_order() -> None:
     buf = buffer(window_s=1.0)
     assert buf.push("t", [(30, "a", "a"), (10, "b", "b")], now=0.0) == []
     assert buf.push("t", [(20, "c", "c")], now=0.5) == []
-    assert buf.holding("t", "a") == "a" and buf.buffered == 3
+    assert buf.held.get(("t", "a")) == "a" and buf.buffered == 3
     first = buf.release_due(1.0)  # a and b are due; c sorts before a, so it leaves early with them
     assert ids(first) == ["b", "c", "a"] and [r.seq for r in first] == [1, 2, 3]
-    assert not any(r.late for r in first) and buf.buffered == 0 and buf.holding("t", "a") is None
+    assert not any(r.late for r in first) and buf.buffered == 0 and ("t", "a") not in buf.held
 
 
 def test_an_event_older_than_what_was_released_is_late_but_kept() -> None:
@@ -123,7 +123,7 @@ def run(stream: list[tuple[float, str, str, int]], window_s: float, max_buffered
             out.append((r, now))
             stored.add((r.topic, r.event_id))
         key = (topic, event_id)
-        if key in stored or buf.holding(topic, event_id) is not None:
+        if key in stored or (topic, event_id) in buf.held:
             continue
         arrived_at[key] = now
         arrival_no[key] = number
@@ -189,7 +189,7 @@ def test_flush_releases_everything_in_order(stream) -> None:
     buf = buffer(5.0, 10_000, topics=("a", "b", "c"))
     pushed: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for number, (_, topic, event_id, ts) in enumerate(stream):
-        if buf.holding(topic, event_id) is not None:
+        if (topic, event_id) in buf.held:
             continue
         buf.push(topic, [(ts, event_id, event_id)], 0.0)
         pushed[topic].append((ts, number))
