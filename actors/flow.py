@@ -104,6 +104,7 @@ class LiveFigures:
         self.started = time.monotonic()
         self.committed: dict[str, int] = {}
         self.buffered = [0]  # per ordering actor: events waiting in its reorder window
+        self.committed_writes = [0]  # per ordering actor: the serial of its last committed write
         self.waiting = threading.Event()  # set by an ordering actor while events wait: wakes the ticks
         self.commits = 0
         self.last_commit_error: str | None = None

@@ -46,6 +46,7 @@ from transport.schema import Event
 log = logging.getLogger(__name__)
 
 CLASSIFY_TIMEOUT_S = 10.0
+FORGET_INTERVAL_S = 1.0
 CLASSIFY_ATTEMPTS = 6
 
 # A new event on its way to the store: the event, when its batch arrived, and its ack ticket.
@@ -82,11 +83,18 @@ class OrderingActor(pykka.ThreadingActor):
         max_buffered: int,
         in_flight: InFlight,
         live: LiveFigures,
+        max_topics: int = 0,
     ) -> None:
         super().__init__()
         self._index = index
         self._dedup = dedup
         self._buffer: ReorderBuffer[_Item] = ReorderBuffer(window_ms / 1000, max_buffered)
+        # Topic states kept at most (0: no limit); beyond it idle topics whose last write has
+        # committed are forgotten, and come back from the store's topics table when they return.
+        self._max_topics = max_topics
+        self._written: dict[str, int] = {}  # topic -> serial of the last write that counted it
+        self._write_serial = 0
+        self._next_forget = 0.0
         # Copies that arrived while their original waits in the buffer: (ticket, credit bytes).
         self._copies: dict[_Key, list[tuple[AckTicket | None, int]]] = {}
         self._awaiting: deque[_Pending] = deque()
@@ -125,6 +133,10 @@ class OrderingActor(pykka.ThreadingActor):
         events = batch.events
         tickets = batch.tickets or [None] * len(events)
         buffer = self._buffer
+        if self._max_topics and buffer.topic_count > self._max_topics:
+            # Here, before this batch's topics are looked at: a topic forgotten now is simply
+            # unknown to it, and its lookup brings the stored state back.
+            self._forget_idle_topics()
         held = buffer.held
         looking_up = self._looking_up
         by_topic: dict[str, list[int]] = {}
@@ -328,7 +340,41 @@ class OrderingActor(pykka.ThreadingActor):
         if buffered:
             self._live.waiting.set()  # after the count: the tick thread reads it once woken
         if write.events:
+            if self._max_topics:
+                self._write_serial += 1
+                write.origin, write.serial = self._index, self._write_serial
+                written = self._written
+                for topic in write.topics:
+                    written[topic] = self._write_serial
             self._dedup.tell(write)
+
+    def _forget_idle_topics(self) -> None:
+        """Over ``max_topics``: forget idle topics whose last write has committed, down to 80 % of it.
+
+        Only then is the topic's stored state (last seq and timestamp) its real one, which a
+        later lookup reads back when the topic returns. Topics of batches still being looked
+        up are kept, since their answer will not carry their state.
+        """
+        now = time.monotonic()
+        if now < self._next_forget:
+            return
+        self._next_forget = now + FORGET_INTERVAL_S  # a sweep visits every topic: not every batch
+        committed = self._live.committed_writes[self._index]
+        protected = {topic for pending in self._awaiting for topic in pending.by_topic}
+        written = self._written
+        excess = self._buffer.topic_count - int(self._max_topics * 0.8)
+        forget: list[str] = []
+        for topic in self._buffer.idle_topics():
+            if topic not in protected and written.get(topic, 0) <= committed:
+                forget.append(topic)
+                if len(forget) >= excess:
+                    break
+        if forget:
+            self._buffer.forget(forget)
+            for topic in forget:
+                written.pop(topic, None)
+            log.debug("ordering actor %d forgot %d idle topics (%d kept)", self._index, len(forget),
+                      self._buffer.topic_count)
 
 
 def _count_copy(write: WriteBatch, topic: str, ticket: AckTicket | None, nbytes: int) -> None:

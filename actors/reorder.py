@@ -82,6 +82,22 @@ class ReorderBuffer(Generic[T]):
         """Whether the buffer has this topic's state (its last seq and last timestamp)."""
         return topic in self._topics
 
+    @property
+    def topic_count(self) -> int:
+        """How many topics' states the buffer holds."""
+        return len(self._topics)
+
+    def idle_topics(self) -> list[str]:
+        """Topics with nothing waiting and no arrival still queued: their state may be forgotten."""
+        queued = {topic for _, topic, _, _ in self._arrivals}
+        return [topic for topic, state in self._topics.items() if not state.waiting and topic not in queued]
+
+    def forget(self, topics: Iterable[str]) -> None:
+        """Drop the state of idle topics; :meth:`set_state` brings a topic back when it returns."""
+        for topic in topics:
+            state = self._topics.pop(topic)
+            assert not state.waiting, f"topic {topic!r} still has events waiting"
+
     def set_state(self, topic: str, state: TopicState) -> None:
         """Start a topic from its stored state, so seqs and lateness continue after a restart."""
         self._topics[topic] = _Topic(state.last_seq, state.last_ts_ns)

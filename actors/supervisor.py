@@ -104,12 +104,14 @@ class Daemon:
             )
             self._confirm(self.dedup, "dedup")
             self.live.buffered = [0] * cfg.ordering.actors
+            self.live.committed_writes = [0] * cfg.ordering.actors
             for index in range(cfg.ordering.actors):
                 ref = OrderingActor.start(
                     index,
                     self.dedup,
                     window_ms=cfg.ordering.window_ms,
                     max_buffered=cfg.ordering.max_buffered,
+                    max_topics=max(1, cfg.ordering.max_topics // cfg.ordering.actors),
                     in_flight=self.in_flight,
                     live=self.live,
                 )

@@ -127,3 +127,36 @@ def test_the_reorder_bound_releases_early(daemon_factory: Callable[..., Daemon])
     started = time.monotonic()
     assert daemon.terminate() == 0 and time.monotonic() - started < 30
     assert len(stored_rows(daemon.db_path)) == 250
+
+
+def test_forgotten_topics_come_back_with_their_seqs_and_lateness(daemon_factory: Callable[..., Daemon]) -> None:
+    # 4 ordering actors keeping 2 topics each: 40 topics force them to forget and reload often.
+    daemon = daemon_factory(ordering={"window_ms": 20, "max_topics": 8}, log={"level": "DEBUG"}).start()
+    topics = [f"many-{k}" for k in range(40)]
+    rounds = 4
+    for r in range(rounds):
+        # Each round: 2 events per topic, one second apart, so each actor sweeps once a round.
+        frame = [ev(f"{t}-{r}-{i}", f"2025-10-22T10:00:{10 * r + 2 * i:02d}Z", t) for t in topics for i in range(2)]
+        push_frames(daemon.ingest, [msgpack.packb(frame)])
+        daemon.wait_stats(unique_processed=len(topics) * 2 * (r + 1), buffered=0)
+        time.sleep(1.2)
+    # Then a steady stream, so that sweeps also meet topics whose last write is not committed yet.
+    base = len(topics) * 2 * rounds
+    for f in range(150):
+        frame = [ev(f"{t}-s{f}", f"2025-10-22T10:01:00.{f:03d}Z", t) for t in topics]
+        push_frames(daemon.ingest, [msgpack.packb(frame)])
+        time.sleep(0.02)
+    daemon.wait_stats(unique_processed=base + 150 * len(topics), buffered=0)
+    rounds_events = 2 * rounds + 150
+    # An event older than what a forgotten topic had stored must still be flagged late.
+    push_frames(daemon.ingest, [msgpack.packb(ev("old", "2025-10-22T09:00:00Z", topics[0]))])
+    stats = daemon.wait_stats(unique_processed=len(topics) * rounds_events + 1, late=1)
+    assert "forgot" in daemon.log(), "no topic was ever forgotten: the test did not test forgetting"
+    assert "failed" not in daemon.log(), daemon.log()
+    for topic in topics:
+        stored = daemon.events(topic)
+        expected = rounds_events + (1 if topic == topics[0] else 0)
+        assert [e["seq"] for e in stored] == list(range(1, expected + 1)), topic
+        on_time = [e for e in stored if not e["late"]]
+        assert len(on_time) == rounds_events and instants(on_time) == sorted(instants(on_time)), topic
+    assert stats["unique_processed"] == len(stored_rows(daemon.db_path))

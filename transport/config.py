@@ -45,6 +45,7 @@ class OrderingConfig:
     actors: int = 4
     window_ms: int = 50
     max_buffered: int = 10_000
+    max_topics: int = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +141,7 @@ _POSITIVE = {
     ("ingest", "rcvhwm"),
     ("ordering", "actors"),
     ("ordering", "max_buffered"),
+    ("ordering", "max_topics"),
     ("storage", "commit_max_events"),
     ("storage", "commit_max_ms"),
     ("query", "max_limit"),
