@@ -14,6 +14,11 @@ batch's lookup may not see them yet; that is why a copy of an event from a batch
 looked up is never looked up itself, but settled once that batch is resolved. A copy is always
 settled in the same write as its original or a later one, so no copy is acknowledged before
 the original is committed.
+
+Each topic's state (last seq, last timestamp) stays in the buffer while the topic is in use.
+Beyond ``max_topics`` the actor forgets idle topics whose last write has committed (the
+dedup actor publishes, per ordering actor, the serial of its last committed write); a
+forgotten topic's next batch asks for its stored state like a topic never seen before.
 """
 
 from __future__ import annotations
@@ -89,8 +94,7 @@ class OrderingActor(pykka.ThreadingActor):
         self._index = index
         self._dedup = dedup
         self._buffer: ReorderBuffer[_Item] = ReorderBuffer(window_ms / 1000, max_buffered)
-        # Topic states kept at most (0: no limit); beyond it idle topics whose last write has
-        # committed are forgotten, and come back from the store's topics table when they return.
+        # Topic states kept at most (0: no limit, for tests that build an actor alone).
         self._max_topics = max_topics
         self._written: dict[str, int] = {}  # topic -> serial of the last write that counted it
         self._write_serial = 0
