@@ -31,7 +31,7 @@ import _bootstrap  # noqa: F401
 
 from transport.client import connectable
 from transport.config import ConfigError, IngestConfig, load_config
-from transport.publisher import DeliveryFailed, Publisher, PublisherError
+from transport.publisher import DEFAULT_WINDOW, DeliveryFailed, Publisher, PublisherError
 from stats import curve_from_args
 from transport.security import SecurityError
 from transport.workload import plan
@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slice", metavar="K/P", help="send only slice K (0-based) of P interleaved slices")
     parser.add_argument("--acked", action="store_true",
                         help="acknowledged mode: wait for every batch to be committed, retrying as needed")
-    parser.add_argument("--window", type=int, default=8, metavar="W",
-                        help="acknowledged batches in flight per process (default 8)")
+    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW, metavar="W",
+                        help=f"acknowledged batches in flight per process (default {DEFAULT_WINDOW})")
     parser.add_argument("--ack-timeout", type=float, default=5.0, metavar="SECONDS",
                         help="resend a batch not acknowledged within this (default 5)")
     parser.add_argument("--deadline", type=float, default=60.0, metavar="SECONDS",
