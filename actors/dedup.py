@@ -271,11 +271,10 @@ class DedupActor(pykka.ThreadingActor):
         self._live.committed = dict(counters)
         self._live.commits += 1
         committed_writes = self._live.committed_writes
-        for write in writes:  # an actor's writes arrive, and commit, in the order it sent them
-            if write.serial:
-                committed_writes[write.origin] = write.serial
         finished: list[AckTicket] = []
         for write in writes:
+            # An actor's writes arrive, and commit, in the order it sent them.
+            committed_writes[write.origin] = write.serial
             for ticket, (new, duplicate) in write.tickets.items():
                 ticket.new += new
                 ticket.duplicate += duplicate

@@ -88,14 +88,13 @@ class OrderingActor(pykka.ThreadingActor):
         max_buffered: int,
         in_flight: InFlight,
         live: LiveFigures,
-        max_topics: int = 0,
+        max_topics: int,
     ) -> None:
         super().__init__()
         self._index = index
         self._dedup = dedup
         self._buffer: ReorderBuffer[_Item] = ReorderBuffer(window_ms / 1000, max_buffered)
-        # Topic states kept at most (0: no limit, for tests that build an actor alone).
-        self._max_topics = max_topics
+        self._max_topics = max_topics  # topic states kept at most; beyond it idle ones are forgotten
         self._written: dict[str, int] = {}  # topic -> serial of the last write that counted it
         self._write_serial = 0
         self._next_forget = 0.0
@@ -137,7 +136,7 @@ class OrderingActor(pykka.ThreadingActor):
         events = batch.events
         tickets = batch.tickets or [None] * len(events)
         buffer = self._buffer
-        if self._max_topics and buffer.topic_count > self._max_topics:
+        if buffer.topic_count > self._max_topics:
             # Here, before this batch's topics are looked at: a topic forgotten now is simply
             # unknown to it, and its lookup brings the stored state back.
             self._forget_idle_topics()
@@ -344,12 +343,11 @@ class OrderingActor(pykka.ThreadingActor):
         if buffered:
             self._live.waiting.set()  # after the count: the tick thread reads it once woken
         if write.events:
-            if self._max_topics:
-                self._write_serial += 1
-                write.origin, write.serial = self._index, self._write_serial
-                written = self._written
-                for topic in write.topics:
-                    written[topic] = self._write_serial
+            self._write_serial += 1
+            write.origin, write.serial = self._index, self._write_serial
+            written = self._written
+            for topic in write.topics:
+                written[topic] = self._write_serial
             self._dedup.tell(write)
 
     def _forget_idle_topics(self) -> None:

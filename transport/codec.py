@@ -23,6 +23,7 @@ import msgspec
 
 from transport.schema import (
     DEFAULT_MAX_PAYLOAD_BYTES,
+    EMPTY_PAYLOAD,
     MAX_NAME_CHARS,
     VALID_TOPICS,
     Event,
@@ -57,7 +58,7 @@ class Limits:
 
 
 _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
-_EMPTY_PAYLOAD = msgspec.Raw(msgpack.packb({}))
+_EMPTY_PAYLOAD = msgspec.Raw(EMPTY_PAYLOAD)
 # First bytes of a msgpack map: fixmap, map 16, map 32.
 _MAP_MARKERS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])
 

@@ -125,7 +125,7 @@ def validate_event(obj: Any, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES)
     timestamp, ts_ns = parse_timestamp(raw_timestamp)
     payload = obj.get("payload", _EMPTY_MAP)
     if payload is _EMPTY_MAP:
-        packed = _EMPTY_PACKED
+        packed = EMPTY_PAYLOAD
     else:
         if not isinstance(payload, dict):
             raise InvalidEvent(f"payload must be a map, not {type_name(payload)}")
@@ -140,7 +140,8 @@ def type_name(value: Any) -> str:
 
 
 _EMPTY_MAP: dict[str, Any] = {}
-_EMPTY_PACKED = msgpack.packb({})
+EMPTY_PAYLOAD: bytes = msgpack.packb({})
+"""The stored payload of an event sent without one: an empty msgpack map."""
 _local = threading.local()
 
 
