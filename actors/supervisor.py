@@ -35,6 +35,7 @@ from transport.queries import debug_hooks_enabled
 from transport.query_server import QueryServer
 from transport.sdnotify import Notifier, NotifyError, watchdog_interval
 from transport.security import SecurityError, ServerSecurity
+from transport.threadnames import name_os_threads
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,7 @@ class Daemon:
         self.query.start()
         self._ticker = threading.Thread(target=self._tick, name="ticker", daemon=True)
         self._ticker.start()
+        name_os_threads()
         log.info(
             "eventagg ready: ingest %s, acked ingest %s, queries %s, database %s, %d ordering actors",
             cfg.ingest.bind, cfg.ingest.ack_bind, cfg.query.bind, path, cfg.ordering.actors,

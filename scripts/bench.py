@@ -24,6 +24,9 @@ through ``transport.publisher`` and validates and encodes each event as an appli
   k. That takes the pipeline as first-in first-out (it is, but for the four ordering actors'
   interleaving inside one commit group) and overstates each latency by up to one poll interval.
 * **peak RSS** of the daemon: ``VmHWM`` from ``/proc/PID/status`` after both phases.
+* **daemon CPU per event** in the full-speed phase (user + system), and the same split by
+  thread kind (``cpu_us_per_event_dedup``, ``_ingest``, ``_ordering``, ...) from
+  ``/proc/PID/task``, where the daemon names its threads (``transport.threadnames``).
 * **the raw SQLite ceiling**, in the same run (before and after the daemon, averaged): the same rows (as the daemon would store them)
   put with ``executemany`` of ``INSERT OR IGNORE`` in transactions of 1 000, WAL,
   synchronous=NORMAL, into the daemon's own schema (``actors.store``) and into a table with only
@@ -514,6 +517,13 @@ def peak_rss_mb(pid: int | None) -> float | None:
     return None
 
 
+# Kernel thread names (transport.threadnames), less any "-N" suffix, and how bench.py reports them.
+THREAD_KINDS = {
+    "DedupActor": "dedup", "OrderingActor": "ordering", "RouterActor": "router", "StatsActor": "stats",
+    "ingest": "ingest", "query": "query", "ticker": "ticker", "checkpointer": "checkpointer",
+}
+
+
 def cpu_seconds(pid: int | None) -> float | None:
     """User plus system CPU time the process has used so far, if it can be read."""
     if pid is None:
@@ -523,6 +533,31 @@ def cpu_seconds(pid: int | None) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_seconds(pid: int | None) -> dict[str, float]:
+    """CPU seconds so far per kind of daemon thread, by the kernel names the daemon gives them.
+
+    ``OrderingActor-1`` ... ``-4`` add up under ``ordering``; threads without a name of ours
+    (the main thread, libzmq's I/O thread) under ``other``.
+    """
+    if pid is None:
+        return {}
+    tick = os.sysconf("SC_CLK_TCK")
+    totals: dict[str, float] = {}
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return {}
+    for task in tasks:
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        kind = THREAD_KINDS.get(name.rsplit("-", 1)[0], "other")
+        totals[kind] = totals.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return totals
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -559,6 +594,7 @@ def full_speed_phase(scenario: Scenario, target: Target, id_prefix: str) -> dict
     before = query_stats(target.query)
     base = settled_of(before)
     cpu_before = cpu_seconds(target.pid)
+    threads_before = thread_cpu_seconds(target.pid)
     jobs = split_jobs(scenario, events, target, scenario.processes, 0.0)
     poller = StatsPoller(target.query, FULL_SPEED_POLL_S)
     try:
@@ -570,6 +606,7 @@ def full_speed_phase(scenario: Scenario, target: Target, id_prefix: str) -> dict
     last_send = max(r.last_send for r in reports)
     after = query_stats(target.query)
     cpu_after = cpu_seconds(target.pid)
+    threads_after = thread_cpu_seconds(target.pid)
     distinct = distinct_count(scenario.events, scenario.duplicates)
     unique = after["unique_processed"] - before["unique_processed"]
     duplicates = after["duplicate_dropped"] - before["duplicate_dropped"]
@@ -587,6 +624,9 @@ def full_speed_phase(scenario: Scenario, target: Target, id_prefix: str) -> dict
     if cpu_before is not None and cpu_after is not None:
         # Less sensitive to a noisy machine than the rate: what each event cost the daemon in CPU.
         result["daemon_cpu_us_per_event"] = round((cpu_after - cpu_before) / scenario.events * 1e6, 1)
+    for kind in sorted(threads_after, key=lambda k: -threads_after[k]):
+        spent = threads_after[kind] - threads_before.get(kind, 0.0)
+        result[f"cpu_us_per_event_{kind}"] = round(spent / scenario.events * 1e6, 1)
     if not result["correct"]:
         result["error"] = f"stored {unique} new and {duplicates} duplicates; expected {distinct} and {scenario.events - distinct}"
     if scenario.acked:
@@ -748,7 +788,7 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"\n[{name}]")
         for key, value in row.items():
             if key != "scenario":
-                print(f"  {key:28} {value}")
+                print(f"  {key:30} {value}")
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -22,12 +23,13 @@ import bench  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
+EVENTS = 3000
 COMMON = ("events_per_s", "elapsed_s", "stats_p50_ms", "stats_p99_ms", "commits", "rss_peak_mb",
           "latency_p50_ms", "latency_p99_ms", "latency_max_ms", "latency_rate")
 
 
 def run_bench(*args: str) -> dict[str, Any]:
-    result = run_script("bench.py", "--events", "3000", "--latency-seconds", "0.5", "--json", *args, timeout=100)
+    result = run_script("bench.py", "--events", str(EVENTS), "--latency-seconds", "0.5", "--json", *args, timeout=100)
     assert result.returncode == 0, f"bench.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     report = json.loads(result.stdout)
     assert report["machine"]["cpus"] >= 1
@@ -50,6 +52,12 @@ def test_fire_and_forget_with_ceiling() -> None:
     assert len(report["all"][name]) == 2
     check_figures(row, COMMON + ("ceiling_rows_per_s", "ceiling_pk_only_rows_per_s", "ratio"))
     assert row["latency_method"].startswith("stats poll")
+    # The CPU split by thread kind adds up to the whole, give or take a clock tick per figure
+    # (and threads that ended: none should).
+    split = {key: value for key, value in row.items() if key.startswith("cpu_us_per_event_")}
+    assert {"cpu_us_per_event_dedup", "cpu_us_per_event_ingest", "cpu_us_per_event_ordering"} <= split.keys(), row
+    tick_us_per_event = 1e6 / os.sysconf("SC_CLK_TCK") / EVENTS
+    assert sum(split.values()) == pytest.approx(row["daemon_cpu_us_per_event"], abs=(len(split) + 1) * tick_us_per_event), row
     assert row["ratio"] == pytest.approx(row["events_per_s"] / row["ceiling_rows_per_s"], rel=0.5)
 
 

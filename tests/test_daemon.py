@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
+from pathlib import Path
 from typing import Any, Callable
 
 import msgpack
@@ -260,3 +261,14 @@ def test_publish_script_reports_what_it_sent(daemon: Daemon) -> None:
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["sent"] == 300
     daemon.wait_stats(received=300, unique_processed=270, duplicate_dropped=30)
+
+
+def test_threads_carry_their_names_for_the_kernel(daemon: Daemon) -> None:
+    assert daemon.proc is not None
+    tasks = Path(f"/proc/{daemon.proc.pid}/task")
+    names = Counter((task / "comm").read_text().strip() for task in tasks.iterdir())
+    for name in ("DedupActor-0", "RouterActor-5", "StatsActor-6", "ingest", "query", "ticker", "checkpointer"):
+        assert names[name] == 1, (name, names)
+    assert sum(count for name, count in names.items() if name.startswith("OrderingActor-")) == 4, names
+    # The main thread's name is the process's, which ps, pgrep and systemd show: left alone.
+    assert Path(f"/proc/{daemon.proc.pid}/comm").read_text().strip().startswith("python"), names
