@@ -215,17 +215,22 @@ class DedupActor(pykka.ThreadingActor):
         for write in writes:
             totals["received"] += write.events
             totals["unique_processed"] += len(write.rows)
+            totals["duplicate_dropped"] += write.events - len(write.rows)
+            totals["late"] += write.late
             for topic, delta in write.topics.items():
                 total = topics.get(topic)
                 if total is None:
-                    topics[topic] = total = TopicDelta()
-                total.last_seq = max(total.last_seq, delta.last_seq)
-                total.last_ts_ns = max(total.last_ts_ns, delta.last_ts_ns)
-                total.received += delta.received
-                total.duplicate_dropped += delta.duplicate_dropped
-                total.late += delta.late
-                totals["duplicate_dropped"] += delta.duplicate_dropped
-                totals["late"] += delta.late
+                    # The write's own delta, shared but never changed: should this commit fail,
+                    # the retry sums the same writes again.
+                    topics[topic] = delta
+                else:
+                    topics[topic] = TopicDelta(
+                        max(total.last_seq, delta.last_seq),
+                        max(total.last_ts_ns, delta.last_ts_ns),
+                        total.received + delta.received,
+                        total.duplicate_dropped + delta.duplicate_dropped,
+                        total.late + delta.late,
+                    )
         totals["rejected"] = self._rejected
         try:
             if self._failed_keys:

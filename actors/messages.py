@@ -98,7 +98,8 @@ class WriteBatch:
 
     ``tickets`` maps a ticket to ``[new, duplicate]``: how many of the ticket's events this write
     settles; ``events`` counts every valid event it settles (new or duplicate) and ``bytes``
-    their credit in bytes: what its commit gives back to the in-flight bound; ``new_topics`` counts topics whose first event
+    their credit in bytes: what its commit gives back to the in-flight bound (``events`` less the
+    rows are the duplicates); ``late`` counts the late rows; ``new_topics`` counts topics whose first event
     (seq 1) is among the rows. ``origin`` and ``serial`` say which ordering actor sent it and
     its place in that actor's writes (1, 2, ...), so the actor can learn what has committed.
     """
@@ -108,6 +109,7 @@ class WriteBatch:
     tickets: dict[AckTicket, list[int]] = field(default_factory=dict)
     events: int = 0
     bytes: int = 0
+    late: int = 0
     new_topics: int = 0
     origin: int = 0
     serial: int = 0

@@ -148,7 +148,7 @@ class OrderingActor(pykka.ThreadingActor):
         later: list[int] = []
         attached = attached_bytes = 0
         for position, event in enumerate(events):
-            key = (event.topic, event.event_id)
+            key: _Key = event[:2]  # (topic, event_id), sliced in C
             first = first_of.get(key)
             if first is not None:
                 copies.append((position, first))
@@ -160,7 +160,11 @@ class OrderingActor(pykka.ThreadingActor):
                 later.append(position)
             else:
                 first_of[key] = position
-                by_topic.setdefault(event.topic, []).append(position)
+                positions = by_topic.get(key[0])
+                if positions is None:
+                    by_topic[key[0]] = [position]
+                else:
+                    positions.append(position)
         request = None
         keys = list(first_of)
         if by_topic:
@@ -226,18 +230,21 @@ class OrderingActor(pykka.ThreadingActor):
             for topic, state in result.states.items():
                 if not buffer.knows(topic):
                     buffer.set_state(topic, state)
-        new_positions: set[int] = set()
+        new_positions: set[int] = set()  # needed only to settle this batch's own copies
+        note_new = bool(pending.copies)
         entries_by_topic: list[tuple[str, list[tuple[int, str, _Item]]]] = []
         existing = result.existing if result is not None else set()
+        received_at = pending.received_at
         for topic, positions in pending.by_topic.items():
             entries = []
             for position in positions:
                 event = events[position]
-                if (topic, event.event_id) not in existing:
-                    new_positions.add(position)
-                    entries.append((event.ts_ns, event.event_id, (event, pending.received_at, tickets[position])))
-                else:
+                if existing and (topic, event.event_id) in existing:
                     self._count_duplicate(write, event, tickets[position])
+                    continue
+                if note_new:
+                    new_positions.add(position)
+                entries.append((event.ts_ns, event.event_id, (event, received_at, tickets[position])))
             entries_by_topic.append((topic, entries))
         copies = self._copies
         for position, first in pending.copies:
@@ -309,33 +316,37 @@ class OrderingActor(pykka.ThreadingActor):
         topic = ""
         delta = TopicDelta()
         nbytes = 0
-        for out in released:
-            event, received_at, ticket = out.item
-            nbytes += len(event.payload)
+        # Unpacked in the loop header: one step in C instead of an attribute lookup per field.
+        for out_topic, ts_ns, event_id, (event, received_at, ticket), seq, late in released:
+            _, _, timestamp, _, source, payload = event
+            nbytes += len(payload)
+            # The payload goes in as a bytearray: the sqlite3 module binds one as a blob at once,
+            # while for bytes it first searches for an adapter (~2 600 CPU instructions a row
+            # against ~150 for the copy, counted with callgrind). Stored and read back the same.
             rows.append(
-                (out.topic, out.event_id, out.seq, event.timestamp, out.ts_ns, event.source,
-                 event.payload, received_at, 1 if out.late else 0)
+                (out_topic, event_id, seq, timestamp, ts_ns, source, bytearray(payload), received_at, 1 if late else 0)
             )
-            if out.topic != topic:
-                topic = out.topic
+            if out_topic != topic:
+                topic = out_topic
                 delta = topics.get(topic)  # type: ignore[assignment]
                 if delta is None:
                     topics[topic] = delta = TopicDelta()
             delta.received += 1
-            delta.last_seq = out.seq
-            if out.late:
+            delta.last_seq = seq
+            if late:
                 delta.late += 1
-            elif out.ts_ns > delta.last_ts_ns:
-                delta.last_ts_ns = out.ts_ns
-            if out.seq == 1:
+                write.late += 1
+            elif ts_ns > delta.last_ts_ns:
+                delta.last_ts_ns = ts_ns
+            if seq == 1:
                 write.new_topics += 1
             if ticket is not None:
                 write.settle(ticket, 1, 0)
             if copies:
-                waiting = copies.pop((out.topic, out.event_id), None)
+                waiting = copies.pop((topic, event_id), None)
                 if waiting:
                     for copy_ticket, copy_bytes in waiting:
-                        _count_copy(write, out.topic, copy_ticket, copy_bytes)
+                        _count_copy(write, topic, copy_ticket, copy_bytes)
         write.events += len(released)
         write.bytes += nbytes + EVENT_OVERHEAD_BYTES * len(released)  # event_bytes() of each
         buffered = self._buffer.buffered

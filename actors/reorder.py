@@ -121,22 +121,22 @@ class ReorderBuffer(Generic[T]):
         late: list[Released[T]] = []
         waiting = state.waiting
         held = self._held
-        counter = self._counter
-        largest = _NOTHING
-        pushed = 0
+        first_counter = counter = self._counter
+        last_ts_ns = state.last_ts_ns  # a late event leaves it as it is
+        largest_ts, largest_counter = _NOTHING
         for ts_ns, event_id, item in entries:
-            if ts_ns < state.last_ts_ns:
+            if ts_ns < last_ts_ns:
                 late.append(self._release(state, topic, ts_ns, event_id, item))
                 continue
             counter += 1
             waiting.append((ts_ns, counter, event_id, item))
             held[(topic, event_id)] = item
-            if ts_ns >= largest[0]:
-                largest = (ts_ns, counter)
-            pushed += 1
+            if ts_ns >= largest_ts:
+                largest_ts, largest_counter = ts_ns, counter
         self._counter = counter
+        pushed = counter - first_counter
         if pushed:
-            self._arrivals.append((now + self.window_s, topic, largest, pushed))
+            self._arrivals.append((now + self.window_s, topic, (largest_ts, largest_counter), pushed))
             self.buffered += pushed
         if not release:
             return late

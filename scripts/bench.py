@@ -137,8 +137,9 @@ def stored_rows(events: Sequence[dict[str, Any]]) -> list[Row]:
         if row is None:
             event = validate_event(obj)
             seq = seqs[event.topic] = seqs.get(event.topic, 0) + 1
+            # As a bytearray, as the daemon binds it (actors.ordering): the ceiling gets the same speed-up.
             row = known[key] = (event.topic, event.event_id, seq, event.timestamp, event.ts_ns,
-                                event.source, event.payload, received_at, 0)
+                                event.source, bytearray(event.payload), received_at, 0)
         rows.append(row)
     return rows
 
