@@ -171,7 +171,7 @@ class OrderingActor(pykka.ThreadingActor):
             self._token += 1
             request = ClassifyRequest(
                 keys,
-                [topic for topic in by_topic if not buffer.knows(topic)],
+                buffer.unknown(by_topic),
                 reply_to=self.actor_ref,
                 token=self._token,
             )
@@ -227,9 +227,7 @@ class OrderingActor(pykka.ThreadingActor):
         events, tickets = pending.events, pending.tickets
         write = WriteBatch()
         if result is not None:
-            for topic, state in result.states.items():
-                if not buffer.knows(topic):
-                    buffer.set_state(topic, state)
+            buffer.adopt(result.states)
         new_positions: set[int] = set()  # needed only to settle this batch's own copies
         note_new = bool(pending.copies)
         entries_by_topic: list[tuple[str, list[tuple[int, str, _Item]]]] = []

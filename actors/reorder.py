@@ -78,9 +78,10 @@ class ReorderBuffer(Generic[T]):
         self._held: dict[tuple[str, str], T] = {}
         self.buffered = 0
 
-    def knows(self, topic: str) -> bool:
-        """Whether the buffer has this topic's state (its last seq and last timestamp)."""
-        return topic in self._topics
+    def unknown(self, topics: Iterable[str]) -> list[str]:
+        """Those of ``topics`` whose state (last seq and last timestamp) the buffer does not have."""
+        known = self._topics
+        return [topic for topic in topics if topic not in known]
 
     @property
     def topic_count(self) -> int:
@@ -101,6 +102,13 @@ class ReorderBuffer(Generic[T]):
     def set_state(self, topic: str, state: TopicState) -> None:
         """Start a topic from its stored state, so seqs and lateness continue after a restart."""
         self._topics[topic] = _Topic(state.last_seq, state.last_ts_ns)
+
+    def adopt(self, states: Mapping[str, TopicState]) -> None:
+        """:meth:`set_state` for each of these topics that the buffer does not know yet."""
+        topics = self._topics
+        for topic, state in states.items():
+            if topic not in topics:
+                topics[topic] = _Topic(state.last_seq, state.last_ts_ns)
 
     @property
     def held(self) -> Mapping[tuple[str, str], T]:
