@@ -94,17 +94,13 @@ class ReorderBuffer(Generic[T]):
         return [topic for topic, state in self._topics.items() if not state.waiting and topic not in queued]
 
     def forget(self, topics: Iterable[str]) -> None:
-        """Drop the state of idle topics; :meth:`set_state` brings a topic back when it returns."""
+        """Drop the state of idle topics; :meth:`adopt` brings a topic back when it returns."""
         for topic in topics:
             state = self._topics.pop(topic)
             assert not state.waiting, f"topic {topic!r} still has events waiting"
 
-    def set_state(self, topic: str, state: TopicState) -> None:
-        """Start a topic from its stored state, so seqs and lateness continue after a restart."""
-        self._topics[topic] = _Topic(state.last_seq, state.last_ts_ns)
-
     def adopt(self, states: Mapping[str, TopicState]) -> None:
-        """:meth:`set_state` for each of these topics that the buffer does not know yet."""
+        """Start each topic not known yet from its stored state, so seqs and lateness continue after a restart."""
         topics = self._topics
         for topic, state in states.items():
             if topic not in topics:

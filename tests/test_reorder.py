@@ -14,8 +14,7 @@ from transport.schema import parse_timestamp
 
 def buffer(window_s: float = 1.0, max_buffered: int = 100, topics: tuple[str, ...] = ("t",)) -> ReorderBuffer[str]:
     buf: ReorderBuffer[str] = ReorderBuffer(window_s, max_buffered)
-    for topic in topics:
-        buf.set_state(topic, TopicState(0, 0))
+    buf.adopt(dict.fromkeys(topics, TopicState(0, 0)))
     return buf
 
 
@@ -75,7 +74,7 @@ def test_bound_releases_just_enough_of_the_earliest_events() -> None:
 
 def test_state_continues_from_storage() -> None:
     buf: ReorderBuffer[str] = ReorderBuffer(0, 10)
-    buf.set_state("t", TopicState(last_seq=41, last_ts_ns=100))
+    buf.adopt({"t": TopicState(last_seq=41, last_ts_ns=100)})
     out = buf.push("t", [(99, "x", "x"), (101, "y", "y")], now=0.0)
     assert [(r.seq, r.late) for r in out] == [(42, True), (43, False)]
 
