@@ -1,0 +1,67 @@
+"""The single writer's statements on a real SQLite file: every size of write, lookup and counter update."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from actors.store import EventStore, Row, TopicDelta, TopicState, connect_writer
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def rows_for(topic: str, count: int, first_seq: int = 1) -> list[Row]:
+    return [
+        (topic, f"{topic}-e{i}", first_seq + i, "2025-10-22T10:00:00Z", i, "test", bytearray(b"\x80"), 0.0, 0)
+        for i in range(count)
+    ]
+
+
+# Sizes around every boundary of the statements a write is cut into (64-row rounding, 2 048-row cap).
+@pytest.mark.parametrize("count", [1, 63, 64, 65, 1523, 2048, 2049, 5000])
+def test_a_write_of_any_size_stores_every_row_once(tmp_path: Path, count: int) -> None:
+    store = EventStore(connect_writer(tmp_path / "events.db"))
+    rows = rows_for("t", count)
+    store.begin()
+    store.insert(rows)
+    store.commit()
+    stored = store._conn.execute("SELECT topic, event_id, seq FROM events ORDER BY seq").fetchall()
+    assert stored == [(r[0], r[1], r[2]) for r in rows]
+    store.close()
+
+
+def test_lookups_find_exactly_the_stored_keys_across_chunks(tmp_path: Path) -> None:
+    store = EventStore(connect_writer(tmp_path / "events.db"))
+    stored = rows_for("a", 3000) + rows_for("b", 3000)
+    store.begin()
+    store.insert(stored)
+    store.commit()
+    stored_keys = {(r[0], r[1]) for r in stored}
+    # 12 000 keys: several 4 096-key statements, stored and new ones interleaved.
+    asked: list[tuple[str, str]] = []
+    for i, key in enumerate(sorted(stored_keys)):
+        asked.append(key)
+        if i % 2:
+            asked.append(("a", f"new-{i}"))
+    asked += [("c", f"c-{i}") for i in range(3000)]
+    assert store.existing_keys(asked) == stored_keys
+    assert store.existing_keys([("zz", "nothing")]) == set()
+    store.close()
+
+
+def test_topic_states_and_counters_round_trip(tmp_path: Path) -> None:
+    store = EventStore(connect_writer(tmp_path / "events.db"))
+    topics = {f"topic-{i}": TopicDelta(last_seq=i + 1, last_ts_ns=10**18 + i, received=i + 2, duplicate_dropped=1)
+              for i in range(5000)}
+    store.begin()
+    store.add_counts(topics, {"received": 7, "unique_processed": 5, "duplicate_dropped": 2})
+    store.commit()
+    asked = [*topics, "never-seen"]
+    states = store.topic_states(asked)
+    assert states["never-seen"] == TopicState(0, 0)
+    assert all(states[t] == TopicState(d.last_seq, d.last_ts_ns) for t, d in topics.items())
+    counters = store.counters()
+    assert (counters["received"], counters["unique_processed"], counters["duplicate_dropped"]) == (7, 5, 2)
+    assert counters["topic_count"] == 5000
+    store.close()
