@@ -18,8 +18,9 @@ def rows_for(topic: str, count: int, first_seq: int = 1) -> list[Row]:
     ]
 
 
-# Sizes around every boundary of the statements a write is cut into (64-row rounding, 2 048-row cap).
-@pytest.mark.parametrize("count", [1, 63, 64, 65, 1523, 2048, 2049, 5000])
+# Sizes around every boundary of the statements a write is cut into (multiples of 256 and 16, a
+# 2 048-row cap).
+@pytest.mark.parametrize("count", [1, 15, 16, 17, 255, 256, 257, 1523, 2047, 2048, 2049, 5000])
 def test_a_write_of_any_size_stores_every_row_once(tmp_path: Path, count: int) -> None:
     store = EventStore(connect_writer(tmp_path / "events.db"))
     rows = rows_for("t", count)
