@@ -93,9 +93,10 @@ def _upsert_topics_sql(size: int) -> str:
 
 
 # Every statement the writer runs drops the GIL around each sqlite3_step, and winning it back
-# from busy ingest and ordering threads can take a whole switch interval. So each lookup and
-# write below is one statement that returns at most one row (a statement yielding a row per
-# key stepped once per row: with another thread busy, 600 us per key found, against 4 us).
+# from busy ingest and ordering threads can take a whole switch interval. So each lookup below
+# is one statement per 4 096 keys that answers in one row (a statement yielding a row per key
+# stepped once per row: with another thread busy, 600 us per key found, against 4 us), and a
+# write is at most three multi-row statements below 2 048 rows (see _write_chunks).
 # Parameters stay below SQLite's default limit of 32766 per statement.
 _KEY_CHUNK = 4096
 

@@ -525,15 +525,20 @@ THREAD_KINDS = {
 }
 
 
+def _stat_cpu_seconds(stat: Path) -> float:
+    """User plus system CPU seconds from a ``/proc/.../stat`` file (raises OSError if it is gone)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int | None) -> float | None:
     """User plus system CPU time the process has used so far, if it can be read."""
     if pid is None:
         return None
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return _stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def thread_cpu_seconds(pid: int | None) -> dict[str, float]:
@@ -544,7 +549,6 @@ def thread_cpu_seconds(pid: int | None) -> dict[str, float]:
     """
     if pid is None:
         return {}
-    tick = os.sysconf("SC_CLK_TCK")
     totals: dict[str, float] = {}
     try:
         tasks = list(Path(f"/proc/{pid}/task").iterdir())
@@ -553,11 +557,11 @@ def thread_cpu_seconds(pid: int | None) -> dict[str, float]:
     for task in tasks:
         try:
             name = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            spent = _stat_cpu_seconds(task / "stat")
         except OSError:  # the thread ended meanwhile
             continue
         kind = THREAD_KINDS.get(name.rsplit("-", 1)[0], "other")
-        totals[kind] = totals.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        totals[kind] = totals.get(kind, 0.0) + spent
     return totals
 
 
