@@ -49,6 +49,7 @@ from actors.messages import (
 )
 from actors.store import (
     COUNTER_NAMES,
+    DEFAULT_CACHE_MB,
     Checkpointer,
     EventStore,
     StorageError,
@@ -77,6 +78,7 @@ class DedupActor(pykka.ThreadingActor):
         synchronous: str,
         commit_max_events: int,
         commit_max_ms: int,
+        cache_mb: int = DEFAULT_CACHE_MB,
         lookup_group: int = 1,
         in_flight: InFlight,
         live: LiveFigures,
@@ -85,6 +87,7 @@ class DedupActor(pykka.ThreadingActor):
         super().__init__()
         self._path = path
         self._synchronous = synchronous
+        self._cache_mb = cache_mb
         self._commit_max_events = commit_max_events
         self._commit_max_s = commit_max_ms / 1000
         self._in_flight = in_flight
@@ -108,7 +111,7 @@ class DedupActor(pykka.ThreadingActor):
     def on_start(self) -> None:
         # The connection is opened here, on the actor's own thread, never in __init__.
         try:
-            self._store = EventStore(connect_writer(self._path, self._synchronous))
+            self._store = EventStore(connect_writer(self._path, self._synchronous, self._cache_mb))
         except StorageError as exc:
             # Raised here it would only kill the actor behind a pykka traceback; kept, it is
             # raised to the supervisor by its start-up Ping, which stops with this message.

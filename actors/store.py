@@ -175,6 +175,11 @@ def _write_chunks(count: int) -> list[tuple[int, int]]:
 # SQLite's own automatic checkpoint runs inside the COMMIT that takes the WAL past this many
 # pages, and it fsyncs: measured here, such a commit takes 67-114 ms against 0.3 ms for the others.
 BACKSTOP_CHECKPOINT_PAGES = 20_000
+# The writer's page cache, in MiB ([storage] cache_mb). Once the database outgrows it, it is the
+# largest single part of the daemon's memory: 800 000 events over 100 000 topics peaked at
+# 185-191 MB of RSS with 64 MiB, 149-151 MB with 32 and 131 MB with 16; a 5 000 000-event
+# database ran no slower with 16 than with 32 (two runs each).
+DEFAULT_CACHE_MB = 16
 CHECKPOINT_INTERVAL_S = 0.2
 
 log = logging.getLogger(__name__)
@@ -203,8 +208,9 @@ class TopicState:
     last_ts_ns: int
 
 
-def connect_writer(path: Path, synchronous: str = "NORMAL") -> sqlite3.Connection:
-    """Open (creating if needed) the database for writing, with WAL, and check its integrity."""
+def connect_writer(path: Path, synchronous: str = "NORMAL", cache_mb: int = DEFAULT_CACHE_MB) -> sqlite3.Connection:
+    """Open (creating if needed) the database for writing, with WAL and ``cache_mb`` MiB of page cache,
+    and check its integrity."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if not path.exists():
         # Create the file owner-only before SQLite does, so events are never world-readable.
@@ -213,7 +219,7 @@ def connect_writer(path: Path, synchronous: str = "NORMAL") -> sqlite3.Connectio
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, cached_statements=STATEMENT_CACHE)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={synchronous}")
-        conn.execute("PRAGMA cache_size=-65536")  # 64 MiB of page cache
+        conn.execute(f"PRAGMA cache_size={-1024 * cache_mb}")  # negative: in KiB, not pages
         conn.execute("PRAGMA busy_timeout=5000")
         # The Checkpointer thread keeps the WAL short; this is only the backstop should it stop.
         conn.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_CHECKPOINT_PAGES}")

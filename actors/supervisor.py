@@ -99,6 +99,7 @@ class Daemon:
                 synchronous=cfg.storage.synchronous,
                 commit_max_events=cfg.storage.commit_max_events,
                 commit_max_ms=cfg.storage.commit_max_ms,
+                cache_mb=cfg.storage.cache_mb,
                 lookup_group=cfg.ordering.actors,
                 in_flight=self.in_flight,
                 live=self.live,

@@ -66,3 +66,11 @@ def test_topic_states_and_counters_round_trip(tmp_path: Path) -> None:
     assert (counters["received"], counters["unique_processed"], counters["duplicate_dropped"]) == (7, 5, 2)
     assert counters["topic_count"] == 5000
     store.close()
+
+
+def test_the_writer_takes_its_page_cache_size_in_mib(tmp_path: Path) -> None:
+    conn = connect_writer(tmp_path / "events.db", cache_mb=8)
+    try:
+        assert conn.execute("PRAGMA cache_size").fetchone() == (-8192,)  # negative: KiB
+    finally:
+        conn.close()

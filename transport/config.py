@@ -56,6 +56,7 @@ class StorageConfig:
     synchronous: str = "NORMAL"
     commit_max_events: int = 5_000
     commit_max_ms: int = 50
+    cache_mb: int = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +145,7 @@ _POSITIVE = {
     ("ordering", "max_topics"),
     ("storage", "commit_max_events"),
     ("storage", "commit_max_ms"),
+    ("storage", "cache_mb"),
     ("query", "max_limit"),
     ("query", "timeout_ms"),
 }
