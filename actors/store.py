@@ -245,12 +245,10 @@ class EventStore:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
-        self.in_transaction = False
 
     def begin(self) -> None:
         """Start a write transaction (taking the write lock now, not at the first write)."""
         self._conn.execute("BEGIN IMMEDIATE")
-        self.in_transaction = True
 
     def commit(self) -> None:
         """Commit the open transaction; on failure it is rolled back and the error re-raised."""
@@ -259,13 +257,11 @@ class EventStore:
         except sqlite3.Error:
             self.rollback()
             raise
-        self.in_transaction = False
 
     def rollback(self) -> None:
         """Abandon the open transaction, if any."""
         if self._conn.in_transaction:
             self._conn.execute("ROLLBACK")
-        self.in_transaction = False
 
     def existing_keys(self, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
         """Which of these (topic, event_id) keys are already stored (committed or in this transaction).
