@@ -95,8 +95,8 @@ def _upsert_topics_sql(size: int) -> str:
 # Every statement the writer runs drops the GIL around each sqlite3_step, and winning it back
 # from busy ingest and ordering threads can take a whole switch interval. So each lookup below
 # is one statement per 4 096 keys that answers in one row (a statement yielding a row per key
-# stepped once per row: with another thread busy, 600 us per key found, against 4 us), and a
-# write is at most three multi-row statements below 2 048 rows (see _write_chunks).
+# stepped once per row: with another thread busy, 600 us per key found, against 4 us), and an
+# insert is at most three multi-row statements below 2 048 rows (see _write_chunks).
 # Parameters stay below SQLite's default limit of 32766 per statement.
 _KEY_CHUNK = 4096
 
@@ -130,7 +130,7 @@ Row = tuple[str, str, int, str, int, str, bytes | bytearray, float, int]
 
 # Rows per multi-row INSERT or upsert: 9 (or 6) parameters each, below SQLite's limit of 32766.
 _INSERT_CHUNK = 2048
-# The writer's statement cache: 38 insert, 12 upsert and 13 lookup shapes, and the rest.
+# The writer's statement cache: 38 insert, 12 upsert, 13 lookup and 13 topic-state shapes, and the rest.
 STATEMENT_CACHE = 128
 
 
@@ -302,7 +302,8 @@ class EventStore:
         ``sqlite3_step``, and with the ordering actors busy the writer then waits up to a switch
         interval to get it back, once per row. Measured at 10 000 events/s, that made a 25-row
         write take up to 22 ms (0.25 ms typical) and the dedup inbox back up behind it. At most
-        three statements per write of up to 2 048 rows (see :func:`_write_chunks`).
+        three statements below 2 048 rows (see :func:`_write_chunks`); the dedup actor calls this
+        once per commit with all the rows it held.
         """
         conn = self._conn
         for start, size in _write_chunks(len(rows)):
