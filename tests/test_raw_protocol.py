@@ -101,6 +101,28 @@ def test_acknowledged_batch_over_dealer_is_answered_after_commit_with_counts_and
     daemon.wait_stats(unique_processed=53, rejected=1)
 
 
+def test_timestamps_beyond_64_bit_nanoseconds_are_refused_and_the_daemon_keeps_serving(daemon: Any) -> None:
+    # ts_ns is an SQLite INTEGER: an instant it cannot hold once stopped the writer for good.
+    far = [event(1, topic="far", timestamp="9999-12-31T23:59:59Z"),
+           event(2, topic="far", timestamp="1000-01-01T00:00:00Z"),
+           event(3, topic="far", timestamp=msgpack.Timestamp(2**40, 0)),
+           event(4, topic="far", timestamp="2262-04-11T23:47:16Z")]  # the last instant that fits
+    client = Dealer(daemon.ack)
+    try:
+        client.send(1, far)
+        reply = client.reply()
+        assert reply["new"] == 1, reply
+        assert [index for index, _ in reply["rejected"]] == [0, 1, 2]
+        assert all("out of range" in reason and "2262-04-11" in reason for _, reason in reply["rejected"])
+        push(daemon.ingest, [msgpack.packb(far[:2] + [event(5, topic="far")])])
+        daemon.wait_stats(unique_processed=2, rejected=5)
+        client.send(2, [event(6, topic="far")])  # still serving
+        assert client.reply()["new"] == 1
+    finally:
+        client.close()
+    assert sorted(e["event_id"] for e in daemon.events("far")) == ["raw-4", "raw-5", "raw-6"]
+
+
 def test_acknowledged_batch_over_req_keeps_the_envelope(daemon: Any) -> None:
     context = zmq.Context()
     sock = context.socket(zmq.REQ)

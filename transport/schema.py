@@ -20,6 +20,10 @@ MAX_NAME_CHARS = 255
 DEFAULT_MAX_PAYLOAD_BYTES = 1_048_576
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+# ts_ns is stored as an SQLite INTEGER, a signed 64-bit number: 1677-09-21 to 2262-04-11.
+MIN_TS_NS = -(2**63)
+MAX_TS_NS = 2**63 - 1
+_TS_RANGE = "eventagg keeps instants from 1677-09-21T00:12:44Z to 2262-04-11T23:47:16Z"
 
 
 class InvalidEvent(ValueError):
@@ -87,11 +91,16 @@ def parse_timestamp(value: Any) -> tuple[str, int]:
             raise InvalidEvent(f"timestamp {value!r} has no timezone; add 'Z' or an offset like '+02:00'")
         try:
             since = parsed - _EPOCH  # days, seconds, microseconds: cheaper than dividing a timedelta
-            return value, (since.days * 86_400 + since.seconds) * 1_000_000_000 + since.microseconds * 1000
         except OverflowError:
-            raise InvalidEvent(f"timestamp {value!r} is out of range") from None
+            raise InvalidEvent(f"timestamp {value!r} is out of range; {_TS_RANGE}") from None
+        ns = (since.days * 86_400 + since.seconds) * 1_000_000_000 + since.microseconds * 1000
+        if not MIN_TS_NS <= ns <= MAX_TS_NS:
+            raise InvalidEvent(f"timestamp {value!r} is out of range; {_TS_RANGE}")
+        return value, ns
     if isinstance(value, msgpack.Timestamp):
         ns = value.to_unix_nano()
+        if not MIN_TS_NS <= ns <= MAX_TS_NS:
+            raise InvalidEvent(f"msgpack Timestamp {value!r} is out of range; {_TS_RANGE}")
         try:
             instant = _EPOCH + dt.timedelta(microseconds=ns // 1000)
         except OverflowError:
