@@ -23,10 +23,12 @@ through ``transport.publisher`` and validates and encodes each event as an appli
   committed at the first poll whose settled count covers every event up to and including frame
   k. That takes the pipeline as first-in first-out (it is, but for the four ordering actors'
   interleaving inside one commit group) and overstates each latency by up to one poll interval.
-* **peak RSS** of the daemon: ``VmHWM`` from ``/proc/PID/status`` after both phases.
-* **daemon CPU per event** in the full-speed phase (user + system), and the same split by
-  thread kind (``cpu_us_per_event_dedup``, ``_ingest``, ``_ordering``, ...) from
-  ``/proc/PID/task``, where the daemon names its threads (``transport.threadnames``).
+* **peak RSS** of the daemon: ``VmHWM`` from ``/proc/PID/status`` after both phases, its
+  decoder process's added (``rss_peak_mb``; the main process alone: ``rss_peak_mb_main``).
+* **daemon CPU per event** in the full-speed phase (user + system, the decoder process's
+  included), and the same split by thread kind (``cpu_us_per_event_dedup``, ``_ingest``,
+  ``_ordering``, ..., and ``_decoder`` for the child process) from ``/proc/PID/task``, where the
+  daemon names its threads (``transport.threadnames``).
 * **the raw SQLite ceiling**, in the same run (before and after the daemon, averaged): the same rows (as the daemon would store them)
   put with ``executemany`` of ``INSERT OR IGNORE`` in transactions of 1 000, WAL,
   synchronous=NORMAL, into the daemon's own schema (``actors.store``) and into a table with only
@@ -505,17 +507,45 @@ def query_stats(endpoint: str) -> dict[str, Any]:
         return client.request({"op": "stats"})
 
 
-def peak_rss_mb(pid: int | None) -> float | None:
-    """The process's peak resident set (VmHWM) in MiB, if it can be read."""
-    if pid is None:
-        return None
+def child_pids(pid: int) -> list[int]:
+    """The process's children: the daemon's decoder process (``[ingest] decode_process``)."""
+    children: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return []
+    for task in tasks:  # each child is listed under the thread that started it
+        try:
+            children.extend(int(child) for child in (task / "children").read_text().split())
+        except OSError:  # the thread ended meanwhile
+            continue
+    return children
+
+
+def _vm_hwm_mb(pid: int) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
+                return int(line.split()[1]) / 1024
     except OSError:
         return None
     return None
+
+
+def peak_rss_mb(pid: int | None, children: bool = True) -> float | None:
+    """Peak resident set (VmHWM) in MiB of the process and, with ``children``, of its children added.
+
+    The sum over-states the two processes' joint peak (their peaks need not coincide): the
+    honest side to err on.
+    """
+    if pid is None:
+        return None
+    total = _vm_hwm_mb(pid)
+    if total is None:
+        return None
+    for child in child_pids(pid) if children else []:
+        total += _vm_hwm_mb(child) or 0.0
+    return round(total, 1)
 
 
 # Kernel thread names (transport.threadnames), less any "-N" suffix, and how bench.py reports them.
@@ -523,6 +553,7 @@ THREAD_KINDS = {
     "DedupActor": "dedup", "OrderingActor": "ordering", "RouterActor": "router", "StatsActor": "stats",
     "ingest": "ingest", "query": "query", "ticker": "ticker", "checkpointer": "checkpointer",
 }
+CHILD_KIND = "decoder"  # the CPU of the daemon's child processes
 
 
 def _stat_cpu_seconds(stat: Path) -> float:
@@ -532,13 +563,19 @@ def _stat_cpu_seconds(stat: Path) -> float:
 
 
 def cpu_seconds(pid: int | None) -> float | None:
-    """User plus system CPU time the process has used so far, if it can be read."""
+    """User plus system CPU time the process and its children have used so far, if it can be read."""
     if pid is None:
         return None
     try:
-        return _stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
+        total = _stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
     except OSError:
         return None
+    for child in child_pids(pid):
+        try:
+            total += _stat_cpu_seconds(Path(f"/proc/{child}/stat"))
+        except OSError:  # it ended meanwhile
+            continue
+    return total
 
 
 def thread_cpu_seconds(pid: int | None) -> dict[str, float]:
@@ -562,6 +599,11 @@ def thread_cpu_seconds(pid: int | None) -> dict[str, float]:
             continue
         kind = THREAD_KINDS.get(name.rsplit("-", 1)[0], "other")
         totals[kind] = totals.get(kind, 0.0) + spent
+    for child in child_pids(pid):
+        try:
+            totals[CHILD_KIND] = totals.get(CHILD_KIND, 0.0) + _stat_cpu_seconds(Path(f"/proc/{child}/stat"))
+        except OSError:
+            continue
     return totals
 
 
@@ -718,6 +760,7 @@ def run_once(scenario: Scenario, workdir: Path, cache: Path, target: Target | No
         if scenario.latency:
             result.update(paced_phase(scenario, target, "L" + prefix, result["events_per_s"] / 2))
         result["rss_peak_mb"] = peak_rss_mb(target.pid)
+        result["rss_peak_mb_main"] = peak_rss_mb(target.pid, children=False)
         if daemon is not None:
             daemon.terminate(timeout=60)
     finally:
