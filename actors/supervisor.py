@@ -40,6 +40,7 @@ from transport.threadnames import name_os_threads
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 30.0
+INGEST_DRAIN_TIMEOUT_S = 15.0
 DRAIN_TIMEOUT_S = 60.0
 DEDUP_TICK_S = 0.1
 SWITCH_INTERVAL_S = 0.0005
@@ -259,13 +260,9 @@ class Daemon:
         self._stop.set()
         if self.ingest is not None:
             self.ingest.stop_accepting()
-            # Let the ingest thread take what the PULL socket already holds.
-            deadline = time.monotonic() + 5.0
-            while self.ingest.alive and time.monotonic() < deadline:
-                before = self.ingest.frames
-                time.sleep(0.1)
-                if self.ingest.frames == before:
-                    break
+            # Let the ingest thread take what its sockets already hold (and have it decoded).
+            if self.ingest.alive and not self.ingest.wait_drained(INGEST_DRAIN_TIMEOUT_S):
+                log.warning("ingest did not finish reading what was queued within %.0f s", INGEST_DRAIN_TIMEOUT_S)
         drained = self.drain()
         if self.ingest is not None:
             self.ingest.close()

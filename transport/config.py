@@ -36,6 +36,7 @@ class IngestConfig:
     max_message_bytes: int = 16_777_216
     rcvhwm: int = 100
     gather_at_queued: int = 8
+    decode_process: bool = True
 
 
 @dataclass(frozen=True, slots=True)

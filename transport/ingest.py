@@ -1,10 +1,12 @@
 """The ingest loop: one thread that owns the PULL and ROUTER ingest sockets.
 
-It decodes and validates every frame (refusals are counted and logged at a bounded rate),
-coalesces what it can read without waiting into one batch, and tells the router. It admits
-events only while the in-flight credit has room, so a flood waits in ZeroMQ's high-water marks
-and in the publishers, not in the daemon's memory. It also forwards the dedup actor's
-acknowledgements (from an inproc socket) to the ROUTER, since only this thread may use it.
+It has every message decoded and validated (by the decoder process, :mod:`transport.decoder`,
+or on this thread when there is none), counts and logs refusals at a bounded rate, coalesces
+the decoded messages it has into one batch, in the order they arrived, and tells the router. It
+reads only while the in-flight credit has room and few messages are out at the decoder, so a
+flood waits in ZeroMQ's high-water marks and in the publishers, not in the daemon's memory. It
+also forwards the dedup actor's acknowledgements (from an inproc socket) to the ROUTER, since
+only this thread may use it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import msgpack
@@ -21,14 +24,18 @@ import zmq
 from actors.dedup import ACK_ENDPOINT
 from actors.flow import InFlight, PipelineDepth, events_bytes
 from actors.messages import AckTicket, AddRejected, IngestBatch
-from transport.codec import (
-    FrameError,
-    Limits,
-    batch_id_of,
-    decode_ack_request,
-    decode_frame,
-)
+from transport.codec import Limits
 from transport.config import IngestConfig
+from transport.decoder import (
+    ACKNOWLEDGED,
+    FAILED,
+    FIRE_AND_FORGET,
+    REFUSED,
+    Decoded,
+    DecoderProcess,
+    DecoderUnavailable,
+    decode_message,
+)
 from transport.logs import RateLimitedLog
 from transport.schema import Event
 from transport.security import SocketHook
@@ -41,6 +48,26 @@ HOLD_POLL_MS = 1
 COALESCE_EVENTS = 2_000
 REJECTED_FLUSH_S = 0.1
 SHUTDOWN_DRAIN_FRAMES = 100_000
+# Messages out at the decoder process at most: enough to keep it busy, few enough that the
+# in-flight credit, checked before reading, still bounds what is admitted.
+MAX_AT_DECODER = 32
+# A decoder process that has not answered the oldest message for this long is taken for stuck.
+DECODER_STALL_S = 5.0
+DECODER_RESTARTS = 5
+DRAIN_SETTLE_S = 5.0
+
+
+class _Message:
+    """One ingest message on its way through the loop: where it came from, then what it decoded to."""
+
+    __slots__ = ("kind", "envelope", "body", "decoded", "sent_at")
+
+    def __init__(self, kind: bytes, envelope: list[bytes], body: bytes) -> None:
+        self.kind = kind
+        self.envelope = envelope
+        self.body = body
+        self.decoded: Decoded | None = None
+        self.sent_at = 0.0
 
 
 
@@ -58,6 +85,7 @@ class IngestServer:
         depth: PipelineDepth | None = None,
     ) -> None:
         self._config = config
+        self._context = context
         self._router = router
         self._dedup = dedup
         self._in_flight = in_flight
@@ -66,9 +94,13 @@ class IngestServer:
         self._warn = RateLimitedLog(log)
         self._accepting = threading.Event()
         self._accepting.set()
+        self._drained = threading.Event()
         self._closing = threading.Event()
         self._rejected_pending = 0
         self._rejected_flushed_at = time.monotonic()
+        self._decoder: DecoderProcess | None = None
+        self._pending: deque[_Message] = deque()  # every message not yet handed on, in arrival order
+        self._at_decoder: deque[_Message] = deque()  # those of them sent to the decoder, in order
         self.frames = 0
 
         # Sockets are made and bound here, on the caller's thread, so a bad endpoint fails the
@@ -88,12 +120,30 @@ class IngestServer:
         self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
 
     def start(self) -> None:
-        """Start reading."""
+        """Start the decoder process (if configured) and the ingest thread."""
+        if self._config.decode_process:
+            decoder = DecoderProcess(self._context, self._limits)
+            try:
+                decoder.start()
+            except DecoderUnavailable as exc:
+                log.warning("%s; frames are decoded on the ingest thread", exc)
+                decoder.stop()
+            else:
+                self._decoder = decoder
         self._thread.start()
 
+    @property
+    def decoder_pid(self) -> int | None:
+        """The decoder process's id, while there is one."""
+        return self._decoder.pid if self._decoder is not None else None
+
     def stop_accepting(self) -> None:
-        """Read what is already queued in the PULL socket, then stop admitting events."""
+        """Read what is already queued in the ingest sockets, then stop admitting events."""
         self._accepting.clear()
+
+    def wait_drained(self, timeout: float) -> bool:
+        """After :meth:`stop_accepting`: wait until what was queued has been handed on."""
+        return self._drained.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
         """Forward the last acknowledgements, close the sockets and end the thread."""
@@ -105,30 +155,47 @@ class IngestServer:
         """Whether the ingest thread is running."""
         return self._thread.is_alive()
 
-    def _run(self) -> None:
-        everything = zmq.Poller()
+    def _pollers(self) -> tuple[zmq.Poller, zmq.Poller]:
+        """One poller for everything, one for all but the ingest sockets (while not reading)."""
+        everything, held = zmq.Poller(), zmq.Poller()
         for sock in (self._acks, self._pull, self._ack_router):
             everything.register(sock, zmq.POLLIN)
-        acks_only = zmq.Poller()
-        acks_only.register(self._acks, zmq.POLLIN)
-        drained_on_stop = False
+        held.register(self._acks, zmq.POLLIN)
+        if self._decoder is not None:
+            assert self._decoder.results is not None
+            for poller in (everything, held):
+                poller.register(self._decoder.results, zmq.POLLIN)
+        return everything, held
+
+    def _run(self) -> None:
+        everything, held = self._pollers()
         try:
             while not self._closing.is_set():
                 accepting = self._accepting.is_set()
-                if not accepting and not drained_on_stop:
+                if not accepting and not self._drained.is_set():
                     self._drain_on_stop()
-                    drained_on_stop = True
+                    self._drained.set()
                 if not accepting:
-                    poller, wait_ms = acks_only, POLL_MS
-                elif not self._in_flight.has_room() or (self._depth is not None and self._depth.busy()):
-                    poller, wait_ms = acks_only, HOLD_POLL_MS
+                    poller, wait_ms = held, POLL_MS
+                elif (
+                    not self._in_flight.has_room()
+                    or (self._depth is not None and self._depth.busy())
+                    or len(self._at_decoder) >= MAX_AT_DECODER
+                ):
+                    poller, wait_ms = held, HOLD_POLL_MS
                 else:
                     poller, wait_ms = everything, POLL_MS
                 ready = dict(poller.poll(wait_ms))
                 if self._acks in ready:
                     self._forward_acks()
+                if self._decoder is not None and self._decoder.results in ready:
+                    self._take_results()
                 if accepting and (self._pull in ready or self._ack_router in ready):
-                    self._read_batch()
+                    self._read_messages()
+                self._hand_on()
+                if self._at_decoder and (not ready or time.monotonic() - self._at_decoder[0].sent_at > DECODER_STALL_S):
+                    if self._check_decoder():  # restarted on new sockets, or given up
+                        everything, held = self._pollers()
                 self._flush_rejected(force=not ready)
             self._forward_acks()
             self._flush_rejected(force=True)
@@ -139,72 +206,125 @@ class IngestServer:
             self._pull.close(linger=0)
             self._ack_router.close(linger=1000)
             self._acks.close(linger=0)
+            if self._decoder is not None:
+                self._decoder.stop()
 
-    def _read_batch(self, limit: int = COALESCE_EVENTS) -> int:
-        """Read frames without waiting until ``limit`` events are gathered; hand them on as one batch."""
-        events: list[Event] = []
-        tickets: list[AckTicket | None] | None = None
-        frames = 0
-        for sock in (self._pull, self._ack_router):
-            while len(events) < limit:
+    def _read_messages(self) -> int:
+        """Read messages without waiting and start decoding them; return how many were read."""
+        decoder = self._decoder
+        frames = decoded_events = 0
+        for sock, kind in ((self._pull, FIRE_AND_FORGET), (self._ack_router, ACKNOWLEDGED)):
+            while decoded_events < COALESCE_EVENTS and len(self._at_decoder) < MAX_AT_DECODER:
                 try:
                     parts = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 frames += 1
-                try:
-                    if sock is self._pull:
-                        tickets = self._take_frame(parts, events, tickets)
-                    else:
-                        tickets = self._take_ack_request(parts, events, tickets)
-                except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop ingest for good
-                    # Decoding finishes before anything is added to the batch, so the batch is whole.
-                    self._reject(1, f"message could not be decoded ({type(exc).__name__}: {exc}); this is a bug")
+                if kind is FIRE_AND_FORGET and len(parts) != 1:
+                    self._reject(1, f"a fire-and-forget message must be one frame, not {len(parts)}")
+                    continue
+                message = _Message(kind, parts[:-1], parts[-1])
+                self._pending.append(message)
+                if decoder is not None and decoder.send(kind, message.body):
+                    message.sent_at = time.monotonic()
+                    self._at_decoder.append(message)
+                else:
+                    message.decoded = decode_message(kind, message.body, self._limits)
+                    decoded_events += len(message.decoded.events)
         self.frames += frames
-        if events:
-            self._in_flight.add(len(events), events_bytes(events))
-            self._router.tell(IngestBatch(events, time.time(), tickets))
         return frames
 
-    def _take_frame(
-        self, parts: list[bytes], events: list[Event], tickets: list[AckTicket | None] | None
-    ) -> list[AckTicket | None] | None:
-        if len(parts) != 1:
-            self._reject(1, f"a fire-and-forget message must be one frame, not {len(parts)}")
-            return tickets
-        try:
-            decoded = decode_frame(parts[0], self._limits)
-        except FrameError as exc:
-            self._reject(1, str(exc))
-            return tickets
-        if decoded.rejected:
-            self._reject(len(decoded.rejected), decoded.rejected[0][1])
-        events.extend(decoded.events)
-        if tickets is not None:
-            tickets.extend([None] * len(decoded.events))
-        return tickets
+    def _take_results(self) -> None:
+        """Take the decoder's results that have come; they answer the messages sent, in order."""
+        assert self._decoder is not None
+        at_decoder = self._at_decoder
+        while at_decoder:
+            decoded = self._decoder.receive()
+            if decoded is None:
+                return
+            at_decoder.popleft().decoded = decoded
 
-    def _take_ack_request(
-        self, parts: list[bytes], events: list[Event], tickets: list[AckTicket | None] | None
+    def _hand_on(self) -> None:
+        """Tell the router the decoded messages at the head of the queue, in batches of about ``COALESCE_EVENTS``."""
+        pending = self._pending
+        while pending and pending[0].decoded is not None:
+            events: list[Event] = []
+            tickets: list[AckTicket | None] | None = None
+            while pending and pending[0].decoded is not None and len(events) < COALESCE_EVENTS:
+                tickets = self._admit(pending.popleft(), events, tickets)
+            if events:
+                self._in_flight.add(len(events), events_bytes(events))
+                self._router.tell(IngestBatch(events, time.time(), tickets))
+
+    def _admit(
+        self, message: _Message, events: list[Event], tickets: list[AckTicket | None] | None
     ) -> list[AckTicket | None] | None:
-        envelope, body = parts[:-1], parts[-1]
-        try:
-            batch_id, decoded = decode_ack_request(body, self._limits)
-        except FrameError as exc:
-            self._reject(1, str(exc))
-            self._ack_router.send_multipart([*envelope, msgpack.packb({"batch": batch_id_of(body), "error": str(exc)})])
+        """Add one decoded message's events (and acked tickets) to the batch; answer or count what it refused."""
+        decoded = message.decoded
+        assert decoded is not None
+        if decoded.status == FAILED:
+            self._reject(1, decoded.error)
+            return tickets
+        if decoded.status == REFUSED:
+            self._reject(1, decoded.error)
+            if message.kind is ACKNOWLEDGED:
+                reply = {"batch": decoded.batch_id, "error": decoded.error}
+                self._ack_router.send_multipart([*message.envelope, msgpack.packb(reply)])
             return tickets
         if decoded.rejected:
             self._reject(len(decoded.rejected), decoded.rejected[0][1])
-        ticket = AckTicket(envelope, batch_id, len(decoded.events), decoded.rejected)
+        if message.kind is FIRE_AND_FORGET:
+            events.extend(decoded.events)
+            if tickets is not None:
+                tickets.extend([None] * len(decoded.events))
+            return tickets
+        assert decoded.batch_id is not None
+        ticket = AckTicket(message.envelope, decoded.batch_id, len(decoded.events), decoded.rejected)
         if not decoded.events:
-            self._ack_router.send_multipart([*envelope, msgpack.packb(ticket.reply())])
+            self._ack_router.send_multipart([*message.envelope, msgpack.packb(ticket.reply())])
             return tickets
         if tickets is None:
             tickets = [None] * len(events)
         events.extend(decoded.events)
         tickets.extend([ticket] * len(decoded.events))
         return tickets
+
+    def _check_decoder(self) -> bool:
+        """Messages wait at the decoder: if it died or is stuck, decode them here and start a new one.
+
+        True when the decoder's sockets changed (a new process, or none), so the pollers must too.
+        """
+        decoder = self._decoder
+        assert decoder is not None
+        stuck = time.monotonic() - self._at_decoder[0].sent_at > DECODER_STALL_S
+        if decoder.alive() and not stuck:
+            return False
+        what = "stopped answering" if decoder.alive() else "died"
+        decoder.kill()
+        self._take_results()  # what it sent before it ended still answers its messages
+        log.error("the decoder process %s; decoding its %d waiting messages on the ingest thread",
+                  what, len(self._at_decoder))
+        self._decode_here()
+        if decoder.restarts >= DECODER_RESTARTS:
+            log.error("the decoder process failed %d times; frames are decoded on the ingest thread from now on",
+                      decoder.restarts + 1)
+        else:
+            decoder.restarts += 1
+            try:
+                decoder.start()  # on new sockets: a late result of the old process is never read
+                log.info("a new decoder process (pid %s) took over", decoder.pid)
+                return True
+            except DecoderUnavailable as exc:
+                log.error("%s; frames are decoded on the ingest thread from now on", exc)
+        decoder.stop()
+        self._decoder = None
+        return True
+
+    def _decode_here(self) -> None:
+        """Decode on this thread every message still waiting at the decoder."""
+        while self._at_decoder:
+            message = self._at_decoder.popleft()
+            message.decoded = decode_message(message.kind, message.body, self._limits)
 
     def _reject(self, count: int, reason: str) -> None:
         self._rejected_pending += count
@@ -231,7 +351,21 @@ class IngestServer:
                 log.debug("could not deliver an acknowledgement: %s", exc)
 
     def _drain_on_stop(self) -> None:
-        """On shutdown, take what the PULL socket already holds, so nothing received is left behind."""
+        """On shutdown, take what the ingest sockets already hold, so nothing received is left behind."""
         for _ in range(SHUTDOWN_DRAIN_FRAMES):
-            if not self._read_batch():
+            read = self._read_messages()
+            self._settle(DRAIN_SETTLE_S)
+            self._hand_on()
+            if not read:
                 break
+
+    def _settle(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the decoder's results; decode here whatever has not come by then."""
+        deadline = time.monotonic() + timeout
+        while self._at_decoder and self._decoder is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._decoder.alive() or self._decoder.results is None:
+                break
+            if self._decoder.results.poll(int(min(remaining, 0.1) * 1000) + 1):
+                self._take_results()
+        self._decode_here()

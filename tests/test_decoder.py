@@ -1,0 +1,139 @@
+"""The decoder process: what it decodes is what the ingest thread would, and losing it loses nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import msgpack
+import pytest
+import zmq
+
+from harness import Daemon, push_frames
+from transport.codec import Limits
+from transport.decoder import ACKNOWLEDGED, FIRE_AND_FORGET, OK, REFUSED, Decoded, _decode, _encode, decode_message
+
+TIMEOUT_MS = 20_000
+
+
+def event(n: int, topic: str = "dec", **fields: Any) -> dict[str, Any]:
+    return {"topic": topic, "event_id": f"e-{n}", "timestamp": f"2025-10-22T10:{n // 60 % 60:02d}:{n % 60:02d}Z",
+            "source": "test", "payload": {"n": n}, **fields}
+
+
+def decoder_pids(daemon: Daemon) -> list[int]:
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    # Listed under the thread that started each: the main thread, or ingest after a restart.
+    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    return [c for c in children if b"transport.decoder" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+@pytest.mark.parametrize(
+    ("kind", "body"),
+    [
+        (FIRE_AND_FORGET, msgpack.packb([event(1), {"topic": "dec"}, event(2, timestamp="9999-01-01T00:00:00Z")])),
+        (FIRE_AND_FORGET, b"\xc1"),
+        (ACKNOWLEDGED, msgpack.packb({"batch": "b-1", "events": [event(3), "not a map"]})),
+        (ACKNOWLEDGED, msgpack.packb({"batch": 7, "events": "nope"})),
+    ],
+)
+def test_a_result_reads_back_exactly_as_it_was_decoded(kind: bytes, body: bytes) -> None:
+    decoded = decode_message(kind, body, Limits())
+    assert _decode(_encode(decoded)) == decoded
+    assert decoded.status in (OK, REFUSED)
+
+
+def test_refusals_name_the_batch_and_the_reason() -> None:
+    refused = decode_message(ACKNOWLEDGED, msgpack.packb({"batch": 7, "events": "nope"}), Limits())
+    assert refused == Decoded(REFUSED, 7, "'events' must be an array of event maps, not str", [], [])
+    mixed = decode_message(FIRE_AND_FORGET, msgpack.packb([event(1), {"topic": "dec"}]), Limits())
+    assert [e.event_id for e in mixed.events] == ["e-1"]
+    assert mixed.rejected[0][0] == 1 and "missing field" in mixed.rejected[0][1]
+
+
+def acked_run(daemon: Daemon, batches: int, size: int, during: Callable[[int], None]) -> dict[Any, dict[str, Any]]:
+    """Send ``batches`` acknowledged batches (calling ``during(k)`` after the k-th) and collect every reply."""
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(daemon.ack)
+    replies: dict[Any, dict[str, Any]] = {}
+    try:
+        for k in range(batches):
+            sock.send(msgpack.packb({"batch": k, "events": [event(k * size + i) for i in range(size)]}))
+            during(k)
+        while len(replies) < batches:
+            assert sock.poll(TIMEOUT_MS), f"{batches - len(replies)} batches never acknowledged"
+            reply = msgpack.unpackb(sock.recv())
+            replies[reply["batch"]] = reply
+    finally:
+        sock.close(linger=0)
+        context.term()
+    return replies
+
+
+def test_the_decoder_runs_beside_the_daemon_and_ends_with_it(daemon: Daemon) -> None:
+    [pid] = decoder_pids(daemon)
+    push_frames(daemon.ingest, [msgpack.packb([event(n) for n in range(k, k + 50)]) for k in range(0, 500, 50)])
+    daemon.wait_stats(unique_processed=500)
+    assert daemon.terminate() == 0
+    wait_for(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
+             10, "the decoder process ends with the daemon")
+
+
+def test_a_killed_decoder_loses_nothing_and_is_replaced(daemon: Daemon) -> None:
+    [first] = decoder_pids(daemon)
+
+    def kill_midway(k: int) -> None:
+        if k == 40:
+            os.kill(first, signal.SIGKILL)
+
+    replies = acked_run(daemon, batches=120, size=50, during=kill_midway)
+    assert sum(r["new"] for r in replies.values()) == 6_000
+    assert all(r["duplicate"] == 0 and r["rejected"] == [] for r in replies.values())
+    daemon.wait_stats(unique_processed=6_000, duplicate_dropped=0)
+    [second] = wait_for(lambda: decoder_pids(daemon), 20, "a new decoder process\n" + daemon.log())
+    assert second != first
+    assert "the decoder process died" in daemon.log()
+    # The new one decodes: a re-send of everything is all duplicates.
+    replies = acked_run(daemon, batches=120, size=50, during=lambda k: None)
+    assert sum(r["duplicate"] for r in replies.values()) == 6_000
+    assert decoder_pids(daemon) == [second], daemon.log()
+
+
+def test_a_stuck_decoder_is_replaced_and_its_messages_decoded_here(daemon: Daemon) -> None:
+    [first] = decoder_pids(daemon)
+    os.kill(first, signal.SIGSTOP)
+    try:
+        push_frames(daemon.ingest, [msgpack.packb([event(n) for n in range(k, k + 10)]) for k in range(0, 100, 10)])
+        daemon.wait_stats(timeout=30, unique_processed=100)
+        assert "the decoder process stopped answering" in daemon.log()
+    finally:
+        try:
+            os.kill(first, signal.SIGCONT)  # if it was not killed after all, let cleanup end it
+        except ProcessLookupError:
+            pass
+
+
+def test_without_the_decoder_process_frames_are_decoded_on_the_ingest_thread(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    daemon = daemon_factory(ingest={"decode_process": False}).start()
+    assert decoder_pids(daemon) == []
+    push_frames(daemon.ingest, [msgpack.packb([event(1), event(2), {"topic": "dec"}]), b"\xc1"])
+    stats = daemon.wait_stats(unique_processed=2, rejected=2)
+    assert stats["received"] == 2
