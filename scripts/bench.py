@@ -57,6 +57,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -847,13 +848,10 @@ def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
         section, _, name = key.partition(".")
         if not (section and name and raw):
             raise ValueError(f"--set wants SECTION.KEY=VALUE, not {item!r}")
-        value: Any = raw
-        for convert in (int, float):
-            try:
-                value = convert(raw)
-                break
-            except ValueError:
-                continue
+        try:  # a TOML value, as in the config file: 10000, 0.5, true, "NORMAL"
+            value: Any = tomllib.loads(f"value = {raw}")["value"]
+        except tomllib.TOMLDecodeError:
+            value = raw  # a bare word: a string
         overrides.setdefault(section, {})[name] = value
     return overrides
 

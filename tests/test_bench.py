@@ -118,9 +118,13 @@ def test_percentile_and_medians() -> None:
     assert merged == {"a": 2, "ok": False, "m": "x"}
 
 
-def test_overrides_parse_numbers() -> None:
-    assert bench.parse_overrides(["storage.commit_max_events=10000", "storage.synchronous=FULL"]) == {
-        "storage": {"commit_max_events": 10000, "synchronous": "FULL"}
+def test_overrides_parse_as_toml_values() -> None:
+    assert bench.parse_overrides(
+        ["storage.commit_max_events=10000", "storage.synchronous=FULL", "ingest.decode_process=false",
+         "storage.path=\"a b.db\""]
+    ) == {
+        "storage": {"commit_max_events": 10000, "synchronous": "FULL", "path": "a b.db"},
+        "ingest": {"decode_process": False},
     }
     with pytest.raises(ValueError):
         bench.parse_overrides(["nonsense"])
