@@ -23,8 +23,10 @@ through ``transport.publisher`` and validates and encodes each event as an appli
   committed at the first poll whose settled count covers every event up to and including frame
   k. That takes the pipeline as first-in first-out (it is, but for the four ordering actors'
   interleaving inside one commit group) and overstates each latency by up to one poll interval.
-* **peak RSS** of the daemon: ``VmHWM`` from ``/proc/PID/status`` after both phases, its
-  decoder process's added (``rss_peak_mb``; the main process alone: ``rss_peak_mb_main``).
+* **peak RSS** of the daemon: ``VmHWM`` from ``/proc/PID/status`` after both phases, plus the
+  memory its decoder process shares with no other process (``rss_peak_mb``); the daemon alone
+  (``rss_peak_mb_main``); and both VmHWMs added, shared library pages counted twice
+  (``rss_peak_mb_upper``).
 * **daemon CPU per event** in the full-speed phase (user + system, the decoder process's
   included), and the same split by thread kind (``cpu_us_per_event_dedup``, ``_ingest``,
   ``_ordering``, ..., and ``_decoder`` for the child process) from ``/proc/PID/task``, where the
@@ -533,19 +535,31 @@ def _vm_hwm_mb(pid: int) -> float | None:
     return None
 
 
-def peak_rss_mb(pid: int | None, children: bool = True) -> float | None:
-    """Peak resident set (VmHWM) in MiB of the process and, with ``children``, of its children added.
+def _private_mb(pid: int) -> float:
+    """Resident memory of the process that no other process shares (private clean + dirty), in MiB."""
+    try:
+        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+    except OSError:
+        return 0.0
+    return sum(int(line.split()[1]) for line in lines if line.startswith(("Private_Clean:", "Private_Dirty:"))) / 1024
 
-    The sum over-states the two processes' joint peak (their peaks need not coincide): the
-    honest side to err on.
+
+def peak_rss_mb(pid: int | None, children: str = "private") -> float | None:
+    """Peak resident set (VmHWM) of the process in MiB, with its children's memory added.
+
+    ``children="private"``: each child's resident memory that it shares with no other process,
+    read now (a decoder process's memory does not shrink, so now is about its peak); shared
+    pages such as the interpreter's and libzmq's are already in the daemon's figure. This is
+    the two processes' footprint. ``"peak"``: each child's whole VmHWM, which counts those shared
+    pages twice: an upper bound. ``"none"``: the daemon alone.
     """
     if pid is None:
         return None
     total = _vm_hwm_mb(pid)
     if total is None:
         return None
-    for child in child_pids(pid) if children else []:
-        total += _vm_hwm_mb(child) or 0.0
+    for child in child_pids(pid) if children != "none" else []:
+        total += _private_mb(child) if children == "private" else (_vm_hwm_mb(child) or 0.0)
     return round(total, 1)
 
 
@@ -761,7 +775,8 @@ def run_once(scenario: Scenario, workdir: Path, cache: Path, target: Target | No
         if scenario.latency:
             result.update(paced_phase(scenario, target, "L" + prefix, result["events_per_s"] / 2))
         result["rss_peak_mb"] = peak_rss_mb(target.pid)
-        result["rss_peak_mb_main"] = peak_rss_mb(target.pid, children=False)
+        result["rss_peak_mb_main"] = peak_rss_mb(target.pid, children="none")
+        result["rss_peak_mb_upper"] = peak_rss_mb(target.pid, children="peak")
         if daemon is not None:
             daemon.terminate(timeout=60)
     finally:

@@ -55,7 +55,10 @@ def test_fire_and_forget_with_ceiling() -> None:
     # The CPU split by thread kind adds up to the whole, give or take a clock tick per figure
     # (and threads that ended: none should).
     split = {key: value for key, value in row.items() if key.startswith("cpu_us_per_event_")}
-    assert {"cpu_us_per_event_dedup", "cpu_us_per_event_ingest", "cpu_us_per_event_ordering"} <= split.keys(), row
+    assert {"cpu_us_per_event_dedup", "cpu_us_per_event_ingest", "cpu_us_per_event_ordering",
+            "cpu_us_per_event_decoder"} <= split.keys(), row
+    # The decoder process's memory is counted: its own pages in rss_peak_mb, all of it in _upper.
+    assert row["rss_peak_mb_main"] < row["rss_peak_mb"] < row["rss_peak_mb_upper"], row
     tick_us_per_event = 1e6 / os.sysconf("SC_CLK_TCK") / EVENTS
     assert sum(split.values()) == pytest.approx(row["daemon_cpu_us_per_event"], abs=(len(split) + 1) * tick_us_per_event), row
     assert row["ratio"] == pytest.approx(row["events_per_s"] / row["ceiling_rows_per_s"], rel=0.5)
