@@ -48,9 +48,10 @@ HOLD_POLL_MS = 1
 COALESCE_EVENTS = 2_000
 REJECTED_FLUSH_S = 0.1
 SHUTDOWN_DRAIN_FRAMES = 100_000
-# Messages out at the decoder process at most: enough to keep it busy, few enough that the
-# in-flight credit, checked before reading, still bounds what is admitted.
+# Messages (and their bytes) out at the decoder process at most: enough to keep it busy, few
+# enough that the in-flight credit, checked before reading, still bounds what is admitted.
 MAX_AT_DECODER = 32
+MAX_AT_DECODER_BYTES = 8 * 1024 * 1024
 # A decoder process that has not answered the oldest message for this long is taken for stuck.
 DECODER_STALL_S = 5.0
 DECODER_RESTARTS = 5
@@ -101,6 +102,7 @@ class IngestServer:
         self._decoder: DecoderProcess | None = None
         self._pending: deque[_Message] = deque()  # every message not yet handed on, in arrival order
         self._at_decoder: deque[_Message] = deque()  # those of them sent to the decoder, in order
+        self._at_decoder_bytes = 0
         self.frames = 0
 
         # Sockets are made and bound here, on the caller's thread, so a bad endpoint fails the
@@ -180,7 +182,7 @@ class IngestServer:
                 elif (
                     not self._in_flight.has_room()
                     or (self._depth is not None and self._depth.busy())
-                    or len(self._at_decoder) >= MAX_AT_DECODER
+                    or self._decoder_full()
                 ):
                     poller, wait_ms = held, HOLD_POLL_MS
                 else:
@@ -214,7 +216,7 @@ class IngestServer:
         decoder = self._decoder
         frames = decoded_events = 0
         for sock, kind in ((self._pull, FIRE_AND_FORGET), (self._ack_router, ACKNOWLEDGED)):
-            while decoded_events < COALESCE_EVENTS and len(self._at_decoder) < MAX_AT_DECODER:
+            while decoded_events < COALESCE_EVENTS and not self._decoder_full():
                 try:
                     parts = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
@@ -228,11 +230,18 @@ class IngestServer:
                 if decoder is not None and decoder.send(kind, message.body):
                     message.sent_at = time.monotonic()
                     self._at_decoder.append(message)
+                    self._at_decoder_bytes += len(message.body)
                 else:
                     message.decoded = decode_message(kind, message.body, self._limits)
                     decoded_events += len(message.decoded.events)
         self.frames += frames
         return frames
+
+    def _decoder_full(self) -> bool:
+        """Whether enough is out at the decoder that reading should wait (one message always may go)."""
+        return bool(self._at_decoder) and (
+            len(self._at_decoder) >= MAX_AT_DECODER or self._at_decoder_bytes >= MAX_AT_DECODER_BYTES
+        )
 
     def _take_results(self) -> None:
         """Take the decoder's results that have come; they answer the messages sent, in order."""
@@ -242,7 +251,10 @@ class IngestServer:
             decoded = self._decoder.receive()
             if decoded is None:
                 return
-            at_decoder.popleft().decoded = decoded
+            message = at_decoder.popleft()
+            message.decoded = decoded
+            self._at_decoder_bytes -= len(message.body)
+            message.body = b""  # decoded: the frame is no longer needed
 
     def _hand_on(self) -> None:
         """Tell the router the decoded messages at the head of the queue, in batches of about ``COALESCE_EVENTS``."""
@@ -325,6 +337,7 @@ class IngestServer:
         while self._at_decoder:
             message = self._at_decoder.popleft()
             message.decoded = decode_message(message.kind, message.body, self._limits)
+        self._at_decoder_bytes = 0
 
     def _reject(self, count: int, reason: str) -> None:
         self._rejected_pending += count
