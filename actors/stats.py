@@ -96,6 +96,7 @@ class StatsActor(pykka.ThreadingActor):
             "in_flight_bytes": self._in_flight.bytes,
             "buffered": sum(self._live.buffered),
             "commits": self._live.commits,
+            "decoder_restarts": self._live.decoder_restarts,
             "uptime_s": round(time.monotonic() - self._live.started, 3),
         }
 
@@ -108,7 +109,7 @@ class StatsActor(pykka.ThreadingActor):
             problems.append(f"the last commit failed: {self._live.last_commit_error}")
         if not os.access(self._path, os.W_OK):
             problems.append(f"database {self._path} is not writable")
-        reply: dict[str, Any] = {"actors": alive, "database": str(self._path)}
+        reply: dict[str, Any] = {"actors": alive, "database": str(self._path), "decoding": self._live.decoding}
         if problems:
             reply["error"] = "; ".join(problems)
         else:

@@ -133,7 +133,7 @@ class Daemon:
             self.ingest = self._bind(
                 "ingest",
                 lambda: IngestServer(self.context, cfg.ingest, self.router, self.dedup, self.in_flight, secure,  # type: ignore[arg-type]
-                                     depth=self._pipeline_depth()),
+                                     depth=self._pipeline_depth(), live=self.live),
             )
             self.query = self._bind("query", lambda: QueryServer(self.context, cfg.query, self.stats, secure))  # type: ignore[arg-type]
         except BaseException:

@@ -22,7 +22,7 @@ from transport.config import ConfigError, QueryConfig, load_config
 from transport.security import SecurityError, SocketHook, curve_client, curve_client_from_config
 
 ORDER = ("received", "unique_processed", "duplicate_dropped", "rejected", "refused", "late", "topic_count",
-         "in_flight", "in_flight_bytes", "buffered", "commits", "uptime_s")
+         "in_flight", "in_flight_bytes", "buffered", "commits", "decoder_restarts", "uptime_s")
 
 
 def endpoint_from_args(args: argparse.Namespace) -> str:

@@ -88,6 +88,7 @@ def acked_run(daemon: Daemon, batches: int, size: int, during: Callable[[int], N
 
 def test_the_decoder_runs_beside_the_daemon_and_ends_with_it(daemon: Daemon) -> None:
     [pid] = decoder_pids(daemon)
+    assert daemon.request({"op": "health"})["decoding"] == f"decoder process, pid {pid}"
     push_frames(daemon.ingest, [msgpack.packb([event(n) for n in range(k, k + 50)]) for k in range(0, 500, 50)])
     daemon.wait_stats(unique_processed=500)
     assert daemon.terminate() == 0
@@ -109,6 +110,8 @@ def test_a_killed_decoder_loses_nothing_and_is_replaced(daemon: Daemon) -> None:
     [second] = wait_for(lambda: decoder_pids(daemon), 20, "a new decoder process\n" + daemon.log())
     assert second != first
     assert "the decoder process died" in daemon.log()
+    assert daemon.stats()["decoder_restarts"] == 1
+    assert daemon.request({"op": "health"})["decoding"] == f"decoder process, pid {second}"
     # The new one decodes: a re-send of everything is all duplicates.
     replies = acked_run(daemon, batches=120, size=50, during=lambda k: None)
     assert sum(r["duplicate"] for r in replies.values()) == 6_000
@@ -134,6 +137,7 @@ def test_without_the_decoder_process_frames_are_decoded_on_the_ingest_thread(
 ) -> None:
     daemon = daemon_factory(ingest={"decode_process": False}).start()
     assert decoder_pids(daemon) == []
+    assert daemon.request({"op": "health"})["decoding"] == "ingest thread"
     push_frames(daemon.ingest, [msgpack.packb([event(1), event(2), {"topic": "dec"}]), b"\xc1"])
     stats = daemon.wait_stats(unique_processed=2, rejected=2)
     assert stats["received"] == 2

@@ -101,7 +101,6 @@ class DecoderProcess:
         self._process: subprocess.Popen[bytes] | None = None
         self.frames: zmq.Socket[Any] | None = None
         self.results: zmq.Socket[Any] | None = None
-        self.restarts = 0
 
     def start(self) -> None:
         """Start a child on new sockets and wait until it is connected; raise :class:`DecoderUnavailable` if it is not."""

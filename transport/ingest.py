@@ -22,7 +22,7 @@ import pykka
 import zmq
 
 from actors.dedup import ACK_ENDPOINT
-from actors.flow import InFlight, PipelineDepth, events_bytes
+from actors.flow import InFlight, LiveFigures, PipelineDepth, events_bytes
 from actors.messages import AckTicket, AddRejected, IngestBatch
 from transport.codec import Limits
 from transport.config import IngestConfig
@@ -84,6 +84,7 @@ class IngestServer:
         in_flight: InFlight,
         secure: SocketHook | None = None,
         depth: PipelineDepth | None = None,
+        live: LiveFigures | None = None,
     ) -> None:
         self._config = config
         self._context = context
@@ -91,6 +92,7 @@ class IngestServer:
         self._dedup = dedup
         self._in_flight = in_flight
         self._depth = depth
+        self._live = live
         self._limits = Limits(config.max_batch_events, config.max_payload_bytes)
         self._warn = RateLimitedLog(log)
         self._accepting = threading.Event()
@@ -103,6 +105,7 @@ class IngestServer:
         self._pending: deque[_Message] = deque()  # every message not yet handed on, in arrival order
         self._at_decoder: deque[_Message] = deque()  # those of them sent to the decoder, in order
         self._at_decoder_bytes = 0
+        self._decoder_restarts = 0
         self.frames = 0
 
         # Sockets are made and bound here, on the caller's thread, so a bad endpoint fails the
@@ -132,7 +135,16 @@ class IngestServer:
                 decoder.stop()
             else:
                 self._decoder = decoder
+        self._report_decoding()
         self._thread.start()
+
+    def _report_decoding(self) -> None:
+        """Tell the stats (``health``: ``decoding``; ``stats``: ``decoder_restarts``) where frames are decoded."""
+        if self._live is None:
+            return
+        decoder = self._decoder
+        self._live.decoding = f"decoder process, pid {decoder.pid}" if decoder is not None else "ingest thread"
+        self._live.decoder_restarts = self._decoder_restarts
 
     @property
     def decoder_pid(self) -> int | None:
@@ -198,6 +210,7 @@ class IngestServer:
                 if self._at_decoder and (not ready or time.monotonic() - self._at_decoder[0].sent_at > DECODER_STALL_S):
                     if self._check_decoder():  # restarted on new sockets, or given up
                         everything, held = self._pollers()
+                        self._report_decoding()
                 self._flush_rejected(force=not ready)
             self._forward_acks()
             self._flush_rejected(force=True)
@@ -317,11 +330,11 @@ class IngestServer:
         log.error("the decoder process %s; decoding its %d waiting messages on the ingest thread",
                   what, len(self._at_decoder))
         self._decode_here()
-        if decoder.restarts >= DECODER_RESTARTS:
+        if self._decoder_restarts >= DECODER_RESTARTS:
             log.error("the decoder process failed %d times; frames are decoded on the ingest thread from now on",
-                      decoder.restarts + 1)
+                      self._decoder_restarts + 1)
         else:
-            decoder.restarts += 1
+            self._decoder_restarts += 1
             try:
                 decoder.start()  # on new sockets: a late result of the old process is never read
                 log.info("a new decoder process (pid %s) took over", decoder.pid)
