@@ -141,3 +141,17 @@ def test_without_the_decoder_process_frames_are_decoded_on_the_ingest_thread(
     push_frames(daemon.ingest, [msgpack.packb([event(1), event(2), {"topic": "dec"}]), b"\xc1"])
     stats = daemon.wait_stats(unique_processed=2, rejected=2)
     assert stats["received"] == 2
+
+
+def test_without_room_for_its_sockets_the_daemon_decodes_on_the_ingest_thread(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    # An ipc socket's path must fit in ~107 bytes; a $TMPDIR this long leaves no room for one.
+    long_tmp = tmp_path / ("t" * 120)
+    long_tmp.mkdir()
+    daemon = daemon_factory().start(env={**os.environ, "TMPDIR": str(long_tmp)})
+    assert decoder_pids(daemon) == []
+    assert daemon.request({"op": "health"})["decoding"] == "ingest thread"
+    assert "frames are decoded on the ingest thread" in daemon.log()
+    push_frames(daemon.ingest, [msgpack.packb([event(1), event(2)])])
+    daemon.wait_stats(unique_processed=2)

@@ -105,19 +105,23 @@ class DecoderProcess:
     def start(self) -> None:
         """Start a child on new sockets and wait until it is connected; raise :class:`DecoderUnavailable` if it is not."""
         self._close_sockets()
-        if self._dir is None:
-            self._dir = Path(tempfile.mkdtemp(prefix="eventagg-decoder-"))  # 0700: only our user connects
         self._generation += 1
-        frames_endpoint = f"ipc://{self._dir}/frames-{self._generation}"
-        results_endpoint = f"ipc://{self._dir}/results-{self._generation}"
-        self.frames = self._context.socket(zmq.PUSH)
-        self.results = self._context.socket(zmq.PULL)
-        for sock in (self.frames, self.results):
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 0)  # the ingest thread bounds the frames out itself
-            sock.setsockopt(zmq.RCVHWM, 0)
-        self.frames.bind(frames_endpoint)
-        self.results.bind(results_endpoint)
+        try:
+            if self._dir is None:
+                self._dir = Path(tempfile.mkdtemp(prefix="eventagg-decoder-"))  # 0700: only our user connects
+            frames_endpoint = f"ipc://{self._dir}/frames-{self._generation}"
+            results_endpoint = f"ipc://{self._dir}/results-{self._generation}"
+            self.frames = self._context.socket(zmq.PUSH)
+            self.results = self._context.socket(zmq.PULL)
+            for sock in (self.frames, self.results):
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.SNDHWM, 0)  # the ingest thread bounds the frames out itself
+                sock.setsockopt(zmq.RCVHWM, 0)
+            self.frames.bind(frames_endpoint)
+            self.results.bind(results_endpoint)
+        except (OSError, zmq.ZMQError) as exc:
+            # E.g. a $TMPDIR so long that an ipc path would not fit in a socket address.
+            raise DecoderUnavailable(f"cannot make the decoder process's sockets in {tempfile.gettempdir()}: {exc}") from exc
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
         command = [sys.executable, "-m", "transport.decoder", frames_endpoint, results_endpoint,
