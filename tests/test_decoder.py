@@ -14,7 +14,18 @@ import zmq
 
 from harness import Daemon, push_frames
 from transport.codec import Limits
-from transport.decoder import ACKNOWLEDGED, FIRE_AND_FORGET, OK, REFUSED, Decoded, _decode, _encode, decode_message
+from transport.decoder import (
+    ACKNOWLEDGED,
+    FIRE_AND_FORGET,
+    OK,
+    REFUSED,
+    Decoded,
+    DecoderProcess,
+    DecoderUnavailable,
+    _decode,
+    _encode,
+    decode_message,
+)
 
 TIMEOUT_MS = 20_000
 
@@ -155,3 +166,17 @@ def test_without_room_for_its_sockets_the_daemon_decodes_on_the_ingest_thread(
     assert "frames are decoded on the ingest thread" in daemon.log()
     push_frames(daemon.ingest, [msgpack.packb([event(1), event(2)])])
     daemon.wait_stats(unique_processed=2)
+
+
+def test_a_decoder_that_exits_as_it_starts_is_reported_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.executable", "/bin/false")  # a child that exits with status 1 at once
+    context = zmq.Context()
+    decoder = DecoderProcess(context, Limits())
+    started = time.monotonic()
+    try:
+        with pytest.raises(DecoderUnavailable, match="exited with status 1"):
+            decoder.start()
+        assert time.monotonic() - started < 5  # not the 15 s it waits for a live but silent one
+    finally:
+        decoder.stop()
+        context.term()

@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, NamedTuple, Union
 
@@ -130,9 +131,18 @@ class DecoderProcess:
             self._process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, cwd=str(_ROOT))
         except OSError as exc:
             raise DecoderUnavailable(f"cannot start the decoder process: {exc}") from exc
-        if not self.results.poll(int(READY_TIMEOUT_S * 1000)) or self.results.recv() != _READY:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not self.results.poll(100):
+            code = self._process.poll()
+            if code is not None:  # e.g. it could not import: its stderr, in the daemon's log, says why
+                self._process = None
+                raise DecoderUnavailable(f"the decoder process exited with status {code} as it started")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise DecoderUnavailable(f"the decoder process did not start within {READY_TIMEOUT_S:.0f} s")
+        if self.results.recv() != _READY:
             self.kill()
-            raise DecoderUnavailable(f"the decoder process did not start within {READY_TIMEOUT_S:.0f} s")
+            raise DecoderUnavailable("the decoder process did not say it was ready")
 
     @property
     def pid(self) -> int | None:
