@@ -106,7 +106,6 @@ class IngestServer:
         self._at_decoder: deque[_Message] = deque()  # those of them sent to the decoder, in order
         self._at_decoder_bytes = 0
         self._decoder_restarts = 0
-        self.frames = 0
 
         # Sockets are made and bound here, on the caller's thread, so a bad endpoint fails the
         # start; from start() on only the ingest thread touches them.
@@ -145,11 +144,6 @@ class IngestServer:
         decoder = self._decoder
         self._live.decoding = f"decoder process, pid {decoder.pid}" if decoder is not None else "ingest thread"
         self._live.decoder_restarts = self._decoder_restarts
-
-    @property
-    def decoder_pid(self) -> int | None:
-        """The decoder process's id, while there is one."""
-        return self._decoder.pid if self._decoder is not None else None
 
     def stop_accepting(self) -> None:
         """Read what is already queued in the ingest sockets, then stop admitting events."""
@@ -247,7 +241,6 @@ class IngestServer:
                 else:
                     message.decoded = decode_message(kind, message.body, self._limits)
                     decoded_events += len(message.decoded.events)
-        self.frames += frames
         return frames
 
     def _decoder_full(self) -> bool:
