@@ -180,3 +180,14 @@ def test_a_decoder_that_exits_as_it_starts_is_reported_at_once(monkeypatch: pyte
     finally:
         decoder.stop()
         context.term()
+
+
+def test_a_killed_daemon_leaves_no_decoder_and_no_socket_directory(daemon: Daemon) -> None:
+    [pid] = decoder_pids(daemon)
+    endpoint = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[3].decode()
+    folder = Path(endpoint.removeprefix("ipc://")).parent
+    assert folder.name.startswith("eventagg-decoder-") and folder.is_dir()
+    daemon.kill()  # SIGKILL: the daemon cannot clean up; the decoder notices it is orphaned
+    wait_for(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
+             10, "the decoder process ends")
+    wait_for(lambda: not folder.exists(), 10, f"{folder} removed")

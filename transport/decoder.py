@@ -45,6 +45,7 @@ _STOP = b"stop"
 _READY = b"ready"
 
 READY_TIMEOUT_S = 15.0
+_DIR_PREFIX = "eventagg-decoder-"
 _PARENT_CHECK_MS = 1_000
 _ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,7 +110,7 @@ class DecoderProcess:
         self._generation += 1
         try:
             if self._dir is None:
-                self._dir = Path(tempfile.mkdtemp(prefix="eventagg-decoder-"))  # 0700: only our user connects
+                self._dir = Path(tempfile.mkdtemp(prefix=_DIR_PREFIX))  # 0700: only our user connects
             frames_endpoint = f"ipc://{self._dir}/frames-{self._generation}"
             results_endpoint = f"ipc://{self._dir}/results-{self._generation}"
             self.frames = self._context.socket(zmq.PUSH)
@@ -218,7 +219,10 @@ def serve(frames_endpoint: str, results_endpoint: str, limits: Limits, parent_pi
         while True:
             if not frames.poll(_PARENT_CHECK_MS):
                 if os.getppid() != parent_pid:
-                    return  # the daemon is gone; nobody will read what we would send
+                    # The daemon is gone (killed: it could not clean up): nobody will read what we
+                    # would send, and the socket directory is ours to remove.
+                    _remove_socket_dir(frames_endpoint)
+                    return
                 continue
             kind, body = frames.recv_multipart()
             if kind == _STOP:
@@ -228,6 +232,13 @@ def serve(frames_endpoint: str, results_endpoint: str, limits: Limits, parent_pi
         frames.close(linger=0)
         results.close()
         context.term()
+
+
+def _remove_socket_dir(endpoint: str) -> None:
+    """Remove the private directory an ipc endpoint of ours lives in (never anything else)."""
+    folder = Path(endpoint.removeprefix("ipc://")).parent
+    if folder.name.startswith(_DIR_PREFIX):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
