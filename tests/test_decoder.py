@@ -121,8 +121,9 @@ def test_a_killed_decoder_loses_nothing_and_is_replaced(daemon: Daemon) -> None:
     [second] = wait_for(lambda: decoder_pids(daemon), 20, "a new decoder process\n" + daemon.log())
     assert second != first
     assert "the decoder process died" in daemon.log()
+    wait_for(lambda: daemon.request({"op": "health"})["decoding"] == f"decoder process, pid {second}", 20,
+             "health names the new decoder")
     assert daemon.stats()["decoder_restarts"] == 1
-    assert daemon.request({"op": "health"})["decoding"] == f"decoder process, pid {second}"
     # The new one decodes: a re-send of everything is all duplicates.
     replies = acked_run(daemon, batches=120, size=50, during=lambda k: None)
     assert sum(r["duplicate"] for r in replies.values()) == 6_000
@@ -191,3 +192,13 @@ def test_a_killed_daemon_leaves_no_decoder_and_no_socket_directory(daemon: Daemo
     wait_for(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
              10, "the decoder process ends")
     wait_for(lambda: not folder.exists(), 10, f"{folder} removed")
+
+
+def test_a_decoder_that_dies_while_idle_is_replaced_before_the_next_frame(daemon: Daemon) -> None:
+    [first] = decoder_pids(daemon)
+    os.kill(first, signal.SIGKILL)
+    [second] = wait_for(lambda: [p for p in decoder_pids(daemon) if p != first], 20, "a new decoder process")
+    # Health says so once the new one is connected and ready, a moment after it appears.
+    wait_for(lambda: daemon.request({"op": "health"})["decoding"] == f"decoder process, pid {second}", 20,
+             "health names the new decoder")
+    assert daemon.stats()["decoder_restarts"] == 1

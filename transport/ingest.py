@@ -106,6 +106,7 @@ class IngestServer:
         self._at_decoder: deque[_Message] = deque()  # those of them sent to the decoder, in order
         self._at_decoder_bytes = 0
         self._decoder_restarts = 0
+        self._decoder_refused = False  # it could not take a message: is it still there?
 
         # Sockets are made and bound here, on the caller's thread, so a bad endpoint fails the
         # start; from start() on only the ingest thread touches them.
@@ -201,7 +202,8 @@ class IngestServer:
                 if accepting and (self._pull in ready or self._ack_router in ready):
                     self._read_messages()
                 self._hand_on()
-                if self._at_decoder and (not ready or time.monotonic() - self._at_decoder[0].sent_at > DECODER_STALL_S):
+                if self._decoder is not None and (not ready or self._decoder_refused or self._decoder_stalled()):
+                    self._decoder_refused = False
                     if self._check_decoder():  # restarted on new sockets, or given up
                         everything, held = self._pollers()
                         self._report_decoding()
@@ -239,6 +241,7 @@ class IngestServer:
                     self._at_decoder.append(message)
                     self._at_decoder_bytes += len(message.body)
                 else:
+                    self._decoder_refused = decoder is not None
                     message.decoded = decode_message(kind, message.body, self._limits)
                     decoded_events += len(message.decoded.events)
         return frames
@@ -307,14 +310,18 @@ class IngestServer:
         tickets.extend([ticket] * len(decoded.events))
         return tickets
 
+    def _decoder_stalled(self) -> bool:
+        """Whether the decoder has not answered its oldest message for ``DECODER_STALL_S``."""
+        return bool(self._at_decoder) and time.monotonic() - self._at_decoder[0].sent_at > DECODER_STALL_S
+
     def _check_decoder(self) -> bool:
-        """Messages wait at the decoder: if it died or is stuck, decode them here and start a new one.
+        """If the decoder died or is stuck, decode its waiting messages here and start a new one.
 
         True when the decoder's sockets changed (a new process, or none), so the pollers must too.
         """
         decoder = self._decoder
         assert decoder is not None
-        stuck = time.monotonic() - self._at_decoder[0].sent_at > DECODER_STALL_S
+        stuck = self._decoder_stalled()
         if decoder.alive() and not stuck:
             return False
         what = "stopped answering" if decoder.alive() else "died"
