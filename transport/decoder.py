@@ -3,7 +3,7 @@
 CPython runs one thread at a time, and at full speed the daemon's GIL is about 90 % busy, a
 fifth of it decoding and validating frames. So the ingest thread hands each frame to a child
 process and gets back what :func:`decode_message` made of it: the valid events and the refusals,
-in a compact msgpack form that it reads back in C (~0.4 µs an event, against ~2.4 µs for
+in a compact msgpack form that it reads back in C (~0.6 µs an event, against ~2.4 µs for
 decoding and validating). The child runs the very function the ingest thread runs when there is
 no child, so what is accepted, and the reason given for each refusal, do not depend on where a
 frame was decoded.
