@@ -55,8 +55,9 @@ class _Topic(Generic[T]):
         self.last_seq = last_seq
         self.last_ts_ns = last_ts_ns
         # Waiting events as (ts_ns, arrival, event_id, item); sorted only when some leave,
-        # which on nearly ordered input is a linear merge in C.
-        self.waiting: list[tuple[int, int, str, T]] = []
+        # which on nearly ordered input is a linear merge in C. None while nothing waits, which
+        # is most topics most of the time: an empty list each was 5.5 MB with 100 000 topics.
+        self.waiting: list[tuple[int, int, str, T]] | None = None
         self.released_upto: tuple[int, int] = _NOTHING
 
 
@@ -124,6 +125,8 @@ class ReorderBuffer(Generic[T]):
             return [self._release(state, topic, ts_ns, event_id, item) for ts_ns, event_id, item in entries]
         late: list[Released[T]] = []
         waiting = state.waiting
+        if waiting is None:
+            waiting = state.waiting = []
         held = self._held
         first_counter = counter = self._counter
         last_ts_ns = state.last_ts_ns  # a late event leaves it as it is
@@ -139,6 +142,8 @@ class ReorderBuffer(Generic[T]):
                 largest_ts, largest_counter = ts_ns, counter
         self._counter = counter
         pushed = counter - first_counter
+        if not waiting:  # every entry was late
+            state.waiting = None
         if pushed:
             self._arrivals.append((now + self.window_s, topic, (largest_ts, largest_counter), pushed))
             self.buffered += pushed
@@ -172,6 +177,9 @@ class ReorderBuffer(Generic[T]):
                 arrivals.popleft()
                 continue
             waiting = state.waiting
+            if not waiting:  # its events have all left
+                arrivals.popleft()
+                continue
             waiting.sort()
             cut = min(self.buffered - self.max_buffered, len(waiting))
             self._release_upto(topic, _order_key(waiting[cut - 1]), released)
@@ -181,6 +189,10 @@ class ReorderBuffer(Generic[T]):
         """Release the topic's waiting events with keys up to ``limit``, in key order."""
         state = self._topics[topic]
         waiting = state.waiting
+        if limit > state.released_upto:
+            state.released_upto = limit
+        if waiting is None:
+            return
         # Plain tuple order is key order (arrival counters are unique, so the comparison never
         # reaches the id or the item), and keeps both the sort and the search in C. An entry's
         # key is at most ``limit`` exactly when the entry sorts below (ts, arrival + 1).
@@ -190,7 +202,8 @@ class ReorderBuffer(Generic[T]):
         seq = state.last_seq
         last_ts_ns = state.last_ts_ns
         append = released.append
-        for ts_ns, _, event_id, item in waiting[:cut]:  # _release, inlined: this runs per event
+        everything = cut == len(waiting)
+        for ts_ns, _, event_id, item in waiting if everything else waiting[:cut]:  # _release, inlined: per event
             del held[(topic, event_id)]
             seq += 1
             late = ts_ns < last_ts_ns
@@ -199,10 +212,11 @@ class ReorderBuffer(Generic[T]):
             append(_make(Released, (topic, ts_ns, event_id, item, seq, late)))
         state.last_seq = seq
         state.last_ts_ns = last_ts_ns
-        del waiting[:cut]
+        if everything:
+            state.waiting = None
+        else:
+            del waiting[:cut]
         self.buffered -= cut
-        if limit > state.released_upto:
-            state.released_upto = limit
 
     def flush(self) -> list[Released[T]]:
         """Release everything still waiting, each topic in order (for shutdown)."""
@@ -213,7 +227,7 @@ class ReorderBuffer(Generic[T]):
                 for ts_ns, _, event_id, item in state.waiting:
                     released.append(self._release(state, topic, ts_ns, event_id, item))
                 state.released_upto = _order_key(state.waiting[-1])
-                state.waiting.clear()
+                state.waiting = None
         self._arrivals.clear()
         self._held.clear()
         self.buffered = 0
