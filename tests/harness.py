@@ -95,9 +95,11 @@ class Daemon:
         self.db_path = workdir / str(sections["storage"]["path"])
         self.log_path = workdir / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log_start = 0
 
     def start(self, wait: bool = True, timeout: float = 30.0, env: dict[str, str] | None = None) -> "Daemon":
         log = self.log_path.open("ab")
+        self._log_start = log.tell()  # this run's lines begin here (a restart appends to the same file)
         self.proc = subprocess.Popen(
             [sys.executable, str(SCRIPTS / "aggregatord.py"), "--config", str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=env,
@@ -108,6 +110,12 @@ class Daemon:
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until health answers without an error and the daemon has logged that it is ready.
+
+        Health answers as soon as the query thread runs, a moment before start-up is complete
+        (the threads' kernel names, for one, are set last); the log line comes at the end, as
+        READY=1 does under systemd. The config's log level must let INFO through (the default).
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None
@@ -117,9 +125,9 @@ class Daemon:
                 reply = self.request({"op": "health"}, timeout=1.0)
             except NoAnswer:
                 continue
-            if "error" not in reply:
+            if "error" not in reply and b"eventagg ready" in self.log_path.read_bytes()[self._log_start:]:
                 return
-            time.sleep(0.1)
+            time.sleep(0.05)
         raise TimeoutError(f"daemon not ready within {timeout} s:\n{self.log()}")
 
     def request(self, query: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
