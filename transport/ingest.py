@@ -260,10 +260,14 @@ class IngestServer:
             decoded = self._decoder.receive()
             if decoded is None:
                 return
-            message = at_decoder.popleft()
-            message.decoded = decoded
-            self._at_decoder_bytes -= len(message.body)
-            message.body = b""  # decoded: the frame is no longer needed
+            self._answer_oldest(decoded)
+
+    def _answer_oldest(self, decoded: Decoded) -> None:
+        """The oldest message out at the decoder is decoded (there, or here): take it off the count."""
+        message = self._at_decoder.popleft()
+        message.decoded = decoded
+        self._at_decoder_bytes -= len(message.body)
+        message.body = b""  # decoded: the frame is no longer needed
 
     def _hand_on(self) -> None:
         """Tell the router the decoded messages at the head of the queue, in batches of about ``COALESCE_EVENTS``."""
@@ -348,9 +352,8 @@ class IngestServer:
     def _decode_here(self) -> None:
         """Decode on this thread every message still waiting at the decoder."""
         while self._at_decoder:
-            message = self._at_decoder.popleft()
-            message.decoded = decode_message(message.kind, message.body, self._limits)
-        self._at_decoder_bytes = 0
+            oldest = self._at_decoder[0]
+            self._answer_oldest(decode_message(oldest.kind, oldest.body, self._limits))
 
     def _reject(self, count: int, reason: str) -> None:
         self._rejected_pending += count
