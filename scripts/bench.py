@@ -582,9 +582,14 @@ def cpu_seconds(pid: int | None) -> float | None:
     if pid is None:
         return None
     try:
-        total = _stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
+        return _stat_cpu_seconds(Path(f"/proc/{pid}/stat")) + _children_cpu_seconds(pid)
     except OSError:
         return None
+
+
+def _children_cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of the process's children (its decoder process) so far."""
+    total = 0.0
     for child in child_pids(pid):
         try:
             total += _stat_cpu_seconds(Path(f"/proc/{child}/stat"))
@@ -614,11 +619,8 @@ def thread_cpu_seconds(pid: int | None) -> dict[str, float]:
             continue
         kind = THREAD_KINDS.get(name.rsplit("-", 1)[0], "other")
         totals[kind] = totals.get(kind, 0.0) + spent
-    for child in child_pids(pid):
-        try:
-            totals[CHILD_KIND] = totals.get(CHILD_KIND, 0.0) + _stat_cpu_seconds(Path(f"/proc/{child}/stat"))
-        except OSError:
-            continue
+    if child_pids(pid):
+        totals[CHILD_KIND] = _children_cpu_seconds(pid)
     return totals
 
 
