@@ -15,10 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_repository_config_toml_holds_every_default() -> None:
     shipped = load_config(ROOT / "config.toml")
     defaults = Config()
-    for section in ("ingest", "ordering", "storage", "query", "log", "security"):
+    sections = set(Config.__dataclass_fields__) - {"source"}
+    for section in sections:
         assert getattr(shipped, section) == getattr(defaults, section), section
-    # ... and every key is written out, so the file documents them all.
+    # ... and every section and key is written out, so the file documents them all.
     data = tomllib.loads((ROOT / "config.toml").read_text())
+    assert set(data) == sections
     for section in data:
         assert set(data[section]) == set(type(getattr(defaults, section)).__dataclass_fields__), section
 
@@ -56,6 +58,7 @@ def test_state_directory_wins_for_a_relative_storage_path(tmp_path: Path, monkey
         ("[ordering]\nwindow_ms = -1\n", r"\[ordering\] window_ms"),
         ("[ingest]\ngather_at_queued = -1\n", r"\[ingest\] gather_at_queued must be 0"),
         ("[ingest]\ndecode_process = 1\n", r"\[ingest\] decode_process must be a bool"),
+        ("[cpu]\npin = 'yes'\n", r"\[cpu\] pin must be a bool"),
         ("[storage]\nsynchronous = 'SOMETIMES'\n", r"\[storage\] synchronous must be one of"),
         ("[log]\nlevel = 'LOUD'\n", r"\[log\] level must be one of"),
         ("[query]\nbind = '127.0.0.1:5556'\n", r"\[query\] bind must be a ZeroMQ endpoint"),

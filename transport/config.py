@@ -61,6 +61,13 @@ class StorageConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CpuConfig:
+    """``[cpu]``: whether the daemon's threads and its decoder process are pinned to CPUs of their own."""
+
+    pin: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class QueryConfig:
     """``[query]``: the REQ/REP endpoint for stats, events, topics and health."""
 
@@ -98,6 +105,7 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     ordering: OrderingConfig = field(default_factory=OrderingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    cpu: CpuConfig = field(default_factory=CpuConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
     log: LogConfig = field(default_factory=LogConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
@@ -129,6 +137,7 @@ _SECTIONS: dict[str, type] = {
     "ingest": IngestConfig,
     "ordering": OrderingConfig,
     "storage": StorageConfig,
+    "cpu": CpuConfig,
     "query": QueryConfig,
     "log": LogConfig,
     "security": SecurityConfig,
