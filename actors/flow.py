@@ -111,4 +111,3 @@ class LiveFigures:
         self.refused = 0  # failed CURVE handshakes (transport.security); not stored, since start
         self.decoding = "ingest thread"  # where frames are decoded (transport.ingest keeps it true)
         self.decoder_restarts = 0  # decoder processes replaced since start
-        self.cpus = "not pinned to CPUs"  # [cpu] pin: where the threads and the decoder run

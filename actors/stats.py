@@ -109,8 +109,7 @@ class StatsActor(pykka.ThreadingActor):
             problems.append(f"the last commit failed: {self._live.last_commit_error}")
         if not os.access(self._path, os.W_OK):
             problems.append(f"database {self._path} is not writable")
-        reply: dict[str, Any] = {"actors": alive, "database": str(self._path), "decoding": self._live.decoding,
-                                 "cpus": self._live.cpus}
+        reply: dict[str, Any] = {"actors": alive, "database": str(self._path), "decoding": self._live.decoding}
         if problems:
             reply["error"] = "; ".join(problems)
         else:

@@ -29,7 +29,6 @@ from actors.router import RouterActor
 from actors.stats import StatsActor
 from actors.watchdog import ServiceMonitor
 from transport.config import Config, ConfigError, load_config
-from transport.cpus import PinningError, pin_this_process, plan_cpus
 from transport.ingest import IngestServer
 from transport.logs import set_level
 from transport.queries import debug_hooks_enabled
@@ -91,13 +90,6 @@ class Daemon:
         cfg = self.config
         path = cfg.database_path
         try:
-            cpus = plan_cpus(cfg.cpu.pin, decoder=cfg.ingest.decode_process)
-        except PinningError as exc:
-            raise StartupError(str(exc)) from None
-        if cpus.daemon is not None:
-            pin_this_process(cpus.daemon)  # first: every thread started from here on inherits it
-        self.live.cpus = cpus.describe()
-        try:
             try:
                 # Checked first: an unsafe bind or a bad key file must not even open the database.
                 self.security = ServerSecurity(self.context, cfg, on_refused=self._add_refused)
@@ -141,7 +133,7 @@ class Daemon:
             self.ingest = self._bind(
                 "ingest",
                 lambda: IngestServer(self.context, cfg.ingest, self.router, self.dedup, self.in_flight, secure,  # type: ignore[arg-type]
-                                     depth=self._pipeline_depth(), live=self.live, decoder_cpu=cpus.decoder),
+                                     depth=self._pipeline_depth(), live=self.live),
             )
             self.query = self._bind("query", lambda: QueryServer(self.context, cfg.query, self.stats, secure))  # type: ignore[arg-type]
         except BaseException:
@@ -158,8 +150,8 @@ class Daemon:
         self._ticker.start()
         name_os_threads()
         log.info(
-            "eventagg ready: ingest %s, acked ingest %s, queries %s, database %s, %d ordering actors, %s",
-            cfg.ingest.bind, cfg.ingest.ack_bind, cfg.query.bind, path, cfg.ordering.actors, self.live.cpus,
+            "eventagg ready: ingest %s, acked ingest %s, queries %s, database %s, %d ordering actors",
+            cfg.ingest.bind, cfg.ingest.ack_bind, cfg.query.bind, path, cfg.ordering.actors,
         )
 
     def _add_refused(self, count: int) -> None:

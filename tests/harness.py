@@ -192,15 +192,6 @@ class Daemon:
             self.proc.wait(10)
 
 
-def decoder_pids(daemon: Daemon) -> list[int]:
-    """The pids of the daemon's decoder processes (``[ingest] decode_process``)."""
-    assert daemon.proc is not None
-    pid = daemon.proc.pid
-    # Listed under the thread that started each: the main thread, or ingest after a restart.
-    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
-    return [c for c in children if b"transport.decoder" in Path(f"/proc/{c}/cmdline").read_bytes()]
-
-
 def publish(endpoint: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run scripts/publish.py against ``endpoint`` and fail loudly if it fails."""
     result = run_script("publish.py", "--endpoint", endpoint, *args, timeout=timeout)

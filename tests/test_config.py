@@ -58,7 +58,6 @@ def test_state_directory_wins_for_a_relative_storage_path(tmp_path: Path, monkey
         ("[ordering]\nwindow_ms = -1\n", r"\[ordering\] window_ms"),
         ("[ingest]\ngather_at_queued = -1\n", r"\[ingest\] gather_at_queued must be 0"),
         ("[ingest]\ndecode_process = 1\n", r"\[ingest\] decode_process must be a bool"),
-        ("[cpu]\npin = 'yes'\n", r"\[cpu\] pin must be a bool"),
         ("[storage]\nsynchronous = 'SOMETIMES'\n", r"\[storage\] synchronous must be one of"),
         ("[log]\nlevel = 'LOUD'\n", r"\[log\] level must be one of"),
         ("[query]\nbind = '127.0.0.1:5556'\n", r"\[query\] bind must be a ZeroMQ endpoint"),

@@ -12,7 +12,7 @@ import msgpack
 import pytest
 import zmq
 
-from harness import Daemon, decoder_pids, push_frames
+from harness import Daemon, push_frames
 from transport.codec import Limits
 from transport.decoder import (
     ACKNOWLEDGED,
@@ -33,6 +33,14 @@ TIMEOUT_MS = 20_000
 def event(n: int, topic: str = "dec", **fields: Any) -> dict[str, Any]:
     return {"topic": topic, "event_id": f"e-{n}", "timestamp": f"2025-10-22T10:{n // 60 % 60:02d}:{n % 60:02d}Z",
             "source": "test", "payload": {"n": n}, **fields}
+
+
+def decoder_pids(daemon: Daemon) -> list[int]:
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    # Listed under the thread that started each: the main thread, or ingest after a restart.
+    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    return [c for c in children if b"transport.decoder" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:

@@ -61,13 +61,6 @@ class StorageConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class CpuConfig:
-    """``[cpu]``: whether the daemon's threads and its decoder process are pinned to CPUs of their own."""
-
-    pin: bool = False
-
-
-@dataclass(frozen=True, slots=True)
 class QueryConfig:
     """``[query]``: the REQ/REP endpoint for stats, events, topics and health."""
 
@@ -105,7 +98,6 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     ordering: OrderingConfig = field(default_factory=OrderingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
-    cpu: CpuConfig = field(default_factory=CpuConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
     log: LogConfig = field(default_factory=LogConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
@@ -137,7 +129,6 @@ _SECTIONS: dict[str, type] = {
     "ingest": IngestConfig,
     "ordering": OrderingConfig,
     "storage": StorageConfig,
-    "cpu": CpuConfig,
     "query": QueryConfig,
     "log": LogConfig,
     "security": SecurityConfig,

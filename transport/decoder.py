@@ -95,10 +95,9 @@ class DecoderProcess:
     then used only by the ingest thread.
     """
 
-    def __init__(self, context: zmq.Context[Any], limits: Limits, cpu: int | None = None) -> None:
+    def __init__(self, context: zmq.Context[Any], limits: Limits) -> None:
         self._context = context
         self._limits = limits
-        self._cpu = cpu  # the CPU the child is pinned to ([cpu] pin), or None
         self._dir: Path | None = None
         self._generation = 0
         self._process: subprocess.Popen[bytes] | None = None
@@ -129,8 +128,6 @@ class DecoderProcess:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
         command = [sys.executable, "-m", "transport.decoder", frames_endpoint, results_endpoint,
                    str(self._limits.max_batch_events), str(self._limits.max_payload_bytes), str(os.getpid())]
-        if self._cpu is not None:
-            command += ["--cpu", str(self._cpu)]
         try:
             self._process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, cwd=str(_ROOT))
         except OSError as exc:
@@ -252,12 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("max_batch_events", type=int)
     parser.add_argument("max_payload_bytes", type=int)
     parser.add_argument("parent_pid", type=int)
-    parser.add_argument("--cpu", type=int, help="pin this process to this CPU ([cpu] pin)")
     args = parser.parse_args(argv)
-    if args.cpu is not None:
-        # Before any thread starts (libzmq's), so that every one of them inherits it; started
-        # by a pinned daemon, this process would otherwise share the daemon's one CPU.
-        os.sched_setaffinity(0, {args.cpu})
     # Ctrl-C in a terminal reaches the whole process group; the daemon ends this process itself,
     # after its last frames are decoded.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

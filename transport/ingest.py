@@ -85,10 +85,8 @@ class IngestServer:
         secure: SocketHook | None = None,
         depth: PipelineDepth | None = None,
         live: LiveFigures | None = None,
-        decoder_cpu: int | None = None,
     ) -> None:
         self._config = config
-        self._decoder_cpu = decoder_cpu
         self._context = context
         self._router = router
         self._dedup = dedup
@@ -129,7 +127,7 @@ class IngestServer:
     def start(self) -> None:
         """Start the decoder process (if configured) and the ingest thread."""
         if self._config.decode_process:
-            decoder = DecoderProcess(self._context, self._limits, cpu=self._decoder_cpu)
+            decoder = DecoderProcess(self._context, self._limits)
             try:
                 decoder.start()
             except DecoderUnavailable as exc:
