@@ -74,13 +74,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(command: Callable[[Path, int], list[str]], name: str) -> Iterator[int]:
-    """Run a server (``command(folder, port)``) in a temporary folder; yield its port once it accepts."""
-    if shutil.which(command(Path("."), 0)[0]) is None:
+def server(name: str, command: Callable[[Path, int], list[str]]) -> Iterator[int]:
+    """Run the server program ``name`` as ``command(folder, port)`` in a temporary folder; yield its port once it accepts."""
+    if shutil.which(name) is None:
         raise PeerError(f"{name} is not installed; on Debian: apt-get install {name}")
     folder = Path(tempfile.mkdtemp(prefix=f"eventagg-peer-{name}-"))
     port = free_port()
-    process = subprocess.Popen(command(folder, port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=folder)
+    log = folder / "server.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(command(folder, port), stdout=output, stderr=output, cwd=folder)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
@@ -89,8 +91,8 @@ def server(command: Callable[[Path, int], list[str]], name: str) -> Iterator[int
                 break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    error = process.stderr.read().decode(errors="replace")[-500:] if process.stderr else ""
-                    raise PeerError(f"{name} did not start on port {port}: {error}") from None
+                    said = log.read_text(errors="replace")[-500:]
+                    raise PeerError(f"{name} did not start on port {port}: {said}") from None
                 time.sleep(0.05)
         yield port
     finally:
@@ -120,7 +122,7 @@ def measure_redis(events: Sequence[dict[str, Any]], batch: int) -> dict[str, flo
         raise PeerError("the redis package is missing: pip install redis") from None
     args = [[e["topic"], e["event_id"], e["timestamp"], e["source"], msgpack.packb(e["payload"])] for e in events]
     calls = [[value for event in args[start:start + batch] for value in event] for start in range(0, len(args), batch)]
-    with server(_redis_command, "redis-server") as port:
+    with server("redis-server", _redis_command) as port:
         client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=30)
         try:
             keep_new = client.register_script(_REDIS_BATCH)
@@ -158,7 +160,7 @@ def measure_nats(events: Sequence[dict[str, Any]], pipelined: bool) -> dict[str,
         finally:
             await connection.close()
 
-    with server(_nats_command, "nats-server") as port:
+    with server("nats-server", _nats_command) as port:
         new, elapsed = asyncio.run(run(port))
     return _result(len(events), new, elapsed)
 

@@ -43,3 +43,14 @@ def test_a_missing_server_is_a_clear_error(tmp_path: Path) -> None:
     result = run_script("peers.py", "--events", "100", "--peer", "redis", env={"PATH": str(tmp_path)})
     assert result.returncode == 2
     assert "redis-server is not installed; on Debian: apt-get install redis-server" in result.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("redis") is None, reason="not installed: redis")
+def test_a_server_that_does_not_start_is_a_clear_error_with_what_it_said(tmp_path: Path) -> None:
+    fake = tmp_path / "redis-server"
+    fake.write_text("#!/bin/sh\necho 'FATAL: cannot open the AOF file' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    result = run_script("peers.py", "--events", "100", "--peer", "redis", env={"PATH": str(tmp_path)})
+    assert result.returncode == 2
+    assert "redis-server did not start on port" in result.stderr
+    assert "FATAL: cannot open the AOF file" in result.stderr
