@@ -43,6 +43,9 @@ import msgpack
 
 from transport.workload import distinct_count, plan
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from harness import free_port  # noqa: E402  (as bench.py does: a loopback port below the ephemeral range)
+
 START_TIMEOUT_S = 15.0
 NATS_DUPLICATE_WINDOW_S = 3600.0
 PEERS = ("redis", "nats-pipelined", "nats-awaited")
@@ -64,13 +67,6 @@ return new
 
 class PeerError(Exception):
     """A peer's server or client library is missing, or its server did not start."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @contextmanager
