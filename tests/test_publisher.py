@@ -175,6 +175,10 @@ def test_rejected_events_come_back_by_index_and_the_rest_is_stored(daemon_factor
         assert configured.endpoint == daemon.ack
         with pytest.raises(InvalidEvent, match="over the limit of 200"):
             configured.publish(events[3])
+        # Over 200 bytes as a whole but not in its payload: the library sends it, the daemon stores it.
+        configured.publish(dict(make_event(10, 1, "r"), source="s" * 250))
+        configured.flush(timeout=30)
+    assert configured.totals.acked_new == 1
 
 
 def test_resends_and_repeats_are_acknowledged_as_duplicates(daemon: Daemon) -> None:

@@ -11,7 +11,7 @@
 
 Theory of operation
 -------------------
-Every event is checked with the daemon's own rules (:func:`transport.schema.validate_event`)
+Every event is checked with the daemon's own rules (:func:`transport.schema.check_fields`)
 and encoded to msgpack the moment it is published, so a bad event raises
 :class:`InvalidEvent` at once and later changes to the caller's dict cannot leak into the batch.
 Encoded events gather in a *pending* batch, which is sent when it holds ``batch_size`` events
@@ -56,7 +56,7 @@ import zmq
 from transport.backoff import Backoff, RetryBudget
 from transport.client import connectable
 from transport.config import load_config
-from transport.schema import DEFAULT_MAX_PAYLOAD_BYTES, InvalidEvent, validate_event
+from transport.schema import DEFAULT_MAX_PAYLOAD_BYTES, InvalidEvent, check_fields, pack_payload
 from transport.security import SocketHook, curve_client_from_config
 
 __all__ = [
@@ -449,8 +449,10 @@ class Publisher:
 
     def _encode(self, event: dict[str, Any]) -> bytes:
         try:
-            validate_event(event, self.max_payload_bytes)
+            payload = check_fields(event)[5]
             packed: bytes = self._packer.pack(event)
+            if len(packed) > self.max_payload_bytes:  # else the payload, a part of it, is within too
+                pack_payload(payload, self.max_payload_bytes)
             return packed
         except InvalidEvent:
             raise

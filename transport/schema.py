@@ -115,8 +115,14 @@ def parse_timestamp(value: Any) -> tuple[str, int]:
     )
 
 
-def validate_event(obj: Any, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> Event:
-    """Check one decoded event map and return it as an :class:`Event`, or raise :class:`InvalidEvent`."""
+def check_fields(obj: Any) -> tuple[str, str, str, int, str, Any]:
+    """Check a decoded event map by every rule but the payload's size, or raise :class:`InvalidEvent`.
+
+    Returns ``(topic, event_id, timestamp, ts_ns, source, payload)``, where ``payload`` is the
+    payload map, or ``None`` when the event has none. The publisher library stops here: it
+    packs the whole event anyway, and only an event over the payload limit can have a payload
+    over it, so it packs the payload alone (:func:`pack_payload`) only then.
+    """
     if not isinstance(obj, dict):
         raise InvalidEvent(f"an event must be a map, not {type_name(obj)}")
     try:
@@ -136,23 +142,35 @@ def validate_event(obj: Any, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES)
     if len(source) > MAX_NAME_CHARS:
         raise InvalidEvent(f"source must be at most {MAX_NAME_CHARS} characters, not {len(source)}")
     timestamp, ts_ns = parse_timestamp(raw_timestamp)
-    payload = obj.get("payload", _EMPTY_MAP)
-    if payload is _EMPTY_MAP:
-        packed = EMPTY_PAYLOAD
-    else:
-        if not isinstance(payload, dict):
-            raise InvalidEvent(f"payload must be a map, not {type_name(payload)}")
-        packed = _packer().pack(payload)
-        if len(packed) > max_payload_bytes:
-            raise InvalidEvent(f"payload is {len(packed)} bytes, over the limit of {max_payload_bytes}")
-    return Event(topic, event_id, timestamp, ts_ns, source, packed)
+    payload = obj.get("payload", _NO_PAYLOAD)
+    if payload is _NO_PAYLOAD:
+        payload = None
+    elif not isinstance(payload, dict):
+        raise InvalidEvent(f"payload must be a map, not {type_name(payload)}")
+    return topic, event_id, timestamp, ts_ns, source, payload
+
+
+def pack_payload(payload: dict[Any, Any] | None, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> bytes:
+    """The payload map as stored (msgpack; an empty map for none), or :class:`InvalidEvent` if over the limit."""
+    if payload is None:
+        return EMPTY_PAYLOAD
+    packed: bytes = _packer().pack(payload)
+    if len(packed) > max_payload_bytes:
+        raise InvalidEvent(f"payload is {len(packed)} bytes, over the limit of {max_payload_bytes}")
+    return packed
+
+
+def validate_event(obj: Any, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> Event:
+    """Check one decoded event map and return it as an :class:`Event`, or raise :class:`InvalidEvent`."""
+    topic, event_id, timestamp, ts_ns, source, payload = check_fields(obj)
+    return Event(topic, event_id, timestamp, ts_ns, source, pack_payload(payload, max_payload_bytes))
 
 
 def type_name(value: Any) -> str:
     return "nil" if value is None else type(value).__name__
 
 
-_EMPTY_MAP: dict[str, Any] = {}
+_NO_PAYLOAD = object()
 EMPTY_PAYLOAD: bytes = msgpack.packb({})
 """The stored payload of an event sent without one: an empty msgpack map."""
 _local = threading.local()
