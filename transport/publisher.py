@@ -449,7 +449,7 @@ class Publisher:
 
     def _encode(self, event: dict[str, Any]) -> bytes:
         try:
-            payload = check_fields(event)[5]
+            *_, payload = check_fields(event)
             packed: bytes = self._packer.pack(event)
             if len(packed) > self.max_payload_bytes:  # else the payload, a part of it, is within too
                 pack_payload(payload, self.max_payload_bytes)
