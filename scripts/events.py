@@ -13,7 +13,7 @@ import sys
 
 import _bootstrap  # noqa: F401
 
-from stats import add_endpoint_args, curve_from_args, endpoint_from_args
+from stats import add_endpoint_args, curve_from_args, endpoint_from_args, run_command
 from transport.client import QueryClient, QueryClientError
 from transport.config import ConfigError
 from transport.security import SecurityError
@@ -44,10 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     except QueryClientError as exc:
         print(f"events: {exc}", file=sys.stderr)
         return 1
-    except BrokenPipeError:
-        return 0
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

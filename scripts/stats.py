@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import _bootstrap  # noqa: F401
@@ -58,6 +60,22 @@ def curve_from_args(args: argparse.Namespace) -> SocketHook | None:
     return None
 
 
+def run_command(main: Callable[[], int]) -> int:
+    """Run a query script's ``main``; a reader that goes away early (``| head``) ends it quietly with 0.
+
+    Without this, the first write after the reader has gone raises BrokenPipeError: a traceback
+    where ``cat`` would say nothing.
+    """
+    try:
+        code = main()
+        sys.stdout.flush()  # here, where the error can be caught, rather than at exit
+    except BrokenPipeError:
+        # Python flushes stdout once more on its way out: point it at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Print the eventagg daemon's stats.")
     add_endpoint_args(parser)
@@ -89,4 +107,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

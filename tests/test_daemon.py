@@ -242,6 +242,21 @@ def test_events_script_pages_through_a_topic(daemon: Daemon) -> None:
     assert result.returncode == 0 and [e["seq"] for e in lines] == list(range(1, 2501))
 
 
+def test_query_scripts_end_quietly_when_the_reader_goes_away(daemon: Daemon) -> None:
+    # As in `stats.py | head -1` once head has exited: the pipe is closed before the script writes.
+    push_frames(daemon.ingest, [msgpack.packb(EVENT)])
+    daemon.wait_stats(unique_processed=1)
+    for script, *args in (("stats.py",), ("stats.py", "--json"), ("events.py", "orders")):
+        proc = subprocess.Popen(
+            [sys.executable, str(SCRIPTS / script), *args, "--endpoint", daemon.query],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        assert proc.stdout is not None
+        proc.stdout.close()
+        _, stderr = proc.communicate(timeout=60)
+        assert (script, proc.returncode, stderr) == (script, 0, "")
+
+
 def test_bad_config_fails_at_start_naming_the_key(tmp_path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text("[ordering]\nactorz = 3\n")
