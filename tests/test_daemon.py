@@ -240,6 +240,12 @@ def test_events_script_pages_through_a_topic(daemon: Daemon) -> None:
     result = run_script("events.py", "orders", "--endpoint", daemon.query, "--page", "1000")
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert result.returncode == 0 and [e["seq"] for e in lines] == list(range(1, 2501))
+    limited = run_script("events.py", "orders", "--endpoint", daemon.query, "--after", "10", "--limit", "3")
+    assert [json.loads(line)["seq"] for line in limited.stdout.splitlines()] == [11, 12, 13]
+    assert run_script("events.py", "orders", "--endpoint", daemon.query, "--limit", "0").stdout == ""
+    for flag, value in (("--page", "0"), ("--limit", "-1"), ("--after", "x")):
+        refused = run_script("events.py", "orders", "--endpoint", daemon.query, flag, value)
+        assert refused.returncode == 2 and f"argument {flag}:" in refused.stderr and refused.stdout == ""
 
 
 def test_query_scripts_end_quietly_when_the_reader_goes_away(daemon: Daemon) -> None:
