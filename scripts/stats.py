@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -36,12 +37,23 @@ def endpoint_from_args(args: argparse.Namespace) -> str:
     return connectable(QueryConfig().bind)
 
 
+def seconds(text: str) -> float:
+    """An argparse type: a number of seconds above 0 (a client waits that long at most, never for ever)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text}")
+    return value
+
+
 def add_endpoint_args(parser: argparse.ArgumentParser) -> None:
     """The --endpoint/--config/--timeout flags shared by the query scripts."""
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--endpoint", metavar="URL", help="query endpoint, e.g. tcp://127.0.0.1:5556")
     where.add_argument("--config", metavar="PATH", help="read the query endpoint from this config file")
-    parser.add_argument("--timeout", type=float, default=5.0, metavar="S", help="seconds to wait for an answer (default 5)")
+    parser.add_argument("--timeout", type=seconds, default=5.0, metavar="S", help="seconds to wait for an answer (default 5)")
     parser.add_argument("--server-key", metavar="PATH", help="CURVE: the daemon's public certificate (server.key)")
     parser.add_argument("--client-cert", metavar="PATH", help="CURVE: this client's secret certificate (NAME.key_secret)")
 

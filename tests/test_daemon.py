@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import msgpack
+import pytest
 
 from harness import SCRIPTS, Daemon, publish, push_frames, run_script, stored_rows
+from transport.client import QueryClient
 from transport.workload import plan
 
 EVENT = {"topic": "orders", "event_id": "o-1", "timestamp": "2025-10-22T10:00:00Z", "source": "shop", "payload": {"n": 1}}
@@ -232,6 +234,12 @@ def test_stats_script_against_a_live_daemon_and_against_nothing(daemon: Daemon) 
     nobody = run_script("stats.py", "--endpoint", "tcp://127.0.0.1:1", "--timeout", "1", timeout=30)
     assert nobody.returncode != 0 and "no answer" in nobody.stderr and nobody.stdout == ""
     assert time.monotonic() - started < 15
+    # A timeout that is not above 0 would let the client wait for ever: refused before asking.
+    for value in ("0", "-1", "nan", "inf"):
+        refused = run_script("stats.py", "--endpoint", daemon.query, "--timeout", value, timeout=30)
+        assert refused.returncode == 2 and "argument --timeout" in refused.stderr
+    with pytest.raises(ValueError, match="above 0"):
+        QueryClient(daemon.query, timeout=-1)
 
 
 def test_events_script_pages_through_a_topic(daemon: Daemon) -> None:

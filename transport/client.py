@@ -7,6 +7,7 @@ for the next attempt (the zguide's "Lazy Pirate" pattern).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -34,6 +35,10 @@ class QueryClient:
         attempts: int = 1,
         configure: Callable[["zmq.Socket[Any]"], None] | None = None,
     ) -> None:
+        if not 0 < timeout < math.inf:  # 0, a negative or NaN one would make poll() wait for ever
+            raise ValueError(f"timeout must be a number of seconds above 0, not {timeout}")
+        if attempts < 1:
+            raise ValueError(f"attempts must be 1 or more, not {attempts}")
         self.endpoint = endpoint
         self.timeout = timeout
         self.attempts = attempts
