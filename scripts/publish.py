@@ -199,8 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SecurityError) as exc:
         print(f"publish: {exc}", file=sys.stderr)
         return 2
-    if args.batch < 1 or args.processes < 1 or args.window < 1:
-        parser.error("--batch, --processes and --window must be 1 or more")
+    if args.batch < 1 or args.processes < 1 or args.window < 1 or args.topics < 1:
+        parser.error("--batch, --processes, --window and --topics must be 1 or more")
+    if args.events < 0 or not 0 <= args.duplicates < 1:
+        parser.error("--events must be 0 or more and --duplicates a fraction from 0 up to (not including) 1")
     if args.ack_timeout <= 0 or args.deadline <= 0 or args.rate < 0:
         parser.error("--ack-timeout and --deadline must be above 0, --rate 0 or more")
 

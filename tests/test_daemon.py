@@ -290,6 +290,9 @@ def test_publish_script_reports_what_it_sent(daemon: Daemon) -> None:
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["sent"] == 300
     daemon.wait_stats(received=300, unique_processed=270, duplicate_dropped=30)
+    for flag, value in (("--events", "-5"), ("--topics", "0"), ("--duplicates", "1.5"), ("--batch", "0")):
+        refused = run_script("publish.py", "--endpoint", daemon.ingest, flag, value, timeout=30)
+        assert refused.returncode == 2 and flag in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_threads_carry_their_names_for_the_kernel(daemon: Daemon) -> None:
