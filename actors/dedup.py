@@ -114,7 +114,7 @@ class DedupActor(pykka.ThreadingActor):
             self._store = EventStore(connect_writer(self._path, self._synchronous, self._cache_mb))
         except StorageError as exc:
             # Raised here it would only kill the actor behind a pykka traceback; kept, it is
-            # raised to the supervisor by its start-up Ping, which stops with this message.
+            # the answer to the supervisor's start-up Ping, which stops with this message.
             self._startup_error = exc
             return
         self._counters = self._store.counters()
@@ -167,9 +167,9 @@ class DedupActor(pykka.ThreadingActor):
             self._commit()
             return not self._writes
         elif isinstance(message, Ping):
-            if self._startup_error is not None:
-                raise self._startup_error
-            return self._store is not None
+            # Answered, not raised: pykka would log a raised one with its traceback, above the
+            # one line that says why the daemon cannot start.
+            return self._startup_error if self._startup_error is not None else self._store is not None
         elif isinstance(message, Tick):
             pass  # a chance to retry a failed commit; _maybe_commit runs after every message
         elif isinstance(message, Freeze):

@@ -139,7 +139,8 @@ class Sync:
 
 @dataclass(frozen=True, slots=True)
 class Ping:
-    """Liveness check: answered with True by a responsive actor."""
+    """Liveness check: answered with True by a responsive actor (the dedup actor answers with the
+    StorageError that kept it from opening the database, if one did)."""
 
 
 @dataclass(frozen=True, slots=True)

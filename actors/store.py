@@ -211,10 +211,16 @@ class TopicState:
 def connect_writer(path: Path, synchronous: str = "NORMAL", cache_mb: int = DEFAULT_CACHE_MB) -> sqlite3.Connection:
     """Open (creating if needed) the database for writing, with WAL and ``cache_mb`` MiB of page cache,
     and check its integrity."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not path.exists():
-        # Create the file owner-only before SQLite does, so events are never world-readable.
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not path.exists():
+            # Create the file owner-only before SQLite does, so events are never world-readable.
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    except OSError as exc:
+        raise StorageError(
+            f"cannot create database {path}: {exc.strerror or exc}; make sure its folder can be "
+            "created and written by the daemon's user, or set [storage] path"
+        ) from exc
     try:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, cached_statements=STATEMENT_CACHE)
         conn.execute("PRAGMA journal_mode=WAL")

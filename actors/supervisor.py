@@ -164,9 +164,11 @@ class Daemon:
 
     def _confirm(self, ref: pykka.ActorRef[Any], name: str) -> None:
         try:
-            ref.ask(Ping(), timeout=START_TIMEOUT_S)
+            answer = ref.ask(Ping(), timeout=START_TIMEOUT_S)
         except pykka.Timeout:
             raise StartupError(f"actor {name} did not start within {START_TIMEOUT_S:.0f} s") from None
+        if isinstance(answer, Exception):
+            raise answer
 
     def _bind(self, what: str, make: Callable[[], Any]) -> Any:
         try:
@@ -221,7 +223,7 @@ class Daemon:
         deadline = time.monotonic() + timeout
         for name, future in futures.items():
             try:
-                alive[name] = bool(future.get(timeout=max(0.0, deadline - time.monotonic())))
+                alive[name] = future.get(timeout=max(0.0, deadline - time.monotonic())) is True
             except (pykka.Timeout, pykka.ActorDeadError):
                 alive[name] = False
         if self.ingest is not None:

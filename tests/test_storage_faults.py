@@ -42,6 +42,20 @@ def test_not_a_database_stops_the_start(daemon_factory: Callable[..., Daemon]) -
     assert f"cannot start: cannot open database {daemon.db_path}: file is not a database" in daemon.log()
 
 
+def test_a_database_path_that_cannot_be_made_stops_the_start_with_the_reason(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    # Its folder would be inside a regular file. (Tests run as root, so a folder without write
+    # permission would not stop them.)
+    daemon = daemon_factory(storage={"path": "a-file/events.db"})
+    (daemon.workdir / "a-file").write_text("not a folder\n")
+    daemon.start(wait=False)
+    assert daemon.proc is not None and daemon.proc.wait(30) == 1
+    log = daemon.log()
+    assert f"cannot start: cannot create database {daemon.workdir / 'a-file' / 'events.db'}" in log
+    assert "[storage] path" in log and "Traceback" not in log
+
+
 def test_failed_quick_check_stops_the_start(daemon_factory: Callable[..., Daemon]) -> None:
     daemon = daemon_factory()
     conn = sqlite3.connect(daemon.db_path)
