@@ -97,12 +97,15 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_start = 0
 
-    def start(self, wait: bool = True, timeout: float = 30.0, env: dict[str, str] | None = None) -> "Daemon":
+    def start(
+        self, wait: bool = True, timeout: float = 30.0, env: dict[str, str] | None = None, own_session: bool = False
+    ) -> "Daemon":
+        """Start the daemon; with ``own_session`` it leads a process group of its own, as under a shell."""
         log = self.log_path.open("ab")
         self._log_start = log.tell()  # this run's lines begin here (a restart appends to the same file)
         self.proc = subprocess.Popen(
             [sys.executable, str(SCRIPTS / "aggregatord.py"), "--config", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=env,
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=env, start_new_session=own_session,
         )
         log.close()
         if wait:

@@ -107,6 +107,28 @@ def test_the_decoder_runs_beside_the_daemon_and_ends_with_it(daemon: Daemon) -> 
              10, "the decoder process ends with the daemon")
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_to_the_daemons_whole_process_group_leaves_the_decoder_to_the_daemon(
+    daemon_factory: Callable[..., Daemon], signum: signal.Signals
+) -> None:
+    # As Ctrl-C in a terminal, timeout(1) or `kill -TERM -- -PGID` do. The decoder must not die
+    # (or be replaced) under a draining daemon, nor end on SIGHUP, which only re-reads the log level.
+    daemon = daemon_factory().start(own_session=True)
+    assert daemon.proc is not None
+    [pid] = decoder_pids(daemon)
+    push_frames(daemon.ingest, [msgpack.packb([event(n) for n in range(k, k + 50)]) for k in range(0, 500, 50)])
+    daemon.wait_stats(unique_processed=500)
+    os.killpg(daemon.proc.pid, signum)
+    if signum == signal.SIGHUP:
+        time.sleep(1)
+        assert decoder_pids(daemon) == [pid]
+        assert daemon.terminate() == 0
+    else:
+        assert daemon.proc.wait(60) == 0
+    log = daemon.log()
+    assert "decoder process died" not in log and "stopped: received 500, unique 500" in log
+
+
 def test_a_killed_decoder_loses_nothing_and_is_replaced(daemon: Daemon) -> None:
     [first] = decoder_pids(daemon)
 

@@ -23,7 +23,6 @@ import gc
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -129,7 +128,13 @@ class DecoderProcess:
         command = [sys.executable, "-m", "transport.decoder", frames_endpoint, results_endpoint,
                    str(self._limits.max_batch_events), str(self._limits.max_payload_bytes), str(os.getpid())]
         try:
-            self._process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, cwd=str(_ROOT))
+            # A session of its own: signals meant for the daemon's whole process group (Ctrl-C in
+            # a terminal, timeout(1), kill -- -PGID) would otherwise end it, or on SIGHUP kill it,
+            # under a daemon that is draining or only re-reading its log level. The daemon ends
+            # it itself, after its last frames are decoded.
+            self._process = subprocess.Popen(
+                command, env=env, stdin=subprocess.DEVNULL, cwd=str(_ROOT), start_new_session=True
+            )
         except OSError as exc:
             raise DecoderUnavailable(f"cannot start the decoder process: {exc}") from exc
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -250,9 +255,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("max_payload_bytes", type=int)
     parser.add_argument("parent_pid", type=int)
     args = parser.parse_args(argv)
-    # Ctrl-C in a terminal reaches the whole process group; the daemon ends this process itself,
-    # after its last frames are decoded.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # What a message makes lives only until its result is sent, and holds no cycles: the cyclic
     # GC would scan those objects for nothing every 700 allocations (several times a frame).
     gc.freeze()
