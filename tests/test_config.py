@@ -61,6 +61,10 @@ def test_state_directory_wins_for_a_relative_storage_path(tmp_path: Path, monkey
         ("[storage]\nsynchronous = 'SOMETIMES'\n", r"\[storage\] synchronous must be one of"),
         ("[log]\nlevel = 'LOUD'\n", r"\[log\] level must be one of"),
         ("[query]\nbind = '127.0.0.1:5556'\n", r"\[query\] bind must be a ZeroMQ endpoint"),
+        # libzmq would bind these without a word, on the port modulo 65 536 (99 999 -> 34 463).
+        ("[query]\nbind = 'tcp://127.0.0.1:99999'\n", r"\[query\] bind needs a port from 1 to 65535"),
+        ("[ingest]\nack_bind = 'tcp://127.0.0.1:-1'\n", r"\[ingest\] ack_bind needs a port from 1 to 65535"),
+        ("[ingest]\nbind = 'tcp://127.0.0.1'\n", r"\[ingest\] bind needs a port from 1 to 65535"),
         ("[ingest]\nbind = [1]\n", r"\[ingest\] bind must be a str"),
         ("ingest = 3\n", r"\[ingest\] must be a table"),
         ("not toml at all [", "not valid TOML"),

@@ -230,7 +230,19 @@ def _parse_section(name: str, section_type: type, values: dict[str, Any]) -> Any
                 raise ConfigError(f"[{name}] {key} must be one of {', '.join(choices)}, not {values[key]!r}")
         if (name, key) in _PATHS and "$" in value:
             value = _expand(f"[{name}] {key}", value)
-        if (name, key) in _ENDPOINTS and "://" not in value:
-            raise ConfigError(f"[{name}] {key} must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, not {value!r}")
+        if (name, key) in _ENDPOINTS:
+            _check_endpoint(f"[{name}] {key}", value)
         checked[key] = value
     return section_type(**checked)
+
+
+def _check_endpoint(where: str, value: str) -> None:
+    """A bind endpoint: ``transport://address``, and for tcp a port that libzmq will not wrap
+    (it binds port 99 999 as 34 463 without a word)."""
+    transport, separator, address = value.partition("://")
+    if not separator:
+        raise ConfigError(f"{where} must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, not {value!r}")
+    if transport == "tcp":
+        _, colon, port = address.rpartition(":")
+        if not (colon and port.isdigit() and 1 <= int(port) <= 65535):
+            raise ConfigError(f"{where} needs a port from 1 to 65535, like tcp://127.0.0.1:5555, not {value!r}")
