@@ -35,6 +35,7 @@ def test_accepted(request_: dict[str, Any], expected: object) -> None:
         ({"op": "drop_tables"}, "unknown op"),
         ({"op": "events", "topic": 5}, "'topic' must be a string"),
         ({"op": "events", "after": -1}, "'after'"),
+        ({"op": "events", "after": 2**63}, "'after' must be an integer from 0 to 9223372036854775807"),
         ({"op": "events", "after": "3"}, "'after'"),
         ({"op": "events", "limit": 0}, "'limit'"),
         ({"op": "events", "limit": True}, "'limit'"),

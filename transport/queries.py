@@ -13,6 +13,7 @@ from transport.schema import type_name
 
 DEFAULT_LIMIT = 1000
 MAX_FREEZE_S = 600.0
+MAX_CURSOR = 2**63 - 1  # seqs and commit positions are SQLite INTEGERs
 TEST_HOOKS_ENV = "EVENTAGG_TEST_HOOKS"
 
 
@@ -88,8 +89,8 @@ def parse_query(request: Any, max_limit: int, *, test_hooks: bool | None = None)
     after = request.get("after", 0)
     if after is None:
         after = 0
-    if not isinstance(after, int) or isinstance(after, bool) or after < 0:
-        raise QueryError(f"'after' must be an integer of 0 or more, not {after!r}")
+    if not isinstance(after, int) or isinstance(after, bool) or not 0 <= after <= MAX_CURSOR:
+        raise QueryError(f"'after' must be an integer from 0 to {MAX_CURSOR}, not {after!r}")
     limit = request.get("limit", DEFAULT_LIMIT)
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         raise QueryError(f"'limit' must be an integer of 1 or more, not {limit!r}")
