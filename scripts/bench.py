@@ -71,7 +71,7 @@ import zmq
 
 from actors.store import INSERT_EVENT, Row, connect_writer
 from transport.client import NoAnswer, QueryClient, connectable
-from transport.config import ConfigError, load_config
+from transport.config import ConfigError, load_config, parse_config
 from transport.schema import validate_event
 from transport.workload import BASE_TIME, distinct_count, plan
 
@@ -900,10 +900,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the prefilled database is kept between runs")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    if args.events < 1 or args.processes < 1 or args.batch < 1 or args.runs < 1 or args.window < 1:
-        parser.error("--events, --processes, --batch, --runs and --window must be 1 or more")
+    if args.events < 1 or args.processes < 1 or args.batch < 1 or args.runs < 1 or args.window < 1 or args.topics < 1:
+        parser.error("--events, --processes, --batch, --runs, --window and --topics must be 1 or more")
+    if not 0 <= args.duplicates < 1:
+        parser.error("--duplicates must be a fraction from 0 up to (not including) 1")
     try:
         overrides = parse_overrides(args.set)
+        parse_config(overrides)  # a bad key or value is refused here, not by the first daemon to start
         target = None
         if args.target:
             if args.set or args.prefill or args.scaling:

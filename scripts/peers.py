@@ -193,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peer", action="append", choices=PEERS, help="measure only this peer (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    if min(args.events, args.awaited_events, args.topics, args.batch, args.runs) < 1:
+        parser.error("--events, --awaited-events, --topics, --batch and --runs must be 1 or more")
+    if not 0 <= args.duplicates < 1:
+        parser.error("--duplicates must be a fraction from 0 up to (not including) 1")
     runs: dict[str, list[dict[str, float]]] = {peer: [] for peer in args.peer or PEERS}
     try:
         for run in range(1, args.runs + 1):

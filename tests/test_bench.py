@@ -86,6 +86,17 @@ def test_text_output_names_every_figure() -> None:
     assert "events_per_s" in result.stdout and "ceiling_rows_per_s" in result.stdout
 
 
+def test_bad_arguments_and_overrides_are_refused_before_any_daemon_starts() -> None:
+    for args, reason in (
+        (("--set", "nosuch.key=1"), "unknown section [nosuch]"),
+        (("--set", "storage.cache_mb=abc"), "[storage] cache_mb must be a int"),
+        (("--duplicates", "2"), "--duplicates must be a fraction"),
+        (("--topics", "0"), "must be 1 or more"),
+    ):
+        result = run_script("bench.py", *args, timeout=60)
+        assert result.returncode == 2 and reason in result.stderr and "Traceback" not in result.stderr, args
+
+
 def test_prefilled_database_agrees_with_its_counters(tmp_path: Path) -> None:
     path, build_s = bench.prefilled_db(tmp_path, 1000, 7)
     assert build_s > 0 and bench.prefilled_db(tmp_path, 1000, 7) == (path, 0.0)
