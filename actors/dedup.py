@@ -51,6 +51,7 @@ from actors.store import (
     COUNTER_NAMES,
     DEFAULT_CACHE_MB,
     Checkpointer,
+    DatabaseLock,
     EventStore,
     StorageError,
     TopicDelta,
@@ -94,6 +95,7 @@ class DedupActor(pykka.ThreadingActor):
         self._live = live
         self._zmq_context = zmq_context
         self._store: EventStore | None = None
+        self._lock = DatabaseLock(path)
         self._checkpointer: Checkpointer | None = None
         self._acks: zmq.Socket[Any] | None = None
         self._lookup_group = lookup_group  # told lookups held until this many wait (or the inbox is empty)
@@ -111,8 +113,10 @@ class DedupActor(pykka.ThreadingActor):
     def on_start(self) -> None:
         # The connection is opened here, on the actor's own thread, never in __init__.
         try:
+            self._lock.acquire()  # first: a second daemon must not even create the schema
             self._store = EventStore(connect_writer(self._path, self._synchronous, self._cache_mb))
         except StorageError as exc:
+            self._lock.release()
             # Raised here it would only kill the actor behind a pykka traceback; kept, it is
             # the answer to the supervisor's start-up Ping, which stops with this message.
             self._startup_error = exc
@@ -140,6 +144,7 @@ class DedupActor(pykka.ThreadingActor):
         if self._store is not None:
             self._store.close()
             self._store = None
+        self._lock.release()
         if self._acks is not None:
             self._acks.close(linger=1000)
             self._acks = None

@@ -14,6 +14,7 @@ writes), so queries never wait behind ingest.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import itertools
 import json
@@ -244,6 +245,51 @@ def connect_writer(path: Path, synchronous: str = "NORMAL", cache_mb: int = DEFA
     except sqlite3.DatabaseError as exc:
         raise StorageError(f"cannot open database {path}: {exc}") from exc
     return conn
+
+
+class DatabaseLock:
+    """Keeps a second daemon off a database this one writes: an exclusive ``flock`` on
+    ``<database>.lock``, which holds the owner's pid.
+
+    Two writers would number the same topics independently, and the first one's commits would
+    then fail on UNIQUE (topic, seq) for ever. The kernel drops the lock with the process, so a
+    daemon killed with SIGKILL leaves nothing stale behind; the file itself stays.
+    """
+
+    def __init__(self, database: Path) -> None:
+        self.database = database
+        self.path = database.with_name(database.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock (making the database's folder if need be), or raise :class:`StorageError`
+        naming the pid that holds it."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot create database {self.database} (its lock file first): {exc.strerror or exc}; "
+                "make sure its folder can be created and written by the daemon's user, or set [storage] path"
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StorageError(
+                f"database {self.database} is in use by another eventagg (pid {holder}); "
+                "stop that one first, or give this one another [storage] path"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        """Let another daemon have the database (closing the file drops the lock)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class EventStore:

@@ -21,7 +21,7 @@ import msgpack
 import pytest
 import zmq
 
-from harness import Daemon
+from harness import Daemon, push_frames
 from transport.workload import make_event
 
 pytestmark = pytest.mark.timeout(120)
@@ -54,6 +54,29 @@ def test_a_database_path_that_cannot_be_made_stops_the_start_with_the_reason(
     log = daemon.log()
     assert f"cannot start: cannot create database {daemon.workdir / 'a-file' / 'events.db'}" in log
     assert "[storage] path" in log and "Traceback" not in log
+
+
+def test_a_second_daemon_on_the_same_database_is_refused_and_the_first_goes_on(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    # Two writers would number the same topics independently: the first one's commits then
+    # fail on UNIQUE (topic, seq) for ever. The second must not start at all.
+    first = daemon_factory("first").start()
+    assert first.proc is not None
+    second = daemon_factory("second", storage={"path": str(first.db_path)})
+    second.start(wait=False)
+    assert second.proc is not None and second.proc.wait(30) == 1
+    assert (
+        f"cannot start: database {first.db_path} is in use by another eventagg (pid {first.proc.pid})"
+        in second.log()
+    )
+    push_frames(first.ingest, [msgpack.packb([make_event(i, 3, "one") for i in range(300)])])
+    first.wait_stats(unique_processed=300)
+    assert first.terminate() == 0
+    # Once the first has stopped (or died: the lock goes with the process), the database is free.
+    second.start()
+    push_frames(second.ingest, [msgpack.packb([make_event(i, 3, "two") for i in range(200)])])
+    second.wait_stats(unique_processed=500)
 
 
 def test_failed_quick_check_stops_the_start(daemon_factory: Callable[..., Daemon]) -> None:
