@@ -63,10 +63,12 @@ def test_equal_instants_keep_arrival_order_and_offsets_order_by_instant(daemon_f
         ev("c", "2025-10-22T10:00:00.5Z"),
         ev("d", "2025-10-22T10:00:02Z"),
         ev("e", "2025-10-22T10:00:02.000Z"),  # the same instant as d: arrival order
+        ev("f", "2025-10-22T10:00:02.000000900Z"),
+        ev("g", "2025-10-22T10:00:02.000000100Z"),  # 800 ns before f: nanoseconds count
     ]
     push_frames(daemon.ingest, [msgpack.packb(batch[:3]), msgpack.packb(batch[3:])])
-    daemon.wait_stats(unique_processed=5, buffered=0)
-    assert [e["event_id"] for e in daemon.events("t")] == ["c", "b", "a", "d", "e"]
+    daemon.wait_stats(unique_processed=7, buffered=0)
+    assert [e["event_id"] for e in daemon.events("t")] == ["c", "b", "a", "d", "e", "g", "f"]
     assert daemon.stats()["late"] == 0
 
 

@@ -111,6 +111,23 @@ def test_timestamps_compare_as_instants() -> None:
     assert offset < plain < finer
 
 
+@pytest.mark.parametrize(
+    ("timestamp", "ns"),
+    [
+        # Go's RFC3339Nano and Java's Instant.toString() send up to nine digits: all of them count.
+        ("2025-10-22T10:00:00.123456789Z", 1761127200_123456789),
+        ("2025-10-22T10:00:00.1234567Z", 1761127200_123456700),
+        ("2025-10-22T10:00:00,12345678+00:00", 1761127200_123456780),
+        ("2025-10-22T15:30:00.123456789+05:30", 1761127200_123456789),
+        ("2025-10-22T10:00:00.123456789123Z", 1761127200_123456789),  # beyond nanoseconds: cut
+        ("1969-12-31T23:59:59.9999995Z", -500),
+        ("2025-10-22T10:00:00.123456Z", 1761127200_123456000),
+    ],
+)
+def test_iso_timestamps_keep_their_nanoseconds(timestamp: str, ns: int) -> None:
+    assert parse_timestamp(timestamp) == (timestamp, ns)
+
+
 def test_msgpack_timestamp_is_kept_as_iso_text() -> None:
     text, ns = parse_timestamp(msgpack.Timestamp(1761127200, 123456000))
     assert text == "2025-10-22T10:00:00.123456Z"

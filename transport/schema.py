@@ -11,6 +11,7 @@ publisher may send fields that a later version of the daemon understands.
 from __future__ import annotations
 
 import datetime as dt
+import re
 import threading
 from typing import Any, NamedTuple
 
@@ -23,7 +24,7 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 # ts_ns is stored as an SQLite INTEGER, a signed 64-bit number: 1677-09-21 to 2262-04-11.
 MIN_TS_NS = -(2**63)
 MAX_TS_NS = 2**63 - 1
-_TS_RANGE = "eventagg keeps instants from 1677-09-21T00:12:43.145225Z to 2262-04-11T23:47:16.854775Z"
+_TS_RANGE = "eventagg keeps instants from 1677-09-21T00:12:43.145224192Z to 2262-04-11T23:47:16.854775807Z"
 
 
 class InvalidEvent(ValueError):
@@ -80,6 +81,19 @@ def check_topic(topic: Any) -> str:
     return topic
 
 
+# datetime keeps microseconds and drops any further fraction digits, which Go's RFC3339Nano and
+# Java's Instant.toString() send; they are read here so that such instants order to the
+# nanosecond. "2025-10-22T10:00:00.123456Z" is the longest string without a seventh digit.
+_LONGEST_MICROSECOND_FORM = len("2025-10-22T10:00:00.123456Z")
+_LONG_FRACTION = re.compile(r"[.,]\d{6}(\d{1,3})")
+
+
+def _sub_microsecond_ns(value: str) -> int:
+    """The nanoseconds below the microsecond in an ISO string's fraction (its 7th to 9th digits)."""
+    match = _LONG_FRACTION.search(value)
+    return int(match.group(1).ljust(3, "0")) if match else 0
+
+
 def parse_timestamp(value: Any) -> tuple[str, int]:
     """Return ``(iso_string, ns_since_epoch)`` for an ISO-8601 string with a zone or a msgpack Timestamp."""
     if isinstance(value, str):
@@ -98,6 +112,8 @@ def parse_timestamp(value: Any) -> tuple[str, int]:
         except OverflowError:
             raise InvalidEvent(f"timestamp {value!r} is out of range; {_TS_RANGE}") from None
         ns = (since.days * 86_400 + since.seconds) * 1_000_000_000 + since.microseconds * 1000
+        if len(value) > _LONGEST_MICROSECOND_FORM:  # room for a seventh fraction digit
+            ns += _sub_microsecond_ns(value)
         if not MIN_TS_NS <= ns <= MAX_TS_NS:
             raise InvalidEvent(f"timestamp {value!r} is out of range; {_TS_RANGE}")
         return value, ns
