@@ -209,19 +209,26 @@ class TopicState:
     last_ts_ns: int
 
 
+def _open_owner_only(path: Path, database: Path) -> int:
+    """Open ``path`` read-write, creating it (0600) and its folder (0700) if need be; a failure is
+    a :class:`StorageError` about ``database``, which ``path`` is or belongs to."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        also = "" if path == database else f" (its {path.name} first)"
+        raise StorageError(
+            f"cannot create database {database}{also}: {exc.strerror or exc}; make sure its folder can be "
+            "created and written by the daemon's user, or set [storage] path"
+        ) from exc
+
+
 def connect_writer(path: Path, synchronous: str = "NORMAL", cache_mb: int = DEFAULT_CACHE_MB) -> sqlite3.Connection:
     """Open (creating if needed) the database for writing, with WAL and ``cache_mb`` MiB of page cache,
     and check its integrity."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if not path.exists():
-            # Create the file owner-only before SQLite does, so events are never world-readable.
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-    except OSError as exc:
-        raise StorageError(
-            f"cannot create database {path}: {exc.strerror or exc}; make sure its folder can be "
-            "created and written by the daemon's user, or set [storage] path"
-        ) from exc
+    if not path.exists():
+        # Create the file owner-only before SQLite does, so events are never world-readable.
+        os.close(_open_owner_only(path, path))
     try:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, cached_statements=STATEMENT_CACHE)
         conn.execute("PRAGMA journal_mode=WAL")
@@ -264,14 +271,7 @@ class DatabaseLock:
     def acquire(self) -> None:
         """Take the lock (making the database's folder if need be), or raise :class:`StorageError`
         naming the pid that holds it."""
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise StorageError(
-                f"cannot create database {self.database} (its lock file first): {exc.strerror or exc}; "
-                "make sure its folder can be created and written by the daemon's user, or set [storage] path"
-            ) from exc
+        fd = _open_owner_only(self.path, self.database)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
