@@ -109,5 +109,5 @@ class LiveFigures:
         self.commits = 0
         self.last_commit_error: str | None = None
         self.refused = 0  # failed CURVE handshakes (transport.security); not stored, since start
-        self.decoding = "ingest thread"  # where frames are decoded (transport.ingest keeps it true)
+        self.decoding = "ingest thread"  # where frames are decoded (actors.ingest keeps it true)
         self.decoder_restarts = 0  # decoder processes replaced since start

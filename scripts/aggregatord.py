@@ -14,7 +14,7 @@ import sys
 import _bootstrap  # noqa: F401
 
 from actors.store import StorageError
-from actors.supervisor import Daemon, StartupError
+from actors.daemon import Daemon, StartupError
 from transport.config import ConfigError, load_config
 from transport.logs import setup_logging
 

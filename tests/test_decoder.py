@@ -14,7 +14,7 @@ import zmq
 
 from harness import Daemon, push_frames
 from transport.codec import Limits
-from transport.decoder import (
+from actors.decoder import (
     ACKNOWLEDGED,
     FIRE_AND_FORGET,
     OK,
@@ -40,7 +40,7 @@ def decoder_pids(daemon: Daemon) -> list[int]:
     pid = daemon.proc.pid
     # Listed under the thread that started each: the main thread, or ingest after a restart.
     children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
-    return [c for c in children if b"transport.decoder" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    return [c for c in children if b"actors.decoder" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:

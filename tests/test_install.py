@@ -122,7 +122,7 @@ def test_install_lays_out_a_working_installation(prefix: Path, tmp_path: Path) -
         assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 400
     finally:
         conn.close()
-    assert "<6>actors.supervisor: eventagg ready" in log.read_text()
+    assert "<6>actors.daemon: eventagg ready" in log.read_text()
 
 
 def test_reinstall_keeps_an_edited_config_then_uninstall_removes_all_but_config_and_data(prefix: Path) -> None:

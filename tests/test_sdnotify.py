@@ -21,7 +21,7 @@ import msgpack
 import pytest
 import zmq
 
-from actors.supervisor import Daemon as InProcessDaemon
+from actors.daemon import Daemon as InProcessDaemon
 from actors.watchdog import ServiceMonitor, Snapshot, ping_timeout, status_line
 from harness import Daemon, env_with, free_port, publish, stored_rows
 from transport.config import parse_config
@@ -326,8 +326,8 @@ def test_journald_format_under_systemd_and_timestamps_otherwise(daemon_factory: 
 
     lines = log_lines(journald)
     assert lines and all(re.match(r"<[0-7]>[\w.]+: ", line) for line in lines), lines
-    assert any(line.startswith("<6>actors.supervisor: eventagg ready") for line in lines)
-    assert any(line.startswith("<4>actors.supervisor: SIGHUP: reloaded") for line in lines), lines
+    assert any(line.startswith("<6>actors.daemon: eventagg ready") for line in lines)
+    assert any(line.startswith("<4>actors.daemon: SIGHUP: reloaded") for line in lines), lines
     assert not any(re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d", line) for line in lines)
 
     lines = log_lines(plain)

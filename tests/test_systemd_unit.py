@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.supervisor import DRAIN_TIMEOUT_S
+from actors.daemon import DRAIN_TIMEOUT_S
 from harness import ROOT
 
 UNIT = ROOT / "scripts" / "systemd" / "eventagg.service"

@@ -125,7 +125,7 @@ class DecoderProcess:
             raise DecoderUnavailable(f"cannot make the decoder process's sockets in {tempfile.gettempdir()}: {exc}") from exc
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
-        command = [sys.executable, "-m", "transport.decoder", frames_endpoint, results_endpoint,
+        command = [sys.executable, "-m", "actors.decoder", frames_endpoint, results_endpoint,
                    str(self._limits.max_batch_events), str(self._limits.max_payload_bytes), str(os.getpid())]
         try:
             # A session of its own: signals meant for the daemon's whole process group (Ctrl-C in
@@ -247,7 +247,7 @@ def _remove_socket_dir(endpoint: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the child process (``python -m transport.decoder``), started by :class:`DecoderProcess`."""
+    """Entry point of the child process (``python -m actors.decoder``), started by :class:`DecoderProcess`."""
     parser = argparse.ArgumentParser(description="eventagg's decoder process; started by the daemon, not by hand.")
     parser.add_argument("frames_endpoint")
     parser.add_argument("results_endpoint")

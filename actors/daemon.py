@@ -1,4 +1,4 @@
-"""The supervisor: starts the daemon's parts in a fixed order and stops them in reverse.
+"""The daemon, the composition root: starts its parts in a fixed order and stops them in reverse.
 
 Start: dedup actor (opens the database), ordering actors, router, stats actor, each confirmed
 alive by a ping; then the ingest and query sockets are bound, and only then is the daemon
@@ -29,10 +29,10 @@ from actors.router import RouterActor
 from actors.stats import StatsActor
 from actors.watchdog import ServiceMonitor
 from transport.config import Config, ConfigError, load_config
-from transport.ingest import IngestServer
+from actors.ingest import IngestServer
 from transport.logs import set_level
 from transport.queries import debug_hooks_enabled
-from transport.query_server import QueryServer
+from actors.query_server import QueryServer
 from transport.sdnotify import Notifier, NotifyError, watchdog_interval
 from transport.security import SecurityError, ServerSecurity
 from transport.threadnames import name_os_threads

@@ -1,6 +1,6 @@
 """The ingest loop: one thread that owns the PULL and ROUTER ingest sockets.
 
-It has every message decoded and validated (by the decoder process, :mod:`transport.decoder`,
+It has every message decoded and validated (by the decoder process, :mod:`actors.decoder`,
 or on this thread when there is none), counts and logs refusals at a bounded rate, coalesces
 the decoded messages it has into one batch, in the order they arrived, and tells the router. It
 reads only while the in-flight credit has room and few messages are out at the decoder, so a
@@ -26,7 +26,7 @@ from actors.flow import InFlight, LiveFigures, PipelineDepth, events_bytes
 from actors.messages import AckTicket, AddRejected, IngestBatch
 from transport.codec import Limits
 from transport.config import IngestConfig
-from transport.decoder import (
+from actors.decoder import (
     ACKNOWLEDGED,
     FAILED,
     FIRE_AND_FORGET,
