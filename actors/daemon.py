@@ -23,16 +23,16 @@ import zmq
 
 from actors.dedup import DedupActor
 from actors.flow import InFlight, LiveFigures, PipelineDepth
+from actors.ingest import IngestServer
 from actors.messages import Freeze, Ping, Sync, Tick
 from actors.ordering import OrderingActor
+from actors.query_server import QueryServer
 from actors.router import RouterActor
 from actors.stats import StatsActor
 from actors.watchdog import ServiceMonitor
 from transport.config import Config, ConfigError, load_config
-from actors.ingest import IngestServer
 from transport.logs import set_level
 from transport.queries import debug_hooks_enabled
-from actors.query_server import QueryServer
 from transport.sdnotify import Notifier, NotifyError, watchdog_interval
 from transport.security import SecurityError, ServerSecurity
 from transport.threadnames import name_os_threads
@@ -124,16 +124,29 @@ class Daemon:
             self.router = RouterActor.start(self.ordering)
             self._confirm(self.router, "router")
             self.stats = StatsActor.start(
-                path, in_flight=self.in_flight, live=self.live, liveness=lambda: self.liveness(exclude=("stats",)),
+                path,
+                in_flight=self.in_flight,
+                live=self.live,
+                liveness=lambda: self.liveness(exclude=("stats",)),
                 freeze=self.freeze if debug_hooks_enabled() else None,
             )
             self._confirm(self.stats, "stats")
             self.security.start()  # the ZAP handler must be up before a CURVE socket binds
             secure = self.security.hook
+            router, dedup = self.router, self.dedup
+            assert router is not None and dedup is not None  # started and confirmed above
             self.ingest = self._bind(
                 "ingest",
-                lambda: IngestServer(self.context, cfg.ingest, self.router, self.dedup, self.in_flight, secure,  # type: ignore[arg-type]
-                                     depth=self._pipeline_depth(), live=self.live),
+                lambda: IngestServer(
+                    self.context,
+                    cfg.ingest,
+                    router,
+                    dedup,
+                    self.in_flight,
+                    secure,
+                    depth=self._pipeline_depth(),
+                    live=self.live,
+                ),
             )
             self.query = self._bind("query", lambda: QueryServer(self.context, cfg.query, self.stats, secure))  # type: ignore[arg-type]
         except BaseException:
@@ -151,7 +164,11 @@ class Daemon:
         name_os_threads()
         log.info(
             "eventagg ready: ingest %s, acked ingest %s, queries %s, database %s, %d ordering actors",
-            cfg.ingest.bind, cfg.ingest.ack_bind, cfg.query.bind, path, cfg.ordering.actors,
+            cfg.ingest.bind,
+            cfg.ingest.ack_bind,
+            cfg.query.bind,
+            path,
+            cfg.ordering.actors,
         )
 
     def _add_refused(self, count: int) -> None:
@@ -281,8 +298,10 @@ class Daemon:
         counters = self.live.committed
         log.info(
             "stopped: received %d, unique %d, duplicates %d, rejected %d%s",
-            counters.get("received", 0), counters.get("unique_processed", 0),
-            counters.get("duplicate_dropped", 0), counters.get("rejected", 0),
+            counters.get("received", 0),
+            counters.get("unique_processed", 0),
+            counters.get("duplicate_dropped", 0),
+            counters.get("rejected", 0),
             "" if drained else " (drain incomplete)",
         )
         return drained

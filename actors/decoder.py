@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import msgspec
 import zmq
@@ -53,7 +53,7 @@ class Decoded(NamedTuple):
     """What one ingest message held: its events and refusals, or why it was refused whole."""
 
     status: int  # OK, REFUSED (the whole message; ``error`` says why) or FAILED (a decoder bug)
-    batch_id: Union[int, str, None]  # an acknowledged batch's id, where it could be read
+    batch_id: int | str | None  # an acknowledged batch's id, where it could be read
     error: str
     events: list[Event]
     rejected: list[tuple[int, str]]
@@ -79,8 +79,10 @@ def decode_message(kind: bytes, body: bytes, limits: Limits) -> Decoded:
         except FrameError as exc:
             return Decoded(REFUSED, None, str(exc), [], [])
         return Decoded(OK, None, "", batch.events, batch.rejected)
-    except Exception as exc:  # noqa: BLE001 - a decoder bug must cost one message, not the ingest loop
-        return Decoded(FAILED, None, f"message could not be decoded ({type(exc).__name__}: {exc}); this is a bug", [], [])
+    except Exception as exc:
+        return Decoded(
+            FAILED, None, f"message could not be decoded ({type(exc).__name__}: {exc}); this is a bug", [], []
+        )
 
 
 class DecoderUnavailable(RuntimeError):
@@ -104,7 +106,10 @@ class DecoderProcess:
         self.results: zmq.Socket[Any] | None = None
 
     def start(self) -> None:
-        """Start a child on new sockets and wait until it is connected; raise :class:`DecoderUnavailable` if it is not."""
+        """Start a child on new sockets and wait until it is connected.
+
+        Raises :class:`DecoderUnavailable` if it does not connect.
+        """
         self._close_sockets()
         self._generation += 1
         try:
@@ -122,11 +127,21 @@ class DecoderProcess:
             self.results.bind(results_endpoint)
         except (OSError, zmq.ZMQError) as exc:
             # E.g. a $TMPDIR so long that an ipc path would not fit in a socket address.
-            raise DecoderUnavailable(f"cannot make the decoder process's sockets in {tempfile.gettempdir()}: {exc}") from exc
+            raise DecoderUnavailable(
+                f"cannot make the decoder process's sockets in {tempfile.gettempdir()}: {exc}"
+            ) from exc
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
-        command = [sys.executable, "-m", "actors.decoder", frames_endpoint, results_endpoint,
-                   str(self._limits.max_batch_events), str(self._limits.max_payload_bytes), str(os.getpid())]
+        command = [
+            sys.executable,
+            "-m",
+            "actors.decoder",
+            frames_endpoint,
+            results_endpoint,
+            str(self._limits.max_batch_events),
+            str(self._limits.max_payload_bytes),
+            str(os.getpid()),
+        ]
         try:
             # A session of its own: signals meant for the daemon's whole process group (Ctrl-C in
             # a terminal, timeout(1), kill -- -PGID) would otherwise end it, or on SIGHUP kill it,
@@ -260,8 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
     logging.basicConfig(level=logging.INFO, format="eventagg decoder: %(levelname)s %(message)s")
-    serve(args.frames_endpoint, args.results_endpoint, Limits(args.max_batch_events, args.max_payload_bytes),
-          args.parent_pid)
+    serve(
+        args.frames_endpoint,
+        args.results_endpoint,
+        Limits(args.max_batch_events, args.max_payload_bytes),
+        args.parent_pid,
+    )
     return 0
 
 

@@ -207,7 +207,7 @@ class DedupActor(pykka.ThreadingActor):
             unknown = list(itertools.chain.from_iterable(request.unknown_topics for request in requests))
         try:
             found = self._classify(keys, unknown)
-        except Exception as exc:  # noqa: BLE001 - a told request must not kill this actor
+        except Exception as exc:
             log.exception("looking up %d keys failed", len(keys))
             answers = [ClassifyResult(set(), {}, token=request.token, error=str(exc)) for request in requests]
         else:
@@ -299,7 +299,9 @@ class DedupActor(pykka.ThreadingActor):
         self._retry_at = time.monotonic() + delay
         log.error(
             "writing %d events failed (%s); none of them is acknowledged; retrying in %.1f s",
-            sum(w.events for w in self._writes), exc, delay,
+            sum(w.events for w in self._writes),
+            exc,
+            delay,
         )
         self._live.last_commit_error = str(exc)
 

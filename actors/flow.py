@@ -14,7 +14,6 @@ from typing import Any
 
 from transport.schema import Event
 
-
 EVENT_OVERHEAD_BYTES = 256
 """What an event costs in memory beyond its payload: its strings, tuple and bookkeeping."""
 

@@ -21,11 +21,6 @@ import msgpack
 import pykka
 import zmq
 
-from actors.dedup import ACK_ENDPOINT
-from actors.flow import InFlight, LiveFigures, PipelineDepth, events_bytes
-from actors.messages import AckTicket, AddRejected, IngestBatch
-from transport.codec import Limits
-from transport.config import IngestConfig
 from actors.decoder import (
     ACKNOWLEDGED,
     FAILED,
@@ -36,6 +31,11 @@ from actors.decoder import (
     DecoderUnavailable,
     decode_message,
 )
+from actors.dedup import ACK_ENDPOINT
+from actors.flow import InFlight, LiveFigures, PipelineDepth, events_bytes
+from actors.messages import AckTicket, AddRejected, IngestBatch
+from transport.codec import Limits
+from transport.config import IngestConfig
 from transport.logs import RateLimitedLog
 from transport.schema import Event
 from transport.security import SocketHook
@@ -69,7 +69,6 @@ class _Message:
         self.body = body
         self.decoded: Decoded | None = None
         self.sent_at = 0.0
-
 
 
 class IngestServer:
@@ -331,12 +330,15 @@ class IngestServer:
         what = "stopped answering" if decoder.alive() else "died"
         decoder.kill()
         self._take_results()  # what it sent before it ended still answers its messages
-        log.error("the decoder process %s; decoding its %d waiting messages on the ingest thread",
-                  what, len(self._at_decoder))
+        log.error(
+            "the decoder process %s; decoding its %d waiting messages on the ingest thread", what, len(self._at_decoder)
+        )
         self._decode_here()
         if self._decoder_restarts >= DECODER_RESTARTS:
-            log.error("the decoder process failed %d times; frames are decoded on the ingest thread from now on",
-                      self._decoder_restarts + 1)
+            log.error(
+                "the decoder process failed %d times; frames are decoded on the ingest thread from now on",
+                self._decoder_restarts + 1,
+            )
         else:
             self._decoder_restarts += 1
             try:

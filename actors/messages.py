@@ -2,7 +2,8 @@
 
 Batches flow through the pipeline, never single events: ingest → router (:class:`IngestBatch`)
 → ordering actor (:class:`OrderingBatch`) → dedup actor (:class:`ClassifyRequest`, answered
-with a :class:`ClassifyResult` told back, then :class:`WriteBatch`). An :class:`AckTicket` rides along with the events of an
+with a :class:`ClassifyResult` told back, then :class:`WriteBatch`). An :class:`AckTicket` rides
+along with the events of an
 acknowledged batch and is answered once every one of its events is committed.
 """
 

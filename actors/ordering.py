@@ -180,8 +180,18 @@ class OrderingActor(pykka.ThreadingActor):
         elif not later:
             return  # every event is a copy of a waiting one: settled when that one is written
         self._awaiting.append(
-            _Pending(events, tickets, batch.received_at, by_topic, copies, later, request,
-                     attached=attached, attached_bytes=attached_bytes, keys=keys)
+            _Pending(
+                events,
+                tickets,
+                batch.received_at,
+                by_topic,
+                copies,
+                later,
+                request,
+                attached=attached,
+                attached_bytes=attached_bytes,
+                keys=keys,
+            )
         )
         if request is not None:
             self._dedup.tell(request)
@@ -290,16 +300,26 @@ class OrderingActor(pykka.ThreadingActor):
             except pykka.Timeout:
                 log.warning(
                     "ordering actor %d: dedup actor did not answer in %.0f s (attempt %d of %d)",
-                    self._index, CLASSIFY_TIMEOUT_S, attempt, CLASSIFY_ATTEMPTS,
+                    self._index,
+                    CLASSIFY_TIMEOUT_S,
+                    attempt,
+                    CLASSIFY_ATTEMPTS,
                 )
             except pykka.ActorDeadError:
                 break
-            except Exception:  # noqa: BLE001 - e.g. an I/O error reading the database; try again
-                log.exception("ordering actor %d: classifying a batch failed (attempt %d of %d)",
-                              self._index, attempt, CLASSIFY_ATTEMPTS)
+            except Exception:
+                log.exception(
+                    "ordering actor %d: classifying a batch failed (attempt %d of %d)",
+                    self._index,
+                    attempt,
+                    CLASSIFY_ATTEMPTS,
+                )
                 time.sleep(STORAGE_RETRY.ceiling(attempt))
-        log.error("ordering actor %d: dropping a batch of %d events: the dedup actor is not answering",
-                  self._index, len(request.keys))
+        log.error(
+            "ordering actor %d: dropping a batch of %d events: the dedup actor is not answering",
+            self._index,
+            len(request.keys),
+        )
         return None
 
     @staticmethod
@@ -384,8 +404,9 @@ class OrderingActor(pykka.ThreadingActor):
             self._buffer.forget(forget)
             for topic in forget:
                 written.pop(topic, None)
-            log.debug("ordering actor %d forgot %d idle topics (%d kept)", self._index, len(forget),
-                      self._buffer.topic_count)
+            log.debug(
+                "ordering actor %d forgot %d idle topics (%d kept)", self._index, len(forget), self._buffer.topic_count
+            )
 
 
 def _count_copy(write: WriteBatch, topic: str, ticket: AckTicket | None, nbytes: int) -> None:

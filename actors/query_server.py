@@ -80,7 +80,7 @@ class QueryServer:
             return self._error(f"a request must be one frame, not {len(parts)}")
         try:
             request = msgpack.unpackb(parts[0], raw=False, strict_map_key=False)
-        except Exception as exc:  # noqa: BLE001 - any decoding failure is the client's
+        except Exception as exc:
             return self._error(f"request is not valid msgpack ({type(exc).__name__})")
         try:
             query = parse_query(request, self._config.max_limit)
@@ -93,7 +93,7 @@ class QueryServer:
             return {"error": f"the stats actor did not answer within {self._config.timeout_ms} ms"}
         except pykka.ActorDeadError:
             return {"error": "the stats actor is not running; the daemon is stopping or broken"}
-        except Exception as exc:  # noqa: BLE001 - a failed query must still get a reply
+        except Exception as exc:
             log.exception("query %r failed", query)
             return {"error": f"query failed: {exc}"}
 

@@ -246,9 +246,7 @@ def connect_writer(path: Path, synchronous: str = "NORMAL", cache_mb: int = DEFA
             )
         conn.executescript(_SCHEMA)
         conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-        conn.executemany(
-            "INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)", [(n,) for n in COUNTER_NAMES]
-        )
+        conn.executemany("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)", [(n,) for n in COUNTER_NAMES])
     except sqlite3.DatabaseError as exc:
         raise StorageError(f"cannot open database {path}: {exc}") from exc
     return conn
@@ -364,9 +362,7 @@ class EventStore:
     def add_counts(self, topics: Mapping[str, TopicDelta], totals: Mapping[str, int]) -> None:
         """Add this transaction's counts to the per-topic and global counters."""
         if topics:
-            deltas = [
-                (t, d.last_seq, d.last_ts_ns, d.received, d.duplicate_dropped, d.late) for t, d in topics.items()
-            ]
+            deltas = [(t, d.last_seq, d.last_ts_ns, d.received, d.duplicate_dropped, d.late) for t, d in topics.items()]
             for start, size in _pow2_chunks(len(deltas), _INSERT_CHUNK):
                 self._conn.execute(
                     _upsert_topics_sql(size), list(itertools.chain.from_iterable(deltas[start : start + size]))
@@ -465,7 +461,7 @@ class EventReader:
             )
         events = []
         position = after
-        for position, topic_, event_id, timestamp, source, payload, seq, late in cursor:
+        for _position, topic_, event_id, timestamp, source, payload, seq, late in cursor:
             events.append(
                 {
                     "topic": topic_,

@@ -126,7 +126,8 @@ class ServiceMonitor:
         if silent and silent != self._unhealthy:
             log.error(
                 "not answering a liveness ping: %s; watchdog notifications withheld, so systemd restarts "
-                "the service if this lasts WatchdogSec", ", ".join(silent),
+                "the service if this lasts WatchdogSec",
+                ", ".join(silent),
             )
         elif not silent and self._unhealthy:
             log.warning("every part answers again; watchdog notifications resume")

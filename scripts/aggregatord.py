@@ -13,8 +13,8 @@ import sys
 
 import _bootstrap  # noqa: F401
 
-from actors.store import StorageError
 from actors.daemon import Daemon, StartupError
+from actors.store import StorageError
 from transport.config import ConfigError, load_config
 from transport.logs import setup_logging
 

@@ -31,7 +31,8 @@ through ``transport.publisher`` and validates and encodes each event as an appli
   included), and the same split by thread kind (``cpu_us_per_event_dedup``, ``_ingest``,
   ``_ordering``, ..., and ``_decoder`` for the child process) from ``/proc/PID/task``, where the
   daemon names its threads (``transport.threadnames``).
-* **the raw SQLite ceiling**, in the same run (before and after the daemon, averaged): the same rows (as the daemon would store them)
+* **the raw SQLite ceiling**, in the same run (before and after the daemon, averaged): the same rows
+  (as the daemon would store them)
   put with ``executemany`` of ``INSERT OR IGNORE`` in transactions of 1 000, WAL,
   synchronous=NORMAL, into the daemon's own schema (``actors.store``) and into a table with only
   the primary key; the ratio is end-to-end / ceiling.
@@ -143,8 +144,17 @@ def stored_rows(events: Sequence[dict[str, Any]]) -> list[Row]:
             event = validate_event(obj)
             seq = seqs[event.topic] = seqs.get(event.topic, 0) + 1
             # As a bytearray, as the daemon binds it (actors.ordering): the ceiling gets the same speed-up.
-            row = known[key] = (event.topic, event.event_id, seq, event.timestamp, event.ts_ns,
-                                event.source, bytearray(event.payload), received_at, 0)
+            row = known[key] = (
+                event.topic,
+                event.event_id,
+                seq,
+                event.timestamp,
+                event.ts_ns,
+                event.source,
+                bytearray(event.payload),
+                received_at,
+                0,
+            )
         rows.append(row)
     return rows
 
@@ -211,6 +221,7 @@ def prefilled_db(cache: Path, events: int, topics: int) -> tuple[Path, float]:
         topic_rows = []
         for t in range(topics):
             topic = f"topic-{t}"
+
             # Within a topic, ids in increasing order are also seqs in increasing order: both
             # indexes are appended to, which is what makes the build fast.
             def rows(t: int = t, topic: str = topic) -> Any:
@@ -219,13 +230,12 @@ def prefilled_db(cache: Path, events: int, topics: int) -> tuple[Path, float]:
                     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
                     payload = msgpack.packb({"n": g, "level": "info", "message": f"event {g}"})
                     yield (topic, f"e{10_000_000 + g}", seq, stamp, ms * 1_000_000, "prefill", payload, received_at, 0)
+
             conn.executemany(INSERT_EVENT, rows())
             count = len(range(t, events, topics))
             last_ms = base_ms + (t + (count - 1) * topics if count else 0)
             topic_rows.append((topic, count, last_ms * 1_000_000 if count else 0, count))
-        conn.executemany(
-            "INSERT INTO topics (topic, last_seq, last_ts_ns, received) VALUES (?, ?, ?, ?)", topic_rows
-        )
+        conn.executemany("INSERT INTO topics (topic, last_seq, last_ts_ns, received) VALUES (?, ?, ?, ?)", topic_rows)
         for name in ("received", "unique_processed"):
             conn.execute("UPDATE counters SET value = ? WHERE name = ?", (events, name))
         conn.execute("COMMIT")
@@ -271,7 +281,9 @@ class PublisherReport:
     error: str | None = None
 
 
-def encode_job(index: int, events: Sequence[dict[str, Any]], batch: int, acked: bool, processes: int) -> tuple[list[bytes], list[int], list[int]]:
+def encode_job(
+    index: int, events: Sequence[dict[str, Any]], batch: int, acked: bool, processes: int
+) -> tuple[list[bytes], list[int], list[int]]:
     """Frames (fire-and-forget) or acknowledged-batch bodies for one publisher's events."""
     frames, counts, ids = [], [], []
     for number, start in enumerate(range(0, len(events), batch)):
@@ -360,16 +372,23 @@ def _send_with_library(job: PublisherJob, ready: Any, go: Any, report: Publisher
         report.rejected += len(result.rejected)
 
     calls: list[tuple[float, float]] = []
-    with Publisher(job.endpoint, acked=job.acked, batch_size=max(job.counts, default=1), window=job.window,
-                   deadline=job.timeout_s, block_timeout=job.timeout_s, close_timeout=job.timeout_s,
-                   on_ack=on_ack) as publisher:
-        send_batch = publisher._send_batch  # noqa: SLF001 - the one place a batch's id meets its send
+    with Publisher(
+        job.endpoint,
+        acked=job.acked,
+        batch_size=max(job.counts, default=1),
+        window=job.window,
+        deadline=job.timeout_s,
+        block_timeout=job.timeout_s,
+        close_timeout=job.timeout_s,
+        on_ack=on_ack,
+    ) as publisher:
+        send_batch = publisher._send_batch
 
         def timed_send_batch(events: list[dict[str, Any]], packed: list[bytes]) -> None:
-            sent_at.setdefault(publisher._next_id, time.perf_counter())  # noqa: SLF001
+            sent_at.setdefault(publisher._next_id, time.perf_counter())
             send_batch(events, packed)
 
-        publisher._send_batch = timed_send_batch  # type: ignore[method-assign]  # noqa: SLF001
+        publisher._send_batch = timed_send_batch  # type: ignore[method-assign]
         ready.put(job.index)
         if not go.wait(READY_TIMEOUT_S):
             raise BenchError(f"publisher {job.index}: no start signal")
@@ -393,7 +412,7 @@ def publisher_main(job: PublisherJob, ready: Any, go: Any, results: Any) -> None
     if job.chunks:
         try:
             _send_with_library(job, ready, go, report)
-        except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the run
+        except Exception as exc:
             report.error = f"{type(exc).__name__}: {exc}"
         finally:
             results.put(report)
@@ -421,7 +440,7 @@ def publisher_main(job: PublisherJob, ready: Any, go: Any, results: Any) -> None
         results.put(report)
 
 
-def run_publishers(jobs: list[PublisherJob], poller: "StatsPoller | None", timeout_s: float) -> list[PublisherReport]:
+def run_publishers(jobs: list[PublisherJob], poller: StatsPoller | None, timeout_s: float) -> list[PublisherReport]:
     """Fork the publishers, start them together, start the poller with them, and collect reports."""
     mp = multiprocessing.get_context("fork")  # the children inherit the pre-encoded frames
     ready, results, go = mp.Queue(), mp.Queue(), mp.Event()
@@ -489,7 +508,7 @@ class StatsPoller:
         seen = 0
         while time.monotonic() < deadline:
             samples = self.samples
-            for sent, answered, settled in samples[seen:]:
+            for _sent, answered, settled in samples[seen:]:
                 if settled >= count:
                     return answered
             seen = len(samples)
@@ -565,8 +584,14 @@ def peak_rss_mb(pid: int | None, children: str = "private") -> float | None:
 
 # Kernel thread names (transport.threadnames), less any "-N" suffix, and how bench.py reports them.
 THREAD_KINDS = {
-    "DedupActor": "dedup", "OrderingActor": "ordering", "RouterActor": "router", "StatsActor": "stats",
-    "ingest": "ingest", "query": "query", "ticker": "ticker", "checkpointer": "checkpointer",
+    "DedupActor": "dedup",
+    "OrderingActor": "ordering",
+    "RouterActor": "router",
+    "StatsActor": "stats",
+    "ingest": "ingest",
+    "query": "query",
+    "ticker": "ticker",
+    "checkpointer": "checkpointer",
 }
 CHILD_KIND = "decoder"  # the CPU of the daemon's child processes
 
@@ -640,15 +665,31 @@ def ms(value: float) -> float:
 # ---------------------------------------------------------------- one run
 
 
-def split_jobs(scenario: Scenario, events: list[dict[str, Any]], target: Target, processes: int, rate: float) -> list[PublisherJob]:
+def split_jobs(
+    scenario: Scenario, events: list[dict[str, Any]], target: Target, processes: int, rate: float
+) -> list[PublisherJob]:
     endpoint = target.ack if scenario.acked else target.ingest
     jobs = []
     for index in range(processes):
         share = events[index::processes]
         frames, counts, ids = encode_job(index, share, scenario.batch, scenario.acked, processes)
-        chunks = [share[i : i + scenario.batch] for i in range(0, len(share), scenario.batch)] if scenario.library else []
-        jobs.append(PublisherJob(index, endpoint, frames, counts, ids, scenario.acked, scenario.window,
-                                 rate / processes, scenario.time_limit_s, chunks))
+        chunks = (
+            [share[i : i + scenario.batch] for i in range(0, len(share), scenario.batch)] if scenario.library else []
+        )
+        jobs.append(
+            PublisherJob(
+                index,
+                endpoint,
+                frames,
+                counts,
+                ids,
+                scenario.acked,
+                scenario.window,
+                rate / processes,
+                scenario.time_limit_s,
+                chunks,
+            )
+        )
     return jobs
 
 
@@ -692,7 +733,9 @@ def full_speed_phase(scenario: Scenario, target: Target, id_prefix: str) -> dict
         spent = threads_after[kind] - threads_before.get(kind, 0.0)
         result[f"cpu_us_per_event_{kind}"] = round(spent / scenario.events * 1e6, 1)
     if not result["correct"]:
-        result["error"] = f"stored {unique} new and {duplicates} duplicates; expected {distinct} and {scenario.events - distinct}"
+        result["error"] = (
+            f"stored {unique} new and {duplicates} duplicates; expected {distinct} and {scenario.events - distinct}"
+        )
     if scenario.acked:
         latencies = [x for r in reports for x in r.latencies]
         result["full_speed_ack_p50_ms"] = ms(percentile(latencies, 50))
@@ -705,8 +748,9 @@ def paced_phase(scenario: Scenario, target: Target, id_prefix: str, rate: float)
     count = max(scenario.batch, int(rate * scenario.latency_seconds))
     # Stamped after every event of the full-speed phase: otherwise they would all be late and
     # leave the reorder window at once, and the latency would not include the window.
-    events = plan(count, scenario.duplicates, scenario.topics, seed=2, id_prefix=id_prefix,
-                  start_ms=scenario.events + 1000)
+    events = plan(
+        count, scenario.duplicates, scenario.topics, seed=2, id_prefix=id_prefix, start_ms=scenario.events + 1000
+    )
     base = settled_of(query_stats(target.query))
     if scenario.acked:
         jobs = split_jobs(scenario, events, target, scenario.processes, rate)
@@ -751,7 +795,14 @@ def _ceiling_in(workdir: Path, rows: Sequence[Row]) -> dict[str, float]:
         shutil.rmtree(ceiling_dir, ignore_errors=True)
 
 
-def run_once(scenario: Scenario, workdir: Path, cache: Path, target: Target | None, overrides: dict[str, dict[str, Any]], run_token: str) -> dict[str, Any]:
+def run_once(
+    scenario: Scenario,
+    workdir: Path,
+    cache: Path,
+    target: Target | None,
+    overrides: dict[str, dict[str, Any]],
+    run_token: str,
+) -> dict[str, Any]:
     """One run of one scenario: its own daemon (unless targeting one), both phases, the ceiling."""
     result: dict[str, Any] = {"scenario": scenario.name}
     workdir.mkdir(parents=True, exist_ok=True)
@@ -760,7 +811,11 @@ def run_once(scenario: Scenario, workdir: Path, cache: Path, target: Target | No
     # one gets a fresh prefix per run, or every event would be a duplicate of an earlier run's.
     prefix = "e" if target is None else f"b{run_token}-"
     ceilings: list[dict[str, float]] = []
-    rows = stored_rows(plan(scenario.events, scenario.duplicates, scenario.topics, seed=1, id_prefix=prefix)) if scenario.ceiling else []
+    rows = (
+        stored_rows(plan(scenario.events, scenario.duplicates, scenario.topics, seed=1, id_prefix=prefix))
+        if scenario.ceiling
+        else []
+    )
     if scenario.ceiling:
         ceilings.append(_ceiling_in(workdir, rows))
     try:
@@ -881,23 +936,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=100, metavar="B", help="events per frame (default 100)")
     parser.add_argument("--processes", type=int, default=1, metavar="P", help="publisher processes (default 1)")
     parser.add_argument("--mode", choices=("ff", "acked"), default="ff", help="fire-and-forget or acked (default ff)")
-    parser.add_argument("--client", choices=("raw", "library"), default=None,
-                        help="publishers: pre-encoded frames on a raw socket, or transport.publisher "
-                             "(default: library in acked mode when it exists, raw otherwise)")
-    parser.add_argument("--window", type=int, default=40, metavar="W", help="acked: batches in flight per publisher (default 40)")
-    parser.add_argument("--prefill", type=int, default=0, metavar="N", help="start from a database holding N events (default 0)")
-    parser.add_argument("--scaling", action="store_true", help="also run the scaling variants (topics, prefill, publishers, acked)")
-    parser.add_argument("--scaling-prefill", type=int, default=5_000_000, metavar="N", help="events in the scaling runs' prefilled database (default 5000000)")
+    parser.add_argument(
+        "--client",
+        choices=("raw", "library"),
+        default=None,
+        help="publishers: pre-encoded frames on a raw socket, or transport.publisher "
+        "(default: library in acked mode when it exists, raw otherwise)",
+    )
+    parser.add_argument(
+        "--window", type=int, default=40, metavar="W", help="acked: batches in flight per publisher (default 40)"
+    )
+    parser.add_argument(
+        "--prefill", type=int, default=0, metavar="N", help="start from a database holding N events (default 0)"
+    )
+    parser.add_argument(
+        "--scaling", action="store_true", help="also run the scaling variants (topics, prefill, publishers, acked)"
+    )
+    parser.add_argument(
+        "--scaling-prefill",
+        type=int,
+        default=5_000_000,
+        metavar="N",
+        help="events in the scaling runs' prefilled database (default 5000000)",
+    )
     parser.add_argument("--runs", type=int, default=1, metavar="R", help="repeat and report medians (default 1)")
-    parser.add_argument("--latency-seconds", type=float, default=3.0, metavar="S", help="length of the paced phase (default 3)")
+    parser.add_argument(
+        "--latency-seconds", type=float, default=3.0, metavar="S", help="length of the paced phase (default 3)"
+    )
     parser.add_argument("--no-latency", action="store_true", help="skip the paced latency phase")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the raw SQLite ceiling")
-    parser.add_argument("--time-limit", type=float, default=120.0, metavar="S", help="most seconds one phase may take (default 120)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="daemon config override (repeatable)")
+    parser.add_argument(
+        "--time-limit", type=float, default=120.0, metavar="S", help="most seconds one phase may take (default 120)"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="daemon config override (repeatable)"
+    )
     parser.add_argument("--target", metavar="CONFIG", help="benchmark the running daemon described by this config file")
     parser.add_argument("--pid", type=int, help="with --target: the daemon's pid, for its peak RSS")
-    parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "eventagg-bench-cache",
-                        help="where the prefilled database is kept between runs")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "eventagg-bench-cache",
+        help="where the prefilled database is kept between runs",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if args.events < 1 or args.processes < 1 or args.batch < 1 or args.runs < 1 or args.window < 1 or args.topics < 1:
@@ -912,18 +993,29 @@ def main(argv: list[str] | None = None) -> int:
             if args.set or args.prefill or args.scaling:
                 parser.error("--target cannot be combined with --set, --prefill or --scaling")
             cfg = load_config(args.target)
-            target = Target(connectable(cfg.ingest.bind), connectable(cfg.ingest.ack_bind),
-                            connectable(cfg.query.bind), args.pid)
+            target = Target(
+                connectable(cfg.ingest.bind), connectable(cfg.ingest.ack_bind), connectable(cfg.query.bind), args.pid
+            )
     except (ConfigError, ValueError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
 
     client = args.client or ("library" if args.mode == "acked" and _library_exists() else "raw")
     base = Scenario(
-        name=f"{args.mode}-p{args.processes}", library=client == "library", events=args.events, duplicates=args.duplicates,
-        topics=args.topics, batch=args.batch, processes=args.processes, acked=args.mode == "acked",
-        window=args.window, prefill=args.prefill, ceiling=not args.no_ceiling, latency=not args.no_latency,
-        latency_seconds=args.latency_seconds, time_limit_s=args.time_limit,
+        name=f"{args.mode}-p{args.processes}",
+        library=client == "library",
+        events=args.events,
+        duplicates=args.duplicates,
+        topics=args.topics,
+        batch=args.batch,
+        processes=args.processes,
+        acked=args.mode == "acked",
+        window=args.window,
+        prefill=args.prefill,
+        ceiling=not args.no_ceiling,
+        latency=not args.no_latency,
+        latency_seconds=args.latency_seconds,
+        time_limit_s=args.time_limit,
     )
     scenarios = scaling_scenarios(base, args.scaling_prefill) if args.scaling else [base]
     results: dict[str, list[dict[str, Any]]] = {s.name: [] for s in scenarios}
@@ -934,7 +1026,9 @@ def main(argv: list[str] | None = None) -> int:
                 base_ceiling: int | None = None
                 for number, scenario in enumerate(scenarios):
                     token = f"{os.getpid():x}{run}{number}"
-                    result = run_once(scenario, Path(tmp) / f"run{run}-{number}", args.cache_dir, target, overrides, token)
+                    result = run_once(
+                        scenario, Path(tmp) / f"run{run}-{number}", args.cache_dir, target, overrides, token
+                    )
                     if base_rate is None:
                         base_rate = result["events_per_s"]
                         base_ceiling = result.get("ceiling_rows_per_s")
@@ -944,17 +1038,27 @@ def main(argv: list[str] | None = None) -> int:
                             result["vs_ceiling"] = round(result["events_per_s"] / base_ceiling, 3)
                     results[scenario.name].append(result)
                     # Progress goes to stderr in both output modes; stdout holds only the report.
-                    print(f"run {run + 1}/{args.runs} {scenario.name}: {result['events_per_s']:,} events/s"
-                          + (f", ratio {result['ratio']}" if "ratio" in result else "")
-                          + (f", vs base {result['vs_base']}" if "vs_base" in result else ""),
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"run {run + 1}/{args.runs} {scenario.name}: {result['events_per_s']:,} events/s"
+                        + (f", ratio {result['ratio']}" if "ratio" in result else "")
+                        + (f", vs base {result['vs_base']}" if "vs_base" in result else ""),
+                        file=sys.stderr,
+                        flush=True,
+                    )
         except BenchError as exc:
             print(f"bench: {exc}", file=sys.stderr)
             return 1
     report = {
         "machine": machine(),
-        "workload": {"events": args.events, "duplicates": args.duplicates, "topics": args.topics,
-                     "batch": args.batch, "processes": args.processes, "mode": args.mode, "client": client},
+        "workload": {
+            "events": args.events,
+            "duplicates": args.duplicates,
+            "topics": args.topics,
+            "batch": args.batch,
+            "processes": args.processes,
+            "mode": args.mode,
+            "client": client,
+        },
         "overrides": overrides,
         "runs": args.runs,
         "median": {name: medians(runs) for name, runs in results.items()},

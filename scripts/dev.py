@@ -2,7 +2,8 @@
 """The two quick-start commands, needing nothing but python3 ≥ 3.11.
 
 ``python3 scripts/dev.py run [--config PATH]`` runs the daemon on ``config.toml``;
-``python3 scripts/dev.py test [PYTEST ARGS]`` runs the test suite. Either first makes a
+``python3 scripts/dev.py test [PYTEST ARGS]`` runs the test suite;
+``python3 scripts/dev.py lint`` runs ruff (lint and format check) and mypy --strict. Each first makes a
 virtualenv in ``.venv`` and installs the project into it (again only when pyproject.toml changed).
 """
 
@@ -26,7 +27,7 @@ def python_in_venv() -> Path:
 
 def ensure_venv() -> Path:
     """Create .venv and install the project with its test extras, once per pyproject.toml version."""
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 (this script must run on an older python3 to say so)
         sys.exit(f"eventagg needs Python 3.11 or newer; this is {sys.version.split()[0]}")
     want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     python = python_in_venv()
@@ -40,7 +41,7 @@ def ensure_venv() -> Path:
             sys.exit(f"dev: cannot create a virtualenv ({exc}); on Debian/Ubuntu: apt-get install python3-venv")
     print("dev: installing eventagg and its dependencies into .venv", file=sys.stderr)
     subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-e", f"{ROOT}[test]"],
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-e", f"{ROOT}[dev]"],
         check=True,
     )
     STAMP.write_text(want)
@@ -48,7 +49,7 @@ def ensure_venv() -> Path:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("run", "test"):
+    if not argv or argv[0] not in ("run", "test", "lint"):
         print(__doc__, file=sys.stderr)
         return 2
     command, rest = argv[0], argv[1:]
@@ -58,6 +59,12 @@ def main(argv: list[str]) -> int:
         if "--config" not in rest:
             rest = ["--config", str(ROOT / "config.toml"), *rest]
         args = [str(python), str(ROOT / "scripts" / "aggregatord.py"), *rest]
+    elif command == "lint":
+        for check in (["ruff", "check", "."], ["ruff", "format", "--check", "."], ["mypy"]):
+            print("dev: " + " ".join(check), file=sys.stderr)
+            if subprocess.run([str(python), "-m", *check]).returncode != 0:
+                return 1
+        return 0
     else:
         args = [str(python), "-m", "pytest", *rest]
     os.execv(args[0], args)

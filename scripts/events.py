@@ -13,8 +13,8 @@ import sys
 from collections.abc import Callable
 
 import _bootstrap  # noqa: F401
-
 from stats import add_endpoint_args, curve_from_args, endpoint_from_args, run_command
+
 from transport.client import QueryClient, QueryClientError
 from transport.config import ConfigError
 from transport.security import SecurityError
@@ -38,7 +38,9 @@ def at_least(minimum: int) -> Callable[[str], int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="List a topic's stored events as JSON Lines.")
     parser.add_argument("topic", nargs="?", help="the topic (default: every topic, in commit order)")
-    parser.add_argument("--after", type=at_least(0), default=0, metavar="S", help="start after this seq (or commit position)")
+    parser.add_argument(
+        "--after", type=at_least(0), default=0, metavar="S", help="start after this seq (or commit position)"
+    )
     parser.add_argument("--limit", type=at_least(0), default=None, metavar="N", help="print at most N events")
     parser.add_argument("--page", type=at_least(1), default=1000, metavar="N", help="events per request (default 1000)")
     add_endpoint_args(parser)

@@ -78,8 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     client = commands.add_parser("client", help="a publisher's or operator's certificate")
     client.add_argument("name", help="the client's name, e.g. its host (NAME.key, NAME.key_secret)")
     client.add_argument("dir", type=Path, help="folder to write into (created owner-only if missing)")
-    client.add_argument("--authorize", type=Path, metavar="FOLDER",
-                        help="also copy NAME.key into this [security] authorized_keys folder")
+    client.add_argument(
+        "--authorize",
+        type=Path,
+        metavar="FOLDER",
+        help="also copy NAME.key into this [security] authorized_keys folder",
+    )
     args = parser.parse_args(argv)
     try:
         public, secret = create(args.dir, "server" if args.command == "server" else args.name)

@@ -44,7 +44,7 @@ import msgpack
 from transport.workload import distinct_count, plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from harness import free_port  # noqa: E402  (as bench.py does: a loopback port below the ephemeral range)
+from harness import free_port
 
 START_TIMEOUT_S = 15.0
 NATS_DUPLICATE_WINDOW_S = 3600.0
@@ -71,7 +71,10 @@ class PeerError(Exception):
 
 @contextmanager
 def server(name: str, command: Callable[[Path, int], list[str]]) -> Iterator[int]:
-    """Run the server program ``name`` as ``command(folder, port)`` in a temporary folder; yield its port once it accepts."""
+    """Run the server program ``name`` as ``command(folder, port)`` in a temporary folder.
+
+    Yields its port once it accepts.
+    """
     if shutil.which(name) is None:
         raise PeerError(f"{name} is not installed; on Debian: apt-get install {name}")
     folder = Path(tempfile.mkdtemp(prefix=f"eventagg-peer-{name}-"))
@@ -102,8 +105,21 @@ def server(name: str, command: Callable[[Path, int], list[str]]) -> Iterator[int
 
 
 def _redis_command(folder: Path, port: int) -> list[str]:
-    return ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", "",
-            "--appendonly", "yes", "--appendfsync", "everysec"]
+    return [
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(folder),
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "everysec",
+    ]
 
 
 def _nats_command(folder: Path, port: int) -> list[str]:
@@ -117,7 +133,9 @@ def measure_redis(events: Sequence[dict[str, Any]], batch: int) -> dict[str, flo
     except ImportError:
         raise PeerError("the redis package is missing: pip install redis") from None
     args = [[e["topic"], e["event_id"], e["timestamp"], e["source"], msgpack.packb(e["payload"])] for e in events]
-    calls = [[value for event in args[start:start + batch] for value in event] for start in range(0, len(args), batch)]
+    calls = [
+        [value for event in args[start : start + batch] for value in event] for start in range(0, len(args), batch)
+    ]
     with server("redis-server", _redis_command) as port:
         client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=30)
         try:
@@ -136,8 +154,9 @@ def measure_nats(events: Sequence[dict[str, Any]], pipelined: bool) -> dict[str,
         import nats
     except ImportError:
         raise PeerError("the nats-py package is missing: pip install nats-py") from None
-    messages = [(f"events.{e['topic']}", msgpack.packb(e), {"Nats-Msg-Id": f"{e['topic']}/{e['event_id']}"})
-                for e in events]
+    messages = [
+        (f"events.{e['topic']}", msgpack.packb(e), {"Nats-Msg-Id": f"{e['topic']}/{e['event_id']}"}) for e in events
+    ]
 
     async def run(port: int) -> tuple[int, float]:
         connection = await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=5)
@@ -146,8 +165,9 @@ def measure_nats(events: Sequence[dict[str, Any]], pipelined: bool) -> dict[str,
             await stream.add_stream(name="EVENTS", subjects=["events.>"], duplicate_window=NATS_DUPLICATE_WINDOW_S)
             started = time.perf_counter()
             if pipelined:
-                futures = [await stream.publish_async(subject, body, headers=headers)
-                           for subject, body, headers in messages]
+                futures = [
+                    await stream.publish_async(subject, body, headers=headers) for subject, body, headers in messages
+                ]
                 acks = await asyncio.wait_for(asyncio.gather(*futures), timeout=300)
             else:
                 acks = [await stream.publish(subject, body, headers=headers) for subject, body, headers in messages]
@@ -162,8 +182,13 @@ def measure_nats(events: Sequence[dict[str, Any]], pipelined: bool) -> dict[str,
 
 
 def _result(sent: int, new: int, elapsed: float) -> dict[str, float]:
-    return {"events": sent, "new": new, "duplicates": sent - new, "elapsed_s": round(elapsed, 3),
-            "events_per_s": round(sent / elapsed)}
+    return {
+        "events": sent,
+        "new": new,
+        "duplicates": sent - new,
+        "elapsed_s": round(elapsed, 3),
+        "events_per_s": round(sent / elapsed),
+    }
 
 
 def measure(peer: str, args: argparse.Namespace) -> dict[str, float]:
@@ -184,8 +209,13 @@ def measure(peer: str, args: argparse.Namespace) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Measure Redis and NATS JetStream on bench.py's workload.")
     parser.add_argument("--events", type=int, default=200_000, metavar="N", help="events per run (default 200000)")
-    parser.add_argument("--awaited-events", type=int, default=20_000, metavar="N",
-                        help="events per run of nats-awaited, which is slow (default 20000)")
+    parser.add_argument(
+        "--awaited-events",
+        type=int,
+        default=20_000,
+        metavar="N",
+        help="events per run of nats-awaited, which is slow (default 20000)",
+    )
     parser.add_argument("--duplicates", type=float, default=0.2, metavar="F", help="fraction of re-sends (default 0.2)")
     parser.add_argument("--topics", type=int, default=10, metavar="K", help="topics (default 10)")
     parser.add_argument("--batch", type=int, default=100, metavar="B", help="events per Redis call (default 100)")
@@ -207,13 +237,20 @@ def main(argv: list[str] | None = None) -> int:
     except PeerError as exc:
         print(f"peers: {exc}", file=sys.stderr)
         return 2
-    medians = {peer: {"events_per_s": statistics.median(r["events_per_s"] for r in results),
-                      "correct": all(r["correct"] for r in results)} for peer, results in runs.items()}
+    medians = {
+        peer: {
+            "events_per_s": statistics.median(r["events_per_s"] for r in results),
+            "correct": all(r["correct"] for r in results),
+        }
+        for peer, results in runs.items()
+    }
     if args.json:
         print(json.dumps({"runs": runs, "median": medians}))
     else:
         for peer, median in medians.items():
-            print(f"{peer:16s} {median['events_per_s']:>10,.0f} events/s{'' if median['correct'] else '  (WRONG COUNTS)'}")
+            print(
+                f"{peer:16s} {median['events_per_s']:>10,.0f} events/s{'' if median['correct'] else '  (WRONG COUNTS)'}"
+            )
     return 0 if all(m["correct"] for m in medians.values()) else 1
 
 

@@ -28,11 +28,11 @@ import time
 from typing import Any
 
 import _bootstrap  # noqa: F401
+from stats import curve_from_args
 
 from transport.client import connectable
 from transport.config import ConfigError, IngestConfig, load_config
 from transport.publisher import DEFAULT_WINDOW, DeliveryFailed, Publisher, PublisherError
-from stats import curve_from_args
 from transport.security import SecurityError
 from transport.workload import plan
 
@@ -63,8 +63,13 @@ def send_slice(
             progress.value += count
 
     publisher = Publisher(
-        endpoint, acked=args.acked, batch_size=args.batch, window=args.window,
-        ack_timeout=args.ack_timeout, deadline=args.deadline, close_timeout=args.deadline,
+        endpoint,
+        acked=args.acked,
+        batch_size=args.batch,
+        window=args.window,
+        ack_timeout=args.ack_timeout,
+        deadline=args.deadline,
+        close_timeout=args.deadline,
         on_ack=(lambda result: advance(result.size)) if args.acked else None,
         configure=curve_from_args(args),  # built here: each process reads the key files itself
     )
@@ -98,19 +103,28 @@ def send_slice(
         advance(totals.sent - reported)
     done = totals.acked_new + totals.acked_duplicate if args.acked else totals.sent
     return {
-        "sent": totals.sent, "acked_new": totals.acked_new, "acked_duplicate": totals.acked_duplicate,
-        "rejected": totals.rejected, "unacked": len(events) - done if args.acked else 0,
-        "retries": totals.retries, "errors": [error] if error else [],
+        "sent": totals.sent,
+        "acked_new": totals.acked_new,
+        "acked_duplicate": totals.acked_duplicate,
+        "rejected": totals.rejected,
+        "unacked": len(events) - done if args.acked else 0,
+        "retries": totals.retries,
+        "errors": [error] if error else [],
     }
 
 
 def _worker(
-    args: argparse.Namespace, endpoint: str, index: int, events: list[dict[str, Any]], count: int,
-    progress: Any, results: Any,
+    args: argparse.Namespace,
+    endpoint: str,
+    index: int,
+    events: list[dict[str, Any]],
+    count: int,
+    progress: Any,
+    results: Any,
 ) -> None:
     try:
         summary = send_slice(args, endpoint, events, count, progress)
-    except Exception as exc:  # noqa: BLE001 - reported in the summary instead of a lost traceback
+    except Exception as exc:
         summary = {"errors": [f"process {index}: {type(exc).__name__}: {exc}"]}
     results.put(summary)
 
@@ -132,12 +146,12 @@ def run_processes(args: argparse.Namespace, endpoint: str, progress: Any) -> lis
     while len(summaries) < len(workers):
         try:
             summaries.append(results.get(timeout=0.5))
-        except Exception:  # noqa: BLE001 - queue.Empty: check the workers are still alive
+        except Exception:
             if not any(worker.is_alive() for worker in workers):
                 try:
                     while True:
                         summaries.append(results.get(timeout=0.5))
-                except Exception:  # noqa: BLE001 - nothing more will come
+                except Exception:
                     pass
                 break
     for worker in workers:
@@ -156,16 +170,23 @@ def show_progress(progress: Any, total: int, acked: bool, stop: threading.Event)
         done = progress.value
         elapsed = time.monotonic() - started
         rate = done / elapsed if elapsed else 0.0
-        print(f"\r{done:,}/{total:,} {verb} ({100 * done / max(total, 1):.0f} %, {rate:,.0f} events/s)",
-              end="", file=sys.stderr, flush=True)
+        print(
+            f"\r{done:,}/{total:,} {verb} ({100 * done / max(total, 1):.0f} %, {rate:,.0f} events/s)",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
     print("\r\033[K", end="", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Send a deterministic stream of events to eventagg.")
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--endpoint", metavar="URL",
-                       help="ingest endpoint, e.g. tcp://127.0.0.1:5555 (with --acked: the ack endpoint, :5557)")
+    where.add_argument(
+        "--endpoint",
+        metavar="URL",
+        help="ingest endpoint, e.g. tcp://127.0.0.1:5555 (with --acked: the ack endpoint, :5557)",
+    )
     where.add_argument("--config", metavar="PATH", help="read the ingest endpoint from this config file")
     parser.add_argument("--events", type=int, default=1000, metavar="N", help="events to send (default 1000)")
     parser.add_argument("--duplicates", type=float, default=0.0, metavar="F", help="fraction of re-sends (default 0)")
@@ -175,18 +196,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     parser.add_argument("--id-prefix", default="e", metavar="STR", help="prefix of every event_id (default 'e')")
     parser.add_argument("--slice", metavar="K/P", help="send only slice K (0-based) of P interleaved slices")
-    parser.add_argument("--acked", action="store_true",
-                        help="acknowledged mode: wait for every batch to be committed, retrying as needed")
-    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW, metavar="W",
-                        help=f"acknowledged batches in flight per process (default {DEFAULT_WINDOW})")
-    parser.add_argument("--ack-timeout", type=float, default=5.0, metavar="SECONDS",
-                        help="resend a batch not acknowledged within this (default 5)")
-    parser.add_argument("--deadline", type=float, default=60.0, metavar="SECONDS",
-                        help="give up when a batch has gone this long unacknowledged (default 60)")
-    parser.add_argument("--rate", type=float, default=0.0, metavar="R",
-                        help="send at most R events/s in total, never bursting to catch up (default: no limit)")
+    parser.add_argument(
+        "--acked",
+        action="store_true",
+        help="acknowledged mode: wait for every batch to be committed, retrying as needed",
+    )
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=DEFAULT_WINDOW,
+        metavar="W",
+        help=f"acknowledged batches in flight per process (default {DEFAULT_WINDOW})",
+    )
+    parser.add_argument(
+        "--ack-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="resend a batch not acknowledged within this (default 5)",
+    )
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="give up when a batch has gone this long unacknowledged (default 60)",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="send at most R events/s in total, never bursting to catch up (default: no limit)",
+    )
     parser.add_argument("--server-key", metavar="PATH", help="CURVE: the daemon's public certificate (server.key)")
-    parser.add_argument("--client-cert", metavar="PATH", help="CURVE: this client's secret certificate (NAME.key_secret)")
+    parser.add_argument(
+        "--client-cert", metavar="PATH", help="CURVE: this client's secret certificate (NAME.key_secret)"
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     args = parser.parse_args(argv)
     try:
@@ -235,15 +281,21 @@ def main(argv: list[str] | None = None) -> int:
             ticker.join(2)
     elapsed = time.perf_counter() - started
 
-    summary: dict[str, Any] = {key: sum(s.get(key, 0) for s in summaries)
-                               for key in ("sent", "acked_new", "acked_duplicate", "rejected", "unacked", "retries")}
+    summary: dict[str, Any] = {
+        key: sum(s.get(key, 0) for s in summaries)
+        for key in ("sent", "acked_new", "acked_duplicate", "rejected", "unacked", "retries")
+    }
     errors = [error for s in summaries for error in s.get("errors", [])]
-    summary.update({
-        "elapsed_s": round(elapsed, 3),
-        "events_per_s": round(summary["sent"] / elapsed) if elapsed else 0,
-        "acked": args.acked, "processes": 1 if args.slice else args.processes, "endpoint": endpoint,
-        "errors": errors,
-    })
+    summary.update(
+        {
+            "elapsed_s": round(elapsed, 3),
+            "events_per_s": round(summary["sent"] / elapsed) if elapsed else 0,
+            "acked": args.acked,
+            "processes": 1 if args.slice else args.processes,
+            "endpoint": endpoint,
+            "errors": errors,
+        }
+    )
     if args.acked:
         ok = not errors and summary["acked_new"] + summary["acked_duplicate"] == total == summary["sent"]
     else:
@@ -255,9 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         line = f"sent {summary['sent']:,} events in {elapsed:.2f} s ({summary['events_per_s']:,} events/s)"
         if args.acked:
-            line += (f": acknowledged {summary['acked_new']:,} new, {summary['acked_duplicate']:,} duplicate, "
-                     f"{summary['rejected']:,} rejected; {summary['unacked']:,} unacknowledged, "
-                     f"{summary['retries']} retries")
+            line += (
+                f": acknowledged {summary['acked_new']:,} new, {summary['acked_duplicate']:,} duplicate, "
+                f"{summary['rejected']:,} rejected; {summary['unacked']:,} unacknowledged, "
+                f"{summary['retries']} retries"
+            )
         print(line)
     return 0 if ok else 1
 

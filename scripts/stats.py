@@ -24,8 +24,21 @@ from transport.client import QueryClient, QueryClientError, connectable
 from transport.config import ConfigError, QueryConfig, load_config
 from transport.security import SecurityError, SocketHook, curve_client, curve_client_from_config
 
-ORDER = ("received", "unique_processed", "duplicate_dropped", "rejected", "refused", "late", "topic_count",
-         "in_flight", "in_flight_bytes", "buffered", "commits", "decoder_restarts", "uptime_s")
+ORDER = (
+    "received",
+    "unique_processed",
+    "duplicate_dropped",
+    "rejected",
+    "refused",
+    "late",
+    "topic_count",
+    "in_flight",
+    "in_flight_bytes",
+    "buffered",
+    "commits",
+    "decoder_restarts",
+    "uptime_s",
+)
 
 
 def endpoint_from_args(args: argparse.Namespace) -> str:
@@ -53,9 +66,13 @@ def add_endpoint_args(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--endpoint", metavar="URL", help="query endpoint, e.g. tcp://127.0.0.1:5556")
     where.add_argument("--config", metavar="PATH", help="read the query endpoint from this config file")
-    parser.add_argument("--timeout", type=seconds, default=5.0, metavar="S", help="seconds to wait for an answer (default 5)")
+    parser.add_argument(
+        "--timeout", type=seconds, default=5.0, metavar="S", help="seconds to wait for an answer (default 5)"
+    )
     parser.add_argument("--server-key", metavar="PATH", help="CURVE: the daemon's public certificate (server.key)")
-    parser.add_argument("--client-cert", metavar="PATH", help="CURVE: this client's secret certificate (NAME.key_secret)")
+    parser.add_argument(
+        "--client-cert", metavar="PATH", help="CURVE: this client's secret certificate (NAME.key_secret)"
+    )
 
 
 def curve_from_args(args: argparse.Namespace) -> SocketHook | None:

@@ -66,11 +66,17 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
     return path
 
 
-def run_script(name: str, *args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_script(
+    name: str, *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run one of scripts/*.py with this interpreter, bounded in time."""
     return subprocess.run(
         [sys.executable, str(SCRIPTS / name), *args],
-        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
     )
 
 
@@ -99,13 +105,17 @@ class Daemon:
 
     def start(
         self, wait: bool = True, timeout: float = 30.0, env: dict[str, str] | None = None, own_session: bool = False
-    ) -> "Daemon":
+    ) -> Daemon:
         """Start the daemon; with ``own_session`` it leads a process group of its own, as under a shell."""
         log = self.log_path.open("ab")
         self._log_start = log.tell()  # this run's lines begin here (a restart appends to the same file)
         self.proc = subprocess.Popen(
             [sys.executable, str(SCRIPTS / "aggregatord.py"), "--config", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=env, start_new_session=own_session,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            env=env,
+            start_new_session=own_session,
         )
         log.close()
         if wait:
@@ -128,7 +138,7 @@ class Daemon:
                 reply = self.request({"op": "health"}, timeout=1.0)
             except NoAnswer:
                 continue
-            if "error" not in reply and b"eventagg ready" in self.log_path.read_bytes()[self._log_start:]:
+            if "error" not in reply and b"eventagg ready" in self.log_path.read_bytes()[self._log_start :]:
                 return
             time.sleep(0.05)
         raise TimeoutError(f"daemon not ready within {timeout} s:\n{self.log()}")

@@ -15,7 +15,7 @@ import time
 import msgpack
 import zmq
 
-BASE = dt.datetime(2025, 10, 22, 10, 0, 0, tzinfo=dt.timezone.utc)
+BASE = dt.datetime(2025, 10, 22, 10, 0, 0, tzinfo=dt.UTC)
 
 
 def main() -> None:
@@ -28,8 +28,17 @@ def main() -> None:
     for i in range(index, events, count):
         time.sleep(rng.uniform(0, jitter_ms) / 1000)
         stamp = (BASE + dt.timedelta(milliseconds=i)).isoformat().replace("+00:00", "Z")
-        sock.send(msgpack.packb({"topic": topic, "event_id": f"{topic}-{i}", "timestamp": stamp,
-                                 "source": f"host-{index}", "payload": {"i": i}}))
+        sock.send(
+            msgpack.packb(
+                {
+                    "topic": topic,
+                    "event_id": f"{topic}-{i}",
+                    "timestamp": stamp,
+                    "source": f"host-{index}",
+                    "payload": {"i": i},
+                }
+            )
+        )
     sock.close(linger=10_000)
     context.term()
 

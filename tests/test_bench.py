@@ -15,17 +15,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from harness import ROOT, run_script
 
 sys.path.insert(0, str(ROOT / "scripts"))
-import bench  # noqa: E402
+import bench
 
 pytestmark = pytest.mark.timeout(120)
 
 EVENTS = 3000
-COMMON = ("events_per_s", "elapsed_s", "stats_p50_ms", "stats_p99_ms", "commits", "rss_peak_mb",
-          "latency_p50_ms", "latency_p99_ms", "latency_max_ms", "latency_rate")
+COMMON = (
+    "events_per_s",
+    "elapsed_s",
+    "stats_p50_ms",
+    "stats_p99_ms",
+    "commits",
+    "rss_peak_mb",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "latency_max_ms",
+    "latency_rate",
+)
 
 
 def run_bench(*args: str) -> dict[str, Any]:
@@ -48,19 +57,25 @@ def check_figures(row: dict[str, Any], keys: tuple[str, ...]) -> None:
 def test_fire_and_forget_with_ceiling() -> None:
     report = run_bench("--runs", "2")
     assert report["runs"] == 2 and report["workload"]["mode"] == "ff"
-    (name, row), = report["median"].items()
+    ((name, row),) = report["median"].items()
     assert len(report["all"][name]) == 2
     check_figures(row, COMMON + ("ceiling_rows_per_s", "ceiling_pk_only_rows_per_s", "ratio"))
     assert row["latency_method"].startswith("stats poll")
     # The CPU split by thread kind adds up to the whole, give or take a clock tick per figure
     # (and threads that ended: none should).
     split = {key: value for key, value in row.items() if key.startswith("cpu_us_per_event_")}
-    assert {"cpu_us_per_event_dedup", "cpu_us_per_event_ingest", "cpu_us_per_event_ordering",
-            "cpu_us_per_event_decoder"} <= split.keys(), row
+    assert {
+        "cpu_us_per_event_dedup",
+        "cpu_us_per_event_ingest",
+        "cpu_us_per_event_ordering",
+        "cpu_us_per_event_decoder",
+    } <= split.keys(), row
     # The decoder process's memory is counted: its own pages in rss_peak_mb, all of it in _upper.
     assert row["rss_peak_mb_main"] < row["rss_peak_mb"] < row["rss_peak_mb_upper"], row
     tick_us_per_event = 1e6 / os.sysconf("SC_CLK_TCK") / EVENTS
-    assert sum(split.values()) == pytest.approx(row["daemon_cpu_us_per_event"], abs=(len(split) + 1) * tick_us_per_event), row
+    assert sum(split.values()) == pytest.approx(
+        row["daemon_cpu_us_per_event"], abs=(len(split) + 1) * tick_us_per_event
+    ), row
     assert row["ratio"] == pytest.approx(row["events_per_s"] / row["ceiling_rows_per_s"], rel=0.5)
 
 
@@ -117,8 +132,19 @@ def test_prefilled_database_agrees_with_its_counters(tmp_path: Path) -> None:
 
 
 def test_prefilled_run_continues_the_stored_topics(tmp_path: Path) -> None:
-    result = run_script("bench.py", "--events", "2000", "--prefill", "5000", "--no-latency", "--no-ceiling",
-                        "--cache-dir", str(tmp_path), "--json", timeout=100)
+    result = run_script(
+        "bench.py",
+        "--events",
+        "2000",
+        "--prefill",
+        "5000",
+        "--no-latency",
+        "--no-ceiling",
+        "--cache-dir",
+        str(tmp_path),
+        "--json",
+        timeout=100,
+    )
     assert result.returncode == 0, result.stderr
     (row,) = json.loads(result.stdout)["median"].values()
     assert row["correct"] is True and row["prefill_build_s"] >= 0
@@ -128,14 +154,20 @@ def test_percentile_and_medians() -> None:
     assert bench.percentile([5, 1, 3, 2, 4], 50) == 3
     assert bench.percentile(list(range(1, 101)), 99) == 99
     assert math.isnan(bench.percentile([], 50))
-    merged = bench.medians([{"a": 1, "ok": True, "m": "x"}, {"a": 3, "ok": False, "m": "x"}, {"a": 2, "ok": True, "m": "x"}])
+    merged = bench.medians(
+        [{"a": 1, "ok": True, "m": "x"}, {"a": 3, "ok": False, "m": "x"}, {"a": 2, "ok": True, "m": "x"}]
+    )
     assert merged == {"a": 2, "ok": False, "m": "x"}
 
 
 def test_overrides_parse_as_toml_values() -> None:
     assert bench.parse_overrides(
-        ["storage.commit_max_events=10000", "storage.synchronous=FULL", "ingest.decode_process=false",
-         "storage.path=\"a b.db\""]
+        [
+            "storage.commit_max_events=10000",
+            "storage.synchronous=FULL",
+            "ingest.decode_process=false",
+            'storage.path="a b.db"',
+        ]
     ) == {
         "storage": {"commit_max_events": 10000, "synchronous": "FULL", "path": "a b.db"},
         "ingest": {"decode_process": False},

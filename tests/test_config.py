@@ -27,7 +27,7 @@ def test_repository_config_toml_holds_every_default() -> None:
 
 def test_partial_file_takes_defaults_for_the_rest(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
-    path.write_text('[ordering]\nactors = 2\n')
+    path.write_text("[ordering]\nactors = 2\n")
     config = load_config(path)
     assert config.ordering.actors == 2
     assert config.ingest == Config().ingest

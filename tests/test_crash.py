@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable
 
 import pytest
-
 from harness import SCRIPTS, Daemon
+
 from transport.workload import distinct_count, plan
 
 EVENTS = 20_000
@@ -47,11 +47,39 @@ def test_acked_publishers_lose_nothing_and_store_nothing_twice_across_three_kill
     daemon = daemon_factory("crash").start()
     distinct = distinct_count(EVENTS, DUPLICATES)
     publishers = subprocess.Popen(
-        [sys.executable, str(SCRIPTS / "publish.py"), "--endpoint", daemon.ack, "--acked",
-         "--events", str(EVENTS), "--duplicates", str(DUPLICATES), "--topics", "10", "--processes", "4",
-         "--batch", "50", "--window", "4", "--ack-timeout", "1", "--deadline", "90",
-         "--rate", "2000", "--seed", str(SEED), "--id-prefix", PREFIX, "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            str(SCRIPTS / "publish.py"),
+            "--endpoint",
+            daemon.ack,
+            "--acked",
+            "--events",
+            str(EVENTS),
+            "--duplicates",
+            str(DUPLICATES),
+            "--topics",
+            "10",
+            "--processes",
+            "4",
+            "--batch",
+            "50",
+            "--window",
+            "4",
+            "--ack-timeout",
+            "1",
+            "--deadline",
+            "90",
+            "--rate",
+            "2000",
+            "--seed",
+            str(SEED),
+            "--id-prefix",
+            PREFIX,
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         for fraction in KILL_AT:

@@ -7,17 +7,24 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 import pytest
-
 from harness import SCRIPTS, Daemon, publish, push_frames, run_script, stored_rows
+
 from transport.client import QueryClient
 from transport.workload import plan
 
-EVENT = {"topic": "orders", "event_id": "o-1", "timestamp": "2025-10-22T10:00:00Z", "source": "shop", "payload": {"n": 1}}
+EVENT = {
+    "topic": "orders",
+    "event_id": "o-1",
+    "timestamp": "2025-10-22T10:00:00Z",
+    "source": "shop",
+    "payload": {"n": 1},
+}
 
 
 def test_same_key_is_stored_once_and_same_id_in_two_topics_twice(daemon: Daemon) -> None:
@@ -33,18 +40,39 @@ def test_unknown_fields_are_accepted_and_not_stored(daemon: Daemon) -> None:
     daemon.wait_stats(unique_processed=1, rejected=0)
     (stored,) = daemon.events("orders")
     assert stored == {
-        "topic": "orders", "event_id": "o-1", "timestamp": "2025-10-22T10:00:00Z", "source": "shop",
-        "payload": {"n": 1}, "seq": 1, "late": False,
+        "topic": "orders",
+        "event_id": "o-1",
+        "timestamp": "2025-10-22T10:00:00Z",
+        "source": "shop",
+        "payload": {"n": 1},
+        "seq": 1,
+        "late": False,
     }
 
 
 def start_publishers(daemon: Daemon, total: int, *, prefix: str = "e") -> list[subprocess.Popen[str]]:
     """Three publisher processes share one stream: one sends single-event frames, two send batches."""
-    common = ["--endpoint", daemon.ingest, "--events", str(total), "--duplicates", "0.2", "--topics", "10",
-              "--seed", "7", "--id-prefix", prefix]
+    common = [
+        "--endpoint",
+        daemon.ingest,
+        "--events",
+        str(total),
+        "--duplicates",
+        "0.2",
+        "--topics",
+        "10",
+        "--seed",
+        "7",
+        "--id-prefix",
+        prefix,
+    ]
     return [
-        subprocess.Popen([sys.executable, str(SCRIPTS / "publish.py"), *common, "--slice", f"{i}/3", "--batch", batch],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, str(SCRIPTS / "publish.py"), *common, "--slice", f"{i}/3", "--batch", batch],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i, batch in enumerate(("1", "100", "37"))
     ]
 
@@ -78,7 +106,11 @@ def test_three_publishers_with_duplicates_then_restart_and_resend(daemon: Daemon
     daemon.start()
     before = daemon.stats()
     assert {k: before[k] for k in ("received", "unique_processed", "duplicate_dropped", "topic_count")} == {
-        "received": 5000, "unique_processed": 4000, "duplicate_dropped": 1000, "topic_count": 10}
+        "received": 5000,
+        "unique_processed": 4000,
+        "duplicate_dropped": 1000,
+        "topic_count": 10,
+    }
     wait_all(start_publishers(daemon, 5000))
     daemon.wait_stats(received=10000, unique_processed=4000, duplicate_dropped=6000)
     assert len(stored_rows(daemon.db_path)) == 4000
@@ -86,9 +118,20 @@ def test_three_publishers_with_duplicates_then_restart_and_resend(daemon: Daemon
 
 def test_kill_9_mid_stream_leaves_a_consistent_database(daemon: Daemon) -> None:
     publisher = subprocess.Popen(
-        [sys.executable, str(SCRIPTS / "publish.py"), "--endpoint", daemon.ingest, "--events", "200000",
-         "--duplicates", "0.2", "--batch", "100"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            str(SCRIPTS / "publish.py"),
+            "--endpoint",
+            daemon.ingest,
+            "--events",
+            "200000",
+            "--duplicates",
+            "0.2",
+            "--batch",
+            "100",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 60
@@ -172,8 +215,13 @@ def test_query_protocol_errors_and_paging(daemon: Daemon) -> None:
 
     context = zmq.Context()
     try:
-        for bad in (b"\xc1", msgpack.packb({"op": "nope"}), msgpack.packb({"op": "events", "after": "x"}),
-                    msgpack.packb([1]), msgpack.packb({"op": "events", "limit": -1})):
+        for bad in (
+            b"\xc1",
+            msgpack.packb({"op": "nope"}),
+            msgpack.packb({"op": "events", "after": "x"}),
+            msgpack.packb([1]),
+            msgpack.packb({"op": "events", "limit": -1}),
+        ):
             sock = context.socket(zmq.REQ)
             sock.connect(daemon.query)
             sock.send(bad)
@@ -263,7 +311,9 @@ def test_query_scripts_end_quietly_when_the_reader_goes_away(daemon: Daemon) -> 
     for script, *args in (("stats.py",), ("stats.py", "--json"), ("events.py", "orders")):
         proc = subprocess.Popen(
             [sys.executable, str(SCRIPTS / script), *args, "--endpoint", daemon.query],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         assert proc.stdout is not None
         proc.stdout.close()

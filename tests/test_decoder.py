@@ -5,15 +5,15 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 import pytest
 import zmq
-
 from harness import Daemon, push_frames
-from transport.codec import Limits
+
 from actors.decoder import (
     ACKNOWLEDGED,
     FIRE_AND_FORGET,
@@ -26,13 +26,20 @@ from actors.decoder import (
     _encode,
     decode_message,
 )
+from transport.codec import Limits
 
 TIMEOUT_MS = 20_000
 
 
 def event(n: int, topic: str = "dec", **fields: Any) -> dict[str, Any]:
-    return {"topic": topic, "event_id": f"e-{n}", "timestamp": f"2025-10-22T10:{n // 60 % 60:02d}:{n % 60:02d}Z",
-            "source": "test", "payload": {"n": n}, **fields}
+    return {
+        "topic": topic,
+        "event_id": f"e-{n}",
+        "timestamp": f"2025-10-22T10:{n // 60 % 60:02d}:{n % 60:02d}Z",
+        "source": "test",
+        "payload": {"n": n},
+        **fields,
+    }
 
 
 def decoder_pids(daemon: Daemon) -> list[int]:
@@ -103,8 +110,11 @@ def test_the_decoder_runs_beside_the_daemon_and_ends_with_it(daemon: Daemon) -> 
     push_frames(daemon.ingest, [msgpack.packb([event(n) for n in range(k, k + 50)]) for k in range(0, 500, 50)])
     daemon.wait_stats(unique_processed=500)
     assert daemon.terminate() == 0
-    wait_for(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
-             10, "the decoder process ends with the daemon")
+    wait_for(
+        lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
+        10,
+        "the decoder process ends with the daemon",
+    )
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
@@ -143,8 +153,11 @@ def test_a_killed_decoder_loses_nothing_and_is_replaced(daemon: Daemon) -> None:
     [second] = wait_for(lambda: decoder_pids(daemon), 20, "a new decoder process\n" + daemon.log())
     assert second != first
     assert "the decoder process died" in daemon.log()
-    wait_for(lambda: daemon.request({"op": "health"})["decoding"] == f"decoder process, pid {second}", 20,
-             "health names the new decoder")
+    wait_for(
+        lambda: daemon.request({"op": "health"})["decoding"] == f"decoder process, pid {second}",
+        20,
+        "health names the new decoder",
+    )
     assert daemon.stats()["decoder_restarts"] == 1
     # The new one decodes: a re-send of everything is all duplicates.
     replies = acked_run(daemon, batches=120, size=50, during=lambda k: None)
@@ -211,8 +224,11 @@ def test_a_killed_daemon_leaves_no_decoder_and_no_socket_directory(daemon: Daemo
     folder = Path(endpoint.removeprefix("ipc://")).parent
     assert folder.name.startswith("eventagg-decoder-") and folder.is_dir()
     daemon.kill()  # SIGKILL: the daemon cannot clean up; the decoder notices it is orphaned
-    wait_for(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
-             10, "the decoder process ends")
+    wait_for(
+        lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
+        10,
+        "the decoder process ends",
+    )
     wait_for(lambda: not folder.exists(), 10, f"{folder} removed")
 
 
@@ -221,6 +237,9 @@ def test_a_decoder_that_dies_while_idle_is_replaced_before_the_next_frame(daemon
     os.kill(first, signal.SIGKILL)
     [second] = wait_for(lambda: [p for p in decoder_pids(daemon) if p != first], 20, "a new decoder process")
     # Health says so once the new one is connected and ready, a moment after it appears.
-    wait_for(lambda: daemon.request({"op": "health"})["decoding"] == f"decoder process, pid {second}", 20,
-             "health names the new decoder")
+    wait_for(
+        lambda: daemon.request({"op": "health"})["decoding"] == f"decoder process, pid {second}",
+        20,
+        "health names the new decoder",
+    )
     assert daemon.stats()["decoder_restarts"] == 1

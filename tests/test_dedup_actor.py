@@ -37,8 +37,17 @@ class Collector(pykka.ThreadingActor):
 
 
 def row(topic: str, event_id: str, seq: int) -> Row:
-    return (topic, event_id, seq, "2025-10-22T10:00:00Z", 1_761_127_200_000_000_000 + seq, "test",
-            bytearray(b"\x80"), 1.0, 0)
+    return (
+        topic,
+        event_id,
+        seq,
+        "2025-10-22T10:00:00Z",
+        1_761_127_200_000_000_000 + seq,
+        "test",
+        bytearray(b"\x80"),
+        1.0,
+        0,
+    )
 
 
 def write_of(rows: list[Row]) -> WriteBatch:
@@ -60,8 +69,14 @@ def start_dedup(tmp_path: Path) -> Iterator[Any]:
         in_flight = InFlight(1_000_000)
         in_flight.add(1_000_000, 0)  # whatever the writes settle is given back from here
         ref = DedupActor.start(
-            tmp_path / "events.db", synchronous="NORMAL", commit_max_events=5000, commit_max_ms=50,
-            lookup_group=lookup_group, in_flight=in_flight, live=LiveFigures(), zmq_context=context,
+            tmp_path / "events.db",
+            synchronous="NORMAL",
+            commit_max_events=5000,
+            commit_max_ms=50,
+            lookup_group=lookup_group,
+            in_flight=in_flight,
+            live=LiveFigures(),
+            zmq_context=context,
         )
         refs.append(ref)
         return ref

@@ -19,7 +19,6 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-
 from harness import ROOT, Daemon, publish
 
 FLOOD_EVENTS = 1_000_000
@@ -74,7 +73,7 @@ class RssSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self._thread.start()
         return self
 
@@ -103,9 +102,20 @@ def test_flood_is_counted_and_memory_stays_flat(daemon_factory: Callable[..., Da
     with RssSampler(daemon.proc.pid) as sampler:
         publishers = [
             subprocess.Popen(
-                [sys.executable, "-c", FLOOD_SCRIPT, daemon.ingest, str(i), str(FLOOD_PROCESSES),
-                 str(FLOOD_EVENTS), str(PAYLOAD_BYTES)],
-                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                [
+                    sys.executable,
+                    "-c",
+                    FLOOD_SCRIPT,
+                    daemon.ingest,
+                    str(i),
+                    str(FLOOD_PROCESSES),
+                    str(FLOOD_EVENTS),
+                    str(PAYLOAD_BYTES),
+                ],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
             )
             for i in range(FLOOD_PROCESSES)
         ]
@@ -116,7 +126,7 @@ def test_flood_is_counted_and_memory_stays_flat(daemon_factory: Callable[..., Da
                 if p.poll() is None:
                     p.kill()
         sent_s = time.perf_counter() - started
-        for p, (out, err) in zip(publishers, outputs):
+        for p, (_out, err) in zip(publishers, outputs):
             assert p.returncode == 0, err
         stats = daemon.wait_stats(timeout=120, received=FLOOD_EVENTS, unique_processed=FLOOD_EVENTS)
         stored_s = time.perf_counter() - started
@@ -171,8 +181,14 @@ def test_limits_reject_with_a_reason(daemon_factory: Callable[..., Daemon]) -> N
     sock.connect(daemon.ingest)
     ok = {"topic": "t", "timestamp": "2025-10-22T10:00:00Z", "source": "s"}
     sock.send(msgpack.packb([{**ok, "event_id": f"b{i}"} for i in range(11)]))  # 11 > 10: refused whole
-    sock.send(msgpack.packb([{**ok, "event_id": "big", "payload": {"x": "y" * 200}},  # refused alone
-                             {**ok, "event_id": "small", "payload": {"x": "y"}}]))
+    sock.send(
+        msgpack.packb(
+            [
+                {**ok, "event_id": "big", "payload": {"x": "y" * 200}},  # refused alone
+                {**ok, "event_id": "small", "payload": {"x": "y"}},
+            ]
+        )
+    )
     # A topic that is a list once killed the ingest thread (TypeError in the topic cache).
     sock.send(msgpack.packb([{**ok, "event_id": "odd", "topic": []}, {**ok, "event_id": "fine"}]))
     sock.close(linger=5000)

@@ -33,11 +33,15 @@ LIMITS = Limits(max_batch_events=50, max_payload_bytes=512)
 
 ints = st.integers(min_value=-(2**63), max_value=2**64 - 1)  # what msgpack can encode
 scalars = st.one_of(
-    st.none(), st.booleans(), ints, st.floats(),
-    st.text(max_size=40), st.binary(max_size=40),
+    st.none(),
+    st.booleans(),
+    ints,
+    st.floats(),
+    st.text(max_size=40),
+    st.binary(max_size=40),
     st.builds(msgpack.Timestamp, st.integers(min_value=-(2**40), max_value=2**40), st.integers(0, 999_999_999)),
     st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=8)),
-    st.datetimes(timezones=st.just(dt.timezone.utc)).map(lambda d: msgpack.Timestamp.from_datetime(d)),
+    st.datetimes(timezones=st.just(dt.UTC)).map(lambda d: msgpack.Timestamp.from_datetime(d)),
 )
 trees = st.recursive(
     scalars,
@@ -48,10 +52,18 @@ trees = st.recursive(
     max_leaves=15,
 )
 timestamps = st.one_of(
-    st.sampled_from(["2025-10-22T10:00:00Z", "2025-10-22T10:00:00+02:00", "2025-10-22T10:00:00",
-                     "9999-12-31T23:59:59+14:00", "0001-01-01T00:00:00-14:00", "nope", ""]),
-    st.datetimes(timezones=st.sampled_from([dt.timezone.utc, dt.timezone(dt.timedelta(hours=-5))])).map(
-        lambda d: d.isoformat()),
+    st.sampled_from(
+        [
+            "2025-10-22T10:00:00Z",
+            "2025-10-22T10:00:00+02:00",
+            "2025-10-22T10:00:00",
+            "9999-12-31T23:59:59+14:00",
+            "0001-01-01T00:00:00-14:00",
+            "nope",
+            "",
+        ]
+    ),
+    st.datetimes(timezones=st.sampled_from([dt.UTC, dt.timezone(dt.timedelta(hours=-5))])).map(lambda d: d.isoformat()),
     st.text(max_size=70),
     trees,
 )
@@ -62,8 +74,7 @@ events = st.fixed_dictionaries(
         "timestamp": timestamps,
         "source": st.one_of(st.text(max_size=20), trees),
     },
-    optional={"payload": st.one_of(trees, st.dictionaries(st.text(max_size=8), trees, max_size=5)),
-              "extra": trees},
+    optional={"payload": st.one_of(trees, st.dictionaries(st.text(max_size=8), trees, max_size=5)), "extra": trees},
 )
 
 
@@ -129,7 +140,7 @@ plain_events = st.fixed_dictionaries(
     {
         "topic": st.sampled_from(["orders", "a.b-c", "t" * 255, "with space", ""]),
         "event_id": st.text(min_size=1, max_size=12),
-        "timestamp": st.datetimes(timezones=st.just(dt.timezone.utc)).map(lambda d: d.isoformat()),
+        "timestamp": st.datetimes(timezones=st.just(dt.UTC)).map(lambda d: d.isoformat()),
         "source": st.text(max_size=12),
     },
     optional={"payload": st.dictionaries(st.one_of(st.text(max_size=8), ints), trees, max_size=5)},

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from harness import ROOT, free_port, publish
+
 from transport.client import NoAnswer, QueryClient
 
 INSTALL = ROOT / "scripts" / "install.sh"
@@ -86,7 +86,12 @@ def test_install_lays_out_a_working_installation(prefix: Path, tmp_path: Path) -
     # The packages come from the virtualenv, not from this checkout.
     where = subprocess.run(
         [str(installed_python(prefix)), "-c", "import actors, transport; print(actors.__file__)"],
-        check=False, capture_output=True, text=True, timeout=30, cwd=tmp_path, env={"PATH": os.environ["PATH"]},
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+        env={"PATH": os.environ["PATH"]},
     )
     assert where.returncode == 0, where.stderr
     assert where.stdout.startswith(str(opt / "venv")), where.stdout
@@ -100,14 +105,22 @@ def test_install_lays_out_a_working_installation(prefix: Path, tmp_path: Path) -
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [str(installed_python(prefix)), str(opt / "scripts/aggregatord.py"), "--config", str(config)],
-            stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env=env,
         )
     try:
         wait_healthy(endpoints["query"], proc, log)
         publish(endpoints["ingest"], "--events", "500", "--duplicates", "0.2", "--topics", "4")
         stats = subprocess.run(
             [str(installed_python(prefix)), str(opt / "scripts/stats.py"), "--config", str(config), "--json"],
-            check=False, capture_output=True, text=True, timeout=30, cwd=tmp_path, env={"PATH": os.environ["PATH"]},
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=tmp_path,
+            env={"PATH": os.environ["PATH"]},
         )
         assert stats.returncode == 0, stats.stderr
         proc.send_signal(signal.SIGTERM)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 import zmq
-
 from harness import Daemon, push_frames, stored_rows
+
 from transport.schema import parse_timestamp
 
 HERE = Path(__file__).resolve().parent
@@ -28,8 +29,19 @@ def instants(events: list[dict[str, Any]]) -> list[int]:
 def test_four_jittered_publishers_come_out_in_timestamp_order(daemon_factory: Callable[..., Daemon]) -> None:
     daemon = daemon_factory(ordering={"window_ms": 1000}).start()
     procs = [
-        subprocess.Popen([sys.executable, str(HERE / "jitter_publisher.py"), daemon.ingest, "sensor", str(k), "4",
-                          "400", "20", str(k)])
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(HERE / "jitter_publisher.py"),
+                daemon.ingest,
+                "sensor",
+                str(k),
+                "4",
+                "400",
+                "20",
+                str(k),
+            ]
+        )
         for k in range(4)
     ]
     for proc in procs:
@@ -111,8 +123,14 @@ def test_sigterm_flushes_buffers_and_a_restart_continues_seqs_and_lateness(
     assert [seq for _, _, seq in rows] == list(range(1, 601))
 
     daemon.start()
-    push_frames(daemon.ingest, [msgpack.packb([ev(f"b{i}", f"2025-10-22T10:01:{i:02d}Z") for i in range(50)]
-                                              + [ev("too-old", "2025-10-22T09:00:00Z")])])
+    push_frames(
+        daemon.ingest,
+        [
+            msgpack.packb(
+                [ev(f"b{i}", f"2025-10-22T10:01:{i:02d}Z") for i in range(50)] + [ev("too-old", "2025-10-22T09:00:00Z")]
+            )
+        ],
+    )
     stats = daemon.wait_stats(unique_processed=651, buffered=0, timeout=30)
     stored = daemon.events("t")
     assert [e["seq"] for e in stored] == list(range(1, 652))

@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from harness import run_script
+
 from transport.workload import distinct_count
 
 pytestmark = pytest.mark.timeout(120)

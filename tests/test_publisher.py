@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 import zmq
-
 from harness import Daemon, free_port, run_script, write_config
+
 from transport.backoff import Backoff
 from transport.client import NoAnswer, QueryClient
 from transport.publisher import (
@@ -56,7 +56,9 @@ def test_no_daemon_backs_off_with_growing_capped_pauses_then_raises_naming_the_e
     retries: list[tuple[int, float, float]] = []
     sockets: list[zmq.Socket[Any]] = []
     publisher = Publisher(
-        endpoint, ack_timeout=0.2, deadline=4.0,
+        endpoint,
+        ack_timeout=0.2,
+        deadline=4.0,
         backoff=Backoff(base=0.1, factor=2.0, cap=0.8, jitter=0.0),
         on_retry=lambda attempt, pause: retries.append((attempt, pause, time.monotonic())),
         configure=sockets.append,
@@ -91,7 +93,10 @@ def test_no_daemon_backs_off_with_growing_capped_pauses_then_raises_naming_the_e
 def test_attempt_limit_with_full_jitter() -> None:
     retries: list[float] = []
     with Publisher(
-        nowhere(), ack_timeout=0.1, deadline=None, max_attempts=4,
+        nowhere(),
+        ack_timeout=0.1,
+        deadline=None,
+        max_attempts=4,
         backoff=Backoff(base=0.05, factor=2.0, cap=0.2, jitter=1.0),
         on_retry=lambda attempt, pause: retries.append(pause),
     ) as publisher:
@@ -104,8 +109,9 @@ def test_attempt_limit_with_full_jitter() -> None:
 
 def test_delivery_failed_hands_back_every_event_of_the_call_that_raised() -> None:
     events = [make_event(i, 1, "hb") for i in range(40)]
-    with Publisher(nowhere(), batch_size=5, window=1, ack_timeout=0.1, deadline=0.5,
-                   backoff=Backoff(base=0.05, cap=0.1)) as publisher:
+    with Publisher(
+        nowhere(), batch_size=5, window=1, ack_timeout=0.1, deadline=0.5, backoff=Backoff(base=0.05, cap=0.1)
+    ) as publisher:
         with pytest.raises(DeliveryFailed) as caught:
             publisher.publish_many(events)  # the window is full after 5 events: it gives up inside
         assert caught.value.events == events
@@ -125,15 +131,16 @@ def test_a_daemon_that_starts_before_the_deadline_gets_everything(daemon_factory
         time.sleep(1.5)
         try:
             daemon.start()
-        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+        except BaseException as exc:
             failures.append(exc)
 
     starter = threading.Thread(target=start_late)
     starter.start()
     events = plan(3000, 0.1, 5, 3, "late")
     try:
-        with Publisher(daemon.ack, batch_size=100, window=4, ack_timeout=0.5, deadline=60.0,
-                       backoff=Backoff(base=0.1, cap=1.0)) as publisher:
+        with Publisher(
+            daemon.ack, batch_size=100, window=4, ack_timeout=0.5, deadline=60.0, backoff=Backoff(base=0.1, cap=1.0)
+        ) as publisher:
             publisher.publish_many(events)  # blocks on the full window while nobody answers
             publisher.flush(timeout=60)
     finally:
@@ -246,8 +253,10 @@ def test_fire_and_forget_delivers_everything_queued_when_closed(daemon: Daemon) 
 
 def test_from_config_picks_the_endpoint_of_the_mode(daemon_factory: Callable[..., Daemon]) -> None:
     daemon = daemon_factory("cfg")
-    with Publisher.from_config(daemon.config_path) as acked, \
-            Publisher.from_config(daemon.config_path, acked=False) as pushed:
+    with (
+        Publisher.from_config(daemon.config_path) as acked,
+        Publisher.from_config(daemon.config_path, acked=False) as pushed,
+    ):
         assert (acked.endpoint, acked.acked) == (daemon.ack, True)
         assert (pushed.endpoint, pushed.acked) == (daemon.ingest, False)
 
@@ -284,15 +293,17 @@ def test_fire_and_forget_frames_queued_while_the_daemon_is_down_arrive_when_it_s
 
 
 def test_curve_from_keys_or_config_in_the_library_and_in_publish_py(
-    daemon_factory: Callable[..., Daemon], tmp_path: Path,
+    daemon_factory: Callable[..., Daemon],
+    tmp_path: Path,
 ) -> None:
     folder, authorized = tmp_path / "keys", tmp_path / "authorized"
     for args in (("server", str(folder)), ("client", "alice", str(folder), "--authorize", str(authorized))):
         made = run_script("keys.py", *args, timeout=30)
         assert made.returncode == 0, made.stderr
     server_key, alice = folder / "server.key", folder / "alice.key_secret"
-    daemon = daemon_factory("curve", security={
-        "curve_secret_key": str(folder / "server.key_secret"), "authorized_keys": str(authorized)})
+    daemon = daemon_factory(
+        "curve", security={"curve_secret_key": str(folder / "server.key_secret"), "authorized_keys": str(authorized)}
+    )
     daemon.start(wait=False)
     hook = curve_client(server_key, alice)
     deadline = time.monotonic() + 30
@@ -306,20 +317,51 @@ def test_curve_from_keys_or_config_in_the_library_and_in_publish_py(
                 pass
         time.sleep(0.1)
 
-    client_config = write_config(tmp_path / "client.toml", {
-        "ingest": {"bind": daemon.ingest, "ack_bind": daemon.ack},
-        "security": {"server_public_key": str(server_key), "client_certificate": str(alice)},
-    })
+    client_config = write_config(
+        tmp_path / "client.toml",
+        {
+            "ingest": {"bind": daemon.ingest, "ack_bind": daemon.ack},
+            "security": {"server_public_key": str(server_key), "client_certificate": str(alice)},
+        },
+    )
     with Publisher.from_config(client_config, deadline=20) as publisher:
         publisher.publish_many([make_event(i, 1, "cv") for i in range(100)])
     assert publisher.totals.acked_new == 100
 
-    result = run_script("publish.py", "--endpoint", daemon.ack, "--acked", "--events", "300", "--processes", "2",
-                        "--server-key", str(server_key), "--client-cert", str(alice), "--id-prefix", "cvp",
-                        "--deadline", "20", "--json", timeout=60)
+    result = run_script(
+        "publish.py",
+        "--endpoint",
+        daemon.ack,
+        "--acked",
+        "--events",
+        "300",
+        "--processes",
+        "2",
+        "--server-key",
+        str(server_key),
+        "--client-cert",
+        str(alice),
+        "--id-prefix",
+        "cvp",
+        "--deadline",
+        "20",
+        "--json",
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[-1])["acked_new"] == 300
     # Without keys the daemon never answers: the load generator says so and fails.
-    plain = run_script("publish.py", "--endpoint", daemon.ack, "--acked", "--events", "10", "--deadline", "1",
-                       "--ack-timeout", "0.3", timeout=60)
+    plain = run_script(
+        "publish.py",
+        "--endpoint",
+        daemon.ack,
+        "--acked",
+        "--events",
+        "10",
+        "--deadline",
+        "1",
+        "--ack-timeout",
+        "0.3",
+        timeout=60,
+    )
     assert plain.returncode == 1 and "no acknowledgement" in plain.stderr

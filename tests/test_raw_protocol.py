@@ -17,8 +17,14 @@ TIMEOUT_MS = 10_000
 
 def event(n: int, topic: str = "raw", **extra: Any) -> dict[str, Any]:
     """A valid event map: topic, event_id, timestamp (ISO-8601 with a zone), source, payload."""
-    return {"topic": topic, "event_id": f"raw-{n}", "timestamp": f"2025-10-22T10:00:{n % 60:02d}Z",
-            "source": "raw-test", "payload": {"n": n}, **extra}
+    return {
+        "topic": topic,
+        "event_id": f"raw-{n}",
+        "timestamp": f"2025-10-22T10:00:{n % 60:02d}Z",
+        "source": "raw-test",
+        "payload": {"n": n},
+        **extra,
+    }
 
 
 def push(endpoint: str, frames: list[bytes]) -> None:
@@ -63,11 +69,14 @@ class Dealer:
 def test_fire_and_forget_one_event_per_frame_or_an_array(daemon: Any) -> None:
     stamped = event(3)
     stamped["timestamp"] = msgpack.Timestamp(1_761_127_200, 5_000)  # msgpack's own timestamp type
-    push(daemon.ingest, [
-        msgpack.packb(event(1)),
-        msgpack.packb([event(2), stamped, event(4, topic="other")]),
-        msgpack.packb(event(1)),  # a re-send: dropped as a duplicate
-    ])
+    push(
+        daemon.ingest,
+        [
+            msgpack.packb(event(1)),
+            msgpack.packb([event(2), stamped, event(4, topic="other")]),
+            msgpack.packb(event(1)),  # a re-send: dropped as a duplicate
+        ],
+    )
     stats = daemon.wait_stats(unique_processed=4, duplicate_dropped=1)
     assert stats["received"] == 5
     stored = {e["event_id"]: e for e in daemon.events("raw")}
@@ -103,10 +112,12 @@ def test_acknowledged_batch_over_dealer_is_answered_after_commit_with_counts_and
 
 def test_timestamps_beyond_64_bit_nanoseconds_are_refused_and_the_daemon_keeps_serving(daemon: Any) -> None:
     # ts_ns is an SQLite INTEGER: an instant it cannot hold once stopped the writer for good.
-    far = [event(1, topic="far", timestamp="9999-12-31T23:59:59Z"),
-           event(2, topic="far", timestamp="1000-01-01T00:00:00Z"),
-           event(3, topic="far", timestamp=msgpack.Timestamp(2**40, 0)),
-           event(4, topic="far", timestamp="2262-04-11T23:47:16.854775Z")]  # the last instant that fits
+    far = [
+        event(1, topic="far", timestamp="9999-12-31T23:59:59Z"),
+        event(2, topic="far", timestamp="1000-01-01T00:00:00Z"),
+        event(3, topic="far", timestamp=msgpack.Timestamp(2**40, 0)),
+        event(4, topic="far", timestamp="2262-04-11T23:47:16.854775Z"),
+    ]  # the last instant that fits
     client = Dealer(daemon.ack)
     try:
         client.send(1, far)

@@ -31,7 +31,7 @@ def test_valid_event_is_returned_with_packed_payload_and_instant() -> None:
     assert isinstance(result, Event)
     assert result.key == ("orders", "e-1")
     assert msgpack.unpackb(result.payload) == {"amount": 3}
-    assert result.ts_ns == int(dt.datetime(2025, 10, 22, 10, tzinfo=dt.timezone.utc).timestamp()) * 10**9
+    assert result.ts_ns == int(dt.datetime(2025, 10, 22, 10, tzinfo=dt.UTC).timestamp()) * 10**9
 
 
 @pytest.mark.parametrize(

@@ -20,10 +20,10 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
+from harness import Daemon, env_with, free_port, publish, stored_rows
 
 from actors.daemon import Daemon as InProcessDaemon
 from actors.watchdog import ServiceMonitor, Snapshot, ping_timeout, status_line
-from harness import Daemon, env_with, free_port, publish, stored_rows
 from transport.config import parse_config
 from transport.queries import DebugFreezeQuery, QueryError, parse_query
 from transport.sdnotify import Notifier, NotifyError, notify_address, watchdog_interval
@@ -171,7 +171,9 @@ def test_notifier_delivers_datagrams(tmp_path: Path, abstract: bool) -> None:
         assert notifier.stopping()
         listener.wait_for("STOPPING=1", timeout=2)
         assert [lines for _, lines in listener.messages] == [
-            ["READY=1", "STATUS=ready, line break"], ["WATCHDOG=1"], ["STOPPING=1"],
+            ["READY=1", "STATUS=ready, line break"],
+            ["WATCHDOG=1"],
+            ["STOPPING=1"],
         ]
         notifier.close()
     finally:
@@ -331,4 +333,6 @@ def test_journald_format_under_systemd_and_timestamps_otherwise(daemon_factory: 
     assert not any(re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d", line) for line in lines)
 
     lines = log_lines(plain)
-    assert lines and all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|ERROR) ", line) for line in lines), lines
+    assert lines and all(
+        re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|ERROR) ", line) for line in lines
+    ), lines

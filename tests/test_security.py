@@ -17,8 +17,8 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-
 from harness import Daemon, env_with, free_port, run_script
+
 from transport.client import NoAnswer, QueryClient
 from transport.config import Config, IngestConfig, QueryConfig, SecurityConfig
 from transport.security import (
@@ -41,9 +41,11 @@ def keys(tmp_path: Path) -> dict[str, Path]:
     """A server certificate, an authorized client, and a client whose key is not authorized."""
     folder = tmp_path / "keys"
     authorized = tmp_path / "authorized"
-    for args in (("server", str(folder)),
-                 ("client", "alice", str(folder), "--authorize", str(authorized)),
-                 ("client", "mallory", str(folder))):
+    for args in (
+        ("server", str(folder)),
+        ("client", "alice", str(folder), "--authorize", str(authorized)),
+        ("client", "mallory", str(folder)),
+    ):
         result = run_script("keys.py", *args, timeout=30)
         assert result.returncode == 0, result.stderr
     return {
@@ -57,7 +59,11 @@ def keys(tmp_path: Path) -> dict[str, Path]:
 
 def curve_daemon(daemon_factory: Callable[..., Daemon], keys: dict[str, Path], **security: Any) -> Daemon:
     return daemon_factory(
-        security={"curve_secret_key": str(keys["server_secret"]), "authorized_keys": str(keys["authorized"]), **security}
+        security={
+            "curve_secret_key": str(keys["server_secret"]),
+            "authorized_keys": str(keys["authorized"]),
+            **security,
+        }
     )
 
 
@@ -158,8 +164,16 @@ def test_curve_lets_in_only_authorized_clients(daemon_factory: Callable[..., Dae
     assert stats()["unique_processed"] == 55
 
     # The query scripts speak CURVE with flags, and fail (not hang) without them.
-    result = run_script("stats.py", "--endpoint", daemon.query, "--json",
-                        "--server-key", str(keys["server_public"]), "--client-cert", str(keys["alice"]))
+    result = run_script(
+        "stats.py",
+        "--endpoint",
+        daemon.query,
+        "--json",
+        "--server-key",
+        str(keys["server_public"]),
+        "--client-cert",
+        str(keys["alice"]),
+    )
     assert result.returncode == 0, result.stderr
     assert '"unique_processed": 55' in result.stdout
     result = run_script("stats.py", "--endpoint", daemon.query, "--timeout", "1")
@@ -192,19 +206,31 @@ def test_the_secret_key_can_come_from_systemd_credentials(
     credentials.mkdir(mode=0o700)
     (credentials / "curve-secret").write_bytes(keys["server_secret"].read_bytes())
     os.chmod(credentials / "curve-secret", 0o400)
-    daemon = daemon_factory("creds", security={
-        "curve_secret_key": "${CREDENTIALS_DIRECTORY}/curve-secret", "authorized_keys": str(keys["authorized"])})
+    daemon = daemon_factory(
+        "creds",
+        security={
+            "curve_secret_key": "${CREDENTIALS_DIRECTORY}/curve-secret",
+            "authorized_keys": str(keys["authorized"]),
+        },
+    )
     daemon.start(wait=False, env=env_with(CREDENTIALS_DIRECTORY=str(credentials)))
     wait_ready(daemon, curve_client(keys["server_public"], keys["alice"]))
     assert daemon.terminate() == 0
 
     # Without the variable (not started by systemd with the credential) the config is refused.
-    unset = daemon_factory("nocreds", security={
-        "curve_secret_key": "${CREDENTIALS_DIRECTORY}/curve-secret", "authorized_keys": str(keys["authorized"])})
+    unset = daemon_factory(
+        "nocreds",
+        security={
+            "curve_secret_key": "${CREDENTIALS_DIRECTORY}/curve-secret",
+            "authorized_keys": str(keys["authorized"]),
+        },
+    )
     unset.start(wait=False, env={k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"})
     assert unset.proc is not None
     assert unset.proc.wait(30) == 2
-    assert "names an environment variable that is not set (systemd sets it for a unit with LoadCredential=)" in unset.log()
+    assert (
+        "names an environment variable that is not set (systemd sets it for a unit with LoadCredential=)" in unset.log()
+    )
 
 
 def test_wildcard_bind_without_curve_refuses_to_start(daemon_factory: Callable[..., Daemon]) -> None:
@@ -223,7 +249,9 @@ def test_wildcard_bind_without_curve_refuses_to_start(daemon_factory: Callable[.
     assert allowed.terminate() == 0
 
 
-def test_loose_secret_key_permissions_refuse_to_start(daemon_factory: Callable[..., Daemon], keys: dict[str, Path]) -> None:
+def test_loose_secret_key_permissions_refuse_to_start(
+    daemon_factory: Callable[..., Daemon], keys: dict[str, Path]
+) -> None:
     os.chmod(keys["server_secret"], 0o644)
     daemon = curve_daemon(daemon_factory, keys).start(wait=False)
     assert daemon.proc is not None
@@ -257,10 +285,18 @@ def test_key_file_checks(keys: dict[str, Path]) -> None:
 @pytest.mark.parametrize(
     ("endpoint", "local"),
     [
-        ("tcp://127.0.0.1:5555", True), ("tcp://127.0.0.5:5555", True), ("tcp://localhost:5555", True),
-        ("tcp://[::1]:5555", True), ("ipc:///run/eventagg.sock", True), ("inproc://x", True),
-        ("tcp://0.0.0.0:5555", False), ("tcp://*:5555", False), ("tcp://eth0:5555", False),
-        ("tcp://192.168.1.4:5555", False), ("tcp://[::]:5555", False), ("pgm://eth0;239.0.0.1:5555", False),
+        ("tcp://127.0.0.1:5555", True),
+        ("tcp://127.0.0.5:5555", True),
+        ("tcp://localhost:5555", True),
+        ("tcp://[::1]:5555", True),
+        ("ipc:///run/eventagg.sock", True),
+        ("inproc://x", True),
+        ("tcp://0.0.0.0:5555", False),
+        ("tcp://*:5555", False),
+        ("tcp://eth0:5555", False),
+        ("tcp://192.168.1.4:5555", False),
+        ("tcp://[::]:5555", False),
+        ("pgm://eth0;239.0.0.1:5555", False),
     ],
 )
 def test_is_local_endpoint(endpoint: str, local: bool) -> None:
@@ -269,5 +305,7 @@ def test_is_local_endpoint(endpoint: str, local: bool) -> None:
 
 def test_insecure_check_names_every_exposed_endpoint() -> None:
     config = Config(ingest=IngestConfig(bind="tcp://*:5555"), query=QueryConfig(bind="tcp://0.0.0.0:5556"))
-    with pytest.raises(InsecureBindError, match=r"\[ingest\] bind = tcp://\*:5555, \[query\] bind = tcp://0.0.0.0:5556"):
+    with pytest.raises(
+        InsecureBindError, match=r"\[ingest\] bind = tcp://\*:5555, \[query\] bind = tcp://0.0.0.0:5556"
+    ):
         ServerSecurity(zmq.Context.instance(), config)

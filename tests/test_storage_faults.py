@@ -20,8 +20,8 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-
 from harness import Daemon, push_frames
+
 from transport.workload import make_event
 
 pytestmark = pytest.mark.timeout(120)
@@ -67,8 +67,7 @@ def test_a_second_daemon_on_the_same_database_is_refused_and_the_first_goes_on(
     second.start(wait=False)
     assert second.proc is not None and second.proc.wait(30) == 1
     assert (
-        f"cannot start: database {first.db_path} is in use by another eventagg (pid {first.proc.pid})"
-        in second.log()
+        f"cannot start: database {first.db_path} is in use by another eventagg (pid {first.proc.pid})" in second.log()
     )
     push_frames(first.ingest, [msgpack.packb([make_event(i, 3, "one") for i in range(300)])])
     first.wait_stats(unique_processed=300)
@@ -106,8 +105,12 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     mountpoint.mkdir()
     if os.geteuid() != 0:
         pytest.skip("needs root to mount a tiny tmpfs for the disk-full fault")
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mountpoint)],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mountpoint)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (no CAP_SYS_ADMIN?): {result.stderr.strip()}")
     try:

@@ -53,8 +53,10 @@ def test_lookups_find_exactly_the_stored_keys_across_chunks(tmp_path: Path) -> N
 
 def test_topic_states_and_counters_round_trip(tmp_path: Path) -> None:
     store = EventStore(connect_writer(tmp_path / "events.db"))
-    topics = {f"topic-{i}": TopicDelta(last_seq=i + 1, last_ts_ns=10**18 + i, received=i + 2, duplicate_dropped=1)
-              for i in range(5000)}
+    topics = {
+        f"topic-{i}": TopicDelta(last_seq=i + 1, last_ts_ns=10**18 + i, received=i + 2, duplicate_dropped=1)
+        for i in range(5000)
+    }
     store.begin()
     store.add_counts(topics, {"received": 7, "unique_processed": 5, "duplicate_dropped": 2})
     store.commit()

@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from harness import ROOT
 
 from actors.daemon import DRAIN_TIMEOUT_S
-from harness import ROOT
 
 UNIT = ROOT / "scripts" / "systemd" / "eventagg.service"
 MAX_EXPOSURE = 2.0
@@ -32,7 +32,12 @@ pytestmark = pytest.mark.skipif(
 
 def analyze(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["systemd-analyze", *args], check=False, capture_output=True, text=True, timeout=60, cwd=cwd,
+        ["systemd-analyze", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
         env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_PAGER": ""},
     )
 

@@ -33,7 +33,7 @@ class QueryClient:
         endpoint: str,
         timeout: float = 5.0,
         attempts: int = 1,
-        configure: Callable[["zmq.Socket[Any]"], None] | None = None,
+        configure: Callable[[zmq.Socket[Any]], None] | None = None,
     ) -> None:
         if not 0 < timeout < math.inf:  # 0, a negative or NaN one would make poll() wait for ever
             raise ValueError(f"timeout must be a number of seconds above 0, not {timeout}")
@@ -49,12 +49,12 @@ class QueryClient:
         self._socket: zmq.Socket[Any] | None = None
 
     @classmethod
-    def from_config(cls, config: Config, timeout: float = 5.0) -> "QueryClient":
+    def from_config(cls, config: Config, timeout: float = 5.0) -> QueryClient:
         """A client for the query endpoint named in a config (a wildcard bind becomes loopback)."""
         return cls(connectable(config.query.bind), timeout)
 
     def _open(self) -> zmq.Socket[Any]:
-        sock = self._context.socket(zmq.REQ)
+        sock: zmq.Socket[Any] = self._context.socket(zmq.REQ)
         sock.setsockopt(zmq.LINGER, 0)
         if self._configure is not None:
             self._configure(sock)
@@ -103,7 +103,7 @@ class QueryClient:
             self._socket.close(linger=0)
             self._socket = None
 
-    def __enter__(self) -> "QueryClient":
+    def __enter__(self) -> QueryClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -214,9 +214,7 @@ def _parse_section(name: str, section_type: type, values: dict[str, Any]) -> Any
         expected = type(default)
         # bool is a subclass of int in Python; keep them apart so `actors = true` is an error.
         if type(value) is not expected:
-            raise ConfigError(
-                f"[{name}] {key} must be a {expected.__name__}, not {type(value).__name__} ({value!r})"
-            )
+            raise ConfigError(f"[{name}] {key} must be a {expected.__name__}, not {type(value).__name__} ({value!r})")
         if (name, key) in _POSITIVE and value <= 0:
             raise ConfigError(f"[{name}] {key} must be greater than 0, not {value}")
         if (name, key) == ("ingest", "gather_at_queued") and value < 0:

@@ -64,7 +64,9 @@ class RateLimitedLog:
         now = time.monotonic()
         if now - self._window_start >= self._interval_s:
             if self._suppressed:
-                self._logger.warning("%d similar warnings suppressed in the last %.0f s", self._suppressed, self._interval_s)
+                self._logger.warning(
+                    "%d similar warnings suppressed in the last %.0f s", self._suppressed, self._interval_s
+                )
             self._window_start = now
             self._count = 0
             self._suppressed = 0

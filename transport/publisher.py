@@ -83,7 +83,6 @@ DEFAULT_MAX_BATCH_BYTES = 4 * 1024 * 1024
 DEFAULT_BACKOFF = Backoff()
 
 
-
 class PublisherError(Exception):
     """The root of the publisher's own errors (a bad event raises :class:`InvalidEvent` instead)."""
 
@@ -307,9 +306,7 @@ class Publisher:
         self._socket = self._open()
 
     @classmethod
-    def from_config(
-        cls, path: str | PathLike[str], *, acked: bool = True, **options: Any
-    ) -> "Publisher":
+    def from_config(cls, path: str | PathLike[str], *, acked: bool = True, **options: Any) -> Publisher:
         """A publisher for the daemon described by a config file.
 
         Connects to ``[ingest] ack_bind`` (acknowledged) or ``[ingest] bind`` (fire-and-forget),
@@ -327,8 +324,9 @@ class Publisher:
         options.setdefault("max_payload_bytes", ingest.max_payload_bytes)
         options["batch_size"] = min(options.get("batch_size", 100), ingest.max_batch_events)
         # Half the message limit leaves room for the batch envelope and the msgpack headers.
-        options["max_batch_bytes"] = min(options.get("max_batch_bytes", DEFAULT_MAX_BATCH_BYTES),
-                                         ingest.max_message_bytes // 2)
+        options["max_batch_bytes"] = min(
+            options.get("max_batch_bytes", DEFAULT_MAX_BATCH_BYTES), ingest.max_message_bytes // 2
+        )
         return cls(endpoint, acked=acked, **options)
 
     # -- the public calls ------------------------------------------------------------------
@@ -425,7 +423,7 @@ class Publisher:
             self._resources.linger_ms = 0 if self.acked else int(wait * 1000)
             self._finalizer()
 
-    def __enter__(self) -> "Publisher":
+    def __enter__(self) -> Publisher:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -524,10 +522,16 @@ class Publisher:
         batch_id = self._next_id
         self._next_id += 1
         pack = self._packer
-        frame = b"".join([
-            pack.pack_map_header(2), pack.pack("batch"), pack.pack(batch_id),
-            pack.pack("events"), pack.pack_array_header(len(packed)), *packed,
-        ])
+        frame = b"".join(
+            [
+                pack.pack_map_header(2),
+                pack.pack("batch"),
+                pack.pack(batch_id),
+                pack.pack("events"),
+                pack.pack_array_header(len(packed)),
+                *packed,
+            ]
+        )
         now = time.monotonic()
         self._in_flight[batch_id] = _Batch(batch_id, events, frame, now, now)
         if self._socket is not None:  # else it goes out with the others when the socket reopens
@@ -625,12 +629,23 @@ class Publisher:
             if isinstance(index, int) and 0 <= index < len(batch.events)
         )
         result = BatchResult(
-            batch.batch_id, len(batch.events), int(reply.get("new", 0)), int(reply.get("duplicate", 0)),
-            rejected, batch.attempts,
+            batch.batch_id,
+            len(batch.events),
+            int(reply.get("new", 0)),
+            int(reply.get("duplicate", 0)),
+            rejected,
+            batch.attempts,
         )
         if result.new + result.duplicate + len(rejected) != result.size:
-            log.warning("%s acknowledged batch %d of %d events with %d new, %d duplicate, %d rejected",
-                        self.endpoint, batch.batch_id, result.size, result.new, result.duplicate, len(rejected))
+            log.warning(
+                "%s acknowledged batch %d of %d events with %d new, %d duplicate, %d rejected",
+                self.endpoint,
+                batch.batch_id,
+                result.size,
+                result.new,
+                result.duplicate,
+                len(rejected),
+            )
         totals = self.totals
         totals.acked_new += result.new
         totals.acked_duplicate += result.duplicate
@@ -653,8 +668,13 @@ class Publisher:
         pause = self._budget.fail()
         if pause is None:
             raise self._abandon()
-        log.info("no acknowledgement from %s for %.1f s; resending %d batches in %.2f s",
-                 self.endpoint, now - oldest.first_sent, len(self._in_flight), pause)
+        log.info(
+            "no acknowledgement from %s for %.1f s; resending %d batches in %.2f s",
+            self.endpoint,
+            now - oldest.first_sent,
+            len(self._in_flight),
+            pause,
+        )
         if self._on_retry is not None:
             self._on_retry(self._budget.failures, pause)
         self._retry_at = now + pause

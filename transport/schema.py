@@ -20,7 +20,7 @@ import msgpack
 MAX_NAME_CHARS = 255
 DEFAULT_MAX_PAYLOAD_BYTES = 1_048_576
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 # ts_ns is stored as an SQLite INTEGER, a signed 64-bit number: 1677-09-21 to 2262-04-11.
 MIN_TS_NS = -(2**63)
 MAX_TS_NS = 2**63 - 1
@@ -102,9 +102,7 @@ def parse_timestamp(value: Any) -> tuple[str, int]:
         try:
             parsed = dt.datetime.fromisoformat(value)
         except ValueError:
-            raise InvalidEvent(
-                f"timestamp {value!r} is not ISO-8601; send e.g. '2025-10-22T10:00:00Z'"
-            ) from None
+            raise InvalidEvent(f"timestamp {value!r} is not ISO-8601; send e.g. '2025-10-22T10:00:00Z'") from None
         if parsed.tzinfo is None:
             raise InvalidEvent(f"timestamp {value!r} has no timezone; add 'Z' or an offset like '+02:00'")
         try:
@@ -147,7 +145,9 @@ def check_fields(obj: Any) -> tuple[str, str, str, int, str, Any]:
         raw_timestamp = obj["timestamp"]
         source = obj["source"]
     except KeyError as exc:
-        raise InvalidEvent(f"missing field {exc.args[0]!r}; every event needs topic, event_id, timestamp and source") from None
+        raise InvalidEvent(
+            f"missing field {exc.args[0]!r}; every event needs topic, event_id, timestamp and source"
+        ) from None
     check_topic(topic)
     if not isinstance(event_id, str):
         raise InvalidEvent(f"event_id must be a string, not {type_name(event_id)}")

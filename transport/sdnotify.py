@@ -62,7 +62,9 @@ def watchdog_interval(environ: Mapping[str, str] | None = None, pid: int | None 
     try:
         usec = int(raw)
     except ValueError:
-        raise NotifyError(f"$WATCHDOG_USEC={raw!r} is not a number of microseconds; fix WatchdogSec= in the unit") from None
+        raise NotifyError(
+            f"$WATCHDOG_USEC={raw!r} is not a number of microseconds; fix WatchdogSec= in the unit"
+        ) from None
     if usec < 0:
         raise NotifyError(f"$WATCHDOG_USEC={raw!r} is negative; fix WatchdogSec= in the unit")
     if usec == 0:

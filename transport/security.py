@@ -119,9 +119,7 @@ def load_secret_certificate(path: Path, what: str = "secret certificate") -> tup
     _stat(path, what)
     public, secret = _load(path, what)
     if not secret:
-        raise KeyFileError(
-            f"{what} {path} holds no secret key; pass the '.key_secret' file, not the public '.key' one"
-        )
+        raise KeyFileError(f"{what} {path} holds no secret key; pass the '.key_secret' file, not the public '.key' one")
     check_secret_file(path, what)
     return public, secret
 
@@ -137,7 +135,9 @@ def _load(path: Path, what: str) -> tuple[bytes, bytes | None]:
     try:
         public, secret = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
-        raise KeyFileError(f"{what} {path} is not a zmq.auth certificate ({exc}); make one with scripts/keys.py") from None
+        raise KeyFileError(
+            f"{what} {path} is not a zmq.auth certificate ({exc}); make one with scripts/keys.py"
+        ) from None
     if len(public) != 40 or (secret is not None and len(secret) != 40):
         raise KeyFileError(f"{what} {path} does not hold 40-character Z85 keys; make one with scripts/keys.py")
     return public, secret
@@ -325,7 +325,9 @@ class ServerSecurity:
         for path in keys:
             load_public_key(path, "authorized client certificate")
         if not keys:
-            log.warning("[security] authorized_keys %s holds no '*.key' certificates: every client is refused", self.keys_dir)
+            log.warning(
+                "[security] authorized_keys %s holds no '*.key' certificates: every client is refused", self.keys_dir
+            )
         return len(keys)
 
     @property
@@ -345,7 +347,9 @@ class ServerSecurity:
         self._monitor.start()
         log.info(
             "CURVE on: server key %s, %d authorized client keys in %s",
-            self._public.decode(), len(authenticator.certs.get("*", {})), self.keys_dir,
+            self._public.decode(),
+            len(authenticator.certs.get("*", {})),
+            self.keys_dir,
         )
 
     @property

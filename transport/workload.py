@@ -11,12 +11,10 @@ import datetime as dt
 import random
 from typing import Any
 
-BASE_TIME = dt.datetime(2025, 10, 22, 10, 0, 0, tzinfo=dt.timezone.utc)
+BASE_TIME = dt.datetime(2025, 10, 22, 10, 0, 0, tzinfo=dt.UTC)
 
 
-def make_event(
-    index: int, topics: int, id_prefix: str, payload_bytes: int = 0, start_ms: int = 0
-) -> dict[str, Any]:
+def make_event(index: int, topics: int, id_prefix: str, payload_bytes: int = 0, start_ms: int = 0) -> dict[str, Any]:
     """The ``index``-th distinct event of a stream, stamped ``start_ms + index`` ms after BASE_TIME."""
     stamp = BASE_TIME + dt.timedelta(milliseconds=start_ms + index)
     payload: dict[str, Any] = {"n": index, "level": "info", "message": f"event {index}"}
