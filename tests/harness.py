@@ -13,8 +13,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from transport.client import NoAnswer, QueryClient
 
@@ -46,6 +47,24 @@ def free_port() -> int:
         _used_ports.add(port)
         return port
     raise RuntimeError("no free port found")
+
+
+T = TypeVar("T")
+
+
+def eventually(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+    """Poll ``predicate`` until it returns something truthy, and return that; fail naming ``what``.
+
+    The one polling loop of the tests: a wait on an observable state, never a bare sleep.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what} (last: {result!r})")
+        time.sleep(interval)
 
 
 def toml_value(value: Any) -> str:
