@@ -460,8 +460,8 @@ class EventReader:
                 (after, limit),
             )
         events = []
-        position = after
-        for _position, topic_, event_id, timestamp, source, payload, seq, late in cursor:
+        position = after  # the cursor of the last row returned: the next page starts after it
+        for position, topic_, event_id, timestamp, source, payload, seq, late in cursor:  # noqa: B007
             events.append(
                 {
                     "topic": topic_,
