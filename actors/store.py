@@ -461,7 +461,8 @@ class EventReader:
             )
         events = []
         position = after
-        for _position, topic_, event_id, timestamp, source, payload, seq, late in cursor:
+        for row_position, topic_, event_id, timestamp, source, payload, seq, late in cursor:
+            position = row_position  # the cursor: where the last row read sits
             events.append(
                 {
                     "topic": topic_,
