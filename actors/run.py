@@ -1,5 +1,6 @@
-#!/usr/bin/env python3
-"""Run the eventagg daemon in the foreground: ``aggregatord.py [--config PATH]``.
+"""``eventagg run`` (and ``scripts/aggregatord.py``): run the eventagg daemon in the foreground.
+
+``run [--config PATH]``.
 
 Logs go to stderr. SIGINT or SIGTERM stop it cleanly (stop reading, finish what is queued,
 commit, close, exit 0); SIGHUP reloads the log level.
@@ -11,16 +12,14 @@ import argparse
 import logging
 import sys
 
-import _bootstrap  # noqa: F401
-
 from actors.daemon import Daemon, StartupError
 from actors.store import StorageError
 from transport.config import ConfigError, load_config
 from transport.logs import setup_logging
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run the eventagg daemon in the foreground.")
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Run the eventagg daemon in the foreground.")
     parser.add_argument("--config", metavar="PATH", help="config file (default: built-in defaults, as in config.toml)")
     args = parser.parse_args(argv)
     try:

@@ -66,7 +66,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import _bootstrap  # noqa: F401
 import msgpack
 import zmq
 

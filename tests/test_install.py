@@ -21,6 +21,8 @@ from harness import ROOT, free_port, publish
 
 from transport.client import NoAnswer, QueryClient
 
+pytestmark = pytest.mark.e2e  # it installs into a staging root and starts the installed daemon
+
 INSTALL = ROOT / "scripts" / "install.sh"
 UNINSTALL = ROOT / "scripts" / "uninstall.sh"
 
@@ -81,8 +83,16 @@ def test_install_lays_out_a_working_installation(prefix: Path, tmp_path: Path) -
     assert (etc / "config.toml").read_text() == (ROOT / "config.toml").read_text()
     unit = prefix / "etc/systemd/system/eventagg.service"
     assert unit.read_text() == (ROOT / "scripts/systemd/eventagg.service").read_text()
-    for script in ("aggregatord.py", "_bootstrap.py", "stats.py", "events.py"):
+    for script in ("aggregatord.py", "stats.py", "events.py", "publish.py", "keys.py"):
         assert (opt / "scripts" / script).is_file()
+    # Development tools stay in the checkout: nothing installed imports the tests.
+    for tool in ("_bootstrap.py", "bench.py", "peers.py", "dev.py"):
+        assert not (opt / "scripts" / tool).exists(), tool
+    assert (opt / "venv/bin/eventagg").is_file()
+    (site,) = (opt / "venv/lib").glob("python3*/site-packages")
+    ours = [*(opt / "scripts").glob("*.py"), *(site / "actors").rglob("*.py"), *(site / "transport").rglob("*.py")]
+    assert len(ours) > 20
+    assert [path for path in ours if "harness" in path.read_text()] == []
     # The packages come from the virtualenv, not from this checkout.
     where = subprocess.run(
         [str(installed_python(prefix)), "-c", "import actors, transport; print(actors.__file__)"],
@@ -104,7 +114,7 @@ def test_install_lays_out_a_working_installation(prefix: Path, tmp_path: Path) -
     env = {"PATH": os.environ["PATH"], "STATE_DIRECTORY": str(state), "JOURNAL_STREAM": "8:1"}
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [str(installed_python(prefix)), str(opt / "scripts/aggregatord.py"), "--config", str(config)],
+            [str(opt / "venv/bin/eventagg"), "run", "--config", str(config)],  # what the unit runs
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=tmp_path,

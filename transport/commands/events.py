@@ -1,5 +1,6 @@
-#!/usr/bin/env python3
-"""List stored events: ``events.py [TOPIC] [--after S] [--limit N] [--endpoint URL | --config PATH]``.
+"""``eventagg events`` (and ``scripts/events.py``): list stored events.
+
+``events [TOPIC] [--after S] [--limit N] [--endpoint URL | --config PATH]``.
 
 Without a topic, every topic in commit order. Pages through the daemon with the cursor and
 prints one JSON object per line (JSON Lines), so the output pipes into jq or a file.
@@ -12,10 +13,8 @@ import json
 import sys
 from collections.abc import Callable
 
-import _bootstrap  # noqa: F401
-from stats import add_endpoint_args, curve_from_args, endpoint_from_args, run_command
-
 from transport.client import QueryClient, QueryClientError
+from transport.commands.client_flags import add_endpoint_args, curve_from_args, endpoint_from_args, run_command
 from transport.config import ConfigError
 from transport.security import SecurityError
 
@@ -35,8 +34,8 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return whole_number
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="List a topic's stored events as JSON Lines.")
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="List a topic's stored events as JSON Lines.")
     parser.add_argument("topic", nargs="?", help="the topic (default: every topic, in commit order)")
     parser.add_argument(
         "--after", type=at_least(0), default=0, metavar="S", help="start after this seq (or commit position)"

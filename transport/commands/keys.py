@@ -1,5 +1,6 @@
-#!/usr/bin/env python3
-"""Create CURVE certificates for eventagg: ``keys.py server DIR`` or ``keys.py client NAME DIR``.
+"""``eventagg keys`` (and ``scripts/keys.py``): create CURVE certificates for eventagg.
+
+``keys server DIR`` or ``keys client NAME DIR``.
 
 Each command writes ``NAME.key`` (the public certificate, safe to share) and
 ``NAME.key_secret`` (the secret one: owner-only, never copy it off the machine that uses it)
@@ -7,8 +8,8 @@ in the ``zmq.auth`` format, into DIR (created owner-only if missing). ``server``
 ``server``. With ``--authorize FOLDER``, a client's public certificate is also copied into the
 daemon's ``[security] authorized_keys`` folder. Existing files are never overwritten.
 
-Setup: ``keys.py server /etc/eventagg/curve`` on the daemon's machine; on each client machine
-``keys.py client NAME ~/.eventagg``; copy each client's ``NAME.key`` into the daemon's
+Setup: ``keys server /etc/eventagg/curve`` on the daemon's machine; on each client machine
+``keys client NAME ~/.eventagg``; copy each client's ``NAME.key`` into the daemon's
 authorized folder, and the daemon's ``server.key`` to the clients.
 """
 
@@ -22,7 +23,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import _bootstrap  # noqa: F401
 import zmq.auth
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -70,8 +70,8 @@ def authorize(public: Path, folder: Path) -> Path:
     return target
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Create CURVE certificates for eventagg.")
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Create CURVE certificates for eventagg.")
     commands = parser.add_subparsers(dest="command", required=True)
     server = commands.add_parser("server", help="the daemon's certificate (server.key, server.key_secret)")
     server.add_argument("dir", type=Path, help="folder to write into (created owner-only if missing)")

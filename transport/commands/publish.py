@@ -1,7 +1,7 @@
-#!/usr/bin/env python3
-"""Load generator and smoke tool: send a deterministic stream of events to a daemon.
+"""``eventagg publish`` (and ``scripts/publish.py``): send a deterministic stream of events to a daemon.
 
-``publish.py [--endpoint URL | --config PATH] [--acked] --events N --duplicates F --topics K
+A load generator and smoke tool:
+``publish [--endpoint URL | --config PATH] [--acked] --events N --duplicates F --topics K
 --processes P --batch B --seed S --id-prefix STR [--slice K/P] [--rate R]
 [--server-key PATH --client-cert PATH] [--json]``
 
@@ -27,10 +27,8 @@ import threading
 import time
 from typing import Any
 
-import _bootstrap  # noqa: F401
-from stats import curve_from_args
-
 from transport.client import connectable
+from transport.commands.client_flags import curve_from_args
 from transport.config import ConfigError, IngestConfig, load_config
 from transport.publisher import DEFAULT_WINDOW, DeliveryFailed, Publisher, PublisherError
 from transport.security import SecurityError
@@ -179,8 +177,8 @@ def show_progress(progress: Any, total: int, acked: bool, stop: threading.Event)
     print("\r\033[K", end="", file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Send a deterministic stream of events to eventagg.")
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Send a deterministic stream of events to eventagg.")
     where = parser.add_mutually_exclusive_group()
     where.add_argument(
         "--endpoint",
