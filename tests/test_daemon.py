@@ -13,10 +13,12 @@ from typing import Any
 
 import msgpack
 import pytest
-from harness import SCRIPTS, Daemon, publish, push_frames, run_script, stored_rows
+from harness import SCRIPTS, Daemon, eventually, publish, push_frames, run_script, stored_rows
 
 from transport.client import QueryClient
 from transport.workload import plan
+
+pytestmark = pytest.mark.e2e  # every test here starts processes
 
 EVENT = {
     "topic": "orders",
@@ -134,9 +136,7 @@ def test_kill_9_mid_stream_leaves_a_consistent_database(daemon: Daemon) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 60
-        while daemon.stats()["unique_processed"] < 5000 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        eventually(lambda: daemon.stats()["unique_processed"] >= 5000, 60, "5000 events committed before the kill")
         daemon.kill()
     finally:
         publisher.kill()

@@ -12,12 +12,11 @@ import os
 import signal
 import sqlite3
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import ROOT, free_port, publish
+from harness import ROOT, eventually, free_port, publish
 
 from transport.client import NoAnswer, QueryClient
 
@@ -65,17 +64,15 @@ def use_free_ports(config: Path) -> dict[str, str]:
 
 
 def wait_healthy(endpoint: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def healthy() -> bool:
         assert proc.poll() is None, f"installed daemon exited with {proc.returncode}:\n{log.read_text()}"
         try:
             with QueryClient(endpoint, timeout=1.0) as client:
-                if client.request({"op": "health"}).get("status") == "ok":
-                    return
+                return bool(client.request({"op": "health"}).get("status") == "ok")
         except NoAnswer:
-            continue
-        time.sleep(0.1)
-    raise AssertionError(f"installed daemon not healthy within {timeout} s:\n{log.read_text()}")
+            return False
+
+    eventually(healthy, timeout, "the installed daemon answers health with ok")
 
 
 def test_install_lays_out_a_working_installation(prefix: Path, tmp_path: Path) -> None:

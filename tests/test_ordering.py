@@ -10,10 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import pytest
 import zmq
 from harness import Daemon, push_frames, stored_rows
 
 from transport.schema import parse_timestamp
+
+pytestmark = pytest.mark.e2e  # every test here starts processes
 
 HERE = Path(__file__).resolve().parent
 

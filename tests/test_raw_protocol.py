@@ -10,7 +10,10 @@ import time
 from typing import Any
 
 import msgpack
+import pytest
 import zmq
+
+pytestmark = pytest.mark.e2e  # every test here starts processes
 
 TIMEOUT_MS = 10_000
 

@@ -24,10 +24,13 @@ MISSING_EXECUTABLE = re.compile(
     rf"^eventagg\.service: Command {re.escape(COMMAND)} is not executable: No such file or directory$"
 )
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("systemd-analyze") is None,
-    reason="systemd-analyze is not installed (apt-get install systemd; .ci/run does it)",
-)
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        shutil.which("systemd-analyze") is None,
+        reason="systemd-analyze is not installed (apt-get install systemd; .ci/run does it)",
+    ),
+]
 
 
 def analyze(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
