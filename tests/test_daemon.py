@@ -345,7 +345,8 @@ def test_publish_script_reports_what_it_sent(daemon: Daemon) -> None:
         assert refused.returncode == 2 and flag in refused.stderr and "Traceback" not in refused.stderr
 
 
-def test_threads_carry_their_names_for_the_kernel(daemon: Daemon) -> None:
+def test_threads_carry_their_names_for_the_kernel(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory(ordering={"actors": 4}).start()  # Pykka numbers the actors in the order they start
     assert daemon.proc is not None
     tasks = Path(f"/proc/{daemon.proc.pid}/task")
     names = Counter((task / "comm").read_text().strip() for task in tasks.iterdir())
