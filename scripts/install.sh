@@ -95,6 +95,10 @@ for gone in _bootstrap.py bench.py peers.py dev.py; do  # left by an older insta
     rm -f "$OPT/scripts/$gone"
 done
 [ ! -f "$SRC/README.md" ] || install -m 0644 "$SRC/README.md" "$OPT/README.md"
+if [ -d "$SRC/docs" ]; then  # the README's links lead here
+    mkdir -p "$OPT/docs"
+    install -m 0644 "$SRC"/docs/*.md "$OPT/docs/"
+fi
 "$VENV/bin/python" -m compileall -q "$OPT/scripts" >/dev/null || true
 
 # 4. The config: a new default replaces an unedited old default, never an edited file.

@@ -86,6 +86,7 @@ def test_install_lays_out_a_working_installation(prefix: Path, tmp_path: Path) -
     for tool in ("_bootstrap.py", "bench.py", "peers.py", "dev.py"):
         assert not (opt / "scripts" / tool).exists(), tool
     assert (opt / "venv/bin/eventagg").is_file()
+    assert (opt / "README.md").is_file() and (opt / "docs/protocol.md").is_file()  # the unit's Documentation=
     (site,) = (opt / "venv/lib").glob("python3*/site-packages")
     ours = [*(opt / "scripts").glob("*.py"), *(site / "actors").rglob("*.py"), *(site / "transport").rglob("*.py")]
     assert len(ours) > 20

@@ -1,4 +1,4 @@
-"""A publisher written from the README's protocol description with raw pyzmq + msgpack only.
+"""A publisher written from the protocol description in docs/protocol.md with raw pyzmq + msgpack only.
 
 Nothing of the project is imported here: the publisher side proves the wire protocol stands on
 its own. (The ``daemon`` fixture starts a real daemon and is only used to check what it stored.)
