@@ -460,8 +460,9 @@ class EventReader:
                 (after, limit),
             )
         events = []
-        position = after  # the cursor of the last row returned: the next page starts after it
-        for position, topic_, event_id, timestamp, source, payload, seq, late in cursor:  # noqa: B007
+        position = after
+        for row_position, topic_, event_id, timestamp, source, payload, seq, late in cursor:
+            position = row_position  # the cursor: where the last row read sits
             events.append(
                 {
                     "topic": topic_,

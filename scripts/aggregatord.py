@@ -1,41 +1,12 @@
 #!/usr/bin/env python3
-"""Run the eventagg daemon in the foreground: ``aggregatord.py [--config PATH]``.
+"""Run the daemon in the foreground: ``eventagg run`` (actors/run.py), same flags.
 
-Logs go to stderr. SIGINT or SIGTERM stop it cleanly (stop reading, finish what is queued,
-commit, close, exit 0); SIGHUP reloads the log level.
+Runs with the python where eventagg is installed (the project's .venv, or /opt/eventagg/venv).
 """
 
-from __future__ import annotations
-
-import argparse
-import logging
 import sys
 
-import _bootstrap  # noqa: F401
-
-from actors.daemon import Daemon, StartupError
-from actors.store import StorageError
-from transport.config import ConfigError, load_config
-from transport.logs import setup_logging
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run the eventagg daemon in the foreground.")
-    parser.add_argument("--config", metavar="PATH", help="config file (default: built-in defaults, as in config.toml)")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"aggregatord: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(config.log.level)
-    daemon = Daemon(config)
-    try:
-        return daemon.run()
-    except (StartupError, StorageError) as exc:
-        logging.getLogger("aggregatord").critical("cannot start: %s", exc)
-        return 1
-
+from actors.run import main
 
 if __name__ == "__main__":
     sys.exit(main())

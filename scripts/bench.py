@@ -21,7 +21,7 @@ through ``transport.publisher`` and validates and encodes each event as an appli
   its acknowledgement, which the daemon sends after the commit. In fire-and-forget mode one
   publisher records when each frame left, and stats are polled every 2 ms; frame k counts as
   committed at the first poll whose settled count covers every event up to and including frame
-  k. That takes the pipeline as first-in first-out (it is, but for the four ordering actors'
+  k. That takes the pipeline as first-in first-out (it is, but for the ordering actors'
   interleaving inside one commit group) and overstates each latency by up to one poll interval.
 * **peak RSS** of the daemon: ``VmHWM`` from ``/proc/PID/status`` after both phases, plus the
   memory its decoder process shares with no other process (``rss_peak_mb``); the daemon alone
@@ -66,7 +66,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import _bootstrap  # noqa: F401
 import msgpack
 import zmq
 

@@ -2,7 +2,8 @@
 """The two quick-start commands, needing nothing but python3 ≥ 3.11.
 
 ``python3 scripts/dev.py run [--config PATH]`` runs the daemon on ``config.toml``;
-``python3 scripts/dev.py test [PYTEST ARGS]`` runs the test suite;
+``python3 scripts/dev.py test [--fast] [PYTEST ARGS]`` runs the test suite (``--fast``: only the tests
+that start no process, ``-m "not e2e"``);
 ``python3 scripts/dev.py lint`` runs ruff (lint and format check) and mypy --strict. Each first makes a
 virtualenv in ``.venv`` and installs the project into it (again only when pyproject.toml changed).
 """
@@ -66,6 +67,8 @@ def main(argv: list[str]) -> int:
                 return 1
         return 0
     else:
+        if "--fast" in rest:
+            rest = ["-m", "not e2e", *(arg for arg in rest if arg != "--fast")]
         args = [str(python), "-m", "pytest", *rest]
     os.execv(args[0], args)
     return 0  # not reached

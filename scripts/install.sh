@@ -4,8 +4,11 @@
 #   scripts/install.sh [--prefix DIR] [--python PYTHON] [--pip-args "ARGS"]
 #
 # Lays out:
-#   /opt/eventagg/venv/                     virtualenv with eventagg and its dependencies
-#   /opt/eventagg/scripts/                  aggregatord.py, stats.py, events.py, publish.py, ...
+#   /opt/eventagg/venv/                     virtualenv with eventagg (a wheel) and its dependencies;
+#                                           venv/bin/eventagg is the command (run, stats, events, ...)
+#   /opt/eventagg/scripts/                  aggregatord.py, stats.py, events.py, publish.py, keys.py
+#                                           (thin wrappers of the same command; the development tools
+#                                           bench.py, peers.py and dev.py stay in the checkout)
 #   /opt/eventagg/config.toml.default       the shipped default config, for reference
 #   /etc/eventagg/config.toml               the config (an edited one is never overwritten)
 #   /etc/systemd/system/eventagg.service    the unit (state goes to /var/lib/eventagg at run time)
@@ -70,7 +73,8 @@ else
     "$PYTHON" -m venv "$VENV" || die "cannot create a virtualenv; on Debian/Ubuntu: apt-get install python3-venv"
 fi
 
-# 2. The project, built from a clean copy so the checkout is never written to.
+# 2. The project, built from a clean copy so the checkout is never written to: pip builds a wheel
+#    of it and installs that (not editable), so the installation does not need the checkout.
 BUILD="$(mktemp -d)"
 trap 'rm -rf "$BUILD"' EXIT
 cp -r "$SRC/pyproject.toml" "$SRC/actors" "$SRC/transport" "$BUILD/"
@@ -81,12 +85,20 @@ echo "install: installing eventagg and its dependencies"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check $PIP_ARGS "$BUILD" \
     || die "pip could not install eventagg; for an offline machine pass --pip-args \"--no-index --find-links DIR\""
 
-# 3. The scripts the unit and the operator run.
+# 3. The scripts of the operator's contract, wrappers of the installed command. Nothing that
+#    imports the tests (bench.py, peers.py) or builds a checkout's virtualenv (dev.py) goes here.
 mkdir -p "$OPT/scripts"
-for script in "$SRC"/scripts/*.py; do
-    install -m 0755 "$script" "$OPT/scripts/"
+for script in aggregatord.py stats.py events.py publish.py keys.py; do
+    install -m 0755 "$SRC/scripts/$script" "$OPT/scripts/"
+done
+for gone in _bootstrap.py bench.py peers.py dev.py; do  # left by an older install
+    rm -f "$OPT/scripts/$gone"
 done
 [ ! -f "$SRC/README.md" ] || install -m 0644 "$SRC/README.md" "$OPT/README.md"
+if [ -d "$SRC/docs" ]; then  # the README's links lead here
+    mkdir -p "$OPT/docs"
+    install -m 0644 "$SRC"/docs/*.md "$OPT/docs/"
+fi
 "$VENV/bin/python" -m compileall -q "$OPT/scripts" >/dev/null || true
 
 # 4. The config: a new default replaces an unedited old default, never an edited file.

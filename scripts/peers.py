@@ -38,7 +38,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import _bootstrap  # noqa: F401
 import msgpack
 
 from transport.workload import distinct_count, plan

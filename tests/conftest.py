@@ -10,6 +10,19 @@ import pykka
 import pytest
 from harness import Daemon
 
+PROCESS_FIXTURES = {"daemon", "daemon_factory"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that starts a daemon must carry the e2e marker, so `dev.py test --fast` stays fast."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("e2e") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError("mark these with @pytest.mark.e2e (they start processes):\n" + "\n".join(unmarked))
+
 
 @pytest.fixture
 def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:

@@ -52,10 +52,17 @@ def free_port() -> int:
 T = TypeVar("T")
 
 
-def eventually(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+def eventually(
+    predicate: Callable[[], T | None],
+    timeout: float,
+    what: str,
+    interval: float = 0.05,
+    detail: Callable[[], str] | None = None,
+) -> T:
     """Poll ``predicate`` until it returns something truthy, and return that; fail naming ``what``.
 
     The one polling loop of the tests: a wait on an observable state, never a bare sleep.
+    ``detail``, if given, is called on failure and its text added to the message (a log, say).
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -63,7 +70,8 @@ def eventually(predicate: Callable[[], T], timeout: float, what: str, interval: 
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g} s: {what} (last: {result!r})")
+            more = f"\n{detail()}" if detail is not None else ""
+            raise AssertionError(f"not within {timeout:g} s: {what} (last: {result!r}){more}")
         time.sleep(interval)
 
 
@@ -148,19 +156,18 @@ class Daemon:
         (the threads' kernel names, for one, are set last); the log line comes at the end, as
         READY=1 does under systemd. The config's log level must let INFO through (the default).
         """
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def ready() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 reply = self.request({"op": "health"}, timeout=1.0)
             except NoAnswer:
-                continue
-            if "error" not in reply and b"eventagg ready" in self.log_path.read_bytes()[self._log_start :]:
-                return
-            time.sleep(0.05)
-        raise TimeoutError(f"daemon not ready within {timeout} s:\n{self.log()}")
+                return False
+            return "error" not in reply and b"eventagg ready" in self.log_path.read_bytes()[self._log_start :]
+
+        eventually(ready, timeout, "the daemon is ready", detail=self.log)
 
     def request(self, query: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
         with QueryClient(self.query, timeout=timeout) as client:
@@ -173,31 +180,34 @@ class Daemon:
 
     def wait_stats(self, timeout: float = 60.0, **expected: int) -> dict[str, Any]:
         """Poll stats until every named counter has the expected value (or time out with the last seen)."""
-        deadline = time.monotonic() + timeout
-        stats: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            stats = self.stats()
-            if all(stats.get(k) == v for k, v in expected.items()):
-                return stats
-            time.sleep(0.1)
-        raise AssertionError(f"stats did not reach {expected} within {timeout} s; last: {stats}")
+        last: dict[str, Any] = {}
+
+        def reached() -> dict[str, Any] | None:
+            nonlocal last
+            last = self.stats()
+            return last if all(last.get(k) == v for k, v in expected.items()) else None
+
+        return eventually(reached, timeout, f"stats reach {expected}", interval=0.1, detail=lambda: f"last: {last}")
 
     def wait_idle(self, timeout: float = 60.0, quiet_s: float = 0.5) -> dict[str, Any]:
         """Poll stats until nothing is in flight and the counters stop moving for ``quiet_s``."""
-        deadline = time.monotonic() + timeout
         last: dict[str, Any] | None = None
         stable_since = time.monotonic()
-        while time.monotonic() < deadline:
+
+        def idle() -> dict[str, Any] | None:
+            nonlocal last, stable_since
             stats = self.stats()
             keys = ("received", "unique_processed", "duplicate_dropped", "rejected")
             now = time.monotonic()
+            quiet = None
             if last is None or any(stats[k] != last[k] for k in keys) or stats["in_flight"] or stats.get("buffered"):
                 stable_since = now
             elif now - stable_since >= quiet_s:
-                return stats
+                quiet = stats
             last = stats
-            time.sleep(0.05)
-        raise AssertionError(f"daemon not idle within {timeout} s; last: {last}")
+            return quiet
+
+        return eventually(idle, timeout, "the daemon is idle", detail=lambda: f"last: {last}")
 
     def events(self, topic: str | None = None, page: int = 1000) -> list[dict[str, Any]]:
         with QueryClient(self.query, timeout=10.0) as client:

@@ -54,6 +54,7 @@ def check_figures(row: dict[str, Any], keys: tuple[str, ...]) -> None:
     assert row["events_per_s"] > 0
 
 
+@pytest.mark.e2e
 def test_fire_and_forget_with_ceiling() -> None:
     report = run_bench("--runs", "2")
     assert report["runs"] == 2 and report["workload"]["mode"] == "ff"
@@ -79,6 +80,7 @@ def test_fire_and_forget_with_ceiling() -> None:
     assert row["ratio"] == pytest.approx(row["events_per_s"] / row["ceiling_rows_per_s"], rel=0.5)
 
 
+@pytest.mark.e2e
 def test_acked_with_two_publishers() -> None:
     report = run_bench("--mode", "acked", "--processes", "2", "--no-ceiling", "--batch", "50")
     (row,) = report["median"].values()
@@ -88,6 +90,7 @@ def test_acked_with_two_publishers() -> None:
     assert report["workload"]["client"] == "library"
 
 
+@pytest.mark.e2e
 def test_acked_with_the_raw_client() -> None:
     report = run_bench("--mode", "acked", "--client", "raw", "--no-ceiling", "--window", "4")
     (row,) = report["median"].values()
@@ -95,12 +98,14 @@ def test_acked_with_the_raw_client() -> None:
     assert report["workload"]["client"] == "raw"
 
 
+@pytest.mark.e2e
 def test_text_output_names_every_figure() -> None:
     result = run_script("bench.py", "--events", "1000", "--no-latency", timeout=100)
     assert result.returncode == 0, result.stderr
     assert "events_per_s" in result.stdout and "ceiling_rows_per_s" in result.stdout
 
 
+@pytest.mark.e2e
 def test_bad_arguments_and_overrides_are_refused_before_any_daemon_starts() -> None:
     for args, reason in (
         (("--set", "nosuch.key=1"), "unknown section [nosuch]"),
@@ -131,6 +136,7 @@ def test_prefilled_database_agrees_with_its_counters(tmp_path: Path) -> None:
         conn.close()
 
 
+@pytest.mark.e2e
 def test_prefilled_run_continues_the_stored_topics(tmp_path: Path) -> None:
     result = run_script(
         "bench.py",

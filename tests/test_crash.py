@@ -12,13 +12,14 @@ import json
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 
 import pytest
-from harness import SCRIPTS, Daemon
+from harness import SCRIPTS, Daemon, eventually
 
 from transport.workload import distinct_count, plan
+
+pytestmark = pytest.mark.e2e  # every test here starts processes
 
 EVENTS = 20_000
 DUPLICATES = 0.2
@@ -29,14 +30,15 @@ KILL_AT = (0.15, 0.40, 0.65)  # fractions of the distinct events committed befor
 
 def wait_for_progress(daemon: Daemon, unique: int, publishers: subprocess.Popen[str], timeout: float = 60) -> int:
     """Wait until the daemon has committed ``unique`` distinct events; returns the figure seen."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        seen = daemon.stats()["unique_processed"]
+
+    def committed() -> int:
+        seen = int(daemon.stats()["unique_processed"])
         if seen >= unique:
-            return int(seen)
+            return seen
         assert publishers.poll() is None, f"publishers ended before {unique} events were committed"
-        time.sleep(0.05)
-    raise AssertionError(f"the daemon did not commit {unique} events within {timeout} s:\n{daemon.log()[-3000:]}")
+        return 0
+
+    return eventually(committed, timeout, f"the daemon commits {unique} events")
 
 
 @pytest.mark.slow

@@ -13,10 +13,12 @@ from typing import Any
 
 import msgpack
 import pytest
-from harness import SCRIPTS, Daemon, publish, push_frames, run_script, stored_rows
+from harness import SCRIPTS, Daemon, eventually, publish, push_frames, run_script, stored_rows
 
 from transport.client import QueryClient
 from transport.workload import plan
+
+pytestmark = pytest.mark.e2e  # every test here starts processes
 
 EVENT = {
     "topic": "orders",
@@ -134,9 +136,7 @@ def test_kill_9_mid_stream_leaves_a_consistent_database(daemon: Daemon) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 60
-        while daemon.stats()["unique_processed"] < 5000 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        eventually(lambda: daemon.stats()["unique_processed"] >= 5000, 60, "5000 events committed before the kill")
         daemon.kill()
     finally:
         publisher.kill()
@@ -345,7 +345,8 @@ def test_publish_script_reports_what_it_sent(daemon: Daemon) -> None:
         assert refused.returncode == 2 and flag in refused.stderr and "Traceback" not in refused.stderr
 
 
-def test_threads_carry_their_names_for_the_kernel(daemon: Daemon) -> None:
+def test_threads_carry_their_names_for_the_kernel(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory(ordering={"actors": 4}).start()  # Pykka numbers the actors in the order they start
     assert daemon.proc is not None
     tasks = Path(f"/proc/{daemon.proc.pid}/task")
     names = Counter((task / "comm").read_text().strip() for task in tasks.iterdir())

@@ -12,7 +12,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from harness import Daemon, push_frames
+from harness import Daemon, eventually, push_frames
 
 from actors.decoder import (
     ACKNOWLEDGED,
@@ -48,16 +48,6 @@ def decoder_pids(daemon: Daemon) -> list[int]:
     # Listed under the thread that started each: the main thread, or ingest after a restart.
     children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
     return [c for c in children if b"actors.decoder" in Path(f"/proc/{c}/cmdline").read_bytes()]
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 @pytest.mark.parametrize(
@@ -104,19 +94,21 @@ def acked_run(daemon: Daemon, batches: int, size: int, during: Callable[[int], N
     return replies
 
 
+@pytest.mark.e2e
 def test_the_decoder_runs_beside_the_daemon_and_ends_with_it(daemon: Daemon) -> None:
     [pid] = decoder_pids(daemon)
     assert daemon.request({"op": "health"})["decoding"] == f"decoder process, pid {pid}"
     push_frames(daemon.ingest, [msgpack.packb([event(n) for n in range(k, k + 50)]) for k in range(0, 500, 50)])
     daemon.wait_stats(unique_processed=500)
     assert daemon.terminate() == 0
-    wait_for(
+    eventually(
         lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
         10,
         "the decoder process ends with the daemon",
     )
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_to_the_daemons_whole_process_group_leaves_the_decoder_to_the_daemon(
     daemon_factory: Callable[..., Daemon], signum: signal.Signals
@@ -130,7 +122,7 @@ def test_a_signal_to_the_daemons_whole_process_group_leaves_the_decoder_to_the_d
     daemon.wait_stats(unique_processed=500)
     os.killpg(daemon.proc.pid, signum)
     if signum == signal.SIGHUP:
-        time.sleep(1)
+        eventually(lambda: "SIGHUP: reloaded" in daemon.log(), 20, "the daemon handles SIGHUP")
         assert decoder_pids(daemon) == [pid]
         assert daemon.terminate() == 0
     else:
@@ -139,6 +131,7 @@ def test_a_signal_to_the_daemons_whole_process_group_leaves_the_decoder_to_the_d
     assert "decoder process died" not in log and "stopped: received 500, unique 500" in log
 
 
+@pytest.mark.e2e
 def test_a_killed_decoder_loses_nothing_and_is_replaced(daemon: Daemon) -> None:
     [first] = decoder_pids(daemon)
 
@@ -150,10 +143,10 @@ def test_a_killed_decoder_loses_nothing_and_is_replaced(daemon: Daemon) -> None:
     assert sum(r["new"] for r in replies.values()) == 6_000
     assert all(r["duplicate"] == 0 and r["rejected"] == [] for r in replies.values())
     daemon.wait_stats(unique_processed=6_000, duplicate_dropped=0)
-    [second] = wait_for(lambda: decoder_pids(daemon), 20, "a new decoder process\n" + daemon.log())
+    [second] = eventually(lambda: decoder_pids(daemon), 20, "a new decoder process\n" + daemon.log())
     assert second != first
     assert "the decoder process died" in daemon.log()
-    wait_for(
+    eventually(
         lambda: daemon.request({"op": "health"})["decoding"] == f"decoder process, pid {second}",
         20,
         "health names the new decoder",
@@ -165,6 +158,7 @@ def test_a_killed_decoder_loses_nothing_and_is_replaced(daemon: Daemon) -> None:
     assert decoder_pids(daemon) == [second], daemon.log()
 
 
+@pytest.mark.e2e
 def test_a_stuck_decoder_is_replaced_and_its_messages_decoded_here(daemon: Daemon) -> None:
     [first] = decoder_pids(daemon)
     os.kill(first, signal.SIGSTOP)
@@ -179,6 +173,7 @@ def test_a_stuck_decoder_is_replaced_and_its_messages_decoded_here(daemon: Daemo
             pass
 
 
+@pytest.mark.e2e
 def test_without_the_decoder_process_frames_are_decoded_on_the_ingest_thread(
     daemon_factory: Callable[..., Daemon],
 ) -> None:
@@ -190,6 +185,7 @@ def test_without_the_decoder_process_frames_are_decoded_on_the_ingest_thread(
     assert stats["received"] == 2
 
 
+@pytest.mark.e2e
 def test_without_room_for_its_sockets_the_daemon_decodes_on_the_ingest_thread(
     daemon_factory: Callable[..., Daemon], tmp_path: Path
 ) -> None:
@@ -204,6 +200,7 @@ def test_without_room_for_its_sockets_the_daemon_decodes_on_the_ingest_thread(
     daemon.wait_stats(unique_processed=2)
 
 
+@pytest.mark.e2e
 def test_a_decoder_that_exits_as_it_starts_is_reported_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("sys.executable", "/bin/false")  # a child that exits with status 1 at once
     context = zmq.Context()
@@ -218,26 +215,28 @@ def test_a_decoder_that_exits_as_it_starts_is_reported_at_once(monkeypatch: pyte
         context.term()
 
 
+@pytest.mark.e2e
 def test_a_killed_daemon_leaves_no_decoder_and_no_socket_directory(daemon: Daemon) -> None:
     [pid] = decoder_pids(daemon)
     endpoint = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[3].decode()
     folder = Path(endpoint.removeprefix("ipc://")).parent
     assert folder.name.startswith("eventagg-decoder-") and folder.is_dir()
     daemon.kill()  # SIGKILL: the daemon cannot clean up; the decoder notices it is orphaned
-    wait_for(
+    eventually(
         lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
         10,
         "the decoder process ends",
     )
-    wait_for(lambda: not folder.exists(), 10, f"{folder} removed")
+    eventually(lambda: not folder.exists(), 10, f"{folder} removed")
 
 
+@pytest.mark.e2e
 def test_a_decoder_that_dies_while_idle_is_replaced_before_the_next_frame(daemon: Daemon) -> None:
     [first] = decoder_pids(daemon)
     os.kill(first, signal.SIGKILL)
-    [second] = wait_for(lambda: [p for p in decoder_pids(daemon) if p != first], 20, "a new decoder process")
+    [second] = eventually(lambda: [p for p in decoder_pids(daemon) if p != first], 20, "a new decoder process")
     # Health says so once the new one is connected and ready, a moment after it appears.
-    wait_for(
+    eventually(
         lambda: daemon.request({"op": "health"})["decoding"] == f"decoder process, pid {second}",
         20,
         "health names the new decoder",

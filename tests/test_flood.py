@@ -21,6 +21,8 @@ import pytest
 import zmq
 from harness import ROOT, Daemon, publish
 
+pytestmark = pytest.mark.e2e  # every test here starts processes
+
 FLOOD_EVENTS = 1_000_000
 FLOOD_PROCESSES = 4
 PAYLOAD_BYTES = 200
@@ -141,14 +143,18 @@ def test_flood_is_counted_and_memory_stays_flat(daemon_factory: Callable[..., Da
 
 
 def send_oversized(endpoint: str, kind: int, size: int) -> None:
-    """Send one frame of ``size`` bytes from a fresh socket, then close it without waiting."""
+    """Send one frame of ``size`` bytes from a fresh socket; close it once the daemon has dropped the connection."""
     context: zmq.Context[Any] = zmq.Context()
     sock = context.socket(kind)
+    monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
     sock.connect(endpoint)
     try:
         sock.send(b"\x91" + b"\x00" * (size - 1), zmq.NOBLOCK)
-        time.sleep(1.0)  # let the frame reach the daemon's socket
+        # The daemon reads the frame's size and hangs up: the frame has reached its socket.
+        assert monitor.poll(30_000), f"the daemon kept the connection that sent a {size}-byte frame"
     finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
         sock.close(linger=0)
         context.term()
 

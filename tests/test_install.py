@@ -12,14 +12,15 @@ import os
 import signal
 import sqlite3
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import ROOT, free_port, publish
+from harness import ROOT, eventually, free_port, publish
 
 from transport.client import NoAnswer, QueryClient
+
+pytestmark = pytest.mark.e2e  # it installs into a staging root and starts the installed daemon
 
 INSTALL = ROOT / "scripts" / "install.sh"
 UNINSTALL = ROOT / "scripts" / "uninstall.sh"
@@ -63,17 +64,15 @@ def use_free_ports(config: Path) -> dict[str, str]:
 
 
 def wait_healthy(endpoint: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def healthy() -> bool:
         assert proc.poll() is None, f"installed daemon exited with {proc.returncode}:\n{log.read_text()}"
         try:
             with QueryClient(endpoint, timeout=1.0) as client:
-                if client.request({"op": "health"}).get("status") == "ok":
-                    return
+                return bool(client.request({"op": "health"}).get("status") == "ok")
         except NoAnswer:
-            continue
-        time.sleep(0.1)
-    raise AssertionError(f"installed daemon not healthy within {timeout} s:\n{log.read_text()}")
+            return False
+
+    eventually(healthy, timeout, "the installed daemon answers health with ok")
 
 
 def test_install_lays_out_a_working_installation(prefix: Path, tmp_path: Path) -> None:
@@ -81,8 +80,17 @@ def test_install_lays_out_a_working_installation(prefix: Path, tmp_path: Path) -
     assert (etc / "config.toml").read_text() == (ROOT / "config.toml").read_text()
     unit = prefix / "etc/systemd/system/eventagg.service"
     assert unit.read_text() == (ROOT / "scripts/systemd/eventagg.service").read_text()
-    for script in ("aggregatord.py", "_bootstrap.py", "stats.py", "events.py"):
+    for script in ("aggregatord.py", "stats.py", "events.py", "publish.py", "keys.py"):
         assert (opt / "scripts" / script).is_file()
+    # Development tools stay in the checkout: nothing installed imports the tests.
+    for tool in ("_bootstrap.py", "bench.py", "peers.py", "dev.py"):
+        assert not (opt / "scripts" / tool).exists(), tool
+    assert (opt / "venv/bin/eventagg").is_file()
+    assert (opt / "README.md").is_file() and (opt / "docs/protocol.md").is_file()  # the unit's Documentation=
+    (site,) = (opt / "venv/lib").glob("python3*/site-packages")
+    ours = [*(opt / "scripts").glob("*.py"), *(site / "actors").rglob("*.py"), *(site / "transport").rglob("*.py")]
+    assert len(ours) > 20
+    assert [path for path in ours if "harness" in path.read_text()] == []
     # The packages come from the virtualenv, not from this checkout.
     where = subprocess.run(
         [str(installed_python(prefix)), "-c", "import actors, transport; print(actors.__file__)"],
@@ -104,7 +112,7 @@ def test_install_lays_out_a_working_installation(prefix: Path, tmp_path: Path) -
     env = {"PATH": os.environ["PATH"], "STATE_DIRECTORY": str(state), "JOURNAL_STREAM": "8:1"}
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [str(installed_python(prefix)), str(opt / "scripts/aggregatord.py"), "--config", str(config)],
+            [str(opt / "venv/bin/eventagg"), "run", "--config", str(config)],  # what the unit runs
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=tmp_path,

@@ -10,10 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import pytest
 import zmq
 from harness import Daemon, push_frames, stored_rows
 
 from transport.schema import parse_timestamp
+
+pytestmark = pytest.mark.e2e  # every test here starts processes
 
 HERE = Path(__file__).resolve().parent
 
@@ -151,7 +154,7 @@ def test_the_reorder_bound_releases_early(daemon_factory: Callable[..., Daemon])
 
 def test_forgotten_topics_come_back_with_their_seqs_and_lateness(daemon_factory: Callable[..., Daemon]) -> None:
     # 4 ordering actors keeping 2 topics each: 40 topics force them to forget and reload often.
-    daemon = daemon_factory(ordering={"window_ms": 20, "max_topics": 8}, log={"level": "DEBUG"}).start()
+    daemon = daemon_factory(ordering={"actors": 4, "window_ms": 20, "max_topics": 8}, log={"level": "DEBUG"}).start()
     topics = [f"many-{k}" for k in range(40)]
     rounds = 4
     for r in range(rounds):

@@ -17,7 +17,7 @@ from harness import run_script
 
 from transport.workload import distinct_count
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 MISSING = [name for name in ("redis-server", "nats-server") if shutil.which(name) is None]
 MISSING += [name for name in ("redis", "nats") if importlib.util.find_spec(name) is None]

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import zmq
-from harness import Daemon, free_port, run_script, write_config
+from harness import Daemon, eventually, free_port, run_script, write_config
 
 from transport.backoff import Backoff
 from transport.client import NoAnswer, QueryClient
@@ -34,6 +34,7 @@ def nowhere() -> str:
     return f"tcp://127.0.0.1:{free_port()}"
 
 
+@pytest.mark.e2e
 def test_a_bad_event_raises_at_once_with_the_reason_and_nothing_is_queued() -> None:
     with Publisher(nowhere(), deadline=1.0) as publisher:
         good = make_event(0, 1, "v")
@@ -90,6 +91,7 @@ def test_no_daemon_backs_off_with_growing_capped_pauses_then_raises_naming_the_e
     assert len(sockets) == len(retries) + 2
 
 
+@pytest.mark.e2e
 def test_attempt_limit_with_full_jitter() -> None:
     retries: list[float] = []
     with Publisher(
@@ -107,6 +109,7 @@ def test_attempt_limit_with_full_jitter() -> None:
     assert all(0.0 <= pause <= ceiling for pause, ceiling in zip(retries, [0.05, 0.1, 0.2]))
 
 
+@pytest.mark.e2e
 def test_delivery_failed_hands_back_every_event_of_the_call_that_raised() -> None:
     events = [make_event(i, 1, "hb") for i in range(40)]
     with Publisher(
@@ -123,6 +126,7 @@ def test_delivery_failed_hands_back_every_event_of_the_call_that_raised() -> Non
         assert caught.value.events == [*events[:10], single]
 
 
+@pytest.mark.e2e
 def test_a_daemon_that_starts_before_the_deadline_gets_everything(daemon_factory: Callable[..., Daemon]) -> None:
     daemon = daemon_factory("late")
     failures: list[BaseException] = []
@@ -158,6 +162,7 @@ def test_a_daemon_that_starts_before_the_deadline_gets_everything(daemon_factory
     assert len(daemon.events()) == 2700
 
 
+@pytest.mark.e2e
 def test_rejected_events_come_back_by_index_and_the_rest_is_stored(daemon_factory: Callable[..., Daemon]) -> None:
     daemon = daemon_factory("reject", ingest={"max_payload_bytes": 200}).start()
     events = [make_event(i, 1, "r") for i in range(10)]
@@ -188,6 +193,7 @@ def test_rejected_events_come_back_by_index_and_the_rest_is_stored(daemon_factor
     assert configured.totals.acked_new == 1
 
 
+@pytest.mark.e2e
 def test_resends_and_repeats_are_acknowledged_as_duplicates(daemon: Daemon) -> None:
     events = [make_event(i, 3, "dup") for i in range(300)]
     with Publisher(daemon.ack, batch_size=50) as publisher:
@@ -198,6 +204,7 @@ def test_resends_and_repeats_are_acknowledged_as_duplicates(daemon: Daemon) -> N
     daemon.wait_stats(unique_processed=300, duplicate_dropped=120)
 
 
+@pytest.mark.e2e
 def test_a_whole_batch_refused_by_the_daemon_raises_batch_refused(daemon_factory: Callable[..., Daemon]) -> None:
     daemon = daemon_factory("small", ingest={"max_batch_events": 5}).start()
     with Publisher(daemon.ack, batch_size=8) as publisher:
@@ -211,6 +218,7 @@ def test_a_whole_batch_refused_by_the_daemon_raises_batch_refused(daemon_factory
     assert configured.totals.acked_new == 8
 
 
+@pytest.mark.e2e
 def test_back_pressure_bounds_what_is_held_and_publish_times_out() -> None:
     publisher = Publisher(nowhere(), batch_size=5, window=2, ack_timeout=10.0, block_timeout=0.3)
     publisher.publish_many([make_event(i, 1, "bp") for i in range(15)])  # 2 batches out, 1 full pending
@@ -230,6 +238,7 @@ def test_back_pressure_bounds_what_is_held_and_publish_times_out() -> None:
         publisher.publish(make_event(0, 1, "bp"))
 
 
+@pytest.mark.e2e
 def test_linger_sends_a_partial_batch_and_poll_collects_its_ack(daemon: Daemon) -> None:
     with Publisher(daemon.ack, batch_size=100, linger=0.05) as publisher:
         publisher.publish(make_event(0, 1, "lg"))
@@ -237,12 +246,11 @@ def test_linger_sends_a_partial_batch_and_poll_collects_its_ack(daemon: Daemon) 
         time.sleep(0.1)
         publisher.poll()
         assert publisher.in_flight == 1  # the linger ended: sent alone
-        deadline = time.monotonic() + 30
-        while publisher.poll(0.5) and time.monotonic() < deadline:
-            pass
+        eventually(lambda: not publisher.poll(0.5), 30, "the lone event's ack")
         assert publisher.totals.acked_new == 1
 
 
+@pytest.mark.e2e
 def test_fire_and_forget_delivers_everything_queued_when_closed(daemon: Daemon) -> None:
     with Publisher(daemon.ingest, acked=False, batch_size=64) as publisher:
         publisher.publish_many(plan(5000, 0.0, 4, 1, "ff"))
@@ -251,6 +259,7 @@ def test_fire_and_forget_delivers_everything_queued_when_closed(daemon: Daemon) 
     daemon.wait_stats(unique_processed=5001)
 
 
+@pytest.mark.e2e
 def test_from_config_picks_the_endpoint_of_the_mode(daemon_factory: Callable[..., Daemon]) -> None:
     daemon = daemon_factory("cfg")
     with (
@@ -261,6 +270,7 @@ def test_from_config_picks_the_endpoint_of_the_mode(daemon_factory: Callable[...
         assert (pushed.endpoint, pushed.acked) == (daemon.ingest, False)
 
 
+@pytest.mark.e2e
 def test_a_publisher_dropped_in_a_reference_cycle_is_collected_without_hanging() -> None:
     # pyzmq's Context.__del__ would terminate the context while the socket is still open and
     # block for ever; the publisher's finalizer closes the socket first.
@@ -277,6 +287,7 @@ def test_a_publisher_dropped_in_a_reference_cycle_is_collected_without_hanging()
     assert result.returncode == 0 and "collected" in result.stdout, result.stderr
 
 
+@pytest.mark.e2e
 def test_fire_and_forget_frames_queued_while_the_daemon_is_down_arrive_when_it_starts(
     daemon_factory: Callable[..., Daemon],
 ) -> None:
@@ -292,6 +303,7 @@ def test_fire_and_forget_frames_queued_while_the_daemon_is_down_arrive_when_it_s
     daemon.wait_stats(unique_processed=500)
 
 
+@pytest.mark.e2e
 def test_curve_from_keys_or_config_in_the_library_and_in_publish_py(
     daemon_factory: Callable[..., Daemon],
     tmp_path: Path,
@@ -306,16 +318,15 @@ def test_curve_from_keys_or_config_in_the_library_and_in_publish_py(
     )
     daemon.start(wait=False)
     hook = curve_client(server_key, alice)
-    deadline = time.monotonic() + 30
-    while True:  # the harness's own readiness check speaks plain text, which CURVE refuses
-        assert time.monotonic() < deadline, daemon.log()
+
+    def ready() -> bool:  # the harness's own readiness check speaks plain text, which CURVE refuses
         with QueryClient(daemon.query, timeout=1.0, configure=hook) as client:
             try:
-                if "error" not in client.request({"op": "health"}):
-                    break
+                return "error" not in client.request({"op": "health"})
             except NoAnswer:
-                pass
-        time.sleep(0.1)
+                return False
+
+    eventually(ready, 30, "the CURVE daemon answers health\n" + daemon.log())
 
     client_config = write_config(
         tmp_path / "client.toml",

@@ -1,4 +1,4 @@
-"""A publisher written from the README's protocol description with raw pyzmq + msgpack only.
+"""A publisher written from the protocol description in docs/protocol.md with raw pyzmq + msgpack only.
 
 Nothing of the project is imported here: the publisher side proves the wire protocol stands on
 its own. (The ``daemon`` fixture starts a real daemon and is only used to check what it stored.)
@@ -10,7 +10,10 @@ import time
 from typing import Any
 
 import msgpack
+import pytest
 import zmq
+
+pytestmark = pytest.mark.e2e  # every test here starts processes
 
 TIMEOUT_MS = 10_000
 

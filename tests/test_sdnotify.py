@@ -20,7 +20,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from harness import Daemon, env_with, free_port, publish, stored_rows
+from harness import Daemon, env_with, eventually, free_port, publish, stored_rows
 
 from actors.daemon import Daemon as InProcessDaemon
 from actors.watchdog import ServiceMonitor, Snapshot, ping_timeout, status_line
@@ -202,6 +202,7 @@ def in_process_daemon(tmp_path: Path) -> InProcessDaemon:
     return InProcessDaemon(config)
 
 
+@pytest.mark.e2e
 def test_a_dead_ordering_actor_stops_the_watchdog(tmp_path: Path, listener: NotifyListener) -> None:
     daemon = in_process_daemon(tmp_path)
     daemon.start()
@@ -213,7 +214,9 @@ def test_a_dead_ordering_actor_stops_the_watchdog(tmp_path: Path, listener: Noti
         daemon.ordering[1].stop()
         assert monitor.check() is False
         assert "ordering-1" in monitor.status_text()
-        time.sleep(0.3)
+        # Datagrams on one socket arrive in order: once this marker is in, a ping sent before it would be too.
+        notifier.status("marker after the failed check")
+        listener.wait_for("STATUS=marker after the failed check", timeout=5)
         assert len(listener.times("WATCHDOG=1")) == 1
     finally:
         daemon.stop()
@@ -226,6 +229,7 @@ def systemd_env(listener: NotifyListener, **extra: str) -> dict[str, str]:
     return env_with(NOTIFY_SOCKET=listener.sock.getsockname(), WATCHDOG_USEC=WATCHDOG_USEC, **extra)
 
 
+@pytest.mark.e2e
 def test_ready_watchdog_status_then_stopping_and_a_full_drain(
     daemon_factory: Callable[..., Daemon], listener: NotifyListener
 ) -> None:
@@ -237,8 +241,15 @@ def test_ready_watchdog_status_then_stopping_and_a_full_drain(
     assert daemon.db_path.exists()
 
     publish(daemon.ingest, "--events", "3000", "--duplicates", "0.1", "--topics", "5", "--batch", "50")
-    time.sleep(3.2)
-    pings = [at for at in listener.times("WATCHDOG=1") if at >= ready_at]
+
+    def pings_since_ready() -> list[float]:
+        return [at for at in listener.times("WATCHDOG=1") if at >= ready_at]
+
+    def rate_reported() -> bool:
+        return any(re.search(r"events/s; [\d,]+ unique, [\d,]+ duplicates", s) for s in listener.values("STATUS"))
+
+    eventually(lambda: len(pings_since_ready()) >= 3 and rate_reported(), 30, "3 pings and a status with the rate")
+    pings = pings_since_ready()
     assert len(pings) >= 3, pings
     assert max_gap([ready_at, *pings]) <= 1.0 + SLACK_S
     statuses = listener.values("STATUS")
@@ -253,7 +264,8 @@ def test_ready_watchdog_status_then_stopping_and_a_full_drain(
         for batch in range(ACKED_BATCHES):
             events = plan(ACKED_PER_BATCH, 0.0, 3, batch, f"acked-{batch}-")
             dealer.send(msgpack.packb({"batch": batch, "events": events}, use_bin_type=True))
-        time.sleep(0.05)  # let ZeroMQ hand the frames to the daemon's socket before the signal
+        # The signal comes once the daemon has the first acked events (past the 6000 sent before them).
+        eventually(lambda: daemon.stats()["received"] > 6000, 30, "the acked frames reach the daemon")
         signalled = time.monotonic()
         assert daemon.proc is not None
         daemon.proc.send_signal(signal.SIGTERM)
@@ -276,6 +288,7 @@ def test_ready_watchdog_status_then_stopping_and_a_full_drain(
     assert "drain incomplete" not in daemon.log()
 
 
+@pytest.mark.e2e
 def test_an_unresponsive_actor_stops_the_watchdog_until_it_answers_again(
     daemon_factory: Callable[..., Daemon], listener: NotifyListener
 ) -> None:
@@ -299,6 +312,7 @@ def test_an_unresponsive_actor_stops_the_watchdog_until_it_answers_again(
     assert daemon.terminate(timeout=30) == 0, daemon.log()
 
 
+@pytest.mark.e2e
 def test_debug_freeze_is_refused_without_the_test_hooks_variable(daemon_factory: Callable[..., Daemon]) -> None:
     env = env_with()
     env.pop("EVENTAGG_TEST_HOOKS", None)
@@ -313,6 +327,7 @@ def log_lines(daemon: Daemon) -> list[str]:
     return [line for line in daemon.log().splitlines() if line.strip()]
 
 
+@pytest.mark.e2e
 def test_journald_format_under_systemd_and_timestamps_otherwise(daemon_factory: Callable[..., Daemon]) -> None:
     journald = daemon_factory("journald").start(env=env_with(JOURNAL_STREAM="8:12345"))
     plain = daemon_factory("plain")
@@ -321,9 +336,7 @@ def test_journald_format_under_systemd_and_timestamps_otherwise(daemon_factory: 
     plain.start(env=env)
     assert journald.proc is not None
     journald.proc.send_signal(signal.SIGHUP)  # reloads the log level and says so
-    deadline = time.monotonic() + 10
-    while "SIGHUP: reloaded" not in journald.log() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    eventually(lambda: "SIGHUP: reloaded" in journald.log(), 10, "the journald daemon logs its reload")
     assert journald.terminate() == 0 and plain.terminate() == 0
 
     lines = log_lines(journald)

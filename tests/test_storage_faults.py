@@ -24,7 +24,7 @@ from harness import Daemon, push_frames
 
 from transport.workload import make_event
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 
 def test_database_and_folder_are_owner_only(daemon_factory: Callable[..., Daemon]) -> None:

@@ -1,1 +1,3 @@
-"""The daemon's edges: wire format, event schema, sockets, configuration and client libraries."""
+"""What publishers and clients share with the daemon: wire format, event schema, config, the publisher
+library, the query client, CURVE, and the client commands (``transport.commands``). It never imports ``actors``.
+"""

@@ -43,7 +43,7 @@ class IngestConfig:
 class OrderingConfig:
     """``[ordering]``: the pool of per-topic ordering actors and their reorder window."""
 
-    actors: int = 4
+    actors: int = 1  # measured: see docs/performance.md, How many ordering actors
     window_ms: int = 50
     max_buffered: int = 10_000
     max_topics: int = 1_000_000

@@ -1,0 +1,40 @@
+"""``eventagg run`` (and ``scripts/aggregatord.py``): run the eventagg daemon in the foreground.
+
+``run [--config PATH]``.
+
+Logs go to stderr. SIGINT or SIGTERM stop it cleanly (stop reading, finish what is queued,
+commit, close, exit 0); SIGHUP reloads the log level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from actors.daemon import Daemon, StartupError
+from actors.store import StorageError
+from transport.config import ConfigError, load_config
+from transport.logs import setup_logging
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Run the eventagg daemon in the foreground.")
+    parser.add_argument("--config", metavar="PATH", help="config file (default: built-in defaults, as in config.toml)")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"aggregatord: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log.level)
+    daemon = Daemon(config)
+    try:
+        return daemon.run()
+    except (StartupError, StorageError) as exc:
+        logging.getLogger("aggregatord").critical("cannot start: %s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The ``eventagg`` command and the contract's scripts are one program: same code, same flags, no path tricks.
+
+In-process (no process started): the dispatcher's help and refusals, and each script's import.
+``tests/test_console_command.py`` runs the installed command from a wheel.
+"""
+
+from __future__ import annotations
+
+import ast
+
+import pytest
+from harness import ROOT
+
+from actors.cli import COMMANDS, main
+
+SCRIPTS = {
+    "aggregatord.py": "run",
+    "stats.py": "stats",
+    "events.py": "events",
+    "publish.py": "publish",
+    "keys.py": "keys",
+}
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_each_script_runs_the_commands_own_main_and_patches_no_path(script: str) -> None:
+    source = (ROOT / "scripts" / script).read_text()
+    imports = {
+        node.module: [alias.name for alias in node.names]
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert imports.get(COMMANDS[SCRIPTS[script]].module) == ["main"], imports
+    assert "sys.path" not in source and "_bootstrap" not in source
+    assert not (ROOT / "scripts" / "_bootstrap.py").exists()
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as leaving:
+        main(["--help"])
+    assert leaving.value.code == 0
+    shown = capsys.readouterr().out
+    for name in ("run", "stats", "events", "publish", "keys"):
+        assert name in COMMANDS and f"    {name} " in shown, shown
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_a_command_parses_its_own_flags_under_its_own_name(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as leaving:
+        main([command, "--help"])
+    assert leaving.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: eventagg {command} ")
+
+
+@pytest.mark.parametrize("argv", [[], ["frobnicate"], ["--stats"]])
+def test_no_or_an_unknown_command_is_a_usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as leaving:
+        main(argv)
+    assert leaving.value.code == 2
+    assert "usage: eventagg" in capsys.readouterr().err
+
+
+def test_a_commands_refusal_names_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as leaving:
+        main(["events", "--limit", "-1"])
+    assert leaving.value.code == 2
+    assert "eventagg events: error: argument --limit" in capsys.readouterr().err

@@ -1,0 +1,101 @@
+"""``eventagg keys`` (and ``scripts/keys.py``): create CURVE certificates for eventagg.
+
+``keys server DIR`` or ``keys client NAME DIR``.
+
+Each command writes ``NAME.key`` (the public certificate, safe to share) and
+``NAME.key_secret`` (the secret one: owner-only, never copy it off the machine that uses it)
+in the ``zmq.auth`` format, into DIR (created owner-only if missing). ``server`` uses the name
+``server``. With ``--authorize FOLDER``, a client's public certificate is also copied into the
+daemon's ``[security] authorized_keys`` folder. Existing files are never overwritten.
+
+Setup: ``keys server /etc/eventagg/curve`` on the daemon's machine; on each client machine
+``keys client NAME ~/.eventagg``; copy each client's ``NAME.key`` into the daemon's
+authorized folder, and the daemon's ``server.key`` to the clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import zmq.auth
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class KeysError(Exception):
+    """The certificates cannot be written where asked; the message says why."""
+
+
+def create(directory: Path, name: str) -> tuple[Path, Path]:
+    """Write ``NAME.key`` (mode 0644) and ``NAME.key_secret`` (mode 0600) into ``directory``.
+
+    The pair is made in a private temporary folder inside ``directory`` and moved into place,
+    so the secret is never readable by others, not even for a moment. Returns
+    ``(public_path, secret_path)``; raises :class:`KeysError` if either file already exists.
+    """
+    if not _NAME.match(name):
+        raise KeysError(f"name {name!r} must be letters, digits, '.', '_' or '-' (at most 100)")
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    public = directory / f"{name}.key"
+    secret = directory / f"{name}.key_secret"
+    for path in (public, secret):
+        if path.exists():
+            raise KeysError(f"{path} already exists; remove it first or choose another name")
+    staging = Path(tempfile.mkdtemp(prefix=".keys-", dir=directory))  # mkdtemp makes it 0700
+    try:
+        made_public, made_secret = (Path(p) for p in zmq.auth.create_certificates(staging, name))
+        os.chmod(made_secret, 0o600)
+        os.chmod(made_public, 0o644)
+        os.replace(made_secret, secret)
+        os.replace(made_public, public)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return public, secret
+
+
+def authorize(public: Path, folder: Path) -> Path:
+    """Copy a client's public certificate into the daemon's authorized keys folder."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    target = folder / public.name
+    if target.exists():
+        raise KeysError(f"{target} already exists; a client name must be unique in the authorized folder")
+    shutil.copyfile(public, target)
+    os.chmod(target, 0o644)
+    return target
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Create CURVE certificates for eventagg.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    server = commands.add_parser("server", help="the daemon's certificate (server.key, server.key_secret)")
+    server.add_argument("dir", type=Path, help="folder to write into (created owner-only if missing)")
+    client = commands.add_parser("client", help="a publisher's or operator's certificate")
+    client.add_argument("name", help="the client's name, e.g. its host (NAME.key, NAME.key_secret)")
+    client.add_argument("dir", type=Path, help="folder to write into (created owner-only if missing)")
+    client.add_argument(
+        "--authorize",
+        type=Path,
+        metavar="FOLDER",
+        help="also copy NAME.key into this [security] authorized_keys folder",
+    )
+    args = parser.parse_args(argv)
+    try:
+        public, secret = create(args.dir, "server" if args.command == "server" else args.name)
+        print(f"public certificate: {public}  (give this one out)")
+        print(f"secret certificate: {secret}  (owner-only; keep it where it is)")
+        if args.command == "client" and args.authorize:
+            print(f"authorized:         {authorize(public, args.authorize)}")
+    except (KeysError, OSError) as exc:
+        print(f"keys: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""``eventagg publish`` (and ``scripts/publish.py``): send a deterministic stream of events to a daemon.
+
+A load generator and smoke tool:
+``publish [--endpoint URL | --config PATH] [--acked] --events N --duplicates F --topics K
+--processes P --batch B --seed S --id-prefix STR [--slice K/P] [--rate R]
+[--server-key PATH --client-cert PATH] [--json]``
+
+Exactly ``round(N × F)`` of the N events are re-sends of earlier events of the run; the rest
+are distinct. With ``--processes P`` the stream is split into P interleaved slices, each sent by
+its own OS process, and the summary adds them up. ``--batch 1`` sends one event map per frame;
+more sends arrays. ``--acked`` uses the acknowledged endpoint (``[ingest] ack_bind``) and
+retries until every batch is acknowledged or ``--deadline`` passes. CURVE keys come from
+``--server-key``/``--client-cert`` or from the config's ``[security] client_certificate``.
+
+Progress goes to stderr when it is a terminal. The summary is one line (with ``--json``: one
+JSON object on the last line of stdout). Exit status: 0 when every event was sent and, with
+``--acked``, acknowledged as stored (new or duplicate); 1 otherwise; 2 for a bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import sys
+import threading
+import time
+from typing import Any
+
+from transport.client import connectable
+from transport.commands.client_flags import curve_from_args
+from transport.config import ConfigError, IngestConfig, load_config
+from transport.publisher import DEFAULT_WINDOW, DeliveryFailed, Publisher, PublisherError
+from transport.security import SecurityError
+from transport.workload import plan
+
+PROGRESS_EVERY_S = 0.5
+
+
+def run_slice(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The events of this run's ``--slice K/P``, or of the whole run."""
+    stream = plan(args.events, args.duplicates, args.topics, args.seed, args.id_prefix)
+    if not args.slice:
+        return stream
+    index, count = (int(part) for part in args.slice.split("/"))
+    return stream[index::count]
+
+
+def send_slice(
+    args: argparse.Namespace, endpoint: str, events: list[dict[str, Any]], count: int, progress: Any
+) -> dict[str, Any]:
+    """Send ``events``, one of ``count`` slices of the run's stream; returns this slice's summary.
+
+    ``progress`` is a shared counter (``.value``) of events sent (fire-and-forget) or
+    acknowledged (``--acked``), for the progress line.
+    """
+    rate = args.rate / count if args.rate else 0.0
+
+    def advance(count: int) -> None:
+        with progress.get_lock():
+            progress.value += count
+
+    publisher = Publisher(
+        endpoint,
+        acked=args.acked,
+        batch_size=args.batch,
+        window=args.window,
+        ack_timeout=args.ack_timeout,
+        deadline=args.deadline,
+        close_timeout=args.deadline,
+        on_ack=(lambda result: advance(result.size)) if args.acked else None,
+        configure=curve_from_args(args),  # built here: each process reads the key files itself
+    )
+    error = None
+    reported = 0
+    next_at = time.monotonic()
+    try:
+        try:
+            for event in events:
+                if rate:
+                    # Pace without saving up credit: after a stall (a daemon restarting) the
+                    # stream resumes at the rate, it does not burst to catch up.
+                    ahead = next_at - time.monotonic()
+                    if ahead > 0 and args.acked:
+                        publisher.poll(ahead)  # collect acks while pacing
+                        ahead = next_at - time.monotonic()
+                    if ahead > 0:
+                        time.sleep(ahead)
+                    next_at = max(next_at, time.monotonic() - 0.05) + 1 / rate
+                publisher.publish(event)
+                if not args.acked and publisher.totals.sent - reported >= args.batch:
+                    advance(publisher.totals.sent - reported)
+                    reported = publisher.totals.sent
+            publisher.flush()  # bounded: DeliveryFailed once a batch goes --deadline unacknowledged
+        finally:
+            publisher.close(timeout=args.deadline, flush=False)
+    except (DeliveryFailed, PublisherError) as exc:
+        error = str(exc)
+    totals = publisher.totals
+    if not args.acked:
+        advance(totals.sent - reported)
+    done = totals.acked_new + totals.acked_duplicate if args.acked else totals.sent
+    return {
+        "sent": totals.sent,
+        "acked_new": totals.acked_new,
+        "acked_duplicate": totals.acked_duplicate,
+        "rejected": totals.rejected,
+        "unacked": len(events) - done if args.acked else 0,
+        "retries": totals.retries,
+        "errors": [error] if error else [],
+    }
+
+
+def _worker(
+    args: argparse.Namespace,
+    endpoint: str,
+    index: int,
+    events: list[dict[str, Any]],
+    count: int,
+    progress: Any,
+    results: Any,
+) -> None:
+    try:
+        summary = send_slice(args, endpoint, events, count, progress)
+    except Exception as exc:
+        summary = {"errors": [f"process {index}: {type(exc).__name__}: {exc}"]}
+    results.put(summary)
+
+
+def run_processes(args: argparse.Namespace, endpoint: str, progress: Any) -> list[dict[str, Any]]:
+    """Run one process per slice and collect their summaries; a process that dies is an error."""
+    results: Any = multiprocessing.Queue()
+    # The stream is planned once, here; each process is handed its slice.
+    stream = run_slice(args)
+    workers = [
+        multiprocessing.Process(
+            target=_worker, args=(args, endpoint, i, stream[i :: args.processes], args.processes, progress, results)
+        )
+        for i in range(args.processes)
+    ]
+    for worker in workers:
+        worker.start()
+    summaries: list[dict[str, Any]] = []
+    while len(summaries) < len(workers):
+        try:
+            summaries.append(results.get(timeout=0.5))
+        except Exception:
+            if not any(worker.is_alive() for worker in workers):
+                try:
+                    while True:
+                        summaries.append(results.get(timeout=0.5))
+                except Exception:
+                    pass
+                break
+    for worker in workers:
+        worker.join(10)
+    missing = len(workers) - len(summaries)
+    if missing:
+        summaries.append({"errors": [f"{missing} publisher processes died without a summary"]})
+    return summaries
+
+
+def show_progress(progress: Any, total: int, acked: bool, stop: threading.Event) -> None:
+    """Rewrite one progress line on stderr until ``stop`` is set."""
+    started = time.monotonic()
+    verb = "acknowledged" if acked else "sent"
+    while not stop.wait(PROGRESS_EVERY_S):
+        done = progress.value
+        elapsed = time.monotonic() - started
+        rate = done / elapsed if elapsed else 0.0
+        print(
+            f"\r{done:,}/{total:,} {verb} ({100 * done / max(total, 1):.0f} %, {rate:,.0f} events/s)",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+    print("\r\033[K", end="", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Send a deterministic stream of events to eventagg.")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--endpoint",
+        metavar="URL",
+        help="ingest endpoint, e.g. tcp://127.0.0.1:5555 (with --acked: the ack endpoint, :5557)",
+    )
+    where.add_argument("--config", metavar="PATH", help="read the ingest endpoint from this config file")
+    parser.add_argument("--events", type=int, default=1000, metavar="N", help="events to send (default 1000)")
+    parser.add_argument("--duplicates", type=float, default=0.0, metavar="F", help="fraction of re-sends (default 0)")
+    parser.add_argument("--topics", type=int, default=10, metavar="K", help="topics (default 10)")
+    parser.add_argument("--processes", type=int, default=1, metavar="P", help="publisher processes (default 1)")
+    parser.add_argument("--batch", type=int, default=100, metavar="B", help="events per frame (default 100)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    parser.add_argument("--id-prefix", default="e", metavar="STR", help="prefix of every event_id (default 'e')")
+    parser.add_argument("--slice", metavar="K/P", help="send only slice K (0-based) of P interleaved slices")
+    parser.add_argument(
+        "--acked",
+        action="store_true",
+        help="acknowledged mode: wait for every batch to be committed, retrying as needed",
+    )
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=DEFAULT_WINDOW,
+        metavar="W",
+        help=f"acknowledged batches in flight per process (default {DEFAULT_WINDOW})",
+    )
+    parser.add_argument(
+        "--ack-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="resend a batch not acknowledged within this (default 5)",
+    )
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="give up when a batch has gone this long unacknowledged (default 60)",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="send at most R events/s in total, never bursting to catch up (default: no limit)",
+    )
+    parser.add_argument("--server-key", metavar="PATH", help="CURVE: the daemon's public certificate (server.key)")
+    parser.add_argument(
+        "--client-cert", metavar="PATH", help="CURVE: this client's secret certificate (NAME.key_secret)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    args = parser.parse_args(argv)
+    try:
+        if args.endpoint:
+            endpoint = args.endpoint
+        else:
+            ingest = load_config(args.config).ingest if args.config else IngestConfig()
+            endpoint = connectable(ingest.ack_bind if args.acked else ingest.bind)
+        curve_from_args(args)  # check the key files once, before starting any process
+    except (ConfigError, SecurityError) as exc:
+        print(f"publish: {exc}", file=sys.stderr)
+        return 2
+    if args.batch < 1 or args.processes < 1 or args.window < 1 or args.topics < 1:
+        parser.error("--batch, --processes, --window and --topics must be 1 or more")
+    if args.events < 0 or not 0 <= args.duplicates < 1:
+        parser.error("--events must be 0 or more and --duplicates a fraction from 0 up to (not including) 1")
+    if args.ack_timeout <= 0 or args.deadline <= 0 or args.rate < 0:
+        parser.error("--ack-timeout and --deadline must be above 0, --rate 0 or more")
+
+    progress: Any = multiprocessing.Value("q", 0)
+    stop = threading.Event()
+    ticker = None
+    started = time.perf_counter()
+    if args.slice:
+        try:
+            index, count = (int(part) for part in args.slice.split("/"))
+        except ValueError:
+            parser.error("--slice must look like K/P, e.g. 0/3")
+        if not 0 <= index < count:
+            parser.error("--slice K/P needs 0 <= K < P")
+        total = len(range(index, args.events, count))
+    else:
+        index, count = 0, 1
+        total = args.events
+    if sys.stderr.isatty():
+        ticker = threading.Thread(target=show_progress, args=(progress, total, args.acked, stop), daemon=True)
+        ticker.start()
+    try:
+        if args.slice:
+            summaries = [send_slice(args, endpoint, run_slice(args), count, progress)]
+        else:
+            summaries = run_processes(args, endpoint, progress)
+    finally:
+        stop.set()
+        if ticker is not None:
+            ticker.join(2)
+    elapsed = time.perf_counter() - started
+
+    summary: dict[str, Any] = {
+        key: sum(s.get(key, 0) for s in summaries)
+        for key in ("sent", "acked_new", "acked_duplicate", "rejected", "unacked", "retries")
+    }
+    errors = [error for s in summaries for error in s.get("errors", [])]
+    summary.update(
+        {
+            "elapsed_s": round(elapsed, 3),
+            "events_per_s": round(summary["sent"] / elapsed) if elapsed else 0,
+            "acked": args.acked,
+            "processes": 1 if args.slice else args.processes,
+            "endpoint": endpoint,
+            "errors": errors,
+        }
+    )
+    if args.acked:
+        ok = not errors and summary["acked_new"] + summary["acked_duplicate"] == total == summary["sent"]
+    else:
+        ok = not errors and summary["sent"] == total
+    for error in errors:
+        print(f"publish: {error}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        line = f"sent {summary['sent']:,} events in {elapsed:.2f} s ({summary['events_per_s']:,} events/s)"
+        if args.acked:
+            line += (
+                f": acknowledged {summary['acked_new']:,} new, {summary['acked_duplicate']:,} duplicate, "
+                f"{summary['rejected']:,} rejected; {summary['unacked']:,} unacknowledged, "
+                f"{summary['retries']} retries"
+            )
+        print(line)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""``eventagg stats`` (and ``scripts/stats.py``): print the daemon's stats.
+
+``stats [--endpoint URL | --config PATH] [--json] [--timeout S]``.
+
+With CURVE on, add ``--server-key server.key --client-cert NAME.key_secret`` (or set
+``[security] server_public_key`` and ``client_certificate`` in the file given to ``--config``).
+
+Exits 0 with the stats, or non-zero with a message on stderr within the timeout when no daemon
+answers. With ``--json``, stdout holds exactly one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from transport.client import QueryClient, QueryClientError
+from transport.commands.client_flags import add_endpoint_args, curve_from_args, endpoint_from_args, run_command
+from transport.config import ConfigError
+from transport.security import SecurityError
+
+ORDER = (
+    "received",
+    "unique_processed",
+    "duplicate_dropped",
+    "rejected",
+    "refused",
+    "late",
+    "topic_count",
+    "in_flight",
+    "in_flight_bytes",
+    "buffered",
+    "commits",
+    "decoder_restarts",
+    "uptime_s",
+)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Print the eventagg daemon's stats.")
+    add_endpoint_args(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    args = parser.parse_args(argv)
+    try:
+        endpoint = endpoint_from_args(args)
+        secure = curve_from_args(args)
+    except (ConfigError, SecurityError) as exc:
+        print(f"stats: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with QueryClient(endpoint, timeout=args.timeout, configure=secure) as client:
+            stats = client.call({"op": "stats"})
+    except QueryClientError as exc:
+        print(f"stats: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(stats, sort_keys=True))
+        return 0
+    keys = [k for k in ORDER if k in stats] + sorted(k for k in stats if k not in ORDER)
+    width = max(len(k) for k in keys)
+    print(f"eventagg at {endpoint}")
+    for key in keys:
+        value = stats[key]
+        shown = f"{value:,}" if isinstance(value, int) else str(value)
+        print(f"  {key:<{width}}  {shown:>14}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_command(main))
