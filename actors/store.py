@@ -461,7 +461,7 @@ class EventReader:
             )
         events = []
         position = after
-        for _position, topic_, event_id, timestamp, source, payload, seq, late in cursor:
+        for position, topic_, event_id, timestamp, source, payload, seq, late in cursor:  # noqa: B007 (the cursor returned)
             events.append(
                 {
                     "topic": topic_,
