@@ -19,7 +19,7 @@ once; a request that finds none free waits for one within its timeout.
 
 Never hanging: a request has ``[http] request_timeout_ms`` in all. A publish that gets no
 acknowledgement in time spends a short part of that budget asking the query endpoint for
-health, to tell a daemon that is away (503) from one that is up but slow (504). The publisher
+stats, to tell a daemon that is away (503) from one that is up but slow (504). The publisher
 that failed is dropped rather than pooled (its unacknowledged batches must not leak into the
 next request's counts), so the next request starts on a fresh connection: the gateway recovers
 by itself when the daemon returns. Events of a request answered 503 or 504 may or may not have
@@ -179,11 +179,15 @@ class DaemonLink:
         )
 
     def _no_acknowledgement(self, deadline: float) -> GatewayError:
-        """503 if the daemon does not answer a health query either, else 504."""
+        """503 if the daemon does not answer a query either, else 504.
+
+        The probe asks for stats, which the stats actor answers from its own counters, rather
+        than health, which waits for every actor's ping and so is slow exactly when the daemon is.
+        """
         waited = self.timeout - max(0.0, deadline - time.monotonic())
         probe = max(0.05, min(MAX_PROBE_S, deadline - time.monotonic()))
         try:
-            self.query({"op": "health"}, timeout=probe)
+            self.query({"op": "stats"}, timeout=probe)
         except GatewayError:
             return GatewayError(
                 503,
@@ -514,6 +518,8 @@ def create_app(config: Config) -> FastAPI:
         after: AfterParam = 0,
         limit: LimitParam = DEFAULT_PAGE,
     ) -> Response:
+        # The daemon caps the page at its max_limit; capping here too keeps a huge limit packable.
+        limit = min(limit, config.query.max_limit)
         reply = _answered(await ask({"op": "events", "topic": topic, "after": after, "limit": limit}))
         page = reply.get("events", [])
         return json_response({"events": page, "count": len(page), "next": reply.get("next", after)})
