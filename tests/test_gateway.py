@@ -7,7 +7,9 @@ daemon's own config file, whose ``[http]`` section the daemon must accept and ig
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -18,7 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import SCRIPTS, Daemon, eventually, free_port, run_script
+from harness import ROOT, SCRIPTS, Daemon, eventually, free_port, run_script
 from prometheus_client.parser import text_string_to_metric_families
 
 from transport.config import ConfigError, parse_config
@@ -419,3 +421,94 @@ def test_parse_events_keeps_only_the_schema_fields() -> None:
     with pytest.raises(GatewayError) as caught:
         parse_events(big % (b"x" * 2000), 10, 1000)
     assert caught.value.status == 400 and "over the limit of 1000" in caught.value.body["error"]
+
+
+# -- installation: the systemd unit and install.sh --with-gateway ------------------------------------
+
+UNIT = ROOT / "scripts" / "systemd" / "eventagg-gateway.service"
+DAEMON_UNIT = ROOT / "scripts" / "systemd" / "eventagg.service"
+needs_systemd_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed (apt-get install systemd)"
+)
+
+
+def unit_settings(path: Path) -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def analyze(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_PAGER": ""}
+    return subprocess.run(["systemd-analyze", *args], capture_output=True, text=True, timeout=60, env=env, check=False)
+
+
+def test_gateway_unit_runs_the_gateway_after_the_daemon_hardened_like_it() -> None:
+    gateway, daemon = unit_settings(UNIT), unit_settings(DAEMON_UNIT)
+    assert gateway["ExecStart"] == [
+        "/opt/eventagg/venv/bin/python /opt/eventagg/scripts/gateway.py --config /etc/eventagg/config.toml"
+    ]
+    assert "eventagg.service" in gateway["After"][0].split()
+    # Every hardening setting of the daemon's unit, with the same value.
+    hardening = [k for k in daemon if k.startswith(("Protect", "Private", "Restrict", "SystemCall", "Capability"))]
+    hardening += ["NoNewPrivileges", "DynamicUser", "MemoryDenyWriteExecute", "LockPersonality", "UMask"]
+    assert len(hardening) > 20
+    for key in hardening:
+        assert gateway.get(key) == daemon[key], key
+
+
+@needs_systemd_analyze
+def test_gateway_unit_verifies_and_exposure_is_at_most_two(tmp_path: Path) -> None:
+    unit = tmp_path / "eventagg-gateway.service"
+    unit.write_text(UNIT.read_text().replace("/opt/eventagg/venv/bin/python", sys.executable))
+    verify = analyze("verify", str(unit))
+    problems = [line for line in (verify.stdout + verify.stderr).splitlines() if line.strip()]
+    assert problems == [] and verify.returncode == 0, "\n".join(problems)
+    security = analyze("security", "--offline=yes", "--threshold=20", str(UNIT))
+    assert security.returncode == 0, security.stdout[-2000:]
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_install_with_gateway_installs_its_unit_and_dependencies(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+
+    def run(script: str, *args: str) -> str:
+        result = subprocess.run(
+            ["bash", str(SCRIPTS / script), "--prefix", str(tmp_path), *args],
+            capture_output=True,
+            text=True,
+            timeout=500,
+            env=env,
+            cwd="/",
+            check=False,
+        )
+        assert result.returncode == 0, f"{script} failed:\n{result.stdout}\n{result.stderr}"
+        return result.stdout
+
+    run("install.sh", "--with-gateway")
+    installed = tmp_path / "etc/systemd/system/eventagg-gateway.service"
+    assert installed.read_text() == UNIT.read_text()
+    python = tmp_path / "opt/eventagg/venv/bin/python"
+    check = subprocess.run(
+        [str(python), str(tmp_path / "opt/eventagg/scripts/gateway.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert check.returncode == 0 and "--config" in check.stdout, check.stderr
+    imports = subprocess.run(
+        [str(python), "-c", "import fastapi, uvicorn, prometheus_client, transport.gateway"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert imports.returncode == 0, imports.stderr
+    assert "removed" in run("uninstall.sh")
+    assert not installed.exists()
