@@ -359,13 +359,16 @@ class Publisher:
                 raise InvalidEvent(f"event {index}: {exc}") from None
         for queued, (event, packed) in enumerate(checked):
             try:
-                self._add(event, packed, timeout)
+                self._add(event, packed, timeout, service=False)
             except PublishTimeout as exc:
                 exc.queued = queued
                 raise
             except DeliveryFailed as exc:
                 exc.events.extend(event for event, _ in checked[queued + 1 :])
                 raise
+        # Once for the lot, not per event: reading the socket for replies costs more than
+        # queueing an event (~7 of ~13 µs), and a full batch was sent as it filled anyway.
+        self._service()
 
     def flush(self, timeout: float | None = None) -> None:
         """Send the pending batch and, in acknowledged mode, wait until every batch is acknowledged.
@@ -460,7 +463,7 @@ class Publisher:
                 f"booleans, nil and bytes"
             ) from None
 
-    def _add(self, event: dict[str, Any], packed: bytes, timeout: float | None) -> None:
+    def _add(self, event: dict[str, Any], packed: bytes, timeout: float | None, service: bool = True) -> None:
         pending = self._pending
         if pending.events and (
             len(pending.events) >= self.batch_size or pending.size + len(packed) > self.max_batch_bytes
@@ -479,7 +482,7 @@ class Publisher:
         pending.size += len(packed)
         if len(pending.events) >= self.batch_size or pending.size >= self.max_batch_bytes:
             self._try_send()
-        else:
+        elif service:
             self._service()
 
     def _try_send(self) -> bool:
