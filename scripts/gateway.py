@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from typing import Any
 
 import _bootstrap  # noqa: F401
 
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvicorn
 
-        from transport.gateway import create_app
+        from transport.gateway import CONFIG_ENV, create_app
     except ImportError as exc:
         print(
             f"gateway: {exc.name} is missing: install the gateway extra, pip install 'eventagg[gateway]'",
@@ -44,21 +46,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(config.log.level)
     try:
-        app = create_app(config)
+        app = create_app(config)  # made here even for workers: a bad key file fails now, with one message
     except (ConfigError, SecurityError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=config.http.host,
-            port=config.http.port,
-            log_config=None,  # keep transport.logs' format
-            access_log=False,
-            server_header=False,
-            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-        )
-    )
+    options: dict[str, Any] = {
+        "host": config.http.host,
+        "port": config.http.port,
+        "log_config": None,  # keep transport.logs' format
+        "access_log": False,
+        "server_header": False,
+        "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
+    }
+    if config.http.workers > 1:
+        # Several processes on one listening socket, each with its own connections to the daemon:
+        # a gateway process is bound by its GIL. Workers import the app by name.
+        os.environ[CONFIG_ENV] = str(config.source)
+        uvicorn.run("transport.gateway:app_from_environment", factory=True, workers=config.http.workers, **options)
+        return 0
+    server = uvicorn.Server(uvicorn.Config(app, **options))
     server.run()
     if not server.started:
         logging.getLogger("gateway").critical("cannot listen on %s", config.http.bind)

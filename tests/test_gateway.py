@@ -512,3 +512,27 @@ def test_install_with_gateway_installs_its_unit_and_dependencies(tmp_path: Path)
     assert imports.returncode == 0, imports.stderr
     assert "removed" in run("uninstall.sh")
     assert not installed.exists()
+
+
+# -- the process ---------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_several_workers_serve_one_port_and_stop_on_sigterm(gateway_factory: Callable[..., Gateway]) -> None:
+    gateway = gateway_factory(http={"workers": 2})
+    for i in range(6):  # keep-alive off: connections land on either worker
+        response = gateway.client.post("/publish", json=event(event_id=f"w{i}"), headers={"Connection": "close"})
+        assert ok(response)["added_to_queue"] == 1
+    assert ok(gateway.client.get("/stats"))["unique_processed"] == 6
+    assert gateway.proc is not None
+    gateway.proc.terminate()
+    assert gateway.proc.wait(30) == 0
+
+
+@pytest.mark.e2e
+def test_a_bad_config_stops_the_gateway_with_a_message_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[http]\nbind = "localhost"\n')
+    result = run_script("gateway.py", "--config", str(config), timeout=60)
+    assert result.returncode == 2
+    assert "[http] bind must be HOST:PORT" in result.stderr

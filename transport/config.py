@@ -103,6 +103,7 @@ class HttpConfig:
     max_body_bytes: int = 10_485_760
     max_events: int = 10_000
     publishers: int = 32
+    workers: int = 1
 
     @property
     def host(self) -> str:
@@ -179,6 +180,7 @@ _POSITIVE = {
     ("http", "max_body_bytes"),
     ("http", "max_events"),
     ("http", "publishers"),
+    ("http", "workers"),
 }
 _CHOICES = {
     ("storage", "synchronous"): ("OFF", "NORMAL", "FULL", "EXTRA"),

@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import logging
 import math
+import os
 import queue
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -49,7 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from transport import metrics
 from transport.client import NoAnswer, QueryClient, QueryClientError, connectable
-from transport.config import Config
+from transport.config import Config, load_config
 from transport.publisher import BatchRefused, BatchResult, DeliveryFailed, Publisher, PublisherError, PublishTimeout
 from transport.queries import MAX_CURSOR
 from transport.schema import InvalidEvent, check_fields, pack_payload, type_name
@@ -414,6 +415,18 @@ LimitParam = Annotated[
 
 
 # -- the application ---------------------------------------------------------------------------------
+
+
+CONFIG_ENV = "EVENTAGG_GATEWAY_CONFIG"
+
+
+def app_from_environment() -> FastAPI:
+    """The application for the config file named by ``$EVENTAGG_GATEWAY_CONFIG``.
+
+    The factory each uvicorn worker process calls when ``[http] workers`` is above 1 (workers
+    import the application by name, so the config path travels in the environment).
+    """
+    return create_app(load_config(os.environ[CONFIG_ENV]))
 
 
 def create_app(config: Config) -> FastAPI:
