@@ -536,3 +536,37 @@ def test_a_bad_config_stops_the_gateway_with_a_message_naming_the_key(tmp_path: 
     result = run_script("gateway.py", "--config", str(config), timeout=60)
     assert result.returncode == 2
     assert "[http] bind must be HOST:PORT" in result.stderr
+
+
+def test_conflicting_positions_pass_through_from_the_ack_to_the_request() -> None:
+    """A daemon that names conflicting duplicates in its ack ([ingest] retention's ``conflicting``):
+    the publisher keeps them per batch, and the gateway turns them into positions in the request.
+    Here a real ROUTER socket plays that daemon, since this daemon does not name them yet."""
+    import msgpack
+    import zmq
+
+    from transport.gateway import _add_up
+    from transport.publisher import Publisher
+
+    context = zmq.Context.instance()
+    router = context.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    publisher = Publisher(f"tcp://127.0.0.1:{port}", batch_size=3, linger=3600, ack_timeout=10)
+    try:
+        publisher.publish_many([event(event_id=str(i)) for i in range(6)])  # two batches of 3
+        publisher.poll()
+        for _ in range(2):
+            assert router.poll(10_000)
+            identity, frame = router.recv_multipart()
+            batch = msgpack.unpackb(frame)
+            size = len(batch["events"])
+            reply = {"batch": batch["batch"], "new": size - 1, "duplicate": 1, "conflicting": [size - 1, 99, "x"]}
+            router.send_multipart([identity, msgpack.packb(reply)])
+        publisher.flush(10)
+        results = sorted(publisher.results, key=lambda result: result.batch_id)
+        assert [result.conflicting for result in results] == [(2,), (2,)]  # out-of-range and non-int dropped
+        outcome = _add_up(results, 6)
+        assert (outcome.new, outcome.duplicates, outcome.conflicting) == (4, 2, [2, 5])
+    finally:
+        publisher.close(flush=False)
+        router.close(linger=0)

@@ -84,7 +84,7 @@ class PublishOutcome:
     received: int
     new: int
     duplicates: int
-    conflicting: list[Any]
+    conflicting: list[int]
     rejected: list[dict[str, Any]]
 
 
@@ -226,14 +226,15 @@ class DaemonLink:
 
 def _add_up(results: list[BatchResult], received: int) -> PublishOutcome:
     new = duplicates = 0
-    conflicting: list[Any] = []
+    conflicting: list[int] = []
     rejected: list[dict[str, Any]] = []
     offset = 0
     for result in results:
         new += result.new
         duplicates += result.duplicate
-        # A later daemon may name events that clash with stored ones; passed through when present.
-        conflicting.extend(_jsonable(getattr(result, "conflicting", None) or []))
+        # Positions in the request of duplicates whose content differs from the stored event,
+        # when the daemon names them (a daemon that does not gives ()).
+        conflicting.extend(offset + index for index in result.conflicting)
         rejected.extend({"index": offset + r.index, "error": r.reason} for r in result.rejected)
         offset += result.size
     return PublishOutcome(received, new, duplicates, conflicting, rejected)
@@ -351,7 +352,10 @@ class PublishReply(BaseModel):
     received: int = Field(description="Events in the request.")
     added_to_queue: int = Field(description="Events stored for the first time.")
     duplicates: int = Field(description="Events already stored (same topic and event_id), dropped.")
-    conflicting: list[Any] = Field(description="Events the daemon reports as clashing with stored ones ([] if none).")
+    conflicting: list[int] = Field(
+        description="Positions in the request of duplicates whose content differs from the stored event "
+        "(when the daemon reports them; else [])."
+    )
     rejected: list[dict[str, Any]] = Field(description="Events the daemon refused after all: {index, error}.")
 
 

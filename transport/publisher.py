@@ -147,7 +147,11 @@ class Rejection:
 
 @dataclass(frozen=True, slots=True)
 class BatchResult:
-    """The daemon's answer to one acknowledged batch, after it was committed."""
+    """The daemon's answer to one acknowledged batch, after it was committed.
+
+    ``conflicting`` holds the positions in the batch of duplicates whose content differs from
+    the stored event, when the daemon names them (its ack's ``conflicting`` list), else ().
+    """
 
     batch_id: int
     size: int
@@ -155,6 +159,7 @@ class BatchResult:
     duplicate: int
     rejected: tuple[Rejection, ...]
     attempts: int
+    conflicting: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -631,6 +636,7 @@ class Publisher:
             for index, reason in reply.get("rejected", [])
             if isinstance(index, int) and 0 <= index < len(batch.events)
         )
+        conflicting = reply.get("conflicting")
         result = BatchResult(
             batch.batch_id,
             len(batch.events),
@@ -638,6 +644,11 @@ class Publisher:
             int(reply.get("duplicate", 0)),
             rejected,
             batch.attempts,
+            tuple(
+                index
+                for index in (conflicting if isinstance(conflicting, list) else ())
+                if isinstance(index, int) and 0 <= index < len(batch.events)
+            ),
         )
         if result.new + result.duplicate + len(rejected) != result.size:
             log.warning(
