@@ -38,9 +38,9 @@ def event(
 class Gateway:
     """One scripts/gateway.py process reading a daemon's config file."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Daemon, url: str) -> None:
         self.daemon = daemon
-        self.url = daemon.http_url  # type: ignore[attr-defined]
+        self.url = url
         self.log_path = daemon.workdir / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.client = httpx.Client(base_url=self.url, timeout=30.0)
@@ -91,11 +91,11 @@ def gateway_factory(daemon_factory: Callable[..., Daemon]) -> Iterator[Callable[
     def make(start_daemon: bool = True, **overrides: dict[str, Any]) -> Gateway:
         port = free_port()
         http = {"bind": f"127.0.0.1:{port}", "request_timeout_ms": TIMEOUT_MS, **overrides.pop("http", {})}
+        # The daemon gets the [http] section too: it must accept it and leave it to the gateway.
         daemon = daemon_factory(http=http, **overrides)
-        daemon.http_url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
         if start_daemon:
             daemon.start()
-        gateway = Gateway(daemon)
+        gateway = Gateway(daemon, f"http://127.0.0.1:{port}")
         made.append(gateway)
         return gateway.start()
 
