@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install eventagg as a systemd service; safe to run again (that is also how to upgrade).
 #
-#   scripts/install.sh [--prefix DIR] [--python PYTHON] [--pip-args "ARGS"]
+#   scripts/install.sh [--prefix DIR] [--python PYTHON] [--pip-args "ARGS"] [--with-gateway]
 #
 # Lays out:
 #   /opt/eventagg/venv/                     virtualenv with eventagg (a wheel) and its dependencies;
@@ -12,12 +12,15 @@
 #   /opt/eventagg/config.toml.default       the shipped default config, for reference
 #   /etc/eventagg/config.toml               the config (an edited one is never overwritten)
 #   /etc/systemd/system/eventagg.service    the unit (state goes to /var/lib/eventagg at run time)
+#   /etc/systemd/system/eventagg-gateway.service   with --with-gateway: the HTTP gateway's unit
 # and runs `systemctl daemon-reload` when systemd is running and --prefix is not given.
 #
 # --prefix DIR      install under a staging root (DIR/opt/eventagg, DIR/etc/...); systemctl is not run
 # --python PYTHON   interpreter for the virtualenv (default: python3; must be 3.11 or newer)
 # --pip-args ARGS   extra pip arguments, e.g. "--no-index --find-links /srv/wheels" for offline installs
 #                   (also read from $EVENTAGG_PIP_ARGS)
+# --with-gateway    also install the HTTP gateway: its Python dependencies (the gateway extra:
+#                   FastAPI, uvicorn, prometheus-client) and its unit (docs/gateway.md)
 set -euo pipefail
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
@@ -26,6 +29,7 @@ die() { echo "install: $*" >&2; exit 1; }
 PREFIX=""
 PYTHON="python3"
 PIP_ARGS="${EVENTAGG_PIP_ARGS:-}"
+WITH_GATEWAY=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --prefix) [ $# -ge 2 ] || die "--prefix needs a directory"; PREFIX="$2"; shift 2 ;;
@@ -34,6 +38,7 @@ while [ $# -gt 0 ]; do
         --python=*) PYTHON="${1#*=}"; shift ;;
         --pip-args) [ $# -ge 2 ] || die "--pip-args needs a value"; PIP_ARGS="$2"; shift 2 ;;
         --pip-args=*) PIP_ARGS="${1#*=}"; shift ;;
+        --with-gateway) WITH_GATEWAY=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument: $1" ;;
     esac
@@ -80,9 +85,11 @@ trap 'rm -rf "$BUILD"' EXIT
 cp -r "$SRC/pyproject.toml" "$SRC/actors" "$SRC/transport" "$BUILD/"
 [ ! -f "$SRC/README.md" ] || cp "$SRC/README.md" "$BUILD/"
 find "$BUILD" -name __pycache__ -prune -exec rm -rf {} +
+TARGET="$BUILD"
+[ "$WITH_GATEWAY" = 0 ] || TARGET="$BUILD[gateway]"
 echo "install: installing eventagg and its dependencies"
 # shellcheck disable=SC2086  # PIP_ARGS is a list of words on purpose
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check $PIP_ARGS "$BUILD" \
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check $PIP_ARGS "$TARGET" \
     || die "pip could not install eventagg; for an offline machine pass --pip-args \"--no-index --find-links DIR\""
 
 # 3. The scripts of the operator's contract, wrappers of the installed command. Nothing that
@@ -127,10 +134,18 @@ echo "$new_sum" > "$STAMP"
 mkdir -p "$UNIT_DIR"
 install -m 0644 "$SRC/scripts/systemd/eventagg.service" "$UNIT_DIR/eventagg.service"
 echo "install: installed $UNIT_DIR/eventagg.service"
+if [ "$WITH_GATEWAY" = 1 ]; then
+    install -m 0644 "$SRC/scripts/systemd/eventagg-gateway.service" "$UNIT_DIR/eventagg-gateway.service"
+    echo "install: installed $UNIT_DIR/eventagg-gateway.service"
+    if [ -f "$SRC/docs/gateway.md" ]; then
+        install -D -m 0644 "$SRC/docs/gateway.md" "$OPT/docs/gateway.md"
+    fi
+fi
 
 if [ -z "$PREFIX" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
     systemctl daemon-reload
     echo "install: systemd reloaded. Start it with: systemctl enable --now eventagg"
+    [ "$WITH_GATEWAY" = 0 ] || echo "install: and the gateway with: systemctl enable --now eventagg-gateway"
     if systemctl is-active --quiet eventagg.service; then
         echo "install: eventagg is running the old version; apply the upgrade with: systemctl restart eventagg"
     fi

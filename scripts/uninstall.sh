@@ -3,8 +3,8 @@
 #
 #   scripts/uninstall.sh [--prefix DIR] [--purge]
 #
-# Stops and disables the service (when systemd is running and --prefix is not given), removes
-# the unit and /opt/eventagg. The config (/etc/eventagg) and the data (/var/lib/eventagg) stay
+# Stops and disables the service and the gateway (when systemd is running and --prefix is not
+# given), removes their units and /opt/eventagg. The config (/etc/eventagg) and the data (/var/lib/eventagg) stay
 # unless --purge is given: the database holds every event ever stored.
 set -euo pipefail
 
@@ -32,11 +32,20 @@ if [ -z "$PREFIX" ] && [ "$(id -u)" -ne 0 ]; then
 fi
 
 UNIT="$PREFIX/etc/systemd/system/eventagg.service"
+GATEWAY_UNIT="$PREFIX/etc/systemd/system/eventagg-gateway.service"
 SYSTEMD=0
 if [ -z "$PREFIX" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
     SYSTEMD=1
 fi
 
+if [ "$SYSTEMD" = 1 ] && systemctl cat eventagg-gateway.service >/dev/null 2>&1; then
+    echo "uninstall: stopping and disabling eventagg-gateway"
+    systemctl disable --now eventagg-gateway.service || echo "uninstall: could not stop eventagg-gateway; continuing"
+fi
+if [ -f "$GATEWAY_UNIT" ]; then
+    rm -f "$GATEWAY_UNIT"
+    echo "uninstall: removed $GATEWAY_UNIT"
+fi
 if [ "$SYSTEMD" = 1 ] && systemctl cat eventagg.service >/dev/null 2>&1; then
     echo "uninstall: stopping and disabling eventagg"
     systemctl disable --now eventagg.service || echo "uninstall: could not stop eventagg; continuing"
@@ -47,7 +56,7 @@ if [ -f "$UNIT" ]; then
 fi
 if [ "$SYSTEMD" = 1 ]; then
     systemctl daemon-reload
-    systemctl reset-failed eventagg.service >/dev/null 2>&1 || true
+    systemctl reset-failed eventagg.service eventagg-gateway.service >/dev/null 2>&1 || true
 fi
 if [ -d "$PREFIX/opt/eventagg" ]; then
     rm -rf "$PREFIX/opt/eventagg"

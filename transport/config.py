@@ -92,6 +92,31 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """``[http]``: the HTTP gateway (``scripts/gateway.py``, docs/gateway.md); the daemon reads none of it.
+
+    ``bind`` is ``HOST:PORT`` (an IPv6 host in brackets: ``[::1]:8080``).
+    """
+
+    bind: str = "127.0.0.1:8080"
+    request_timeout_ms: int = 5_000
+    max_body_bytes: int = 10_485_760
+    max_events: int = 10_000
+    publishers: int = 32
+    workers: int = 1
+
+    @property
+    def host(self) -> str:
+        """The host part of ``bind``, without the brackets of an IPv6 address."""
+        return split_host_port(self.bind)[0]
+
+    @property
+    def port(self) -> int:
+        """The port part of ``bind``."""
+        return split_host_port(self.bind)[1]
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration, one frozen dataclass per TOML section."""
 
@@ -101,6 +126,7 @@ class Config:
     query: QueryConfig = field(default_factory=QueryConfig)
     log: LogConfig = field(default_factory=LogConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     source: Path | None = None
 
     @property
@@ -132,6 +158,7 @@ _SECTIONS: dict[str, type] = {
     "query": QueryConfig,
     "log": LogConfig,
     "security": SecurityConfig,
+    "http": HttpConfig,
 }
 
 _POSITIVE = {
@@ -149,6 +176,11 @@ _POSITIVE = {
     ("storage", "cache_mb"),
     ("query", "max_limit"),
     ("query", "timeout_ms"),
+    ("http", "request_timeout_ms"),
+    ("http", "max_body_bytes"),
+    ("http", "max_events"),
+    ("http", "publishers"),
+    ("http", "workers"),
 }
 _CHOICES = {
     ("storage", "synchronous"): ("OFF", "NORMAL", "FULL", "EXTRA"),
@@ -230,6 +262,11 @@ def _parse_section(name: str, section_type: type, values: dict[str, Any]) -> Any
             value = _expand(f"[{name}] {key}", value)
         if (name, key) in _ENDPOINTS:
             _check_endpoint(f"[{name}] {key}", value)
+        if (name, key) == ("http", "bind"):
+            try:
+                split_host_port(value)
+            except ValueError as exc:
+                raise ConfigError(f"[http] bind {exc}") from None
         checked[key] = value
     return section_type(**checked)
 
@@ -244,3 +281,17 @@ def _check_endpoint(where: str, value: str) -> None:
         _, colon, port = address.rpartition(":")
         if not (colon and port.isdigit() and 1 <= int(port) <= 65535):
             raise ConfigError(f"{where} needs a port from 1 to 65535, like tcp://127.0.0.1:5555, not {value!r}")
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[V6ADDR]:PORT`` for IPv6) as ``(host, port)``, or :class:`ValueError` saying what is wrong."""
+    host, colon, port = value.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    unbracketed_v6 = ":" in host and not bracketed
+    if not (colon and host and port.isdigit() and 1 <= int(port) <= 65535) or "/" in value or unbracketed_v6:
+        raise ValueError(
+            f"must be HOST:PORT with a port from 1 to 65535, like 127.0.0.1:8080 or [::1]:8080, not {value!r}"
+        )
+    return host, int(port)

@@ -1,0 +1,572 @@
+"""The HTTP gateway (scripts/gateway.py) over real HTTP, in front of a real daemon.
+
+Every e2e test here starts the real daemon and the real gateway process on loopback ports and
+talks to the gateway with httpx, as the original service's clients did. The gateway reads the
+daemon's own config file, whose ``[http]`` section the daemon must accept and ignore.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from harness import ROOT, SCRIPTS, Daemon, eventually, free_port, run_script
+from prometheus_client.parser import text_string_to_metric_families
+
+from transport.config import ConfigError, parse_config
+from transport.gateway import GatewayError, parse_events
+
+TIMEOUT_MS = 2000
+
+
+def event(
+    topic: str = "orders", event_id: str = "e-1", timestamp: str = "2025-10-22T10:00:00Z", **extra: Any
+) -> dict[str, Any]:
+    return {"topic": topic, "event_id": event_id, "timestamp": timestamp, "source": "test", **extra}
+
+
+class Gateway:
+    """One scripts/gateway.py process reading a daemon's config file."""
+
+    def __init__(self, daemon: Daemon, url: str) -> None:
+        self.daemon = daemon
+        self.url = url
+        self.log_path = daemon.workdir / "gateway.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.client = httpx.Client(base_url=self.url, timeout=30.0)
+
+    def start(self, timeout: float = 30.0) -> Gateway:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(SCRIPTS / "gateway.py"), "--config", str(self.daemon.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.daemon.workdir,
+            )
+        eventually(self._listening, timeout, f"gateway listening at {self.url}:\n{self.log()}")
+        return self
+
+    def _listening(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            self.client.get("/openapi.json", timeout=1.0)
+        except httpx.TransportError:
+            return False
+        return True
+
+    def publish(self, body: Any) -> httpx.Response:
+        return self.client.post("/publish", json=body)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        self.client.close()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@pytest.fixture
+def gateway_factory(daemon_factory: Callable[..., Daemon]) -> Iterator[Callable[..., Gateway]]:
+    """Make a daemon with an [http] section and a gateway for it (started); all stopped at teardown."""
+    made: list[Gateway] = []
+
+    def make(start_daemon: bool = True, **overrides: dict[str, Any]) -> Gateway:
+        port = free_port()
+        http = {"bind": f"127.0.0.1:{port}", "request_timeout_ms": TIMEOUT_MS, **overrides.pop("http", {})}
+        # The daemon gets the [http] section too: it must accept it and leave it to the gateway.
+        daemon = daemon_factory(http=http, **overrides)
+        if start_daemon:
+            daemon.start()
+        gateway = Gateway(daemon, f"http://127.0.0.1:{port}")
+        made.append(gateway)
+        return gateway.start()
+
+    yield make
+    for gateway in made:
+        gateway.stop()
+
+
+@pytest.fixture
+def gateway(gateway_factory: Callable[..., Gateway]) -> Gateway:
+    return gateway_factory()
+
+
+def ok(response: httpx.Response) -> dict[str, Any]:
+    assert response.status_code == 200, f"{response.status_code}: {response.text}"
+    body: dict[str, Any] = response.json()
+    return body
+
+
+# -- the original service's API ------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_invalid_event_is_400_with_error_and_index_and_nothing_is_sent(gateway: Gateway) -> None:
+    batch = [event(event_id="ok-1"), event(event_id="bad", timestamp="2025-10-22T10:00:00"), event(event_id="ok-2")]
+    response = gateway.publish({"events": batch})
+    assert response.status_code == 400
+    body = response.json()
+    assert body["index"] == 1
+    assert "timezone" in body["error"]
+    single = gateway.publish({"topic": "orders", "event_id": 7, "timestamp": "2025-10-22T10:00:00Z", "source": "s"})
+    assert single.status_code == 400 and single.json() == {"error": "event_id must be a string, not int", "index": 0}
+    # The daemon never saw any of them (checked first, nothing sent).
+    assert gateway.daemon.stats()["received"] == 0
+    assert ok(gateway.client.get("/events"))["count"] == 0
+
+
+@pytest.mark.e2e
+def test_bad_requests_get_a_4xx_with_a_clear_message(gateway_factory: Callable[..., Gateway]) -> None:
+    gateway = gateway_factory(http={"max_body_bytes": 2000, "max_events": 3})
+    post = gateway.client.post
+    cases = [
+        (post("/publish", content=b'{"events": [{'), 400, "not valid JSON"),
+        (post("/publish", content=b"[1, 2]"), 400, "not a JSON array"),
+        (post("/publish", json={"events": {"topic": "t"}}), 400, "'events' must be an array"),
+        (post("/publish", json={"events": [event(), 5]}), 400, "an event must be a map, not int"),
+        (post("/publish", json=event(payload=[1])), 400, "payload must be a map, not list"),
+        (post("/publish", json=event(payload={"n": 2**70})), 400, "integers must fit in 64 bits"),
+        (post("/publish", content=b"x" * 2001), 413, "[http] max_body_bytes"),
+        (post("/publish", json={"events": [event(event_id=str(i)) for i in range(4)]}), 413, "[http] max_events"),
+        (gateway.client.get("/events", params={"limit": 0}), 400, "limit"),
+        (gateway.client.get("/events", params={"after": "x"}), 400, "after"),
+        (gateway.client.get("/nowhere"), 404, "Not Found"),
+        (gateway.client.delete("/publish"), 405, "Method Not Allowed"),
+    ]
+    for response, status, words in cases:
+        assert response.status_code == status, (response.request.url, response.text)
+        assert words in response.json()["error"], response.text
+    assert gateway.daemon.stats()["received"] == 0
+
+
+@pytest.mark.e2e
+def test_batch_of_five_is_added_and_listed(gateway: Gateway) -> None:
+    batch = [event(event_id=f"b-{i}", payload={"n": i, "tags": ["x"], "nested": {"ok": True}}) for i in range(5)]
+    reply = ok(gateway.publish({"events": batch}))
+    assert reply == {
+        "status": "ok",
+        "received": 5,
+        "added_to_queue": 5,
+        "duplicates": 0,
+        "conflicting": [],
+        "rejected": [],
+    }
+    # Acknowledged means committed: the events are there at once, no waiting.
+    page = ok(gateway.client.get("/events", params={"topic": "orders"}))
+    assert page["count"] == 5
+    assert [e["event_id"] for e in page["events"]] == [f"b-{i}" for i in range(5)]
+    assert page["events"][2]["payload"] == {"n": 2, "tags": ["x"], "nested": {"ok": True}}
+    assert page["next"] == 5
+    # Paging with the cursor: two at a time, then an empty page that keeps the cursor.
+    first = ok(gateway.client.get("/events", params={"topic": "orders", "limit": 2}))
+    second = ok(gateway.client.get("/events", params={"topic": "orders", "limit": 2, "after": first["next"]}))
+    assert [e["event_id"] for e in first["events"] + second["events"]] == ["b-0", "b-1", "b-2", "b-3"]
+    done = ok(gateway.client.get("/events", params={"topic": "orders", "after": 5}))
+    assert done == {"events": [], "count": 0, "next": 5}
+
+
+@pytest.mark.e2e
+def test_three_topics_make_total_topics_at_least_three(gateway: Gateway) -> None:
+    for topic in ("alpha", "beta", "gamma"):
+        assert ok(gateway.publish(event(topic=topic)))["added_to_queue"] == 1
+    stats = ok(gateway.client.get("/stats"))
+    assert stats["total_topics"] >= 3
+    assert stats["total_topics"] == stats["topic_count"]
+    assert stats["uptime"].endswith("s") and float(stats["uptime"][:-1]) > 0
+    topics = ok(gateway.client.get("/topics"))["topics"]
+    assert [t["topic"] for t in topics] == ["alpha", "beta", "gamma"]
+    # Without a topic, /events lists every topic in commit order.
+    assert {e["topic"] for e in ok(gateway.client.get("/events"))["events"]} == {"alpha", "beta", "gamma"}
+
+
+@pytest.mark.e2e
+def test_events_are_listed_in_timestamp_order(gateway: Gateway) -> None:
+    seconds = list(range(20))
+    random.Random(7).shuffle(seconds)
+    batch = [event(topic="t", event_id=f"s{s}", timestamp=f"2025-10-22T10:00:{s:02d}Z") for s in seconds]
+    assert ok(gateway.publish({"events": batch}))["added_to_queue"] == 20
+    listed = ok(gateway.client.get("/events", params={"topic": "t"}))["events"]
+    assert [e["timestamp"] for e in listed] == [f"2025-10-22T10:00:{s:02d}Z" for s in range(20)]
+    assert [e["seq"] for e in listed] == list(range(1, 21))
+
+
+@pytest.mark.e2e
+def test_duplicates_are_counted(gateway: Gateway) -> None:
+    assert ok(gateway.publish({"events": [event(event_id=f"d-{i}") for i in range(3)]}))["added_to_queue"] == 3
+    again = ok(gateway.publish({"events": [event(event_id=f"d-{i}") for i in range(5)]}))
+    assert (again["received"], again["added_to_queue"], again["duplicates"]) == (5, 2, 3)
+    twice_in_one = ok(gateway.publish({"events": [event(event_id="x"), event(event_id="x")]}))
+    assert (twice_in_one["added_to_queue"], twice_in_one["duplicates"]) == (1, 1)
+    stats = ok(gateway.client.get("/stats"))
+    assert (stats["unique_processed"], stats["duplicate_dropped"]) == (6, 4)
+    assert ok(gateway.client.get("/events"))["count"] == 6
+
+
+# -- metrics and health --------------------------------------------------------------------------
+
+METRICS = {  # exposed sample name -> stats key
+    "eventagg_received_total": "received",
+    "eventagg_unique_processed_total": "unique_processed",
+    "eventagg_duplicate_dropped_total": "duplicate_dropped",
+    "eventagg_rejected_total": "rejected",
+    "eventagg_late_total": "late",
+    "eventagg_in_flight": "in_flight",
+    "eventagg_topics": "topic_count",
+    "eventagg_uptime_seconds": "uptime_s",
+}
+
+
+def scrape(gateway: Gateway) -> dict[str, tuple[float, str]]:
+    """Every sample of GET /metrics: name -> (value, HELP text), parsed with prometheus_client's parser."""
+    response = gateway.client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[sample.name] = (sample.value, family.documentation)
+    return samples
+
+
+@pytest.mark.e2e
+def test_metrics_are_the_stats(gateway: Gateway) -> None:
+    ok(gateway.publish({"events": [event(topic=f"m{i % 2}", event_id=str(i)) for i in range(7)]}))
+    ok(gateway.publish({"events": [event(topic="m0", event_id="0")]}))
+    gateway.daemon.wait_idle()
+    samples = scrape(gateway)
+    stats = ok(gateway.client.get("/stats"))
+    assert set(samples) == {*METRICS, "eventagg_up"}
+    assert samples["eventagg_up"][0] == 1
+    for name, key in METRICS.items():
+        value, help_text = samples[name]
+        assert help_text, f"{name} has no HELP text"
+        if key == "uptime_s":
+            assert 0 < value <= stats[key]
+        else:
+            assert value == stats[key], name
+    assert samples["eventagg_received_total"][0] == 8
+    assert samples["eventagg_duplicate_dropped_total"][0] == 1
+    assert samples["eventagg_topics"][0] == 2
+
+
+@pytest.mark.e2e
+def test_daemon_away_gives_503_in_time_and_the_gateway_recovers(gateway: Gateway) -> None:
+    assert ok(gateway.client.get("/healthz"))["status"] == "ok"
+    assert ok(gateway.publish(event(event_id="before")))["added_to_queue"] == 1
+    gateway.daemon.terminate()
+
+    health = gateway.client.get("/healthz")
+    assert health.status_code == 503 and "did not answer" in health.json()["reason"]
+    started = time.monotonic()
+    refused = gateway.publish(event(event_id="while-away"))
+    took = time.monotonic() - started
+    assert refused.status_code == 503, refused.text
+    assert "not answering" in refused.json()["error"]
+    assert took < TIMEOUT_MS / 1000 + 1.5, f"answered after {took:.1f} s, over the {TIMEOUT_MS} ms timeout"
+    assert scrape(gateway).keys() == {"eventagg_up"} and scrape(gateway)["eventagg_up"][0] == 0
+    assert gateway.client.get("/stats").status_code == 503
+    assert gateway.proc is not None and gateway.proc.poll() is None  # the gateway itself keeps running
+
+    gateway.daemon.start()
+    eventually(lambda: gateway.client.get("/healthz").status_code == 200, 30, "healthz 200 after the restart")
+    assert ok(gateway.publish(event(event_id="after")))["added_to_queue"] == 1
+    # The refused event may or may not have been stored; publishing it again is safe either way.
+    again = ok(gateway.publish(event(event_id="while-away")))
+    assert again["added_to_queue"] + again["duplicates"] == 1
+    assert scrape(gateway)["eventagg_up"][0] == 1
+    ids = {e["event_id"] for e in ok(gateway.client.get("/events"))["events"]}
+    assert ids == {"before", "after", "while-away"}
+
+
+@pytest.mark.e2e
+def test_a_slow_daemon_gives_504(gateway_factory: Callable[..., Gateway]) -> None:
+    """The daemon answers queries but its writer is frozen: no acknowledgement, so 504, not 503."""
+    gateway = gateway_factory()
+    daemon = gateway.daemon
+    daemon.terminate()
+    daemon.start(env={**__import__("os").environ, "EVENTAGG_TEST_HOOKS": "1"})
+    frozen = daemon.request({"op": "debug_freeze", "actor": "dedup", "seconds": 6})
+    assert "error" not in frozen, frozen
+    started = time.monotonic()
+    response = gateway.publish(event(event_id="slow"))
+    took = time.monotonic() - started
+    assert response.status_code == 504, response.text
+    assert "did not acknowledge" in response.json()["error"]
+    assert took < TIMEOUT_MS / 1000 + 1.5
+
+
+@pytest.mark.e2e
+def test_curve_when_the_config_says_so(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> None:
+    folder, authorized = tmp_path / "keys", tmp_path / "authorized"
+    for args in (("server", str(folder)), ("client", "gateway", str(folder), "--authorize", str(authorized))):
+        result = run_script("keys.py", *args, timeout=30)
+        assert result.returncode == 0, result.stderr
+    security = {
+        "curve_secret_key": str(folder / "server.key_secret"),
+        "authorized_keys": str(authorized),
+        "client_certificate": str(folder / "gateway.key_secret"),
+    }
+    gateway = gateway_factory(start_daemon=False, security=security)
+    assert gateway.daemon.proc is None
+    gateway.daemon.start(wait=False)
+    eventually(lambda: gateway.client.get("/healthz").status_code == 200, 30, "healthz 200 over CURVE")
+    assert ok(gateway.publish(event(event_id="secret")))["added_to_queue"] == 1
+    assert [e["event_id"] for e in ok(gateway.client.get("/events"))["events"]] == ["secret"]
+
+
+# -- the OpenAPI document, fuzzed -----------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_openapi_lists_every_route(gateway: Gateway) -> None:
+    paths = ok(gateway.client.get("/openapi.json"))["paths"]
+    assert set(paths) >= {"/publish", "/events", "/stats", "/topics", "/metrics", "/healthz"}
+    assert "post" in paths["/publish"] and "requestBody" in paths["/publish"]["post"]
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(240)
+def test_fuzzing_the_openapi_document_finds_no_server_error(gateway: Gateway) -> None:
+    """schemathesis generates requests from the gateway's own OpenAPI document, valid and not: none gets a 5xx."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    schema = schemathesis.openapi.from_url(f"{gateway.url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 6
+    # Positive cases follow the document (valid events reach the daemon); negative ones break it.
+    strategy = st.one_of(
+        [operation.as_strategy(mode) for operation in operations for mode in schemathesis.GenerationMode]
+    )
+    seen: Counter[tuple[str, int]] = Counter()
+    budget_end = time.monotonic() + 45  # bounded in time whatever hypothesis decides
+
+    @settings(
+        max_examples=300,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=strategy)
+    def no_server_error(case: Any) -> None:
+        if time.monotonic() > budget_end:
+            return
+        response = case.call(base_url=gateway.url, timeout=10)
+        seen[(f"{case.method} {case.path}", response.status_code)] += 1
+        assert response.status_code < 500, f"{case.method} {case.path}: {response.status_code} {response.text}"
+
+    no_server_error()
+    # The fuzz reached the daemon: some publishes and queries succeeded, some were refused.
+    assert sum(seen.values()) >= 100, seen
+    assert seen[("POST /publish", 200)] and seen[("POST /publish", 400)], seen
+    assert seen[("GET /events", 200)] and seen[("GET /events", 400)], seen
+    print(sorted(seen.items()))
+    assert gateway.proc is not None and gateway.proc.poll() is None
+
+
+# -- config and body parsing, in process ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "words"),
+    [
+        ({"bind": "8080"}, "[http] bind must be HOST:PORT"),
+        ({"bind": "127.0.0.1:0"}, "[http] bind must be HOST:PORT"),
+        ({"bind": "::1:8080"}, "[http] bind must be HOST:PORT"),
+        ({"bind": "http://127.0.0.1:8080"}, "[http] bind must be HOST:PORT"),
+        ({"request_timeout_ms": 0}, "[http] request_timeout_ms must be greater than 0"),
+        ({"max_body_bytes": "1"}, "[http] max_body_bytes must be a int"),
+        ({"colour": 1}, "unknown key [http] colour"),
+    ],
+)
+def test_http_config_errors_name_the_key(values: dict[str, Any], words: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"http": values})
+    assert words in str(caught.value)
+
+
+def test_http_config_defaults_and_ipv6() -> None:
+    http = parse_config({}).http
+    assert (http.host, http.port, http.request_timeout_ms) == ("127.0.0.1", 8080, 5000)
+    v6 = parse_config({"http": {"bind": "[::1]:9000"}}).http
+    assert (v6.host, v6.port) == ("::1", 9000)
+
+
+def test_parse_events_keeps_only_the_schema_fields() -> None:
+    body = b'{"events": [{"topic": "t", "event_id": "1", "timestamp": "2025-10-22T10:00:00Z", "source": "s", "x": 1}]}'
+    assert parse_events(body, 10, 1000) == [
+        {"topic": "t", "event_id": "1", "timestamp": "2025-10-22T10:00:00Z", "source": "s"}
+    ]
+    big = b'{"topic": "t", "event_id": "1", "timestamp": "2025-10-22T10:00:00Z", "source": "s", "payload": {"b": "%s"}}'
+    with pytest.raises(GatewayError) as caught:
+        parse_events(big % (b"x" * 2000), 10, 1000)
+    assert caught.value.status == 400 and "over the limit of 1000" in caught.value.body["error"]
+
+
+# -- installation: the systemd unit and install.sh --with-gateway ------------------------------------
+
+UNIT = ROOT / "scripts" / "systemd" / "eventagg-gateway.service"
+DAEMON_UNIT = ROOT / "scripts" / "systemd" / "eventagg.service"
+needs_systemd_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed (apt-get install systemd)"
+)
+
+
+def unit_settings(path: Path) -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def analyze(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_PAGER": ""}
+    return subprocess.run(["systemd-analyze", *args], capture_output=True, text=True, timeout=60, env=env, check=False)
+
+
+def test_gateway_unit_runs_the_gateway_after_the_daemon_hardened_like_it() -> None:
+    gateway, daemon = unit_settings(UNIT), unit_settings(DAEMON_UNIT)
+    assert gateway["ExecStart"] == [
+        "/opt/eventagg/venv/bin/python /opt/eventagg/scripts/gateway.py --config /etc/eventagg/config.toml"
+    ]
+    assert "eventagg.service" in gateway["After"][0].split()
+    # Every hardening setting of the daemon's unit, with the same value.
+    hardening = [k for k in daemon if k.startswith(("Protect", "Private", "Restrict", "SystemCall", "Capability"))]
+    hardening += ["NoNewPrivileges", "DynamicUser", "MemoryDenyWriteExecute", "LockPersonality", "UMask"]
+    assert len(hardening) > 20
+    for key in hardening:
+        assert gateway.get(key) == daemon[key], key
+
+
+@needs_systemd_analyze
+def test_gateway_unit_verifies_and_exposure_is_at_most_two(tmp_path: Path) -> None:
+    unit = tmp_path / "eventagg-gateway.service"
+    unit.write_text(UNIT.read_text().replace("/opt/eventagg/venv/bin/python", sys.executable))
+    verify = analyze("verify", str(unit))
+    problems = [line for line in (verify.stdout + verify.stderr).splitlines() if line.strip()]
+    assert problems == [] and verify.returncode == 0, "\n".join(problems)
+    security = analyze("security", "--offline=yes", "--threshold=20", str(UNIT))
+    assert security.returncode == 0, security.stdout[-2000:]
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_install_with_gateway_installs_its_unit_and_dependencies(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+
+    def run(script: str, *args: str) -> str:
+        result = subprocess.run(
+            ["bash", str(SCRIPTS / script), "--prefix", str(tmp_path), *args],
+            capture_output=True,
+            text=True,
+            timeout=500,
+            env=env,
+            cwd="/",
+            check=False,
+        )
+        assert result.returncode == 0, f"{script} failed:\n{result.stdout}\n{result.stderr}"
+        return result.stdout
+
+    run("install.sh", "--with-gateway")
+    installed = tmp_path / "etc/systemd/system/eventagg-gateway.service"
+    assert installed.read_text() == UNIT.read_text()
+    python = tmp_path / "opt/eventagg/venv/bin/python"
+    check = subprocess.run(
+        [str(python), str(tmp_path / "opt/eventagg/scripts/gateway.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert check.returncode == 0 and "--config" in check.stdout, check.stderr
+    imports = subprocess.run(
+        [str(python), "-c", "import fastapi, uvicorn, prometheus_client, transport.gateway"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert imports.returncode == 0, imports.stderr
+    assert "removed" in run("uninstall.sh")
+    assert not installed.exists()
+
+
+# -- the process ---------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_several_workers_serve_one_port_and_stop_on_sigterm(gateway_factory: Callable[..., Gateway]) -> None:
+    gateway = gateway_factory(http={"workers": 2})
+    for i in range(6):  # keep-alive off: connections land on either worker
+        response = gateway.client.post("/publish", json=event(event_id=f"w{i}"), headers={"Connection": "close"})
+        assert ok(response)["added_to_queue"] == 1
+    assert ok(gateway.client.get("/stats"))["unique_processed"] == 6
+    assert gateway.proc is not None
+    gateway.proc.terminate()
+    assert gateway.proc.wait(30) == 0
+
+
+@pytest.mark.e2e
+def test_a_bad_config_stops_the_gateway_with_a_message_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[http]\nbind = "localhost"\n')
+    result = run_script("gateway.py", "--config", str(config), timeout=60)
+    assert result.returncode == 2
+    assert "[http] bind must be HOST:PORT" in result.stderr
+
+
+def test_conflicting_positions_pass_through_from_the_ack_to_the_request() -> None:
+    """A daemon that names conflicting duplicates in its ack ([ingest] retention's ``conflicting``):
+    the publisher keeps them per batch, and the gateway turns them into positions in the request.
+    Here a real ROUTER socket plays that daemon, since this daemon does not name them yet."""
+    import msgpack
+    import zmq
+
+    from transport.gateway import _add_up
+    from transport.publisher import Publisher
+
+    context = zmq.Context.instance()
+    router = context.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    publisher = Publisher(f"tcp://127.0.0.1:{port}", batch_size=3, linger=3600, ack_timeout=10)
+    try:
+        publisher.publish_many([event(event_id=str(i)) for i in range(6)])  # two batches of 3
+        publisher.poll()
+        for _ in range(2):
+            assert router.poll(10_000)
+            identity, frame = router.recv_multipart()
+            batch = msgpack.unpackb(frame)
+            size = len(batch["events"])
+            reply = {"batch": batch["batch"], "new": size - 1, "duplicate": 1, "conflicting": [size - 1, 99, "x"]}
+            router.send_multipart([identity, msgpack.packb(reply)])
+        publisher.flush(10)
+        results = sorted(publisher.results, key=lambda result: result.batch_id)
+        assert [result.conflicting for result in results] == [(2,), (2,)]  # out-of-range and non-int dropped
+        outcome = _add_up(results, 6)
+        assert (outcome.new, outcome.duplicates, outcome.conflicting) == (4, 2, [2, 5])
+    finally:
+        publisher.close(flush=False)
+        router.close(linger=0)

@@ -1,0 +1,615 @@
+"""The HTTP gateway: the original HTTP API, Prometheus metrics and a health check, in front of the daemon.
+
+A FastAPI application (:func:`create_app`) that ``scripts/gateway.py`` serves with uvicorn. It
+is a client of the daemon like any other and speaks only its public protocols:
+
+* ``POST /publish`` checks every event with the daemon's own rules
+  (:func:`transport.schema.check_fields`), then sends them through the publisher library in
+  acknowledged mode and answers only once the daemon acknowledged the commit.
+* ``GET /events``, ``/stats``, ``/topics``, ``/healthz`` and ``/metrics`` are one query each to
+  the query endpoint (:class:`transport.client.QueryClient`).
+
+Both use CURVE when the config's ``[security]`` gives a client certificate.
+
+Threads: route handlers run on the event loop; every call to the daemon runs on a worker thread
+(``anyio.to_thread``), since the ZeroMQ clients block. A :class:`Publisher` or a
+:class:`QueryClient` is used by one thread at a time: :class:`DaemonLink` keeps idle ones in
+pools and lends them out. At most ``[http] publishers`` publishes wait for acknowledgements at
+once; a request that finds none free waits for one within its timeout.
+
+Never hanging: a request has ``[http] request_timeout_ms`` in all. A publish that gets no
+acknowledgement in time spends a short part of that budget asking the query endpoint for
+stats, to tell a daemon that is away (503) from one that is up but slow (504). The publisher
+that failed is dropped rather than pooled (its unacknowledged batches must not leak into the
+next request's counts), so the next request starts on a fresh connection: the gateway recovers
+by itself when the daemon returns. Events of a request answered 503 or 504 may or may not have
+been stored; publishing them again is safe, since the daemon drops duplicates.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+import os
+import queue
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
+
+import anyio
+import msgpack
+import msgspec
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from transport import metrics
+from transport.client import NoAnswer, QueryClient, QueryClientError, connectable
+from transport.config import Config, load_config
+from transport.publisher import BatchRefused, BatchResult, DeliveryFailed, Publisher, PublisherError, PublishTimeout
+from transport.queries import MAX_CURSOR
+from transport.schema import InvalidEvent, check_fields, pack_payload, type_name
+from transport.security import SocketHook, curve_client_from_config
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_PAGE = 1000
+# Part of a publish's budget kept for the health probe that tells 503 from 504.
+MAX_PROBE_S = 1.0
+
+
+class GatewayError(Exception):
+    """A request that gets a non-200 answer: ``status`` and a JSON body with at least ``error``."""
+
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body: dict[str, Any] = {"error": message, **extra}
+
+
+# -- what the daemon is asked --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PublishOutcome:
+    """The daemon's acknowledgements of one request's events, added up."""
+
+    received: int
+    new: int
+    duplicates: int
+    conflicting: list[int]
+    rejected: list[dict[str, Any]]
+
+
+class DaemonLink:
+    """The gateway's connections to one daemon: pools of publishers and query clients, lent one per thread."""
+
+    def __init__(self, config: Config) -> None:
+        self.timeout = config.http.request_timeout_ms / 1000
+        self.ack_endpoint = connectable(config.ingest.ack_bind)
+        self.query_endpoint = connectable(config.query.bind)
+        self._secure: SocketHook | None = curve_client_from_config(config)
+        self._ingest = config.ingest
+        self._max_events = config.http.max_events
+        self._publishers: queue.SimpleQueue[Publisher] = queue.SimpleQueue()
+        self._queries: queue.SimpleQueue[QueryClient] = queue.SimpleQueue()
+        self._closed = False
+
+    # -- queries
+
+    def query(self, request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """One query's reply map (which may hold ``error``); :class:`GatewayError` 503 if no answer came."""
+        wait = self.timeout if timeout is None else timeout
+        try:
+            client = self._queries.get_nowait()
+        except queue.Empty:
+            client = QueryClient(self.query_endpoint, timeout=wait, configure=self._secure)
+        client.timeout = wait
+        try:
+            reply = client.request(request)
+        except NoAnswer:
+            client.close()
+            raise GatewayError(
+                503, f"the daemon's query endpoint {self.query_endpoint} did not answer within {wait:g} s"
+            ) from None
+        except (QueryClientError, ValueError, TypeError, msgpack.UnpackException) as exc:
+            client.close()  # a REQ socket after a bad reply is not worth reusing
+            raise GatewayError(502, f"the daemon sent a reply the gateway cannot read: {exc}") from None
+        self._return(self._queries, client)
+        return reply
+
+    # -- publishing
+
+    def publish(self, events: list[dict[str, Any]], deadline: float) -> PublishOutcome:
+        """Send checked events and wait for their acknowledgement until ``deadline`` (time.monotonic).
+
+        Raises :class:`GatewayError`: 503 (daemon away), 504 (daemon up, no acknowledgement in
+        time), 502 (the daemon refused the batch).
+        """
+        publisher = self._take_publisher()
+        probe_s = min(MAX_PROBE_S, self.timeout / 4)
+        ok = False
+        try:
+            publisher.results.clear()
+            publisher.publish_many(events, timeout=max(0.001, deadline - probe_s - time.monotonic()))
+            publisher.flush(max(0.001, deadline - probe_s - time.monotonic()))
+            results = sorted(publisher.results, key=lambda result: result.batch_id)
+            ok = True
+        except (PublishTimeout, DeliveryFailed):
+            raise self._no_acknowledgement(deadline) from None
+        except BatchRefused as exc:
+            raise GatewayError(502, f"the daemon refused the events: {exc.reason}") from None
+        except InvalidEvent as exc:  # checked before, so only if the rules changed under us
+            raise GatewayError(400, str(exc)) from None
+        except PublisherError as exc:
+            raise GatewayError(503, f"cannot publish to {self.ack_endpoint}: {exc}") from None
+        finally:
+            if ok:
+                self._return(self._publishers, publisher)
+            else:
+                publisher.close(flush=False)
+        return _add_up(results, len(events))
+
+    def _take_publisher(self) -> Publisher:
+        try:
+            return self._publishers.get_nowait()
+        except queue.Empty:
+            pass
+        ingest = self._ingest
+        batch_size = min(ingest.max_batch_events, self._max_events)
+        return Publisher(
+            self.ack_endpoint,
+            acked=True,
+            batch_size=batch_size,
+            linger=3600.0,  # a request's events leave as whole batches, at flush()
+            ack_timeout=self.timeout,  # no resend within a request: a resent batch would count as duplicates
+            deadline=2 * self.timeout,
+            block_timeout=self.timeout,
+            close_timeout=0.0,
+            max_payload_bytes=ingest.max_payload_bytes,
+            max_batch_bytes=min(4 * 1024 * 1024, ingest.max_message_bytes // 2),
+            configure=self._secure,
+            keep_results=self._max_events + 1,  # a batch holds one event at least
+        )
+
+    def _no_acknowledgement(self, deadline: float) -> GatewayError:
+        """503 if the daemon does not answer a query either, else 504.
+
+        The probe asks for stats, which the stats actor answers from its own counters, rather
+        than health, which waits for every actor's ping and so is slow exactly when the daemon is.
+        """
+        waited = self.timeout - max(0.0, deadline - time.monotonic())
+        probe = max(0.05, min(MAX_PROBE_S, deadline - time.monotonic()))
+        try:
+            self.query({"op": "stats"}, timeout=probe)
+        except GatewayError:
+            return GatewayError(
+                503,
+                f"the daemon is not answering: no acknowledgement from {self.ack_endpoint} in {waited:.1f} s "
+                f"and no answer from {self.query_endpoint}; is it running? Publishing again later is safe",
+            )
+        return GatewayError(
+            504,
+            f"the daemon answers queries but did not acknowledge the events within {waited:.1f} s "
+            f"(overloaded?); publishing them again is safe: duplicates are dropped",
+        )
+
+    # -- pools
+
+    def _return(self, pool: queue.SimpleQueue[Any], item: Any) -> None:
+        if self._closed:
+            item.close()
+        else:
+            pool.put(item)
+
+    def close(self) -> None:
+        """Close every pooled connection (ones lent out are closed when they come back)."""
+        self._closed = True
+        for pool in (self._publishers, self._queries):
+            while True:
+                try:
+                    item = pool.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, Publisher):
+                    item.close(flush=False)
+                else:
+                    item.close()
+
+
+def _add_up(results: list[BatchResult], received: int) -> PublishOutcome:
+    new = duplicates = 0
+    conflicting: list[int] = []
+    rejected: list[dict[str, Any]] = []
+    offset = 0
+    for result in results:
+        new += result.new
+        duplicates += result.duplicate
+        # Positions in the request of duplicates whose content differs from the stored event,
+        # when the daemon names them (a daemon that does not gives ()).
+        conflicting.extend(offset + index for index in result.conflicting)
+        rejected.extend({"index": offset + r.index, "error": r.reason} for r in result.rejected)
+        offset += result.size
+    return PublishOutcome(received, new, duplicates, conflicting, rejected)
+
+
+# -- JSON in and out -------------------------------------------------------------------------------
+
+_decoder = msgspec.json.Decoder()
+
+
+def parse_events(body: bytes, max_events: int, max_payload_bytes: int) -> list[dict[str, Any]]:
+    """The events of a ``POST /publish`` body, each checked by the daemon's rules; :class:`GatewayError` if not.
+
+    The body is one event object or ``{"events": [event, ...]}``. Only the schema's fields are
+    kept: the daemon ignores any others, and dropping them here keeps what is sent small.
+    """
+    try:
+        document = _decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise GatewayError(400, f"the body is not valid JSON: {exc}") from None
+    if isinstance(document, dict) and "events" in document and "topic" not in document:
+        events = document["events"]
+        if not isinstance(events, list):
+            raise GatewayError(400, f"'events' must be an array of event objects, not {_json_type(events)}")
+    elif isinstance(document, dict):
+        events = [document]
+    else:
+        raise GatewayError(
+            400, f'the body must be an event object or {{"events": [...]}}, not a JSON {_json_type(document)}'
+        )
+    if len(events) > max_events:
+        raise GatewayError(
+            413, f"{len(events)} events in one request, over the limit of {max_events} ([http] max_events)"
+        )
+    packer = msgpack.Packer(use_bin_type=True, datetime=False)
+    checked = []
+    for index, event in enumerate(events):
+        try:
+            topic, event_id, timestamp, _, source, payload = check_fields(event)
+            clean: dict[str, Any] = {"topic": topic, "event_id": event_id, "timestamp": timestamp, "source": source}
+            if payload is not None:
+                clean["payload"] = payload
+            if len(packer.pack(clean)) > max_payload_bytes:
+                pack_payload(payload, max_payload_bytes)
+        except InvalidEvent as exc:
+            raise GatewayError(400, str(exc), index=index) from None
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise GatewayError(
+                400, f"event cannot be encoded as msgpack ({exc}); integers must fit in 64 bits", index=index
+            ) from None
+        checked.append(clean)
+    return checked
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+    return names.get(type(value), type_name(value))
+
+
+def _enc_hook(value: Any) -> Any:
+    """What msgspec cannot encode by itself, as stored payloads may hold it (msgpack extension types)."""
+    if isinstance(value, msgpack.Timestamp):
+        return value.to_datetime().isoformat().replace("+00:00", "Z")
+    if isinstance(value, msgpack.ExtType):
+        return {"ext_type": value.code, "data": base64.b64encode(value.data).decode()}
+    raise NotImplementedError(f"{type(value).__name__} has no JSON form")
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with map keys made strings, bytes base64 and non-finite floats null: anything msgpack holds."""
+    if isinstance(value, dict):
+        return {_key(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (msgpack.Timestamp, msgpack.ExtType)):
+        return _enc_hook(value)
+    return value
+
+
+def _key(key: Any) -> str:
+    if isinstance(key, str):
+        return key
+    if isinstance(key, (bytes, bytearray)):
+        return base64.b64encode(bytes(key)).decode()
+    return msgspec.json.encode(_jsonable(key)).decode()
+
+
+def json_response(document: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    """A JSON response made with msgspec (fast, and it writes bytes as base64); anything odd is cleaned first."""
+    try:
+        content = msgspec.json.encode(document, enc_hook=_enc_hook)
+    except (TypeError, ValueError, NotImplementedError, msgspec.EncodeError):
+        content = msgspec.json.encode(_jsonable(document), enc_hook=_enc_hook)
+    return Response(content, status_code=status, media_type="application/json", headers=headers)
+
+
+# -- the OpenAPI document's models (the routes answer with json_response) ------------------------------
+
+
+class Error(BaseModel):
+    """A refused or failed request."""
+
+    error: str = Field(description="What went wrong and what to do about it.")
+    index: int | None = Field(None, description="POST /publish: the position of the first invalid event.")
+
+
+class PublishReply(BaseModel):
+    """The daemon's acknowledgement of a POST /publish, after its commit."""
+
+    status: str = Field(description='Always "ok".')
+    received: int = Field(description="Events in the request.")
+    added_to_queue: int = Field(description="Events stored for the first time.")
+    duplicates: int = Field(description="Events already stored (same topic and event_id), dropped.")
+    conflicting: list[int] = Field(
+        description="Positions in the request of duplicates whose content differs from the stored event "
+        "(when the daemon reports them; else [])."
+    )
+    rejected: list[dict[str, Any]] = Field(description="Events the daemon refused after all: {index, error}.")
+
+
+class StoredEvent(BaseModel):
+    topic: str
+    event_id: str
+    timestamp: str
+    source: str
+    payload: dict[str, Any]
+    seq: int
+    late: bool
+
+
+class EventsPage(BaseModel):
+    """A page of stored events and the cursor to pass as ``after`` for the next page."""
+
+    events: list[StoredEvent]
+    count: int
+    next: int
+
+
+_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["topic", "event_id", "timestamp", "source"],
+    "properties": {
+        "topic": {"type": "string", "description": "1-255 characters, no whitespace or control characters"},
+        "event_id": {"type": "string", "description": "1-255 characters; (topic, event_id) is stored once"},
+        "timestamp": {"type": "string", "description": "ISO-8601 with a timezone, e.g. 2025-10-22T10:00:00Z"},
+        "source": {"type": "string", "description": "at most 255 characters"},
+        "payload": {"type": "object", "description": "any JSON object; stored as a msgpack map"},
+    },
+}
+_PUBLISH_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "oneOf": [
+                    _EVENT_SCHEMA,
+                    {
+                        "type": "object",
+                        "required": ["events"],
+                        "properties": {"events": {"type": "array", "items": _EVENT_SCHEMA}},
+                    },
+                ]
+            }
+        }
+    },
+}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    503: {"model": Error, "description": "The daemon did not answer in time."},
+    504: {"model": Error, "description": "The daemon answered queries but did not acknowledge in time."},
+}
+
+
+TopicParam = Annotated[str | None, Query(description="Only this topic; every topic when absent.")]
+AfterParam = Annotated[int, Query(ge=0, le=MAX_CURSOR, description="The cursor: the `next` of the page before.")]
+LimitParam = Annotated[
+    int, Query(ge=1, description="Most events in the page (capped at the daemon's [query] max_limit).")
+]
+
+
+# -- the application ---------------------------------------------------------------------------------
+
+
+CONFIG_ENV = "EVENTAGG_GATEWAY_CONFIG"
+
+
+def app_from_environment() -> FastAPI:
+    """The application for the config file named by ``$EVENTAGG_GATEWAY_CONFIG``.
+
+    The factory each uvicorn worker process calls when ``[http] workers`` is above 1 (workers
+    import the application by name, so the config path travels in the environment).
+    """
+    return create_app(load_config(os.environ[CONFIG_ENV]))
+
+
+def create_app(config: Config) -> FastAPI:
+    """The gateway's FastAPI application for the daemon that ``config`` describes."""
+    http = config.http
+    link = DaemonLink(config)
+    started = time.monotonic()
+    publish_slots = anyio.CapacityLimiter(http.publishers)
+    publish_threads = anyio.CapacityLimiter(http.publishers)
+    query_threads = anyio.CapacityLimiter(16)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        log.info(
+            "eventagg gateway on http://%s publishing to %s, querying %s",
+            http.bind,
+            link.ack_endpoint,
+            link.query_endpoint,
+        )
+        yield
+        link.close()
+
+    app = FastAPI(
+        title="eventagg HTTP gateway",
+        version="1.0",
+        description="The original HTTP API of eventagg's publishers and readers, Prometheus metrics and a "
+        "health check, in front of the eventagg daemon. See docs/gateway.md.",
+        lifespan=lifespan,
+    )
+
+    async def ask(request: dict[str, Any]) -> dict[str, Any]:
+        return await _on_thread(link.query, request, limiter=query_threads)
+
+    @app.exception_handler(GatewayError)
+    async def gateway_error(_request: Request, exc: GatewayError) -> Response:
+        return json_response(exc.body, exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> Response:
+        problems = []
+        for error in exc.errors():
+            where = " ".join(str(part) for part in error.get("loc", ()))
+            problems.append(f"{where}: {error.get('msg', 'invalid')}")
+        return json_response({"error": "; ".join(problems) or "invalid request"}, 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+        return json_response({"error": str(exc.detail)}, exc.status_code, headers=exc.headers)
+
+    @app.post(
+        "/publish",
+        response_model=PublishReply,
+        summary="Publish one event or a batch; answers after the daemon committed them",
+        responses={
+            400: {"model": Error, "description": "Invalid JSON or an invalid event (index names it); nothing sent."},
+            413: {"model": Error, "description": "Body or event count over the limit."},
+            **_ERRORS,
+        },
+        openapi_extra={"requestBody": _PUBLISH_BODY},
+    )
+    async def publish(request: Request) -> Response:
+        deadline = time.monotonic() + link.timeout
+        body = await _read_body(request, http.max_body_bytes)
+        events = parse_events(body, http.max_events, config.ingest.max_payload_bytes)
+        if not events:
+            outcome = PublishOutcome(0, 0, 0, [], [])
+        else:
+            outcome = await _publish(events, deadline)
+        return json_response(
+            {
+                "status": "ok",
+                "received": outcome.received,
+                "added_to_queue": outcome.new,
+                "duplicates": outcome.duplicates,
+                "conflicting": outcome.conflicting,
+                "rejected": outcome.rejected,
+            }
+        )
+
+    async def _publish(events: list[dict[str, Any]], deadline: float) -> PublishOutcome:
+        acquired = False
+        with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
+            await publish_slots.acquire()
+            acquired = True  # no await between these two lines, so a timeout cannot fall between them
+        if not acquired:
+            raise GatewayError(
+                503, f"all {http.publishers} publishers were busy for {link.timeout:g} s ([http] publishers)"
+            )
+        try:
+            return await _on_thread(link.publish, events, deadline, limiter=publish_threads)
+        finally:
+            publish_slots.release()
+
+    @app.get(
+        "/events",
+        response_model=EventsPage,
+        summary="A page of stored events: one topic in seq (timestamp) order, or every topic in commit order",
+        responses={400: {"model": Error, "description": "A bad query parameter."}, **_ERRORS},
+    )
+    async def events(
+        topic: TopicParam = None,
+        after: AfterParam = 0,
+        limit: LimitParam = DEFAULT_PAGE,
+    ) -> Response:
+        # The daemon caps the page at its max_limit; capping here too keeps a huge limit packable.
+        limit = min(limit, config.query.max_limit)
+        reply = _answered(await ask({"op": "events", "topic": topic, "after": after, "limit": limit}))
+        page = reply.get("events", [])
+        return json_response({"events": page, "count": len(page), "next": reply.get("next", after)})
+
+    @app.get(
+        "/stats",
+        summary="The daemon's counters, with the original service's total_topics and uptime",
+        responses=_ERRORS,
+    )
+    async def stats() -> Response:
+        reply = _answered(await ask({"op": "stats"}))
+        reply["total_topics"] = reply.get("topic_count", 0)
+        reply["uptime"] = f"{float(reply.get('uptime_s', 0.0)):.2f}s"
+        reply["gateway_uptime_s"] = round(time.monotonic() - started, 3)
+        return json_response(reply)
+
+    @app.get("/topics", summary="Every topic with its stored count, last seq and counters", responses=_ERRORS)
+    async def topics() -> Response:
+        return json_response(_answered(await ask({"op": "topics"})))
+
+    @app.get(
+        "/healthz",
+        summary="200 when the daemon answers its health query healthy, else 503 with the reason",
+        responses={503: {"description": "The daemon is away or unhealthy; `reason` says why."}},
+    )
+    async def healthz() -> Response:
+        try:
+            reply = await ask({"op": "health"})
+        except GatewayError as exc:
+            return json_response({"status": "unavailable", "reason": str(exc)}, 503)
+        if "error" in reply:
+            return json_response({**reply, "status": "unhealthy", "reason": str(reply["error"])}, 503)
+        return json_response(reply)
+
+    @app.get(
+        "/metrics",
+        summary="Prometheus text exposition of the daemon's counters (one stats query per scrape)",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}}},
+    )
+    async def metrics_page() -> Response:
+        try:
+            reply: dict[str, Any] | None = await ask({"op": "stats"})
+        except GatewayError:
+            reply = None
+        if reply is not None and "error" in reply:
+            reply = None
+        return Response(metrics.render(reply), media_type=metrics.CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _answered(reply: dict[str, Any]) -> dict[str, Any]:
+    """A query reply, or :class:`GatewayError` 503 when the daemon answered with an error."""
+    if "error" in reply:
+        raise GatewayError(503, f"the daemon could not answer: {reply['error']}")
+    return reply
+
+
+async def _on_thread(function: Callable[..., T], *args: Any, limiter: anyio.CapacityLimiter) -> T:
+    return await anyio.to_thread.run_sync(function, *args, limiter=limiter)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes (before reading it all)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise GatewayError(413, f"the body is {declared} bytes, over the limit of {limit} ([http] max_body_bytes)")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise GatewayError(413, f"the body is over the limit of {limit} bytes ([http] max_body_bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
