@@ -31,6 +31,7 @@ COMMANDS: dict[str, Command] = {
     "events": Command("transport.commands.events", "list stored events as JSON Lines", quiet_on_broken_pipe=True),
     "publish": Command("transport.commands.publish", "send a deterministic stream of events (load and smoke tests)"),
     "keys": Command("transport.commands.keys", "create CURVE certificates"),
+    "gateway": Command("transport.commands.gateway", "run the HTTP gateway (needs the gateway extra)"),
 }
 
 

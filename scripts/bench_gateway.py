@@ -37,8 +37,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import _bootstrap  # noqa: F401
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from harness import Daemon, eventually, free_port  # noqa: E402  (the test harness starts real daemons)

@@ -137,9 +137,7 @@ echo "install: installed $UNIT_DIR/eventagg.service"
 if [ "$WITH_GATEWAY" = 1 ]; then
     install -m 0644 "$SRC/scripts/systemd/eventagg-gateway.service" "$UNIT_DIR/eventagg-gateway.service"
     echo "install: installed $UNIT_DIR/eventagg-gateway.service"
-    if [ -f "$SRC/docs/gateway.md" ]; then
-        install -D -m 0644 "$SRC/docs/gateway.md" "$OPT/docs/gateway.md"
-    fi
+    install -m 0755 "$SRC/scripts/gateway.py" "$OPT/scripts/"
 fi
 
 if [ -z "$PREFIX" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then

@@ -19,6 +19,7 @@ SCRIPTS = {
     "events.py": "events",
     "publish.py": "publish",
     "keys.py": "keys",
+    "gateway.py": "gateway",
 }
 
 

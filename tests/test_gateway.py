@@ -449,9 +449,7 @@ def analyze(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_gateway_unit_runs_the_gateway_after_the_daemon_hardened_like_it() -> None:
     gateway, daemon = unit_settings(UNIT), unit_settings(DAEMON_UNIT)
-    assert gateway["ExecStart"] == [
-        "/opt/eventagg/venv/bin/python /opt/eventagg/scripts/gateway.py --config /etc/eventagg/config.toml"
-    ]
+    assert gateway["ExecStart"] == ["/opt/eventagg/venv/bin/eventagg gateway --config /etc/eventagg/config.toml"]
     assert "eventagg.service" in gateway["After"][0].split()
     # Every hardening setting of the daemon's unit, with the same value.
     hardening = [k for k in daemon if k.startswith(("Protect", "Private", "Restrict", "SystemCall", "Capability"))]
@@ -464,7 +462,9 @@ def test_gateway_unit_runs_the_gateway_after_the_daemon_hardened_like_it() -> No
 @needs_systemd_analyze
 def test_gateway_unit_verifies_and_exposure_is_at_most_two(tmp_path: Path) -> None:
     unit = tmp_path / "eventagg-gateway.service"
-    unit.write_text(UNIT.read_text().replace("/opt/eventagg/venv/bin/python", sys.executable))
+    unit.write_text(
+        UNIT.read_text().replace("/opt/eventagg/venv/bin/eventagg", str(Path(sys.executable).with_name("eventagg")))
+    )
     verify = analyze("verify", str(unit))
     problems = [line for line in (verify.stdout + verify.stderr).splitlines() if line.strip()]
     assert problems == [] and verify.returncode == 0, "\n".join(problems)
