@@ -418,7 +418,7 @@ class SubscriptionServer:
         if request.ref is not None:
             reply["ref"] = request.ref
         self._send(identity, reply)
-        log.debug("subscription %s: topic %r after %d, name %r", identity.hex(), request.topic, after, request.name)
+        log.info("subscription %s: topic %r after %d, name %r", identity.hex(), request.topic, after, request.name)
 
     def _ack(self, sub: Subscription, request: dict[Any, Any]) -> None:
         if sub.name is None:

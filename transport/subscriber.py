@@ -24,7 +24,7 @@ import collections
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import msgpack
@@ -307,3 +307,26 @@ class Subscriber:
             self._socket = None
         self._subscribed = False
         self._buffer.clear()
+
+
+def follow(
+    endpoint: str,
+    topic: str | None = None,
+    *,
+    after: int | None = None,
+    name: str | None = None,
+    configure: Callable[[zmq.Socket[Any]], None] | None = None,
+    **options: Any,
+) -> Generator[dict[str, Any], None, None]:
+    """The stored events after ``after``, then live ones, until SIGINT (which ends it quietly).
+
+    Reconnects by itself when the daemon restarts. Closing the generator (or leaving a loop over
+    it) closes the subscriber, which acknowledges what was taken for a named consumer.
+    """
+    subscriber = Subscriber(endpoint, topic, after=after, name=name, configure=configure, **options)
+    try:
+        yield from subscriber
+    except KeyboardInterrupt:
+        return
+    finally:
+        subscriber.close()
