@@ -126,7 +126,8 @@ def test_followers_see_every_stored_event_once_in_order_through_a_kill_and_resta
     followers.append(late)
     topic_1 = [row for row in stored if row[0] == "topic-1"]
     for follower, expected in ((early, stored), (joiner, topic_1), (late, stored)):
-        eventually(lambda f=follower, n=len(expected): f.count() >= n, 90, f"{follower.path.name} caught up")
+        wanted = len(expected)
+        eventually(lambda f=follower, n=wanted: f.count() >= n, 90, f"{follower.path.name} caught up")
     for follower, expected in ((early, stored), (joiner, topic_1), (late, stored)):
         status, err = follower.interrupt()
         assert status == 0, err
