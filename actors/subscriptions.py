@@ -62,6 +62,8 @@ IDLE_POLL_MS = 100
 ACK_POLL_MS = 10
 BLOCKED_RETRY_S = 0.01  # a peer whose send queue is full is retried after this long
 SNDHWM = 1000
+# Recent all-topics events kept encoded, shared by every all-topics follower near the head.
+RECENT_EVENTS = 20_000
 
 _COLUMNS = "rowid, topic, event_id, timestamp, source, payload, seq, late"
 
@@ -228,6 +230,54 @@ def _pack_message(message: dict[str, Any]) -> bytes:
     return packed
 
 
+class RecentEvents:
+    """The most recently committed events of all topics in commit order, encoded once for every
+    all-topics follower near the head.
+
+    Filled only by reading the database after its own last position, the same cursor-driven read
+    as any follower's, so it holds committed events only and no gaps. It starts empty at the
+    head; followers further behind read the database themselves until they reach it.
+    """
+
+    def __init__(self, size: int = RECENT_EVENTS) -> None:
+        self.size = size
+        self._positions: list[int] = []
+        self._packed: list[bytes] = []
+        self.last: int | None = None  # every committed position up to this has been read
+        self.complete = False  # the last read reached the head (until the head moves again)
+
+    def extend(self, conn: sqlite3.Connection, limit: int) -> None:
+        """Read up to ``limit`` events after the last one held."""
+        if self.last is None:
+            (self.last,) = conn.execute("SELECT coalesce(max(rowid), 0) FROM events").fetchone()
+        rows = conn.execute(
+            f"SELECT {_COLUMNS} FROM events WHERE rowid > ? ORDER BY rowid LIMIT ?", (self.last, limit)
+        ).fetchall()
+        for row in rows:
+            self._positions.append(row[0])
+            self._packed.append(_pack_event(row, True))
+        if rows:
+            self.last = rows[-1][0]
+        self.complete = len(rows) < limit
+        if len(self._positions) > 2 * self.size:
+            del self._positions[: -self.size]
+            del self._packed[: -self.size]
+
+    def after(self, cursor: int, want: int) -> list[tuple[int, bytes]] | None:
+        """Up to ``want`` held events after ``cursor``; None when the cursor is outside what is held."""
+        if self.last is None or cursor > self.last:
+            return None
+        if cursor == self.last:
+            return []
+        positions = self._positions
+        if not positions or cursor < positions[0] - 1:
+            return None
+        index = cursor + 1 - positions[0]
+        if index >= len(positions) or positions[index] != cursor + 1:
+            return None  # positions with a gap (not made by this writer): read the database instead
+        return list(zip(positions[index : index + want], self._packed[index : index + want]))
+
+
 class SubscriptionServer:
     """Binds the subscription endpoint and serves every consumer on its own thread."""
 
@@ -259,6 +309,7 @@ class SubscriptionServer:
         self._subs: dict[bytes, Subscription] = {}
         self._by_name: dict[str, bytes] = {}
         self._head_version = 0
+        self._recent = RecentEvents()
         self._pending_acks: dict[str, tuple[str | None, int]] = {}
         self._saving: tuple[pykka.Future[Any], dict[str, tuple[str | None, int]]] | None = None
         self._next_timers = 0.0
@@ -299,6 +350,7 @@ class SubscriptionServer:
                 if self._head.fileno() in ready:
                     self._head.drain()
                     self._head_version += 1
+                    self._recent.complete = False
                     for sub in self._subs.values():
                         sub.caught_up = False
                 if self._socket in ready:
@@ -501,6 +553,8 @@ class SubscriptionServer:
         # Shared by the followers at one cursor: (events, whether they are all committed after it).
         reads: dict[tuple[Any, ...], tuple[list[tuple[int, bytes]], bool]] = {}
         batch = self._config.batch_events
+        recent = self._recent
+        extended = False
         for sub in list(self._subs.values()):
             if sub.caught_up or sub.credit <= 0:
                 continue
@@ -508,11 +562,21 @@ class SubscriptionServer:
                 more = True
                 continue
             want = min(sub.credit, batch)
-            key = (sub.topic, sub.topics, sub.cursor)
-            read = reads.get(key)
-            if read is None:
-                read = reads[key] = self._read(sub, batch)
-            rows, complete = read
+            held = None
+            if sub.topic is None and sub.topics is None:
+                if not recent.complete and not extended:
+                    assert self._conn is not None
+                    recent.extend(self._conn, max(batch, self._config.max_credit))
+                    extended = True
+                held = recent.after(sub.cursor, want)
+            if held is not None:
+                rows, complete = held, recent.complete and (not held or held[-1][0] == recent.last)
+            else:
+                key = (sub.topic, sub.topics, sub.cursor)
+                read = reads.get(key)
+                if read is None:
+                    read = reads[key] = self._read(sub, batch)
+                rows, complete = read
             taken = rows[:want]
             if not taken:
                 if complete:

@@ -104,6 +104,11 @@ class Subscriber:
 
     # Public API -------------------------------------------------------------------------------
 
+    @property
+    def subscribed(self) -> bool:
+        """Whether the daemon has confirmed the current subscription."""
+        return self._subscribed
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Every event, for ever (until :meth:`close` or an error); blocks while none comes."""
         while True:
