@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--page", type=at_least(1), default=1000, metavar="N", help="events per request (default 1000)")
     add_endpoint_args(parser)
     args = parser.parse_args(argv)
+    if (args.name or args.subscribe_endpoint) and not args.follow:
+        parser.error("--name and --subscribe-endpoint need --follow")
     try:
         endpoint = endpoint_from_args(args)
         secure = curve_from_args(args)

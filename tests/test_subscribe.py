@@ -20,10 +20,14 @@ import msgpack
 import pytest
 import zmq
 from harness import SCRIPTS, Daemon, eventually, publish, run_script, stored_rows
+from test_security import curve_daemon, wait_ready
+from test_security import keys as keys  # the fixture: a server certificate and clients alice and mallory
 
+from transport.config import ConfigError, parse_config
+from transport.security import InsecureBindError, ServerSecurity, curve_client
 from transport.subscriber import Subscriber
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.e2e  # all but the last test start a daemon
 
 # Quick heartbeats, so a dead consumer is dropped within a test's patience.
 FAST = {"subscribe": {"heartbeat_ms": 200, "timeout_ms": 2000}}
@@ -91,7 +95,7 @@ def rss_kb(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def keys(events: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
+def identities(events: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
     return [(event["topic"], event["event_id"], event["seq"]) for event in events]
 
 
@@ -132,7 +136,7 @@ def test_followers_see_every_stored_event_once_in_order_through_a_kill_and_resta
         status, err = follower.interrupt()
         assert status == 0, err
         got = follower.events()
-        assert keys(got) == expected, follower.path.name  # every stored event once, in commit order
+        assert identities(got) == expected, follower.path.name  # every stored event once, in commit order
     assert [event["seq"] for event in joiner.events()] == list(range(1, len(topic_1) + 1))
     assert [event["position"] for event in early.events()] == sorted({e["position"] for e in early.events()})
 
@@ -161,7 +165,7 @@ def test_a_stopped_follower_holds_nothing_in_the_daemon_and_then_catches_up(
     eventually(lambda: follower.count() >= 200000, 120, "the resumed follower caught up")
     status, err = follower.interrupt()
     assert status == 0, err
-    assert keys(follower.events()) == stored_rows(daemon.db_path)
+    assert identities(follower.events()) == stored_rows(daemon.db_path)
 
 
 def take(subscriber: Subscriber, count: int, timeout: float = 30) -> list[dict[str, Any]]:
@@ -374,3 +378,31 @@ def test_follow_with_limit_stops_after_n_events(daemon_factory: Callable[..., Da
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert [json.loads(line)["seq"] for line in result.stdout.splitlines()] == list(range(21, 28))
+
+
+def test_curve_guards_the_subscription_endpoint(daemon_factory: Callable[..., Daemon], keys: dict[str, Path]) -> None:
+    daemon = curve_daemon(daemon_factory, keys).start(wait=False)
+    alice = curve_client(keys["server_public"], keys["alice"])
+    wait_ready(daemon, alice)
+    publish(
+        daemon.ack, "--acked", "--events", "20", "--topics", "1",
+        "--server-key", str(keys["server_public"]), "--client-cert", str(keys["alice"]),
+    )  # fmt: skip
+    with Subscriber(daemon.subscribe, "topic-0", configure=alice) as subscriber:
+        assert [event["seq"] for event in take(subscriber, 20)] == list(range(1, 21))
+    plain = RawConsumer(daemon.subscribe)
+    try:
+        plain.send({"op": "subscribe", "after": 0, "credit": 10})
+        assert plain.quiet(1.0) == []  # the handshake fails: nothing comes back
+    finally:
+        plain.close()
+    eventually(lambda: "refused a client" in daemon.log(), 10, "the plain client counted as refused")
+
+
+def test_subscribe_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"\[subscribe\] timeout_ms \(500\) must be more than heartbeat_ms"):
+        parse_config({"subscribe": {"heartbeat_ms": 1000, "timeout_ms": 500}})
+    with pytest.raises(ConfigError, match=r"\[subscribe\] bind needs a port"):
+        parse_config({"subscribe": {"bind": "tcp://127.0.0.1:99999"}})
+    with pytest.raises(InsecureBindError, match=r"\[subscribe\] bind = tcp://0.0.0.0:5558"):
+        ServerSecurity(zmq.Context.instance(), parse_config({"subscribe": {"bind": "tcp://0.0.0.0:5558"}}))
