@@ -18,10 +18,10 @@ thread, so followers cannot slow ingest down beyond the reads themselves.
 Flow control is by credit: a consumer grants credit (events), the daemon sends at most that
 many and then nothing until more is granted. Per subscription the daemon keeps only its
 cursor, credit and timers, never events: a consumer that stops reading is simply behind, and
-its backlog is read from SQLite when it grants credit again. Followers at the same cursor in
-the same pass share one read (a small cache per pass), so ten live followers cost one query
-and one encoding per commit, not ten. Events are encoded once, with the stored payload
-(already msgpack) spliced in as is.
+its backlog is read from SQLite when it grants credit again. All-topics followers near the head
+share one window of recent events (:class:`RecentEvents`), and followers at one cursor in one
+pass share a read, so ten live followers cost one query and one encoding per commit, not ten.
+Events are encoded with the stored payload (already msgpack) spliced in as is.
 
 Named consumers acknowledge positions; they are stored by the dedup actor, the only writer
 (:class:`SaveConsumerPositions`, asked without blocking this thread), and confirmed to the
@@ -308,7 +308,6 @@ class SubscriptionServer:
         self._conn: sqlite3.Connection | None = None
         self._subs: dict[bytes, Subscription] = {}
         self._by_name: dict[str, bytes] = {}
-        self._head_version = 0
         self._recent = RecentEvents()
         self._pending_acks: dict[str, tuple[str | None, int]] = {}
         self._saving: tuple[pykka.Future[Any], dict[str, tuple[str | None, int]]] | None = None
@@ -349,7 +348,6 @@ class SubscriptionServer:
                 ready = dict(poller.poll(timeout))
                 if self._head.fileno() in ready:
                     self._head.drain()
-                    self._head_version += 1
                     self._recent.complete = False
                     for sub in self._subs.values():
                         sub.caught_up = False
