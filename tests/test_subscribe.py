@@ -27,7 +27,7 @@ from transport.config import ConfigError, parse_config
 from transport.security import InsecureBindError, ServerSecurity, curve_client
 from transport.subscriber import Subscriber
 
-pytestmark = pytest.mark.e2e  # all but the last test start a daemon
+pytestmark = pytest.mark.e2e  # every test but the settings check starts a daemon or a script
 
 # Quick heartbeats, so a dead consumer is dropped within a test's patience.
 FAST = {"subscribe": {"heartbeat_ms": 200, "timeout_ms": 2000}}
@@ -406,3 +406,15 @@ def test_subscribe_settings_are_checked() -> None:
         parse_config({"subscribe": {"bind": "tcp://127.0.0.1:99999"}})
     with pytest.raises(InsecureBindError, match=r"\[subscribe\] bind = tcp://0.0.0.0:5558"):
         ServerSecurity(zmq.Context.instance(), parse_config({"subscribe": {"bind": "tcp://0.0.0.0:5558"}}))
+
+
+def test_the_subscription_benchmark_runs_and_reports_every_figure() -> None:
+    result = run_script(
+        "bench_subscribe.py", "--events", "2000", "--followers", "0,1", "--runs", "1",
+        "--latency-events", "500", "--backlog", "2000", "--light", "--json", timeout=170,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert set(figures["ingest_median_events_per_s"]) == {"0", "1"}
+    assert figures["latency"]["p99_ms"] >= figures["latency"]["p50_ms"]
+    assert figures["catch_up_events_per_s"] > 0
