@@ -140,9 +140,9 @@ class Subscriber:
         position = self.cursor if position is None else position
         if position is None or self._socket is None or not self._subscribed:
             return
-        self._send({"op": "ack", "position": position})
-        self._ack_sent = position
-        self._ack_sent_at = time.monotonic()
+        if self._send({"op": "ack", "position": position}):
+            self._ack_sent = position
+            self._ack_sent_at = time.monotonic()
 
     def close(self) -> None:
         """Acknowledge what was taken (named subscriber), say goodbye and close the socket."""
@@ -202,8 +202,10 @@ class Subscriber:
             log.warning("no word from %s in %.1f s; reconnecting", self.endpoint, self.timeout)
             self._reconnect_later()
             return
-        if not receive_only and self._subscribed and now - self._last_sent >= self.heartbeat:
-            self._send({"op": "heartbeat"})
+        if not receive_only and self._subscribed:
+            self._grant()  # again, should a grant not have gone out
+            if now - self._last_sent >= self.heartbeat:
+                self._send({"op": "heartbeat"})
         if self.name is not None and self._subscribed and self.cursor is not None and self.cursor != self._ack_sent:
             if now - self._ack_sent_at >= self.ack_interval and self._taken is None:
                 self.ack()
@@ -236,13 +238,15 @@ class Subscriber:
         self._last_heard = time.monotonic()
         self._send(request)
 
-    def _send(self, message: dict[str, Any]) -> None:
+    def _send(self, message: dict[str, Any]) -> bool:
+        """Send without blocking; False when the socket's queue is full (the daemon is not reading)."""
         assert self._socket is not None
         try:
             self._socket.send(msgpack.packb(message, use_bin_type=True), zmq.NOBLOCK)
         except zmq.Again:
-            pass  # not connected yet (DEALER queues nothing without a peer): the timeout reconnects
+            return False  # tried again later; a daemon that stays silent is replaced after the timeout
         self._last_sent = time.monotonic()
+        return True
 
     def _grant(self) -> None:
         """Top the credit up to the window once half of it has been taken by the application."""
@@ -251,8 +255,8 @@ class Subscriber:
         in_hand = self._granted + len(self._buffer)  # granted and unsent, or sent and not yet taken
         if in_hand <= self.window // 2:
             grant = self.window - in_hand
-            self._send({"op": "credit", "credit": grant})
-            self._granted += grant
+            if self._send({"op": "credit", "credit": grant}):
+                self._granted += grant
 
     def _on_message(self, frame: bytes) -> None:
         try:
