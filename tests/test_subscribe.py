@@ -418,3 +418,18 @@ def test_the_subscription_benchmark_runs_and_reports_every_figure() -> None:
     assert set(figures["ingest_median_events_per_s"]) == {"0", "1"}
     assert figures["latency"]["p99_ms"] >= figures["latency"]["p50_ms"]
     assert figures["catch_up_events_per_s"] > 0
+
+
+def test_an_all_topics_subscription_keeps_only_the_topics_of_its_filter(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory().start()
+    publish(daemon.ack, "--acked", "--events", "600", "--topics", "6")
+    wanted = [row for row in stored_rows(daemon.db_path) if row[0] in ("topic-1", "topic-4")]
+    with Subscriber(daemon.subscribe, topics=["topic-1", "topic-4"], after=0, credit=64) as subscriber:
+        got = take(subscriber, len(wanted))
+        publish(daemon.ack, "--acked", "--events", "60", "--topics", "6", "--id-prefix", "live")
+        live = take(subscriber, 20)
+        assert subscriber.next_event(0.5) is None
+    assert identities(got) == wanted
+    assert [event["position"] for event in got] == sorted(event["position"] for event in got)
+    assert {event["topic"] for event in live} == {"topic-1", "topic-4"}
+    assert all(event["event_id"].startswith("live") for event in live)
