@@ -254,6 +254,8 @@ class Daemon:
                 alive[name] = False
         if self.ingest is not None:
             alive["ingest"] = self.ingest.alive
+        if self.subscriptions is not None:
+            alive["subscriptions"] = self.subscriptions.alive
         return alive
 
     def request_stop(self) -> None:

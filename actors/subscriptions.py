@@ -319,6 +319,11 @@ class SubscriptionServer:
         """Subscriptions open now."""
         return len(self._subs)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the thread is serving (health reports it as ``subscriptions``)."""
+        return self._thread.is_alive()
+
     def start(self) -> None:
         """Start serving."""
         self._thread.start()

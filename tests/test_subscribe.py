@@ -308,6 +308,7 @@ def test_a_raw_consumer_gets_exactly_its_credit_and_bad_messages_change_nothing(
         assert [event["seq"] for event in message["events"]] == [6, 7, 8]
         assert daemon.request({"op": "consumers"})["consumers"][0]["position"] == 5
         assert daemon.stats()["unique_processed"] == 200
+        assert daemon.request({"op": "health"})["actors"]["subscriptions"] is True
     finally:
         consumer.close()
     stranger = RawConsumer(daemon.subscribe)
