@@ -59,8 +59,9 @@ MAX_NAME_CHARS = 200
 # so one rare topic in a long backlog never holds the thread in one long scan.
 FILTER_SCAN_ROWS = 50_000
 IDLE_POLL_MS = 100
-ACK_POLL_MS = 10
+SHORT_POLL_MS = 10  # while an acknowledgement is being stored or a subscription waits to retry
 BLOCKED_RETRY_S = 0.01  # a peer whose send queue is full is retried after this long
+READ_RETRY_S = 1.0  # a read that failed is retried after this long
 SNDHWM = 1000
 # Recent all-topics events kept encoded, shared by every all-topics follower near the head.
 RECENT_EVENTS = 20_000
@@ -312,6 +313,7 @@ class SubscriptionServer:
         self._pending_acks: dict[str, tuple[str | None, int]] = {}
         self._saving: tuple[pykka.Future[Any], dict[str, tuple[str | None, int]]] | None = None
         self._next_timers = 0.0
+        self._retrying = False  # some subscription waits for its retry_at
         self.sent_events = 0
 
     @property
@@ -346,8 +348,8 @@ class SubscriptionServer:
             while not self._stopping.is_set():
                 if busy:
                     timeout = 0
-                elif self._saving is not None or self._pending_acks:
-                    timeout = ACK_POLL_MS
+                elif self._saving is not None or self._pending_acks or self._retrying:
+                    timeout = SHORT_POLL_MS
                 else:
                     timeout = IDLE_POLL_MS
                 ready = dict(poller.poll(timeout))
@@ -426,9 +428,12 @@ class SubscriptionServer:
         assert self._conn is not None
         after = request.after
         if request.name is not None:
-            stored = self._conn.execute(
-                "SELECT topic, position FROM consumers WHERE name = ?", (request.name,)
-            ).fetchone()
+            try:
+                stored = self._conn.execute(
+                    "SELECT topic, position FROM consumers WHERE name = ?", (request.name,)
+                ).fetchone()
+            except sqlite3.Error as exc:
+                raise SubscribeError(f"cannot read consumer {request.name!r}: {exc}", code="unavailable") from None
             if stored is not None and stored[0] != request.topic:
                 form = f"topic {stored[0]!r}" if stored[0] is not None else "all topics"
                 raise SubscribeError(
@@ -553,6 +558,7 @@ class SubscriptionServer:
     def _pump(self, now: float) -> bool:
         """Send each subscription with credit one batch of what follows its cursor; True if more waits."""
         more = False
+        self._retrying = False
         # Shared by the followers at one cursor: (events, whether they are all committed after it).
         reads: dict[tuple[Any, ...], tuple[list[tuple[int, bytes]], bool]] = {}
         batch = self._config.batch_events
@@ -562,24 +568,30 @@ class SubscriptionServer:
             if sub.caught_up or sub.credit <= 0:
                 continue
             if sub.retry_at > now:
-                more = True
+                self._retrying = True
                 continue
             want = min(sub.credit, batch)
             held = None
-            if sub.topic is None and sub.topics is None:
-                if not recent.complete and not extended:
-                    assert self._conn is not None
-                    recent.extend(self._conn, max(batch, self._config.max_credit))
-                    extended = True
-                held = recent.after(sub.cursor, want)
-            if held is not None:
-                rows, complete = held, recent.complete and (not held or held[-1][0] == recent.last)
-            else:
-                key = (sub.topic, sub.topics, sub.cursor)
-                read = reads.get(key)
-                if read is None:
-                    read = reads[key] = self._read(sub, batch)
-                rows, complete = read
+            try:
+                if sub.topic is None and sub.topics is None:
+                    if not recent.complete and not extended:
+                        assert self._conn is not None
+                        extended = True
+                        recent.extend(self._conn, max(batch, self._config.max_credit))
+                    held = recent.after(sub.cursor, want)
+                if held is not None:
+                    rows, complete = held, recent.complete and (not held or held[-1][0] == recent.last)
+                else:
+                    key = (sub.topic, sub.topics, sub.cursor)
+                    read = reads.get(key)
+                    if read is None:
+                        read = reads[key] = self._read(sub, batch)
+                    rows, complete = read
+            except sqlite3.Error as exc:  # e.g. an I/O error: the subscription waits, the thread goes on
+                self._warn.warning("reading events for a subscription failed (%s); retrying", exc)
+                sub.retry_at = now + READ_RETRY_S
+                self._retrying = True
+                continue
             taken = rows[:want]
             if not taken:
                 if complete:
@@ -590,7 +602,7 @@ class SubscriptionServer:
             message = _EVENTS_HEAD + _packer.pack_array_header(len(taken)) + b"".join(event for _, event in taken)
             if not self._send(sub.identity, message, sub):
                 sub.retry_at = now + BLOCKED_RETRY_S
-                more = True
+                self._retrying = True
                 continue
             sub.cursor = taken[-1][0]
             sub.credit -= len(taken)

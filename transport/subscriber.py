@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CREDIT = 1000
 RECONNECT_BACKOFF = Backoff(base=0.1, factor=2.0, cap=5.0, jitter=0.5)
 CLOSE_ACK_WAIT_S = 2.0
-RESUBSCRIBE_CODES = {"not_subscribed", "busy"}
+RESUBSCRIBE_CODES = {"not_subscribed", "busy", "unavailable"}
 
 
 class SubscriberError(Exception):
@@ -294,7 +294,7 @@ class Subscriber:
                 return  # an answer to a message sent before the subscribe now under way
             if code in RESUBSCRIBE_CODES:
                 log.info("the daemon said: %s; subscribing again", message.get("error"))
-                if code == "busy":
+                if code != "not_subscribed":  # busy or unavailable: back off first
                     self._reconnect_later()
                 else:
                     self._subscribe()
