@@ -434,3 +434,20 @@ def test_an_all_topics_subscription_keeps_only_the_topics_of_its_filter(daemon_f
     assert [event["position"] for event in got] == sorted(event["position"] for event in got)
     assert {event["topic"] for event in live} == {"topic-1", "topic-4"}
     assert all(event["event_id"].startswith("live") for event in live)
+
+
+def test_follow_with_a_name_resumes_where_the_last_run_stopped(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory().start()
+    publish(daemon.ack, "--acked", "--events", "30", "--topics", "1")
+    where = ("--endpoint", daemon.query, "--subscribe-endpoint", daemon.subscribe)
+    printed = []
+    for _ in range(3):
+        result = run_script("events.py", "topic-0", "--follow", "--name", "cli", "--limit", "10", *where, timeout=60)
+        assert result.returncode == 0, result.stderr
+        printed += [json.loads(line)["seq"] for line in result.stdout.splitlines()]
+    assert printed == list(range(1, 31))
+    assert daemon.request({"op": "consumers"})["consumers"] == [
+        {"name": "cli", "topic": "topic-0", "position": 30, "lag": 0, "updated_at": pytest.approx(time.time(), abs=60)}
+    ]
+    refused = run_script("events.py", "--name", "cli", *where, timeout=60)
+    assert refused.returncode == 2 and "--name and --subscribe-endpoint need --follow" in refused.stderr
