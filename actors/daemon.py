@@ -29,6 +29,7 @@ from actors.ordering import OrderingActor
 from actors.query_server import QueryServer
 from actors.router import RouterActor
 from actors.stats import StatsActor
+from actors.subscriptions import HeadSignal, SubscriptionServer
 from actors.watchdog import ServiceMonitor
 from transport.config import Config, ConfigError, load_config
 from transport.logs import set_level
@@ -65,6 +66,8 @@ class Daemon:
         self.stats: pykka.ActorRef[Any] | None = None
         self.ingest: IngestServer | None = None
         self.query: QueryServer | None = None
+        self.head = HeadSignal()  # the dedup actor's "events committed" wake-up for the subscriptions
+        self.subscriptions: SubscriptionServer | None = None
         self.security: ServerSecurity | None = None
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
@@ -105,6 +108,7 @@ class Daemon:
                 in_flight=self.in_flight,
                 live=self.live,
                 zmq_context=self.context,
+                head_moved=self.head.moved,
             )
             self._confirm(self.dedup, "dedup")
             self.live.buffered = [0] * cfg.ordering.actors
@@ -149,6 +153,9 @@ class Daemon:
                 ),
             )
             self.query = self._bind("query", lambda: QueryServer(self.context, cfg.query, self.stats, secure))  # type: ignore[arg-type]
+            self.subscriptions = self._bind(
+                "subscribe", lambda: SubscriptionServer(self.context, cfg.subscribe, path, dedup, self.head, secure)
+            )
         except BaseException:
             self._stop_actors()
             if self.security is not None:
@@ -159,14 +166,16 @@ class Daemon:
             raise
         self.ingest.start()
         self.query.start()
+        self.subscriptions.start()
         self._ticker = threading.Thread(target=self._tick, name="ticker", daemon=True)
         self._ticker.start()
         name_os_threads()
         log.info(
-            "eventagg ready: ingest %s, acked ingest %s, queries %s, database %s, %d ordering actors",
+            "eventagg ready: ingest %s, acked ingest %s, queries %s, subscriptions %s, database %s, %d ordering actors",
             cfg.ingest.bind,
             cfg.ingest.ack_bind,
             cfg.query.bind,
+            cfg.subscribe.bind,
             path,
             cfg.ordering.actors,
         )
@@ -245,6 +254,8 @@ class Daemon:
                 alive[name] = False
         if self.ingest is not None:
             alive["ingest"] = self.ingest.alive
+        if self.subscriptions is not None:
+            alive["subscriptions"] = self.subscriptions.alive
         return alive
 
     def request_stop(self) -> None:
@@ -287,6 +298,8 @@ class Daemon:
             self.ingest.close()
         if self.query is not None:
             self.query.close()
+        if self.subscriptions is not None:
+            self.subscriptions.close()
         if self.security is not None:
             self.security.stop()
         if self._ticker is not None:
@@ -294,6 +307,7 @@ class Daemon:
         if self._monitor is not None:
             self._monitor.join(2.0)
         self._stop_actors()
+        self.head.close()
         self.context.term()
         counters = self.live.committed
         log.info(

@@ -28,6 +28,7 @@ import logging
 import operator
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from actors.messages import (
     ClassifyResult,
     Freeze,
     Ping,
+    SaveConsumerPositions,
     Sync,
     Tick,
     WriteBatch,
@@ -84,8 +86,11 @@ class DedupActor(pykka.ThreadingActor):
         in_flight: InFlight,
         live: LiveFigures,
         zmq_context: zmq.Context[Any],
+        head_moved: Callable[[], None] | None = None,
     ) -> None:
+        """``head_moved`` is called after every COMMIT that stored events (the subscriptions' wake-up)."""
         super().__init__()
+        self._head_moved = head_moved
         self._path = path
         self._synchronous = synchronous
         self._cache_mb = cache_mb
@@ -177,6 +182,8 @@ class DedupActor(pykka.ThreadingActor):
             return self._startup_error if self._startup_error is not None else self._store is not None
         elif isinstance(message, Tick):
             pass  # a chance to retry a failed commit; _maybe_commit runs after every message
+        elif isinstance(message, SaveConsumerPositions):
+            return self._save_positions(message)
         elif isinstance(message, Freeze):
             time.sleep(message.seconds)
         else:
@@ -222,6 +229,19 @@ class DedupActor(pykka.ThreadingActor):
                 request.reply_to.tell(answer)
             except pykka.ActorDeadError:
                 pass  # stopped while it waited (at shutdown): nobody needs the answer
+
+    def _save_positions(self, message: SaveConsumerPositions) -> str | None:
+        """Between commits: commit what is held, then the positions in a transaction of their own."""
+        assert self._store is not None
+        self._commit()
+        try:
+            self._store.begin()
+            self._store.save_consumer_positions(message.positions, time.time())
+            self._store.commit()
+        except sqlite3.Error as exc:
+            self._store.rollback()
+            return f"storing consumer positions failed: {exc}"
+        return None
 
     def _write(self, write: WriteBatch) -> None:
         if not self._writes and not self._rejected:
@@ -324,6 +344,8 @@ class DedupActor(pykka.ThreadingActor):
                 if ticket.remaining == 0:
                     finished.append(ticket)
         self._in_flight.release(totals["received"], sum(write.bytes for write in writes))
+        if self._head_moved is not None and totals["unique_processed"]:
+            self._head_moved()
         if finished and self._acks is not None:
             for ticket in finished:
                 self._acks.send_multipart([*ticket.envelope, msgpack.packb(ticket.reply())])

@@ -154,3 +154,14 @@ class Freeze:
     """Test hook: make the receiving actor unresponsive for ``seconds``."""
 
     seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class SaveConsumerPositions:
+    """Store named consumers' acknowledged positions: name -> (topic or None for all topics, cursor).
+
+    An ask: the dedup actor commits what it holds, writes these in a transaction of their own
+    and answers None once committed, or the error's text.
+    """
+
+    positions: dict[str, tuple[str | None, int]]

@@ -19,7 +19,7 @@ import pykka
 from actors.flow import InFlight, LiveFigures
 from actors.messages import Freeze, Ping
 from actors.store import EventReader
-from transport.queries import DebugFreezeQuery, EventsQuery, HealthQuery, Query, StatsQuery, TopicsQuery
+from transport.queries import ConsumersQuery, DebugFreezeQuery, EventsQuery, HealthQuery, Query, StatsQuery, TopicsQuery
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,8 @@ class StatsActor(pykka.ThreadingActor):
             return {"topics": self._reader.topics()}
         if isinstance(query, HealthQuery):
             return self.health()
+        if isinstance(query, ConsumersQuery):
+            return {"consumers": self._reader.consumers()}
         if isinstance(query, DebugFreezeQuery) and self._freeze is not None:
             try:
                 self._freeze(query.actor, query.seconds)

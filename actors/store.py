@@ -61,6 +61,12 @@ CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS consumers (
+    name       TEXT PRIMARY KEY,
+    topic      TEXT,
+    position   INTEGER NOT NULL,
+    updated_at REAL    NOT NULL
+);
 """
 
 COUNTER_NAMES = ("received", "unique_processed", "duplicate_dropped", "rejected", "late")
@@ -373,6 +379,15 @@ class EventStore:
         """The global counters as the open transaction sees them."""
         return read_counters(self._conn)
 
+    def save_consumer_positions(self, positions: Mapping[str, tuple[str | None, int]], at: float) -> None:
+        """Store named consumers' acknowledged positions: name -> (topic or None for all topics, cursor)."""
+        self._conn.executemany(
+            "INSERT INTO consumers (name, topic, position, updated_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET topic = excluded.topic, position = excluded.position,"
+            " updated_at = excluded.updated_at",
+            [(name, topic, position, at) for name, (topic, position) in positions.items()],
+        )
+
     def close(self) -> None:
         """Roll back anything uncommitted and close the connection."""
         self.rollback()
@@ -474,6 +489,7 @@ class EventReader:
                     "late": bool(late),
                 }
             )
+            position = row_position
         return events, position
 
     def topics(self) -> list[dict[str, Any]]:
@@ -497,6 +513,28 @@ class EventReader:
     def counters(self) -> dict[str, int]:
         """The committed global counters."""
         return read_counters(self._conn)
+
+    def consumers(self) -> list[dict[str, Any]]:
+        """Every named consumer: its topic (None: all topics), acknowledged position and lag.
+
+        Lag is how far the head is past the position: the topic's last seq minus the position,
+        or, for an all-topics consumer, the last commit position minus its position.
+        """
+        (head,) = self._conn.execute("SELECT coalesce(max(rowid), 0) FROM events").fetchone()
+        rows = self._conn.execute(
+            "SELECT c.name, c.topic, c.position, c.updated_at, t.last_seq FROM consumers AS c"
+            " LEFT JOIN topics AS t ON t.topic = c.topic ORDER BY c.name"
+        )
+        return [
+            {
+                "name": name,
+                "topic": topic,
+                "position": position,
+                "lag": max(0, (head if topic is None else (last_seq or 0)) - position),
+                "updated_at": updated_at,
+            }
+            for name, topic, position, updated_at, last_seq in rows
+        ]
 
     def close(self) -> None:
         """Close the connection."""

@@ -116,9 +116,11 @@ class Daemon:
         self.ingest = f"tcp://127.0.0.1:{free_port()}"
         self.ack = f"tcp://127.0.0.1:{free_port()}"
         self.query = f"tcp://127.0.0.1:{free_port()}"
+        self.subscribe = f"tcp://127.0.0.1:{free_port()}"
         sections: dict[str, dict[str, Any]] = {
             "ingest": {"bind": self.ingest, "ack_bind": self.ack},
             "query": {"bind": self.query},
+            "subscribe": {"bind": self.subscribe},
             "storage": {"path": "events.db"},
             "log": {"level": "INFO"},
         }

@@ -54,6 +54,7 @@ def use_free_ports(config: Path) -> dict[str, str]:
         "tcp://127.0.0.1:5555": f"tcp://127.0.0.1:{free_port()}",
         "tcp://127.0.0.1:5557": f"tcp://127.0.0.1:{free_port()}",
         "tcp://127.0.0.1:5556": f"tcp://127.0.0.1:{free_port()}",
+        "tcp://127.0.0.1:5558": f"tcp://127.0.0.1:{free_port()}",
     }
     text = config.read_text()
     for default, chosen in endpoints.items():

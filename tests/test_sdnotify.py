@@ -195,6 +195,7 @@ def in_process_daemon(tmp_path: Path) -> InProcessDaemon:
         {
             "ingest": {"bind": f"tcp://127.0.0.1:{free_port()}", "ack_bind": f"tcp://127.0.0.1:{free_port()}"},
             "query": {"bind": f"tcp://127.0.0.1:{free_port()}"},
+            "subscribe": {"bind": f"tcp://127.0.0.1:{free_port()}"},
             "storage": {"path": str(tmp_path / "events.db")},
             "ordering": {"actors": 2},
         }

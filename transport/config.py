@@ -70,6 +70,18 @@ class QueryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SubscribeConfig:
+    """``[subscribe]``: the ROUTER endpoint consumers follow the stored stream on (docs/subscribe.md)."""
+
+    bind: str = "tcp://127.0.0.1:5558"
+    heartbeat_ms: int = 1_000
+    timeout_ms: int = 5_000
+    max_credit: int = 10_000
+    batch_events: int = 500
+    max_consumers: int = 1_000
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     """``[log]``: how much the daemon says."""
 
@@ -124,6 +136,7 @@ class Config:
     ordering: OrderingConfig = field(default_factory=OrderingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
+    subscribe: SubscribeConfig = field(default_factory=SubscribeConfig)
     log: LogConfig = field(default_factory=LogConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
@@ -156,6 +169,7 @@ _SECTIONS: dict[str, type] = {
     "ordering": OrderingConfig,
     "storage": StorageConfig,
     "query": QueryConfig,
+    "subscribe": SubscribeConfig,
     "log": LogConfig,
     "security": SecurityConfig,
     "http": HttpConfig,
@@ -181,12 +195,17 @@ _POSITIVE = {
     ("http", "max_events"),
     ("http", "publishers"),
     ("http", "workers"),
+    ("subscribe", "heartbeat_ms"),
+    ("subscribe", "timeout_ms"),
+    ("subscribe", "max_credit"),
+    ("subscribe", "batch_events"),
+    ("subscribe", "max_consumers"),
 }
 _CHOICES = {
     ("storage", "synchronous"): ("OFF", "NORMAL", "FULL", "EXTRA"),
     ("log", "level"): ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
 }
-_ENDPOINTS = {("ingest", "bind"), ("ingest", "ack_bind"), ("query", "bind")}
+_ENDPOINTS = {("ingest", "bind"), ("ingest", "ack_bind"), ("query", "bind"), ("subscribe", "bind")}
 _PATHS = {
     ("storage", "path"),
     ("security", "curve_secret_key"),
@@ -268,7 +287,13 @@ def _parse_section(name: str, section_type: type, values: dict[str, Any]) -> Any
             except ValueError as exc:
                 raise ConfigError(f"[http] bind {exc}") from None
         checked[key] = value
-    return section_type(**checked)
+    section = section_type(**checked)
+    if name == "subscribe" and section.timeout_ms <= section.heartbeat_ms:
+        raise ConfigError(
+            f"[subscribe] timeout_ms ({section.timeout_ms}) must be more than heartbeat_ms ({section.heartbeat_ms}),"
+            " or every consumer would be dropped between two heartbeats"
+        )
+    return section
 
 
 def _check_endpoint(where: str, value: str) -> None:

@@ -46,6 +46,11 @@ class TopicsQuery:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsumersQuery:
+    """``{"op": "consumers"}``: every named subscription consumer with its acknowledged position and lag."""
+
+
+@dataclass(frozen=True, slots=True)
 class HealthQuery:
     """``{"op": "health"}``: are the actors alive and the database writable."""
 
@@ -61,9 +66,14 @@ class DebugFreezeQuery:
     seconds: float
 
 
-Query = StatsQuery | EventsQuery | TopicsQuery | HealthQuery | DebugFreezeQuery
+Query = StatsQuery | EventsQuery | TopicsQuery | HealthQuery | ConsumersQuery | DebugFreezeQuery
 
-_SIMPLE: dict[str, Query] = {"stats": StatsQuery(), "topics": TopicsQuery(), "health": HealthQuery()}
+_SIMPLE: dict[str, Query] = {
+    "stats": StatsQuery(),
+    "topics": TopicsQuery(),
+    "health": HealthQuery(),
+    "consumers": ConsumersQuery(),
+}
 
 
 def parse_query(request: Any, max_limit: int, *, test_hooks: bool | None = None) -> Query:
@@ -75,14 +85,14 @@ def parse_query(request: Any, max_limit: int, *, test_hooks: bool | None = None)
         raise QueryError(f"a request must be a map with an 'op', not {type_name(request)}")
     op = request.get("op")
     if not isinstance(op, str):
-        raise QueryError("a request needs an 'op' string: stats, events, topics or health")
+        raise QueryError("a request needs an 'op' string: stats, events, topics, health or consumers")
     simple = _SIMPLE.get(op)
     if simple is not None:
         return simple
     if op == "debug_freeze" and (debug_hooks_enabled() if test_hooks is None else test_hooks):
         return _parse_freeze(request)
     if op != "events":
-        raise QueryError(f"unknown op {op!r}; known ops: stats, events, topics, health")
+        raise QueryError(f"unknown op {op!r}; known ops: stats, events, topics, health, consumers")
     topic = request.get("topic")
     if topic is not None and not isinstance(topic, str):
         raise QueryError(f"'topic' must be a string, not {type_name(topic)}")

@@ -280,6 +280,7 @@ class ServerSecurity:
             "[ingest] bind": config.ingest.bind,
             "[ingest] ack_bind": config.ingest.ack_bind,
             "[query] bind": config.query.bind,
+            "[subscribe] bind": config.subscribe.bind,
         }
         self.enabled = bool(sec.curve_secret_key)
         if sec.authorized_keys and not self.enabled:

@@ -1,22 +1,27 @@
-"""``eventagg events`` (and ``scripts/events.py``): list stored events.
+"""``eventagg events`` (and ``scripts/events.py``): list stored events, or follow them.
 
-``events [TOPIC] [--after S] [--limit N] [--endpoint URL | --config PATH]``.
+``events [TOPIC] [--after S] [--limit N] [--follow [--name NAME]] [--endpoint URL | --config PATH]``.
 
 Without a topic, every topic in commit order. Pages through the daemon with the cursor and
-prints one JSON object per line (JSON Lines), so the output pipes into jq or a file.
+prints one JSON object per line (JSON Lines), so the output pipes into jq or a file. With
+``--follow [--name NAME]`` it subscribes instead (docs/subscribe.md): the stored events, then
+live ones until SIGINT, reconnecting by itself when the daemon restarts.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
-from transport.client import QueryClient, QueryClientError
+from transport.client import QueryClient, QueryClientError, connectable
 from transport.commands.client_flags import add_endpoint_args, curve_from_args, endpoint_from_args, run_command
-from transport.config import ConfigError
+from transport.config import Config, ConfigError, load_config
 from transport.security import SecurityError
+from transport.subscriber import SubscriberError, follow
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
@@ -38,15 +43,23 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description="List a topic's stored events as JSON Lines.")
     parser.add_argument("topic", nargs="?", help="the topic (default: every topic, in commit order)")
     parser.add_argument(
-        "--after", type=at_least(0), default=0, metavar="S", help="start after this seq (or commit position)"
+        "--after", type=at_least(0), default=None, metavar="S", help="start after this seq (or commit position)"
     )
+    parser.add_argument("--follow", action="store_true", help="then print live events until SIGINT")
+    parser.add_argument("--name", help="with --follow: a named consumer; without --after it resumes where it left")
+    parser.add_argument("--subscribe-endpoint", metavar="URL", help="with --follow (default: from --config, :5558)")
     parser.add_argument("--limit", type=at_least(0), default=None, metavar="N", help="print at most N events")
     parser.add_argument("--page", type=at_least(1), default=1000, metavar="N", help="events per request (default 1000)")
     add_endpoint_args(parser)
     args = parser.parse_args(argv)
+    if (args.name or args.subscribe_endpoint) and not args.follow:
+        parser.error("--name and --subscribe-endpoint need --follow")
     try:
         endpoint = endpoint_from_args(args)
         secure = curve_from_args(args)
+        where = args.subscribe_endpoint or connectable(
+            (load_config(args.config) if args.config else Config()).subscribe.bind
+        )
     except (ConfigError, SecurityError) as exc:
         print(f"events: {exc}", file=sys.stderr)
         return 2
@@ -55,13 +68,22 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     page = args.page if args.limit is None else min(args.page, args.limit)
     printed = 0
     try:
-        with QueryClient(endpoint, timeout=args.timeout, configure=secure) as client:
-            for event in client.iter_events(args.topic, args.after, page):
+        with QueryClient(endpoint, timeout=args.timeout, configure=secure) as client, contextlib.ExitStack() as stack:
+            events: Iterator[dict[str, Any]]
+            if args.follow:
+                events = stack.enter_context(
+                    contextlib.closing(follow(where, args.topic, after=args.after, name=args.name, configure=secure))
+                )
+            else:
+                events = client.iter_events(args.topic, args.after or 0, page)
+            for event in events:
                 print(json.dumps(event, default=repr, ensure_ascii=False))
                 printed += 1
                 if args.limit is not None and printed >= args.limit:
                     break
-    except QueryClientError as exc:
+    except KeyboardInterrupt:
+        return 0
+    except (QueryClientError, SubscriberError) as exc:
         print(f"events: {exc}", file=sys.stderr)
         return 1
     return 0

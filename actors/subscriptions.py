@@ -1,0 +1,677 @@
+"""Live subscriptions: consumers follow the stored stream from any cursor, backlog then live.
+
+Theory of operation. One thread owns the ROUTER socket (``[subscribe] bind``) and a read-only
+SQLite connection of its own. The database is the log and the buffer: every event a consumer
+gets is read from SQLite after its cursor, through this one path, whether it is old or was
+committed a moment ago. So there is no switch from backlog to live that could lose or repeat
+an event, and nothing uncommitted is ever sent (the read connection sees committed
+transactions only). A one-topic subscription pages on ``(topic, seq)``; an all-topics one on
+the rowid, the commit position the ``events`` query pages with (rowids grow in commit order
+under the single writer, and a commit is atomic, so a reader never sees a later position
+without every earlier one).
+
+The dedup actor calls :meth:`HeadSignal.moved` after each COMMIT that stored events: a byte
+into a pipe this thread polls beside the socket. It wakes the thread, which reads on for every
+subscription that has credit. The dedup actor sends nothing else and never waits for this
+thread, so followers cannot slow ingest down beyond the reads themselves.
+
+Flow control is by credit: a consumer grants credit (events), the daemon sends at most that
+many and then nothing until more is granted. Per subscription the daemon keeps only its
+cursor, credit and timers, never events: a consumer that stops reading is simply behind, and
+its backlog is read from SQLite when it grants credit again. All-topics followers near the head
+share one window of recent events (:class:`RecentEvents`), and followers at one cursor in one
+pass share a read, so ten live followers cost one query and one encoding per commit, not ten.
+Events are encoded with the stored payload (already msgpack) spliced in as is.
+
+Named consumers acknowledge positions; they are stored by the dedup actor, the only writer
+(:class:`SaveConsumerPositions`, asked without blocking this thread), and confirmed to the
+consumer once committed. The wire protocol is in docs/subscribe.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pykka
+import zmq
+
+from actors.messages import SaveConsumerPositions
+from transport.config import SubscribeConfig
+from transport.logs import RateLimitedLog
+from transport.queries import MAX_CURSOR
+from transport.schema import type_name
+from transport.security import SocketHook
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 1_048_576
+MAX_FILTER_TOPICS = 1000
+MAX_NAME_CHARS = 200
+# An all-topics subscription with a topic filter reads at most this many positions per query,
+# so one rare topic in a long backlog never holds the thread in one long scan.
+FILTER_SCAN_ROWS = 50_000
+IDLE_POLL_MS = 100
+SHORT_POLL_MS = 10  # while an acknowledgement is being stored or a subscription waits to retry
+BLOCKED_RETRY_S = 0.01  # a peer whose send queue is full is retried after this long
+READ_RETRY_S = 1.0  # a read that failed is retried after this long
+SNDHWM = 1000
+# Recent all-topics events kept encoded, shared by every all-topics follower near the head.
+RECENT_EVENTS = 20_000
+
+_COLUMNS = "rowid, topic, event_id, timestamp, source, payload, seq, late"
+
+
+class SubscribeError(ValueError):
+    """A subscription message the daemon refuses; the text goes back as ``{"op": "error", ...}``."""
+
+    def __init__(self, message: str, code: str = "bad_request") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class HeadSignal:
+    """ "The head moved": the dedup actor's wake-up call to the subscription thread, via a pipe.
+
+    :meth:`moved` never blocks: when the pipe is full a wake-up is already pending. Close it only
+    after the dedup actor has stopped.
+    """
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        self._closed = False
+
+    def moved(self) -> None:
+        """Say that events were committed (called on the dedup actor's thread)."""
+        if self._closed:
+            return
+        try:
+            os.write(self._write, b"\0")
+        except BlockingIOError:
+            pass  # full: the reader has wake-ups pending already
+
+    def fileno(self) -> int:
+        """The end to poll for readability."""
+        return self._read
+
+    def drain(self) -> None:
+        """Consume every pending wake-up."""
+        try:
+            while os.read(self._read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        """Close both ends (after the dedup actor has stopped)."""
+        if not self._closed:
+            self._closed = True
+            os.close(self._read)
+            os.close(self._write)
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeRequest:
+    """A parsed ``subscribe`` message."""
+
+    topic: str | None
+    topics: frozenset[str] | None
+    after: int | None
+    name: str | None
+    credit: int
+    ref: int | None = None
+
+
+def _cursor(value: Any, key: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_CURSOR:
+        raise SubscribeError(f"'{key}' must be an integer from 0 to {MAX_CURSOR}, not {value!r}")
+    return value
+
+
+def _credit(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise SubscribeError(f"'credit' must be an integer of 0 or more, not {value!r}")
+    return value
+
+
+def parse_subscribe(request: dict[Any, Any]) -> SubscribeRequest:
+    """Check a ``subscribe`` map, raising :class:`SubscribeError` naming the field to fix."""
+    known = {"op", "topic", "topics", "after", "name", "credit", "ref"}
+    unknown = sorted(str(key) for key in request if key not in known)
+    if unknown:
+        raise SubscribeError(f"unknown field(s) {', '.join(unknown)}; a subscribe has {', '.join(sorted(known))}")
+    topic = request.get("topic")
+    if topic is not None and (not isinstance(topic, str) or not topic):
+        raise SubscribeError(f"'topic' must be a non-empty string, not {topic!r}")
+    topics = request.get("topics")
+    if topics is not None:
+        if topic is not None:
+            raise SubscribeError(
+                "give 'topic' (one topic, cursor = seq) or 'topics' (a filter on all topics), not both"
+            )
+        if not isinstance(topics, list) or not topics or len(topics) > MAX_FILTER_TOPICS:
+            raise SubscribeError(f"'topics' must be a list of 1 to {MAX_FILTER_TOPICS} topic strings")
+        if not all(isinstance(item, str) and item for item in topics):
+            raise SubscribeError("'topics' must hold non-empty strings only")
+    after = request.get("after")
+    if after is not None:
+        after = _cursor(after, "after")
+    name = request.get("name")
+    if name is not None and (not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS):
+        raise SubscribeError(f"'name' must be a string of 1 to {MAX_NAME_CHARS} characters, not {name!r}")
+    credit = _credit(request.get("credit", 0))
+    ref = request.get("ref")
+    if ref is not None and (not isinstance(ref, int) or isinstance(ref, bool) or not 0 <= ref <= MAX_CURSOR):
+        raise SubscribeError(f"'ref' must be an integer from 0 to {MAX_CURSOR}, not {ref!r}")
+    return SubscribeRequest(topic, frozenset(topics) if topics is not None else None, after, name, credit, ref)
+
+
+@dataclass(slots=True)
+class Subscription:
+    """One consumer's state: where it is, what it may be sent, when it was last heard from."""
+
+    identity: bytes
+    topic: str | None
+    topics: frozenset[str] | None
+    cursor: int  # the last position (all topics) or seq (one topic) sent or skipped
+    name: str | None
+    credit: int
+    last_heard: float
+    last_sent: float
+    caught_up: bool = False  # the last read found fewer events than asked (until the head moves)
+    retry_at: float = 0.0  # its send queue was full: try again after this
+    delivered: int = field(default=0)
+
+
+_packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+_pack = _packer.pack
+_KEYS = {
+    name: _pack(name) for name in ("topic", "event_id", "timestamp", "source", "payload", "seq", "late", "position")
+}
+_EVENTS_HEAD = _packer.pack_map_header(2) + _pack("op") + _pack("events") + _pack("events")
+
+
+def _pack_event(row: tuple[Any, ...], with_position: bool) -> bytes:
+    """One stored row as a msgpack event map, its stored payload (already msgpack) spliced in as is."""
+    position, topic, event_id, timestamp, source, payload, seq, late = row
+    keys = _KEYS
+    parts = [
+        _packer.pack_map_header(8 if with_position else 7),
+        keys["topic"],
+        _pack(topic),
+        keys["event_id"],
+        _pack(event_id),
+        keys["timestamp"],
+        _pack(timestamp),
+        keys["source"],
+        _pack(source),
+        keys["payload"],
+        bytes(payload),
+        keys["seq"],
+        _pack(seq),
+        keys["late"],
+        _pack(bool(late)),
+    ]
+    if with_position:
+        parts += [keys["position"], _pack(position)]
+    return b"".join(parts)
+
+
+def _pack_message(message: dict[str, Any]) -> bytes:
+    packed: bytes = msgpack.packb(message, use_bin_type=True)
+    return packed
+
+
+class RecentEvents:
+    """The most recently committed events of all topics in commit order, encoded once for every
+    all-topics follower near the head.
+
+    Filled only by reading the database after its own last position, the same cursor-driven read
+    as any follower's, so it holds committed events only and no gaps. It starts empty at the
+    head; followers further behind read the database themselves until they reach it.
+    """
+
+    def __init__(self, size: int = RECENT_EVENTS) -> None:
+        self.size = size
+        self._positions: list[int] = []
+        self._packed: list[bytes] = []
+        self.last: int | None = None  # every committed position up to this has been read
+        self.complete = False  # the last read reached the head (until the head moves again)
+
+    def extend(self, conn: sqlite3.Connection, limit: int) -> None:
+        """Read up to ``limit`` events after the last one held."""
+        if self.last is None:
+            (self.last,) = conn.execute("SELECT coalesce(max(rowid), 0) FROM events").fetchone()
+        rows = conn.execute(
+            f"SELECT {_COLUMNS} FROM events WHERE rowid > ? ORDER BY rowid LIMIT ?", (self.last, limit)
+        ).fetchall()
+        for row in rows:
+            self._positions.append(row[0])
+            self._packed.append(_pack_event(row, True))
+        if rows:
+            self.last = rows[-1][0]
+        self.complete = len(rows) < limit
+        if len(self._positions) > 2 * self.size:
+            del self._positions[: -self.size]
+            del self._packed[: -self.size]
+
+    def after(self, cursor: int, want: int) -> list[tuple[int, bytes]] | None:
+        """Up to ``want`` held events after ``cursor``; None when the cursor is outside what is held."""
+        if self.last is None or cursor > self.last:
+            return None
+        if cursor == self.last:
+            return []
+        positions = self._positions
+        if not positions or cursor < positions[0] - 1:
+            return None
+        index = cursor + 1 - positions[0]
+        if index >= len(positions) or positions[index] != cursor + 1:
+            return None  # positions with a gap (not made by this writer): read the database instead
+        return list(zip(positions[index : index + want], self._packed[index : index + want]))
+
+
+class SubscriptionServer:
+    """Binds the subscription endpoint and serves every consumer on its own thread."""
+
+    def __init__(
+        self,
+        context: zmq.Context[Any],
+        config: SubscribeConfig,
+        database: Path,
+        dedup: pykka.ActorRef[Any],
+        head: HeadSignal,
+        secure: SocketHook | None = None,
+    ) -> None:
+        self._config = config
+        self._database = database
+        self._dedup = dedup
+        self._head = head
+        self._warn = RateLimitedLog(log)
+        self._stopping = threading.Event()
+        self._socket = context.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
+        self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full or gone peer raises, never drops silently
+        self._socket.setsockopt(zmq.SNDHWM, SNDHWM)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        if secure is not None:
+            secure(self._socket)
+        self._socket.bind(config.bind)
+        self._thread = threading.Thread(target=self._run, name="subscriptions", daemon=True)
+        self._conn: sqlite3.Connection | None = None
+        self._subs: dict[bytes, Subscription] = {}
+        self._by_name: dict[str, bytes] = {}
+        self._recent = RecentEvents()
+        self._pending_acks: dict[str, tuple[str | None, int]] = {}
+        self._saving: tuple[pykka.Future[Any], dict[str, tuple[str | None, int]]] | None = None
+        self._next_timers = 0.0
+        self._retrying = False  # some subscription waits for its retry_at
+        self.sent_events = 0
+
+    @property
+    def count(self) -> int:
+        """Subscriptions open now."""
+        return len(self._subs)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the thread is serving (health reports it as ``subscriptions``)."""
+        return self._thread.is_alive()
+
+    def start(self) -> None:
+        """Start serving."""
+        self._thread.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop serving and close the socket and the read connection."""
+        self._stopping.set()
+        self._thread.join(timeout)
+
+    # The thread -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._conn = sqlite3.connect(f"{self._database.as_uri()}?mode=ro", uri=True)
+            self._conn.execute("PRAGMA busy_timeout=5000")
+            poller = zmq.Poller()
+            poller.register(self._socket, zmq.POLLIN)
+            poller.register(self._head.fileno(), zmq.POLLIN)
+            busy = False
+            while not self._stopping.is_set():
+                if busy:
+                    timeout = 0
+                elif self._saving is not None or self._pending_acks or self._retrying:
+                    timeout = SHORT_POLL_MS
+                else:
+                    timeout = IDLE_POLL_MS
+                ready = dict(poller.poll(timeout))
+                if self._head.fileno() in ready:
+                    self._head.drain()
+                    self._recent.complete = False
+                    for sub in self._subs.values():
+                        sub.caught_up = False
+                if self._socket in ready:
+                    self._receive()
+                self._settle_acks()
+                now = time.monotonic()
+                if now >= self._next_timers:
+                    self._timers(now)
+                    self._next_timers = now + self._config.heartbeat_ms / 4000
+                busy = self._pump(now)
+        except Exception:
+            log.exception("the subscription server failed; consumers are no longer served")
+            raise
+        finally:
+            self._socket.close(linger=0)
+            if self._conn is not None:
+                self._conn.close()
+
+    def _receive(self) -> None:
+        """Handle what the socket holds (at most a bounded number, so sending keeps its turn)."""
+        for _ in range(1000):
+            try:
+                parts = self._socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            identity = parts[0]
+            try:
+                self._handle(identity, parts[1:])
+            except SubscribeError as exc:
+                self._warn.warning("bad subscription message: %s", exc)
+                self._send(identity, {"op": "error", "code": exc.code, "error": str(exc)})
+
+    def _handle(self, identity: bytes, frames: list[bytes]) -> None:
+        if len(frames) != 1:
+            raise SubscribeError(f"a message must be one frame (after the DEALER's routing), not {len(frames)}")
+        try:
+            request = msgpack.unpackb(frames[0], raw=False, strict_map_key=False)
+        except Exception as exc:
+            raise SubscribeError(f"message is not valid msgpack ({type(exc).__name__})") from None
+        if not isinstance(request, dict):
+            raise SubscribeError(f"a message must be a map with an 'op', not {type_name(request)}")
+        op = request.get("op")
+        now = time.monotonic()
+        sub = self._subs.get(identity)
+        if sub is not None:
+            sub.last_heard = now  # any message, even a bad one, says the consumer is alive
+        if op == "subscribe":
+            self._subscribe(identity, parse_subscribe(request), now)
+            return
+        if op not in ("credit", "ack", "heartbeat", "unsubscribe"):
+            raise SubscribeError(f"unknown op {op!r}; known ops: subscribe, credit, ack, heartbeat, unsubscribe")
+        if sub is None:
+            raise SubscribeError(
+                "no subscription on this connection (the daemon restarted or dropped it); send subscribe again",
+                code="not_subscribed",
+            )
+        if op == "credit":
+            extra = set(request) - {"op", "credit"}
+            if extra:
+                raise SubscribeError(f"a credit message has only 'credit', not {', '.join(map(str, extra))}")
+            grant = _credit(request.get("credit"))
+            sub.credit = min(self._config.max_credit, sub.credit + grant)
+        elif op == "ack":
+            self._ack(sub, request)
+        elif op == "unsubscribe":
+            self._drop(sub, "unsubscribed")
+            self._send(identity, {"op": "unsubscribed"})
+
+    def _subscribe(self, identity: bytes, request: SubscribeRequest, now: float) -> None:
+        assert self._conn is not None
+        after = request.after
+        if request.name is not None:
+            try:
+                stored = self._conn.execute(
+                    "SELECT topic, position FROM consumers WHERE name = ?", (request.name,)
+                ).fetchone()
+            except sqlite3.Error as exc:
+                raise SubscribeError(f"cannot read consumer {request.name!r}: {exc}", code="unavailable") from None
+            if stored is not None and stored[0] != request.topic:
+                form = f"topic {stored[0]!r}" if stored[0] is not None else "all topics"
+                raise SubscribeError(
+                    f"consumer {request.name!r} follows {form} (position {stored[1]}); "
+                    "subscribe to that, or use another name"
+                )
+            if after is None:
+                after = stored[1] if stored is not None else 0
+        if after is None:
+            after = 0
+        replaced = self._subs.get(identity)
+        if replaced is None and len(self._subs) >= self._config.max_consumers:
+            raise SubscribeError(
+                f"the daemon serves {self._config.max_consumers} subscriptions already ([subscribe] max_consumers)",
+                code="busy",
+            )
+        if replaced is not None:
+            self._drop(replaced, "replaced by a new subscribe on the same connection")
+        if request.name is not None:
+            holder = self._by_name.get(request.name)
+            if holder is not None and holder in self._subs:
+                # A restarted consumer comes back before the daemon notices the old one is gone.
+                old = self._subs[holder]
+                self._drop(old, f"consumer {request.name!r} subscribed again elsewhere")
+                self._send(holder, {"op": "error", "code": "replaced", "error": "another connection took this name"})
+            self._by_name[request.name] = identity
+        sub = Subscription(
+            identity=identity,
+            topic=request.topic,
+            topics=request.topics,
+            cursor=after,
+            name=request.name,
+            credit=min(self._config.max_credit, request.credit),
+            last_heard=now,
+            last_sent=now,
+        )
+        self._subs[identity] = sub
+        reply: dict[str, Any] = {"op": "subscribed", "topic": request.topic, "after": after, "name": request.name}
+        if request.topics is not None:
+            reply["topics"] = sorted(request.topics)
+        reply["heartbeat_ms"] = self._config.heartbeat_ms
+        if request.ref is not None:
+            reply["ref"] = request.ref
+        self._send(identity, reply)
+        log.info("subscription %s: topic %r after %d, name %r", identity.hex(), request.topic, after, request.name)
+
+    def _ack(self, sub: Subscription, request: dict[Any, Any]) -> None:
+        if sub.name is None:
+            raise SubscribeError("only a named subscription (subscribe with 'name') can ack")
+        extra = set(request) - {"op", "position"}
+        if extra:
+            raise SubscribeError(f"an ack has only 'position', not {', '.join(map(str, extra))}")
+        position = _cursor(request.get("position"), "position")
+        if position > sub.cursor:
+            raise SubscribeError(f"ack position {position} is beyond what was sent ({sub.cursor})")
+        self._pending_acks[sub.name] = (sub.topic, position)
+
+    def _settle_acks(self) -> None:
+        """Confirm committed positions to their consumers, and hand the next ones to the writer."""
+        if self._saving is not None:
+            future, saving = self._saving
+            try:
+                error = future.get(timeout=0)
+            except pykka.Timeout:
+                return
+            except Exception as exc:  # the dedup actor died or raised
+                error = f"storing consumer positions failed: {exc}"
+            self._saving = None
+            for name, (_, position) in saving.items():
+                identity = self._by_name.get(name)
+                if identity is None or identity not in self._subs:
+                    continue
+                if error is None:
+                    self._send(identity, {"op": "acked", "position": position})
+                else:
+                    self._send(identity, {"op": "error", "code": "ack_failed", "error": error})
+            if error is not None:
+                log.error("%s", error)
+        if self._pending_acks:
+            positions, self._pending_acks = self._pending_acks, {}
+            try:
+                self._saving = (self._dedup.ask(SaveConsumerPositions(positions), block=False), positions)
+            except pykka.ActorDeadError:
+                log.error("consumer positions not stored: the dedup actor is not running")
+
+    def _timers(self, now: float) -> None:
+        """Heartbeat quiet consumers; drop the ones not heard from within ``timeout_ms``."""
+        heartbeat_s = self._config.heartbeat_ms / 1000
+        timeout_s = self._config.timeout_ms / 1000
+        for sub in list(self._subs.values()):
+            if now - sub.last_heard > timeout_s:
+                self._drop(sub, f"not heard from in {timeout_s:g} s")
+            elif now - sub.last_sent >= heartbeat_s:
+                self._send(sub.identity, {"op": "heartbeat"}, sub)
+
+    def _drop(self, sub: Subscription, why: str) -> None:
+        self._subs.pop(sub.identity, None)
+        if sub.name is not None and self._by_name.get(sub.name) == sub.identity:
+            del self._by_name[sub.name]
+        log.info("subscription %s (name %r) ended: %s", sub.identity.hex(), sub.name, why)
+
+    def _send(self, identity: bytes, message: dict[str, Any] | bytes, sub: Subscription | None = None) -> bool:
+        """Send without blocking; False when the peer's queue is full or the peer is gone."""
+        payload = message if isinstance(message, bytes) else _pack_message(message)
+        try:
+            self._socket.send_multipart([identity, payload], zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                gone = self._subs.get(identity)
+                if gone is not None:
+                    self._drop(gone, "disconnected")
+                return False
+            raise
+        if sub is not None:
+            sub.last_sent = time.monotonic()
+        return True
+
+    # Reading and sending events ---------------------------------------------------------------
+
+    def _pump(self, now: float) -> bool:
+        """Send each subscription with credit one batch of what follows its cursor; True if more waits."""
+        more = False
+        self._retrying = False
+        # Shared by the followers at one cursor: (events, whether they are all committed after it).
+        reads: dict[tuple[Any, ...], tuple[list[tuple[int, bytes]], bool]] = {}
+        batch = self._config.batch_events
+        recent = self._recent
+        extended = False
+        for sub in list(self._subs.values()):
+            if sub.caught_up or sub.credit <= 0:
+                continue
+            if sub.retry_at > now:
+                self._retrying = True
+                continue
+            want = min(sub.credit, batch)
+            held = None
+            try:
+                if sub.topic is None and sub.topics is None:
+                    if not recent.complete and not extended:
+                        assert self._conn is not None
+                        extended = True
+                        recent.extend(self._conn, max(batch, self._config.max_credit))
+                    held = recent.after(sub.cursor, want)
+                if held is not None:
+                    rows, complete = held, recent.complete and (not held or held[-1][0] == recent.last)
+                else:
+                    key = (sub.topic, sub.topics, sub.cursor)
+                    read = reads.get(key)
+                    if read is None:
+                        read = reads[key] = self._read(sub, batch)
+                    rows, complete = read
+            except sqlite3.Error as exc:  # e.g. an I/O error: the subscription waits, the thread goes on
+                self._warn.warning("reading events for a subscription failed (%s); retrying", exc)
+                sub.retry_at = now + READ_RETRY_S
+                self._retrying = True
+                continue
+            taken = rows[:want]
+            if not taken:
+                if complete:
+                    sub.caught_up = True
+                else:
+                    more = True  # a filtered scan skipped positions of other topics only
+                continue
+            message = _EVENTS_HEAD + _packer.pack_array_header(len(taken)) + b"".join(event for _, event in taken)
+            if not self._send(sub.identity, message, sub):
+                sub.retry_at = now + BLOCKED_RETRY_S
+                self._retrying = True
+                continue
+            sub.cursor = taken[-1][0]
+            sub.credit -= len(taken)
+            sub.delivered += len(taken)
+            self.sent_events += len(taken)
+            if complete and len(taken) == len(rows):
+                sub.caught_up = True  # everything committed so far is sent; wait for the head to move
+            elif sub.credit > 0:
+                more = True
+        return more
+
+    def _read(self, sub: Subscription, limit: int) -> tuple[list[tuple[int, bytes]], bool]:
+        """Up to ``limit`` events after the cursor as (cursor, packed event), and whether they are
+        all that is committed after it; tells the consumer of expired events first.
+
+        With a topic filter one read scans at most FILTER_SCAN_ROWS positions; when it finds
+        none of the topics the cursor moves past them.
+        """
+        assert self._conn is not None
+        conn = self._conn
+        if sub.topic is not None:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM events WHERE topic = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (sub.topic, sub.cursor, limit),
+            ).fetchall()
+            if rows and rows[0][6] > sub.cursor + 1:
+                self._expired(sub, rows[0][6])
+            return [(row[6], _pack_event(row, False)) for row in rows], len(rows) < limit
+        if sub.topics is None:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM events WHERE rowid > ? ORDER BY rowid LIMIT ?", (sub.cursor, limit)
+            ).fetchall()
+            if rows and rows[0][0] > sub.cursor + 1:
+                self._check_expired(sub)
+            return [(row[0], _pack_event(row, True)) for row in rows], len(rows) < limit
+        # Read the head first: every position up to it is committed, so the scan below sees all of
+        # them and may skip past the ones of other topics without missing one of these.
+        (head,) = conn.execute("SELECT coalesce(max(rowid), 0) FROM events").fetchone()
+        if sub.cursor >= head:
+            return [], True
+        filtered = sorted(sub.topics)
+        upper = min(head, sub.cursor + FILTER_SCAN_ROWS)
+        marks = ",".join("?" * len(filtered))
+        rows = conn.execute(
+            f"SELECT {_COLUMNS} FROM events WHERE rowid > ? AND rowid <= ? AND topic IN ({marks})"
+            " ORDER BY rowid LIMIT ?",
+            (sub.cursor, upper, *filtered, limit),
+        ).fetchall()
+        if rows:
+            if rows[0][0] > sub.cursor + 1:
+                self._check_expired(sub)
+            return [(row[0], _pack_event(row, True)) for row in rows], len(rows) < limit and upper >= head
+        self._check_expired(sub)
+        sub.cursor = upper  # nothing of these topics up to ``upper``: skip it
+        return [], upper >= head
+
+    def _check_expired(self, sub: Subscription) -> None:
+        assert self._conn is not None
+        (first,) = self._conn.execute("SELECT min(rowid) FROM events").fetchone()
+        if first is not None and first > sub.cursor + 1:
+            self._expired(sub, first)
+
+    def _expired(self, sub: Subscription, first: int) -> None:
+        """Tell the consumer that what follows its cursor up to ``first`` is no longer stored."""
+        log.warning(
+            "subscription %s (name %r): events after %d expired; the first still stored is %d",
+            sub.identity.hex(),
+            sub.name,
+            sub.cursor,
+            first,
+        )
+        self._send(sub.identity, {"op": "expired", "after": sub.cursor, "first": first}, sub)

@@ -1,0 +1,341 @@
+"""A consumer of the daemon's subscription endpoint: stored events after a cursor, then live ones.
+
+Theory of operation. A DEALER socket sends ``subscribe`` (the topic or filter, the cursor to
+start after, an optional consumer name and the first credit) and then reads ``events``
+messages. Credit is the flow control: the daemon sends at most as many events as granted, and
+this side grants more only as the application takes events (when what is granted but not yet
+taken falls to half the window), so a consumer that stops iterating stops the daemon sending
+and holds at most one window in memory. Both sides send heartbeats; when nothing has come from
+the daemon for ``timeout`` seconds (or it says it has no subscription for this connection, as
+after a restart), the socket is replaced and the subscription made again after the cursor of
+the last event handed to the application, with backoff between attempts. So the application
+sees every stored event once, in order, across daemon restarts.
+
+A named subscription (``name=``) acknowledges positions: the cursor of the events the
+application has finished with (taken before the next one is asked for), at most every
+``ack_interval`` seconds and at :meth:`Subscriber.close`, which waits briefly for the daemon to
+confirm it has stored it. A later subscription with the same name and no ``after`` resumes
+from there. The wire protocol is in docs/subscribe.md.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import time
+from collections.abc import Callable, Generator, Iterator
+from typing import Any
+
+import msgpack
+import zmq
+
+from transport.backoff import Backoff
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CREDIT = 1000
+RECONNECT_BACKOFF = Backoff(base=0.1, factor=2.0, cap=5.0, jitter=0.5)
+CLOSE_ACK_WAIT_S = 2.0
+RESUBSCRIBE_CODES = {"not_subscribed", "busy", "unavailable"}
+
+
+class SubscriberError(Exception):
+    """The daemon refused the subscription (the message says why), or the subscriber is closed."""
+
+
+class Subscriber:
+    """Iterate the events of one subscription; reconnects and resumes by itself.
+
+    ``topic``: one topic, the cursor is its seq; without it every topic in commit order (or only
+    ``topics``), the cursor is the commit ``position``. ``after``: start after this cursor (None:
+    the named consumer's acknowledged position, or the beginning). ``credit``: the window, the
+    most events the daemon may have sent ahead of the application.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        topic: str | None = None,
+        *,
+        topics: list[str] | None = None,
+        after: int | None = None,
+        name: str | None = None,
+        credit: int = DEFAULT_CREDIT,
+        heartbeat: float = 1.0,
+        timeout: float = 5.0,
+        ack_interval: float = 0.5,
+        configure: Callable[[zmq.Socket[Any]], None] | None = None,
+        backoff: Backoff = RECONNECT_BACKOFF,
+    ) -> None:
+        if credit < 1:
+            raise ValueError(f"credit must be 1 or more, not {credit}")
+        if not 0 < heartbeat < timeout < math.inf:
+            raise ValueError(f"need 0 < heartbeat ({heartbeat}) < timeout ({timeout}) seconds")
+        self.endpoint = endpoint
+        self.topic = topic
+        self.topics = topics
+        self.name = name
+        self.window = credit
+        self.heartbeat = heartbeat
+        self.timeout = timeout
+        self.ack_interval = ack_interval
+        self._configure = configure
+        self._backoff = backoff
+        self._after = after  # where the first subscription starts; then the last cursor handed out
+        self.cursor: int | None = after
+        self.expired: list[tuple[int, int]] = []  # (after, first still stored) the daemon reported
+        self.acked: int | None = None  # the last position the daemon confirmed storing
+        self.reconnects = 0
+        self._context: zmq.Context[Any] = zmq.Context.instance()
+        self._socket: zmq.Socket[Any] | None = None
+        self._buffer: collections.deque[dict[str, Any]] = collections.deque()
+        self._granted = 0  # credit granted on this subscription, less the events received
+        self._subscribed = False
+        self._ref = 0  # the latest subscribe's ref: what comes before its answer is an older one's
+        self._last_heard = 0.0
+        self._last_sent = 0.0
+        self._failures = 0
+        self._retry_at = 0.0
+        self._ack_sent: int | None = None
+        self._ack_sent_at = 0.0
+        self._taken: dict[str, Any] | None = None  # handed out; finished once the next is asked for
+        self._closed = False
+
+    # Public API -------------------------------------------------------------------------------
+
+    @property
+    def subscribed(self) -> bool:
+        """Whether the daemon has confirmed the current subscription."""
+        return self._subscribed
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Every event, for ever (until :meth:`close` or an error); blocks while none comes."""
+        while True:
+            event = self.next_event(timeout=1.0)
+            if event is not None:
+                yield event
+
+    def next_event(self, timeout: float | None) -> dict[str, Any] | None:
+        """The next event, or None when none came within ``timeout`` seconds (None: wait for ever)."""
+        if self._closed:
+            raise SubscriberError("the subscriber is closed")
+        self._finish_taken()
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        while not self._buffer:
+            now = time.monotonic()
+            if now >= deadline:
+                return None
+            self._step(min(deadline, now + 0.25) - now)
+        event = self._buffer.popleft()
+        self.cursor = event["seq"] if self.topic is not None else event["position"]
+        self._taken = event
+        self._grant()
+        return event
+
+    def ack(self, position: int | None = None) -> None:
+        """Acknowledge ``position`` (default: the cursor of the last event taken) now."""
+        if self.name is None:
+            raise SubscriberError("only a named subscriber (name=...) can acknowledge")
+        position = self.cursor if position is None else position
+        if position is None or self._socket is None or not self._subscribed:
+            return
+        if self._send({"op": "ack", "position": position}):
+            self._ack_sent = position
+            self._ack_sent_at = time.monotonic()
+
+    def close(self) -> None:
+        """Acknowledge what was taken (named subscriber), say goodbye and close the socket."""
+        if self._closed:
+            return
+        try:
+            if self.name is not None and self._subscribed and self.cursor is not None:
+                if self.acked != self.cursor:
+                    self.ack()
+                    deadline = time.monotonic() + CLOSE_ACK_WAIT_S
+                    while self.acked != self.cursor and time.monotonic() < deadline and self._socket is not None:
+                        self._step(0.05, receive_only=True)
+            if self._socket is not None and self._subscribed:
+                self._send({"op": "unsubscribe"})
+        finally:
+            self._closed = True
+            self._drop_socket()
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Internals --------------------------------------------------------------------------------
+
+    def _finish_taken(self) -> None:
+        """The event handed out before is processed: a named subscriber may acknowledge it."""
+        if self._taken is None:
+            return
+        self._taken = None
+        if self.name is not None and self._subscribed and self.cursor != self._ack_sent:
+            if time.monotonic() - self._ack_sent_at >= self.ack_interval:
+                self.ack()
+
+    def _step(self, wait: float, receive_only: bool = False) -> None:
+        """Connect if need be, then handle what arrives within ``wait`` seconds and keep time."""
+        now = time.monotonic()
+        if self._socket is None:
+            if now < self._retry_at:
+                time.sleep(min(wait, self._retry_at - now))
+                return
+            self._connect()
+        assert self._socket is not None
+        if self._socket.poll(max(0, int(wait * 1000)), zmq.POLLIN):
+            for _ in range(100):
+                try:
+                    frame = self._socket.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._last_heard = time.monotonic()
+                self._on_message(frame)
+                if self._socket is None:
+                    return
+        now = time.monotonic()
+        if now - self._last_heard > self.timeout:
+            log.warning("no word from %s in %.1f s; reconnecting", self.endpoint, self.timeout)
+            self._reconnect_later()
+            return
+        if not receive_only and self._subscribed:
+            self._grant()  # again, should a grant not have gone out
+            if now - self._last_sent >= self.heartbeat:
+                self._send({"op": "heartbeat"})
+        if self.name is not None and self._subscribed and self.cursor is not None and self.cursor != self._ack_sent:
+            if now - self._ack_sent_at >= self.ack_interval and self._taken is None:
+                self.ack()
+
+    def _connect(self) -> None:
+        sock: zmq.Socket[Any] = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self._configure is not None:
+            self._configure(sock)
+        sock.connect(self.endpoint)
+        self._socket = sock
+        self._subscribed = False
+        self._buffer.clear()  # events not yet taken are sent again after the cursor
+        self._subscribe()
+
+    def _subscribe(self) -> None:
+        self._ref += 1
+        request: dict[str, Any] = {"op": "subscribe", "credit": self.window, "ref": self._ref}
+        if self.topic is not None:
+            request["topic"] = self.topic
+        if self.topics is not None:
+            request["topics"] = self.topics
+        if self.cursor is not None:
+            request["after"] = self.cursor
+        if self.name is not None:
+            request["name"] = self.name
+        self._buffer.clear()
+        self._granted = self.window
+        self._subscribed = False
+        self._last_heard = time.monotonic()
+        self._send(request)
+
+    def _send(self, message: dict[str, Any]) -> bool:
+        """Send without blocking; False when the socket's queue is full (the daemon is not reading)."""
+        assert self._socket is not None
+        try:
+            self._socket.send(msgpack.packb(message, use_bin_type=True), zmq.NOBLOCK)
+        except zmq.Again:
+            return False  # tried again later; a daemon that stays silent is replaced after the timeout
+        self._last_sent = time.monotonic()
+        return True
+
+    def _grant(self) -> None:
+        """Top the credit up to the window once half of it has been taken by the application."""
+        if not self._subscribed or self._socket is None:
+            return
+        in_hand = self._granted + len(self._buffer)  # granted and unsent, or sent and not yet taken
+        if in_hand <= self.window // 2:
+            grant = self.window - in_hand
+            if self._send({"op": "credit", "credit": grant}):
+                self._granted += grant
+
+    def _on_message(self, frame: bytes) -> None:
+        try:
+            message = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+        except Exception:
+            log.error("the daemon sent a message that is not msgpack; reconnecting")
+            self._reconnect_later()
+            return
+        op = message.get("op") if isinstance(message, dict) else None
+        if op == "events":
+            if not self._subscribed:
+                return  # sent for a subscription this one replaced
+            events = message["events"]
+            self._granted -= len(events)
+            self._buffer.extend(events)
+        elif op == "subscribed":
+            if message.get("ref") != self._ref:
+                return
+            self._subscribed = True
+            self._failures = 0
+            if self.cursor is None:
+                self.cursor = message["after"]
+        elif op == "acked":
+            self.acked = message["position"]
+        elif op == "expired":
+            self.expired.append((message["after"], message["first"]))
+            log.warning(
+                "events after %s are no longer stored; continuing from %s, the first still stored",
+                message["after"],
+                message["first"],
+            )
+        elif op == "error":
+            code = message.get("code")
+            if code == "not_subscribed" and not self._subscribed:
+                return  # an answer to a message sent before the subscribe now under way
+            if code in RESUBSCRIBE_CODES:
+                log.info("the daemon said: %s; subscribing again", message.get("error"))
+                if code != "not_subscribed":  # busy or unavailable: back off first
+                    self._reconnect_later()
+                else:
+                    self._subscribe()
+                return
+            self._closed = True
+            self._drop_socket()
+            raise SubscriberError(f"{self.endpoint} refused: {message.get('error')}")
+        # "heartbeat" and "unsubscribed" need nothing beyond the time they were heard
+
+    def _reconnect_later(self) -> None:
+        self._drop_socket()
+        self._retry_at = time.monotonic() + self._backoff.delay(self._failures)
+        self._failures += 1
+        self.reconnects += 1
+
+    def _drop_socket(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+        self._subscribed = False
+        self._buffer.clear()
+
+
+def follow(
+    endpoint: str,
+    topic: str | None = None,
+    *,
+    after: int | None = None,
+    name: str | None = None,
+    configure: Callable[[zmq.Socket[Any]], None] | None = None,
+    **options: Any,
+) -> Generator[dict[str, Any], None, None]:
+    """The stored events after ``after``, then live ones, until SIGINT (which ends it quietly).
+
+    Reconnects by itself when the daemon restarts. Closing the generator (or leaving a loop over
+    it) closes the subscriber, which acknowledges what was taken for a named consumer.
+    """
+    subscriber = Subscriber(endpoint, topic, after=after, name=name, configure=configure, **options)
+    try:
+        yield from subscriber
+    except KeyboardInterrupt:
+        return
+    finally:
+        subscriber.close()
