@@ -80,9 +80,13 @@ STORAGE_RETRY = Backoff(base=0.1, factor=2.0, cap=5.0, jitter=0.0)
 
 _row_key = operator.itemgetter(0, 1)  # a row's (topic, event_id)
 
-# Rows one expiry chunk deletes at most: each is fingerprinted (~5 us) and its key recorded, so a
-# chunk holds the writer for a few milliseconds, about what one group commit takes.
+# Rows one expiry chunk deletes at most. Each is fingerprinted (~3 us), its key recorded and its
+# row deleted from the table and two indexes, which costs the writer about what inserting it did
+# (10-30 us on a loaded machine); the chunk size adapts between these bounds so that a chunk
+# holds the writer for about EXPIRE_CHUNK_S, a fraction of a group commit's time.
 EXPIRE_CHUNK = 500
+EXPIRE_CHUNK_MIN = 32
+EXPIRE_CHUNK_S = 0.005
 
 
 class DedupActor(pykka.ThreadingActor):
@@ -131,6 +135,7 @@ class DedupActor(pykka.ThreadingActor):
         self._next_sweep = 0.0  # first sweep right after start
         self._sweep: Iterator[None] | None = None  # the sweep under way, one chunk per step
         self._touched: set[str] | None = None  # topics written since the last sweep; None: all
+        self._chunk = EXPIRE_CHUNK_MIN  # rows per expiry chunk, adapted to take about EXPIRE_CHUNK_S
 
     def on_start(self) -> None:
         # The connection is opened here, on the actor's own thread, never in __init__.
@@ -362,9 +367,10 @@ class DedupActor(pykka.ThreadingActor):
         max_age = retention.max_age_s
         if max_age is not None:
             received_before = time.time() - max_age
-            while self._expire(EventStore.expire_oldest, received_before, EXPIRE_CHUNK) == EXPIRE_CHUNK:
+            # Until a chunk finds nothing old enough (one that comes back short may only have
+            # skipped the commit-position mark).
+            while self._expire(EventStore.expire_oldest, received_before, self._chunk):
                 yield
-            yield
         if retention.max_events_per_topic:
             keep = retention.max_events_per_topic
             touched, self._touched = self._touched, set()
@@ -372,7 +378,7 @@ class DedupActor(pykka.ThreadingActor):
             over = self._store.topics_over(keep, touched)
             for topic, excess in over:
                 while excess > 0:
-                    count = min(excess, EXPIRE_CHUNK)
+                    count = min(excess, self._chunk)
                     excess -= count
                     self._expire(EventStore.expire_topic_oldest, topic, count)
                     yield
@@ -385,7 +391,7 @@ class DedupActor(pykka.ThreadingActor):
                 # Pages are freed whole, so deleting a share of the events frees about that share.
                 doomed = min(stored, -(-(used - budget) * stored // used))
                 while doomed > 0:
-                    count = min(doomed, EXPIRE_CHUNK)
+                    count = min(doomed, self._chunk)
                     doomed -= count
                     if self._expire(EventStore.expire_oldest, None, count) == 0:
                         break
@@ -401,6 +407,7 @@ class DedupActor(pykka.ThreadingActor):
         the counters it changed."""
         store = self._store
         assert store is not None
+        started = time.monotonic()
         store.begin()
         try:
             deleted = delete(store, *args)
@@ -408,6 +415,10 @@ class DedupActor(pykka.ThreadingActor):
         except sqlite3.Error:
             store.rollback()
             raise
+        if deleted >= self._chunk // 2:  # a full-ish chunk: time it and size the next one
+            took = max(time.monotonic() - started, 1e-4)
+            wanted = int(self._chunk * EXPIRE_CHUNK_S / took)
+            self._chunk = max(EXPIRE_CHUNK_MIN, min(EXPIRE_CHUNK, wanted, self._chunk * 2))
         if deleted:
             self._counters["expired"] += deleted
             self._counters["stored"] -= deleted

@@ -522,9 +522,10 @@ class EventStore:
         if not doomed:
             return 0
         last_rowid = doomed[-1][0]
-        self._record_deleted(doomed)
+        # Rows first: the pages they free take the key records.
         self._conn.execute("DELETE FROM events WHERE rowid <= ?", (last_rowid,))
         self._keep_position(last_rowid)
+        self._record_deleted(doomed)
         return len(doomed)
 
     def topics_over(self, max_events: int, topics: Iterable[str] | None) -> list[tuple[str, int]]:
@@ -553,8 +554,8 @@ class EventStore:
         ).fetchall()
         if not rows:
             return 0
-        self._record_deleted(rows)
         self._conn.execute("DELETE FROM events WHERE topic = ? AND seq <= ?", (topic, rows[-1][3]))
+        self._record_deleted(rows)
         return len(rows)
 
     def forget_keys(self, committed_before: float, max_rows: int) -> int:
