@@ -376,3 +376,33 @@ def test_six_cycles_of_inflow_and_expiry_leave_the_database_no_bigger_than_after
     assert sizes[-1][0] <= sizes[1][0], sizes
     assert all(wal_size <= 64 * 1024 * 1024 for _db, wal_size in sizes), sizes
     print("database and WAL bytes after each cycle:", sizes)
+
+
+def used_bytes(db: Path) -> int:
+    conn = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)
+    try:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
+        return int(pages * conn.execute("PRAGMA page_size").fetchone()[0])
+    finally:
+        conn.close()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(180)
+def test_max_bytes_deletes_the_oldest_events_until_the_database_fits(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = retention_daemon(daemon_factory, max_bytes="400KB", dedup_horizon="1s")
+    events = [event(n, topic=f"b{n % 4}") for n in range(6000)]
+    publisher = Acked(daemon.ack)
+    try:
+        assert publisher.send_all(events)[0] == 6000
+    finally:
+        publisher.close()
+    eventually(lambda: used_bytes(daemon.db_path) <= 400_000, 60, "the database's pages in use within max_bytes")
+    stats = daemon.wait_idle()
+    invariants(stats)
+    assert 0 < stats["stored"] < 6000 and stats["expired"] == 6000 - stats["stored"]
+    for topic in ("b0", "b1", "b2", "b3"):
+        row = topic_row(daemon, topic)
+        seqs = [e["seq"] for e in daemon.events(topic)]
+        # The oldest went first: what is left of each topic is its newest events, without gaps.
+        assert seqs == list(range(row["first_seq"], 1501)), topic
