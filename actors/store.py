@@ -29,7 +29,7 @@ from typing import Any
 
 import msgpack
 
-from actors.fingerprint import canonical_payload, fingerprint
+from actors.fingerprint import fingerprint
 
 SCHEMA_VERSION = "1"
 
@@ -168,6 +168,28 @@ def _same_bytes_sql(size: int) -> str:
 
 
 @functools.cache
+def _stored_content_sql(size: int) -> str:
+    """The stored (instant, source, payload) of the asked keys still in ``events``, as one JSON row."""
+    values = ",".join(f"({index},?,?)" for index in range(size))
+    return (
+        f"WITH asked(position, topic, event_id) AS (VALUES {values})"
+        " SELECT json_group_array(json_array(asked.position, e.ts_ns, e.source, hex(e.payload))) FROM asked"
+        " JOIN events AS e ON e.topic = asked.topic AND e.event_id = asked.event_id"
+    )
+
+
+@functools.cache
+def _kept_fingerprints_sql(size: int) -> str:
+    """The fingerprints kept for the asked keys among the deleted ones, as one JSON row."""
+    values = ",".join(f"({index},?,?)" for index in range(size))
+    return (
+        f"WITH asked(position, topic, event_id) AS (VALUES {values})"
+        " SELECT json_group_array(json_array(asked.position, hex(d.fingerprint))) FROM asked"
+        " JOIN deleted_keys AS d ON d.topic = asked.topic AND d.event_id = asked.event_id"
+    )
+
+
+@functools.cache
 def _topic_states_sql(size: int) -> str:
     return (
         "SELECT json_group_array(json_array(topic, last_seq, last_ts_ns)) FROM topics"
@@ -184,8 +206,8 @@ Content = tuple[str, str, str, int, str, bytes]
 # Rows per multi-row INSERT or upsert: 9 (or 6) parameters each, below SQLite's limit of 32766.
 _INSERT_CHUNK = 2048
 # The writer's statement cache: 38 insert, 12 upsert, 13 lookup and 13 topic-state shapes, 13 lookup
-# shapes that also see deleted keys, 13 duplicate-comparison shapes, and the rest.
-STATEMENT_CACHE = 160
+# shapes that also see deleted keys, 3 x 13 duplicate-comparison shapes, and the rest.
+STATEMENT_CACHE = 192
 
 
 @functools.cache
@@ -459,8 +481,9 @@ class EventStore:
 
         The common case, an exact re-send, is settled in SQL by comparing the stored bytes (one
         statement per 4 096); only the rest are fingerprinted, against the stored row or, when
-        the event was deleted, against its key's record. A duplicate whose original is in
-        neither (its record passed the horizon meanwhile) does not conflict.
+        the event was deleted, against its key's record (one statement each per 4 096 too). A
+        duplicate whose original is in neither (its record passed the horizon meanwhile) does
+        not conflict.
         """
         differing: list[int] = []
         for start in range(0, len(duplicates), _KEY_CHUNK):
@@ -472,24 +495,30 @@ class EventStore:
             params.extend(("", "", "", "", b"") * (size - len(chunk)))
             (positions,) = self._conn.execute(_same_bytes_sql(size), params).fetchone()
             same = {int(position) for position in positions.split(",")} if positions else set()
-            for position, content in enumerate(chunk):
-                if position not in same and self._differs(content):
-                    differing.append(start + position)
+            rest = [position for position in range(len(chunk)) if position not in same]
+            if rest:
+                differing.extend(start + position for position in self._differing([chunk[p] for p in rest], rest))
         return differing
 
-    def _differs(self, content: Content) -> bool:
-        topic, event_id, _timestamp, ts_ns, source, payload = content
-        stored = self._conn.execute(
-            "SELECT ts_ns, source, payload FROM events WHERE topic = ? AND event_id = ?", (topic, event_id)
-        ).fetchone()
-        if stored is not None:
-            if stored[0] != ts_ns or stored[1] != source:
-                return True
-            return canonical_payload(bytes(stored[2])) != canonical_payload(payload)
-        kept = self._conn.execute(
-            "SELECT fingerprint FROM deleted_keys WHERE topic = ? AND event_id = ?", (topic, event_id)
-        ).fetchone()
-        return kept is not None and bytes(kept[0]) != fingerprint(ts_ns, source, payload)
+    def _differing(self, contents: Sequence[Content], positions: Sequence[int]) -> list[int]:
+        """Of these duplicates (whose bytes differ from any stored row's), the positions of those
+        whose content differs from their original's, by fingerprint."""
+        size = _padded(len(contents))
+        params = list(itertools.chain.from_iterable(content[:2] for content in contents))
+        params.extend(("", "") * (size - len(contents)))
+        (live,) = self._conn.execute(_stored_content_sql(size), params).fetchone()
+        (kept,) = self._conn.execute(_kept_fingerprints_sql(size), params).fetchone()
+        originals: dict[int, bytes] = {}
+        for index, ts_ns, source, payload_hex in json.loads(live):
+            originals[index] = fingerprint(ts_ns, source, bytes.fromhex(payload_hex))
+        for index, fingerprint_hex in json.loads(kept):
+            originals.setdefault(index, bytes.fromhex(fingerprint_hex))
+        differing = []
+        for index, (_topic, _event_id, _timestamp, ts_ns, source, payload) in enumerate(contents):
+            original = originals.get(index)
+            if original is not None and original != fingerprint(ts_ns, source, bytes(payload)):
+                differing.append(positions[index])
+        return differing
 
     def add_conflicts(self, per_topic: Mapping[str, int]) -> None:
         """Add to the topics' ``conflicting_duplicates`` (the global one goes with :meth:`add_counts`)."""
