@@ -70,6 +70,7 @@ from actors.store import (
 from transport.backoff import Backoff
 from transport.config import RetentionConfig
 from transport.logs import RateLimitedLog
+from transport.schema import Event
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +310,7 @@ class DedupActor(pykka.ThreadingActor):
             store.insert(list(itertools.chain.from_iterable(write.rows for write in writes)))
             if duplicates:
                 # After the insert: an original written in this very commit is compared too.
-                conflicting = store.conflicting([event for event, _ticket in duplicates])
+                conflicting = self._conflicting(store, duplicates)
                 if conflicting:
                     totals["conflicting_duplicates"] = len(conflicting)
                     store.add_conflicts(_per_topic(duplicates[position][0].topic for position in conflicting))
@@ -340,6 +341,19 @@ class DedupActor(pykka.ThreadingActor):
         self._txn_events = 0
         self._after_commit(writes, totals)
 
+    @staticmethod
+    def _conflicting(store: EventStore, duplicates: list[tuple[Event, AckTicket | None]]) -> list[int]:
+        """Which duplicates conflict with their originals; a bug here must not cost the commit."""
+        try:
+            return store.conflicting([event for event, _ticket in duplicates])
+        except sqlite3.Error:
+            raise  # the commit fails and is retried, like any other statement of it
+        except Exception:
+            log.exception(
+                "comparing %d duplicates with their originals failed; none counted as conflicting", len(duplicates)
+            )
+            return []
+
     def _sweep_step(self) -> None:
         """Run one chunk of the sweep under way, or start one when it is due."""
         if self._sweep is None:
@@ -358,6 +372,10 @@ class DedupActor(pykka.ThreadingActor):
             log.error(
                 "expiry failed (%s); it runs again in %s", exc, self._retention and self._retention.sweep_interval
             )
+            return
+        except Exception:  # a bug must not stop the writer: log it, and try again next sweep
+            self._sweep = None
+            log.exception("expiry failed; it runs again at the next sweep")
             return
         if self.actor_inbox.empty():
             self.actor_ref.tell(Tick())  # more to do: come back once whatever arrives meanwhile is handled
