@@ -257,7 +257,6 @@ BACKSTOP_CHECKPOINT_PAGES = 20_000
 # database ran no slower with 16 than with 32 (two runs each).
 DEFAULT_CACHE_MB = 16
 CHECKPOINT_INTERVAL_S = 0.2
-WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 
 log = logging.getLogger(__name__)
 
@@ -316,8 +315,6 @@ def connect_writer(path: Path, synchronous: str = "NORMAL", cache_mb: int = DEFA
         conn.execute("PRAGMA busy_timeout=5000")
         # The Checkpointer thread keeps the WAL short; this is only the backstop should it stop.
         conn.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_CHECKPOINT_PAGES}")
-        # A WAL that grew (a reader held a checkpoint back) is cut back to this once rewound.
-        conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
         problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
         if problems != ["ok"]:
             conn.close()
