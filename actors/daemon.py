@@ -105,6 +105,7 @@ class Daemon:
                 commit_max_ms=cfg.storage.commit_max_ms,
                 cache_mb=cfg.storage.cache_mb,
                 lookup_group=cfg.ordering.actors,
+                retention=cfg.retention,
                 in_flight=self.in_flight,
                 live=self.live,
                 zmq_context=self.context,

@@ -19,6 +19,15 @@ inserts; grouped, it is about 110 and 320.
 A failed commit (disk full, I/O error) is rolled back; its writes are kept and retried with
 backoff, their ids still count as present so no retry can store an event twice, and no
 acknowledgement is sent until they commit.
+
+Duplicates ride along in the writes; inside each commit's transaction they are compared with
+their stored originals (bytes first, fingerprints only when the bytes differ), and those whose
+content differs are counted as conflicting, logged, and named in their batches' acks.
+
+Retention ([retention], docs/retention.md) runs here too, since this is the only writer: every
+``sweep_interval`` a sweep starts, and it goes in chunks of at most ``EXPIRE_CHUNK`` rows, each
+its own short transaction, taken only between group commits, so ingest never waits for more
+than one chunk.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import logging
 import operator
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +69,9 @@ from actors.store import (
     connect_writer,
 )
 from transport.backoff import Backoff
+from transport.config import RetentionConfig
+from transport.logs import RateLimitedLog
+from transport.schema import Event
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +81,16 @@ ACK_ENDPOINT = "inproc://eventagg-acks"
 STORAGE_RETRY = Backoff(base=0.1, factor=2.0, cap=5.0, jitter=0.0)
 
 _row_key = operator.itemgetter(0, 1)  # a row's (topic, event_id)
+
+# Rows one expiry chunk deletes at most. Each is fingerprinted (~3 us), its key recorded and its
+# row deleted from the table and two indexes, which costs the writer about what inserting it did
+# (10-30 us on a loaded machine); the chunk size adapts between these bounds so that a chunk
+# holds the writer for about EXPIRE_CHUNK_S, a fraction of a group commit's time.
+EXPIRE_CHUNK = 500
+EXPIRE_CHUNK_MIN = 32
+EXPIRE_CHUNK_S = 0.005
+# While messages keep coming, a chunk still runs after this long without one.
+EXPIRE_FORCE_S = 0.02
 
 
 class DedupActor(pykka.ThreadingActor):
@@ -83,6 +105,7 @@ class DedupActor(pykka.ThreadingActor):
         commit_max_ms: int,
         cache_mb: int = DEFAULT_CACHE_MB,
         lookup_group: int = 1,
+        retention: RetentionConfig | None = None,
         in_flight: InFlight,
         live: LiveFigures,
         zmq_context: zmq.Context[Any],
@@ -114,6 +137,13 @@ class DedupActor(pykka.ThreadingActor):
         self._failures = 0
         self._counters: dict[str, int] = {}
         self._startup_error: StorageError | None = None
+        self._warn = RateLimitedLog(log)
+        self._retention = retention if retention is not None and retention.enabled else None
+        self._next_sweep = 0.0  # first sweep right after start
+        self._sweep: Iterator[None] | None = None  # the sweep under way, one chunk per step
+        self._touched: set[str] | None = None  # topics written since the last sweep; None: all
+        self._chunk = EXPIRE_CHUNK_MIN  # rows per expiry chunk, adapted to take about EXPIRE_CHUNK_S
+        self._last_chunk = 0.0
 
     def on_start(self) -> None:
         # The connection is opened here, on the actor's own thread, never in __init__.
@@ -162,6 +192,8 @@ class DedupActor(pykka.ThreadingActor):
                 self._answer_lookups()
             if self._writes or self._rejected:
                 self._maybe_commit()
+            if self._retention is not None and not (self._writes or self._rejected or self._failures):
+                self._sweep_step()
 
     def _handle(self, message: Any) -> Any:
         if isinstance(message, ClassifyRequest):
@@ -292,14 +324,35 @@ class DedupActor(pykka.ThreadingActor):
                         total.late + delta.late,
                     )
         totals["rejected"] = self._rejected
+        totals["stored"] = totals["unique_processed"]
+        duplicates = list(itertools.chain.from_iterable(write.duplicates for write in writes))
+        conflicting: list[int] = []
         try:
             store.begin()
             store.insert(list(itertools.chain.from_iterable(write.rows for write in writes)))
+            if duplicates:
+                # After the insert: an original written in this very commit is compared too.
+                conflicting = self._conflicting(store, duplicates)
+                if conflicting:
+                    totals["conflicting_duplicates"] = len(conflicting)
+                    store.add_conflicts(_per_topic(duplicates[position][0].topic for position in conflicting))
             store.add_counts(topics, totals)
             store.commit()
         except sqlite3.Error as exc:
             self._fail(exc)
             return
+        for position in conflicting:
+            event, ticket = duplicates[position]
+            self._warn.warning(
+                "conflicting duplicate: topic %r event_id %r was re-sent with different content; the first stored"
+                " version is kept (a publisher reuses event ids)",
+                event.topic,
+                event.event_id,
+            )
+            if ticket is not None:
+                ticket.conflicting.append(event)
+        if self._touched is not None:
+            self._touched.update(topics)
         if self._failures:
             log.warning("commit succeeded again after a failure; %d events stored", totals["unique_processed"])
         self._held_keys = set()
@@ -309,6 +362,129 @@ class DedupActor(pykka.ThreadingActor):
         self._rejected = 0
         self._txn_events = 0
         self._after_commit(writes, totals)
+
+    @staticmethod
+    def _conflicting(store: EventStore, duplicates: list[tuple[Event, AckTicket | None]]) -> list[int]:
+        """Which duplicates conflict with their originals; a bug here must not cost the commit."""
+        try:
+            return store.conflicting([event for event, _ticket in duplicates])
+        except sqlite3.Error:
+            raise  # the commit fails and is retried, like any other statement of it
+        except Exception:
+            log.exception(
+                "comparing %d duplicates with their originals failed; none counted as conflicting", len(duplicates)
+            )
+            return []
+
+    def _sweep_step(self) -> None:
+        """Run one chunk of the sweep under way, or start one when it is due.
+
+        A chunk runs when nothing waits in the inbox, so lookups and writes never queue behind
+        one; under a load that leaves no such gap, one still runs every EXPIRE_FORCE_S, so
+        expiry keeps going at full rate.
+        """
+        now = time.monotonic()
+        if self._sweep is None:
+            if now < self._next_sweep:
+                return
+            assert self._retention is not None
+            self._next_sweep = now + self._retention.sweep_interval_s
+            self._sweep = self._sweep_chunks(self._retention)
+        if not self.actor_inbox.empty() and now - self._last_chunk < EXPIRE_FORCE_S:
+            return
+        self._last_chunk = now
+        try:
+            next(self._sweep)
+        except StopIteration:
+            self._sweep = None
+            return
+        except sqlite3.Error as exc:
+            self._sweep = None
+            log.error(
+                "expiry failed (%s); it runs again in %s", exc, self._retention and self._retention.sweep_interval
+            )
+            return
+        except Exception:  # a bug must not stop the writer: log it, and try again next sweep
+            self._sweep = None
+            log.exception("expiry failed; it runs again at the next sweep")
+            return
+        if self.actor_inbox.empty():
+            self.actor_ref.tell(Tick())  # more to do: come back once whatever arrives meanwhile is handled
+
+    def _sweep_chunks(self, retention: RetentionConfig) -> Iterator[None]:
+        """One sweep: every limit in turn, one transaction of at most EXPIRE_CHUNK rows per step."""
+        max_age = retention.max_age_s
+        if max_age is not None:
+            received_before = time.time() - max_age
+            # Until a chunk finds nothing old enough (one that comes back short may only have
+            # skipped the commit-position mark).
+            while self._expire(EventStore.expire_oldest, received_before, self._chunk):
+                yield
+        if retention.max_events_per_topic:
+            keep = retention.max_events_per_topic
+            touched, self._touched = self._touched, set()
+            assert self._store is not None
+            over = self._store.topics_over(keep, touched)
+            for topic, excess in over:
+                while excess > 0:
+                    count = min(excess, self._chunk)
+                    excess -= count
+                    self._expire(EventStore.expire_topic_oldest, topic, count)
+                    yield
+        budget = retention.max_bytes_value
+        if budget is not None:
+            assert self._store is not None
+            used = self._store.used_bytes()
+            stored = self._counters.get("stored", 0)
+            if used > budget and stored:
+                # Pages are freed whole, so deleting a share of the events frees about that share.
+                doomed = min(stored, -(-(used - budget) * stored // used))
+                while doomed > 0:
+                    count = min(doomed, self._chunk)
+                    doomed -= count
+                    if self._expire(EventStore.expire_oldest, None, count) == 0:
+                        break
+                    yield
+        horizon = retention.dedup_horizon_s
+        if horizon is not None:
+            committed_before = time.time() - horizon
+            while self._forget(committed_before) == EXPIRE_CHUNK:
+                yield
+
+    def _expire(self, delete: Callable[..., int], *args: Any) -> int:
+        """Run one expiry chunk, ``delete(store, *args)``, in a transaction of its own and publish
+        the counters it changed."""
+        store = self._store
+        assert store is not None
+        started = time.monotonic()
+        store.begin()
+        try:
+            deleted = delete(store, *args)
+            store.commit()
+        except sqlite3.Error:
+            store.rollback()
+            raise
+        if deleted >= self._chunk // 2:  # a full-ish chunk: time it and size the next one
+            took = max(time.monotonic() - started, 1e-4)
+            wanted = int(self._chunk * EXPIRE_CHUNK_S / took)
+            self._chunk = max(EXPIRE_CHUNK_MIN, min(EXPIRE_CHUNK, wanted, self._chunk * 2))
+        if deleted:
+            self._counters["expired"] += deleted
+            self._counters["stored"] -= deleted
+            self._live.committed = dict(self._counters)
+        return deleted
+
+    def _forget(self, committed_before: float) -> int:
+        store = self._store
+        assert store is not None
+        store.begin()
+        try:
+            forgotten = store.forget_keys(committed_before, EXPIRE_CHUNK)
+            store.commit()
+        except sqlite3.Error:
+            store.rollback()
+            raise
+        return forgotten
 
     def _fail(self, exc: sqlite3.Error) -> None:
         """Roll back; keep every write of the group for a retry, their ids still counted as present."""
@@ -349,3 +525,11 @@ class DedupActor(pykka.ThreadingActor):
         if finished and self._acks is not None:
             for ticket in finished:
                 self._acks.send_multipart([*ticket.envelope, msgpack.packb(ticket.reply())])
+
+
+def _per_topic(topics: Iterable[str]) -> dict[str, int]:
+    """How many times each topic occurs."""
+    counts: dict[str, int] = {}
+    for topic in topics:
+        counts[topic] = counts.get(topic, 0) + 1
+    return counts

@@ -303,7 +303,9 @@ class IngestServer:
                 tickets.extend([None] * len(decoded.events))
             return tickets
         assert decoded.batch_id is not None
-        ticket = AckTicket(message.envelope, decoded.batch_id, len(decoded.events), decoded.rejected)
+        ticket = AckTicket(
+            message.envelope, decoded.batch_id, len(decoded.events), decoded.rejected, events=decoded.events
+        )
         if not decoded.events:
             self._ack_router.send_multipart([*message.envelope, msgpack.packb(ticket.reply())])
             return tickets

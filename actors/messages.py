@@ -9,6 +9,7 @@ acknowledged batch and is answered once every one of its events is committed.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,15 +31,30 @@ class AckTicket:
     rejected: list[tuple[int, str]]
     new: int = 0
     duplicate: int = 0
+    events: list[Event] | None = None  # the batch's valid events, in order: to name conflicting ones
+    conflicting: list[Event] = field(default_factory=list)
 
     def reply(self) -> dict[str, object]:
         """The acknowledgement map sent back to the publisher."""
-        return {
+        reply: dict[str, object] = {
             "batch": self.batch_id,
             "new": self.new,
             "duplicate": self.duplicate,
             "rejected": [[index, reason] for index, reason in self.rejected],
         }
+        if self.conflicting:
+            reply["conflicting"] = self.conflicting_indexes()
+        return reply
+
+    def conflicting_indexes(self) -> list[int]:
+        """The indexes, in the batch as sent, of the events found to be conflicting duplicates."""
+        if not self.events:
+            return []
+        # The k-th valid event is the k-th index of the batch that was not rejected.
+        rejected = {index for index, _reason in self.rejected}
+        indexes = (index for index in itertools.count() if index not in rejected)
+        batch_index = {id(event): index for event, index in zip(self.events, indexes)}
+        return sorted(batch_index[id(event)] for event in self.conflicting if id(event) in batch_index)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,12 +117,15 @@ class WriteBatch:
     settles; ``events`` counts every valid event it settles (new or duplicate) and ``bytes``
     their credit in bytes: what its commit gives back to the in-flight bound (``events`` less the
     rows are the duplicates); ``late`` counts the late rows; ``new_topics`` counts topics whose first event
-    (seq 1) is among the rows. ``origin`` and ``serial`` say which ordering actor sent it and
-    its place in that actor's writes (1, 2, ...), so the actor can learn what has committed.
+    (seq 1) is among the rows. ``duplicates`` are the events it settles as duplicates (with their
+    tickets), which the dedup actor compares with their stored originals. ``origin`` and
+    ``serial`` say which ordering actor sent it and its place in that actor's writes (1, 2, ...),
+    so the actor can learn what has committed.
     """
 
     rows: list[Row] = field(default_factory=list)
     topics: dict[str, TopicDelta] = field(default_factory=dict)
+    duplicates: list[tuple[Event, AckTicket | None]] = field(default_factory=list)
     tickets: dict[AckTicket, list[int]] = field(default_factory=dict)
     events: int = 0
     bytes: int = 0

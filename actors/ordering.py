@@ -99,7 +99,7 @@ class OrderingActor(pykka.ThreadingActor):
         self._write_serial = 0
         self._next_forget = 0.0
         # Copies that arrived while their original waits in the buffer: (ticket, credit bytes).
-        self._copies: dict[_Key, list[tuple[AckTicket | None, int]]] = {}
+        self._copies: dict[_Key, list[tuple[AckTicket | None, Event]]] = {}
         self._awaiting: deque[_Pending] = deque()
         self._looking_up: dict[_Key, int] = {}  # keys of awaiting batches, with how many hold them
         self._token = 0
@@ -153,7 +153,7 @@ class OrderingActor(pykka.ThreadingActor):
             if first is not None:
                 copies.append((position, first))
             elif key in held:
-                self._copies.setdefault(key, []).append((tickets[position], event_bytes(event.payload)))
+                self._copies.setdefault(key, []).append((tickets[position], event))
                 attached += 1
                 attached_bytes += event_bytes(event.payload)
             elif key in looking_up:
@@ -258,17 +258,13 @@ class OrderingActor(pykka.ThreadingActor):
         for position, first in pending.copies:
             event = events[position]
             if first in new_positions:  # settled with its original, in the write that stores it
-                copies.setdefault((event.topic, event.event_id), []).append(
-                    (tickets[position], event_bytes(event.payload))
-                )
+                copies.setdefault((event.topic, event.event_id), []).append((tickets[position], event))
             else:  # a copy of an event that was already stored
                 self._count_duplicate(write, event, tickets[position])
         for position in pending.later:
             event = events[position]
             if (event.topic, event.event_id) in buffer.held:
-                copies.setdefault((event.topic, event.event_id), []).append(
-                    (tickets[position], event_bytes(event.payload))
-                )
+                copies.setdefault((event.topic, event.event_id), []).append((tickets[position], event))
             else:
                 # Its original was resolved before this batch: stored already, or written in an
                 # earlier write; either way this write commits with or after it.
@@ -324,7 +320,7 @@ class OrderingActor(pykka.ThreadingActor):
 
     @staticmethod
     def _count_duplicate(write: WriteBatch, event: Event, ticket: AckTicket | None) -> None:
-        _count_copy(write, event.topic, ticket, event_bytes(event.payload))
+        _count_copy(write, event, ticket)
 
     def _send(self, released: list[Released[_Item]], write: WriteBatch) -> None:
         """Turn released events into rows and tell the dedup actor, if there is anything to say."""
@@ -363,8 +359,8 @@ class OrderingActor(pykka.ThreadingActor):
             if copies:
                 waiting = copies.pop((topic, event_id), None)
                 if waiting:
-                    for copy_ticket, copy_bytes in waiting:
-                        _count_copy(write, topic, copy_ticket, copy_bytes)
+                    for copy_ticket, copy in waiting:
+                        _count_copy(write, copy, copy_ticket)
         write.events += len(released)
         write.bytes += nbytes + EVENT_OVERHEAD_BYTES * len(released)  # event_bytes() of each
         buffered = self._buffer.buffered
@@ -409,14 +405,16 @@ class OrderingActor(pykka.ThreadingActor):
             )
 
 
-def _count_copy(write: WriteBatch, topic: str, ticket: AckTicket | None, nbytes: int) -> None:
-    """Count one duplicate into ``write``, settling its ticket there."""
-    delta = write.topics.get(topic)
+def _count_copy(write: WriteBatch, event: Event, ticket: AckTicket | None) -> None:
+    """Count one duplicate into ``write``, settling its ticket there; the dedup actor compares
+    its content with the original's when the write commits."""
+    delta = write.topics.get(event.topic)
     if delta is None:
-        write.topics[topic] = delta = TopicDelta()
+        write.topics[event.topic] = delta = TopicDelta()
     delta.received += 1
     delta.duplicate_dropped += 1
     write.events += 1
-    write.bytes += nbytes
+    write.bytes += event_bytes(event.payload)
+    write.duplicates.append((event, ticket))
     if ticket is not None:
         write.settle(ticket, 0, 1)

@@ -67,7 +67,7 @@ class StatsActor(pykka.ThreadingActor):
             return self.stats()
         if isinstance(query, EventsQuery):
             events, cursor = self._reader.events(query.topic, query.after, query.limit)
-            return {"events": events, "next": cursor}
+            return {"events": events, "next": cursor, "first": self._reader.first(query.topic)}
         if isinstance(query, TopicsQuery):
             return {"topics": self._reader.topics()}
         if isinstance(query, HealthQuery):
@@ -93,6 +93,9 @@ class StatsActor(pykka.ThreadingActor):
             "rejected": committed.get("rejected", 0),
             "refused": self._live.refused,
             "late": committed.get("late", 0),
+            "stored": committed.get("stored", 0),
+            "expired": committed.get("expired", 0),
+            "conflicting_duplicates": committed.get("conflicting_duplicates", 0),
             "topic_count": committed.get("topic_count", 0),
             "in_flight": in_flight,
             "in_flight_bytes": self._in_flight.bytes,

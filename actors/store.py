@@ -29,6 +29,8 @@ from typing import Any
 
 import msgpack
 
+from actors.fingerprint import fingerprint
+
 SCHEMA_VERSION = "1"
 
 _SCHEMA = """
@@ -67,9 +69,32 @@ CREATE TABLE IF NOT EXISTS consumers (
     position   INTEGER NOT NULL,
     updated_at REAL    NOT NULL
 );
+CREATE TABLE IF NOT EXISTS deleted_keys (
+    topic        TEXT    NOT NULL,
+    event_id     TEXT    NOT NULL,
+    seq          INTEGER NOT NULL,
+    fingerprint  BLOB    NOT NULL,
+    committed_at INTEGER NOT NULL,
+    PRIMARY KEY (topic, event_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deleted_keys_by_age ON deleted_keys (committed_at);
+CREATE TABLE IF NOT EXISTS topic_retention (
+    topic                  TEXT PRIMARY KEY,
+    expired                INTEGER NOT NULL DEFAULT 0,
+    conflicting_duplicates INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
 """
 
-COUNTER_NAMES = ("received", "unique_processed", "duplicate_dropped", "rejected", "late")
+COUNTER_NAMES = (
+    "received",
+    "unique_processed",
+    "duplicate_dropped",
+    "rejected",
+    "late",
+    "stored",
+    "expired",
+    "conflicting_duplicates",
+)
 
 INSERT_EVENT = (
     "INSERT INTO events (topic, event_id, seq, timestamp, ts_ns, source, payload, received_at, late)"
@@ -125,6 +150,52 @@ def _lookup_sql(size: int) -> str:
 
 
 @functools.cache
+def _lookup_with_deleted_sql(size: int) -> str:
+    """Like :func:`_lookup_sql`, but a key kept in ``deleted_keys`` counts as present too."""
+    values = ",".join(f"({index},?,?)" for index in range(size))
+    return (
+        f"WITH asked(position, topic, event_id) AS (VALUES {values})"
+        " SELECT group_concat(asked.position) FROM asked"
+        " WHERE EXISTS (SELECT 1 FROM events AS e WHERE e.topic = asked.topic AND e.event_id = asked.event_id)"
+        " OR EXISTS (SELECT 1 FROM deleted_keys AS d WHERE d.topic = asked.topic AND d.event_id = asked.event_id)"
+    )
+
+
+@functools.cache
+def _same_bytes_sql(size: int) -> str:
+    """Which asked duplicates have the very bytes of their stored original (one row of positions)."""
+    values = ",".join(f"({index},?,?,?,?,?)" for index in range(size))
+    return (
+        f"WITH asked(position, topic, event_id, timestamp, source, payload) AS (VALUES {values})"
+        " SELECT group_concat(asked.position) FROM asked"
+        " JOIN events AS e ON e.topic = asked.topic AND e.event_id = asked.event_id"
+        " WHERE e.timestamp = asked.timestamp AND e.source = asked.source AND e.payload = asked.payload"
+    )
+
+
+@functools.cache
+def _stored_content_sql(size: int) -> str:
+    """The stored (instant, source, payload) of the asked keys still in ``events``, as one JSON row."""
+    values = ",".join(f"({index},?,?)" for index in range(size))
+    return (
+        f"WITH asked(position, topic, event_id) AS (VALUES {values})"
+        " SELECT json_group_array(json_array(asked.position, e.ts_ns, e.source, hex(e.payload))) FROM asked"
+        " JOIN events AS e ON e.topic = asked.topic AND e.event_id = asked.event_id"
+    )
+
+
+@functools.cache
+def _kept_fingerprints_sql(size: int) -> str:
+    """The fingerprints kept for the asked keys among the deleted ones, as one JSON row."""
+    values = ",".join(f"({index},?,?)" for index in range(size))
+    return (
+        f"WITH asked(position, topic, event_id) AS (VALUES {values})"
+        " SELECT json_group_array(json_array(asked.position, hex(d.fingerprint))) FROM asked"
+        " JOIN deleted_keys AS d ON d.topic = asked.topic AND d.event_id = asked.event_id"
+    )
+
+
+@functools.cache
 def _topic_states_sql(size: int) -> str:
     return (
         "SELECT json_group_array(json_array(topic, last_seq, last_ts_ns)) FROM topics"
@@ -135,10 +206,14 @@ def _topic_states_sql(size: int) -> str:
 Row = tuple[str, str, int, str, int, str, bytes | bytearray, float, int]
 """An ``events`` row in INSERT_EVENT's column order; the payload may be a bytearray (binds faster)."""
 
+Content = tuple[str, str, str, int, str, bytes]
+"""A duplicate's (topic, event_id, timestamp, ts_ns, source, payload), to compare with its original."""
+
 # Rows per multi-row INSERT or upsert: 9 (or 6) parameters each, below SQLite's limit of 32766.
 _INSERT_CHUNK = 2048
-# The writer's statement cache: 38 insert, 12 upsert, 13 lookup and 13 topic-state shapes, and the rest.
-STATEMENT_CACHE = 128
+# The writer's statement cache: 38 insert, 12 upsert, 13 lookup and 13 topic-state shapes, 13 lookup
+# shapes that also see deleted keys, 3 x 13 duplicate-comparison shapes, and the rest.
+STATEMENT_CACHE = 192
 
 
 @functools.cache
@@ -190,6 +265,9 @@ DEFAULT_CACHE_MB = 16
 CHECKPOINT_INTERVAL_S = 0.2
 
 log = logging.getLogger(__name__)
+
+# The row that holds the last commit position once every event is deleted (see _keep_position).
+_POSITION_MARK = ("", "last commit position")
 
 
 class StorageError(Exception):
@@ -252,6 +330,11 @@ def connect_writer(path: Path, synchronous: str = "NORMAL", cache_mb: int = DEFA
             )
         conn.executescript(_SCHEMA)
         conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        # A database from before retention: everything it ever stored is still stored.
+        conn.execute(
+            "INSERT OR IGNORE INTO counters (name, value)"
+            " SELECT 'stored', coalesce((SELECT value FROM counters WHERE name = 'unique_processed'), 0)"
+        )
         conn.executemany("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)", [(n,) for n in COUNTER_NAMES])
     except sqlite3.DatabaseError as exc:
         raise StorageError(f"cannot open database {path}: {exc}") from exc
@@ -297,10 +380,18 @@ class DatabaseLock:
 
 
 class EventStore:
-    """The single writer: lookups, inserts and counter updates inside explicit transactions."""
+    """The single writer: lookups, inserts and counter updates inside explicit transactions.
+
+    Retention (``expire_*``, :meth:`forget_keys`, :meth:`conflicting`) keeps its SQL together
+    at the end of the class. Deleting an event leaves a compact record of its key in
+    ``deleted_keys`` (seq, 8-byte content fingerprint, commit second), which the key lookup
+    consults once any exists, so a replay stays a duplicate until ``dedup_horizon``.
+    """
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
+        # Until a key has been deleted, lookups need not look at deleted_keys at all.
+        self._keys_deleted = conn.execute("SELECT EXISTS (SELECT 1 FROM deleted_keys)").fetchone()[0] == 1
 
     def begin(self) -> None:
         """Start a write transaction (taking the write lock now, not at the first write)."""
@@ -332,7 +423,8 @@ class EventStore:
             size = _padded(len(chunk))
             params = list(itertools.chain.from_iterable(chunk))
             params.extend(("", "") * (size - len(chunk)))
-            (positions,) = self._conn.execute(_lookup_sql(size), params).fetchone()
+            sql = _lookup_with_deleted_sql(size) if self._keys_deleted else _lookup_sql(size)
+            (positions,) = self._conn.execute(sql, params).fetchone()
             if positions:
                 found.update([chunk[int(position)] for position in positions.split(",")])
         return found
@@ -392,6 +484,177 @@ class EventStore:
         """Roll back anything uncommitted and close the connection."""
         self.rollback()
         self._conn.close()
+
+    # --- Retention: conflicting duplicates, expiry and the deleted keys' records. ---
+    # Each method runs inside the caller's transaction, and adds to the counters it changes there.
+
+    def conflicting(self, duplicates: Sequence[Content]) -> list[int]:
+        """The positions of ``duplicates`` whose content differs from their stored original's.
+
+        The common case, an exact re-send, is settled in SQL by comparing the stored bytes (one
+        statement per 4 096); only the rest are fingerprinted, against the stored row or, when
+        the event was deleted, against its key's record (one statement each per 4 096 too). A
+        duplicate whose original is in neither (its record passed the horizon meanwhile) does
+        not conflict.
+        """
+        differing: list[int] = []
+        for start in range(0, len(duplicates), _KEY_CHUNK):
+            chunk = duplicates[start : start + _KEY_CHUNK]
+            size = _padded(len(chunk))
+            params: list[Any] = []
+            for topic, event_id, timestamp, _ts_ns, source, payload in chunk:
+                params.extend((topic, event_id, timestamp, source, payload))
+            params.extend(("", "", "", "", b"") * (size - len(chunk)))
+            (positions,) = self._conn.execute(_same_bytes_sql(size), params).fetchone()
+            same = {int(position) for position in positions.split(",")} if positions else set()
+            rest = [position for position in range(len(chunk)) if position not in same]
+            if rest:
+                differing.extend(start + position for position in self._differing([chunk[p] for p in rest], rest))
+        return differing
+
+    def _differing(self, contents: Sequence[Content], positions: Sequence[int]) -> list[int]:
+        """Of these duplicates (whose bytes differ from any stored row's), the positions of those
+        whose content differs from their original's, by fingerprint."""
+        size = _padded(len(contents))
+        params = list(itertools.chain.from_iterable(content[:2] for content in contents))
+        params.extend(("", "") * (size - len(contents)))
+        (live,) = self._conn.execute(_stored_content_sql(size), params).fetchone()
+        (kept,) = self._conn.execute(_kept_fingerprints_sql(size), params).fetchone()
+        originals: dict[int, bytes] = {}
+        for index, ts_ns, source, payload_hex in json.loads(live):
+            originals[index] = fingerprint(ts_ns, source, bytes.fromhex(payload_hex))
+        for index, fingerprint_hex in json.loads(kept):
+            originals.setdefault(index, bytes.fromhex(fingerprint_hex))
+        differing = []
+        for index, (_topic, _event_id, _timestamp, ts_ns, source, payload) in enumerate(contents):
+            original = originals.get(index)
+            if original is not None and original != fingerprint(ts_ns, source, bytes(payload)):
+                differing.append(positions[index])
+        return differing
+
+    def add_conflicts(self, per_topic: Mapping[str, int]) -> None:
+        """Add to the topics' ``conflicting_duplicates`` (the global one goes with :meth:`add_counts`)."""
+        self._conn.executemany(
+            "INSERT INTO topic_retention (topic, conflicting_duplicates) VALUES (?, ?)"
+            " ON CONFLICT (topic) DO UPDATE SET"
+            " conflicting_duplicates = conflicting_duplicates + excluded.conflicting_duplicates",
+            list(per_topic.items()),
+        )
+
+    def expire_oldest(self, received_before: float | None, max_rows: int) -> int:
+        """Delete up to ``max_rows`` of the oldest events (commit order), stopping at the first one
+        that arrived at or after ``received_before`` (None: no age limit, for the size budget).
+
+        Deleting a prefix of commit order deletes a prefix of each topic's seqs, so a topic's
+        stored seqs always run without gaps from its first to its last. Returns how many went.
+        """
+        rows = self._conn.execute(
+            "SELECT rowid, topic, event_id, seq, ts_ns, source, payload, received_at FROM events"
+            " ORDER BY rowid LIMIT ?",
+            (max_rows,),
+        ).fetchall()
+        doomed = []
+        for row in rows:
+            if row[1] == _POSITION_MARK[0]:
+                continue  # the mark of the last commit position (see _keep_position)
+            if received_before is not None and row[7] >= received_before:
+                break
+            doomed.append(row)
+        if not doomed:
+            return 0
+        last_rowid = doomed[-1][0]
+        # Rows first: the pages they free take the key records.
+        self._conn.execute("DELETE FROM events WHERE rowid <= ?", (last_rowid,))
+        self._keep_position(last_rowid)
+        self._record_deleted(doomed)
+        return len(doomed)
+
+    def topics_over(self, max_events: int, topics: Iterable[str] | None) -> list[tuple[str, int]]:
+        """(topic, how many events over ``max_events`` it holds) for these topics (None: all)."""
+        sql = (
+            "SELECT t.topic, t.last_seq - coalesce(r.expired, 0) - ? FROM topics AS t"
+            " LEFT JOIN topic_retention AS r ON r.topic = t.topic"
+            " WHERE t.last_seq - coalesce(r.expired, 0) > ?"
+        )
+        if topics is None:
+            return [(topic, excess) for topic, excess in self._conn.execute(sql, (max_events, max_events))]
+        over: list[tuple[str, int]] = []
+        wanted = list(topics)
+        for start in range(0, len(wanted), _KEY_CHUNK):
+            chunk = wanted[start : start + _KEY_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            over.extend(self._conn.execute(f"{sql} AND t.topic IN ({marks})", [max_events, max_events, *chunk]))
+        return over
+
+    def expire_topic_oldest(self, topic: str, count: int) -> int:
+        """Delete the ``count`` lowest-seq events of ``topic``; returns how many went."""
+        rows = self._conn.execute(
+            "SELECT rowid, topic, event_id, seq, ts_ns, source, payload, received_at FROM events"
+            " WHERE topic = ? ORDER BY seq LIMIT ?",
+            (topic, count),
+        ).fetchall()
+        if not rows:
+            return 0
+        self._conn.execute("DELETE FROM events WHERE topic = ? AND seq <= ?", (topic, rows[-1][3]))
+        self._record_deleted(rows)
+        return len(rows)
+
+    def forget_keys(self, committed_before: float, max_rows: int) -> int:
+        """Drop up to ``max_rows`` deleted keys committed before ``committed_before`` (the dedup
+        horizon has passed: a replay of them is new again). Returns how many went."""
+        cursor = self._conn.execute(
+            "DELETE FROM deleted_keys WHERE (topic, event_id) IN"
+            " (SELECT topic, event_id FROM deleted_keys WHERE committed_at < ? ORDER BY committed_at LIMIT ?)",
+            (int(committed_before), max_rows),
+        )
+        return cursor.rowcount
+
+    def used_bytes(self) -> int:
+        """Bytes of the database's pages in use (the file less its free pages; the WAL apart)."""
+        (page_size,) = self._conn.execute("PRAGMA page_size").fetchone()
+        (pages,) = self._conn.execute("PRAGMA page_count").fetchone()
+        (free,) = self._conn.execute("PRAGMA freelist_count").fetchone()
+        return int((pages - free) * page_size)
+
+    def _record_deleted(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Keep each deleted event's key record, and count the deletions (per topic and in all)."""
+        records = []
+        per_topic: dict[str, int] = {}
+        for _rowid, topic, event_id, seq, ts_ns, source, payload, received_at in rows:
+            records.append((topic, event_id, seq, fingerprint(ts_ns, source, bytes(payload)), int(received_at) + 1))
+            per_topic[topic] = per_topic.get(topic, 0) + 1
+        for start, size in _pow2_chunks(len(records), 1024):
+            self._conn.execute(
+                "INSERT OR REPLACE INTO deleted_keys (topic, event_id, seq, fingerprint, committed_at) VALUES "
+                + ",".join(["(?, ?, ?, ?, ?)"] * size),
+                list(itertools.chain.from_iterable(records[start : start + size])),
+            )
+        self._conn.executemany(
+            "INSERT INTO topic_retention (topic, expired) VALUES (?, ?)"
+            " ON CONFLICT (topic) DO UPDATE SET expired = expired + excluded.expired",
+            list(per_topic.items()),
+        )
+        self._conn.execute(
+            "UPDATE counters SET value = value + CASE name WHEN 'expired' THEN ? ELSE -? END"
+            " WHERE name IN ('expired', 'stored')",
+            (len(rows), len(rows)),
+        )
+        self._keys_deleted = True
+
+    def _keep_position(self, deleted_rowid: int) -> None:
+        """Keep the commit position from going back: SQLite gives a new row the highest rowid
+        plus one, so once the newest event is deleted a mark row holds its rowid (topic '' is
+        never valid, so no lookup or reader sees it) until newer events exist."""
+        conn = self._conn
+        (newer,) = conn.execute("SELECT EXISTS (SELECT 1 FROM events WHERE rowid > ?)", (deleted_rowid,)).fetchone()
+        if newer:
+            return
+        conn.execute("DELETE FROM events WHERE topic = ? AND event_id = ?", _POSITION_MARK)
+        conn.execute(
+            "INSERT INTO events (rowid, topic, event_id, seq, timestamp, ts_ns, source, payload, received_at, late)"
+            " VALUES (?, ?, ?, 0, '', 0, '', x'', 0, 0)",
+            (deleted_rowid, *_POSITION_MARK),
+        )
 
 
 class Checkpointer:
@@ -471,7 +734,7 @@ class EventReader:
         else:
             cursor = self._conn.execute(
                 "SELECT rowid, topic, event_id, timestamp, source, payload, seq, late FROM events"
-                " WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                " WHERE rowid > ? AND topic <> '' ORDER BY rowid LIMIT ?",
                 (after, limit),
             )
         events = []
@@ -489,25 +752,48 @@ class EventReader:
                     "late": bool(late),
                 }
             )
-            position = row_position
         return events, position
 
+    def first(self, topic: str | None) -> int:
+        """The lowest seq of ``topic`` (or, without one, the lowest commit position) still stored;
+        when nothing is stored, one past the last assigned. A reader whose ``after + 1`` is
+        below it knows that events expired before it read them."""
+        conn = self._conn
+        if topic is not None:
+            (lowest,) = conn.execute("SELECT min(seq) FROM events WHERE topic = ?", (topic,)).fetchone()
+            if lowest is not None:
+                return int(lowest)
+            row = conn.execute("SELECT last_seq FROM topics WHERE topic = ?", (topic,)).fetchone()
+            return int(row[0]) + 1 if row is not None else 1
+        row = conn.execute("SELECT rowid FROM events WHERE topic <> '' ORDER BY rowid LIMIT 1").fetchone()
+        if row is not None:
+            return int(row[0])
+        (last,) = conn.execute("SELECT coalesce(max(rowid), 0) FROM events").fetchone()
+        return int(last) + 1
+
     def topics(self) -> list[dict[str, Any]]:
-        """Every topic with its stored event count, last seq and counters, by name."""
+        """Every topic with its stored event count, first and last seq and counters, by name."""
         rows = self._conn.execute(
-            "SELECT topic, last_seq, received, duplicate_dropped, late FROM topics ORDER BY topic"
+            "SELECT t.topic, t.last_seq, t.received, t.duplicate_dropped, t.late,"
+            " coalesce(r.expired, 0), coalesce(r.conflicting_duplicates, 0)"
+            " FROM topics AS t LEFT JOIN topic_retention AS r ON r.topic = t.topic ORDER BY t.topic"
         )
         return [
             {
                 "topic": topic,
-                "count": last_seq,  # seqs are gapless from 1, so the last seq is the count
+                # Seqs are gapless from 1 and retention deletes the lowest first, so the stored
+                # ones run from expired + 1 to the last seq.
+                "count": last_seq - expired,
+                "first_seq": expired + 1,
                 "last_seq": last_seq,
                 "received": received,
                 "unique_processed": last_seq,
                 "duplicate_dropped": duplicates,
+                "conflicting_duplicates": conflicting,
+                "expired": expired,
                 "late": late,
             }
-            for topic, last_seq, received, duplicates, late in rows
+            for topic, last_seq, received, duplicates, late, expired, conflicting in rows
         ]
 
     def counters(self) -> dict[str, int]:

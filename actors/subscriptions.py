@@ -252,7 +252,7 @@ class RecentEvents:
         if self.last is None:
             (self.last,) = conn.execute("SELECT coalesce(max(rowid), 0) FROM events").fetchone()
         rows = conn.execute(
-            f"SELECT {_COLUMNS} FROM events WHERE rowid > ? ORDER BY rowid LIMIT ?", (self.last, limit)
+            f"SELECT {_COLUMNS} FROM events WHERE rowid > ? AND topic <> '' ORDER BY rowid LIMIT ?", (self.last, limit)
         ).fetchall()
         for row in rows:
             self._positions.append(row[0])
@@ -633,7 +633,8 @@ class SubscriptionServer:
             return [(row[6], _pack_event(row, False)) for row in rows], len(rows) < limit
         if sub.topics is None:
             rows = conn.execute(
-                f"SELECT {_COLUMNS} FROM events WHERE rowid > ? ORDER BY rowid LIMIT ?", (sub.cursor, limit)
+                f"SELECT {_COLUMNS} FROM events WHERE rowid > ? AND topic <> '' ORDER BY rowid LIMIT ?",
+                (sub.cursor, limit),
             ).fetchall()
             if rows and rows[0][0] > sub.cursor + 1:
                 self._check_expired(sub)
@@ -661,7 +662,7 @@ class SubscriptionServer:
 
     def _check_expired(self, sub: Subscription) -> None:
         assert self._conn is not None
-        (first,) = self._conn.execute("SELECT min(rowid) FROM events").fetchone()
+        (first,) = self._conn.execute("SELECT min(rowid) FROM events WHERE topic <> ''").fetchone()
         if first is not None and first > sub.cursor + 1:
             self._expired(sub, first)
 

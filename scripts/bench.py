@@ -794,6 +794,19 @@ def _ceiling_in(workdir: Path, rows: Sequence[Row]) -> dict[str, float]:
         shutil.rmtree(ceiling_dir, ignore_errors=True)
 
 
+def storage_figures(daemon: Daemon) -> dict[str, Any]:
+    """The database's and its WAL's size on disk after both phases, with what retention did
+    (``--set retention.max_age=...``): events stored and expired, and deleted keys kept."""
+    wal = daemon.db_path.with_name(daemon.db_path.name + "-wal")
+    stats = daemon.stats()
+    return {
+        "db_mb": round(daemon.db_path.stat().st_size / 1e6, 2),
+        "wal_mb": round(wal.stat().st_size / 1e6, 2) if wal.exists() else 0.0,
+        "stored": stats.get("stored", stats.get("unique_processed")),
+        "expired": stats.get("expired", 0),
+    }
+
+
 def run_once(
     scenario: Scenario,
     workdir: Path,
@@ -830,6 +843,8 @@ def run_once(
         result.update(full_speed_phase(scenario, target, prefix))
         if scenario.latency:
             result.update(paced_phase(scenario, target, "L" + prefix, result["events_per_s"] / 2))
+        if daemon is not None:
+            result.update(storage_figures(daemon))
         result["rss_peak_mb"] = peak_rss_mb(target.pid)
         result["rss_peak_mb_main"] = peak_rss_mb(target.pid, children="none")
         result["rss_peak_mb_upper"] = peak_rss_mb(target.pid, children="peak")

@@ -254,7 +254,7 @@ def test_query_protocol_errors_and_paging(daemon: Daemon) -> None:
     for topic in ("t0", "t1"):
         seqs = [e["seq"] for e in listed if e["topic"] == topic]
         assert seqs == sorted(seqs)
-    assert daemon.request({"op": "events", "topic": "absent"}) == {"events": [], "next": 0}
+    assert daemon.request({"op": "events", "topic": "absent"}) == {"events": [], "next": 0, "first": 1}
     topics = {t["topic"]: t for t in daemon.request({"op": "topics"})["topics"]}
     assert topics["t0"]["count"] == 13 and topics["t1"]["last_seq"] == 12
     health = daemon.request({"op": "health"})

@@ -12,7 +12,9 @@ a key the service's dynamic user may read); one that is not set is an error at l
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +60,122 @@ class StorageConfig:
     commit_max_events: int = 5_000
     commit_max_ms: int = 50
     cache_mb: int = 16
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionConfig:
+    """``[retention]``: how long events are kept, and how long their keys outlive them.
+
+    Durations and sizes stay as written (the TOML strings); the ``*_s`` and ``*_bytes``
+    properties give their values, already checked by :func:`parse_config`.
+    """
+
+    max_age: str = ""
+    max_events_per_topic: int = 0
+    max_bytes: str = ""
+    dedup_horizon: str = "forever"
+    sweep_interval: str = "1min"
+
+    @property
+    def max_age_s(self) -> float | None:
+        """Events older than this many seconds (by arrival) are deleted; None keeps them."""
+        return parse_duration(self.max_age) if self.max_age else None
+
+    @property
+    def max_bytes_value(self) -> int | None:
+        """The database's size budget in bytes; None for no budget."""
+        return parse_size(self.max_bytes) if self.max_bytes else None
+
+    @property
+    def dedup_horizon_s(self) -> float | None:
+        """How long after its commit a deleted event's key still rejects replays; None is for ever."""
+        return None if self.dedup_horizon == "forever" else parse_duration(self.dedup_horizon)
+
+    @property
+    def sweep_interval_s(self) -> float:
+        """Seconds between the starts of two expiry sweeps."""
+        return parse_duration(self.sweep_interval)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anything is ever deleted."""
+        return bool(self.max_age or self.max_events_per_topic or self.max_bytes)
+
+
+# systemd.time(7)'s time-span units, in seconds.
+_DURATION_UNITS: dict[str, float] = {
+    **dict.fromkeys(("us", "usec", "µs"), 1e-6),
+    **dict.fromkeys(("ms", "msec"), 1e-3),
+    **dict.fromkeys(("s", "sec", "second", "seconds"), 1.0),
+    **dict.fromkeys(("m", "min", "minute", "minutes"), 60.0),
+    **dict.fromkeys(("h", "hr", "hour", "hours"), 3600.0),
+    **dict.fromkeys(("d", "day", "days"), 86_400.0),
+    **dict.fromkeys(("w", "week", "weeks"), 604_800.0),
+    **dict.fromkeys(("M", "month", "months"), 2_629_800.0),  # 30.44 days, as systemd counts
+    **dict.fromkeys(("y", "year", "years"), 31_557_600.0),  # 365.25 days
+}
+_SIZE_UNITS: dict[str, int] = {
+    "": 1,
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "k": 1024,
+    "kib": 1024,
+    "m": 1024**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gib": 1024**3,
+    "t": 1024**4,
+    "tib": 1024**4,
+}
+_PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-zµ]*)")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a systemd-style time span: ``"250ms"``, ``"15min"``, ``"1h 30min"``, ``"3"`` (seconds).
+
+    Raises ValueError saying what is wrong.
+    """
+    total = 0.0
+    position = 0
+    stripped = text.strip()
+    if not stripped:
+        raise ValueError("is empty; write a number and a unit, like '30d'")
+    while position < len(stripped):
+        match = _PART.match(stripped, position)
+        if match is None or match.end() == position:
+            raise ValueError(f"{text!r} is not a duration; write a number and a unit, like '250ms', '12h' or '30d'")
+        number, unit = match.groups()
+        scale = _DURATION_UNITS.get(unit or "s")
+        if scale is None:
+            raise ValueError(
+                f"{text!r} has an unknown unit {unit!r}; use us, ms, s, min, h, d, w, M or y (a bare number is seconds)"
+            )
+        total += float(number) * scale
+        position = match.end()
+    if not math.isfinite(total) or total <= 0:
+        raise ValueError(f"{text!r} must be longer than 0")
+    return total
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``"500MB"`` (powers of 1000), ``"2GiB"`` or ``"2G"`` (powers of 1024) or ``"4096"`` (bytes).
+
+    Raises ValueError saying what is wrong.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a size; write a number and a unit, like '500MB' or '50GB'")
+    number, unit = match.groups()
+    scale = _SIZE_UNITS.get(unit.lower())
+    if scale is None:
+        raise ValueError(f"{text!r} has an unknown unit {unit!r}; use B, KB, MB, GB, TB (or KiB, MiB, GiB, TiB)")
+    size = int(float(number) * scale)
+    if size <= 0:
+        raise ValueError(f"{text!r} must be more than 0 bytes")
+    return size
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +255,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
     subscribe: SubscribeConfig = field(default_factory=SubscribeConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     log: LogConfig = field(default_factory=LogConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
@@ -170,6 +289,7 @@ _SECTIONS: dict[str, type] = {
     "storage": StorageConfig,
     "query": QueryConfig,
     "subscribe": SubscribeConfig,
+    "retention": RetentionConfig,
     "log": LogConfig,
     "security": SecurityConfig,
     "http": HttpConfig,
@@ -251,7 +371,37 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> Config:
         if not isinstance(values, dict):
             raise ConfigError(f"[{name}] must be a table of keys, not {type(values).__name__}")
         sections[name] = _parse_section(name, section_type, values)
+    if "retention" in sections:
+        _check_retention(sections["retention"])
     return Config(**sections, source=source)
+
+
+def _check_retention(retention: RetentionConfig) -> None:
+    """Every [retention] value parses, and the horizon is not shorter than max_age."""
+    if retention.max_events_per_topic < 0:
+        raise ConfigError(
+            f"[retention] max_events_per_topic must be 0 (no limit) or more, not {retention.max_events_per_topic}"
+        )
+    checks: list[tuple[str, str, Any]] = [
+        ("max_age", retention.max_age, parse_duration),
+        ("max_bytes", retention.max_bytes, parse_size),
+        ("sweep_interval", retention.sweep_interval, parse_duration),
+    ]
+    if retention.dedup_horizon != "forever":
+        checks.append(("dedup_horizon", retention.dedup_horizon, parse_duration))
+    for key, value, parse in checks:
+        if key in ("max_age", "max_bytes") and value == "":
+            continue  # no limit
+        try:
+            parse(value)
+        except ValueError as exc:
+            raise ConfigError(f"[retention] {key} {exc}") from None
+    horizon, max_age = retention.dedup_horizon_s, retention.max_age_s
+    if horizon is not None and max_age is not None and horizon < max_age:
+        raise ConfigError(
+            f"[retention] dedup_horizon {retention.dedup_horizon!r} is shorter than max_age {retention.max_age!r}: "
+            'a key must outlive its event; make it at least max_age, or "forever"'
+        )
 
 
 def _parse_section(name: str, section_type: type, values: dict[str, Any]) -> Any:
