@@ -88,19 +88,16 @@ class Daemon:
     def start(self) -> None:
         """Start every part; raises :class:`StartupError` (after undoing what started) on failure."""
         cfg = self.config
-        path = cfg.database_path
+        postgresql = cfg.storage.backend == "postgresql"
         try:
             try:
                 # Checked first: an unsafe bind or a bad key file must not even open the database.
                 self.security = ServerSecurity(self.context, cfg, on_refused=self._add_refused)
             except SecurityError as exc:
                 raise StartupError(str(exc)) from None
-            self.dedup = DedupActor.start(
-                path,
-                synchronous=cfg.storage.synchronous,
+            self.dedup = self._start_dedup(
                 commit_max_events=cfg.storage.commit_max_events,
                 commit_max_ms=cfg.storage.commit_max_ms,
-                cache_mb=cfg.storage.cache_mb,
                 lookup_group=cfg.ordering.actors,
                 in_flight=self.in_flight,
                 live=self.live,
@@ -118,13 +115,13 @@ class Daemon:
                     max_topics=max(1, cfg.ordering.max_topics // cfg.ordering.actors),
                     in_flight=self.in_flight,
                     live=self.live,
+                    row_tickets=postgresql,
                 )
                 self.ordering.append(ref)
                 self._confirm(ref, f"ordering-{index}")
             self.router = RouterActor.start(self.ordering)
             self._confirm(self.router, "router")
-            self.stats = StatsActor.start(
-                path,
+            self.stats = self._start_stats(
                 in_flight=self.in_flight,
                 live=self.live,
                 liveness=lambda: self.liveness(exclude=("stats",)),
@@ -167,12 +164,37 @@ class Daemon:
             cfg.ingest.bind,
             cfg.ingest.ack_bind,
             cfg.query.bind,
-            path,
+            self._storage_name(),
             cfg.ordering.actors,
         )
 
+    # The one place each store is chosen: the dedup actor owns the writer, the stats actor the reader.
+    def _start_dedup(self, **kwargs: Any) -> pykka.ActorRef[Any]:
+        storage = self.config.storage
+        if storage.backend == "postgresql":
+            from actors.postgres import PostgresDedupActor
+
+            return PostgresDedupActor.start(storage.dsn, self.config.storage_node, **kwargs)
+        return DedupActor.start(
+            self.config.database_path, synchronous=storage.synchronous, cache_mb=storage.cache_mb, **kwargs
+        )
+
+    def _start_stats(self, **kwargs: Any) -> pykka.ActorRef[Any]:
+        if self.config.storage.backend == "postgresql":
+            from actors.postgres import PostgresStatsActor
+
+            return PostgresStatsActor.start(self.config.storage.dsn, self.config.storage_node, **kwargs)
+        return StatsActor.start(self.config.database_path, **kwargs)
+
     def _add_refused(self, count: int) -> None:
         self.live.refused += count
+
+    def _storage_name(self) -> str:
+        if self.config.storage.backend == "postgresql":
+            from actors.postgres import describe_dsn
+
+            return f"{describe_dsn(self.config.storage.dsn)} (node {self.config.storage_node})"
+        return str(self.config.database_path)
 
     def _pipeline_depth(self) -> PipelineDepth:
         assert self.router is not None and self.dedup is not None  # started before ingest

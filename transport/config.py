@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,9 +52,13 @@ class OrderingConfig:
 
 @dataclass(frozen=True, slots=True)
 class StorageConfig:
-    """``[storage]``: the SQLite database and how the dedup actor groups its commits."""
+    """``[storage]``: the database (SQLite file, or PostgreSQL shared by several daemons) and how
+    the dedup actor groups its commits."""
 
+    backend: str = "sqlite"
     path: str = "data/events.db"
+    dsn: str = ""
+    node: str = ""
     synchronous: str = "NORMAL"
     commit_max_events: int = 5_000
     commit_max_ms: int = 50
@@ -115,6 +120,14 @@ class Config:
             return Path(state_dir.split(":")[0]) / path
         return self._base_dir / path
 
+    @property
+    def storage_node(self) -> str:
+        """This daemon's identity in a shared database: ``[storage] node``, or host name and ingest port."""
+        if self.storage.node:
+            return self.storage.node
+        port = self.ingest.bind.rpartition(":")[2]
+        return f"{socket.gethostname()}:{port}"
+
     def resolve(self, path: str) -> Path:
         """A path from the config, made absolute against the config file's folder."""
         candidate = Path(path)
@@ -154,9 +167,11 @@ _CHOICES = {
     ("storage", "synchronous"): ("OFF", "NORMAL", "FULL", "EXTRA"),
     ("log", "level"): ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
 }
+BACKENDS = ("sqlite", "postgresql")
 _ENDPOINTS = {("ingest", "bind"), ("ingest", "ack_bind"), ("query", "bind")}
 _PATHS = {
     ("storage", "path"),
+    ("storage", "dsn"),  # not a path, but expanded the same way (a password from systemd credentials)
     ("security", "curve_secret_key"),
     ("security", "authorized_keys"),
     ("security", "server_public_key"),
@@ -226,11 +241,17 @@ def _parse_section(name: str, section_type: type, values: dict[str, Any]) -> Any
             value = value.upper()
             if value not in choices:
                 raise ConfigError(f"[{name}] {key} must be one of {', '.join(choices)}, not {values[key]!r}")
+        if (name, key) == ("storage", "backend") and value not in BACKENDS:
+            raise ConfigError(f"[storage] backend must be one of {', '.join(BACKENDS)}, not {value!r}")
         if (name, key) in _PATHS and "$" in value:
             value = _expand(f"[{name}] {key}", value)
         if (name, key) in _ENDPOINTS:
             _check_endpoint(f"[{name}] {key}", value)
         checked[key] = value
+    if name == "storage" and checked.get("backend") == "postgresql" and not checked.get("dsn"):
+        raise ConfigError(
+            '[storage] dsn must be set when backend = "postgresql", e.g. dsn = "postgresql://eventagg@db.example/eventagg"'
+        )
     return section_type(**checked)
 
 
