@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Load generator and smoke tool: send a deterministic stream of events to a daemon.
 
-``publish.py [--endpoint URL | --config PATH] [--acked] --events N --duplicates F --topics K
+``publish.py [--endpoint URL ... | --config PATH] [--acked] --events N --duplicates F --topics K
 --processes P --batch B --seed S --id-prefix STR [--slice K/P] [--rate R]
 [--server-key PATH --client-cert PATH] [--json]``
 
@@ -62,8 +62,11 @@ def send_slice(
         with progress.get_lock():
             progress.value += count
 
+    # Several --endpoint: one daemon per topic by rendezvous hashing (transport.affinity).
+    several = endpoint.split(",") if "," in endpoint else None
     publisher = Publisher(
-        endpoint,
+        "" if several else endpoint,
+        endpoints=several,
         acked=args.acked,
         batch_size=args.batch,
         window=args.window,
@@ -185,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument(
         "--endpoint",
         metavar="URL",
-        help="ingest endpoint, e.g. tcp://127.0.0.1:5555 (with --acked: the ack endpoint, :5557)",
+        action="append",
+        help="ingest endpoint, e.g. tcp://127.0.0.1:5555 (with --acked: the ack endpoint, :5557); given several "
+        "times (with --acked), each topic goes to one of the daemons, chosen by rendezvous hashing",
     )
     where.add_argument("--config", metavar="PATH", help="read the ingest endpoint from this config file")
     parser.add_argument("--events", type=int, default=1000, metavar="N", help="events to send (default 1000)")
@@ -237,7 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.endpoint:
-            endpoint = args.endpoint
+            if len(args.endpoint) > 1 and not args.acked:
+                parser.error(
+                    "several --endpoint need --acked: a topic moves to another daemon only while one does not ack"
+                )
+            endpoint = ",".join(args.endpoint)
         else:
             ingest = load_config(args.config).ingest if args.config else IngestConfig()
             endpoint = connectable(ingest.ack_bind if args.acked else ingest.bind)

@@ -83,7 +83,9 @@ class PgCluster:
         options = (
             f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.socket_dir} -c fsync=off -c max_connections=100"
         )
-        result = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start")
+        result = self._run(
+            "pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start"
+        )
         assert result.returncode == 0, f"pg_ctl start failed:\n{result.stdout}\n{result.stderr}\n{self.server_log()}"
 
     def stop(self) -> None:
