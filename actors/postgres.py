@@ -250,28 +250,30 @@ class PostgresStore:
 
     def open(self) -> dict[str, int]:
         """Connect, migrate, claim this node's row; this node's committed counters."""
-        conn = self._connection()
+        conn = self._connection(NODE_LOCK_WAIT_S)
         migrate(conn, self.node)
         conn.execute("INSERT INTO nodes (node) VALUES (%s) ON CONFLICT DO NOTHING", (self.node,))
         return self.counters()
 
-    def _connection(self) -> psycopg.Connection[Any]:
+    def _connection(self, claim_wait_s: float = 0.0) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
             conn = connect(self.dsn, self.node, "writer")
-            self._claim_node(conn)
+            self._claim_node(conn, claim_wait_s)
             self._conn = conn
         return self._conn
 
-    def _claim_node(self, conn: psycopg.Connection[Any]) -> None:
+    def _claim_node(self, conn: psycopg.Connection[Any], wait_s: float) -> None:
         """Hold a session lock on this node's name: two daemons with one name would mix their counters.
 
-        A killed daemon's session ends when the server sees its socket close, so a restarted
-        one waits a moment for it rather than failing at once.
+        A killed daemon's session ends when the server sees its socket close, so at start a
+        restarted one waits ``wait_s`` for it rather than failing at once. On a reconnect it does
+        not wait (the writer's thread must keep answering pings): a session of ours the server
+        has not yet noticed is gone makes this attempt fail, and the backoff tries again.
         """
-        deadline = time.monotonic() + NODE_LOCK_WAIT_S
+        deadline = time.monotonic() + wait_s
         while True:
             row = conn.execute("SELECT pg_try_advisory_lock(hashtext('eventagg node ' || %s))", (self.node,)).fetchone()
             if row and row[0]:

@@ -16,7 +16,8 @@ one daemon on SQLite, through the same publisher command, for comparison. Also m
 * **lock wait share**: of the samples (every 20 ms) of the daemons' writer sessions that were
   busy, the fraction waiting for a lock (``pg_stat_activity.wait_event_type = 'Lock'``);
 * **ceiling**: the same distinct rows, inserted by one client into the daemons' own schema
-  with ``INSERT … SELECT FROM unnest(arrays)`` in transactions of ``--batch-rows`` rows.
+  in transactions of ``--batch-rows`` rows, once with ``INSERT … SELECT FROM unnest(arrays)``
+  (what the daemons do) and once with ``COPY``.
 
 Medians of ``--runs``. Every wait is bounded.
 """
@@ -213,15 +214,28 @@ def run_ceiling(args: argparse.Namespace) -> dict[str, Any]:
             columns = [list(column) for column in zip(*rows[start : start + args.batch_rows])]
             with conn.transaction():
                 conn.execute(
-                    "INSERT INTO events (topic, event_id, seq, position, timestamp, ts_ns, source, payload,"
-                    " received_at, late) SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[],"
-                    " %s::text[], %s::bigint[], %s::text[], %s::bytea[], %s::float8[], %s::boolean[])",
+                    f"INSERT INTO events ({_COLUMNS}) SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[],"
+                    " %s::bigint[], %s::text[], %s::bigint[], %s::text[], %s::bytea[], %s::float8[], %s::boolean[])",
                     columns,
                 )
-        elapsed = time.perf_counter() - started
+        unnest_s = time.perf_counter() - started
+        conn.execute("TRUNCATE events")
+        started = time.perf_counter()
+        for start in range(0, len(rows), args.batch_rows):
+            with conn.transaction(), conn.cursor().copy(f"COPY events ({_COLUMNS}) FROM STDIN") as copy:
+                for row in rows[start : start + args.batch_rows]:
+                    copy.write_row(row)
+        copy_s = time.perf_counter() - started
     finally:
         conn.close()
-    return {"rows": len(rows), "rows_per_s": round(len(rows) / elapsed)}
+    return {
+        "rows": len(rows),
+        "unnest_rows_per_s": round(len(rows) / unnest_s),
+        "copy_rows_per_s": round(len(rows) / copy_s),
+    }
+
+
+_COLUMNS = "topic, event_id, seq, position, timestamp, ts_ns, source, payload, received_at, late"
 
 
 def main(argv: list[str] | None = None) -> int:
