@@ -290,3 +290,40 @@ def test_bad_dsn_unreachable_server_and_newer_schema_each_give_one_clear_line(
     query(database, "INSERT INTO eventagg_schema VALUES (99, now(), 'future')")
     line = _startup_failure(pg_daemon(daemon_factory, "old", database))
     assert "schema is version 99, made by a newer eventagg" in line
+
+
+def test_a_commit_whose_answer_was_lost_is_resolved_by_the_retry(database: str) -> None:
+    """The writer's own resolution of an unknown COMMIT outcome, against the real database.
+
+    Losing exactly the COMMIT's answer cannot be arranged from outside, so the writer is put
+    in the state such a loss leaves (the outcome kept, the connection gone) after a COMMIT
+    that did (then did not) take effect, and the retry of the same group must tell which.
+    """
+    from actors.postgres import PostgresStore
+    from actors.store import TopicDelta
+
+    def rows(*ids: str) -> list[Any]:
+        return [
+            ("t", event_id, 0, "2025-10-22T10:00:00Z", n, "test", b"\x80", 0.0, 0) for n, event_id in enumerate(ids)
+        ]
+
+    store = PostgresStore(database, "writer")
+    store.open()
+    group = rows("a", "b")
+    outcome = store.write(group, {"t": TopicDelta(received=2)}, {"received": 2})
+    assert outcome.totals["unique_processed"] == 2
+    # The COMMIT took effect but its answer was lost: the retry must not count the group again.
+    store._unknown, store._last_txn = (1, outcome), 0
+    store.close()
+    again = store.write(group, {"t": TopicDelta(received=2)}, {"received": 2})
+    assert again is outcome
+    # The COMMIT did not take effect: the retry writes the group (here, a new one).
+    store._unknown = (2, outcome)
+    store.close()
+    third = store.write(rows("b", "c"), {"t": TopicDelta(received=2)}, {"received": 2})
+    assert third.duplicates == [0] and third.totals["unique_processed"] == 1
+    store.close()
+    assert query(database, "SELECT event_id, seq FROM events ORDER BY seq") == [("a", 1), ("b", 2), ("c", 3)]
+    assert query(database, "SELECT received, unique_processed, duplicate_dropped, last_txn FROM nodes") == [
+        (4, 3, 1, 2)
+    ]
