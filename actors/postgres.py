@@ -178,6 +178,7 @@ def connect(dsn: str, node: str, purpose: str) -> psycopg.Connection[Any]:
         "keepalives_idle": 5,
         "keepalives_interval": 2,
         "keepalives_count": 3,
+        "tcp_user_timeout": 10_000,  # ms: a write to a vanished server fails instead of hanging
         "application_name": f"eventagg {node} {purpose}"[:63],
     }
     for key, value in defaults.items():

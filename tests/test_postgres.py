@@ -327,3 +327,48 @@ def test_a_commit_whose_answer_was_lost_is_resolved_by_the_retry(database: str) 
     assert query(database, "SELECT received, unique_processed, duplicate_dropped, last_txn FROM nodes") == [
         (4, 3, 1, 2)
     ]
+
+
+def test_systemd_hears_of_the_outage_and_the_watchdog_keeps_being_fed(
+    daemon_factory: Callable[..., Daemon], database: str, pg: PgCluster, tmp_path: Path
+) -> None:
+    from harness import env_with
+    from test_sdnotify import NotifyListener, max_gap
+
+    listener = NotifyListener(str(tmp_path / "notify.sock"))
+    try:
+        daemon = pg_daemon(daemon_factory, "node0", database)
+        daemon.start(env=env_with(NOTIFY_SOCKET=str(tmp_path / "notify.sock"), WATCHDOG_USEC="3000000"))
+        listener.wait_for("READY=1", 30)
+        publisher = start_publish(
+            [daemon.ack],
+            "--events",
+            "3000",
+            "--topics",
+            "5",
+            "--rate",
+            "300",
+            "--ack-timeout",
+            "2",
+            "--deadline",
+            "120",
+        )
+        eventually(lambda: committed(daemon) > 200, 60, "events committed before the outage")
+        pg.stop()
+        stopped_at = time.monotonic()
+        try:
+            eventually(
+                lambda: any("WAITING FOR STORAGE" in value for value in listener.values("STATUS")),
+                30,
+                "a STATUS= line saying the daemon waits for its storage",
+            )
+            time.sleep(max(0.0, stopped_at + 8 - time.monotonic()))  # an outage of 8 s: > WatchdogSec
+        finally:
+            pg.start()
+        assert daemon.proc is not None and daemon.proc.poll() is None
+        during = [at for at in listener.times("WATCHDOG=1") if at >= stopped_at]
+        assert len(during) >= 3 and max_gap([stopped_at, *during]) < 3.0, "watchdog pings stopped in the outage"
+        assert finish(publisher)["unacked"] == 0
+        eventually(lambda: "WAITING FOR STORAGE" not in listener.values("STATUS")[-1], 30, "STATUS back to normal")
+    finally:
+        listener.close()
