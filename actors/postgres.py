@@ -444,7 +444,7 @@ class PostgresStore:
         deltas = []
         for topic in sorted(set(topics) | set(added)):
             counted = topics.get(topic) or TopicDelta()
-            new, late_count, dropped = added.get(topic, (0, 0, 0))
+            _new, late_count, dropped = added.get(topic, (0, 0, 0))
             deltas.append(
                 (
                     topic,
