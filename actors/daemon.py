@@ -91,19 +91,16 @@ class Daemon:
     def start(self) -> None:
         """Start every part; raises :class:`StartupError` (after undoing what started) on failure."""
         cfg = self.config
-        path = cfg.database_path
+        postgresql = cfg.storage.backend == "postgresql"
         try:
             try:
                 # Checked first: an unsafe bind or a bad key file must not even open the database.
                 self.security = ServerSecurity(self.context, cfg, on_refused=self._add_refused)
             except SecurityError as exc:
                 raise StartupError(str(exc)) from None
-            self.dedup = DedupActor.start(
-                path,
-                synchronous=cfg.storage.synchronous,
+            self.dedup = self._start_dedup(
                 commit_max_events=cfg.storage.commit_max_events,
                 commit_max_ms=cfg.storage.commit_max_ms,
-                cache_mb=cfg.storage.cache_mb,
                 lookup_group=cfg.ordering.actors,
                 retention=cfg.retention,
                 in_flight=self.in_flight,
@@ -123,13 +120,13 @@ class Daemon:
                     max_topics=max(1, cfg.ordering.max_topics // cfg.ordering.actors),
                     in_flight=self.in_flight,
                     live=self.live,
+                    row_tickets=postgresql,
                 )
                 self.ordering.append(ref)
                 self._confirm(ref, f"ordering-{index}")
             self.router = RouterActor.start(self.ordering)
             self._confirm(self.router, "router")
-            self.stats = StatsActor.start(
-                path,
+            self.stats = self._start_stats(
                 in_flight=self.in_flight,
                 live=self.live,
                 liveness=lambda: self.liveness(exclude=("stats",)),
@@ -154,9 +151,15 @@ class Daemon:
                 ),
             )
             self.query = self._bind("query", lambda: QueryServer(self.context, cfg.query, self.stats, secure))  # type: ignore[arg-type]
-            self.subscriptions = self._bind(
-                "subscribe", lambda: SubscriptionServer(self.context, cfg.subscribe, path, dedup, self.head, secure)
-            )
+            if cfg.storage.backend == "sqlite":
+                self.subscriptions = self._bind(
+                    "subscribe",
+                    lambda: SubscriptionServer(
+                        self.context, cfg.subscribe, cfg.database_path, dedup, self.head, secure
+                    ),
+                )
+            else:
+                log.warning("subscriptions are served on the SQLite backend only: [subscribe] bind is not opened")
         except BaseException:
             self._stop_actors()
             if self.security is not None:
@@ -167,7 +170,8 @@ class Daemon:
             raise
         self.ingest.start()
         self.query.start()
-        self.subscriptions.start()
+        if self.subscriptions is not None:
+            self.subscriptions.start()
         self._ticker = threading.Thread(target=self._tick, name="ticker", daemon=True)
         self._ticker.start()
         name_os_threads()
@@ -177,12 +181,37 @@ class Daemon:
             cfg.ingest.ack_bind,
             cfg.query.bind,
             cfg.subscribe.bind,
-            path,
+            self._storage_name(),
             cfg.ordering.actors,
         )
 
+    # The one place each store is chosen: the dedup actor owns the writer, the stats actor the reader.
+    def _start_dedup(self, **kwargs: Any) -> pykka.ActorRef[Any]:
+        storage = self.config.storage
+        if storage.backend == "postgresql":
+            from actors.postgres import PostgresDedupActor
+
+            return PostgresDedupActor.start(storage.dsn, self.config.storage_node, **kwargs)
+        return DedupActor.start(
+            self.config.database_path, synchronous=storage.synchronous, cache_mb=storage.cache_mb, **kwargs
+        )
+
+    def _start_stats(self, **kwargs: Any) -> pykka.ActorRef[Any]:
+        if self.config.storage.backend == "postgresql":
+            from actors.postgres import PostgresStatsActor
+
+            return PostgresStatsActor.start(self.config.storage.dsn, self.config.storage_node, **kwargs)
+        return StatsActor.start(self.config.database_path, **kwargs)
+
     def _add_refused(self, count: int) -> None:
         self.live.refused += count
+
+    def _storage_name(self) -> str:
+        if self.config.storage.backend == "postgresql":
+            from actors.postgres import describe_dsn
+
+            return f"{describe_dsn(self.config.storage.dsn)} (node {self.config.storage_node})"
+        return str(self.config.database_path)
 
     def _pipeline_depth(self) -> PipelineDepth:
         assert self.router is not None and self.dedup is not None  # started before ingest

@@ -133,6 +133,9 @@ class WriteBatch:
     new_topics: int = 0
     origin: int = 0
     serial: int = 0
+    # Each row's ticket, parallel to ``rows``: kept only for a backend that may still find a row
+    # stored at write time (PostgreSQL shared by several daemons), to acknowledge it as a duplicate.
+    row_tickets: list[AckTicket | None] | None = None
 
     def settle(self, ticket: AckTicket | None, new: int, duplicate: int) -> None:
         """Record that ``new`` + ``duplicate`` events of ``ticket`` are settled by this write."""

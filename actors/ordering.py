@@ -89,9 +89,12 @@ class OrderingActor(pykka.ThreadingActor):
         in_flight: InFlight,
         live: LiveFigures,
         max_topics: int,
+        row_tickets: bool = False,
     ) -> None:
+        """``row_tickets``: name each row's ticket in its write (see :attr:`WriteBatch.row_tickets`)."""
         super().__init__()
         self._index = index
+        self._row_tickets = row_tickets
         self._dedup = dedup
         self._buffer: ReorderBuffer[_Item] = ReorderBuffer(window_ms / 1000, max_buffered)
         self._max_topics = max_topics  # topic states kept at most; beyond it idle ones are forgotten
@@ -325,6 +328,9 @@ class OrderingActor(pykka.ThreadingActor):
     def _send(self, released: list[Released[_Item]], write: WriteBatch) -> None:
         """Turn released events into rows and tell the dedup actor, if there is anything to say."""
         rows = write.rows
+        if self._row_tickets and write.row_tickets is None:
+            write.row_tickets = []
+        row_tickets = write.row_tickets
         topics = write.topics
         copies = self._copies
         topic = ""
@@ -356,6 +362,8 @@ class OrderingActor(pykka.ThreadingActor):
                 write.new_topics += 1
             if ticket is not None:
                 write.settle(ticket, 1, 0)
+            if row_tickets is not None:
+                row_tickets.append(ticket)
             if copies:
                 waiting = copies.pop((topic, event_id), None)
                 if waiting:

@@ -55,8 +55,14 @@ class Snapshot:
         )
 
 
-def status_line(current: Snapshot, previous: Snapshot | None = None, unhealthy: list[str] | None = None) -> str:
-    """The one-line ``STATUS=`` text: rate since ``previous``, totals, and any part not answering."""
+def status_line(
+    current: Snapshot,
+    previous: Snapshot | None = None,
+    unhealthy: list[str] | None = None,
+    storage_error: str | None = None,
+) -> str:
+    """The one-line ``STATUS=`` text: rate since ``previous``, totals, any part not answering, and a
+    storage failure (the daemon waits for its database and retries: not stuck, so still watchdog-fed)."""
     rate = 0.0
     if previous is not None and current.at > previous.at:
         rate = max(0, current.received - previous.received) / (current.at - previous.at)
@@ -66,6 +72,8 @@ def status_line(current: Snapshot, previous: Snapshot | None = None, unhealthy: 
     )
     if unhealthy:
         text = f"UNHEALTHY, not answering: {', '.join(unhealthy)}; {text}"
+    if storage_error:
+        text = f"WAITING FOR STORAGE, nothing new is acknowledged: {storage_error}; {text}"
     return text
 
 
@@ -102,7 +110,7 @@ class ServiceMonitor:
 
     def status_text(self) -> str:
         """The current status line (rate over the time since the last one)."""
-        return status_line(Snapshot.take(self._live), self._previous, self._unhealthy)
+        return status_line(Snapshot.take(self._live), self._previous, self._unhealthy, self._live.last_commit_error)
 
     def start(self) -> None:
         """Start the thread."""
@@ -141,7 +149,7 @@ class ServiceMonitor:
     def send_status(self) -> None:
         """Send the status line and start a new rate period."""
         current = Snapshot.take(self._live)
-        text = status_line(current, self._previous, self._unhealthy)
+        text = status_line(current, self._previous, self._unhealthy, self._live.last_commit_error)
         self._previous = current
         with self._send_lock:
             if not self._stopped.is_set():

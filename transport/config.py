@@ -15,6 +15,7 @@ import dataclasses
 import math
 import os
 import re
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,9 +54,13 @@ class OrderingConfig:
 
 @dataclass(frozen=True, slots=True)
 class StorageConfig:
-    """``[storage]``: the SQLite database and how the dedup actor groups its commits."""
+    """``[storage]``: the database (SQLite file, or PostgreSQL shared by several daemons) and how
+    the dedup actor groups its commits."""
 
+    backend: str = "sqlite"
     path: str = "data/events.db"
+    dsn: str = ""
+    node: str = ""
     synchronous: str = "NORMAL"
     commit_max_events: int = 5_000
     commit_max_ms: int = 50
@@ -273,6 +278,14 @@ class Config:
             return Path(state_dir.split(":")[0]) / path
         return self._base_dir / path
 
+    @property
+    def storage_node(self) -> str:
+        """This daemon's identity in a shared database: ``[storage] node``, or host name and ingest port."""
+        if self.storage.node:
+            return self.storage.node
+        port = self.ingest.bind.rpartition(":")[2]
+        return f"{socket.gethostname()}:{port}"
+
     def resolve(self, path: str) -> Path:
         """A path from the config, made absolute against the config file's folder."""
         candidate = Path(path)
@@ -325,9 +338,11 @@ _CHOICES = {
     ("storage", "synchronous"): ("OFF", "NORMAL", "FULL", "EXTRA"),
     ("log", "level"): ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
 }
+BACKENDS = ("sqlite", "postgresql")
 _ENDPOINTS = {("ingest", "bind"), ("ingest", "ack_bind"), ("query", "bind"), ("subscribe", "bind")}
 _PATHS = {
     ("storage", "path"),
+    ("storage", "dsn"),  # not a path, but expanded the same way (a password from systemd credentials)
     ("security", "curve_secret_key"),
     ("security", "authorized_keys"),
     ("security", "server_public_key"),
@@ -373,6 +388,12 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> Config:
         sections[name] = _parse_section(name, section_type, values)
     if "retention" in sections:
         _check_retention(sections["retention"])
+        storage = sections.get("storage", StorageConfig())
+        if sections["retention"].enabled and storage.backend != "sqlite":
+            raise ConfigError(
+                f'[retention] needs [storage] backend = "sqlite" for now, not {storage.backend!r}: '
+                "remove the [retention] limits or use SQLite"
+            )
     return Config(**sections, source=source)
 
 
@@ -427,6 +448,8 @@ def _parse_section(name: str, section_type: type, values: dict[str, Any]) -> Any
             value = value.upper()
             if value not in choices:
                 raise ConfigError(f"[{name}] {key} must be one of {', '.join(choices)}, not {values[key]!r}")
+        if (name, key) == ("storage", "backend") and value not in BACKENDS:
+            raise ConfigError(f"[storage] backend must be one of {', '.join(BACKENDS)}, not {value!r}")
         if (name, key) in _PATHS and "$" in value:
             value = _expand(f"[{name}] {key}", value)
         if (name, key) in _ENDPOINTS:
@@ -437,6 +460,10 @@ def _parse_section(name: str, section_type: type, values: dict[str, Any]) -> Any
             except ValueError as exc:
                 raise ConfigError(f"[http] bind {exc}") from None
         checked[key] = value
+    if name == "storage" and checked.get("backend") == "postgresql" and not checked.get("dsn"):
+        raise ConfigError(
+            '[storage] dsn must be set when backend = "postgresql", e.g. dsn = "postgresql://eventagg@db.example/eventagg"'
+        )
     section = section_type(**checked)
     if name == "subscribe" and section.timeout_ms <= section.heartbeat_ms:
         raise ConfigError(

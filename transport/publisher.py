@@ -45,7 +45,7 @@ import math
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
 from typing import Any
@@ -254,7 +254,18 @@ class Publisher:
         on_ack: called with each :class:`BatchResult`.
         on_retry: called before each retry pause with (attempt number, pause in seconds).
         keep_results: how many recent :class:`BatchResult` to keep in :attr:`results`.
+        endpoints: several daemons sharing one database instead of ``endpoint``: each topic goes
+            to one of them by rendezvous hashing (see :mod:`transport.affinity`).
     """
+
+    def __new__(cls, *args: Any, endpoints: Sequence[str] | None = None, **options: Any) -> Publisher:
+        """``Publisher(endpoints=[...])`` publishes to several daemons, each topic to one
+        (a :class:`transport.affinity.AffinePublisher`); otherwise to the one ``endpoint``."""
+        if endpoints is not None and cls is Publisher:
+            from transport.affinity import AffinePublisher
+
+            return super().__new__(AffinePublisher)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -276,7 +287,9 @@ class Publisher:
         on_ack: Callable[[BatchResult], None] | None = None,
         on_retry: Callable[[int, float], None] | None = None,
         keep_results: int = 1000,
+        endpoints: Sequence[str] | None = None,
     ) -> None:
+        # ``endpoints`` is taken by __new__, which makes an AffinePublisher of such a call.
         if batch_size < 1 or window < 1:
             raise ValueError(f"batch_size and window must be 1 or more, not {batch_size} and {window}")
         if ack_timeout <= 0 or linger < 0:
@@ -450,6 +463,13 @@ class Publisher:
     def in_flight(self) -> int:
         """Batches sent and not yet acknowledged."""
         return len(self._in_flight)
+
+    def oldest_unacked_age(self) -> float:
+        """Seconds the oldest unacknowledged batch has waited since first sent (0 when none waits)."""
+        if not self._in_flight:
+            return 0.0
+        oldest = next(iter(self._in_flight.values()))
+        return max(0.0, time.monotonic() - oldest.first_sent)
 
     # -- batching --------------------------------------------------------------------------
 

@@ -60,8 +60,11 @@ def send_slice(
         with progress.get_lock():
             progress.value += count
 
+    # Several --endpoint: one daemon per topic by rendezvous hashing (transport.affinity).
+    several = endpoint.split(",") if "," in endpoint else None
     publisher = Publisher(
-        endpoint,
+        "" if several else endpoint,
+        endpoints=several,
         acked=args.acked,
         batch_size=args.batch,
         window=args.window,
@@ -183,7 +186,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     where.add_argument(
         "--endpoint",
         metavar="URL",
-        help="ingest endpoint, e.g. tcp://127.0.0.1:5555 (with --acked: the ack endpoint, :5557)",
+        action="append",
+        help="ingest endpoint, e.g. tcp://127.0.0.1:5555 (with --acked: the ack endpoint, :5557); given several "
+        "times (with --acked), each topic goes to one of the daemons, chosen by rendezvous hashing",
     )
     where.add_argument("--config", metavar="PATH", help="read the ingest endpoint from this config file")
     parser.add_argument("--events", type=int, default=1000, metavar="N", help="events to send (default 1000)")
@@ -235,7 +240,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.endpoint:
-            endpoint = args.endpoint
+            if len(args.endpoint) > 1 and not args.acked:
+                parser.error(
+                    "several --endpoint need --acked: a topic moves to another daemon only while one does not ack"
+                )
+            endpoint = ",".join(args.endpoint)
         else:
             ingest = load_config(args.config).ingest if args.config else IngestConfig()
             endpoint = connectable(ingest.ack_bind if args.acked else ingest.bind)

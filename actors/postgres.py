@@ -1,0 +1,750 @@
+"""PostgreSQL storage: one database shared by several daemons, each event stored once, seqs gapless.
+
+Theory of operation. Every daemon has one writer (:class:`PostgresStore`, owned by its
+:class:`PostgresDedupActor`) and one reader (:class:`PostgresReader`, owned by its
+:class:`PostgresStatsActor`). The ordering actors work as with SQLite: they ask which events are
+new and number them from the topic state they hold. With several daemons both answers are only
+provisional (another daemon may store the same key, or number the same topic, in between), so
+the writer settles them again inside the write transaction, where they become authoritative:
+
+1. the topics' counter rows are created if missing (autocommit, ``ON CONFLICT DO NOTHING``),
+2. ``BEGIN ISOLATION LEVEL READ COMMITTED``; the counter rows of every topic in the group are
+   locked in sorted topic order (``SELECT ... ORDER BY topic FOR NO KEY UPDATE``), so two
+   writers touching the same topics queue instead of deadlocking,
+3. with the locks held (each statement sees every commit made before its lock was granted),
+   the keys already stored are looked up: those rows are re-classified as duplicates,
+4. the rest are numbered from the locked ``last_seq`` in the order the ordering actor gave them,
+   given commit positions from the one ``positions`` row (locked last, so the all-topics cursor
+   is gapless commit order), inserted, and the topic and node counters updated,
+5. COMMIT (``synchronous_commit`` at least ``on``).
+
+Deadlocks (40P01), serialization failures and lost connections roll the group back; the dedup
+actor keeps it and retries with backoff, acknowledging nothing meanwhile. A COMMIT whose
+outcome is unknown (the connection died during it) is resolved by the retry: every
+transaction also stamps its serial into this node's counter row, so on reconnecting the writer
+reads that row and knows whether the lost COMMIT took effect; if it did, its already computed
+outcome stands, else the group is written afresh (and any key another daemon stored meanwhile
+is a duplicate).
+
+The schema is created and migrated at start under an advisory lock, with a version row; a
+database made by a newer version is refused.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import operator
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import msgpack
+
+from actors.dedup import STORAGE_RETRY, DedupActor
+from actors.messages import ClassifyResult, Ping, WriteBatch
+from actors.stats import StatsActor
+from actors.store import COUNTER_NAMES, EventReader, Row, StorageError, TopicDelta, TopicState
+from transport.queries import Query
+
+if TYPE_CHECKING:
+    import psycopg
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+# pg_advisory_lock key for schema creation and migration: "eventagg" in ASCII, as a bigint.
+MIGRATION_LOCK = 0x6576656E74616767
+CONNECT_TIMEOUT_S = 3  # libpq's minimum is 2
+STATEMENT_TIMEOUT_MS = 30_000
+NODE_LOCK_WAIT_S = 15.0
+
+# Each migration takes the schema from the version before it to its own index + 1.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE events (
+        topic       text             NOT NULL,
+        event_id    text             NOT NULL,
+        seq         bigint           NOT NULL,
+        position    bigint           NOT NULL,
+        timestamp   text             NOT NULL,
+        ts_ns       bigint           NOT NULL,
+        source      text             NOT NULL,
+        payload     bytea            NOT NULL,
+        received_at double precision NOT NULL,
+        late        boolean          NOT NULL DEFAULT false,
+        PRIMARY KEY (topic, event_id)
+    );
+    CREATE UNIQUE INDEX events_by_topic_seq ON events (topic, seq);
+    CREATE UNIQUE INDEX events_by_position ON events (position);
+    CREATE TABLE topics (
+        topic             text PRIMARY KEY,
+        last_seq          bigint NOT NULL DEFAULT 0,
+        last_ts_ns        bigint NOT NULL DEFAULT 0,
+        received          bigint NOT NULL DEFAULT 0,
+        duplicate_dropped bigint NOT NULL DEFAULT 0,
+        late              bigint NOT NULL DEFAULT 0
+    );
+    CREATE TABLE nodes (
+        node              text PRIMARY KEY,
+        received          bigint NOT NULL DEFAULT 0,
+        unique_processed  bigint NOT NULL DEFAULT 0,
+        duplicate_dropped bigint NOT NULL DEFAULT 0,
+        rejected          bigint NOT NULL DEFAULT 0,
+        late              bigint NOT NULL DEFAULT 0,
+        topic_count       bigint NOT NULL DEFAULT 0,
+        last_txn          bigint NOT NULL DEFAULT 0
+    );
+    CREATE TABLE positions (
+        id   integer PRIMARY KEY CHECK (id = 1),
+        last bigint  NOT NULL
+    );
+    INSERT INTO positions (id, last) VALUES (1, 0);
+    """,
+)
+
+NODE_COUNTERS = (*COUNTER_NAMES, "topic_count")
+
+_INSERT_EVENTS = """
+INSERT INTO events (topic, event_id, seq, position, timestamp, ts_ns, source, payload, received_at, late)
+SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::text[], %s::bigint[],
+                     %s::text[], %s::bytea[], %s::float8[], %s::boolean[])
+"""
+_UPDATE_TOPICS = """
+UPDATE topics AS t SET
+    last_seq = v.last_seq,
+    last_ts_ns = greatest(t.last_ts_ns, v.last_ts_ns),
+    received = t.received + v.received,
+    duplicate_dropped = t.duplicate_dropped + v.duplicate_dropped,
+    late = t.late + v.late
+FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[])
+    AS v(topic, last_seq, last_ts_ns, received, duplicate_dropped, late)
+WHERE t.topic = v.topic
+"""
+_UPDATE_NODE = (
+    "UPDATE nodes SET "
+    + ", ".join(f"{name} = {name} + %s" for name in NODE_COUNTERS)
+    + ", last_txn = %s WHERE node = %s"
+)
+
+_row_key = operator.itemgetter(0, 1)
+
+
+def _psycopg() -> Any:
+    """psycopg, imported only when the PostgreSQL backend is used (it is an optional extra)."""
+    try:
+        import psycopg
+    except ImportError:
+        raise StorageError(
+            'backend = "postgresql" needs psycopg 3: pip install "eventagg[postgresql]" (or psycopg[binary])'
+        ) from None
+    return psycopg
+
+
+def one_line(exc: BaseException) -> str:
+    """An error message on one line (libpq's span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def describe_dsn(dsn: str) -> str:
+    """Where a dsn points, for messages: ``host:port/dbname``, never its password."""
+    pg = _psycopg()
+    try:
+        params = pg.conninfo.conninfo_to_dict(dsn)
+    except pg.Error:
+        return "PostgreSQL (unparsable dsn)"
+    host = params.get("host") or params.get("hostaddr") or "local socket"
+    port = params.get("port") or "5432"
+    return f"PostgreSQL {host}:{port}/{params.get('dbname') or params.get('user') or ''}"
+
+
+def connect(dsn: str, node: str, purpose: str) -> psycopg.Connection[Any]:
+    """An autocommit connection with timeouts and keepalives set unless the dsn sets them.
+
+    Raises :class:`StorageError` (one line, naming the server) when the dsn is bad or the
+    server cannot be reached.
+    """
+    pg = _psycopg()
+    where = describe_dsn(dsn)
+    try:
+        params = pg.conninfo.conninfo_to_dict(dsn)
+    except pg.Error as exc:
+        raise StorageError(f"[storage] dsn is not a valid libpq connection string or URI: {one_line(exc)}") from None
+    defaults = {
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "keepalives": 1,
+        "keepalives_idle": 5,
+        "keepalives_interval": 2,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 10_000,  # ms: a write to a vanished server fails instead of hanging
+        "application_name": f"eventagg {node} {purpose}"[:63],
+    }
+    for key, value in defaults.items():
+        params.setdefault(key, value)
+    try:
+        conn: psycopg.Connection[Any] = pg.connect(**params, autocommit=True)
+    except pg.Error as exc:
+        raise StorageError(f"cannot connect to {where} ([storage] dsn): {one_line(exc)}") from None
+    try:
+        conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+        conn.execute("SET idle_in_transaction_session_timeout = 60000")
+        # At least "on": an acknowledged event is then on the primary's disk (and, with a
+        # synchronous standby configured, on the standby's); a stronger server default stays.
+        setting = conn.execute("SHOW synchronous_commit").fetchone()
+        if setting is None or setting[0] in ("off", "local"):
+            conn.execute("SET synchronous_commit = on")
+    except pg.Error as exc:
+        conn.close()
+        raise StorageError(f"cannot set up a session on {where}: {one_line(exc)}") from None
+    return conn
+
+
+def migrate(conn: psycopg.Connection[Any], node: str) -> int:
+    """Create or migrate the schema under an advisory lock; the version it is at.
+
+    Raises :class:`StorageError` for a database made by a newer eventagg.
+    """
+    conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+    try:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS eventagg_schema ("
+            " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now(), applied_by text NOT NULL)"
+        )
+        row = conn.execute("SELECT coalesce(max(version), 0) FROM eventagg_schema").fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise StorageError(
+                f"the database's schema is version {version}, made by a newer eventagg; this one knows "
+                f"version {SCHEMA_VERSION}: upgrade this daemon, or give it another database"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            with conn.transaction():
+                conn.execute(MIGRATIONS[target - 1])
+                conn.execute("INSERT INTO eventagg_schema (version, applied_by) VALUES (%s, %s)", (target, node))
+            log.info("PostgreSQL schema migrated to version %d", target)
+        return SCHEMA_VERSION
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+
+
+@dataclass(slots=True)
+class GroupOutcome:
+    """What one write transaction did: which rows were duplicates at write time, and its counts."""
+
+    duplicates: list[int] = field(default_factory=list)  # indexes into the group's rows
+    totals: dict[str, int] = field(default_factory=dict)  # node counters added (NODE_COUNTERS)
+
+
+class PostgresStore:
+    """The writer of one daemon: the transaction described in the module docstring."""
+
+    def __init__(self, dsn: str, node: str) -> None:
+        self.dsn = dsn
+        self.node = node
+        self.where = describe_dsn(dsn)
+        self._conn: psycopg.Connection[Any] | None = None
+        self._known_topics: set[str] = set()  # topics whose counter row exists
+        self._last_txn = 0
+        self._unknown: tuple[int, GroupOutcome] | None = None  # a COMMIT whose outcome was lost
+
+    def open(self) -> dict[str, int]:
+        """Connect, migrate, claim this node's row; this node's committed counters."""
+        conn = self._connection(NODE_LOCK_WAIT_S)
+        migrate(conn, self.node)
+        conn.execute("INSERT INTO nodes (node) VALUES (%s) ON CONFLICT DO NOTHING", (self.node,))
+        return self.counters()
+
+    def _connection(self, claim_wait_s: float = 0.0) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            conn = connect(self.dsn, self.node, "writer")
+            self._claim_node(conn, claim_wait_s)
+            self._conn = conn
+        return self._conn
+
+    def _claim_node(self, conn: psycopg.Connection[Any], wait_s: float) -> None:
+        """Hold a session lock on this node's name: two daemons with one name would mix their counters.
+
+        A killed daemon's session ends when the server sees its socket close, so at start a
+        restarted one waits ``wait_s`` for it rather than failing at once. On a reconnect it does
+        not wait (the writer's thread must keep answering pings): a session of ours the server
+        has not yet noticed is gone makes this attempt fail, and the backoff tries again.
+        """
+        deadline = time.monotonic() + wait_s
+        while True:
+            row = conn.execute("SELECT pg_try_advisory_lock(hashtext('eventagg node ' || %s))", (self.node,)).fetchone()
+            if row and row[0]:
+                return
+            if time.monotonic() > deadline:
+                conn.close()
+                raise StorageError(
+                    f"another daemon connected to {self.where} uses node name {self.node!r}; "
+                    "give each daemon its own [storage] node"
+                )
+            time.sleep(0.2)
+
+    def counters(self) -> dict[str, int]:
+        """This node's committed counters (and remembers its last transaction serial)."""
+        names = ", ".join(NODE_COUNTERS)
+        row = (
+            self._connection().execute(f"SELECT {names}, last_txn FROM nodes WHERE node = %s", (self.node,)).fetchone()
+        )
+        if row is None:
+            return dict.fromkeys(NODE_COUNTERS, 0)
+        self._last_txn = int(row[-1])
+        return {name: int(value) for name, value in zip(NODE_COUNTERS, row)}
+
+    def existing_keys(self, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which keys are stored now (committed by any daemon): a hint, settled again at write time."""
+        if not keys:
+            return set()
+        topics, ids = zip(*keys)
+        rows = (
+            self._connection()
+            .execute(
+                "SELECT e.topic, e.event_id FROM events AS e"
+                " JOIN unnest(%s::text[], %s::text[]) AS k(topic, event_id)"
+                " ON e.topic = k.topic AND e.event_id = k.event_id",
+                (list(topics), list(ids)),
+            )
+            .fetchall()
+        )
+        return {(topic, event_id) for topic, event_id in rows}
+
+    def topic_states(self, topics: Iterable[str]) -> dict[str, TopicState]:
+        """The stored last seq and last timestamp of each topic (zeros for one never seen)."""
+        wanted = list(topics)
+        states = dict.fromkeys(wanted, TopicState(0, 0))
+        if wanted:
+            rows = (
+                self._connection()
+                .execute("SELECT topic, last_seq, last_ts_ns FROM topics WHERE topic = ANY(%s)", (wanted,))
+                .fetchall()
+            )
+            for topic, last_seq, last_ts_ns in rows:
+                states[topic] = TopicState(int(last_seq), int(last_ts_ns))
+        return states
+
+    def write(self, rows: Sequence[Row], topics: dict[str, TopicDelta], totals: dict[str, int]) -> GroupOutcome:
+        """Store a group in one transaction (see the module docstring); its outcome.
+
+        ``rows`` are the events the ordering actors believe new, in their order; ``topics`` and
+        ``totals`` what they counted (received, duplicates, late; rejected). Raises a psycopg
+        error or :class:`StorageError` when nothing (knowably) committed: call again with the
+        same group, which is then safe whatever happened.
+        """
+        pg = _psycopg()
+        serial = self._last_txn + 1
+        if self._unknown is not None:
+            lost_serial, lost_outcome = self._unknown
+            self.counters()  # reads last_txn back (or raises: still unknown)
+            self._unknown = None
+            if self._last_txn >= lost_serial:
+                log.warning("the COMMIT whose answer was lost had succeeded; its outcome stands")
+                return lost_outcome
+            serial = self._last_txn + 1
+        conn = self._connection()
+        topic_names = sorted(set(topics).union(row[0] for row in rows))
+        missing = [topic for topic in topic_names if topic not in self._known_topics]
+        if missing:
+            # Autocommit, before the transaction: its row locks are then taken only in sorted order.
+            conn.execute(
+                "INSERT INTO topics (topic) SELECT unnest(%s::text[]) ORDER BY 1 ON CONFLICT DO NOTHING", (missing,)
+            )
+            self._known_topics.update(missing)
+            if len(self._known_topics) > 1_000_000:
+                self._known_topics = set(missing)
+        committing = False
+        try:
+            conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+            locked = conn.execute(
+                "SELECT topic, last_seq, last_ts_ns FROM topics WHERE topic = ANY(%s) ORDER BY topic FOR NO KEY UPDATE",
+                (topic_names,),
+            ).fetchall()
+            state = {topic: [int(last_seq), int(last_ts_ns)] for topic, last_seq, last_ts_ns in locked}
+            if len(state) != len(topic_names):
+                self._known_topics.difference_update(topic_names)
+                raise StorageError("topic counter rows vanished during a write; retrying")
+            stored = self.existing_keys([_row_key(row) for row in rows]) if rows else set()
+            outcome, new_rows, deltas = self._number(rows, topics, totals, state, stored)
+            if new_rows:
+                (last,) = cast(
+                    "tuple[int]",
+                    conn.execute(
+                        "UPDATE positions SET last = last + %s WHERE id = 1 RETURNING last", (len(new_rows),)
+                    ).fetchone(),
+                )
+                first = last - len(new_rows) + 1
+                columns: list[list[Any]] = [list(column) for column in zip(*new_rows)]
+                columns.insert(3, list(range(first, last + 1)))
+                conn.execute(_INSERT_EVENTS, columns)
+            if deltas:
+                conn.execute(_UPDATE_TOPICS, [list(column) for column in zip(*deltas)])
+            conn.execute(_UPDATE_NODE, [*(outcome.totals[name] for name in NODE_COUNTERS), serial, self.node])
+            committing = True
+            conn.execute("COMMIT")
+        except (pg.Error, StorageError):
+            if conn.closed or conn.broken:
+                if committing:
+                    self._unknown = (serial, outcome)
+                conn.close()
+                self._conn = None
+            else:
+                try:
+                    conn.execute("ROLLBACK")
+                except pg.Error:
+                    conn.close()
+                    self._conn = None
+            raise
+        self._last_txn = serial
+        return outcome
+
+    @staticmethod
+    def _number(
+        rows: Sequence[Row],
+        topics: dict[str, TopicDelta],
+        totals: dict[str, int],
+        state: dict[str, list[int]],
+        stored: set[tuple[str, str]],
+    ) -> tuple[GroupOutcome, list[Row], list[tuple[str, int, int, int, int, int]]]:
+        """Settle each row (duplicate, or new with its seq and lateness) against the locked state."""
+        outcome = GroupOutcome()
+        seen: set[tuple[str, str]] = set()
+        new_rows: list[Row] = []
+        added: dict[str, list[int]] = {}  # topic -> [new, late among them, write-time duplicates]
+        stored_ts = {topic: values[1] for topic, values in state.items()}
+        new_topics = 0
+        for index, row in enumerate(rows):
+            topic, event_id, _seq, timestamp, ts_ns, source, payload, received_at, late = row
+            key = (topic, event_id)
+            counts = added.setdefault(topic, [0, 0, 0])
+            if key in stored or key in seen:
+                outcome.duplicates.append(index)
+                counts[2] += 1
+                continue
+            seen.add(key)
+            topic_state = state[topic]
+            if topic_state[0] == 0:
+                new_topics += 1
+            topic_state[0] += 1
+            # Late against this daemon's window, or behind what any daemon has committed.
+            is_late = bool(late) or ts_ns < stored_ts[topic]
+            if is_late:
+                counts[1] += 1
+            elif ts_ns > topic_state[1]:
+                topic_state[1] = ts_ns
+            counts[0] += 1
+            new_rows.append(
+                (topic, event_id, topic_state[0], timestamp, ts_ns, source, bytes(payload), received_at, is_late)
+            )
+        deltas = []
+        for topic in sorted(set(topics) | set(added)):
+            counted = topics.get(topic) or TopicDelta()
+            _new, late_count, dropped = added.get(topic, (0, 0, 0))
+            deltas.append(
+                (
+                    topic,
+                    state[topic][0],
+                    state[topic][1],
+                    counted.received,
+                    counted.duplicate_dropped + dropped,
+                    late_count,
+                )
+            )
+        unique = len(new_rows)
+        outcome.totals = {
+            "received": totals.get("received", 0),
+            "unique_processed": unique,
+            "duplicate_dropped": totals.get("received", 0) - unique,
+            "rejected": totals.get("rejected", 0),
+            "late": sum(counts[1] for counts in added.values()),
+            "topic_count": new_topics,
+        }
+        return outcome, new_rows, deltas
+
+    def close(self) -> None:
+        """Close the connection (an open transaction is rolled back by the server)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+class PostgresReader:
+    """The query side on a connection of its own: events, topics, this node's and the cluster's counters."""
+
+    def __init__(self, dsn: str, node: str) -> None:
+        self.dsn = dsn
+        self.node = node
+        self.where = describe_dsn(dsn)
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Rows of one query; one reconnect is tried if the connection was lost."""
+        pg = _psycopg()
+        for attempt in (1, 2):
+            if self._conn is None or self._conn.closed or self._conn.broken:
+                self._conn = connect(self.dsn, self.node, "reader")
+            try:
+                return self._conn.execute(sql, params).fetchall()
+            except pg.OperationalError as exc:
+                if not (self._conn.closed or self._conn.broken) or attempt == 2:
+                    raise StorageError(f"{self.where}: {one_line(exc)}") from None
+        raise AssertionError("unreachable")
+
+    def events(self, topic: str | None, after: int, limit: int) -> tuple[list[dict[str, Any]], int]:
+        """A page of events and the cursor after it: by seq within a topic, by commit position across all."""
+        columns = "topic, event_id, timestamp, source, payload, seq, late"
+        if topic is not None:
+            rows = self._query(
+                f"SELECT seq, {columns} FROM events WHERE topic = %s AND seq > %s ORDER BY seq LIMIT %s",
+                (topic, after, limit),
+            )
+        else:
+            rows = self._query(
+                f"SELECT position, {columns} FROM events WHERE position > %s ORDER BY position LIMIT %s",
+                (after, limit),
+            )
+        events = []
+        for _position, topic_, event_id, timestamp, source, payload, seq, late in rows:
+            events.append(
+                {
+                    "topic": topic_,
+                    "event_id": event_id,
+                    "timestamp": timestamp,
+                    "source": source,
+                    "payload": msgpack.unpackb(payload, raw=False, strict_map_key=False),
+                    "seq": seq,
+                    "late": bool(late),
+                }
+            )
+        return events, int(rows[-1][0]) if rows else after
+
+    def topics(self) -> list[dict[str, Any]]:
+        """Every topic with an event, with its count, last seq and counters, by name."""
+        rows = self._query(
+            "SELECT topic, last_seq, received, duplicate_dropped, late FROM topics WHERE last_seq > 0 ORDER BY topic"
+        )
+        return [
+            {
+                "topic": topic,
+                "count": last_seq,
+                "last_seq": last_seq,
+                "received": received,
+                "unique_processed": last_seq,
+                "duplicate_dropped": duplicates,
+                "late": late,
+            }
+            for topic, last_seq, received, duplicates, late in rows
+        ]
+
+    def cluster_counters(self) -> dict[str, int]:
+        """Every node's committed counters, summed."""
+        sums = ", ".join(f"coalesce(sum({name}), 0)" for name in NODE_COUNTERS)
+        (row,) = self._query(f"SELECT {sums} FROM nodes")
+        return {name: int(value) for name, value in zip(NODE_COUNTERS, row)}
+
+    def ping(self) -> None:
+        """Raise :class:`StorageError` unless the server answers."""
+        self._query("SELECT 1")
+
+    def close(self) -> None:
+        """Close the connection."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+class PostgresDedupActor(DedupActor):
+    """The dedup actor on PostgreSQL: lookups are hints, the write transaction settles each event.
+
+    It keeps the SQLite actor's grouping, in-flight credit and acknowledgements, and replaces
+    what touches the database. A failed group is retried as it was (later writes wait behind
+    it), so a COMMIT whose outcome was lost is retried with exactly the rows it held.
+    """
+
+    def __init__(self, dsn: str, node: str, **kwargs: Any) -> None:
+        # The SQLite settings the base class keeps are unused here.
+        super().__init__(Path("/nonexistent/postgresql"), synchronous="NORMAL", **kwargs)
+        self._pg = PostgresStore(dsn, node)
+        self._group_writes = 0  # writes in the group that failed and must be retried as it was
+        self._group_rejected = 0
+
+    def on_start(self) -> None:
+        import zmq
+
+        from actors.dedup import ACK_ENDPOINT
+
+        try:
+            self._counters = self._pg.open()
+        except StorageError as exc:
+            self._pg.close()
+            self._startup_error = exc
+            return
+        except Exception as exc:  # a psycopg error during migration
+            self._pg.close()
+            self._startup_error = StorageError(f"cannot prepare {self._pg.where}: {one_line(exc)}")
+            return
+        self._live.committed = dict(self._counters)
+        self._acks = self._zmq_context.socket(zmq.PUSH)
+        self._acks.setsockopt(zmq.LINGER, 0)
+        self._acks.connect(ACK_ENDPOINT)
+        log.info("storage: %s as node %r", self._pg.where, self._pg.node)
+
+    def _close(self) -> None:
+        self._pg.close()
+        if self._acks is not None:
+            self._acks.close(linger=1000)
+            self._acks = None
+
+    def _handle(self, message: Any) -> Any:
+        if isinstance(message, Ping):
+            return self._startup_error if self._startup_error is not None else True
+        return super()._handle(message)
+
+    def _classify(self, keys: list[tuple[str, str]], unknown_topics: list[str]) -> ClassifyResult:
+        """A hint: what is stored now, or nothing while the database is away (the write settles it)."""
+        existing: set[tuple[str, str]] = set()
+        states: dict[str, TopicState] = {}
+        if not self._failures:
+            try:
+                existing = self._pg.existing_keys(keys)
+                states = self._pg.topic_states(unknown_topics) if unknown_topics else {}
+            except Exception as exc:
+                log.warning(
+                    "lookup on %s failed (%s); the write will settle these events", self._pg.where, one_line(exc)
+                )
+        if self._held_keys:
+            existing.update(self._held_keys.intersection(keys))
+        return ClassifyResult(existing, states)
+
+    def _commit(self) -> None:
+        # A retried group holds only the writes it failed with: the rest follow in their own.
+        while self._startup_error is None and (self._writes or self._rejected):
+            if not self._commit_group():
+                return
+
+    def _commit_group(self) -> bool:
+        """Write one group; False when it failed (kept for a retry)."""
+        self._answer_lookups()
+        if self._group_writes or self._failures:
+            writes = self._writes[: self._group_writes]
+            rejected = self._group_rejected
+        else:
+            writes = list(self._writes)
+            rejected = self._rejected
+        rows: list[Row] = list(itertools.chain.from_iterable(write.rows for write in writes))
+        topics: dict[str, TopicDelta] = {}
+        received = 0
+        for write in writes:
+            received += write.events
+            for topic, delta in write.topics.items():
+                total = topics.setdefault(topic, TopicDelta())
+                total.received += delta.received
+                total.duplicate_dropped += delta.duplicate_dropped
+        try:
+            outcome = self._pg.write(rows, topics, {"received": received, "rejected": rejected})
+        except Exception as exc:
+            self._group_writes, self._group_rejected = len(writes), rejected
+            self._fail_pg(exc, received)
+            return False
+        if self._failures:
+            log.warning("%s takes writes again; %d events stored", self._pg.where, outcome.totals["unique_processed"])
+        self._failures = 0
+        self._group_writes = self._group_rejected = 0
+        self._live.last_commit_error = None
+        del self._writes[: len(writes)]
+        self._rejected -= rejected
+        self._held_keys = {_row_key(row) for write in self._writes for row in write.rows}
+        self._txn_events = sum(write.events for write in self._writes)
+        self._txn_started = time.monotonic()
+        self._settle(writes, outcome)
+        self._after_commit(writes, {name: outcome.totals[name] for name in COUNTER_NAMES})
+        return True
+
+    @staticmethod
+    def _settle(writes: list[WriteBatch], outcome: GroupOutcome) -> None:
+        """Turn rows found stored at write time into duplicates in their acknowledgements."""
+        if writes:
+            writes[0].new_topics = outcome.totals["topic_count"]
+            for write in writes[1:]:
+                write.new_topics = 0
+        if not outcome.duplicates:
+            return
+        duplicates = iter(outcome.duplicates)
+        target = next(duplicates)
+        index = 0
+        for write in writes:
+            end = index + len(write.rows)
+            while index <= target < end:
+                ticket = write.row_tickets[target - index] if write.row_tickets else None
+                if ticket is not None:
+                    counts = write.tickets[ticket]
+                    counts[0] -= 1
+                    counts[1] += 1
+                target = next(duplicates, -1)
+            index = end
+            if target < 0:
+                return
+
+    def _fail_pg(self, exc: BaseException, events: int) -> None:
+        delay = STORAGE_RETRY.delay(self._failures)
+        self._failures += 1
+        self._retry_at = time.monotonic() + delay
+        message = f"storage {self._pg.where} is unavailable: {one_line(exc)}"
+        if self._failures == 1 or self._failures % 20 == 0:
+            log.error(
+                "writing %d events to %s failed (%s); none of them is acknowledged; retrying in %.1f s",
+                events,
+                self._pg.where,
+                one_line(exc),
+                delay,
+            )
+        self._live.last_commit_error = message
+
+
+class PostgresStatsActor(StatsActor):
+    """The stats actor on PostgreSQL: stats gain ``cluster``, health asks the server."""
+
+    def __init__(self, dsn: str, node: str, **kwargs: Any) -> None:
+        super().__init__(Path("/nonexistent/postgresql"), **kwargs)
+        self._pg_reader = PostgresReader(dsn, node)
+
+    def on_start(self) -> None:
+        # Same methods as EventReader (events, topics), which is what answer() calls.
+        self._reader = cast(EventReader, self._pg_reader)
+
+    def answer(self, query: Query) -> dict[str, Any]:
+        try:
+            return super().answer(query)
+        except StorageError as exc:
+            return {"error": f"storage {exc}"}
+
+    def stats(self) -> dict[str, Any]:
+        reply = super().stats()
+        try:
+            reply["cluster"] = self._pg_reader.cluster_counters()
+        except StorageError as exc:
+            reply["cluster_error"] = f"storage {exc}"
+        return reply
+
+    def health(self) -> dict[str, Any]:
+        alive = self._liveness()
+        alive["stats"] = True
+        problems = [f"{name} is not answering" for name, ok in alive.items() if not ok]
+        if self._live.last_commit_error is not None:
+            problems.append(f"the last commit failed: {self._live.last_commit_error}")
+        else:
+            try:
+                self._pg_reader.ping()
+            except StorageError as exc:
+                problems.append(f"storage {exc}")
+        reply: dict[str, Any] = {"actors": alive, "database": self._pg_reader.where, "decoding": self._live.decoding}
+        if problems:
+            reply["error"] = "; ".join(problems)
+        else:
+            reply["status"] = "ok"
+        return reply

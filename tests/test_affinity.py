@@ -1,0 +1,63 @@
+"""Rendezvous hashing of topics to daemons, the PostgreSQL config keys and the storage status line."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from actors.watchdog import Snapshot, status_line
+from transport.affinity import rendezvous_order
+from transport.config import ConfigError, parse_config
+
+ENDPOINTS = ["tcp://a:5557", "tcp://b:5557", "tcp://c:5557"]
+
+
+def test_each_topic_ranks_every_endpoint_the_same_way_everywhere() -> None:
+    for topic in ("orders", "payments", "t-17"):
+        order = rendezvous_order(topic, ENDPOINTS)
+        assert sorted(order) == sorted(ENDPOINTS)
+        assert rendezvous_order(topic, list(reversed(ENDPOINTS))) == order
+
+
+def test_topics_spread_and_removing_a_daemon_moves_only_its_topics() -> None:
+    topics = [f"topic-{i}" for i in range(3000)]
+    first = {topic: rendezvous_order(topic, ENDPOINTS)[0] for topic in topics}
+    shares = [list(first.values()).count(endpoint) for endpoint in ENDPOINTS]
+    assert all(800 < share < 1200 for share in shares), shares
+    remaining = ENDPOINTS[:2]
+    for topic in topics:
+        after = rendezvous_order(topic, remaining)[0]
+        if first[topic] in remaining:
+            assert after == first[topic]
+        else:  # the removed daemon's topics go to their second choice
+            assert after == rendezvous_order(topic, ENDPOINTS)[1]
+
+
+def test_postgresql_config_keys() -> None:
+    config = parse_config(
+        {"storage": {"backend": "postgresql", "dsn": "host=db dbname=x"}, "ingest": {"bind": "tcp://*:6000"}}
+    )
+    assert config.storage.backend == "postgresql"
+    assert config.storage_node == f"{socket.gethostname()}:6000"
+    assert parse_config({"storage": {"node": "n1"}}).storage_node == "n1"
+    with pytest.raises(ConfigError, match=r"\[storage\] backend must be one of sqlite, postgresql"):
+        parse_config({"storage": {"backend": "mysql"}})
+    with pytest.raises(ConfigError, match=r"\[storage\] dsn must be set"):
+        parse_config({"storage": {"backend": "postgresql"}})
+
+
+def test_dsn_expands_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", "/run/credentials/eventagg.service")
+    config = parse_config({"storage": {"backend": "postgresql", "dsn": "host=db passfile=${CREDENTIALS_DIRECTORY}/pg"}})
+    assert config.storage.dsn == "host=db passfile=/run/credentials/eventagg.service/pg"
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    with pytest.raises(ConfigError, match=r"\[storage\] dsn"):
+        parse_config({"storage": {"backend": "postgresql", "dsn": "passfile=${CREDENTIALS_DIRECTORY}/pg"}})
+
+
+def test_the_status_line_says_the_daemon_waits_for_its_storage() -> None:
+    snapshot = Snapshot(at=1.0, received=10, unique=8, duplicates=2, rejected=0, topics=1)
+    assert "STORAGE" not in status_line(snapshot)
+    line = status_line(snapshot, storage_error="storage PostgreSQL db:5432/x is unavailable: refused")
+    assert line.startswith("WAITING FOR STORAGE, nothing new is acknowledged: storage PostgreSQL db:5432/x")

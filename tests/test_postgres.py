@@ -1,0 +1,375 @@
+"""Several daemons on one PostgreSQL: exactly once and gapless across all, through kills and outages.
+
+Runs against a real throwaway PostgreSQL cluster (tests/pg_cluster.py), started once for the
+module; each test has a database of its own. Skipped, saying why, where PostgreSQL's binaries
+or psycopg are missing.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import SCRIPTS, Daemon, eventually
+from pg_cluster import PgCluster, missing_reason
+
+from transport.affinity import rendezvous_order
+from transport.publisher import Publisher
+from transport.workload import plan
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(missing_reason() is not None, reason=missing_reason() or ""),
+]
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PgCluster]:
+    """One throwaway PostgreSQL server for the whole module, removed at its end."""
+    cluster = PgCluster()
+    try:
+        cluster.init()
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def database(pg: PgCluster, request: pytest.FixtureRequest) -> str:
+    """A fresh database for this test; its dsn."""
+    return pg.create_database(re.sub(r"\W", "_", request.node.name)[:60])
+
+
+def pg_daemon(factory: Callable[..., Daemon], name: str, dsn: str, **sections: dict[str, Any]) -> Daemon:
+    overrides: dict[str, dict[str, Any]] = {"storage": {"backend": "postgresql", "dsn": dsn, "node": name}}
+    for section, values in sections.items():
+        overrides.setdefault(section, {}).update(values)
+    return factory(name, **overrides)
+
+
+def query(dsn: str, sql: str) -> list[tuple[Any, ...]]:
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cursor = conn.execute(sql)
+        return cursor.fetchall() if cursor.description else []
+
+
+def assert_stored_once_gapless(dsn: str, expected_keys: set[tuple[str, str]]) -> None:
+    """Every expected key stored exactly once, nothing else, and each topic's seqs exactly 1..n."""
+    rows = query(dsn, "SELECT topic, event_id, seq, position FROM events")
+    keys = [(topic, event_id) for topic, event_id, _, _ in rows]
+    assert len(keys) == len(set(keys)) == len(expected_keys)
+    assert set(keys) == expected_keys
+    seqs: dict[str, list[int]] = defaultdict(list)
+    for topic, _, seq, _ in rows:
+        seqs[topic].append(seq)
+    for topic, numbers in seqs.items():
+        assert sorted(numbers) == list(range(1, len(numbers) + 1)), f"{topic}: seqs not gapless from 1"
+    positions = sorted(position for *_, position in rows)
+    assert positions == list(range(1, len(rows) + 1)), "commit positions not gapless"
+
+
+def start_publish(endpoints: list[str], *args: str) -> subprocess.Popen[str]:
+    command = [sys.executable, str(SCRIPTS / "publish.py"), "--acked", "--json"]
+    for endpoint in endpoints:
+        command += ["--endpoint", endpoint]
+    return subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 240) -> dict[str, Any]:
+    import json
+
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"publish.py failed ({proc.returncode}):\n{out}\n{err}"
+    summary: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return summary
+
+
+def committed(daemon: Daemon) -> int:
+    """Events this daemon has committed (new or duplicate)."""
+    stats = daemon.stats()
+    return int(stats["unique_processed"] + stats["duplicate_dropped"])
+
+
+def cluster_answers(daemon: Daemon) -> dict[str, Any]:
+    stats = daemon.stats()
+    return {
+        "cluster": stats["cluster"],
+        "topics": daemon.request({"op": "topics"})["topics"],
+        "events": [(e["topic"], e["event_id"], e["seq"]) for e in daemon.events()],
+        "topic-3": daemon.events("topic-3"),
+    }
+
+
+def test_three_daemons_store_each_event_once_with_gapless_seqs_while_one_is_killed(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    """The same 15 000 events (20 % re-sends) through all three daemons at once; one is SIGKILLed."""
+    daemons = [pg_daemon(daemon_factory, f"node{i}", database) for i in range(3)]
+    for daemon in daemons:
+        daemon.start()
+    stream = ["--events", "15000", "--duplicates", "0.2", "--topics", "20", "--seed", "7", "--batch", "100"]
+    publishers = [start_publish([d.ack], *stream, "--ack-timeout", "2", "--deadline", "180") for d in daemons]
+    victim = daemons[1]
+    eventually(lambda: victim.stats()["received"] >= 2000, 120, "daemon 1 committed part of the stream")
+    victim.kill()
+    victim.start()  # same ports, same node name: its publisher's Lazy Pirate resends reach it
+    summaries = [finish(proc) for proc in publishers]
+    for summary in summaries:
+        assert summary["acked_new"] + summary["acked_duplicate"] == 15000
+        assert summary["unacked"] == 0
+    unique = {(e["topic"], e["event_id"]) for e in plan(15000, 0.2, 20, 7, "e")}
+    assert len(unique) == 12000
+    # No acknowledged event is new twice; the killed daemon may have committed some whose acks it
+    # never sent (re-sent, they come back as duplicates), so the new ones are at most 12 000.
+    assert sum(s["acked_new"] for s in summaries) <= 12000
+    for daemon in daemons:
+        daemon.wait_idle()
+    assert_stored_once_gapless(database, unique)
+    cluster = daemons[0].stats()["cluster"]
+    assert cluster["unique_processed"] == 12000
+    assert cluster["topic_count"] == 20
+    assert cluster["received"] == cluster["unique_processed"] + cluster["duplicate_dropped"]
+    assert cluster["received"] >= 45000
+    assert cluster["received"] == sum(d.stats()["received"] for d in daemons)
+    (per_topic,) = query(database, "SELECT sum(received), sum(duplicate_dropped), sum(last_seq) FROM topics")
+    assert tuple(per_topic) == (cluster["received"], cluster["duplicate_dropped"], 12000)
+    answers = [cluster_answers(daemon) for daemon in daemons]
+    assert answers[0] == answers[1] == answers[2]
+    assert len(answers[0]["events"]) == 12000
+
+
+def test_postgresql_outage_under_acked_load_loses_nothing_and_stores_nothing_twice(
+    daemon_factory: Callable[..., Daemon], database: str, pg: PgCluster
+) -> None:
+    """PostgreSQL stopped for several seconds under acknowledged load, then started again."""
+    daemons = [pg_daemon(daemon_factory, f"node{i}", database, ingest={"max_in_flight": 2000}) for i in range(2)]
+    for daemon in daemons:
+        daemon.start()
+    stream = ["--events", "8000", "--duplicates", "0.2", "--topics", "10", "--seed", "3", "--rate", "800"]
+    publishers = [start_publish([d.ack], *stream, "--ack-timeout", "2", "--deadline", "120") for d in daemons]
+    eventually(lambda: all(committed(d) > 300 for d in daemons), 60, "both daemons committing")
+    pg.stop()
+    try:
+        for daemon in daemons:
+            health = eventually(
+                lambda d=daemon: (
+                    (reply := d.request({"op": "health"}))  # type: ignore[misc]
+                    and "PostgreSQL" in reply.get("error", "")
+                    and reply
+                ),
+                30,
+                "health names the storage outage",
+            )
+            assert "unavailable" in health["error"] or "cannot connect" in health["error"], health
+        frozen = [committed(d) for d in daemons]
+        time.sleep(4)  # the outage lasts: nothing may be acknowledged, memory stays bounded
+        for daemon, before in zip(daemons, frozen):
+            assert daemon.proc is not None and daemon.proc.poll() is None, "a daemon died during the outage"
+            assert committed(daemon) == before
+            stats = daemon.stats()
+            assert stats["in_flight"] <= 2000 + 100  # the bound, plus at most the batch that crossed it
+    finally:
+        pg.start()
+    summaries = [finish(proc) for proc in publishers]
+    for summary in summaries:
+        assert summary["acked_new"] + summary["acked_duplicate"] == 8000
+    for daemon in daemons:
+        daemon.wait_idle()
+        eventually(lambda d=daemon: "error" not in d.request({"op": "health"}), 30, "health ok again")  # type: ignore[misc]
+    unique = {(e["topic"], e["event_id"]) for e in plan(8000, 0.2, 10, 3, "e")}
+    assert_stored_once_gapless(database, unique)
+    cluster = daemons[0].stats()["cluster"]
+    assert cluster["unique_processed"] == len(unique)
+    assert cluster["received"] == cluster["unique_processed"] + cluster["duplicate_dropped"]
+    assert "WAITING FOR STORAGE" not in daemons[0].log()  # (no systemd here; the status line is unit-tested)
+    assert "retrying" in daemons[0].log()
+
+
+def test_topic_affine_routing_keeps_each_topic_on_one_daemon(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    daemons = [pg_daemon(daemon_factory, f"node{i}", database) for i in range(3)]
+    for daemon in daemons:
+        daemon.start()
+    endpoints = [d.ack for d in daemons]
+    events = plan(3000, 0.0, 30, 11, "a")
+    with Publisher(endpoints=endpoints, ack_timeout=2.0, deadline=60.0) as publisher:
+        publisher.publish_many(events)
+        publisher.flush(60)
+        assert publisher.totals.acked_new == 3000
+    expected = defaultdict(int)
+    for event in events:
+        expected[rendezvous_order(event["topic"], endpoints)[0]] += 1
+    assert len(expected) == 3, "30 topics should spread over all three daemons"
+    for daemon in daemons:
+        daemon.wait_idle()
+        assert daemon.stats()["received"] == expected[daemon.ack]
+    # Within one daemon a topic's seqs follow its events' timestamps (one reorder window).
+    for topic in ("topic-0", "topic-1"):
+        stored = daemons[0].events(topic)
+        assert [e["seq"] for e in stored] == list(range(1, 101))
+        assert [e["timestamp"] for e in stored] == sorted(e["timestamp"] for e in stored)
+
+
+def test_a_silent_daemon_loses_its_topics_only_while_it_does_not_acknowledge(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    daemons = [pg_daemon(daemon_factory, f"node{i}", database) for i in range(2)]
+    for daemon in daemons:
+        daemon.start()
+    endpoints = [d.ack for d in daemons]
+    topic = next(f"t{i}" for i in range(100) if rendezvous_order(f"t{i}", endpoints)[0] == daemons[0].ack)
+
+    def event(n: int) -> dict[str, Any]:
+        return {"topic": topic, "event_id": f"x{n}", "timestamp": f"2025-10-22T10:00:{n:02d}Z", "source": "test"}
+
+    with Publisher(endpoints=endpoints, ack_timeout=1.0, deadline=60.0, batch_size=1) as publisher:
+        assert publisher.route(topic) == daemons[0].ack
+        daemons[0].terminate()
+        publisher.publish(event(1))  # sent to daemon 0, which does not answer
+        eventually(lambda: publisher.poll() == 0 or publisher.route(topic) == daemons[1].ack, 30, "fail-over")
+        publisher.publish(event(2))  # daemon 0 silent: goes to daemon 1
+        eventually(lambda: daemons[1].stats()["received"] >= 1, 30, "daemon 1 took the topic")
+        daemons[0].start()
+        publisher.flush(60)  # event 1 reaches daemon 0 once it is back
+        assert publisher.route(topic) == daemons[0].ack
+        publisher.publish(event(3))
+        publisher.flush(60)
+    daemons[0].wait_idle()
+    assert daemons[0].stats()["received"] == 2  # events 1 and 3
+    assert daemons[1].stats()["received"] == 1  # event 2
+    assert [e["event_id"] for e in daemons[1].events(topic)] == ["x2", "x1", "x3"]  # commit order
+
+
+def test_migrations_run_once_when_daemons_start_together(daemon_factory: Callable[..., Daemon], database: str) -> None:
+    daemons = [pg_daemon(daemon_factory, f"node{i}", database) for i in range(3)]
+    for daemon in daemons:
+        daemon.start(wait=False)
+    for daemon in daemons:
+        daemon.wait_ready(60)
+    assert query(database, "SELECT version, applied_by FROM eventagg_schema")[0][0] == 1
+    assert len(query(database, "SELECT * FROM eventagg_schema")) == 1
+    assert sum("schema migrated to version 1" in d.log() for d in daemons) == 1
+    assert sorted(node for (node,) in query(database, "SELECT node FROM nodes")) == ["node0", "node1", "node2"]
+
+
+def _startup_failure(daemon: Daemon) -> str:
+    daemon.start(wait=False)
+    assert daemon.proc is not None
+    assert daemon.proc.wait(60) == 1
+    output = daemon.log()
+    assert "Traceback" not in output, output
+    lines = [line for line in output.splitlines() if "CRITICAL" in line or "ERROR" in line]
+    assert len(lines) == 1, output
+    return lines[0]
+
+
+def test_bad_dsn_unreachable_server_and_newer_schema_each_give_one_clear_line(
+    daemon_factory: Callable[..., Daemon], database: str, pg: PgCluster, tmp_path: Path
+) -> None:
+    from harness import free_port
+
+    line = _startup_failure(pg_daemon(daemon_factory, "bad", "host=127.0.0.1 port"))
+    assert "[storage] dsn is not a valid libpq connection string" in line
+    unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/x"
+    line = _startup_failure(pg_daemon(daemon_factory, "away", unreachable))
+    assert "cannot connect to PostgreSQL 127.0.0.1:" in line and "[storage] dsn" in line
+    query(
+        database, "CREATE TABLE eventagg_schema (version integer PRIMARY KEY, applied_at timestamptz, applied_by text)"
+    )
+    query(database, "INSERT INTO eventagg_schema VALUES (99, now(), 'future')")
+    line = _startup_failure(pg_daemon(daemon_factory, "old", database))
+    assert "schema is version 99, made by a newer eventagg" in line
+
+
+def test_a_commit_whose_answer_was_lost_is_resolved_by_the_retry(database: str) -> None:
+    """The writer's own resolution of an unknown COMMIT outcome, against the real database.
+
+    Losing exactly the COMMIT's answer cannot be arranged from outside, so the writer is put
+    in the state such a loss leaves (the outcome kept, the connection gone) after a COMMIT
+    that did (then did not) take effect, and the retry of the same group must tell which.
+    """
+    from actors.postgres import PostgresStore
+    from actors.store import TopicDelta
+
+    def rows(*ids: str) -> list[Any]:
+        return [
+            ("t", event_id, 0, "2025-10-22T10:00:00Z", n, "test", b"\x80", 0.0, 0) for n, event_id in enumerate(ids)
+        ]
+
+    store = PostgresStore(database, "writer")
+    store.open()
+    group = rows("a", "b")
+    outcome = store.write(group, {"t": TopicDelta(received=2)}, {"received": 2})
+    assert outcome.totals["unique_processed"] == 2
+    # The COMMIT took effect but its answer was lost: the retry must not count the group again.
+    store._unknown, store._last_txn = (1, outcome), 0
+    store.close()
+    again = store.write(group, {"t": TopicDelta(received=2)}, {"received": 2})
+    assert again is outcome
+    # The COMMIT did not take effect: the retry writes the group (here, a new one).
+    store._unknown = (2, outcome)
+    store.close()
+    third = store.write(rows("b", "c"), {"t": TopicDelta(received=2)}, {"received": 2})
+    assert third.duplicates == [0] and third.totals["unique_processed"] == 1
+    store.close()
+    assert query(database, "SELECT event_id, seq FROM events ORDER BY seq") == [("a", 1), ("b", 2), ("c", 3)]
+    assert query(database, "SELECT received, unique_processed, duplicate_dropped, last_txn FROM nodes") == [
+        (4, 3, 1, 2)
+    ]
+
+
+def test_systemd_hears_of_the_outage_and_the_watchdog_keeps_being_fed(
+    daemon_factory: Callable[..., Daemon], database: str, pg: PgCluster, tmp_path: Path
+) -> None:
+    from harness import env_with
+    from test_sdnotify import NotifyListener, max_gap
+
+    listener = NotifyListener(str(tmp_path / "notify.sock"))
+    try:
+        daemon = pg_daemon(daemon_factory, "node0", database)
+        daemon.start(env=env_with(NOTIFY_SOCKET=str(tmp_path / "notify.sock"), WATCHDOG_USEC="3000000"))
+        listener.wait_for("READY=1", 30)
+        publisher = start_publish(
+            [daemon.ack],
+            "--events",
+            "3000",
+            "--topics",
+            "5",
+            "--rate",
+            "300",
+            "--ack-timeout",
+            "2",
+            "--deadline",
+            "120",
+        )
+        eventually(lambda: committed(daemon) > 200, 60, "events committed before the outage")
+        pg.stop()
+        stopped_at = time.monotonic()
+        try:
+            eventually(
+                lambda: any("WAITING FOR STORAGE" in value for value in listener.values("STATUS")),
+                30,
+                "a STATUS= line saying the daemon waits for its storage",
+            )
+            time.sleep(max(0.0, stopped_at + 8 - time.monotonic()))  # an outage of 8 s: > WatchdogSec
+        finally:
+            pg.start()
+        assert daemon.proc is not None and daemon.proc.poll() is None
+        during = [at for at in listener.times("WATCHDOG=1") if at >= stopped_at]
+        # WatchdogSec=3: a gap of 3 s would get the service killed; checks come every 1.5 s.
+        assert len(during) >= 3 and max_gap([stopped_at, *during]) < 3.0, "watchdog pings stopped in the outage"
+        assert finish(publisher)["unacked"] == 0
+        eventually(lambda: "WAITING FOR STORAGE" not in listener.values("STATUS")[-1], 30, "STATUS back to normal")
+    finally:
+        listener.close()

@@ -1,0 +1,214 @@
+"""Topic-affine publishing to several daemons that share one database.
+
+``Publisher(endpoints=[...])`` makes an :class:`AffinePublisher`: one acknowledged
+:class:`~transport.publisher.Publisher` per daemon, and each event goes to the daemon its topic
+ranks first by rendezvous (highest-random-weight) hashing: ``hash(endpoint, topic)`` is
+computed for every endpoint and the highest wins. Every publisher with the same endpoint list
+sends a topic to the same daemon, and when a daemon is added or removed only the topics it
+wins or won move.
+
+A daemon that does not acknowledge (its oldest batch has waited ``failover_after`` seconds,
+or its window of batches is full for that long) is passed over: the topic's events go to the
+next daemon in the topic's ranking *while* that lasts, and back as soon as the first daemon
+acknowledges again. Batches already sent to the silent daemon stay with it (its publisher
+keeps retrying them with the same batch ids) until its ``deadline``; then they are sent through
+the other daemons. Re-sends are safe: the daemons deduplicate through their shared database.
+
+Order: with one database a topic's ``seq`` is its commit order. While a topic stays on one
+daemon its events are ordered by that daemon's reorder window, as with a single daemon; during
+a fail-over two daemons commit the topic's events in whatever order their commits land.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from transport.publisher import DeliveryFailed, Publisher, PublishTimeout, Totals
+
+# How long one attempt to queue an event on a daemon may wait before routing is looked at again.
+_ROUTE_STEP_S = 0.05
+_ORDER_CACHE = 100_000
+TOTALS_FIELDS = tuple(spec.name for spec in dataclasses.fields(Totals))
+
+
+def rendezvous_order(topic: str, endpoints: Sequence[str]) -> list[str]:
+    """The endpoints ranked for ``topic``, best first (highest-random-weight hashing)."""
+
+    def weight(endpoint: str) -> bytes:
+        return hashlib.blake2b(f"{endpoint}\0{topic}".encode(), digest_size=8).digest()
+
+    return sorted(endpoints, key=weight, reverse=True)
+
+
+class AffinePublisher(Publisher):
+    """A :class:`Publisher` over several daemons, each topic affine to one (see the module docstring).
+
+    Made by ``Publisher(endpoints=[...], **options)``; ``options`` are :class:`Publisher`'s and
+    apply to each daemon's publisher. ``failover_after`` defaults to ``ack_timeout``.
+    """
+
+    def __init__(  # the base's __init__ makes one socket; this one makes one publisher per daemon
+        self,
+        endpoint: str | None = None,
+        *,
+        endpoints: Sequence[str] = (),
+        failover_after: float | None = None,
+        **options: Any,
+    ) -> None:
+        listed = list(dict.fromkeys([*([endpoint] if endpoint else []), *endpoints]))
+        if not listed:
+            raise ValueError("endpoints must name at least one daemon")
+        if options.get("acked", True) is False:
+            raise ValueError("several endpoints need acknowledged mode: fail-over is decided by acknowledgements")
+        self.endpoints = listed
+        self.endpoint = ",".join(listed)
+        self.acked = True
+        self.failover_after = failover_after if failover_after is not None else float(options.get("ack_timeout", 5.0))
+        self._publishers = {name: Publisher(name, **options) for name in listed}
+        self._orders: dict[str, list[str]] = {}
+        self._closed = False
+        self.totals = Totals()
+        self.results = next(iter(self._publishers.values())).results  # the first daemon's; on_ack sees all
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def ranking(self, topic: str) -> list[str]:
+        """The daemons ranked for ``topic``, best first."""
+        order = self._orders.get(topic)
+        if order is None:
+            if len(self._orders) >= _ORDER_CACHE:
+                self._orders.clear()
+            order = self._orders[topic] = rendezvous_order(topic, self.endpoints)
+        return order
+
+    def acknowledging(self, endpoint: str) -> bool:
+        """Whether the daemon at ``endpoint`` is answering (no batch waits longer than ``failover_after``)."""
+        return self._publishers[endpoint].oldest_unacked_age() < self.failover_after
+
+    def route(self, topic: str) -> str:
+        """Where ``topic``'s next event goes: the first daemon of its ranking that acknowledges."""
+        ranking = self.ranking(topic)
+        for endpoint in ranking:
+            if self.acknowledging(endpoint):
+                return endpoint
+        return ranking[0]
+
+    # -- the public calls ------------------------------------------------------------------
+
+    def publish(self, event: dict[str, Any], timeout: float | None = None) -> None:
+        """Queue one event on its topic's daemon (see :meth:`Publisher.publish`)."""
+        self._check_open()
+        topic = event.get("topic") if isinstance(event, dict) else None
+        wait = self._publishers[self.endpoints[0]].block_timeout if timeout is None else timeout
+        deadline = None if wait is None else time.monotonic() + wait
+        while True:
+            target = self.route(topic) if isinstance(topic, str) else self.endpoints[0]
+            step = _ROUTE_STEP_S if deadline is None else max(0.0, min(_ROUTE_STEP_S, deadline - time.monotonic()))
+            try:
+                self._publishers[target].publish(event, timeout=step)
+                break
+            except PublishTimeout:
+                if deadline is not None and time.monotonic() >= deadline:
+                    self._refresh_totals()
+                    raise
+                self._service_others(target)
+            except DeliveryFailed as exc:
+                self._reroute(exc, target)
+        self._refresh_totals()
+
+    def publish_many(self, events: Iterable[dict[str, Any]], timeout: float | None = None) -> None:
+        """Queue every event, each on its topic's daemon."""
+        for event in events:
+            self.publish(event, timeout)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every daemon has acknowledged everything (see :meth:`Publisher.flush`)."""
+        self._check_open()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            waiting = False
+            for name, publisher in self._publishers.items():
+                try:
+                    publisher.flush(_ROUTE_STEP_S)
+                except PublishTimeout:
+                    waiting = True
+                except DeliveryFailed as exc:
+                    self._reroute(exc, name)
+                    waiting = True
+            self._refresh_totals()
+            if not waiting:
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise PublishTimeout(
+                    f"{self.unacknowledged} events still unacknowledged by {self.endpoint} after {timeout:g} s"
+                )
+
+    def poll(self, timeout: float = 0.0) -> int:
+        """Do what is due on every daemon's publisher; events not yet acknowledged."""
+        self._check_open()
+        share = timeout / len(self._publishers)
+        for name, publisher in self._publishers.items():
+            try:
+                publisher.poll(share)
+            except DeliveryFailed as exc:
+                self._reroute(exc, name)
+        self._refresh_totals()
+        return self.unacknowledged
+
+    def close(self, timeout: float | None = None, flush: bool = True) -> None:
+        """Flush (unless ``flush`` is False), then close every daemon's publisher."""
+        if self._closed:
+            return
+        try:
+            if flush:
+                self.flush(timeout if timeout is not None else self._publishers[self.endpoints[0]].close_timeout)
+        finally:
+            self._closed = True
+            for publisher in self._publishers.values():
+                publisher.close(timeout=0, flush=False)
+            self._refresh_totals()
+
+    def __repr__(self) -> str:
+        return f"Publisher(endpoints={self.endpoints!r}, unacknowledged={self.unacknowledged})"
+
+    @property
+    def unacknowledged(self) -> int:
+        return sum(publisher.unacknowledged for publisher in self._publishers.values())
+
+    @property
+    def in_flight(self) -> int:
+        return sum(publisher.in_flight for publisher in self._publishers.values())
+
+    def oldest_unacked_age(self) -> float:
+        return max(publisher.oldest_unacked_age() for publisher in self._publishers.values())
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _service_others(self, busy: str) -> None:
+        """Read acknowledgements on the other daemons while one makes us wait."""
+        for name, publisher in self._publishers.items():
+            if name != busy:
+                try:
+                    publisher.poll()
+                except DeliveryFailed as exc:
+                    self._reroute(exc, name)
+
+    def _reroute(self, failed: DeliveryFailed, endpoint: str) -> None:
+        """Send the events a daemon never acknowledged through the others (its publisher gave up)."""
+        others = [name for name in self.endpoints if name != endpoint] or [endpoint]
+        for event in failed.events:
+            topic = event.get("topic", "")
+            ranking = [name for name in self.ranking(str(topic)) if name in others]
+            target = next((name for name in ranking if self.acknowledging(name)), ranking[0])
+            self._publishers[target].publish(event)
+
+    def _refresh_totals(self) -> None:
+        summed = Totals()
+        for publisher in self._publishers.values():
+            for name in TOTALS_FIELDS:
+                setattr(summed, name, getattr(summed, name) + getattr(publisher.totals, name))
+        self.totals = summed
