@@ -29,7 +29,15 @@ from typing import Any
 
 import msgpack
 
-SCHEMA_VERSION = "1"
+from actors.migrations import SCHEMA_VERSION as _SCHEMA_VERSION
+from actors.migrations import SchemaError, prepare
+from transport.schema import MIN_TS_NS
+
+SCHEMA_VERSION = str(_SCHEMA_VERSION)
+
+NO_TIMESTAMP = MIN_TS_NS
+"""A topic's last timestamp before its first event: below every instant, so that no event of a
+new topic is late, whenever it happened (0 made every pre-1970 event late)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -195,7 +203,7 @@ class TopicDelta:
     """What one transaction adds to one topic's counters."""
 
     last_seq: int = 0
-    last_ts_ns: int = 0
+    last_ts_ns: int = NO_TIMESTAMP
     received: int = 0
     duplicate_dropped: int = 0
     late: int = 0
@@ -244,8 +252,11 @@ def connect_writer(path: Path, synchronous: str = "NORMAL", cache_mb: int = DEFA
                 f"database {path} failed PRAGMA quick_check ({'; '.join(problems[:3])}); "
                 "restore it from a backup or move it away to start empty"
             )
-        conn.executescript(_SCHEMA)
-        conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        try:
+            prepare(conn, path, _SCHEMA)  # a new database, or a known version migrated to this one
+        except SchemaError as exc:
+            conn.close()
+            raise StorageError(str(exc)) from None
         conn.executemany("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)", [(n,) for n in COUNTER_NAMES])
     except sqlite3.DatabaseError as exc:
         raise StorageError(f"cannot open database {path}: {exc}") from exc
@@ -332,9 +343,9 @@ class EventStore:
         return found
 
     def topic_states(self, topics: Iterable[str]) -> dict[str, TopicState]:
-        """The stored last seq and last timestamp of each topic (zeros for a topic never seen)."""
+        """The stored last seq and last timestamp of each topic (0 and NO_TIMESTAMP for a topic never seen)."""
         wanted = list(topics)
-        states = dict.fromkeys(wanted, TopicState(0, 0))
+        states = dict.fromkeys(wanted, TopicState(0, NO_TIMESTAMP))
         # One query per chunk rather than per topic: with many topics, most are new to an
         # ordering actor at first, and this ran once for each of them.
         for start in range(0, len(wanted), _KEY_CHUNK):
@@ -461,7 +472,8 @@ class EventReader:
             )
         events = []
         position = after
-        for _position, topic_, event_id, timestamp, source, payload, seq, late in cursor:
+        for row_position, topic_, event_id, timestamp, source, payload, seq, late in cursor:
+            position = row_position  # the cursor after this page is its last row's position
             events.append(
                 {
                     "topic": topic_,
@@ -474,6 +486,21 @@ class EventReader:
                 }
             )
         return events, position
+
+    def event_rows(self, topic: str | None, after: int, limit: int) -> sqlite3.Cursor:
+        """The rows of a page as :meth:`events` reads them (position first, payload as stored),
+        fetched lazily: the caller stops reading once its page is full."""
+        if topic is not None:
+            return self._conn.execute(
+                "SELECT seq, topic, event_id, timestamp, source, payload, seq, late FROM events"
+                " WHERE topic = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (topic, after, limit),
+            )
+        return self._conn.execute(
+            "SELECT rowid, topic, event_id, timestamp, source, payload, seq, late FROM events"
+            " WHERE rowid > ? ORDER BY rowid LIMIT ?",
+            (after, limit),
+        )
 
     def topics(self) -> list[dict[str, Any]]:
         """Every topic with its stored event count, last seq and counters, by name."""

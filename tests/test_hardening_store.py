@@ -1,0 +1,112 @@
+"""Issue 20, the storage side: each defect reproduced through the real daemon, real sockets and
+real SQLite files (items 4, 6, 7, 8, 10, 11 and the topics query)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import pytest
+from harness import Daemon, push_frames
+
+pytestmark = pytest.mark.e2e
+
+
+def ev(event_id: str, timestamp: str, topic: str = "t", payload: Any = None) -> dict[str, Any]:
+    event: dict[str, Any] = {"topic": topic, "event_id": event_id, "timestamp": timestamp, "source": "s"}
+    if payload is not None:
+        event["payload"] = payload
+    return event
+
+
+def sql(daemon: Daemon, statement: str, *params: Any) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(daemon.db_path, isolation_level=None)
+    try:
+        return conn.execute(statement, params).fetchall()
+    finally:
+        conn.close()
+
+
+def refused_at_start(daemon: Daemon) -> str:
+    """Start a daemon that must refuse to start; its log."""
+    daemon.start(wait=False)
+    assert daemon.proc is not None
+    assert daemon.proc.wait(60) != 0, daemon.log()
+    return daemon.log()
+
+
+# --- item 8: events before 1970 are ordered ---------------------------------------------------
+
+
+def order_of(daemon: Daemon, topic: str) -> list[tuple[str, bool]]:
+    return [(e["event_id"], e["late"]) for e in daemon.events(topic)]
+
+
+def test_pre_1970_events_of_a_new_topic_are_ordered_not_late(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory(ordering={"window_ms": 1000}).start()
+    frame = [ev(f"e{s}", f"1960-01-01T00:00:0{s}Z", "old") for s in (3, 1, 2)]
+    push_frames(daemon.ingest, [msgpack.packb(frame)])
+    daemon.wait_stats(unique_processed=3)
+    assert order_of(daemon, "old") == [("e1", False), ("e2", False), ("e3", False)]
+    assert daemon.terminate() == 0
+    # After a restart the topic goes on from its stored last instant, not from 1970.
+    daemon.start()
+    push_frames(daemon.ingest, [msgpack.packb([ev("e4", "1960-01-01T00:00:04Z", "old")])])
+    daemon.wait_stats(unique_processed=4)
+    push_frames(daemon.ingest, [msgpack.packb([ev("e0", "1960-01-01T00:00:00Z", "old")])])
+    daemon.wait_stats(unique_processed=5)
+    assert order_of(daemon, "old")[3:] == [("e4", False), ("e0", True)]
+
+
+# --- item 7: the schema version is read at start ----------------------------------------------
+
+
+def stopped_daemon_with_a_database(daemon_factory: Callable[..., Daemon]) -> Daemon:
+    daemon = daemon_factory().start()
+    push_frames(daemon.ingest, [msgpack.packb([ev("a", "2025-10-22T10:00:00Z")])])
+    daemon.wait_stats(unique_processed=1)
+    assert daemon.terminate() == 0
+    return daemon
+
+
+def test_a_newer_schema_version_is_refused_with_one_clear_line(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = stopped_daemon_with_a_database(daemon_factory)
+    sql(daemon, "UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    log = refused_at_start(daemon)
+    assert "schema version 99, newer than this eventagg's" in log, log
+    assert "Traceback" not in log
+    assert sql(daemon, "SELECT value FROM meta WHERE key = 'schema_version'") == [("99",)]
+
+
+def test_an_unknown_schema_version_is_refused(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = stopped_daemon_with_a_database(daemon_factory)
+    sql(daemon, "UPDATE meta SET value = 'banana' WHERE key = 'schema_version'")
+    assert "has no eventagg schema version ('banana')" in refused_at_start(daemon)
+
+
+def test_changed_columns_are_refused_instead_of_retried_for_ever(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = stopped_daemon_with_a_database(daemon_factory)
+    sql(daemon, "ALTER TABLE events DROP COLUMN late")
+    log = refused_at_start(daemon)
+    assert "table events lacks column(s) late" in log, log
+
+
+def test_an_older_schema_is_migrated(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory(ordering={"window_ms": 500}).start()
+    push_frames(
+        daemon.ingest, [msgpack.packb([ev("e1", "1960-01-01T00:00:01Z", "old"), ev("n", "2025-10-22T10:00:00Z")])]
+    )
+    daemon.wait_stats(unique_processed=2)
+    assert daemon.terminate() == 0
+    # What version 1 left behind: a pre-1970 topic's last instant stuck at 0.
+    sql(daemon, "UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    sql(daemon, "UPDATE topics SET last_ts_ns = 0 WHERE topic = 'old'")
+    daemon.start()
+    assert "migrating schema 1 -> 2" in daemon.log()
+    assert sql(daemon, "SELECT value FROM meta WHERE key = 'schema_version'") == [("2",)]
+    push_frames(daemon.ingest, [msgpack.packb([ev("e2", "1960-01-01T00:00:02Z", "old")])])
+    daemon.wait_stats(unique_processed=3)
+    assert order_of(daemon, "old") == [("e1", False), ("e2", False)]
+    assert order_of(daemon, "t") == [("n", False)]
