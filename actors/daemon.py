@@ -27,6 +27,7 @@ from actors.ingest import IngestServer
 from actors.messages import Freeze, Ping, Sync, Tick
 from actors.ordering import OrderingActor
 from actors.query_server import QueryServer
+from actors.reader import ReaderActor
 from actors.router import RouterActor
 from actors.stats import StatsActor
 from actors.watchdog import ServiceMonitor
@@ -63,6 +64,8 @@ class Daemon:
         self.ordering: list[pykka.ActorRef[Any]] = []
         self.router: pykka.ActorRef[Any] | None = None
         self.stats: pykka.ActorRef[Any] | None = None
+        # Answers events and topics; not in `actors`, so neither health nor the watchdog waits on a page.
+        self.reader: pykka.ActorRef[Any] | None = None
         self.ingest: IngestServer | None = None
         self.query: QueryServer | None = None
         self.security: ServerSecurity | None = None
@@ -131,6 +134,8 @@ class Daemon:
                 freeze=self.freeze if debug_hooks_enabled() else None,
             )
             self._confirm(self.stats, "stats")
+            self.reader = ReaderActor.start(path, cfg.query.max_page_bytes)
+            self._confirm(self.reader, "reader")
             self.security.start()  # the ZAP handler must be up before a CURVE socket binds
             secure = self.security.hook
             router, dedup = self.router, self.dedup
@@ -148,7 +153,10 @@ class Daemon:
                     live=self.live,
                 ),
             )
-            self.query = self._bind("query", lambda: QueryServer(self.context, cfg.query, self.stats, secure))  # type: ignore[arg-type]
+            self.query = self._bind(
+                "query",
+                lambda: QueryServer(self.context, cfg.query, self.stats, secure, reader=self.reader),  # type: ignore[arg-type]
+            )
         except BaseException:
             self._stop_actors()
             if self.security is not None:
@@ -307,7 +315,8 @@ class Daemon:
         return drained
 
     def _stop_actors(self) -> None:
-        for ref in reversed(list(self.actors.values())):
+        refs = list(self.actors.values()) + ([self.reader] if self.reader is not None else [])
+        for ref in reversed(refs):
             try:
                 ref.stop(timeout=DRAIN_TIMEOUT_S)
             except (pykka.Timeout, pykka.ActorDeadError):
@@ -371,7 +380,7 @@ class Daemon:
 
         Raises ValueError naming the known actors when ``actor`` is not one of them.
         """
-        ref = self.actors.get(actor)
+        ref = self.actors.get(actor) or (self.reader if actor == "reader" else None)
         if ref is None:
             raise ValueError(f"no actor named {actor!r}; actors: {', '.join(self.actors)}")
         log.warning("test hook: freezing %s for %.1f s", actor, seconds)

@@ -17,7 +17,7 @@ from typing import Any
 import pykka
 
 from actors.flow import InFlight, LiveFigures
-from actors.messages import Freeze, Ping
+from actors.messages import Freeze, Ping, QueryRequest
 from actors.store import EventReader
 from transport.queries import DebugFreezeQuery, EventsQuery, HealthQuery, Query, StatsQuery, TopicsQuery
 
@@ -57,6 +57,9 @@ class StatsActor(pykka.ThreadingActor):
             return True
         if isinstance(message, Freeze):
             time.sleep(message.seconds)
+            return None
+        if isinstance(message, QueryRequest):
+            answer_request(message, self.answer)
             return None
         return self.answer(message)
 
@@ -115,3 +118,13 @@ class StatsActor(pykka.ThreadingActor):
         else:
             reply["status"] = "ok"
         return reply
+
+
+def answer_request(request: QueryRequest, answer: Callable[[Any], Any]) -> None:
+    """Answer a :class:`QueryRequest` with ``answer(query)``, or with an error reply if that raised."""
+    try:
+        reply = answer(request.query)
+    except Exception as exc:
+        log.exception("query %r failed", request.query)
+        reply = {"error": f"query failed: {exc}"}
+    request.done(reply)

@@ -67,6 +67,8 @@ class QueryConfig:
     bind: str = "tcp://127.0.0.1:5556"
     max_limit: int = 10_000
     timeout_ms: int = 5_000
+    # An events page stops once it holds this many bytes (always at least one event).
+    max_page_bytes: int = 4_194_304
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +151,7 @@ _POSITIVE = {
     ("storage", "cache_mb"),
     ("query", "max_limit"),
     ("query", "timeout_ms"),
+    ("query", "max_page_bytes"),
 }
 _CHOICES = {
     ("storage", "synchronous"): ("OFF", "NORMAL", "FULL", "EXTRA"),
