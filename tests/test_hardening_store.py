@@ -4,12 +4,15 @@ real SQLite files (items 4, 6, 7, 8, 10, 11 and the topics query)."""
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import msgpack
 import pytest
-from harness import Daemon, push_frames
+import zmq
+from harness import Daemon, env_with, push_frames, run_script
 
 pytestmark = pytest.mark.e2e
 
@@ -110,3 +113,99 @@ def test_an_older_schema_is_migrated(daemon_factory: Callable[..., Daemon]) -> N
     daemon.wait_stats(unique_processed=3)
     assert order_of(daemon, "old") == [("e1", False), ("e2", False)]
     assert order_of(daemon, "t") == [("n", False)]
+
+
+# --- item 4: pages bounded in bytes; a slow page never delays stats or health ---------------------
+
+
+def raw_request(daemon: Daemon, query: dict[str, Any], timeout: float = 30.0) -> bytes:
+    """One request on a REQ socket; the reply as received (packed)."""
+    context = zmq.Context()
+    sock = context.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(daemon.query)
+    try:
+        sock.send(msgpack.packb(query))
+        assert sock.poll(int(timeout * 1000)), f"no reply to {query} within {timeout} s"
+        return sock.recv()
+    finally:
+        sock.close()
+        context.term()
+
+
+def test_an_events_page_stops_at_max_page_bytes_and_clients_page_on(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory(query={"max_page_bytes": 300_000}).start()
+    frames = [
+        msgpack.packb([ev(f"e{i}", f"2025-10-22T10:00:0{i}Z", "fat", {"blob": bytes([i]) * 100_000})]) for i in range(8)
+    ]
+    frames.append(msgpack.packb([ev("huge", "2025-10-22T10:00:09Z", "fat", {"blob": b"h" * 500_000})]))
+    push_frames(daemon.ingest, frames)
+    daemon.wait_stats(unique_processed=9)
+    packed = raw_request(daemon, {"op": "events", "topic": "fat", "limit": 10_000})
+    page = msgpack.unpackb(packed, raw=False)
+    assert len(packed) <= 300_000
+    assert [e["event_id"] for e in page["events"]] == ["e0", "e1"]
+    assert page["events"][1] == {
+        "topic": "fat",
+        "event_id": "e1",
+        "timestamp": "2025-10-22T10:00:01Z",
+        "source": "s",
+        "payload": {"blob": b"\x01" * 100_000},
+        "seq": 2,
+        "late": False,
+    }
+    assert page["next"] == 2
+    # An event larger than the budget still makes a page of its own.
+    alone = msgpack.unpackb(raw_request(daemon, {"op": "events", "topic": "fat", "after": 8}), raw=False)
+    assert [e["event_id"] for e in alone["events"]] == ["huge"] and alone["next"] == 9
+    # The library and events.py page on through all of them, per topic and across topics.
+    assert [e["event_id"] for e in daemon.events("fat")] == [*(f"e{i}" for i in range(8)), "huge"]
+    assert len(daemon.events(None)) == 9
+    result = run_script("events.py", "fat", "--endpoint", daemon.query)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 9
+
+
+def test_stats_and_health_answer_while_the_reader_is_busy(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory().start(env=env_with(EVENTAGG_TEST_HOOKS="1"))
+    push_frames(daemon.ingest, [msgpack.packb([ev("a", "2025-10-22T10:00:00Z")])])
+    daemon.wait_stats(unique_processed=1)
+    frozen = daemon.request({"op": "debug_freeze", "actor": "reader", "seconds": 3})
+    assert frozen == {"frozen": "reader", "seconds": 3.0}
+    page: list[bytes] = []
+    waiting = threading.Thread(target=lambda: page.append(raw_request(daemon, {"op": "events"})))
+    waiting.start()
+    started = time.monotonic()
+    assert daemon.stats()["unique_processed"] == 1
+    assert daemon.request({"op": "health"}).get("status") == "ok"
+    assert time.monotonic() - started < 2.0, "stats and health waited behind a page"
+    waiting.join(30)
+    assert [e["event_id"] for e in msgpack.unpackb(page[0])["events"]] == ["a"]
+
+
+def test_a_page_of_deeply_listed_payloads_does_not_stall_stats(daemon_factory: Callable[..., Daemon]) -> None:
+    # 1 MB payloads of a million empty lists: unpacking and re-packing a page of them took
+    # seconds, during which every stats query waited.
+    daemon = daemon_factory().start()
+    payload = {"a": [[]] * 1_048_000}
+    push_frames(
+        daemon.ingest, [msgpack.packb([ev(f"e{i}", f"2025-10-22T10:00:0{i}Z", "lists", payload)]) for i in range(6)]
+    )
+    daemon.wait_stats(unique_processed=6)
+    done = threading.Event()
+    slowest = 0.0
+
+    def page_through() -> None:
+        try:
+            raw_request(daemon, {"op": "events", "topic": "lists", "limit": 10_000}, timeout=60)
+        finally:
+            done.set()
+
+    reading = threading.Thread(target=page_through)
+    reading.start()
+    while not done.is_set():
+        started = time.monotonic()
+        daemon.stats()
+        slowest = max(slowest, time.monotonic() - started)
+    reading.join(60)
+    assert slowest < 1.0, f"a stats query waited {slowest:.2f} s behind a page of events"
