@@ -46,6 +46,7 @@ DRAIN_TIMEOUT_S = 60.0
 DEDUP_TICK_S = 0.1
 SWITCH_INTERVAL_S = 0.0005
 GC_THRESHOLDS = (50_000, 20, 100)
+FATAL_CHECK_S = 0.5  # how often the main thread looks for a reason to stop (live.fatal)
 
 
 class StartupError(Exception):
@@ -283,7 +284,8 @@ class Daemon:
         log.info("stopping: no new events are read; draining what was received")
         if self._monitor is not None:
             self._monitor.stop()
-        self.notifier.stopping(f"stopping: draining {self.in_flight.value:,} events in flight")
+        fatal = f"FAILED: {self.live.fatal}; " if self.live.fatal is not None else ""
+        self.notifier.stopping(f"{fatal}stopping: draining {self.in_flight.value:,} events in flight")
         self._stop.set()
         if self.ingest is not None:
             self.ingest.stop_accepting()
@@ -338,9 +340,17 @@ class Daemon:
         self.start()
         gc.freeze()  # what start-up made lives as long as the process: keep it out of every collection
         self._notify_ready()
-        while not self._stop.wait(1.0):
-            pass
-        return 0 if self.stop() else 1
+        while not self._stop.wait(FATAL_CHECK_S):
+            if self.live.fatal is not None:
+                self._stop_fatally(self.live.fatal)
+                return 1
+        return 0 if self.stop() and self.live.fatal is None else 1
+
+    def _stop_fatally(self, reason: str) -> None:
+        """Stop because the daemon cannot go on safely (e.g. its database file is gone); exits non-zero."""
+        log.critical("stopping: %s", reason)
+        self.notifier.status(f"FAILED: {reason}")
+        self.stop()
 
     def reload(self) -> None:
         """Re-read what can change at run time: the log level and the authorized CURVE keys."""

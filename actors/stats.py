@@ -108,6 +108,8 @@ class StatsActor(pykka.ThreadingActor):
         alive = self._liveness()
         alive["stats"] = True  # it is answering this very query
         problems = [f"{name} is not answering" for name, ok in alive.items() if not ok]
+        if self._live.fatal is not None:
+            problems.append(self._live.fatal)
         if self._live.last_commit_error is not None:
             problems.append(f"the last commit failed: {self._live.last_commit_error}")
         if not os.access(self._path, os.W_OK):

@@ -265,17 +265,26 @@ def connect_writer(path: Path, synchronous: str = "NORMAL", cache_mb: int = DEFA
 
 class DatabaseLock:
     """Keeps a second daemon off a database this one writes: an exclusive ``flock`` on
-    ``<database>.lock``, which holds the owner's pid.
+    ``<database>.lock``, which holds the owner's pid, and one on the database file itself.
 
     Two writers would number the same topics independently, and the first one's commits would
     then fail on UNIQUE (topic, seq) for ever. The kernel drops the lock with the process, so a
     daemon killed with SIGKILL leaves nothing stale behind; the file itself stays.
+
+    The lock file is named from the database's real path (symlinks resolved), but a hard link
+    has another real path: so the database file itself is locked too, which is one lock per
+    (device, inode) whatever the path. ``flock`` and SQLite's own (POSIX ``fcntl``) locks are
+    independent on Linux; the descriptor stays open until :meth:`release`, after the last
+    connection has closed (closing a descriptor drops the POSIX locks of the whole process on
+    that file). The same descriptor tells :meth:`replaced` whether the path still leads to it.
     """
 
     def __init__(self, database: Path) -> None:
         self.database = database
-        self.path = database.with_name(database.name + ".lock")
+        real = database.resolve()
+        self.path = real.with_name(real.name + ".lock")
         self._fd: int | None = None
+        self._database_fd: int | None = None
 
     def acquire(self) -> None:
         """Take the lock (making the database's folder if need be), or raise :class:`StorageError`
@@ -290,15 +299,70 @@ class DatabaseLock:
                 f"database {self.database} is in use by another eventagg (pid {holder}); "
                 "stop that one first, or give this one another [storage] path"
             ) from None
+        self._fd = fd
+        self._lock_database_file()
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
+
+    def _lock_database_file(self) -> None:
+        fd = _open_owner_only(self.database, self.database)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _flock_holder(os.fstat(fd))
+            os.close(fd)
+            self.release()
+            raise StorageError(
+                f"database {self.database} is the same file (device and inode) as one another eventagg "
+                f"(pid {holder}) writes under another path, through a hard link or symlink; stop that one "
+                "first, or give this one another [storage] path"
+            ) from None
+        self._database_fd = fd
+
+    def replaced(self) -> str | None:
+        """Why the database's path no longer leads to the file this daemon writes, or None if it does.
+
+        A deleted file (or one replaced by another at the same path) still takes writes, which
+        would all be lost: the caller must stop acknowledging.
+        """
+        if self._database_fd is None:
+            return None
+        held = os.fstat(self._database_fd)
+        try:
+            now = os.stat(self.database)
+        except FileNotFoundError:
+            return f"database {self.database} was deleted while the daemon ran"
+        except OSError as exc:
+            return f"database {self.database} cannot be checked: {exc.strerror or exc}"
+        if (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+            return f"database {self.database} was replaced by another file while the daemon ran"
+        if held.st_nlink == 0:
+            return f"database {self.database} was deleted while the daemon ran"
+        return None
 
     def release(self) -> None:
-        """Let another daemon have the database (closing the file drops the lock)."""
+        """Let another daemon have the database (closing the files drops the locks)."""
+        if self._database_fd is not None:
+            os.close(self._database_fd)
+            self._database_fd = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _flock_holder(stat: os.stat_result) -> str:
+    """The pid holding a ``flock`` on the file of ``stat`` according to /proc/locks, or "unknown"."""
+    wanted = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+    try:
+        with open("/proc/locks") as locks:
+            for line in locks:
+                fields = line.split()
+                # "1: FLOCK  ADVISORY  WRITE 1234 08:01:56789 0 EOF"
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == wanted:
+                    return fields[4]
+    except OSError:
+        pass
+    return "unknown"
 
 
 class EventStore:

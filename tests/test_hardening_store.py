@@ -3,16 +3,19 @@ real SQLite files (items 4, 6, 7, 8, 10, 11 and the topics query)."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
 import zmq
-from harness import Daemon, env_with, push_frames, run_script
+from harness import Daemon, env_with, eventually, push_frames, run_script
+from test_sdnotify import NotifyListener
 
 pytestmark = pytest.mark.e2e
 
@@ -209,3 +212,89 @@ def test_a_page_of_deeply_listed_payloads_does_not_stall_stats(daemon_factory: C
         slowest = max(slowest, time.monotonic() - started)
     reading.join(60)
     assert slowest < 1.0, f"a stats query waited {slowest:.2f} s behind a page of events"
+
+
+# --- item 6: one database file (device, inode), one daemon -------------------------------------
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_a_second_daemon_on_a_link_to_the_same_database_is_refused(
+    daemon_factory: Callable[..., Daemon], link: str
+) -> None:
+    first = daemon_factory("first").start()
+    push_frames(first.ingest, [msgpack.packb([ev("a", "2025-10-22T10:00:00Z")])])
+    first.wait_stats(unique_processed=1)
+    second = daemon_factory("second")
+    second.workdir.mkdir(parents=True, exist_ok=True)
+    if link == "symlink":
+        second.db_path.symlink_to(first.db_path)
+    else:
+        os.link(first.db_path, second.db_path)
+    log = refused_at_start(second)
+    assert f"pid {first.proc.pid}" in log if first.proc is not None else False, log
+    assert "in use by another eventagg" in log or "same file (device and inode)" in log, log
+    assert not Path(f"{second.db_path}-wal").exists()
+    # The first daemon goes on storing and acknowledging.
+    push_frames(first.ingest, [msgpack.packb([ev("b", "2025-10-22T10:00:01Z")])])
+    first.wait_stats(unique_processed=2)
+    assert first.terminate() == 0
+
+
+# --- item 11: the database deleted or replaced while running ------------------------------------
+
+
+class AckedClient:
+    """A DEALER publishing acknowledged batches."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.context = zmq.Context()
+        self.sock = self.context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def publish(self, batch: int, events: list[dict[str, Any]], timeout: float) -> dict[str, Any] | None:
+        self.sock.send(msgpack.packb({"batch": batch, "events": events}))
+        if not self.sock.poll(int(timeout * 1000)):
+            return None
+        reply: dict[str, Any] = msgpack.unpackb(self.sock.recv())
+        return reply
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.context.term()
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_database_deleted_or_replaced_while_running_stops_acknowledgements_and_the_daemon(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path, how: str
+) -> None:
+    notify = NotifyListener(str(tmp_path / "notify.sock"))
+    daemon = daemon_factory()
+    client = AckedClient(daemon.ack)
+    try:
+        daemon.start(env=env_with(NOTIFY_SOCKET=str(tmp_path / "notify.sock"), EVENTAGG_TEST_HOOKS="1"))
+        first = client.publish(1, [ev("a", "2025-10-22T10:00:00Z")], timeout=30)
+        assert first is not None and first["new"] == 1
+        # The router, frozen, holds the drain up, so health can be asked while the daemon stops.
+        daemon.request({"op": "debug_freeze", "actor": "router", "seconds": 4})
+        if how == "deleted":
+            daemon.db_path.unlink()
+        else:
+            replacement = daemon.db_path.with_name("other.db")
+            replacement.write_bytes(b"")
+            replacement.replace(daemon.db_path)
+        health = eventually(
+            lambda: (lambda reply: reply if f"was {how}" in reply.get("error", "") else None)(
+                daemon.request({"op": "health"}, timeout=8)
+            ),
+            20,
+            "health to report the database gone",
+        )
+        assert "nothing more is acknowledged" in health["error"]
+        assert client.publish(2, [ev("b", "2025-10-22T10:00:01Z")], timeout=3) is None
+        assert daemon.proc is not None and daemon.proc.wait(60) == 1
+        assert f"events.db was {how}" in daemon.log()
+        assert any(f"FAILED: database {daemon.db_path} was {how}" in text for text in notify.values("STATUS"))
+    finally:
+        client.close()
+        notify.close()
