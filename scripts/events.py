@@ -2,13 +2,13 @@
 """List stored events: ``events.py [TOPIC] [--after S] [--limit N] [--endpoint URL | --config PATH]``.
 
 Without a topic, every topic in commit order. Pages through the daemon with the cursor and
-prints one JSON object per line (JSON Lines), so the output pipes into jq or a file.
+prints one JSON object per line (JSON Lines), so the output pipes into jq or a file. Values JSON
+has no type for (bytes, non-string map keys, NaN, ...) are tagged as docs/hardening.md says.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 
@@ -17,6 +17,7 @@ from stats import add_endpoint_args, curve_from_args, endpoint_from_args, run_co
 
 from transport.client import QueryClient, QueryClientError
 from transport.config import ConfigError
+from transport.jsonlines import to_json_line
 from transport.security import SecurityError
 
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with QueryClient(endpoint, timeout=args.timeout, configure=secure) as client:
             for event in client.iter_events(args.topic, args.after, page):
-                print(json.dumps(event, default=repr, ensure_ascii=False))
+                print(to_json_line(event))  # lossless for bytes, non-string keys, NaN, any depth
                 printed += 1
                 if args.limit is not None and printed >= args.limit:
                     break

@@ -3,8 +3,10 @@ real SQLite files (items 4, 6, 7, 8, 10, 11 and the topics query)."""
 
 from __future__ import annotations
 
+import math
 import os
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +18,8 @@ import pytest
 import zmq
 from harness import Daemon, env_with, eventually, push_frames, run_script
 from test_sdnotify import NotifyListener
+
+from transport.jsonlines import from_json
 
 pytestmark = pytest.mark.e2e
 
@@ -298,3 +302,42 @@ def test_a_database_deleted_or_replaced_while_running_stops_acknowledgements_and
     finally:
         client.close()
         notify.close()
+
+
+# --- item 10: events.py prints every storable event as one valid JSON line -----------------------
+
+
+def test_events_py_prints_every_storable_event_as_one_json_line(daemon_factory: Callable[..., Daemon]) -> None:
+    deep: Any = "bottom"
+    for _ in range(1_000):
+        deep = [deep]
+    payloads: list[dict[Any, Any]] = [
+        {b"bin-key": 1},
+        {"raw": b"\x00\xff\xfe"},
+        {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")},
+        {"deep": deep},
+        {7: "an int key", "$bytes": "a key that looks tagged"},
+        {"when": msgpack.Timestamp(1_761_127_200, 5)},
+        {"plain": {"a": [1, 2.5, None, True, "é"]}},
+    ]
+    daemon = daemon_factory().start()
+    frame = [ev(f"e{i}", f"2025-10-22T10:00:0{i}Z", f"odd{i}", payload) for i, payload in enumerate(payloads)]
+    push_frames(daemon.ingest, [msgpack.packb(frame, use_bin_type=True, datetime=False)])
+    daemon.wait_stats(unique_processed=len(payloads))
+    result = run_script("events.py", "--endpoint", daemon.query)  # every topic, as an export does
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(payloads), result.stdout[:2000]
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(10_000)  # Python's json parser and == recurse; jq and others read it as is
+    try:
+        by_id = {event["event_id"]: event for event in map(from_json, lines)}
+        for i, payload in enumerate(payloads):
+            got = by_id[f"e{i}"]["payload"]
+            if "nan" in payload:
+                assert math.isnan(got["nan"]) and got["inf"] == math.inf and got["-inf"] == -math.inf
+            else:
+                assert got == payload
+    finally:
+        sys.setrecursionlimit(limit)
+    assert any('"raw":{"$bytes":"AP/+"}' in line for line in lines)
