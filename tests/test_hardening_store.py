@@ -180,14 +180,19 @@ def test_stats_and_health_answer_while_the_reader_is_busy(daemon_factory: Callab
     frozen = daemon.request({"op": "debug_freeze", "actor": "reader", "seconds": 3})
     assert frozen == {"frozen": "reader", "seconds": 3.0}
     page: list[bytes] = []
+    topics: list[bytes] = []
     waiting = threading.Thread(target=lambda: page.append(raw_request(daemon, {"op": "events"})))
     waiting.start()
+    listing = threading.Thread(target=lambda: topics.append(raw_request(daemon, {"op": "topics"})))
+    listing.start()
     started = time.monotonic()
     assert daemon.stats()["unique_processed"] == 1
     assert daemon.request({"op": "health"}).get("status") == "ok"
     assert time.monotonic() - started < 2.0, "stats and health waited behind a page"
     waiting.join(30)
+    listing.join(30)
     assert [e["event_id"] for e in msgpack.unpackb(page[0])["events"]] == ["a"]
+    assert [t["topic"] for t in msgpack.unpackb(topics[0])["topics"]] == ["t"]
 
 
 def test_a_page_of_deeply_listed_payloads_does_not_stall_stats(daemon_factory: Callable[..., Daemon]) -> None:
