@@ -3,7 +3,7 @@
 
 Without a topic, every topic in commit order. Pages through the daemon with the cursor and
 prints one JSON object per line (JSON Lines), so the output pipes into jq or a file. Values JSON
-has no type for (bytes, non-string map keys, NaN, ...) are tagged as docs/hardening.md says.
+has no type for (bytes, non-string map keys, NaN, ...) are tagged as docs/storage-and-queries.md says.
 """
 
 from __future__ import annotations

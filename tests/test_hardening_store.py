@@ -240,7 +240,7 @@ def test_a_second_daemon_on_a_link_to_the_same_database_is_refused(
     else:
         os.link(first.db_path, second.db_path)
     log = refused_at_start(second)
-    assert f"pid {first.proc.pid}" in log if first.proc is not None else False, log
+    assert first.proc is not None and f"pid {first.proc.pid}" in log, log
     assert "in use by another eventagg" in log or "same file (device and inode)" in log, log
     assert not Path(f"{second.db_path}-wal").exists()
     # The first daemon goes on storing and acknowledging.
