@@ -346,3 +346,15 @@ def test_events_py_prints_every_storable_event_as_one_json_line(daemon_factory: 
     finally:
         sys.setrecursionlimit(limit)
     assert any('"raw":{"$bytes":"AP/+"}' in line for line in lines)
+
+
+# --- item 12: a fractional-second UTC offset never shifts the instant ---------------------------
+
+
+def test_an_offset_with_a_fraction_of_a_second_is_rejected_by_the_daemon(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory().start()
+    frame = [ev("shifted", "2025-10-22T10:00:00+01:00:00.1234567"), ev("fine", "2025-10-22T10:00:00.123456789+01:00")]
+    push_frames(daemon.ingest, [msgpack.packb(frame)])
+    daemon.wait_stats(rejected=1, unique_processed=1)
+    assert [e["event_id"] for e in daemon.events("t")] == ["fine"]
+    assert "fraction of a second in its UTC offset" in daemon.log()
