@@ -27,6 +27,7 @@ from actors.ingest import IngestServer
 from actors.messages import Freeze, Ping, Sync, Tick
 from actors.ordering import OrderingActor
 from actors.query_server import QueryServer
+from actors.reader import ReaderActor
 from actors.router import RouterActor
 from actors.stats import StatsActor
 from actors.subscriptions import HeadSignal, SubscriptionServer
@@ -46,6 +47,7 @@ DRAIN_TIMEOUT_S = 60.0
 DEDUP_TICK_S = 0.1
 SWITCH_INTERVAL_S = 0.0005
 GC_THRESHOLDS = (50_000, 20, 100)
+FATAL_CHECK_S = 0.5  # how often the main thread looks for a reason to stop (live.fatal)
 
 
 class StartupError(Exception):
@@ -64,6 +66,8 @@ class Daemon:
         self.ordering: list[pykka.ActorRef[Any]] = []
         self.router: pykka.ActorRef[Any] | None = None
         self.stats: pykka.ActorRef[Any] | None = None
+        # Answers events and topics; not in `actors`, so neither health nor the watchdog waits on a page.
+        self.reader: pykka.ActorRef[Any] | None = None
         self.ingest: IngestServer | None = None
         self.query: QueryServer | None = None
         self.head = HeadSignal()  # the dedup actor's "events committed" wake-up for the subscriptions
@@ -133,6 +137,8 @@ class Daemon:
                 freeze=self.freeze if debug_hooks_enabled() else None,
             )
             self._confirm(self.stats, "stats")
+            self.reader = self._start_reader()
+            self._confirm(self.reader, "reader")
             self.security.start()  # the ZAP handler must be up before a CURVE socket binds
             secure = self.security.hook
             router, dedup = self.router, self.dedup
@@ -150,7 +156,10 @@ class Daemon:
                     live=self.live,
                 ),
             )
-            self.query = self._bind("query", lambda: QueryServer(self.context, cfg.query, self.stats, secure))  # type: ignore[arg-type]
+            self.query = self._bind(
+                "query",
+                lambda: QueryServer(self.context, cfg.query, self.stats, secure, reader=self.reader),  # type: ignore[arg-type]
+            )
             if cfg.storage.backend == "sqlite":
                 self.subscriptions = self._bind(
                     "subscribe",
@@ -202,6 +211,21 @@ class Daemon:
 
             return PostgresStatsActor.start(self.config.storage.dsn, self.config.storage_node, **kwargs)
         return StatsActor.start(self.config.database_path, **kwargs)
+
+    def _start_reader(self) -> pykka.ActorRef[Any]:
+        """The actor that answers events and topics, apart from the one that answers stats and health."""
+        if self.config.storage.backend == "postgresql":
+            from actors.postgres import PostgresStatsActor
+
+            # A second stats actor on a connection of its own: its answer() serves events and topics.
+            return PostgresStatsActor.start(
+                self.config.storage.dsn,
+                self.config.storage_node,
+                in_flight=self.in_flight,
+                live=self.live,
+                liveness=lambda: {},
+            )
+        return ReaderActor.start(self.config.database_path, self.config.query.max_page_bytes)
 
     def _add_refused(self, count: int) -> None:
         self.live.refused += count
@@ -316,7 +340,8 @@ class Daemon:
         log.info("stopping: no new events are read; draining what was received")
         if self._monitor is not None:
             self._monitor.stop()
-        self.notifier.stopping(f"stopping: draining {self.in_flight.value:,} events in flight")
+        fatal = f"FAILED: {self.live.fatal}; " if self.live.fatal is not None else ""
+        self.notifier.stopping(f"{fatal}stopping: draining {self.in_flight.value:,} events in flight")
         self._stop.set()
         if self.ingest is not None:
             self.ingest.stop_accepting()
@@ -351,7 +376,8 @@ class Daemon:
         return drained
 
     def _stop_actors(self) -> None:
-        for ref in reversed(list(self.actors.values())):
+        refs = list(self.actors.values()) + ([self.reader] if self.reader is not None else [])
+        for ref in reversed(refs):
             try:
                 ref.stop(timeout=DRAIN_TIMEOUT_S)
             except (pykka.Timeout, pykka.ActorDeadError):
@@ -373,9 +399,17 @@ class Daemon:
         self.start()
         gc.freeze()  # what start-up made lives as long as the process: keep it out of every collection
         self._notify_ready()
-        while not self._stop.wait(1.0):
-            pass
-        return 0 if self.stop() else 1
+        while not self._stop.wait(FATAL_CHECK_S):
+            if self.live.fatal is not None:
+                self._stop_fatally(self.live.fatal)
+                return 1
+        return 0 if self.stop() and self.live.fatal is None else 1
+
+    def _stop_fatally(self, reason: str) -> None:
+        """Stop because the daemon cannot go on safely (e.g. its database file is gone); exits non-zero."""
+        log.critical("stopping: %s", reason)
+        self.notifier.status(f"FAILED: {reason}")
+        self.stop()
 
     def reload(self) -> None:
         """Re-read what can change at run time: the log level and the authorized CURVE keys."""
@@ -415,7 +449,7 @@ class Daemon:
 
         Raises ValueError naming the known actors when ``actor`` is not one of them.
         """
-        ref = self.actors.get(actor)
+        ref = self.actors.get(actor) or (self.reader if actor == "reader" else None)
         if ref is None:
             raise ValueError(f"no actor named {actor!r}; actors: {', '.join(self.actors)}")
         log.warning("test hook: freezing %s for %.1f s", actor, seconds)

@@ -213,7 +213,9 @@ class DedupActor(pykka.ThreadingActor):
             # one line that says why the daemon cannot start.
             return self._startup_error if self._startup_error is not None else self._store is not None
         elif isinstance(message, Tick):
-            pass  # a chance to retry a failed commit; _maybe_commit runs after every message
+            # A chance to retry a failed commit (_maybe_commit runs after every message), and to
+            # notice a deleted database while idle.
+            self._check_database()
         elif isinstance(message, SaveConsumerPositions):
             return self._save_positions(message)
         elif isinstance(message, Freeze):
@@ -298,7 +300,7 @@ class DedupActor(pykka.ThreadingActor):
     def _commit(self) -> None:
         """Commit the open group of writes, then publish counters, send acks and release credit."""
         store = self._store
-        if store is None or (not self._writes and not self._rejected):
+        if store is None or (not self._writes and not self._rejected) or self._live.fatal is not None:
             return
         self._answer_lookups()  # first: the askers work on while this commit runs
         writes = self._writes
@@ -341,6 +343,8 @@ class DedupActor(pykka.ThreadingActor):
         except sqlite3.Error as exc:
             self._fail(exc)
             return
+        if not self._check_database():
+            return  # committed into a file that is gone: acknowledge nothing, keep it all held
         for position in conflicting:
             event, ticket = duplicates[position]
             self._warn.warning(
@@ -485,6 +489,22 @@ class DedupActor(pykka.ThreadingActor):
             store.rollback()
             raise
         return forgotten
+
+    def _check_database(self) -> bool:
+        """True while the database's path still leads to the file written; else stop for good.
+
+        Checked after every commit, before its acknowledgements: writes to a deleted or replaced
+        file succeed and are lost with it, so from then on nothing is committed or acknowledged,
+        and the daemon (which watches ``live.fatal``) reports it and exits non-zero.
+        """
+        if self._live.fatal is not None:
+            return False
+        problem = self._lock.replaced()
+        if problem is None:
+            return True
+        self._live.fatal = f"{problem}; nothing more is acknowledged, and the daemon stops"
+        log.critical("%s", self._live.fatal)
+        return False
 
     def _fail(self, exc: sqlite3.Error) -> None:
         """Roll back; keep every write of the group for a retry, their ids still counted as present."""

@@ -110,3 +110,5 @@ class LiveFigures:
         self.refused = 0  # failed CURVE handshakes (transport.security); not stored, since start
         self.decoding = "ingest thread"  # where frames are decoded (actors.ingest keeps it true)
         self.decoder_restarts = 0  # decoder processes replaced since start
+        # Set (once) when the daemon must stop: e.g. its database file was deleted or replaced.
+        self.fatal: str | None = None

@@ -10,6 +10,7 @@ acknowledged batch and is answered once every one of its events is committed.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,3 +188,12 @@ class SaveConsumerPositions:
     """
 
     positions: dict[str, tuple[str | None, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class QueryRequest:
+    """A query for the stats or reader actor, answered by calling ``done(reply)`` (from the actor's
+    thread) rather than through a future, so that the query server can wait for many at once."""
+
+    query: Any
+    done: Callable[[Any], None]

@@ -1,28 +1,42 @@
-"""The query server: one thread that owns the REP socket and asks the stats actor for answers.
+"""The query server: one thread that owns the query socket and hands each request to an actor.
 
-Every request gets exactly one reply (REP demands it): a malformed one gets ``{"error": ...}``,
-and a stats actor that does not answer in ``[query] timeout_ms`` gets the client an error reply
-too, so the socket never wedges. It runs apart from ingest, so no query can stall it.
+It speaks REQ/REP to clients through a ROUTER socket, so that it can have many requests out at
+once and answer each as soon as its actor has: ``stats`` and ``health`` go to the stats actor,
+``events`` and ``topics`` to the reader actor, and a slow page never holds up a ``stats`` behind
+it (a REP socket answers strictly in turn). Actors answer by calling back (a
+:class:`~actors.messages.QueryRequest`), which queues the reply and wakes this thread through a
+pipe; only this thread touches the socket.
+
+Every request gets exactly one reply: a malformed one gets ``{"error": ...}`` at once, one that
+no actor answers within ``[query] timeout_ms`` gets an error reply then (a late answer is
+dropped), and beyond :data:`MAX_PENDING` requests out at once a new one is refused as busy.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
+import queue
 import threading
+import time
 from typing import Any
 
 import msgpack
 import pykka
 import zmq
 
+from actors.messages import QueryRequest
 from transport.config import QueryConfig
 from transport.logs import RateLimitedLog
-from transport.queries import QueryError, parse_query
+from transport.queries import EventsQuery, QueryError, TopicsQuery, parse_query
 from transport.security import SocketHook
 
 log = logging.getLogger(__name__)
 
 POLL_MS = 100
+MAX_PENDING = 1024
+_RECEIVE_BURST = 64  # requests taken per wake-up before replies are sent again
 
 
 class QueryServer:
@@ -34,16 +48,27 @@ class QueryServer:
         config: QueryConfig,
         stats: pykka.ActorRef[Any],
         secure: SocketHook | None = None,
+        reader: pykka.ActorRef[Any] | None = None,
     ) -> None:
+        """``reader`` answers events and topics (None: the stats actor answers everything)."""
         self._config = config
         self._stats = stats
+        self._reader = reader if reader is not None else stats
         self._warn = RateLimitedLog(log)
         self._stopping = threading.Event()
-        self._socket = context.socket(zmq.REP)
+        self._socket = context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.MAXMSGSIZE, 1_048_576)
+        self._socket.setsockopt(zmq.LINGER, 100)
         if secure is not None:
             secure(self._socket)
         self._socket.bind(config.bind)
+        self._replies: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
+        self._tokens = itertools.count()
+        # token -> (envelope, deadline) of every request handed to an actor and not answered yet
+        self._pending: dict[int, tuple[list[bytes], float]] = {}
         self._thread = threading.Thread(target=self._run, name="query", daemon=True)
         self.answered = 0
 
@@ -57,45 +82,114 @@ class QueryServer:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._wake_read, zmq.POLLIN)
         try:
             while not self._stopping.is_set():
-                if not self._socket.poll(POLL_MS, zmq.POLLIN):
-                    continue
-                parts = self._socket.recv_multipart()
-                reply = self._answer(parts)
-                try:
-                    packed = msgpack.packb(reply, use_bin_type=True)
-                except (TypeError, ValueError) as exc:
-                    packed = msgpack.packb({"error": f"reply could not be encoded: {exc}"})
-                self._socket.send(packed)
-                self.answered += 1
+                wait_ms = POLL_MS
+                if self._pending:
+                    first_deadline = min(deadline for _, deadline in self._pending.values())
+                    wait_ms = max(0, min(POLL_MS, int((first_deadline - time.monotonic()) * 1000) + 1))
+                ready = dict(poller.poll(wait_ms))
+                if ready.get(self._wake_read):
+                    self._drain_wake_pipe()
+                self._send_replies()
+                if ready.get(self._socket):
+                    for _ in range(_RECEIVE_BURST):
+                        try:
+                            parts = self._socket.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._receive(parts)
+                self._expire()
         except Exception:
             log.exception("query server failed; queries are no longer answered")
             raise
         finally:
             self._socket.close(linger=100)
+            os.close(self._wake_read)
+            os.close(self._wake_write)
 
-    def _answer(self, parts: list[bytes]) -> dict[str, Any]:
-        if len(parts) != 1:
-            return self._error(f"a request must be one frame, not {len(parts)}")
+    def _receive(self, parts: list[bytes]) -> None:
+        # A REQ client's message is its routing id, an empty delimiter, then the request.
         try:
-            request = msgpack.unpackb(parts[0], raw=False, strict_map_key=False)
+            split = parts.index(b"", 1)
+        except ValueError:
+            self._warn.warning("bad query: a message without a REQ envelope was dropped")
+            return
+        envelope, body = parts[: split + 1], parts[split + 1 :]
+        if len(body) != 1:
+            self._send(envelope, self._error(f"a request must be one frame, not {len(body)}"))
+            return
+        try:
+            request = msgpack.unpackb(body[0], raw=False, strict_map_key=False)
         except Exception as exc:
-            return self._error(f"request is not valid msgpack ({type(exc).__name__})")
+            self._send(envelope, self._error(f"request is not valid msgpack ({type(exc).__name__})"))
+            return
         try:
             query = parse_query(request, self._config.max_limit)
         except QueryError as exc:
-            return self._error(str(exc))
+            self._send(envelope, self._error(str(exc)))
+            return
+        if len(self._pending) >= MAX_PENDING:
+            self._send(envelope, {"error": f"busy: {MAX_PENDING} queries are being answered; retry shortly"})
+            return
+        token = next(self._tokens)
+        actor = self._reader if isinstance(query, (EventsQuery, TopicsQuery)) else self._stats
+        self._pending[token] = (envelope, time.monotonic() + self._config.timeout_ms / 1000)
         try:
-            reply: dict[str, Any] = self._stats.ask(query, block=True, timeout=self._config.timeout_ms / 1000)
-            return reply
-        except pykka.Timeout:
-            return {"error": f"the stats actor did not answer within {self._config.timeout_ms} ms"}
+            actor.tell(QueryRequest(query, lambda reply: self._answered(token, reply)))
         except pykka.ActorDeadError:
-            return {"error": "the stats actor is not running; the daemon is stopping or broken"}
-        except Exception as exc:
-            log.exception("query %r failed", query)
-            return {"error": f"query failed: {exc}"}
+            del self._pending[token]
+            self._send(envelope, {"error": "the query actors are not running; the daemon is stopping or broken"})
+
+    def _answered(self, token: int, reply: Any) -> None:
+        """Called on an actor's thread: queue the reply and wake the query thread."""
+        self._replies.put((token, reply))
+        try:
+            os.write(self._wake_write, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (so the thread will wake anyway) or closed (stopping)
+
+    def _drain_wake_pipe(self) -> None:
+        try:
+            while os.read(self._wake_read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _send_replies(self) -> None:
+        while True:
+            try:
+                token, reply = self._replies.get_nowait()
+            except queue.Empty:
+                return
+            pending = self._pending.pop(token, None)
+            if pending is not None:  # else it timed out and was answered with an error already
+                self._send(pending[0], reply)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        expired = [token for token, (_, deadline) in self._pending.items() if deadline <= now]
+        for token in expired:
+            envelope, _ = self._pending.pop(token)
+            self._send(envelope, {"error": f"the daemon did not answer within {self._config.timeout_ms} ms"})
+
+    def _send(self, envelope: list[bytes], reply: Any) -> None:
+        if isinstance(reply, bytes):  # packed by the actor already (a page of events)
+            packed = reply
+        else:
+            try:
+                packed = msgpack.packb(reply, use_bin_type=True)
+            except (TypeError, ValueError) as exc:
+                packed = msgpack.packb({"error": f"reply could not be encoded: {exc}"})
+        try:
+            self._socket.send_multipart([*envelope, packed], zmq.NOBLOCK)
+        except zmq.Again:
+            self._warn.warning("a query reply was dropped: the client is not reading its replies")
+            return
+        self.answered += 1
 
     def _error(self, message: str) -> dict[str, Any]:
         self._warn.warning("bad query: %s", message)

@@ -28,10 +28,12 @@ from collections.abc import Iterable, Mapping
 from typing import Generic, NamedTuple, TypeVar
 
 from actors.store import TopicState
+from transport.schema import MIN_TS_NS
 
 T = TypeVar("T")
 
-_NOTHING = (-1, -1)
+# Below every (timestamp, arrival) key, pre-1970 (negative) timestamps included.
+_NOTHING = (MIN_TS_NS - 1, -1)
 # Builds a NamedTuple from a tuple in C: the NamedTuple's own __new__ is a Python function, and
 # one Released is made for every event stored.
 _make = tuple.__new__

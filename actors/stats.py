@@ -17,7 +17,7 @@ from typing import Any
 import pykka
 
 from actors.flow import InFlight, LiveFigures
-from actors.messages import Freeze, Ping
+from actors.messages import Freeze, Ping, QueryRequest
 from actors.store import EventReader
 from transport.queries import ConsumersQuery, DebugFreezeQuery, EventsQuery, HealthQuery, Query, StatsQuery, TopicsQuery
 
@@ -57,6 +57,9 @@ class StatsActor(pykka.ThreadingActor):
             return True
         if isinstance(message, Freeze):
             time.sleep(message.seconds)
+            return None
+        if isinstance(message, QueryRequest):
+            answer_request(message, self.answer)
             return None
         return self.answer(message)
 
@@ -110,6 +113,8 @@ class StatsActor(pykka.ThreadingActor):
         alive = self._liveness()
         alive["stats"] = True  # it is answering this very query
         problems = [f"{name} is not answering" for name, ok in alive.items() if not ok]
+        if self._live.fatal is not None:
+            problems.append(self._live.fatal)
         if self._live.last_commit_error is not None:
             problems.append(f"the last commit failed: {self._live.last_commit_error}")
         if not os.access(self._path, os.W_OK):
@@ -120,3 +125,13 @@ class StatsActor(pykka.ThreadingActor):
         else:
             reply["status"] = "ok"
         return reply
+
+
+def answer_request(request: QueryRequest, answer: Callable[[Any], Any]) -> None:
+    """Answer a :class:`QueryRequest` with ``answer(query)``, or with an error reply if that raised."""
+    try:
+        reply = answer(request.query)
+    except Exception as exc:
+        log.exception("query %r failed", request.query)
+        reply = {"error": f"query failed: {exc}"}
+    request.done(reply)

@@ -30,8 +30,15 @@ from typing import Any
 import msgpack
 
 from actors.fingerprint import fingerprint
+from actors.migrations import SCHEMA_VERSION as _SCHEMA_VERSION
+from actors.migrations import SchemaError, prepare
+from transport.schema import MIN_TS_NS
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = str(_SCHEMA_VERSION)
+
+NO_TIMESTAMP = MIN_TS_NS
+"""A topic's last timestamp before its first event: below every instant, so that no event of a
+new topic is late, whenever it happened (0 made every pre-1970 event late)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -279,7 +286,7 @@ class TopicDelta:
     """What one transaction adds to one topic's counters."""
 
     last_seq: int = 0
-    last_ts_ns: int = 0
+    last_ts_ns: int = NO_TIMESTAMP
     received: int = 0
     duplicate_dropped: int = 0
     late: int = 0
@@ -328,13 +335,11 @@ def connect_writer(path: Path, synchronous: str = "NORMAL", cache_mb: int = DEFA
                 f"database {path} failed PRAGMA quick_check ({'; '.join(problems[:3])}); "
                 "restore it from a backup or move it away to start empty"
             )
-        conn.executescript(_SCHEMA)
-        conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-        # A database from before retention: everything it ever stored is still stored.
-        conn.execute(
-            "INSERT OR IGNORE INTO counters (name, value)"
-            " SELECT 'stored', coalesce((SELECT value FROM counters WHERE name = 'unique_processed'), 0)"
-        )
+        try:
+            prepare(conn, path, _SCHEMA)  # a new database, or a known version migrated to this one
+        except SchemaError as exc:
+            conn.close()
+            raise StorageError(str(exc)) from None
         conn.executemany("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)", [(n,) for n in COUNTER_NAMES])
     except sqlite3.DatabaseError as exc:
         raise StorageError(f"cannot open database {path}: {exc}") from exc
@@ -343,17 +348,26 @@ def connect_writer(path: Path, synchronous: str = "NORMAL", cache_mb: int = DEFA
 
 class DatabaseLock:
     """Keeps a second daemon off a database this one writes: an exclusive ``flock`` on
-    ``<database>.lock``, which holds the owner's pid.
+    ``<database>.lock``, which holds the owner's pid, and one on the database file itself.
 
     Two writers would number the same topics independently, and the first one's commits would
     then fail on UNIQUE (topic, seq) for ever. The kernel drops the lock with the process, so a
     daemon killed with SIGKILL leaves nothing stale behind; the file itself stays.
+
+    The lock file is named from the database's real path (symlinks resolved), but a hard link
+    has another real path: so the database file itself is locked too, which is one lock per
+    (device, inode) whatever the path. ``flock`` and SQLite's own (POSIX ``fcntl``) locks are
+    independent on Linux; the descriptor stays open until :meth:`release`, after the last
+    connection has closed (closing a descriptor drops the POSIX locks of the whole process on
+    that file). The same descriptor tells :meth:`replaced` whether the path still leads to it.
     """
 
     def __init__(self, database: Path) -> None:
         self.database = database
-        self.path = database.with_name(database.name + ".lock")
+        real = database.resolve()
+        self.path = real.with_name(real.name + ".lock")
         self._fd: int | None = None
+        self._database_fd: int | None = None
 
     def acquire(self) -> None:
         """Take the lock (making the database's folder if need be), or raise :class:`StorageError`
@@ -368,15 +382,70 @@ class DatabaseLock:
                 f"database {self.database} is in use by another eventagg (pid {holder}); "
                 "stop that one first, or give this one another [storage] path"
             ) from None
+        self._fd = fd
+        self._lock_database_file()
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
+
+    def _lock_database_file(self) -> None:
+        fd = _open_owner_only(self.database, self.database)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _flock_holder(os.fstat(fd))
+            os.close(fd)
+            self.release()
+            raise StorageError(
+                f"database {self.database} is the same file (device and inode) as one another eventagg "
+                f"(pid {holder}) writes under another path, through a hard link or symlink; stop that one "
+                "first, or give this one another [storage] path"
+            ) from None
+        self._database_fd = fd
+
+    def replaced(self) -> str | None:
+        """Why the database's path no longer leads to the file this daemon writes, or None if it does.
+
+        A deleted file (or one replaced by another at the same path) still takes writes, which
+        would all be lost: the caller must stop acknowledging.
+        """
+        if self._database_fd is None:
+            return None
+        held = os.fstat(self._database_fd)
+        try:
+            now = os.stat(self.database)
+        except FileNotFoundError:
+            return f"database {self.database} was deleted while the daemon ran"
+        except OSError as exc:
+            return f"database {self.database} cannot be checked: {exc.strerror or exc}"
+        if (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+            return f"database {self.database} was replaced by another file while the daemon ran"
+        if held.st_nlink == 0:
+            return f"database {self.database} was deleted while the daemon ran"
+        return None
 
     def release(self) -> None:
-        """Let another daemon have the database (closing the file drops the lock)."""
+        """Let another daemon have the database (closing the files drops the locks)."""
+        if self._database_fd is not None:
+            os.close(self._database_fd)
+            self._database_fd = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _flock_holder(stat: os.stat_result) -> str:
+    """The pid holding a ``flock`` on the file of ``stat`` according to /proc/locks, or "unknown"."""
+    wanted = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+    try:
+        with open("/proc/locks") as locks:
+            for line in locks:
+                fields = line.split()
+                # "1: FLOCK  ADVISORY  WRITE 1234 08:01:56789 0 EOF"
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == wanted:
+                    return fields[4]
+    except OSError:
+        pass
+    return "unknown"
 
 
 class EventStore:
@@ -430,9 +499,9 @@ class EventStore:
         return found
 
     def topic_states(self, topics: Iterable[str]) -> dict[str, TopicState]:
-        """The stored last seq and last timestamp of each topic (zeros for a topic never seen)."""
+        """The stored last seq and last timestamp of each topic (0 and NO_TIMESTAMP for a topic never seen)."""
         wanted = list(topics)
-        states = dict.fromkeys(wanted, TopicState(0, 0))
+        states = dict.fromkeys(wanted, TopicState(0, NO_TIMESTAMP))
         # One query per chunk rather than per topic: with many topics, most are new to an
         # ordering actor at first, and this ran once for each of them.
         for start in range(0, len(wanted), _KEY_CHUNK):
@@ -770,6 +839,21 @@ class EventReader:
             return int(row[0])
         (last,) = conn.execute("SELECT coalesce(max(rowid), 0) FROM events").fetchone()
         return int(last) + 1
+
+    def event_rows(self, topic: str | None, after: int, limit: int) -> sqlite3.Cursor:
+        """The rows of a page as :meth:`events` reads them (position first, payload as stored),
+        fetched lazily: the caller stops reading once its page is full."""
+        if topic is not None:
+            return self._conn.execute(
+                "SELECT seq, topic, event_id, timestamp, source, payload, seq, late FROM events"
+                " WHERE topic = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (topic, after, limit),
+            )
+        return self._conn.execute(
+            "SELECT rowid, topic, event_id, timestamp, source, payload, seq, late FROM events"
+            " WHERE rowid > ? AND topic <> '' ORDER BY rowid LIMIT ?",  # not the commit-position mark
+            (after, limit),
+        )
 
     def topics(self) -> list[dict[str, Any]]:
         """Every topic with its stored event count, first and last seq and counters, by name."""

@@ -18,7 +18,7 @@ import zmq
 from actors.dedup import DedupActor
 from actors.flow import InFlight, LiveFigures
 from actors.messages import ClassifyRequest, ClassifyResult, Freeze, Sync, WriteBatch
-from actors.store import Row, TopicDelta, TopicState
+from actors.store import NO_TIMESTAMP, Row, TopicDelta, TopicState
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -116,7 +116,7 @@ def test_lookups_held_together_get_each_its_own_answer(start_dedup: Any) -> None
     assert ("c", "c1") not in got[3].existing
     # Topic states go only to the actor that asked for them.
     assert got[1].states == {"a": TopicState(2, row("a", "a2", 2)[4])}
-    assert got[2].states == {"b": TopicState(1, row("b", "b1", 1)[4]), "new": TopicState(0, 0)}
+    assert got[2].states == {"b": TopicState(1, row("b", "b1", 1)[4]), "new": TopicState(0, NO_TIMESTAMP)}
     assert got[3].states == {}
 
 
@@ -129,7 +129,7 @@ def test_a_lone_lookup_is_answered_when_the_inbox_runs_dry(start_dedup: Any) -> 
         got = answers(inbox, 1)
     finally:
         asker.stop()
-    assert got[7].existing == set() and got[7].states == {"a": TopicState(0, 0)}
+    assert got[7].existing == set() and got[7].states == {"a": TopicState(0, NO_TIMESTAMP)}
 
 
 def test_rows_held_for_the_next_commit_count_as_stored(start_dedup: Any) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.store import EventStore, Row, TopicDelta, TopicState, connect_writer
+from actors.store import NO_TIMESTAMP, EventStore, Row, TopicDelta, TopicState, connect_writer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -62,7 +62,7 @@ def test_topic_states_and_counters_round_trip(tmp_path: Path) -> None:
     store.commit()
     asked = [*topics, "never-seen"]
     states = store.topic_states(asked)
-    assert states["never-seen"] == TopicState(0, 0)
+    assert states["never-seen"] == TopicState(0, NO_TIMESTAMP)
     assert all(states[t] == TopicState(d.last_seq, d.last_ts_ns) for t, d in topics.items())
     counters = store.counters()
     assert (counters["received"], counters["unique_processed"], counters["duplicate_dropped"]) == (7, 5, 2)

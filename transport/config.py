@@ -190,6 +190,8 @@ class QueryConfig:
     bind: str = "tcp://127.0.0.1:5556"
     max_limit: int = 10_000
     timeout_ms: int = 5_000
+    # An events page stops once it holds this many bytes (always at least one event).
+    max_page_bytes: int = 4_194_304
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,6 +335,7 @@ _POSITIVE = {
     ("subscribe", "max_credit"),
     ("subscribe", "batch_events"),
     ("subscribe", "max_consumers"),
+    ("query", "max_page_bytes"),
 }
 _CHOICES = {
     ("storage", "synchronous"): ("OFF", "NORMAL", "FULL", "EXTRA"),

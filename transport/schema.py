@@ -94,6 +94,19 @@ def _sub_microsecond_ns(value: str) -> int:
     return int(match.group(1).ljust(3, "0")) if match else 0
 
 
+def _offset_has_fraction(value: str) -> bool:
+    """Whether the UTC offset at the end of a parsed ISO string has a fraction of a second.
+
+    Python accepts offsets such as ``+01:00:00.1234567`` (keeping six digits of them); they are
+    refused, so that the only fraction left in the string is the seconds' own, whose 7th to 9th
+    digits :func:`_sub_microsecond_ns` adds. The offset is what follows the last sign: the time
+    of day has none, and the date's hyphens all come before it.
+    """
+    sign = max(value.rfind("+"), value.rfind("-"))
+    offset = value[sign:]
+    return "." in offset or "," in offset
+
+
 def parse_timestamp(value: Any) -> tuple[str, int]:
     """Return ``(iso_string, ns_since_epoch)`` for an ISO-8601 string with a zone or a msgpack Timestamp."""
     if isinstance(value, str):
@@ -105,6 +118,10 @@ def parse_timestamp(value: Any) -> tuple[str, int]:
             raise InvalidEvent(f"timestamp {value!r} is not ISO-8601; send e.g. '2025-10-22T10:00:00Z'") from None
         if parsed.tzinfo is None:
             raise InvalidEvent(f"timestamp {value!r} has no timezone; add 'Z' or an offset like '+02:00'")
+        if value[-1] not in "Zz" and _offset_has_fraction(value):
+            raise InvalidEvent(
+                f"timestamp {value!r} has a fraction of a second in its UTC offset; send the offset as '+HH:MM'"
+            )
         try:
             since = parsed - _EPOCH  # days, seconds, microseconds: cheaper than dividing a timedelta
         except OverflowError:

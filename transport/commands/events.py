@@ -3,7 +3,8 @@
 ``events [TOPIC] [--after S] [--limit N] [--follow [--name NAME]] [--endpoint URL | --config PATH]``.
 
 Without a topic, every topic in commit order. Pages through the daemon with the cursor and
-prints one JSON object per line (JSON Lines), so the output pipes into jq or a file. With
+prints one JSON object per line (JSON Lines), so the output pipes into jq or a file. Values JSON
+has no type for (bytes, non-string map keys, NaN, ...) are tagged as docs/storage-and-queries.md says. With
 ``--follow [--name NAME]`` it subscribes instead (docs/subscribe.md): the stored events, then
 live ones until SIGINT, reconnecting by itself when the daemon restarts.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,6 +20,7 @@ from typing import Any
 from transport.client import QueryClient, QueryClientError, connectable
 from transport.commands.client_flags import add_endpoint_args, curve_from_args, endpoint_from_args, run_command
 from transport.config import Config, ConfigError, load_config
+from transport.jsonlines import to_json_line
 from transport.security import SecurityError
 from transport.subscriber import SubscriberError, follow
 
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             else:
                 events = client.iter_events(args.topic, args.after or 0, page)
             for event in events:
-                print(json.dumps(event, default=repr, ensure_ascii=False))
+                print(to_json_line(event))  # lossless for bytes, non-string keys, NaN, any depth
                 printed += 1
                 if args.limit is not None and printed >= args.limit:
                     break

@@ -1,0 +1,159 @@
+"""Schema versions: what a database's ``meta.schema_version`` says, checked at start, and the steps
+that bring an older database up to date.
+
+How it works. A new database is made by ``store._SCHEMA`` (always the latest shape) and stamped
+with :data:`SCHEMA_VERSION`; it runs no step. An existing one is read first: a version this
+daemon does not know (newer, or not a number, or no version at all beside an ``events`` table)
+is refused with one line saying what to do, before anything is written; an older one runs
+every step above its version, in order, each in its own transaction together with the new
+version number, so a crash mid-way leaves the database at the last step that finished.
+
+Adding a step (e.g. a new table): add the table to ``store._SCHEMA`` (``IF NOT EXISTS``) so new
+databases have it, and append ``Step(<last version + 1>, "<what it does>", "<SQL>")`` to
+:data:`STEPS` that turns a database of the version before into the new shape (here, the same
+``CREATE TABLE IF NOT EXISTS``). :data:`SCHEMA_VERSION` follows from the last step.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class SchemaError(Exception):
+    """The database's schema is one this daemon cannot use; the message says what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """Turns a database of version ``version - 1`` into ``version``: SQL (run as a script) or a function."""
+
+    version: int
+    what: str
+    apply: str | Callable[[sqlite3.Connection], None]
+
+
+STEPS: list[Step] = [
+    # Version 1 is the first shape with a version: nothing to do to reach it.
+    Step(
+        2,
+        "topics made of pre-1970 events get their real last timestamp (it was stuck at 0)",
+        # A topic's last_ts_ns is the largest timestamp among its events that were not late, and a
+        # late one is below it: so max(ts_ns) of all its events. Only a topic whose every event
+        # is at or before 1970 can be stuck at 0, so only those are looked at.
+        "UPDATE topics SET last_ts_ns = coalesce("
+        "(SELECT max(ts_ns) FROM events WHERE events.topic = topics.topic), last_ts_ns)"
+        " WHERE last_ts_ns = 0",
+    ),
+    Step(
+        3,
+        "retention and subscriptions: the deleted_keys, topic_retention and consumers tables (made by the"
+        " schema script); the stored counter starts at everything stored so far",
+        "INSERT OR IGNORE INTO counters (name, value)"
+        " SELECT 'stored', coalesce((SELECT value FROM counters WHERE name = 'unique_processed'), 0)",
+    ),
+]
+
+SCHEMA_VERSION = STEPS[-1].version
+"""The version this daemon writes, and the newest it can open."""
+
+FIRST_VERSION = 1
+
+
+def _stored_version(conn: sqlite3.Connection) -> str | None:
+    """The stored version; None for a database with no tables at all (a new one)."""
+    tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not tables:
+        return None
+    if "meta" not in tables:
+        return ""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return "" if row is None else str(row[0])
+
+
+def prepare(conn: sqlite3.Connection, path: Path, create: str) -> None:
+    """Create a new database with the ``create`` script, or check and migrate an existing one.
+
+    Raises :class:`SchemaError` for a version this daemon does not know; ``conn`` is in
+    autocommit mode (isolation_level None).
+    """
+    stored = _stored_version(conn)
+    if stored is None:
+        conn.executescript(create)
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        return
+    if not stored.isdecimal():
+        raise SchemaError(
+            f"database {path} has no eventagg schema version ({stored or 'none'!r}): it was not made by "
+            "eventagg or is damaged; give the daemon another [storage] path"
+        )
+    version = int(stored)
+    if version > SCHEMA_VERSION:
+        raise SchemaError(
+            f"database {path} has schema version {version}, newer than this eventagg's {SCHEMA_VERSION}: "
+            "run the newer eventagg that wrote it (a downgrade cannot read it)"
+        )
+    if version < FIRST_VERSION:
+        raise SchemaError(
+            f"database {path} has unknown schema version {version}; give the daemon another [storage] path"
+        )
+    for step in STEPS:
+        if step.version <= version:
+            continue
+        log.info("database %s: migrating schema %d -> %d: %s", path, step.version - 1, step.version, step.what)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            if isinstance(step.apply, str):
+                for statement in _statements(step.apply):
+                    conn.execute(statement)
+            else:
+                step.apply(conn)
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(step.version),))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise SchemaError(
+                f"database {path}: migrating schema {step.version - 1} -> {step.version} failed ({exc}); "
+                "nothing of that step was written"
+            ) from exc
+    conn.executescript(create)  # IF NOT EXISTS throughout: adds nothing a step has made
+    _check_columns(conn, path, create)
+
+
+def _check_columns(conn: sqlite3.Connection, path: Path, create: str) -> None:
+    """Refuse a database whose tables lack a column the latest shape has (its writes would all fail)."""
+    shape = sqlite3.connect(":memory:")
+    try:
+        shape.executescript(create)
+        tables = [name for (name,) in shape.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            wanted = [row[1] for row in shape.execute(f"PRAGMA table_info({table})")]
+            found = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            missing = [column for column in wanted if column not in found]
+            if missing:
+                raise SchemaError(
+                    f"database {path}: table {table} lacks column(s) {', '.join(missing)} although its schema "
+                    f"version says {SCHEMA_VERSION}; it was changed by hand or is damaged: restore it from a backup"
+                )
+    finally:
+        shape.close()
+
+
+def _statements(script: str) -> list[str]:
+    """A step's SQL split into complete statements (executescript would commit the transaction)."""
+    statements: list[str] = []
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statements.append(pending)
+            pending = ""
+    if pending.strip():
+        statements.append(pending)
+    return statements

@@ -1,0 +1,125 @@
+"""The reader actor: answers ``events`` and ``topics`` queries on a thread of its own.
+
+Why apart from the stats actor: a page of events can be large and slow to read, and while
+one actor reads it, everything else queued for that actor waits. ``stats`` and ``health`` (and
+the systemd watchdog, which pings through the stats actor) must never wait behind a page, so
+the stats actor answers only those and this actor everything that reads events or topics.
+
+A page of events is packed here straight into the msgpack reply, with each payload copied as
+the bytes stored (it is already the msgpack of the payload map): nothing is unpacked and packed
+again, so a page costs about its own size in memory and time, whatever its payloads hold. A
+page stops at ``limit`` events or once it holds ``max_page_bytes``, whichever comes first, and
+always holds at least one event, so a client paging with ``next`` always gets on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pykka
+
+from actors.messages import Freeze, Ping, QueryRequest
+from actors.stats import answer_request
+from actors.store import EventReader
+from transport.queries import EventsQuery, TopicsQuery
+
+log = logging.getLogger(__name__)
+
+# Every field of an event in a reply but its payload, at most: seven keys, names of up to 255
+# characters (4 bytes each in UTF-8), integers and a bool.
+_EVENT_OVERHEAD = 64
+
+
+class PackedReply(bytes):
+    """A reply already packed as msgpack: the query server sends it as it is."""
+
+
+def pack_events_page(rows: Any, after: int, max_bytes: int, first: Callable[[], int]) -> PackedReply:
+    """``{"events": [...], "next": N, "first": F}`` from :meth:`EventReader.event_rows`, payloads
+    passed through. ``first()`` (:meth:`EventReader.first`) is asked once the page is read, so an
+    expiry that took events before the page is always shown by it.
+
+    Reads rows until the page would pass ``max_bytes`` (always taking the first one).
+    """
+    packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+    chunks: list[bytes] = []
+    size = 0
+    position = after
+    for row_position, topic, event_id, timestamp, source, payload, seq, late in rows:
+        packer.reset()
+        packer.pack_map_header(7)
+        for key, value in (("topic", topic), ("event_id", event_id), ("timestamp", timestamp), ("source", source)):
+            packer.pack(key)
+            packer.pack(value)
+        packer.pack("seq")
+        packer.pack(seq)
+        packer.pack("late")
+        packer.pack(bool(late))
+        packer.pack("payload")
+        head = packer.bytes()
+        if chunks and size + len(head) + len(payload) > max_bytes:
+            break
+        chunks.append(head)
+        chunks.append(bytes(payload))
+        size += len(head) + len(payload)
+        position = row_position
+    events = len(chunks) // 2
+    packer.reset()
+    packer.pack_map_header(3)
+    packer.pack("events")
+    packer.pack_array_header(events)
+    head = packer.bytes()
+    packer.reset()
+    packer.pack("next")
+    packer.pack(position)
+    packer.pack("first")
+    packer.pack(first())
+    return PackedReply(b"".join([head, *chunks, packer.bytes()]))
+
+
+class ReaderActor(pykka.ThreadingActor):
+    """Answers :class:`QueryRequest` for events and topics from a read-only connection of its own."""
+
+    def __init__(self, path: Path, max_page_bytes: int) -> None:
+        super().__init__()
+        self._path = path
+        self._max_page_bytes = max_page_bytes
+        self._reader: EventReader | None = None
+
+    def on_start(self) -> None:
+        self._reader = EventReader(self._path)
+
+    def on_stop(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, QueryRequest):
+            answer_request(message, self.answer)
+            return None
+        if isinstance(message, Ping):
+            return True
+        if isinstance(message, Freeze):
+            time.sleep(message.seconds)
+            return None
+        return self.answer(message)
+
+    def answer(self, query: Any) -> dict[str, Any] | PackedReply:
+        """The reply to an events or topics query."""
+        assert self._reader is not None
+        if isinstance(query, EventsQuery):
+            reader, topic = self._reader, query.topic
+            rows = reader.event_rows(topic, query.after, query.limit)
+            try:
+                return pack_events_page(rows, query.after, self._max_page_bytes, lambda: reader.first(topic))
+            finally:
+                rows.close()
+        if isinstance(query, TopicsQuery):
+            # Packed here, not on the query thread: 100 000 topics are 9 MB of reply.
+            return PackedReply(msgpack.packb({"topics": self._reader.topics()}, use_bin_type=True))
+        return {"error": f"unsupported query {query!r}"}
