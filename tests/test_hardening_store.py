@@ -19,6 +19,7 @@ import zmq
 from harness import Daemon, env_with, eventually, push_frames, run_script
 from test_sdnotify import NotifyListener
 
+from actors.migrations import SCHEMA_VERSION
 from transport.jsonlines import from_json
 
 pytestmark = pytest.mark.e2e
@@ -113,11 +114,17 @@ def test_an_older_schema_is_migrated(daemon_factory: Callable[..., Daemon]) -> N
     # What version 1 left behind: a pre-1970 topic's last instant stuck at 0.
     sql(daemon, "UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     sql(daemon, "UPDATE topics SET last_ts_ns = 0 WHERE topic = 'old'")
+    sql(daemon, "DELETE FROM counters WHERE name IN ('stored', 'expired', 'conflicting_duplicates')")
+    sql(daemon, "DROP TABLE deleted_keys")
     daemon.start()
     assert "migrating schema 1 -> 2" in daemon.log()
-    assert sql(daemon, "SELECT value FROM meta WHERE key = 'schema_version'") == [("2",)]
+    assert "migrating schema 2 -> 3" in daemon.log()
+    assert sql(daemon, "SELECT value FROM meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]
+    # Everything version 1 stored is still stored; retention's tables are there.
+    assert daemon.stats()["stored"] == 2
+    assert sql(daemon, "SELECT count(*) FROM deleted_keys") == [(0,)]
     push_frames(daemon.ingest, [msgpack.packb([ev("e2", "1960-01-01T00:00:02Z", "old")])])
-    daemon.wait_stats(unique_processed=3)
+    daemon.wait_stats(unique_processed=3, stored=3)
     assert order_of(daemon, "old") == [("e1", False), ("e2", False)]
     assert order_of(daemon, "t") == [("n", False)]
 
