@@ -32,17 +32,19 @@ def test_an_added_step_migrates_an_older_database_and_a_failing_step_writes_noth
     path = tmp_path / "db"
     connect_writer(path).close()
     # How another feature adds a table: one more step, the version follows.
-    steps = [*migrations.STEPS, Step(3, "a table for a new feature", "CREATE TABLE extra (a INTEGER);")]
+    added = migrations.SCHEMA_VERSION + 1
+    steps = [*migrations.STEPS, Step(added, "a table for a new feature", "CREATE TABLE extra (a INTEGER);")]
     monkeypatch.setattr(migrations, "STEPS", steps)
-    monkeypatch.setattr(migrations, "SCHEMA_VERSION", 3)
+    monkeypatch.setattr(migrations, "SCHEMA_VERSION", added)
     connect_writer(path).close()
-    assert version(path) == "3"
+    assert version(path) == str(added)
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT count(*) FROM extra").fetchone() == (0,)
     conn.close()
-    broken = [*steps, Step(4, "broken", "CREATE TABLE extra (a INTEGER);")]  # the table exists: fails
+    # The table exists already, so this step fails.
+    broken = [*steps, Step(added + 1, "broken", "CREATE TABLE extra (a INTEGER);")]
     monkeypatch.setattr(migrations, "STEPS", broken)
-    monkeypatch.setattr(migrations, "SCHEMA_VERSION", 4)
-    with pytest.raises(StorageError, match="migrating schema 3 -> 4 failed"):
+    monkeypatch.setattr(migrations, "SCHEMA_VERSION", added + 1)
+    with pytest.raises(StorageError, match=f"migrating schema {added} -> {added + 1} failed"):
         connect_writer(path)
-    assert version(path) == "3"
+    assert version(path) == str(added)
