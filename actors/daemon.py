@@ -221,6 +221,7 @@ class Daemon:
             return PostgresStatsActor.start(
                 self.config.storage.dsn,
                 self.config.storage_node,
+                self.config.query.max_page_bytes,
                 in_flight=self.in_flight,
                 live=self.live,
                 liveness=lambda: {},

@@ -54,7 +54,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 # pg_advisory_lock key for schema creation and migration: "eventagg" in ASCII, as a bigint.
 MIGRATION_LOCK = 0x6576656E74616767
 CONNECT_TIMEOUT_S = 3  # libpq's minimum is 2
@@ -103,8 +102,17 @@ MIGRATIONS: tuple[str, ...] = (
     );
     INSERT INTO positions (id, last) VALUES (1, 0);
     """,
+    # The counters retention brought: what is stored now, what expired, re-sends that differed.
+    """
+    ALTER TABLE nodes
+        ADD COLUMN stored                 bigint NOT NULL DEFAULT 0,
+        ADD COLUMN expired                bigint NOT NULL DEFAULT 0,
+        ADD COLUMN conflicting_duplicates bigint NOT NULL DEFAULT 0;
+    UPDATE nodes SET stored = unique_processed;
+    """,
 )
 
+SCHEMA_VERSION = len(MIGRATIONS)
 NODE_COUNTERS = (*COUNTER_NAMES, "topic_count")
 
 _INSERT_EVENTS = """
@@ -462,6 +470,9 @@ class PostgresStore:
             "duplicate_dropped": totals.get("received", 0) - unique,
             "rejected": totals.get("rejected", 0),
             "late": sum(counts[1] for counts in added.values()),
+            "stored": unique,
+            "expired": 0,
+            "conflicting_duplicates": 0,
             "topic_count": new_topics,
         }
         return outcome, new_rows, deltas
@@ -476,10 +487,11 @@ class PostgresStore:
 class PostgresReader:
     """The query side on a connection of its own: events, topics, this node's and the cluster's counters."""
 
-    def __init__(self, dsn: str, node: str) -> None:
+    def __init__(self, dsn: str, node: str, max_page_bytes: int = 4 * 1024 * 1024) -> None:
         self.dsn = dsn
         self.node = node
         self.where = describe_dsn(dsn)
+        self.max_page_bytes = max_page_bytes
         self._conn: psycopg.Connection[Any] | None = None
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
@@ -498,16 +510,21 @@ class PostgresReader:
     def events(self, topic: str | None, after: int, limit: int) -> tuple[list[dict[str, Any]], int]:
         """A page of events and the cursor after it: by seq within a topic, by commit position across all."""
         columns = "topic, event_id, timestamp, source, payload, seq, late"
+        # The page also stops at max_page_bytes of payload (always holding its first event); the
+        # server sums the sizes of the limited rows, so rows past the budget are never sent.
         if topic is not None:
-            rows = self._query(
-                f"SELECT seq, {columns} FROM events WHERE topic = %s AND seq > %s ORDER BY seq LIMIT %s",
-                (topic, after, limit),
-            )
+            limited = f"SELECT seq AS cursor, {columns} FROM events WHERE topic = %s AND seq > %s ORDER BY seq LIMIT %s"
+            params: tuple[Any, ...] = (topic, after, limit)
         else:
-            rows = self._query(
-                f"SELECT position, {columns} FROM events WHERE position > %s ORDER BY position LIMIT %s",
-                (after, limit),
-            )
+            limited = f"SELECT position AS cursor, {columns} FROM events WHERE position > %s ORDER BY position LIMIT %s"
+            params = (after, limit)
+        rows = self._query(
+            f"SELECT cursor, {columns} FROM ("
+            f" SELECT *, sum(octet_length(payload)) OVER w AS running, row_number() OVER w AS n"
+            f" FROM ({limited}) AS limited WINDOW w AS (ORDER BY cursor)"
+            ") AS page WHERE n = 1 OR running <= %s ORDER BY cursor",
+            (*params, self.max_page_bytes),
+        )
         events = []
         for _position, topic_, event_id, timestamp, source, payload, seq, late in rows:
             events.append(
@@ -540,6 +557,22 @@ class PostgresReader:
             }
             for topic, last_seq, received, duplicates, late in rows
         ]
+
+    def first(self, topic: str | None) -> int:
+        """The lowest seq of ``topic`` (or, without one, the lowest commit position) still stored;
+        when nothing is stored, one past the last assigned (as :meth:`EventReader.first`)."""
+        if topic is not None:
+            ((lowest, last),) = self._query(
+                "SELECT (SELECT min(seq) FROM events WHERE topic = %s), (SELECT last_seq FROM topics WHERE topic = %s)",
+                (topic, topic),
+            )
+            return int(lowest) if lowest is not None else int(last or 0) + 1
+        ((lowest, last),) = self._query("SELECT (SELECT min(position) FROM events), (SELECT last FROM positions)")
+        return int(lowest) if lowest is not None else int(last or 0) + 1
+
+    def consumers(self) -> list[dict[str, Any]]:
+        """Named consumers: none, as subscriptions are served by the SQLite backend only."""
+        return []
 
     def cluster_counters(self) -> dict[str, int]:
         """Every node's committed counters, summed."""
@@ -709,9 +742,9 @@ class PostgresDedupActor(DedupActor):
 class PostgresStatsActor(StatsActor):
     """The stats actor on PostgreSQL: stats gain ``cluster``, health asks the server."""
 
-    def __init__(self, dsn: str, node: str, **kwargs: Any) -> None:
+    def __init__(self, dsn: str, node: str, max_page_bytes: int = 4 * 1024 * 1024, **kwargs: Any) -> None:
         super().__init__(Path("/nonexistent/postgresql"), **kwargs)
-        self._pg_reader = PostgresReader(dsn, node)
+        self._pg_reader = PostgresReader(dsn, node, max_page_bytes)
 
     def on_start(self) -> None:
         # Same methods as EventReader (events, topics), which is what answer() calls.

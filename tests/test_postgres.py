@@ -20,6 +20,7 @@ import pytest
 from harness import SCRIPTS, Daemon, eventually
 from pg_cluster import PgCluster, missing_reason
 
+from actors.postgres import MIGRATIONS, SCHEMA_VERSION
 from transport.affinity import rendezvous_order
 from transport.publisher import Publisher
 from transport.workload import plan
@@ -257,9 +258,12 @@ def test_migrations_run_once_when_daemons_start_together(daemon_factory: Callabl
         daemon.start(wait=False)
     for daemon in daemons:
         daemon.wait_ready(60)
-    assert query(database, "SELECT version, applied_by FROM eventagg_schema")[0][0] == 1
-    assert len(query(database, "SELECT * FROM eventagg_schema")) == 1
-    assert sum("schema migrated to version 1" in d.log() for d in daemons) == 1
+    # Each step ran once, all by the one daemon that took the migration lock first.
+    steps = query(database, "SELECT version, applied_by FROM eventagg_schema ORDER BY version")
+    assert [version for version, _node in steps] == list(range(1, SCHEMA_VERSION + 1))
+    assert len({node for _version, node in steps}) == 1
+    for version in range(1, SCHEMA_VERSION + 1):
+        assert sum(f"schema migrated to version {version}\n" in d.log() for d in daemons) == 1
     assert sorted(node for (node,) in query(database, "SELECT node FROM nodes")) == ["node0", "node1", "node2"]
 
 
@@ -373,3 +377,61 @@ def test_systemd_hears_of_the_outage_and_the_watchdog_keeps_being_fed(
         eventually(lambda: "WAITING FOR STORAGE" not in listener.values("STATUS")[-1], 30, "STATUS back to normal")
     finally:
         listener.close()
+
+
+def test_a_version_1_database_is_migrated_and_its_node_keeps_its_counters(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    import psycopg
+
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE eventagg_schema (version integer PRIMARY KEY,"
+            " applied_at timestamptz NOT NULL DEFAULT now(), applied_by text NOT NULL)"
+        )
+        conn.execute(MIGRATIONS[0])
+        conn.execute("INSERT INTO eventagg_schema (version, applied_by) VALUES (1, 'old')")
+        conn.execute("INSERT INTO nodes (node, received, unique_processed) VALUES ('node0', 7, 5)")
+    daemon = pg_daemon(daemon_factory, "node0", database)
+    daemon.start()
+    stats = daemon.stats()
+    assert (stats["received"], stats["unique_processed"], stats["stored"]) == (7, 5, 5)
+    assert (stats["expired"], stats["conflicting_duplicates"]) == (0, 0)
+    versions = [version for (version,) in query(database, "SELECT version FROM eventagg_schema ORDER BY version")]
+    assert versions == list(range(1, SCHEMA_VERSION + 1))
+
+
+def test_pages_stop_at_max_page_bytes_and_name_the_first_stored_event(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    daemon = pg_daemon(daemon_factory, "node0", database, query={"max_page_bytes": 250_000})
+    daemon.start()
+    assert daemon.request({"op": "events", "topic": "fat"})["first"] == 1  # nothing stored yet
+    with Publisher(endpoints=[daemon.ack], deadline=60.0, batch_size=5) as publisher:
+        for n in range(5):
+            publisher.publish(
+                {
+                    "topic": "fat",
+                    "event_id": f"e{n}",
+                    "timestamp": f"2025-10-22T10:00:0{n}Z",
+                    "source": "test",
+                    "payload": {"blob": b"x" * 100_000},
+                }
+            )
+        publisher.flush(60)
+    for query_ in ({"op": "events", "topic": "fat"}, {"op": "events"}):
+        pages: list[list[str]] = []
+        after = 0
+        while True:
+            reply = daemon.request({**query_, "after": after, "limit": 100})
+            assert reply["first"] == 1
+            if not reply["events"]:
+                break
+            pages.append([event["event_id"] for event in reply["events"]])
+            after = reply["next"]
+        # Two payloads of ~100 kB fit in 250 kB, a third does not.
+        assert pages == [["e0", "e1"], ["e2", "e3"], ["e4"]]
+    tiny = pg_daemon(daemon_factory, "node1", database, query={"max_page_bytes": 1})
+    tiny.start()
+    reply = tiny.request({"op": "events", "topic": "fat", "limit": 100})
+    assert [event["event_id"] for event in reply["events"]] == ["e0"]  # a page always holds one event
