@@ -314,12 +314,53 @@ def _open_owner_only(path: Path, database: Path) -> int:
         ) from exc
 
 
+def create_database(path: Path) -> None:
+    """Build a new database under a temporary name and move it into place.
+
+    So ``path`` is either absent or a whole database with its schema: an empty file there was
+    never left by eventagg (not even by one killed while starting), and is refused as truncated.
+    """
+    temporary = path.with_name(path.name + ".new")
+    for leftover in (temporary, *(temporary.with_name(temporary.name + end) for end in ("-wal", "-shm"))):
+        leftover.unlink(missing_ok=True)
+    # Created owner-only before SQLite opens it, so events are never world-readable.
+    os.close(_open_owner_only(temporary, path))
+    try:
+        conn = sqlite3.connect(temporary, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            prepare(conn, path, _SCHEMA)
+            conn.executemany(
+                "INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)", [(n,) for n in COUNTER_NAMES]
+            )
+        finally:
+            conn.close()  # the last connection checkpoints and removes the WAL
+        fd = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except (OSError, sqlite3.DatabaseError) as exc:
+        raise StorageError(f"cannot create database {path}: {exc}; make sure its folder is writable") from exc
+
+
 def connect_writer(path: Path, synchronous: str = "NORMAL", cache_mb: int = DEFAULT_CACHE_MB) -> sqlite3.Connection:
     """Open (creating if needed) the database for writing, with WAL and ``cache_mb`` MiB of page cache,
     and check its integrity."""
     if not path.exists():
-        # Create the file owner-only before SQLite does, so events are never world-readable.
-        os.close(_open_owner_only(path, path))
+        create_database(path)
+    elif path.stat().st_size == 0:
+        raise StorageError(
+            f"database {path} is an empty file (0 bytes), which eventagg never leaves: it was truncated or "
+            "made by hand, and starting on it would forget every stored key and seq. Restore it from a "
+            "backup, or remove it to start an empty database"
+        )
     try:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, cached_statements=STATEMENT_CACHE)
         conn.execute("PRAGMA journal_mode=WAL")
@@ -383,6 +424,12 @@ class DatabaseLock:
                 "stop that one first, or give this one another [storage] path"
             ) from None
         self._fd = fd
+        if not self.database.exists():
+            try:
+                create_database(self.database)  # under the lock: no other daemon builds it meanwhile
+            except StorageError:
+                self.release()
+                raise
         self._lock_database_file()
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())

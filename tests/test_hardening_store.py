@@ -104,6 +104,23 @@ def test_changed_columns_are_refused_instead_of_retried_for_ever(daemon_factory:
     assert "table events lacks column(s) late" in log, log
 
 
+def test_an_empty_database_file_is_refused_and_a_new_one_is_built_whole(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = stopped_daemon_with_a_database(daemon_factory)
+    daemon.db_path.write_bytes(b"")  # truncated by mistake: starting on it would forget every key
+    log = refused_at_start(daemon)
+    assert "is an empty file (0 bytes)" in log and "Restore it from a backup, or remove it" in log, log
+    assert "Traceback" not in log
+    assert daemon.db_path.stat().st_size == 0
+    # Removed, it is built under another name and moved into place whole; a leftover of a
+    # start killed half-way is swept away.
+    daemon.db_path.unlink()
+    leftover = daemon.db_path.with_name(daemon.db_path.name + ".new")
+    leftover.write_bytes(b"half a database")
+    daemon.start()
+    assert not leftover.exists()
+    assert sql(daemon, "SELECT value FROM meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]
+
+
 def test_an_older_schema_is_migrated(daemon_factory: Callable[..., Daemon]) -> None:
     daemon = daemon_factory(ordering={"window_ms": 500}).start()
     push_frames(
