@@ -219,7 +219,7 @@ def test_a_revoked_key_is_refused_on_its_open_connections(
         (keys["authorized"] / "alice.key").unlink()
         assert daemon.proc is not None
         daemon.proc.send_signal(signal.SIGHUP)
-        eventually(lambda: "1 revoked" in daemon.log(), 15, "the reload to be logged")
+        eventually(lambda: "reloaded" in daemon.log(), 15, "the reload to be logged")
 
         reply = exchange(ack, acked_batch(2, "alice"))
         assert reply["batch"] == 2 and "no longer authorized" in reply["error"], reply
