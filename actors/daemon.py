@@ -139,8 +139,8 @@ class Daemon:
             self._confirm(self.stats, "stats")
             self.reader = self._start_reader()
             self._confirm(self.reader, "reader")
-            self.security.start()  # the ZAP handler must be up before a CURVE socket binds
-            secure = self.security.hook
+            self.security.start()  # the ZAP handler must be up before any server socket binds
+            secure, gate = self.security.hook, self.security.gate
             router, dedup = self.router, self.dedup
             assert router is not None and dedup is not None  # started and confirmed above
             self.ingest = self._bind(
@@ -154,17 +154,18 @@ class Daemon:
                     secure,
                     depth=self._pipeline_depth(),
                     live=self.live,
+                    gate=gate,
                 ),
             )
             self.query = self._bind(
                 "query",
-                lambda: QueryServer(self.context, cfg.query, self.stats, secure, reader=self.reader),  # type: ignore[arg-type]
+                lambda: QueryServer(self.context, cfg.query, self.stats, secure, reader=self.reader, gate=gate),  # type: ignore[arg-type]
             )
             if cfg.storage.backend == "sqlite":
                 self.subscriptions = self._bind(
                     "subscribe",
                     lambda: SubscriptionServer(
-                        self.context, cfg.subscribe, cfg.database_path, dedup, self.head, secure
+                        self.context, cfg.subscribe, cfg.database_path, dedup, self.head, secure, gate
                     ),
                 )
             else:

@@ -34,11 +34,12 @@ from actors.decoder import (
 from actors.dedup import ACK_ENDPOINT
 from actors.flow import InFlight, LiveFigures, PipelineDepth, events_bytes
 from actors.messages import AckTicket, AddRejected, IngestBatch
-from transport.codec import Limits
+from transport.codec import Limits, batch_id_of
 from transport.config import IngestConfig
 from transport.logs import RateLimitedLog
 from transport.schema import Event
 from transport.security import SocketHook
+from transport.zap import ConnectionGate
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,10 @@ class IngestServer:
         secure: SocketHook | None = None,
         depth: PipelineDepth | None = None,
         live: LiveFigures | None = None,
+        gate: ConnectionGate | None = None,
     ) -> None:
         self._config = config
+        self._gate = gate or ConnectionGate(lambda: None)
         self._context = context
         self._router = router
         self._dedup = dedup
@@ -226,10 +229,13 @@ class IngestServer:
         for sock, kind in ((self._pull, FIRE_AND_FORGET), (self._ack_router, ACKNOWLEDGED)):
             while decoded_events < COALESCE_EVENTS and not self._decoder_full():
                 try:
-                    parts = sock.recv_multipart(zmq.NOBLOCK)
+                    parts, refused = self._gate.receive(sock)
                 except zmq.Again:
                     break
                 frames += 1
+                if refused is not None:
+                    self._refuse_revoked(kind, parts, refused)
+                    continue
                 if kind is FIRE_AND_FORGET and len(parts) != 1:
                     self._reject(1, f"a fire-and-forget message must be one frame, not {len(parts)}")
                     continue
@@ -244,6 +250,13 @@ class IngestServer:
                     message.decoded = decode_message(kind, message.body, self._limits)
                     decoded_events += len(message.decoded.events)
         return frames
+
+    def _refuse_revoked(self, kind: bytes, parts: list[bytes], reason: str) -> None:
+        """Count a message from a connection whose key was revoked, and tell an acked one why."""
+        self._reject(1, reason)
+        if kind is ACKNOWLEDGED:
+            reply = {"batch": batch_id_of(parts[-1]), "error": reason}
+            self._ack_router.send_multipart([*parts[:-1], msgpack.packb(reply)])
 
     def _decoder_full(self) -> bool:
         """Whether enough is out at the decoder that reading should wait (one message always may go)."""

@@ -31,6 +31,7 @@ from transport.config import QueryConfig
 from transport.logs import RateLimitedLog
 from transport.queries import EventsQuery, QueryError, TopicsQuery, parse_query
 from transport.security import SocketHook
+from transport.zap import ConnectionGate
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,14 @@ class QueryServer:
         stats: pykka.ActorRef[Any],
         secure: SocketHook | None = None,
         reader: pykka.ActorRef[Any] | None = None,
+        gate: ConnectionGate | None = None,
     ) -> None:
-        """``reader`` answers events and topics (None: the stats actor answers everything)."""
+        """``reader`` answers events and topics (None: the stats actor answers everything).
+
+        ``gate`` refuses requests from connections whose CURVE key was revoked since they connected.
+        """
         self._config = config
+        self._gate = gate or ConnectionGate(lambda: None)
         self._stats = stats
         self._reader = reader if reader is not None else stats
         self._warn = RateLimitedLog(log)
@@ -98,10 +104,10 @@ class QueryServer:
                 if ready.get(self._socket):
                     for _ in range(_RECEIVE_BURST):
                         try:
-                            parts = self._socket.recv_multipart(zmq.NOBLOCK)
+                            parts, refused = self._gate.receive(self._socket)
                         except zmq.Again:
                             break
-                        self._receive(parts)
+                        self._receive(parts, refused)
                 self._expire()
         except Exception:
             log.exception("query server failed; queries are no longer answered")
@@ -111,7 +117,7 @@ class QueryServer:
             os.close(self._wake_read)
             os.close(self._wake_write)
 
-    def _receive(self, parts: list[bytes]) -> None:
+    def _receive(self, parts: list[bytes], refused: str | None = None) -> None:
         # A REQ client's message is its routing id, an empty delimiter, then the request.
         try:
             split = parts.index(b"", 1)
@@ -119,6 +125,9 @@ class QueryServer:
             self._warn.warning("bad query: a message without a REQ envelope was dropped")
             return
         envelope, body = parts[: split + 1], parts[split + 1 :]
+        if refused is not None:
+            self._send(envelope, self._error(refused))
+            return
         if len(body) != 1:
             self._send(envelope, self._error(f"a request must be one frame, not {len(body)}"))
             return

@@ -49,6 +49,7 @@ from transport.logs import RateLimitedLog
 from transport.queries import MAX_CURSOR
 from transport.schema import type_name
 from transport.security import SocketHook
+from transport.zap import ConnectionGate
 
 log = logging.getLogger(__name__)
 
@@ -290,8 +291,10 @@ class SubscriptionServer:
         dedup: pykka.ActorRef[Any],
         head: HeadSignal,
         secure: SocketHook | None = None,
+        gate: ConnectionGate | None = None,
     ) -> None:
         self._config = config
+        self._gate = gate or ConnectionGate(lambda: None)
         self._database = database
         self._dedup = dedup
         self._head = head
@@ -378,10 +381,17 @@ class SubscriptionServer:
         """Handle what the socket holds (at most a bounded number, so sending keeps its turn)."""
         for _ in range(1000):
             try:
-                parts = self._socket.recv_multipart(zmq.NOBLOCK)
+                parts, refused = self._gate.receive(self._socket)
             except zmq.Again:
                 return
             identity = parts[0]
+            if refused is not None:  # its key was revoked: end what it follows, and say why
+                revoked = self._subs.get(identity)
+                if revoked is not None:
+                    self._drop(revoked, "key revoked")
+                self._warn.warning("refused a subscriber message: %s", refused)
+                self._send(identity, {"op": "error", "code": "revoked", "error": refused})
+                continue
             try:
                 self._handle(identity, parts[1:])
             except SubscribeError as exc:

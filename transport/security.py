@@ -3,10 +3,13 @@
 Theory of operation. ZeroMQ's CURVE mechanism encrypts every connection and proves both ends'
 keys. The daemon holds one secret certificate (``[security] curve_secret_key``); clients hold
 their own certificate and the server's public key. Which client keys are let in is decided by
-pyzmq's own ZAP authenticator (:class:`zmq.auth.thread.ThreadAuthenticator`) from a folder of
-public certificates (``[security] authorized_keys``). A ZAP handler must be bound in the
-daemon's context *before* any CURVE socket accepts a connection, otherwise libzmq lets every
-valid CURVE client in, so :meth:`ServerSecurity.start` runs before the sockets bind.
+the daemon's ZAP handler (:mod:`transport.zap`) from a folder of public certificates
+(``[security] authorized_keys``); the same handler gives every connection, CURVE or not, a
+routing id no peer can make a ROUTER crash over. A ZAP handler must be bound in the daemon's
+context *before* any server socket accepts a connection, otherwise libzmq lets every valid
+CURVE client in, so :meth:`ServerSecurity.start` runs before the sockets bind. A key removed
+by a reload also stops the connections it already has: the servers check each message's
+``User-Id`` through :attr:`ServerSecurity.gate`.
 
 Refused clients are counted from socket monitor events: a plain (NULL) client meets a CURVE
 server with ``EVENT_HANDSHAKE_FAILED_PROTOCOL`` (mechanism mismatch) and a CURVE client whose key
@@ -32,11 +35,11 @@ from typing import Any
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
 from transport.config import Config
 from transport.logs import RateLimitedLog
+from transport.zap import ZAP_DOMAIN, ConnectionGate, ZapHandler, seed_libc_rand
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +258,7 @@ class RefusalCounts:
 
 
 class ServerSecurity:
-    """The daemon's side: checks the settings, runs the authenticator, secures server sockets.
+    """The daemon's side: checks the settings, runs the ZAP handler, secures server sockets.
 
     Construct it first (it raises :class:`SecurityError` for unsafe settings or bad key files),
     call :meth:`start` before binding any socket, pass :meth:`hook` to the socket owners, and
@@ -271,7 +274,9 @@ class ServerSecurity:
         self._context = context
         self._config = config
         self._on_refused = on_refused
-        self._authenticator: ThreadAuthenticator | None = None
+        self._zap: ZapHandler | None = None
+        self._authorized: frozenset[bytes] | None = None  # Z85 client keys; None while CURVE is off
+        self.gate = ConnectionGate(lambda: self._authorized)
         self._monitor: _RefusalMonitor | None = None
         self._warn = RateLimitedLog(log)
         self.refused = RefusalCounts()
@@ -315,6 +320,11 @@ class ServerSecurity:
                     ", ".join(exposed.values()),
                 )
 
+    def _load_keys(self) -> frozenset[bytes]:
+        """The authorized folder's client keys (Z85), after checking the folder and every file."""
+        self._check_keys_dir()
+        return frozenset(zmq.auth.load_certificates(str(self.keys_dir)))
+
     def _check_keys_dir(self) -> int:
         if not self.keys_dir.is_dir():
             raise KeyFileError(
@@ -337,33 +347,37 @@ class ServerSecurity:
         return self._public if self.enabled else None
 
     def start(self) -> None:
-        """Start the authenticator and the refusal monitor; a no-op when CURVE is off."""
+        """Start the ZAP handler (always) and, with CURVE, the refusal monitor; before any bind."""
+        seed_libc_rand()  # before the server sockets exist: each ROUTER draws its first auto id then
+        if self.enabled:
+            self._authorized = self._load_keys()
+        self._zap = ZapHandler(self._context, lambda: self._authorized)
+        self._zap.start()
         if not self.enabled:
             return
-        authenticator = ThreadAuthenticator(self._context, log=logging.getLogger("zmq.auth"))
-        authenticator.start()
-        self._authenticator = authenticator
-        authenticator.configure_curve(domain="*", location=str(self.keys_dir))
         self._monitor = _RefusalMonitor(self._count)
         self._monitor.start()
         log.info(
             "CURVE on: server key %s, %d authorized client keys in %s",
             self._public.decode(),
-            len(authenticator.certs.get("*", {})),
+            len(self._authorized or ()),
             self.keys_dir,
         )
 
     @property
-    def hook(self) -> SocketHook | None:
-        """What the socket owners apply to each server socket before bind; None when CURVE is off."""
-        return self.secure if self.enabled else None
+    def hook(self) -> SocketHook:
+        """What the socket owners apply to each server socket before bind."""
+        return self.secure
 
     def secure(self, sock: zmq.Socket[Any]) -> None:
-        """Make ``sock`` a CURVE server and watch its handshakes; call before ``bind``."""
+        """Put ``sock`` under the ZAP handler (and make it a CURVE server when CURVE is on); call before ``bind``."""
+        if self._zap is None:
+            raise SecurityError("ServerSecurity.start() must run before any socket is secured")
+        # A ZAP domain makes libzmq consult the handler for NULL connections too, which is how
+        # every connection gets a routing id from transport.zap rather than one of libzmq's own.
+        sock.zap_domain = ZAP_DOMAIN
         if not self.enabled:
             return
-        if self._authenticator is None:
-            raise SecurityError("ServerSecurity.start() must run before any socket is secured")
         sock.curve_secretkey = self._secret
         sock.curve_publickey = self._public
         sock.curve_server = True
@@ -377,15 +391,21 @@ class ServerSecurity:
 
     def reload(self) -> None:
         """Re-read the authorized keys folder (SIGHUP); a bad folder keeps the keys already loaded."""
-        if self._authenticator is None:
+        if not self.enabled or self._zap is None:
             return
         try:
-            count = self._check_keys_dir()
+            keys = self._load_keys()
         except SecurityError as exc:
             log.error("authorized keys not reloaded, the old ones stay in force: %s", exc)
             return
-        self._authenticator.configure_curve(domain="*", location=str(self.keys_dir))
-        log.warning("reloaded %d authorized client keys from %s", count, self.keys_dir)
+        revoked = len((self._authorized or frozenset()) - keys)
+        self._authorized = keys  # one reference swap: the ZAP thread and the servers see old or new
+        log.warning(
+            "reloaded %d authorized client keys from %s (%d revoked: their open connections are refused)",
+            len(keys),
+            self.keys_dir,
+            revoked,
+        )
 
     def _count(self, count: int, socket_name: str, reason: str) -> None:
         self.refused.total += count
@@ -395,10 +415,10 @@ class ServerSecurity:
         self._warn.warning("refused a client on the %s socket: %s", socket_name, reason)
 
     def stop(self) -> None:
-        """Stop the monitor and the authenticator; call after the server sockets are closed."""
+        """Stop the monitor and the ZAP handler; call after the server sockets are closed."""
         if self._monitor is not None:
             self._monitor.stop()
             self._monitor = None
-        if self._authenticator is not None:
-            self._authenticator.stop()
-            self._authenticator = None
+        if self._zap is not None:
+            self._zap.stop()
+            self._zap = None
