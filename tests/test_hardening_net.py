@@ -138,6 +138,24 @@ def test_peers_claiming_the_next_auto_ids_crash_nothing(
     assert daemon.terminate() == 0
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("decode_process", [True, False])
+def test_the_issues_reproduction_no_longer_aborts_the_daemon(
+    daemon_factory: Callable[..., Daemon], decode_process: bool
+) -> None:
+    """The issue's reproduction: one DEALER claims the acked ROUTER's first auto id, then an
+    honest ``publish.py --acked`` connects (this aborted the daemon before the ZAP routing ids)."""
+    daemon = daemon_factory(ingest={"decode_process": decode_process}).start()
+    with attackers([daemon.ack], predicted_auto_ids(1, 1)):
+        result = run_script(
+            "publish.py", "--endpoint", daemon.ack, "--acked", "--events", "100", "--deadline", "20", timeout=60
+        )
+        assert result.returncode == 0, result.stdout + result.stderr + daemon.log()
+    assert daemon.proc is not None and daemon.proc.poll() is None, daemon.log()
+    assert daemon.stats()["unique_processed"] == 100
+    assert daemon.terminate() == 0
+
+
 @pytest.fixture
 def keys(tmp_path: Path) -> dict[str, Path]:
     folder, authorized = tmp_path / "keys", tmp_path / "authorized"
