@@ -268,6 +268,16 @@ def test_key_file_checks(keys: dict[str, Path]) -> None:
     config = Config(security=SecurityConfig(str(keys["server_secret"]), str(keys["authorized"])))
     with pytest.raises(KeyFileError, match="writable by others"):
         ServerSecurity(zmq.Context.instance(), config)
+    os.chmod(keys["authorized"], 0o755)
+    ServerSecurity(zmq.Context.instance(), config).stop()
+    if os.geteuid() == 0:  # only root can give a file away
+        os.chown(keys["authorized"] / "alice.key", 4242, -1)
+        with pytest.raises(KeyFileError, match=r"alice.key is owned by uid 4242, neither root nor"):
+            ServerSecurity(zmq.Context.instance(), config)
+        os.chown(keys["authorized"] / "alice.key", 0, -1)
+        os.chown(keys["authorized"], 4242, -1)
+        with pytest.raises(KeyFileError, match=r"authorized_keys folder .* is owned by uid 4242"):
+            ServerSecurity(zmq.Context.instance(), config)
     half = Config(security=SecurityConfig(curve_secret_key=str(keys["server_secret"])))
     with pytest.raises(SecurityError, match="authorized_keys is empty"):
         ServerSecurity(zmq.Context.instance(), half)

@@ -91,6 +91,7 @@ def check_secret_file(path: Path, what: str) -> None:
     info = _stat(path, what)
     if not stat.S_ISREG(info.st_mode):
         raise KeyFileError(f"{what} {path} is not a regular file")
+    _check_owner(path, info, what)
     if info.st_mode & 0o077:
         raise KeyFileError(
             f"{what} {path} has loose permissions ({stat.filemode(info.st_mode)}): it holds a secret key; "
@@ -99,12 +100,25 @@ def check_secret_file(path: Path, what: str) -> None:
 
 
 def check_public_path(path: Path, what: str) -> None:
-    """Refuse a public certificate or folder of them that anyone but its owner may write."""
+    """Refuse a public certificate or folder of them that anyone but its owner may write, or
+    whose owner is neither root nor the daemon's user."""
     info = _stat(path, what)
     if info.st_mode & 0o022:
         raise KeyFileError(
             f"{what} {path} is writable by others ({stat.filemode(info.st_mode)}), so anyone could add "
             f"or swap a key; run `chmod go-w {path}`"
+        )
+    _check_owner(path, info, what)
+
+
+def _check_owner(path: Path, info: os.stat_result, what: str) -> None:
+    # An owner may chmod its file at will: a third user owning a key or the folder could let
+    # any key in, whatever the mode is now (sshd's StrictModes refuses the same).
+    me = os.geteuid()
+    if info.st_uid not in (0, me):
+        raise KeyFileError(
+            f"{what} {path} is owned by uid {info.st_uid}, neither root nor the daemon's user (uid {me}), "
+            f"so that user could add or swap a key; run `chown {me} {path}`"
         )
 
 
