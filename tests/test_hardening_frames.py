@@ -285,11 +285,9 @@ def test_a_sighup_storm_leaves_the_daemon_serving_and_a_sigterm_drains_it(
     try:
         deadline = time.monotonic() + 3.0
         sent = 0
-        while time.monotonic() < deadline:  # about 1 300 a second, as in the issue
-            for _ in range(13):
-                os.kill(daemon.proc.pid, signal.SIGHUP)
-                sent += 1
-            time.sleep(0.01)
+        while time.monotonic() < deadline and daemon.proc.poll() is None:  # as fast as they go
+            os.kill(daemon.proc.pid, signal.SIGHUP)
+            sent += 1
         assert daemon.proc.poll() is None, daemon.log()[-3000:]
         assert daemon.request({"op": "health"}).get("status") == "ok"
         out, _ = publisher.communicate(timeout=120)
@@ -298,7 +296,7 @@ def test_a_sighup_storm_leaves_the_daemon_serving_and_a_sigterm_drains_it(
         if publisher.poll() is None:
             publisher.kill()
             publisher.wait(10)
-    assert sent > 2_000
+    assert sent > 3_000
     assert daemon.terminate() == 0, daemon.log()[-3000:]
     log = daemon.log()
     assert "RecursionError" not in log
