@@ -23,6 +23,7 @@ import gc
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,7 @@ import msgspec
 import zmq
 
 from transport.codec import FrameError, Limits, batch_id_of, decode_ack_request, decode_frame
+from transport.queries import debug_hooks_enabled
 from transport.schema import Event
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,9 @@ _READY = b"ready"
 READY_TIMEOUT_S = 15.0
 _DIR_PREFIX = "eventagg-decoder-"
 _PARENT_CHECK_MS = 1_000
+# Test hook (only with $EVENTAGG_TEST_HOOKS=1): a message holding these bytes ends the decoder
+# process with SIGKILL, as the kernel's OOM killer would, so tests can see such a frame refused.
+KILL_HOOK = b"eventagg-test-hook:kill-decoder"
 _ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -235,6 +240,7 @@ def serve(frames_endpoint: str, results_endpoint: str, limits: Limits, parent_pi
     frames.connect(frames_endpoint)
     results.connect(results_endpoint)
     results.send(_READY)
+    kill_hook = debug_hooks_enabled()
     try:
         while True:
             if not frames.poll(_PARENT_CHECK_MS):
@@ -247,6 +253,8 @@ def serve(frames_endpoint: str, results_endpoint: str, limits: Limits, parent_pi
             kind, body = frames.recv_multipart()
             if kind == _STOP:
                 return
+            if kill_hook and KILL_HOOK in body:
+                os.kill(os.getpid(), signal.SIGKILL)
             results.send(_encode(decode_message(kind, body, limits)))
     finally:
         frames.close(linger=0)

@@ -40,6 +40,7 @@ class InFlight:
         self.limit_bytes = limit_bytes
         self._value = 0
         self._bytes = 0
+        self._peak = 0
         self._lock = threading.Lock()
 
     @property
@@ -52,15 +53,21 @@ class InFlight:
         """How many bytes of credit the events in flight hold."""
         return self._bytes
 
-    def has_room(self) -> bool:
-        """Whether ingest may admit more events."""
-        return self._value < self.limit and self._bytes < self.limit_bytes
+    @property
+    def peak(self) -> int:
+        """The most events that were in flight at once since start (``stats``: ``in_flight_peak``)."""
+        return self._peak
+
+    def has_room(self, events: int = 0, nbytes: int = 0) -> bool:
+        """Whether ingest may admit more events, beyond ``events`` worth ``nbytes`` it is about to admit."""
+        return self._value + events < self.limit and self._bytes + nbytes < self.limit_bytes
 
     def add(self, count: int, nbytes: int) -> None:
         """Admit ``count`` events worth ``nbytes``."""
         with self._lock:
             self._value += count
             self._bytes += nbytes
+            self._peak = max(self._peak, self._value)
 
     def release(self, count: int, nbytes: int) -> None:
         """Give back the credit of ``count`` settled events worth ``nbytes``."""

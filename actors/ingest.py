@@ -3,9 +3,12 @@
 It has every message decoded and validated (by the decoder process, :mod:`actors.decoder`,
 or on this thread when there is none), counts and logs refusals at a bounded rate, coalesces
 the decoded messages it has into one batch, in the order they arrived, and tells the router. It
-reads only while the in-flight credit has room and few messages are out at the decoder, so a
-flood waits in ZeroMQ's high-water marks and in the publishers, not in the daemon's memory. It
-also forwards the dedup actor's acknowledgements (from an inproc socket) to the ROUTER, since
+reads only while the in-flight credit has room and few messages wait to be handed on, and hands
+a decoded message on only while the credit has room, so in flight stays within
+``max_in_flight`` plus one message, and a flood waits in ZeroMQ's high-water marks and in the
+publishers, not in the daemon's memory. A message that the decoder process died (or hung) on
+is tried once more in a new process, never on this thread; if it ends that one too, it is
+refused. It also forwards the dedup actor's acknowledgements (from an inproc socket) to the ROUTER, since
 only this thread may use it.
 """
 
@@ -49,20 +52,21 @@ HOLD_POLL_MS = 1
 COALESCE_EVENTS = 2_000
 REJECTED_FLUSH_S = 0.1
 SHUTDOWN_DRAIN_FRAMES = 100_000
-# Messages (and their bytes) out at the decoder process at most: enough to keep it busy, few
-# enough that the in-flight credit, checked before reading, still bounds what is admitted.
+# Messages read and not yet handed on (and the bytes of those out at the decoder process) at
+# most: enough to keep the decoder busy, few enough to hold while the in-flight credit is spent.
 MAX_AT_DECODER = 32
 MAX_AT_DECODER_BYTES = 8 * 1024 * 1024
 # A decoder process that has not answered the oldest message for this long is taken for stuck.
 DECODER_STALL_S = 5.0
 DECODER_RESTARTS = 5
 DRAIN_SETTLE_S = 5.0
+DRAIN_CREDIT_S = 30.0  # on shutdown, how long decoded messages may wait for in-flight credit
 
 
 class _Message:
     """One ingest message on its way through the loop: where it came from, then what it decoded to."""
 
-    __slots__ = ("kind", "envelope", "body", "decoded", "sent_at")
+    __slots__ = ("kind", "envelope", "body", "decoded", "sent_at", "suspect")
 
     def __init__(self, kind: bytes, envelope: list[bytes], body: bytes) -> None:
         self.kind = kind
@@ -70,6 +74,7 @@ class _Message:
         self.body = body
         self.decoded: Decoded | None = None
         self.sent_at = 0.0
+        self.suspect = False  # a decoder process ended while decoding it
 
 
 class IngestServer:
@@ -259,9 +264,9 @@ class IngestServer:
             self._ack_router.send_multipart([*parts[:-1], msgpack.packb(reply)])
 
     def _decoder_full(self) -> bool:
-        """Whether enough is out at the decoder that reading should wait (one message always may go)."""
-        return bool(self._at_decoder) and (
-            len(self._at_decoder) >= MAX_AT_DECODER or self._at_decoder_bytes >= MAX_AT_DECODER_BYTES
+        """Whether enough waits to be decoded or handed on that reading should wait (one message always may)."""
+        return bool(self._pending) and (
+            len(self._pending) >= MAX_AT_DECODER or self._at_decoder_bytes >= MAX_AT_DECODER_BYTES
         )
 
     def _take_results(self) -> None:
@@ -282,15 +287,29 @@ class IngestServer:
         message.body = b""  # decoded: the frame is no longer needed
 
     def _hand_on(self) -> None:
-        """Tell the router the decoded messages at the head of the queue, in batches of about ``COALESCE_EVENTS``."""
+        """Tell the router the decoded messages at the head of the queue, in batches of about ``COALESCE_EVENTS``.
+
+        Only while the in-flight credit has room: the last message taken may pass the limit by
+        its own events, no more (the messages after it wait here, decoded, for credit).
+        """
         pending = self._pending
-        while pending and pending[0].decoded is not None:
+        in_flight = self._in_flight
+        while pending and pending[0].decoded is not None and in_flight.has_room():
             events: list[Event] = []
+            nbytes = 0
             tickets: list[AckTicket | None] | None = None
-            while pending and pending[0].decoded is not None and len(events) < COALESCE_EVENTS:
-                tickets = self._admit(pending.popleft(), events, tickets)
+            while (
+                pending
+                and pending[0].decoded is not None
+                and len(events) < COALESCE_EVENTS
+                and in_flight.has_room(len(events), nbytes)
+            ):
+                message = pending.popleft()
+                assert message.decoded is not None
+                nbytes += events_bytes(message.decoded.events)
+                tickets = self._admit(message, events, tickets)
             if events:
-                self._in_flight.add(len(events), events_bytes(events))
+                in_flight.add(len(events), nbytes)
                 self._router.tell(IngestBatch(events, time.time(), tickets))
 
     def _admit(
@@ -345,10 +364,16 @@ class IngestServer:
         what = "stopped answering" if decoder.alive() else "died"
         decoder.kill()
         self._take_results()  # what it sent before it ended still answers its messages
-        log.error(
-            "the decoder process %s; decoding its %d waiting messages on the ingest thread", what, len(self._at_decoder)
-        )
-        self._decode_here()
+        log.error("the decoder process %s with %d messages waiting", what, len(self._at_decoder))
+        if self._at_decoder:
+            # The oldest is the one it was decoding: the outside (an operator, the OOM killer) may
+            # have ended it, so it gets one more try in a new process; if it ends that one too,
+            # it is what ends them, and it is refused rather than tried on this thread.
+            oldest = self._at_decoder[0]
+            if oldest.suspect:
+                self._refuse_oldest(what)
+            else:
+                oldest.suspect = True
         if self._decoder_restarts >= DECODER_RESTARTS:
             log.error(
                 "the decoder process failed %d times; frames are decoded on the ingest thread from now on",
@@ -359,12 +384,37 @@ class IngestServer:
             try:
                 decoder.start()  # on new sockets: a late result of the old process is never read
                 log.info("a new decoder process (pid %s) took over", decoder.pid)
+                self._resend()
                 return True
             except DecoderUnavailable as exc:
                 log.error("%s; frames are decoded on the ingest thread from now on", exc)
+        if self._at_decoder and self._at_decoder[0].suspect:
+            self._refuse_oldest(what)
+        log.error("decoding %d waiting messages on the ingest thread", len(self._at_decoder))
+        self._decode_here()
         decoder.stop()
         self._decoder = None
         return True
+
+    def _refuse_oldest(self, what: str) -> None:
+        """Refuse the oldest message out at the decoder: decoder processes ended while decoding it."""
+        body = self._at_decoder[0].body
+        reason = (
+            f"message of {len(body)} bytes refused: the decoder process {what} twice while decoding it; "
+            "send it in smaller batches"
+        )
+        self._answer_oldest(Decoded(REFUSED, batch_id_of(body), reason, [], []))
+
+    def _resend(self) -> None:
+        """Hand the messages still waiting at the old decoder process to the new one, in order."""
+        decoder = self._decoder
+        assert decoder is not None
+        now = time.monotonic()
+        for message in self._at_decoder:
+            if not decoder.send(message.kind, message.body):
+                self._decode_here()  # cannot happen with no high-water mark; decoded here if it does
+                return
+            message.sent_at = now
 
     def _decode_here(self) -> None:
         """Decode on this thread every message still waiting at the decoder."""
@@ -402,7 +452,13 @@ class IngestServer:
             read = self._read_messages()
             self._settle(DRAIN_SETTLE_S)
             self._hand_on()
-            if not read:
+            # What waits for credit gets it as the actors commit what is in flight.
+            deadline = time.monotonic() + DRAIN_CREDIT_S
+            while self._pending and time.monotonic() < deadline:
+                self._forward_acks()
+                time.sleep(HOLD_POLL_MS / 1000)
+                self._hand_on()
+            if not read and not self._pending:
                 break
 
     def _settle(self, timeout: float) -> None:

@@ -102,6 +102,7 @@ class StatsActor(pykka.ThreadingActor):
             "topic_count": committed.get("topic_count", 0),
             "in_flight": in_flight,
             "in_flight_bytes": self._in_flight.bytes,
+            "in_flight_peak": self._in_flight.peak,
             "buffered": sum(self._live.buffered),
             "commits": self._live.commits,
             "decoder_restarts": self._live.decoder_restarts,

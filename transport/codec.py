@@ -11,6 +11,13 @@ which every event is plainly valid, with exactly the schema's fields. Anything e
 field, a bad event, a msgpack Timestamp, a limit passed) goes to the exact one (msgpack plus
 :func:`transport.schema.validate_event`), which finds every refusal and says why. So the fast
 decoder changes how fast a frame is read, never what is accepted or how it is explained.
+
+Neither builds what a frame holds before its size is known. msgpack headers are counts: 15 MiB
+can hold 5 million empty maps, which would take over a gigabyte as Python objects. So the count
+of events is read from the array header and checked against ``max_batch_events`` first, and the
+exact decoder measures each event by skipping over it (in C, building nothing), refuses one
+larger than :data:`EVENT_FIELDS_BYTES` plus the payload limit unread, and unpacks the others one
+at a time. A frame then costs about its own size plus one event's objects.
 """
 
 from __future__ import annotations
@@ -35,6 +42,11 @@ from transport.schema import (
 )
 
 DEFAULT_MAX_BATCH_EVENTS = 10_000
+EVENT_FIELDS_BYTES = 64 * 1024
+"""What an encoded event may hold beyond its payload: its four named fields (at most 255
+characters each, a 64-character timestamp) and their keys, with room to spare."""
+# A top-level key, or an acknowledged batch's id, longer than this is not one we read.
+_MAX_KEY_BYTES = 4096
 
 
 class FrameError(ValueError):
@@ -59,8 +71,9 @@ class Limits:
 
 _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
 _EMPTY_PAYLOAD = msgspec.Raw(EMPTY_PAYLOAD)
-# First bytes of a msgpack map: fixmap, map 16, map 32.
+# First bytes of a msgpack map (fixmap, map 16, map 32) and of an array (fixarray, array 16, 32).
 _MAP_MARKERS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])
+_ARRAY_MARKERS = frozenset([*range(0x90, 0xA0), 0xDC, 0xDD])
 
 
 class _WireEvent(msgspec.Struct, forbid_unknown_fields=True):
@@ -110,7 +123,7 @@ def _fast_events(wire: list[_WireEvent], limits: Limits) -> list[Event] | None:
     return events
 
 
-def unpack(frame: bytes) -> Any:
+def unpack(frame: bytes | memoryview) -> Any:
     """Decode one msgpack object, raising :class:`FrameError` for anything that is not exactly that."""
     try:
         return msgpack.unpackb(frame, raw=False, strict_map_key=False)
@@ -121,16 +134,68 @@ def unpack(frame: bytes) -> Any:
         raise FrameError(f"frame is not valid msgpack ({type(exc).__name__}: {exc})") from None
 
 
+def _not_msgpack(exc: Exception) -> FrameError:
+    return FrameError(f"frame is not valid msgpack ({type(exc).__name__}: {exc})")
+
+
+def _unpacker(data: bytes | memoryview) -> msgpack.Unpacker:
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=max(len(data), 1))
+    unpacker.feed(data)
+    return unpacker
+
+
+def _array_count(data: bytes | memoryview) -> int | None:
+    """The element count in the array header ``data`` starts with; None when it starts no array."""
+    if not data:
+        return None
+    first = data[0]
+    if 0x90 <= first <= 0x9F:
+        return first & 0x0F
+    if first == 0xDC and len(data) >= 3:
+        return int.from_bytes(data[1:3], "big")
+    if first == 0xDD and len(data) >= 5:
+        return int.from_bytes(data[1:5], "big")
+    return None
+
+
+def _check_count(count: int, limits: Limits) -> None:
+    if not count:
+        raise FrameError("empty batch: send at least one event")
+    if count > limits.max_batch_events:
+        raise FrameError(f"batch of {count} events is over the limit of {limits.max_batch_events}")
+
+
+def _event_spans(data: bytes | memoryview, offset: int, limits: Limits) -> list[tuple[int, int]]:
+    """Where each event of an event map, or an array of them, lies (``offset`` added), read without building it.
+
+    Raises :class:`FrameError` for an empty or over-long array, bad msgpack, or trailing bytes.
+    """
+    unpacker = _unpacker(data)
+    spans = []
+    try:
+        if data[0] in _ARRAY_MARKERS:
+            count = unpacker.read_array_header()
+            _check_count(count, limits)
+        else:
+            count = 1
+        for _ in range(count):
+            start = unpacker.tell()
+            unpacker.skip()
+            spans.append((offset + start, offset + unpacker.tell()))
+    except (ValueError, msgpack.UnpackException) as exc:  # OutOfData, FormatError, StackError
+        raise _not_msgpack(exc) from None
+    if unpacker.tell() != len(data):
+        raise FrameError("frame holds more than one msgpack object; send one event map or one array")
+    return spans
+
+
 def validate_items(obj: Any, limits: Limits) -> DecodedBatch:
     """Check a decoded event map or array of event maps."""
     if isinstance(obj, dict):
         items: list[Any] = [obj]
     elif isinstance(obj, list):
         items = obj
-        if not items:
-            raise FrameError("empty batch: send at least one event")
-        if len(items) > limits.max_batch_events:
-            raise FrameError(f"batch of {len(items)} events is over the limit of {limits.max_batch_events}")
+        _check_count(len(items), limits)
     else:
         raise FrameError(f"frame must hold an event map or an array of event maps, not {type_name(obj)}")
     batch = DecodedBatch()
@@ -142,8 +207,33 @@ def validate_items(obj: Any, limits: Limits) -> DecodedBatch:
     return batch
 
 
+def validate_spans(frame: bytes, spans: list[tuple[int, int]], limits: Limits) -> DecodedBatch:
+    """Check the events at ``spans`` of ``frame`` one at a time; one too large to be valid is refused unread."""
+    max_event = limits.max_payload_bytes + EVENT_FIELDS_BYTES
+    view = memoryview(frame)
+    batch = DecodedBatch()
+    for index, (start, end) in enumerate(spans):
+        if end - start > max_event:
+            batch.rejected.append(
+                (
+                    index,
+                    f"event is {end - start} bytes encoded, over the limit of {max_event} (the payload limit, "
+                    f"{limits.max_payload_bytes}, plus {EVENT_FIELDS_BYTES} for its other fields)",
+                )
+            )
+            continue
+        try:
+            batch.events.append(validate_event(unpack(view[start:end]), limits.max_payload_bytes))
+        except InvalidEvent as exc:
+            batch.rejected.append((index, str(exc)))
+    return batch
+
+
 def decode_frame(frame: bytes, limits: Limits = Limits()) -> DecodedBatch:
     """Decode a fire-and-forget ingest frame."""
+    count = _array_count(frame)
+    if count is not None:
+        _check_count(count, limits)  # before anything is built
     try:
         wire = _frame_decoder.decode(frame)
     except Exception:
@@ -152,7 +242,53 @@ def decode_frame(frame: bytes, limits: Limits = Limits()) -> DecodedBatch:
         events = _fast_events(wire if isinstance(wire, list) else [wire], limits)
         if events is not None:
             return DecodedBatch(events)
-    return validate_items(unpack(frame), limits)
+    if not frame or (count is None and frame[0] not in _MAP_MARKERS):
+        return validate_items(unpack(frame), limits)  # a scalar: cheap to build, and refused by type
+    return validate_spans(frame, _event_spans(frame, 0, limits), limits)
+
+
+_ABSENT = object()
+
+
+def _small_value(unpacker: msgpack.Unpacker, frame: bytes) -> Any:
+    """The next object, if it is at most ``_MAX_KEY_BYTES`` long; else skip it and return ``_ABSENT``."""
+    start = unpacker.tell()
+    unpacker.skip()
+    end = unpacker.tell()
+    return unpack(memoryview(frame)[start:end]) if end - start <= _MAX_KEY_BYTES else _ABSENT
+
+
+def _ack_outline(frame: bytes) -> tuple[Any, tuple[int, int] | None]:
+    """An acknowledged frame's batch id (``_ABSENT`` if none) and where its ``events`` value lies.
+
+    Read from the top-level map's headers: values other than the batch id are skipped, never built.
+    """
+    if not frame or frame[0] not in _MAP_MARKERS:
+        what = "list" if frame and frame[0] in _ARRAY_MARKERS else type_name(unpack(frame))
+        raise FrameError(f"an acknowledged batch must be a map with 'batch' and 'events', not {what}")
+    unpacker = _unpacker(frame)
+    batch_id: Any = _ABSENT
+    events_at: tuple[int, int] | None = None
+    try:
+        for _ in range(unpacker.read_map_header()):
+            key = _small_value(unpacker, frame)
+            if key == "batch":
+                batch_id = _small_value(unpacker, frame)
+            elif key == "events":
+                start = unpacker.tell()
+                unpacker.skip()
+                events_at = (start, unpacker.tell())
+            else:
+                unpacker.skip()
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise _not_msgpack(exc) from None
+    if unpacker.tell() != len(frame):
+        raise FrameError("frame holds more than one msgpack object; send one event map or one array")
+    return batch_id, events_at
+
+
+def _valid_batch_id(batch_id: Any) -> bool:
+    return isinstance(batch_id, (int, str)) and not isinstance(batch_id, bool)
 
 
 def decode_ack_request(frame: bytes, limits: Limits = Limits()) -> tuple[int | str, DecodedBatch]:
@@ -161,34 +297,32 @@ def decode_ack_request(frame: bytes, limits: Limits = Limits()) -> tuple[int | s
     Raises :class:`FrameError` when the frame is not a map with an integer or string ``batch``
     and an ``events`` array; the error says which.
     """
+    batch_id, events_at = _ack_outline(frame)
+    if not _valid_batch_id(batch_id):
+        raise FrameError("an acknowledged batch needs a 'batch' id that is an integer or a string")
+    if events_at is None:
+        raise FrameError("'events' must be an array of event maps, not nil")
+    events = memoryview(frame)[events_at[0] : events_at[1]]
+    count = _array_count(events)
+    if count is None:
+        what = "dict" if events[0] in _MAP_MARKERS else type_name(unpack(events))
+        raise FrameError(f"'events' must be an array of event maps, not {what}")
+    _check_count(count, limits)  # before anything is built
     try:
         wire = _ack_decoder.decode(frame)
     except Exception:
         wire = None
     if wire is not None:
-        events = _fast_events(wire.events, limits)
-        if events is not None:
-            return wire.batch, DecodedBatch(events)
-    obj = unpack(frame)
-    if not isinstance(obj, dict):
-        raise FrameError(f"an acknowledged batch must be a map with 'batch' and 'events', not {type_name(obj)}")
-    batch_id = obj.get("batch")
-    if not isinstance(batch_id, (int, str)) or isinstance(batch_id, bool):
-        raise FrameError("an acknowledged batch needs a 'batch' id that is an integer or a string")
-    events = obj.get("events")
-    if not isinstance(events, list):
-        raise FrameError(f"'events' must be an array of event maps, not {type_name(events)}")
-    return batch_id, validate_items(events, limits)
+        fast = _fast_events(wire.events, limits)
+        if fast is not None:
+            return wire.batch, DecodedBatch(fast)
+    return batch_id, validate_spans(frame, _event_spans(events, events_at[0], limits), limits)
 
 
 def batch_id_of(frame: bytes) -> int | str | None:
     """Best effort: the batch id of a refused acknowledged frame, so the error reply can name it."""
     try:
-        obj = msgpack.unpackb(frame, raw=False, strict_map_key=False)
-    except Exception:
+        batch_id, _ = _ack_outline(frame)
+    except FrameError:
         return None
-    if isinstance(obj, dict):
-        batch_id = obj.get("batch")
-        if isinstance(batch_id, (int, str)) and not isinstance(batch_id, bool):
-            return batch_id
-    return None
+    return batch_id if _valid_batch_id(batch_id) else None

@@ -33,6 +33,7 @@ ORDER = (
     "topic_count",
     "in_flight",
     "in_flight_bytes",
+    "in_flight_peak",
     "buffered",
     "commits",
     "decoder_restarts",
