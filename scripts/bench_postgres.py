@@ -38,8 +38,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import _bootstrap  # noqa: F401
-
 from actors.postgres import connect, migrate
 from transport.client import QueryClient
 from transport.workload import plan

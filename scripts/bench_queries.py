@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import _bootstrap  # noqa: F401
 import msgpack
 import zmq
 

@@ -28,7 +28,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import _bootstrap  # noqa: F401
 import msgpack
 
 from actors.store import EventStore, Row, connect_writer
