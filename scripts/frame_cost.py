@@ -35,10 +35,10 @@ def hostile(kind: str, n: int) -> bytes:
     if kind == "array":
         return bomb
     if kind == "acked":
-        return b"\x82" + msgpack.packb("batch") + msgpack.packb(f"bomb-{n}") + msgpack.packb("events") + bomb
+        return bytes(b"\x82" + msgpack.packb("batch") + msgpack.packb(f"bomb-{n}") + msgpack.packb("events") + bomb)
     fields = msgpack.packb({"topic": "t", "event_id": f"p{n}", "timestamp": "2025-10-22T10:00:00Z", "source": ""})
     entries = 7_500_000
-    return b"\x85" + fields[1:] + b"\xa7payload\xdf" + entries.to_bytes(4, "big") + b"\xc0\x90" * entries
+    return bytes(b"\x85" + fields[1:] + b"\xa7payload\xdf" + entries.to_bytes(4, "big") + b"\xc0\x90" * entries)
 
 
 def high_water_mb(pid: int) -> float:
