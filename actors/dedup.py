@@ -402,7 +402,7 @@ class DedupActor(pykka.ThreadingActor):
         except StopIteration:
             self._sweep = None
             return
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, StorageError) as exc:
             self._sweep = None
             log.error(
                 "expiry failed (%s); it runs again in %s", exc, self._retention and self._retention.sweep_interval

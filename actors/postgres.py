@@ -36,26 +36,33 @@ import itertools
 import logging
 import operator
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import msgpack
 
-from actors.dedup import STORAGE_RETRY, DedupActor
-from actors.messages import ClassifyResult, Ping, WriteBatch
+from actors.dedup import EXPIRE_CHUNK, EXPIRE_CHUNK_MIN, EXPIRE_CHUNK_S, STORAGE_RETRY, DedupActor
+from actors.fingerprint import fingerprint
+from actors.messages import AckTicket, ClassifyResult, Ping, WriteBatch
 from actors.stats import StatsActor
-from actors.store import COUNTER_NAMES, EventReader, Row, StorageError, TopicDelta, TopicState
+from actors.store import COUNTER_NAMES, Content, EventReader, Row, StorageError, TopicDelta, TopicState
+from transport.config import RetentionConfig
 from transport.queries import Query
+from transport.schema import Event
 
 if TYPE_CHECKING:
     import psycopg
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 # pg_advisory_lock key for schema creation and migration: "eventagg" in ASCII, as a bigint.
 MIGRATION_LOCK = 0x6576656E74616767
+# pg_try_advisory_lock key held by the one daemon whose sweep runs (see PostgresStore.try_sweep_lock).
+SWEEP_LOCK = MIGRATION_LOCK + 1
 CONNECT_TIMEOUT_S = 3  # libpq's minimum is 2
 STATEMENT_TIMEOUT_MS = 30_000
 NODE_LOCK_WAIT_S = 15.0
@@ -110,6 +117,21 @@ MIGRATIONS: tuple[str, ...] = (
         ADD COLUMN conflicting_duplicates bigint NOT NULL DEFAULT 0;
     UPDATE nodes SET stored = unique_processed;
     """,
+    # Retention: the record each deleted event's key leaves behind, and the per-topic counters.
+    """
+    CREATE TABLE deleted_keys (
+        topic        text   NOT NULL,
+        event_id     text   NOT NULL,
+        seq          bigint NOT NULL,
+        fingerprint  bytea  NOT NULL,
+        committed_at bigint NOT NULL,
+        PRIMARY KEY (topic, event_id)
+    );
+    CREATE INDEX deleted_keys_by_age ON deleted_keys (committed_at);
+    ALTER TABLE topics
+        ADD COLUMN expired                bigint NOT NULL DEFAULT 0,
+        ADD COLUMN conflicting_duplicates bigint NOT NULL DEFAULT 0;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -137,7 +159,30 @@ _UPDATE_NODE = (
     + ", last_txn = %s WHERE node = %s"
 )
 
+# Stored and kept content of re-sent keys: whether the stored bytes are the re-send's, else the
+# stored content to fingerprint; and the fingerprint kept for a deleted key.
+_ORIGINALS = """
+SELECT k.i, e.topic IS NOT NULL AND e.timestamp = k.timestamp AND e.source = k.source AND e.payload = k.payload,
+       e.ts_ns, e.source, e.payload, d.fingerprint
+FROM unnest(%s::int[], %s::text[], %s::text[], %s::text[], %s::text[], %s::bytea[])
+    AS k(i, topic, event_id, timestamp, source, payload)
+LEFT JOIN events AS e ON e.topic = k.topic AND e.event_id = k.event_id
+LEFT JOIN deleted_keys AS d ON d.topic = k.topic AND d.event_id = k.event_id
+"""
+_RECORD_DELETED = """
+INSERT INTO deleted_keys (topic, event_id, seq, fingerprint, committed_at)
+SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bytea[], %s::bigint[])
+ON CONFLICT (topic, event_id) DO UPDATE SET
+    seq = excluded.seq, fingerprint = excluded.fingerprint, committed_at = excluded.committed_at
+"""
+
 _row_key = operator.itemgetter(0, 1)
+
+
+def _content(row: Row) -> Content:
+    """A row's content, as compared with its original's."""
+    topic, event_id, _seq, timestamp, ts_ns, source, payload, _received_at, _late = row
+    return (topic, event_id, timestamp, ts_ns, source, bytes(payload))
 
 
 def _psycopg() -> Any:
@@ -243,6 +288,9 @@ class GroupOutcome:
 
     duplicates: list[int] = field(default_factory=list)  # indexes into the group's rows
     totals: dict[str, int] = field(default_factory=dict)  # node counters added (NODE_COUNTERS)
+    # Conflicting duplicates: indexes into the ``duplicates`` given to write(), followed by this
+    # outcome's own ``duplicates`` (index len(given) + k is the row duplicates[k]).
+    conflicting: list[int] = field(default_factory=list)
 
 
 class PostgresStore:
@@ -307,16 +355,20 @@ class PostgresStore:
         return {name: int(value) for name, value in zip(NODE_COUNTERS, row)}
 
     def existing_keys(self, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
-        """Which keys are stored now (committed by any daemon): a hint, settled again at write time."""
+        """Which keys are stored now, or were and are kept as deleted keys (committed by any
+        daemon): a hint to the ordering actors, and authoritative under the write's topic locks."""
         if not keys:
             return set()
         topics, ids = zip(*keys)
+        # One statement, so one snapshot: a sweep that moves a key from events to deleted_keys
+        # is seen either before or after, never in between.
         rows = (
             self._connection()
             .execute(
-                "SELECT e.topic, e.event_id FROM events AS e"
-                " JOIN unnest(%s::text[], %s::text[]) AS k(topic, event_id)"
-                " ON e.topic = k.topic AND e.event_id = k.event_id",
+                "WITH k AS (SELECT * FROM unnest(%s::text[], %s::text[]) AS k(topic, event_id))"
+                " SELECT e.topic, e.event_id FROM events AS e JOIN k USING (topic, event_id)"
+                " UNION ALL"
+                " SELECT d.topic, d.event_id FROM deleted_keys AS d JOIN k USING (topic, event_id)",
                 (list(topics), list(ids)),
             )
             .fetchall()
@@ -337,11 +389,19 @@ class PostgresStore:
                 states[topic] = TopicState(int(last_seq), int(last_ts_ns))
         return states
 
-    def write(self, rows: Sequence[Row], topics: dict[str, TopicDelta], totals: dict[str, int]) -> GroupOutcome:
+    def write(
+        self,
+        rows: Sequence[Row],
+        topics: dict[str, TopicDelta],
+        totals: dict[str, int],
+        duplicates: Sequence[Content] = (),
+    ) -> GroupOutcome:
         """Store a group in one transaction (see the module docstring); its outcome.
 
         ``rows`` are the events the ordering actors believe new, in their order; ``topics`` and
-        ``totals`` what they counted (received, duplicates, late; rejected). Raises a psycopg
+        ``totals`` what they counted (received, duplicates, late; rejected); ``duplicates`` the
+        events they found duplicates, compared (with the rows settled as duplicates here) with
+        their originals for conflicting content. Raises a psycopg
         error or :class:`StorageError` when nothing (knowably) committed: call again with the
         same group, which is then safe whatever happened.
         """
@@ -356,7 +416,7 @@ class PostgresStore:
                 return lost_outcome
             serial = self._last_txn + 1
         conn = self._connection()
-        topic_names = sorted(set(topics).union(row[0] for row in rows))
+        topic_names = sorted(set(topics).union(row[0] for row in rows).union(d[0] for d in duplicates))
         missing = [topic for topic in topic_names if topic not in self._known_topics]
         if missing:
             # Autocommit, before the transaction: its row locks are then taken only in sorted order.
@@ -392,6 +452,20 @@ class PostgresStore:
                 conn.execute(_INSERT_EVENTS, columns)
             if deltas:
                 conn.execute(_UPDATE_TOPICS, [list(column) for column in zip(*deltas)])
+            resent = [*duplicates, *(_content(rows[index]) for index in outcome.duplicates)]
+            if resent:
+                # After the insert: an original written in this very group is compared too.
+                outcome.conflicting = self._conflicting(conn, resent)
+                if outcome.conflicting:
+                    outcome.totals["conflicting_duplicates"] = len(outcome.conflicting)
+                    per_topic: dict[str, int] = {}
+                    for index in outcome.conflicting:
+                        per_topic[resent[index][0]] = per_topic.get(resent[index][0], 0) + 1
+                    conn.execute(
+                        "UPDATE topics AS t SET conflicting_duplicates = t.conflicting_duplicates + v.n"
+                        " FROM unnest(%s::text[], %s::bigint[]) AS v(topic, n) WHERE t.topic = v.topic",
+                        (list(per_topic), list(per_topic.values())),
+                    )
             conn.execute(_UPDATE_NODE, [*(outcome.totals[name] for name in NODE_COUNTERS), serial, self.node])
             committing = True
             conn.execute("COMMIT")
@@ -410,6 +484,40 @@ class PostgresStore:
             raise
         self._last_txn = serial
         return outcome
+
+    @staticmethod
+    def _conflicting(conn: psycopg.Connection[Any], resent: Sequence[Content]) -> list[int]:
+        """The indexes of ``resent`` whose content differs from their original's.
+
+        An exact re-send is settled by the server comparing bytes; the rest are fingerprinted
+        against the stored row or, for a deleted event, its key's record. A key found in neither
+        (forgotten after the horizon meanwhile) does not conflict. A bug in the comparison must
+        not cost the commit: it is logged and nothing counted as conflicting.
+        """
+        columns: list[list[Any]] = [list(range(len(resent)))]
+        for position in (0, 1, 2, 4, 5):
+            columns.append([content[position] for content in resent])
+        rows = conn.execute(_ORIGINALS, columns).fetchall()
+        try:
+            differing = []
+            for index, same, ts_ns, source, payload, kept in rows:
+                if same:
+                    continue
+                if payload is not None:
+                    original = fingerprint(int(ts_ns), source, bytes(payload))
+                elif kept is not None:
+                    original = bytes(kept)
+                else:
+                    continue
+                _topic, _event_id, _timestamp, r_ts_ns, r_source, r_payload = resent[index]
+                if original != fingerprint(r_ts_ns, r_source, bytes(r_payload)):
+                    differing.append(int(index))
+        except Exception:
+            log.exception(
+                "comparing %d duplicates with their originals failed; none counted as conflicting", len(resent)
+            )
+            return []
+        return sorted(differing)
 
     @staticmethod
     def _number(
@@ -477,6 +585,139 @@ class PostgresStore:
         }
         return outcome, new_rows, deltas
 
+    # --- Retention: each method runs a short transaction of its own (see the module docstring).
+
+    def try_sweep_lock(self) -> bool:
+        """Take the cluster's sweep lock if no other daemon holds it: only one sweeps at a time.
+
+        A session lock: it lasts across the sweep's transactions until :meth:`sweep_unlock`
+        (or the connection's end). Should two sweeps still overlap (a lost connection lets
+        another daemon in), each deletion and count stays exact: a row deleted by the other
+        sweep is skipped by this one's DELETE.
+        """
+        row = self._run(lambda conn: conn.execute("SELECT pg_try_advisory_lock(%s)", (SWEEP_LOCK,)).fetchone())
+        return bool(row and row[0])
+
+    def sweep_unlock(self) -> None:
+        """Let another daemon's sweep run (no error if the lock went with a lost connection)."""
+        if self._conn is not None and not (self._conn.closed or self._conn.broken):
+            try:
+                self._conn.execute("SELECT pg_advisory_unlock(%s)", (SWEEP_LOCK,))
+            except Exception as exc:
+                log.warning("releasing the sweep lock failed: %s", one_line(exc))
+
+    def expire_oldest(self, received_before: float, max_rows: int) -> int:
+        """Delete up to ``max_rows`` of the oldest events in commit order, stopping at the first
+        that arrived at or after ``received_before``; how many went.
+
+        Commit positions are taken under one row lock held until COMMIT, so commit order is
+        position order and a prefix of it is a prefix of every topic's seqs: stored seqs stay
+        gapless from first to last.
+        """
+
+        def chunk(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+            rows = conn.execute(
+                "SELECT position, topic, received_at FROM events ORDER BY position LIMIT %s", (max_rows,)
+            ).fetchall()
+            doomed = []
+            for row in rows:
+                if row[2] >= received_before:
+                    break
+                doomed.append(row)
+            return doomed
+
+        return self._expire(chunk)
+
+    def topics_over(self, max_events: int) -> list[tuple[str, int]]:
+        """(topic, how many events over ``max_events`` it holds), for every topic of the cluster."""
+        return self._run(
+            lambda conn: [
+                (str(topic), int(excess))
+                for topic, excess in conn.execute(
+                    "SELECT topic, last_seq - expired - %s FROM topics WHERE last_seq - expired > %s ORDER BY topic",
+                    (max_events, max_events),
+                ).fetchall()
+            ]
+        )
+
+    def expire_topic_oldest(self, topic: str, count: int) -> int:
+        """Delete the ``count`` lowest-seq events of ``topic``; how many went."""
+        return self._expire(
+            lambda conn: conn.execute(
+                "SELECT position, topic, received_at FROM events WHERE topic = %s ORDER BY seq LIMIT %s",
+                (topic, count),
+            ).fetchall()
+        )
+
+    def forget_keys(self, committed_before: float, max_rows: int) -> int:
+        """Drop up to ``max_rows`` deleted keys committed before ``committed_before`` (the dedup
+        horizon has passed: a replay of them is new again); how many went."""
+        return self._run(
+            lambda conn: (
+                conn.execute(
+                    "DELETE FROM deleted_keys WHERE (topic, event_id) IN (SELECT topic, event_id FROM deleted_keys"
+                    " WHERE committed_at < %s ORDER BY committed_at LIMIT %s)",
+                    (int(committed_before), max_rows),
+                ).rowcount
+            )
+        )
+
+    def _expire(self, chunk: Callable[[psycopg.Connection[Any]], list[tuple[Any, ...]]]) -> int:
+        """In one transaction: pick a chunk's rows, lock their topics' counter rows (in sorted
+        order, as writers do, so neither deadlocks the other and a writer's key lookup never
+        sees a topic half-swept), delete the rows, keep their keys and count them."""
+
+        def run(conn: psycopg.Connection[Any]) -> int:
+            with conn.transaction():
+                doomed = chunk(conn)
+                if not doomed:
+                    return 0
+                names = sorted({row[1] for row in doomed})
+                conn.execute(
+                    "SELECT 1 FROM topics WHERE topic = ANY(%s) ORDER BY topic FOR NO KEY UPDATE", (names,)
+                ).fetchall()
+                # RETURNING gives only the rows this transaction deleted, never one another sweep took.
+                deleted = conn.execute(
+                    "DELETE FROM events WHERE position = ANY(%s)"
+                    " RETURNING topic, event_id, seq, ts_ns, source, payload, received_at",
+                    ([row[0] for row in doomed],),
+                ).fetchall()
+                if not deleted:
+                    return 0
+                records = [
+                    (topic, event_id, seq, fingerprint(int(ts_ns), source, bytes(payload)), int(received_at) + 1)
+                    for topic, event_id, seq, ts_ns, source, payload, received_at in deleted
+                ]
+                conn.execute(_RECORD_DELETED, [list(column) for column in zip(*records)])
+                per_topic: dict[str, int] = {}
+                for record in records:
+                    per_topic[record[0]] = per_topic.get(record[0], 0) + 1
+                conn.execute(
+                    "UPDATE topics AS t SET expired = t.expired + v.n"
+                    " FROM unnest(%s::text[], %s::bigint[]) AS v(topic, n) WHERE t.topic = v.topic",
+                    (list(per_topic), list(per_topic.values())),
+                )
+                conn.execute(
+                    "UPDATE nodes SET expired = expired + %s, stored = stored - %s WHERE node = %s",
+                    (len(deleted), len(deleted), self.node),
+                )
+                return len(deleted)
+
+        return self._run(run)
+
+    def _run(self, work: Callable[[psycopg.Connection[Any]], _T]) -> _T:
+        """``work(connection)``, its psycopg errors raised as one-line :class:`StorageError`; a
+        lost connection is dropped, to be made again by the next call."""
+        pg = _psycopg()
+        conn = self._connection()
+        try:
+            return work(conn)
+        except pg.Error as exc:
+            if conn.closed or conn.broken:
+                conn.close()
+                self._conn = None
+            raise StorageError(f"{self.where}: {one_line(exc)}") from None
+
     def close(self) -> None:
         """Close the connection (an open transaction is rolled back by the server)."""
         if self._conn is not None:
@@ -543,19 +784,25 @@ class PostgresReader:
     def topics(self) -> list[dict[str, Any]]:
         """Every topic with an event, with its count, last seq and counters, by name."""
         rows = self._query(
-            "SELECT topic, last_seq, received, duplicate_dropped, late FROM topics WHERE last_seq > 0 ORDER BY topic"
+            "SELECT topic, last_seq, received, duplicate_dropped, late, expired, conflicting_duplicates"
+            " FROM topics WHERE last_seq > 0 ORDER BY topic"
         )
         return [
             {
                 "topic": topic,
-                "count": last_seq,
+                # Seqs are gapless from 1 and retention deletes the lowest first, so the stored
+                # ones run from expired + 1 to the last seq.
+                "count": last_seq - expired,
+                "first_seq": expired + 1,
                 "last_seq": last_seq,
                 "received": received,
                 "unique_processed": last_seq,
                 "duplicate_dropped": duplicates,
+                "conflicting_duplicates": conflicting,
+                "expired": expired,
                 "late": late,
             }
-            for topic, last_seq, received, duplicates, late in rows
+            for topic, last_seq, received, duplicates, late, expired, conflicting in rows
         ]
 
     def first(self, topic: str | None) -> int:
@@ -678,8 +925,11 @@ class PostgresDedupActor(DedupActor):
                 total = topics.setdefault(topic, TopicDelta())
                 total.received += delta.received
                 total.duplicate_dropped += delta.duplicate_dropped
+        resent = list(itertools.chain.from_iterable(write.duplicates for write in writes))
         try:
-            outcome = self._pg.write(rows, topics, {"received": received, "rejected": rejected})
+            outcome = self._pg.write(
+                rows, topics, {"received": received, "rejected": rejected}, [event for event, _ticket in resent]
+            )
         except Exception as exc:
             self._group_writes, self._group_rejected = len(writes), rejected
             self._fail_pg(exc, received)
@@ -695,6 +945,8 @@ class PostgresDedupActor(DedupActor):
         self._txn_events = sum(write.events for write in self._writes)
         self._txn_started = time.monotonic()
         self._settle(writes, outcome)
+        if outcome.conflicting:
+            self._name_conflicting(writes, resent, outcome)
         self._after_commit(writes, {name: outcome.totals[name] for name in COUNTER_NAMES})
         return True
 
@@ -722,6 +974,81 @@ class PostgresDedupActor(DedupActor):
             index = end
             if target < 0:
                 return
+
+    def _name_conflicting(
+        self, writes: list[WriteBatch], resent: list[tuple[Event, AckTicket | None]], outcome: GroupOutcome
+    ) -> None:
+        """Log each conflicting duplicate and name it in its batch's acknowledgement."""
+        rows: list[tuple[Row, AckTicket | None]] = []
+        for write in writes:
+            tickets = write.row_tickets or [None] * len(write.rows)
+            rows.extend(zip(write.rows, tickets))
+        for index in outcome.conflicting:
+            event: Event | None
+            if index < len(resent):
+                event, ticket = resent[index]
+                topic, event_id = event.topic, event.event_id
+            else:
+                # A row found stored (or kept) at write time: its event is the batch's first with that key.
+                row, ticket = rows[outcome.duplicates[index - len(resent)]]
+                topic, event_id = row[0], row[1]
+                events = ticket.events if ticket is not None and ticket.events else []
+                event = next((e for e in events if e.topic == topic and e.event_id == event_id), None)
+            self._warn.warning(
+                "conflicting duplicate: topic %r event_id %r was re-sent with different content; the first stored"
+                " version is kept (a publisher reuses event ids)",
+                topic,
+                event_id,
+            )
+            if ticket is not None and event is not None:
+                ticket.conflicting.append(event)
+
+    # --- Retention: the sweep of the SQLite actor, on the shared database, by one daemon at a time.
+
+    def _sweep_chunks(self, retention: RetentionConfig) -> Iterator[None]:
+        """One sweep, if this daemon gets the cluster's sweep lock: every limit in turn, one
+        short transaction of at most EXPIRE_CHUNK rows per step."""
+        store = self._pg
+        if not store.try_sweep_lock():
+            return  # another daemon sweeps the shared database now
+        try:
+            max_age = retention.max_age_s
+            if max_age is not None:
+                received_before = time.time() - max_age
+                while self._expire_chunk(store.expire_oldest, received_before, self._chunk):
+                    yield
+            keep = retention.max_events_per_topic
+            if keep:
+                # Every topic, not only this daemon's: the others' writes count as well.
+                for topic, excess in store.topics_over(keep):
+                    while excess > 0:
+                        count = min(excess, self._chunk)
+                        excess -= count
+                        if not self._expire_chunk(store.expire_topic_oldest, topic, count):
+                            break
+                        yield
+            horizon = retention.dedup_horizon_s
+            if horizon is not None:
+                committed_before = time.time() - horizon
+                while store.forget_keys(committed_before, EXPIRE_CHUNK) == EXPIRE_CHUNK:
+                    yield
+        finally:
+            store.sweep_unlock()
+
+    def _expire_chunk(self, delete: Callable[..., int], *args: Any) -> int:
+        """Run one expiry chunk, ``delete(*args)`` (a transaction of its own), size the next one
+        and publish the counters it changed."""
+        started = time.monotonic()
+        deleted = delete(*args)
+        if deleted >= self._chunk // 2:  # a full-ish chunk: time it and size the next one
+            took = max(time.monotonic() - started, 1e-4)
+            wanted = int(self._chunk * EXPIRE_CHUNK_S / took)
+            self._chunk = max(EXPIRE_CHUNK_MIN, min(EXPIRE_CHUNK, wanted, self._chunk * 2))
+        if deleted:
+            self._counters["expired"] += deleted
+            self._counters["stored"] -= deleted
+            self._live.committed = dict(self._counters)
+        return deleted
 
     def _fail_pg(self, exc: BaseException, events: int) -> None:
         delay = STORAGE_RETRY.delay(self._failures)

@@ -68,6 +68,10 @@ def test_state_directory_wins_for_a_relative_storage_path(tmp_path: Path, monkey
         ("[ingest]\nbind = [1]\n", r"\[ingest\] bind must be a str"),
         ("ingest = 3\n", r"\[ingest\] must be a table"),
         ("not toml at all [", "not valid TOML"),
+        (
+            "[storage]\nbackend = 'postgresql'\ndsn = 'postgresql://x/y'\n[retention]\nmax_bytes = '1GB'\n",
+            r"\[retention\] max_bytes needs \[storage\] backend = \"sqlite\"",
+        ),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, text: str, message: str) -> None:

@@ -1,0 +1,209 @@
+"""Retention on PostgreSQL: two daemons share one database; one sweeps at a time, deleted keys
+keep rejecting replays until the dedup horizon, seqs never go back, conflicting re-sends are
+flagged, and the cluster's counters add up.
+
+Runs against a real throwaway PostgreSQL cluster (tests/pg_cluster.py), started once for the
+module; each test has a database of its own. Skipped where PostgreSQL or psycopg is missing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from harness import Daemon, eventually
+from pg_cluster import PgCluster, missing_reason
+from test_retention import Acked, _resends, event, invariants
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(missing_reason() is not None, reason=missing_reason() or ""),
+]
+
+QUICK = {"sweep_interval": "1s"}
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PgCluster]:
+    """One throwaway PostgreSQL server for the whole module, removed at its end."""
+    cluster = PgCluster()
+    try:
+        cluster.init()
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def database(pg: PgCluster, request: pytest.FixtureRequest) -> str:
+    """A fresh database for this test; its dsn."""
+    return pg.create_database(re.sub(r"\W", "_", request.node.name)[:60])
+
+
+def two_daemons(factory: Callable[..., Daemon], dsn: str, **retention: Any) -> tuple[Daemon, Daemon]:
+    """Two daemons on one database, with these [retention] settings (and a quick sweep)."""
+    daemons = []
+    for name in ("node-a", "node-b"):
+        daemon = factory(
+            name,
+            storage={"backend": "postgresql", "dsn": dsn, "node": name},
+            retention={**QUICK, **retention},
+            ordering={"window_ms": 0},
+        )
+        daemons.append(daemon.start())
+    return daemons[0], daemons[1]
+
+
+def query(dsn: str, sql: str) -> list[tuple[Any, ...]]:
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cursor = conn.execute(sql)
+        return cursor.fetchall() if cursor.description else []
+
+
+def count(dsn: str, table: str) -> int:
+    return int(query(dsn, f"SELECT count(*) FROM {table}")[0][0])
+
+
+def wait_cluster(daemon: Daemon, timeout: float = 60.0, **expected: int) -> dict[str, Any]:
+    """The cluster's summed counters once they show ``expected``."""
+    seen: dict[str, Any] = {}
+
+    def reached() -> bool:
+        seen.update(daemon.stats()["cluster"])
+        return all(seen.get(name) == value for name, value in expected.items())
+
+    eventually(reached, timeout, f"cluster counters {expected}")
+    return seen
+
+
+def topic_row(daemon: Daemon, topic: str) -> dict[str, Any]:
+    rows = {row["topic"]: row for row in daemon.request({"op": "topics"})["topics"]}
+    return rows[topic]
+
+
+@pytest.mark.timeout(240)
+def test_two_daemons_expire_by_age_and_replays_of_expired_events_stay_duplicates(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    a, b = two_daemons(daemon_factory, database, max_age="2s")
+    events = [event(n, topic=f"t{n % 5}") for n in range(4_000)]
+    to_a, to_b = Acked(a.ack), Acked(b.ack)
+    try:
+        # Each daemon stores half; both sweep the one database, one at a time.
+        assert to_a.send_all(events[:2_000]) == (2_000, 0, [])
+        assert to_b.send_all(events[2_000:]) == (2_000, 0, [])
+        cluster = wait_cluster(a, stored=0, expired=4_000, unique_processed=4_000)
+        assert count(database, "events") == 0
+        assert count(database, "deleted_keys") == 4_000
+        for daemon in (a, b):
+            stats = daemon.wait_idle()
+            invariants(stats)  # per node: stored == unique_processed - expired, whoever swept
+        assert a.stats()["expired"] + b.stats()["expired"] == 4_000
+
+        row = topic_row(b, "t0")
+        assert (row["count"], row["first_seq"], row["last_seq"], row["expired"]) == (0, 801, 800, 800)
+        reply = b.request({"op": "events", "topic": "t0", "after": 0, "limit": 10})
+        assert reply["events"] == [] and reply["first"] == 801
+
+        # A replay of every expired event, through either daemon: all duplicates, none conflicting.
+        assert to_b.send_all(events[:2_000]) == (0, 2_000, [])
+        assert to_a.send_all(events[2_000:]) == (0, 2_000, [])
+        cluster = wait_cluster(a, duplicate_dropped=4_000)
+        assert cluster["unique_processed"] == 4_000 and cluster["conflicting_duplicates"] == 0
+        assert cluster["received"] == cluster["unique_processed"] + cluster["duplicate_dropped"]
+
+        # Seqs continue after expiry.
+        assert to_a.send([event(90_000 + n, topic="t0") for n in range(3)])["new"] == 3
+        assert [e["seq"] for e in a.events("t0")] == [801, 802, 803]
+    finally:
+        to_a.close()
+        to_b.close()
+
+
+@pytest.mark.timeout(240)
+def test_two_daemons_keep_each_topics_newest_max_events_per_topic(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    a, b = two_daemons(daemon_factory, database, max_events_per_topic=100)
+    events = [event(n, topic=f"k{n % 3}") for n in range(750)]
+    to_a, to_b = Acked(a.ack), Acked(b.ack)
+    try:
+        assert to_a.send_all(events[:400], size=200)[0] == 400
+        assert to_b.send_all(events[400:], size=175)[0] == 350
+        cluster = wait_cluster(a, stored=300, expired=450)
+        assert cluster["unique_processed"] == 750
+        for topic in ("k0", "k1", "k2"):
+            stored = b.events(topic)
+            assert [e["seq"] for e in stored] == list(range(151, 251))
+            assert [e["event_id"] for e in stored] == [e["event_id"] for e in events if e["topic"] == topic][-100:]
+            row = topic_row(a, topic)
+            assert (row["count"], row["first_seq"], row["last_seq"]) == (100, 151, 250)
+        assert count(database, "deleted_keys") == 450
+        # An expired one replayed is a duplicate.
+        assert to_b.send([events[0]])["duplicate"] == 1
+    finally:
+        to_a.close()
+        to_b.close()
+
+
+@pytest.mark.timeout(180)
+def test_after_the_dedup_horizon_a_replay_is_new_with_the_next_seq(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    a, b = two_daemons(daemon_factory, database, max_age="1s", dedup_horizon="3s")
+    events = [event(n, topic="h") for n in range(5)]
+    to_a = Acked(a.ack)
+    to_b = Acked(b.ack)
+    try:
+        assert to_a.send(events)["new"] == 5
+        wait_cluster(a, expired=5)
+        eventually(lambda: count(database, "deleted_keys") == 0, 60, "deleted keys forgotten after the horizon")
+        reply = to_b.send(events)
+        assert (reply["new"], reply["duplicate"]) == (5, 0)
+        assert [e["seq"] for e in query_events(database, "h")] in ([6, 7, 8, 9, 10], [])
+        assert topic_row(a, "h")["last_seq"] == 10
+        wait_cluster(a, expired=10, stored=0, unique_processed=10)
+    finally:
+        to_a.close()
+        to_b.close()
+
+
+def query_events(dsn: str, topic: str) -> list[dict[str, Any]]:
+    return [{"seq": seq} for (seq,) in query(dsn, f"SELECT seq FROM events WHERE topic = '{topic}' ORDER BY seq")]
+
+
+@pytest.mark.timeout(180)
+def test_conflicting_re_sends_are_flagged_before_and_after_expiry_and_counted_across_the_cluster(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    a, b = two_daemons(daemon_factory, database, max_age="6s")
+    to_a, to_b = Acked(a.ack), Acked(b.ack)
+    try:
+        assert to_a.send([event(n) for n in range(7)])["new"] == 7
+        reply = to_b.send(_resends())  # through the other daemon: the original is another's row
+        assert (reply["new"], reply["duplicate"], reply["conflicting"]) == (0, 7, [3, 4, 5, 6])
+        # A copy inside one batch is compared with its original in the same transaction.
+        reply = to_a.send([{"bad": 1}, event(50), event(50, source="else")])
+        assert (reply["new"], reply["duplicate"], reply["conflicting"]) == (1, 1, [2])
+        wait_cluster(a, conflicting_duplicates=5)
+        assert topic_row(a, "t")["conflicting_duplicates"] == 5
+        assert "conflicting duplicate: topic 't' event_id 'e-3'" in b.log()
+        stored = {e["event_id"]: e for e in a.events("t")}
+        assert stored["e-3"]["payload"] == {"n": 3, "text": "x" * 20}  # the first stored version wins
+
+        wait_cluster(a, timeout=60, stored=0)
+        # After expiry only the kept fingerprints are left: the verdicts are the same.
+        reply = to_a.send(_resends())
+        assert (reply["new"], reply["duplicate"], reply["conflicting"]) == (0, 7, [3, 4, 5, 6])
+        cluster = wait_cluster(b, conflicting_duplicates=9)
+        assert cluster["stored"] == cluster["unique_processed"] - cluster["expired"]
+        assert topic_row(b, "t")["conflicting_duplicates"] == 9
+        assert a.stats()["conflicting_duplicates"] + b.stats()["conflicting_duplicates"] == 9
+    finally:
+        to_a.close()
+        to_b.close()
