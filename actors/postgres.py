@@ -26,6 +26,13 @@ reads that row and knows whether the lost COMMIT took effect; if it did, its alr
 outcome stands, else the group is written afresh (and any key another daemon stored meanwhile
 is a duplicate).
 
+Retention ([retention] but max_bytes) is swept by one daemon at a time (a session advisory
+lock), between its group commits, in short transactions that lock the chunk's topic rows in
+sorted order like a write, delete the rows and keep their keys in ``deleted_keys``. Step 3
+above looks keys up in both tables in one statement, so a replay of a deleted key is a
+duplicate until the dedup horizon, and a re-send's content is compared with the stored row or
+the kept fingerprint in the same transaction.
+
 The schema is created and migrated at start under an advisory lock, with a version row; a
 database made by a newer version is refused.
 """

@@ -9,6 +9,7 @@ module; each test has a database of its own. Skipped where PostgreSQL or psycopg
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -207,3 +208,64 @@ def test_conflicting_re_sends_are_flagged_before_and_after_expiry_and_counted_ac
     finally:
         to_a.close()
         to_b.close()
+
+
+def test_write_time_settlement_finds_kept_keys_and_their_conflicts(database: str) -> None:
+    """Rows the ordering actors believed new (the hint came before the sweep) are settled under
+    the topic locks: a kept key is a duplicate, compared with its fingerprint; seqs go on."""
+    from actors.postgres import PostgresStore
+    from actors.store import TopicDelta
+
+    def rows(*pairs: tuple[str, str]) -> list[Any]:
+        return [
+            ("t", event_id, 0, "2025-10-22T10:00:00Z", 1_000 + n, source, b"\x81\xa1n\x01", 0.0, 0)
+            for n, (event_id, source) in enumerate(pairs)
+        ]
+
+    store = PostgresStore(database, "writer")
+    store.open()
+    try:
+        first = rows(("a", "s"), ("b", "s"), ("c", "s"))
+        assert store.write(first, {"t": TopicDelta(received=3)}, {"received": 3}).totals["unique_processed"] == 3
+        assert store.try_sweep_lock()
+        assert store.expire_oldest(received_before=1.0, max_rows=10) == 3
+        store.sweep_unlock()
+        assert count(database, "events") == 0 and count(database, "deleted_keys") == 3
+        # a: same content; b: another source (conflicting); d: new.
+        outcome = store.write(
+            rows(("a", "s"), ("b", "other"), ("d", "s")), {"t": TopicDelta(received=3)}, {"received": 3}
+        )
+        assert outcome.duplicates == [0, 1] and outcome.conflicting == [1]
+        assert outcome.totals["unique_processed"] == 1 and outcome.totals["conflicting_duplicates"] == 1
+        assert query(database, "SELECT event_id, seq FROM events") == [("d", 4)]
+        # After the horizon the keys are forgotten: a replay is new, with the next seq.
+        assert store.forget_keys(committed_before=10.0, max_rows=10) == 3
+        outcome = store.write(rows(("a", "s")), {"t": TopicDelta(received=1)}, {"received": 1})
+        assert outcome.duplicates == [] and outcome.totals["unique_processed"] == 1
+        assert query(database, "SELECT event_id, seq FROM events ORDER BY seq") == [("d", 4), ("a", 5)]
+        assert query(database, "SELECT stored, expired, conflicting_duplicates FROM nodes") == [(2, 3, 1)]
+        assert query(database, "SELECT expired, conflicting_duplicates FROM topics") == [(3, 1)]
+    finally:
+        store.close()
+
+
+@pytest.mark.timeout(120)
+def test_no_daemon_sweeps_while_another_holds_the_sweep_lock(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    import psycopg
+
+    from actors.postgres import SWEEP_LOCK
+
+    with psycopg.connect(database, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (SWEEP_LOCK,))
+        a, b = two_daemons(daemon_factory, database, max_age="1s")
+        to_a = Acked(a.ack)
+        try:
+            assert to_a.send([event(n) for n in range(50)])["new"] == 50
+            time.sleep(4)  # several sweep intervals past max_age
+            assert count(database, "events") == 50
+            holder.execute("SELECT pg_advisory_unlock(%s)", (SWEEP_LOCK,))
+            wait_cluster(a, expired=50, stored=0)
+        finally:
+            to_a.close()
