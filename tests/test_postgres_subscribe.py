@@ -179,3 +179,24 @@ def test_delivery_latency_across_daemons(daemon_factory: Callable[..., Daemon], 
             f" min {figures[0] * 1000:.0f} ms, max {figures[-1] * 1000:.0f} ms"
         )
     assert statistics.median(delays) < 1.0
+
+
+def test_subscribers_stay_connected_through_a_postgresql_outage_and_miss_nothing(
+    daemon_factory: Callable[..., Daemon], database: str, pg: PgCluster
+) -> None:
+    """PostgreSQL stopped while a subscriber follows on B: heartbeats go on, then delivery resumes."""
+    a, b = two_daemons(daemon_factory, database)
+    publish(a.ack, "--acked", "--events", "200", "--topics", "3")
+    with Subscriber(b.subscribe, after=0, heartbeat=0.2, timeout=1.5) as follower:
+        got = take(follower, 200)
+        pg.stop()
+        try:
+            assert follower.next_event(4) is None  # 4 s: well past the consumer's 1.5 s timeout
+        finally:
+            pg.start()
+        publish(a.ack, "--acked", "--events", "200", "--topics", "3", "--id-prefix", "after")
+        got += take(follower, 200)
+        assert follower.next_event(0.5) is None
+        assert follower.reconnects == 0  # the daemon kept answering while its database was away
+    assert [event["position"] for event in got] == list(range(1, 401))
+    assert "reading the head position failed" in b.log() or "retrying" in b.log()
