@@ -7,9 +7,10 @@ gets is read from the database after its cursor, through this one path, whether 
 committed a moment ago. So there is no switch from backlog to live that could lose or repeat
 an event, and nothing uncommitted is ever sent (the read connection sees committed
 transactions only). A one-topic subscription pages on ``(topic, seq)``; an all-topics one on
-the rowid, the commit position the ``events`` query pages with (rowids grow in commit order
-under the single writer, and a commit is atomic, so a reader never sees a later position
-without every earlier one).
+the commit position the ``events`` query pages with: on SQLite the rowid (rowids grow in commit
+order under the single writer, and a commit is atomic), on PostgreSQL the ``position`` column
+(taken under a row lock held until COMMIT); either way a reader never sees a later position
+without every earlier one.
 
 The dedup actor calls :meth:`HeadSignal.moved` after each COMMIT that stored events: a byte
 into a pipe this thread polls beside the socket. It wakes the thread, which reads on for every
@@ -21,10 +22,10 @@ the head position every ``poll_s`` (one cheap query) and reads on when it moved.
 Flow control is by credit: a consumer grants credit (events), the daemon sends at most that
 many and then nothing until more is granted. Per subscription the daemon keeps only its
 cursor, credit and timers, never events: a consumer that stops reading is simply behind, and
-its backlog is read from the database when it grants credit again. All-topics followers near the head
-share one window of recent events (:class:`RecentEvents`), and followers at one cursor in one
-pass share a read, so ten live followers cost one query and one encoding per commit, not ten.
-Events are encoded with the stored payload (already msgpack) spliced in as is.
+its backlog is read from the database when it grants credit again. All-topics followers near
+the head share one window of recent events (:class:`RecentEvents`), and followers at one cursor
+in one pass share a read, so ten live followers cost one query and one encoding per commit, not
+ten. Events are encoded with the stored payload (already msgpack) spliced in as is.
 
 Named consumers acknowledge positions; they are stored by the dedup actor, the daemon's writer
 (:class:`SaveConsumerPositions`, asked without blocking this thread), and confirmed to the
