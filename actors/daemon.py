@@ -28,6 +28,7 @@ import pykka
 import zmq
 
 from actors.dedup import DedupActor
+from actors.event_sources import EventSource, SqliteEventSource
 from actors.flow import InFlight, LiveFigures, PipelineDepth
 from actors.ingest import IngestServer
 from actors.messages import Freeze, Ping, Sync, Tick
@@ -168,15 +169,11 @@ class Daemon:
                 "query",
                 lambda: QueryServer(self.context, cfg.query, self.stats, secure, reader=self.reader, gate=gate),  # type: ignore[arg-type]
             )
-            if cfg.storage.backend == "sqlite":
-                self.subscriptions = self._bind(
-                    "subscribe",
-                    lambda: SubscriptionServer(
-                        self.context, cfg.subscribe, cfg.database_path, dedup, self.head, secure, gate
-                    ),
-                )
-            else:
-                log.warning("subscriptions are served on the SQLite backend only: [subscribe] bind is not opened")
+            source = self._event_source()
+            self.subscriptions = self._bind(
+                "subscribe",
+                lambda: SubscriptionServer(self.context, cfg.subscribe, source, dedup, self.head, secure, gate),
+            )
         except BaseException:
             self._stop_actors()
             if self.security is not None:
@@ -202,7 +199,16 @@ class Daemon:
             cfg.ordering.actors,
         )
 
-    # The one place each store is chosen: the dedup actor owns the writer, the stats actor the reader.
+    # The one place each store is chosen: the dedup actor owns the writer, the stats actor the
+    # reader, the subscription thread an event source.
+    def _event_source(self) -> EventSource:
+        storage = self.config.storage
+        if storage.backend == "postgresql":
+            from actors.postgres import PostgresEventSource
+
+            return PostgresEventSource(storage.dsn, self.config.storage_node)
+        return SqliteEventSource(self.config.database_path)
+
     def _start_dedup(self, **kwargs: Any) -> pykka.ActorRef[Any]:
         storage = self.config.storage
         if storage.backend == "postgresql":

@@ -43,7 +43,7 @@ import itertools
 import logging
 import operator
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -52,7 +52,7 @@ import msgpack
 
 from actors.dedup import EXPIRE_CHUNK, EXPIRE_CHUNK_MIN, EXPIRE_CHUNK_S, STORAGE_RETRY, DedupActor
 from actors.fingerprint import fingerprint
-from actors.messages import AckTicket, ClassifyResult, Ping, WriteBatch
+from actors.messages import AckTicket, ClassifyResult, Ping, SaveConsumerPositions, WriteBatch
 from actors.stats import StatsActor
 from actors.store import COUNTER_NAMES, Content, EventReader, Row, StorageError, TopicDelta, TopicState
 from transport.config import RetentionConfig
@@ -72,6 +72,10 @@ MIGRATION_LOCK = 0x6576656E74616767
 SWEEP_LOCK = MIGRATION_LOCK + 1
 CONNECT_TIMEOUT_S = 3  # libpq's minimum is 2
 STATEMENT_TIMEOUT_MS = 30_000
+# The subscription thread serves every consumer: one slow read must not stall it for long.
+SUBSCRIBE_STATEMENT_TIMEOUT_MS = 5_000
+SUBSCRIBE_POLL_S = 0.1  # how often the subscription thread looks for other daemons' commits
+RECONNECT_PAUSE_S = 1.0  # after a failed connect, reads fail at once for this long
 NODE_LOCK_WAIT_S = 15.0
 
 # Each migration takes the schema from the version before it to its own index + 1.
@@ -139,6 +143,15 @@ MIGRATIONS: tuple[str, ...] = (
         ADD COLUMN expired                bigint NOT NULL DEFAULT 0,
         ADD COLUMN conflicting_duplicates bigint NOT NULL DEFAULT 0;
     """,
+    # Named subscription consumers' acknowledged positions, shared by every daemon.
+    """
+    CREATE TABLE consumers (
+        name       text             PRIMARY KEY,
+        topic      text,
+        position   bigint           NOT NULL,
+        updated_at double precision NOT NULL
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -182,6 +195,7 @@ SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bytea[], %s::bigi
 ON CONFLICT (topic, event_id) DO UPDATE SET
     seq = excluded.seq, fingerprint = excluded.fingerprint, committed_at = excluded.committed_at
 """
+_SOURCE_COLUMNS = "position, topic, event_id, timestamp, source, payload, seq, late"
 
 _row_key = operator.itemgetter(0, 1)
 
@@ -725,6 +739,17 @@ class PostgresStore:
                 self._conn = None
             raise StorageError(f"{self.where}: {one_line(exc)}") from None
 
+    def save_consumer_positions(self, positions: dict[str, tuple[str | None, int]], at: float) -> None:
+        """Store named consumers' acknowledged positions: name -> (topic or None for all topics, cursor)."""
+        names = list(positions)
+        self._connection().execute(
+            "INSERT INTO consumers (name, topic, position, updated_at)"
+            " SELECT n, t, p, %s FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS v(n, t, p) ORDER BY n"
+            " ON CONFLICT (name) DO UPDATE SET topic = excluded.topic, position = excluded.position,"
+            " updated_at = excluded.updated_at",
+            (at, names, [positions[name][0] for name in names], [positions[name][1] for name in names]),
+        )
+
     def close(self) -> None:
         """Close the connection (an open transaction is rolled back by the server)."""
         if self._conn is not None:
@@ -825,8 +850,22 @@ class PostgresReader:
         return int(lowest) if lowest is not None else int(last or 0) + 1
 
     def consumers(self) -> list[dict[str, Any]]:
-        """Named consumers: none, as subscriptions are served by the SQLite backend only."""
-        return []
+        """Every named consumer: its topic (None: all topics), acknowledged position and lag (as
+        :meth:`EventReader.consumers`: the head past the position, the topic's or the commit one)."""
+        rows = self._query(
+            "SELECT c.name, c.topic, c.position, c.updated_at, t.last_seq, (SELECT last FROM positions)"
+            " FROM consumers AS c LEFT JOIN topics AS t ON t.topic = c.topic ORDER BY c.name"
+        )
+        return [
+            {
+                "name": name,
+                "topic": topic,
+                "position": int(position),
+                "lag": max(0, int(head if topic is None else (last_seq or 0)) - int(position)),
+                "updated_at": updated_at,
+            }
+            for name, topic, position, updated_at, last_seq, head in rows
+        ]
 
     def cluster_counters(self) -> dict[str, int]:
         """Every node's committed counters, summed."""
@@ -837,6 +876,83 @@ class PostgresReader:
     def ping(self) -> None:
         """Raise :class:`StorageError` unless the server answers."""
         self._query("SELECT 1")
+
+    def close(self) -> None:
+        """Close the connection."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+class PostgresEventSource:
+    """The subscription thread's reads (:class:`~actors.event_sources.EventSource`) on a connection
+    of its own. Positions are the gapless commit positions; ``poll_s`` is set because other
+    daemons commit to the same database without waking this one."""
+
+    poll_s: float | None = SUBSCRIBE_POLL_S
+
+    def __init__(self, dsn: str, node: str) -> None:
+        self.dsn = dsn
+        self.node = node
+        self.where = describe_dsn(dsn)
+        self.errors: tuple[type[BaseException], ...] = (StorageError, _psycopg().Error)
+        self._conn: psycopg.Connection[Any] | None = None
+        self._retry_connect = 0.0
+
+    def open(self) -> None:
+        """Nothing to do: the connection is made on the first read (and again after one is lost)."""
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is not None and not (self._conn.closed or self._conn.broken):
+            return self._conn
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        # Connecting blocks up to connect_timeout: while the server is away, try once a second,
+        # so the thread keeps serving heartbeats in between.
+        if time.monotonic() < self._retry_connect:
+            raise StorageError(f"{self.where} is unavailable; reconnecting")
+        try:
+            conn = connect(self.dsn, self.node, "subscriptions")
+            conn.execute(f"SET statement_timeout = {SUBSCRIBE_STATEMENT_TIMEOUT_MS}")
+        except Exception:
+            self._retry_connect = time.monotonic() + RECONNECT_PAUSE_S
+            raise
+        self._conn = conn
+        return conn
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._connection().execute(sql, params).fetchall()
+
+    def head(self) -> int:
+        ((head,),) = self._rows("SELECT last FROM positions")
+        return int(head)
+
+    def first(self) -> int | None:
+        ((first,),) = self._rows("SELECT min(position) FROM events")
+        return None if first is None else int(first)
+
+    def after(self, cursor: int, limit: int) -> list[tuple[Any, ...]]:
+        return self._rows(
+            f"SELECT {_SOURCE_COLUMNS} FROM events WHERE position > %s ORDER BY position LIMIT %s", (cursor, limit)
+        )
+
+    def filtered(self, cursor: int, upper: int, topics: Collection[str], limit: int) -> list[tuple[Any, ...]]:
+        return self._rows(
+            f"SELECT {_SOURCE_COLUMNS} FROM events WHERE position > %s AND position <= %s AND topic = ANY(%s)"
+            " ORDER BY position LIMIT %s",
+            (cursor, upper, list(topics), limit),
+        )
+
+    def topic_after(self, topic: str, seq: int, limit: int) -> list[tuple[Any, ...]]:
+        return self._rows(
+            f"SELECT {_SOURCE_COLUMNS} FROM events WHERE topic = %s AND seq > %s ORDER BY seq LIMIT %s",
+            (topic, seq, limit),
+        )
+
+    def consumer(self, name: str) -> tuple[str | None, int] | None:
+        rows = self._rows("SELECT topic, position FROM consumers WHERE name = %s", (name,))
+        return (rows[0][0], int(rows[0][1])) if rows else None
 
     def close(self) -> None:
         """Close the connection."""
@@ -1056,6 +1172,15 @@ class PostgresDedupActor(DedupActor):
             self._counters["stored"] -= deleted
             self._live.committed = dict(self._counters)
         return deleted
+
+    def _save_positions(self, message: SaveConsumerPositions) -> str | None:
+        """Between commits, like on SQLite: commit what is held, then the positions (autocommit)."""
+        self._commit()
+        try:
+            self._pg.save_consumer_positions(dict(message.positions), time.time())
+        except Exception as exc:
+            return f"storing consumer positions on {self._pg.where} failed: {one_line(exc)}"
+        return None
 
     def _fail_pg(self, exc: BaseException, events: int) -> None:
         delay = STORAGE_RETRY.delay(self._failures)

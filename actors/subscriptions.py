@@ -1,29 +1,33 @@
 """Live subscriptions: consumers follow the stored stream from any cursor, backlog then live.
 
-Theory of operation. One thread owns the ROUTER socket (``[subscribe] bind``) and a read-only
-SQLite connection of its own. The database is the log and the buffer: every event a consumer
-gets is read from SQLite after its cursor, through this one path, whether it is old or was
+Theory of operation. One thread owns the ROUTER socket (``[subscribe] bind``) and a database
+connection of its own, behind :class:`~actors.event_sources.EventSource` (a read-only SQLite
+connection, or a PostgreSQL one). The database is the log and the buffer: every event a consumer
+gets is read from the database after its cursor, through this one path, whether it is old or was
 committed a moment ago. So there is no switch from backlog to live that could lose or repeat
 an event, and nothing uncommitted is ever sent (the read connection sees committed
 transactions only). A one-topic subscription pages on ``(topic, seq)``; an all-topics one on
-the rowid, the commit position the ``events`` query pages with (rowids grow in commit order
-under the single writer, and a commit is atomic, so a reader never sees a later position
-without every earlier one).
+the commit position the ``events`` query pages with: on SQLite the rowid (rowids grow in commit
+order under the single writer, and a commit is atomic), on PostgreSQL the ``position`` column
+(taken under a row lock held until COMMIT); either way a reader never sees a later position
+without every earlier one.
 
 The dedup actor calls :meth:`HeadSignal.moved` after each COMMIT that stored events: a byte
 into a pipe this thread polls beside the socket. It wakes the thread, which reads on for every
 subscription that has credit. The dedup actor sends nothing else and never waits for this
-thread, so followers cannot slow ingest down beyond the reads themselves.
+thread, so followers cannot slow ingest down beyond the reads themselves. On PostgreSQL other
+daemons commit too, without waking this one: while anyone is subscribed the thread also reads
+the head position every ``poll_s`` (one cheap query) and reads on when it moved.
 
 Flow control is by credit: a consumer grants credit (events), the daemon sends at most that
 many and then nothing until more is granted. Per subscription the daemon keeps only its
 cursor, credit and timers, never events: a consumer that stops reading is simply behind, and
-its backlog is read from SQLite when it grants credit again. All-topics followers near the head
-share one window of recent events (:class:`RecentEvents`), and followers at one cursor in one
-pass share a read, so ten live followers cost one query and one encoding per commit, not ten.
-Events are encoded with the stored payload (already msgpack) spliced in as is.
+its backlog is read from the database when it grants credit again. All-topics followers near
+the head share one window of recent events (:class:`RecentEvents`), and followers at one cursor
+in one pass share a read, so ten live followers cost one query and one encoding per commit, not
+ten. Events are encoded with the stored payload (already msgpack) spliced in as is.
 
-Named consumers acknowledge positions; they are stored by the dedup actor, the only writer
+Named consumers acknowledge positions; they are stored by the dedup actor, the daemon's writer
 (:class:`SaveConsumerPositions`, asked without blocking this thread), and confirmed to the
 consumer once committed. The wire protocol is in docs/subscribe.md.
 """
@@ -32,17 +36,16 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import msgpack
 import pykka
 import zmq
 
+from actors.event_sources import EventSource
 from actors.messages import SaveConsumerPositions
 from transport.config import SubscribeConfig
 from transport.logs import RateLimitedLog
@@ -66,8 +69,6 @@ READ_RETRY_S = 1.0  # a read that failed is retried after this long
 SNDHWM = 1000
 # Recent all-topics events kept encoded, shared by every all-topics follower near the head.
 RECENT_EVENTS = 20_000
-
-_COLUMNS = "rowid, topic, event_id, timestamp, source, payload, seq, late"
 
 
 class SubscribeError(ValueError):
@@ -248,13 +249,11 @@ class RecentEvents:
         self.last: int | None = None  # every committed position up to this has been read
         self.complete = False  # the last read reached the head (until the head moves again)
 
-    def extend(self, conn: sqlite3.Connection, limit: int) -> None:
+    def extend(self, source: EventSource, limit: int) -> None:
         """Read up to ``limit`` events after the last one held."""
         if self.last is None:
-            (self.last,) = conn.execute("SELECT coalesce(max(rowid), 0) FROM events").fetchone()
-        rows = conn.execute(
-            f"SELECT {_COLUMNS} FROM events WHERE rowid > ? AND topic <> '' ORDER BY rowid LIMIT ?", (self.last, limit)
-        ).fetchall()
+            self.last = source.head()
+        rows = source.after(self.last, limit)
         for row in rows:
             self._positions.append(row[0])
             self._packed.append(_pack_event(row, True))
@@ -287,7 +286,7 @@ class SubscriptionServer:
         self,
         context: zmq.Context[Any],
         config: SubscribeConfig,
-        database: Path,
+        source: EventSource,
         dedup: pykka.ActorRef[Any],
         head: HeadSignal,
         secure: SocketHook | None = None,
@@ -295,7 +294,7 @@ class SubscriptionServer:
     ) -> None:
         self._config = config
         self._gate = gate or ConnectionGate(lambda: None)
-        self._database = database
+        self._source = source
         self._dedup = dedup
         self._head = head
         self._warn = RateLimitedLog(log)
@@ -309,7 +308,8 @@ class SubscriptionServer:
             secure(self._socket)
         self._socket.bind(config.bind)
         self._thread = threading.Thread(target=self._run, name="subscriptions", daemon=True)
-        self._conn: sqlite3.Connection | None = None
+        self._next_poll = 0.0
+        self._polled_head = -1
         self._subs: dict[bytes, Subscription] = {}
         self._by_name: dict[str, bytes] = {}
         self._recent = RecentEvents()
@@ -342,8 +342,7 @@ class SubscriptionServer:
 
     def _run(self) -> None:
         try:
-            self._conn = sqlite3.connect(f"{self._database.as_uri()}?mode=ro", uri=True)
-            self._conn.execute("PRAGMA busy_timeout=5000")
+            self._source.open()
             poller = zmq.Poller()
             poller.register(self._socket, zmq.POLLIN)
             poller.register(self._head.fileno(), zmq.POLLIN)
@@ -355,16 +354,17 @@ class SubscriptionServer:
                     timeout = SHORT_POLL_MS
                 else:
                     timeout = IDLE_POLL_MS
+                if self._source.poll_s is not None and self._subs:
+                    timeout = min(timeout, max(0, int((self._next_poll - time.monotonic()) * 1000) + 1))
                 ready = dict(poller.poll(timeout))
                 if self._head.fileno() in ready:
                     self._head.drain()
-                    self._recent.complete = False
-                    for sub in self._subs.values():
-                        sub.caught_up = False
+                    self._head_moved()
                 if self._socket in ready:
                     self._receive()
                 self._settle_acks()
                 now = time.monotonic()
+                self._poll_head(now)
                 if now >= self._next_timers:
                     self._timers(now)
                     self._next_timers = now + self._config.heartbeat_ms / 4000
@@ -374,8 +374,29 @@ class SubscriptionServer:
             raise
         finally:
             self._socket.close(linger=0)
-            if self._conn is not None:
-                self._conn.close()
+            self._source.close()
+
+    def _head_moved(self) -> None:
+        """Events were committed: every subscription reads on."""
+        self._recent.complete = False
+        for sub in self._subs.values():
+            sub.caught_up = False
+
+    def _poll_head(self, now: float) -> None:
+        """With other writers on the database (PostgreSQL), look at the head every ``poll_s`` while
+        anyone is subscribed: their commits send no wake-up to this daemon."""
+        poll_s = self._source.poll_s
+        if poll_s is None or not self._subs or now < self._next_poll:
+            return
+        self._next_poll = now + poll_s
+        try:
+            head = self._source.head()
+        except self._source.errors as exc:
+            self._warn.warning("reading the head position failed (%s); retrying", exc)
+            return
+        if head != self._polled_head:
+            self._polled_head = head
+            self._head_moved()
 
     def _receive(self) -> None:
         """Handle what the socket holds (at most a bounded number, so sending keeps its turn)."""
@@ -435,14 +456,11 @@ class SubscriptionServer:
             self._send(identity, {"op": "unsubscribed"})
 
     def _subscribe(self, identity: bytes, request: SubscribeRequest, now: float) -> None:
-        assert self._conn is not None
         after = request.after
         if request.name is not None:
             try:
-                stored = self._conn.execute(
-                    "SELECT topic, position FROM consumers WHERE name = ?", (request.name,)
-                ).fetchone()
-            except sqlite3.Error as exc:
+                stored = self._source.consumer(request.name)
+            except self._source.errors as exc:
                 raise SubscribeError(f"cannot read consumer {request.name!r}: {exc}", code="unavailable") from None
             if stored is not None and stored[0] != request.topic:
                 form = f"topic {stored[0]!r}" if stored[0] is not None else "all topics"
@@ -585,9 +603,8 @@ class SubscriptionServer:
             try:
                 if sub.topic is None and sub.topics is None:
                     if not recent.complete and not extended:
-                        assert self._conn is not None
                         extended = True
-                        recent.extend(self._conn, max(batch, self._config.max_credit))
+                        recent.extend(self._source, max(batch, self._config.max_credit))
                     held = recent.after(sub.cursor, want)
                 if held is not None:
                     rows, complete = held, recent.complete and (not held or held[-1][0] == recent.last)
@@ -597,7 +614,7 @@ class SubscriptionServer:
                     if read is None:
                         read = reads[key] = self._read(sub, batch)
                     rows, complete = read
-            except sqlite3.Error as exc:  # e.g. an I/O error: the subscription waits, the thread goes on
+            except self._source.errors as exc:  # I/O error, lost connection: this one waits, the thread goes on
                 self._warn.warning("reading events for a subscription failed (%s); retrying", exc)
                 sub.retry_at = now + READ_RETRY_S
                 self._retrying = True
@@ -631,37 +648,24 @@ class SubscriptionServer:
         With a topic filter one read scans at most FILTER_SCAN_ROWS positions; when it finds
         none of the topics the cursor moves past them.
         """
-        assert self._conn is not None
-        conn = self._conn
+        source = self._source
         if sub.topic is not None:
-            rows = conn.execute(
-                f"SELECT {_COLUMNS} FROM events WHERE topic = ? AND seq > ? ORDER BY seq LIMIT ?",
-                (sub.topic, sub.cursor, limit),
-            ).fetchall()
+            rows = source.topic_after(sub.topic, sub.cursor, limit)
             if rows and rows[0][6] > sub.cursor + 1:
                 self._expired(sub, rows[0][6])
             return [(row[6], _pack_event(row, False)) for row in rows], len(rows) < limit
         if sub.topics is None:
-            rows = conn.execute(
-                f"SELECT {_COLUMNS} FROM events WHERE rowid > ? AND topic <> '' ORDER BY rowid LIMIT ?",
-                (sub.cursor, limit),
-            ).fetchall()
+            rows = source.after(sub.cursor, limit)
             if rows and rows[0][0] > sub.cursor + 1:
                 self._check_expired(sub)
             return [(row[0], _pack_event(row, True)) for row in rows], len(rows) < limit
         # Read the head first: every position up to it is committed, so the scan below sees all of
         # them and may skip past the ones of other topics without missing one of these.
-        (head,) = conn.execute("SELECT coalesce(max(rowid), 0) FROM events").fetchone()
+        head = source.head()
         if sub.cursor >= head:
             return [], True
-        filtered = sorted(sub.topics)
         upper = min(head, sub.cursor + FILTER_SCAN_ROWS)
-        marks = ",".join("?" * len(filtered))
-        rows = conn.execute(
-            f"SELECT {_COLUMNS} FROM events WHERE rowid > ? AND rowid <= ? AND topic IN ({marks})"
-            " ORDER BY rowid LIMIT ?",
-            (sub.cursor, upper, *filtered, limit),
-        ).fetchall()
+        rows = source.filtered(sub.cursor, upper, sorted(sub.topics), limit)
         if rows:
             if rows[0][0] > sub.cursor + 1:
                 self._check_expired(sub)
@@ -671,8 +675,7 @@ class SubscriptionServer:
         return [], upper >= head
 
     def _check_expired(self, sub: Subscription) -> None:
-        assert self._conn is not None
-        (first,) = self._conn.execute("SELECT min(rowid) FROM events WHERE topic <> ''").fetchone()
+        first = self._source.first()
         if first is not None and first > sub.cursor + 1:
             self._expired(sub, first)
 

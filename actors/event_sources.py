@@ -1,0 +1,109 @@
+"""Where the subscription thread reads events and consumer positions: one small interface, one
+implementation per storage backend (SQLite here, PostgreSQL in actors/postgres.py).
+
+Every read returns stored rows as ``(position, topic, event_id, timestamp, source, payload, seq,
+late)``, the payload still msgpack, in the order asked for. Positions are commit positions
+(gapless commit order, except where retention deleted); a read sees committed events only.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any, Protocol
+
+EventRow = tuple[Any, ...]
+
+_COLUMNS = "rowid, topic, event_id, timestamp, source, payload, seq, late"
+
+
+class EventSource(Protocol):
+    """The subscription thread's reads; used on that thread only.
+
+    ``errors`` are the exceptions a read may raise when the database is unavailable: the thread
+    retries later. ``poll_s`` is how often to look for events committed by other writers (None:
+    this daemon is the only writer, and its dedup actor's wake-up is enough).
+    """
+
+    errors: tuple[type[BaseException], ...]
+    poll_s: float | None
+
+    def open(self) -> None:
+        """Prepare (called on the subscription thread before any read)."""
+
+    def head(self) -> int:
+        """The last committed position (0 when nothing was ever stored)."""
+
+    def first(self) -> int | None:
+        """The lowest position still stored, or None when nothing is."""
+
+    def after(self, cursor: int, limit: int) -> list[EventRow]:
+        """Up to ``limit`` events of every topic after position ``cursor``, by position."""
+
+    def filtered(self, cursor: int, upper: int, topics: Collection[str], limit: int) -> list[EventRow]:
+        """Up to ``limit`` events of ``topics`` after ``cursor`` and up to ``upper``, by position."""
+
+    def topic_after(self, topic: str, seq: int, limit: int) -> list[EventRow]:
+        """Up to ``limit`` events of ``topic`` after ``seq``, by seq."""
+
+    def consumer(self, name: str) -> tuple[str | None, int] | None:
+        """A named consumer's stored (topic or None for all topics, position), or None if unknown."""
+
+    def close(self) -> None:
+        """Release the connection."""
+
+
+class SqliteEventSource:
+    """Reads the SQLite database on a read-only connection of its own; the position is the rowid
+    (rowids grow in commit order under the single writer). Rows of topic '' are not events."""
+
+    errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
+    poll_s: float | None = None
+
+    def __init__(self, database: Path) -> None:
+        self._database = database
+        self._conn: sqlite3.Connection | None = None
+
+    def open(self) -> None:
+        self._conn = sqlite3.connect(f"{self._database.as_uri()}?mode=ro", uri=True)
+        self._conn.execute("PRAGMA busy_timeout=5000")
+
+    def _rows(self, sql: str, params: tuple[Any, ...]) -> list[EventRow]:
+        assert self._conn is not None, "open() first"
+        return self._conn.execute(sql, params).fetchall()
+
+    def head(self) -> int:
+        ((head,),) = self._rows("SELECT coalesce(max(rowid), 0) FROM events", ())
+        return int(head)
+
+    def first(self) -> int | None:
+        ((first,),) = self._rows("SELECT min(rowid) FROM events WHERE topic <> ''", ())
+        return None if first is None else int(first)
+
+    def after(self, cursor: int, limit: int) -> list[EventRow]:
+        return self._rows(
+            f"SELECT {_COLUMNS} FROM events WHERE rowid > ? AND topic <> '' ORDER BY rowid LIMIT ?", (cursor, limit)
+        )
+
+    def filtered(self, cursor: int, upper: int, topics: Collection[str], limit: int) -> list[EventRow]:
+        marks = ",".join("?" * len(topics))
+        return self._rows(
+            f"SELECT {_COLUMNS} FROM events WHERE rowid > ? AND rowid <= ? AND topic IN ({marks})"
+            " ORDER BY rowid LIMIT ?",
+            (cursor, upper, *topics, limit),
+        )
+
+    def topic_after(self, topic: str, seq: int, limit: int) -> list[EventRow]:
+        return self._rows(
+            f"SELECT {_COLUMNS} FROM events WHERE topic = ? AND seq > ? ORDER BY seq LIMIT ?", (topic, seq, limit)
+        )
+
+    def consumer(self, name: str) -> tuple[str | None, int] | None:
+        rows = self._rows("SELECT topic, position FROM consumers WHERE name = ?", (name,))
+        return (rows[0][0], int(rows[0][1])) if rows else None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

@@ -1,0 +1,202 @@
+"""Live subscribe and replay on PostgreSQL: a subscriber on one daemon follows what any daemon commits.
+
+Two daemons share one database of a throwaway PostgreSQL server (tests/pg_cluster.py). Events
+are published (acknowledged) to daemon A; subscribers on daemon B must get every one once, in
+commit-position order, whether live or replayed; named consumers' positions are shared too.
+Skipped, saying why, where PostgreSQL's binaries or psycopg are missing.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from harness import SCRIPTS, Daemon, publish
+from pg_cluster import PgCluster, missing_reason
+from test_postgres import pg_daemon
+
+from transport.publisher import Publisher
+from transport.subscriber import Subscriber, SubscriberError
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(missing_reason() is not None, reason=missing_reason() or ""),
+]
+
+# Quick heartbeats, so a closed consumer is dropped within a test's patience.
+FAST = {"subscribe": {"heartbeat_ms": 200, "timeout_ms": 2000}}
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PgCluster]:
+    """One throwaway PostgreSQL server for the whole module, removed at its end."""
+    cluster = PgCluster()
+    try:
+        cluster.init()
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def database(pg: PgCluster, request: pytest.FixtureRequest) -> str:
+    """A fresh database for this test; its dsn."""
+    return pg.create_database(re.sub(r"\W", "_", request.node.name)[:60])
+
+
+def two_daemons(factory: Callable[..., Daemon], dsn: str) -> tuple[Daemon, Daemon]:
+    a = pg_daemon(factory, "nodeA", dsn, **FAST)
+    b = pg_daemon(factory, "nodeB", dsn, **FAST)
+    return a.start(), b.start()
+
+
+def take(subscriber: Subscriber, count: int, timeout: float = 60) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count:
+        assert time.monotonic() < deadline, f"only {len(got)} of {count} events within {timeout} s"
+        event = subscriber.next_event(1.0)
+        if event is not None:
+            got.append(event)
+    return got
+
+
+def keys(events: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
+    return [(event["topic"], event["event_id"], event["position"]) for event in events]
+
+
+def test_a_subscriber_on_one_daemon_gets_every_event_committed_by_another_once_in_order(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    a, b = two_daemons(daemon_factory, database)
+    with Subscriber(b.subscribe, after=0, credit=200) as live:
+        assert live.next_event(0.5) is None  # subscribed, nothing stored yet
+        publish(a.ack, "--acked", "--events", "2000", "--topics", "5")
+        got = take(live, 2000)
+        assert [event["position"] for event in got] == list(range(1, 2001))
+        assert len({(event["topic"], event["event_id"]) for event in got}) == 2000
+        # Both daemons commit at once: B's own commits wake it, A's are found by polling.
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(SCRIPTS / "publish.py"), "--endpoint", daemon.ack, "--acked"]
+                + ["--events", "500", "--topics", "5", "--id-prefix", prefix],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            for daemon, prefix in ((a, "ea"), (b, "eb"))
+        ]
+        more = take(live, 1000)
+        for proc in procs:
+            assert proc.wait(120) == 0
+        assert live.next_event(0.5) is None  # nothing repeated
+    assert [event["position"] for event in more] == list(range(2001, 3001))
+    live_keys = keys(got + more)
+    # Replayed from the beginning, on either daemon: the same events in the same order.
+    for daemon in (b, a):
+        with Subscriber(daemon.subscribe, after=0, credit=500) as replay:
+            assert keys(take(replay, 3000)) == live_keys
+            assert replay.next_event(0.3) is None
+    # One topic (cursor = seq) and a topic filter (cursor = position) on B.
+    topic_1 = [event for event in got + more if event["topic"] == "topic-1"]
+    with Subscriber(b.subscribe, "topic-1", after=0) as one:
+        assert [event["seq"] for event in take(one, len(topic_1))] == list(range(1, len(topic_1) + 1))
+    with Subscriber(b.subscribe, topics=["topic-1"], after=0) as filtered:
+        assert keys(take(filtered, len(topic_1))) == keys(topic_1)
+
+
+def test_a_named_consumer_resumes_on_any_daemon_and_after_a_restart(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    a, b = two_daemons(daemon_factory, database)
+    publish(a.ack, "--acked", "--events", "1000", "--topics", "3")
+    with Subscriber(b.subscribe, name="billing", credit=50) as first:
+        got = take(first, 300)
+    assert [event["position"] for event in got] == list(range(1, 301))
+    expected = {"name": "billing", "topic": None, "position": 300, "lag": 700}
+    for daemon in (a, b):  # stored in PostgreSQL: every daemon lists it
+        (consumer,) = daemon.request({"op": "consumers"})["consumers"]
+        assert consumer == {**expected, "updated_at": pytest.approx(time.time(), abs=60)}
+    with Subscriber(a.subscribe, name="billing") as second:  # no after: where it acknowledged, on A
+        got = take(second, 300)
+    assert [event["position"] for event in got] == list(range(301, 601))
+    assert b.terminate() == 0
+    b.start()
+    with Subscriber(b.subscribe, name="billing") as third:
+        got = take(third, 400)
+        assert third.next_event(0.5) is None
+    assert [event["position"] for event in got] == list(range(601, 1001))
+    assert a.request({"op": "consumers"})["consumers"][0]["lag"] == 0
+    with Subscriber(b.subscribe, "topic-2", name="audit") as audit:
+        assert [event["seq"] for event in take(audit, 10)] == list(range(1, 11))
+    with Subscriber(a.subscribe, "topic-2", name="audit") as audit:
+        assert audit.next_event(10)["seq"] == 11  # type: ignore[index]
+    audit_row = [c for c in b.request({"op": "consumers"})["consumers"] if c["name"] == "audit"]
+    assert audit_row[0]["topic"] == "topic-2" and audit_row[0]["position"] == 11  # taken, so acknowledged on close
+    # A name keeps its form across daemons: refused with what to do.
+    with pytest.raises(SubscriberError, match="follows topic 'topic-2'"):
+        with Subscriber(b.subscribe, name="audit", timeout=2.0) as wrong:
+            wrong.next_event(5)
+
+
+def test_delivery_latency_across_daemons(daemon_factory: Callable[..., Daemon], database: str) -> None:
+    """Publish one event at a time to A, acknowledged; time until a subscriber on B has it."""
+    a, b = two_daemons(daemon_factory, database)
+    acks: list[float] = []
+    delays: list[float] = []
+    with (
+        Subscriber(b.subscribe, after=0) as follower,
+        Publisher(endpoints=[a.ack], deadline=30.0, batch_size=1, linger=0) as publisher,
+    ):
+        assert follower.next_event(0.5) is None
+        for n in range(40):
+            started = time.monotonic()
+            publisher.publish(
+                {
+                    "topic": "t",
+                    "event_id": f"e{n}",
+                    "timestamp": "2025-10-22T10:00:00Z",
+                    "source": "s",
+                    "payload": {"n": n},
+                }
+            )
+            publisher.flush(30)
+            acks.append(time.monotonic() - started)
+            event = follower.next_event(10)
+            assert event is not None and event["event_id"] == f"e{n}"
+            delays.append(time.monotonic() - started)
+            time.sleep(0.037 * (n % 5))  # unaligned with the 100 ms poll
+    for name, figures in (("acknowledged by A", acks), ("delivered on B", delays)):
+        figures.sort()
+        print(
+            f"\npublish to {name}: median {statistics.median(figures) * 1000:.0f} ms,"
+            f" min {figures[0] * 1000:.0f} ms, max {figures[-1] * 1000:.0f} ms"
+        )
+    assert statistics.median(delays) < 1.0
+
+
+def test_subscribers_stay_connected_through_a_postgresql_outage_and_miss_nothing(
+    daemon_factory: Callable[..., Daemon], database: str, pg: PgCluster
+) -> None:
+    """PostgreSQL stopped while a subscriber follows on B: heartbeats go on, then delivery resumes."""
+    a, b = two_daemons(daemon_factory, database)
+    publish(a.ack, "--acked", "--events", "200", "--topics", "3")
+    with Subscriber(b.subscribe, after=0, heartbeat=0.2, timeout=1.5) as follower:
+        got = take(follower, 200)
+        pg.stop()
+        try:
+            assert follower.next_event(4) is None  # 4 s: well past the consumer's 1.5 s timeout
+        finally:
+            pg.start()
+        publish(a.ack, "--acked", "--events", "200", "--topics", "3", "--id-prefix", "after")
+        got += take(follower, 200)
+        assert follower.next_event(0.5) is None
+        assert follower.reconnects == 0  # the daemon kept answering while its database was away
+    assert [event["position"] for event in got] == list(range(1, 401))
+    assert "reading the head position failed" in b.log() or "retrying" in b.log()
