@@ -17,6 +17,7 @@ import pytest
 from harness import Daemon, eventually
 from pg_cluster import PgCluster, missing_reason
 from test_retention import Acked, _resends, event, invariants
+from test_subscribe import RawConsumer
 
 pytestmark = [
     pytest.mark.e2e,
@@ -269,3 +270,31 @@ def test_no_daemon_sweeps_while_another_holds_the_sweep_lock(
             wait_cluster(a, expired=50, stored=0)
         finally:
             to_a.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_subscriber_on_another_daemon_is_told_what_expired_then_gets_what_is_stored(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    a, b = two_daemons(daemon_factory, database, max_events_per_topic=100)
+    to_a = Acked(a.ack)
+    try:
+        assert to_a.send_all([event(n, topic="s") for n in range(250)], size=125)[0] == 250
+        wait_cluster(b, stored=100, expired=150)
+    finally:
+        to_a.close()
+    ((first_position,),) = query(database, "SELECT min(position) FROM events")
+    consumer = RawConsumer(b.subscribe)
+    try:
+        consumer.send({"op": "subscribe", "topic": "s", "after": 10, "credit": 200})
+        assert consumer.receive()["op"] == "subscribed"
+        assert consumer.receive() == {"op": "expired", "after": 10, "first": 151}
+        assert [e["seq"] for e in consumer.receive()["events"]] == list(range(151, 251))
+        consumer.send({"op": "subscribe", "after": 0, "credit": 200})
+        assert consumer.receive()["op"] == "subscribed"
+        assert consumer.receive() == {"op": "expired", "after": 0, "first": first_position}
+        replayed = consumer.receive()["events"]
+        assert [e["seq"] for e in replayed] == list(range(151, 251))
+        assert replayed[0]["position"] == first_position
+    finally:
+        consumer.close()
