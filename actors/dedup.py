@@ -468,15 +468,19 @@ class DedupActor(pykka.ThreadingActor):
         except sqlite3.Error:
             store.rollback()
             raise
+        self._count_expired(deleted, time.monotonic() - started)
+        return deleted
+
+    def _count_expired(self, deleted: int, took: float) -> None:
+        """After an expiry chunk: size the next chunk to take about EXPIRE_CHUNK_S, and publish
+        the counters it changed."""
         if deleted >= self._chunk // 2:  # a full-ish chunk: time it and size the next one
-            took = max(time.monotonic() - started, 1e-4)
-            wanted = int(self._chunk * EXPIRE_CHUNK_S / took)
+            wanted = int(self._chunk * EXPIRE_CHUNK_S / max(took, 1e-4))
             self._chunk = max(EXPIRE_CHUNK_MIN, min(EXPIRE_CHUNK, wanted, self._chunk * 2))
         if deleted:
             self._counters["expired"] += deleted
             self._counters["stored"] -= deleted
             self._live.committed = dict(self._counters)
-        return deleted
 
     def _forget(self, committed_before: float) -> int:
         store = self._store

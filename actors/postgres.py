@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import msgpack
 
-from actors.dedup import EXPIRE_CHUNK, EXPIRE_CHUNK_MIN, EXPIRE_CHUNK_S, STORAGE_RETRY, DedupActor
+from actors.dedup import EXPIRE_CHUNK, STORAGE_RETRY, DedupActor
 from actors.fingerprint import fingerprint
 from actors.messages import AckTicket, ClassifyResult, Ping, SaveConsumerPositions, WriteBatch
 from actors.stats import StatsActor
@@ -1163,14 +1163,7 @@ class PostgresDedupActor(DedupActor):
         and publish the counters it changed."""
         started = time.monotonic()
         deleted = delete(*args)
-        if deleted >= self._chunk // 2:  # a full-ish chunk: time it and size the next one
-            took = max(time.monotonic() - started, 1e-4)
-            wanted = int(self._chunk * EXPIRE_CHUNK_S / took)
-            self._chunk = max(EXPIRE_CHUNK_MIN, min(EXPIRE_CHUNK, wanted, self._chunk * 2))
-        if deleted:
-            self._counters["expired"] += deleted
-            self._counters["stored"] -= deleted
-            self._live.committed = dict(self._counters)
+        self._count_expired(deleted, time.monotonic() - started)
         return deleted
 
     def _save_positions(self, message: SaveConsumerPositions) -> str | None:

@@ -1,7 +1,9 @@
-"""Shared fixtures: a factory of real daemon processes, cleaned up after each test."""
+"""Shared fixtures: a factory of real daemon processes, cleaned up after each test, and a
+throwaway PostgreSQL server per module with a fresh database per test."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -9,6 +11,7 @@ from typing import Any
 import pykka
 import pytest
 from harness import Daemon
+from pg_cluster import PgCluster
 
 PROCESS_FIXTURES = {"daemon", "daemon_factory"}
 
@@ -50,3 +53,21 @@ def _stop_actors() -> Iterator[None]:
     """No in-process test leaks actor threads into the next."""
     yield
     pykka.ActorRegistry.stop_all(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PgCluster]:
+    """One throwaway PostgreSQL server for the whole module, removed at its end."""
+    cluster = PgCluster()
+    try:
+        cluster.init()
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def database(pg: PgCluster, request: pytest.FixtureRequest) -> str:
+    """A fresh database for this test; its dsn."""
+    return pg.create_database(re.sub(r"\W", "_", request.node.name)[:60])

@@ -7,12 +7,11 @@ or psycopg are missing.
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,24 +28,6 @@ pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(missing_reason() is not None, reason=missing_reason() or ""),
 ]
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgCluster]:
-    """One throwaway PostgreSQL server for the whole module, removed at its end."""
-    cluster = PgCluster()
-    try:
-        cluster.init()
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.destroy()
-
-
-@pytest.fixture
-def database(pg: PgCluster, request: pytest.FixtureRequest) -> str:
-    """A fresh database for this test; its dsn."""
-    return pg.create_database(re.sub(r"\W", "_", request.node.name)[:60])
 
 
 def pg_daemon(factory: Callable[..., Daemon], name: str, dsn: str, **sections: dict[str, Any]) -> Daemon:

@@ -8,14 +8,13 @@ module; each test has a database of its own. Skipped where PostgreSQL or psycopg
 
 from __future__ import annotations
 
-import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from harness import Daemon, eventually
-from pg_cluster import PgCluster, missing_reason
+from pg_cluster import missing_reason
 from test_retention import Acked, _resends, event, invariants
 from test_subscribe import RawConsumer
 
@@ -25,24 +24,6 @@ pytestmark = [
 ]
 
 QUICK = {"sweep_interval": "1s"}
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgCluster]:
-    """One throwaway PostgreSQL server for the whole module, removed at its end."""
-    cluster = PgCluster()
-    try:
-        cluster.init()
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.destroy()
-
-
-@pytest.fixture
-def database(pg: PgCluster, request: pytest.FixtureRequest) -> str:
-    """A fresh database for this test; its dsn."""
-    return pg.create_database(re.sub(r"\W", "_", request.node.name)[:60])
 
 
 def two_daemons(factory: Callable[..., Daemon], dsn: str, **retention: Any) -> tuple[Daemon, Daemon]:

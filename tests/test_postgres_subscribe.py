@@ -8,12 +8,11 @@ Skipped, saying why, where PostgreSQL's binaries or psycopg are missing.
 
 from __future__ import annotations
 
-import re
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -31,24 +30,6 @@ pytestmark = [
 
 # Quick heartbeats, so a closed consumer is dropped within a test's patience.
 FAST = {"subscribe": {"heartbeat_ms": 200, "timeout_ms": 2000}}
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgCluster]:
-    """One throwaway PostgreSQL server for the whole module, removed at its end."""
-    cluster = PgCluster()
-    try:
-        cluster.init()
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.destroy()
-
-
-@pytest.fixture
-def database(pg: PgCluster, request: pytest.FixtureRequest) -> str:
-    """A fresh database for this test; its dsn."""
-    return pg.create_database(re.sub(r"\W", "_", request.node.name)[:60])
 
 
 def two_daemons(factory: Callable[..., Daemon], dsn: str) -> tuple[Daemon, Daemon]:
