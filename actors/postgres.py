@@ -26,7 +26,7 @@ reads that row and knows whether the lost COMMIT took effect; if it did, its alr
 outcome stands, else the group is written afresh (and any key another daemon stored meanwhile
 is a duplicate).
 
-Retention ([retention] but max_bytes) is swept by one daemon at a time (a session advisory
+Retention ([retention]) is swept by one daemon at a time (a session advisory
 lock), between its group commits, in short transactions that lock the chunk's topic rows in
 sorted order like a write, delete the rows and keep their keys in ``deleted_keys``. Step 3
 above looks keys up in both tables in one statement, so a replay of a deleted key is a
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import operator
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -77,6 +78,12 @@ SUBSCRIBE_STATEMENT_TIMEOUT_MS = 5_000
 SUBSCRIBE_POLL_S = 0.1  # how often the subscription thread looks for other daemons' commits
 RECONNECT_PAUSE_S = 1.0  # after a failed connect, reads fail at once for this long
 NODE_LOCK_WAIT_S = 15.0
+
+# What a stored event and a kept key take beyond their text and bytes: tuple header, fixed
+# columns and index entries, measured on freshly loaded tables (scripts/bench_postgres_retention.py
+# --bytes). The varying parts count once per copy: the topic is in the row and two indexes.
+EVENT_ROW_BYTES = 200
+KEY_ROW_BYTES = 120
 
 # Each migration takes the schema from the version before it to its own index + 1.
 MIGRATIONS: tuple[str, ...] = (
@@ -152,6 +159,17 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at double precision NOT NULL
     );
     """,
+    # The bytes [retention] max_bytes budgets, kept by each writer and sweep (see stored_bytes()).
+    f"""
+    ALTER TABLE nodes ADD COLUMN stored_bytes bigint NOT NULL DEFAULT 0;
+    UPDATE nodes SET stored_bytes =
+        (SELECT coalesce(sum({EVENT_ROW_BYTES} + 3 * octet_length(topic) + 2 * octet_length(event_id)
+                             + octet_length(timestamp) + octet_length(source) + octet_length(payload)), 0)
+         FROM events)
+        + (SELECT coalesce(sum({KEY_ROW_BYTES} + 2 * (octet_length(topic) + octet_length(event_id))), 0)
+           FROM deleted_keys)
+    WHERE node = (SELECT min(node) FROM nodes);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -176,7 +194,7 @@ WHERE t.topic = v.topic
 _UPDATE_NODE = (
     "UPDATE nodes SET "
     + ", ".join(f"{name} = {name} + %s" for name in NODE_COUNTERS)
-    + ", last_txn = %s WHERE node = %s"
+    + ", stored_bytes = stored_bytes + %s, last_txn = %s WHERE node = %s"
 )
 
 # Stored and kept content of re-sent keys: whether the stored bytes are the re-send's, else the
@@ -198,6 +216,17 @@ ON CONFLICT (topic, event_id) DO UPDATE SET
 _SOURCE_COLUMNS = "position, topic, event_id, timestamp, source, payload, seq, late"
 
 _row_key = operator.itemgetter(0, 1)
+
+
+def _event_bytes(row: Row) -> int:
+    """What a new event's row takes in the database, about (see EVENT_ROW_BYTES)."""
+    topic, event_id, _seq, timestamp, _ts_ns, source, payload, _received_at, _late = row
+    return EVENT_ROW_BYTES + 3 * len(topic) + 2 * len(event_id) + len(timestamp) + len(source) + len(payload)
+
+
+def _key_bytes(topic: str, event_id: str) -> int:
+    """What a kept key's record takes in the database, about (see KEY_ROW_BYTES)."""
+    return KEY_ROW_BYTES + 2 * (len(topic) + len(event_id))
 
 
 def _content(row: Row) -> Content:
@@ -487,7 +516,10 @@ class PostgresStore:
                         " FROM unnest(%s::text[], %s::bigint[]) AS v(topic, n) WHERE t.topic = v.topic",
                         (list(per_topic), list(per_topic.values())),
                     )
-            conn.execute(_UPDATE_NODE, [*(outcome.totals[name] for name in NODE_COUNTERS), serial, self.node])
+            added_bytes = sum(map(_event_bytes, new_rows))
+            conn.execute(
+                _UPDATE_NODE, [*(outcome.totals[name] for name in NODE_COUNTERS), added_bytes, serial, self.node]
+            )
             committing = True
             conn.execute("COMMIT")
         except (pg.Error, StorageError):
@@ -673,15 +705,34 @@ class PostgresStore:
     def forget_keys(self, committed_before: float, max_rows: int) -> int:
         """Drop up to ``max_rows`` deleted keys committed before ``committed_before`` (the dedup
         horizon has passed: a replay of them is new again); how many went."""
-        return self._run(
-            lambda conn: (
-                conn.execute(
+
+        def run(conn: psycopg.Connection[Any]) -> int:
+            with conn.transaction():
+                gone = conn.execute(
                     "DELETE FROM deleted_keys WHERE (topic, event_id) IN (SELECT topic, event_id FROM deleted_keys"
-                    " WHERE committed_at < %s ORDER BY committed_at LIMIT %s)",
+                    " WHERE committed_at < %s ORDER BY committed_at LIMIT %s) RETURNING topic, event_id",
                     (int(committed_before), max_rows),
-                ).rowcount
-            )
+                ).fetchall()
+                if gone:
+                    freed = sum(_key_bytes(topic, event_id) for topic, event_id in gone)
+                    conn.execute(
+                        "UPDATE nodes SET stored_bytes = stored_bytes - %s WHERE node = %s", (freed, self.node)
+                    )
+                return len(gone)
+
+        return self._run(run)
+
+    def stored_bytes(self) -> tuple[int, int]:
+        """The bytes [retention] max_bytes budgets, summed over every daemon: the stored events'
+        rows and the kept keys' records as loaded tables hold them (row and index entries, text
+        and payload bytes), not the files on disk, which also hold dead rows until (auto)vacuum
+        and never shrink by themselves; with the number of events stored."""
+        (row,) = self._run(
+            lambda conn: conn.execute(
+                "SELECT coalesce(sum(stored_bytes), 0), coalesce(sum(stored), 0) FROM nodes"
+            ).fetchall()
         )
+        return int(row[0]), int(row[1])
 
     def _expire(self, chunk: Callable[[psycopg.Connection[Any]], list[tuple[Any, ...]]]) -> int:
         """In one transaction: pick a chunk's rows, lock their topics' counter rows (in sorted
@@ -700,15 +751,25 @@ class PostgresStore:
                 # RETURNING gives only the rows this transaction deleted, never one another sweep took.
                 deleted = conn.execute(
                     "DELETE FROM events WHERE position = ANY(%s)"
-                    " RETURNING topic, event_id, seq, ts_ns, source, payload, received_at",
+                    " RETURNING topic, event_id, seq, ts_ns, source, payload, received_at, timestamp",
                     ([row[0] for row in doomed],),
                 ).fetchall()
                 if not deleted:
                     return 0
                 records = [
                     (topic, event_id, seq, fingerprint(int(ts_ns), source, bytes(payload)), int(received_at) + 1)
-                    for topic, event_id, seq, ts_ns, source, payload, received_at in deleted
+                    for topic, event_id, seq, ts_ns, source, payload, received_at, _timestamp in deleted
                 ]
+                freed = sum(
+                    EVENT_ROW_BYTES
+                    + 3 * len(topic)
+                    + 2 * len(event_id)
+                    + len(timestamp)
+                    + len(source)
+                    + len(payload)
+                    - _key_bytes(topic, event_id)
+                    for topic, event_id, _seq, _ts_ns, source, payload, _received_at, timestamp in deleted
+                )
                 conn.execute(_RECORD_DELETED, [list(column) for column in zip(*records)])
                 per_topic: dict[str, int] = {}
                 for record in records:
@@ -719,8 +780,9 @@ class PostgresStore:
                     (list(per_topic), list(per_topic.values())),
                 )
                 conn.execute(
-                    "UPDATE nodes SET expired = expired + %s, stored = stored - %s WHERE node = %s",
-                    (len(deleted), len(deleted), self.node),
+                    "UPDATE nodes SET expired = expired + %s, stored = stored - %s, stored_bytes = stored_bytes - %s"
+                    " WHERE node = %s",
+                    (len(deleted), len(deleted), freed, self.node),
                 )
                 return len(deleted)
 
@@ -1150,6 +1212,18 @@ class PostgresDedupActor(DedupActor):
                         if not self._expire_chunk(store.expire_topic_oldest, topic, count):
                             break
                         yield
+            budget = retention.max_bytes_value
+            if budget is not None:
+                # Every daemon's rows count. Oldest first in commit order, each chunk no more than
+                # the share of events by which the count is over, until it fits.
+                while True:
+                    used, stored = store.stored_bytes()
+                    if used <= budget or stored <= 0:
+                        break
+                    share = -(-(used - budget) * stored // used)
+                    if not self._expire_chunk(store.expire_oldest, math.inf, min(self._chunk, share)):
+                        break
+                    yield
             horizon = retention.dedup_horizon_s
             if horizon is not None:
                 committed_before = time.time() - horizon

@@ -7,6 +7,11 @@ through :class:`PostgresStore` in groups of 2 000, then measures the key lookup 
 the events are stored, the expiry per event (``expire_oldest`` in chunks of 500: select, lock
 topic rows, DELETE ... RETURNING, fingerprint, record the keys, count), and the lookup per key
 once every key is kept in ``deleted_keys``. Prints the best of R runs.
+
+``--bytes`` instead checks the byte count ``[retention] max_bytes`` budgets against what the
+tables really take: it loads N events with payloads of several sizes into a fresh database and
+prints, for the events and then (after expiring them all) for the kept keys, the counted bytes
+beside ``pg_total_relation_size`` (heap, indexes and TOAST) of the freshly loaded table.
 """
 
 from __future__ import annotations
@@ -60,15 +65,55 @@ def run(dsn: str, events: int) -> tuple[float, float, float]:
         store.close()
 
 
+def sizes(dsn: str, events: int) -> None:
+    """Print counted bytes against the loaded tables' real size, for events and for kept keys."""
+    import psycopg
+
+    store = PostgresStore(dsn, "bench")
+    store.open()
+    try:
+        for payload_bytes in (20, 200, 1_000):
+            payload = b"\xc4" + bytes([min(payload_bytes, 255)]) + b"x" * min(payload_bytes, 255)
+            payload = (
+                payload if payload_bytes < 256 else b"\xc5" + payload_bytes.to_bytes(2, "big") + b"y" * payload_bytes
+            )
+            for start in range(0, events, 2_000):
+                rows = [
+                    (f"t{n % 10}", f"e-{payload_bytes}-{n:07d}", 0, "2025-10-22T10:00:00Z", n, "bench", payload, 0.0, 0)
+                    for n in range(start, min(start + 2_000, events))
+                ]
+                store.write(rows, {f"t{k}": TopicDelta(received=1) for k in range(10)}, {"received": len(rows)})
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("VACUUM ANALYZE events")
+            (real,) = conn.execute("SELECT pg_total_relation_size('events')").fetchone() or (0,)
+        counted, _ = store.stored_bytes()
+        print(f"events: {3 * events} rows, counted {counted} bytes, tables {real} bytes ({counted / real:.2f}x)")
+        store.try_sweep_lock()
+        while store.expire_oldest(received_before=1.0, max_rows=500):
+            pass
+        store.sweep_unlock()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("VACUUM ANALYZE deleted_keys")
+            (real,) = conn.execute("SELECT pg_total_relation_size('deleted_keys')").fetchone() or (0,)
+        counted, _ = store.stored_bytes()
+        print(f"kept keys: {3 * events} records, counted {counted} bytes, tables {real} bytes ({counted / real:.2f}x)")
+    finally:
+        store.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--bytes", action="store_true", help="check the max_bytes count against the tables' size")
     args = parser.parse_args()
     cluster = PgCluster()
     cluster.init()
     cluster.start()
     try:
+        if args.bytes:
+            sizes(cluster.create_database("bench_bytes"), args.events)
+            return
         results = [run(cluster.create_database(f"bench_{n}"), args.events) for n in range(args.runs)]
     finally:
         cluster.destroy()

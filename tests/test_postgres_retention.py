@@ -279,3 +279,41 @@ def test_a_subscriber_on_another_daemon_is_told_what_expired_then_gets_what_is_s
         assert replayed[0]["position"] == first_position
     finally:
         consumer.close()
+
+
+@pytest.mark.timeout(180)
+def test_two_daemons_keep_the_database_within_max_bytes_deleting_the_oldest_first(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    budget = 120_000  # about 280 of these 600 events, with the 320-odd keys the rest leave
+    a, b = two_daemons(daemon_factory, database, max_bytes="120KB")
+    events = [event(n, topic=f"b{n % 3}") for n in range(600)]
+    to_a, to_b = Acked(a.ack), Acked(b.ack)
+    try:
+        assert to_a.send_all(events[:300], size=100)[0] == 300
+        assert to_b.send_all(events[300:], size=100)[0] == 300
+
+        def within_budget() -> bool:
+            return int(query(database, "SELECT sum(stored_bytes) FROM nodes")[0][0]) <= budget
+
+        eventually(within_budget, 60, f"the counted bytes within {budget}")
+        cluster = a.stats()["cluster"]
+        assert cluster["unique_processed"] == 600
+        assert 0 < cluster["stored"] < 600
+        assert cluster["stored"] + cluster["expired"] == 600
+        assert count(database, "events") == cluster["stored"]
+        assert count(database, "deleted_keys") == cluster["expired"]
+        # Each chunk is at most the share over the budget: the sweep stops about where it fits.
+        assert cluster["stored"] > 240
+        # The oldest went first: what is left is the end of commit order, gapless.
+        positions = [int(p) for (p,) in query(database, "SELECT position FROM events ORDER BY position")]
+        assert positions == list(range(601 - len(positions), 601))
+        for topic in ("b0", "b1", "b2"):
+            row = topic_row(b, topic)
+            assert [e["seq"] for e in b.events(topic)] == list(range(row["first_seq"], row["last_seq"] + 1))
+        # A deleted event replayed is still a duplicate, through either daemon.
+        assert to_b.send([events[0]])["duplicate"] == 1
+        assert to_a.send([events[300]])["duplicate"] == 1
+    finally:
+        to_a.close()
+        to_b.close()

@@ -391,14 +391,6 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> Config:
         sections[name] = _parse_section(name, section_type, values)
     if "retention" in sections:
         _check_retention(sections["retention"])
-        storage = sections.get("storage", StorageConfig())
-        # max_bytes budgets one database file's pages; a shared PostgreSQL database's size is
-        # the server's (tables, indexes, TOAST, bloat until VACUUM), which this does not measure.
-        if sections["retention"].max_bytes and storage.backend != "sqlite":
-            raise ConfigError(
-                f'[retention] max_bytes needs [storage] backend = "sqlite", not {storage.backend!r}: '
-                "on PostgreSQL bound the data with max_age or max_events_per_topic instead"
-            )
     return Config(**sections, source=source)
 
 
