@@ -22,12 +22,23 @@ class EventSource(Protocol):
     """The subscription thread's reads; used on that thread only.
 
     ``errors`` are the exceptions a read may raise when the database is unavailable: the thread
-    retries later. ``poll_s`` is how often to look for events committed by other writers (None:
-    this daemon is the only writer, and its dedup actor's wake-up is enough).
+    retries later. Other writers' commits (PostgreSQL) are noticed two ways: a file descriptor
+    that becomes readable when they commit (:meth:`wakeup_fd`), and reading the head every
+    ``poll_s``. On SQLite this daemon is the only writer, and its dedup actor's wake-up is enough.
     """
 
     errors: tuple[type[BaseException], ...]
-    poll_s: float | None
+
+    @property
+    def poll_s(self) -> float | None:
+        """How often to read the head for other writers' commits (None: never)."""
+
+    def wakeup_fd(self, make: bool) -> int | None:
+        """A descriptor readable when another writer committed, or None; made when missing only
+        if ``make`` (making it may block for the connect timeout)."""
+
+    def drain_wakeups(self) -> None:
+        """Consume what made :meth:`wakeup_fd` readable."""
 
     def open(self) -> None:
         """Prepare (called on the subscription thread before any read)."""
@@ -60,6 +71,12 @@ class SqliteEventSource:
 
     errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
     poll_s: float | None = None
+
+    def wakeup_fd(self, make: bool) -> None:
+        return None
+
+    def drain_wakeups(self) -> None:
+        pass
 
     def __init__(self, database: Path) -> None:
         self._database = database

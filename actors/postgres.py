@@ -75,7 +75,11 @@ CONNECT_TIMEOUT_S = 3  # libpq's minimum is 2
 STATEMENT_TIMEOUT_MS = 30_000
 # The subscription thread serves every consumer: one slow read must not stall it for long.
 SUBSCRIBE_STATEMENT_TIMEOUT_MS = 5_000
-SUBSCRIBE_POLL_S = 0.1  # how often the subscription thread looks for other daemons' commits
+# How often the subscription thread reads the head for other daemons' commits: a safety net
+# while their NOTIFYs reach it, often while its LISTEN connection is being made again.
+SUBSCRIBE_POLL_S = 1.0
+SUBSCRIBE_POLL_UNHEARD_S = 0.1
+COMMITS_CHANNEL = "eventagg_commits"  # every write transaction that stores events NOTIFYs it
 RECONNECT_PAUSE_S = 1.0  # after a failed connect, reads fail at once for this long
 NODE_LOCK_WAIT_S = 15.0
 
@@ -500,6 +504,8 @@ class PostgresStore:
                 columns: list[list[Any]] = [list(column) for column in zip(*new_rows)]
                 columns.insert(3, list(range(first, last + 1)))
                 conn.execute(_INSERT_EVENTS, columns)
+                # Delivered at COMMIT (and only then) to every daemon's subscription thread.
+                conn.execute(f"NOTIFY {COMMITS_CHANNEL}")
             if deltas:
                 conn.execute(_UPDATE_TOPICS, [list(column) for column in zip(*deltas)])
             resent = [*duplicates, *(_content(rows[index]) for index in outcome.duplicates)]
@@ -948,10 +954,13 @@ class PostgresReader:
 
 class PostgresEventSource:
     """The subscription thread's reads (:class:`~actors.event_sources.EventSource`) on a connection
-    of its own. Positions are the gapless commit positions; ``poll_s`` is set because other
-    daemons commit to the same database without waking this one."""
+    of its own. Positions are the gapless commit positions.
 
-    poll_s: float | None = SUBSCRIBE_POLL_S
+    Other daemons' commits wake this one through a second connection that LISTENs on the channel
+    every write transaction NOTIFYs: the thread polls its socket (:meth:`wakeup_fd`) beside its
+    own. While that connection is down the head is read every 100 ms instead, and every second
+    otherwise, as a safety net.
+    """
 
     def __init__(self, dsn: str, node: str) -> None:
         self.dsn = dsn
@@ -960,6 +969,40 @@ class PostgresEventSource:
         self.errors: tuple[type[BaseException], ...] = (StorageError, _psycopg().Error)
         self._conn: psycopg.Connection[Any] | None = None
         self._retry_connect = 0.0
+        self._listener: psycopg.Connection[Any] | None = None
+        self._retry_listen = 0.0
+
+    @property
+    def poll_s(self) -> float:
+        return SUBSCRIBE_POLL_S if self._listener is not None else SUBSCRIBE_POLL_UNHEARD_S
+
+    def wakeup_fd(self, make: bool) -> int | None:
+        """The LISTEN connection's socket, readable when a commit was notified; made (again) when
+        missing and ``make``, at most once a second; None while there is none."""
+        if make and self._listener is None and time.monotonic() >= self._retry_listen:
+            self._retry_listen = time.monotonic() + RECONNECT_PAUSE_S
+            try:
+                listener = connect(self.dsn, self.node, "commit notices")
+                listener.execute(f"LISTEN {COMMITS_CHANNEL}")
+            except Exception as exc:
+                log.warning("listening for commits on %s failed (%s); polling", self.where, one_line(exc))
+            else:
+                self._listener = listener
+        return None if self._listener is None else self._listener.fileno()
+
+    def drain_wakeups(self) -> None:
+        """Take the notices that arrived (their content does not matter: only that commits did)."""
+        listener = self._listener
+        if listener is None:
+            return
+        try:
+            listener.pgconn.consume_input()
+            while listener.pgconn.notifies() is not None:
+                pass
+        except _psycopg().Error as exc:
+            log.warning("the commit notices from %s stopped (%s); polling", self.where, one_line(exc))
+            listener.close()
+            self._listener = None
 
     def open(self) -> None:
         """Nothing to do: the connection is made on the first read (and again after one is lost)."""
@@ -1017,10 +1060,11 @@ class PostgresEventSource:
         return (rows[0][0], int(rows[0][1])) if rows else None
 
     def close(self) -> None:
-        """Close the connection."""
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        """Close the connections."""
+        for conn in (self._conn, self._listener):
+            if conn is not None:
+                conn.close()
+        self._conn = self._listener = None
 
 
 class PostgresDedupActor(DedupActor):

@@ -16,8 +16,9 @@ The dedup actor calls :meth:`HeadSignal.moved` after each COMMIT that stored eve
 into a pipe this thread polls beside the socket. It wakes the thread, which reads on for every
 subscription that has credit. The dedup actor sends nothing else and never waits for this
 thread, so followers cannot slow ingest down beyond the reads themselves. On PostgreSQL other
-daemons commit too, without waking this one: while anyone is subscribed the thread also reads
-the head position every ``poll_s`` (one cheap query) and reads on when it moved.
+daemons commit too: while anyone is subscribed the thread also polls the source's wake-up
+descriptor (a connection LISTENing for the NOTIFY each write transaction sends) and, as a safety
+net, reads the head position every ``poll_s`` (one cheap query), reading on when it moved.
 
 Flow control is by credit: a consumer grants credit (events), the daemon sends at most that
 many and then nothing until more is granted. Per subscription the daemon keeps only its
@@ -346,8 +347,17 @@ class SubscriptionServer:
             poller = zmq.Poller()
             poller.register(self._socket, zmq.POLLIN)
             poller.register(self._head.fileno(), zmq.POLLIN)
+            notices: int | None = None  # the source's wake-up descriptor, registered while it lasts
             busy = False
             while not self._stopping.is_set():
+                # Drained even with no subscriber, so the server never holds notices for this daemon.
+                fd = self._source.wakeup_fd(make=bool(self._subs))
+                if fd != notices:
+                    if notices is not None:
+                        poller.unregister(notices)
+                    if fd is not None:
+                        poller.register(fd, zmq.POLLIN)
+                    notices = fd
                 if busy:
                     timeout = 0
                 elif self._saving is not None or self._pending_acks or self._retrying:
@@ -359,6 +369,9 @@ class SubscriptionServer:
                 ready = dict(poller.poll(timeout))
                 if self._head.fileno() in ready:
                     self._head.drain()
+                    self._head_moved()
+                if notices is not None and notices in ready:
+                    self._source.drain_wakeups()
                     self._head_moved()
                 if self._socket in ready:
                     self._receive()

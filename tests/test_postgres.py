@@ -37,11 +37,12 @@ def pg_daemon(factory: Callable[..., Daemon], name: str, dsn: str, **sections: d
     return factory(name, **overrides)
 
 
-def query(dsn: str, sql: str) -> list[tuple[Any, ...]]:
+def query(dsn: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Rows of one statement, on a connection of its own."""
     import psycopg
 
     with psycopg.connect(dsn, autocommit=True) as conn:
-        cursor = conn.execute(sql)
+        cursor = conn.execute(sql, params)
         return cursor.fetchall() if cursor.description else []
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from harness import Daemon, eventually
 from pg_cluster import missing_reason
+from test_postgres import query
 from test_retention import Acked, _resends, event, invariants
 from test_subscribe import RawConsumer
 
@@ -38,14 +39,6 @@ def two_daemons(factory: Callable[..., Daemon], dsn: str, **retention: Any) -> t
         )
         daemons.append(daemon.start())
     return daemons[0], daemons[1]
-
-
-def query(dsn: str, sql: str) -> list[tuple[Any, ...]]:
-    import psycopg
-
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        cursor = conn.execute(sql)
-        return cursor.fetchall() if cursor.description else []
 
 
 def count(dsn: str, table: str) -> int:
