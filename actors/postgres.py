@@ -978,8 +978,9 @@ class PostgresEventSource:
 
     def wakeup_fd(self, make: bool) -> int | None:
         """The LISTEN connection's socket, readable when a commit was notified; made (again) when
-        missing and ``make``, at most once a second; None while there is none."""
-        if make and self._listener is None and time.monotonic() >= self._retry_listen:
+        missing and ``make``, at most once a second and only while reads work (so an unreachable
+        server costs one connect timeout per retry, not two); None while there is none."""
+        if make and self._listener is None and self._conn is not None and time.monotonic() >= self._retry_listen:
             self._retry_listen = time.monotonic() + RECONNECT_PAUSE_S
             try:
                 listener = connect(self.dsn, self.node, "commit notices")
