@@ -180,3 +180,13 @@ def test_overrides_parse_as_toml_values() -> None:
     }
     with pytest.raises(ValueError):
         bench.parse_overrides(["nonsense"])
+
+
+@pytest.mark.parametrize("topics, window_ms", [(10, 0), (10, 50), (3000, 50)])
+def test_the_ordering_cost_driver_writes_each_distinct_event_once(topics: int, window_ms: int) -> None:
+    """scripts/ordering_cost.py drives the real ordering actor; it fails unless its rows are
+    exactly the distinct events (re-sends, late events and the window included)."""
+    import ordering_cost
+
+    events = ordering_cost.make_events(3_000, topics, seed=topics + window_ms)
+    assert ordering_cost.drive(events, window_ms) == len({event.key for event in events}) < 3_000

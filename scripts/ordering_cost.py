@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""Instructions per event of the ordering path: the real per-batch code, without threads.
+
+``ordering_cost.py [--events N] [--topics T] [--window-ms W] [--callgrind | --all]`` drives one
+:class:`~actors.ordering.OrderingActor` by calling its handlers in the order the actor's thread
+would: each batch is admitted (copies set aside, lookup asked), answered as the dedup actor would
+answer (keys seen in earlier batches are stored; unknown topics start empty), resolved through
+the reorder window, and its rows built into the write the dedup actor would get, which is taken
+and dropped. One in five events re-sends an earlier one, one in ten is a few seconds late. The
+clock is the driver's (each batch of 500 arrives 1 ms after the one before, a tick every 10 ms),
+so a run does the same work whatever the machine's speed, under callgrind too.
+
+With ``--callgrind`` it runs itself under ``valgrind --tool=callgrind`` twice, making and
+driving N events and only making them, and prints the difference over N: instructions per event
+of the ordering path (plus the stand-in dedup's set lookup and insert per key), steady on a
+noisy machine where times are not. ``--all`` does that for the four cases of issue 21 (10 /
+100 000 topics, window 0 / 50 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from actors import ordering
+from actors.flow import InFlight, LiveFigures
+from actors.messages import ClassifyRequest, ClassifyResult, OrderingBatch, Tick, WriteBatch
+from actors.ordering import OrderingActor
+from actors.store import TopicState
+from transport.schema import Event
+
+BATCH = 500
+BATCH_GAP_S = 0.001
+TICK_S = 0.010
+BASE_NS = 1_761_127_200_000_000_000  # 2025-10-22T10:00:00Z
+
+
+class _Clock:
+    """Stands in for the ``time`` module inside actors.ordering: the driver sets ``now``."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class _Dedup:
+    """Stands in for the dedup actor's reference: keeps what the ordering actor tells it."""
+
+    def __init__(self) -> None:
+        self.told: list[Any] = []
+
+    def tell(self, message: Any) -> None:
+        self.told.append(message)
+
+
+def make_events(count: int, topics: int, seed: int = 1) -> list[Event]:
+    """``count`` events over ``topics`` topics, in arrival order: one in five re-sends an earlier
+    event, one in ten is up to 3 s late, the rest advance 1 ms an event."""
+    rng = random.Random(seed)
+    payload = msgpack.packb({"n": 1, "text": "x" * 20})
+    events: list[Event] = []
+    for n in range(count):
+        if events and rng.random() < 0.2:
+            events.append(events[rng.randrange(len(events))])
+            continue
+        ts_ns = BASE_NS + n * 1_000_000
+        if rng.random() < 0.1:
+            ts_ns -= rng.randrange(3_000_000_000)
+        topic = f"topic-{rng.randrange(topics)}"
+        events.append(Event(topic, f"e-{n}", "2025-10-22T10:00:00Z", ts_ns, "bench", payload))
+    return events
+
+
+def drive(events: list[Event], window_ms: int) -> int:
+    """Run every event through one ordering actor; how many rows it wrote."""
+    real_time = ordering.time  # type: ignore[attr-defined]
+    clock = _Clock()
+    ordering.time = clock  # type: ignore[attr-defined,assignment]
+    try:
+        return _drive(events, window_ms, clock)
+    finally:
+        ordering.time = real_time  # type: ignore[attr-defined]
+
+
+def _drive(events: list[Event], window_ms: int, clock: _Clock) -> int:
+    dedup = _Dedup()
+    actor = OrderingActor(
+        0,
+        dedup,  # type: ignore[arg-type]
+        window_ms=window_ms,
+        max_buffered=100_000,
+        in_flight=InFlight(10**9),
+        live=LiveFigures(),
+        max_topics=1_000_000,
+    )
+    stored: set[tuple[str, str]] = set()
+    rows = 0
+    next_tick = clock.now + TICK_S
+
+    def answer() -> None:
+        nonlocal rows
+        told, dedup.told = dedup.told, []
+        for message in told:
+            if isinstance(message, ClassifyRequest):
+                existing = {key for key in message.keys if key in stored}
+                states = {topic: TopicState(0, 0) for topic in message.unknown_topics}
+                actor.on_receive(ClassifyResult(existing, states, token=message.token))
+            elif isinstance(message, WriteBatch):
+                stored.update((row[0], row[1]) for row in message.rows)
+                rows += len(message.rows)
+        if dedup.told:
+            answer()
+
+    for start in range(0, len(events), BATCH):
+        clock.now += BATCH_GAP_S
+        actor.on_receive(OrderingBatch(events[start : start + BATCH], clock.now))
+        answer()
+        if clock.now >= next_tick:
+            next_tick = clock.now + TICK_S
+            actor.on_receive(Tick())
+            answer()
+    clock.now += window_ms / 1000 + 1
+    actor.on_receive(Tick())
+    answer()
+    return rows
+
+
+def callgrind_ir(args: list[str]) -> int:
+    """Instructions run by this script with ``args`` under callgrind."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "callgrind.out"
+        subprocess.run(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, __file__, *args],
+            check=True,
+            capture_output=True,
+            timeout=3_600,
+        )
+        found = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.MULTILINE)
+        if found is None:
+            raise SystemExit(f"no instruction count in {out}")
+        return int(found.group(1))
+
+
+def per_event(events: int, topics: int, window_ms: int) -> float:
+    """Instructions per event of the ordering path: start-up and making the events counted out."""
+    case = ["--events", str(events), "--topics", str(topics), "--window-ms", str(window_ms)]
+    return (callgrind_ir(case) - callgrind_ir([*case, "--make-only"])) / events
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--topics", type=int, default=10)
+    parser.add_argument("--window-ms", type=int, default=0)
+    parser.add_argument("--callgrind", action="store_true", help="instructions per event of this case")
+    parser.add_argument("--all", action="store_true", help="instructions per event of the four cases")
+    parser.add_argument("--make-only", action="store_true", help="make the events, do not drive them")
+    args = parser.parse_args()
+    if args.all:
+        print("topics / window | instructions/event")
+        for topics, window_ms in ((10, 0), (10, 50), (100_000, 0), (100_000, 50)):
+            print(f"{topics} / {window_ms} ms | {per_event(args.events, topics, window_ms):,.0f}", flush=True)
+    elif args.callgrind:
+        print(f"{per_event(args.events, args.topics, args.window_ms):,.0f} instructions/event")
+    else:
+        events = make_events(args.events, args.topics)
+        if args.make_only:
+            return
+        rows = drive(events, args.window_ms)
+        distinct = len({event.key for event in events})
+        if rows != distinct:
+            raise SystemExit(f"{rows} rows for {distinct} distinct events")
+
+
+if __name__ == "__main__":
+    main()
