@@ -3,9 +3,14 @@
 For each batch it sets aside copies (of an event earlier in the batch, of one waiting in its
 reorder window, or of one in a batch still being looked up), asks the dedup actor which of the
 rest are new, counts the duplicates, and puts the new events through its
-:class:`ReorderBuffer`, which hands out the per-topic seqs. What the buffer releases goes to the
-dedup actor as one :class:`WriteBatch`. A topic is only ever owned by one ordering actor, so
-nobody else can number its events or hold them back.
+:class:`~actors.reorder.ReorderWindow`, which hands out the per-topic seqs. What leaves the
+window goes to the dedup actor as one :class:`WriteBatch`. A topic is only ever owned by one
+ordering actor, so nobody else can number its events or hold them back.
+
+A batch goes through as a whole, never an event at a time: its keys are a column, copies are
+found with set operations on it (only they are visited one by one), the new events are grouped
+by topic with one stable sort, the window numbers whole topic runs, and the rows are zipped from
+the columns of what leaves. The Python work per event is a handful of C-level passes.
 
 The lookups are pipelined: the request is told to the dedup actor and its answer told back, so
 the actor takes the next batch while the dedup actor works, and answers are applied strictly in
@@ -15,7 +20,7 @@ looked up is never looked up itself, but settled once that batch is resolved. A 
 settled in the same write as its original or a later one, so no copy is acknowledged before
 the original is committed.
 
-Each topic's state (last seq, last timestamp) stays in the buffer while the topic is in use.
+Each topic's state (last seq, last timestamp) stays in the window while the topic is in use.
 Beyond ``max_topics`` the actor forgets idle topics whose last write has committed (the
 dedup actor publishes, per ordering actor, the serial of its last committed write); a
 forgotten topic's next batch asks for its stored state like a topic never seen before.
@@ -23,10 +28,12 @@ forgotten topic's next batch asks for its stored state like a topic never seen b
 
 from __future__ import annotations
 
+import itertools
 import logging
+import operator
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from collections import Counter, deque
+from dataclasses import dataclass
 from typing import Any
 
 import pykka
@@ -44,7 +51,7 @@ from actors.messages import (
     Tick,
     WriteBatch,
 )
-from actors.reorder import Released, ReorderBuffer
+from actors.reorder import Leaving, ReorderWindow, pick
 from actors.store import TopicDelta
 from transport.schema import Event
 
@@ -54,26 +61,38 @@ CLASSIFY_TIMEOUT_S = 10.0
 FORGET_INTERVAL_S = 1.0
 CLASSIFY_ATTEMPTS = 6
 
-# A new event on its way to the store: the event, when its batch arrived, and its ack ticket.
-_Item = tuple[Event, float, "AckTicket | None"]
 _Key = tuple[str, str]
+_Tickets = list["AckTicket | None"]
+# Fields of an Event, read in C over a whole column.
+_key_of = operator.itemgetter(0, 1)
+_topic_of = operator.itemgetter(0)
+_id_of = operator.itemgetter(1)
+_timestamp_of = operator.itemgetter(2)
+_ts_of = operator.itemgetter(3)
+_source_of = operator.itemgetter(4)
+_payload_of = operator.itemgetter(5)
 
 
 @dataclass(slots=True, eq=False)
 class _Pending:
-    """A batch whose lookup is under way, with how its events were sorted before the lookup."""
+    """A batch whose lookup is under way, with how its events were sorted before the lookup.
+
+    ``firsts`` are the positions looked up (each key's first, in arrival order) and ``keys``
+    their keys; ``copies`` are the positions of later copies of those; ``later`` are copies
+    of events of a batch looked up before this one, settled once that one is resolved.
+    """
 
     events: list[Event]
-    tickets: list[AckTicket | None]
+    tickets: _Tickets | None
     received_at: float
-    by_topic: dict[str, list[int]]
-    copies: list[tuple[int, int]]
+    firsts: list[int] | range
+    keys: list[_Key]
+    copies: list[int]
     later: list[int]
     request: ClassifyRequest | None
     result: ClassifyResult | None = None
     attached: int = 0
     attached_bytes: int = 0
-    keys: list[_Key] = field(default_factory=list)
 
 
 class OrderingActor(pykka.ThreadingActor):
@@ -96,15 +115,17 @@ class OrderingActor(pykka.ThreadingActor):
         self._index = index
         self._row_tickets = row_tickets
         self._dedup = dedup
-        self._buffer: ReorderBuffer[_Item] = ReorderBuffer(window_ms / 1000, max_buffered)
+        self._window = ReorderWindow(window_ms / 1000, max_buffered)
         self._max_topics = max_topics  # topic states kept at most; beyond it idle ones are forgotten
         self._written: dict[str, int] = {}  # topic -> serial of the last write that counted it
         self._write_serial = 0
         self._next_forget = 0.0
-        # Copies that arrived while their original waits in the buffer: (ticket, credit bytes).
+        # Copies that arrived while their original waits in the window: (ticket, copy) each.
         self._copies: dict[_Key, list[tuple[AckTicket | None, Event]]] = {}
         self._awaiting: deque[_Pending] = deque()
-        self._looking_up: dict[_Key, int] = {}  # keys of awaiting batches, with how many hold them
+        # Keys of awaiting batches' lookups: a key is in at most one, since a copy of a key being
+        # looked up is never looked up itself.
+        self._looking_up: set[_Key] = set()
         self._token = 0
         self._in_flight = in_flight
         self._live = live
@@ -121,8 +142,10 @@ class OrderingActor(pykka.ThreadingActor):
         elif isinstance(message, ClassifyResult):
             self._answer(message)
         elif isinstance(message, Tick):
-            if self._buffer.buffered:
-                self._send(self._buffer.release_due(time.monotonic()), WriteBatch())
+            if self._window.buffered:
+                leaving = Leaving()
+                self._window.release_due(time.monotonic(), leaving)
+                self._send(leaving, WriteBatch())
         elif isinstance(message, Sync):
             self._sync()
             return True
@@ -135,51 +158,66 @@ class OrderingActor(pykka.ThreadingActor):
         return None
 
     def _admit(self, batch: OrderingBatch) -> None:
-        """Sort a batch's events into lookups and copies, and send its lookup on its way."""
+        """Sort a batch's events into lookups and copies, and send its lookup on its way.
+
+        Set operations over the batch's keys find the copies; only they are visited one by one.
+        """
         events = batch.events
-        tickets = batch.tickets or [None] * len(events)
-        buffer = self._buffer
-        if buffer.topic_count > self._max_topics:
+        tickets = batch.tickets
+        count = len(events)
+        window = self._window
+        if window.topic_count > self._max_topics:
             # Here, before this batch's topics are looked at: a topic forgotten now is simply
             # unknown to it, and its lookup brings the stored state back.
             self._forget_idle_topics()
-        held = buffer.held
+        keys: list[_Key] = list(map(_key_of, events))
+        first_of = dict(zip(reversed(keys), range(count - 1, -1, -1)))  # each key's first position
+        repeated = len(first_of) < count
+        held = window.held
         looking_up = self._looking_up
-        by_topic: dict[str, list[int]] = {}
-        first_of: dict[_Key, int] = {}
-        copies: list[tuple[int, int]] = []
+        attach = held.intersection(first_of) if held else None
+        wait = looking_up.intersection(first_of) if looking_up else None
         later: list[int] = []
         attached = attached_bytes = 0
-        for position, event in enumerate(events):
-            key: _Key = event[:2]  # (topic, event_id), sliced in C
-            first = first_of.get(key)
-            if first is not None:
-                copies.append((position, first))
-            elif key in held:
-                self._copies.setdefault(key, []).append((tickets[position], event))
-                attached += 1
-                attached_bytes += event_bytes(event.payload)
-            elif key in looking_up:
-                later.append(position)
-            else:
-                first_of[key] = position
-                positions = by_topic.get(key[0])
-                if positions is None:
-                    by_topic[key[0]] = [position]
+        if attach or wait:
+            set_aside = (attach or set()) | (wait or set())
+            for position in itertools.compress(range(count), map(set_aside.__contains__, keys)):
+                key = keys[position]
+                if attach and key in attach:
+                    event = events[position]
+                    self._copies.setdefault(key, []).append((tickets[position] if tickets else None, event))
+                    attached += 1
+                    attached_bytes += event_bytes(event.payload)
                 else:
-                    positions.append(position)
+                    later.append(position)
+        else:
+            set_aside = None
+        copies: list[int] = []
+        if repeated:
+            firsts_by_position = map(first_of.__getitem__, keys)
+            for position in itertools.compress(range(count), map(operator.ne, firsts_by_position, range(count))):
+                key = keys[position]
+                if set_aside is None or key not in set_aside:
+                    copies.append(position)
+        if set_aside:
+            for key in set_aside:
+                del first_of[key]
+        firsts: list[int] | range
+        if repeated or set_aside:
+            firsts = sorted(first_of.values())
+            keys = list(map(keys.__getitem__, firsts))
+        else:
+            firsts = range(count)
         request = None
-        keys = list(first_of)
-        if by_topic:
+        if firsts:
             self._token += 1
             request = ClassifyRequest(
                 keys,
-                buffer.unknown(by_topic),
+                window.unknown(map(_topic_of, keys)),
                 reply_to=self.actor_ref,
                 token=self._token,
             )
-            for key in first_of:
-                looking_up[key] = looking_up.get(key, 0) + 1
+            looking_up.update(keys)
         elif not later:
             return  # every event is a copy of a waiting one: settled when that one is written
         self._awaiting.append(
@@ -187,13 +225,13 @@ class OrderingActor(pykka.ThreadingActor):
                 events,
                 tickets,
                 batch.received_at,
-                by_topic,
+                firsts,
+                keys,
                 copies,
                 later,
                 request,
                 attached=attached,
                 attached_bytes=attached_bytes,
-                keys=keys,
             )
         )
         if request is not None:
@@ -221,73 +259,77 @@ class OrderingActor(pykka.ThreadingActor):
             self._resolve(awaiting.popleft())
 
     def _resolve(self, pending: _Pending) -> None:
-        looking_up = self._looking_up
-        for key in pending.keys:
-            count = looking_up[key] - 1
-            if count:
-                looking_up[key] = count
-            else:
-                del looking_up[key]
+        self._looking_up.difference_update(pending.keys)
         result = pending.result
+        events, tickets = pending.events, pending.tickets
         if pending.request is not None and result is None:
             # The dedup actor did not answer: drop the batch (its acks never come, so acked
             # publishers resend) and give its credit back so ingest does not stall for good.
-            self._in_flight.release(
-                len(pending.events) - pending.attached, events_bytes(pending.events) - pending.attached_bytes
-            )
+            self._in_flight.release(len(events) - pending.attached, events_bytes(events) - pending.attached_bytes)
             return
-        buffer = self._buffer
-        events, tickets = pending.events, pending.tickets
+        window = self._window
         write = WriteBatch()
+        new: list[int] | range = pending.firsts
+        existing = result.existing if result is not None else None
         if result is not None:
-            buffer.adopt(result.states)
-        new_positions: set[int] = set()  # needed only to settle this batch's own copies
-        note_new = bool(pending.copies)
-        entries_by_topic: list[tuple[str, list[tuple[int, str, _Item]]]] = []
-        existing = result.existing if result is not None else set()
-        received_at = pending.received_at
-        for topic, positions in pending.by_topic.items():
-            entries = []
-            for position in positions:
-                event = events[position]
-                if existing and (topic, event.event_id) in existing:
-                    self._count_duplicate(write, event, tickets[position])
-                    continue
-                if note_new:
-                    new_positions.add(position)
-                entries.append((event.ts_ns, event.event_id, (event, received_at, tickets[position])))
-            entries_by_topic.append((topic, entries))
+            window.adopt(result.states)
+            if existing:
+                stored = list(map(existing.__contains__, pending.keys))
+                known = list(itertools.compress(new, stored))
+                _count_copies(write, pick(events, known), pick(tickets, known) if tickets else None)
+                new = list(itertools.compress(new, map(operator.not_, stored)))
+        duplicates: list[int] = []
         copies = self._copies
-        for position, first in pending.copies:
+        for position in pending.copies:
             event = events[position]
-            if first in new_positions:  # settled with its original, in the write that stores it
-                copies.setdefault((event.topic, event.event_id), []).append((tickets[position], event))
+            if existing is None or (event.topic, event.event_id) not in existing:
+                # Settled with its original, in the write that stores it.
+                copies.setdefault((event.topic, event.event_id), []).append(
+                    (tickets[position] if tickets else None, event)
+                )
             else:  # a copy of an event that was already stored
-                self._count_duplicate(write, event, tickets[position])
+                duplicates.append(position)
+        held = window.held
         for position in pending.later:
             event = events[position]
-            if (event.topic, event.event_id) in buffer.held:
-                copies.setdefault((event.topic, event.event_id), []).append((tickets[position], event))
+            if (event.topic, event.event_id) in held:
+                copies.setdefault((event.topic, event.event_id), []).append(
+                    (tickets[position] if tickets else None, event)
+                )
             else:
                 # Its original was resolved before this batch: stored already, or written in an
                 # earlier write; either way this write commits with or after it.
-                self._count_duplicate(write, event, tickets[position])
+                duplicates.append(position)
+        if duplicates:
+            _count_copies(write, pick(events, duplicates), pick(tickets, duplicates) if tickets else None)
+        leaving = Leaving()
         now = time.monotonic()
-        released: list[Released[_Item]] = []
-        for topic, entries in entries_by_topic:
-            if entries:
-                released.extend(buffer.push(topic, entries, now, release=False))
-        released.extend(buffer.release_due(now))
-        self._send(released, write)
+        if new:
+            new_events = pick(events, new)
+            new_tickets = pick(tickets, new) if tickets else None
+            topics = list(map(_topic_of, new_events))
+            counts = Counter(topics)  # topics in the order they first appear
+            if 1 < len(counts) < len(topics):
+                # Group by topic, topics in that order, each topic's events in arrival order:
+                # a stable sort on each topic's rank.
+                rank = dict(zip(counts, itertools.count()))
+                order = sorted(range(len(topics)), key=list(map(rank.__getitem__, topics)).__getitem__)
+                new_events = pick(new_events, order)
+                new_tickets = pick(new_tickets, order) if new_tickets is not None else None
+            window.push(counts, new_events, new_tickets, pending.received_at, now, leaving)
+        window.release_due(now, leaving)
+        self._send(leaving, write)
 
     def _sync(self) -> None:
-        """Finish every lookup (asking again where the answer has not come), then flush the buffer."""
+        """Finish every lookup (asking again where the answer has not come), then flush the window."""
         for pending in self._awaiting:
             if pending.request is not None and pending.result is None:
                 pending.result = self._classify(pending.request)
         while self._awaiting:
             self._resolve(self._awaiting.popleft())
-        self._send(self._buffer.flush(), WriteBatch())
+        leaving = Leaving()
+        self._window.flush(leaving)
+        self._send(leaving, WriteBatch())
 
     def _classify(self, request: ClassifyRequest) -> ClassifyResult | None:
         """Ask (blocking) for a lookup; asking again after a timeout is safe, since it is a read."""
@@ -321,57 +363,61 @@ class OrderingActor(pykka.ThreadingActor):
         )
         return None
 
-    @staticmethod
-    def _count_duplicate(write: WriteBatch, event: Event, ticket: AckTicket | None) -> None:
-        _count_copy(write, event, ticket)
+    def _send(self, leaving: Leaving, write: WriteBatch) -> None:
+        """Turn the events leaving the window into rows and tell the dedup actor, if there is
+        anything to say.
 
-    def _send(self, released: list[Released[_Item]], write: WriteBatch) -> None:
-        """Turn released events into rows and tell the dedup actor, if there is anything to say."""
-        rows = write.rows
+        The rows are zipped from the columns in C; only the counts per topic run are Python.
+        """
         if self._row_tickets and write.row_tickets is None:
             write.row_tickets = []
-        row_tickets = write.row_tickets
-        topics = write.topics
-        copies = self._copies
-        topic = ""
-        delta = TopicDelta()
-        nbytes = 0
-        # Unpacked in the loop header: one step in C instead of an attribute lookup per field.
-        for out_topic, ts_ns, event_id, (event, received_at, ticket), seq, late in released:
-            _, _, timestamp, _, source, payload = event
-            nbytes += len(payload)
+        events = leaving.events
+        if events:
+            payloads = list(map(_payload_of, events))
             # The payload goes in as a bytearray: the sqlite3 module binds one as a blob at once,
             # while for bytes it first searches for an adapter (~2 600 CPU instructions a row
             # against ~150 for the copy, counted with callgrind). Stored and read back the same.
-            rows.append(
-                (out_topic, event_id, seq, timestamp, ts_ns, source, bytearray(payload), received_at, 1 if late else 0)
+            write.rows += zip(
+                leaving.topics,
+                map(_id_of, events),
+                leaving.seqs,
+                map(_timestamp_of, events),
+                map(_ts_of, events),
+                map(_source_of, events),
+                map(bytearray, payloads),
+                leaving.received,
+                leaving.lates,
             )
-            if out_topic != topic:
-                topic = out_topic
-                delta = topics.get(topic)  # type: ignore[assignment]
+            topics = write.topics
+            for topic, count, first_seq, late, last_ts_ns in leaving.runs:
+                delta = topics.get(topic)
                 if delta is None:
                     topics[topic] = delta = TopicDelta()
-            delta.received += 1
-            delta.last_seq = seq
-            if late:
-                delta.late += 1
-                write.late += 1
-            elif ts_ns > delta.last_ts_ns:
-                delta.last_ts_ns = ts_ns
-            if seq == 1:
-                write.new_topics += 1
-            if ticket is not None:
-                write.settle(ticket, 1, 0)
-            if row_tickets is not None:
-                row_tickets.append(ticket)
+                delta.received += count
+                delta.last_seq = first_seq + count - 1
+                if late:
+                    delta.late += late
+                    write.late += late
+                if late < count and last_ts_ns > delta.last_ts_ns:
+                    delta.last_ts_ns = last_ts_ns
+                if first_seq == 1:
+                    write.new_topics += 1
+            tickets = leaving.tickets
+            if tickets is not None:
+                for ticket, settled in Counter(tickets).items():
+                    if ticket is not None:
+                        write.settle(ticket, settled, 0)
+            if write.row_tickets is not None:
+                write.row_tickets += tickets if tickets is not None else itertools.repeat(None, len(events))
+            copies = self._copies
             if copies:
-                waiting = copies.pop((topic, event_id), None)
-                if waiting:
-                    for copy_ticket, copy in waiting:
-                        _count_copy(write, copy, copy_ticket)
-        write.events += len(released)
-        write.bytes += nbytes + EVENT_OVERHEAD_BYTES * len(released)  # event_bytes() of each
-        buffered = self._buffer.buffered
+                found = copies.keys() & zip(leaving.topics, map(_id_of, events))
+                if found:
+                    waiting = [copy for key in found for copy in copies.pop(key)]
+                    _count_copies(write, [copy for _, copy in waiting], [ticket for ticket, _ in waiting])
+            write.events += len(events)
+            write.bytes += sum(map(len, payloads)) + EVENT_OVERHEAD_BYTES * len(events)  # event_bytes() of each
+        buffered = self._window.buffered
         self._live.buffered[self._index] = buffered
         if buffered:
             self._live.waiting.set()  # after the count: the tick thread reads it once woken
@@ -395,34 +441,41 @@ class OrderingActor(pykka.ThreadingActor):
             return
         self._next_forget = now + FORGET_INTERVAL_S  # a sweep visits every topic: not every batch
         committed = self._live.committed_writes[self._index]
-        protected = {topic for pending in self._awaiting for topic in pending.by_topic}
+        protected = {topic for pending in self._awaiting for topic, _ in pending.keys}
         written = self._written
-        excess = self._buffer.topic_count - int(self._max_topics * 0.8)
+        excess = self._window.topic_count - int(self._max_topics * 0.8)
         forget: list[str] = []
-        for topic in self._buffer.idle_topics():
+        for topic in self._window.idle_topics():
             if topic not in protected and written.get(topic, 0) <= committed:
                 forget.append(topic)
                 if len(forget) >= excess:
                     break
         if forget:
-            self._buffer.forget(forget)
+            self._window.forget(forget)
             for topic in forget:
                 written.pop(topic, None)
             log.debug(
-                "ordering actor %d forgot %d idle topics (%d kept)", self._index, len(forget), self._buffer.topic_count
+                "ordering actor %d forgot %d idle topics (%d kept)", self._index, len(forget), self._window.topic_count
             )
 
 
-def _count_copy(write: WriteBatch, event: Event, ticket: AckTicket | None) -> None:
-    """Count one duplicate into ``write``, settling its ticket there; the dedup actor compares
-    its content with the original's when the write commits."""
-    delta = write.topics.get(event.topic)
-    if delta is None:
-        write.topics[event.topic] = delta = TopicDelta()
-    delta.received += 1
-    delta.duplicate_dropped += 1
-    write.events += 1
-    write.bytes += event_bytes(event.payload)
-    write.duplicates.append((event, ticket))
-    if ticket is not None:
-        write.settle(ticket, 0, 1)
+def _count_copies(write: WriteBatch, events: list[Event], tickets: _Tickets | None) -> None:
+    """Count duplicates into ``write``, settling their tickets there (``tickets`` parallel to
+    ``events``, or None); the dedup actor compares their content with the originals' when the
+    write commits."""
+    if not events:
+        return
+    topics = write.topics
+    for topic, count in Counter(map(_topic_of, events)).items():
+        delta = topics.get(topic)
+        if delta is None:
+            topics[topic] = delta = TopicDelta()
+        delta.received += count
+        delta.duplicate_dropped += count
+    write.events += len(events)
+    write.bytes += events_bytes(events)
+    write.duplicates += zip(events, tickets if tickets is not None else itertools.repeat(None))
+    if tickets is not None:
+        for ticket, count in Counter(tickets).items():
+            if ticket is not None:
+                write.settle(ticket, 0, count)

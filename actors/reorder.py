@@ -1,7 +1,7 @@
 """The reorder window: the pure core of an ordering actor (no threads, no clock of its own).
 
 Theory of operation. New events of a topic wait until ``window`` seconds have passed since
-their arrival. At each :meth:`ReorderBuffer.release_due`, the due events (a prefix of the
+their arrival. At each :meth:`ReorderWindow.release_due`, the due events (a prefix of the
 arrival order) are released, and with them every waiting event of the same topic that sorts
 before the largest due one by ``(timestamp, arrival counter)``: releasing those early costs
 nothing and keeps the output of each topic in timestamp order. So nothing waits longer than
@@ -13,94 +13,142 @@ whose timestamp is older than the last one already released for its topic is *la
 cannot put it in order any more, so it leaves at once, with the next seq, flagged so (nothing
 is dropped). With a window of 0 events are released at once in arrival order.
 
+The window works on columns, never an object per event. A push hands it a batch's new events
+grouped by topic (each topic's in arrival order, with how many each topic has), and what
+leaves is appended to a :class:`Leaving`: parallel lists over every event leaving, in the order
+they are numbered, plus one line per topic run (its first seq, how many, how many late). Seqs
+are ranges; late flags are one comparison against the running maximum of the timestamps (a
+binary search when the run is in timestamp order, as every run leaving a block is). A topic's
+waiting events are kept as blocks, one per push, each sorted by ``(timestamp, arrival)`` once
+when pushed: a release cuts each block with a binary search and sorts only what leaves.
+
 Because a topic's events leave in key order and late ones leave at once, every event of a
 push has left exactly when the push's largest key is at or below the last key released for its
-topic; so the arrival queue holds one entry per push, not per event, and needs no flags. Each
-topic's waiting events sit in a plain list, sorted only when some leave: on nearly ordered
-input that is a linear merge done in C, cheaper than a heap operation per event.
+topic; so the arrival queue holds one entry per push, not per event, and needs no flags.
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
+import operator
 from collections import deque
 from collections.abc import Iterable, Mapping
-from typing import Generic, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from actors.store import TopicState
-from transport.schema import MIN_TS_NS
+from transport.schema import MIN_TS_NS, Event
+
+if TYPE_CHECKING:
+    from actors.messages import AckTicket
+
+    Tickets = list[AckTicket | None]
 
 T = TypeVar("T")
 
 # Below every (timestamp, arrival) key, pre-1970 (negative) timestamps included.
 _NOTHING = (MIN_TS_NS - 1, -1)
-# Builds a NamedTuple from a tuple in C: the NamedTuple's own __new__ is a Python function, and
-# one Released is made for every event stored.
-_make = tuple.__new__
+_ts_of = operator.itemgetter(3)  # Event.ts_ns, in C
+_id_of = operator.itemgetter(1)  # Event.event_id
 
 
-class Released(NamedTuple, Generic[T]):
-    """An event leaving the buffer with its seq and lateness."""
+class Leaving:
+    """Columns of the events leaving the window, in the order they were numbered.
 
-    topic: str
-    ts_ns: int
-    event_id: str
-    item: T
-    seq: int
-    late: bool
+    ``runs`` has one ``(topic, count, first_seq, late, last_ts_ns)`` per topic run: the run's
+    events are the next ``count`` of the columns, numbered from ``first_seq``; ``late`` of
+    them are late; ``last_ts_ns`` is the topic's last timestamp after the run (the largest of
+    its events that were not late, when ``late`` < ``count``). ``tickets`` is None while no
+    leaving event has one; ``lates`` holds 1 for a late event, 0 for the others.
+    """
+
+    __slots__ = ("topics", "events", "tickets", "received", "seqs", "lates", "runs")
+
+    def __init__(self) -> None:
+        self.topics: list[str] = []
+        self.events: list[Event] = []
+        self.tickets: Tickets | None = None
+        self.received: list[float] = []
+        self.seqs: list[int] = []
+        self.lates: list[int] = []
+        self.runs: list[tuple[str, int, int, int, int]] = []
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def extend(
+        self, topics: Iterable[str], events: list[Event], tickets: Tickets | None, received: Iterable[float]
+    ) -> None:
+        """Append events leaving, with their topics, tickets (None: they have none) and arrival times."""
+        if tickets is not None:
+            if self.tickets is None:
+                self.tickets = [None] * len(self.events)
+            self.tickets += tickets
+        elif self.tickets is not None:
+            self.tickets += itertools.repeat(None, len(events))
+        self.topics += topics
+        self.events += events
+        self.received += received
 
 
-class _Topic(Generic[T]):
-    __slots__ = ("last_seq", "last_ts_ns", "waiting", "released_upto")
+class _Block:
+    """The events of one push of one topic still waiting, sorted by ``(timestamp, arrival)``."""
+
+    __slots__ = ("keys", "events", "tickets", "received")
+
+    def __init__(
+        self, keys: list[tuple[int, int]], events: list[Event], tickets: Tickets | None, received: list[float]
+    ) -> None:
+        self.keys = keys
+        self.events = events
+        self.tickets = tickets
+        self.received = received
+
+
+class _Topic:
+    __slots__ = ("last_seq", "last_ts_ns", "blocks", "released_upto")
 
     def __init__(self, last_seq: int, last_ts_ns: int) -> None:
         self.last_seq = last_seq
         self.last_ts_ns = last_ts_ns
-        # Waiting events as (ts_ns, arrival, event_id, item); sorted only when some leave,
-        # which on nearly ordered input is a linear merge in C. None while nothing waits, which
-        # is most topics most of the time: an empty list each was 5.5 MB with 100 000 topics.
-        self.waiting: list[tuple[int, int, str, T]] | None = None
+        # None while nothing waits, which is most topics most of the time.
+        self.blocks: list[_Block] | None = None
         self.released_upto: tuple[int, int] = _NOTHING
 
 
-def _order_key(entry: tuple[int, int, str, object]) -> tuple[int, int]:
-    return (entry[0], entry[1])
-
-
-class ReorderBuffer(Generic[T]):
-    """Per-topic reorder buffers with a shared bound, handing out gapless seqs."""
+class ReorderWindow:
+    """Per-topic reorder windows with a shared bound, handing out gapless seqs to runs of events."""
 
     def __init__(self, window_s: float, max_buffered: int) -> None:
         self.window_s = window_s
         self.max_buffered = max_buffered
-        self._topics: dict[str, _Topic[T]] = {}
+        self._topics: dict[str, _Topic] = {}
         # One entry per push, in arrival order: (deadline, topic, largest key pushed, count).
         # An entry whose largest key is at or below its topic's released_upto has left.
         self._arrivals: deque[tuple[float, str, tuple[int, int], int]] = deque()
         self._counter = 0
-        self._held: dict[tuple[str, str], T] = {}
+        self._held: set[tuple[str, str]] = set()
         self.buffered = 0
 
     def unknown(self, topics: Iterable[str]) -> list[str]:
-        """Those of ``topics`` whose state (last seq and last timestamp) the buffer does not have."""
-        known = self._topics
-        return [topic for topic in topics if topic not in known]
+        """Those of ``topics`` whose state (last seq and last timestamp) the window does not have."""
+        return list(set(topics).difference(self._topics))
 
     @property
     def topic_count(self) -> int:
-        """How many topics' states the buffer holds."""
+        """How many topics' states the window holds."""
         return len(self._topics)
 
     def idle_topics(self) -> list[str]:
         """Topics with nothing waiting and no arrival still queued: their state may be forgotten."""
         queued = {topic for _, topic, _, _ in self._arrivals}
-        return [topic for topic, state in self._topics.items() if not state.waiting and topic not in queued]
+        return [topic for topic, state in self._topics.items() if state.blocks is None and topic not in queued]
 
     def forget(self, topics: Iterable[str]) -> None:
         """Drop the state of idle topics; :meth:`adopt` brings a topic back when it returns."""
         for topic in topics:
             state = self._topics.pop(topic)
-            assert not state.waiting, f"topic {topic!r} still has events waiting"
+            assert state.blocks is None, f"topic {topic!r} still has events waiting"
 
     def adopt(self, states: Mapping[str, TopicState]) -> None:
         """Start each topic not known yet from its stored state, so seqs and lateness continue after a restart."""
@@ -110,50 +158,123 @@ class ReorderBuffer(Generic[T]):
                 topics[topic] = _Topic(state.last_seq, state.last_ts_ns)
 
     @property
-    def held(self) -> Mapping[tuple[str, str], T]:
-        """Every waiting event's item by (topic, event_id): a copy of one of these arriving now is a duplicate."""
+    def held(self) -> set[tuple[str, str]]:
+        """Every waiting event's (topic, event_id): a copy of one of these arriving now is a duplicate."""
         return self._held
 
     def push(
-        self, topic: str, entries: Iterable[tuple[int, str, T]], now: float, release: bool = True
-    ) -> list[Released[T]]:
-        """Add new events ``(ts_ns, event_id, item)`` of a known topic, in arrival order; return what leaves now.
+        self,
+        counts: Mapping[str, int],
+        events: list[Event],
+        tickets: Tickets | None,
+        received_at: float,
+        now: float,
+        out: Leaving,
+    ) -> None:
+        """Add a batch's new events of known topics; append those that leave at once to ``out``.
 
-        With ``release=False`` only late events (and, with no window, every event) leave; the
-        caller pushing several topics then calls :meth:`release_due` once for all of them.
+        ``events`` are grouped by topic, each topic's in arrival order, ``counts`` giving the
+        topics in that order with how many events each has. With no window every event leaves
+        at once; otherwise only late ones do, and the caller calls :meth:`release_due` after.
         """
-        state = self._topics[topic]
+        topics = self._topics
+        ts = list(map(_ts_of, events))
+        start = 0
         if self.window_s <= 0:
-            return [self._release(state, topic, ts_ns, event_id, item) for ts_ns, event_id, item in entries]
-        late: list[Released[T]] = []
-        waiting = state.waiting
-        if waiting is None:
-            waiting = state.waiting = []
+            out.extend(_repeat_each(counts), events, tickets, itertools.repeat(received_at, len(events)))
+            for topic, count in counts.items():
+                end = start + count
+                _number(topics[topic], topic, ts[start:end], False, out)
+                start = end
+            return
+        deadline = now + self.window_s
         held = self._held
-        first_counter = counter = self._counter
-        last_ts_ns = state.last_ts_ns  # a late event leaves it as it is
-        largest_ts, largest_counter = _NOTHING
-        for ts_ns, event_id, item in entries:
-            if ts_ns < last_ts_ns:
-                late.append(self._release(state, topic, ts_ns, event_id, item))
+        arrivals = self._arrivals
+        for topic, count in counts.items():
+            end = start + count
+            if count == 1:
+                # One event of this topic (every event, with many topics): no lists to slice.
+                state = topics[topic]
+                event = events[start]
+                ticket = tickets[start] if tickets is not None else None
+                if ts[start] < state.last_ts_ns:
+                    out.extend((topic,), [event], [ticket] if tickets is not None else None, (received_at,))
+                    _number(state, topic, [ts[start]], False, out)
+                else:
+                    self._counter += 1
+                    key = (ts[start], self._counter)
+                    block = _Block([key], [event], [ticket] if tickets is not None else None, [received_at])
+                    if state.blocks is None:
+                        state.blocks = [block]
+                    else:
+                        state.blocks.append(block)
+                    held.add((topic, event[1]))
+                    arrivals.append((deadline, topic, key, 1))
+                    self.buffered += 1
+                start = end
                 continue
-            counter += 1
-            waiting.append((ts_ns, counter, event_id, item))
-            held[(topic, event_id)] = item
-            if ts_ns >= largest_ts:
-                largest_ts, largest_counter = ts_ns, counter
-        self._counter = counter
-        pushed = counter - first_counter
-        if not waiting:  # every entry was late
-            state.waiting = None
-        if pushed:
-            self._arrivals.append((now + self.window_s, topic, (largest_ts, largest_counter), pushed))
-            self.buffered += pushed
-        if not release:
-            return late
-        return late + self.release_due(now) if late else self.release_due(now)
+            self._wait(
+                topic,
+                ts[start:end],
+                events[start:end],
+                tickets[start:end] if tickets is not None else None,
+                received_at,
+                now,
+                out,
+            )
+            start = end
 
-    def release_due(self, now: float) -> list[Released[T]]:
+    def _wait(
+        self,
+        topic: str,
+        ts: list[int],
+        events: list[Event],
+        tickets: Tickets | None,
+        received_at: float,
+        now: float,
+        out: Leaving,
+    ) -> None:
+        """One topic's new events: the late ones leave at once, the rest wait as one sorted block."""
+        state = self._topics[topic]
+        last_ts_ns = state.last_ts_ns
+        if min(ts) < last_ts_ns:
+            late = list(map(last_ts_ns.__gt__, ts))
+            late_events = list(itertools.compress(events, late))
+            out.extend(
+                itertools.repeat(topic, len(late_events)),
+                late_events,
+                list(itertools.compress(tickets, late)) if tickets is not None else None,
+                itertools.repeat(received_at, len(late_events)),
+            )
+            _number(state, topic, list(itertools.compress(ts, late)), False, out)
+            on_time = list(map(operator.not_, late))
+            events = list(itertools.compress(events, on_time))
+            if not events:
+                return
+            ts = list(itertools.compress(ts, on_time))
+            tickets = list(itertools.compress(tickets, on_time)) if tickets is not None else None
+        count = len(events)
+        first_counter = self._counter + 1
+        self._counter += count
+        counters = range(first_counter, first_counter + count)
+        if all(map(operator.le, ts, itertools.islice(ts, 1, None))):
+            keys = list(zip(ts, counters))
+        else:
+            # A stable sort by timestamp: equal instants stay in arrival order.
+            order = sorted(range(count), key=ts.__getitem__)
+            keys = list(zip(pick(ts, order), pick(list(counters), order)))
+            events = pick(events, order)
+            tickets = pick(tickets, order) if tickets is not None else None
+        block = _Block(keys, events, tickets, [received_at] * count)
+        if state.blocks is None:
+            state.blocks = [block]
+        else:
+            state.blocks.append(block)
+        self._held.update(zip(itertools.repeat(topic), map(_id_of, events)))
+        self._arrivals.append((now + self.window_s, topic, keys[-1], count))
+        self.buffered += count
+
+    def release_due(self, now: float, out: Leaving) -> None:
         """Release every event whose window has passed, then as few as the bound forces out."""
         limits: dict[str, tuple[int, int]] = {}
         arrivals = self._arrivals
@@ -167,78 +288,160 @@ class ReorderBuffer(Generic[T]):
                 limits[topic] = key
             else:
                 break
-        released: list[Released[T]] = []
         for topic, limit in limits.items():
-            self._release_upto(topic, limit, released)
+            state = topics[topic]
+            blocks = state.blocks
+            if blocks is not None and len(blocks) == 1 and len(blocks[0].keys) == 1 and out.tickets is None:
+                # One event waiting and no tickets (every topic, with many topics and no acks):
+                # _release_upto and _number inlined, since this runs once an event.
+                block = blocks[0]
+                if limit > state.released_upto:
+                    state.released_upto = limit
+                if block.tickets is not None or block.keys[0] > limit:
+                    self._release_upto(topic, limit, out)
+                    continue
+                state.blocks = None
+                event = block.events[0]
+                self._held.discard((topic, event[1]))
+                self.buffered -= 1
+                out.topics.append(topic)
+                out.events.append(event)
+                out.received.append(block.received[0])
+                seq = state.last_seq = state.last_seq + 1
+                out.seqs.append(seq)
+                if event[3] < state.last_ts_ns:
+                    out.lates.append(1)
+                    out.runs.append((topic, 1, seq, 1, state.last_ts_ns))
+                else:
+                    state.last_ts_ns = event[3]
+                    out.lates.append(0)
+                    out.runs.append((topic, 1, seq, 0, event[3]))
+                continue
+            self._release_upto(topic, limit, out)
         while self.buffered > self.max_buffered and arrivals:
             # Over the bound: the topic of the oldest push gives up its earliest events, just
             # enough of them (releasing the earliest keeps the topic in order).
             _, topic, key, _ = arrivals[0]
             state = topics[topic]
-            if key <= state.released_upto:
+            if key <= state.released_upto or state.blocks is None:  # its events have all left
                 arrivals.popleft()
                 continue
-            waiting = state.waiting
-            if not waiting:  # its events have all left
-                arrivals.popleft()
-                continue
-            waiting.sort()
-            cut = min(self.buffered - self.max_buffered, len(waiting))
-            self._release_upto(topic, _order_key(waiting[cut - 1]), released)
-        return released
+            keys = sorted(itertools.chain.from_iterable(block.keys for block in state.blocks))
+            cut = min(self.buffered - self.max_buffered, len(keys))
+            self._release_upto(topic, keys[cut - 1], out)
 
-    def _release_upto(self, topic: str, limit: tuple[int, int], released: list[Released[T]]) -> None:
+    def flush(self, out: Leaving) -> None:
+        """Release everything still waiting, each topic in order (for shutdown)."""
+        for topic, state in self._topics.items():
+            if state.blocks is not None:
+                self._release_upto(topic, max(block.keys[-1] for block in state.blocks), out)
+        self._arrivals.clear()
+
+    def _release_upto(self, topic: str, limit: tuple[int, int], out: Leaving) -> None:
         """Release the topic's waiting events with keys up to ``limit``, in key order."""
         state = self._topics[topic]
-        waiting = state.waiting
         if limit > state.released_upto:
             state.released_upto = limit
-        if waiting is None:
+        blocks = state.blocks
+        if blocks is None:
             return
-        # Plain tuple order is key order (arrival counters are unique, so the comparison never
-        # reaches the id or the item), and keeps both the sort and the search in C. An entry's
-        # key is at most ``limit`` exactly when the entry sorts below (ts, arrival + 1).
-        waiting.sort()
-        cut = bisect.bisect_left(waiting, (limit[0], limit[1] + 1))
-        held = self._held
-        seq = state.last_seq
-        last_ts_ns = state.last_ts_ns
-        append = released.append
-        everything = cut == len(waiting)
-        for ts_ns, _, event_id, item in waiting if everything else waiting[:cut]:  # _release, inlined: per event
-            del held[(topic, event_id)]
-            seq += 1
-            late = ts_ns < last_ts_ns
-            if not late:
-                last_ts_ns = ts_ns
-            append(_make(Released, (topic, ts_ns, event_id, item, seq, late)))
-        state.last_seq = seq
-        state.last_ts_ns = last_ts_ns
-        if everything:
-            state.waiting = None
-        else:
-            del waiting[:cut]
-        self.buffered -= cut
+        if len(blocks) == 1 and len(blocks[0].keys) == 1:
+            # One event waiting (every topic, with many topics): no lists to cut.
+            block = blocks[0]
+            if block.keys[0] > limit:
+                return
+            state.blocks = None
+            event = block.events[0]
+            self._held.discard((topic, event[1]))
+            self.buffered -= 1
+            out.extend((topic,), block.events, block.tickets, block.received)
+            _number(state, topic, [event[3]], True, out)
+            return
+        keys: list[tuple[int, int]] = []
+        events: list[Event] = []
+        tickets: Tickets | None = None
+        received: list[float] = []
+        pieces = 0
+        emptied = False
+        for block in blocks:
+            if block.keys[0] > limit:
+                continue
+            cut = bisect.bisect_right(block.keys, limit)
+            pieces += 1
+            if tickets is None and block.tickets is not None:
+                tickets = [None] * len(events)
+            if cut == len(block.keys):
+                keys += block.keys
+                events += block.events
+                received += block.received
+                if tickets is not None:
+                    tickets += block.tickets if block.tickets is not None else itertools.repeat(None, cut)
+                block.keys = []
+                emptied = True
+            else:
+                keys += block.keys[:cut]
+                events += block.events[:cut]
+                received += block.received[:cut]
+                if tickets is not None:
+                    tickets += block.tickets[:cut] if block.tickets is not None else itertools.repeat(None, cut)
+                del block.keys[:cut], block.events[:cut], block.received[:cut]
+                if block.tickets is not None:
+                    del block.tickets[:cut]
+        if not pieces:
+            return
+        if emptied:
+            kept = [block for block in blocks if block.keys]
+            state.blocks = kept or None
+        if pieces > 1:
+            order = sorted(range(len(keys)), key=keys.__getitem__)
+            keys = pick(keys, order)
+            events = pick(events, order)
+            received = pick(received, order)
+            tickets = pick(tickets, order) if tickets is not None else None
+        count = len(events)
+        self._held.difference_update(zip(itertools.repeat(topic), map(_id_of, events)))
+        self.buffered -= count
+        out.extend(itertools.repeat(topic, count), events, tickets, received)
+        _number(state, topic, list(map(_ts_of, events)), True, out)
 
-    def flush(self) -> list[Released[T]]:
-        """Release everything still waiting, each topic in order (for shutdown)."""
-        released: list[Released[T]] = []
-        for topic, state in self._topics.items():
-            if state.waiting:
-                state.waiting.sort()
-                for ts_ns, _, event_id, item in state.waiting:
-                    released.append(self._release(state, topic, ts_ns, event_id, item))
-                state.released_upto = _order_key(state.waiting[-1])
-                state.waiting = None
-        self._arrivals.clear()
-        self._held.clear()
-        self.buffered = 0
-        return released
 
-    @staticmethod
-    def _release(state: _Topic[T], topic: str, ts_ns: int, event_id: str, item: T) -> Released[T]:
-        state.last_seq += 1
-        late = ts_ns < state.last_ts_ns
+def pick(values: list[T], positions: Iterable[int]) -> list[T]:
+    """``values`` at ``positions``, gathered in C."""
+    return list(map(values.__getitem__, positions))
+
+
+def _repeat_each(counts: Mapping[str, int]) -> Iterable[str]:
+    """Each topic of ``counts`` repeated its count of times, in order."""
+    return itertools.chain.from_iterable(itertools.starmap(itertools.repeat, counts.items()))
+
+
+def _number(state: _Topic, topic: str, ts: list[int], in_order: bool, out: Leaving) -> None:
+    """Give a topic run (its timestamps, in the order they leave) its seqs and late flags."""
+    count = len(ts)
+    first_seq = state.last_seq + 1
+    state.last_seq += count
+    last_ts_ns = state.last_ts_ns
+    if count == 1:
+        late = 1 if ts[0] < last_ts_ns else 0
         if not late:
-            state.last_ts_ns = ts_ns
-        return _make(Released, (topic, ts_ns, event_id, item, state.last_seq, late))
+            last_ts_ns = ts[0]
+        out.seqs.append(first_seq)
+        out.lates.append(late)
+    else:
+        if in_order or all(map(operator.le, ts, itertools.islice(ts, 1, None))):
+            # In timestamp order: the late ones are those below the last timestamp, a prefix.
+            late = bisect.bisect_left(ts, last_ts_ns)
+            out.lates += itertools.repeat(1, late)
+            out.lates += itertools.repeat(0, count - late)
+            if late < count:
+                last_ts_ns = ts[-1]
+        else:
+            # Late is below the largest timestamp before it: a running maximum, in C.
+            running = list(itertools.accumulate(ts, max, initial=last_ts_ns))
+            lates = list(map(int, map(operator.lt, ts, running)))
+            out.lates += lates
+            late = sum(lates)
+            last_ts_ns = running[-1]
+        out.seqs += range(first_seq, first_seq + count)
+    state.last_ts_ns = last_ts_ns
+    out.runs.append((topic, count, first_seq, late, last_ts_ns))

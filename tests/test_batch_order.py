@@ -1,0 +1,235 @@
+"""The batch-structured ordering actor against the event-at-a-time one it replaced (the oracle).
+
+Both actors (:mod:`actors.ordering` and the frozen :mod:`reference_ordering`) are driven
+without threads, on one clock, through the same random schedule (hypothesis) of batches (copies
+within and across batches, late events, acked or not), ticks, lookup answers arriving late,
+commits, idle topics forgotten and restarts. Each has its own stand-in dedup actor that answers
+lookups from the writes it was told, as the real one does (held writes count as stored). Every
+lookup and every write must match: rows with their seqs and late flags, per-topic counters,
+duplicates, ticket settlements and each row's ticket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+from typing import Any
+
+import reference_ordering
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from actors import ordering
+from actors.flow import InFlight, LiveFigures
+from actors.messages import AckTicket, ClassifyRequest, ClassifyResult, OrderingBatch, Sync, Tick, WriteBatch
+from actors.store import NO_TIMESTAMP, TopicState
+from transport.schema import Event
+
+BASE_NS = 1_761_127_200_000_000_000
+
+
+class Clock:
+    """Stands in for the ``time`` module of both actor modules."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Side:
+    """One ordering actor with its stand-in dedup actor, and a log of what it asked and wrote."""
+
+    def __init__(self, actor_class: type, params: dict[str, Any]) -> None:
+        self.actor_class = actor_class
+        self.params = params
+        self.stored: set[tuple[str, str]] = set()
+        self.topics: dict[str, TopicState] = {}
+        self.answers: deque[ClassifyResult] = deque()
+        self.log: list[Any] = []
+        self.tickets: dict[int, int] = {}  # id(ticket) -> the schedule's number for it
+        self.last_serial = 0
+        self.start()
+
+    def start(self) -> None:
+        self.live = LiveFigures()
+        self.actor = self.actor_class(
+            0, self, in_flight=InFlight(10**9), live=self.live, **self.params
+        )  # the stand-in is its dedup reference: tell() and ask()
+        self.last_serial = 0
+
+    # The dedup actor's side: lookups are answered from every write told before them.
+    def _lookup(self, request: ClassifyRequest) -> ClassifyResult:
+        self.log.append(("lookup", list(request.keys), sorted(request.unknown_topics)))
+        existing = self.stored.intersection(request.keys)
+        states = {topic: self.topics.get(topic, TopicState(0, NO_TIMESTAMP)) for topic in request.unknown_topics}
+        return ClassifyResult(existing, states, token=request.token)
+
+    def tell(self, message: Any) -> None:
+        if isinstance(message, ClassifyRequest):
+            self.answers.append(self._lookup(message))
+        elif isinstance(message, WriteBatch):
+            self.log.append(("write", self._normal(message)))
+            self.stored.update((row[0], row[1]) for row in message.rows)
+            for topic, delta in message.topics.items():
+                state = self.topics.get(topic, TopicState(0, NO_TIMESTAMP))
+                self.topics[topic] = TopicState(
+                    max(state.last_seq, delta.last_seq), max(state.last_ts_ns, delta.last_ts_ns)
+                )
+            self.last_serial = message.serial
+        else:
+            raise AssertionError(f"unexpected message {message!r}")
+
+    def ask(self, message: Any, block: bool = True, timeout: float | None = None) -> Any:
+        return self._lookup(message)
+
+    def _normal(self, write: WriteBatch) -> Any:
+        number = self.tickets.get
+        rows = [(*row[:6], bytes(row[6]), *row[7:]) for row in write.rows]
+        row_tickets = None
+        if write.row_tickets is not None:
+            row_tickets = sorted(
+                (row[:2], number(id(ticket)) if ticket is not None else -1)
+                for row, ticket in zip(rows, write.row_tickets, strict=True)
+            )
+        return {
+            "rows": sorted(rows),
+            "row tickets": row_tickets,
+            "topics": {topic: dataclasses.astuple(delta) for topic, delta in write.topics.items()},
+            "duplicates": sorted(
+                (event.topic, event.event_id, event.payload, number(id(ticket)) if ticket is not None else -1)
+                for event, ticket in write.duplicates
+            ),
+            "tickets": {number(id(ticket)): counts for ticket, counts in write.tickets.items()},
+            "counts": (write.events, write.bytes, write.late, write.new_topics, write.origin, write.serial),
+        }
+
+    # The schedule's steps.
+    def batch(self, events: list[Event], ticket_plan: list[int | None], received_at: float) -> None:
+        made: dict[int, AckTicket] = {}
+        tickets: list[AckTicket | None] | None = None
+        if any(number is not None for number in ticket_plan):
+            tickets = []
+            for number in ticket_plan:
+                if number is None:
+                    tickets.append(None)
+                    continue
+                if number not in made:
+                    made[number] = AckTicket([], number, ticket_plan.count(number), [])
+                    self.tickets[id(made[number])] = number
+                tickets.append(made[number])
+        self.actor.on_receive(OrderingBatch(events, received_at, tickets))
+
+    def answer(self, count: int) -> None:
+        for _ in range(min(count, len(self.answers))):
+            self.actor.on_receive(self.answers.popleft())
+
+    def commit(self) -> None:
+        self.live.committed_writes[0] = self.last_serial
+
+    def restart(self) -> None:
+        self.finish()
+        self.start()
+
+    def finish(self) -> None:
+        self.actor.on_receive(Sync())
+        self.answers.clear()  # answered again by Sync's own asks
+        self.commit()
+
+
+TOPICS = [f"t{n}" for n in range(12)]
+event_spec = st.tuples(
+    st.integers(min_value=0, max_value=11),  # topic
+    st.integers(min_value=0, max_value=30),  # event id: few, so copies are common
+    st.integers(min_value=-3_000, max_value=200),  # ms from the schedule's start: some late
+    st.booleans(),  # a conflicting payload
+    st.sampled_from([None, None, 0, 1]),  # ticket
+)
+step = st.one_of(
+    st.tuples(st.just("batch"), st.lists(event_spec, min_size=1, max_size=25)),
+    st.tuples(st.just("tick"), st.sampled_from([0.0, 0.004, 0.02, 0.06, 0.3, 1.2])),
+    st.tuples(st.just("answer"), st.integers(min_value=1, max_value=3)),
+    st.tuples(st.just("commit"), st.none()),
+    st.tuples(st.just("restart"), st.none()),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    schedule=st.lists(step, max_size=40),
+    window_ms=st.sampled_from([0, 10, 50]),
+    max_buffered=st.sampled_from([2, 7, 10_000]),
+    max_topics=st.sampled_from([2, 5, 1_000]),
+    row_tickets=st.booleans(),
+    topic_count=st.sampled_from([1, 3, 12]),
+)
+def test_the_batch_path_writes_what_the_event_at_a_time_path_wrote(
+    schedule: list[tuple[str, Any]],
+    window_ms: int,
+    max_buffered: int,
+    max_topics: int,
+    row_tickets: bool,
+    topic_count: int,
+) -> None:
+    clock = Clock()
+    saved = ordering.time, reference_ordering.time
+    ordering.time = reference_ordering.time = clock  # type: ignore[assignment]
+    try:
+        params = {
+            "window_ms": window_ms,
+            "max_buffered": max_buffered,
+            "max_topics": max_topics,
+            "row_tickets": row_tickets,
+        }
+        sides = [Side(ordering.OrderingActor, params), Side(reference_ordering.OrderingActor, params)]
+        ticket_base = 0
+        for kind, arg in schedule:
+            if kind == "batch":
+                events = [
+                    Event(
+                        TOPICS[topic % topic_count],
+                        f"e{event_id}",
+                        "",
+                        BASE_NS + ms * 1_000_000 + int(clock.now * 1e9),
+                        "s",
+                        b"other" if conflicting else b"p%d" % event_id,
+                    )
+                    for topic, event_id, ms, conflicting, _ in arg
+                ]
+                plan = [None if ticket is None else ticket_base + ticket for *_, ticket in arg]
+                ticket_base += 2
+                for side in sides:
+                    side.batch(events, plan, clock.now)
+            elif kind == "tick":
+                clock.now += arg
+                for side in sides:
+                    side.actor.on_receive(Tick())
+            elif kind == "answer":
+                for side in sides:
+                    side.answer(arg)
+            else:
+                for side in sides:
+                    getattr(side, kind)()
+            if sides[0].log != sides[1].log:
+                for mine, theirs in zip(sides[0].log, sides[1].log):
+                    assert mine == theirs, f"after {kind}"
+                assert sides[0].log == sides[1].log, f"after {kind}"
+        for side in sides:
+            side.finish()
+        assert sides[0].log == sides[1].log
+        assert sides[0].stored == sides[1].stored
+    finally:
+        ordering.time, reference_ordering.time = saved  # type: ignore[assignment]
+
+
+def test_the_oracle_is_the_event_at_a_time_path() -> None:
+    """The reference keeps today's shape: one Released tuple per event out of its buffer."""
+    buffer = reference_ordering.ReorderBuffer[str](0, 10)
+    buffer.adopt({"t": TopicState(0, NO_TIMESTAMP)})
+    released = buffer.push("t", [(1, "a", "a"), (0, "b", "b")], now=time.monotonic())
+    assert [(r.event_id, r.seq, r.late) for r in released] == [("a", 1, False), ("b", 2, True)]
