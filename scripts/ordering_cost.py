@@ -1,18 +1,19 @@
 #!/usr/bin/env python3
 """Instructions per event of the ordering path: the real per-batch code, without threads.
 
-``ordering_cost.py [--events N] [--topics T] [--window-ms W] [--callgrind | --all]`` drives one
+``ordering_cost.py [--events N] [--topics T] [--window-ms W] [--batch B] [--callgrind | --all]`` drives one
 :class:`~actors.ordering.OrderingActor` by calling its handlers in the order the actor's thread
 would: each batch is admitted (copies set aside, lookup asked), answered as the dedup actor would
 answer (keys seen in earlier batches are stored; unknown topics start empty), resolved through
 the reorder window, and its rows built into the write the dedup actor would get, which is taken
 and dropped. One in five events re-sends an earlier one, one in ten is a few seconds late. The
-clock is the driver's (each batch of 500 arrives 1 ms after the one before, a tick every 10 ms),
-so a run does the same work whatever the machine's speed, under callgrind too.
+clock is the driver's (batches of 500 by default, at 500 000 events/s, a tick every 10 ms), so a
+run does the same work whatever the machine's speed, under callgrind too. The cyclic collector
+is set as the daemon sets it.
 
 With ``--callgrind`` it runs itself under ``valgrind --tool=callgrind`` twice, making and
 driving N events and only making them, and prints the difference over N: instructions per event
-of the ordering path (plus the stand-in dedup's set lookup and insert per key), steady on a
+of the ordering path (plus the stand-in dedup's set operations, in C), steady on a
 noisy machine where times are not. ``--all`` does that for the four cases of issue 21 (10 /
 100 000 topics, window 0 / 50 ms).
 """
@@ -91,24 +92,27 @@ def make_events(count: int, topics: int, seed: int = 1) -> list[Event]:
     return events
 
 
-def drive(events: list[Event], window_ms: int) -> int:
+def drive(events: list[Event], window_ms: int, batch: int = BATCH) -> int:
     """Run every event through one ordering actor; how many rows it wrote.
 
     The cyclic collector is set as the daemon sets it, and the events made beforehand are kept
     out of its collections (in the daemon they die once stored).
     """
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
     real_time = ordering.time  # type: ignore[attr-defined]
+    thresholds = gc.get_threshold()
     clock = _Clock()
     ordering.time = clock  # type: ignore[attr-defined,assignment]
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
     try:
-        return _drive(events, window_ms, clock)
+        return _drive(events, window_ms, clock, batch)
     finally:
         ordering.time = real_time  # type: ignore[attr-defined]
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
 
 
-def _drive(events: list[Event], window_ms: int, clock: _Clock) -> int:
+def _drive(events: list[Event], window_ms: int, clock: _Clock, batch: int) -> int:
     dedup = _Dedup()
     actor = OrderingActor(
         0,
@@ -137,9 +141,9 @@ def _drive(events: list[Event], window_ms: int, clock: _Clock) -> int:
         if dedup.told:
             answer()
 
-    for start in range(0, len(events), BATCH):
-        clock.now += BATCH_GAP_S
-        actor.on_receive(OrderingBatch(events[start : start + BATCH], clock.now))
+    for start in range(0, len(events), batch):
+        clock.now += BATCH_GAP_S * batch / BATCH
+        actor.on_receive(OrderingBatch(events[start : start + batch], clock.now))
         answer()
         if clock.now >= next_tick:
             next_tick = clock.now + TICK_S
@@ -167,9 +171,9 @@ def callgrind_ir(args: list[str]) -> int:
         return int(found.group(1))
 
 
-def per_event(events: int, topics: int, window_ms: int) -> float:
+def per_event(events: int, topics: int, window_ms: int, batch: int = BATCH) -> float:
     """Instructions per event of the ordering path: start-up and making the events counted out."""
-    case = ["--events", str(events), "--topics", str(topics), "--window-ms", str(window_ms)]
+    case = ["--events", str(events), "--topics", str(topics), "--window-ms", str(window_ms), "--batch", str(batch)]
     return (callgrind_ir(case) - callgrind_ir([*case, "--make-only"])) / events
 
 
@@ -178,6 +182,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--topics", type=int, default=10)
     parser.add_argument("--window-ms", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=BATCH, help=f"events per batch (default {BATCH})")
     parser.add_argument("--callgrind", action="store_true", help="instructions per event of this case")
     parser.add_argument("--all", action="store_true", help="instructions per event of the four cases")
     parser.add_argument("--make-only", action="store_true", help="make the events, do not drive them")
@@ -185,14 +190,16 @@ def main() -> None:
     if args.all:
         print("topics / window | instructions/event")
         for topics, window_ms in ((10, 0), (10, 50), (100_000, 0), (100_000, 50)):
-            print(f"{topics} / {window_ms} ms | {per_event(args.events, topics, window_ms):,.0f}", flush=True)
+            print(
+                f"{topics} / {window_ms} ms | {per_event(args.events, topics, window_ms, args.batch):,.0f}", flush=True
+            )
     elif args.callgrind:
-        print(f"{per_event(args.events, args.topics, args.window_ms):,.0f} instructions/event")
+        print(f"{per_event(args.events, args.topics, args.window_ms, args.batch):,.0f} instructions/event")
     else:
         events = make_events(args.events, args.topics)
         if args.make_only:
             return
-        rows = drive(events, args.window_ms)
+        rows = drive(events, args.window_ms, args.batch)
         distinct = len({event.key for event in events})
         if rows != distinct:
             raise SystemExit(f"{rows} rows for {distinct} distinct events")
