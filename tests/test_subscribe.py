@@ -7,6 +7,7 @@ written with raw pyzmq from the protocol page alone.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -52,6 +53,7 @@ class Follower:
             ],
             stdout=self._out,
             stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # SIGABRT prints every thread's stack
         )
 
     def events(self) -> list[dict[str, Any]]:
@@ -65,7 +67,13 @@ class Follower:
     def interrupt(self) -> tuple[int, str]:
         """SIGINT, as Ctrl-C; the exit status and what it said on stderr."""
         self.proc.send_signal(signal.SIGINT)
-        _, err = self.proc.communicate(timeout=30)
+        try:
+            _, err = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)
+            _, err = self.proc.communicate(timeout=30)
+            stacks = err.decode(errors="replace")
+            raise AssertionError(f"the follower ignored SIGINT for 30 s; where it was:\n{stacks}") from None
         self._out.close()
         return self.proc.returncode, err.decode(errors="replace")
 
