@@ -19,8 +19,10 @@ leaves is appended to a :class:`Leaving`: parallel lists over every event leavin
 they are numbered, plus one line per topic run (its first seq, how many, how many late). Seqs
 are ranges; late flags are one comparison against the running maximum of the timestamps (a
 binary search when the run is in timestamp order, as every run leaving a block is). A topic's
-waiting events are kept as blocks, one per push, each sorted by ``(timestamp, arrival)`` once
-when pushed: a release cuts each block with a binary search and sorts only what leaves.
+waiting events are kept as blocks sorted by ``(timestamp, arrival)``: a push sorts its own
+events once and, when they all come after the last block's, extends it (so in-order input
+keeps one block a topic), otherwise starts a block of its own; a release cuts each block with a
+binary search and sorts only what leaves.
 
 Because a topic's events leave in key order and late ones leave at once, every event of a
 push has left exactly when the push's largest key is at or below the last key released for its
@@ -203,11 +205,7 @@ class ReorderWindow:
                 else:
                     self._counter += 1
                     key = (ts[start], self._counter)
-                    block = _Block([key], [event], [ticket] if tickets is not None else None, [received_at])
-                    if state.blocks is None:
-                        state.blocks = [block]
-                    else:
-                        state.blocks.append(block)
+                    _add_block(state, _Block([key], [event], [ticket] if tickets is not None else None, [received_at]))
                     held.add((topic, event[1]))
                     arrivals.append((deadline, topic, key, 1))
                     self.buffered += 1
@@ -265,11 +263,7 @@ class ReorderWindow:
             keys = list(zip(pick(ts, order), pick(list(counters), order)))
             events = pick(events, order)
             tickets = pick(tickets, order) if tickets is not None else None
-        block = _Block(keys, events, tickets, [received_at] * count)
-        if state.blocks is None:
-            state.blocks = [block]
-        else:
-            state.blocks.append(block)
+        _add_block(state, _Block(keys, events, tickets, [received_at] * count))
         self._held.update(zip(itertools.repeat(topic), map(_id_of, events)))
         self._arrivals.append((now + self.window_s, topic, keys[-1], count))
         self.buffered += count
@@ -403,6 +397,31 @@ class ReorderWindow:
         self.buffered -= count
         out.extend(itertools.repeat(topic, count), events, tickets, received)
         _number(state, topic, list(map(_ts_of, events)), True, out)
+
+
+def _add_block(state: _Topic, block: _Block) -> None:
+    """Add a push's sorted block to the topic's waiting events.
+
+    In-order input (the usual case) extends the last block, so a topic keeps one block and a
+    release is one binary search; a block that overlaps the last one is kept apart. (Merging
+    overlapping blocks past a few cost more than it saved: 26 978 against 21 059 instructions
+    an event with 10 topics and a 50 ms window in ``scripts/ordering_cost.py``.)
+    """
+    blocks = state.blocks
+    if blocks is None:
+        state.blocks = [block]
+        return
+    last = blocks[-1]
+    if last.keys[-1] < block.keys[0]:
+        if block.tickets is not None and last.tickets is None:
+            last.tickets = [None] * len(last.keys)
+        if last.tickets is not None:
+            last.tickets += block.tickets if block.tickets is not None else itertools.repeat(None, len(block.keys))
+        last.keys += block.keys
+        last.events += block.events
+        last.received += block.received
+        return
+    blocks.append(block)
 
 
 def pick(values: list[T], positions: Iterable[int]) -> list[T]:
