@@ -34,6 +34,10 @@ pytestmark = pytest.mark.e2e  # every test but the settings check starts a daemo
 FAST = {"subscribe": {"heartbeat_ms": 200, "timeout_ms": 2000}}
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Follower:
     """scripts/events.py --follow in a process of its own, its JSON Lines in a file."""
 
@@ -54,6 +58,9 @@ class Follower:
             stdout=self._out,
             stderr=subprocess.PIPE,
             env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # SIGABRT prints every thread's stack
+            # As from a terminal: a suite started in the background (`&` without job control)
+            # ignores SIGINT, and a Python child that starts ignoring it keeps ignoring it.
+            preexec_fn=_default_sigint,
         )
 
     def events(self) -> list[dict[str, Any]]:
