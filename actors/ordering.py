@@ -308,14 +308,18 @@ class OrderingActor(pykka.ThreadingActor):
             new_events = pick(events, new)
             new_tickets = pick(tickets, new) if tickets else None
             topics = list(map(_topic_of, new_events))
-            counts = Counter(topics)  # topics in the order they first appear
-            if 1 < len(counts) < len(topics):
-                # Group by topic, topics in that order, each topic's events in arrival order:
-                # a stable sort on each topic's rank.
-                rank = dict(zip(counts, itertools.count()))
+            counts = Counter(topics)  # topics in the order they first appear among the new
+            stored_some = len(new) < len(pending.firsts)
+            if len(counts) > 1 and (stored_some or len(counts) < len(topics)):
+                # Group by topic, each topic's events in arrival order, topics in the order they
+                # first appear among the keys looked up (which decides whose events the bound
+                # lets go first): a stable sort on each topic's rank.
+                firsts = dict.fromkeys(map(_topic_of, pending.keys)) if stored_some else counts
+                rank = dict(zip(firsts, itertools.count()))
                 order = sorted(range(len(topics)), key=list(map(rank.__getitem__, topics)).__getitem__)
                 new_events = pick(new_events, order)
                 new_tickets = pick(new_tickets, order) if new_tickets is not None else None
+                counts = Counter(pick(topics, order))
             window.push(counts, new_events, new_tickets, pending.received_at, now, leaving)
         window.release_due(now, leaving)
         self._send(leaving, write)

@@ -133,8 +133,9 @@ class ReorderWindow:
         self.buffered = 0
 
     def unknown(self, topics: Iterable[str]) -> list[str]:
-        """Those of ``topics`` whose state (last seq and last timestamp) the window does not have."""
-        return list(set(topics).difference(self._topics))
+        """Those of ``topics`` whose state (last seq and last timestamp) the window does not have,
+        in the order they first appear (the order topics are adopted in, and so forgotten in)."""
+        return list(itertools.filterfalse(self._topics.__contains__, dict.fromkeys(topics)))
 
     @property
     def topic_count(self) -> int:

@@ -51,7 +51,7 @@ NEW_TOPIC = TopicState(0, 0)
 _row_key = operator.itemgetter(0, 1)
 
 
-class _Clock:
+class Clock:
     """Stands in for the ``time`` module inside actors.ordering: the driver sets ``now``."""
 
     def __init__(self) -> None:
@@ -100,7 +100,7 @@ def drive(events: list[Event], window_ms: int, batch: int = BATCH) -> int:
     """
     real_time = ordering.time  # type: ignore[attr-defined]
     thresholds = gc.get_threshold()
-    clock = _Clock()
+    clock = Clock()
     ordering.time = clock  # type: ignore[attr-defined,assignment]
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
@@ -112,7 +112,7 @@ def drive(events: list[Event], window_ms: int, batch: int = BATCH) -> int:
         gc.unfreeze()
 
 
-def _drive(events: list[Event], window_ms: int, clock: _Clock, batch: int) -> int:
+def _drive(events: list[Event], window_ms: int, clock: Clock, batch: int) -> int:
     dedup = _Dedup()
     actor = OrderingActor(
         0,
