@@ -10,7 +10,8 @@ acknowledged batch and is answered once every one of its events is committed.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +57,10 @@ class AckTicket:
         indexes = (index for index in itertools.count() if index not in rejected)
         batch_index = {id(event): index for event, index in zip(self.events, indexes)}
         return sorted(batch_index[id(event)] for event in self.conflicting if id(event) in batch_index)
+
+
+Tickets = list[AckTicket | None]
+"""Each event's ticket, parallel to a list of events (None: the event has none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +152,23 @@ class WriteBatch:
             else:
                 counts[0] += new
                 counts[1] += duplicate
+
+    def settle_each(self, tickets: Iterable[AckTicket | None], *, new: bool) -> None:
+        """Record the events with these tickets (one entry an event; None: no ticket) as settled
+        by this write, all new or all duplicates: one :meth:`settle` a ticket."""
+        for ticket, count in Counter(tickets).items():
+            if ticket is not None:
+                if new:
+                    self.settle(ticket, count, 0)
+                else:
+                    self.settle(ticket, 0, count)
+
+    def topic(self, topic: str) -> TopicDelta:
+        """What this write adds to ``topic``'s counters (made empty when first asked for)."""
+        delta = self.topics.get(topic)
+        if delta is None:
+            self.topics[topic] = delta = TopicDelta()
+        return delta
 
 
 @dataclass(frozen=True, slots=True)

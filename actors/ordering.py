@@ -49,11 +49,20 @@ from actors.messages import (
     Ping,
     Sync,
     Tick,
+    Tickets,
     WriteBatch,
 )
 from actors.reorder import Leaving, ReorderWindow, pick
-from actors.store import TopicDelta
-from transport.schema import Event
+from transport.schema import (
+    Event,
+    event_id_of,
+    key_of,
+    payload_of,
+    source_of,
+    timestamp_of,
+    topic_of,
+    ts_ns_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +71,6 @@ FORGET_INTERVAL_S = 1.0
 CLASSIFY_ATTEMPTS = 6
 
 _Key = tuple[str, str]
-_Tickets = list["AckTicket | None"]
-# Fields of an Event, read in C over a whole column.
-_key_of = operator.itemgetter(0, 1)
-_topic_of = operator.itemgetter(0)
-_id_of = operator.itemgetter(1)
-_timestamp_of = operator.itemgetter(2)
-_ts_of = operator.itemgetter(3)
-_source_of = operator.itemgetter(4)
-_payload_of = operator.itemgetter(5)
 
 
 @dataclass(slots=True, eq=False)
@@ -83,7 +83,7 @@ class _Pending:
     """
 
     events: list[Event]
-    tickets: _Tickets | None
+    tickets: Tickets | None
     received_at: float
     firsts: list[int] | range
     keys: list[_Key]
@@ -170,7 +170,7 @@ class OrderingActor(pykka.ThreadingActor):
             # Here, before this batch's topics are looked at: a topic forgotten now is simply
             # unknown to it, and its lookup brings the stored state back.
             self._forget_idle_topics()
-        keys: list[_Key] = list(map(_key_of, events))
+        keys: list[_Key] = list(map(key_of, events))
         first_of = dict(zip(reversed(keys), range(count - 1, -1, -1)))  # each key's first position
         repeated = len(first_of) < count
         held = window.held
@@ -185,7 +185,7 @@ class OrderingActor(pykka.ThreadingActor):
                 key = keys[position]
                 if attach and key in attach:
                     event = events[position]
-                    self._copies.setdefault(key, []).append((tickets[position] if tickets else None, event))
+                    self._hold_copy(event, tickets[position] if tickets else None)
                     attached += 1
                     attached_bytes += event_bytes(event.payload)
                 else:
@@ -213,7 +213,7 @@ class OrderingActor(pykka.ThreadingActor):
             self._token += 1
             request = ClassifyRequest(
                 keys,
-                window.unknown(map(_topic_of, keys)),
+                window.unknown(map(topic_of, keys)),
                 reply_to=self.actor_ref,
                 token=self._token,
             )
@@ -279,23 +279,17 @@ class OrderingActor(pykka.ThreadingActor):
                 _count_copies(write, pick(events, known), pick(tickets, known) if tickets else None)
                 new = list(itertools.compress(new, map(operator.not_, stored)))
         duplicates: list[int] = []
-        copies = self._copies
         for position in pending.copies:
             event = events[position]
-            if existing is None or (event.topic, event.event_id) not in existing:
-                # Settled with its original, in the write that stores it.
-                copies.setdefault((event.topic, event.event_id), []).append(
-                    (tickets[position] if tickets else None, event)
-                )
+            if existing is None or event.key not in existing:  # its original is new: written later
+                self._hold_copy(event, tickets[position] if tickets else None)
             else:  # a copy of an event that was already stored
                 duplicates.append(position)
         held = window.held
         for position in pending.later:
             event = events[position]
-            if (event.topic, event.event_id) in held:
-                copies.setdefault((event.topic, event.event_id), []).append(
-                    (tickets[position] if tickets else None, event)
-                )
+            if event.key in held:
+                self._hold_copy(event, tickets[position] if tickets else None)
             else:
                 # Its original was resolved before this batch: stored already, or written in an
                 # earlier write; either way this write commits with or after it.
@@ -307,14 +301,14 @@ class OrderingActor(pykka.ThreadingActor):
         if new:
             new_events = pick(events, new)
             new_tickets = pick(tickets, new) if tickets else None
-            topics = list(map(_topic_of, new_events))
+            topics = list(map(topic_of, new_events))
             counts = Counter(topics)  # topics in the order they first appear among the new
             stored_some = len(new) < len(pending.firsts)
             if len(counts) > 1 and (stored_some or len(counts) < len(topics)):
                 # Group by topic, each topic's events in arrival order, topics in the order they
                 # first appear among the keys looked up (which decides whose events the bound
                 # lets go first): a stable sort on each topic's rank.
-                firsts = dict.fromkeys(map(_topic_of, pending.keys)) if stored_some else counts
+                firsts = dict.fromkeys(map(topic_of, pending.keys)) if stored_some else counts
                 rank = dict(zip(firsts, itertools.count()))
                 order = sorted(range(len(topics)), key=list(map(rank.__getitem__, topics)).__getitem__)
                 new_events = pick(new_events, order)
@@ -323,6 +317,11 @@ class OrderingActor(pykka.ThreadingActor):
             window.push(counts, new_events, new_tickets, pending.received_at, now, leaving)
         window.release_due(now, leaving)
         self._send(leaving, write)
+
+    def _hold_copy(self, copy: Event, ticket: AckTicket | None) -> None:
+        """Keep a copy of an event not written yet: it is settled with its original, in the write
+        that stores it (:meth:`_send`)."""
+        self._copies.setdefault(copy.key, []).append((ticket, copy))
 
     def _sync(self) -> None:
         """Finish every lookup (asking again where the answer has not come), then flush the window."""
@@ -377,26 +376,23 @@ class OrderingActor(pykka.ThreadingActor):
             write.row_tickets = []
         events = leaving.events
         if events:
-            payloads = list(map(_payload_of, events))
+            payloads = list(map(payload_of, events))
             # The payload goes in as a bytearray: the sqlite3 module binds one as a blob at once,
             # while for bytes it first searches for an adapter (~2 600 CPU instructions a row
             # against ~150 for the copy, counted with callgrind). Stored and read back the same.
             write.rows += zip(
                 leaving.topics,
-                map(_id_of, events),
+                map(event_id_of, events),
                 leaving.seqs,
-                map(_timestamp_of, events),
-                map(_ts_of, events),
-                map(_source_of, events),
+                map(timestamp_of, events),
+                map(ts_ns_of, events),
+                map(source_of, events),
                 map(bytearray, payloads),
                 leaving.received,
                 leaving.lates,
             )
-            topics = write.topics
             for topic, count, first_seq, late, last_ts_ns in leaving.runs:
-                delta = topics.get(topic)
-                if delta is None:
-                    topics[topic] = delta = TopicDelta()
+                delta = write.topic(topic)
                 delta.received += count
                 delta.last_seq = first_seq + count - 1
                 if late:
@@ -408,14 +404,12 @@ class OrderingActor(pykka.ThreadingActor):
                     write.new_topics += 1
             tickets = leaving.tickets
             if tickets is not None:
-                for ticket, settled in Counter(tickets).items():
-                    if ticket is not None:
-                        write.settle(ticket, settled, 0)
+                write.settle_each(tickets, new=True)
             if write.row_tickets is not None:
                 write.row_tickets += tickets if tickets is not None else itertools.repeat(None, len(events))
             copies = self._copies
             if copies:
-                found = copies.keys() & zip(leaving.topics, map(_id_of, events))
+                found = copies.keys() & zip(leaving.topics, map(event_id_of, events))
                 if found:
                     waiting = [copy for key in found for copy in copies.pop(key)]
                     _count_copies(write, [copy for _, copy in waiting], [ticket for ticket, _ in waiting])
@@ -463,23 +457,18 @@ class OrderingActor(pykka.ThreadingActor):
             )
 
 
-def _count_copies(write: WriteBatch, events: list[Event], tickets: _Tickets | None) -> None:
+def _count_copies(write: WriteBatch, events: list[Event], tickets: Tickets | None) -> None:
     """Count duplicates into ``write``, settling their tickets there (``tickets`` parallel to
     ``events``, or None); the dedup actor compares their content with the originals' when the
     write commits."""
     if not events:
         return
-    topics = write.topics
-    for topic, count in Counter(map(_topic_of, events)).items():
-        delta = topics.get(topic)
-        if delta is None:
-            topics[topic] = delta = TopicDelta()
+    for topic, count in Counter(map(topic_of, events)).items():
+        delta = write.topic(topic)
         delta.received += count
         delta.duplicate_dropped += count
     write.events += len(events)
     write.bytes += events_bytes(events)
     write.duplicates += zip(events, tickets if tickets is not None else itertools.repeat(None))
     if tickets is not None:
-        for ticket, count in Counter(tickets).items():
-            if ticket is not None:
-                write.settle(ticket, 0, count)
+        write.settle_each(tickets, new=False)

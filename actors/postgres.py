@@ -222,10 +222,15 @@ _SOURCE_COLUMNS = "position, topic, event_id, timestamp, source, payload, seq, l
 _row_key = operator.itemgetter(0, 1)
 
 
-def _event_bytes(row: Row) -> int:
-    """What a new event's row takes in the database, about (see EVENT_ROW_BYTES)."""
-    topic, event_id, _seq, timestamp, _ts_ns, source, payload, _received_at, _late = row
+def _event_bytes(topic: str, event_id: str, timestamp: str, source: str, payload: bytes | bytearray) -> int:
+    """What a stored event's row takes in the database, about (see EVENT_ROW_BYTES)."""
     return EVENT_ROW_BYTES + 3 * len(topic) + 2 * len(event_id) + len(timestamp) + len(source) + len(payload)
+
+
+def _row_bytes(row: Row) -> int:
+    """:func:`_event_bytes` of a new row."""
+    topic, event_id, _seq, timestamp, _ts_ns, source, payload, _received_at, _late = row
+    return _event_bytes(topic, event_id, timestamp, source, payload)
 
 
 def _key_bytes(topic: str, event_id: str) -> int:
@@ -522,7 +527,7 @@ class PostgresStore:
                         " FROM unnest(%s::text[], %s::bigint[]) AS v(topic, n) WHERE t.topic = v.topic",
                         (list(per_topic), list(per_topic.values())),
                     )
-            added_bytes = sum(map(_event_bytes, new_rows))
+            added_bytes = sum(map(_row_bytes, new_rows))
             conn.execute(
                 _UPDATE_NODE, [*(outcome.totals[name] for name in NODE_COUNTERS), added_bytes, serial, self.node]
             )
@@ -766,14 +771,9 @@ class PostgresStore:
                     (topic, event_id, seq, fingerprint(int(ts_ns), source, bytes(payload)), int(received_at) + 1)
                     for topic, event_id, seq, ts_ns, source, payload, received_at, _timestamp in deleted
                 ]
+                # The events' rows go; their keys' records stay.
                 freed = sum(
-                    EVENT_ROW_BYTES
-                    + 3 * len(topic)
-                    + 2 * len(event_id)
-                    + len(timestamp)
-                    + len(source)
-                    + len(payload)
-                    - _key_bytes(topic, event_id)
+                    _event_bytes(topic, event_id, timestamp, source, payload) - _key_bytes(topic, event_id)
                     for topic, event_id, _seq, _ts_ns, source, payload, _received_at, timestamp in deleted
                 )
                 conn.execute(_RECORD_DELETED, [list(column) for column in zip(*records)])

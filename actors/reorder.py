@@ -39,19 +39,15 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, TypeVar
 
 from actors.store import TopicState
-from transport.schema import MIN_TS_NS, Event
+from transport.schema import MIN_TS_NS, Event, event_id_of, ts_ns_of
 
 if TYPE_CHECKING:
-    from actors.messages import AckTicket
-
-    Tickets = list[AckTicket | None]
+    from actors.messages import Tickets
 
 T = TypeVar("T")
 
 # Below every (timestamp, arrival) key, pre-1970 (negative) timestamps included.
 _NOTHING = (MIN_TS_NS - 1, -1)
-_ts_of = operator.itemgetter(3)  # Event.ts_ns, in C
-_id_of = operator.itemgetter(1)  # Event.event_id
 
 
 class Leaving:
@@ -181,7 +177,7 @@ class ReorderWindow:
         at once; otherwise only late ones do, and the caller calls :meth:`release_due` after.
         """
         topics = self._topics
-        ts = list(map(_ts_of, events))
+        ts = list(map(ts_ns_of, events))
         start = 0
         if self.window_s <= 0:
             out.extend(_repeat_each(counts), events, tickets, itertools.repeat(received_at, len(events)))
@@ -265,7 +261,7 @@ class ReorderWindow:
             events = pick(events, order)
             tickets = pick(tickets, order) if tickets is not None else None
         _add_block(state, _Block(keys, events, tickets, [received_at] * count))
-        self._held.update(zip(itertools.repeat(topic), map(_id_of, events)))
+        self._held.update(zip(itertools.repeat(topic), map(event_id_of, events)))
         self._arrivals.append((now + self.window_s, topic, keys[-1], count))
         self.buffered += count
 
@@ -394,10 +390,10 @@ class ReorderWindow:
             received = pick(received, order)
             tickets = pick(tickets, order) if tickets is not None else None
         count = len(events)
-        self._held.difference_update(zip(itertools.repeat(topic), map(_id_of, events)))
+        self._held.difference_update(zip(itertools.repeat(topic), map(event_id_of, events)))
         self.buffered -= count
         out.extend(itertools.repeat(topic, count), events, tickets, received)
-        _number(state, topic, list(map(_ts_of, events)), True, out)
+        _number(state, topic, list(map(ts_ns_of, events)), True, out)
 
 
 def _add_block(state: _Topic, block: _Block) -> None:
