@@ -280,34 +280,6 @@ class ReorderWindow:
             else:
                 break
         for topic, limit in limits.items():
-            state = topics[topic]
-            blocks = state.blocks
-            if blocks is not None and len(blocks) == 1 and len(blocks[0].keys) == 1 and out.tickets is None:
-                # One event waiting and no tickets (every topic, with many topics and no acks):
-                # _release_upto and _number inlined, since this runs once an event.
-                block = blocks[0]
-                if limit > state.released_upto:
-                    state.released_upto = limit
-                if block.tickets is not None or block.keys[0] > limit:
-                    self._release_upto(topic, limit, out)
-                    continue
-                state.blocks = None
-                event = block.events[0]
-                self._held.discard((topic, event[1]))
-                self.buffered -= 1
-                out.topics.append(topic)
-                out.events.append(event)
-                out.received.append(block.received[0])
-                seq = state.last_seq = state.last_seq + 1
-                out.seqs.append(seq)
-                if event[3] < state.last_ts_ns:
-                    out.lates.append(1)
-                    out.runs.append((topic, 1, seq, 1, state.last_ts_ns))
-                else:
-                    state.last_ts_ns = event[3]
-                    out.lates.append(0)
-                    out.runs.append((topic, 1, seq, 0, event[3]))
-                continue
             self._release_upto(topic, limit, out)
         while self.buffered > self.max_buffered and arrivals:
             # Over the bound: the topic of the oldest push gives up its earliest events, just
@@ -337,7 +309,8 @@ class ReorderWindow:
         if blocks is None:
             return
         if len(blocks) == 1 and len(blocks[0].keys) == 1:
-            # One event waiting (every topic, with many topics): no lists to cut.
+            # One event waiting (every topic, with many topics): no lists to cut, and, since this
+            # runs once an event then, the numbering written out for one.
             block = blocks[0]
             if block.keys[0] > limit:
                 return
@@ -345,8 +318,19 @@ class ReorderWindow:
             event = block.events[0]
             self._held.discard((topic, event[1]))
             self.buffered -= 1
-            out.extend((topic,), block.events, block.tickets, block.received)
-            _number(state, topic, [event[3]], True, out)
+            if block.tickets is None and out.tickets is None:
+                out.topics.append(topic)
+                out.events.append(event)
+                out.received.append(block.received[0])
+            else:
+                out.extend((topic,), block.events, block.tickets, block.received)
+            seq = state.last_seq = state.last_seq + 1
+            out.seqs.append(seq)
+            late = 1 if event[3] < state.last_ts_ns else 0
+            if not late:
+                state.last_ts_ns = event[3]
+            out.lates.append(late)
+            out.runs.append((topic, 1, seq, late, state.last_ts_ns))
             return
         keys: list[tuple[int, int]] = []
         events: list[Event] = []
