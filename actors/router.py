@@ -14,8 +14,9 @@ from typing import Any
 
 import pykka
 
-from actors.messages import AckTicket, Freeze, IngestBatch, OrderingBatch, Ping
-from transport.schema import Event
+from actors.messages import Freeze, IngestBatch, OrderingBatch, Ping
+from actors.reorder import pick
+from transport.schema import topic_of
 
 log = logging.getLogger(__name__)
 
@@ -47,23 +48,36 @@ class RouterActor(pykka.ThreadingActor):
         return None
 
     def _route(self, batch: IngestBatch) -> None:
-        count = len(self._ordering)
+        ordering = self._ordering
+        if len(ordering) == 1:  # the default: one owner of every topic, so the batch goes on whole
+            ordering[0].tell(OrderingBatch(batch.events, batch.received_at, batch.tickets))
+            return
         owners = self._owners
         if len(owners) > _OWNER_CACHE_LIMIT:
             owners.clear()
-        shares: dict[int, tuple[list[Event], list[AckTicket | None]]] = {}
+        count = len(ordering)
+        topics = list(map(topic_of, batch.events))
+        column = [owners.get(topic, -1) for topic in topics]
+        if -1 in column:  # topics not seen yet (or since the cache was cleared)
+            for position, owner in enumerate(column):
+                if owner == -1:
+                    topic = topics[position]
+                    if topic not in owners:  # a topic repeated in the batch is hashed once
+                        owners[topic] = owner_of(topic, count)
+                    column[position] = owners[topic]
+        if not column:
+            return
+        first = column[0]
+        if column.count(first) == len(column):  # one owner for the whole batch: no split
+            ordering[first].tell(OrderingBatch(batch.events, batch.received_at, batch.tickets))
+            return
         tickets = batch.tickets
-        for position, event in enumerate(batch.events):
-            owner = owners.get(event.topic)
-            if owner is None:
-                owner = owners[event.topic] = owner_of(event.topic, count)
-            share = shares.get(owner)
-            if share is None:
-                share = shares[owner] = ([], [])
-            share[0].append(event)
-            if tickets is not None:
-                share[1].append(tickets[position])
-        for owner, (events, share_tickets) in shares.items():
-            self._ordering[owner].tell(
-                OrderingBatch(events, batch.received_at, share_tickets if tickets is not None else None)
+        for owner in sorted(set(column)):
+            positions = [position for position, of in enumerate(column) if of == owner]
+            ordering[owner].tell(
+                OrderingBatch(
+                    pick(batch.events, positions),
+                    batch.received_at,
+                    pick(tickets, positions) if tickets is not None else None,
+                )
             )
