@@ -73,7 +73,7 @@ from actors.store import INSERT_EVENT, Row, connect_writer
 from transport.client import NoAnswer, QueryClient, connectable
 from transport.config import ConfigError, load_config, parse_config
 from transport.schema import validate_event
-from transport.workload import BASE_TIME, distinct_count, plan
+from transport.workload import BASE_TIME, IDS, distinct_count, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -105,6 +105,7 @@ class Scenario:
     events: int = 200_000
     duplicates: float = 0.2
     topics: int = 10
+    ids: str = "counter"
     batch: int = 100
     processes: int = 1
     acked: bool = False
@@ -694,7 +695,7 @@ def split_jobs(
 
 def full_speed_phase(scenario: Scenario, target: Target, id_prefix: str) -> dict[str, Any]:
     """Send N events as fast as the daemon takes them; the end-to-end rate and stats latency."""
-    events = plan(scenario.events, scenario.duplicates, scenario.topics, seed=1, id_prefix=id_prefix)
+    events = plan(scenario.events, scenario.duplicates, scenario.topics, seed=1, id_prefix=id_prefix, ids=scenario.ids)
     before = query_stats(target.query)
     base = settled_of(before)
     cpu_before = cpu_seconds(target.pid)
@@ -748,7 +749,13 @@ def paced_phase(scenario: Scenario, target: Target, id_prefix: str, rate: float)
     # Stamped after every event of the full-speed phase: otherwise they would all be late and
     # leave the reorder window at once, and the latency would not include the window.
     events = plan(
-        count, scenario.duplicates, scenario.topics, seed=2, id_prefix=id_prefix, start_ms=scenario.events + 1000
+        count,
+        scenario.duplicates,
+        scenario.topics,
+        seed=2,
+        id_prefix=id_prefix,
+        start_ms=scenario.events + 1000,
+        ids=scenario.ids,
     )
     base = settled_of(query_stats(target.query))
     if scenario.acked:
@@ -824,7 +831,9 @@ def run_once(
     prefix = "e" if target is None else f"b{run_token}-"
     ceilings: list[dict[str, float]] = []
     rows = (
-        stored_rows(plan(scenario.events, scenario.duplicates, scenario.topics, seed=1, id_prefix=prefix))
+        stored_rows(
+            plan(scenario.events, scenario.duplicates, scenario.topics, seed=1, id_prefix=prefix, ids=scenario.ids)
+        )
         if scenario.ceiling
         else []
     )
@@ -947,6 +956,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=200_000, metavar="N", help="events per run (default 200000)")
     parser.add_argument("--duplicates", type=float, default=0.2, metavar="F", help="fraction of re-sends (default 0.2)")
     parser.add_argument("--topics", type=int, default=10, metavar="K", help="topics (default 10)")
+    parser.add_argument(
+        "--ids", choices=IDS, default="counter", help="event ids: prefix + counter, or random-looking UUIDs"
+    )
     parser.add_argument("--batch", type=int, default=100, metavar="B", help="events per frame (default 100)")
     parser.add_argument("--processes", type=int, default=1, metavar="P", help="publisher processes (default 1)")
     parser.add_argument("--mode", choices=("ff", "acked"), default="ff", help="fire-and-forget or acked (default ff)")
@@ -1021,6 +1033,7 @@ def main(argv: list[str] | None = None) -> int:
         events=args.events,
         duplicates=args.duplicates,
         topics=args.topics,
+        ids=args.ids,
         batch=args.batch,
         processes=args.processes,
         acked=args.mode == "acked",

@@ -40,7 +40,7 @@ from typing import Any
 
 import msgpack
 
-from transport.workload import distinct_count, plan
+from transport.workload import IDS, distinct_count, plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from harness import free_port
@@ -193,7 +193,7 @@ def _result(sent: int, new: int, elapsed: float) -> dict[str, float]:
 def measure(peer: str, args: argparse.Namespace) -> dict[str, float]:
     """One run of one peer, checked: every distinct event new once, every re-send a duplicate."""
     events = args.awaited_events if peer == "nats-awaited" else args.events
-    workload = plan(events, args.duplicates, args.topics, seed=1)
+    workload = plan(events, args.duplicates, args.topics, seed=1, ids=args.ids)
     if peer == "redis":
         result = measure_redis(workload, args.batch)
     else:
@@ -217,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--duplicates", type=float, default=0.2, metavar="F", help="fraction of re-sends (default 0.2)")
     parser.add_argument("--topics", type=int, default=10, metavar="K", help="topics (default 10)")
+    parser.add_argument(
+        "--ids", choices=IDS, default="counter", help="event ids: prefix + counter, or random-looking UUIDs"
+    )
     parser.add_argument("--batch", type=int, default=100, metavar="B", help="events per Redis call (default 100)")
     parser.add_argument("--runs", type=int, default=1, metavar="R", help="repeat and report medians (default 1)")
     parser.add_argument("--peer", action="append", choices=PEERS, help="measure only this peer (repeatable)")

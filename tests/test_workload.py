@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from transport.schema import validate_event
@@ -31,4 +33,16 @@ def test_same_seed_same_stream_and_every_event_is_valid() -> None:
     assert first == plan(500, 0.2, seed=9, id_prefix="run1-")
     assert first != plan(500, 0.2, seed=10, id_prefix="run1-")
     for event in first:
+        validate_event(event)
+
+
+def test_uuid_ids_are_distinct_repeatable_and_valid() -> None:
+    stream = plan(3000, 0.2, seed=3, id_prefix="p1-", ids="uuid")
+    assert stream == plan(3000, 0.2, seed=3, id_prefix="p1-", ids="uuid")
+    ids = {event["event_id"] for event in stream}
+    assert len(ids) == distinct_count(3000, 0.2)
+    assert all(uuid.UUID(event_id).version == 4 for event_id in ids)
+    other = {event["event_id"] for event in plan(3000, 0.2, seed=3, id_prefix="p2-", ids="uuid")}
+    assert not ids & other  # another publisher's prefix, other ids
+    for event in stream[:100]:
         validate_event(event)

@@ -8,13 +8,29 @@ arguments always give the same events.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import random
+import uuid
 from typing import Any
 
 BASE_TIME = dt.datetime(2025, 10, 22, 10, 0, 0, tzinfo=dt.UTC)
 
 
-def make_event(index: int, topics: int, id_prefix: str, payload_bytes: int = 0, start_ms: int = 0) -> dict[str, Any]:
+IDS = ("counter", "uuid")
+
+
+def event_id(index: int, id_prefix: str, ids: str = "counter") -> str:
+    """The id of the ``index``-th distinct event: ``id_prefix`` and the counter, or (``ids="uuid"``)
+    a random-looking UUID derived from them, as publishers that use UUIDs send."""
+    if ids == "uuid":
+        digest = hashlib.blake2b(f"{id_prefix}{index}".encode(), digest_size=16).digest()
+        return str(uuid.UUID(bytes=digest, version=4))
+    return f"{id_prefix}{index}"
+
+
+def make_event(
+    index: int, topics: int, id_prefix: str, payload_bytes: int = 0, start_ms: int = 0, ids: str = "counter"
+) -> dict[str, Any]:
     """The ``index``-th distinct event of a stream, stamped ``start_ms + index`` ms after BASE_TIME."""
     stamp = BASE_TIME + dt.timedelta(milliseconds=start_ms + index)
     payload: dict[str, Any] = {"n": index, "level": "info", "message": f"event {index}"}
@@ -22,7 +38,7 @@ def make_event(index: int, topics: int, id_prefix: str, payload_bytes: int = 0, 
         payload["pad"] = "x" * payload_bytes
     return {
         "topic": f"topic-{index % topics}",
-        "event_id": f"{id_prefix}{index}",
+        "event_id": event_id(index, id_prefix, ids),
         "timestamp": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "source": "publish.py",
         "payload": payload,
@@ -37,6 +53,7 @@ def plan(
     id_prefix: str = "e",
     payload_bytes: int = 0,
     start_ms: int = 0,
+    ids: str = "counter",
 ) -> list[dict[str, Any]]:
     """``n`` events, ``round(n * duplicates)`` of them re-sends of earlier ones, shuffled in by ``seed``.
 
@@ -58,7 +75,7 @@ def plan(
         if position in dup_slots:
             stream.append(distinct[rng.randrange(len(distinct))])
         else:
-            event = make_event(len(distinct), topics, id_prefix, payload_bytes, start_ms)
+            event = make_event(len(distinct), topics, id_prefix, payload_bytes, start_ms, ids)
             distinct.append(event)
             stream.append(event)
     return stream
