@@ -53,6 +53,7 @@ from actors.messages import (
     WriteBatch,
 )
 from actors.reorder import Leaving, ReorderWindow, pick
+from actors.store import NO_TIMESTAMP, TopicDelta
 from transport.schema import (
     Event,
     event_id_of,
@@ -391,15 +392,21 @@ class OrderingActor(pykka.ThreadingActor):
                 leaving.received,
                 leaving.lates,
             )
+            deltas = write.topics
             for topic, count, first_seq, late, last_ts_ns in leaving.runs:
-                delta = write.topic(topic)
-                delta.received += count
-                delta.last_seq = first_seq + count - 1
-                if late:
+                delta = deltas.get(topic)
+                if delta is None:  # a topic's first run in this write (every run, with many topics)
+                    deltas[topic] = TopicDelta(
+                        first_seq + count - 1, last_ts_ns if late < count else NO_TIMESTAMP, count, 0, late
+                    )
+                else:
+                    delta.received += count
+                    delta.last_seq = first_seq + count - 1
                     delta.late += late
+                    if late < count and last_ts_ns > delta.last_ts_ns:
+                        delta.last_ts_ns = last_ts_ns
+                if late:
                     write.late += late
-                if late < count and last_ts_ns > delta.last_ts_ns:
-                    delta.last_ts_ns = last_ts_ns
                 if first_seq == 1:
                     write.new_topics += 1
             tickets = leaving.tickets
@@ -422,9 +429,7 @@ class OrderingActor(pykka.ThreadingActor):
         if write.events:
             self._write_serial += 1
             write.origin, write.serial = self._index, self._write_serial
-            written = self._written
-            for topic in write.topics:
-                written[topic] = self._write_serial
+            self._written.update(dict.fromkeys(write.topics, self._write_serial))
             self._dedup.tell(write)
 
     def _forget_idle_topics(self) -> None:
