@@ -651,10 +651,15 @@ class EventStore:
         for start in range(0, len(duplicates), _KEY_CHUNK):
             chunk = duplicates[start : start + _KEY_CHUNK]
             size = _padded(len(chunk))
-            params: list[Any] = []
-            for topic, event_id, timestamp, _ts_ns, source, payload in chunk:
-                params.extend((topic, event_id, timestamp, source, payload))
-            params.extend(("", "", "", "", b"") * (size - len(chunk)))
+            # Payloads bound as bytearrays: the sqlite3 module binds one at once, but looks for an
+            # adapter before binding bytes (see actors.ordering's rows).
+            params: list[Any] = list(
+                itertools.chain.from_iterable(
+                    (topic, event_id, timestamp, source, bytearray(payload))
+                    for topic, event_id, timestamp, _ts_ns, source, payload in chunk
+                )
+            )
+            params.extend(("", "", "", "", bytearray()) * (size - len(chunk)))
             (positions,) = self._conn.execute(_same_bytes_sql(size), params).fetchone()
             same = {int(position) for position in positions.split(",")} if positions else set()
             rest = [position for position in range(len(chunk)) if position not in same]
