@@ -216,11 +216,7 @@ class Daemon:
 
             return PostgresDedupActor.start(storage.dsn, self.config.storage_node, **kwargs)
         return DedupActor.start(
-            self.config.database_path,
-            synchronous=storage.synchronous,
-            cache_mb=storage.cache_mb,
-            key_filter_bytes=storage.key_filter_mb * 1024 * 1024,
-            **kwargs,
+            self.config.database_path, synchronous=storage.synchronous, cache_mb=storage.cache_mb, **kwargs
         )
 
     def _start_stats(self, **kwargs: Any) -> pykka.ActorRef[Any]:

@@ -46,7 +46,6 @@ import pykka
 import zmq
 
 from actors.flow import InFlight, LiveFigures
-from actors.key_filter import MIN_KEYS, FilterBuild, KeyFilter
 from actors.messages import (
     AckTicket,
     AddRejected,
@@ -105,8 +104,6 @@ class DedupActor(pykka.ThreadingActor):
         commit_max_events: int,
         commit_max_ms: int,
         cache_mb: int = DEFAULT_CACHE_MB,
-        key_filter_bytes: int = 64 * 1024 * 1024,
-        key_filter_min_keys: int = MIN_KEYS,
         lookup_group: int = 1,
         retention: RetentionConfig | None = None,
         in_flight: InFlight,
@@ -147,11 +144,6 @@ class DedupActor(pykka.ThreadingActor):
         self._touched: set[str] | None = None  # topics written since the last sweep; None: all
         self._chunk = EXPIRE_CHUNK_MIN  # rows per expiry chunk, adapted to take about EXPIRE_CHUNK_S
         self._last_chunk = 0.0
-        self._key_filter_bytes = key_filter_bytes  # 0: no filter
-        self._key_filter_min_keys = key_filter_min_keys
-        self._key_filter: KeyFilter | None = None  # complete: consulted by every lookup
-        self._filter_build: FilterBuild | None = None  # being filled from the database
-        self._filter_build_started = 0.0
 
     def on_start(self) -> None:
         # The connection is opened here, on the actor's own thread, never in __init__.
@@ -166,11 +158,6 @@ class DedupActor(pykka.ThreadingActor):
             return
         self._counters = self._store.counters()
         self._live.committed = dict(self._counters)
-        if self._key_filter_bytes:
-            if self._store.holds_keys():
-                self._build_key_filter(self._counters["stored"] + self._counters["expired"])
-            else:  # nothing stored yet: an empty filter is complete
-                self._key_filter = KeyFilter(0, self._key_filter_bytes, self._key_filter_min_keys)
         self._checkpointer = Checkpointer(self._path)
         self._checkpointer.start()
         self._acks = self._zmq_context.socket(zmq.PUSH)
@@ -205,11 +192,8 @@ class DedupActor(pykka.ThreadingActor):
                 self._answer_lookups()
             if self._writes or self._rejected:
                 self._maybe_commit()
-            if not (self._writes or self._rejected or self._failures):
-                if self._filter_build is not None:
-                    self._filter_build_step()
-                elif self._retention is not None:
-                    self._sweep_step()
+            if self._retention is not None and not (self._writes or self._rejected or self._failures):
+                self._sweep_step()
 
     def _handle(self, message: Any) -> Any:
         if isinstance(message, ClassifyRequest):
@@ -242,8 +226,7 @@ class DedupActor(pykka.ThreadingActor):
 
     def _classify(self, keys: list[tuple[str, str]], unknown_topics: list[str]) -> ClassifyResult:
         assert self._store is not None
-        key_filter = self._key_filter
-        existing = self._store.existing_keys(key_filter.may_hold(keys) if key_filter is not None else keys)
+        existing = self._store.existing_keys(keys)
         if self._held_keys:  # to be written at the next commit: present all the same
             existing.update(self._held_keys.intersection(keys))
         states = self._store.topic_states(unknown_topics) if unknown_topics else {}
@@ -298,50 +281,8 @@ class DedupActor(pykka.ThreadingActor):
         if not self._writes and not self._rejected:
             self._txn_started = time.monotonic()
         self._writes.append(write)
-        keys = list(map(_row_key, write.rows))
-        self._held_keys.update(keys)
+        self._held_keys.update(map(_row_key, write.rows))
         self._txn_events += write.events
-        if self._key_filter is not None:
-            self._key_filter.add(keys)
-            if self._key_filter.crowded() and self._filter_build is None:
-                if self._key_filter.size_bytes * 2 <= self._key_filter_bytes:
-                    self._build_key_filter(self._key_filter.added)
-        if self._filter_build is not None:
-            self._filter_build.filter.add(keys)
-
-    def _build_key_filter(self, keys: int) -> None:
-        """Start filling a filter with room for twice ``keys`` keys from the database (see actors.key_filter)."""
-        assert self._store is not None
-        target = KeyFilter(2 * keys, self._key_filter_bytes, self._key_filter_min_keys)
-        target.add(self._held_keys)  # held for the next commit: not in the database yet
-        self._filter_build = FilterBuild(self._store, target)
-        self._filter_build_started = time.monotonic()
-
-    def _filter_build_step(self) -> None:
-        """One chunk of the filter under way: between commits, as expiry chunks run."""
-        build = self._filter_build
-        assert build is not None
-        now = time.monotonic()
-        if not self.actor_inbox.empty() and now - self._last_chunk < EXPIRE_FORCE_S:
-            return
-        self._last_chunk = now
-        try:
-            more = build.step()
-        except sqlite3.Error as exc:  # lookups go on without it (or with the smaller one)
-            self._filter_build = None
-            log.error("building the key filter failed (%s); keys are looked up in the database", exc)
-            return
-        if more:
-            if self.actor_inbox.empty():
-                self.actor_ref.tell(Tick())  # more to read: come back once whatever arrives meanwhile is handled
-            return
-        self._key_filter, self._filter_build = build.filter, None
-        log.info(
-            "key filter ready: %d keys, %d MiB, built in %.1f s",
-            build.filter.added,
-            build.filter.size_bytes >> 20,
-            time.monotonic() - self._filter_build_started,
-        )
 
     def _maybe_commit(self) -> None:
         now = time.monotonic()

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import msgspec
 
 from actors.fingerprint import fingerprint
 from actors.migrations import SCHEMA_VERSION as _SCHEMA_VERSION
@@ -276,8 +275,6 @@ log = logging.getLogger(__name__)
 
 # The row that holds the last commit position once every event is deleted (see _keep_position).
 _POSITION_MARK = ("", "last commit position")
-
-_decode_keys = msgspec.json.Decoder(list[tuple[str, str]]).decode
 
 
 class StorageError(Exception):
@@ -547,37 +544,6 @@ class EventStore:
             if positions:
                 found.update([chunk[int(position)] for position in positions.split(",")])
         return found
-
-    def holds_keys(self) -> bool:
-        """Whether any key is stored, or kept after expiry."""
-        (held,) = self._conn.execute(
-            "SELECT EXISTS (SELECT 1 FROM events) OR EXISTS (SELECT 1 FROM deleted_keys)"
-        ).fetchone()
-        return bool(held)
-
-    def last_rowid(self) -> int:
-        (last,) = self._conn.execute("SELECT coalesce(max(rowid), 0) FROM events").fetchone()
-        return int(last)
-
-    def stored_keys_after(self, after: int, last: int, limit: int) -> tuple[list[tuple[str, str]], int | None]:
-        """The keys of at most ``limit`` events with rowids in (after, last], and the last rowid read
-        (None: none left). One row per call: a statement stepped once per row would hand the GIL over per row."""
-        found, last_read = self._conn.execute(
-            "SELECT json_group_array(json_array(topic, event_id)), max(rowid) FROM"
-            " (SELECT rowid, topic, event_id FROM events WHERE rowid > ? AND rowid <= ? ORDER BY rowid LIMIT ?)",
-            (after, last, limit),
-        ).fetchone()
-        return _decode_keys(found), last_read
-
-    def kept_keys_after(self, after: tuple[str, str], limit: int) -> list[tuple[str, str]]:
-        """At most ``limit`` keys kept after expiry (``deleted_keys``) that sort after ``after``."""
-        (found,) = self._conn.execute(
-            "SELECT json_group_array(json_array(topic, event_id)) FROM"
-            " (SELECT topic, event_id FROM deleted_keys WHERE (topic, event_id) > (?, ?)"
-            " ORDER BY topic, event_id LIMIT ?)",
-            (*after, limit),
-        ).fetchone()
-        return _decode_keys(found)
 
     def topic_states(self, topics: Iterable[str]) -> dict[str, TopicState]:
         """The stored last seq and last timestamp of each topic (0 and NO_TIMESTAMP for a topic never seen)."""

@@ -53,7 +53,6 @@ def test_state_directory_wins_for_a_relative_storage_path(tmp_path: Path, monkey
         ("[nope]\nx = 1\n", r"unknown section \[nope\]"),
         ("[ordering]\nactors = 0\n", r"\[ordering\] actors must be greater than 0"),
         ("[storage]\ncache_mb = 0\n", r"\[storage\] cache_mb must be greater than 0"),
-        ("[storage]\nkey_filter_mb = -1\n", r"\[storage\] key_filter_mb must be 0 \(no filter"),
         ("[ordering]\nactors = true\n", r"\[ordering\] actors must be a int"),
         ("[ordering]\nactors = '4'\n", r"\[ordering\] actors must be a int"),
         ("[ordering]\nwindow_ms = -1\n", r"\[ordering\] window_ms"),

@@ -65,7 +65,6 @@ class StorageConfig:
     commit_max_events: int = 5_000
     commit_max_ms: int = 50
     cache_mb: int = 16
-    key_filter_mb: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,10 +438,6 @@ def _parse_section(name: str, section_type: type, values: dict[str, Any]) -> Any
             raise ConfigError(f"[{name}] {key} must be greater than 0, not {value}")
         if (name, key) == ("ingest", "gather_at_queued") and value < 0:
             raise ConfigError(f"[ingest] gather_at_queued must be 0 (never pause) or more, not {value}")
-        if (name, key) == ("storage", "key_filter_mb") and value < 0:
-            raise ConfigError(
-                f"[storage] key_filter_mb must be 0 (no filter: every key is looked up) or more, not {value}"
-            )
         if (name, key) == ("ordering", "window_ms") and value < 0:
             raise ConfigError(f"[ordering] window_ms must be 0 (arrival order) or more, not {value}")
         choices = _CHOICES.get((name, key))
