@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sqlite3
 import sys
 from pathlib import Path
@@ -190,3 +191,11 @@ def test_the_ordering_cost_driver_writes_each_distinct_event_once(topics: int, w
 
     events = ordering_cost.make_events(3_000, topics, seed=topics + window_ms)
     assert ordering_cost.drive(events, window_ms) == len({event.key for event in events}) < 3_000
+
+
+def test_the_decode_cost_script_times_both_forms_of_the_same_events() -> None:
+    """scripts/decode_cost.py checks that its columns decode to the very Event tuples first."""
+    done = run_script("decode_cost.py", "--events", "20", "--runs", "1", timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^Event tuples +median \d+ ns an event", done.stdout, re.MULTILINE), done.stdout
+    assert re.search(r"^columns +median \d+ ns an event", done.stdout, re.MULTILINE), done.stdout
