@@ -202,11 +202,7 @@ class ReorderWindow:
                 else:
                     self._counter += 1
                     key = (ts[start], self._counter)
-                    block = _Block([key], [event], [ticket] if tickets is not None else None, [received_at])
-                    if state.blocks is None:  # nothing waits for this topic (most, with many topics)
-                        state.blocks = [block]
-                    else:
-                        _add_block(state, block)
+                    _add_block(state, _Block([key], [event], [ticket] if tickets is not None else None, [received_at]))
                     held.add((topic, event[1]))
                     arrivals.append((deadline, topic, key, 1))
                     self.buffered += 1

@@ -7,6 +7,7 @@ and every process, and exactly one owner at a time.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import zlib
@@ -59,12 +60,9 @@ class RouterActor(pykka.ThreadingActor):
         topics = list(map(topic_of, batch.events))
         column = [owners.get(topic, -1) for topic in topics]
         if -1 in column:  # topics not seen yet (or since the cache was cleared)
-            for position, owner in enumerate(column):
-                if owner == -1:
-                    topic = topics[position]
-                    if topic not in owners:  # a topic repeated in the batch is hashed once
-                        owners[topic] = owner_of(topic, count)
-                    column[position] = owners[topic]
+            for topic in set(itertools.compress(topics, map((-1).__eq__, column))):
+                owners[topic] = owner_of(topic, count)
+            column = list(map(owners.__getitem__, topics))
         if not column:
             return
         first = column[0]
