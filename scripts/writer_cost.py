@@ -1,0 +1,219 @@
+#!/usr/bin/env python3
+"""Instructions per event of the daemon's actor path, ordering and writer, without threads.
+
+``writer_cost.py [--events N] [--topics T] [--window-ms W] [--batch B] [--commit-events C] [--callgrind]``
+drives the real :class:`~actors.ordering.OrderingActor` (as ``ordering_cost.py`` does, on the
+same events and clock) and the real :class:`~actors.dedup.DedupActor` on a real SQLite database
+in a temporary folder: each lookup is answered by the dedup actor's own statement, writes are
+held and group-committed every C events (the daemon's default ``commit_max_events``), and a
+WAL checkpoint runs every 0.2 s of the driver's clock, as the daemon's checkpointer does. It
+fails unless the database ends up holding exactly the distinct events.
+
+With ``--callgrind`` it runs itself under ``valgrind --tool=callgrind`` twice: once driving
+``--warmup`` events and then N more, once driving only the warm-up events (both make all of
+them), so the difference over N is the steady cost of an event, past start-up, imports and the
+first compile of each statement shape, on a database that already holds the warm-up's events.
+It splits that in two: the instructions inside ``sqlite3_step`` and ``sqlite3_prepare_v2``
+(which the sqlite3 module runs with the GIL released, so they can overlap other threads' work)
+and the rest (run holding the GIL: the share that bounds the daemon on CPython). Steady on a
+noisy machine, where end-to-end rates move by ±10 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import re
+import sqlite3
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import zmq
+from ordering_cost import BATCH, BATCH_GAP_S, TICK_S, Clock, make_events  # scripts/, beside this one
+
+from actors import ordering
+from actors.daemon import GC_THRESHOLDS
+from actors.dedup import DedupActor
+from actors.flow import InFlight, LiveFigures
+from actors.messages import OrderingBatch, Sync, Tick
+from actors.ordering import OrderingActor
+from transport.schema import Event
+
+COMMIT_EVENTS = 5_000
+CHECKPOINT_S = 0.2
+# The C functions the sqlite3 module calls with the GIL released: compile and run a statement.
+RELEASED = ("sqlite3_step", "sqlite3_prepare_v2")
+
+
+class _Inbox:
+    """Stands in for an actor's reference: keeps what is told to it, for the driver to deliver."""
+
+    def __init__(self) -> None:
+        self.told: list[Any] = []
+
+    def tell(self, message: Any) -> None:
+        self.told.append(message)
+
+
+def drive(
+    events: list[Event], window_ms: int, folder: Path, batch: int = BATCH, commit_events: int = COMMIT_EVENTS
+) -> int:
+    """Run every event through one ordering actor and the dedup actor; how many rows are stored."""
+    real_time = ordering.time  # type: ignore[attr-defined]
+    thresholds = gc.get_threshold()
+    clock = Clock()
+    ordering.time = clock  # type: ignore[attr-defined,assignment]
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+    try:
+        return _drive(events, window_ms, clock, batch, folder / "events.db", commit_events)
+    finally:
+        ordering.time = real_time  # type: ignore[attr-defined]
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
+
+
+def open_writer(path: Path, commit_events: int, context: zmq.Context[Any]) -> DedupActor:
+    """The dedup actor, started on this thread, with no checkpointer thread (the driver checkpoints)."""
+    dedup = DedupActor(
+        path,
+        synchronous="NORMAL",
+        commit_max_events=commit_events,
+        commit_max_ms=10**9,  # commits by count only: the driver's clock is not the actor's
+        in_flight=InFlight(10**9),
+        live=LiveFigures(),
+        zmq_context=context,
+    )
+    dedup.on_start()
+    if dedup._checkpointer is not None:  # a thread would checkpoint at wall-clock times
+        dedup._checkpointer.stop()
+        dedup._checkpointer = None
+    # A message always waiting: the actor then behaves as under load, answering each lookup as
+    # it comes but committing every ``commit_events`` events, not after every message.
+    dedup.actor_inbox.put(None)  # type: ignore[arg-type]  # never taken out
+    return dedup
+
+
+def _drive(events: list[Event], window_ms: int, clock: Clock, batch: int, path: Path, commit_events: int) -> int:
+    context: zmq.Context[Any] = zmq.Context()
+    dedup = open_writer(path, commit_events, context)
+    to_dedup = _Inbox()
+    actor = OrderingActor(
+        0,
+        to_dedup,  # type: ignore[arg-type]
+        window_ms=window_ms,
+        max_buffered=100_000,
+        in_flight=InFlight(10**9),
+        live=LiveFigures(),
+        max_topics=1_000_000,
+    )
+    answers = actor.actor_inbox  # where the dedup actor's answers land (the actor's own reference)
+    checkpoints = sqlite3.connect(path, isolation_level=None)
+
+    def settle() -> None:
+        while to_dedup.told or not answers.empty():
+            told, to_dedup.told = to_dedup.told, []
+            for message in told:
+                dedup.on_receive(message)
+            while not answers.empty():
+                actor.on_receive(answers.get().message)  # never blocks: not empty, one thread
+
+    next_tick = clock.now + TICK_S
+    next_checkpoint = clock.now + CHECKPOINT_S
+    try:
+        for start in range(0, len(events), batch):
+            clock.now += BATCH_GAP_S * batch / BATCH
+            actor.on_receive(OrderingBatch(events[start : start + batch], clock.now))
+            settle()
+            if clock.now >= next_tick:
+                next_tick = clock.now + TICK_S
+                actor.on_receive(Tick())
+                settle()
+            if clock.now >= next_checkpoint:
+                next_checkpoint = clock.now + CHECKPOINT_S
+                checkpoints.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        clock.now += window_ms / 1000 + 1
+        actor.on_receive(Tick())
+        settle()
+        dedup.on_receive(Sync())
+        (rows,) = checkpoints.execute("SELECT count(*) FROM events").fetchone()
+    finally:
+        checkpoints.close()
+        dedup.on_stop()
+        context.term()
+    return int(rows)
+
+
+def callgrind_counts(args: list[str]) -> tuple[int, int]:
+    """(all instructions, those inside RELEASED) run by this script with ``args`` under callgrind."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "callgrind.out"
+        subprocess.run(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, __file__, *args],
+            check=True,
+            capture_output=True,
+            timeout=3_600,
+        )
+        found = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.MULTILINE)
+        if found is None:
+            raise SystemExit(f"no instruction count in {out}")
+        annotated = subprocess.run(
+            ["callgrind_annotate", "--inclusive=yes", "--threshold=100", str(out)],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        ).stdout
+        released = 0
+        for name in RELEASED:
+            # Inclusive counts, one line per function: "1,234 (5.6%)  ???:sqlite3_step [lib...]".
+            line = re.search(rf"^\s*([\d,]+) \([^)]*\)\s+\S*:{name} ", annotated, re.MULTILINE)
+            released += int(line.group(1).replace(",", "")) if line else 0
+        return int(found.group(1)), released
+
+
+def per_event(
+    events: int, warmup: int, topics: int, window_ms: int, batch: int, commit_events: int
+) -> tuple[float, float]:
+    """(instructions per event holding the GIL, with it released), warm-up counted out."""
+    case = ["--events", str(events), "--warmup", str(warmup), "--topics", str(topics), "--window-ms", str(window_ms)]
+    case += ["--batch", str(batch), "--commit-events", str(commit_events)]
+    total, released = callgrind_counts(case)
+    base_total, base_released = callgrind_counts([*case, "--warmup-only"])
+    return (total - released - (base_total - base_released)) / events, (released - base_released) / events
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--warmup", type=int, default=50_000, help="events driven first (default 50 000)")
+    parser.add_argument("--topics", type=int, default=10)
+    parser.add_argument("--window-ms", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=BATCH, help=f"events per batch (default {BATCH})")
+    parser.add_argument(
+        "--commit-events", type=int, default=COMMIT_EVENTS, help=f"events per group commit (default {COMMIT_EVENTS})"
+    )
+    parser.add_argument("--callgrind", action="store_true", help="instructions per event, GIL held and released")
+    parser.add_argument("--warmup-only", action="store_true", help="make every event, drive the warm-up ones only")
+    args = parser.parse_args()
+    if args.callgrind:
+        held, released = per_event(
+            args.events, args.warmup, args.topics, args.window_ms, args.batch, args.commit_events
+        )
+        print(f"{held:,.0f} instructions/event holding the GIL, {released:,.0f} with it released")
+        return
+    events = make_events(args.warmup + args.events, args.topics)
+    if args.warmup_only:
+        events = events[: args.warmup]
+    with tempfile.TemporaryDirectory() as folder:
+        rows = drive(events, args.window_ms, Path(folder), args.batch, args.commit_events)
+    distinct = len({event.key for event in events})
+    if rows != distinct:
+        raise SystemExit(f"{rows} rows for {distinct} distinct events")
+
+
+if __name__ == "__main__":
+    main()
