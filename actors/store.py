@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import msgspec
 
 from actors.fingerprint import fingerprint
 from actors.migrations import SCHEMA_VERSION as _SCHEMA_VERSION
@@ -133,16 +134,44 @@ def _upsert_topics_sql(size: int) -> str:
 
 # Every statement the writer runs drops the GIL around each sqlite3_step, and winning it back
 # from busy ingest and ordering threads can take a whole switch interval. So each lookup below
-# is one statement per 4 096 keys that answers in one row (a statement yielding a row per key
-# stepped once per row: with another thread busy, 600 us per key found, against 4 us), and an
-# insert is at most three multi-row statements below 2 048 rows (see _write_chunks).
-# Parameters stay below SQLite's default limit of 32766 per statement.
+# is one statement that answers in one row (a statement yielding a row per key stepped once
+# per row: with another thread busy, 600 us per key found, against 4 us), and an insert is at
+# most three multi-row statements below 2 048 rows (see _write_chunks).
+#
+# Lookups take their keys as one JSON text, which SQLite takes apart with the GIL released:
+# bound one by one, each key's two strings were copied by SQLite's allocator under the GIL,
+# about 1 500 instructions a key (scripts/writer_cost.py), more than the rest of the lookup's
+# Python. SQLite's JSON functions (3.40) cut a string at \u0000, so keys holding a NUL
+# (an event id may) are bound instead, in statements of at most 4 096 keys padded to a power
+# of two; parameters stay below SQLite's default limit of 32766 per statement.
 _KEY_CHUNK = 4096
+
+_LOOKUP_JSON = (
+    "SELECT group_concat(asked.key) FROM json_each(?) AS asked JOIN events AS e"
+    " ON e.topic = json_extract(asked.value, '$[0]') AND e.event_id = json_extract(asked.value, '$[1]')"
+)
+_LOOKUP_JSON_WITH_DELETED = (
+    "SELECT group_concat(asked.key) FROM json_each(?) AS asked WHERE EXISTS (SELECT 1 FROM events AS e"
+    " WHERE e.topic = json_extract(asked.value, '$[0]') AND e.event_id = json_extract(asked.value, '$[1]'))"
+    " OR EXISTS (SELECT 1 FROM deleted_keys AS d"
+    " WHERE d.topic = json_extract(asked.value, '$[0]') AND d.event_id = json_extract(asked.value, '$[1]'))"
+)
+_TOPIC_STATES_JSON = (
+    "SELECT json_group_array(json_array(topic, last_seq, last_ts_ns)) FROM topics"
+    " WHERE topic IN (SELECT value FROM json_each(?))"
+)
+_encode_json = msgspec.json.Encoder().encode
+
+
+def _json_text(values: Sequence[Any]) -> str | None:
+    """``values`` as one JSON text for ``json_each``; None when a string in them holds a NUL."""
+    text = _encode_json(values)
+    return None if b"\\u0000" in text else text.decode()
 
 
 def _padded(count: int) -> int:
-    """The next power of two: lookups are padded to one with keys that cannot exist (an empty
-    topic is never valid), so only 13 statement shapes are ever compiled and all stay cached."""
+    """The next power of two: bound lookups are padded to one with keys that cannot exist (an
+    empty topic is never valid), so only 13 statement shapes are ever compiled and all stay cached."""
     return 1 << (count - 1).bit_length()
 
 
@@ -199,14 +228,6 @@ def _kept_fingerprints_sql(size: int) -> str:
         f"WITH asked(position, topic, event_id) AS (VALUES {values})"
         " SELECT json_group_array(json_array(asked.position, hex(d.fingerprint))) FROM asked"
         " JOIN deleted_keys AS d ON d.topic = asked.topic AND d.event_id = asked.event_id"
-    )
-
-
-@functools.cache
-def _topic_states_sql(size: int) -> str:
-    return (
-        "SELECT json_group_array(json_array(topic, last_seq, last_ts_ns)) FROM topics"
-        f" WHERE topic IN ({','.join('?' * size)})"
     )
 
 
@@ -529,10 +550,21 @@ class EventStore:
     def existing_keys(self, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
         """Which of these (topic, event_id) keys are already stored (committed or in this transaction).
 
-        One statement per 4 096 keys, joining a VALUES list to the primary key (a query per
-        topic cost 4.9 against 2.2 us per key with 100 000 topics), and answering with the
-        positions found as one row.
+        One statement joining the keys, as one JSON text, to the primary key (a query per topic
+        cost 4.9 against 2.2 us per key with 100 000 topics), and answering with the positions
+        found as one row.
         """
+        if not keys:
+            return set()
+        text = _json_text(keys)
+        if text is None:
+            return self._existing_keys_bound(keys)
+        sql = _LOOKUP_JSON_WITH_DELETED if self._keys_deleted else _LOOKUP_JSON
+        (positions,) = self._conn.execute(sql, (text,)).fetchone()
+        return set(map(keys.__getitem__, map(int, positions.split(",")))) if positions else set()
+
+    def _existing_keys_bound(self, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """:meth:`existing_keys` for keys that JSON cannot carry: bound, 4 096 a statement."""
         found: set[tuple[str, str]] = set()
         for start in range(0, len(keys), _KEY_CHUNK):
             chunk = keys[start : start + _KEY_CHUNK]
@@ -546,15 +578,16 @@ class EventStore:
         return found
 
     def topic_states(self, topics: Iterable[str]) -> dict[str, TopicState]:
-        """The stored last seq and last timestamp of each topic (0 and NO_TIMESTAMP for a topic never seen)."""
+        """The stored last seq and last timestamp of each topic (0 and NO_TIMESTAMP for a topic never seen).
+
+        One query for all of them rather than one per topic: with many topics, most are new to
+        an ordering actor at first, and this ran once for each of them. (Topic names hold no
+        control characters, so JSON always carries them.)
+        """
         wanted = list(topics)
         states = dict.fromkeys(wanted, TopicState(0, NO_TIMESTAMP))
-        # One query per chunk rather than per topic: with many topics, most are new to an
-        # ordering actor at first, and this ran once for each of them.
-        for start in range(0, len(wanted), _KEY_CHUNK):
-            chunk = wanted[start : start + _KEY_CHUNK]
-            size = _padded(len(chunk))
-            (found,) = self._conn.execute(_topic_states_sql(size), chunk + [""] * (size - len(chunk))).fetchone()
+        if wanted:
+            (found,) = self._conn.execute(_TOPIC_STATES_JSON, (_encode_json(wanted).decode(),)).fetchone()
             for topic, last_seq, last_ts_ns in json.loads(found):
                 states[topic] = TopicState(last_seq, last_ts_ns)
         return states

@@ -51,6 +51,25 @@ def test_lookups_find_exactly_the_stored_keys_across_chunks(tmp_path: Path) -> N
     store.close()
 
 
+def test_lookups_find_keys_that_json_cannot_carry(tmp_path: Path) -> None:
+    """Lookups send their keys as one JSON text, and SQLite's JSON functions cut a string at
+    \\u0000: keys with a NUL in their event id are bound instead, and found all the same."""
+    store = EventStore(connect_writer(tmp_path / "events.db"))
+    odd = ["a\x00b", "\x00", "tab\there", 'quote"s', "back\\slash", "uni-é-€-𝄞", "\x01\x1f", "\u2028", ""]
+    stored = [
+        ("t", event_id, seq, "2025-10-22T10:00:00Z", seq, "test", bytearray(b"\x80"), 0.0, 0)
+        for seq, event_id in enumerate(odd, 1)
+    ]
+    store.begin()
+    store.insert(stored)
+    store.commit()
+    asked = [("t", event_id) for event_id in odd] + [("t", "a"), ("t", "a\x00c"), ("t", "b")]
+    assert store.existing_keys(asked) == {("t", event_id) for event_id in odd}
+    without_nul = [key for key in asked if "\x00" not in key[1]]
+    assert store.existing_keys(without_nul) == {key for key in without_nul if key[1] in odd}
+    store.close()
+
+
 def test_topic_states_and_counters_round_trip(tmp_path: Path) -> None:
     store = EventStore(connect_writer(tmp_path / "events.db"))
     topics = {
