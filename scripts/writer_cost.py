@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """Instructions per event of the daemon's actor path, ordering and writer, without threads.
 
-``writer_cost.py [--events N] [--topics T] [--window-ms W] [--batch B] [--commit-events C] [--callgrind]``
-drives the real :class:`~actors.ordering.OrderingActor` (as ``ordering_cost.py`` does, on the
-same events and clock) and the real :class:`~actors.dedup.DedupActor` on a real SQLite database
+``writer_cost.py [--workload mixed|bench] [--events N] [--topics T] [--window-ms W] [--batch B]
+[--commit-events C] [--callgrind]`` drives the real :class:`~actors.ordering.OrderingActor` and
+the real :class:`~actors.dedup.DedupActor` on a real SQLite database
 in a temporary folder: each lookup is answered by the dedup actor's own statement, writes are
 held and group-committed every C events (the daemon's default ``commit_max_events``), and a
 WAL checkpoint runs every 0.2 s of the driver's clock, as the daemon's checkpointer does. It
-fails unless the database ends up holding exactly the distinct events.
+fails unless the database ends up holding exactly the distinct events. Two workloads:
+``mixed``, ``ordering_cost.py``'s events and clock (20 % re-sends of any earlier event, 10 %
+late by up to 3 s, 500 000 events/s), and ``bench``, ``bench.py``'s stream (``transport.workload``,
+20 % re-sends, split between two publishers in frames of 100 that arrive interleaved, decoded
+as the daemon decodes them) at 125 000 events/s, about the daemon's rate on it.
 
 With ``--callgrind`` it runs itself under ``valgrind --tool=callgrind`` twice: once driving
 ``--warmup`` events and then N more, once driving only the warm-up events (both make all of
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import re
 import sqlite3
 import subprocess
@@ -31,6 +36,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import zmq
 from ordering_cost import BATCH, BATCH_GAP_S, TICK_S, Clock, make_events  # scripts/, beside this one
 
@@ -40,9 +46,13 @@ from actors.dedup import DedupActor
 from actors.flow import InFlight, LiveFigures
 from actors.messages import OrderingBatch, Sync, Tick
 from actors.ordering import OrderingActor
+from transport.codec import decode_frame
 from transport.schema import Event
+from transport.workload import plan
 
 COMMIT_EVENTS = 5_000
+# Events per second of the driver's clock, by workload.
+RATES = {"mixed": BATCH / BATCH_GAP_S, "bench": 125_000.0}
 CHECKPOINT_S = 0.2
 # The C functions the sqlite3 module calls with the GIL released: compile and run a statement.
 RELEASED = ("sqlite3_step", "sqlite3_prepare_v2")
@@ -58,10 +68,30 @@ class _Inbox:
         self.told.append(message)
 
 
+def bench_events(count: int, topics: int, publishers: int = 2, frame: int = 100) -> list[Event]:
+    """``bench.py``'s stream of ``count`` events: its publishers' shares, cut into frames that
+    arrive one from each publisher in turn, decoded as the daemon decodes them."""
+    stream = plan(count, 0.2, topics, seed=1)
+    shares = [stream[index::publishers] for index in range(publishers)]
+    frames = [[share[start : start + frame] for start in range(0, len(share), frame)] for share in shares]
+    events: list[Event] = []
+    for arriving in itertools.zip_longest(*frames):
+        for body in arriving:
+            if body:
+                events += decode_frame(msgpack.packb(body)).events
+    return events
+
+
 def drive(
-    events: list[Event], window_ms: int, folder: Path, batch: int = BATCH, commit_events: int = COMMIT_EVENTS
+    events: list[Event],
+    window_ms: int,
+    folder: Path,
+    batch: int = BATCH,
+    commit_events: int = COMMIT_EVENTS,
+    rate: float = RATES["mixed"],
 ) -> int:
-    """Run every event through one ordering actor and the dedup actor; how many rows are stored."""
+    """Run every event through one ordering actor and the dedup actor, ``rate`` events a second
+    of the driver's clock; how many rows are stored."""
     real_time = ordering.time  # type: ignore[attr-defined]
     thresholds = gc.get_threshold()
     clock = Clock()
@@ -69,7 +99,7 @@ def drive(
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
     try:
-        return _drive(events, window_ms, clock, batch, folder / "events.db", commit_events)
+        return _drive(events, window_ms, clock, batch, folder / "events.db", commit_events, rate)
     finally:
         ordering.time = real_time  # type: ignore[attr-defined]
         gc.set_threshold(*thresholds)
@@ -97,7 +127,9 @@ def open_writer(path: Path, commit_events: int, context: zmq.Context[Any]) -> De
     return dedup
 
 
-def _drive(events: list[Event], window_ms: int, clock: Clock, batch: int, path: Path, commit_events: int) -> int:
+def _drive(
+    events: list[Event], window_ms: int, clock: Clock, batch: int, path: Path, commit_events: int, rate: float
+) -> int:
     context: zmq.Context[Any] = zmq.Context()
     dedup = open_writer(path, commit_events, context)
     to_dedup = _Inbox()
@@ -125,7 +157,7 @@ def _drive(events: list[Event], window_ms: int, clock: Clock, batch: int, path: 
     next_checkpoint = clock.now + CHECKPOINT_S
     try:
         for start in range(0, len(events), batch):
-            clock.now += BATCH_GAP_S * batch / BATCH
+            clock.now += batch / rate
             actor.on_receive(OrderingBatch(events[start : start + batch], clock.now))
             settle()
             if clock.now >= next_tick:
@@ -175,12 +207,9 @@ def callgrind_counts(args: list[str]) -> tuple[int, int]:
         return int(found.group(1)), released
 
 
-def per_event(
-    events: int, warmup: int, topics: int, window_ms: int, batch: int, commit_events: int
-) -> tuple[float, float]:
-    """(instructions per event holding the GIL, with it released), warm-up counted out."""
-    case = ["--events", str(events), "--warmup", str(warmup), "--topics", str(topics), "--window-ms", str(window_ms)]
-    case += ["--batch", str(batch), "--commit-events", str(commit_events)]
+def per_event(case: list[str], events: int) -> tuple[float, float]:
+    """(instructions per event holding the GIL, with it released) of the case given by these
+    arguments, warm-up counted out."""
     total, released = callgrind_counts(case)
     base_total, base_released = callgrind_counts([*case, "--warmup-only"])
     return (total - released - (base_total - base_released)) / events, (released - base_released) / events
@@ -188,6 +217,7 @@ def per_event(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--workload", choices=sorted(RATES), default="mixed", help="the events (default mixed)")
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--warmup", type=int, default=50_000, help="events driven first (default 50 000)")
     parser.add_argument("--topics", type=int, default=10)
@@ -200,16 +230,16 @@ def main() -> None:
     parser.add_argument("--warmup-only", action="store_true", help="make every event, drive the warm-up ones only")
     args = parser.parse_args()
     if args.callgrind:
-        held, released = per_event(
-            args.events, args.warmup, args.topics, args.window_ms, args.batch, args.commit_events
-        )
+        case = [arg for arg in sys.argv[1:] if arg != "--callgrind"]
+        held, released = per_event(case, args.events)
         print(f"{held:,.0f} instructions/event holding the GIL, {released:,.0f} with it released")
         return
-    events = make_events(args.warmup + args.events, args.topics)
+    make = bench_events if args.workload == "bench" else make_events
+    events = make(args.warmup + args.events, args.topics)
     if args.warmup_only:
         events = events[: args.warmup]
     with tempfile.TemporaryDirectory() as folder:
-        rows = drive(events, args.window_ms, Path(folder), args.batch, args.commit_events)
+        rows = drive(events, args.window_ms, Path(folder), args.batch, args.commit_events, RATES[args.workload])
     distinct = len({event.key for event in events})
     if rows != distinct:
         raise SystemExit(f"{rows} rows for {distinct} distinct events")

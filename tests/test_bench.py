@@ -193,15 +193,20 @@ def test_the_ordering_cost_driver_writes_each_distinct_event_once(topics: int, w
     assert ordering_cost.drive(events, window_ms) == len({event.key for event in events}) < 3_000
 
 
-@pytest.mark.parametrize("topics, window_ms", [(10, 50), (3000, 0)])
-def test_the_writer_cost_driver_stores_each_distinct_event_once(tmp_path: Path, topics: int, window_ms: int) -> None:
+@pytest.mark.parametrize("workload, topics, window_ms", [("mixed", 10, 50), ("mixed", 3000, 0), ("bench", 10, 50)])
+def test_the_writer_cost_driver_stores_each_distinct_event_once(
+    tmp_path: Path, workload: str, topics: int, window_ms: int
+) -> None:
     """scripts/writer_cost.py drives the real ordering and dedup actors on a real SQLite file;
     its count is of the rows in the database, which must be exactly the distinct events."""
     import ordering_cost
     import writer_cost
 
-    events = ordering_cost.make_events(3_000, topics, seed=topics + window_ms)
-    stored = writer_cost.drive(events, window_ms, tmp_path, commit_events=700)
+    if workload == "bench":
+        events = writer_cost.bench_events(3_000, topics)
+    else:
+        events = ordering_cost.make_events(3_000, topics, seed=topics + window_ms)
+    stored = writer_cost.drive(events, window_ms, tmp_path, commit_events=700, rate=writer_cost.RATES[workload])
     assert stored == len({event.key for event in events}) < 3_000
 
 
