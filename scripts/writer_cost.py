@@ -3,15 +3,15 @@
 
 ``writer_cost.py [--workload mixed|bench] [--events N] [--topics T] [--window-ms W] [--batch B]
 [--commit-events C] [--callgrind]`` drives the real :class:`~actors.ordering.OrderingActor` and
-the real :class:`~actors.dedup.DedupActor` on a real SQLite database
-in a temporary folder: each lookup is answered by the dedup actor's own statement, writes are
-held and group-committed every C events (the daemon's default ``commit_max_events``), and a
-WAL checkpoint runs every 0.2 s of the driver's clock, as the daemon's checkpointer does. It
-fails unless the database ends up holding exactly the distinct events. Two workloads:
-``mixed``, ``ordering_cost.py``'s events and clock (20 % re-sends of any earlier event, 10 %
-late by up to 3 s, 500 000 events/s), and ``bench``, ``bench.py``'s stream (``transport.workload``,
-20 % re-sends, split between two publishers in frames of 100 that arrive interleaved, decoded
-as the daemon decodes them) at 125 000 events/s, about the daemon's rate on it.
+the real :class:`~actors.dedup.DedupActor` on a real SQLite database in a temporary folder:
+each lookup is answered by the dedup actor's own statement, writes are held and group-committed
+every C events (the daemon's default ``commit_max_events``), and a WAL checkpoint runs every
+0.2 s of the driver's clock, as the daemon's checkpointer does. It fails unless the database
+ends up holding exactly the distinct events. Two workloads: ``mixed``, ``ordering_cost.py``'s
+events and clock (20 % re-sends of any earlier event, 10 % late by up to 3 s, 500 000
+events/s), and ``bench``, ``bench.py``'s stream (``transport.workload``, 20 % re-sends, split
+between two publishers in frames of 100 that arrive interleaved, decoded as the daemon decodes
+them) at 125 000 events/s, about the daemon's rate on it.
 
 With ``--callgrind`` it runs itself under ``valgrind --tool=callgrind`` twice: once driving
 ``--warmup`` events and then N more, once driving only the warm-up events (both make all of
