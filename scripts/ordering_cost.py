@@ -21,6 +21,7 @@ noisy machine where times are not. ``--all`` does that for the four cases of iss
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import operator
 import random
@@ -28,6 +29,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,12 +94,11 @@ def make_events(count: int, topics: int, seed: int = 1) -> list[Event]:
     return events
 
 
-def drive(events: list[Event], window_ms: int, batch: int = BATCH) -> int:
-    """Run every event through one ordering actor; how many rows it wrote.
-
-    The cyclic collector is set as the daemon sets it, and the events made beforehand are kept
-    out of its collections (in the daemon they die once stored).
-    """
+@contextlib.contextmanager
+def driven_clock() -> Iterator[Clock]:
+    """The conditions a driver runs the actors' handlers in: actors.ordering reads the time from
+    the returned clock, the cyclic collector is set as the daemon sets it, and the objects made
+    beforehand are kept out of its collections (in the daemon they die once stored)."""
     real_time = ordering.time  # type: ignore[attr-defined]
     thresholds = gc.get_threshold()
     clock = Clock()
@@ -105,11 +106,17 @@ def drive(events: list[Event], window_ms: int, batch: int = BATCH) -> int:
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
     try:
-        return _drive(events, window_ms, clock, batch)
+        yield clock
     finally:
         ordering.time = real_time  # type: ignore[attr-defined]
         gc.set_threshold(*thresholds)
         gc.unfreeze()
+
+
+def drive(events: list[Event], window_ms: int, batch: int = BATCH) -> int:
+    """Run every event through one ordering actor (see :func:`driven_clock`); how many rows it wrote."""
+    with driven_clock() as clock:
+        return _drive(events, window_ms, clock, batch)
 
 
 def _drive(events: list[Event], window_ms: int, clock: Clock, batch: int) -> int:
@@ -155,12 +162,13 @@ def _drive(events: list[Event], window_ms: int, clock: Clock, batch: int) -> int
     return rows
 
 
-def callgrind_ir(args: list[str]) -> int:
-    """Instructions run by this script with ``args`` under callgrind."""
+def callgrind(script: str, args: list[str], inclusive: tuple[str, ...] = ()) -> tuple[int, dict[str, int]]:
+    """Instructions run by ``script`` with ``args`` under callgrind, and those run inside each C
+    function named in ``inclusive`` (its inclusive count; 0 for one never called)."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "callgrind.out"
         subprocess.run(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, __file__, *args],
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, script, *args],
             check=True,
             capture_output=True,
             timeout=3_600,
@@ -168,13 +176,26 @@ def callgrind_ir(args: list[str]) -> int:
         found = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.MULTILINE)
         if found is None:
             raise SystemExit(f"no instruction count in {out}")
-        return int(found.group(1))
+        inside: dict[str, int] = {}
+        if inclusive:
+            annotated = subprocess.run(
+                ["callgrind_annotate", "--inclusive=yes", "--threshold=100", str(out)],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            ).stdout
+            for name in inclusive:
+                # One line per function: "1,234 (5.6%)  ???:sqlite3_step [lib...]".
+                line = re.search(rf"^\s*([\d,]+) \([^)]*\)\s+\S*:{name} ", annotated, re.MULTILINE)
+                inside[name] = int(line.group(1).replace(",", "")) if line else 0
+        return int(found.group(1)), inside
 
 
 def per_event(events: int, topics: int, window_ms: int, batch: int = BATCH) -> float:
     """Instructions per event of the ordering path: start-up and making the events counted out."""
     case = ["--events", str(events), "--topics", str(topics), "--window-ms", str(window_ms), "--batch", str(batch)]
-    return (callgrind_ir(case) - callgrind_ir([*case, "--make-only"])) / events
+    return (callgrind(__file__, case)[0] - callgrind(__file__, [*case, "--make-only"])[0]) / events
 
 
 def main() -> None:

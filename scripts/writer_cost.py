@@ -26,11 +26,8 @@ noisy machine, where end-to-end rates move by ±10 %.
 from __future__ import annotations
 
 import argparse
-import gc
 import itertools
-import re
 import sqlite3
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -38,10 +35,8 @@ from typing import Any
 
 import msgpack
 import zmq
-from ordering_cost import BATCH, BATCH_GAP_S, TICK_S, Clock, make_events  # scripts/, beside this one
+from ordering_cost import BATCH, BATCH_GAP_S, TICK_S, Clock, callgrind, driven_clock, make_events  # scripts/
 
-from actors import ordering
-from actors.daemon import GC_THRESHOLDS
 from actors.dedup import DedupActor
 from actors.flow import InFlight, LiveFigures
 from actors.messages import OrderingBatch, Sync, Tick
@@ -92,18 +87,8 @@ def drive(
 ) -> int:
     """Run every event through one ordering actor and the dedup actor, ``rate`` events a second
     of the driver's clock; how many rows are stored."""
-    real_time = ordering.time  # type: ignore[attr-defined]
-    thresholds = gc.get_threshold()
-    clock = Clock()
-    ordering.time = clock  # type: ignore[attr-defined,assignment]
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-    try:
+    with driven_clock() as clock:
         return _drive(events, window_ms, clock, batch, folder / "events.db", commit_events, rate)
-    finally:
-        ordering.time = real_time  # type: ignore[attr-defined]
-        gc.set_threshold(*thresholds)
-        gc.unfreeze()
 
 
 def open_writer(path: Path, commit_events: int, context: zmq.Context[Any]) -> DedupActor:
@@ -179,39 +164,12 @@ def _drive(
     return int(rows)
 
 
-def callgrind_counts(args: list[str]) -> tuple[int, int]:
-    """(all instructions, those inside RELEASED) run by this script with ``args`` under callgrind."""
-    with tempfile.TemporaryDirectory() as folder:
-        out = Path(folder) / "callgrind.out"
-        subprocess.run(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, __file__, *args],
-            check=True,
-            capture_output=True,
-            timeout=3_600,
-        )
-        found = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.MULTILINE)
-        if found is None:
-            raise SystemExit(f"no instruction count in {out}")
-        annotated = subprocess.run(
-            ["callgrind_annotate", "--inclusive=yes", "--threshold=100", str(out)],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        ).stdout
-        released = 0
-        for name in RELEASED:
-            # Inclusive counts, one line per function: "1,234 (5.6%)  ???:sqlite3_step [lib...]".
-            line = re.search(rf"^\s*([\d,]+) \([^)]*\)\s+\S*:{name} ", annotated, re.MULTILINE)
-            released += int(line.group(1).replace(",", "")) if line else 0
-        return int(found.group(1)), released
-
-
 def per_event(case: list[str], events: int) -> tuple[float, float]:
     """(instructions per event holding the GIL, with it released) of the case given by these
     arguments, warm-up counted out."""
-    total, released = callgrind_counts(case)
-    base_total, base_released = callgrind_counts([*case, "--warmup-only"])
+    total, inside = callgrind(__file__, case, RELEASED)
+    base_total, base_inside = callgrind(__file__, [*case, "--warmup-only"], RELEASED)
+    released, base_released = sum(inside.values()), sum(base_inside.values())
     return (total - released - (base_total - base_released)) / events, (released - base_released) / events
 
 
