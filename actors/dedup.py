@@ -20,9 +20,11 @@ A failed commit (disk full, I/O error) is rolled back; its writes are kept and r
 backoff, their ids still count as present so no retry can store an event twice, and no
 acknowledgement is sent until they commit.
 
-Duplicates ride along in the writes; inside each commit's transaction they are compared with
-their stored originals (bytes first, fingerprints only when the bytes differ), and those whose
-content differs are counted as conflicting, logged, and named in their batches' acks.
+A lookup answers each key found in ``events`` with its stored content (small payloads only), so
+the ordering actor settles an exact re-send then and there. The other duplicates ride along in
+the writes; inside each commit's transaction they are compared with their stored originals
+(bytes first, fingerprints only when the bytes differ), and those whose content differs are
+counted as conflicting, logged, and named in their batches' acks.
 
 Retention ([retention], docs/retention.md) runs here too, since this is the only writer: every
 ``sweep_interval`` a sweep starts, and it goes in chunks of at most ``EXPIRE_CHUNK`` rows, each
@@ -226,11 +228,11 @@ class DedupActor(pykka.ThreadingActor):
 
     def _classify(self, keys: list[tuple[str, str]], unknown_topics: list[str]) -> ClassifyResult:
         assert self._store is not None
-        existing = self._store.existing_keys(keys)
+        existing, contents = self._store.lookup(keys)
         if self._held_keys:  # to be written at the next commit: present all the same
             existing.update(self._held_keys.intersection(keys))
         states = self._store.topic_states(unknown_topics) if unknown_topics else {}
-        return ClassifyResult(existing, states)
+        return ClassifyResult(existing, states, contents=contents)
 
     def _answer_lookups(self) -> None:
         """Answer the held lookups with one lookup of all their keys.
@@ -257,7 +259,7 @@ class DedupActor(pykka.ThreadingActor):
                 states = found.states
                 if len(requests) > 1 and states:
                     states = {topic: states[topic] for topic in request.unknown_topics}
-                answers.append(ClassifyResult(found.existing, states, token=request.token))
+                answers.append(ClassifyResult(found.existing, states, token=request.token, contents=found.contents))
         for request, answer in zip(requests, answers):
             try:
                 request.reply_to.tell(answer)

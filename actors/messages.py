@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.store import Row, TopicDelta, TopicState
+from actors.store import Row, StoredContents, TopicDelta, TopicState
 from transport.schema import Event
 
 
@@ -105,14 +105,17 @@ class ClassifyRequest:
 class ClassifyResult:
     """The answer to a :class:`ClassifyRequest`: which keys are already stored, and topic states.
 
-    Every asked key not in ``existing`` is new. ``error`` is set (and the rest empty) when the
-    lookup failed, e.g. on an I/O error.
+    Every asked key not in ``existing`` is new. ``contents`` has, for stored keys whose content
+    came back with the lookup (see :meth:`actors.store.EventStore.lookup`), their stored
+    ``[timestamp, source, payload hex]``: a re-send equal to it needs no check at commit.
+    ``error`` is set (and the rest empty) when the lookup failed, e.g. on an I/O error.
     """
 
     existing: set[tuple[str, str]]
     states: dict[str, TopicState]
     token: int = 0
     error: str | None = None
+    contents: StoredContents = field(default_factory=dict)
 
 
 @dataclass(slots=True)

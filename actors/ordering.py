@@ -53,7 +53,7 @@ from actors.messages import (
     WriteBatch,
 )
 from actors.reorder import Leaving, ReorderWindow, pick
-from actors.store import NO_TIMESTAMP, TopicDelta
+from actors.store import NO_TIMESTAMP, StoredContents, TopicDelta
 from transport.schema import (
     Event,
     event_id_of,
@@ -277,7 +277,7 @@ class OrderingActor(pykka.ThreadingActor):
             if existing:
                 stored = list(map(existing.__contains__, pending.keys))
                 known = list(itertools.compress(new, stored))
-                _count_copies(write, pick(events, known), pick(tickets, known) if tickets else None)
+                _count_copies(write, pick(events, known), pick(tickets, known) if tickets else None, result.contents)
                 new = list(itertools.compress(new, map(operator.not_, stored)))
         duplicates: list[int] = []
         for position in pending.copies:
@@ -296,7 +296,12 @@ class OrderingActor(pykka.ThreadingActor):
                 # earlier write; either way this write commits with or after it.
                 duplicates.append(position)
         if duplicates:
-            _count_copies(write, pick(events, duplicates), pick(tickets, duplicates) if tickets else None)
+            _count_copies(
+                write,
+                pick(events, duplicates),
+                pick(tickets, duplicates) if tickets else None,
+                result.contents if result is not None else None,
+            )
         leaving = Leaving()
         now = time.monotonic()
         if new:
@@ -462,10 +467,13 @@ class OrderingActor(pykka.ThreadingActor):
             )
 
 
-def _count_copies(write: WriteBatch, events: list[Event], tickets: Tickets | None) -> None:
+def _count_copies(
+    write: WriteBatch, events: list[Event], tickets: Tickets | None, stored: StoredContents | None = None
+) -> None:
     """Count duplicates into ``write``, settling their tickets there (``tickets`` parallel to
-    ``events``, or None); the dedup actor compares their content with the originals' when the
-    write commits."""
+    ``events``, or None). A duplicate with the very bytes of its original's content in ``stored``
+    (as its lookup brought it back) is settled; the dedup actor compares the rest with their
+    originals when the write commits."""
     if not events:
         return
     for topic, count in Counter(map(topic_of, events)).items():
@@ -474,6 +482,11 @@ def _count_copies(write: WriteBatch, events: list[Event], tickets: Tickets | Non
         delta.duplicate_dropped += count
     write.events += len(events)
     write.bytes += events_bytes(events)
-    write.duplicates += zip(events, tickets if tickets is not None else itertools.repeat(None))
+    duplicates = zip(events, tickets if tickets is not None else itertools.repeat(None))
+    if stored:
+        unchanged = [stored.get(key_of(event)) == [event[2], event[4], event[5].hex()] for event in events]
+        write.duplicates += itertools.compress(duplicates, map(operator.not_, unchanged))
+    else:
+        write.duplicates += duplicates
     if tickets is not None:
         write.settle_each(tickets, new=False)

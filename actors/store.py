@@ -146,14 +146,22 @@ def _upsert_topics_sql(size: int) -> str:
 # of two; parameters stay below SQLite's default limit of 32766 per statement.
 _KEY_CHUNK = 4096
 
-_LOOKUP_JSON = (
-    "SELECT group_concat(asked.key) FROM json_each(?) AS asked JOIN events AS e"
-    " ON e.topic = json_extract(asked.value, '$[0]') AND e.event_id = json_extract(asked.value, '$[1]')"
+# A found key comes back with its stored (timestamp, source, payload in lower-case hex), so the
+# asker can settle an exact re-send at once: checking it at commit instead took the dedup thread
+# a second trip to the same random row, ~3.4 us a re-send, about a quarter of its time at 20 %
+# re-sends (docs/performance.md). Larger payloads stay in the database (a batch of large
+# re-sends would be read whole into memory): their re-sends are checked at commit.
+CONTENT_BACK_BYTES = 2048
+_FOUND = (
+    "SELECT json_group_array(json_array(asked.key, e.timestamp, e.source,"
+    f" CASE WHEN length(e.payload) <= {CONTENT_BACK_BYTES} THEN lower(hex(e.payload)) END))"
 )
+_ASKED_EVENT = "e.topic = json_extract(asked.value, '$[0]') AND e.event_id = json_extract(asked.value, '$[1]')"
+_LOOKUP_JSON = f"{_FOUND} FROM json_each(?) AS asked JOIN events AS e ON {_ASKED_EVENT}"
+# A key kept in deleted_keys counts as present too (with no content: a null timestamp).
 _LOOKUP_JSON_WITH_DELETED = (
-    "SELECT group_concat(asked.key) FROM json_each(?) AS asked WHERE EXISTS (SELECT 1 FROM events AS e"
-    " WHERE e.topic = json_extract(asked.value, '$[0]') AND e.event_id = json_extract(asked.value, '$[1]'))"
-    " OR EXISTS (SELECT 1 FROM deleted_keys AS d"
+    f"{_FOUND} FROM json_each(?) AS asked LEFT JOIN events AS e ON {_ASKED_EVENT}"
+    " WHERE e.topic IS NOT NULL OR EXISTS (SELECT 1 FROM deleted_keys AS d"
     " WHERE d.topic = json_extract(asked.value, '$[0]') AND d.event_id = json_extract(asked.value, '$[1]'))"
 )
 _TOPIC_STATES_JSON = (
@@ -161,6 +169,7 @@ _TOPIC_STATES_JSON = (
     " WHERE topic IN (SELECT value FROM json_each(?))"
 )
 _encode_json = msgspec.json.Encoder().encode
+_decode_json = msgspec.json.Decoder(list[tuple[int, str | None, str | None, str | None]]).decode
 
 
 def _json_text(values: Sequence[Any]) -> str | None:
@@ -233,6 +242,9 @@ def _kept_fingerprints_sql(size: int) -> str:
 
 Row = tuple[str, str, int, str, int, str, bytes | bytearray, float, int]
 """An ``events`` row in INSERT_EVENT's column order; the payload may be a bytearray (binds faster)."""
+
+StoredContents = dict[tuple[str, str], list[str]]
+"""Found keys' stored ``[timestamp, source, payload in lower-case hex]``, from :meth:`EventStore.lookup`."""
 
 Content = tuple[str, str, str, int, str, bytes]
 """A duplicate's (topic, event_id, timestamp, ts_ns, source, payload), to compare with its original."""
@@ -548,20 +560,33 @@ class EventStore:
             self._conn.execute("ROLLBACK")
 
     def existing_keys(self, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
-        """Which of these (topic, event_id) keys are already stored (committed or in this transaction).
+        """Which of these (topic, event_id) keys are already stored (committed or in this transaction)."""
+        return self.lookup(keys)[0]
+
+    def lookup(self, keys: Sequence[tuple[str, str]]) -> tuple[set[tuple[str, str]], StoredContents]:
+        """Which of these keys are already stored, and the content of those found in ``events``.
 
         One statement joining the keys, as one JSON text, to the primary key (a query per topic
-        cost 4.9 against 2.2 us per key with 100 000 topics), and answering with the positions
-        found as one row.
+        cost 4.9 against 2.2 us per key with 100 000 topics), answering with one JSON row. The
+        content is ``[timestamp, source, payload hex]`` for payloads up to
+        :data:`CONTENT_BACK_BYTES`; keys found otherwise (a larger payload, only a deleted key's
+        record, or keys bound because JSON cannot carry them) have none.
         """
         if not keys:
-            return set()
+            return set(), {}
         text = _json_text(keys)
         if text is None:
-            return self._existing_keys_bound(keys)
+            return self._existing_keys_bound(keys), {}
         sql = _LOOKUP_JSON_WITH_DELETED if self._keys_deleted else _LOOKUP_JSON
-        (positions,) = self._conn.execute(sql, (text,)).fetchone()
-        return set(map(keys.__getitem__, map(int, positions.split(",")))) if positions else set()
+        (found,) = self._conn.execute(sql, (text,)).fetchone()
+        existing: set[tuple[str, str]] = set()
+        contents: StoredContents = {}
+        for position, timestamp, source, payload_hex in _decode_json(found):
+            key = keys[position]
+            existing.add(key)
+            if timestamp is not None and source is not None and payload_hex is not None:
+                contents[key] = [timestamp, source, payload_hex]
+        return existing, contents
 
     def _existing_keys_bound(self, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
         """:meth:`existing_keys` for keys that JSON cannot carry: bound, 4 096 a statement."""

@@ -225,3 +225,33 @@ def test_the_oracle_is_the_event_at_a_time_path() -> None:
     buffer.adopt({"t": TopicState(0, NO_TIMESTAMP)})
     released = buffer.push("t", [(1, "a", "a"), (0, "b", "b")], now=time.monotonic())
     assert [(r.event_id, r.seq, r.late) for r in released] == [("a", 1, False), ("b", 2, True)]
+
+
+def test_a_resend_with_its_stored_content_is_settled_without_a_check_at_commit() -> None:
+    """A duplicate whose lookup brought back its original's very timestamp, source and payload
+    is counted and settled at once; any other (a field differs, or no content came back) still
+    rides in the write, for the dedup actor to compare with its original at commit."""
+    events = [
+        Event("t", "same", "2025-10-22T10:00:00Z", 1, "src", b"\x01"),
+        Event("t", "payload", "2025-10-22T10:00:00Z", 2, "src", b"\x02"),
+        Event("t", "source", "2025-10-22T10:00:00Z", 3, "else", b"\x03"),
+        Event("t", "timestamp", "2025-10-22T12:00:00+02:00", 4, "src", b"\x04"),
+        Event("t", "no-content", "2025-10-22T10:00:00Z", 5, "src", b"\x05"),
+        Event("u", "same-empty", "2025-10-22T10:00:00Z", 6, "s\x00rc", b""),
+    ]
+    stored = {
+        ("t", "same"): ["2025-10-22T10:00:00Z", "src", "01"],
+        ("t", "payload"): ["2025-10-22T10:00:00Z", "src", "ff"],
+        ("t", "source"): ["2025-10-22T10:00:00Z", "src", "03"],
+        ("t", "timestamp"): ["2025-10-22T10:00:00Z", "src", "04"],
+        ("u", "same-empty"): ["2025-10-22T10:00:00Z", "s\x00rc", ""],
+    }
+    tickets = [AckTicket([b"peer"], n, 1, []) for n in range(len(events))]
+    write = WriteBatch()
+    ordering._count_copies(write, events, list(tickets), stored)
+    assert [event.event_id for event, _ in write.duplicates] == ["payload", "source", "timestamp", "no-content"]
+    assert [ticket for _, ticket in write.duplicates] == tickets[1:5]
+    assert (write.events, write.topics["t"].duplicate_dropped, write.topics["u"].duplicate_dropped) == (6, 5, 1)
+    without = WriteBatch()
+    ordering._count_copies(without, events, None)
+    assert [event.event_id for event, _ in without.duplicates] == [event.event_id for event in events]

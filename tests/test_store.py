@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.store import NO_TIMESTAMP, EventStore, Row, TopicDelta, TopicState, connect_writer
+from actors.store import CONTENT_BACK_BYTES, NO_TIMESTAMP, EventStore, Row, TopicDelta, TopicState, connect_writer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -67,6 +67,41 @@ def test_lookups_find_keys_that_json_cannot_carry(tmp_path: Path) -> None:
     assert store.existing_keys(asked) == {("t", event_id) for event_id in odd}
     without_nul = [key for key in asked if "\x00" not in key[1]]
     assert store.existing_keys(without_nul) == {key for key in without_nul if key[1] in odd}
+    store.close()
+
+
+def test_lookups_bring_back_the_content_of_what_they_find(tmp_path: Path) -> None:
+    """A found key comes back with its stored [timestamp, source, payload hex] (strings with a
+    NUL or quotes intact), unless its payload is past CONTENT_BACK_BYTES or only its deleted
+    key's record is left; keys bound instead of sent as JSON come back without content."""
+    store = EventStore(connect_writer(tmp_path / "events.db"))
+    big = b"\xab" * (CONTENT_BACK_BYTES + 1)
+    rows: list[Row] = [
+        ("t", "small", 1, "2025-10-22T10:00:00Z", 1, "src", bytearray(b"\x81\xa1n\x01"), 0.0, 0),
+        ("t", "odd", 2, "2025-10-22T10:00:00.5Z", 2, 'a\x00"b\\é', bytearray(b""), 0.0, 0),
+        ("t", "edge", 3, "2025-10-22T10:00:01Z", 3, "src", bytearray(big[:-1]), 0.0, 0),
+        ("t", "big", 4, "2025-10-22T10:00:02Z", 4, "src", bytearray(big), 0.0, 0),
+        ("t", "old", 5, "2025-10-22T09:00:00Z", 5, "src", bytearray(b"\x01"), 0.0, 0),
+    ]
+    store.begin()
+    store.insert(rows)
+    store.commit()
+    asked = [("t", "small"), ("t", "odd"), ("t", "edge"), ("t", "big"), ("t", "old"), ("t", "absent")]
+    existing, contents = store.lookup(asked)
+    assert existing == set(asked[:5])
+    assert contents == {
+        ("t", "small"): ["2025-10-22T10:00:00Z", "src", "81a16e01"],
+        ("t", "odd"): ["2025-10-22T10:00:00.5Z", 'a\x00"b\\é', ""],
+        ("t", "edge"): ["2025-10-22T10:00:01Z", "src", big[:-1].hex()],
+        ("t", "old"): ["2025-10-22T09:00:00Z", "src", "01"],
+    }
+    store.begin()
+    assert store.expire_topic_oldest("t", 1) == 1  # "small" goes; its key's record stays
+    store.commit()
+    existing, contents = store.lookup(asked)
+    assert existing == set(asked[:5])
+    assert ("t", "small") not in contents and ("t", "odd") in contents
+    assert store.lookup([("t", "nul\x00"), ("t", "odd")]) == ({("t", "odd")}, {})
     store.close()
 
 
