@@ -200,7 +200,7 @@ class DedupActor(pykka.ThreadingActor):
     def _handle(self, message: Any) -> Any:
         if isinstance(message, ClassifyRequest):
             if message.reply_to is None:
-                return self._classify(message.keys, message.unknown_topics)
+                return self._classify(message.keys, message.unknown_topics, message.keys_json)
             self._lookups.append(message)
             return None
         if isinstance(message, WriteBatch):
@@ -226,9 +226,11 @@ class DedupActor(pykka.ThreadingActor):
             log.error("dedup actor got an unknown message %r", message)
         return None
 
-    def _classify(self, keys: list[tuple[str, str]], unknown_topics: list[str]) -> ClassifyResult:
+    def _classify(
+        self, keys: list[tuple[str, str]], unknown_topics: list[str], keys_json: str | None = None
+    ) -> ClassifyResult:
         assert self._store is not None
-        existing, contents = self._store.lookup(keys)
+        existing, contents = self._store.lookup(keys, keys_json)
         if self._held_keys:  # to be written at the next commit: present all the same
             existing.update(self._held_keys.intersection(keys))
         states = self._store.topic_states(unknown_topics) if unknown_topics else {}
@@ -244,12 +246,13 @@ class DedupActor(pykka.ThreadingActor):
         if not requests:
             return
         if len(requests) == 1:
-            keys, unknown = requests[0].keys, requests[0].unknown_topics
+            keys, unknown, keys_json = requests[0].keys, requests[0].unknown_topics, requests[0].keys_json
         else:
             keys = list(itertools.chain.from_iterable(request.keys for request in requests))
             unknown = list(itertools.chain.from_iterable(request.unknown_topics for request in requests))
+            keys_json = _joined_json_arrays([request.keys_json for request in requests])
         try:
-            found = self._classify(keys, unknown)
+            found = self._classify(keys, unknown, keys_json)
         except Exception as exc:
             log.exception("looking up %d keys failed", len(keys))
             answers = [ClassifyResult(set(), {}, token=request.token, error=str(exc)) for request in requests]
@@ -544,6 +547,13 @@ class DedupActor(pykka.ThreadingActor):
         if finished and self._acks is not None:
             for ticket in finished:
                 self._acks.send_multipart([*ticket.envelope, msgpack.packb(ticket.reply())])
+
+
+def _joined_json_arrays(texts: list[str | None]) -> str | None:
+    """JSON arrays as one array of all their items (None if any is None)."""
+    if None in texts:
+        return None
+    return "[" + ",".join(text[1:-1] for text in texts if text and text != "[]") + "]"
 
 
 def _sum_deltas(total: TopicDelta, delta: TopicDelta) -> TopicDelta:

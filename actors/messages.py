@@ -93,12 +93,15 @@ class ClassifyRequest:
     are topics the asking ordering actor has no state for yet; their stored state comes back.
     With ``reply_to`` the answer is told to that actor, tagged with ``token``, so the asker
     need not wait; without it the request is an ask and the answer is its return value.
+    ``keys_json`` is ``keys`` as the one JSON text the lookup sends to SQLite, made by the asker
+    so the dedup thread, which sets the daemon's pace, need not (None: not made).
     """
 
     keys: list[tuple[str, str]]
     unknown_topics: list[str]
     reply_to: Any = None
     token: int = 0
+    keys_json: str | None = None
 
 
 @dataclass(slots=True)

@@ -53,7 +53,7 @@ from actors.messages import (
     WriteBatch,
 )
 from actors.reorder import Leaving, ReorderWindow, pick
-from actors.store import NO_TIMESTAMP, StoredContents, TopicDelta
+from actors.store import NO_TIMESTAMP, StoredContents, TopicDelta, json_text
 from transport.schema import (
     Event,
     event_id_of,
@@ -217,6 +217,7 @@ class OrderingActor(pykka.ThreadingActor):
                 window.unknown(map(topic_of, keys)),
                 reply_to=self.actor_ref,
                 token=self._token,
+                keys_json=json_text(keys),
             )
             looking_up.update(keys)
         elif not later:
@@ -342,7 +343,7 @@ class OrderingActor(pykka.ThreadingActor):
 
     def _classify(self, request: ClassifyRequest) -> ClassifyResult | None:
         """Ask (blocking) for a lookup; asking again after a timeout is safe, since it is a read."""
-        ask = ClassifyRequest(request.keys, request.unknown_topics)
+        ask = ClassifyRequest(request.keys, request.unknown_topics, keys_json=request.keys_json)
         for attempt in range(1, CLASSIFY_ATTEMPTS + 1):
             try:
                 result: ClassifyResult = self._dedup.ask(ask, block=True, timeout=CLASSIFY_TIMEOUT_S)
@@ -484,7 +485,7 @@ def _count_copies(
     write.bytes += events_bytes(events)
     duplicates = zip(events, tickets if tickets is not None else itertools.repeat(None))
     if stored:
-        unchanged = [stored.get(key_of(event)) == [event[2], event[4], event[5].hex()] for event in events]
+        unchanged = [stored.get(key_of(event)) == (event[2], event[4], event[5].hex()) for event in events]
         write.duplicates += itertools.compress(duplicates, map(operator.not_, unchanged))
     else:
         write.duplicates += duplicates

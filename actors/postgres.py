@@ -1115,8 +1115,11 @@ class PostgresDedupActor(DedupActor):
             return self._startup_error if self._startup_error is not None else True
         return super()._handle(message)
 
-    def _classify(self, keys: list[tuple[str, str]], unknown_topics: list[str]) -> ClassifyResult:
-        """A hint: what is stored now, or nothing while the database is away (the write settles it)."""
+    def _classify(
+        self, keys: list[tuple[str, str]], unknown_topics: list[str], keys_json: str | None = None
+    ) -> ClassifyResult:
+        """A hint: what is stored now, or nothing while the database is away (the write settles it).
+        ``keys_json`` is not needed here: PostgreSQL takes the keys as two arrays."""
         existing: set[tuple[str, str]] = set()
         states: dict[str, TopicState] = {}
         if not self._failures:

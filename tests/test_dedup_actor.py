@@ -18,7 +18,7 @@ import zmq
 from actors.dedup import DedupActor
 from actors.flow import InFlight, LiveFigures
 from actors.messages import ClassifyRequest, ClassifyResult, Freeze, Sync, WriteBatch
-from actors.store import NO_TIMESTAMP, Row, TopicDelta, TopicState
+from actors.store import NO_TIMESTAMP, Row, TopicDelta, TopicState, json_text
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -92,7 +92,10 @@ def answers(inbox: queue.Queue[Any], count: int) -> dict[int, ClassifyResult]:
     return {result.token: result for result in results}
 
 
-def test_lookups_held_together_get_each_its_own_answer(start_dedup: Any) -> None:
+@pytest.mark.parametrize("asker_json", ["none", "all", "all-but-one"])
+def test_lookups_held_together_get_each_its_own_answer(start_dedup: Any, asker_json: str) -> None:
+    """Held lookups are answered with one statement, whether the askers sent their keys' JSON
+    text (joined into one), none did, or one did not (then it is made again)."""
     dedup = start_dedup(lookup_group=3)
     dedup.tell(write_of([row("a", "a1", 1), row("a", "a2", 2), row("b", "b1", 1)]))
     assert dedup.ask(Sync(), timeout=ANSWER_TIMEOUT_S) is True
@@ -101,9 +104,13 @@ def test_lookups_held_together_get_each_its_own_answer(start_dedup: Any) -> None
     try:
         # Frozen, the dedup actor finds all three requests queued and answers them together.
         dedup.tell(Freeze(0.3))
-        dedup.tell(ClassifyRequest([("a", "a1"), ("a", "a9")], ["a"], reply_to=askers[0], token=1))
-        dedup.tell(ClassifyRequest([("b", "b1"), ("b", "b2")], ["b", "new"], reply_to=askers[1], token=2))
-        dedup.tell(ClassifyRequest([("c", "c1")], [], reply_to=askers[2], token=3))
+        asked: list[list[tuple[str, str]]] = [[("a", "a1"), ("a", "a9")], [("b", "b1"), ("b", "b2")], [("c", "c1")]]
+        texts = [json_text(keys) if asker_json != "none" else None for keys in asked]
+        if asker_json == "all-but-one":
+            texts[1] = None
+        unknown = [["a"], ["b", "new"], []]
+        for token, (keys, topics, text) in enumerate(zip(asked, unknown, texts), 1):
+            dedup.tell(ClassifyRequest(keys, topics, reply_to=askers[token - 1], token=token, keys_json=text))
         got = answers(inbox, 3)
     finally:
         for asker in askers:
@@ -114,6 +121,8 @@ def test_lookups_held_together_get_each_its_own_answer(start_dedup: Any) -> None
         assert stored in got[token].existing
     assert ("a", "a9") not in got[1].existing and ("b", "b2") not in got[2].existing
     assert ("c", "c1") not in got[3].existing
+    assert got[1].contents[("a", "a1")] == ("2025-10-22T10:00:00Z", "test", "80")
+    assert ("a", "a9") not in got[1].contents
     # Topic states go only to the actor that asked for them.
     assert got[1].states == {"a": TopicState(2, row("a", "a2", 2)[4])}
     assert got[2].states == {"b": TopicState(1, row("b", "b1", 1)[4]), "new": TopicState(0, NO_TIMESTAMP)}
