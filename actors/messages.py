@@ -108,9 +108,9 @@ class ClassifyRequest:
 class ClassifyResult:
     """The answer to a :class:`ClassifyRequest`: which keys are already stored, and topic states.
 
-    Every asked key not in ``existing`` is new. ``contents`` has, for stored keys whose content
-    came back with the lookup (see :meth:`actors.store.EventStore.lookup`), their stored
-    ``[timestamp, source, payload hex]``: a re-send equal to it needs no check at commit.
+    Every asked key not in ``existing`` is new. ``contents`` has, for stored keys found in
+    ``events``, their stored ``(timestamp, source, payload hex)`` as the lookup brought them back
+    (see :meth:`actors.store.EventStore.lookup`): a re-send equal to it needs no check at commit.
     ``error`` is set (and the rest empty) when the lookup failed, e.g. on an I/O error.
     """
 
