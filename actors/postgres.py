@@ -55,7 +55,17 @@ from actors.dedup import EXPIRE_CHUNK, STORAGE_RETRY, DedupActor
 from actors.fingerprint import fingerprint
 from actors.messages import AckTicket, ClassifyResult, Ping, SaveConsumerPositions, WriteBatch
 from actors.stats import StatsActor
-from actors.store import COUNTER_NAMES, Content, EventReader, Row, StorageError, TopicDelta, TopicState
+from actors.store import (
+    CONTENT_BACK_BYTES,
+    COUNTER_NAMES,
+    Content,
+    EventReader,
+    Row,
+    StorageError,
+    StoredContents,
+    TopicDelta,
+    TopicState,
+)
 from transport.config import RetentionConfig
 from transport.queries import Query
 from transport.schema import Event
@@ -416,8 +426,14 @@ class PostgresStore:
     def existing_keys(self, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
         """Which keys are stored now, or were and are kept as deleted keys (committed by any
         daemon): a hint to the ordering actors, and authoritative under the write's topic locks."""
+        return self.lookup(keys)[0]
+
+    def lookup(self, keys: Sequence[tuple[str, str]]) -> tuple[set[tuple[str, str]], StoredContents]:
+        """:meth:`existing_keys`, and for keys found in ``events`` their stored (timestamp, source,
+        payload hex), the hex None past ``CONTENT_BACK_BYTES`` (as SQLite's lookup answers: the
+        ordering actor settles an exact re-send with it; a deleted key's record has all None)."""
         if not keys:
-            return set()
+            return set(), {}
         topics, ids = zip(*keys)
         # One statement, so one snapshot: a sweep that moves a key from events to deleted_keys
         # is seen either before or after, never in between.
@@ -425,14 +441,20 @@ class PostgresStore:
             self._connection()
             .execute(
                 "WITH k AS (SELECT * FROM unnest(%s::text[], %s::text[]) AS k(topic, event_id))"
-                " SELECT e.topic, e.event_id FROM events AS e JOIN k USING (topic, event_id)"
+                " SELECT e.topic, e.event_id, e.timestamp, e.source,"
+                " CASE WHEN octet_length(e.payload) <= %s THEN e.payload END"
+                " FROM events AS e JOIN k USING (topic, event_id)"
                 " UNION ALL"
-                " SELECT d.topic, d.event_id FROM deleted_keys AS d JOIN k USING (topic, event_id)",
-                (list(topics), list(ids)),
+                " SELECT d.topic, d.event_id, NULL, NULL, NULL FROM deleted_keys AS d JOIN k USING (topic, event_id)",
+                (list(topics), list(ids), CONTENT_BACK_BYTES),
             )
             .fetchall()
         )
-        return {(topic, event_id) for topic, event_id in rows}
+        contents: StoredContents = {
+            (topic, event_id): (timestamp, source, bytes(payload).hex() if payload is not None else None)
+            for topic, event_id, timestamp, source, payload in rows
+        }
+        return set(contents), contents
 
     def topic_states(self, topics: Iterable[str]) -> dict[str, TopicState]:
         """The stored last seq and last timestamp of each topic (zeros for one never seen)."""
@@ -1121,10 +1143,11 @@ class PostgresDedupActor(DedupActor):
         """A hint: what is stored now, or nothing while the database is away (the write settles it).
         ``keys_json`` is not needed here: PostgreSQL takes the keys as two arrays."""
         existing: set[tuple[str, str]] = set()
+        contents: StoredContents = {}
         states: dict[str, TopicState] = {}
         if not self._failures:
             try:
-                existing = self._pg.existing_keys(keys)
+                existing, contents = self._pg.lookup(keys)
                 states = self._pg.topic_states(unknown_topics) if unknown_topics else {}
             except Exception as exc:
                 log.warning(
@@ -1132,7 +1155,7 @@ class PostgresDedupActor(DedupActor):
                 )
         if self._held_keys:
             existing.update(self._held_keys.intersection(keys))
-        return ClassifyResult(existing, states)
+        return ClassifyResult(existing, states, contents=contents)
 
     def _commit(self) -> None:
         # A retried group holds only the writes it failed with: the rest follow in their own.

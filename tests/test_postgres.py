@@ -278,6 +278,34 @@ def test_bad_dsn_unreachable_server_and_newer_schema_each_give_one_clear_line(
     assert "schema is version 99, made by a newer eventagg" in line
 
 
+def test_lookups_bring_back_the_content_of_what_they_find(database: str) -> None:
+    """As with SQLite: a key found in ``events`` comes back with its stored (timestamp, source,
+    payload hex), the hex None past CONTENT_BACK_BYTES; the ordering actor settles an exact
+    re-send with it."""
+    from actors.postgres import PostgresStore
+    from actors.store import CONTENT_BACK_BYTES, TopicDelta
+
+    big = b"\xab" * (CONTENT_BACK_BYTES + 1)
+    group = [
+        ("t", "small", 0, "2025-10-22T10:00:00Z", 1, "src", b"\x81\xa1n\x01", 0.0, 0),
+        ("t", "odd", 0, "2025-10-22T10:00:00.5Z", 2, 'a"b\\é', b"", 0.0, 0),
+        ("t", "big", 0, "2025-10-22T10:00:02Z", 3, "src", big, 0.0, 0),
+    ]
+    store = PostgresStore(database, "writer")
+    store.open()
+    try:
+        assert store.write(group, {"t": TopicDelta(received=3)}, {"received": 3}).totals["unique_processed"] == 3
+        existing, contents = store.lookup([("t", "small"), ("t", "odd"), ("t", "big"), ("t", "absent")])
+    finally:
+        store.close()
+    assert existing == {("t", "small"), ("t", "odd"), ("t", "big")}
+    assert contents == {
+        ("t", "small"): ("2025-10-22T10:00:00Z", "src", "81a16e01"),
+        ("t", "odd"): ("2025-10-22T10:00:00.5Z", 'a"b\\é', ""),
+        ("t", "big"): ("2025-10-22T10:00:02Z", "src", None),
+    }
+
+
 def test_a_commit_whose_answer_was_lost_is_resolved_by_the_retry(database: str) -> None:
     """The writer's own resolution of an unknown COMMIT outcome, against the real database.
 
