@@ -426,35 +426,41 @@ class PostgresStore:
     def existing_keys(self, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
         """Which keys are stored now, or were and are kept as deleted keys (committed by any
         daemon): a hint to the ordering actors, and authoritative under the write's topic locks."""
-        return self.lookup(keys)[0]
+        return set(self._found(keys, with_content=False))
 
     def lookup(self, keys: Sequence[tuple[str, str]]) -> tuple[set[tuple[str, str]], StoredContents]:
         """:meth:`existing_keys`, and for keys found in ``events`` their stored (timestamp, source,
         payload hex), the hex None past ``CONTENT_BACK_BYTES`` (as SQLite's lookup answers: the
         ordering actor settles an exact re-send with it; a deleted key's record has all None)."""
+        contents = self._found(keys, with_content=True)
+        return set(contents), contents
+
+    def _found(self, keys: Sequence[tuple[str, str]], *, with_content: bool) -> StoredContents:
         if not keys:
-            return set(), {}
+            return {}
         topics, ids = zip(*keys)
+        content = (
+            "e.timestamp, e.source, CASE WHEN octet_length(e.payload) <= %s THEN e.payload END"
+            if with_content
+            else "NULL, NULL, NULL"
+        )
         # One statement, so one snapshot: a sweep that moves a key from events to deleted_keys
         # is seen either before or after, never in between.
         rows = (
             self._connection()
             .execute(
                 "WITH k AS (SELECT * FROM unnest(%s::text[], %s::text[]) AS k(topic, event_id))"
-                " SELECT e.topic, e.event_id, e.timestamp, e.source,"
-                " CASE WHEN octet_length(e.payload) <= %s THEN e.payload END"
-                " FROM events AS e JOIN k USING (topic, event_id)"
+                f" SELECT e.topic, e.event_id, {content} FROM events AS e JOIN k USING (topic, event_id)"
                 " UNION ALL"
                 " SELECT d.topic, d.event_id, NULL, NULL, NULL FROM deleted_keys AS d JOIN k USING (topic, event_id)",
-                (list(topics), list(ids), CONTENT_BACK_BYTES),
+                (list(topics), list(ids), *((CONTENT_BACK_BYTES,) if with_content else ())),
             )
             .fetchall()
         )
-        contents: StoredContents = {
+        return {
             (topic, event_id): (timestamp, source, bytes(payload).hex() if payload is not None else None)
             for topic, event_id, timestamp, source, payload in rows
         }
-        return set(contents), contents
 
     def topic_states(self, topics: Iterable[str]) -> dict[str, TopicState]:
         """The stored last seq and last timestamp of each topic (zeros for one never seen)."""
