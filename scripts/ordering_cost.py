@@ -119,17 +119,23 @@ def drive(events: list[Event], window_ms: int, batch: int = BATCH) -> int:
         return _drive(events, window_ms, clock, batch)
 
 
-def _drive(events: list[Event], window_ms: int, clock: Clock, batch: int) -> int:
-    dedup = _Dedup()
-    actor = OrderingActor(
+def driven_actor(dedup: Any, window_ms: int) -> OrderingActor:
+    """The ordering actor a driver calls directly, telling ``dedup`` what it would tell the
+    dedup actor; its bounds are set so that only the window holds events back."""
+    return OrderingActor(
         0,
-        dedup,  # type: ignore[arg-type]
+        dedup,
         window_ms=window_ms,
         max_buffered=100_000,
         in_flight=InFlight(10**9),
         live=LiveFigures(),
         max_topics=1_000_000,
     )
+
+
+def _drive(events: list[Event], window_ms: int, clock: Clock, batch: int) -> int:
+    dedup = _Dedup()
+    actor = driven_actor(dedup, window_ms)
     stored: set[tuple[str, str]] = set()
     rows = 0
     next_tick = clock.now + TICK_S

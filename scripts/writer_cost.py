@@ -35,12 +35,20 @@ from typing import Any
 
 import msgpack
 import zmq
-from ordering_cost import BATCH, BATCH_GAP_S, TICK_S, Clock, callgrind, driven_clock, make_events  # scripts/
+from ordering_cost import (  # scripts/
+    BATCH,
+    BATCH_GAP_S,
+    TICK_S,
+    Clock,
+    callgrind,
+    driven_actor,
+    driven_clock,
+    make_events,
+)
 
 from actors.dedup import DedupActor
 from actors.flow import InFlight, LiveFigures
 from actors.messages import OrderingBatch, Sync, Tick
-from actors.ordering import OrderingActor
 from transport.codec import decode_frame
 from transport.schema import Event
 from transport.workload import plan
@@ -118,15 +126,7 @@ def _drive(
     context: zmq.Context[Any] = zmq.Context()
     dedup = open_writer(path, commit_events, context)
     to_dedup = _Inbox()
-    actor = OrderingActor(
-        0,
-        to_dedup,  # type: ignore[arg-type]
-        window_ms=window_ms,
-        max_buffered=100_000,
-        in_flight=InFlight(10**9),
-        live=LiveFigures(),
-        max_topics=1_000_000,
-    )
+    actor = driven_actor(to_dedup, window_ms)
     answers = actor.actor_inbox  # where the dedup actor's answers land (the actor's own reference)
     checkpoints = sqlite3.connect(path, isolation_level=None)
 
