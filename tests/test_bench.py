@@ -216,3 +216,28 @@ def test_the_decode_cost_script_times_both_forms_of_the_same_events() -> None:
     assert done.returncode == 0, done.stderr
     assert re.search(r"^Event tuples +median \d+ ns an event", done.stdout, re.MULTILINE), done.stdout
     assert re.search(r"^columns +median \d+ ns an event", done.stdout, re.MULTILINE), done.stdout
+
+
+@pytest.mark.parametrize("random_topics", [False, True])
+def test_the_index_cost_script_stores_the_same_rows_in_both_shapes(tmp_path: Path, random_topics: bool) -> None:
+    """scripts/index_cost.py: the integer-id table holds the same events, topic for topic, and
+    the script's own run fails unless both databases hold every row."""
+    import index_cost
+
+    rows = index_cost.make_rows(2_000, 70, random_topics)
+    with_ids = index_cost.with_topic_ids(rows)
+    assert [row[1:] for row in with_ids] == [row[1:] for row in rows]
+    pairs = {(named[0], numbered[0]) for named, numbered in zip(rows, with_ids, strict=True)}
+    assert len(pairs) == len({name for name, _ in pairs}) == len({number for _, number in pairs}) == 70
+    for shape, stored in (("names", rows), ("ids", with_ids)):
+        figures = index_cost.store(shape, stored, tmp_path, commit=300)
+        assert figures["rows_per_s"] > 0 and figures["cpu_us_per_row"] > 0
+        conn = sqlite3.connect(tmp_path / f"{shape}.db")
+        column_type = {name: kind for _, name, kind, *_ in conn.execute("PRAGMA table_info(events)")}["topic"]
+        count, seqs = conn.execute("SELECT count(*), count(DISTINCT topic || '/' || seq) FROM events").fetchone()
+        conn.close()
+        assert column_type == ("TEXT" if shape == "names" else "INTEGER")
+        assert count == seqs == 2_000
+    done = run_script("index_cost.py", "--events", "500", "--topics", "40", "--runs", "2", timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "medians of 2: topic names" in done.stdout and "integer ids" in done.stdout
