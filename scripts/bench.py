@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: end-to-end rate, latency, stats latency and memory, next to the raw SQLite ceiling.
 
-``bench.py [--events N] [--duplicates F] [--topics K] [--batch B] [--processes P]
+``bench.py [--events N] [--duplicates F] [--topics K] [--topic-order cycle|random] [--batch B] [--processes P]
 [--mode ff|acked] [--client raw|library] [--runs R] [--scaling] [--prefill N] [--json]
 [--target CONFIG --pid PID]``
 
@@ -73,7 +73,7 @@ from actors.store import INSERT_EVENT, Row, connect_writer
 from transport.client import NoAnswer, QueryClient, connectable
 from transport.config import ConfigError, load_config, parse_config
 from transport.schema import validate_event
-from transport.workload import BASE_TIME, IDS, distinct_count, plan
+from transport.workload import BASE_TIME, IDS, TOPIC_ORDERS, distinct_count, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -106,6 +106,7 @@ class Scenario:
     duplicates: float = 0.2
     topics: int = 10
     ids: str = "counter"
+    topic_order: str = "cycle"
     batch: int = 100
     processes: int = 1
     acked: bool = False
@@ -695,7 +696,15 @@ def split_jobs(
 
 def full_speed_phase(scenario: Scenario, target: Target, id_prefix: str) -> dict[str, Any]:
     """Send N events as fast as the daemon takes them; the end-to-end rate and stats latency."""
-    events = plan(scenario.events, scenario.duplicates, scenario.topics, seed=1, id_prefix=id_prefix, ids=scenario.ids)
+    events = plan(
+        scenario.events,
+        scenario.duplicates,
+        scenario.topics,
+        seed=1,
+        id_prefix=id_prefix,
+        ids=scenario.ids,
+        topic_order=scenario.topic_order,
+    )
     before = query_stats(target.query)
     base = settled_of(before)
     cpu_before = cpu_seconds(target.pid)
@@ -756,6 +765,7 @@ def paced_phase(scenario: Scenario, target: Target, id_prefix: str, rate: float)
         id_prefix=id_prefix,
         start_ms=scenario.events + 1000,
         ids=scenario.ids,
+        topic_order=scenario.topic_order,
     )
     base = settled_of(query_stats(target.query))
     if scenario.acked:
@@ -832,7 +842,15 @@ def run_once(
     ceilings: list[dict[str, float]] = []
     rows = (
         stored_rows(
-            plan(scenario.events, scenario.duplicates, scenario.topics, seed=1, id_prefix=prefix, ids=scenario.ids)
+            plan(
+                scenario.events,
+                scenario.duplicates,
+                scenario.topics,
+                seed=1,
+                id_prefix=prefix,
+                ids=scenario.ids,
+                topic_order=scenario.topic_order,
+            )
         )
         if scenario.ceiling
         else []
@@ -959,6 +977,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ids", choices=IDS, default="counter", help="event ids: prefix + counter, or random-looking UUIDs"
     )
+    parser.add_argument(
+        "--topic-order",
+        choices=TOPIC_ORDERS,
+        default="cycle",
+        help="event i's topic: the topics in turn (i %% K, default) or drawn at random",
+    )
     parser.add_argument("--batch", type=int, default=100, metavar="B", help="events per frame (default 100)")
     parser.add_argument("--processes", type=int, default=1, metavar="P", help="publisher processes (default 1)")
     parser.add_argument("--mode", choices=("ff", "acked"), default="ff", help="fire-and-forget or acked (default ff)")
@@ -1034,6 +1058,7 @@ def main(argv: list[str] | None = None) -> int:
         duplicates=args.duplicates,
         topics=args.topics,
         ids=args.ids,
+        topic_order=args.topic_order,
         batch=args.batch,
         processes=args.processes,
         acked=args.mode == "acked",
@@ -1081,6 +1106,8 @@ def main(argv: list[str] | None = None) -> int:
             "events": args.events,
             "duplicates": args.duplicates,
             "topics": args.topics,
+            "ids": args.ids,
+            "topic_order": args.topic_order,
             "batch": args.batch,
             "processes": args.processes,
             "mode": args.mode,

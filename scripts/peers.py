@@ -40,7 +40,7 @@ from typing import Any
 
 import msgpack
 
-from transport.workload import IDS, distinct_count, plan
+from transport.workload import IDS, TOPIC_ORDERS, distinct_count, plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from harness import free_port
@@ -193,7 +193,7 @@ def _result(sent: int, new: int, elapsed: float) -> dict[str, float]:
 def measure(peer: str, args: argparse.Namespace) -> dict[str, float]:
     """One run of one peer, checked: every distinct event new once, every re-send a duplicate."""
     events = args.awaited_events if peer == "nats-awaited" else args.events
-    workload = plan(events, args.duplicates, args.topics, seed=1, ids=args.ids)
+    workload = plan(events, args.duplicates, args.topics, seed=1, ids=args.ids, topic_order=args.topic_order)
     if peer == "redis":
         result = measure_redis(workload, args.batch)
     else:
@@ -219,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--topics", type=int, default=10, metavar="K", help="topics (default 10)")
     parser.add_argument(
         "--ids", choices=IDS, default="counter", help="event ids: prefix + counter, or random-looking UUIDs"
+    )
+    parser.add_argument(
+        "--topic-order",
+        choices=TOPIC_ORDERS,
+        default="cycle",
+        help="event i's topic: the topics in turn (i %% K, default) or drawn at random",
     )
     parser.add_argument("--batch", type=int, default=100, metavar="B", help="events per Redis call (default 100)")
     parser.add_argument("--runs", type=int, default=1, metavar="R", help="repeat and report medians (default 1)")

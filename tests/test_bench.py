@@ -93,10 +93,23 @@ def test_acked_with_two_publishers() -> None:
 
 @pytest.mark.e2e
 def test_acked_with_the_raw_client() -> None:
-    report = run_bench("--mode", "acked", "--client", "raw", "--no-ceiling", "--window", "4")
+    report = run_bench(
+        "--mode",
+        "acked",
+        "--client",
+        "raw",
+        "--no-ceiling",
+        "--window",
+        "4",
+        "--topics",
+        "300",
+        "--topic-order",
+        "random",
+    )
     (row,) = report["median"].values()
     check_figures(row, COMMON + ("full_speed_ack_p50_ms", "full_speed_ack_p99_ms"))
     assert report["workload"]["client"] == "raw"
+    assert report["workload"]["topic_order"] == "random"
 
 
 @pytest.mark.e2e

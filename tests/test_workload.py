@@ -46,3 +46,18 @@ def test_uuid_ids_are_distinct_repeatable_and_valid() -> None:
     assert not ids & other  # another publisher's prefix, other ids
     for event in stream[:100]:
         validate_event(event)
+
+
+def test_random_topic_order_is_repeatable_spread_and_changes_only_the_topics() -> None:
+    cycle = plan(4000, 0.2, topics=1000, seed=5)
+    scattered = plan(4000, 0.2, topics=1000, seed=5, topic_order="random")
+    assert scattered == plan(4000, 0.2, topics=1000, seed=5, topic_order="random")
+    assert [{**e, "topic": ""} for e in scattered] == [{**e, "topic": ""} for e in cycle]
+    assert [e["topic"] for e in plan(3, topics=1000)] == ["topic-0", "topic-1", "topic-2"]
+    numbers = [int(e["topic"].removeprefix("topic-")) for e in scattered]
+    assert all(0 <= number < 1000 for number in numbers)
+    assert len(set(numbers)) > 900  # 3 200 draws from 1 000 topics leave few out
+    neighbours = sum(abs(a - b) <= 1 for a, b in zip(numbers, numbers[1:], strict=False))
+    assert neighbours < 100  # in turn, every pair of neighbours would be
+    with pytest.raises(ValueError, match="topic_order"):
+        plan(10, topic_order="sorted")

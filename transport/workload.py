@@ -17,6 +17,7 @@ BASE_TIME = dt.datetime(2025, 10, 22, 10, 0, 0, tzinfo=dt.UTC)
 
 
 IDS = ("counter", "uuid")
+TOPIC_ORDERS = ("cycle", "random")
 
 
 def event_id(index: int, id_prefix: str, ids: str = "counter") -> str:
@@ -28,8 +29,24 @@ def event_id(index: int, id_prefix: str, ids: str = "counter") -> str:
     return f"{id_prefix}{index}"
 
 
+def topic_of(index: int, topics: int, topic_order: str = "cycle") -> str:
+    """The topic of the ``index``-th distinct event: the topics in turn (``cycle``), or one drawn
+    from ``index`` by a hash (``random``: the same for every process, neighbours far apart)."""
+    if topic_order == "random":
+        number = int.from_bytes(hashlib.blake2b(f"topic:{index}".encode(), digest_size=8).digest(), "big") % topics
+    else:
+        number = index % topics
+    return f"topic-{number}"
+
+
 def make_event(
-    index: int, topics: int, id_prefix: str, payload_bytes: int = 0, start_ms: int = 0, ids: str = "counter"
+    index: int,
+    topics: int,
+    id_prefix: str,
+    payload_bytes: int = 0,
+    start_ms: int = 0,
+    ids: str = "counter",
+    topic_order: str = "cycle",
 ) -> dict[str, Any]:
     """The ``index``-th distinct event of a stream, stamped ``start_ms + index`` ms after BASE_TIME."""
     stamp = BASE_TIME + dt.timedelta(milliseconds=start_ms + index)
@@ -37,7 +54,7 @@ def make_event(
     if payload_bytes:
         payload["pad"] = "x" * payload_bytes
     return {
-        "topic": f"topic-{index % topics}",
+        "topic": topic_of(index, topics, topic_order),
         "event_id": event_id(index, id_prefix, ids),
         "timestamp": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "source": "publish.py",
@@ -54,11 +71,15 @@ def plan(
     payload_bytes: int = 0,
     start_ms: int = 0,
     ids: str = "counter",
+    topic_order: str = "cycle",
 ) -> list[dict[str, Any]]:
     """``n`` events, ``round(n * duplicates)`` of them re-sends of earlier ones, shuffled in by ``seed``.
 
-    Distinct event ``i`` is stamped ``start_ms + i`` milliseconds after BASE_TIME.
+    Distinct event ``i`` is stamped ``start_ms + i`` milliseconds after BASE_TIME; its topic is
+    the ``i % topics``-th (``topic_order="cycle"``) or drawn by a hash of ``i`` (``"random"``).
     """
+    if topic_order not in TOPIC_ORDERS:
+        raise ValueError(f"topic_order must be one of {', '.join(TOPIC_ORDERS)}, not {topic_order!r}")
     if not 0.0 <= duplicates < 1.0:
         raise ValueError(f"duplicates must be a fraction from 0 up to (not including) 1, not {duplicates}")
     if n < 0 or topics < 1:
@@ -75,7 +96,7 @@ def plan(
         if position in dup_slots:
             stream.append(distinct[rng.randrange(len(distinct))])
         else:
-            event = make_event(len(distinct), topics, id_prefix, payload_bytes, start_ms, ids)
+            event = make_event(len(distinct), topics, id_prefix, payload_bytes, start_ms, ids, topic_order)
             distinct.append(event)
             stream.append(event)
     return stream
