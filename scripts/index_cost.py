@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Insert cost by index key: topic names in ``events``' two indexes (today) against integer topic ids.
 
-``index_cost.py [--events N] [--topics T] [--random-topics] [--commit C] [--runs R] [--json]``
+``index_cost.py [--events N] [--topics T] [--topic-order cycle|random] [--commit C] [--runs R] [--json]``
 stores the same N distinct events twice a run, each time into a new database in a temporary
 folder: once in the daemon's own schema (``events`` under PRIMARY KEY (topic, event_id) and
 UNIQUE (topic, seq), topics as text), once in the same table with each topic an integer id
@@ -14,9 +14,10 @@ daemon's checkpointer runs at its commit rate. Which shape goes first alternates
 CPU-µs a row (this process: the statements run here) are given per run and as medians. It fails
 unless both databases hold every row.
 
-Events are ``bench.py``'s (``transport.workload``): event ``i`` is on topic ``i % T`` with id
-``e<i>``. That order favours integer ids, numbered as the topics first appear; with
-``--random-topics`` each event's topic is drawn at random instead, which favours neither.
+Events are ``bench.py``'s (``transport.workload``, rows made by its ``stored_rows``): event
+``i`` is on topic ``i % T`` with id ``e<i>``. That order favours integer ids, numbered as the
+topics first appear; ``--topic-order random`` draws each topic as ``bench.py`` then does,
+which favours neither.
 Nothing here changes the daemon: it measures what smaller index keys would give.
 """
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sqlite3
 import statistics
 import tempfile
@@ -33,9 +33,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import stored_rows  # scripts/
+
 from actors.store import EventStore, Row, connect_writer
-from transport.schema import validate_event
-from transport.workload import plan
+from transport.workload import TOPIC_ORDERS, plan
 
 COMMIT = 5_000
 CHECKPOINT_EVERY = 5  # transactions
@@ -43,31 +44,9 @@ SHAPES = ("names", "ids")
 _TOPIC_COLUMN = "topic       TEXT    NOT NULL"
 
 
-def make_rows(events: int, topics: int, random_topics: bool, seed: int = 1) -> list[Row]:
-    """The rows the daemon would store for ``events`` distinct events (seqs per topic, in order)."""
-    rng = random.Random(seed)
-    seqs: dict[str, int] = {}
-    received_at = time.time()
-    rows: list[Row] = []
-    for obj in plan(events, topics=topics):
-        if random_topics:
-            obj = {**obj, "topic": f"topic-{rng.randrange(topics)}"}
-        event = validate_event(obj)
-        seq = seqs[event.topic] = seqs.get(event.topic, 0) + 1
-        rows.append(
-            (
-                event.topic,
-                event.event_id,
-                seq,
-                event.timestamp,
-                event.ts_ns,
-                event.source,
-                bytearray(event.payload),
-                received_at,
-                0,
-            )
-        )
-    return rows
+def make_rows(events: int, topics: int, topic_order: str) -> list[Row]:
+    """The rows the daemon would store for ``events`` distinct events of ``bench.py``'s stream."""
+    return stored_rows(plan(events, topics=topics, topic_order=topic_order))
 
 
 def with_topic_ids(rows: Sequence[Row]) -> list[tuple[Any, ...]]:
@@ -119,14 +98,19 @@ def main() -> None:
     )
     parser.add_argument("--events", type=int, default=600_000, help="distinct events (default 600 000)")
     parser.add_argument("--topics", type=int, default=100_000, help="topics (default 100 000)")
-    parser.add_argument("--random-topics", action="store_true", help="each event's topic drawn at random")
+    parser.add_argument(
+        "--topic-order",
+        choices=TOPIC_ORDERS,
+        default="cycle",
+        help="event i's topic: the topics in turn (i %% T, default) or drawn at random, as bench.py's",
+    )
     parser.add_argument("--commit", type=int, default=COMMIT, help=f"rows a transaction (default {COMMIT})")
     parser.add_argument("--runs", type=int, default=3, help="runs, the order of the two alternating (default 3)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     if args.events < 1 or args.topics < 1 or args.commit < 1 or args.runs < 1:
         parser.error("--events, --topics, --commit and --runs must be 1 or more")
-    named = make_rows(args.events, args.topics, args.random_topics)
+    named = make_rows(args.events, args.topics, args.topic_order)
     by_shape = {"names": named, "ids": with_topic_ids(named)}
     runs: list[dict[str, dict[str, float]]] = []
     for run in range(args.runs):
@@ -150,7 +134,7 @@ def main() -> None:
                 {
                     "events": args.events,
                     "topics": args.topics,
-                    "random_topics": args.random_topics,
+                    "topic_order": args.topic_order,
                     "runs": runs,
                     "medians": medians,
                 }
