@@ -29,7 +29,7 @@ def event_id(index: int, id_prefix: str, ids: str = "counter") -> str:
     return f"{id_prefix}{index}"
 
 
-def topic_of(index: int, topics: int, topic_order: str = "cycle") -> str:
+def topic_name(index: int, topics: int, topic_order: str = "cycle") -> str:
     """The topic of the ``index``-th distinct event: the topics in turn (``cycle``), or one drawn
     from ``index`` by a hash (``random``: the same for every process, neighbours far apart)."""
     if topic_order == "random":
@@ -54,7 +54,7 @@ def make_event(
     if payload_bytes:
         payload["pad"] = "x" * payload_bytes
     return {
-        "topic": topic_of(index, topics, topic_order),
+        "topic": topic_name(index, topics, topic_order),
         "event_id": event_id(index, id_prefix, ids),
         "timestamp": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "source": "publish.py",
