@@ -694,9 +694,9 @@ def split_jobs(
     return jobs
 
 
-def full_speed_phase(scenario: Scenario, target: Target, id_prefix: str) -> dict[str, Any]:
-    """Send N events as fast as the daemon takes them; the end-to-end rate and stats latency."""
-    events = plan(
+def full_speed_events(scenario: Scenario, id_prefix: str) -> list[dict[str, Any]]:
+    """The stream of a run's full-speed phase (the raw SQLite ceiling stores the same rows)."""
+    return plan(
         scenario.events,
         scenario.duplicates,
         scenario.topics,
@@ -705,6 +705,11 @@ def full_speed_phase(scenario: Scenario, target: Target, id_prefix: str) -> dict
         ids=scenario.ids,
         topic_order=scenario.topic_order,
     )
+
+
+def full_speed_phase(scenario: Scenario, target: Target, id_prefix: str) -> dict[str, Any]:
+    """Send N events as fast as the daemon takes them; the end-to-end rate and stats latency."""
+    events = full_speed_events(scenario, id_prefix)
     before = query_stats(target.query)
     base = settled_of(before)
     cpu_before = cpu_seconds(target.pid)
@@ -840,21 +845,7 @@ def run_once(
     # one gets a fresh prefix per run, or every event would be a duplicate of an earlier run's.
     prefix = "e" if target is None else f"b{run_token}-"
     ceilings: list[dict[str, float]] = []
-    rows = (
-        stored_rows(
-            plan(
-                scenario.events,
-                scenario.duplicates,
-                scenario.topics,
-                seed=1,
-                id_prefix=prefix,
-                ids=scenario.ids,
-                topic_order=scenario.topic_order,
-            )
-        )
-        if scenario.ceiling
-        else []
-    )
+    rows = stored_rows(full_speed_events(scenario, prefix)) if scenario.ceiling else []
     if scenario.ceiling:
         ceilings.append(_ceiling_in(workdir, rows))
     try:
