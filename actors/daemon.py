@@ -133,6 +133,7 @@ class Daemon:
                     in_flight=self.in_flight,
                     live=self.live,
                     row_tickets=postgresql,
+                    keys_json=not postgresql,
                 )
                 self.ordering.append(ref)
                 self._confirm(ref, f"ordering-{index}")

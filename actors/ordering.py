@@ -110,11 +110,14 @@ class OrderingActor(pykka.ThreadingActor):
         live: LiveFigures,
         max_topics: int,
         row_tickets: bool = False,
+        keys_json: bool = True,
     ) -> None:
-        """``row_tickets``: name each row's ticket in its write (see :attr:`WriteBatch.row_tickets`)."""
+        """``row_tickets``: name each row's ticket in its write (see :attr:`WriteBatch.row_tickets`);
+        ``keys_json``: send each lookup's keys as JSON too (SQLite's lookup reads it, PostgreSQL's does not)."""
         super().__init__()
         self._index = index
         self._row_tickets = row_tickets
+        self._keys_json = keys_json
         self._dedup = dedup
         self._window = ReorderWindow(window_ms / 1000, max_buffered)
         self._max_topics = max_topics  # topic states kept at most; beyond it idle ones are forgotten
@@ -217,7 +220,7 @@ class OrderingActor(pykka.ThreadingActor):
                 window.unknown(map(topic_of, keys)),
                 reply_to=self.actor_ref,
                 token=self._token,
-                keys_json=json_text(keys),
+                keys_json=json_text(keys) if self._keys_json else None,
             )
             looking_up.update(keys)
         elif not later:
