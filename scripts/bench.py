@@ -31,6 +31,10 @@ through ``transport.publisher`` and validates and encodes each event as an appli
   included), and the same split by thread kind (``cpu_us_per_event_dedup``, ``_ingest``,
   ``_ordering``, ..., and ``_decoder`` for the child process) from ``/proc/PID/task``, where the
   daemon names its threads (``transport.threadnames``).
+* **publishers' CPU per event** (``publishers_cpu_us_per_event``): the publisher processes'
+  own CPU from their start line to their last reply, all of them added; they share the CPUs
+  with the daemon (library publishers validate and encode every event, raw ones send frames
+  encoded beforehand).
 * **the raw SQLite ceiling**, in the same run (before and after the daemon, averaged): the same rows
   (as the daemon would store them)
   put with ``executemany`` of ``INSERT OR IGNORE`` in transactions of 1 000, WAL,
@@ -279,6 +283,7 @@ class PublisherReport:
     new: int = 0
     duplicate: int = 0
     rejected: int = 0
+    cpu_s: float = 0.0  # the publisher process's CPU from its start line to its last reply
     error: str | None = None
 
 
@@ -393,6 +398,7 @@ def _send_with_library(job: PublisherJob, ready: Any, go: Any, report: Publisher
         ready.put(job.index)
         if not go.wait(READY_TIMEOUT_S):
             raise BenchError(f"publisher {job.index}: no start signal")
+        cpu_start = time.process_time()
         started = time.perf_counter()
         report.first_send = time.time()
         for chunk in job.chunks:
@@ -402,6 +408,7 @@ def _send_with_library(job: PublisherJob, ready: Any, go: Any, report: Publisher
             calls.append((before, time.time()))
             report.sent += len(chunk)
         publisher.flush(job.timeout_s)
+        report.cpu_s = time.process_time() - cpu_start
     report.last_send = time.time()
     report.send_times = [after for _, after in calls]
     report.latencies = [acked - sent_at[batch_id] for batch_id, acked in acked_at.items() if batch_id in sent_at]
@@ -428,10 +435,12 @@ def publisher_main(job: PublisherJob, ready: Any, go: Any, results: Any) -> None
         ready.put(job.index)
         if not go.wait(READY_TIMEOUT_S):
             raise BenchError(f"publisher {job.index}: no start signal")
+        cpu_start = time.process_time()
         if job.acked:
             _send_acked(job, sock, report)
         else:
             _send_fire_and_forget(job, sock, report)
+        report.cpu_s = time.process_time() - cpu_start
     except (BenchError, zmq.ZMQError) as exc:
         report.error = f"{type(exc).__name__}: {exc}"
     finally:
@@ -743,6 +752,8 @@ def full_speed_phase(scenario: Scenario, target: Target, id_prefix: str) -> dict
     if cpu_before is not None and cpu_after is not None:
         # Less sensitive to a noisy machine than the rate: what each event cost the daemon in CPU.
         result["daemon_cpu_us_per_event"] = round((cpu_after - cpu_before) / scenario.events * 1e6, 1)
+    # The publishers share the daemon's CPUs: what they spend is CPU the daemon cannot have.
+    result["publishers_cpu_us_per_event"] = round(sum(r.cpu_s for r in reports) / scenario.events * 1e6, 1)
     for kind in sorted(threads_after, key=lambda k: -threads_after[k]):
         spent = threads_after[kind] - threads_before.get(kind, 0.0)
         result[f"cpu_us_per_event_{kind}"] = round(spent / scenario.events * 1e6, 1)

@@ -27,6 +27,7 @@ EVENTS = 3000
 COMMON = (
     "events_per_s",
     "elapsed_s",
+    "publishers_cpu_us_per_event",
     "stats_p50_ms",
     "stats_p99_ms",
     "commits",
@@ -89,6 +90,7 @@ def test_acked_with_two_publishers() -> None:
     assert row["latency_method"] == "acknowledgement"
     assert "ratio" not in row
     assert report["workload"]["client"] == "library"
+    assert row["publishers_cpu_us_per_event"] > 0  # library publishers validate and encode every event
 
 
 @pytest.mark.e2e
