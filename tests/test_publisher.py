@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 import threading
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import zmq
 from harness import Daemon, eventually, free_port, run_script, write_config
@@ -191,6 +193,44 @@ def test_rejected_events_come_back_by_index_and_the_rest_is_stored(daemon_factor
         configured.publish(dict(make_event(10, 1, "r"), source="s" * 250))
         configured.flush(timeout=30)
     assert configured.totals.acked_new == 1
+
+
+@pytest.mark.e2e
+def test_publish_many_forms_the_batches_publish_forms_one_event_at_a_time(daemon: Daemon) -> None:
+    """publish_many queues runs of events at once: its batches must be those of publish()."""
+    rng = random.Random(7)
+    sizes = [rng.choice([0, 10, 200, 900, 2500]) for _ in range(400)]
+
+    def events(prefix: str) -> list[dict[str, Any]]:
+        return [{**make_event(i, 3, prefix), "payload": {"pad": "x" * size}} for i, size in enumerate(sizes)]
+
+    def batches(publish: Callable[[Publisher, list[dict[str, Any]]], None], prefix: str) -> list[int]:
+        # linger long and the window wide: only batch_size and max_batch_bytes decide the batches
+        with Publisher(daemon.ack, batch_size=7, max_batch_bytes=3000, linger=60, window=1000) as publisher:
+            publish(publisher, events(prefix))
+            publisher.flush(timeout=30)
+            return [result.size for result in sorted(publisher.results, key=lambda result: result.batch_id)]
+
+    def one_by_one(publisher: Publisher, batch: list[dict[str, Any]]) -> None:
+        for event in batch:
+            publisher.publish(event)
+
+    def in_calls(publisher: Publisher, batch: list[dict[str, Any]]) -> None:
+        for start in range(0, len(batch), 13):
+            publisher.publish_many(batch[start : start + 13])
+
+    expected = batches(one_by_one, "one")
+    assert batches(in_calls, "two") == expected  # prefixes of one length: the same sizes
+    assert batches(lambda publisher, batch: publisher.publish_many(iter(batch)), "six") == expected
+    assert len(set(expected)) > 2  # both bounds were met, and partial batches were sent
+    # Events that fill max_batch_bytes exactly: the last of each three still joins its batch.
+    same = [make_event(i, 3, "eq") for i in range(130, 190)]  # one packed size each
+    (size,) = {len(msgpack.packb(event, use_bin_type=True)) for event in same}
+    with Publisher(daemon.ack, batch_size=7, max_batch_bytes=3 * size, linger=60, window=1000) as publisher:
+        publisher.publish_many(same)
+        publisher.flush(timeout=30)
+    assert [result.size for result in publisher.results] == [3] * 20
+    daemon.wait_stats(unique_processed=1260)
 
 
 @pytest.mark.e2e
