@@ -4,7 +4,8 @@ Both actors (:mod:`actors.ordering` and the frozen :mod:`reference_ordering`) ar
 without threads, on one clock, through the same random schedule (hypothesis) of batches (copies
 within and across batches, late events, acked or not), ticks, lookup answers arriving late,
 commits, idle topics forgotten and restarts. Each has its own stand-in dedup actor that answers
-lookups from the writes it was told, as the real one does (held writes count as stored). Every
+lookups from the writes it was told, as the real one does (held writes count as stored), and a
+forgotten topic's state from the committed ones only, as the database has it. Every
 lookup and every write must match: rows with their seqs and late flags, per-topic counters,
 duplicates, ticket settlements and each row's ticket.
 """
@@ -41,7 +42,8 @@ class Side:
         self.actor_class = actor_class
         self.params = params
         self.stored: set[tuple[str, str]] = set()
-        self.topics: dict[str, TopicState] = {}
+        self.topics: dict[str, TopicState] = {}  # as committed: what a topic's lookup reads back
+        self.uncommitted: list[WriteBatch] = []
         self.answers: deque[ClassifyResult] = deque()
         self.log: list[Any] = []
         self.tickets: dict[int, int] = {}  # id(ticket) -> the schedule's number for it
@@ -55,7 +57,10 @@ class Side:
         )  # the stand-in is its dedup reference: tell() and ask()
         self.last_serial = 0
 
-    # The dedup actor's side: lookups are answered from every write told before them.
+    # The dedup actor's side: lookups are answered from every write told before them (held keys
+    # count as stored), but a topic's state only from committed writes, as the database has it:
+    # an actor that forgot a topic whose last write is not committed yet would read back a stale
+    # state and number its next events again.
     def _lookup(self, request: ClassifyRequest) -> ClassifyResult:
         self.log.append(("lookup", list(request.keys), sorted(request.unknown_topics)))
         existing = self.stored.intersection(request.keys)
@@ -68,11 +73,7 @@ class Side:
         elif isinstance(message, WriteBatch):
             self.log.append(("write", self._normal(message)))
             self.stored.update((row[0], row[1]) for row in message.rows)
-            for topic, delta in message.topics.items():
-                state = self.topics.get(topic, TopicState(0, NO_TIMESTAMP))
-                self.topics[topic] = TopicState(
-                    max(state.last_seq, delta.last_seq), max(state.last_ts_ns, delta.last_ts_ns)
-                )
+            self.uncommitted.append(message)
             self.last_serial = message.serial
         else:
             raise AssertionError(f"unexpected message {message!r}")
@@ -122,6 +123,13 @@ class Side:
             self.actor.on_receive(self.answers.popleft())
 
     def commit(self) -> None:
+        for write in self.uncommitted:
+            for topic, delta in write.topics.items():
+                state = self.topics.get(topic, TopicState(0, NO_TIMESTAMP))
+                self.topics[topic] = TopicState(
+                    max(state.last_seq, delta.last_seq), max(state.last_ts_ns, delta.last_ts_ns)
+                )
+        self.uncommitted.clear()
         self.live.committed_writes[0] = self.last_serial
 
     def restart(self) -> None:
@@ -215,6 +223,32 @@ def test_the_batch_path_writes_what_the_event_at_a_time_path_wrote(
             side.finish()
         assert sides[0].log == sides[1].log
         assert sides[0].stored == sides[1].stored
+    finally:
+        ordering.time, reference_ordering.time = saved  # type: ignore[assignment]
+
+
+def test_a_topic_whose_last_write_is_not_committed_is_not_forgotten() -> None:
+    """Over max_topics an idle topic is forgotten only once its last write has committed, also
+    when that write came before the actor began to keep track of writes (at half of max_topics):
+    forgotten sooner, its next event would be numbered from the stale stored state again."""
+    clock = Clock()
+    saved = ordering.time, reference_ordering.time
+    ordering.time = reference_ordering.time = clock  # type: ignore[assignment]
+    try:
+        params = {"window_ms": 0, "max_buffered": 10_000, "max_topics": 2, "row_tickets": False}
+        sides = [Side(ordering.OrderingActor, params), Side(reference_ordering.OrderingActor, params)]
+        for number, topic in enumerate(["t0", "t1", "t2", "t0"]):  # t0's first write never commits
+            for side in sides:
+                side.batch([Event(topic, f"e{number}", "", BASE_NS + number, "s", b"p")], [None], clock.now)
+                side.answer(1)
+        writes = [entry[1] for entry in sides[0].log if entry[0] == "write"]
+        assert [(row[0], row[2]) for write in writes for row in write["rows"]] == [
+            ("t0", 1),
+            ("t1", 1),
+            ("t2", 1),
+            ("t0", 2),
+        ]
+        assert sides[0].log == sides[1].log
     finally:
         ordering.time, reference_ordering.time = saved  # type: ignore[assignment]
 
