@@ -228,8 +228,7 @@ def test_the_batch_path_writes_what_the_event_at_a_time_path_wrote(
 
 
 def test_a_topic_whose_last_write_is_not_committed_is_not_forgotten() -> None:
-    """Over max_topics an idle topic is forgotten only once its last write has committed, also
-    when that write came before the actor began to keep track of writes (at half of max_topics):
+    """Over max_topics an idle topic is forgotten only once its last write has committed:
     forgotten sooner, its next event would be numbered from the stale stored state again."""
     clock = Clock()
     saved = ordering.time, reference_ordering.time

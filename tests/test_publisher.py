@@ -197,7 +197,8 @@ def test_rejected_events_come_back_by_index_and_the_rest_is_stored(daemon_factor
 
 @pytest.mark.e2e
 def test_publish_many_forms_the_batches_publish_forms_one_event_at_a_time(daemon: Daemon) -> None:
-    """publish_many queues runs of events at once: its batches must be those of publish()."""
+    """publish_many checks a whole call before it queues any: its batches must still be those
+    publish() forms one event at a time, cut by batch_size and max_batch_bytes alone."""
     rng = random.Random(7)
     sizes = [rng.choice([0, 10, 200, 900, 2500]) for _ in range(400)]
 
