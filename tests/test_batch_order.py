@@ -12,10 +12,12 @@ duplicates, ticket settlements and each row's ticket.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from ordering_cost import Clock  # the driver's clock, from scripts/
 
 BASE_NS = 1_761_127_200_000_000_000
+
+
+@contextlib.contextmanager
+def one_clock() -> Iterator[Clock]:
+    """Both actors read the time from one driven clock for the block."""
+    clock = Clock()
+    saved = ordering.time, reference_ordering.time
+    ordering.time = reference_ordering.time = clock  # type: ignore[assignment]
+    try:
+        yield clock
+    finally:
+        ordering.time, reference_ordering.time = saved  # type: ignore[assignment]
 
 
 class Side:
@@ -176,10 +190,7 @@ def test_the_batch_path_writes_what_the_event_at_a_time_path_wrote(
     row_tickets: bool,
     topic_count: int,
 ) -> None:
-    clock = Clock()
-    saved = ordering.time, reference_ordering.time
-    ordering.time = reference_ordering.time = clock  # type: ignore[assignment]
-    try:
+    with one_clock() as clock:
         params = {
             "window_ms": window_ms,
             "max_buffered": max_buffered,
@@ -223,17 +234,12 @@ def test_the_batch_path_writes_what_the_event_at_a_time_path_wrote(
             side.finish()
         assert sides[0].log == sides[1].log
         assert sides[0].stored == sides[1].stored
-    finally:
-        ordering.time, reference_ordering.time = saved  # type: ignore[assignment]
 
 
 def test_a_topic_whose_last_write_is_not_committed_is_not_forgotten() -> None:
     """Over max_topics an idle topic is forgotten only once its last write has committed:
     forgotten sooner, its next event would be numbered from the stale stored state again."""
-    clock = Clock()
-    saved = ordering.time, reference_ordering.time
-    ordering.time = reference_ordering.time = clock  # type: ignore[assignment]
-    try:
+    with one_clock() as clock:
         params = {"window_ms": 0, "max_buffered": 10_000, "max_topics": 2, "row_tickets": False}
         sides = [Side(ordering.OrderingActor, params), Side(reference_ordering.OrderingActor, params)]
         for number, topic in enumerate(["t0", "t1", "t2", "t0"]):  # t0's first write never commits
@@ -248,8 +254,6 @@ def test_a_topic_whose_last_write_is_not_committed_is_not_forgotten() -> None:
             ("t0", 2),
         ]
         assert sides[0].log == sides[1].log
-    finally:
-        ordering.time, reference_ordering.time = saved  # type: ignore[assignment]
 
 
 def test_the_oracle_is_the_event_at_a_time_path() -> None:
