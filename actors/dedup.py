@@ -61,12 +61,15 @@ from actors.messages import (
     WriteBatch,
 )
 from actors.store import (
+    CONTENT_BACK_BYTES,
     COUNTER_NAMES,
     DEFAULT_CACHE_MB,
     Checkpointer,
     DatabaseLock,
     EventStore,
+    Row,
     StorageError,
+    StoredContents,
     TopicDelta,
     connect_writer,
 )
@@ -134,7 +137,7 @@ class DedupActor(pykka.ThreadingActor):
         self._rejected = 0
         self._txn_events = 0
         self._txn_started = 0.0
-        self._held_keys: set[tuple[str, str]] = set()  # keys of the rows in self._writes
+        self._held: dict[tuple[str, str], Row] = {}  # the rows in self._writes, by key
         self._retry_at = 0.0
         self._failures = 0
         self._counters: dict[str, int] = {}
@@ -231,10 +234,25 @@ class DedupActor(pykka.ThreadingActor):
     ) -> ClassifyResult:
         assert self._store is not None
         existing, contents = self._store.lookup(keys, keys_json)
-        if self._held_keys:  # to be written at the next commit: present all the same
-            existing.update(self._held_keys.intersection(keys))
+        self._add_held(keys, existing, contents)
         states = self._store.topic_states(unknown_topics) if unknown_topics else {}
         return ClassifyResult(existing, states, contents=contents)
+
+    def _add_held(self, keys: list[tuple[str, str]], existing: set[tuple[str, str]], contents: StoredContents) -> None:
+        """Count the asked keys of rows held for the next commit as stored, with those rows' content.
+
+        With the content, an exact re-send of a held event is settled by its ordering actor at
+        once, as one of a stored event is; without it, each went to the content check at commit,
+        a statement and a read of a random row for ~9 % of bench.py's re-sends.
+        """
+        held = self._held
+        if not held:
+            return
+        for key in held.keys() & keys:
+            row = held[key]
+            payload = row[6]
+            existing.add(key)
+            contents[key] = (row[3], row[5], payload.hex() if len(payload) <= CONTENT_BACK_BYTES else None)
 
     def _answer_lookups(self) -> None:
         """Answer the held lookups with one lookup of all their keys.
@@ -286,7 +304,7 @@ class DedupActor(pykka.ThreadingActor):
         if not self._writes and not self._rejected:
             self._txn_started = time.monotonic()
         self._writes.append(write)
-        self._held_keys.update(map(_row_key, write.rows))
+        self._held.update(zip(map(_row_key, write.rows), write.rows))
         self._txn_events += write.events
 
     def _maybe_commit(self) -> None:
@@ -357,7 +375,7 @@ class DedupActor(pykka.ThreadingActor):
             self._touched.update(topics)
         if self._failures:
             log.warning("commit succeeded again after a failure; %d events stored", totals["unique_processed"])
-        self._held_keys = set()
+        self._held = {}
         self._failures = 0
         self._live.last_commit_error = None
         self._writes = []

@@ -1159,8 +1159,7 @@ class PostgresDedupActor(DedupActor):
                 log.warning(
                     "lookup on %s failed (%s); the write will settle these events", self._pg.where, one_line(exc)
                 )
-        if self._held_keys:
-            existing.update(self._held_keys.intersection(keys))
+        self._add_held(keys, existing, contents)
         return ClassifyResult(existing, states, contents=contents)
 
     def _commit(self) -> None:
@@ -1203,7 +1202,7 @@ class PostgresDedupActor(DedupActor):
         self._live.last_commit_error = None
         del self._writes[: len(writes)]
         self._rejected -= rejected
-        self._held_keys = {_row_key(row) for write in self._writes for row in write.rows}
+        self._held = {_row_key(row): row for write in self._writes for row in write.rows}
         self._txn_events = sum(write.events for write in self._writes)
         self._txn_started = time.monotonic()
         self._settle(writes, outcome)
