@@ -1104,6 +1104,10 @@ class PostgresDedupActor(DedupActor):
     it), so a COMMIT whose outcome was lost is retried with exactly the rows it held.
     """
 
+    # Another daemon may store the same key first, with other content: a re-send of a held row
+    # must then be compared with what is stored, not with the held row, so it waits for the write.
+    held_rows_are_stored_as_held = False
+
     def __init__(self, dsn: str, node: str, **kwargs: Any) -> None:
         # The SQLite settings the base class keeps are unused here.
         super().__init__(Path("/nonexistent/postgresql"), synchronous="NORMAL", **kwargs)
