@@ -61,7 +61,6 @@ from actors.messages import (
     WriteBatch,
 )
 from actors.store import (
-    CONTENT_BACK_BYTES,
     COUNTER_NAMES,
     DEFAULT_CACHE_MB,
     Checkpointer,
@@ -72,6 +71,7 @@ from actors.store import (
     StoredContents,
     TopicDelta,
     connect_writer,
+    row_content,
 )
 from transport.backoff import Backoff
 from transport.config import RetentionConfig
@@ -257,9 +257,7 @@ class DedupActor(pykka.ThreadingActor):
         existing.update(found)
         if self.held_rows_are_stored_as_held:
             for key in found:
-                row = held[key]
-                payload = row[6]
-                contents[key] = (row[3], row[5], payload.hex() if len(payload) <= CONTENT_BACK_BYTES else None)
+                contents[key] = row_content(held[key])
 
     def _answer_lookups(self) -> None:
         """Answer the held lookups with one lookup of all their keys.

@@ -249,6 +249,14 @@ Row = tuple[str, str, int, str, int, str, bytes | bytearray, float, int]
 StoredContents = dict[tuple[str, str], tuple[str | None, str | None, str | None]]
 """Found keys' stored ``(timestamp, source, payload in lower-case hex)``, from :meth:`EventStore.lookup`."""
 
+
+def row_content(row: Row) -> tuple[str, str, str | None]:
+    """A row's content in the form a lookup gives it back (:data:`_FOUND`): ``(timestamp, source,
+    payload in lower-case hex)``, the hex None past :data:`CONTENT_BACK_BYTES`."""
+    payload = row[6]
+    return row[3], row[5], payload.hex() if len(payload) <= CONTENT_BACK_BYTES else None
+
+
 Content = tuple[str, str, str, int, str, bytes]
 """A duplicate's (topic, event_id, timestamp, ts_ns, source, payload), to compare with its original."""
 
