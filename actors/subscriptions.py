@@ -51,7 +51,7 @@ from actors.messages import SaveConsumerPositions
 from transport.config import SubscribeConfig
 from transport.logs import RateLimitedLog
 from transport.queries import MAX_CURSOR
-from transport.schema import type_name
+from transport.schema import InvalidEvent, check_topic, type_name
 from transport.security import SocketHook
 from transport.zap import ConnectionGate
 
@@ -146,6 +146,14 @@ def _credit(value: Any) -> int:
     return value
 
 
+def _check_topic_name(topic: str, field: str) -> None:
+    """Refuse a topic no event can have: a subscription to it would wait for ever."""
+    try:
+        check_topic(topic)
+    except InvalidEvent as exc:
+        raise SubscribeError(f"no event can have this topic in {field!r} ({exc})") from None
+
+
 def parse_subscribe(request: dict[Any, Any]) -> SubscribeRequest:
     """Check a ``subscribe`` map, raising :class:`SubscribeError` naming the field to fix."""
     known = {"op", "topic", "topics", "after", "name", "credit", "ref"}
@@ -153,8 +161,10 @@ def parse_subscribe(request: dict[Any, Any]) -> SubscribeRequest:
     if unknown:
         raise SubscribeError(f"unknown field(s) {', '.join(unknown)}; a subscribe has {', '.join(sorted(known))}")
     topic = request.get("topic")
-    if topic is not None and (not isinstance(topic, str) or not topic):
-        raise SubscribeError(f"'topic' must be a non-empty string, not {topic!r}")
+    if topic is not None:
+        if not isinstance(topic, str) or not topic:
+            raise SubscribeError(f"'topic' must be a non-empty string, not {topic!r}")
+        _check_topic_name(topic, "topic")
     topics = request.get("topics")
     if topics is not None:
         if topic is not None:
@@ -165,6 +175,8 @@ def parse_subscribe(request: dict[Any, Any]) -> SubscribeRequest:
             raise SubscribeError(f"'topics' must be a list of 1 to {MAX_FILTER_TOPICS} topic strings")
         if not all(isinstance(item, str) and item for item in topics):
             raise SubscribeError("'topics' must hold non-empty strings only")
+        for item in topics:
+            _check_topic_name(item, "topics")
     after = request.get("after")
     if after is not None:
         after = _cursor(after, "after")

@@ -148,6 +148,8 @@ def test_bad_requests_get_a_4xx_with_a_clear_message(gateway_factory: Callable[.
         (post("/publish", json={"events": [event(event_id=str(i)) for i in range(4)]}), 413, "[http] max_events"),
         (gateway.client.get("/events", params={"limit": 0}), 400, "limit"),
         (gateway.client.get("/events", params={"after": "x"}), 400, "after"),
+        (gateway.client.get("/events", params={"topic": ""}), 400, "no event can have this topic"),
+        (gateway.client.get("/events", params={"topic": "a b"}), 400, "whitespace"),
         (gateway.client.get("/nowhere"), 404, "Not Found"),
         (gateway.client.delete("/publish"), 405, "Method Not Allowed"),
     ]

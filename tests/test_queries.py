@@ -39,6 +39,11 @@ def test_accepted(request_: dict[str, Any], expected: object) -> None:
         ({"op": "events", "after": "3"}, "'after'"),
         ({"op": "events", "limit": 0}, "'limit'"),
         ({"op": "events", "limit": True}, "'limit'"),
+        ({"op": "stats", "topic": "t"}, r"^unknown field\(s\) topic for op 'stats'; it takes no field but 'op'$"),
+        ({"op": "events", "limt": 5}, r"^unknown field\(s\) limt for op 'events'; its fields are after, limit, topic$"),
+        ({"op": "events", "topic": ""}, r"^no event can have this topic \(topic must be 1-255 characters, not 0\)"),
+        ({"op": "events", "topic": "a b"}, "must not contain whitespace"),
+        ({"op": "events", "topic": "x" * 256}, "not 256"),
     ],
 )
 def test_refused(request_: Any, reason: str) -> None:

@@ -310,6 +310,8 @@ def test_a_raw_consumer_gets_exactly_its_credit_and_bad_messages_change_nothing(
             ((msgpack.packb({"op": "subscribe", "topic": "a", "topics": ["b"]}),), "not both"),
             ((msgpack.packb({"op": "subscribe", "topic": "x", "name": "raw"}),), "follows topic 'topic-0'"),
             ((msgpack.packb({"op": "subscribe", "colour": "red"}),), "unknown field(s) colour"),
+            ((msgpack.packb({"op": "subscribe", "topic": "a b"}),), "no event can have this topic in 'topic'"),
+            ((msgpack.packb({"op": "subscribe", "topics": ["t", "x" * 256]}),), "in 'topics' (topic must be 1-255"),
             ((b"a", b"b"), "one frame"),
         ]
         for frames, error in bad:

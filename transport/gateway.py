@@ -52,7 +52,7 @@ from transport import metrics
 from transport.client import NoAnswer, QueryClient, QueryClientError, connectable
 from transport.config import Config, load_config
 from transport.publisher import BatchRefused, BatchResult, DeliveryFailed, Publisher, PublisherError, PublishTimeout
-from transport.queries import MAX_CURSOR
+from transport.queries import MAX_CURSOR, QueryError, check_query_topic
 from transport.schema import InvalidEvent, check_fields, pack_payload, type_name
 from transport.security import SocketHook, curve_client_from_config
 
@@ -535,6 +535,11 @@ def create_app(config: Config) -> FastAPI:
         after: AfterParam = 0,
         limit: LimitParam = DEFAULT_PAGE,
     ) -> Response:
+        if topic is not None:
+            try:
+                check_query_topic(topic)
+            except QueryError as exc:
+                raise GatewayError(400, str(exc)) from None
         # The daemon caps the page at its max_limit; capping here too keeps a huge limit packable.
         limit = min(limit, config.query.max_limit)
         reply = _answered(await ask({"op": "events", "topic": topic, "after": after, "limit": limit}))

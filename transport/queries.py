@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from transport.schema import type_name
+from transport.schema import InvalidEvent, check_topic, type_name
 
 DEFAULT_LIMIT = 1000
 MAX_FREEZE_S = 600.0
@@ -75,6 +75,13 @@ _SIMPLE: dict[str, Query] = {
     "consumers": ConsumersQuery(),
 }
 
+# The fields each op takes besides "op". Any other is refused rather than ignored: a misspelt
+# "limt" or a "topic" sent to stats would otherwise be answered as if it were not there.
+_FIELDS: dict[str, frozenset[str]] = {op: frozenset() for op in _SIMPLE} | {
+    "events": frozenset({"topic", "after", "limit"}),
+    "debug_freeze": frozenset({"actor", "seconds"}),
+}
+
 
 def parse_query(request: Any, max_limit: int, *, test_hooks: bool | None = None) -> Query:
     """Check a decoded request map; ``limit`` is capped at ``max_limit`` (``[query] max_limit``).
@@ -86,16 +93,20 @@ def parse_query(request: Any, max_limit: int, *, test_hooks: bool | None = None)
     op = request.get("op")
     if not isinstance(op, str):
         raise QueryError("a request needs an 'op' string: stats, events, topics, health or consumers")
+    hooks = debug_hooks_enabled() if test_hooks is None else test_hooks
+    if op not in _FIELDS or (op == "debug_freeze" and not hooks):
+        raise QueryError(f"unknown op {op!r}; known ops: stats, events, topics, health, consumers")
+    _check_fields(op, request)
     simple = _SIMPLE.get(op)
     if simple is not None:
         return simple
-    if op == "debug_freeze" and (debug_hooks_enabled() if test_hooks is None else test_hooks):
+    if op == "debug_freeze":
         return _parse_freeze(request)
-    if op != "events":
-        raise QueryError(f"unknown op {op!r}; known ops: stats, events, topics, health, consumers")
     topic = request.get("topic")
-    if topic is not None and not isinstance(topic, str):
-        raise QueryError(f"'topic' must be a string, not {type_name(topic)}")
+    if topic is not None:
+        if not isinstance(topic, str):
+            raise QueryError(f"'topic' must be a string, not {type_name(topic)}")
+        check_query_topic(topic)
     after = request.get("after", 0)
     if after is None:
         after = 0
@@ -105,6 +116,22 @@ def parse_query(request: Any, max_limit: int, *, test_hooks: bool | None = None)
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         raise QueryError(f"'limit' must be an integer of 1 or more, not {limit!r}")
     return EventsQuery(topic, after, min(limit, max_limit))
+
+
+def check_query_topic(topic: str) -> None:
+    """Refuse a topic no event can have (empty, too long, with whitespace): reading it could only answer nothing."""
+    try:
+        check_topic(topic)
+    except InvalidEvent as exc:
+        raise QueryError(f"no event can have this topic ({exc}); leave the topic out to read every topic") from None
+
+
+def _check_fields(op: str, request: dict[Any, Any]) -> None:
+    takes = _FIELDS[op]
+    unknown = sorted(str(key) for key in request if key != "op" and key not in takes)
+    if unknown:
+        what = f"its fields are {', '.join(sorted(takes))}" if takes else "it takes no field but 'op'"
+        raise QueryError(f"unknown field(s) {', '.join(unknown)} for op {op!r}; {what}")
 
 
 def _parse_freeze(request: dict[Any, Any]) -> DebugFreezeQuery:

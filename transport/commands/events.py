@@ -21,6 +21,7 @@ from transport.client import QueryClient, QueryClientError, connectable
 from transport.commands.client_flags import add_endpoint_args, curve_from_args, endpoint_from_args, run_command
 from transport.config import Config, ConfigError, load_config
 from transport.jsonlines import to_json_line
+from transport.queries import QueryError, check_query_topic
 from transport.security import SecurityError
 from transport.subscriber import SubscriberError, follow
 
@@ -55,6 +56,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.name or args.subscribe_endpoint) and not args.follow:
         parser.error("--name and --subscribe-endpoint need --follow")
+    if args.topic is not None:
+        try:
+            check_query_topic(args.topic)
+        except QueryError as exc:
+            parser.error(str(exc))
     try:
         endpoint = endpoint_from_args(args)
         secure = curve_from_args(args)
