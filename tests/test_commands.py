@@ -66,3 +66,22 @@ def test_a_commands_refusal_names_the_flag(capsys: pytest.CaptureFixture[str]) -
         main(["events", "--limit", "-1"])
     assert leaving.value.code == 2
     assert "eventagg events: error: argument --limit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["stats", "--endpoint", "foo"], "argument --endpoint: must be a ZeroMQ endpoint like tcp://127.0.0.1:5555"),
+        (["events", "--endpoint", "tcp://127.0.0.1:99999"], "argument --endpoint: needs a port from 1 to 65535"),
+        (["events", "--follow", "--subscribe-endpoint", "5558"], "argument --subscribe-endpoint: must be a ZeroMQ"),
+        (["publish", "--endpoint", "localhost:5555"], "argument --endpoint: must be a ZeroMQ endpoint"),
+        (["events", ""], "no event can have this topic (topic must be 1-255 characters, not 0)"),
+    ],
+)
+def test_an_endpoint_or_topic_that_cannot_work_is_refused_before_connecting(
+    argv: list[str], words: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as leaving:
+        main(argv)
+    assert leaving.value.code == 2
+    assert words in capsys.readouterr().err

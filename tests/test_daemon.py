@@ -13,7 +13,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from harness import SCRIPTS, Daemon, eventually, publish, push_frames, run_script, stored_rows
+from harness import SCRIPTS, Daemon, eventually, free_port, publish, push_frames, run_script, stored_rows
 
 from transport.client import QueryClient
 from transport.workload import plan
@@ -283,6 +283,7 @@ def test_stats_script_against_a_live_daemon_and_against_nothing(daemon: Daemon) 
     started = time.monotonic()
     nobody = run_script("stats.py", "--endpoint", "tcp://127.0.0.1:1", "--timeout", "1", timeout=30)
     assert nobody.returncode != 0 and "no answer" in nobody.stderr and nobody.stdout == ""
+    assert "accepted no connection within 1 s: is the daemon running" in nobody.stderr
     assert time.monotonic() - started < 15
     # A timeout that is not above 0 would let the client wait for ever: refused before asking.
     for value in ("0", "-1", "nan", "inf"):
@@ -345,6 +346,19 @@ def test_publish_script_reports_what_it_sent(daemon: Daemon) -> None:
     for flag, value in (("--events", "-5"), ("--topics", "0"), ("--duplicates", "1.5"), ("--batch", "0")):
         refused = run_script("publish.py", "--endpoint", daemon.ingest, flag, value, timeout=30)
         assert refused.returncode == 2 and flag in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_publish_script_to_an_endpoint_with_no_daemon_says_so_and_fails() -> None:
+    # Fire-and-forget: ZeroMQ would queue the frames for a daemon that is not there, and the
+    # script reported them all sent (exit 0). It checks for a handshake first.
+    nowhere = f"tcp://127.0.0.1:{free_port()}"
+    for mode in ((), ("--acked",)):
+        started = time.monotonic()
+        result = run_script("publish.py", "--endpoint", nowhere, *mode, "--events", "10", "--deadline", "2", timeout=30)
+        assert result.returncode == 1, (mode, result.stdout, result.stderr)
+        assert f"publish: waiting up to 2 s (--deadline) for {nowhere}" in result.stderr
+        assert f"publish: {nowhere} accepted no connection within 2 s: is the daemon running" in result.stderr
+        assert "sent" not in result.stdout and time.monotonic() - started < 20
 
 
 def test_threads_carry_their_names_for_the_kernel(daemon_factory: Callable[..., Daemon]) -> None:

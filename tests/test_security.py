@@ -172,6 +172,32 @@ def test_curve_lets_in_only_authorized_clients(daemon_factory: Callable[..., Dae
 
 
 @pytest.mark.e2e
+def test_clients_say_why_a_curve_daemon_does_not_take_them(
+    daemon_factory: Callable[..., Daemon], keys: dict[str, Path]
+) -> None:
+    daemon = curve_daemon(daemon_factory, keys).start(wait=False)
+    alice = curve_client(keys["server_public"], keys["alice"])
+    wait_ready(daemon, alice)
+    as_alice = ("--server-key", str(keys["server_public"]), "--client-cert", str(keys["alice"]))
+    as_mallory = ("--server-key", str(keys["server_public"]), "--client-cert", str(keys["mallory"]))
+    handshake_failed = "took the connection but the security handshake failed"
+    key_refused = "refused this client's CURVE key (ZAP status 400)"
+    for keys_given, words in (((), handshake_failed), (as_mallory, key_refused)):
+        stats = run_script("stats.py", "--endpoint", daemon.query, "--timeout", "1", *keys_given, timeout=30)
+        assert stats.returncode == 1 and f"no answer from {daemon.query}: it {words}" in stats.stderr, stats.stderr
+        # Fire-and-forget too: before, ZeroMQ queued the frames for a peer that refused them
+        # and the script reported them sent (exit 0).
+        for endpoint, mode in ((daemon.ingest, ()), (daemon.ack, ("--acked",))):
+            sent = run_script("publish.py", "--endpoint", endpoint, *mode, "--events", "10", *keys_given, timeout=30)
+            assert sent.returncode == 1 and f"publish: {endpoint} {words}" in sent.stderr, sent.stderr
+    sent = run_script("publish.py", "--endpoint", daemon.ingest, "--events", "10", *as_alice, timeout=30)
+    assert sent.returncode == 0, sent.stderr
+    eventually(lambda: ask(daemon, {"op": "stats"}, alice)["unique_processed"] == 10, 15, "alice's 10 events")
+    assert ask(daemon, {"op": "stats"}, alice)["received"] == 10  # none of the refused ones arrived
+    assert daemon.terminate() == 0
+
+
+@pytest.mark.e2e
 def test_sighup_reloads_authorized_keys(daemon_factory: Callable[..., Daemon], keys: dict[str, Path]) -> None:
     alice = curve_client(keys["server_public"], keys["alice"])
     mallory = curve_client(keys["server_public"], keys["mallory"])

@@ -58,7 +58,10 @@ class QueryClient:
         sock.setsockopt(zmq.LINGER, 0)
         if self._configure is not None:
             self._configure(sock)
-        sock.connect(self.endpoint)
+        try:
+            connect(sock, self.endpoint)
+        except ValueError as exc:
+            raise QueryClientError(str(exc)) from None
         return sock
 
     def request(self, query: dict[str, Any]) -> dict[str, Any]:
@@ -108,6 +111,20 @@ class QueryClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def connect(sock: zmq.Socket[Any], endpoint: str) -> None:
+    """Connect ``sock``, or close it and raise :class:`ValueError` saying what is wrong with ``endpoint``.
+
+    libzmq checks an endpoint only here (``udp://`` for a REQ socket, an unknown transport, ...).
+    """
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        raise ValueError(
+            f"cannot connect to {endpoint!r}: {zmq.strerror(exc.errno or 0)}; an endpoint looks like tcp://HOST:PORT"
+        ) from None
 
 
 def connectable(endpoint: str) -> str:

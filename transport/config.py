@@ -471,15 +471,25 @@ def _parse_section(name: str, section_type: type, values: dict[str, Any]) -> Any
 
 
 def _check_endpoint(where: str, value: str) -> None:
-    """A bind endpoint: ``transport://address``, and for tcp a port that libzmq will not wrap
-    (it binds port 99 999 as 34 463 without a word)."""
+    problem = endpoint_problem(value)
+    if problem is not None:
+        raise ConfigError(f"{where} {problem}")
+
+
+def endpoint_problem(value: str) -> str | None:
+    """What is wrong with a ZeroMQ endpoint (None: nothing), phrased to follow its name.
+
+    It must be ``transport://address``, and for tcp have a port that libzmq will not wrap (it
+    binds or connects to port 99 999 as 34 463 without a word).
+    """
     transport, separator, address = value.partition("://")
     if not separator:
-        raise ConfigError(f"{where} must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, not {value!r}")
+        return f"must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, not {value!r}"
     if transport == "tcp":
         _, colon, port = address.rpartition(":")
         if not (colon and port.isdigit() and 1 <= int(port) <= 65535):
-            raise ConfigError(f"{where} needs a port from 1 to 65535, like tcp://127.0.0.1:5555, not {value!r}")
+            return f"needs a port from 1 to 65535, like tcp://127.0.0.1:5555, not {value!r}"
+    return None
 
 
 def split_host_port(value: str) -> tuple[str, int]:

@@ -54,7 +54,7 @@ import msgpack
 import zmq
 
 from transport.backoff import Backoff, RetryBudget
-from transport.client import connectable
+from transport.client import connect, connectable
 from transport.config import load_config
 from transport.schema import DEFAULT_MAX_PAYLOAD_BYTES, InvalidEvent, check_fields, pack_payload
 from transport.security import SocketHook, curve_client_from_config
@@ -596,7 +596,10 @@ class Publisher:
             sock.setsockopt(zmq.SNDHWM, max(1000, 2 * self.window))
         if self._configure is not None:
             self._configure(sock)
-        sock.connect(self.endpoint)
+        try:
+            connect(sock, self.endpoint)
+        except ValueError as exc:
+            raise PublisherError(str(exc)) from None
         return sock
 
     def _send_frame(self, frame: bytes) -> None:

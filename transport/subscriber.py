@@ -31,6 +31,7 @@ import msgpack
 import zmq
 
 from transport.backoff import Backoff
+from transport.client import connect
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,10 @@ class Subscriber:
         sock.setsockopt(zmq.LINGER, 0)
         if self._configure is not None:
             self._configure(sock)
-        sock.connect(self.endpoint)
+        try:
+            connect(sock, self.endpoint)
+        except ValueError as exc:
+            raise SubscriberError(str(exc)) from None
         self._socket = sock
         self._subscribed = False
         self._buffer.clear()  # events not yet taken are sent again after the cursor

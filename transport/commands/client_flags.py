@@ -14,9 +14,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from transport.client import connectable
-from transport.config import QueryConfig, load_config
+import zmq
+
+from transport.client import NoAnswer, QueryClientError, connectable
+from transport.config import QueryConfig, endpoint_problem, load_config
+from transport.handshake import probe
 from transport.security import SecurityError, SocketHook, curve_client, curve_client_from_config
+
+PROBE_TIMEOUT_S = 1.0
 
 
 def endpoint_from_args(args: argparse.Namespace) -> str:
@@ -26,6 +31,14 @@ def endpoint_from_args(args: argparse.Namespace) -> str:
     if args.config:
         return connectable(load_config(args.config).query.bind)
     return connectable(QueryConfig().bind)
+
+
+def endpoint_url(text: str) -> str:
+    """An argparse type: a ZeroMQ endpoint to connect to, refused with the reason otherwise."""
+    problem = endpoint_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def seconds(text: str) -> float:
@@ -42,7 +55,7 @@ def seconds(text: str) -> float:
 def add_endpoint_args(parser: argparse.ArgumentParser) -> None:
     """The --endpoint/--config/--timeout flags shared by the query scripts."""
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--endpoint", metavar="URL", help="query endpoint, e.g. tcp://127.0.0.1:5556")
+    where.add_argument("--endpoint", type=endpoint_url, metavar="URL", help="query endpoint, e.g. tcp://127.0.0.1:5556")
     where.add_argument("--config", metavar="PATH", help="read the query endpoint from this config file")
     parser.add_argument(
         "--timeout", type=seconds, default=5.0, metavar="S", help="seconds to wait for an answer (default 5)"
@@ -65,6 +78,16 @@ def curve_from_args(args: argparse.Namespace) -> SocketHook | None:
     if args.config:
         return curve_client_from_config(load_config(args.config))
     return None
+
+
+def explain(exc: QueryClientError, endpoint: str, configure: SocketHook | None) -> str:
+    """The error to print for a failed query: for no answer, whether the daemon refused this
+    client's CURVE handshake or took no connection at all (its answer alone cannot tell)."""
+    if isinstance(exc, NoAnswer):
+        problem = probe(endpoint, zmq.REQ, configure, PROBE_TIMEOUT_S)
+        if problem is not None:
+            return f"no answer from {endpoint}: it {problem}"
+    return str(exc)
 
 
 def run_command(main: Callable[[], int]) -> int:

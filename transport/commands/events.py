@@ -18,7 +18,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from transport.client import QueryClient, QueryClientError, connectable
-from transport.commands.client_flags import add_endpoint_args, curve_from_args, endpoint_from_args, run_command
+from transport.commands.client_flags import (
+    add_endpoint_args,
+    curve_from_args,
+    endpoint_from_args,
+    endpoint_url,
+    explain,
+    run_command,
+)
 from transport.config import Config, ConfigError, load_config
 from transport.jsonlines import to_json_line
 from transport.queries import QueryError, check_query_topic
@@ -49,7 +56,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     parser.add_argument("--follow", action="store_true", help="then print live events until SIGINT")
     parser.add_argument("--name", help="with --follow: a named consumer; without --after it resumes where it left")
-    parser.add_argument("--subscribe-endpoint", metavar="URL", help="with --follow (default: from --config, :5558)")
+    parser.add_argument(
+        "--subscribe-endpoint", type=endpoint_url, metavar="URL", help="with --follow (default: from --config, :5558)"
+    )
     parser.add_argument("--limit", type=at_least(0), default=None, metavar="N", help="print at most N events")
     parser.add_argument("--page", type=at_least(1), default=1000, metavar="N", help="events per request (default 1000)")
     add_endpoint_args(parser)
@@ -90,7 +99,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                     break
     except KeyboardInterrupt:
         return 0
-    except (QueryClientError, SubscriberError) as exc:
+    except QueryClientError as exc:
+        print(f"events: {explain(exc, endpoint, secure)}", file=sys.stderr)
+        return 1
+    except SubscriberError as exc:
         print(f"events: {exc}", file=sys.stderr)
         return 1
     return 0

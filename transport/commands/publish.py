@@ -27,14 +27,34 @@ import threading
 import time
 from typing import Any
 
+import zmq
+
 from transport.client import connectable
-from transport.commands.client_flags import curve_from_args
+from transport.commands.client_flags import curve_from_args, endpoint_url
 from transport.config import ConfigError, IngestConfig, load_config
+from transport.handshake import probe
 from transport.publisher import DEFAULT_WINDOW, DeliveryFailed, Publisher, PublisherError
 from transport.security import SecurityError
 from transport.workload import plan
 
 PROGRESS_EVERY_S = 0.5
+
+
+def check_reachable(args: argparse.Namespace, endpoint: str) -> str | None:
+    """What stops events from reaching ``endpoint`` (None: a handshake succeeded), within --deadline.
+
+    Fire-and-forget would otherwise report events sent that went nowhere: ZeroMQ queues them for
+    a daemon that is not there, or that refuses this client's CURVE key.
+    """
+
+    def waiting() -> None:
+        print(f"publish: waiting up to {args.deadline:g} s (--deadline) for {endpoint}", file=sys.stderr)
+
+    try:
+        problem = probe(endpoint, zmq.DEALER if args.acked else zmq.PUSH, curve_from_args(args), args.deadline, waiting)
+    except ValueError as exc:
+        return str(exc)
+    return None if problem is None else f"{endpoint} {problem}"
 
 
 def run_slice(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -185,6 +205,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     where = parser.add_mutually_exclusive_group()
     where.add_argument(
         "--endpoint",
+        type=endpoint_url,
         metavar="URL",
         action="append",
         help="ingest endpoint, e.g. tcp://127.0.0.1:5555 (with --acked: the ack endpoint, :5557); given several "
@@ -258,6 +279,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         parser.error("--events must be 0 or more and --duplicates a fraction from 0 up to (not including) 1")
     if args.ack_timeout <= 0 or args.deadline <= 0 or args.rate < 0:
         parser.error("--ack-timeout and --deadline must be above 0, --rate 0 or more")
+    if "," not in endpoint:  # (several daemons: a topic moves on from one that is down)
+        problem = check_reachable(args, endpoint)
+        if problem is not None:
+            print(f"publish: {problem}", file=sys.stderr)
+            return 1
 
     progress: Any = multiprocessing.Value("q", 0)
     stop = threading.Event()

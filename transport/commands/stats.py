@@ -16,7 +16,13 @@ import json
 import sys
 
 from transport.client import QueryClient, QueryClientError
-from transport.commands.client_flags import add_endpoint_args, curve_from_args, endpoint_from_args, run_command
+from transport.commands.client_flags import (
+    add_endpoint_args,
+    curve_from_args,
+    endpoint_from_args,
+    explain,
+    run_command,
+)
 from transport.config import ConfigError
 from transport.security import SecurityError
 
@@ -56,7 +62,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         with QueryClient(endpoint, timeout=args.timeout, configure=secure) as client:
             stats = client.call({"op": "stats"})
     except QueryClientError as exc:
-        print(f"stats: {exc}", file=sys.stderr)
+        print(f"stats: {explain(exc, endpoint, secure)}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(stats, sort_keys=True))

@@ -1,0 +1,85 @@
+"""Whether a daemon's endpoint completes a ZeroMQ handshake with this client, and if not, why.
+
+A fire-and-forget PUSH socket queues frames for a peer that may not exist, so a publisher
+pointed at the wrong port, or at a CURVE daemon that refuses its key, would report every event
+sent. :func:`probe` connects a socket of the same type and security, watches its monitor for
+the ZMTP handshake, and says what went wrong: nothing accepted the connection, the security
+mechanisms differ, or the daemon refused the client's key. It sends nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from transport.client import connect
+from transport.security import SocketHook
+
+_FAILED = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+_WATCHED = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | _FAILED
+NOTICE_AFTER_S = 1.0
+
+
+def probe(
+    endpoint: str,
+    socket_type: int,
+    configure: SocketHook | None,
+    timeout: float,
+    waiting: Callable[[], None] | None = None,
+) -> str | None:
+    """None once a handshake with ``endpoint`` succeeds; otherwise, after at most ``timeout``
+    seconds, what went wrong, phrased to follow the endpoint. ``waiting`` is called once if
+    there is no answer yet after :data:`NOTICE_AFTER_S` (say what is being waited for).
+
+    Raises :class:`ValueError` for an endpoint libzmq cannot connect to at all.
+    """
+    context: zmq.Context[Any] = zmq.Context.instance()
+    sock: zmq.Socket[Any] = context.socket(socket_type)
+    sock.setsockopt(zmq.LINGER, 0)
+    if configure is not None:
+        configure(sock)
+    # Attached before connect: a handshake done before the monitor would go unseen.
+    monitor = sock.get_monitor_socket(_WATCHED)
+    try:
+        connect(sock, endpoint)
+        return _watch(monitor, timeout, waiting)
+    finally:
+        monitor.close(linger=0)
+        sock.close(linger=0)
+
+
+def _watch(monitor: zmq.Socket[Any], timeout: float, waiting: Callable[[], None] | None) -> str | None:
+    start = time.monotonic()
+    deadline = start + timeout
+    notice_at = start + NOTICE_AFTER_S if waiting is not None else math.inf
+    connected = False
+    while (now := time.monotonic()) < deadline:
+        if now >= notice_at and waiting is not None:
+            waiting()
+            notice_at = math.inf
+        if not monitor.poll(max(1, math.ceil((min(deadline, notice_at) - now) * 1000))):
+            continue
+        event = recv_monitor_message(monitor)
+        kind = int(event["event"])
+        if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            return None
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return (
+                f"refused this client's CURVE key (ZAP status {event['value']}): add its public certificate to "
+                "the daemon's authorized folder and send SIGHUP, or use an authorized --client-cert"
+            )
+        if kind & _FAILED:  # no retry would fare better: the keys decide
+            return (
+                "took the connection but the security handshake failed: the daemon and this client must agree "
+                "on CURVE (the daemon's [security] section; --server-key and --client-cert here), and the server "
+                "key must be the daemon's"
+            )
+        connected = connected or kind == zmq.EVENT_CONNECTED
+    if connected:
+        return f"took the connection but completed no handshake within {timeout:g} s"
+    return f"accepted no connection within {timeout:g} s: is the daemon running, and is this its endpoint?"
