@@ -334,6 +334,29 @@ def test_curve_when_the_config_says_so(gateway_factory: Callable[..., Gateway], 
     assert [e["event_id"] for e in ok(gateway.client.get("/events"))["events"]] == ["secret"]
 
 
+@pytest.mark.e2e
+def test_a_gateway_whose_key_the_daemon_refuses_says_so_at_start(
+    gateway_factory: Callable[..., Gateway], tmp_path: Path
+) -> None:
+    folder, authorized = tmp_path / "keys", tmp_path / "authorized"
+    for args in (("server", str(folder)), ("client", "gateway", str(folder))):  # not authorized
+        result = run_script("keys.py", *args, timeout=30)
+        assert result.returncode == 0, result.stderr
+    authorized.mkdir(mode=0o700)
+    security = {
+        "curve_secret_key": str(folder / "server.key_secret"),
+        "authorized_keys": str(authorized),
+        "client_certificate": str(folder / "gateway.key_secret"),
+    }
+    gateway = gateway_factory(start_daemon=False, security=security)  # (the harness's readiness check is plain)
+    daemon = gateway.daemon
+    daemon.start(wait=False)  # within the gateway's start-up check, which waits for it
+    for endpoint in (daemon.ack, daemon.query):
+        words = f"cannot reach the daemon: {endpoint} refused this client's CURVE key (ZAP status 400)"
+        eventually(lambda words=words: words in gateway.log(), 15, f"the gateway to log {words!r}")
+    assert gateway.client.get("/healthz").status_code == 503
+
+
 # -- the OpenAPI document, fuzzed -----------------------------------------------------------------
 
 

@@ -402,7 +402,7 @@ def test_curve_from_keys_or_config_in_the_library_and_in_publish_py(
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[-1])["acked_new"] == 300
-    # Without keys the daemon never answers: the load generator says so and fails.
+    # Without keys the daemon refuses the handshake: the load generator says so, sends nothing, and fails.
     plain = run_script(
         "publish.py",
         "--endpoint",
@@ -416,4 +416,4 @@ def test_curve_from_keys_or_config_in_the_library_and_in_publish_py(
         "0.3",
         timeout=60,
     )
-    assert plain.returncode == 1 and "no acknowledgement" in plain.stderr
+    assert plain.returncode == 1 and "took the connection but the security handshake failed" in plain.stderr

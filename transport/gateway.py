@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import queue
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -42,6 +43,7 @@ from typing import Annotated, Any, TypeVar
 import anyio
 import msgpack
 import msgspec
+import zmq
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -51,12 +53,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from transport import metrics
 from transport.client import NoAnswer, QueryClient, QueryClientError, connectable
 from transport.config import Config, load_config
+from transport.handshake import probe
 from transport.publisher import BatchRefused, BatchResult, DeliveryFailed, Publisher, PublisherError, PublishTimeout
 from transport.queries import MAX_CURSOR, QueryError, check_query_topic
 from transport.schema import InvalidEvent, check_fields, pack_payload, type_name
 from transport.security import SocketHook, curve_client_from_config
 
 log = logging.getLogger(__name__)
+
+HANDSHAKE_CHECK_S = 10.0  # how long the start-up check waits for the daemon's endpoints
 
 T = TypeVar("T")
 
@@ -208,6 +213,19 @@ class DaemonLink:
             item.close()
         else:
             pool.put(item)
+
+    def check_handshakes(self, timeout: float) -> list[str]:
+        """What keeps the daemon from taking this gateway's connections (a refused CURVE key,
+        nothing listening), one line per endpoint with a problem; empty when both shake hands."""
+        problems = []
+        for endpoint, socket_type in ((self.ack_endpoint, zmq.DEALER), (self.query_endpoint, zmq.REQ)):
+            try:
+                problem = probe(endpoint, socket_type, self._secure, timeout)
+            except ValueError as exc:
+                problem = str(exc)
+            if problem is not None:
+                problems.append(f"{endpoint} {problem}")
+        return problems
 
     def close(self) -> None:
         """Close every pooled connection (ones lent out are closed when they come back)."""
@@ -450,6 +468,8 @@ def create_app(config: Config) -> FastAPI:
             link.ack_endpoint,
             link.query_endpoint,
         )
+        # In the background: the gateway serves at once, and a daemon started later is fine.
+        threading.Thread(target=_warn_unreachable, args=(link,), name="handshake-check", daemon=True).start()
         yield
         link.close()
 
@@ -599,6 +619,12 @@ def _answered(reply: dict[str, Any]) -> dict[str, Any]:
     if "error" in reply:
         raise GatewayError(503, f"the daemon could not answer: {reply['error']}")
     return reply
+
+
+def _warn_unreachable(link: DaemonLink) -> None:
+    """Log, once at start, why the daemon does not take the gateway's connections, if it does not."""
+    for problem in link.check_handshakes(HANDSHAKE_CHECK_S):
+        log.warning("cannot reach the daemon: %s", problem)
 
 
 async def _on_thread(function: Callable[..., T], *args: Any, limiter: anyio.CapacityLimiter) -> T:
