@@ -190,6 +190,10 @@ def test_clients_say_why_a_curve_daemon_does_not_take_them(
         for endpoint, mode in ((daemon.ingest, ()), (daemon.ack, ("--acked",))):
             sent = run_script("publish.py", "--endpoint", endpoint, *mode, "--events", "10", *keys_given, timeout=30)
             assert sent.returncode == 1 and f"publish: {endpoint} {words}" in sent.stderr, sent.stderr
+        # Following would otherwise wait in silence for a daemon that will never let it in.
+        follow = ("--follow", "--endpoint", daemon.query, "--subscribe-endpoint", daemon.subscribe)
+        followed = run_script("events.py", *follow, *keys_given, timeout=30)
+        assert followed.returncode == 1 and f"events: {daemon.subscribe} {words}" in followed.stderr
     sent = run_script("publish.py", "--endpoint", daemon.ingest, "--events", "10", *as_alice, timeout=30)
     assert sent.returncode == 0, sent.stderr
     eventually(lambda: ask(daemon, {"op": "stats"}, alice)["unique_processed"] == 10, 15, "alice's 10 events")

@@ -220,11 +220,12 @@ class DaemonLink:
         problems = []
         for endpoint, socket_type in ((self.ack_endpoint, zmq.DEALER), (self.query_endpoint, zmq.REQ)):
             try:
-                problem = probe(endpoint, socket_type, self._secure, timeout)
+                failure = probe(endpoint, socket_type, self._secure, timeout)
             except ValueError as exc:
-                problem = str(exc)
-            if problem is not None:
-                problems.append(f"{endpoint} {problem}")
+                problems.append(str(exc))
+                continue
+            if failure is not None:
+                problems.append(f"{endpoint} {failure}")
         return problems
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -25,15 +26,30 @@ _WATCHED = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | _FAILED
 NOTICE_AFTER_S = 1.0
 
 
+@dataclass(frozen=True, slots=True)
+class HandshakeFailure:
+    """Why no handshake completed; ``str()`` gives the sentence, phrased to follow the endpoint.
+
+    ``refused`` is True when the daemon turned this client's security down (its key, or CURVE on
+    one side only): waiting longer cannot help, where a daemon not yet listening may still come.
+    """
+
+    message: str
+    refused: bool
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def probe(
     endpoint: str,
     socket_type: int,
     configure: SocketHook | None,
     timeout: float,
     waiting: Callable[[], None] | None = None,
-) -> str | None:
+) -> HandshakeFailure | None:
     """None once a handshake with ``endpoint`` succeeds; otherwise, after at most ``timeout``
-    seconds, what went wrong, phrased to follow the endpoint. ``waiting`` is called once if
+    seconds, what went wrong. ``waiting`` is called once if
     there is no answer yet after :data:`NOTICE_AFTER_S` (say what is being waited for).
 
     Raises :class:`ValueError` for an endpoint libzmq cannot connect to at all.
@@ -53,7 +69,7 @@ def probe(
         sock.close(linger=0)
 
 
-def _watch(monitor: zmq.Socket[Any], timeout: float, waiting: Callable[[], None] | None) -> str | None:
+def _watch(monitor: zmq.Socket[Any], timeout: float, waiting: Callable[[], None] | None) -> HandshakeFailure | None:
     start = time.monotonic()
     deadline = start + timeout
     notice_at = start + NOTICE_AFTER_S if waiting is not None else math.inf
@@ -69,17 +85,21 @@ def _watch(monitor: zmq.Socket[Any], timeout: float, waiting: Callable[[], None]
         if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             return None
         if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-            return (
+            return HandshakeFailure(
                 f"refused this client's CURVE key (ZAP status {event['value']}): add its public certificate to "
-                "the daemon's authorized folder and send SIGHUP, or use an authorized --client-cert"
+                "the daemon's authorized folder and send SIGHUP, or use an authorized --client-cert",
+                refused=True,
             )
         if kind & _FAILED:  # no retry would fare better: the keys decide
-            return (
+            return HandshakeFailure(
                 "took the connection but the security handshake failed: the daemon and this client must agree "
                 "on CURVE (the daemon's [security] section; --server-key and --client-cert here), and the server "
-                "key must be the daemon's"
+                "key must be the daemon's",
+                refused=True,
             )
         connected = connected or kind == zmq.EVENT_CONNECTED
     if connected:
-        return f"took the connection but completed no handshake within {timeout:g} s"
-    return f"accepted no connection within {timeout:g} s: is the daemon running, and is this its endpoint?"
+        return HandshakeFailure(f"took the connection but completed no handshake within {timeout:g} s", refused=False)
+    return HandshakeFailure(
+        f"accepted no connection within {timeout:g} s: is the daemon running, and is this its endpoint?", refused=False
+    )

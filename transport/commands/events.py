@@ -17,6 +17,8 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import zmq
+
 from transport.client import QueryClient, QueryClientError, connectable
 from transport.commands.client_flags import (
     add_endpoint_args,
@@ -27,6 +29,7 @@ from transport.commands.client_flags import (
     run_command,
 )
 from transport.config import Config, ConfigError, load_config
+from transport.handshake import probe
 from transport.jsonlines import to_json_line
 from transport.queries import QueryError, check_query_topic
 from transport.security import SecurityError
@@ -81,6 +84,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 2
     if args.limit == 0:
         return 0
+    if args.follow:
+        # A daemon that is down may come back (following waits for it); one that refuses this
+        # client's security never will, and the subscriber alone would only see silence.
+        failure = probe(where, zmq.DEALER, secure, args.timeout)
+        if failure is not None and failure.refused:
+            print(f"events: {where} {failure}", file=sys.stderr)
+            return 1
     page = args.page if args.limit is None else min(args.page, args.limit)
     printed = 0
     try:
