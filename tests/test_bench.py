@@ -125,7 +125,7 @@ def test_text_output_names_every_figure() -> None:
 def test_bad_arguments_and_overrides_are_refused_before_any_daemon_starts() -> None:
     for args, reason in (
         (("--set", "nosuch.key=1"), "unknown section [nosuch]"),
-        (("--set", "storage.cache_mb=abc"), "[storage] cache_mb must be a int"),
+        (("--set", "storage.cache_mb=abc"), "[storage] cache_mb must be an integer, not a string"),
         (("--duplicates", "2"), "--duplicates must be a fraction"),
         (("--topics", "0"), "must be 1 or more"),
     ):

@@ -420,7 +420,7 @@ def test_fuzzing_the_openapi_document_finds_no_server_error(gateway: Gateway) ->
         ({"bind": "::1:8080"}, "[http] bind must be HOST:PORT"),
         ({"bind": "http://127.0.0.1:8080"}, "[http] bind must be HOST:PORT"),
         ({"request_timeout_ms": 0}, "[http] request_timeout_ms must be greater than 0"),
-        ({"max_body_bytes": "1"}, "[http] max_body_bytes must be a int"),
+        ({"max_body_bytes": "1"}, "[http] max_body_bytes must be an integer, not a string"),
         ({"colour": 1}, "unknown key [http] colour"),
     ],
 )

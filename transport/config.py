@@ -422,6 +422,21 @@ def _check_retention(retention: RetentionConfig) -> None:
         )
 
 
+# What TOML calls each type a value can have, as the config file's author knows them.
+_TOML_KINDS: dict[type, str] = {
+    int: "an integer",
+    str: "a string",
+    bool: "true or false",
+    float: "a number",
+    list: "an array",
+    dict: "a table",
+}
+
+
+def _toml_kind(value_type: type) -> str:
+    return _TOML_KINDS.get(value_type, f"a {value_type.__name__}")
+
+
 def _parse_section(name: str, section_type: type, values: dict[str, Any]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(section_type)}
     checked: dict[str, Any] = {}
@@ -433,7 +448,9 @@ def _parse_section(name: str, section_type: type, values: dict[str, Any]) -> Any
         expected = type(default)
         # bool is a subclass of int in Python; keep them apart so `actors = true` is an error.
         if type(value) is not expected:
-            raise ConfigError(f"[{name}] {key} must be a {expected.__name__}, not {type(value).__name__} ({value!r})")
+            raise ConfigError(
+                f"[{name}] {key} must be {_toml_kind(expected)}, not {_toml_kind(type(value))} ({value!r})"
+            )
         if (name, key) in _POSITIVE and value <= 0:
             raise ConfigError(f"[{name}] {key} must be greater than 0, not {value}")
         if (name, key) == ("ingest", "gather_at_queued") and value < 0:
