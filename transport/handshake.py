@@ -49,8 +49,8 @@ def probe(
     waiting: Callable[[], None] | None = None,
 ) -> HandshakeFailure | None:
     """None once a handshake with ``endpoint`` succeeds; otherwise, after at most ``timeout``
-    seconds, what went wrong. ``waiting`` is called once if
-    there is no answer yet after :data:`NOTICE_AFTER_S` (say what is being waited for).
+    seconds, what went wrong. ``waiting`` is called once if there is no answer yet after
+    :data:`NOTICE_AFTER_S`, to say what is being waited for.
 
     Raises :class:`ValueError` for an endpoint libzmq cannot connect to at all.
     """
