@@ -153,6 +153,7 @@ class DedupActor(pykka.ThreadingActor):
         self._touched: set[str] | None = None  # topics written since the last sweep; None: all
         self._chunk = EXPIRE_CHUNK_MIN  # rows per expiry chunk, adapted to take about EXPIRE_CHUNK_S
         self._last_chunk = 0.0
+        self._budget_unmet = False  # max_bytes was over with no event left to delete, at the last sweep
 
     def on_start(self) -> None:
         # The connection is opened here, on the actor's own thread, never in __init__.
@@ -470,11 +471,26 @@ class DedupActor(pykka.ThreadingActor):
                     if self._expire(EventStore.expire_oldest, None, count) == 0:
                         break
                     yield
+            self._note_budget(retention, self._store.used_bytes(), self._counters.get("stored", 0))
         horizon = retention.dedup_horizon_s
         if horizon is not None:
             committed_before = time.time() - horizon
             while self._forget(committed_before) == EXPIRE_CHUNK:
                 yield
+
+    def _note_budget(self, retention: RetentionConfig, used: int, stored: int) -> None:
+        """Warn once (until it is met again) when the size budget cannot be met by deleting events."""
+        budget = retention.max_bytes_value
+        unmet = budget is not None and used > budget and stored <= 0
+        if unmet and not self._budget_unmet:
+            log.warning(
+                "[retention] max_bytes %r cannot be met: with no event left stored the database still holds %d"
+                " bytes (its tables, and the records of deleted events' keys that dedup_horizon keeps), so each"
+                " event is deleted at the first sweep after its commit; raise max_bytes, or set a dedup_horizon",
+                retention.max_bytes,
+                used,
+            )
+        self._budget_unmet = unmet
 
     def _expire(self, delete: Callable[..., int], *args: Any) -> int:
         """Run one expiry chunk, ``delete(store, *args)``, in a transaction of its own and publish

@@ -1304,6 +1304,7 @@ class PostgresDedupActor(DedupActor):
                     if not self._expire_chunk(store.expire_oldest, math.inf, min(self._chunk, share)):
                         break
                     yield
+                self._note_budget(retention, *store.stored_bytes())
             horizon = retention.dedup_horizon_s
             if horizon is not None:
                 committed_before = time.time() - horizon

@@ -310,3 +310,16 @@ def test_two_daemons_keep_the_database_within_max_bytes_deleting_the_oldest_firs
     finally:
         to_a.close()
         to_b.close()
+
+
+@pytest.mark.e2e
+def test_a_size_budget_no_deletion_can_meet_is_named(daemon_factory: Callable[..., Daemon], database: str) -> None:
+    a, b = two_daemons(daemon_factory, database, max_bytes="100")
+    to_a = Acked(a.ack)
+    try:
+        assert to_a.send_all([event(n) for n in range(20)])[0] == 20
+    finally:
+        to_a.close()
+    eventually(lambda: a.stats()["cluster"]["stored"] == 0, 30, "the budget to delete every event")
+    words = "[retention] max_bytes '100' cannot be met: with no event left stored the database still holds"
+    eventually(lambda: words in a.log() + b.log(), 15, "the sweeping daemon's warning")

@@ -406,3 +406,20 @@ def test_max_bytes_deletes_the_oldest_events_until_the_database_fits(daemon_fact
         seqs = [e["seq"] for e in daemon.events(topic)]
         # The oldest went first: what is left of each topic is its newest events, without gaps.
         assert seqs == list(range(row["first_seq"], 1501)), topic
+
+
+@pytest.mark.e2e
+def test_a_size_budget_no_deletion_can_meet_is_named_once(daemon_factory: Callable[..., Daemon]) -> None:
+    # 1 KB is less than the tables take with no event at all: every event goes at the next
+    # sweep, which the daemon did in silence. It says so once (not at every sweep).
+    daemon = retention_daemon(daemon_factory, max_bytes="1KB")
+    publisher = Acked(daemon.ack)
+    try:
+        assert publisher.send_all([event(n) for n in range(50)])[0] == 50
+    finally:
+        publisher.close()
+    eventually(lambda: daemon.stats()["expired"] == 50, 30, "all 50 events deleted by the budget")
+    words = "[retention] max_bytes '1KB' cannot be met: with no event left stored the database still holds"
+    eventually(lambda: words in daemon.log(), 15, "the warning that the budget cannot be met")
+    time.sleep(2.5)  # two more sweeps
+    assert daemon.log().count("cannot be met") == 1
