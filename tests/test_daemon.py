@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -359,6 +360,18 @@ def test_publish_script_to_an_endpoint_with_no_daemon_says_so_and_fails() -> Non
         assert f"publish: waiting up to 2 s (--deadline) for {nowhere}" in result.stderr
         assert f"publish: {nowhere} accepted no connection within 2 s: is the daemon running" in result.stderr
         assert "sent" not in result.stdout and time.monotonic() - started < 20
+    # Ctrl-C while it waits (or while stats waits for an answer) ends it quietly, with 130.
+    for script, args in (("publish.py", ("--deadline", "30")), ("stats.py", ("--timeout", "30"))):
+        proc = subprocess.Popen(
+            [sys.executable, str(SCRIPTS / script), "--endpoint", nowhere, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130 and "Traceback" not in err, (script, out, err)
 
 
 def test_threads_carry_their_names_for_the_kernel(daemon_factory: Callable[..., Daemon]) -> None:

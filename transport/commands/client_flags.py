@@ -91,7 +91,8 @@ def explain(exc: QueryClientError, endpoint: str, configure: SocketHook | None) 
 
 
 def run_command(main: Callable[[], int]) -> int:
-    """Run a query script's ``main``; a reader that goes away early (``| head``) ends it quietly with 0.
+    """Run a command's ``main``; a reader that goes away early (``| head``) ends it quietly with 0,
+    and Ctrl-C with 130.
 
     Without this, the first write after the reader has gone raises BrokenPipeError: a traceback
     where ``cat`` would say nothing.
@@ -99,6 +100,8 @@ def run_command(main: Callable[[], int]) -> int:
     try:
         code = main()
         sys.stdout.flush()  # here, where the error can be caught, rather than at exit
+    except KeyboardInterrupt:
+        return 130  # Ctrl-C: end quietly with the status a shell gives SIGINT, not a traceback
     except BrokenPipeError:
         # Python flushes stdout once more on its way out: point it at /dev/null first.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

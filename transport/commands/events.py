@@ -84,16 +84,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 2
     if args.limit == 0:
         return 0
-    if args.follow:
-        # A daemon that is down may come back (following waits for it); one that refuses this
-        # client's security never will, and the subscriber alone would only see silence.
-        failure = probe(where, zmq.DEALER, secure, args.timeout)
-        if failure is not None and failure.refused:
-            print(f"events: {where} {failure}", file=sys.stderr)
-            return 1
     page = args.page if args.limit is None else min(args.page, args.limit)
     printed = 0
     try:
+        if args.follow:
+            # A daemon that is down may come back (following waits for it); one that refuses
+            # this client's security never will, and the subscriber alone would only see silence.
+            failure = probe(where, zmq.DEALER, secure, args.timeout)
+            if failure is not None and failure.refused:
+                print(f"events: {where} {failure}", file=sys.stderr)
+                return 1
         with QueryClient(endpoint, timeout=args.timeout, configure=secure) as client, contextlib.ExitStack() as stack:
             events: Iterator[dict[str, Any]]
             if args.follow:

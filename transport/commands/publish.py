@@ -280,7 +280,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.ack_timeout <= 0 or args.deadline <= 0 or args.rate < 0:
         parser.error("--ack-timeout and --deadline must be above 0, --rate 0 or more")
     if "," not in endpoint:  # (several daemons: a topic moves on from one that is down)
-        problem = check_reachable(args, endpoint)
+        try:
+            problem = check_reachable(args, endpoint)
+        except KeyboardInterrupt:
+            return 130  # Ctrl-C while waiting for the daemon: nothing was sent
         if problem is not None:
             print(f"publish: {problem}", file=sys.stderr)
             return 1
