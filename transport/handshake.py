@@ -54,19 +54,24 @@ def probe(
 
     Raises :class:`ValueError` for an endpoint libzmq cannot connect to at all.
     """
-    context: zmq.Context[Any] = zmq.Context.instance()
-    sock: zmq.Socket[Any] = context.socket(socket_type)
-    sock.setsockopt(zmq.LINGER, 0)
-    if configure is not None:
-        configure(sock)
-    # Attached before connect: a handshake done before the monitor would go unseen.
-    monitor = sock.get_monitor_socket(_WATCHED)
+    # A context of its own, ended here: `eventagg publish` forks its workers right after, and a
+    # ZeroMQ context must not be alive across a fork.
+    context: zmq.Context[Any] = zmq.Context()
     try:
-        connect(sock, endpoint)
-        return _watch(monitor, timeout, waiting)
+        sock: zmq.Socket[Any] = context.socket(socket_type)
+        sock.setsockopt(zmq.LINGER, 0)
+        if configure is not None:
+            configure(sock)
+        # Attached before connect: a handshake done before the monitor would go unseen.
+        monitor = sock.get_monitor_socket(_WATCHED)
+        try:
+            connect(sock, endpoint)
+            return _watch(monitor, timeout, waiting)
+        finally:
+            monitor.close(linger=0)
+            sock.close(linger=0)
     finally:
-        monitor.close(linger=0)
-        sock.close(linger=0)
+        context.term()
 
 
 def _watch(monitor: zmq.Socket[Any], timeout: float, waiting: Callable[[], None] | None) -> HandshakeFailure | None:
