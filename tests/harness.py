@@ -83,6 +83,13 @@ def toml_value(value: Any) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def default_sigint() -> None:
+    """A ``preexec_fn`` that gives a child SIGINT's default action, as from a terminal: a suite
+    started in the background (``&`` without job control) ignores SIGINT, and a Python child
+    that starts ignoring it keeps ignoring it, so a test's Ctrl-C would never arrive."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
     lines = []
     for section, values in sections.items():

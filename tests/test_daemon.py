@@ -14,7 +14,17 @@ from typing import Any
 
 import msgpack
 import pytest
-from harness import SCRIPTS, Daemon, eventually, free_port, publish, push_frames, run_script, stored_rows
+from harness import (
+    SCRIPTS,
+    Daemon,
+    default_sigint,
+    eventually,
+    free_port,
+    publish,
+    push_frames,
+    run_script,
+    stored_rows,
+)
 
 from transport.client import QueryClient
 from transport.workload import plan
@@ -367,6 +377,7 @@ def test_publish_script_to_an_endpoint_with_no_daemon_says_so_and_fails() -> Non
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=default_sigint,
         )
         time.sleep(1.5)
         proc.send_signal(signal.SIGINT)

@@ -20,7 +20,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from harness import SCRIPTS, Daemon, eventually, publish, run_script, stored_rows
+from harness import SCRIPTS, Daemon, default_sigint, eventually, publish, run_script, stored_rows
 from test_security import curve_daemon, wait_ready
 from test_security import keys as keys  # the fixture: a server certificate and clients alice and mallory
 
@@ -32,10 +32,6 @@ pytestmark = pytest.mark.e2e  # every test but the settings check starts a daemo
 
 # Quick heartbeats, so a dead consumer is dropped within a test's patience.
 FAST = {"subscribe": {"heartbeat_ms": 200, "timeout_ms": 2000}}
-
-
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class Follower:
@@ -58,9 +54,7 @@ class Follower:
             stdout=self._out,
             stderr=subprocess.PIPE,
             env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # SIGABRT prints every thread's stack
-            # As from a terminal: a suite started in the background (`&` without job control)
-            # ignores SIGINT, and a Python child that starts ignoring it keeps ignoring it.
-            preexec_fn=_default_sigint,
+            preexec_fn=default_sigint,
         )
 
     def events(self) -> list[dict[str, Any]]:
