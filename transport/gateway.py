@@ -53,7 +53,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from transport import metrics
 from transport.client import NoAnswer, QueryClient, QueryClientError, connectable
 from transport.config import Config, load_config
-from transport.handshake import probe
+from transport.handshake import unreachable
 from transport.publisher import BatchRefused, BatchResult, DeliveryFailed, Publisher, PublisherError, PublishTimeout
 from transport.queries import MAX_CURSOR, QueryError, check_query_topic
 from transport.schema import InvalidEvent, check_fields, pack_payload, type_name
@@ -217,16 +217,9 @@ class DaemonLink:
     def check_handshakes(self, timeout: float) -> list[str]:
         """What keeps the daemon from taking this gateway's connections (a refused CURVE key,
         nothing listening), one line per endpoint with a problem; empty when both shake hands."""
-        problems = []
-        for endpoint, socket_type in ((self.ack_endpoint, zmq.DEALER), (self.query_endpoint, zmq.REQ)):
-            try:
-                failure = probe(endpoint, socket_type, self._secure, timeout)
-            except ValueError as exc:
-                problems.append(str(exc))
-                continue
-            if failure is not None:
-                problems.append(f"{endpoint} {failure}")
-        return problems
+        checks = ((self.ack_endpoint, zmq.DEALER), (self.query_endpoint, zmq.REQ))
+        found = (unreachable(endpoint, socket_type, self._secure, timeout) for endpoint, socket_type in checks)
+        return [problem for problem in found if problem is not None]
 
     def close(self) -> None:
         """Close every pooled connection (ones lent out are closed when they come back)."""

@@ -74,6 +74,22 @@ def probe(
         context.term()
 
 
+def unreachable(
+    endpoint: str,
+    socket_type: int,
+    configure: SocketHook | None,
+    timeout: float,
+    waiting: Callable[[], None] | None = None,
+) -> str | None:
+    """Why ``endpoint`` completes no handshake with this client, as a sentence naming it (an
+    endpoint libzmq cannot connect to included); None when it does. See :func:`probe`."""
+    try:
+        failure = probe(endpoint, socket_type, configure, timeout, waiting)
+    except ValueError as exc:
+        return str(exc)
+    return None if failure is None else f"{endpoint} {failure}"
+
+
 def _watch(monitor: zmq.Socket[Any], timeout: float, waiting: Callable[[], None] | None) -> HandshakeFailure | None:
     start = time.monotonic()
     deadline = start + timeout

@@ -32,15 +32,15 @@ import zmq
 from transport.client import connectable
 from transport.commands.client_flags import curve_from_args, endpoint_url
 from transport.config import ConfigError, IngestConfig, load_config
-from transport.handshake import probe
+from transport.handshake import unreachable
 from transport.publisher import DEFAULT_WINDOW, DeliveryFailed, Publisher, PublisherError
-from transport.security import SecurityError
+from transport.security import SecurityError, SocketHook
 from transport.workload import plan
 
 PROGRESS_EVERY_S = 0.5
 
 
-def check_reachable(args: argparse.Namespace, endpoint: str) -> str | None:
+def check_reachable(args: argparse.Namespace, endpoint: str, secure: SocketHook | None) -> str | None:
     """What stops events from reaching ``endpoint`` (None: a handshake succeeded), within --deadline.
 
     Fire-and-forget would otherwise report events sent that went nowhere: ZeroMQ queues them for
@@ -50,11 +50,7 @@ def check_reachable(args: argparse.Namespace, endpoint: str) -> str | None:
     def waiting() -> None:
         print(f"publish: waiting up to {args.deadline:g} s (--deadline) for {endpoint}", file=sys.stderr)
 
-    try:
-        problem = probe(endpoint, zmq.DEALER if args.acked else zmq.PUSH, curve_from_args(args), args.deadline, waiting)
-    except ValueError as exc:
-        return str(exc)
-    return None if problem is None else f"{endpoint} {problem}"
+    return unreachable(endpoint, zmq.DEALER if args.acked else zmq.PUSH, secure, args.deadline, waiting)
 
 
 def run_slice(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -269,7 +265,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         else:
             ingest = load_config(args.config).ingest if args.config else IngestConfig()
             endpoint = connectable(ingest.ack_bind if args.acked else ingest.bind)
-        curve_from_args(args)  # check the key files once, before starting any process
+        secure = curve_from_args(args)  # the key files checked once, before starting any process
     except (ConfigError, SecurityError) as exc:
         print(f"publish: {exc}", file=sys.stderr)
         return 2
@@ -281,7 +277,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         parser.error("--ack-timeout and --deadline must be above 0, --rate 0 or more")
     if "," not in endpoint:  # (several daemons: a topic moves on from one that is down)
         try:
-            problem = check_reachable(args, endpoint)
+            problem = check_reachable(args, endpoint, secure)
         except KeyboardInterrupt:
             return 130  # Ctrl-C while waiting for the daemon: nothing was sent
         if problem is not None:
