@@ -49,6 +49,12 @@ class EventSource(Protocol):
     def first(self) -> int | None:
         """The lowest position still stored, or None when nothing is."""
 
+    def expired_total(self) -> int:
+        """How many events retention has deleted so far (it changes whenever any are)."""
+
+    def topic_last(self, topic: str) -> int:
+        """The last seq committed in ``topic`` (0 for a topic never stored)."""
+
     def after(self, cursor: int, limit: int) -> list[EventRow]:
         """Up to ``limit`` events of every topic after position ``cursor``, by position."""
 
@@ -97,6 +103,14 @@ class SqliteEventSource:
     def first(self) -> int | None:
         ((first,),) = self._rows("SELECT min(rowid) FROM events WHERE topic <> ''", ())
         return None if first is None else int(first)
+
+    def expired_total(self) -> int:
+        rows = self._rows("SELECT value FROM counters WHERE name = 'expired'", ())
+        return int(rows[0][0]) if rows else 0
+
+    def topic_last(self, topic: str) -> int:
+        rows = self._rows("SELECT last_seq FROM topics WHERE topic = ?", (topic,))
+        return int(rows[0][0]) if rows else 0
 
     def after(self, cursor: int, limit: int) -> list[EventRow]:
         return self._rows(

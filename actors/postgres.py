@@ -1066,6 +1066,14 @@ class PostgresEventSource:
         ((first,),) = self._rows("SELECT min(position) FROM events")
         return None if first is None else int(first)
 
+    def expired_total(self) -> int:
+        ((total,),) = self._rows("SELECT coalesce(sum(expired), 0) FROM nodes")
+        return int(total)
+
+    def topic_last(self, topic: str) -> int:
+        rows = self._rows("SELECT last_seq FROM topics WHERE topic = %s", (topic,))
+        return int(rows[0][0]) if rows else 0
+
     def after(self, cursor: int, limit: int) -> list[tuple[Any, ...]]:
         return self._rows(
             f"SELECT {_SOURCE_COLUMNS} FROM events WHERE position > %s ORDER BY position LIMIT %s", (cursor, limit)

@@ -68,8 +68,10 @@ SHORT_POLL_MS = 10  # while an acknowledgement is being stored or a subscription
 BLOCKED_RETRY_S = 0.01  # a peer whose send queue is full is retried after this long
 READ_RETRY_S = 1.0  # a read that failed is retried after this long
 SNDHWM = 1000
-# Recent all-topics events kept encoded, shared by every all-topics follower near the head.
+# Recent all-topics events kept encoded, shared by every all-topics follower near the head:
+# at most this many, and at most this many bytes of them (payloads may be up to 1 MiB each).
 RECENT_EVENTS = 20_000
+RECENT_BYTES = 32 * 1024 * 1024
 
 
 class SubscribeError(ValueError):
@@ -205,6 +207,12 @@ class Subscription:
     caught_up: bool = False  # the last read found fewer events than asked (until the head moves)
     retry_at: float = 0.0  # its send queue was full: try again after this
     delivered: int = field(default=0)
+    # The deleted-events count (EventSource.expired_total) at the last look for a wholly
+    # expired stretch after the cursor; looked at again only once more events are deleted.
+    expired_checked: int = 0
+    # With a ``topics`` filter: the last seq sent of each topic, so a hole retention made in
+    # a topic after the subscription saw it is told (positions of other topics hide it).
+    seqs: dict[str, int] = field(default_factory=dict)
 
 
 _packer = msgpack.Packer(use_bin_type=True, autoreset=True)
@@ -255,12 +263,24 @@ class RecentEvents:
     head; followers further behind read the database themselves until they reach it.
     """
 
-    def __init__(self, size: int = RECENT_EVENTS) -> None:
+    def __init__(self, size: int = RECENT_EVENTS, max_bytes: int = RECENT_BYTES) -> None:
         self.size = size
+        self.max_bytes = max_bytes
         self._positions: list[int] = []
         self._packed: list[bytes] = []
+        self._bytes = 0  # of the encoded events held
         self.last: int | None = None  # every committed position up to this has been read
         self.complete = False  # the last read reached the head (until the head moves again)
+        self.expired_seen = 0  # EventSource.expired_total when what is held was read
+
+    def drop_expired(self, expired_total: int) -> None:
+        """Forget what is held once retention has deleted events since it was read: some of it
+        may be gone from the database, and a follower must never be sent a deleted event."""
+        if expired_total != self.expired_seen:
+            self.expired_seen = expired_total
+            self._positions.clear()
+            self._packed.clear()
+            self._bytes = 0
 
     def extend(self, source: EventSource, limit: int) -> None:
         """Read up to ``limit`` events after the last one held."""
@@ -268,14 +288,28 @@ class RecentEvents:
             self.last = source.head()
         rows = source.after(self.last, limit)
         for row in rows:
+            packed = _pack_event(row, True)
             self._positions.append(row[0])
-            self._packed.append(_pack_event(row, True))
+            self._packed.append(packed)
+            self._bytes += len(packed)
         if rows:
             self.last = rows[-1][0]
         self.complete = len(rows) < limit
-        if len(self._positions) > 2 * self.size:
-            del self._positions[: -self.size]
-            del self._packed[: -self.size]
+        if len(self._positions) > self.size or self._bytes > self.max_bytes:
+            self._trim()
+
+    def _trim(self) -> None:
+        """Keep the newest events within both bounds (half of each, so this runs now and then)."""
+        kept = kept_bytes = 0
+        for packed in reversed(self._packed):
+            if kept == self.size // 2 or kept_bytes + len(packed) > self.max_bytes // 2:
+                break
+            kept += 1
+            kept_bytes += len(packed)
+        cut = len(self._packed) - kept
+        del self._positions[:cut]
+        del self._packed[:cut]
+        self._bytes = kept_bytes
 
     def after(self, cursor: int, want: int) -> list[tuple[int, bytes]] | None:
         """Up to ``want`` held events after ``cursor``; None when the cursor is outside what is held."""
@@ -288,7 +322,7 @@ class RecentEvents:
             return None
         index = cursor + 1 - positions[0]
         if index >= len(positions) or positions[index] != cursor + 1:
-            return None  # positions with a gap (not made by this writer): read the database instead
+            return None  # positions with a gap (events deleted by retention): read the database instead
         return list(zip(positions[index : index + want], self._packed[index : index + want]))
 
 
@@ -613,10 +647,11 @@ class SubscriptionServer:
         more = False
         self._retrying = False
         # Shared by the followers at one cursor: (events, whether they are all committed after it).
-        reads: dict[tuple[Any, ...], tuple[list[tuple[int, bytes]], bool]] = {}
+        reads: dict[tuple[Any, ...], tuple[list[Any], bool]] = {}
         batch = self._config.batch_events
         recent = self._recent
         extended = False
+        expired_total: int | None = None  # read once a pass, when first needed
         for sub in list(self._subs.values()):
             if sub.caught_up or sub.credit <= 0:
                 continue
@@ -625,7 +660,11 @@ class SubscriptionServer:
                 continue
             want = min(sub.credit, batch)
             held = None
+            rows: list[Any]  # (cursor, packed event), with a ``topics`` filter plus (topic, seq)
             try:
+                if expired_total is None:
+                    expired_total = self._source.expired_total()
+                    recent.drop_expired(expired_total)
                 if sub.topic is None and sub.topics is None:
                     if not recent.complete and not extended:
                         extended = True
@@ -639,24 +678,33 @@ class SubscriptionServer:
                     if read is None:
                         read = reads[key] = self._read(sub, batch)
                     rows, complete = read
+                if rows:
+                    rows, complete = self._up_to_hole(sub, rows, complete)
+                elif complete and sub.topics is None and sub.expired_checked != expired_total:
+                    if self._expired_after_cursor(sub):
+                        more = True
+                        continue
+                    sub.expired_checked = expired_total
             except self._source.errors as exc:  # I/O error, lost connection: this one waits, the thread goes on
                 self._warn.warning("reading events for a subscription failed (%s); retrying", exc)
                 sub.retry_at = now + READ_RETRY_S
                 self._retrying = True
                 continue
-            taken = rows[:want]
+            taken: list[Any] = rows[:want]
             if not taken:
                 if complete:
                     sub.caught_up = True
                 else:
                     more = True  # a filtered scan skipped positions of other topics only
                 continue
-            message = _EVENTS_HEAD + _packer.pack_array_header(len(taken)) + b"".join(event for _, event in taken)
+            message = _EVENTS_HEAD + _packer.pack_array_header(len(taken)) + b"".join(item[1] for item in taken)
             if not self._send(sub.identity, message, sub):
                 sub.retry_at = now + BLOCKED_RETRY_S
                 self._retrying = True
                 continue
             sub.cursor = taken[-1][0]
+            if sub.topics is not None:
+                sub.seqs.update((row[2], row[3]) for row in taken)  # (position, packed, topic, seq)
             sub.credit -= len(taken)
             sub.delivered += len(taken)
             self.sent_events += len(taken)
@@ -666,9 +714,10 @@ class SubscriptionServer:
                 more = True
         return more
 
-    def _read(self, sub: Subscription, limit: int) -> tuple[list[tuple[int, bytes]], bool]:
-        """Up to ``limit`` events after the cursor as (cursor, packed event), and whether they are
-        all that is committed after it; tells the consumer of expired events first.
+    def _read(self, sub: Subscription, limit: int) -> tuple[list[Any], bool]:
+        """Up to ``limit`` events after the cursor as (cursor, packed event) (with a ``topics``
+        filter (position, packed event, topic, seq)), and whether they are all that is committed
+        after it; tells the consumer of expired events before the cursor's first one.
 
         With a topic filter one read scans at most FILTER_SCAN_ROWS positions; when it finds
         none of the topics the cursor moves past them.
@@ -676,13 +725,9 @@ class SubscriptionServer:
         source = self._source
         if sub.topic is not None:
             rows = source.topic_after(sub.topic, sub.cursor, limit)
-            if rows and rows[0][6] > sub.cursor + 1:
-                self._expired(sub, rows[0][6])
             return [(row[6], _pack_event(row, False)) for row in rows], len(rows) < limit
         if sub.topics is None:
             rows = source.after(sub.cursor, limit)
-            if rows and rows[0][0] > sub.cursor + 1:
-                self._check_expired(sub)
             return [(row[0], _pack_event(row, True)) for row in rows], len(rows) < limit
         # Read the head first: every position up to it is committed, so the scan below sees all of
         # them and may skip past the ones of other topics without missing one of these.
@@ -692,20 +737,90 @@ class SubscriptionServer:
         upper = min(head, sub.cursor + FILTER_SCAN_ROWS)
         rows = source.filtered(sub.cursor, upper, sorted(sub.topics), limit)
         if rows:
-            if rows[0][0] > sub.cursor + 1:
-                self._check_expired(sub)
-            return [(row[0], _pack_event(row, True)) for row in rows], len(rows) < limit and upper >= head
-        self._check_expired(sub)
-        sub.cursor = upper  # nothing of these topics up to ``upper``: skip it
+            packed = [(row[0], _pack_event(row, True), row[1], row[6]) for row in rows]
+            return packed, len(rows) < limit and upper >= head
+        if not self._check_expired(sub, head):
+            return [], False
+        sub.cursor = max(sub.cursor, upper)  # nothing of these topics up to ``upper``: skip it
         return [], upper >= head
 
-    def _check_expired(self, sub: Subscription) -> None:
+    def _check_expired(self, sub: Subscription, head: int) -> bool:
+        """Tell a filtered subscription of the events retention deleted from the start of commit
+        order past its cursor; False if the notice could not be sent. ``head`` was read before,
+        so every position up to it is committed: with nothing stored now, all were deleted."""
         first = self._source.first()
-        if first is not None and first > sub.cursor + 1:
-            self._expired(sub, first)
+        if first is None:
+            first = head + 1
+        return first <= sub.cursor + 1 or self._expired(sub, first)
 
-    def _expired(self, sub: Subscription, first: int) -> None:
-        """Tell the consumer that what follows its cursor up to ``first`` is no longer stored."""
+    def _up_to_hole(self, sub: Subscription, rows: list[Any], complete: bool) -> tuple[list[Any], bool]:
+        """The events read up to the first hole retention made after the cursor, the consumer told
+        of a hole just after the cursor first (rows shared by subscriptions at one cursor are
+        checked for each of them).
+
+        A topic's stored seqs run without gaps, so one topic's events can only start past the
+        cursor. Commit positions are gapless once committed, so without a filter a position
+        missing between the cursor and a stored event was deleted. With a ``topics`` filter,
+        positions of other topics are missing too: the start of commit order is compared with
+        the cursor, and a later hole shows as a seq skipped in a topic this subscription has
+        been sent before. Cut short at a hole, the rows are not all that follows the cursor.
+        """
+        first = rows[0][0]
+        if sub.topic is not None:
+            if first > sub.cursor + 1 and not self._expired(sub, first):
+                return [], False
+            return rows, complete
+        if sub.topics is None:
+            if first > sub.cursor + 1 and not self._expired(sub, first):
+                return [], False
+            if rows[-1][0] - first == len(rows) - 1:
+                return rows, complete
+            for index in range(1, len(rows)):
+                if rows[index][0] != rows[index - 1][0] + 1:
+                    return rows[:index], False
+            return rows, complete
+        if first > sub.cursor + 1 and not self._check_expired(sub, first - 1):
+            return [], False
+        seqs = sub.seqs
+        for index, (position, _, topic, seq) in enumerate(rows):
+            last = seqs.get(topic)
+            if last is not None and seq > last + 1:
+                if index:
+                    return rows[:index], False
+                if not self._expired(sub, position):
+                    return [], False
+        return rows, complete
+
+    def _expired_after_cursor(self, sub: Subscription) -> bool:
+        """With nothing stored after the cursor: tell the consumer if events were committed after
+        it all the same (retention deleted them), and move the cursor past them. The last
+        committed cursor is read first, then the events after the cursor again, so an event
+        committed in between is never taken for a deleted one. True to read again: events came
+        meanwhile, or the notice could not be sent yet.
+        """
+        source = self._source
+        if sub.topic is not None:
+            last = source.topic_last(sub.topic)
+            if last <= sub.cursor:
+                return False
+            if source.topic_after(sub.topic, sub.cursor, 1):
+                return True
+        else:
+            last = source.head()
+            if last <= sub.cursor:
+                return False
+            if source.after(sub.cursor, 1):
+                return True
+        return not self._expired(sub, last + 1)
+
+    def _expired(self, sub: Subscription, first: int) -> bool:
+        """Tell the consumer that what follows its cursor up to ``first`` is no longer stored and
+        move its cursor to just before ``first``; False (the cursor unmoved, the subscription
+        retried shortly) when its queue is full."""
+        if not self._send(sub.identity, {"op": "expired", "after": sub.cursor, "first": first}, sub):
+            sub.retry_at = time.monotonic() + BLOCKED_RETRY_S
+            self._retrying = True
+            return False
         log.warning(
             "subscription %s (name %r): events after %d expired; the first still stored is %d",
             sub.identity.hex(),
@@ -713,4 +828,5 @@ class SubscriptionServer:
             sub.cursor,
             first,
         )
-        self._send(sub.identity, {"op": "expired", "after": sub.cursor, "first": first}, sub)
+        sub.cursor = first - 1
+        return True

@@ -323,3 +323,34 @@ def test_a_size_budget_no_deletion_can_meet_is_named(daemon_factory: Callable[..
     eventually(lambda: a.stats()["cluster"]["stored"] == 0, 30, "the budget to delete every event")
     words = "[retention] max_bytes '100' cannot be met: with no event left stored the database still holds"
     eventually(lambda: words in a.log() + b.log(), 15, "the sweeping daemon's warning")
+
+
+@pytest.mark.timeout(240)
+def test_followers_on_another_daemon_are_never_sent_what_the_cluster_deleted(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    a, b = two_daemons(daemon_factory, database, max_age="2s")
+    live = RawConsumer(b.subscribe)  # fills daemon B's shared window of recent events
+    to_a = Acked(a.ack)
+    try:
+        live.send({"op": "subscribe", "after": 0, "credit": 1000})
+        assert live.receive()["op"] == "subscribed"
+        assert to_a.send_all([event(n, topic=f"t{n % 2}") for n in range(100)])[0] == 100
+        got = 0
+        while got < 100:
+            got += len(live.receive()["events"])
+        wait_cluster(b, stored=0, expired=100)
+    finally:
+        to_a.close()
+        live.close()
+    ((head,),) = query(database, "SELECT last FROM positions")
+    for request in ({}, {"topic": "t0"}):
+        late = RawConsumer(b.subscribe)
+        try:
+            late.send({"op": "subscribe", "after": 0, "credit": 1000, **request})
+            assert late.receive()["op"] == "subscribed"
+            first = 51 if request else head + 1
+            assert late.receive() == {"op": "expired", "after": 0, "first": first}, request
+            assert late.quiet(0.5) == [], request
+        finally:
+            late.close()

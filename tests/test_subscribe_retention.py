@@ -1,0 +1,142 @@
+"""Followers and retention (docs/subscribe.md, docs/retention.md): whatever retention deleted
+after a consumer's cursor is told in an ``expired`` message before what follows, never sent and
+never skipped in silence. Real daemon, real sockets, real SQLite, retention really sweeping.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from harness import Daemon
+from test_retention import Acked, event, retention_daemon
+from test_subscribe import RawConsumer
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+
+def stored_positions(daemon: Daemon) -> list[int]:
+    conn = sqlite3.connect(daemon.db_path, timeout=10)
+    try:
+        return [position for (position,) in conn.execute("SELECT rowid FROM events WHERE topic <> '' ORDER BY rowid")]
+    finally:
+        conn.close()
+
+
+def follow(consumer: RawConsumer, until: int) -> list[dict[str, Any]]:
+    """Every message (events and notices) up to the one that reaches position ``until``."""
+    got: list[dict[str, Any]] = []
+    while True:
+        message = consumer.receive()
+        got.append(message)
+        if message["op"] == "events" and message["events"][-1]["position"] >= until:
+            return got
+
+
+def subscribed(daemon: Daemon, **request: Any) -> RawConsumer:
+    consumer = RawConsumer(daemon.subscribe)
+    consumer.send({"op": "subscribe", **request})
+    assert consumer.receive()["op"] == "subscribed"
+    return consumer
+
+
+def test_every_hole_a_per_topic_limit_leaves_in_commit_order_is_told(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = retention_daemon(daemon_factory, max_events_per_topic=5)
+    publisher = Acked(daemon.ack)
+    try:
+        # Three acknowledged batches, so commit order is A1-A20, B1-B2, A21-A40: the limit then
+        # deletes A's oldest from the middle of commit order, around B's events.
+        publisher.send([event(n, topic="A") for n in range(20)])
+        publisher.send([event(n, topic="B") for n in range(2)])
+        publisher.send([event(n, topic="A") for n in range(20, 40)])
+        daemon.wait_stats(timeout=60, stored=7, expired=35)
+    finally:
+        publisher.close()
+    stored = stored_positions(daemon)
+    assert len(stored) == 7 and stored != list(range(stored[0], stored[0] + 7))  # a hole in the middle
+    consumer = subscribed(daemon, after=0, credit=100)
+    try:
+        messages = follow(consumer, stored[-1])
+    finally:
+        consumer.close()
+    cursor, sent = 0, []
+    for message in messages:
+        if message["op"] == "expired":
+            assert message["after"] == cursor, messages
+            cursor = message["first"] - 1
+            continue
+        for got in message["events"]:
+            assert got["position"] == cursor + 1, messages  # each event follows the cursor or a notice
+            cursor = got["position"]
+            sent.append(cursor)
+    assert sent == stored
+
+
+def test_a_cursor_with_every_later_event_deleted_is_told_in_each_kind_of_subscription(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    daemon = retention_daemon(daemon_factory, max_age="1s")
+    publisher = Acked(daemon.ack)
+    try:
+        publisher.send([event(n, topic="t") for n in range(50)])
+    finally:
+        publisher.close()
+    daemon.wait_stats(timeout=60, stored=0, expired=50)
+    for request in ({"topic": "t"}, {}, {"topics": ["t", "u"]}):
+        consumer = subscribed(daemon, after=10, credit=100, **request)
+        try:
+            assert consumer.receive() == {"op": "expired", "after": 10, "first": 51}, request
+            assert consumer.quiet(0.5) == [], request
+        finally:
+            consumer.close()
+
+
+def test_a_follower_is_never_sent_events_retention_deleted_from_the_recent_window(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    daemon = retention_daemon(daemon_factory, max_age="2s")
+    live = subscribed(daemon, after=0, credit=1000)  # keeps the shared window of recent events filled
+    publisher = Acked(daemon.ack)
+    try:
+        publisher.send([event(n, topic=f"t{n % 2}") for n in range(100)])
+        assert len(follow(live, 100)) >= 1
+        daemon.wait_stats(timeout=60, stored=0, expired=100)
+        late = subscribed(daemon, after=0, credit=1000)
+        try:
+            assert late.receive() == {"op": "expired", "after": 0, "first": 101}
+            assert late.quiet(0.5) == []
+        finally:
+            late.close()
+        # New events after the expiry reach both followers, and only they do.
+        publisher.send([event(n, topic="t0") for n in range(100, 103)])
+        got = [e["position"] for m in live.quiet(1.0) if m["op"] == "events" for e in m["events"]]
+        assert got == [101, 102, 103]
+    finally:
+        publisher.close()
+        live.close()
+
+
+def test_a_filtered_follower_is_told_of_a_hole_in_a_topic_it_has_been_sent(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    daemon = retention_daemon(daemon_factory, max_events_per_topic=5)
+    publisher = Acked(daemon.ack)
+    consumer = None
+    try:
+        publisher.send([event(n, topic="A") for n in range(5)])  # positions 1-5
+        consumer = subscribed(daemon, topics=["A", "B"], after=0, credit=5)
+        assert [e["position"] for e in follow(consumer, 5)[-1]["events"]] == [1, 2, 3, 4, 5]
+        publisher.send([event(0, topic="B")])  # position 6
+        publisher.send([event(n, topic="A") for n in range(5, 20)])  # positions 7-21
+        daemon.wait_stats(timeout=60, stored=6, expired=15)  # A1-A15 gone; A16-A20 at 17-21 stay
+        consumer.send({"op": "credit", "credit": 100})
+        messages = follow(consumer, 21)
+    finally:
+        publisher.close()
+        if consumer is not None:
+            consumer.close()
+    assert messages[0]["op"] == "events" and [e["position"] for e in messages[0]["events"]] == [6]
+    assert messages[1] == {"op": "expired", "after": 6, "first": 17}
+    assert [e["position"] for m in messages[2:] for e in m["events"]] == [17, 18, 19, 20, 21]
