@@ -58,6 +58,7 @@ from actors.stats import StatsActor
 from actors.store import (
     CONTENT_BACK_BYTES,
     COUNTER_NAMES,
+    NO_TIMESTAMP,
     Content,
     EventReader,
     Row,
@@ -1159,14 +1160,20 @@ class PostgresDedupActor(DedupActor):
         self, keys: list[tuple[str, str]], unknown_topics: list[str], keys_json: str | None = None
     ) -> ClassifyResult:
         """A hint: what is stored now, or nothing while the database is away (the write settles it).
-        ``keys_json`` is not needed here: PostgreSQL takes the keys as two arrays."""
+        ``keys_json`` is not needed here: PostgreSQL takes the keys as two arrays.
+
+        Every unknown topic gets a state, a topic never seen's when the database cannot say: the
+        ordering actor adopts each one before it orders the topic's events, and the write numbers
+        them from the locked ``last_seq`` whatever the hint was.
+        """
         existing: set[tuple[str, str]] = set()
         contents: StoredContents = {}
-        states: dict[str, TopicState] = {}
+        states = dict.fromkeys(unknown_topics, TopicState(0, NO_TIMESTAMP))
         if not self._failures:
             try:
                 existing, contents = self._pg.lookup(keys)
-                states = self._pg.topic_states(unknown_topics) if unknown_topics else {}
+                if unknown_topics:
+                    states.update(self._pg.topic_states(unknown_topics))
             except Exception as exc:
                 log.warning(
                     "lookup on %s failed (%s); the write will settle these events", self._pg.where, one_line(exc)

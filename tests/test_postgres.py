@@ -445,3 +445,27 @@ def test_pages_stop_at_max_page_bytes_and_name_the_first_stored_event(
     tiny.start()
     reply = tiny.request({"op": "events", "topic": "fat", "limit": 100})
     assert [event["event_id"] for event in reply["events"]] == ["e0"]  # a page always holds one event
+
+
+@pytest.mark.timeout(180)
+def test_a_topic_first_seen_while_the_connection_is_stale_is_stored_once_postgresql_is_back(
+    daemon_factory: Callable[..., Daemon], database: str, pg: PgCluster
+) -> None:
+    """After a PostgreSQL restart the writer's connection is dead: the lookup of a new topic
+    fails, and its events must wait for the write (which reconnects), not stop the daemon."""
+    daemon = pg_daemon(daemon_factory, "node0", database).start()
+    with Publisher(daemon.ack, ack_timeout=2.0, deadline=60.0) as publisher:
+        publisher.publish_many(plan(100, 0.0, 1, 5, "before"))
+        publisher.flush(60)
+    pg.stop()
+    pg.start()
+    events = [dict(event, topic="after-restart") for event in plan(50, 0.0, 1, 6, "after")]
+    with Publisher(daemon.ack, ack_timeout=2.0, deadline=60.0) as publisher:
+        publisher.publish_many(events)
+        publisher.flush(60)
+        assert publisher.totals.acked_new == 50
+    assert daemon.proc is not None and daemon.proc.poll() is None
+    assert "error" not in daemon.request({"op": "health"})
+    rows = query(database, "SELECT seq FROM events WHERE topic = 'after-restart' ORDER BY seq")
+    assert [seq for (seq,) in rows] == list(range(1, 51))
+    assert "Unhandled exception" not in daemon.log()
