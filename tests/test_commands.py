@@ -12,6 +12,7 @@ import pytest
 from harness import ROOT
 
 from actors.cli import COMMANDS, main
+from transport.commands.stats import table
 
 SCRIPTS = {
     "aggregatord.py": "run",
@@ -85,3 +86,12 @@ def test_an_endpoint_or_topic_that_cannot_work_is_refused_before_connecting(
         main(argv)
     assert leaving.value.code == 2
     assert words in capsys.readouterr().err
+
+
+def test_stats_prints_a_nested_map_as_a_block_of_its_own() -> None:
+    lines = table({"uptime_s": 1.5, "received": 12_000, "cluster": {"received": 30_000, "late": 0}})
+    assert lines[0].split() == ["received", "12,000"]
+    assert lines[1].split() == ["uptime_s", "1.5"]
+    assert lines[2] == "  cluster:"
+    assert [line.split() for line in lines[3:]] == [["received", "30,000"], ["late", "0"]]
+    assert all(line.startswith("    ") for line in lines[3:])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from transport.client import QueryClient, QueryClientError
 from transport.commands.client_flags import (
@@ -67,14 +68,27 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.json:
         print(json.dumps(stats, sort_keys=True))
         return 0
-    keys = [k for k in ORDER if k in stats] + sorted(k for k in stats if k not in ORDER)
-    width = max(len(k) for k in keys)
     print(f"eventagg at {endpoint}")
-    for key in keys:
-        value = stats[key]
-        shown = f"{value:,}" if isinstance(value, int) else str(value)
-        print(f"  {key:<{width}}  {shown:>14}")
+    print("\n".join(table(stats)))
     return 0
+
+
+def table(stats: dict[str, Any], indent: str = "  ") -> list[str]:
+    """One line a figure, the known ones first in :data:`ORDER`; a nested map (``cluster`` on
+    PostgreSQL) as a titled block of its own, indented one step more."""
+    keys = [k for k in ORDER if k in stats] + sorted(k for k in stats if k not in ORDER)
+    flat = [k for k in keys if not isinstance(stats[k], dict)]
+    width = max((len(k) for k in flat), default=0)
+    lines = []
+    for key in flat:
+        value = stats[key]
+        shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+        lines.append(f"{indent}{key:<{width}}  {shown:>14}")
+    for key in keys:
+        if isinstance(stats[key], dict):
+            lines.append(f"{indent}{key}:")
+            lines.extend(table(stats[key], indent + "  "))
+    return lines
 
 
 if __name__ == "__main__":
