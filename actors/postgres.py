@@ -327,14 +327,18 @@ def connect(dsn: str, node: str, purpose: str) -> psycopg.Connection[Any]:
 def migrate(conn: psycopg.Connection[Any], node: str) -> int:
     """Create or migrate the schema under an advisory lock; the version it is at.
 
-    Raises :class:`StorageError` for a database made by a newer eventagg.
+    Raises :class:`StorageError` for a database made by a newer eventagg. A database already at
+    this version is only read, so a role without CREATE on the schema can run the daemon once
+    its owner has migrated it.
     """
     conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
     try:
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS eventagg_schema ("
-            " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now(), applied_by text NOT NULL)"
-        )
+        (table,) = conn.execute("SELECT to_regclass('eventagg_schema')").fetchone() or (None,)
+        if table is None:
+            conn.execute(
+                "CREATE TABLE eventagg_schema ("
+                " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now(), applied_by text NOT NULL)"
+            )
         row = conn.execute("SELECT coalesce(max(version), 0) FROM eventagg_schema").fetchone()
         version = int(row[0]) if row else 0
         if version > SCHEMA_VERSION:

@@ -469,3 +469,25 @@ def test_a_topic_first_seen_while_the_connection_is_stale_is_stored_once_postgre
     rows = query(database, "SELECT seq FROM events WHERE topic = 'after-restart' ORDER BY seq")
     assert [seq for (seq,) in rows] == list(range(1, 51))
     assert "Unhandled exception" not in daemon.log()
+
+
+@pytest.mark.timeout(120)
+def test_a_role_without_create_runs_a_daemon_on_a_database_its_owner_migrated(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    owner = pg_daemon(daemon_factory, "owner", database).start()
+    assert owner.terminate() == 0
+    for statement in (
+        "DROP ROLE IF EXISTS eventagg_runtime",
+        "CREATE ROLE eventagg_runtime LOGIN",
+        "REVOKE CREATE ON SCHEMA public FROM PUBLIC",
+        "GRANT USAGE ON SCHEMA public TO eventagg_runtime",
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO eventagg_runtime",
+    ):
+        query(database, statement)
+    runtime_dsn = database.replace("postgresql://postgres@", "postgresql://eventagg_runtime@")
+    daemon = pg_daemon(daemon_factory, "runtime", runtime_dsn).start()
+    with Publisher(daemon.ack, ack_timeout=2.0, deadline=30.0) as publisher:
+        publisher.publish_many(plan(20, 0.0, 2, 8, "r"))
+        publisher.flush(30)
+        assert publisher.totals.acked_new == 20
