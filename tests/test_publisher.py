@@ -417,3 +417,39 @@ def test_curve_from_keys_or_config_in_the_library_and_in_publish_py(
         timeout=60,
     )
     assert plain.returncode == 1 and "took the connection but the security handshake failed" in plain.stderr
+
+
+def test_close_hands_back_the_events_it_could_not_get_acknowledged() -> None:
+    events = [make_event(i, 2, "cl") for i in range(30)]
+    publisher = Publisher(nowhere(), batch_size=10, ack_timeout=0.2, deadline=None, close_timeout=0.5)
+    publisher.publish_many(events)
+    with pytest.raises(PublishTimeout) as caught:
+        publisher.close()
+    assert caught.value.events == events
+    assert "publishing them again is safe" in str(caught.value)
+    with pytest.raises(PublisherClosed):
+        publisher.publish(events[0])
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(60)
+def test_closing_a_fail_over_publisher_waits_for_a_silent_daemons_batches_to_go_elsewhere(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    silent, alive = daemon_factory("silent").start(), daemon_factory("alive").start()
+    silent.kill()
+    events = plan(200, 0.0, 20, 4, "fo")
+    publisher = Publisher(
+        endpoints=[silent.ack, alive.ack],
+        batch_size=20,
+        ack_timeout=0.5,
+        deadline=3.0,
+        close_timeout=1.0,
+        backoff=Backoff(base=0.05, cap=0.2),
+    )
+    publisher.publish_many(events)
+    started = time.monotonic()
+    publisher.close()  # waits past the deadline: the silent daemon's batches then go to the other
+    assert time.monotonic() - started >= 1.0
+    assert publisher.totals.acked_new == 200
+    assert alive.wait_stats(unique_processed=200)["unique_processed"] == 200

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from transport.publisher import DeliveryFailed, Publisher, PublishTimeout, Totals
+from transport.publisher import DeliveryFailed, Publisher, PublishTimeout, Totals, closed_unacknowledged
 
 # How long one attempt to queue an event on a daemon may wait before routing is looked at again.
 _ROUTE_STEP_S = 0.05
@@ -160,12 +160,24 @@ class AffinePublisher(Publisher):
         return self.unacknowledged
 
     def close(self, timeout: float | None = None, flush: bool = True) -> None:
-        """Flush (unless ``flush`` is False), then close every daemon's publisher."""
+        """Flush (unless ``flush`` is False), then close every daemon's publisher.
+
+        By default it waits ``close_timeout``, and at least a little past ``deadline``: batches a
+        silent daemon holds go to the others only once their deadline has passed. On a timeout
+        the error's ``events`` holds every event not acknowledged.
+        """
         if self._closed:
             return
+        first = self._publishers[self.endpoints[0]]
+        wait = first.close_timeout if timeout is None else timeout
+        if timeout is None and first.deadline is not None:
+            wait = max(wait, first.deadline + self.failover_after)
         try:
             if flush:
-                self.flush(timeout if timeout is not None else self._publishers[self.endpoints[0]].close_timeout)
+                self.flush(wait)
+        except PublishTimeout as exc:
+            held = [event for publisher in self._publishers.values() for event in publisher.held_events()]
+            raise closed_unacknowledged(self.endpoint, wait, held) from exc
         finally:
             self._closed = True
             for publisher in self._publishers.values():

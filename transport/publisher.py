@@ -112,10 +112,24 @@ class PublishTimeout(PublisherError):
 
     The event being published was not queued (for :meth:`Publisher.publish_many`: only the
     first ``queued`` events were). Nothing queued earlier is lost: the publisher still holds
-    it and keeps retrying on the next call.
+    it and keeps retrying on the next call. Raised by ``close()`` (the publisher then holds
+    nothing), ``events`` has every event not acknowledged, in the order published: publishing
+    them again is safe.
     """
 
-    queued: int = 0
+    def __init__(self, message: str, events: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.queued = 0
+        self.events: list[dict[str, Any]] = events if events is not None else []
+
+
+def closed_unacknowledged(endpoint: str, waited: float, events: list[dict[str, Any]]) -> PublishTimeout:
+    """The error ``close()`` raises when acknowledgements did not all come in time."""
+    return PublishTimeout(
+        f"closed with {len(events)} events not acknowledged by {endpoint} within {waited:g} s; "
+        f"they are in this error's .events, and publishing them again is safe",
+        events,
+    )
 
 
 class BatchRefused(PublisherError):
@@ -302,6 +316,7 @@ class Publisher:
         self.ack_timeout = ack_timeout
         self.block_timeout = block_timeout
         self.close_timeout = close_timeout
+        self.deadline = deadline
         self.max_payload_bytes = max_payload_bytes
         self.max_batch_bytes = max_batch_bytes
         self.totals = Totals()
@@ -438,6 +453,8 @@ class Publisher:
         try:
             if flush:
                 self.flush(wait)
+        except PublishTimeout as exc:
+            raise closed_unacknowledged(self.endpoint, wait, self.held_events()) from exc
         finally:
             self._closed = True
             # Acknowledged batches were settled (or handed back) above: nothing queued matters.
@@ -453,6 +470,12 @@ class Publisher:
     def __repr__(self) -> str:
         mode = "acked" if self.acked else "fire-and-forget"
         return f"Publisher({self.endpoint!r}, {mode}, unacknowledged={self.unacknowledged})"
+
+    def held_events(self) -> list[dict[str, Any]]:
+        """Every event held (sent and not yet acknowledged, then pending), in the order published."""
+        events = [event for batch in self._in_flight.values() for event in batch.events]
+        events.extend(self._pending.events)
+        return events
 
     @property
     def unacknowledged(self) -> int:
@@ -727,8 +750,7 @@ class Publisher:
 
     def _abandon(self) -> DeliveryFailed:
         """Drop every unacknowledged event into a :class:`DeliveryFailed` and start afresh."""
-        events = [event for batch in self._in_flight.values() for event in batch.events]
-        events.extend(self._pending.events)
+        events = self.held_events()
         attempts = self._budget.failures
         elapsed = self._budget.elapsed()
         self.totals.abandoned += len(events)
