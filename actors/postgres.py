@@ -67,9 +67,11 @@ from actors.store import (
     TopicDelta,
     TopicState,
 )
+from actors.watchdog import ping_timeout
 from transport.config import RetentionConfig
 from transport.queries import Query
 from transport.schema import Event
+from transport.sdnotify import NotifyError, watchdog_interval
 
 if TYPE_CHECKING:
     import psycopg
@@ -84,6 +86,7 @@ MIGRATION_LOCK = 0x6576656E74616767
 SWEEP_LOCK = MIGRATION_LOCK + 1
 CONNECT_TIMEOUT_S = 3  # libpq's minimum is 2
 STATEMENT_TIMEOUT_MS = 30_000
+MIN_STATEMENT_TIMEOUT_MS = 500
 # The subscription thread serves every consumer: one slow read must not stall it for long.
 SUBSCRIBE_STATEMENT_TIMEOUT_MS = 5_000
 # How often the subscription thread reads the head for other daemons' commits: a safety net
@@ -324,6 +327,25 @@ def connect(dsn: str, node: str, purpose: str) -> psycopg.Connection[Any]:
     return conn
 
 
+def running_statement_timeout_ms() -> int:
+    """The statement timeout of the writer's and the reader's connections once the daemon runs.
+
+    Under a systemd watchdog, half what a liveness ping may take: an actor waiting on the
+    database (a lock held by another session's ``VACUUM FULL`` or ``ALTER TABLE``, a server too
+    busy to answer) must still answer its ping, or systemd restarts every daemon on the database.
+    The statement is cancelled instead, rolled back and retried with the rest of the failures.
+    Start-up keeps :data:`STATEMENT_TIMEOUT_MS`: migrations and a wait for another daemon's may
+    take longer, and pings start only once the daemon is ready.
+    """
+    try:
+        interval = watchdog_interval()
+    except NotifyError:
+        interval = None  # the daemon refuses to start over it, with the reason
+    if interval is None:
+        return STATEMENT_TIMEOUT_MS
+    return max(MIN_STATEMENT_TIMEOUT_MS, min(STATEMENT_TIMEOUT_MS, int(ping_timeout(interval) * 500)))
+
+
 def migrate(conn: psycopg.Connection[Any], node: str) -> int:
     """Create or migrate the schema under an advisory lock; the version it is at.
 
@@ -378,12 +400,15 @@ class PostgresStore:
         self._known_topics: set[str] = set()  # topics whose counter row exists
         self._last_txn = 0
         self._unknown: tuple[int, GroupOutcome] | None = None  # a COMMIT whose outcome was lost
+        self._running_timeout_ms: int | None = None  # set once started (running_statement_timeout_ms)
 
     def open(self) -> dict[str, int]:
         """Connect, migrate, claim this node's row; this node's committed counters."""
         conn = self._connection(NODE_LOCK_WAIT_S)
         migrate(conn, self.node)
         conn.execute("INSERT INTO nodes (node) VALUES (%s) ON CONFLICT DO NOTHING", (self.node,))
+        self._running_timeout_ms = running_statement_timeout_ms()
+        conn.execute(f"SET statement_timeout = {self._running_timeout_ms}")
         return self.counters()
 
     def _connection(self, claim_wait_s: float = 0.0) -> psycopg.Connection[Any]:
@@ -393,6 +418,8 @@ class PostgresStore:
                 self._conn = None
             conn = connect(self.dsn, self.node, "writer")
             self._claim_node(conn, claim_wait_s)
+            if self._running_timeout_ms is not None:
+                conn.execute(f"SET statement_timeout = {self._running_timeout_ms}")
             self._conn = conn
         return self._conn
 
@@ -874,6 +901,7 @@ class PostgresReader:
         for attempt in (1, 2):
             if self._conn is None or self._conn.closed or self._conn.broken:
                 self._conn = connect(self.dsn, self.node, "reader")
+                self._conn.execute(f"SET statement_timeout = {running_statement_timeout_ms()}")
             try:
                 return self._conn.execute(sql, params).fetchall()
             except pg.OperationalError as exc:

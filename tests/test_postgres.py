@@ -389,6 +389,38 @@ def test_systemd_hears_of_the_outage_and_the_watchdog_keeps_being_fed(
         listener.close()
 
 
+@pytest.mark.timeout(180)
+def test_a_lock_held_on_the_events_table_does_not_starve_the_watchdog(
+    daemon_factory: Callable[..., Daemon], database: str, tmp_path: Path
+) -> None:
+    """Another session holds an ACCESS EXCLUSIVE lock (as VACUUM FULL or ALTER TABLE would) for
+    longer than WatchdogSec: the daemon's statements give up and retry, so it keeps answering."""
+    import psycopg
+    from harness import env_with
+    from test_sdnotify import NotifyListener, max_gap
+
+    listener = NotifyListener(str(tmp_path / "notify.sock"))
+    try:
+        daemon = pg_daemon(daemon_factory, "node0", database)
+        daemon.start(env=env_with(NOTIFY_SOCKET=str(tmp_path / "notify.sock"), WATCHDOG_USEC="4000000"))
+        listener.wait_for("READY=1", 30)
+        stream = ["--events", "2000", "--topics", "5", "--rate", "200", "--ack-timeout", "2", "--deadline", "120"]
+        publisher = start_publish([daemon.ack], *stream)
+        eventually(lambda: committed(daemon) > 100, 60, "events committed before the lock")
+        with psycopg.connect(database) as locker:
+            locker.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+            locked_at = time.monotonic()
+            time.sleep(6)  # > WatchdogSec=4
+            locker.rollback()
+        during = [at for at in listener.times("WATCHDOG=1") if locked_at <= at <= locked_at + 6]
+        # Checks come every 2 s; a gap of 4 s would get the service killed.
+        assert max_gap([locked_at, *during, locked_at + 6]) < 4.0, "watchdog pings stopped behind the lock"
+        assert finish(publisher)["unacked"] == 0
+        assert daemon.proc is not None and daemon.proc.poll() is None
+    finally:
+        listener.close()
+
+
 def test_a_version_1_database_is_migrated_and_its_node_keeps_its_counters(
     daemon_factory: Callable[..., Daemon], database: str
 ) -> None:
