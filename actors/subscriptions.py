@@ -475,7 +475,8 @@ class SubscriptionServer:
             try:
                 self._handle(identity, parts[1:])
             except SubscribeError as exc:
-                self._warn.warning("bad subscription message: %s", exc)
+                what = "bad subscription message" if exc.code == "bad_request" else f"refused a subscriber ({exc.code})"
+                self._warn.warning("%s: %s", what, exc)
                 self._send(identity, {"op": "error", "code": exc.code, "error": str(exc)})
 
     def _handle(self, identity: bytes, frames: list[bytes]) -> None:
@@ -531,6 +532,7 @@ class SubscriptionServer:
                 after = stored[1] if stored is not None else 0
         if after is None:
             after = 0
+        self._check_not_past_head(request.topic, after)
         replaced = self._subs.get(identity)
         if replaced is None and len(self._subs) >= self._config.max_consumers:
             raise SubscribeError(
@@ -562,10 +564,26 @@ class SubscriptionServer:
         if request.topics is not None:
             reply["topics"] = sorted(request.topics)
         reply["heartbeat_ms"] = self._config.heartbeat_ms
+        reply["max_credit"] = self._config.max_credit
         if request.ref is not None:
             reply["ref"] = request.ref
         self._send(identity, reply)
         log.info("subscription %s: topic %r after %d, name %r", identity.hex(), request.topic, after, request.name)
+
+    def _check_not_past_head(self, topic: str | None, after: int) -> None:
+        """Refuse a cursor past what was ever committed: events stored later would get cursors at
+        or below it and be skipped unseen (a mistyped ``after``, or a position from another
+        database)."""
+        try:
+            last = self._source.topic_last(topic) if topic is not None else self._source.head()
+        except self._source.errors as exc:
+            raise SubscribeError(f"cannot read where the stream ends: {exc}", code="unavailable") from None
+        if after > last:
+            where = f"the last seq of topic {topic!r}" if topic is not None else "the last commit position"
+            raise SubscribeError(
+                f"after {after} is past {where}, {last}: nothing was ever committed there, and later "
+                f"events would be skipped; subscribe after {last} or less"
+            )
 
     def _ack(self, sub: Subscription, request: dict[Any, Any]) -> None:
         if sub.name is None:

@@ -279,6 +279,7 @@ def test_a_raw_consumer_gets_exactly_its_credit_and_bad_messages_change_nothing(
             "after": 0,
             "name": "raw",
             "heartbeat_ms": 1000,
+            "max_credit": 10_000,
             "ref": 7,
         }
         got = []

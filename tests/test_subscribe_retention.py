@@ -140,3 +140,31 @@ def test_a_filtered_follower_is_told_of_a_hole_in_a_topic_it_has_been_sent(
     assert messages[0]["op"] == "events" and [e["position"] for e in messages[0]["events"]] == [6]
     assert messages[1] == {"op": "expired", "after": 6, "first": 17}
     assert [e["position"] for m in messages[2:] for e in m["events"]] == [17, 18, 19, 20, 21]
+
+
+def test_a_cursor_past_anything_committed_is_refused(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory(subscribe={"max_consumers": 1}).start()
+    publisher = Acked(daemon.ack)
+    try:
+        publisher.send([event(n, topic="t") for n in range(10)])
+    finally:
+        publisher.close()
+    consumer = RawConsumer(daemon.subscribe)
+    other = RawConsumer(daemon.subscribe)
+    try:
+        consumer.send({"op": "subscribe", "after": 999, "credit": 10})
+        refused = consumer.receive()
+        assert refused["code"] == "bad_request" and "past the last commit position, 10" in refused["error"]
+        consumer.send({"op": "subscribe", "topic": "t", "after": 11, "credit": 10})
+        refused = consumer.receive()
+        assert "past the last seq of topic 't', 10" in refused["error"] and "after 10 or less" in refused["error"]
+        consumer.send({"op": "subscribe", "topic": "t", "after": 10, "credit": 10})
+        answer = consumer.receive()
+        assert answer["op"] == "subscribed" and answer["max_credit"] == 10_000
+        other.send({"op": "subscribe", "after": 0, "credit": 10})
+        assert other.receive()["code"] == "busy"
+    finally:
+        consumer.close()
+        other.close()
+    assert "refused a subscriber (busy)" in daemon.log()
+    assert "bad subscription message: the daemon serves" not in daemon.log()
