@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from harness import Daemon, publish
+from harness import Daemon, eventually, publish
 
 from transport.subscriber import Subscriber
 
@@ -116,3 +116,15 @@ def test_the_daemons_announced_heartbeat_sizes_the_silence_tolerated(
         assert subscriber.next_event(5.0) is None  # heartbeats every 2 s, beyond the 1 s timeout
         assert subscriber.subscribed
         assert subscriber.reconnects == 0, caplog.text
+
+
+@pytest.mark.timeout(120)
+def test_a_position_past_the_head_shows_a_negative_lag(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory(**FAST).start()
+    publish(daemon.ack, "--acked", "--events", "30", "--topics", "1")
+    with Subscriber(daemon.subscribe, "topic-0", after=100, name="ahead") as subscriber:
+        assert subscriber.next_event(1.0) is None
+        subscriber.ack(100)  # explicitly: the daemon stores what it is told, up to the cursor
+        eventually(lambda: subscriber.next_event(0.1) is None and subscriber.acked == 100, 10, "the ack stored")
+    [row] = daemon.request({"op": "consumers"})["consumers"]
+    assert (row["position"], row["lag"]) == (100, -70)
