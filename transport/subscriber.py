@@ -24,7 +24,8 @@ confirm it has stored it (subscribing again and re-sending it if the daemon had 
 subscription) and logs an error if it could not. Only events taken in this session are
 acknowledged: a cursor given as ``after`` is not a position processed. Leaving a ``with`` block
 by an exception acknowledges up to the event before the one being handled. A later
-subscription with the same name and no ``after`` resumes from there. The wire protocol is in docs/subscribe.md.
+subscription with the same name and no ``after`` resumes from there. The wire protocol is in
+docs/subscribe.md.
 """
 
 from __future__ import annotations
@@ -174,11 +175,11 @@ class Subscriber:
     def close(self) -> None:
         """Acknowledge what was taken (named subscriber), say goodbye and close the socket.
 
-        Waits up to ``CLOSE_ACK_WAIT_S`` for the daemon to confirm; should the daemon have dropped the
-        subscription meanwhile (a handler slower than its ``timeout_ms``), the answer
-        ``not_subscribed`` makes this side subscribe again and the ack goes out once more.
-        An acknowledgement not confirmed in time is logged as an error (``acked`` keeps the
-        last confirmed position).
+        Waits up to ``CLOSE_ACK_WAIT_S`` for the daemon to confirm; should the daemon have
+        dropped the subscription meanwhile (a handler slower than its ``timeout_ms``), the
+        answer ``not_subscribed`` makes this side subscribe again and the ack goes out once
+        more. An acknowledgement not confirmed in time is logged as an error (``acked`` keeps
+        the last confirmed position).
         """
         self._close(self._taken_cursor)
 
@@ -330,7 +331,8 @@ class Subscriber:
     def _regrant_when_quiet(self, now: float) -> None:
         """Grant afresh when the application waits on an empty buffer, credit seems outstanding and
         no event came for a heartbeat: the daemon's cap may be lower than the one assumed, and
-        then it holds none. At the head this only adds to the daemon's credit, within its cap."""
+        then it holds none. Once per quiet spell; at the head it only adds to the credit the
+        daemon holds, which its ``max_credit`` still bounds."""
         quiet = now - self._last_event_at >= self.heartbeat
         if quiet and not self._buffer and self._granted > 0 and not self._regranted:
             self._regranted = True
