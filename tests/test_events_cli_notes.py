@@ -81,3 +81,14 @@ def test_following_a_busy_daemon_says_so_on_stderr(daemon_factory: Callable[...,
     status, _, err = interrupt(proc)
     assert status == 0, err
     assert "is busy" in err and "retrying" in err
+
+
+@pytest.mark.timeout(120)
+def test_following_every_topic_past_the_head_warns(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory().start()
+    publish(daemon.ack, "--acked", "--events", "30", "--topics", "2")
+    at_head = follow(daemon, "--after", "30")  # the last event: nothing to say
+    past = follow(daemon, "--after", "999999")
+    eventually(lambda: daemon.log().count("subscription ") >= 2, 30, "both followers subscribed")
+    assert "beyond" not in interrupt(at_head)[2]
+    assert "--after 999999 is beyond the last stored commit position" in interrupt(past)[2]
