@@ -1,4 +1,5 @@
-"""The dedup actor's expiry transactions end on any exception, not only SQLite's."""
+"""The dedup actor's expiry: its transactions end on any exception, not only SQLite's, and no
+sweep runs when the store could not be opened."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import zmq
 
 from actors.dedup import DedupActor
 from actors.flow import InFlight, LiveFigures
-from actors.store import EventStore
+from actors.messages import Ping
+from actors.store import DatabaseLock, EventStore, StorageError
+from transport.config import RetentionConfig
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -44,4 +47,33 @@ def test_an_expiry_chunk_failing_with_any_exception_leaves_no_transaction_open(t
         store.rollback()
     finally:
         actor.on_stop()
+        context.destroy(linger=0)
+
+
+def test_a_dedup_actor_that_could_not_start_answers_ping_with_the_reason_and_no_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    context: zmq.Context[Any] = zmq.Context()
+    holder = DatabaseLock(tmp_path / "events.db")
+    holder.acquire()  # another daemon has this database
+    ref = DedupActor.start(
+        tmp_path / "events.db",
+        synchronous="NORMAL",
+        commit_max_events=5000,
+        commit_max_ms=50,
+        lookup_group=1,
+        in_flight=InFlight(1000),
+        live=LiveFigures(),
+        zmq_context=context,
+        retention=RetentionConfig(max_age="1h", sweep_interval="1s"),
+    )
+    try:
+        reason = ref.ask(Ping(), timeout=10)
+        assert isinstance(reason, StorageError)
+        assert ref.is_alive()  # a sweep on the missing store would have raised and killed it
+        assert "Traceback" not in caplog.text and "AssertionError" not in caplog.text
+    finally:
+        if ref.is_alive():
+            ref.stop(timeout=10)
+        holder.release()
         context.destroy(linger=0)
