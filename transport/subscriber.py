@@ -110,6 +110,7 @@ class Subscriber:
         self._silence = timeout  # nothing heard for this long: the daemon is gone
         self._last_event_at = 0.0
         self._regranted = False  # granted again after a quiet spell; once until events come
+        self._roomy = False  # the daemon sent more than counted: its cap is no stall, no re-grants
         self._subscribed = False
         self._ref = 0  # the latest subscribe's ref: what comes before its answer is an older one's
         self._last_heard = 0.0
@@ -282,6 +283,7 @@ class Subscriber:
             raise SubscriberError(str(exc)) from None
         self._socket = sock
         self._subscribed = False
+        self._roomy = False  # perhaps another daemon, or the same one with another max_credit
         self._buffer.clear()  # events not yet taken are sent again after the cursor
         self._subscribe()
 
@@ -331,10 +333,11 @@ class Subscriber:
     def _regrant_when_quiet(self, now: float) -> None:
         """Grant afresh when the application waits on an empty buffer, credit seems outstanding and
         no event came for a heartbeat: the daemon's cap may be lower than the one assumed, and
-        then it holds none. Once per quiet spell; at the head it only adds to the credit the
-        daemon holds, which its ``max_credit`` still bounds."""
+        then it holds none. Once per quiet spell, and never again once the daemon has sent more
+        than counted (its cap is then above the window); until then, at the head, it only adds
+        to the credit the daemon holds, which its ``max_credit`` still bounds."""
         quiet = now - self._last_event_at >= self.heartbeat
-        if quiet and not self._buffer and self._granted > 0 and not self._regranted:
+        if quiet and not self._roomy and not self._buffer and self._granted > 0 and not self._regranted:
             self._regranted = True
             self._granted = 0
             self._grant()
@@ -352,6 +355,9 @@ class Subscriber:
                 return  # sent for a subscription this one replaced
             events = message["events"]
             self._granted -= len(events)
+            # More than counted came: the daemon held more than this side believed, so its cap
+            # is above what this side grants, and a quiet spell means only the head is reached.
+            self._roomy = self._roomy or self._granted < 0
             self._buffer.extend(events)
             self._last_event_at = time.monotonic()
             self._regranted = False
