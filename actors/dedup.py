@@ -202,7 +202,12 @@ class DedupActor(pykka.ThreadingActor):
                 self._answer_lookups()
             if self._writes or self._rejected:
                 self._maybe_commit()
-            if self._retention is not None and not (self._writes or self._rejected or self._failures):
+            # No store: on_start failed and the actor is stopping; a sweep would only trip on it.
+            if (
+                self._store is not None
+                and self._retention is not None
+                and not (self._writes or self._rejected or self._failures)
+            ):
                 self._sweep_step()
 
     def _handle(self, message: Any) -> Any:
@@ -502,7 +507,7 @@ class DedupActor(pykka.ThreadingActor):
         try:
             deleted = delete(store, *args)
             store.commit()
-        except sqlite3.Error:
+        except BaseException:  # any failure, not only SQLite's: an open transaction blocks every later write
             store.rollback()
             raise
         self._count_expired(deleted, time.monotonic() - started)
@@ -526,7 +531,7 @@ class DedupActor(pykka.ThreadingActor):
         try:
             forgotten = store.forget_keys(committed_before, EXPIRE_CHUNK)
             store.commit()
-        except sqlite3.Error:
+        except BaseException:  # as in _expire: never leave the transaction open
             store.rollback()
             raise
         return forgotten

@@ -1007,7 +1007,9 @@ class EventReader:
         """Every named consumer: its topic (None: all topics), acknowledged position and lag.
 
         Lag is how far the head is past the position: the topic's last seq minus the position,
-        or, for an all-topics consumer, the last commit position minus its position.
+        or, for an all-topics consumer, the last commit position minus its position. A position
+        past the head (a consumer that acknowledged a cursor it was given) shows as a negative
+        lag rather than 0, which would pass for caught up.
         """
         (head,) = self._conn.execute("SELECT coalesce(max(rowid), 0) FROM events").fetchone()
         rows = self._conn.execute(
@@ -1019,7 +1021,7 @@ class EventReader:
                 "name": name,
                 "topic": topic,
                 "position": position,
-                "lag": max(0, (head if topic is None else (last_seq or 0)) - position),
+                "lag": (head if topic is None else (last_seq or 0)) - position,
                 "updated_at": updated_at,
             }
             for name, topic, position, updated_at, last_seq in rows

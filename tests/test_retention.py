@@ -131,7 +131,7 @@ def test_durations_and_sizes_read_as_systemd_and_disk_tools_write_them() -> None
         ({"dedup_horizon": "never"}, "[retention] dedup_horizon"),
         ({"max_age": "1h", "dedup_horizon": "10min"}, "[retention] dedup_horizon"),
         ({"max_events_per_topic": -1}, "[retention] max_events_per_topic"),
-        ({"max_age": 30}, "[retention] max_age"),
+        ({"max_age": 0}, "[retention] max_age"),  # a bare integer is seconds, and zero is refused
     ],
 )
 def test_bad_retention_values_are_refused_naming_the_key(values: dict[str, Any], named: str) -> None:

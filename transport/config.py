@@ -135,6 +135,12 @@ _SIZE_UNITS: dict[str, int] = {
     "t": 1024**4,
     "tib": 1024**4,
 }
+# The largest integer SQLite and PostgreSQL store (64-bit signed): counts and byte sizes above it
+# overflow at the first statement that carries them.
+MAX_INT64 = 2**63 - 1
+# The longest duration taken: past it a span is surely a typo, and it stays exact in seconds.
+MAX_DURATION_YEARS = 1000
+MAX_DURATION_S = MAX_DURATION_YEARS * _DURATION_UNITS["y"]
 _PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-zµ]*)")
 
 
@@ -160,7 +166,9 @@ def parse_duration(text: str) -> float:
             )
         total += float(number) * scale
         position = match.end()
-    if not math.isfinite(total) or total <= 0:
+    if not math.isfinite(total) or total > MAX_DURATION_S:
+        raise ValueError(f"{text!r} is longer than the most allowed, {MAX_DURATION_YEARS} years")
+    if total <= 0:
         raise ValueError(f"{text!r} must be longer than 0")
     return total
 
@@ -177,7 +185,10 @@ def parse_size(text: str) -> int:
     scale = _SIZE_UNITS.get(unit.lower())
     if scale is None:
         raise ValueError(f"{text!r} has an unknown unit {unit!r}; use B, KB, MB, GB, TB (or KiB, MiB, GiB, TiB)")
-    size = int(float(number) * scale)
+    # Exact for whole numbers of any length (a float of 320 digits is inf, and int(inf) raises).
+    size = int(number) * scale if number.isdigit() else int(float(number) * scale)
+    if size > MAX_INT64:
+        raise ValueError(f"{text!r} is more than the most allowed, {MAX_INT64} bytes (8 EiB)")
     if size <= 0:
         raise ValueError(f"{text!r} must be more than 0 bytes")
     return size
@@ -310,6 +321,13 @@ _SECTIONS: dict[str, type] = {
     "http": HttpConfig,
 }
 
+# Durations and sizes written as strings; a TOML integer there is seconds or bytes.
+_SPANS = {
+    ("retention", "max_age"),
+    ("retention", "max_bytes"),
+    ("retention", "dedup_horizon"),
+    ("retention", "sweep_interval"),
+}
 _POSITIVE = {
     ("ingest", "max_in_flight"),
     ("ingest", "max_in_flight_bytes"),
@@ -394,6 +412,14 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> Config:
     return Config(**sections, source=source)
 
 
+# What to write instead, added to a [retention] value refused.
+_RETENTION_HINTS = {
+    "max_age": '; "" (the default) keeps events for ever',
+    "max_bytes": '; "" (the default) sets no size limit',
+    "dedup_horizon": '; "forever" (the default) keeps deleted events\' keys for ever',
+}
+
+
 def _check_retention(retention: RetentionConfig) -> None:
     """Every [retention] value parses, and the horizon is not shorter than max_age."""
     if retention.max_events_per_topic < 0:
@@ -413,7 +439,7 @@ def _check_retention(retention: RetentionConfig) -> None:
         try:
             parse(value)
         except ValueError as exc:
-            raise ConfigError(f"[retention] {key} {exc}") from None
+            raise ConfigError(f"[retention] {key} {exc}{_RETENTION_HINTS.get(key, '')}") from None
     horizon, max_age = retention.dedup_horizon_s, retention.max_age_s
     if horizon is not None and max_age is not None and horizon < max_age:
         raise ConfigError(
@@ -446,11 +472,16 @@ def _parse_section(name: str, section_type: type, values: dict[str, Any]) -> Any
             raise ConfigError(f"unknown key [{name}] {key}; known keys: {', '.join(sorted(fields))}")
         default: Any = spec.default  # every field has one; Any, since the sections differ
         expected = type(default)
+        if (name, key) in _SPANS and type(value) is int:
+            value = str(value)  # a bare number is seconds or bytes, as in a string
         # bool is a subclass of int in Python; keep them apart so `actors = true` is an error.
         if type(value) is not expected:
             raise ConfigError(
                 f"[{name}] {key} must be {_toml_kind(expected)}, not {_toml_kind(type(value))} ({value!r})"
             )
+        if type(value) is int and abs(value) > MAX_INT64:
+            bound = f"at most {MAX_INT64}" if value > 0 else f"at least {-MAX_INT64}"
+            raise ConfigError(f"[{name}] {key} must be {bound} (the database's 64-bit integers), not {value}")
         if (name, key) in _POSITIVE and value <= 0:
             raise ConfigError(f"[{name}] {key} must be greater than 0, not {value}")
         if (name, key) == ("ingest", "gather_at_queued") and value < 0:

@@ -5,17 +5,27 @@ start after, an optional consumer name and the first credit) and then reads ``ev
 messages. Credit is the flow control: the daemon sends at most as many events as granted, and
 this side grants more only as the application takes events (when what is granted but not yet
 taken falls to half the window), so a consumer that stops iterating stops the daemon sending
-and holds at most one window in memory. Both sides send heartbeats; when nothing has come from
-the daemon for ``timeout`` seconds (or it says it has no subscription for this connection, as
-after a restart), the socket is replaced and the subscription made again after the cursor of
-the last event handed to the application, with backoff between attempts. So the application
-sees every stored event once, in order, across daemon restarts.
+and holds at most one window in memory. The daemon caps the credit it holds at its
+``[subscribe] max_credit``; this side mirrors that cap (the one the ``subscribed`` reply
+reports, else the default), so it never believes it holds credit the daemon dropped, and when
+it waits with an empty buffer and nothing came for a heartbeat while it believes credit is
+outstanding, it grants again (the daemon may have capped lower): a capped grant never stalls.
+Both sides send heartbeats, also while the application works through the buffer; when nothing
+has come from the daemon for ``timeout`` seconds, or three of its announced heartbeats if that
+is longer (or it says it has no subscription for this connection, as after a restart), the
+socket is replaced and the subscription made again after the cursor of the last event handed
+to the application, with backoff between attempts. So the application sees every stored event
+once, in order, across daemon restarts.
 
 A named subscription (``name=``) acknowledges positions: the cursor of the events the
 application has finished with (taken before the next one is asked for), at most every
 ``ack_interval`` seconds and at :meth:`Subscriber.close`, which waits briefly for the daemon to
-confirm it has stored it. A later subscription with the same name and no ``after`` resumes
-from there. The wire protocol is in docs/subscribe.md.
+confirm it has stored it (subscribing again and re-sending it if the daemon had dropped the
+subscription) and logs an error if it could not. Only events taken in this session are
+acknowledged: a cursor given as ``after`` is not a position processed. Leaving a ``with`` block
+by an exception acknowledges up to the event before the one being handled. A later
+subscription with the same name and no ``after`` resumes from there. The wire protocol is in
+docs/subscribe.md.
 """
 
 from __future__ import annotations
@@ -39,6 +49,10 @@ DEFAULT_CREDIT = 1000
 RECONNECT_BACKOFF = Backoff(base=0.1, factor=2.0, cap=5.0, jitter=0.5)
 CLOSE_ACK_WAIT_S = 2.0
 RESUBSCRIBE_CODES = {"not_subscribed", "busy", "unavailable"}
+# [subscribe] max_credit's default: the most credit the daemon holds when its reply does not say.
+DAEMON_MAX_CREDIT = 10000
+# The silence that means a dead daemon, in its announced heartbeats (when longer than ``timeout``).
+SILENT_HEARTBEATS = 3
 
 
 class SubscriberError(Exception):
@@ -91,7 +105,12 @@ class Subscriber:
         self._context: zmq.Context[Any] = zmq.Context.instance()
         self._socket: zmq.Socket[Any] | None = None
         self._buffer: collections.deque[dict[str, Any]] = collections.deque()
-        self._granted = 0  # credit granted on this subscription, less the events received
+        self._granted = 0  # credit the daemon holds, as far as this side can tell
+        self._max_credit = DAEMON_MAX_CREDIT  # the most credit the daemon holds at once
+        self._silence = timeout  # nothing heard for this long: the daemon is gone
+        self._last_event_at = 0.0
+        self._regranted = False  # granted again after a quiet spell; once until events come
+        self._roomy = False  # the daemon sent more than counted: its cap is no stall, no re-grants
         self._subscribed = False
         self._ref = 0  # the latest subscribe's ref: what comes before its answer is an older one's
         self._last_heard = 0.0
@@ -101,6 +120,9 @@ class Subscriber:
         self._ack_sent: int | None = None
         self._ack_sent_at = 0.0
         self._taken: dict[str, Any] | None = None  # handed out; finished once the next is asked for
+        self._taken_cursor: int | None = None  # the cursor of the last event taken in this session
+        self._finished_cursor: int | None = None  # ... and of the one taken before it (finished)
+        self._busy_told = False
         self._closed = False
 
     # Public API -------------------------------------------------------------------------------
@@ -122,6 +144,7 @@ class Subscriber:
         if self._closed:
             raise SubscriberError("the subscriber is closed")
         self._finish_taken()
+        self._keep_alive()
         deadline = math.inf if timeout is None else time.monotonic() + timeout
         while not self._buffer:
             now = time.monotonic()
@@ -130,15 +153,20 @@ class Subscriber:
             self._step(min(deadline, now + 0.25) - now)
         event = self._buffer.popleft()
         self.cursor = event["seq"] if self.topic is not None else event["position"]
+        self._finished_cursor = self._taken_cursor
+        self._taken_cursor = self.cursor
         self._taken = event
         self._grant()
         return event
 
     def ack(self, position: int | None = None) -> None:
-        """Acknowledge ``position`` (default: the cursor of the last event taken) now."""
+        """Acknowledge ``position`` (default: the cursor of the last event taken) now.
+
+        Nothing is sent when no event was taken in this session and no ``position`` is given.
+        """
         if self.name is None:
             raise SubscriberError("only a named subscriber (name=...) can acknowledge")
-        position = self.cursor if position is None else position
+        position = self._taken_cursor if position is None else position
         if position is None or self._socket is None or not self._subscribed:
             return
         if self._send({"op": "ack", "position": position}):
@@ -146,16 +174,23 @@ class Subscriber:
             self._ack_sent_at = time.monotonic()
 
     def close(self) -> None:
-        """Acknowledge what was taken (named subscriber), say goodbye and close the socket."""
+        """Acknowledge what was taken (named subscriber), say goodbye and close the socket.
+
+        Waits up to ``CLOSE_ACK_WAIT_S`` for the daemon to confirm; should the daemon have
+        dropped the subscription meanwhile (a handler slower than its ``timeout_ms``), the
+        answer ``not_subscribed`` makes this side subscribe again and the ack goes out once
+        more. An acknowledgement not confirmed in time is logged as an error (``acked`` keeps
+        the last confirmed position).
+        """
+        self._close(self._taken_cursor)
+
+    def _close(self, position: int | None) -> None:
+        """Close, acknowledging ``position`` first (None: nothing) for a named subscriber."""
         if self._closed:
             return
         try:
-            if self.name is not None and self._subscribed and self.cursor is not None:
-                if self.acked != self.cursor:
-                    self.ack()
-                    deadline = time.monotonic() + CLOSE_ACK_WAIT_S
-                    while self.acked != self.cursor and time.monotonic() < deadline and self._socket is not None:
-                        self._step(0.05, receive_only=True)
+            if self.name is not None and position is not None and self.acked != position:
+                self._store_position(position)
             if self._socket is not None and self._subscribed:
                 self._send({"op": "unsubscribe"})
         finally:
@@ -165,17 +200,42 @@ class Subscriber:
     def __enter__(self) -> Subscriber:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        """Close; leaving by an exception acknowledges only the events finished before the one taken,
+        whose handling the exception interrupted (a named consumer gets it again next time)."""
+        self._close(self._taken_cursor if exc_type is None else self._finished_cursor)
 
     # Internals --------------------------------------------------------------------------------
+
+    def _store_position(self, position: int) -> None:
+        """Ack ``position`` and wait for the daemon's ``acked``, sending it again on each new subscription."""
+        deadline = time.monotonic() + CLOSE_ACK_WAIT_S
+        while self.acked != position and time.monotonic() < deadline and not self._closed:
+            if self._subscribed and self._ack_sent != position:
+                self.ack(position)
+            self._step(0.05, receive_only=True)
+        if self.acked != position:
+            log.error(
+                "consumer %r: position %s not stored (the daemon did not confirm it within %g s); "
+                "the next run resumes after %s",
+                self.name,
+                position,
+                CLOSE_ACK_WAIT_S,
+                "the last stored position" if self.acked is None else self.acked,
+            )
+
+    def _keep_alive(self) -> None:
+        """A heartbeat when nothing went out for ``heartbeat``: the application may take a while
+        over a full buffer, and the daemon drops a consumer it does not hear from."""
+        if self._socket is not None and self._subscribed and time.monotonic() - self._last_sent >= self.heartbeat:
+            self._send({"op": "heartbeat"})
 
     def _finish_taken(self) -> None:
         """The event handed out before is processed: a named subscriber may acknowledge it."""
         if self._taken is None:
             return
         self._taken = None
-        if self.name is not None and self._subscribed and self.cursor != self._ack_sent:
+        if self.name is not None and self._subscribed and self._taken_cursor != self._ack_sent:
             if time.monotonic() - self._ack_sent_at >= self.ack_interval:
                 self.ack()
 
@@ -199,15 +259,16 @@ class Subscriber:
                 if self._socket is None:
                     return
         now = time.monotonic()
-        if now - self._last_heard > self.timeout:
-            log.warning("no word from %s in %.1f s; reconnecting", self.endpoint, self.timeout)
+        if now - self._last_heard > self._silence:
+            log.warning("no word from %s in %.1f s; reconnecting", self.endpoint, self._silence)
             self._reconnect_later()
             return
         if not receive_only and self._subscribed:
+            self._regrant_when_quiet(now)
             self._grant()  # again, should a grant not have gone out
             if now - self._last_sent >= self.heartbeat:
                 self._send({"op": "heartbeat"})
-        if self.name is not None and self._subscribed and self.cursor is not None and self.cursor != self._ack_sent:
+        if self.name is not None and self._subscribed and self._taken_cursor not in (None, self._ack_sent):
             if now - self._ack_sent_at >= self.ack_interval and self._taken is None:
                 self.ack()
 
@@ -222,6 +283,7 @@ class Subscriber:
             raise SubscriberError(str(exc)) from None
         self._socket = sock
         self._subscribed = False
+        self._roomy = False  # perhaps another daemon, or the same one with another max_credit
         self._buffer.clear()  # events not yet taken are sent again after the cursor
         self._subscribe()
 
@@ -237,9 +299,11 @@ class Subscriber:
         if self.name is not None:
             request["name"] = self.name
         self._buffer.clear()
-        self._granted = self.window
+        self._granted = min(self.window, self._max_credit)
         self._subscribed = False
-        self._last_heard = time.monotonic()
+        self._ack_sent = None  # an ack sent on the replaced subscription may never have been stored
+        self._last_heard = self._last_event_at = time.monotonic()
+        self._regranted = False
         self._send(request)
 
     def _send(self, message: dict[str, Any]) -> bool:
@@ -253,14 +317,30 @@ class Subscriber:
         return True
 
     def _grant(self) -> None:
-        """Top the credit up to the window once half of it has been taken by the application."""
+        """Top the credit up to the window once half of it has been taken by the application.
+
+        The daemon adds a grant to what it holds and caps the sum at its ``max_credit``; the
+        same sum and cap here keep ``_granted`` no higher than what the daemon holds.
+        """
         if not self._subscribed or self._socket is None:
             return
         in_hand = self._granted + len(self._buffer)  # granted and unsent, or sent and not yet taken
         if in_hand <= self.window // 2:
             grant = self.window - in_hand
             if self._send({"op": "credit", "credit": grant}):
-                self._granted += grant
+                self._granted = min(self._max_credit, self._granted + grant)
+
+    def _regrant_when_quiet(self, now: float) -> None:
+        """Grant afresh when the application waits on an empty buffer, credit seems outstanding and
+        no event came for a heartbeat: the daemon's cap may be lower than the one assumed, and
+        then it holds none. Once per quiet spell, and never again once the daemon has sent more
+        than counted (its cap is then above the window); until then, at the head, it only adds
+        to the credit the daemon holds, which its ``max_credit`` still bounds."""
+        quiet = now - self._last_event_at >= self.heartbeat
+        if quiet and not self._roomy and not self._buffer and self._granted > 0 and not self._regranted:
+            self._regranted = True
+            self._granted = 0
+            self._grant()
 
     def _on_message(self, frame: bytes) -> None:
         try:
@@ -275,14 +355,21 @@ class Subscriber:
                 return  # sent for a subscription this one replaced
             events = message["events"]
             self._granted -= len(events)
+            # More than counted came: the daemon held more than this side believed, so its cap
+            # is above what this side grants, and a quiet spell means only the head is reached.
+            self._roomy = self._roomy or self._granted < 0
             self._buffer.extend(events)
+            self._last_event_at = time.monotonic()
+            self._regranted = False
         elif op == "subscribed":
             if message.get("ref") != self._ref:
                 return
             self._subscribed = True
             self._failures = 0
+            self._busy_told = False
             if self.cursor is None:
                 self.cursor = message["after"]
+            self._heed_limits(message)
         elif op == "acked":
             self.acked = message["position"]
         elif op == "expired":
@@ -297,7 +384,11 @@ class Subscriber:
             if code == "not_subscribed" and not self._subscribed:
                 return  # an answer to a message sent before the subscribe now under way
             if code in RESUBSCRIBE_CODES:
-                log.info("the daemon said: %s; subscribing again", message.get("error"))
+                if code == "busy" and not self._busy_told:
+                    self._busy_told = True  # once until subscribed: the retries are not news
+                    log.warning("%s is busy: %s; retrying until it has room", self.endpoint, message.get("error"))
+                else:
+                    log.info("the daemon said: %s; subscribing again", message.get("error"))
                 if code != "not_subscribed":  # busy or unavailable: back off first
                     self._reconnect_later()
                 else:
@@ -307,6 +398,16 @@ class Subscriber:
             self._drop_socket()
             raise SubscriberError(f"{self.endpoint} refused: {message.get('error')}")
         # "heartbeat" and "unsubscribed" need nothing beyond the time they were heard
+
+    def _heed_limits(self, subscribed: dict[str, Any]) -> None:
+        """Take the daemon's heartbeat (and credit cap, if it says) from its ``subscribed`` reply."""
+        heartbeat_ms = subscribed.get("heartbeat_ms")
+        if isinstance(heartbeat_ms, int) and heartbeat_ms > 0:
+            self._silence = max(self.timeout, SILENT_HEARTBEATS * heartbeat_ms / 1000)
+        max_credit = subscribed.get("max_credit")
+        if isinstance(max_credit, int) and max_credit > 0 and max_credit != self._max_credit:
+            self._max_credit = max_credit
+            self._granted = min(self._granted, max_credit)
 
     def _reconnect_later(self) -> None:
         self._drop_socket()

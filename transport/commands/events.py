@@ -51,6 +51,45 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return whole_number
 
 
+def stored_events(client: QueryClient, topic: str | None, after: int, page: int) -> Iterator[dict[str, Any]]:
+    """Every stored event after ``after``, paging with the cursor; on stderr, a note whenever
+    retention deleted what was asked for (a page's ``first`` still stored is past the cursor),
+    as ``--follow`` says it, so an empty or shorter output is not mistaken for no events."""
+    while True:
+        reply = client.call({"op": "events", "topic": topic, "after": after, "limit": page})
+        first = reply.get("first")
+        if isinstance(first, int) and first > after + 1:
+            print(f"events: events after {after} are no longer stored; continuing from {first}", file=sys.stderr)
+        if not reply["events"]:
+            return
+        yield from reply["events"]
+        after = reply["next"]
+
+
+def warn_past_the_head(client: QueryClient, topic: str | None, after: int) -> None:
+    """On stderr, a warning when ``after`` is beyond the head: following would wait for events
+    that may never come, and a named consumer would skip every one up to ``after``.
+
+    One topic: beyond its last seq (the ``topics`` query). All topics: no event is stored at
+    position ``after`` or later (one ``events`` query from ``after - 1``), which is the head
+    unless retention deleted the newest events too.
+    """
+    try:
+        if topic is not None:
+            topics = client.call({"op": "topics"})["topics"]
+            last = next((row.get("last_seq", 0) for row in topics if row.get("topic") == topic), 0)
+            beyond = after > last
+            what = f"the last seq of topic {topic!r} ({last}); waiting for seq {after + 1}"
+        else:
+            page = client.call({"op": "events", "topic": None, "after": after - 1, "limit": 1})
+            beyond = after > 0 and not page["events"]
+            what = f"the last stored commit position; waiting for position {after + 1}"
+    except (QueryClientError, KeyError, TypeError, AttributeError):
+        return  # the daemon may be down; following waits for it, and this check is only advice
+    if beyond:
+        print(f"events: --after {after} is beyond {what}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description="List a topic's stored events as JSON Lines.")
     parser.add_argument("topic", nargs="?", help="the topic (default: every topic, in commit order)")
@@ -97,11 +136,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         with QueryClient(endpoint, timeout=args.timeout, configure=secure) as client, contextlib.ExitStack() as stack:
             events: Iterator[dict[str, Any]]
             if args.follow:
+                if args.after is not None:
+                    warn_past_the_head(client, args.topic, args.after)
                 events = stack.enter_context(
                     contextlib.closing(follow(where, args.topic, after=args.after, name=args.name, configure=secure))
                 )
             else:
-                events = client.iter_events(args.topic, args.after or 0, page)
+                events = stored_events(client, args.topic, args.after or 0, page)
             for event in events:
                 print(to_json_line(event))  # lossless for bytes, non-string keys, NaN, any depth
                 printed += 1

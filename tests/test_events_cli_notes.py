@@ -1,0 +1,94 @@
+"""What ``eventagg events`` says on stderr: events retention deleted, a cursor past the head,
+a daemon too busy to take one more subscription. Real daemon, real sockets, real SQLite."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+from harness import SCRIPTS, Daemon, default_sigint, eventually, publish, run_script
+
+from transport.subscriber import Subscriber
+
+pytestmark = pytest.mark.e2e
+
+
+def follow(daemon: Daemon, *args: str) -> subprocess.Popen[str]:
+    """scripts/events.py --follow in a process of its own; its output read when it ends."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(SCRIPTS / "events.py"),
+            *args,
+            "--follow",
+            "--endpoint",
+            daemon.query,
+            "--subscribe-endpoint",
+            daemon.subscribe,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_sigint,
+    )
+
+
+def interrupt(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
+    """Ctrl-C; the exit status, stdout and stderr."""
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    return proc.returncode, out, err
+
+
+@pytest.mark.timeout(120)
+def test_listing_says_when_retention_deleted_the_events_asked_for(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory(retention={"max_events_per_topic": 10, "sweep_interval": "1s"}).start()
+    publish(daemon.ack, "--acked", "--events", "30", "--topics", "1")
+    eventually(lambda: daemon.stats()["expired"] == 20, 30, "retention kept the newest 10")
+    result = run_script("events.py", "topic-0", "--after", "5", "--endpoint", daemon.query, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 10
+    assert "events after 5 are no longer stored; continuing from 21" in result.stderr
+
+
+@pytest.mark.timeout(120)
+def test_following_past_the_head_warns_and_stores_no_position(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory().start()
+    publish(daemon.ack, "--acked", "--events", "30", "--topics", "1")
+    proc = follow(daemon, "topic-0", "--after", "999999", "--name", "ahn")
+    eventually(lambda: "name 'ahn'" in daemon.log(), 30, "the follower subscribed")
+    status, out, err = interrupt(proc)
+    assert status == 0, err
+    assert out == ""
+    assert "beyond the last seq of topic 'topic-0' (30)" in err
+    assert daemon.request({"op": "consumers"}) == {"consumers": []}
+
+
+@pytest.mark.timeout(120)
+def test_following_a_busy_daemon_says_so_on_stderr(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory(subscribe={"max_consumers": 1}).start()
+    publish(daemon.ack, "--acked", "--events", "5", "--topics", "1")
+    holder = Subscriber(daemon.subscribe)
+    assert holder.next_event(10) is not None  # holds the one subscription there is room for
+    proc = follow(daemon)
+    try:
+        eventually(lambda: "max_consumers" in daemon.log(), 30, "the daemon refused the follower")
+    finally:
+        holder.close()
+    status, _, err = interrupt(proc)
+    assert status == 0, err
+    assert "is busy" in err and "retrying" in err
+
+
+@pytest.mark.timeout(120)
+def test_following_every_topic_past_the_head_warns(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory().start()
+    publish(daemon.ack, "--acked", "--events", "30", "--topics", "2")
+    at_head = follow(daemon, "--after", "30")  # the last event: nothing to say
+    past = follow(daemon, "--after", "999999")
+    eventually(lambda: daemon.log().count("subscription ") >= 2, 30, "both followers subscribed")
+    assert "beyond" not in interrupt(at_head)[2]
+    assert "--after 999999 is beyond the last stored commit position" in interrupt(past)[2]

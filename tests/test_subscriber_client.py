@@ -1,0 +1,130 @@
+"""The Python Subscriber against a real daemon: credit beyond the daemon's cap, what a named
+consumer acknowledges (on an exception, with ``after`` past the head, with a slow handler), and
+the daemon's heartbeat sizing how long silence is tolerated."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from harness import Daemon, eventually, publish
+
+from transport.subscriber import Subscriber
+
+pytestmark = pytest.mark.e2e
+
+FAST = {"subscribe": {"heartbeat_ms": 200, "timeout_ms": 2000}}
+
+
+def take(subscriber: Subscriber, count: int, timeout: float) -> list[dict[str, Any]]:
+    """``count`` events, failing when they do not all come within ``timeout`` seconds."""
+    got: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count:
+        assert time.monotonic() < deadline, f"only {len(got)} of {count} events within {timeout} s"
+        event = subscriber.next_event(1.0)
+        if event is not None:
+            got.append(event)
+    return got
+
+
+def positions(daemon: Daemon) -> dict[str, int]:
+    """Each named consumer's stored position."""
+    return {row["name"]: row["position"] for row in daemon.request({"op": "consumers"})["consumers"]}
+
+
+@pytest.mark.timeout(180)
+def test_a_credit_beyond_the_daemons_default_cap_does_not_stall(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory().start()
+    publish(daemon.ack, "--acked", "--events", "25000", "--topics", "5", "--batch", "500")
+    with Subscriber(daemon.subscribe, credit=30000) as subscriber:  # the daemon holds at most 10 000
+        got = take(subscriber, 25000, timeout=90)
+    assert [event["position"] for event in got] == list(range(1, 25001))
+
+
+@pytest.mark.timeout(120)
+def test_a_credit_beyond_a_lower_configured_cap_does_not_stall(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory(subscribe={"max_credit": 100}).start()
+    publish(daemon.ack, "--acked", "--events", "400", "--topics", "2")
+    with Subscriber(daemon.subscribe, credit=1000) as subscriber:
+        got = take(subscriber, 400, timeout=60)
+    assert [event["position"] for event in got] == list(range(1, 401))
+
+
+class HandlerFailed(Exception):
+    pass
+
+
+@pytest.mark.timeout(120)
+def test_leaving_by_an_exception_does_not_acknowledge_the_event_being_handled(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    daemon = daemon_factory(**FAST).start()
+    publish(daemon.ack, "--acked", "--events", "20", "--topics", "1")
+    with pytest.raises(HandlerFailed), Subscriber(daemon.subscribe, name="invoicer") as events:
+        for event in events:
+            if event["position"] == 5:
+                raise HandlerFailed("the handler of event 5 failed")
+    assert positions(daemon) == {"invoicer": 4}
+    with Subscriber(daemon.subscribe, name="invoicer") as again:
+        assert again.next_event(10)["position"] == 5  # type: ignore[index]
+
+
+@pytest.mark.timeout(120)
+def test_an_after_past_the_head_stores_no_position(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory(**FAST).start()
+    publish(daemon.ack, "--acked", "--events", "30", "--topics", "1")
+    with Subscriber(daemon.subscribe, "topic-0", after=999999, name="ahn") as subscriber:
+        assert subscriber.next_event(2.0) is None  # subscribed, waited, nothing taken
+    assert "ahn" not in positions(daemon)
+    with Subscriber(daemon.subscribe, "topic-0", name="ahn") as subscriber:  # resumes from the start
+        assert subscriber.next_event(10)["seq"] == 1  # type: ignore[index]
+
+
+@pytest.mark.timeout(120)
+def test_a_handler_slower_than_the_daemons_timeout_still_gets_its_position_stored(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    daemon = daemon_factory(**FAST).start()  # the daemon drops a consumer silent for 2 s
+    publish(daemon.ack, "--acked", "--events", "100", "--topics", "1")
+    # Working through a full buffer for 3 s, 0.1 s an event: the subscription must stay alive.
+    with Subscriber(daemon.subscribe, name="steady", credit=100) as subscriber:
+        for _ in range(30):
+            assert subscriber.next_event(10) is not None
+            time.sleep(0.1)
+    assert subscriber.acked == 30
+    assert positions(daemon)["steady"] == 30
+    assert "not heard from" not in daemon.log()
+    # One event handled for 3 s: the daemon drops the subscription; close stores the position anyway.
+    with Subscriber(daemon.subscribe, name="steady") as subscriber:
+        assert subscriber.next_event(10)["position"] == 31  # type: ignore[index]
+        time.sleep(3.0)
+    assert subscriber.acked == 31
+    assert positions(daemon)["steady"] == 31
+
+
+@pytest.mark.timeout(120)
+def test_the_daemons_announced_heartbeat_sizes_the_silence_tolerated(
+    daemon_factory: Callable[..., Daemon], caplog: pytest.LogCaptureFixture
+) -> None:
+    daemon = daemon_factory(subscribe={"heartbeat_ms": 2000, "timeout_ms": 10000}).start()
+    caplog.set_level(logging.WARNING, logger="transport.subscriber")
+    with Subscriber(daemon.subscribe, heartbeat=0.5, timeout=1.0) as subscriber:
+        assert subscriber.next_event(5.0) is None  # heartbeats every 2 s, beyond the 1 s timeout
+        assert subscriber.subscribed
+        assert subscriber.reconnects == 0, caplog.text
+
+
+@pytest.mark.timeout(120)
+def test_a_position_past_the_head_shows_a_negative_lag(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory(**FAST).start()
+    publish(daemon.ack, "--acked", "--events", "30", "--topics", "1")
+    with Subscriber(daemon.subscribe, "topic-0", after=100, name="ahead") as subscriber:
+        assert subscriber.next_event(1.0) is None
+        subscriber.ack(100)  # explicitly: the daemon stores what it is told, up to the cursor
+        eventually(lambda: subscriber.next_event(0.1) is None and subscriber.acked == 100, 10, "the ack stored")
+    [row] = daemon.request({"op": "consumers"})["consumers"]
+    assert (row["position"], row["lag"]) == (100, -70)
