@@ -5,14 +5,15 @@ the daemon's heartbeat sizing how long silence is tolerated."""
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from harness import Daemon, eventually, publish
+from harness import Daemon, publish
 
-from transport.subscriber import Subscriber
+from transport.subscriber import Subscriber, SubscriberError
 
 pytestmark = pytest.mark.e2e
 
@@ -77,8 +78,9 @@ def test_leaving_by_an_exception_does_not_acknowledge_the_event_being_handled(
 def test_an_after_past_the_head_stores_no_position(daemon_factory: Callable[..., Daemon]) -> None:
     daemon = daemon_factory(**FAST).start()
     publish(daemon.ack, "--acked", "--events", "30", "--topics", "1")
-    with Subscriber(daemon.subscribe, "topic-0", after=999999, name="ahn") as subscriber:
-        assert subscriber.next_event(2.0) is None  # subscribed, waited, nothing taken
+    with pytest.raises(SubscriberError, match="subscribe after 30 or less"):
+        with Subscriber(daemon.subscribe, "topic-0", after=999999, name="ahn") as subscriber:
+            subscriber.next_event(10.0)
     assert "ahn" not in positions(daemon)
     with Subscriber(daemon.subscribe, "topic-0", name="ahn") as subscriber:  # resumes from the start
         assert subscriber.next_event(10)["seq"] == 1  # type: ignore[index]
@@ -122,9 +124,13 @@ def test_the_daemons_announced_heartbeat_sizes_the_silence_tolerated(
 def test_a_position_past_the_head_shows_a_negative_lag(daemon_factory: Callable[..., Daemon]) -> None:
     daemon = daemon_factory(**FAST).start()
     publish(daemon.ack, "--acked", "--events", "30", "--topics", "1")
-    with Subscriber(daemon.subscribe, "topic-0", after=100, name="ahead") as subscriber:
-        assert subscriber.next_event(1.0) is None
-        subscriber.ack(100)  # explicitly: the daemon stores what it is told, up to the cursor
-        eventually(lambda: subscriber.next_event(0.1) is None and subscriber.acked == 100, 10, "the ack stored")
+    # A position no subscribe can store any more: one restored from another database's backup.
+    conn = sqlite3.connect(daemon.db_path, timeout=10)
+    with conn:
+        conn.execute("INSERT INTO consumers (name, topic, position, updated_at) VALUES ('ahead', 'topic-0', 100, 0)")
+    conn.close()
     [row] = daemon.request({"op": "consumers"})["consumers"]
     assert (row["position"], row["lag"]) == (100, -70)
+    with pytest.raises(SubscriberError, match="after 100 is past the last seq of topic 'topic-0', 30"):
+        with Subscriber(daemon.subscribe, "topic-0", name="ahead") as subscriber:
+            subscriber.next_event(10.0)

@@ -66,30 +66,6 @@ def stored_events(client: QueryClient, topic: str | None, after: int, page: int)
         after = reply["next"]
 
 
-def warn_past_the_head(client: QueryClient, topic: str | None, after: int) -> None:
-    """On stderr, a warning when ``after`` is beyond the head: following would wait for events
-    that may never come, and a named consumer would skip every one up to ``after``.
-
-    One topic: beyond its last seq (the ``topics`` query). All topics: no event is stored at
-    position ``after`` or later (one ``events`` query from ``after - 1``), which is the head
-    unless retention deleted the newest events too.
-    """
-    try:
-        if topic is not None:
-            topics = client.call({"op": "topics"})["topics"]
-            last = next((row.get("last_seq", 0) for row in topics if row.get("topic") == topic), 0)
-            beyond = after > last
-            what = f"the last seq of topic {topic!r} ({last}); waiting for seq {after + 1}"
-        else:
-            page = client.call({"op": "events", "topic": None, "after": after - 1, "limit": 1})
-            beyond = after > 0 and not page["events"]
-            what = f"the last stored commit position; waiting for position {after + 1}"
-    except (QueryClientError, KeyError, TypeError, AttributeError):
-        return  # the daemon may be down; following waits for it, and this check is only advice
-    if beyond:
-        print(f"events: --after {after} is beyond {what}", file=sys.stderr)
-
-
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description="List a topic's stored events as JSON Lines.")
     parser.add_argument("topic", nargs="?", help="the topic (default: every topic, in commit order)")
@@ -136,8 +112,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         with QueryClient(endpoint, timeout=args.timeout, configure=secure) as client, contextlib.ExitStack() as stack:
             events: Iterator[dict[str, Any]]
             if args.follow:
-                if args.after is not None:
-                    warn_past_the_head(client, args.topic, args.after)
                 events = stack.enter_context(
                     contextlib.closing(follow(where, args.topic, after=args.after, name=args.name, configure=secure))
                 )
