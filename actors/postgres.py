@@ -990,7 +990,7 @@ class PostgresReader:
                 "name": name,
                 "topic": topic,
                 "position": int(position),
-                "lag": max(0, int(head if topic is None else (last_seq or 0)) - int(position)),
+                "lag": int(head if topic is None else (last_seq or 0)) - int(position),
                 "updated_at": updated_at,
             }
             for name, topic, position, updated_at, last_seq, head in rows
