@@ -8,7 +8,7 @@ import pytest
 
 from actors.watchdog import Snapshot, status_line
 from transport.affinity import rendezvous_order
-from transport.config import ConfigError, parse_config
+from transport.config import ConfigError, expand_dsn, parse_config
 
 ENDPOINTS = ["tcp://a:5557", "tcp://b:5557", "tcp://c:5557"]
 
@@ -49,11 +49,23 @@ def test_postgresql_config_keys() -> None:
 
 def test_dsn_expands_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", "/run/credentials/eventagg.service")
-    config = parse_config({"storage": {"backend": "postgresql", "dsn": "host=db passfile=${CREDENTIALS_DIRECTORY}/pg"}})
-    assert config.storage.dsn == "host=db passfile=/run/credentials/eventagg.service/pg"
+    written = "host=db passfile=${CREDENTIALS_DIRECTORY}/pg"
+    config = parse_config({"storage": {"backend": "postgresql", "dsn": written}})
+    assert config.storage.dsn == written  # as written for clients, which never use it
+    assert expand_dsn(config).storage.dsn == "host=db passfile=/run/credentials/eventagg.service/pg"
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
-    with pytest.raises(ConfigError, match=r"\[storage\] dsn"):
-        parse_config({"storage": {"backend": "postgresql", "dsn": "passfile=${CREDENTIALS_DIRECTORY}/pg"}})
+    unset = parse_config({"storage": {"backend": "postgresql", "dsn": "passfile=${CREDENTIALS_DIRECTORY}/pg"}})
+    with pytest.raises(ConfigError, match=r"\[storage\] dsn .* CREDENTIALS_DIRECTORY, which is not set"):
+        expand_dsn(unset)
+
+
+def test_a_dollar_that_is_no_variable_stays_and_dollar_dollar_is_one_dollar(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGUSER_FOR_TEST", "alice")
+    dsn = "user=$PGUSER_FOR_TEST password=Xy$9abc$$word options=$"
+    config = parse_config({"storage": {"backend": "postgresql", "dsn": dsn}})
+    assert expand_dsn(config).storage.dsn == "user=alice password=Xy$9abc$word options=$"
+    with pytest.raises(ConfigError, match=r"write \$\$ for a \$"):
+        expand_dsn(parse_config({"storage": {"backend": "postgresql", "dsn": "password=pa$word"}}))
 
 
 def test_the_status_line_says_the_daemon_waits_for_its_storage() -> None:

@@ -7,9 +7,11 @@ In-process (no process started): the dispatcher's help and refusals, and each sc
 from __future__ import annotations
 
 import ast
+import os
+from pathlib import Path
 
 import pytest
-from harness import ROOT
+from harness import ROOT, free_port, run_script, write_config
 
 from actors.cli import COMMANDS, main
 from transport.commands.stats import table
@@ -95,3 +97,19 @@ def test_stats_prints_a_nested_map_as_a_block_of_its_own() -> None:
     assert lines[2] == "  cluster:"
     assert [line.split() for line in lines[3:]] == [["received", "30,000"], ["late", "0"]]
     assert all(line.startswith("    ") for line in lines[3:])
+
+
+def test_client_commands_read_a_config_whose_dsn_names_systemd_credentials(tmp_path: Path) -> None:
+    """The documented PostgreSQL dsn names $CREDENTIALS_DIRECTORY, set only for the service:
+    a client command never uses the dsn, so it must not refuse the file over it."""
+    config = write_config(
+        tmp_path / "config.toml",
+        {
+            "storage": {"backend": "postgresql", "dsn": "host=db passfile=${CREDENTIALS_DIRECTORY}/pgpass"},
+            "query": {"bind": f"tcp://127.0.0.1:{free_port()}"},
+        },
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"}
+    result = run_script("stats.py", "--config", str(config), "--timeout", "1", env=env, timeout=60)
+    assert result.returncode == 1, result.stderr  # no daemon there: not a config error (2)
+    assert "CREDENTIALS_DIRECTORY" not in result.stderr

@@ -251,7 +251,8 @@ def test_the_secret_key_can_come_from_systemd_credentials(
     assert unset.proc is not None
     assert unset.proc.wait(30) == 2
     assert (
-        "names an environment variable that is not set (systemd sets it for a unit with LoadCredential=)" in unset.log()
+        "names the environment variable CREDENTIALS_DIRECTORY, which is not set (systemd sets it for a unit with"
+        " LoadCredential=)" in unset.log()
     )
 
 

@@ -363,7 +363,6 @@ BACKENDS = ("sqlite", "postgresql")
 _ENDPOINTS = {("ingest", "bind"), ("ingest", "ack_bind"), ("query", "bind"), ("subscribe", "bind")}
 _PATHS = {
     ("storage", "path"),
-    ("storage", "dsn"),  # not a path, but expanded the same way (a password from systemd credentials)
     ("security", "curve_secret_key"),
     ("security", "authorized_keys"),
     ("security", "server_public_key"),
@@ -371,13 +370,39 @@ _PATHS = {
 }
 
 
+_VARIABLE = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
 def _expand(key: str, value: str) -> str:
-    """``value`` with its ``$NAME`` / ``${NAME}`` environment variables replaced."""
-    expanded = os.path.expandvars(value)
-    if "$" in expanded:
-        hint = " (systemd sets it for a unit with LoadCredential=)" if "CREDENTIALS_DIRECTORY" in expanded else ""
-        raise ConfigError(f"{key} = {value!r} names an environment variable that is not set{hint}")
-    return expanded
+    """``value`` with its ``$NAME`` / ``${NAME}`` environment variables replaced and ``$$`` made
+    one ``$``; any other ``$`` (``$9``, a ``$`` at the end) is kept as written."""
+
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        if name is None:
+            return "$"
+        if name not in os.environ:
+            hint = " (systemd sets it for a unit with LoadCredential=)" if name == "CREDENTIALS_DIRECTORY" else ""
+            raise ConfigError(
+                f"{key} = {value!r} names the environment variable {name}, which is not set{hint};"
+                " write $$ for a $ that is not a variable"
+            )
+        return os.environ[name]
+
+    return _VARIABLE.sub(replace, value)
+
+
+def expand_dsn(config: Config) -> Config:
+    """``config`` with ``[storage] dsn``'s environment variables replaced: the daemon's step only.
+
+    The other programs that read the file (``eventagg stats``, the publisher, the gateway) never
+    use the dsn and run where systemd's ``$CREDENTIALS_DIRECTORY`` is not set, so loading a
+    config leaves the dsn as written.
+    """
+    dsn = config.storage.dsn
+    if "$" not in dsn:
+        return config
+    return dataclasses.replace(config, storage=dataclasses.replace(config.storage, dsn=_expand("[storage] dsn", dsn)))
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
