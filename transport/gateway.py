@@ -54,6 +54,7 @@ from transport import metrics
 from transport.client import NoAnswer, QueryClient, QueryClientError, connectable
 from transport.config import Config, load_config
 from transport.handshake import unreachable
+from transport.logs import setup_logging
 from transport.publisher import BatchRefused, BatchResult, DeliveryFailed, Publisher, PublisherError, PublishTimeout
 from transport.queries import MAX_CURSOR, QueryError, check_query_topic
 from transport.schema import InvalidEvent, check_fields, pack_payload, type_name
@@ -440,9 +441,12 @@ def app_from_environment() -> FastAPI:
     """The application for the config file named by ``$EVENTAGG_GATEWAY_CONFIG``.
 
     The factory each uvicorn worker process calls when ``[http] workers`` is above 1 (workers
-    import the application by name, so the config path travels in the environment).
+    import the application by name, so the config path travels in the environment). A worker is
+    a fresh process, so it sets up logging itself, as ``eventagg gateway`` does for one process.
     """
-    return create_app(load_config(os.environ[CONFIG_ENV]))
+    config = load_config(os.environ[CONFIG_ENV])
+    setup_logging(config.log.level)
+    return create_app(config)
 
 
 def create_app(config: Config) -> FastAPI:
