@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import ROOT, SCRIPTS, Daemon, eventually, free_port, run_script
+from harness import ROOT, SCRIPTS, Daemon, default_sigint, eventually, free_port, run_script, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from transport.config import ConfigError, parse_config
@@ -52,6 +54,7 @@ class Gateway:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.daemon.workdir,
+                preexec_fn=default_sigint,  # so a test's SIGINT arrives even in a suite run in the background
             )
         eventually(self._listening, timeout, f"gateway listening at {self.url}:\n{self.log()}")
         return self
@@ -552,6 +555,49 @@ def test_several_workers_serve_one_port_and_stop_on_sigterm(gateway_factory: Cal
     assert gateway.proc is not None
     gateway.proc.terminate()
     assert gateway.proc.wait(30) == 0
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_or_sigterm_stops_the_gateway_with_exit_0(
+    gateway_factory: Callable[..., Gateway], signum: signal.Signals
+) -> None:
+    gateway = gateway_factory()
+    assert ok(gateway.publish(event(event_id="before-stop")))["added_to_queue"] == 1
+    assert gateway.proc is not None
+    gateway.proc.send_signal(signum)
+    assert gateway.proc.wait(30) == 0, gateway.log()
+    assert "Traceback" not in gateway.log()
+
+
+@pytest.mark.e2e
+def test_workers_log_like_a_single_gateway(gateway_factory: Callable[..., Gateway]) -> None:
+    gateway = gateway_factory(http={"workers": 2})
+    line = "INFO    transport.gateway: eventagg gateway on http://"  # transport.logs' format, at [log] level
+    eventually(lambda: gateway.log().count(line) == 2, 30, "both workers log that they serve", detail=gateway.log)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_port_in_use_stops_the_gateway_with_one_message(tmp_path: Path, workers: int) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", free_port()))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path / "config.toml", {"http": {"bind": f"127.0.0.1:{port}", "workers": workers}})
+        result = run_script("gateway.py", "--config", str(config), timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert f"gateway: cannot listen on [http] bind 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert "eventagg gateway on" not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.e2e
+def test_a_host_that_does_not_resolve_stops_the_gateway_with_one_message(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.toml", {"http": {"bind": "no-such-host.invalid:8080"}})
+    result = run_script("gateway.py", "--config", str(config), timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "gateway: cannot listen on [http] bind no-such-host.invalid:8080: the host does not resolve" in result.stderr
+    assert "eventagg gateway on" not in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.e2e
