@@ -17,6 +17,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -299,6 +300,25 @@ def test_daemon_away_gives_503_in_time_and_the_gateway_recovers(gateway: Gateway
     assert scrape(gateway)["eventagg_up"][0] == 1
     ids = {e["event_id"] for e in ok(gateway.client.get("/events"))["events"]}
     assert ids == {"before", "after", "while-away"}
+
+
+@pytest.mark.e2e
+def test_queries_answer_within_the_timeout_even_when_many_wait(gateway_factory: Callable[..., Gateway]) -> None:
+    """64 health checks at once against a stopped daemon: more than the gateway's query slots, so
+    most wait for one; each still gets its 503 within request_timeout_ms (plus HTTP's own time)."""
+    gateway = gateway_factory(start_daemon=False, http={"request_timeout_ms": 1000})
+
+    def check(_: int) -> tuple[int, float]:
+        started = time.monotonic()
+        with httpx.Client(base_url=gateway.url, timeout=30.0) as client:
+            status = client.get("/healthz").status_code
+        return status, time.monotonic() - started
+
+    with ThreadPoolExecutor(64) as pool:
+        answers = list(pool.map(check, range(64)))
+    assert {status for status, _ in answers} == {503}
+    slowest = max(took for _, took in answers)
+    assert slowest < 1.0 + 0.8, f"the slowest answer took {slowest:.2f} s, over the 1 s timeout"
 
 
 @pytest.mark.e2e

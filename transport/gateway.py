@@ -69,6 +69,7 @@ T = TypeVar("T")
 DEFAULT_PAGE = 1000
 # Part of a publish's budget kept for the health probe that tells 503 from 504.
 MAX_PROBE_S = 1.0
+QUERY_THREADS = 16  # queries to the daemon at once per gateway process (each holds a thread)
 
 
 class GatewayError(Exception):
@@ -111,8 +112,13 @@ class DaemonLink:
     # -- queries
 
     def query(self, request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-        """One query's reply map (which may hold ``error``); :class:`GatewayError` 503 if no answer came."""
+        """One query's reply map (which may hold ``error``); :class:`GatewayError` 503 if no answer came
+        within ``timeout`` seconds (by default the whole ``request_timeout_ms``)."""
         wait = self.timeout if timeout is None else timeout
+        if wait <= 0:
+            raise GatewayError(
+                503, f"no time was left to ask the daemon within {self.timeout:g} s ([http] request_timeout_ms)"
+            )
         try:
             client = self._queries.get_nowait()
         except queue.Empty:
@@ -123,7 +129,7 @@ class DaemonLink:
         except NoAnswer:
             client.close()
             raise GatewayError(
-                503, f"the daemon's query endpoint {self.query_endpoint} did not answer within {wait:g} s"
+                503, f"the daemon's query endpoint {self.query_endpoint} did not answer within {wait:.3g} s"
             ) from None
         except (QueryClientError, ValueError, TypeError, msgpack.UnpackException) as exc:
             client.close()  # a REQ socket after a bad reply is not worth reusing
@@ -456,7 +462,9 @@ def create_app(config: Config) -> FastAPI:
     started = time.monotonic()
     publish_slots = anyio.CapacityLimiter(http.publishers)
     publish_threads = anyio.CapacityLimiter(http.publishers)
-    query_threads = anyio.CapacityLimiter(16)
+    # A slot is taken within the request's timeout; its thread then never waits for a token.
+    query_slots = anyio.CapacityLimiter(QUERY_THREADS)
+    query_threads = anyio.CapacityLimiter(QUERY_THREADS)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -480,7 +488,18 @@ def create_app(config: Config) -> FastAPI:
     )
 
     async def ask(request: dict[str, Any]) -> dict[str, Any]:
-        return await _on_thread(link.query, request, limiter=query_threads)
+        """One query within ``request_timeout_ms`` in all, the wait for a free query slot included."""
+        deadline = time.monotonic() + link.timeout
+        if not await _acquire(query_slots, deadline):
+            raise GatewayError(
+                503,
+                f"no answer within {link.timeout:g} s ([http] request_timeout_ms): all {QUERY_THREADS} of the "
+                "gateway's query slots stayed busy with earlier requests (the daemon is slow or away)",
+            )
+        try:
+            return await _on_thread(link.query, request, deadline - time.monotonic(), limiter=query_threads)
+        finally:
+            query_slots.release()
 
     @app.exception_handler(GatewayError)
     async def gateway_error(_request: Request, exc: GatewayError) -> Response:
@@ -529,11 +548,7 @@ def create_app(config: Config) -> FastAPI:
         )
 
     async def _publish(events: list[dict[str, Any]], deadline: float) -> PublishOutcome:
-        acquired = False
-        with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
-            await publish_slots.acquire()
-            acquired = True  # no await between these two lines, so a timeout cannot fall between them
-        if not acquired:
+        if not await _acquire(publish_slots, deadline):
             raise GatewayError(
                 503, f"all {http.publishers} publishers were busy for {link.timeout:g} s ([http] publishers)"
             )
@@ -623,6 +638,15 @@ def _warn_unreachable(link: DaemonLink) -> None:
     """Log, once at start, why the daemon does not take the gateway's connections, if it does not."""
     for problem in link.check_handshakes(HANDSHAKE_CHECK_S):
         log.warning("cannot reach the daemon: %s", problem)
+
+
+async def _acquire(limiter: anyio.CapacityLimiter, deadline: float) -> bool:
+    """Take a token of ``limiter`` before ``deadline`` (time.monotonic); False, holding none, if none came."""
+    acquired = False
+    with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
+        await limiter.acquire()
+        acquired = True  # no await between these two lines, so a timeout cannot fall between them
+    return acquired
 
 
 async def _on_thread(function: Callable[..., T], *args: Any, limiter: anyio.CapacityLimiter) -> T:
