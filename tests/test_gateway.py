@@ -374,10 +374,34 @@ def test_a_gateway_whose_key_the_daemon_refuses_says_so_at_start(
     gateway = gateway_factory(start_daemon=False, security=security)  # (the harness's readiness check is plain)
     daemon = gateway.daemon
     daemon.start(wait=False)  # within the gateway's start-up check, which waits for it
+    refused = "refused this client's CURVE key (ZAP status 400)"
     for endpoint in (daemon.ack, daemon.query):
-        words = f"cannot reach the daemon: {endpoint} refused this client's CURVE key (ZAP status 400)"
+        words = f"cannot reach the daemon: {endpoint} {refused}"
         eventually(lambda words=words: words in gateway.log(), 15, f"the gateway to log {words!r}")
-    assert gateway.client.get("/healthz").status_code == 503
+    # The hint names the gateway's config keys, not the command-line tools' flags it does not have.
+    assert "or point [security] client_certificate at an authorized certificate" in gateway.log()
+    assert "--client-cert" not in gateway.log()
+    # Requests say the key was refused, not that the daemon may not be running.
+    health = gateway.client.get("/healthz")
+    assert health.status_code == 503 and f"{daemon.query} {refused}" in health.json()["reason"], health.text
+    published = gateway.publish(event(event_id="refused"))
+    assert published.status_code == 503 and f"{daemon.ack} {refused}" in published.json()["error"], published.text
+    assert "is it running" not in published.json()["error"]
+
+
+@pytest.mark.e2e
+def test_the_start_up_check_waits_for_both_endpoints_at_once(gateway_factory: Callable[..., Gateway]) -> None:
+    """With no daemon, each endpoint's check gives up after 10 s; both warnings come within
+    that, not one 10 s after the other."""
+    gateway = gateway_factory(start_daemon=False)
+    started = time.monotonic()
+    eventually(
+        lambda: gateway.log().count("accepted no connection within 10 s") == 2,
+        25,
+        "both start-up warnings",
+        detail=gateway.log,
+    )
+    assert time.monotonic() - started < 15, gateway.log()
 
 
 # -- the OpenAPI document, fuzzed -----------------------------------------------------------------

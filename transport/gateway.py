@@ -36,6 +36,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
@@ -53,7 +54,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from transport import metrics
 from transport.client import NoAnswer, QueryClient, QueryClientError, connectable
 from transport.config import Config, load_config
-from transport.handshake import unreachable
+from transport.handshake import CONFIG_HINTS, probe
 from transport.logs import setup_logging
 from transport.publisher import BatchRefused, BatchResult, DeliveryFailed, Publisher, PublisherError, PublishTimeout
 from transport.queries import MAX_CURSOR, QueryError, check_query_topic
@@ -108,6 +109,9 @@ class DaemonLink:
         self._publishers: queue.SimpleQueue[Publisher] = queue.SimpleQueue()
         self._queries: queue.SimpleQueue[QueryClient] = queue.SimpleQueue()
         self._closed = False
+        # endpoint -> why the daemon refused this gateway's security there, from the start-up
+        # check; dropped once the endpoint answers (its key authorized since, say).
+        self._refused: dict[str, str] = {}
 
     # -- queries
 
@@ -129,11 +133,14 @@ class DaemonLink:
         except NoAnswer:
             client.close()
             raise GatewayError(
-                503, f"the daemon's query endpoint {self.query_endpoint} did not answer within {wait:.3g} s"
+                503,
+                self._refusal(self.query_endpoint)
+                or f"the daemon's query endpoint {self.query_endpoint} did not answer within {wait:.3g} s",
             ) from None
         except (QueryClientError, ValueError, TypeError, msgpack.UnpackException) as exc:
             client.close()  # a REQ socket after a bad reply is not worth reusing
             raise GatewayError(502, f"the daemon sent a reply the gateway cannot read: {exc}") from None
+        self._refused.pop(self.query_endpoint, None)
         self._return(self._queries, client)
         return reply
 
@@ -164,6 +171,7 @@ class DaemonLink:
             raise GatewayError(503, f"cannot publish to {self.ack_endpoint}: {exc}") from None
         finally:
             if ok:
+                self._refused.pop(self.ack_endpoint, None)
                 self._return(self._publishers, publisher)
             else:
                 publisher.close(flush=False)
@@ -202,6 +210,9 @@ class DaemonLink:
         try:
             self.query({"op": "stats"}, timeout=probe)
         except GatewayError:
+            refusal = self._refusal(self.ack_endpoint)
+            if refusal is not None:
+                return GatewayError(503, f"{refusal}; publishing again once it does is safe")
             return GatewayError(
                 503,
                 f"the daemon is not answering: no acknowledgement from {self.ack_endpoint} in {waited:.1f} s "
@@ -223,10 +234,31 @@ class DaemonLink:
 
     def check_handshakes(self, timeout: float) -> list[str]:
         """What keeps the daemon from taking this gateway's connections (a refused CURVE key,
-        nothing listening), one line per endpoint with a problem; empty when both shake hands."""
-        checks = ((self.ack_endpoint, zmq.DEALER), (self.query_endpoint, zmq.REQ))
-        found = (unreachable(endpoint, socket_type, self._secure, timeout) for endpoint, socket_type in checks)
-        return [problem for problem in found if problem is not None]
+        nothing listening), one line per endpoint with a problem; empty when both shake hands.
+
+        Both endpoints are probed at once, on a thread each, so this takes ``timeout`` at most.
+        A refusal is remembered, so that requests failing on that endpoint say so.
+        """
+        checks = {self.ack_endpoint: zmq.DEALER, self.query_endpoint: zmq.REQ}
+        with ThreadPoolExecutor(len(checks), thread_name_prefix="handshake-check") as pool:
+            futures = {endpoint: pool.submit(self._check, endpoint, kind, timeout) for endpoint, kind in checks.items()}
+        return [problem for problem in (future.result() for future in futures.values()) if problem is not None]
+
+    def _check(self, endpoint: str, socket_type: int, timeout: float) -> str | None:
+        try:
+            failure = probe(endpoint, socket_type, self._secure, timeout, hints=CONFIG_HINTS)
+        except ValueError as exc:
+            return str(exc)
+        if failure is None:
+            return None
+        if failure.refused:
+            self._refused[endpoint] = f"{endpoint} {failure}"
+        return f"{endpoint} {failure}"
+
+    def _refusal(self, endpoint: str) -> str | None:
+        """Why requests to ``endpoint`` fail, when the daemon is known to refuse this gateway there."""
+        refusal = self._refused.get(endpoint)
+        return None if refusal is None else f"the daemon does not take this gateway's connections: {refusal}"
 
     def close(self) -> None:
         """Close every pooled connection (ones lent out are closed when they come back)."""
