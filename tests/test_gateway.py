@@ -387,6 +387,10 @@ def test_a_gateway_whose_key_the_daemon_refuses_says_so_at_start(
     published = gateway.publish(event(event_id="refused"))
     assert published.status_code == 503 and f"{daemon.ack} {refused}" in published.json()["error"], published.text
     assert "is it running" not in published.json()["error"]
+    # The daemon names the socket of each refusal.
+    for socket_name in ("acknowledged ingest", "query"):
+        words = f"refused a client on the {socket_name} socket: key not authorized"
+        eventually(lambda words=words: words in daemon.log(), 15, f"the daemon to log {words!r}")
 
 
 @pytest.mark.e2e
