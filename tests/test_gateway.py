@@ -339,6 +339,35 @@ def test_a_slow_daemon_gives_504(gateway_factory: Callable[..., Gateway]) -> Non
 
 
 @pytest.mark.e2e
+def test_busy_publishers_give_503_with_nothing_sent(gateway_factory: Callable[..., Gateway]) -> None:
+    """One publisher, each acknowledgement a second away (the reorder window): of four publishes
+    at once, the later ones find it busy. A 503 says nothing was sent, and indeed nothing was;
+    a 504 names how long the events waited since they were sent, within the timeout."""
+    gateway = gateway_factory(http={"publishers": 1, "request_timeout_ms": 3000}, ordering={"window_ms": 1000})
+
+    def publish(i: int) -> httpx.Response:
+        with httpx.Client(base_url=gateway.url, timeout=30.0) as client:
+            return client.post("/publish", json=event(topic=f"busy{i}", event_id=f"busy-{i}"))
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(publish, range(4)))
+    statuses = [answer.status_code for answer in answers]
+    assert 200 in statuses, [answer.text for answer in answers]
+    not_sent = [i for i, answer in enumerate(answers) if answer.status_code == 503]
+    assert not_sent, [answer.text for answer in answers]
+    for i in not_sent:
+        assert "nothing was sent: publishing again is safe" in answers[i].json()["error"], answers[i].text
+    for answer in answers:
+        assert answer.status_code in (200, 503, 504), answer.text
+        if answer.status_code == 504:
+            waited = float(answer.json()["error"].split("within ")[1].split(" s")[0])
+            assert waited < 3.0, answer.text
+    gateway.daemon.wait_idle()
+    stored = {e["event_id"] for e in ok(gateway.client.get("/events"))["events"]}
+    assert not stored & {f"busy-{i}" for i in not_sent}, stored
+
+
+@pytest.mark.e2e
 def test_curve_when_the_config_says_so(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> None:
     folder, authorized = tmp_path / "keys", tmp_path / "authorized"
     for args in (("server", str(folder)), ("client", "gateway", str(folder), "--authorize", str(authorized))):

@@ -70,6 +70,8 @@ T = TypeVar("T")
 DEFAULT_PAGE = 1000
 # Part of a publish's budget kept for the health probe that tells 503 from 504.
 MAX_PROBE_S = 1.0
+# A publish that got its publisher with less than this share of its timeout left is not sent.
+MIN_PUBLISH_SHARE = 0.25
 QUERY_THREADS = 16  # queries to the daemon at once per gateway process (each holds a thread)
 
 
@@ -154,6 +156,7 @@ class DaemonLink:
         """
         publisher = self._take_publisher()
         probe_s = min(MAX_PROBE_S, self.timeout / 4)
+        sent_at = time.monotonic()
         ok = False
         try:
             publisher.results.clear()
@@ -162,7 +165,7 @@ class DaemonLink:
             results = sorted(publisher.results, key=lambda result: result.batch_id)
             ok = True
         except (PublishTimeout, DeliveryFailed):
-            raise self._no_acknowledgement(deadline) from None
+            raise self._no_acknowledgement(deadline, sent_at) from None
         except BatchRefused as exc:
             raise GatewayError(502, f"the daemon refused the events: {exc.reason}") from None
         except InvalidEvent as exc:  # checked before, so only if the rules changed under us
@@ -199,13 +202,14 @@ class DaemonLink:
             keep_results=self._max_events + 1,  # a batch holds one event at least
         )
 
-    def _no_acknowledgement(self, deadline: float) -> GatewayError:
-        """503 if the daemon does not answer a query either, else 504.
+    def _no_acknowledgement(self, deadline: float, sent_at: float) -> GatewayError:
+        """503 if the daemon does not answer a query either, else 504; either names how long the
+        events waited for their acknowledgement since they were handed to the publisher.
 
         The probe asks for stats, which the stats actor answers from its own counters, rather
         than health, which waits for every actor's ping and so is slow exactly when the daemon is.
         """
-        waited = self.timeout - max(0.0, deadline - time.monotonic())
+        waited = time.monotonic() - sent_at
         probe = max(0.05, min(MAX_PROBE_S, deadline - time.monotonic()))
         try:
             self.query({"op": "stats"}, timeout=probe)
@@ -220,8 +224,9 @@ class DaemonLink:
             )
         return GatewayError(
             504,
-            f"the daemon answers queries but did not acknowledge the events within {waited:.1f} s "
-            f"(overloaded?); publishing them again is safe: duplicates are dropped",
+            f"the daemon answers queries but did not acknowledge the events within {waited:.1f} s of their "
+            f"sending (overloaded?); they may or may not be stored: publishing them again is safe, duplicates "
+            f"are dropped",
         )
 
     # -- pools
@@ -581,13 +586,23 @@ def create_app(config: Config) -> FastAPI:
 
     async def _publish(events: list[dict[str, Any]], deadline: float) -> PublishOutcome:
         if not await _acquire(publish_slots, deadline):
-            raise GatewayError(
-                503, f"all {http.publishers} publishers were busy for {link.timeout:g} s ([http] publishers)"
-            )
+            raise busy(deadline)
         try:
+            # A publisher freed so late that the daemon could hardly acknowledge in the time left
+            # is not used: an honest 503 with nothing sent beats a 504 for events barely sent.
+            if deadline - time.monotonic() < MIN_PUBLISH_SHARE * link.timeout:
+                raise busy(deadline)
             return await _on_thread(link.publish, events, deadline, limiter=publish_threads)
         finally:
             publish_slots.release()
+
+    def busy(deadline: float) -> GatewayError:
+        waited = time.monotonic() - (deadline - link.timeout)
+        return GatewayError(
+            503,
+            f"all {http.publishers} publishers were busy for {waited:.1f} s of the request's {link.timeout:g} s "
+            "([http] publishers, request_timeout_ms); nothing was sent: publishing again is safe",
+        )
 
     @app.get(
         "/events",
