@@ -131,7 +131,7 @@ def test_invalid_event_is_400_with_error_and_index_and_nothing_is_sent(gateway: 
     assert body["index"] == 1
     assert "timezone" in body["error"]
     single = gateway.publish({"topic": "orders", "event_id": 7, "timestamp": "2025-10-22T10:00:00Z", "source": "s"})
-    assert single.status_code == 400 and single.json() == {"error": "event_id must be a string, not int", "index": 0}
+    assert single.status_code == 400 and single.json() == {"error": "event_id must be a string, not number", "index": 0}
     # The daemon never saw any of them (checked first, nothing sent).
     assert gateway.daemon.stats()["received"] == 0
     assert ok(gateway.client.get("/events"))["count"] == 0
@@ -145,8 +145,8 @@ def test_bad_requests_get_a_4xx_with_a_clear_message(gateway_factory: Callable[.
         (post("/publish", content=b'{"events": [{'), 400, "not valid JSON"),
         (post("/publish", content=b"[1, 2]"), 400, "not a JSON array"),
         (post("/publish", json={"events": {"topic": "t"}}), 400, "'events' must be an array"),
-        (post("/publish", json={"events": [event(), 5]}), 400, "an event must be a map, not int"),
-        (post("/publish", json=event(payload=[1])), 400, "payload must be a map, not list"),
+        (post("/publish", json={"events": [event(), 5]}), 400, "an event must be an object, not number"),
+        (post("/publish", json=event(payload=[1])), 400, "payload must be an object, not array"),
         (post("/publish", json=event(payload={"n": 2**70})), 400, "integers must fit in 64 bits"),
         (post("/publish", content=b"x" * 2001), 413, "[http] max_body_bytes"),
         (post("/publish", json={"events": [event(event_id=str(i)) for i in range(4)]}), 413, "[http] max_events"),
@@ -517,6 +517,9 @@ def test_http_config_defaults_and_ipv6() -> None:
     assert (v6.host, v6.port) == ("::1", 9000)
 
 
+EVENT_JSON = b'{"topic": "t", "event_id": "1", "timestamp": "2025-10-22T10:00:00Z", "source": "s"%s}'
+
+
 def test_parse_events_keeps_only_the_schema_fields() -> None:
     body = b'{"events": [{"topic": "t", "event_id": "1", "timestamp": "2025-10-22T10:00:00Z", "source": "s", "x": 1}]}'
     assert parse_events(body, 10, 1000) == [
@@ -526,6 +529,34 @@ def test_parse_events_keeps_only_the_schema_fields() -> None:
     with pytest.raises(GatewayError) as caught:
         parse_events(big % (b"x" * 2000), 10, 1000)
     assert caught.value.status == 400 and "over the limit of 1000" in caught.value.body["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (b'{"events": [1]}', "an event must be an object, not number"),
+        (b'{"events": [null]}', "an event must be an object, not null"),
+        (EVENT_JSON % b', "payload": null', "payload must be an object, not null"),
+        (EVENT_JSON % b', "payload": "x"', "payload must be an object, not string"),
+        (EVENT_JSON.replace(b'"s"', b"true") % b"", "source must be a string, not boolean"),
+        (EVENT_JSON.replace(b'"t"', b"[]") % b"", "topic must be a string, not array"),
+        (EVENT_JSON % b', "payload": {"k": "\\ud800"}', "lone UTF-16 surrogate"),
+        (EVENT_JSON % b', "payload": {"k": "\\udc00x"}', "lone UTF-16 surrogate"),
+    ],
+)
+def test_event_errors_name_json_types(body: bytes, words: str) -> None:
+    with pytest.raises(GatewayError) as caught:
+        parse_events(body, 10, 1000)
+    assert caught.value.status == 400 and words in caught.value.body["error"], caught.value.body
+    assert "map" not in caught.value.body["error"] and "nil" not in caught.value.body["error"]
+
+
+def test_a_valid_surrogate_pair_is_no_error_and_bad_utf8_keeps_its_reason() -> None:
+    pair = parse_events(EVENT_JSON % b', "payload": {"k": "\\ud83d\\ude00"}', 10, 1000)
+    assert pair[0]["payload"] == {"k": "\U0001f600"}
+    with pytest.raises(GatewayError) as caught:
+        parse_events(EVENT_JSON % b', "payload": {"k": "\xff"}', 10, 1000)
+    assert caught.value.body["error"] == "the body is not valid JSON: Invalid UTF-8 encoded string"
 
 
 # -- installation: the systemd unit and install.sh --with-gateway ------------------------------------

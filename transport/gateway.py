@@ -29,6 +29,7 @@ been stored; publishing them again is safe, since the daemon drops duplicates.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import math
 import os
@@ -307,10 +308,7 @@ def parse_events(body: bytes, max_events: int, max_payload_bytes: int) -> list[d
     The body is one event object or ``{"events": [event, ...]}``. Only the schema's fields are
     kept: the daemon ignores any others, and dropping them here keeps what is sent small.
     """
-    try:
-        document = _decoder.decode(body)
-    except msgspec.DecodeError as exc:
-        raise GatewayError(400, f"the body is not valid JSON: {exc}") from None
+    document = _decode_json(body)
     if isinstance(document, dict) and "events" in document and "topic" not in document:
         events = document["events"]
         if not isinstance(events, list):
@@ -329,6 +327,7 @@ def parse_events(body: bytes, max_events: int, max_payload_bytes: int) -> list[d
     checked = []
     for index, event in enumerate(events):
         try:
+            _check_json_types(event)
             topic, event_id, timestamp, _, source, payload = check_fields(event)
             clean: dict[str, Any] = {"topic": topic, "event_id": event_id, "timestamp": timestamp, "source": source}
             if payload is not None:
@@ -345,7 +344,61 @@ def parse_events(body: bytes, max_events: int, max_payload_bytes: int) -> list[d
     return checked
 
 
+def _decode_json(body: bytes) -> Any:
+    """The JSON document in ``body``, or :class:`GatewayError` 400 saying why it is not one."""
+    try:
+        return _decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        reason = str(exc)
+    if _has_lone_surrogate(body):  # msgspec's own words for it ("Input data was truncated") mislead
+        reason = (
+            "a string holds a \\u escape of a lone UTF-16 surrogate (\\uD800-\\uDFFF without its pair), "
+            "which is no Unicode character"
+        )
+    raise GatewayError(400, f"the body is not valid JSON: {reason}")
+
+
+def _has_lone_surrogate(body: bytes) -> bool:
+    """Whether ``body`` is JSON but for strings holding lone surrogates, which Python's parser lets through."""
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(constant)  # NaN and Infinity: Python takes them, JSON does not
+
+    try:
+        document = json.loads(body, parse_constant=refuse)
+    except (ValueError, RecursionError):
+        return False
+    strings = [document]
+    while strings:
+        value = strings.pop()
+        if isinstance(value, dict):
+            strings.extend(value)
+            strings.extend(value.values())
+        elif isinstance(value, list):
+            strings.extend(value)
+        elif isinstance(value, str) and any(0xD800 <= ord(char) <= 0xDFFF for char in value):
+            return True
+    return False
+
+
+def _check_json_types(event: Any) -> None:
+    """Refuse an event whose fields have the wrong JSON types, in JSON's words.
+
+    :func:`transport.schema.check_fields` would refuse it too, but names msgpack's types
+    (map, nil, int), which are not what a JSON client sent.
+    """
+    if not isinstance(event, dict):
+        raise InvalidEvent(f"an event must be an object, not {_json_type(event)}")
+    for field in ("topic", "event_id", "timestamp", "source"):
+        if field in event and not isinstance(event[field], str):
+            raise InvalidEvent(f"{field} must be a string, not {_json_type(event[field])}")
+    if "payload" in event and not isinstance(event["payload"], dict):
+        raise InvalidEvent(f"payload must be an object, not {_json_type(event['payload'])}")
+
+
 def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
     names = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
     return names.get(type(value), type_name(value))
 
