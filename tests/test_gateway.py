@@ -528,7 +528,10 @@ def test_parse_events_keeps_only_the_schema_fields() -> None:
     big = b'{"topic": "t", "event_id": "1", "timestamp": "2025-10-22T10:00:00Z", "source": "s", "payload": {"b": "%s"}}'
     with pytest.raises(GatewayError) as caught:
         parse_events(big % (b"x" * 2000), 10, 1000)
-    assert caught.value.status == 400 and "over the limit of 1000" in caught.value.body["error"]
+    assert (
+        caught.value.status == 400
+        and "over the limit of 1000 ([ingest] max_payload_bytes)" in caught.value.body["error"]
+    )
 
 
 @pytest.mark.parametrize(

@@ -333,7 +333,7 @@ def parse_events(body: bytes, max_events: int, max_payload_bytes: int) -> list[d
             if payload is not None:
                 clean["payload"] = payload
             if len(packer.pack(clean)) > max_payload_bytes:
-                pack_payload(payload, max_payload_bytes)
+                _check_payload_size(payload, max_payload_bytes)
         except InvalidEvent as exc:
             raise GatewayError(400, str(exc), index=index) from None
         except (TypeError, ValueError, OverflowError) as exc:
@@ -379,6 +379,14 @@ def _has_lone_surrogate(body: bytes) -> bool:
         elif isinstance(value, str) and any(0xD800 <= ord(char) <= 0xDFFF for char in value):
             return True
     return False
+
+
+def _check_payload_size(payload: dict[Any, Any] | None, limit: int) -> None:
+    """Refuse a payload over ``limit`` packed bytes, naming the config key that sets the limit."""
+    try:
+        pack_payload(payload, limit)
+    except InvalidEvent as exc:
+        raise InvalidEvent(f"{exc} ([ingest] max_payload_bytes)") from None
 
 
 def _check_json_types(event: Any) -> None:
