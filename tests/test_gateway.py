@@ -234,6 +234,9 @@ METRICS = {  # exposed sample name -> stats key
     "eventagg_duplicate_dropped_total": "duplicate_dropped",
     "eventagg_rejected_total": "rejected",
     "eventagg_late_total": "late",
+    "eventagg_conflicting_duplicates_total": "conflicting_duplicates",
+    "eventagg_expired_total": "expired",
+    "eventagg_refused_total": "refused",
     "eventagg_in_flight": "in_flight",
     "eventagg_topics": "topic_count",
     "eventagg_uptime_seconds": "uptime_s",
@@ -271,6 +274,15 @@ def test_metrics_are_the_stats(gateway: Gateway) -> None:
     assert samples["eventagg_received_total"][0] == 8
     assert samples["eventagg_duplicate_dropped_total"][0] == 1
     assert samples["eventagg_topics"][0] == 2
+
+
+@pytest.mark.e2e
+def test_head_healthz_answers_like_get_without_a_body(gateway: Gateway) -> None:
+    head = gateway.client.head("/healthz")
+    assert head.status_code == 200 and head.content == b"", head.text
+    gateway.daemon.terminate()
+    away = gateway.client.head("/healthz")
+    assert away.status_code == 503 and away.content == b""
 
 
 @pytest.mark.e2e
