@@ -703,8 +703,9 @@ def create_app(config: Config) -> FastAPI:
     async def topics() -> Response:
         return json_response(_answered(await ask({"op": "topics"})))
 
-    @app.get(
+    @app.api_route(
         "/healthz",
+        methods=["GET", "HEAD"],  # HEAD: a load balancer's check that wants the status alone
         summary="200 when the daemon answers its health query healthy, else 503 with the reason",
         responses={503: {"description": "The daemon is away or unhealthy; `reason` says why."}},
     )
