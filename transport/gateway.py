@@ -522,8 +522,17 @@ _PUBLISH_BODY: dict[str, Any] = {
         }
     },
 }
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    503: {"model": Error, "description": "The daemon did not answer in time."},
+# What a query route answers when the daemon does not give a usable answer.
+_QUERY_ERRORS: dict[int | str, dict[str, Any]] = {
+    502: {"model": Error, "description": "The daemon sent a reply the gateway cannot read."},
+    503: {"model": Error, "description": "The daemon did not answer in time, or answered with an error."},
+}
+_PUBLISH_ERRORS: dict[int | str, dict[str, Any]] = {
+    502: {"model": Error, "description": "The daemon refused the batch as a whole, or sent an unreadable reply."},
+    503: {
+        "model": Error,
+        "description": "Every publisher stayed busy (nothing was sent), or the daemon answers nothing.",
+    },
     504: {"model": Error, "description": "The daemon answered queries but did not acknowledge in time."},
 }
 
@@ -585,6 +594,24 @@ def create_app(config: Config) -> FastAPI:
         lifespan=lifespan,
     )
 
+    fastapi_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document without the 422 it lists for every route with parameters: the
+        gateway answers invalid parameters 400 (see validation_error), never 422."""
+        if app.openapi_schema is None:
+            document = fastapi_openapi()
+            for operations in document.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            schemas = document.get("components", {}).get("schemas", {})
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(unused, None)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
     async def ask(request: dict[str, Any]) -> dict[str, Any]:
         """One query within ``request_timeout_ms`` in all, the wait for a free query slot included."""
         deadline = time.monotonic() + link.timeout
@@ -622,7 +649,7 @@ def create_app(config: Config) -> FastAPI:
         responses={
             400: {"model": Error, "description": "Invalid JSON or an invalid event (index names it); nothing sent."},
             413: {"model": Error, "description": "Body or event count over the limit."},
-            **_ERRORS,
+            **_PUBLISH_ERRORS,
         },
         openapi_extra={"requestBody": _PUBLISH_BODY},
     )
@@ -669,7 +696,7 @@ def create_app(config: Config) -> FastAPI:
         "/events",
         response_model=EventsPage,
         summary="A page of stored events: one topic in seq (timestamp) order, or every topic in commit order",
-        responses={400: {"model": Error, "description": "A bad query parameter."}, **_ERRORS},
+        responses={400: {"model": Error, "description": "A bad query parameter."}, **_QUERY_ERRORS},
     )
     async def events(
         topic: TopicParam = None,
@@ -690,7 +717,7 @@ def create_app(config: Config) -> FastAPI:
     @app.get(
         "/stats",
         summary="The daemon's counters, with the original service's total_topics and uptime",
-        responses=_ERRORS,
+        responses=_QUERY_ERRORS,
     )
     async def stats() -> Response:
         reply = _answered(await ask({"op": "stats"}))
@@ -699,15 +726,20 @@ def create_app(config: Config) -> FastAPI:
         reply["gateway_uptime_s"] = round(time.monotonic() - started, 3)
         return json_response(reply)
 
-    @app.get("/topics", summary="Every topic with its stored count, last seq and counters", responses=_ERRORS)
+    @app.get("/topics", summary="Every topic with its stored count, last seq and counters", responses=_QUERY_ERRORS)
     async def topics() -> Response:
         return json_response(_answered(await ask({"op": "topics"})))
 
-    @app.api_route(
+    @app.get(
         "/healthz",
-        methods=["GET", "HEAD"],  # HEAD: a load balancer's check that wants the status alone
         summary="200 when the daemon answers its health query healthy, else 503 with the reason",
         responses={503: {"description": "The daemon is away or unhealthy; `reason` says why."}},
+    )
+    @app.head(  # a load balancer's check that wants the status alone; the server drops the body
+        "/healthz",
+        summary="The status of GET /healthz, without a body",
+        responses={503: {"description": "The daemon is away or unhealthy."}},
+        operation_id="healthz_head",
     )
     async def healthz() -> Response:
         try:
