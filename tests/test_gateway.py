@@ -7,6 +7,7 @@ daemon's own config file, whose ``[http]`` section the daemon must accept and ig
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -23,7 +24,17 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import ROOT, SCRIPTS, Daemon, default_sigint, eventually, free_port, run_script, write_config
+from harness import (
+    ROOT,
+    SCRIPTS,
+    Daemon,
+    default_sigint,
+    eventually,
+    free_port,
+    push_frames,
+    run_script,
+    write_config,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from transport.config import ConfigError, parse_config
@@ -187,6 +198,39 @@ def test_batch_of_five_is_added_and_listed(gateway: Gateway) -> None:
     assert [e["event_id"] for e in first["events"] + second["events"]] == ["b-0", "b-1", "b-2", "b-3"]
     done = ok(gateway.client.get("/events", params={"topic": "orders", "after": 5}))
     assert done == {"events": [], "count": 0, "next": 5}
+
+
+@pytest.mark.e2e
+def test_events_hold_what_msgpack_stored_as_valid_lossless_json(gateway: Gateway) -> None:
+    """A msgpack publisher can store what JSON has no type for; GET /events writes it all."""
+    import msgpack
+
+    payload = {
+        "ts": msgpack.Timestamp(1700000000, 5),
+        "before_1970": msgpack.Timestamp(-100, 0),
+        "ext": msgpack.ExtType(5, b"abc"),
+        "clash": {1: "a", "1": "b"},
+        "ints": {1: "a", 2: "b"},
+    }
+    frame = msgpack.packb({**event(topic="odd", event_id="o-1"), "payload": payload}, use_bin_type=True)
+    push_frames(gateway.daemon.ingest, [frame])
+    gateway.daemon.wait_stats(unique_processed=1)
+    response = gateway.client.get("/events", params={"topic": "odd"})
+    assert response.status_code == 200
+
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in pairs]
+        assert len(keys) == len(set(keys)), f"an object with a repeated key: {keys}"
+        return dict(pairs)
+
+    stored = json.loads(response.text, object_pairs_hook=unique_keys)["events"][0]["payload"]
+    assert stored == {
+        "ts": "2023-11-14T22:13:20.000000005Z",
+        "before_1970": "1969-12-31T23:58:20Z",
+        "ext": {"ext_type": 5, "data": "YWJj"},
+        "clash": [[1, "a"], ["1", "b"]],
+        "ints": {"1": "a", "2": "b"},
+    }
 
 
 @pytest.mark.e2e
@@ -605,6 +649,14 @@ def test_a_valid_surrogate_pair_is_no_error_and_bad_utf8_keeps_its_reason() -> N
     with pytest.raises(GatewayError) as caught:
         parse_events(EVENT_JSON % b', "payload": {"k": "\xff"}', 10, 1000)
     assert caught.value.body["error"] == "the body is not valid JSON: Invalid UTF-8 encoded string"
+
+
+def test_a_timestamp_beyond_year_9999_keeps_its_figures() -> None:
+    import msgpack
+
+    from transport.gateway import _jsonable
+
+    assert _jsonable(msgpack.Timestamp(2**40, 7)) == {"seconds": 2**40, "nanoseconds": 7}
 
 
 # -- installation: the systemd unit and install.sh --with-gateway ------------------------------------

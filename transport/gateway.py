@@ -40,6 +40,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
 import anyio
@@ -412,26 +413,51 @@ def _json_type(value: Any) -> str:
 
 
 def _enc_hook(value: Any) -> Any:
-    """What msgspec cannot encode by itself, as stored payloads may hold it (msgpack extension types)."""
+    """What msgspec cannot encode by itself, as stored payloads may hold it: msgpack timestamps."""
     if isinstance(value, msgpack.Timestamp):
-        return value.to_datetime().isoformat().replace("+00:00", "Z")
-    if isinstance(value, msgpack.ExtType):
-        return {"ext_type": value.code, "data": base64.b64encode(value.data).decode()}
+        return _timestamp_json(value)
     raise NotImplementedError(f"{type(value).__name__} has no JSON form")
 
 
+def _timestamp_json(value: msgpack.Timestamp) -> Any:
+    """RFC 3339 in UTC with every nanosecond the timestamp holds (``...T22:13:20.000000005Z``);
+    ``{"seconds", "nanoseconds"}`` for one outside the years 1-9999, which that cannot write."""
+    try:
+        moment = _EPOCH + timedelta(seconds=value.seconds)
+    except OverflowError:
+        return {"seconds": value.seconds, "nanoseconds": value.nanoseconds}
+    text = moment.replace(tzinfo=None).isoformat()
+    return f"{text}.{value.nanoseconds:09d}Z" if value.nanoseconds else f"{text}Z"
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _jsonable(value: Any) -> Any:
-    """``value`` with map keys made strings, bytes base64 and non-finite floats null: anything msgpack holds."""
+    """``value`` as JSON can hold it, losing nothing msgpack held that JSON can write.
+
+    Bytes become base64 strings, non-finite floats null, timestamps RFC 3339 strings, extension
+    types ``{"ext_type", "data"}`` (base64). Map keys become strings (a non-string key as its
+    JSON text), unless two would then be the same (``1`` and ``"1"``): such a map becomes an
+    array of ``[key, value]`` pairs, since an object with a repeated key is not valid JSON.
+    """
     if isinstance(value, dict):
-        return {_key(k): _jsonable(v) for k, v in value.items()}
+        if all(isinstance(key, str) for key in value):
+            return {key: _jsonable(item) for key, item in value.items()}
+        keys = [_key(key) for key in value]
+        if len(set(keys)) == len(keys):
+            return {key: _jsonable(item) for key, item in zip(keys, value.values(), strict=True)}
+        return [[_jsonable(key), _jsonable(item)] for key, item in value.items()]
+    if isinstance(value, msgpack.ExtType):  # before tuple: an ExtType is a named tuple
+        return {"ext_type": value.code, "data": base64.b64encode(value.data).decode()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [_jsonable(item) for item in value]
     if isinstance(value, (bytes, bytearray, memoryview)):
         return base64.b64encode(bytes(value)).decode()
     if isinstance(value, float) and not math.isfinite(value):
         return None
-    if isinstance(value, (msgpack.Timestamp, msgpack.ExtType)):
-        return _enc_hook(value)
+    if isinstance(value, msgpack.Timestamp):
+        return _timestamp_json(value)
     return value
 
 
@@ -711,7 +737,9 @@ def create_app(config: Config) -> FastAPI:
         # The daemon caps the page at its max_limit; capping here too keeps a huge limit packable.
         limit = min(limit, config.query.max_limit)
         reply = _answered(await ask({"op": "events", "topic": topic, "after": after, "limit": limit}))
-        page = reply.get("events", [])
+        # Made JSON-safe item by item: msgspec alone would write an ExtType as an array and a map
+        # with keys 1 and "1" as an object with a repeated key.
+        page = _jsonable(reply.get("events", []))
         return json_response({"events": page, "count": len(page), "next": reply.get("next", after)})
 
     @app.get(
