@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -363,18 +364,22 @@ def test_queries_answer_within_the_timeout_even_when_many_wait(gateway_factory: 
     """64 health checks at once against a stopped daemon: more than the gateway's query slots, so
     most wait for one; each still gets its 503 within request_timeout_ms (plus HTTP's own time)."""
     gateway = gateway_factory(start_daemon=False, http={"request_timeout_ms": 1000})
+    together = threading.Barrier(64)
 
     def check(_: int) -> tuple[int, float]:
-        started = time.monotonic()
         with httpx.Client(base_url=gateway.url, timeout=30.0) as client:
+            client.get("/nowhere")  # connected first: only the health check is timed
+            together.wait(30)
+            started = time.monotonic()
             status = client.get("/healthz").status_code
-        return status, time.monotonic() - started
+            return status, time.monotonic() - started
 
     with ThreadPoolExecutor(64) as pool:
         answers = list(pool.map(check, range(64)))
     assert {status for status, _ in answers} == {503}
+    # Without the slot wait counted, the last of the 64 waited for 4 rounds of 16 (about 4 s).
     slowest = max(took for _, took in answers)
-    assert slowest < 1.0 + 0.8, f"the slowest answer took {slowest:.2f} s, over the 1 s timeout"
+    assert slowest < 1.0 + 1.5, f"the slowest answer took {slowest:.2f} s, over the 1 s timeout"
 
 
 @pytest.mark.e2e
@@ -776,6 +781,16 @@ def test_sigint_or_sigterm_stops_the_gateway_with_exit_0(
     gateway.proc.send_signal(signum)
     assert gateway.proc.wait(30) == 0, gateway.log()
     assert "Traceback" not in gateway.log()
+
+
+@pytest.mark.e2e
+def test_a_gateway_stopped_during_its_start_up_check_exits_at_once(gateway_factory: Callable[..., Gateway]) -> None:
+    gateway = gateway_factory(start_daemon=False)  # no daemon: the check waits its full 10 s
+    assert gateway.proc is not None
+    started = time.monotonic()
+    gateway.proc.terminate()
+    assert gateway.proc.wait(30) == 0, gateway.log()
+    assert time.monotonic() - started < 5, "the exit waited for the start-up check"
 
 
 @pytest.mark.e2e

@@ -37,7 +37,6 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -247,9 +246,20 @@ class DaemonLink:
         A refusal is remembered, so that requests failing on that endpoint say so.
         """
         checks = {self.ack_endpoint: zmq.DEALER, self.query_endpoint: zmq.REQ}
-        with ThreadPoolExecutor(len(checks), thread_name_prefix="handshake-check") as pool:
-            futures = {endpoint: pool.submit(self._check, endpoint, kind, timeout) for endpoint, kind in checks.items()}
-        return [problem for problem in (future.result() for future in futures.values()) if problem is not None]
+        found: dict[str, str | None] = {}
+
+        def check(endpoint: str, socket_type: int) -> None:
+            found[endpoint] = self._check(endpoint, socket_type, timeout)
+
+        # Daemon threads, unlike an executor's: a gateway stopped meanwhile exits without waiting.
+        threads = [
+            threading.Thread(target=check, args=item, name="handshake-check", daemon=True) for item in checks.items()
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return [problem for problem in (found.get(endpoint) for endpoint in checks) if problem is not None]
 
     def _check(self, endpoint: str, socket_type: int, timeout: float) -> str | None:
         try:
