@@ -150,6 +150,8 @@ class Daemon:
             self._confirm(self.reader, "reader")
             self.security.start()  # the ZAP handler must be up before any server socket binds
             secure, gate = self.security.hook, self.security.gate
+            # The query and subscribe servers' ROUTER sockets are named for the refusals they log.
+            secure_query, secure_subscribe = self.security.hook_for("query"), self.security.hook_for("subscribe")
             router, dedup = self.router, self.dedup
             assert router is not None and dedup is not None  # started and confirmed above
             self.ingest = self._bind(
@@ -168,12 +170,14 @@ class Daemon:
             )
             self.query = self._bind(
                 "query",
-                lambda: QueryServer(self.context, cfg.query, self.stats, secure, reader=self.reader, gate=gate),  # type: ignore[arg-type]
+                lambda: QueryServer(self.context, cfg.query, self.stats, secure_query, reader=self.reader, gate=gate),  # type: ignore[arg-type]
             )
             source = self._event_source()
             self.subscriptions = self._bind(
                 "subscribe",
-                lambda: SubscriptionServer(self.context, cfg.subscribe, source, dedup, self.head, secure, gate),
+                lambda: SubscriptionServer(
+                    self.context, cfg.subscribe, source, dedup, self.head, secure_subscribe, gate
+                ),
             )
         except BaseException:
             self._stop_actors()

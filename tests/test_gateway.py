@@ -7,20 +7,35 @@ daemon's own config file, whose ``[http]`` section the daemon must accept and ig
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from harness import ROOT, SCRIPTS, Daemon, eventually, free_port, run_script
+from harness import (
+    ROOT,
+    SCRIPTS,
+    Daemon,
+    default_sigint,
+    eventually,
+    free_port,
+    push_frames,
+    run_script,
+    write_config,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from transport.config import ConfigError, parse_config
@@ -52,6 +67,7 @@ class Gateway:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.daemon.workdir,
+                preexec_fn=default_sigint,  # so a test's SIGINT arrives even in a suite run in the background
             )
         eventually(self._listening, timeout, f"gateway listening at {self.url}:\n{self.log()}")
         return self
@@ -127,7 +143,7 @@ def test_invalid_event_is_400_with_error_and_index_and_nothing_is_sent(gateway: 
     assert body["index"] == 1
     assert "timezone" in body["error"]
     single = gateway.publish({"topic": "orders", "event_id": 7, "timestamp": "2025-10-22T10:00:00Z", "source": "s"})
-    assert single.status_code == 400 and single.json() == {"error": "event_id must be a string, not int", "index": 0}
+    assert single.status_code == 400 and single.json() == {"error": "event_id must be a string, not number", "index": 0}
     # The daemon never saw any of them (checked first, nothing sent).
     assert gateway.daemon.stats()["received"] == 0
     assert ok(gateway.client.get("/events"))["count"] == 0
@@ -141,8 +157,8 @@ def test_bad_requests_get_a_4xx_with_a_clear_message(gateway_factory: Callable[.
         (post("/publish", content=b'{"events": [{'), 400, "not valid JSON"),
         (post("/publish", content=b"[1, 2]"), 400, "not a JSON array"),
         (post("/publish", json={"events": {"topic": "t"}}), 400, "'events' must be an array"),
-        (post("/publish", json={"events": [event(), 5]}), 400, "an event must be a map, not int"),
-        (post("/publish", json=event(payload=[1])), 400, "payload must be a map, not list"),
+        (post("/publish", json={"events": [event(), 5]}), 400, "an event must be an object, not number"),
+        (post("/publish", json=event(payload=[1])), 400, "payload must be an object, not array"),
         (post("/publish", json=event(payload={"n": 2**70})), 400, "integers must fit in 64 bits"),
         (post("/publish", content=b"x" * 2001), 413, "[http] max_body_bytes"),
         (post("/publish", json={"events": [event(event_id=str(i)) for i in range(4)]}), 413, "[http] max_events"),
@@ -183,6 +199,39 @@ def test_batch_of_five_is_added_and_listed(gateway: Gateway) -> None:
     assert [e["event_id"] for e in first["events"] + second["events"]] == ["b-0", "b-1", "b-2", "b-3"]
     done = ok(gateway.client.get("/events", params={"topic": "orders", "after": 5}))
     assert done == {"events": [], "count": 0, "next": 5}
+
+
+@pytest.mark.e2e
+def test_events_hold_what_msgpack_stored_as_valid_lossless_json(gateway: Gateway) -> None:
+    """A msgpack publisher can store what JSON has no type for; GET /events writes it all."""
+    import msgpack
+
+    payload = {
+        "ts": msgpack.Timestamp(1700000000, 5),
+        "before_1970": msgpack.Timestamp(-100, 0),
+        "ext": msgpack.ExtType(5, b"abc"),
+        "clash": {1: "a", "1": "b"},
+        "ints": {1: "a", 2: "b"},
+    }
+    frame = msgpack.packb({**event(topic="odd", event_id="o-1"), "payload": payload}, use_bin_type=True)
+    push_frames(gateway.daemon.ingest, [frame])
+    gateway.daemon.wait_stats(unique_processed=1)
+    response = gateway.client.get("/events", params={"topic": "odd"})
+    assert response.status_code == 200
+
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in pairs]
+        assert len(keys) == len(set(keys)), f"an object with a repeated key: {keys}"
+        return dict(pairs)
+
+    stored = json.loads(response.text, object_pairs_hook=unique_keys)["events"][0]["payload"]
+    assert stored == {
+        "ts": "2023-11-14T22:13:20.000000005Z",
+        "before_1970": "1969-12-31T23:58:20Z",
+        "ext": {"ext_type": 5, "data": "YWJj"},
+        "clash": [[1, "a"], ["1", "b"]],
+        "ints": {"1": "a", "2": "b"},
+    }
 
 
 @pytest.mark.e2e
@@ -230,6 +279,9 @@ METRICS = {  # exposed sample name -> stats key
     "eventagg_duplicate_dropped_total": "duplicate_dropped",
     "eventagg_rejected_total": "rejected",
     "eventagg_late_total": "late",
+    "eventagg_conflicting_duplicates_total": "conflicting_duplicates",
+    "eventagg_expired_total": "expired",
+    "eventagg_refused_total": "refused",
     "eventagg_in_flight": "in_flight",
     "eventagg_topics": "topic_count",
     "eventagg_uptime_seconds": "uptime_s",
@@ -270,6 +322,15 @@ def test_metrics_are_the_stats(gateway: Gateway) -> None:
 
 
 @pytest.mark.e2e
+def test_head_healthz_answers_like_get_without_a_body(gateway: Gateway) -> None:
+    head = gateway.client.head("/healthz")
+    assert head.status_code == 200 and head.content == b"", head.text
+    gateway.daemon.terminate()
+    away = gateway.client.head("/healthz")
+    assert away.status_code == 503 and away.content == b""
+
+
+@pytest.mark.e2e
 def test_daemon_away_gives_503_in_time_and_the_gateway_recovers(gateway: Gateway) -> None:
     assert ok(gateway.client.get("/healthz"))["status"] == "ok"
     assert ok(gateway.publish(event(event_id="before")))["added_to_queue"] == 1
@@ -299,6 +360,29 @@ def test_daemon_away_gives_503_in_time_and_the_gateway_recovers(gateway: Gateway
 
 
 @pytest.mark.e2e
+def test_queries_answer_within_the_timeout_even_when_many_wait(gateway_factory: Callable[..., Gateway]) -> None:
+    """64 health checks at once against a stopped daemon: more than the gateway's query slots, so
+    most wait for one; each still gets its 503 within request_timeout_ms (plus HTTP's own time)."""
+    gateway = gateway_factory(start_daemon=False, http={"request_timeout_ms": 1000})
+    together = threading.Barrier(64)
+
+    def check(_: int) -> tuple[int, float]:
+        with httpx.Client(base_url=gateway.url, timeout=30.0) as client:
+            client.get("/nowhere")  # connected first: only the health check is timed
+            together.wait(30)
+            started = time.monotonic()
+            status = client.get("/healthz").status_code
+            return status, time.monotonic() - started
+
+    with ThreadPoolExecutor(64) as pool:
+        answers = list(pool.map(check, range(64)))
+    assert {status for status, _ in answers} == {503}
+    # Without the slot wait counted, the last of the 64 waited for 4 rounds of 16 (about 4 s).
+    slowest = max(took for _, took in answers)
+    assert slowest < 1.0 + 1.5, f"the slowest answer took {slowest:.2f} s, over the 1 s timeout"
+
+
+@pytest.mark.e2e
 def test_a_slow_daemon_gives_504(gateway_factory: Callable[..., Gateway]) -> None:
     """The daemon answers queries but its writer is frozen: no acknowledgement, so 504, not 503."""
     gateway = gateway_factory()
@@ -313,6 +397,35 @@ def test_a_slow_daemon_gives_504(gateway_factory: Callable[..., Gateway]) -> Non
     assert response.status_code == 504, response.text
     assert "did not acknowledge" in response.json()["error"]
     assert took < TIMEOUT_MS / 1000 + 1.5
+
+
+@pytest.mark.e2e
+def test_busy_publishers_give_503_with_nothing_sent(gateway_factory: Callable[..., Gateway]) -> None:
+    """One publisher, each acknowledgement a second away (the reorder window): of four publishes
+    at once, the later ones find it busy. A 503 says nothing was sent, and indeed nothing was;
+    a 504 names how long the events waited since they were sent, within the timeout."""
+    gateway = gateway_factory(http={"publishers": 1, "request_timeout_ms": 3000}, ordering={"window_ms": 1000})
+
+    def publish(i: int) -> httpx.Response:
+        with httpx.Client(base_url=gateway.url, timeout=30.0) as client:
+            return client.post("/publish", json=event(topic=f"busy{i}", event_id=f"busy-{i}"))
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(publish, range(4)))
+    statuses = [answer.status_code for answer in answers]
+    assert 200 in statuses, [answer.text for answer in answers]
+    not_sent = [i for i, answer in enumerate(answers) if answer.status_code == 503]
+    assert not_sent, [answer.text for answer in answers]
+    for i in not_sent:
+        assert "nothing was sent: publishing again is safe" in answers[i].json()["error"], answers[i].text
+    for answer in answers:
+        assert answer.status_code in (200, 503, 504), answer.text
+        if answer.status_code == 504:
+            waited = float(answer.json()["error"].split("within ")[1].split(" s")[0])
+            assert waited < 3.0, answer.text
+    gateway.daemon.wait_idle()
+    stored = {e["event_id"] for e in ok(gateway.client.get("/events"))["events"]}
+    assert not stored & {f"busy-{i}" for i in not_sent}, stored
 
 
 @pytest.mark.e2e
@@ -351,10 +464,38 @@ def test_a_gateway_whose_key_the_daemon_refuses_says_so_at_start(
     gateway = gateway_factory(start_daemon=False, security=security)  # (the harness's readiness check is plain)
     daemon = gateway.daemon
     daemon.start(wait=False)  # within the gateway's start-up check, which waits for it
+    refused = "refused this client's CURVE key (ZAP status 400)"
     for endpoint in (daemon.ack, daemon.query):
-        words = f"cannot reach the daemon: {endpoint} refused this client's CURVE key (ZAP status 400)"
+        words = f"cannot reach the daemon: {endpoint} {refused}"
         eventually(lambda words=words: words in gateway.log(), 15, f"the gateway to log {words!r}")
-    assert gateway.client.get("/healthz").status_code == 503
+    # The hint names the gateway's config keys, not the command-line tools' flags it does not have.
+    assert "or point [security] client_certificate at an authorized certificate" in gateway.log()
+    assert "--client-cert" not in gateway.log()
+    # Requests say the key was refused, not that the daemon may not be running.
+    health = gateway.client.get("/healthz")
+    assert health.status_code == 503 and f"{daemon.query} {refused}" in health.json()["reason"], health.text
+    published = gateway.publish(event(event_id="refused"))
+    assert published.status_code == 503 and f"{daemon.ack} {refused}" in published.json()["error"], published.text
+    assert "is it running" not in published.json()["error"]
+    # The daemon names the socket of each refusal.
+    for socket_name in ("acknowledged ingest", "query"):
+        words = f"refused a client on the {socket_name} socket: key not authorized"
+        eventually(lambda words=words: words in daemon.log(), 15, f"the daemon to log {words!r}")
+
+
+@pytest.mark.e2e
+def test_the_start_up_check_waits_for_both_endpoints_at_once(gateway_factory: Callable[..., Gateway]) -> None:
+    """With no daemon, each endpoint's check gives up after 10 s; both warnings come within
+    that, not one 10 s after the other."""
+    gateway = gateway_factory(start_daemon=False)
+    started = time.monotonic()
+    eventually(
+        lambda: gateway.log().count("accepted no connection within 10 s") == 2,
+        25,
+        "both start-up warnings",
+        detail=gateway.log,
+    )
+    assert time.monotonic() - started < 15, gateway.log()
 
 
 # -- the OpenAPI document, fuzzed -----------------------------------------------------------------
@@ -365,6 +506,34 @@ def test_openapi_lists_every_route(gateway: Gateway) -> None:
     paths = ok(gateway.client.get("/openapi.json"))["paths"]
     assert set(paths) >= {"/publish", "/events", "/stats", "/topics", "/metrics", "/healthz"}
     assert "post" in paths["/publish"] and "requestBody" in paths["/publish"]["post"]
+
+
+# What each route can answer, from its code: the OpenAPI document must list exactly these.
+ANSWERS = {
+    ("post", "/publish"): {"200", "400", "413", "502", "503", "504"},
+    ("get", "/events"): {"200", "400", "502", "503"},
+    ("get", "/stats"): {"200", "502", "503"},
+    ("get", "/topics"): {"200", "502", "503"},
+    ("get", "/healthz"): {"200", "503"},
+    ("head", "/healthz"): {"200", "503"},
+    ("get", "/metrics"): {"200"},
+}
+
+
+def documented_answers(document: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    return {
+        (method, path): set(operation["responses"])
+        for path, operations in document["paths"].items()
+        for method, operation in operations.items()
+    }
+
+
+def test_openapi_lists_the_answers_each_route_can_give() -> None:
+    from transport.gateway import create_app
+
+    document = create_app(parse_config({})).openapi()
+    assert documented_answers(document) == ANSWERS
+    assert "HTTPValidationError" not in document.get("components", {}).get("schemas", {})
 
 
 @pytest.mark.e2e
@@ -401,6 +570,11 @@ def test_fuzzing_the_openapi_document_finds_no_server_error(gateway: Gateway) ->
         assert response.status_code < 500, f"{case.method} {case.path}: {response.status_code} {response.text}"
 
     no_server_error()
+    # Every answer seen is one the document lists for its route.
+    documented = documented_answers(ok(gateway.client.get("/openapi.json")))
+    for (operation, status), _ in seen.items():
+        method, path = operation.split(" ", 1)
+        assert str(status) in documented[(method.lower(), path)], (operation, status)
     # The fuzz reached the daemon: some publishes and queries succeeded, some were refused.
     assert sum(seen.values()) >= 100, seen
     assert seen[("POST /publish", 200)] and seen[("POST /publish", 400)], seen
@@ -437,6 +611,9 @@ def test_http_config_defaults_and_ipv6() -> None:
     assert (v6.host, v6.port) == ("::1", 9000)
 
 
+EVENT_JSON = b'{"topic": "t", "event_id": "1", "timestamp": "2025-10-22T10:00:00Z", "source": "s"%s}'
+
+
 def test_parse_events_keeps_only_the_schema_fields() -> None:
     body = b'{"events": [{"topic": "t", "event_id": "1", "timestamp": "2025-10-22T10:00:00Z", "source": "s", "x": 1}]}'
     assert parse_events(body, 10, 1000) == [
@@ -445,7 +622,46 @@ def test_parse_events_keeps_only_the_schema_fields() -> None:
     big = b'{"topic": "t", "event_id": "1", "timestamp": "2025-10-22T10:00:00Z", "source": "s", "payload": {"b": "%s"}}'
     with pytest.raises(GatewayError) as caught:
         parse_events(big % (b"x" * 2000), 10, 1000)
-    assert caught.value.status == 400 and "over the limit of 1000" in caught.value.body["error"]
+    assert (
+        caught.value.status == 400
+        and "over the limit of 1000 ([ingest] max_payload_bytes)" in caught.value.body["error"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (b'{"events": [1]}', "an event must be an object, not number"),
+        (b'{"events": [null]}', "an event must be an object, not null"),
+        (EVENT_JSON % b', "payload": null', "payload must be an object, not null"),
+        (EVENT_JSON % b', "payload": "x"', "payload must be an object, not string"),
+        (EVENT_JSON.replace(b'"s"', b"true") % b"", "source must be a string, not boolean"),
+        (EVENT_JSON.replace(b'"t"', b"[]") % b"", "topic must be a string, not array"),
+        (EVENT_JSON % b', "payload": {"k": "\\ud800"}', "lone UTF-16 surrogate"),
+        (EVENT_JSON % b', "payload": {"k": "\\udc00x"}', "lone UTF-16 surrogate"),
+    ],
+)
+def test_event_errors_name_json_types(body: bytes, words: str) -> None:
+    with pytest.raises(GatewayError) as caught:
+        parse_events(body, 10, 1000)
+    assert caught.value.status == 400 and words in caught.value.body["error"], caught.value.body
+    assert "map" not in caught.value.body["error"] and "nil" not in caught.value.body["error"]
+
+
+def test_a_valid_surrogate_pair_is_no_error_and_bad_utf8_keeps_its_reason() -> None:
+    pair = parse_events(EVENT_JSON % b', "payload": {"k": "\\ud83d\\ude00"}', 10, 1000)
+    assert pair[0]["payload"] == {"k": "\U0001f600"}
+    with pytest.raises(GatewayError) as caught:
+        parse_events(EVENT_JSON % b', "payload": {"k": "\xff"}', 10, 1000)
+    assert caught.value.body["error"] == "the body is not valid JSON: Invalid UTF-8 encoded string"
+
+
+def test_a_timestamp_beyond_year_9999_keeps_its_figures() -> None:
+    import msgpack
+
+    from transport.gateway import _jsonable
+
+    assert _jsonable(msgpack.Timestamp(2**40, 7)) == {"seconds": 2**40, "nanoseconds": 7}
 
 
 # -- installation: the systemd unit and install.sh --with-gateway ------------------------------------
@@ -552,6 +768,59 @@ def test_several_workers_serve_one_port_and_stop_on_sigterm(gateway_factory: Cal
     assert gateway.proc is not None
     gateway.proc.terminate()
     assert gateway.proc.wait(30) == 0
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_or_sigterm_stops_the_gateway_with_exit_0(
+    gateway_factory: Callable[..., Gateway], signum: signal.Signals
+) -> None:
+    gateway = gateway_factory()
+    assert ok(gateway.publish(event(event_id="before-stop")))["added_to_queue"] == 1
+    assert gateway.proc is not None
+    gateway.proc.send_signal(signum)
+    assert gateway.proc.wait(30) == 0, gateway.log()
+    assert "Traceback" not in gateway.log()
+
+
+@pytest.mark.e2e
+def test_a_gateway_stopped_during_its_start_up_check_exits_at_once(gateway_factory: Callable[..., Gateway]) -> None:
+    gateway = gateway_factory(start_daemon=False)  # no daemon: the check waits its full 10 s
+    assert gateway.proc is not None
+    started = time.monotonic()
+    gateway.proc.terminate()
+    assert gateway.proc.wait(30) == 0, gateway.log()
+    assert time.monotonic() - started < 5, "the exit waited for the start-up check"
+
+
+@pytest.mark.e2e
+def test_workers_log_like_a_single_gateway(gateway_factory: Callable[..., Gateway]) -> None:
+    gateway = gateway_factory(http={"workers": 2})
+    line = "INFO    transport.gateway: eventagg gateway on http://"  # transport.logs' format, at [log] level
+    eventually(lambda: gateway.log().count(line) == 2, 30, "both workers log that they serve", detail=gateway.log)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_port_in_use_stops_the_gateway_with_one_message(tmp_path: Path, workers: int) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", free_port()))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path / "config.toml", {"http": {"bind": f"127.0.0.1:{port}", "workers": workers}})
+        result = run_script("gateway.py", "--config", str(config), timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert f"gateway: cannot listen on [http] bind 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert "eventagg gateway on" not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.e2e
+def test_a_host_that_does_not_resolve_stops_the_gateway_with_one_message(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.toml", {"http": {"bind": "no-such-host.invalid:8080"}})
+    result = run_script("gateway.py", "--config", str(config), timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "gateway: cannot listen on [http] bind no-such-host.invalid:8080: the host does not resolve" in result.stderr
+    assert "eventagg gateway on" not in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.e2e

@@ -29,6 +29,7 @@ been stored; publishing them again is safe, since the daemon drops duplicates.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import math
 import os
@@ -38,6 +39,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
 import anyio
@@ -53,7 +55,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from transport import metrics
 from transport.client import NoAnswer, QueryClient, QueryClientError, connectable
 from transport.config import Config, load_config
-from transport.handshake import unreachable
+from transport.handshake import CONFIG_HINTS, probe
+from transport.logs import setup_logging
 from transport.publisher import BatchRefused, BatchResult, DeliveryFailed, Publisher, PublisherError, PublishTimeout
 from transport.queries import MAX_CURSOR, QueryError, check_query_topic
 from transport.schema import InvalidEvent, check_fields, pack_payload, type_name
@@ -68,6 +71,9 @@ T = TypeVar("T")
 DEFAULT_PAGE = 1000
 # Part of a publish's budget kept for the health probe that tells 503 from 504.
 MAX_PROBE_S = 1.0
+# A publish that got its publisher with less than this share of its timeout left is not sent.
+MIN_PUBLISH_SHARE = 0.25
+QUERY_THREADS = 16  # queries to the daemon at once per gateway process (each holds a thread)
 
 
 class GatewayError(Exception):
@@ -106,12 +112,20 @@ class DaemonLink:
         self._publishers: queue.SimpleQueue[Publisher] = queue.SimpleQueue()
         self._queries: queue.SimpleQueue[QueryClient] = queue.SimpleQueue()
         self._closed = False
+        # endpoint -> why the daemon refused this gateway's security there, from the start-up
+        # check; dropped once the endpoint answers (its key authorized since, say).
+        self._refused: dict[str, str] = {}
 
     # -- queries
 
     def query(self, request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-        """One query's reply map (which may hold ``error``); :class:`GatewayError` 503 if no answer came."""
+        """One query's reply map (which may hold ``error``); :class:`GatewayError` 503 if no answer came
+        within ``timeout`` seconds (by default the whole ``request_timeout_ms``)."""
         wait = self.timeout if timeout is None else timeout
+        if wait <= 0:
+            raise GatewayError(
+                503, f"no time was left to ask the daemon within {self.timeout:g} s ([http] request_timeout_ms)"
+            )
         try:
             client = self._queries.get_nowait()
         except queue.Empty:
@@ -122,11 +136,14 @@ class DaemonLink:
         except NoAnswer:
             client.close()
             raise GatewayError(
-                503, f"the daemon's query endpoint {self.query_endpoint} did not answer within {wait:g} s"
+                503,
+                self._refusal(self.query_endpoint)
+                or f"the daemon's query endpoint {self.query_endpoint} did not answer within {wait:.3g} s",
             ) from None
         except (QueryClientError, ValueError, TypeError, msgpack.UnpackException) as exc:
             client.close()  # a REQ socket after a bad reply is not worth reusing
             raise GatewayError(502, f"the daemon sent a reply the gateway cannot read: {exc}") from None
+        self._refused.pop(self.query_endpoint, None)
         self._return(self._queries, client)
         return reply
 
@@ -140,6 +157,7 @@ class DaemonLink:
         """
         publisher = self._take_publisher()
         probe_s = min(MAX_PROBE_S, self.timeout / 4)
+        sent_at = time.monotonic()
         ok = False
         try:
             publisher.results.clear()
@@ -148,7 +166,7 @@ class DaemonLink:
             results = sorted(publisher.results, key=lambda result: result.batch_id)
             ok = True
         except (PublishTimeout, DeliveryFailed):
-            raise self._no_acknowledgement(deadline) from None
+            raise self._no_acknowledgement(deadline, sent_at) from None
         except BatchRefused as exc:
             raise GatewayError(502, f"the daemon refused the events: {exc.reason}") from None
         except InvalidEvent as exc:  # checked before, so only if the rules changed under us
@@ -157,6 +175,7 @@ class DaemonLink:
             raise GatewayError(503, f"cannot publish to {self.ack_endpoint}: {exc}") from None
         finally:
             if ok:
+                self._refused.pop(self.ack_endpoint, None)
                 self._return(self._publishers, publisher)
             else:
                 publisher.close(flush=False)
@@ -184,17 +203,21 @@ class DaemonLink:
             keep_results=self._max_events + 1,  # a batch holds one event at least
         )
 
-    def _no_acknowledgement(self, deadline: float) -> GatewayError:
-        """503 if the daemon does not answer a query either, else 504.
+    def _no_acknowledgement(self, deadline: float, sent_at: float) -> GatewayError:
+        """503 if the daemon does not answer a query either, else 504; either names how long the
+        events waited for their acknowledgement since they were handed to the publisher.
 
         The probe asks for stats, which the stats actor answers from its own counters, rather
         than health, which waits for every actor's ping and so is slow exactly when the daemon is.
         """
-        waited = self.timeout - max(0.0, deadline - time.monotonic())
+        waited = time.monotonic() - sent_at
         probe = max(0.05, min(MAX_PROBE_S, deadline - time.monotonic()))
         try:
             self.query({"op": "stats"}, timeout=probe)
         except GatewayError:
+            refusal = self._refusal(self.ack_endpoint)
+            if refusal is not None:
+                return GatewayError(503, f"{refusal}; publishing again once it does is safe")
             return GatewayError(
                 503,
                 f"the daemon is not answering: no acknowledgement from {self.ack_endpoint} in {waited:.1f} s "
@@ -202,8 +225,9 @@ class DaemonLink:
             )
         return GatewayError(
             504,
-            f"the daemon answers queries but did not acknowledge the events within {waited:.1f} s "
-            f"(overloaded?); publishing them again is safe: duplicates are dropped",
+            f"the daemon answers queries but did not acknowledge the events within {waited:.1f} s of their "
+            f"sending (overloaded?); they may or may not be stored: publishing them again is safe, duplicates "
+            f"are dropped",
         )
 
     # -- pools
@@ -216,10 +240,42 @@ class DaemonLink:
 
     def check_handshakes(self, timeout: float) -> list[str]:
         """What keeps the daemon from taking this gateway's connections (a refused CURVE key,
-        nothing listening), one line per endpoint with a problem; empty when both shake hands."""
-        checks = ((self.ack_endpoint, zmq.DEALER), (self.query_endpoint, zmq.REQ))
-        found = (unreachable(endpoint, socket_type, self._secure, timeout) for endpoint, socket_type in checks)
-        return [problem for problem in found if problem is not None]
+        nothing listening), one line per endpoint with a problem; empty when both shake hands.
+
+        Both endpoints are probed at once, on a thread each, so this takes ``timeout`` at most.
+        A refusal is remembered, so that requests failing on that endpoint say so.
+        """
+        checks = {self.ack_endpoint: zmq.DEALER, self.query_endpoint: zmq.REQ}
+        found: dict[str, str | None] = {}
+
+        def check(endpoint: str, socket_type: int) -> None:
+            found[endpoint] = self._check(endpoint, socket_type, timeout)
+
+        # Daemon threads, unlike an executor's: a gateway stopped meanwhile exits without waiting.
+        threads = [
+            threading.Thread(target=check, args=item, name="handshake-check", daemon=True) for item in checks.items()
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return [problem for problem in (found.get(endpoint) for endpoint in checks) if problem is not None]
+
+    def _check(self, endpoint: str, socket_type: int, timeout: float) -> str | None:
+        try:
+            failure = probe(endpoint, socket_type, self._secure, timeout, hints=CONFIG_HINTS)
+        except ValueError as exc:
+            return str(exc)
+        if failure is None:
+            return None
+        if failure.refused:
+            self._refused[endpoint] = f"{endpoint} {failure}"
+        return f"{endpoint} {failure}"
+
+    def _refusal(self, endpoint: str) -> str | None:
+        """Why requests to ``endpoint`` fail, when the daemon is known to refuse this gateway there."""
+        refusal = self._refused.get(endpoint)
+        return None if refusal is None else f"the daemon does not take this gateway's connections: {refusal}"
 
     def close(self) -> None:
         """Close every pooled connection (ones lent out are closed when they come back)."""
@@ -263,10 +319,7 @@ def parse_events(body: bytes, max_events: int, max_payload_bytes: int) -> list[d
     The body is one event object or ``{"events": [event, ...]}``. Only the schema's fields are
     kept: the daemon ignores any others, and dropping them here keeps what is sent small.
     """
-    try:
-        document = _decoder.decode(body)
-    except msgspec.DecodeError as exc:
-        raise GatewayError(400, f"the body is not valid JSON: {exc}") from None
+    document = _decode_json(body)
     if isinstance(document, dict) and "events" in document and "topic" not in document:
         events = document["events"]
         if not isinstance(events, list):
@@ -285,12 +338,13 @@ def parse_events(body: bytes, max_events: int, max_payload_bytes: int) -> list[d
     checked = []
     for index, event in enumerate(events):
         try:
+            _check_json_types(event)
             topic, event_id, timestamp, _, source, payload = check_fields(event)
             clean: dict[str, Any] = {"topic": topic, "event_id": event_id, "timestamp": timestamp, "source": source}
             if payload is not None:
                 clean["payload"] = payload
             if len(packer.pack(clean)) > max_payload_bytes:
-                pack_payload(payload, max_payload_bytes)
+                _check_payload_size(payload, max_payload_bytes)
         except InvalidEvent as exc:
             raise GatewayError(400, str(exc), index=index) from None
         except (TypeError, ValueError, OverflowError) as exc:
@@ -301,32 +355,119 @@ def parse_events(body: bytes, max_events: int, max_payload_bytes: int) -> list[d
     return checked
 
 
+def _decode_json(body: bytes) -> Any:
+    """The JSON document in ``body``, or :class:`GatewayError` 400 saying why it is not one."""
+    try:
+        return _decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        reason = str(exc)
+    if _has_lone_surrogate(body):  # msgspec's own words for it ("Input data was truncated") mislead
+        reason = (
+            "a string holds a \\u escape of a lone UTF-16 surrogate (\\uD800-\\uDFFF without its pair), "
+            "which is no Unicode character"
+        )
+    raise GatewayError(400, f"the body is not valid JSON: {reason}")
+
+
+def _has_lone_surrogate(body: bytes) -> bool:
+    """Whether ``body`` is JSON but for strings holding lone surrogates, which Python's parser lets through."""
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(constant)  # NaN and Infinity: Python takes them, JSON does not
+
+    try:
+        document = json.loads(body, parse_constant=refuse)
+    except (ValueError, RecursionError):
+        return False
+    strings = [document]
+    while strings:
+        value = strings.pop()
+        if isinstance(value, dict):
+            strings.extend(value)
+            strings.extend(value.values())
+        elif isinstance(value, list):
+            strings.extend(value)
+        elif isinstance(value, str) and any(0xD800 <= ord(char) <= 0xDFFF for char in value):
+            return True
+    return False
+
+
+def _check_payload_size(payload: dict[Any, Any] | None, limit: int) -> None:
+    """Refuse a payload over ``limit`` packed bytes, naming the config key that sets the limit."""
+    try:
+        pack_payload(payload, limit)
+    except InvalidEvent as exc:
+        raise InvalidEvent(f"{exc} ([ingest] max_payload_bytes)") from None
+
+
+def _check_json_types(event: Any) -> None:
+    """Refuse an event whose fields have the wrong JSON types, in JSON's words.
+
+    :func:`transport.schema.check_fields` would refuse it too, but names msgpack's types
+    (map, nil, int), which are not what a JSON client sent.
+    """
+    if not isinstance(event, dict):
+        raise InvalidEvent(f"an event must be an object, not {_json_type(event)}")
+    for field in ("topic", "event_id", "timestamp", "source"):
+        if field in event and not isinstance(event[field], str):
+            raise InvalidEvent(f"{field} must be a string, not {_json_type(event[field])}")
+    if "payload" in event and not isinstance(event["payload"], dict):
+        raise InvalidEvent(f"payload must be an object, not {_json_type(event['payload'])}")
+
+
 def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
     names = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
     return names.get(type(value), type_name(value))
 
 
 def _enc_hook(value: Any) -> Any:
-    """What msgspec cannot encode by itself, as stored payloads may hold it (msgpack extension types)."""
+    """What msgspec cannot encode by itself, as stored payloads may hold it: msgpack timestamps."""
     if isinstance(value, msgpack.Timestamp):
-        return value.to_datetime().isoformat().replace("+00:00", "Z")
-    if isinstance(value, msgpack.ExtType):
-        return {"ext_type": value.code, "data": base64.b64encode(value.data).decode()}
+        return _timestamp_json(value)
     raise NotImplementedError(f"{type(value).__name__} has no JSON form")
 
 
+def _timestamp_json(value: msgpack.Timestamp) -> Any:
+    """RFC 3339 in UTC with every nanosecond the timestamp holds (``...T22:13:20.000000005Z``);
+    ``{"seconds", "nanoseconds"}`` for one outside the years 1-9999, which that cannot write."""
+    try:
+        moment = _EPOCH + timedelta(seconds=value.seconds)
+    except OverflowError:
+        return {"seconds": value.seconds, "nanoseconds": value.nanoseconds}
+    text = moment.replace(tzinfo=None).isoformat()
+    return f"{text}.{value.nanoseconds:09d}Z" if value.nanoseconds else f"{text}Z"
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _jsonable(value: Any) -> Any:
-    """``value`` with map keys made strings, bytes base64 and non-finite floats null: anything msgpack holds."""
+    """``value`` as JSON can hold it, losing nothing msgpack held that JSON can write.
+
+    Bytes become base64 strings, non-finite floats null, timestamps RFC 3339 strings, extension
+    types ``{"ext_type", "data"}`` (base64). Map keys become strings (a non-string key as its
+    JSON text), unless two would then be the same (``1`` and ``"1"``): such a map becomes an
+    array of ``[key, value]`` pairs, since an object with a repeated key is not valid JSON.
+    """
     if isinstance(value, dict):
-        return {_key(k): _jsonable(v) for k, v in value.items()}
+        if all(isinstance(key, str) for key in value):
+            return {key: _jsonable(item) for key, item in value.items()}
+        keys = [_key(key) for key in value]
+        if len(set(keys)) == len(keys):
+            return {key: _jsonable(item) for key, item in zip(keys, value.values(), strict=True)}
+        return [[_jsonable(key), _jsonable(item)] for key, item in value.items()]
+    if isinstance(value, msgpack.ExtType):  # before tuple: an ExtType is a named tuple
+        return {"ext_type": value.code, "data": base64.b64encode(value.data).decode()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [_jsonable(item) for item in value]
     if isinstance(value, (bytes, bytearray, memoryview)):
         return base64.b64encode(bytes(value)).decode()
     if isinstance(value, float) and not math.isfinite(value):
         return None
-    if isinstance(value, (msgpack.Timestamp, msgpack.ExtType)):
-        return _enc_hook(value)
+    if isinstance(value, msgpack.Timestamp):
+        return _timestamp_json(value)
     return value
 
 
@@ -417,8 +558,17 @@ _PUBLISH_BODY: dict[str, Any] = {
         }
     },
 }
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    503: {"model": Error, "description": "The daemon did not answer in time."},
+# What a query route answers when the daemon does not give a usable answer.
+_QUERY_ERRORS: dict[int | str, dict[str, Any]] = {
+    502: {"model": Error, "description": "The daemon sent a reply the gateway cannot read."},
+    503: {"model": Error, "description": "The daemon did not answer in time, or answered with an error."},
+}
+_PUBLISH_ERRORS: dict[int | str, dict[str, Any]] = {
+    502: {"model": Error, "description": "The daemon refused the batch as a whole, or sent an unreadable reply."},
+    503: {
+        "model": Error,
+        "description": "Every publisher stayed busy (nothing was sent), or the daemon answers nothing.",
+    },
     504: {"model": Error, "description": "The daemon answered queries but did not acknowledge in time."},
 }
 
@@ -440,9 +590,12 @@ def app_from_environment() -> FastAPI:
     """The application for the config file named by ``$EVENTAGG_GATEWAY_CONFIG``.
 
     The factory each uvicorn worker process calls when ``[http] workers`` is above 1 (workers
-    import the application by name, so the config path travels in the environment).
+    import the application by name, so the config path travels in the environment). A worker is
+    a fresh process, so it sets up logging itself, as ``eventagg gateway`` does for one process.
     """
-    return create_app(load_config(os.environ[CONFIG_ENV]))
+    config = load_config(os.environ[CONFIG_ENV])
+    setup_logging(config.log.level)
+    return create_app(config)
 
 
 def create_app(config: Config) -> FastAPI:
@@ -452,7 +605,9 @@ def create_app(config: Config) -> FastAPI:
     started = time.monotonic()
     publish_slots = anyio.CapacityLimiter(http.publishers)
     publish_threads = anyio.CapacityLimiter(http.publishers)
-    query_threads = anyio.CapacityLimiter(16)
+    # A slot is taken within the request's timeout; its thread then never waits for a token.
+    query_slots = anyio.CapacityLimiter(QUERY_THREADS)
+    query_threads = anyio.CapacityLimiter(QUERY_THREADS)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -475,8 +630,37 @@ def create_app(config: Config) -> FastAPI:
         lifespan=lifespan,
     )
 
+    fastapi_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document without the 422 it lists for every route with parameters: the
+        gateway answers invalid parameters 400 (see validation_error), never 422."""
+        if app.openapi_schema is None:
+            document = fastapi_openapi()
+            for operations in document.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            schemas = document.get("components", {}).get("schemas", {})
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(unused, None)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
     async def ask(request: dict[str, Any]) -> dict[str, Any]:
-        return await _on_thread(link.query, request, limiter=query_threads)
+        """One query within ``request_timeout_ms`` in all, the wait for a free query slot included."""
+        deadline = time.monotonic() + link.timeout
+        if not await _acquire(query_slots, deadline):
+            raise GatewayError(
+                503,
+                f"no answer within {link.timeout:g} s ([http] request_timeout_ms): all {QUERY_THREADS} of the "
+                "gateway's query slots stayed busy with earlier requests (the daemon is slow or away)",
+            )
+        try:
+            return await _on_thread(link.query, request, deadline - time.monotonic(), limiter=query_threads)
+        finally:
+            query_slots.release()
 
     @app.exception_handler(GatewayError)
     async def gateway_error(_request: Request, exc: GatewayError) -> Response:
@@ -501,7 +685,7 @@ def create_app(config: Config) -> FastAPI:
         responses={
             400: {"model": Error, "description": "Invalid JSON or an invalid event (index names it); nothing sent."},
             413: {"model": Error, "description": "Body or event count over the limit."},
-            **_ERRORS,
+            **_PUBLISH_ERRORS,
         },
         openapi_extra={"requestBody": _PUBLISH_BODY},
     )
@@ -525,24 +709,30 @@ def create_app(config: Config) -> FastAPI:
         )
 
     async def _publish(events: list[dict[str, Any]], deadline: float) -> PublishOutcome:
-        acquired = False
-        with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
-            await publish_slots.acquire()
-            acquired = True  # no await between these two lines, so a timeout cannot fall between them
-        if not acquired:
-            raise GatewayError(
-                503, f"all {http.publishers} publishers were busy for {link.timeout:g} s ([http] publishers)"
-            )
+        if not await _acquire(publish_slots, deadline):
+            raise busy(deadline)
         try:
+            # A publisher freed so late that the daemon could hardly acknowledge in the time left
+            # is not used: an honest 503 with nothing sent beats a 504 for events barely sent.
+            if deadline - time.monotonic() < MIN_PUBLISH_SHARE * link.timeout:
+                raise busy(deadline)
             return await _on_thread(link.publish, events, deadline, limiter=publish_threads)
         finally:
             publish_slots.release()
+
+    def busy(deadline: float) -> GatewayError:
+        waited = time.monotonic() - (deadline - link.timeout)
+        return GatewayError(
+            503,
+            f"all {http.publishers} publishers were busy for {waited:.1f} s of the request's {link.timeout:g} s "
+            "([http] publishers, request_timeout_ms); nothing was sent: publishing again is safe",
+        )
 
     @app.get(
         "/events",
         response_model=EventsPage,
         summary="A page of stored events: one topic in seq (timestamp) order, or every topic in commit order",
-        responses={400: {"model": Error, "description": "A bad query parameter."}, **_ERRORS},
+        responses={400: {"model": Error, "description": "A bad query parameter."}, **_QUERY_ERRORS},
     )
     async def events(
         topic: TopicParam = None,
@@ -557,13 +747,15 @@ def create_app(config: Config) -> FastAPI:
         # The daemon caps the page at its max_limit; capping here too keeps a huge limit packable.
         limit = min(limit, config.query.max_limit)
         reply = _answered(await ask({"op": "events", "topic": topic, "after": after, "limit": limit}))
-        page = reply.get("events", [])
+        # Made JSON-safe item by item: msgspec alone would write an ExtType as an array and a map
+        # with keys 1 and "1" as an object with a repeated key.
+        page = _jsonable(reply.get("events", []))
         return json_response({"events": page, "count": len(page), "next": reply.get("next", after)})
 
     @app.get(
         "/stats",
         summary="The daemon's counters, with the original service's total_topics and uptime",
-        responses=_ERRORS,
+        responses=_QUERY_ERRORS,
     )
     async def stats() -> Response:
         reply = _answered(await ask({"op": "stats"}))
@@ -572,7 +764,7 @@ def create_app(config: Config) -> FastAPI:
         reply["gateway_uptime_s"] = round(time.monotonic() - started, 3)
         return json_response(reply)
 
-    @app.get("/topics", summary="Every topic with its stored count, last seq and counters", responses=_ERRORS)
+    @app.get("/topics", summary="Every topic with its stored count, last seq and counters", responses=_QUERY_ERRORS)
     async def topics() -> Response:
         return json_response(_answered(await ask({"op": "topics"})))
 
@@ -580,6 +772,12 @@ def create_app(config: Config) -> FastAPI:
         "/healthz",
         summary="200 when the daemon answers its health query healthy, else 503 with the reason",
         responses={503: {"description": "The daemon is away or unhealthy; `reason` says why."}},
+    )
+    @app.head(  # a load balancer's check that wants the status alone; the server drops the body
+        "/healthz",
+        summary="The status of GET /healthz, without a body",
+        responses={503: {"description": "The daemon is away or unhealthy."}},
+        operation_id="healthz_head",
     )
     async def healthz() -> Response:
         try:
@@ -619,6 +817,15 @@ def _warn_unreachable(link: DaemonLink) -> None:
     """Log, once at start, why the daemon does not take the gateway's connections, if it does not."""
     for problem in link.check_handshakes(HANDSHAKE_CHECK_S):
         log.warning("cannot reach the daemon: %s", problem)
+
+
+async def _acquire(limiter: anyio.CapacityLimiter, deadline: float) -> bool:
+    """Take a token of ``limiter`` before ``deadline`` (time.monotonic); False, holding none, if none came."""
+    acquired = False
+    with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
+        await limiter.acquire()
+        acquired = True  # no await between these two lines, so a timeout cannot fall between them
+    return acquired
 
 
 async def _on_thread(function: Callable[..., T], *args: Any, limiter: anyio.CapacityLimiter) -> T:

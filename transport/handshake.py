@@ -27,6 +27,27 @@ NOTICE_AFTER_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
+class KeyHints:
+    """Where this client's CURVE keys are set, as a failure's sentence tells the user to change them.
+
+    The command-line tools take flags; the gateway reads its config file's ``[security]``.
+    """
+
+    authorized_key: str  # completes "... send SIGHUP, or ..."
+    own_keys: str  # completes "must agree on CURVE (the daemon's [security] section; ...)"
+
+
+FLAG_HINTS = KeyHints(
+    authorized_key="use an authorized --client-cert",
+    own_keys="--server-key and --client-cert here",
+)
+CONFIG_HINTS = KeyHints(
+    authorized_key="point [security] client_certificate at an authorized certificate",
+    own_keys="[security] server_public_key and client_certificate in the gateway's config",
+)
+
+
+@dataclass(frozen=True, slots=True)
 class HandshakeFailure:
     """Why no handshake completed; ``str()`` gives the sentence, phrased to follow the endpoint.
 
@@ -47,10 +68,12 @@ def probe(
     configure: SocketHook | None,
     timeout: float,
     waiting: Callable[[], None] | None = None,
+    hints: KeyHints = FLAG_HINTS,
 ) -> HandshakeFailure | None:
     """None once a handshake with ``endpoint`` succeeds; otherwise, after at most ``timeout``
     seconds, what went wrong. ``waiting`` is called once if there is no answer yet after
-    :data:`NOTICE_AFTER_S`, to say what is being waited for.
+    :data:`NOTICE_AFTER_S`, to say what is being waited for; ``hints`` says where the user
+    sets this client's keys.
 
     Raises :class:`ValueError` for an endpoint libzmq cannot connect to at all.
     """
@@ -66,7 +89,7 @@ def probe(
         monitor = sock.get_monitor_socket(_WATCHED)
         try:
             connect(sock, endpoint)
-            return _watch(monitor, timeout, waiting)
+            return _watch(monitor, timeout, waiting, hints)
         finally:
             monitor.close(linger=0)
             sock.close(linger=0)
@@ -80,17 +103,20 @@ def unreachable(
     configure: SocketHook | None,
     timeout: float,
     waiting: Callable[[], None] | None = None,
+    hints: KeyHints = FLAG_HINTS,
 ) -> str | None:
     """Why ``endpoint`` completes no handshake with this client, as a sentence naming it (an
     endpoint libzmq cannot connect to included); None when it does. See :func:`probe`."""
     try:
-        failure = probe(endpoint, socket_type, configure, timeout, waiting)
+        failure = probe(endpoint, socket_type, configure, timeout, waiting, hints)
     except ValueError as exc:
         return str(exc)
     return None if failure is None else f"{endpoint} {failure}"
 
 
-def _watch(monitor: zmq.Socket[Any], timeout: float, waiting: Callable[[], None] | None) -> HandshakeFailure | None:
+def _watch(
+    monitor: zmq.Socket[Any], timeout: float, waiting: Callable[[], None] | None, hints: KeyHints
+) -> HandshakeFailure | None:
     start = time.monotonic()
     deadline = start + timeout
     notice_at = start + NOTICE_AFTER_S if waiting is not None else math.inf
@@ -108,14 +134,14 @@ def _watch(monitor: zmq.Socket[Any], timeout: float, waiting: Callable[[], None]
         if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             return HandshakeFailure(
                 f"refused this client's CURVE key (ZAP status {event['value']}): add its public certificate to "
-                "the daemon's authorized folder and send SIGHUP, or use an authorized --client-cert",
+                f"the daemon's authorized folder and send SIGHUP, or {hints.authorized_key}",
                 refused=True,
             )
         if kind & _FAILED:  # no retry would fare better: the keys decide
             return HandshakeFailure(
                 "took the connection but the security handshake failed: the daemon and this client must agree "
-                "on CURVE (the daemon's [security] section; --server-key and --client-cert here), and the server "
-                "key must be the daemon's",
+                f"on CURVE (the daemon's [security] section; {hints.own_keys}), and the server key must be the "
+                "daemon's",
                 refused=True,
             )
         connected = connected or kind == zmq.EVENT_CONNECTED

@@ -26,6 +26,15 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "duplicate_dropped": ("eventagg_duplicate_dropped", "Events dropped as copies of an already stored event."),
     "rejected": ("eventagg_rejected", "Events refused as invalid by the daemon's schema rules."),
     "late": ("eventagg_late", "Events stored after a later-timestamped event of their topic had left the window."),
+    "conflicting_duplicates": (
+        "eventagg_conflicting_duplicates",
+        "Duplicates whose content differed from the stored event (also counted as duplicate_dropped).",
+    ),
+    "expired": ("eventagg_expired", "Stored events deleted by retention."),
+    "refused": (
+        "eventagg_refused",
+        "Connections the daemon refused at the CURVE handshake since it started (a key not authorized, no CURVE).",
+    ),
 }
 GAUGES: dict[str, tuple[str, str]] = {
     "in_flight": ("eventagg_in_flight", "Events admitted by the daemon and not yet committed."),

@@ -52,7 +52,9 @@ REFUSAL_EVENTS: dict[int, str] = {
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed",
 }
 
-_SOCKET_NAMES: dict[int, str] = {zmq.PULL: "ingest", zmq.ROUTER: "acknowledged ingest", zmq.REP: "query"}
+# The names of the ingest server's two sockets, told apart by type; the query and subscribe
+# servers' ROUTER sockets are named by their owners, through ServerSecurity.hook_for.
+_SOCKET_NAMES: dict[int, str] = {zmq.PULL: "ingest", zmq.ROUTER: "acknowledged ingest"}
 
 
 class SecurityError(Exception):
@@ -383,8 +385,15 @@ class ServerSecurity:
         """What the socket owners apply to each server socket before bind."""
         return self.secure
 
-    def secure(self, sock: zmq.Socket[Any]) -> None:
-        """Put ``sock`` under the ZAP handler (and make it a CURVE server when CURVE is on); call before ``bind``."""
+    def hook_for(self, name: str) -> SocketHook:
+        """Like :attr:`hook`, with refusals on the sockets it secures logged as on the ``name`` socket."""
+        return lambda sock: self.secure(sock, name)
+
+    def secure(self, sock: zmq.Socket[Any], name: str | None = None) -> None:
+        """Put ``sock`` under the ZAP handler (and make it a CURVE server when CURVE is on); call before ``bind``.
+
+        ``name`` is what refusals on it are logged as; by default the ingest socket of its type.
+        """
         if self._zap is None:
             raise SecurityError("ServerSecurity.start() must run before any socket is secured")
         # A ZAP domain makes libzmq consult the handler for NULL connections too, which is how
@@ -396,7 +405,7 @@ class ServerSecurity:
         sock.curve_publickey = self._public
         sock.curve_server = True
         if self._monitor is not None:
-            name = _SOCKET_NAMES.get(sock.socket_type, "server")
+            name = name or _SOCKET_NAMES.get(sock.socket_type, "server")
             address = f"inproc://eventagg-curve-monitor-{id(sock):x}"
             sock.monitor(address, sum(REFUSAL_EVENTS))
             watcher = self._context.socket(zmq.PAIR)

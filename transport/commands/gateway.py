@@ -3,14 +3,16 @@
 It reads the daemon's config file: ``[http]`` for where to listen and its limits, ``[ingest]
 ack_bind`` and ``[query] bind`` for where the daemon is, ``[security]`` for CURVE, ``[log]``
 for how much to say. Needs the ``gateway`` extra (``pip install 'eventagg[gateway]'``).
-SIGINT or SIGTERM stop it: requests in progress finish, then it exits 0. See docs/gateway.md.
+SIGINT or SIGTERM stop it: requests in progress finish, then it exits 0. It exits 1 when it cannot
+listen on ``[http] bind``, 2 for a bad config. See docs/gateway.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
+import signal
+import socket
 import sys
 from typing import Any
 
@@ -20,6 +22,51 @@ from transport.security import SecurityError
 
 # Requests in progress get this long to finish at shutdown; a publish waits at most its timeout.
 GRACEFUL_SHUTDOWN_S = 10
+
+
+class ListenError(Exception):
+    """The gateway cannot listen where ``[http] bind`` says; the message says why and what to do."""
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port``, ready to hand to uvicorn; :class:`ListenError` if it cannot be.
+
+    Binding here rather than in uvicorn makes a bad address fail before the gateway says it
+    serves, with one message naming the config key, the same for one worker or several.
+    """
+    bind = f"[http] bind {host}:{port}" if ":" not in host else f"[http] bind [{host}]:{port}"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise ListenError(
+            f"cannot listen on {bind}: the host does not resolve ({exc.strerror}); "
+            "give an address of this machine, e.g. 127.0.0.1:8080"
+        ) from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(
+            f"cannot listen on {bind}: {exc.strerror}; stop what uses that port, or set another "
+            "[http] bind (an address of this machine and a free port)"
+        ) from None
+    sock.set_inheritable(True)  # the workers' processes serve on it too
+    return sock
+
+
+def _ignore_stop_signals() -> None:
+    """Make SIGINT and SIGTERM no-ops from now on.
+
+    uvicorn restores the handlers it found once it has shut down, then raises the signal it
+    caught again, so that a program embedding it dies by that signal. The gateway promises
+    exit 0 after a clean shutdown instead: the signal raised again lands here and does nothing.
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda _signum, _frame: None)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -33,6 +80,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 2
     try:
         import uvicorn
+        from uvicorn.supervisors import Multiprocess
 
         from transport.gateway import CONFIG_ENV, create_app
     except ImportError as exc:
@@ -47,23 +95,28 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except (ConfigError, SecurityError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
+    try:
+        sock = listen_socket(config.http.host, config.http.port)
+    except ListenError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
     options: dict[str, Any] = {
-        "host": config.http.host,
-        "port": config.http.port,
         "log_config": None,  # keep transport.logs' format
         "access_log": False,
         "server_header": False,
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
     }
-    if config.http.workers > 1:
-        # Several processes on one listening socket, each with its own connections to the daemon:
-        # a gateway process is bound by its GIL. Workers import the app by name.
-        os.environ[CONFIG_ENV] = str(config.source)
-        uvicorn.run("transport.gateway:app_from_environment", factory=True, workers=config.http.workers, **options)
-        return 0
-    server = uvicorn.Server(uvicorn.Config(app, **options))
-    server.run()
-    if not server.started:
-        logging.getLogger("gateway").critical("cannot listen on %s", config.http.bind)
-        return 1
-    return 0
+    with sock:
+        if config.http.workers > 1:
+            # Several processes on one listening socket, each with its own connections to the daemon:
+            # a gateway process is bound by its GIL. Workers import the app by name.
+            os.environ[CONFIG_ENV] = str(config.source)
+            workers = uvicorn.Config(
+                "transport.gateway:app_from_environment", factory=True, workers=config.http.workers, **options
+            )
+            Multiprocess(workers, sockets=[sock]).run()
+            return 0
+        server = uvicorn.Server(uvicorn.Config(app, **options))
+        _ignore_stop_signals()
+        server.run(sockets=[sock])
+    return 0 if server.started else 1
