@@ -928,7 +928,7 @@ class PostgresReader:
             (*params, self.max_page_bytes),
         )
         events = []
-        for _position, topic_, event_id, timestamp, source, payload, seq, late in rows:
+        for position, topic_, event_id, timestamp, source, payload, seq, late in rows:
             events.append(
                 {
                     "topic": topic_,
@@ -938,6 +938,7 @@ class PostgresReader:
                     "payload": msgpack.unpackb(payload, raw=False, strict_map_key=False),
                     "seq": seq,
                     "late": bool(late),
+                    **({"position": int(position)} if topic is None else {}),
                 }
             )
         return events, int(rows[-1][0]) if rows else after

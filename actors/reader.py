@@ -39,10 +39,13 @@ class PackedReply(bytes):
     """A reply already packed as msgpack: the query server sends it as it is."""
 
 
-def pack_events_page(rows: Any, after: int, max_bytes: int, first: Callable[[], int]) -> PackedReply:
+def pack_events_page(
+    rows: Any, after: int, max_bytes: int, first: Callable[[], int], with_position: bool = False
+) -> PackedReply:
     """``{"events": [...], "next": N, "first": F}`` from :meth:`EventReader.event_rows`, payloads
-    passed through. ``first()`` (:meth:`EventReader.first`) is asked once the page is read, so an
-    expiry that took events before the page is always shown by it.
+    passed through; ``with_position`` (a page of all topics) gives each event its commit
+    ``position``, the cursor to carry on after it. ``first()`` (:meth:`EventReader.first`) is
+    asked once the page is read, so an expiry that took events before the page is always shown.
 
     Reads rows until the page would pass ``max_bytes`` (always taking the first one).
     """
@@ -52,10 +55,13 @@ def pack_events_page(rows: Any, after: int, max_bytes: int, first: Callable[[], 
     position = after
     for row_position, topic, event_id, timestamp, source, payload, seq, late in rows:
         packer.reset()
-        packer.pack_map_header(7)
+        packer.pack_map_header(8 if with_position else 7)
         for key, value in (("topic", topic), ("event_id", event_id), ("timestamp", timestamp), ("source", source)):
             packer.pack(key)
             packer.pack(value)
+        if with_position:
+            packer.pack("position")
+            packer.pack(row_position)
         packer.pack("seq")
         packer.pack(seq)
         packer.pack("late")
@@ -116,7 +122,9 @@ class ReaderActor(pykka.ThreadingActor):
             reader, topic = self._reader, query.topic
             rows = reader.event_rows(topic, query.after, query.limit)
             try:
-                return pack_events_page(rows, query.after, self._max_page_bytes, lambda: reader.first(topic))
+                return pack_events_page(
+                    rows, query.after, self._max_page_bytes, lambda: reader.first(topic), with_position=topic is None
+                )
             finally:
                 rows.close()
         if isinstance(query, TopicsQuery):

@@ -938,6 +938,7 @@ class EventReader:
                     "payload": msgpack.unpackb(payload, raw=False, strict_map_key=False),
                     "seq": seq,
                     "late": bool(late),
+                    **({"position": row_position} if topic is None else {}),
                 }
             )
         return events, position

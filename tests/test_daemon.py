@@ -395,3 +395,14 @@ def test_threads_carry_their_names_for_the_kernel(daemon_factory: Callable[..., 
     assert sum(count for name, count in names.items() if name.startswith("OrderingActor-")) == 4, names
     # The main thread's name is the process's, which ps, pgrep and systemd show: left alone.
     assert Path(f"/proc/{daemon.proc.pid}/comm").read_text().strip().startswith("python"), names
+
+
+def test_a_page_of_every_topic_gives_each_event_its_commit_position(daemon: Daemon) -> None:
+    publish(daemon.ack, "--acked", "--events", "30", "--topics", "3")
+    page = daemon.request({"op": "events", "after": 10, "limit": 5})
+    assert [event["position"] for event in page["events"]] == [11, 12, 13, 14, 15]
+    assert page["next"] == 15
+    one_topic = daemon.request({"op": "events", "topic": "topic-1", "after": 0, "limit": 5})
+    assert all("position" not in event for event in one_topic["events"])
+    result = run_script("events.py", "--after", "10", "--limit", "2", "--endpoint", daemon.query, timeout=60)
+    assert [json.loads(line)["position"] for line in result.stdout.splitlines()] == [11, 12]

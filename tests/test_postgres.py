@@ -523,3 +523,15 @@ def test_a_role_without_create_runs_a_daemon_on_a_database_its_owner_migrated(
         publisher.publish_many(plan(20, 0.0, 2, 8, "r"))
         publisher.flush(30)
         assert publisher.totals.acked_new == 20
+
+
+def test_a_page_of_every_topic_gives_each_event_its_commit_position(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    daemon = pg_daemon(daemon_factory, "node0", database).start()
+    with Publisher(endpoints=[daemon.ack], deadline=60.0) as publisher:
+        publisher.publish_many(plan(20, 0.0, 2, 9, "p"))
+        publisher.flush(60)
+    page = daemon.request({"op": "events", "after": 5, "limit": 3})
+    assert [event["position"] for event in page["events"]] == [6, 7, 8] and page["next"] == 8
+    assert all("position" not in e for e in daemon.request({"op": "events", "topic": "topic-0"})["events"])
