@@ -202,9 +202,9 @@ class DedupActor(pykka.ThreadingActor):
                 self._answer_lookups()
             if self._writes or self._rejected:
                 self._maybe_commit()
-            # No store: on_start failed and the actor is stopping; a sweep would only trip on it.
+            # A failed start: the actor is stopping, and a sweep would only trip on the missing store.
             if (
-                self._store is not None
+                self._startup_error is None
                 and self._retention is not None
                 and not (self._writes or self._rejected or self._failures)
             ):
