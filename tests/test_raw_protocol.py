@@ -172,3 +172,19 @@ def test_a_malformed_acknowledged_request_gets_an_error_reply_at_once(daemon: An
     finally:
         client.close()
     assert daemon.stats()["unique_processed"] == 0
+
+
+def test_a_msgpack_timestamp_is_stored_to_the_nanosecond_so_a_resend_differing_below_it_conflicts(daemon: Any) -> None:
+    client = Dealer(daemon.ack)
+    try:
+        client.send(1, [event(1, timestamp=msgpack.Timestamp(1_761_127_200, 5))])
+        assert client.reply()["new"] == 1
+        client.send(2, [event(1, timestamp=msgpack.Timestamp(1_761_127_200, 5))])  # the same instant
+        assert client.reply() == {"batch": 2, "new": 0, "duplicate": 1, "rejected": []}
+        client.send(3, [event(1, timestamp=msgpack.Timestamp(1_761_127_200, 6))])  # a nanosecond later
+        reply = client.reply()
+        assert reply["duplicate"] == 1 and reply["conflicting"] == [0], reply
+    finally:
+        client.close()
+    [stored] = daemon.events("raw")
+    assert stored["timestamp"] == "2025-10-22T10:00:00.000000005Z"
