@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
+from transport.codec import FrameError, batch_id_of, decode_ack_request, decode_frame
 from transport.schema import InvalidEvent, parse_timestamp
 
 SECOND = 1_761_127_200  # 2025-10-22T10:00:00Z
@@ -59,3 +60,58 @@ def test_accepted_timestamp_forms(value: str, ns: int) -> None:
 def test_refused_timestamps_say_what_is_wrong(value: str, reason: str) -> None:
     with pytest.raises(InvalidEvent, match=reason):
         parse_timestamp(value)
+
+
+GOOD = {"topic": "t", "event_id": "1", "timestamp": "2025-10-22T10:00:00Z", "source": "s"}
+
+
+def _with_payload(payload: bytes, event_id: str = "1") -> bytes:
+    """An encoded event map whose payload is the raw msgpack ``payload``, built by hand."""
+    head = msgpack.packb({**GOOD, "event_id": event_id})
+    return bytes([head[0] + 1]) + head[1:] + msgpack.packb("payload") + payload
+
+
+def _ack_frame(batch_id: object, events: list[bytes]) -> bytes:
+    """An acknowledged request with ``batch`` first, its events given as raw msgpack."""
+    return (
+        b"\x82"
+        + msgpack.packb({"batch": batch_id})[1:]
+        + msgpack.packb("events")
+        + bytes([0x90 | len(events)])
+        + b"".join(events)
+    )
+
+
+@pytest.mark.parametrize(
+    ("events", "reason"),
+    [
+        ([_with_payload(b"\x81\xa1d" + b"\x91" * 1100 + b"\xc0")], "more than 1024 levels deep"),
+        ([_with_payload(b"\x81\xa1d\xc1")], "0xc1 is never used"),
+    ],
+)
+def test_an_unreadable_request_is_refused_saying_why_and_its_batch_id_is_still_read(
+    events: list[bytes], reason: str
+) -> None:
+    frame = _ack_frame("b-1", events)
+    with pytest.raises(FrameError, match=reason):
+        decode_ack_request(frame)
+    assert batch_id_of(frame) == "b-1"
+    assert batch_id_of(_ack_frame(7, [msgpack.packb(GOOD)]) + b"\x00") == 7  # trailing bytes
+
+
+def test_a_batch_id_over_the_limit_is_refused_naming_the_limit() -> None:
+    with pytest.raises(FrameError, match="'batch' id is 5003 bytes encoded, over the limit of 4096"):
+        decode_ack_request(msgpack.packb({"batch": "x" * 5000, "events": [GOOD]}))
+    assert decode_ack_request(msgpack.packb({"batch": "x" * 4093, "events": [GOOD]}))[0] == "x" * 4093
+
+
+def test_an_event_holding_a_reserved_ext_type_is_refused_alone() -> None:
+    reserved = _with_payload(b"\x81\xa1k\xd4\x80\x00")  # fixext 1 of type -128
+    app = _with_payload(b"\x81\xa1k\xd4\x05\x00", "2")  # fixext 1 of type 5
+    batch = decode_frame(b"\x92" + reserved + app)
+    [(index, reason)] = batch.rejected
+    assert index == 0 and "ext value of type -128" in reason
+    [stored] = batch.events
+    assert stored.event_id == "2" and stored.payload == b"\x81\xa1k\xd4\x05\x00"
+    _, acked = decode_ack_request(_ack_frame(1, [app, reserved]))
+    assert [e.event_id for e in acked.events] == ["2"] and acked.rejected[0][0] == 1
