@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import msgpack
 import pytest
+from harness import free_port
 
+from actors.cli import main
 from transport.codec import FrameError, batch_id_of, decode_ack_request, decode_frame
 from transport.schema import InvalidEvent, parse_timestamp
 
@@ -115,3 +117,22 @@ def test_an_event_holding_a_reserved_ext_type_is_refused_alone() -> None:
     assert stored.event_id == "2" and stored.payload == b"\x81\xa1k\xd4\x05\x00"
     _, acked = decode_ack_request(_ack_frame(1, [app, reserved]))
     assert [e.event_id for e in acked.events] == ["2"] and acked.rejected[0][0] == 1
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "words"),
+    [
+        ("--after", "99999999999999999999", "argument --after: must be from 0 to 9223372036854775807"),
+        ("--after", "9223372036854775808", "argument --after: must be from 0 to 9223372036854775807"),
+        ("--page", "99999999999999999999", "argument --page: must be from 1 to 9223372036854775807"),
+        ("--page", "0", "argument --page: must be from 1 to 9223372036854775807, not 0"),
+    ],
+)
+def test_events_flags_out_of_range_are_usage_errors(
+    flag: str, value: str, words: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Refused before any request: a port nothing listens on, and a short timeout should it get that far.
+    with pytest.raises(SystemExit) as leaving:
+        main(["events", "topic", flag, value, "--endpoint", f"tcp://127.0.0.1:{free_port()}", "--timeout", "1"])
+    assert leaving.value.code == 2
+    assert words in capsys.readouterr().err
