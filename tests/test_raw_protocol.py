@@ -172,3 +172,54 @@ def test_a_malformed_acknowledged_request_gets_an_error_reply_at_once(daemon: An
     finally:
         client.close()
     assert daemon.stats()["unique_processed"] == 0
+
+
+def test_a_msgpack_timestamp_is_stored_to_the_nanosecond_so_a_resend_differing_below_it_conflicts(daemon: Any) -> None:
+    client = Dealer(daemon.ack)
+    try:
+        client.send(1, [event(1, timestamp=msgpack.Timestamp(1_761_127_200, 5))])
+        assert client.reply()["new"] == 1
+        client.send(2, [event(1, timestamp=msgpack.Timestamp(1_761_127_200, 5))])  # the same instant
+        assert client.reply() == {"batch": 2, "new": 0, "duplicate": 1, "rejected": []}
+        client.send(3, [event(1, timestamp=msgpack.Timestamp(1_761_127_200, 6))])  # a nanosecond later
+        reply = client.reply()
+        assert reply["duplicate"] == 1 and reply["conflicting"] == [0], reply
+    finally:
+        client.close()
+    [stored] = daemon.events("raw")
+    assert stored["timestamp"] == "2025-10-22T10:00:00.000000005Z"
+
+
+def test_error_replies_name_the_batch_when_its_id_comes_before_what_is_wrong(daemon: Any) -> None:
+    good = msgpack.packb({k: v for k, v in event(1).items() if k != "payload"})
+    deep = msgpack.packb("payload") + b"\x81\xa1d" + b"\x91" * 1100 + b"\xc0"
+    bad_byte = msgpack.packb("payload") + b"\x81\xa1d\xc1"
+    head = b"\x82" + msgpack.packb("batch")
+
+    def request(batch_id: str, body: bytes) -> bytes:
+        event_map = b"\x85" + good[1:] + body  # the event's four fields and a hand-made payload
+        return head + msgpack.packb(batch_id) + msgpack.packb("events") + b"\x91" + event_map
+
+    client = Dealer(daemon.ack)
+    try:
+        client.sock.send(request("deep", deep))
+        reply = client.reply()
+        assert reply["batch"] == "deep" and "1024 levels deep" in reply["error"], reply
+        client.sock.send(request("c1", bad_byte))
+        reply = client.reply()
+        assert reply["batch"] == "c1" and "0xc1" in reply["error"], reply
+        client.sock.send(msgpack.packb({"batch": "trailing", "events": [event(2)]}) + b"\x00")
+        reply = client.reply()
+        assert reply["batch"] == "trailing" and "more than one msgpack object" in reply["error"], reply
+        client.send("x" * 5000, [event(3)])
+        assert "over the limit of 4096" in client.reply()["error"]
+        # An event holding a msgpack-reserved ext type is refused alone; the rest of its batch is stored.
+        reserved = msgpack.packb(event(4)).replace(msgpack.packb({"n": 4}), b"\x81\xa1k\xd4\x80\x00")
+        client.sock.send(
+            head + msgpack.packb("ext") + msgpack.packb("events") + b"\x92" + reserved + msgpack.packb(event(5))
+        )
+        reply = client.reply()
+        assert reply["new"] == 1 and reply["rejected"][0][0] == 0 and "type -128" in reply["rejected"][0][1], reply
+    finally:
+        client.close()
+    assert [e["event_id"] for e in daemon.events("raw")] == ["raw-5"]

@@ -45,8 +45,12 @@ DEFAULT_MAX_BATCH_EVENTS = 10_000
 EVENT_FIELDS_BYTES = 64 * 1024
 """What an encoded event may hold beyond its payload: its four named fields (at most 255
 characters each, a 64-character timestamp) and their keys, with room to spare."""
-# A top-level key, or an acknowledged batch's id, longer than this is not one we read.
-_MAX_KEY_BYTES = 4096
+MAX_BATCH_ID_BYTES = 4096
+"""The longest acknowledged batch id, msgpack-encoded; a top-level key longer than this is not read either."""
+_MAX_KEY_BYTES = MAX_BATCH_ID_BYTES
+MAX_NESTING = 1024
+"""How deep arrays and maps may nest in a frame, counting the frame's own (msgpack's C unpacker
+stops there with a StackError)."""
 
 
 class FrameError(ValueError):
@@ -131,10 +135,45 @@ def unpack(frame: bytes | memoryview) -> Any:
         raise FrameError("frame holds more than one msgpack object; send one event map or one array") from None
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         # UnicodeDecodeError (a ValueError) lands here too: strings must be UTF-8.
-        raise FrameError(f"frame is not valid msgpack ({type(exc).__name__}: {exc})") from None
+        raise _not_msgpack(exc) from None
+
+
+def _reserved_ext(code: int, data: bytes) -> msgpack.ExtType:
+    """An ext_hook: the ext value, or :class:`InvalidEvent` for a negative (msgpack-reserved) type.
+
+    msgpack reads the Timestamp (-1) itself before any hook. Python's msgpack has no value for
+    the other negative types, so an event holding one could be neither re-encoded nor read
+    back by a query: that event alone is refused.
+    """
+    if code < 0:
+        raise InvalidEvent(
+            f"event holds a msgpack ext value of type {code}; negative types are reserved by msgpack and "
+            "only the Timestamp (-1) is taken: give application ext values a type from 0 to 127"
+        )
+    return msgpack.ExtType(code, data)
+
+
+def _unpack_event(data: memoryview) -> Any:
+    """Decode one event's span like :func:`unpack`, but with :class:`InvalidEvent` for what refuses it alone."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_reserved_ext)
+    except InvalidEvent:
+        raise
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise _not_msgpack(exc) from None
 
 
 def _not_msgpack(exc: Exception) -> FrameError:
+    """The refusal of a frame msgpack could not read, saying what to fix where msgpack's own error does not."""
+    if isinstance(exc, msgpack.StackError):
+        return FrameError(
+            f"frame nests arrays and maps more than {MAX_NESTING} levels deep, the limit (the batch map, its "
+            "'events' array, the event map and its payload map count); send a flatter payload"
+        )
+    if isinstance(exc, msgpack.FormatError):
+        return FrameError(
+            "frame is not valid msgpack: it holds a byte that begins no msgpack value (0xc1 is never used)"
+        )
     return FrameError(f"frame is not valid msgpack ({type(exc).__name__}: {exc})")
 
 
@@ -223,7 +262,7 @@ def validate_spans(frame: bytes, spans: list[tuple[int, int]], limits: Limits) -
             )
             continue
         try:
-            batch.events.append(validate_event(unpack(view[start:end]), limits.max_payload_bytes))
+            batch.events.append(validate_event(_unpack_event(view[start:end]), limits.max_payload_bytes))
         except InvalidEvent as exc:
             batch.rejected.append((index, str(exc)))
     return batch
@@ -250,12 +289,16 @@ def decode_frame(frame: bytes, limits: Limits = Limits()) -> DecodedBatch:
 _ABSENT = object()
 
 
+class _Oversized(int):
+    """What :func:`_small_value` gives for an object too long to read: its encoded size."""
+
+
 def _small_value(unpacker: msgpack.Unpacker, frame: bytes) -> Any:
-    """The next object, if it is at most ``_MAX_KEY_BYTES`` long; else skip it and return ``_ABSENT``."""
+    """The next object if at most ``_MAX_KEY_BYTES`` long; else skip it and return its :class:`_Oversized` size."""
     start = unpacker.tell()
     unpacker.skip()
     end = unpacker.tell()
-    return unpack(memoryview(frame)[start:end]) if end - start <= _MAX_KEY_BYTES else _ABSENT
+    return unpack(memoryview(frame)[start:end]) if end - start <= _MAX_KEY_BYTES else _Oversized(end - start)
 
 
 def _ack_outline(frame: bytes) -> tuple[Any, tuple[int, int] | None]:
@@ -298,6 +341,11 @@ def decode_ack_request(frame: bytes, limits: Limits = Limits()) -> tuple[int | s
     and an ``events`` array; the error says which.
     """
     batch_id, events_at = _ack_outline(frame)
+    if isinstance(batch_id, _Oversized):
+        raise FrameError(
+            f"the 'batch' id is {int(batch_id)} bytes encoded, over the limit of {MAX_BATCH_ID_BYTES}; "
+            "send a shorter id"
+        )
     if not _valid_batch_id(batch_id):
         raise FrameError("an acknowledged batch needs a 'batch' id that is an integer or a string")
     if events_at is None:
@@ -320,9 +368,22 @@ def decode_ack_request(frame: bytes, limits: Limits = Limits()) -> tuple[int | s
 
 
 def batch_id_of(frame: bytes) -> int | str | None:
-    """Best effort: the batch id of a refused acknowledged frame, so the error reply can name it."""
-    try:
-        batch_id, _ = _ack_outline(frame)
-    except FrameError:
+    """Best effort: the batch id of a refused acknowledged frame, so the error reply can name it.
+
+    Reads the top-level map one key at a time and stops at ``batch``: whatever is wrong after it
+    (nesting too deep, a byte that is not msgpack, trailing bytes) does not hide the id, which
+    clients send first. Only what lies before it has to be well formed.
+    """
+    if not frame or frame[0] not in _MAP_MARKERS:
         return None
-    return batch_id if _valid_batch_id(batch_id) else None
+    unpacker = _unpacker(frame)
+    try:
+        for _ in range(unpacker.read_map_header()):
+            key = _small_value(unpacker, frame)
+            if key == "batch":
+                batch_id = _small_value(unpacker, frame)
+                return batch_id if _valid_batch_id(batch_id) and not isinstance(batch_id, _Oversized) else None
+            unpacker.skip()
+    except (FrameError, ValueError, msgpack.UnpackException):
+        pass
+    return None

@@ -22,6 +22,7 @@ MAX_NAME_CHARS = 255
 DEFAULT_MAX_PAYLOAD_BYTES = 1_048_576
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_NAIVE_EPOCH = dt.datetime(1970, 1, 1)
 # ts_ns is stored as an SQLite INTEGER, a signed 64-bit number: 1677-09-21 to 2262-04-11.
 MIN_TS_NS = -(2**63)
 MAX_TS_NS = 2**63 - 1
@@ -35,8 +36,8 @@ class InvalidEvent(ValueError):
 class Event(NamedTuple):
     """One valid event as the daemon holds it.
 
-    ``timestamp`` is the publisher's ISO-8601 string as sent (or the ISO form of a msgpack
-    Timestamp); ``ts_ns`` is the same instant in nanoseconds since the Unix epoch, which is what
+    ``timestamp`` is the publisher's ISO-8601 string as sent (or the RFC 3339 form of a msgpack
+    Timestamp, to the nanosecond); ``ts_ns`` is the same instant in nanoseconds since the Unix epoch, which is what
     ordering compares. ``payload`` is the payload map encoded as msgpack, ready to store.
 
     Immutable like a frozen dataclass, but a NamedTuple because one is built for every event
@@ -95,9 +96,14 @@ def check_topic(topic: Any) -> str:
 
 # datetime keeps microseconds and drops any further fraction digits, which Go's RFC3339Nano and
 # Java's Instant.toString() send; they are read here so that such instants order to the
-# nanosecond. "2025-10-22T10:00:00.123456Z" is the longest string without a seventh digit.
-_LONGEST_MICROSECOND_FORM = len("2025-10-22T10:00:00.123456Z")
+# nanosecond. "20251022T100000.1234567Z" (the basic format) is the shortest string with a
+# seventh digit: anything shorter cannot have one, and skips the search.
+_SHORTEST_NANOSECOND_FORM = len("20251022T100000.1234567Z")
 _LONG_FRACTION = re.compile(r"[.,]\d{6}(\d{1,3})")
+# A decimal sign with no digit after it ("10:00:00.Z"), which datetime takes as no fraction.
+_EMPTY_FRACTION = re.compile(r"[.,](?!\d)")
+# The seconds field of a time of day, in either format, at its sixtieth second.
+_LEAP_SECOND = re.compile(r"T\d\d(:?)\d\d\1(60)(?!\d)", re.IGNORECASE)
 
 
 def _sub_microsecond_ns(value: str) -> int:
@@ -119,17 +125,60 @@ def _offset_has_fraction(value: str) -> bool:
     return "." in offset or "," in offset
 
 
+def _unparsable(value: str, error: ValueError) -> InvalidEvent:
+    """The refusal of a string ``datetime.fromisoformat`` refused, saying which part is wrong.
+
+    datetime's messages name the field out of range ("day is out of range for month", "offset
+    must be a timedelta strictly between ...", "second must be in 0..59"); anything else is
+    not ISO-8601 at all.
+    """
+    reason = str(error)
+    if reason.startswith("offset"):
+        return InvalidEvent(f"timestamp {value!r} has a UTC offset out of range; it must be within +/-23:59")
+    if _LEAP_SECOND.search(value):
+        return InvalidEvent(
+            f"timestamp {value!r} is a leap second, which eventagg does not support (it counts time as POSIX "
+            "does, without them); send the second before it or the next one"
+        )
+    if "out of range" in reason or "must be in" in reason:
+        return InvalidEvent(f"timestamp {value!r} is no such date or time ({reason})")
+    return InvalidEvent(f"timestamp {value!r} is not ISO-8601; send e.g. '2025-10-22T10:00:00Z'")
+
+
+def format_ns(ns: int) -> str:
+    """The RFC 3339 text in UTC of an instant in nanoseconds since the Unix epoch (in the stored range).
+
+    The fraction has no digits for a whole second, six for a whole microsecond (as
+    ``datetime.isoformat`` writes it, which is what such instants were always stored as) and
+    nine otherwise, so that the text holds the exact instant and the same instant always gets
+    the same text.
+    """
+    seconds, nanoseconds = divmod(ns, 1_000_000_000)
+    text = (_NAIVE_EPOCH + dt.timedelta(seconds=seconds)).isoformat()
+    if nanoseconds % 1000:
+        return f"{text}.{nanoseconds:09d}Z"
+    if nanoseconds:
+        return f"{text}.{nanoseconds // 1000:06d}Z"
+    return f"{text}Z"
+
+
 def parse_timestamp(value: Any) -> tuple[str, int]:
-    """Return ``(iso_string, ns_since_epoch)`` for an ISO-8601 string with a zone or a msgpack Timestamp."""
+    """Return ``(iso_string, ns_since_epoch)`` for an ISO-8601 string with a zone or a msgpack Timestamp.
+
+    A string comes back as sent; a msgpack Timestamp as :func:`format_ns` writes its instant.
+    """
     if isinstance(value, str):
         if len(value) > 64:
             raise InvalidEvent(f"timestamp must be at most 64 characters, not {len(value)}")
         try:
-            parsed = dt.datetime.fromisoformat(value)
-        except ValueError:
-            raise InvalidEvent(f"timestamp {value!r} is not ISO-8601; send e.g. '2025-10-22T10:00:00Z'") from None
+            # RFC 3339 allows a lower-case "z", which datetime does not read.
+            parsed = dt.datetime.fromisoformat(value if value[-1:] != "z" else value[:-1] + "Z")
+        except ValueError as exc:
+            raise _unparsable(value, exc) from None
         if parsed.tzinfo is None:
             raise InvalidEvent(f"timestamp {value!r} has no timezone; add 'Z' or an offset like '+02:00'")
+        if ("." in value or "," in value) and _EMPTY_FRACTION.search(value):
+            raise InvalidEvent(f"timestamp {value!r} has a decimal sign with no digits after it")
         if value[-1] not in "Zz" and _offset_has_fraction(value):
             raise InvalidEvent(
                 f"timestamp {value!r} has a fraction of a second in its UTC offset; send the offset as '+HH:MM'"
@@ -139,7 +188,7 @@ def parse_timestamp(value: Any) -> tuple[str, int]:
         except OverflowError:
             raise InvalidEvent(f"timestamp {value!r} is out of range; {_TS_RANGE}") from None
         ns = (since.days * 86_400 + since.seconds) * 1_000_000_000 + since.microseconds * 1000
-        if len(value) > _LONGEST_MICROSECOND_FORM:  # room for a seventh fraction digit
+        if len(value) >= _SHORTEST_NANOSECOND_FORM:  # room for a seventh fraction digit
             ns += _sub_microsecond_ns(value)
         if not MIN_TS_NS <= ns <= MAX_TS_NS:
             raise InvalidEvent(f"timestamp {value!r} is out of range; {_TS_RANGE}")
@@ -148,11 +197,7 @@ def parse_timestamp(value: Any) -> tuple[str, int]:
         ns = value.to_unix_nano()
         if not MIN_TS_NS <= ns <= MAX_TS_NS:
             raise InvalidEvent(f"msgpack Timestamp {value!r} is out of range; {_TS_RANGE}")
-        try:
-            instant = _EPOCH + dt.timedelta(microseconds=ns // 1000)
-        except OverflowError:
-            raise InvalidEvent("msgpack Timestamp is out of range") from None
-        return instant.isoformat().replace("+00:00", "Z"), ns
+        return format_ns(ns), ns
     raise InvalidEvent(
         f"timestamp must be an ISO-8601 string with a timezone or a msgpack Timestamp, not {type_name(value)}"
     )

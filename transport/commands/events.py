@@ -31,19 +31,22 @@ from transport.commands.client_flags import (
 from transport.config import Config, ConfigError, load_config
 from transport.handshake import probe
 from transport.jsonlines import to_json_line
-from transport.queries import QueryError, check_query_topic
+from transport.queries import MAX_CURSOR, QueryError, check_query_topic
 from transport.security import SecurityError
 from transport.subscriber import SubscriberError, follow
 
 
-def at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: a whole number of ``minimum`` or more, refused by argparse with the flag's name otherwise."""
+def at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number of ``minimum`` or more (and at most ``maximum``, if given),
+    refused by argparse with the flag's name otherwise (exit status 2)."""
 
     def whole_number(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if maximum is not None and not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"must be from {minimum} to {maximum}, not {value}")
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be {minimum} or more, not {value}")
         return value
@@ -70,7 +73,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description="List a topic's stored events as JSON Lines.")
     parser.add_argument("topic", nargs="?", help="the topic (default: every topic, in commit order)")
     parser.add_argument(
-        "--after", type=at_least(0), default=None, metavar="S", help="start after this seq (or commit position)"
+        "--after",
+        type=at_least(0, MAX_CURSOR),
+        default=None,
+        metavar="S",
+        help="start after this seq (or commit position)",
     )
     parser.add_argument("--follow", action="store_true", help="then print live events until SIGINT")
     parser.add_argument("--name", help="with --follow: a named consumer; without --after it resumes where it left")
@@ -78,7 +85,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         "--subscribe-endpoint", type=endpoint_url, metavar="URL", help="with --follow (default: from --config, :5558)"
     )
     parser.add_argument("--limit", type=at_least(0), default=None, metavar="N", help="print at most N events")
-    parser.add_argument("--page", type=at_least(1), default=1000, metavar="N", help="events per request (default 1000)")
+    # Sent in the request, so bounded to what msgpack and the daemon's cursor take; --limit is only counted here.
+    parser.add_argument(
+        "--page", type=at_least(1, MAX_CURSOR), default=1000, metavar="N", help="events per request (default 1000)"
+    )
     add_endpoint_args(parser)
     args = parser.parse_args(argv)
     if (args.name or args.subscribe_endpoint) and not args.follow:
