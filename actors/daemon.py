@@ -166,6 +166,7 @@ class Daemon:
                     depth=self._pipeline_depth(),
                     live=self.live,
                     gate=gate,
+                    nul_in_text=cfg.storage.backend != "postgresql",
                 ),
             )
             self.query = self._bind(

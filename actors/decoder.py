@@ -146,6 +146,7 @@ class DecoderProcess:
             str(self._limits.max_batch_events),
             str(self._limits.max_payload_bytes),
             str(os.getpid()),
+            *([] if self._limits.nul_in_text else ["--no-nul-in-text"]),
         ]
         try:
             # A session of its own: signals meant for the daemon's whole process group (Ctrl-C in
@@ -277,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("max_batch_events", type=int)
     parser.add_argument("max_payload_bytes", type=int)
     parser.add_argument("parent_pid", type=int)
+    parser.add_argument("--no-nul-in-text", dest="nul_in_text", action="store_false")
     args = parser.parse_args(argv)
     # What a message makes lives only until its result is sent, and holds no cycles: the cyclic
     # GC would scan those objects for nothing every 700 allocations (several times a frame).
@@ -286,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     serve(
         args.frames_endpoint,
         args.results_endpoint,
-        Limits(args.max_batch_events, args.max_payload_bytes),
+        Limits(args.max_batch_events, args.max_payload_bytes, args.nul_in_text),
         args.parent_pid,
     )
     return 0

@@ -91,7 +91,9 @@ class IngestServer:
         depth: PipelineDepth | None = None,
         live: LiveFigures | None = None,
         gate: ConnectionGate | None = None,
+        nul_in_text: bool = True,
     ) -> None:
+        """``nul_in_text`` False (PostgreSQL storage) refuses events with a NUL in event_id or source."""
         self._config = config
         self._gate = gate or ConnectionGate(lambda: None)
         self._context = context
@@ -100,7 +102,7 @@ class IngestServer:
         self._in_flight = in_flight
         self._depth = depth
         self._live = live
-        self._limits = Limits(config.max_batch_events, config.max_payload_bytes)
+        self._limits = Limits(config.max_batch_events, config.max_payload_bytes, nul_in_text)
         self._warn = RateLimitedLog(log)
         self._accepting = threading.Event()
         self._accepting.set()

@@ -535,3 +535,24 @@ def test_a_page_of_every_topic_gives_each_event_its_commit_position(
     page = daemon.request({"op": "events", "after": 5, "limit": 3})
     assert [event["position"] for event in page["events"]] == [6, 7, 8] and page["next"] == 8
     assert all("position" not in e for e in daemon.request({"op": "events", "topic": "topic-0"})["events"])
+
+
+@pytest.mark.timeout(120)
+def test_an_event_with_a_nul_in_its_id_or_source_is_refused_and_the_daemon_keeps_writing(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    """PostgreSQL's text columns cannot hold NUL: such an event is refused at ingest with its
+    reason, instead of a group its writer retries for ever."""
+    from test_retention import Acked, event
+
+    daemon = pg_daemon(daemon_factory, "node0", database).start()
+    publisher = Acked(daemon.ack)
+    try:
+        reply = publisher.send([event(1, event_id="id\x00nul"), event(2, source="src\x00"), event(3)])
+        assert reply["new"] == 1, reply
+        assert [index for index, _ in reply["rejected"]] == [0, 1]
+        assert all("NUL" in reason and "PostgreSQL" in reason for _, reason in reply["rejected"])
+        assert publisher.send([event(n) for n in range(4, 14)])["new"] == 10
+    finally:
+        publisher.close()
+    assert daemon.wait_idle()["rejected"] == 2

@@ -35,6 +35,7 @@ from transport.schema import (
     VALID_TOPICS,
     Event,
     InvalidEvent,
+    check_no_nul,
     check_topic,
     parse_timestamp,
     type_name,
@@ -71,6 +72,7 @@ class Limits:
 
     max_batch_events: int = DEFAULT_MAX_BATCH_EVENTS
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    nul_in_text: bool = True  # False with PostgreSQL storage (see schema.validate_event)
 
 
 _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
@@ -108,6 +110,7 @@ def _fast_events(wire: list[_WireEvent], limits: Limits) -> list[Event] | None:
     unpackb = msgpack.unpackb
     valid_topics = VALID_TOPICS
     max_payload = limits.max_payload_bytes
+    nul_in_text = limits.nul_in_text
     events = []
     try:
         for item in wire:
@@ -121,6 +124,8 @@ def _fast_events(wire: list[_WireEvent], limits: Limits) -> list[Event] | None:
             if topic not in valid_topics:
                 check_topic(topic)
             timestamp, ts_ns = parse_timestamp(item.timestamp)
+            if not nul_in_text:
+                check_no_nul(item.event_id, item.source)
             events.append(_make(Event, (topic, item.event_id, timestamp, ts_ns, item.source, payload)))
     except (InvalidEvent, ValueError, TypeError, msgpack.UnpackException):
         return None
@@ -240,7 +245,7 @@ def validate_items(obj: Any, limits: Limits) -> DecodedBatch:
     batch = DecodedBatch()
     for index, item in enumerate(items):
         try:
-            batch.events.append(validate_event(item, limits.max_payload_bytes))
+            batch.events.append(validate_event(item, limits.max_payload_bytes, limits.nul_in_text))
         except InvalidEvent as exc:
             batch.rejected.append((index, str(exc)))
     return batch
@@ -262,7 +267,9 @@ def validate_spans(frame: bytes, spans: list[tuple[int, int]], limits: Limits) -
             )
             continue
         try:
-            batch.events.append(validate_event(_unpack_event(view[start:end]), limits.max_payload_bytes))
+            batch.events.append(
+                validate_event(_unpack_event(view[start:end]), limits.max_payload_bytes, limits.nul_in_text)
+            )
         except InvalidEvent as exc:
             batch.rejected.append((index, str(exc)))
     return batch

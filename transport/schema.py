@@ -250,10 +250,26 @@ def pack_payload(payload: dict[Any, Any] | None, max_payload_bytes: int = DEFAUL
     return packed
 
 
-def validate_event(obj: Any, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> Event:
-    """Check one decoded event map and return it as an :class:`Event`, or raise :class:`InvalidEvent`."""
+def validate_event(obj: Any, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES, nul_in_text: bool = True) -> Event:
+    """Check one decoded event map and return it as an :class:`Event`, or raise :class:`InvalidEvent`.
+
+    ``nul_in_text`` False refuses a NUL character in ``event_id`` or ``source``: PostgreSQL's
+    text columns cannot hold one, and a row it refuses would block its writer's group for good.
+    """
     topic, event_id, timestamp, ts_ns, source, payload = check_fields(obj)
+    if not nul_in_text:
+        check_no_nul(event_id, source)
     return Event(topic, event_id, timestamp, ts_ns, source, pack_payload(payload, max_payload_bytes))
+
+
+def check_no_nul(event_id: str, source: str) -> None:
+    """Refuse a NUL character in ``event_id`` or ``source`` (where the storage cannot hold one)."""
+    for name, value in (("event_id", event_id), ("source", source)):
+        if "\x00" in value:
+            raise InvalidEvent(
+                f"{name} holds a NUL character, which this daemon's storage (PostgreSQL) cannot hold;"
+                f" send a {name} without NUL"
+            )
 
 
 def type_name(value: Any) -> str:
