@@ -64,8 +64,9 @@ def test_a_dollar_that_is_no_variable_stays_and_dollar_dollar_is_one_dollar(monk
     dsn = "user=$PGUSER_FOR_TEST password=Xy$9abc$$word options=$"
     config = parse_config({"storage": {"backend": "postgresql", "dsn": dsn}})
     assert expand_dsn(config).storage.dsn == "user=alice password=Xy$9abc$word options=$"
-    with pytest.raises(ConfigError, match=r"write \$\$ for a \$"):
+    with pytest.raises(ConfigError, match=r"write \$\$ for a \$") as caught:
         expand_dsn(parse_config({"storage": {"backend": "postgresql", "dsn": "password=pa$word"}}))
+    assert "pa$" not in str(caught.value)  # the dsn's password is never shown
 
 
 def test_the_status_line_says_the_daemon_waits_for_its_storage() -> None:

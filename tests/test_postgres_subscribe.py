@@ -190,3 +190,22 @@ def test_subscribers_stay_connected_through_a_postgresql_outage_and_miss_nothing
         assert follower.reconnects == 0  # the daemon kept answering while its database was away
     assert [event["position"] for event in got] == list(range(1, 401))
     assert "reading the head position failed" in b.log() or "retrying" in b.log()
+
+
+@pytest.mark.timeout(120)
+def test_a_named_consumer_rides_out_a_postgresql_restart_and_its_position_is_stored_after(
+    daemon_factory: Callable[..., Daemon], database: str, pg: PgCluster
+) -> None:
+    daemon = pg_daemon(daemon_factory, "nodeA", database, **FAST).start()
+    publish(daemon.ack, "--acked", "--events", "50", "--topics", "1")
+    with Subscriber(daemon.subscribe, name="steady", credit=100, ack_interval=0.1) as subscriber:
+        first = take(subscriber, 10)
+        pg.stop()
+        try:
+            more = take(subscriber, 10)  # already sent: taken and acknowledged while the database is away
+            time.sleep(2)
+        finally:
+            pg.start()
+        rest = take(subscriber, 30)
+    assert [e["position"] for e in first + more + rest] == list(range(1, 51))
+    assert query(database, "SELECT position FROM consumers WHERE name = 'steady'") == [(50,)]

@@ -383,8 +383,9 @@ def _expand(key: str, value: str) -> str:
             return "$"
         if name not in os.environ:
             hint = " (systemd sets it for a unit with LoadCredential=)" if name == "CREDENTIALS_DIRECTORY" else ""
+            shown = key if key == "[storage] dsn" else f"{key} = {value!r}"  # a dsn may hold a password
             raise ConfigError(
-                f"{key} = {value!r} names the environment variable {name}, which is not set{hint};"
+                f"{shown} names the environment variable {name}, which is not set{hint};"
                 " write $$ for a $ that is not a variable"
             )
         return os.environ[name]

@@ -381,6 +381,16 @@ class Subscriber:
             )
         elif op == "error":
             code = message.get("code")
+            if code == "ack_failed":
+                # The daemon could not store the position (its database away a moment): the
+                # subscription goes on, and the position is sent again at the next ack interval.
+                log.warning(
+                    "%s could not store the acknowledged position: %s; sending it again",
+                    self.endpoint,
+                    message.get("error"),
+                )
+                self._ack_sent = None
+                return
             if code == "not_subscribed" and not self._subscribed:
                 return  # an answer to a message sent before the subscribe now under way
             if code in RESUBSCRIBE_CODES:
