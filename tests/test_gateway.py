@@ -234,6 +234,36 @@ def test_events_hold_what_msgpack_stored_as_valid_lossless_json(gateway: Gateway
     }
 
 
+def nested(depth: int) -> Any:
+    """A value ``depth`` levels of objects and arrays deep, alternately."""
+    value: Any = 1
+    for level in range(depth):
+        value = [value] if level % 2 else {"a": value}
+    return value
+
+
+@pytest.mark.e2e
+def test_a_deeply_nested_payload_is_listed_and_a_too_deep_body_is_400(gateway: Gateway) -> None:
+    """Nesting the gateway accepts, it also lists: one such event must not make GET /events fail."""
+    payload = nested(501)
+    ok(gateway.publish(event(topic="deep", payload=payload)))
+    ok(gateway.publish(event(topic="shallow", event_id="e-2")))
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(10_000)  # for the test's own json.loads, which recurses per level
+    try:
+        one = ok(gateway.client.get("/events", params={"topic": "deep"}))
+        every = ok(gateway.client.get("/events"))
+    finally:
+        sys.setrecursionlimit(limit)
+    assert one["events"][0]["payload"] == payload
+    assert [e["event_id"] for e in every["events"]] == ["e-1", "e-2"]
+    assert every["events"][0]["payload"] == payload
+    text = b"[" * 100_000 + b"]" * 100_000
+    too_deep = gateway.client.post("/publish", content=text, headers={"content-type": "application/json"})
+    assert too_deep.status_code == 400, too_deep.text
+    assert "too deeply" in too_deep.json()["error"]
+
+
 @pytest.mark.e2e
 def test_three_topics_make_total_topics_at_least_three(gateway: Gateway) -> None:
     for topic in ("alpha", "beta", "gamma"):

@@ -361,6 +361,12 @@ def _decode_json(body: bytes) -> Any:
         return _decoder.decode(body)
     except msgspec.DecodeError as exc:
         reason = str(exc)
+    except RecursionError:  # msgspec's decoder recurses per level of nesting
+        raise GatewayError(
+            400,
+            "the body nests arrays and objects too deeply for the gateway to read (hundreds of levels); "
+            "an event's payload may nest a few hundred levels at most, as msgpack stores it",
+        ) from None
     if _has_lone_surrogate(body):  # msgspec's own words for it ("Input data was truncated") mislead
         reason = (
             "a string holds a \\u escape of a lone UTF-16 surrogate (\\uD800-\\uDFFF without its pair), "
@@ -450,18 +456,40 @@ def _jsonable(value: Any) -> Any:
     types ``{"ext_type", "data"}`` (base64). Map keys become strings (a non-string key as its
     JSON text), unless two would then be the same (``1`` and ``"1"``): such a map becomes an
     array of ``[key, value]`` pairs, since an object with a repeated key is not valid JSON.
+
+    Works through a stack of (item, container, slot) rather than by recursion: each container
+    is made with its slots empty, and its items are converted into them as they come off the
+    stack. A stored payload may nest as deep as msgpack allows (about a thousand levels), past
+    Python's recursion limit.
     """
+    root: list[Any] = [None]
+    stack: list[tuple[Any, Any, Any]] = [(value, root, 0)]
+    while stack:
+        item, container, slot = stack.pop()
+        container[slot] = _jsonable_shell(item, stack)
+    return root[0]
+
+
+def _jsonable_shell(value: Any, stack: list[tuple[Any, Any, Any]]) -> Any:
+    """The JSON form of ``value`` alone; for a container, one with empty slots, whose items are
+    pushed on ``stack`` to be converted into them."""
     if isinstance(value, dict):
-        if all(isinstance(key, str) for key in value):
-            return {key: _jsonable(item) for key, item in value.items()}
-        keys = [_key(key) for key in value]
+        keys = list(value) if all(isinstance(key, str) for key in value) else [_key(key) for key in value]
         if len(set(keys)) == len(keys):
-            return {key: _jsonable(item) for key, item in zip(keys, value.values(), strict=True)}
-        return [[_jsonable(key), _jsonable(item)] for key, item in value.items()]
+            shell: dict[str, Any] = dict.fromkeys(keys)
+            stack.extend((item, shell, key) for key, item in zip(keys, value.values(), strict=True))
+            return shell
+        pairs = [[None, None] for _ in value]
+        for pair, (key, item) in zip(pairs, value.items(), strict=True):
+            stack.append((key, pair, 0))
+            stack.append((item, pair, 1))
+        return pairs
     if isinstance(value, msgpack.ExtType):  # before tuple: an ExtType is a named tuple
         return {"ext_type": value.code, "data": base64.b64encode(value.data).decode()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
+        items: list[Any] = [None] * len(value)
+        stack.extend((item, items, index) for index, item in enumerate(value))
+        return items
     if isinstance(value, (bytes, bytearray, memoryview)):
         return base64.b64encode(bytes(value)).decode()
     if isinstance(value, float) and not math.isfinite(value):
@@ -471,20 +499,54 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _encode_deep(document: Any) -> bytes:
+    """The JSON text of a document already made JSON-safe by :func:`_jsonable`, however deep.
+
+    msgspec's encoder recurses and gives up near Python's recursion limit, so this writes
+    containers through a stack: text to write as is (bytes) and values still to write. Only
+    scalars and keys go to msgspec.
+    """
+    parts: list[bytes] = []
+    stack: list[Any] = [document]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, bytes):  # never a value: _jsonable made every bytes value a string
+            parts.append(item)
+        elif isinstance(item, dict):
+            parts.append(b"{")
+            stack.append(b"}")
+            entries = list(item.items())
+            for index in range(len(entries) - 1, -1, -1):
+                key, value = entries[index]
+                stack.append(value)
+                stack.append((b"," if index else b"") + msgspec.json.encode(key) + b":")
+        elif isinstance(item, list):
+            parts.append(b"[")
+            stack.append(b"]")
+            for index in range(len(item) - 1, -1, -1):
+                stack.append(item[index])
+                if index:
+                    stack.append(b",")
+        else:
+            parts.append(msgspec.json.encode(item))
+    return b"".join(parts)
+
+
 def _key(key: Any) -> str:
     if isinstance(key, str):
         return key
     if isinstance(key, (bytes, bytearray)):
         return base64.b64encode(bytes(key)).decode()
-    return msgspec.json.encode(_jsonable(key)).decode()
+    return _encode_deep(_jsonable(key)).decode()
 
 
 def json_response(document: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
     """A JSON response made with msgspec (fast, and it writes bytes as base64); anything odd is cleaned first."""
     try:
         content = msgspec.json.encode(document, enc_hook=_enc_hook)
-    except (TypeError, ValueError, NotImplementedError, msgspec.EncodeError):
-        content = msgspec.json.encode(_jsonable(document), enc_hook=_enc_hook)
+    except (TypeError, ValueError, NotImplementedError, msgspec.EncodeError, RecursionError):
+        # RecursionError: a stored payload nested deeper than msgspec's encoder goes.
+        content = _encode_deep(_jsonable(document))
     return Response(content, status_code=status, media_type="application/json", headers=headers)
 
 
@@ -517,7 +579,10 @@ class StoredEvent(BaseModel):
     event_id: str
     timestamp: str
     source: str
-    payload: dict[str, Any]
+    payload: dict[str, Any] | list[list[Any]] = Field(
+        description="The payload as an object; as an array of [key, value] pairs when its map has keys "
+        'that are the same as strings (1 and "1"), which only msgpack publishers can store.'
+    )
     seq: int
     late: bool
 
