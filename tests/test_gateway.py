@@ -111,6 +111,7 @@ def gateway_factory(daemon_factory: Callable[..., Daemon]) -> Iterator[Callable[
         daemon = daemon_factory(http=http, **overrides)
         if start_daemon:
             daemon.start()
+        port = int(http["bind"].rsplit(":", 1)[1])  # a test's own bind (0.0.0.0) serves loopback too
         gateway = Gateway(daemon, f"http://127.0.0.1:{port}")
         made.append(gateway)
         return gateway.start()
@@ -259,7 +260,7 @@ def test_a_deeply_nested_payload_is_listed_and_a_too_deep_body_is_400(gateway: G
     assert [e["event_id"] for e in every["events"]] == ["e-1", "e-2"]
     assert every["events"][0]["payload"] == payload
     text = b"[" * 100_000 + b"]" * 100_000
-    too_deep = gateway.client.post("/publish", content=text, headers={"content-type": "application/json"})
+    too_deep = gateway.client.post("/publish", content=text)
     assert too_deep.status_code == 400, too_deep.text
     assert "too deeply" in too_deep.json()["error"]
 
@@ -851,6 +852,20 @@ def test_a_host_that_does_not_resolve_stops_the_gateway_with_one_message(tmp_pat
     assert result.returncode == 1, result.stderr
     assert "gateway: cannot listen on [http] bind no-such-host.invalid:8080: the host does not resolve" in result.stderr
     assert "eventagg gateway on" not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.e2e
+def test_a_bind_beyond_loopback_needs_allow_insecure(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> None:
+    """The gateway has no authentication: like the daemon without CURVE, it stays on loopback unless told."""
+    config = write_config(tmp_path / "config.toml", {"http": {"bind": f"0.0.0.0:{free_port()}"}})
+    result = run_script("gateway.py", "--config", str(config), timeout=60)
+    assert result.returncode == 2, result.stderr
+    for words in ("[http] bind = 0.0.0.0:", "[security] allow_insecure = true", "no authentication", "proxy"):
+        assert words in result.stderr
+    assert "eventagg gateway on" not in result.stderr and "Traceback" not in result.stderr
+    gateway = gateway_factory(http={"bind": f"0.0.0.0:{free_port()}"}, security={"allow_insecure": True})
+    assert gateway.client.get("/openapi.json").status_code == 200
+    assert "beyond loopback WITHOUT authentication" in gateway.log()
 
 
 @pytest.mark.e2e

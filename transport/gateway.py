@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -60,7 +61,7 @@ from transport.logs import setup_logging
 from transport.publisher import BatchRefused, BatchResult, DeliveryFailed, Publisher, PublisherError, PublishTimeout
 from transport.queries import MAX_CURSOR, QueryError, check_query_topic
 from transport.schema import InvalidEvent, check_fields, pack_payload, type_name
-from transport.security import SocketHook, curve_client_from_config
+from transport.security import InsecureBindError, SocketHook, curve_client_from_config, is_local_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -663,8 +664,46 @@ def app_from_environment() -> FastAPI:
     return create_app(config)
 
 
+def check_bind(config: Config) -> None:
+    """Refuse an ``[http] bind`` beyond loopback unless ``[security] allow_insecure`` accepts the risk.
+
+    The daemon's rule for its own endpoints (:class:`transport.security.ServerSecurity`), and more
+    so here: the gateway has no authentication, CURVE or not, so whoever reaches its port can
+    publish and read events. Raises :class:`transport.security.InsecureBindError`; logs a warning
+    when ``allow_insecure`` lets such a bind through.
+    """
+    http = config.http
+    host = f"[{http.host}]" if ":" in http.host else http.host
+    if is_local_endpoint(f"tcp://{host}:{http.port}"):
+        return
+    try:
+        found = socket.getaddrinfo(http.host, http.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return  # listening fails on it anyway, with a message that says why
+    # A host name is as local as every address it stands for.
+    if all(is_local_endpoint(f"tcp://[{address[4][0]}]:{http.port}") for address in found):
+        return
+    if not config.security.allow_insecure:
+        raise InsecureBindError(
+            f"refusing to listen beyond loopback ([http] bind = {http.bind}): the gateway has no "
+            "authentication and no TLS, so anyone who can reach that port could publish and read events. "
+            "Bind it to 127.0.0.1 and put a reverse proxy with authentication and TLS in front of it, or "
+            "set [security] allow_insecure = true to accept the risk"
+        )
+    log.warning(
+        "the gateway listens beyond loopback WITHOUT authentication ([http] bind = %s, [security] "
+        "allow_insecure = true): anyone who can reach it can publish and read events",
+        http.bind,
+    )
+
+
 def create_app(config: Config) -> FastAPI:
-    """The gateway's FastAPI application for the daemon that ``config`` describes."""
+    """The gateway's FastAPI application for the daemon that ``config`` describes.
+
+    Raises :class:`transport.security.InsecureBindError` for an ``[http] bind`` beyond loopback
+    that ``[security] allow_insecure`` does not allow (see :func:`check_bind`).
+    """
+    check_bind(config)
     http = config.http
     link = DaemonLink(config)
     started = time.monotonic()

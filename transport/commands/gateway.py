@@ -4,7 +4,8 @@ It reads the daemon's config file: ``[http]`` for where to listen and its limits
 ack_bind`` and ``[query] bind`` for where the daemon is, ``[security]`` for CURVE, ``[log]``
 for how much to say. Needs the ``gateway`` extra (``pip install 'eventagg[gateway]'``).
 SIGINT or SIGTERM stop it: requests in progress finish, then it exits 0. It exits 1 when it cannot
-listen on ``[http] bind``, 2 for a bad config. See docs/gateway.md.
+listen on ``[http] bind``, 2 for a bad config (a ``bind`` beyond loopback without ``[security]
+allow_insecure`` among them). See docs/gateway.md.
 """
 
 from __future__ import annotations
