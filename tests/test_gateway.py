@@ -42,6 +42,7 @@ from transport.config import ConfigError, parse_config
 from transport.gateway import GatewayError, parse_events
 
 TIMEOUT_MS = 2000
+JSON_TYPE = {"content-type": "application/json"}
 
 
 def event(
@@ -155,13 +156,13 @@ def test_bad_requests_get_a_4xx_with_a_clear_message(gateway_factory: Callable[.
     gateway = gateway_factory(http={"max_body_bytes": 2000, "max_events": 3})
     post = gateway.client.post
     cases = [
-        (post("/publish", content=b'{"events": [{'), 400, "not valid JSON"),
-        (post("/publish", content=b"[1, 2]"), 400, "not a JSON array"),
+        (post("/publish", content=b'{"events": [{', headers=JSON_TYPE), 400, "not valid JSON"),
+        (post("/publish", content=b"[1, 2]", headers=JSON_TYPE), 400, "not a JSON array"),
         (post("/publish", json={"events": {"topic": "t"}}), 400, "'events' must be an array"),
         (post("/publish", json={"events": [event(), 5]}), 400, "an event must be an object, not number"),
         (post("/publish", json=event(payload=[1])), 400, "payload must be an object, not array"),
         (post("/publish", json=event(payload={"n": 2**70})), 400, "integers must fit in 64 bits"),
-        (post("/publish", content=b"x" * 2001), 413, "[http] max_body_bytes"),
+        (post("/publish", content=b"x" * 2001, headers=JSON_TYPE), 413, "[http] max_body_bytes"),
         (post("/publish", json={"events": [event(event_id=str(i)) for i in range(4)]}), 413, "[http] max_events"),
         (gateway.client.get("/events", params={"limit": 0}), 400, "limit"),
         (gateway.client.get("/events", params={"after": "x"}), 400, "after"),
@@ -174,6 +175,20 @@ def test_bad_requests_get_a_4xx_with_a_clear_message(gateway_factory: Callable[.
         assert response.status_code == status, (response.request.url, response.text)
         assert words in response.json()["error"], response.text
     assert gateway.daemon.stats()["received"] == 0
+
+
+@pytest.mark.e2e
+def test_publish_takes_only_a_json_content_type(gateway: Gateway) -> None:
+    """What a web page of any origin can make a browser POST without a preflight is refused."""
+    body = json.dumps(event()).encode()
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        headers = {} if content_type is None else {"content-type": content_type}
+        response = gateway.client.post("/publish", content=body, headers=headers)
+        assert response.status_code == 415, (content_type, response.text)
+        assert "application/json" in response.json()["error"]
+    assert gateway.daemon.stats()["received"] == 0
+    reply = gateway.client.post("/publish", content=body, headers={"content-type": "Application/JSON; charset=utf-8"})
+    assert ok(reply)["added_to_queue"] == 1
 
 
 @pytest.mark.e2e
@@ -260,7 +275,7 @@ def test_a_deeply_nested_payload_is_listed_and_a_too_deep_body_is_400(gateway: G
     assert [e["event_id"] for e in every["events"]] == ["e-1", "e-2"]
     assert every["events"][0]["payload"] == payload
     text = b"[" * 100_000 + b"]" * 100_000
-    too_deep = gateway.client.post("/publish", content=text)
+    too_deep = gateway.client.post("/publish", content=text, headers=JSON_TYPE)
     assert too_deep.status_code == 400, too_deep.text
     assert "too deeply" in too_deep.json()["error"]
 
@@ -541,7 +556,7 @@ def test_openapi_lists_every_route(gateway: Gateway) -> None:
 
 # What each route can answer, from its code: the OpenAPI document must list exactly these.
 ANSWERS = {
-    ("post", "/publish"): {"200", "400", "413", "502", "503", "504"},
+    ("post", "/publish"): {"200", "400", "413", "415", "502", "503", "504"},
     ("get", "/events"): {"200", "400", "502", "503"},
     ("get", "/stats"): {"200", "502", "503"},
     ("get", "/topics"): {"200", "502", "503"},

@@ -789,12 +789,14 @@ def create_app(config: Config) -> FastAPI:
         responses={
             400: {"model": Error, "description": "Invalid JSON or an invalid event (index names it); nothing sent."},
             413: {"model": Error, "description": "Body or event count over the limit."},
+            415: {"model": Error, "description": "The body is not sent as Content-Type: application/json."},
             **_PUBLISH_ERRORS,
         },
         openapi_extra={"requestBody": _PUBLISH_BODY},
     )
     async def publish(request: Request) -> Response:
         deadline = time.monotonic() + link.timeout
+        _check_content_type(request.headers.get("content-type"))
         body = await _read_body(request, http.max_body_bytes)
         events = parse_events(body, http.max_events, config.ingest.max_payload_bytes)
         if not events:
@@ -934,6 +936,21 @@ async def _acquire(limiter: anyio.CapacityLimiter, deadline: float) -> bool:
 
 async def _on_thread(function: Callable[..., T], *args: Any, limiter: anyio.CapacityLimiter) -> T:
     return await anyio.to_thread.run_sync(function, *args, limiter=limiter)
+
+
+def _check_content_type(value: str | None) -> None:
+    """Refuse with 415 a ``POST /publish`` body not declared ``application/json`` (parameters such as
+    ``charset=utf-8`` aside).
+
+    Why: a web page on any origin can make a browser send a text/plain or form POST without asking
+    first (no CORS preflight), so a gateway taking those would let any page a user opens publish
+    through a gateway on that user's loopback. A JSON POST from another origin needs a preflight,
+    which the gateway does not answer.
+    """
+    media_type = (value or "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        given = f"Content-Type {value}" if value else "no Content-Type"
+        raise GatewayError(415, f"the body must be sent as Content-Type: application/json, not with {given}")
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
