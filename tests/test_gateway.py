@@ -192,6 +192,23 @@ def test_publish_takes_only_a_json_content_type(gateway: Gateway) -> None:
 
 
 @pytest.mark.e2e
+def test_an_event_over_max_message_bytes_is_413_and_a_batch_of_smaller_ones_is_split(
+    gateway_factory: Callable[..., Gateway],
+) -> None:
+    """The daemon's socket drops a message over [ingest] max_message_bytes unseen: no retry could succeed."""
+    gateway = gateway_factory(ingest={"max_message_bytes": 4096})
+    big = event(event_id="big", payload={"text": "x" * 5000})
+    response = gateway.publish({"events": [event(), big]})
+    assert response.status_code == 413, response.text
+    assert "[ingest] max_message_bytes" in response.json()["error"]
+    assert response.json()["index"] == 1
+    assert gateway.daemon.stats()["received"] == 0
+    # Each well within a message, together over it: sent as several batches, all acknowledged.
+    batch = [event(event_id=f"m-{i}", payload={"text": "x" * 1500}) for i in range(5)]
+    assert ok(gateway.publish({"events": batch}))["added_to_queue"] == 5
+
+
+@pytest.mark.e2e
 def test_batch_of_five_is_added_and_listed(gateway: Gateway) -> None:
     batch = [event(event_id=f"b-{i}", payload={"n": i, "tags": ["x"], "nested": {"ok": True}}) for i in range(5)]
     reply = ok(gateway.publish({"events": batch}))

@@ -74,6 +74,9 @@ DEFAULT_PAGE = 1000
 MAX_PROBE_S = 1.0
 # A publish that got its publisher with less than this share of its timeout left is not sent.
 MIN_PUBLISH_SHARE = 0.25
+# What a batch message adds around its packed events (map header, "batch", its id, "events",
+# the array header), rounded up.
+BATCH_OVERHEAD_BYTES = 32
 QUERY_THREADS = 16  # queries to the daemon at once per gateway process (each holds a thread)
 
 
@@ -314,11 +317,18 @@ def _add_up(results: list[BatchResult], received: int) -> PublishOutcome:
 _decoder = msgspec.json.Decoder()
 
 
-def parse_events(body: bytes, max_events: int, max_payload_bytes: int) -> list[dict[str, Any]]:
+def parse_events(
+    body: bytes, max_events: int, max_payload_bytes: int, max_message_bytes: int | None = None
+) -> list[dict[str, Any]]:
     """The events of a ``POST /publish`` body, each checked by the daemon's rules; :class:`GatewayError` if not.
 
     The body is one event object or ``{"events": [event, ...]}``. Only the schema's fields are
     kept: the daemon ignores any others, and dropping them here keeps what is sent small.
+
+    ``max_message_bytes`` (``[ingest] max_message_bytes``; no check when None): an event that
+    would not fit in a batch message of that size gets 413. The daemon's socket drops such a
+    message without a word, so it could never be acknowledged. Several events need no check of
+    their own: the publisher closes a batch at half that size, and an event alone fits.
     """
     document = _decode_json(body)
     if isinstance(document, dict) and "events" in document and "topic" not in document:
@@ -344,8 +354,17 @@ def parse_events(body: bytes, max_events: int, max_payload_bytes: int) -> list[d
             clean: dict[str, Any] = {"topic": topic, "event_id": event_id, "timestamp": timestamp, "source": source}
             if payload is not None:
                 clean["payload"] = payload
-            if len(packer.pack(clean)) > max_payload_bytes:
+            size = len(packer.pack(clean))
+            if size > max_payload_bytes:
                 _check_payload_size(payload, max_payload_bytes)
+            if max_message_bytes is not None and size + BATCH_OVERHEAD_BYTES > max_message_bytes:
+                raise GatewayError(
+                    413,
+                    f"the event is {size} bytes as msgpack, too big for a message to the daemon of at most "
+                    f"{max_message_bytes} bytes ([ingest] max_message_bytes, with {BATCH_OVERHEAD_BYTES} bytes "
+                    "of batch envelope); nothing was sent: make it smaller, publishing it again cannot succeed",
+                    index=index,
+                )
         except InvalidEvent as exc:
             raise GatewayError(400, str(exc), index=index) from None
         except (TypeError, ValueError, OverflowError) as exc:
@@ -788,7 +807,11 @@ def create_app(config: Config) -> FastAPI:
         summary="Publish one event or a batch; answers after the daemon committed them",
         responses={
             400: {"model": Error, "description": "Invalid JSON or an invalid event (index names it); nothing sent."},
-            413: {"model": Error, "description": "Body or event count over the limit."},
+            413: {
+                "model": Error,
+                "description": "Body or event count over the limit, or an event too big for a message to the "
+                "daemon ([ingest] max_message_bytes); nothing sent.",
+            },
             415: {"model": Error, "description": "The body is not sent as Content-Type: application/json."},
             **_PUBLISH_ERRORS,
         },
@@ -798,7 +821,8 @@ def create_app(config: Config) -> FastAPI:
         deadline = time.monotonic() + link.timeout
         _check_content_type(request.headers.get("content-type"))
         body = await _read_body(request, http.max_body_bytes)
-        events = parse_events(body, http.max_events, config.ingest.max_payload_bytes)
+        ingest = config.ingest
+        events = parse_events(body, http.max_events, ingest.max_payload_bytes, ingest.max_message_bytes)
         if not events:
             outcome = PublishOutcome(0, 0, 0, [], [])
         else:
