@@ -492,6 +492,18 @@ def test_busy_publishers_give_503_with_nothing_sent(gateway_factory: Callable[..
 
 
 @pytest.mark.e2e
+def test_a_budget_too_short_to_send_says_so(gateway_factory: Callable[..., Gateway]) -> None:
+    """With no time left to wait for an acknowledgement, the 503 blames the budget, not busy publishers."""
+    gateway = gateway_factory(http={"request_timeout_ms": 1})
+    response = gateway.publish(event())
+    assert response.status_code == 503, response.text
+    error = response.json()["error"]
+    assert "time budget ran out before sending" in error and "nothing was sent" in error
+    assert "busy" not in error and " 0.0 s" not in error
+    assert gateway.daemon.stats()["received"] == 0
+
+
+@pytest.mark.e2e
 def test_curve_when_the_config_says_so(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> None:
     folder, authorized = tmp_path / "keys", tmp_path / "authorized"
     for args in (("server", str(folder)), ("client", "gateway", str(folder), "--authorize", str(authorized))):

@@ -72,7 +72,8 @@ T = TypeVar("T")
 DEFAULT_PAGE = 1000
 # Part of a publish's budget kept for the health probe that tells 503 from 504.
 MAX_PROBE_S = 1.0
-# A publish that got its publisher with less than this share of its timeout left is not sent.
+# A publish is sent only with at least this share of its timeout left for the acknowledgement,
+# beyond the probe's part: else it is refused with nothing sent (see DaemonLink.reserve_s).
 MIN_PUBLISH_SHARE = 0.25
 # What a batch message adds around its packed events (map header, "batch", its id, "events",
 # the array header), rounded up.
@@ -108,6 +109,10 @@ class DaemonLink:
 
     def __init__(self, config: Config) -> None:
         self.timeout = config.http.request_timeout_ms / 1000
+        # Of a publish's budget: the end kept for the probe that tells 503 from 504, and the least
+        # left at sending (probe included) for the daemon to have a fair chance to acknowledge.
+        self.probe_s = min(MAX_PROBE_S, self.timeout / 4)
+        self.reserve_s = self.probe_s + MIN_PUBLISH_SHARE * self.timeout
         self.ack_endpoint = connectable(config.ingest.ack_bind)
         self.query_endpoint = connectable(config.query.bind)
         self._secure: SocketHook | None = curve_client_from_config(config)
@@ -156,11 +161,15 @@ class DaemonLink:
     def publish(self, events: list[dict[str, Any]], deadline: float) -> PublishOutcome:
         """Send checked events and wait for their acknowledgement until ``deadline`` (time.monotonic).
 
-        Raises :class:`GatewayError`: 503 (daemon away), 504 (daemon up, no acknowledgement in
-        time), 502 (the daemon refused the batch).
+        Raises :class:`GatewayError`: 503 (daemon away, or less than ``reserve_s`` left before
+        sending: nothing sent), 504 (daemon up, no acknowledgement in time), 502 (the daemon
+        refused the batch).
         """
+        left = deadline - time.monotonic()
+        if left < self.reserve_s:  # the worker thread came late: no fair chance, so do not send
+            raise out_of_time(left, self)
         publisher = self._take_publisher()
-        probe_s = min(MAX_PROBE_S, self.timeout / 4)
+        probe_s = self.probe_s
         sent_at = time.monotonic()
         ok = False
         try:
@@ -224,12 +233,12 @@ class DaemonLink:
                 return GatewayError(503, f"{refusal}; publishing again once it does is safe")
             return GatewayError(
                 503,
-                f"the daemon is not answering: no acknowledgement from {self.ack_endpoint} in {waited:.1f} s "
+                f"the daemon is not answering: no acknowledgement from {self.ack_endpoint} in {waited:.3g} s "
                 f"and no answer from {self.query_endpoint}; is it running? Publishing again later is safe",
             )
         return GatewayError(
             504,
-            f"the daemon answers queries but did not acknowledge the events within {waited:.1f} s of their "
+            f"the daemon answers queries but did not acknowledge the events within {waited:.3g} s of their "
             f"sending (overloaded?); they may or may not be stored: publishing them again is safe, duplicates "
             f"are dropped",
         )
@@ -294,6 +303,16 @@ class DaemonLink:
                     item.close(flush=False)
                 else:
                     item.close()
+
+
+def out_of_time(left: float, link: DaemonLink) -> GatewayError:
+    """503 for a publish with ``left`` seconds of its budget, less than ``link.reserve_s``: not sent."""
+    return GatewayError(
+        503,
+        f"the request's time budget ran out before sending: {max(0.0, left):.3g} s of its {link.timeout:g} s "
+        f"([http] request_timeout_ms) were left, less than the {link.reserve_s:.3g} s kept for the daemon to "
+        "acknowledge; nothing was sent: publishing again is safe",
+    )
 
 
 def _add_up(results: list[BatchResult], received: int) -> PublishOutcome:
@@ -839,23 +858,26 @@ def create_app(config: Config) -> FastAPI:
         )
 
     async def _publish(events: list[dict[str, Any]], deadline: float) -> PublishOutcome:
-        if not await _acquire(publish_slots, deadline):
-            raise busy(deadline)
+        # Events sent so late that the daemon could hardly acknowledge them in the time left are
+        # not sent: an honest 503 with nothing sent beats a 504 for events barely sent. So a
+        # publisher is waited for only until reserve_s before the deadline.
+        left = deadline - time.monotonic()
+        if left < link.reserve_s:
+            raise out_of_time(left, link)
+        asked = time.monotonic()
+        if not await _acquire(publish_slots, deadline - link.reserve_s):
+            raise busy(time.monotonic() - asked)
         try:
-            # A publisher freed so late that the daemon could hardly acknowledge in the time left
-            # is not used: an honest 503 with nothing sent beats a 504 for events barely sent.
-            if deadline - time.monotonic() < MIN_PUBLISH_SHARE * link.timeout:
-                raise busy(deadline)
             return await _on_thread(link.publish, events, deadline, limiter=publish_threads)
         finally:
             publish_slots.release()
 
-    def busy(deadline: float) -> GatewayError:
-        waited = time.monotonic() - (deadline - link.timeout)
+    def busy(waited: float) -> GatewayError:
         return GatewayError(
             503,
-            f"all {http.publishers} publishers were busy for {waited:.1f} s of the request's {link.timeout:g} s "
-            "([http] publishers, request_timeout_ms); nothing was sent: publishing again is safe",
+            f"all {http.publishers} publishers were busy for {waited:.3g} s, until less than the {link.reserve_s:.3g} s "
+            f"kept for the daemon to acknowledge was left of the request's {link.timeout:g} s ([http] publishers, "
+            "request_timeout_ms); nothing was sent: publishing again is safe",
         )
 
     @app.get(
