@@ -875,9 +875,9 @@ def create_app(config: Config) -> FastAPI:
     def busy(waited: float) -> GatewayError:
         return GatewayError(
             503,
-            f"all {http.publishers} publishers were busy for {waited:.3g} s, until less than the {link.reserve_s:.3g} s "
-            f"kept for the daemon to acknowledge was left of the request's {link.timeout:g} s ([http] publishers, "
-            "request_timeout_ms); nothing was sent: publishing again is safe",
+            f"all {http.publishers} publishers were busy for {waited:.3g} s, until less than the "
+            f"{link.reserve_s:.3g} s kept for the daemon to acknowledge was left of the request's "
+            f"{link.timeout:g} s ([http] publishers, request_timeout_ms); nothing was sent: publishing again is safe",
         )
 
     @app.get(
