@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import queue
+import signal
 import socket
 import threading
 import time
@@ -78,6 +79,12 @@ MIN_PUBLISH_SHARE = 0.25
 # What a batch message adds around its packed events (map header, "batch", its id, "events",
 # the array header), rounded up.
 BATCH_OVERHEAD_BYTES = 32
+# After SIGINT or SIGTERM, a request in progress answers 503 this long after the signal at most:
+# within the 10 s uvicorn then waits for it (GRACEFUL_SHUTDOWN_S in transport/commands/gateway.py)
+# before cancelling it into a plain-text 500.
+STOPPING_GRACE_S = 8.0
+# How often a wait for the daemon looks whether the gateway is stopping.
+STOP_POLL_S = 0.1
 QUERY_THREADS = 16  # queries to the daemon at once per gateway process (each holds a thread)
 
 
@@ -121,9 +128,28 @@ class DaemonLink:
         self._publishers: queue.SimpleQueue[Publisher] = queue.SimpleQueue()
         self._queries: queue.SimpleQueue[QueryClient] = queue.SimpleQueue()
         self._closed = False
+        # Set by stop(): the time.monotonic() by which requests in progress give up and answer 503.
+        self._stop_by: float | None = None
         # endpoint -> why the daemon refused this gateway's security there, from the start-up
         # check; dropped once the endpoint answers (its key authorized since, say).
         self._refused: dict[str, str] = {}
+
+    # -- stopping
+
+    def stop(self, grace: float = STOPPING_GRACE_S) -> None:
+        """The gateway is stopping: waits for the daemon end ``grace`` seconds from now at most, with
+        :func:`stopping` (503); requests not yet sent are not sent. Safe to call from a signal handler."""
+        if self._stop_by is None:
+            self._stop_by = time.monotonic() + grace
+
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` was called."""
+        return self._stop_by is not None
+
+    def stop_due(self) -> bool:
+        """Whether requests in progress must give up now, the gateway stopping."""
+        return self._stop_by is not None and time.monotonic() >= self._stop_by
 
     # -- queries
 
@@ -131,6 +157,10 @@ class DaemonLink:
         """One query's reply map (which may hold ``error``); :class:`GatewayError` 503 if no answer came
         within ``timeout`` seconds (by default the whole ``request_timeout_ms``)."""
         wait = self.timeout if timeout is None else timeout
+        if self._stop_by is not None:
+            if self.stop_due():
+                raise stopping(sent=False)
+            wait = min(wait, self._stop_by - time.monotonic())
         if wait <= 0:
             raise GatewayError(
                 503, f"no time was left to ask the daemon within {self.timeout:g} s ([http] request_timeout_ms)"
@@ -165,6 +195,8 @@ class DaemonLink:
         sending: nothing sent), 504 (daemon up, no acknowledgement in time), 502 (the daemon
         refused the batch).
         """
+        if self.stopping:
+            raise stopping(sent=False)
         left = deadline - time.monotonic()
         if left < self.reserve_s:  # the worker thread came late: no fair chance, so do not send
             raise out_of_time(left, self)
@@ -175,7 +207,7 @@ class DaemonLink:
         try:
             publisher.results.clear()
             publisher.publish_many(events, timeout=max(0.001, deadline - probe_s - time.monotonic()))
-            publisher.flush(max(0.001, deadline - probe_s - time.monotonic()))
+            self._flush(publisher, deadline - probe_s)
             results = sorted(publisher.results, key=lambda result: result.batch_id)
             ok = True
         except (PublishTimeout, DeliveryFailed):
@@ -193,6 +225,19 @@ class DaemonLink:
             else:
                 publisher.close(flush=False)
         return _add_up(results, len(events))
+
+    def _flush(self, publisher: Publisher, until: float) -> None:
+        """Wait for every acknowledgement until ``until`` (time.monotonic), in slices of
+        ``STOP_POLL_S`` so that a stopping gateway answers in time: :func:`stopping` (503) then."""
+        while True:
+            try:
+                publisher.flush(max(0.001, min(until, time.monotonic() + STOP_POLL_S) - time.monotonic()))
+                return
+            except PublishTimeout:
+                if self.stop_due():
+                    raise stopping(sent=True) from None
+                if time.monotonic() >= until:
+                    raise
 
     def _take_publisher(self) -> Publisher:
         try:
@@ -303,6 +348,17 @@ class DaemonLink:
                     item.close(flush=False)
                 else:
                     item.close()
+
+
+def stopping(sent: bool) -> GatewayError:
+    """503 for a request that the gateway's stopping ended; ``sent``: its events were sent."""
+    if sent:
+        return GatewayError(
+            503,
+            "the gateway is stopping; the events were sent but not acknowledged in time: they may or may not "
+            "be stored, publishing them again to a running gateway is safe",
+        )
+    return GatewayError(503, "the gateway is stopping; nothing was sent or asked: try again on a running gateway")
 
 
 def out_of_time(left: float, link: DaemonLink) -> GatewayError:
@@ -761,8 +817,12 @@ def create_app(config: Config) -> FastAPI:
         )
         # In the background: the gateway serves at once, and a daemon started later is fine.
         threading.Thread(target=_warn_unreachable, args=(link,), name="handshake-check", daemon=True).start()
-        yield
-        link.close()
+        restore = _on_stop_signals(link.stop)
+        try:
+            yield
+        finally:
+            restore()
+            link.close()
 
     app = FastAPI(
         title="eventagg HTTP gateway",
@@ -793,7 +853,9 @@ def create_app(config: Config) -> FastAPI:
     async def ask(request: dict[str, Any]) -> dict[str, Any]:
         """One query within ``request_timeout_ms`` in all, the wait for a free query slot included."""
         deadline = time.monotonic() + link.timeout
-        if not await _acquire(query_slots, deadline):
+        if not await _acquire(query_slots, deadline, link):
+            if link.stopping:
+                raise stopping(sent=False)
             raise GatewayError(
                 503,
                 f"no answer within {link.timeout:g} s ([http] request_timeout_ms): all {QUERY_THREADS} of the "
@@ -865,7 +927,9 @@ def create_app(config: Config) -> FastAPI:
         if left < link.reserve_s:
             raise out_of_time(left, link)
         asked = time.monotonic()
-        if not await _acquire(publish_slots, deadline - link.reserve_s):
+        if not await _acquire(publish_slots, deadline - link.reserve_s, link):
+            if link.stopping:
+                raise stopping(sent=False)
             raise busy(time.monotonic() - asked)
         try:
             return await _on_thread(link.publish, events, deadline, limiter=publish_threads)
@@ -971,13 +1035,48 @@ def _warn_unreachable(link: DaemonLink) -> None:
         log.warning("cannot reach the daemon: %s", problem)
 
 
-async def _acquire(limiter: anyio.CapacityLimiter, deadline: float) -> bool:
-    """Take a token of ``limiter`` before ``deadline`` (time.monotonic); False, holding none, if none came."""
-    acquired = False
-    with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
-        await limiter.acquire()
-        acquired = True  # no await between these two lines, so a timeout cannot fall between them
-    return acquired
+async def _acquire(limiter: anyio.CapacityLimiter, deadline: float, link: DaemonLink) -> bool:
+    """Take a token of ``limiter`` before ``deadline`` (time.monotonic); False, holding none, if none
+    came or the gateway is stopping (``link.stopping``, looked at every ``STOP_POLL_S``)."""
+    while not link.stopping:
+        left = deadline - time.monotonic()
+        with anyio.move_on_after(max(0.0, min(left, STOP_POLL_S))):
+            await limiter.acquire()
+            return True  # no await between acquire and this line, so a timeout cannot fall between
+        if left <= STOP_POLL_S:
+            return False
+    return False
+
+
+def _on_stop_signals(stop: Callable[[], None]) -> Callable[[], None]:
+    """Make SIGINT and SIGTERM call ``stop`` before the handler they had (uvicorn's, which begins its
+    graceful shutdown); returns what puts that handler back.
+
+    Why: uvicorn waits for requests in progress, then cancels them into plain-text 500s, and a
+    worker thread waiting for the daemon holds the process until its own timeout. ``stop`` makes
+    those waits end in time with a JSON 503. Signals can only be handled on the main thread, and
+    only a handler that is a function can be chained; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous: dict[int, Any] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if not callable(handler):
+            continue
+
+        def chained(number: int, frame: Any, handler: Callable[[int, Any], Any] = handler) -> None:
+            stop()
+            handler(number, frame)
+
+        previous[signum] = handler
+        signal.signal(signum, chained)
+
+    def restore() -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    return restore
 
 
 async def _on_thread(function: Callable[..., T], *args: Any, limiter: anyio.CapacityLimiter) -> T:
