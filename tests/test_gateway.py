@@ -611,6 +611,16 @@ def test_openapi_lists_the_answers_each_route_can_give() -> None:
     assert "HTTPValidationError" not in document.get("components", {}).get("schemas", {})
 
 
+def test_openapi_says_a_stored_payload_may_be_an_array_of_pairs() -> None:
+    """A map whose keys clash as strings is written as [key, value] pairs, payload included."""
+    from transport.gateway import create_app
+
+    document = create_app(parse_config({})).openapi()
+    payload = document["components"]["schemas"]["StoredEvent"]["properties"]["payload"]
+    assert {option["type"] for option in payload["anyOf"]} == {"object", "array"}
+    assert "[key, value]" in payload["description"]
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(240)
 def test_fuzzing_the_openapi_document_finds_no_server_error(gateway: Gateway) -> None:
