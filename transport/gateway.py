@@ -1037,7 +1037,18 @@ def _warn_unreachable(link: DaemonLink) -> None:
 
 async def _acquire(limiter: anyio.CapacityLimiter, deadline: float, link: DaemonLink) -> bool:
     """Take a token of ``limiter`` before ``deadline`` (time.monotonic); False, holding none, if none
-    came or the gateway is stopping (``link.stopping``, looked at every ``STOP_POLL_S``)."""
+    came or the gateway is stopping (``link.stopping``, looked at every ``STOP_POLL_S``).
+
+    A free token is taken at once, however little time is left: a timed acquire checkpoints
+    first, so with its deadline (nearly) past it would fail and blame busy holders that are not.
+    """
+    if link.stopping:
+        return False
+    try:
+        limiter.acquire_nowait()
+        return True
+    except anyio.WouldBlock:
+        pass
     while not link.stopping:
         left = deadline - time.monotonic()
         with anyio.move_on_after(max(0.0, min(left, STOP_POLL_S))):
