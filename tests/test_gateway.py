@@ -42,6 +42,7 @@ from transport.config import ConfigError, parse_config
 from transport.gateway import GatewayError, parse_events
 
 TIMEOUT_MS = 2000
+JSON_TYPE = {"content-type": "application/json"}
 
 
 def event(
@@ -111,6 +112,7 @@ def gateway_factory(daemon_factory: Callable[..., Daemon]) -> Iterator[Callable[
         daemon = daemon_factory(http=http, **overrides)
         if start_daemon:
             daemon.start()
+        port = int(http["bind"].rsplit(":", 1)[1])  # a test's own bind (0.0.0.0) serves loopback too
         gateway = Gateway(daemon, f"http://127.0.0.1:{port}")
         made.append(gateway)
         return gateway.start()
@@ -154,13 +156,13 @@ def test_bad_requests_get_a_4xx_with_a_clear_message(gateway_factory: Callable[.
     gateway = gateway_factory(http={"max_body_bytes": 2000, "max_events": 3})
     post = gateway.client.post
     cases = [
-        (post("/publish", content=b'{"events": [{'), 400, "not valid JSON"),
-        (post("/publish", content=b"[1, 2]"), 400, "not a JSON array"),
+        (post("/publish", content=b'{"events": [{', headers=JSON_TYPE), 400, "not valid JSON"),
+        (post("/publish", content=b"[1, 2]", headers=JSON_TYPE), 400, "not a JSON array"),
         (post("/publish", json={"events": {"topic": "t"}}), 400, "'events' must be an array"),
         (post("/publish", json={"events": [event(), 5]}), 400, "an event must be an object, not number"),
         (post("/publish", json=event(payload=[1])), 400, "payload must be an object, not array"),
         (post("/publish", json=event(payload={"n": 2**70})), 400, "integers must fit in 64 bits"),
-        (post("/publish", content=b"x" * 2001), 413, "[http] max_body_bytes"),
+        (post("/publish", content=b"x" * 2001, headers=JSON_TYPE), 413, "[http] max_body_bytes"),
         (post("/publish", json={"events": [event(event_id=str(i)) for i in range(4)]}), 413, "[http] max_events"),
         (gateway.client.get("/events", params={"limit": 0}), 400, "limit"),
         (gateway.client.get("/events", params={"after": "x"}), 400, "after"),
@@ -173,6 +175,37 @@ def test_bad_requests_get_a_4xx_with_a_clear_message(gateway_factory: Callable[.
         assert response.status_code == status, (response.request.url, response.text)
         assert words in response.json()["error"], response.text
     assert gateway.daemon.stats()["received"] == 0
+
+
+@pytest.mark.e2e
+def test_publish_takes_only_a_json_content_type(gateway: Gateway) -> None:
+    """What a web page of any origin can make a browser POST without a preflight is refused."""
+    body = json.dumps(event()).encode()
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        headers = {} if content_type is None else {"content-type": content_type}
+        response = gateway.client.post("/publish", content=body, headers=headers)
+        assert response.status_code == 415, (content_type, response.text)
+        assert "application/json" in response.json()["error"]
+    assert gateway.daemon.stats()["received"] == 0
+    reply = gateway.client.post("/publish", content=body, headers={"content-type": "Application/JSON; charset=utf-8"})
+    assert ok(reply)["added_to_queue"] == 1
+
+
+@pytest.mark.e2e
+def test_an_event_over_max_message_bytes_is_413_and_a_batch_of_smaller_ones_is_split(
+    gateway_factory: Callable[..., Gateway],
+) -> None:
+    """The daemon's socket drops a message over [ingest] max_message_bytes unseen: no retry could succeed."""
+    gateway = gateway_factory(ingest={"max_message_bytes": 4096})
+    big = event(event_id="big", payload={"text": "x" * 5000})
+    response = gateway.publish({"events": [event(), big]})
+    assert response.status_code == 413, response.text
+    assert "[ingest] max_message_bytes" in response.json()["error"]
+    assert response.json()["index"] == 1
+    assert gateway.daemon.stats()["received"] == 0
+    # Each well within a message, together over it: sent as several batches, all acknowledged.
+    batch = [event(event_id=f"m-{i}", payload={"text": "x" * 1500}) for i in range(5)]
+    assert ok(gateway.publish({"events": batch}))["added_to_queue"] == 5
 
 
 @pytest.mark.e2e
@@ -232,6 +265,36 @@ def test_events_hold_what_msgpack_stored_as_valid_lossless_json(gateway: Gateway
         "clash": [[1, "a"], ["1", "b"]],
         "ints": {"1": "a", "2": "b"},
     }
+
+
+def nested(depth: int) -> Any:
+    """A value ``depth`` levels of objects and arrays deep, alternately."""
+    value: Any = 1
+    for level in range(depth):
+        value = [value] if level % 2 else {"a": value}
+    return value
+
+
+@pytest.mark.e2e
+def test_a_deeply_nested_payload_is_listed_and_a_too_deep_body_is_400(gateway: Gateway) -> None:
+    """Nesting the gateway accepts, it also lists: one such event must not make GET /events fail."""
+    payload = nested(501)
+    ok(gateway.publish(event(topic="deep", payload=payload)))
+    ok(gateway.publish(event(topic="shallow", event_id="e-2")))
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(10_000)  # for the test's own json.loads, which recurses per level
+    try:
+        one = ok(gateway.client.get("/events", params={"topic": "deep"}))
+        every = ok(gateway.client.get("/events"))
+    finally:
+        sys.setrecursionlimit(limit)
+    assert one["events"][0]["payload"] == payload
+    assert [e["event_id"] for e in every["events"]] == ["e-1", "e-2"]
+    assert every["events"][0]["payload"] == payload
+    text = b"[" * 100_000 + b"]" * 100_000
+    too_deep = gateway.client.post("/publish", content=text, headers=JSON_TYPE)
+    assert too_deep.status_code == 400, too_deep.text
+    assert "too deeply" in too_deep.json()["error"]
 
 
 @pytest.mark.e2e
@@ -429,6 +492,18 @@ def test_busy_publishers_give_503_with_nothing_sent(gateway_factory: Callable[..
 
 
 @pytest.mark.e2e
+def test_a_budget_too_short_to_send_says_so(gateway_factory: Callable[..., Gateway]) -> None:
+    """With no time left to wait for an acknowledgement, the 503 blames the budget, not busy publishers."""
+    gateway = gateway_factory(http={"request_timeout_ms": 1})
+    response = gateway.publish(event())
+    assert response.status_code == 503, response.text
+    error = response.json()["error"]
+    assert "time budget ran out before sending" in error and "nothing was sent" in error
+    assert "busy" not in error and " 0.0 s" not in error
+    assert gateway.daemon.stats()["received"] == 0
+
+
+@pytest.mark.e2e
 def test_curve_when_the_config_says_so(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> None:
     folder, authorized = tmp_path / "keys", tmp_path / "authorized"
     for args in (("server", str(folder)), ("client", "gateway", str(folder), "--authorize", str(authorized))):
@@ -510,7 +585,7 @@ def test_openapi_lists_every_route(gateway: Gateway) -> None:
 
 # What each route can answer, from its code: the OpenAPI document must list exactly these.
 ANSWERS = {
-    ("post", "/publish"): {"200", "400", "413", "502", "503", "504"},
+    ("post", "/publish"): {"200", "400", "413", "415", "502", "503", "504"},
     ("get", "/events"): {"200", "400", "502", "503"},
     ("get", "/stats"): {"200", "502", "503"},
     ("get", "/topics"): {"200", "502", "503"},
@@ -534,6 +609,16 @@ def test_openapi_lists_the_answers_each_route_can_give() -> None:
     document = create_app(parse_config({})).openapi()
     assert documented_answers(document) == ANSWERS
     assert "HTTPValidationError" not in document.get("components", {}).get("schemas", {})
+
+
+def test_openapi_says_a_stored_payload_may_be_an_array_of_pairs() -> None:
+    """A map whose keys clash as strings is written as [key, value] pairs, payload included."""
+    from transport.gateway import create_app
+
+    document = create_app(parse_config({})).openapi()
+    payload = document["components"]["schemas"]["StoredEvent"]["properties"]["payload"]
+    assert {option["type"] for option in payload["anyOf"]} == {"object", "array"}
+    assert "[key, value]" in payload["description"]
 
 
 @pytest.mark.e2e
@@ -784,6 +869,36 @@ def test_sigint_or_sigterm_stops_the_gateway_with_exit_0(
 
 
 @pytest.mark.e2e
+def test_a_publish_in_progress_at_sigterm_gets_a_json_503_and_the_gateway_exits_soon(
+    gateway_factory: Callable[..., Gateway],
+) -> None:
+    """A publish waiting for a frozen daemon, with a long timeout: SIGTERM ends it with a JSON 503
+    within the grace period (not uvicorn's plain-text 500), and the process does not wait for it."""
+    gateway = gateway_factory(http={"request_timeout_ms": 30_000})
+    daemon = gateway.daemon
+    daemon.terminate()
+    daemon.start(env={**os.environ, "EVENTAGG_TEST_HOOKS": "1"})
+    frozen = daemon.request({"op": "debug_freeze", "actor": "dedup", "seconds": 12})
+    assert "error" not in frozen, frozen
+    answers: list[httpx.Response] = []
+    publishing = threading.Thread(target=lambda: answers.append(gateway.publish(event(event_id="stopped"))))
+    publishing.start()
+    time.sleep(1.0)  # the publish is sent and waits for its acknowledgement
+    assert gateway.proc is not None
+    stopped_at = time.monotonic()
+    gateway.proc.send_signal(signal.SIGTERM)
+    publishing.join(20)
+    answered = time.monotonic() - stopped_at
+    assert answers and answers[0].status_code == 503, answers and answers[0].text
+    assert answers[0].headers["content-type"] == "application/json"
+    assert "the gateway is stopping" in answers[0].json()["error"]
+    assert answered < 10.0
+    assert gateway.proc.wait(10) == 0, gateway.log()
+    assert time.monotonic() - stopped_at < 12.0
+    assert "Traceback" not in gateway.log()
+
+
+@pytest.mark.e2e
 def test_a_gateway_stopped_during_its_start_up_check_exits_at_once(gateway_factory: Callable[..., Gateway]) -> None:
     gateway = gateway_factory(start_daemon=False)  # no daemon: the check waits its full 10 s
     assert gateway.proc is not None
@@ -821,6 +936,20 @@ def test_a_host_that_does_not_resolve_stops_the_gateway_with_one_message(tmp_pat
     assert result.returncode == 1, result.stderr
     assert "gateway: cannot listen on [http] bind no-such-host.invalid:8080: the host does not resolve" in result.stderr
     assert "eventagg gateway on" not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.e2e
+def test_a_bind_beyond_loopback_needs_allow_insecure(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> None:
+    """The gateway has no authentication: like the daemon without CURVE, it stays on loopback unless told."""
+    config = write_config(tmp_path / "config.toml", {"http": {"bind": f"0.0.0.0:{free_port()}"}})
+    result = run_script("gateway.py", "--config", str(config), timeout=60)
+    assert result.returncode == 2, result.stderr
+    for words in ("[http] bind = 0.0.0.0:", "[security] allow_insecure = true", "no authentication", "proxy"):
+        assert words in result.stderr
+    assert "eventagg gateway on" not in result.stderr and "Traceback" not in result.stderr
+    gateway = gateway_factory(http={"bind": f"0.0.0.0:{free_port()}"}, security={"allow_insecure": True})
+    assert gateway.client.get("/openapi.json").status_code == 200
+    assert "beyond loopback WITHOUT authentication" in gateway.log()
 
 
 @pytest.mark.e2e

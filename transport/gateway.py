@@ -34,6 +34,8 @@ import logging
 import math
 import os
 import queue
+import signal
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -60,7 +62,7 @@ from transport.logs import setup_logging
 from transport.publisher import BatchRefused, BatchResult, DeliveryFailed, Publisher, PublisherError, PublishTimeout
 from transport.queries import MAX_CURSOR, QueryError, check_query_topic
 from transport.schema import InvalidEvent, check_fields, pack_payload, type_name
-from transport.security import SocketHook, curve_client_from_config
+from transport.security import InsecureBindError, SocketHook, curve_client_from_config, is_local_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +73,18 @@ T = TypeVar("T")
 DEFAULT_PAGE = 1000
 # Part of a publish's budget kept for the health probe that tells 503 from 504.
 MAX_PROBE_S = 1.0
-# A publish that got its publisher with less than this share of its timeout left is not sent.
+# A publish is sent only with at least this share of its timeout left for the acknowledgement,
+# beyond the probe's part: else it is refused with nothing sent (see DaemonLink.reserve_s).
 MIN_PUBLISH_SHARE = 0.25
+# What a batch message adds around its packed events (map header, "batch", its id, "events",
+# the array header), rounded up.
+BATCH_OVERHEAD_BYTES = 32
+# After SIGINT or SIGTERM, a request in progress answers 503 this long after the signal at most:
+# within the 10 s uvicorn then waits for it (GRACEFUL_SHUTDOWN_S in transport/commands/gateway.py)
+# before cancelling it into a plain-text 500.
+STOPPING_GRACE_S = 8.0
+# How often a wait for the daemon looks whether the gateway is stopping.
+STOP_POLL_S = 0.1
 QUERY_THREADS = 16  # queries to the daemon at once per gateway process (each holds a thread)
 
 
@@ -104,6 +116,10 @@ class DaemonLink:
 
     def __init__(self, config: Config) -> None:
         self.timeout = config.http.request_timeout_ms / 1000
+        # Of a publish's budget: the end kept for the probe that tells 503 from 504, and the least
+        # left at sending (probe included) for the daemon to have a fair chance to acknowledge.
+        self.probe_s = min(MAX_PROBE_S, self.timeout / 4)
+        self.reserve_s = self.probe_s + MIN_PUBLISH_SHARE * self.timeout
         self.ack_endpoint = connectable(config.ingest.ack_bind)
         self.query_endpoint = connectable(config.query.bind)
         self._secure: SocketHook | None = curve_client_from_config(config)
@@ -112,9 +128,28 @@ class DaemonLink:
         self._publishers: queue.SimpleQueue[Publisher] = queue.SimpleQueue()
         self._queries: queue.SimpleQueue[QueryClient] = queue.SimpleQueue()
         self._closed = False
+        # Set by stop(): the time.monotonic() by which requests in progress give up and answer 503.
+        self._stop_by: float | None = None
         # endpoint -> why the daemon refused this gateway's security there, from the start-up
         # check; dropped once the endpoint answers (its key authorized since, say).
         self._refused: dict[str, str] = {}
+
+    # -- stopping
+
+    def stop(self, grace: float = STOPPING_GRACE_S) -> None:
+        """The gateway is stopping: waits for the daemon end ``grace`` seconds from now at most, with
+        :func:`stopping` (503); requests not yet sent are not sent. Safe to call from a signal handler."""
+        if self._stop_by is None:
+            self._stop_by = time.monotonic() + grace
+
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` was called."""
+        return self._stop_by is not None
+
+    def stop_due(self) -> bool:
+        """Whether requests in progress must give up now, the gateway stopping."""
+        return self._stop_by is not None and time.monotonic() >= self._stop_by
 
     # -- queries
 
@@ -122,6 +157,10 @@ class DaemonLink:
         """One query's reply map (which may hold ``error``); :class:`GatewayError` 503 if no answer came
         within ``timeout`` seconds (by default the whole ``request_timeout_ms``)."""
         wait = self.timeout if timeout is None else timeout
+        if self._stop_by is not None:
+            if self.stop_due():
+                raise stopping(sent=False)
+            wait = min(wait, self._stop_by - time.monotonic())
         if wait <= 0:
             raise GatewayError(
                 503, f"no time was left to ask the daemon within {self.timeout:g} s ([http] request_timeout_ms)"
@@ -152,17 +191,23 @@ class DaemonLink:
     def publish(self, events: list[dict[str, Any]], deadline: float) -> PublishOutcome:
         """Send checked events and wait for their acknowledgement until ``deadline`` (time.monotonic).
 
-        Raises :class:`GatewayError`: 503 (daemon away), 504 (daemon up, no acknowledgement in
-        time), 502 (the daemon refused the batch).
+        Raises :class:`GatewayError`: 503 (daemon away, or less than ``reserve_s`` left before
+        sending: nothing sent), 504 (daemon up, no acknowledgement in time), 502 (the daemon
+        refused the batch).
         """
+        if self.stopping:
+            raise stopping(sent=False)
+        left = deadline - time.monotonic()
+        if left < self.reserve_s:  # the worker thread came late: no fair chance, so do not send
+            raise out_of_time(left, self)
         publisher = self._take_publisher()
-        probe_s = min(MAX_PROBE_S, self.timeout / 4)
+        probe_s = self.probe_s
         sent_at = time.monotonic()
         ok = False
         try:
             publisher.results.clear()
             publisher.publish_many(events, timeout=max(0.001, deadline - probe_s - time.monotonic()))
-            publisher.flush(max(0.001, deadline - probe_s - time.monotonic()))
+            self._flush(publisher, deadline - probe_s)
             results = sorted(publisher.results, key=lambda result: result.batch_id)
             ok = True
         except (PublishTimeout, DeliveryFailed):
@@ -180,6 +225,19 @@ class DaemonLink:
             else:
                 publisher.close(flush=False)
         return _add_up(results, len(events))
+
+    def _flush(self, publisher: Publisher, until: float) -> None:
+        """Wait for every acknowledgement until ``until`` (time.monotonic), in slices of
+        ``STOP_POLL_S`` so that a stopping gateway answers in time: :func:`stopping` (503) then."""
+        while True:
+            try:
+                publisher.flush(max(0.001, min(until, time.monotonic() + STOP_POLL_S) - time.monotonic()))
+                return
+            except PublishTimeout:
+                if self.stop_due():
+                    raise stopping(sent=True) from None
+                if time.monotonic() >= until:
+                    raise
 
     def _take_publisher(self) -> Publisher:
         try:
@@ -220,12 +278,12 @@ class DaemonLink:
                 return GatewayError(503, f"{refusal}; publishing again once it does is safe")
             return GatewayError(
                 503,
-                f"the daemon is not answering: no acknowledgement from {self.ack_endpoint} in {waited:.1f} s "
+                f"the daemon is not answering: no acknowledgement from {self.ack_endpoint} in {waited:.3g} s "
                 f"and no answer from {self.query_endpoint}; is it running? Publishing again later is safe",
             )
         return GatewayError(
             504,
-            f"the daemon answers queries but did not acknowledge the events within {waited:.1f} s of their "
+            f"the daemon answers queries but did not acknowledge the events within {waited:.3g} s of their "
             f"sending (overloaded?); they may or may not be stored: publishing them again is safe, duplicates "
             f"are dropped",
         )
@@ -292,6 +350,27 @@ class DaemonLink:
                     item.close()
 
 
+def stopping(sent: bool) -> GatewayError:
+    """503 for a request that the gateway's stopping ended; ``sent``: its events were sent."""
+    if sent:
+        return GatewayError(
+            503,
+            "the gateway is stopping; the events were sent but not acknowledged in time: they may or may not "
+            "be stored, publishing them again to a running gateway is safe",
+        )
+    return GatewayError(503, "the gateway is stopping; nothing was sent or asked: try again on a running gateway")
+
+
+def out_of_time(left: float, link: DaemonLink) -> GatewayError:
+    """503 for a publish with ``left`` seconds of its budget, less than ``link.reserve_s``: not sent."""
+    return GatewayError(
+        503,
+        f"the request's time budget ran out before sending: {max(0.0, left):.3g} s of its {link.timeout:g} s "
+        f"([http] request_timeout_ms) were left, less than the {link.reserve_s:.3g} s kept for the daemon to "
+        "acknowledge; nothing was sent: publishing again is safe",
+    )
+
+
 def _add_up(results: list[BatchResult], received: int) -> PublishOutcome:
     new = duplicates = 0
     conflicting: list[int] = []
@@ -313,11 +392,18 @@ def _add_up(results: list[BatchResult], received: int) -> PublishOutcome:
 _decoder = msgspec.json.Decoder()
 
 
-def parse_events(body: bytes, max_events: int, max_payload_bytes: int) -> list[dict[str, Any]]:
+def parse_events(
+    body: bytes, max_events: int, max_payload_bytes: int, max_message_bytes: int | None = None
+) -> list[dict[str, Any]]:
     """The events of a ``POST /publish`` body, each checked by the daemon's rules; :class:`GatewayError` if not.
 
     The body is one event object or ``{"events": [event, ...]}``. Only the schema's fields are
     kept: the daemon ignores any others, and dropping them here keeps what is sent small.
+
+    ``max_message_bytes`` (``[ingest] max_message_bytes``; no check when None): an event that
+    would not fit in a batch message of that size gets 413. The daemon's socket drops such a
+    message without a word, so it could never be acknowledged. Several events need no check of
+    their own: the publisher closes a batch at half that size, and an event alone fits.
     """
     document = _decode_json(body)
     if isinstance(document, dict) and "events" in document and "topic" not in document:
@@ -343,8 +429,17 @@ def parse_events(body: bytes, max_events: int, max_payload_bytes: int) -> list[d
             clean: dict[str, Any] = {"topic": topic, "event_id": event_id, "timestamp": timestamp, "source": source}
             if payload is not None:
                 clean["payload"] = payload
-            if len(packer.pack(clean)) > max_payload_bytes:
+            size = len(packer.pack(clean))
+            if size > max_payload_bytes:
                 _check_payload_size(payload, max_payload_bytes)
+            if max_message_bytes is not None and size + BATCH_OVERHEAD_BYTES > max_message_bytes:
+                raise GatewayError(
+                    413,
+                    f"the event is {size} bytes as msgpack, too big for a message to the daemon of at most "
+                    f"{max_message_bytes} bytes ([ingest] max_message_bytes, with {BATCH_OVERHEAD_BYTES} bytes "
+                    "of batch envelope); nothing was sent: make it smaller, publishing it again cannot succeed",
+                    index=index,
+                )
         except InvalidEvent as exc:
             raise GatewayError(400, str(exc), index=index) from None
         except (TypeError, ValueError, OverflowError) as exc:
@@ -361,6 +456,12 @@ def _decode_json(body: bytes) -> Any:
         return _decoder.decode(body)
     except msgspec.DecodeError as exc:
         reason = str(exc)
+    except RecursionError:  # msgspec's decoder recurses per level of nesting
+        raise GatewayError(
+            400,
+            "the body nests arrays and objects too deeply for the gateway to read (hundreds of levels); "
+            "an event's payload may nest a few hundred levels at most, as msgpack stores it",
+        ) from None
     if _has_lone_surrogate(body):  # msgspec's own words for it ("Input data was truncated") mislead
         reason = (
             "a string holds a \\u escape of a lone UTF-16 surrogate (\\uD800-\\uDFFF without its pair), "
@@ -450,18 +551,40 @@ def _jsonable(value: Any) -> Any:
     types ``{"ext_type", "data"}`` (base64). Map keys become strings (a non-string key as its
     JSON text), unless two would then be the same (``1`` and ``"1"``): such a map becomes an
     array of ``[key, value]`` pairs, since an object with a repeated key is not valid JSON.
+
+    Works through a stack of (item, container, slot) rather than by recursion: each container
+    is made with its slots empty, and its items are converted into them as they come off the
+    stack. A stored payload may nest as deep as msgpack allows (about a thousand levels), past
+    Python's recursion limit.
     """
+    root: list[Any] = [None]
+    stack: list[tuple[Any, Any, Any]] = [(value, root, 0)]
+    while stack:
+        item, container, slot = stack.pop()
+        container[slot] = _jsonable_shell(item, stack)
+    return root[0]
+
+
+def _jsonable_shell(value: Any, stack: list[tuple[Any, Any, Any]]) -> Any:
+    """The JSON form of ``value`` alone; for a container, one with empty slots, whose items are
+    pushed on ``stack`` to be converted into them."""
     if isinstance(value, dict):
-        if all(isinstance(key, str) for key in value):
-            return {key: _jsonable(item) for key, item in value.items()}
-        keys = [_key(key) for key in value]
+        keys = list(value) if all(isinstance(key, str) for key in value) else [_key(key) for key in value]
         if len(set(keys)) == len(keys):
-            return {key: _jsonable(item) for key, item in zip(keys, value.values(), strict=True)}
-        return [[_jsonable(key), _jsonable(item)] for key, item in value.items()]
+            shell: dict[str, Any] = dict.fromkeys(keys)
+            stack.extend((item, shell, key) for key, item in zip(keys, value.values(), strict=True))
+            return shell
+        pairs = [[None, None] for _ in value]
+        for pair, (key, item) in zip(pairs, value.items(), strict=True):
+            stack.append((key, pair, 0))
+            stack.append((item, pair, 1))
+        return pairs
     if isinstance(value, msgpack.ExtType):  # before tuple: an ExtType is a named tuple
         return {"ext_type": value.code, "data": base64.b64encode(value.data).decode()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
+        items: list[Any] = [None] * len(value)
+        stack.extend((item, items, index) for index, item in enumerate(value))
+        return items
     if isinstance(value, (bytes, bytearray, memoryview)):
         return base64.b64encode(bytes(value)).decode()
     if isinstance(value, float) and not math.isfinite(value):
@@ -471,20 +594,54 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _encode_deep(document: Any) -> bytes:
+    """The JSON text of a document already made JSON-safe by :func:`_jsonable`, however deep.
+
+    msgspec's encoder recurses and gives up near Python's recursion limit, so this writes
+    containers through a stack: text to write as is (bytes) and values still to write. Only
+    scalars and keys go to msgspec.
+    """
+    parts: list[bytes] = []
+    stack: list[Any] = [document]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, bytes):  # never a value: _jsonable made every bytes value a string
+            parts.append(item)
+        elif isinstance(item, dict):
+            parts.append(b"{")
+            stack.append(b"}")
+            entries = list(item.items())
+            for index in range(len(entries) - 1, -1, -1):
+                key, value = entries[index]
+                stack.append(value)
+                stack.append((b"," if index else b"") + msgspec.json.encode(key) + b":")
+        elif isinstance(item, list):
+            parts.append(b"[")
+            stack.append(b"]")
+            for index in range(len(item) - 1, -1, -1):
+                stack.append(item[index])
+                if index:
+                    stack.append(b",")
+        else:
+            parts.append(msgspec.json.encode(item))
+    return b"".join(parts)
+
+
 def _key(key: Any) -> str:
     if isinstance(key, str):
         return key
     if isinstance(key, (bytes, bytearray)):
         return base64.b64encode(bytes(key)).decode()
-    return msgspec.json.encode(_jsonable(key)).decode()
+    return _encode_deep(_jsonable(key)).decode()
 
 
 def json_response(document: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
     """A JSON response made with msgspec (fast, and it writes bytes as base64); anything odd is cleaned first."""
     try:
         content = msgspec.json.encode(document, enc_hook=_enc_hook)
-    except (TypeError, ValueError, NotImplementedError, msgspec.EncodeError):
-        content = msgspec.json.encode(_jsonable(document), enc_hook=_enc_hook)
+    except (TypeError, ValueError, NotImplementedError, msgspec.EncodeError, RecursionError):
+        # RecursionError: a stored payload nested deeper than msgspec's encoder goes.
+        content = _encode_deep(_jsonable(document))
     return Response(content, status_code=status, media_type="application/json", headers=headers)
 
 
@@ -517,7 +674,10 @@ class StoredEvent(BaseModel):
     event_id: str
     timestamp: str
     source: str
-    payload: dict[str, Any]
+    payload: dict[str, Any] | list[list[Any]] = Field(
+        description="The payload as an object; as an array of [key, value] pairs when its map has keys "
+        'that are the same as strings (1 and "1"), which only msgpack publishers can store.'
+    )
     seq: int
     late: bool
 
@@ -598,8 +758,46 @@ def app_from_environment() -> FastAPI:
     return create_app(config)
 
 
+def check_bind(config: Config) -> None:
+    """Refuse an ``[http] bind`` beyond loopback unless ``[security] allow_insecure`` accepts the risk.
+
+    The daemon's rule for its own endpoints (:class:`transport.security.ServerSecurity`), and more
+    so here: the gateway has no authentication, CURVE or not, so whoever reaches its port can
+    publish and read events. Raises :class:`transport.security.InsecureBindError`; logs a warning
+    when ``allow_insecure`` lets such a bind through.
+    """
+    http = config.http
+    host = f"[{http.host}]" if ":" in http.host else http.host
+    if is_local_endpoint(f"tcp://{host}:{http.port}"):
+        return
+    try:
+        found = socket.getaddrinfo(http.host, http.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return  # listening fails on it anyway, with a message that says why
+    # A host name is as local as every address it stands for.
+    if all(is_local_endpoint(f"tcp://[{address[4][0]}]:{http.port}") for address in found):
+        return
+    if not config.security.allow_insecure:
+        raise InsecureBindError(
+            f"refusing to listen beyond loopback ([http] bind = {http.bind}): the gateway has no "
+            "authentication and no TLS, so anyone who can reach that port could publish and read events. "
+            "Bind it to 127.0.0.1 and put a reverse proxy with authentication and TLS in front of it, or "
+            "set [security] allow_insecure = true to accept the risk"
+        )
+    log.warning(
+        "the gateway listens beyond loopback WITHOUT authentication ([http] bind = %s, [security] "
+        "allow_insecure = true): anyone who can reach it can publish and read events",
+        http.bind,
+    )
+
+
 def create_app(config: Config) -> FastAPI:
-    """The gateway's FastAPI application for the daemon that ``config`` describes."""
+    """The gateway's FastAPI application for the daemon that ``config`` describes.
+
+    Raises :class:`transport.security.InsecureBindError` for an ``[http] bind`` beyond loopback
+    that ``[security] allow_insecure`` does not allow (see :func:`check_bind`).
+    """
+    check_bind(config)
     http = config.http
     link = DaemonLink(config)
     started = time.monotonic()
@@ -619,8 +817,12 @@ def create_app(config: Config) -> FastAPI:
         )
         # In the background: the gateway serves at once, and a daemon started later is fine.
         threading.Thread(target=_warn_unreachable, args=(link,), name="handshake-check", daemon=True).start()
-        yield
-        link.close()
+        restore = _on_stop_signals(link.stop)
+        try:
+            yield
+        finally:
+            restore()
+            link.close()
 
     app = FastAPI(
         title="eventagg HTTP gateway",
@@ -651,7 +853,9 @@ def create_app(config: Config) -> FastAPI:
     async def ask(request: dict[str, Any]) -> dict[str, Any]:
         """One query within ``request_timeout_ms`` in all, the wait for a free query slot included."""
         deadline = time.monotonic() + link.timeout
-        if not await _acquire(query_slots, deadline):
+        if not await _acquire(query_slots, deadline, link):
+            if link.stopping:
+                raise stopping(sent=False)
             raise GatewayError(
                 503,
                 f"no answer within {link.timeout:g} s ([http] request_timeout_ms): all {QUERY_THREADS} of the "
@@ -684,15 +888,22 @@ def create_app(config: Config) -> FastAPI:
         summary="Publish one event or a batch; answers after the daemon committed them",
         responses={
             400: {"model": Error, "description": "Invalid JSON or an invalid event (index names it); nothing sent."},
-            413: {"model": Error, "description": "Body or event count over the limit."},
+            413: {
+                "model": Error,
+                "description": "Body or event count over the limit, or an event too big for a message to the "
+                "daemon ([ingest] max_message_bytes); nothing sent.",
+            },
+            415: {"model": Error, "description": "The body is not sent as Content-Type: application/json."},
             **_PUBLISH_ERRORS,
         },
         openapi_extra={"requestBody": _PUBLISH_BODY},
     )
     async def publish(request: Request) -> Response:
         deadline = time.monotonic() + link.timeout
+        _check_content_type(request.headers.get("content-type"))
         body = await _read_body(request, http.max_body_bytes)
-        events = parse_events(body, http.max_events, config.ingest.max_payload_bytes)
+        ingest = config.ingest
+        events = parse_events(body, http.max_events, ingest.max_payload_bytes, ingest.max_message_bytes)
         if not events:
             outcome = PublishOutcome(0, 0, 0, [], [])
         else:
@@ -709,23 +920,28 @@ def create_app(config: Config) -> FastAPI:
         )
 
     async def _publish(events: list[dict[str, Any]], deadline: float) -> PublishOutcome:
-        if not await _acquire(publish_slots, deadline):
-            raise busy(deadline)
+        # Events sent so late that the daemon could hardly acknowledge them in the time left are
+        # not sent: an honest 503 with nothing sent beats a 504 for events barely sent. So a
+        # publisher is waited for only until reserve_s before the deadline.
+        left = deadline - time.monotonic()
+        if left < link.reserve_s:
+            raise out_of_time(left, link)
+        asked = time.monotonic()
+        if not await _acquire(publish_slots, deadline - link.reserve_s, link):
+            if link.stopping:
+                raise stopping(sent=False)
+            raise busy(time.monotonic() - asked)
         try:
-            # A publisher freed so late that the daemon could hardly acknowledge in the time left
-            # is not used: an honest 503 with nothing sent beats a 504 for events barely sent.
-            if deadline - time.monotonic() < MIN_PUBLISH_SHARE * link.timeout:
-                raise busy(deadline)
             return await _on_thread(link.publish, events, deadline, limiter=publish_threads)
         finally:
             publish_slots.release()
 
-    def busy(deadline: float) -> GatewayError:
-        waited = time.monotonic() - (deadline - link.timeout)
+    def busy(waited: float) -> GatewayError:
         return GatewayError(
             503,
-            f"all {http.publishers} publishers were busy for {waited:.1f} s of the request's {link.timeout:g} s "
-            "([http] publishers, request_timeout_ms); nothing was sent: publishing again is safe",
+            f"all {http.publishers} publishers were busy for {waited:.3g} s, until less than the "
+            f"{link.reserve_s:.3g} s kept for the daemon to acknowledge was left of the request's "
+            f"{link.timeout:g} s ([http] publishers, request_timeout_ms); nothing was sent: publishing again is safe",
         )
 
     @app.get(
@@ -819,17 +1035,78 @@ def _warn_unreachable(link: DaemonLink) -> None:
         log.warning("cannot reach the daemon: %s", problem)
 
 
-async def _acquire(limiter: anyio.CapacityLimiter, deadline: float) -> bool:
-    """Take a token of ``limiter`` before ``deadline`` (time.monotonic); False, holding none, if none came."""
-    acquired = False
-    with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
-        await limiter.acquire()
-        acquired = True  # no await between these two lines, so a timeout cannot fall between them
-    return acquired
+async def _acquire(limiter: anyio.CapacityLimiter, deadline: float, link: DaemonLink) -> bool:
+    """Take a token of ``limiter`` before ``deadline`` (time.monotonic); False, holding none, if none
+    came or the gateway is stopping (``link.stopping``, looked at every ``STOP_POLL_S``).
+
+    A free token is taken at once, however little time is left: a timed acquire checkpoints
+    first, so with its deadline (nearly) past it would fail and blame busy holders that are not.
+    """
+    if link.stopping:
+        return False
+    try:
+        limiter.acquire_nowait()
+        return True
+    except anyio.WouldBlock:
+        pass
+    while not link.stopping:
+        left = deadline - time.monotonic()
+        with anyio.move_on_after(max(0.0, min(left, STOP_POLL_S))):
+            await limiter.acquire()
+            return True  # no await between acquire and this line, so a timeout cannot fall between
+        if left <= STOP_POLL_S:
+            return False
+    return False
+
+
+def _on_stop_signals(stop: Callable[[], None]) -> Callable[[], None]:
+    """Make SIGINT and SIGTERM call ``stop`` before the handler they had (uvicorn's, which begins its
+    graceful shutdown); returns what puts that handler back.
+
+    Why: uvicorn waits for requests in progress, then cancels them into plain-text 500s, and a
+    worker thread waiting for the daemon holds the process until its own timeout. ``stop`` makes
+    those waits end in time with a JSON 503. Signals can only be handled on the main thread, and
+    only a handler that is a function can be chained; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous: dict[int, Any] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if not callable(handler):
+            continue
+
+        def chained(number: int, frame: Any, handler: Callable[[int, Any], Any] = handler) -> None:
+            stop()
+            handler(number, frame)
+
+        previous[signum] = handler
+        signal.signal(signum, chained)
+
+    def restore() -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    return restore
 
 
 async def _on_thread(function: Callable[..., T], *args: Any, limiter: anyio.CapacityLimiter) -> T:
     return await anyio.to_thread.run_sync(function, *args, limiter=limiter)
+
+
+def _check_content_type(value: str | None) -> None:
+    """Refuse with 415 a ``POST /publish`` body not declared ``application/json`` (parameters such as
+    ``charset=utf-8`` aside).
+
+    Why: a web page on any origin can make a browser send a text/plain or form POST without asking
+    first (no CORS preflight), so a gateway taking those would let any page a user opens publish
+    through a gateway on that user's loopback. A JSON POST from another origin needs a preflight,
+    which the gateway does not answer.
+    """
+    media_type = (value or "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        given = f"Content-Type {value}" if value else "no Content-Type"
+        raise GatewayError(415, f"the body must be sent as Content-Type: application/json, not with {given}")
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -3,8 +3,10 @@
 It reads the daemon's config file: ``[http]`` for where to listen and its limits, ``[ingest]
 ack_bind`` and ``[query] bind`` for where the daemon is, ``[security]`` for CURVE, ``[log]``
 for how much to say. Needs the ``gateway`` extra (``pip install 'eventagg[gateway]'``).
-SIGINT or SIGTERM stop it: requests in progress finish, then it exits 0. It exits 1 when it cannot
-listen on ``[http] bind``, 2 for a bad config. See docs/gateway.md.
+SIGINT or SIGTERM stop it: requests in progress finish, or answer 503 once
+``transport.gateway.STOPPING_GRACE_S`` passed, then it exits 0. It exits 1 when it cannot
+listen on ``[http] bind``, 2 for a bad config (a ``bind`` beyond loopback without ``[security]
+allow_insecure`` among them). See docs/gateway.md.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from transport.config import ConfigError, load_config
 from transport.logs import setup_logging
 from transport.security import SecurityError
 
-# Requests in progress get this long to finish at shutdown; a publish waits at most its timeout.
+# Requests in progress get this long to finish at shutdown before uvicorn cancels them; the
+# gateway's own waits end sooner (transport.gateway.STOPPING_GRACE_S) with a JSON 503.
 GRACEFUL_SHUTDOWN_S = 10
 
 
