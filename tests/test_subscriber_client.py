@@ -8,28 +8,16 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 from harness import Daemon, publish
+from test_subscribe import take
 
 from transport.subscriber import Subscriber, SubscriberError
 
 pytestmark = pytest.mark.e2e
 
 FAST = {"subscribe": {"heartbeat_ms": 200, "timeout_ms": 2000}}
-
-
-def take(subscriber: Subscriber, count: int, timeout: float) -> list[dict[str, Any]]:
-    """``count`` events, failing when they do not all come within ``timeout`` seconds."""
-    got: list[dict[str, Any]] = []
-    deadline = time.monotonic() + timeout
-    while len(got) < count:
-        assert time.monotonic() < deadline, f"only {len(got)} of {count} events within {timeout} s"
-        event = subscriber.next_event(1.0)
-        if event is not None:
-            got.append(event)
-    return got
 
 
 def positions(daemon: Daemon) -> dict[str, int]:
