@@ -718,7 +718,6 @@ def test_parse_events_keeps_only_the_schema_fields() -> None:
     [
         (b'{"events": [1]}', "an event must be an object, not number"),
         (b'{"events": [null]}', "an event must be an object, not null"),
-        (EVENT_JSON % b', "payload": null', "payload must be an object, not null"),
         (EVENT_JSON % b', "payload": "x"', "payload must be an object, not string"),
         (EVENT_JSON.replace(b'"s"', b"true") % b"", "source must be a string, not boolean"),
         (EVENT_JSON.replace(b'"t"', b"[]") % b"", "topic must be a string, not array"),

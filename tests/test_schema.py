@@ -153,7 +153,7 @@ def test_payload_holds_any_msgpack_values() -> None:
     assert msgpack.unpackb(result.payload, strict_map_key=False) == payload
 
 
-@pytest.mark.parametrize("payload", [[1, 2], "text", 3, None])
+@pytest.mark.parametrize("payload", [[1, 2], "text", 3])
 def test_payload_must_be_a_map(payload: Any) -> None:
     with pytest.raises(InvalidEvent, match="payload must be a map"):
         validate_event(event(payload=payload))

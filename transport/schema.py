@@ -233,7 +233,7 @@ def check_fields(obj: Any) -> tuple[str, str, str, int, str, Any]:
         raise InvalidEvent(f"source must be at most {MAX_NAME_CHARS} characters, not {len(source)}")
     timestamp, ts_ns = parse_timestamp(raw_timestamp)
     payload = obj.get("payload", _NO_PAYLOAD)
-    if payload is _NO_PAYLOAD:
+    if payload is _NO_PAYLOAD or payload is None:  # nil is what many encoders send for an unset map
         payload = None
     elif not isinstance(payload, dict):
         raise InvalidEvent(f"payload must be a map, not {type_name(payload)}")
