@@ -90,10 +90,23 @@ class QueryClient:
             raise QueryClientError(f"{self.endpoint} answered: {reply['error']}")
         return reply
 
-    def iter_events(self, topic: str | None = None, after: int = 0, page: int = 1000) -> Iterator[dict[str, Any]]:
-        """Every stored event after ``after``, paging with the cursor until an empty page."""
+    def iter_events(
+        self,
+        topic: str | None = None,
+        after: int = 0,
+        page: int = 1000,
+        on_expired: Callable[[int, int], None] | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Every stored event after ``after``, paging with the cursor until an empty page.
+
+        ``on_expired(after, first)`` is called when a page's ``first`` still stored is past its
+        cursor: retention deleted what was asked for, and the events go on from ``first``.
+        """
         while True:
             reply = self.call({"op": "events", "topic": topic, "after": after, "limit": page})
+            first = reply.get("first")
+            if on_expired is not None and isinstance(first, int) and first > after + 1:
+                on_expired(after, first)
             events = reply["events"]
             if not events:
                 return

@@ -54,19 +54,10 @@ def at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     return whole_number
 
 
-def stored_events(client: QueryClient, topic: str | None, after: int, page: int) -> Iterator[dict[str, Any]]:
-    """Every stored event after ``after``, paging with the cursor; on stderr, a note whenever
-    retention deleted what was asked for (a page's ``first`` still stored is past the cursor),
-    as ``--follow`` says it, so an empty or shorter output is not mistaken for no events."""
-    while True:
-        reply = client.call({"op": "events", "topic": topic, "after": after, "limit": page})
-        first = reply.get("first")
-        if isinstance(first, int) and first > after + 1:
-            print(f"events: events after {after} are no longer stored; continuing from {first}", file=sys.stderr)
-        if not reply["events"]:
-            return
-        yield from reply["events"]
-        after = reply["next"]
+def note_expired(after: int, first: int) -> None:
+    """On stderr, as ``--follow`` says it, that retention deleted what was asked for, so an empty
+    or shorter output is not mistaken for no events."""
+    print(f"events: events after {after} are no longer stored; continuing from {first}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -126,7 +117,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                     contextlib.closing(follow(where, args.topic, after=args.after, name=args.name, configure=secure))
                 )
             else:
-                events = stored_events(client, args.topic, args.after or 0, page)
+                events = client.iter_events(args.topic, args.after or 0, page, on_expired=note_expired)
             for event in events:
                 print(to_json_line(event))  # lossless for bytes, non-string keys, NaN, any depth
                 printed += 1
