@@ -784,14 +784,10 @@ class SubscriptionServer:
         been sent before. Cut short at a hole, the rows are not all that follows the cursor.
         """
         first = rows[0][0]
-        if sub.topic is not None:
+        if sub.topics is None:  # one topic, or every topic: rows[k][0] is in the cursor's own terms
             if first > sub.cursor + 1 and not self._expired(sub, first):
                 return [], False
-            return rows, complete
-        if sub.topics is None:
-            if first > sub.cursor + 1 and not self._expired(sub, first):
-                return [], False
-            if rows[-1][0] - first == len(rows) - 1:
+            if sub.topic is not None or rows[-1][0] - first == len(rows) - 1:
                 return rows, complete
             for index in range(1, len(rows)):
                 if rows[index][0] != rows[index - 1][0] + 1:
