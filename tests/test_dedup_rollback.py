@@ -18,6 +18,19 @@ from transport.config import RetentionConfig
 pytestmark = pytest.mark.timeout(60)
 
 
+def settings(context: zmq.Context[Any]) -> dict[str, Any]:
+    """The dedup actor settings both tests start one with."""
+    return {
+        "synchronous": "NORMAL",
+        "commit_max_events": 5000,
+        "commit_max_ms": 50,
+        "lookup_group": 1,
+        "in_flight": InFlight(1000),
+        "live": LiveFigures(),
+        "zmq_context": context,
+    }
+
+
 def overflow(store: EventStore, *args: Any) -> int:
     raise OverflowError("Python int too large to convert to SQLite INTEGER")
 
@@ -25,16 +38,7 @@ def overflow(store: EventStore, *args: Any) -> int:
 def test_an_expiry_chunk_failing_with_any_exception_leaves_no_transaction_open(tmp_path: Path) -> None:
     context: zmq.Context[Any] = zmq.Context()
     # The actor's object on this thread: its store is the real one, opened by on_start.
-    actor = DedupActor(
-        tmp_path / "events.db",
-        synchronous="NORMAL",
-        commit_max_events=5000,
-        commit_max_ms=50,
-        lookup_group=1,
-        in_flight=InFlight(1000),
-        live=LiveFigures(),
-        zmq_context=context,
-    )
+    actor = DedupActor(tmp_path / "events.db", **settings(context))
     actor.on_start()
     try:
         with pytest.raises(OverflowError):
@@ -58,13 +62,7 @@ def test_a_dedup_actor_that_could_not_start_answers_ping_with_the_reason_and_no_
     holder.acquire()  # another daemon has this database
     ref = DedupActor.start(
         tmp_path / "events.db",
-        synchronous="NORMAL",
-        commit_max_events=5000,
-        commit_max_ms=50,
-        lookup_group=1,
-        in_flight=InFlight(1000),
-        live=LiveFigures(),
-        zmq_context=context,
+        **settings(context),
         retention=RetentionConfig(max_age="1h", sweep_interval="1s"),
     )
     try:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 
 import pytest
-from harness import SCRIPTS, Daemon, default_sigint, eventually, publish, run_script
+from harness import Daemon, default_sigint, eventually, publish, run_script
+from test_subscribe import follow_command
 
 from transport.subscriber import Subscriber
 
@@ -19,16 +19,7 @@ pytestmark = pytest.mark.e2e
 def follow(daemon: Daemon, *args: str) -> subprocess.Popen[str]:
     """scripts/events.py --follow in a process of its own; its output read when it ends."""
     return subprocess.Popen(
-        [
-            sys.executable,
-            str(SCRIPTS / "events.py"),
-            *args,
-            "--follow",
-            "--endpoint",
-            daemon.query,
-            "--subscribe-endpoint",
-            daemon.subscribe,
-        ],
+        follow_command(daemon, *args),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

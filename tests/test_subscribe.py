@@ -34,6 +34,20 @@ pytestmark = pytest.mark.e2e  # every test but the settings check starts a daemo
 FAST = {"subscribe": {"heartbeat_ms": 200, "timeout_ms": 2000}}
 
 
+def follow_command(daemon: Daemon, *args: str) -> list[str]:
+    """scripts/events.py --follow against ``daemon``, with ``args`` before the flags."""
+    return [
+        sys.executable,
+        str(SCRIPTS / "events.py"),
+        *args,
+        "--follow",
+        "--endpoint",
+        daemon.query,
+        "--subscribe-endpoint",
+        daemon.subscribe,
+    ]
+
+
 class Follower:
     """scripts/events.py --follow in a process of its own, its JSON Lines in a file."""
 
@@ -41,16 +55,7 @@ class Follower:
         self.path = path
         self._out = path.open("wb")
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                str(SCRIPTS / "events.py"),
-                *args,
-                "--follow",
-                "--endpoint",
-                daemon.query,
-                "--subscribe-endpoint",
-                daemon.subscribe,
-            ],
+            follow_command(daemon, *args),
             stdout=self._out,
             stderr=subprocess.PIPE,
             env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # SIGABRT prints every thread's stack
