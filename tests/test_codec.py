@@ -82,3 +82,17 @@ def test_a_nil_payload_is_taken_as_none_and_stored_as_an_empty_map() -> None:
     assert batch.rejected == [(1, "payload must be a map, not list")]
     batch_id, acked = decode_ack_request(msgpack.packb({"batch": 1, "events": [{**GOOD, "payload": None}]}))
     assert batch_id == 1 and [e.payload for e in acked.events] == [msgpack.packb({})]
+
+
+@pytest.mark.parametrize("key", [[1, 2], {"a": 1}])
+def test_an_event_whose_payload_has_an_array_or_map_key_is_refused_alone(key: object) -> None:
+    bad_payload = b"\x81" + msgpack.packb(key) + b"\x01"
+    head = msgpack.packb({**GOOD, "event_id": "bad"})
+    bad = b"\x85" + head[1:] + msgpack.packb("payload") + bad_payload
+    frame = b"\x93" + msgpack.packb(GOOD) + bad + msgpack.packb({**GOOD, "event_id": "2"})
+    batch = decode_frame(frame)
+    assert [e.event_id for e in batch.events] == ["1", "2"]
+    [(index, reason)] = batch.rejected
+    assert index == 1 and "key is an array or a map" in reason
+    batch_id, acked = decode_ack_request(b"\x82" + msgpack.packb("batch") + b"\x07" + msgpack.packb("events") + frame)
+    assert batch_id == 7 and [e.event_id for e in acked.events] == ["1", "2"] and acked.rejected[0][0] == 1

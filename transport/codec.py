@@ -164,7 +164,14 @@ def _unpack_event(data: memoryview) -> Any:
         return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_reserved_ext)
     except InvalidEvent:
         raise
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+    except TypeError as exc:
+        # The span was read whole by Unpacker.skip, so the only TypeError left is a key Python
+        # cannot hash: this event's fault, not the frame's.
+        raise InvalidEvent(
+            f"event holds a map whose key is an array or a map ({exc}); map keys must be strings, "
+            "numbers, booleans, nil or binary"
+        ) from None
+    except (ValueError, msgpack.UnpackException) as exc:
         raise _not_msgpack(exc) from None
 
 
