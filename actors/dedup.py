@@ -139,6 +139,7 @@ class DedupActor(pykka.ThreadingActor):
         self._lookups: list[ClassifyRequest] = []
         self._writes: list[WriteBatch] = []
         self._rejected = 0
+        self._rejected_replies: list[list[bytes]] = []  # sent once the commit counting them is done
         self._txn_events = 0
         self._txn_started = 0.0
         self._held: dict[tuple[str, str], Row] = {}  # the rows in self._writes, by key
@@ -220,6 +221,7 @@ class DedupActor(pykka.ThreadingActor):
             self._write(message)
         elif isinstance(message, AddRejected):
             self._rejected += message.count
+            self._rejected_replies.extend(message.replies)
         elif isinstance(message, Sync):
             self._commit()
             return not self._writes
@@ -392,7 +394,8 @@ class DedupActor(pykka.ThreadingActor):
         self._writes = []
         self._rejected = 0
         self._txn_events = 0
-        self._after_commit(writes, totals)
+        replies, self._rejected_replies = self._rejected_replies, []
+        self._after_commit(writes, totals, replies)
 
     @staticmethod
     def _conflicting(store: EventStore, duplicates: list[tuple[Event, AckTicket | None]]) -> list[int]:
@@ -567,7 +570,7 @@ class DedupActor(pykka.ThreadingActor):
         )
         self._live.last_commit_error = str(exc)
 
-    def _after_commit(self, writes: list[WriteBatch], totals: dict[str, int]) -> None:
+    def _after_commit(self, writes: list[WriteBatch], totals: dict[str, int], replies: list[list[bytes]]) -> None:
         counters = self._counters
         for name, value in totals.items():
             counters[name] += value
@@ -588,9 +591,11 @@ class DedupActor(pykka.ThreadingActor):
         self._in_flight.release(totals["received"], sum(write.bytes for write in writes))
         if self._head_moved is not None and totals["unique_processed"]:
             self._head_moved()
-        if finished and self._acks is not None:
+        if self._acks is not None:
             for ticket in finished:
                 self._acks.send_multipart([*ticket.envelope, msgpack.packb(ticket.reply())])
+            for reply in replies:
+                self._acks.send_multipart(reply)
 
 
 def _joined_json_arrays(texts: list[str | None]) -> str | None:

@@ -109,6 +109,7 @@ class IngestServer:
         self._drained = threading.Event()
         self._closing = threading.Event()
         self._rejected_pending = 0
+        self._rejected_replies: list[list[bytes]] = []
         self._rejected_flushed_at = time.monotonic()
         self._decoder: DecoderProcess | None = None
         self._pending: deque[_Message] = deque()  # every message not yet handed on, in arrival order
@@ -262,8 +263,7 @@ class IngestServer:
         """Count a message from a connection whose key was revoked, and tell an acked one why."""
         self._reject(1, reason)
         if kind is ACKNOWLEDGED:
-            reply = {"batch": batch_id_of(parts[-1]), "error": reason}
-            self._ack_router.send_multipart([*parts[:-1], msgpack.packb(reply)])
+            self._answer_refused([*parts[:-1], msgpack.packb({"batch": batch_id_of(parts[-1]), "error": reason})])
 
     def _decoder_full(self) -> bool:
         """Whether enough waits to be decoded or handed on that reading should wait (one message always may)."""
@@ -327,10 +327,13 @@ class IngestServer:
             self._reject(1, decoded.error)
             if message.kind is ACKNOWLEDGED:
                 reply = {"batch": decoded.batch_id, "error": decoded.error}
-                self._ack_router.send_multipart([*message.envelope, msgpack.packb(reply)])
+                self._answer_refused([*message.envelope, msgpack.packb(reply)])
             return tickets
         if decoded.rejected:
             self._reject(len(decoded.rejected), decoded.rejected[0][1])
+            if message.kind is ACKNOWLEDGED and decoded.events:
+                # Counted before the events are handed on, so in the commit that answers them.
+                self._flush_rejected(force=True)
         if message.kind is FIRE_AND_FORGET:
             events.extend(decoded.events)
             if tickets is not None:
@@ -341,7 +344,7 @@ class IngestServer:
             message.envelope, decoded.batch_id, len(decoded.events), decoded.rejected, events=decoded.events
         )
         if not decoded.events:
-            self._ack_router.send_multipart([*message.envelope, msgpack.packb(ticket.reply())])
+            self._answer_refused([*message.envelope, msgpack.packb(ticket.reply())])
             return tickets
         if tickets is None:
             tickets = [None] * len(events)
@@ -428,13 +431,19 @@ class IngestServer:
         self._rejected_pending += count
         self._warn.warning("rejected %d: %s", count, reason)
 
+    def _answer_refused(self, reply: list[bytes]) -> None:
+        """Answer an acknowledged message that holds nothing to store, once its refusals are committed."""
+        self._rejected_replies.append(reply)
+        self._flush_rejected(force=True)
+
     def _flush_rejected(self, force: bool) -> None:
         if not self._rejected_pending:
             return
         now = time.monotonic()
         if force or now - self._rejected_flushed_at >= REJECTED_FLUSH_S:
-            self._dedup.tell(AddRejected(self._rejected_pending))
+            self._dedup.tell(AddRejected(self._rejected_pending, tuple(self._rejected_replies)))
             self._rejected_pending = 0
+            self._rejected_replies = []
             self._rejected_flushed_at = now
 
     def _forward_acks(self) -> None:

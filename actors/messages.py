@@ -179,9 +179,15 @@ class WriteBatch:
 
 @dataclass(frozen=True, slots=True)
 class AddRejected:
-    """Count refused events and frames (committed with the next transaction)."""
+    """Count refused events and frames (committed with the next transaction).
+
+    ``replies`` are the answers (envelope frames, then the encoded reply) to acknowledged
+    messages refused whole: the writer sends them once the commit that counts them is done, so a
+    publisher told of a refusal finds it in ``rejected``.
+    """
 
     count: int
+    replies: tuple[list[bytes], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -1156,6 +1156,7 @@ class PostgresDedupActor(DedupActor):
         self._pg = PostgresStore(dsn, node)
         self._group_writes = 0  # writes in the group that failed and must be retried as it was
         self._group_rejected = 0
+        self._group_replies = 0
 
     def on_start(self) -> None:
         import zmq
@@ -1225,10 +1226,10 @@ class PostgresDedupActor(DedupActor):
         self._answer_lookups()
         if self._group_writes or self._failures:
             writes = self._writes[: self._group_writes]
-            rejected = self._group_rejected
+            rejected, replied = self._group_rejected, self._group_replies
         else:
             writes = list(self._writes)
-            rejected = self._rejected
+            rejected, replied = self._rejected, len(self._rejected_replies)
         rows: list[Row] = list(itertools.chain.from_iterable(write.rows for write in writes))
         topics: dict[str, TopicDelta] = {}
         received = 0
@@ -1244,23 +1245,25 @@ class PostgresDedupActor(DedupActor):
                 rows, topics, {"received": received, "rejected": rejected}, [event for event, _ticket in resent]
             )
         except Exception as exc:
-            self._group_writes, self._group_rejected = len(writes), rejected
+            self._group_writes, self._group_rejected, self._group_replies = len(writes), rejected, replied
             self._fail_pg(exc, received)
             return False
         if self._failures:
             log.warning("%s takes writes again; %d events stored", self._pg.where, outcome.totals["unique_processed"])
         self._failures = 0
-        self._group_writes = self._group_rejected = 0
+        self._group_writes = self._group_rejected = self._group_replies = 0
         self._live.last_commit_error = None
         del self._writes[: len(writes)]
         self._rejected -= rejected
+        replies = self._rejected_replies[:replied]
+        del self._rejected_replies[:replied]
         self._held = {_row_key(row): row for write in self._writes for row in write.rows}
         self._txn_events = sum(write.events for write in self._writes)
         self._txn_started = time.monotonic()
         self._settle(writes, outcome)
         if outcome.conflicting:
             self._name_conflicting(writes, resent, outcome)
-        self._after_commit(writes, {name: outcome.totals[name] for name in COUNTER_NAMES})
+        self._after_commit(writes, {name: outcome.totals[name] for name in COUNTER_NAMES}, replies)
         return True
 
     @staticmethod

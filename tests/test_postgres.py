@@ -556,3 +556,11 @@ def test_an_event_with_a_nul_in_its_id_or_source_is_refused_and_the_daemon_keeps
     finally:
         publisher.close()
     assert daemon.wait_idle()["rejected"] == 2
+
+
+def test_a_refusal_is_counted_in_rejected_by_the_time_it_is_answered(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    from test_raw_protocol import assert_refusals_counted_when_answered
+
+    assert_refusals_counted_when_answered(pg_daemon(daemon_factory, "node0", database).start())

@@ -113,6 +113,33 @@ def test_acknowledged_batch_over_dealer_is_answered_after_commit_with_counts_and
     daemon.wait_stats(unique_processed=53, rejected=1)
 
 
+def test_a_refusal_is_counted_in_rejected_by_the_time_it_is_answered(daemon: Any) -> None:
+    assert_refusals_counted_when_answered(daemon)
+
+
+def assert_refusals_counted_when_answered(daemon: Any) -> None:
+    """Each answer that carries a refusal (an event refused in a stored batch, every event
+    refused, a frame refused whole) is counted in ``rejected`` by stats read right after it."""
+    client = Dealer(daemon.ack)
+    try:
+        expected = daemon.stats()["rejected"]
+        for n in range(5):
+            client.send(f"some-{n}", [event(1000 + n), {"topic": "raw", "event_id": "no-timestamp"}])
+            assert client.reply()["new"] == 1
+            expected += 1
+            assert daemon.stats()["rejected"] == expected
+            client.send(f"none-{n}", [{"topic": "raw", "event_id": "a"}, {"topic": "raw", "event_id": "b"}])
+            assert len(client.reply()["rejected"]) == 2
+            expected += 2
+            assert daemon.stats()["rejected"] == expected
+            client.sock.send(msgpack.packb({"batch": f"whole-{n}", "events": "not an array"}))
+            assert "error" in client.reply()
+            expected += 1
+            assert daemon.stats()["rejected"] == expected
+    finally:
+        client.close()
+
+
 def test_timestamps_beyond_64_bit_nanoseconds_are_refused_and_the_daemon_keeps_serving(daemon: Any) -> None:
     # ts_ns is an SQLite INTEGER: an instant it cannot hold once stopped the writer for good.
     far = [
