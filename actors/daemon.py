@@ -253,7 +253,7 @@ class Daemon:
 
     def _storage_name(self) -> str:
         if self.config.storage.backend == "postgresql":
-            from actors.postgres import describe_dsn
+            from actors.pg_session import describe_dsn
 
             return f"{describe_dsn(self.config.storage.dsn)} (node {self.config.storage_node})"
         return str(self.config.database_path)

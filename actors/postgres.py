@@ -54,6 +54,15 @@ import msgpack
 from actors.dedup import EXPIRE_CHUNK, STORAGE_RETRY, DedupActor
 from actors.fingerprint import fingerprint
 from actors.messages import AckTicket, ClassifyResult, Ping, SaveConsumerPositions, WriteBatch
+from actors.pg_session import (
+    _psycopg,
+    connect,
+    describe_dsn,
+    no_answer_error,
+    one_line,
+    running_statement_timeout_ms,
+    set_statement_timeout,
+)
 from actors.stats import StatsActor
 from actors.store import (
     CONTENT_BACK_BYTES,
@@ -67,11 +76,9 @@ from actors.store import (
     TopicDelta,
     TopicState,
 )
-from actors.watchdog import ping_timeout
 from transport.config import RetentionConfig
 from transport.queries import Query
 from transport.schema import Event
-from transport.sdnotify import NotifyError, watchdog_interval
 
 if TYPE_CHECKING:
     import psycopg
@@ -84,9 +91,6 @@ _T = TypeVar("_T")
 MIGRATION_LOCK = 0x6576656E74616767
 # pg_try_advisory_lock key held by the one daemon whose sweep runs (see PostgresStore.try_sweep_lock).
 SWEEP_LOCK = MIGRATION_LOCK + 1
-CONNECT_TIMEOUT_S = 3  # libpq's minimum is 2
-STATEMENT_TIMEOUT_MS = 30_000
-MIN_STATEMENT_TIMEOUT_MS = 500
 # The subscription thread serves every consumer: one slow read must not stall it for long.
 SUBSCRIBE_STATEMENT_TIMEOUT_MS = 5_000
 # How often the subscription thread reads the head for other daemons' commits: a safety net
@@ -96,6 +100,9 @@ SUBSCRIBE_POLL_UNHEARD_S = 0.1
 COMMITS_CHANNEL = "eventagg_commits"  # every write transaction that stores events NOTIFYs it
 RECONNECT_PAUSE_S = 1.0  # after a failed connect, reads fail at once for this long
 NODE_LOCK_WAIT_S = 15.0
+# How long stats and health wait for the cluster's counters and for a ping: both are answered from
+# memory or a tiny table at once, and the stats actor serves every query while it waits.
+PROBE_ANSWER_S = 2.0
 
 # What a stored event and a kept key take beyond their text and bytes: tuple header, fixed
 # columns and index entries, measured on freshly loaded tables (scripts/bench_postgres_retention.py
@@ -258,94 +265,6 @@ def _content(row: Row) -> Content:
     return (topic, event_id, timestamp, ts_ns, source, bytes(payload))
 
 
-def _psycopg() -> Any:
-    """psycopg, imported only when the PostgreSQL backend is used (it is an optional extra)."""
-    try:
-        import psycopg
-    except ImportError:
-        raise StorageError(
-            'backend = "postgresql" needs psycopg 3: pip install "eventagg[postgresql]" (or psycopg[binary])'
-        ) from None
-    return psycopg
-
-
-def one_line(exc: BaseException) -> str:
-    """An error message on one line (libpq's span several)."""
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def describe_dsn(dsn: str) -> str:
-    """Where a dsn points, for messages: ``host:port/dbname``, never its password."""
-    pg = _psycopg()
-    try:
-        params = pg.conninfo.conninfo_to_dict(dsn)
-    except pg.Error:
-        return "PostgreSQL (unparsable dsn)"
-    host = params.get("host") or params.get("hostaddr") or "local socket"
-    port = params.get("port") or "5432"
-    return f"PostgreSQL {host}:{port}/{params.get('dbname') or params.get('user') or ''}"
-
-
-def connect(dsn: str, node: str, purpose: str) -> psycopg.Connection[Any]:
-    """An autocommit connection with timeouts and keepalives set unless the dsn sets them.
-
-    Raises :class:`StorageError` (one line, naming the server) when the dsn is bad or the
-    server cannot be reached.
-    """
-    pg = _psycopg()
-    where = describe_dsn(dsn)
-    try:
-        params = pg.conninfo.conninfo_to_dict(dsn)
-    except pg.Error as exc:
-        raise StorageError(f"[storage] dsn is not a valid libpq connection string or URI: {one_line(exc)}") from None
-    defaults = {
-        "connect_timeout": CONNECT_TIMEOUT_S,
-        "keepalives": 1,
-        "keepalives_idle": 5,
-        "keepalives_interval": 2,
-        "keepalives_count": 3,
-        "tcp_user_timeout": 10_000,  # ms: a write to a vanished server fails instead of hanging
-        "application_name": f"eventagg {node} {purpose}"[:63],
-    }
-    for key, value in defaults.items():
-        params.setdefault(key, value)
-    try:
-        conn: psycopg.Connection[Any] = pg.connect(**params, autocommit=True)
-    except pg.Error as exc:
-        raise StorageError(f"cannot connect to {where} ([storage] dsn): {one_line(exc)}") from None
-    try:
-        conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
-        conn.execute("SET idle_in_transaction_session_timeout = 60000")
-        # At least "on": an acknowledged event is then on the primary's disk (and, with a
-        # synchronous standby configured, on the standby's); a stronger server default stays.
-        setting = conn.execute("SHOW synchronous_commit").fetchone()
-        if setting is None or setting[0] in ("off", "local"):
-            conn.execute("SET synchronous_commit = on")
-    except pg.Error as exc:
-        conn.close()
-        raise StorageError(f"cannot set up a session on {where}: {one_line(exc)}") from None
-    return conn
-
-
-def running_statement_timeout_ms() -> int:
-    """The statement timeout of the writer's and the reader's connections once the daemon runs.
-
-    Under a systemd watchdog, half what a liveness ping may take: an actor waiting on the
-    database (a lock held by another session's ``VACUUM FULL`` or ``ALTER TABLE``, a server too
-    busy to answer) must still answer its ping, or systemd restarts every daemon on the database.
-    The statement is cancelled instead, rolled back and retried with the rest of the failures.
-    Start-up keeps :data:`STATEMENT_TIMEOUT_MS`: migrations and a wait for another daemon's may
-    take longer, and pings start only once the daemon is ready.
-    """
-    try:
-        interval = watchdog_interval()
-    except NotifyError:
-        interval = None  # the daemon refuses to start over it, with the reason
-    if interval is None:
-        return STATEMENT_TIMEOUT_MS
-    return max(MIN_STATEMENT_TIMEOUT_MS, min(STATEMENT_TIMEOUT_MS, int(ping_timeout(interval) * 500)))
-
-
 def migrate(conn: psycopg.Connection[Any], node: str) -> int:
     """Create or migrate the schema under an advisory lock; the version it is at.
 
@@ -408,7 +327,7 @@ class PostgresStore:
         migrate(conn, self.node)
         conn.execute("INSERT INTO nodes (node) VALUES (%s) ON CONFLICT DO NOTHING", (self.node,))
         self._running_timeout_ms = running_statement_timeout_ms()
-        conn.execute(f"SET statement_timeout = {self._running_timeout_ms}")
+        set_statement_timeout(conn, self._running_timeout_ms)
         return self.counters()
 
     def _connection(self, claim_wait_s: float = 0.0) -> psycopg.Connection[Any]:
@@ -419,7 +338,7 @@ class PostgresStore:
             conn = connect(self.dsn, self.node, "writer")
             self._claim_node(conn, claim_wait_s)
             if self._running_timeout_ms is not None:
-                conn.execute(f"SET statement_timeout = {self._running_timeout_ms}")
+                set_statement_timeout(conn, self._running_timeout_ms)
             self._conn = conn
         return self._conn
 
@@ -895,18 +814,27 @@ class PostgresReader:
         self.max_page_bytes = max_page_bytes
         self._conn: psycopg.Connection[Any] | None = None
 
-    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """Rows of one query; one reconnect is tried if the connection was lost."""
+    def _query(self, sql: str, params: Sequence[Any] = (), answer_within: float | None = None) -> list[tuple[Any, ...]]:
+        """Rows of one query; one reconnect is tried if the connection was lost (not if the
+        server did not answer: it would not answer the new one either). ``answer_within``
+        seconds, when given, bound the wait for the answer below the statement timeout."""
         pg = _psycopg()
         for attempt in (1, 2):
             if self._conn is None or self._conn.closed or self._conn.broken:
                 self._conn = connect(self.dsn, self.node, "reader")
-                self._conn.execute(f"SET statement_timeout = {running_statement_timeout_ms()}")
+                set_statement_timeout(self._conn, running_statement_timeout_ms())
+            conn: Any = self._conn
+            usual = conn.answer_timeout_s
+            if answer_within is not None:
+                conn.answer_timeout_s = min(usual, answer_within)
             try:
-                return self._conn.execute(sql, params).fetchall()
+                rows: list[tuple[Any, ...]] = conn.execute(sql, params).fetchall()
+                return rows
             except pg.OperationalError as exc:
-                if not (self._conn.closed or self._conn.broken) or attempt == 2:
+                if isinstance(exc, no_answer_error()) or not (conn.closed or conn.broken) or attempt == 2:
                     raise StorageError(f"{self.where}: {one_line(exc)}") from None
+            finally:
+                conn.answer_timeout_s = usual
         raise AssertionError("unreachable")
 
     def events(self, topic: str | None, after: int, limit: int) -> tuple[list[dict[str, Any]], int]:
@@ -1000,12 +928,12 @@ class PostgresReader:
     def cluster_counters(self) -> dict[str, int]:
         """Every node's committed counters, summed."""
         sums = ", ".join(f"coalesce(sum({name}), 0)" for name in NODE_COUNTERS)
-        (row,) = self._query(f"SELECT {sums} FROM nodes")
+        (row,) = self._query(f"SELECT {sums} FROM nodes", answer_within=PROBE_ANSWER_S)
         return {name: int(value) for name, value in zip(NODE_COUNTERS, row)}
 
     def ping(self) -> None:
         """Raise :class:`StorageError` unless the server answers."""
-        self._query("SELECT 1")
+        self._query("SELECT 1", answer_within=PROBE_ANSWER_S)
 
     def close(self) -> None:
         """Close the connection."""
@@ -1082,7 +1010,7 @@ class PostgresEventSource:
             raise StorageError(f"{self.where} is unavailable; reconnecting")
         try:
             conn = connect(self.dsn, self.node, "subscriptions")
-            conn.execute(f"SET statement_timeout = {SUBSCRIBE_STATEMENT_TIMEOUT_MS}")
+            set_statement_timeout(conn, SUBSCRIBE_STATEMENT_TIMEOUT_MS)
         except Exception:
             self._retry_connect = time.monotonic() + RECONNECT_PAUSE_S
             raise

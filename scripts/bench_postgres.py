@@ -38,7 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from actors.postgres import connect, migrate
+from actors.pg_session import connect
+from actors.postgres import migrate
 from transport.client import QueryClient
 from transport.workload import plan
 

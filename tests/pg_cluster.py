@@ -7,12 +7,15 @@ listens on 127.0.0.1 only, trusts local connections, and keeps its socket in its
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from harness import free_port
@@ -110,6 +113,20 @@ class PgCluster:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.dsn(name)
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The server hung, not down: every process of it stopped (SIGSTOP), sockets left open."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
+        pids = [postmaster, *map(int, children)]  # the postmaster first: it forks no more
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
 
     def server_log(self) -> str:
         try:

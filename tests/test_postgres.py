@@ -564,3 +564,30 @@ def test_a_refusal_is_counted_in_rejected_by_the_time_it_is_answered(
     from test_raw_protocol import assert_refusals_counted_when_answered
 
     assert_refusals_counted_when_answered(pg_daemon(daemon_factory, "node0", database).start())
+
+
+def test_a_hung_server_leaves_stats_and_health_answering_and_the_daemon_writing_once_it_wakes(
+    daemon_factory: Callable[..., Daemon], database: str, pg: PgCluster
+) -> None:
+    """A server that stops answering (SIGSTOP: sockets open, keepalives acknowledged by the
+    kernel) is not an outage libpq notices: stats and health must still answer, saying so."""
+    from test_retention import Acked, event
+
+    daemon = pg_daemon(daemon_factory, "node0", database).start()
+    publisher = Acked(daemon.ack)
+    try:
+        assert publisher.send([event(n) for n in range(10)])["new"] == 10
+        assert "cluster" in daemon.stats()
+        with pg.frozen():
+            started = time.monotonic()
+            stats = daemon.request({"op": "stats"}, timeout=10)
+            health = daemon.request({"op": "health"}, timeout=10)
+            waited = time.monotonic() - started
+            assert stats["unique_processed"] == 10, stats
+            assert "did not answer" in stats["cluster_error"], stats
+            assert "did not answer" in health["error"] or "cannot connect" in health["error"], health
+            assert waited < 10, waited
+        assert publisher.send([event(n) for n in range(10, 20)])["new"] == 10
+        eventually(lambda: "cluster" in daemon.stats() or None, timeout=30, what="the cluster counters again")
+    finally:
+        publisher.close()

@@ -1,0 +1,166 @@
+"""Sessions on the PostgreSQL server: how each connection is made, and the timeouts that bound it.
+
+Every connection a daemon makes (the writer's, the reader's, the subscription thread's and its
+LISTEN one) comes from :func:`connect`: autocommit, keepalives, a connect timeout, a statement
+timeout, and ``synchronous_commit`` at least ``on``.
+
+The statement timeout is the server's: it cancels a statement that runs too long, but a server
+that stops answering altogether (a hung host, a SIGSTOPped postmaster, a proxy that keeps the
+socket open) never sends that cancellation, and the kernel keeps acknowledging keepalives. So
+each connection also gives up on its own: a call that has had no answer for
+:data:`ANSWER_MARGIN` times its statement timeout closes the connection and raises
+:class:`psycopg.OperationalError`, which every caller already takes as a lost connection (made
+again on the next call). A live server always answers first, with its own cancellation.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any
+
+from actors.store import StorageError
+from actors.watchdog import ping_timeout
+from transport.sdnotify import NotifyError, watchdog_interval
+
+if TYPE_CHECKING:
+    import psycopg
+
+CONNECT_TIMEOUT_S = 3  # libpq's minimum is 2
+STATEMENT_TIMEOUT_MS = 30_000
+MIN_STATEMENT_TIMEOUT_MS = 500
+# A call waits for an answer this many times its connection's statement timeout, then gives up.
+# Above 1, so a live server's own cancellation always comes first; at most 2, so under a systemd
+# watchdog (statement timeout half a ping's time) a hung server costs the writer no ping.
+ANSWER_MARGIN = 1.5
+
+
+def _psycopg() -> Any:
+    """psycopg, imported only when the PostgreSQL backend is used (it is an optional extra)."""
+    try:
+        import psycopg
+    except ImportError:
+        raise StorageError(
+            'backend = "postgresql" needs psycopg 3: pip install "eventagg[postgresql]" (or psycopg[binary])'
+        ) from None
+    return psycopg
+
+
+def one_line(exc: BaseException) -> str:
+    """An error message on one line (libpq's span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def describe_dsn(dsn: str) -> str:
+    """Where a dsn points, for messages: ``host:port/dbname``, never its password."""
+    pg = _psycopg()
+    try:
+        params = pg.conninfo.conninfo_to_dict(dsn)
+    except pg.Error:
+        return "PostgreSQL (unparsable dsn)"
+    host = params.get("host") or params.get("hostaddr") or "local socket"
+    port = params.get("port") or "5432"
+    return f"PostgreSQL {host}:{port}/{params.get('dbname') or params.get('user') or ''}"
+
+
+@functools.cache
+def _bounded_connection() -> Any:
+    """The connection class whose calls give up on a server that does not answer (made once psycopg is imported)."""
+    pg = _psycopg()
+    # What psycopg's wait raises when its timeout passes (an OperationalError); the connection
+    # is then mid-protocol and cannot be used again.
+    wait_timeout = getattr(pg.errors, "_WaitTimeout", pg.OperationalError)
+
+    class NoAnswer(pg.OperationalError):  # type: ignore[misc, name-defined]
+        """The server did not answer in time; the connection is closed."""
+
+    class BoundedConnection(pg.Connection):  # type: ignore[misc, name-defined]
+        """A psycopg connection whose every call waits at most ``answer_timeout_s`` for the server."""
+
+        answer_timeout_s: float | None = None
+
+        def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
+            # psycopg passes its own timeout where it has one (cancellation, notifies): kept.
+            if kwargs.get("timeout") is None and len(args) < 2:
+                kwargs["timeout"] = self.answer_timeout_s
+            try:
+                return super().wait(gen, *args, **kwargs)
+            except wait_timeout:
+                self.close()
+                raise NoAnswer(
+                    f"the server did not answer within {kwargs['timeout']:g} s; the connection was dropped"
+                ) from None
+
+    BoundedConnection.NoAnswer = NoAnswer
+    return BoundedConnection
+
+
+def no_answer_error() -> type[Exception]:
+    """The error a connection from :func:`connect` raises when the server did not answer in time."""
+    return _bounded_connection().NoAnswer  # type: ignore[no-any-return]
+
+
+def set_statement_timeout(conn: psycopg.Connection[Any], milliseconds: int) -> None:
+    """Set the session's statement timeout, and how long the connection waits for any answer."""
+    conn.execute(f"SET statement_timeout = {int(milliseconds)}")
+    conn.answer_timeout_s = milliseconds / 1000 * ANSWER_MARGIN  # type: ignore[attr-defined]
+
+
+def connect(dsn: str, node: str, purpose: str) -> psycopg.Connection[Any]:
+    """An autocommit connection with timeouts and keepalives set unless the dsn sets them.
+
+    Raises :class:`StorageError` (one line, naming the server) when the dsn is bad or the
+    server cannot be reached.
+    """
+    pg = _psycopg()
+    where = describe_dsn(dsn)
+    try:
+        params = pg.conninfo.conninfo_to_dict(dsn)
+    except pg.Error as exc:
+        raise StorageError(f"[storage] dsn is not a valid libpq connection string or URI: {one_line(exc)}") from None
+    defaults = {
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "keepalives": 1,
+        "keepalives_idle": 5,
+        "keepalives_interval": 2,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 10_000,  # ms: a write to a vanished server fails instead of hanging
+        "application_name": f"eventagg {node} {purpose}"[:63],
+    }
+    for key, value in defaults.items():
+        params.setdefault(key, value)
+    try:
+        conn: psycopg.Connection[Any] = _bounded_connection().connect(**params, autocommit=True)
+    except pg.Error as exc:
+        raise StorageError(f"cannot connect to {where} ([storage] dsn): {one_line(exc)}") from None
+    conn.answer_timeout_s = STATEMENT_TIMEOUT_MS / 1000 * ANSWER_MARGIN  # type: ignore[attr-defined]
+    try:
+        set_statement_timeout(conn, STATEMENT_TIMEOUT_MS)
+        conn.execute("SET idle_in_transaction_session_timeout = 60000")
+        # At least "on": an acknowledged event is then on the primary's disk (and, with a
+        # synchronous standby configured, on the standby's); a stronger server default stays.
+        setting = conn.execute("SHOW synchronous_commit").fetchone()
+        if setting is None or setting[0] in ("off", "local"):
+            conn.execute("SET synchronous_commit = on")
+    except pg.Error as exc:
+        conn.close()
+        raise StorageError(f"cannot set up a session on {where}: {one_line(exc)}") from None
+    return conn
+
+
+def running_statement_timeout_ms() -> int:
+    """The statement timeout of the writer's and the reader's connections once the daemon runs.
+
+    Under a systemd watchdog, half what a liveness ping may take: an actor waiting on the
+    database (a lock held by another session's ``VACUUM FULL`` or ``ALTER TABLE``, a server too
+    busy to answer) must still answer its ping, or systemd restarts every daemon on the database.
+    The statement is cancelled instead, rolled back and retried with the rest of the failures.
+    Start-up keeps :data:`STATEMENT_TIMEOUT_MS`: migrations and a wait for another daemon's may
+    take longer, and pings start only once the daemon is ready.
+    """
+    try:
+        interval = watchdog_interval()
+    except NotifyError:
+        interval = None  # the daemon refuses to start over it, with the reason
+    if interval is None:
+        return STATEMENT_TIMEOUT_MS
+    return max(MIN_STATEMENT_TIMEOUT_MS, min(STATEMENT_TIMEOUT_MS, int(ping_timeout(interval) * 500)))
