@@ -32,6 +32,14 @@ MIN_STATEMENT_TIMEOUT_MS = 500
 # Above 1, so a live server's own cancellation always comes first; at most 2, so under a systemd
 # watchdog (statement timeout half a ping's time) a hung server costs the writer no ping.
 ANSWER_MARGIN = 1.5
+# Set on the server's side of each session when the server's configuration leaves them at their
+# defaults (the kernel's: two hours before the first probe).
+SERVER_KEEPALIVES = {
+    "tcp_keepalives_idle": 5,
+    "tcp_keepalives_interval": 2,
+    "tcp_keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+}
 
 
 def _psycopg() -> Any:
@@ -141,6 +149,14 @@ def connect(dsn: str, node: str, purpose: str) -> psycopg.Connection[Any]:
         setting = conn.execute("SHOW synchronous_commit").fetchone()
         if setting is None or setting[0] in ("off", "local"):
             conn.execute("SET synchronous_commit = on")
+        # The server's side of the keepalives, where nobody configured them: after a network
+        # partition the server ends this session (and frees the node lock it holds, which the
+        # writer's new session needs) within seconds, not the kernel's two hours.
+        unset = conn.execute(
+            "SELECT name FROM pg_settings WHERE name = ANY(%s) AND source = 'default'", (list(SERVER_KEEPALIVES),)
+        ).fetchall()
+        if unset:
+            conn.execute("; ".join(f"SET {name} = {SERVER_KEEPALIVES[name]}" for (name,) in unset))
     except pg.Error as exc:
         conn.close()
         raise StorageError(f"cannot set up a session on {where}: {one_line(exc)}") from None

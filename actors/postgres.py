@@ -53,7 +53,7 @@ import msgpack
 
 from actors.dedup import EXPIRE_CHUNK, STORAGE_RETRY, DedupActor
 from actors.fingerprint import fingerprint
-from actors.messages import AckTicket, ClassifyResult, Ping, SaveConsumerPositions, WriteBatch
+from actors.messages import AckTicket, ClassifyResult, Ping, SaveConsumerPositions, Tick, WriteBatch
 from actors.pg_session import (
     _psycopg,
     connect,
@@ -100,6 +100,7 @@ SUBSCRIBE_POLL_UNHEARD_S = 0.1
 COMMITS_CHANNEL = "eventagg_commits"  # every write transaction that stores events NOTIFYs it
 RECONNECT_PAUSE_S = 1.0  # after a failed connect, reads fail at once for this long
 NODE_LOCK_WAIT_S = 15.0
+SESSION_CHECK_S = 5.0  # how often an idle writer makes sure its session (and node lock) lives
 # How long stats and health wait for the cluster's counters and for a ping: both are answered from
 # memory or a tiny table at once, and the stats actor serves every query while it waits.
 PROBE_ANSWER_S = 2.0
@@ -797,6 +798,16 @@ class PostgresStore:
             (at, names, [positions[name][0] for name in names], [positions[name][1] for name in names]),
         )
 
+    def keep_session(self) -> None:
+        """Make sure the writer's session, and with it this node's lock, is alive: a session a
+        server restart ended is made again at once, not at the next write, so another daemon
+        started meanwhile with this node's name is refused rather than taking it. Raises
+        :class:`StorageError` when the server is away or the name was taken."""
+        try:
+            self._run(lambda conn: conn.execute("SELECT 1"))
+        except StorageError:
+            self._connection()
+
     def close(self) -> None:
         """Close the connection (an open transaction is rolled back by the server)."""
         if self._conn is not None:
@@ -1085,6 +1096,7 @@ class PostgresDedupActor(DedupActor):
         self._group_writes = 0  # writes in the group that failed and must be retried as it was
         self._group_rejected = 0
         self._group_replies = 0
+        self._session_checked = time.monotonic()
 
     def on_start(self) -> None:
         import zmq
@@ -1116,7 +1128,22 @@ class PostgresDedupActor(DedupActor):
     def _handle(self, message: Any) -> Any:
         if isinstance(message, Ping):
             return self._startup_error if self._startup_error is not None else True
+        if isinstance(message, Tick):
+            self._keep_session()
         return super()._handle(message)
+
+    def _keep_session(self) -> None:
+        """While idle, every SESSION_CHECK_S: the writer's session is alive (see PostgresStore.keep_session)."""
+        now = time.monotonic()
+        if now < self._session_checked + SESSION_CHECK_S or self._startup_error is not None:
+            return
+        self._session_checked = now
+        if self._writes or self._failures:
+            return  # a write is due, or being retried: it makes the session again itself
+        try:
+            self._pg.keep_session()
+        except StorageError as exc:
+            self._warn.warning("the writer's session: %s", exc)
 
     def _classify(
         self, keys: list[tuple[str, str]], unknown_topics: list[str], keys_json: str | None = None

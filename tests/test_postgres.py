@@ -591,3 +591,47 @@ def test_a_hung_server_leaves_stats_and_health_answering_and_the_daemon_writing_
         eventually(lambda: "cluster" in daemon.stats() or None, timeout=30, what="the cluster counters again")
     finally:
         publisher.close()
+
+
+def test_the_server_side_keepalives_are_set_unless_configured(database: str) -> None:
+    """After a partition the server must end the writer's old session (and free its node lock)
+    within seconds: its side of the keepalives is set, unless the server or database sets it."""
+    from actors.pg_session import connect
+
+    query(database, f"ALTER DATABASE {database.rsplit('/', 1)[1]} SET tcp_keepalives_count = 7")
+    conn = connect(database, "node0", "writer")
+    try:
+        shown = {
+            name: conn.execute(f"SHOW {name}").fetchone()[0]
+            for name in ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count", "tcp_user_timeout")
+        }
+    finally:
+        conn.close()
+    assert shown == {
+        "tcp_keepalives_idle": "5",
+        "tcp_keepalives_interval": "2",
+        "tcp_keepalives_count": "7",
+        "tcp_user_timeout": "10000",
+    }, shown
+
+
+def test_an_idle_writer_holds_its_node_lock_again_soon_after_a_server_restart(
+    daemon_factory: Callable[..., Daemon], database: str, pg: PgCluster
+) -> None:
+    """Else a second daemon started with the same node name meanwhile would take it, and the
+    two would mix their counters."""
+    daemon = pg_daemon(daemon_factory, "node0", database).start()
+
+    def writer_locks() -> int:
+        ((count,),) = query(
+            database,
+            "SELECT count(*) FROM pg_locks AS l JOIN pg_stat_activity AS a USING (pid)"
+            " WHERE l.locktype = 'advisory' AND l.granted AND a.application_name = 'eventagg node0 writer'",
+        )
+        return int(count)
+
+    assert writer_locks() == 1
+    pg.stop()
+    pg.start()
+    assert writer_locks() == 0
+    eventually(lambda: writer_locks() == 1 or None, timeout=20, what="the idle writer's node lock, held again")
