@@ -620,7 +620,7 @@ def test_an_idle_writer_holds_its_node_lock_again_soon_after_a_server_restart(
 ) -> None:
     """Else a second daemon started with the same node name meanwhile would take it, and the
     two would mix their counters."""
-    daemon = pg_daemon(daemon_factory, "node0", database).start()
+    pg_daemon(daemon_factory, "node0", database).start()
 
     def writer_locks() -> int:
         ((count,),) = query(
