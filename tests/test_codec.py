@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from transport.codec import FrameError, Limits, decode_ack_request, decode_frame
+from transport.codec import FrameError, Limits, batch_id_of, decode_ack_request, decode_frame
 
 GOOD = {"topic": "t", "event_id": "1", "timestamp": "2025-10-22T10:00:00Z", "source": "s"}
 
@@ -96,3 +96,15 @@ def test_an_event_whose_payload_has_an_array_or_map_key_is_refused_alone(key: ob
     assert index == 1 and "key is an array or a map" in reason
     batch_id, acked = decode_ack_request(b"\x82" + msgpack.packb("batch") + b"\x07" + msgpack.packb("events") + frame)
     assert batch_id == 7 and [e.event_id for e in acked.events] == ["1", "2"] and acked.rejected[0][0] == 1
+
+
+def test_an_acknowledged_request_with_thousands_of_keys_is_refused_unread_naming_its_batch() -> None:
+    junk = b"".join(msgpack.packb(n) + b"\xc0" for n in range(100_000))
+    body = msgpack.packb("batch") + msgpack.packb(7) + msgpack.packb("events") + msgpack.packb([GOOD])
+    frame = b"\xdf" + (100_002).to_bytes(4, "big") + body + junk
+    with pytest.raises(FrameError, match="100002 keys, over the limit of 64"):
+        decode_ack_request(frame)
+    assert batch_id_of(frame) == 7
+    # A few unknown keys are still taken (fields a later version may add).
+    few = b"\x84" + body + msgpack.packb("later") + b"\x01" + msgpack.packb("other") + b"\xc0"
+    assert decode_ack_request(few)[0] == 7

@@ -49,6 +49,9 @@ characters each, a 64-character timestamp) and their keys, with room to spare.""
 MAX_BATCH_ID_BYTES = 4096
 """The longest acknowledged batch id, msgpack-encoded; a top-level key longer than this is not read either."""
 _MAX_KEY_BYTES = MAX_BATCH_ID_BYTES
+MAX_REQUEST_KEYS = 64
+"""The most keys an acknowledged request's map may have: 'batch', 'events' and room for fields a
+later version may add. More is refused unread: each is read one at a time, ~0.4 us apiece."""
 MAX_NESTING = 1024
 """How deep arrays and maps may nest in a frame, counting the frame's own (msgpack's C unpacker
 stops there with a StackError)."""
@@ -327,7 +330,13 @@ def _ack_outline(frame: bytes) -> tuple[Any, tuple[int, int] | None]:
     batch_id: Any = _ABSENT
     events_at: tuple[int, int] | None = None
     try:
-        for _ in range(unpacker.read_map_header()):
+        keys = unpacker.read_map_header()
+        if keys > MAX_REQUEST_KEYS:
+            raise FrameError(
+                f"an acknowledged batch map has {keys} keys, over the limit of {MAX_REQUEST_KEYS}; "
+                "send 'batch' and 'events'"
+            )
+        for _ in range(keys):
             key = _small_value(unpacker, frame)
             if key == "batch":
                 batch_id = _small_value(unpacker, frame)
@@ -392,7 +401,7 @@ def batch_id_of(frame: bytes) -> int | str | None:
         return None
     unpacker = _unpacker(frame)
     try:
-        for _ in range(unpacker.read_map_header()):
+        for _ in range(min(unpacker.read_map_header(), MAX_REQUEST_KEYS)):
             key = _small_value(unpacker, frame)
             if key == "batch":
                 batch_id = _small_value(unpacker, frame)
