@@ -899,6 +899,35 @@ def test_a_publish_in_progress_at_sigterm_gets_a_json_503_and_the_gateway_exits_
 
 
 @pytest.mark.e2e
+def test_a_query_in_progress_at_sigterm_gets_a_json_503_and_the_gateway_exits_soon(
+    gateway_factory: Callable[..., Gateway],
+) -> None:
+    """As a publish: a query asked of a frozen daemon with a long timeout is answered 503 within
+    the grace period after SIGTERM, not after its own 30 s."""
+    gateway = gateway_factory(http={"request_timeout_ms": 30_000}, query={"timeout_ms": 20_000})
+    daemon = gateway.daemon
+    daemon.terminate()
+    daemon.start(env={**os.environ, "EVENTAGG_TEST_HOOKS": "1"})
+    frozen = daemon.request({"op": "debug_freeze", "actor": "reader", "seconds": 12})
+    assert "error" not in frozen, frozen
+    answers: list[httpx.Response] = []
+    asking = threading.Thread(target=lambda: answers.append(gateway.client.get("/events", timeout=40)))
+    asking.start()
+    time.sleep(1.0)  # the query is asked and waits for its answer
+    assert gateway.proc is not None
+    stopped_at = time.monotonic()
+    gateway.proc.send_signal(signal.SIGTERM)
+    asking.join(20)
+    answered = time.monotonic() - stopped_at
+    assert answers and answers[0].status_code == 503, answers and answers[0].text
+    assert answers[0].headers["content-type"] == "application/json"
+    assert "the gateway is stopping" in answers[0].json()["error"]
+    assert answered < 10.0
+    assert gateway.proc.wait(10) == 0, gateway.log()
+    assert "Traceback" not in gateway.log()
+
+
+@pytest.mark.e2e
 def test_a_gateway_stopped_during_its_start_up_check_exits_at_once(gateway_factory: Callable[..., Gateway]) -> None:
     gateway = gateway_factory(start_daemon=False)  # no daemon: the check waits its full 10 s
     assert gateway.proc is not None

@@ -8,6 +8,7 @@ for the next attempt (the zguide's "Lazy Pirate" pattern).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,6 +24,13 @@ class QueryClientError(Exception):
 
 class NoAnswer(QueryClientError):
     """No daemon answered within the timeout."""
+
+
+class GaveUp(NoAnswer):
+    """The caller's ``give_up`` ended the wait for an answer."""
+
+
+GIVE_UP_POLL_S = 0.1  # how often a wait with a give_up check asks it
 
 
 class QueryClient:
@@ -64,24 +72,46 @@ class QueryClient:
             raise QueryClientError(str(exc)) from None
         return sock
 
-    def request(self, query: dict[str, Any]) -> dict[str, Any]:
-        """Send one query and return the reply map (which may hold an ``error`` key)."""
+    def request(self, query: dict[str, Any], give_up: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """Send one query and return the reply map (which may hold an ``error`` key).
+
+        ``give_up``, if given, is asked every ``GIVE_UP_POLL_S`` while the answer is awaited; when
+        it says so the wait ends with :class:`GaveUp` (a server stopping answers its requests in
+        progress at once rather than after their timeout).
+        """
         payload = msgpack.packb(query, use_bin_type=True)
         for _ in range(self.attempts):
             if self._socket is None:
                 self._socket = self._open()
             self._socket.send(payload)
-            if self._socket.poll(int(self.timeout * 1000), zmq.POLLIN):
+            answered = self._await(self._socket, give_up)
+            if answered:
                 reply = msgpack.unpackb(self._socket.recv(), raw=False, strict_map_key=False)
                 if not isinstance(reply, dict):
                     raise QueryClientError(f"{self.endpoint} sent a reply that is not a map: {reply!r}")
                 return reply
             self._socket.close(linger=0)
             self._socket = None
+            if answered is None:
+                raise GaveUp(f"gave up waiting for {self.endpoint}'s answer")
         raise NoAnswer(
             f"no answer from {self.endpoint} within {self.timeout:g} s"
             f"{f' ({self.attempts} attempts)' if self.attempts > 1 else ''}; is the daemon running?"
         )
+
+    def _await(self, sock: zmq.Socket[Any], give_up: Callable[[], bool] | None) -> bool | None:
+        """Whether the answer came within the timeout; None if ``give_up`` ended the wait."""
+        if give_up is None:
+            return bool(sock.poll(int(self.timeout * 1000), zmq.POLLIN))
+        deadline = time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            if sock.poll(max(0, int(min(left, GIVE_UP_POLL_S) * 1000)), zmq.POLLIN):
+                return True
+            if give_up():
+                return None
+            if left <= GIVE_UP_POLL_S:
+                return False
 
     def call(self, query: dict[str, Any]) -> dict[str, Any]:
         """Like :meth:`request`, but an ``error`` reply raises :class:`QueryClientError`."""

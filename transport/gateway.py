@@ -55,7 +55,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from transport import metrics
-from transport.client import NoAnswer, QueryClient, QueryClientError, connectable
+from transport.client import GaveUp, NoAnswer, QueryClient, QueryClientError, connectable
 from transport.config import Config, load_config
 from transport.handshake import CONFIG_HINTS, probe
 from transport.logs import setup_logging
@@ -171,7 +171,12 @@ class DaemonLink:
             client = QueryClient(self.query_endpoint, timeout=wait, configure=self._secure)
         client.timeout = wait
         try:
-            reply = client.request(request)
+            reply = client.request(request, give_up=self.stop_due)
+        except GaveUp:
+            client.close()
+            raise GatewayError(
+                503, "the gateway is stopping; the daemon did not answer in time: ask again on a running gateway"
+            ) from None
         except NoAnswer:
             client.close()
             raise GatewayError(
