@@ -52,6 +52,10 @@ class EventSource(Protocol):
     def expired_total(self) -> int:
         """How many events retention has deleted so far (it changes whenever any are)."""
 
+    def expired_marks(self, topics: Collection[str]) -> dict[str, tuple[int, int]]:
+        """For each of ``topics`` retention deleted events of: (how many, the commit position of
+        the last one). A topic's deletions are its lowest seqs: seqs 1 to that count."""
+
     def topic_last(self, topic: str) -> int:
         """The last seq committed in ``topic`` (0 for a topic never stored)."""
 
@@ -107,6 +111,14 @@ class SqliteEventSource:
     def expired_total(self) -> int:
         rows = self._rows("SELECT value FROM counters WHERE name = 'expired'", ())
         return int(rows[0][0]) if rows else 0
+
+    def expired_marks(self, topics: Collection[str]) -> dict[str, tuple[int, int]]:
+        marks = ",".join("?" * len(topics))
+        rows = self._rows(
+            f"SELECT topic, expired, expired_position FROM topic_retention WHERE topic IN ({marks}) AND expired > 0",
+            tuple(topics),
+        )
+        return {topic: (int(expired), int(position)) for topic, expired, position in rows}
 
     def topic_last(self, topic: str) -> int:
         rows = self._rows("SELECT last_seq FROM topics WHERE topic = ?", (topic,))

@@ -57,7 +57,22 @@ STEPS: list[Step] = [
         "INSERT OR IGNORE INTO counters (name, value)"
         " SELECT 'stored', coalesce((SELECT value FROM counters WHERE name = 'unique_processed'), 0)",
     ),
+    Step(
+        4,
+        "subscriptions: each topic's last deleted commit position (topic_retention.expired_position), so a"
+        " follower of some topics is told of what retention deleted of them",
+        lambda conn: _add_column(conn, "topic_retention", "expired_position INTEGER NOT NULL DEFAULT 0"),
+    ),
 ]
+
+
+def _add_column(conn: sqlite3.Connection, table: str, column: str) -> None:
+    """Add ``column`` (its definition) to ``table`` if the table exists without it (a missing
+    table is made whole by the schema script after the steps)."""
+    columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+    if columns and column.split()[0] not in columns:
+        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+
 
 SCHEMA_VERSION = STEPS[-1].version
 """The version this daemon writes, and the newest it can open."""

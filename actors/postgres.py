@@ -196,6 +196,9 @@ MIGRATIONS: tuple[str, ...] = (
            FROM deleted_keys)
     WHERE node = (SELECT min(node) FROM nodes);
     """,
+    # Each topic's last deleted commit position: a follower of some topics is told of what
+    # retention deleted of them (see PostgresEventSource.expired_marks).
+    "ALTER TABLE topics ADD COLUMN expired_position bigint NOT NULL DEFAULT 0",
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -742,28 +745,32 @@ class PostgresStore:
                 # RETURNING gives only the rows this transaction deleted, never one another sweep took.
                 deleted = conn.execute(
                     "DELETE FROM events WHERE position = ANY(%s)"
-                    " RETURNING topic, event_id, seq, ts_ns, source, payload, received_at, timestamp",
+                    " RETURNING position, topic, event_id, seq, ts_ns, source, payload, received_at, timestamp",
                     ([row[0] for row in doomed],),
                 ).fetchall()
                 if not deleted:
                     return 0
                 records = [
                     (topic, event_id, seq, fingerprint(int(ts_ns), source, bytes(payload)), int(received_at) + 1)
-                    for topic, event_id, seq, ts_ns, source, payload, received_at, _timestamp in deleted
+                    for _position, topic, event_id, seq, ts_ns, source, payload, received_at, _timestamp in deleted
                 ]
                 # The events' rows go; their keys' records stay.
                 freed = sum(
                     _event_bytes(topic, event_id, timestamp, source, payload) - _key_bytes(topic, event_id)
-                    for topic, event_id, _seq, _ts_ns, source, payload, _received_at, timestamp in deleted
+                    for _position, topic, event_id, _seq, _ts_ns, source, payload, _received_at, timestamp in deleted
                 )
                 conn.execute(_RECORD_DELETED, [list(column) for column in zip(*records)])
-                per_topic: dict[str, int] = {}
-                for record in records:
-                    per_topic[record[0]] = per_topic.get(record[0], 0) + 1
+                per_topic: dict[str, list[int]] = {}  # topic -> [how many went, the last one's position]
+                for position, topic, *_ in deleted:
+                    gone = per_topic.setdefault(topic, [0, 0])
+                    gone[0] += 1
+                    gone[1] = max(gone[1], position)
                 conn.execute(
-                    "UPDATE topics AS t SET expired = t.expired + v.n"
-                    " FROM unnest(%s::text[], %s::bigint[]) AS v(topic, n) WHERE t.topic = v.topic",
-                    (list(per_topic), list(per_topic.values())),
+                    "UPDATE topics AS t SET expired = t.expired + v.n,"
+                    " expired_position = greatest(t.expired_position, v.position)"
+                    " FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS v(topic, n, position)"
+                    " WHERE t.topic = v.topic",
+                    (list(per_topic), [n for n, _ in per_topic.values()], [p for _, p in per_topic.values()]),
                 )
                 conn.execute(
                     "UPDATE nodes SET expired = expired + %s, stored = stored - %s, stored_bytes = stored_bytes - %s"
@@ -1042,6 +1049,12 @@ class PostgresEventSource:
     def expired_total(self) -> int:
         ((total,),) = self._rows("SELECT coalesce(sum(expired), 0) FROM nodes")
         return int(total)
+
+    def expired_marks(self, topics: Collection[str]) -> dict[str, tuple[int, int]]:
+        rows = self._rows(
+            "SELECT topic, expired, expired_position FROM topics WHERE topic = ANY(%s) AND expired > 0", (list(topics),)
+        )
+        return {topic: (int(expired), int(position)) for topic, expired, position in rows}
 
     def topic_last(self, topic: str) -> int:
         rows = self._rows("SELECT last_seq FROM topics WHERE topic = %s", (topic,))

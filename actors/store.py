@@ -90,7 +90,8 @@ CREATE INDEX IF NOT EXISTS deleted_keys_by_age ON deleted_keys (committed_at);
 CREATE TABLE IF NOT EXISTS topic_retention (
     topic                  TEXT PRIMARY KEY,
     expired                INTEGER NOT NULL DEFAULT 0,
-    conflicting_duplicates INTEGER NOT NULL DEFAULT 0
+    conflicting_duplicates INTEGER NOT NULL DEFAULT 0,
+    expired_position       INTEGER NOT NULL DEFAULT 0  -- the commit position of its last deleted event
 ) WITHOUT ROWID;
 """
 
@@ -807,10 +808,12 @@ class EventStore:
     def _record_deleted(self, rows: Sequence[tuple[Any, ...]]) -> None:
         """Keep each deleted event's key record, and count the deletions (per topic and in all)."""
         records = []
-        per_topic: dict[str, int] = {}
-        for _rowid, topic, event_id, seq, ts_ns, source, payload, received_at in rows:
+        per_topic: dict[str, list[int]] = {}  # topic -> [how many went, the last one's position]
+        for rowid, topic, event_id, seq, ts_ns, source, payload, received_at in rows:
             records.append((topic, event_id, seq, fingerprint(ts_ns, source, bytes(payload)), int(received_at) + 1))
-            per_topic[topic] = per_topic.get(topic, 0) + 1
+            gone = per_topic.setdefault(topic, [0, 0])
+            gone[0] += 1
+            gone[1] = max(gone[1], rowid)
         for start, size in _pow2_chunks(len(records), 1024):
             self._conn.execute(
                 "INSERT OR REPLACE INTO deleted_keys (topic, event_id, seq, fingerprint, committed_at) VALUES "
@@ -818,9 +821,10 @@ class EventStore:
                 list(itertools.chain.from_iterable(records[start : start + size])),
             )
         self._conn.executemany(
-            "INSERT INTO topic_retention (topic, expired) VALUES (?, ?)"
-            " ON CONFLICT (topic) DO UPDATE SET expired = expired + excluded.expired",
-            list(per_topic.items()),
+            "INSERT INTO topic_retention (topic, expired, expired_position) VALUES (?, ?, ?)"
+            " ON CONFLICT (topic) DO UPDATE SET expired = expired + excluded.expired,"
+            " expired_position = max(expired_position, excluded.expired_position)",
+            [(topic, count, position) for topic, (count, position) in per_topic.items()],
         )
         self._conn.execute(
             "UPDATE counters SET value = value + CASE name WHEN 'expired' THEN ? ELSE -? END"

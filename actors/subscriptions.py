@@ -213,6 +213,7 @@ class Subscription:
     # With a ``topics`` filter: the last seq sent of each topic, so a hole retention made in
     # a topic after the subscription saw it is told (positions of other topics hide it).
     seqs: dict[str, int] = field(default_factory=dict)
+    start: int = 0  # the cursor it subscribed at: a topic's events deleted after it were never sent
 
 
 _packer = msgpack.Packer(use_bin_type=True, autoreset=True)
@@ -554,6 +555,7 @@ class SubscriptionServer:
             topic=request.topic,
             topics=request.topics,
             cursor=after,
+            start=after,
             name=request.name,
             credit=min(self._config.max_credit, request.credit),
             last_heard=now,
@@ -781,7 +783,10 @@ class SubscriptionServer:
         missing between the cursor and a stored event was deleted. With a ``topics`` filter,
         positions of other topics are missing too: the start of commit order is compared with
         the cursor, and a later hole shows as a seq skipped in a topic this subscription has
-        been sent before. Cut short at a hole, the rows are not all that follows the cursor.
+        been sent before, or as a topic first sent now whose last deleted event lies past where
+        the subscription started (retention deletes a topic's lowest seqs, so all of them precede
+        its stored ones, and none of them was sent). Cut short at a hole, the rows are not all
+        that follows the cursor.
         """
         first = rows[0][0]
         if sub.topics is None:  # one topic, or every topic: rows[k][0] is in the cursor's own terms
@@ -795,10 +800,18 @@ class SubscriptionServer:
             return rows, complete
         if first > sub.cursor + 1 and not self._check_expired(sub, first - 1):
             return [], False
-        seqs = sub.seqs
+        seqs = dict(sub.seqs)  # as they will be once the rows before the one looked at are sent
+        new = {row[2] for row in rows if row[2] not in seqs}
+        # Read after the rows, so never older than they are: no deletion before them is missed.
+        marks = self._source.expired_marks(new) if new else {}
         for index, (position, _, topic, seq) in enumerate(rows):
             last = seqs.get(topic)
-            if last is not None and seq > last + 1:
+            if last is None:
+                hole = topic in marks and marks[topic][1] > sub.start
+            else:
+                hole = seq > last + 1
+            seqs[topic] = seq
+            if hole:
                 if index:
                     return rows[:index], False
                 if not self._expired(sub, position):

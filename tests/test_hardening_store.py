@@ -133,9 +133,12 @@ def test_an_older_schema_is_migrated(daemon_factory: Callable[..., Daemon]) -> N
     sql(daemon, "UPDATE topics SET last_ts_ns = 0 WHERE topic = 'old'")
     sql(daemon, "DELETE FROM counters WHERE name IN ('stored', 'expired', 'conflicting_duplicates')")
     sql(daemon, "DROP TABLE deleted_keys")
+    sql(daemon, "DROP TABLE topic_retention")
     daemon.start()
     assert "migrating schema 1 -> 2" in daemon.log()
     assert "migrating schema 2 -> 3" in daemon.log()
+    assert "migrating schema 3 -> 4" in daemon.log()
+    assert ("expired_position",) in sql(daemon, "SELECT name FROM pragma_table_info('topic_retention')")
     assert sql(daemon, "SELECT value FROM meta WHERE key = 'schema_version'") == [(str(SCHEMA_VERSION),)]
     # Everything version 1 stored is still stored; retention's tables are there.
     assert daemon.stats()["stored"] == 2
@@ -382,3 +385,25 @@ def test_an_offset_with_a_fraction_of_a_second_is_rejected_by_the_daemon(daemon_
     daemon.wait_stats(rejected=1, unique_processed=1)
     assert [e["event_id"] for e in daemon.events("t")] == ["fine"]
     assert "fraction of a second in its UTC offset" in daemon.log()
+
+
+def test_a_version_3_database_gains_the_deleted_position_of_each_topic(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory().start()
+    push_frames(daemon.ingest, [msgpack.packb([ev("e1", "2025-10-22T10:00:00Z")])])
+    daemon.wait_stats(unique_processed=1)
+    assert daemon.terminate() == 0
+    # Version 3's topic_retention, with a topic whose oldest events were deleted.
+    sql(daemon, "UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    sql(daemon, "DROP TABLE topic_retention")
+    sql(
+        daemon,
+        "CREATE TABLE topic_retention (topic TEXT PRIMARY KEY, expired INTEGER NOT NULL DEFAULT 0,"
+        " conflicting_duplicates INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID",
+    )
+    sql(daemon, "INSERT INTO topic_retention VALUES ('t', 4, 1)")
+    daemon.start()
+    assert "migrating schema 3 -> 4" in daemon.log()
+    assert sql(daemon, "SELECT topic, expired, conflicting_duplicates, expired_position FROM topic_retention") == [
+        ("t", 4, 1, 0)
+    ]
+    assert daemon.stats()["unique_processed"] == 1

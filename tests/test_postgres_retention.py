@@ -354,3 +354,12 @@ def test_followers_on_another_daemon_are_never_sent_what_the_cluster_deleted(
             assert late.quiet(0.5) == [], request
         finally:
             late.close()
+
+
+def test_a_filtered_follower_is_told_of_a_hole_in_a_topic_it_was_never_sent(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    from test_subscribe_retention import assert_told_of_holes_in_topics_never_sent
+
+    daemon, _ = two_daemons(daemon_factory, database, max_events_per_topic=5)
+    assert_told_of_holes_in_topics_never_sent(daemon, lambda: wait_cluster(daemon, stored=7, expired=20))
