@@ -869,51 +869,31 @@ def test_sigint_or_sigterm_stops_the_gateway_with_exit_0(
 
 
 @pytest.mark.e2e
-def test_a_publish_in_progress_at_sigterm_gets_a_json_503_and_the_gateway_exits_soon(
-    gateway_factory: Callable[..., Gateway],
+@pytest.mark.parametrize("request_kind", ["publish", "query"])
+def test_a_request_in_progress_at_sigterm_gets_a_json_503_and_the_gateway_exits_soon(
+    gateway_factory: Callable[..., Gateway], request_kind: str
 ) -> None:
-    """A publish waiting for a frozen daemon, with a long timeout: SIGTERM ends it with a JSON 503
-    within the grace period (not uvicorn's plain-text 500), and the process does not wait for it."""
-    gateway = gateway_factory(http={"request_timeout_ms": 30_000})
-    daemon = gateway.daemon
-    daemon.terminate()
-    daemon.start(env={**os.environ, "EVENTAGG_TEST_HOOKS": "1"})
-    frozen = daemon.request({"op": "debug_freeze", "actor": "dedup", "seconds": 12})
-    assert "error" not in frozen, frozen
-    answers: list[httpx.Response] = []
-    publishing = threading.Thread(target=lambda: answers.append(gateway.publish(event(event_id="stopped"))))
-    publishing.start()
-    time.sleep(1.0)  # the publish is sent and waits for its acknowledgement
-    assert gateway.proc is not None
-    stopped_at = time.monotonic()
-    gateway.proc.send_signal(signal.SIGTERM)
-    publishing.join(20)
-    answered = time.monotonic() - stopped_at
-    assert answers and answers[0].status_code == 503, answers and answers[0].text
-    assert answers[0].headers["content-type"] == "application/json"
-    assert "the gateway is stopping" in answers[0].json()["error"]
-    assert answered < 10.0
-    assert gateway.proc.wait(10) == 0, gateway.log()
-    assert time.monotonic() - stopped_at < 12.0
-    assert "Traceback" not in gateway.log()
-
-
-@pytest.mark.e2e
-def test_a_query_in_progress_at_sigterm_gets_a_json_503_and_the_gateway_exits_soon(
-    gateway_factory: Callable[..., Gateway],
-) -> None:
-    """As a publish: a query asked of a frozen daemon with a long timeout is answered 503 within
-    the grace period after SIGTERM, not after its own 30 s."""
+    """A publish (or a query) waiting for a frozen daemon, with a long timeout: SIGTERM ends it
+    with a JSON 503 within the grace period (not uvicorn's plain-text 500, nor after its own 30 s),
+    and the process does not wait for it."""
     gateway = gateway_factory(http={"request_timeout_ms": 30_000}, query={"timeout_ms": 20_000})
     daemon = gateway.daemon
     daemon.terminate()
     daemon.start(env={**os.environ, "EVENTAGG_TEST_HOOKS": "1"})
-    frozen = daemon.request({"op": "debug_freeze", "actor": "reader", "seconds": 12})
+    actor = "dedup" if request_kind == "publish" else "reader"
+    frozen = daemon.request({"op": "debug_freeze", "actor": actor, "seconds": 12})
     assert "error" not in frozen, frozen
     answers: list[httpx.Response] = []
-    asking = threading.Thread(target=lambda: answers.append(gateway.client.get("/events", timeout=40)))
+
+    def ask() -> None:
+        if request_kind == "publish":
+            answers.append(gateway.publish(event(event_id="stopped")))
+        else:
+            answers.append(gateway.client.get("/events", timeout=40))
+
+    asking = threading.Thread(target=ask)
     asking.start()
-    time.sleep(1.0)  # the query is asked and waits for its answer
+    time.sleep(1.0)  # the request is sent and waits for its answer
     assert gateway.proc is not None
     stopped_at = time.monotonic()
     gateway.proc.send_signal(signal.SIGTERM)
@@ -924,6 +904,7 @@ def test_a_query_in_progress_at_sigterm_gets_a_json_503_and_the_gateway_exits_so
     assert "the gateway is stopping" in answers[0].json()["error"]
     assert answered < 10.0
     assert gateway.proc.wait(10) == 0, gateway.log()
+    assert time.monotonic() - stopped_at < 12.0
     assert "Traceback" not in gateway.log()
 
 
