@@ -173,7 +173,7 @@ step = st.one_of(
 )
 
 
-@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     schedule=st.lists(step, max_size=40),
     window_ms=st.sampled_from([0, 10, 50]),

@@ -869,39 +869,38 @@ def test_sigint_or_sigterm_stops_the_gateway_with_exit_0(
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("request_kind", ["publish", "query"])
-def test_a_request_in_progress_at_sigterm_gets_a_json_503_and_the_gateway_exits_soon(
-    gateway_factory: Callable[..., Gateway], request_kind: str
+def test_requests_in_progress_at_sigterm_get_a_json_503_and_the_gateway_exits_soon(
+    gateway_factory: Callable[..., Gateway],
 ) -> None:
-    """A publish (or a query) waiting for a frozen daemon, with a long timeout: SIGTERM ends it
-    with a JSON 503 within the grace period (not uvicorn's plain-text 500, nor after its own 30 s),
-    and the process does not wait for it."""
+    """A publish and a query waiting for a frozen daemon, with long timeouts: SIGTERM ends both
+    with a JSON 503 within the grace period (not uvicorn's plain-text 500, nor after their own
+    30 s), and the process does not wait for them."""
     gateway = gateway_factory(http={"request_timeout_ms": 30_000}, query={"timeout_ms": 20_000})
     daemon = gateway.daemon
     daemon.terminate()
     daemon.start(env={**os.environ, "EVENTAGG_TEST_HOOKS": "1"})
-    actor = "dedup" if request_kind == "publish" else "reader"
-    frozen = daemon.request({"op": "debug_freeze", "actor": actor, "seconds": 12})
-    assert "error" not in frozen, frozen
-    answers: list[httpx.Response] = []
-
-    def ask() -> None:
-        if request_kind == "publish":
-            answers.append(gateway.publish(event(event_id="stopped")))
-        else:
-            answers.append(gateway.client.get("/events", timeout=40))
-
-    asking = threading.Thread(target=ask)
-    asking.start()
-    time.sleep(1.0)  # the request is sent and waits for its answer
+    for actor in ("dedup", "reader"):  # the writer holds the publish, the reader the query
+        frozen = daemon.request({"op": "debug_freeze", "actor": actor, "seconds": 12})
+        assert "error" not in frozen, frozen
+    answers: dict[str, httpx.Response] = {}
+    asking = [
+        threading.Thread(target=lambda: answers.update(publish=gateway.publish(event(event_id="stopped")))),
+        threading.Thread(target=lambda: answers.update(query=gateway.client.get("/events", timeout=40))),
+    ]
+    for thread in asking:
+        thread.start()
+    time.sleep(1.0)  # both are sent and wait for their answers
     assert gateway.proc is not None
     stopped_at = time.monotonic()
     gateway.proc.send_signal(signal.SIGTERM)
-    asking.join(20)
+    for thread in asking:
+        thread.join(20)
     answered = time.monotonic() - stopped_at
-    assert answers and answers[0].status_code == 503, answers and answers[0].text
-    assert answers[0].headers["content-type"] == "application/json"
-    assert "the gateway is stopping" in answers[0].json()["error"]
+    assert answers.keys() == {"publish", "query"}, answers
+    for kind, answer in answers.items():
+        assert answer.status_code == 503, (kind, answer.text)
+        assert answer.headers["content-type"] == "application/json", kind
+        assert "the gateway is stopping" in answer.json()["error"], kind
     assert answered < 10.0
     assert gateway.proc.wait(10) == 0, gateway.log()
     assert time.monotonic() - stopped_at < 12.0
