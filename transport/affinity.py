@@ -162,16 +162,18 @@ class AffinePublisher(Publisher):
     def close(self, timeout: float | None = None, flush: bool = True) -> None:
         """Flush (unless ``flush`` is False), then close every daemon's publisher.
 
-        By default it waits ``close_timeout``, and at least a little past ``deadline``: batches a
-        silent daemon holds go to the others only once their deadline has passed. On a timeout
-        the error's ``events`` holds every event not acknowledged.
+        By default it waits ``close_timeout``, and at least long enough for what a silent daemon
+        holds to reach the others: its publisher gives its batches up one ``ack_timeout`` after
+        their ``deadline`` (the last attempt's wait), and they get ``failover_after`` more to be
+        acknowledged elsewhere. On a timeout the error's ``events`` holds every event not
+        acknowledged.
         """
         if self._closed:
             return
         first = self._publishers[self.endpoints[0]]
         wait = first.close_timeout if timeout is None else timeout
         if timeout is None and first.deadline is not None:
-            wait = max(wait, first.deadline + self.failover_after)
+            wait = max(wait, first.deadline + first.ack_timeout + self.failover_after)
         try:
             if flush:
                 self.flush(wait)
