@@ -96,12 +96,9 @@ def check_topic(topic: Any) -> str:
 
 # datetime keeps microseconds and drops any further fraction digits, which Go's RFC3339Nano and
 # Java's Instant.toString() send; they are read here so that such instants order to the
-# nanosecond. "20251022T100000.1234567Z" (the basic format) is the shortest string with a
-# seventh digit: anything shorter cannot have one, and skips the search.
-_SHORTEST_NANOSECOND_FORM = len("20251022T100000.1234567Z")
+# nanosecond.
 _LONG_FRACTION = re.compile(r"[.,]\d{6}(\d{1,3})")
-# A decimal sign with no digit after it ("10:00:00.Z"), which datetime takes as no fraction.
-_EMPTY_FRACTION = re.compile(r"[.,](?!\d)")
+_DIGITS = frozenset("0123456789")
 # The seconds field of a time of day, in either format, at its sixtieth second.
 _LEAP_SECOND = re.compile(r"T\d\d(:?)\d\d\1(60)(?!\d)", re.IGNORECASE)
 
@@ -162,6 +159,14 @@ def format_ns(ns: int) -> str:
     return f"{text}Z"
 
 
+def _lower_case_zulu(value: str) -> dt.datetime:
+    """``value``, which ends in a lower-case "z", read with an upper-case one."""
+    try:
+        return dt.datetime.fromisoformat(value[:-1] + "Z")
+    except ValueError as exc:
+        raise _unparsable(value, exc) from None
+
+
 def parse_timestamp(value: Any) -> tuple[str, int]:
     """Return ``(iso_string, ns_since_epoch)`` for an ISO-8601 string with a zone or a msgpack Timestamp.
 
@@ -171,13 +176,20 @@ def parse_timestamp(value: Any) -> tuple[str, int]:
         if len(value) > 64:
             raise InvalidEvent(f"timestamp must be at most 64 characters, not {len(value)}")
         try:
-            # RFC 3339 allows a lower-case "z", which datetime does not read.
-            parsed = dt.datetime.fromisoformat(value if value[-1:] != "z" else value[:-1] + "Z")
+            parsed = dt.datetime.fromisoformat(value)
         except ValueError as exc:
-            raise _unparsable(value, exc) from None
+            if value[-1:] != "z":
+                raise _unparsable(value, exc) from None
+            parsed = _lower_case_zulu(value)  # RFC 3339 allows it; datetime does not read it
         if parsed.tzinfo is None:
             raise InvalidEvent(f"timestamp {value!r} has no timezone; add 'Z' or an offset like '+02:00'")
-        if ("." in value or "," in value) and _EMPTY_FRACTION.search(value):
+        # The seconds' decimal sign (a fraction in the offset is refused below): string
+        # searches, not a regular expression, as this runs for every event.
+        decimal = value.find(".")
+        if decimal < 0:
+            decimal = value.find(",")
+        if decimal >= 0 and value[decimal + 1 : decimal + 2] not in _DIGITS:
+            # "10:00:00.Z": datetime takes it as no fraction at all.
             raise InvalidEvent(f"timestamp {value!r} has a decimal sign with no digits after it")
         if value[-1] not in "Zz" and _offset_has_fraction(value):
             raise InvalidEvent(
@@ -188,7 +200,8 @@ def parse_timestamp(value: Any) -> tuple[str, int]:
         except OverflowError:
             raise InvalidEvent(f"timestamp {value!r} is out of range; {_TS_RANGE}") from None
         ns = (since.days * 86_400 + since.seconds) * 1_000_000_000 + since.microseconds * 1000
-        if len(value) >= _SHORTEST_NANOSECOND_FORM:  # room for a seventh fraction digit
+        # A seventh fraction digit needs at least eight characters after the sign (with "Z").
+        if decimal >= 0 and len(value) >= decimal + 9 and value[decimal + 7] in _DIGITS:
             ns += _sub_microsecond_ns(value)
         if not MIN_TS_NS <= ns <= MAX_TS_NS:
             raise InvalidEvent(f"timestamp {value!r} is out of range; {_TS_RANGE}")
