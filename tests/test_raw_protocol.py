@@ -12,6 +12,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
+from harness import run_script
 
 pytestmark = pytest.mark.e2e  # every test here starts processes
 
@@ -250,3 +251,32 @@ def test_error_replies_name_the_batch_when_its_id_comes_before_what_is_wrong(dae
     finally:
         client.close()
     assert [e["event_id"] for e in daemon.events("raw")] == ["raw-5"]
+
+
+def deep_event(event_id: str, depth: int) -> bytes:
+    """An event map, encoded, whose payload nests ``depth`` levels (its own map counting as one)."""
+    head = msgpack.packb({"topic": "deep", "event_id": event_id, "timestamp": "2025-10-22T10:00:00Z", "source": "s"})
+    payload = b"\x81\xa1a" + b"\x91" * (depth - 2) + b"\x90"
+    return b"\x85" + head[1:] + msgpack.packb("payload") + payload
+
+
+def test_a_payload_too_deep_to_read_back_is_refused_alone_and_the_deepest_taken_reads_back(daemon: Any) -> None:
+    # A query or subscription carries each event three levels down, and msgpack reads 1024: a
+    # payload 1022 deep was stored, and then every reader of its topic (or of all) failed on it.
+    frame = msgpack.packb("batch") + msgpack.packb(1) + msgpack.packb("events")
+    frame = b"\x82" + frame + b"\x93" + deep_event("1021", 1021) + deep_event("1022", 1022) + msgpack.packb(event(1))
+    client = Dealer(daemon.ack)
+    try:
+        client.sock.send(frame)
+        reply = client.reply()
+    finally:
+        client.close()
+    assert reply["new"] == 2, reply
+    [[index, reason]] = reply["rejected"]
+    assert index == 1 and "more than 1021 levels deep" in reason
+    push(daemon.ingest, [deep_event("push-1021", 1021), deep_event("push-1022", 1022)])
+    daemon.wait_stats(unique_processed=3, rejected=2)
+    assert sorted(e["event_id"] for e in daemon.events("deep")) == ["1021", "push-1021"]
+    assert len(daemon.events()) == 3  # all topics, through the same deep events
+    result = run_script("events.py", "--endpoint", daemon.query, "deep")
+    assert result.returncode == 0 and len(result.stdout.splitlines()) == 2, result.stderr

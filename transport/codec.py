@@ -32,12 +32,14 @@ from transport.schema import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     EMPTY_PAYLOAD,
     MAX_NAME_CHARS,
+    MAX_PAYLOAD_DEPTH,
     VALID_TOPICS,
     Event,
     InvalidEvent,
     check_no_nul,
     check_topic,
     parse_timestamp,
+    readable_depth,
     type_name,
     validate_event,
 )
@@ -114,6 +116,7 @@ def _fast_events(wire: list[_WireEvent], limits: Limits) -> list[Event] | None:
     valid_topics = VALID_TOPICS
     max_payload = limits.max_payload_bytes
     nul_in_text = limits.nul_in_text
+    deep_bytes = MAX_PAYLOAD_DEPTH  # each level takes a byte: a shorter payload cannot be too deep
     events = []
     try:
         for item in wire:
@@ -121,8 +124,11 @@ def _fast_events(wire: list[_WireEvent], limits: Limits) -> list[Event] | None:
             if payload[0] not in _MAP_MARKERS or len(payload) > max_payload:
                 return None
             # Decoded only to be sure it decodes exactly as the exact decoder would (UTF-8,
-            # hashable keys): the bytes that arrived are what is stored.
-            unpackb(payload, raw=False, strict_map_key=False)
+            # hashable keys, not too deep for readers): the bytes that arrived are what is stored.
+            if len(payload) < deep_bytes:
+                unpackb(payload, raw=False, strict_map_key=False)
+            elif not readable_depth(payload):  # decodes it too
+                return None
             topic = item.topic
             if topic not in valid_topics:
                 check_topic(topic)

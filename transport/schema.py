@@ -253,13 +253,42 @@ def check_fields(obj: Any) -> tuple[str, str, str, int, str, Any]:
     return topic, event_id, timestamp, ts_ns, source, payload
 
 
+# Readers get each event three levels down (a query's reply map, its events array, the event
+# map; a subscription's events message alike) and msgpack decodes at most 1024 levels, so a
+# payload may nest at most 1021 (its own map counting as one), or nothing could read it back.
+MAX_PAYLOAD_DEPTH = 1021
+_READER_LEVELS = b"\x91" * 3  # three one-element arrays: the levels a reader adds
+
+
+def readable_depth(packed: bytes | bytearray) -> bool:
+    """Whether a packed payload nests no deeper than :data:`MAX_PAYLOAD_DEPTH` (decoding it to know)."""
+    if len(packed) < MAX_PAYLOAD_DEPTH:  # each level takes at least a byte
+        return True
+    try:
+        msgpack.unpackb(_READER_LEVELS + packed, raw=False, strict_map_key=False)
+    except msgpack.StackError:
+        return False
+    return True
+
+
+def too_deep() -> InvalidEvent:
+    """The refusal of a payload nested deeper than :data:`MAX_PAYLOAD_DEPTH`."""
+    return InvalidEvent(
+        f"payload nests arrays and maps more than {MAX_PAYLOAD_DEPTH} levels deep (its own map counts as one): "
+        "queries and subscriptions carry it three levels down, and msgpack reads 1024; send a flatter payload"
+    )
+
+
 def pack_payload(payload: dict[Any, Any] | None, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> bytes:
-    """The payload map as stored (msgpack; an empty map for none), or :class:`InvalidEvent` if over the limit."""
+    """The payload map as stored (msgpack; an empty map for none), or :class:`InvalidEvent` if over
+    the size limit or nested too deep to be read back."""
     if payload is None:
         return EMPTY_PAYLOAD
     packed: bytes = _packer().pack(payload)
     if len(packed) > max_payload_bytes:
         raise InvalidEvent(f"payload is {len(packed)} bytes, over the limit of {max_payload_bytes}")
+    if not readable_depth(packed):
+        raise too_deep()
     return packed
 
 
