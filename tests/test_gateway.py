@@ -276,6 +276,13 @@ def nested(depth: int) -> Any:
 
 
 @pytest.mark.e2e
+def test_a_null_payload_counts_as_none_as_nil_does(gateway: Gateway) -> None:
+    assert ok(gateway.publish(event(event_id="null", payload=None)))["added_to_queue"] == 1
+    [stored] = ok(gateway.client.get("/events"))["events"]
+    assert stored["event_id"] == "null" and stored["payload"] == {}
+
+
+@pytest.mark.e2e
 def test_a_deeply_nested_payload_is_listed_and_a_too_deep_body_is_400(gateway: Gateway) -> None:
     """Nesting the gateway accepts, it also lists: one such event must not make GET /events fail."""
     payload = nested(501)

@@ -517,8 +517,9 @@ def _check_json_types(event: Any) -> None:
     for field in ("topic", "event_id", "timestamp", "source"):
         if field in event and not isinstance(event[field], str):
             raise InvalidEvent(f"{field} must be a string, not {_json_type(event[field])}")
-    if "payload" in event and not isinstance(event["payload"], dict):
-        raise InvalidEvent(f"payload must be an object, not {_json_type(event['payload'])}")
+    payload = event.get("payload")
+    if payload is not None and not isinstance(payload, dict):  # null counts as none, as nil does
+        raise InvalidEvent(f"payload must be an object, not {_json_type(payload)}")
 
 
 def _json_type(value: Any) -> str:
