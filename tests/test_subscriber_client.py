@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 
+import msgpack
 import pytest
+import zmq
 from harness import Daemon, publish
 from test_subscribe import take
 
+from transport.client import QueryClient
 from transport.subscriber import Subscriber, SubscriberError
 
 pytestmark = pytest.mark.e2e
@@ -122,3 +126,58 @@ def test_a_position_past_the_head_shows_a_negative_lag(daemon_factory: Callable[
     with pytest.raises(SubscriberError, match="after 100 is past the last seq of topic 'topic-0', 30"):
         with Subscriber(daemon.subscribe, "topic-0", name="ahead") as subscriber:
             subscriber.next_event(10.0)
+
+
+@pytest.mark.timeout(60)
+def test_closing_from_another_thread_ends_the_iteration_and_stores_the_position(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    daemon = daemon_factory(**FAST).start()
+    publish(daemon.ack, "--acked", "--events", "10", "--topics", "1")
+    subscriber = Subscriber(daemon.subscribe, name="stoppable")
+    seen: list[int] = []
+    failures: list[BaseException] = []
+
+    def iterate() -> None:
+        try:
+            for event in subscriber:
+                seen.append(event["position"])
+        except BaseException as exc:  # the old behaviour: a raw ZMQError from a socket closed under it
+            failures.append(exc)
+
+    reading = threading.Thread(target=iterate)
+    reading.start()
+    deadline = time.monotonic() + 20
+    while len(seen) < 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    subscriber.close()
+    reading.join(10)
+    assert not reading.is_alive() and failures == [] and seen == list(range(1, 11))
+    assert positions(daemon) == {"stoppable": 10}
+
+
+def test_a_query_interrupted_between_request_and_reply_leaves_the_client_usable() -> None:
+    # A REQ socket between its send and its receive cannot send again (EFSM): Ctrl-C there left
+    # the client unusable for good.
+    context = zmq.Context.instance()
+    server = context.socket(zmq.ROUTER)
+    port = server.bind_to_random_port("tcp://127.0.0.1")
+    client = QueryClient(f"tcp://127.0.0.1:{port}", timeout=5)
+    try:
+
+        def interrupt() -> bool:
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            client.request({"op": "stats"}, give_up=interrupt)  # nobody answers: interrupted waiting
+        assert server.poll(5000)
+        server.recv_multipart()  # the first request, never answered
+        answering = threading.Thread(
+            target=lambda: server.send_multipart([*server.recv_multipart()[:-1], msgpack.packb({"ok": 1})])
+        )
+        answering.start()
+        assert client.request({"op": "stats"}) == {"ok": 1}
+        answering.join(5)
+    finally:
+        client.close()
+        server.close(linger=0)

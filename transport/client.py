@@ -84,7 +84,12 @@ class QueryClient:
             if self._socket is None:
                 self._socket = self._open()
             self._socket.send(payload)
-            answered = self._await(self._socket, give_up)
+            try:
+                answered = self._await(self._socket, give_up)
+            except BaseException:  # KeyboardInterrupt: a REQ socket between send and reply cannot send again
+                self._socket.close(linger=0)
+                self._socket = None
+                raise
             if answered:
                 reply = msgpack.unpackb(self._socket.recv(), raw=False, strict_map_key=False)
                 if not isinstance(reply, dict):

@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
@@ -124,6 +125,11 @@ class Subscriber:
         self._finished_cursor: int | None = None  # ... and of the one taken before it (finished)
         self._busy_told = False
         self._closed = False
+        # The thread inside next_event, if any: a close() from another thread is left to it (a
+        # ZeroMQ socket belongs to one thread), which closes within a step and sets _closed_event.
+        self._reader: int | None = None
+        self._close_asked = False
+        self._closed_event = threading.Event()
 
     # Public API -------------------------------------------------------------------------------
 
@@ -133,8 +139,8 @@ class Subscriber:
         return self._subscribed
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        """Every event, for ever (until :meth:`close` or an error); blocks while none comes."""
-        while True:
+        """Every event, for ever (until :meth:`close`, from any thread, or an error); blocks while none comes."""
+        while not self._closed:
             event = self.next_event(timeout=1.0)
             if event is not None:
                 yield event
@@ -143,14 +149,21 @@ class Subscriber:
         """The next event, or None when none came within ``timeout`` seconds (None: wait for ever)."""
         if self._closed:
             raise SubscriberError("the subscriber is closed")
-        self._finish_taken()
-        self._keep_alive()
-        deadline = math.inf if timeout is None else time.monotonic() + timeout
-        while not self._buffer:
-            now = time.monotonic()
-            if now >= deadline:
-                return None
-            self._step(min(deadline, now + 0.25) - now)
+        self._reader = threading.get_ident()
+        try:
+            self._finish_taken()
+            self._keep_alive()
+            deadline = math.inf if timeout is None else time.monotonic() + timeout
+            while not self._buffer:
+                now = time.monotonic()
+                if self._close_asked:
+                    self._close(self._taken_cursor)  # the last event taken is finished: it asked again
+                    return None
+                if now >= deadline:
+                    return None
+                self._step(min(deadline, now + 0.25) - now)
+        finally:
+            self._reader = None
         event = self._buffer.popleft()
         self.cursor = event["seq"] if self.topic is not None else event["position"]
         self._finished_cursor = self._taken_cursor
@@ -182,6 +195,12 @@ class Subscriber:
         more. An acknowledgement not confirmed in time is logged as an error (``acked`` keeps
         the last confirmed position).
         """
+        reader = self._reader
+        if reader is not None and reader != threading.get_ident():
+            self._close_asked = True
+            if not self._closed_event.wait(CLOSE_ACK_WAIT_S + 1.0):
+                log.warning("the thread iterating this subscriber did not close it in time; it will")
+            return
         self._close(self._taken_cursor)
 
     def _close(self, position: int | None) -> None:
@@ -196,6 +215,7 @@ class Subscriber:
         finally:
             self._closed = True
             self._drop_socket()
+            self._closed_event.set()
 
     def __enter__(self) -> Subscriber:
         return self
