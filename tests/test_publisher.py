@@ -453,3 +453,46 @@ def test_closing_a_fail_over_publisher_waits_for_a_silent_daemons_batches_to_go_
     assert time.monotonic() - started >= 1.0
     assert publisher.totals.acked_new == 200
     assert alive.wait_stats(unique_processed=200)["unique_processed"] == 200
+
+
+@pytest.mark.e2e
+def test_a_refused_batch_loses_no_event_of_publish_many_or_of_close(daemon_factory: Callable[..., Daemon]) -> None:
+    # Batches of 11 to a daemon that takes 10: each is refused whole. Every event must end up
+    # handed back in an exception (or stored), none dropped in silence.
+    daemon = daemon_factory(ingest={"max_batch_events": 10}).start()
+    events = plan(100, 0.0, 4, 5, "br")
+    publisher = Publisher(daemon.ack, batch_size=11, window=1, linger=60, ack_timeout=5)
+    handed_back: list[dict[str, Any]] = []
+    try:
+        publisher.publish_many(events)
+    except BatchRefused as exc:
+        handed_back.extend(exc.events)  # the refused batch's, and every event not queued
+    try:
+        publisher.close()
+    except BatchRefused as exc:
+        handed_back.extend(exc.events)
+    ids = sorted(event["event_id"] for event in handed_back)
+    assert ids == sorted(event["event_id"] for event in events), (len(ids), len(events))
+    assert daemon.stats()["unique_processed"] == 0
+
+
+def test_a_fail_over_publisher_with_every_daemon_down_gives_up_and_hands_every_event_back() -> None:
+    publisher = Publisher(
+        endpoints=[nowhere(), nowhere()], ack_timeout=0.2, deadline=1.0, window=1, batch_size=10, close_timeout=1
+    )
+    published: list[dict[str, Any]] = []
+    handed_back: list[dict[str, Any]] = []
+    started = time.monotonic()
+    try:
+        for event in plan(41, 0.0, 3, 6, "dead"):
+            published.append(event)
+            publisher.publish(event)
+        publisher.flush()
+    except DeliveryFailed as exc:
+        handed_back.extend(exc.events)
+    took = time.monotonic() - started
+    held = publisher.unacknowledged  # queued on a daemon after the others gave up: still held
+    publisher.close(flush=False)
+    assert took < 20, took
+    assert len(handed_back) + held == len(published), (len(handed_back), held, len(published))
+    assert len({e["event_id"] for e in handed_back}) == len(handed_back)

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from transport.publisher import DeliveryFailed, Publisher, PublishTimeout, Totals, closed_unacknowledged
+from transport.publisher import BatchRefused, DeliveryFailed, Publisher, PublishTimeout, Totals, closed_unacknowledged
 
 # How long one attempt to queue an event on a daemon may wait before routing is looked at again.
 _ROUTE_STEP_S = 0.05
@@ -70,6 +71,7 @@ class AffinePublisher(Publisher):
         self.failover_after = failover_after if failover_after is not None else float(options.get("ack_timeout", 5.0))
         self._publishers = {name: Publisher(name, **options) for name in listed}
         self._orders: dict[str, list[str]] = {}
+        self._gave_up_at: dict[str, float] = {}  # endpoint -> when its publisher last gave events up
         self._closed = False
         self.totals = Totals()
         self.results = next(iter(self._publishers.values())).results  # the first daemon's; on_ack sees all
@@ -212,13 +214,31 @@ class AffinePublisher(Publisher):
                     self._reroute(exc, name)
 
     def _reroute(self, failed: DeliveryFailed, endpoint: str) -> None:
-        """Send the events a daemon never acknowledged through the others (its publisher gave up)."""
-        others = [name for name in self.endpoints if name != endpoint] or [endpoint]
-        for event in failed.events:
+        """Send the events a daemon never acknowledged through the others (its publisher gave up).
+
+        Raises ``failed`` (every event in it) when every other daemon gave events up too within
+        its own ``deadline``: they would only go round the dead daemons for ever. An event the
+        others cannot take is handed back with those after it, never dropped.
+        """
+        now = time.monotonic()
+        self._gave_up_at[endpoint] = now
+        memory = self._publishers[endpoint].deadline or self.failover_after
+        others = [name for name in self.endpoints if now - self._gave_up_at.get(name, -math.inf) > memory]
+        if not others:
+            self._refresh_totals()
+            raise failed
+        for index, event in enumerate(failed.events):
             topic = event.get("topic", "")
             ranking = [name for name in self.ranking(str(topic)) if name in others]
             target = next((name for name in ranking if self.acknowledging(name)), ranking[0])
-            self._publishers[target].publish(event)
+            try:
+                self._publishers[target].publish(event)
+            except (DeliveryFailed, BatchRefused) as exc:
+                exc.events.extend(failed.events[index + 1 :])
+                raise
+            except PublishTimeout:
+                failed.events = failed.events[index:]  # not queued: this one and the rest go back
+                raise failed from None
 
     def _refresh_totals(self) -> None:
         summed = Totals()

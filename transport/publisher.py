@@ -135,8 +135,10 @@ def closed_unacknowledged(endpoint: str, waited: float, events: list[dict[str, A
 class BatchRefused(PublisherError):
     """The daemon refused a whole batch (e.g. more events than its ``max_batch_events``).
 
-    ``events`` holds the batch's events, which the publisher no longer holds. Lower
-    ``batch_size`` (or use :meth:`Publisher.from_config`, which reads the daemon's limits).
+    ``events`` holds the batch's events, which the publisher no longer holds, then those of the
+    call that raised which it did not queue (as :class:`DeliveryFailed`); raised by ``close()``,
+    every other event not acknowledged too. Lower ``batch_size`` (or use
+    :meth:`Publisher.from_config`, which reads the daemon's limits).
     """
 
     def __init__(self, endpoint: str, batch_id: int, reason: str, events: list[dict[str, Any]]) -> None:
@@ -396,7 +398,7 @@ class Publisher:
             except PublishTimeout as exc:
                 exc.queued = queued
                 raise
-            except DeliveryFailed as exc:
+            except (DeliveryFailed, BatchRefused) as exc:
                 exc.events.extend(event for event, _ in checked[queued + 1 :])
                 raise
         # Once for the lot, not per event: reading the socket for replies costs more than
@@ -455,6 +457,9 @@ class Publisher:
                 self.flush(wait)
         except PublishTimeout as exc:
             raise closed_unacknowledged(self.endpoint, wait, self.held_events()) from exc
+        except BatchRefused as exc:
+            exc.events.extend(self.held_events())  # closed now: nothing else holds them
+            raise
         finally:
             self._closed = True
             # Acknowledged batches were settled (or handed back) above: nothing queued matters.
@@ -520,7 +525,7 @@ class Publisher:
             # this event, so the pending batch never outgrows batch_size.
             try:
                 self._send_pending(self.block_timeout if timeout is None else timeout)
-            except DeliveryFailed as exc:
+            except (DeliveryFailed, BatchRefused) as exc:
                 exc.events.append(event)  # not queued, so hand it back with the others
                 raise
         if not pending.events:
