@@ -181,3 +181,27 @@ def test_a_query_interrupted_between_request_and_reply_leaves_the_client_usable(
     finally:
         client.close()
         server.close(linger=0)
+
+
+@pytest.mark.timeout(60)
+def test_next_event_with_no_wait_reads_what_arrived_and_a_bad_ack_position_is_refused_here(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    daemon = daemon_factory(**FAST).start()
+    publish(daemon.ack, "--acked", "--events", "50", "--topics", "1")
+    got: list[int] = []
+    with Subscriber(daemon.subscribe, "topic-0", name="poller", credit=10) as subscriber:
+        deadline = time.monotonic() + 20
+        while len(got) < 50 and time.monotonic() < deadline:  # a non-blocking poll loop
+            event = subscriber.next_event(0)
+            if event is None:
+                time.sleep(0.01)
+            else:
+                got.append(event["seq"])
+        assert got == list(range(1, 51))
+        for bad in (10**6, -1, "x"):
+            with pytest.raises(ValueError, match="ack position"):
+                subscriber.ack(bad)  # type: ignore[arg-type]
+        subscriber.ack(50)
+        assert subscriber.next_event(0.5) is None  # the subscription goes on
+    assert positions(daemon) == {"poller": 50}

@@ -154,14 +154,16 @@ class Subscriber:
             self._finish_taken()
             self._keep_alive()
             deadline = math.inf if timeout is None else time.monotonic() + timeout
+            looked = False  # a timeout of 0 still reads what has arrived, once
             while not self._buffer:
                 now = time.monotonic()
                 if self._close_asked:
                     self._close(self._taken_cursor)  # the last event taken is finished: it asked again
                     return None
-                if now >= deadline:
+                if now >= deadline and looked:
                     return None
-                self._step(min(deadline, now + 0.25) - now)
+                looked = True
+                self._step(max(0.0, min(deadline, now + 0.25) - now))
         finally:
             self._reader = None
         event = self._buffer.popleft()
@@ -179,6 +181,12 @@ class Subscriber:
         """
         if self.name is None:
             raise SubscriberError("only a named subscriber (name=...) can acknowledge")
+        if position is not None and (
+            not isinstance(position, int) or isinstance(position, bool) or not 0 <= position <= (self.cursor or 0)
+        ):
+            raise ValueError(
+                f"ack position must be a cursor from 0 to the last one taken ({self.cursor}), not {position!r}"
+            )
         position = self._taken_cursor if position is None else position
         if position is None or self._socket is None or not self._subscribed:
             return
@@ -413,6 +421,10 @@ class Subscriber:
                 return
             if code == "not_subscribed" and not self._subscribed:
                 return  # an answer to a message sent before the subscribe now under way
+            if code == "bad_request" and self._subscribed:
+                # A message refused while subscribed changed nothing: the subscription goes on.
+                log.error("%s refused a message: %s", self.endpoint, message.get("error"))
+                return
             if code in RESUBSCRIBE_CODES:
                 if code == "busy" and not self._busy_told:
                     self._busy_told = True  # once until subscribed: the retries are not news
