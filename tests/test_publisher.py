@@ -496,3 +496,11 @@ def test_a_fail_over_publisher_with_every_daemon_down_gives_up_and_hands_every_e
     assert took < 20, took
     assert len(handed_back) + held == len(published), (len(handed_back), held, len(published))
     assert len({e["event_id"] for e in handed_back}) == len(handed_back)
+
+
+def test_a_fail_over_publisher_refuses_a_batch_with_a_bad_event_whole() -> None:
+    events = plan(10, 0.0, 2, 7, "ok")
+    with Publisher(endpoints=[nowhere(), nowhere()], close_timeout=0.1) as publisher:
+        with pytest.raises(InvalidEvent, match="event 5: "):
+            publisher.publish_many([*events[:5], {"topic": "t"}, *events[5:]])
+        assert publisher.unacknowledged == 0  # none queued, as a plain Publisher does

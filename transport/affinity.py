@@ -28,7 +28,15 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from transport.publisher import BatchRefused, DeliveryFailed, Publisher, PublishTimeout, Totals, closed_unacknowledged
+from transport.publisher import (
+    BatchRefused,
+    DeliveryFailed,
+    InvalidEvent,
+    Publisher,
+    PublishTimeout,
+    Totals,
+    closed_unacknowledged,
+)
 
 # How long one attempt to queue an event on a daemon may wait before routing is looked at again.
 _ROUTE_STEP_S = 0.05
@@ -123,7 +131,16 @@ class AffinePublisher(Publisher):
         self._refresh_totals()
 
     def publish_many(self, events: Iterable[dict[str, Any]], timeout: float | None = None) -> None:
-        """Queue every event, each on its topic's daemon."""
+        """Validate every event first, then queue each on its topic's daemon; one bad event queues
+        none (:class:`InvalidEvent` names its position), as :meth:`Publisher.publish_many`."""
+        self._check_open()
+        events = list(events)
+        check = self._publishers[self.endpoints[0]]._encode
+        for index, event in enumerate(events):
+            try:
+                check(event)
+            except InvalidEvent as exc:
+                raise InvalidEvent(f"event {index}: {exc}") from None
         for event in events:
             self.publish(event, timeout)
 
