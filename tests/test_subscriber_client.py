@@ -205,3 +205,18 @@ def test_next_event_with_no_wait_reads_what_arrived_and_a_bad_ack_position_is_re
         subscriber.ack(50)
         assert subscriber.next_event(0.5) is None  # the subscription goes on
     assert positions(daemon) == {"poller": 50}
+
+
+@pytest.mark.timeout(60)
+def test_closing_a_subscriber_whose_name_another_connection_took_logs_and_does_not_raise(
+    daemon_factory: Callable[..., Daemon], caplog: pytest.LogCaptureFixture
+) -> None:
+    daemon = daemon_factory(**FAST).start()
+    publish(daemon.ack, "--acked", "--events", "5", "--topics", "1")
+    first = Subscriber(daemon.subscribe, name="shared")
+    assert first.next_event(10) is not None
+    with Subscriber(daemon.subscribe, name="shared") as second:
+        assert second.next_event(10) is not None  # takes the name from the first
+        with caplog.at_level(logging.ERROR):
+            first.close()
+    assert "position 1 not stored" in caplog.text

@@ -217,7 +217,10 @@ class Subscriber:
             return
         try:
             if self.name is not None and position is not None and self.acked != position:
-                self._store_position(position)
+                try:
+                    self._store_position(position)
+                except SubscriberError as exc:  # e.g. another connection took the name meanwhile
+                    log.error("consumer %r: position %s not stored: %s", self.name, position, exc)
             if self._socket is not None and self._subscribed:
                 self._send({"op": "unsubscribe"})
         finally:
