@@ -68,6 +68,9 @@ def test_state_directory_wins_for_a_relative_storage_path(tmp_path: Path, monkey
         ("[ingest]\nbind = [1]\n", r"\[ingest\] bind must be a string, not an array"),
         ("ingest = 3\n", r"\[ingest\] must be a table"),
         ("not toml at all [", "not valid TOML"),
+        # Each actor is a thread: 100 000 of them ended in "can't start new thread" after 600 MB.
+        ("[ordering]\nactors = 100000\n", r"\[ordering\] actors must be at most 256 \(each is a thread"),
+        ("[ingest]\nrcvhwm = 2147483648\n", r"\[ingest\] rcvhwm must be at most 2147483647 \(ZeroMQ takes it"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -100,3 +103,10 @@ def test_paths_may_name_environment_variables(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
     with pytest.raises(ConfigError, match=r"\[security\] curve_secret_key = .* not set \(systemd sets it"):
         parse_config({"security": {"curve_secret_key": "${CREDENTIALS_DIRECTORY}/curve-secret"}})
+
+
+def test_a_config_file_not_in_utf8_is_refused_naming_the_byte(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_bytes(b"# caf\xe9\n[ingest]\nrcvhwm = 100\n")
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte 0xe9 at offset 5\); save it as UTF-8"):
+        load_config(path)

@@ -126,6 +126,9 @@ def test_an_event_holding_a_reserved_ext_type_is_refused_alone() -> None:
         ("--after", "9223372036854775808", "argument --after: must be from 0 to 9223372036854775807"),
         ("--page", "99999999999999999999", "argument --page: must be from 1 to 9223372036854775807"),
         ("--page", "0", "argument --page: must be from 1 to 9223372036854775807, not 0"),
+        # ZeroMQ's poll takes milliseconds as a C int: a longer wait ended in an OverflowError traceback.
+        ("--timeout", "3000000", "argument --timeout: must be a number of seconds above 0 and at most 2147483"),
+        ("--timeout", "1e308", "argument --timeout: must be a number of seconds above 0 and at most 2147483"),
     ],
 )
 def test_events_flags_out_of_range_are_usage_errors(
@@ -133,6 +136,6 @@ def test_events_flags_out_of_range_are_usage_errors(
 ) -> None:
     # Refused before any request: a port nothing listens on, and a short timeout should it get that far.
     with pytest.raises(SystemExit) as leaving:
-        main(["events", "topic", flag, value, "--endpoint", f"tcp://127.0.0.1:{free_port()}", "--timeout", "1"])
+        main(["events", "topic", "--endpoint", f"tcp://127.0.0.1:{free_port()}", "--timeout", "1", flag, value])
     assert leaving.value.code == 2
     assert words in capsys.readouterr().err

@@ -7,7 +7,6 @@ for the next attempt (the zguide's "Lazy Pirate" pattern).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,6 +15,8 @@ import msgpack
 import zmq
 
 from transport.config import Config
+
+MAX_TIMEOUT_S = 2_147_483  # ZeroMQ's poll takes milliseconds as a C int: about 24 days
 
 
 class QueryClientError(Exception):
@@ -43,8 +44,8 @@ class QueryClient:
         attempts: int = 1,
         configure: Callable[[zmq.Socket[Any]], None] | None = None,
     ) -> None:
-        if not 0 < timeout < math.inf:  # 0, a negative or NaN one would make poll() wait for ever
-            raise ValueError(f"timeout must be a number of seconds above 0, not {timeout}")
+        if not 0 < timeout <= MAX_TIMEOUT_S:  # 0, a negative or NaN one would make poll() wait for ever
+            raise ValueError(f"timeout must be a number of seconds above 0 and at most {MAX_TIMEOUT_S}, not {timeout}")
         if attempts < 1:
             raise ValueError(f"attempts must be 1 or more, not {attempts}")
         self.endpoint = endpoint

@@ -355,6 +355,13 @@ _POSITIVE = {
     ("subscribe", "max_consumers"),
     ("query", "max_page_bytes"),
 }
+# Upper bounds below the 64-bit one, and why.
+_MAXIMA = {
+    ("ordering", "actors"): (256, "each is a thread, and more than the CPUs gains nothing: see docs/performance.md"),
+    ("ingest", "rcvhwm"): (2**31 - 1, "ZeroMQ takes it as a C int"),
+    ("http", "workers"): (256, "each is a process"),
+    ("http", "publishers"): (1024, "each holds a connection to the daemon"),
+}
 _CHOICES = {
     ("storage", "synchronous"): ("OFF", "NORMAL", "FULL", "EXTRA"),
     ("log", "level"): ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
@@ -418,6 +425,11 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         raise ConfigError(f"config file {source} does not exist: pass --config with an existing file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {source} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {source} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+            "save it as UTF-8, as TOML requires"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {source}: {exc.strerror}") from None
     return parse_config(data, source)
@@ -510,6 +522,9 @@ def _parse_section(name: str, section_type: type, values: dict[str, Any]) -> Any
             raise ConfigError(f"[{name}] {key} must be {bound} (the database's 64-bit integers), not {value}")
         if (name, key) in _POSITIVE and value <= 0:
             raise ConfigError(f"[{name}] {key} must be greater than 0, not {value}")
+        maximum = _MAXIMA.get((name, key))
+        if maximum is not None and value > maximum[0]:
+            raise ConfigError(f"[{name}] {key} must be at most {maximum[0]} ({maximum[1]}), not {value}")
         if (name, key) == ("ingest", "gather_at_queued") and value < 0:
             raise ConfigError(f"[ingest] gather_at_queued must be 0 (never pause) or more, not {value}")
         if (name, key) == ("ordering", "window_ms") and value < 0:

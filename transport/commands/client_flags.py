@@ -8,7 +8,6 @@ Where the daemon is (``--endpoint``, or the query endpoint of ``--config``), how
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import zmq
 
-from transport.client import NoAnswer, QueryClientError, connectable
+from transport.client import MAX_TIMEOUT_S, NoAnswer, QueryClientError, connectable
 from transport.config import QueryConfig, endpoint_problem, load_config
 from transport.handshake import probe
 from transport.security import SecurityError, SocketHook, curve_client, curve_client_from_config
@@ -47,8 +46,8 @@ def seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text}")
+    if not 0 < value <= MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0 and at most {MAX_TIMEOUT_S}, not {text}")
     return value
 
 
