@@ -455,7 +455,10 @@ class Daemon:
             if self._stop.is_set():
                 return True
             if signal.SIGHUP in noted:
-                self.reload()  # once, for every SIGHUP noted since the last
+                try:
+                    self.reload()  # once, for every SIGHUP noted since the last
+                except Exception:  # a reload must never end this loop: signals and fatal checks live here
+                    log.exception("SIGHUP: reload failed; the daemon goes on with the config it had")
             if self.live.fatal is not None:
                 self._stop_fatally(self.live.fatal)
                 return False

@@ -406,3 +406,18 @@ def test_a_page_of_every_topic_gives_each_event_its_commit_position(daemon: Daem
     assert all("position" not in event for event in one_topic["events"])
     result = run_script("events.py", "--after", "10", "--limit", "2", "--endpoint", daemon.query, timeout=60)
     assert [json.loads(line)["position"] for line in result.stdout.splitlines()] == [11, 12]
+
+
+def test_a_sighup_with_a_config_file_gone_bad_is_logged_and_sigterm_still_stops_the_daemon(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    # A Latin-1 comment made reload() raise past its ConfigError handler: the main loop died, and
+    # with it the handling of SIGTERM, SIGINT and later SIGHUPs (only SIGKILL stopped the daemon).
+    daemon = daemon_factory().start()
+    assert daemon.proc is not None
+    with daemon.config_path.open("ab") as config:
+        config.write(b"# r\xe9sum\xe9\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    eventually(lambda: "SIGHUP: config not reloaded" in daemon.log() or None, 10, "the reload refused")
+    assert "is not UTF-8 text" in daemon.log() and "Traceback" not in daemon.log()
+    assert daemon.terminate(timeout=20) == 0
