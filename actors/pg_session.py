@@ -42,7 +42,7 @@ SERVER_KEEPALIVES = {
 }
 
 
-def _psycopg() -> Any:
+def load_psycopg() -> Any:
     """psycopg, imported only when the PostgreSQL backend is used (it is an optional extra)."""
     try:
         import psycopg
@@ -60,7 +60,7 @@ def one_line(exc: BaseException) -> str:
 
 def describe_dsn(dsn: str) -> str:
     """Where a dsn points, for messages: ``host:port/dbname``, never its password."""
-    pg = _psycopg()
+    pg = load_psycopg()
     try:
         params = pg.conninfo.conninfo_to_dict(dsn)
     except pg.Error:
@@ -73,7 +73,7 @@ def describe_dsn(dsn: str) -> str:
 @functools.cache
 def _bounded_connection() -> Any:
     """The connection class whose calls give up on a server that does not answer (made once psycopg is imported)."""
-    pg = _psycopg()
+    pg = load_psycopg()
     # What psycopg's wait raises when its timeout passes (an OperationalError); the connection
     # is then mid-protocol and cannot be used again.
     wait_timeout = getattr(pg.errors, "_WaitTimeout", pg.OperationalError)
@@ -119,7 +119,7 @@ def connect(dsn: str, node: str, purpose: str) -> psycopg.Connection[Any]:
     Raises :class:`StorageError` (one line, naming the server) when the dsn is bad or the
     server cannot be reached.
     """
-    pg = _psycopg()
+    pg = load_psycopg()
     where = describe_dsn(dsn)
     try:
         params = pg.conninfo.conninfo_to_dict(dsn)

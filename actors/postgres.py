@@ -55,9 +55,9 @@ from actors.dedup import EXPIRE_CHUNK, STORAGE_RETRY, DedupActor
 from actors.fingerprint import fingerprint
 from actors.messages import AckTicket, ClassifyResult, Ping, SaveConsumerPositions, Tick, WriteBatch
 from actors.pg_session import (
-    _psycopg,
     connect,
     describe_dsn,
+    load_psycopg,
     no_answer_error,
     one_line,
     running_statement_timeout_ms,
@@ -447,7 +447,7 @@ class PostgresStore:
         error or :class:`StorageError` when nothing (knowably) committed: call again with the
         same group, which is then safe whatever happened.
         """
-        pg = _psycopg()
+        pg = load_psycopg()
         serial = self._last_txn + 1
         if self._unknown is not None:
             lost_serial, lost_outcome = self._unknown
@@ -784,7 +784,7 @@ class PostgresStore:
     def _run(self, work: Callable[[psycopg.Connection[Any]], _T]) -> _T:
         """``work(connection)``, its psycopg errors raised as one-line :class:`StorageError`; a
         lost connection is dropped, to be made again by the next call."""
-        pg = _psycopg()
+        pg = load_psycopg()
         conn = self._connection()
         try:
             return work(conn)
@@ -836,7 +836,7 @@ class PostgresReader:
         """Rows of one query; one reconnect is tried if the connection was lost (not if the
         server did not answer: it would not answer the new one either). ``answer_within``
         seconds, when given, bound the wait for the answer below the statement timeout."""
-        pg = _psycopg()
+        pg = load_psycopg()
         for attempt in (1, 2):
             if self._conn is None or self._conn.closed or self._conn.broken:
                 self._conn = connect(self.dsn, self.node, "reader")
@@ -974,7 +974,7 @@ class PostgresEventSource:
         self.dsn = dsn
         self.node = node
         self.where = describe_dsn(dsn)
-        self.errors: tuple[type[BaseException], ...] = (StorageError, _psycopg().Error)
+        self.errors: tuple[type[BaseException], ...] = (StorageError, load_psycopg().Error)
         self._conn: psycopg.Connection[Any] | None = None
         self._retry_connect = 0.0
         self._listener: psycopg.Connection[Any] | None = None
@@ -1008,7 +1008,7 @@ class PostgresEventSource:
             listener.pgconn.consume_input()
             while listener.pgconn.notifies() is not None:
                 pass
-        except _psycopg().Error as exc:
+        except load_psycopg().Error as exc:
             log.warning("the commit notices from %s stopped (%s); polling", self.where, one_line(exc))
             listener.close()
             self._listener = None
