@@ -13,6 +13,7 @@ never nests reloads inside one another and a SIGTERM still drains.
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import select
@@ -55,6 +56,15 @@ DEDUP_TICK_S = 0.1
 SWITCH_INTERVAL_S = 0.0005
 GC_THRESHOLDS = (500_000, 20, 100)
 FATAL_CHECK_S = 0.5  # how often the main thread looks for a reason to stop (live.fatal)
+
+# What to check when a bind fails, by errno (libzmq binds a tcp host as an address or an interface name).
+_BIND_HINTS = {
+    errno.EADDRINUSE: "; is another daemon running, or is the port taken?",
+    errno.EADDRNOTAVAIL: "; the host must be an address of this machine (or * for all)",
+    errno.ENODEV: "; the host must be an address or interface of this machine (or * for all)",
+    errno.ENOENT: "; the ipc:// path's folder must exist",
+    errno.EACCES: "; this user may not bind there (a port below 1024, or a folder it cannot write)",
+}
 
 
 class StartupError(Exception):
@@ -144,6 +154,12 @@ class Daemon:
                 live=self.live,
                 liveness=lambda: self.liveness(exclude=("stats",)),
                 freeze=self.freeze if debug_hooks_enabled() else None,
+                endpoints={
+                    "ingest": self.config.ingest.bind,
+                    "ack": self.config.ingest.ack_bind,
+                    "query": self.config.query.bind,
+                    "subscribe": self.config.subscribe.bind,
+                },
             )
             self._confirm(self.stats, "stats")
             self.reader = self._start_reader()
@@ -275,9 +291,8 @@ class Daemon:
         try:
             return make()
         except zmq.ZMQError as exc:
-            raise StartupError(
-                f"cannot bind the {what} endpoint: {exc}; is another daemon running, or is the port taken?"
-            ) from None
+            hint = _BIND_HINTS.get(exc.errno or 0, "")
+            raise StartupError(f"cannot bind the {what} endpoint: {exc}{hint}") from None
 
     def _tick(self) -> None:
         window_s = self.config.ordering.window_ms / 1000

@@ -38,7 +38,7 @@ from actors.dedup import ACK_ENDPOINT
 from actors.flow import InFlight, LiveFigures, PipelineDepth, events_bytes
 from actors.messages import AckTicket, AddRejected, IngestBatch
 from transport.codec import Limits, batch_id_of
-from transport.config import IngestConfig
+from transport.config import IngestConfig, wants_ipv6
 from transport.logs import RateLimitedLog
 from transport.schema import Event
 from transport.security import SocketHook
@@ -130,7 +130,9 @@ class IngestServer:
             if secure is not None:
                 secure(sock)
         self._ack_router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self._pull.ipv6 = wants_ipv6(config.bind)
         self._pull.bind(config.bind)
+        self._ack_router.ipv6 = wants_ipv6(config.ack_bind)
         self._ack_router.bind(config.ack_bind)
         self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
 

@@ -1401,7 +1401,12 @@ class PostgresStatsActor(StatsActor):
                 self._pg_reader.ping()
             except StorageError as exc:
                 problems.append(f"storage {exc}")
-        reply: dict[str, Any] = {"actors": alive, "database": self._pg_reader.where, "decoding": self._live.decoding}
+        reply: dict[str, Any] = {
+            "actors": alive,
+            "database": self._pg_reader.where,
+            "decoding": self._live.decoding,
+            "endpoints": self._endpoints,
+        }
         if problems:
             reply["error"] = "; ".join(problems)
         else:

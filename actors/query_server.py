@@ -27,7 +27,7 @@ import pykka
 import zmq
 
 from actors.messages import QueryRequest
-from transport.config import QueryConfig
+from transport.config import QueryConfig, wants_ipv6
 from transport.logs import RateLimitedLog
 from transport.queries import EventsQuery, QueryError, TopicsQuery, parse_query
 from transport.security import SocketHook
@@ -67,6 +67,7 @@ class QueryServer:
         self._socket.setsockopt(zmq.LINGER, 100)
         if secure is not None:
             secure(self._socket)
+        self._socket.ipv6 = wants_ipv6(config.bind)
         self._socket.bind(config.bind)
         self._replies: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
         self._wake_read, self._wake_write = os.pipe()

@@ -35,9 +35,13 @@ class StatsActor(pykka.ThreadingActor):
         live: LiveFigures,
         liveness: Callable[[], dict[str, bool]],
         freeze: Callable[[str, float], None] | None = None,
+        endpoints: dict[str, str] | None = None,
     ) -> None:
-        """``freeze(actor, seconds)`` serves the ``debug_freeze`` test hook; None refuses it."""
+        """``freeze(actor, seconds)`` serves the ``debug_freeze`` test hook; None refuses it.
+        ``endpoints`` (what the daemon binds, by kind) goes into health replies, so a client that
+        knows only the query endpoint can find the others."""
         super().__init__()
+        self._endpoints = dict(endpoints or {})
         self._path = path
         self._in_flight = in_flight
         self._live = live
@@ -120,7 +124,12 @@ class StatsActor(pykka.ThreadingActor):
             problems.append(f"the last commit failed: {self._live.last_commit_error}")
         if not os.access(self._path, os.W_OK):
             problems.append(f"database {self._path} is not writable")
-        reply: dict[str, Any] = {"actors": alive, "database": str(self._path), "decoding": self._live.decoding}
+        reply: dict[str, Any] = {
+            "actors": alive,
+            "database": str(self._path),
+            "decoding": self._live.decoding,
+            "endpoints": self._endpoints,
+        }
         if problems:
             reply["error"] = "; ".join(problems)
         else:

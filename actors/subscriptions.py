@@ -48,7 +48,7 @@ import zmq
 
 from actors.event_sources import EventSource
 from actors.messages import SaveConsumerPositions
-from transport.config import SubscribeConfig
+from transport.config import SubscribeConfig, wants_ipv6
 from transport.logs import RateLimitedLog
 from transport.queries import MAX_CURSOR
 from transport.schema import InvalidEvent, check_topic, type_name
@@ -354,6 +354,7 @@ class SubscriptionServer:
         self._socket.setsockopt(zmq.LINGER, 0)
         if secure is not None:
             secure(self._socket)
+        self._socket.ipv6 = wants_ipv6(config.bind)
         self._socket.bind(config.bind)
         self._thread = threading.Thread(target=self._run, name="subscriptions", daemon=True)
         self._next_poll = 0.0

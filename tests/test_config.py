@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from transport.client import connectable
 from transport.config import Config, ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +67,14 @@ def test_state_directory_wins_for_a_relative_storage_path(tmp_path: Path, monkey
         ("[ingest]\nack_bind = 'tcp://127.0.0.1:-1'\n", r"\[ingest\] ack_bind needs a port from 1 to 65535"),
         ("[ingest]\nbind = 'tcp://127.0.0.1'\n", r"\[ingest\] bind needs a port from 1 to 65535"),
         ("[ingest]\nbind = [1]\n", r"\[ingest\] bind must be a string, not an array"),
+        # Accepted by libzmq, but no other process can reach them through these socket types.
+        ("[ingest]\nbind = 'inproc://ingest'\n", r"\[ingest\] bind must be tcp://HOST:PORT or ipc://PATH.*inproc"),
+        ("[query]\nbind = 'udp://127.0.0.1:5556'\n", r"\[query\] bind must be tcp://HOST:PORT or ipc://PATH"),
+        ("[subscribe]\nbind = 'tcp://::1:5558'\n", r"\[subscribe\] bind needs its IPv6 host in brackets"),
+        ("[subscribe]\nbind = 'ipc://'\n", r"\[subscribe\] bind needs a path"),
+        ("[query]\nbind = 'tcp://127.0.0.1:5555'\n", r"\[ingest\] bind \(tcp://127.0.0.1:5555\) and \[query\] bind"),
+        ("[subscribe]\nbind = 'tcp://*:5557'\n", r"ack_bind .* and \[subscribe\] bind \(tcp://\*:5557\) would"),
+        ("[http]\nbind = '127.0.0.1:5556'\n", r"\[query\] bind .* and \[http\] bind \(127.0.0.1:5556\) would take"),
         ("ingest = 3\n", r"\[ingest\] must be a table"),
         ("not toml at all [", "not valid TOML"),
         # Each actor is a thread: 100 000 of them ended in "can't start new thread" after 600 MB.
@@ -110,3 +119,24 @@ def test_a_config_file_not_in_utf8_is_refused_naming_the_byte(tmp_path: Path) ->
     path.write_bytes(b"# caf\xe9\n[ingest]\nrcvhwm = 100\n")
     with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte 0xe9 at offset 5\); save it as UTF-8"):
         load_config(path)
+
+
+def test_binds_on_distinct_addresses_or_ipc_paths_are_taken() -> None:
+    config = parse_config(
+        {
+            "ingest": {"bind": "tcp://[::1]:5555", "ack_bind": "ipc:///run/eventagg/ack"},
+            "query": {"bind": "tcp://127.0.0.2:5555"},  # the same port on another address
+            "subscribe": {"bind": "ipc:///run/eventagg/subscribe"},
+        }
+    )
+    assert (config.ingest.bind, config.subscribe.bind) == ("tcp://[::1]:5555", "ipc:///run/eventagg/subscribe")
+
+
+def test_a_wildcard_bind_is_connected_to_on_loopback() -> None:
+    assert [connectable(f"tcp://{host}:5555") for host in ("*", "0.0.0.0", "[::]", "[::1]", "10.0.0.1")] == [
+        "tcp://127.0.0.1:5555",
+        "tcp://127.0.0.1:5555",
+        "tcp://[::1]:5555",
+        "tcp://[::1]:5555",
+        "tcp://10.0.0.1:5555",
+    ]

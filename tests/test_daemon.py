@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -347,6 +348,45 @@ def test_port_in_use_fails_with_a_clear_message(daemon: Daemon, daemon_factory: 
     second.start(wait=False)
     assert second.proc is not None and second.proc.wait(30) == 1
     assert "cannot bind the ingest endpoint" in second.log()
+
+
+def test_a_bind_that_fails_says_what_to_check(tmp_path: Path, daemon_factory: Callable[..., Daemon]) -> None:
+    lost = daemon_factory("lost", subscribe={"bind": f"ipc://{tmp_path}/no-such-folder/subscribe"})
+    lost.start(wait=False)
+    assert lost.proc is not None and lost.proc.wait(30) == 1
+    assert "cannot bind the subscribe endpoint" in lost.log() and "the ipc:// path's folder must exist" in lost.log()
+    assert "another daemon" not in lost.log()
+
+
+def test_a_daemon_bound_to_ipv6_loopback_takes_and_answers(daemon_factory: Callable[..., Daemon]) -> None:
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("::1", 0))
+        except OSError:
+            pytest.skip("this machine has no IPv6 loopback")
+    ports = {name: free_port() for name in ("ingest", "ack", "query", "subscribe")}
+    v6 = {name: f"tcp://[::1]:{port}" for name, port in ports.items()}
+    d = daemon_factory(
+        "v6",
+        ingest={"bind": v6["ingest"], "ack_bind": v6["ack"]},
+        query={"bind": v6["query"]},
+        subscribe={"bind": v6["subscribe"]},
+    )
+    d.ingest, d.ack, d.query, d.subscribe = v6["ingest"], v6["ack"], v6["query"], v6["subscribe"]
+    d.start()
+    publish(d.ingest, "--events", "200", "--topics", "2")
+    d.wait_stats(received=200, unique_processed=200)
+    acked = publish(d.ack, "--acked", "--events", "50", "--json", "--id-prefix", "a")
+    assert json.loads(acked.stdout.strip().splitlines()[-1])["acked_new"] == 50
+    stats = run_script("stats.py", "--endpoint", v6["query"], "--json", timeout=30)
+    assert stats.returncode == 0 and json.loads(stats.stdout)["unique_processed"] == 250
+    followed = run_script("events.py", "--config", str(d.config_path), "--follow", "--limit", "3", timeout=30)
+    assert followed.returncode == 0 and len(followed.stdout.splitlines()) == 3, followed.stderr
+
+
+def test_stats_at_another_of_the_daemons_ports_names_that_cause_too(daemon: Daemon) -> None:
+    result = run_script("stats.py", "--endpoint", daemon.ingest, "--timeout", "1", timeout=30)
+    assert result.returncode == 1 and "or this is another of the daemon's ports" in result.stderr, result.stderr
 
 
 def test_publish_script_reports_what_it_sent(daemon: Daemon) -> None:

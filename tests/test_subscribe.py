@@ -20,7 +20,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from harness import SCRIPTS, Daemon, default_sigint, eventually, publish, run_script, stored_rows
+from harness import SCRIPTS, Daemon, default_sigint, eventually, free_port, publish, run_script, stored_rows
 from test_security import curve_daemon, wait_ready
 from test_security import keys as keys  # the fixture: a server certificate and clients alice and mallory
 
@@ -396,6 +396,23 @@ def test_follow_with_limit_stops_after_n_events(daemon_factory: Callable[..., Da
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert [json.loads(line)["seq"] for line in result.stdout.splitlines()] == list(range(21, 28))
+
+
+def test_follow_with_only_the_query_endpoint_asks_the_daemon_where_to_subscribe(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    daemon = daemon_factory().start()  # its subscribe port is not the default 5558
+    publish(daemon.ack, "--acked", "--events", "10", "--topics", "1")
+    result = run_script("events.py", "--follow", "--limit", "10", "--endpoint", daemon.query, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["seq"] for line in result.stdout.splitlines()] == list(range(1, 11))
+    assert daemon.request({"op": "health"})["endpoints"]["subscribe"] == daemon.subscribe
+    # --timeout bounds the question: nothing listens at this query endpoint.
+    started = time.monotonic()
+    gone = run_script(
+        "events.py", "--follow", "--endpoint", f"tcp://127.0.0.1:{free_port()}", "--timeout", "1", timeout=60
+    )
+    assert gone.returncode == 1 and "no answer from" in gone.stderr and time.monotonic() - started < 20
 
 
 def test_curve_guards_the_subscription_endpoint(daemon_factory: Callable[..., Daemon], keys: dict[str, Path]) -> None:

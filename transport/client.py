@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from transport.config import Config
+from transport.config import Config, wants_ipv6
 
 MAX_TIMEOUT_S = 2_147_483  # ZeroMQ's poll takes milliseconds as a C int: about 24 days
 
@@ -168,6 +168,7 @@ def connect(sock: zmq.Socket[Any], endpoint: str) -> None:
     libzmq checks an endpoint only here (``udp://`` for a REQ socket, an unknown transport, ...).
     """
     try:
+        sock.ipv6 = wants_ipv6(endpoint)
         sock.connect(endpoint)
     except zmq.ZMQError as exc:
         sock.close(linger=0)
@@ -178,4 +179,6 @@ def connect(sock: zmq.Socket[Any], endpoint: str) -> None:
 
 def connectable(endpoint: str) -> str:
     """Turn a bind endpoint into one a client can connect to (``*`` or 0.0.0.0 become loopback)."""
-    return endpoint.replace("://*:", "://127.0.0.1:").replace("://0.0.0.0:", "://127.0.0.1:")
+    for wildcard, loopback in (("://*:", "://127.0.0.1:"), ("://0.0.0.0:", "://127.0.0.1:"), ("://[::]:", "://[::1]:")):
+        endpoint = endpoint.replace(wildcard, loopback)
+    return endpoint

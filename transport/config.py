@@ -447,7 +447,11 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> Config:
         sections[name] = _parse_section(name, section_type, values)
     if "retention" in sections:
         _check_retention(sections["retention"])
-    return Config(**sections, source=source)
+    config = Config(**sections, source=source)
+    collision = colliding_binds(config)
+    if collision is not None:
+        raise ConfigError(collision)
+    return config
 
 
 # What to write instead, added to a [retention] value refused.
@@ -568,16 +572,67 @@ def _check_endpoint(where: str, value: str) -> None:
 def endpoint_problem(value: str) -> str | None:
     """What is wrong with a ZeroMQ endpoint (None: nothing), phrased to follow its name.
 
-    It must be ``transport://address``, and for tcp have a port that libzmq will not wrap (it
-    binds or connects to port 99 999 as 34 463 without a word).
+    It must be ``tcp://HOST:PORT`` (an IPv6 host in brackets) or ``ipc://PATH``: the only
+    transports that reach another process through these socket types (``inproc://`` stays inside
+    one process; ``udp://``, ``pgm://`` and the rest take other socket types). A tcp port must be
+    one libzmq will not wrap (it binds or connects to port 99 999 as 34 463 without a word).
     """
     transport, separator, address = value.partition("://")
     if not separator:
         return f"must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, not {value!r}"
-    if transport == "tcp":
-        _, colon, port = address.rpartition(":")
-        if not (colon and port.isdigit() and 1 <= int(port) <= 65535):
-            return f"needs a port from 1 to 65535, like tcp://127.0.0.1:5555, not {value!r}"
+    if transport == "ipc":
+        return None if address else f"needs a path, like ipc:///run/eventagg/ingest.sock, not {value!r}"
+    if transport != "tcp":
+        reach = " (inproc:// stays inside one process)" if transport == "inproc" else ""
+        return (
+            f"must be tcp://HOST:PORT or ipc://PATH, not {value!r}{reach}; "
+            "an IPv6 host goes in brackets: tcp://[::1]:5555"
+        )
+    host, colon, port = address.rpartition(":")
+    if not (colon and port.isdigit() and 1 <= int(port) <= 65535):
+        return f"needs a port from 1 to 65535, like tcp://127.0.0.1:5555, not {value!r}"
+    if not host:
+        return f"needs a host (an address, or * to bind every one), like tcp://127.0.0.1:5555, not {value!r}"
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        return f"needs its IPv6 host in brackets, like tcp://[::1]:5555, not {value!r}"
+    return None
+
+
+def wants_ipv6(endpoint: str) -> bool:
+    """Whether a socket needs ZeroMQ's IPv6 option to bind or connect to ``endpoint`` (a bracketed host)."""
+    return endpoint.startswith("tcp://[")
+
+
+def _bind_place(endpoint: str) -> tuple[str, str]:
+    """``(host, port)`` of a tcp endpoint, or ``(path, "")`` of an ipc one, to find binds that collide."""
+    if endpoint.startswith("tcp://"):
+        host, _, port = endpoint[len("tcp://") :].rpartition(":")
+        return host, port
+    return endpoint, ""
+
+
+_ANY_HOST = {"*", "0.0.0.0", "[::]"}
+
+
+def colliding_binds(config: Config) -> str | None:
+    """Two of the daemon's (and the gateway's) binds that would take the same address, said as a refusal."""
+    binds = [
+        ("[ingest] bind", config.ingest.bind),
+        ("[ingest] ack_bind", config.ingest.ack_bind),
+        ("[query] bind", config.query.bind),
+        ("[subscribe] bind", config.subscribe.bind),
+        ("[http] bind", f"tcp://{config.http.bind}"),
+    ]
+    for index, (name, endpoint) in enumerate(binds):
+        host, port = _bind_place(endpoint)
+        for other_name, other in binds[index + 1 :]:
+            other_host, other_port = _bind_place(other)
+            if port == other_port and (host == other_host or (port and _ANY_HOST & {host, other_host})):
+                return (
+                    f"{name} ({endpoint.removeprefix('tcp://') if name == '[http] bind' else endpoint}) and "
+                    f"{other_name} ({other.removeprefix('tcp://') if other_name == '[http] bind' else other}) "
+                    "would take the same address; give each its own port"
+                )
     return None
 
 

@@ -137,11 +137,14 @@ def _watch(
                 f"the daemon's authorized folder and send SIGHUP, or {hints.authorized_key}",
                 refused=True,
             )
-        if kind & _FAILED:  # no retry would fare better: the keys decide
+        if kind & _FAILED:  # no retry would fare better: the keys, or the port, decide
+            # The client sees the same failure when the two sides' sockets are of kinds that
+            # cannot talk (a query client at the ingest port), so both causes are named.
             return HandshakeFailure(
                 "took the connection but the security handshake failed: the daemon and this client must agree "
                 f"on CURVE (the daemon's [security] section; {hints.own_keys}), and the server key must be the "
-                "daemon's",
+                "daemon's; or this is another of the daemon's ports (queries go to its [query] bind, events to "
+                "[ingest] bind, acknowledged ones to ack_bind, followers to [subscribe] bind)",
                 refused=True,
             )
         connected = connected or kind == zmq.EVENT_CONNECTED

@@ -6,7 +6,8 @@ Without a topic, every topic in commit order. Pages through the daemon with the 
 prints one JSON object per line (JSON Lines), so the output pipes into jq or a file. Values JSON
 has no type for (bytes, non-string map keys, NaN, ...) are tagged as docs/storage-and-queries.md says. With
 ``--follow [--name NAME]`` it subscribes instead (docs/subscribe.md): the stored events, then
-live ones until SIGINT, reconnecting by itself when the daemon restarts.
+live ones until SIGINT, reconnecting by itself when the daemon restarts. Given only ``--endpoint``,
+it asks that daemon (health's ``endpoints``) where to subscribe.
 """
 
 from __future__ import annotations
@@ -60,6 +61,21 @@ def note_expired(after: int, first: int) -> None:
     print(f"events: events after {after} are no longer stored; continuing from {first}", file=sys.stderr)
 
 
+def subscribe_endpoint_of(client: QueryClient) -> str:
+    """The subscribe endpoint of the daemon ``client`` queries, from its health reply: a wildcard
+    host (``*``, 0.0.0.0, ``[::]``) becomes the host this client reached it by."""
+    endpoints = client.request({"op": "health"}).get("endpoints")
+    bind = endpoints.get("subscribe") if isinstance(endpoints, dict) else None
+    if not isinstance(bind, str):
+        raise QueryClientError(f"{client.endpoint} did not say its subscribe endpoint: pass --subscribe-endpoint")
+    host, _, port = bind.removeprefix("tcp://").rpartition(":")
+    if bind.startswith("tcp://") and host in ("*", "0.0.0.0", "[::]"):
+        asked = client.endpoint
+        reached = asked.removeprefix("tcp://").rpartition(":")[0] if asked.startswith("tcp://") else "127.0.0.1"
+        return f"tcp://{reached}:{port}"
+    return bind
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description="List a topic's stored events as JSON Lines.")
     parser.add_argument("topic", nargs="?", help="the topic (default: every topic, in commit order)")
@@ -73,7 +89,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--follow", action="store_true", help="then print live events until SIGINT")
     parser.add_argument("--name", help="with --follow: a named consumer; without --after it resumes where it left")
     parser.add_argument(
-        "--subscribe-endpoint", type=endpoint_url, metavar="URL", help="with --follow (default: from --config, :5558)"
+        "--subscribe-endpoint",
+        type=endpoint_url,
+        metavar="URL",
+        help="with --follow (default: from --config; with --endpoint, asked of that daemon; else :5558)",
     )
     parser.add_argument("--limit", type=at_least(0), default=None, metavar="N", help="print at most N events")
     # Sent in the request, so bounded to what msgpack and the daemon's cursor take; --limit is only counted here.
@@ -103,6 +122,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     page = args.page if args.limit is None else min(args.page, args.limit)
     printed = 0
     try:
+        if args.follow and args.endpoint and not args.subscribe_endpoint:
+            with QueryClient(endpoint, timeout=args.timeout, configure=secure) as client:
+                where = subscribe_endpoint_of(client)
         if args.follow:
             # A daemon that is down may come back (following waits for it); one that refuses
             # this client's security never will, and the subscriber alone would only see silence.
