@@ -291,6 +291,26 @@ def test_linger_sends_a_partial_batch_and_poll_collects_its_ack(daemon: Daemon) 
         assert publisher.totals.acked_new == 1
 
 
+def nested(depth: int) -> dict[str, Any]:
+    """A payload nesting ``depth`` levels, its own map counting as one."""
+    inner: list[Any] = []
+    for _ in range(depth - 2):
+        inner = [inner]
+    return {"a": inner}
+
+
+@pytest.mark.e2e
+def test_a_payload_too_deep_is_refused_before_it_can_take_a_fire_and_forget_frame_down(daemon: Daemon) -> None:
+    # The daemon refuses a payload over 1021 levels alone, but one a level or two deeper passes
+    # the frame's own limit, and the whole frame, its other events with it, was refused.
+    with Publisher(daemon.ingest, acked=False) as publisher:
+        for depth in (1022, 1023):
+            with pytest.raises(InvalidEvent, match="more than 1021 levels deep"):
+                publisher.publish({**make_event(depth, 1, "deep"), "payload": nested(depth)})
+        publisher.publish_many([make_event(0, 1, "deep"), {**make_event(1, 1, "deep"), "payload": nested(1021)}])
+    daemon.wait_stats(unique_processed=2, rejected=0)
+
+
 @pytest.mark.e2e
 def test_fire_and_forget_delivers_everything_queued_when_closed(daemon: Daemon) -> None:
     with Publisher(daemon.ingest, acked=False, batch_size=64) as publisher:
@@ -312,6 +332,37 @@ def test_from_config_picks_the_endpoint_of_the_mode(daemon_factory: Callable[...
 
 
 @pytest.mark.e2e
+def test_a_publisher_used_in_a_forked_child_refuses_at_once_and_the_parents_goes_on(daemon: Daemon) -> None:
+    # The child's copy of the parent's socket is not usable: publish() used to spin for ever.
+    code = (
+        "import os, sys\n"
+        "from transport.publisher import Publisher, PublisherClosed\n"
+        "from transport.workload import make_event\n"
+        f"p = Publisher({daemon.ack!r})\n"
+        "p.publish(make_event(0, 1, 'parent'))\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    try:\n"
+        "        p.publish(make_event(1, 1, 'child'))\n"
+        "    except PublisherClosed as exc:\n"
+        "        print('refused:', exc)\n"
+        "    p.close()\n"
+        f"    with Publisher({daemon.ack!r}) as own:\n"
+        "        own.publish(make_event(2, 1, 'child'))\n"
+        "    sys.exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+        "p.publish(make_event(3, 1, 'parent'))\n"
+        "p.close(10)\n"
+        "print('parent acked', p.totals.acked_new)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "refused: this publisher" in result.stdout and "made before this process was forked" in result.stdout
+    assert "parent acked 2" in result.stdout
+    daemon.wait_stats(unique_processed=3)
+
+
+@pytest.mark.e2e
 def test_a_publisher_dropped_in_a_reference_cycle_is_collected_without_hanging() -> None:
     # pyzmq's Context.__del__ would terminate the context while the socket is still open and
     # block for ever; the publisher's finalizer closes the socket first.
@@ -326,6 +377,20 @@ def test_a_publisher_dropped_in_a_reference_cycle_is_collected_without_hanging()
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and "collected" in result.stdout, result.stderr
+
+
+@pytest.mark.e2e
+def test_closing_a_fire_and_forget_publisher_no_daemon_ever_took_says_so() -> None:
+    publisher = Publisher(nowhere(), acked=False)
+    publisher.publish_many(plan(10, 0.0, 1, 1, "lost"))
+    started = time.monotonic()
+    with pytest.raises(
+        PublishTimeout, match=r"no daemon at .* took a connection within 0.5 s of closing: the 10 events"
+    ):
+        publisher.close(timeout=0.5)
+    assert time.monotonic() - started < 5
+    with Publisher(nowhere(), acked=False) as idle:  # nothing sent, nothing to say
+        assert idle.totals.sent == 0
 
 
 @pytest.mark.e2e

@@ -81,6 +81,7 @@ class AffinePublisher(Publisher):
         self._orders: dict[str, list[str]] = {}
         self._gave_up_at: dict[str, float] = {}  # endpoint -> when its publisher last gave events up
         self._closed = False
+        self._forks = next(iter(self._publishers.values()))._forks
         self.totals = Totals()
         self.results = next(iter(self._publishers.values())).results  # the first daemon's; on_ack sees all
 

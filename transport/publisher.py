@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import weakref
 from collections import deque
@@ -56,7 +57,13 @@ import zmq
 from transport.backoff import Backoff, RetryBudget
 from transport.client import connect, connectable
 from transport.config import load_config
-from transport.schema import DEFAULT_MAX_PAYLOAD_BYTES, InvalidEvent, check_fields, pack_payload
+from transport.schema import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    MAX_PAYLOAD_DEPTH,
+    InvalidEvent,
+    check_fields,
+    pack_payload,
+)
 from transport.security import SocketHook, curve_client_from_config
 
 __all__ = [
@@ -208,6 +215,19 @@ class _Batch:
     attempts: int = 1
 
 
+# How many forks led to this process. A publisher notes it when made: one made before a fork
+# belongs to the parent (its ZeroMQ context cannot be used, or even terminated, in the child).
+_forks = 0
+
+
+def _count_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
+
+
 @dataclass(slots=True)
 class _Resources:
     """The context and current socket, held apart from the publisher so cleanup has a fixed order.
@@ -221,8 +241,15 @@ class _Resources:
     context: zmq.Context[Any]
     socket: zmq.Socket[Any] | None = None
     linger_ms: int = 0
+    forks: int = 0  # _forks when made
+    monitor: zmq.Socket[Any] | None = None  # fire-and-forget: tells when a daemon took the connection
 
     def release(self) -> None:
+        if self.forks != _forks:
+            return  # the parent's: only it may close them
+        if self.monitor is not None:
+            self.monitor.close(linger=0)
+            self.monitor = None
         if self.socket is not None:
             self.socket.close(linger=self.linger_ms)
             self.socket = None
@@ -336,7 +363,8 @@ class Publisher:
         self._closed = False
         # A context of its own, so close() can terminate it (which is what makes a PUSH socket's
         # linger actually deliver queued frames) without touching the application's sockets.
-        self._resources = _Resources(zmq.Context(), linger_ms=0 if acked else int(close_timeout * 1000))
+        self._forks = _forks
+        self._resources = _Resources(zmq.Context(), linger_ms=0 if acked else int(close_timeout * 1000), forks=_forks)
         self._finalizer = weakref.finalize(self, self._resources.release)
         self._socket = self._open()
 
@@ -447,19 +475,31 @@ class Publisher:
 
         Waits up to ``timeout`` seconds (default ``close_timeout``); errors of the flush
         propagate, but the socket and context are closed in any case. A fire-and-forget
-        publisher lingers up to that long for queued frames to leave. Closing twice is harmless.
+        publisher lingers up to that long for queued frames to leave, and raises
+        :class:`PublishTimeout` if no daemon ever took its connection (what it sent is then
+        lost: ZeroMQ held it for a peer that never came). Closing twice is harmless.
         """
         if self._closed:
             return
+        if self._forks != _forks:
+            flush = False  # the parent's events, which the parent still holds and sends
         wait = self.close_timeout if timeout is None else timeout
         try:
-            if flush:
-                self.flush(wait)
-        except PublishTimeout as exc:
-            raise closed_unacknowledged(self.endpoint, wait, self.held_events()) from exc
-        except BatchRefused as exc:
-            exc.events.extend(self.held_events())  # closed now: nothing else holds them
-            raise
+            try:
+                if flush:
+                    self.flush(wait)
+            except PublishTimeout as exc:
+                raise closed_unacknowledged(self.endpoint, wait, self.held_events()) from exc
+            except BatchRefused as exc:
+                exc.events.extend(self.held_events())  # closed now: nothing else holds them
+                raise
+            if not self.acked and self.totals.sent and not self._handshake_seen(wait):
+                waited, wait = wait, 0  # no peer to linger for
+                raise PublishTimeout(
+                    f"no daemon at {self.endpoint} took a connection within {waited:g} s of closing: the "
+                    f"{self.totals.sent} events sent are dropped with the socket; is the daemon running, "
+                    "is this its [ingest] bind, and do its CURVE settings and this publisher's agree?"
+                )
         finally:
             self._closed = True
             # Acknowledged batches were settled (or handed back) above: nothing queued matters.
@@ -505,7 +545,10 @@ class Publisher:
         try:
             *_, payload = check_fields(event)
             packed: bytes = self._packer.pack(event)
-            if len(packed) > self.max_payload_bytes:  # else the payload, a part of it, is within too
+            # Else the payload, a part of it, is within the size limit, and (each level taking a
+            # byte) too short to nest too deep: a payload deep enough for the daemon to refuse
+            # it would, past the frame's own limit, take its whole fire-and-forget frame down.
+            if len(packed) > self.max_payload_bytes or len(packed) >= MAX_PAYLOAD_DEPTH:
                 pack_payload(payload, self.max_payload_bytes)
             return packed
         except InvalidEvent:
@@ -624,6 +667,8 @@ class Publisher:
             sock.setsockopt(zmq.SNDHWM, max(1000, 2 * self.window))
         if self._configure is not None:
             self._configure(sock)
+        if not self.acked:  # attached before connecting, or a quick handshake would go unseen
+            self._resources.monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         try:
             connect(sock, self.endpoint)
         except ValueError as exc:
@@ -794,6 +839,19 @@ class Publisher:
             else:
                 time.sleep(wait_s)
 
+    def _handshake_seen(self, timeout: float) -> bool:
+        """Whether a daemon has completed a handshake with this fire-and-forget socket, waiting up
+        to ``timeout`` seconds for one (a PUSH socket queues frames for a peer that may never come)."""
+        monitor = self._resources.monitor
+        if monitor is None or self._forks != _forks:
+            return True
+        return bool(monitor.poll(math.ceil(max(0.0, timeout) * 1000), zmq.POLLIN))
+
     def _check_open(self) -> None:
         if self._closed:
             raise PublisherClosed(f"this publisher to {self.endpoint} is closed; make a new one")
+        if self._forks != _forks:
+            raise PublisherClosed(
+                f"this publisher to {self.endpoint} was made before this process was forked: its socket "
+                "belongs to the parent (which still holds and sends its events); make a new Publisher here"
+            )
