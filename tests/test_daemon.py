@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -423,6 +424,41 @@ def test_publish_script_to_an_endpoint_with_no_daemon_says_so_and_fails() -> Non
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 130 and "Traceback" not in err, (script, out, err)
+
+
+@pytest.mark.parametrize("to", ["the process group", "the command alone"])
+def test_ctrl_c_stops_every_publisher_process_and_still_prints_the_summary(daemon: Daemon, to: str) -> None:
+    # Before: a traceback from each process, no summary, and with SIGINT to the command alone
+    # (kill -INT PID) its worker processes went on sending.
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPTS / "publish.py"), "--endpoint", daemon.ack, "--acked", "--json"]
+        + ["--events", "200000", "--processes", "2", "--rate", "2000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_sigint,
+        start_new_session=True,
+    )
+    eventually(lambda: daemon.stats()["unique_processed"] >= 500, 30, "the publishers are sending")
+    if to == "the process group":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "Traceback" not in err, (out, err)
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["interrupted"] is True and 0 < summary["sent"] < 200_000, summary
+    # What was sent was acknowledged before the processes ended, and none of them sends on.
+    assert summary["acked_new"] == summary["sent"] and summary["unacked"] == 200_000 - summary["sent"], summary
+    stored = daemon.wait_stats(unique_processed=summary["sent"], in_flight=0)
+    time.sleep(1.0)
+    assert daemon.stats()["received"] == stored["received"]
+
+
+def test_publish_refuses_a_rate_it_cannot_pace() -> None:
+    for rate in ("1e-300", "nan", "inf", "-1", "1e10"):
+        result = run_script("publish.py", "--rate", rate, "--events", "1", timeout=30)
+        assert result.returncode == 2 and "--rate" in result.stderr and "Traceback" not in result.stderr, rate
 
 
 def test_threads_carry_their_names_for_the_kernel(daemon_factory: Callable[..., Daemon]) -> None:

@@ -14,14 +14,19 @@ retries until every batch is acknowledged or ``--deadline`` passes. CURVE keys c
 
 Progress goes to stderr when it is a terminal. The summary is one line (with ``--json``: one
 JSON object on the last line of stdout). Exit status: 0 when every event was sent and, with
-``--acked``, acknowledged as stored (new or duplicate); 1 otherwise; 2 for a bad config.
+``--acked``, acknowledged as stored (new or duplicate); 1 otherwise; 2 for a bad config; 130
+after Ctrl-C (SIGINT), which stops every process, waits up to ``INTERRUPT_WAIT_S`` for the
+acknowledgements of what was sent, and still prints the summary (``"interrupted": true``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
+import os
+import signal
 import sys
 import threading
 import time
@@ -29,7 +34,7 @@ from typing import Any
 
 import zmq
 
-from transport.client import connectable
+from transport.client import MAX_TIMEOUT_S, connectable
 from transport.commands.client_flags import curve_from_args, endpoint_url
 from transport.config import ConfigError, IngestConfig, load_config
 from transport.handshake import unreachable
@@ -38,6 +43,9 @@ from transport.security import SecurityError, SocketHook
 from transport.workload import plan
 
 PROGRESS_EVERY_S = 0.5
+INTERRUPT_WAIT_S = 5.0  # after Ctrl-C, how long the acknowledgements of what was sent are awaited
+PARENT_CHECK_EVERY = 1000  # events between a worker's checks that the command is still there
+MAX_RATE = 1e9
 
 
 def check_reachable(args: argparse.Namespace, endpoint: str, secure: SocketHook | None) -> str | None:
@@ -63,12 +71,18 @@ def run_slice(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def send_slice(
-    args: argparse.Namespace, endpoint: str, events: list[dict[str, Any]], count: int, progress: Any
+    args: argparse.Namespace,
+    endpoint: str,
+    events: list[dict[str, Any]],
+    count: int,
+    progress: Any,
+    watch_parent: bool = False,
 ) -> dict[str, Any]:
     """Send ``events``, one of ``count`` slices of the run's stream; returns this slice's summary.
 
     ``progress`` is a shared counter (``.value``) of events sent (fire-and-forget) or
-    acknowledged (``--acked``), for the progress line.
+    acknowledged (``--acked``), for the progress line. Ctrl-C stops the sending and is reported
+    as ``interrupted``; so is, with ``watch_parent``, the end of the process that started this one.
     """
     rate = args.rate / count if args.rate else 0.0
 
@@ -91,11 +105,15 @@ def send_slice(
         configure=curve_from_args(args),  # built here: each process reads the key files itself
     )
     error = None
+    interrupted = False
     reported = 0
     next_at = time.monotonic()
+    parent = os.getppid()
     try:
         try:
-            for event in events:
+            for sent, event in enumerate(events):
+                if watch_parent and sent % PARENT_CHECK_EVERY == 0 and os.getppid() != parent:
+                    raise KeyboardInterrupt  # the command is gone (killed): stop as after Ctrl-C
                 if rate:
                     # Pace without saving up credit: after a stall (a daemon restarting) the
                     # stream resumes at the rate, it does not burst to catch up.
@@ -111,10 +129,21 @@ def send_slice(
                     advance(publisher.totals.sent - reported)
                     reported = publisher.totals.sent
             publisher.flush()  # bounded: DeliveryFailed once a batch goes --deadline unacknowledged
+        except KeyboardInterrupt:
+            # Stop sending; what was sent gets a short wait for its acknowledgements, which a
+            # second Ctrl-C (the command forwards one, a terminal sends one to all) cannot cut.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            interrupted = True
+            if args.acked:
+                try:
+                    publisher.flush(min(INTERRUPT_WAIT_S, args.deadline))
+                except PublisherError:
+                    pass  # counted below as unacknowledged
         finally:
-            publisher.close(timeout=args.deadline, flush=False)
+            publisher.close(timeout=0 if interrupted else args.deadline, flush=False)
     except (DeliveryFailed, PublisherError) as exc:
-        error = str(exc)
+        if not interrupted:
+            error = str(exc)
     totals = publisher.totals
     if not args.acked:
         advance(totals.sent - reported)
@@ -127,6 +156,7 @@ def send_slice(
         "unacked": len(events) - done if args.acked else 0,
         "retries": totals.retries,
         "errors": [error] if error else [],
+        "interrupted": interrupted,
     }
 
 
@@ -140,7 +170,9 @@ def _worker(
     results: Any,
 ) -> None:
     try:
-        summary = send_slice(args, endpoint, events, count, progress)
+        summary = send_slice(args, endpoint, events, count, progress, watch_parent=True)
+    except KeyboardInterrupt:  # a second one, before the first was handled
+        summary = {"interrupted": True}
     except Exception as exc:
         summary = {"errors": [f"process {index}: {type(exc).__name__}: {exc}"]}
     results.put(summary)
@@ -160,9 +192,19 @@ def run_processes(args: argparse.Namespace, endpoint: str, progress: Any) -> lis
     for worker in workers:
         worker.start()
     summaries: list[dict[str, Any]] = []
-    while len(summaries) < len(workers):
+    give_up_at = math.inf
+    while len(summaries) < len(workers) and time.monotonic() < give_up_at:
         try:
             summaries.append(results.get(timeout=0.5))
+        except KeyboardInterrupt:
+            if give_up_at < math.inf:
+                break  # a second Ctrl-C: stop waiting
+            # Pass it on (a SIGINT sent to this process alone would leave them sending), then
+            # collect what they sent; they stop and answer within INTERRUPT_WAIT_S.
+            for worker in workers:
+                if worker.is_alive() and worker.pid is not None:
+                    os.kill(worker.pid, signal.SIGINT)
+            give_up_at = time.monotonic() + INTERRUPT_WAIT_S + 10
         except Exception:
             if not any(worker.is_alive() for worker in workers):
                 try:
@@ -172,9 +214,13 @@ def run_processes(args: argparse.Namespace, endpoint: str, progress: Any) -> lis
                     pass
                 break
     for worker in workers:
-        worker.join(10)
+        worker.join(0 if give_up_at < math.inf else 10)
+        if worker.is_alive():
+            worker.terminate()
     missing = len(workers) - len(summaries)
-    if missing:
+    if missing and give_up_at < math.inf:
+        summaries.append({"interrupted": True, "errors": [f"{missing} publisher processes stopped without a summary"]})
+    elif missing:
         summaries.append({"errors": [f"{missing} publisher processes died without a summary"]})
     return summaries
 
@@ -247,7 +293,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         type=float,
         default=0.0,
         metavar="R",
-        help="send at most R events/s in total, never bursting to catch up (default: no limit)",
+        help=f"send at most R events/s in total (from 0.001 to {MAX_RATE:g}), never bursting to catch up "
+        "(default 0: no limit)",
     )
     parser.add_argument("--server-key", metavar="PATH", help="CURVE: the daemon's public certificate (server.key)")
     parser.add_argument(
@@ -273,8 +320,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         parser.error("--batch, --processes, --window and --topics must be 1 or more")
     if args.events < 0 or not 0 <= args.duplicates < 1:
         parser.error("--events must be 0 or more and --duplicates a fraction from 0 up to (not including) 1")
-    if args.ack_timeout <= 0 or args.deadline <= 0 or args.rate < 0:
-        parser.error("--ack-timeout and --deadline must be above 0, --rate 0 or more")
+    if not all(math.isfinite(value) for value in (args.ack_timeout, args.deadline, args.rate)):
+        parser.error("--ack-timeout, --deadline and --rate must be finite numbers")
+    if not (0 < args.ack_timeout <= MAX_TIMEOUT_S and 0 < args.deadline <= MAX_TIMEOUT_S):
+        parser.error(f"--ack-timeout and --deadline must be above 0 and at most {MAX_TIMEOUT_S} s")
+    if args.rate and not 0.001 <= args.rate <= MAX_RATE:
+        parser.error(f"--rate must be 0 (no limit) or from 0.001 to {MAX_RATE:g} events/s, not {args.rate:g}")
     if "," not in endpoint:  # (several daemons: a topic moves on from one that is down)
         try:
             problem = check_reachable(args, endpoint, secure)
@@ -318,8 +369,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         for key in ("sent", "acked_new", "acked_duplicate", "rejected", "unacked", "retries")
     }
     errors = [error for s in summaries for error in s.get("errors", [])]
+    interrupted = any(s.get("interrupted") for s in summaries)
     summary.update(
         {
+            "interrupted": interrupted,
             "elapsed_s": round(elapsed, 3),
             "events_per_s": round(summary["sent"] / elapsed) if elapsed else 0,
             "acked": args.acked,
@@ -344,7 +397,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 f"{summary['rejected']:,} rejected; {summary['unacked']:,} unacknowledged, "
                 f"{summary['retries']} retries"
             )
-        print(line)
+        print(f"interrupted: {line}" if interrupted else line)
+    if interrupted:
+        return 130
     return 0 if ok else 1
 
 
