@@ -28,6 +28,9 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "run": Command("actors.run", "run the daemon in the foreground (scripts/aggregatord.py)"),
     "stats": Command("transport.commands.stats", "print the daemon's stats", quiet_on_broken_pipe=True),
+    "health": Command(
+        "transport.commands.health", "say whether the daemon is well, and why not", quiet_on_broken_pipe=True
+    ),
     "events": Command("transport.commands.events", "list stored events as JSON Lines", quiet_on_broken_pipe=True),
     "publish": Command("transport.commands.publish", "send a deterministic stream of events (load and smoke tests)"),
     "keys": Command("transport.commands.keys", "create CURVE certificates"),

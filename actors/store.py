@@ -493,6 +493,16 @@ class DatabaseLock:
                 "first, or give this one another [storage] path"
             ) from None
         self._database_fd = fd
+        mode = os.fstat(fd).st_mode & 0o777
+        if mode & 0o077:
+            # A file restored or copied in keeps its mode (SQLite gives its -wal and -shm the
+            # same): left as the operator made it, but said, since it holds every event.
+            log.warning(
+                "database %s is mode %04o: other users may read its events (and its -wal and -shm files "
+                "take the same mode); run chmod 600 on it unless that is meant",
+                self.database,
+                mode,
+            )
 
     def replaced(self) -> str | None:
         """Why the database's path no longer leads to the file this daemon writes, or None if it does.

@@ -6,7 +6,7 @@
 # Lays out:
 #   /opt/eventagg/venv/                     virtualenv with eventagg (a wheel) and its dependencies;
 #                                           venv/bin/eventagg is the command (run, stats, events, ...)
-#   /opt/eventagg/scripts/                  aggregatord.py, stats.py, events.py, publish.py, keys.py
+#   /opt/eventagg/scripts/                  aggregatord.py, stats.py, health.py, events.py, publish.py, keys.py
 #                                           (thin wrappers of the same command; the development tools
 #                                           bench.py, peers.py and dev.py stay in the checkout)
 #   /opt/eventagg/config.toml.default       the shipped default config, for reference
@@ -94,9 +94,11 @@ echo "install: installing eventagg and its dependencies"
 
 # 3. The scripts of the operator's contract, wrappers of the installed command. Nothing that
 #    imports the tests (bench.py, peers.py) or builds a checkout's virtualenv (dev.py) goes here.
+#    Their first line names the virtualenv's python, so they run as they are, by path.
 mkdir -p "$OPT/scripts"
-for script in aggregatord.py stats.py events.py publish.py keys.py; do
+for script in aggregatord.py stats.py health.py events.py publish.py keys.py; do
     install -m 0755 "$SRC/scripts/$script" "$OPT/scripts/"
+    sed -i "1s|^#!.*|#!$VENV/bin/python|" "$OPT/scripts/$script"
 done
 for gone in _bootstrap.py bench.py peers.py dev.py; do  # left by an older install
     rm -f "$OPT/scripts/$gone"
@@ -138,6 +140,7 @@ if [ "$WITH_GATEWAY" = 1 ]; then
     install -m 0644 "$SRC/scripts/systemd/eventagg-gateway.service" "$UNIT_DIR/eventagg-gateway.service"
     echo "install: installed $UNIT_DIR/eventagg-gateway.service"
     install -m 0755 "$SRC/scripts/gateway.py" "$OPT/scripts/"
+    sed -i "1s|^#!.*|#!$VENV/bin/python|" "$OPT/scripts/gateway.py"
 fi
 
 if [ -z "$PREFIX" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then

@@ -19,6 +19,7 @@ from transport.commands.stats import table
 SCRIPTS = {
     "aggregatord.py": "run",
     "stats.py": "stats",
+    "health.py": "health",
     "events.py": "events",
     "publish.py": "publish",
     "keys.py": "keys",

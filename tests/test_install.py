@@ -81,8 +81,10 @@ def test_install_lays_out_a_working_installation(prefix: Path, tmp_path: Path) -
     assert (etc / "config.toml").read_text() == (ROOT / "config.toml").read_text()
     unit = prefix / "etc/systemd/system/eventagg.service"
     assert unit.read_text() == (ROOT / "scripts/systemd/eventagg.service").read_text()
-    for script in ("aggregatord.py", "stats.py", "events.py", "publish.py", "keys.py"):
+    for script in ("aggregatord.py", "stats.py", "health.py", "events.py", "publish.py", "keys.py"):
         assert (opt / "scripts" / script).is_file()
+        # Run by path, they find the installation's packages: the first line names its python.
+        assert (opt / "scripts" / script).read_text().splitlines()[0] == f"#!{opt / 'venv/bin/python'}"
     # Development tools stay in the checkout: nothing installed imports the tests.
     for tool in ("_bootstrap.py", "bench.py", "peers.py", "dev.py"):
         assert not (opt / "scripts" / tool).exists(), tool
@@ -123,7 +125,7 @@ def test_install_lays_out_a_working_installation(prefix: Path, tmp_path: Path) -
         wait_healthy(endpoints["query"], proc, log)
         publish(endpoints["ingest"], "--events", "500", "--duplicates", "0.2", "--topics", "4")
         stats = subprocess.run(
-            [str(installed_python(prefix)), str(opt / "scripts/stats.py"), "--config", str(config), "--json"],
+            [str(opt / "scripts/stats.py"), "--config", str(config), "--json"],
             check=False,
             capture_output=True,
             text=True,

@@ -11,6 +11,7 @@ import errno
 import os
 import random
 import re
+import shutil
 import sqlite3
 import subprocess
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from harness import Daemon, push_frames
+from harness import Daemon, push_frames, run_script
 
 from transport.workload import make_event
 
@@ -32,6 +33,19 @@ def test_database_and_folder_are_owner_only(daemon_factory: Callable[..., Daemon
     assert daemon.db_path.parent.stat().st_mode & 0o777 == 0o700
     assert daemon.db_path.stat().st_mode & 0o777 == 0o600
     assert daemon.terminate() == 0
+
+
+def test_a_database_restored_readable_by_others_is_kept_so_and_said(daemon_factory: Callable[..., Daemon]) -> None:
+    first = daemon_factory("first").start()
+    assert first.terminate() == 0
+    second = daemon_factory("second")
+    shutil.copyfile(first.db_path, second.db_path)  # a restore from a backup, with the umask's 0644
+    second.db_path.chmod(0o644)
+    second.start()
+    assert second.db_path.stat().st_mode & 0o777 == 0o644
+    assert f"database {second.db_path} is mode 0644: other users may read its events" in second.log()
+    assert second.terminate() == 0
+    assert "is mode" not in first.log()
 
 
 def test_not_a_database_stops_the_start(daemon_factory: Callable[..., Daemon]) -> None:
@@ -182,6 +196,13 @@ def test_full_disk_gives_no_ack_and_recovers(daemon_factory: Callable[..., Daemo
         health = daemon.request({"op": "health"})
         assert "the last commit failed: database or disk is full" in health.get("error", ""), health
         assert len(failures) >= 2, "the commit was not retried"
+        # The commands say it too: before, stats showed only in_flight stuck.
+        said = run_script("stats.py", "--endpoint", daemon.query, timeout=30)
+        assert said.returncode == 0 and "stats: the daemon reports a problem: " in said.stderr, said.stderr
+        assert "the last commit failed: database or disk is full" in said.stderr
+        checked = run_script("health.py", "--endpoint", daemon.query, timeout=30)
+        assert checked.returncode == 1 and "PROBLEM: " in checked.stdout, checked
+        assert "the last commit failed: database or disk is full" in checked.stdout
 
         filler.unlink()
         reply = publisher.reply(15.0)  # backoff is capped at 5 s
@@ -189,6 +210,9 @@ def test_full_disk_gives_no_ack_and_recovers(daemon_factory: Callable[..., Daemo
         assert "commit succeeded again after a failure" in daemon.log()
         stats = daemon.wait_stats(unique_processed=310, in_flight=0)
         assert "error" not in daemon.request({"op": "health"})
+        checked = run_script("health.py", "--endpoint", daemon.query, timeout=30)
+        assert checked.returncode == 0 and f"eventagg at {daemon.query}: ok" in checked.stdout, checked
+        assert "problem" not in run_script("stats.py", "--endpoint", daemon.query, timeout=30).stderr
         # A re-send after recovery is a duplicate: the retried commit stored each event once.
         publisher.send(3, events[:50])
         assert publisher.reply(10.0) == {"batch": 3, "new": 0, "duplicate": 50, "rejected": []}

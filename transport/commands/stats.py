@@ -6,7 +6,8 @@ With CURVE on, add ``--server-key server.key --client-cert NAME.key_secret`` (or
 ``[security] server_public_key`` and ``client_certificate`` in the file given to ``--config``).
 
 Exits 0 with the stats, or non-zero with a message on stderr within the timeout when no daemon
-answers. With ``--json``, stdout holds exactly one JSON document.
+answers. With ``--json``, stdout holds exactly one JSON document. A problem the daemon's health
+reports (a failing commit, a full disk) is said on stderr beside the stats.
 """
 
 from __future__ import annotations
@@ -62,9 +63,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         with QueryClient(endpoint, timeout=args.timeout, configure=secure) as client:
             stats = client.call({"op": "stats"})
+            # The counters alone do not show a daemon in trouble (a failing commit leaves
+            # in_flight stuck and nothing else): its health's sentence goes to stderr.
+            problem = client.request({"op": "health"}).get("error")
     except QueryClientError as exc:
         print(f"stats: {explain(exc, endpoint, secure)}", file=sys.stderr)
         return 1
+    if problem:
+        print(f"stats: the daemon reports a problem: {problem} (eventagg health says more)", file=sys.stderr)
     if args.json:
         print(json.dumps(stats, sort_keys=True))
         return 0
