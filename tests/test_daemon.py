@@ -390,6 +390,22 @@ def test_stats_at_another_of_the_daemons_ports_names_that_cause_too(daemon: Daem
     assert result.returncode == 1 and "or this is another of the daemon's ports" in result.stderr, result.stderr
 
 
+def test_output_to_a_full_disk_ends_in_a_line_not_a_traceback(daemon: Daemon) -> None:
+    publish(daemon.ingest, "--events", "10")
+    daemon.wait_stats(unique_processed=10)
+    for script in ("stats.py", "health.py", "events.py"):
+        with open("/dev/full", "w") as full:
+            result = subprocess.run(
+                [sys.executable, str(SCRIPTS / script), "--endpoint", daemon.query],
+                stdout=full,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=30,
+            )
+        assert result.returncode == 1 and "Traceback" not in result.stderr, (script, result.stderr)
+        assert "cannot write the output: No space left on device" in result.stderr, (script, result.stderr)
+
+
 def test_publish_script_reports_what_it_sent(daemon: Daemon) -> None:
     result = publish(daemon.ingest, "--events", "300", "--duplicates", "0.1", "--json")
     summary = json.loads(result.stdout.strip().splitlines()[-1])

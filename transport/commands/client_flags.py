@@ -8,6 +8,7 @@ Where the daemon is (``--endpoint``, or the query endpoint of ``--config``), how
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Callable
@@ -94,7 +95,7 @@ def run_command(main: Callable[[], int]) -> int:
     and Ctrl-C with 130.
 
     Without this, the first write after the reader has gone raises BrokenPipeError: a traceback
-    where ``cat`` would say nothing.
+    where ``cat`` would say nothing. Output to a full disk ends with a line saying so and 1.
     """
     try:
         code = main()
@@ -105,4 +106,14 @@ def run_command(main: Callable[[], int]) -> int:
         # Python flushes stdout once more on its way out: point it at /dev/null first.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:
+        if exc.errno not in _CANNOT_WRITE:
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"cannot write the output: {exc.strerror}; free some space or write elsewhere", file=sys.stderr)
+        return 1
     return code
+
+
+# A write that failed for want of room: said in a line, not a traceback.
+_CANNOT_WRITE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
