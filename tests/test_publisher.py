@@ -438,12 +438,16 @@ def test_curve_from_keys_or_config_in_the_library_and_in_publish_py(
         tmp_path / "client.toml",
         {
             "ingest": {"bind": daemon.ingest, "ack_bind": daemon.ack},
+            "query": {"bind": daemon.query},
             "security": {"server_public_key": str(server_key), "client_certificate": str(alice)},
         },
     )
     with Publisher.from_config(client_config, deadline=20) as publisher:
         publisher.publish_many([make_event(i, 1, "cv") for i in range(100)])
     assert publisher.totals.acked_new == 100
+    # The query client reads the same file, keys included (it took a Config and no keys before).
+    with QueryClient.from_config(client_config, timeout=5.0) as client:
+        assert client.call({"op": "stats"})["unique_processed"] >= 100
 
     result = run_script(
         "publish.py",

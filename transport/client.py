@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from os import PathLike
 from typing import Any
 
 import msgpack
 import zmq
 
-from transport.config import Config, wants_ipv6
+from transport.config import Config, load_config, wants_ipv6
+from transport.security import curve_client_from_config
 
 MAX_TIMEOUT_S = 2_147_483  # ZeroMQ's poll takes milliseconds as a C int: about 24 days
 
@@ -58,9 +60,16 @@ class QueryClient:
         self._socket: zmq.Socket[Any] | None = None
 
     @classmethod
-    def from_config(cls, config: Config, timeout: float = 5.0) -> QueryClient:
-        """A client for the query endpoint named in a config (a wildcard bind becomes loopback)."""
-        return cls(connectable(config.query.bind), timeout)
+    def from_config(cls, config: Config | str | PathLike[str], timeout: float = 5.0) -> QueryClient:
+        """A client for the daemon a config file (or an already loaded :class:`Config`) describes.
+
+        Connects to ``[query] bind`` (a wildcard address made loopback), speaking CURVE when
+        ``[security] client_certificate`` is set, as ``Publisher.from_config`` does. Raises
+        :class:`transport.config.ConfigError` for a missing or bad file and
+        :class:`transport.security.SecurityError` for a missing or unsafe key file.
+        """
+        loaded = config if isinstance(config, Config) else load_config(config)
+        return cls(connectable(loaded.query.bind), timeout, configure=curve_client_from_config(loaded))
 
     def _open(self) -> zmq.Socket[Any]:
         sock: zmq.Socket[Any] = self._context.socket(zmq.REQ)
