@@ -4,6 +4,7 @@ the daemon's heartbeat sizing how long silence is tolerated."""
 
 from __future__ import annotations
 
+import _thread
 import logging
 import sqlite3
 import threading
@@ -67,6 +68,22 @@ def test_leaving_by_an_exception_does_not_acknowledge_the_event_being_handled(
 
 
 @pytest.mark.timeout(120)
+def test_ctrl_c_while_waiting_for_the_next_event_acknowledges_the_one_handled(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    # The event handed out last was handled (the application asked for the next): it used to
+    # come again on the next run, as if the Ctrl-C had interrupted its handling.
+    daemon = daemon_factory(**FAST).start()
+    publish(daemon.ack, "--acked", "--events", "5", "--topics", "1")
+    with pytest.raises(KeyboardInterrupt), Subscriber(daemon.subscribe, name="waiter") as events:
+        assert [event["position"] for event in take(events, 5)] == [1, 2, 3, 4, 5]
+        timer = threading.Timer(0.5, _thread.interrupt_main)  # SIGINT's KeyboardInterrupt, in this thread
+        timer.start()
+        events.next_event(10)  # nothing more comes: waiting here when the Ctrl-C arrives
+    assert positions(daemon) == {"waiter": 5}
+
+
+@pytest.mark.timeout(120)
 def test_an_after_past_the_head_stores_no_position(daemon_factory: Callable[..., Daemon]) -> None:
     daemon = daemon_factory(**FAST).start()
     publish(daemon.ack, "--acked", "--events", "30", "--topics", "1")
@@ -98,6 +115,7 @@ def test_a_handler_slower_than_the_daemons_timeout_still_gets_its_position_store
         time.sleep(3.0)
     assert subscriber.acked == 31
     assert positions(daemon)["steady"] == 31
+    assert subscriber.reconnects == 1  # the subscription the daemon dropped, made again
 
 
 @pytest.mark.timeout(120)

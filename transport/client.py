@@ -111,7 +111,8 @@ class QueryClient:
                 raise GaveUp(f"gave up waiting for {self.endpoint}'s answer")
         raise NoAnswer(
             f"no answer from {self.endpoint} within {self.timeout:g} s"
-            f"{f' ({self.attempts} attempts)' if self.attempts > 1 else ''}; is the daemon running?"
+            f"{f' ({self.attempts} attempts)' if self.attempts > 1 else ''}; is the daemon running, is this its "
+            "[query] bind, and do its CURVE settings and this client's agree? (transport.handshake.probe tells which)"
         )
 
     def _await(self, sock: zmq.Socket[Any], give_up: Callable[[], bool] | None) -> bool | None:

@@ -66,7 +66,8 @@ class Subscriber:
     ``topic``: one topic, the cursor is its seq; without it every topic in commit order (or only
     ``topics``), the cursor is the commit ``position``. ``after``: start after this cursor (None:
     the named consumer's acknowledged position, or the beginning). ``credit``: the window, the
-    most events the daemon may have sent ahead of the application.
+    most events the daemon may have sent ahead of the application. ``reconnects`` counts the
+    times the subscription was made again: on a new connection, or when the daemon had dropped it.
     """
 
     def __init__(
@@ -266,6 +267,7 @@ class Subscriber:
         if self._taken is None:
             return
         self._taken = None
+        self._finished_cursor = self._taken_cursor  # so an exception from here on (Ctrl-C) keeps it
         if self.name is not None and self._subscribed and self._taken_cursor != self._ack_sent:
             if time.monotonic() - self._ack_sent_at >= self.ack_interval:
                 self.ack()
@@ -437,6 +439,7 @@ class Subscriber:
                 if code != "not_subscribed":  # busy or unavailable: back off first
                     self._reconnect_later()
                 else:
+                    self.reconnects += 1
                     self._subscribe()
                 return
             self._closed = True
