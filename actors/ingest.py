@@ -222,6 +222,10 @@ class IngestServer:
                 self._flush_rejected(force=not ready)
             self._forward_acks()
             self._flush_rejected(force=True)
+        except zmq.ContextTerminated:
+            # The daemon stopped waiting for the drain (it logged why, e.g. commits failing and
+            # holding the credit) and ended the sockets' context: an end, not a failure.
+            log.debug("ingest stopped while still draining: the daemon ended its wait")
         except Exception:
             log.exception("ingest loop failed; the daemon stops reading events")
             raise
@@ -465,13 +469,14 @@ class IngestServer:
             read = self._read_messages()
             self._settle(DRAIN_SETTLE_S)
             self._hand_on()
-            # What waits for credit gets it as the actors commit what is in flight.
+            # What waits for credit gets it as the actors commit what is in flight, unless the
+            # daemon stops waiting first (commits failing: close() then ends the drain here).
             deadline = time.monotonic() + DRAIN_CREDIT_S
-            while self._pending and time.monotonic() < deadline:
+            while self._pending and time.monotonic() < deadline and not self._closing.is_set():
                 self._forward_acks()
                 time.sleep(HOLD_POLL_MS / 1000)
                 self._hand_on()
-            if not read and not self._pending:
+            if (not read and not self._pending) or self._closing.is_set():
                 break
 
     def _settle(self, timeout: float) -> None:

@@ -14,6 +14,7 @@ import re
 import shutil
 import sqlite3
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from harness import Daemon, push_frames, run_script
+from harness import Daemon, eventually, push_frames, run_script
 
 from transport.workload import make_event
 
@@ -219,3 +220,21 @@ def test_full_disk_gives_no_ack_and_recovers(daemon_factory: Callable[..., Daemo
     finally:
         publisher.close()
     assert daemon.terminate() == 0
+
+
+def test_sigterm_with_the_disk_full_and_events_waiting_stops_without_a_traceback(
+    daemon_factory: Callable[..., Daemon], tiny_disk: Path
+) -> None:
+    # The drain waits for credit that failing commits never give back; when the daemon stopped
+    # waiting, the ingest thread logged its sockets' ended context as a failure.
+    daemon = daemon_factory(storage={"path": str(tiny_disk / "events.db")}, ingest={"max_in_flight": 500}).start()
+    fill(tiny_disk / "filler")
+    frames = [msgpack.packb([make_event(i * 100 + j, 50, "flood-") for j in range(100)]) for i in range(30)]
+    push_frames(daemon.ingest, frames)
+    eventually(lambda: "failed (database or disk is full)" in daemon.log(), 30, "a commit failing")
+    started = time.monotonic()
+    assert daemon.terminate(90) == 1  # what was received and not committed is lost: said by the status
+    log = daemon.log()
+    assert "Traceback" not in log and "ingest loop failed" not in log, log[-3000:]
+    assert "ingest did not finish reading what was queued within 15 s" in log and "drain incomplete" in log
+    assert time.monotonic() - started < 20  # the drain's wait, and not 10 s more for the ingest thread
