@@ -422,7 +422,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         with source.open("rb") as handle:
             data = tomllib.load(handle)
     except FileNotFoundError:
-        raise ConfigError(f"config file {source} does not exist: pass --config with an existing file") from None
+        raise ConfigError(f"config file {source} does not exist: give the path of an existing one") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {source} is not valid TOML: {exc}") from None
     except UnicodeDecodeError as exc:
