@@ -13,15 +13,17 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import zmq
 
-from transport.client import MAX_TIMEOUT_S, NoAnswer, QueryClientError, connectable
-from transport.config import QueryConfig, endpoint_problem, load_config
+from transport.client import MAX_TIMEOUT_S, NoAnswer, QueryClient, QueryClientError, connectable
+from transport.config import ConfigError, QueryConfig, endpoint_problem, load_config
 from transport.handshake import probe
 from transport.security import SecurityError, SocketHook, curve_client, curve_client_from_config
 
 PROBE_TIMEOUT_S = 1.0
+T = TypeVar("T")
 
 
 def endpoint_from_args(args: argparse.Namespace) -> str:
@@ -78,6 +80,26 @@ def curve_from_args(args: argparse.Namespace) -> SocketHook | None:
     if args.config:
         return curve_client_from_config(load_config(args.config))
     return None
+
+
+def query_daemon(args: argparse.Namespace, command: str, ask: Callable[[QueryClient], T]) -> tuple[str, T]:
+    """``ask`` a client for the daemon the flags name; returns the endpoint and the answer.
+
+    As every query command does, a bad config or key file ends the command with 2, and no
+    answer with 1, each after a line on stderr that begins with ``command`` and says why.
+    """
+    try:
+        endpoint = endpoint_from_args(args)
+        secure = curve_from_args(args)
+    except (ConfigError, SecurityError) as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        with QueryClient(endpoint, timeout=args.timeout, configure=secure) as client:
+            return endpoint, ask(client)
+    except QueryClientError as exc:
+        print(f"{command}: {explain(exc, endpoint, secure)}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def explain(exc: QueryClientError, endpoint: str, configure: SocketHook | None) -> str:

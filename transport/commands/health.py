@@ -16,16 +16,7 @@ import json
 import sys
 from typing import Any
 
-from transport.client import QueryClient, QueryClientError
-from transport.commands.client_flags import (
-    add_endpoint_args,
-    curve_from_args,
-    endpoint_from_args,
-    explain,
-    run_command,
-)
-from transport.config import ConfigError
-from transport.security import SecurityError
+from transport.commands.client_flags import add_endpoint_args, query_daemon, run_command
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -33,18 +24,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     add_endpoint_args(parser)
     parser.add_argument("--json", action="store_true", help="print the daemon's health reply as one JSON document")
     args = parser.parse_args(argv)
-    try:
-        endpoint = endpoint_from_args(args)
-        secure = curve_from_args(args)
-    except (ConfigError, SecurityError) as exc:
-        print(f"health: {exc}", file=sys.stderr)
-        return 2
-    try:
-        with QueryClient(endpoint, timeout=args.timeout, configure=secure) as client:
-            reply = client.request({"op": "health"})
-    except QueryClientError as exc:
-        print(f"health: {explain(exc, endpoint, secure)}", file=sys.stderr)
-        return 1
+    endpoint, reply = query_daemon(args, "health", lambda client: client.request({"op": "health"}))
     if args.json:
         print(json.dumps(reply, sort_keys=True))
     else:

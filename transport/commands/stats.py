@@ -17,16 +17,8 @@ import json
 import sys
 from typing import Any
 
-from transport.client import QueryClient, QueryClientError
-from transport.commands.client_flags import (
-    add_endpoint_args,
-    curve_from_args,
-    endpoint_from_args,
-    explain,
-    run_command,
-)
-from transport.config import ConfigError
-from transport.security import SecurityError
+from transport.client import QueryClient
+from transport.commands.client_flags import add_endpoint_args, query_daemon, run_command
 
 ORDER = (
     "received",
@@ -54,21 +46,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     add_endpoint_args(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     args = parser.parse_args(argv)
-    try:
-        endpoint = endpoint_from_args(args)
-        secure = curve_from_args(args)
-    except (ConfigError, SecurityError) as exc:
-        print(f"stats: {exc}", file=sys.stderr)
-        return 2
-    try:
-        with QueryClient(endpoint, timeout=args.timeout, configure=secure) as client:
-            stats = client.call({"op": "stats"})
-            # The counters alone do not show a daemon in trouble (a failing commit leaves
-            # in_flight stuck and nothing else): its health's sentence goes to stderr.
-            problem = client.request({"op": "health"}).get("error")
-    except QueryClientError as exc:
-        print(f"stats: {explain(exc, endpoint, secure)}", file=sys.stderr)
-        return 1
+
+    def ask(client: QueryClient) -> tuple[dict[str, Any], Any]:
+        # The counters alone do not show a daemon in trouble (a failing commit leaves in_flight
+        # stuck and nothing else): its health's sentence goes to stderr.
+        return client.call({"op": "stats"}), client.request({"op": "health"}).get("error")
+
+    endpoint, (stats, problem) = query_daemon(args, "stats", ask)
     if problem:
         print(f"stats: the daemon reports a problem: {problem} (eventagg health says more)", file=sys.stderr)
     if args.json:
