@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import _thread
 import logging
+import signal
 import sqlite3
 import threading
 import time
@@ -75,11 +76,16 @@ def test_ctrl_c_while_waiting_for_the_next_event_acknowledges_the_one_handled(
     # come again on the next run, as if the Ctrl-C had interrupted its handling.
     daemon = daemon_factory(**FAST).start()
     publish(daemon.ack, "--acked", "--events", "5", "--topics", "1")
-    with pytest.raises(KeyboardInterrupt), Subscriber(daemon.subscribe, name="waiter") as events:
-        assert [event["position"] for event in take(events, 5)] == [1, 2, 3, 4, 5]
-        timer = threading.Timer(0.5, _thread.interrupt_main)  # SIGINT's KeyboardInterrupt, in this thread
-        timer.start()
-        events.next_event(10)  # nothing more comes: waiting here when the Ctrl-C arrives
+    # A suite started in the background ignores SIGINT, and interrupt_main() then does nothing.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), Subscriber(daemon.subscribe, name="waiter") as events:
+            assert [event["position"] for event in take(events, 5)] == [1, 2, 3, 4, 5]
+            timer = threading.Timer(0.5, _thread.interrupt_main)  # SIGINT's KeyboardInterrupt, here
+            timer.start()
+            events.next_event(10)  # nothing more comes: waiting here when the Ctrl-C arrives
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert positions(daemon) == {"waiter": 5}
 
 
