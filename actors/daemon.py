@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 30.0
 INGEST_DRAIN_TIMEOUT_S = 15.0
+# ... while commits fail: what waits for in-flight credit gets it only if one succeeds meanwhile.
+FAILING_DRAIN_TIMEOUT_S = 3.0
 DRAIN_TIMEOUT_S = 60.0
 DEDUP_TICK_S = 0.1
 SWITCH_INTERVAL_S = 0.0005
@@ -382,8 +384,14 @@ class Daemon:
         if self.ingest is not None:
             self.ingest.stop_accepting()
             # Let the ingest thread take what its sockets already hold (and have it decoded).
-            if self.ingest.alive and not self.ingest.wait_drained(INGEST_DRAIN_TIMEOUT_S):
-                log.warning("ingest did not finish reading what was queued within %.0f s", INGEST_DRAIN_TIMEOUT_S)
+            failing = self.live.last_commit_error is not None
+            wait = FAILING_DRAIN_TIMEOUT_S if failing else INGEST_DRAIN_TIMEOUT_S
+            if self.ingest.alive and not self.ingest.wait_drained(wait):
+                log.warning(
+                    "ingest did not finish reading what was queued within %.0f s%s",
+                    wait,
+                    f" (commits are failing: {self.live.last_commit_error})" if failing else "",
+                )
         drained = self.drain()
         if self.ingest is not None:
             self.ingest.close()

@@ -236,5 +236,6 @@ def test_sigterm_with_the_disk_full_and_events_waiting_stops_without_a_traceback
     assert daemon.terminate(90) == 1  # what was received and not committed is lost: said by the status
     log = daemon.log()
     assert "Traceback" not in log and "ingest loop failed" not in log, log[-3000:]
-    assert "ingest did not finish reading what was queued within 15 s" in log and "drain incomplete" in log
-    assert time.monotonic() - started < 20  # the drain's wait, and not 10 s more for the ingest thread
+    assert "ingest did not finish reading what was queued within 3 s (commits are failing: " in log
+    assert "drain incomplete" in log
+    assert time.monotonic() - started < 10  # 15 s for credit that failing commits never give, then 10 more
