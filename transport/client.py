@@ -188,7 +188,7 @@ def connect(sock: zmq.Socket[Any], endpoint: str) -> None:
 
 
 def connectable(endpoint: str) -> str:
-    """Turn a bind endpoint into one a client can connect to (``*`` or 0.0.0.0 become loopback)."""
+    """Turn a bind endpoint into one a client can connect to (``*``, 0.0.0.0 and ``[::]`` become loopback)."""
     for wildcard, loopback in (("://*:", "://127.0.0.1:"), ("://0.0.0.0:", "://127.0.0.1:"), ("://[::]:", "://[::1]:")):
         endpoint = endpoint.replace(wildcard, loopback)
     return endpoint
