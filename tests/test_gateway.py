@@ -512,6 +512,35 @@ def test_a_budget_too_short_to_send_says_so(gateway_factory: Callable[..., Gatew
 
 
 @pytest.mark.e2e
+def test_a_body_that_stalls_gets_a_503_in_time_and_a_client_gone_mid_body_no_traceback(
+    gateway_factory: Callable[..., Gateway],
+) -> None:
+    """A client that stops sending mid-body is answered when the request's budget runs out (it was
+    never answered), and one that hangs up mid-body is logged in one line, not a traceback."""
+    gateway = gateway_factory(http={"request_timeout_ms": 1000})
+    host, port = gateway.url.removeprefix("http://").split(":")
+    head = b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=10) as stalled:
+        stalled.sendall(head + b'{"a":')
+        started = time.monotonic()
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = stalled.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        assert time.monotonic() - started < 5
+    assert answer.startswith(b"HTTP/1.1 503"), answer
+    assert b"time budget ran out before sending" in answer and b"5 bytes came" in answer
+    with socket.create_connection((host, int(port)), timeout=10) as gone:
+        gone.sendall(head + b'{"a":')
+        time.sleep(0.3)
+    eventually(lambda: "closed its connection before sending the whole body" in gateway.log(), 5, gateway.log())
+    assert "Traceback" not in gateway.log()
+    assert gateway.daemon.stats()["received"] == 0
+
+
+@pytest.mark.e2e
 def test_curve_when_the_config_says_so(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> None:
     folder, authorized = tmp_path / "keys", tmp_path / "authorized"
     for args in (("server", str(folder)), ("client", "gateway", str(folder), "--authorize", str(authorized))):

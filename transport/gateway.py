@@ -53,6 +53,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from transport import metrics
 from transport.client import GaveUp, NoAnswer, QueryClient, QueryClientError, connectable
@@ -907,7 +908,7 @@ def create_app(config: Config) -> FastAPI:
     async def publish(request: Request) -> Response:
         deadline = time.monotonic() + link.timeout
         _check_content_type(request.headers.get("content-type"))
-        body = await _read_body(request, http.max_body_bytes)
+        body = await _read_body(request, http.max_body_bytes, deadline)
         ingest = config.ingest
         events = parse_events(body, http.max_events, ingest.max_payload_bytes, ingest.max_message_bytes)
         if not events:
@@ -1115,16 +1116,30 @@ def _check_content_type(value: str | None) -> None:
         raise GatewayError(415, f"the body must be sent as Content-Type: application/json, not with {given}")
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` bytes (before reading it all)."""
+async def _read_body(request: Request, limit: int, send_by: float) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes (before reading it all),
+    and with 503 if it has not all arrived by ``send_by`` (monotonic): a client that stalls mid-body
+    must not hold a connection for ever. A client gone mid-body gets a 400 nobody reads, logged
+    as one line rather than a traceback."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise GatewayError(413, f"the body is {declared} bytes, over the limit of {limit} ([http] max_body_bytes)")
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise GatewayError(413, f"the body is over the limit of {limit} bytes ([http] max_body_bytes)")
-        chunks.append(chunk)
+    try:
+        with anyio.fail_after(max(0.0, send_by - time.monotonic())):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise GatewayError(413, f"the body is over the limit of {limit} bytes ([http] max_body_bytes)")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise GatewayError(
+            503,
+            f"the request's time budget ran out before sending: the body had not all arrived ({size} bytes came) "
+            "within [http] request_timeout_ms; nothing was sent: send the whole body at once",
+        ) from None
+    except ClientDisconnect:
+        log.info("a client closed its connection before sending the whole body (%d bytes came); nothing was sent", size)
+        raise GatewayError(400, "the client closed the connection before the body ended; nothing was sent") from None
     return b"".join(chunks)
