@@ -90,10 +90,11 @@ class StatsActor(pykka.ThreadingActor):
         return {"error": f"unsupported query {query!r}"}
 
     def stats(self) -> dict[str, Any]:
-        """The global counters; ``received`` includes events still in flight."""
+        """The global counters; ``received`` includes events still in flight. ``storage_error``
+        (the last commit's failure) is there only while commits are failing."""
         committed = self._live.committed
         in_flight = self._in_flight.value
-        return {
+        reply: dict[str, Any] = {
             "received": committed.get("received", 0) + in_flight,
             "unique_processed": committed.get("unique_processed", 0),
             "duplicate_dropped": committed.get("duplicate_dropped", 0),
@@ -112,6 +113,10 @@ class StatsActor(pykka.ThreadingActor):
             "decoder_restarts": self._live.decoder_restarts,
             "uptime_s": round(time.monotonic() - self._live.started, 3),
         }
+        if self._live.last_commit_error is not None:
+            # Present only while commits fail: what is received is held, not yet stored.
+            reply["storage_error"] = self._live.last_commit_error
+        return reply
 
     def health(self) -> dict[str, Any]:
         """Which parts answer a ping in time, and whether the database takes writes."""

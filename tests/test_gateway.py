@@ -353,6 +353,7 @@ METRICS = {  # exposed sample name -> stats key
     "eventagg_expired_total": "expired",
     "eventagg_refused_total": "refused",
     "eventagg_in_flight": "in_flight",
+    "eventagg_stored": "stored",
     "eventagg_topics": "topic_count",
     "eventagg_uptime_seconds": "uptime_s",
 }

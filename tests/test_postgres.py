@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import SCRIPTS, Daemon, eventually
+from harness import SCRIPTS, Daemon, eventually, free_port
 from pg_cluster import PgCluster, missing_reason
 
 from actors.postgres import MIGRATIONS, SCHEMA_VERSION
@@ -635,3 +635,62 @@ def test_an_idle_writer_holds_its_node_lock_again_soon_after_a_server_restart(
     pg.start()
     assert writer_locks() == 0
     eventually(lambda: writer_locks() == 1 or None, timeout=20, what="the idle writer's node lock, held again")
+
+
+def test_the_gateway_gives_this_daemons_metrics_beside_the_clusters_and_names_a_storage_outage(
+    daemon_factory: Callable[..., Daemon], database: str, pg: PgCluster
+) -> None:
+    """/metrics of a gateway in front of one daemon: its own figures as eventagg_*, the whole
+    cluster's as eventagg_cluster_*; with the server down, /publish says the storage is down
+    (not "overloaded") and the events it held are stored once the server is back."""
+    from test_gateway import Gateway, scrape
+    from test_gateway import event as http_event
+    from test_retention import Acked, event
+
+    port = free_port()
+    http = {"bind": f"127.0.0.1:{port}", "request_timeout_ms": 3000}
+    front = pg_daemon(daemon_factory, "front", database, http=http).start()
+    other = pg_daemon(daemon_factory, "other", database).start()
+    gateway = Gateway(front, f"http://127.0.0.1:{port}").start()
+    publisher = Acked(other.ack)
+    try:
+        sent = gateway.publish({"events": [http_event(topic="via-http", event_id=f"h-{n}") for n in range(4)]})
+        assert sent.status_code == 200, sent.text
+        assert publisher.send([event(n, topic="direct") for n in range(6)])["new"] == 6
+        assert publisher.send([event(n, topic="direct") for n in range(2)])["duplicate"] == 2
+        front.wait_idle()
+        other.wait_idle()
+        samples = scrape(gateway)
+        cluster = front.stats()["cluster"]
+        own = {name: samples[name][0] for name in ("eventagg_unique_processed_total", "eventagg_topics")}
+        assert own == {"eventagg_unique_processed_total": 4, "eventagg_topics": 1}, samples
+        assert "this daemon" in samples["eventagg_unique_processed_total"][1]
+        assert samples["eventagg_cluster_up"][0] == 1
+        expected = {
+            "eventagg_cluster_received_total": 12,
+            "eventagg_cluster_unique_processed_total": 10,
+            "eventagg_cluster_duplicate_dropped_total": 2,
+            "eventagg_cluster_stored": 10,
+            "eventagg_cluster_topics": 2,
+        }
+        assert {name: samples[name][0] for name in expected} == expected, samples
+        for key in ("received", "unique_processed", "duplicate_dropped", "rejected", "late", "expired"):
+            assert samples[f"eventagg_cluster_{key}_total"][0] == cluster[key], key
+
+        pg.stop()
+        try:
+            held = gateway.publish(http_event(topic="via-http", event_id="during-the-outage"))
+            assert held.status_code == 503, held.text
+            said = held.json()["error"]
+            assert said.startswith("the daemon cannot store events now: ") and "PostgreSQL" in said, said
+            assert "overloaded" not in said and "publishing them again is safe" in said, said
+            samples = scrape(gateway)
+            assert samples["eventagg_up"][0] == 1 and samples["eventagg_cluster_up"][0] == 0, samples
+            assert [name for name in samples if name.startswith("eventagg_cluster_")] == ["eventagg_cluster_up"]
+        finally:
+            pg.start()
+        front.wait_stats(unique_processed=5, in_flight=0)
+        assert "storage_error" not in front.stats()
+    finally:
+        publisher.close()
+        gateway.stop()

@@ -194,6 +194,7 @@ def test_full_disk_gives_no_ack_and_recovers(daemon_factory: Callable[..., Daemo
         # refused the rest; the batch is acknowledged only once all of it has.
         committed = stats["unique_processed"] - 10
         assert 0 <= committed < 300 and stats["in_flight"] == 300 - committed, stats
+        assert "database or disk is full" in stats["storage_error"], stats
         health = daemon.request({"op": "health"})
         assert "the last commit failed: database or disk is full" in health.get("error", ""), health
         assert len(failures) >= 2, "the commit was not retried"
@@ -210,6 +211,7 @@ def test_full_disk_gives_no_ack_and_recovers(daemon_factory: Callable[..., Daemo
         assert reply == {"batch": 2, "new": 300, "duplicate": 0, "rejected": []}, reply
         assert "commit succeeded again after a failure" in daemon.log()
         stats = daemon.wait_stats(unique_processed=310, in_flight=0)
+        assert "storage_error" not in stats, stats
         assert "error" not in daemon.request({"op": "health"})
         checked = run_script("health.py", "--endpoint", daemon.query, timeout=30)
         assert checked.returncode == 0 and f"eventagg at {daemon.query}: ok" in checked.stdout, checked

@@ -268,8 +268,9 @@ class DaemonLink:
         )
 
     def _no_acknowledgement(self, deadline: float, sent_at: float) -> GatewayError:
-        """503 if the daemon does not answer a query either, else 504; either names how long the
-        events waited for their acknowledgement since they were handed to the publisher.
+        """503 if the daemon does not answer a query either or says its commits are failing (its
+        storage is down), else 504; each names how long the events waited for their acknowledgement
+        since they were handed to the publisher.
 
         The probe asks for stats, which the stats actor answers from its own counters, rather
         than health, which waits for every actor's ping and so is slow exactly when the daemon is.
@@ -277,7 +278,7 @@ class DaemonLink:
         waited = time.monotonic() - sent_at
         probe = max(0.05, min(MAX_PROBE_S, deadline - time.monotonic()))
         try:
-            self.query({"op": "stats"}, timeout=probe)
+            stats = self.query({"op": "stats"}, timeout=probe)
         except GatewayError:
             refusal = self._refusal(self.ack_endpoint)
             if refusal is not None:
@@ -286,6 +287,14 @@ class DaemonLink:
                 503,
                 f"the daemon is not answering: no acknowledgement from {self.ack_endpoint} in {waited:.3g} s "
                 f"and no answer from {self.query_endpoint}; is it running? Publishing again later is safe",
+            )
+        storage_error = stats.get("storage_error")
+        if storage_error is not None:
+            return GatewayError(
+                503,
+                f"the daemon cannot store events now: {storage_error}; it holds these ({waited:.3g} s without an "
+                f"acknowledgement) and stores them when its storage is back; publishing them again is safe, "
+                f"duplicates are dropped",
             )
         return GatewayError(
             504,

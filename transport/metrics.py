@@ -5,7 +5,11 @@ body of ``GET /metrics``. Each scrape builds a fresh registry around a snapshot 
 scrape costs exactly one query to the daemon (made by the caller) and the figures never mix two
 answers. Counters get prometheus_client's ``_total`` suffix; ``eventagg_up`` says whether the
 daemon answered, and is the only sample when it did not (Prometheus' own convention for ``up``).
-Pure: no sockets, no clock.
+
+The ``eventagg_*`` figures are the connected daemon's own. On PostgreSQL, where several daemons
+share one database, the stats reply also carries ``cluster`` (every daemon's committed counters,
+summed): those become ``eventagg_cluster_*``, and ``eventagg_cluster_up`` says whether the database
+answered for them. Pure: no sockets, no clock.
 """
 
 from __future__ import annotations
@@ -17,31 +21,73 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-__all__ = ["CONTENT_TYPE_LATEST", "COUNTERS", "GAUGES", "render"]
+__all__ = ["CLUSTER_COUNTERS", "CLUSTER_GAUGES", "CONTENT_TYPE_LATEST", "COUNTERS", "GAUGES", "render"]
 
 # stats key -> (metric family name; prometheus_client appends _total to counters), HELP text
 COUNTERS: dict[str, tuple[str, str]] = {
-    "received": ("eventagg_received", "Events received by the daemon (valid ones, including those still in flight)."),
-    "unique_processed": ("eventagg_unique_processed", "Events stored: the first copy of each (topic, event_id)."),
-    "duplicate_dropped": ("eventagg_duplicate_dropped", "Events dropped as copies of an already stored event."),
-    "rejected": ("eventagg_rejected", "Events refused as invalid by the daemon's schema rules."),
-    "late": ("eventagg_late", "Events stored after a later-timestamped event of their topic had left the window."),
+    "received": ("eventagg_received", "Events this daemon received (valid ones, including those still in flight)."),
+    "unique_processed": (
+        "eventagg_unique_processed",
+        "Events this daemon stored: the first copy of each (topic, event_id).",
+    ),
+    "duplicate_dropped": (
+        "eventagg_duplicate_dropped",
+        "Events this daemon dropped as copies of an already stored event.",
+    ),
+    "rejected": ("eventagg_rejected", "Events this daemon refused as invalid by the schema rules."),
+    "late": (
+        "eventagg_late",
+        "Events this daemon stored after a later-timestamped event of their topic had left the window.",
+    ),
     "conflicting_duplicates": (
         "eventagg_conflicting_duplicates",
-        "Duplicates whose content differed from the stored event (also counted as duplicate_dropped).",
+        "Duplicates this daemon found to differ from the stored event (also counted as duplicate_dropped).",
     ),
-    "expired": ("eventagg_expired", "Stored events deleted by retention."),
+    "expired": ("eventagg_expired", "Stored events this daemon's retention sweeps deleted."),
     "refused": (
         "eventagg_refused",
-        "Connections the daemon refused at the CURVE handshake since it started (a key not authorized, no CURVE).",
+        "Connections this daemon refused at the CURVE handshake since it started (a key not authorized, no CURVE).",
     ),
 }
 GAUGES: dict[str, tuple[str, str]] = {
-    "in_flight": ("eventagg_in_flight", "Events admitted by the daemon and not yet committed."),
-    "topic_count": ("eventagg_topics", "Topics with at least one stored event."),
+    "in_flight": ("eventagg_in_flight", "Events this daemon admitted and has not yet committed."),
+    "stored": ("eventagg_stored", "Events this daemon stored minus those its retention sweeps deleted."),
+    "topic_count": (
+        "eventagg_topics",
+        "Topics whose first event this daemon stored (every topic with a stored event on SQLite; "
+        "eventagg_cluster_topics on PostgreSQL).",
+    ),
     "uptime_s": ("eventagg_uptime_seconds", "Seconds since the daemon started."),
 }
 UP = ("eventagg_up", "1 when the daemon answered this scrape's stats query, else 0.")
+
+# The stats reply's ``cluster`` map (PostgreSQL only): committed counters summed over every daemon.
+CLUSTER_COUNTERS: dict[str, tuple[str, str]] = {
+    "received": ("eventagg_cluster_received", "Events received by every daemon of the cluster, committed."),
+    "unique_processed": (
+        "eventagg_cluster_unique_processed",
+        "Events stored by the cluster: each (topic, event_id) once.",
+    ),
+    "duplicate_dropped": (
+        "eventagg_cluster_duplicate_dropped",
+        "Events the cluster dropped as copies of a stored event.",
+    ),
+    "rejected": ("eventagg_cluster_rejected", "Events the cluster's daemons refused as invalid."),
+    "late": ("eventagg_cluster_late", "Events the cluster stored after their topic's window had moved past them."),
+    "conflicting_duplicates": (
+        "eventagg_cluster_conflicting_duplicates",
+        "Duplicates whose content differed from the stored event, over the cluster.",
+    ),
+    "expired": ("eventagg_cluster_expired", "Stored events the cluster's retention sweeps deleted."),
+}
+CLUSTER_GAUGES: dict[str, tuple[str, str]] = {
+    "stored": ("eventagg_cluster_stored", "Events in the shared database now: stored minus expired, over the cluster."),
+    "topic_count": ("eventagg_cluster_topics", "Topics with at least one stored event, over the cluster."),
+}
+CLUSTER_UP = (
+    "eventagg_cluster_up",
+    "1 when the shared database answered for this scrape's cluster counters, else 0 (PostgreSQL only).",
+)
 
 
 class _Snapshot(Collector):
@@ -55,12 +101,26 @@ class _Snapshot(Collector):
         yield GaugeMetricFamily(UP[0], UP[1], value=0 if stats is None else 1)
         if stats is None:
             return
-        for key, (name, text) in COUNTERS.items():
-            if _is_number(stats.get(key)):
-                yield CounterMetricFamily(name, text, value=stats[key])
-        for key, (name, text) in GAUGES.items():
-            if _is_number(stats.get(key)):
-                yield GaugeMetricFamily(name, text, value=stats[key])
+        yield from _families(stats, COUNTERS, GAUGES)
+        if "cluster" not in stats and "cluster_error" not in stats:
+            return  # SQLite: the daemon is the whole of it
+        cluster = stats.get("cluster")
+        if not isinstance(cluster, dict):
+            yield GaugeMetricFamily(CLUSTER_UP[0], CLUSTER_UP[1], value=0)
+            return
+        yield GaugeMetricFamily(CLUSTER_UP[0], CLUSTER_UP[1], value=1)
+        yield from _families(cluster, CLUSTER_COUNTERS, CLUSTER_GAUGES)
+
+
+def _families(
+    figures: dict[str, Any], counters: dict[str, tuple[str, str]], gauges: dict[str, tuple[str, str]]
+) -> Iterable[Metric]:
+    for key, (name, text) in counters.items():
+        if _is_number(figures.get(key)):
+            yield CounterMetricFamily(name, text, value=figures[key])
+    for key, (name, text) in gauges.items():
+        if _is_number(figures.get(key)):
+            yield GaugeMetricFamily(name, text, value=figures[key])
 
 
 def _is_number(value: Any) -> bool:
