@@ -168,6 +168,8 @@ def test_bad_requests_get_a_4xx_with_a_clear_message(gateway_factory: Callable[.
         (gateway.client.get("/events", params={"after": "x"}), 400, "after"),
         (gateway.client.get("/events", params={"topic": ""}), 400, "no event can have this topic"),
         (gateway.client.get("/events", params={"topic": "a b"}), 400, "whitespace"),
+        (gateway.client.get("/events", params={"limt": 5}), 400, "unknown query parameter 'limt'"),
+        (gateway.client.get("/events?topic=a&topic=b"), 400, "'topic' given more than once"),
         (gateway.client.get("/nowhere"), 404, "Not Found"),
         (gateway.client.delete("/publish"), 405, "Method Not Allowed"),
     ]

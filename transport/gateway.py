@@ -743,7 +743,8 @@ _PUBLISH_ERRORS: dict[int | str, dict[str, Any]] = {
     502: {"model": Error, "description": "The daemon refused the batch as a whole, or sent an unreadable reply."},
     503: {
         "model": Error,
-        "description": "Every publisher stayed busy (nothing was sent), or the daemon answers nothing.",
+        "description": "Every publisher stayed busy (nothing was sent), the daemon answers nothing, "
+        "or its storage is down (the daemon holds the events).",
     },
     504: {"model": Error, "description": "The daemon answered queries but did not acknowledge in time."},
 }
@@ -754,6 +755,7 @@ AfterParam = Annotated[int, Query(ge=0, le=MAX_CURSOR, description="The cursor: 
 LimitParam = Annotated[
     int, Query(ge=1, description="Most events in the page (capped at the daemon's [query] max_limit).")
 ]
+EVENTS_PARAMETERS = ("topic", "after", "limit")
 
 
 # -- the application ---------------------------------------------------------------------------------
@@ -967,10 +969,12 @@ def create_app(config: Config) -> FastAPI:
         responses={400: {"model": Error, "description": "A bad query parameter."}, **_QUERY_ERRORS},
     )
     async def events(
+        request: Request,
         topic: TopicParam = None,
         after: AfterParam = 0,
         limit: LimitParam = DEFAULT_PAGE,
     ) -> Response:
+        _check_query_names(request, "GET /events", EVENTS_PARAMETERS)
         if topic is not None:
             try:
                 check_query_topic(topic)
@@ -1108,6 +1112,20 @@ def _on_stop_signals(stop: Callable[[], None]) -> Callable[[], None]:
 
 async def _on_thread(function: Callable[..., T], *args: Any, limiter: anyio.CapacityLimiter) -> T:
     return await anyio.to_thread.run_sync(function, *args, limiter=limiter)
+
+
+def _check_query_names(request: Request, route: str, known: tuple[str, ...]) -> None:
+    """400 for a query parameter the route does not take (a misspelt ``limit`` would otherwise
+    give a default page that looks like an answer) or one given twice (which one counts?)."""
+    names = [name for name, _ in request.query_params.multi_items()]
+    unknown = sorted({name for name in names if name not in known})
+    if unknown:
+        raise GatewayError(
+            400, f"unknown query parameter {', '.join(map(repr, unknown))}: {route} takes {', '.join(known)}"
+        )
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise GatewayError(400, f"query parameter {', '.join(map(repr, repeated))} given more than once: give it once")
 
 
 def _check_content_type(value: str | None) -> None:
