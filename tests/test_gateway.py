@@ -189,8 +189,16 @@ def test_publish_takes_only_a_json_content_type(gateway: Gateway) -> None:
         assert response.status_code == 415, (content_type, response.text)
         assert "application/json" in response.json()["error"]
     assert gateway.daemon.stats()["received"] == 0
+    for declared in ("iso-8859-1", "utf-16"):
+        latin = gateway.client.post(
+            "/publish", content=body, headers={"content-type": f"application/json; charset={declared}"}
+        )
+        assert latin.status_code == 415 and "UTF-8" in latin.json()["error"], latin.text
+    assert gateway.daemon.stats()["received"] == 0
     reply = gateway.client.post("/publish", content=body, headers={"content-type": "Application/JSON; charset=utf-8"})
     assert ok(reply)["added_to_queue"] == 1
+    quoted = gateway.client.post("/publish", content=body, headers={"content-type": 'application/json; charset="UTF8"'})
+    assert ok(quoted)["duplicates"] == 1
 
 
 @pytest.mark.e2e

@@ -1129,18 +1129,26 @@ def _check_query_names(request: Request, route: str, known: tuple[str, ...]) -> 
 
 
 def _check_content_type(value: str | None) -> None:
-    """Refuse with 415 a ``POST /publish`` body not declared ``application/json`` (parameters such as
-    ``charset=utf-8`` aside).
+    """Refuse with 415 a ``POST /publish`` body not declared ``application/json``, or declared in a
+    charset other than UTF-8 (other parameters are ignored).
 
     Why: a web page on any origin can make a browser send a text/plain or form POST without asking
     first (no CORS preflight), so a gateway taking those would let any page a user opens publish
     through a gateway on that user's loopback. A JSON POST from another origin needs a preflight,
     which the gateway does not answer.
     """
-    media_type = (value or "").split(";", 1)[0].strip().lower()
-    if media_type != "application/json":
+    media_type, _, parameters = (value or "").partition(";")
+    if media_type.strip().lower() != "application/json":
         given = f"Content-Type {value}" if value else "no Content-Type"
         raise GatewayError(415, f"the body must be sent as Content-Type: application/json, not with {given}")
+    # JSON is UTF-8 (RFC 8259); a body declared in another charset would be misread, not refused.
+    for parameter in parameters.split(";"):
+        name, _, charset = parameter.partition("=")
+        charset = charset.strip().strip('"').lower()
+        if name.strip().lower() == "charset" and charset.replace("-", "").replace("_", "") != "utf8":
+            raise GatewayError(
+                415, f"the body is declared as charset {charset!r}: JSON is read as UTF-8 only; send it as UTF-8"
+            )
 
 
 async def _read_body(request: Request, limit: int, send_by: float) -> bytes:
