@@ -403,9 +403,16 @@ def test_metrics_are_the_stats(gateway: Gateway) -> None:
 
 
 @pytest.mark.e2e
-def test_head_healthz_answers_like_get_without_a_body(gateway: Gateway) -> None:
+def test_head_answers_like_get_without_a_body(gateway: Gateway) -> None:
     head = gateway.client.head("/healthz")
     assert head.status_code == 200 and head.content == b"", head.text
+    for path in ("/events", "/stats", "/topics", "/metrics", "/openapi.json"):
+        got = gateway.client.get(path)
+        head = gateway.client.head(path)
+        assert (head.status_code, head.content) == (200, b""), (path, head.status_code, head.text)
+        assert head.headers["content-type"] == got.headers["content-type"], path
+    assert gateway.client.head("/events", params={"limit": 0}).status_code == 400
+    assert gateway.client.head("/publish").status_code == 405
     gateway.daemon.terminate()
     away = gateway.client.head("/healthz")
     assert away.status_code == 503 and away.content == b""

@@ -54,6 +54,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from transport import metrics
 from transport.client import GaveUp, NoAnswer, QueryClient, QueryClientError, connectable
@@ -1039,7 +1040,30 @@ def create_app(config: Config) -> FastAPI:
             reply = None
         return Response(metrics.render(reply), media_type=metrics.CONTENT_TYPE_LATEST)
 
+    app.add_middleware(HeadAsGet, paths=frozenset({"/events", "/stats", "/topics", "/metrics"}))
     return app
+
+
+class HeadAsGet:
+    """ASGI middleware: ``HEAD`` on one of ``paths`` answers what ``GET`` would, without the body
+    (RFC 9110 has every server take HEAD where it takes GET; FastAPI routes take only the methods
+    they list). ``/healthz`` lists its HEAD itself, to document it."""
+
+    def __init__(self, app: ASGIApp, paths: frozenset[str]) -> None:
+        self.app = app
+        self.paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 def _answered(reply: dict[str, Any]) -> dict[str, Any]:
