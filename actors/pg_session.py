@@ -54,8 +54,10 @@ def load_psycopg() -> Any:
 
 
 def one_line(exc: BaseException) -> str:
-    """An error message on one line (libpq's span several)."""
-    return " ".join(str(exc).split()) or type(exc).__name__
+    """An error message on one line: libpq's lines (a failure, then a hint or detail) joined by
+    "; " so they still read apart."""
+    lines = (" ".join(line.split()) for line in str(exc).splitlines())
+    return "; ".join(line for line in lines if line) or type(exc).__name__
 
 
 def describe_dsn(dsn: str) -> str:

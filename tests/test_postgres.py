@@ -270,6 +270,7 @@ def test_bad_dsn_unreachable_server_and_newer_schema_each_give_one_clear_line(
     unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/x"
     line = _startup_failure(pg_daemon(daemon_factory, "away", unreachable))
     assert "cannot connect to PostgreSQL 127.0.0.1:" in line and "[storage] dsn" in line
+    assert "Connection refused; Is the server running" in line, line  # libpq's two lines kept apart
     query(
         database, "CREATE TABLE eventagg_schema (version integer PRIMARY KEY, applied_at timestamptz, applied_by text)"
     )
