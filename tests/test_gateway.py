@@ -558,6 +558,57 @@ def test_a_body_that_stalls_gets_a_503_in_time_and_a_client_gone_mid_body_no_tra
     assert gateway.daemon.stats()["received"] == 0
 
 
+def read_response(sock: socket.socket) -> bytes:
+    """One HTTP response with a Content-Length (or what came before the connection closed)."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < _content_length(data):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _content_length(data: bytes) -> int:
+    for line in data.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+@pytest.mark.e2e
+def test_headers_that_do_not_all_arrive_in_time_get_a_408_and_the_connection_is_closed(
+    gateway_factory: Callable[..., Gateway],
+) -> None:
+    """A connection that sends nothing, or half a request, was held open for ever (uvicorn has no
+    header timeout); each request's headers now have [http] header_timeout_ms to arrive."""
+    gateway = gateway_factory(http={"header_timeout_ms": 600})
+    host, port = gateway.url.removeprefix("http://").split(":")
+    for sent in (b"", b"GET /stats HTTP/1.1\r\nHost: x\r\nAccept: appl"):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            started = time.monotonic()
+            sock.sendall(sent)
+            answer = read_response(sock)
+            took = time.monotonic() - started
+            assert sock.recv(4096) == b"", "the connection stayed open"
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert b"[http] header_timeout_ms" in answer and 0.5 < took < 5, (answer, took)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(0.3)  # slow, but within the deadline: answered
+        sock.sendall(b"\r\n")
+        assert read_response(sock).startswith(b"HTTP/1.1 200 ")
+        time.sleep(0.4)  # the next request has a deadline of its own, from its first byte
+        sock.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(0.3)
+        sock.sendall(b"\r\n")
+        assert read_response(sock).startswith(b"HTTP/1.1 200 ")
+        sock.sendall(b"GET /sta")
+        assert read_response(sock).startswith(b"HTTP/1.1 408 ")
+    assert "Traceback" not in gateway.log()
+
+
 @pytest.mark.e2e
 def test_curve_when_the_config_says_so(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> None:
     folder, authorized = tmp_path / "keys", tmp_path / "authorized"

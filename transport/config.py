@@ -248,6 +248,7 @@ class HttpConfig:
 
     bind: str = "127.0.0.1:8080"
     request_timeout_ms: int = 5_000
+    header_timeout_ms: int = 10_000
     max_body_bytes: int = 10_485_760
     max_events: int = 10_000
     publishers: int = 32
@@ -344,6 +345,7 @@ _POSITIVE = {
     ("query", "max_limit"),
     ("query", "timeout_ms"),
     ("http", "request_timeout_ms"),
+    ("http", "header_timeout_ms"),
     ("http", "max_body_bytes"),
     ("http", "max_events"),
     ("http", "publishers"),

@@ -60,6 +60,7 @@ from transport import metrics
 from transport.client import GaveUp, NoAnswer, QueryClient, QueryClientError, connectable
 from transport.config import Config, load_config
 from transport.handshake import CONFIG_HINTS, probe
+from transport.http_protocol import HeaderDeadlineProtocol
 from transport.logs import setup_logging
 from transport.publisher import BatchRefused, BatchResult, DeliveryFailed, Publisher, PublisherError, PublishTimeout
 from transport.queries import MAX_CURSOR, QueryError, check_query_topic
@@ -843,6 +844,7 @@ def create_app(config: Config) -> FastAPI:
             restore()
             link.close()
 
+    HeaderDeadlineProtocol.header_timeout_s = http.header_timeout_ms / 1000
     app = FastAPI(
         title="eventagg HTTP gateway",
         version="1.0",

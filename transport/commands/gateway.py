@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         from uvicorn.supervisors import Multiprocess
 
         from transport.gateway import CONFIG_ENV, create_app
+        from transport.http_protocol import IMPORT_PATH as HTTP_PROTOCOL
     except ImportError as exc:
         print(
             f"gateway: {exc.name} is missing: install the gateway extra, pip install 'eventagg[gateway]'",
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         "access_log": False,
         "server_header": False,
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
+        "http": HTTP_PROTOCOL,  # httptools with a deadline on request headers
     }
     with sock:
         if config.http.workers > 1:
