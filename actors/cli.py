@@ -32,6 +32,10 @@ COMMANDS: dict[str, Command] = {
         "transport.commands.health", "say whether the daemon is well, and why not", quiet_on_broken_pipe=True
     ),
     "events": Command("transport.commands.events", "list stored events as JSON Lines", quiet_on_broken_pipe=True),
+    "topics": Command("transport.commands.topics", "list every topic with its counts", quiet_on_broken_pipe=True),
+    "consumers": Command(
+        "transport.commands.consumers", "list the named consumers and their lag", quiet_on_broken_pipe=True
+    ),
     "publish": Command("transport.commands.publish", "send a deterministic stream of events (load and smoke tests)"),
     "keys": Command("transport.commands.keys", "create CURVE certificates"),
     "gateway": Command("transport.commands.gateway", "run the HTTP gateway (needs the gateway extra)"),

@@ -21,6 +21,8 @@ SCRIPTS = {
     "stats.py": "stats",
     "health.py": "health",
     "events.py": "events",
+    "topics.py": "topics",
+    "consumers.py": "consumers",
     "publish.py": "publish",
     "keys.py": "keys",
     "gateway.py": "gateway",

@@ -81,7 +81,16 @@ def test_install_lays_out_a_working_installation(prefix: Path, tmp_path: Path) -
     assert (etc / "config.toml").read_text() == (ROOT / "config.toml").read_text()
     unit = prefix / "etc/systemd/system/eventagg.service"
     assert unit.read_text() == (ROOT / "scripts/systemd/eventagg.service").read_text()
-    for script in ("aggregatord.py", "stats.py", "health.py", "events.py", "publish.py", "keys.py"):
+    for script in (
+        "aggregatord.py",
+        "stats.py",
+        "health.py",
+        "events.py",
+        "topics.py",
+        "consumers.py",
+        "publish.py",
+        "keys.py",
+    ):
         assert (opt / "scripts" / script).is_file()
         # Run by path, they find the installation's packages: the first line names its python.
         assert (opt / "scripts" / script).read_text().splitlines()[0] == f"#!{opt / 'venv/bin/python'}"

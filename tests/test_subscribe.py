@@ -485,3 +485,53 @@ def test_follow_with_a_name_resumes_where_the_last_run_stopped(daemon_factory: C
     ]
     refused = run_script("events.py", "--name", "cli", *where, timeout=60)
     assert refused.returncode == 2 and "--name and --subscribe-endpoint need --follow" in refused.stderr
+
+
+def test_topics_and_consumers_print_the_counts_and_each_named_consumers_lag(daemon: Daemon) -> None:
+    publish(daemon.ingest, "--events", "600", "--duplicates", "0.25", "--topics", "2", "--seed", "5")
+    daemon.wait_idle()
+    for name, topic in (("audit", None), ("billing", "topic-1")):
+        chosen = [topic] if topic else []
+        command = follow_command(daemon, *chosen, "--name", name, "--after", "0", "--limit", "4")
+        read = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        assert read.returncode == 0 and len(read.stdout.splitlines()) == 4, read
+    eventually(lambda: len(daemon.request({"op": "consumers"})["consumers"]) == 2, 10, "both positions stored")
+
+    topics = run_script("topics.py", "--endpoint", daemon.query, timeout=30)
+    assert topics.returncode == 0, topics.stderr
+    header, *lines = topics.stdout.splitlines()[1:]
+    assert header.split() == [
+        "topic",
+        "count",
+        "first_seq",
+        "last_seq",
+        "received",
+        "duplicate_dropped",
+        "late",
+        "expired",
+    ]
+    reply = daemon.request({"op": "topics"})["topics"]
+    assert [line.split() for line in lines] == [
+        [
+            t["topic"],
+            *(
+                f"{t[k]:,}"
+                for k in ("count", "first_seq", "last_seq", "received", "duplicate_dropped", "late", "expired")
+            ),
+        ]
+        for t in reply
+    ]
+    assert sum(t["received"] for t in reply) == 600 and sum(t["count"] for t in reply) == 450
+    as_json = run_script("topics.py", "--endpoint", daemon.query, "--json", timeout=30)
+    assert json.loads(as_json.stdout) == {"topics": reply}
+
+    consumers = run_script("consumers.py", "--endpoint", daemon.query, timeout=30)
+    assert consumers.returncode == 0, consumers.stderr
+    assert consumers.stdout.splitlines()[0].endswith(": 2 named consumers")
+    rows = {line.split()[0]: line.split() for line in consumers.stdout.splitlines()[2:]}
+    billing_last = next(t["last_seq"] for t in reply if t["topic"] == "topic-1")
+    assert rows["audit"][1:4] == ["*", "4", f"{450 - 4:,}"], rows
+    assert rows["billing"][1:4] == ["topic-1", "4", f"{billing_last - 4:,}"], rows
+    assert rows["audit"][4].endswith("Z")
+    away = run_script("consumers.py", "--endpoint", f"tcp://127.0.0.1:{free_port()}", "--timeout", "1", timeout=30)
+    assert away.returncode == 1 and away.stdout == "" and "no answer from" in away.stderr

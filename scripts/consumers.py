@@ -1,0 +1,13 @@
+#!/usr/bin/env python3
+"""List the named consumers and their lag: ``eventagg consumers`` (transport/commands/consumers.py), same flags.
+
+Runs with the python where eventagg is installed (the project's .venv, or /opt/eventagg/venv).
+"""
+
+import sys
+
+from transport.commands.client_flags import run_command
+from transport.commands.consumers import main
+
+if __name__ == "__main__":
+    sys.exit(run_command(main))
