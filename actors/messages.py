@@ -215,13 +215,14 @@ class Freeze:
 
 @dataclass(frozen=True, slots=True)
 class SaveConsumerPositions:
-    """Store named consumers' acknowledged positions: name -> (topic or None for all topics, cursor).
+    """Store named consumers' acknowledged positions: name -> (topic or None for all topics, cursor),
+    or None to forget the name's stored position.
 
     An ask: the dedup actor commits what it holds, writes these in a transaction of their own
     and answers None once committed, or the error's text.
     """
 
-    positions: dict[str, tuple[str | None, int]]
+    positions: dict[str, tuple[str | None, int] | None]
 
 
 @dataclass(frozen=True, slots=True)

@@ -794,16 +794,23 @@ class PostgresStore:
                 self._conn = None
             raise StorageError(f"{self.where}: {one_line(exc)}") from None
 
-    def save_consumer_positions(self, positions: dict[str, tuple[str | None, int]], at: float) -> None:
-        """Store named consumers' acknowledged positions: name -> (topic or None for all topics, cursor)."""
-        names = list(positions)
-        self._connection().execute(
-            "INSERT INTO consumers (name, topic, position, updated_at)"
-            " SELECT n, t, p, %s FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS v(n, t, p) ORDER BY n"
-            " ON CONFLICT (name) DO UPDATE SET topic = excluded.topic, position = excluded.position,"
-            " updated_at = excluded.updated_at",
-            (at, names, [positions[name][0] for name in names], [positions[name][1] for name in names]),
-        )
+    def save_consumer_positions(self, positions: dict[str, tuple[str | None, int] | None], at: float) -> None:
+        """Store named consumers' acknowledged positions: name -> (topic or None for all topics,
+        cursor), or None to delete the name's row."""
+        kept = {name: value for name, value in positions.items() if value is not None}
+        forgotten = sorted(name for name, value in positions.items() if value is None)
+        conn = self._connection()
+        if forgotten:
+            conn.execute("DELETE FROM consumers WHERE name = ANY(%s)", (forgotten,))
+        if kept:
+            names = list(kept)
+            conn.execute(
+                "INSERT INTO consumers (name, topic, position, updated_at)"
+                " SELECT n, t, p, %s FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS v(n, t, p) ORDER BY n"
+                " ON CONFLICT (name) DO UPDATE SET topic = excluded.topic, position = excluded.position,"
+                " updated_at = excluded.updated_at",
+                (at, names, [kept[name][0] for name in names], [kept[name][1] for name in names]),
+            )
 
     def keep_session(self) -> None:
         """Make sure the writer's session, and with it this node's lock, is alive: a session a

@@ -665,13 +665,17 @@ class EventStore:
         """The global counters as the open transaction sees them."""
         return read_counters(self._conn)
 
-    def save_consumer_positions(self, positions: Mapping[str, tuple[str | None, int]], at: float) -> None:
-        """Store named consumers' acknowledged positions: name -> (topic or None for all topics, cursor)."""
+    def save_consumer_positions(self, positions: Mapping[str, tuple[str | None, int] | None], at: float) -> None:
+        """Store named consumers' acknowledged positions: name -> (topic or None for all topics,
+        cursor), or None to delete the name's row."""
+        self._conn.executemany(
+            "DELETE FROM consumers WHERE name = ?", [(name,) for name, kept in positions.items() if kept is None]
+        )
         self._conn.executemany(
             "INSERT INTO consumers (name, topic, position, updated_at) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (name) DO UPDATE SET topic = excluded.topic, position = excluded.position,"
             " updated_at = excluded.updated_at",
-            [(name, topic, position, at) for name, (topic, position) in positions.items()],
+            [(name, kept[0], kept[1], at) for name, kept in positions.items() if kept is not None],
         )
 
     def close(self) -> None:

@@ -30,7 +30,8 @@ ten. Events are encoded with the stored payload (already msgpack) spliced in as 
 
 Named consumers acknowledge positions; they are stored by the dedup actor, the daemon's writer
 (:class:`SaveConsumerPositions`, asked without blocking this thread), and confirmed to the
-consumer once committed. The wire protocol is in docs/subscribe.md.
+consumer once committed; ``unsubscribe`` with ``forget`` deletes the name's stored position the
+same way, answered once the deletion is committed. The wire protocol is in docs/subscribe.md.
 """
 
 from __future__ import annotations
@@ -362,8 +363,10 @@ class SubscriptionServer:
         self._subs: dict[bytes, Subscription] = {}
         self._by_name: dict[str, bytes] = {}
         self._recent = RecentEvents()
-        self._pending_acks: dict[str, tuple[str | None, int]] = {}
-        self._saving: tuple[pykka.Future[Any], dict[str, tuple[str | None, int]]] | None = None
+        # name -> (topic, position) to store, or None to forget the name's stored position
+        self._pending_acks: dict[str, tuple[str | None, int] | None] = {}
+        self._saving: tuple[pykka.Future[Any], dict[str, tuple[str | None, int] | None]] | None = None
+        self._forgetting: dict[str, bytes] = {}  # name -> the connection waiting for its `unsubscribed`
         self._next_timers = 0.0
         self._retrying = False  # some subscription waits for its retry_at
         self.sent_events = 0
@@ -514,11 +517,27 @@ class SubscriptionServer:
         elif op == "ack":
             self._ack(sub, request)
         elif op == "unsubscribe":
-            self._drop(sub, "unsubscribed")
-            self._send(identity, {"op": "unsubscribed"})
+            forget = request.get("forget", False)
+            if not isinstance(forget, bool):
+                raise SubscribeError(f"'forget' must be true or false, not {type_name(forget)}")
+            if forget and sub.name is None:
+                raise SubscribeError("'forget' is for a named subscription: this one has no stored position")
+            if not forget:
+                self._drop(sub, "unsubscribed")
+                self._send(identity, {"op": "unsubscribed"})
+                return
+            # Answered once the deletion is committed (_settle_acks); an ack not yet stored is dropped.
+            self._drop(sub, "unsubscribed, its stored position to be forgotten")
+            assert sub.name is not None
+            self._pending_acks[sub.name] = None
+            self._forgetting[sub.name] = identity
 
     def _subscribe(self, identity: bytes, request: SubscribeRequest, now: float) -> None:
         after = request.after
+        if request.name in self._forgetting:
+            raise SubscribeError(
+                f"consumer {request.name!r} is being forgotten; subscribe again in a moment", code="busy"
+            )
         if request.name is not None:
             try:
                 stored = self._source.consumer(request.name)
@@ -610,12 +629,15 @@ class SubscriptionServer:
             except Exception as exc:  # the dedup actor died or raised
                 error = f"storing consumer positions failed: {exc}"
             self._saving = None
-            for name, (_, position) in saving.items():
+            for name, saved in saving.items():
+                if saved is None:
+                    self._forgotten(name, error)
+                    continue
                 identity = self._by_name.get(name)
                 if identity is None or identity not in self._subs:
                     continue
                 if error is None:
-                    self._send(identity, {"op": "acked", "position": position})
+                    self._send(identity, {"op": "acked", "position": saved[1]})
                 else:
                     self._send(identity, {"op": "error", "code": "ack_failed", "error": error})
             if error is not None:
@@ -626,6 +648,19 @@ class SubscriptionServer:
                 self._saving = (self._dedup.ask(SaveConsumerPositions(positions), block=False), positions)
             except pykka.ActorDeadError:
                 log.error("consumer positions not stored: the dedup actor is not running")
+                for name in [name for name, saved in positions.items() if saved is None]:
+                    self._forgotten(name, "the daemon's writer is not running")
+
+    def _forgotten(self, name: str, error: str | None) -> None:
+        """Answer the connection that asked to forget ``name``, now that it is done (or failed)."""
+        identity = self._forgetting.pop(name, None)
+        if identity is None:
+            return
+        if error is None:
+            log.info("named consumer %r forgotten", name)
+            self._send(identity, {"op": "unsubscribed", "forgotten": name})
+        else:
+            self._send(identity, {"op": "error", "code": "ack_failed", "error": f"{name!r} not forgotten: {error}"})
 
     def _timers(self, now: float) -> None:
         """Heartbeat quiet consumers; drop the ones not heard from within ``timeout_ms``."""

@@ -124,6 +124,17 @@ def test_a_named_consumer_resumes_on_any_daemon_and_after_a_restart(
     with pytest.raises(SubscriberError, match="follows topic 'topic-2'"):
         with Subscriber(b.subscribe, name="audit", timeout=2.0) as wrong:
             wrong.next_event(5)
+    # Forgotten through one daemon, it is gone for every daemon, and the name is free again.
+    forgot = subprocess.run(
+        [sys.executable, str(SCRIPTS / "consumers.py"), "--endpoint", a.query, "--forget", "audit"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert forgot.returncode == 0 and "forgot named consumer 'audit'" in forgot.stdout, forgot
+    assert [c["name"] for c in b.request({"op": "consumers"})["consumers"]] == ["billing"]
+    with Subscriber(b.subscribe, name="audit") as renamed:  # every topic now, from the start
+        assert renamed.next_event(10)["position"] == 1  # type: ignore[index]
 
 
 def test_delivery_latency_across_daemons(daemon_factory: Callable[..., Daemon], database: str) -> None:

@@ -535,3 +535,50 @@ def test_topics_and_consumers_print_the_counts_and_each_named_consumers_lag(daem
     assert rows["audit"][4].endswith("Z")
     away = run_script("consumers.py", "--endpoint", f"tcp://127.0.0.1:{free_port()}", "--timeout", "1", timeout=30)
     assert away.returncode == 1 and away.stdout == "" and "no answer from" in away.stderr
+
+
+def test_forgetting_a_named_consumer_deletes_its_position_and_frees_its_name(daemon: Daemon) -> None:
+    publish(daemon.ingest, "--events", "300", "--topics", "2", "--seed", "6")
+    daemon.wait_idle()
+    live = RawConsumer(daemon.subscribe)
+    try:
+        # Named and acknowledged: "billing" on topic-1, "audit" on every topic, still following.
+        for name, topic in (("billing", "topic-1"), ("audit", None)):
+            live.send({"op": "subscribe", "name": name, "after": 0, "credit": 3, **({"topic": topic} if topic else {})})
+            assert live.receive()["op"] == "subscribed"
+            sent: list[dict[str, Any]] = []
+            while len(sent) < 3:
+                sent += live.receive()["events"]
+            live.send({"op": "ack", "position": sent[-1]["seq" if topic else "position"]})
+            assert live.receive() == {"op": "acked", "position": 3}
+        for bad, why in (({"forget": "yes"}, "'forget' must be true or false"),):
+            live.send({"op": "unsubscribe", **bad})
+            refused = live.receive()
+            assert refused["code"] == "bad_request" and why in refused["error"], refused
+
+        forgot = run_script("consumers.py", "--endpoint", daemon.query, "--forget", "billing", timeout=30)
+        assert forgot.returncode == 0, forgot.stderr
+        assert forgot.stdout.startswith("forgot named consumer 'billing' (it was at position 3, lag 147)"), forgot
+        assert [c["name"] for c in daemon.request({"op": "consumers"})["consumers"]] == ["audit"]
+        again = run_script("consumers.py", "--endpoint", daemon.query, "--forget", "billing", timeout=30)
+        assert again.returncode == 1 and "no named consumer 'billing' is stored" in again.stderr, again
+
+        # The consumer following under a forgotten name is ended, and told why.
+        assert run_script("consumers.py", "--endpoint", daemon.query, "--forget", "audit", timeout=30).returncode == 0
+        assert live.receive()["code"] == "replaced"
+        assert daemon.request({"op": "consumers"})["consumers"] == []
+    finally:
+        live.close()
+
+    # A forgotten name may follow another topic (refused while it was stored for topic-1).
+    unnamed = RawConsumer(daemon.subscribe)
+    try:
+        unnamed.send({"op": "subscribe", "topic": "topic-0", "name": "billing", "credit": 0})
+        assert unnamed.receive()["after"] == 0  # no stored position to resume from
+        unnamed.send({"op": "subscribe", "topic": "topic-0"})
+        assert unnamed.receive()["op"] == "subscribed"
+        unnamed.send({"op": "unsubscribe", "forget": True})
+        refused = unnamed.receive()
+        assert refused["code"] == "bad_request" and "for a named subscription" in refused["error"], refused
+    finally:
+        unnamed.close()
