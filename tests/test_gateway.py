@@ -403,6 +403,32 @@ def test_metrics_are_the_stats(gateway: Gateway) -> None:
 
 
 @pytest.mark.e2e
+def test_metrics_give_each_named_consumers_position_and_lag(gateway: Gateway) -> None:
+    from transport.subscriber import Subscriber
+
+    ok(gateway.publish({"events": [event(topic="lagging", event_id=str(i)) for i in range(6)]}))
+    gateway.daemon.wait_idle()
+    with Subscriber(gateway.daemon.subscribe, "lagging", name="slow", credit=2) as slow:
+        assert [slow.next_event(10)["seq"] for _ in range(2)] == [1, 2]  # type: ignore[index]
+    with Subscriber(gateway.daemon.subscribe, name="everything", credit=5) as everything:
+        assert [everything.next_event(10)["position"] for _ in range(5)] == [1, 2, 3, 4, 5]  # type: ignore[index]
+    eventually(lambda: len(gateway.daemon.request({"op": "consumers"})["consumers"]) == 2, 10, "positions stored")
+    response = gateway.client.get("/metrics")
+    labelled = {
+        (sample.name, sample.labels["consumer"], sample.labels["topic"]): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+        if family.name.startswith("eventagg_consumer_")
+    }
+    assert labelled == {
+        ("eventagg_consumer_lag", "slow", "lagging"): 4,
+        ("eventagg_consumer_position", "slow", "lagging"): 2,
+        ("eventagg_consumer_lag", "everything", ""): 1,
+        ("eventagg_consumer_position", "everything", ""): 5,
+    }
+
+
+@pytest.mark.e2e
 def test_head_answers_like_get_without_a_body(gateway: Gateway) -> None:
     head = gateway.client.head("/healthz")
     assert head.status_code == 200 and head.content == b"", head.text

@@ -1,15 +1,18 @@
-"""Prometheus metrics: the daemon's stats reply rendered in the text exposition format.
+"""Prometheus metrics: the daemon's stats and consumers replies in the text exposition format.
 
-:func:`render` turns one ``stats`` reply (or ``None`` when the daemon did not answer) into the
-body of ``GET /metrics``. Each scrape builds a fresh registry around a snapshot collector, so a
-scrape costs exactly one query to the daemon (made by the caller) and the figures never mix two
-answers. Counters get prometheus_client's ``_total`` suffix; ``eventagg_up`` says whether the
-daemon answered, and is the only sample when it did not (Prometheus' own convention for ``up``).
+:func:`render` turns one ``stats`` reply (or ``None`` when the daemon did not answer) and one
+``consumers`` reply into the body of ``GET /metrics``. Each scrape builds a fresh registry
+around a snapshot collector, so a scrape costs the caller's two queries to the daemon and the
+figures never mix two scrapes' answers. Counters get prometheus_client's ``_total`` suffix;
+``eventagg_up`` says whether the daemon answered, and is the only sample when it did not
+(Prometheus' own convention for ``up``).
 
 The ``eventagg_*`` figures are the connected daemon's own. On PostgreSQL, where several daemons
 share one database, the stats reply also carries ``cluster`` (every daemon's committed counters,
 summed): those become ``eventagg_cluster_*``, and ``eventagg_cluster_up`` says whether the database
-answered for them. Pure: no sockets, no clock.
+answered for them. Each named consumer gives ``eventagg_consumer_lag`` and
+``eventagg_consumer_position``, labelled with its ``consumer`` name and ``topic`` (empty for
+every topic). Pure: no sockets, no clock.
 """
 
 from __future__ import annotations
@@ -84,6 +87,14 @@ CLUSTER_GAUGES: dict[str, tuple[str, str]] = {
     "stored": ("eventagg_cluster_stored", "Events in the shared database now: stored minus expired, over the cluster."),
     "topic_count": ("eventagg_cluster_topics", "Topics with at least one stored event, over the cluster."),
 }
+CONSUMER_GAUGES: dict[str, tuple[str, str]] = {
+    "lag": (
+        "eventagg_consumer_lag",
+        "How far the head is past the named consumer's acknowledged position (seqs of its topic, or "
+        "commit positions for every topic); negative when the position is past the head.",
+    ),
+    "position": ("eventagg_consumer_position", "The named consumer's acknowledged position."),
+}
 CLUSTER_UP = (
     "eventagg_cluster_up",
     "1 when the shared database answered for this scrape's cluster counters, else 0 (PostgreSQL only).",
@@ -93,8 +104,9 @@ CLUSTER_UP = (
 class _Snapshot(Collector):
     """Yields the metrics of one stats reply, taken before the scrape."""
 
-    def __init__(self, stats: dict[str, Any] | None) -> None:
+    def __init__(self, stats: dict[str, Any] | None, consumers: list[Any] | None) -> None:
         self._stats = stats
+        self._consumers = consumers or []
 
     def collect(self) -> Iterable[Metric]:
         stats = self._stats
@@ -102,6 +114,7 @@ class _Snapshot(Collector):
         if stats is None:
             return
         yield from _families(stats, COUNTERS, GAUGES)
+        yield from self._consumer_families()
         if "cluster" not in stats and "cluster_error" not in stats:
             return  # SQLite: the daemon is the whole of it
         cluster = stats.get("cluster")
@@ -110,6 +123,17 @@ class _Snapshot(Collector):
             return
         yield GaugeMetricFamily(CLUSTER_UP[0], CLUSTER_UP[1], value=1)
         yield from _families(cluster, CLUSTER_COUNTERS, CLUSTER_GAUGES)
+
+    def _consumer_families(self) -> Iterable[Metric]:
+        named = [c for c in self._consumers if isinstance(c, dict) and isinstance(c.get("name"), str)]
+        for key, (name, text) in CONSUMER_GAUGES.items():
+            family = GaugeMetricFamily(name, text, labels=["consumer", "topic"])
+            for consumer in named:
+                if _is_number(consumer.get(key)):
+                    topic = consumer.get("topic")
+                    family.add_metric([consumer["name"], topic if isinstance(topic, str) else ""], consumer[key])
+            if family.samples:
+                yield family
 
 
 def _families(
@@ -127,8 +151,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def render(stats: dict[str, Any] | None) -> bytes:
-    """The text exposition of one stats reply; ``None`` (no answer) gives ``eventagg_up 0`` alone."""
+def render(stats: dict[str, Any] | None, consumers: list[Any] | None = None) -> bytes:
+    """The text exposition of one stats reply and the ``consumers`` list of one consumers reply
+    (``None``: not answered); stats ``None`` (no answer) gives ``eventagg_up 0`` alone."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(stats))
+    registry.register(_Snapshot(stats, consumers))
     return generate_latest(registry)
