@@ -113,7 +113,7 @@ def forget_command(args: argparse.Namespace, consumers: list[dict[str, Any]], as
 
 def forget(endpoint: str, name: str, topic: str | None, timeout: float, secure: SocketHook | None = None) -> None:
     """Delete ``name``'s stored position through the subscribe endpoint: subscribe under it (with
-    its stored ``topic``, and no credit, so no event is sent), then unsubscribe with ``forget``.
+    its stored ``topic`` and no credit, so no event is sent), then unsubscribe with ``forget``.
     Raises :class:`ForgetFailed` on an error reply or no reply within ``timeout`` seconds."""
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
@@ -123,7 +123,8 @@ def forget(endpoint: str, name: str, topic: str | None, timeout: float, secure: 
     sock.connect(endpoint)
     deadline = time.monotonic() + timeout
     try:
-        subscribe: dict[str, Any] = {"op": "subscribe", "name": name, "credit": 0}
+        # after 0: a stored position past the head (see lag) would refuse the subscribe
+        subscribe: dict[str, Any] = {"op": "subscribe", "name": name, "after": 0, "credit": 0}
         if topic is not None:
             subscribe["topic"] = topic
         sock.send(msgpack.packb(subscribe))
