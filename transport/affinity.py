@@ -126,9 +126,16 @@ class AffinePublisher(Publisher):
                 if deadline is not None and time.monotonic() >= deadline:
                     self._refresh_totals()
                     raise
-                self._service_others(target)
+                try:
+                    self._service_others(target)
+                except (DeliveryFailed, BatchRefused) as exc:
+                    exc.events.append(event)  # queued nowhere yet: handed back with the others
+                    raise
             except DeliveryFailed as exc:
+                # exc.events holds this event too (queued and given up, or never queued): rerouted
+                # with the rest, or handed back with them; publishing it once more would send it twice.
                 self._reroute(exc, target)
+                break
         self._refresh_totals()
 
     def publish_many(self, events: Iterable[dict[str, Any]], timeout: float | None = None) -> None:
