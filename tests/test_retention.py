@@ -360,7 +360,7 @@ def test_six_cycles_of_inflow_and_expiry_leave_the_database_no_bigger_than_after
 ) -> None:
     # One ordering actor: rows then arrive in the same order every cycle, so the B-trees split
     # alike and the file's high-water mark is the same from cycle to cycle.
-    daemon = retention_daemon(daemon_factory, actors=1, max_age="1s", dedup_horizon="1s")
+    daemon = retention_daemon(daemon_factory, actors=1, max_age="500ms", dedup_horizon="500ms", sweep_interval="250ms")
     wal = daemon.db_path.with_name(daemon.db_path.name + "-wal")
     publisher = Acked(daemon.ack)
     sizes: list[tuple[int, int]] = []
