@@ -24,7 +24,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-__all__ = ["CLUSTER_COUNTERS", "CLUSTER_GAUGES", "CONTENT_TYPE_LATEST", "COUNTERS", "GAUGES", "render"]
+__all__ = [
+    "CLUSTER_COUNTERS",
+    "CLUSTER_GAUGES",
+    "CONSUMER_GAUGES",
+    "CONTENT_TYPE_LATEST",
+    "COUNTERS",
+    "GAUGES",
+    "render",
+]
 
 # stats key -> (metric family name; prometheus_client appends _total to counters), HELP text
 COUNTERS: dict[str, tuple[str, str]] = {
