@@ -359,7 +359,7 @@ def test_systemd_hears_of_the_outage_and_the_watchdog_keeps_being_fed(
         publisher = start_publish(
             [daemon.ack],
             "--events",
-            "1500",  # 5 s at 300/s: what is not yet acknowledged when the outage begins waits through it
+            "800",  # 2.7 s at 300/s: what is not yet acknowledged when the outage begins waits through it
             "--topics",
             "5",
             "--rate",
@@ -378,7 +378,9 @@ def test_systemd_hears_of_the_outage_and_the_watchdog_keeps_being_fed(
                 30,
                 "a STATUS= line saying the daemon waits for its storage",
             )
-            time.sleep(max(0.0, stopped_at + 8 - time.monotonic()))  # an outage of 8 s: > WatchdogSec
+            # An outage of 6 s: > WatchdogSec, and long enough that the writer's retry pauses
+            # (0.1 s doubling: 0.1 .. 3.2 s) reach one longer than WatchdogSec while it lasts.
+            time.sleep(max(0.0, stopped_at + 6 - time.monotonic()))
         finally:
             pg.start()
         assert daemon.proc is not None and daemon.proc.poll() is None
