@@ -6,7 +6,14 @@ Runs with the python where eventagg is installed (the project's .venv, or /opt/e
 
 import sys
 
-from actors.run import main
+try:
+    from actors.run import main
+except ModuleNotFoundError as exc:  # a python without eventagg, such as plain python3 on a fresh checkout
+    sys.exit(
+        f"aggregatord.py: {exc}: run it with the python eventagg is installed in, or run `eventagg run`"
+        " from there: .venv/bin/eventagg run (python3 scripts/dev.py run makes .venv)"
+        " or /opt/eventagg/venv/bin/eventagg run"
+    )
 
 if __name__ == "__main__":
     sys.exit(main())

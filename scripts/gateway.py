@@ -6,7 +6,14 @@ Runs with the python where eventagg is installed with its gateway extra.
 
 import sys
 
-from transport.commands.gateway import main
+try:
+    from transport.commands.gateway import main
+except ModuleNotFoundError as exc:  # a python without eventagg, such as plain python3 on a fresh checkout
+    sys.exit(
+        f"gateway.py: {exc}: run it with the python eventagg is installed in, or run `eventagg gateway`"
+        " from there: .venv/bin/eventagg gateway (python3 scripts/dev.py run makes .venv)"
+        " or /opt/eventagg/venv/bin/eventagg gateway"
+    )
 
 if __name__ == "__main__":
     sys.exit(main())

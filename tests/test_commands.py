@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ast
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +118,21 @@ def test_client_commands_read_a_config_whose_dsn_names_systemd_credentials(tmp_p
     result = run_script("stats.py", "--config", str(config), "--timeout", "1", env=env, timeout=60)
     assert result.returncode == 1, result.stderr  # no daemon there: not a config error (2)
     assert "CREDENTIALS_DIRECTORY" not in result.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_a_script_run_by_a_python_without_eventagg_says_how_to_run_it(script: str) -> None:
+    # `python -S` has no site-packages, so neither eventagg nor pyzmq: as plain python3 on a
+    # fresh checkout.
+    result = subprocess.run(
+        [sys.executable, "-S", str(ROOT / "scripts" / script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"{script}: No module named ")
+    assert f".venv/bin/eventagg {SCRIPTS[script]}" in result.stderr
