@@ -136,3 +136,22 @@ def test_a_script_run_by_a_python_without_eventagg_says_how_to_run_it(script: st
     assert result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"{script}: No module named ")
     assert f".venv/bin/eventagg {SCRIPTS[script]}" in result.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("where", ["file", "under-file"])
+def test_keys_into_a_file_says_it_is_not_a_folder(tmp_path: Path, where: str) -> None:
+    blocker = tmp_path / "config.toml"
+    blocker.write_text("")
+    folder = blocker if where == "file" else blocker / "keys"
+    for args in (("server", str(folder)), ("client", "alice", str(folder))):
+        result = run_script("keys.py", *args, timeout=30)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert (
+            result.stderr == f"keys: {folder} is not a folder (a file is in the way); give a folder, made if missing\n"
+        )
+    authorized = run_script("keys.py", "client", "bob", str(tmp_path / "ok"), "--authorize", str(blocker), timeout=30)
+    assert authorized.returncode == 1
+    assert authorized.stderr.endswith(
+        f"keys: {blocker} is not a folder (a file is in the way); give a folder, made if missing\n"
+    )

@@ -32,6 +32,14 @@ class KeysError(Exception):
     """The certificates cannot be written where asked; the message says why."""
 
 
+def make_folder(folder: Path) -> None:
+    """Make ``folder`` (owner-only) unless it exists; a file in its place, or in its path, is a :class:`KeysError`."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except (FileExistsError, NotADirectoryError):
+        raise KeysError(f"{folder} is not a folder (a file is in the way); give a folder, made if missing") from None
+
+
 def create(directory: Path, name: str) -> tuple[Path, Path]:
     """Write ``NAME.key`` (mode 0644) and ``NAME.key_secret`` (mode 0600) into ``directory``.
 
@@ -41,7 +49,7 @@ def create(directory: Path, name: str) -> tuple[Path, Path]:
     """
     if not _NAME.match(name):
         raise KeysError(f"name {name!r} must be letters, digits, '.', '_' or '-' (at most 100)")
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_folder(directory)
     public = directory / f"{name}.key"
     secret = directory / f"{name}.key_secret"
     for path in (public, secret):
@@ -61,7 +69,7 @@ def create(directory: Path, name: str) -> tuple[Path, Path]:
 
 def authorize(public: Path, folder: Path) -> Path:
     """Copy a client's public certificate into the daemon's authorized keys folder."""
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_folder(folder)
     target = folder / public.name
     if target.exists():
         raise KeysError(f"{target} already exists; a client name must be unique in the authorized folder")
