@@ -29,6 +29,7 @@ from harness import (
 )
 
 from transport.client import QueryClient
+from transport.config import load_config
 from transport.workload import plan
 
 pytestmark = pytest.mark.e2e  # every test here starts processes
@@ -342,6 +343,21 @@ def test_bad_config_fails_at_start_naming_the_key(tmp_path) -> None:
     config.write_text("[ordering]\nactorz = 3\n")
     result = run_script("aggregatord.py", "--config", str(config), timeout=30)
     assert result.returncode == 2 and "[ordering] actorz" in result.stderr
+
+
+def test_an_empty_storage_path_is_refused_at_start_naming_the_key(tmp_path) -> None:
+    config = tmp_path / "empty-path.toml"
+    config.write_text('[storage]\npath = ""\n')
+    result = run_script("aggregatord.py", "--config", str(config), timeout=30)
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr
+    assert result.stderr == (
+        'aggregatord: [storage] path is empty; name the SQLite database file, e.g. path = "data/events.db"'
+        " (the default)\n"
+    )
+    # A postgresql daemon never uses [storage] path, so "" stays fine there.
+    postgres = tmp_path / "postgres.toml"
+    postgres.write_text('[storage]\nbackend = "postgresql"\ndsn = "postgresql://db/eventagg"\npath = ""\n')
+    assert load_config(postgres).storage.path == ""
 
 
 def test_port_in_use_fails_with_a_clear_message(daemon: Daemon, daemon_factory: Callable[..., Daemon]) -> None:

@@ -556,6 +556,10 @@ def _parse_section(name: str, section_type: type, values: dict[str, Any]) -> Any
         raise ConfigError(
             '[storage] dsn must be set when backend = "postgresql", e.g. dsn = "postgresql://eventagg@db.example/eventagg"'
         )
+    if name == "storage" and checked.get("backend", "sqlite") == "sqlite" and checked.get("path") == "":
+        raise ConfigError(
+            '[storage] path is empty; name the SQLite database file, e.g. path = "data/events.db" (the default)'
+        )
     section = section_type(**checked)
     if name == "subscribe" and section.timeout_ms <= section.heartbeat_ms:
         raise ConfigError(
