@@ -6,8 +6,15 @@ Runs with the python where eventagg is installed (the project's .venv, or /opt/e
 
 import sys
 
-from transport.commands.client_flags import run_command
-from transport.commands.topics import main
+try:
+    from transport.commands.client_flags import run_command
+    from transport.commands.topics import main
+except ModuleNotFoundError as exc:  # a python without eventagg, such as plain python3 on a fresh checkout
+    sys.exit(
+        f"topics.py: {exc}: run it with the python eventagg is installed in, or run `eventagg topics`"
+        " from there: .venv/bin/eventagg topics (python3 scripts/dev.py run makes .venv)"
+        " or /opt/eventagg/venv/bin/eventagg topics"
+    )
 
 if __name__ == "__main__":
     sys.exit(run_command(main))
