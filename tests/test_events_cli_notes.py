@@ -3,6 +3,7 @@ a daemon too busy to take one more subscription. Real daemon, real sockets, real
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 from collections.abc import Callable
@@ -77,3 +78,22 @@ def test_following_a_busy_daemon_says_so_on_stderr(daemon_factory: Callable[...,
     status, _, err = interrupt(proc)
     assert status == 0, err
     assert "is busy" in err and "retrying" in err
+
+
+@pytest.mark.timeout(120)
+def test_following_before_the_daemon_starts_says_it_waits_then_prints_its_events(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    daemon = daemon_factory()
+    proc = follow(daemon, "--limit", "3", "--timeout", "0.5")
+    try:
+        assert proc.stderr is not None
+        notice = proc.stderr.readline()  # blocks until the line; the test's timeout bounds it
+        assert f"no daemon answers at {daemon.subscribe} yet" in notice and "waiting for it" in notice
+        daemon.start()
+        publish(daemon.ack, "--acked", "--events", "3", "--topics", "1")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert [json.loads(line)["seq"] for line in out.splitlines()] == [1, 2, 3]

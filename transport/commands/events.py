@@ -132,6 +132,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             if failure is not None and failure.refused:
                 print(f"events: {where} {failure}", file=sys.stderr)
                 return 1
+            if failure is not None:
+                print(
+                    f"events: no daemon answers at {where} yet ({failure}); waiting for it (Ctrl-C ends)",
+                    file=sys.stderr,
+                )
         with QueryClient(endpoint, timeout=args.timeout, configure=secure) as client, contextlib.ExitStack() as stack:
             events: Iterator[dict[str, Any]]
             if args.follow:
