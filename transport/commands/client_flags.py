@@ -1,7 +1,9 @@
 """The flags the client commands share, and how a client command ends.
 
 Where the daemon is (``--endpoint``, or the query endpoint of ``--config``), how long to wait
-(``--timeout``), and CURVE (``--server-key``/``--client-cert``, or ``--config``'s ``[security]``).
+(``--timeout``), and CURVE (``--server-key``/``--client-cert``, or ``--config``'s ``[security]``);
+for the commands that also use the subscribe endpoint, where that is (``--subscribe-endpoint``,
+``--config``'s, or asked of the daemon ``--endpoint`` names).
 ``run_command`` ends a command quietly when its reader goes away (``eventagg events | head``).
 """
 
@@ -18,7 +20,7 @@ from typing import TypeVar
 import zmq
 
 from transport.client import MAX_TIMEOUT_S, NoAnswer, QueryClient, QueryClientError, connectable
-from transport.config import ConfigError, QueryConfig, endpoint_problem, load_config
+from transport.config import Config, ConfigError, QueryConfig, endpoint_problem, load_config
 from transport.handshake import probe
 from transport.security import SecurityError, SocketHook, curve_client, curve_client_from_config
 
@@ -66,6 +68,47 @@ def add_endpoint_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--client-cert", metavar="PATH", help="CURVE: this client's secret certificate (NAME.key_secret)"
     )
+
+
+def add_subscribe_endpoint_arg(parser: argparse.ArgumentParser, goes_with: str) -> None:
+    """``--subscribe-endpoint``, for the commands that use the subscribe endpoint with ``goes_with``."""
+    parser.add_argument(
+        "--subscribe-endpoint",
+        type=endpoint_url,
+        metavar="URL",
+        help=f"with {goes_with} (default: from --config; with --endpoint, asked of that daemon; else :5558)",
+    )
+
+
+def subscribe_endpoint_from_args(args: argparse.Namespace) -> str:
+    """The subscribe endpoint from --subscribe-endpoint, --config, or the default; with only
+    ``--endpoint`` given, :func:`subscribe_endpoint_of` asks that daemon instead.
+
+    Raises :class:`ConfigError` for a bad config file.
+    """
+    if args.subscribe_endpoint:
+        return str(args.subscribe_endpoint)
+    return connectable((load_config(args.config) if args.config else Config()).subscribe.bind)
+
+
+def asks_subscribe_endpoint(args: argparse.Namespace) -> bool:
+    """Whether the subscribe endpoint must be asked of the daemon: only ``--endpoint`` names it."""
+    return bool(args.endpoint) and not args.subscribe_endpoint
+
+
+def subscribe_endpoint_of(client: QueryClient) -> str:
+    """The subscribe endpoint of the daemon ``client`` queries, from its health reply: a wildcard
+    host (``*``, 0.0.0.0, ``[::]``) becomes the host this client reached it by."""
+    endpoints = client.request({"op": "health"}).get("endpoints")
+    bind = endpoints.get("subscribe") if isinstance(endpoints, dict) else None
+    if not isinstance(bind, str):
+        raise QueryClientError(f"{client.endpoint} did not say its subscribe endpoint: pass --subscribe-endpoint")
+    host, _, port = bind.removeprefix("tcp://").rpartition(":")
+    if bind.startswith("tcp://") and host in ("*", "0.0.0.0", "[::]"):
+        asked = client.endpoint
+        reached = asked.removeprefix("tcp://").rpartition(":")[0] if asked.startswith("tcp://") else "127.0.0.1"
+        return f"tcp://{reached}:{port}"
+    return bind
 
 
 def curve_from_args(args: argparse.Namespace) -> SocketHook | None:

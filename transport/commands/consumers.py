@@ -28,17 +28,19 @@ from typing import Any
 import msgpack
 import zmq
 
-from transport.client import QueryClient, connectable
+from transport.client import QueryClient
 from transport.commands.client_flags import (
     add_endpoint_args,
+    add_subscribe_endpoint_arg,
+    asks_subscribe_endpoint,
     curve_from_args,
-    endpoint_url,
     query_daemon,
     run_command,
+    subscribe_endpoint_from_args,
+    subscribe_endpoint_of,
 )
-from transport.commands.events import subscribe_endpoint_of
 from transport.commands.tables import table
-from transport.config import Config, ConfigError, load_config
+from transport.config import ConfigError
 from transport.security import SecurityError, SocketHook
 
 COLUMNS = ("name", "topic", "position", "lag", "acknowledged_at")
@@ -57,12 +59,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         metavar="NAME",
         help="delete this named consumer's stored position (one following under it now is ended)",
     )
-    parser.add_argument(
-        "--subscribe-endpoint",
-        type=endpoint_url,
-        metavar="URL",
-        help="with --forget (default: from --config; with --endpoint, asked of that daemon; else :5558)",
-    )
+    add_subscribe_endpoint_arg(parser, "--forget")
     args = parser.parse_args(argv)
     if args.subscribe_endpoint and not args.forget:
         parser.error("--subscribe-endpoint goes with --forget")
@@ -70,7 +67,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     def ask(client: QueryClient) -> tuple[dict[str, Any], str | None]:
         reply = client.call({"op": "consumers"})
         where = None
-        if args.forget and not args.subscribe_endpoint and args.endpoint:
+        if args.forget and asks_subscribe_endpoint(args):
             where = subscribe_endpoint_of(client)
         return reply, where
 
@@ -96,9 +93,7 @@ def forget_command(args: argparse.Namespace, consumers: list[dict[str, Any]], as
         return 1
     try:
         secure = curve_from_args(args)
-        where = args.subscribe_endpoint or asked_where
-        if where is None:
-            where = connectable((load_config(args.config) if args.config else Config()).subscribe.bind)
+        where = asked_where or subscribe_endpoint_from_args(args)
     except (ConfigError, SecurityError) as exc:
         print(f"consumers: {exc}", file=sys.stderr)
         return 2

@@ -20,16 +20,19 @@ from typing import Any
 
 import zmq
 
-from transport.client import QueryClient, QueryClientError, connectable
+from transport.client import QueryClient, QueryClientError
 from transport.commands.client_flags import (
     add_endpoint_args,
+    add_subscribe_endpoint_arg,
+    asks_subscribe_endpoint,
     curve_from_args,
     endpoint_from_args,
-    endpoint_url,
     explain,
     run_command,
+    subscribe_endpoint_from_args,
+    subscribe_endpoint_of,
 )
-from transport.config import Config, ConfigError, load_config
+from transport.config import ConfigError
 from transport.handshake import probe
 from transport.jsonlines import to_json_line
 from transport.queries import MAX_CURSOR, QueryError, check_query_topic
@@ -61,21 +64,6 @@ def note_expired(after: int, first: int) -> None:
     print(f"events: events after {after} are no longer stored; continuing from {first}", file=sys.stderr)
 
 
-def subscribe_endpoint_of(client: QueryClient) -> str:
-    """The subscribe endpoint of the daemon ``client`` queries, from its health reply: a wildcard
-    host (``*``, 0.0.0.0, ``[::]``) becomes the host this client reached it by."""
-    endpoints = client.request({"op": "health"}).get("endpoints")
-    bind = endpoints.get("subscribe") if isinstance(endpoints, dict) else None
-    if not isinstance(bind, str):
-        raise QueryClientError(f"{client.endpoint} did not say its subscribe endpoint: pass --subscribe-endpoint")
-    host, _, port = bind.removeprefix("tcp://").rpartition(":")
-    if bind.startswith("tcp://") and host in ("*", "0.0.0.0", "[::]"):
-        asked = client.endpoint
-        reached = asked.removeprefix("tcp://").rpartition(":")[0] if asked.startswith("tcp://") else "127.0.0.1"
-        return f"tcp://{reached}:{port}"
-    return bind
-
-
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description="List a topic's stored events as JSON Lines.")
     parser.add_argument("topic", nargs="?", help="the topic (default: every topic, in commit order)")
@@ -88,12 +76,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     parser.add_argument("--follow", action="store_true", help="then print live events until SIGINT")
     parser.add_argument("--name", help="with --follow: a named consumer; without --after it resumes where it left")
-    parser.add_argument(
-        "--subscribe-endpoint",
-        type=endpoint_url,
-        metavar="URL",
-        help="with --follow (default: from --config; with --endpoint, asked of that daemon; else :5558)",
-    )
+    add_subscribe_endpoint_arg(parser, "--follow")
     parser.add_argument("--limit", type=at_least(0), default=None, metavar="N", help="print at most N events")
     # Sent in the request, so bounded to what msgpack and the daemon's cursor take; --limit is only counted here.
     parser.add_argument(
@@ -111,9 +94,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         endpoint = endpoint_from_args(args)
         secure = curve_from_args(args)
-        where = args.subscribe_endpoint or connectable(
-            (load_config(args.config) if args.config else Config()).subscribe.bind
-        )
+        where = subscribe_endpoint_from_args(args)
     except (ConfigError, SecurityError) as exc:
         print(f"events: {exc}", file=sys.stderr)
         return 2
@@ -122,7 +103,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     page = args.page if args.limit is None else min(args.page, args.limit)
     printed = 0
     try:
-        if args.follow and args.endpoint and not args.subscribe_endpoint:
+        if args.follow and asks_subscribe_endpoint(args):
             with QueryClient(endpoint, timeout=args.timeout, configure=secure) as client:
                 where = subscribe_endpoint_of(client)
         if args.follow:
