@@ -396,6 +396,12 @@ def test_follow_with_limit_stops_after_n_events(daemon_factory: Callable[..., Da
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert [json.loads(line)["seq"] for line in result.stdout.splitlines()] == list(range(21, 28))
+    for topic in ("topic-0", None):  # a followed line is the listed line, byte for byte
+        where = [topic] if topic else []
+        common = [*where, "--after", "20", "--limit", "7", "--endpoint", daemon.query]
+        listed = run_script("events.py", *common, timeout=60)
+        followed = run_script("events.py", *common, "--follow", "--subscribe-endpoint", daemon.subscribe, timeout=60)
+        assert listed.stdout == followed.stdout and listed.stdout.count("\n") == 7, (listed, followed)
 
 
 def test_follow_with_only_the_query_endpoint_asks_the_daemon_where_to_subscribe(

@@ -58,6 +58,17 @@ def at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     return whole_number
 
 
+# One order for every line, listed or followed: the event's own fields, where it is stored, the payload last.
+FIELD_ORDER = ("topic", "event_id", "timestamp", "source", "position", "seq", "late", "payload")
+
+
+def in_field_order(event: dict[str, Any]) -> dict[str, Any]:
+    """``event`` with its fields in :data:`FIELD_ORDER` (any others after them, as they came)."""
+    ordered = {field: event[field] for field in FIELD_ORDER if field in event}
+    ordered.update(event)  # adds the fields not in FIELD_ORDER; those already there keep their place
+    return ordered
+
+
 def note_expired(after: int, first: int) -> None:
     """On stderr, as ``--follow`` says it, that retention deleted what was asked for, so an empty
     or shorter output is not mistaken for no events."""
@@ -127,7 +138,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             else:
                 events = client.iter_events(args.topic, args.after or 0, page, on_expired=note_expired)
             for event in events:
-                print(to_json_line(event))  # lossless for bytes, non-string keys, NaN, any depth
+                print(to_json_line(in_field_order(event)))  # lossless for bytes, non-string keys, NaN, any depth
                 printed += 1
                 if args.limit is not None and printed >= args.limit:
                     break
