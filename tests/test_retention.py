@@ -252,6 +252,25 @@ def test_a_replay_after_the_dedup_horizon_is_stored_again_with_a_new_seq(
         publisher.close()
 
 
+@pytest.mark.e2e
+@pytest.mark.timeout(120)
+def test_a_horizon_alone_forgets_the_keys_an_earlier_configuration_kept(daemon_factory: Callable[..., Daemon]) -> None:
+    deleting = retention_daemon(daemon_factory, "deleting", max_age="1s")
+    publisher = Acked(deleting.ack)
+    try:
+        assert publisher.send([event(n, topic="h") for n in range(5)])["new"] == 5
+        deleting.wait_stats(timeout=60, expired=5)
+    finally:
+        publisher.close()
+    assert deleting.terminate() == 0 and kept_keys(deleting.db_path) == 5
+    # Events are no longer deleted; the keys kept so far still expire.
+    forgetting = daemon_factory(
+        "forgetting", storage={"path": str(deleting.db_path)}, retention={**QUICK, "dedup_horizon": "1s"}
+    )
+    forgetting.start()
+    eventually(lambda: kept_keys(deleting.db_path) == 0, 30, "the kept keys forgotten after the horizon")
+
+
 # --- Conflicting duplicates ---------------------------------------------------------------------
 
 

@@ -103,8 +103,9 @@ class RetentionConfig:
 
     @property
     def enabled(self) -> bool:
-        """Whether anything is ever deleted."""
-        return bool(self.max_age or self.max_events_per_topic or self.max_bytes)
+        """Whether a sweep has anything to do: a limit deletes events, or a horizon forgets deleted
+        events' keys (also those kept while an earlier configuration deleted events)."""
+        return bool(self.max_age or self.max_events_per_topic or self.max_bytes) or self.dedup_horizon != "forever"
 
 
 # systemd.time(7)'s time-span units, in seconds.
