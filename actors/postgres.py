@@ -43,6 +43,7 @@ import itertools
 import logging
 import math
 import operator
+import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ from actors.dedup import EXPIRE_CHUNK, STORAGE_RETRY, DedupActor
 from actors.fingerprint import fingerprint
 from actors.messages import AckTicket, ClassifyResult, Ping, SaveConsumerPositions, Tick, WriteBatch
 from actors.pg_session import (
+    CONNECT_TIMEOUT_S,
     connect,
     describe_dsn,
     load_psycopg,
@@ -101,9 +103,13 @@ COMMITS_CHANNEL = "eventagg_commits"  # every write transaction that stores even
 RECONNECT_PAUSE_S = 1.0  # after a failed connect, reads fail at once for this long
 NODE_LOCK_WAIT_S = 15.0
 SESSION_CHECK_S = 5.0  # how often an idle writer makes sure its session (and node lock) lives
-# How long stats and health wait for the cluster's counters and for a ping: both are answered from
-# memory or a tiny table at once, and the stats actor serves every query while it waits.
+# How long health waits for a ping, and stats for the cluster's counters: both are answered from
+# memory or a tiny table at once, and the stats actor serves every query while it waits. Stats
+# waits less: the gateway's probe (at most 1 s) reads a stats reply to tell a storage outage.
 PROBE_ANSWER_S = 2.0
+CLUSTER_ANSWER_S = 0.5
+# After the server failed to answer or to connect, for this long a probe does not wait to connect.
+TROUBLED_S = 30.0
 
 # What a stored event and a kept key take beyond their text and bytes: tuple header, fixed
 # columns and index entries, measured on freshly loaded tables (scripts/bench_postgres_retention.py
@@ -838,6 +844,43 @@ class PostgresReader:
         self.where = describe_dsn(dsn)
         self.max_page_bytes = max_page_bytes
         self._conn: psycopg.Connection[Any] | None = None
+        self._troubled_at = -math.inf  # when the server last failed to answer or to take a connection
+        self._connecting: threading.Thread | None = None  # a connection made for the probes, in the background
+        self._connected: psycopg.Connection[Any] | None = None  # what it made, taken by the next query
+        self._connect_error = ""
+
+    def _usable(self, answer_within: float | None) -> psycopg.Connection[Any]:
+        """The connection, made again if it was lost. A probe (``answer_within`` given) never waits
+        for a connection to a server in trouble lately: connecting may block for connect_timeout,
+        longer than a probe's caller waits, so it is made in the background meanwhile."""
+        if self._conn is not None and not (self._conn.closed or self._conn.broken):
+            return self._conn
+        if self._connected is not None:
+            self._conn, self._connected = self._connected, None
+            return self._conn
+        if answer_within is not None and time.monotonic() - self._troubled_at < TROUBLED_S:
+            if self._connecting is None or not self._connecting.is_alive():
+                self._connecting = threading.Thread(target=self._connect_for_probes, name="pg-reconnect", daemon=True)
+                self._connecting.start()
+            raise StorageError(f"{self.where} did not answer lately; reconnecting{self._connect_error}")
+        try:
+            self._conn = self._connect()
+        except StorageError:
+            self._troubled_at = time.monotonic()
+            raise
+        return self._conn
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        conn = connect(self.dsn, self.node, "reader")
+        set_statement_timeout(conn, running_statement_timeout_ms())
+        return conn
+
+    def _connect_for_probes(self) -> None:
+        try:
+            self._connected = self._connect()
+            self._connect_error = ""
+        except Exception as exc:  # said by the next probe
+            self._connect_error = f" (the last try: {one_line(exc)})"
 
     def _query(self, sql: str, params: Sequence[Any] = (), answer_within: float | None = None) -> list[tuple[Any, ...]]:
         """Rows of one query; one reconnect is tried if the connection was lost (not if the
@@ -845,10 +888,7 @@ class PostgresReader:
         seconds, when given, bound the wait for the answer below the statement timeout."""
         pg = load_psycopg()
         for attempt in (1, 2):
-            if self._conn is None or self._conn.closed or self._conn.broken:
-                self._conn = connect(self.dsn, self.node, "reader")
-                set_statement_timeout(self._conn, running_statement_timeout_ms())
-            conn: Any = self._conn
+            conn: Any = self._usable(answer_within)
             usual = conn.answer_timeout_s
             if answer_within is not None:
                 conn.answer_timeout_s = min(usual, answer_within)
@@ -856,6 +896,8 @@ class PostgresReader:
                 rows: list[tuple[Any, ...]] = conn.execute(sql, params).fetchall()
                 return rows
             except pg.OperationalError as exc:
+                if isinstance(exc, no_answer_error()):  # hung: a new connection would hang as well
+                    self._troubled_at = time.monotonic()
                 if isinstance(exc, no_answer_error()) or not (conn.closed or conn.broken) or attempt == 2:
                     raise StorageError(f"{self.where}: {one_line(exc)}") from None
             finally:
@@ -953,7 +995,7 @@ class PostgresReader:
     def cluster_counters(self) -> dict[str, int]:
         """Every node's committed counters, summed."""
         sums = ", ".join(f"coalesce(sum({name}), 0)" for name in NODE_COUNTERS)
-        (row,) = self._query(f"SELECT {sums} FROM nodes", answer_within=PROBE_ANSWER_S)
+        (row,) = self._query(f"SELECT {sums} FROM nodes", answer_within=CLUSTER_ANSWER_S)
         return {name: int(value) for name, value in zip(NODE_COUNTERS, row)}
 
     def ping(self) -> None:
@@ -961,10 +1003,13 @@ class PostgresReader:
         self._query("SELECT 1", answer_within=PROBE_ANSWER_S)
 
     def close(self) -> None:
-        """Close the connection."""
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        """Close the connection (and one made in the background, once it is done)."""
+        if self._connecting is not None:
+            self._connecting.join(CONNECT_TIMEOUT_S + 1)
+        for conn in (self._conn, self._connected):
+            if conn is not None:
+                conn.close()
+        self._conn = self._connected = None
 
 
 class PostgresEventSource:
@@ -1391,6 +1436,9 @@ class PostgresStatsActor(StatsActor):
 
     def stats(self) -> dict[str, Any]:
         reply = super().stats()
+        if "storage_error" in reply:  # commits fail: the server would not answer this one either
+            reply["cluster_error"] = "not asked while this daemon's commits fail (see storage_error)"
+            return reply
         try:
             reply["cluster"] = self._pg_reader.cluster_counters()
         except StorageError as exc:

@@ -697,6 +697,15 @@ def test_the_gateway_gives_this_daemons_metrics_beside_the_clusters_and_names_a_
             pg.start()
         front.wait_stats(unique_processed=5, in_flight=0)
         assert "storage_error" not in front.stats()
+
+        with pg.frozen():  # hung, not down: no commit has failed yet when the request's time is up
+            held = gateway.publish(http_event(topic="via-http", event_id="while-frozen"))
+            assert held.status_code == 503, held.text
+            said = held.json()["error"]
+            assert said.startswith("the daemon cannot store events now: storage PostgreSQL"), said
+            frozen_samples = scrape(gateway)
+            assert frozen_samples.get("eventagg_cluster_up", (None,))[0] == 0, frozen_samples
+        front.wait_stats(unique_processed=6, in_flight=0)
     finally:
         publisher.close()
         gateway.stop()

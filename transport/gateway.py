@@ -290,7 +290,9 @@ class DaemonLink:
                 f"the daemon is not answering: no acknowledgement from {self.ack_endpoint} in {waited:.3g} s "
                 f"and no answer from {self.query_endpoint}; is it running? Publishing again later is safe",
             )
-        storage_error = stats.get("storage_error")
+        # A commit under way on a server that stopped answering has not failed yet: the cluster's
+        # counters, read on the same server, say it first.
+        storage_error = stats.get("storage_error") or stats.get("cluster_error")
         if storage_error is not None:
             return GatewayError(
                 503,
