@@ -436,23 +436,45 @@ def test_publish_script_to_an_endpoint_with_no_daemon_says_so_and_fails() -> Non
     # Fire-and-forget: ZeroMQ would queue the frames for a daemon that is not there, and the
     # script reported them all sent (exit 0). It checks for a handshake first.
     nowhere = f"tcp://127.0.0.1:{free_port()}"
-    for mode in ((), ("--acked",)):
-        started = time.monotonic()
-        result = run_script("publish.py", "--endpoint", nowhere, *mode, "--events", "10", "--deadline", "2", timeout=30)
-        assert result.returncode == 1, (mode, result.stdout, result.stderr)
-        assert f"publish: waiting up to 2 s (--deadline) for {nowhere}" in result.stderr
-        assert f"publish: {nowhere} accepted no connection within 2 s: is the daemon running" in result.stderr
-        assert "sent" not in result.stdout and time.monotonic() - started < 20
+    started = time.monotonic()
+    publishing = {
+        mode: subprocess.Popen(
+            [
+                sys.executable,
+                str(SCRIPTS / "publish.py"),
+                "--endpoint",
+                nowhere,
+                *mode,
+                "--events",
+                "10",
+                "--deadline",
+                "2",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for mode in ((), ("--acked",))
+    }
+    for mode, proc in publishing.items():
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 1, (mode, out, err)
+        assert f"publish: waiting up to 2 s (--deadline) for {nowhere}" in err
+        assert f"publish: {nowhere} accepted no connection within 2 s: is the daemon running" in err
+        assert "sent" not in out and time.monotonic() - started < 20
     # Ctrl-C while it waits (or while stats waits for an answer) ends it quietly, with 130.
-    for script, args in (("publish.py", ("--deadline", "30")), ("stats.py", ("--timeout", "30"))):
-        proc = subprocess.Popen(
+    waiting = {
+        script: subprocess.Popen(
             [sys.executable, str(SCRIPTS / script), "--endpoint", nowhere, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             preexec_fn=default_sigint,
         )
-        time.sleep(1.5)
+        for script, args in (("publish.py", ("--deadline", "30")), ("stats.py", ("--timeout", "30")))
+    }
+    time.sleep(1.5)
+    for script, proc in waiting.items():
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 130 and "Traceback" not in err, (script, out, err)
