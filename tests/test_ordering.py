@@ -156,7 +156,7 @@ def test_forgotten_topics_come_back_with_their_seqs_and_lateness(daemon_factory:
     # 4 ordering actors keeping 2 topics each: 40 topics force them to forget and reload often.
     daemon = daemon_factory(ordering={"actors": 4, "window_ms": 20, "max_topics": 8}, log={"level": "DEBUG"}).start()
     topics = [f"many-{k}" for k in range(40)]
-    rounds = 4
+    rounds = 3
     for r in range(rounds):
         # Each round: 2 events per topic, one second apart, so each actor sweeps once a round.
         frame = [ev(f"{t}-{r}-{i}", f"2025-10-22T10:00:{10 * r + 2 * i:02d}Z", t) for t in topics for i in range(2)]
