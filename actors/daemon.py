@@ -73,6 +73,11 @@ class StartupError(Exception):
     """The daemon could not start: a socket could not be bound or an actor did not come up."""
 
 
+class ConfigRefused(StartupError):
+    """The daemon will not start with this configuration (an unsafe bind, a key file missing or
+    unsafe): nothing was opened, and starting again without changing it cannot help."""
+
+
 class Daemon:
     """The whole aggregator in one process: actors, ingest and query threads."""
 
@@ -121,7 +126,7 @@ class Daemon:
                 # Checked first: an unsafe bind or a bad key file must not even open the database.
                 self.security = ServerSecurity(self.context, cfg, on_refused=self._add_refused)
             except SecurityError as exc:
-                raise StartupError(str(exc)) from None
+                raise ConfigRefused(str(exc)) from None
             self.dedup = self._start_dedup(
                 commit_max_events=cfg.storage.commit_max_events,
                 commit_max_ms=cfg.storage.commit_max_ms,

@@ -3,7 +3,9 @@
 ``run [--config PATH]``.
 
 Logs go to stderr. SIGINT or SIGTERM stop it cleanly (stop reading, finish what is queued,
-commit, close, exit 0); SIGHUP reloads the log level.
+commit, close, exit 0); SIGHUP reloads the log level. A configuration it refuses exits 2 (a bad
+key or value, an unsafe bind, a key file missing or unsafe); a start that failed otherwise (a port
+in use, the database) exits 1.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import argparse
 import logging
 import sys
 
-from actors.daemon import Daemon, StartupError
+from actors.daemon import ConfigRefused, Daemon, StartupError
 from actors.store import StorageError
 from transport.config import ConfigError, expand_dsn, load_config
 from transport.logs import setup_logging
@@ -31,6 +33,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     daemon = Daemon(config)
     try:
         return daemon.run()
+    except ConfigRefused as exc:
+        logging.getLogger("aggregatord").critical("cannot start: %s", exc)
+        return 2  # as for a config that does not parse: systemd does not restart it (RestartPreventExitStatus)
     except (StartupError, StorageError) as exc:
         logging.getLogger("aggregatord").critical("cannot start: %s", exc)
         return 1

@@ -7,8 +7,11 @@ not depend on the publisher library's own CURVE flags.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import signal
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,10 +24,12 @@ from harness import Daemon, env_with, eventually, free_port, run_script
 from transport.client import NoAnswer, QueryClient
 from transport.config import Config, IngestConfig, QueryConfig, SecurityConfig
 from transport.security import (
+    BindHostError,
     InsecureBindError,
     KeyFileError,
     SecurityError,
     ServerSecurity,
+    bind_is_local,
     curve_client,
     is_local_endpoint,
 )
@@ -262,10 +267,18 @@ def test_wildcard_bind_without_curve_refuses_to_start(daemon_factory: Callable[.
     daemon = daemon_factory("exposed", ingest={"bind": f"tcp://0.0.0.0:{port}"})
     daemon.start(wait=False)
     assert daemon.proc is not None
-    assert daemon.proc.wait(30) == 1
+    assert daemon.proc.wait(30) == 2  # a configuration refused: systemd does not restart it
     assert "refusing to listen beyond loopback without CURVE ([ingest] bind = tcp://0.0.0.0:" in daemon.log()
     assert "allow_insecure = true" in daemon.log()
     assert not daemon.db_path.exists()  # refused before the database was even opened
+
+    # A host that does not resolve is named as such, not as a bind beyond loopback.
+    nowhere = daemon_factory("nowhere", query={"bind": f"tcp://no-such-host.invalid:{port}"}).start(wait=False)
+    assert nowhere.proc is not None and nowhere.proc.wait(30) == 2
+    assert (
+        f"[query] bind = tcp://no-such-host.invalid:{port}: 'no-such-host.invalid' is not an address" in nowhere.log()
+    )
+    assert "beyond loopback" not in nowhere.log() and not nowhere.db_path.exists()
 
     allowed = daemon_factory("allowed", ingest={"bind": f"tcp://0.0.0.0:{port}"}, security={"allow_insecure": True})
     allowed.start()
@@ -280,7 +293,7 @@ def test_loose_secret_key_permissions_refuse_to_start(
     os.chmod(keys["server_secret"], 0o644)
     daemon = curve_daemon(daemon_factory, keys).start(wait=False)
     assert daemon.proc is not None
-    assert daemon.proc.wait(30) == 1
+    assert daemon.proc.wait(30) == 2
     assert f"{keys['server_secret']} has loose permissions (-rw-r--r--)" in daemon.log()
     assert "chmod 600" in daemon.log()
 
@@ -337,6 +350,19 @@ def test_key_file_checks(keys: dict[str, Path]) -> None:
 )
 def test_is_local_endpoint(endpoint: str, local: bool) -> None:
     assert is_local_endpoint(endpoint) is local
+
+
+def test_a_bind_host_name_is_as_local_as_its_addresses_and_one_that_does_not_resolve_is_refused() -> None:
+    assert bind_is_local("[query] bind", "tcp://localhost:5556")
+    assert not bind_is_local("[query] bind", "tcp://*:5556")
+    assert not bind_is_local("[query] bind", "tcp://10.0.0.1:5556")
+    name = socket.gethostname()  # resolved as the daemon resolves it (here: 127.0.0.1, by /etc/hosts)
+    with contextlib.suppress(socket.gaierror):
+        addresses = {found[4][0] for found in socket.getaddrinfo(name, None)}
+        local = all(ipaddress.ip_address(address).is_loopback for address in addresses)
+        assert bind_is_local("[query] bind", f"tcp://{name}:5556") is local, addresses
+    with pytest.raises(BindHostError, match=r"\[query\] bind = tcp://no-such-host.invalid:5556: 'no-such-host"):
+        bind_is_local("[query] bind", "tcp://no-such-host.invalid:5556")
 
 
 def test_insecure_check_names_every_exposed_endpoint() -> None:

@@ -23,9 +23,11 @@ Without CURVE, binding anything but loopback (or ``ipc://``/``inproc://``) is re
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
+import socket
 import stat
 import threading
 from collections.abc import Callable
@@ -65,6 +67,10 @@ class InsecureBindError(SecurityError):
     """An endpoint beyond loopback would be bound without CURVE."""
 
 
+class BindHostError(SecurityError):
+    """A bind endpoint names a host this machine cannot resolve."""
+
+
 class KeyFileError(SecurityError):
     """A certificate file or folder is missing, malformed or has loose permissions."""
 
@@ -74,18 +80,51 @@ def is_local_endpoint(endpoint: str) -> bool:
     transport, _, address = endpoint.partition("://")
     if transport in ("ipc", "inproc"):
         return True
-    if transport not in ("tcp", "ws", "wss"):
+    host = _tcp_host(endpoint)
+    if host is None:
         return False  # pgm, epgm, vmci, udp...: treat as reachable from elsewhere
-    host = address.rsplit(":", 1)[0]
-    if ";" in host:  # "source;destination" form: the bind side is the destination
-        host = host.split(";", 1)[1]
-    host = host.strip("[]")
     if host in ("localhost", "lo"):
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # "*", an interface name, a host name: assume it is reachable
+
+
+def bind_is_local(key: str, endpoint: str) -> bool:
+    """Like :func:`is_local_endpoint` for an endpoint to bind, with host names resolved: a name
+    whose every address is loopback is local.
+
+    Raises :class:`BindHostError` for a name that is neither an address, an interface nor a host
+    name this machine resolves: binding would fail on it, with a message naming neither.
+    """
+    if is_local_endpoint(endpoint):
+        return True
+    host = _tcp_host(endpoint)
+    if host is None or host == "*" or host in {name for _index, name in socket.if_nameindex()}:
+        return False
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return False  # an address that is not loopback
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise BindHostError(
+            f"{key} = {endpoint}: {host!r} is not an address, an interface or a host name this machine resolves "
+            f"({exc.strerror}); bind to an address such as 127.0.0.1, or to * for every interface"
+        ) from None
+    return all(ipaddress.ip_address(str(address[4][0]).split("%")[0]).is_loopback for address in found)
+
+
+def _tcp_host(endpoint: str) -> str | None:
+    """The host part of a tcp:// (or ws://, wss://) endpoint to bind; None for other transports."""
+    transport, _, address = endpoint.partition("://")
+    if transport not in ("tcp", "ws", "wss"):
+        return None
+    host = address.rsplit(":", 1)[0]
+    if ";" in host:  # "source;destination" form: the bind side is the destination
+        host = host.split(";", 1)[1]
+    return host.strip("[]")
 
 
 def check_secret_file(path: Path, what: str) -> None:
@@ -303,6 +342,7 @@ class ServerSecurity:
             "[query] bind": config.query.bind,
             "[subscribe] bind": config.subscribe.bind,
         }
+        local = {key: bind_is_local(key, endpoint) for key, endpoint in endpoints.items()}
         self.enabled = bool(sec.curve_secret_key)
         if sec.authorized_keys and not self.enabled:
             raise SecurityError(
@@ -320,7 +360,7 @@ class ServerSecurity:
             self._public, self._secret = load_secret_certificate(self.secret_path, "[security] curve_secret_key")
             self._check_keys_dir()
         else:
-            exposed = {key: ep for key, ep in endpoints.items() if not is_local_endpoint(ep)}
+            exposed = {key: ep for key, ep in endpoints.items() if not local[key]}
             if exposed and not sec.allow_insecure:
                 listed = ", ".join(f"{key} = {ep}" for key, ep in exposed.items())
                 raise InsecureBindError(
