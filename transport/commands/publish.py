@@ -160,6 +160,12 @@ def send_slice(
     }
 
 
+def _interrupt_once(signum: int, frame: Any) -> None:
+    """SIGINT's handler in a worker: raise KeyboardInterrupt, and ignore every later SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def _worker(
     args: argparse.Namespace,
     endpoint: str,
@@ -169,9 +175,12 @@ def _worker(
     progress: Any,
     results: Any,
 ) -> None:
+    # Ctrl-C reaches a worker twice (from the terminal to the whole group, and passed on by the
+    # command): the second must not cut short the handling of the first, which counts what was sent.
+    signal.signal(signal.SIGINT, _interrupt_once)
     try:
         summary = send_slice(args, endpoint, events, count, progress, watch_parent=True)
-    except KeyboardInterrupt:  # a second one, before the first was handled
+    except KeyboardInterrupt:  # before sending began
         summary = {"interrupted": True}
     except Exception as exc:
         summary = {"errors": [f"process {index}: {type(exc).__name__}: {exc}"]}
