@@ -28,6 +28,7 @@ from typing import Any
 import pykka
 import zmq
 
+from actors.bind_check import bind_problem
 from actors.dedup import DedupActor
 from actors.event_sources import EventSource, SqliteEventSource
 from actors.flow import InFlight, LiveFigures, PipelineDepth
@@ -127,6 +128,7 @@ class Daemon:
                 self.security = ServerSecurity(self.context, cfg, on_refused=self._add_refused)
             except SecurityError as exc:
                 raise ConfigRefused(str(exc)) from None
+            self._check_binds()  # and a start that cannot bind must not create or migrate the database
             self.dedup = self._start_dedup(
                 commit_max_events=cfg.storage.commit_max_events,
                 commit_max_ms=cfg.storage.commit_max_ms,
@@ -293,6 +295,19 @@ class Daemon:
             raise StartupError(f"actor {name} did not start within {START_TIMEOUT_S:.0f} s") from None
         if isinstance(answer, Exception):
             raise answer
+
+    def _check_binds(self) -> None:
+        cfg = self.config
+        for what, endpoint in (
+            ("ingest", cfg.ingest.bind),
+            ("ingest", cfg.ingest.ack_bind),
+            ("query", cfg.query.bind),
+            ("subscribe", cfg.subscribe.bind),
+        ):
+            problem = bind_problem(endpoint)
+            if problem is not None:
+                hint = _BIND_HINTS.get(problem.errno or 0, "")
+                raise StartupError(f"cannot bind the {what} endpoint: {problem.strerror}{hint}")
 
     def _bind(self, what: str, make: Callable[[], Any]) -> Any:
         try:

@@ -364,7 +364,8 @@ def test_port_in_use_fails_with_a_clear_message(daemon: Daemon, daemon_factory: 
     second = daemon_factory("second", ingest={"bind": daemon.ingest})
     second.start(wait=False)
     assert second.proc is not None and second.proc.wait(30) == 1
-    assert "cannot bind the ingest endpoint" in second.log()
+    assert f"cannot bind the ingest endpoint: Address already in use ({daemon.ingest})" in second.log()
+    assert not second.db_path.exists()  # refused before the database was created
 
 
 def test_a_bind_that_fails_says_what_to_check(tmp_path: Path, daemon_factory: Callable[..., Daemon]) -> None:
@@ -372,7 +373,7 @@ def test_a_bind_that_fails_says_what_to_check(tmp_path: Path, daemon_factory: Ca
     lost.start(wait=False)
     assert lost.proc is not None and lost.proc.wait(30) == 1
     assert "cannot bind the subscribe endpoint" in lost.log() and "the ipc:// path's folder must exist" in lost.log()
-    assert "another daemon" not in lost.log()
+    assert "another daemon" not in lost.log() and not lost.db_path.exists()
 
 
 def test_a_daemon_bound_to_ipv6_loopback_takes_and_answers(daemon_factory: Callable[..., Daemon]) -> None:

@@ -1,0 +1,46 @@
+"""Whether the daemon's endpoints can be bound, asked before anything is opened.
+
+The sockets themselves are bound late, by the servers that own them, once the actors they feed
+are up: so a start that cannot bind would already have created (or migrated) the database. This
+check binds and closes a plain socket on each TCP endpoint (with ``SO_REUSEADDR``, as libzmq
+does, so a port in TIME_WAIT passes) and looks for each ``ipc://`` path's folder. It can miss a
+port taken a moment later; the real bind still reports that one.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from pathlib import Path
+
+
+def bind_problem(endpoint: str) -> OSError | None:
+    """What binding ``endpoint`` would fail with, or None when it looks free (or cannot be told:
+    an interface name, an ephemeral port, another transport)."""
+    transport, _, address = endpoint.partition("://")
+    if transport == "ipc":
+        folder = Path(address).parent
+        if address.startswith("@") or folder.is_dir():  # "@": Linux's abstract namespace, no folder
+            return None
+        return OSError(errno.ENOENT, f"No such file or directory for ipc path {address!r}")
+    if transport != "tcp":
+        return None
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if ";" in host or not port.isdigit() or int(port) == 0:
+        return None
+    try:
+        found = socket.getaddrinfo(
+            None if host == "*" else host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror:
+        return None  # an interface name: libzmq resolves those itself
+    for family, kind, proto, _name, where in found[:1]:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(where)
+            except OSError as exc:
+                return OSError(exc.errno, f"{os.strerror(exc.errno or 0)} ({endpoint})")
+    return None
