@@ -30,9 +30,11 @@ def bind_problem(endpoint: str) -> OSError | None:
     host = host.strip("[]")
     if ";" in host or not port.isdigit() or int(port) == 0:
         return None
+    # As libzmq without ZMQ_IPV6 (the daemon's sockets): IPv4 for a name or *, IPv6 only for a literal.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         found = socket.getaddrinfo(
-            None if host == "*" else host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            None if host == "*" else host, int(port), family, socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
     except socket.gaierror:
         return None  # an interface name: libzmq resolves those itself

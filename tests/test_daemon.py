@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -28,6 +29,7 @@ from harness import (
     stored_rows,
 )
 
+from actors.bind_check import bind_problem
 from transport.client import QueryClient
 from transport.config import load_config
 from transport.workload import plan
@@ -366,6 +368,20 @@ def test_port_in_use_fails_with_a_clear_message(daemon: Daemon, daemon_factory: 
     assert second.proc is not None and second.proc.wait(30) == 1
     assert f"cannot bind the ingest endpoint: Address already in use ({daemon.ingest})" in second.log()
     assert not second.db_path.exists()  # refused before the database was created
+
+
+def test_the_bind_check_finds_a_taken_port_by_any_name_and_a_missing_ipc_folder(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for endpoint in (f"tcp://127.0.0.1:{port}", f"tcp://localhost:{port}", f"tcp://*:{port}"):
+            problem = bind_problem(endpoint)
+            assert problem is not None and problem.errno == errno.EADDRINUSE, endpoint
+    assert bind_problem(f"tcp://127.0.0.1:{port}") is None  # free again once closed
+    assert bind_problem(f"ipc://{tmp_path}/daemon.sock") is None
+    missing = bind_problem(f"ipc://{tmp_path}/no-such-folder/daemon.sock")
+    assert missing is not None and missing.errno == errno.ENOENT
 
 
 def test_a_bind_that_fails_says_what_to_check(tmp_path: Path, daemon_factory: Callable[..., Daemon]) -> None:
