@@ -77,8 +77,7 @@ class KeyFileError(SecurityError):
 
 def is_local_endpoint(endpoint: str) -> bool:
     """Whether only this machine can reach ``endpoint``: loopback TCP, ``ipc://`` or ``inproc://``."""
-    transport, _, address = endpoint.partition("://")
-    if transport in ("ipc", "inproc"):
+    if endpoint.partition("://")[0] in ("ipc", "inproc"):
         return True
     host = _tcp_host(endpoint)
     if host is None:
