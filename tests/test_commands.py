@@ -17,6 +17,7 @@ from harness import ROOT, free_port, run_script, write_config
 
 from actors.cli import COMMANDS, main
 from transport.commands.stats import table
+from transport.subscriber import Subscriber
 
 SCRIPTS = {
     "aggregatord.py": "run",
@@ -155,3 +156,13 @@ def test_keys_into_a_file_says_it_is_not_a_folder(tmp_path: Path, where: str) ->
     assert authorized.stderr.endswith(
         f"keys: {blocker} is not a folder (a file is in the way); give a folder, made if missing\n"
     )
+
+
+@pytest.mark.parametrize("name", ["", "x" * 201])
+def test_a_consumer_name_the_daemon_would_refuse_is_refused_here(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as leaving:
+        main(["events", "--follow", "--name", name])
+    assert leaving.value.code == 2
+    assert f"--name: a consumer's name must be 1 to 200 characters, not {len(name)}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="a consumer's name must be 1 to 200 characters"):
+        Subscriber("tcp://127.0.0.1:1", name=name)

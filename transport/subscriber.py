@@ -54,6 +54,15 @@ RESUBSCRIBE_CODES = {"not_subscribed", "busy", "unavailable"}
 DAEMON_MAX_CREDIT = 10000
 # The silence that means a dead daemon, in its announced heartbeats (when longer than ``timeout``).
 SILENT_HEARTBEATS = 3
+# A named consumer's name, as the daemon takes it (the subscribe protocol's limit).
+MAX_NAME_CHARS = 200
+
+
+def name_problem(name: str) -> str | None:
+    """Why the daemon would refuse ``name`` as a named consumer's, or None."""
+    if not 1 <= len(name) <= MAX_NAME_CHARS:
+        return f"a consumer's name must be 1 to {MAX_NAME_CHARS} characters, not {len(name)}"
+    return None
 
 
 class SubscriberError(Exception):
@@ -87,6 +96,9 @@ class Subscriber:
     ) -> None:
         if credit < 1:
             raise ValueError(f"credit must be 1 or more, not {credit}")
+        problem = None if name is None else name_problem(name)
+        if problem is not None:
+            raise ValueError(problem)  # here, not as a refusal the daemon sends back
         if not 0 < heartbeat < timeout < math.inf:
             raise ValueError(f"need 0 < heartbeat ({heartbeat}) < timeout ({timeout}) seconds")
         self.endpoint = endpoint

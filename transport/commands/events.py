@@ -37,7 +37,7 @@ from transport.handshake import probe
 from transport.jsonlines import to_json_line
 from transport.queries import MAX_CURSOR, QueryError, check_query_topic
 from transport.security import SecurityError
-from transport.subscriber import SubscriberError, follow
+from transport.subscriber import SubscriberError, follow, name_problem
 
 
 def at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
@@ -95,8 +95,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     add_endpoint_args(parser)
     args = parser.parse_args(argv)
-    if (args.name or args.subscribe_endpoint) and not args.follow:
+    if (args.name is not None or args.subscribe_endpoint) and not args.follow:
         parser.error("--name and --subscribe-endpoint need --follow")
+    if args.name is not None and (problem := name_problem(args.name)) is not None:
+        parser.error(f"--name: {problem}")
     if args.topic is not None:
         try:
             check_query_topic(args.topic)
