@@ -65,9 +65,13 @@ _BIND_HINTS = {
     errno.EADDRINUSE: "; is another daemon running, or is the port taken?",
     errno.EADDRNOTAVAIL: "; the host must be an address of this machine (or * for all)",
     errno.ENODEV: "; the host must be an address or interface of this machine (or * for all)",
-    errno.ENOENT: "; the ipc:// path's folder must exist",
+    errno.ENOENT: "; create the ipc:// path's folder, or bind elsewhere",
     errno.EACCES: "; this user may not bind there (a port below 1024, or a folder it cannot write)",
 }
+# Bind failures only a change of the configuration (or of what it names) cures, so they are
+# refused as a configuration is (exit 2, not restarted). A port in use is not one: another
+# daemon may be stopping, and starting again a moment later can succeed.
+_CONFIG_BIND_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.ENODEV, errno.ENOENT, errno.EACCES})
 
 
 class StartupError(Exception):
@@ -76,7 +80,8 @@ class StartupError(Exception):
 
 class ConfigRefused(StartupError):
     """The daemon will not start with this configuration (an unsafe bind, a key file missing or
-    unsafe): nothing was opened, and starting again without changing it cannot help."""
+    unsafe, an endpoint it cannot bind as written): nothing was opened, and starting again
+    without changing it cannot help."""
 
 
 class Daemon:
@@ -298,16 +303,17 @@ class Daemon:
 
     def _check_binds(self) -> None:
         cfg = self.config
-        for what, endpoint in (
-            ("ingest", cfg.ingest.bind),
-            ("ingest", cfg.ingest.ack_bind),
-            ("query", cfg.query.bind),
-            ("subscribe", cfg.subscribe.bind),
+        for key, endpoint in (
+            ("[ingest] bind", cfg.ingest.bind),
+            ("[ingest] ack_bind", cfg.ingest.ack_bind),
+            ("[query] bind", cfg.query.bind),
+            ("[subscribe] bind", cfg.subscribe.bind),
         ):
             problem = bind_problem(endpoint)
             if problem is not None:
                 hint = _BIND_HINTS.get(problem.errno or 0, "")
-                raise StartupError(f"cannot bind the {what} endpoint: {problem.strerror}{hint}")
+                refusal = ConfigRefused if problem.errno in _CONFIG_BIND_ERRNOS else StartupError
+                raise refusal(f"cannot bind {key}: {problem.strerror}{hint}")
 
     def _bind(self, what: str, make: Callable[[], Any]) -> Any:
         try:

@@ -4,8 +4,9 @@
 
 Logs go to stderr. SIGINT or SIGTERM stop it cleanly (stop reading, finish what is queued,
 commit, close, exit 0); SIGHUP reloads the log level. A configuration it refuses exits 2 (a bad
-key or value, an unsafe bind, a key file missing or unsafe); a start that failed otherwise (a port
-in use, the database) exits 1.
+key or value, an unsafe bind, a key file missing or unsafe, an endpoint this machine cannot bind as
+written: a missing ipc:// folder, an address it does not have); a start that failed otherwise (a
+port in use, the database) exits 1.
 """
 
 from __future__ import annotations
