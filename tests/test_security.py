@@ -10,8 +10,12 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import shutil
 import signal
 import socket
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +23,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from harness import Daemon, env_with, eventually, free_port, run_script
+from harness import SCRIPTS, Daemon, env_with, eventually, free_port, run_script, write_config
 
 from transport.client import NoAnswer, QueryClient
 from transport.config import Config, IngestConfig, QueryConfig, SecurityConfig
@@ -371,3 +375,71 @@ def test_insecure_check_names_every_exposed_endpoint() -> None:
         InsecureBindError, match=r"\[ingest\] bind = tcp://\*:5555, \[query\] bind = tcp://0.0.0.0:5556"
     ):
         ServerSecurity(zmq.Context.instance(), config)
+
+
+NOBODY = 65534
+
+
+@pytest.mark.e2e
+def test_key_files_this_user_cannot_read_refuse_to_start_with_the_command_that_lets_it() -> None:
+    # Root reads every file, so as root the daemon runs as nobody (as under systemd's DynamicUser),
+    # in a folder it may enter; as anyone else, the modes below shut the daemon's own user out.
+    as_root = os.geteuid() == 0
+    if as_root and shutil.which("setpriv") is None:
+        pytest.skip("as root, this needs setpriv to run the daemon as another user")
+    me = NOBODY if as_root else os.geteuid()
+    home = Path(tempfile.mkdtemp(prefix="eventagg-keys-"))
+    folder, authorized = home / "keys", home / "authorized"
+    secret = folder / "server.key_secret"
+    try:
+        home.chmod(0o755)
+        for args in (("server", str(folder)), ("client", "alice", str(folder), "--authorize", str(authorized))):
+            made = run_script("keys.py", *args, timeout=30)
+            assert made.returncode == 0, made.stderr
+        ports = {name: f"tcp://127.0.0.1:{free_port()}" for name in ("ingest", "ack", "query", "subscribe")}
+        config = write_config(
+            home / "config.toml",
+            {
+                "ingest": {"bind": ports["ingest"], "ack_bind": ports["ack"]},
+                "query": {"bind": ports["query"]},
+                "subscribe": {"bind": ports["subscribe"]},
+                "storage": {"path": "events.db"},
+                "security": {"curve_secret_key": str(secret), "authorized_keys": str(authorized)},
+            },
+        )
+        as_user = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"] if as_root else []
+
+        def refusal() -> str:
+            command = [*as_user, sys.executable, str(SCRIPTS / "aggregatord.py"), "--config", str(config)]
+            result = subprocess.run(command, capture_output=True, text=True, timeout=10, cwd=home)
+            assert result.returncode == 2, result.stderr
+            return result.stderr
+
+        if not as_root:
+            folder.chmod(0o600)  # keys.py made it owner-only: as root, already closed to nobody
+        assert (
+            f"[security] curve_secret_key {secret} is out of this user's reach (uid {me}): it may not enter "
+            f"{folder}; run `chown {me} {folder}`" in refusal()
+        )
+        folder.chmod(0o755)
+        if not as_root:
+            secret.chmod(0)
+        fix = f"chown {me} {secret}" if as_root else f"chmod u+r {secret}"
+        assert f"[security] curve_secret_key {secret} is not readable by this user (uid {me}); run `{fix}`" in refusal()
+        if as_root:
+            os.chown(secret, NOBODY, NOBODY)
+            authorized.chmod(0o700)
+        else:
+            secret.chmod(0o600)
+            authorized.chmod(0o300)
+        fix = f"chown {me} {authorized}" if as_root else f"chmod u+rx {authorized}"
+        expected = (
+            f"[security] authorized_keys folder {authorized} is not readable by this user (uid {me}); run `{fix}`"
+        )
+        assert expected in refusal()  # not "holds no '*.key' certificates", then every client refused
+        assert not (home / "events.db").exists()
+    finally:
+        for path in (folder, authorized):
+            with contextlib.suppress(OSError):
+                path.chmod(0o700)
+        shutil.rmtree(home)

@@ -167,6 +167,14 @@ def _stat(path: Path, what: str) -> os.stat_result:
         return path.stat()
     except FileNotFoundError:
         raise KeyFileError(f"{what} {path} does not exist; create it with scripts/keys.py") from None
+    except PermissionError:  # a folder on the way that this user may not enter
+        me = os.geteuid()
+        parents = reversed(path.absolute().parents)
+        closed = next((folder for folder in parents if not os.access(folder, os.X_OK)), path.parent)
+        raise KeyFileError(
+            f"{what} {path} is out of this user's reach (uid {me}): it may not enter {closed}; "
+            f"run `chown {me} {closed}` (or `chmod o+x {closed}`)"
+        ) from None
     except OSError as exc:
         raise KeyFileError(f"cannot read {what} {path}: {exc.strerror}") from None
 
@@ -188,9 +196,21 @@ def load_public_key(path: Path, what: str = "public certificate") -> bytes:
     return public
 
 
+def _unreadable(path: Path, what: str) -> KeyFileError:
+    """The refusal of a certificate or folder this user may not read, with the command that lets it."""
+    me = os.geteuid()
+    if path.stat().st_uid != me:
+        fix = f"chown {me} {path}"  # not chmod: a secret must stay owner-only
+    else:
+        fix = f"chmod u+{'rx' if path.is_dir() else 'r'} {path}"
+    return KeyFileError(f"{what} {path} is not readable by this user (uid {me}); run `{fix}`")
+
+
 def _load(path: Path, what: str) -> tuple[bytes, bytes | None]:
     try:
         public, secret = zmq.auth.load_certificate(path)
+    except PermissionError:
+        raise _unreadable(path, what) from None  # a certificate, but not ours to read: keys.py is no cure
     except (OSError, ValueError) as exc:
         raise KeyFileError(
             f"{what} {path} is not a zmq.auth certificate ({exc}); make one with scripts/keys.py"
@@ -387,6 +407,8 @@ class ServerSecurity:
                 "clients' public '.key' certificates into it"
             )
         check_public_path(self.keys_dir, "[security] authorized_keys folder")
+        if not os.access(self.keys_dir, os.R_OK | os.X_OK):  # else glob finds nothing and every client is refused
+            raise _unreadable(self.keys_dir, "[security] authorized_keys folder")
         keys = sorted(self.keys_dir.glob("*.key"))
         for path in keys:
             load_public_key(path, "authorized client certificate")
