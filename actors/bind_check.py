@@ -3,7 +3,8 @@
 The sockets themselves are bound late, by the servers that own them, once the actors they feed
 are up: so a start that cannot bind would already have created (or migrated) the database. This
 check binds and closes a plain socket on each TCP endpoint (with ``SO_REUSEADDR``, as libzmq
-does, so a port in TIME_WAIT passes) and looks for each ``ipc://`` path's folder. It can miss a
+does, so a port in TIME_WAIT passes) and looks for each ``ipc://`` path's folder, and whether
+this user may make the socket file in it. It can miss a
 port taken a moment later; the real bind still reports that one.
 """
 
@@ -21,9 +22,13 @@ def bind_problem(endpoint: str) -> OSError | None:
     transport, _, address = endpoint.partition("://")
     if transport == "ipc":
         folder = Path(address).parent
-        if address.startswith("@") or folder.is_dir():  # "@": Linux's abstract namespace, no folder
+        if address.startswith("@"):  # Linux's abstract namespace: no folder
             return None
-        return OSError(errno.ENOENT, f"No such file or directory for ipc path {address!r}")
+        if not folder.is_dir():
+            return OSError(errno.ENOENT, f"No such file or directory for ipc path {address!r}")
+        if not os.access(folder, os.W_OK | os.X_OK):  # the socket file is made in it
+            return OSError(errno.EACCES, f"Permission denied for ipc path {address!r}")
+        return None
     if transport != "tcp":
         return None
     host, _, port = address.rpartition(":")

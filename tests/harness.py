@@ -100,6 +100,17 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
     return path
 
 
+NOBODY = 65534
+
+
+def unprivileged() -> tuple[list[str], int]:
+    """A command prefix that runs a process as a user whom file modes stop, and that user's uid:
+    as root (who reads and writes everything) ``setpriv`` to nobody, else nothing and our own."""
+    if os.geteuid() != 0:
+        return [], os.geteuid()
+    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"], NOBODY
+
+
 def run_script(
     name: str, *args: str, timeout: float = 120, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -27,6 +29,8 @@ from harness import (
     push_frames,
     run_script,
     stored_rows,
+    unprivileged,
+    write_config,
 )
 
 from actors.bind_check import bind_problem
@@ -403,6 +407,42 @@ def test_an_endpoint_the_config_names_wrongly_is_refused_as_a_config_is(
     assert foreign.proc is not None and foreign.proc.wait(30) == 2
     assert f"cannot bind [ingest] ack_bind: Cannot assign requested address ({elsewhere})" in foreign.log()
     assert "the host must be an address of this machine" in foreign.log() and not foreign.db_path.exists()
+
+
+def test_an_ipc_folder_the_daemon_may_not_write_is_refused_before_the_database() -> None:
+    # Root writes everywhere, so as root the daemon runs as nobody, in a folder it may enter.
+    as_user, me = unprivileged()
+    if as_user and shutil.which("setpriv") is None:
+        pytest.skip("as root, this needs setpriv to run the daemon as another user")
+    home = Path(tempfile.mkdtemp(prefix="eventagg-ipc-"))
+    closed, data = home / "closed", home / "data"
+    try:
+        home.chmod(0o755)
+        closed.mkdir()
+        data.mkdir()
+        if as_user:
+            os.chown(data, me, me)  # the database could be made: only the bind is refused
+        else:
+            closed.chmod(0o500)
+        tcp = [f"tcp://127.0.0.1:{free_port()}" for _ in range(3)]
+        sections = {
+            "ingest": {"bind": tcp[0], "ack_bind": tcp[1]},
+            "query": {"bind": tcp[2]},
+            "subscribe": {"bind": f"ipc://{closed}/subscribe"},
+            "storage": {"path": str(data / "events.db")},
+        }
+        config = write_config(home / "config.toml", sections)
+        command = [*as_user, sys.executable, str(SCRIPTS / "aggregatord.py"), "--config", str(config)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=10, cwd=home)
+        assert result.returncode == 2, result.stderr
+        assert (
+            f"cannot bind [subscribe] bind: Permission denied for ipc path '{closed}/subscribe'; this user may not"
+            " bind there" in result.stderr
+        )
+        assert not (data / "events.db").exists()
+    finally:
+        closed.chmod(0o700)
+        shutil.rmtree(home)
 
 
 def test_a_daemon_bound_to_ipv6_loopback_takes_and_answers(daemon_factory: Callable[..., Daemon]) -> None:

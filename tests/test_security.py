@@ -23,7 +23,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from harness import SCRIPTS, Daemon, env_with, eventually, free_port, run_script, write_config
+from harness import SCRIPTS, Daemon, env_with, eventually, free_port, run_script, unprivileged, write_config
 
 from transport.client import NoAnswer, QueryClient
 from transport.config import Config, IngestConfig, QueryConfig, SecurityConfig
@@ -377,17 +377,14 @@ def test_insecure_check_names_every_exposed_endpoint() -> None:
         ServerSecurity(zmq.Context.instance(), config)
 
 
-NOBODY = 65534
-
-
 @pytest.mark.e2e
 def test_key_files_this_user_cannot_read_refuse_to_start_with_the_command_that_lets_it() -> None:
     # Root reads every file, so as root the daemon runs as nobody (as under systemd's DynamicUser),
     # in a folder it may enter; as anyone else, the modes below shut the daemon's own user out.
+    as_user, me = unprivileged()
     as_root = os.geteuid() == 0
     if as_root and shutil.which("setpriv") is None:
         pytest.skip("as root, this needs setpriv to run the daemon as another user")
-    me = NOBODY if as_root else os.geteuid()
     home = Path(tempfile.mkdtemp(prefix="eventagg-keys-"))
     folder, authorized = home / "keys", home / "authorized"
     secret = folder / "server.key_secret"
@@ -407,7 +404,6 @@ def test_key_files_this_user_cannot_read_refuse_to_start_with_the_command_that_l
                 "security": {"curve_secret_key": str(secret), "authorized_keys": str(authorized)},
             },
         )
-        as_user = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"] if as_root else []
 
         def refusal() -> str:
             command = [*as_user, sys.executable, str(SCRIPTS / "aggregatord.py"), "--config", str(config)]
@@ -427,7 +423,7 @@ def test_key_files_this_user_cannot_read_refuse_to_start_with_the_command_that_l
         fix = f"chown {me} {secret}" if as_root else f"chmod u+r {secret}"
         assert f"[security] curve_secret_key {secret} is not readable by this user (uid {me}); run `{fix}`" in refusal()
         if as_root:
-            os.chown(secret, NOBODY, NOBODY)
+            os.chown(secret, me, me)
             authorized.chmod(0o700)
         else:
             secret.chmod(0o600)
