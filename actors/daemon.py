@@ -302,13 +302,7 @@ class Daemon:
             raise answer
 
     def _check_binds(self) -> None:
-        cfg = self.config
-        for key, endpoint in (
-            ("[ingest] bind", cfg.ingest.bind),
-            ("[ingest] ack_bind", cfg.ingest.ack_bind),
-            ("[query] bind", cfg.query.bind),
-            ("[subscribe] bind", cfg.subscribe.bind),
-        ):
+        for key, endpoint in self.config.daemon_binds.items():
             problem = bind_problem(endpoint)
             if problem is not None:
                 hint = _BIND_HINTS.get(problem.errno or 0, "")

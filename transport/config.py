@@ -294,6 +294,16 @@ class Config:
         return self._base_dir / path
 
     @property
+    def daemon_binds(self) -> dict[str, str]:
+        """The daemon's four endpoints to bind, by the key that sets each (``"[ingest] bind"``, ...)."""
+        return {
+            "[ingest] bind": self.ingest.bind,
+            "[ingest] ack_bind": self.ingest.ack_bind,
+            "[query] bind": self.query.bind,
+            "[subscribe] bind": self.subscribe.bind,
+        }
+
+    @property
     def storage_node(self) -> str:
         """This daemon's identity in a shared database: ``[storage] node``, or host name and ingest port."""
         if self.storage.node:
@@ -623,13 +633,7 @@ _ANY_HOST = {"*", "0.0.0.0", "[::]"}
 
 def colliding_binds(config: Config) -> str | None:
     """Two of the daemon's (and the gateway's) binds that would take the same address, said as a refusal."""
-    binds = [
-        ("[ingest] bind", config.ingest.bind),
-        ("[ingest] ack_bind", config.ingest.ack_bind),
-        ("[query] bind", config.query.bind),
-        ("[subscribe] bind", config.subscribe.bind),
-        ("[http] bind", f"tcp://{config.http.bind}"),
-    ]
+    binds = [*config.daemon_binds.items(), ("[http] bind", f"tcp://{config.http.bind}")]
     for index, (name, endpoint) in enumerate(binds):
         host, port = _bind_place(endpoint)
         for other_name, other in binds[index + 1 :]:

@@ -355,12 +355,7 @@ class ServerSecurity:
         self._warn = RateLimitedLog(log)
         self.refused = RefusalCounts()
         sec = config.security
-        endpoints = {
-            "[ingest] bind": config.ingest.bind,
-            "[ingest] ack_bind": config.ingest.ack_bind,
-            "[query] bind": config.query.bind,
-            "[subscribe] bind": config.subscribe.bind,
-        }
+        endpoints = config.daemon_binds
         local = {key: bind_is_local(key, endpoint) for key, endpoint in endpoints.items()}
         self.enabled = bool(sec.curve_secret_key)
         if sec.authorized_keys and not self.enabled:
