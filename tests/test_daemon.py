@@ -579,6 +579,29 @@ def test_ctrl_c_stops_every_publisher_process_and_still_prints_the_summary(daemo
     assert daemon.stats()["received"] == stored["received"]
 
 
+def test_ctrl_c_while_the_publisher_processes_start_still_counts_every_event_sent(daemon: Daemon) -> None:
+    # Unpaced, the first process sends thousands of events while the command still forks the
+    # second: a KeyboardInterrupt there was a traceback, and one landing inside the publisher
+    # between sending a batch (or taking its ack) and counting it made the summary disagree
+    # with the daemon. Ctrl-C now only sets a flag the sending loops check.
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPTS / "publish.py"), "--endpoint", daemon.ack, "--acked", "--json"]
+        + ["--events", "400000", "--processes", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_sigint,
+        start_new_session=True,
+    )
+    eventually(lambda: daemon.stats()["unique_processed"] >= 1000, 30, "the first publisher is sending")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "Traceback" not in err, (out, err)
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["interrupted"] is True and summary["acked_new"] == summary["sent"], summary
+    daemon.wait_stats(unique_processed=summary["sent"], in_flight=0)
+
+
 def test_publish_refuses_a_rate_it_cannot_pace() -> None:
     for rate in ("1e-300", "nan", "inf", "-1", "1e10"):
         result = run_script("publish.py", "--rate", rate, "--events", "1", timeout=30)

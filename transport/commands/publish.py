@@ -30,6 +30,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import zmq
@@ -38,7 +40,7 @@ from transport.client import MAX_TIMEOUT_S, connectable
 from transport.commands.client_flags import curve_from_args, endpoint_url
 from transport.config import ConfigError, IngestConfig, load_config
 from transport.handshake import unreachable
-from transport.publisher import DEFAULT_WINDOW, DeliveryFailed, Publisher, PublisherError
+from transport.publisher import DEFAULT_WINDOW, DeliveryFailed, Publisher, PublisherError, PublishTimeout
 from transport.security import SecurityError, SocketHook
 from transport.workload import plan
 
@@ -46,6 +48,7 @@ PROGRESS_EVERY_S = 0.5
 INTERRUPT_WAIT_S = 5.0  # after Ctrl-C, how long the acknowledgements of what was sent are awaited
 PARENT_CHECK_EVERY = 1000  # events between a worker's checks that the command is still there
 MAX_RATE = 1e9
+WAIT_SLICE_S = 0.1  # the longest a Ctrl-C waits to be heard while sending
 
 
 def check_reachable(args: argparse.Namespace, endpoint: str, secure: SocketHook | None) -> str | None:
@@ -77,6 +80,7 @@ def send_slice(
     count: int,
     progress: Any,
     watch_parent: bool = False,
+    ctrl_c: _CtrlC | None = None,
 ) -> dict[str, Any]:
     """Send ``events``, one of ``count`` slices of the run's stream; returns this slice's summary.
 
@@ -84,6 +88,9 @@ def send_slice(
     acknowledged (``--acked``), for the progress line. Ctrl-C stops the sending and is reported
     as ``interrupted``; so is, with ``watch_parent``, the end of the process that started this one.
     """
+    if ctrl_c is None:
+        with _CtrlC() as ctrl_c:
+            return send_slice(args, endpoint, events, count, progress, watch_parent, ctrl_c)
     rate = args.rate / count if args.rate else 0.0
 
     def advance(count: int) -> None:
@@ -109,39 +116,38 @@ def send_slice(
     reported = 0
     next_at = time.monotonic()
     parent = os.getppid()
+    # Deadlines of the waits below, sliced so a Ctrl-C is heard within WAIT_SLICE_S.
+    room_limit = math.inf if args.acked else args.deadline  # acked: the retry deadline ends the wait
     try:
         try:
             for sent, event in enumerate(events):
                 if watch_parent and sent % PARENT_CHECK_EVERY == 0 and os.getppid() != parent:
-                    raise KeyboardInterrupt  # the command is gone (killed): stop as after Ctrl-C
+                    ctrl_c.seen = True  # the command is gone (killed): stop as after Ctrl-C
+                if ctrl_c.seen:
+                    break
                 if rate:
                     # Pace without saving up credit: after a stall (a daemon restarting) the
                     # stream resumes at the rate, it does not burst to catch up.
-                    ahead = next_at - time.monotonic()
-                    if ahead > 0 and args.acked:
-                        publisher.poll(ahead)  # collect acks while pacing
-                        ahead = next_at - time.monotonic()
-                    if ahead > 0:
-                        time.sleep(ahead)
+                    _pause_until(publisher, next_at, ctrl_c)
                     next_at = max(next_at, time.monotonic() - 0.05) + 1 / rate
-                publisher.publish(event)
+                if not _sliced(partial(publisher.publish, event, WAIT_SLICE_S), room_limit, ctrl_c, endpoint):
+                    break
                 if not args.acked and publisher.totals.sent - reported >= args.batch:
                     advance(publisher.totals.sent - reported)
                     reported = publisher.totals.sent
-            publisher.flush()  # bounded: DeliveryFailed once a batch goes --deadline unacknowledged
-        except KeyboardInterrupt:
-            # Stop sending; what was sent gets a short wait for its acknowledgements, which a
-            # second Ctrl-C (the command forwards one, a terminal sends one to all) cannot cut.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            interrupted = True
-            if args.acked:
+            # Bounded: DeliveryFailed once a batch goes --deadline unacknowledged.
+            _sliced(partial(publisher.flush, WAIT_SLICE_S), room_limit, ctrl_c, endpoint)
+            interrupted = ctrl_c.seen
+            if interrupted and args.acked:
+                # What was sent gets a short wait for its acknowledgements.
                 try:
                     publisher.flush(min(INTERRUPT_WAIT_S, args.deadline))
                 except PublisherError:
                     pass  # counted below as unacknowledged
         finally:
-            publisher.close(timeout=0 if interrupted else args.deadline, flush=False)
+            publisher.close(timeout=0 if ctrl_c.seen else args.deadline, flush=False)
     except (DeliveryFailed, PublisherError) as exc:
+        interrupted = ctrl_c.seen
         if not interrupted:
             error = str(exc)
     totals = publisher.totals
@@ -160,10 +166,59 @@ def send_slice(
     }
 
 
-def _interrupt_once(signum: int, frame: Any) -> None:
-    """SIGINT's handler in a worker: raise KeyboardInterrupt, and ignore every later SIGINT."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise KeyboardInterrupt
+class _CtrlC:
+    """While sending, SIGINT only sets ``seen``, which the sending loop checks between steps.
+
+    A KeyboardInterrupt raised wherever the signal lands could fall inside the publisher between
+    sending a batch (or taking its acknowledgement) and counting it, and the summary would then
+    miss events the daemon stored. Every wait of the loop is cut into ``WAIT_SLICE_S`` slices.
+    """
+
+    def __init__(self) -> None:
+        self.seen = False
+        self.presses = 0
+        self._previous: Any = None
+
+    def __enter__(self) -> _CtrlC:
+        self._previous = signal.signal(signal.SIGINT, self._note)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.seen = True
+        self.presses += 1
+
+
+def _pause_until(publisher: Publisher, at: float, ctrl_c: _CtrlC) -> None:
+    """Wait until ``at`` (collecting acks in acknowledged mode), or until Ctrl-C."""
+    while not ctrl_c.seen and (ahead := at - time.monotonic()) > 0:
+        if publisher.acked:
+            publisher.poll(min(ahead, WAIT_SLICE_S))
+        else:
+            time.sleep(min(ahead, WAIT_SLICE_S))
+
+
+def _sliced(step: Callable[[], None], limit: float, ctrl_c: _CtrlC, endpoint: str) -> bool:
+    """Repeat ``step`` (a wait of WAIT_SLICE_S that raises PublishTimeout) until it succeeds.
+
+    Returns False when Ctrl-C came first; raises PublishTimeout once ``limit`` seconds pass.
+    """
+    give_up_at = None
+    while True:
+        try:
+            step()
+            return True
+        except PublishTimeout:
+            if ctrl_c.seen:
+                return False
+            now = time.monotonic()
+            give_up_at = give_up_at or now + limit - WAIT_SLICE_S
+            if now >= give_up_at:
+                raise PublishTimeout(
+                    f"{endpoint} took no frame for {limit:g} s (its queue is full or it is not running)"
+                ) from None
 
 
 def _worker(
@@ -176,15 +231,13 @@ def _worker(
     results: Any,
 ) -> None:
     # Ctrl-C reaches a worker twice (from the terminal to the whole group, and passed on by the
-    # command): the second must not cut short the handling of the first, which counts what was sent.
-    signal.signal(signal.SIGINT, _interrupt_once)
-    try:
-        summary = send_slice(args, endpoint, events, count, progress, watch_parent=True)
-    except KeyboardInterrupt:  # before sending began
-        summary = {"interrupted": True}
-    except Exception as exc:
-        summary = {"errors": [f"process {index}: {type(exc).__name__}: {exc}"]}
-    results.put(summary)
+    # command); from the start, each only sets the flag the sending loop checks.
+    with _CtrlC() as ctrl_c:
+        try:
+            summary = send_slice(args, endpoint, events, count, progress, watch_parent=True, ctrl_c=ctrl_c)
+        except Exception as exc:
+            summary = {"errors": [f"process {index}: {type(exc).__name__}: {exc}"]}
+        results.put(summary)
 
 
 def run_processes(args: argparse.Namespace, endpoint: str, progress: Any) -> list[dict[str, Any]]:
@@ -198,36 +251,37 @@ def run_processes(args: argparse.Namespace, endpoint: str, progress: Any) -> lis
         )
         for i in range(args.processes)
     ]
-    for worker in workers:
-        worker.start()
     summaries: list[dict[str, Any]] = []
     give_up_at = math.inf
-    while len(summaries) < len(workers) and time.monotonic() < give_up_at:
-        try:
-            summaries.append(results.get(timeout=0.5))
-        except KeyboardInterrupt:
-            if give_up_at < math.inf:
+    with _CtrlC() as ctrl_c:
+        for worker in workers:
+            worker.start()
+        while len(summaries) < len(workers) and time.monotonic() < give_up_at:
+            if ctrl_c.presses > 1:
                 break  # a second Ctrl-C: stop waiting
-            # Pass it on (a SIGINT sent to this process alone would leave them sending), then
-            # collect what they sent; they stop and answer within INTERRUPT_WAIT_S.
-            for worker in workers:
-                if worker.is_alive() and worker.pid is not None:
-                    os.kill(worker.pid, signal.SIGINT)
-            give_up_at = time.monotonic() + INTERRUPT_WAIT_S + 10
-        except Exception:
-            if not any(worker.is_alive() for worker in workers):
-                try:
-                    while True:
-                        summaries.append(results.get(timeout=0.5))
-                except Exception:
-                    pass
-                break
+            if ctrl_c.seen and give_up_at == math.inf:
+                # Pass it on (a SIGINT sent to this process alone would leave them sending), then
+                # collect what they sent; they stop and answer within INTERRUPT_WAIT_S.
+                for worker in workers:
+                    if worker.is_alive() and worker.pid is not None:
+                        os.kill(worker.pid, signal.SIGINT)
+                give_up_at = time.monotonic() + INTERRUPT_WAIT_S + 10
+            try:
+                summaries.append(results.get(timeout=WAIT_SLICE_S))
+            except Exception:
+                if not any(worker.is_alive() for worker in workers):
+                    try:
+                        while True:
+                            summaries.append(results.get(timeout=0.5))
+                    except Exception:
+                        pass
+                    break
     for worker in workers:
-        worker.join(0 if give_up_at < math.inf else 10)
+        worker.join(0 if ctrl_c.seen else 10)
         if worker.is_alive():
             worker.terminate()
     missing = len(workers) - len(summaries)
-    if missing and give_up_at < math.inf:
+    if missing and ctrl_c.seen:
         summaries.append({"interrupted": True, "errors": [f"{missing} publisher processes stopped without a summary"]})
     elif missing:
         summaries.append({"errors": [f"{missing} publisher processes died without a summary"]})
@@ -367,6 +421,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             summaries = [send_slice(args, endpoint, run_slice(args), count, progress)]
         else:
             summaries = run_processes(args, endpoint, progress)
+    except KeyboardInterrupt:  # while the stream was planned: nothing was sent
+        summaries = [{"interrupted": True}]
     finally:
         stop.set()
         if ticker is not None:
