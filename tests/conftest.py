@@ -10,10 +10,10 @@ from typing import Any
 
 import pykka
 import pytest
-from harness import Daemon
+from harness import GATEWAY_TIMEOUT_MS, Daemon, Gateway, free_port
 from pg_cluster import PgCluster
 
-PROCESS_FIXTURES = {"daemon", "daemon_factory"}
+PROCESS_FIXTURES = {"daemon", "daemon_factory", "gateway", "gateway_factory"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -71,3 +71,30 @@ def pg() -> Iterator[PgCluster]:
 def database(pg: PgCluster, request: pytest.FixtureRequest) -> str:
     """A fresh database for this test; its dsn."""
     return pg.create_database(re.sub(r"\W", "_", request.node.name)[:60])
+
+
+@pytest.fixture
+def gateway_factory(daemon_factory: Callable[..., Daemon]) -> Iterator[Callable[..., Gateway]]:
+    """Make a daemon with an [http] section and a gateway for it (started); all stopped at teardown."""
+    made: list[Gateway] = []
+
+    def make(start_daemon: bool = True, **overrides: dict[str, Any]) -> Gateway:
+        port = free_port()
+        http = {"bind": f"127.0.0.1:{port}", "request_timeout_ms": GATEWAY_TIMEOUT_MS, **overrides.pop("http", {})}
+        # The daemon gets the [http] section too: it must accept it and leave it to the gateway.
+        daemon = daemon_factory(http=http, **overrides)
+        if start_daemon:
+            daemon.start()
+        port = int(http["bind"].rsplit(":", 1)[1])  # a test's own bind (0.0.0.0) serves loopback too
+        gateway = Gateway(daemon, f"http://127.0.0.1:{port}")
+        made.append(gateway)
+        return gateway.start()
+
+    yield make
+    for gateway in made:
+        gateway.stop()
+
+
+@pytest.fixture
+def gateway(gateway_factory: Callable[..., Gateway]) -> Gateway:
+    return gateway_factory()

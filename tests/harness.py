@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
+
 from transport.client import NoAnswer, QueryClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -294,3 +296,55 @@ def stored_rows(db_path: Path) -> list[tuple[str, str, int]]:
         return conn.execute("SELECT topic, event_id, seq FROM events ORDER BY rowid").fetchall()
     finally:
         conn.close()
+
+
+GATEWAY_TIMEOUT_MS = 2000  # [http] request_timeout_ms of the gateways tests start
+
+
+class Gateway:
+    """One scripts/gateway.py process reading a daemon's config file."""
+
+    def __init__(self, daemon: Daemon, url: str) -> None:
+        self.daemon = daemon
+        self.url = url
+        self.log_path = daemon.workdir / "gateway.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.client = httpx.Client(base_url=self.url, timeout=30.0)
+
+    def start(self, timeout: float = 30.0) -> Gateway:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(SCRIPTS / "gateway.py"), "--config", str(self.daemon.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.daemon.workdir,
+                preexec_fn=default_sigint,  # so a test's SIGINT arrives even in a suite run in the background
+            )
+        eventually(self._listening, timeout, f"gateway listening at {self.url}:\n{self.log()}")
+        return self
+
+    def _listening(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            self.client.get("/openapi.json", timeout=1.0)
+        except httpx.TransportError:
+            return False
+        return True
+
+    def publish(self, body: Any) -> httpx.Response:
+        return self.client.post("/publish", json=body)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        self.client.close()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)

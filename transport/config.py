@@ -254,6 +254,7 @@ class HttpConfig:
     max_events: int = 10_000
     publishers: int = 32
     workers: int = 1
+    max_streams: int = 100
 
     @property
     def host(self) -> str:
@@ -361,6 +362,7 @@ _POSITIVE = {
     ("http", "max_events"),
     ("http", "publishers"),
     ("http", "workers"),
+    ("http", "max_streams"),
     ("subscribe", "heartbeat_ms"),
     ("subscribe", "timeout_ms"),
     ("subscribe", "max_credit"),
@@ -374,6 +376,7 @@ _MAXIMA = {
     ("ingest", "rcvhwm"): (2**31 - 1, "ZeroMQ takes it as a C int"),
     ("http", "workers"): (256, "each is a process"),
     ("http", "publishers"): (1024, "each holds a connection to the daemon"),
+    ("http", "max_streams"): (10000, "each holds a thread and a connection to the daemon"),
 }
 _CHOICES = {
     ("storage", "synchronous"): ("OFF", "NORMAL", "FULL", "EXTRA"),

@@ -28,6 +28,7 @@ been stored; publishing them again is safe, since the daemon drops duplicates.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -50,7 +51,7 @@ import msgspec
 import zmq
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -59,6 +60,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from transport import metrics
 from transport.client import GaveUp, NoAnswer, QueryClient, QueryClientError, connectable
 from transport.config import Config, load_config
+from transport.gateway_stream import StreamPump
 from transport.handshake import CONFIG_HINTS, probe
 from transport.http_protocol import HeaderDeadlineProtocol
 from transport.logs import setup_logging
@@ -66,6 +68,7 @@ from transport.publisher import BatchRefused, BatchResult, DeliveryFailed, Publi
 from transport.queries import MAX_CURSOR, QueryError, check_query_topic
 from transport.schema import InvalidEvent, check_fields, pack_payload, type_name
 from transport.security import InsecureBindError, SocketHook, curve_client_from_config, is_local_endpoint
+from transport.subscriber import Subscriber
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,7 @@ STOPPING_GRACE_S = 8.0
 # How often a wait for the daemon looks whether the gateway is stopping.
 STOP_POLL_S = 0.1
 QUERY_THREADS = 16  # queries to the daemon at once per gateway process (each holds a thread)
+KEEPALIVE_S = 15.0  # a comment line on an event stream this long quiet, so proxies keep it open
 
 
 class GatewayError(Exception):
@@ -125,6 +129,7 @@ class DaemonLink:
         self.reserve_s = self.probe_s + MIN_PUBLISH_SHARE * self.timeout
         self.ack_endpoint = connectable(config.ingest.ack_bind)
         self.query_endpoint = connectable(config.query.bind)
+        self.subscribe_endpoint = connectable(config.subscribe.bind)
         self._secure: SocketHook | None = curve_client_from_config(config)
         self._ingest = config.ingest
         self._max_events = config.http.max_events
@@ -353,6 +358,10 @@ class DaemonLink:
         """Why requests to ``endpoint`` fail, when the daemon is known to refuse this gateway there."""
         refusal = self._refused.get(endpoint)
         return None if refusal is None else f"the daemon does not take this gateway's connections: {refusal}"
+
+    def subscriber(self, topic: str | None, after: int) -> Subscriber:
+        """A subscription to the daemon's stored and live events after ``after`` (a seq with ``topic``)."""
+        return Subscriber(self.subscribe_endpoint, topic, after=after, configure=self._secure)
 
     def close(self) -> None:
         """Close every pooled connection (ones lent out are closed when they come back)."""
@@ -655,6 +664,27 @@ def _key(key: Any) -> str:
     return _encode_deep(_jsonable(key)).decode()
 
 
+def _json_bytes(document: Any) -> bytes:
+    """``document`` as compact JSON text on one line, made JSON-safe as ``GET /events`` makes it."""
+    safe = _jsonable(document)
+    try:
+        return msgspec.json.encode(safe)
+    except RecursionError:  # a stored payload nested deeper than msgspec's encoder goes
+        return _encode_deep(safe)
+
+
+def _last_event_id(value: str) -> int:
+    """The cursor a reconnecting client's ``Last-Event-ID`` names, or :class:`GatewayError` 400."""
+    text = value.strip()
+    if not (text.isascii() and text.isdigit() and int(text) <= MAX_CURSOR):
+        raise GatewayError(
+            400,
+            f"Last-Event-ID must be an id this stream sent (a cursor from 0 to {MAX_CURSOR}), not {value[:40]!r}; "
+            "reconnect without it, with after= the last cursor you processed",
+        )
+    return int(text)
+
+
 def json_response(document: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
     """A JSON response made with msgspec (fast, and it writes bytes as base64); anything odd is cleaned first."""
     try:
@@ -760,6 +790,7 @@ LimitParam = Annotated[
     int, Query(ge=1, description="Most events in the page (capped at the daemon's [query] max_limit).")
 ]
 EVENTS_PARAMETERS = ("topic", "after", "limit")
+STREAM_PARAMETERS = ("topic", "after")
 
 
 # -- the application ---------------------------------------------------------------------------------
@@ -992,6 +1023,79 @@ def create_app(config: Config) -> FastAPI:
         # with keys 1 and "1" as an object with a repeated key.
         page = _jsonable(reply.get("events", []))
         return json_response({"events": page, "count": len(page), "next": reply.get("next", after)})
+
+    open_streams = 0
+
+    @app.get(
+        "/events/stream",
+        summary="The stored events after a cursor, then live ones as they commit, as Server-Sent Events",
+        response_class=StreamingResponse,
+        responses={
+            200: {
+                "content": {"text/event-stream": {}},
+                "description": "An endless stream: `id:` the cursor (the seq with `topic`, else the commit "
+                "position), `event: event`, `data:` the event as one line of JSON; `event: expired` when "
+                "retention deleted events after the cursor. Resume with `Last-Event-ID`.",
+            },
+            400: {"model": Error, "description": "A bad query parameter or Last-Event-ID."},
+            503: {"model": Error, "description": "[http] max_streams streams are open, or the gateway is stopping."},
+        },
+    )
+    async def event_stream(request: Request, topic: TopicParam = None, after: AfterParam = 0) -> Response:
+        nonlocal open_streams
+        _check_query_names(request, "GET /events/stream", STREAM_PARAMETERS)
+        if topic is not None:
+            try:
+                check_query_topic(topic)
+            except QueryError as exc:
+                raise GatewayError(400, str(exc)) from None
+        resume = request.headers.get("last-event-id")
+        if resume is not None:
+            after = _last_event_id(resume)
+        if link.stopping:
+            raise stopping(sent=False)
+        if open_streams >= http.max_streams:
+            raise GatewayError(
+                503, f"all {http.max_streams} event streams of this gateway process are open ([http] max_streams)"
+            )
+        open_streams += 1
+        pump = StreamPump(lambda: link.subscriber(topic, after), asyncio.get_running_loop())
+        pump.start()
+
+        async def body() -> AsyncIterator[bytes]:
+            nonlocal open_streams
+            try:
+                quiet_since = time.monotonic()
+                while not link.stopping:
+                    item = await pump.get(STOP_POLL_S * 5)
+                    if item is None:
+                        if time.monotonic() - quiet_since >= KEEPALIVE_S:
+                            quiet_since = time.monotonic()
+                            yield b": keep-alive\n\n"
+                        continue
+                    quiet_since = time.monotonic()
+                    kind, value = item
+                    if kind == "events":
+                        cursor = "seq" if topic is not None else "position"
+                        yield b"".join(
+                            b"id: %d\nevent: event\ndata: %s\n\n" % (event[cursor], _json_bytes(event))
+                            for event in value
+                        )
+                    elif kind == "expired":
+                        yield b"event: expired\ndata: %s\n\n" % _json_bytes(value)
+                    elif kind == "error":
+                        yield b"event: error\ndata: %s\n\n" % _json_bytes({"error": value})
+                        return
+                    else:  # "end"
+                        return
+            finally:
+                pump.stop()
+                open_streams -= 1
+
+        # no-cache and X-Accel-Buffering: proxies must pass each event on as it comes.
+        return StreamingResponse(
+            body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     @app.get(
         "/stats",

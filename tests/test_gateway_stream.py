@@ -1,0 +1,197 @@
+"""The gateway's ``GET /events/stream`` (docs/gateway.md): stored then live events as Server-Sent Events.
+
+Real daemon, real gateway process, real HTTP with httpx; on SQLite and on a real PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from harness import Gateway, eventually, publish
+from test_gateway import event, ok
+from test_retention import QUICK
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+
+class Stream:
+    """One open ``GET /events/stream``; :meth:`next` parses the next message (comment lines skipped)."""
+
+    def __init__(self, gateway: Gateway, headers: dict[str, str] | None = None, **params: Any) -> None:
+        self._context = gateway.client.stream(
+            "GET", "/events/stream", params=params, headers=headers, timeout=httpx.Timeout(10.0)
+        )
+        self.response = self._context.__enter__()
+        self._lines: Iterator[str] = self.response.iter_lines()
+
+    def next(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        for line in self._lines:
+            if not line:
+                if fields:
+                    return fields
+                continue
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(": ")
+            fields[name] = json.loads(value) if name == "data" else value
+        raise EOFError(f"the stream ended: {fields}")
+
+    def take(self, count: int) -> list[dict[str, Any]]:
+        return [self.next() for _ in range(count)]
+
+    def close(self) -> None:
+        self._context.__exit__(None, None, None)
+
+
+@pytest.fixture
+def stream_gateway(request: pytest.FixtureRequest, gateway_factory: Callable[..., Gateway]) -> Callable[..., Gateway]:
+    """A gateway in front of a daemon on the backend the test is parametrized with."""
+
+    def make(**overrides: Any) -> Gateway:
+        if request.param == "postgresql":
+            dsn = request.getfixturevalue("database")
+            overrides["storage"] = {"backend": "postgresql", "dsn": dsn, "node": "gw"}
+        return gateway_factory(**overrides)
+
+    return make
+
+
+@pytest.mark.parametrize("stream_gateway", ["sqlite", "postgresql"], indirect=True)
+def test_a_stream_replays_then_follows_and_a_reconnect_with_last_event_id_misses_nothing(
+    stream_gateway: Callable[..., Gateway],
+) -> None:
+    gateway = stream_gateway()
+    ok(
+        gateway.publish(
+            {"events": [event("orders", f"o-{i}", f"2025-10-22T10:00:0{i}Z", payload={"n": i}) for i in range(3)]}
+        )
+    )
+    ok(gateway.publish({"events": [event("other", "x-1")]}))
+    one_topic = Stream(gateway, topic="orders")
+    every_topic = Stream(gateway, after=1)
+    try:
+        assert one_topic.response.status_code == 200
+        assert one_topic.response.headers["content-type"].startswith("text/event-stream")
+        stored = one_topic.take(3)
+        assert [(m["id"], m["event"], m["data"]["event_id"], m["data"]["seq"]) for m in stored] == [
+            ("1", "event", "o-0", 1),
+            ("2", "event", "o-1", 2),
+            ("3", "event", "o-2", 3),
+        ]
+        assert stored[2]["data"]["payload"] == {"n": 2} and stored[2]["data"]["topic"] == "orders"
+        # Without a topic the id is the commit position, and `after` starts past it.
+        assert [(m["id"], m["data"]["event_id"]) for m in every_topic.take(3)] == [
+            ("2", "o-1"),
+            ("3", "o-2"),
+            ("4", "x-1"),
+        ]
+        # Live: events committed while the stream is open come through it.
+        ok(gateway.publish({"events": [event("orders", "o-3", "2025-10-22T10:00:09Z")]}))
+        assert one_topic.next()["data"]["event_id"] == "o-3"
+        assert every_topic.next()["id"] == "5"
+    finally:
+        one_topic.close()
+        every_topic.close()
+    ok(gateway.publish({"events": [event("orders", "o-4", "2025-10-22T10:00:10Z")]}))
+    # A reconnecting EventSource sends its last id, which wins over `after`.
+    resumed = Stream(gateway, headers={"Last-Event-ID": "3"}, topic="orders", after=0)
+    try:
+        assert [(m["id"], m["data"]["event_id"]) for m in resumed.take(2)] == [("4", "o-3"), ("5", "o-4")]
+    finally:
+        resumed.close()
+
+
+@pytest.mark.parametrize(
+    ("params", "headers", "words"),
+    [
+        ({"topic": "has space"}, {}, "topic"),
+        ({"after": "-1"}, {}, "after"),
+        ({"after": "x"}, {}, "after"),
+        ({"limit": "3"}, {}, "unknown query parameter 'limit': GET /events/stream takes topic, after"),
+        ({}, {"Last-Event-ID": "abc"}, "Last-Event-ID must be an id this stream sent"),
+        ({}, {"Last-Event-ID": "-4"}, "Last-Event-ID must be an id this stream sent"),
+    ],
+)
+def test_a_bad_parameter_or_last_event_id_is_400(
+    gateway: Gateway, params: dict[str, str], headers: dict[str, str], words: str
+) -> None:
+    response = gateway.client.get("/events/stream", params=params, headers=headers)
+    assert response.status_code == 400 and words in response.json()["error"], response.text
+
+
+def test_a_cursor_past_the_last_commit_ends_the_stream_with_an_error_event(gateway: Gateway) -> None:
+    ok(gateway.publish({"events": [event()]}))
+    stream = Stream(gateway, after=5)
+    try:
+        message = stream.next()
+        assert message["event"] == "error" and "past the last commit position, 1" in message["data"]["error"]
+        with pytest.raises(EOFError):
+            stream.next()
+    finally:
+        stream.close()
+
+
+def test_one_stream_past_max_streams_gets_503_and_a_closed_stream_frees_its_slot(
+    gateway_factory: Callable[..., Gateway],
+) -> None:
+    gateway = gateway_factory(http={"max_streams": 1})
+    first = Stream(gateway)
+    try:
+        assert first.response.status_code == 200
+        refused = gateway.client.get("/events/stream")
+        assert refused.status_code == 503 and "[http] max_streams" in refused.json()["error"], refused.text
+    finally:
+        first.close()
+
+    def slot_free() -> bool:
+        with gateway.client.stream("GET", "/events/stream") as response:
+            return response.status_code == 200
+
+    eventually(slot_free, 10, "the closed stream's slot freed")
+
+
+def test_a_stream_rides_out_a_daemon_restart(gateway: Gateway) -> None:
+    ok(gateway.publish({"events": [event(event_id="before")]}))
+    stream = Stream(gateway, topic="orders")
+    try:
+        assert stream.next()["data"]["event_id"] == "before"
+        assert gateway.daemon.terminate(timeout=30) == 0
+        gateway.daemon.start()
+        ok(gateway.publish({"events": [event(event_id="after", timestamp="2025-10-22T10:00:01Z")]}))
+        assert stream.next()["data"]["event_id"] == "after"
+    finally:
+        stream.close()
+
+
+def test_events_retention_deleted_after_the_cursor_are_told_before_what_follows(
+    gateway_factory: Callable[..., Gateway],
+) -> None:
+    gateway = gateway_factory(retention={**QUICK, "max_events_per_topic": 2}, ordering={"window_ms": 0})
+    daemon = gateway.daemon
+    publish(daemon.ack, "--acked", "--events", "6", "--topics", "1")
+    daemon.wait_stats(timeout=60, stored=2, expired=4)
+    stream = Stream(gateway)
+    try:
+        notice, *events = stream.take(3)
+        assert (notice["event"], notice["data"]) == ("expired", {"after": 0, "first": 5})
+        assert [message["id"] for message in events] == ["5", "6"]
+    finally:
+        stream.close()
+
+
+def test_stopping_the_gateway_ends_its_open_streams_and_it_exits_soon(gateway: Gateway) -> None:
+    stream = Stream(gateway)
+    try:
+        assert gateway.proc is not None
+        gateway.proc.send_signal(signal.SIGTERM)
+        with pytest.raises((EOFError, httpx.RemoteProtocolError)):
+            stream.next()
+        assert gateway.proc.wait(10) == 0
+    finally:
+        stream.close()

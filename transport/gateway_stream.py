@@ -1,0 +1,112 @@
+"""The subscription behind the gateway's ``GET /events/stream``, handed from its thread to the event loop.
+
+A :class:`transport.subscriber.Subscriber` blocks and its ZeroMQ socket belongs to one thread,
+so each stream runs one on a thread of its own (:class:`StreamPump`). The thread takes what the
+subscriber has (up to ``BATCH_EVENTS`` events at a time, or a notice that retention deleted
+events after the cursor) and puts it on an asyncio queue for the route's writer, at most
+``AHEAD`` items ahead of what the writer took: a slow HTTP client holds the thread back, the
+thread stops taking events, and the subscriber stops granting the daemon credit. So a stream's
+memory is bounded whatever its client does, and the daemon never queues for it.
+
+The subscriber reconnects and resumes by itself when the daemon restarts, so a stream outlives a
+restart. :meth:`StreamPump.stop` (the client went away, or the gateway is stopping) ends the
+thread within ``POLL_S``, closing the subscriber; a subscription the daemon refuses ends it with
+an ``error`` item.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from transport.subscriber import Subscriber, SubscriberError
+
+log = logging.getLogger(__name__)
+
+BATCH_EVENTS = 256  # most events in one item: one wake-up of the event loop per batch, not per event
+AHEAD = 4  # items the thread may put on the queue before the writer takes one
+POLL_S = 0.25  # how often a waiting thread looks whether the stream was stopped
+
+Item = tuple[str, Any]  # ("events", [event, ...]), ("expired", {"after", "first"}), ("error", str), ("end", None)
+
+
+class StreamPump:
+    """One subscription on its own thread, feeding :meth:`get` with batches of events, in order."""
+
+    def __init__(self, make_subscriber: Callable[[], Subscriber], loop: asyncio.AbstractEventLoop) -> None:
+        self._make_subscriber = make_subscriber
+        self._loop = loop
+        self._items: asyncio.Queue[Item] = asyncio.Queue()
+        self._room = threading.Semaphore(AHEAD)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="event-stream", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the subscription: the thread closes the subscriber within ``POLL_S``."""
+        self._stopped.set()
+
+    async def get(self, timeout: float) -> Item | None:
+        """The next item, or None when none came within ``timeout`` seconds."""
+        try:
+            item = await asyncio.wait_for(self._items.get(), timeout)
+        except TimeoutError:
+            return None
+        if item[0] in ("events", "expired"):
+            self._room.release()
+        return item
+
+    # -- the thread ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        subscriber = None
+        try:
+            subscriber = self._make_subscriber()
+            told = 0  # the subscriber's expired notices already passed on
+            batch: list[dict[str, Any]] = []
+            while not self._stopped.is_set():
+                # Waits only with nothing in hand; else takes what has already arrived.
+                event = subscriber.next_event(0 if batch else POLL_S)
+                if told < len(subscriber.expired):
+                    # The notice came before this event: what was taken goes first, then the notice.
+                    if batch and not self._put(("events", batch)):
+                        return
+                    batch = []
+                    for after, first in subscriber.expired[told:]:
+                        if not self._put(("expired", {"after": after, "first": first})):
+                            return
+                    told = len(subscriber.expired)
+                if event is not None:
+                    batch.append(event)
+                if batch and (event is None or len(batch) >= BATCH_EVENTS):
+                    if not self._put(("events", batch)):
+                        return
+                    batch = []
+        except SubscriberError as exc:
+            self._hand(("error", str(exc)))
+        except Exception as exc:  # a stream must end with a word, not hang its client
+            log.exception("an event stream failed")
+            self._hand(("error", f"the gateway's subscription failed: {type(exc).__name__}: {exc}"))
+        finally:
+            if subscriber is not None:
+                subscriber.close()
+            self._hand(("end", None))
+
+    def _put(self, item: Item) -> bool:
+        """Queue ``item`` once the writer has room for it; False when the stream was stopped first."""
+        while not self._room.acquire(timeout=POLL_S):
+            if self._stopped.is_set():
+                return False
+        return self._hand(item) and not self._stopped.is_set()
+
+    def _hand(self, item: Item) -> bool:
+        try:
+            self._loop.call_soon_threadsafe(self._items.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: the gateway has stopped
+            return False
+        return True
