@@ -2,7 +2,7 @@
 """Benchmark the HTTP gateway: events/s through ``POST /publish`` from several concurrent clients.
 
 ``bench_gateway.py [--batch B ...] [--events N] [--clients C] [--processes P] [--runs R]
-[--set SECTION.KEY=VALUE ...] [--json]``
+[--set SECTION.KEY=VALUE ...] [--json]``; ``bench_gateway.py --stream [--events N] [--runs R]``
 
 Each run starts a fresh daemon and a fresh ``scripts/gateway.py`` in front of it (loopback
 ports, a temporary database), then C HTTP clients spread over P processes (keep-alive
@@ -14,6 +14,11 @@ after the daemon acknowledged the commit, so the rate is of events stored, not j
 * **request latency**: p50 and p99 of the requests' round trips.
 * **CPU per event** of the gateway and of the daemon (its decoder process included), user +
   system from ``/proc``, over the same span: where the time goes on a machine this shared.
+
+With ``--stream`` it measures ``GET /events/stream`` instead: N events are stored first
+(``publish.py --acked`` to the daemon), then one client opens the stream after 0 and reads
+until it has counted N events; **events/s** is N over the time from the request to the last
+one, with the gateway's CPU per event over the same span.
 
 Every answer must be 200 with every event new (``added_to_queue``), or the run fails. ``--batch``
 may be given several times (default: 100 and 1, the two cases the original FastAPI service
@@ -39,7 +44,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from harness import Daemon, eventually, free_port  # noqa: E402  (the test harness starts real daemons)
+from harness import Daemon, eventually, free_port, publish  # noqa: E402  (the test harness starts real daemons)
 
 ORIGINAL = {100: 1050.0, 1: 400.0}  # the original FastAPI service's events/s on this machine
 TOPICS = 10
@@ -232,6 +237,54 @@ def run_once(
             daemon.cleanup()
 
 
+def stream_once(events: int, overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One ``--stream`` run: N events stored, then read back through ``GET /events/stream``."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp:
+        sections = {key: dict(values) for key, values in overrides.items()}
+        sections.setdefault("http", {})["bind"] = f"127.0.0.1:{port}"
+        daemon = Daemon(Path(tmp) / "daemon", sections)
+        gateway: subprocess.Popen[bytes] | None = None
+        try:
+            daemon.start(timeout=120)
+            publish(daemon.ack, "--acked", "--events", str(events), "--topics", str(TOPICS), timeout=RUN_TIMEOUT_S)
+            gateway = start_gateway(daemon, f"http://127.0.0.1:{port}")
+            marker = b"event: event\n"
+            cpu_before = cpu_seconds(gateway.pid, children=True)
+            started = time.perf_counter()
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            connection.request("GET", "/events/stream?after=0")
+            response = connection.getresponse()
+            if response.status != 200:
+                raise RuntimeError(f"GET /events/stream answered {response.status}: {response.read(500)!r}")
+            seen, tail = 0, b""
+            while seen < events:
+                chunk = response.read1(1 << 16)
+                if not chunk:
+                    raise RuntimeError(f"the stream ended after {seen} of {events} events")
+                text = tail + chunk
+                seen += text.count(marker)
+                tail = text[-(len(marker) - 1) :]  # a marker cut in two by the chunks is counted once
+            elapsed = time.perf_counter() - started
+            cpu_gateway = cpu_seconds(gateway.pid, children=True) - cpu_before
+            connection.close()
+            return {
+                "events": events,
+                "events_per_s": round(events / elapsed),
+                "gateway_cpu_us_per_event": round(1e6 * cpu_gateway / events, 1),
+            }
+        finally:
+            if gateway is not None and gateway.poll() is None:
+                gateway.terminate()
+                try:
+                    gateway.wait(30)
+                except subprocess.TimeoutExpired:
+                    gateway.kill()
+            if daemon.proc is not None and daemon.proc.poll() is None:
+                daemon.terminate()
+            daemon.cleanup()
+
+
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
     """``--set section.key=value`` (value read as TOML: numbers, booleans, quoted strings)."""
     import tomllib
@@ -268,8 +321,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=positive, default=3, help="runs per case; medians are reported (default 3)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument(
+        "--stream", action="store_true", help="measure reading N stored events through GET /events/stream instead"
+    )
     args = parser.parse_args(argv)
     overrides = parse_overrides(args.set)
+    if args.stream:
+        events = args.events or 200_000
+        runs = [stream_once(events, overrides) for _ in range(args.runs)]
+        case = {
+            "stream": True,
+            "events": events,
+            "events_per_s": statistics.median(run["events_per_s"] for run in runs),
+            "gateway_cpu_us_per_event": statistics.median(run["gateway_cpu_us_per_event"] for run in runs),
+            "runs_events_per_s": [run["events_per_s"] for run in runs],
+        }
+        if args.json:
+            print(json.dumps(case, indent=2))
+        else:
+            print(
+                f"GET /events/stream: {case['events_per_s']:,.0f} events/s, gateway CPU/event "
+                f"{case['gateway_cpu_us_per_event']:.1f} µs, runs {case['runs_events_per_s']}"
+            )
+        return 0
     report: list[dict[str, Any]] = []
     for batch in args.batch or [100, 1]:
         events = args.events or (20_000 if batch > 1 else 4_000)
