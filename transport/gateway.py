@@ -36,7 +36,6 @@ import math
 import os
 import queue
 import signal
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -67,7 +66,13 @@ from transport.logs import setup_logging
 from transport.publisher import BatchRefused, BatchResult, DeliveryFailed, Publisher, PublisherError, PublishTimeout
 from transport.queries import MAX_CURSOR, QueryError, check_query_topic
 from transport.schema import InvalidEvent, check_fields, pack_payload, type_name
-from transport.security import InsecureBindError, SocketHook, curve_client_from_config, is_local_endpoint
+from transport.security import (
+    BindHostError,
+    InsecureBindError,
+    SocketHook,
+    bind_is_local,
+    curve_client_from_config,
+)
 from transport.subscriber import Subscriber
 
 log = logging.getLogger(__name__)
@@ -821,15 +826,12 @@ def check_bind(config: Config) -> None:
     """
     http = config.http
     host = f"[{http.host}]" if ":" in http.host else http.host
-    if is_local_endpoint(f"tcp://{host}:{http.port}"):
-        return
     try:
-        found = socket.getaddrinfo(http.host, http.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror:
+        # A host name is as local as every address it stands for, as for the daemon's endpoints.
+        if bind_is_local("[http] bind", f"tcp://{host}:{http.port}"):
+            return
+    except BindHostError:
         return  # listening fails on it anyway, with a message that says why
-    # A host name is as local as every address it stands for.
-    if all(is_local_endpoint(f"tcp://[{address[4][0]}]:{http.port}") for address in found):
-        return
     if not config.security.allow_insecure:
         raise InsecureBindError(
             f"refusing to listen beyond loopback ([http] bind = {http.bind}): the gateway has no "
