@@ -433,8 +433,20 @@ def test_key_files_this_user_cannot_read_refuse_to_start_with_the_command_that_l
             f"[security] authorized_keys folder {authorized} is not readable by this user (uid {me}); run `{fix}`"
         )
         assert expected in refusal()  # not "holds no '*.key' certificates", then every client refused
+        # A folder above authorized_keys that the user may not enter is named, not "not a folder".
+        authorized.chmod(0o755 if as_root else 0o700)
+        gate = home / "gate"
+        gate.mkdir(mode=0o700 if as_root else 0o600)
+        moved = authorized.rename(gate / "authorized")
+        config.write_text(config.read_text().replace(str(authorized), str(moved)))
+        assert (
+            f"[security] authorized_keys folder {moved} is out of this user's reach (uid {me}): it may not enter "
+            f"{gate}; run `chown {me} {gate}`" in refusal()
+        )
         assert not (home / "events.db").exists()
     finally:
+        with contextlib.suppress(OSError):
+            (home / "gate").chmod(0o700)
         for path in (folder, authorized):
             with contextlib.suppress(OSError):
                 path.chmod(0o700)

@@ -396,7 +396,12 @@ class ServerSecurity:
         return frozenset(zmq.auth.load_certificates(str(self.keys_dir)))
 
     def _check_keys_dir(self) -> int:
-        if not self.keys_dir.is_dir():
+        try:
+            is_folder = self.keys_dir.is_dir()
+        except PermissionError:  # a folder above it that this user may not enter: name that one
+            _stat(self.keys_dir, "[security] authorized_keys folder")
+            raise
+        if not is_folder:
             raise KeyFileError(
                 f"[security] authorized_keys {self.keys_dir} is not a folder; create it and copy the "
                 "clients' public '.key' certificates into it"
