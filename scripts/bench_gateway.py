@@ -163,6 +163,19 @@ def start_gateway(daemon: Daemon, url: str) -> subprocess.Popen[bytes]:
     return proc
 
 
+def stop(gateway: subprocess.Popen[bytes] | None, daemon: Daemon) -> None:
+    """Stop a run's gateway (if it started) and daemon, and remove the daemon's files."""
+    if gateway is not None and gateway.poll() is None:
+        gateway.terminate()
+        try:
+            gateway.wait(30)
+        except subprocess.TimeoutExpired:
+            gateway.kill()
+    if daemon.proc is not None and daemon.proc.poll() is None:
+        daemon.terminate()
+    daemon.cleanup()
+
+
 def run_once(
     batch: int, events: int, clients: int, processes: int, overrides: dict[str, dict[str, Any]], run: str
 ) -> dict[str, Any]:
@@ -226,15 +239,7 @@ def run_once(
                 "daemon_cpu_us_per_event": round(1e6 * cpu_daemon / events, 1),
             }
         finally:
-            if gateway is not None and gateway.poll() is None:
-                gateway.terminate()
-                try:
-                    gateway.wait(30)
-                except subprocess.TimeoutExpired:
-                    gateway.kill()
-            if daemon.proc is not None and daemon.proc.poll() is None:
-                daemon.terminate()
-            daemon.cleanup()
+            stop(gateway, daemon)
 
 
 def stream_once(events: int, overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -274,15 +279,7 @@ def stream_once(events: int, overrides: dict[str, dict[str, Any]]) -> dict[str, 
                 "gateway_cpu_us_per_event": round(1e6 * cpu_gateway / events, 1),
             }
         finally:
-            if gateway is not None and gateway.poll() is None:
-                gateway.terminate()
-                try:
-                    gateway.wait(30)
-                except subprocess.TimeoutExpired:
-                    gateway.kill()
-            if daemon.proc is not None and daemon.proc.poll() is None:
-                daemon.terminate()
-            daemon.cleanup()
+            stop(gateway, daemon)
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:

@@ -1013,11 +1013,7 @@ def create_app(config: Config) -> FastAPI:
         limit: LimitParam = DEFAULT_PAGE,
     ) -> Response:
         _check_query_names(request, "GET /events", EVENTS_PARAMETERS)
-        if topic is not None:
-            try:
-                check_query_topic(topic)
-            except QueryError as exc:
-                raise GatewayError(400, str(exc)) from None
+        _check_topic(topic)
         # The daemon caps the page at its max_limit; capping here too keeps a huge limit packable.
         limit = min(limit, config.query.max_limit)
         reply = _answered(await ask({"op": "events", "topic": topic, "after": after, "limit": limit}))
@@ -1046,11 +1042,7 @@ def create_app(config: Config) -> FastAPI:
     async def event_stream(request: Request, topic: TopicParam = None, after: AfterParam = 0) -> Response:
         nonlocal open_streams
         _check_query_names(request, "GET /events/stream", STREAM_PARAMETERS)
-        if topic is not None:
-            try:
-                check_query_topic(topic)
-            except QueryError as exc:
-                raise GatewayError(400, str(exc)) from None
+        _check_topic(topic)
         resume = request.headers.get("last-event-id")
         if resume is not None:
             after = _last_event_id(resume)
@@ -1255,6 +1247,15 @@ def _on_stop_signals(stop: Callable[[], None]) -> Callable[[], None]:
 
 async def _on_thread(function: Callable[..., T], *args: Any, limiter: anyio.CapacityLimiter) -> T:
     return await anyio.to_thread.run_sync(function, *args, limiter=limiter)
+
+
+def _check_topic(topic: str | None) -> None:
+    """400 for a ``topic`` parameter no event can have (empty, with whitespace, too long)."""
+    if topic is not None:
+        try:
+            check_query_topic(topic)
+        except QueryError as exc:
+            raise GatewayError(400, str(exc)) from None
 
 
 def _check_query_names(request: Request, route: str, known: tuple[str, ...]) -> None:
