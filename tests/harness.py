@@ -6,6 +6,7 @@ daemon can never connect to itself (libzmq issue 4588) and a restarted daemon ca
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -13,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -348,3 +349,33 @@ class Gateway:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+
+
+class Stream:
+    """One open ``GET /events/stream``; :meth:`next` parses the next message (comment lines skipped)."""
+
+    def __init__(self, gateway: Gateway, headers: dict[str, str] | None = None, **params: Any) -> None:
+        self._context = gateway.client.stream(
+            "GET", "/events/stream", params=params, headers=headers, timeout=httpx.Timeout(10.0)
+        )
+        self.response = self._context.__enter__()
+        self._lines: Iterator[str] = self.response.iter_lines()
+
+    def next(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        for line in self._lines:
+            if not line:
+                if fields:
+                    return fields
+                continue
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(": ")
+            fields[name] = json.loads(value) if name == "data" else value
+        raise EOFError(f"the stream ended: {fields}")
+
+    def take(self, count: int) -> list[dict[str, Any]]:
+        return [self.next() for _ in range(count)]
+
+    def close(self) -> None:
+        self._context.__exit__(None, None, None)

@@ -32,6 +32,7 @@ from harness import (
     ROOT,
     SCRIPTS,
     Gateway,
+    Stream,
     eventually,
     free_port,
     push_frames,
@@ -577,6 +578,11 @@ def test_curve_when_the_config_says_so(gateway_factory: Callable[..., Gateway], 
     eventually(lambda: gateway.client.get("/healthz").status_code == 200, 30, "healthz 200 over CURVE")
     assert ok(gateway.publish(event(event_id="secret")))["added_to_queue"] == 1
     assert [e["event_id"] for e in ok(gateway.client.get("/events"))["events"]] == ["secret"]
+    stream = Stream(gateway)  # the stream's subscription speaks CURVE too
+    try:
+        assert stream.next()["data"]["event_id"] == "secret"
+    finally:
+        stream.close()
 
 
 @pytest.mark.e2e

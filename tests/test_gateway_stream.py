@@ -5,48 +5,17 @@ Real daemon, real gateway process, real HTTP with httpx; on SQLite and on a real
 
 from __future__ import annotations
 
-import json
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
-from harness import Gateway, eventually, publish
+from harness import Gateway, Stream, eventually, publish
 from test_gateway import event, ok
 from test_retention import QUICK
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
-
-
-class Stream:
-    """One open ``GET /events/stream``; :meth:`next` parses the next message (comment lines skipped)."""
-
-    def __init__(self, gateway: Gateway, headers: dict[str, str] | None = None, **params: Any) -> None:
-        self._context = gateway.client.stream(
-            "GET", "/events/stream", params=params, headers=headers, timeout=httpx.Timeout(10.0)
-        )
-        self.response = self._context.__enter__()
-        self._lines: Iterator[str] = self.response.iter_lines()
-
-    def next(self) -> dict[str, Any]:
-        fields: dict[str, Any] = {}
-        for line in self._lines:
-            if not line:
-                if fields:
-                    return fields
-                continue
-            if line.startswith(":"):
-                continue
-            name, _, value = line.partition(": ")
-            fields[name] = json.loads(value) if name == "data" else value
-        raise EOFError(f"the stream ended: {fields}")
-
-    def take(self, count: int) -> list[dict[str, Any]]:
-        return [self.next() for _ in range(count)]
-
-    def close(self) -> None:
-        self._context.__exit__(None, None, None)
 
 
 @pytest.fixture
