@@ -6,7 +6,7 @@ Real daemon, real gateway process, real HTTP with httpx; on SQLite and on a real
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -164,3 +164,31 @@ def test_stopping_the_gateway_ends_its_open_streams_and_it_exits_soon(gateway: G
         assert gateway.proc.wait(10) == 0
     finally:
         stream.close()
+
+
+def test_a_stream_whose_client_left_before_its_body_began_still_frees_its_slot() -> None:
+    # The slot is freed by the response, not by the body's `finally`, which never runs when the
+    # body never began (the client gone as the headers went out).
+    import anyio
+
+    from transport.gateway_stream import EventStreamResponse
+
+    began: list[bool] = []
+    freed: list[bool] = []
+
+    async def body() -> AsyncIterator[bytes]:
+        began.append(True)
+        yield b": hello\n\n"
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        await anyio.sleep(0.05)  # the disconnect is heard meanwhile
+
+    async def serve() -> None:
+        response = EventStreamResponse(body(), on_close=lambda: freed.append(True))
+        await response({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)  # type: ignore[arg-type]
+
+    anyio.run(serve)
+    assert began == [] and freed == [True]

@@ -59,7 +59,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from transport import metrics
 from transport.client import GaveUp, NoAnswer, QueryClient, QueryClientError, connectable
 from transport.config import Config, load_config
-from transport.gateway_stream import StreamPump
+from transport.gateway_stream import EventStreamResponse, StreamPump
 from transport.handshake import CONFIG_HINTS, probe
 from transport.http_protocol import HeaderDeadlineProtocol
 from transport.logs import setup_logging
@@ -1027,7 +1027,7 @@ def create_app(config: Config) -> FastAPI:
     @app.get(
         "/events/stream",
         summary="The stored events after a cursor, then live ones as they commit, as Server-Sent Events",
-        response_class=StreamingResponse,
+        response_class=StreamingResponse,  # for the document; the route answers an EventStreamResponse
         responses={
             200: {
                 "content": {"text/event-stream": {}},
@@ -1053,11 +1053,15 @@ def create_app(config: Config) -> FastAPI:
                 503, f"all {http.max_streams} event streams of this gateway process are open ([http] max_streams)"
             )
         open_streams += 1
-        pump = StreamPump(lambda: link.subscriber(topic, after), asyncio.get_running_loop())
-        pump.start()
+
+        def release() -> None:
+            nonlocal open_streams
+            open_streams -= 1
 
         async def body() -> AsyncIterator[bytes]:
-            nonlocal open_streams
+            # Started here, not in the handler: a client gone before the body began leaves no thread.
+            pump = StreamPump(lambda: link.subscriber(topic, after), asyncio.get_running_loop())
+            pump.start()
             try:
                 quiet_since = time.monotonic()
                 while not link.stopping:
@@ -1084,12 +1088,8 @@ def create_app(config: Config) -> FastAPI:
                         return
             finally:
                 pump.stop()
-                open_streams -= 1
 
-        # no-cache and X-Accel-Buffering: proxies must pass each event on as it comes.
-        return StreamingResponse(
-            body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        )
+        return EventStreamResponse(body(), on_close=release)
 
     @app.get(
         "/stats",

@@ -19,8 +19,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from transport.subscriber import Subscriber, SubscriberError
 
@@ -110,3 +113,23 @@ class StreamPump:
         except RuntimeError:  # the event loop is closed: the gateway has stopped
             return False
         return True
+
+
+class EventStreamResponse(StreamingResponse):
+    """A ``text/event-stream`` response that calls ``on_close`` however it ends.
+
+    Also when its body never began (the client went away first), which a ``finally`` in the body
+    cannot see. No-cache and ``X-Accel-Buffering: no`` tell proxies to pass each event on at once.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None] = lambda: None) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
