@@ -15,6 +15,8 @@ import os
 import socket
 from pathlib import Path
 
+from transport.config import tcp_host_port
+
 
 def bind_problem(endpoint: str) -> OSError | None:
     """What binding ``endpoint`` would fail with, or None when it looks free (or cannot be told:
@@ -29,11 +31,11 @@ def bind_problem(endpoint: str) -> OSError | None:
         if not os.access(folder, os.W_OK | os.X_OK):  # the socket file is made in it
             return OSError(errno.EACCES, f"Permission denied for ipc path {address!r}")
         return None
-    if transport != "tcp":
+    place = tcp_host_port(endpoint) if transport == "tcp" else None
+    if place is None:
         return None
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
-    if ";" in host or not port.isdigit() or int(port) == 0:
+    host, port = place
+    if not port.isdigit() or int(port) == 0:
         return None
     # As libzmq without ZMQ_IPV6 (the daemon's sockets): IPv4 for a name or *, IPv6 only for a literal.
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -140,3 +140,26 @@ def test_a_wildcard_bind_is_connected_to_on_loopback() -> None:
         "tcp://[::1]:5555",
         "tcp://10.0.0.1:5555",
     ]
+
+
+@pytest.mark.parametrize(
+    ("sections", "named"),
+    [
+        ({"ingest": {"bind": "tcp://127.0.0.1:7001", "ack_bind": "tcp://127.0.0.1:7001"}}, "[ingest] bind"),
+        ({"ingest": {"bind": "tcp://*:7001", "ack_bind": "tcp://127.0.0.1:7001"}}, "[ingest] bind (tcp://*:7001)"),
+        ({"ingest": {"bind": "tcp://[::]:7001", "ack_bind": "tcp://[::1]:7001"}}, "[ingest] bind (tcp://[::]:7001)"),
+        ({"ingest": {"bind": "ipc:///tmp/e.sock"}, "query": {"bind": "ipc:///tmp/e.sock"}}, "[query] bind"),
+        ({"ingest": {"bind": "tcp://127.0.0.1:8080"}}, "[http] bind (127.0.0.1:8080)"),
+    ],
+)
+def test_two_binds_that_would_take_the_same_address_are_refused_naming_both(
+    sections: dict[str, dict[str, str]], named: str
+) -> None:
+    with pytest.raises(ConfigError, match="would take the same address; give each its own port") as caught:
+        parse_config(sections)
+    assert named in str(caught.value)
+
+
+def test_binds_on_other_ports_or_hosts_do_not_collide() -> None:
+    parse_config({"ingest": {"bind": "tcp://127.0.0.1:7001", "ack_bind": "tcp://127.0.0.2:7001"}})
+    parse_config({"ingest": {"bind": "tcp://[::1]:7001", "ack_bind": "tcp://[::1]:7002"}})

@@ -623,15 +623,25 @@ def wants_ipv6(endpoint: str) -> bool:
     return endpoint.startswith("tcp://[")
 
 
+def tcp_host_port(endpoint: str) -> tuple[str, str] | None:
+    """``(host, port)`` of a ``tcp://`` (or ``ws://``, ``wss://``) endpoint, the host without an
+    IPv6 address's brackets and, in libzmq's ``source;destination`` form, the destination's;
+    None for other transports."""
+    transport, _, address = endpoint.partition("://")
+    if transport not in ("tcp", "ws", "wss"):
+        return None
+    host, _, port = address.rpartition(":")
+    if ";" in host:  # the bind side is the destination
+        host = host.split(";", 1)[1]
+    return host.strip("[]"), port
+
+
 def _bind_place(endpoint: str) -> tuple[str, str]:
     """``(host, port)`` of a tcp endpoint, or ``(path, "")`` of an ipc one, to find binds that collide."""
-    if endpoint.startswith("tcp://"):
-        host, _, port = endpoint[len("tcp://") :].rpartition(":")
-        return host, port
-    return endpoint, ""
+    return tcp_host_port(endpoint) or (endpoint, "")
 
 
-_ANY_HOST = {"*", "0.0.0.0", "[::]"}
+_ANY_HOST = {"*", "0.0.0.0", "::"}
 
 
 def colliding_binds(config: Config) -> str | None:

@@ -39,7 +39,7 @@ import zmq
 import zmq.auth
 from zmq.utils.monitor import parse_monitor_message
 
-from transport.config import Config
+from transport.config import Config, tcp_host_port
 from transport.logs import RateLimitedLog
 from transport.zap import ZAP_DOMAIN, ConnectionGate, ZapHandler, seed_libc_rand
 
@@ -117,13 +117,8 @@ def bind_is_local(key: str, endpoint: str) -> bool:
 
 def _tcp_host(endpoint: str) -> str | None:
     """The host part of a tcp:// (or ws://, wss://) endpoint to bind; None for other transports."""
-    transport, _, address = endpoint.partition("://")
-    if transport not in ("tcp", "ws", "wss"):
-        return None
-    host = address.rsplit(":", 1)[0]
-    if ";" in host:  # "source;destination" form: the bind side is the destination
-        host = host.split(";", 1)[1]
-    return host.strip("[]")
+    place = tcp_host_port(endpoint)
+    return None if place is None else place[0]
 
 
 def check_secret_file(path: Path, what: str) -> None:
