@@ -54,13 +54,12 @@ from transport.logs import RateLimitedLog
 from transport.queries import MAX_CURSOR
 from transport.schema import InvalidEvent, check_topic, type_name
 from transport.security import SocketHook
-from transport.subscriber import MAX_NAME_CHARS
+from transport.subscriber import MAX_FILTER_TOPICS, MAX_NAME_CHARS
 from transport.zap import ConnectionGate
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 1_048_576
-MAX_FILTER_TOPICS = 1000
 # An all-topics subscription with a topic filter reads at most this many positions per query,
 # so one rare topic in a long backlog never holds the thread in one long scan.
 FILTER_SCAN_ROWS = 50_000

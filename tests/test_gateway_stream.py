@@ -76,19 +76,39 @@ def test_a_stream_replays_then_follows_and_a_reconnect_with_last_event_id_misses
         resumed.close()
 
 
+def test_a_stream_of_a_few_topics_gives_only_theirs_in_commit_order(gateway: Gateway) -> None:
+    ok(gateway.publish({"events": [event(topic, f"{topic}-{n}") for n in range(2) for topic in ("a", "b", "c")]}))
+    stream = Stream(gateway, topics=["a", "c"])
+    try:
+        got = [(int(m["id"]), m["data"]["event_id"]) for m in stream.take(4)]
+        every = ok(gateway.client.get("/events"))["events"]
+        assert got == [(e["position"], e["event_id"]) for e in every if e["topic"] in ("a", "c")]
+        assert len(every) == 6 and len(got) == 4
+    finally:
+        stream.close()
+
+
 @pytest.mark.parametrize(
     ("params", "headers", "words"),
     [
         ({"topic": "has space"}, {}, "topic"),
         ({"after": "-1"}, {}, "after"),
         ({"after": "x"}, {}, "after"),
-        ({"limit": "3"}, {}, "unknown query parameter 'limit': GET /events/stream takes topic, after"),
+        ({"limit": "3"}, {}, "unknown query parameter 'limit': GET /events/stream takes topic, topics, after"),
         ({}, {"Last-Event-ID": "abc"}, "Last-Event-ID must be an id this stream sent"),
         ({}, {"Last-Event-ID": "-4"}, "Last-Event-ID must be an id this stream sent"),
+        (
+            {"topic": "a", "topics": "b"},
+            {},
+            "give topic (one topic, by seq) or topics (several, by position), not both",
+        ),
+        ({"topics": ["a", ""]}, {}, "topic"),
+        ({"topics": [f"t{n}" for n in range(1001)]}, {}, "topics may be given at most 1000 times, not 1001"),
+        ({"after": ["1", "2"]}, {}, "query parameter 'after' given more than once"),
     ],
 )
 def test_a_bad_parameter_or_last_event_id_is_400(
-    gateway: Gateway, params: dict[str, str], headers: dict[str, str], words: str
+    gateway: Gateway, params: dict[str, Any], headers: dict[str, str], words: str
 ) -> None:
     response = gateway.client.get("/events/stream", params=params, headers=headers)
     assert response.status_code == 400 and words in response.json()["error"], response.text

@@ -73,7 +73,7 @@ from transport.security import (
     bind_is_local,
     curve_client_from_config,
 )
-from transport.subscriber import Subscriber
+from transport.subscriber import MAX_FILTER_TOPICS, Subscriber
 
 log = logging.getLogger(__name__)
 
@@ -364,9 +364,10 @@ class DaemonLink:
         refusal = self._refused.get(endpoint)
         return None if refusal is None else f"the daemon does not take this gateway's connections: {refusal}"
 
-    def subscriber(self, topic: str | None, after: int) -> Subscriber:
-        """A subscription to the daemon's stored and live events after ``after`` (a seq with ``topic``)."""
-        return Subscriber(self.subscribe_endpoint, topic, after=after, configure=self._secure)
+    def subscriber(self, topic: str | None, after: int, topics: list[str] | None = None) -> Subscriber:
+        """A subscription to the daemon's stored and live events after ``after`` (a seq with
+        ``topic``; else a commit position, of every topic or only ``topics``)."""
+        return Subscriber(self.subscribe_endpoint, topic, topics=topics, after=after, configure=self._secure)
 
     def close(self) -> None:
         """Close every pooled connection (ones lent out are closed when they come back)."""
@@ -790,12 +791,16 @@ _PUBLISH_ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 TopicParam = Annotated[str | None, Query(description="Only this topic; every topic when absent.")]
+TopicsParam = Annotated[
+    list[str] | None,
+    Query(description="Only these topics, in commit order (give it once per topic); not with `topic`."),
+]
 AfterParam = Annotated[int, Query(ge=0, le=MAX_CURSOR, description="The cursor: the `next` of the page before.")]
 LimitParam = Annotated[
     int, Query(ge=1, description="Most events in the page (capped at the daemon's [query] max_limit).")
 ]
 EVENTS_PARAMETERS = ("topic", "after", "limit")
-STREAM_PARAMETERS = ("topic", "after")
+STREAM_PARAMETERS = ("topic", "topics", "after")
 
 
 # -- the application ---------------------------------------------------------------------------------
@@ -1039,10 +1044,19 @@ def create_app(config: Config) -> FastAPI:
             503: {"model": Error, "description": "[http] max_streams streams are open, or the gateway is stopping."},
         },
     )
-    async def event_stream(request: Request, topic: TopicParam = None, after: AfterParam = 0) -> Response:
+    async def event_stream(
+        request: Request, topic: TopicParam = None, topics: TopicsParam = None, after: AfterParam = 0
+    ) -> Response:
         nonlocal open_streams
-        _check_query_names(request, "GET /events/stream", STREAM_PARAMETERS)
+        _check_query_names(request, "GET /events/stream", STREAM_PARAMETERS, repeatable=("topics",))
         _check_topic(topic)
+        if topics is not None:
+            if topic is not None:
+                raise GatewayError(400, "give topic (one topic, by seq) or topics (several, by position), not both")
+            if len(topics) > MAX_FILTER_TOPICS:
+                raise GatewayError(400, f"topics may be given at most {MAX_FILTER_TOPICS} times, not {len(topics)}")
+            for one in topics:
+                _check_topic(one)
         resume = request.headers.get("last-event-id")
         if resume is not None:
             after = _last_event_id(resume)
@@ -1060,7 +1074,7 @@ def create_app(config: Config) -> FastAPI:
 
         async def body() -> AsyncIterator[bytes]:
             # Started here, not in the handler: a client gone before the body began leaves no thread.
-            pump = StreamPump(lambda: link.subscriber(topic, after), asyncio.get_running_loop())
+            pump = StreamPump(lambda: link.subscriber(topic, after, topics), asyncio.get_running_loop())
             pump.start()
             try:
                 quiet_since = time.monotonic()
@@ -1258,11 +1272,12 @@ def _check_topic(topic: str | None) -> None:
             raise GatewayError(400, str(exc)) from None
 
 
-def _check_query_names(request: Request, route: str, known: tuple[str, ...]) -> None:
+def _check_query_names(request: Request, route: str, known: tuple[str, ...], repeatable: tuple[str, ...] = ()) -> None:
     """400 for a query parameter the route does not take (a misspelt ``limit`` would otherwise
-    give a default page that looks like an answer) or one given twice (which one counts?)."""
-    names = [name for name, _ in request.query_params.multi_items()]
-    unknown = sorted({name for name in names if name not in known})
+    give a default page that looks like an answer) or one given twice (which one counts?), but
+    for the ``repeatable`` ones, which are lists."""
+    names = [name for name, _ in request.query_params.multi_items() if name not in repeatable]
+    unknown = sorted({name for name, _ in request.query_params.multi_items() if name not in known})
     if unknown:
         raise GatewayError(
             400, f"unknown query parameter {', '.join(map(repr, unknown))}: {route} takes {', '.join(known)}"

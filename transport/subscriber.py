@@ -56,6 +56,8 @@ DAEMON_MAX_CREDIT = 10000
 SILENT_HEARTBEATS = 3
 # A named consumer's name, as the daemon takes it (the subscribe protocol's limit).
 MAX_NAME_CHARS = 200
+# Most topics in a subscription's ``topics`` filter (the subscribe protocol's limit).
+MAX_FILTER_TOPICS = 1000
 
 
 def name_problem(name: str) -> str | None:
