@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from transport.client import connectable
-from transport.config import Config, ConfigError, load_config, parse_config
+from transport.config import Config, ConfigError, load_config, parse_config, tcp_host_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,3 +163,18 @@ def test_two_binds_that_would_take_the_same_address_are_refused_naming_both(
 def test_binds_on_other_ports_or_hosts_do_not_collide() -> None:
     parse_config({"ingest": {"bind": "tcp://127.0.0.1:7001", "ack_bind": "tcp://127.0.0.2:7001"}})
     parse_config({"ingest": {"bind": "tcp://[::1]:7001", "ack_bind": "tcp://[::1]:7002"}})
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "place"),
+    [
+        ("tcp://127.0.0.1:5555", ("127.0.0.1", "5555")),
+        ("tcp://[::1]:5555", ("::1", "5555")),
+        ("tcp://*:5555", ("*", "5555")),
+        ("tcp://eth0;192.0.2.1:5555", ("192.0.2.1", "5555")),
+        ("tcp://localhost", ("localhost", "")),
+        ("ipc:///run/eventagg.sock", None),
+    ],
+)
+def test_tcp_host_port_splits_an_endpoint_as_libzmq_binds_it(endpoint: str, place: tuple[str, str] | None) -> None:
+    assert tcp_host_port(endpoint) == place

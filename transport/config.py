@@ -630,7 +630,9 @@ def tcp_host_port(endpoint: str) -> tuple[str, str] | None:
     transport, _, address = endpoint.partition("://")
     if transport not in ("tcp", "ws", "wss"):
         return None
-    host, _, port = address.rpartition(":")
+    host, colon, port = address.rpartition(":")
+    if not colon:  # no port: all of it is the host
+        host, port = address, ""
     if ";" in host:  # the bind side is the destination
         host = host.split(";", 1)[1]
     return host.strip("[]"), port
