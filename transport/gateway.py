@@ -1076,6 +1076,7 @@ def create_app(config: Config) -> FastAPI:
             # Started here, not in the handler: a client gone before the body began leaves no thread.
             pump = StreamPump(lambda: link.subscriber(topic, after, topics), asyncio.get_running_loop())
             pump.start()
+            cursor = "seq" if topic is not None else "position"  # what each event's id is
             try:
                 quiet_since = time.monotonic()
                 while not link.stopping:
@@ -1088,7 +1089,6 @@ def create_app(config: Config) -> FastAPI:
                     quiet_since = time.monotonic()
                     kind, value = item
                     if kind == "events":
-                        cursor = "seq" if topic is not None else "position"
                         yield b"".join(
                             b"id: %d\nevent: event\ndata: %s\n\n" % (event[cursor], _json_bytes(event))
                             for event in value

@@ -112,7 +112,6 @@ def send_slice(
         configure=curve_from_args(args),  # built here: each process reads the key files itself
     )
     error = None
-    interrupted = False
     reported = 0
     next_at = time.monotonic()
     parent = os.getppid()
@@ -137,8 +136,7 @@ def send_slice(
                     reported = publisher.totals.sent
             # Bounded: DeliveryFailed once a batch goes --deadline unacknowledged.
             _sliced(partial(publisher.flush, WAIT_SLICE_S), room_limit, ctrl_c, endpoint)
-            interrupted = ctrl_c.seen
-            if interrupted and args.acked:
+            if ctrl_c.seen and args.acked:
                 # What was sent gets a short wait for its acknowledgements.
                 try:
                     publisher.flush(min(INTERRUPT_WAIT_S, args.deadline))
@@ -147,8 +145,7 @@ def send_slice(
         finally:
             publisher.close(timeout=0 if ctrl_c.seen else args.deadline, flush=False)
     except (DeliveryFailed, PublisherError) as exc:
-        interrupted = ctrl_c.seen
-        if not interrupted:
+        if not ctrl_c.seen:
             error = str(exc)
     totals = publisher.totals
     if not args.acked:
@@ -162,7 +159,7 @@ def send_slice(
         "unacked": len(events) - done if args.acked else 0,
         "retries": totals.retries,
         "errors": [error] if error else [],
-        "interrupted": interrupted,
+        "interrupted": ctrl_c.seen,
     }
 
 
