@@ -293,6 +293,7 @@ METRICS = {  # exposed sample name -> stats key
     "eventagg_topics": "topic_count",
     "eventagg_uptime_seconds": "uptime_s",
 }
+GATEWAY_METRICS = {"eventagg_gateway_open_streams", "eventagg_gateway_max_streams"}
 
 
 def scrape(gateway: Gateway) -> dict[str, tuple[float, str]]:
@@ -314,7 +315,7 @@ def test_metrics_are_the_stats(gateway: Gateway) -> None:
     gateway.daemon.wait_idle()
     samples = scrape(gateway)
     stats = ok(gateway.client.get("/stats"))
-    assert set(samples) == {*METRICS, "eventagg_up"}
+    assert set(samples) == {*METRICS, *GATEWAY_METRICS, "eventagg_up"}
     assert samples["eventagg_up"][0] == 1
     for name, key in METRICS.items():
         value, help_text = samples[name]
@@ -385,7 +386,7 @@ def test_daemon_away_gives_503_in_time_and_the_gateway_recovers(gateway: Gateway
     assert "not answering" in refused.json()["error"]
     assert took < TIMEOUT_MS / 1000 + 1.5, f"answered after {took:.1f} s, over the {TIMEOUT_MS} ms timeout"
     samples = scrape(gateway)  # each scrape waits the timeout for the daemon
-    assert samples.keys() == {"eventagg_up"} and samples["eventagg_up"][0] == 0
+    assert samples.keys() == {*GATEWAY_METRICS, "eventagg_up"} and samples["eventagg_up"][0] == 0
     assert gateway.client.get("/stats").status_code == 503
     assert gateway.proc is not None and gateway.proc.poll() is None  # the gateway itself keeps running
 

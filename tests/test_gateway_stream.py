@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from harness import Gateway, Stream, eventually, publish
-from test_gateway import event, ok
+from test_gateway import event, ok, scrape
 from test_retention import QUICK
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -130,13 +130,22 @@ def test_one_stream_past_max_streams_gets_503_and_a_closed_stream_frees_its_slot
     gateway_factory: Callable[..., Gateway],
 ) -> None:
     gateway = gateway_factory(http={"max_streams": 1})
+
+    def open_streams() -> tuple[float, float]:
+        samples = scrape(gateway)
+        return samples["eventagg_gateway_open_streams"][0], samples["eventagg_gateway_max_streams"][0]
+
+    assert open_streams() == (0, 1)
     first = Stream(gateway)
     try:
         assert first.response.status_code == 200
+        assert open_streams() == (1, 1)
         refused = gateway.client.get("/events/stream")
         assert refused.status_code == 503 and "[http] max_streams" in refused.json()["error"], refused.text
     finally:
         first.close()
+
+    eventually(lambda: open_streams() == (0, 1), 10, "the closed stream's slot freed, as /metrics tells")
 
     def slot_free() -> bool:
         with gateway.client.stream("GET", "/events/stream") as response:

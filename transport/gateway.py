@@ -1161,7 +1161,11 @@ def create_app(config: Config) -> FastAPI:
             except GatewayError:
                 pass  # the lag samples are left out; the rest of the scrape stands
         return Response(
-            metrics.render(reply, consumers if isinstance(consumers, list) else None),
+            metrics.render(
+                reply,
+                consumers if isinstance(consumers, list) else None,
+                {"open_streams": open_streams, "max_streams": http.max_streams},
+            ),
             media_type=metrics.CONTENT_TYPE_LATEST,
         )
 

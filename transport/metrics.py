@@ -4,7 +4,7 @@
 ``consumers`` reply into the body of ``GET /metrics``. Each scrape builds a fresh registry
 around a snapshot collector, so a scrape costs the caller's two queries to the daemon and the
 figures never mix two scrapes' answers. Counters get prometheus_client's ``_total`` suffix;
-``eventagg_up`` says whether the daemon answered, and is the only sample when it did not
+``eventagg_up`` says whether the daemon answered, and is the only figure of the daemon's when it did not
 (Prometheus' own convention for ``up``).
 
 The ``eventagg_*`` figures are the connected daemon's own. On PostgreSQL, where several daemons
@@ -12,12 +12,14 @@ share one database, the stats reply also carries ``cluster`` (every daemon's com
 summed): those become ``eventagg_cluster_*``, and ``eventagg_cluster_up`` says whether the database
 answered for them. Each named consumer gives ``eventagg_consumer_lag`` and
 ``eventagg_consumer_position``, labelled with its ``consumer`` name and ``topic`` (empty for
-every topic). Pure: no sockets, no clock.
+every topic). The gateway process adds its own figures (``eventagg_gateway_*``: its open event
+streams and their limit), which it knows whether or not the daemon answered. Pure: no sockets,
+no clock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -30,6 +32,7 @@ __all__ = [
     "CONSUMER_GAUGES",
     "CONTENT_TYPE_LATEST",
     "COUNTERS",
+    "GATEWAY_GAUGES",
     "GAUGES",
     "render",
 ]
@@ -103,6 +106,17 @@ CONSUMER_GAUGES: dict[str, tuple[str, str]] = {
     ),
     "position": ("eventagg_consumer_position", "The named consumer's acknowledged position."),
 }
+# The gateway process's own figures, given to render() by the gateway, not by the daemon.
+GATEWAY_GAUGES: dict[str, tuple[str, str]] = {
+    "open_streams": (
+        "eventagg_gateway_open_streams",
+        "GET /events/stream connections this gateway process has open (each a thread and a subscription).",
+    ),
+    "max_streams": (
+        "eventagg_gateway_max_streams",
+        "[http] max_streams: the most event streams this gateway process opens; one more gets 503.",
+    ),
+}
 CLUSTER_UP = (
     "eventagg_cluster_up",
     "1 when the shared database answered for this scrape's cluster counters, else 0 (PostgreSQL only).",
@@ -112,12 +126,16 @@ CLUSTER_UP = (
 class _Snapshot(Collector):
     """Yields the metrics of one stats reply, taken before the scrape."""
 
-    def __init__(self, stats: dict[str, Any] | None, consumers: list[Any] | None) -> None:
+    def __init__(
+        self, stats: dict[str, Any] | None, consumers: list[Any] | None, gateway: Mapping[str, float] | None
+    ) -> None:
         self._stats = stats
         self._consumers = consumers or []
+        self._gateway = gateway or {}
 
     def collect(self) -> Iterable[Metric]:
         stats = self._stats
+        yield from _families(dict(self._gateway), {}, GATEWAY_GAUGES)
         yield GaugeMetricFamily(UP[0], UP[1], value=0 if stats is None else 1)
         if stats is None:
             return
@@ -159,9 +177,12 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def render(stats: dict[str, Any] | None, consumers: list[Any] | None = None) -> bytes:
-    """The text exposition of one stats reply and the ``consumers`` list of one consumers reply
-    (``None``: not answered); stats ``None`` (no answer) gives ``eventagg_up 0`` alone."""
+def render(
+    stats: dict[str, Any] | None, consumers: list[Any] | None = None, gateway: Mapping[str, float] | None = None
+) -> bytes:
+    """The text exposition of one stats reply, the ``consumers`` list of one consumers reply
+    (``None``: not answered) and the gateway's own figures (keys of :data:`GATEWAY_GAUGES`);
+    stats ``None`` (no answer) gives ``eventagg_up 0`` and no other figure of the daemon's."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(stats, consumers))
+    registry.register(_Snapshot(stats, consumers, gateway))
     return generate_latest(registry)
