@@ -327,7 +327,7 @@ class Daemon:
                 # Nothing waits in any window: sleep until an ordering actor says something does
                 # (it sets the event after publishing its count, so clearing first loses nothing).
                 live.waiting.clear()
-                if not any(live.buffered):
+                if not any(live.buffered) and not self._stop.is_set():  # stop() sets both, stop first
                     live.waiting.wait(DEDUP_TICK_S)
             else:
                 self._stop.wait(interval)
@@ -401,6 +401,7 @@ class Daemon:
         fatal = f"FAILED: {self.live.fatal}; " if self.live.fatal is not None else ""
         self.notifier.stopping(f"{fatal}stopping: draining {self.in_flight.value:,} events in flight")
         self._stop.set()
+        self.live.waiting.set()  # after _stop: the ticker may sleep on it, and must see the stop
         if self.ingest is not None:
             self.ingest.stop_accepting()
             # Let the ingest thread take what its sockets already hold (and have it decoded).

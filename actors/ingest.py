@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 POLL_MS = 50
 # While there is no credit or the actors are behind, how long to wait before looking again.
 HOLD_POLL_MS = 1
+# Once the daemon stops reading: short, so that close() ends the thread soon (the daemon waits).
+STOPPING_POLL_MS = 5
 COALESCE_EVENTS = 2_000
 REJECTED_FLUSH_S = 0.1
 SHUTDOWN_DRAIN_FRAMES = 100_000
@@ -197,7 +199,7 @@ class IngestServer:
                     self._drain_on_stop()
                     self._drained.set()
                 if not accepting:
-                    poller, wait_ms = held, POLL_MS
+                    poller, wait_ms = held, STOPPING_POLL_MS
                 elif (
                     not self._in_flight.has_room()
                     or (self._depth is not None and self._depth.busy())

@@ -73,6 +73,10 @@ class QueryServer:
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
+        # Held to write to the pipe or close it: a late answer must never write to a closed
+        # descriptor, whose number the process may already have given to another file.
+        self._wake_lock = threading.Lock()
+        self._wake_closed = False
         self._tokens = itertools.count()
         # token -> (envelope, deadline) of every request handed to an actor and not answered yet
         self._pending: dict[int, tuple[list[bytes], float]] = {}
@@ -86,7 +90,15 @@ class QueryServer:
     def close(self, timeout: float = 5.0) -> None:
         """Stop answering and close the socket."""
         self._stopping.set()
+        self._wake()  # at once, not at the end of a poll: a stopping daemon waits for this thread
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            with self._wake_lock:
+                if self._wake_closed:
+                    return
+                self._wake_closed = True
+                os.close(self._wake_read)
+                os.close(self._wake_write)
 
     def _run(self) -> None:
         poller = zmq.Poller()
@@ -115,8 +127,6 @@ class QueryServer:
             raise
         finally:
             self._socket.close(linger=100)
-            os.close(self._wake_read)
-            os.close(self._wake_write)
 
     def _receive(self, parts: list[bytes], refused: str | None = None) -> None:
         # A REQ client's message is its routing id, an empty delimiter, then the request.
@@ -157,10 +167,16 @@ class QueryServer:
     def _answered(self, token: int, reply: Any) -> None:
         """Called on an actor's thread: queue the reply and wake the query thread."""
         self._replies.put((token, reply))
-        try:
-            os.write(self._wake_write, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full (so the thread will wake anyway) or closed (stopping)
+        self._wake()
+
+    def _wake(self) -> None:
+        with self._wake_lock:
+            if self._wake_closed:
+                return
+            try:
+                os.write(self._wake_write, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full: the thread will wake anyway
 
     def _drain_wake_pipe(self) -> None:
         try:

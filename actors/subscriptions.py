@@ -387,6 +387,7 @@ class SubscriptionServer:
     def close(self, timeout: float = 5.0) -> None:
         """Stop serving and close the socket and the read connection."""
         self._stopping.set()
+        self._head.moved()  # wakes the thread at once, not at the end of a poll
         self._thread.join(timeout)
 
     # The thread -------------------------------------------------------------------------------

@@ -86,6 +86,7 @@ class ZapHandler:
         self._socket.bind(ZAP_ENDPOINT)
         self._held: deque[tuple[float, list[bytes]]] = deque()  # NULL replies waiting out the delay
         self._stopping = threading.Event()
+        self._wake_read, self._wake_write = os.pipe()  # stop() writes a byte: the poll ends at once
         self._thread = threading.Thread(target=self._run, name="zap", daemon=True)
 
     def start(self) -> None:
@@ -94,18 +95,27 @@ class ZapHandler:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the thread (which closes the socket); call before the context is terminated."""
+        if self._stopping.is_set():
+            return
         self._stopping.set()
+        os.write(self._wake_write, b"\0")
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if not self._thread.is_alive():
+            os.close(self._wake_read)
+            os.close(self._wake_write)
 
     def _run(self) -> None:
         sock = self._socket
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_read, zmq.POLLIN)
         try:
             while not self._stopping.is_set():
                 wait_ms = POLL_MS
                 if self._held:
                     wait_ms = max(0, min(POLL_MS, int((self._held[0][0] - time.monotonic()) * 1000) + 1))
-                if sock.poll(wait_ms, zmq.POLLIN):
+                if sock in dict(poller.poll(wait_ms)):
                     while True:
                         try:
                             request = sock.recv_multipart(zmq.NOBLOCK)
