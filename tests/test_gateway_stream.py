@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from harness import Gateway, Stream, eventually, publish
+from prometheus_client.parser import text_string_to_metric_families
 from test_gateway import event, ok, scrape
 from test_retention import QUICK
 
@@ -152,6 +153,38 @@ def test_one_stream_past_max_streams_gets_503_and_a_closed_stream_frees_its_slot
             return response.status_code == 200
 
     eventually(slot_free, 10, "the closed stream's slot freed")
+
+
+def test_metrics_count_the_streams_of_every_worker_process_whichever_answers(
+    gateway_factory: Callable[..., Gateway],
+) -> None:
+    gateway = gateway_factory(http={"workers": 2, "max_streams": 10})
+
+    def scrapes() -> set[tuple[float, float]]:
+        """What six scrapes said, each on a connection of its own (so on either worker)."""
+        seen = set()
+        for _ in range(6):
+            with httpx.Client(base_url=gateway.url, timeout=10) as client:
+                samples = {
+                    sample.name: sample.value
+                    for family in text_string_to_metric_families(client.get("/metrics").text)
+                    for sample in family.samples
+                }
+            seen.add((samples["eventagg_gateway_open_streams"], samples["eventagg_gateway_max_streams"]))
+        return seen
+
+    # Each stream on a client of its own: a connection of its own, accepted by either worker.
+    clients = [httpx.Client(base_url=gateway.url, timeout=10) for _ in range(6)]
+    contexts = [client.stream("GET", "/events/stream") for client in clients]
+    try:
+        for context in contexts:
+            assert context.__enter__().status_code == 200
+        eventually(lambda: scrapes() == {(6, 20)}, 20, "every scrape counting the six streams of both workers")
+    finally:
+        for context, client in zip(contexts, clients):
+            context.__exit__(None, None, None)
+            client.close()
+    eventually(lambda: scrapes() == {(0, 20)}, 20, "the closed streams uncounted by every worker")
 
 
 def test_a_stream_rides_out_a_daemon_restart(gateway: Gateway) -> None:

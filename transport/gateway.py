@@ -42,6 +42,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import anyio
@@ -59,7 +60,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from transport import metrics
 from transport.client import GaveUp, NoAnswer, QueryClient, QueryClientError, connectable
 from transport.config import Config, load_config
-from transport.gateway_stream import EventStreamResponse, StreamPump
+from transport.gateway_stream import STREAMS_FOLDER_ENV, EventStreamResponse, OpenStreams, StreamPump
 from transport.handshake import CONFIG_HINTS, probe
 from transport.http_protocol import HeaderDeadlineProtocol
 from transport.logs import setup_logging
@@ -818,7 +819,8 @@ def app_from_environment() -> FastAPI:
     """
     config = load_config(os.environ[CONFIG_ENV])
     setup_logging(config.log.level)
-    return create_app(config)
+    folder = os.environ.get(STREAMS_FOLDER_ENV)
+    return create_app(config, OpenStreams(Path(folder) if folder else None))
 
 
 def check_bind(config: Config) -> None:
@@ -851,8 +853,9 @@ def check_bind(config: Config) -> None:
     )
 
 
-def create_app(config: Config) -> FastAPI:
-    """The gateway's FastAPI application for the daemon that ``config`` describes.
+def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
+    """The gateway's FastAPI application for the daemon that ``config`` describes; ``streams``
+    counts its event streams (one process's alone when not given).
 
     Raises :class:`transport.security.InsecureBindError` for an ``[http] bind`` beyond loopback
     that ``[security] allow_insecure`` does not allow (see :func:`check_bind`).
@@ -1027,7 +1030,7 @@ def create_app(config: Config) -> FastAPI:
         page = _jsonable(reply.get("events", []))
         return json_response({"events": page, "count": len(page), "next": reply.get("next", after)})
 
-    open_streams = 0
+    streams = streams if streams is not None else OpenStreams()
 
     @app.get(
         "/events/stream",
@@ -1047,7 +1050,6 @@ def create_app(config: Config) -> FastAPI:
     async def event_stream(
         request: Request, topic: TopicParam = None, topics: TopicsParam = None, after: AfterParam = 0
     ) -> Response:
-        nonlocal open_streams
         _check_query_names(request, "GET /events/stream", STREAM_PARAMETERS, repeatable=("topics",))
         _check_topic(topic)
         if topics is not None:
@@ -1062,15 +1064,11 @@ def create_app(config: Config) -> FastAPI:
             after = _last_event_id(resume)
         if link.stopping:
             raise stopping(sent=False)
-        if open_streams >= http.max_streams:
+        if streams.here >= http.max_streams:
             raise GatewayError(
                 503, f"all {http.max_streams} event streams of this gateway process are open ([http] max_streams)"
             )
-        open_streams += 1
-
-        def release() -> None:
-            nonlocal open_streams
-            open_streams -= 1
+        streams.opened()
 
         async def body() -> AsyncIterator[bytes]:
             # Started here, not in the handler: a client gone before the body began leaves no thread.
@@ -1103,7 +1101,7 @@ def create_app(config: Config) -> FastAPI:
             finally:
                 pump.stop()
 
-        return EventStreamResponse(body(), on_close=release)
+        return EventStreamResponse(body(), on_close=streams.closed)
 
     @app.get(
         "/stats",
@@ -1164,7 +1162,7 @@ def create_app(config: Config) -> FastAPI:
             metrics.render(
                 reply,
                 consumers if isinstance(consumers, list) else None,
-                {"open_streams": open_streams, "max_streams": http.max_streams},
+                {"open_streams": streams.everywhere(), "max_streams": http.max_streams * http.workers},
             ),
             media_type=metrics.CONTENT_TYPE_LATEST,
         )

@@ -12,14 +12,19 @@ The subscriber reconnects and resumes by itself when the daemon restarts, so a s
 restart. :meth:`StreamPump.stop` (the client went away, or the gateway is stopping) ends the
 thread within ``POLL_S``, closing the subscriber; a subscription the daemon refuses ends it with
 an ``error`` item.
+
+:class:`OpenStreams` counts the open streams for ``[http] max_streams`` and ``/metrics``, over
+all of the gateway's worker processes when it has several.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 from starlette.responses import StreamingResponse
@@ -34,6 +39,70 @@ AHEAD = 4  # items the thread may put on the queue before the writer takes one
 POLL_S = 0.25  # how often a waiting thread looks whether the stream was stopped
 
 Item = tuple[str, Any]  # ("events", [event, ...]), ("expired", {"after", "first"}), ("error", str), ("end", None)
+
+STREAMS_FOLDER_ENV = "EVENTAGG_GATEWAY_STREAMS"
+"""The folder where each worker process of a gateway with ``[http] workers`` above 1 keeps its count."""
+
+
+class OpenStreams:
+    """How many event streams this gateway process has open, and how many all its processes have.
+
+    One process alone counts in memory. With ``[http] workers`` above 1 the gateway command makes
+    a folder for the workers (``$EVENTAGG_GATEWAY_STREAMS``) and each worker also writes its count
+    to a file named by its pid there, replaced whole at each change (so a reader never sees half
+    of one); :meth:`everywhere` sums the files of the workers still alive, so ``/metrics`` gives the
+    gateway's figure whichever worker answers the scrape. The limit, ``[http] max_streams``, stays
+    per process: each process can only refuse its own connections.
+    """
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self._folder = folder
+        self.here = 0
+
+    def opened(self) -> None:
+        self.here += 1
+        self._publish()
+
+    def closed(self) -> None:
+        self.here -= 1
+        self._publish()
+
+    def everywhere(self) -> int:
+        """This process's streams, plus those of the other live workers."""
+        if self._folder is None:
+            return self.here
+        total = self.here
+        mine = str(os.getpid())
+        try:
+            names = os.listdir(self._folder)
+        except OSError:
+            return total
+        for name in names:
+            if name == mine or not name.isdigit():
+                continue
+            try:
+                os.kill(int(name), 0)
+            except ProcessLookupError:  # a worker that died: its streams died with it
+                (self._folder / name).unlink(missing_ok=True)
+                continue
+            except PermissionError:
+                pass  # alive, but another user's: still a worker of this gateway's folder
+            try:
+                total += int((self._folder / name).read_text() or 0)
+            except (OSError, ValueError):
+                continue  # gone since listed
+        return total
+
+    def _publish(self) -> None:
+        if self._folder is None:
+            return
+        path = self._folder / str(os.getpid())
+        partial = path.with_name(f".{path.name}")
+        try:
+            partial.write_text(str(self.here))
+            os.replace(partial, path)
+        except OSError as exc:  # the folder removed under us: /metrics counts this process alone
+            log.warning("could not record this worker's open event streams in %s: %s", self._folder, exc)
 
 
 class StreamPump:

@@ -12,8 +12,8 @@ share one database, the stats reply also carries ``cluster`` (every daemon's com
 summed): those become ``eventagg_cluster_*``, and ``eventagg_cluster_up`` says whether the database
 answered for them. Each named consumer gives ``eventagg_consumer_lag`` and
 ``eventagg_consumer_position``, labelled with its ``consumer`` name and ``topic`` (empty for
-every topic). The gateway process adds its own figures (``eventagg_gateway_*``: its open event
-streams and their limit), which it knows whether or not the daemon answered. Pure: no sockets,
+every topic). The gateway adds its own figures (``eventagg_gateway_*``: its open event streams
+and their limit, over all its worker processes), given whether or not the daemon answered. Pure: no sockets,
 no clock.
 """
 
@@ -110,11 +110,12 @@ CONSUMER_GAUGES: dict[str, tuple[str, str]] = {
 GATEWAY_GAUGES: dict[str, tuple[str, str]] = {
     "open_streams": (
         "eventagg_gateway_open_streams",
-        "GET /events/stream connections this gateway process has open (each a thread and a subscription).",
+        "GET /events/stream connections this gateway has open, over all its worker processes.",
     ),
     "max_streams": (
         "eventagg_gateway_max_streams",
-        "[http] max_streams: the most event streams this gateway process opens; one more gets 503.",
+        "[http] max_streams times [http] workers: the most event streams this gateway opens (each "
+        "process refuses its own connections past max_streams with 503).",
     ),
 }
 CLUSTER_UP = (

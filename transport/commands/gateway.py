@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 from typing import Any
 
 from transport.config import ConfigError, load_config
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         from uvicorn.supervisors import Multiprocess
 
         from transport.gateway import CONFIG_ENV, create_app
+        from transport.gateway_stream import STREAMS_FOLDER_ENV
         from transport.http_protocol import IMPORT_PATH as HTTP_PROTOCOL
     except ImportError as exc:
         print(
@@ -119,7 +121,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             workers = uvicorn.Config(
                 "transport.gateway:app_from_environment", factory=True, workers=config.http.workers, **options
             )
-            Multiprocess(workers, sockets=[sock]).run()
+            with tempfile.TemporaryDirectory(prefix="eventagg-gateway-streams-") as folder:
+                os.environ[STREAMS_FOLDER_ENV] = folder  # each worker's count of open event streams
+                Multiprocess(workers, sockets=[sock]).run()
             return 0
         server = uvicorn.Server(uvicorn.Config(app, **options))
         _ignore_stop_signals()
