@@ -5,6 +5,7 @@ Real daemon, real gateway process, real HTTP with httpx; on SQLite and on a real
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -173,17 +174,11 @@ def test_metrics_count_the_streams_of_every_worker_process_whichever_answers(
             seen.add((samples["eventagg_gateway_open_streams"], samples["eventagg_gateway_max_streams"]))
         return seen
 
-    # Each stream on a client of its own: a connection of its own, accepted by either worker.
-    clients = [httpx.Client(base_url=gateway.url, timeout=10) for _ in range(6)]
-    contexts = [client.stream("GET", "/events/stream") for client in clients]
-    try:
-        for context in contexts:
-            assert context.__enter__().status_code == 200
+    with contextlib.ExitStack() as streams:
+        for _ in range(6):  # each on a client of its own: a connection of its own, accepted by either worker
+            client = streams.enter_context(httpx.Client(base_url=gateway.url, timeout=10))
+            assert streams.enter_context(client.stream("GET", "/events/stream")).status_code == 200
         eventually(lambda: scrapes() == {(6, 20)}, 20, "every scrape counting the six streams of both workers")
-    finally:
-        for context, client in zip(contexts, clients):
-            context.__exit__(None, None, None)
-            client.close()
     eventually(lambda: scrapes() == {(0, 20)}, 20, "the closed streams uncounted by every worker")
 
 

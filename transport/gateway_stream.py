@@ -82,11 +82,10 @@ class OpenStreams:
                 continue
             try:
                 os.kill(int(name), 0)
-            except ProcessLookupError:  # a worker that died: its streams died with it
+            except (ProcessLookupError, PermissionError):
+                # A worker that died (its streams died with it), its pid perhaps another user's now.
                 (self._folder / name).unlink(missing_ok=True)
                 continue
-            except PermissionError:
-                pass  # alive, but another user's: still a worker of this gateway's folder
             try:
                 total += int((self._folder / name).read_text() or 0)
             except (OSError, ValueError):

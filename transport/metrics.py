@@ -4,8 +4,8 @@
 ``consumers`` reply into the body of ``GET /metrics``. Each scrape builds a fresh registry
 around a snapshot collector, so a scrape costs the caller's two queries to the daemon and the
 figures never mix two scrapes' answers. Counters get prometheus_client's ``_total`` suffix;
-``eventagg_up`` says whether the daemon answered, and is the only figure of the daemon's when it did not
-(Prometheus' own convention for ``up``).
+``eventagg_up`` says whether the daemon answered, and is the only figure of the daemon's when it
+did not (Prometheus' own convention for ``up``).
 
 The ``eventagg_*`` figures are the connected daemon's own. On PostgreSQL, where several daemons
 share one database, the stats reply also carries ``cluster`` (every daemon's committed counters,
@@ -13,8 +13,8 @@ summed): those become ``eventagg_cluster_*``, and ``eventagg_cluster_up`` says w
 answered for them. Each named consumer gives ``eventagg_consumer_lag`` and
 ``eventagg_consumer_position``, labelled with its ``consumer`` name and ``topic`` (empty for
 every topic). The gateway adds its own figures (``eventagg_gateway_*``: its open event streams
-and their limit, over all its worker processes), given whether or not the daemon answered. Pure: no sockets,
-no clock.
+and their limit, over all its worker processes), given whether or not the daemon answered.
+Pure: no sockets, no clock.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ CONSUMER_GAUGES: dict[str, tuple[str, str]] = {
     ),
     "position": ("eventagg_consumer_position", "The named consumer's acknowledged position."),
 }
-# The gateway process's own figures, given to render() by the gateway, not by the daemon.
+# The gateway's own figures (over all its worker processes), given to render() by the gateway.
 GATEWAY_GAUGES: dict[str, tuple[str, str]] = {
     "open_streams": (
         "eventagg_gateway_open_streams",
