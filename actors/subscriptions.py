@@ -65,9 +65,17 @@ MAX_REQUEST_BYTES = 1_048_576
 FILTER_SCAN_ROWS = 50_000
 IDLE_POLL_MS = 100
 SHORT_POLL_MS = 10  # while an acknowledgement is being stored or a subscription waits to retry
-BLOCKED_RETRY_S = 0.01  # a peer whose send queue is full is retried after this long
+# A peer whose send queue is full is retried after BLOCKED_RETRY_S, the wait doubling while it
+# stays full up to BLOCKED_RETRY_MAX_S: each try builds a message, so a consumer that stopped
+# reading would otherwise cost a message's worth of copying every 10 ms.
+BLOCKED_RETRY_S = 0.01
+BLOCKED_RETRY_MAX_S = 0.32
 READ_RETRY_S = 1.0  # a read that failed is retried after this long
-SNDHWM = 1000
+# A consumer that stops reading must cost the daemon little: each events message holds at most
+# MESSAGE_BYTES of events (one event at least, which may be up to 1 MiB itself), and at most
+# SNDHWM messages wait in a peer's queue; past that the send fails and is retried later.
+MESSAGE_BYTES = 1024 * 1024
+SNDHWM = 8
 # Recent all-topics events kept encoded, shared by every all-topics follower near the head:
 # at most this many, and at most this many bytes of them (payloads may be up to 1 MiB each).
 RECENT_EVENTS = 20_000
@@ -206,6 +214,7 @@ class Subscription:
     last_sent: float
     caught_up: bool = False  # the last read found fewer events than asked (until the head moves)
     retry_at: float = 0.0  # its send queue was full: try again after this
+    blocked_for: float = 0.0  # the wait before retry_at; 0 once a send went through
     delivered: int = field(default=0)
     # The deleted-events count (EventSource.expired_total) at the last look for a wholly
     # expired stretch after the cursor; looked at again only once more events are deleted.
@@ -255,6 +264,16 @@ def _pack_message(message: dict[str, Any]) -> bytes:
     return packed
 
 
+def _within_message_bytes(rows: list[Any]) -> list[Any]:
+    """The first of ``rows`` (each with its packed event second) that fit in MESSAGE_BYTES, one at least."""
+    size = 0
+    for count, row in enumerate(rows):
+        size += len(row[1])
+        if size > MESSAGE_BYTES and count:
+            return rows[:count]
+    return rows
+
+
 class RecentEvents:
     """The most recently committed events of all topics in commit order, encoded once for every
     all-topics follower near the head.
@@ -283,21 +302,31 @@ class RecentEvents:
             self._packed.clear()
             self._bytes = 0
 
-    def extend(self, source: EventSource, limit: int) -> None:
-        """Read up to ``limit`` events after the last one held."""
+    def extend(self, source: EventSource, limit: int, chunk: int) -> tuple[int, int]:
+        """Read up to ``limit`` events after the last one held, ``chunk`` at a time, stopping once
+        half of ``max_bytes`` has been read (large events: no read holds much more than that);
+        how many events and bytes it read."""
         if self.last is None:
             self.last = source.head()
-        rows = source.after(self.last, limit)
-        for row in rows:
-            packed = _pack_event(row, True)
-            self._positions.append(row[0])
-            self._packed.append(packed)
-            self._bytes += len(packed)
-        if rows:
-            self.last = rows[-1][0]
-        self.complete = len(rows) < limit
+        read = read_bytes = 0
+        while True:
+            want = min(chunk, limit - read)
+            rows = source.after(self.last, want)
+            for row in rows:
+                packed = _pack_event(row, True)
+                self._positions.append(row[0])
+                self._packed.append(packed)
+                self._bytes += len(packed)
+                read_bytes += len(packed)
+            read += len(rows)
+            if rows:
+                self.last = rows[-1][0]
+            self.complete = len(rows) < want
+            if self.complete or read >= limit or read_bytes >= self.max_bytes // 2:
+                break
         if len(self._positions) > self.size or self._bytes > self.max_bytes:
             self._trim()
+        return read, read_bytes
 
     def _trim(self) -> None:
         """Keep the newest events within both bounds (half of each, so this runs now and then)."""
@@ -346,6 +375,8 @@ class SubscriptionServer:
         self._dedup = dedup
         self._head = head
         self._warn = RateLimitedLog(log)
+        # Subscriptions starting and ending: one client could otherwise write two lines a message.
+        self._told = RateLimitedLog(log, burst=50, level=logging.INFO)
         self._stopping = threading.Event()
         self._socket = context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
@@ -359,6 +390,9 @@ class SubscriptionServer:
         self._thread = threading.Thread(target=self._run, name="subscriptions", daemon=True)
         self._next_poll = 0.0
         self._polled_head = -1
+        # The mean encoded size of the events read lately. It starts at 4 KiB: a first read of
+        # events of 1 MiB holds a quarter of a GiB once, and the next reads two events at a time.
+        self._event_bytes = 4096.0
         self._subs: dict[bytes, Subscription] = {}
         self._by_name: dict[str, bytes] = {}
         self._recent = RecentEvents()
@@ -590,7 +624,9 @@ class SubscriptionServer:
         if request.ref is not None:
             reply["ref"] = request.ref
         self._send(identity, reply)
-        log.info("subscription %s: topic %r after %d, name %r", identity.hex(), request.topic, after, request.name)
+        self._told.info(
+            "subscription %s: topic %r after %d, name %r", identity.hex(), request.topic, after, request.name
+        )
 
     def _check_not_past_head(self, topic: str | None, after: int) -> None:
         """Refuse a cursor past what was ever committed: events stored later would get cursors at
@@ -657,7 +693,7 @@ class SubscriptionServer:
         if identity is None:
             return
         if error is None:
-            log.info("named consumer %r forgotten", name)
+            self._told.info("named consumer %r forgotten", name)
             self._send(identity, {"op": "unsubscribed", "forgotten": name})
         else:
             self._send(identity, {"op": "error", "code": "ack_failed", "error": f"{name!r} not forgotten: {error}"})
@@ -676,7 +712,7 @@ class SubscriptionServer:
         self._subs.pop(sub.identity, None)
         if sub.name is not None and self._by_name.get(sub.name) == sub.identity:
             del self._by_name[sub.name]
-        log.info("subscription %s (name %r) ended: %s", sub.identity.hex(), sub.name, why)
+        self._told.info("subscription %s (name %r) ended: %s", sub.identity.hex(), sub.name, why)
 
     def _send(self, identity: bytes, message: dict[str, Any] | bytes, sub: Subscription | None = None) -> bool:
         """Send without blocking; False when the peer's queue is full or the peer is gone."""
@@ -724,7 +760,7 @@ class SubscriptionServer:
                 if sub.topic is None and sub.topics is None:
                     if not recent.complete and not extended:
                         extended = True
-                        recent.extend(self._source, max(batch, self._config.max_credit))
+                        self._observe(*recent.extend(self._source, max(batch, self._config.max_credit), self._rows()))
                     held = recent.after(sub.cursor, want)
                 if held is not None:
                     rows, complete = held, recent.complete and (not held or held[-1][0] == recent.last)
@@ -732,7 +768,8 @@ class SubscriptionServer:
                     key = (sub.topic, sub.topics, sub.cursor)
                     read = reads.get(key)
                     if read is None:
-                        read = reads[key] = self._read(sub, batch)
+                        read = reads[key] = self._read(sub, self._rows())
+                        self._observe(len(read[0]), sum(len(row[1]) for row in read[0]))
                     rows, complete = read
                 if rows:
                     rows, complete = self._up_to_hole(sub, rows, complete)
@@ -746,7 +783,7 @@ class SubscriptionServer:
                 sub.retry_at = now + READ_RETRY_S
                 self._retrying = True
                 continue
-            taken: list[Any] = rows[:want]
+            taken: list[Any] = _within_message_bytes(rows[:want])
             if not taken:
                 if complete:
                     sub.caught_up = True
@@ -755,9 +792,11 @@ class SubscriptionServer:
                 continue
             message = _EVENTS_HEAD + _packer.pack_array_header(len(taken)) + b"".join(item[1] for item in taken)
             if not self._send(sub.identity, message, sub):
-                sub.retry_at = now + BLOCKED_RETRY_S
+                sub.blocked_for = min(max(BLOCKED_RETRY_S, sub.blocked_for * 2), BLOCKED_RETRY_MAX_S)
+                sub.retry_at = now + sub.blocked_for
                 self._retrying = True
                 continue
+            sub.blocked_for = 0.0
             sub.cursor = taken[-1][0]
             if sub.topics is not None:
                 sub.seqs.update((row[2], row[3]) for row in taken)  # (position, packed, topic, seq)
@@ -769,6 +808,16 @@ class SubscriptionServer:
             elif sub.credit > 0:
                 more = True
         return more
+
+    def _rows(self) -> int:
+        """How many events to read for one message: ``batch_events``, or fewer when events are
+        large, so that a read holds about MESSAGE_BYTES (not ``batch_events`` events of 1 MiB)."""
+        return max(1, min(self._config.batch_events, int(MESSAGE_BYTES // self._event_bytes) + 1))
+
+    def _observe(self, events: int, size: int) -> None:
+        """Follow the encoded size of the events read, halfway toward each read's mean."""
+        if events:
+            self._event_bytes = (self._event_bytes + size / events) / 2
 
     def _read(self, sub: Subscription, limit: int) -> tuple[list[Any], bool]:
         """Up to ``limit`` events after the cursor as (cursor, packed event) (with a ``topics``

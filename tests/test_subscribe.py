@@ -255,6 +255,15 @@ class RawConsumer:
             if message["op"] != "heartbeat":
                 return message  # type: ignore[no-any-return]
 
+    def events(self, count: int) -> list[dict[str, Any]]:
+        """The events of the next ``events`` messages, ``count`` of them (however many a message holds)."""
+        got: list[dict[str, Any]] = []
+        while len(got) < count:
+            message = self.receive()
+            assert message["op"] == "events", message
+            got.extend(message["events"])
+        return got
+
     def quiet(self, seconds: float) -> list[dict[str, Any]]:
         """Every message but heartbeats within ``seconds``."""
         got = []
@@ -349,11 +358,11 @@ def test_an_expired_cursor_is_told_the_first_position_still_stored(daemon_factor
         consumer.send({"op": "subscribe", "topic": "topic-0", "after": 10, "credit": 100})
         assert consumer.receive()["op"] == "subscribed"
         assert consumer.receive() == {"op": "expired", "after": 10, "first": 41}
-        assert [event["seq"] for event in consumer.receive()["events"]] == list(range(41, 101))
+        assert [event["seq"] for event in consumer.events(60)] == list(range(41, 101))
         consumer.send({"op": "subscribe", "after": 0, "credit": 100})
         assert consumer.receive()["op"] == "subscribed"
         assert consumer.receive() == {"op": "expired", "after": 0, "first": 41}
-        assert [event["position"] for event in consumer.receive()["events"]] == list(range(41, 101))
+        assert [event["position"] for event in consumer.events(60)] == list(range(41, 101))
     finally:
         consumer.close()
 
@@ -385,6 +394,64 @@ def test_a_hundred_consumers_cost_bounded_memory_and_get_only_their_credit(
     assert received == [50] * 100
     grown_mb = (after - before) / 1024
     assert grown_mb < 30, f"daemon RSS grew {grown_mb:.0f} MB with 100 consumers"
+
+
+STOPPED_CONSUMER = """
+import sys, time, msgpack, zmq
+socket = zmq.Context().socket(zmq.DEALER)
+socket.setsockopt(zmq.RCVBUF, 4096)
+socket.connect(sys.argv[1])
+socket.send(msgpack.packb({"op": "subscribe", "after": 0, "credit": 10000}))
+assert socket.poll(10_000) and msgpack.unpackb(socket.recv())["op"] == "subscribed"
+print("subscribed", flush=True)
+time.sleep(60)
+"""
+
+
+def test_consumers_that_stop_reading_large_events_cost_the_daemon_little_memory(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """Six consumers that grant all their credit and then stop (SIGSTOP: not even their ZeroMQ
+    threads read) hold in the daemon only the few messages of about 1 MiB their queues take, not
+    their whole backlog (54 MB each); a consumer that reads still gets every event."""
+    from transport.publisher import Publisher
+
+    # Buffers of 128 KiB and more mapped alone and unmapped when freed, so the resident memory
+    # follows what is held rather than what glibc keeps of freed buffers in its arenas.
+    daemon = daemon_factory().start(env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
+    assert daemon.proc is not None
+    blob = os.urandom(900_000)
+    with Publisher(daemon.ack) as publisher:
+        for i in range(60):
+            publisher.publish(
+                {"topic": "big", "event_id": f"b{i}", "timestamp": "2025-10-22T10:00:00Z", "source": "t",
+                 "payload": {"b": blob}}
+            )  # fmt: skip
+    before = rss_kb(daemon.proc.pid)
+    stopped = []
+    try:
+        for _ in range(6):
+            consumer = subprocess.Popen(
+                [sys.executable, "-c", STOPPED_CONSUMER, daemon.subscribe], stdout=subprocess.PIPE, text=True
+            )
+            stopped.append(consumer)
+            assert consumer.stdout is not None and consumer.stdout.readline() == "subscribed\n"
+            consumer.send_signal(signal.SIGSTOP)
+        peak = before
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            peak = max(peak, rss_kb(daemon.proc.pid))
+            time.sleep(0.2)
+        with Subscriber(daemon.subscribe, credit=10) as reader:
+            ids = [reader.next_event(10)["event_id"] for _ in range(60)]  # type: ignore[index]
+    finally:
+        for consumer in stopped:
+            consumer.kill()
+            consumer.send_signal(signal.SIGCONT)
+            consumer.wait(10)
+    assert ids == [f"b{i}" for i in range(60)]
+    grown_mb = (peak - before) / 1024
+    assert grown_mb < 150, f"daemon RSS grew {grown_mb:.0f} MB for six consumers that read nothing"
 
 
 def test_follow_with_limit_stops_after_n_events(daemon_factory: Callable[..., Daemon]) -> None:

@@ -49,29 +49,40 @@ def set_level(level: str) -> None:
 
 
 class RateLimitedLog:
-    """Logs at most ``burst`` messages per ``interval_s``, then one line saying how many it held back."""
+    """Logs at most ``burst`` messages per ``interval_s``, then one line saying how many it held
+    back; at ``level`` (warnings unless told), so a client that can cause a line cannot flood the log."""
 
-    def __init__(self, logger: logging.Logger, burst: int = 10, interval_s: float = 10.0) -> None:
+    def __init__(
+        self, logger: logging.Logger, burst: int = 10, interval_s: float = 10.0, level: int = logging.WARNING
+    ) -> None:
         self._logger = logger
         self._burst = burst
         self._interval_s = interval_s
+        self._level = level
         self._window_start = 0.0
         self._count = 0
         self._suppressed = 0
 
     def warning(self, message: str, *args: object) -> None:
-        """Log a warning unless this interval's burst is spent."""
+        """Log the message (at this log's level) unless this interval's burst is spent."""
         now = time.monotonic()
         if now - self._window_start >= self._interval_s:
             if self._suppressed:
-                self._logger.warning(
-                    "%d similar warnings suppressed in the last %.0f s", self._suppressed, self._interval_s
+                kind = "warnings" if self._level >= logging.WARNING else "messages"
+                self._logger.log(
+                    self._level,
+                    "%d similar %s suppressed in the last %.0f s",
+                    self._suppressed,
+                    kind,
+                    self._interval_s,
                 )
             self._window_start = now
             self._count = 0
             self._suppressed = 0
         if self._count < self._burst:
             self._count += 1
-            self._logger.warning(message, *args)
+            self._logger.log(self._level, message, *args)
         else:
             self._suppressed += 1
+
+    info = warning  # the same, named for a log made at INFO
