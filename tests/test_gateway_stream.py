@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -154,6 +156,27 @@ def test_one_stream_past_max_streams_gets_503_and_a_closed_stream_frees_its_slot
             return response.status_code == 200
 
     eventually(slot_free, 10, "the closed stream's slot freed")
+
+
+def test_a_client_that_pipelined_a_request_behind_its_stream_and_left_frees_the_stream_at_once(
+    gateway_factory: Callable[..., Gateway],
+) -> None:
+    """uvicorn tells only a connection's latest request that the client left: the stream ahead
+    of it kept its slot and subscription until a keep-alive write failed, with a traceback."""
+    gateway = gateway_factory(http={"max_streams": 1})
+    host, port = gateway.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as client:
+        client.sendall(b"GET /events/stream HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert client.recv(4096).startswith(b"HTTP/1.1 200")
+    started = time.monotonic()
+    eventually(lambda: scrape(gateway)["eventagg_gateway_open_streams"][0] == 0, 10, "the stream's slot freed")
+    assert time.monotonic() - started < 5  # not at the next keep-alive, 15 s on
+    stream = Stream(gateway)
+    try:
+        assert stream.response.status_code == 200
+    finally:
+        stream.close()
+    assert "Traceback" not in gateway.log(), gateway.log()
 
 
 def test_metrics_count_the_streams_of_every_worker_process_whichever_answers(

@@ -199,5 +199,26 @@ class EventStreamResponse(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
+        except Exception as exc:
+            if not _client_gone(exc):
+                raise
+            log.info("an event stream's client went away: %s", exc)  # a write to a closed connection
         finally:
+            # The body's own ``finally`` (which stops its subscription) runs now, not whenever the
+            # generator is collected, however the response ended.
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                try:
+                    await aclose()
+                except Exception:
+                    log.exception("closing an event stream's body failed")
             self._on_close()
+
+
+def _client_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` (or every exception of a group) is a write to a connection already closed."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_client_gone(inner) for inner in exc.exceptions)
+    return isinstance(exc, (ConnectionError, OSError)) or (
+        isinstance(exc, RuntimeError) and "closed" in str(exc).lower()
+    )
