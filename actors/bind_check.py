@@ -3,9 +3,9 @@
 The sockets themselves are bound late, by the servers that own them, once the actors they feed
 are up: so a start that cannot bind would already have created (or migrated) the database. This
 check binds and closes a plain socket on each TCP endpoint (with ``SO_REUSEADDR``, as libzmq
-does, so a port in TIME_WAIT passes) and looks for each ``ipc://`` path's folder, and whether
-this user may make the socket file in it. It can miss a
-port taken a moment later; the real bind still reports that one.
+does, so a port in TIME_WAIT passes) and looks for each ``ipc://`` path's folder, whether this
+user may make the socket file in it, and what is at the path already (libzmq would delete it).
+It can miss a port taken a moment later; the real bind still reports that one.
 """
 
 from __future__ import annotations
@@ -13,9 +13,55 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import stat
 from pathlib import Path
 
 from transport.config import tcp_host_port
+
+IPC_PATH_MAX = 107  # a Unix socket's path, as libzmq takes it (sun_path less its NUL)
+
+
+def _ipc_path_problem(address: str) -> OSError | None:
+    """libzmq removes whatever is at an ipc path before it binds there: refuse a file that is not
+    a socket (it would be deleted) and a socket something still answers on (another daemon's)."""
+    try:
+        mode = os.stat(address).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return OSError(exc.errno, f"{os.strerror(exc.errno or 0)} for ipc path {address!r}")
+    if not stat.S_ISSOCK(mode):
+        return OSError(errno.EEXIST, f"ipc path {address!r} is a file that is not a socket (binding would delete it)")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(address)
+        except OSError:
+            return None  # a socket nobody listens on: left by a daemon that stopped
+    return OSError(errno.EADDRINUSE, f"Address already in use (ipc path {address!r} is answered)")
+
+
+def bind_place(endpoint: str) -> tuple[str, str] | None:
+    """Where ``endpoint`` would bind, resolved as libzmq would (the address of a host name, the
+    real path of an ipc file), to find two binds on one place; None when it cannot be told."""
+    transport, _, address = endpoint.partition("://")
+    if transport == "ipc":
+        return ("ipc", address if address.startswith("@") else os.path.realpath(address))
+    place = tcp_host_port(endpoint) if transport == "tcp" else None
+    if place is None:
+        return None
+    host, port = place
+    if not port.isdigit() or int(port) == 0:
+        return None  # an ephemeral port: never the same as another
+    if host == "*":
+        return ("*", port)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        found = socket.getaddrinfo(host, None, family, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return None  # an interface name: libzmq resolves those itself
+    address = str(found[0][4][0])
+    return ("*" if address in ("0.0.0.0", "::") else address, port)
 
 
 def bind_problem(endpoint: str) -> OSError | None:
@@ -23,6 +69,8 @@ def bind_problem(endpoint: str) -> OSError | None:
     an interface name, an ephemeral port, another transport)."""
     transport, _, address = endpoint.partition("://")
     if transport == "ipc":
+        if len(address.encode()) > IPC_PATH_MAX:
+            return OSError(errno.ENAMETOOLONG, f"ipc path {address!r} is longer than {IPC_PATH_MAX} bytes")
         folder = Path(address).parent
         if address.startswith("@"):  # Linux's abstract namespace: no folder
             return None
@@ -30,7 +78,7 @@ def bind_problem(endpoint: str) -> OSError | None:
             return OSError(errno.ENOENT, f"No such file or directory for ipc path {address!r}")
         if not os.access(folder, os.W_OK | os.X_OK):  # the socket file is made in it
             return OSError(errno.EACCES, f"Permission denied for ipc path {address!r}")
-        return None
+        return _ipc_path_problem(address)
     place = tcp_host_port(endpoint) if transport == "tcp" else None
     if place is None:
         return None

@@ -28,7 +28,7 @@ from typing import Any
 import pykka
 import zmq
 
-from actors.bind_check import bind_problem
+from actors.bind_check import bind_place, bind_problem
 from actors.dedup import DedupActor
 from actors.event_sources import EventSource, SqliteEventSource
 from actors.flow import InFlight, LiveFigures, PipelineDepth
@@ -67,11 +67,15 @@ _BIND_HINTS = {
     errno.ENODEV: "; the host must be an address or interface of this machine (or * for all)",
     errno.ENOENT: "; create the ipc:// path's folder, or bind elsewhere",
     errno.EACCES: "; this user may not bind there (a port below 1024, or a folder it cannot write)",
+    errno.EEXIST: "; name a path where nothing is yet, or remove that file if it is not needed",
+    errno.ENAMETOOLONG: "; choose a shorter path (a Unix socket's path is at most 107 bytes)",
 }
 # Bind failures only a change of the configuration (or of what it names) cures, so they are
 # refused as a configuration is (exit 2, not restarted). A port in use is not one: another
 # daemon may be stopping, and starting again a moment later can succeed.
-_CONFIG_BIND_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.ENODEV, errno.ENOENT, errno.EACCES})
+_CONFIG_BIND_ERRNOS = frozenset(
+    {errno.EADDRNOTAVAIL, errno.ENODEV, errno.ENOENT, errno.EACCES, errno.EEXIST, errno.ENAMETOOLONG}
+)
 
 
 class StartupError(Exception):
@@ -302,7 +306,22 @@ class Daemon:
             raise answer
 
     def _check_binds(self) -> None:
-        for key, endpoint in self.config.daemon_binds.items():
+        binds = self.config.daemon_binds
+        places: dict[tuple[str, str], str] = {}
+        for key, endpoint in binds.items():
+            # The config refuses two binds written alike; these are alike once resolved
+            # (localhost and 127.0.0.1, a path and the same path through ..).
+            place = bind_place(endpoint)
+            if place is None:
+                continue
+            for (host, port), other in places.items():
+                if port == place[1] and (host == place[0] or (port and "*" in (host, place[0]))):
+                    raise ConfigRefused(
+                        f"{other} ({binds[other]}) and {key} ({endpoint}) would take the same address; "
+                        "give each its own port (or ipc path)"
+                    )
+            places[place] = key
+        for key, endpoint in binds.items():
             problem = bind_problem(endpoint)
             if problem is not None:
                 hint = _BIND_HINTS.get(problem.errno or 0, "")

@@ -409,6 +409,39 @@ def test_an_endpoint_the_config_names_wrongly_is_refused_as_a_config_is(
     assert "the host must be an address of this machine" in foreign.log() and not foreign.db_path.exists()
 
 
+def test_an_ipc_path_holding_a_file_and_binds_alike_once_resolved_are_refused_before_the_database(
+    tmp_path: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    """libzmq deletes whatever is at an ipc path before binding there; and two binds written
+    differently may still be one address (localhost and 127.0.0.1, a path through ..)."""
+    precious = tmp_path / "notes.txt"
+    precious.write_text("keep me")
+    port = free_port()
+    cases = {
+        "file": (
+            {"subscribe": {"bind": f"ipc://{precious}"}},
+            "is a file that is not a socket (binding would delete it)",
+        ),
+        "alias": (
+            {"ingest": {"bind": f"tcp://127.0.0.1:{port}"}, "subscribe": {"bind": f"tcp://localhost:{port}"}},
+            "would take the same address",
+        ),
+        "path": (
+            {"query": {"bind": f"ipc://{tmp_path}/q.sock"}, "subscribe": {"bind": f"ipc://{tmp_path}/x/../q.sock"}},
+            "would take the same address",
+        ),
+        "long": ({"subscribe": {"bind": f"ipc://{tmp_path}/{'s' * 120}.sock"}}, "choose a shorter path"),
+    }
+    (tmp_path / "x").mkdir()
+    for name, (overrides, said) in cases.items():
+        daemon = daemon_factory(name, **overrides)
+        daemon.start(wait=False)
+        assert daemon.proc is not None and daemon.proc.wait(30) == 2, (name, daemon.log())
+        assert said in daemon.log() and "Traceback" not in daemon.log(), (name, daemon.log())
+        assert not daemon.db_path.exists(), name
+    assert precious.read_text() == "keep me"
+
+
 def test_an_ipc_folder_the_daemon_may_not_write_is_refused_before_the_database() -> None:
     # Root writes everywhere, so as root the daemon runs as nobody, in a folder it may enter.
     as_user, me = unprivileged()
