@@ -164,5 +164,9 @@ def test_a_consumer_name_the_daemon_would_refuse_is_refused_here(name: str, caps
         main(["events", "--follow", "--name", name])
     assert leaving.value.code == 2
     assert f"--name: a consumer's name must be 1 to 200 characters, not {len(name)}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as leaving:  # an empty name once listed the consumers and exited 0
+        main(["consumers", "--forget", name])
+    assert leaving.value.code == 2
+    assert f"--forget: a consumer's name must be 1 to 200 characters, not {len(name)}" in capsys.readouterr().err
     with pytest.raises(ValueError, match="a consumer's name must be 1 to 200 characters"):
         Subscriber("tcp://127.0.0.1:1", name=name)

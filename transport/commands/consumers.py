@@ -42,6 +42,7 @@ from transport.commands.client_flags import (
 from transport.commands.tables import table
 from transport.config import ConfigError
 from transport.security import SecurityError, SocketHook
+from transport.subscriber import name_problem
 
 COLUMNS = ("name", "topic", "position", "lag", "acknowledged_at")
 
@@ -61,19 +62,22 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     add_subscribe_endpoint_arg(parser, "--forget")
     args = parser.parse_args(argv)
-    if args.subscribe_endpoint and not args.forget:
+    forgetting = args.forget is not None
+    if args.subscribe_endpoint and not forgetting:
         parser.error("--subscribe-endpoint goes with --forget")
+    if forgetting and (problem := name_problem(args.forget)) is not None:
+        parser.error(f"--forget: {problem}")
 
     def ask(client: QueryClient) -> tuple[dict[str, Any], str | None]:
         reply = client.call({"op": "consumers"})
         where = None
-        if args.forget and asks_subscribe_endpoint(args):
+        if forgetting and asks_subscribe_endpoint(args):
             where = subscribe_endpoint_of(client)
         return reply, where
 
     endpoint, (reply, asked_where) = query_daemon(args, "consumers", ask)
     consumers = reply.get("consumers", [])
-    if args.forget:
+    if forgetting:
         return forget_command(args, consumers, asked_where)
     if args.json:
         print(json.dumps(reply, sort_keys=True))
