@@ -234,6 +234,35 @@ def test_events_retention_deleted_after_the_cursor_are_told_before_what_follows(
         stream.close()
 
 
+def test_each_expired_notice_comes_just_before_the_first_event_past_it(
+    gateway_factory: Callable[..., Gateway],
+) -> None:
+    """Holes between stored events: the subscriber reads several messages at once, and every
+    notice once went ahead of all the events read with it."""
+    gateway = gateway_factory(retention={**QUICK, "max_events_per_topic": 1}, ordering={"window_ms": 0})
+    for i in range(1, 11):  # positions: x1 y1 x2 y2 ...; each x but the last is deleted
+        ok(gateway.publish(event(topic="x", event_id=f"x{i}")))
+        ok(gateway.publish(event(topic=f"y{i}", event_id="only")))
+    gateway.daemon.wait_stats(timeout=60, stored=11, expired=9)
+    stream = Stream(gateway)
+    try:
+        messages = stream.take(9 + 11)
+    finally:
+        stream.close()
+    told = [
+        ("expired", message["data"]["after"], message["data"]["first"])
+        if message["event"] == "expired"
+        else ("event", int(message["id"]))
+        for message in messages
+    ]
+    expected: list[tuple[Any, ...]] = []
+    for position in [*range(2, 20, 2), 19, 20]:
+        if position % 2 == 0 and position < 20:
+            expected.append(("expired", position - 2, position))
+        expected.append(("event", position))
+    assert told == expected
+
+
 def test_stopping_the_gateway_ends_its_open_streams_and_it_exits_soon(gateway: Gateway) -> None:
     stream = Stream(gateway)
     try:

@@ -1072,9 +1072,9 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
 
         async def body() -> AsyncIterator[bytes]:
             # Started here, not in the handler: a client gone before the body began leaves no thread.
-            pump = StreamPump(lambda: link.subscriber(topic, after, topics), asyncio.get_running_loop())
-            pump.start()
             cursor = "seq" if topic is not None else "position"  # what each event's id is
+            pump = StreamPump(lambda: link.subscriber(topic, after, topics), asyncio.get_running_loop(), cursor)
+            pump.start()
             try:
                 quiet_since = time.monotonic()
                 while not link.stopping:

@@ -107,9 +107,12 @@ class OpenStreams:
 class StreamPump:
     """One subscription on its own thread, feeding :meth:`get` with batches of events, in order."""
 
-    def __init__(self, make_subscriber: Callable[[], Subscriber], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, make_subscriber: Callable[[], Subscriber], loop: asyncio.AbstractEventLoop, cursor: str = "position"
+    ) -> None:
         self._make_subscriber = make_subscriber
         self._loop = loop
+        self._cursor = cursor  # the event field that retention's notices count in: "seq" or "position"
         self._items: asyncio.Queue[Item] = asyncio.Queue()
         self._room = threading.Semaphore(AHEAD)
         self._stopped = threading.Event()
@@ -138,20 +141,26 @@ class StreamPump:
         subscriber = None
         try:
             subscriber = self._make_subscriber()
-            told = 0  # the subscriber's expired notices already passed on
+            told = 0  # the subscriber's expired notices taken into ``notices``
+            notices: list[tuple[int, int]] = []  # (after, first) not yet passed on
             batch: list[dict[str, Any]] = []
             while not self._stopped.is_set():
                 # Waits only with nothing in hand; else takes what has already arrived.
                 event = subscriber.next_event(0 if batch else POLL_S)
-                if told < len(subscriber.expired):
-                    # The notice came before this event: what was taken goes first, then the notice.
+                notices += subscriber.expired[told:]
+                told = len(subscriber.expired)
+                # The subscriber reads several messages at once and keeps notices apart from
+                # events: a notice goes just before the first event at or past its ``first``
+                # (events before it came before it), all of them once no event is left in hand.
+                due = [n for n in notices if event is None or n[1] <= event[self._cursor]]
+                if due:
                     if batch and not self._put(("events", batch)):
                         return
                     batch = []
-                    for after, first in subscriber.expired[told:]:
+                    for after, first in due:
                         if not self._put(("expired", {"after": after, "first": first})):
                             return
-                    told = len(subscriber.expired)
+                    notices = notices[len(due) :]
                 if event is not None:
                     batch.append(event)
                 if batch and (event is None or len(batch) >= BATCH_EVENTS):
