@@ -558,6 +558,8 @@ def _parse_section(name: str, section_type: type, values: dict[str, Any]) -> Any
             raise ConfigError(f"[storage] backend must be one of {', '.join(BACKENDS)}, not {value!r}")
         if (name, key) in _PATHS and "$" in value:
             value = _expand(f"[{name}] {key}", value)
+        if (name, key) in _PATHS and "\x00" in value:
+            raise ConfigError(f"[{name}] {key} holds a NUL character, which no file name can: {value!r}")
         if (name, key) in _ENDPOINTS:
             _check_endpoint(f"[{name}] {key}", value)
         if (name, key) == ("http", "bind"):
@@ -600,6 +602,8 @@ def endpoint_problem(value: str) -> str | None:
     transport, separator, address = value.partition("://")
     if not separator:
         return f"must be a ZeroMQ endpoint like tcp://127.0.0.1:5555, not {value!r}"
+    if "\x00" in address:
+        return f"holds a NUL character, which no address or path can: {value!r}"
     if transport == "ipc":
         return None if address else f"needs a path, like ipc:///run/eventagg/ingest.sock, not {value!r}"
     if transport != "tcp":
@@ -613,6 +617,8 @@ def endpoint_problem(value: str) -> str | None:
         return f"needs a port from 1 to 65535, like tcp://127.0.0.1:5555, not {value!r}"
     if not host:
         return f"needs a host (an address, or * to bind every one), like tcp://127.0.0.1:5555, not {value!r}"
+    if ";" in host:  # libzmq's SOURCE;DEST form, for connecting from a given address only
+        return f"takes one host, not libzmq's source;destination form: write tcp://HOST:PORT, not {value!r}"
     if ":" in host and not (host.startswith("[") and host.endswith("]")):
         return f"needs its IPv6 host in brackets, like tcp://[::1]:5555, not {value!r}"
     return None
