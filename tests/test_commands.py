@@ -156,6 +156,17 @@ def test_keys_into_a_file_says_it_is_not_a_folder(tmp_path: Path, where: str) ->
     assert authorized.stderr.endswith(
         f"keys: {blocker} is not a folder (a file is in the way); give a folder, made if missing\n"
     )
+    # Refused before the pair is written: it once was, and then blocked the corrected command.
+    assert not (tmp_path / "ok" / "bob.key").exists()
+    again = run_script(
+        "keys.py", "client", "bob", str(tmp_path / "ok"), "--authorize", str(tmp_path / "ok"), timeout=30
+    )
+    assert again.returncode == 1 and "is the folder the pair is written into" in again.stderr, again.stderr
+    fixed = run_script(
+        "keys.py", "client", "bob", str(tmp_path / "ok"), "--authorize", str(tmp_path / "auth"), timeout=30
+    )
+    assert fixed.returncode == 0, fixed.stderr
+    assert (tmp_path / "auth" / "bob.key").read_bytes() == (tmp_path / "ok" / "bob.key").read_bytes()
 
 
 @pytest.mark.parametrize("name", ["", "x" * 201])

@@ -67,12 +67,24 @@ def create(directory: Path, name: str) -> tuple[Path, Path]:
     return public, secret
 
 
-def authorize(public: Path, folder: Path) -> Path:
-    """Copy a client's public certificate into the daemon's authorized keys folder."""
+def authorizable(name: str, directory: Path, folder: Path) -> Path:
+    """Where ``NAME.key`` will be copied in the authorized keys ``folder``, checked before the pair
+    is made in ``directory`` (so a refusal leaves nothing behind to block the next try)."""
     make_folder(folder)
-    target = folder / public.name
+    if folder.resolve() == directory.resolve():
+        raise KeysError(
+            f"--authorize {folder} is the folder the pair is written into; give the daemon's "
+            "[security] authorized_keys folder, which must hold no secret certificate"
+        )
+    target = folder / f"{name}.key"
     if target.exists():
         raise KeysError(f"{target} already exists; a client name must be unique in the authorized folder")
+    return target
+
+
+def authorize(public: Path, folder: Path) -> Path:
+    """Copy a client's public certificate into the daemon's authorized keys folder."""
+    target = authorizable(public.stem, public.parent, folder)
     shutil.copyfile(public, target)
     os.chmod(target, 0o644)
     return target
@@ -94,6 +106,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
+        if args.command == "client" and args.authorize:
+            authorizable(args.name, args.dir, args.authorize)
         public, secret = create(args.dir, "server" if args.command == "server" else args.name)
         print(f"public certificate: {public}  (give this one out)")
         print(f"secret certificate: {secret}  (owner-only; keep it where it is)")
