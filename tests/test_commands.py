@@ -85,6 +85,9 @@ def test_a_commands_refusal_names_the_flag(capsys: pytest.CaptureFixture[str]) -
         (["events", "--follow", "--subscribe-endpoint", "5558"], "argument --subscribe-endpoint: must be a ZeroMQ"),
         (["publish", "--endpoint", "localhost:5555"], "argument --endpoint: must be a ZeroMQ endpoint"),
         (["events", ""], "no event can have this topic (topic must be 1-255 characters, not 0)"),
+        # Planned in memory, and forked: a typo once ran the machine out of memory or processes.
+        (["publish", "--events", "10000000001"], "--events must be at most 10,000,000"),
+        (["publish", "--processes", "100000"], "--processes must be at most 256, not 100000"),
     ],
 )
 def test_an_endpoint_or_topic_that_cannot_work_is_refused_before_connecting(

@@ -48,6 +48,10 @@ PROGRESS_EVERY_S = 0.5
 INTERRUPT_WAIT_S = 5.0  # after Ctrl-C, how long the acknowledgements of what was sent are awaited
 PARENT_CHECK_EVERY = 1000  # events between a worker's checks that the command is still there
 MAX_RATE = 1e9
+# The stream is planned in memory before it is sent (about half a KiB an event), and each
+# process is a publisher of its own: bounds that keep a typo from exhausting the machine.
+MAX_EVENTS = 10_000_000
+MAX_PROCESSES = 256
 WAIT_SLICE_S = 0.1  # the longest a Ctrl-C waits to be heard while sending
 
 
@@ -380,6 +384,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         parser.error("--batch, --processes, --window and --topics must be 1 or more")
     if args.events < 0 or not 0 <= args.duplicates < 1:
         parser.error("--events must be 0 or more and --duplicates a fraction from 0 up to (not including) 1")
+    if args.events > MAX_EVENTS:
+        parser.error(
+            f"--events must be at most {MAX_EVENTS:,} (the stream is planned in memory); for more, run the "
+            "command again with another --id-prefix"
+        )
+    if args.processes > MAX_PROCESSES:
+        parser.error(f"--processes must be at most {MAX_PROCESSES}, not {args.processes}")
     if not all(math.isfinite(value) for value in (args.ack_timeout, args.deadline, args.rate)):
         parser.error("--ack-timeout, --deadline and --rate must be finite numbers")
     if not (0 < args.ack_timeout <= MAX_TIMEOUT_S and 0 < args.deadline <= MAX_TIMEOUT_S):
