@@ -61,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2  # not reached
     name, rest = args[0], args[1:]
     command = COMMANDS[name]
-    module = importlib.import_module(command.module)
+    try:
+        module = importlib.import_module(command.module)
+    except KeyboardInterrupt:  # Ctrl-C while the command loads: nothing began
+        return 130
     prog = f"eventagg {name}"
     if command.quiet_on_broken_pipe:
         from transport.commands.client_flags import run_command

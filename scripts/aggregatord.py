@@ -8,6 +8,8 @@ import sys
 
 try:
     from actors.run import main
+except KeyboardInterrupt:  # Ctrl-C while the daemon loads: nothing began
+    sys.exit(130)
 except ModuleNotFoundError as exc:  # a python without eventagg, such as plain python3 on a fresh checkout
     sys.exit(
         f"aggregatord.py: {exc}: run it with the python eventagg is installed in, or run `eventagg run`"
