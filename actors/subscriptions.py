@@ -40,6 +40,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +77,9 @@ READ_RETRY_S = 1.0  # a read that failed is retried after this long
 # SNDHWM messages wait in a peer's queue; past that the send fails and is retried later.
 MESSAGE_BYTES = 1024 * 1024
 SNDHWM = 8
+# Replies (subscribed, acked, errors) that found the peer's queue full wait here, in order, and
+# go before any more events; past this many the client is not reading them and they are dropped.
+MAX_UNSENT_REPLIES = 1000
 # Recent all-topics events kept encoded, shared by every all-topics follower near the head:
 # at most this many, and at most this many bytes of them (payloads may be up to 1 MiB each).
 RECENT_EVENTS = 20_000
@@ -395,6 +399,7 @@ class SubscriptionServer:
         self._event_bytes = 4096.0
         self._subs: dict[bytes, Subscription] = {}
         self._by_name: dict[str, bytes] = {}
+        self._unsent: dict[bytes, deque[bytes]] = {}  # replies waiting for room, per peer
         self._recent = RecentEvents()
         # name -> (topic, position) to store, or None to forget the name's stored position
         self._pending_acks: dict[str, tuple[str | None, int] | None] = {}
@@ -445,7 +450,7 @@ class SubscriptionServer:
                     notices = fd
                 if busy:
                     timeout = 0
-                elif self._saving is not None or self._pending_acks or self._retrying:
+                elif self._saving is not None or self._pending_acks or self._retrying or self._unsent:
                     timeout = SHORT_POLL_MS
                 else:
                     timeout = IDLE_POLL_MS
@@ -466,6 +471,8 @@ class SubscriptionServer:
                 if now >= self._next_timers:
                     self._timers(now)
                     self._next_timers = now + self._config.heartbeat_ms / 4000
+                if self._unsent:
+                    self._send_unsent()
                 busy = self._pump(now)
         except Exception:
             log.exception("the subscription server failed; consumers are no longer served")
@@ -706,7 +713,8 @@ class SubscriptionServer:
             if now - sub.last_heard > timeout_s:
                 self._drop(sub, f"not heard from in {timeout_s:g} s")
             elif now - sub.last_sent >= heartbeat_s:
-                self._send(sub.identity, {"op": "heartbeat"}, sub)
+                if sub.identity not in self._unsent:  # a heartbeat never overtakes a reply
+                    self._send_now(sub.identity, {"op": "heartbeat"}, sub)
 
     def _drop(self, sub: Subscription, why: str) -> None:
         self._subs.pop(sub.identity, None)
@@ -714,8 +722,34 @@ class SubscriptionServer:
             del self._by_name[sub.name]
         self._told.info("subscription %s (name %r) ended: %s", sub.identity.hex(), sub.name, why)
 
-    def _send(self, identity: bytes, message: dict[str, Any] | bytes, sub: Subscription | None = None) -> bool:
-        """Send without blocking; False when the peer's queue is full or the peer is gone."""
+    def _send(self, identity: bytes, message: dict[str, Any]) -> None:
+        """Send a reply: at once, or once the peer's queue has room, in order, before more events."""
+        payload = _pack_message(message)
+        waiting = self._unsent.get(identity)
+        if waiting is None and self._send_now(identity, payload):
+            return
+        if waiting is None:
+            waiting = self._unsent[identity] = deque()
+        if len(waiting) >= MAX_UNSENT_REPLIES:
+            self._warn.warning("a client reads none of its replies; dropping one (%s)", message.get("op"))
+            return
+        waiting.append(payload)
+
+    def _send_unsent(self) -> None:
+        """Send the replies that waited for room, as far as each peer's queue takes them."""
+        for identity in list(self._unsent):
+            waiting = self._unsent[identity]
+            sent: bool | None = True
+            while waiting and (sent := self._send_now(identity, waiting[0])):
+                waiting.popleft()
+            if not waiting or sent is None:  # all sent, or the peer is gone
+                del self._unsent[identity]
+
+    def _send_now(
+        self, identity: bytes, message: dict[str, Any] | bytes, sub: Subscription | None = None
+    ) -> bool | None:
+        """Send without blocking: True if sent, False when the peer's queue is full, None when the
+        peer is gone (its subscription is dropped)."""
         payload = message if isinstance(message, bytes) else _pack_message(message)
         try:
             self._socket.send_multipart([identity, payload], zmq.NOBLOCK)
@@ -726,7 +760,7 @@ class SubscriptionServer:
                 gone = self._subs.get(identity)
                 if gone is not None:
                     self._drop(gone, "disconnected")
-                return False
+                return None
             raise
         if sub is not None:
             sub.last_sent = time.monotonic()
@@ -748,6 +782,9 @@ class SubscriptionServer:
             if sub.caught_up or sub.credit <= 0:
                 continue
             if sub.retry_at > now:
+                self._retrying = True
+                continue
+            if sub.identity in self._unsent:  # its replies go first
                 self._retrying = True
                 continue
             want = min(sub.credit, batch)
@@ -791,7 +828,7 @@ class SubscriptionServer:
                     more = True  # a filtered scan skipped positions of other topics only
                 continue
             message = _EVENTS_HEAD + _packer.pack_array_header(len(taken)) + b"".join(item[1] for item in taken)
-            if not self._send(sub.identity, message, sub):
+            if not self._send_now(sub.identity, message, sub):
                 sub.blocked_for = min(max(BLOCKED_RETRY_S, sub.blocked_for * 2), BLOCKED_RETRY_MAX_S)
                 sub.retry_at = now + sub.blocked_for
                 self._retrying = True
@@ -929,7 +966,9 @@ class SubscriptionServer:
         """Tell the consumer that what follows its cursor up to ``first`` is no longer stored and
         move its cursor to just before ``first``; False (the cursor unmoved, the subscription
         retried shortly) when its queue is full."""
-        if not self._send(sub.identity, {"op": "expired", "after": sub.cursor, "first": first}, sub):
+        if sub.identity in self._unsent or not self._send_now(
+            sub.identity, {"op": "expired", "after": sub.cursor, "first": first}, sub
+        ):
             sub.retry_at = time.monotonic() + BLOCKED_RETRY_S
             self._retrying = True
             return False

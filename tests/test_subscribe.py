@@ -367,6 +367,26 @@ def test_an_expired_cursor_is_told_the_first_position_still_stored(daemon_factor
         consumer.close()
 
 
+def test_one_client_resubscribing_in_a_loop_cannot_flood_the_log(daemon_factory: Callable[..., Daemon]) -> None:
+    """Each subscribe once wrote two INFO lines (the old subscription ended, the new one began):
+    70 MB of log in 8 s from one client. They are rate-limited now; the client still gets every
+    reply (more than its queue of 8 messages holds, so some wait their turn) and its events."""
+    daemon = daemon_factory().start()
+    publish(daemon.ack, "--acked", "--events", "5", "--topics", "1")
+    consumer = RawConsumer(daemon.subscribe)
+    try:
+        for index in range(400):
+            consumer.send({"op": "subscribe", "name": f"n{index % 3}", "after": 0, "credit": 0})
+        consumer.send({"op": "subscribe", "after": 0, "credit": 5})
+        replies = [consumer.receive() for _ in range(402)]  # none lost to the peer's full queue
+    finally:
+        consumer.close()
+    assert [reply["op"] for reply in replies].count("subscribed") == 401
+    assert [e["position"] for r in replies if r["op"] == "events" for e in r["events"]] == [1, 2, 3, 4, 5]
+    lines = [line for line in daemon.log().splitlines() if "actors.subscriptions: subscription " in line]
+    assert len(lines) <= 60, f"{len(lines)} subscription lines logged for 401 subscribe messages"
+
+
 def test_a_hundred_consumers_cost_bounded_memory_and_get_only_their_credit(
     daemon_factory: Callable[..., Daemon],
 ) -> None:
