@@ -43,10 +43,11 @@ def _ipc_path_problem(address: str) -> OSError | None:
 
 def bind_place(endpoint: str) -> tuple[str, str] | None:
     """Where ``endpoint`` would bind, resolved as libzmq would (the address of a host name, the
-    real path of an ipc file), to find two binds on one place; None when it cannot be told."""
+    real path of an ipc file, as ``(endpoint, "")``), for :func:`transport.config.colliding_binds`;
+    None when it cannot be told."""
     transport, _, address = endpoint.partition("://")
     if transport == "ipc":
-        return ("ipc", address if address.startswith("@") else os.path.realpath(address))
+        return (endpoint if address.startswith("@") else f"ipc://{os.path.realpath(address)}", "")
     place = tcp_host_port(endpoint) if transport == "tcp" else None
     if place is None:
         return None

@@ -41,7 +41,7 @@ from actors.router import RouterActor
 from actors.stats import StatsActor
 from actors.subscriptions import HeadSignal, SubscriptionServer
 from actors.watchdog import ServiceMonitor
-from transport.config import Config, ConfigError, load_config
+from transport.config import Config, ConfigError, colliding_binds, load_config
 from transport.logs import set_level
 from transport.queries import debug_hooks_enabled
 from transport.sdnotify import Notifier, NotifyError, watchdog_interval
@@ -306,22 +306,12 @@ class Daemon:
             raise answer
 
     def _check_binds(self) -> None:
-        binds = self.config.daemon_binds
-        places: dict[tuple[str, str], str] = {}
-        for key, endpoint in binds.items():
-            # The config refuses two binds written alike; these are alike once resolved
-            # (localhost and 127.0.0.1, a path and the same path through ..).
-            place = bind_place(endpoint)
-            if place is None:
-                continue
-            for (host, port), other in places.items():
-                if port == place[1] and (host == place[0] or (port and "*" in (host, place[0]))):
-                    raise ConfigRefused(
-                        f"{other} ({binds[other]}) and {key} ({endpoint}) would take the same address; "
-                        "give each its own port (or ipc path)"
-                    )
-            places[place] = key
-        for key, endpoint in binds.items():
+        # The config refuses two binds written alike; this also finds those alike once resolved
+        # (localhost and 127.0.0.1, a path and the same path through ..).
+        collision = colliding_binds(self.config, bind_place)
+        if collision is not None:
+            raise ConfigRefused(collision)
+        for key, endpoint in self.config.daemon_binds.items():
             problem = bind_problem(endpoint)
             if problem is not None:
                 hint = _BIND_HINTS.get(problem.errno or 0, "")

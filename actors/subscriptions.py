@@ -781,10 +781,7 @@ class SubscriptionServer:
         for sub in list(self._subs.values()):
             if sub.caught_up or sub.credit <= 0:
                 continue
-            if sub.retry_at > now:
-                self._retrying = True
-                continue
-            if sub.identity in self._unsent:  # its replies go first
+            if sub.retry_at > now or sub.identity in self._unsent:  # waiting for room; its replies go first
                 self._retrying = True
                 continue
             want = min(sub.credit, batch)

@@ -17,6 +17,7 @@ import os
 import re
 import socket
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -652,13 +653,20 @@ def _bind_place(endpoint: str) -> tuple[str, str]:
 _ANY_HOST = {"*", "0.0.0.0", "::"}
 
 
-def colliding_binds(config: Config) -> str | None:
-    """Two of the daemon's (and the gateway's) binds that would take the same address, said as a refusal."""
+def colliding_binds(config: Config, place: Callable[[str], tuple[str, str] | None] = _bind_place) -> str | None:
+    """Two of the daemon's (and the gateway's) binds that would take the same address, said as a
+    refusal. ``place`` gives a bind's ``(host, port)`` (``(endpoint, "")`` for ipc), or None when it
+    cannot be told: as written by default; the daemon passes one that resolves names and paths."""
     binds = [*config.daemon_binds.items(), ("[http] bind", f"tcp://{config.http.bind}")]
-    for index, (name, endpoint) in enumerate(binds):
-        host, port = _bind_place(endpoint)
-        for other_name, other in binds[index + 1 :]:
-            other_host, other_port = _bind_place(other)
+    places = [(name, endpoint, place(endpoint)) for name, endpoint in binds]
+    for index, (name, endpoint, here) in enumerate(places):
+        if here is None:
+            continue
+        host, port = here
+        for other_name, other, there in places[index + 1 :]:
+            if there is None:
+                continue
+            other_host, other_port = there
             if port == other_port and (host == other_host or (port and _ANY_HOST & {host, other_host})):
                 return (
                     f"{name} ({endpoint.removeprefix('tcp://') if name == '[http] bind' else endpoint}) and "

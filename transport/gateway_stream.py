@@ -228,6 +228,4 @@ def _client_gone(exc: BaseException) -> bool:
     """Whether ``exc`` (or every exception of a group) is a write to a connection already closed."""
     if isinstance(exc, BaseExceptionGroup):
         return all(_client_gone(inner) for inner in exc.exceptions)
-    return isinstance(exc, (ConnectionError, OSError)) or (
-        isinstance(exc, RuntimeError) and "closed" in str(exc).lower()
-    )
+    return isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "closed" in str(exc).lower())
