@@ -34,11 +34,25 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+def _port_range() -> tuple[int, int]:
+    """The ports this test process picks from: below the ephemeral range, and, under pytest-xdist,
+    a share of them no other worker picks from (a port is only probed free here, and a worker
+    that probed the same one before this one's daemon bound it would take it too)."""
+    low, high = 20000, min(_ephemeral_low(), 32768) - 1
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or workers < 2:
+        return low, high
+    span = (high - low + 1) // workers
+    start = low + int(worker[2:]) * span
+    return start, start + span - 1
+
+
 def free_port() -> int:
-    """A loopback TCP port below the ephemeral range that nothing is bound to right now."""
-    high = min(_ephemeral_low(), 32768) - 1
+    """A loopback TCP port in this process's range (:func:`_port_range`) that nothing is bound to right now."""
+    low, high = _port_range()
     for _ in range(1000):
-        port = random.randint(20000, high)
+        port = random.randint(low, high)
         if port in _used_ports:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
