@@ -567,6 +567,35 @@ def test_a_fail_over_publisher_with_every_daemon_down_gives_up_and_hands_every_e
     assert len({e["event_id"] for e in handed_back}) == len(handed_back)
 
 
+@pytest.mark.parametrize("endpoints", [1, 2], ids=["one daemon", "fail-over"])
+def test_publish_many_that_fails_hands_back_every_event_it_did_not_deliver(endpoints: int) -> None:
+    events = plan(40, 0.0, 4, 8, "many")
+    targets = [nowhere() for _ in range(endpoints)]
+    where: dict[str, Any] = {"endpoints": targets} if endpoints > 1 else {"endpoint": targets[0]}
+    publisher = Publisher(**where, batch_size=2, window=1, ack_timeout=0.3, deadline=1.0)
+    with pytest.raises(DeliveryFailed) as failed:
+        publisher.publish_many(events)
+    held = publisher.unacknowledged
+    publisher.close(flush=False)
+    handed_back = [event["event_id"] for event in failed.value.events]
+    assert len(set(handed_back)) == len(handed_back)
+    assert len(handed_back) + held == len(events), (len(handed_back), held)
+
+
+@pytest.mark.parametrize("endpoints", [1, 2], ids=["one daemon", "fail-over"])
+def test_publish_many_that_times_out_says_how_many_it_queued(endpoints: int) -> None:
+    events = plan(40, 0.0, 4, 9, "slow")
+    targets = [nowhere() for _ in range(endpoints)]
+    where: dict[str, Any] = {"endpoints": targets} if endpoints > 1 else {"endpoint": targets[0]}
+    publisher = Publisher(**where, batch_size=2, window=1, ack_timeout=0.3, deadline=30.0)
+    with pytest.raises(PublishTimeout) as timed_out:
+        publisher.publish_many(events, timeout=0.5)
+    held = publisher.unacknowledged
+    publisher.close(timeout=0, flush=False)
+    # Republishing events[queued:] must send none twice: the publisher holds exactly the first ones.
+    assert 0 < timed_out.value.queued == held < len(events), (timed_out.value.queued, held)
+
+
 def test_a_fail_over_publisher_refuses_a_batch_with_a_bad_event_whole() -> None:
     events = plan(10, 0.0, 2, 7, "ok")
     with Publisher(endpoints=[nowhere(), nowhere()], close_timeout=0.1) as publisher:

@@ -149,8 +149,15 @@ class AffinePublisher(Publisher):
                 check(event)
             except InvalidEvent as exc:
                 raise InvalidEvent(f"event {index}: {exc}") from None
-        for event in events:
-            self.publish(event, timeout)
+        for queued, event in enumerate(events):
+            try:
+                self.publish(event, timeout)
+            except PublishTimeout as exc:
+                exc.queued = queued
+                raise
+            except (DeliveryFailed, BatchRefused) as exc:
+                exc.events.extend(events[queued + 1 :])  # never queued: handed back with the rest
+                raise
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every daemon has acknowledged everything (see :meth:`Publisher.flush`)."""
