@@ -16,6 +16,7 @@ again on the next call). A live server always answers first, with its own cancel
 from __future__ import annotations
 
 import functools
+import re
 from typing import TYPE_CHECKING, Any
 
 from actors.store import StorageError
@@ -51,6 +52,31 @@ def load_psycopg() -> Any:
             'backend = "postgresql" needs psycopg 3: pip install "eventagg[postgresql]" (or psycopg[binary])'
         ) from None
     return psycopg
+
+
+# Where a dsn may hold a password: a URI's user:password@, its ?password= parameter, and a
+# connection string's password = value (quoted or not).
+_PASSWORDS = (
+    re.compile(r"://[^:@/?#]*:(?P<secret>[^@]*)@"),
+    re.compile(r"[?&]password=(?P<secret>[^&#]*)"),
+    re.compile(r"(?:^|\s)password\s*=\s*(?:'(?P<quoted>(?:[^'\\]|\\.)*)'|(?P<secret>\S+))"),
+)
+
+
+def without_password(text: str, dsn: str) -> str:
+    """``text`` (a message about ``dsn``, which libpq may quote whole or in part) with every
+    password the dsn holds replaced by ``***``."""
+    secrets = set()
+    for pattern in _PASSWORDS:
+        for found in pattern.finditer(dsn):
+            secret = found.group("secret") if "secret" in pattern.groupindex else None
+            if pattern.groupindex.get("quoted") and found.group("quoted") is not None:
+                secret = found.group("quoted")
+            if secret:
+                secrets.add(secret)
+    for secret in sorted(secrets, key=len, reverse=True):  # the longest first: one may hold another
+        text = text.replace(secret, "***")
+    return text
 
 
 def one_line(exc: BaseException) -> str:
@@ -126,7 +152,8 @@ def connect(dsn: str, node: str, purpose: str) -> psycopg.Connection[Any]:
     try:
         params = pg.conninfo.conninfo_to_dict(dsn)
     except pg.Error as exc:
-        raise StorageError(f"[storage] dsn is not a valid libpq connection string or URI: {one_line(exc)}") from None
+        reason = without_password(one_line(exc), dsn)  # libpq quotes the dsn, password and all
+        raise StorageError(f"[storage] dsn is not a valid libpq connection string or URI: {reason}") from None
     defaults = {
         "connect_timeout": CONNECT_TIMEOUT_S,
         "keepalives": 1,
@@ -141,7 +168,9 @@ def connect(dsn: str, node: str, purpose: str) -> psycopg.Connection[Any]:
     try:
         conn: psycopg.Connection[Any] = _bounded_connection().connect(**params, autocommit=True)
     except pg.Error as exc:
-        raise StorageError(f"cannot connect to {where} ([storage] dsn): {one_line(exc)}") from None
+        raise StorageError(
+            f"cannot connect to {where} ([storage] dsn): {without_password(one_line(exc), dsn)}"
+        ) from None
     conn.answer_timeout_s = STATEMENT_TIMEOUT_MS / 1000 * ANSWER_MARGIN  # type: ignore[attr-defined]
     try:
         set_statement_timeout(conn, STATEMENT_TIMEOUT_MS)

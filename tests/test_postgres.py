@@ -280,6 +280,24 @@ def test_bad_dsn_unreachable_server_and_newer_schema_each_give_one_clear_line(
     assert "schema is version 99, made by a newer eventagg" in line
 
 
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://eventagg:S3CRET-PW@[2001:db8::1]x/eventagg",  # libpq quotes the whole URI
+        "postgresql://u:S3CRET-PW@[::1/x",
+        "postgresql://u@[::1/x?password=S3CRET-PW",
+        "host=[::1 password='S3CRET-PW' port",
+    ],
+)
+def test_a_dsn_libpq_cannot_parse_is_refused_without_showing_its_password(dsn: str) -> None:
+    from actors.pg_session import connect
+    from actors.store import StorageError
+
+    with pytest.raises(StorageError, match=r"dsn is not a valid libpq connection string") as refused:
+        connect(dsn, "node", "test")
+    assert "S3CRET" not in str(refused.value), refused.value
+
+
 def test_lookups_bring_back_the_content_of_what_they_find(database: str) -> None:
     """As with SQLite: a key found in ``events`` comes back with its stored (timestamp, source,
     payload hex), the hex None past CONTENT_BACK_BYTES; the ordering actor settles an exact
