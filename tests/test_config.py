@@ -60,6 +60,12 @@ def test_state_directory_wins_for_a_relative_storage_path(tmp_path: Path, monkey
         ("[ingest]\ngather_at_queued = -1\n", r"\[ingest\] gather_at_queued must be 0"),
         ("[ingest]\ndecode_process = 1\n", r"\[ingest\] decode_process must be true or false, not an integer \(1\)"),
         ("[storage]\nsynchronous = 'SOMETIMES'\n", r"\[storage\] synchronous must be one of"),
+        # Without backend = "postgresql" these would be ignored, each daemon on a file of its own.
+        ("[storage]\ndsn = 'postgresql://db/e'\n", r'\[storage\] dsn is set, but backend is "sqlite" \(the default\)'),
+        (
+            "[storage]\nbackend = 'sqlite'\nnode = 'a'\n",
+            r'\[storage\] node is set, but backend is "sqlite" \(as written',
+        ),
         ("[log]\nlevel = 'LOUD'\n", r"\[log\] level must be one of"),
         ("[query]\nbind = '127.0.0.1:5556'\n", r"\[query\] bind must be a ZeroMQ endpoint"),
         # libzmq would bind these without a word, on the port modulo 65 536 (99 999 -> 34 463).
@@ -95,7 +101,8 @@ def test_bad_values_name_the_key(tmp_path: Path, text: str, message: str) -> Non
 def test_max_bytes_is_taken_on_either_backend(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     for backend in ("sqlite", "postgresql"):
-        path.write_text(f"[storage]\nbackend = '{backend}'\ndsn = 'postgresql://x/y'\n[retention]\nmax_bytes = '1GB'\n")
+        dsn = "dsn = 'postgresql://x/y'\n" if backend == "postgresql" else ""
+        path.write_text(f"[storage]\nbackend = '{backend}'\n{dsn}[retention]\nmax_bytes = '1GB'\n")
         assert load_config(path).retention.max_bytes_value == 1_000_000_000
 
 

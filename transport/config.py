@@ -573,6 +573,16 @@ def _parse_section(name: str, section_type: type, values: dict[str, Any]) -> Any
         raise ConfigError(
             '[storage] dsn must be set when backend = "postgresql", e.g. dsn = "postgresql://eventagg@db.example/eventagg"'
         )
+    if name == "storage" and checked.get("backend", "sqlite") == "sqlite":
+        for key in ("dsn", "node"):
+            if checked.get(key):
+                # Else several daemons meant to share a PostgreSQL database would each run on a
+                # file of their own, and nothing would say so.
+                how = "as written" if "backend" in checked else "the default"
+                raise ConfigError(
+                    f'[storage] {key} is set, but backend is "sqlite" ({how}): {key} is for PostgreSQL only;'
+                    f' add backend = "postgresql" to use it, or remove {key} to use SQLite'
+                )
     if name == "storage" and checked.get("backend", "sqlite") == "sqlite" and checked.get("path") == "":
         raise ConfigError(
             '[storage] path is empty; name the SQLite database file, e.g. path = "data/events.db" (the default)'
