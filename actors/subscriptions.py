@@ -55,7 +55,7 @@ from transport.logs import RateLimitedLog
 from transport.queries import MAX_CURSOR
 from transport.schema import InvalidEvent, check_topic, type_name
 from transport.security import SocketHook
-from transport.subscriber import MAX_FILTER_TOPICS, MAX_NAME_CHARS
+from transport.subscriber import MAX_FILTER_TOPICS, name_problem
 from transport.zap import ConnectionGate
 
 log = logging.getLogger(__name__)
@@ -195,8 +195,8 @@ def parse_subscribe(request: dict[Any, Any]) -> SubscribeRequest:
     if after is not None:
         after = _cursor(after, "after")
     name = request.get("name")
-    if name is not None and (not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS):
-        raise SubscribeError(f"'name' must be a string of 1 to {MAX_NAME_CHARS} characters, not {name!r}")
+    if name is not None and (problem := name_problem(name)) is not None:
+        raise SubscribeError(f"'name': {problem}")
     credit = _credit(request.get("credit", 0))
     ref = request.get("ref")
     if ref is not None and (not isinstance(ref, int) or isinstance(ref, bool) or not 0 <= ref <= MAX_CURSOR):

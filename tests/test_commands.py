@@ -184,3 +184,8 @@ def test_a_consumer_name_the_daemon_would_refuse_is_refused_here(name: str, caps
     assert f"--forget: a consumer's name must be 1 to 200 characters, not {len(name)}" in capsys.readouterr().err
     with pytest.raises(ValueError, match="a consumer's name must be 1 to 200 characters"):
         Subscriber("tcp://127.0.0.1:1", name=name)
+
+
+def test_a_consumer_name_with_a_nul_is_refused_by_the_subscriber_at_once() -> None:
+    with pytest.raises(ValueError, match="a consumer's name must not hold a NUL character"):
+        Subscriber("tcp://127.0.0.1:1", name="bad\x00name")

@@ -322,6 +322,9 @@ def test_a_raw_consumer_gets_exactly_its_credit_and_bad_messages_change_nothing(
             ((msgpack.packb({"op": "subscribe", "topic": "a b"}),), "no event can have this topic in 'topic'"),
             ((msgpack.packb({"op": "subscribe", "topics": ["t", "x" * 256]}),), "in 'topics' (topic must be 1-255"),
             ((b"a", b"b"), "one frame"),
+            # PostgreSQL cannot store it: refused on either backend, for good (not "unavailable").
+            ((msgpack.packb({"op": "subscribe", "name": "bad\x00name"}),), "must not hold a NUL character"),
+            ((msgpack.packb({"op": "subscribe", "name": 5}),), "name must be a string, not int"),
         ]
         for frames, error in bad:
             consumer.send_raw(*frames)

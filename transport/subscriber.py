@@ -60,10 +60,15 @@ MAX_NAME_CHARS = 200
 MAX_FILTER_TOPICS = 1000
 
 
-def name_problem(name: str) -> str | None:
+def name_problem(name: object) -> str | None:
     """Why the daemon would refuse ``name`` as a named consumer's, or None."""
+    if not isinstance(name, str):
+        return f"a consumer's name must be a string, not {type(name).__name__}"
     if not 1 <= len(name) <= MAX_NAME_CHARS:
         return f"a consumer's name must be 1 to {MAX_NAME_CHARS} characters, not {len(name)}"
+    if "\x00" in name:
+        # PostgreSQL's text cannot hold one, and a name must work on either backend.
+        return "a consumer's name must not hold a NUL character"
     return None
 
 
