@@ -40,7 +40,7 @@ def test_postgresql_config_keys() -> None:
     )
     assert config.storage.backend == "postgresql"
     assert config.storage_node == f"{socket.gethostname()}:6000"
-    assert parse_config({"storage": {"node": "n1"}}).storage_node == "n1"
+    assert parse_config({"storage": {"backend": "postgresql", "dsn": "host=db", "node": "n1"}}).storage_node == "n1"
     with pytest.raises(ConfigError, match=r"\[storage\] backend must be one of sqlite, postgresql"):
         parse_config({"storage": {"backend": "mysql"}})
     with pytest.raises(ConfigError, match=r"\[storage\] dsn must be set"):
