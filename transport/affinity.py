@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from transport import arguments
 from transport.publisher import (
     BatchRefused,
     DeliveryFailed,
@@ -68,6 +69,9 @@ class AffinePublisher(Publisher):
         failover_after: float | None = None,
         **options: Any,
     ) -> None:
+        if isinstance(endpoints, str):
+            raise TypeError("endpoints must be a list of endpoints, not one string")
+        arguments.seconds("failover_after", failover_after, none=True, zero=False)
         listed = list(dict.fromkeys([*([endpoint] if endpoint else []), *endpoints]))
         if not listed:
             raise ValueError("endpoints must name at least one daemon")
@@ -113,6 +117,7 @@ class AffinePublisher(Publisher):
     def publish(self, event: dict[str, Any], timeout: float | None = None) -> None:
         """Queue one event on its topic's daemon (see :meth:`Publisher.publish`)."""
         self._check_open()
+        arguments.seconds("timeout", timeout, none=True)
         topic = event.get("topic") if isinstance(event, dict) else None
         wait = self._publishers[self.endpoints[0]].block_timeout if timeout is None else timeout
         deadline = None if wait is None else time.monotonic() + wait
@@ -142,6 +147,7 @@ class AffinePublisher(Publisher):
         """Validate every event first, then queue each on its topic's daemon; one bad event queues
         none (:class:`InvalidEvent` names its position), as :meth:`Publisher.publish_many`."""
         self._check_open()
+        arguments.seconds("timeout", timeout, none=True)
         events = list(events)
         check = self._publishers[self.endpoints[0]]._encode
         for index, event in enumerate(events):
@@ -162,6 +168,7 @@ class AffinePublisher(Publisher):
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every daemon has acknowledged everything (see :meth:`Publisher.flush`)."""
         self._check_open()
+        arguments.seconds("timeout", timeout, none=True)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             waiting = False
@@ -184,6 +191,7 @@ class AffinePublisher(Publisher):
     def poll(self, timeout: float = 0.0) -> int:
         """Do what is due on every daemon's publisher; events not yet acknowledged."""
         self._check_open()
+        arguments.seconds("timeout", timeout)
         share = timeout / len(self._publishers)
         for name, publisher in self._publishers.items():
             try:
@@ -204,6 +212,7 @@ class AffinePublisher(Publisher):
         """
         if self._closed:
             return
+        arguments.seconds("timeout", timeout, none=True)
         first = self._publishers[self.endpoints[0]]
         wait = first.close_timeout if timeout is None else timeout
         if timeout is None and first.deadline is not None:

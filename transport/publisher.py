@@ -54,6 +54,7 @@ from typing import Any
 import msgpack
 import zmq
 
+from transport import arguments
 from transport.backoff import Backoff, RetryBudget
 from transport.client import connect, connectable
 from transport.config import load_config
@@ -333,10 +334,17 @@ class Publisher:
         endpoints: Sequence[str] | None = None,
     ) -> None:
         # ``endpoints`` is taken by __new__, which makes an AffinePublisher of such a call.
-        if batch_size < 1 or window < 1:
-            raise ValueError(f"batch_size and window must be 1 or more, not {batch_size} and {window}")
-        if ack_timeout <= 0 or linger < 0:
-            raise ValueError(f"ack_timeout must be above 0 and linger 0 or more, not {ack_timeout} and {linger}")
+        arguments.text("endpoint", endpoint)
+        arguments.flag("acked", acked)
+        for name, value in (("batch_size", batch_size), ("window", window), ("keep_results", keep_results)):
+            arguments.count(name, value)
+        arguments.count("max_payload_bytes", max_payload_bytes)
+        arguments.count("max_batch_bytes", max_batch_bytes)
+        arguments.seconds("linger", linger)
+        arguments.seconds("ack_timeout", ack_timeout, zero=False)
+        arguments.seconds("deadline", deadline, none=True, zero=False)
+        arguments.seconds("block_timeout", block_timeout, none=True)
+        arguments.seconds("close_timeout", close_timeout)
         self.endpoint = endpoint
         self.acked = acked
         self.batch_size = batch_size
@@ -405,6 +413,7 @@ class Publisher:
         and :class:`BatchRefused` when the daemon refused a whole batch.
         """
         self._check_open()
+        arguments.seconds("timeout", timeout, none=True)
         packed = self._encode(event)
         self._add(event, packed, timeout)
 
@@ -414,6 +423,7 @@ class Publisher:
         :class:`InvalidEvent` names the bad event's position. Otherwise as :meth:`publish`.
         """
         self._check_open()
+        arguments.seconds("timeout", timeout, none=True)
         checked: list[tuple[dict[str, Any], bytes]] = []
         for index, event in enumerate(events):
             try:
@@ -441,6 +451,7 @@ class Publisher:
         fire-and-forget mode there is nothing to wait for: the frames are queued, not confirmed.
         """
         self._check_open()
+        arguments.seconds("timeout", timeout, none=True)
         if not self.acked:
             if self._pending.events:
                 self._send_pending(timeout)
@@ -464,6 +475,7 @@ class Publisher:
         acknowledged (in fire-and-forget mode: not yet sent). Call it from an idle loop.
         """
         self._check_open()
+        arguments.seconds("timeout", timeout)
         if timeout > 0 and self.acked:
             self._wait_until(lambda: not self._in_flight and not self._pending.events, timeout)
         else:
@@ -481,6 +493,7 @@ class Publisher:
         """
         if self._closed:
             return
+        arguments.seconds("timeout", timeout, none=True)
         if self._forks != _forks:
             flush = False  # the parent's events, which the parent still holds and sends
         wait = self.close_timeout if timeout is None else timeout

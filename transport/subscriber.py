@@ -41,8 +41,10 @@ from typing import Any
 import msgpack
 import zmq
 
+from transport import arguments
 from transport.backoff import Backoff
 from transport.client import connect
+from transport.queries import MAX_CURSOR
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +103,13 @@ class Subscriber:
         configure: Callable[[zmq.Socket[Any]], None] | None = None,
         backoff: Backoff = RECONNECT_BACKOFF,
     ) -> None:
-        if credit < 1:
-            raise ValueError(f"credit must be 1 or more, not {credit}")
+        arguments.text("endpoint", endpoint)
+        if topic is not None:
+            arguments.text("topic", topic)
+        arguments.count("credit", credit)
+        if after is not None:
+            arguments.count("after", after, minimum=0, maximum=MAX_CURSOR)
+        arguments.seconds("ack_interval", ack_interval)
         problem = None if name is None else name_problem(name)
         if problem is not None:
             raise ValueError(problem)  # here, not as a refusal the daemon sends back
@@ -169,6 +176,7 @@ class Subscriber:
         """The next event, or None when none came within ``timeout`` seconds (None: wait for ever)."""
         if self._closed:
             raise SubscriberError("the subscriber is closed")
+        arguments.seconds("timeout", timeout, none=True)
         self._reader = threading.get_ident()
         try:
             self._finish_taken()

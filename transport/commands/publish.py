@@ -36,6 +36,7 @@ from typing import Any
 
 import zmq
 
+from transport.arguments import MAX_COUNT
 from transport.client import MAX_TIMEOUT_S, connectable
 from transport.commands.client_flags import curve_from_args, endpoint_url
 from transport.config import ConfigError, IngestConfig, load_config
@@ -380,8 +381,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except (ConfigError, SecurityError) as exc:
         print(f"publish: {exc}", file=sys.stderr)
         return 2
-    if args.batch < 1 or args.processes < 1 or args.window < 1 or args.topics < 1:
-        parser.error("--batch, --processes, --window and --topics must be 1 or more")
+    if not all(1 <= value <= MAX_COUNT for value in (args.batch, args.processes, args.window, args.topics)):
+        parser.error(f"--batch, --processes, --window and --topics must be from 1 to {MAX_COUNT}")
     if args.events < 0 or not 0 <= args.duplicates < 1:
         parser.error("--events must be 0 or more and --duplicates a fraction from 0 up to (not including) 1")
     if args.events > MAX_EVENTS:
