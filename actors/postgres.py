@@ -93,8 +93,11 @@ _T = TypeVar("_T")
 MIGRATION_LOCK = 0x6576656E74616767
 # pg_try_advisory_lock key held by the one daemon whose sweep runs (see PostgresStore.try_sweep_lock).
 SWEEP_LOCK = MIGRATION_LOCK + 1
-# The subscription thread serves every consumer: one slow read must not stall it for long.
-SUBSCRIBE_STATEMENT_TIMEOUT_MS = 5_000
+# The subscription thread serves every consumer: one slow read must not stall it for long. A
+# server that hangs holds a read for ANSWER_MARGIN times this (3 s), then the connection is
+# dropped and not made again for RECONNECT_PAUSE_S: so the thread's heartbeats never stop for
+# longer than the connect timeout (3 s), within a consumer's default 5 s of patience.
+SUBSCRIBE_STATEMENT_TIMEOUT_MS = 2_000
 # How often the subscription thread reads the head for other daemons' commits: a safety net
 # while their NOTIFYs reach it, often while its LISTEN connection is being made again.
 SUBSCRIBE_POLL_S = 1.0
@@ -1088,7 +1091,15 @@ class PostgresEventSource:
         return conn
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        return self._connection().execute(sql, params).fetchall()
+        conn = self._connection()
+        try:
+            return conn.execute(sql, params).fetchall()
+        except BaseException:
+            if conn.closed or conn.broken:
+                # Lost (a hung server is given up on this way): the next read, maybe in the same
+                # pass over the subscriptions, must not block again on a connect right away.
+                self._retry_connect = time.monotonic() + RECONNECT_PAUSE_S
+            raise
 
     def head(self) -> int:
         ((head,),) = self._rows("SELECT last FROM positions")

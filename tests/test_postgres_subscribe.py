@@ -204,6 +204,25 @@ def test_subscribers_stay_connected_through_a_postgresql_outage_and_miss_nothing
 
 
 @pytest.mark.timeout(120)
+def test_subscribers_with_default_patience_stay_connected_while_postgresql_hangs(
+    daemon_factory: Callable[..., Daemon], database: str, pg: PgCluster
+) -> None:
+    """A hung server (stopped, sockets open) never answers: each read gives up after its answer
+    timeout, and the thread's heartbeats go on in between, so a consumer with the Subscriber's
+    default 5 s of patience stays subscribed."""
+    a, b = two_daemons(daemon_factory, database)
+    publish(a.ack, "--acked", "--events", "100", "--topics", "3")
+    with Subscriber(b.subscribe, after=0) as follower:
+        got = take(follower, 100)
+        with pg.frozen():
+            assert follower.next_event(9) is None  # past the 7.5 s a read once held the thread
+        publish(a.ack, "--acked", "--events", "100", "--topics", "3", "--id-prefix", "after")
+        got += take(follower, 100)
+        assert follower.reconnects == 0, b.log()
+    assert [event["position"] for event in got] == list(range(1, 201))
+
+
+@pytest.mark.timeout(120)
 def test_a_named_consumer_rides_out_a_postgresql_restart_and_its_position_is_stored_after(
     daemon_factory: Callable[..., Daemon], database: str, pg: PgCluster
 ) -> None:
