@@ -205,10 +205,9 @@ class AffinePublisher(Publisher):
         """Flush (unless ``flush`` is False), then close every daemon's publisher.
 
         By default it waits ``close_timeout``, and at least long enough for what a silent daemon
-        holds to reach the others: its publisher gives its batches up one ``ack_timeout`` after
-        their ``deadline`` (the last attempt's wait), and they get ``failover_after`` more to be
-        acknowledged elsewhere. On a timeout the error's ``events`` holds every event not
-        acknowledged.
+        holds to reach the others: its publisher gives its batches up at their ``deadline``, and
+        they get ``failover_after`` more to be acknowledged elsewhere. On a timeout the error's
+        ``events`` holds every event not acknowledged.
         """
         if self._closed:
             return
@@ -216,7 +215,7 @@ class AffinePublisher(Publisher):
         first = self._publishers[self.endpoints[0]]
         wait = first.close_timeout if timeout is None else timeout
         if timeout is None and first.deadline is not None:
-            wait = max(wait, first.deadline + first.ack_timeout + self.failover_after)
+            wait = max(wait, first.deadline + self.failover_after)
         try:
             if flush:
                 self.flush(wait)

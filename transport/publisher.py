@@ -704,13 +704,21 @@ class Publisher:
         if self._socket is not None:
             self._read_replies()
         now = time.monotonic()
+        oldest = next(iter(self._in_flight.values())) if self._in_flight else None
+        if oldest is not None and self.deadline is not None and now - oldest.first_sent >= self.deadline:
+            # At the deadline itself, not at the end of the last attempt's ack_timeout (up to
+            # ack_timeout later), and whether or not a retry's pause is running.
+            self._count_against_budget(oldest)
+            if self._socket is not None:  # an attempt was waiting for its answer: it failed too
+                self._budget.fail()
+                self._socket.close(linger=0)
+                self._socket = None
+            raise self._abandon()
         if self._socket is None:
             if self._retry_at is not None and now >= self._retry_at:
                 self._reopen(now)
-        elif self._in_flight:
-            oldest = next(iter(self._in_flight.values()))
-            if now - oldest.sent_at >= self.ack_timeout:
-                self._give_up_or_pause(oldest, now)
+        elif oldest is not None and now - oldest.sent_at >= self.ack_timeout:
+            self._give_up_or_pause(oldest, now)
         if self._pending.events and (
             now - self._pending.since >= self.linger or len(self._pending.events) >= self.batch_size
         ):
@@ -783,11 +791,7 @@ class Publisher:
         assert self._socket is not None
         self._socket.close(linger=0)
         self._socket = None
-        if self._budget_batch != oldest.batch_id:
-            # A new oldest batch means progress since the last failure: start a fresh budget.
-            self._budget.reset()
-            self._budget.start(at=oldest.first_sent)
-            self._budget_batch = oldest.batch_id
+        self._count_against_budget(oldest)
         pause = self._budget.fail()
         if pause is None:
             raise self._abandon()
@@ -801,6 +805,14 @@ class Publisher:
         if self._on_retry is not None:
             self._on_retry(self._budget.failures, pause)
         self._retry_at = now + pause
+
+    def _count_against_budget(self, oldest: _Batch) -> None:
+        """Make the retry budget the oldest batch's (from its first send), unless it is already."""
+        if self._budget_batch != oldest.batch_id:
+            # A new oldest batch means progress since the last failure: start a fresh budget.
+            self._budget.reset()
+            self._budget.start(at=oldest.first_sent)
+            self._budget_batch = oldest.batch_id
 
     def _reopen(self, now: float) -> None:
         self._socket = self._open()
