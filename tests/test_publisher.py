@@ -526,6 +526,42 @@ def test_closing_a_fail_over_publisher_waits_for_a_silent_daemons_batches_to_go_
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(60)
+def test_a_daemon_that_gave_its_events_up_is_passed_over_for_a_deadline_then_tried_again(
+    daemon: Daemon,
+) -> None:
+    dead = nowhere()
+    publisher = Publisher(endpoints=[dead, daemon.ack], batch_size=5, ack_timeout=0.3, deadline=1.5)
+    topic = next(f"t{n}" for n in range(1000) if publisher.ranking(f"t{n}")[0] == dead)
+    count = 0
+
+    def send() -> None:
+        nonlocal count
+        count += 1
+        publisher.publish(make_event(count, 1, "po") | {"topic": topic})
+        publisher.poll(0.02)
+
+    try:
+        while publisher.totals.abandoned == 0:  # its first events wait for the dead daemon's deadline
+            send()
+        gave_up = time.monotonic()
+        # Once it gave up it holds nothing, yet it is not taken for answering again: its topic's
+        # events go to the other daemon for a whole deadline (before, at once: each such round
+        # held a failover_after of events for a deadline).
+        while time.monotonic() - gave_up < 1.2:
+            send()
+            assert publisher.route(topic) == daemon.ack
+        while publisher.route(topic) != dead:  # then it is tried again
+            assert time.monotonic() - gave_up < 5
+            send()
+        publisher.flush(timeout=20)
+    finally:
+        publisher.close(timeout=20)
+    assert publisher.totals.acked_new == count
+    assert daemon.wait_stats(unique_processed=count)["unique_processed"] == count
+
+
+@pytest.mark.e2e
 def test_a_refused_batch_loses_no_event_of_publish_many_or_of_close(daemon_factory: Callable[..., Daemon]) -> None:
     # Batches of 11 to a daemon that takes 10: each is refused whole. Every event must end up
     # handed back in an exception (or stored), none dropped in silence.

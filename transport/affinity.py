@@ -10,9 +10,11 @@ wins or won move.
 A daemon that does not acknowledge (its oldest batch has waited ``failover_after`` seconds,
 or its window of batches is full for that long) is passed over: the topic's events go to the
 next daemon in the topic's ranking *while* that lasts, and back as soon as the first daemon
-acknowledges again. Batches already sent to the silent daemon stay with it (its publisher
-keeps retrying them with the same batch ids) until its ``deadline``; then they are sent through
-the other daemons. Re-sends are safe: the daemons deduplicate through their shared database.
+acknowledges again. One that gave its events up is passed over for a ``deadline`` (twice as
+long after each give-up in a row, up to eight), then tried again. Batches already sent to the
+silent daemon stay with it (its publisher keeps retrying them with the same batch ids) until
+its ``deadline``; then they are sent through the other daemons. Re-sends are safe: the
+daemons deduplicate through their shared database.
 
 Order: with one database a topic's ``seq`` is its commit order. While a topic stays on one
 daemon its events are ordered by that daemon's reorder window, as with a single daemon; during
@@ -54,6 +56,20 @@ def rendezvous_order(topic: str, endpoints: Sequence[str]) -> list[str]:
     return sorted(endpoints, key=weight, reverse=True)
 
 
+# The longest a daemon that keeps giving events up is passed over, in ``deadline``s.
+MAX_PASS_OVER = 8
+
+
+@dataclasses.dataclass(slots=True)
+class _Silence:
+    """A daemon's give-ups in a row: the last one's time, how many, and its publisher's
+    acknowledged batches then (one more means it answered again)."""
+
+    since: float
+    times: int
+    batches_acked: int
+
+
 class AffinePublisher(Publisher):
     """A :class:`Publisher` over several daemons, each topic affine to one (see the module docstring).
 
@@ -84,6 +100,7 @@ class AffinePublisher(Publisher):
         self._publishers = {name: Publisher(name, **options) for name in listed}
         self._orders: dict[str, list[str]] = {}
         self._gave_up_at: dict[str, float] = {}  # endpoint -> when its publisher last gave events up
+        self._silences: dict[str, _Silence] = {}  # endpoint -> its give-ups with no acknowledgement since
         self._closed = False
         self._forks = next(iter(self._publishers.values()))._forks
         self.totals = Totals()
@@ -101,8 +118,29 @@ class AffinePublisher(Publisher):
         return order
 
     def acknowledging(self, endpoint: str) -> bool:
-        """Whether the daemon at ``endpoint`` is answering (no batch waits longer than ``failover_after``)."""
-        return self._publishers[endpoint].oldest_unacked_age() < self.failover_after
+        """Whether the daemon at ``endpoint`` is answering: no batch waits longer than
+        ``failover_after``, and it is not being passed over after giving events up (see :meth:`_passed_over`)."""
+        publisher = self._publishers[endpoint]
+        return publisher.oldest_unacked_age() < self.failover_after and not self._passed_over(endpoint)
+
+    def _passed_over(self, endpoint: str) -> bool:
+        """Whether ``endpoint`` gave events up lately and has acknowledged nothing since.
+
+        Once its publisher gives up, it holds nothing, so by its waiting batches alone it would
+        look answering: a dead daemon would get a fresh ``failover_after`` of events every
+        ``deadline``, each to wait that long before going elsewhere. So it is passed over for
+        ``deadline`` seconds after giving up, twice as long after each give-up in a row (up to
+        :data:`MAX_PASS_OVER` times), then tried again; an acknowledgement ends it.
+        """
+        silence = self._silences.get(endpoint)
+        if silence is None:
+            return False
+        if self._publishers[endpoint].totals.batches_acked > silence.batches_acked:
+            del self._silences[endpoint]  # it answered again
+            return False
+        memory: float = self._publishers[endpoint].deadline or self.failover_after
+        passed_over_s = memory * min(2 ** (silence.times - 1), MAX_PASS_OVER)
+        return bool(time.monotonic() - silence.since < passed_over_s)
 
     def route(self, topic: str) -> str:
         """Where ``topic``'s next event goes: the first daemon of its ranking that acknowledges."""
@@ -262,6 +300,11 @@ class AffinePublisher(Publisher):
         """
         now = time.monotonic()
         self._gave_up_at[endpoint] = now
+        publisher = self._publishers[endpoint]
+        silence = self._silences.get(endpoint)
+        answered = silence is None or publisher.totals.batches_acked > silence.batches_acked
+        times = 1 if answered or silence is None else silence.times + 1
+        self._silences[endpoint] = _Silence(now, times, publisher.totals.batches_acked)
         memory = self._publishers[endpoint].deadline or self.failover_after
         others = [name for name in self.endpoints if now - self._gave_up_at.get(name, -math.inf) > memory]
         if not others:
