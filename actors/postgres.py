@@ -91,6 +91,10 @@ _T = TypeVar("_T")
 
 # pg_advisory_lock key for schema creation and migration: "eventagg" in ASCII, as a bigint.
 MIGRATION_LOCK = 0x6576656E74616767
+# How long a starting daemon waits for another's migration: less than the daemon's start-up
+# timeout (30 s), so the reason is what it reports.
+MIGRATION_LOCK_WAIT_S = 20.0
+MIGRATION_LOCK_POLL_S = 0.2
 # pg_try_advisory_lock key held by the one daemon whose sweep runs (see PostgresStore.try_sweep_lock).
 SWEEP_LOCK = MIGRATION_LOCK + 1
 # The subscription thread serves every consumer: one slow read must not stall it for long. A
@@ -278,14 +282,28 @@ def _content(row: Row) -> Content:
     return (topic, event_id, timestamp, ts_ns, source, bytes(payload))
 
 
-def migrate(conn: psycopg.Connection[Any], node: str) -> int:
+def migrate(conn: psycopg.Connection[Any], node: str, lock_wait_s: float = MIGRATION_LOCK_WAIT_S) -> int:
     """Create or migrate the schema under an advisory lock; the version it is at.
 
-    Raises :class:`StorageError` for a database made by a newer eventagg. A database already at
-    this version is only read, so a role without CREATE on the schema can run the daemon once
-    its owner has migrated it.
+    Raises :class:`StorageError` for a database made by a newer eventagg, or when another session
+    holds the lock for over ``lock_wait_s``. A database already at this version is only read, so
+    a role without CREATE on the schema can run the daemon once its owner has migrated it.
     """
-    conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+    waited_until = time.monotonic() + lock_wait_s
+    told = False
+    while not conn.execute("SELECT pg_try_advisory_lock(%s)", (MIGRATION_LOCK,)).fetchone()[0]:  # type: ignore[index]
+        if not told:
+            log.info("waiting for another daemon to finish creating or migrating the schema")
+            told = True
+        if time.monotonic() >= waited_until:
+            high, low = MIGRATION_LOCK >> 32, MIGRATION_LOCK & 0xFFFFFFFF
+            raise StorageError(
+                f"another session has held eventagg's schema lock for {lock_wait_s:g} s: a daemon still migrating a"
+                " large database (start this one again once it is done), or a stuck session (see it with SELECT pid,"
+                f" state, query FROM pg_stat_activity JOIN pg_locks USING (pid) WHERE locktype = 'advisory' AND"
+                f" classid = {high} AND objid = {low})"
+            )
+        time.sleep(MIGRATION_LOCK_POLL_S)
     try:
         (table,) = conn.execute("SELECT to_regclass('eventagg_schema')").fetchone() or (None,)
         if table is None:

@@ -280,6 +280,27 @@ def test_bad_dsn_unreachable_server_and_newer_schema_each_give_one_clear_line(
     assert "schema is version 99, made by a newer eventagg" in line
 
 
+def test_a_schema_lock_held_too_long_is_named_instead_of_an_actor_that_did_not_start(database: str) -> None:
+    import psycopg
+
+    from actors.pg_session import connect
+    from actors.postgres import MIGRATION_LOCK, migrate
+    from actors.store import StorageError
+
+    with psycopg.connect(database, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+        conn = connect(database, "waiting", "test")
+        try:
+            started = time.monotonic()
+            with pytest.raises(StorageError, match=r"another session has held eventagg's schema lock for 1 s"):
+                migrate(conn, "waiting", lock_wait_s=1.0)
+            assert 1.0 <= time.monotonic() - started < 3
+            holder.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+            assert migrate(conn, "waiting", lock_wait_s=1.0) == SCHEMA_VERSION  # then it goes on
+        finally:
+            conn.close()
+
+
 @pytest.mark.parametrize(
     "dsn",
     [
