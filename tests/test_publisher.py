@@ -654,3 +654,37 @@ def test_the_deadline_is_kept_whatever_the_ack_timeout(ack_timeout: float) -> No
     publisher.close(flush=False)
     assert 1.0 <= took < 1.6, took
     assert len(failed.value.events) == 1 and 1.0 <= failed.value.elapsed < 1.6, failed.value.elapsed
+
+
+def test_a_tuple_map_key_is_refused_at_once_and_everything_else_packs_as_plain_msgpack_does() -> None:
+    import collections
+    import enum
+
+    class Colour(str, enum.Enum):  # noqa: UP042 (the mixin, whose str() is not its value)
+        RED = "red"
+
+    class Size(enum.IntEnum):
+        BIG = 5
+
+    base = {"topic": "t", "event_id": "k", "timestamp": "2025-10-22T10:00:00Z", "source": "s"}
+    plain = msgpack.Packer(use_bin_type=True, datetime=False)
+    publisher = Publisher(nowhere(), acked=False, close_timeout=0)
+    try:
+        # Small payloads too (the depth check decodes only long ones): once sent fire-and-forget
+        # and dropped by the daemon without a word.
+        for payload in ({(1, 2): "x"}, {"a": [{"b": {(1,): 2}}]}):
+            with pytest.raises(InvalidEvent, match="map whose key is an array or a map"):
+                publisher.publish({**base, "payload": payload})
+        for payload in (
+            {"tuple": (1, 2), "nested": [(3, {"k": (4,)})]},
+            collections.OrderedDict(a=1),
+            collections.defaultdict(int, a=2),
+            {"colour": Colour.RED, "size": Size.BIG, "big": 2**63, "none": None, "yes": True},
+            {"float": type("F", (float,), {})(1.5), "list": type("L", (list,), {})([1, 2])},
+            {"bytes": b"ab", "bytearray": bytearray(b"cd"), "ext": msgpack.ExtType(3, b"x")},
+        ):
+            event = {**base, "payload": payload}
+            assert publisher._encode(event) == plain.pack(event), payload  # the bytes the daemon stores
+        assert publisher.unacknowledged == 0
+    finally:
+        publisher.close(timeout=0, flush=False)

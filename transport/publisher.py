@@ -272,6 +272,54 @@ class _Pending:
         self.size = 0
 
 
+# How a strictly typed msgpack packer gets, from a subclass of a type it packs, the value a
+# plain packer would pack (str(), int() and the like may be overridden: these read the data).
+_PLAIN_VALUES: tuple[tuple[type, Callable[[Any], Any]], ...] = (
+    (dict, dict.copy),
+    (list, list.copy),
+    (str, str.__str__),
+    (bytes, bytes.__bytes__),
+    (int, int.__int__),
+    (float, float.__float__),
+)
+
+
+class _TupleSpotter:
+    """The ``default`` of a publisher's packer (``strict_types``): packs what a plain packer
+    packs, byte for byte, and notes whether a tuple was packed.
+
+    A tuple packs as an array, and as a map key that is an array the daemon refuses the event
+    (no Python dict can hold a list as a key). Only a tuple can make one, so the packed event is
+    read back for its keys only when it held a tuple: that costs ~0.7 us an event, twice what
+    packing it does.
+    """
+
+    __slots__ = ("seen",)
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self, value: Any) -> Any:
+        if isinstance(value, tuple):
+            self.seen = True
+            return list(value)
+        for kind, plain in _PLAIN_VALUES:
+            if isinstance(value, kind):
+                return plain(value)
+        raise TypeError(f"can not serialize {type(value).__name__!r} object")
+
+
+def _check_map_keys(packed: bytes) -> None:
+    """Refuse a packed event holding a map key that is an array or a map, as the daemon would."""
+    try:
+        msgpack.unpackb(packed, raw=False, strict_map_key=False)
+    except TypeError:  # unhashable: a list or a dict as a key
+        raise InvalidEvent(
+            "event holds a map whose key is an array or a map (a tuple packs as an array); map keys must be "
+            "strings, numbers, booleans, nil or binary"
+        ) from None
+
+
 class Publisher:
     """Validates, batches and sends events to one daemon endpoint; one instance per thread.
 
@@ -367,7 +415,8 @@ class Publisher:
         self._in_flight: dict[int, _Batch] = {}
         self._next_id = 1
         self._retry_at: float | None = None  # set while the socket is closed between retries
-        self._packer = msgpack.Packer(use_bin_type=True, datetime=False)
+        self._tuples = _TupleSpotter()
+        self._packer = msgpack.Packer(use_bin_type=True, datetime=False, strict_types=True, default=self._tuples)
         self._closed = False
         # A context of its own, so close() can terminate it (which is what makes a PUSH socket's
         # linger actually deliver queued frames) without touching the application's sockets.
@@ -557,7 +606,10 @@ class Publisher:
     def _encode(self, event: dict[str, Any]) -> bytes:
         try:
             *_, payload = check_fields(event)
+            self._tuples.seen = False
             packed: bytes = self._packer.pack(event)
+            if self._tuples.seen:
+                _check_map_keys(packed)
             # Else the payload, a part of it, is within the size limit, and (each level taking a
             # byte) too short to nest too deep: a payload deep enough for the daemon to refuse
             # it would, past the frame's own limit, take its whole fire-and-forget frame down.
