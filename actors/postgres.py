@@ -212,6 +212,15 @@ MIGRATIONS: tuple[str, ...] = (
     # Each topic's last deleted commit position: a follower of some topics is told of what
     # retention deleted of them (see PostgresEventSource.expired_marks).
     "ALTER TABLE topics ADD COLUMN expired_position bigint NOT NULL DEFAULT 0",
+    # A new topic's last timestamp is below every instant, not 0: with 0 every pre-1970 event
+    # was late. A topic stuck at 0 gets its real last timestamp, max(ts_ns) of its events (a
+    # late one is below the last), or the new start when it has stored none.
+    f"""
+    ALTER TABLE topics ALTER COLUMN last_ts_ns SET DEFAULT {NO_TIMESTAMP};
+    UPDATE topics SET last_ts_ns = CASE WHEN last_seq = 0 THEN {NO_TIMESTAMP}
+        ELSE coalesce((SELECT max(ts_ns) FROM events WHERE events.topic = topics.topic), last_ts_ns) END
+    WHERE last_ts_ns = 0;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -445,9 +454,9 @@ class PostgresStore:
         }
 
     def topic_states(self, topics: Iterable[str]) -> dict[str, TopicState]:
-        """The stored last seq and last timestamp of each topic (zeros for one never seen)."""
+        """The stored last seq and last timestamp of each topic (0 and NO_TIMESTAMP for one never seen)."""
         wanted = list(topics)
-        states = dict.fromkeys(wanted, TopicState(0, 0))
+        states = dict.fromkeys(wanted, TopicState(0, NO_TIMESTAMP))
         if wanted:
             rows = (
                 self._connection()

@@ -280,6 +280,68 @@ def test_bad_dsn_unreachable_server_and_newer_schema_each_give_one_clear_line(
     assert "schema is version 99, made by a newer eventagg" in line
 
 
+def test_pre_1970_events_of_a_new_topic_are_ordered_not_late(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    """As on SQLite: a new topic starts below every instant, not at 1970 (which made every
+    pre-1970 event late), and a restart goes on from its stored last instant."""
+    import msgpack
+    from harness import push_frames
+
+    def ev(event_id: str, second: int) -> dict[str, Any]:
+        return {"topic": "old", "event_id": event_id, "timestamp": f"1960-01-01T00:00:0{second}Z", "source": "s"}
+
+    def order() -> list[tuple[str, bool]]:
+        return [(event["event_id"], event["late"]) for event in daemon.events("old")]
+
+    daemon = pg_daemon(daemon_factory, "old", database, ordering={"window_ms": 1000}).start()
+    push_frames(daemon.ingest, [msgpack.packb([ev("e3", 3), ev("e1", 1), ev("e2", 2)])])
+    daemon.wait_stats(unique_processed=3)
+    assert order() == [("e1", False), ("e2", False), ("e3", False)]
+    assert daemon.terminate() == 0
+    daemon.start()
+    push_frames(daemon.ingest, [msgpack.packb([ev("e4", 4)])])
+    daemon.wait_stats(unique_processed=4)
+    push_frames(daemon.ingest, [msgpack.packb([ev("e0", 0)])])
+    daemon.wait_stats(unique_processed=5)
+    assert order()[3:] == [("e4", False), ("e0", True)]
+    assert query(database, "SELECT late FROM topics WHERE topic = 'old'") == [(1,)]
+
+
+def test_a_topic_stuck_at_1970_by_an_older_schema_gets_its_real_last_instant(database: str) -> None:
+    import psycopg
+
+    from actors.pg_session import connect
+    from actors.postgres import MIGRATIONS, migrate
+    from actors.store import NO_TIMESTAMP
+
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE eventagg_schema (version integer PRIMARY KEY, applied_at timestamptz"
+            " NOT NULL DEFAULT now(), applied_by text NOT NULL)"
+        )
+        for version, step in enumerate(MIGRATIONS[:-1], start=1):
+            conn.execute(step)
+            conn.execute("INSERT INTO eventagg_schema (version, applied_by) VALUES (%s, 'old')", (version,))
+        conn.execute("INSERT INTO topics (topic, last_seq) VALUES ('old', 2), ('new', 0), ('now', 1)")
+        conn.execute("UPDATE topics SET last_ts_ns = 5 WHERE topic = 'now'")
+        conn.execute(
+            "INSERT INTO events (topic, event_id, seq, position, timestamp, ts_ns, source, payload, received_at)"
+            " VALUES ('old', 'a', 1, 1, '', -300, 's', '', 0), ('old', 'b', 2, 2, '', -100, 's', '', 0),"
+            " ('now', 'c', 1, 3, '', 5, 's', '', 0)"
+        )
+    writer = connect(database, "writer", "test")
+    try:
+        assert migrate(writer, "writer") == SCHEMA_VERSION
+    finally:
+        writer.close()
+    assert sorted(query(database, "SELECT topic, last_ts_ns FROM topics")) == [
+        ("new", NO_TIMESTAMP),
+        ("now", 5),
+        ("old", -100),
+    ]
+
+
 def test_a_schema_lock_held_too_long_is_named_instead_of_an_actor_that_did_not_start(database: str) -> None:
     import psycopg
 
