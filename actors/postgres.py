@@ -1061,25 +1061,44 @@ class PostgresEventSource:
         self._retry_connect = 0.0
         self._listener: psycopg.Connection[Any] | None = None
         self._retry_listen = 0.0
+        self._listening: threading.Thread | None = None  # making the LISTEN connection
+        self._made_listener: psycopg.Connection[Any] | None = None  # what it made, taken by wakeup_fd
 
     @property
     def poll_s(self) -> float:
         return SUBSCRIBE_POLL_S if self._listener is not None else SUBSCRIBE_POLL_UNHEARD_S
 
     def wakeup_fd(self, make: bool) -> int | None:
-        """The LISTEN connection's socket, readable when a commit was notified; made (again) when
-        missing and ``make``, at most once a second and only while reads work (so an unreachable
-        server costs one connect timeout per retry, not two); None while there is none."""
-        if make and self._listener is None and self._conn is not None and time.monotonic() >= self._retry_listen:
+        """The LISTEN connection's socket, readable when a commit was notified; None while there is none.
+
+        When missing and ``make``, it is made again on a thread of its own (connecting can take
+        the whole connect timeout, and the subscription thread's heartbeats must not wait for
+        it), at most once a second and only while reads work.
+        """
+        if self._listening is not None and not self._listening.is_alive():
+            self._listening = None
+            self._listener, self._made_listener = self._made_listener, None
+        if (
+            make
+            and self._listener is None
+            and self._listening is None
+            and self._conn is not None
+            and time.monotonic() >= self._retry_listen
+        ):
             self._retry_listen = time.monotonic() + RECONNECT_PAUSE_S
-            try:
-                listener = connect(self.dsn, self.node, "commit notices")
-                listener.execute(f"LISTEN {COMMITS_CHANNEL}")
-            except Exception as exc:
-                log.warning("listening for commits on %s failed (%s); polling", self.where, one_line(exc))
-            else:
-                self._listener = listener
+            self._listening = threading.Thread(target=self._make_listener, name="pg-listen", daemon=True)
+            self._listening.start()
         return None if self._listener is None else self._listener.fileno()
+
+    def _make_listener(self) -> None:
+        """On the pg-listen thread: a connection LISTENing for commits, left for :meth:`wakeup_fd`."""
+        try:
+            listener = connect(self.dsn, self.node, "commit notices")
+            listener.execute(f"LISTEN {COMMITS_CHANNEL}")
+        except Exception as exc:
+            log.warning("listening for commits on %s failed (%s); polling", self.where, one_line(exc))
+        else:
+            self._made_listener = listener
 
     def drain_wakeups(self) -> None:
         """Take the notices that arrived (their content does not matter: only that commits did)."""
@@ -1123,8 +1142,11 @@ class PostgresEventSource:
             return conn.execute(sql, params).fetchall()
         except BaseException:
             if conn.closed or conn.broken:
-                # Lost (a hung server is given up on this way): the next read, maybe in the same
-                # pass over the subscriptions, must not block again on a connect right away.
+                # Lost (a hung server is given up on this way): neither the next read, maybe in
+                # the same pass over the subscriptions, nor the LISTEN connection (made only
+                # while reads work) may block on a connect right away.
+                conn.close()
+                self._conn = None
                 self._retry_connect = time.monotonic() + RECONNECT_PAUSE_S
             raise
 
@@ -1173,11 +1195,14 @@ class PostgresEventSource:
         return (rows[0][0], int(rows[0][1])) if rows else None
 
     def close(self) -> None:
-        """Close the connections."""
-        for conn in (self._conn, self._listener):
+        """Close the connections (the one being made too, once made: at most a connect timeout)."""
+        if self._listening is not None:
+            self._listening.join(CONNECT_TIMEOUT_S + 1)
+            self._listening = None
+        for conn in (self._conn, self._listener, self._made_listener):
             if conn is not None:
                 conn.close()
-        self._conn = self._listener = None
+        self._conn = self._listener = self._made_listener = None
 
 
 class PostgresDedupActor(DedupActor):
