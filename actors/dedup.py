@@ -457,14 +457,22 @@ class DedupActor(pykka.ThreadingActor):
         if retention.max_events_per_topic:
             keep = retention.max_events_per_topic
             touched, self._touched = self._touched, set()
-            assert self._store is not None
-            over = self._store.topics_over(keep, touched)
-            for topic, excess in over:
-                while excess > 0:
-                    count = min(excess, self._chunk)
-                    excess -= count
-                    self._expire(EventStore.expire_topic_oldest, topic, count)
-                    yield
+            trimmed = False
+            try:
+                assert self._store is not None
+                over = self._store.topics_over(keep, touched)
+                for topic, excess in over:
+                    while excess > 0:
+                        # A chunk may delete fewer than asked (its bytes are bounded too).
+                        deleted = self._expire(EventStore.expire_topic_oldest, topic, min(excess, self._chunk))
+                        if deleted == 0:
+                            break
+                        excess -= deleted
+                        yield
+                trimmed = True
+            finally:
+                if not trimmed:  # failed or dropped: the next sweep looks at these topics again
+                    self._touched = None if touched is None or self._touched is None else self._touched | touched
         budget = retention.max_bytes_value
         if budget is not None:
             assert self._store is not None
@@ -474,10 +482,10 @@ class DedupActor(pykka.ThreadingActor):
                 # Pages are freed whole, so deleting a share of the events frees about that share.
                 doomed = min(stored, -(-(used - budget) * stored // used))
                 while doomed > 0:
-                    count = min(doomed, self._chunk)
-                    doomed -= count
-                    if self._expire(EventStore.expire_oldest, None, count) == 0:
+                    deleted = self._expire(EventStore.expire_oldest, None, min(doomed, self._chunk))
+                    if deleted == 0:
                         break
+                    doomed -= deleted
                     yield
             self._note_budget(retention, self._store.used_bytes(), self._counters.get("stored", 0))
         horizon = retention.dedup_horizon_s

@@ -69,6 +69,7 @@ from actors.stats import StatsActor
 from actors.store import (
     CONTENT_BACK_BYTES,
     COUNTER_NAMES,
+    EXPIRE_CHUNK_BYTES,
     NO_TIMESTAMP,
     Content,
     EventReader,
@@ -224,6 +225,18 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+# An expiry chunk's rows with their payload bytes so far (in the chunk's order): the chunk takes
+# those within EXPIRE_CHUNK_BYTES, and the first at least, as on SQLite (octet_length reads a
+# toasted value's size only).
+
+
+def _sized(order: str) -> str:
+    return (
+        "SELECT position, seq, topic, received_at, octet_length(payload) AS size,"
+        f" sum(octet_length(payload)) OVER (ORDER BY {order}) AS through"
+    )
+
+
 NODE_COUNTERS = (*COUNTER_NAMES, "topic_count")
 
 _INSERT_EVENTS = """
@@ -700,7 +713,10 @@ class PostgresStore:
 
         def chunk(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
             rows = conn.execute(
-                "SELECT position, topic, received_at FROM events ORDER BY position LIMIT %s", (max_rows,)
+                f"SELECT position, topic, received_at FROM ({_sized('position')}"
+                " FROM events ORDER BY position LIMIT %s) AS oldest"
+                " WHERE through <= %s OR through = size ORDER BY position",
+                (max_rows, EXPIRE_CHUNK_BYTES),
             ).fetchall()
             doomed = []
             for row in rows:
@@ -727,8 +743,10 @@ class PostgresStore:
         """Delete the ``count`` lowest-seq events of ``topic``; how many went."""
         return self._expire(
             lambda conn: conn.execute(
-                "SELECT position, topic, received_at FROM events WHERE topic = %s ORDER BY seq LIMIT %s",
-                (topic, count),
+                f"SELECT position, topic, received_at FROM ({_sized('seq')}"
+                " FROM events WHERE topic = %s ORDER BY seq LIMIT %s) AS oldest"
+                " WHERE through <= %s OR through = size ORDER BY seq",
+                (topic, count, EXPIRE_CHUNK_BYTES),
             ).fetchall()
         )
 
@@ -1421,10 +1439,11 @@ class PostgresDedupActor(DedupActor):
                 # Every topic, not only this daemon's: the others' writes count as well.
                 for topic, excess in store.topics_over(keep):
                     while excess > 0:
-                        count = min(excess, self._chunk)
-                        excess -= count
-                        if not self._expire_chunk(store.expire_topic_oldest, topic, count):
+                        # A chunk may delete fewer than asked (its bytes are bounded too).
+                        deleted = self._expire_chunk(store.expire_topic_oldest, topic, min(excess, self._chunk))
+                        if not deleted:
                             break
+                        excess -= deleted
                         yield
             budget = retention.max_bytes_value
             if budget is not None:

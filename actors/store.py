@@ -318,6 +318,9 @@ CHECKPOINT_INTERVAL_S = 0.2
 
 log = logging.getLogger(__name__)
 
+# The most payload bytes one expiry chunk deletes (one event at least): fingerprinting a deleted
+# event decodes its payload, ~0.5 us a msgpack value, and a chunk holds the only writer.
+EXPIRE_CHUNK_BYTES = 256 * 1024
 # The row that holds the last commit position once every event is deleted (see _keep_position).
 _POSITION_MARK = ("", "last commit position")
 
@@ -751,10 +754,11 @@ class EventStore:
         Deleting a prefix of commit order deletes a prefix of each topic's seqs, so a topic's
         stored seqs always run without gaps from its first to its last. Returns how many went.
         """
+        last = self._within_chunk_bytes("SELECT rowid, length(payload) FROM events ORDER BY rowid LIMIT ?", (max_rows,))
         rows = self._conn.execute(
             "SELECT rowid, topic, event_id, seq, ts_ns, source, payload, received_at FROM events"
-            " ORDER BY rowid LIMIT ?",
-            (max_rows,),
+            " WHERE rowid <= ? ORDER BY rowid LIMIT ?",
+            (last, max_rows),
         ).fetchall()
         doomed = []
         for row in rows:
@@ -791,16 +795,35 @@ class EventStore:
 
     def expire_topic_oldest(self, topic: str, count: int) -> int:
         """Delete the ``count`` lowest-seq events of ``topic``; returns how many went."""
+        last = self._within_chunk_bytes(
+            "SELECT seq, length(payload) FROM events WHERE topic = ? ORDER BY seq LIMIT ?", (topic, count)
+        )
         rows = self._conn.execute(
             "SELECT rowid, topic, event_id, seq, ts_ns, source, payload, received_at FROM events"
-            " WHERE topic = ? ORDER BY seq LIMIT ?",
-            (topic, count),
+            " WHERE topic = ? AND seq <= ? ORDER BY seq",
+            (topic, last),
         ).fetchall()
         if not rows:
             return 0
         self._conn.execute("DELETE FROM events WHERE topic = ? AND seq <= ?", (topic, rows[-1][3]))
         self._record_deleted(rows)
         return len(rows)
+
+    def _within_chunk_bytes(self, sql: str, params: Sequence[Any]) -> int | None:
+        """The last key (rowid or seq) of the rows ``sql`` lists as (key, payload length), in
+        order, whose payloads fit in :data:`EXPIRE_CHUNK_BYTES` (the first at least); None for none.
+
+        Each deleted event is fingerprinted (its payload decoded), with the writer held: bytes,
+        not rows, bound a chunk's time and memory (SQLite reads a blob's length without it).
+        """
+        last = None
+        total = 0
+        for key, size in self._conn.execute(sql, params):
+            total += size
+            if last is not None and total > EXPIRE_CHUNK_BYTES:
+                break
+            last = key
+        return last
 
     def forget_keys(self, committed_before: float, max_rows: int) -> int:
         """Drop up to ``max_rows`` deleted keys committed before ``committed_before`` (the dedup

@@ -363,3 +363,25 @@ def test_a_filtered_follower_is_told_of_a_hole_in_a_topic_it_was_never_sent(
 
     daemon, _ = two_daemons(daemon_factory, database, max_events_per_topic=5)
     assert_told_of_holes_in_topics_never_sent(daemon, lambda: wait_cluster(daemon, stored=7, expired=20))
+
+
+def test_an_expiry_chunk_deletes_at_most_its_bytes_of_payload_as_on_sqlite(database: str) -> None:
+    import msgpack
+
+    from actors.postgres import PostgresStore
+    from actors.store import EXPIRE_CHUNK_BYTES, TopicDelta
+
+    payload = msgpack.packb({"blob": b"x" * 100_000})
+    rows = [("t", f"e{n}", 0, "2025-10-22T10:00:00Z", n, "s", payload, 0.0, 0) for n in range(8)]
+    store = PostgresStore(database, "writer")
+    store.open()
+    try:
+        assert store.write(rows, {"t": TopicDelta(received=8)}, {"received": 8}).totals["unique_processed"] == 8
+        assert store.try_sweep_lock()
+        fit = EXPIRE_CHUNK_BYTES // len(payload)
+        assert store.expire_oldest(received_before=1.0, max_rows=500) == fit
+        assert store.expire_topic_oldest("t", 500) == fit
+        store.sweep_unlock()
+        assert query(database, "SELECT seq FROM events ORDER BY seq") == [(seq,) for seq in range(2 * fit + 1, 9)]
+    finally:
+        store.close()

@@ -228,6 +228,34 @@ def test_max_events_per_topic_keeps_exactly_each_topics_newest(daemon_factory: C
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(120)
+def test_a_sweep_that_failed_trims_its_topics_at_the_next_one(daemon_factory: Callable[..., Daemon]) -> None:
+    """The topics written since the last sweep are trimmed by the next sweep that works, even
+    with no new event of theirs (they were dropped with the failed sweep, until a restart)."""
+    daemon = retention_daemon(daemon_factory, max_events_per_topic=10, sweep_interval="250ms")
+    conn = sqlite3.connect(daemon.db_path, timeout=10)
+    try:
+        # Every delete fails while `blocked` holds a row: the next sweep fails as a full disk would fail it.
+        conn.executescript(
+            "CREATE TABLE blocked (x); INSERT INTO blocked VALUES (1);"
+            "CREATE TRIGGER no_expiry BEFORE DELETE ON events WHEN EXISTS (SELECT 1 FROM blocked)"
+            " BEGIN SELECT RAISE(ABORT, 'expiry blocked by the test'); END;"
+        )
+        publisher = Acked(daemon.ack)
+        try:
+            assert publisher.send_all([event(n, topic="a") for n in range(30)])[0] == 30
+        finally:
+            publisher.close()
+        eventually(lambda: "expiry blocked by the test" in daemon.log(), 30, "a failed sweep", detail=daemon.log)
+        conn.executescript("DROP TRIGGER no_expiry; DROP TABLE blocked;")
+    finally:
+        conn.close()
+    eventually(lambda: topic_row(daemon, "a")["count"] == 10, 15, "topic a trimmed to 10", detail=daemon.log)
+    assert [e["seq"] for e in daemon.events("a")] == list(range(21, 31))
+    invariants(daemon.wait_stats(stored=10, expired=20))
+
+
+@pytest.mark.e2e
 @pytest.mark.timeout(180)
 def test_a_replay_after_the_dedup_horizon_is_stored_again_with_a_new_seq(
     daemon_factory: Callable[..., Daemon],

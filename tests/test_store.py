@@ -131,3 +131,33 @@ def test_the_writer_takes_its_page_cache_size_in_mib(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA cache_size").fetchone() == (-8192,)  # negative: KiB
     finally:
         conn.close()
+
+
+def test_an_expiry_chunk_deletes_at_most_its_bytes_of_payload_and_one_event_at_least(tmp_path: Path) -> None:
+    """Each deleted event is fingerprinted (its payload decoded) with the writer held: a chunk
+    asked for 500 events of 100 kB takes only what fits in EXPIRE_CHUNK_BYTES (256 KiB)."""
+    import msgpack
+
+    from actors.store import EXPIRE_CHUNK_BYTES
+
+    payload = bytearray(msgpack.packb({"blob": b"x" * 100_000}))
+    store = EventStore(connect_writer(tmp_path / "events.db"))
+    rows = [(row[0], row[1], row[2], row[3], row[4], row[5], payload, row[7], row[8]) for row in rows_for("t", 8)]
+    store.begin()
+    store.insert(rows)
+    store.commit()
+    fit = EXPIRE_CHUNK_BYTES // len(payload)
+    for expire, args in ((store.expire_oldest, (None, 500)), (store.expire_topic_oldest, ("t", 500))):
+        store.begin()
+        assert expire(*args) == fit
+        store.commit()
+    seqs = [seq for (seq,) in store._conn.execute("SELECT seq FROM events WHERE topic = 't' ORDER BY seq")]
+    assert seqs == list(range(2 * fit + 1, 9))  # the oldest went, in order
+    big = bytearray(msgpack.packb({"blob": b"y" * (EXPIRE_CHUNK_BYTES + 1)}))
+    store.begin()
+    store.insert([("u", "big", 1, "2025-10-22T10:00:00Z", 0, "test", big, 0.0, 0)])
+    store.commit()
+    store.begin()
+    assert store.expire_topic_oldest("u", 10) == 1  # one event at least, however large
+    store.commit()
+    store.close()
