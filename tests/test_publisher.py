@@ -604,12 +604,17 @@ def test_a_fail_over_publisher_with_every_daemon_down_gives_up_and_hands_every_e
     assert len({e["event_id"] for e in handed_back}) == len(handed_back)
 
 
+def publisher_to_nowhere(endpoints: int, deadline: float) -> Publisher:
+    """A publisher to one daemon, or a fail-over one to two, none of which answers."""
+    targets = [nowhere() for _ in range(endpoints)]
+    where: dict[str, Any] = {"endpoints": targets} if endpoints > 1 else {"endpoint": targets[0]}
+    return Publisher(**where, batch_size=2, window=1, ack_timeout=0.3, deadline=deadline)
+
+
 @pytest.mark.parametrize("endpoints", [1, 2], ids=["one daemon", "fail-over"])
 def test_publish_many_that_fails_hands_back_every_event_it_did_not_deliver(endpoints: int) -> None:
     events = plan(40, 0.0, 4, 8, "many")
-    targets = [nowhere() for _ in range(endpoints)]
-    where: dict[str, Any] = {"endpoints": targets} if endpoints > 1 else {"endpoint": targets[0]}
-    publisher = Publisher(**where, batch_size=2, window=1, ack_timeout=0.3, deadline=1.0)
+    publisher = publisher_to_nowhere(endpoints, deadline=1.0)
     with pytest.raises(DeliveryFailed) as failed:
         publisher.publish_many(events)
     held = publisher.unacknowledged
@@ -622,9 +627,7 @@ def test_publish_many_that_fails_hands_back_every_event_it_did_not_deliver(endpo
 @pytest.mark.parametrize("endpoints", [1, 2], ids=["one daemon", "fail-over"])
 def test_publish_many_that_times_out_says_how_many_it_queued(endpoints: int) -> None:
     events = plan(40, 0.0, 4, 9, "slow")
-    targets = [nowhere() for _ in range(endpoints)]
-    where: dict[str, Any] = {"endpoints": targets} if endpoints > 1 else {"endpoint": targets[0]}
-    publisher = Publisher(**where, batch_size=2, window=1, ack_timeout=0.3, deadline=30.0)
+    publisher = publisher_to_nowhere(endpoints, deadline=30.0)
     with pytest.raises(PublishTimeout) as timed_out:
         publisher.publish_many(events, timeout=0.5)
     held = publisher.unacknowledged
