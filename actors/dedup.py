@@ -34,6 +34,7 @@ than one chunk.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import operator
@@ -462,13 +463,9 @@ class DedupActor(pykka.ThreadingActor):
                 assert self._store is not None
                 over = self._store.topics_over(keep, touched)
                 for topic, excess in over:
-                    while excess > 0:
-                        # A chunk may delete fewer than asked (its bytes are bounded too).
-                        deleted = self._expire(EventStore.expire_topic_oldest, topic, min(excess, self._chunk))
-                        if deleted == 0:
-                            break
-                        excess -= deleted
-                        yield
+                    yield from self._in_chunks(
+                        functools.partial(self._expire, EventStore.expire_topic_oldest, topic), excess
+                    )
                 trimmed = True
             finally:
                 if not trimmed:  # failed or dropped: the next sweep looks at these topics again
@@ -481,18 +478,24 @@ class DedupActor(pykka.ThreadingActor):
             if used > budget and stored:
                 # Pages are freed whole, so deleting a share of the events frees about that share.
                 doomed = min(stored, -(-(used - budget) * stored // used))
-                while doomed > 0:
-                    deleted = self._expire(EventStore.expire_oldest, None, min(doomed, self._chunk))
-                    if deleted == 0:
-                        break
-                    doomed -= deleted
-                    yield
+                yield from self._in_chunks(functools.partial(self._expire, EventStore.expire_oldest, None), doomed)
             self._note_budget(retention, self._store.used_bytes(), self._counters.get("stored", 0))
         horizon = retention.dedup_horizon_s
         if horizon is not None:
             committed_before = time.time() - horizon
             while self._forget(committed_before) == EXPIRE_CHUNK:
                 yield
+
+    def _in_chunks(self, expire: Callable[[int], int], count: int) -> Iterator[None]:
+        """Delete ``count`` events by ``expire(rows)``, one chunk of at most ``self._chunk`` rows a
+        step. A chunk may delete fewer than asked (its payload bytes are bounded too): what it did
+        delete is counted, and a chunk that deletes none ends it."""
+        while count > 0:
+            deleted = expire(min(count, self._chunk))
+            if not deleted:
+                return
+            count -= deleted
+            yield
 
     def _note_budget(self, retention: RetentionConfig, used: int, stored: int) -> None:
         """Warn once (until it is met again) when the size budget cannot be met by deleting events."""

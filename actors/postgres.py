@@ -39,6 +39,7 @@ database made by a newer version is refused.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -1438,13 +1439,9 @@ class PostgresDedupActor(DedupActor):
             if keep:
                 # Every topic, not only this daemon's: the others' writes count as well.
                 for topic, excess in store.topics_over(keep):
-                    while excess > 0:
-                        # A chunk may delete fewer than asked (its bytes are bounded too).
-                        deleted = self._expire_chunk(store.expire_topic_oldest, topic, min(excess, self._chunk))
-                        if not deleted:
-                            break
-                        excess -= deleted
-                        yield
+                    yield from self._in_chunks(
+                        functools.partial(self._expire_chunk, store.expire_topic_oldest, topic), excess
+                    )
             budget = retention.max_bytes_value
             if budget is not None:
                 # Every daemon's rows count. Oldest first in commit order, each chunk no more than
