@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -61,9 +60,9 @@ MAX_PASS_OVER = 8
 
 
 @dataclasses.dataclass(slots=True)
-class _Silence:
-    """A daemon's give-ups in a row: the last one's time, how many, and its publisher's
-    acknowledged batches then (one more means it answered again)."""
+class _GiveUps:
+    """A daemon's last give-up: when, how many in a row (with no acknowledgement between), and
+    its publisher's acknowledged batches then (more since means it answered again)."""
 
     since: float
     times: int
@@ -99,8 +98,7 @@ class AffinePublisher(Publisher):
         self.failover_after = failover_after if failover_after is not None else float(options.get("ack_timeout", 5.0))
         self._publishers = {name: Publisher(name, **options) for name in listed}
         self._orders: dict[str, list[str]] = {}
-        self._gave_up_at: dict[str, float] = {}  # endpoint -> when its publisher last gave events up
-        self._silences: dict[str, _Silence] = {}  # endpoint -> its give-ups with no acknowledgement since
+        self._give_ups: dict[str, _GiveUps] = {}  # endpoint -> its publisher's last give-up
         self._closed = False
         self._forks = next(iter(self._publishers.values()))._forks
         self.totals = Totals()
@@ -132,15 +130,18 @@ class AffinePublisher(Publisher):
         ``deadline`` seconds after giving up, twice as long after each give-up in a row (up to
         :data:`MAX_PASS_OVER` times), then tried again; an acknowledgement ends it.
         """
-        silence = self._silences.get(endpoint)
-        if silence is None:
+        give_ups = self._give_ups.get(endpoint)
+        if give_ups is None or self._answered_since(endpoint, give_ups):
             return False
-        if self._publishers[endpoint].totals.batches_acked > silence.batches_acked:
-            del self._silences[endpoint]  # it answered again
-            return False
-        memory: float = self._publishers[endpoint].deadline or self.failover_after
-        passed_over_s = memory * min(2 ** (silence.times - 1), MAX_PASS_OVER)
-        return bool(time.monotonic() - silence.since < passed_over_s)
+        passed_over_s = self._memory(endpoint) * min(1 << (give_ups.times - 1), MAX_PASS_OVER)
+        return time.monotonic() - give_ups.since < passed_over_s
+
+    def _answered_since(self, endpoint: str, give_ups: _GiveUps) -> bool:
+        return self._publishers[endpoint].totals.batches_acked > give_ups.batches_acked
+
+    def _memory(self, endpoint: str) -> float:
+        """How long a give-up of ``endpoint`` counts: its ``deadline`` (else ``failover_after``)."""
+        return self._publishers[endpoint].deadline or self.failover_after
 
     def route(self, topic: str) -> str:
         """Where ``topic``'s next event goes: the first daemon of its ranking that acknowledges."""
@@ -299,14 +300,13 @@ class AffinePublisher(Publisher):
         others cannot take is handed back with those after it, never dropped.
         """
         now = time.monotonic()
-        self._gave_up_at[endpoint] = now
-        publisher = self._publishers[endpoint]
-        silence = self._silences.get(endpoint)
-        answered = silence is None or publisher.totals.batches_acked > silence.batches_acked
-        times = 1 if answered or silence is None else silence.times + 1
-        self._silences[endpoint] = _Silence(now, times, publisher.totals.batches_acked)
-        memory = self._publishers[endpoint].deadline or self.failover_after
-        others = [name for name in self.endpoints if now - self._gave_up_at.get(name, -math.inf) > memory]
+        last = self._give_ups.get(endpoint)
+        times = 1 if last is None or self._answered_since(endpoint, last) else last.times + 1
+        self._give_ups[endpoint] = _GiveUps(now, times, self._publishers[endpoint].totals.batches_acked)
+        memory = self._memory(endpoint)
+        others = [
+            name for name in self.endpoints if name not in self._give_ups or now - self._give_ups[name].since > memory
+        ]
         if not others:
             self._refresh_totals()
             raise failed
