@@ -66,14 +66,12 @@ _PASSWORDS = (
 def without_password(text: str, dsn: str) -> str:
     """``text`` (a message about ``dsn``, which libpq may quote whole or in part) with every
     password the dsn holds replaced by ``***``."""
-    secrets = set()
-    for pattern in _PASSWORDS:
-        for found in pattern.finditer(dsn):
-            secret = found.group("secret") if "secret" in pattern.groupindex else None
-            if pattern.groupindex.get("quoted") and found.group("quoted") is not None:
-                secret = found.group("quoted")
-            if secret:
-                secrets.add(secret)
+    secrets = {
+        secret
+        for pattern in _PASSWORDS
+        for found in pattern.finditer(dsn)
+        if (secret := found.groupdict().get("quoted") or found.group("secret"))
+    }
     for secret in sorted(secrets, key=len, reverse=True):  # the longest first: one may hold another
         text = text.replace(secret, "***")
     return text

@@ -226,12 +226,12 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
-# An expiry chunk's rows with their payload bytes so far (in the chunk's order): the chunk takes
-# those within EXPIRE_CHUNK_BYTES, and the first at least, as on SQLite (octet_length reads a
-# toasted value's size only).
 
 
 def _sized(order: str) -> str:
+    """An expiry chunk's rows with their payload's ``size`` and the bytes ``through`` each, in
+    ``order``: a chunk takes those within EXPIRE_CHUNK_BYTES, and the first at least, as on
+    SQLite (octet_length reads a toasted value's size only)."""
     return (
         "SELECT position, seq, topic, received_at, octet_length(payload) AS size,"
         f" sum(octet_length(payload)) OVER (ORDER BY {order}) AS through"
