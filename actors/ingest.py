@@ -239,33 +239,46 @@ class IngestServer:
                 self._decoder.stop()
 
     def _read_messages(self) -> int:
-        """Read messages without waiting and start decoding them; return how many were read."""
-        decoder = self._decoder
+        """Read messages without waiting and start decoding them; return how many were read.
+
+        The two sockets take turns, a message each: a fire-and-forget flood that always has
+        more queued than one round's budget must not keep acknowledged batches unread.
+        """
+        readable = [(self._pull, FIRE_AND_FORGET), (self._ack_router, ACKNOWLEDGED)]
         frames = decoded_events = 0
-        for sock, kind in ((self._pull, FIRE_AND_FORGET), (self._ack_router, ACKNOWLEDGED)):
-            while decoded_events < COALESCE_EVENTS and not self._decoder_full():
+        while readable:
+            for turn in tuple(readable):
+                if decoded_events >= COALESCE_EVENTS or self._decoder_full():
+                    return frames
+                sock, kind = turn
                 try:
                     parts, refused = self._gate.receive(sock)
                 except zmq.Again:
-                    break
+                    readable.remove(turn)
+                    continue
                 frames += 1
-                if refused is not None:
-                    self._refuse_revoked(kind, parts, refused)
-                    continue
-                if kind is FIRE_AND_FORGET and len(parts) != 1:
-                    self._reject(1, f"a fire-and-forget message must be one frame, not {len(parts)}")
-                    continue
-                message = _Message(kind, parts[:-1], parts[-1])
-                self._pending.append(message)
-                if decoder is not None and decoder.send(kind, message.body):
-                    message.sent_at = time.monotonic()
-                    self._at_decoder.append(message)
-                    self._at_decoder_bytes += len(message.body)
-                else:
-                    self._decoder_refused = decoder is not None
-                    message.decoded = decode_message(kind, message.body, self._limits)
-                    decoded_events += len(message.decoded.events)
+                decoded_events += self._take_message(kind, parts, refused)
         return frames
+
+    def _take_message(self, kind: bytes, parts: list[bytes], refused: str | None) -> int:
+        """Refuse one message read, or start decoding it; how many events it decoded here (0 if sent on)."""
+        if refused is not None:
+            self._refuse_revoked(kind, parts, refused)
+            return 0
+        if kind is FIRE_AND_FORGET and len(parts) != 1:
+            self._reject(1, f"a fire-and-forget message must be one frame, not {len(parts)}")
+            return 0
+        message = _Message(kind, parts[:-1], parts[-1])
+        self._pending.append(message)
+        decoder = self._decoder
+        if decoder is not None and decoder.send(kind, message.body):
+            message.sent_at = time.monotonic()
+            self._at_decoder.append(message)
+            self._at_decoder_bytes += len(message.body)
+            return 0
+        self._decoder_refused = decoder is not None
+        message.decoded = decode_message(kind, message.body, self._limits)
+        return len(message.decoded.events)
 
     def _refuse_revoked(self, kind: bytes, parts: list[bytes], reason: str) -> None:
         """Count a message from a connection whose key was revoked, and tell an acked one why."""

@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from harness import ROOT, Daemon, publish
+from harness import ROOT, Daemon, eventually, publish
 
 pytestmark = pytest.mark.e2e  # every test here starts processes
 
@@ -203,4 +203,45 @@ def test_limits_reject_with_a_reason(daemon_factory: Callable[..., Daemon]) -> N
     log = daemon.log()
     assert "batch of 11 events is over the limit of 10" in log
     assert "payload is 205 bytes, over the limit of 100" in log
+    assert daemon.terminate() == 0
+
+
+# A publisher pushing 100-event frames as fast as the daemon takes them, until told to stop.
+ENDLESS_FLOOD_SCRIPT = r"""
+import sys, msgpack, zmq
+endpoint = sys.argv[1]
+sock = zmq.Context().socket(zmq.PUSH)
+sock.connect(endpoint)
+n = 0
+while True:
+    event = {"topic": "flood", "timestamp": "2025-10-22T10:00:00Z", "source": "s"}
+    sock.send(msgpack.packb([{**event, "event_id": f"f{n}-{j}"} for j in range(100)]))
+    n += 1
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_fire_and_forget_flood_does_not_starve_acknowledged_batches(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory().start()
+    flooder = subprocess.Popen([sys.executable, "-c", ENDLESS_FLOOD_SCRIPT, daemon.ingest], cwd=ROOT)
+    context: zmq.Context[Any] = zmq.Context()
+    dealer = context.socket(zmq.DEALER)
+    dealer.connect(daemon.ack)
+    try:
+        # The flood has filled the pull socket's queue: every read finds more of it waiting.
+        eventually(lambda: daemon.stats()["received"] >= 50_000, 30, "the flood reaches the daemon")
+        started = time.monotonic()
+        event = {"topic": "acked", "event_id": "during", "timestamp": "2025-10-22T10:00:00Z", "source": "s"}
+        dealer.send(msgpack.packb({"batch": 1, "events": [event]}))
+        assert dealer.poll(20_000), "no acknowledgement within 20 s while the flood went on"
+        reply = msgpack.unpackb(dealer.recv())
+        waited = time.monotonic() - started
+        assert flooder.poll() is None, "the flood ended before the batch was answered"
+    finally:
+        flooder.kill()
+        flooder.wait(10)
+        dealer.close(linger=0)
+        context.term()
+    assert reply["new"] == 1, reply
+    print(f"\nacknowledged during the flood after {waited:.2f} s")
     assert daemon.terminate() == 0
