@@ -221,6 +221,7 @@ class DedupActor(pykka.ThreadingActor):
         if isinstance(message, WriteBatch):
             self._write(message)
         elif isinstance(message, AddRejected):
+            self._open_group()
             self._rejected += message.count
             self._rejected_replies.extend(message.replies)
         elif isinstance(message, Sync):
@@ -314,9 +315,13 @@ class DedupActor(pykka.ThreadingActor):
             return f"storing consumer positions failed: {exc}"
         return None
 
-    def _write(self, write: WriteBatch) -> None:
+    def _open_group(self) -> None:
+        """Start the group commit's clock if nothing is held yet: it commits ``commit_max_ms`` later at most."""
         if not self._writes and not self._rejected:
             self._txn_started = time.monotonic()
+
+    def _write(self, write: WriteBatch) -> None:
+        self._open_group()
         self._writes.append(write)
         self._held.update(zip(map(_row_key, write.rows), write.rows))
         self._txn_events += write.events

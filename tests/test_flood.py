@@ -245,3 +245,56 @@ def test_a_fire_and_forget_flood_does_not_starve_acknowledged_batches(daemon_fac
     assert reply["new"] == 1, reply
     print(f"\nacknowledged during the flood after {waited:.2f} s")
     assert daemon.terminate() == 0
+
+
+# A publisher sending acknowledged requests the daemon refuses whole (an empty batch), as fast as it can.
+REFUSED_FLOOD_SCRIPT = r"""
+import sys, msgpack, zmq
+sock = zmq.Context().socket(zmq.DEALER)
+sock.connect(sys.argv[1])
+body = msgpack.packb({"batch": 1, "events": []})
+while True:
+    try:
+        sock.send(body, zmq.NOBLOCK)
+    except zmq.Again:
+        pass
+    while sock.poll(0):
+        sock.recv()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_flood_of_refused_acknowledged_requests_is_answered_in_groups(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    # gather_at_queued 0: ingest never pauses, so only the writer's pace holds the refusals back.
+    daemon = daemon_factory(ingest={"gather_at_queued": 0}).start()
+    assert daemon.proc is not None
+    flooders = [subprocess.Popen([sys.executable, "-c", REFUSED_FLOOD_SCRIPT, daemon.ack], cwd=ROOT) for _ in range(2)]
+    context: zmq.Context[Any] = zmq.Context()
+    dealer = context.socket(zmq.DEALER)
+    dealer.connect(daemon.ack)
+    try:
+        eventually(lambda: daemon.stats()["rejected"] >= 10_000, 30, "the refused requests reach the daemon")
+        with RssSampler(daemon.proc.pid) as sampler:
+            time.sleep(10)
+            started = time.monotonic()
+            event = {"topic": "acked", "event_id": "honest", "timestamp": "2025-10-22T10:00:00Z", "source": "s"}
+            dealer.send(msgpack.packb({"batch": 2, "events": [event]}))
+            assert dealer.poll(20_000), "no acknowledgement within 20 s"
+            reply = msgpack.unpackb(dealer.recv())
+            waited = time.monotonic() - started
+        assert all(flooder.poll() is None for flooder in flooders), "a flood ended early"
+    finally:
+        for flooder in flooders:
+            flooder.kill()
+            flooder.wait(10)
+        dealer.close(linger=0)
+        context.term()
+    # Each refusal once took a commit of its own: the writer fell behind, its inbox grew
+    # without bound, and an honest request waited longer the longer the flood went on.
+    print(f"\nanswered after {waited:.2f} s; RSS {sampler.samples[0]:.0f} -> peak {sampler.peak:.0f} MB")
+    assert reply["new"] == 1, reply
+    assert waited < 5, f"the honest request waited {waited:.1f} s"
+    assert sampler.peak - sampler.samples[0] < 50, f"RSS {sampler.samples[0]:.0f} -> {sampler.peak:.0f} MB"
+    assert daemon.terminate() == 0
