@@ -63,6 +63,12 @@ DECODER_STALL_S = 5.0
 DECODER_RESTARTS = 5
 DRAIN_SETTLE_S = 5.0
 DRAIN_CREDIT_S = 30.0  # on shutdown, how long decoded messages may wait for in-flight credit
+# Every reply echoes its request's envelope, and replies wait in ZeroMQ for a publisher that does
+# not read them: both are bounded, so such a publisher holds at most ACK_SNDHWM replies of at most
+# MAX_ENVELOPE_BYTES of envelope each. A REQ adds one frame, each proxy on the way one more.
+MAX_ENVELOPE_FRAMES = 16
+MAX_ENVELOPE_BYTES = 4096
+ACK_SNDHWM = 100
 
 
 class _Message:
@@ -131,7 +137,8 @@ class IngestServer:
             sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)
             if secure is not None:
                 secure(sock)
-        self._ack_router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self._ack_router.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a reply past ACK_SNDHWM is dropped: it re-sends
+        self._ack_router.setsockopt(zmq.SNDHWM, ACK_SNDHWM)
         self._pull.ipv6 = wants_ipv6(config.bind)
         self._pull.bind(config.bind)
         self._ack_router.ipv6 = wants_ipv6(config.ack_bind)
@@ -267,6 +274,18 @@ class IngestServer:
             return 0
         if kind is FIRE_AND_FORGET and len(parts) != 1:
             self._reject(1, f"a fire-and-forget message must be one frame, not {len(parts)}")
+            return 0
+        if kind is ACKNOWLEDGED and (
+            len(parts) - 2 > MAX_ENVELOPE_FRAMES or sum(map(len, parts[1:-1])) > MAX_ENVELOPE_BYTES
+        ):
+            # parts[0] is the routing id the ROUTER adds (not the sender's), all a DEALER's answer needs.
+            reason = (
+                f"an acknowledged request's envelope (the frames before its last) is {len(parts) - 2} frames of "
+                f"{sum(map(len, parts[1:-1]))} bytes, over the limit of {MAX_ENVELOPE_FRAMES} frames and "
+                f"{MAX_ENVELOPE_BYTES} bytes; send the request as one frame from a DEALER"
+            )
+            self._reject(1, reason)
+            self._answer_refused([parts[0], msgpack.packb({"batch": batch_id_of(parts[-1]), "error": reason})])
             return 0
         message = _Message(kind, parts[:-1], parts[-1])
         self._pending.append(message)

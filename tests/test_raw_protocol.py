@@ -202,6 +202,25 @@ def test_a_malformed_acknowledged_request_gets_an_error_reply_at_once(daemon: An
     assert daemon.stats()["unique_processed"] == 0
 
 
+def test_an_envelope_over_the_limit_is_refused_with_a_reason_and_one_within_it_comes_back(daemon: Any) -> None:
+    client = Dealer(daemon.ack)
+    try:
+        body = msgpack.packb({"batch": "big", "events": [event(1)]})
+        client.sock.send_multipart([b"E" * 8 * 1024 * 1024, body])  # every reply would echo 8 MiB
+        reply = client.reply()
+        assert reply["batch"] == "big" and "envelope" in reply["error"] and "4096 bytes" in reply["error"], reply
+        client.sock.send_multipart([b"hop"] * 17 + [body])
+        assert "17 frames" in client.reply()["error"]
+        client.sock.send_multipart([b"hop"] * 16 + [msgpack.packb({"batch": "ok", "events": [event(2)]})])
+        frames = receive(client.sock)
+        assert frames[:-1] == [b"hop"] * 16
+        assert msgpack.unpackb(frames[-1]) == {"batch": "ok", "new": 1, "duplicate": 0, "rejected": []}
+    finally:
+        client.close()
+    stats = daemon.stats()
+    assert stats["rejected"] == 2 and stats["unique_processed"] == 1, stats
+
+
 def test_a_msgpack_timestamp_is_stored_to_the_nanosecond_so_a_resend_differing_below_it_conflicts(daemon: Any) -> None:
     client = Dealer(daemon.ack)
     try:
