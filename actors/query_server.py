@@ -30,6 +30,7 @@ from actors.messages import QueryRequest
 from transport.config import QueryConfig, wants_ipv6
 from transport.logs import RateLimitedLog
 from transport.queries import EventsQuery, QueryError, TopicsQuery, parse_query
+from transport.schema import InvalidEvent, unpack_from_peer
 from transport.security import SocketHook
 from transport.zap import ConnectionGate
 
@@ -143,7 +144,10 @@ class QueryServer:
             self._send(envelope, self._error(f"a request must be one frame, not {len(body)}"))
             return
         try:
-            request = msgpack.unpackb(body[0], raw=False, strict_map_key=False)
+            request = unpack_from_peer(body[0])
+        except InvalidEvent as exc:
+            self._send(envelope, self._error(f"request refused: {exc}"))
+            return
         except Exception as exc:
             self._send(envelope, self._error(f"request is not valid msgpack ({type(exc).__name__})"))
             return

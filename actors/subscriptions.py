@@ -53,7 +53,7 @@ from actors.messages import SaveConsumerPositions
 from transport.config import SubscribeConfig, wants_ipv6
 from transport.logs import RateLimitedLog
 from transport.queries import MAX_CURSOR
-from transport.schema import InvalidEvent, check_topic, type_name
+from transport.schema import InvalidEvent, check_topic, type_name, unpack_from_peer
 from transport.security import SocketHook
 from transport.subscriber import MAX_FILTER_TOPICS, name_problem
 from transport.zap import ConnectionGate
@@ -529,7 +529,9 @@ class SubscriptionServer:
         if len(frames) != 1:
             raise SubscribeError(f"a message must be one frame (after the DEALER's routing), not {len(frames)}")
         try:
-            request = msgpack.unpackb(frames[0], raw=False, strict_map_key=False)
+            request = unpack_from_peer(frames[0])
+        except InvalidEvent as exc:
+            raise SubscribeError(f"message refused: {exc}") from None
         except Exception as exc:
             raise SubscribeError(f"message is not valid msgpack ({type(exc).__name__})") from None
         if not isinstance(request, dict):

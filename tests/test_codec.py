@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import msgpack
 import pytest
 
@@ -108,3 +110,57 @@ def test_an_acknowledged_request_with_thousands_of_keys_is_refused_unread_naming
     # A few unknown keys are still taken (fields a later version may add).
     few = b"\x84" + body + msgpack.packb("later") + b"\x01" + msgpack.packb("other") + b"\xc0"
     assert decode_ack_request(few)[0] == 7
+
+
+# CPython's tuple hash (xxHash's round, as in Objects/tupleobject.c), inverted: with int hashes not
+# randomized, any number of (seconds, nanoseconds) pairs, so msgpack Timestamps, share one hash.
+_M = (1 << 64) - 1
+_P1, _P2, _P5 = 11400714785074694791, 14029467366897019727, 2870177450012600261
+_PAIR_TAIL = 2 ^ (_P5 ^ 3527539)
+
+
+def _rotate_right(x: int) -> int:
+    return ((x >> 31) | (x << 33)) & _M
+
+
+def colliding_timestamps(count: int, target: int = 0x1234567890ABCDEF) -> list[msgpack.Timestamp]:
+    """``count`` distinct Timestamps whose Python hashes are all ``target``."""
+    p1_inverse, p2_inverse = pow(_P1, -1, 1 << 64), pow(_P2, -1, 1 << 64)
+    second_lane = (target - _PAIR_TAIL) & _M
+    found = []
+    nanoseconds = 0
+    while len(found) < count:
+        first_lane = (_rotate_right(second_lane * p1_inverse & _M) - nanoseconds * _P2) & _M
+        seconds = ((_rotate_right(first_lane * p1_inverse & _M) - _P5) * p2_inverse) & _M
+        if seconds < (1 << 61) - 1:  # an int below the modulus hashes to itself
+            found.append(msgpack.Timestamp(seconds, nanoseconds))
+        nanoseconds += 1
+    return found
+
+
+def test_a_payload_keyed_by_timestamps_is_refused_alone_without_building_its_map() -> None:
+    keys = colliding_timestamps(20_000)
+    assert len({hash(key) for key in keys[:50]}) == 1  # the generator works: one hash for all
+    payload = b"\xde" + len(keys).to_bytes(2, "big") + b"".join(msgpack.packb(key) + b"\xc0" for key in keys)
+    head = msgpack.packb({**GOOD, "event_id": "bad"})
+    bad = b"\x85" + head[1:] + msgpack.packb("payload") + payload
+    frame = b"\x93" + msgpack.packb(GOOD) + bad + msgpack.packb({**GOOD, "event_id": "2"})
+    started = time.monotonic()
+    batch = decode_frame(frame)
+    took = time.monotonic() - started
+    assert [e.event_id for e in batch.events] == ["1", "2"]
+    [(index, reason)] = batch.rejected
+    assert index == 1 and "a map key is a msgpack Timestamp" in reason
+    # Building the map took ~14 s on this machine: its keys are refused before it is built.
+    assert took < 2, f"decoding took {took:.1f} s"
+    # Not only colliding ones: no Timestamp is a key, in the payload or in the event map itself.
+    one = msgpack.packb({**GOOD, "payload": {msgpack.Timestamp(1, 0): 1}})
+    assert "Timestamp" in decode_frame(one).rejected[0][1]
+    outer = msgpack.packb({**GOOD, msgpack.Timestamp(1, 0): 1})
+    assert "Timestamp" in decode_frame(outer).rejected[0][1]
+
+
+def test_payloads_holding_the_byte_0xff_otherwise_are_taken() -> None:
+    payload = {"minus_one": -1, "byte": 255, "when": msgpack.Timestamp(1, 5), "raw": b"\xff\xff", -1: "key"}
+    batch = decode_frame(msgpack.packb({**GOOD, "payload": payload}))
+    assert not batch.rejected and msgpack.unpackb(batch.events[0].payload, strict_map_key=False) == payload

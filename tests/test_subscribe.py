@@ -325,6 +325,7 @@ def test_a_raw_consumer_gets_exactly_its_credit_and_bad_messages_change_nothing(
             # PostgreSQL cannot store it: refused on either backend, for good (not "unavailable").
             ((msgpack.packb({"op": "subscribe", "name": "bad\x00name"}),), "must not hold a NUL character"),
             ((msgpack.packb({"op": "subscribe", "name": 5}),), "name must be a string, not int"),
+            ((msgpack.packb({"op": "heartbeat", msgpack.Timestamp(1, 0): 1}),), "a map key is a msgpack Timestamp"),
         ]
         for frames, error in bad:
             consumer.send_raw(*frames)

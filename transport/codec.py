@@ -31,6 +31,7 @@ import msgspec
 from transport.schema import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     EMPTY_PAYLOAD,
+    MAP_KEYS,
     MAX_NAME_CHARS,
     MAX_PAYLOAD_DEPTH,
     VALID_TOPICS,
@@ -41,6 +42,7 @@ from transport.schema import (
     parse_timestamp,
     readable_depth,
     type_name,
+    unpack_from_peer,
     validate_event,
 )
 
@@ -112,7 +114,6 @@ def _fast_events(wire: list[_WireEvent], limits: Limits) -> list[Event] | None:
     """The events of a decoded frame, or None when any of them needs the exact decoder."""
     if not wire or len(wire) > limits.max_batch_events:
         return None
-    unpackb = msgpack.unpackb
     valid_topics = VALID_TOPICS
     max_payload = limits.max_payload_bytes
     nul_in_text = limits.nul_in_text
@@ -126,7 +127,7 @@ def _fast_events(wire: list[_WireEvent], limits: Limits) -> list[Event] | None:
             # Decoded only to be sure it decodes exactly as the exact decoder would (UTF-8,
             # hashable keys, not too deep for readers): the bytes that arrived are what is stored.
             if len(payload) < deep_bytes:
-                unpackb(payload, raw=False, strict_map_key=False)
+                unpack_from_peer(payload)
             elif not readable_depth(payload):  # decodes it too
                 return None
             topic = item.topic
@@ -170,16 +171,13 @@ def _reserved_ext(code: int, data: bytes) -> msgpack.ExtType:
 def _unpack_event(data: memoryview) -> Any:
     """Decode one event's span like :func:`unpack`, but with :class:`InvalidEvent` for what refuses it alone."""
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_reserved_ext)
+        return unpack_from_peer(data, ext_hook=_reserved_ext)
     except InvalidEvent:
         raise
     except TypeError as exc:
         # The span was read whole by Unpacker.skip, so the only TypeError left is a key Python
         # cannot hash: this event's fault, not the frame's.
-        raise InvalidEvent(
-            f"event holds a map whose key is an array or a map ({exc}); map keys must be strings, "
-            "numbers, booleans, nil or binary"
-        ) from None
+        raise InvalidEvent(f"event holds a map whose key is an array or a map ({exc}); {MAP_KEYS}") from None
     except (ValueError, msgpack.UnpackException) as exc:
         raise _not_msgpack(exc) from None
 

@@ -60,10 +60,12 @@ from transport.client import connect, connectable
 from transport.config import load_config
 from transport.schema import (
     DEFAULT_MAX_PAYLOAD_BYTES,
+    MAP_KEYS,
     MAX_PAYLOAD_DEPTH,
     InvalidEvent,
     check_fields,
     pack_payload,
+    unpack_from_peer,
 )
 from transport.security import SocketHook, curve_client_from_config
 
@@ -312,11 +314,10 @@ class _TupleSpotter:
 def _check_map_keys(packed: bytes) -> None:
     """Refuse a packed event holding a map key that is an array or a map, as the daemon would."""
     try:
-        msgpack.unpackb(packed, raw=False, strict_map_key=False)
+        unpack_from_peer(packed)
     except TypeError:  # unhashable: a list or a dict as a key
         raise InvalidEvent(
-            "event holds a map whose key is an array or a map (a tuple packs as an array); map keys must be "
-            "strings, numbers, booleans, nil or binary"
+            f"event holds a map whose key is an array or a map (a tuple packs as an array); {MAP_KEYS}"
         ) from None
 
 
