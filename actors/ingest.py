@@ -63,12 +63,13 @@ DECODER_STALL_S = 5.0
 DECODER_RESTARTS = 5
 DRAIN_SETTLE_S = 5.0
 DRAIN_CREDIT_S = 30.0  # on shutdown, how long decoded messages may wait for in-flight credit
-# Every reply echoes its request's envelope, and replies wait in ZeroMQ for a publisher that does
-# not read them: both are bounded, so such a publisher holds at most ACK_SNDHWM replies of at most
-# MAX_ENVELOPE_BYTES of envelope each. A REQ adds one frame, each proxy on the way one more.
+# Every reply echoes its request's envelope and waits in ZeroMQ (up to its default high-water
+# mark, 1000 a connection) for a publisher that does not read it, so the envelope is bounded. A
+# REQ adds one frame, each proxy on the way one more. (A lower mark drops replies of one commit
+# that acknowledges many batches of one connection at once: ZeroMQ counts a reply as read only
+# when its I/O thread says so.)
 MAX_ENVELOPE_FRAMES = 16
 MAX_ENVELOPE_BYTES = 4096
-ACK_SNDHWM = 100
 
 
 class _Message:
@@ -137,8 +138,7 @@ class IngestServer:
             sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)
             if secure is not None:
                 secure(sock)
-        self._ack_router.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a reply past ACK_SNDHWM is dropped: it re-sends
-        self._ack_router.setsockopt(zmq.SNDHWM, ACK_SNDHWM)
+        self._ack_router.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self._pull.ipv6 = wants_ipv6(config.bind)
         self._pull.bind(config.bind)
         self._ack_router.ipv6 = wants_ipv6(config.ack_bind)
