@@ -58,9 +58,11 @@ SHUTDOWN_DRAIN_FRAMES = 100_000
 # most: enough to keep the decoder busy, few enough to hold while the in-flight credit is spent.
 MAX_AT_DECODER = 32
 MAX_AT_DECODER_BYTES = 8 * 1024 * 1024
-# A decoder process that has not answered the oldest message for this long is taken for stuck.
+# A decoder process that has answered nothing for this long while messages wait is taken for stuck.
 DECODER_STALL_S = 5.0
+# More restarts than this within DECODER_RESTART_WINDOW_S: decoding moves to the ingest thread for good.
 DECODER_RESTARTS = 5
+DECODER_RESTART_WINDOW_S = 600.0
 DRAIN_SETTLE_S = 5.0
 DRAIN_CREDIT_S = 30.0  # on shutdown, how long decoded messages may wait for in-flight credit
 # Every reply echoes its request's envelope and waits in ZeroMQ (up to its default high-water
@@ -125,6 +127,8 @@ class IngestServer:
         self._at_decoder: deque[_Message] = deque()  # those of them sent to the decoder, in order
         self._at_decoder_bytes = 0
         self._decoder_restarts = 0
+        self._recent_restarts: deque[float] = deque()  # when, for the budget of DECODER_RESTARTS
+        self._decoder_answered_at = 0.0
         self._decoder_refused = False  # it could not take a message: is it still there?
 
         # Sockets are made and bound here, on the caller's thread, so a bad endpoint fails the
@@ -325,6 +329,7 @@ class IngestServer:
         """The oldest message out at the decoder is decoded (there, or here): take it off the count."""
         message = self._at_decoder.popleft()
         message.decoded = decoded
+        self._decoder_answered_at = time.monotonic()
         self._at_decoder_bytes -= len(message.body)
         message.body = b""  # decoded: the frame is no longer needed
 
@@ -393,8 +398,12 @@ class IngestServer:
         return tickets
 
     def _decoder_stalled(self) -> bool:
-        """Whether the decoder has not answered its oldest message for ``DECODER_STALL_S``."""
-        return bool(self._at_decoder) and time.monotonic() - self._at_decoder[0].sent_at > DECODER_STALL_S
+        """Whether messages wait and the decoder has answered none for ``DECODER_STALL_S`` (a queue of
+        slow but answered messages is progress, however long the last of them has waited)."""
+        if not self._at_decoder:
+            return False
+        since = max(self._at_decoder[0].sent_at, self._decoder_answered_at)
+        return time.monotonic() - since > DECODER_STALL_S
 
     def _check_decoder(self) -> bool:
         """If the decoder died or is stuck, decode its waiting messages here and start a new one.
@@ -419,12 +428,18 @@ class IngestServer:
                 self._refuse_oldest(what)
             else:
                 oldest.suspect = True
-        if self._decoder_restarts >= DECODER_RESTARTS:
+        now = time.monotonic()
+        recent = self._recent_restarts
+        while recent and recent[0] < now - DECODER_RESTART_WINDOW_S:
+            recent.popleft()
+        if len(recent) >= DECODER_RESTARTS:
             log.error(
-                "the decoder process failed %d times; frames are decoded on the ingest thread from now on",
-                self._decoder_restarts + 1,
+                "the decoder process failed %d times in %.0f s; frames are decoded on the ingest thread from now on",
+                len(recent) + 1,
+                now - recent[0],
             )
         else:
+            recent.append(now)
             self._decoder_restarts += 1
             try:
                 decoder.start()  # on new sockets: a late result of the old process is never read
