@@ -536,7 +536,11 @@ class Daemon:
         set_level(fresh.log.level)
         if self.security is not None:
             self.security.reload()
-        log.warning("SIGHUP: reloaded %s; log level is now %s (other changes need a restart)", source, fresh.log.level)
+        log.warning(
+            "SIGHUP: re-read %s: log level %s (changes other than it and the authorized keys need a restart)",
+            source,
+            fresh.log.level,
+        )
 
     def _notify_ready(self) -> None:
         """Tell systemd the daemon is ready, then keep its status and watchdog fed (only under systemd)."""

@@ -122,7 +122,7 @@ def test_a_signal_to_the_daemons_whole_process_group_leaves_the_decoder_to_the_d
     daemon.wait_stats(unique_processed=500)
     os.killpg(daemon.proc.pid, signum)
     if signum == signal.SIGHUP:
-        eventually(lambda: "SIGHUP: reloaded" in daemon.log(), 20, "the daemon handles SIGHUP")
+        eventually(lambda: "SIGHUP: re-read" in daemon.log(), 20, "the daemon handles SIGHUP")
         assert decoder_pids(daemon) == [pid]
         assert daemon.terminate() == 0
     else:

@@ -337,13 +337,13 @@ def test_journald_format_under_systemd_and_timestamps_otherwise(daemon_factory: 
     plain.start(env=env)
     assert journald.proc is not None
     journald.proc.send_signal(signal.SIGHUP)  # reloads the log level and says so
-    eventually(lambda: "SIGHUP: reloaded" in journald.log(), 10, "the journald daemon logs its reload")
+    eventually(lambda: "SIGHUP: re-read" in journald.log(), 10, "the journald daemon logs its reload")
     assert journald.terminate() == 0 and plain.terminate() == 0
 
     lines = log_lines(journald)
     assert lines and all(re.match(r"<[0-7]>[\w.]+: ", line) for line in lines), lines
     assert any(line.startswith("<6>actors.daemon: eventagg ready") for line in lines)
-    assert any(line.startswith("<4>actors.daemon: SIGHUP: reloaded") for line in lines), lines
+    assert any(line.startswith("<4>actors.daemon: SIGHUP: re-read") for line in lines), lines
     assert not any(re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d", line) for line in lines)
 
     lines = log_lines(plain)
