@@ -350,6 +350,8 @@ def _ack_outline(frame: bytes) -> tuple[Any, tuple[int, int] | None]:
                 events_at = (start, unpacker.tell())
             else:
                 unpacker.skip()
+    except FrameError:
+        raise
     except (ValueError, msgpack.UnpackException) as exc:
         raise _not_msgpack(exc) from None
     if unpacker.tell() != len(frame):
