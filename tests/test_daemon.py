@@ -670,3 +670,15 @@ def test_a_sighup_with_a_config_file_gone_bad_is_logged_and_sigterm_still_stops_
     eventually(lambda: "SIGHUP: config not reloaded" in daemon.log() or None, 10, "the reload refused")
     assert "is not UTF-8 text" in daemon.log() and "Traceback" not in daemon.log()
     assert daemon.terminate(timeout=20) == 0
+
+
+def test_stats_prints_the_counters_when_only_health_is_slow(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory().start(env={**os.environ, "EVENTAGG_TEST_HOOKS": "1"})
+    push_frames(daemon.ingest, [msgpack.packb(EVENT)])
+    daemon.wait_stats(unique_processed=1)
+    # A frozen writer: health pings it and waits; the counters are the stats actor's own.
+    assert "error" not in daemon.request({"op": "debug_freeze", "actor": "dedup", "seconds": 6})
+    result = run_script("stats.py", "--endpoint", daemon.query, "--timeout", "1.5", "--json", timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["unique_processed"] == 1
+    assert "its health did not answer within 1.5 s" in result.stderr

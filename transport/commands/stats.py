@@ -17,7 +17,7 @@ import json
 import sys
 from typing import Any
 
-from transport.client import QueryClient
+from transport.client import NoAnswer, QueryClient
 from transport.commands.client_flags import add_endpoint_args, query_daemon, run_command
 
 ORDER = (
@@ -50,7 +50,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     def ask(client: QueryClient) -> tuple[dict[str, Any], Any]:
         # The counters alone do not show a daemon in trouble (a failing commit leaves in_flight
         # stuck and nothing else): its health's sentence goes to stderr.
-        return client.call({"op": "stats"}), client.request({"op": "health"}).get("error")
+        stats = client.call({"op": "stats"})
+        try:
+            return stats, client.request({"op": "health"}).get("error")
+        except NoAnswer:  # the counters came: print them, and say that health did not
+            return stats, f"its health did not answer within {client.timeout:g} s"
 
     endpoint, (stats, problem) = query_daemon(args, "stats", ask)
     if problem:
