@@ -122,6 +122,10 @@ def test_watchdog_interval_is_half_of_watchdog_usec_and_only_for_us() -> None:
     assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "42"}, pid=43) is None
     with pytest.raises(NotifyError, match="WatchdogSec"):
         watchdog_interval({"WATCHDOG_USEC": "soon"})
+    # 1 us once made the daemon ping its actors in a busy loop, logging thousands of errors.
+    with pytest.raises(NotifyError, match="under 1 s.*WatchdogSec= in the unit to 10s or more"):
+        watchdog_interval({"WATCHDOG_USEC": "1"})
+    assert watchdog_interval({"WATCHDOG_USEC": "1000000"}) == 0.5
 
 
 def test_status_line_gives_rate_totals_and_silent_parts() -> None:

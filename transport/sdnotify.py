@@ -45,6 +45,10 @@ def notify_address(value: str) -> str | bytes:
     )
 
 
+MIN_WATCHDOG_USEC = 1_000_000
+"""The shortest watchdog taken: below it the pings of every actor would run back to back."""
+
+
 def watchdog_interval(environ: Mapping[str, str] | None = None, pid: int | None = None) -> float | None:
     """Seconds between ``WATCHDOG=1`` notifications (half of ``$WATCHDOG_USEC``), or None if off.
 
@@ -69,6 +73,11 @@ def watchdog_interval(environ: Mapping[str, str] | None = None, pid: int | None 
         raise NotifyError(f"$WATCHDOG_USEC={raw!r} is negative; fix WatchdogSec= in the unit")
     if usec == 0:
         return None
+    if usec < MIN_WATCHDOG_USEC:
+        raise NotifyError(
+            f"$WATCHDOG_USEC={raw!r} is under {MIN_WATCHDOG_USEC // 1_000_000} s, less than a liveness ping of "
+            "every actor may take; set WatchdogSec= in the unit to 10s or more (the unit ships 30s)"
+        )
     return usec / 2_000_000
 
 
