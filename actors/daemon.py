@@ -52,8 +52,10 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 30.0
 INGEST_DRAIN_TIMEOUT_S = 15.0
-# ... while commits fail: what waits for in-flight credit gets it only if one succeeds meanwhile.
+# ... while commits fail: what waits for in-flight credit gets it only if one succeeds meanwhile,
+# so the writer is asked to try again every DRAIN_RETRY_S (its own back-off is for a running daemon).
 FAILING_DRAIN_TIMEOUT_S = 3.0
+DRAIN_RETRY_S = 0.5
 DRAIN_TIMEOUT_S = 60.0
 DEDUP_TICK_S = 0.1
 SWITCH_INTERVAL_S = 0.0005
@@ -411,18 +413,25 @@ class Daemon:
         self.notifier.stopping(f"{fatal}stopping: draining {self.in_flight.value:,} events in flight")
         self._stop.set()
         self.live.waiting.set()  # after _stop: the ticker may sleep on it, and must see the stop
+        failing = self.live.last_commit_error is not None
+        wait = FAILING_DRAIN_TIMEOUT_S if failing else INGEST_DRAIN_TIMEOUT_S
+        deadline = time.monotonic() + wait
+        read_all = True
         if self.ingest is not None:
             self.ingest.stop_accepting()
             # Let the ingest thread take what its sockets already hold (and have it decoded).
-            failing = self.live.last_commit_error is not None
-            wait = FAILING_DRAIN_TIMEOUT_S if failing else INGEST_DRAIN_TIMEOUT_S
-            if self.ingest.alive and not self.ingest.wait_drained(wait):
+            read_all = not self.ingest.alive or self._wait_ingest_drained(deadline)
+            if not read_all:
                 log.warning(
                     "ingest did not finish reading what was queued within %.0f s%s",
                     wait,
                     f" (commits are failing: {self.live.last_commit_error})" if failing else "",
                 )
         drained = self.drain()
+        while not drained and self.live.last_commit_error is not None and time.monotonic() < deadline:
+            time.sleep(DRAIN_RETRY_S)
+            drained = self.drain()
+        drained = drained and read_all  # what stayed queued in the sockets is lost as well
         if self.ingest is not None:
             self.ingest.close()
         if self.query is not None:
@@ -448,6 +457,17 @@ class Daemon:
             "" if drained else " (drain incomplete)",
         )
         return drained
+
+    def _wait_ingest_drained(self, deadline: float) -> bool:
+        """Wait until the ingest thread has handed on what its sockets held, or ``deadline``; while
+        commits fail, ask the writer to try again meanwhile: what waits needs the credit back."""
+        assert self.ingest is not None
+        while not self.ingest.wait_drained(max(0.0, min(DRAIN_RETRY_S, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                return False
+            if self.live.last_commit_error is not None and self.dedup is not None:
+                self.dedup.tell(Sync())  # commits what it holds now, whatever its back-off says
+        return True
 
     def _stop_actors(self) -> None:
         refs = list(self.actors.values()) + ([self.reader] if self.reader is not None else [])

@@ -14,6 +14,7 @@ import re
 import shutil
 import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -241,3 +242,30 @@ def test_sigterm_with_the_disk_full_and_events_waiting_stops_without_a_traceback
     assert "ingest did not finish reading what was queued within 3 s (commits are failing: " in log
     assert "drain incomplete" in log
     assert time.monotonic() - started < 10  # 15 s for credit that failing commits never give, then 10 more
+
+
+@pytest.mark.parametrize("max_in_flight", [20_000, 500])  # 500: ingest also waits for credit
+def test_sigterm_with_the_disk_full_commits_everything_if_space_comes_back_within_3_s(
+    daemon_factory: Callable[..., Daemon], tiny_disk: Path, max_in_flight: int
+) -> None:
+    # The writer's own back-off (5 s after the first failure) is for a running daemon: a stop
+    # once tried one commit at once and exited 1 with nothing stored, or never retried while it
+    # waited and exited 0 with the events still queued in the socket lost.
+    daemon = daemon_factory(
+        storage={"path": str(tiny_disk / "events.db")}, ingest={"max_in_flight": max_in_flight}
+    ).start()
+    filler = tiny_disk / "filler"
+    fill(filler)
+    frames = [msgpack.packb([make_event(i * 100 + j, 50, "back-") for j in range(100)]) for i in range(10)]
+    push_frames(daemon.ingest, frames)
+    eventually(lambda: "failed (database or disk is full)" in daemon.log(), 30, "a commit failing")
+    eventually(lambda: daemon.stats()["in_flight"] >= min(1_000, max_in_flight), 30, "events waiting for a commit")
+    freeing = threading.Timer(0.5, filler.unlink)
+    freeing.start()
+    try:
+        status = daemon.terminate(90)
+    finally:
+        freeing.join()
+    with sqlite3.connect(tiny_disk / "events.db") as conn:
+        stored = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    assert (status, stored) == (0, 1_000), (status, stored, daemon.log()[-3000:])
