@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import gc
 import logging
+import os
 import select
 import signal
 import socket
@@ -57,6 +58,9 @@ INGEST_DRAIN_TIMEOUT_S = 15.0
 FAILING_DRAIN_TIMEOUT_S = 3.0
 DRAIN_RETRY_S = 0.5
 DRAIN_TIMEOUT_S = 60.0
+# After the drain, all the actors together: an actor stuck in a call that never returns (a
+# storage server that stopped answering) must not keep the stop past systemd's TimeoutStopSec.
+ACTORS_STOP_TIMEOUT_S = 15.0
 DEDUP_TICK_S = 0.1
 SWITCH_INTERVAL_S = 0.0005
 GC_THRESHOLDS = (500_000, 20, 100)
@@ -114,6 +118,7 @@ class Daemon:
         self._ticker: threading.Thread | None = None
         self.notifier = Notifier.from_environment()
         self._monitor: ServiceMonitor | None = None
+        self.stuck: list[str] = []  # actors that did not stop when asked (see stop)
 
     @property
     def actors(self) -> dict[str, pykka.ActorRef[Any]]:
@@ -444,9 +449,19 @@ class Daemon:
             self._ticker.join(2.0)
         if self._monitor is not None:
             self._monitor.join(2.0)
-        self._stop_actors()
-        self.head.close()
-        self.context.term()
+        self.stuck = self._stop_actors()
+        if self.stuck:
+            # Their sockets stay open in their threads, so the context could not end: the process
+            # exits without it (see run). Nothing uncommitted was acknowledged.
+            log.error(
+                "actor(s) %s did not stop within %.0f s; exiting without them",
+                ", ".join(self.stuck),
+                ACTORS_STOP_TIMEOUT_S,
+            )
+            drained = False
+        else:
+            self.head.close()
+            self.context.term()
         counters = self.live.committed
         log.info(
             "stopped: received %d, unique %d, duplicates %d, rejected %d%s",
@@ -469,13 +484,19 @@ class Daemon:
                 self.dedup.tell(Sync())  # commits what it holds now, whatever its back-off says
         return True
 
-    def _stop_actors(self) -> None:
-        refs = list(self.actors.values()) + ([self.reader] if self.reader is not None else [])
-        for ref in reversed(refs):
+    def _stop_actors(self) -> list[str]:
+        """Stop the actors, newest first, within ``ACTORS_STOP_TIMEOUT_S`` in all; the names of those still running."""
+        named = [*self.actors.items(), *([("reader", self.reader)] if self.reader is not None else [])]
+        deadline = time.monotonic() + ACTORS_STOP_TIMEOUT_S
+        stuck = []
+        for name, ref in reversed(named):
             try:
-                ref.stop(timeout=DRAIN_TIMEOUT_S)
-            except (pykka.Timeout, pykka.ActorDeadError):
-                log.error("an actor did not stop in time")
+                ref.stop(timeout=max(0.1, deadline - time.monotonic()))
+            except pykka.Timeout:
+                stuck.append(name)
+            except pykka.ActorDeadError:
+                pass
+        return stuck
 
     def run(self) -> int:
         """Start, serve until SIGTERM or SIGINT, stop; the process exit status."""
@@ -503,7 +524,12 @@ class Daemon:
             self._notify_ready()
             if not self._serve(woken):
                 return 1
-            return 0 if self.stop() and self.live.fatal is None else 1
+            status = 0 if self.stop() and self.live.fatal is None else 1
+            if self.stuck:
+                # A stuck actor's thread would hold the interpreter's exit for ever (pykka's are not daemon threads).
+                logging.shutdown()
+                os._exit(1)
+            return status
         finally:
             signal.set_wakeup_fd(previous_fd)
             wake.close()

@@ -682,3 +682,23 @@ def test_stats_prints_the_counters_when_only_health_is_slow(daemon_factory: Call
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["unique_processed"] == 1
     assert "its health did not answer within 1.5 s" in result.stderr
+
+
+@pytest.mark.timeout(120)
+def test_an_actor_that_does_not_stop_ends_the_stop_in_bounded_time_with_status_1(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    daemon = daemon_factory().start(env={**os.environ, "EVENTAGG_TEST_HOOKS": "1"})
+    push_frames(daemon.ingest, [msgpack.packb(EVENT)])
+    daemon.wait_stats(unique_processed=1)
+    # The reader stands for an actor stuck in a call that does not return (a storage server
+    # that stopped answering): it is not on the drain's path, so only the actors' stop waits.
+    assert "error" not in daemon.request({"op": "debug_freeze", "actor": "reader", "seconds": 100})
+    started = time.monotonic()
+    status = daemon.terminate(90)
+    took = time.monotonic() - started
+    log = daemon.log()
+    assert status == 1, log[-2000:]
+    assert took < 30, f"the stop took {took:.0f} s"  # 15 s for the actors, then out (it took 100 s)
+    assert "actor(s) reader did not stop within 15 s; exiting without them" in log
+    assert "Traceback" not in log
