@@ -88,6 +88,7 @@ def test_state_directory_wins_for_a_relative_storage_path(tmp_path: Path, monkey
         ("not toml at all [", "not valid TOML"),
         # Each actor is a thread: 100 000 of them ended in "can't start new thread" after 600 MB.
         ("[ordering]\nactors = 100000\n", r"\[ordering\] actors must be at most 256 \(each is a thread"),
+        ("[ordering]\nwindow_ms = 99999999999999\n", r"\[ordering\] window_ms must be at most 3600000 \(an hour"),
         ("[ingest]\nrcvhwm = 2147483648\n", r"\[ingest\] rcvhwm must be at most 2147483647 \(ZeroMQ takes it"),
     ],
 )

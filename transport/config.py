@@ -374,6 +374,10 @@ _POSITIVE = {
 # Upper bounds below the 64-bit one, and why.
 _MAXIMA = {
     ("ordering", "actors"): (256, "each is a thread, and more than the CPUs gains nothing: see docs/performance.md"),
+    ("ordering", "window_ms"): (
+        3_600_000,
+        "an hour: every event waits that long before it is stored or acknowledged, and publishers give up sooner",
+    ),
     ("ingest", "rcvhwm"): (2**31 - 1, "ZeroMQ takes it as a C int"),
     ("http", "workers"): (256, "each is a process"),
     ("http", "publishers"): (1024, "each holds a connection to the daemon"),
