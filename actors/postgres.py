@@ -907,10 +907,19 @@ class PostgresReader:
         if self._connected is not None:
             self._conn, self._connected = self._connected, None
             return self._conn
-        if answer_within is not None and time.monotonic() - self._troubled_at < TROUBLED_S:
+        if answer_within is not None:
             if self._connecting is None or not self._connecting.is_alive():
                 self._connecting = threading.Thread(target=self._connect_for_probes, name="pg-reconnect", daemon=True)
                 self._connecting.start()
+            if time.monotonic() - self._troubled_at >= TROUBLED_S:
+                # Not in trouble lately: worth the probe's own time (a healthy server connects in
+                # milliseconds), never connect_timeout's.
+                self._connecting.join(answer_within)
+                if self._connected is not None:
+                    self._conn, self._connected = self._connected, None
+                    return self._conn
+                self._troubled_at = time.monotonic()
+                raise StorageError(f"{self.where} did not take a connection within {answer_within:g} s; reconnecting")
             raise StorageError(f"{self.where} did not answer lately; reconnecting{self._connect_error}")
         try:
             self._conn = self._connect()

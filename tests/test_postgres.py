@@ -700,6 +700,24 @@ def test_a_hung_server_leaves_stats_and_health_answering_and_the_daemon_writing_
         publisher.close()
 
 
+def test_a_stats_that_must_connect_while_the_server_hangs_waits_no_longer_than_its_bound(
+    daemon_factory: Callable[..., Daemon], database: str, pg: PgCluster
+) -> None:
+    """A reader whose connection a server restart ended connects again at the next stats: while
+    the server hangs, that took connect_timeout (3 s) to say so, past a client's 2 s patience."""
+    daemon = pg_daemon(daemon_factory, "node0", database).start()
+    assert "cluster" in daemon.stats()
+    pg.stop()
+    pg.start()
+    with pg.frozen():
+        started = time.monotonic()
+        stats = daemon.request({"op": "stats"}, timeout=10)
+        waited = time.monotonic() - started
+        assert "cluster_error" in stats, stats
+        assert waited < 1.5, f"stats took {waited:.2f} s"
+    eventually(lambda: "cluster" in daemon.stats() or None, timeout=30, what="the cluster counters once it wakes")
+
+
 def test_the_server_side_keepalives_are_set_unless_configured(database: str) -> None:
     """After a partition the server must end the writer's old session (and free its node lock)
     within seconds: its side of the keepalives is set, unless the server or database sets it."""
