@@ -206,6 +206,16 @@ def test_limits_reject_with_a_reason(daemon_factory: Callable[..., Daemon]) -> N
     assert daemon.terminate() == 0
 
 
+def answered_after(dealer: zmq.Socket[Any], event_id: str) -> tuple[dict[str, Any], float]:
+    """Send one acknowledged one-event batch; its reply and how long it took (20 s at most)."""
+    started = time.monotonic()
+    event = {"topic": "acked", "event_id": event_id, "timestamp": "2025-10-22T10:00:00Z", "source": "s"}
+    dealer.send(msgpack.packb({"batch": event_id, "events": [event]}))
+    assert dealer.poll(20_000), "no acknowledgement within 20 s"
+    reply: dict[str, Any] = msgpack.unpackb(dealer.recv())
+    return reply, time.monotonic() - started
+
+
 # A publisher pushing 100-event frames as fast as the daemon takes them, until told to stop.
 ENDLESS_FLOOD_SCRIPT = r"""
 import sys, msgpack, zmq
@@ -230,12 +240,7 @@ def test_a_fire_and_forget_flood_does_not_starve_acknowledged_batches(daemon_fac
     try:
         # The flood has filled the pull socket's queue: every read finds more of it waiting.
         eventually(lambda: daemon.stats()["received"] >= 50_000, 30, "the flood reaches the daemon")
-        started = time.monotonic()
-        event = {"topic": "acked", "event_id": "during", "timestamp": "2025-10-22T10:00:00Z", "source": "s"}
-        dealer.send(msgpack.packb({"batch": 1, "events": [event]}))
-        assert dealer.poll(20_000), "no acknowledgement within 20 s while the flood went on"
-        reply = msgpack.unpackb(dealer.recv())
-        waited = time.monotonic() - started
+        reply, waited = answered_after(dealer, "during")
         assert flooder.poll() is None, "the flood ended before the batch was answered"
     finally:
         flooder.kill()
@@ -278,12 +283,7 @@ def test_a_flood_of_refused_acknowledged_requests_is_answered_in_groups(
         eventually(lambda: daemon.stats()["rejected"] >= 10_000, 30, "the refused requests reach the daemon")
         with RssSampler(daemon.proc.pid) as sampler:
             time.sleep(10)
-            started = time.monotonic()
-            event = {"topic": "acked", "event_id": "honest", "timestamp": "2025-10-22T10:00:00Z", "source": "s"}
-            dealer.send(msgpack.packb({"batch": 2, "events": [event]}))
-            assert dealer.poll(20_000), "no acknowledgement within 20 s"
-            reply = msgpack.unpackb(dealer.recv())
-            waited = time.monotonic() - started
+            reply, waited = answered_after(dealer, "honest")
         assert all(flooder.poll() is None for flooder in flooders), "a flood ended early"
     finally:
         for flooder in flooders:
