@@ -118,7 +118,7 @@ class Daemon:
         self._ticker: threading.Thread | None = None
         self.notifier = Notifier.from_environment()
         self._monitor: ServiceMonitor | None = None
-        self.stuck: list[str] = []  # actors that did not stop when asked (see stop)
+        self.stuck_actors: list[str] = []  # those that did not stop when asked (see stop)
 
     @property
     def actors(self) -> dict[str, pykka.ActorRef[Any]]:
@@ -449,13 +449,13 @@ class Daemon:
             self._ticker.join(2.0)
         if self._monitor is not None:
             self._monitor.join(2.0)
-        self.stuck = self._stop_actors()
-        if self.stuck:
+        self.stuck_actors = self._stop_actors()
+        if self.stuck_actors:
             # Their sockets stay open in their threads, so the context could not end: the process
             # exits without it (see run). Nothing uncommitted was acknowledged.
             log.error(
                 "actor(s) %s did not stop within %.0f s; exiting without them",
-                ", ".join(self.stuck),
+                ", ".join(self.stuck_actors),
                 ACTORS_STOP_TIMEOUT_S,
             )
             drained = False
@@ -525,7 +525,7 @@ class Daemon:
             if not self._serve(woken):
                 return 1
             status = 0 if self.stop() and self.live.fatal is None else 1
-            if self.stuck:
+            if self.stuck_actors:
                 # A stuck actor's thread would hold the interpreter's exit for ever (pykka's are not daemon threads).
                 logging.shutdown()
                 os._exit(1)

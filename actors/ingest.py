@@ -88,6 +88,18 @@ class _Message:
         self.suspect = False  # a decoder process ended while decoding it
 
 
+def _envelope_problem(parts: list[bytes]) -> str | None:
+    """Why an acknowledged message's envelope (the sender's frames before its last) is refused, or None."""
+    frames, size = len(parts) - 2, sum(map(len, parts[1:-1]))
+    if frames <= MAX_ENVELOPE_FRAMES and size <= MAX_ENVELOPE_BYTES:
+        return None
+    return (
+        f"an acknowledged request's envelope (the frames before its last) is {frames} frames of {size} bytes, "
+        f"over the limit of {MAX_ENVELOPE_FRAMES} frames and {MAX_ENVELOPE_BYTES} bytes; "
+        "send the request as one frame from a DEALER"
+    )
+
+
 class IngestServer:
     """Binds the ingest sockets and runs the ingest loop on its own thread."""
 
@@ -279,17 +291,11 @@ class IngestServer:
         if kind is FIRE_AND_FORGET and len(parts) != 1:
             self._reject(1, f"a fire-and-forget message must be one frame, not {len(parts)}")
             return 0
-        if kind is ACKNOWLEDGED and (
-            len(parts) - 2 > MAX_ENVELOPE_FRAMES or sum(map(len, parts[1:-1])) > MAX_ENVELOPE_BYTES
-        ):
+        problem = _envelope_problem(parts) if kind is ACKNOWLEDGED else None
+        if problem is not None:
+            self._reject(1, problem)
             # parts[0] is the routing id the ROUTER adds (not the sender's), all a DEALER's answer needs.
-            reason = (
-                f"an acknowledged request's envelope (the frames before its last) is {len(parts) - 2} frames of "
-                f"{sum(map(len, parts[1:-1]))} bytes, over the limit of {MAX_ENVELOPE_FRAMES} frames and "
-                f"{MAX_ENVELOPE_BYTES} bytes; send the request as one frame from a DEALER"
-            )
-            self._reject(1, reason)
-            self._answer_refused([parts[0], msgpack.packb({"batch": batch_id_of(parts[-1]), "error": reason})])
+            self._answer_refused([parts[0], msgpack.packb({"batch": batch_id_of(parts[-1]), "error": problem})])
             return 0
         message = _Message(kind, parts[:-1], parts[-1])
         self._pending.append(message)
