@@ -678,6 +678,8 @@ def test_a_tuple_map_key_is_refused_at_once_and_everything_else_packs_as_plain_m
         for payload in ({(1, 2): "x"}, {"a": [{"b": {(1,): 2}}]}):
             with pytest.raises(InvalidEvent, match="map whose key is an array or a map"):
                 publisher.publish({**base, "payload": payload})
+        with pytest.raises(InvalidEvent, match="a map key is a msgpack Timestamp"):
+            publisher.publish({**base, "payload": {"a": {msgpack.Timestamp(1, 0): 1}}})
         for payload in (
             {"tuple": (1, 2), "nested": [(3, {"k": (4,)})]},
             collections.OrderedDict(a=1),

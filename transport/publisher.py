@@ -312,7 +312,7 @@ class _TupleSpotter:
 
 
 def _check_map_keys(packed: bytes) -> None:
-    """Refuse a packed event holding a map key that is an array or a map, as the daemon would."""
+    """Refuse a packed event holding a map key that is an array, a map or a msgpack Timestamp, as the daemon would."""
     try:
         unpack_from_peer(packed)
     except TypeError:  # unhashable: a list or a dict as a key
@@ -609,7 +609,7 @@ class Publisher:
             *_, payload = check_fields(event)
             self._tuples.seen = False
             packed: bytes = self._packer.pack(event)
-            if self._tuples.seen:
+            if self._tuples.seen or 255 in packed:  # a tuple, or maybe a Timestamp (ext type -1), as a key
                 _check_map_keys(packed)
             # Else the payload, a part of it, is within the size limit, and (each level taking a
             # byte) too short to nest too deep: a payload deep enough for the daemon to refuse
