@@ -40,6 +40,10 @@ SERVER_KEEPALIVES = {
     "tcp_keepalives_interval": 2,
     "tcp_keepalives_count": 3,
     "tcp_user_timeout": 10_000,
+    # ms (PostgreSQL 14 and later; older servers lack it and it is not set): a server waiting on
+    # a lock for a killed daemon's session notices the socket closed, and ends it, within a
+    # second, so the node lock that session holds is free for the daemon restarted in its place.
+    "client_connection_check_interval": 1_000,
 }
 
 

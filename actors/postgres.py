@@ -413,7 +413,8 @@ class PostgresStore:
                 conn.close()
                 raise StorageError(
                     f"another daemon connected to {self.where} uses node name {self.node!r}; "
-                    "give each daemon its own [storage] node"
+                    "give each daemon its own [storage] node (if none runs with this name, the session "
+                    "of one killed moments ago is still ending: start again in a minute)"
                 )
             time.sleep(0.2)
 

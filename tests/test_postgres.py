@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from harness import SCRIPTS, Daemon, eventually, free_port
 from pg_cluster import PgCluster, missing_reason
@@ -716,6 +717,54 @@ def test_a_stats_that_must_connect_while_the_server_hangs_waits_no_longer_than_i
         assert "cluster_error" in stats, stats
         assert waited < 1.5, f"stats took {waited:.2f} s"
     eventually(lambda: "cluster" in daemon.stats() or None, timeout=30, what="the cluster counters once it wakes")
+
+
+def test_a_daemon_killed_while_its_writer_waits_on_a_lock_restarts_under_its_name(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    """The killed daemon's session, waiting on a row lock, reads nothing from its socket, so the
+    server did not see it closed until the statement timed out (30 s): the restarted daemon found
+    its node lock held and was refused, told to rename a node no other daemon used."""
+    import psycopg
+    import zmq
+    from test_retention import Acked, event
+
+    daemon = pg_daemon(daemon_factory, "b", database).start()
+    publisher = Acked(daemon.ack)
+    try:
+        assert publisher.send([event(0)])["new"] == 1
+    finally:
+        publisher.close()
+    (topic,) = query(database, "SELECT topic FROM topics")[0]
+    context: zmq.Context[Any] = zmq.Context()
+    dealer = context.socket(zmq.DEALER)
+    dealer.connect(daemon.ack)
+    with psycopg.connect(database) as holder:  # a transaction of its own, holding the topic's row
+        holder.execute("SELECT 1 FROM topics WHERE topic = %s FOR UPDATE", (topic,))
+        try:
+            dealer.send(msgpack.packb({"batch": 1, "events": [event(1)]}))
+            eventually(
+                lambda: (
+                    query(
+                        database,
+                        "SELECT 1 FROM pg_stat_activity"
+                        " WHERE application_name = 'eventagg b writer' AND wait_event_type = 'Lock'",
+                    )
+                    or None
+                ),
+                20,
+                "the writer waiting on the row lock",
+            )
+            daemon.kill()
+            started = time.monotonic()
+            daemon.start(timeout=30)
+            took = time.monotonic() - started
+        finally:
+            dealer.close(linger=0)
+            context.term()
+        holder.rollback()
+    assert "uses node name" not in daemon.log()
+    assert took < 15, f"the restart took {took:.1f} s"
 
 
 def test_the_server_side_keepalives_are_set_unless_configured(database: str) -> None:
