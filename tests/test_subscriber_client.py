@@ -19,6 +19,7 @@ from harness import Daemon, publish
 from test_subscribe import take
 
 from transport.client import QueryClient
+from transport.publisher import Publisher
 from transport.subscriber import Subscriber, SubscriberError
 
 pytestmark = pytest.mark.e2e
@@ -47,6 +48,28 @@ def test_a_credit_beyond_a_lower_configured_cap_does_not_stall(daemon_factory: C
     with Subscriber(daemon.subscribe, credit=1000) as subscriber:
         got = take(subscriber, 400, timeout=60)
     assert [event["position"] for event in got] == list(range(1, 401))
+
+
+@pytest.mark.timeout(120)
+def test_a_trickle_at_the_head_leaves_no_more_than_a_window_sent_ahead(daemon_factory: Callable[..., Daemon]) -> None:
+    # Each quiet spell at the head, then one event, once made the subscriber grant a whole
+    # window again, which the daemon added to the credit it held: 30 of them left 3 069 events
+    # sent ahead of an application that had stopped reading, with a window of 100.
+    daemon = daemon_factory(subscribe={"heartbeat_ms": 200}).start()
+    event = {"topic": "t", "timestamp": "2025-10-22T10:00:00Z", "source": "s"}
+    with Publisher(daemon.ack) as publisher, Subscriber(daemon.subscribe, credit=100, heartbeat=0.2) as subscriber:
+        for n in range(30):
+            assert subscriber.next_event(0.5) is None  # waiting on an empty buffer, over a heartbeat
+            publisher.publish({**event, "event_id": f"trickle-{n}"})
+            publisher.flush()
+            assert subscriber.next_event(10) is not None
+        for n in range(3_000):  # then a burst, while the application does something else
+            publisher.publish({**event, "event_id": f"burst-{n}"})
+        publisher.flush()
+        time.sleep(2)
+        assert subscriber.next_event(0) is not None  # one look, as a poll loop takes
+        held = len(subscriber._buffer) + 1
+    assert held <= 100, f"{held} events sent ahead of the application with a window of 100"
 
 
 class HandlerFailed(Exception):

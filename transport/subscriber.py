@@ -7,9 +7,11 @@ this side grants more only as the application takes events (when what is granted
 taken falls to half the window), so a consumer that stops iterating stops the daemon sending
 and holds at most one window in memory. The daemon caps the credit it holds at its
 ``[subscribe] max_credit``; this side mirrors that cap (the one the ``subscribed`` reply
-reports, else the default), so it never believes it holds credit the daemon dropped, and when
-it waits with an empty buffer and nothing came for a heartbeat while it believes credit is
-outstanding, it grants again (the daemon may have capped lower): a capped grant never stalls.
+reports, else the default), so it never believes it holds credit the daemon dropped. A daemon
+that does not report its cap may have capped lower: with one, when this side waits with an
+empty buffer and nothing came for a heartbeat while it believes credit is outstanding, it
+grants again, so a capped grant never stalls. (With a reported cap it never re-grants: at the
+head each re-grant only added to what the daemon held, up to its cap, far past the window.)
 Both sides send heartbeats, also while the application works through the buffer; when nothing
 has come from the daemon for ``timeout`` seconds, or three of its announced heartbeats if that
 is longer (or it says it has no subscription for this connection, as after a restart), the
@@ -135,6 +137,7 @@ class Subscriber:
         self._buffer: collections.deque[dict[str, Any]] = collections.deque()
         self._granted = 0  # credit the daemon holds, as far as this side can tell
         self._max_credit = DAEMON_MAX_CREDIT  # the most credit the daemon holds at once
+        self._cap_reported = False  # the daemon's subscribed reply said its cap (then never re-grant)
         self._silence = timeout  # nothing heard for this long: the daemon is gone
         self._last_event_at = 0.0
         self._regranted = False  # granted again after a quiet spell; once until events come
@@ -396,6 +399,8 @@ class Subscriber:
         then it holds none. Once per quiet spell, and never again once the daemon has sent more
         than counted (its cap is then above the window); until then, at the head, it only adds
         to the credit the daemon holds, which its ``max_credit`` still bounds."""
+        if self._cap_reported:
+            return  # this side's count then mirrors the daemon's exactly: a re-grant would only add to it
         quiet = now - self._last_event_at >= self.heartbeat
         if quiet and not self._roomy and not self._buffer and self._granted > 0 and not self._regranted:
             self._regranted = True
@@ -480,7 +485,8 @@ class Subscriber:
         if isinstance(heartbeat_ms, int) and heartbeat_ms > 0:
             self._silence = max(self.timeout, SILENT_HEARTBEATS * heartbeat_ms / 1000)
         max_credit = subscribed.get("max_credit")
-        if isinstance(max_credit, int) and max_credit > 0 and max_credit != self._max_credit:
+        self._cap_reported = isinstance(max_credit, int) and max_credit > 0
+        if self._cap_reported and max_credit != self._max_credit:
             self._max_credit = max_credit
             self._granted = min(self._granted, max_credit)
 
