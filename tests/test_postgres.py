@@ -425,6 +425,19 @@ def test_a_commit_whose_answer_was_lost_is_resolved_by_the_retry(database: str) 
             ("t", event_id, 0, "2025-10-22T10:00:00Z", n, "test", b"\x80", 0.0, 0) for n, event_id in enumerate(ids)
         ]
 
+    def close(store: PostgresStore) -> None:
+        # The server ends a closed session (and frees its node lock, which the next write's
+        # session takes without waiting) a moment later: on a loaded machine, later than that.
+        store.close()
+        eventually(
+            lambda: (
+                not query(database, "SELECT 1 FROM pg_stat_activity WHERE application_name = 'eventagg writer writer'")
+                or None
+            ),
+            10,
+            "the closed session ended",
+        )
+
     store = PostgresStore(database, "writer")
     store.open()
     group = rows("a", "b")
@@ -432,12 +445,12 @@ def test_a_commit_whose_answer_was_lost_is_resolved_by_the_retry(database: str) 
     assert outcome.totals["unique_processed"] == 2
     # The COMMIT took effect but its answer was lost: the retry must not count the group again.
     store._unknown, store._last_txn = (1, outcome), 0
-    store.close()
+    close(store)
     again = store.write(group, {"t": TopicDelta(received=2)}, {"received": 2})
     assert again is outcome
     # The COMMIT did not take effect: the retry writes the group (here, a new one).
     store._unknown = (2, outcome)
-    store.close()
+    close(store)
     third = store.write(rows("b", "c"), {"t": TopicDelta(received=2)}, {"received": 2})
     assert third.duplicates == [0] and third.totals["unique_processed"] == 1
     store.close()
