@@ -486,7 +486,7 @@ class Subscriber:
             self._silence = max(self.timeout, SILENT_HEARTBEATS * heartbeat_ms / 1000)
         max_credit = subscribed.get("max_credit")
         self._cap_reported = isinstance(max_credit, int) and max_credit > 0
-        if self._cap_reported and max_credit != self._max_credit:
+        if isinstance(max_credit, int) and self._cap_reported and max_credit != self._max_credit:
             self._max_credit = max_credit
             self._granted = min(self._granted, max_credit)
 
