@@ -4,6 +4,7 @@ a daemon too busy to take one more subscription. Real daemon, real sockets, real
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 from collections.abc import Callable
@@ -44,6 +45,25 @@ def test_listing_says_when_retention_deleted_the_events_asked_for(daemon_factory
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 10
     assert "events after 5 are no longer stored; continuing from 21" in result.stderr
+
+
+@pytest.mark.timeout(120)
+def test_listing_notes_each_deleted_stretch_as_following_does(daemon_factory: Callable[..., Daemon]) -> None:
+    # The listing compared only each page's first event with its cursor: a stretch deleted in
+    # the middle of a page was skipped without a word, where --follow names every one.
+    daemon = daemon_factory(retention={"max_events_per_topic": 5, "sweep_interval": "200ms"}).start()
+    publish(daemon.ack, "--acked", "--events", "100", "--topics", "4")
+    eventually(lambda: daemon.stats()["stored"] == 20, 30, "retention kept each topic's newest 5")
+    listed = run_script("events.py", "--endpoint", daemon.query, timeout=60)
+    followed = follow(daemon, "--limit", "20")
+    out, err = followed.communicate(timeout=60)
+    assert listed.returncode == followed.returncode == 0, (listed.stderr, err)
+    assert listed.stdout == out and len(out.splitlines()) == 20
+
+    def notes(text: str) -> list[tuple[str, str]]:
+        return re.findall(r"events after (\d+) are no longer stored; continuing from (\d+)", text)
+
+    assert notes(listed.stderr) == notes(err) and len(notes(err)) > 1, (listed.stderr, err)
 
 
 @pytest.mark.timeout(120)

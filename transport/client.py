@@ -145,9 +145,12 @@ class QueryClient:
     ) -> Iterator[dict[str, Any]]:
         """Every stored event after ``after``, paging with the cursor until an empty page.
 
-        ``on_expired(after, first)`` is called when a page's ``first`` still stored is past its
-        cursor: retention deleted what was asked for, and the events go on from ``first``.
+        ``on_expired(after, first)`` is called, in order with the events, for each stretch
+        retention deleted: when a page's ``first`` still stored is past its cursor, and when
+        an event's cursor (a topic's seq, or the commit position across topics, both gapless
+        as committed) skips some after the one before it.
         """
+        key = "seq" if topic is not None else "position"
         while True:
             reply = self.call({"op": "events", "topic": topic, "after": after, "limit": page})
             first = reply.get("first")
@@ -156,7 +159,13 @@ class QueryClient:
             events = reply["events"]
             if not events:
                 return
-            yield from events
+            if on_expired is None:
+                yield from events
+            else:
+                for before, event in zip([None, *events], events):
+                    if before is not None and event[key] > before[key] + 1:
+                        on_expired(before[key], event[key])
+                    yield event
             after = reply["next"]
 
     def close(self) -> None:
