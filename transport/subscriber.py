@@ -135,6 +135,10 @@ class Subscriber:
         self._context: zmq.Context[Any] = zmq.Context.instance()
         self._socket: zmq.Socket[Any] | None = None
         self._buffer: collections.deque[dict[str, Any]] = collections.deque()
+        # The daemon's expired notices, each told once the events that came before it are taken
+        # (so a note never runs ahead of the events printed): (events arrived before it, after, first).
+        self._notices: collections.deque[tuple[int, int, int]] = collections.deque()
+        self._arrived = self._taken_count = 0  # events put in the buffer, and taken from it
         self._granted = 0  # credit the daemon holds, as far as this side can tell
         self._max_credit = DAEMON_MAX_CREDIT  # the most credit the daemon holds at once
         self._cap_reported = False  # the daemon's subscribed reply said its cap (then never re-grant)
@@ -187,6 +191,7 @@ class Subscriber:
             deadline = math.inf if timeout is None else time.monotonic() + timeout
             looked = False  # a timeout of 0 still reads what has arrived, once
             while not self._buffer:
+                self._tell_due_notices()
                 now = time.monotonic()
                 if self._close_asked:
                     self._close(self._taken_cursor)  # the last event taken is finished: it asked again
@@ -195,9 +200,11 @@ class Subscriber:
                     return None
                 looked = True
                 self._step(max(0.0, min(deadline, now + 0.25) - now))
+            self._tell_due_notices()
         finally:
             self._reader = None
         event = self._buffer.popleft()
+        self._taken_count += 1
         self.cursor = event["seq"] if self.topic is not None else event["position"]
         self._finished_cursor = self._taken_cursor
         self._taken_cursor = self.cursor
@@ -347,7 +354,7 @@ class Subscriber:
         self._socket = sock
         self._subscribed = False
         self._roomy = False  # perhaps another daemon, or the same one with another max_credit
-        self._buffer.clear()  # events not yet taken are sent again after the cursor
+        self._drop_untaken()
         self._subscribe()
 
     def _subscribe(self) -> None:
@@ -361,7 +368,7 @@ class Subscriber:
             request["after"] = self.cursor
         if self.name is not None:
             request["name"] = self.name
-        self._buffer.clear()
+        self._drop_untaken()
         self._granted = min(self.window, self._max_credit)
         self._subscribed = False
         self._ack_sent = None  # an ack sent on the replaced subscription may never have been stored
@@ -424,6 +431,7 @@ class Subscriber:
             # is above what this side grants, and a quiet spell means only the head is reached.
             self._roomy = self._roomy or self._granted < 0
             self._buffer.extend(events)
+            self._arrived += len(events)
             self._last_event_at = time.monotonic()
             self._regranted = False
         elif op == "subscribed":
@@ -438,12 +446,7 @@ class Subscriber:
         elif op == "acked":
             self.acked = message["position"]
         elif op == "expired":
-            self.expired.append((message["after"], message["first"]))
-            log.warning(
-                "events after %s are no longer stored; continuing from %s, the first still stored",
-                message["after"],
-                message["first"],
-            )
+            self._notices.append((self._arrived, message["after"], message["first"]))
         elif op == "error":
             code = message.get("code")
             if code == "ack_failed":
@@ -501,7 +504,23 @@ class Subscriber:
             self._socket.close(linger=0)
             self._socket = None
         self._subscribed = False
+        self._drop_untaken()
+
+    def _drop_untaken(self) -> None:
+        """Forget the events not yet taken, and the notices not yet told: the daemon sends both
+        again to the subscription made after the cursor."""
         self._buffer.clear()
+        self._notices.clear()
+        self._arrived = self._taken_count
+
+    def _tell_due_notices(self) -> None:
+        """Record and log each expired notice whose preceding events have all been taken."""
+        while self._notices and self._notices[0][0] <= self._taken_count:
+            _, after, first = self._notices.popleft()
+            self.expired.append((after, first))
+            log.warning(
+                "events after %s are no longer stored; continuing from %s, the first still stored", after, first
+            )
 
 
 def follow(
