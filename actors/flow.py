@@ -2,17 +2,21 @@
 
 Pykka inboxes are unbounded, so the work in flight is bounded here instead: the ingest loop
 admits events only while :class:`InFlight` has room, and the dedup actor gives the credit
-back when it commits them. Publishers beyond that wait in ZeroMQ's high-water marks.
+back when it commits them. Publishers beyond that wait in ZeroMQ's high-water marks. Work
+done a piece at a time (an expiry chunk, a subscription's message) is cut by
+:func:`within_bytes`.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 from transport.schema import Event
+
+T = TypeVar("T")
 
 EVENT_OVERHEAD_BYTES = 256
 """What an event costs in memory beyond its payload: its strings, tuple and bookkeeping."""
@@ -26,6 +30,19 @@ def event_bytes(payload: bytes) -> int:
 def events_bytes(events: Sequence[Event]) -> int:
     """The credit of several events: the sum of their :func:`event_bytes`."""
     return sum([len(event.payload) for event in events]) + EVENT_OVERHEAD_BYTES * len(events)
+
+
+def within_bytes(items: Iterable[T], size: Callable[[T], int], budget: int) -> list[T]:
+    """The leading ``items`` whose sizes add up to at most ``budget``, the first one at least (so
+    work cut this way always gets on); ``items`` is read one past them at most."""
+    taken: list[T] = []
+    total = 0
+    for item in items:
+        total += size(item)
+        if taken and total > budget:
+            break
+        taken.append(item)
+    return taken
 
 
 class InFlight:

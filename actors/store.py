@@ -32,6 +32,7 @@ import msgpack
 import msgspec
 
 from actors.fingerprint import fingerprint
+from actors.flow import within_bytes
 from actors.migrations import SCHEMA_VERSION as _SCHEMA_VERSION
 from actors.migrations import SchemaError, prepare
 from transport.schema import MIN_TS_NS
@@ -816,14 +817,8 @@ class EventStore:
         Each deleted event is fingerprinted (its payload decoded), with the writer held: bytes,
         not rows, bound a chunk's time and memory (SQLite reads a blob's length without it).
         """
-        last = None
-        total = 0
-        for key, size in self._conn.execute(sql, params):
-            total += size
-            if last is not None and total > EXPIRE_CHUNK_BYTES:
-                break
-            last = key
-        return last
+        taken = within_bytes(self._conn.execute(sql, params), operator.itemgetter(1), EXPIRE_CHUNK_BYTES)
+        return taken[-1][0] if taken else None
 
     def forget_keys(self, committed_before: float, max_rows: int) -> int:
         """Drop up to ``max_rows`` deleted keys committed before ``committed_before`` (the dedup

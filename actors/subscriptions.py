@@ -49,6 +49,7 @@ import pykka
 import zmq
 
 from actors.event_sources import EventSource
+from actors.flow import within_bytes
 from actors.messages import SaveConsumerPositions
 from transport.config import SubscribeConfig, wants_ipv6
 from transport.logs import RateLimitedLog
@@ -268,14 +269,9 @@ def _pack_message(message: dict[str, Any]) -> bytes:
     return packed
 
 
-def _within_message_bytes(rows: list[Any]) -> list[Any]:
-    """The first of ``rows`` (each with its packed event second) that fit in MESSAGE_BYTES, one at least."""
-    size = 0
-    for count, row in enumerate(rows):
-        size += len(row[1])
-        if size > MESSAGE_BYTES and count:
-            return rows[:count]
-    return rows
+def _packed_size(row: Any) -> int:
+    """A row's packed event's size (the row holds it second)."""
+    return len(row[1])
 
 
 class RecentEvents:
@@ -819,7 +815,7 @@ class SubscriptionServer:
                 sub.retry_at = now + READ_RETRY_S
                 self._retrying = True
                 continue
-            taken: list[Any] = _within_message_bytes(rows[:want])
+            taken: list[Any] = within_bytes(rows[:want], _packed_size, MESSAGE_BYTES)
             if not taken:
                 if complete:
                     sub.caught_up = True
