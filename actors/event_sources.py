@@ -37,8 +37,13 @@ class EventSource(Protocol):
         """A descriptor readable when another writer committed, or None; made when missing only
         if ``make`` (making it may block for the connect timeout)."""
 
-    def drain_wakeups(self) -> None:
-        """Consume what made :meth:`wakeup_fd` readable."""
+    def drain_wakeups(self) -> list[tuple[str, str]]:
+        """Consume what made :meth:`wakeup_fd` readable; the ``(name, node)`` of each named
+        consumer another daemon took meanwhile (see :meth:`claim`)."""
+
+    def claim(self, name: str) -> None:
+        """Tell the other daemons sharing the database that this one now serves consumer ``name``,
+        so each ends its own follower under that name (none: SQLite has one daemon a file)."""
 
     def open(self) -> None:
         """Prepare (called on the subscription thread before any read)."""
@@ -85,7 +90,10 @@ class SqliteEventSource:
     def wakeup_fd(self, make: bool) -> None:
         return None
 
-    def drain_wakeups(self) -> None:
+    def drain_wakeups(self) -> list[tuple[str, str]]:
+        return []
+
+    def claim(self, name: str) -> None:
         pass
 
     def __init__(self, database: Path) -> None:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import logging
 import math
 import operator
@@ -109,6 +110,9 @@ SUBSCRIBE_STATEMENT_TIMEOUT_MS = 2_000
 SUBSCRIBE_POLL_S = 1.0
 SUBSCRIBE_POLL_UNHEARD_S = 0.1
 COMMITS_CHANNEL = "eventagg_commits"  # every write transaction that stores events NOTIFYs it
+# A daemon that takes a named consumer NOTIFYs this with ``[node, name]`` (JSON): the daemon still
+# serving a follower under that name ends it, as one daemon does when a name is taken twice.
+CONSUMERS_CHANNEL = "eventagg_consumers"
 RECONNECT_PAUSE_S = 1.0  # after a failed connect, reads fail at once for this long
 NODE_LOCK_WAIT_S = 15.0
 SESSION_CHECK_S = 5.0  # how often an idle writer makes sure its session (and node lock) lives
@@ -1078,7 +1082,8 @@ class PostgresEventSource:
     Other daemons' commits wake this one through a second connection that LISTENs on the channel
     every write transaction NOTIFYs: the thread polls its socket (:meth:`wakeup_fd`) beside its
     own. While that connection is down the head is read every 100 ms instead, and every second
-    otherwise, as a safety net.
+    otherwise, as a safety net. The same connection hears which named consumers other daemons
+    took (:meth:`claim`); those notices are not repeated, so one sent while it is down is missed.
     """
 
     def __init__(self, dsn: str, node: str) -> None:
@@ -1124,24 +1129,34 @@ class PostgresEventSource:
         try:
             listener = connect(self.dsn, self.node, "commit notices")
             listener.execute(f"LISTEN {COMMITS_CHANNEL}")
+            listener.execute(f"LISTEN {CONSUMERS_CHANNEL}")
         except Exception as exc:
             log.warning("listening for commits on %s failed (%s); polling", self.where, one_line(exc))
         else:
             self._made_listener = listener
 
-    def drain_wakeups(self) -> None:
-        """Take the notices that arrived (their content does not matter: only that commits did)."""
+    def drain_wakeups(self) -> list[tuple[str, str]]:
+        """Take the notices that arrived: commits (only that they happened matters) and the
+        named consumers other daemons took."""
         listener = self._listener
+        taken: list[tuple[str, str]] = []
         if listener is None:
-            return
+            return taken
         try:
             listener.pgconn.consume_input()
-            while listener.pgconn.notifies() is not None:
-                pass
+            while (notice := listener.pgconn.notifies()) is not None:
+                if notice.relname.decode() == CONSUMERS_CHANNEL:
+                    node, name = json.loads(notice.extra)
+                    if node != self.node:
+                        taken.append((name, node))
         except load_psycopg().Error as exc:
             log.warning("the commit notices from %s stopped (%s); polling", self.where, one_line(exc))
             listener.close()
             self._listener = None
+        return taken
+
+    def claim(self, name: str) -> None:
+        self._rows("SELECT 1 FROM pg_notify(%s, %s)", (CONSUMERS_CHANNEL, json.dumps([self.node, name])))
 
     def open(self) -> None:
         """Nothing to do: the connection is made on the first read (and again after one is lost)."""

@@ -457,7 +457,8 @@ class SubscriptionServer:
                     self._head.drain()
                     self._head_moved()
                 if notices is not None and notices in ready:
-                    self._source.drain_wakeups()
+                    for name, node in self._source.drain_wakeups():
+                        self._taken_elsewhere(name, node)
                     self._head_moved()
                 if self._socket in ready:
                     self._receive()
@@ -599,15 +600,16 @@ class SubscriptionServer:
                 f"the daemon serves {self._config.max_consumers} subscriptions already ([subscribe] max_consumers)",
                 code="busy",
             )
+        if request.name is not None:
+            try:
+                self._source.claim(request.name)
+            except self._source.errors as exc:
+                raise SubscribeError(f"cannot take consumer {request.name!r}: {exc}", code="unavailable") from None
         if replaced is not None:
             self._drop(replaced, "replaced by a new subscribe on the same connection")
         if request.name is not None:
-            holder = self._by_name.get(request.name)
-            if holder is not None and holder in self._subs:
-                # A restarted consumer comes back before the daemon notices the old one is gone.
-                old = self._subs[holder]
-                self._drop(old, f"consumer {request.name!r} subscribed again elsewhere")
-                self._send(holder, {"op": "error", "code": "replaced", "error": "another connection took this name"})
+            # A restarted consumer comes back before the daemon notices the old one is gone.
+            self._end_holder(request.name, "another connection took this name")
             self._by_name[request.name] = identity
         sub = Subscription(
             identity=identity,
@@ -632,6 +634,17 @@ class SubscriptionServer:
         self._told.info(
             "subscription %s: topic %r after %d, name %r", identity.hex(), request.topic, after, request.name
         )
+
+    def _taken_elsewhere(self, name: str, node: str) -> None:
+        """Another daemon sharing the database took consumer ``name``: end this one's follower."""
+        self._end_holder(name, f"another connection took this name, on daemon {node!r}")
+
+    def _end_holder(self, name: str, why: str) -> None:
+        """End the subscription following under ``name``, if any, telling it ``replaced`` and why."""
+        holder = self._by_name.get(name)
+        if holder is not None and holder in self._subs:
+            self._drop(self._subs[holder], f"consumer {name!r} subscribed again elsewhere")
+            self._send(holder, {"op": "error", "code": "replaced", "error": why})
 
     def _check_not_past_head(self, topic: str | None, after: int) -> None:
         """Refuse a cursor past what was ever committed: events stored later would get cursors at

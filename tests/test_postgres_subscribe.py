@@ -19,6 +19,7 @@ import pytest
 from harness import SCRIPTS, Daemon, publish
 from pg_cluster import PgCluster, missing_reason
 from test_postgres import pg_daemon, query
+from test_subscribe import RawConsumer
 
 from transport.publisher import Publisher
 from transport.subscriber import Subscriber, SubscriberError
@@ -135,6 +136,44 @@ def test_a_named_consumer_resumes_on_any_daemon_and_after_a_restart(
     assert [c["name"] for c in b.request({"op": "consumers"})["consumers"]] == ["billing"]
     with Subscriber(b.subscribe, name="audit") as renamed:  # every topic now, from the start
         assert renamed.next_event(10)["position"] == 1  # type: ignore[index]
+
+
+def test_a_named_consumer_taken_on_another_daemon_ends_the_first_follower(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    a, b = two_daemons(daemon_factory, database)
+    publish(a.ack, "--acked", "--events", "100", "--topics", "3")
+    first = RawConsumer(a.subscribe)
+    second = RawConsumer(b.subscribe)
+    try:
+        first.send({"op": "subscribe", "name": "billing", "credit": 10})
+        assert first.receive()["op"] == "subscribed"
+        assert len(first.events(10)) == 10
+        first.send({"op": "ack", "position": 10})
+        assert first.receive() == {"op": "acked", "position": 10}
+        time.sleep(1.5)  # A's LISTEN connection, made once it has a subscriber, is up by now
+        # The same name on B: A's follower is ended and told so, as one daemon does it.
+        second.send({"op": "subscribe", "name": "billing", "credit": 0})
+        assert second.receive()["op"] == "subscribed"
+        ended = first.receive()
+        assert ended["code"] == "replaced" and "'nodeB'" in ended["error"], ended
+        first.send({"op": "ack", "position": 10})
+        assert first.receive()["code"] == "not_subscribed"
+        assert second.quiet(0.5) == []  # B's own follower stays
+        # Forgotten through A while B's follower follows: B's follower is ended too.
+        forgot = subprocess.run(
+            [sys.executable, str(SCRIPTS / "consumers.py"), "--endpoint", a.query, "--forget", "billing"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert forgot.returncode == 0, forgot.stderr
+        ended = second.receive()
+        assert ended["code"] == "replaced" and "'nodeA'" in ended["error"], ended
+        assert b.request({"op": "consumers"})["consumers"] == []
+    finally:
+        first.close()
+        second.close()
 
 
 def test_delivery_latency_across_daemons(daemon_factory: Callable[..., Daemon], database: str) -> None:
