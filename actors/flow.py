@@ -134,5 +134,6 @@ class LiveFigures:
         self.refused = 0  # failed CURVE handshakes (transport.security); not stored, since start
         self.decoding = "ingest thread"  # where frames are decoded (actors.ingest keeps it true)
         self.decoder_restarts = 0  # decoder processes replaced since start
+        self.writer_session: int | None = None  # PostgreSQL: the writer's backend pid, for health
         # Set (once) when the daemon must stop: e.g. its database file was deleted or replaced.
         self.fatal: str | None = None

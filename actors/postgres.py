@@ -50,7 +50,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import msgpack
 
@@ -121,6 +121,7 @@ SESSION_CHECK_S = 5.0  # how often an idle writer makes sure its session (and no
 # waits less: the gateway's probe (at most 1 s) reads a stats reply to tell a storage outage.
 PROBE_ANSWER_S = 2.0
 CLUSTER_ANSWER_S = 0.5
+LIVENESS_WAIT_S = 3.0  # the actors' pings take at most 2 s (Daemon.liveness)
 # After the server failed to answer or to connect, for this long a probe does not wait to connect.
 TROUBLED_S = 30.0
 
@@ -369,10 +370,12 @@ class GroupOutcome:
 class PostgresStore:
     """The writer of one daemon: the transaction described in the module docstring."""
 
-    def __init__(self, dsn: str, node: str) -> None:
+    def __init__(self, dsn: str, node: str, on_session: Callable[[int], None] = lambda pid: None) -> None:
+        """``on_session``: called with the backend pid of each session the writer opens."""
         self.dsn = dsn
         self.node = node
         self.where = describe_dsn(dsn)
+        self._on_session = on_session
         self._conn: psycopg.Connection[Any] | None = None
         self._known_topics: set[str] = set()  # topics whose counter row exists
         self._last_txn = 0
@@ -394,6 +397,7 @@ class PostgresStore:
                 self._conn.close()
                 self._conn = None
             conn = connect(self.dsn, self.node, "writer")
+            self._on_session(conn.info.backend_pid)
             self._claim_node(conn, claim_wait_s)
             if self._running_timeout_ms is not None:
                 set_statement_timeout(conn, self._running_timeout_ms)
@@ -1061,9 +1065,23 @@ class PostgresReader:
         (row,) = self._query(f"SELECT {sums} FROM nodes", answer_within=CLUSTER_ANSWER_S)
         return {name: int(value) for name, value in zip(NODE_COUNTERS, row)}
 
-    def ping(self) -> None:
-        """Raise :class:`StorageError` unless the server answers."""
-        self._query("SELECT 1", answer_within=PROBE_ANSWER_S)
+    def blockers(self, session: int | None) -> list[str]:
+        """The sessions backend ``session`` waits for a lock of, each described (with None: just
+        whether the server answers); raises :class:`StorageError` unless the server answers."""
+        if session is None:
+            self._query("SELECT 1", answer_within=PROBE_ANSWER_S)
+            return []
+        rows = self._query(
+            "SELECT b.pid, b.application_name, b.state, extract(epoch FROM clock_timestamp() - b.state_change)::float8"
+            " FROM unnest(pg_blocking_pids(%s)) AS blocker(pid) JOIN pg_stat_activity AS b USING (pid) ORDER BY b.pid",
+            (session,),
+            answer_within=PROBE_ANSWER_S,
+        )
+        return [
+            f"session {pid} ({name or 'no application_name'}, {state or 'state hidden'}"
+            + (f" for {seconds:.0f} s)" if seconds is not None else ")")
+            for pid, name, state, seconds in rows
+        ]
 
     def close(self) -> None:
         """Close the connection (and one made in the background, once it is done)."""
@@ -1264,11 +1282,14 @@ class PostgresDedupActor(DedupActor):
     def __init__(self, dsn: str, node: str, **kwargs: Any) -> None:
         # The SQLite settings the base class keeps are unused here.
         super().__init__(Path("/nonexistent/postgresql"), synchronous="NORMAL", **kwargs)
-        self._pg = PostgresStore(dsn, node)
+        self._pg = PostgresStore(dsn, node, on_session=self._note_session)
         self._group_writes = 0  # writes in the group that failed and must be retried as it was
         self._group_rejected = 0
         self._group_replies = 0
         self._session_checked = time.monotonic()
+
+    def _note_session(self, pid: int) -> None:
+        self._live.writer_session = pid
 
     def on_start(self) -> None:
         import zmq
@@ -1521,6 +1542,28 @@ class PostgresDedupActor(DedupActor):
         self._live.last_commit_error = message
 
 
+class _Background(Generic[_T]):
+    """``work()`` run on a thread of its own; :meth:`result` waits for it a bounded time."""
+
+    def __init__(self, work: Callable[[], _T]) -> None:
+        self._answer: _T | BaseException = TimeoutError("no answer yet")
+        self._thread = threading.Thread(target=self._run, args=(work,), name="health-pings", daemon=True)
+        self._thread.start()
+
+    def _run(self, work: Callable[[], _T]) -> None:
+        try:
+            self._answer = work()
+        except BaseException as exc:
+            self._answer = exc
+
+    def result(self, timeout: float) -> _T:
+        """What ``work`` returned; raises what it raised, or TimeoutError when it is still running."""
+        self._thread.join(timeout)
+        if isinstance(self._answer, BaseException):
+            raise self._answer
+        return self._answer
+
+
 class PostgresStatsActor(StatsActor):
     """The stats actor on PostgreSQL: stats gain ``cluster``, health asks the server."""
 
@@ -1550,16 +1593,32 @@ class PostgresStatsActor(StatsActor):
         return reply
 
     def health(self) -> dict[str, Any]:
-        alive = self._liveness()
+        # The actors are pinged while the server is asked, not after it: each may wait 2 s.
+        pings = _Background(self._liveness)
+        try:
+            blockers = self._pg_reader.blockers(self._live.writer_session)
+        except StorageError as exc:
+            blockers = []
+            server_error: str | None = f"storage {exc}"
+        else:
+            server_error = None
+        problems = []
+        try:
+            alive = pings.result(LIVENESS_WAIT_S)
+        except TimeoutError:
+            alive = {}
+            problems.append(f"the actors' pings took over {LIVENESS_WAIT_S:g} s")
         alive["stats"] = True
-        problems = [f"{name} is not answering" for name, ok in alive.items() if not ok]
+        problems += [f"{name} is not answering" for name, ok in alive.items() if not ok]
         if self._live.last_commit_error is not None:
             problems.append(f"the last commit failed: {self._live.last_commit_error}")
-        else:
-            try:
-                self._pg_reader.ping()
-            except StorageError as exc:
-                problems.append(f"storage {exc}")
+        elif server_error is not None:
+            problems.append(server_error)
+        if blockers:
+            problems.append(
+                f"the writer's session waits for a lock held by {', '.join(blockers)}"
+                " (a daemon paused in a commit holds every daemon's commits; see docs/postgresql.md)"
+            )
         reply: dict[str, Any] = {
             "actors": alive,
             "database": self._pg_reader.where,

@@ -780,6 +780,55 @@ def test_a_daemon_killed_while_its_writer_waits_on_a_lock_restarts_under_its_nam
     assert took < 15, f"the restart took {took:.1f} s"
 
 
+def test_health_names_the_session_whose_lock_the_writer_waits_for(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    """A daemon paused in a commit holds the positions row every commit takes: the others' health
+    said only that their writer did not answer, not who held them up."""
+    import psycopg
+    import zmq
+    from test_retention import Acked, event
+
+    daemon = pg_daemon(daemon_factory, "b", database).start()
+    publisher = Acked(daemon.ack)
+    try:
+        assert publisher.send([event(0)])["new"] == 1
+    finally:
+        publisher.close()
+    assert daemon.request({"op": "health"})["status"] == "ok"
+    context: zmq.Context[Any] = zmq.Context()
+    dealer = context.socket(zmq.DEALER)
+    dealer.connect(daemon.ack)
+    # As a paused daemon's writer would: a transaction of its own, holding the positions row.
+    with psycopg.connect(database, application_name="eventagg paused writer") as holder:
+        holder.execute("SELECT 1 FROM positions FOR UPDATE")
+        (holder_pid,) = holder.execute("SELECT pg_backend_pid()").fetchone()  # type: ignore[misc]
+        try:
+            dealer.send(msgpack.packb({"batch": 1, "events": [event(1)]}))
+            started = time.monotonic()
+            health = eventually(
+                lambda: (
+                    reply
+                    if "lock" in (reply := daemon.request({"op": "health"}, timeout=10)).get("error", "")
+                    else None
+                ),
+                20,
+                "health naming the lock",
+            )
+            took = time.monotonic() - started
+        finally:
+            dealer.close(linger=0)
+            context.term()
+        holder.rollback()
+    assert (
+        f"waits for a lock held by session {holder_pid} (eventagg paused writer, idle in transaction" in health["error"]
+    ), health
+    assert took < 10, took
+    eventually(
+        lambda: daemon.request({"op": "health"}).get("status") == "ok" or None, 20, "health ok once the lock is gone"
+    )
+
+
 def test_the_server_side_keepalives_are_set_unless_configured(database: str) -> None:
     """After a partition the server must end the writer's old session (and free its node lock)
     within seconds: its side of the keepalives is set, unless the server or database sets it."""
