@@ -38,6 +38,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "publish": Command("transport.commands.publish", "send a deterministic stream of events (load and smoke tests)"),
     "keys": Command("transport.commands.keys", "create CURVE certificates"),
+    "migrate": Command("actors.migrate", "migrate a PostgreSQL database's schema, taking as long as it needs"),
     "gateway": Command("transport.commands.gateway", "run the HTTP gateway (needs the gateway extra)"),
 }
 

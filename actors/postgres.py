@@ -100,6 +100,9 @@ MIGRATION_LOCK_WAIT_S = 20.0
 MIGRATION_LOCK_POLL_S = 0.2
 # pg_try_advisory_lock key held by the one daemon whose sweep runs (see PostgresStore.try_sweep_lock).
 SWEEP_LOCK = MIGRATION_LOCK + 1
+# How long a starting daemon's migrations may take: its actors must start within 30 s, waiting
+# for another daemon's migration included; `eventagg migrate` gives a large database more.
+MIGRATION_BUDGET_S = 10.0
 # The subscription thread serves every consumer: one slow read must not stall it for long. A
 # server that hangs holds a read for ANSWER_MARGIN times this (3 s), then the connection is
 # dropped and not made again for RECONNECT_PAUSE_S: so the thread's heartbeats never stop for
@@ -310,12 +313,28 @@ def _content(row: Row) -> Content:
     return (topic, event_id, timestamp, ts_ns, source, bytes(payload))
 
 
-def migrate(conn: psycopg.Connection[Any], node: str, lock_wait_s: float = MIGRATION_LOCK_WAIT_S) -> int:
+def schema_version(conn: psycopg.Connection[Any]) -> int:
+    """The database's schema version (0: no eventagg schema yet)."""
+    (table,) = conn.execute("SELECT to_regclass('eventagg_schema')").fetchone() or (None,)
+    if table is None:
+        return 0
+    row = conn.execute("SELECT coalesce(max(version), 0) FROM eventagg_schema").fetchone()
+    return int(row[0]) if row else 0
+
+
+def migrate(
+    conn: psycopg.Connection[Any],
+    node: str,
+    lock_wait_s: float = MIGRATION_LOCK_WAIT_S,
+    budget_s: float = MIGRATION_BUDGET_S,
+) -> int:
     """Create or migrate the schema under an advisory lock; the version it is at.
 
-    Raises :class:`StorageError` for a database made by a newer eventagg, or when another session
-    holds the lock for over ``lock_wait_s``. A database already at this version is only read, so
-    a role without CREATE on the schema can run the daemon once its owner has migrated it.
+    Raises :class:`StorageError` for a database made by a newer eventagg, when another session
+    holds the lock for over ``lock_wait_s``, or when the migrations take over ``budget_s`` (the
+    one under way is rolled back; the message names ``eventagg migrate``, which has time). A
+    database already at this version is only read, so a role without CREATE on the schema can run
+    the daemon once its owner has migrated it.
     """
     waited_until = time.monotonic() + lock_wait_s
     told = False
@@ -339,17 +358,27 @@ def migrate(conn: psycopg.Connection[Any], node: str, lock_wait_s: float = MIGRA
                 "CREATE TABLE eventagg_schema ("
                 " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now(), applied_by text NOT NULL)"
             )
-        row = conn.execute("SELECT coalesce(max(version), 0) FROM eventagg_schema").fetchone()
-        version = int(row[0]) if row else 0
+        version = schema_version(conn)
         if version > SCHEMA_VERSION:
             raise StorageError(
                 f"the database's schema is version {version}, made by a newer eventagg; this one knows "
                 f"version {SCHEMA_VERSION}: upgrade this daemon, or give it another database"
             )
+        deadline = time.monotonic() + budget_s
         for target in range(version + 1, SCHEMA_VERSION + 1):
-            with conn.transaction():
-                conn.execute(MIGRATIONS[target - 1])
-                conn.execute("INSERT INTO eventagg_schema (version, applied_by) VALUES (%s, %s)", (target, node))
+            try:
+                with conn.transaction():
+                    conn.execute(f"SET LOCAL statement_timeout = {max(1, int((deadline - time.monotonic()) * 1000))}")
+                    conn.execute(MIGRATIONS[target - 1])
+                    conn.execute("INSERT INTO eventagg_schema (version, applied_by) VALUES (%s, %s)", (target, node))
+            except load_psycopg().errors.QueryCanceled as exc:
+                # A daemon's statements run 30 s at most; the migration of a large database may
+                # need far longer, and would be cancelled again at every start.
+                raise StorageError(
+                    f"migrating the schema to version {target} took over {budget_s:g} s ({one_line(exc)}) and was"
+                    " rolled back: a large database takes longer. Run `eventagg migrate --config PATH` once (it has"
+                    " an hour), then start the daemons"
+                ) from None
             log.info("PostgreSQL schema migrated to version %d", target)
         return SCHEMA_VERSION
     finally:

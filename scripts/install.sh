@@ -6,7 +6,7 @@
 # Lays out:
 #   /opt/eventagg/venv/                     virtualenv with eventagg (a wheel) and its dependencies;
 #                                           venv/bin/eventagg is the command (run, stats, events, ...)
-#   /opt/eventagg/scripts/                  aggregatord.py, stats.py, health.py, events.py, topics.py, consumers.py, publish.py, keys.py
+#   /opt/eventagg/scripts/                  aggregatord.py, stats.py, health.py, events.py, topics.py, consumers.py, publish.py, keys.py, migrate.py
 #                                           (thin wrappers of the same command; the development tools
 #                                           bench.py, peers.py and dev.py stay in the checkout)
 #   /opt/eventagg/config.toml.default       the shipped default config, for reference
@@ -96,7 +96,7 @@ echo "install: installing eventagg and its dependencies"
 #    imports the tests (bench.py, peers.py) or builds a checkout's virtualenv (dev.py) goes here.
 #    Their first line names the virtualenv's python, so they run as they are, by path.
 mkdir -p "$OPT/scripts"
-for script in aggregatord.py stats.py health.py events.py topics.py consumers.py publish.py keys.py; do
+for script in aggregatord.py stats.py health.py events.py topics.py consumers.py publish.py keys.py migrate.py; do
     install -m 0755 "$SRC/scripts/$script" "$OPT/scripts/"
     sed -i "1s|^#!.*|#!$VENV/bin/python|" "$OPT/scripts/$script"
 done

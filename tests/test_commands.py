@@ -28,6 +28,7 @@ SCRIPTS = {
     "consumers.py": "consumers",
     "publish.py": "publish",
     "keys.py": "keys",
+    "migrate.py": "migrate",
     "gateway.py": "gateway",
 }
 

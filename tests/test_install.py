@@ -90,6 +90,7 @@ def test_install_lays_out_a_working_installation(prefix: Path, tmp_path: Path) -
         "consumers.py",
         "publish.py",
         "keys.py",
+        "migrate.py",
     ):
         assert (opt / "scripts" / script).is_file()
         # Run by path, they find the installation's packages: the first line names its python.

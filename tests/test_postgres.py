@@ -7,6 +7,7 @@ or psycopg are missing.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -341,6 +342,65 @@ def test_a_topic_stuck_at_1970_by_an_older_schema_gets_its_real_last_instant(dat
         ("now", 5),
         ("old", -100),
     ]
+
+
+def test_a_migration_longer_than_a_start_allows_names_eventagg_migrate_which_has_time(
+    database: str, tmp_path: Path
+) -> None:
+    """A migration the daemon's statement timeout cancelled (a large database) was tried again,
+    and cancelled again, at every start: nothing said how to get past it."""
+    import threading
+
+    import psycopg
+
+    from actors.pg_session import connect
+    from actors.postgres import MIGRATIONS, migrate
+    from actors.store import StorageError
+
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE eventagg_schema (version integer PRIMARY KEY, applied_at timestamptz"
+            " NOT NULL DEFAULT now(), applied_by text NOT NULL)"
+        )
+        for version, step in enumerate(MIGRATIONS[:-1], start=1):
+            conn.execute(step)
+            conn.execute("INSERT INTO eventagg_schema (version, applied_by) VALUES (%s, 'old')", (version,))
+    # The last migration updates topics: a session holding it makes that migration slow.
+    with psycopg.connect(database) as holder:
+        holder.execute("LOCK TABLE topics IN SHARE MODE")
+        conn = connect(database, "starting", "test")
+        try:
+            started = time.monotonic()
+            with pytest.raises(StorageError, match=r"took over 0.5 s .* Run `eventagg migrate --config PATH` once"):
+                migrate(conn, "starting", budget_s=0.5)
+            assert time.monotonic() - started < 3
+        finally:
+            conn.close()
+        assert query(database, "SELECT max(version) FROM eventagg_schema") == [(SCHEMA_VERSION - 1,)]
+        config = tmp_path / "config.toml"
+        config.write_text(f'[storage]\nbackend = "postgresql"\ndsn = "{database}"\nnode = "ops"\n')
+        threading.Timer(2.0, holder.rollback).start()
+        migrated = subprocess.run(
+            [sys.executable, "-m", "actors.cli", "migrate", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert migrated.returncode == 0, migrated.stderr
+    took = re.fullmatch(
+        rf"migrated the schema from version {SCHEMA_VERSION - 1} to {SCHEMA_VERSION} in (\S+) s\n", migrated.stdout
+    )
+    assert took is not None and float(took[1]) >= 1.0, migrated.stdout  # it waited for the lock, not cancelled
+    assert query(database, "SELECT applied_by FROM eventagg_schema WHERE version = %s", (SCHEMA_VERSION,)) == [
+        ("ops (eventagg migrate)",)
+    ]
+    again = subprocess.run(
+        [sys.executable, "-m", "actors.cli", "migrate", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode == 0 and "already; nothing to do" in again.stdout, again
 
 
 def test_a_schema_lock_held_too_long_is_named_instead_of_an_actor_that_did_not_start(database: str) -> None:

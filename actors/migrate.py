@@ -1,0 +1,82 @@
+"""``eventagg migrate``: bring a PostgreSQL database's schema to this eventagg's version, with time.
+
+``migrate [--config PATH] [--timeout S]``.
+
+A daemon migrates the schema as it starts, but gives that 10 s at most (its parts must start
+within 30 s), and a migration that reads every event of a large database takes longer. Such a
+start fails with a message naming this command: run it once, with the daemons stopped (it takes
+the same advisory lock as they do, so at most one session migrates), then start the new daemons.
+The migrations may take ``--timeout`` seconds in all (an hour unless told); nothing is left half
+done, since each migration is one transaction. A SQLite database is migrated by its daemon as it
+opens it, with no time limit, so there is nothing to do for one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+from actors.store import StorageError
+from transport.config import ConfigError, expand_dsn, load_config
+
+DEFAULT_TIMEOUT_S = 3600.0
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Migrate a PostgreSQL database's schema to this eventagg's version."
+    )
+    parser.add_argument("--config", metavar="PATH", help="the daemons' config file (its [storage] dsn and node)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="S",
+        help=f"how long the migrations may take in all, in seconds (default {DEFAULT_TIMEOUT_S:g})",
+    )
+    args = parser.parse_args(argv)
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        parser.error(f"--timeout must be a number of seconds above 0, not {args.timeout}")
+    try:
+        config = expand_dsn(load_config(args.config))
+    except ConfigError as exc:
+        print(f"migrate: {exc}", file=sys.stderr)
+        return 2
+    if config.storage.backend != "postgresql":
+        print(
+            f"[storage] backend is {config.storage.backend}: the daemon migrates its database as it opens it,"
+            " with no time limit; nothing to do"
+        )
+        return 0
+    from actors.pg_session import connect, set_statement_timeout
+    from actors.postgres import SCHEMA_VERSION, migrate, schema_version
+
+    started = time.monotonic()
+    try:
+        conn = connect(config.storage.dsn, config.storage_node, "migrate")
+    except StorageError as exc:
+        print(f"migrate: {exc}", file=sys.stderr)
+        return 1
+    try:
+        set_statement_timeout(conn, int(args.timeout * 1000))
+        before = schema_version(conn)
+        migrate(conn, f"{config.storage_node} (eventagg migrate)", budget_s=args.timeout)
+    except StorageError as exc:
+        print(f"migrate: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("migrate: interrupted; the migration under way was rolled back", file=sys.stderr)
+        return 130
+    finally:
+        conn.close()
+    if before == SCHEMA_VERSION:
+        print(f"the schema is at version {SCHEMA_VERSION} already; nothing to do")
+    else:
+        print(f"migrated the schema from version {before} to {SCHEMA_VERSION} in {time.monotonic() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
