@@ -170,11 +170,14 @@ class DedupActor(pykka.ThreadingActor):
             return
         self._counters = self._store.counters()
         self._live.committed = dict(self._counters)
-        self._checkpointer = Checkpointer(self._path)
+        self._checkpointer = Checkpointer(self._path, on_outcome=self._note_checkpoint)
         self._checkpointer.start()
         self._acks = self._zmq_context.socket(zmq.PUSH)
         self._acks.setsockopt(zmq.LINGER, 0)
         self._acks.connect(ACK_ENDPOINT)
+
+    def _note_checkpoint(self, error: str | None) -> None:
+        self._live.checkpoint_error = error
 
     def on_stop(self) -> None:
         self._answer_lookups()
@@ -437,15 +440,18 @@ class DedupActor(pykka.ThreadingActor):
             next(self._sweep)
         except StopIteration:
             self._sweep = None
+            self._live.sweep_error = None
             return
         except (sqlite3.Error, StorageError) as exc:
             self._sweep = None
+            self._live.sweep_error = f"retention's sweep failed: {exc}"
             log.error(
                 "expiry failed (%s); it runs again in %s", exc, self._retention and self._retention.sweep_interval
             )
             return
-        except Exception:  # a bug must not stop the writer: log it, and try again next sweep
+        except Exception as exc:  # a bug must not stop the writer: log it, and try again next sweep
             self._sweep = None
+            self._live.sweep_error = f"retention's sweep failed: {exc!r}"
             log.exception("expiry failed; it runs again at the next sweep")
             return
         if self.actor_inbox.empty():

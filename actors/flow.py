@@ -135,5 +135,12 @@ class LiveFigures:
         self.decoding = "ingest thread"  # where frames are decoded (actors.ingest keeps it true)
         self.decoder_restarts = 0  # decoder processes replaced since start
         self.writer_session: int | None = None  # PostgreSQL: the writer's backend pid, for health
+        # Why the last retention sweep, or the last background checkpoint, failed; None once one works.
+        self.sweep_error: str | None = None
+        self.checkpoint_error: str | None = None
         # Set (once) when the daemon must stop: e.g. its database file was deleted or replaced.
         self.fatal: str | None = None
+
+    def background_errors(self) -> list[str]:
+        """What failed in the writer's background work (retention, checkpoints), for health."""
+        return [error for error in (self.sweep_error, self.checkpoint_error) if error is not None]

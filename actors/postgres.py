@@ -1643,6 +1643,7 @@ class PostgresStatsActor(StatsActor):
             problems.append(f"the last commit failed: {self._live.last_commit_error}")
         elif server_error is not None:
             problems.append(server_error)
+        problems += self._live.background_errors()
         if blockers:
             problems.append(
                 f"the writer's session waits for a lock held by {', '.join(blockers)}"

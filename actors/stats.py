@@ -116,6 +116,12 @@ class StatsActor(pykka.ThreadingActor):
         if self._live.last_commit_error is not None:
             # Present only while commits fail: what is received is held, not yet stored.
             reply["storage_error"] = self._live.last_commit_error
+        for key, error in (
+            ("retention_error", self._live.sweep_error),
+            ("checkpoint_error", self._live.checkpoint_error),
+        ):
+            if error is not None:  # present only while the last sweep, or checkpoint, failed
+                reply[key] = error
         return reply
 
     def health(self) -> dict[str, Any]:
@@ -127,6 +133,7 @@ class StatsActor(pykka.ThreadingActor):
             problems.append(self._live.fatal)
         if self._live.last_commit_error is not None:
             problems.append(f"the last commit failed: {self._live.last_commit_error}")
+        problems += self._live.background_errors()
         if not os.access(self._path, os.W_OK):
             problems.append(f"database {self._path} is not writable")
         reply: dict[str, Any] = {

@@ -23,7 +23,7 @@ import operator
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -890,9 +890,16 @@ class Checkpointer:
     checkpoint has copied all of it, so the file stays near what a few intervals of ingest write.
     """
 
-    def __init__(self, path: Path, interval_s: float = CHECKPOINT_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        path: Path,
+        interval_s: float = CHECKPOINT_INTERVAL_S,
+        on_outcome: Callable[[str | None], None] = lambda error: None,
+    ) -> None:
+        """``on_outcome``: told each checkpoint's failure (its message), or None for one that worked."""
         self._path = path
         self._interval_s = interval_s
+        self._on_outcome = on_outcome
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="checkpointer", daemon=True)
         self.checkpoints = 0
@@ -915,12 +922,21 @@ class Checkpointer:
             return
         try:
             conn.execute("PRAGMA busy_timeout=1000")
+            failing = False
             while not self._stop.wait(self._interval_s):
                 try:
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    self.checkpoints += 1
-                except sqlite3.Error as exc:  # e.g. disk full: the writer will report it too
-                    log.warning("background checkpoint failed: %s", exc)
+                except sqlite3.Error as exc:  # e.g. disk full; said once, not every interval
+                    if not failing:
+                        log.warning("background checkpoints fail (%s); the WAL grows until they work again", exc)
+                    failing = True
+                    self._on_outcome(f"background checkpoint failed: {exc}")
+                    continue
+                self.checkpoints += 1
+                if failing:
+                    log.warning("background checkpoints work again")
+                    failing = False
+                self._on_outcome(None)
         finally:
             conn.close()
 

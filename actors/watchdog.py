@@ -60,9 +60,11 @@ def status_line(
     previous: Snapshot | None = None,
     unhealthy: list[str] | None = None,
     storage_error: str | None = None,
+    background_errors: list[str] | None = None,
 ) -> str:
-    """The one-line ``STATUS=`` text: rate since ``previous``, totals, any part not answering, and a
-    storage failure (the daemon waits for its database and retries: not stuck, so still watchdog-fed)."""
+    """The one-line ``STATUS=`` text: rate since ``previous``, totals, any part not answering, a
+    storage failure (the daemon waits for its database and retries: not stuck, so still watchdog-fed),
+    and failures of the writer's background work (retention, checkpoints)."""
     rate = 0.0
     if previous is not None and current.at > previous.at:
         rate = max(0, current.received - previous.received) / (current.at - previous.at)
@@ -70,6 +72,8 @@ def status_line(
         f"{rate:,.0f} events/s; {current.unique:,} unique, {current.duplicates:,} duplicates, "
         f"{current.rejected:,} rejected; {current.topics:,} topics"
     )
+    if background_errors:
+        text = f"FAILING: {'; '.join(background_errors)}; {text}"
     if unhealthy:
         text = f"UNHEALTHY, not answering: {', '.join(unhealthy)}; {text}"
     if storage_error:
@@ -110,7 +114,13 @@ class ServiceMonitor:
 
     def status_text(self) -> str:
         """The current status line (rate over the time since the last one)."""
-        return status_line(Snapshot.take(self._live), self._previous, self._unhealthy, self._live.last_commit_error)
+        return status_line(
+            Snapshot.take(self._live),
+            self._previous,
+            self._unhealthy,
+            self._live.last_commit_error,
+            self._live.background_errors(),
+        )
 
     def start(self) -> None:
         """Start the thread."""
@@ -149,7 +159,9 @@ class ServiceMonitor:
     def send_status(self) -> None:
         """Send the status line and start a new rate period."""
         current = Snapshot.take(self._live)
-        text = status_line(current, self._previous, self._unhealthy, self._live.last_commit_error)
+        text = status_line(
+            current, self._previous, self._unhealthy, self._live.last_commit_error, self._live.background_errors()
+        )
         self._previous = current
         with self._send_lock:
             if not self._stopped.is_set():

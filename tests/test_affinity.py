@@ -74,3 +74,9 @@ def test_the_status_line_says_the_daemon_waits_for_its_storage() -> None:
     assert "STORAGE" not in status_line(snapshot)
     line = status_line(snapshot, storage_error="storage PostgreSQL db:5432/x is unavailable: refused")
     assert line.startswith("WAITING FOR STORAGE, nothing new is acknowledged: storage PostgreSQL db:5432/x")
+
+
+def test_the_status_line_names_failing_background_work() -> None:
+    snapshot = Snapshot(at=1.0, received=10, unique=5, duplicates=5, rejected=0, topics=1)
+    line = status_line(snapshot, background_errors=["retention's sweep failed: database or disk is full"])
+    assert line.startswith("FAILING: retention's sweep failed: database or disk is full; 0 events/s; 5 unique")

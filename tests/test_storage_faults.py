@@ -269,3 +269,38 @@ def test_sigterm_with_the_disk_full_commits_everything_if_space_comes_back_withi
     with sqlite3.connect(tiny_disk / "events.db") as conn:
         stored = conn.execute("SELECT count(*) FROM events").fetchone()[0]
     assert (status, stored) == (0, 1_000), (status, stored, daemon.log()[-3000:])
+
+
+def test_retention_failing_on_a_full_disk_is_said_by_health_stats_and_the_status_line(
+    daemon_factory: Callable[..., Daemon], tiny_disk: Path
+) -> None:
+    """With nothing being published, retention's sweeps are the only writes: each failed on the
+    full disk and was only logged, while health said ok and stats showed nothing wrong."""
+    daemon = daemon_factory(
+        storage={"path": str(tiny_disk / "events.db")}, retention={"max_age": "2s", "sweep_interval": "1s"}
+    ).start()
+    publisher = AckedPublisher(daemon.ack)
+    try:
+        publisher.send(1, [make_event(i, 3, "old-", payload_bytes=1000) for i in range(1000)])
+        assert publisher.reply(10.0) == {"batch": 1, "new": 1000, "duplicate": 0, "rejected": []}
+    finally:
+        publisher.close()
+    filler = tiny_disk / "filler"
+    fill(filler)
+    # The background checkpoints fail too (copying the WAL needs room): each is said once it does.
+    said = "retention's sweep failed: database or disk is full"
+    health = eventually(
+        lambda: reply if said in (reply := daemon.request({"op": "health"})).get("error", "") else None,
+        20,
+        "health saying retention fails",
+    )
+    assert "ok" not in health.get("status", ""), health
+    stats = daemon.stats()
+    assert "database or disk is full" in stats["retention_error"] and stats["expired"] == 0, stats
+    said = run_script("stats.py", "--endpoint", daemon.query, timeout=30)
+    assert "stats: the daemon reports a problem: retention's sweep failed" in said.stderr, said.stderr
+    filler.unlink()
+    stats = daemon.wait_stats(expired=1000, timeout=20)
+    eventually(lambda: "error" not in daemon.request({"op": "health"}) or None, 10, "health ok once a sweep works")
+    assert "retention_error" not in daemon.stats()
+    assert daemon.terminate() == 0
