@@ -31,10 +31,12 @@ from harness import (
 from harness import (
     ROOT,
     SCRIPTS,
+    Daemon,
     Gateway,
     Stream,
     eventually,
     free_port,
+    publish,
     push_frames,
     run_script,
     write_config,
@@ -322,11 +324,41 @@ def test_metrics_are_the_stats(gateway: Gateway) -> None:
         assert help_text, f"{name} has no HELP text"
         if key == "uptime_s":
             assert 0 < value <= stats[key]
+        elif key == "received":
+            assert value == stats["received"] - stats["in_flight"], name
         else:
             assert value == stats[key], name
     assert samples["eventagg_received_total"][0] == 8
     assert samples["eventagg_duplicate_dropped_total"][0] == 1
     assert samples["eventagg_topics"][0] == 2
+
+
+@pytest.mark.e2e
+def test_the_received_counter_never_goes_back_when_a_daemon_is_killed(daemon_factory: Callable[..., Daemon]) -> None:
+    """The stats' ``received`` counts events in flight; the daemon killed, it came back lower, and
+    Prometheus took the drop for a reset: an increase of everything ever received."""
+    from transport.metrics import render
+
+    def received_total(stats: dict[str, Any]) -> float:
+        (sample,) = [
+            s.value
+            for f in text_string_to_metric_families(render(stats).decode())
+            for s in f.samples
+            if s.name == "eventagg_received_total"
+        ]
+        return float(sample)
+
+    hooks = {**os.environ, "EVENTAGG_TEST_HOOKS": "1"}
+    daemon = daemon_factory().start(env=hooks)
+    publish(daemon.ingest, "--events", "2000")
+    daemon.wait_stats(received=2000, in_flight=0)
+    assert "error" not in daemon.request({"op": "debug_freeze", "actor": "dedup", "seconds": 5})  # nothing commits
+    publish(daemon.ingest, "--events", "500", "--id-prefix", "more-")
+    before = eventually(lambda: s if (s := daemon.stats())["in_flight"] == 500 else None, 10, "500 in flight")
+    assert before["received"] == 2500 and received_total(before) == 2000, before
+    daemon.kill()
+    daemon.start()
+    assert received_total(daemon.wait_idle()) == 2000
 
 
 @pytest.mark.e2e

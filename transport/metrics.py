@@ -39,7 +39,12 @@ __all__ = [
 
 # stats key -> (metric family name; prometheus_client appends _total to counters), HELP text
 COUNTERS: dict[str, tuple[str, str]] = {
-    "received": ("eventagg_received", "Events this daemon received (valid ones, including those still in flight)."),
+    # The committed part of the stats' ``received`` (see _Snapshot.collect): a counter must never
+    # go back, and events in flight when a daemon is killed are not counted.
+    "received": (
+        "eventagg_received",
+        "Valid events this daemon received, counted once committed (those in flight are eventagg_in_flight).",
+    ),
     "unique_processed": (
         "eventagg_unique_processed",
         "Events this daemon stored: the first copy of each (topic, event_id).",
@@ -68,8 +73,8 @@ GAUGES: dict[str, tuple[str, str]] = {
     "stored": ("eventagg_stored", "Events this daemon stored minus those its retention sweeps deleted."),
     "topic_count": (
         "eventagg_topics",
-        "Topics whose first event this daemon stored (every topic with a stored event on SQLite; "
-        "eventagg_cluster_topics on PostgreSQL).",
+        "Topics whose first event this daemon stored (on SQLite every topic ever stored, including those "
+        "whose events retention has since deleted; eventagg_cluster_topics on PostgreSQL).",
     ),
     "uptime_s": ("eventagg_uptime_seconds", "Seconds since the daemon started."),
 }
@@ -96,7 +101,10 @@ CLUSTER_COUNTERS: dict[str, tuple[str, str]] = {
 }
 CLUSTER_GAUGES: dict[str, tuple[str, str]] = {
     "stored": ("eventagg_cluster_stored", "Events in the shared database now: stored minus expired, over the cluster."),
-    "topic_count": ("eventagg_cluster_topics", "Topics with at least one stored event, over the cluster."),
+    "topic_count": (
+        "eventagg_cluster_topics",
+        "Topics ever stored over the cluster, including those whose events retention has since deleted.",
+    ),
 }
 CONSUMER_GAUGES: dict[str, tuple[str, str]] = {
     "lag": (
@@ -140,7 +148,10 @@ class _Snapshot(Collector):
         yield GaugeMetricFamily(UP[0], UP[1], value=0 if stats is None else 1)
         if stats is None:
             return
-        yield from _families(stats, COUNTERS, GAUGES)
+        figures = dict(stats)
+        if _is_number(stats.get("received")) and _is_number(stats.get("in_flight")):
+            figures["received"] = stats["received"] - stats["in_flight"]
+        yield from _families(figures, COUNTERS, GAUGES)
         yield from self._consumer_families()
         if "cluster" not in stats and "cluster_error" not in stats:
             return  # SQLite: the daemon is the whole of it
