@@ -972,6 +972,8 @@ def test_the_gateway_gives_this_daemons_metrics_beside_the_clusters_and_names_a_
         assert {name: samples[name][0] for name in expected} == expected, samples
         for key in ("received", "unique_processed", "duplicate_dropped", "rejected", "late", "expired"):
             assert samples[f"eventagg_cluster_{key}_total"][0] == cluster[key], key
+        stats = gateway.client.get("/stats").json()  # the original service's total: every topic there is
+        assert (stats["total_topics"], stats["topic_count"]) == (2, 1), stats
 
         pg.stop()
         try:

@@ -1110,7 +1110,9 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
     )
     async def stats() -> Response:
         reply = _answered(await ask({"op": "stats"}))
-        reply["total_topics"] = reply.get("topic_count", 0)
+        # How many topics there are: on PostgreSQL topic_count is only those this daemon stored first.
+        cluster = reply.get("cluster")
+        reply["total_topics"] = (cluster if isinstance(cluster, dict) else reply).get("topic_count", 0)
         reply["uptime"] = f"{float(reply.get('uptime_s', 0.0)):.2f}s"
         reply["gateway_uptime_s"] = round(time.monotonic() - started, 3)
         return json_response(reply)
