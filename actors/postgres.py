@@ -1394,9 +1394,13 @@ class PostgresDedupActor(DedupActor):
 
     def _commit(self) -> None:
         # A retried group holds only the writes it failed with: the rest follow in their own.
+        recovering = self._failures > 0
+        held = sum(write.events for write in self._writes)
         while self._startup_error is None and (self._writes or self._rejected):
             if not self._commit_group():
                 return
+        if recovering:
+            log.warning("%s takes writes again; the %d events held meanwhile are committed", self._pg.where, held)
 
     def _commit_group(self) -> bool:
         """Write one group; False when it failed (kept for a retry)."""
@@ -1423,10 +1427,8 @@ class PostgresDedupActor(DedupActor):
             )
         except Exception as exc:
             self._group_writes, self._group_rejected, self._group_replies = len(writes), rejected, replied
-            self._fail_pg(exc, received)
+            self._fail_pg(exc, sum(write.events for write in self._writes))
             return False
-        if self._failures:
-            log.warning("%s takes writes again; %d events stored", self._pg.where, outcome.totals["unique_processed"])
         self._failures = 0
         self._group_writes = self._group_rejected = self._group_replies = 0
         self._live.last_commit_error = None
@@ -1562,7 +1564,7 @@ class PostgresDedupActor(DedupActor):
         message = f"storage {self._pg.where} is unavailable: {one_line(exc)}"
         if self._failures == 1 or self._failures % 20 == 0:
             log.error(
-                "writing %d events to %s failed (%s); none of them is acknowledged; retrying in %.1f s",
+                "writing the %d events held to %s failed (%s); none of them is acknowledged; retrying in %.1f s",
                 events,
                 self._pg.where,
                 one_line(exc),
