@@ -446,9 +446,9 @@ class IngestServer:
             )
         else:
             recent.append(now)
-            self._decoder_restarts += 1
             try:
                 decoder.start()  # on new sockets: a late result of the old process is never read
+                self._decoder_restarts += 1  # counted once it did: `decoder_restarts` is processes replaced
                 log.info("a new decoder process (pid %s) took over", decoder.pid)
                 self._resend()
                 return True
