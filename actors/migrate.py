@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         )
         return 0
     from actors.pg_session import connect, set_statement_timeout
-    from actors.postgres import SCHEMA_VERSION, migrate, schema_version
+    from actors.postgres import SCHEMA_VERSION, MigrationTooLong, migrate, schema_version
 
     started = time.monotonic()
     try:
@@ -63,6 +63,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         set_statement_timeout(conn, int(args.timeout * 1000))
         before = schema_version(conn)
         migrate(conn, f"{config.storage_node} (eventagg migrate)", budget_s=args.timeout)
+    except MigrationTooLong:
+        print(
+            f"migrate: the migrations took over {args.timeout:g} s and the one under way was rolled back;"
+            " give them more with --timeout",
+            file=sys.stderr,
+        )
+        return 1
     except StorageError as exc:
         print(f"migrate: {exc}", file=sys.stderr)
         return 1

@@ -313,6 +313,10 @@ def _content(row: Row) -> Content:
     return (topic, event_id, timestamp, ts_ns, source, bytes(payload))
 
 
+class MigrationTooLong(StorageError):
+    """The migrations took longer than their budget; the one under way was rolled back."""
+
+
 def schema_version(conn: psycopg.Connection[Any]) -> int:
     """The database's schema version (0: no eventagg schema yet)."""
     (table,) = conn.execute("SELECT to_regclass('eventagg_schema')").fetchone() or (None,)
@@ -372,9 +376,8 @@ def migrate(
                     conn.execute(MIGRATIONS[target - 1])
                     conn.execute("INSERT INTO eventagg_schema (version, applied_by) VALUES (%s, %s)", (target, node))
             except load_psycopg().errors.QueryCanceled as exc:
-                # A daemon's statements run 30 s at most; the migration of a large database may
-                # need far longer, and would be cancelled again at every start.
-                raise StorageError(
+                # Cancelled by the budget: tried again at every start, it would be cancelled again.
+                raise MigrationTooLong(
                     f"migrating the schema to version {target} took over {budget_s:g} s ({one_line(exc)}) and was"
                     " rolled back: a large database takes longer. Run `eventagg migrate --config PATH` once (it has"
                     " an hour), then start the daemons"

@@ -384,6 +384,13 @@ def test_a_migration_longer_than_a_start_allows_names_eventagg_migrate_which_has
         assert query(database, "SELECT max(version) FROM eventagg_schema") == [(SCHEMA_VERSION - 1,)]
         config = tmp_path / "config.toml"
         config.write_text(f'[storage]\nbackend = "postgresql"\ndsn = "{database}"\nnode = "ops"\n')
+        short = subprocess.run(
+            [sys.executable, "-m", "actors.cli", "migrate", "--config", str(config), "--timeout", "0.5"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert short.returncode == 1 and "took over 0.5 s" in short.stderr and "with --timeout" in short.stderr, short
         threading.Timer(2.0, holder.rollback).start()
         migrated = subprocess.run(
             [sys.executable, "-m", "actors.cli", "migrate", "--config", str(config)],
