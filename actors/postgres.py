@@ -1430,7 +1430,7 @@ class PostgresDedupActor(DedupActor):
             )
         except Exception as exc:
             self._group_writes, self._group_rejected, self._group_replies = len(writes), rejected, replied
-            self._fail_pg(exc, sum(write.events for write in self._writes))
+            self._fail_pg(exc)
             return False
         self._failures = 0
         self._group_writes = self._group_rejected = self._group_replies = 0
@@ -1560,7 +1560,7 @@ class PostgresDedupActor(DedupActor):
             return f"storing consumer positions on {self._pg.where} failed: {one_line(exc)}"
         return None
 
-    def _fail_pg(self, exc: BaseException, events: int) -> None:
+    def _fail_pg(self, exc: BaseException) -> None:
         delay = STORAGE_RETRY.delay(self._failures)
         self._failures += 1
         self._retry_at = time.monotonic() + delay
@@ -1568,7 +1568,7 @@ class PostgresDedupActor(DedupActor):
         if self._failures == 1 or self._failures % 20 == 0:
             log.error(
                 "writing the %d events held to %s failed (%s); none of them is acknowledged; retrying in %.1f s",
-                events,
+                sum(write.events for write in self._writes),
                 self._pg.where,
                 one_line(exc),
                 delay,
