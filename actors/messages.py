@@ -10,6 +10,7 @@ acknowledged batch and is answered once every one of its events is committed.
 from __future__ import annotations
 
 import itertools
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -228,7 +229,16 @@ class SaveConsumerPositions:
 @dataclass(frozen=True, slots=True)
 class QueryRequest:
     """A query for the stats or reader actor, answered by calling ``done(reply)`` (from the actor's
-    thread) rather than through a future, so that the query server can wait for many at once."""
+    thread) rather than through a future, so that the query server can wait for many at once.
+
+    Past ``deadline`` (``time.monotonic()``) the client has been told the daemon did not answer:
+    the actor then calls ``done(EXPIRED)`` without doing the work, so queries a crowd of clients
+    gave up on cost the actor next to nothing."""
 
     query: Any
     done: Callable[[Any], None]
+    deadline: float = math.inf
+
+
+EXPIRED = object()
+"""What an actor answers a :class:`QueryRequest` whose deadline had passed when its turn came."""

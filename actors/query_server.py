@@ -2,14 +2,21 @@
 
 It speaks REQ/REP to clients through a ROUTER socket, so that it can have many requests out at
 once and answer each as soon as its actor has: ``stats`` and ``health`` go to the stats actor,
-``events`` and ``topics`` to the reader actor, and a slow page never holds up a ``stats`` behind
-it (a REP socket answers strictly in turn). Actors answer by calling back (a
+``events``, ``topics`` and ``consumers`` (the listings) to the reader actor, and a slow page never
+holds up a ``stats`` behind it (a REP socket answers strictly in turn), nor the watchdog's pings
+of the stats actor. Actors answer by calling back (a
 :class:`~actors.messages.QueryRequest`), which queues the reply and wakes this thread through a
 pipe; only this thread touches the socket.
 
 Every request gets exactly one reply: a malformed one gets ``{"error": ...}`` at once, one that
 no actor answers within ``[query] timeout_ms`` gets an error reply then (a late answer is
-dropped), and beyond :data:`MAX_PENDING` requests out at once a new one is refused as busy.
+dropped), and beyond :data:`MAX_PENDING` requests in an actor's hands a new one for it is refused
+as busy. A request counts until its actor has called back, not only until its client was told it
+timed out: the actor skips one whose deadline passed, but it still holds it in its inbox. So
+clients that ask and leave can neither grow the actors' inboxes without bound nor bury the
+stats actor, which answers the watchdog's pings, under work nobody waits for. Replies queue at
+most :data:`REPLIES_QUEUED` a client (each can be a page of 4 MiB): past that, a client that
+does not read them has the next ones dropped.
 """
 
 from __future__ import annotations
@@ -26,10 +33,10 @@ import msgpack
 import pykka
 import zmq
 
-from actors.messages import QueryRequest
+from actors.messages import EXPIRED, QueryRequest
 from transport.config import QueryConfig, wants_ipv6
 from transport.logs import RateLimitedLog
-from transport.queries import EventsQuery, QueryError, TopicsQuery, parse_query
+from transport.queries import ConsumersQuery, EventsQuery, QueryError, TopicsQuery, parse_query
 from transport.schema import InvalidEvent, unpack_from_peer
 from transport.security import SocketHook
 from transport.zap import ConnectionGate
@@ -37,7 +44,8 @@ from transport.zap import ConnectionGate
 log = logging.getLogger(__name__)
 
 POLL_MS = 100
-MAX_PENDING = 1024
+MAX_PENDING = 1024  # requests in one actor's hands at once
+REPLIES_QUEUED = 8  # replies ZeroMQ queues for one client that does not read them
 _RECEIVE_BURST = 64  # requests taken per wake-up before replies are sent again
 
 
@@ -66,6 +74,10 @@ class QueryServer:
         self._socket = context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.MAXMSGSIZE, 1_048_576)
         self._socket.setsockopt(zmq.LINGER, 100)
+        self._socket.setsockopt(zmq.SNDHWM, REPLIES_QUEUED)
+        # A client whose queue is full raises EAGAIN (its reply is dropped, and said), never
+        # dropped silently; one that is gone raises EHOSTUNREACH.
+        self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         if secure is not None:
             secure(self._socket)
         self._socket.ipv6 = wants_ipv6(config.bind)
@@ -81,6 +93,9 @@ class QueryServer:
         self._tokens = itertools.count()
         # token -> (envelope, deadline) of every request handed to an actor and not answered yet
         self._pending: dict[int, tuple[list[bytes], float]] = {}
+        # token -> actor of every request an actor has not called back for yet, answered or not
+        self._in_hands: dict[int, pykka.ActorRef[Any]] = {}
+        self._load: dict[pykka.ActorRef[Any], int] = {self._stats: 0, self._reader: 0}
         self._thread = threading.Thread(target=self._run, name="query", daemon=True)
         self.answered = 0
 
@@ -156,17 +171,20 @@ class QueryServer:
         except QueryError as exc:
             self._send(envelope, self._error(str(exc)))
             return
-        if len(self._pending) >= MAX_PENDING:
+        actor = self._reader if isinstance(query, (EventsQuery, TopicsQuery, ConsumersQuery)) else self._stats
+        if self._load[actor] >= MAX_PENDING:
             self._send(envelope, {"error": f"busy: {MAX_PENDING} queries are being answered; retry shortly"})
             return
         token = next(self._tokens)
-        actor = self._reader if isinstance(query, (EventsQuery, TopicsQuery)) else self._stats
-        self._pending[token] = (envelope, time.monotonic() + self._config.timeout_ms / 1000)
+        deadline = time.monotonic() + self._config.timeout_ms / 1000
         try:
-            actor.tell(QueryRequest(query, lambda reply: self._answered(token, reply)))
+            actor.tell(QueryRequest(query, lambda reply: self._answered(token, reply), deadline))
         except pykka.ActorDeadError:
-            del self._pending[token]
             self._send(envelope, {"error": "the query actors are not running; the daemon is stopping or broken"})
+            return
+        self._pending[token] = (envelope, deadline)
+        self._in_hands[token] = actor
+        self._load[actor] += 1
 
     def _answered(self, token: int, reply: Any) -> None:
         """Called on an actor's thread: queue the reply and wake the query thread."""
@@ -195,8 +213,13 @@ class QueryServer:
                 token, reply = self._replies.get_nowait()
             except queue.Empty:
                 return
+            self._load[self._in_hands.pop(token)] -= 1
             pending = self._pending.pop(token, None)
-            if pending is not None:  # else it timed out and was answered with an error already
+            if pending is None:  # it timed out and was answered with an error already
+                continue
+            if reply is EXPIRED:  # the actor came to it just past its deadline
+                self._send(pending[0], self._too_late())
+            else:
                 self._send(pending[0], reply)
 
     def _expire(self) -> None:
@@ -204,7 +227,10 @@ class QueryServer:
         expired = [token for token, (_, deadline) in self._pending.items() if deadline <= now]
         for token in expired:
             envelope, _ = self._pending.pop(token)
-            self._send(envelope, {"error": f"the daemon did not answer within {self._config.timeout_ms} ms"})
+            self._send(envelope, self._too_late())
+
+    def _too_late(self) -> dict[str, Any]:
+        return {"error": f"the daemon did not answer within {self._config.timeout_ms} ms"}
 
     def _send(self, envelope: list[bytes], reply: Any) -> None:
         if isinstance(reply, bytes):  # packed by the actor already (a page of events)
@@ -217,8 +243,12 @@ class QueryServer:
         try:
             self._socket.send_multipart([*envelope, packed], zmq.NOBLOCK)
         except zmq.Again:
-            self._warn.warning("a query reply was dropped: the client is not reading its replies")
+            self._warn.warning("a query reply was dropped: the client has %d replies it does not read", REPLIES_QUEUED)
             return
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            return  # the client left before its reply: nobody to tell
         self.answered += 1
 
     def _error(self, message: str) -> dict[str, Any]:

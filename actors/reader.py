@@ -1,4 +1,4 @@
-"""The reader actor: answers ``events`` and ``topics`` queries on a thread of its own.
+"""The reader actor: answers ``events``, ``topics`` and ``consumers`` queries on a thread of its own.
 
 Why apart from the stats actor: a page of events can be large and slow to read, and while
 one actor reads it, everything else queued for that actor waits. ``stats`` and ``health`` (and
@@ -26,7 +26,7 @@ import pykka
 from actors.messages import Freeze, Ping, QueryRequest
 from actors.stats import answer_request
 from actors.store import EventReader
-from transport.queries import EventsQuery, TopicsQuery
+from transport.queries import ConsumersQuery, EventsQuery, TopicsQuery
 
 log = logging.getLogger(__name__)
 
@@ -130,4 +130,6 @@ class ReaderActor(pykka.ThreadingActor):
         if isinstance(query, TopicsQuery):
             # Packed here, not on the query thread: 100 000 topics are 9 MB of reply.
             return PackedReply(msgpack.packb({"topics": self._reader.topics()}, use_bin_type=True))
+        if isinstance(query, ConsumersQuery):
+            return {"consumers": self._reader.consumers()}
         return {"error": f"unsupported query {query!r}"}

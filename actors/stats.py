@@ -17,7 +17,7 @@ from typing import Any
 import pykka
 
 from actors.flow import InFlight, LiveFigures
-from actors.messages import Freeze, Ping, QueryRequest
+from actors.messages import EXPIRED, Freeze, Ping, QueryRequest
 from actors.store import EventReader
 from transport.queries import ConsumersQuery, DebugFreezeQuery, EventsQuery, HealthQuery, Query, StatsQuery, TopicsQuery
 
@@ -150,7 +150,11 @@ class StatsActor(pykka.ThreadingActor):
 
 
 def answer_request(request: QueryRequest, answer: Callable[[Any], Any]) -> None:
-    """Answer a :class:`QueryRequest` with ``answer(query)``, or with an error reply if that raised."""
+    """Answer a :class:`QueryRequest` with ``answer(query)``, or with an error reply if that raised;
+    with :data:`~actors.messages.EXPIRED`, and nothing done, once its deadline has passed."""
+    if time.monotonic() >= request.deadline:
+        request.done(EXPIRED)
+        return
     try:
         reply = answer(request.query)
     except Exception as exc:

@@ -1,0 +1,105 @@
+"""Query clients that ask and leave, or ask and never read: the query server stays bounded.
+
+A real daemon, real REQ/DEALER sockets. Clients that give up on their queries must not leave the
+actors working through them for minutes (nor bury the stats actor, which answers the watchdog's
+pings), and one that never reads its replies must not grow the daemon by a page a request.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+from harness import Daemon, publish
+from test_flood import rss_mb
+
+from actors.query_server import REPLIES_QUEUED
+from transport.publisher import Publisher
+
+pytestmark = pytest.mark.e2e
+
+HOOKS = {**os.environ, "EVENTAGG_TEST_HOOKS": "1"}
+
+
+def ask_and_leave(endpoint: str, request: dict[str, Any], clients: int) -> None:
+    """``clients`` REQ sockets each send ``request`` and close without reading the reply."""
+    context = zmq.Context()
+    sockets = []
+    for _ in range(clients):
+        sock = context.socket(zmq.REQ)
+        sock.linger = 1000  # the request leaves before the socket closes
+        sock.connect(endpoint)
+        sock.send(msgpack.packb(request))
+        sockets.append(sock)
+    for sock in sockets:
+        sock.close()
+    context.term()
+
+
+@pytest.mark.timeout(180)
+def test_queries_their_clients_gave_up_on_are_not_worked_through(daemon_factory: Callable[..., Daemon]) -> None:
+    """600 ``topics`` queries of 20 000 topics each, asked while the reader was busy and then
+    abandoned: the reader ran every one after its client had gone (about a minute), and every
+    other listing timed out meanwhile."""
+    daemon = daemon_factory(query={"timeout_ms": 1000}).start(env=HOOKS)
+    publish(daemon.ack, "--acked", "--events", "20000", "--topics", "20000")
+    daemon.wait_stats(unique_processed=20000, timeout=60)
+    started = time.monotonic()
+    assert "topics" in daemon.request({"op": "topics"}, timeout=30)
+    one = time.monotonic() - started
+    assert "error" not in daemon.request({"op": "debug_freeze", "actor": "reader", "seconds": 4})
+    thawed = time.monotonic() + 4
+    ask_and_leave(daemon.query, {"op": "topics"}, 600)
+    # The listings wait behind the frozen reader; stats and health do not.
+    assert "unique_processed" in daemon.request({"op": "stats"}, timeout=1)
+    said = daemon.request({"op": "consumers"}, timeout=5)
+    assert "did not answer within 1000 ms" in said["error"], said
+    assert time.monotonic() < thawed, "the test was too slow to ask while the reader was frozen"
+    time.sleep(thawed - time.monotonic())  # the reader is back, its 600 requests all past their deadline
+    started = time.monotonic()
+    page = daemon.request({"op": "events", "limit": 1}, timeout=30)
+    waited = time.monotonic() - started
+    assert "events" in page, page
+    assert waited < max(3.0, 20 * one), f"an events query waited {waited:.1f} s (one topics query takes {one:.2f} s)"
+
+
+def test_a_client_that_never_reads_its_replies_is_sent_only_a_few(daemon_factory: Callable[..., Daemon]) -> None:
+    """100 pages of 4 MiB asked by a DEALER that reads none: the daemon queued every one, 4 MB a request."""
+    daemon = daemon_factory().start()
+    with Publisher(daemon.ack, acked=True) as publisher:
+        for n in range(2000):
+            publisher.publish(
+                {
+                    "topic": "t",
+                    "event_id": f"e{n}",
+                    "timestamp": "2025-01-01T00:00:00Z",
+                    "source": "s",
+                    "payload": {"x": "x" * 4000},
+                }
+            )
+    daemon.wait_stats(unique_processed=2000)
+    assert daemon.proc is not None
+    before = rss_mb(daemon.proc.pid)
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.RCVHWM, 1)
+    sock.setsockopt(zmq.RCVBUF, 4096)
+    sock.linger = 0
+    sock.connect(daemon.query)
+    try:
+        for _ in range(100):
+            sock.send_multipart([b"", msgpack.packb({"op": "events", "after": 0, "limit": 10000})])
+        time.sleep(5)
+        grown = rss_mb(daemon.proc.pid) - before
+        assert "a query reply was dropped" in daemon.log()
+        assert "unique_processed" in daemon.request({"op": "stats"})
+    finally:
+        sock.close()
+        context.term()
+    # A page is 4 MiB: the few queued, the one being sent and the allocator's slack.
+    assert grown < (REPLIES_QUEUED + 12) * 4.2, f"the daemon grew by {grown:.0f} MB"
