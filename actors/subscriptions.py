@@ -980,7 +980,7 @@ class SubscriptionServer:
             sub.retry_at = time.monotonic() + BLOCKED_RETRY_S
             self._retrying = True
             return False
-        log.warning(
+        self._warn.warning(  # rate-limited: a client that subscribes again and again causes one each time
             "subscription %s (name %r): events after %d expired; the first still stored is %d",
             sub.identity.hex(),
             sub.name,

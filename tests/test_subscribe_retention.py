@@ -93,6 +93,27 @@ def test_a_cursor_with_every_later_event_deleted_is_told_in_each_kind_of_subscri
             consumer.close()
 
 
+def test_a_client_subscribing_again_and_again_behind_retention_cannot_flood_the_log(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """Each subscribe told of deleted events wrote a warning: 1 000 subscribes, 1 000 lines."""
+    daemon = retention_daemon(daemon_factory, max_age="1s")
+    publisher = Acked(daemon.ack)
+    try:
+        publisher.send([event(n, topic="t") for n in range(20)])
+    finally:
+        publisher.close()
+    daemon.wait_stats(timeout=60, stored=0, expired=20)
+    for _ in range(200):
+        consumer = subscribed(daemon, topic="t", after=0, credit=10)
+        try:
+            assert consumer.receive()["op"] == "expired"
+        finally:
+            consumer.close()
+    warned = daemon.log().count("expired; the first still stored is")
+    assert 1 <= warned <= 10, f"{warned} warnings for 200 subscribes"
+
+
 def test_a_follower_is_never_sent_events_retention_deleted_from_the_recent_window(
     daemon_factory: Callable[..., Daemon],
 ) -> None:
