@@ -595,6 +595,48 @@ def test_headers_that_do_not_all_arrive_in_time_get_a_408_and_the_connection_is_
 
 
 @pytest.mark.e2e
+def test_a_client_that_reads_none_of_its_response_is_dropped_after_write_timeout_ms(
+    gateway_factory: Callable[..., Gateway],
+) -> None:
+    """A client that asked for pages of events and read none held each page in the gateway for as
+    long as it kept its connection: 40 such clients grew it from 57 to 235 MB, for good."""
+    from transport.publisher import Publisher
+
+    gateway = gateway_factory(http={"write_timeout_ms": 1000})
+    with Publisher(gateway.daemon.ack, acked=True) as publisher:
+        for n in range(1000):
+            publisher.publish(event(topic="t", event_id=f"e{n}", payload={"x": "x" * 4000}))
+    gateway.daemon.wait_stats(unique_processed=1000)
+    host, port = gateway.url.removeprefix("http://").split(":")
+    stalled = []
+    for _ in range(5):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        sock.sendall(b"GET /events?limit=1000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        stalled.append(sock)
+    time.sleep(3)  # none of them reads: each is dropped a second after its buffers filled
+    for sock in stalled:
+        sock.settimeout(10)
+        got = b""
+        try:
+            while chunk := sock.recv(65536):
+                got += chunk
+        except ConnectionResetError:
+            pass
+        finally:
+            sock.close()
+        head, _, body = got.partition(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+        )
+        assert 0 < len(body) < length, f"{len(body)} bytes of {length}: the response was not given up"
+    # A client that reads, however slowly it started, gets all of it.
+    assert len(gateway.client.get("/events", params={"limit": 1000}).json()["events"]) == 1000
+    assert "Traceback" not in gateway.log()
+
+
+@pytest.mark.e2e
 def test_curve_when_the_config_says_so(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> None:
     folder, authorized = tmp_path / "keys", tmp_path / "authorized"
     for args in (("server", str(folder)), ("client", "gateway", str(folder), "--authorize", str(authorized))):

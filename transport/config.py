@@ -251,6 +251,7 @@ class HttpConfig:
     bind: str = "127.0.0.1:8080"
     request_timeout_ms: int = 5_000
     header_timeout_ms: int = 10_000
+    write_timeout_ms: int = 30_000
     max_body_bytes: int = 10_485_760
     max_events: int = 10_000
     publishers: int = 32
@@ -359,6 +360,7 @@ _POSITIVE = {
     ("query", "timeout_ms"),
     ("http", "request_timeout_ms"),
     ("http", "header_timeout_ms"),
+    ("http", "write_timeout_ms"),
     ("http", "max_body_bytes"),
     ("http", "max_events"),
     ("http", "publishers"),

@@ -888,6 +888,7 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
             link.close()
 
     HeaderDeadlineProtocol.header_timeout_s = http.header_timeout_ms / 1000
+    HeaderDeadlineProtocol.write_timeout_s = http.write_timeout_ms / 1000
     app = FastAPI(
         title="eventagg HTTP gateway",
         version="1.0",

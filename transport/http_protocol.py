@@ -1,4 +1,5 @@
-"""The gateway's HTTP connections: uvicorn's httptools protocol with a deadline on request headers.
+"""The gateway's HTTP connections: uvicorn's httptools protocol with deadlines on request headers
+and on a client that reads nothing of its response.
 
 uvicorn closes a connection that stays idle after a response (``timeout_keep_alive``), but sets
 no limit on how long a request's headers may take: a client that connects and sends nothing, or
@@ -9,9 +10,16 @@ between requests is uvicorn's keep-alive timeout). Past that the client gets a 4
 ``error`` and the connection is closed. A body is not covered: the application reads it within
 its own request budget (``[http] request_timeout_ms``).
 
+Nor did uvicorn bound how long a response may wait for a client that reads none of it: each
+such client held its whole response (a page of events is up to 4 MiB) in the gateway for as long
+as it kept the connection open. Here, once the socket's buffer is full (the transport pauses
+writing), the client must take some of it within ``write_timeout_s``, or the connection is
+dropped, with what was waiting for it. A slow reader that keeps taking some is never cut off.
+
 uvicorn builds the protocol by import path (so worker processes can too); the gateway sets
-:attr:`HeaderDeadlineProtocol.header_timeout_s` from ``[http] header_timeout_ms`` when it makes
-its application, in each process.
+:attr:`HeaderDeadlineProtocol.header_timeout_s` from ``[http] header_timeout_ms`` and
+:attr:`HeaderDeadlineProtocol.write_timeout_s` from ``[http] write_timeout_ms`` when it makes its
+application, in each process.
 """
 
 from __future__ import annotations
@@ -28,13 +36,16 @@ IMPORT_PATH = "transport.http_protocol:HeaderDeadlineProtocol"
 
 
 class HeaderDeadlineProtocol(HttpToolsProtocol):
-    """:class:`HttpToolsProtocol` that answers 408 and closes when headers are overdue."""
+    """:class:`HttpToolsProtocol` that answers 408 and closes when headers are overdue, and drops a
+    connection whose client has taken nothing of its response for ``write_timeout_s``."""
 
     header_timeout_s: float = 10.0
+    write_timeout_s: float = 30.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._headers_due: asyncio.TimerHandle | None = None
+        self._unread_due: asyncio.TimerHandle | None = None
         self._cycles: list[Any] = []  # this connection's requests whose responses are not complete
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -53,8 +64,28 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         if self.cycle is not None:
             self._cycles.append(self.cycle)
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._unread_due is None:
+            self._unread_due = self.loop.call_later(self.write_timeout_s, self._unread_overdue)
+
+    def resume_writing(self) -> None:
+        self._stop_unread_clock()
+        super().resume_writing()
+
+    def _stop_unread_clock(self) -> None:
+        if self._unread_due is not None:
+            self._unread_due.cancel()
+            self._unread_due = None
+
+    def _unread_overdue(self) -> None:
+        self._unread_due = None
+        # abort, not close: close would keep the unread response until it could be sent.
+        self.transport.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._stop_unread_clock()
         super().connection_lost(exc)
         # uvicorn tells only the connection's latest request that the client left: a request
         # pipelined behind an endless response (an event stream) would leave that response
