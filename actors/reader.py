@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,23 @@ def pack_events_page(
     return PackedReply(b"".join([head, *chunks, packer.bytes()]))
 
 
+def pack_listing(key: str, items: Iterable[Any]) -> PackedReply:
+    """``{key: [items...]}`` packed one item at a time, so only the packed reply is held whole.
+
+    The array's length is known last: its header is a 32-bit one (msgpack readers take any
+    width), written in place once the items are counted.
+    """
+    packer = msgpack.Packer(use_bin_type=True)
+    out = bytearray(packer.pack_map_header(1) + packer.pack(key) + b"\xdd\0\0\0\0")
+    length_at = len(out) - 4
+    count = 0
+    for item in items:
+        out += packer.pack(item)
+        count += 1
+    out[length_at : length_at + 4] = count.to_bytes(4, "big")
+    return PackedReply(out)
+
+
 class ReaderActor(pykka.ThreadingActor):
     """Answers :class:`QueryRequest` for events and topics from a read-only connection of its own."""
 
@@ -128,8 +145,9 @@ class ReaderActor(pykka.ThreadingActor):
             finally:
                 rows.close()
         if isinstance(query, TopicsQuery):
-            # Packed here, not on the query thread: 100 000 topics are 9 MB of reply.
-            return PackedReply(msgpack.packb({"topics": self._reader.topics()}, use_bin_type=True))
+            # Packed here, not on the query thread, and a topic at a time: 100 000 topics are 9 MB
+            # of reply, and held as maps first they took 56 MB more.
+            return pack_listing("topics", self._reader.each_topic())
         if isinstance(query, ConsumersQuery):
             return {"consumers": self._reader.consumers()}
         return {"error": f"unsupported query {query!r}"}

@@ -23,7 +23,7 @@ import operator
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -1029,12 +1029,16 @@ class EventReader:
 
     def topics(self) -> list[dict[str, Any]]:
         """Every topic with its stored event count, first and last seq and counters, by name."""
+        return list(self.each_topic())
+
+    def each_topic(self) -> Iterator[dict[str, Any]]:
+        """:meth:`topics` one at a time, so a listing of many need not hold them all at once."""
         rows = self._conn.execute(
             "SELECT t.topic, t.last_seq, t.received, t.duplicate_dropped, t.late,"
             " coalesce(r.expired, 0), coalesce(r.conflicting_duplicates, 0)"
             " FROM topics AS t LEFT JOIN topic_retention AS r ON r.topic = t.topic ORDER BY t.topic"
         )
-        return [
+        return (
             {
                 "topic": topic,
                 # Seqs are gapless from 1 and retention deletes the lowest first, so the stored
@@ -1050,7 +1054,7 @@ class EventReader:
                 "late": late,
             }
             for topic, last_seq, received, duplicates, late, expired, conflicting in rows
-        ]
+        )
 
     def counters(self) -> dict[str, int]:
         """The committed global counters."""
