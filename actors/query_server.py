@@ -14,9 +14,10 @@ dropped), and beyond :data:`MAX_PENDING` requests in an actor's hands a new one 
 as busy. A request counts until its actor has called back, not only until its client was told it
 timed out: the actor skips one whose deadline passed, but it still holds it in its inbox. So
 clients that ask and leave can neither grow the actors' inboxes without bound nor bury the
-stats actor, which answers the watchdog's pings, under work nobody waits for. Replies queue at
-most :data:`REPLIES_QUEUED` a client (each can be a page of 4 MiB): past that, a client that
-does not read them has the next ones dropped.
+stats actor, which answers the watchdog's pings, under work nobody waits for. A client that
+pipelines requests gets every reply in order, however fast they come (what its ZeroMQ queue of
+:data:`REPLIES_QUEUED` does not take waits in an :class:`~actors.outbox.Outbox`); one that reads
+none of them has replies dropped once :data:`UNSENT_BYTES` wait for it (a page is up to 4 MiB).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import pykka
 import zmq
 
 from actors.messages import EXPIRED, QueryRequest
+from actors.outbox import DROPPED, Outbox
 from transport.config import QueryConfig, wants_ipv6
 from transport.logs import RateLimitedLog
 from transport.queries import ConsumersQuery, EventsQuery, QueryError, TopicsQuery, parse_query
@@ -46,6 +48,8 @@ log = logging.getLogger(__name__)
 POLL_MS = 100
 MAX_PENDING = 1024  # requests in one actor's hands at once
 REPLIES_QUEUED = 8  # replies ZeroMQ queues for one client that does not read them
+UNSENT_BYTES = 8 * 1024 * 1024  # and what waits for it here, past that
+UNSENT_POLL_MS = 10  # how often replies that wait are tried again
 _RECEIVE_BURST = 64  # requests taken per wake-up before replies are sent again
 
 
@@ -75,9 +79,10 @@ class QueryServer:
         self._socket.setsockopt(zmq.MAXMSGSIZE, 1_048_576)
         self._socket.setsockopt(zmq.LINGER, 100)
         self._socket.setsockopt(zmq.SNDHWM, REPLIES_QUEUED)
-        # A client whose queue is full raises EAGAIN (its reply is dropped, and said), never
+        # A client whose queue is full raises EAGAIN (its reply waits in the outbox), never
         # dropped silently; one that is gone raises EHOSTUNREACH.
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._outbox = Outbox(self._socket, max_messages=MAX_PENDING, max_bytes=UNSENT_BYTES)
         if secure is not None:
             secure(self._socket)
         self._socket.ipv6 = wants_ipv6(config.bind)
@@ -122,13 +127,14 @@ class QueryServer:
         poller.register(self._wake_read, zmq.POLLIN)
         try:
             while not self._stopping.is_set():
-                wait_ms = POLL_MS
+                wait_ms = UNSENT_POLL_MS if self._outbox else POLL_MS
                 if self._pending:
                     first_deadline = min(deadline for _, deadline in self._pending.values())
                     wait_ms = max(0, min(POLL_MS, int((first_deadline - time.monotonic()) * 1000) + 1))
                 ready = dict(poller.poll(wait_ms))
                 if ready.get(self._wake_read):
                     self._drain_wake_pipe()
+                self._outbox.flush()
                 self._send_replies()
                 if ready.get(self._socket):
                     for _ in range(_RECEIVE_BURST):
@@ -240,15 +246,13 @@ class QueryServer:
                 packed = msgpack.packb(reply, use_bin_type=True)
             except (TypeError, ValueError) as exc:
                 packed = msgpack.packb({"error": f"reply could not be encoded: {exc}"})
-        try:
-            self._socket.send_multipart([*envelope, packed], zmq.NOBLOCK)
-        except zmq.Again:
-            self._warn.warning("a query reply was dropped: the client has %d replies it does not read", REPLIES_QUEUED)
+        # A client that left before its reply (GONE) has nobody to tell.
+        if self._outbox.send([*envelope, packed]) == DROPPED:
+            self._warn.warning(
+                "a query reply was dropped: the client reads none of its replies (%d MiB wait for it)",
+                UNSENT_BYTES // 1048576,
+            )
             return
-        except zmq.ZMQError as exc:
-            if exc.errno != zmq.EHOSTUNREACH:
-                raise
-            return  # the client left before its reply: nobody to tell
         self.answered += 1
 
     def _error(self, message: str) -> dict[str, Any]:

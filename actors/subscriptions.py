@@ -40,7 +40,6 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +50,7 @@ import zmq
 from actors.event_sources import EventSource
 from actors.flow import within_bytes
 from actors.messages import SaveConsumerPositions
+from actors.outbox import DROPPED, GONE, SENT, Outbox
 from transport.config import SubscribeConfig, wants_ipv6
 from transport.logs import RateLimitedLog
 from transport.queries import MAX_CURSOR
@@ -395,7 +395,7 @@ class SubscriptionServer:
         self._event_bytes = 4096.0
         self._subs: dict[bytes, Subscription] = {}
         self._by_name: dict[str, bytes] = {}
-        self._unsent: dict[bytes, deque[bytes]] = {}  # replies waiting for room, per peer
+        self._unsent = Outbox(self._socket, max_messages=MAX_UNSENT_REPLIES)  # replies waiting for room
         self._recent = RecentEvents()
         # name -> (topic, position) to store, or None to forget the name's stored position
         self._pending_acks: dict[str, tuple[str | None, int] | None] = {}
@@ -735,47 +735,32 @@ class SubscriptionServer:
 
     def _send(self, identity: bytes, message: dict[str, Any]) -> None:
         """Send a reply: at once, or once the peer's queue has room, in order, before more events."""
-        payload = _pack_message(message)
-        waiting = self._unsent.get(identity)
-        if waiting is None and self._send_now(identity, payload):
-            return
-        if waiting is None:
-            waiting = self._unsent[identity] = deque()
-        if len(waiting) >= MAX_UNSENT_REPLIES:
+        outcome = self._unsent.send([identity, _pack_message(message)])
+        if outcome == DROPPED:
             self._warn.warning("a client reads none of its replies; dropping one (%s)", message.get("op"))
-            return
-        waiting.append(payload)
+        elif outcome == GONE:
+            self._gone(identity)
 
     def _send_unsent(self) -> None:
         """Send the replies that waited for room, as far as each peer's queue takes them."""
-        for identity in list(self._unsent):
-            waiting = self._unsent[identity]
-            sent: bool | None = True
-            while waiting and (sent := self._send_now(identity, waiting[0])):
-                waiting.popleft()
-            if not waiting or sent is None:  # all sent, or the peer is gone
-                del self._unsent[identity]
+        for identity in self._unsent.flush():
+            self._gone(identity)
 
-    def _send_now(
-        self, identity: bytes, message: dict[str, Any] | bytes, sub: Subscription | None = None
-    ) -> bool | None:
-        """Send without blocking: True if sent, False when the peer's queue is full, None when the
-        peer is gone (its subscription is dropped)."""
+    def _send_now(self, identity: bytes, message: dict[str, Any] | bytes, sub: Subscription | None = None) -> bool:
+        """Send without blocking: whether it was sent (not when the peer's queue is full, nor when
+        the peer is gone: its subscription is dropped)."""
         payload = message if isinstance(message, bytes) else _pack_message(message)
-        try:
-            self._socket.send_multipart([identity, payload], zmq.NOBLOCK)
-        except zmq.Again:
-            return False
-        except zmq.ZMQError as exc:
-            if exc.errno == zmq.EHOSTUNREACH:
-                gone = self._subs.get(identity)
-                if gone is not None:
-                    self._drop(gone, "disconnected")
-                return None
-            raise
-        if sub is not None:
+        outcome = self._unsent.send_now([identity, payload])
+        if outcome == GONE:
+            self._gone(identity)
+        elif outcome == SENT and sub is not None:
             sub.last_sent = time.monotonic()
-        return True
+        return outcome == SENT
+
+    def _gone(self, identity: bytes) -> None:
+        gone = self._subs.get(identity)
+        if gone is not None:
+            self._drop(gone, "disconnected")
 
     # Reading and sending events ---------------------------------------------------------------
 
