@@ -82,6 +82,7 @@ from actors.store import (
     TopicState,
 )
 from transport.config import RetentionConfig
+from transport.logs import RateLimitedLog
 from transport.queries import Query
 from transport.schema import Event
 
@@ -1147,6 +1148,7 @@ class PostgresEventSource:
         self._retry_listen = 0.0
         self._listening: threading.Thread | None = None  # making the LISTEN connection
         self._made_listener: psycopg.Connection[Any] | None = None  # what it made, taken by wakeup_fd
+        self._odd_notices = RateLimitedLog(log)
 
     @property
     def poll_s(self) -> float:
@@ -1196,9 +1198,13 @@ class PostgresEventSource:
             listener.pgconn.consume_input()
             while (notice := listener.pgconn.notifies()) is not None:
                 if notice.relname.decode() == CONSUMERS_CHANNEL:
-                    node, name = json.loads(notice.extra)
-                    if node != self.node:
-                        taken.append((name, node))
+                    claim = _claim_of(notice.extra)
+                    if claim is None:  # any session may NOTIFY: not one of ours
+                        self._odd_notices.warning(
+                            "a notice on %s that is not [node, name] was ignored", CONSUMERS_CHANNEL
+                        )
+                    elif claim[0] != self.node:
+                        taken.append((claim[1], claim[0]))
         except load_psycopg().Error as exc:
             log.warning("the commit notices from %s stopped (%s); polling", self.where, one_line(exc))
             listener.close()
@@ -1297,6 +1303,17 @@ class PostgresEventSource:
             if conn is not None:
                 conn.close()
         self._conn = self._listener = self._made_listener = None
+
+
+def _claim_of(payload: bytes) -> tuple[str, str] | None:
+    """The ``(node, name)`` of a notice on :data:`CONSUMERS_CHANNEL`, or None when it is not one."""
+    try:
+        claim = json.loads(payload)
+    except ValueError:
+        return None
+    if isinstance(claim, list) and len(claim) == 2 and all(isinstance(part, str) for part in claim):
+        return claim[0], claim[1]
+    return None
 
 
 class PostgresDedupActor(DedupActor):

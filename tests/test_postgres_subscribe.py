@@ -176,6 +176,26 @@ def test_a_named_consumer_taken_on_another_daemon_ends_the_first_follower(
         second.close()
 
 
+def test_a_stray_notice_on_the_consumers_channel_is_ignored(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    """Any session may NOTIFY: a payload that was not [node, name] stopped the subscription server."""
+    a = pg_daemon(daemon_factory, "nodeA", database, **FAST).start()
+    follower = RawConsumer(a.subscribe)
+    try:
+        follower.send({"op": "subscribe", "name": "billing", "credit": 10})
+        assert follower.receive()["op"] == "subscribed"
+        time.sleep(1.5)  # its LISTEN connection is up
+        for payload in ("not json", '["only-one"]', "[1, 2]", '{"node": "x"}'):
+            query(database, "SELECT pg_notify('eventagg_consumers', %s)", (payload,))
+        publish(a.ack, "--acked", "--events", "5", "--topics", "1")
+        assert len(follower.events(5)) == 5  # still followed, not ended
+        assert a.request({"op": "health"}).get("status") == "ok"
+        assert "that is not [node, name] was ignored" in a.log()
+    finally:
+        follower.close()
+
+
 def test_delivery_latency_across_daemons(daemon_factory: Callable[..., Daemon], database: str) -> None:
     """Publish one event at a time to A, acknowledged; time until a subscriber on B has it."""
     a, b = two_daemons(daemon_factory, database)
