@@ -1666,7 +1666,9 @@ class PostgresStatsActor(StatsActor):
         elif server_error is not None:
             problems.append(server_error)
         problems += self._live.background_errors()
-        if blockers:
+        # Daemons' commits take turns at the positions row, so a writer waits for another's lock
+        # many times a second: only one that does not answer, or whose commit failed, is stuck.
+        if blockers and (not alive.get("dedup", True) or self._live.last_commit_error is not None):
             problems.append(
                 f"the writer's session waits for a lock held by {', '.join(blockers)}"
                 " (a daemon paused in a commit holds every daemon's commits; see docs/postgresql.md)"

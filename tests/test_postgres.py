@@ -901,6 +901,48 @@ def test_health_names_the_session_whose_lock_the_writer_waits_for(
     )
 
 
+def test_health_stays_ok_while_two_daemons_take_turns_at_the_commit_lock(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    """Every commit takes the positions row, so under load each writer waits for the other's lock
+    many times a second: health named those ordinary waits as a stuck daemon (2 polls in 46)."""
+    import threading
+
+    from test_gateway import event as http_event
+
+    a = pg_daemon(daemon_factory, "a", database).start()
+    b = pg_daemon(daemon_factory, "b", database).start()
+    stop = threading.Event()
+
+    def pump(daemon: Daemon, topic: str) -> None:
+        with Publisher(daemon.ack, acked=True) as publisher:
+            n = 0
+            while not stop.is_set():
+                publisher.publish(http_event(topic=topic, event_id=f"{topic}{n}"))
+                n += 1
+
+    pumps = [threading.Thread(target=pump, args=(d, t)) for d, t in ((a, "ta"), (b, "tb"))]
+    for thread in pumps:
+        thread.start()
+    errors = []
+    try:
+        eventually(
+            lambda: (a.stats()["unique_processed"] > 100 and b.stats()["unique_processed"] > 100) or None,
+            30,
+            "both committing",
+        )
+        for _ in range(80):
+            reply = a.request({"op": "health"})
+            if "error" in reply:
+                errors.append(reply["error"])
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for thread in pumps:
+            thread.join(30)
+    assert not errors, errors[:2]
+
+
 def test_the_server_side_keepalives_are_set_unless_configured(database: str) -> None:
     """After a partition the server must end the writer's old session (and free its node lock)
     within seconds: its side of the keepalives is set, unless the server or database sets it."""
