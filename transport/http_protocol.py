@@ -13,7 +13,7 @@ its own request budget (``[http] request_timeout_ms``).
 Nor did uvicorn bound how long a response may wait for a client that reads none of it: each
 such client held its whole response (a page of events is up to 4 MiB) in the gateway for as long
 as it kept the connection open. Here, once the socket's buffer is full (the transport pauses
-writing), the client must take some of it within ``write_timeout_s``, or the connection is
+writing), the client must take some of it within every ``write_timeout_s``, or the connection is
 dropped, with what was waiting for it. A slow reader that keeps taking some is never cut off.
 
 uvicorn builds the protocol by import path (so worker processes can too); the gateway sets
@@ -25,7 +25,10 @@ application, in each process.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import struct
+import termios
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -46,6 +49,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._headers_due: asyncio.TimerHandle | None = None
         self._unread_due: asyncio.TimerHandle | None = None
+        self._unread_bytes = 0  # what waited in the write buffer when the clock last started
         self._cycles: list[Any] = []  # this connection's requests whose responses are not complete
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -67,7 +71,26 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._unread_due is None:
-            self._unread_due = self.loop.call_later(self.write_timeout_s, self._unread_overdue)
+            self._start_unread_clock()
+
+    def _start_unread_clock(self) -> None:
+        self._unread_bytes = self._unsent()
+        self._unread_due = self.loop.call_later(self.write_timeout_s, self._unread_overdue)
+
+    def _unsent(self) -> int:
+        """Bytes not yet taken by the client: the transport's buffer and the kernel's send queue.
+
+        The kernel's counts too: with a large send buffer the socket becomes writable again only
+        once a third of it is free, so a slow reader's progress shows there long before here.
+        """
+        size = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                size += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+            except (OSError, ValueError):
+                pass
+        return size
 
     def resume_writing(self) -> None:
         self._stop_unread_clock()
@@ -80,6 +103,10 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def _unread_overdue(self) -> None:
         self._unread_due = None
+        if self._unsent() < self._unread_bytes:
+            # The client took some (the transport resumes writing only once most is taken).
+            self._start_unread_clock()
+            return
         # abort, not close: close would keep the unread response until it could be sent.
         self.transport.abort()
 
