@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 EventRow = tuple[Any, ...]
+Claim = tuple[float, str]
+"""When a daemon took a consumer name (seconds on the database server's clock) and which daemon:
+of two claims of one name, the larger is the later, and its follower is the one that stays."""
 
 _COLUMNS = "rowid, topic, event_id, timestamp, source, payload, seq, late"
 
@@ -37,13 +40,14 @@ class EventSource(Protocol):
         """A descriptor readable when another writer committed, or None; made when missing only
         if ``make`` (making it may block for the connect timeout)."""
 
-    def drain_wakeups(self) -> list[tuple[str, str]]:
-        """Consume what made :meth:`wakeup_fd` readable; the ``(name, node)`` of each named
+    def drain_wakeups(self) -> list[tuple[str, Claim]]:
+        """Consume what made :meth:`wakeup_fd` readable; the name and :class:`Claim` of each named
         consumer another daemon took meanwhile (see :meth:`claim`)."""
 
-    def claim(self, name: str) -> None:
+    def claim(self, name: str) -> Claim:
         """Tell the other daemons sharing the database that this one now serves consumer ``name``,
-        so each ends its own follower under that name (none: SQLite has one daemon a file)."""
+        so each ends its own follower under that name unless its own claim came later (none:
+        SQLite has one daemon a file)."""
 
     def open(self) -> None:
         """Prepare (called on the subscription thread before any read)."""
@@ -90,11 +94,11 @@ class SqliteEventSource:
     def wakeup_fd(self, make: bool) -> None:
         return None
 
-    def drain_wakeups(self) -> list[tuple[str, str]]:
+    def drain_wakeups(self) -> list[tuple[str, Claim]]:
         return []
 
-    def claim(self, name: str) -> None:
-        pass
+    def claim(self, name: str) -> Claim:
+        return (0.0, "")
 
     def __init__(self, database: Path) -> None:
         self._database = database

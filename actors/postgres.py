@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 import msgpack
 
 from actors.dedup import EXPIRE_CHUNK, STORAGE_RETRY, DedupActor
+from actors.event_sources import Claim
 from actors.fingerprint import fingerprint
 from actors.messages import AckTicket, ClassifyResult, Ping, SaveConsumerPositions, Tick, WriteBatch
 from actors.pg_session import (
@@ -114,8 +115,8 @@ SUBSCRIBE_STATEMENT_TIMEOUT_MS = 2_000
 SUBSCRIBE_POLL_S = 1.0
 SUBSCRIBE_POLL_UNHEARD_S = 0.1
 COMMITS_CHANNEL = "eventagg_commits"  # every write transaction that stores events NOTIFYs it
-# A daemon that takes a named consumer NOTIFYs this with ``[node, name]`` (JSON): the daemon still
-# serving a follower under that name ends it, as one daemon does when a name is taken twice.
+# A daemon that takes a named consumer NOTIFYs this with ``[node, name, time]`` (JSON, the server's
+# clock): a daemon serving a follower under that name ends it, unless its own claim came later.
 CONSUMERS_CHANNEL = "eventagg_consumers"
 RECONNECT_PAUSE_S = 1.0  # after a failed connect, reads fail at once for this long
 NODE_LOCK_WAIT_S = 15.0
@@ -1187,11 +1188,11 @@ class PostgresEventSource:
         else:
             self._made_listener = listener
 
-    def drain_wakeups(self) -> list[tuple[str, str]]:
+    def drain_wakeups(self) -> list[tuple[str, Claim]]:
         """Take the notices that arrived: commits (only that they happened matters) and the
         named consumers other daemons took."""
         listener = self._listener
-        taken: list[tuple[str, str]] = []
+        taken: list[tuple[str, Claim]] = []
         if listener is None:
             return taken
         try:
@@ -1201,18 +1202,23 @@ class PostgresEventSource:
                     claim = _claim_of(notice.extra)
                     if claim is None:  # any session may NOTIFY: not one of ours
                         self._odd_notices.warning(
-                            "a notice on %s that is not [node, name] was ignored", CONSUMERS_CHANNEL
+                            "a notice on %s that is not [node, name, time] was ignored", CONSUMERS_CHANNEL
                         )
-                    elif claim[0] != self.node:
-                        taken.append((claim[1], claim[0]))
+                    elif claim[1][1] != self.node:
+                        taken.append(claim)
         except load_psycopg().Error as exc:
             log.warning("the commit notices from %s stopped (%s); polling", self.where, one_line(exc))
             listener.close()
             self._listener = None
         return taken
 
-    def claim(self, name: str) -> None:
-        self._rows("SELECT 1 FROM pg_notify(%s, %s)", (CONSUMERS_CHANNEL, json.dumps([self.node, name])))
+    def claim(self, name: str) -> Claim:
+        rows = self._rows(
+            "WITH claim AS (SELECT extract(epoch FROM clock_timestamp())::float8 AS at)"
+            " SELECT at, pg_notify(%s, json_build_array(%s::text, %s::text, at)::text) FROM claim",
+            (CONSUMERS_CHANNEL, self.node, name),
+        )
+        return (float(rows[0][0]), self.node)
 
     def open(self) -> None:
         """Nothing to do: the connection is made on the first read (and again after one is lost)."""
@@ -1305,14 +1311,18 @@ class PostgresEventSource:
         self._conn = self._listener = self._made_listener = None
 
 
-def _claim_of(payload: bytes) -> tuple[str, str] | None:
-    """The ``(node, name)`` of a notice on :data:`CONSUMERS_CHANNEL`, or None when it is not one."""
+def _claim_of(payload: bytes) -> tuple[str, Claim] | None:
+    """The consumer name and :data:`~actors.event_sources.Claim` of a notice on
+    :data:`CONSUMERS_CHANNEL` (``[node, name, time]``), or None when it is not one."""
     try:
         claim = json.loads(payload)
     except ValueError:
         return None
-    if isinstance(claim, list) and len(claim) == 2 and all(isinstance(part, str) for part in claim):
-        return claim[0], claim[1]
+    if not (isinstance(claim, list) and len(claim) == 3):
+        return None
+    node, name, at = claim
+    if isinstance(node, str) and isinstance(name, str) and isinstance(at, (int, float)) and not isinstance(at, bool):
+        return name, (float(at), node)
     return None
 
 

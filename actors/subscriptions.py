@@ -47,7 +47,7 @@ import msgpack
 import pykka
 import zmq
 
-from actors.event_sources import EventSource
+from actors.event_sources import Claim, EventSource
 from actors.flow import within_bytes
 from actors.messages import SaveConsumerPositions
 from actors.outbox import DROPPED, GONE, SENT, Outbox
@@ -395,6 +395,7 @@ class SubscriptionServer:
         self._event_bytes = 4096.0
         self._subs: dict[bytes, Subscription] = {}
         self._by_name: dict[str, bytes] = {}
+        self._claims: dict[str, Claim] = {}  # name -> when its follower here took it (PostgreSQL)
         self._unsent = Outbox(self._socket, max_messages=MAX_UNSENT_REPLIES)  # replies waiting for room
         self._recent = RecentEvents()
         # name -> (topic, position) to store, or None to forget the name's stored position
@@ -457,8 +458,8 @@ class SubscriptionServer:
                     self._head.drain()
                     self._head_moved()
                 if notices is not None and notices in ready:
-                    for name, node in self._source.drain_wakeups():
-                        self._taken_elsewhere(name, node)
+                    for name, claim in self._source.drain_wakeups():
+                        self._taken_elsewhere(name, claim)
                     self._head_moved()
                 if self._socket in ready:
                     self._receive()
@@ -602,7 +603,7 @@ class SubscriptionServer:
             )
         if request.name is not None:
             try:
-                self._source.claim(request.name)
+                claim = self._source.claim(request.name)
             except self._source.errors as exc:
                 raise SubscribeError(f"cannot take consumer {request.name!r}: {exc}", code="unavailable") from None
         if replaced is not None:
@@ -611,6 +612,7 @@ class SubscriptionServer:
             # A restarted consumer comes back before the daemon notices the old one is gone.
             self._end_holder(request.name, "another connection took this name")
             self._by_name[request.name] = identity
+            self._claims[request.name] = claim
         sub = Subscription(
             identity=identity,
             topic=request.topic,
@@ -635,9 +637,16 @@ class SubscriptionServer:
             "subscription %s: topic %r after %d, name %r", identity.hex(), request.topic, after, request.name
         )
 
-    def _taken_elsewhere(self, name: str, node: str) -> None:
-        """Another daemon sharing the database took consumer ``name``: end this one's follower."""
-        self._end_holder(name, f"another connection took this name, on daemon {node!r}")
+    def _taken_elsewhere(self, name: str, claim: Claim) -> None:
+        """Another daemon sharing the database took consumer ``name``: end this one's follower,
+        unless this one took the name later (then the other daemon ends its own). The positions
+        the follower acknowledged and not yet stored are not stored: the name is the other's now."""
+        own = self._claims.get(name)
+        if own is not None and own > claim:
+            return
+        if self._pending_acks.get(name) is not None:
+            del self._pending_acks[name]
+        self._end_holder(name, f"another connection took this name, on daemon {claim[1]!r}")
 
     def _end_holder(self, name: str, why: str) -> None:
         """End the subscription following under ``name``, if any, telling it ``replaced`` and why."""
@@ -731,6 +740,7 @@ class SubscriptionServer:
         self._subs.pop(sub.identity, None)
         if sub.name is not None and self._by_name.get(sub.name) == sub.identity:
             del self._by_name[sub.name]
+            self._claims.pop(sub.name, None)
         self._told.info("subscription %s (name %r) ended: %s", sub.identity.hex(), sub.name, why)
 
     def _send(self, identity: bytes, message: dict[str, Any]) -> None:

@@ -176,6 +176,33 @@ def test_a_named_consumer_taken_on_another_daemon_ends_the_first_follower(
         second.close()
 
 
+def test_two_daemons_taking_one_name_at_once_keep_exactly_one_follower(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    """Each daemon ended its follower on hearing the other's claim, whichever came first: taken on
+    two daemons at once, a name kept no follower (19 times in 20)."""
+    a, b = two_daemons(daemon_factory, database)
+    warm = RawConsumer(a.subscribe), RawConsumer(b.subscribe)  # so both daemons LISTEN already
+    for consumer in warm:
+        consumer.send({"op": "subscribe", "after": 0, "credit": 0})
+        assert consumer.receive()["op"] == "subscribed"
+    time.sleep(1.5)
+    kept = []
+    for n in range(6):
+        pair = [RawConsumer(a.subscribe), RawConsumer(b.subscribe)]
+        try:
+            for consumer in pair:
+                consumer.send({"op": "subscribe", "name": f"n{n}", "after": 0, "credit": 0})
+            ended = [any(m.get("code") == "replaced" for m in consumer.quiet(1.5)) for consumer in pair]
+            kept.append(ended.count(False))
+        finally:
+            for consumer in pair:
+                consumer.close()
+    for consumer in warm:
+        consumer.close()
+    assert kept == [1] * 6, kept
+
+
 def test_a_stray_notice_on_the_consumers_channel_is_ignored(
     daemon_factory: Callable[..., Daemon], database: str
 ) -> None:
@@ -191,7 +218,7 @@ def test_a_stray_notice_on_the_consumers_channel_is_ignored(
         publish(a.ack, "--acked", "--events", "5", "--topics", "1")
         assert len(follower.events(5)) == 5  # still followed, not ended
         assert a.request({"op": "health"}).get("status") == "ok"
-        assert "that is not [node, name] was ignored" in a.log()
+        assert "that is not [node, name, time] was ignored" in a.log()
     finally:
         follower.close()
 
