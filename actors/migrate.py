@@ -22,6 +22,7 @@ from actors.store import StorageError
 from transport.config import ConfigError, expand_dsn, load_config
 
 DEFAULT_TIMEOUT_S = 3600.0
+MAX_TIMEOUT_S = 2_147_483  # PostgreSQL's statement_timeout is an int of milliseconds
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -37,8 +38,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         help=f"how long the migrations may take in all, in seconds (default {DEFAULT_TIMEOUT_S:g})",
     )
     args = parser.parse_args(argv)
-    if not (math.isfinite(args.timeout) and args.timeout > 0):
-        parser.error(f"--timeout must be a number of seconds above 0, not {args.timeout}")
+    if not (math.isfinite(args.timeout) and 0 < args.timeout <= MAX_TIMEOUT_S):
+        parser.error(f"--timeout must be a number of seconds above 0 and at most {MAX_TIMEOUT_S}, not {args.timeout}")
     try:
         config = expand_dsn(load_config(args.config))
     except ConfigError as exc:
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             " with no time limit; nothing to do"
         )
         return 0
-    from actors.pg_session import connect, set_statement_timeout
+    from actors.pg_session import connect, load_psycopg, one_line, set_statement_timeout
     from actors.postgres import SCHEMA_VERSION, MigrationTooLong, migrate, schema_version
 
     started = time.monotonic()
@@ -72,6 +73,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 1
     except StorageError as exc:
         print(f"migrate: {exc}", file=sys.stderr)
+        return 1
+    except load_psycopg().Error as exc:  # e.g. a role that may not alter the tables
+        print(f"migrate: {one_line(exc)}; the migration under way was rolled back", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("migrate: interrupted; the migration under way was rolled back", file=sys.stderr)

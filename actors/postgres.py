@@ -105,6 +105,7 @@ SWEEP_LOCK = MIGRATION_LOCK + 1
 # How long a starting daemon's migrations may take: its actors must start within 30 s, waiting
 # for another daemon's migration included; `eventagg migrate` gives a large database more.
 MIGRATION_BUDGET_S = 10.0
+MIGRATION_LOCK_TIMEOUT_MS = 2_000  # the longest a migration waits for a table lock
 # The subscription thread serves every consumer: one slow read must not stall it for long. A
 # server that hangs holds a read for ANSWER_MARGIN times this (3 s), then the connection is
 # dropped and not made again for RECONNECT_PAUSE_S: so the thread's heartbeats never stop for
@@ -315,6 +316,25 @@ def _content(row: Row) -> Content:
     return (topic, event_id, timestamp, ts_ns, source, bytes(payload))
 
 
+def _other_daemons(conn: psycopg.Connection[Any]) -> list[str]:
+    """The application names of the other eventagg sessions on this database."""
+    rows = conn.execute(
+        "SELECT DISTINCT application_name FROM pg_stat_activity WHERE datname = current_database()"
+        " AND pid <> pg_backend_pid() AND application_name LIKE 'eventagg %' ORDER BY 1"
+    ).fetchall()
+    return [name for (name,) in rows]
+
+
+def _open_transactions(conn: psycopg.Connection[Any]) -> list[str]:
+    """The other sessions on this database with a transaction open, oldest first, each described."""
+    rows = conn.execute(
+        "SELECT pid, application_name, state, extract(epoch FROM clock_timestamp() - xact_start)::float8"
+        " FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        " AND xact_start IS NOT NULL ORDER BY xact_start LIMIT 5"
+    ).fetchall()
+    return [f"{pid} ({name or 'no application_name'}, {state}, {age:.0f} s)" for pid, name, state, age in rows]
+
+
 class MigrationTooLong(StorageError):
     """The migrations took longer than their budget; the one under way was rolled back."""
 
@@ -370,14 +390,35 @@ def migrate(
                 f"the database's schema is version {version}, made by a newer eventagg; this one knows "
                 f"version {SCHEMA_VERSION}: upgrade this daemon, or give it another database"
             )
+        if version < SCHEMA_VERSION and (others := _other_daemons(conn)):
+            # Their writers keep to the schema they started with; a newer one's columns go stale.
+            log.warning(
+                "migrating the schema from version %d to %d while other eventagg sessions are connected (%s): "
+                "restart every daemon of an older version now (docs/postgresql.md, Upgrading)",
+                version,
+                SCHEMA_VERSION,
+                ", ".join(others),
+            )
         deadline = time.monotonic() + budget_s
+        errors = load_psycopg().errors
         for target in range(version + 1, SCHEMA_VERSION + 1):
             try:
                 with conn.transaction():
-                    conn.execute(f"SET LOCAL statement_timeout = {max(1, int((deadline - time.monotonic()) * 1000))}")
+                    left_ms = max(1, int((deadline - time.monotonic()) * 1000))
+                    # A lock other sessions hold (an open report, pg_dump) is waited for briefly:
+                    # the running daemons' writes queue behind the waiting ALTER.
+                    conn.execute(f"SET LOCAL lock_timeout = {min(left_ms, MIGRATION_LOCK_TIMEOUT_MS)}")
+                    conn.execute(f"SET LOCAL statement_timeout = {left_ms}")
                     conn.execute(MIGRATIONS[target - 1])
                     conn.execute("INSERT INTO eventagg_schema (version, applied_by) VALUES (%s, %s)", (target, node))
-            except load_psycopg().errors.QueryCanceled as exc:
+            except errors.LockNotAvailable:
+                holders = _open_transactions(conn)
+                raise StorageError(
+                    f"migrating the schema to version {target} waited over {MIGRATION_LOCK_TIMEOUT_MS / 1000:g} s for a"
+                    f" table lock other sessions hold, and was rolled back; sessions with open transactions: "
+                    f"{', '.join(holders) or 'none now'}. End them (or wait for them), then start again"
+                ) from None
+            except errors.QueryCanceled as exc:
                 # Cancelled by the budget: tried again at every start, it would be cancelled again.
                 raise MigrationTooLong(
                     f"migrating the schema to version {target} took over {budget_s:g} s ({one_line(exc)}) and was"
