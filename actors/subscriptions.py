@@ -377,6 +377,8 @@ class SubscriptionServer:
         self._warn = RateLimitedLog(log)
         # Subscriptions starting and ending: one client could otherwise write two lines a message.
         self._told = RateLimitedLog(log, burst=50, level=logging.INFO)
+        # A budget of its own: other clients' bad messages must not hide these.
+        self._told_expired = RateLimitedLog(log)
         self._stopping = threading.Event()
         self._socket = context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
@@ -975,7 +977,7 @@ class SubscriptionServer:
             sub.retry_at = time.monotonic() + BLOCKED_RETRY_S
             self._retrying = True
             return False
-        self._warn.warning(  # rate-limited: a client that subscribes again and again causes one each time
+        self._told_expired.warning(  # rate-limited: a client that subscribes again and again causes one each time
             "subscription %s (name %r): events after %d expired; the first still stored is %d",
             sub.identity.hex(),
             sub.name,

@@ -104,6 +104,11 @@ def test_a_client_subscribing_again_and_again_behind_retention_cannot_flood_the_
     finally:
         publisher.close()
     daemon.wait_stats(timeout=60, stored=0, expired=20)
+    noisy = RawConsumer(daemon.subscribe)  # other warnings first: they must not hide these
+    for _ in range(12):
+        noisy.send({"op": "bogus"})
+    assert noisy.receive()["code"] == "bad_request"
+    noisy.close()
     for _ in range(200):
         consumer = subscribed(daemon, topic="t", after=0, credit=10)
         try:
