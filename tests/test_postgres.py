@@ -1033,6 +1033,8 @@ def test_the_gateway_gives_this_daemons_metrics_beside_the_clusters_and_names_a_
             assert "overloaded" not in said and "publishing them again is safe" in said, said
             samples = scrape(gateway)
             assert samples["eventagg_up"][0] == 1 and samples["eventagg_cluster_up"][0] == 0, samples
+            stats = gateway.client.get("/stats").json()  # not this daemon's share passed off as the total
+            assert stats["total_topics"] is None and "cluster_error" in stats, stats
             assert [name for name in samples if name.startswith("eventagg_cluster_")] == ["eventagg_cluster_up"]
         finally:
             pg.start()

@@ -1111,9 +1111,13 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
     )
     async def stats() -> Response:
         reply = _answered(await ask({"op": "stats"}))
-        # How many topics there are: on PostgreSQL topic_count is only those this daemon stored first.
+        # How many topics there are: on PostgreSQL topic_count is only those this daemon stored
+        # first, so while the cluster's count cannot be had (cluster_error says why) it is null.
         cluster = reply.get("cluster")
-        reply["total_topics"] = (cluster if isinstance(cluster, dict) else reply).get("topic_count", 0)
+        if isinstance(cluster, dict):
+            reply["total_topics"] = cluster.get("topic_count", 0)
+        else:
+            reply["total_topics"] = None if "cluster_error" in reply else reply.get("topic_count", 0)
         reply["uptime"] = f"{float(reply.get('uptime_s', 0.0)):.2f}s"
         reply["gateway_uptime_s"] = round(time.monotonic() - started, 3)
         return json_response(reply)
