@@ -163,7 +163,9 @@ class QueryClient:
                 yield from events
             else:
                 for before, event in zip([None, *events], events):
-                    if before is not None and event[key] > before[key] + 1:
+                    # A daemon older than per-event positions (before the upgrade's restart)
+                    # gives none: its pages' holes are then told by ``first`` alone.
+                    if before is not None and key in event and key in before and event[key] > before[key] + 1:
                         on_expired(before[key], event[key])
                     yield event
             after = reply["next"]
