@@ -7,12 +7,13 @@ or psycopg are missing.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -315,12 +316,12 @@ def test_pre_1970_events_of_a_new_topic_are_ordered_not_late(
     assert query(database, "SELECT late FROM topics WHERE topic = 'old'") == [(1,)]
 
 
-def test_a_topic_stuck_at_1970_by_an_older_schema_gets_its_real_last_instant(database: str) -> None:
+@contextlib.contextmanager
+def one_version_behind(database: str) -> Iterator[Any]:
+    """A connection to ``database`` made as the release before the last migration left it."""
     import psycopg
 
-    from actors.pg_session import connect
-    from actors.postgres import MIGRATIONS, migrate
-    from actors.store import NO_TIMESTAMP
+    from actors.postgres import MIGRATIONS
 
     with psycopg.connect(database, autocommit=True) as conn:
         conn.execute(
@@ -330,6 +331,16 @@ def test_a_topic_stuck_at_1970_by_an_older_schema_gets_its_real_last_instant(dat
         for version, step in enumerate(MIGRATIONS[:-1], start=1):
             conn.execute(step)
             conn.execute("INSERT INTO eventagg_schema (version, applied_by) VALUES (%s, 'old')", (version,))
+        yield conn
+
+
+def test_a_topic_stuck_at_1970_by_an_older_schema_gets_its_real_last_instant(database: str) -> None:
+
+    from actors.pg_session import connect
+    from actors.postgres import migrate
+    from actors.store import NO_TIMESTAMP
+
+    with one_version_behind(database) as conn:
         conn.execute("INSERT INTO topics (topic, last_seq) VALUES ('old', 2), ('new', 0), ('now', 1)")
         conn.execute("UPDATE topics SET last_ts_ns = 5 WHERE topic = 'now'")
         conn.execute(
@@ -357,17 +368,10 @@ def test_a_migration_longer_than_a_start_allows_names_eventagg_migrate_which_has
     import psycopg
 
     from actors.pg_session import connect
-    from actors.postgres import MIGRATIONS, migrate
+    from actors.postgres import migrate
     from actors.store import StorageError
 
-    with psycopg.connect(database, autocommit=True) as conn:
-        conn.execute(
-            "CREATE TABLE eventagg_schema (version integer PRIMARY KEY, applied_at timestamptz"
-            " NOT NULL DEFAULT now(), applied_by text NOT NULL)"
-        )
-        for version, step in enumerate(MIGRATIONS[:-1], start=1):
-            conn.execute(step)
-            conn.execute("INSERT INTO eventagg_schema (version, applied_by) VALUES (%s, 'old')", (version,))
+    with one_version_behind(database) as conn:
         # The last migration reads each stored topic's events: 200 000 topics make it slow.
         conn.execute("INSERT INTO topics (topic, last_seq) SELECT 't' || n, 1 FROM generate_series(1, 200000) AS n")
     conn = connect(database, "starting", "test")
