@@ -335,7 +335,6 @@ def one_version_behind(database: str) -> Iterator[Any]:
 
 
 def test_a_topic_stuck_at_1970_by_an_older_schema_gets_its_real_last_instant(database: str) -> None:
-
     from actors.pg_session import connect
     from actors.postgres import migrate
     from actors.store import NO_TIMESTAMP
