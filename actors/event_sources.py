@@ -41,7 +41,7 @@ class EventSource(Protocol):
         if ``make`` (making it may block for the connect timeout)."""
 
     def drain_wakeups(self) -> list[tuple[str, Claim]]:
-        """Consume what made :meth:`wakeup_fd` readable; the name and :class:`Claim` of each named
+        """Consume what made :meth:`wakeup_fd` readable; the name and :data:`Claim` of each named
         consumer another daemon took meanwhile (see :meth:`claim`)."""
 
     def claim(self, name: str) -> Claim:

@@ -49,7 +49,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._headers_due: asyncio.TimerHandle | None = None
         self._unread_due: asyncio.TimerHandle | None = None
-        self._unread_bytes = 0  # what waited in the write buffer when the clock last started
+        self._unread_bytes = 0  # what the client had not taken when the clock last started
         self._cycles: list[Any] = []  # this connection's requests whose responses are not complete
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
