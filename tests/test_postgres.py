@@ -802,6 +802,36 @@ def test_a_stats_that_must_connect_while_the_server_hangs_waits_no_longer_than_i
     eventually(lambda: "cluster" in daemon.stats() or None, timeout=30, what="the cluster counters once it wakes")
 
 
+def daemon_with_one_event(factory: Callable[..., Daemon], database: str) -> Daemon:
+    """Daemon "b", started, with one acknowledged event stored (its topic's row exists)."""
+    from test_retention import Acked, event
+
+    daemon = pg_daemon(factory, "b", database).start()
+    publisher = Acked(daemon.ack)
+    try:
+        assert publisher.send([event(0)])["new"] == 1
+    finally:
+        publisher.close()
+    return daemon
+
+
+@contextlib.contextmanager
+def batch_sent(daemon: Daemon) -> Iterator[None]:
+    """One acknowledged batch sent to ``daemon``, its answer left waiting while the block runs."""
+    import zmq
+    from test_retention import event
+
+    context: zmq.Context[Any] = zmq.Context()
+    dealer = context.socket(zmq.DEALER)
+    dealer.connect(daemon.ack)
+    try:
+        dealer.send(msgpack.packb({"batch": 1, "events": [event(1)]}))
+        yield
+    finally:
+        dealer.close(linger=0)
+        context.term()
+
+
 def test_a_daemon_killed_while_its_writer_waits_on_a_lock_restarts_under_its_name(
     daemon_factory: Callable[..., Daemon], database: str
 ) -> None:
@@ -809,23 +839,12 @@ def test_a_daemon_killed_while_its_writer_waits_on_a_lock_restarts_under_its_nam
     server did not see it closed until the statement timed out (30 s): the restarted daemon found
     its node lock held and was refused, told to rename a node no other daemon used."""
     import psycopg
-    import zmq
-    from test_retention import Acked, event
 
-    daemon = pg_daemon(daemon_factory, "b", database).start()
-    publisher = Acked(daemon.ack)
-    try:
-        assert publisher.send([event(0)])["new"] == 1
-    finally:
-        publisher.close()
+    daemon = daemon_with_one_event(daemon_factory, database)
     (topic,) = query(database, "SELECT topic FROM topics")[0]
-    context: zmq.Context[Any] = zmq.Context()
-    dealer = context.socket(zmq.DEALER)
-    dealer.connect(daemon.ack)
     with psycopg.connect(database) as holder:  # a transaction of its own, holding the topic's row
         holder.execute("SELECT 1 FROM topics WHERE topic = %s FOR UPDATE", (topic,))
-        try:
-            dealer.send(msgpack.packb({"batch": 1, "events": [event(1)]}))
+        with batch_sent(daemon):
             eventually(
                 lambda: (
                     query(
@@ -842,9 +861,6 @@ def test_a_daemon_killed_while_its_writer_waits_on_a_lock_restarts_under_its_nam
             started = time.monotonic()
             daemon.start(timeout=30)
             took = time.monotonic() - started
-        finally:
-            dealer.close(linger=0)
-            context.term()
         holder.rollback()
     assert "uses node name" not in daemon.log()
     assert took < 15, f"the restart took {took:.1f} s"
@@ -856,25 +872,14 @@ def test_health_names_the_session_whose_lock_the_writer_waits_for(
     """A daemon paused in a commit holds the positions row every commit takes: the others' health
     said only that their writer did not answer, not who held them up."""
     import psycopg
-    import zmq
-    from test_retention import Acked, event
 
-    daemon = pg_daemon(daemon_factory, "b", database).start()
-    publisher = Acked(daemon.ack)
-    try:
-        assert publisher.send([event(0)])["new"] == 1
-    finally:
-        publisher.close()
+    daemon = daemon_with_one_event(daemon_factory, database)
     assert daemon.request({"op": "health"})["status"] == "ok"
-    context: zmq.Context[Any] = zmq.Context()
-    dealer = context.socket(zmq.DEALER)
-    dealer.connect(daemon.ack)
     # As a paused daemon's writer would: a transaction of its own, holding the positions row.
     with psycopg.connect(database, application_name="eventagg paused writer") as holder:
         holder.execute("SELECT 1 FROM positions FOR UPDATE")
         (holder_pid,) = holder.execute("SELECT pg_backend_pid()").fetchone()  # type: ignore[misc]
-        try:
-            dealer.send(msgpack.packb({"batch": 1, "events": [event(1)]}))
+        with batch_sent(daemon):
             started = time.monotonic()
             health = eventually(
                 lambda: (
@@ -886,9 +891,6 @@ def test_health_names_the_session_whose_lock_the_writer_waits_for(
                 "health naming the lock",
             )
             took = time.monotonic() - started
-        finally:
-            dealer.close(linger=0)
-            context.term()
         holder.rollback()
     assert (
         f"waits for a lock held by session {holder_pid} (eventagg paused writer, idle in transaction" in health["error"]
