@@ -56,6 +56,7 @@ from actors.messages import (
     ClassifyResult,
     Freeze,
     Ping,
+    PositionsSaved,
     SaveConsumerPositions,
     Sync,
     Tick,
@@ -305,7 +306,7 @@ class DedupActor(pykka.ThreadingActor):
             except pykka.ActorDeadError:
                 pass  # stopped while it waited (at shutdown): nobody needs the answer
 
-    def _save_positions(self, message: SaveConsumerPositions) -> str | None:
+    def _save_positions(self, message: SaveConsumerPositions) -> PositionsSaved:
         """Between commits: commit what is held, then the positions in a transaction of their own."""
         assert self._store is not None
         self._commit()
@@ -315,8 +316,8 @@ class DedupActor(pykka.ThreadingActor):
             self._store.commit()
         except sqlite3.Error as exc:
             self._store.rollback()
-            return f"storing consumer positions failed: {exc}"
-        return None
+            return PositionsSaved(error=f"storing consumer positions failed: {exc}")
+        return PositionsSaved()
 
     def _open_group(self) -> None:
         """Start the group commit's clock if nothing is held yet: it commits ``commit_max_ms`` later at most."""

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 EventRow = tuple[Any, ...]
-Claim = tuple[float, str]
-"""When a daemon took a consumer name (seconds on the database server's clock) and which daemon:
-of two claims of one name, the larger is the later, and its follower is the one that stays."""
+Claim = tuple[int, str]
+"""A daemon's claim of a consumer name: a number from the database's sequence, and which daemon.
+Of two claims of one name, the larger is the later, and its follower is the one that stays."""
 
 _COLUMNS = "rowid, topic, event_id, timestamp, source, payload, seq, late"
 
@@ -98,7 +98,7 @@ class SqliteEventSource:
         return []
 
     def claim(self, name: str) -> Claim:
-        return (0.0, "")
+        return (0, "")
 
     def __init__(self, database: Path) -> None:
         self._database = database

@@ -217,13 +217,25 @@ class Freeze:
 @dataclass(frozen=True, slots=True)
 class SaveConsumerPositions:
     """Store named consumers' acknowledged positions: name -> (topic or None for all topics, cursor),
-    or None to forget the name's stored position.
+    or None to forget the name's stored position; ``claims`` holds each name's claim by the
+    follower that acknowledged (PostgreSQL: nothing is stored under a claim another daemon
+    has since raised).
 
     An ask: the dedup actor commits what it holds, writes these in a transaction of their own
-    and answers None once committed, or the error's text.
+    and answers with a :class:`PositionsSaved` once committed.
     """
 
     positions: dict[str, tuple[str | None, int] | None]
+    claims: dict[str, tuple[int, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class PositionsSaved:
+    """The answer to :class:`SaveConsumerPositions`: the error's text if nothing was stored, and
+    the names refused because another daemon claimed them meanwhile."""
+
+    error: str | None = None
+    refused: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,7 +47,7 @@ import math
 import operator
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
@@ -57,7 +57,7 @@ import msgpack
 from actors.dedup import EXPIRE_CHUNK, STORAGE_RETRY, DedupActor
 from actors.event_sources import Claim
 from actors.fingerprint import fingerprint
-from actors.messages import AckTicket, ClassifyResult, Ping, SaveConsumerPositions, Tick, WriteBatch
+from actors.messages import AckTicket, ClassifyResult, Ping, PositionsSaved, SaveConsumerPositions, Tick, WriteBatch
 from actors.pg_session import (
     CONNECT_TIMEOUT_S,
     connect,
@@ -116,8 +116,8 @@ SUBSCRIBE_STATEMENT_TIMEOUT_MS = 2_000
 SUBSCRIBE_POLL_S = 1.0
 SUBSCRIBE_POLL_UNHEARD_S = 0.1
 COMMITS_CHANNEL = "eventagg_commits"  # every write transaction that stores events NOTIFYs it
-# A daemon that takes a named consumer NOTIFYs this with ``[node, name, time]`` (JSON, the server's
-# clock): a daemon serving a follower under that name ends it, unless its own claim came later.
+# A daemon that takes a named consumer NOTIFYs this with ``[node, name, claim number]`` (JSON): a
+# daemon serving a follower under that name ends it, unless its own claim is the later one.
 CONSUMERS_CHANNEL = "eventagg_consumers"
 RECONNECT_PAUSE_S = 1.0  # after a failed connect, reads fail at once for this long
 NODE_LOCK_WAIT_S = 15.0
@@ -233,6 +233,16 @@ MIGRATIONS: tuple[str, ...] = (
     UPDATE topics SET last_ts_ns = CASE WHEN last_seq = 0 THEN {NO_TIMESTAMP}
         ELSE coalesce((SELECT max(ts_ns) FROM events WHERE events.topic = topics.topic), last_ts_ns) END
     WHERE last_ts_ns = 0;
+    """,
+    # Which daemon serves each named consumer, numbered so that of two claims the later wins: a
+    # position is stored only under the name's current claim (see save_consumer_positions).
+    """
+    CREATE SEQUENCE consumer_claim_numbers;
+    CREATE TABLE consumer_claims (
+        name  text   PRIMARY KEY,
+        claim bigint NOT NULL,
+        node  text   NOT NULL
+    );
     """,
 )
 
@@ -933,23 +943,48 @@ class PostgresStore:
                 self._conn = None
             raise StorageError(f"{self.where}: {one_line(exc)}") from None
 
-    def save_consumer_positions(self, positions: dict[str, tuple[str | None, int] | None], at: float) -> None:
+    def save_consumer_positions(
+        self, positions: Mapping[str, tuple[str | None, int] | None], claims: Mapping[str, Claim], at: float
+    ) -> set[str]:
         """Store named consumers' acknowledged positions: name -> (topic or None for all topics,
-        cursor), or None to delete the name's row."""
-        kept = {name: value for name, value in positions.items() if value is not None}
+        cursor), or None to delete the name's row; the names refused, which another daemon
+        claimed after ``claims`` (nothing is stored or deleted for those).
+
+        Each row is written only while the name's claim in ``consumer_claims`` is still this
+        follower's, with that claim row locked: a forget through another daemon (which claims
+        the name first) can never be undone by an acknowledgement this daemon stores just after.
+        """
+        kept = {name: value for name, value in sorted(positions.items()) if value is not None}
         forgotten = sorted(name for name, value in positions.items() if value is None)
+        done: set[str] = set()
         conn = self._connection()
         if forgotten:
-            conn.execute("DELETE FROM consumers WHERE name = ANY(%s)", (forgotten,))
+            rows = conn.execute(
+                "WITH mine AS (DELETE FROM consumer_claims AS c USING unnest(%s::text[], %s::bigint[]) AS v(n, k)"
+                " WHERE c.name = v.n AND c.claim = v.k RETURNING c.name),"
+                " gone AS (DELETE FROM consumers WHERE name IN (SELECT name FROM mine))"
+                " SELECT name FROM mine",
+                (forgotten, [claims[name][0] for name in forgotten]),
+            ).fetchall()
+            done.update(row[0] for row in rows)
         if kept:
-            names = list(kept)
-            conn.execute(
+            rows = conn.execute(
                 "INSERT INTO consumers (name, topic, position, updated_at)"
-                " SELECT n, t, p, %s FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS v(n, t, p) ORDER BY n"
+                " SELECT v.n, v.t, v.p, %s FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[])"
+                " AS v(n, t, p, k) JOIN consumer_claims AS c ON c.name = v.n AND c.claim = v.k"
+                " ORDER BY v.n FOR SHARE OF c"
                 " ON CONFLICT (name) DO UPDATE SET topic = excluded.topic, position = excluded.position,"
-                " updated_at = excluded.updated_at",
-                (at, names, [kept[name][0] for name in names], [kept[name][1] for name in names]),
-            )
+                " updated_at = excluded.updated_at RETURNING name",
+                (
+                    at,
+                    list(kept),
+                    [topic for topic, _ in kept.values()],
+                    [position for _, position in kept.values()],
+                    [claims[name][0] for name in kept],
+                ),
+            ).fetchall()
+            done.update(row[0] for row in rows)
+        return set(positions) - done
 
     def keep_session(self) -> None:
         """Make sure the writer's session, and with it this node's lock, is alive: a session a
@@ -1243,7 +1278,7 @@ class PostgresEventSource:
                     claim = _claim_of(notice.extra)
                     if claim is None:  # any session may NOTIFY: not one of ours
                         self._odd_notices.warning(
-                            "a notice on %s that is not [node, name, time] was ignored", CONSUMERS_CHANNEL
+                            "a notice on %s that is not [node, name, claim number] was ignored", CONSUMERS_CHANNEL
                         )
                     elif claim[1][1] != self.node:
                         taken.append(claim)
@@ -1254,12 +1289,17 @@ class PostgresEventSource:
         return taken
 
     def claim(self, name: str) -> Claim:
+        # The claim row is raised only: of two claims committed out of their numbers' order,
+        # the later number stays, as every daemon's notice handling decides too.
         rows = self._rows(
-            "WITH claim AS (SELECT extract(epoch FROM clock_timestamp())::float8 AS at)"
-            " SELECT at, pg_notify(%s, json_build_array(%s::text, %s::text, at)::text) FROM claim",
-            (CONSUMERS_CHANNEL, self.node, name),
+            "WITH claim AS (SELECT nextval('consumer_claim_numbers') AS number),"
+            " taken AS (INSERT INTO consumer_claims (name, claim, node) SELECT %s, number, %s FROM claim"
+            " ON CONFLICT (name) DO UPDATE SET claim = excluded.claim, node = excluded.node"
+            " WHERE consumer_claims.claim < excluded.claim)"
+            " SELECT number, pg_notify(%s, json_build_array(%s::text, %s::text, number)::text) FROM claim",
+            (name, self.node, CONSUMERS_CHANNEL, self.node, name),
         )
-        return (float(rows[0][0]), self.node)
+        return (int(rows[0][0]), self.node)
 
     def open(self) -> None:
         """Nothing to do: the connection is made on the first read (and again after one is lost)."""
@@ -1354,16 +1394,16 @@ class PostgresEventSource:
 
 def _claim_of(payload: bytes) -> tuple[str, Claim] | None:
     """The consumer name and :data:`~actors.event_sources.Claim` of a notice on
-    :data:`CONSUMERS_CHANNEL` (``[node, name, time]``), or None when it is not one."""
+    :data:`CONSUMERS_CHANNEL` (``[node, name, claim number]``), or None when it is not one."""
     try:
         claim = json.loads(payload)
     except ValueError:
         return None
     if not (isinstance(claim, list) and len(claim) == 3):
         return None
-    node, name, at = claim
-    if isinstance(node, str) and isinstance(name, str) and isinstance(at, (int, float)) and not isinstance(at, bool):
-        return name, (float(at), node)
+    node, name, number = claim
+    if isinstance(node, str) and isinstance(name, str) and isinstance(number, int) and not isinstance(number, bool):
+        return name, (number, node)
     return None
 
 
@@ -1619,14 +1659,14 @@ class PostgresDedupActor(DedupActor):
         self._count_expired(deleted, time.monotonic() - started)
         return deleted
 
-    def _save_positions(self, message: SaveConsumerPositions) -> str | None:
+    def _save_positions(self, message: SaveConsumerPositions) -> PositionsSaved:
         """Between commits, like on SQLite: commit what is held, then the positions (autocommit)."""
         self._commit()
         try:
-            self._pg.save_consumer_positions(dict(message.positions), time.time())
+            refused = self._pg.save_consumer_positions(message.positions, message.claims, time.time())
         except Exception as exc:
-            return f"storing consumer positions on {self._pg.where} failed: {one_line(exc)}"
-        return None
+            return PositionsSaved(error=f"storing consumer positions on {self._pg.where} failed: {one_line(exc)}")
+        return PositionsSaved(refused=frozenset(refused))
 
     def _fail_pg(self, exc: BaseException) -> None:
         delay = STORAGE_RETRY.delay(self._failures)

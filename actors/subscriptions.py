@@ -49,7 +49,7 @@ import zmq
 
 from actors.event_sources import Claim, EventSource
 from actors.flow import within_bytes
-from actors.messages import SaveConsumerPositions
+from actors.messages import PositionsSaved, SaveConsumerPositions
 from actors.outbox import DROPPED, GONE, SENT, Outbox
 from transport.config import SubscribeConfig, wants_ipv6
 from transport.logs import RateLimitedLog
@@ -400,9 +400,11 @@ class SubscriptionServer:
         self._claims: dict[str, Claim] = {}  # name -> when its follower here took it (PostgreSQL)
         self._unsent = Outbox(self._socket, max_messages=MAX_UNSENT_REPLIES)  # replies waiting for room
         self._recent = RecentEvents()
-        # name -> (topic, position) to store, or None to forget the name's stored position
+        # name -> (topic, position) to store, or None to forget the name's stored position; and
+        # the claim under which each was acknowledged (the follower may be gone when it is stored)
         self._pending_acks: dict[str, tuple[str | None, int] | None] = {}
-        self._saving: tuple[pykka.Future[Any], dict[str, tuple[str | None, int] | None]] | None = None
+        self._pending_claims: dict[str, Claim] = {}
+        self._saving: tuple[pykka.Future[Any], SaveConsumerPositions] | None = None
         self._forgetting: dict[str, bytes] = {}  # name -> the connection waiting for its `unsubscribed`
         self._next_timers = 0.0
         self._retrying = False  # some subscription waits for its retry_at
@@ -570,9 +572,9 @@ class SubscriptionServer:
                 self._send(identity, {"op": "unsubscribed"})
                 return
             # Answered once the deletion is committed (_settle_acks); an ack not yet stored is dropped.
-            self._drop(sub, "unsubscribed, its stored position to be forgotten")
             assert sub.name is not None
-            self._pending_acks[sub.name] = None
+            self._pending(sub.name, None)  # while the claim is known: the drop forgets it
+            self._drop(sub, "unsubscribed, its stored position to be forgotten")
             self._forgetting[sub.name] = identity
 
     def _subscribe(self, identity: bytes, request: SubscribeRequest, now: float) -> None:
@@ -648,6 +650,7 @@ class SubscriptionServer:
             return
         if self._pending_acks.get(name) is not None:
             del self._pending_acks[name]
+            del self._pending_claims[name]
         self._end_holder(name, f"another connection took this name, on daemon {claim[1]!r}")
 
     def _end_holder(self, name: str, why: str) -> None:
@@ -681,20 +684,29 @@ class SubscriptionServer:
         position = _cursor(request.get("position"), "position")
         if position > sub.cursor:
             raise SubscribeError(f"ack position {position} is beyond what was sent ({sub.cursor})")
-        self._pending_acks[sub.name] = (sub.topic, position)
+        self._pending(sub.name, (sub.topic, position))
+
+    def _pending(self, name: str, position: tuple[str | None, int] | None) -> None:
+        """Queue ``name``'s position (None: forget it) for the writer, under its follower's claim."""
+        self._pending_acks[name] = position
+        self._pending_claims[name] = self._claims.get(name, (0, ""))  # (0, ""): no claim, stored nowhere
 
     def _settle_acks(self) -> None:
         """Confirm committed positions to their consumers, and hand the next ones to the writer."""
         if self._saving is not None:
             future, saving = self._saving
             try:
-                error = future.get(timeout=0)
+                answer: PositionsSaved = future.get(timeout=0)
             except pykka.Timeout:
                 return
             except Exception as exc:  # the dedup actor died or raised
-                error = f"storing consumer positions failed: {exc}"
+                answer = PositionsSaved(error=f"storing consumer positions failed: {exc}")
             self._saving = None
-            for name, saved in saving.items():
+            error = answer.error
+            for name, saved in saving.positions.items():
+                if name in answer.refused:
+                    self._refused(name, saving.claims[name], saved is None)
+                    continue
                 if saved is None:
                     self._forgotten(name, error)
                     continue
@@ -708,13 +720,24 @@ class SubscriptionServer:
             if error is not None:
                 log.error("%s", error)
         if self._pending_acks:
-            positions, self._pending_acks = self._pending_acks, {}
+            message = SaveConsumerPositions(self._pending_acks, self._pending_claims)
+            self._pending_acks, self._pending_claims = {}, {}
             try:
-                self._saving = (self._dedup.ask(SaveConsumerPositions(positions), block=False), positions)
+                self._saving = (self._dedup.ask(message, block=False), message)
             except pykka.ActorDeadError:
                 log.error("consumer positions not stored: the dedup actor is not running")
-                for name in [name for name, saved in positions.items() if saved is None]:
+                for name in [name for name, saved in message.positions.items() if saved is None]:
                     self._forgotten(name, "the daemon's writer is not running")
+
+    def _refused(self, name: str, claim: Claim, forgetting: bool) -> None:
+        """Another daemon claimed ``name`` after this one's follower did, and the writer stored
+        nothing for it: end that follower if it is still here under that claim (its notice may
+        not have arrived yet), or tell the connection that asked to forget it."""
+        why = "another connection took this name, on another daemon"
+        if forgetting:
+            self._forgotten(name, f"{why}, which keeps its position")
+        elif self._claims.get(name) == claim:
+            self._end_holder(name, why)
 
     def _forgotten(self, name: str, error: str | None) -> None:
         """Answer the connection that asked to forget ``name``, now that it is done (or failed)."""

@@ -316,9 +316,13 @@ def test_pre_1970_events_of_a_new_topic_are_ordered_not_late(
     assert query(database, "SELECT late FROM topics WHERE topic = 'old'") == [(1,)]
 
 
+# The migration to this version reads every stored topic's events (its last instant).
+LAST_INSTANT_VERSION = 7
+
+
 @contextlib.contextmanager
-def one_version_behind(database: str) -> Iterator[Any]:
-    """A connection to ``database`` made as the release before the last migration left it."""
+def made_at_version(database: str, version: int) -> Iterator[Any]:
+    """A connection to ``database`` with the schema as the release at ``version`` left it."""
     import psycopg
 
     from actors.postgres import MIGRATIONS
@@ -328,9 +332,9 @@ def one_version_behind(database: str) -> Iterator[Any]:
             "CREATE TABLE eventagg_schema (version integer PRIMARY KEY, applied_at timestamptz"
             " NOT NULL DEFAULT now(), applied_by text NOT NULL)"
         )
-        for version, step in enumerate(MIGRATIONS[:-1], start=1):
+        for applied, step in enumerate(MIGRATIONS[:version], start=1):
             conn.execute(step)
-            conn.execute("INSERT INTO eventagg_schema (version, applied_by) VALUES (%s, 'old')", (version,))
+            conn.execute("INSERT INTO eventagg_schema (version, applied_by) VALUES (%s, 'old')", (applied,))
         yield conn
 
 
@@ -339,7 +343,7 @@ def test_a_topic_stuck_at_1970_by_an_older_schema_gets_its_real_last_instant(dat
     from actors.postgres import migrate
     from actors.store import NO_TIMESTAMP
 
-    with one_version_behind(database) as conn:
+    with made_at_version(database, LAST_INSTANT_VERSION - 1) as conn:
         conn.execute("INSERT INTO topics (topic, last_seq) VALUES ('old', 2), ('new', 0), ('now', 1)")
         conn.execute("UPDATE topics SET last_ts_ns = 5 WHERE topic = 'now'")
         conn.execute(
@@ -370,8 +374,8 @@ def test_a_migration_longer_than_a_start_allows_names_eventagg_migrate_which_has
     from actors.postgres import migrate
     from actors.store import StorageError
 
-    with one_version_behind(database) as conn:
-        # The last migration reads each stored topic's events: 200 000 topics make it slow.
+    with made_at_version(database, LAST_INSTANT_VERSION - 1) as conn:
+        # Its next migration reads each stored topic's events: 200 000 topics make it slow.
         conn.execute("INSERT INTO topics (topic, last_seq) SELECT 't' || n, 1 FROM generate_series(1, 200000) AS n")
     conn = connect(database, "starting", "test")
     try:
@@ -389,7 +393,7 @@ def test_a_migration_longer_than_a_start_allows_names_eventagg_migrate_which_has
             assert time.monotonic() - started < 5
     finally:
         conn.close()
-    assert query(database, "SELECT max(version) FROM eventagg_schema") == [(SCHEMA_VERSION - 1,)]
+    assert query(database, "SELECT max(version) FROM eventagg_schema") == [(LAST_INSTANT_VERSION - 1,)]
     config = tmp_path / "config.toml"
     config.write_text(f'[storage]\nbackend = "postgresql"\ndsn = "{database}"\nnode = "ops"\n')
 
@@ -404,7 +408,8 @@ def test_a_migration_longer_than_a_start_allows_names_eventagg_migrate_which_has
     migrated = run_migrate()
     assert migrated.returncode == 0, migrated.stderr
     assert re.fullmatch(
-        rf"migrated the schema from version {SCHEMA_VERSION - 1} to {SCHEMA_VERSION} in \S+ s\n", migrated.stdout
+        rf"migrated the schema from version {LAST_INSTANT_VERSION - 1} to {SCHEMA_VERSION} in \S+ s\n",
+        migrated.stdout,
     )
     assert query(database, "SELECT applied_by FROM eventagg_schema WHERE version = %s", (SCHEMA_VERSION,)) == [
         ("ops (eventagg migrate)",)

@@ -8,6 +8,7 @@ Skipped, saying why, where PostgreSQL's binaries or psycopg are missing.
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -176,6 +177,70 @@ def test_a_named_consumer_taken_on_another_daemon_ends_the_first_follower(
         second.close()
 
 
+def test_a_forget_through_another_daemon_is_not_undone_by_an_ack_stored_after_it(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    """An ack A's writer had queued when B took the name and forgot it wrote the row back: the
+    forget was undone. A stores a position only under the name's current claim now."""
+    a = pg_daemon(daemon_factory, "nodeA", database, **FAST).start(env={**os.environ, "EVENTAGG_TEST_HOOKS": "1"})
+    b = pg_daemon(daemon_factory, "nodeB", database, **FAST).start()
+    publish(a.ack, "--acked", "--events", "20", "--topics", "2")
+    first = RawConsumer(a.subscribe)
+    second = RawConsumer(b.subscribe)
+    try:
+        first.send({"op": "subscribe", "name": "billing", "credit": 10})
+        assert first.receive()["op"] == "subscribed"
+        assert len(first.events(10)) == 10
+        first.send({"op": "ack", "position": 5})
+        assert first.receive() == {"op": "acked", "position": 5}
+        # A's writer busy (a long commit, say) while its follower acknowledges 10.
+        assert "error" not in a.request({"op": "debug_freeze", "actor": "dedup", "seconds": 3})
+        first.send({"op": "ack", "position": 10})
+        time.sleep(0.5)  # handed to A's writer, which waits
+        second.send({"op": "subscribe", "name": "billing", "credit": 0})
+        assert second.receive()["after"] == 5
+        second.send({"op": "unsubscribe", "forget": True})
+        assert second.receive() == {"op": "unsubscribed", "forgotten": "billing"}
+        ended = first.receive()
+        assert ended["code"] == "replaced" and "'nodeB'" in ended["error"], ended
+        time.sleep(4)  # A's writer ran the queued ack
+        assert b.request({"op": "consumers"})["consumers"] == []
+        assert a.request({"op": "consumers"})["consumers"] == []
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_forget_queued_on_one_daemon_leaves_the_position_of_the_daemon_that_took_the_name(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    """The other way round: A's follower asks to forget while B takes the name and acknowledges;
+    the forget, run after, deleted B's position. Now it is refused, and says why."""
+    a = pg_daemon(daemon_factory, "nodeA", database, **FAST).start(env={**os.environ, "EVENTAGG_TEST_HOOKS": "1"})
+    b = pg_daemon(daemon_factory, "nodeB", database, **FAST).start()
+    publish(a.ack, "--acked", "--events", "20", "--topics", "2")
+    first = RawConsumer(a.subscribe)
+    second = RawConsumer(b.subscribe)
+    try:
+        first.send({"op": "subscribe", "name": "billing", "credit": 0})
+        assert first.receive()["op"] == "subscribed"
+        assert "error" not in a.request({"op": "debug_freeze", "actor": "dedup", "seconds": 3})
+        first.send({"op": "unsubscribe", "forget": True})
+        time.sleep(0.5)  # handed to A's writer, which waits
+        second.send({"op": "subscribe", "name": "billing", "credit": 10})
+        assert second.receive()["op"] == "subscribed"
+        assert len(second.events(10)) == 10
+        second.send({"op": "ack", "position": 10})
+        assert second.receive() == {"op": "acked", "position": 10}
+        refused = first.receive(timeout=10)
+        assert refused["code"] == "ack_failed" and "keeps its position" in refused["error"], refused
+        (stored,) = a.request({"op": "consumers"})["consumers"]
+        assert (stored["name"], stored["position"]) == ("billing", 10)
+    finally:
+        first.close()
+        second.close()
+
+
 def test_two_daemons_taking_one_name_at_once_keep_exactly_one_follower(
     daemon_factory: Callable[..., Daemon], database: str
 ) -> None:
@@ -218,7 +283,7 @@ def test_a_stray_notice_on_the_consumers_channel_is_ignored(
         publish(a.ack, "--acked", "--events", "5", "--topics", "1")
         assert len(follower.events(5)) == 5  # still followed, not ended
         assert a.request({"op": "health"}).get("status") == "ok"
-        assert "that is not [node, name, time] was ignored" in a.log()
+        assert "that is not [node, name, claim number] was ignored" in a.log()
     finally:
         follower.close()
 
