@@ -1115,11 +1115,13 @@ class PostgresReader:
             )
         return events, int(rows[-1][0]) if rows else after
 
-    def topics(self) -> list[dict[str, Any]]:
-        """Every topic with an event, with its count, last seq and counters, by name."""
+    def topics(self, after: str = "", limit: int | None = None) -> list[dict[str, Any]]:
+        """Every topic with an event, with its count, last seq and counters, by name (in the
+        database's collation); only those named after ``after``, at most ``limit`` of them."""
         rows = self._query(
             "SELECT topic, last_seq, received, duplicate_dropped, late, expired, conflicting_duplicates"
-            " FROM topics WHERE last_seq > 0 ORDER BY topic"
+            " FROM topics WHERE last_seq > 0 AND topic > %s ORDER BY topic LIMIT %s",
+            (after, limit),
         )
         return [
             {

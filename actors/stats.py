@@ -76,6 +76,8 @@ class StatsActor(pykka.ThreadingActor):
             events, cursor = self._reader.events(query.topic, query.after, query.limit)
             return {"events": events, "next": cursor, "first": self._reader.first(query.topic)}
         if isinstance(query, TopicsQuery):
+            if query.after is not None:
+                return topics_page(self._reader.topics(query.after, query.limit), query.after)
             return {"topics": self._reader.topics()}
         if isinstance(query, HealthQuery):
             return self.health()
@@ -147,6 +149,11 @@ class StatsActor(pykka.ThreadingActor):
         else:
             reply["status"] = "ok"
         return reply
+
+
+def topics_page(topics: list[dict[str, Any]], after: str) -> dict[str, Any]:
+    """The reply to a paged topics query: ``next`` is the last name, the ``after`` of the next page."""
+    return {"topics": topics, "next": topics[-1]["topic"] if topics else after}
 
 
 def answer_request(request: QueryRequest, answer: Callable[[Any], Any]) -> None:

@@ -1027,16 +1027,20 @@ class EventReader:
             (after, limit),
         )
 
-    def topics(self) -> list[dict[str, Any]]:
-        """Every topic with its stored event count, first and last seq and counters, by name."""
-        return list(self.each_topic())
+    def topics(self, after: str = "", limit: int | None = None) -> list[dict[str, Any]]:
+        """Every topic with its stored event count, first and last seq and counters, by name;
+        only those named after ``after``, at most ``limit`` of them."""
+        return list(self.each_topic(after, -1 if limit is None else limit))
 
-    def each_topic(self) -> Iterator[dict[str, Any]]:
-        """:meth:`topics` one at a time, so a listing of many need not hold them all at once."""
+    def each_topic(self, after: str = "", limit: int = -1) -> Iterator[dict[str, Any]]:
+        """:meth:`topics` one at a time, so a listing of many need not hold them all at once;
+        only those named after ``after``, and at most ``limit`` of them (-1: every one)."""
         rows = self._conn.execute(
             "SELECT t.topic, t.last_seq, t.received, t.duplicate_dropped, t.late,"
             " coalesce(r.expired, 0), coalesce(r.conflicting_duplicates, 0)"
-            " FROM topics AS t LEFT JOIN topic_retention AS r ON r.topic = t.topic ORDER BY t.topic"
+            " FROM topics AS t LEFT JOIN topic_retention AS r ON r.topic = t.topic"
+            " WHERE t.topic > ? ORDER BY t.topic LIMIT ?",
+            (after, limit),
         )
         return (
             {

@@ -291,6 +291,47 @@ def test_limit_is_capped(daemon_factory: Callable[..., Daemon]) -> None:
     assert len(daemon.request({"op": "events", "topic": "orders", "limit": 1000})["events"]) == 10
 
 
+def topic_pages(daemon: Daemon, limit: int) -> list[list[str]]:
+    """The names on each page of the topics listing, paged with ``next`` to the empty page."""
+    pages, after = [], ""
+    while True:
+        reply = daemon.request({"op": "topics", "after": after, "limit": limit})
+        pages.append([t["topic"] for t in reply["topics"]])
+        if not reply["topics"]:
+            assert reply["next"] == after
+            return pages
+        assert reply["next"] == reply["topics"][-1]["topic"]
+        after = reply["next"]
+
+
+def test_the_topics_listing_pages_by_name(daemon_factory: Callable[..., Daemon]) -> None:
+    """100 000 topics were one reply of 9 MB, held whole by the daemon; pages keep it small."""
+    check_topic_pages(daemon_factory(query={"max_limit": 4}).start())
+
+
+def check_topic_pages(daemon: Daemon) -> None:
+    """Ten topics, listed whole and in pages (``[query] max_limit`` is 4), by raw queries and the command."""
+    names = [f"t{n:02}" for n in range(10)]
+    push_frames(daemon.ingest, [msgpack.packb([{**EVENT, "topic": name} for name in reversed(names)])])
+    daemon.wait_stats(unique_processed=10)
+    whole = daemon.request({"op": "topics"})["topics"]  # no page asked: every topic, as before
+    assert [t["topic"] for t in whole] == names
+    assert topic_pages(daemon, limit=100) == [names[0:4], names[4:8], names[8:], []]  # capped at max_limit
+    assert topic_pages(daemon, limit=3) == [names[0:3], names[3:6], names[6:9], names[9:], []]
+    page = daemon.request({"op": "topics", "after": "t04", "limit": 2})
+    assert page == {"topics": whole[5:7], "next": "t06"}
+    assert daemon.request({"op": "topics", "after": "t0"})["topics"] == whole[:4]  # a prefix is a cursor too
+    refused = daemon.request({"op": "topics", "after": 4})
+    assert "'after' must be a topic name" in refused["error"], refused
+    # The command reads every page (of 4 here) and prints them as one listing.
+    listed = run_script("topics.py", "--endpoint", daemon.query, "--json", timeout=30)
+    assert json.loads(listed.stdout) == {"topics": whole}, listed.stderr
+    one = run_script("topics.py", "--endpoint", daemon.query, "--json", "--after", "t07", "--limit", "5")
+    assert json.loads(one.stdout) == {"topics": whole[8:], "next": "t09"}, one.stderr
+    table = run_script("topics.py", "--endpoint", daemon.query)
+    assert table.stdout.splitlines()[0].endswith(": 10 topics"), table
+
+
 def test_stats_script_against_a_live_daemon_and_against_nothing(daemon: Daemon) -> None:
     push_frames(daemon.ingest, [msgpack.packb(EVENT)])
     daemon.wait_stats(unique_processed=1)

@@ -252,6 +252,10 @@ def test_three_topics_make_total_topics_at_least_three(gateway: Gateway) -> None
     assert stats["uptime"].endswith("s") and float(stats["uptime"][:-1]) > 0
     topics = ok(gateway.client.get("/topics"))["topics"]
     assert [t["topic"] for t in topics] == ["alpha", "beta", "gamma"]
+    assert ok(gateway.client.get("/topics", params={"limit": 2})) == {"topics": topics[:2], "next": "beta"}
+    assert ok(gateway.client.get("/topics", params={"after": "beta"})) == {"topics": topics[2:], "next": "gamma"}
+    misspelt = gateway.client.get("/topics", params={"afterr": "beta"})
+    assert misspelt.status_code == 400 and "afterr" in misspelt.text, misspelt.text
     # Without a topic, /events lists every topic in commit order.
     assert {e["topic"] for e in ok(gateway.client.get("/events"))["events"]} == {"alpha", "beta", "gamma"}
 
@@ -727,7 +731,7 @@ ANSWERS = {
     ("get", "/events"): {"200", "400", "502", "503"},
     ("get", "/events/stream"): {"200", "400", "503"},
     ("get", "/stats"): {"200", "502", "503"},
-    ("get", "/topics"): {"200", "502", "503"},
+    ("get", "/topics"): {"200", "400", "502", "503"},
     ("get", "/healthz"): {"200", "503"},
     ("head", "/healthz"): {"200", "503"},
     ("get", "/metrics"): {"200"},

@@ -21,6 +21,7 @@ import msgpack
 import pytest
 from harness import SCRIPTS, Daemon, eventually, free_port
 from pg_cluster import PgCluster, missing_reason
+from test_daemon import check_topic_pages
 
 from actors.postgres import MIGRATIONS, SCHEMA_VERSION
 from transport.affinity import rendezvous_order
@@ -731,6 +732,10 @@ def test_a_page_of_every_topic_gives_each_event_its_commit_position(
     page = daemon.request({"op": "events", "after": 5, "limit": 3})
     assert [event["position"] for event in page["events"]] == [6, 7, 8] and page["next"] == 8
     assert all("position" not in e for e in daemon.request({"op": "events", "topic": "topic-0"})["events"])
+
+
+def test_the_topics_listing_pages_by_name(daemon_factory: Callable[..., Daemon], database: str) -> None:
+    check_topic_pages(pg_daemon(daemon_factory, "node0", database, query={"max_limit": 4}).start())
 
 
 @pytest.mark.timeout(120)

@@ -170,6 +170,17 @@ class QueryClient:
                     yield event
             after = reply["next"]
 
+    def iter_topics(self, after: str = "", page: int = 10_000) -> Iterator[dict[str, Any]]:
+        """Every topic named after ``after``, by name, paging with the cursor until an empty
+        page, so neither side holds more than a page of them."""
+        while True:
+            reply = self.call({"op": "topics", "after": after, "limit": page})
+            topics = reply["topics"]
+            if not topics:
+                return
+            yield from topics
+            after = reply["next"]
+
     def close(self) -> None:
         """Close the socket without waiting."""
         if self._socket is not None:

@@ -65,7 +65,7 @@ from transport.handshake import CONFIG_HINTS, probe
 from transport.http_protocol import HeaderDeadlineProtocol
 from transport.logs import setup_logging
 from transport.publisher import BatchRefused, BatchResult, DeliveryFailed, Publisher, PublisherError, PublishTimeout
-from transport.queries import MAX_CURSOR, QueryError, check_query_topic
+from transport.queries import MAX_CURSOR, MAX_TOPIC_AFTER, QueryError, check_query_topic
 from transport.schema import InvalidEvent, check_fields, pack_payload, type_name
 from transport.security import (
     BindHostError,
@@ -801,6 +801,15 @@ LimitParam = Annotated[
     int, Query(ge=1, description="Most events in the page (capped at the daemon's [query] max_limit).")
 ]
 EVENTS_PARAMETERS = ("topic", "after", "limit")
+TopicAfterParam = Annotated[
+    str | None,
+    Query(max_length=MAX_TOPIC_AFTER, description="A page of topics named after this: the `next` of the page before."),
+]
+TopicsLimitParam = Annotated[
+    int | None,
+    Query(ge=1, description="A page of at most this many topics (capped at the daemon's [query] max_limit)."),
+]
+TOPICS_PARAMETERS = ("after", "limit")
 STREAM_PARAMETERS = ("topic", "topics", "after")
 
 
@@ -1122,9 +1131,17 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
         reply["gateway_uptime_s"] = round(time.monotonic() - started, 3)
         return json_response(reply)
 
-    @app.get("/topics", summary="Every topic with its stored count, last seq and counters", responses=_QUERY_ERRORS)
-    async def topics() -> Response:
-        return json_response(_answered(await ask({"op": "topics"})))
+    @app.get(
+        "/topics",
+        summary="Every topic with its stored count, last seq and counters, by name; with `after` or `limit`, a page",
+        responses={400: {"model": Error, "description": "A bad query parameter."}, **_QUERY_ERRORS},
+    )
+    async def topics(request: Request, after: TopicAfterParam = None, limit: TopicsLimitParam = None) -> Response:
+        _check_query_names(request, "GET /topics", TOPICS_PARAMETERS)
+        if after is None and limit is None:
+            return json_response(_answered(await ask({"op": "topics"})))
+        page = min(limit or DEFAULT_PAGE, config.query.max_limit)
+        return json_response(_answered(await ask({"op": "topics", "after": after or "", "limit": page})))
 
     @app.get(
         "/healthz",

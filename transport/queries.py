@@ -14,6 +14,7 @@ from transport.schema import InvalidEvent, check_topic, type_name
 DEFAULT_LIMIT = 1000
 MAX_FREEZE_S = 600.0
 MAX_CURSOR = 2**63 - 1  # seqs and commit positions are SQLite INTEGERs
+MAX_TOPIC_AFTER = 1024  # a topics page's cursor is a name, and names are at most 255 characters
 TEST_HOOKS_ENV = "EVENTAGG_TEST_HOOKS"
 
 
@@ -42,7 +43,11 @@ class EventsQuery:
 
 @dataclass(frozen=True, slots=True)
 class TopicsQuery:
-    """``{"op": "topics"}``: every topic with its counts."""
+    """``{"op": "topics"}``: every topic with its counts, by name. With ``after`` or ``limit`` a
+    page of them: up to ``limit`` topics named after ``after`` ("" before every name)."""
+
+    after: str | None = None
+    limit: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +75,6 @@ Query = StatsQuery | EventsQuery | TopicsQuery | HealthQuery | ConsumersQuery | 
 
 _SIMPLE: dict[str, Query] = {
     "stats": StatsQuery(),
-    "topics": TopicsQuery(),
     "health": HealthQuery(),
     "consumers": ConsumersQuery(),
 }
@@ -79,6 +83,7 @@ _SIMPLE: dict[str, Query] = {
 # "limt" or a "topic" sent to stats would otherwise be answered as if it were not there.
 _FIELDS: dict[str, frozenset[str]] = {op: frozenset() for op in _SIMPLE} | {
     "events": frozenset({"topic", "after", "limit"}),
+    "topics": frozenset({"after", "limit"}),
     "debug_freeze": frozenset({"actor", "seconds"}),
 }
 
@@ -102,6 +107,8 @@ def parse_query(request: Any, max_limit: int, *, test_hooks: bool | None = None)
         return simple
     if op == "debug_freeze":
         return _parse_freeze(request)
+    if op == "topics":
+        return _parse_topics(request, max_limit)
     topic = request.get("topic")
     if topic is not None:
         if not isinstance(topic, str):
@@ -112,10 +119,27 @@ def parse_query(request: Any, max_limit: int, *, test_hooks: bool | None = None)
         after = 0
     if not isinstance(after, int) or isinstance(after, bool) or not 0 <= after <= MAX_CURSOR:
         raise QueryError(f"'after' must be an integer from 0 to {MAX_CURSOR}, not {after!r}")
+    return EventsQuery(topic, after, _limit(request, max_limit))
+
+
+def _limit(request: dict[Any, Any], max_limit: int) -> int:
     limit = request.get("limit", DEFAULT_LIMIT)
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         raise QueryError(f"'limit' must be an integer of 1 or more, not {limit!r}")
-    return EventsQuery(topic, after, min(limit, max_limit))
+    return min(limit, max_limit)
+
+
+def _parse_topics(request: dict[Any, Any], max_limit: int) -> TopicsQuery:
+    if "after" not in request and "limit" not in request:
+        return TopicsQuery()
+    after = request.get("after", "")
+    if after is None:
+        after = ""
+    if not isinstance(after, str) or len(after) > MAX_TOPIC_AFTER:
+        raise QueryError(
+            f"'after' must be a topic name (the 'next' of the page before; \"\" for the first page), not {after!r:.80}"
+        )
+    return TopicsQuery(after, _limit(request, max_limit))
 
 
 def check_query_topic(topic: str) -> None:

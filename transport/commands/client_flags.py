@@ -125,6 +125,24 @@ def curve_from_args(args: argparse.Namespace) -> SocketHook | None:
     return None
 
 
+def at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number of ``minimum`` or more (and at most ``maximum``, if given),
+    refused by argparse with the flag's name otherwise (exit status 2)."""
+
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if maximum is not None and not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"must be from {minimum} to {maximum}, not {value}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more, not {value}")
+        return value
+
+    return whole_number
+
+
 def query_daemon(args: argparse.Namespace, command: str, ask: Callable[[QueryClient], T]) -> tuple[str, T]:
     """``ask`` a client for the daemon the flags name; returns the endpoint and the answer.
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import zmq
@@ -25,6 +25,7 @@ from transport.commands.client_flags import (
     add_endpoint_args,
     add_subscribe_endpoint_arg,
     asks_subscribe_endpoint,
+    at_least,
     curve_from_args,
     endpoint_from_args,
     explain,
@@ -38,25 +39,6 @@ from transport.jsonlines import to_json_line
 from transport.queries import MAX_CURSOR, QueryError, check_query_topic
 from transport.security import SecurityError
 from transport.subscriber import SubscriberError, follow, name_problem
-
-
-def at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
-    """An argparse type: a whole number of ``minimum`` or more (and at most ``maximum``, if given),
-    refused by argparse with the flag's name otherwise (exit status 2)."""
-
-    def whole_number(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if maximum is not None and not minimum <= value <= maximum:
-            raise argparse.ArgumentTypeError(f"must be from {minimum} to {maximum}, not {value}")
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be {minimum} or more, not {value}")
-        return value
-
-    return whole_number
-
 
 # One order for every line, listed or followed: the event's own fields, where it is stored, the payload last.
 FIELD_ORDER = ("topic", "event_id", "timestamp", "source", "position", "seq", "late", "payload")
