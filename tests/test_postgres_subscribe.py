@@ -34,10 +34,11 @@ pytestmark = [
 FAST = {"subscribe": {"heartbeat_ms": 200, "timeout_ms": 2000}}
 
 
-def two_daemons(factory: Callable[..., Daemon], dsn: str) -> tuple[Daemon, Daemon]:
+def two_daemons(factory: Callable[..., Daemon], dsn: str, hooks_on_a: bool = False) -> tuple[Daemon, Daemon]:
+    """nodeA and nodeB on ``dsn``; ``hooks_on_a``: A takes the debug_* queries (to freeze its writer)."""
     a = pg_daemon(factory, "nodeA", dsn, **FAST)
     b = pg_daemon(factory, "nodeB", dsn, **FAST)
-    return a.start(), b.start()
+    return a.start(env={**os.environ, "EVENTAGG_TEST_HOOKS": "1"} if hooks_on_a else None), b.start()
 
 
 def take(subscriber: Subscriber, count: int, timeout: float = 60) -> list[dict[str, Any]]:
@@ -182,8 +183,7 @@ def test_a_forget_through_another_daemon_is_not_undone_by_an_ack_stored_after_it
 ) -> None:
     """An ack A's writer had queued when B took the name and forgot it wrote the row back: the
     forget was undone. A stores a position only under the name's current claim now."""
-    a = pg_daemon(daemon_factory, "nodeA", database, **FAST).start(env={**os.environ, "EVENTAGG_TEST_HOOKS": "1"})
-    b = pg_daemon(daemon_factory, "nodeB", database, **FAST).start()
+    a, b = two_daemons(daemon_factory, database, hooks_on_a=True)
     publish(a.ack, "--acked", "--events", "20", "--topics", "2")
     first = RawConsumer(a.subscribe)
     second = RawConsumer(b.subscribe)
@@ -216,8 +216,7 @@ def test_a_forget_queued_on_one_daemon_leaves_the_position_of_the_daemon_that_to
 ) -> None:
     """The other way round: A's follower asks to forget while B takes the name and acknowledges;
     the forget, run after, deleted B's position. Now it is refused, and says why."""
-    a = pg_daemon(daemon_factory, "nodeA", database, **FAST).start(env={**os.environ, "EVENTAGG_TEST_HOOKS": "1"})
-    b = pg_daemon(daemon_factory, "nodeB", database, **FAST).start()
+    a, b = two_daemons(daemon_factory, database, hooks_on_a=True)
     publish(a.ack, "--acked", "--events", "20", "--topics", "2")
     first = RawConsumer(a.subscribe)
     second = RawConsumer(b.subscribe)
