@@ -41,6 +41,15 @@ def two_daemons(factory: Callable[..., Daemon], dsn: str, hooks_on_a: bool = Fal
     return a.start(env={**os.environ, "EVENTAGG_TEST_HOOKS": "1"} if hooks_on_a else None), b.start()
 
 
+def follow_and_ack(consumer: RawConsumer, name: str, events: int, position: int) -> None:
+    """Subscribe ``consumer`` under ``name`` with ``events`` credits, take them, ack ``position``."""
+    consumer.send({"op": "subscribe", "name": name, "credit": events})
+    assert consumer.receive()["op"] == "subscribed"
+    assert len(consumer.events(events)) == events
+    consumer.send({"op": "ack", "position": position})
+    assert consumer.receive() == {"op": "acked", "position": position}
+
+
 def take(subscriber: Subscriber, count: int, timeout: float = 60) -> list[dict[str, Any]]:
     got: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
@@ -148,11 +157,7 @@ def test_a_named_consumer_taken_on_another_daemon_ends_the_first_follower(
     first = RawConsumer(a.subscribe)
     second = RawConsumer(b.subscribe)
     try:
-        first.send({"op": "subscribe", "name": "billing", "credit": 10})
-        assert first.receive()["op"] == "subscribed"
-        assert len(first.events(10)) == 10
-        first.send({"op": "ack", "position": 10})
-        assert first.receive() == {"op": "acked", "position": 10}
+        follow_and_ack(first, "billing", 10, 10)
         time.sleep(1.5)  # A's LISTEN connection, made once it has a subscriber, is up by now
         # The same name on B: A's follower is ended and told so, as one daemon does it.
         second.send({"op": "subscribe", "name": "billing", "credit": 0})
@@ -188,11 +193,7 @@ def test_a_forget_through_another_daemon_is_not_undone_by_an_ack_stored_after_it
     first = RawConsumer(a.subscribe)
     second = RawConsumer(b.subscribe)
     try:
-        first.send({"op": "subscribe", "name": "billing", "credit": 10})
-        assert first.receive()["op"] == "subscribed"
-        assert len(first.events(10)) == 10
-        first.send({"op": "ack", "position": 5})
-        assert first.receive() == {"op": "acked", "position": 5}
+        follow_and_ack(first, "billing", 10, 5)
         # A's writer busy (a long commit, say) while its follower acknowledges 10.
         assert "error" not in a.request({"op": "debug_freeze", "actor": "dedup", "seconds": 3})
         first.send({"op": "ack", "position": 10})
@@ -226,11 +227,7 @@ def test_a_forget_queued_on_one_daemon_leaves_the_position_of_the_daemon_that_to
         assert "error" not in a.request({"op": "debug_freeze", "actor": "dedup", "seconds": 3})
         first.send({"op": "unsubscribe", "forget": True})
         time.sleep(0.5)  # handed to A's writer, which waits
-        second.send({"op": "subscribe", "name": "billing", "credit": 10})
-        assert second.receive()["op"] == "subscribed"
-        assert len(second.events(10)) == 10
-        second.send({"op": "ack", "position": 10})
-        assert second.receive() == {"op": "acked", "position": 10}
+        follow_and_ack(second, "billing", 10, 10)
         refused = first.receive(timeout=10)
         assert refused["code"] == "ack_failed" and "keeps its position" in refused["error"], refused
         (stored,) = a.request({"op": "consumers"})["consumers"]
