@@ -57,7 +57,7 @@ from transport.queries import MAX_CURSOR
 from transport.schema import InvalidEvent, check_topic, type_name, unpack_from_peer
 from transport.security import SocketHook
 from transport.subscriber import MAX_FILTER_TOPICS, name_problem
-from transport.zap import ConnectionGate
+from transport.zap import REVOKED, ConnectionGate
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +228,7 @@ class Subscription:
     # a topic after the subscription saw it is told (positions of other topics hide it).
     seqs: dict[str, int] = field(default_factory=dict)
     start: int = 0  # the cursor it subscribed at: a topic's events deleted after it were never sent
+    key: bytes | None = None  # its CURVE client key (None while CURVE is off): revoked, it is sent nothing more
 
 
 _packer = msgpack.Packer(use_bin_type=True, autoreset=True)
@@ -509,23 +510,29 @@ class SubscriptionServer:
         """Handle what the socket holds (at most a bounded number, so sending keeps its turn)."""
         for _ in range(1000):
             try:
-                parts, refused = self._gate.receive(self._socket)
+                parts, key, refused = self._gate.receive_keyed(self._socket)
             except zmq.Again:
                 return
             identity = parts[0]
             if refused is not None:  # its key was revoked: end what it follows, and say why
-                revoked = self._subs.get(identity)
-                if revoked is not None:
-                    self._drop(revoked, "key revoked")
-                self._warn.warning("refused a subscriber message: %s", refused)
-                self._send(identity, {"op": "error", "code": "revoked", "error": refused})
+                self._revoke(identity, refused)
                 continue
             try:
                 self._handle(identity, parts[1:])
+                if (sub := self._subs.get(identity)) is not None:
+                    sub.key = key
             except SubscribeError as exc:
                 what = "bad subscription message" if exc.code == "bad_request" else f"refused a subscriber ({exc.code})"
                 self._warn.warning("%s: %s", what, exc)
                 self._send(identity, {"op": "error", "code": exc.code, "error": str(exc)})
+
+    def _revoke(self, identity: bytes, why: str) -> None:
+        """The connection's key was revoked: end what it follows, and tell it why."""
+        revoked = self._subs.get(identity)
+        if revoked is not None:
+            self._drop(revoked, "key revoked")
+        self._warn.warning("refused a subscriber: %s", why)
+        self._send(identity, {"op": "error", "code": "revoked", "error": why})
 
     def _handle(self, identity: bytes, frames: list[bytes]) -> None:
         if len(frames) != 1:
@@ -751,12 +758,15 @@ class SubscriptionServer:
             self._send(identity, {"op": "error", "code": "ack_failed", "error": f"{name!r} not forgotten: {error}"})
 
     def _timers(self, now: float) -> None:
-        """Heartbeat quiet consumers; drop the ones not heard from within ``timeout_ms``."""
+        """Heartbeat quiet consumers; drop the ones not heard from within ``timeout_ms``, and
+        those whose key a reload revoked."""
         heartbeat_s = self._config.heartbeat_ms / 1000
         timeout_s = self._config.timeout_ms / 1000
         for sub in list(self._subs.values()):
             if now - sub.last_heard > timeout_s:
                 self._drop(sub, f"not heard from in {timeout_s:g} s")
+            elif not self._gate.allows(sub.key):
+                self._revoke(sub.identity, REVOKED)
             elif now - sub.last_sent >= heartbeat_s:
                 if sub.identity not in self._unsent:  # a heartbeat never overtakes a reply
                     self._send_now(sub.identity, {"op": "heartbeat"}, sub)
@@ -811,6 +821,9 @@ class SubscriptionServer:
         expired_total: int | None = None  # read once a pass, when first needed
         for sub in list(self._subs.values()):
             if sub.caught_up or sub.credit <= 0:
+                continue
+            if not self._gate.allows(sub.key):  # revoked by a reload while it only listens
+                self._revoke(sub.identity, REVOKED)
                 continue
             if sub.retry_at > now or sub.identity in self._unsent:  # waiting for room; its replies go first
                 self._retrying = True

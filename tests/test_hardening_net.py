@@ -202,6 +202,39 @@ def test_an_authorized_curve_peer_claiming_the_next_auto_ids_crashes_nothing(
 
 
 @pytest.mark.e2e
+def test_a_subscriber_that_only_listens_is_sent_nothing_once_its_key_is_revoked(
+    daemon_factory: Callable[..., Daemon], keys: dict[str, Path]
+) -> None:
+    """The revocation was checked only on what a connection sends: a subscriber that sent
+    nothing after the reload was sent every event stored meanwhile, up to its credit."""
+    alice = curve_client(keys["server_public"], keys["alice"])
+    bob = curve_client(keys["server_public"], keys["bob"])  # stays authorized: publishes
+    daemon = curve_daemon(daemon_factory, keys)
+    wait_curve_ready(daemon, alice)
+    context: zmq.Context[Any] = zmq.Context()
+    try:
+        publisher = dealer(context, daemon.ack, bob)
+        sub = dealer(context, daemon.subscribe, alice)
+        assert exchange(sub, {"op": "subscribe", "after": 0, "credit": 1000})["op"] == "subscribed"
+        assert exchange(publisher, acked_batch(1, "before")).get("new") == 1
+        assert exchange(sub, {"op": "heartbeat"}, timeout=10)["op"] == "events"  # alice follows
+        (keys["authorized"] / "alice.key").unlink()
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGHUP)
+        eventually(lambda: "reloaded" in daemon.log(), 15, "the reload to be logged")
+        for batch in range(2, 12):
+            assert exchange(publisher, acked_batch(batch, "after")).get("new") == 1
+        told = []
+        while sub.poll(3000):
+            told.append(msgpack.unpackb(sub.recv_multipart()[-1], raw=False))
+        assert [m for m in told if m.get("op") == "events"] == [], told
+        assert any(m.get("code") == "revoked" for m in told), told
+    finally:
+        context.destroy(linger=0)
+    assert daemon.terminate() == 0
+
+
+@pytest.mark.e2e
 def test_a_revoked_key_is_refused_on_its_open_connections(
     daemon_factory: Callable[..., Daemon], keys: dict[str, Path]
 ) -> None:

@@ -168,12 +168,24 @@ class ConnectionGate:
 
     def receive(self, sock: zmq.Socket[Any]) -> tuple[list[bytes], str | None]:
         """One multipart message without waiting (raises ``zmq.Again``), and None or why it is refused."""
+        parts, _key, refused = self.receive_keyed(sock)
+        return parts, refused
+
+    def receive_keyed(self, sock: zmq.Socket[Any]) -> tuple[list[bytes], bytes | None, str | None]:
+        """Like :meth:`receive`, with the sender's client key (None while CURVE is off), for a
+        server that keeps sending to the connection unasked (see :meth:`allows`)."""
         allowed = self._authorized()
         if allowed is None:
-            return sock.recv_multipart(zmq.NOBLOCK), None
+            return sock.recv_multipart(zmq.NOBLOCK), None, None
         frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
         try:
             user = str(frames[-1].get("User-Id")).encode()
         except zmq.ZMQError:  # no User-Id: a connection our ZAP handler did not let in
             user = b""
-        return [frame.bytes for frame in frames], None if user in allowed else REVOKED
+        return [frame.bytes for frame in frames], user, None if user in allowed else REVOKED
+
+    def allows(self, key: bytes | None) -> bool:
+        """Whether a connection with this client key may still be served: always while CURVE is
+        off; with it, while the key is among the authorized ones (a reload may revoke it)."""
+        allowed = self._authorized()
+        return allowed is None or key in allowed
