@@ -19,7 +19,7 @@ import sys
 import time
 
 from actors.store import StorageError
-from transport.config import ConfigError, expand_dsn, load_config
+from transport.config import ConfigError, expand_environment, load_config
 
 DEFAULT_TIMEOUT_S = 3600.0
 MAX_TIMEOUT_S = 2_147_483  # PostgreSQL's statement_timeout is an int of milliseconds
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if not (math.isfinite(args.timeout) and 0 < args.timeout <= MAX_TIMEOUT_S):
         parser.error(f"--timeout must be a number of seconds above 0 and at most {MAX_TIMEOUT_S}, not {args.timeout}")
     try:
-        config = expand_dsn(load_config(args.config))
+        config = expand_environment(load_config(args.config))
     except ConfigError as exc:
         print(f"migrate: {exc}", file=sys.stderr)
         return 2

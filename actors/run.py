@@ -17,7 +17,7 @@ import sys
 
 from actors.daemon import ConfigRefused, Daemon, StartupError
 from actors.store import StorageError
-from transport.config import ConfigError, expand_dsn, load_config
+from transport.config import ConfigError, expand_environment, load_config
 from transport.logs import setup_logging
 
 
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--config", metavar="PATH", help="config file (default: built-in defaults, as in config.toml)")
     args = parser.parse_args(argv)
     try:
-        config = expand_dsn(load_config(args.config))
+        config = expand_environment(load_config(args.config))
     except ConfigError as exc:
         print(f"aggregatord: {exc}", file=sys.stderr)
         return 2

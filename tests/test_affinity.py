@@ -8,7 +8,7 @@ import pytest
 
 from actors.watchdog import Snapshot, status_line
 from transport.affinity import rendezvous_order
-from transport.config import ConfigError, expand_dsn, parse_config
+from transport.config import ConfigError, expand_environment, parse_config
 
 ENDPOINTS = ["tcp://a:5557", "tcp://b:5557", "tcp://c:5557"]
 
@@ -52,20 +52,20 @@ def test_dsn_expands_environment_variables(monkeypatch: pytest.MonkeyPatch) -> N
     written = "host=db passfile=${CREDENTIALS_DIRECTORY}/pg"
     config = parse_config({"storage": {"backend": "postgresql", "dsn": written}})
     assert config.storage.dsn == written  # as written for clients, which never use it
-    assert expand_dsn(config).storage.dsn == "host=db passfile=/run/credentials/eventagg.service/pg"
+    assert expand_environment(config).storage.dsn == "host=db passfile=/run/credentials/eventagg.service/pg"
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
     unset = parse_config({"storage": {"backend": "postgresql", "dsn": "passfile=${CREDENTIALS_DIRECTORY}/pg"}})
     with pytest.raises(ConfigError, match=r"\[storage\] dsn .* CREDENTIALS_DIRECTORY, which is not set"):
-        expand_dsn(unset)
+        expand_environment(unset)
 
 
 def test_a_dollar_that_is_no_variable_stays_and_dollar_dollar_is_one_dollar(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PGUSER_FOR_TEST", "alice")
     dsn = "user=$PGUSER_FOR_TEST password=Xy$9abc$$word options=$"
     config = parse_config({"storage": {"backend": "postgresql", "dsn": dsn}})
-    assert expand_dsn(config).storage.dsn == "user=alice password=Xy$9abc$word options=$"
+    assert expand_environment(config).storage.dsn == "user=alice password=Xy$9abc$word options=$"
     with pytest.raises(ConfigError, match=r"write \$\$ for a \$") as caught:
-        expand_dsn(parse_config({"storage": {"backend": "postgresql", "dsn": "password=pa$word"}}))
+        expand_environment(parse_config({"storage": {"backend": "postgresql", "dsn": "password=pa$word"}}))
     assert "pa$" not in str(caught.value)  # the dsn's password is never shown
 
 

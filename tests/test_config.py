@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from transport.client import connectable
-from transport.config import Config, ConfigError, load_config, parse_config, tcp_host_port
+from transport.config import Config, ConfigError, expand_environment, load_config, parse_config, tcp_host_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,12 +117,19 @@ def test_lowercase_choices_are_accepted() -> None:
 
 
 def test_paths_may_name_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    written = {"security": {"curve_secret_key": "${CREDENTIALS_DIRECTORY}/curve-secret"}}
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", "/run/credentials/eventagg.service")
-    config = parse_config({"security": {"curve_secret_key": "${CREDENTIALS_DIRECTORY}/curve-secret"}})
-    assert config.security.curve_secret_key == "/run/credentials/eventagg.service/curve-secret"
+    config = parse_config(written)
+    assert config.security.curve_secret_key == "${CREDENTIALS_DIRECTORY}/curve-secret"  # as written, until used
+    assert config.resolve(config.security.curve_secret_key) == Path("/run/credentials/eventagg.service/curve-secret")
+    expanded = expand_environment(config).security.curve_secret_key
+    assert expanded == "/run/credentials/eventagg.service/curve-secret"
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    config = parse_config(written)  # a client's load: no error for what it may never use
     with pytest.raises(ConfigError, match=r"\[security\] curve_secret_key = .* not set \(systemd sets it"):
-        parse_config({"security": {"curve_secret_key": "${CREDENTIALS_DIRECTORY}/curve-secret"}})
+        expand_environment(config)  # the daemon's: an error at once
+    with pytest.raises(ConfigError, match=r"\[security\] curve_secret_key = .* not set"):
+        config.resolve(config.security.curve_secret_key, "[security] curve_secret_key")  # a client using it
 
 
 def test_a_config_file_not_in_utf8_is_refused_naming_the_byte(tmp_path: Path) -> None:

@@ -180,6 +180,31 @@ def curve_daemon(daemon_factory: Callable[..., Daemon], keys: dict[str, Path]) -
     return daemon_factory(security=security).start(wait=False)
 
 
+@pytest.mark.e2e
+def test_a_client_reads_the_services_config_whose_secret_key_names_systemd_credentials(
+    daemon_factory: Callable[..., Daemon], keys: dict[str, Path]
+) -> None:
+    """The documented curve_secret_key under systemd is "${CREDENTIALS_DIRECTORY}/...", set only
+    for the service: every client command given that config stopped with exit 2, though with
+    server_public_key set it never reads the daemon's secret."""
+    security = {
+        "curve_secret_key": "${CREDENTIALS_DIRECTORY}/server.key_secret",
+        "authorized_keys": str(keys["authorized"]),
+        "server_public_key": str(keys["server_public"]),
+        "client_certificate": str(keys["alice"]),
+    }
+    daemon = daemon_factory(security=security)
+    daemon.start(wait=False, env={**os.environ, "CREDENTIALS_DIRECTORY": str(keys["server_secret"].parent)})
+    wait_curve_ready(daemon, curve_client(keys["server_public"], keys["alice"]))
+    outside = {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"}
+    stats = run_script("stats.py", "--config", str(daemon.config_path), "--json", env=outside, timeout=60)
+    assert stats.returncode == 0 and '"unique_processed": 0' in stats.stdout, stats.stderr
+    # The daemon itself still needs the variable, and says so.
+    refused = daemon_factory("unset", security=security).start(wait=False, env=outside)
+    assert refused.proc is not None and refused.proc.wait(30) == 2
+    assert "[security] curve_secret_key = '${CREDENTIALS_DIRECTORY}/server.key_secret' names the" in refused.log()
+
+
 def wait_curve_ready(daemon: Daemon, hook: Hook) -> None:
     def ready() -> bool:
         assert daemon.proc is not None and daemon.proc.poll() is None, daemon.log()

@@ -314,9 +314,10 @@ class Config:
         port = self.ingest.bind.rpartition(":")[2]
         return f"{socket.gethostname()}:{port}"
 
-    def resolve(self, path: str) -> Path:
-        """A path from the config, made absolute against the config file's folder."""
-        candidate = Path(path)
+    def resolve(self, path: str, key: str = "a path in the config") -> Path:
+        """A path from the config (``key``, for errors), its environment variables replaced
+        (:class:`ConfigError` for one that is not set), made absolute against the config file's folder."""
+        candidate = Path(_expand(key, path) if "$" in path else path)
         return candidate if candidate.is_absolute() else self._base_dir / candidate
 
     @property
@@ -423,17 +424,32 @@ def _expand(key: str, value: str) -> str:
     return _VARIABLE.sub(replace, value)
 
 
-def expand_dsn(config: Config) -> Config:
-    """``config`` with ``[storage] dsn``'s environment variables replaced: the daemon's step only.
+# The values the daemon uses that may name environment variables (client_certificate and
+# server_public_key are the clients', in a file they may share).
+_DAEMON_VALUES = (
+    ("storage", "dsn"),
+    ("storage", "path"),
+    ("security", "curve_secret_key"),
+    ("security", "authorized_keys"),
+)
 
-    The other programs that read the file (``eventagg stats``, the publisher, the gateway) never
-    use the dsn and run where systemd's ``$CREDENTIALS_DIRECTORY`` is not set, so loading a
-    config leaves the dsn as written.
+
+def expand_environment(config: Config) -> Config:
+    """``config`` with the environment variables in the daemon's dsn and paths replaced: the
+    daemon's step (and ``eventagg migrate``'s), where an unset one is an error at once.
+
+    The other programs that read the file (``eventagg stats``, the publisher, the gateway) run
+    where systemd's ``$CREDENTIALS_DIRECTORY`` is not set, and need few of these values or none,
+    so loading a config leaves them as written; a path is expanded when used
+    (:meth:`Config.resolve`), and the dsn never is.
     """
-    dsn = config.storage.dsn
-    if "$" not in dsn:
-        return config
-    return dataclasses.replace(config, storage=dataclasses.replace(config.storage, dsn=_expand("[storage] dsn", dsn)))
+    sections: dict[str, Any] = {}
+    for name, key in _DAEMON_VALUES:
+        value = getattr(sections.get(name) or getattr(config, name), key)
+        if "$" in value:
+            section = sections.get(name) or getattr(config, name)
+            sections[name] = dataclasses.replace(section, **{key: _expand(f"[{name}] {key}", value)})
+    return dataclasses.replace(config, **sections) if sections else config
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
@@ -563,8 +579,6 @@ def _parse_section(name: str, section_type: type, values: dict[str, Any]) -> Any
                 raise ConfigError(f"[{name}] {key} must be one of {', '.join(choices)}, not {values[key]!r}")
         if (name, key) == ("storage", "backend") and value not in BACKENDS:
             raise ConfigError(f"[storage] backend must be one of {', '.join(BACKENDS)}, not {value!r}")
-        if (name, key) in _PATHS and "$" in value:
-            value = _expand(f"[{name}] {key}", value)
         if (name, key) in _PATHS and "\x00" in value:
             raise ConfigError(f"[{name}] {key} holds a NUL character, which no file name can: {value!r}")
         if (name, key) in _ENDPOINTS:
