@@ -76,6 +76,9 @@ def without_password(text: str, dsn: str) -> str:
         for found in pattern.finditer(dsn)
         if (secret := found.groupdict().get("quoted") or found.group("secret"))
     }
+    # A URI password with an unencoded / ? or # is cut there by libpq, which then quotes the
+    # first piece as the port: that piece is secret too (unless too short to tell from text).
+    secrets |= {piece for secret in secrets if len(piece := re.split(r"[/?#]", secret)[0]) >= 3}
     for secret in sorted(secrets, key=len, reverse=True):  # the longest first: one may hold another
         text = text.replace(secret, "***")
     return text
@@ -97,7 +100,9 @@ def describe_dsn(dsn: str) -> str:
         return "PostgreSQL (unparsable dsn)"
     host = params.get("host") or params.get("hostaddr") or "local socket"
     port = params.get("port") or "5432"
-    return f"PostgreSQL {host}:{port}/{params.get('dbname') or params.get('user') or ''}"
+    # A URI whose password holds an unencoded "/" parses with the password's pieces as port and
+    # database: the dsn's own secrets are taken out of whatever the parse made.
+    return without_password(f"PostgreSQL {host}:{port}/{params.get('dbname') or params.get('user') or ''}", dsn)
 
 
 @functools.cache

@@ -414,6 +414,12 @@ def _expand(key: str, value: str) -> str:
             return "$"
         if name not in os.environ:
             hint = " (systemd sets it for a unit with LoadCredential=)" if name == "CREDENTIALS_DIRECTORY" else ""
+            if key == "[storage] dsn" and match.group(1) is None:
+                # A bare $word in a dsn is most likely inside a password: naming it would print it.
+                raise ConfigError(
+                    "[storage] dsn holds a $ followed by a name that is not a set environment variable;"
+                    " write $$ for a $ in a password, and ${NAME} for a variable"
+                )
             shown = key if key == "[storage] dsn" else f"{key} = {value!r}"  # a dsn may hold a password
             raise ConfigError(
                 f"{shown} names the environment variable {name}, which is not set{hint};"
