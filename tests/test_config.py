@@ -196,3 +196,10 @@ def test_binds_on_other_ports_or_hosts_do_not_collide() -> None:
 )
 def test_tcp_host_port_splits_an_endpoint_as_libzmq_binds_it(endpoint: str, place: tuple[str, str] | None) -> None:
     assert tcp_host_port(endpoint) == place
+
+
+def test_allowed_hosts_is_an_array_of_names() -> None:
+    assert parse_config({"http": {"allowed_hosts": ["a.example", "b"]}}).http.allowed_hosts == ("a.example", "b")
+    for bad in ("a.example", ["a b"], [""], [3]):
+        with pytest.raises(ConfigError, match=r"\[http\] allowed_hosts must be an array"):
+            parse_config({"http": {"allowed_hosts": bad}})

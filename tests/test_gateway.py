@@ -526,7 +526,7 @@ def test_a_body_that_stalls_gets_a_503_in_time_and_a_client_gone_mid_body_no_tra
     never answered), and one that hangs up mid-body is logged in one line, not a traceback."""
     gateway = gateway_factory(http={"request_timeout_ms": 1000})
     host, port = gateway.url.removeprefix("http://").split(":")
-    head = b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    head = b"POST /publish HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
     with socket.create_connection((host, int(port)), timeout=10) as stalled:
         stalled.sendall(head + b'{"a":')
         started = time.monotonic()
@@ -574,7 +574,7 @@ def test_headers_that_do_not_all_arrive_in_time_get_a_408_and_the_connection_is_
     header timeout); each request's headers now have [http] header_timeout_ms to arrive."""
     gateway = gateway_factory(http={"header_timeout_ms": 600})
     host, port = gateway.url.removeprefix("http://").split(":")
-    for sent in (b"", b"GET /stats HTTP/1.1\r\nHost: x\r\nAccept: appl"):
+    for sent in (b"", b"GET /stats HTTP/1.1\r\nHost: localhost\r\nAccept: appl"):
         with socket.create_connection((host, int(port)), timeout=10) as sock:
             started = time.monotonic()
             sock.sendall(sent)
@@ -584,12 +584,12 @@ def test_headers_that_do_not_all_arrive_in_time_get_a_408_and_the_connection_is_
         assert answer.startswith(b"HTTP/1.1 408 "), answer
         assert b"[http] header_timeout_ms" in answer and 0.5 < took < 5, (answer, took)
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n")
+        sock.sendall(b"GET /stats HTTP/1.1\r\nHost: localhost\r\n")
         time.sleep(0.3)  # slow, but within the deadline: answered
         sock.sendall(b"\r\n")
         assert read_response(sock).startswith(b"HTTP/1.1 200 ")
         time.sleep(0.4)  # the next request has a deadline of its own, from its first byte
-        sock.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n")
+        sock.sendall(b"GET /stats HTTP/1.1\r\nHost: localhost\r\n")
         time.sleep(0.3)
         sock.sendall(b"\r\n")
         assert read_response(sock).startswith(b"HTTP/1.1 200 ")
@@ -617,7 +617,7 @@ def test_a_client_that_reads_none_of_its_response_is_dropped_after_write_timeout
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect((host, int(port)))
-        sock.sendall(b"GET /events?limit=1000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /events?limit=1000 HTTP/1.1\r\nHost: localhost\r\n\r\n")
         stalled.append(sock)
     time.sleep(3)  # none of them reads: each is dropped a second after its buffers filled
     for sock in stalled:
@@ -727,14 +727,14 @@ def test_openapi_lists_every_route(gateway: Gateway) -> None:
 
 # What each route can answer, from its code: the OpenAPI document must list exactly these.
 ANSWERS = {
-    ("post", "/publish"): {"200", "400", "413", "415", "502", "503", "504"},
-    ("get", "/events"): {"200", "400", "502", "503"},
-    ("get", "/events/stream"): {"200", "400", "503"},
-    ("get", "/stats"): {"200", "502", "503"},
-    ("get", "/topics"): {"200", "400", "502", "503"},
-    ("get", "/healthz"): {"200", "503"},
-    ("head", "/healthz"): {"200", "503"},
-    ("get", "/metrics"): {"200"},
+    ("post", "/publish"): {"200", "400", "413", "415", "502", "503", "504", "421"},
+    ("get", "/events"): {"200", "400", "502", "503", "421"},
+    ("get", "/events/stream"): {"200", "400", "503", "421"},
+    ("get", "/stats"): {"200", "502", "503", "421"},
+    ("get", "/topics"): {"200", "400", "502", "503", "421"},
+    ("get", "/healthz"): {"200", "503", "421"},
+    ("head", "/healthz"): {"200", "503", "421"},
+    ("get", "/metrics"): {"200", "421"},
 }
 
 
@@ -1107,12 +1107,46 @@ def test_a_bind_beyond_loopback_needs_allow_insecure(gateway_factory: Callable[.
 
 
 @pytest.mark.e2e
+def test_a_gateway_on_loopback_answers_only_the_names_it_is_known_by(
+    gateway_factory: Callable[..., Gateway],
+) -> None:
+    """A web page whose name its author pointed at 127.0.0.1 (DNS rebinding) is on the gateway's
+    origin: no CORS preflight stops its JSON POST. It published and read, its name as Host."""
+    gateway = gateway_factory(http={"allowed_hosts": ["events.example.com"]})
+    port = gateway.url.rsplit(":", 1)[1]
+    body = {"events": [event(topic="rebound")]}
+    for host in (f"attacker.example:{port}", "attacker.example", f"127.0.0.1.evil.example:{port}"):
+        refused = gateway.client.post("/publish", json=body, headers={"Host": host, "Origin": f"http://{host}"})
+        assert refused.status_code == 421 and "[http] allowed_hosts" in refused.json()["error"], refused.text
+        assert gateway.client.get("/events", headers={"Host": host}).status_code == 421
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"EVENTS.example.com:{port}", "events.example.com."):
+        assert gateway.client.get("/stats", headers={"Host": host}).status_code == 200, host
+    assert ok(gateway.client.get("/events", params={"topic": "rebound"}))["events"] == []  # nothing got in
+    from transport.gateway import answered_hosts
+
+    beyond = {"bind": "0.0.0.0:8080"}
+    assert answered_hosts(parse_config({"http": beyond})) is None  # reached by any name pointed at it
+    assert answered_hosts(parse_config({"http": {**beyond, "allowed_hosts": ["events.example.com"]}})) == {
+        "localhost",
+        "127.0.0.1",
+        "::1",
+        "0.0.0.0",
+        "events.example.com",
+    }
+    assert answered_hosts(parse_config({"http": {"allowed_hosts": ["*"]}})) is None
+
+
+@pytest.mark.e2e
 def test_a_bad_config_stops_the_gateway_with_a_message_naming_the_key(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text('[http]\nbind = "localhost"\n')
     result = run_script("gateway.py", "--config", str(config), timeout=60)
     assert result.returncode == 2
     assert "[http] bind must be HOST:PORT" in result.stderr
+    # libzmq's source;destination form: the loopback check read "gw;127.0.0.1" as loopback.
+    config.write_text('[http]\nbind = "gw;127.0.0.1:8080"\n')
+    result = run_script("gateway.py", "--config", str(config), timeout=60)
+    assert result.returncode == 2 and "[http] bind must be HOST:PORT" in result.stderr, result.stderr
 
 
 def test_conflicting_positions_pass_through_from_the_ack_to_the_request() -> None:

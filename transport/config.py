@@ -257,6 +257,7 @@ class HttpConfig:
     publishers: int = 32
     workers: int = 1
     max_streams: int = 100
+    allowed_hosts: tuple[str, ...] = ()  # Host names answered besides loopback's; "*": any
 
     @property
     def host(self) -> str:
@@ -542,12 +543,23 @@ _TOML_KINDS: dict[type, str] = {
     bool: "true or false",
     float: "a number",
     list: "an array",
+    tuple: "an array",
     dict: "a table",
 }
 
 
 def _toml_kind(value_type: type) -> str:
     return _TOML_KINDS.get(value_type, f"a {value_type.__name__}")
+
+
+def _strings(key: str, values: list[Any]) -> tuple[str, ...]:
+    """A TOML array of names (no whitespace, none empty), as a tuple."""
+    for value in values:
+        if not isinstance(value, str) or not value or any(c.isspace() or ord(c) < 32 for c in value):
+            raise ConfigError(
+                f'{key} must be an array of names without spaces, like ["events.example.com"], not {values!r}'
+            )
+    return tuple(values)
 
 
 def _parse_section(name: str, section_type: type, values: dict[str, Any]) -> Any:
@@ -561,6 +573,8 @@ def _parse_section(name: str, section_type: type, values: dict[str, Any]) -> Any
         expected = type(default)
         if (name, key) in _SPANS and type(value) is int:
             value = str(value)  # a bare number is seconds or bytes, as in a string
+        if expected is tuple and type(value) is list:  # a TOML array, kept immutable
+            value = _strings(f"[{name}] {key}", value)
         # bool is a subclass of int in Python; keep them apart so `actors = true` is an error.
         if type(value) is not expected:
             raise ConfigError(
@@ -719,7 +733,9 @@ def split_host_port(value: str) -> tuple[str, int]:
     if bracketed:
         host = host[1:-1]
     unbracketed_v6 = ":" in host and not bracketed
-    if not (colon and host and port.isdigit() and 1 <= int(port) <= 65535) or "/" in value or unbracketed_v6:
+    # No ";": libzmq reads HOST;HOST:PORT as source;destination, which the loopback check would misread.
+    bad = "/" in value or ";" in value or unbracketed_v6
+    if not (colon and host and port.isdigit() and 1 <= int(port) <= 65535) or bad:
         raise ValueError(
             f"must be HOST:PORT with a port from 1 to 65535, like 127.0.0.1:8080 or [::1]:8080, not {value!r}"
         )

@@ -862,6 +862,31 @@ def check_bind(config: Config) -> None:
     )
 
 
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def answered_hosts(config: Config) -> frozenset[str] | None:
+    """The names a request's ``Host`` may give (any, None, for a gateway bound beyond loopback
+    with no ``[http] allowed_hosts``, or with ``"*"`` among them).
+
+    A gateway on loopback is reachable from the web browser of anyone on the machine, and a
+    page whose name its author points at 127.0.0.1 (DNS rebinding) is then on the gateway's own
+    origin: its requests need no CORS preflight, and carry the page's name as their ``Host``.
+    Answering only the names the gateway is known by leaves such a page nothing to talk to.
+    """
+    http = config.http
+    if "*" in http.allowed_hosts:
+        return None
+    host = f"[{http.host}]" if ":" in http.host else http.host
+    try:
+        local = bind_is_local("[http] bind", f"tcp://{host}:{http.port}")
+    except BindHostError:
+        local = True
+    if not local and not http.allowed_hosts:
+        return None  # reached by whatever names point at it: the operator accepted that risk
+    return LOOPBACK_NAMES | {http.host.lower(), *(name.lower().rstrip(".") for name in http.allowed_hosts)}
+
+
 def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
     """The gateway's FastAPI application for the daemon that ``config`` describes; ``streams``
     counts its event streams (one process's alone when not given).
@@ -904,6 +929,7 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
         description="The original HTTP API of eventagg's publishers and readers, Prometheus metrics and a "
         "health check, in front of the eventagg daemon. See docs/gateway.md.",
         lifespan=lifespan,
+        responses={421: {"model": Error, "description": "The request's Host is not a name this gateway answers to."}},
     )
 
     fastapi_openapi = app.openapi
@@ -1192,7 +1218,44 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
         )
 
     app.add_middleware(HeadAsGet, paths=frozenset({"/events", "/stats", "/topics", "/metrics"}))
+    app.add_middleware(HostCheck, names=answered_hosts(config))
     return app
+
+
+class HostCheck:
+    """ASGI middleware: answer **421** to a request whose ``Host`` is not one of ``names`` (None:
+    every name is). A request without ``Host`` (HTTP/1.0) is answered: no browser sends one so."""
+
+    def __init__(self, app: ASGIApp, names: frozenset[str] | None) -> None:
+        self.app = app
+        self.names = names
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.names is None or scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        raw = next((value for key, value in scope["headers"] if key == b"host"), None)
+        name = None if raw is None else host_name(raw.decode("latin-1"))
+        if name is None or name in self.names:
+            await self.app(scope, receive, send)
+            return
+        shown = raw.decode("latin-1")[:100] if raw is not None else ""
+        response = json_response(
+            {
+                "error": f"this gateway does not answer to the name {shown!r}: it answers to"
+                f" {', '.join(sorted(self.names))}; add the name to [http] allowed_hosts to reach it so"
+            },
+            421,
+        )
+        await response(scope, receive, send)
+
+
+def host_name(host: str) -> str:
+    """A ``Host`` header's name, without its port or an IPv6 address's brackets, in lower case."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0].rstrip(".") if host.count(":") == 1 else host.rstrip(".")
 
 
 class HeadAsGet:
