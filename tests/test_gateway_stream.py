@@ -166,7 +166,8 @@ def test_a_client_that_pipelined_a_request_behind_its_stream_and_left_frees_the_
     gateway = gateway_factory(http={"max_streams": 1})
     host, port = gateway.url.removeprefix("http://").rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=10) as client:
-        client.sendall(b"GET /events/stream HTTP/1.1\r\nHost: localhost\r\n\r\nGET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        stream = b"GET /events/stream HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        client.sendall(stream + b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert client.recv(4096).startswith(b"HTTP/1.1 200")
     started = time.monotonic()
     eventually(lambda: scrape(gateway)["eventagg_gateway_open_streams"][0] == 0, 10, "the stream's slot freed")
