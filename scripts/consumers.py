@@ -15,6 +15,8 @@ except ModuleNotFoundError as exc:  # a python without eventagg, such as plain p
         " from there: .venv/bin/eventagg consumers (python3 scripts/dev.py run makes .venv)"
         " or /opt/eventagg/venv/bin/eventagg consumers"
     )
+except KeyboardInterrupt:  # Ctrl-C while it loads: nothing began
+    sys.exit(130)
 
 if __name__ == "__main__":
     sys.exit(run_command(main))

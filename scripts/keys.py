@@ -14,6 +14,8 @@ except ModuleNotFoundError as exc:  # a python without eventagg, such as plain p
         " from there: .venv/bin/eventagg keys (python3 scripts/dev.py run makes .venv)"
         " or /opt/eventagg/venv/bin/eventagg keys"
     )
+except KeyboardInterrupt:  # Ctrl-C while it loads: nothing began
+    sys.exit(130)
 
 if __name__ == "__main__":
     sys.exit(main())
