@@ -451,3 +451,34 @@ def test_key_files_this_user_cannot_read_refuse_to_start_with_the_command_that_l
             with contextlib.suppress(OSError):
                 path.chmod(0o700)
         shutil.rmtree(home)
+
+
+@pytest.mark.e2e
+def test_the_authorized_folder_is_listed_as_named_and_what_is_checked_is_what_is_loaded(
+    daemon_factory: Callable[..., Daemon], keys: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A folder named like a glob pattern: "auth[1]/*.key" as a glob reads auth1, never checked.
+    named = tmp_path / "auth[1]"
+    keys["authorized"].rename(named)
+    other = tmp_path / "auth1"
+    other.mkdir()
+    shutil.copy(keys["mallory"].with_suffix(".key"), other / "mallory.key")
+    daemon = daemon_factory(
+        security={"curve_secret_key": str(keys["server_secret"]), "authorized_keys": str(named)}
+    ).start(wait=False)
+    wait_ready(daemon, curve_client(keys["server_public"], keys["alice"]), timeout=15)
+    with pytest.raises(NoAnswer):
+        ask(daemon, {"op": "stats"}, curve_client(keys["server_public"], keys["mallory"]), timeout=1.0)
+    assert f"1 authorized client keys in {named}" in daemon.log()
+    assert daemon.terminate() == 0
+
+    # A hidden certificate is neither checked nor loaded, and not counted either: a folder
+    # holding only one warns that every client is refused.
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    shutil.copy(keys["mallory"].with_suffix(".key"), hidden / ".mallory.key")
+    os.chmod(hidden / ".mallory.key", 0o666)  # would be refused, were it checked
+    config = Config(security=SecurityConfig(str(keys["server_secret"]), str(hidden)))
+    with caplog.at_level("WARNING", logger="transport.security"):
+        ServerSecurity(zmq.Context.instance(), config).stop()
+    assert f"[security] authorized_keys {hidden} holds no '*.key' certificates" in caplog.text

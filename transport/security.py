@@ -215,6 +215,16 @@ def _load(path: Path, what: str) -> tuple[bytes, bytes | None]:
     return public, secret
 
 
+def authorized_key_files(folder: Path) -> list[Path]:
+    """The certificates an authorized keys folder holds: its ``NAME.key`` entries, hidden ones
+    (``.NAME.key``) left out, as the shell's ``*.key`` leaves them out.
+
+    The folder is listed as named (a glob would read ``auth[1]`` as ``auth1``), and this one
+    listing is both what is checked and what is loaded.
+    """
+    return sorted(path for path in folder.iterdir() if path.name.endswith(".key") and not path.name.startswith("."))
+
+
 def curve_client(server_public_key: Path, client_cert: Path) -> SocketHook:
     """A hook that makes a client socket speak CURVE to the daemon; call it before ``connect``.
 
@@ -345,6 +355,7 @@ class ServerSecurity:
         self._on_refused = on_refused
         self._zap: ZapHandler | None = None
         self._authorized: frozenset[bytes] | None = None  # Z85 client keys; None while CURVE is off
+        self._keys_at_start: frozenset[bytes] = frozenset()
         self.gate = ConnectionGate(lambda: self._authorized)
         self._monitor: _RefusalMonitor | None = None
         self._warn = RateLimitedLog(log)
@@ -367,7 +378,7 @@ class ServerSecurity:
             self.secret_path = config.resolve(sec.curve_secret_key)
             self.keys_dir = config.resolve(sec.authorized_keys)
             self._public, self._secret = load_secret_certificate(self.secret_path, "[security] curve_secret_key")
-            self._check_keys_dir()
+            self._keys_at_start = self._load_keys()
         else:
             exposed = {key: ep for key, ep in endpoints.items() if not local[key]}
             if exposed and not sec.allow_insecure:
@@ -387,10 +398,6 @@ class ServerSecurity:
 
     def _load_keys(self) -> frozenset[bytes]:
         """The authorized folder's client keys (Z85), after checking the folder and every file."""
-        self._check_keys_dir()
-        return frozenset(zmq.auth.load_certificates(str(self.keys_dir)))
-
-    def _check_keys_dir(self) -> int:
         try:
             is_folder = self.keys_dir.is_dir()
         except PermissionError:  # a folder above it that this user may not enter: name that one
@@ -402,16 +409,16 @@ class ServerSecurity:
                 "clients' public '.key' certificates into it"
             )
         check_public_path(self.keys_dir, "[security] authorized_keys folder")
-        if not os.access(self.keys_dir, os.R_OK | os.X_OK):  # else glob finds nothing and every client is refused
+        if not os.access(self.keys_dir, os.R_OK | os.X_OK):  # say which command lets it, not a bare PermissionError
             raise _unreadable(self.keys_dir, "[security] authorized_keys folder")
-        keys = sorted(self.keys_dir.glob("*.key"))
-        for path in keys:
-            load_public_key(path, "authorized client certificate")
-        if not keys:
+        files = authorized_key_files(self.keys_dir)
+        if not files:
             log.warning(
-                "[security] authorized_keys %s holds no '*.key' certificates: every client is refused", self.keys_dir
+                "[security] authorized_keys %s holds no '*.key' certificates (hidden ones are left out): "
+                "every client is refused",
+                self.keys_dir,
             )
-        return len(keys)
+        return frozenset(load_public_key(path, "authorized client certificate") for path in files)
 
     @property
     def public_key(self) -> bytes | None:
@@ -422,7 +429,7 @@ class ServerSecurity:
         """Start the ZAP handler (always) and, with CURVE, the refusal monitor; before any bind."""
         seed_libc_rand()  # before the server sockets exist: each ROUTER draws its first auto id then
         if self.enabled:
-            self._authorized = self._load_keys()
+            self._authorized = self._keys_at_start  # read and checked by the constructor
         self._zap = ZapHandler(self._context, lambda: self._authorized)
         self._zap.start()
         if not self.enabled:
