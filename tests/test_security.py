@@ -482,3 +482,39 @@ def test_the_authorized_folder_is_listed_as_named_and_what_is_checked_is_what_is
     with caplog.at_level("WARNING", logger="transport.security"):
         ServerSecurity(zmq.Context.instance(), config).stop()
     assert f"[security] authorized_keys {hidden} holds no '*.key' certificates" in caplog.text
+
+
+@pytest.mark.e2e
+def test_a_key_that_is_not_a_regular_file_is_refused_not_waited_on(
+    daemon_factory: Callable[..., Daemon], keys: dict[str, Path], tmp_path: Path
+) -> None:
+    # Opening a FIFO waits for a writer: before, the daemon hung at start, then ignored SIGTERM.
+    fifo = tmp_path / "secret.fifo"
+    os.mkfifo(fifo, 0o600)
+    refused = daemon_factory(
+        "fifo-secret", security={"curve_secret_key": str(fifo), "authorized_keys": str(keys["authorized"])}
+    ).start(wait=False)
+    assert refused.proc is not None and refused.proc.wait(15) == 2
+    assert f"[security] curve_secret_key {fifo} is not a regular file" in refused.log()
+    client_fifo = keys["authorized"] / "x.key"
+    os.mkfifo(client_fifo, 0o644)
+    secure = {"curve_secret_key": str(keys["server_secret"]), "authorized_keys": str(keys["authorized"])}
+    refused = daemon_factory("fifo-client", security=secure).start(wait=False)
+    assert refused.proc is not None and refused.proc.wait(15) == 2
+    assert f"authorized client certificate {client_fifo} is not a regular file" in refused.log()
+    as_fifo = ("--server-key", str(keys["server_public"]), "--client-cert", str(fifo))
+    stats = run_script("stats.py", "--endpoint", "tcp://127.0.0.1:1", "--timeout", "1", *as_fifo, timeout=15)
+    assert stats.returncode == 2 and f"client certificate {fifo} is not a regular file" in stats.stderr
+
+    # One appearing in the folder before a SIGHUP: refused, the old keys stay, SIGTERM still works.
+    client_fifo.unlink()
+    alice = curve_client(keys["server_public"], keys["alice"])
+    daemon = curve_daemon(daemon_factory, keys).start(wait=False)
+    wait_ready(daemon, alice)
+    os.mkfifo(client_fifo, 0o644)
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGHUP)
+    eventually(lambda: f"{client_fifo} is not a regular file" in daemon.log(), 10, "the FIFO to be refused")
+    assert "authorized keys not reloaded, the old ones stay in force" in daemon.log()
+    assert "error" not in ask(daemon, {"op": "stats"}, alice, timeout=5.0)
+    assert daemon.terminate(timeout=15) == 0

@@ -176,7 +176,6 @@ def _stat(path: Path, what: str) -> os.stat_result:
 
 def load_secret_certificate(path: Path, what: str = "secret certificate") -> tuple[bytes, bytes]:
     """The ``(public, secret)`` keys of a ``zmq.auth`` secret certificate, after checking its permissions."""
-    _stat(path, what)
     public, secret = _load(path, what)
     if not secret:
         raise KeyFileError(f"{what} {path} holds no secret key; pass the '.key_secret' file, not the public '.key' one")
@@ -202,6 +201,10 @@ def _unreadable(path: Path, what: str) -> KeyFileError:
 
 
 def _load(path: Path, what: str) -> tuple[bytes, bytes | None]:
+    # Opening a FIFO (or a device) waits for a writer that may never come: a daemon stuck there
+    # at start, or on SIGHUP, no longer even acts on SIGTERM. So only regular files are opened.
+    if not stat.S_ISREG(_stat(path, what).st_mode):
+        raise KeyFileError(f"{what} {path} is not a regular file; give the certificate file itself")
     try:
         public, secret = zmq.auth.load_certificate(path)
     except PermissionError:
