@@ -518,3 +518,56 @@ def test_a_key_that_is_not_a_regular_file_is_refused_not_waited_on(
     assert "authorized keys not reloaded, the old ones stay in force" in daemon.log()
     assert "error" not in ask(daemon, {"op": "stats"}, alice, timeout=5.0)
     assert daemon.terminate(timeout=15) == 0
+
+
+def with_key(path: Path, line: str, key: bytes, to: Path) -> Path:
+    """A copy of certificate ``path`` at ``to`` (same mode) whose ``line`` (``public-key`` or
+    ``secret-key``) holds ``key``."""
+    text = b"".join(
+        f'    {line} = "'.encode() + key + b'"\n' if row.strip().startswith(line.encode()) else row
+        for row in path.read_bytes().splitlines(keepends=True)
+    )
+    to.write_bytes(text)
+    os.chmod(to, path.stat().st_mode & 0o777)
+    return to
+
+
+def key_of(path: Path, line: str) -> bytes:
+    return next(row.split(b'"')[1] for row in path.read_bytes().splitlines() if row.strip().startswith(line.encode()))
+
+
+@pytest.mark.e2e
+def test_keys_that_are_not_z85_or_whose_halves_do_not_match_are_refused_naming_the_file(
+    daemon_factory: Callable[..., Daemon], keys: dict[str, Path], tmp_path: Path
+) -> None:
+    # '~' is not Z85: libzmq refused the key only at bind ("Invalid argument", exit 1, restarted).
+    secret = key_of(keys["server_secret"], "secret-key")
+    bad = with_key(keys["server_secret"], "secret-key", b"~" + secret[1:], tmp_path / "bad.key_secret")
+    refused = daemon_factory(
+        "not-z85", security={"curve_secret_key": str(bad), "authorized_keys": str(keys["authorized"])}
+    ).start(wait=False)
+    assert refused.proc is not None and refused.proc.wait(15) == 2
+    assert f"[security] curve_secret_key {bad}: its secret-key holds characters outside the Z85 alphabet ('~')" in (
+        refused.log()
+    )
+    # A client certificate: stats said so with a traceback.
+    alice = key_of(keys["alice"], "secret-key")
+    bad_alice = with_key(keys["alice"], "secret-key", b"~" + alice[1:], tmp_path / "alice.key_secret")
+    as_bad = ("--server-key", str(keys["server_public"]), "--client-cert", str(bad_alice))
+    stats = run_script("stats.py", "--endpoint", "tcp://127.0.0.1:1", "--timeout", "1", *as_bad, timeout=15)
+    assert stats.returncode == 2 and "Traceback" not in stats.stderr, stats.stderr
+    assert f"client certificate {bad_alice}: its secret-key holds characters outside the Z85 alphabet" in stats.stderr
+    # Z85 characters, but a group of five beyond 32 bits ("#" is the alphabet's last).
+    with pytest.raises(KeyFileError, match=r"its secret-key holds '#####', which is beyond Z85's range"):
+        curve_client(keys["server_public"], with_key(keys["alice"], "secret-key", b"#####" + alice[5:], bad_alice))
+    # A public key that is not the secret key's half.
+    other = key_of(keys["mallory"], "public-key")
+    mixed = with_key(keys["alice"], "public-key", other, tmp_path / "mixed.key_secret")
+    with pytest.raises(KeyFileError, match=r"mixed.key_secret: its public-key is not the public half of its secret"):
+        curve_client(keys["server_public"], mixed)
+    # An authorized key, too, at start (and so at every SIGHUP).
+    public = keys["authorized"] / "alice.key"
+    with_key(public, "public-key", key_of(public, "public-key")[:-1] + b"~", public)
+    config = Config(security=SecurityConfig(str(keys["server_secret"]), str(keys["authorized"])))
+    with pytest.raises(KeyFileError, match=r"alice.key: its public-key holds characters outside the Z85 alphabet"):
+        ServerSecurity(zmq.Context.instance(), config)

@@ -213,9 +213,39 @@ def _load(path: Path, what: str) -> tuple[bytes, bytes | None]:
         raise KeyFileError(
             f"{what} {path} is not a zmq.auth certificate ({exc}); make one with scripts/keys.py"
         ) from None
-    if len(public) != 40 or (secret is not None and len(secret) != 40):
-        raise KeyFileError(f"{what} {path} does not hold 40-character Z85 keys; make one with scripts/keys.py")
+    # Checked here, not left to libzmq: it refuses a bad key only when a socket is bound or
+    # connected, with nothing but "Invalid argument".
+    for name, key in (("public-key", public), ("secret-key", secret)):
+        problem = None if key is None else z85_key_problem(key)
+        if problem is not None:
+            raise KeyFileError(f"{what} {path}: its {name} {problem}; make a new one with scripts/keys.py")
+    if secret is not None and zmq.curve_public(secret) != public:
+        raise KeyFileError(
+            f"{what} {path}: its public-key is not the public half of its secret-key (the file was edited "
+            "or pieced together); use the certificate scripts/keys.py made, or make a new one"
+        )
     return public, secret
+
+
+Z85_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
+
+
+def z85_key_problem(key: bytes) -> str | None:
+    """What keeps ``key`` from being a CURVE key in Z85 text (40 characters of the Z85 alphabet,
+    each 5 of them at most 2**32 - 1), said as the end of a sentence; None for a good key."""
+    if len(key) != 40:
+        return f"is {len(key)} characters long, not the 40 of a Z85 key"
+    outside = sorted(set(key.decode("latin-1")) - set(Z85_ALPHABET))
+    if outside:
+        return f"holds characters outside the Z85 alphabet ({' '.join(repr(char) for char in outside)})"
+    text = key.decode("ascii")
+    for start in range(0, 40, 5):
+        value = 0
+        for char in text[start : start + 5]:
+            value = value * 85 + Z85_ALPHABET.index(char)
+        if value > 0xFFFF_FFFF:
+            return f"holds {text[start : start + 5]!r}, which is beyond Z85's range (32 bits per 5 characters)"
+    return None
 
 
 def authorized_key_files(folder: Path) -> list[Path]:
