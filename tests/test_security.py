@@ -571,3 +571,13 @@ def test_keys_that_are_not_z85_or_whose_halves_do_not_match_are_refused_naming_t
     config = Config(security=SecurityConfig(str(keys["server_secret"]), str(keys["authorized"])))
     with pytest.raises(KeyFileError, match=r"alice.key: its public-key holds characters outside the Z85 alphabet"):
         ServerSecurity(zmq.Context.instance(), config)
+
+
+@pytest.mark.e2e
+def test_a_secret_certificate_in_the_authorized_folder_is_refused(keys: dict[str, Path]) -> None:
+    # The daemon needs only the public half; a secret one there is a secret others can read.
+    (keys["authorized"] / "alice.key").unlink()
+    shutil.copy(keys["mallory"], keys["authorized"] / "mallory.key")
+    config = Config(security=SecurityConfig(str(keys["server_secret"]), str(keys["authorized"])))
+    with pytest.raises(KeyFileError, match=r"mallory.key holds a secret key: .* copy the client's public '.key' file"):
+        ServerSecurity(zmq.Context.instance(), config)

@@ -258,6 +258,20 @@ def authorized_key_files(folder: Path) -> list[Path]:
     return sorted(path for path in folder.iterdir() if path.name.endswith(".key") and not path.name.startswith("."))
 
 
+def load_authorized_key(path: Path) -> bytes:
+    """The public key of a client certificate in the authorized folder, after checking it."""
+    what = "authorized client certificate"
+    check_public_path(path, what)
+    public, secret = _load(path, what)
+    if secret is not None:
+        raise KeyFileError(
+            f"{what} {path} holds a secret key: the folder is for public certificates, which others may read; "
+            "move it out (and make the client a new pair if others could read it), and copy the client's "
+            "public '.key' file in instead"
+        )
+    return public
+
+
 def curve_client(server_public_key: Path, client_cert: Path) -> SocketHook:
     """A hook that makes a client socket speak CURVE to the daemon; call it before ``connect``.
 
@@ -451,7 +465,7 @@ class ServerSecurity:
                 "every client is refused",
                 self.keys_dir,
             )
-        return frozenset(load_public_key(path, "authorized client certificate") for path in files)
+        return frozenset(load_authorized_key(path) for path in files)
 
     @property
     def public_key(self) -> bytes | None:
