@@ -581,3 +581,9 @@ def test_a_secret_certificate_in_the_authorized_folder_is_refused(keys: dict[str
     config = Config(security=SecurityConfig(str(keys["server_secret"]), str(keys["authorized"])))
     with pytest.raises(KeyFileError, match=r"mallory.key holds a secret key: .* copy the client's public '.key' file"):
         ServerSecurity(zmq.Context.instance(), config)
+
+
+def test_a_client_name_ending_in_a_newline_is_refused(tmp_path: Path) -> None:
+    made = run_script("keys.py", "client", "alice\n", str(tmp_path / "keys"), timeout=30)
+    assert made.returncode == 1 and "name 'alice\\n' must be letters, digits" in made.stderr, made.stderr
+    assert not (tmp_path / "keys").exists() or not list((tmp_path / "keys").iterdir())

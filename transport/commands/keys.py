@@ -25,7 +25,7 @@ from pathlib import Path
 
 import zmq.auth
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # the whole name: fullmatch ('$' lets a newline end it)
 
 
 class KeysError(Exception):
@@ -47,7 +47,7 @@ def create(directory: Path, name: str) -> tuple[Path, Path]:
     so the secret is never readable by others, not even for a moment. Returns
     ``(public_path, secret_path)``; raises :class:`KeysError` if either file already exists.
     """
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise KeysError(f"name {name!r} must be letters, digits, '.', '_' or '-' (at most 100)")
     make_folder(directory)
     public = directory / f"{name}.key"
