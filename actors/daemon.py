@@ -582,6 +582,16 @@ class Daemon:
         set_level(fresh.log.level)
         if self.security is not None:
             self.security.reload()
+        # The folder's keys are re-read, not the setting naming it: the old folder stays in force,
+        # which the operator who points it elsewhere (to revoke a key, say) must be told.
+        folder, asked = self.config.security.authorized_keys, fresh.security.authorized_keys
+        if asked != folder:
+            log.warning(
+                "SIGHUP: [security] authorized_keys changed from %r to %r: that needs a restart (until then the "
+                "old setting stays in force)",
+                folder,
+                asked,
+            )
         log.warning(
             "SIGHUP: re-read %s: log level %s (changes other than it and the authorized keys need a restart)",
             source,

@@ -587,3 +587,24 @@ def test_a_client_name_ending_in_a_newline_is_refused(tmp_path: Path) -> None:
     made = run_script("keys.py", "client", "alice\n", str(tmp_path / "keys"), timeout=30)
     assert made.returncode == 1 and "name 'alice\\n' must be letters, digits" in made.stderr, made.stderr
     assert not (tmp_path / "keys").exists() or not list((tmp_path / "keys").iterdir())
+
+
+@pytest.mark.e2e
+def test_sighup_says_a_new_authorized_keys_folder_needs_a_restart(
+    daemon_factory: Callable[..., Daemon], keys: dict[str, Path], tmp_path: Path
+) -> None:
+    alice = curve_client(keys["server_public"], keys["alice"])
+    daemon = curve_daemon(daemon_factory, keys).start(wait=False)
+    wait_ready(daemon, alice)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    daemon.config_path.write_text(daemon.config_path.read_text().replace(str(keys["authorized"]), str(elsewhere)))
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGHUP)
+    eventually(lambda: "SIGHUP: re-read" in daemon.log(), 15, "the config to be re-read")
+    assert (
+        f"SIGHUP: [security] authorized_keys changed from '{keys['authorized']}' to '{elsewhere}': that needs a "
+        "restart (until then the old setting stays in force)" in daemon.log()
+    )
+    assert "error" not in ask(daemon, {"op": "stats"}, alice, timeout=5.0)  # from the old folder, as it says
+    assert daemon.terminate() == 0
