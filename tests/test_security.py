@@ -608,3 +608,21 @@ def test_sighup_says_a_new_authorized_keys_folder_needs_a_restart(
     )
     assert "error" not in ask(daemon, {"op": "stats"}, alice, timeout=5.0)  # from the old folder, as it says
     assert daemon.terminate() == 0
+
+
+@pytest.mark.e2e
+def test_sighup_rechecks_the_secret_key_file(daemon_factory: Callable[..., Daemon], keys: dict[str, Path]) -> None:
+    alice = curve_client(keys["server_public"], keys["alice"])
+    daemon = curve_daemon(daemon_factory, keys).start(wait=False)
+    wait_ready(daemon, alice)
+    os.chmod(keys["server_secret"], 0o644)
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGHUP)
+    eventually(lambda: "SIGHUP: re-read" in daemon.log(), 15, "the config to be re-read")
+    assert (
+        f"SIGHUP: [security] curve_secret_key {keys['server_secret']} has loose permissions (-rw-r--r--)"
+        in daemon.log()
+    )
+    assert "(the daemon goes on with the key it read at start)" in daemon.log()
+    assert "error" not in ask(daemon, {"op": "stats"}, alice, timeout=5.0)
+    assert daemon.terminate() == 0

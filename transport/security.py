@@ -523,9 +523,18 @@ class ServerSecurity:
             self._monitor.add(name, watcher)
 
     def reload(self) -> None:
-        """Re-read the authorized keys folder (SIGHUP); a bad folder keeps the keys already loaded."""
+        """Re-read the authorized keys folder (SIGHUP); a bad folder keeps the keys already loaded.
+
+        The secret certificate's mode and owner are checked again too, and a problem logged.
+        """
         if not self.enabled or self._zap is None:
             return
+        # The sockets keep the secret key they were given, so there is nothing to reload; but a
+        # loose or foreign-owned file is a leak to report now, not at the next restart.
+        try:
+            check_secret_file(self.secret_path, "[security] curve_secret_key")
+        except KeyFileError as exc:
+            log.warning("SIGHUP: %s (the daemon goes on with the key it read at start)", exc)
         try:
             keys = self._load_keys()
         except SecurityError as exc:
