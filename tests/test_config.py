@@ -121,7 +121,9 @@ def test_paths_may_name_environment_variables(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", "/run/credentials/eventagg.service")
     config = parse_config(written)
     assert config.security.curve_secret_key == "${CREDENTIALS_DIRECTORY}/curve-secret"  # as written, until used
-    assert config.resolve(config.security.curve_secret_key) == Path("/run/credentials/eventagg.service/curve-secret")
+    assert config.resolve(config.security.curve_secret_key, "[security] curve_secret_key") == Path(
+        "/run/credentials/eventagg.service/curve-secret"
+    )
     expanded = expand_environment(config).security.curve_secret_key
     assert expanded == "/run/credentials/eventagg.service/curve-secret"
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")

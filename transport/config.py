@@ -315,7 +315,7 @@ class Config:
         port = self.ingest.bind.rpartition(":")[2]
         return f"{socket.gethostname()}:{port}"
 
-    def resolve(self, path: str, key: str = "a path in the config") -> Path:
+    def resolve(self, path: str, key: str) -> Path:
         """A path from the config (``key``, for errors), its environment variables replaced
         (:class:`ConfigError` for one that is not set), made absolute against the config file's folder."""
         candidate = Path(_expand(key, path) if "$" in path else path)

@@ -301,9 +301,15 @@ def curve_client_from_config(config: Config) -> SocketHook | None:
     if not sec.client_certificate:
         return None
     if sec.server_public_key:
-        return curve_client(config.resolve(sec.server_public_key), config.resolve(sec.client_certificate))
+        return curve_client(
+            config.resolve(sec.server_public_key, "[security] server_public_key"),
+            config.resolve(sec.client_certificate, "[security] client_certificate"),
+        )
     if sec.curve_secret_key:
-        return curve_client(config.resolve(sec.curve_secret_key), config.resolve(sec.client_certificate))
+        return curve_client(
+            config.resolve(sec.curve_secret_key, "[security] curve_secret_key"),
+            config.resolve(sec.client_certificate, "[security] client_certificate"),
+        )
     raise SecurityError(
         "[security] client_certificate is set but server_public_key is empty; set it to the daemon's "
         "public certificate (server.key)"
@@ -422,8 +428,8 @@ class ServerSecurity:
                     "[security] curve_secret_key is set but authorized_keys is empty; set it to a folder of "
                     "client public certificates (scripts/keys.py client NAME DIR makes them)"
                 )
-            self.secret_path = config.resolve(sec.curve_secret_key)
-            self.keys_dir = config.resolve(sec.authorized_keys)
+            self.secret_path = config.resolve(sec.curve_secret_key, "[security] curve_secret_key")
+            self.keys_dir = config.resolve(sec.authorized_keys, "[security] authorized_keys")
             self._public, self._secret = load_secret_certificate(self.secret_path, "[security] curve_secret_key")
             self._keys_at_start = self._load_keys()
         else:
