@@ -270,9 +270,16 @@ class Subscriber:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        """Close; leaving by an exception acknowledges only the events finished before the one taken,
-        whose handling the exception interrupted (a named consumer gets it again next time)."""
-        self._close(self._taken_cursor if exc_type is None else self._finished_cursor)
+        """Close; leaving by an exception is :meth:`abandon`."""
+        if exc_type is None:
+            self._close(self._taken_cursor)
+        else:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Close, acknowledging only the events finished before the one taken last, whose
+        handling may have been cut short (a named consumer gets it again next time)."""
+        self._close(self._finished_cursor)
 
     # Internals --------------------------------------------------------------------------------
 
@@ -534,13 +541,20 @@ def follow(
 ) -> Generator[dict[str, Any], None, None]:
     """The stored events after ``after``, then live ones, until SIGINT (which ends it quietly).
 
-    Reconnects by itself when the daemon restarts. Closing the generator (or leaving a loop over
-    it) closes the subscriber, which acknowledges what was taken for a named consumer.
+    Reconnects by itself when the daemon restarts. A SIGINT while it waits for the next event
+    closes the subscriber, acknowledging every event taken (for a named consumer). Closing the
+    generator, or leaving a loop over it, acknowledges the events before the last one yielded:
+    this side cannot tell a ``break`` after that event was handled from an exception (Ctrl-C)
+    in the middle of handling it, so it is delivered again next time. To acknowledge it on a
+    normal exit, iterate a :class:`Subscriber` in a ``with`` block instead.
     """
     subscriber = Subscriber(endpoint, topic, after=after, name=name, configure=configure, **options)
     try:
         yield from subscriber
     except KeyboardInterrupt:
         return
+    except GeneratorExit:
+        subscriber.abandon()
+        raise
     finally:
         subscriber.close()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import zmq
@@ -38,7 +38,7 @@ from transport.handshake import probe
 from transport.jsonlines import to_json_line
 from transport.queries import MAX_CURSOR, QueryError, check_query_topic
 from transport.security import SecurityError
-from transport.subscriber import SubscriberError, follow, name_problem
+from transport.subscriber import Subscriber, SubscriberError, name_problem
 
 # One order for every line, listed or followed: the event's own fields, where it is stored, the payload last.
 FIELD_ORDER = ("topic", "event_id", "timestamp", "source", "position", "seq", "late", "payload")
@@ -114,10 +114,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                     file=sys.stderr,
                 )
         with QueryClient(endpoint, timeout=args.timeout, configure=secure) as client, contextlib.ExitStack() as stack:
-            events: Iterator[dict[str, Any]]
+            events: Iterable[dict[str, Any]]
             if args.follow:
+                # A Subscriber in a with block: Ctrl-C while an event is printed leaves it
+                # unacknowledged (printed or not), while --limit's last event is acknowledged.
                 events = stack.enter_context(
-                    contextlib.closing(follow(where, args.topic, after=args.after, name=args.name, configure=secure))
+                    Subscriber(where, args.topic, after=args.after, name=args.name, configure=secure)
                 )
             else:
                 events = client.iter_events(args.topic, args.after or 0, page, on_expired=note_expired)
