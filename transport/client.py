@@ -151,22 +151,29 @@ class QueryClient:
         as committed) skips some after the one before it.
         """
         key = "seq" if topic is not None else "position"
+        told = after  # the cursor up to which every event was yielded or told deleted
         while True:
             reply = self.call({"op": "events", "topic": topic, "after": after, "limit": page})
             first = reply.get("first")
-            if on_expired is not None and isinstance(first, int) and first > after + 1:
-                on_expired(after, first)
+            if on_expired is not None and isinstance(first, int) and first > told + 1:
+                on_expired(told, first)
+                told = first - 1
             events = reply["events"]
             if not events:
                 return
             if on_expired is None:
                 yield from events
             else:
-                for before, event in zip([None, *events], events):
+                for event in events:
                     # A daemon older than per-event positions (before the upgrade's restart)
-                    # gives none: its pages' holes are then told by ``first`` alone.
-                    if before is not None and key in event and key in before and event[key] > before[key] + 1:
-                        on_expired(before[key], event[key])
+                    # gives none: its pages' holes are then told by ``first`` alone. Compared
+                    # with the last cursor told, not the page's own first: a stretch deleted
+                    # between two pages is a hole too.
+                    cursor = event.get(key)
+                    if isinstance(cursor, int):
+                        if cursor > told + 1:
+                            on_expired(told, cursor)
+                        told = cursor
                     yield event
             after = reply["next"]
 
