@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install eventagg as a systemd service; safe to run again (that is also how to upgrade).
 #
-#   scripts/install.sh [--prefix DIR] [--python PYTHON] [--pip-args "ARGS"] [--with-gateway]
+#   scripts/install.sh [--prefix DIR] [--python PYTHON] [--pip-args "ARGS"] [--with-gateway] [--with-postgresql]
 #
 # Lays out:
 #   /opt/eventagg/venv/                     virtualenv with eventagg (a wheel) and its dependencies;
@@ -21,6 +21,9 @@
 #                   (also read from $EVENTAGG_PIP_ARGS)
 # --with-gateway    also install the HTTP gateway: its Python dependencies (the gateway extra:
 #                   FastAPI, uvicorn, prometheus-client) and its unit (docs/gateway.md)
+# --with-postgresql also install the PostgreSQL backend's dependency (the postgresql extra:
+#                   psycopg 3), for [storage] backend = "postgresql" (docs/postgresql.md); an
+#                   installed config that names that backend installs it without the flag
 set -euo pipefail
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
@@ -30,6 +33,7 @@ PREFIX=""
 PYTHON="python3"
 PIP_ARGS="${EVENTAGG_PIP_ARGS:-}"
 WITH_GATEWAY=0
+WITH_POSTGRESQL=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --prefix) [ $# -ge 2 ] || die "--prefix needs a directory"; PREFIX="$2"; shift 2 ;;
@@ -39,6 +43,7 @@ while [ $# -gt 0 ]; do
         --pip-args) [ $# -ge 2 ] || die "--pip-args needs a value"; PIP_ARGS="$2"; shift 2 ;;
         --pip-args=*) PIP_ARGS="${1#*=}"; shift ;;
         --with-gateway) WITH_GATEWAY=1; shift ;;
+        --with-postgresql) WITH_POSTGRESQL=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument: $1" ;;
     esac
@@ -85,8 +90,14 @@ trap 'rm -rf "$BUILD"' EXIT
 cp -r "$SRC/pyproject.toml" "$SRC/actors" "$SRC/transport" "$BUILD/"
 [ ! -f "$SRC/README.md" ] || cp "$SRC/README.md" "$BUILD/"
 find "$BUILD" -name __pycache__ -prune -exec rm -rf {} +
-TARGET="$BUILD"
-[ "$WITH_GATEWAY" = 0 ] || TARGET="$BUILD[gateway]"
+# An upgrade keeps the backend the installed config names: without psycopg it would not start.
+if grep -Eq '^[[:space:]]*backend[[:space:]]*=[[:space:]]*"postgresql"' "$ETC/config.toml" 2>/dev/null; then
+    WITH_POSTGRESQL=1
+fi
+EXTRAS=""
+[ "$WITH_GATEWAY" = 0 ] || EXTRAS="gateway"
+[ "$WITH_POSTGRESQL" = 0 ] || EXTRAS="${EXTRAS:+$EXTRAS,}postgresql"
+TARGET="$BUILD${EXTRAS:+[$EXTRAS]}"
 echo "install: installing eventagg and its dependencies"
 # shellcheck disable=SC2086  # PIP_ARGS is a list of words on purpose
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check $PIP_ARGS "$TARGET" \

@@ -945,7 +945,8 @@ def test_gateway_unit_verifies_and_exposure_is_at_most_two(tmp_path: Path) -> No
 
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
-def test_install_with_gateway_installs_its_unit_and_dependencies(tmp_path: Path) -> None:
+def test_install_with_gateway_and_postgresql_installs_their_dependencies_and_the_units(tmp_path: Path) -> None:
+    """Without --with-postgresql no install could run the PostgreSQL backend: psycopg was missing."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
 
     def run(script: str, *args: str) -> str:
@@ -961,7 +962,7 @@ def test_install_with_gateway_installs_its_unit_and_dependencies(tmp_path: Path)
         assert result.returncode == 0, f"{script} failed:\n{result.stdout}\n{result.stderr}"
         return result.stdout
 
-    run("install.sh", "--with-gateway")
+    run("install.sh", "--with-gateway", "--with-postgresql")
     installed = tmp_path / "etc/systemd/system/eventagg-gateway.service"
     assert installed.read_text() == UNIT.read_text()
     python = tmp_path / "opt/eventagg/venv/bin/python"
@@ -974,7 +975,7 @@ def test_install_with_gateway_installs_its_unit_and_dependencies(tmp_path: Path)
     )
     assert check.returncode == 0 and "--config" in check.stdout, check.stderr
     imports = subprocess.run(
-        [str(python), "-c", "import fastapi, uvicorn, prometheus_client, transport.gateway"],
+        [str(python), "-c", "import fastapi, uvicorn, prometheus_client, transport.gateway, psycopg"],
         capture_output=True,
         text=True,
         timeout=60,
