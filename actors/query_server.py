@@ -15,9 +15,10 @@ as busy. A request counts until its actor has called back, not only until its cl
 timed out: the actor skips one whose deadline passed, but it still holds it in its inbox. So
 clients that ask and leave can neither grow the actors' inboxes without bound nor bury the
 stats actor, which answers the watchdog's pings, under work nobody waits for. A client that
-pipelines requests gets every reply in order, however fast they come (what its ZeroMQ queue of
-:data:`REPLIES_QUEUED` does not take waits in an :class:`~actors.outbox.Outbox`); one that reads
-none of them has replies dropped once :data:`UNSENT_BYTES` wait for it (a page is up to 4 MiB).
+pipelines requests gets every reply in order (what its ZeroMQ queue of :data:`REPLIES_QUEUED`
+does not take waits in an :class:`~actors.outbox.Outbox`), as long as it reads them about as
+fast as it asks: one that lets :data:`UNSENT_BYTES` or :data:`UNSENT_REPLIES` wait for it (a
+page is up to 4 MiB) has the next ones dropped.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ POLL_MS = 100
 MAX_PENDING = 1024  # requests in one actor's hands at once
 REPLIES_QUEUED = 8  # replies ZeroMQ queues for one client that does not read them
 UNSENT_BYTES = 8 * 1024 * 1024  # and what waits for it here, past that
+UNSENT_REPLIES = 16_384  # however small they are (a stats reply is about 600 bytes)
 UNSENT_POLL_MS = 10  # how often replies that wait are tried again
 _RECEIVE_BURST = 64  # requests taken per wake-up before replies are sent again
 
@@ -82,7 +84,7 @@ class QueryServer:
         # A client whose queue is full raises EAGAIN (its reply waits in the outbox), never
         # dropped silently; one that is gone raises EHOSTUNREACH.
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._outbox = Outbox(self._socket, max_messages=MAX_PENDING, max_bytes=UNSENT_BYTES)
+        self._outbox = Outbox(self._socket, max_messages=UNSENT_REPLIES, max_bytes=UNSENT_BYTES)
         if secure is not None:
             secure(self._socket)
         self._socket.ipv6 = wants_ipv6(config.bind)
@@ -249,8 +251,10 @@ class QueryServer:
         # A client that left before its reply (GONE) has nobody to tell.
         if self._outbox.send([*envelope, packed]) == DROPPED:
             self._warn.warning(
-                "a query reply was dropped: the client reads none of its replies (%d MiB wait for it)",
+                "a query reply was dropped: the client asks faster than it reads its replies"
+                " (%d MiB, or %d replies, wait for it)",
                 UNSENT_BYTES // 1048576,
+                UNSENT_REPLIES,
             )
             return
         self.answered += 1
