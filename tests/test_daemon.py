@@ -577,6 +577,32 @@ def test_publish_script_reports_what_it_sent(daemon: Daemon) -> None:
         assert refused.returncode == 2 and flag in refused.stderr and "Traceback" not in refused.stderr
 
 
+def test_publish_waits_for_a_daemon_that_cut_off_one_handshake_as_it_stopped(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """A daemon killed with a connection in its listen backlog resets it mid-handshake: publish
+    gave up at once, blaming CURVE keys or the port, instead of waiting for its --deadline."""
+    port = free_port()
+    listener = socket.create_server(("127.0.0.1", port))
+    endpoint = f"tcp://127.0.0.1:{port}"
+    command = [sys.executable, str(SCRIPTS / "publish.py"), "--endpoint", endpoint, "--events", "10"]
+    command += ["--deadline", "30"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        listener.settimeout(20)
+        connection, _ = listener.accept()
+        connection.close()  # the one handshake cut off; then nothing listens until the daemon is up
+        listener.close()
+        time.sleep(0.5)
+        daemon = daemon_factory(ingest={"bind": endpoint}).start()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        listener.close()
+    assert proc.returncode == 0 and "handshake failed" not in err, err
+    daemon.wait_stats(unique_processed=10)
+
+
 def test_publish_script_to_an_endpoint_with_no_daemon_says_so_and_fails() -> None:
     # Fire-and-forget: ZeroMQ would queue the frames for a daemon that is not there, and the
     # script reported them all sent (exit 0). It checks for a handshake first.

@@ -24,6 +24,9 @@ from transport.security import SocketHook
 _FAILED = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 _WATCHED = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | _FAILED
 NOTICE_AFTER_S = 1.0
+# A handshake cut off without a reason: a client without CURVE at a CURVE daemon (or the wrong
+# kind of port) sees this every time, a daemon killed or restarting mid-handshake once.
+UNEXPLAINED_FAILURES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +124,7 @@ def _watch(
     deadline = start + timeout
     notice_at = start + NOTICE_AFTER_S if waiting is not None else math.inf
     connected = False
+    unexplained = 0
     while (now := time.monotonic()) < deadline:
         if now >= notice_at and waiting is not None:
             waiting()
@@ -137,6 +141,10 @@ def _watch(
                 f"the daemon's authorized folder and send SIGHUP, or {hints.authorized_key}",
                 refused=True,
             )
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            unexplained += 1
+            if unexplained < UNEXPLAINED_FAILURES:
+                continue  # ZeroMQ connects again by itself
         if kind & _FAILED:  # no retry would fare better: the keys, or the port, decide
             # The client sees the same failure when the two sides' sockets are of kinds that
             # cannot talk (a query client at the ingest port), so both causes are named.
