@@ -156,7 +156,7 @@ class DedupActor(pykka.ThreadingActor):
         self._touched: set[str] | None = None  # topics written since the last sweep; None: all
         self._chunk = EXPIRE_CHUNK_MIN  # rows per expiry chunk, adapted to take about EXPIRE_CHUNK_S
         self._last_chunk = 0.0
-        self._budget_unmet = False  # max_bytes was over with no event left to delete, at the last sweep
+        self._budget_unmet = False  # max_bytes was said to be unmet, and has not been met since
 
     def on_start(self) -> None:
         # The connection is opened here, on the actor's own thread, never in __init__.
@@ -512,8 +512,12 @@ class DedupActor(pykka.ThreadingActor):
     def _note_budget(self, retention: RetentionConfig, used: int, stored: int) -> None:
         """Warn once (until it is met again) when the size budget cannot be met by deleting events."""
         budget = retention.max_bytes_value
-        unmet = budget is not None and used > budget and stored <= 0
-        if unmet and not self._budget_unmet:
+        if budget is None or used <= budget:
+            self._budget_unmet = False  # met: a later miss is news again
+            return
+        # Over with events still stored is not news: an event that arrived since is deleted at
+        # the next sweep, and the budget is still not met.
+        if stored <= 0 and not self._budget_unmet:
             log.warning(
                 "[retention] max_bytes %r cannot be met: with no event left stored the database still holds %d"
                 " bytes (its tables, and the records of deleted events' keys that dedup_horizon keeps), so each"
@@ -521,7 +525,7 @@ class DedupActor(pykka.ThreadingActor):
                 retention.max_bytes,
                 used,
             )
-        self._budget_unmet = unmet
+            self._budget_unmet = True
 
     def _expire(self, delete: Callable[..., int], *args: Any) -> int:
         """Run one expiry chunk, ``delete(store, *args)``, in a transaction of its own and publish
