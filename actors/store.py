@@ -349,11 +349,27 @@ class TopicState:
     last_ts_ns: int
 
 
+def _make_folders_owner_only(folder: Path) -> None:
+    """Create ``folder`` and each missing parent, outermost first, every one 0700.
+
+    ``mkdir(parents=True)`` would give the parents the umask's mode (0755 under umask 022); a
+    folder that exists already keeps its mode."""
+    missing: list[Path] = []
+    while not os.path.lexists(folder) and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for each in reversed(missing):
+        try:
+            each.mkdir(mode=0o700)
+        except FileExistsError:
+            pass  # made meanwhile by someone else: kept as it is
+
+
 def _open_owner_only(path: Path, database: Path) -> int:
-    """Open ``path`` read-write, creating it (0600) and its folder (0700) if need be; a failure is
+    """Open ``path`` read-write, creating it (0600) and its folders (0700) if need be; a failure is
     a :class:`StorageError` about ``database``, which ``path`` is or belongs to."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _make_folders_owner_only(path.parent)
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
         also = "" if path == database else f" (its {path.name} first)"

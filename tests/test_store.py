@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,15 @@ def test_an_expiry_chunk_deletes_at_most_its_bytes_of_payload_and_one_event_at_l
     assert store.expire_topic_oldest("u", 10) == 1  # one event at least, however large
     store.commit()
     store.close()
+
+
+def test_every_folder_made_for_the_database_is_owner_only(tmp_path: Path) -> None:
+    # Not only the innermost: with umask 022 the folders made on the way were left 0755.
+    old = os.umask(0o022)
+    try:
+        conn = connect_writer(tmp_path / "nest" / "p" / "q" / "events.db")
+    finally:
+        os.umask(old)
+    conn.close()
+    for folder in ("nest", "nest/p", "nest/p/q"):
+        assert (tmp_path / folder).stat().st_mode & 0o777 == 0o700, folder
