@@ -10,13 +10,17 @@ It can miss a port taken a moment later; the real bind still reports that one.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
+import ipaddress
 import os
 import socket
 import stat
+import struct
 from pathlib import Path
 
-from transport.config import tcp_host_port
+from transport.config import BindPlace, tcp_host_port
 
 IPC_PATH_MAX = 107  # a Unix socket's path, as libzmq takes it (sun_path less its NUL)
 
@@ -41,13 +45,37 @@ def _ipc_path_problem(address: str) -> OSError | None:
     return OSError(errno.EADDRINUSE, f"Address already in use (ipc path {address!r} is answered)")
 
 
-def bind_place(endpoint: str) -> tuple[str, str] | None:
-    """Where ``endpoint`` would bind, resolved as libzmq would (the address of a host name, the
-    real path of an ipc file, as ``(endpoint, "")``), for :func:`transport.config.colliding_binds`;
-    None when it cannot be told."""
+_SIOCGIFADDR = 0x8915  # Linux: an interface's (first) IPv4 address
+_LOOPBACK = frozenset({"127.0.0.0/8", "::1"})  # every address lo may hold
+
+
+def interface_hosts(name: str) -> frozenset[str]:
+    """The addresses of interface ``name`` (its IPv4 address by ``SIOCGIFADDR``, its IPv6 ones from
+    ``/proc/net/if_inet6``), with the name itself; for ``lo``, all of 127.0.0.0/8 and ::1. Empty
+    when ``name`` is not an interface of this machine."""
+    if name not in {each for _index, each in socket.if_nameindex()}:
+        return frozenset()
+    hosts = {name}
+    if name == "lo":
+        hosts |= _LOOPBACK
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe, contextlib.suppress(OSError):
+        answer = fcntl.ioctl(probe.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+        hosts.add(socket.inet_ntoa(answer[20:24]))
+    with contextlib.suppress(OSError), open("/proc/net/if_inet6", encoding="ascii") as table:
+        for line in table:
+            fields = line.split()
+            if len(fields) == 6 and fields[5] == name:
+                hosts.add(str(ipaddress.IPv6Address(bytes.fromhex(fields[0]))))
+    return frozenset(hosts)
+
+
+def bind_place(endpoint: str) -> BindPlace | None:
+    """Where ``endpoint`` would bind, resolved as libzmq would (the address of a host name, every
+    address of an interface, the real path of an ipc file, as ``({endpoint}, "")``), for
+    :func:`transport.config.colliding_binds`; None when it cannot be told."""
     transport, _, address = endpoint.partition("://")
     if transport == "ipc":
-        return (endpoint if address.startswith("@") else f"ipc://{os.path.realpath(address)}", "")
+        return frozenset({endpoint if address.startswith("@") else f"ipc://{os.path.realpath(address)}"}), ""
     place = tcp_host_port(endpoint) if transport == "tcp" else None
     if place is None:
         return None
@@ -55,14 +83,18 @@ def bind_place(endpoint: str) -> tuple[str, str] | None:
     if not port.isdigit() or int(port) == 0:
         return None  # an ephemeral port: never the same as another
     if host == "*":
-        return ("*", port)
+        return frozenset({"*"}), port
+    interface = interface_hosts(host)
+    if interface:
+        # libzmq binds one of these; which one is its choice, so any of them is taken.
+        return interface, port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         found = socket.getaddrinfo(host, None, family, socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
-        return None  # an interface name: libzmq resolves those itself
+        return None  # cannot be told: the real bind reports it
     address = str(found[0][4][0])
-    return ("*" if address in ("0.0.0.0", "::") else address, port)
+    return frozenset({"*" if address in ("0.0.0.0", "::") else address}), port
 
 
 def bind_problem(endpoint: str) -> OSError | None:

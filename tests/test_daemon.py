@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -482,6 +484,45 @@ def test_an_ipc_path_holding_a_file_and_binds_alike_once_resolved_are_refused_be
         assert said in daemon.log() and "Traceback" not in daemon.log(), (name, daemon.log())
         assert not daemon.db_path.exists(), name
     assert precious.read_text() == "keep me"
+
+
+def _an_interface_with_its_ipv4_address() -> tuple[str, str] | None:
+    """A non-loopback interface of this machine and its IPv4 address (SIOCGIFADDR), if any."""
+    for _index, name in socket.if_nameindex():
+        if name == "lo":
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                answer = fcntl.ioctl(probe.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue
+        return name, socket.inet_ntoa(answer[20:24])
+    return None
+
+
+def test_binds_naming_an_interface_and_one_of_its_addresses_are_refused_before_the_database(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    # libzmq binds an interface name to the interface's address: the second bind would fail with
+    # "Address already in use" (exit 1) after the database was made.
+    port = free_port()
+    cases: dict[str, dict[str, Any]] = {
+        "lo-address": {"ingest": {"bind": f"tcp://lo:{port}", "ack_bind": f"tcp://127.0.0.1:{port}"}},
+        "lo-name": {"ingest": {"bind": f"tcp://lo:{port}"}, "subscribe": {"bind": f"tcp://localhost:{port}"}},
+    }
+    interface = _an_interface_with_its_ipv4_address()
+    if interface is not None:
+        name, address = interface
+        cases["interface"] = {
+            "ingest": {"bind": f"tcp://{name}:{port}", "ack_bind": f"tcp://{address}:{port}"},
+            "security": {"allow_insecure": True},
+        }
+    for case, overrides in cases.items():
+        daemon = daemon_factory(case, **overrides)
+        daemon.start(wait=False)
+        assert daemon.proc is not None and daemon.proc.wait(30) == 2, (case, daemon.log())
+        assert "would take the same address; give each its own port" in daemon.log(), (case, daemon.log())
+        assert not daemon.db_path.exists(), case
 
 
 def test_an_ipc_folder_the_daemon_may_not_write_is_refused_before_the_database() -> None:

@@ -12,6 +12,7 @@ a key the service's dynamic user may read); one that is not set is an error at l
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -695,29 +696,49 @@ def tcp_host_port(endpoint: str) -> tuple[str, str] | None:
     return host.strip("[]"), port
 
 
-def _bind_place(endpoint: str) -> tuple[str, str]:
-    """``(host, port)`` of a tcp endpoint, or ``(path, "")`` of an ipc one, to find binds that collide."""
-    return tcp_host_port(endpoint) or (endpoint, "")
+BindPlace = tuple[frozenset[str], str]
+"""Where a bind would take: the hosts it may take (addresses, ``a.b.c.d/n`` networks, names as
+written, or an ipc endpoint) and its port (``""`` for ipc)."""
+
+
+def _bind_place(endpoint: str) -> BindPlace:
+    """``({host}, port)`` of a tcp endpoint, or ``({endpoint}, "")`` of an ipc one, to find binds that collide."""
+    host, port = tcp_host_port(endpoint) or (endpoint, "")
+    return frozenset({host}), port
 
 
 _ANY_HOST = {"*", "0.0.0.0", "::"}
 
 
-def colliding_binds(config: Config, place: Callable[[str], tuple[str, str] | None] = _bind_place) -> str | None:
+def _same_host(host: str, other: str) -> bool:
+    """Whether two hosts of :data:`BindPlace` may be one address: equal, or IP networks that overlap."""
+    if host == other:
+        return True
+    try:
+        mine, theirs = ipaddress.ip_network(host, strict=False), ipaddress.ip_network(other, strict=False)
+    except ValueError:
+        return False  # a name, a path: only the same one is the same
+    return mine.version == theirs.version and mine.overlaps(theirs)
+
+
+def colliding_binds(config: Config, place: Callable[[str], BindPlace | None] = _bind_place) -> str | None:
     """Two of the daemon's (and the gateway's) binds that would take the same address, said as a
-    refusal. ``place`` gives a bind's ``(host, port)`` (``(endpoint, "")`` for ipc), or None when it
-    cannot be told: as written by default; the daemon passes one that resolves names and paths."""
+    refusal. ``place`` gives a bind's hosts and port (see :data:`BindPlace`), or None when it cannot
+    be told: as written by default; the daemon passes one that resolves names, interfaces and paths."""
     binds = [*config.daemon_binds.items(), ("[http] bind", f"tcp://{config.http.bind}")]
     places = [(name, endpoint, place(endpoint)) for name, endpoint in binds]
     for index, (name, endpoint, here) in enumerate(places):
         if here is None:
             continue
-        host, port = here
+        hosts, port = here
         for other_name, other, there in places[index + 1 :]:
             if there is None:
                 continue
-            other_host, other_port = there
-            if port == other_port and (host == other_host or (port and _ANY_HOST & {host, other_host})):
+            other_hosts, other_port = there
+            if port != other_port:
+                continue
+            same = any(_same_host(host, other_host) for host in hosts for other_host in other_hosts)
+            if same or (port and _ANY_HOST & (hosts | other_hosts)):
                 return (
                     f"{name} ({endpoint.removeprefix('tcp://') if name == '[http] bind' else endpoint}) and "
                     f"{other_name} ({other.removeprefix('tcp://') if other_name == '[http] bind' else other}) "
