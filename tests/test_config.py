@@ -175,9 +175,17 @@ def test_a_wildcard_bind_is_connected_to_on_loopback() -> None:
 def test_two_binds_that_would_take_the_same_address_are_refused_naming_both(
     sections: dict[str, dict[str, str]], named: str
 ) -> None:
-    with pytest.raises(ConfigError, match="would take the same address; give each its own port") as caught:
+    with pytest.raises(ConfigError, match="would take the same address; give each its own") as caught:
         parse_config(sections)
     assert named in str(caught.value)
+
+
+def test_two_ipc_binds_on_one_path_are_told_to_take_a_path_each() -> None:
+    # A port would not part them: an ipc endpoint has a path, no port.
+    with pytest.raises(ConfigError, match="give each its own path$"):
+        parse_config({"ingest": {"bind": "ipc:///tmp/e.sock"}, "query": {"bind": "ipc:///tmp/e.sock"}})
+    with pytest.raises(ConfigError, match="give each its own port$"):
+        parse_config({"ingest": {"bind": "tcp://127.0.0.1:7001", "ack_bind": "tcp://127.0.0.1:7001"}})
 
 
 def test_binds_on_other_ports_or_hosts_do_not_collide() -> None:

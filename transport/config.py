@@ -739,10 +739,11 @@ def colliding_binds(config: Config, place: Callable[[str], BindPlace | None] = _
                 continue
             same = any(_same_host(host, other_host) for host in hosts for other_host in other_hosts)
             if same or (port and _ANY_HOST & (hosts | other_hosts)):
+                own = "its own port" if port else "its own path"
                 return (
                     f"{name} ({endpoint.removeprefix('tcp://') if name == '[http] bind' else endpoint}) and "
                     f"{other_name} ({other.removeprefix('tcp://') if other_name == '[http] bind' else other}) "
-                    "would take the same address; give each its own port"
+                    f"would take the same address; give each {own}"
                 )
     return None
 
