@@ -164,3 +164,21 @@ def test_payloads_holding_the_byte_0xff_otherwise_are_taken() -> None:
     payload = {"minus_one": -1, "byte": 255, "when": msgpack.Timestamp(1, 5), "raw": b"\xff\xff", -1: "key"}
     batch = decode_frame(msgpack.packb({**GOOD, "payload": payload}))
     assert not batch.rejected and msgpack.unpackb(batch.events[0].payload, strict_map_key=False) == payload
+
+
+@pytest.mark.parametrize(
+    ("frame", "said"),
+    [
+        (
+            msgpack.packb({"batch": 1, "events": [GOOD]}) + b"\x01",
+            'frame holds more than one msgpack object; an acknowledged batch is one map {"batch": N, "events": [...]}',
+        ),
+        (msgpack.packb(5) + b"\x01", "a map with 'batch' and 'events', not int"),
+    ],
+    ids=["map", "scalar"],
+)
+def test_trailing_bytes_in_an_acknowledged_batch_are_refused_saying_what_one_is(frame: bytes, said: str) -> None:
+    # Not the fire-and-forget wording ("send one event map or one array"): the ROUTER wants one map.
+    with pytest.raises(FrameError) as caught:
+        decode_ack_request(frame)
+    assert said in str(caught.value) and "one event map or one array" not in str(caught.value)
