@@ -214,6 +214,31 @@ def nested(depth: int) -> Any:
 
 
 @pytest.mark.e2e
+def test_the_nesting_the_gateway_reads_is_what_its_refusal_and_docs_say(gateway: Gateway) -> None:
+    # gateway.md and the 400 say about 970 levels in all, about 965 for a payload (not "about 500",
+    # not "a few hundred"): 965 goes through in {"events": [...]}, 1000 is refused.
+    def deep(depth: int) -> Any:
+        payload: Any = 1
+        for _ in range(depth):
+            payload = {"a": payload}
+        return payload
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(10_000)  # for the test's own json.dumps
+    try:
+        taken = json.dumps({"events": [event(topic="deep", payload=deep(965))]}).encode()
+        refused = json.dumps(event(topic="deep", event_id="e-2", payload=deep(1000))).encode()
+    finally:
+        sys.setrecursionlimit(limit)
+    assert ok(gateway.client.post("/publish", content=taken, headers=JSON_TYPE))["added_to_queue"] == 1
+    answer = gateway.client.post("/publish", content=refused, headers=JSON_TYPE)
+    assert answer.status_code == 400, answer.text
+    said = answer.json()["error"]
+    assert "too deeply" in said and "about 970 levels" in said and "about 965" in said, said
+    assert "about 965 levels" in (Path(__file__).parent.parent / "docs" / "gateway.md").read_text()
+
+
+@pytest.mark.e2e
 def test_a_null_payload_counts_as_none_as_nil_does(gateway: Gateway) -> None:
     assert ok(gateway.publish(event(event_id="null", payload=None)))["added_to_queue"] == 1
     [stored] = ok(gateway.client.get("/events"))["events"]

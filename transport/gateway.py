@@ -494,8 +494,9 @@ def _decode_json(body: bytes) -> Any:
     except RecursionError:  # msgspec's decoder recurses per level of nesting
         raise GatewayError(
             400,
-            "the body nests arrays and objects too deeply for the gateway to read (hundreds of levels); "
-            "an event's payload may nest a few hundred levels at most, as msgpack stores it",
+            "the body nests arrays and objects too deeply for the gateway to read: it reads about 970 levels, "
+            "counting the body's own object and an 'events' array, so an event's payload may nest about 965 "
+            "levels at most",
         ) from None
     if _has_lone_surrogate(body):  # msgspec's own words for it ("Input data was truncated") mislead
         reason = (
