@@ -448,8 +448,15 @@ def connect_writer(path: Path, synchronous: str = "NORMAL", cache_mb: int = DEFA
             raise StorageError(str(exc)) from None
         conn.executemany("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)", [(n,) for n in COUNTER_NAMES])
     except sqlite3.DatabaseError as exc:
-        raise StorageError(f"cannot open database {path}: {exc}") from exc
+        # Not a database, or damaged past opening: the same remedy as a failed quick_check. A lock
+        # or a permission problem (also a DatabaseError) is no reason to throw the file away.
+        damaged = getattr(exc, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT)
+        remedy = _DAMAGED_REMEDY if damaged else ""
+        raise StorageError(f"cannot open database {path}: {exc}{remedy}") from exc
     return conn
+
+
+_DAMAGED_REMEDY = "; restore it from a backup or move it away to start empty"
 
 
 class DatabaseLock:

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import pytest
 
-from actors.store import CONTENT_BACK_BYTES, NO_TIMESTAMP, EventStore, Row, TopicDelta, TopicState, connect_writer
+from actors.store import (
+    CONTENT_BACK_BYTES,
+    NO_TIMESTAMP,
+    EventStore,
+    Row,
+    StorageError,
+    TopicDelta,
+    TopicState,
+    connect_writer,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -174,3 +184,21 @@ def test_every_folder_made_for_the_database_is_owner_only(tmp_path: Path) -> Non
     conn.close()
     for folder in ("nest", "nest/p", "nest/p/q"):
         assert (tmp_path / folder).stat().st_mode & 0o777 == 0o700, folder
+
+
+@pytest.mark.parametrize("damage", ["random", "header", "schema page"])
+def test_a_file_that_is_no_database_or_is_damaged_is_refused_with_the_remedy(tmp_path: Path, damage: str) -> None:
+    # As a failed quick_check is: 'file is not a database' and 'database disk image is malformed'
+    # said nothing of what to do.
+    path = tmp_path / "events.db"
+    if damage == "random":
+        path.write_bytes(random.Random(1).randbytes(100_000))
+    else:
+        connect_writer(path).close()
+        data = bytearray(path.read_bytes())
+        start = 16 if damage == "header" else 100  # the header's page size on; the schema's page
+        data[start : start + 50] = random.Random(2).randbytes(50)
+        path.write_bytes(bytes(data))
+    with pytest.raises(StorageError, match="(file is not a database|database disk image is malformed)") as caught:
+        connect_writer(path).close()
+    assert str(caught.value).endswith("; restore it from a backup or move it away to start empty")
