@@ -67,11 +67,13 @@ def test_listing_notes_each_deleted_stretch_as_following_does(daemon_factory: Ca
     assert notes(listed.stderr) == notes(err) and len(notes(err)) > 1, (listed.stderr, err)
     # A note comes in order with the events: none for a stretch after the last event printed
     # (the daemon sends them ahead, with the events that follow them, as credit allows).
+    # The positions the newest five of each topic kept depend on how the commits interleaved.
+    stored = [json.loads(line)["position"] for line in listed.stdout.splitlines()]
     first_three = follow(daemon, "--limit", "3")
     out, err = first_three.communicate(timeout=60)
     assert first_three.returncode == 0, err
-    assert [json.loads(line)["position"] for line in out.splitlines()] == [21, 22, 23]
-    assert notes(err) == [("0", "21")], err
+    assert [json.loads(line)["position"] for line in out.splitlines()] == stored[:3]
+    assert notes(err) == [("0", str(stored[0]))], err
 
 
 @pytest.mark.timeout(120)
