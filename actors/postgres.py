@@ -78,6 +78,7 @@ from actors.store import (
     EventReader,
     Row,
     StorageError,
+    StorageRefused,
     StoredContents,
     TopicDelta,
     TopicState,
@@ -396,7 +397,7 @@ def migrate(
             )
         version = schema_version(conn)
         if version > SCHEMA_VERSION:
-            raise StorageError(
+            raise StorageRefused(
                 f"the database's schema is version {version}, made by a newer eventagg; this one knows "
                 f"version {SCHEMA_VERSION}: upgrade this daemon, or give it another database"
             )

@@ -16,7 +16,7 @@ import logging
 import sys
 
 from actors.daemon import ConfigRefused, Daemon, StartupError
-from actors.store import StorageError
+from actors.store import StorageError, StorageRefused
 from transport.config import ConfigError, expand_environment, load_config
 from transport.logs import setup_logging
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     daemon = Daemon(config)
     try:
         return daemon.run()
-    except ConfigRefused as exc:
+    except (ConfigRefused, StorageRefused) as exc:
         logging.getLogger("aggregatord").critical("cannot start: %s", exc)
         return 2  # as for a config that does not parse: systemd does not restart it (RestartPreventExitStatus)
     except (StartupError, StorageError) as exc:

@@ -330,6 +330,11 @@ class StorageError(Exception):
     """The database cannot be opened, is damaged, or refused a write."""
 
 
+class StorageRefused(StorageError):
+    """The daemon will not use this database as it is (its schema is a newer eventagg's, or not
+    eventagg's): starting again cannot help, so the daemon exits 2, like a refused config."""
+
+
 @dataclass(slots=True)
 class TopicDelta:
     """What one transaction adds to one topic's counters."""
@@ -445,7 +450,7 @@ def connect_writer(path: Path, synchronous: str = "NORMAL", cache_mb: int = DEFA
             prepare(conn, path, _SCHEMA)  # a new database, or a known version migrated to this one
         except SchemaError as exc:
             conn.close()
-            raise StorageError(str(exc)) from None
+            raise StorageRefused(str(exc)) from None
         conn.executemany("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)", [(n,) for n in COUNTER_NAMES])
     except sqlite3.DatabaseError as exc:
         # Not a database, or damaged past opening: the same remedy as a failed quick_check. A lock

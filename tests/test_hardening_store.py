@@ -86,6 +86,7 @@ def test_a_newer_schema_version_is_refused_with_one_clear_line(daemon_factory: C
     daemon = stopped_daemon_with_a_database(daemon_factory)
     sql(daemon, "UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     log = refused_at_start(daemon)
+    assert daemon.proc is not None and daemon.proc.returncode == 2  # restarting could never help
     assert "schema version 99, newer than this eventagg's" in log, log
     assert "Traceback" not in log
     assert sql(daemon, "SELECT value FROM meta WHERE key = 'schema_version'") == [("99",)]
