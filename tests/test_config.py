@@ -213,3 +213,16 @@ def test_allowed_hosts_is_an_array_of_names() -> None:
     for bad in ("a.example", ["a b"], [""], [3]):
         with pytest.raises(ConfigError, match=r"\[http\] allowed_hosts must be an array"):
             parse_config({"http": {"allowed_hosts": bad}})
+
+
+def test_a_dollar_dollar_in_a_daemon_path_is_one_dollar_once_expanded() -> None:
+    """The daemon expanded its paths at start, then again when it resolved them: "k$$dir" became
+    "k$dir", then the variable dir (a traceback when unset, another file when set)."""
+    config = expand_environment(parse_config({"security": {"curve_secret_key": "/keys/k$$dir/server.key_secret"}}))
+    assert config.resolve(config.security.curve_secret_key, "[security] curve_secret_key") == Path(
+        "/keys/k$dir/server.key_secret"
+    )
+    client = parse_config({"security": {"client_certificate": "/keys/k$$dir/c.key_secret"}})
+    assert client.resolve(client.security.client_certificate, "[security] client_certificate") == Path(
+        "/keys/k$dir/c.key_secret"
+    )

@@ -285,6 +285,7 @@ class Config:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     source: Path | None = None
+    expanded: bool = False  # the daemon's values had their environment variables replaced (once)
 
     @property
     def database_path(self) -> Path:
@@ -319,7 +320,8 @@ class Config:
     def resolve(self, path: str, key: str) -> Path:
         """A path from the config (``key``, for errors), its environment variables replaced
         (:class:`ConfigError` for one that is not set), made absolute against the config file's folder."""
-        candidate = Path(_expand(key, path) if "$" in path else path)
+        # Once only: after expand_environment a "$" is a literal one ("$$" as written).
+        candidate = Path(_expand(key, path) if "$" in path and not self.expanded else path)
         return candidate if candidate.is_absolute() else self._base_dir / candidate
 
     @property
@@ -457,7 +459,7 @@ def expand_environment(config: Config) -> Config:
         if "$" in value:
             section = sections.get(name) or getattr(config, name)
             sections[name] = dataclasses.replace(section, **{key: _expand(f"[{name}] {key}", value)})
-    return dataclasses.replace(config, **sections) if sections else config
+    return dataclasses.replace(config, **sections, expanded=True)
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
