@@ -62,6 +62,8 @@ def load_psycopg() -> Any:
 # connection string's password = value (quoted or not).
 _PASSWORDS = (
     re.compile(r"://[^:@/?#]*:(?P<secret>[^@]*)@"),
+    # An unencoded "@" in a URI password: libpq cuts at the first, and quotes the rest as the host.
+    re.compile(r"://[^:@/?#]*:(?P<secret>[^/?#]*)@"),
     re.compile(r"[?&]password=(?P<secret>[^&#]*)"),
     re.compile(r"(?:^|\s)password\s*=\s*(?:'(?P<quoted>(?:[^'\\]|\\.)*)'|(?P<secret>\S+))"),
 )
@@ -76,9 +78,9 @@ def without_password(text: str, dsn: str) -> str:
         for found in pattern.finditer(dsn)
         if (secret := found.groupdict().get("quoted") or found.group("secret"))
     }
-    # A URI password with an unencoded / ? or # is cut there by libpq, which then quotes the
-    # first piece as the port: that piece is secret too (unless too short to tell from text).
-    secrets |= {piece for secret in secrets if len(piece := re.split(r"[/?#]", secret)[0]) >= 3}
+    # A URI password with an unencoded / ? # or @ is cut there by libpq, which then quotes a
+    # piece as the port or the host: each piece is secret too (unless too short to tell from text).
+    secrets |= {piece for secret in secrets for piece in re.split(r"[/?#@]", secret) if len(piece) >= 3}
     for secret in sorted(secrets, key=len, reverse=True):  # the longest first: one may hold another
         text = text.replace(secret, "***")
     return text

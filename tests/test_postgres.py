@@ -459,17 +459,23 @@ def test_a_dsn_libpq_cannot_parse_is_refused_without_showing_its_password(dsn: s
     assert "S3CRET" not in str(refused.value), refused.value
 
 
-def test_a_uri_password_with_an_unencoded_slash_is_not_shown_as_the_port() -> None:
-    """libpq cuts such a password at the "/" and takes its first piece for the port: the log
-    and `eventagg migrate` printed it as where the daemon could not connect."""
+@pytest.mark.parametrize(
+    ("dsn", "piece"),
+    [
+        ("postgresql://eventagg:Tr0ub4dor/3@db.invalid/eventagg", "Tr0ub4dor"),  # its first piece is the port
+        ("postgresql://u:topse@cretpart@127.0.0.1:1/db", "cretpart"),  # its second piece is in the host
+    ],
+)
+def test_a_uri_password_with_an_unencoded_slash_or_at_is_not_shown(dsn: str, piece: str) -> None:
+    """libpq cuts such a password at the "/" or the first "@", and takes a piece for the port
+    or the host: the log and `eventagg migrate` printed it as where the daemon could not connect."""
     from actors.pg_session import connect, describe_dsn
     from actors.store import StorageError
 
-    dsn = "postgresql://eventagg:Tr0ub4dor/3@db.invalid/eventagg"
-    assert "Tr0ub4dor" not in describe_dsn(dsn)
+    assert piece not in describe_dsn(dsn)
     with pytest.raises(StorageError, match="cannot connect to PostgreSQL") as refused:
         connect(dsn, "node", "test")
-    assert "Tr0ub4dor" not in str(refused.value), refused.value
+    assert piece not in str(refused.value), refused.value
 
 
 def test_lookups_bring_back_the_content_of_what_they_find(database: str) -> None:
