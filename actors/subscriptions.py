@@ -712,7 +712,7 @@ class SubscriptionServer:
             error = answer.error
             for name, saved in saving.positions.items():
                 if name in answer.refused:
-                    self._refused(name, saving.claims[name], saved is None)
+                    self._refused(name, saving.claims[name], saved)
                     continue
                 if saved is None:
                     self._forgotten(name, error)
@@ -736,14 +736,22 @@ class SubscriptionServer:
                 for name in [name for name, saved in message.positions.items() if saved is None]:
                     self._forgotten(name, "the daemon's writer is not running")
 
-    def _refused(self, name: str, claim: Claim, forgetting: bool) -> None:
-        """Another daemon claimed ``name`` after this one's follower did, and the writer stored
-        nothing for it: end that follower if it is still here under that claim (its notice may
-        not have arrived yet), or tell the connection that asked to forget it."""
+    def _refused(self, name: str, claim: Claim, saved: tuple[str | None, int] | None) -> None:
+        """The writer stored nothing for ``name`` (``saved``, None for a forget): it was claimed
+        after ``claim``. Claimed again here (the consumer subscribed anew the moment it acked),
+        the position is queued once more under the new claim, unless a newer one waits, and is
+        confirmed to the new holder, as on SQLite. Claimed by another daemon, the follower still
+        here under ``claim`` is ended (its notice may not have arrived yet), or the connection
+        that asked to forget is told."""
+        current = self._claims.get(name)
+        if saved is not None and current is not None and current[1] == claim[1] and current > claim:
+            if name not in self._pending_acks:
+                self._pending(name, saved)
+            return
         why = "another connection took this name, on another daemon"
-        if forgetting:
+        if saved is None:
             self._forgotten(name, f"{why}, which keeps its position")
-        elif self._claims.get(name) == claim:
+        elif current == claim:
             self._end_holder(name, why)
 
     def _forgotten(self, name: str, error: str | None) -> None:

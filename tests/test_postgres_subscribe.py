@@ -237,6 +237,29 @@ def test_a_forget_queued_on_one_daemon_leaves_the_position_of_the_daemon_that_to
         second.close()
 
 
+def test_an_ack_followed_at_once_by_a_new_subscribe_under_the_name_is_stored(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    """The subscribe claimed the name again before the writer stored the ack, which was then
+    refused under its older claim: nothing stored, and nothing said. As on SQLite, it is now
+    stored under the new claim and confirmed to the new subscription."""
+    daemon = pg_daemon(daemon_factory, "node0", database, **FAST).start()
+    publish(daemon.ack, "--acked", "--events", "20", "--topics", "1")
+    consumer = RawConsumer(daemon.subscribe)
+    try:
+        consumer.send({"op": "subscribe", "name": "billing", "credit": 10})
+        assert consumer.receive()["op"] == "subscribed"
+        assert len(consumer.events(10)) == 10
+        consumer.send({"op": "ack", "position": 7})
+        consumer.send({"op": "subscribe", "name": "billing", "credit": 0})
+        told = consumer.quiet(2.0)
+        assert {"op": "acked", "position": 7} in told, told
+        (stored,) = daemon.request({"op": "consumers"})["consumers"]
+        assert stored["position"] == 7
+    finally:
+        consumer.close()
+
+
 def test_two_daemons_taking_one_name_at_once_keep_exactly_one_follower(
     daemon_factory: Callable[..., Daemon], database: str
 ) -> None:
