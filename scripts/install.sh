@@ -91,7 +91,13 @@ cp -r "$SRC/pyproject.toml" "$SRC/actors" "$SRC/transport" "$BUILD/"
 [ ! -f "$SRC/README.md" ] || cp "$SRC/README.md" "$BUILD/"
 find "$BUILD" -name __pycache__ -prune -exec rm -rf {} +
 # An upgrade keeps the backend the installed config names: without psycopg it would not start.
-if grep -Eq '^[[:space:]]*backend[[:space:]]*=[[:space:]]*"postgresql"' "$ETC/config.toml" 2>/dev/null; then
+# Read as TOML (any quoting, an inline table), not matched as text.
+if [ -f "$ETC/config.toml" ] && "$VENV/bin/python" -c '
+import sys, tomllib
+with open(sys.argv[1], "rb") as file:
+    storage = tomllib.load(file).get("storage", {})
+sys.exit(0 if isinstance(storage, dict) and storage.get("backend") == "postgresql" else 1)
+' "$ETC/config.toml" 2>/dev/null; then
     WITH_POSTGRESQL=1
 fi
 EXTRAS=""

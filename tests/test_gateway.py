@@ -1011,6 +1011,30 @@ def test_install_with_gateway_and_postgresql_installs_their_dependencies_and_the
     assert not installed.exists()
 
 
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_an_upgrade_of_an_install_whose_config_names_postgresql_installs_psycopg(tmp_path: Path) -> None:
+    """Found by matching the text `backend = "postgresql"`: single quotes or an inline table
+    were missed, and the upgraded service could not start."""
+    config = tmp_path / "etc/eventagg/config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text("storage = { backend = 'postgresql', dsn = \"host=db\" }\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    install = subprocess.run(
+        ["bash", str(SCRIPTS / "install.sh"), "--prefix", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=500,
+        env=env,
+        cwd="/",
+        check=False,
+    )
+    assert install.returncode == 0, install.stderr
+    python = tmp_path / "opt/eventagg/venv/bin/python"
+    found = subprocess.run([str(python), "-c", "import psycopg"], capture_output=True, text=True, timeout=60)
+    assert found.returncode == 0, found.stderr
+
+
 # -- the process ---------------------------------------------------------------------------------
 
 
