@@ -1162,14 +1162,17 @@ def test_a_gateway_on_loopback_answers_only_the_names_it_is_known_by(
 ) -> None:
     """A web page whose name its author pointed at 127.0.0.1 (DNS rebinding) is on the gateway's
     origin: no CORS preflight stops its JSON POST. It published and read, its name as Host."""
-    gateway = gateway_factory(http={"allowed_hosts": ["events.example.com"]})
+    gateway = gateway_factory(http={"allowed_hosts": ["events.example.com", "gw.example.com:8080", "[2001:db8::1]"]})
     port = gateway.url.rsplit(":", 1)[1]
     body = {"events": [event(topic="rebound")]}
     for host in (f"attacker.example:{port}", "attacker.example", f"127.0.0.1.evil.example:{port}"):
         refused = gateway.client.post("/publish", json=body, headers={"Host": host, "Origin": f"http://{host}"})
         assert refused.status_code == 421 and "[http] allowed_hosts" in refused.json()["error"], refused.text
         assert gateway.client.get("/events", headers={"Host": host}).status_code == 421
-    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"EVENTS.example.com:{port}", "events.example.com."):
+    answered = [f"127.0.0.1:{port}", f"localhost:{port}", f"EVENTS.example.com:{port}", "events.example.com."]
+    # Names listed as a Host header gives them, and loopback however it is written.
+    answered += ["gw.example.com:8080", "[2001:db8::1]:80", "[::ffff:127.0.0.1]", f"[0:0:0:0:0:0:0:1]:{port}"]
+    for host in answered:
         assert gateway.client.get("/stats", headers={"Host": host}).status_code == 200, host
     assert ok(gateway.client.get("/events", params={"topic": "rebound"}))["events"] == []  # nothing got in
     from transport.gateway import answered_hosts

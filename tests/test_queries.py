@@ -42,6 +42,7 @@ def test_accepted(request_: dict[str, Any], expected: object) -> None:
         ({"op": "events", "after": "3"}, "'after'"),
         ({"op": "events", "limit": 0}, "'limit'"),
         ({"op": "topics", "after": 3}, "'after' must be a topic name"),
+        ({"op": "topics", "after": "a\x00b"}, "'after' must be a topic name"),  # PostgreSQL refused it, SQLite not
         ({"op": "topics", "after": "t" * 1025}, "'after' must be a topic name"),
         ({"op": "topics", "limit": True}, "'limit'"),
         ({"op": "topics", "topic": "t"}, r"unknown field\(s\) topic for op 'topics'; its fields are after, limit"),

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import json
 import logging
 import math
@@ -885,7 +886,8 @@ def answered_hosts(config: Config) -> frozenset[str] | None:
         local = True
     if not local and not http.allowed_hosts:
         return None  # reached by whatever names point at it: the operator accepted that risk
-    return LOOPBACK_NAMES | {http.host.lower(), *(name.lower().rstrip(".") for name in http.allowed_hosts)}
+    # Written as a Host header would give them ("name:8080", "[v6]"), they are compared as names.
+    return LOOPBACK_NAMES | {host_name(http.host), *map(host_name, http.allowed_hosts)}
 
 
 def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
@@ -1237,7 +1239,7 @@ class HostCheck:
             return
         raw = next((value for key, value in scope["headers"] if key == b"host"), None)
         name = None if raw is None else host_name(raw.decode("latin-1"))
-        if name is None or name in self.names:
+        if name is None or name in self.names or _is_loopback_address(name):
             await self.app(scope, receive, send)
             return
         shown = raw.decode("latin-1")[:100] if raw is not None else ""
@@ -1249,6 +1251,17 @@ class HostCheck:
             421,
         )
         await response(scope, receive, send)
+
+
+def _is_loopback_address(name: str) -> bool:
+    """Whether ``name`` is a loopback address however written (``0:0:0:0:0:0:0:1``,
+    ``::ffff:127.0.0.1``, ``127.1.2.3``), which no web page can make its own name."""
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
 def host_name(host: str) -> str:

@@ -135,7 +135,7 @@ def _parse_topics(request: dict[Any, Any], max_limit: int) -> TopicsQuery:
     after = request.get("after", "")
     if after is None:
         after = ""
-    if not isinstance(after, str) or len(after) > MAX_TOPIC_AFTER:
+    if not isinstance(after, str) or len(after) > MAX_TOPIC_AFTER or "\x00" in after:  # no topic holds a NUL
         raise QueryError(
             f"'after' must be a topic name (the 'next' of the page before; \"\" for the first page), not {after!r:.80}"
         )
