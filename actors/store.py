@@ -331,8 +331,9 @@ class StorageError(Exception):
 
 
 class StorageRefused(StorageError):
-    """The daemon will not use this database as it is (its schema is a newer eventagg's, or not
-    eventagg's): starting again cannot help, so the daemon exits 2, like a refused config."""
+    """The daemon will not use this database as it is (its schema is a newer eventagg's or not
+    eventagg's; it is damaged, empty or no database): starting again cannot help, so the daemon
+    exits 2, like a refused config."""
 
 
 @dataclass(slots=True)
@@ -426,7 +427,7 @@ def connect_writer(path: Path, synchronous: str = "NORMAL", cache_mb: int = DEFA
     if not path.exists():
         create_database(path)
     elif path.stat().st_size == 0:
-        raise StorageError(
+        raise StorageRefused(
             f"database {path} is an empty file (0 bytes), which eventagg never leaves: it was truncated or "
             "made by hand, and starting on it would forget every stored key and seq. Restore it from a "
             "backup, or remove it to start an empty database"
@@ -442,7 +443,7 @@ def connect_writer(path: Path, synchronous: str = "NORMAL", cache_mb: int = DEFA
         problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
         if problems != ["ok"]:
             conn.close()
-            raise StorageError(
+            raise StorageRefused(
                 f"database {path} failed PRAGMA quick_check ({'; '.join(problems[:3])}); "
                 "restore it from a backup or move it away to start empty"
             )
@@ -456,8 +457,9 @@ def connect_writer(path: Path, synchronous: str = "NORMAL", cache_mb: int = DEFA
         # Not a database, or damaged past opening: the same remedy as a failed quick_check. A lock
         # or a permission problem (also a DatabaseError) is no reason to throw the file away.
         damaged = getattr(exc, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT)
-        remedy = _DAMAGED_REMEDY if damaged else ""
-        raise StorageError(f"cannot open database {path}: {exc}{remedy}") from exc
+        if damaged:
+            raise StorageRefused(f"cannot open database {path}: {exc}{_DAMAGED_REMEDY}") from exc
+        raise StorageError(f"cannot open database {path}: {exc}") from exc
     return conn
 
 
