@@ -706,7 +706,7 @@ written, or an ipc endpoint) and its port (``""`` for ipc)."""
 def _bind_place(endpoint: str) -> BindPlace:
     """``({host}, port)`` of a tcp endpoint, or ``({endpoint}, "")`` of an ipc one, to find binds that collide."""
     host, port = tcp_host_port(endpoint) or (endpoint, "")
-    return frozenset({host}), port
+    return frozenset({host}), str(int(port)) if port.isdigit() else port  # "05555" is port 5555
 
 
 _ANY_HOST = {"*", "0.0.0.0", "::"}
