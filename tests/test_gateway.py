@@ -968,46 +968,43 @@ def test_gateway_unit_verifies_and_exposure_is_at_most_two(tmp_path: Path) -> No
     assert security.returncode == 0, security.stdout[-2000:]
 
 
+def staged(prefix: Path, script: str, *args: str) -> str:
+    """Run scripts/install.sh or uninstall.sh into the staging root ``prefix``, as a clean
+    environment would (no checkout on the path); its stdout, after checking it succeeded."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    result = subprocess.run(
+        ["bash", str(SCRIPTS / script), "--prefix", str(prefix), *args],
+        capture_output=True,
+        text=True,
+        timeout=500,
+        env=env,
+        cwd="/",
+        check=False,
+    )
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def installed_python_runs(prefix: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The staged virtualenv's python, run with ``args``."""
+    python = prefix / "opt/eventagg/venv/bin/python"
+    return subprocess.run([str(python), *args], capture_output=True, text=True, timeout=60, check=False)
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_install_with_gateway_and_postgresql_installs_their_dependencies_and_the_units(tmp_path: Path) -> None:
     """Without --with-postgresql no install could run the PostgreSQL backend: psycopg was missing."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-
-    def run(script: str, *args: str) -> str:
-        result = subprocess.run(
-            ["bash", str(SCRIPTS / script), "--prefix", str(tmp_path), *args],
-            capture_output=True,
-            text=True,
-            timeout=500,
-            env=env,
-            cwd="/",
-            check=False,
-        )
-        assert result.returncode == 0, f"{script} failed:\n{result.stdout}\n{result.stderr}"
-        return result.stdout
-
-    run("install.sh", "--with-gateway", "--with-postgresql")
+    staged(tmp_path, "install.sh", "--with-gateway", "--with-postgresql")
     installed = tmp_path / "etc/systemd/system/eventagg-gateway.service"
     assert installed.read_text() == UNIT.read_text()
-    python = tmp_path / "opt/eventagg/venv/bin/python"
-    check = subprocess.run(
-        [str(python), str(tmp_path / "opt/eventagg/scripts/gateway.py"), "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    check = installed_python_runs(tmp_path, str(tmp_path / "opt/eventagg/scripts/gateway.py"), "--help")
     assert check.returncode == 0 and "--config" in check.stdout, check.stderr
-    imports = subprocess.run(
-        [str(python), "-c", "import fastapi, uvicorn, prometheus_client, transport.gateway, psycopg"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    imports = installed_python_runs(
+        tmp_path, "-c", "import fastapi, uvicorn, prometheus_client, transport.gateway, psycopg"
     )
     assert imports.returncode == 0, imports.stderr
-    assert "removed" in run("uninstall.sh")
+    assert "removed" in staged(tmp_path, "uninstall.sh")
     assert not installed.exists()
 
 
@@ -1019,19 +1016,8 @@ def test_an_upgrade_of_an_install_whose_config_names_postgresql_installs_psycopg
     config = tmp_path / "etc/eventagg/config.toml"
     config.parent.mkdir(parents=True)
     config.write_text("storage = { backend = 'postgresql', dsn = \"host=db\" }\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    install = subprocess.run(
-        ["bash", str(SCRIPTS / "install.sh"), "--prefix", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=500,
-        env=env,
-        cwd="/",
-        check=False,
-    )
-    assert install.returncode == 0, install.stderr
-    python = tmp_path / "opt/eventagg/venv/bin/python"
-    found = subprocess.run([str(python), "-c", "import psycopg"], capture_output=True, text=True, timeout=60)
+    staged(tmp_path, "install.sh")
+    found = installed_python_runs(tmp_path, "-c", "import psycopg")
     assert found.returncode == 0, found.stderr
 
 
