@@ -142,11 +142,14 @@ def _fast_events(wire: list[_WireEvent], limits: Limits) -> list[Event] | None:
     return events
 
 
-def unpack(frame: bytes | memoryview) -> Any:
-    """Decode one msgpack object, raising :class:`FrameError` for anything that is not exactly that."""
+def unpack(frame: bytes | memoryview, *, first_only: bool = False) -> Any:
+    """Decode one msgpack object, raising :class:`FrameError` for anything that is not exactly that;
+    with ``first_only``, the object the frame starts with, whatever follows it."""
     try:
         return msgpack.unpackb(frame, raw=False, strict_map_key=False)
-    except msgpack.ExtraData:
+    except msgpack.ExtraData as extra:
+        if first_only:
+            return extra.unpacked
         raise FrameError("frame holds more than one msgpack object; send one event map or one array") from None
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         # UnicodeDecodeError (a ValueError) lands here too: strings must be UTF-8.
@@ -328,7 +331,7 @@ def _ack_outline(frame: bytes) -> tuple[Any, tuple[int, int] | None]:
     Read from the top-level map's headers: values other than the batch id are skipped, never built.
     """
     if not frame or frame[0] not in _MAP_MARKERS:
-        what = "list" if frame and frame[0] in _ARRAY_MARKERS else type_name(_first_object(frame))
+        what = "list" if frame and frame[0] in _ARRAY_MARKERS else type_name(unpack(frame, first_only=True))
         raise FrameError(f"an acknowledged batch must be a map with 'batch' and 'events', not {what}")
     unpacker = _unpacker(frame)
     batch_id: Any = _ABSENT
@@ -359,16 +362,6 @@ def _ack_outline(frame: bytes) -> tuple[Any, tuple[int, int] | None]:
             'frame holds more than one msgpack object; an acknowledged batch is one map {"batch": N, "events": [...]}'
         )
     return batch_id, events_at
-
-
-def _first_object(frame: bytes) -> Any:
-    """The object ``frame`` starts with, whatever follows it (to name what a frame is, not a map)."""
-    try:
-        return msgpack.unpackb(frame, raw=False, strict_map_key=False)
-    except msgpack.ExtraData as extra:
-        return extra.unpacked
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise _not_msgpack(exc) from None
 
 
 def _valid_batch_id(batch_id: Any) -> bool:
