@@ -444,8 +444,7 @@ def connect_writer(path: Path, synchronous: str = "NORMAL", cache_mb: int = DEFA
         if problems != ["ok"]:
             conn.close()
             raise StorageRefused(
-                f"database {path} failed PRAGMA quick_check ({'; '.join(problems[:3])}); "
-                "restore it from a backup or move it away to start empty"
+                f"database {path} failed PRAGMA quick_check ({'; '.join(problems[:3])}){_DAMAGED_REMEDY}"
             )
         try:
             prepare(conn, path, _SCHEMA)  # a new database, or a known version migrated to this one
