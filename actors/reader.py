@@ -145,8 +145,8 @@ class ReaderActor(pykka.ThreadingActor):
             finally:
                 rows.close()
         if isinstance(query, TopicsQuery):
-            if query.after is not None and query.limit is not None:
-                return topics_page(list(self._reader.each_topic(query.after, query.limit)), query.after)
+            if query.after is not None:  # a page (the parser sets limit with it)
+                return topics_page(self._reader.topics(query.after, query.limit), query.after)
             # Packed here, not on the query thread, and a topic at a time: 100 000 topics are 9 MB
             # of reply, and held as maps first they took 56 MB more.
             return pack_listing("topics", self._reader.each_topic())
