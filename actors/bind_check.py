@@ -82,7 +82,6 @@ def bind_place(endpoint: str) -> BindPlace | None:
     host, port = place
     if not port.isdigit() or int(port) == 0:
         return None  # an ephemeral port: never the same as another
-    port = str(int(port))  # "05555" is port 5555
     if host == "*":
         return frozenset({"*"}), port
     interface = interface_hosts(host)

@@ -685,8 +685,8 @@ def wants_ipv6(endpoint: str) -> bool:
 
 def tcp_host_port(endpoint: str) -> tuple[str, str] | None:
     """``(host, port)`` of a ``tcp://`` (or ``ws://``, ``wss://``) endpoint, the host without an
-    IPv6 address's brackets and, in libzmq's ``source;destination`` form, the destination's;
-    None for other transports."""
+    IPv6 address's brackets and, in libzmq's ``source;destination`` form, the destination's, the
+    port as a number is written ("05555" is "5555"); None for other transports."""
     transport, _, address = endpoint.partition("://")
     if transport not in ("tcp", "ws", "wss"):
         return None
@@ -695,7 +695,7 @@ def tcp_host_port(endpoint: str) -> tuple[str, str] | None:
         host, port = address, ""
     if ";" in host:  # the bind side is the destination
         host = host.split(";", 1)[1]
-    return host.strip("[]"), port
+    return host.strip("[]"), str(int(port)) if port.isdigit() else port
 
 
 BindPlace = tuple[frozenset[str], str]
@@ -706,7 +706,7 @@ written, or an ipc endpoint) and its port (``""`` for ipc)."""
 def _bind_place(endpoint: str) -> BindPlace:
     """``({host}, port)`` of a tcp endpoint, or ``({endpoint}, "")`` of an ipc one, to find binds that collide."""
     host, port = tcp_host_port(endpoint) or (endpoint, "")
-    return frozenset({host}), str(int(port)) if port.isdigit() else port  # "05555" is port 5555
+    return frozenset({host}), port
 
 
 _ANY_HOST = {"*", "0.0.0.0", "::"}
