@@ -455,9 +455,9 @@ def expand_environment(config: Config) -> Config:
     """
     sections: dict[str, Any] = {}
     for name, key in _DAEMON_VALUES:
-        value = getattr(sections.get(name) or getattr(config, name), key)
+        section = sections.get(name) or getattr(config, name)
+        value = getattr(section, key)
         if "$" in value:
-            section = sections.get(name) or getattr(config, name)
             sections[name] = dataclasses.replace(section, **{key: _expand(f"[{name}] {key}", value)})
     return dataclasses.replace(config, **sections, expanded=True)
 
