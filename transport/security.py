@@ -408,7 +408,6 @@ class ServerSecurity:
         self._on_refused = on_refused
         self._zap: ZapHandler | None = None
         self._authorized: frozenset[bytes] | None = None  # Z85 client keys; None while CURVE is off
-        self._keys_at_start: frozenset[bytes] = frozenset()
         self.gate = ConnectionGate(lambda: self._authorized)
         self._monitor: _RefusalMonitor | None = None
         self._warn = RateLimitedLog(log)
@@ -431,7 +430,7 @@ class ServerSecurity:
             self.secret_path = config.resolve(sec.curve_secret_key, "[security] curve_secret_key")
             self.keys_dir = config.resolve(sec.authorized_keys, "[security] authorized_keys")
             self._public, self._secret = load_secret_certificate(self.secret_path, "[security] curve_secret_key")
-            self._keys_at_start = self._load_keys()
+            self._authorized = self._load_keys()
         else:
             exposed = {key: ep for key, ep in endpoints.items() if not local[key]}
             if exposed and not sec.allow_insecure:
@@ -481,8 +480,6 @@ class ServerSecurity:
     def start(self) -> None:
         """Start the ZAP handler (always) and, with CURVE, the refusal monitor; before any bind."""
         seed_libc_rand()  # before the server sockets exist: each ROUTER draws its first auto id then
-        if self.enabled:
-            self._authorized = self._keys_at_start  # read and checked by the constructor
         self._zap = ZapHandler(self._context, lambda: self._authorized)
         self._zap.start()
         if not self.enabled:
