@@ -42,6 +42,18 @@ def subscribed(daemon: Daemon, **request: Any) -> RawConsumer:
     return consumer
 
 
+def all_expired(daemon_factory: Callable[..., Daemon], count: int) -> Daemon:
+    """A daemon keeping events 1 s that stored ``count`` on topic ``t``, every one deleted since."""
+    daemon = retention_daemon(daemon_factory, max_age="1s")
+    publisher = Acked(daemon.ack)
+    try:
+        publisher.send([event(n, topic="t") for n in range(count)])
+    finally:
+        publisher.close()
+    daemon.wait_stats(timeout=60, stored=0, expired=count)
+    return daemon
+
+
 def test_every_hole_a_per_topic_limit_leaves_in_commit_order_is_told(daemon_factory: Callable[..., Daemon]) -> None:
     daemon = retention_daemon(daemon_factory, max_events_per_topic=5)
     publisher = Acked(daemon.ack)
@@ -77,13 +89,7 @@ def test_every_hole_a_per_topic_limit_leaves_in_commit_order_is_told(daemon_fact
 def test_a_cursor_with_every_later_event_deleted_is_told_in_each_kind_of_subscription(
     daemon_factory: Callable[..., Daemon],
 ) -> None:
-    daemon = retention_daemon(daemon_factory, max_age="1s")
-    publisher = Acked(daemon.ack)
-    try:
-        publisher.send([event(n, topic="t") for n in range(50)])
-    finally:
-        publisher.close()
-    daemon.wait_stats(timeout=60, stored=0, expired=50)
+    daemon = all_expired(daemon_factory, 50)
     for request in ({"topic": "t"}, {}, {"topics": ["t", "u"]}):
         consumer = subscribed(daemon, after=10, credit=100, **request)
         try:
@@ -97,13 +103,7 @@ def test_a_client_subscribing_again_and_again_behind_retention_cannot_flood_the_
     daemon_factory: Callable[..., Daemon],
 ) -> None:
     """Each subscribe told of deleted events wrote a warning: 1 000 subscribes, 1 000 lines."""
-    daemon = retention_daemon(daemon_factory, max_age="1s")
-    publisher = Acked(daemon.ack)
-    try:
-        publisher.send([event(n, topic="t") for n in range(20)])
-    finally:
-        publisher.close()
-    daemon.wait_stats(timeout=60, stored=0, expired=20)
+    daemon = all_expired(daemon_factory, 20)
     noisy = RawConsumer(daemon.subscribe)  # other warnings first: they must not hide these
     for _ in range(12):
         noisy.send({"op": "bogus"})
