@@ -755,11 +755,11 @@ ANSWERS = {
     ("post", "/publish"): {"200", "400", "413", "415", "502", "503", "504", "421"},
     ("get", "/events"): {"200", "400", "502", "503", "421"},
     ("get", "/events/stream"): {"200", "400", "503", "421"},
-    ("get", "/stats"): {"200", "502", "503", "421"},
+    ("get", "/stats"): {"200", "400", "502", "503", "421"},
     ("get", "/topics"): {"200", "400", "502", "503", "421"},
-    ("get", "/healthz"): {"200", "503", "421"},
-    ("head", "/healthz"): {"200", "503", "421"},
-    ("get", "/metrics"): {"200", "421"},
+    ("get", "/healthz"): {"200", "400", "503", "421"},
+    ("head", "/healthz"): {"200", "400", "503", "421"},
+    ("get", "/metrics"): {"200", "400", "421"},
 }
 
 
@@ -1173,6 +1173,29 @@ def test_a_gateway_on_loopback_answers_only_the_names_it_is_known_by(
         "events.example.com",
     }
     assert answered_hosts(parse_config({"http": {"allowed_hosts": ["*"]}})) is None
+
+
+@pytest.mark.e2e
+def test_the_host_checked_is_the_one_the_request_is_for(gateway: Gateway) -> None:
+    """Two Host headers were taken by the first, and an absolute-form target naming another host
+    (``GET http://attacker.example/events``) by its Host: RFC 9112 has the first refused with
+    400 and the second answered for the target's host, so a page cannot slip past the 421."""
+    host, port = gateway.url.removeprefix("http://").split(":")
+
+    def answer(request: bytes) -> bytes:
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(request)
+            return read_response(sock)
+
+    two = answer(b"GET /stats HTTP/1.1\r\nHost: localhost\r\nHost: attacker.example\r\n\r\n")
+    assert two.startswith(b"HTTP/1.1 400 ") and b"more than one Host header" in two, two
+    assert answer(b"GET /stats HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    assert answer(b"GET /stats HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+    elsewhere = answer(b"GET http://attacker.example/events HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert elsewhere.startswith(b"HTTP/1.1 421 ") and b"attacker.example" in elsewhere, elsewhere
+    here = f"GET http://localhost:{port}/stats HTTP/1.1\r\nHost: attacker.example\r\n\r\n".encode()
+    assert answer(here).startswith(b"HTTP/1.1 200 ")
+    assert answer(b"GET /stats HTTP/1.1\r\nHost: localhost\r\n\r\n").startswith(b"HTTP/1.1 200 ")
 
 
 @pytest.mark.e2e

@@ -932,7 +932,10 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
         description="The original HTTP API of eventagg's publishers and readers, Prometheus metrics and a "
         "health check, in front of the eventagg daemon. See docs/gateway.md.",
         lifespan=lifespan,
-        responses={421: {"model": Error, "description": "The request's Host is not a name this gateway answers to."}},
+        responses={
+            400: {"model": Error, "description": "More than one Host header, or HTTP/1.1 without one (RFC 9112)."},
+            421: {"model": Error, "description": "The request's Host is not a name this gateway answers to."},
+        },
     )
 
     fastapi_openapi = app.openapi
@@ -1227,17 +1230,27 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
 
 class HostCheck:
     """ASGI middleware: answer **421** to a request whose ``Host`` is not one of ``names`` (None:
-    every name is). A request without ``Host`` (HTTP/1.0) is answered: no browser sends one so."""
+    every name is). A request without ``Host`` is answered if it is HTTP/1.0 (no browser sends
+    one so); as RFC 9112 has it, one with two ``Host`` headers, or HTTP/1.1 without one, is a 400.
+    (An absolute-form target's host stands for the ``Host``: see :mod:`transport.http_protocol`.)"""
 
     def __init__(self, app: ASGIApp, names: frozenset[str] | None) -> None:
         self.app = app
         self.names = names
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.names is None or scope["type"] != "http":
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        raw = next((value for key, value in scope["headers"] if key == b"host"), None)
+        hosts = [value for key, value in scope["headers"] if key == b"host"]
+        if len(hosts) > 1 or (not hosts and scope["http_version"] == "1.1"):
+            problem = "more than one Host header" if hosts else "an HTTP/1.1 request without a Host header"
+            await json_response({"error": f"{problem}: send exactly one Host header"}, 400)(scope, receive, send)
+            return
+        if self.names is None:
+            await self.app(scope, receive, send)
+            return
+        raw = hosts[0] if hosts else None
         name = None if raw is None else host_name(raw.decode("latin-1"))
         if name is None or name in self.names or _is_loopback_address(name):
             await self.app(scope, receive, send)

@@ -31,6 +31,7 @@ import struct
 import termios
 from typing import Any
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 __all__ = ["IMPORT_PATH", "HeaderDeadlineProtocol"]
@@ -63,6 +64,12 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm()
+        authority = _authority_of(self.url)
+        if authority is not None:
+            # RFC 9112 3.2.2: a request whose target names its host (absolute-form, as sent to a
+            # proxy) is for that host, whatever its Host says; so that is the Host checked.
+            self.headers[:] = [(name, value) for name, value in self.headers if name != b"host"]
+            self.headers.append((b"host", authority))
         super().on_headers_complete()
         self._cycles = [cycle for cycle in self._cycles if not cycle.response_complete]
         if self.cycle is not None:
@@ -149,3 +156,18 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body
         )
         self.transport.close()
+
+
+def _authority_of(target: bytes) -> bytes | None:
+    """The ``host[:port]`` of an absolute-form request target (``http://host:port/path``); None
+    for the usual origin-form (``/path``) and for a target that does not parse."""
+    if target.startswith(b"/") or b"://" not in target[:16]:
+        return None
+    try:
+        parsed = httptools.parse_url(target)
+    except httptools.HttpParserInvalidURLError:
+        return None
+    if not parsed.host:
+        return None
+    host = b"[" + parsed.host + b"]" if b":" in parsed.host else parsed.host
+    return host if parsed.port is None else host + b":" + str(parsed.port).encode()
