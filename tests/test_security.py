@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import pytest
 import zmq
 from harness import SCRIPTS, Daemon, env_with, eventually, free_port, run_script, unprivileged, write_config
 
-from transport.client import NoAnswer, QueryClient
+from transport.client import HandshakeRefused, NoAnswer, QueryClient
 from transport.config import Config, IngestConfig, QueryConfig, SecurityConfig
 from transport.security import (
     BindHostError,
@@ -127,8 +128,10 @@ def test_curve_lets_in_only_authorized_clients(daemon_factory: Callable[..., Dae
         assert "error" not in reply, reply
         return reply
 
+    # The two refused queries above (counted by the daemon's monitor thread, a moment after the
+    # clients, which stop waiting at the refusal, have gone).
+    eventually(lambda: stats()["refused"] >= 2, 15, "the two refused queries to be counted")
     refused_before = stats()["refused"]
-    assert refused_before >= 2  # the two refused queries above
     push(daemon.ingest, plan(50, id_prefix="plain-"), None)
     eventually(lambda: stats()["refused"] > refused_before, 15, "the plain publisher to be refused")
     refused_before = stats()["refused"]
@@ -192,8 +195,13 @@ def test_clients_say_why_a_curve_daemon_does_not_take_them(
     handshake_failed = "took the connection but the security handshake failed"
     key_refused = "refused this client's CURVE key (ZAP status 400)"
     for keys_given, words in (((), handshake_failed), (as_mallory, key_refused)):
-        stats = run_script("stats.py", "--endpoint", daemon.query, "--timeout", "1", *keys_given, timeout=30)
+        # A refused handshake ends the wait at once: before, each waited its whole --timeout.
+        started = time.monotonic()
+        stats = run_script("stats.py", "--endpoint", daemon.query, "--timeout", "60", *keys_given, timeout=30)
         assert stats.returncode == 1 and f"no answer from {daemon.query}: it {words}" in stats.stderr, stats.stderr
+        found = run_script("events.py", "--follow", "--endpoint", daemon.query, "--timeout", "60", *keys_given)
+        assert found.returncode == 1 and f"no answer from {daemon.query}: it {words}" in found.stderr, found.stderr
+        assert time.monotonic() - started < 20
         # Fire-and-forget too: before, ZeroMQ queued the frames for a peer that refused them
         # and the script reported them sent (exit 0).
         for endpoint, mode in ((daemon.ingest, ()), (daemon.ack, ("--acked",))):
@@ -203,6 +211,16 @@ def test_clients_say_why_a_curve_daemon_does_not_take_them(
         follow = ("--follow", "--endpoint", daemon.query, "--subscribe-endpoint", daemon.subscribe)
         followed = run_script("events.py", *follow, *keys_given, timeout=30)
         assert followed.returncode == 1 and f"events: {daemon.subscribe} {words}" in followed.stderr
+    # The library says so too, naming the key when the daemon's ZAP refused it.
+    mallory = curve_client(keys["server_public"], keys["mallory"])
+    for hook, words in ((None, handshake_failed), (mallory, key_refused)):
+        started = time.monotonic()
+        with (
+            QueryClient(daemon.query, timeout=60, configure=hook) as client,
+            pytest.raises(HandshakeRefused) as refused,
+        ):
+            client.request({"op": "stats"})
+        assert words in str(refused.value) and time.monotonic() - started < 10
     sent = run_script("publish.py", "--endpoint", daemon.ingest, "--events", "10", *as_alice, timeout=30)
     assert sent.returncode == 0, sent.stderr
     eventually(lambda: ask(daemon, {"op": "stats"}, alice)["unique_processed"] == 10, 15, "alice's 10 events")

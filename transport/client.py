@@ -2,7 +2,9 @@
 
 Each request waits at most ``timeout`` seconds per attempt. A REQ socket whose reply did not
 come is stuck in its send/receive cycle, so it is closed with linger 0 and a fresh one opened
-for the next attempt (the zguide's "Lazy Pirate" pattern).
+for the next attempt (the zguide's "Lazy Pirate" pattern). Meanwhile the socket's monitor is
+watched: a daemon that refuses this client's security handshake will never answer, so that
+ends the wait at once (:class:`HandshakeRefused`) instead of at the timeout.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 import msgpack
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from transport.config import Config, load_config, wants_ipv6
 from transport.security import curve_client_from_config
@@ -33,7 +36,41 @@ class GaveUp(NoAnswer):
     """The caller's ``give_up`` ended the wait for an answer."""
 
 
+class HandshakeRefused(NoAnswer):
+    """The daemon refused this client's security handshake, so no answer can come."""
+
+
 GIVE_UP_POLL_S = 0.1  # how often a wait with a give_up check asks it
+
+HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+# The monitor events that tell whether a daemon takes this client's handshake.
+HANDSHAKE_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_FAILED
+# A handshake cut off without a reason: a client without CURVE at a CURVE daemon (or the wrong
+# kind of port) sees this every time, a daemon killed or restarting mid-handshake once.
+UNEXPLAINED_FAILURES = 3
+
+
+class HandshakeVerdict:
+    """Reads a socket's monitor events (:data:`HANDSHAKE_EVENTS`) in order and says when they
+    show the daemon refusing this client: a refused key or mechanism at once, a handshake cut off
+    without a reason at the :data:`UNEXPLAINED_FAILURES`-th in a row (ZeroMQ reconnects by itself
+    after each, and one alone may be a daemon stopping)."""
+
+    def __init__(self) -> None:
+        self.unexplained = 0
+        self.connected = False
+
+    def refused(self, kind: int) -> bool:
+        """Whether, after this event, the daemon has refused this client's handshake."""
+        self.connected = self.connected or kind == zmq.EVENT_CONNECTED
+        if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.unexplained = 0
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            self.unexplained += 1
+            return self.unexplained >= UNEXPLAINED_FAILURES
+        return bool(kind & HANDSHAKE_FAILED)
 
 
 class QueryClient:
@@ -58,6 +95,7 @@ class QueryClient:
         # here, so a client dropped without close() cannot hang a garbage collection in term().
         self._context: zmq.Context[Any] = zmq.Context.instance()
         self._socket: zmq.Socket[Any] | None = None
+        self._monitor: zmq.Socket[Any] | None = None
 
     @classmethod
     def from_config(cls, config: Config | str | PathLike[str], timeout: float = 5.0) -> QueryClient:
@@ -76,11 +114,23 @@ class QueryClient:
         sock.setsockopt(zmq.LINGER, 0)
         if self._configure is not None:
             self._configure(sock)
+        # Attached before connect: a handshake refused before the monitor would go unseen.
+        monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
         try:
             connect(sock, self.endpoint)
         except ValueError as exc:
+            monitor.close(linger=0)
             raise QueryClientError(str(exc)) from None
+        self._monitor = monitor
         return sock
+
+    def _drop_socket(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+            self._monitor = None
 
     def request(self, query: dict[str, Any], give_up: Callable[[], bool] | None = None) -> dict[str, Any]:
         """Send one query and return the reply map (which may hold an ``error`` key).
@@ -97,16 +147,14 @@ class QueryClient:
             try:
                 answered = self._await(self._socket, give_up)
             except BaseException:  # KeyboardInterrupt: a REQ socket between send and reply cannot send again
-                self._socket.close(linger=0)
-                self._socket = None
+                self._drop_socket()
                 raise
             if answered:
                 reply = msgpack.unpackb(self._socket.recv(), raw=False, strict_map_key=False)
                 if not isinstance(reply, dict):
                     raise QueryClientError(f"{self.endpoint} sent a reply that is not a map: {reply!r}")
                 return reply
-            self._socket.close(linger=0)
-            self._socket = None
+            self._drop_socket()
             if answered is None:
                 raise GaveUp(f"gave up waiting for {self.endpoint}'s answer")
         raise NoAnswer(
@@ -116,17 +164,30 @@ class QueryClient:
         )
 
     def _await(self, sock: zmq.Socket[Any], give_up: Callable[[], bool] | None) -> bool | None:
-        """Whether the answer came within the timeout; None if ``give_up`` ended the wait."""
-        if give_up is None:
-            return bool(sock.poll(int(self.timeout * 1000), zmq.POLLIN))
+        """Whether the answer came within the timeout; None if ``give_up`` ended the wait.
+        Raises :class:`HandshakeRefused` as soon as the monitor shows the daemon refusing us."""
+        monitor = self._monitor
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        if monitor is not None:
+            poller.register(monitor, zmq.POLLIN)
+        verdict = HandshakeVerdict()
         deadline = time.monotonic() + self.timeout
         while True:
             left = deadline - time.monotonic()
-            if sock.poll(max(0, int(min(left, GIVE_UP_POLL_S) * 1000)), zmq.POLLIN):
+            wait = min(left, GIVE_UP_POLL_S) if give_up is not None else left
+            ready = dict(poller.poll(max(0, int(wait * 1000))))
+            if sock in ready:
                 return True
-            if give_up():
+            if monitor is not None and monitor in ready:
+                event = recv_monitor_message(monitor)
+                if verdict.refused(int(event["event"])):
+                    self._drop_socket()
+                    raise HandshakeRefused(_refusal(self.endpoint, int(event["event"]), event["value"]))
+                continue
+            if give_up is not None and give_up():
                 return None
-            if left <= GIVE_UP_POLL_S:
+            if left <= (GIVE_UP_POLL_S if give_up is not None else 0):
                 return False
 
     def call(self, query: dict[str, Any]) -> dict[str, Any]:
@@ -190,15 +251,25 @@ class QueryClient:
 
     def close(self) -> None:
         """Close the socket without waiting."""
-        if self._socket is not None:
-            self._socket.close(linger=0)
-            self._socket = None
+        self._drop_socket()
 
     def __enter__(self) -> QueryClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _refusal(endpoint: str, kind: int, value: int) -> str:
+    if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return (
+            f"{endpoint} refused this client's CURVE key (ZAP status {value}): its public certificate "
+            "must be in the daemon's authorized folder"
+        )
+    return (
+        f"{endpoint} took the connection but the security handshake failed: the daemon and this client must "
+        "agree on CURVE, and the server key must be the daemon's; or this is not the daemon's [query] bind"
+    )
 
 
 def connect(sock: zmq.Socket[Any], endpoint: str) -> None:

@@ -18,15 +18,10 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from transport.client import connect
+from transport.client import HANDSHAKE_EVENTS, HandshakeVerdict, connect
 from transport.security import SocketHook
 
-_FAILED = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-_WATCHED = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | _FAILED
 NOTICE_AFTER_S = 1.0
-# A handshake cut off without a reason: a client without CURVE at a CURVE daemon (or the wrong
-# kind of port) sees this every time, a daemon killed or restarting mid-handshake once.
-UNEXPLAINED_FAILURES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +84,7 @@ def probe(
         if configure is not None:
             configure(sock)
         # Attached before connect: a handshake done before the monitor would go unseen.
-        monitor = sock.get_monitor_socket(_WATCHED)
+        monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
         try:
             connect(sock, endpoint)
             return _watch(monitor, timeout, waiting, hints)
@@ -123,8 +118,7 @@ def _watch(
     start = time.monotonic()
     deadline = start + timeout
     notice_at = start + NOTICE_AFTER_S if waiting is not None else math.inf
-    connected = False
-    unexplained = 0
+    verdict = HandshakeVerdict()
     while (now := time.monotonic()) < deadline:
         if now >= notice_at and waiting is not None:
             waiting()
@@ -135,28 +129,25 @@ def _watch(
         kind = int(event["event"])
         if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             return None
+        if not verdict.refused(kind):
+            continue  # connected, or cut off without a reason: ZeroMQ connects again by itself
         if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             return HandshakeFailure(
                 f"refused this client's CURVE key (ZAP status {event['value']}): add its public certificate to "
                 f"the daemon's authorized folder and send SIGHUP, or {hints.authorized_key}",
                 refused=True,
             )
-        if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
-            unexplained += 1
-            if unexplained < UNEXPLAINED_FAILURES:
-                continue  # ZeroMQ connects again by itself
-        if kind & _FAILED:  # no retry would fare better: the keys, or the port, decide
-            # The client sees the same failure when the two sides' sockets are of kinds that
-            # cannot talk (a query client at the ingest port), so both causes are named.
-            return HandshakeFailure(
-                "took the connection but the security handshake failed: the daemon and this client must agree "
-                f"on CURVE (the daemon's [security] section; {hints.own_keys}), and the server key must be the "
-                "daemon's; or this is another of the daemon's ports (queries go to its [query] bind, events to "
-                "[ingest] bind, acknowledged ones to ack_bind, followers to [subscribe] bind)",
-                refused=True,
-            )
-        connected = connected or kind == zmq.EVENT_CONNECTED
-    if connected:
+        # No retry would fare better: the keys, or the port, decide. The client sees the same
+        # failure when the two sides' sockets are of kinds that cannot talk (a query client at
+        # the ingest port), so both causes are named.
+        return HandshakeFailure(
+            "took the connection but the security handshake failed: the daemon and this client must agree "
+            f"on CURVE (the daemon's [security] section; {hints.own_keys}), and the server key must be the "
+            "daemon's; or this is another of the daemon's ports (queries go to its [query] bind, events to "
+            "[ingest] bind, acknowledged ones to ack_bind, followers to [subscribe] bind)",
+            refused=True,
+        )
+    if verdict.connected:
         return HandshakeFailure(f"took the connection but completed no handshake within {timeout:g} s", refused=False)
     return HandshakeFailure(
         f"accepted no connection within {timeout:g} s: is the daemon running, and is this its endpoint?", refused=False
