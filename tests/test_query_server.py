@@ -19,6 +19,7 @@ from harness import Daemon, publish
 from test_flood import rss_mb
 
 from actors.query_server import REPLIES_QUEUED
+from transport.client import QueryClient
 from transport.publisher import Publisher
 
 pytestmark = pytest.mark.e2e
@@ -152,3 +153,22 @@ def test_a_client_pipelining_thousands_of_queries_while_reading_gets_every_reply
         context.term()
     assert got == 3000
     assert "a query reply was dropped" not in daemon.log()
+
+
+def test_a_query_socket_monitor_has_an_address_no_other_socket_takes(daemon_factory: Callable[..., Daemon]) -> None:
+    """Each query socket has a monitor (to see a refused handshake at once). pyzmq names a monitor
+    by its socket's file descriptor unless told otherwise, and libzmq may still hold that name for
+    a moment after the socket closes: a query opened just then, or alongside an application's
+    own monitors named so in the process-wide context, failed with ``Address already in use``
+    (seen once in CI). Here every such name is taken first."""
+    daemon = daemon_factory().start()
+    squatter = zmq.Context.instance().socket(zmq.PAIR)
+    try:
+        for descriptor in range(4096):
+            squatter.bind(f"inproc://monitor.s-{descriptor}")
+        for _ in range(3):
+            with QueryClient(daemon.query, timeout=5) as client:
+                assert "error" not in client.request({"op": "health"})
+    finally:
+        squatter.close(linger=0)
+    assert daemon.terminate() == 0

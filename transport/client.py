@@ -9,6 +9,8 @@ ends the wait at once (:class:`HandshakeRefused`) instead of at the timeout.
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
 from collections.abc import Callable, Iterator
 from os import PathLike
@@ -41,6 +43,7 @@ class HandshakeRefused(NoAnswer):
 
 
 GIVE_UP_POLL_S = 0.1  # how often a wait with a give_up check asks it
+_MONITORS = itertools.count()
 
 HANDSHAKE_FAILED = (
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -114,8 +117,10 @@ class QueryClient:
         sock.setsockopt(zmq.LINGER, 0)
         if self._configure is not None:
             self._configure(sock)
-        # Attached before connect: a handshake refused before the monitor would go unseen.
-        monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
+        # Attached before connect: a handshake refused before the monitor would go unseen. Its
+        # own address: pyzmq's default names it by the socket's file descriptor, which a socket
+        # opened just after one closed takes over while libzmq may still hold the old name.
+        monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS, monitor_address())
         try:
             connect(sock, self.endpoint)
         except ValueError as exc:
@@ -270,6 +275,11 @@ def _refusal(endpoint: str, kind: int, value: int) -> str:
         f"{endpoint} took the connection but the security handshake failed: the daemon and this client must "
         "agree on CURVE, and the server key must be the daemon's; or this is not the daemon's [query] bind"
     )
+
+
+def monitor_address() -> str:
+    """An inproc address for a socket monitor, unique in this process."""
+    return f"inproc://eventagg-monitor-{os.getpid()}-{next(_MONITORS)}"
 
 
 def connect(sock: zmq.Socket[Any], endpoint: str) -> None:

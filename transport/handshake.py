@@ -18,7 +18,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from transport.client import HANDSHAKE_EVENTS, HandshakeVerdict, connect
+from transport.client import HANDSHAKE_EVENTS, HandshakeVerdict, connect, monitor_address
 from transport.security import SocketHook
 
 NOTICE_AFTER_S = 1.0
@@ -84,7 +84,7 @@ def probe(
         if configure is not None:
             configure(sock)
         # Attached before connect: a handshake done before the monitor would go unseen.
-        monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
+        monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS, monitor_address())
         try:
             connect(sock, endpoint)
             return _watch(monitor, timeout, waiting, hints)

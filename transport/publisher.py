@@ -56,7 +56,7 @@ import zmq
 
 from transport import arguments
 from transport.backoff import Backoff, RetryBudget
-from transport.client import connect, connectable
+from transport.client import connect, connectable, monitor_address
 from transport.config import load_config
 from transport.schema import (
     DEFAULT_MAX_PAYLOAD_BYTES,
@@ -734,7 +734,7 @@ class Publisher:
         if self._configure is not None:
             self._configure(sock)
         if not self.acked:  # attached before connecting, or a quick handshake would go unseen
-            self._resources.monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            self._resources.monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED, monitor_address())
         try:
             connect(sock, self.endpoint)
         except ValueError as exc:
