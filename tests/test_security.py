@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -225,6 +226,50 @@ def test_clients_say_why_a_curve_daemon_does_not_take_them(
     assert sent.returncode == 0, sent.stderr
     eventually(lambda: ask(daemon, {"op": "stats"}, alice)["unique_processed"] == 10, 15, "alice's 10 events")
     assert ask(daemon, {"op": "stats"}, alice)["received"] == 10  # none of the refused ones arrived
+    assert daemon.terminate() == 0
+
+
+@pytest.mark.e2e
+def test_query_clients_kept_open_while_their_daemon_refused_them_for_a_while_are_answered_after(
+    daemon_factory: Callable[..., Daemon], keys: dict[str, Path]
+) -> None:
+    """Clients kept open between requests (as the gateway pools them) while their daemon ran for a
+    while with CURVE: at their next request, to the plain daemon back again, the refusals their
+    monitors had seen meanwhile were taken as the new daemon's (HandshakeRefused), and a REQ
+    socket that libzmq had left without a connection blocked its send for ever."""
+    daemon = daemon_factory().start()
+    plain = daemon.config_path.read_text()
+    clients = [QueryClient(daemon.query, timeout=5) for _ in range(8)]
+    for client in clients:
+        assert "error" not in client.request({"op": "health"})
+    daemon.terminate()
+    server_key, authorized = keys["server_secret"], keys["authorized"]
+    daemon.config_path.write_text(
+        f"{plain}\n[security]\ncurve_secret_key = '{server_key}'\nauthorized_keys = '{authorized}'\n"
+    )
+    daemon.start(wait=False)
+    wait_ready(daemon, curve_client(keys["server_public"], keys["alice"]))
+    time.sleep(1.0)  # the idle clients reconnect, and are refused
+    daemon.terminate()
+    daemon.config_path.write_text(plain)
+    daemon.start()
+    answers: dict[int, str] = {}
+
+    def ask_again(index: int, client: QueryClient) -> None:
+        try:
+            answers[index] = "answered" if "error" not in client.request({"op": "health"}) else "error"
+        except NoAnswer as exc:
+            answers[index] = f"{type(exc).__name__}: {exc}"
+
+    askers = [threading.Thread(target=ask_again, args=item, daemon=True) for item in enumerate(clients)]
+    for asker in askers:
+        asker.start()
+    deadline = time.monotonic() + 15
+    for asker in askers:
+        asker.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert answers == dict.fromkeys(range(len(clients)), "answered"), answers
+    for client in clients:
+        client.close()
     assert daemon.terminate() == 0
 
 

@@ -146,11 +146,19 @@ class QueryClient:
         """
         payload = msgpack.packb(query, use_bin_type=True)
         for _ in range(self.attempts):
+            if self._socket is not None and not self._last_handshake_succeeded():
+                self._drop_socket()
             if self._socket is None:
                 self._socket = self._open()
-            self._socket.send(payload)
+            deadline = time.monotonic() + self.timeout
+            verdict = HandshakeVerdict()
             try:
-                answered = self._await(self._socket, give_up)
+                # A send waits within the timeout too: on a socket left with no connection a
+                # plain send blocks for ever.
+                answered = self._await(self._socket, zmq.POLLOUT, deadline, verdict, give_up)
+                if answered:
+                    self._socket.send(payload, zmq.NOBLOCK)
+                    answered = self._await(self._socket, zmq.POLLIN, deadline, verdict, give_up)
             except BaseException:  # KeyboardInterrupt: a REQ socket between send and reply cannot send again
                 self._drop_socket()
                 raise
@@ -168,16 +176,38 @@ class QueryClient:
             "[query] bind, and do its CURVE settings and this client's agree? (transport.handshake.probe tells which)"
         )
 
-    def _await(self, sock: zmq.Socket[Any], give_up: Callable[[], bool] | None) -> bool | None:
-        """Whether the answer came within the timeout; None if ``give_up`` ended the wait.
-        Raises :class:`HandshakeRefused` as soon as the monitor shows the daemon refusing us."""
+    def _last_handshake_succeeded(self) -> bool:
+        """Whether the open socket's last handshake, of those its monitor saw while it sat idle
+        between requests, succeeded (or there was none). Read so, what happened meanwhile is not
+        judged again as this request's: a daemon restarted for a while with other keys, then
+        back, takes the socket. But after a refused handshake libzmq may leave the socket
+        without a connection for good, so one whose last handshake failed is replaced."""
+        monitor = self._monitor
+        succeeded = True
+        while monitor is not None and monitor.poll(0):
+            kind = int(recv_monitor_message(monitor)["event"])
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                succeeded = True
+            elif kind & HANDSHAKE_FAILED:
+                succeeded = False
+        return succeeded
+
+    def _await(
+        self,
+        sock: zmq.Socket[Any],
+        flag: int,
+        deadline: float,
+        verdict: HandshakeVerdict,
+        give_up: Callable[[], bool] | None,
+    ) -> bool | None:
+        """Whether ``sock`` became ready for ``flag`` (POLLOUT: room to send; POLLIN: the answer)
+        before ``deadline``; None if ``give_up`` ended the wait. Raises :class:`HandshakeRefused` as
+        soon as the monitor shows the daemon refusing us."""
         monitor = self._monitor
         poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
+        poller.register(sock, flag)
         if monitor is not None:
             poller.register(monitor, zmq.POLLIN)
-        verdict = HandshakeVerdict()
-        deadline = time.monotonic() + self.timeout
         while True:
             left = deadline - time.monotonic()
             wait = min(left, GIVE_UP_POLL_S) if give_up is not None else left
