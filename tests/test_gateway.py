@@ -690,6 +690,35 @@ def test_curve_when_the_config_says_so(gateway_factory: Callable[..., Gateway], 
 
 
 @pytest.mark.e2e
+def test_a_daemon_that_starts_refusing_the_gateway_is_named_so_in_its_503s(
+    gateway_factory: Callable[..., Gateway], tmp_path: Path
+) -> None:
+    """A daemon restarted with CURVE behind a gateway without keys: its queries were answered 503
+    "did not answer within 2 s", at once and naming no cause."""
+    folder, authorized = tmp_path / "keys", tmp_path / "authorized"
+    for args in (("server", str(folder)), ("client", "alice", str(folder), "--authorize", str(authorized))):
+        result = run_script("keys.py", *args, timeout=30)
+        assert result.returncode == 0, result.stderr
+    gateway = gateway_factory()
+    daemon = gateway.daemon
+    assert gateway.client.get("/stats").status_code == 200
+    daemon.terminate()
+    with daemon.config_path.open("a") as config:
+        config.write(f"\n[security]\ncurve_secret_key = '{folder / 'server.key_secret'}'\n")
+        config.write(f"authorized_keys = '{authorized}'\n")
+    daemon.start(wait=False)
+
+    def refused() -> bool:
+        answer = gateway.client.get("/stats")
+        assert answer.status_code == 503, answer.text
+        return "the daemon does not take this gateway's connections" in answer.json()["error"]
+
+    eventually(refused, 30, "a 503 naming the refusal")
+    assert "security handshake failed" in gateway.client.get("/stats").json()["error"]
+    assert "Traceback" not in gateway.log()
+
+
+@pytest.mark.e2e
 def test_a_gateway_whose_key_the_daemon_refuses_says_so_at_start(
     gateway_factory: Callable[..., Gateway], tmp_path: Path
 ) -> None:
@@ -1195,6 +1224,14 @@ def test_the_host_checked_is_the_one_the_request_is_for(gateway: Gateway) -> Non
     assert elsewhere.startswith(b"HTTP/1.1 421 ") and b"attacker.example" in elsewhere, elsewhere
     here = f"GET http://localhost:{port}/stats HTTP/1.1\r\nHost: attacker.example\r\n\r\n".encode()
     assert answer(here).startswith(b"HTTP/1.1 200 ")
+    # The rules on Host hold whatever the target's form; an HTTP/1.0 one names its host there.
+    two_here = f"GET http://localhost:{port}/stats HTTP/1.1\r\nHost: localhost\r\nHost: localhost\r\n\r\n"
+    assert answer(two_here.encode()).startswith(b"HTTP/1.1 400 ")
+    assert answer(f"GET http://localhost:{port}/stats HTTP/1.1\r\n\r\n".encode()).startswith(b"HTTP/1.1 400 ")
+    assert answer(b"GET http://attacker.example/stats HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 421 ")
+    assert answer(f"GET http://localhost:{port}/stats HTTP/1.0\r\n\r\n".encode()).startswith(b"HTTP/1.1 200 ")
+    long_scheme = b"GET abcdefghijklmnopqrstuvwxyz://attacker.example/stats HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    assert answer(long_scheme).startswith(b"HTTP/1.1 421 ")
     assert answer(b"GET /stats HTTP/1.1\r\nHost: localhost\r\n\r\n").startswith(b"HTTP/1.1 200 ")
 
 

@@ -59,7 +59,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from transport import metrics
-from transport.client import GaveUp, NoAnswer, QueryClient, QueryClientError, connectable
+from transport.client import GaveUp, HandshakeRefused, NoAnswer, QueryClient, QueryClientError, connectable
 from transport.config import Config, load_config
 from transport.gateway_stream import STREAMS_FOLDER_ENV, EventStreamResponse, OpenStreams, StreamPump
 from transport.handshake import CONFIG_HINTS, probe
@@ -192,6 +192,9 @@ class DaemonLink:
             raise GatewayError(
                 503, "the gateway is stopping; the daemon did not answer in time: ask again on a running gateway"
             ) from None
+        except HandshakeRefused as exc:
+            client.close()
+            raise GatewayError(503, f"the daemon does not take this gateway's connections: {exc}") from None
         except NoAnswer:
             client.close()
             raise GatewayError(

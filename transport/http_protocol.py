@@ -65,9 +65,11 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         authority = _authority_of(self.url)
-        if authority is not None:
+        hosts = sum(name == b"host" for name, _ in self.headers)
+        if authority is not None and (hosts == 1 or (hosts == 0 and self.parser.get_http_version() == "1.0")):
             # RFC 9112 3.2.2: a request whose target names its host (absolute-form, as sent to a
-            # proxy) is for that host, whatever its Host says; so that is the Host checked.
+            # proxy) is for that host, whatever its Host says; so that is the Host checked. Two
+            # Hosts, or HTTP/1.1 without one, are left for the gateway's 400 (RFC 9112 3.2).
             self.headers[:] = [(name, value) for name, value in self.headers if name != b"host"]
             self.headers.append((b"host", authority))
         super().on_headers_complete()
@@ -161,7 +163,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 def _authority_of(target: bytes) -> bytes | None:
     """The ``host[:port]`` of an absolute-form request target (``http://host:port/path``); None
     for the usual origin-form (``/path``) and for a target that does not parse."""
-    if target.startswith(b"/") or b"://" not in target[:16]:
+    if target.startswith(b"/") or b"://" not in target:  # origin-form, or "*" (OPTIONS)
         return None
     try:
         parsed = httptools.parse_url(target)
