@@ -60,6 +60,10 @@ from transport.subscriber import MAX_FILTER_TOPICS, name_problem
 from transport.zap import REVOKED, ConnectionGate
 
 log = logging.getLogger(__name__)
+_NOT_QUERIES = (
+    "this is the daemon's subscribe endpoint ([subscribe] bind), for followers; queries (stats, events,"
+    " topics, health) go to its [query] bind"
+)
 
 MAX_REQUEST_BYTES = 1_048_576
 # An all-topics subscription with a topic filter reads at most this many positions per query,
@@ -516,6 +520,12 @@ class SubscriptionServer:
             identity = parts[0]
             if refused is not None:  # its key was revoked: end what it follows, and say why
                 self._revoke(identity, refused)
+                continue
+            if len(parts) == 3 and parts[1] == b"":
+                # A REQ client's envelope: a query sent here by mistake. Answered so its REQ socket
+                # takes the reply (with the empty frame), or it would wait its whole timeout.
+                self._warn.warning("a query came to the subscribe endpoint; told it to use [query] bind")
+                self._unsent.send([identity, b"", _pack_message({"error": _NOT_QUERIES})])
                 continue
             try:
                 self._handle(identity, parts[1:])

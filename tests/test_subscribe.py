@@ -679,3 +679,17 @@ def test_forgetting_a_named_consumer_deletes_its_position_and_frees_its_name(dae
         assert refused["code"] == "bad_request" and "for a named subscription" in refused["error"], refused
     finally:
         unnamed.close()
+
+
+def test_a_query_sent_to_the_subscribe_endpoint_is_told_where_queries_go(daemon_factory: Callable[..., Daemon]) -> None:
+    """A REQ socket takes only replies carrying its envelope's empty frame, so the error sent to
+    a query here was dropped, and `eventagg stats` pointed at this port waited its whole timeout."""
+    daemon = daemon_factory().start()
+    started = time.monotonic()
+    stats = run_script("stats.py", "--endpoint", daemon.subscribe, "--timeout", "60", timeout=30)
+    assert stats.returncode == 1 and "[query] bind" in stats.stderr, stats.stderr
+    assert time.monotonic() - started < 20
+    with Subscriber(daemon.subscribe, "topic-0", after=0) as follower:  # followers are served as before
+        publish(daemon.ack, "--acked", "--events", "3", "--topics", "1")
+        assert follower.next_event(timeout=10) is not None
+    assert daemon.terminate() == 0
