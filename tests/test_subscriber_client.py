@@ -267,3 +267,28 @@ def test_closing_a_subscriber_whose_name_another_connection_took_logs_and_does_n
         with caplog.at_level(logging.ERROR):
             first.close()
     assert "position 1 not stored" in caplog.text
+
+
+def test_a_subscriber_heartbeats_as_often_as_the_daemon_announces(daemon_factory: Callable[..., Daemon]) -> None:
+    """With `[subscribe] timeout_ms` under the Subscriber's own 1 s heartbeat, the daemon dropped it
+    every timeout_ms (it read heartbeat_ms only to judge the daemon's silence), and it subscribed
+    again each time: warnings in the daemon's log and events late by up to a reconnect."""
+    daemon = daemon_factory(subscribe={"heartbeat_ms": 100, "timeout_ms": 300}).start()
+    with Publisher(daemon.ack, acked=True) as publisher, Subscriber(daemon.subscribe, "quiet", after=0) as follower:
+        for number in range(6):
+            publisher.publish(
+                {
+                    "topic": "quiet",
+                    "event_id": f"e{number}",
+                    "timestamp": "2026-12-06T10:00:00Z",
+                    "source": "test",
+                    "payload": {"n": number},
+                }
+            )
+            publisher.flush()
+            event = follower.next_event(timeout=5)
+            assert event is not None and event["event_id"] == f"e{number}"
+            assert follower.next_event(timeout=0.5) is None  # silence, longer than timeout_ms
+        assert follower.reconnects == 0
+    assert "not_subscribed" not in daemon.log()
+    assert daemon.terminate() == 0

@@ -143,6 +143,9 @@ class Subscriber:
         self._max_credit = DAEMON_MAX_CREDIT  # the most credit the daemon holds at once
         self._cap_reported = False  # the daemon's subscribed reply said its cap (then never re-grant)
         self._silence = timeout  # nothing heard for this long: the daemon is gone
+        # Nothing sent for this long: send a heartbeat. The daemon's announced heartbeat_ms when
+        # shorter, as its timeout_ms (a few of them) may be below this side's own heartbeat.
+        self._send_every = heartbeat
         self._last_event_at = 0.0
         self._regranted = False  # granted again after a quiet spell; once until events come
         self._roomy = False  # the daemon sent more than counted: its cap is no stall, no re-grants
@@ -199,7 +202,7 @@ class Subscriber:
                 if now >= deadline and looked:
                     return None
                 looked = True
-                self._step(max(0.0, min(deadline, now + 0.25) - now))
+                self._step(max(0.0, min(deadline, now + min(0.25, self._send_every)) - now))
             self._tell_due_notices()
         finally:
             self._reader = None
@@ -303,7 +306,7 @@ class Subscriber:
     def _keep_alive(self) -> None:
         """A heartbeat when nothing went out for ``heartbeat``: the application may take a while
         over a full buffer, and the daemon drops a consumer it does not hear from."""
-        if self._socket is not None and self._subscribed and time.monotonic() - self._last_sent >= self.heartbeat:
+        if self._socket is not None and self._subscribed and time.monotonic() - self._last_sent >= self._send_every:
             self._send({"op": "heartbeat"})
 
     def _finish_taken(self) -> None:
@@ -343,7 +346,7 @@ class Subscriber:
         if not receive_only and self._subscribed:
             self._regrant_when_quiet(now)
             self._grant()  # again, should a grant not have gone out
-            if now - self._last_sent >= self.heartbeat:
+            if now - self._last_sent >= self._send_every:
                 self._send({"op": "heartbeat"})
         if self.name is not None and self._subscribed and self._taken_cursor not in (None, self._ack_sent):
             if now - self._ack_sent_at >= self.ack_interval and self._taken is None:
@@ -494,6 +497,7 @@ class Subscriber:
         heartbeat_ms = subscribed.get("heartbeat_ms")
         if isinstance(heartbeat_ms, int) and heartbeat_ms > 0:
             self._silence = max(self.timeout, SILENT_HEARTBEATS * heartbeat_ms / 1000)
+            self._send_every = min(self.heartbeat, heartbeat_ms / 1000)
         max_credit = subscribed.get("max_credit")
         self._cap_reported = isinstance(max_credit, int) and max_credit > 0
         if isinstance(max_credit, int) and self._cap_reported and max_credit != self._max_credit:
