@@ -19,7 +19,7 @@ import functools
 import re
 from typing import TYPE_CHECKING, Any
 
-from actors.store import StorageError
+from actors.store import StorageError, StorageRefused
 from actors.watchdog import ping_timeout
 from transport.sdnotify import NotifyError, watchdog_interval
 
@@ -153,16 +153,21 @@ def set_statement_timeout(conn: psycopg.Connection[Any], milliseconds: int) -> N
 def connect(dsn: str, node: str, purpose: str) -> psycopg.Connection[Any]:
     """An autocommit connection with timeouts and keepalives set unless the dsn sets them.
 
-    Raises :class:`StorageError` (one line, naming the server) when the dsn is bad or the
-    server cannot be reached.
+    Raises :class:`StorageRefused` when the dsn is bad and :class:`StorageError` (one line,
+    naming the server) when the server cannot be reached.
     """
     pg = load_psycopg()
     where = describe_dsn(dsn)
+    # A dsn that does not parse, or whose port is no port number, can never work: StorageRefused,
+    # so the daemon exits 2 as for a refused config (no restart loop under systemd).
     try:
         params = pg.conninfo.conninfo_to_dict(dsn)
     except pg.Error as exc:
         reason = without_password(one_line(exc), dsn)  # libpq quotes the dsn, password and all
-        raise StorageError(f"[storage] dsn is not a valid libpq connection string or URI: {reason}") from None
+        raise StorageRefused(f"[storage] dsn is not a valid libpq connection string or URI: {reason}") from None
+    for port in str(params.get("port", "")).split(","):  # libpq takes a list, one per host
+        if port.strip() and not (port.strip().isdigit() and 0 < int(port) < 65536):
+            raise StorageRefused(f"[storage] dsn: port {port.strip()!r} is not a port number (1 to 65535)")
     defaults = {
         "connect_timeout": CONNECT_TIMEOUT_S,
         "keepalives": 1,

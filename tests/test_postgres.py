@@ -275,8 +275,11 @@ def test_bad_dsn_unreachable_server_and_newer_schema_each_give_one_clear_line(
 ) -> None:
     from harness import free_port
 
-    line = _startup_failure(pg_daemon(daemon_factory, "bad", "host=127.0.0.1 port"))
+    # A dsn that cannot work exits 2, as a refused config does (no restart loop under systemd).
+    line = _startup_failure(pg_daemon(daemon_factory, "bad", "host=127.0.0.1 port"), status=2)
     assert "[storage] dsn is not a valid libpq connection string" in line
+    line = _startup_failure(pg_daemon(daemon_factory, "badport", "host=127.0.0.1 port=99999"), status=2)
+    assert "[storage] dsn: port '99999' is not a port number" in line
     unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/x"
     line = _startup_failure(pg_daemon(daemon_factory, "away", unreachable))
     assert "cannot connect to PostgreSQL 127.0.0.1:" in line and "[storage] dsn" in line
