@@ -167,7 +167,11 @@ def connect(dsn: str, node: str, purpose: str) -> psycopg.Connection[Any]:
         raise StorageRefused(f"[storage] dsn is not a valid libpq connection string or URI: {reason}") from None
     for port in str(params.get("port", "")).split(","):  # libpq takes a list, one per host
         if port.strip() and not (port.strip().isdigit() and 0 < int(port) < 65536):
-            raise StorageRefused(f"[storage] dsn: port {port.strip()!r} is not a port number (1 to 65535)")
+            # Not quoted: from a URI whose password holds a "/", libpq takes a piece of it for the port.
+            raise StorageRefused(
+                "[storage] dsn names a port that is no port number (1 to 65535); in a URI, percent-encode"
+                " any '/', '@' or ':' in the password (%2F, %40, %3A)"
+            )
     defaults = {
         "connect_timeout": CONNECT_TIMEOUT_S,
         "keepalives": 1,

@@ -258,6 +258,14 @@ def test_a_whole_batch_refused_by_the_daemon_raises_batch_refused(daemon_factory
         assert configured.batch_size == 5
         configured.publish_many([make_event(i, 1, "big") for i in range(8)])
     assert configured.totals.acked_new == 8
+    # The command reads the same limit from --config: before, fire-and-forget it sent one frame of
+    # 50, refused whole, and said it had sent 50 (exit 0).
+    sent = run_script("publish.py", "--config", str(daemon.config_path), "--events", "50", "--id-prefix", "cmd")
+    assert sent.returncode == 0, sent.stderr
+    eventually(lambda: daemon.request({"op": "stats"})["received"] == 8 + 50, 15, "the command's 50 events")
+    too_big = run_script("publish.py", "--config", str(daemon.config_path), "--events", "5", "--batch", "6")
+    assert too_big.returncode == 2 and "[ingest] max_batch_events (5)" in too_big.stderr, too_big.stderr
+    assert daemon.request({"op": "stats"})["rejected"] == 1  # the first Publisher's batch of 8, alone
 
 
 @pytest.mark.e2e

@@ -41,10 +41,18 @@ from transport.client import MAX_TIMEOUT_S, connectable
 from transport.commands.client_flags import curve_from_args, endpoint_url
 from transport.config import ConfigError, IngestConfig, load_config
 from transport.handshake import unreachable
-from transport.publisher import DEFAULT_WINDOW, DeliveryFailed, Publisher, PublisherError, PublishTimeout
+from transport.publisher import (
+    DEFAULT_MAX_BATCH_BYTES,
+    DEFAULT_WINDOW,
+    DeliveryFailed,
+    Publisher,
+    PublisherError,
+    PublishTimeout,
+)
 from transport.security import SecurityError, SocketHook
 from transport.workload import plan
 
+DEFAULT_BATCH = 100  # events per frame when --batch is not given
 PROGRESS_EVERY_S = 0.5
 INTERRUPT_WAIT_S = 5.0  # after Ctrl-C, how long the acknowledgements of what was sent are awaited
 PARENT_CHECK_EVERY = 1000  # events between a worker's checks that the command is still there
@@ -109,6 +117,7 @@ def send_slice(
         endpoints=several,
         acked=args.acked,
         batch_size=args.batch,
+        max_batch_bytes=getattr(args, "max_batch_bytes", DEFAULT_MAX_BATCH_BYTES),
         window=args.window,
         ack_timeout=args.ack_timeout,
         deadline=args.deadline,
@@ -323,7 +332,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--duplicates", type=float, default=0.0, metavar="F", help="fraction of re-sends (default 0)")
     parser.add_argument("--topics", type=int, default=10, metavar="K", help="topics (default 10)")
     parser.add_argument("--processes", type=int, default=1, metavar="P", help="publisher processes (default 1)")
-    parser.add_argument("--batch", type=int, default=100, metavar="B", help="events per frame (default 100)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        metavar="B",
+        help="events per frame (default 100, or the config's [ingest] max_batch_events if lower)",
+    )
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     parser.add_argument("--id-prefix", default="e", metavar="STR", help="prefix of every event_id (default 'e')")
     parser.add_argument("--slice", metavar="K/P", help="send only slice K (0-based) of P interleaved slices")
@@ -377,10 +391,21 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         else:
             ingest = load_config(args.config).ingest if args.config else IngestConfig()
             endpoint = connectable(ingest.ack_bind if args.acked else ingest.bind)
+            # The daemon refuses a larger message whole, as Publisher.from_config knows.
+            if args.batch is not None and args.batch > ingest.max_batch_events:
+                raise ConfigError(
+                    f"--batch {args.batch} is more than the config's [ingest] max_batch_events"
+                    f" ({ingest.max_batch_events}): the daemon would refuse every batch whole"
+                )
+            if args.batch is None:
+                args.batch = min(DEFAULT_BATCH, ingest.max_batch_events)
+            args.max_batch_bytes = min(DEFAULT_MAX_BATCH_BYTES, ingest.max_message_bytes // 2)
         secure = curve_from_args(args)  # the key files checked once, before starting any process
     except (ConfigError, SecurityError) as exc:
         print(f"publish: {exc}", file=sys.stderr)
         return 2
+    if args.batch is None:
+        args.batch = DEFAULT_BATCH
     if not all(1 <= value <= MAX_COUNT for value in (args.batch, args.processes, args.window, args.topics)):
         parser.error(f"--batch, --processes, --window and --topics must be from 1 to {MAX_COUNT}")
     if args.events < 0 or not 0 <= args.duplicates < 1:
