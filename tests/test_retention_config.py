@@ -37,6 +37,9 @@ def test_out_of_range_and_zero_values_are_refused_saying_what_is_allowed(values:
 def test_bare_integers_are_seconds_and_bytes() -> None:
     retention = parse_config({"retention": {"max_age": 3600, "max_bytes": 1000000, "sweep_interval": 5}}).retention
     assert (retention.max_age_s, retention.max_bytes_value, retention.sweep_interval_s) == (3600.0, 1000000, 5.0)
+    # A fraction too: 1.5 was refused as "must be a string, not a number", where 3600 was taken.
+    retention = parse_config({"retention": {"max_age": 1.5, "sweep_interval": 0.25}}).retention
+    assert (retention.max_age_s, retention.sweep_interval_s) == (1.5, 0.25)
 
 
 def test_the_longest_values_allowed_load() -> None:

@@ -341,7 +341,7 @@ _SECTIONS: dict[str, type] = {
     "http": HttpConfig,
 }
 
-# Durations and sizes written as strings; a TOML integer there is seconds or bytes.
+# Durations and sizes written as strings; a TOML number there is seconds or bytes.
 _SPANS = {
     ("retention", "max_age"),
     ("retention", "max_bytes"),
@@ -574,7 +574,7 @@ def _parse_section(name: str, section_type: type, values: dict[str, Any]) -> Any
             raise ConfigError(f"unknown key [{name}] {key}; known keys: {', '.join(sorted(fields))}")
         default: Any = spec.default  # every field has one; Any, since the sections differ
         expected = type(default)
-        if (name, key) in _SPANS and type(value) is int:
+        if (name, key) in _SPANS and type(value) in (int, float):
             value = str(value)  # a bare number is seconds or bytes, as in a string
         if expected is tuple and type(value) is list:  # a TOML array, kept immutable
             value = _strings(f"[{name}] {key}", value)
