@@ -1234,7 +1234,7 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
 class HostCheck:
     """ASGI middleware: answer **421** to a request whose ``Host`` is not one of ``names`` (None:
     every name is). A request without ``Host`` is answered if it is HTTP/1.0 (no browser sends
-    one so); as RFC 9112 has it, one with two ``Host`` headers, or HTTP/1.1 without one, is a 400.
+    one so); as RFC 9112 has it, one with more than one ``Host``, or HTTP/1.1 without one, is a 400.
     (An absolute-form target's host stands for the ``Host``: see :mod:`transport.http_protocol`.)"""
 
     def __init__(self, app: ASGIApp, names: frozenset[str] | None) -> None:
