@@ -100,6 +100,28 @@ def test_an_event_whose_payload_has_an_array_or_map_key_is_refused_alone(key: ob
     assert batch_id == 7 and [e.event_id for e in acked.events] == ["1", "2"] and acked.rejected[0][0] == 1
 
 
+@pytest.mark.parametrize(
+    ("ext", "said"),
+    [
+        (b"\xc7\x05\xff" + bytes(5), "invalid timestamp data (length 5)"),  # 4, 8 or 12 bytes only
+        (b"\xd4\xff\x00", "invalid timestamp data (length 1)"),
+        (b"\xd7\xff" + ((10**9) << 34).to_bytes(8, "big"), "999999999"),  # nanoseconds past a second
+    ],
+)
+def test_an_event_holding_a_timestamp_msgpack_cannot_read_is_refused_alone(ext: bytes, said: str) -> None:
+    """Such a Timestamp threw the whole frame away: fire-and-forget, its good neighbours were lost
+    without a word."""
+    marker = msgpack.packb("MARKER")
+    frame = msgpack.packb([GOOD, {**GOOD, "event_id": "bad", "timestamp": "MARKER"}, {**GOOD, "event_id": "2"}])
+    frame = frame.replace(marker, ext)
+    batch = decode_frame(frame)
+    assert [e.event_id for e in batch.events] == ["1", "2"]
+    [(index, reason)] = batch.rejected
+    assert index == 1 and said in reason, reason
+    batch_id, acked = decode_ack_request(b"\x82" + msgpack.packb("batch") + b"\x07" + msgpack.packb("events") + frame)
+    assert batch_id == 7 and [e.event_id for e in acked.events] == ["1", "2"] and acked.rejected[0][0] == 1
+
+
 def test_an_acknowledged_request_with_thousands_of_keys_is_refused_unread_naming_its_batch() -> None:
     junk = b"".join(msgpack.packb(n) + b"\xc0" for n in range(100_000))
     body = msgpack.packb("batch") + msgpack.packb(7) + msgpack.packb("events") + msgpack.packb([GOOD])

@@ -182,6 +182,10 @@ def _unpack_event(data: memoryview) -> Any:
         # cannot hash: this event's fault, not the frame's.
         raise InvalidEvent(f"event holds a map whose key is an array or a map ({exc}); {MAP_KEYS}") from None
     except (ValueError, msgpack.UnpackException) as exc:
+        if type(exc) is ValueError:
+            # Likewise a value msgpack reads but cannot build: a Timestamp (ext -1) whose data is
+            # not 4, 8 or 12 bytes, or whose nanoseconds pass 999 999 999.
+            raise InvalidEvent(f"event holds a msgpack value that cannot be read: {exc}") from None
         raise _not_msgpack(exc) from None
 
 
