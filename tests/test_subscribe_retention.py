@@ -245,3 +245,29 @@ def test_a_cursor_past_anything_committed_is_refused(daemon_factory: Callable[..
         other.close()
     assert "refused a subscriber (busy)" in daemon.log()
     assert "bad subscription message: the daemon serves" not in daemon.log()
+
+
+def test_a_filtered_follower_is_told_of_each_hole_once_and_of_no_empty_stretch(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """Two topics interleaved, each trimmed to its last 5: a follower filtering them was told
+    `expired after=0 first=11` and then `after=10 first=11` (and `after=11 first=12`), stretches
+    holding nothing, as it met each topic's seqs apart over deletions before its cursor."""
+    daemon = retention_daemon(daemon_factory, max_events_per_topic=5)
+    publisher = Acked(daemon.ack)
+    try:
+        for n in range(10):
+            publisher.send([event(n, topic="A"), event(n, topic="B")])  # A at odd positions, B at even
+        daemon.wait_stats(timeout=60, stored=10, expired=10)
+    finally:
+        publisher.close()
+    assert stored_positions(daemon) == list(range(11, 21))
+    for topics, positions in ((["A"], [11, 13, 15, 17, 19]), (["A", "B"], list(range(11, 21)))):
+        consumer = subscribed(daemon, topics=topics, after=0, credit=100)
+        try:
+            messages = follow(consumer, positions[-1])
+        finally:
+            consumer.close()
+        notices = [message for message in messages if message["op"] == "expired"]
+        assert notices == [{"op": "expired", "after": 0, "first": 11}], messages
+        assert [e["position"] for m in messages if m["op"] == "events" for e in m["events"]] == positions
