@@ -232,6 +232,7 @@ class Subscription:
     # a topic after the subscription saw it is told (positions of other topics hide it).
     seqs: dict[str, int] = field(default_factory=dict)
     start: int = 0  # the cursor it subscribed at: a topic's events deleted after it were never sent
+    told_upto: int = 0  # the last position an expired notice it was sent covers
     key: bytes | None = None  # its CURVE client key (None while CURVE is off): revoked, it is sent nothing more
 
 
@@ -988,7 +989,8 @@ class SubscriptionServer:
         for index, (position, _, topic, seq) in enumerate(rows):
             last = seqs.get(topic)
             if last is None:
-                hole = topic in marks and marks[topic][1] > sub.start
+                # Deleted past where it started, and past what a notice already told it of.
+                hole = topic in marks and marks[topic][1] > max(sub.start, sub.told_upto)
             else:
                 hole = seq > last + 1
             seqs[topic] = seq
@@ -1025,10 +1027,6 @@ class SubscriptionServer:
         """Tell the consumer that what follows its cursor up to ``first`` is no longer stored and
         move its cursor to just before ``first``; False (the cursor unmoved, the subscription
         retried shortly) when its queue is full."""
-        if first <= sub.cursor + 1:
-            # Nothing between: a filtered follower finds its topic's seqs apart over deletions it
-            # was told of already (they lie before its cursor), and an empty stretch says nothing.
-            return True
         if sub.identity in self._unsent or not self._send_now(
             sub.identity, {"op": "expired", "after": sub.cursor, "first": first}, sub
         ):
@@ -1043,4 +1041,5 @@ class SubscriptionServer:
             first,
         )
         sub.cursor = first - 1
+        sub.told_upto = max(sub.told_upto, sub.cursor)
         return True
