@@ -273,7 +273,7 @@ def test_a_subscriber_heartbeats_as_often_as_the_daemon_announces(daemon_factory
     """With `[subscribe] timeout_ms` under the Subscriber's own 1 s heartbeat, the daemon dropped it
     every timeout_ms (it read heartbeat_ms only to judge the daemon's silence), and it subscribed
     again each time: warnings in the daemon's log and events late by up to a reconnect."""
-    daemon = daemon_factory(subscribe={"heartbeat_ms": 100, "timeout_ms": 300}).start()
+    daemon = daemon_factory(subscribe={"heartbeat_ms": 125, "timeout_ms": 200}).start()
     with Publisher(daemon.ack, acked=True) as publisher, Subscriber(daemon.subscribe, "quiet", after=0) as follower:
         for number in range(6):
             publisher.publish(
@@ -289,6 +289,7 @@ def test_a_subscriber_heartbeats_as_often_as_the_daemon_announces(daemon_factory
             event = follower.next_event(timeout=5)
             assert event is not None and event["event_id"] == f"e{number}"
             assert follower.next_event(timeout=0.5) is None  # silence, longer than timeout_ms
-        assert follower.reconnects == 0
-    assert "not_subscribed" not in daemon.log()
+        # One drop is let pass, should the loaded machine delay this thread by 75 ms; before, 5 or 6.
+        assert follower.reconnects <= 1
+    assert daemon.log().count("not_subscribed") <= 1
     assert daemon.terminate() == 0

@@ -202,7 +202,7 @@ class Subscriber:
                 if now >= deadline and looked:
                     return None
                 looked = True
-                self._step(max(0.0, min(deadline, now + min(0.25, self._send_every)) - now))
+                self._step(max(0.0, min(deadline, now + 0.25, self._heartbeat_due(now)) - now))
             self._tell_due_notices()
         finally:
             self._reader = None
@@ -302,6 +302,13 @@ class Subscriber:
                 CLOSE_ACK_WAIT_S,
                 "the last stored position" if self.acked is None else self.acked,
             )
+
+    def _heartbeat_due(self, now: float) -> float:
+        """When the next heartbeat is due (at least a millisecond away: what is due is sent by the
+        step that waits for it), so a wait never outlasts it."""
+        if not self._subscribed:
+            return math.inf
+        return max(now + 0.001, self._last_sent + self._send_every)
 
     def _keep_alive(self) -> None:
         """A heartbeat when nothing went out for ``heartbeat``: the application may take a while
