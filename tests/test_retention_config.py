@@ -40,6 +40,11 @@ def test_bare_integers_are_seconds_and_bytes() -> None:
     # A fraction too: 1.5 was refused as "must be a string, not a number", where 3600 was taken.
     retention = parse_config({"retention": {"max_age": 1.5, "sweep_interval": 0.25}}).retention
     assert (retention.max_age_s, retention.sweep_interval_s) == (1.5, 0.25)
+    # Numbers Python writes with an exponent were read as a number and a unit "e".
+    retention = parse_config({"retention": {"max_bytes": 1e16, "sweep_interval": 1e-5}}).retention
+    assert (retention.max_bytes_value, retention.sweep_interval_s) == (10**16, 1e-5)
+    with pytest.raises(ConfigError, match="must be longer than 0"):
+        parse_config({"retention": {"max_age": -0.0}})
 
 
 def test_the_longest_values_allowed_load() -> None:

@@ -147,6 +147,16 @@ MAX_DURATION_S = MAX_DURATION_YEARS * _DURATION_UNITS["y"]
 _PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-zµ]*)")
 
 
+def _number_text(value: float) -> str:
+    """A TOML number as the string it stands for, never in exponent form (``1e16`` is
+    10000000000000000, ``1e-9`` is 0.000000001), which the duration and size parsers do not read."""
+    if isinstance(value, int) or not math.isfinite(value):
+        return str(value)
+    if value.is_integer():
+        return str(int(value))
+    return f"{value:.17f}".rstrip("0")
+
+
 def parse_duration(text: str) -> float:
     """Seconds in a systemd-style time span: ``"250ms"``, ``"15min"``, ``"1h 30min"``, ``"3"`` (seconds).
 
@@ -575,7 +585,7 @@ def _parse_section(name: str, section_type: type, values: dict[str, Any]) -> Any
         default: Any = spec.default  # every field has one; Any, since the sections differ
         expected = type(default)
         if (name, key) in _SPANS and type(value) in (int, float):
-            value = str(value)  # a bare number is seconds or bytes, as in a string
+            value = _number_text(value)  # a bare number is seconds or bytes, as in a string
         if expected is tuple and type(value) is list:  # a TOML array, kept immutable
             value = _strings(f"[{name}] {key}", value)
         # bool is a subclass of int in Python; keep them apart so `actors = true` is an error.
