@@ -150,6 +150,9 @@ def set_statement_timeout(conn: psycopg.Connection[Any], milliseconds: int) -> N
     conn.answer_timeout_s = milliseconds / 1000 * ANSWER_MARGIN  # type: ignore[attr-defined]
 
 
+_PORT = re.compile(r"\+?[0-9]+")
+
+
 def connect(dsn: str, node: str, purpose: str) -> psycopg.Connection[Any]:
     """An autocommit connection with timeouts and keepalives set unless the dsn sets them.
 
@@ -166,7 +169,8 @@ def connect(dsn: str, node: str, purpose: str) -> psycopg.Connection[Any]:
         reason = without_password(one_line(exc), dsn)  # libpq quotes the dsn, password and all
         raise StorageRefused(f"[storage] dsn is not a valid libpq connection string or URI: {reason}") from None
     for port in str(params.get("port", "")).split(","):  # libpq takes a list, one per host
-        if port.strip() and not (port.strip().isdigit() and 0 < int(port) < 65536):
+        # As libpq reads one (ASCII digits, a sign allowed); str.isdigit also takes "²" and "٥".
+        if port.strip() and not (_PORT.fullmatch(port.strip()) and 0 < int(port) < 65536):
             # Not quoted: from a URI whose password holds a "/", libpq takes a piece of it for the port.
             raise StorageRefused(
                 "[storage] dsn names a port that is no port number (1 to 65535); in a URI, percent-encode"

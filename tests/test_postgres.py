@@ -278,8 +278,9 @@ def test_bad_dsn_unreachable_server_and_newer_schema_each_give_one_clear_line(
     # A dsn that cannot work exits 2, as a refused config does (no restart loop under systemd).
     line = _startup_failure(pg_daemon(daemon_factory, "bad", "host=127.0.0.1 port"), status=2)
     assert "[storage] dsn is not a valid libpq connection string" in line
-    line = _startup_failure(pg_daemon(daemon_factory, "badport", "host=127.0.0.1 port=99999"), status=2)
-    assert "[storage] dsn names a port that is no port number" in line
+    for number, port in enumerate(("99999", "5432²", "٥٤٣٢")):  # str.isdigit takes the last two, libpq not
+        line = _startup_failure(pg_daemon(daemon_factory, f"port{number}", f"host=127.0.0.1 port={port}"), status=2)
+        assert "[storage] dsn names a port that is no port number" in line and port not in line
     unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/x"
     line = _startup_failure(pg_daemon(daemon_factory, "away", unreachable))
     assert "cannot connect to PostgreSQL 127.0.0.1:" in line and "[storage] dsn" in line
