@@ -64,6 +64,16 @@ _NOT_QUERIES = (
     "this is the daemon's subscribe endpoint ([subscribe] bind), for followers; queries (stats, events,"
     " topics, health) go to its [query] bind"
 )
+_SUBSCRIBER_OPS = frozenset({"subscribe", "credit", "ack", "heartbeat", "unsubscribe"})
+
+
+def _is_query(frame: bytes) -> bool:
+    """Whether a message is a map whose op is none of a subscriber's (a query, most likely)."""
+    try:
+        message = unpack_from_peer(frame)
+    except Exception:
+        return False
+    return isinstance(message, dict) and message.get("op") not in _SUBSCRIBER_OPS
 
 MAX_REQUEST_BYTES = 1_048_576
 # An all-topics subscription with a topic filter reads at most this many positions per query,
@@ -522,11 +532,12 @@ class SubscriptionServer:
             if refused is not None:  # its key was revoked: end what it follows, and say why
                 self._revoke(identity, refused)
                 continue
-            if len(parts) == 3 and parts[1] == b"":
-                # A REQ client's envelope: a query sent here by mistake. Answered so its REQ socket
-                # takes the reply (with the empty frame), or it would wait its whole timeout.
+            if len(parts) == 3 and parts[1] == b"" and _is_query(parts[2]):
+                # A REQ client's envelope around a query: sent here by mistake. Answered so its REQ
+                # socket takes the reply (with the empty frame), or it would wait its whole timeout.
                 self._warn.warning("a query came to the subscribe endpoint; told it to use [query] bind")
-                self._unsent.send([identity, b"", _pack_message({"error": _NOT_QUERIES})])
+                reply = {"op": "error", "code": "bad_request", "error": _NOT_QUERIES}
+                self._unsent.send([identity, b"", _pack_message(reply)])
                 continue
             try:
                 self._handle(identity, parts[1:])

@@ -689,6 +689,14 @@ def test_a_query_sent_to_the_subscribe_endpoint_is_told_where_queries_go(daemon_
     stats = run_script("stats.py", "--endpoint", daemon.subscribe, "--timeout", "60", timeout=30)
     assert stats.returncode == 1 and "[query] bind" in stats.stderr, stats.stderr
     assert time.monotonic() - started < 20
+    # A subscriber's message behind an empty frame is still a subscriber's: told it must be one frame.
+    consumer = RawConsumer(daemon.subscribe)
+    try:
+        consumer.send_raw(b"", msgpack.packb({"op": "subscribe", "after": 0, "credit": 5}))
+        told = consumer.receive()
+        assert told["op"] == "error" and told["code"] == "bad_request" and "one frame" in told["error"], told
+    finally:
+        consumer.close()
     with Subscriber(daemon.subscribe, "topic-0", after=0) as follower:  # followers are served as before
         publish(daemon.ack, "--acked", "--events", "3", "--topics", "1")
         assert follower.next_event(timeout=10) is not None
