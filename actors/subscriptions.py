@@ -75,6 +75,7 @@ def _is_query(frame: bytes) -> bool:
         return False
     return isinstance(message, dict) and message.get("op") not in _SUBSCRIBER_OPS
 
+
 MAX_REQUEST_BYTES = 1_048_576
 # An all-topics subscription with a topic filter reads at most this many positions per query,
 # so one rare topic in a long backlog never holds the thread in one long scan.
