@@ -269,6 +269,16 @@ def test_a_whole_batch_refused_by_the_daemon_raises_batch_refused(daemon_factory
 
 
 @pytest.mark.e2e
+def test_publish_with_a_config_keeps_to_its_payload_limit(daemon_factory: Callable[..., Daemon]) -> None:
+    """With [ingest] max_payload_bytes = 16, `publish --config` sent 20 events the daemon refused,
+    and said it had sent them (exit 0); Publisher.from_config refuses such an event at once."""
+    daemon = daemon_factory("tiny", ingest={"max_payload_bytes": 16}).start()
+    sent = run_script("publish.py", "--config", str(daemon.config_path), "--events", "20")
+    assert sent.returncode == 1 and "over the limit of 16" in sent.stderr + sent.stdout, (sent.stdout, sent.stderr)
+    assert daemon.request({"op": "stats"})["rejected"] == 0  # nothing went out to be refused
+
+
+@pytest.mark.e2e
 def test_back_pressure_bounds_what_is_held_and_publish_times_out() -> None:
     publisher = Publisher(nowhere(), batch_size=5, window=2, ack_timeout=10.0, block_timeout=0.3)
     publisher.publish_many([make_event(i, 1, "bp") for i in range(15)])  # 2 batches out, 1 full pending

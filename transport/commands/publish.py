@@ -49,6 +49,7 @@ from transport.publisher import (
     PublisherError,
     PublishTimeout,
 )
+from transport.schema import DEFAULT_MAX_PAYLOAD_BYTES, InvalidEvent
 from transport.security import SecurityError, SocketHook
 from transport.workload import plan
 
@@ -118,6 +119,7 @@ def send_slice(
         acked=args.acked,
         batch_size=args.batch,
         max_batch_bytes=getattr(args, "max_batch_bytes", DEFAULT_MAX_BATCH_BYTES),
+        max_payload_bytes=getattr(args, "max_payload_bytes", DEFAULT_MAX_PAYLOAD_BYTES),
         window=args.window,
         ack_timeout=args.ack_timeout,
         deadline=args.deadline,
@@ -161,6 +163,8 @@ def send_slice(
     except (DeliveryFailed, PublisherError) as exc:
         if not ctrl_c.seen:
             error = str(exc)
+    except InvalidEvent as exc:  # over the config's [ingest] max_payload_bytes: the daemon would refuse it
+        error = f"an event was refused before it was sent: {exc} ([ingest] max_payload_bytes)"
     totals = publisher.totals
     if not args.acked:
         advance(totals.sent - reported)
@@ -400,6 +404,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             if args.batch is None:
                 args.batch = min(DEFAULT_BATCH, ingest.max_batch_events)
             args.max_batch_bytes = min(DEFAULT_MAX_BATCH_BYTES, ingest.max_message_bytes // 2)
+            args.max_payload_bytes = ingest.max_payload_bytes
         secure = curve_from_args(args)  # the key files checked once, before starting any process
     except (ConfigError, SecurityError) as exc:
         print(f"publish: {exc}", file=sys.stderr)
