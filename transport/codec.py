@@ -9,8 +9,9 @@ Two decoders, one set of rules. The fast one (msgspec, in C) decodes a frame str
 typed structs and keeps each payload as the msgpack bytes that arrived; it takes only frames in
 which every event is plainly valid, with exactly the schema's fields. Anything else (an unknown
 field, a bad event, a msgpack Timestamp, a limit passed) goes to the exact one (msgpack plus
-:func:`transport.schema.validate_event`), which finds every refusal and says why. So the fast
-decoder changes how fast a frame is read, never what is accepted or how it is explained.
+:func:`transport.schema.validate_event`), which finds every refusal and says why, and keeps each
+payload's bytes too. So the fast decoder changes how fast a frame is read, never what is
+accepted, how it is explained, or what is stored.
 
 Neither builds what a frame holds before its size is known. msgpack headers are counts: 15 MiB
 can hold 5 million empty maps, which would take over a gigabyte as Python objects. So the count
@@ -288,12 +289,38 @@ def validate_spans(frame: bytes, spans: list[tuple[int, int]], limits: Limits) -
             )
             continue
         try:
-            batch.events.append(
-                validate_event(_unpack_event(view[start:end]), limits.max_payload_bytes, limits.nul_in_text)
-            )
+            event = validate_event(_unpack_event(view[start:end]), limits.max_payload_bytes, limits.nul_in_text)
+            batch.events.append(_with_payload_as_sent(event, view[start:end], limits.max_payload_bytes))
         except InvalidEvent as exc:
             batch.rejected.append((index, str(exc)))
     return batch
+
+
+def _with_payload_as_sent(event: Event, data: memoryview, max_payload_bytes: int) -> Event:
+    """``event`` with its payload the msgpack bytes that arrived, as the fast decoder keeps it.
+
+    Re-encoded from the map Python built, a payload whose keys Python takes as equal (``1``,
+    ``True`` and ``1.0``) lost all but one of them, only when its frame came this way.
+    """
+    if event.payload is EMPTY_PAYLOAD:
+        return event  # none, or nil: stored as an empty map
+    unpacker = _unpacker(data)
+    span = None
+    try:
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            value_at = unpacker.tell()
+            unpacker.skip()
+            if key == "payload":
+                span = (value_at, unpacker.tell())  # the last one, as the map Python built keeps
+    except (ValueError, TypeError, msgpack.UnpackException):
+        return event
+    if span is None:
+        return event
+    payload = bytes(data[span[0] : span[1]])
+    if len(payload) > max_payload_bytes:
+        raise InvalidEvent(f"payload is {len(payload)} bytes, over the limit of {max_payload_bytes}")
+    return event._replace(payload=payload)
 
 
 def decode_frame(frame: bytes, limits: Limits = Limits()) -> DecodedBatch:
