@@ -750,6 +750,11 @@ class EventsPage(BaseModel):
     events: list[StoredEvent]
     count: int
     next: int
+    first: int | None = Field(
+        None,
+        description="The lowest seq (with topic) or commit position (without) still stored, as the daemon's"
+        " events reply gives it: after below first - 1 means events retention deleted were skipped.",
+    )
 
 
 _EVENT_SCHEMA: dict[str, Any] = {
@@ -1073,7 +1078,10 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
         # Made JSON-safe item by item: msgspec alone would write an ExtType as an array and a map
         # with keys 1 and "1" as an object with a repeated key.
         page = _jsonable(reply.get("events", []))
-        return json_response({"events": page, "count": len(page), "next": reply.get("next", after)})
+        answer = {"events": page, "count": len(page), "next": reply.get("next", after)}
+        if isinstance(reply.get("first"), int):
+            answer["first"] = reply["first"]
+        return json_response(answer)
 
     streams = streams if streams is not None else OpenStreams()
 
