@@ -22,6 +22,8 @@ from transport.queries import EventsQuery, HealthQuery, QueryError, StatsQuery, 
         ({"op": "events", "topic": "t", "after": 5, "limit": 20}, EventsQuery("t", 5, 20)),
         ({"op": "events"}, EventsQuery(None, 0, 1000)),
         ({"op": "events", "after": None}, EventsQuery(None, 0, 1000)),
+        ({"op": "events", "limit": None}, EventsQuery(None, 0, 1000)),  # nil as absent, as for after
+        ({"op": "topics", "limit": None}, TopicsQuery("", 1000)),
         ({"op": "events", "limit": 10**9}, EventsQuery(None, 0, 5000)),
     ],
 )

@@ -123,7 +123,9 @@ def parse_query(request: Any, max_limit: int, *, test_hooks: bool | None = None)
 
 
 def _limit(request: dict[Any, Any], max_limit: int) -> int:
-    limit = request.get("limit", DEFAULT_LIMIT)
+    limit = request.get("limit")
+    if limit is None:  # absent, or nil as many encoders send an unset field (as for 'after')
+        limit = DEFAULT_LIMIT
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         raise QueryError(f"'limit' must be an integer of 1 or more, not {limit!r}")
     return min(limit, max_limit)
