@@ -576,7 +576,7 @@ class SubscriptionServer:
         if op == "subscribe":
             self._subscribe(identity, parse_subscribe(request), now)
             return
-        if op not in ("credit", "ack", "heartbeat", "unsubscribe"):
+        if op not in _SUBSCRIBER_OPS:  # subscribe was taken above
             raise SubscribeError(f"unknown op {op!r}; known ops: subscribe, credit, ack, heartbeat, unsubscribe")
         if sub is None:
             raise SubscribeError(
