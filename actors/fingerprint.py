@@ -6,7 +6,8 @@ encoded in and the written form of the timestamp do not count. :func:`fingerprin
 canonical encoding of exactly that: the instant in nanoseconds, the source, and the payload
 re-packed with every map's entries sorted by their packed key (msgpack packs each integer in
 its smallest form and every float as a double, so widths vanish on the way). An integer and a
-float of the same value (6 and 6.0) are different content.
+float of the same value (6 and 6.0) are different content, as map keys too: a map holding keys
+that Python takes for one (1, 1.0 and true) keeps each entry.
 
 Fingerprints are only needed for duplicates whose stored bytes differ from the re-send's (an
 exact re-send is recognised by comparing bytes) and for deleted events, whose content is gone:
@@ -25,11 +26,26 @@ import msgpack
 FINGERPRINT_BYTES = 8
 
 
-def _sorted_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+# The extension type code that stands for a map whose keys Python takes for one another.
+_UNMERGED_MAP = 0x4D
+
+
+def _sorted_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any] | msgpack.ExtType:
     # Called by the C unpacker for every map, innermost first; keys of mixed types sort by their
     # packed form, which also tells 1 from "1". A dict keeps the sorted order for the re-pack.
     pairs.sort(key=_packed_key)
-    return dict(pairs)
+    merged = dict(pairs)
+    if len(merged) < len(pairs):
+        # A key written twice is the same content as written once with its last value; but keys
+        # that differ in msgpack and are equal in Python (1, 1.0 and true) are not one key, and a
+        # dict would keep one of them: {1: "a", true: "b"} would be the same content as {1: "b"}.
+        # Those entries are packed as they are, inside an extension value no dict packs to.
+        by_packed_key = dict(zip(map(_packed_key, pairs), pairs))
+        if len(by_packed_key) > len(merged):
+            packer = _packer()
+            entries = b"".join(key + packer.pack(value) for key, (_, value) in by_packed_key.items())
+            return msgpack.ExtType(_UNMERGED_MAP, entries)
+    return merged
 
 
 def _packed_key(pair: tuple[Any, Any]) -> bytes:

@@ -16,7 +16,7 @@ import pytest
 from harness import Daemon, eventually
 from pg_cluster import missing_reason
 from test_postgres import query
-from test_retention import Acked, _resends, event, invariants
+from test_retention import _INT_AND_BOOL_KEYS, _ONE_KEY, Acked, _frame_with_payload, _resends, event, invariants
 from test_subscribe import RawConsumer
 
 pytestmark = [
@@ -166,8 +166,10 @@ def test_conflicting_re_sends_are_flagged_before_and_after_expiry_and_counted_ac
         # A copy inside one batch is compared with its original in the same transaction.
         reply = to_a.send([{"bad": 1}, event(50), event(50, source="else")])
         assert (reply["new"], reply["duplicate"], reply["conflicting"]) == (1, 1, [2])
-        wait_cluster(a, conflicting_duplicates=5)
-        assert topic_row(a, "t")["conflicting_duplicates"] == 5
+        assert to_a.send_raw(_frame_with_payload(102, 70, _ONE_KEY))["new"] == 1
+        assert to_b.send_raw(_frame_with_payload(103, 70, _INT_AND_BOOL_KEYS))["conflicting"] == [0]
+        wait_cluster(a, conflicting_duplicates=6)
+        assert topic_row(a, "t")["conflicting_duplicates"] == 6
         assert "conflicting duplicate: topic 't' event_id 'e-3'" in b.log()
         stored = {e["event_id"]: e for e in a.events("t")}
         assert stored["e-3"]["payload"] == {"n": 3, "text": "x" * 20}  # the first stored version wins
@@ -176,10 +178,11 @@ def test_conflicting_re_sends_are_flagged_before_and_after_expiry_and_counted_ac
         # After expiry only the kept fingerprints are left: the verdicts are the same.
         reply = to_a.send(_resends())
         assert (reply["new"], reply["duplicate"], reply["conflicting"]) == (0, 7, [3, 4, 5, 6])
-        cluster = wait_cluster(b, conflicting_duplicates=9)
+        assert to_b.send_raw(_frame_with_payload(104, 70, _INT_AND_BOOL_KEYS))["conflicting"] == [0]
+        cluster = wait_cluster(b, conflicting_duplicates=11)
         assert cluster["stored"] == cluster["unique_processed"] - cluster["expired"]
-        assert topic_row(b, "t")["conflicting_duplicates"] == 9
-        assert a.stats()["conflicting_duplicates"] + b.stats()["conflicting_duplicates"] == 9
+        assert topic_row(b, "t")["conflicting_duplicates"] == 11
+        assert a.stats()["conflicting_duplicates"] + b.stats()["conflicting_duplicates"] == 11
     finally:
         to_a.close()
         to_b.close()

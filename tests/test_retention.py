@@ -306,17 +306,27 @@ def _int64(value: int) -> bytes:
     return b"\xd3" + value.to_bytes(8, "big", signed=True)
 
 
-def _frame_with_wide_int(batch: int, n: int) -> bytes:
-    """An ack batch of one event(n) whose payload's n is packed as an int64 (9 bytes, not 1)."""
+def _frame_with_payload(batch: int, n: int, payload: bytes) -> bytes:
+    """An ack batch of one event(n) whose payload is ``payload``, msgpack as it is written."""
     fields = event(n)
     body = b"".join(
         msgpack.packb(key) + msgpack.packb(fields[key]) for key in ("topic", "event_id", "timestamp", "source")
     )
-    payload = (
-        b"\x82" + msgpack.packb("n") + _int64(n) + msgpack.packb("text") + msgpack.packb(fields["payload"]["text"])
-    )
     event_bytes = b"\x85" + body + msgpack.packb("payload") + payload
     return b"\x82" + msgpack.packb("batch") + msgpack.packb(batch) + msgpack.packb("events") + b"\x91" + event_bytes
+
+
+def _frame_with_wide_int(batch: int, n: int) -> bytes:
+    """An ack batch of one event(n) whose payload's n is packed as an int64 (9 bytes, not 1)."""
+    text = event(n)["payload"]["text"]
+    return _frame_with_payload(
+        batch, n, b"\x82" + msgpack.packb("n") + _int64(n) + msgpack.packb("text") + msgpack.packb(text)
+    )
+
+
+# {1: "b"}, and {1: "a", true: "b"}: two keys in msgpack (and in Go, Java or JavaScript), one in Python.
+_ONE_KEY = b"\x81\x01\xa1b"
+_INT_AND_BOOL_KEYS = b"\x82\x01\xa1a\xc3\xa1b"
 
 
 def _resends() -> list[dict[str, Any]]:
@@ -341,14 +351,17 @@ def test_conflicting_duplicates_are_flagged_before_and_after_the_original_expire
     try:
         assert publisher.send([event(n) for n in range(7)])["new"] == 7
         assert publisher.send_raw(_frame_with_wide_int(100, 0))["duplicate"] == 1
+        # Keys Python takes for one (1 and true) are two: a re-send with both is another content.
+        assert publisher.send_raw(_frame_with_payload(102, 70, _ONE_KEY))["new"] == 1
+        assert publisher.send_raw(_frame_with_payload(103, 70, _INT_AND_BOOL_KEYS))["conflicting"] == [0]
         reply = publisher.send(_resends())
         assert (reply["new"], reply["duplicate"], reply["conflicting"]) == (0, 7, [3, 4, 5, 6])
         # A copy inside one batch is compared with its original in the same commit; rejected
         # events before it do not shift the index it is named by.
         reply = publisher.send([{"bad": 1}, event(50), event(50, source="else")])
         assert (reply["new"], reply["duplicate"], reply["conflicting"]) == (1, 1, [2])
-        stats = daemon.wait_stats(conflicting_duplicates=5)
-        assert topic_row(daemon, "t")["conflicting_duplicates"] == 5
+        stats = daemon.wait_stats(conflicting_duplicates=6)
+        assert topic_row(daemon, "t")["conflicting_duplicates"] == 6
         assert "conflicting duplicate: topic 't' event_id 'e-3'" in daemon.log()
         stored = {e["event_id"]: e for e in daemon.events("t")}
         assert stored["e-3"]["payload"] == {"n": 3, "text": "x" * 20}  # the first stored version wins
@@ -358,9 +371,10 @@ def test_conflicting_duplicates_are_flagged_before_and_after_the_original_expire
         assert publisher.send_raw(_frame_with_wide_int(101, 0)).get("conflicting", []) == []
         reply = publisher.send(_resends())
         assert (reply["new"], reply["duplicate"], reply["conflicting"]) == (0, 7, [3, 4, 5, 6])
-        stats = daemon.wait_stats(conflicting_duplicates=9)
+        assert publisher.send_raw(_frame_with_payload(104, 70, _INT_AND_BOOL_KEYS))["conflicting"] == [0]
+        stats = daemon.wait_stats(conflicting_duplicates=11)
         invariants(stats)
-        assert topic_row(daemon, "t")["conflicting_duplicates"] == 9
+        assert topic_row(daemon, "t")["conflicting_duplicates"] == 11
     finally:
         publisher.close()
 
