@@ -1220,6 +1220,10 @@ def test_the_host_checked_is_the_one_the_request_is_for(gateway: Gateway) -> Non
     two = answer(b"GET /stats HTTP/1.1\r\nHost: localhost\r\nHost: attacker.example\r\n\r\n")
     assert two.startswith(b"HTTP/1.1 400 ") and b"more than one Host header" in two, two
     assert answer(b"GET /stats HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    spaced = answer(b"GET /stats HTTP/1.1\r\nHost: local host\r\n\r\n")
+    assert spaced.startswith(b"HTTP/1.1 400 ") and b"is not a host name or address" in spaced, spaced
+    for valid in (b"localhost", b"127.0.0.1:" + port.encode(), b"[::1]"):
+        assert answer(b"GET /stats HTTP/1.1\r\nHost: " + valid + b"\r\n\r\n").startswith(b"HTTP/1.1 200 "), valid
     assert answer(b"GET /stats HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200 ")
     elsewhere = answer(b"GET http://attacker.example/events HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert elsewhere.startswith(b"HTTP/1.1 421 ") and b"attacker.example" in elsewhere, elsewhere

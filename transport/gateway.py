@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import queue
+import re
 import signal
 import threading
 import time
@@ -1239,10 +1240,16 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
     return app
 
 
+# RFC 3986's uri-host (an IP literal in brackets, or a registered name or IPv4 address) and an
+# optional port: the value RFC 9112 §3.2 has a server refuse with 400 otherwise.
+_HOST_VALUE = re.compile(rb"(?:\[[0-9A-Za-z:._~!$&'()*+,;=%-]*\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
+
+
 class HostCheck:
     """ASGI middleware: answer **421** to a request whose ``Host`` is not one of ``names`` (None:
     every name is). A request without ``Host`` is answered if it is HTTP/1.0 (no browser sends
-    one so); as RFC 9112 has it, one with more than one ``Host``, or HTTP/1.1 without one, is a 400.
+    one so); as RFC 9112 has it, one with more than one ``Host``, or HTTP/1.1 without one, or
+    whose value is no host (a space in it, say), is a 400.
     (An absolute-form target's host stands for the ``Host``: see :mod:`transport.http_protocol`.)"""
 
     def __init__(self, app: ASGIApp, names: frozenset[str] | None) -> None:
@@ -1257,6 +1264,11 @@ class HostCheck:
         if len(hosts) > 1 or (not hosts and scope["http_version"] == "1.1"):
             problem = "more than one Host header" if hosts else "an HTTP/1.1 request without a Host header"
             await json_response({"error": f"{problem}: send exactly one Host header"}, 400)(scope, receive, send)
+            return
+        if hosts and _HOST_VALUE.fullmatch(hosts[0]) is None:
+            shown = hosts[0].decode("latin-1")[:100]
+            message = f"the Host header {shown!r} is not a host name or address, with an optional :port"
+            await json_response({"error": message}, 400)(scope, receive, send)
             return
         if self.names is None:
             await self.app(scope, receive, send)
