@@ -222,6 +222,8 @@ def test_clients_say_why_a_curve_daemon_does_not_take_them(
         ):
             client.request({"op": "stats"})
         assert words in str(refused.value) and time.monotonic() - started < 10
+        # Saying what to change, and where a program sets its keys (not the tools' flags).
+        assert "transport.security.curve_client" in str(refused.value), refused.value
     sent = run_script("publish.py", "--endpoint", daemon.ingest, "--events", "10", *as_alice, timeout=30)
     assert sent.returncode == 0, sent.stderr
     eventually(lambda: ask(daemon, {"op": "stats"}, alice)["unique_processed"] == 10, 15, "alice's 10 events")

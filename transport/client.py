@@ -13,6 +13,7 @@ import itertools
 import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from os import PathLike
 from typing import Any
 
@@ -55,6 +56,51 @@ HANDSHAKE_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHA
 UNEXPLAINED_FAILURES = 3
 
 
+@dataclass(frozen=True, slots=True)
+class KeyHints:
+    """Where this client's CURVE keys are set, as a failure's sentence tells the user to change them.
+
+    The command-line tools take flags; the gateway and ``from_config`` clients read a config
+    file's ``[security]``; a program builds its own socket hook.
+    """
+
+    authorized_key: str  # completes "... send SIGHUP, or ..."
+    own_keys: str  # completes "must agree on CURVE (the daemon's [security] section; ...)"
+
+
+FLAG_HINTS = KeyHints(
+    authorized_key="use an authorized --client-cert",
+    own_keys="--server-key and --client-cert here",
+)
+LIBRARY_HINTS = KeyHints(
+    authorized_key="give this client an authorized certificate (configure=transport.security.curve_client(...))",
+    own_keys="this client's configure=transport.security.curve_client(server key, client certificate)",
+)
+CONFIG_HINTS = KeyHints(
+    authorized_key="point [security] client_certificate at an authorized certificate",
+    own_keys="[security] server_public_key and client_certificate in this client's config",
+)
+
+
+def handshake_refusal(kind: int, value: int, hints: KeyHints) -> str:
+    """What a refused handshake (monitor event ``kind``, its ``value``) means, as a sentence to
+    follow the endpoint, ``hints`` saying where the user sets this client's keys."""
+    if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return (
+            f"refused this client's CURVE key (ZAP status {value}): add its public certificate to "
+            f"the daemon's authorized folder and send SIGHUP, or {hints.authorized_key}"
+        )
+    # No retry would fare better: the keys, or the port, decide. The client sees the same
+    # failure when the two sides' sockets are of kinds that cannot talk (a query client at
+    # the ingest port), so both causes are named.
+    return (
+        "took the connection but the security handshake failed: the daemon and this client must agree "
+        f"on CURVE (the daemon's [security] section; {hints.own_keys}), and the server key must be the "
+        "daemon's; or this is another of the daemon's ports (queries go to its [query] bind, events to "
+        "[ingest] bind, acknowledged ones to ack_bind, followers to [subscribe] bind)"
+    )
+
+
 class HandshakeVerdict:
     """Reads a socket's monitor events (:data:`HANDSHAKE_EVENTS`) in order and says when they
     show the daemon refusing this client: a refused key or mechanism at once, a handshake cut off
@@ -85,6 +131,7 @@ class QueryClient:
         timeout: float = 5.0,
         attempts: int = 1,
         configure: Callable[[zmq.Socket[Any]], None] | None = None,
+        hints: KeyHints = LIBRARY_HINTS,
     ) -> None:
         if not 0 < timeout <= MAX_TIMEOUT_S:  # 0, a negative or NaN one would make poll() wait for ever
             raise ValueError(f"timeout must be a number of seconds above 0 and at most {MAX_TIMEOUT_S}, not {timeout}")
@@ -94,6 +141,7 @@ class QueryClient:
         self.timeout = timeout
         self.attempts = attempts
         self._configure = configure
+        self._hints = hints  # where a refused handshake's message says this client's keys are set
         # The process-wide context: one per process, as ZeroMQ advises, and never terminated
         # here, so a client dropped without close() cannot hang a garbage collection in term().
         self._context: zmq.Context[Any] = zmq.Context.instance()
@@ -110,7 +158,9 @@ class QueryClient:
         :class:`transport.security.SecurityError` for a missing or unsafe key file.
         """
         loaded = config if isinstance(config, Config) else load_config(config)
-        return cls(connectable(loaded.query.bind), timeout, configure=curve_client_from_config(loaded))
+        return cls(
+            connectable(loaded.query.bind), timeout, configure=curve_client_from_config(loaded), hints=CONFIG_HINTS
+        )
 
     def _open(self) -> zmq.Socket[Any]:
         sock: zmq.Socket[Any] = self._context.socket(zmq.REQ)
@@ -218,7 +268,8 @@ class QueryClient:
                 event = recv_monitor_message(monitor)
                 if verdict.refused(int(event["event"])):
                     self._drop_socket()
-                    raise HandshakeRefused(_refusal(self.endpoint, int(event["event"]), event["value"]))
+                    sentence = handshake_refusal(int(event["event"]), event["value"], self._hints)
+                    raise HandshakeRefused(f"{self.endpoint} {sentence}")
                 continue
             if give_up is not None and give_up():
                 return None
@@ -293,18 +344,6 @@ class QueryClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _refusal(endpoint: str, kind: int, value: int) -> str:
-    if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-        return (
-            f"{endpoint} refused this client's CURVE key (ZAP status {value}): its public certificate "
-            "must be in the daemon's authorized folder"
-        )
-    return (
-        f"{endpoint} took the connection but the security handshake failed: the daemon and this client must "
-        "agree on CURVE, and the server key must be the daemon's; or this is not the daemon's [query] bind"
-    )
 
 
 def monitor_address() -> str:

@@ -60,10 +60,18 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from transport import metrics
-from transport.client import GaveUp, HandshakeRefused, NoAnswer, QueryClient, QueryClientError, connectable
+from transport.client import (
+    CONFIG_HINTS,
+    GaveUp,
+    HandshakeRefused,
+    NoAnswer,
+    QueryClient,
+    QueryClientError,
+    connectable,
+)
 from transport.config import Config, load_config
 from transport.gateway_stream import STREAMS_FOLDER_ENV, EventStreamResponse, OpenStreams, StreamPump
-from transport.handshake import CONFIG_HINTS, probe
+from transport.handshake import probe
 from transport.http_protocol import HeaderDeadlineProtocol
 from transport.logs import setup_logging
 from transport.publisher import BatchRefused, BatchResult, DeliveryFailed, Publisher, PublisherError, PublishTimeout
@@ -184,7 +192,7 @@ class DaemonLink:
         try:
             client = self._queries.get_nowait()
         except queue.Empty:
-            client = QueryClient(self.query_endpoint, timeout=wait, configure=self._secure)
+            client = QueryClient(self.query_endpoint, timeout=wait, configure=self._secure, hints=CONFIG_HINTS)
         client.timeout = wait
         try:
             reply = client.request(request, give_up=self.stop_due)

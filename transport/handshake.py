@@ -18,31 +18,18 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from transport.client import HANDSHAKE_EVENTS, HandshakeVerdict, connect, monitor_address
+from transport.client import (
+    FLAG_HINTS,
+    HANDSHAKE_EVENTS,
+    HandshakeVerdict,
+    KeyHints,
+    connect,
+    handshake_refusal,
+    monitor_address,
+)
 from transport.security import SocketHook
 
 NOTICE_AFTER_S = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class KeyHints:
-    """Where this client's CURVE keys are set, as a failure's sentence tells the user to change them.
-
-    The command-line tools take flags; the gateway reads its config file's ``[security]``.
-    """
-
-    authorized_key: str  # completes "... send SIGHUP, or ..."
-    own_keys: str  # completes "must agree on CURVE (the daemon's [security] section; ...)"
-
-
-FLAG_HINTS = KeyHints(
-    authorized_key="use an authorized --client-cert",
-    own_keys="--server-key and --client-cert here",
-)
-CONFIG_HINTS = KeyHints(
-    authorized_key="point [security] client_certificate at an authorized certificate",
-    own_keys="[security] server_public_key and client_certificate in the gateway's config",
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,22 +118,7 @@ def _watch(
             return None
         if not verdict.refused(kind):
             continue  # connected, or cut off without a reason: ZeroMQ connects again by itself
-        if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-            return HandshakeFailure(
-                f"refused this client's CURVE key (ZAP status {event['value']}): add its public certificate to "
-                f"the daemon's authorized folder and send SIGHUP, or {hints.authorized_key}",
-                refused=True,
-            )
-        # No retry would fare better: the keys, or the port, decide. The client sees the same
-        # failure when the two sides' sockets are of kinds that cannot talk (a query client at
-        # the ingest port), so both causes are named.
-        return HandshakeFailure(
-            "took the connection but the security handshake failed: the daemon and this client must agree "
-            f"on CURVE (the daemon's [security] section; {hints.own_keys}), and the server key must be the "
-            "daemon's; or this is another of the daemon's ports (queries go to its [query] bind, events to "
-            "[ingest] bind, acknowledged ones to ack_bind, followers to [subscribe] bind)",
-            refused=True,
-        )
+        return HandshakeFailure(handshake_refusal(kind, event["value"], hints), refused=True)
     if verdict.connected:
         return HandshakeFailure(f"took the connection but completed no handshake within {timeout:g} s", refused=False)
     return HandshakeFailure(
