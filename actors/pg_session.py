@@ -168,7 +168,14 @@ def connect(dsn: str, node: str, purpose: str) -> psycopg.Connection[Any]:
     except pg.Error as exc:
         reason = without_password(one_line(exc), dsn)  # libpq quotes the dsn, password and all
         raise StorageRefused(f"[storage] dsn is not a valid libpq connection string or URI: {reason}") from None
-    for port in str(params.get("port", "")).split(","):  # libpq takes a list, one per host
+    ports = str(params.get("port", "")).split(",")
+    hosts = str(params.get("host") or params.get("hostaddr") or "").split(",")
+    if len(ports) > 1 and len(ports) != len(hosts):
+        raise StorageRefused(
+            f"[storage] dsn names {len(ports)} ports for {len(hosts)} host(s): give one port for every"
+            " host, or one for all"
+        )
+    for port in ports:  # libpq takes a list, one per host
         # As libpq reads one (ASCII digits, a sign allowed); str.isdigit also takes "²" and "٥".
         if port.strip() and not (_PORT.fullmatch(port.strip()) and 0 < int(port) < 65536):
             # Not quoted: from a URI whose password holds a "/", libpq takes a piece of it for the port.

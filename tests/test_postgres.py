@@ -281,6 +281,9 @@ def test_bad_dsn_unreachable_server_and_newer_schema_each_give_one_clear_line(
     for number, port in enumerate(("99999", "5432²", "٥٤٣٢")):  # str.isdigit takes the last two, libpq not
         line = _startup_failure(pg_daemon(daemon_factory, f"port{number}", f"host=127.0.0.1 port={port}"), status=2)
         assert "[storage] dsn names a port that is no port number" in line and port not in line
+    # libpq refuses it only when it connects: before, that exited 1, a systemd restart loop.
+    line = _startup_failure(pg_daemon(daemon_factory, "ports", "host=127.0.0.1,127.0.0.2 port=5432,5433,5434"), 2)
+    assert "[storage] dsn names 3 ports for 2 host(s)" in line, line
     unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/x"
     line = _startup_failure(pg_daemon(daemon_factory, "away", unreachable))
     assert "cannot connect to PostgreSQL 127.0.0.1:" in line and "[storage] dsn" in line
