@@ -8,6 +8,8 @@ pings), and one that never reads its replies must not grow the daemon by a page 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -172,3 +174,26 @@ def test_a_query_socket_monitor_has_an_address_no_other_socket_takes(daemon_fact
     finally:
         squatter.close(linger=0)
     assert daemon.terminate() == 0
+
+
+def test_a_query_client_made_before_a_fork_is_answered_in_the_child_and_the_parent(daemon: Daemon) -> None:
+    """The child's copy of the parent's socket and context cannot be used: a request there got no
+    answer (NoAnswer after its whole timeout). The client opens its own in the new process."""
+    code = (
+        "import os, sys\n"
+        "from transport.client import QueryClient\n"
+        f"client = QueryClient({daemon.query!r}, timeout=10)\n"
+        "print('parent', client.request({'op': 'health'})['status'], flush=True)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    print('child', client.request({'op': 'health'})['status'], flush=True)\n"
+        "    client.close()\n"
+        "    os._exit(0)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "print('child exit', os.waitstatus_to_exitcode(status))\n"
+        "print('parent again', client.request({'op': 'health'})['status'])\n"
+        "client.close()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["parent ok", "child ok", "child exit 0", "parent again ok"], result

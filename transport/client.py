@@ -145,6 +145,7 @@ class QueryClient:
         # The process-wide context: one per process, as ZeroMQ advises, and never terminated
         # here, so a client dropped without close() cannot hang a garbage collection in term().
         self._context: zmq.Context[Any] = zmq.Context.instance()
+        self._pid = os.getpid()
         self._socket: zmq.Socket[Any] | None = None
         self._monitor: zmq.Socket[Any] | None = None
 
@@ -180,6 +181,13 @@ class QueryClient:
         return sock
 
     def _drop_socket(self) -> None:
+        if self._pid != os.getpid():
+            # Made before a fork: the sockets and the context are the parent's, which a child
+            # must neither use nor close. A new process gets the process-wide context anew.
+            self._socket = self._monitor = None
+            self._context = zmq.Context.instance()
+            self._pid = os.getpid()
+            return
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
@@ -195,6 +203,8 @@ class QueryClient:
         progress at once rather than after their timeout).
         """
         payload = msgpack.packb(query, use_bin_type=True)
+        if self._pid != os.getpid():
+            self._drop_socket()
         for _ in range(self.attempts):
             if self._socket is not None and not self._last_handshake_succeeded():
                 self._drop_socket()
