@@ -65,6 +65,13 @@ _NOT_QUERIES = (
     " topics, health) go to its [query] bind"
 )
 _SUBSCRIBER_OPS = frozenset({"subscribe", "credit", "ack", "heartbeat", "unsubscribe"})
+# The fields each op after subscribe takes besides "op" (subscribe's are checked by parse_subscribe).
+_OP_FIELDS: dict[str, frozenset[str]] = {
+    "credit": frozenset({"credit"}),
+    "ack": frozenset({"position"}),
+    "heartbeat": frozenset(),
+    "unsubscribe": frozenset({"forget"}),
+}
 
 
 def _is_query(frame: bytes) -> bool:
@@ -583,10 +590,12 @@ class SubscriptionServer:
                 "no subscription on this connection (the daemon restarted or dropped it); send subscribe again",
                 code="not_subscribed",
             )
+        known = _OP_FIELDS[op]
+        extra = set(request) - known - {"op"}
+        if extra:
+            takes = f"only {', '.join(repr(field) for field in sorted(known))}" if known else "no field but 'op'"
+            raise SubscribeError(f"op {op!r} takes {takes}, not {', '.join(sorted(map(repr, extra)))}")
         if op == "credit":
-            extra = set(request) - {"op", "credit"}
-            if extra:
-                raise SubscribeError(f"a credit message has only 'credit', not {', '.join(map(str, extra))}")
             grant = _credit(request.get("credit"))
             sub.credit = min(self._config.max_credit, sub.credit + grant)
         elif op == "ack":
@@ -708,9 +717,6 @@ class SubscriptionServer:
     def _ack(self, sub: Subscription, request: dict[Any, Any]) -> None:
         if sub.name is None:
             raise SubscribeError("only a named subscription (subscribe with 'name') can ack")
-        extra = set(request) - {"op", "position"}
-        if extra:
-            raise SubscribeError(f"an ack has only 'position', not {', '.join(map(str, extra))}")
         position = _cursor(request.get("position"), "position")
         if position > sub.cursor:
             raise SubscribeError(f"ack position {position} is beyond what was sent ({sub.cursor})")

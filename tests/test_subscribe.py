@@ -315,6 +315,12 @@ def test_a_raw_consumer_gets_exactly_its_credit_and_bad_messages_change_nothing(
             ((msgpack.packb({"op": "credit", "credit": -1}),), "'credit' must be an integer"),
             ((msgpack.packb({"op": "credit", "credit": "lots"}),), "'credit' must be an integer"),
             ((msgpack.packb({"op": "ack", "position": 99}),), "beyond what was sent"),
+            # Every op refuses fields it does not take, as subscribe does (heartbeat and
+            # unsubscribe took any: a misspelt "forgett" unsubscribed without forgetting).
+            ((msgpack.packb({"op": "credit", "credit": 1, "x": 1}),), "op 'credit' takes only 'credit', not 'x'"),
+            ((msgpack.packb({"op": "ack", "position": 1, "pos": 1}),), "op 'ack' takes only 'position', not 'pos'"),
+            ((msgpack.packb({"op": "heartbeat", "x": 1}),), "op 'heartbeat' takes no field but 'op', not 'x'"),
+            ((msgpack.packb({"op": "unsubscribe", "forgett": True}),), "takes only 'forget', not 'forgett'"),
             ((msgpack.packb({"op": "subscribe", "after": -1}),), "'after' must be an integer"),
             ((msgpack.packb({"op": "subscribe", "topic": "a", "topics": ["b"]}),), "not both"),
             ((msgpack.packb({"op": "subscribe", "topic": "x", "name": "raw"}),), "follows topic 'topic-0'"),
