@@ -299,3 +299,20 @@ def test_a_payload_too_deep_to_read_back_is_refused_alone_and_the_deepest_taken_
     assert len(daemon.events()) == 3  # all topics, through the same deep events
     result = run_script("events.py", "--endpoint", daemon.query, "deep")
     assert result.returncode == 0 and len(result.stdout.splitlines()) == 2, result.stderr
+
+
+def test_a_query_sent_to_the_acknowledged_endpoint_is_told_where_queries_go(daemon: Any) -> None:
+    """It was answered "an acknowledged batch needs a 'batch' id", which `eventagg health` printed
+    as the daemon's own problem."""
+    said = run_script("stats.py", "--endpoint", daemon.ack, "--timeout", "10", timeout=30)
+    assert said.returncode == 1, said.stderr
+    assert "acknowledged ingest endpoint ([ingest] ack_bind)" in said.stderr and "[query] bind" in said.stderr, said
+    # A batch without its id is still told what it lacks.
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    try:
+        sock.connect(daemon.ack)
+        sock.send(msgpack.packb({"events": [event(1)]}))
+        assert sock.poll(10_000), "no answer"
+        assert "needs a 'batch' id" in msgpack.unpackb(sock.recv())["error"]
+    finally:
+        sock.close(linger=0)

@@ -367,6 +367,7 @@ def _ack_outline(frame: bytes) -> tuple[Any, tuple[int, int] | None]:
     unpacker = _unpacker(frame)
     batch_id: Any = _ABSENT
     events_at: tuple[int, int] | None = None
+    op: Any = None
     try:
         keys = unpacker.read_map_header()
         if keys > MAX_REQUEST_KEYS:
@@ -382,6 +383,8 @@ def _ack_outline(frame: bytes) -> tuple[Any, tuple[int, int] | None]:
                 start = unpacker.tell()
                 unpacker.skip()
                 events_at = (start, unpacker.tell())
+            elif key == "op":
+                op = _small_value(unpacker, frame)
             else:
                 unpacker.skip()
     except FrameError:
@@ -391,6 +394,12 @@ def _ack_outline(frame: bytes) -> tuple[Any, tuple[int, int] | None]:
     if unpacker.tell() != len(frame):
         raise FrameError(
             'frame holds more than one msgpack object; an acknowledged batch is one map {"batch": N, "events": [...]}'
+        )
+    if batch_id is _ABSENT and events_at is None and isinstance(op, str):
+        raise FrameError(
+            f"this is the daemon's acknowledged ingest endpoint ([ingest] ack_bind), for batches"
+            f' {{"batch": N, "events": [...]}}; queries (op {op[:40]!r}) go to its [query] bind, followers'
+            " to its [subscribe] bind"
         )
     return batch_id, events_at
 
