@@ -275,7 +275,12 @@ def test_publish_with_a_config_keeps_to_its_payload_limit(daemon_factory: Callab
     daemon = daemon_factory("tiny", ingest={"max_payload_bytes": 16}).start()
     sent = run_script("publish.py", "--config", str(daemon.config_path), "--events", "20")
     assert sent.returncode == 1 and "over the limit of 16" in sent.stderr + sent.stdout, (sent.stdout, sent.stderr)
+    assert "[ingest] max_payload_bytes" in sent.stderr
     assert daemon.request({"op": "stats"})["rejected"] == 0  # nothing went out to be refused
+    # Another refusal does not blame that limit: the event_id's is fixed.
+    sent = run_script("publish.py", "--config", str(daemon.config_path), "--events", "1", "--id-prefix", "x" * 300)
+    assert sent.returncode == 1 and "event_id must be 1-255 characters" in sent.stderr, sent.stderr
+    assert "max_payload_bytes" not in sent.stderr, sent.stderr
 
 
 @pytest.mark.e2e

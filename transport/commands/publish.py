@@ -163,8 +163,9 @@ def send_slice(
     except (DeliveryFailed, PublisherError) as exc:
         if not ctrl_c.seen:
             error = str(exc)
-    except InvalidEvent as exc:  # over the config's [ingest] max_payload_bytes: the daemon would refuse it
-        error = f"an event was refused before it was sent: {exc} ([ingest] max_payload_bytes)"
+    except InvalidEvent as exc:  # e.g. over the config's [ingest] max_payload_bytes: the daemon would refuse it
+        limit = " ([ingest] max_payload_bytes)" if str(exc).startswith("payload is") else ""
+        error = f"an event was refused before it was sent: {exc}{limit}"
     totals = publisher.totals
     if not args.acked:
         advance(totals.sent - reported)
