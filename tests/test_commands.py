@@ -173,6 +173,27 @@ def test_keys_into_a_file_says_it_is_not_a_folder(tmp_path: Path, where: str) ->
     assert (tmp_path / "auth" / "bob.key").read_bytes() == (tmp_path / "ok" / "bob.key").read_bytes()
 
 
+@pytest.mark.e2e
+def test_keys_whose_output_cannot_be_written_are_made_and_authorized_all_the_same(tmp_path: Path) -> None:
+    """The authorized copy was made after the printing: with the reader gone (`| head -c 0`) the
+    command ended with a traceback-like line and 1 before it, and a retry was refused (the pair
+    existed), so the key had to be copied by hand."""
+    keys = [sys.executable, str(ROOT / "scripts" / "keys.py")]
+    pipeline = f"set -o pipefail; {' '.join(keys)} client bob {tmp_path / 'mine'} --authorize {tmp_path / 'auth'}"
+    reader_gone = subprocess.run(["bash", "-c", pipeline + " | head -c 0"], capture_output=True, text=True, timeout=60)
+    assert reader_gone.returncode == 0 and reader_gone.stderr == "", reader_gone
+    assert (tmp_path / "auth" / "bob.key").read_bytes() == (tmp_path / "mine" / "bob.key").read_bytes()
+    with open("/dev/full", "w") as full:
+        no_room = subprocess.run(
+            [*keys, "server", str(tmp_path / "server")], stdout=full, stderr=subprocess.PIPE, text=True, timeout=60
+        )
+    assert no_room.returncode == 1 and "cannot write the output: No space left on device" in no_room.stderr
+    assert (tmp_path / "server" / "server.key_secret").exists()
+    bad_name = run_script("keys.py", "client", "no/slash", str(tmp_path / "x"), timeout=30)
+    assert bad_name.returncode == 2 and "must be letters, digits" in bad_name.stderr, bad_name  # a usage error
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("name", ["", "x" * 201])
 def test_a_consumer_name_the_daemon_would_refuse_is_refused_here(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as leaving:

@@ -173,9 +173,9 @@ def explain(exc: QueryClientError, endpoint: str, configure: SocketHook | None) 
     return str(exc)
 
 
-def run_command(main: Callable[[], int]) -> int:
-    """Run a command's ``main``; a reader that goes away early (``| head``) ends it quietly with 0,
-    and Ctrl-C with 130.
+def run_command(main: Callable[[], int], closed_pipe_status: int = 0) -> int:
+    """Run a command's ``main``; a reader that goes away early (``| head``) ends it quietly with
+    ``closed_pipe_status`` (0), and Ctrl-C with 130.
 
     Without this, the first write after the reader has gone raises BrokenPipeError: a traceback
     where ``cat`` would say nothing. Output to a full disk ends with a line saying so and 1.
@@ -188,7 +188,7 @@ def run_command(main: Callable[[], int]) -> int:
     except BrokenPipeError:
         # Python flushes stdout once more on its way out: point it at /dev/null first.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        return closed_pipe_status
     except OSError as exc:
         if exc.errno not in _CANNOT_WRITE:
             raise
@@ -196,6 +196,17 @@ def run_command(main: Callable[[], int]) -> int:
         print(f"cannot write the output: {exc.strerror}; free some space or write elsewhere", file=sys.stderr)
         return 1
     return code
+
+
+def write_output(write: Callable[[], None], status: int) -> int:
+    """Print a command's output with ``write`` once its work is done, and return its ``status``:
+    a reader gone (``| head``) does not change it (the work is done), a full disk makes it 1."""
+
+    def written() -> int:
+        write()
+        return status
+
+    return run_command(written, closed_pipe_status=status)
 
 
 # A write that failed for want of room: said in a line, not a traceback.

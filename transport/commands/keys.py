@@ -25,6 +25,8 @@ from pathlib import Path
 
 import zmq.auth
 
+from transport.commands.client_flags import write_output
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # the whole name: fullmatch ('$' lets a newline end it)
 
 
@@ -105,18 +107,21 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         help="also copy NAME.key into this [security] authorized_keys folder",
     )
     args = parser.parse_args(argv)
+    if args.command == "client" and not _NAME.fullmatch(args.name):
+        parser.error(f"name {args.name!r} must be letters, digits, '.', '_' or '-' (at most 100)")
     try:
         if args.command == "client" and args.authorize:
             authorizable(args.name, args.dir, args.authorize)
         public, secret = create(args.dir, "server" if args.command == "server" else args.name)
-        print(f"public certificate: {public}  (give this one out)")
-        print(f"secret certificate: {secret}  (owner-only; keep it where it is)")
+        lines = [f"public certificate: {public}  (give this one out)"]
+        lines.append(f"secret certificate: {secret}  (owner-only; keep it where it is)")
         if args.command == "client" and args.authorize:
-            print(f"authorized:         {authorize(public, args.authorize)}")
+            lines.append(f"authorized:         {authorize(public, args.authorize)}")
     except (KeysError, OSError) as exc:
         print(f"keys: {exc}", file=sys.stderr)
         return 1
-    return 0
+    # Said once every file is in place: output that cannot be written must not stop it halfway.
+    return write_output(lambda: print("\n".join(lines)), 0)
 
 
 if __name__ == "__main__":
