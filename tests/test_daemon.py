@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -693,20 +695,30 @@ def test_publish_script_to_an_endpoint_with_no_daemon_says_so_and_fails() -> Non
 
 
 @pytest.mark.parametrize(
-    ("to", "pace"),
+    ("to", "signum", "pace"),
     [
-        ("the process group", ["--rate", "2000"]),
-        ("the command alone", ["--rate", "2000"]),
+        ("the process group", signal.SIGINT, ["--rate", "2000"]),
+        ("the command alone", signal.SIGINT, ["--rate", "2000"]),
         # Unpaced, the first process sends thousands of events while the command still forks the
         # second: a KeyboardInterrupt there was a traceback, and one landing inside the publisher
         # between sending a batch (or taking its ack) and counting it made the summary disagree
         # with the daemon. Ctrl-C now only sets a flag the sending loops check.
-        ("the command alone", []),
+        ("the command alone", signal.SIGINT, []),
+        # `timeout`, a service manager, a closing terminal: the command died by the signal with
+        # no summary, and its workers sent on until their next check, 1 000 events later.
+        ("the command alone", signal.SIGTERM, ["--rate", "2000"]),
+        ("the command alone", signal.SIGHUP, ["--rate", "2000"]),
     ],
-    ids=["the process group", "the command alone", "the command alone, unpaced, as its processes start"],
+    ids=[
+        "the process group",
+        "the command alone",
+        "the command alone, unpaced, as its processes start",
+        "SIGTERM",
+        "SIGHUP",
+    ],
 )
 def test_ctrl_c_stops_every_publisher_process_and_still_prints_the_summary(
-    daemon: Daemon, to: str, pace: list[str]
+    daemon: Daemon, to: str, signum: signal.Signals, pace: list[str]
 ) -> None:
     # Before: a traceback from each process, no summary, and with SIGINT to the command alone
     # (kill -INT PID) its worker processes went on sending.
@@ -722,11 +734,11 @@ def test_ctrl_c_stops_every_publisher_process_and_still_prints_the_summary(
     )
     eventually(lambda: daemon.stats()["unique_processed"] >= 500, 30, "the publishers are sending")
     if to == "the process group":
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, signum)
     else:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
     out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130 and "Traceback" not in err, (out, err)
+    assert proc.returncode == 128 + signum and "Traceback" not in err, (out, err)
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["interrupted"] is True and 0 < summary["sent"] < events, summary
     # What was sent was acknowledged before the processes ended, and none of them sends on.
@@ -734,6 +746,41 @@ def test_ctrl_c_stops_every_publisher_process_and_still_prints_the_summary(
     stored = daemon.wait_stats(unique_processed=summary["sent"], in_flight=0)
     time.sleep(1.0)
     assert daemon.stats()["received"] == stored["received"]
+
+
+def test_publish_workers_stop_when_the_command_is_killed(daemon: Daemon) -> None:
+    """A worker looked for its command every 1 000 events: at --rate 5 one killed with SIGKILL
+    left its workers sending for minutes (at --rate 0.01, for a day)."""
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPTS / "publish.py"), "--endpoint", daemon.ack, "--acked"]
+        + ["--events", "2000", "--processes", "2", "--rate", "20"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    eventually(lambda: daemon.stats()["unique_processed"] >= 10, 30, "the publishers are sending")
+    proc.kill()
+    proc.wait(10)
+    time.sleep(1.0)  # the workers' last batches
+    received = daemon.stats()["received"]
+    time.sleep(2.0)
+    assert daemon.stats()["received"] == received, "a worker went on sending after its command was killed"
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # the workers, should the test fail
+
+
+def test_publish_output_that_cannot_be_written_leaves_what_was_sent_and_no_traceback(daemon: Daemon) -> None:
+    """A closed pipe (`| head -0`) or a full disk raised BrokenPipeError or OSError from the summary's
+    print: a traceback and exit 1 after every event had been sent."""
+    command = [sys.executable, str(SCRIPTS / "publish.py"), "--endpoint", daemon.ack, "--acked", "--events", "10"]
+    pipeline = f"set -o pipefail; {shlex.join(command)} | head -c 0"  # the status is publish's
+    reader_gone = subprocess.run(["bash", "-c", pipeline], capture_output=True, text=True, timeout=60)
+    assert reader_gone.returncode == 0 and "Traceback" not in reader_gone.stderr, reader_gone
+    with open("/dev/full", "w") as full:
+        no_room = subprocess.run([*command, "--json"], stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert no_room.returncode == 1 and "Traceback" not in no_room.stderr, no_room.stderr
+    assert "cannot write the output: No space left on device" in no_room.stderr
+    daemon.wait_stats(unique_processed=10)
 
 
 def test_publish_refuses_a_rate_it_cannot_pace() -> None:

@@ -16,12 +16,14 @@ Progress goes to stderr when it is a terminal. The summary is one line (with ``-
 JSON object on the last line of stdout). Exit status: 0 when every event was sent and, with
 ``--acked``, acknowledged as stored (new or duplicate); 1 otherwise; 2 for a bad config; 130
 after Ctrl-C (SIGINT), which stops every process, waits up to ``INTERRUPT_WAIT_S`` for the
-acknowledgements of what was sent, and still prints the summary (``"interrupted": true``).
+acknowledgements of what was sent, and still prints the summary (``"interrupted": true``);
+SIGTERM and SIGHUP do the same, with 143 and 129.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import multiprocessing
@@ -38,7 +40,7 @@ import zmq
 
 from transport.arguments import MAX_COUNT
 from transport.client import MAX_TIMEOUT_S, connectable
-from transport.commands.client_flags import curve_from_args, endpoint_url
+from transport.commands.client_flags import curve_from_args, endpoint_url, write_output
 from transport.config import ConfigError, IngestConfig, load_config
 from transport.handshake import unreachable
 from transport.publisher import (
@@ -57,6 +59,7 @@ DEFAULT_BATCH = 100  # events per frame when --batch is not given
 PROGRESS_EVERY_S = 0.5
 INTERRUPT_WAIT_S = 5.0  # after Ctrl-C, how long the acknowledgements of what was sent are awaited
 PARENT_CHECK_EVERY = 1000  # events between a worker's checks that the command is still there
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 MAX_RATE = 1e9
 # The stream is planned in memory before it is sent (about half a KiB an event), and each
 # process is a publisher of its own: bounds that keep a typo from exhausting the machine.
@@ -182,8 +185,15 @@ def send_slice(
     }
 
 
+# The signals that stop the sending as Ctrl-C does: a terminal closing (SIGHUP) and a service
+# manager or `timeout` (SIGTERM) get the summary too, and no worker is left sending.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_stopped_by: list[int] = []  # the first stop signal this process got
+
+
 class _CtrlC:
-    """While sending, SIGINT only sets ``seen``, which the sending loop checks between steps.
+    """While sending, SIGINT (or SIGTERM, SIGHUP) only sets ``seen``, which the sending loop
+    checks between steps.
 
     A KeyboardInterrupt raised wherever the signal lands could fall inside the publisher between
     sending a batch (or taking its acknowledgement) and counting it, and the summary would then
@@ -193,18 +203,32 @@ class _CtrlC:
     def __init__(self) -> None:
         self.seen = False
         self.presses = 0
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _CtrlC:
-        self._previous = signal.signal(signal.SIGINT, self._note)
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._note)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
     def _note(self, signum: int, frame: Any) -> None:
         self.seen = True
         self.presses += 1
+        if not _stopped_by:
+            _stopped_by.append(signum)
+
+
+def _stop_with_parent() -> None:
+    """Have the kernel send this worker SIGINT when the command that started it dies (Linux), so
+    a killed command leaves no worker sending; elsewhere the sending loop looks now and then."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGINT), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _pause_until(publisher: Publisher, at: float, ctrl_c: _CtrlC) -> None:
@@ -249,6 +273,7 @@ def _worker(
     # Ctrl-C reaches a worker twice (from the terminal to the whole group, and passed on by the
     # command); from the start, each only sets the flag the sending loop checks.
     with _CtrlC() as ctrl_c:
+        _stop_with_parent()
         try:
             summary = send_slice(args, endpoint, events, count, progress, watch_parent=True, ctrl_c=ctrl_c)
         except Exception as exc:
@@ -492,9 +517,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         ok = not errors and summary["sent"] == total
     for error in errors:
         print(f"publish: {error}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(summary))
+    if interrupted:
+        status = 128 + (_stopped_by[0] if _stopped_by else signal.SIGINT)
     else:
+        status = 0 if ok else 1
+
+    def write() -> None:
+        if args.json:
+            print(json.dumps(summary))
+            return
         line = f"sent {summary['sent']:,} events in {elapsed:.2f} s ({summary['events_per_s']:,} events/s)"
         if args.acked:
             line += (
@@ -503,9 +534,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 f"{summary['retries']} retries"
             )
         print(f"interrupted: {line}" if interrupted else line)
-    if interrupted:
-        return 130
-    return 0 if ok else 1
+
+    # The events went out whatever becomes of the summary: a reader gone (| head) keeps the status.
+    return write_output(write, status)
 
 
 if __name__ == "__main__":
