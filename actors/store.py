@@ -14,6 +14,7 @@ writes), so queries never wait behind ingest.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
 import itertools
@@ -379,6 +380,12 @@ def _open_owner_only(path: Path, database: Path) -> int:
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
         also = "" if path == database else f" (its {path.name} first)"
+        if exc.errno in (errno.EISDIR, errno.ENOTDIR):
+            # A folder where the file goes, or a file where a folder does: no restart can help.
+            raise StorageRefused(
+                f"cannot create database {database}{also}: {exc.strerror}; [storage] path must name a file,"
+                " in a folder (made if missing)"
+            ) from exc
         raise StorageError(
             f"cannot create database {database}{also}: {exc.strerror or exc}; make sure its folder can be "
             "created and written by the daemon's user, or set [storage] path"

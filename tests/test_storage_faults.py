@@ -66,10 +66,15 @@ def test_a_database_path_that_cannot_be_made_stops_the_start_with_the_reason(
     daemon = daemon_factory(storage={"path": "a-file/events.db"})
     (daemon.workdir / "a-file").write_text("not a folder\n")
     daemon.start(wait=False)
-    assert daemon.proc is not None and daemon.proc.wait(30) == 1
+    # Exit 2, as for a refused config: under systemd, restarting it could never help (it was 1).
+    assert daemon.proc is not None and daemon.proc.wait(30) == 2
     log = daemon.log()
     assert f"cannot start: cannot create database {daemon.workdir / 'a-file' / 'events.db'}" in log
     assert "[storage] path" in log and "Traceback" not in log
+    folder = daemon_factory("folder", storage={"path": "."})  # a folder where the file goes
+    folder.start(wait=False)
+    assert folder.proc is not None and folder.proc.wait(30) == 2
+    assert "[storage] path must name a file" in folder.log() and "Traceback" not in folder.log()
 
 
 def test_a_second_daemon_on_the_same_database_is_refused_and_the_first_goes_on(
