@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 from dataclasses import dataclass
 
@@ -49,10 +50,19 @@ def parser() -> argparse.ArgumentParser:
         prog="eventagg",
         description="eventagg: a ZeroMQ event aggregator. `eventagg COMMAND --help` shows a command's flags.",
     )
+    top.add_argument("--version", action="version", version=f"eventagg {_version()}")
     commands = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in COMMANDS.items():
         commands.add_parser(name, help=command.help, add_help=False)
     return top
+
+
+def _version() -> str:
+    """The installed package's version (a checkout run without installing says so)."""
+    try:
+        return importlib.metadata.version("eventagg")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed: run `python3 scripts/dev.py run` to make .venv)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,6 +55,15 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
         assert name in COMMANDS and f"    {name} " in shown, shown
 
 
+def test_version_says_the_installed_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as leaving:
+        main(["--version"])
+    assert leaving.value.code == 0
+    assert capsys.readouterr().out == f"eventagg {version('eventagg')}\n"
+
+
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_a_command_parses_its_own_flags_under_its_own_name(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as leaving:
