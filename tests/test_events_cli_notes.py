@@ -169,3 +169,29 @@ def test_listing_notes_a_stretch_deleted_between_two_pages(daemon_factory: Calla
         listed = run_script("events.py", "--endpoint", daemon.query, "--page", page, timeout=60)
         assert [json.loads(line)["position"] for line in listed.stdout.splitlines()] == [1, 3], listed
         assert "events after 1 are no longer stored; continuing from 3" in listed.stderr, (page, listed.stderr)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_or_sighup_ends_a_named_follower_as_ctrl_c_does(
+    daemon_factory: Callable[..., Daemon], signum: signal.Signals
+) -> None:
+    """It died by the signal (143, 129) without acknowledging what it had printed: the next run
+    under the name printed those events again."""
+    daemon = daemon_factory().start()
+    publish(daemon.ack, "--acked", "--events", "5", "--topics", "1")
+    proc = follow(daemon, "--name", "cons")
+    eventually(
+        lambda: any(c["position"] for c in daemon.request({"op": "consumers"})["consumers"]) or None,
+        30,
+        "the follower to acknowledge what it printed",
+    )
+    publish(daemon.ack, "--acked", "--events", "3", "--topics", "1", "--id-prefix", "more-")
+    time.sleep(1.0)  # printed, and not yet acknowledged (every 0.5 s at the most)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in err, (proc.returncode, err)
+    printed = [json.loads(line)["position"] for line in out.splitlines()]
+    assert len(printed) == 8, out
+    (stored,) = daemon.request({"op": "consumers"})["consumers"]
+    assert stored["position"] == printed[-1], (stored, printed)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import zmq
@@ -37,7 +38,7 @@ from transport.config import ConfigError
 from transport.handshake import probe
 from transport.jsonlines import to_json_line
 from transport.queries import MAX_CURSOR, QueryError, check_query_topic
-from transport.security import SecurityError
+from transport.security import SecurityError, SocketHook
 from transport.subscriber import Subscriber, SubscriberError, name_problem
 
 # One order for every line, listed or followed: the event's own fields, where it is stored, the payload last.
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         metavar="S",
         help="start after this seq (or commit position)",
     )
-    parser.add_argument("--follow", action="store_true", help="then print live events until SIGINT")
+    parser.add_argument("--follow", action="store_true", help="then print live events until SIGINT, SIGTERM or SIGHUP")
     parser.add_argument("--name", help="with --follow: a named consumer; without --after it resumes where it left")
     add_subscribe_endpoint_arg(parser, "--follow")
     parser.add_argument("--limit", type=at_least(0), default=None, metavar="N", help="print at most N events")
@@ -96,6 +97,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.limit == 0:
         return 0
     page = args.page if args.limit is None else min(args.page, args.limit)
+    with _stopped_as_by_ctrl_c(args.follow):
+        return _print_events(args, endpoint, secure, where, page)
+
+
+def _print_events(args: argparse.Namespace, endpoint: str, secure: SocketHook | None, where: str, page: int) -> int:
     printed = 0
     try:
         if args.follow and asks_subscribe_endpoint(args):
@@ -137,6 +143,25 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"events: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+@contextlib.contextmanager
+def _stopped_as_by_ctrl_c(following: bool) -> Iterator[None]:
+    """While following, SIGTERM (a service manager, `timeout`) and SIGHUP (a closing terminal)
+    end it as Ctrl-C does: a named consumer's printed events are acknowledged, and it exits 0."""
+    if not following:
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":
