@@ -60,6 +60,8 @@ MAX_AT_DECODER = 32
 MAX_AT_DECODER_BYTES = 8 * 1024 * 1024
 # A decoder process that has answered nothing for this long while messages wait is taken for stuck.
 DECODER_STALL_S = 5.0
+# A turn of the ingest loop this much longer than its wait means the daemon itself did not run.
+FREEZE_S = 1.0
 # More restarts than this within DECODER_RESTART_WINDOW_S: decoding moves to the ingest thread for good.
 DECODER_RESTARTS = 5
 DECODER_RESTART_WINDOW_S = 600.0
@@ -141,6 +143,7 @@ class IngestServer:
         self._decoder_restarts = 0
         self._recent_restarts: deque[float] = deque()  # when, for the budget of DECODER_RESTARTS
         self._decoder_answered_at = 0.0
+        self._last_turn = time.monotonic()  # when the loop last came back from its wait
         self._decoder_refused = False  # it could not take a message: is it still there?
 
         # Sockets are made and bound here, on the caller's thread, so a bad endpoint fails the
@@ -232,6 +235,7 @@ class IngestServer:
                 else:
                     poller, wait_ms = everything, POLL_MS
                 ready = dict(poller.poll(wait_ms))
+                self._note_freeze(wait_ms)
                 if self._acks in ready:
                     self._forward_acks()
                 if self._decoder is not None and self._decoder.results in ready:
@@ -402,6 +406,15 @@ class IngestServer:
         events.extend(decoded.events)
         tickets.extend([ticket] * len(decoded.events))
         return tickets
+
+    def _note_freeze(self, wait_ms: int) -> None:
+        """After a turn of the loop far longer than its wait (the daemon was stopped, or its
+        machine paused), give the decoder a fresh ``DECODER_STALL_S``: its answers could not be
+        taken meanwhile, and judging it by that time restarted a healthy decoder."""
+        now = time.monotonic()
+        if now - self._last_turn > wait_ms / 1000 + FREEZE_S:
+            self._decoder_answered_at = now
+        self._last_turn = now
 
     def _decoder_stalled(self) -> bool:
         """Whether messages wait and the decoder has answered none for ``DECODER_STALL_S`` (a queue of
