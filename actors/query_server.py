@@ -52,6 +52,8 @@ REPLIES_QUEUED = 8  # replies ZeroMQ queues for one client that does not read th
 UNSENT_BYTES = 8 * 1024 * 1024  # and what waits for it here, past that
 UNSENT_REPLIES = 16_384  # however small they are (a stats reply is about 600 bytes)
 UNSENT_POLL_MS = 10  # how often replies that wait are tried again
+CLIENT_HEARTBEAT_MS = 2_000  # a ZMTP PING to each client this often
+CLIENT_SILENCE_MS = 10_000  # and a connection that answers nothing for this long is closed
 _RECEIVE_BURST = 64  # requests taken per wake-up before replies are sent again
 
 
@@ -84,6 +86,12 @@ class QueryServer:
         # A client whose queue is full raises EAGAIN (its reply waits in the outbox), never
         # dropped silently; one that is gone raises EHOSTUNREACH.
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # ZeroMQ's own heartbeats (ZMTP PING, answered by the client's ZeroMQ thread, even while it
+        # waits for an answer): a client whose process is stopped, or whose machine is gone without
+        # a word, has its connection closed and the replies queued for it freed (they were kept
+        # until TCP gave up, hours later). A live client that reads nothing keeps its few.
+        self._socket.setsockopt(zmq.HEARTBEAT_IVL, CLIENT_HEARTBEAT_MS)
+        self._socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, CLIENT_SILENCE_MS)
         self._outbox = Outbox(self._socket, max_messages=UNSENT_REPLIES, max_bytes=UNSENT_BYTES)
         if secure is not None:
             secure(self._socket)

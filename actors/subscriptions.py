@@ -409,6 +409,11 @@ class SubscriptionServer:
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full or gone peer raises, never drops silently
         self._socket.setsockopt(zmq.SNDHWM, SNDHWM)
         self._socket.setsockopt(zmq.LINGER, 0)
+        # ZeroMQ's own heartbeats (ZMTP PING, answered by the peer's ZeroMQ thread): a consumer
+        # whose process is stopped, or whose machine is gone without a word, has its connection
+        # closed and the messages queued for it freed; its subscription ending alone kept them.
+        self._socket.setsockopt(zmq.HEARTBEAT_IVL, config.heartbeat_ms)
+        self._socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, config.timeout_ms)
         if secure is not None:
             secure(self._socket)
         self._socket.ipv6 = wants_ipv6(config.bind)

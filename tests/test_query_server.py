@@ -8,6 +8,7 @@ pings), and one that never reads its replies must not grow the daemon by a page 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,8 +18,9 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from harness import Daemon, publish
+from harness import Daemon, eventually, publish
 from test_flood import rss_mb
+from test_subscribe import established
 
 from actors.query_server import REPLIES_QUEUED
 from transport.client import QueryClient
@@ -197,3 +199,43 @@ def test_a_query_client_made_before_a_fork_is_answered_in_the_child_and_the_pare
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["parent ok", "child ok", "child exit 0", "parent again ok"], result
+
+
+STOPPED_CLIENT = """
+import sys, time, msgpack, zmq
+sock = zmq.Context().socket(zmq.DEALER)
+sock.setsockopt(zmq.RCVBUF, 4096)
+sock.connect(sys.argv[1])
+for _ in range(30):
+    sock.send_multipart([b"", msgpack.packb({"op": "events", "after": 0, "limit": 10000})])
+print("asked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_stopped_client_s_connection_is_closed_and_its_replies_freed(daemon_factory: Callable[..., Daemon]) -> None:
+    """A client that asked for pages of 4 MiB and then stopped (SIGSTOP, a frozen machine) kept
+    what was queued for it, about 40 MB, for as long as its connection stayed open: for ever."""
+    daemon = daemon_factory().start(env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
+    with Publisher(daemon.ack, acked=True) as publisher:
+        for n in range(2000):
+            publisher.publish(
+                {"topic": "t", "event_id": f"e{n}", "timestamp": "2025-01-01T00:00:00Z", "source": "s",
+                 "payload": {"x": "x" * 4000}}
+            )  # fmt: skip
+    daemon.wait_stats(unique_processed=2000)
+    assert daemon.proc is not None
+    before = rss_mb(daemon.proc.pid)
+    port = int(daemon.query.rpartition(":")[2])
+    others = established(port)
+    client = subprocess.Popen([sys.executable, "-c", STOPPED_CLIENT, daemon.query], stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout is not None and client.stdout.readline() == "asked\n"
+        time.sleep(2)
+        client.send_signal(signal.SIGSTOP)
+        eventually(lambda: established(port) <= others or None, 40, "the daemon to close the connection")
+        eventually(lambda: rss_mb(daemon.proc.pid) - before < 20 or None, 10, "the queued replies to be freed")
+    finally:
+        client.kill()
+        client.send_signal(signal.SIGCONT)
+        client.wait(10)

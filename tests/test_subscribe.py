@@ -438,6 +438,14 @@ time.sleep(60)
 """
 
 
+def established(port: int) -> int:
+    """How many TCP connections to ``port`` on this machine are established, from the server's side."""
+    listed = subprocess.run(
+        ["ss", "-tnH", "state", "established", f"( sport = :{port} )"], capture_output=True, text=True, timeout=10
+    )
+    return len(listed.stdout.splitlines())
+
+
 def test_consumers_that_stop_reading_large_events_cost_the_daemon_little_memory(
     daemon_factory: Callable[..., Daemon],
 ) -> None:
@@ -474,6 +482,11 @@ def test_consumers_that_stop_reading_large_events_cost_the_daemon_little_memory(
             time.sleep(0.2)
         with Subscriber(daemon.subscribe, credit=10) as reader:
             ids = [reader.next_event(10)["event_id"] for _ in range(60)]  # type: ignore[index]
+        # Their subscriptions end after [subscribe] timeout_ms; ZeroMQ's heartbeats then close
+        # their connections, and what was queued for them is freed (it was kept for good).
+        port = int(daemon.subscribe.rpartition(":")[2])
+        eventually(lambda: established(port) == 0 or None, 30, "the stopped consumers' connections to close")
+        eventually(lambda: rss_kb(daemon.proc.pid) < before + 20 * 1024 or None, 10, "their queues to be freed")
     finally:
         for consumer in stopped:
             consumer.kill()
