@@ -302,3 +302,24 @@ def test_a_stream_whose_client_left_before_its_body_began_still_frees_its_slot()
 
     anyio.run(serve)
     assert began == [] and freed == [True]
+
+
+def test_streams_whose_clients_left_during_a_long_backlog_free_their_slots_at_once(
+    gateway_factory: Callable[..., Gateway],
+) -> None:
+    """A hundred clients that asked for a long backlog and left together: their streams went on
+    sending it to nobody, holding their max_streams slots, their subscriptions and the event
+    loop (other routes took seconds) for as long as the backlog lasted, minutes with more."""
+    gateway = gateway_factory()
+    publish(gateway.daemon.ack, "--acked", "--events", "30000", "--topics", "1")
+    host, port = gateway.url.removeprefix("http://").rsplit(":", 1)
+    clients = [socket.create_connection((host, int(port)), timeout=30) for _ in range(100)]
+    try:
+        for client in clients:
+            client.sendall(b"GET /events/stream?topic=topic-0&after=0 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        for client in clients:
+            assert client.recv(12) == b"HTTP/1.1 200"
+    finally:
+        for client in clients:
+            client.close()
+    eventually(lambda: scrape(gateway)["eventagg_gateway_open_streams"][0] == 0, 15, "the streams' slots freed")

@@ -1140,6 +1140,11 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
             try:
                 quiet_since = time.monotonic()
                 while not link.stopping:
+                    # Asked at each item: with many streams busy sending a backlog, the response's
+                    # own watch for the client leaving was not heard, and a stream whose client had
+                    # gone sent its whole backlog to nobody (uvicorn drops writes once it has gone).
+                    if await request.is_disconnected():
+                        return
                     item = await pump.get(STOP_POLL_S * 5)
                     if item is None:
                         if time.monotonic() - quiet_since >= KEEPALIVE_S:
