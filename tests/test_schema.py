@@ -97,6 +97,10 @@ def test_timestamp_accepted(timestamp: Any) -> None:
         (1761127200, "ISO-8601 string with a timezone or a msgpack Timestamp"),
         (None, "ISO-8601"),
         ("2025-10-22T10:00:00Z" + " " * 60, "at most 64"),
+        # A digit of another script past the sixth of the fraction was taken, as 0 or as itself.
+        ("2025-10-22T10:00:00.123456\u0667Z", "not ASCII"),
+        ("2025-10-22T10:00:00.1234567\u0668Z", "not ASCII"),
+        ("\uff12\uff10\uff12\uff15-10-22T10:00:00Z", "not ASCII"),
     ],
 )
 def test_timestamp_rejected(timestamp: Any, reason: str) -> None:
