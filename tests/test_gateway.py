@@ -94,6 +94,11 @@ def test_bad_requests_get_a_4xx_with_a_clear_message(gateway_factory: Callable[.
         (post("/publish", json={"events": [event(event_id=str(i)) for i in range(4)]}), 413, "[http] max_events"),
         (gateway.client.get("/events", params={"limit": 0}), 400, "limit"),
         (gateway.client.get("/events", params={"after": "x"}), 400, "after"),
+        # pydantic reads these as 1; the daemon, and the stream's Last-Event-ID, refuse them.
+        (gateway.client.get("/events", params={"after": "1.0"}), 400, "'after' must be a whole number in digits"),
+        (gateway.client.get("/events", params={"limit": "+1"}), 400, "'limit' must be a whole number in digits"),
+        (gateway.client.get("/topics", params={"limit": "1.0"}), 400, "'limit' must be a whole number in digits"),
+        (gateway.client.get("/events/stream", params={"after": "1.0"}), 400, "'after' must be a whole number"),
         (gateway.client.get("/events", params={"topic": ""}), 400, "no event can have this topic"),
         (gateway.client.get("/events", params={"topic": "a b"}), 400, "whitespace"),
         (gateway.client.get("/events", params={"limt": 5}), 400, "unknown query parameter 'limt'"),

@@ -1079,7 +1079,7 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
         after: AfterParam = 0,
         limit: LimitParam = DEFAULT_PAGE,
     ) -> Response:
-        _check_query_names(request, "GET /events", EVENTS_PARAMETERS)
+        _check_query_names(request, "GET /events", EVENTS_PARAMETERS, whole_numbers=("after", "limit"))
         _check_topic(topic)
         # The daemon caps the page at its max_limit; capping here too keeps a huge limit packable.
         limit = min(limit, config.query.max_limit)
@@ -1112,7 +1112,9 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
     async def event_stream(
         request: Request, topic: TopicParam = None, topics: TopicsParam = None, after: AfterParam = 0
     ) -> Response:
-        _check_query_names(request, "GET /events/stream", STREAM_PARAMETERS, repeatable=("topics",))
+        _check_query_names(
+            request, "GET /events/stream", STREAM_PARAMETERS, repeatable=("topics",), whole_numbers=("after",)
+        )
         _check_topic(topic)
         if topics is not None:
             if topic is not None:
@@ -1194,7 +1196,7 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
         responses={400: {"model": Error, "description": "A bad query parameter."}, **_QUERY_ERRORS},
     )
     async def topics(request: Request, after: TopicAfterParam = None, limit: TopicsLimitParam = None) -> Response:
-        _check_query_names(request, "GET /topics", TOPICS_PARAMETERS)
+        _check_query_names(request, "GET /topics", TOPICS_PARAMETERS, whole_numbers=("limit",))
         if after is None and limit is None:
             return json_response(_answered(await ask({"op": "topics"})))
         page = min(limit or DEFAULT_PAGE, config.query.max_limit)
@@ -1424,10 +1426,22 @@ def _check_topic(topic: str | None) -> None:
             raise GatewayError(400, str(exc)) from None
 
 
-def _check_query_names(request: Request, route: str, known: tuple[str, ...], repeatable: tuple[str, ...] = ()) -> None:
+def _check_query_names(
+    request: Request,
+    route: str,
+    known: tuple[str, ...],
+    repeatable: tuple[str, ...] = (),
+    whole_numbers: tuple[str, ...] = (),
+) -> None:
     """400 for a query parameter the route does not take (a misspelt ``limit`` would otherwise
     give a default page that looks like an answer) or one given twice (which one counts?), but
-    for the ``repeatable`` ones, which are lists."""
+    for the ``repeatable`` ones, which are lists; and for a ``whole_numbers`` one written other
+    than in digits (pydantic reads ``1.0`` and ``+1`` as 1, where the daemon and Last-Event-ID
+    refuse them)."""
+    for name in whole_numbers:
+        value = request.query_params.get(name)
+        if value is not None and not (value.isascii() and value.isdigit()):
+            raise GatewayError(400, f"query parameter {name!r} must be a whole number in digits, not {value[:40]!r}")
     names = [name for name, _ in request.query_params.multi_items() if name not in repeatable]
     unknown = sorted({name for name, _ in request.query_params.multi_items() if name not in known})
     if unknown:
