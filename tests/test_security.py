@@ -650,7 +650,7 @@ def test_a_secret_certificate_in_the_authorized_folder_is_refused(keys: dict[str
 
 def test_a_client_name_ending_in_a_newline_is_refused(tmp_path: Path) -> None:
     made = run_script("keys.py", "client", "alice\n", str(tmp_path / "keys"), timeout=30)
-    assert made.returncode == 1 and "name 'alice\\n' must be letters, digits" in made.stderr, made.stderr
+    assert made.returncode == 2 and "name 'alice\\n' must be letters, digits" in made.stderr, made.stderr
     assert not (tmp_path / "keys").exists() or not list((tmp_path / "keys").iterdir())
 
 
