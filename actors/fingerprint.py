@@ -26,8 +26,10 @@ import msgpack
 FINGERPRINT_BYTES = 8
 
 
-# The extension type code that stands for a map whose keys Python takes for one another.
+# The extension type code that stands for a map whose keys Python takes for one another, and
+# the first byte of its data (a payload's own value of that code gets the other).
 _UNMERGED_MAP = 0x4D
+_MARKED, _ESCAPED = b"\x01", b"\x00"
 
 
 def _sorted_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any] | msgpack.ExtType:
@@ -39,13 +41,19 @@ def _sorted_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any] | msgpack.ExtTyp
         # A key written twice is the same content as written once with its last value; but keys
         # that differ in msgpack and are equal in Python (1, 1.0 and true) are not one key, and a
         # dict would keep one of them: {1: "a", true: "b"} would be the same content as {1: "b"}.
-        # Those entries are packed as they are, inside an extension value no dict packs to.
+        # Those entries are packed as they are, marked apart from any extension value a payload
+        # holds itself (see _escaped_ext).
         by_packed_key = dict(zip(map(_packed_key, pairs), pairs))
-        if len(by_packed_key) > len(merged):
+        if len(dict(by_packed_key.values())) < len(by_packed_key):  # NaN keys never merge in a dict
             packer = _packer()
             entries = b"".join(key + packer.pack(value) for key, (_, value) in by_packed_key.items())
-            return msgpack.ExtType(_UNMERGED_MAP, entries)
+            return msgpack.ExtType(_UNMERGED_MAP, _MARKED + entries)
     return merged
+
+
+def _escaped_ext(code: int, data: bytes) -> msgpack.ExtType:
+    # A payload's own extension value of the marker's code cannot pass for an unmerged map.
+    return msgpack.ExtType(code, _ESCAPED + data if code == _UNMERGED_MAP else data)
 
 
 def _packed_key(pair: tuple[Any, Any]) -> bytes:
@@ -73,7 +81,9 @@ def canonical_payload(payload: bytes) -> bytes:
     (about 3 us for a small payload, against 37 us for a walk in Python).
     """
     try:
-        value = msgpack.unpackb(payload, raw=False, strict_map_key=False, object_pairs_hook=_sorted_map)
+        value = msgpack.unpackb(
+            payload, raw=False, strict_map_key=False, object_pairs_hook=_sorted_map, ext_hook=_escaped_ext
+        )
     except (TypeError, ValueError):  # e.g. a map used as a map key: unhashable, so no sorting
         return payload
     packed: bytes = _packer().pack(value)
