@@ -169,8 +169,10 @@ def connect(dsn: str, node: str, purpose: str) -> psycopg.Connection[Any]:
         reason = without_password(one_line(exc), dsn)  # libpq quotes the dsn, password and all
         raise StorageRefused(f"[storage] dsn is not a valid libpq connection string or URI: {reason}") from None
     ports = str(params.get("port", "")).split(",")
-    hosts = str(params.get("host") or params.get("hostaddr") or "").split(",")
-    if len(ports) > 1 and len(ports) != len(hosts):
+    named_hosts = params.get("host") or params.get("hostaddr")
+    hosts = str(named_hosts or "").split(",")
+    # Hosts from PGHOST or a service file are libpq's to count.
+    if named_hosts and len(ports) > 1 and len(ports) != len(hosts):
         raise StorageRefused(
             f"[storage] dsn names {len(ports)} ports for {len(hosts)} host(s): give one port for every"
             " host, or one for all"

@@ -8,6 +8,7 @@ or psycopg are missing.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import subprocess
 import sys
@@ -284,6 +285,17 @@ def test_bad_dsn_unreachable_server_and_newer_schema_each_give_one_clear_line(
     # libpq refuses it only when it connects: before, that exited 1, a systemd restart loop.
     line = _startup_failure(pg_daemon(daemon_factory, "ports", "host=127.0.0.1,127.0.0.2 port=5432,5433,5434"), 2)
     assert "[storage] dsn names 3 ports for 2 host(s)" in line, line
+    # Hosts libpq takes from PGHOST (or a service file) are its to count: not refused here.
+    from actors.pg_session import connect
+    from actors.store import StorageError, StorageRefused
+
+    os.environ["PGHOST"] = "127.0.0.1,127.0.0.1"
+    try:
+        with pytest.raises(StorageError) as failed:
+            connect(f"port={free_port()},{free_port()} dbname=x connect_timeout=2", "n", "test")
+        assert not isinstance(failed.value, StorageRefused), failed.value
+    finally:
+        del os.environ["PGHOST"]
     unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/x"
     line = _startup_failure(pg_daemon(daemon_factory, "away", unreachable))
     assert "cannot connect to PostgreSQL 127.0.0.1:" in line and "[storage] dsn" in line
