@@ -154,6 +154,10 @@ def _stopped_as_by_ctrl_c(following: bool) -> Iterator[None]:
         return
 
     def interrupt(signum: int, frame: Any) -> None:
+        # Once: systemd sends SIGTERM and SIGHUP together, and a second interrupt landing in
+        # the close would lose the named consumer's last acknowledgement.
+        for stop in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(stop, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
