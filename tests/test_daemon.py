@@ -692,6 +692,17 @@ def test_publish_script_to_an_endpoint_with_no_daemon_says_so_and_fails() -> Non
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 130 and "Traceback" not in err, (script, out, err)
+    # SIGTERM too, before the sending began (it killed the command silently there).
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPTS / "publish.py"), "--endpoint", nowhere, "--deadline", "30"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143 and "Traceback" not in err, (out, err)
 
 
 @pytest.mark.parametrize(

@@ -216,9 +216,17 @@ class _CtrlC:
 
     def _note(self, signum: int, frame: Any) -> None:
         self.seen = True
-        self.presses += 1
         if not _stopped_by:
             _stopped_by.append(signum)
+        if signum == _stopped_by[0]:  # SIGTERM and SIGHUP together (systemd) are one stop, not two
+            self.presses += 1
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """Outside the sending: a stop signal ends what is under way as Ctrl-C would."""
+    if not _stopped_by:
+        _stopped_by.append(signum)
+    raise KeyboardInterrupt
 
 
 def _stop_with_parent() -> None:
@@ -454,11 +462,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         parser.error(f"--ack-timeout and --deadline must be above 0 and at most {MAX_TIMEOUT_S} s")
     if args.rate and not 0.001 <= args.rate <= MAX_RATE:
         parser.error(f"--rate must be 0 (no limit) or from 0.001 to {MAX_RATE:g} events/s, not {args.rate:g}")
+    # Before the sending (and its _CtrlC) begins, SIGTERM and SIGHUP end the command as Ctrl-C does.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     if "," not in endpoint:  # (several daemons: a topic moves on from one that is down)
         try:
             problem = check_reachable(args, endpoint, secure)
         except KeyboardInterrupt:
-            return 130  # Ctrl-C while waiting for the daemon: nothing was sent
+            return 128 + (_stopped_by[0] if _stopped_by else signal.SIGINT)  # nothing was sent
         if problem is not None:
             print(f"publish: {problem}", file=sys.stderr)
             return 1
