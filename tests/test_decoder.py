@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +12,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from harness import SCRIPTS, Daemon, eventually, push_frames
+from harness import Daemon, eventually, push_frames
 
 from actors.decoder import (
     ACKNOWLEDGED,
@@ -244,33 +242,3 @@ def test_a_decoder_that_dies_while_idle_is_replaced_before_the_next_frame(daemon
         "health names the new decoder",
     )
     assert daemon.stats()["decoder_restarts"] == 1
-
-
-@pytest.mark.e2e
-@pytest.mark.timeout(180)
-def test_a_daemon_stopped_for_a_while_keeps_its_healthy_decoder(daemon: Daemon) -> None:
-    """Frozen for more than DECODER_STALL_S (SIGSTOP, a paused machine) while messages were out at
-    the decoder, the daemon judged the decoder by that time once it ran again, and replaced it."""
-    [first] = decoder_pids(daemon)
-    assert daemon.proc is not None
-    command = [sys.executable, str(SCRIPTS / "publish.py"), "--endpoint", daemon.ack, "--acked"]
-    publishing = subprocess.Popen(
-        [*command, "--events", "300000", "--processes", "2", "--deadline", "60"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        eventually(lambda: daemon.stats()["unique_processed"] >= 20_000, 60, "the publishers are sending")
-        os.kill(daemon.proc.pid, signal.SIGSTOP)  # with messages out at the decoder, as at any moment now
-        try:
-            time.sleep(7)
-        finally:
-            os.kill(daemon.proc.pid, signal.SIGCONT)
-        _, err = publishing.communicate(timeout=120)
-    finally:
-        publishing.kill()
-    assert publishing.returncode == 0, err
-    daemon.wait_stats(unique_processed=300_000)
-    assert "the decoder process stopped answering" not in daemon.log()
-    assert daemon.stats()["decoder_restarts"] == 0 and decoder_pids(daemon) == [first]
