@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import zmq
 
@@ -207,6 +208,23 @@ def write_output(write: Callable[[], None], status: int) -> int:
         return status
 
     return run_command(written, closed_pipe_status=status)
+
+
+# SIGTERM (a service manager, `timeout`) and SIGHUP (a closing terminal): a command ends on them
+# as on Ctrl-C, printing what it would then.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+stopped_by: list[int] = []  # the first stop signal (SIGINT included) this process got
+
+
+def interrupt_on_stop(signum: int, frame: Any) -> None:
+    """A handler for :data:`STOP_SIGNALS` that raises KeyboardInterrupt, as Ctrl-C does, once:
+    systemd sends SIGTERM and SIGHUP together, and a second interrupt landing in the command's
+    clean-up (a named consumer's last acknowledgement, a summary) would lose it."""
+    if not stopped_by:
+        stopped_by.append(signum)
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 # A write that failed for want of room: said in a line, not a traceback.

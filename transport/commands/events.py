@@ -23,6 +23,7 @@ import zmq
 
 from transport.client import QueryClient, QueryClientError
 from transport.commands.client_flags import (
+    STOP_SIGNALS,
     add_endpoint_args,
     add_subscribe_endpoint_arg,
     asks_subscribe_endpoint,
@@ -30,6 +31,7 @@ from transport.commands.client_flags import (
     curve_from_args,
     endpoint_from_args,
     explain,
+    interrupt_on_stop,
     run_command,
     subscribe_endpoint_from_args,
     subscribe_endpoint_of,
@@ -153,14 +155,7 @@ def _stopped_as_by_ctrl_c(following: bool) -> Iterator[None]:
         yield
         return
 
-    def interrupt(signum: int, frame: Any) -> None:
-        # Once: systemd sends SIGTERM and SIGHUP together, and a second interrupt landing in
-        # the close would lose the named consumer's last acknowledgement.
-        for stop in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(stop, signal.SIG_IGN)
-        raise KeyboardInterrupt
-
-    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {signum: signal.signal(signum, interrupt_on_stop) for signum in STOP_SIGNALS}
     try:
         yield
     finally:

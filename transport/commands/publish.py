@@ -40,7 +40,14 @@ import zmq
 
 from transport.arguments import MAX_COUNT
 from transport.client import MAX_TIMEOUT_S, connectable
-from transport.commands.client_flags import curve_from_args, endpoint_url, write_output
+from transport.commands.client_flags import (
+    STOP_SIGNALS,
+    curve_from_args,
+    endpoint_url,
+    interrupt_on_stop,
+    stopped_by,
+    write_output,
+)
 from transport.config import ConfigError, IngestConfig, load_config
 from transport.handshake import unreachable
 from transport.publisher import (
@@ -187,8 +194,7 @@ def send_slice(
 
 # The signals that stop the sending as Ctrl-C does: a terminal closing (SIGHUP) and a service
 # manager or `timeout` (SIGTERM) get the summary too, and no worker is left sending.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-_stopped_by: list[int] = []  # the first stop signal this process got
+_SENDING_STOPS = (signal.SIGINT, *STOP_SIGNALS)
 
 
 class _CtrlC:
@@ -206,7 +212,7 @@ class _CtrlC:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _CtrlC:
-        for signum in STOP_SIGNALS:
+        for signum in _SENDING_STOPS:
             self._previous[signum] = signal.signal(signum, self._note)
         return self
 
@@ -216,17 +222,15 @@ class _CtrlC:
 
     def _note(self, signum: int, frame: Any) -> None:
         self.seen = True
-        if not _stopped_by:
-            _stopped_by.append(signum)
-        if signum == _stopped_by[0]:  # SIGTERM and SIGHUP together (systemd) are one stop, not two
+        if not stopped_by:
+            stopped_by.append(signum)
+        if signum == stopped_by[0]:  # SIGTERM and SIGHUP together (systemd) are one stop, not two
             self.presses += 1
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    """Outside the sending: a stop signal ends what is under way as Ctrl-C would."""
-    if not _stopped_by:
-        _stopped_by.append(signum)
-    raise KeyboardInterrupt
+def _interrupted_status() -> int:
+    """The exit status after a stop signal: 128 and its number, as a shell gives it."""
+    return 128 + (stopped_by[0] if stopped_by else signal.SIGINT)
 
 
 def _stop_with_parent() -> None:
@@ -463,13 +467,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.rate and not 0.001 <= args.rate <= MAX_RATE:
         parser.error(f"--rate must be 0 (no limit) or from 0.001 to {MAX_RATE:g} events/s, not {args.rate:g}")
     # Before the sending (and its _CtrlC) begins, SIGTERM and SIGHUP end the command as Ctrl-C does.
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _interrupt)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, interrupt_on_stop)
     if "," not in endpoint:  # (several daemons: a topic moves on from one that is down)
         try:
             problem = check_reachable(args, endpoint, secure)
         except KeyboardInterrupt:
-            return 128 + (_stopped_by[0] if _stopped_by else signal.SIGINT)  # nothing was sent
+            return _interrupted_status()  # nothing was sent
         if problem is not None:
             print(f"publish: {problem}", file=sys.stderr)
             return 1
@@ -529,7 +533,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     for error in errors:
         print(f"publish: {error}", file=sys.stderr)
     if interrupted:
-        status = 128 + (_stopped_by[0] if _stopped_by else signal.SIGINT)
+        status = _interrupted_status()
     else:
         status = 0 if ok else 1
 
