@@ -64,7 +64,6 @@ _NOT_QUERIES = (
     "this is the daemon's subscribe endpoint ([subscribe] bind), for followers; queries (stats, events,"
     " topics, health) go to its [query] bind"
 )
-_SUBSCRIBER_OPS = frozenset({"subscribe", "credit", "ack", "heartbeat", "unsubscribe"})
 # The fields each op after subscribe takes besides "op" (subscribe's are checked by parse_subscribe).
 _OP_FIELDS: dict[str, frozenset[str]] = {
     "credit": frozenset({"credit"}),
@@ -72,6 +71,7 @@ _OP_FIELDS: dict[str, frozenset[str]] = {
     "heartbeat": frozenset(),
     "unsubscribe": frozenset({"forget"}),
 }
+_SUBSCRIBER_OPS = frozenset({"subscribe", *_OP_FIELDS})
 
 
 def _is_query(frame: bytes) -> bool:
