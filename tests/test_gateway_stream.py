@@ -101,6 +101,7 @@ def test_a_stream_of_a_few_topics_gives_only_theirs_in_commit_order(gateway: Gat
         ({"limit": "3"}, {}, "unknown query parameter 'limit': GET /events/stream takes topic, topics, after"),
         ({}, {"Last-Event-ID": "abc"}, "Last-Event-ID must be an id this stream sent"),
         ({}, {"Last-Event-ID": "-4"}, "Last-Event-ID must be an id this stream sent"),
+        ({}, {"Last-Event-ID": "١٢".encode()}, "not '١٢'"),
         (
             {"topic": "a", "topics": "b"},
             {},
@@ -112,7 +113,7 @@ def test_a_stream_of_a_few_topics_gives_only_theirs_in_commit_order(gateway: Gat
     ],
 )
 def test_a_bad_parameter_or_last_event_id_is_400(
-    gateway: Gateway, params: dict[str, Any], headers: dict[str, str], words: str
+    gateway: Gateway, params: dict[str, Any], headers: dict[str, str | bytes], words: str
 ) -> None:
     response = gateway.client.get("/events/stream", params=params, headers=headers)
     assert response.status_code == 400 and words in response.json()["error"], response.text

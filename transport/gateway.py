@@ -700,10 +700,20 @@ def _last_event_id(value: str) -> int:
     if not (text.isascii() and text.isdigit() and int(text) <= MAX_CURSOR):
         raise GatewayError(
             400,
-            f"Last-Event-ID must be an id this stream sent (a cursor from 0 to {MAX_CURSOR}), not {value[:40]!r}; "
+            f"Last-Event-ID must be an id this stream sent (a cursor from 0 to {MAX_CURSOR}), "
+            f"not {_header_text(value)[:40]!r}; "
             "reconnect without it, with after= the last cursor you processed",
         )
     return int(text)
+
+
+def _header_text(value: str) -> str:
+    """A header's value as its sender wrote it: the server hands it over decoded as Latin-1 (HTTP's
+    old default), which garbles the UTF-8 every client sends; bytes that are no UTF-8 are escaped."""
+    try:
+        return value.encode("latin-1").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return value
 
 
 def json_response(document: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
@@ -1464,7 +1474,7 @@ def _check_content_type(value: str | None) -> None:
     """
     media_type, _, parameters = (value or "").partition(";")
     if media_type.strip().lower() != "application/json":
-        given = f"Content-Type {value}" if value else "no Content-Type"
+        given = f"Content-Type {_header_text(value)}" if value else "no Content-Type"
         raise GatewayError(415, f"the body must be sent as Content-Type: application/json, not with {given}")
     # JSON is UTF-8 (RFC 8259); a body declared in another charset would be misread, not refused.
     for parameter in parameters.split(";"):
