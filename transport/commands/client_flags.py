@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import signal
 import sys
@@ -172,6 +173,12 @@ def explain(exc: QueryClientError, endpoint: str, configure: SocketHook | None) 
         if problem is not None:
             return f"no answer from {endpoint}: it {problem}"
     return str(exc)
+
+
+def prefix_library_logs(command: str) -> None:
+    """Print the client library's warnings (a subscriber reconnecting, a reply it ignores) as the
+    command's own lines, ``command: message``, not bare as Python's fallback prints them."""
+    logging.basicConfig(format=f"{command}: %(message)s", level=logging.WARNING)
 
 
 def run_command(main: Callable[[], int], closed_pipe_status: int = 0) -> int:

@@ -32,6 +32,7 @@ from transport.commands.client_flags import (
     endpoint_from_args,
     explain,
     interrupt_on_stop,
+    prefix_library_logs,
     run_command,
     subscribe_endpoint_from_args,
     subscribe_endpoint_of,
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     add_endpoint_args(parser)
     args = parser.parse_args(argv)
+    prefix_library_logs("events")
     if (args.name is not None or args.subscribe_endpoint) and not args.follow:
         parser.error("--name and --subscribe-endpoint need --follow")
     if args.name is not None and (problem := name_problem(args.name)) is not None:

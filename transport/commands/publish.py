@@ -45,6 +45,7 @@ from transport.commands.client_flags import (
     curve_from_args,
     endpoint_url,
     interrupt_on_stop,
+    prefix_library_logs,
     stopped_by,
     write_output,
 )
@@ -423,6 +424,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     args = parser.parse_args(argv)
+    prefix_library_logs("publish")
     try:
         if args.endpoint:
             if len(args.endpoint) > 1 and not args.acked:
