@@ -23,6 +23,7 @@ from transport.config import ConfigError, expand_environment, load_config
 
 DEFAULT_TIMEOUT_S = 3600.0
 MAX_TIMEOUT_S = 2_147_483  # PostgreSQL's statement_timeout is an int of milliseconds
+MIN_TIMEOUT_S = 0.001
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -38,8 +39,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         help=f"how long the migrations may take in all, in seconds (default {DEFAULT_TIMEOUT_S:g})",
     )
     args = parser.parse_args(argv)
-    if not (math.isfinite(args.timeout) and 0 < args.timeout <= MAX_TIMEOUT_S):
-        parser.error(f"--timeout must be a number of seconds above 0 and at most {MAX_TIMEOUT_S}, not {args.timeout}")
+    # PostgreSQL counts the timeout in whole milliseconds, and reads 0 as none at all.
+    if not (math.isfinite(args.timeout) and MIN_TIMEOUT_S <= args.timeout <= MAX_TIMEOUT_S):
+        parser.error(
+            f"--timeout must be a number of seconds from {MIN_TIMEOUT_S:g} to {MAX_TIMEOUT_S}, not {args.timeout:g}"
+        )
     try:
         config = expand_environment(load_config(args.config))
     except ConfigError as exc:

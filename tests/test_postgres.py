@@ -425,7 +425,9 @@ def test_a_migration_longer_than_a_start_allows_names_eventagg_migrate_which_has
     short = run_migrate("--timeout", "0.01")
     assert short.returncode == 1 and "took over 0.01 s" in short.stderr and "with --timeout" in short.stderr, short
     huge = run_migrate("--timeout", "1e7")
-    assert huge.returncode == 2 and "at most 2147483" in huge.stderr, huge
+    assert huge.returncode == 2 and "to 2147483" in huge.stderr, huge
+    tiny = run_migrate("--timeout", "0.0004")  # 0 ms, which PostgreSQL reads as no timeout
+    assert tiny.returncode == 2 and "from 0.001 to" in tiny.stderr, tiny
     migrated = run_migrate()
     assert migrated.returncode == 0, migrated.stderr
     assert re.fullmatch(
