@@ -102,7 +102,7 @@ def prepare(conn: sqlite3.Connection, path: Path, create: str) -> None:
         conn.executescript(create)
         conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         return
-    if not stored.isdecimal():
+    if not (stored.isascii() and stored.isdecimal()):  # int() would read other scripts' digits too
         raise SchemaError(
             f"database {path} has no eventagg schema version ({stored or 'none'!r}): it was not made by "
             "eventagg or is damaged; give the daemon another [storage] path"

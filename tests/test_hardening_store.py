@@ -92,10 +92,12 @@ def test_a_newer_schema_version_is_refused_with_one_clear_line(daemon_factory: C
     assert sql(daemon, "SELECT value FROM meta WHERE key = 'schema_version'") == [("99",)]
 
 
-def test_an_unknown_schema_version_is_refused(daemon_factory: Callable[..., Daemon]) -> None:
+# The current version in Arabic-Indic digits, which int() reads as that version.
+@pytest.mark.parametrize("stored", ["banana", str(SCHEMA_VERSION).translate(str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩"))])
+def test_an_unknown_schema_version_is_refused(daemon_factory: Callable[..., Daemon], stored: str) -> None:
     daemon = stopped_daemon_with_a_database(daemon_factory)
-    sql(daemon, "UPDATE meta SET value = 'banana' WHERE key = 'schema_version'")
-    assert "has no eventagg schema version ('banana')" in refused_at_start(daemon)
+    sql(daemon, f"UPDATE meta SET value = '{stored}' WHERE key = 'schema_version'")
+    assert f"has no eventagg schema version ({stored!r})" in refused_at_start(daemon)
 
 
 def test_changed_columns_are_refused_instead_of_retried_for_ever(daemon_factory: Callable[..., Daemon]) -> None:
