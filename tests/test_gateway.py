@@ -1067,8 +1067,22 @@ def test_several_workers_serve_one_port_and_stop_on_sigterm(gateway_factory: Cal
         assert ok(response)["added_to_queue"] == 1
     assert ok(gateway.client.get("/stats"))["unique_processed"] == 6
     assert gateway.proc is not None
+    gateway.proc.send_signal(signal.SIGHUP)  # uvicorn's supervisor would restart the workers
+    eventually(lambda: "SIGHUP: the gateway re-reads nothing" in gateway.log(), 10, "SIGHUP logged")
+    assert ok(gateway.client.get("/stats"))["unique_processed"] == 6 and gateway.proc.poll() is None
     gateway.proc.terminate()
     assert gateway.proc.wait(30) == 0
+    assert "restarting processes" not in gateway.log()
+
+
+@pytest.mark.e2e
+def test_sighup_is_logged_and_the_gateway_keeps_serving(gateway_factory: Callable[..., Gateway]) -> None:
+    gateway = gateway_factory()
+    assert gateway.proc is not None
+    gateway.proc.send_signal(signal.SIGHUP)
+    eventually(lambda: "SIGHUP: the gateway re-reads nothing" in gateway.log(), 10, "SIGHUP logged")
+    assert ok(gateway.publish(event(event_id="after-sighup")))["added_to_queue"] == 1
+    assert gateway.proc.poll() is None
 
 
 @pytest.mark.e2e

@@ -4,7 +4,7 @@ It reads the daemon's config file: ``[http]`` for where to listen and its limits
 ack_bind`` and ``[query] bind`` for where the daemon is, ``[security]`` for CURVE, ``[log]``
 for how much to say. Needs the ``gateway`` extra (``pip install 'eventagg[gateway]'``).
 SIGINT or SIGTERM stop it: requests in progress finish, or answer 503 once
-``transport.gateway.STOPPING_GRACE_S`` passed, then it exits 0. It exits 1 when it cannot
+``transport.gateway.STOPPING_GRACE_S`` passed, then it exits 0. SIGHUP is logged and ignored. It exits 1 when it cannot
 listen on ``[http] bind``, 2 for a bad config (a ``bind`` beyond loopback without ``[security]
 allow_insecure`` among them). See docs/gateway.md.
 """
@@ -12,6 +12,7 @@ allow_insecure`` among them). See docs/gateway.md.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import socket
@@ -62,6 +63,31 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+log = logging.getLogger("transport.gateway")
+
+
+def _ignore_sighup(_signum: int = signal.SIGHUP, _frame: Any = None) -> None:
+    """SIGHUP: say so and carry on serving.
+
+    The daemon re-reads its log level and keys on SIGHUP, and ``pkill -HUP eventagg`` reaches
+    the gateway too; Python's default would end it at once (no shutdown, and systemd does not
+    restart a service a SIGHUP ended). uvicorn's own supervisor of several workers would
+    restart them, re-reading some of the config and not the rest.
+    """
+    log.warning("SIGHUP: the gateway re-reads nothing and keeps serving; restart it to apply a changed config")
+
+
+def _workers_supervisor(config: Any, sock: socket.socket) -> Any:
+    """uvicorn's supervisor of several worker processes on ``sock``, its SIGHUP :func:`_ignore_sighup`."""
+    from uvicorn.supervisors import Multiprocess
+
+    class Supervisor(Multiprocess):
+        def handle_hup(self) -> None:
+            _ignore_sighup()
+
+    return Supervisor(config, sockets=[sock])
+
+
 def _ignore_stop_signals() -> None:
     """Make SIGINT and SIGTERM no-ops from now on.
 
@@ -84,7 +110,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 2
     try:
         import uvicorn
-        from uvicorn.supervisors import Multiprocess
 
         from transport.gateway import CONFIG_ENV, create_app
         from transport.gateway_stream import STREAMS_FOLDER_ENV
@@ -123,9 +148,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             )
             with tempfile.TemporaryDirectory(prefix="eventagg-gateway-streams-") as folder:
                 os.environ[STREAMS_FOLDER_ENV] = folder  # each worker's count of open event streams
-                Multiprocess(workers, sockets=[sock]).run()
+                _workers_supervisor(workers, sock).run()
             return 0
         server = uvicorn.Server(uvicorn.Config(app, **options))
+        signal.signal(signal.SIGHUP, _ignore_sighup)
         _ignore_stop_signals()
         server.run(sockets=[sock])
     return 0 if server.started else 1
