@@ -54,7 +54,7 @@ from actors.outbox import DROPPED, GONE, SENT, Outbox
 from transport.config import SubscribeConfig, wants_ipv6
 from transport.logs import RateLimitedLog
 from transport.queries import MAX_CURSOR
-from transport.schema import InvalidEvent, check_topic, type_name, unpack_from_peer
+from transport.schema import InvalidEvent, check_topic, type_name, unpack_from_peer, wire_repr
 from transport.security import SocketHook
 from transport.subscriber import MAX_FILTER_TOPICS, name_problem
 from transport.zap import REVOKED, ConnectionGate
@@ -173,13 +173,13 @@ class SubscribeRequest:
 
 def _cursor(value: Any, key: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_CURSOR:
-        raise SubscribeError(f"'{key}' must be an integer from 0 to {MAX_CURSOR}, not {value!r}")
+        raise SubscribeError(f"'{key}' must be an integer from 0 to {MAX_CURSOR}, not {wire_repr(value)}")
     return value
 
 
 def _credit(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise SubscribeError(f"'credit' must be an integer of 0 or more, not {value!r}")
+        raise SubscribeError(f"'credit' must be an integer of 0 or more, not {wire_repr(value)}")
     return value
 
 
@@ -200,7 +200,7 @@ def parse_subscribe(request: dict[Any, Any]) -> SubscribeRequest:
     topic = request.get("topic")
     if topic is not None:
         if not isinstance(topic, str) or not topic:
-            raise SubscribeError(f"'topic' must be a non-empty string, not {topic!r}")
+            raise SubscribeError(f"'topic' must be a non-empty string, not {wire_repr(topic)}")
         _check_topic_name(topic, "topic")
     topics = request.get("topics")
     if topics is not None:
@@ -223,7 +223,7 @@ def parse_subscribe(request: dict[Any, Any]) -> SubscribeRequest:
     credit = _credit(request.get("credit", 0))
     ref = request.get("ref")
     if ref is not None and (not isinstance(ref, int) or isinstance(ref, bool) or not 0 <= ref <= MAX_CURSOR):
-        raise SubscribeError(f"'ref' must be an integer from 0 to {MAX_CURSOR}, not {ref!r}")
+        raise SubscribeError(f"'ref' must be an integer from 0 to {MAX_CURSOR}, not {wire_repr(ref)}")
     return SubscribeRequest(topic, frozenset(topics) if topics is not None else None, after, name, credit, ref)
 
 

@@ -87,7 +87,7 @@ def test_a_nil_payload_is_taken_as_none_and_stored_as_an_empty_map() -> None:
     frame = msgpack.packb([{**GOOD, "payload": None}, {**GOOD, "event_id": "2", "payload": []}])
     batch = decode_frame(frame)
     assert [(e.event_id, e.payload) for e in batch.events] == [("1", msgpack.packb({}))]
-    assert batch.rejected == [(1, "payload must be a map, not list")]
+    assert batch.rejected == [(1, "payload must be a map, not array")]
     batch_id, acked = decode_ack_request(msgpack.packb({"batch": 1, "events": [{**GOOD, "payload": None}]}))
     assert batch_id == 1 and [e.payload for e in acked.events] == [msgpack.packb({})]
 

@@ -48,7 +48,9 @@ def test_accepted(request_: dict[str, Any], expected: object) -> None:
         ({"op": "topics", "after": "t" * 1025}, "'after' must be a topic name"),
         ({"op": "topics", "limit": True}, "'limit'"),
         ({"op": "topics", "topic": "t"}, r"unknown field\(s\) topic for op 'topics'; its fields are after, limit"),
-        ({"op": "events", "limit": True}, "'limit'"),
+        ({"op": "events", "limit": True}, "'limit' must be an integer of 1 or more, not true$"),  # msgpack's word
+        ({"op": "events", "after": b"3"}, "'after' must be an integer from 0 to 9223372036854775807, not bin$"),
+        ([{"op": "stats"}], "a request must be a map with an 'op', not array$"),
         ({"op": "stats", "topic": "t"}, r"^unknown field\(s\) topic for op 'stats'; it takes no field but 'op'$"),
         ({"op": "events", "limt": 5}, r"^unknown field\(s\) limt for op 'events'; its fields are after, limit, topic$"),
         ({"op": "events", "topic": ""}, r"^no event can have this topic \(topic must be 1-255 characters, not 0\)"),

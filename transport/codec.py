@@ -362,7 +362,7 @@ def _ack_outline(frame: bytes) -> tuple[Any, tuple[int, int] | None]:
     Read from the top-level map's headers: values other than the batch id are skipped, never built.
     """
     if not frame or frame[0] not in _MAP_MARKERS:
-        what = "list" if frame and frame[0] in _ARRAY_MARKERS else type_name(unpack(frame, first_only=True))
+        what = "array" if frame and frame[0] in _ARRAY_MARKERS else type_name(unpack(frame, first_only=True))
         raise FrameError(f"an acknowledged batch must be a map with 'batch' and 'events', not {what}")
     unpacker = _unpacker(frame)
     batch_id: Any = _ABSENT
@@ -427,7 +427,7 @@ def decode_ack_request(frame: bytes, limits: Limits = Limits()) -> tuple[int | s
     events = memoryview(frame)[events_at[0] : events_at[1]]
     count = _array_count(events)
     if count is None:
-        what = "dict" if events[0] in _MAP_MARKERS else type_name(unpack(events))
+        what = "map" if events[0] in _MAP_MARKERS else type_name(unpack(events))
         raise FrameError(f"'events' must be an array of event maps, not {what}")
     _check_count(count, limits)  # before anything is built
     try:

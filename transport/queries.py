@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from transport.schema import InvalidEvent, check_topic, type_name
+from transport.schema import InvalidEvent, check_topic, type_name, wire_repr
 
 DEFAULT_LIMIT = 1000
 MAX_FREEZE_S = 600.0
@@ -118,7 +118,7 @@ def parse_query(request: Any, max_limit: int, *, test_hooks: bool | None = None)
     if after is None:
         after = 0
     if not isinstance(after, int) or isinstance(after, bool) or not 0 <= after <= MAX_CURSOR:
-        raise QueryError(f"'after' must be an integer from 0 to {MAX_CURSOR}, not {after!r}")
+        raise QueryError(f"'after' must be an integer from 0 to {MAX_CURSOR}, not {wire_repr(after)}")
     return EventsQuery(topic, after, _limit(request, max_limit))
 
 
@@ -127,7 +127,7 @@ def _limit(request: dict[Any, Any], max_limit: int) -> int:
     if limit is None:  # absent, or nil as many encoders send an unset field (as for 'after')
         limit = DEFAULT_LIMIT
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-        raise QueryError(f"'limit' must be an integer of 1 or more, not {limit!r}")
+        raise QueryError(f"'limit' must be an integer of 1 or more, not {wire_repr(limit)}")
     return min(limit, max_limit)
 
 
@@ -166,5 +166,5 @@ def _parse_freeze(request: dict[Any, Any]) -> DebugFreezeQuery:
         raise QueryError("'actor' must name an actor: dedup, ordering-N, router or stats")
     seconds = request.get("seconds")
     if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 < seconds <= MAX_FREEZE_S:
-        raise QueryError(f"'seconds' must be a number above 0 and at most {MAX_FREEZE_S:.0f}, not {seconds!r}")
+        raise QueryError(f"'seconds' must be a number above 0 and at most {MAX_FREEZE_S:.0f}, not {wire_repr(seconds)}")
     return DebugFreezeQuery(actor, float(seconds))

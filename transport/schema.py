@@ -346,8 +346,36 @@ def check_no_nul(event_id: str, source: str) -> None:
             )
 
 
+# What a peer in any language calls each type msgpack decodes to, for refusals it reads.
+_WIRE_TYPE_NAMES: dict[type, str] = {
+    type(None): "nil",
+    bool: "bool",
+    int: "int",
+    float: "float",
+    str: "str",
+    bytes: "bin",
+    bytearray: "bin",
+    memoryview: "bin",
+    list: "array",
+    tuple: "array",
+    dict: "map",
+    msgpack.Timestamp: "timestamp",
+    msgpack.ExtType: "ext",
+}
+
+
 def type_name(value: Any) -> str:
-    return "nil" if value is None else type(value).__name__
+    """``value``'s msgpack type as a refusal names it: nil, bool, int, float, str, bin, array, map, ext."""
+    return _WIRE_TYPE_NAMES.get(type(value)) or type(value).__name__
+
+
+def wire_repr(value: Any) -> str:
+    """``value`` as a refusal quotes it to a peer: msgpack's words for nil and booleans, not Python's."""
+    if value is None or isinstance(value, bool):
+        return "nil" if value is None else str(value).lower()
+    if isinstance(value, (int, float, str)):
+        return repr(value)
+    return type_name(value)
 
 
 _NO_PAYLOAD = object()
