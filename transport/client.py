@@ -22,6 +22,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from transport.config import Config, load_config, wants_ipv6
+from transport.replies import unpack_reply
 from transport.security import curve_client_from_config
 
 MAX_TIMEOUT_S = 2_147_483  # ZeroMQ's poll takes milliseconds as a C int: about 24 days
@@ -223,7 +224,7 @@ class QueryClient:
                 self._drop_socket()
                 raise
             if answered:
-                reply = msgpack.unpackb(self._socket.recv(), raw=False, strict_map_key=False)
+                reply = unpack_reply(self._socket.recv())
                 if not isinstance(reply, dict):
                     raise QueryClientError(f"{self.endpoint} sent a reply that is not a map: {reply!r}")
                 return reply

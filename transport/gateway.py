@@ -76,6 +76,7 @@ from transport.http_protocol import HeaderDeadlineProtocol
 from transport.logs import setup_logging
 from transport.publisher import BatchRefused, BatchResult, DeliveryFailed, Publisher, PublisherError, PublishTimeout
 from transport.queries import MAX_CURSOR, MAX_TOPIC_AFTER, QueryError, check_query_topic
+from transport.replies import MapPairs
 from transport.schema import InvalidEvent, check_fields, pack_payload, type_name
 from transport.security import (
     BindHostError,
@@ -618,14 +619,18 @@ def _jsonable(value: Any) -> Any:
 def _jsonable_shell(value: Any, stack: list[tuple[Any, Any, Any]]) -> Any:
     """The JSON form of ``value`` alone; for a container, one with empty slots, whose items are
     pushed on ``stack`` to be converted into them."""
-    if isinstance(value, dict):
-        keys = list(value) if all(isinstance(key, str) for key in value) else [_key(key) for key in value]
+    if isinstance(value, (dict, MapPairs)):  # MapPairs: keys a dict would merge, such as 1 and true
+        entries = value.items()
+        if isinstance(value, dict) and all(isinstance(key, str) for key in value):
+            keys = list(value)
+        else:
+            keys = [_key(key) for key, _ in entries]
         if len(set(keys)) == len(keys):
             shell: dict[str, Any] = dict.fromkeys(keys)
-            stack.extend((item, shell, key) for key, item in zip(keys, value.values(), strict=True))
+            stack.extend((item, shell, key) for key, (_, item) in zip(keys, entries, strict=True))
             return shell
-        pairs = [[None, None] for _ in value]
-        for pair, (key, item) in zip(pairs, value.items(), strict=True):
+        pairs = [[None, None] for _ in entries]
+        for pair, (key, item) in zip(pairs, entries, strict=True):
             stack.append((key, pair, 0))
             stack.append((item, pair, 1))
         return pairs

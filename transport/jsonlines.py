@@ -13,6 +13,8 @@ NaN, +Infinity, -Infinity                   ``{"$float": "NaN"}`` / ``"Infinity"
 bin                                         ``{"$bytes": "<base64>"}``
 map with only string keys, none with ``$``  object
 any other map (bin, int, ... or ``$`` key)  ``{"$map": [[key, value], ...]}``, keys mapped too
+                                            (a map keyed by both ``1`` and ``true`` too: a
+                                            :class:`transport.replies.MapPairs`)
 msgpack Timestamp (ext -1)                  ``{"$timestamp": [seconds, nanoseconds]}``
 other ext types                             ``{"$ext": [code, "<base64>"]}``
 ==========================================  ==============================================
@@ -29,6 +31,8 @@ import math
 from typing import Any
 
 import msgpack
+
+from transport.replies import MapPairs, map_from_pairs
 
 __all__ = ["from_json", "to_json_line"]
 
@@ -84,9 +88,9 @@ def to_json_line(value: Any) -> str:
                 if index:
                     stack.append(_COMMA)
             stack.append(_OPEN_LIST)
-        elif isinstance(item, dict):
+        elif isinstance(item, (dict, MapPairs)):
             pairs = list(item.items())
-            if _plain_object(item):
+            if type(item) is dict and _plain_object(item):
                 stack.append(_CLOSE_OBJECT)
                 for index in range(len(pairs) - 1, -1, -1):
                     key, member = pairs[index]
@@ -125,7 +129,7 @@ def _untag(obj: dict[str, Any]) -> Any:
         if tag == "$float":
             return float(value.lower().replace("infinity", "inf"))
         if tag == "$map":
-            return {_hashable(key): member for key, member in value}
+            return map_from_pairs([(_hashable(key), member) for key, member in value])
         if tag == "$timestamp":
             return msgpack.Timestamp(value[0], value[1])
         if tag == "$ext":

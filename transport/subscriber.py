@@ -47,6 +47,7 @@ from transport import arguments
 from transport.backoff import Backoff
 from transport.client import connect
 from transport.queries import MAX_CURSOR
+from transport.replies import unpack_reply
 
 log = logging.getLogger(__name__)
 
@@ -433,7 +434,7 @@ class Subscriber:
 
     def _on_message(self, frame: bytes) -> None:
         try:
-            message = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+            message = unpack_reply(frame)
         except Exception:
             log.error("the daemon sent a message that is not msgpack; reconnecting")
             self._reconnect_later()

@@ -1,0 +1,62 @@
+"""A stored map whose keys Python takes for one (1, 1.0 and true) reads back whole on every path:
+the query client, the subscriber, ``eventagg events`` and the gateway. Real daemon and gateway."""
+
+from __future__ import annotations
+
+import json
+
+import msgpack
+import pytest
+from harness import Daemon, Gateway, push_frames, run_script
+
+from transport.jsonlines import from_json, to_json_line
+from transport.replies import MapPairs, unpack_reply
+from transport.subscriber import Subscriber
+
+# {"m": {1: "a", true: "b"}, "z": {0: "zero", 0.0: "float", false: "false"}}: one key each in Python.
+_PAYLOAD = b"\x82\xa1m\x82\x01\xa1a\xc3\xa1b\xa1z\x83\x00\xa4zero\xcb" + bytes(8) + b"\xa5float\xc2\xa5false"
+_M = MapPairs([(1, "a"), (True, "b")])
+_Z = MapPairs([(0, "zero"), (0.0, "float"), (False, "false")])
+
+
+def _frame(event_id: str) -> bytes:
+    fields = {"topic": "keys", "event_id": event_id, "timestamp": "2025-10-22T10:00:00Z", "source": "go"}
+    body = b"".join(msgpack.packb(key) + msgpack.packb(value) for key, value in fields.items())
+    return b"\x85" + body + msgpack.packb("payload") + _PAYLOAD
+
+
+def test_a_map_python_would_merge_decodes_as_its_pairs_and_round_trips_through_json_lines() -> None:
+    decoded = unpack_reply(_PAYLOAD)
+    assert decoded == {"m": _M, "z": _Z}
+    assert decoded["m"] != MapPairs([(1, "a"), (1, "b")])  # true is not 1 here
+    line = to_json_line(decoded)
+    assert json.loads(line)["z"] == {"$map": [[0, "zero"], [0.0, "float"], [False, "false"]]}
+    assert from_json(line) == decoded
+    assert unpack_reply(msgpack.packb({"a": {1: 2, "1": 3}})) == {"a": {1: 2, "1": 3}}  # a dict holds these
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(120)
+def test_every_reader_gets_every_key_back(daemon: Daemon) -> None:
+    push_frames(daemon.ingest, [_frame("e-1")])
+    daemon.wait_stats(unique_processed=1)
+    [stored] = daemon.events("keys")
+    assert stored["payload"] == {"m": _M, "z": _Z}
+    subscriber = Subscriber(daemon.subscribe, topics=["keys"])
+    try:
+        followed = subscriber.next_event(10)
+    finally:
+        subscriber.close()
+    assert followed is not None and followed["payload"] == {"m": _M, "z": _Z}
+    listed = run_script("events.py", "keys", "--endpoint", daemon.query, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)["payload"]["m"] == {"$map": [[1, "a"], [True, "b"]]}
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(120)
+def test_the_gateway_writes_each_key_by_its_json_text(gateway: Gateway) -> None:
+    push_frames(gateway.daemon.ingest, [_frame("e-1")])
+    gateway.daemon.wait_stats(unique_processed=1)
+    [stored] = gateway.client.get("/events", params={"topic": "keys"}).json()["events"]
+    assert stored["payload"] == {"m": {"1": "a", "true": "b"}, "z": {"0": "zero", "0.0": "float", "false": "false"}}
