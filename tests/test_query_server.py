@@ -131,6 +131,30 @@ def test_a_client_pipelining_queries_gets_every_reply_in_order(daemon_factory: C
     assert "a query reply was dropped" not in daemon.log()
 
 
+def test_a_pipelining_client_matches_replies_to_requests_by_frames_before_the_empty_one(daemon: Daemon) -> None:
+    """stats and events go to different actors, so their replies may pass each other: a client
+    tags each request with frames of its own before the empty frame, and gets them back."""
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(daemon.query)
+    ops = ["events", "stats", "topics", "health", "events", "stats"] * 5
+    try:
+        for n, op in enumerate(ops):
+            sock.send_multipart([b"tag", str(n).encode(), b"", msgpack.packb({"op": op})])
+        replies = {}
+        while len(replies) < len(ops) and sock.poll(5000):
+            tag, number, empty, body = sock.recv_multipart()
+            assert (tag, empty) == (b"tag", b"")
+            replies[int(number)] = msgpack.unpackb(body, raw=False)
+    finally:
+        sock.close()
+        context.term()
+    expected = {"events": "next", "stats": "uptime_s", "topics": "topics", "health": "actors"}
+    assert sorted(replies) == list(range(len(ops)))
+    assert all(expected[op] in replies[n] for n, op in enumerate(ops)), replies
+
+
 def test_a_client_pipelining_thousands_of_queries_while_reading_gets_every_reply(
     daemon_factory: Callable[..., Daemon],
 ) -> None:
