@@ -52,6 +52,9 @@ def test_topic_accepted(topic: str) -> None:
         ("new\nline", "whitespace"),
         ("bell\x07", "control"),
         ("nbsp\u00a0x", "whitespace"),
+        ("bom\ufeff", r"format characters \(U\+FEFF at character 4\)"),
+        ("shake\U0001fae8", "unassigned in the daemon's Unicode database"),  # an emoji of Unicode 15
+        ("p\ue000", "private-use"),
         (5, "must be a string"),
         (None, "must be a string"),
         (b"bytes", "must be a string"),

@@ -14,6 +14,7 @@ import datetime as dt
 import operator
 import re
 import threading
+import unicodedata
 from typing import Any, NamedTuple
 
 import msgpack
@@ -77,6 +78,16 @@ VALID_TOPICS: set[str] = set()
 """Topics already found valid (up to ``VALID_TOPICS_KEPT``): a topic in here needs no :func:`check_topic`."""
 
 
+# Why a character str.isprintable() refuses is refused, by its Unicode category (whitespace apart).
+_UNPRINTABLE = {
+    "Cc": "control characters",
+    "Cf": "format characters",
+    "Co": "private-use characters",
+    "Cs": "surrogates",
+    "Cn": f"characters unassigned in the daemon's Unicode database ({unicodedata.unidata_version})",
+}
+
+
 def check_topic(topic: Any) -> str:
     """Return ``topic`` if it is a valid topic name, or raise :class:`InvalidEvent` saying why."""
     # isinstance first: a list or map topic is unhashable, and the set lookup would raise TypeError.
@@ -88,7 +99,12 @@ def check_topic(topic: Any) -> str:
         raise InvalidEvent(f"topic must be 1-{MAX_NAME_CHARS} characters, not {len(topic)}")
     # isprintable() is False for control characters and for every whitespace except ' '.
     if not topic.isprintable() or " " in topic:
-        raise InvalidEvent(f"topic {topic!r} must not contain whitespace or control characters")
+        position, bad = next((n, c) for n, c in enumerate(topic) if c == " " or not c.isprintable())
+        what = "whitespace" if bad.isspace() else _UNPRINTABLE.get(unicodedata.category(bad), "whitespace")
+        raise InvalidEvent(
+            f"topic {topic!r} must not contain {what}"
+            f" (U+{ord(bad):04X} at character {position + 1}); remove or replace it"
+        )
     if len(VALID_TOPICS) < VALID_TOPICS_KEPT:
         VALID_TOPICS.add(topic)
     return topic
