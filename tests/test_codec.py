@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import time
+from typing import Any
 
 import msgpack
 import pytest
@@ -210,3 +212,22 @@ def test_trailing_bytes_in_an_acknowledged_batch_are_refused_saying_what_one_is(
     with pytest.raises(FrameError) as caught:
         decode_ack_request(frame)
     assert said in str(caught.value) and "one event map or one array" not in str(caught.value)
+
+
+def _ack_map(*pairs: tuple[Any, Any]) -> bytes:
+    """An acknowledged batch map written pair by pair, as a msgpack writer in any language may."""
+    return bytes([0x80 + len(pairs)]) + b"".join(msgpack.packb(key) + msgpack.packb(value) for key, value in pairs)
+
+
+@pytest.mark.parametrize(
+    ("frame", "said"),
+    [
+        (_ack_map(("batch", 1), ("events", [GOOD]), ("events", [])), "gives 'events' twice; give it once"),
+        (_ack_map(("batch", 1), ("batch", 2), ("events", [GOOD])), "gives 'batch' twice; give it once"),
+        (_ack_map(("batch", 1), (b"events", [GOOD])), "needs 'events' (a str key), an array of event maps"),
+    ],
+    ids=["events-twice", "batch-twice", "bin-key"],
+)
+def test_an_acknowledged_batch_with_a_key_twice_or_missing_is_refused_naming_it(frame: bytes, said: str) -> None:
+    with pytest.raises(FrameError, match=re.escape(said)):
+        decode_ack_request(frame)

@@ -375,8 +375,13 @@ def _ack_outline(frame: bytes) -> tuple[Any, tuple[int, int] | None]:
                 f"an acknowledged batch map has {keys} keys, over the limit of {MAX_REQUEST_KEYS}; "
                 "send 'batch' and 'events'"
             )
+        seen: set[str] = set()
         for _ in range(keys):
             key = _small_value(unpacker, frame)
+            if key in ("batch", "events", "op"):
+                if key in seen:  # which one was meant? msgpack readers differ (most keep the last)
+                    raise FrameError(f"the acknowledged batch map gives {key!r} twice; give it once")
+                seen.add(key)
             if key == "batch":
                 batch_id = _small_value(unpacker, frame)
             elif key == "events":
@@ -423,7 +428,7 @@ def decode_ack_request(frame: bytes, limits: Limits = Limits()) -> tuple[int | s
     if not _valid_batch_id(batch_id):
         raise FrameError("an acknowledged batch needs a 'batch' id that is an integer or a string")
     if events_at is None:
-        raise FrameError("'events' must be an array of event maps, not nil")
+        raise FrameError("an acknowledged batch needs 'events' (a str key), an array of event maps")
     events = memoryview(frame)[events_at[0] : events_at[1]]
     count = _array_count(events)
     if count is None:
