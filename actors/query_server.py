@@ -40,7 +40,7 @@ from actors.outbox import DROPPED, Outbox
 from transport.config import QueryConfig, wants_ipv6
 from transport.logs import RateLimitedLog
 from transport.queries import ConsumersQuery, EventsQuery, QueryError, TopicsQuery, parse_query
-from transport.schema import InvalidEvent, unpack_from_peer
+from transport.schema import InvalidEvent, msgpack_problem, unpack_from_peer
 from transport.security import SocketHook
 from transport.zap import ConnectionGate
 
@@ -180,7 +180,7 @@ class QueryServer:
             self._send(envelope, self._error(f"request refused: {exc}"))
             return
         except Exception as exc:
-            self._send(envelope, self._error(f"request is not valid msgpack ({type(exc).__name__})"))
+            self._send(envelope, self._error(f"request is not valid msgpack: {msgpack_problem(exc)}"))
             return
         try:
             query = parse_query(request, self._config.max_limit)

@@ -54,7 +54,7 @@ from actors.outbox import DROPPED, GONE, SENT, Outbox
 from transport.config import SubscribeConfig, wants_ipv6
 from transport.logs import RateLimitedLog
 from transport.queries import MAX_CURSOR
-from transport.schema import InvalidEvent, check_topic, type_name, unpack_from_peer, wire_repr
+from transport.schema import InvalidEvent, check_topic, msgpack_problem, type_name, unpack_from_peer, wire_repr
 from transport.security import SocketHook
 from transport.subscriber import MAX_FILTER_TOPICS, name_problem
 from transport.zap import REVOKED, ConnectionGate
@@ -577,7 +577,7 @@ class SubscriptionServer:
         except InvalidEvent as exc:
             raise SubscribeError(f"message refused: {exc}") from None
         except Exception as exc:
-            raise SubscribeError(f"message is not valid msgpack ({type(exc).__name__})") from None
+            raise SubscribeError(f"message is not valid msgpack: {msgpack_problem(exc)}") from None
         if not isinstance(request, dict):
             raise SubscribeError(f"a message must be a map with an 'op', not {type_name(request)}")
         op = request.get("op")

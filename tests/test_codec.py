@@ -36,7 +36,7 @@ def test_batch_keeps_valid_events_and_names_each_invalid_one_by_index() -> None:
         (msgpack.packb(42), "not int"),
         (msgpack.packb("text"), "not str"),
         (msgpack.packb(GOOD) + b"\x01", "more than one msgpack object"),
-        (b"\xa3\xff\xfe\xfd", "not valid msgpack"),  # a str that is not UTF-8
+        (b"\xa3\xff\xfe\xfd", "not valid msgpack: a str holds bytes that are not UTF-8; send such data as bin"),
         (msgpack.packb([GOOD] * 11), "over the limit of 10"),
     ],
 )

@@ -310,6 +310,8 @@ def test_a_raw_consumer_gets_exactly_its_credit_and_bad_messages_change_nothing(
 
         bad: list[tuple[tuple[bytes, ...], str]] = [
             ((b"\xc1",), "not valid msgpack"),
+            ((msgpack.packb({"op": "credit", "credit": 1}) + b"\x01",), "bytes follow the msgpack object"),
+            ((msgpack.packb({"op": "credit", "credit": 1})[:-1],), "it ends inside a msgpack value"),
             ((msgpack.packb([1, 2]),), "must be a map"),
             ((msgpack.packb({"op": "dance"}),), "unknown op 'dance'"),
             ((msgpack.packb({"op": "credit", "credit": -1}),), "'credit' must be an integer"),

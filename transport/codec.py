@@ -40,6 +40,7 @@ from transport.schema import (
     InvalidEvent,
     check_no_nul,
     check_topic,
+    msgpack_problem,
     parse_timestamp,
     readable_depth,
     type_name,
@@ -197,11 +198,7 @@ def _not_msgpack(exc: Exception) -> FrameError:
             f"frame nests arrays and maps more than {MAX_NESTING} levels deep, the limit (the batch map, its "
             "'events' array, the event map and its payload map count); send a flatter payload"
         )
-    if isinstance(exc, msgpack.FormatError):
-        return FrameError(
-            "frame is not valid msgpack: it holds a byte that begins no msgpack value (0xc1 is never used)"
-        )
-    return FrameError(f"frame is not valid msgpack ({type(exc).__name__}: {exc})")
+    return FrameError(f"frame is not valid msgpack: {msgpack_problem(exc)}")
 
 
 def _unpacker(data: bytes | memoryview) -> msgpack.Unpacker:

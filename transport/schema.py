@@ -229,7 +229,9 @@ def parse_timestamp(value: Any) -> tuple[str, int]:
     if isinstance(value, msgpack.Timestamp):
         ns = value.to_unix_nano()
         if not MIN_TS_NS <= ns <= MAX_TS_NS:
-            raise InvalidEvent(f"msgpack Timestamp {value!r} is out of range; {_TS_RANGE}")
+            raise InvalidEvent(
+                f"msgpack Timestamp of {value.seconds} s and {value.nanoseconds} ns is out of range; {_TS_RANGE}"
+            )
         return format_ns(ns), ns
     raise InvalidEvent(
         f"timestamp must be an ISO-8601 string with a timezone or a msgpack Timestamp, not {type_name(value)}"
@@ -383,6 +385,21 @@ _WIRE_TYPE_NAMES: dict[type, str] = {
 def type_name(value: Any) -> str:
     """``value``'s msgpack type as a refusal names it: nil, bool, int, float, str, bin, array, map, ext."""
     return _WIRE_TYPE_NAMES.get(type(value)) or type(value).__name__
+
+
+def msgpack_problem(exc: Exception) -> str:
+    """Why bytes a peer sent are not one msgpack object, in msgpack's terms, from msgpack-python's error."""
+    if isinstance(exc, msgpack.ExtraData):
+        return "bytes follow the msgpack object; send exactly one object"
+    if isinstance(exc, UnicodeDecodeError):
+        return "a str holds bytes that are not UTF-8; send such data as bin"
+    if isinstance(exc, msgpack.FormatError):
+        return "it holds a byte that begins no msgpack value (0xc1 is never used)"
+    if isinstance(exc, msgpack.StackError):
+        return "it nests arrays and maps too deep"
+    if "incomplete input" in str(exc):
+        return "it ends inside a msgpack value (cut short?)"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def wire_repr(value: Any) -> str:
