@@ -324,3 +324,30 @@ def test_streams_whose_clients_left_during_a_long_backlog_free_their_slots_at_on
         for client in clients:
             client.close()
     eventually(lambda: scrape(gateway)["eventagg_gateway_open_streams"][0] == 0, 15, "the streams' slots freed")
+
+
+def test_a_stream_whose_client_reads_slowly_keeps_its_subscription(gateway_factory: Callable[..., Gateway]) -> None:
+    """While the client's socket was full the stream's thread waited without a word to the
+    daemon, which dropped the subscription after [subscribe] timeout_ms; it started over, and
+    the daemon's log blamed a restart, for as long as the client stayed slow."""
+    gateway = gateway_factory(subscribe={"timeout_ms": 1000, "heartbeat_ms": 200})
+    publish(gateway.daemon.ack, "--acked", "--events", "30000", "--topics", "1")
+    host, port = gateway.url.removeprefix("http://").rsplit(":", 1)
+    client = socket.create_connection((host, int(port)), timeout=30)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    try:
+        client.sendall(b"GET /events/stream?topic=topic-0&after=0 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        data = client.recv(65536)
+        time.sleep(3)  # the client takes nothing for three of the daemon's timeouts
+        ids = 0
+        while True:
+            ids += data.count(b"\nid: ")  # each event's first line
+            if ids >= 30000:
+                break
+            chunk = client.recv(1 << 20)
+            assert chunk, f"the stream ended after {ids} events"
+            data = data[-4:] + chunk  # 4 bytes: no whole "\nid: " counted twice
+    finally:
+        client.close()
+    assert "not heard from" not in gateway.daemon.log()
+    assert "refused a subscriber" not in gateway.daemon.log()

@@ -154,17 +154,17 @@ class StreamPump:
                 # (events before it came before it), all of them once no event is left in hand.
                 due = [n for n in notices if event is None or n[1] <= event[self._cursor]]
                 if due:
-                    if batch and not self._put(("events", batch)):
+                    if batch and not self._put(("events", batch), subscriber):
                         return
                     batch = []
                     for after, first in due:
-                        if not self._put(("expired", {"after": after, "first": first})):
+                        if not self._put(("expired", {"after": after, "first": first}), subscriber):
                             return
                     notices = notices[len(due) :]
                 if event is not None:
                     batch.append(event)
                 if batch and (event is None or len(batch) >= BATCH_EVENTS):
-                    if not self._put(("events", batch)):
+                    if not self._put(("events", batch), subscriber):
                         return
                     batch = []
         except SubscriberError as exc:
@@ -177,11 +177,16 @@ class StreamPump:
                 subscriber.close()
             self._hand(("end", None))
 
-    def _put(self, item: Item) -> bool:
-        """Queue ``item`` once the writer has room for it; False when the stream was stopped first."""
+    def _put(self, item: Item, subscriber: Subscriber) -> bool:
+        """Queue ``item`` once the writer has room for it; False when the stream was stopped first.
+
+        Waiting on a client that reads slowly can outlast the daemon's ``[subscribe] timeout_ms``:
+        the subscription is kept alive meanwhile, or the daemon drops it and it starts over.
+        """
         while not self._room.acquire(timeout=POLL_S):
             if self._stopped.is_set():
                 return False
+            subscriber.keep_alive()
         return self._hand(item) and not self._stopped.is_set()
 
     def _hand(self, item: Item) -> bool:

@@ -311,6 +311,14 @@ class Subscriber:
             return math.inf
         return max(now + 0.001, self._last_sent + self._send_every)
 
+    def keep_alive(self) -> None:
+        """Send a heartbeat if one is due, taking nothing: for a caller that holds events it cannot
+        pass on yet for longer than the daemon's ``[subscribe] timeout_ms``, after which the daemon
+        drops a consumer it has not heard from (the gateway's stream to a client that reads slowly)."""
+        if self._closed:
+            raise SubscriberError("the subscriber is closed")
+        self._keep_alive()
+
     def _keep_alive(self) -> None:
         """A heartbeat when nothing went out for ``heartbeat``: the application may take a while
         over a full buffer, and the daemon drops a consumer it does not hear from."""
