@@ -557,8 +557,15 @@ class SubscriptionServer:
                 if (sub := self._subs.get(identity)) is not None:
                     sub.key = key
             except SubscribeError as exc:
-                what = "bad subscription message" if exc.code == "bad_request" else f"refused a subscriber ({exc.code})"
-                self._warn.warning("%s: %s", what, exc)
+                if exc.code == "not_subscribed":
+                    # Routine: a consumer's last messages after its connection was seen to close, or
+                    # its first after a drop the log already gave the reason for. It is told, and
+                    # subscribes again if it still wants to.
+                    log.info("a message from a connection with no subscription: %s", exc)
+                elif exc.code == "bad_request":
+                    self._warn.warning("bad subscription message: %s", exc)
+                else:
+                    self._warn.warning("refused a subscriber (%s): %s", exc.code, exc)
                 self._send(identity, {"op": "error", "code": exc.code, "error": str(exc)})
 
     def _revoke(self, identity: bytes, why: str) -> None:
