@@ -4,9 +4,9 @@ It reads the daemon's config file: ``[http]`` for where to listen and its limits
 ack_bind`` and ``[query] bind`` for where the daemon is, ``[security]`` for CURVE, ``[log]``
 for how much to say. Needs the ``gateway`` extra (``pip install 'eventagg[gateway]'``).
 SIGINT or SIGTERM stop it: requests in progress finish, or answer 503 once
-``transport.gateway.STOPPING_GRACE_S`` passed, then it exits 0. SIGHUP is logged and ignored. It exits 1 when it cannot
-listen on ``[http] bind``, 2 for a bad config (a ``bind`` beyond loopback without ``[security]
-allow_insecure`` among them). See docs/gateway.md.
+``transport.gateway.STOPPING_GRACE_S`` passed, then it exits 0; SIGHUP is logged and ignored. It
+exits 1 when it cannot listen on ``[http] bind``, 2 for a bad config (a ``bind`` beyond loopback
+without ``[security] allow_insecure`` among them). See docs/gateway.md.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from typing import Any
 from transport.config import ConfigError, load_config
 from transport.logs import setup_logging
 from transport.security import SecurityError
+
+log = logging.getLogger("transport.gateway")
 
 # Requests in progress get this long to finish at shutdown before uvicorn cancels them; the
 # gateway's own waits end sooner (transport.gateway.STOPPING_GRACE_S) with a JSON 503.
@@ -61,9 +63,6 @@ def listen_socket(host: str, port: int) -> socket.socket:
         ) from None
     sock.set_inheritable(True)  # the workers' processes serve on it too
     return sock
-
-
-log = logging.getLogger("transport.gateway")
 
 
 def _ignore_sighup(_signum: int = signal.SIGHUP, _frame: Any = None) -> None:
