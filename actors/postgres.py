@@ -52,8 +52,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
-import msgpack
-
 from actors.dedup import EXPIRE_CHUNK, STORAGE_RETRY, DedupActor
 from actors.event_sources import Claim
 from actors.fingerprint import fingerprint
@@ -68,6 +66,7 @@ from actors.pg_session import (
     running_statement_timeout_ms,
     set_statement_timeout,
 )
+from actors.reader import PackedReply, pack_events_page
 from actors.stats import StatsActor
 from actors.store import (
     CONTENT_BACK_BYTES,
@@ -85,7 +84,7 @@ from actors.store import (
 )
 from transport.config import RetentionConfig
 from transport.logs import RateLimitedLog
-from transport.queries import Query
+from transport.queries import EventsQuery, Query
 from transport.schema import Event
 
 if TYPE_CHECKING:
@@ -1082,8 +1081,11 @@ class PostgresReader:
                 conn.answer_timeout_s = usual
         raise AssertionError("unreachable")
 
-    def events(self, topic: str | None, after: int, limit: int) -> tuple[list[dict[str, Any]], int]:
-        """A page of events and the cursor after it: by seq within a topic, by commit position across all."""
+    def event_rows(self, topic: str | None, after: int, limit: int) -> list[tuple[Any, ...]]:
+        """A page of events as rows ``(cursor, topic, event_id, timestamp, source, payload, seq,
+        late)``, for :func:`actors.reader.pack_events_page`: by seq within a topic, by commit
+        position across all. Payloads stay the bytes stored, as SQLite's reader passes them: a
+        payload unpacked here and packed again lost keys a dict merges (``1`` and ``true``)."""
         columns = "topic, event_id, timestamp, source, payload, seq, late"
         # The page also stops at max_page_bytes of payload (always holding its first event); the
         # server sums the sizes of the limited rows, so rows past the budget are never sent.
@@ -1100,21 +1102,7 @@ class PostgresReader:
             ") AS page WHERE n = 1 OR running <= %s ORDER BY cursor",
             (*params, self.max_page_bytes),
         )
-        events = []
-        for position, topic_, event_id, timestamp, source, payload, seq, late in rows:
-            events.append(
-                {
-                    "topic": topic_,
-                    "event_id": event_id,
-                    "timestamp": timestamp,
-                    "source": source,
-                    "payload": msgpack.unpackb(payload, raw=False, strict_map_key=False),
-                    "seq": seq,
-                    "late": bool(late),
-                    **({"position": int(position)} if topic is None else {}),
-                }
-            )
-        return events, int(rows[-1][0]) if rows else after
+        return [(int(cursor), *rest) for cursor, *rest in rows]
 
     def topics(self, after: str = "", limit: int | None = None) -> list[dict[str, Any]]:
         """Every topic with an event, with its count, last seq and counters, by name (in the
@@ -1720,8 +1708,17 @@ class PostgresStatsActor(StatsActor):
         # Same methods as EventReader (events, topics), which is what answer() calls.
         self._reader = cast(EventReader, self._pg_reader)
 
-    def answer(self, query: Query) -> dict[str, Any]:
+    def answer(self, query: Query) -> dict[str, Any] | PackedReply:
         try:
+            if isinstance(query, EventsQuery):
+                reader, topic = self._pg_reader, query.topic
+                return pack_events_page(
+                    reader.event_rows(topic, query.after, query.limit),
+                    query.after,
+                    reader.max_page_bytes,
+                    lambda: reader.first(topic),
+                    with_position=topic is None,
+                )
             return super().answer(query)
         except StorageError as exc:
             return {"error": f"storage {exc}"}

@@ -12,13 +12,16 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pykka
 
 from actors.flow import InFlight, LiveFigures
 from actors.messages import EXPIRED, Freeze, Ping, QueryRequest
 from actors.store import EventReader
+
+if TYPE_CHECKING:
+    from actors.reader import PackedReply
 from transport.queries import ConsumersQuery, DebugFreezeQuery, EventsQuery, HealthQuery, Query, StatsQuery, TopicsQuery
 
 log = logging.getLogger(__name__)
@@ -67,8 +70,8 @@ class StatsActor(pykka.ThreadingActor):
             return None
         return self.answer(message)
 
-    def answer(self, query: Query) -> dict[str, Any]:
-        """The reply map for one query."""
+    def answer(self, query: Query) -> dict[str, Any] | PackedReply:
+        """The reply map for one query (on PostgreSQL a page of events comes packed)."""
         assert self._reader is not None
         if isinstance(query, StatsQuery):
             return self.stats()

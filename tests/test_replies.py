@@ -1,13 +1,16 @@
 """A stored map whose keys Python takes for one (1, 1.0 and true) reads back whole on every path:
-the query client, the subscriber, ``eventagg events`` and the gateway. Real daemon and gateway."""
+the query client, the subscriber, ``eventagg events`` and the gateway, on SQLite and on
+PostgreSQL. Real daemon, gateway and PostgreSQL server."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import msgpack
 import pytest
 from harness import Daemon, Gateway, push_frames, run_script
+from pg_cluster import missing_reason
 
 from transport.jsonlines import from_json, to_json_line
 from transport.replies import MapPairs, unpack_reply
@@ -35,9 +38,22 @@ def test_a_map_python_would_merge_decodes_as_its_pairs_and_round_trips_through_j
     assert unpack_reply(msgpack.packb({"a": {1: 2, "1": 3}})) == {"a": {1: 2, "1": 3}}  # a dict holds these
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The [storage] section of each backend (PostgreSQL's skipped where there is no server)."""
+    if request.param == "sqlite":
+        return {}
+    if (why := missing_reason()) is not None:
+        pytest.skip(why)
+    dsn: str = request.getfixturevalue("database")
+    return {"backend": "postgresql", "dsn": dsn, "node": "replies"}
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(120)
-def test_every_reader_gets_every_key_back(daemon: Daemon) -> None:
+def test_every_reader_gets_every_key_back(daemon_factory: Callable[..., Daemon], backend: dict[str, str]) -> None:
+    # PostgreSQL's page of events unpacked each payload and packed it again, merging the keys.
+    daemon = daemon_factory(storage=backend).start()
     push_frames(daemon.ingest, [_frame("e-1")])
     daemon.wait_stats(unique_processed=1)
     [stored] = daemon.events("keys")
@@ -55,7 +71,10 @@ def test_every_reader_gets_every_key_back(daemon: Daemon) -> None:
 
 @pytest.mark.e2e
 @pytest.mark.timeout(120)
-def test_the_gateway_writes_each_key_by_its_json_text(gateway: Gateway) -> None:
+def test_the_gateway_writes_each_key_by_its_json_text(
+    gateway_factory: Callable[..., Gateway], backend: dict[str, str]
+) -> None:
+    gateway = gateway_factory(storage=backend)
     push_frames(gateway.daemon.ingest, [_frame("e-1")])
     gateway.daemon.wait_stats(unique_processed=1)
     [stored] = gateway.client.get("/events", params={"topic": "keys"}).json()["events"]
