@@ -399,6 +399,8 @@ class SubscriptionServer:
         self._dedup = dedup
         self._head = head
         self._warn = RateLimitedLog(log)
+        # Routine, but any peer can send messages without a subscription: bounded as warnings are.
+        self._unsubscribed_log = RateLimitedLog(log, level=logging.INFO)
         # Subscriptions starting and ending: one client could otherwise write two lines a message.
         self._told = RateLimitedLog(log, burst=50, level=logging.INFO)
         # A budget of its own: other clients' bad messages must not hide these.
@@ -561,7 +563,7 @@ class SubscriptionServer:
                     # Routine: a consumer's last messages after its connection was seen to close, or
                     # its first after a drop the log already gave the reason for. It is told, and
                     # subscribes again if it still wants to.
-                    log.info("a message from a connection with no subscription: %s", exc)
+                    self._unsubscribed_log.info("a message from a connection with no subscription: %s", exc)
                 elif exc.code == "bad_request":
                     self._warn.warning("bad subscription message: %s", exc)
                 else:

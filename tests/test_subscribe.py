@@ -351,13 +351,15 @@ def test_a_raw_consumer_gets_exactly_its_credit_and_bad_messages_change_nothing(
         consumer.close()
     stranger = RawConsumer(daemon.subscribe)
     try:
-        stranger.send({"op": "credit", "credit": 10})
-        assert stranger.receive()["code"] == "not_subscribed"
+        for _ in range(50):
+            stranger.send({"op": "credit", "credit": 10})
+            assert stranger.receive()["code"] == "not_subscribed"
     finally:
         stranger.close()
-    # Told, and routine (a consumer's last words after its close was seen): no warning for it.
+    # Told, and routine (a consumer's last words after its close was seen): no warning for it,
+    # and no more lines than any peer may cause.
     assert "WARNING actors.subscriptions: refused a subscriber (not_subscribed)" not in daemon.log()
-    assert "a message from a connection with no subscription" in daemon.log()
+    assert 1 <= daemon.log().count("a message from a connection with no subscription") <= 10
 
 
 def test_an_expired_cursor_is_told_the_first_position_still_stored(daemon_factory: Callable[..., Daemon]) -> None:
