@@ -1067,12 +1067,27 @@ def test_several_workers_serve_one_port_and_stop_on_sigterm(gateway_factory: Cal
         assert ok(response)["added_to_queue"] == 1
     assert ok(gateway.client.get("/stats"))["unique_processed"] == 6
     assert gateway.proc is not None
+    # Each worker ignores SIGHUP from its start-up on, so both must have started.
+    eventually(lambda: gateway.log().count("Application startup complete") == 2, 30, "both workers started")
+    workers = _workers(gateway.proc.pid)
+    assert len(workers) == 2
     gateway.proc.send_signal(signal.SIGHUP)  # uvicorn's supervisor would restart the workers
+    for worker in workers:  # as a SIGHUP to the process group (a closing terminal) reaches them
+        os.kill(worker, signal.SIGHUP)
     eventually(lambda: "SIGHUP: the gateway re-reads nothing" in gateway.log(), 10, "SIGHUP logged")
     assert ok(gateway.client.get("/stats"))["unique_processed"] == 6 and gateway.proc.poll() is None
+    assert _workers(gateway.proc.pid) == workers  # none died
     gateway.proc.terminate()
     assert gateway.proc.wait(30) == 0
-    assert "restarting processes" not in gateway.log()
+    assert "restarting processes" not in gateway.log() and "died" not in gateway.log()
+
+
+def _workers(pid: int) -> list[int]:
+    """The worker processes the gateway ``pid`` started (not multiprocessing's resource tracker)."""
+    children = [
+        int(child) for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()
+    ]
+    return sorted(child for child in children if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes())
 
 
 @pytest.mark.e2e

@@ -860,6 +860,9 @@ def app_from_environment() -> FastAPI:
     import the application by name, so the config path travels in the environment). A worker is
     a fresh process, so it sets up logging itself, as ``eventagg gateway`` does for one process.
     """
+    # A SIGHUP to the whole process group (a closing terminal, kill -HUP -PGID) reaches the
+    # workers too: the supervisor says it ignores it, and a worker must not die of it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     config = load_config(os.environ[CONFIG_ENV])
     setup_logging(config.log.level)
     folder = os.environ.get(STREAMS_FOLDER_ENV)

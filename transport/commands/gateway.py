@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description="Run eventagg's HTTP gateway in the foreground.")
     parser.add_argument("--config", metavar="PATH", required=True, help="the daemon's config file, with [http]")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGHUP, _ignore_sighup)  # from the start: the imports below take a while
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -150,7 +151,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 _workers_supervisor(workers, sock).run()
             return 0
         server = uvicorn.Server(uvicorn.Config(app, **options))
-        signal.signal(signal.SIGHUP, _ignore_sighup)
         _ignore_stop_signals()
         server.run(sockets=[sock])
     return 0 if server.started else 1
