@@ -10,6 +10,7 @@ import msgpack
 import pytest
 
 from transport.codec import FrameError, Limits, batch_id_of, decode_ack_request, decode_frame
+from transport.schema import msgpack_problem, unpack_from_peer
 
 GOOD = {"topic": "t", "event_id": "1", "timestamp": "2025-10-22T10:00:00Z", "source": "s"}
 
@@ -231,3 +232,31 @@ def _ack_map(*pairs: tuple[Any, Any]) -> bytes:
 def test_an_acknowledged_batch_with_a_key_twice_or_missing_is_refused_naming_it(frame: bytes, said: str) -> None:
     with pytest.raises(FrameError, match=re.escape(said)):
         decode_ack_request(frame)
+
+
+@pytest.mark.parametrize(
+    ("data", "said"),
+    [
+        (msgpack.packb({"op": "stats"})[:-1], "it ends inside a msgpack value (cut short?)"),
+        (b"\xdd\xff\xff\xff\xff", "a length it declares runs past its end (cut short?)"),
+        (b"\x81\x91\x01\x01", "a map is keyed by an array or a map, which no request or event takes"),
+        (b"\x81\x80\x01", "a map is keyed by an array or a map, which no request or event takes"),
+        (b"\x81\xa2op\xd5\xff\x00\x00", "a msgpack Timestamp (ext -1) must hold 4, 8 or 12 bytes"),
+        (msgpack.packb({"op": "stats"}) + b"\x01", "bytes follow the msgpack object; send exactly one object"),
+        (b"\xa2\xed\xa0", "a str holds bytes that are not UTF-8; send such data as bin"),
+    ],
+    ids=["cut", "long-header", "array-key", "map-key", "timestamp", "trailing", "utf8"],
+)
+def test_bytes_that_are_not_one_msgpack_object_are_named_in_msgpack_terms(data: bytes, said: str) -> None:
+    # What the query and subscribe sockets answer: a client in any language reads it.
+    with pytest.raises(Exception) as caught:
+        unpack_from_peer(data)
+    assert msgpack_problem(caught.value) == said
+
+
+def test_a_frame_cut_short_is_refused_in_msgpack_terms() -> None:
+    with pytest.raises(FrameError, match=re.escape("frame is not valid msgpack: it ends inside a msgpack value")):
+        decode_frame(msgpack.packb([GOOD, GOOD])[:-3])
+    five_said_one_sent = _ack_map(("batch", 1)) + msgpack.packb("events") + b"\xdd\0\0\0\x05" + msgpack.packb(GOOD)
+    with pytest.raises(FrameError, match=re.escape("frame is not valid msgpack: it ends inside a msgpack value")):
+        decode_ack_request(b"\x82" + five_said_one_sent[1:])

@@ -397,8 +397,15 @@ def msgpack_problem(exc: Exception) -> str:
         return "it holds a byte that begins no msgpack value (0xc1 is never used)"
     if isinstance(exc, msgpack.StackError):
         return "it nests arrays and maps too deep"
-    if "incomplete input" in str(exc):
+    text = str(exc)
+    if isinstance(exc, msgpack.OutOfData) or "incomplete input" in text:
         return "it ends inside a msgpack value (cut short?)"
+    if "exceeds max_" in text:  # a length longer than all the bytes there are
+        return "a length it declares runs past its end (cut short?)"
+    if isinstance(exc, TypeError) and "unhashable" in text:
+        return "a map is keyed by an array or a map, which no request or event takes"
+    if "invalid timestamp data" in text:
+        return "a msgpack Timestamp (ext -1) must hold 4, 8 or 12 bytes"
     return f"{type(exc).__name__}: {exc}"
 
 
