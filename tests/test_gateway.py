@@ -127,6 +127,12 @@ def test_publish_takes_only_a_json_content_type(gateway: Gateway) -> None:
             "/publish", content=body, headers={"content-type": f"application/json; charset={declared}"}
         )
         assert latin.status_code == 415 and "UTF-8" in latin.json()["error"], latin.text
+    # Quoted as the client wrote it (a header value arrives decoded as Latin-1), bytes not UTF-8 as U+FFFD.
+    for declared, quoted_back in (("ü".encode(), "'ü'"), (b"\xff", "'\ufffd'")):
+        odd = gateway.client.post(
+            "/publish", content=body, headers={"content-type": b"application/json; charset=" + declared}
+        )
+        assert odd.status_code == 415 and f"declared as charset {quoted_back}" in odd.json()["error"], odd.text
     assert gateway.daemon.stats()["received"] == 0
     reply = gateway.client.post("/publish", content=body, headers={"content-type": "Application/JSON; charset=utf-8"})
     assert ok(reply)["added_to_queue"] == 1

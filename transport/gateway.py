@@ -714,9 +714,9 @@ def _last_event_id(value: str) -> int:
 
 def _header_text(value: str) -> str:
     """A header's value as its sender wrote it: the server hands it over decoded as Latin-1 (HTTP's
-    old default), which garbles the UTF-8 every client sends; bytes that are no UTF-8 are escaped."""
+    old default), which garbles the UTF-8 every client sends; bytes that are no UTF-8 become U+FFFD."""
     try:
-        return value.encode("latin-1").decode("utf-8", "backslashreplace")
+        return value.encode("latin-1").decode("utf-8", "replace")
     except UnicodeEncodeError:
         return value
 
@@ -1480,9 +1480,10 @@ def _check_content_type(value: str | None) -> None:
     through a gateway on that user's loopback. A JSON POST from another origin needs a preflight,
     which the gateway does not answer.
     """
+    value = _header_text(value) if value else value  # quoted back as the client wrote it
     media_type, _, parameters = (value or "").partition(";")
     if media_type.strip().lower() != "application/json":
-        given = f"Content-Type {_header_text(value)}" if value else "no Content-Type"
+        given = f"Content-Type {value}" if value else "no Content-Type"
         raise GatewayError(415, f"the body must be sent as Content-Type: application/json, not with {given}")
     # JSON is UTF-8 (RFC 8259); a body declared in another charset would be misread, not refused.
     for parameter in parameters.split(";"):
@@ -1490,7 +1491,8 @@ def _check_content_type(value: str | None) -> None:
         charset = charset.strip().strip('"').lower()
         if name.strip().lower() == "charset" and charset.replace("-", "").replace("_", "") != "utf8":
             raise GatewayError(
-                415, f"the body is declared as charset {charset!r}: JSON is read as UTF-8 only; send it as UTF-8"
+                415,
+                f"the body is declared as charset {charset!r}: JSON is read as UTF-8 only; send it as UTF-8",
             )
 
 
