@@ -36,6 +36,8 @@ def test_a_map_python_would_merge_decodes_as_its_pairs_and_round_trips_through_j
     assert json.loads(line)["z"] == {"$map": [[0, "zero"], [0.0, "float"], [False, "false"]]}
     assert from_json(line) == decoded
     assert unpack_reply(msgpack.packb({"a": {1: 2, "1": 3}})) == {"a": {1: 2, "1": 3}}  # a dict holds these
+    assert unpack_reply(b"\x82\xa1a\x01\xa1a\x02") == {"a": 2}  # one key written twice: its last value
+    assert unpack_reply(b"\x83\x01\xa1a\x01\xa1b\xc3\xa1c") == MapPairs([(1, "a"), (1, "b"), (True, "c")])
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

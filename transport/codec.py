@@ -375,7 +375,7 @@ def _ack_outline(frame: bytes) -> tuple[Any, tuple[int, int] | None]:
         seen: set[str] = set()
         for _ in range(keys):
             key = _small_value(unpacker, frame)
-            if key in ("batch", "events", "op"):
+            if key in ("batch", "events"):
                 if key in seen:  # which one was meant? msgpack readers differ (most keep the last)
                     raise FrameError(f"the acknowledged batch map gives {key!r} twice; give it once")
                 seen.add(key)

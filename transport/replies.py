@@ -50,9 +50,15 @@ class MapPairs:
 
 
 def map_from_pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any] | MapPairs:
-    """A decoded map: a dict, or a :class:`MapPairs` when a dict would merge two of its keys."""
+    """A decoded map: a dict, or a :class:`MapPairs` when a dict would merge two different keys.
+
+    A key written twice (``{"a": 1, "a": 2}``) is one key given twice, not two: it reads as its
+    last value, as the daemon reads an event map's fields and most msgpack readers do.
+    """
     mapping = dict(pairs)
-    return mapping if len(mapping) == len(pairs) else MapPairs(pairs)
+    if len(mapping) == len(pairs) or len({(type(key), key) for key, _ in pairs}) == len(mapping):
+        return mapping
+    return MapPairs(pairs)
 
 
 def unpack_reply(data: bytes) -> Any:
