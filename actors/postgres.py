@@ -1705,7 +1705,7 @@ class PostgresStatsActor(StatsActor):
         self._pg_reader = PostgresReader(dsn, node, max_page_bytes)
 
     def on_start(self) -> None:
-        # Same methods as EventReader (events, topics), which is what answer() calls.
+        # Same methods as EventReader (topics, consumers, first), which is what answer() calls.
         self._reader = cast(EventReader, self._pg_reader)
 
     def answer(self, query: Query) -> dict[str, Any] | PackedReply:

@@ -22,7 +22,7 @@ from actors.store import EventReader
 
 if TYPE_CHECKING:
     from actors.reader import PackedReply
-from transport.queries import ConsumersQuery, DebugFreezeQuery, EventsQuery, HealthQuery, Query, StatsQuery, TopicsQuery
+from transport.queries import ConsumersQuery, DebugFreezeQuery, HealthQuery, Query, StatsQuery, TopicsQuery
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +71,11 @@ class StatsActor(pykka.ThreadingActor):
         return self.answer(message)
 
     def answer(self, query: Query) -> dict[str, Any] | PackedReply:
-        """The reply map for one query (on PostgreSQL a page of events comes packed)."""
+        """The reply map for one query. Pages of events are the reader actor's (on PostgreSQL a
+        stats actor of its own, which packs them: :class:`actors.postgres.PostgresStatsActor`)."""
         assert self._reader is not None
         if isinstance(query, StatsQuery):
             return self.stats()
-        if isinstance(query, EventsQuery):
-            events, cursor = self._reader.events(query.topic, query.after, query.limit)
-            return {"events": events, "next": cursor, "first": self._reader.first(query.topic)}
         if isinstance(query, TopicsQuery):
             if query.after is not None:
                 return topics_page(self._reader.topics(query.after, query.limit), query.after)

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import msgspec
 
 from actors.fingerprint import fingerprint
@@ -994,42 +993,6 @@ class EventReader:
             self._conn.execute("PRAGMA busy_timeout=5000")
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open database {path} for reading: {exc}") from exc
-
-    def events(self, topic: str | None, after: int, limit: int) -> tuple[list[dict[str, Any]], int]:
-        """A page of events and the cursor after it.
-
-        With a topic, events with seq > ``after`` in seq order and the cursor is their seq;
-        without, events of all topics in commit order and the cursor is the commit position.
-        """
-        if topic is not None:
-            cursor = self._conn.execute(
-                "SELECT seq, topic, event_id, timestamp, source, payload, seq, late FROM events"
-                " WHERE topic = ? AND seq > ? ORDER BY seq LIMIT ?",
-                (topic, after, limit),
-            )
-        else:
-            cursor = self._conn.execute(
-                "SELECT rowid, topic, event_id, timestamp, source, payload, seq, late FROM events"
-                " WHERE rowid > ? AND topic <> '' ORDER BY rowid LIMIT ?",
-                (after, limit),
-            )
-        events = []
-        position = after
-        for row_position, topic_, event_id, timestamp, source, payload, seq, late in cursor:
-            position = row_position  # the cursor: where the last row read sits
-            events.append(
-                {
-                    "topic": topic_,
-                    "event_id": event_id,
-                    "timestamp": timestamp,
-                    "source": source,
-                    "payload": msgpack.unpackb(payload, raw=False, strict_map_key=False),
-                    "seq": seq,
-                    "late": bool(late),
-                    **({"position": row_position} if topic is None else {}),
-                }
-            )
-        return events, position
 
     def first(self, topic: str | None) -> int:
         """The lowest seq of ``topic`` (or, without one, the lowest commit position) still stored;
