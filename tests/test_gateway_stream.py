@@ -119,14 +119,29 @@ def test_a_bad_parameter_or_last_event_id_is_400(
     assert response.status_code == 400 and words in response.json()["error"], response.text
 
 
-def test_a_cursor_past_the_last_commit_ends_the_stream_with_an_error_event(gateway: Gateway) -> None:
-    ok(gateway.publish({"events": [event()]}))
-    stream = Stream(gateway, after=5)
+def test_a_cursor_past_the_last_commit_is_refused_with_400_before_any_stream(gateway: Gateway) -> None:
+    # Not a 200 stream that ends in an error event: an EventSource reconnects after a stream
+    # ends (for ever, here), but gives up on an error status.
+    ok(gateway.publish({"events": [event(topic="orders")]}))
+    for params, headers, said in [
+        ({"after": 5}, {}, "after 5 is past the last commit position, 1"),
+        ({"topic": "orders"}, {"Last-Event-ID": "9"}, "after 9 is past the last seq of topic 'orders', 1"),
+    ]:
+        stream = Stream(gateway, headers=headers, **params)
+        try:
+            assert stream.response.status_code == 400, stream.response.headers
+            assert stream.response.headers["content-type"] == "application/json"
+            stream.response.read()
+            error = stream.response.json()["error"]
+            assert error.startswith(f"the daemon refused the stream: {said}") and "tcp://" not in error
+        finally:
+            stream.close()
+    assert scrape(gateway)["eventagg_gateway_open_streams"][0] == 0  # the refused streams' slots freed
+    stream = Stream(gateway, after=1)  # at the head: a stream, waiting for what comes next
     try:
-        message = stream.next()
-        assert message["event"] == "error" and "past the last commit position, 1" in message["data"]["error"]
-        with pytest.raises(EOFError):
-            stream.next()
+        assert stream.response.status_code == 200
+        ok(gateway.publish({"events": [event(topic="orders", event_id="next", timestamp="2025-10-22T10:00:01Z")]}))
+        assert stream.next()["data"]["event_id"] == "next"
     finally:
         stream.close()
 
@@ -216,6 +231,23 @@ def test_a_stream_rides_out_a_daemon_restart(gateway: Gateway) -> None:
         gateway.daemon.start()
         ok(gateway.publish({"events": [event(event_id="after", timestamp="2025-10-22T10:00:01Z")]}))
         assert stream.next()["data"]["event_id"] == "after"
+    finally:
+        stream.close()
+
+
+def test_a_stream_opened_while_the_daemon_is_down_begins_within_the_request_timeout_and_waits(
+    gateway_factory: Callable[..., Gateway],
+) -> None:
+    gateway = gateway_factory(http={"request_timeout_ms": 1000})
+    assert gateway.daemon.terminate(timeout=30) == 0
+    began = time.monotonic()
+    stream = Stream(gateway, topic="orders")
+    try:
+        assert stream.response.status_code == 200
+        assert 0.9 <= time.monotonic() - began < 5
+        gateway.daemon.start()
+        ok(gateway.publish({"events": [event(topic="orders", event_id="first")]}))
+        assert stream.next()["data"]["event_id"] == "first"
     finally:
         stream.close()
 

@@ -1123,7 +1123,10 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
                 "position), `event: event`, `data:` the event as one line of JSON; `event: expired` when "
                 "retention deleted events after the cursor. Resume with `Last-Event-ID`.",
             },
-            400: {"model": Error, "description": "A bad query parameter or Last-Event-ID."},
+            400: {
+                "model": Error,
+                "description": "A bad query parameter or Last-Event-ID, or a cursor past the head.",
+            },
             503: {"model": Error, "description": "[http] max_streams streams are open, or the gateway is stopping."},
         },
     )
@@ -1151,12 +1154,27 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
                 503, f"all {http.max_streams} event streams of this gateway process are open ([http] max_streams)"
             )
         streams.opened()
+        cursor = "seq" if topic is not None else "position"  # what each event's id is
+        pump = StreamPump(lambda: link.subscriber(topic, after, topics), asyncio.get_running_loop(), cursor)
+
+        def closed() -> None:  # however the response ends, also before its body began
+            pump.stop()
+            streams.closed()
+
+        try:
+            pump.start()
+            # A refusal answers the request itself: an EventSource reconnects after a stream that
+            # ends, but gives up on an error status. A daemon that does not answer in time is
+            # waited for within the stream, as across a restart.
+            refusal = await pump.answer(link.timeout)
+        except BaseException:
+            closed()
+            raise
+        if refusal is not None:
+            closed()
+            raise GatewayError(400, f"the daemon refused the stream: {refusal}")
 
         async def body() -> AsyncIterator[bytes]:
-            # Started here, not in the handler: a client gone before the body began leaves no thread.
-            cursor = "seq" if topic is not None else "position"  # what each event's id is
-            pump = StreamPump(lambda: link.subscriber(topic, after, topics), asyncio.get_running_loop(), cursor)
-            pump.start()
             try:
                 quiet_since = time.monotonic()
                 while not link.stopping:
@@ -1188,7 +1206,7 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
             finally:
                 pump.stop()
 
-        return EventStreamResponse(body(), on_close=streams.closed)
+        return EventStreamResponse(body(), on_close=closed)
 
     @app.get(
         "/stats",

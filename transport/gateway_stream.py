@@ -20,6 +20,7 @@ all of the gateway's worker processes when it has several.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 BATCH_EVENTS = 256  # most events in one item: one wake-up of the event loop per batch, not per event
 AHEAD = 4  # items the thread may put on the queue before the writer takes one
 POLL_S = 0.25  # how often a waiting thread looks whether the stream was stopped
+CONFIRM_POLL_S = 0.02  # ... and whether the daemon has confirmed the subscription, until it has
 
 Item = tuple[str, Any]  # ("events", [event, ...]), ("expired", {"after", "first"}), ("error", str), ("end", None)
 
@@ -116,10 +118,21 @@ class StreamPump:
         self._items: asyncio.Queue[Item] = asyncio.Queue()
         self._room = threading.Semaphore(AHEAD)
         self._stopped = threading.Event()
+        # The daemon's answer to the subscription: None once it confirmed it, or its refusal.
+        self._answer: asyncio.Future[str | None] = loop.create_future()
+        self._told = False  # the thread's own note that it settled ``_answer``
         self._thread = threading.Thread(target=self._run, name="event-stream", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    async def answer(self, timeout: float) -> str | None:
+        """Why the daemon refused the subscription, or None: it confirmed it, or has not answered
+        within ``timeout`` seconds (the subscriber then goes on trying, as across a restart)."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._answer), timeout)
+        except TimeoutError:
+            return None
 
     def stop(self) -> None:
         """End the subscription: the thread closes the subscriber within ``POLL_S``."""
@@ -145,8 +158,11 @@ class StreamPump:
             notices: list[tuple[int, int]] = []  # (after, first) not yet passed on
             batch: list[dict[str, Any]] = []
             while not self._stopped.is_set():
-                # Waits only with nothing in hand; else takes what has already arrived.
-                event = subscriber.next_event(0 if batch else POLL_S)
+                # Waits only with nothing in hand; else takes what has already arrived. Until the
+                # daemon confirms the subscription, in short steps: the route waits for that.
+                event = subscriber.next_event(0 if batch else POLL_S if self._told else CONFIRM_POLL_S)
+                if subscriber.subscribed and not self._told:
+                    self._tell(None)
                 notices += subscriber.expired[told:]
                 told = len(subscriber.expired)
                 # The subscriber reads several messages at once and keeps notices apart from
@@ -168,6 +184,7 @@ class StreamPump:
                         return
                     batch = []
         except SubscriberError as exc:
+            self._tell(exc.reason)  # refused before the stream began: the route answers it as an error
             self._hand(("error", str(exc)))
         except Exception as exc:  # a stream must end with a word, not hang its client
             log.exception("an event stream failed")
@@ -175,7 +192,21 @@ class StreamPump:
         finally:
             if subscriber is not None:
                 subscriber.close()
+            self._tell(None)
             self._hand(("end", None))
+
+    def _tell(self, refusal: str | None) -> None:
+        """Settle :meth:`answer` (the first call only)."""
+        if self._told:
+            return
+        self._told = True
+
+        def settle() -> None:
+            if not self._answer.done():
+                self._answer.set_result(refusal)
+
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: the gateway has stopped
+            self._loop.call_soon_threadsafe(settle)
 
     def _put(self, item: Item, subscriber: Subscriber) -> bool:
         """Queue ``item`` once the writer has room for it; False when the stream was stopped first.

@@ -78,7 +78,14 @@ def name_problem(name: object) -> str | None:
 
 
 class SubscriberError(Exception):
-    """The daemon refused the subscription (the message says why), or the subscriber is closed."""
+    """The daemon refused the subscription (the message says why), or the subscriber is closed.
+
+    ``reason`` is the daemon's own words for a refusal (the message names the endpoint too).
+    """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = message if reason is None else reason
 
 
 class Subscriber:
@@ -505,7 +512,8 @@ class Subscriber:
                 return
             self._closed = True
             self._drop_socket()
-            raise SubscriberError(f"{self.endpoint} refused: {message.get('error')}")
+            reason = str(message.get("error"))
+            raise SubscriberError(f"{self.endpoint} refused: {reason}", reason=reason)
         # "heartbeat" and "unsubscribed" need nothing beyond the time they were heard
 
     def _heed_limits(self, subscribed: dict[str, Any]) -> None:
