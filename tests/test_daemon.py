@@ -367,7 +367,12 @@ def test_events_script_pages_through_a_topic(daemon: Daemon) -> None:
     assert result.returncode == 0 and [e["seq"] for e in lines] == list(range(1, 2501))
     limited = run_script("events.py", "orders", "--endpoint", daemon.query, "--after", "10", "--limit", "3")
     assert [json.loads(line)["seq"] for line in limited.stdout.splitlines()] == [11, 12, 13]
-    assert run_script("events.py", "orders", "--endpoint", daemon.query, "--limit", "0").stdout == ""
+    for follow in ([], ["--follow"]):
+        nothing = run_script("events.py", "orders", "--endpoint", daemon.query, "--limit", "0", *follow)
+        assert (nothing.returncode, nothing.stdout, nothing.stderr) == (0, "", "")
+    # Printing nothing still asks the daemon, as `head -n 0 FILE` still opens FILE.
+    nobody = run_script("events.py", "orders", "--endpoint", "tcp://127.0.0.1:9", "--timeout", "0.3", "--limit", "0")
+    assert nobody.returncode == 1 and "tcp://127.0.0.1:9" in nobody.stderr and nobody.stdout == ""
     for flag, value in (("--page", "0"), ("--limit", "-1"), ("--after", "x")):
         refused = run_script("events.py", "orders", "--endpoint", daemon.query, flag, value)
         assert refused.returncode == 2 and f"argument {flag}:" in refused.stderr and refused.stdout == ""

@@ -98,9 +98,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except (ConfigError, SecurityError) as exc:
         print(f"events: {exc}", file=sys.stderr)
         return 2
-    if args.limit == 0:
-        return 0
-    page = args.page if args.limit is None else min(args.page, args.limit)
+    page = args.page if args.limit is None else max(1, min(args.page, args.limit))
     with _stopped_as_by_ctrl_c(args.follow):
         return _print_events(args, endpoint, secure, where, page)
 
@@ -125,6 +123,11 @@ def _print_events(args: argparse.Namespace, endpoint: str, secure: SocketHook | 
                 )
         with QueryClient(endpoint, timeout=args.timeout, configure=secure) as client, contextlib.ExitStack() as stack:
             events: Iterable[dict[str, Any]]
+            if args.limit == 0:
+                # Nothing to print, but the daemon is still asked for a page, as `head -n 0 FILE`
+                # still opens FILE: a wrong address, key, topic or cursor fails as without it.
+                next(iter(client.iter_events(args.topic, args.after or 0, page)), None)
+                return 0
             if args.follow:
                 # A Subscriber in a with block: Ctrl-C while an event is printed leaves it
                 # unacknowledged (printed or not), while --limit's last event is acknowledged.
