@@ -702,7 +702,7 @@ def _json_bytes(document: Any) -> bytes:
 def _last_event_id(value: str) -> int:
     """The cursor a reconnecting client's ``Last-Event-ID`` names, or :class:`GatewayError` 400."""
     text = value.strip()
-    if not (text.isascii() and text.isdigit() and int(text) <= MAX_CURSOR):
+    if not (_in_digits(text) and int(text) <= MAX_CURSOR):
         raise GatewayError(
             400,
             f"Last-Event-ID must be an id this stream sent (a cursor from 0 to {MAX_CURSOR}), "
@@ -710,6 +710,12 @@ def _last_event_id(value: str) -> int:
             "reconnect without it, with after= the last cursor you processed",
         )
     return int(text)
+
+
+def _in_digits(text: str) -> bool:
+    """Whether ``text`` is a whole number written in ASCII digits only (``str.isdigit`` alone
+    takes other scripts' digits and superscripts, which ``int`` then reads or refuses)."""
+    return text.isascii() and text.isdigit()
 
 
 def _header_text(value: str) -> str:
@@ -1476,7 +1482,7 @@ def _check_query_names(
     refuse them)."""
     for name in whole_numbers:
         value = request.query_params.get(name)
-        if value is not None and not (value.isascii() and value.isdigit()):
+        if value is not None and not _in_digits(value):
             raise GatewayError(400, f"query parameter {name!r} must be a whole number in digits, not {value[:40]!r}")
     names = [name for name, _ in request.query_params.multi_items() if name not in repeatable]
     unknown = sorted({name for name, _ in request.query_params.multi_items() if name not in known})
@@ -1520,7 +1526,7 @@ async def _read_body(request: Request, limit: int, send_by: float) -> bytes:
     must not hold a connection for ever. A client gone mid-body gets a 400 nobody reads, logged
     as one line rather than a traceback."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and _in_digits(declared) and int(declared) > limit:
         raise GatewayError(413, f"the body is {declared} bytes, over the limit of {limit} ([http] max_body_bytes)")
     chunks = []
     size = 0
