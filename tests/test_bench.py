@@ -231,6 +231,10 @@ def test_the_decode_cost_script_times_both_forms_of_the_same_events() -> None:
     assert done.returncode == 0, done.stderr
     assert re.search(r"^Event tuples +median \d+ ns an event", done.stdout, re.MULTILINE), done.stdout
     assert re.search(r"^columns +median \d+ ns an event", done.stdout, re.MULTILINE), done.stdout
+    # --decoder checks that every frame decodes whole, with no event refused, before timing.
+    done = run_script("decode_cost.py", "--decoder", "--runs", "1", timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^decoder +median \d+ ns an event", done.stdout, re.MULTILINE), done.stdout
 
 
 @pytest.mark.parametrize("topic_order", ["cycle", "random"])
