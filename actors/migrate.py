@@ -1,6 +1,6 @@
 """``eventagg migrate``: bring a PostgreSQL database's schema to this eventagg's version, with time.
 
-``migrate [--config PATH] [--timeout S]``.
+``migrate [--config PATH] [--timeout S] [--from-sqlite PATH]``.
 
 A daemon migrates the schema as it starts, but gives that 10 s at most (its parts must start
 within 30 s), and a migration that reads every event of a large database takes longer. Such a
@@ -9,6 +9,9 @@ the same advisory lock as they do, so at most one session migrates), then start 
 The migrations may take ``--timeout`` seconds in all (an hour unless told); nothing is left half
 done, since each migration is one transaction. A SQLite database is migrated by its daemon as it
 opens it, with no time limit, so there is nothing to do for one.
+
+``--from-sqlite PATH`` then copies a stopped SQLite daemon's database into the PostgreSQL
+database, which must hold nothing yet (:mod:`actors.sqlite_import`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import math
 import sys
 import time
+from pathlib import Path
 
 from actors.store import StorageError
 from transport.config import ConfigError, expand_environment, load_config
@@ -38,6 +42,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         metavar="S",
         help=f"how long the migrations may take in all, in seconds (default {DEFAULT_TIMEOUT_S:g})",
     )
+    parser.add_argument(
+        "--from-sqlite",
+        metavar="PATH",
+        type=Path,
+        help="then copy this SQLite database (its daemon stopped) into the PostgreSQL database, which must be empty",
+    )
     args = parser.parse_args(argv)
     # PostgreSQL counts the timeout in whole milliseconds, and reads 0 as none at all.
     if not (math.isfinite(args.timeout) and MIN_TIMEOUT_S <= args.timeout <= MAX_TIMEOUT_S):
@@ -49,6 +59,19 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except ConfigError as exc:
         print(f"migrate: {exc}", file=sys.stderr)
         return 2
+    if config.storage.backend != "postgresql" and args.from_sqlite is not None:
+        print(
+            f"migrate: --from-sqlite copies into the PostgreSQL database [storage] dsn names, but this config's"
+            f" [storage] backend is {config.storage.backend}: give the config of the PostgreSQL daemons",
+            file=sys.stderr,
+        )
+        return 2
+    if args.from_sqlite is not None and not args.from_sqlite.is_file():
+        print(
+            f"migrate: no SQLite database at {args.from_sqlite}: name the file its [storage] path names",
+            file=sys.stderr,
+        )
+        return 2
     if config.storage.backend != "postgresql":
         print(
             f"[storage] backend is {config.storage.backend}: the daemon migrates its database as it opens it,"
@@ -57,6 +80,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 0
     from actors.pg_session import connect, load_psycopg, one_line, set_statement_timeout
     from actors.postgres import SCHEMA_VERSION, MigrationTooLong, migrate, schema_version
+    from actors.sqlite_import import CopyRefused, copy_sqlite
 
     started = time.monotonic()
     try:
@@ -68,6 +92,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         set_statement_timeout(conn, int(args.timeout * 1000))
         before = schema_version(conn)
         migrate(conn, f"{config.storage_node} (eventagg migrate)", budget_s=args.timeout)
+        copied = None if args.from_sqlite is None else copy_sqlite(args.from_sqlite, conn, config.storage_node)
     except MigrationTooLong:
         print(
             f"migrate: the migrations took over {args.timeout:g} s and the one under way was rolled back;"
@@ -75,14 +100,19 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    except CopyRefused as exc:
+        print(f"migrate: {exc}; nothing was copied", file=sys.stderr)
+        return 2
     except StorageError as exc:
         print(f"migrate: {exc}", file=sys.stderr)
         return 1
     except load_psycopg().Error as exc:  # e.g. a role that may not alter the tables
-        print(f"migrate: {one_line(exc)}; the migration under way was rolled back", file=sys.stderr)
+        under_way = "the migration or copy under way" if args.from_sqlite else "the migration under way"
+        print(f"migrate: {one_line(exc)}; {under_way} was rolled back", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("migrate: interrupted; the migration under way was rolled back", file=sys.stderr)
+        under_way = "the migration or copy under way" if args.from_sqlite else "the migration under way"
+        print(f"migrate: interrupted; {under_way} was rolled back", file=sys.stderr)
         return 130
     finally:
         conn.close()
@@ -90,6 +120,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"the schema is at version {SCHEMA_VERSION} already; nothing to do")
     else:
         print(f"migrated the schema from version {before} to {SCHEMA_VERSION} in {time.monotonic() - started:.1f} s")
+    if copied is not None:
+        print(
+            f"copied {args.from_sqlite} into the PostgreSQL database in {copied.seconds:.1f} s: {copied.events} events"
+            f" of {copied.topics} topics (commit positions up to {copied.head}), {copied.deleted_keys} deleted"
+            f" keys, {copied.consumers} consumers; its counters are node {config.storage_node!r}'s"
+        )
     return 0
 
 

@@ -304,18 +304,18 @@ _SOURCE_COLUMNS = "position, topic, event_id, timestamp, source, payload, seq, l
 _row_key = operator.itemgetter(0, 1)
 
 
-def _event_bytes(topic: str, event_id: str, timestamp: str, source: str, payload: bytes | bytearray) -> int:
+def event_bytes(topic: str, event_id: str, timestamp: str, source: str, payload: bytes | bytearray) -> int:
     """What a stored event's row takes in the database, about (see EVENT_ROW_BYTES)."""
     return EVENT_ROW_BYTES + 3 * len(topic) + 2 * len(event_id) + len(timestamp) + len(source) + len(payload)
 
 
 def _row_bytes(row: Row) -> int:
-    """:func:`_event_bytes` of a new row."""
+    """:func:`event_bytes` of a new row."""
     topic, event_id, _seq, timestamp, _ts_ns, source, payload, _received_at, _late = row
-    return _event_bytes(topic, event_id, timestamp, source, payload)
+    return event_bytes(topic, event_id, timestamp, source, payload)
 
 
-def _key_bytes(topic: str, event_id: str) -> int:
+def key_bytes(topic: str, event_id: str) -> int:
     """What a kept key's record takes in the database, about (see KEY_ROW_BYTES)."""
     return KEY_ROW_BYTES + 2 * (len(topic) + len(event_id))
 
@@ -857,7 +857,7 @@ class PostgresStore:
                     (int(committed_before), max_rows),
                 ).fetchall()
                 if gone:
-                    freed = sum(_key_bytes(topic, event_id) for topic, event_id in gone)
+                    freed = sum(key_bytes(topic, event_id) for topic, event_id in gone)
                     conn.execute(
                         "UPDATE nodes SET stored_bytes = stored_bytes - %s WHERE node = %s", (freed, self.node)
                     )
@@ -905,7 +905,7 @@ class PostgresStore:
                 ]
                 # The events' rows go; their keys' records stay.
                 freed = sum(
-                    _event_bytes(topic, event_id, timestamp, source, payload) - _key_bytes(topic, event_id)
+                    event_bytes(topic, event_id, timestamp, source, payload) - key_bytes(topic, event_id)
                     for _position, topic, event_id, _seq, _ts_ns, source, payload, _received_at, timestamp in deleted
                 )
                 conn.execute(_RECORD_DELETED, [list(column) for column in zip(*records)])
