@@ -104,6 +104,8 @@ def test_install_lays_out_a_working_installation(prefix: Path, tmp_path: Path) -
     ours = [*(opt / "scripts").glob("*.py"), *(site / "actors").rglob("*.py"), *(site / "transport").rglob("*.py")]
     assert len(ours) > 20
     assert [path for path in ours if "harness" in path.read_text()] == []
+    # PEP 561: an application's `mypy --strict` reads the libraries' type hints.
+    assert (site / "transport/py.typed").is_file() and (site / "actors/py.typed").is_file()
     # The packages come from the virtualenv, not from this checkout.
     where = subprocess.run(
         [str(installed_python(prefix)), "-c", "import actors, transport; print(actors.__file__)"],

@@ -13,7 +13,7 @@ from harness import Daemon, Gateway, push_frames, run_script
 from pg_cluster import missing_reason
 
 from transport.jsonlines import from_json, to_json_line
-from transport.replies import MapPairs, unpack_reply
+from transport.replies import MapPairs, map_from_pairs, unpack_reply
 from transport.subscriber import Subscriber
 
 # {"m": {1: "a", true: "b"}, "z": {0: "zero", 0.0: "float", false: "false"}}: one key each in Python.
@@ -38,6 +38,13 @@ def test_a_map_python_would_merge_decodes_as_its_pairs_and_round_trips_through_j
     assert unpack_reply(msgpack.packb({"a": {1: 2, "1": 3}})) == {"a": {1: 2, "1": 3}}  # a dict holds these
     assert unpack_reply(b"\x82\xa1a\x01\xa1a\x02") == {"a": 2}  # one key written twice: its last value
     assert unpack_reply(b"\x83\x01\xa1a\x01\xa1b\xc3\xa1c") == MapPairs([(1, "a"), (1, "b"), (True, "c")])
+
+
+def test_pairs_handed_over_as_a_generator_decode_as_a_list_would() -> None:
+    # msgpack's pure-Python unpacker before 1.2 (PyPy, or a platform with no wheel) passes
+    # object_pairs_hook a generator: every reply failed with "generator has no len()".
+    assert map_from_pairs(pair for pair in [("a", 1), ("b", 2)]) == {"a": 1, "b": 2}
+    assert map_from_pairs(pair for pair in [(1, "a"), (True, "b")]) == MapPairs([(1, "a"), (True, "b")])
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

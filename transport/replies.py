@@ -49,12 +49,14 @@ class MapPairs:
         return f"MapPairs({self.pairs!r})"
 
 
-def map_from_pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any] | MapPairs:
+def map_from_pairs(pairs: Iterable[tuple[Any, Any]]) -> dict[Any, Any] | MapPairs:
     """A decoded map: a dict, or a :class:`MapPairs` when a dict would merge two different keys.
 
     A key written twice (``{"a": 1, "a": 2}``) is one key given twice, not two: it reads as its
     last value, as the daemon reads an event map's fields and most msgpack readers do.
     """
+    if type(pairs) is not list:  # older msgpack's pure-Python unpacker (PyPy, no wheel) hands a generator
+        pairs = list(pairs)
     mapping = dict(pairs)
     if len(mapping) == len(pairs) or len({(type(key), key) for key, _ in pairs}) == len(mapping):
         return mapping
