@@ -8,6 +8,8 @@ import _thread
 import logging
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -293,3 +295,35 @@ def test_a_subscriber_heartbeats_as_often_as_the_daemon_announces(daemon_factory
         assert follower.reconnects <= 1
     assert daemon.log().count("with no subscription") <= 1
     assert daemon.terminate() == 0
+
+
+def test_a_subscriber_used_in_a_forked_child_refuses_at_once_and_the_parents_goes_on(daemon: Daemon) -> None:
+    # The child's copy of the parent's socket is not usable: next_event(2) waited for ever.
+    publish(daemon.ingest, "--events", "3", "--topics", "1")
+    daemon.wait_stats(unique_processed=3)
+    code = (
+        "import os, sys\n"
+        "from transport.subscriber import Subscriber, SubscriberError\n"
+        f"s = Subscriber({daemon.subscribe!r}, after=0)\n"
+        "print('parent took', s.next_event(10)['position'])\n"
+        "sys.stdout.flush()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    try:\n"
+        "        s.next_event(2)\n"
+        "    except SubscriberError as exc:\n"
+        "        print('refused:', exc)\n"
+        "    s.close()\n"
+        f"    with Subscriber({daemon.subscribe!r}, after=0) as own:\n"
+        "        print('child took', own.next_event(10)['position'])\n"
+        "    os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+        "print('parent took', s.next_event(10)['position'])\n"
+        "s.close()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "refused: this subscriber" in result.stdout and "before this one was forked" in result.stdout, result
+    assert (
+        result.stdout.count("parent took") == 2 and "parent took 2" in result.stdout and "child took 1" in result.stdout
+    )

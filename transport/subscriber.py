@@ -35,6 +35,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
@@ -175,6 +176,7 @@ class Subscriber:
         self._reader: int | None = None
         self._close_asked = False
         self._closed_event = threading.Event()
+        self._pid = os.getpid()  # the socket and its context belong to this process
 
     # Public API -------------------------------------------------------------------------------
 
@@ -192,8 +194,7 @@ class Subscriber:
 
     def next_event(self, timeout: float | None) -> dict[str, Any] | None:
         """The next event, or None when none came within ``timeout`` seconds (None: wait for ever)."""
-        if self._closed:
-            raise SubscriberError("the subscriber is closed")
+        self._check_open()
         arguments.seconds("timeout", timeout, none=True)
         self._reader = threading.get_ident()
         try:
@@ -230,6 +231,7 @@ class Subscriber:
         """
         if self.name is None:
             raise SubscriberError("only a named subscriber (name=...) can acknowledge")
+        self._check_open()
         if position is not None and (
             not isinstance(position, int) or isinstance(position, bool) or not 0 <= position <= (self.cursor or 0)
         ):
@@ -264,6 +266,11 @@ class Subscriber:
         """Close, acknowledging ``position`` first (None: nothing) for a named subscriber."""
         if self._closed:
             return
+        if self._pid != os.getpid():  # the parent's socket: neither used nor closed here
+            self._socket = None
+            self._closed = True
+            self._closed_event.set()
+            return
         try:
             if self.name is not None and position is not None and self.acked != position:
                 try:
@@ -294,6 +301,17 @@ class Subscriber:
 
     # Internals --------------------------------------------------------------------------------
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SubscriberError("the subscriber is closed")
+        if self._pid != os.getpid():
+            # Its socket is the parent's: a child that used it waited for ever on a poll that
+            # no message could end. (The parent's own subscription goes on.)
+            raise SubscriberError(
+                f"this subscriber to {self.endpoint} was made in another process, before this one was"
+                " forked; make a new Subscriber in this process"
+            )
+
     def _store_position(self, position: int) -> None:
         """Ack ``position`` and wait for the daemon's ``acked``, sending it again on each new subscription."""
         deadline = time.monotonic() + CLOSE_ACK_WAIT_S
@@ -322,8 +340,7 @@ class Subscriber:
         """Send a heartbeat if one is due, taking nothing: for a caller that holds events it cannot
         pass on yet for longer than the daemon's ``[subscribe] timeout_ms``, after which the daemon
         drops a consumer it has not heard from (the gateway's stream to a client that reads slowly)."""
-        if self._closed:
-            raise SubscriberError("the subscriber is closed")
+        self._check_open()
         self._keep_alive()
 
     def _keep_alive(self) -> None:
