@@ -584,6 +584,45 @@ def test_a_body_that_stalls_gets_a_503_in_time_and_a_client_gone_mid_body_no_tra
     assert gateway.daemon.stats()["received"] == 0
 
 
+@pytest.mark.e2e
+def test_a_response_sent_before_its_request_body_had_all_come_closes_the_connection(
+    gateway_factory: Callable[..., Gateway],
+) -> None:
+    """A body sent a byte every few seconds held the connection for ever: after the response,
+    the rest of the body was read and dropped, and each byte put off the keep-alive timeout."""
+    gateway = gateway_factory(http={"request_timeout_ms": 1000, "max_body_bytes": 1000})
+    host, port = gateway.url.removeprefix("http://").split(":")
+    heads = [
+        b"GET /stats HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000000000\r\n\r\n",  # never read
+        b"POST /publish HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\n\r\n{",  # 503 once the request's time runs out
+        b"POST /publish HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 5000\r\nExpect: 100-continue\r\n\r\n",  # 413, the body never sent
+    ]
+    for head, status in zip(heads, (b"200", b"503", b"413")):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(head)
+            answer = read_response(sock)
+            assert answer.startswith(b"HTTP/1.1 " + status), answer
+            started = time.monotonic()
+            try:
+                sock.sendall(b"x")  # a byte of the body, as a dripping client sends it
+                closed = sock.recv(4096) == b""
+            except ConnectionResetError:  # closed with the byte unread
+                closed = True
+            assert closed and time.monotonic() - started < 3, "the connection stayed open"
+    body = json.dumps(event()).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:  # a whole body keeps the connection
+        for _ in range(2):
+            sock.sendall(
+                b"POST /publish HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            assert read_response(sock).startswith(b"HTTP/1.1 200 ")
+        sock.sendall(b"GET /stats HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert read_response(sock).startswith(b"HTTP/1.1 200 ")
+
+
 def read_response(sock: socket.socket) -> bytes:
     """One HTTP response with a Content-Length (or what came before the connection closed)."""
     data = b""

@@ -40,8 +40,9 @@ IMPORT_PATH = "transport.http_protocol:HeaderDeadlineProtocol"
 
 
 class HeaderDeadlineProtocol(HttpToolsProtocol):
-    """:class:`HttpToolsProtocol` that answers 408 and closes when headers are overdue, and drops a
-    connection whose client has taken nothing of its response for ``write_timeout_s``."""
+    """:class:`HttpToolsProtocol` that answers 408 and closes when headers are overdue, drops a
+    connection whose client has taken nothing of its response for ``write_timeout_s``, and closes
+    one whose response went out before its request's body had all come."""
 
     header_timeout_s: float = 10.0
     write_timeout_s: float = 30.0
@@ -76,6 +77,15 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._cycles = [cycle for cycle in self._cycles if not cycle.response_complete]
         if self.cycle is not None:
             self._cycles.append(self.cycle)
+
+    def on_response_complete(self) -> None:
+        # A response sent before its request's body had all come (a refusal, a body too slow, a
+        # GET declaring one): the connection closes. Kept open, the rest of the body was read and
+        # dropped for as long as the client chose to send it, a byte now and then holding the
+        # connection for ever, since each byte put off the keep-alive timeout.
+        if any(cycle.response_complete and cycle.more_body for cycle in self._cycles):
+            self.transport.close()
+        super().on_response_complete()
 
     def pause_writing(self) -> None:
         super().pause_writing()
