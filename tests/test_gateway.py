@@ -623,6 +623,24 @@ def test_a_response_sent_before_its_request_body_had_all_come_closes_the_connect
         assert read_response(sock).startswith(b"HTTP/1.1 200 ")
 
 
+@pytest.mark.e2e
+def test_headers_past_a_mebibyte_get_431_and_the_connection_is_closed(gateway: Gateway) -> None:
+    """httptools bounds no header's size: 8 connections of 30 MB headers took the gateway from 76
+    to 418 MB."""
+    from transport.http_protocol import MAX_HEAD_BYTES
+
+    host, port = gateway.url.removeprefix("http://").split(":")
+    line = b"X-Pad: " + b"a" * 8000 + b"\r\n"
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"GET /stats HTTP/1.1\r\nHost: localhost\r\n" + line * 100 + b"\r\n")  # 800 KB: served
+        assert read_response(sock).startswith(b"HTTP/1.1 200 ")
+        # Just past the bound, then nothing: a byte sent after the refusal would reset the connection.
+        sock.sendall(b"GET /stats HTTP/1.1\r\nHost: localhost\r\n" + line * (MAX_HEAD_BYTES // len(line) + 1))
+        answer = read_response(sock)
+    assert answer.startswith(b"HTTP/1.1 431 ") and b"send shorter ones" in answer, answer[:300]
+    assert b"application/json" in answer
+
+
 def read_response(sock: socket.socket) -> bytes:
     """One HTTP response with a Content-Length (or what came before the connection closed)."""
     data = b""

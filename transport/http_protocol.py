@@ -7,8 +7,11 @@ sends half a request line and stops (slowloris), held its connection and file de
 ever. Here a request's headers must all have arrived within ``header_timeout_s`` of the
 connection opening (its first request) or of the request's first byte (later ones; the gap
 between requests is uvicorn's keep-alive timeout). Past that the client gets a 408 with a JSON
-``error`` and the connection is closed. A body is not covered: the application reads it within
-its own request budget (``[http] request_timeout_ms``).
+``error`` and the connection is closed; and the request line and headers may take
+``MAX_HEAD_BYTES`` in all (httptools sets no bound), past which the client gets a 431. A body
+is read by the application within its own request budget (``[http] request_timeout_ms``); a
+response that goes out before its request's body has all come closes the connection, or the
+rest of the body would be read and dropped, for as long as the client sent it a byte at a time.
 
 Nor did uvicorn bound how long a response may wait for a client that reads none of it: each
 such client held its whole response (a page of events is up to 4 MiB) in the gateway for as long
@@ -37,6 +40,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 __all__ = ["IMPORT_PATH", "HeaderDeadlineProtocol"]
 
 IMPORT_PATH = "transport.http_protocol:HeaderDeadlineProtocol"
+# The most a request line and its headers may take: httptools sets no bound, so a client could
+# make the gateway hold as much as it sent in the header timeout (30 MB headers: 418 MB RSS).
+MAX_HEAD_BYTES = 1 << 20
 
 
 class HeaderDeadlineProtocol(HttpToolsProtocol):
@@ -50,6 +56,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._headers_due: asyncio.TimerHandle | None = None
+        self._head_bytes = 0  # of the request whose headers are awaited
         self._unread_due: asyncio.TimerHandle | None = None
         self._unread_bytes = 0  # what the client had not taken when the clock last started
         self._cycles: list[Any] = []  # this connection's requests whose responses are not complete
@@ -58,6 +65,18 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._arm()
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._headers_due is not None and not self.transport.is_closing():
+            # Still awaiting headers: ``data`` was head, but for the end of a request before it.
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._disarm()
+                self._refuse(
+                    b"431 Request Header Fields Too Large",
+                    f"the request line and headers passed {MAX_HEAD_BYTES} bytes; send shorter ones",
+                )
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         if self._headers_due is None:
@@ -65,6 +84,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm()
+        self._head_bytes = 0
         authority = _authority_of(self.url)
         hosts = sum(name == b"host" for name, _ in self.headers)
         if authority is not None and (hosts == 1 or (hosts == 0 and self.parser.get_http_version() == "1.0")):
@@ -157,14 +177,17 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         if self.cycle is not None and not self.cycle.response_complete:
             self.transport.close()  # a 408 now would cut into the earlier request's response
             return
-        body = json.dumps(
-            {
-                "error": f"the request's headers did not all arrive within {self.header_timeout_s:g} s "
-                "([http] header_timeout_ms); send the whole request at once"
-            }
-        ).encode()
+        self._refuse(
+            b"408 Request Timeout",
+            f"the request's headers did not all arrive within {self.header_timeout_s:g} s "
+            "([http] header_timeout_ms); send the whole request at once",
+        )
+
+    def _refuse(self, status: bytes, error: str) -> None:
+        """Answer ``status`` with a JSON error, as the gateway's own refusals are, and close."""
+        body = json.dumps({"error": error}).encode()
         self.transport.write(
-            b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+            b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
             b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body
         )
         self.transport.close()
