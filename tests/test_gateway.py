@@ -98,6 +98,7 @@ def test_bad_requests_get_a_4xx_with_a_clear_message(gateway_factory: Callable[.
         (gateway.client.get("/events", params={"after": "1.0"}), 400, "'after' must be a whole number in digits"),
         (gateway.client.get("/events", params={"limit": "+1"}), 400, "'limit' must be a whole number in digits"),
         (gateway.client.get("/topics", params={"limit": "1.0"}), 400, "'limit' must be a whole number in digits"),
+        (gateway.client.get("/topics", params={"after": "a\x00b"}), 400, "'after' must be a topic name"),  # was 503
         (gateway.client.get("/events/stream", params={"after": "1.0"}), 400, "'after' must be a whole number"),
         (gateway.client.get("/events", params={"topic": ""}), 400, "no event can have this topic"),
         (gateway.client.get("/events", params={"topic": "a b"}), 400, "whitespace"),

@@ -75,7 +75,7 @@ from transport.handshake import probe
 from transport.http_protocol import HeaderDeadlineProtocol
 from transport.logs import setup_logging
 from transport.publisher import BatchRefused, BatchResult, DeliveryFailed, Publisher, PublisherError, PublishTimeout
-from transport.queries import MAX_CURSOR, MAX_TOPIC_AFTER, QueryError, check_query_topic
+from transport.queries import MAX_CURSOR, MAX_TOPIC_AFTER, QueryError, check_query_topic, parse_query
 from transport.replies import MapPairs
 from transport.schema import InvalidEvent, check_fields, pack_payload, type_name
 from transport.security import (
@@ -1242,7 +1242,12 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
         if after is None and limit is None:
             return json_response(_answered(await ask({"op": "topics"})))
         page = min(limit or DEFAULT_PAGE, config.query.max_limit)
-        return json_response(_answered(await ask({"op": "topics", "after": after or "", "limit": page})))
+        query = {"op": "topics", "after": after or "", "limit": page}
+        try:
+            parse_query(query, config.query.max_limit)  # the daemon's own rules: its refusal is the client's 400
+        except QueryError as exc:
+            raise GatewayError(400, f"query parameter 'after': {exc}") from None
+        return json_response(_answered(await ask(query)))
 
     @app.get(
         "/healthz",
