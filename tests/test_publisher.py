@@ -127,6 +127,8 @@ def test_delivery_failed_hands_back_every_event_of_the_call_that_raised() -> Non
         with pytest.raises(DeliveryFailed) as caught:
             publisher.publish(single)
         assert caught.value.events == [*events[:10], single]
+        # Its message counts what .events holds, the events the call added included (it said 10).
+        assert "11 unacknowledged events are in this exception's .events" in str(caught.value)
 
 
 @pytest.mark.e2e
@@ -415,6 +417,39 @@ def test_closing_a_fire_and_forget_publisher_no_daemon_ever_took_says_so() -> No
     assert time.monotonic() - started < 5
     with Publisher(nowhere(), acked=False) as idle:  # nothing sent, nothing to say
         assert idle.totals.sent == 0
+
+
+@pytest.mark.e2e
+def test_a_fire_and_forget_close_with_a_full_queue_and_no_daemon_says_all_was_lost_within_its_timeout() -> None:
+    # It took twice its timeout and said "1 events not acknowledged": the 1000 frames ZeroMQ
+    # held for a peer that never came were dropped without a word.
+    publisher = Publisher(nowhere(), acked=False, batch_size=1, block_timeout=0.3)
+    with pytest.raises(PublishTimeout):
+        publisher.publish_many(plan(2000, 0.0, 1, 1, "full"))  # ZeroMQ's queue holds 1000 frames
+    sent = publisher.totals.sent
+    started = time.monotonic()
+    with pytest.raises(PublishTimeout) as caught:
+        publisher.close(timeout=1.0)
+    assert time.monotonic() - started < 1.8
+    assert f"the {sent} events sent are dropped with the socket; the 1 not yet sent are in this error's" in str(
+        caught.value
+    )
+    assert len(caught.value.events) == 1
+
+
+@pytest.mark.e2e
+def test_leaving_a_with_block_by_an_exception_raises_that_exception_not_the_close_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The block's KeyError came out as PublishTimeout after close_timeout (30 s by default),
+    # and Ctrl-C waited as long, as PublishTimeout too.
+    for raised, most_s in ((KeyError, 3.0), (KeyboardInterrupt, 0.5)):
+        started = time.monotonic()
+        with pytest.raises(raised), Publisher(nowhere(), close_timeout=1.0, ack_timeout=0.2) as publisher:
+            publisher.publish(make_event(1, 1, "with"))
+            raise raised("the application's own")
+        assert time.monotonic() - started < most_s
+    assert caplog.text.count("closing the publisher to tcp://127.0.0.1:") == 2, caplog.text
 
 
 @pytest.mark.e2e

@@ -110,10 +110,14 @@ class DeliveryFailed(PublisherError):
         self.elapsed = elapsed
         self.attempts = attempts
         self.events = events
-        super().__init__(
-            f"no acknowledgement from {endpoint} for {elapsed:.1f} s ({attempts} attempts): is the daemon "
-            f"running, and is this its acknowledged endpoint ([ingest] ack_bind)? "
-            f"{len(events)} unacknowledged events are in this exception's .events; publishing them again is safe"
+        super().__init__(endpoint, elapsed, attempts)
+
+    def __str__(self) -> str:
+        # Counted when read: the call that raises adds the events it had not queued.
+        return (
+            f"no acknowledgement from {self.endpoint} for {self.elapsed:.1f} s ({self.attempts} attempts): is the "
+            f"daemon running, and is this its acknowledged endpoint ([ingest] ack_bind)? {len(self.events)} "
+            "unacknowledged events are in this exception's .events; publishing them again is safe"
         )
 
 
@@ -548,6 +552,9 @@ class Publisher:
             flush = False  # the parent's events, which the parent still holds and sends
         wait = self.close_timeout if timeout is None else timeout
         try:
+            if not self.acked:
+                self._close_fire_and_forget(wait, flush)
+                return
             try:
                 if flush:
                     self.flush(wait)
@@ -556,24 +563,54 @@ class Publisher:
             except BatchRefused as exc:
                 exc.events.extend(self.held_events())  # closed now: nothing else holds them
                 raise
-            if not self.acked and self.totals.sent and not self._handshake_seen(wait):
-                waited, wait = wait, 0  # no peer to linger for
-                raise PublishTimeout(
-                    f"no daemon at {self.endpoint} took a connection within {waited:g} s of closing: the "
-                    f"{self.totals.sent} events sent are dropped with the socket; is the daemon running, "
-                    "is this its [ingest] bind, and do its CURVE settings and this publisher's agree?"
-                )
         finally:
             self._closed = True
-            # Acknowledged batches were settled (or handed back) above: nothing queued matters.
-            self._resources.linger_ms = 0 if self.acked else int(wait * 1000)
+            if self.acked:  # its batches were settled (or handed back) above: nothing queued matters
+                self._resources.linger_ms = 0
             self._finalizer()
+
+    def _close_fire_and_forget(self, wait: float, flush: bool) -> None:
+        """Queue the pending batch and see that a daemon took the connection, within ``wait``
+        seconds in all; queued frames then linger for what is left of it (no daemon: not at all)."""
+        deadline = time.monotonic() + wait
+        self._resources.linger_ms = 0
+        unqueued: list[dict[str, Any]] = []
+        try:
+            if flush:
+                self.flush(wait)
+        except PublishTimeout:
+            unqueued = self.held_events()  # ZeroMQ's queue stayed full for the whole wait
+        if self.totals.sent and not self._handshake_seen(deadline - time.monotonic()):
+            also = f"; the {len(unqueued)} not yet sent are in this error's .events" if unqueued else ""
+            raise PublishTimeout(
+                f"no daemon at {self.endpoint} took a connection within {wait:g} s of closing: the "
+                f"{self.totals.sent} events sent are dropped with the socket{also}; is the daemon running, "
+                "is this its [ingest] bind, and do its CURVE settings and this publisher's agree?",
+                unqueued,
+            )
+        self._resources.linger_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+        if unqueued:
+            raise PublishTimeout(
+                f"{len(unqueued)} events could not be queued for {self.endpoint} within {wait:g} s of closing "
+                "(ZeroMQ's queue stayed full: the daemon reads slowly, or not at all); they are in this error's "
+                f".events; the {self.totals.sent} sent before them are dropped if not delivered by then",
+                unqueued,
+            )
 
     def __enter__(self) -> Publisher:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        """Close. Left by an exception, the publisher still delivers what was published before it
+        (waiting ``close_timeout`` at most, or not at all for Ctrl-C and other exits), but a
+        failure to is logged, not put in the place of that exception, which goes on."""
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close(None if issubclass(exc_type, Exception) else 0.0)
+        except PublisherError as failure:
+            log.error("closing the publisher to %s on leaving by %s: %s", self.endpoint, exc_type.__name__, failure)
 
     def __repr__(self) -> str:
         mode = "acked" if self.acked else "fire-and-forget"
