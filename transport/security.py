@@ -161,7 +161,7 @@ def _stat(path: Path, what: str) -> os.stat_result:
     try:
         return path.stat()
     except FileNotFoundError:
-        raise KeyFileError(f"{what} {path} does not exist; create it with scripts/keys.py") from None
+        raise KeyFileError(f"{what} {path} does not exist; create it with `eventagg keys`") from None
     except PermissionError:  # a folder on the way that this user may not enter
         me = os.geteuid()
         parents = reversed(path.absolute().parents)
@@ -211,18 +211,18 @@ def _load(path: Path, what: str) -> tuple[bytes, bytes | None]:
         raise _unreadable(path, what) from None  # a certificate, but not ours to read: keys.py is no cure
     except (OSError, ValueError) as exc:
         raise KeyFileError(
-            f"{what} {path} is not a zmq.auth certificate ({exc}); make one with scripts/keys.py"
+            f"{what} {path} is not a zmq.auth certificate ({exc}); make one with `eventagg keys`"
         ) from None
     # Checked here, not left to libzmq: it refuses a bad key only when a socket is bound or
     # connected, with nothing but "Invalid argument".
     for name, key in (("public-key", public), ("secret-key", secret)):
         problem = None if key is None else z85_key_problem(key)
         if problem is not None:
-            raise KeyFileError(f"{what} {path}: its {name} {problem}; make a new one with scripts/keys.py")
+            raise KeyFileError(f"{what} {path}: its {name} {problem}; make a new one with `eventagg keys`")
     if secret is not None and zmq.curve_public(secret) != public:
         raise KeyFileError(
             f"{what} {path}: its public-key is not the public half of its secret-key (the file was edited "
-            "or pieced together); use the certificate scripts/keys.py made, or make a new one"
+            "or pieced together); use the certificate `eventagg keys` made, or make a new one"
         )
     return public, secret
 
@@ -419,13 +419,13 @@ class ServerSecurity:
         if sec.authorized_keys and not self.enabled:
             raise SecurityError(
                 "[security] authorized_keys is set but curve_secret_key is empty; set curve_secret_key to the "
-                "server's secret certificate (scripts/keys.py server DIR makes one) or clear authorized_keys"
+                "server's secret certificate (`eventagg keys server DIR` makes one) or clear authorized_keys"
             )
         if self.enabled:
             if not sec.authorized_keys:
                 raise SecurityError(
                     "[security] curve_secret_key is set but authorized_keys is empty; set it to a folder of "
-                    "client public certificates (scripts/keys.py client NAME DIR makes them)"
+                    "client public certificates (`eventagg keys client NAME DIR` makes them)"
                 )
             self.secret_path = config.resolve(sec.curve_secret_key, "[security] curve_secret_key")
             self.keys_dir = config.resolve(sec.authorized_keys, "[security] authorized_keys")
@@ -438,7 +438,7 @@ class ServerSecurity:
                 raise InsecureBindError(
                     f"refusing to listen beyond loopback without CURVE ({listed}): anyone who can reach "
                     "these ports could publish and read events. Set [security] curve_secret_key and "
-                    "authorized_keys (see scripts/keys.py), bind to 127.0.0.1, or set "
+                    "authorized_keys (see `eventagg keys`), bind to 127.0.0.1, or set "
                     "[security] allow_insecure = true to accept the risk"
                 )
             if exposed:
