@@ -642,6 +642,22 @@ def test_headers_past_a_mebibyte_get_431_and_the_connection_is_closed(gateway: G
     assert b"application/json" in answer
 
 
+@pytest.mark.e2e
+def test_a_request_httptools_cannot_parse_gets_a_json_400(gateway: Gateway) -> None:
+    host, port = gateway.url.removeprefix("http://").split(":")
+    for request in (
+        b"BREW /stats HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"POST /publish HTTP/1.1\r\nHost: localhost\r\nContent-Length: abc\r\n\r\n",
+        b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    ):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(request)
+            answer = read_response(sock)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 ") and b"application/json" in head, answer[:300]
+        assert "not a well-formed HTTP/1.1 request" in json.loads(body)["error"]
+
+
 def read_response(sock: socket.socket) -> bytes:
     """One HTTP response with a Content-Length (or what came before the connection closed)."""
     data = b""

@@ -183,6 +183,14 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             "([http] header_timeout_ms); send the whole request at once",
         )
 
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's refusal of what httptools cannot parse, as JSON like every other refusal.
+        self._refuse(
+            b"400 Bad Request",
+            f"{msg.rstrip('.')}: not a well-formed HTTP/1.1 request (its request line, a header, or its"
+            " framing, such as Content-Length with Transfer-Encoding, or a request target over 64 KiB)",
+        )
+
     def _refuse(self, status: bytes, error: str) -> None:
         """Answer ``status`` with a JSON error, as the gateway's own refusals are, and close."""
         body = json.dumps({"error": error}).encode()
