@@ -7,6 +7,7 @@ from __future__ import annotations
 import _thread
 import logging
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -327,3 +328,14 @@ def test_a_subscriber_used_in_a_forked_child_refuses_at_once_and_the_parents_goe
     assert (
         result.stdout.count("parent took") == 2 and "parent took 2" in result.stdout and "child took 1" in result.stdout
     )
+
+
+def test_a_subscriber_never_answered_says_what_to_check(caplog: pytest.LogCaptureFixture) -> None:
+    # "no word from ... reconnecting" alone: a refused CURVE key or a wrong port looked like a
+    # daemon that was merely slow.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+    with Subscriber(f"tcp://127.0.0.1:{port}", heartbeat=0.1, timeout=0.3) as subscriber:
+        assert subscriber.next_event(1.0) is None
+    assert "is a daemon running there, is this its [subscribe] bind, and do its CURVE settings" in caplog.text

@@ -116,8 +116,9 @@ class DeliveryFailed(PublisherError):
         # Counted when read: the call that raises adds the events it had not queued.
         return (
             f"no acknowledgement from {self.endpoint} for {self.elapsed:.1f} s ({self.attempts} attempts): is the "
-            f"daemon running, and is this its acknowledged endpoint ([ingest] ack_bind)? {len(self.events)} "
-            "unacknowledged events are in this exception's .events; publishing them again is safe"
+            "daemon running, is this its acknowledged endpoint ([ingest] ack_bind), and do its CURVE settings and "
+            f"this publisher's agree? {len(self.events)} unacknowledged events are in this exception's .events; "
+            "publishing them again is safe"
         )
 
 

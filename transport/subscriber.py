@@ -62,6 +62,9 @@ DAEMON_MAX_CREDIT = 10000
 SILENT_HEARTBEATS = 3
 # A named consumer's name, as the daemon takes it (the subscribe protocol's limit).
 MAX_NAME_CHARS = 200
+IF_NEVER_ANSWERED = (
+    " (is a daemon running there, is this its [subscribe] bind, and do its CURVE settings and this subscriber's agree?)"
+)
 # Most topics in a subscription's ``topics`` filter (the subscribe protocol's limit).
 MAX_FILTER_TOPICS = 1000
 
@@ -380,7 +383,9 @@ class Subscriber:
                     return
         now = time.monotonic()
         if now - self._last_heard > self._silence:
-            log.warning("no word from %s in %.1f s; reconnecting", self.endpoint, self._silence)
+            # Never answered on this connection: nothing there, or a handshake it refused.
+            hint = "" if self._subscribed else IF_NEVER_ANSWERED
+            log.warning("no word from %s in %.1f s; reconnecting%s", self.endpoint, self._silence, hint)
             self._reconnect_later()
             return
         if not receive_only and self._subscribed:
