@@ -93,19 +93,12 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             # Hosts, or HTTP/1.1 without one, are left for the gateway's 400 (RFC 9112 3.2).
             self.headers[:] = [(name, value) for name, value in self.headers if name != b"host"]
             self.headers.append((b"host", authority))
+        earlier = self.cycle
         super().on_headers_complete()
         self._cycles = [cycle for cycle in self._cycles if not cycle.response_complete]
-        if self.cycle is not None:
+        if self.cycle is not None and self.cycle is not earlier:
             self._cycles.append(self.cycle)
-
-    def on_response_complete(self) -> None:
-        # A response sent before its request's body had all come (a refusal, a body too slow, a
-        # GET declaring one): the connection closes. Kept open, the rest of the body was read and
-        # dropped for as long as the client chose to send it, a byte now and then holding the
-        # connection for ever, since each byte put off the keep-alive timeout.
-        if any(cycle.response_complete and cycle.more_body for cycle in self._cycles):
-            self.transport.close()
-        super().on_response_complete()
+            _close_when_answered_early(self.cycle)
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -199,6 +192,25 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body
         )
         self.transport.close()
+
+
+def _close_when_answered_early(cycle: Any) -> None:
+    """Make a response that starts before its request's body has all come (a refusal, a body too
+    slow, a GET declaring one) say ``connection: close`` and close the connection once sent.
+
+    Kept open, the rest of the body was read and dropped for as long as the client chose to send
+    it, a byte now and then holding the connection for ever (each byte put off the keep-alive
+    timeout). Said in the response, so a client does not send its next request down a connection
+    about to close.
+    """
+    send = cycle.send
+
+    async def send_closing_early(message: Any) -> None:
+        if message["type"] == "http.response.start" and cycle.more_body:
+            cycle.keep_alive = False  # uvicorn adds the header, and closes once the response is sent
+        await send(message)
+
+    cycle.send = send_closing_early
 
 
 def _authority_of(target: bytes) -> bytes | None:
