@@ -605,7 +605,7 @@ def test_a_response_sent_before_its_request_body_had_all_come_closes_the_connect
             sock.sendall(head)
             answer = read_response(sock)
             assert answer.startswith(b"HTTP/1.1 " + status), answer
-            assert b"\r\nconnection: close\r\n" in answer.partition(b"\r\n\r\n")[0], answer  # not reused, then
+            assert b"\r\nconnection: close\r\n" in answer.partition(b"\r\n\r\n")[0] + b"\r\n", answer  # not reused
             started = time.monotonic()
             try:
                 sock.sendall(b"x")  # a byte of the body, as a dripping client sends it
