@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(
             f"copied {args.from_sqlite} into the PostgreSQL database in {copied.seconds:.1f} s: {copied.events} events"
             f" of {copied.topics} topics (commit positions up to {copied.head}), {copied.deleted_keys} deleted"
-            f" keys, {copied.consumers} consumers; its counters are node {config.storage_node!r}'s"
+            f" keys, {copied.consumers} consumers; its counters went to node {config.storage_node!r}"
         )
     return 0
 
