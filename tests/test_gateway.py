@@ -105,7 +105,7 @@ def test_bad_requests_get_a_4xx_with_a_clear_message(gateway_factory: Callable[.
         (gateway.client.get("/events", params={"limt": 5}), 400, "unknown query parameter 'limt'"),
         (gateway.client.get("/events?topic=a&topic=b"), 400, "'topic' given more than once"),
         (gateway.client.get("/nowhere"), 404, "Not Found"),
-        (gateway.client.delete("/publish"), 405, "Method Not Allowed"),
+        (gateway.client.delete("/publish"), 405, "DELETE is not allowed on /publish: it takes POST"),
     ]
     for response, status, words in cases:
         assert response.status_code == status, (response.request.url, response.text)
@@ -657,6 +657,20 @@ def test_a_request_httptools_cannot_parse_gets_a_json_400(gateway: Gateway) -> N
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 400 ") and b"application/json" in head, answer[:300]
         assert "not a well-formed HTTP/1.1 request" in json.loads(body)["error"]
+
+
+@pytest.mark.e2e
+def test_a_405_allows_every_method_the_path_takes(gateway: Gateway) -> None:
+    # RFC 9110: Allow lists them all; /healthz said HEAD alone (its first route), /stats GET alone.
+    for path, allowed in (
+        ("/healthz", "GET, HEAD"),
+        ("/stats", "GET, HEAD"),
+        ("/events/stream", "GET"),
+        ("/publish", "POST"),
+    ):
+        refused = gateway.client.put(path)
+        assert (refused.status_code, refused.headers["allow"]) == (405, allowed), (path, refused.headers)
+        assert refused.json()["error"] == f"PUT is not allowed on {path}: it takes {allowed}"
 
 
 def read_response(sock: socket.socket) -> bytes:

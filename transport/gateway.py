@@ -54,6 +54,7 @@ import zmq
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -1026,7 +1027,22 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
         return json_response({"error": "; ".join(problems) or "invalid request"}, 400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route on the path alone (/healthz's HEAD
+            # route without its GET), and not the HEAD that HeadAsGet answers; RFC 9110 wants all.
+            path = request.url.path
+            allowed = {
+                method
+                for route in app.router.routes
+                if isinstance(route, APIRoute) and route.path_regex.match(path)
+                for method in route.methods or ()
+            }
+            if path in HEAD_AS_GET_PATHS:
+                allowed.add("HEAD")
+            methods = ", ".join(sorted(allowed))
+            error = f"{request.method} is not allowed on {path}: it takes {methods}"
+            return json_response({"error": error}, 405, headers={"Allow": methods})
         return json_response({"error": str(exc.detail)}, exc.status_code, headers=exc.headers)
 
     @app.post(
@@ -1297,7 +1313,7 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
             media_type=metrics.CONTENT_TYPE_LATEST,
         )
 
-    app.add_middleware(HeadAsGet, paths=frozenset({"/events", "/stats", "/topics", "/metrics"}))
+    app.add_middleware(HeadAsGet, paths=HEAD_AS_GET_PATHS)
     app.add_middleware(HostCheck, names=answered_hosts(config))
     return app
 
@@ -1368,6 +1384,9 @@ def host_name(host: str) -> str:
     if host.startswith("["):
         return host[1:].partition("]")[0]
     return host.rpartition(":")[0].rstrip(".") if host.count(":") == 1 else host.rstrip(".")
+
+
+HEAD_AS_GET_PATHS = frozenset({"/events", "/stats", "/topics", "/metrics"})
 
 
 class HeadAsGet:
