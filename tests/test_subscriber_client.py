@@ -339,3 +339,13 @@ def test_a_subscriber_never_answered_says_what_to_check(caplog: pytest.LogCaptur
     with Subscriber(f"tcp://127.0.0.1:{port}", heartbeat=0.1, timeout=0.3) as subscriber:
         assert subscriber.next_event(1.0) is None
     assert "is a daemon running there, is this its [subscribe] bind, and do its CURVE settings" in caplog.text
+
+
+def test_a_subscriber_at_the_acknowledged_endpoint_says_what_the_daemon_answered(daemon: Daemon) -> None:
+    # It took the answer for no message at all and waited, "no word from ...", for ever. (The
+    # query endpoint answers only requests in a REQ's envelope: there the hint of "no word" stays.)
+    with Subscriber(daemon.ack, heartbeat=0.1, timeout=0.5) as subscriber:
+        started = time.monotonic()
+        with pytest.raises(SubscriberError, match=r"is not a subscription endpoint; it answered: .*\[subscribe\] bind"):
+            subscriber.next_event(5.0)
+        assert time.monotonic() - started < 3

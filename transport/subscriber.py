@@ -477,6 +477,13 @@ class Subscriber:
             self._reconnect_later()
             return
         op = message.get("op") if isinstance(message, dict) else None
+        if op is None and isinstance(message, dict) and isinstance(message.get("error"), str):
+            # Not a subscription endpoint (each of its messages names its op): the daemon's
+            # acknowledged-ingest or query endpoint, whose answer says where subscriptions go.
+            self._closed = True
+            self._drop_socket()
+            reason = str(message["error"])
+            raise SubscriberError(f"{self.endpoint} is not a subscription endpoint; it answered: {reason}", reason)
         if op == "events":
             if not self._subscribed:
                 return  # sent for a subscription this one replaced
