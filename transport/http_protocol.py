@@ -167,9 +167,6 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._headers_due = None
         if self.transport.is_closing():
             return
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.transport.close()  # a 408 now would cut into the earlier request's response
-            return
         self._refuse(
             b"408 Request Timeout",
             f"the request's headers did not all arrive within {self.header_timeout_s:g} s "
@@ -186,6 +183,9 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def _refuse(self, status: bytes, error: str) -> None:
         """Answer ``status`` with a JSON error, as the gateway's own refusals are, and close."""
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.transport.close()  # an answer now would cut into an earlier request's response
+            return
         body = json.dumps({"error": error}).encode()
         self.transport.write(
             b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
