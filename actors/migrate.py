@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from actors.postgres import SCHEMA_VERSION, MigrationTooLong, migrate, schema_version
     from actors.sqlite_import import CopyRefused, copy_sqlite
 
+    under_way = "the migration or copy under way" if args.from_sqlite else "the migration under way"
     started = time.monotonic()
     try:
         conn = connect(config.storage.dsn, config.storage_node, "migrate")
@@ -106,12 +108,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except StorageError as exc:
         print(f"migrate: {exc}", file=sys.stderr)
         return 1
+    except sqlite3.Error as exc:  # reading the SQLite file, after it opened
+        print(f"migrate: reading {args.from_sqlite}: {exc}; nothing was copied", file=sys.stderr)
+        return 1
     except load_psycopg().Error as exc:  # e.g. a role that may not alter the tables
-        under_way = "the migration or copy under way" if args.from_sqlite else "the migration under way"
         print(f"migrate: {one_line(exc)}; {under_way} was rolled back", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        under_way = "the migration or copy under way" if args.from_sqlite else "the migration under way"
         print(f"migrate: interrupted; {under_way} was rolled back", file=sys.stderr)
         return 130
     finally:
