@@ -370,7 +370,10 @@ def test_events_script_pages_through_a_topic(daemon: Daemon) -> None:
     for follow in ([], ["--follow"]):
         nothing = run_script("events.py", "orders", "--endpoint", daemon.query, "--limit", "0", *follow)
         assert (nothing.returncode, nothing.stdout, nothing.stderr) == (0, "", "")
-    # Printing nothing still asks the daemon, as `head -n 0 FILE` still opens FILE.
+    # Printing nothing still asks the daemon, as `head -n 0 FILE` still opens FILE: with --follow,
+    # the subscription (a cursor past the head is refused there, not by a page query).
+    past = run_script("events.py", "--endpoint", daemon.query, "--follow", "--after", "999999", "--limit", "0")
+    assert past.returncode == 1 and "after 999999 is past the last commit position" in past.stderr, past
     nobody = run_script("events.py", "orders", "--endpoint", "tcp://127.0.0.1:9", "--timeout", "0.3", "--limit", "0")
     assert nobody.returncode == 1 and "tcp://127.0.0.1:9" in nobody.stderr and nobody.stdout == ""
     for flag, value in (("--page", "0"), ("--limit", "-1"), ("--after", "x")):

@@ -449,7 +449,8 @@ def test_leaving_a_with_block_by_an_exception_raises_that_exception_not_the_clos
             publisher.publish(make_event(1, 1, "with"))
             raise raised("the application's own")
         assert time.monotonic() - started < most_s
-    assert caplog.text.count("closing the publisher to tcp://127.0.0.1:") == 2, caplog.text
+    assert caplog.text.count("the publisher to tcp://127.0.0.1:") == 2, caplog.text
+    assert "leaving by KeyboardInterrupt, the publisher to" in caplog.text and "dropped 1 events" in caplog.text
 
 
 @pytest.mark.e2e

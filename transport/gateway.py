@@ -54,10 +54,10 @@ import zmq
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from transport import metrics
@@ -1035,7 +1035,7 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
             allowed = {
                 method
                 for route in app.router.routes
-                if isinstance(route, APIRoute) and route.path_regex.match(path)
+                if isinstance(route, Route) and route.path_regex.match(path)  # /openapi.json, /docs too
                 for method in route.methods or ()
             }
             if path in HEAD_AS_GET_PATHS:

@@ -603,15 +603,24 @@ class Publisher:
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         """Close. Left by an exception, the publisher still delivers what was published before it
-        (waiting ``close_timeout`` at most, or not at all for Ctrl-C and other exits), but a
-        failure to is logged, not put in the place of that exception, which goes on."""
+        (waiting ``close_timeout`` at most, or not at all for Ctrl-C), but a failure to is logged,
+        not put in the place of that exception, which goes on."""
         if exc_type is None:
             self.close()
             return
         try:
-            self.close(None if issubclass(exc_type, Exception) else 0.0)
+            self.close(0.0 if issubclass(exc_type, KeyboardInterrupt) else None)
         except PublisherError as failure:
-            log.error("closing the publisher to %s on leaving by %s: %s", self.endpoint, exc_type.__name__, failure)
+            # Nobody can take the failure's .events: say what became of them instead.
+            lost = len(getattr(failure, "events", None) or ())
+            log.error(
+                "leaving by %s, the publisher to %s dropped %d events not acknowledged (%s); publishing them "
+                "again is safe",
+                exc_type.__name__,
+                self.endpoint,
+                lost,
+                str(failure).split(";")[0],
+            )
 
     def __repr__(self) -> str:
         mode = "acked" if self.acked else "fire-and-forget"

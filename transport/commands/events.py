@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import signal
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -124,10 +125,12 @@ def _print_events(args: argparse.Namespace, endpoint: str, secure: SocketHook | 
         with QueryClient(endpoint, timeout=args.timeout, configure=secure) as client, contextlib.ExitStack() as stack:
             events: Iterable[dict[str, Any]]
             if args.limit == 0:
-                # Nothing to print, but the daemon is still asked for a page, as `head -n 0 FILE`
-                # still opens FILE: a wrong address, key, topic or cursor fails as without it.
-                next(iter(client.iter_events(args.topic, args.after or 0, page)), None)
-                return 0
+                # Nothing to print, but the daemon is still asked, as `head -n 0 FILE` still opens
+                # FILE: a wrong address, key, topic or cursor fails as without --limit.
+                if not args.follow:
+                    next(iter(client.iter_events(args.topic, args.after or 0, page)), None)
+                    return 0
+                return _subscription_answered(args, where, secure)
             if args.follow:
                 # A Subscriber in a with block: Ctrl-C while an event is printed leaves it
                 # unacknowledged (printed or not), while --limit's last event is acknowledged.
@@ -150,6 +153,23 @@ def _print_events(args: argparse.Namespace, endpoint: str, secure: SocketHook | 
         print(f"events: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _subscription_answered(args: argparse.Namespace, where: str, secure: SocketHook | None) -> int:
+    """Subscribe as ``--follow`` would and leave once the daemon confirms (0), acknowledging
+    nothing; the refusal raises :class:`SubscriberError`, silence past ``--timeout`` is 1."""
+    subscriber = Subscriber(where, args.topic, after=args.after, name=args.name, configure=secure)
+    try:
+        deadline = time.monotonic() + args.timeout
+        while not subscriber.subscribed and time.monotonic() < deadline:
+            subscriber.next_event(0.05)
+        confirmed = subscriber.subscribed
+    finally:
+        subscriber.abandon()  # an event taken meanwhile is not acknowledged: it was not printed
+    if confirmed:
+        return 0
+    print(f"events: {where} did not confirm the subscription within {args.timeout:g} s", file=sys.stderr)
+    return 1
 
 
 @contextlib.contextmanager
