@@ -66,16 +66,28 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._arm()
 
     def data_received(self, data: bytes) -> None:
+        if self._headers_due is not None and not self.transport.is_closing():
+            # Awaiting headers: this read is head up to the blank line that ends them, if it has one.
+            end = data.find(b"\r\n\r\n")
+            if self._head_bytes + (len(data) if end < 0 else end + 4) > MAX_HEAD_BYTES:
+                self._head_too_large()
+                return
+            self._head_bytes += len(data)  # reset as the headers complete, in the parse below
+            super().data_received(data)
+            return
         super().data_received(data)
         if self._headers_due is not None and not self.transport.is_closing():
-            # Still awaiting headers: ``data`` was head, but for the end of a request before it.
+            # A request began in this read, after the end of the one before it: at most this much head.
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
-                self._disarm()
-                self._refuse(
-                    b"431 Request Header Fields Too Large",
-                    f"the request line and headers passed {MAX_HEAD_BYTES} bytes; send shorter ones",
-                )
+                self._head_too_large()
+
+    def _head_too_large(self) -> None:
+        self._disarm()
+        self._refuse(
+            b"431 Request Header Fields Too Large",
+            f"the request line and headers passed {MAX_HEAD_BYTES} bytes; send shorter ones",
+        )
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
