@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import subprocess
 import sys
@@ -129,6 +130,9 @@ def test_delivery_failed_hands_back_every_event_of_the_call_that_raised() -> Non
         assert caught.value.events == [*events[:10], single]
         # Its message counts what .events holds, the events the call added included (it said 10).
         assert "11 unacknowledged events are in this exception's .events" in str(caught.value)
+        # It crosses a process boundary (multiprocessing pickles it) whole.
+        again = pickle.loads(pickle.dumps(caught.value))
+        assert (str(again), again.events) == (str(caught.value), caught.value.events)
 
 
 @pytest.mark.e2e

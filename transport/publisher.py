@@ -110,7 +110,7 @@ class DeliveryFailed(PublisherError):
         self.elapsed = elapsed
         self.attempts = attempts
         self.events = events
-        super().__init__(endpoint, elapsed, attempts)
+        super().__init__(endpoint, elapsed, attempts, events)  # the arguments again, so it pickles
 
     def __str__(self) -> str:
         # Counted when read: the call that raises adds the events it had not queued.
