@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from actors.postgres import event_bytes, key_bytes
-from actors.store import COUNTER_NAMES, DatabaseLock, StorageError, connect_writer, read_counters
+from actors.postgres import NODE_COUNTERS, event_bytes, key_bytes
+from actors.store import DatabaseLock, StorageError, connect_writer, read_counters
 
 if TYPE_CHECKING:
     import psycopg
@@ -148,7 +148,7 @@ def _copy(source: sqlite3.Connection, sqlite_path: Path, pg: psycopg.Connection[
                 "INSERT INTO consumers (name, topic, position, updated_at) VALUES (%s, %s, %s, %s)", consumers
             )
         copied.consumers = len(consumers)
-        names = [*COUNTER_NAMES, "topic_count"]
+        names = NODE_COUNTERS
         pg.execute(
             f"INSERT INTO nodes (node, {', '.join(names)}, stored_bytes)"
             f" VALUES (%s, {', '.join(['%s'] * len(names))}, %s)"

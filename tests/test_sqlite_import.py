@@ -14,22 +14,11 @@ from typing import Any
 import pytest
 from harness import Daemon
 
+from actors.postgres import NODE_COUNTERS
 from transport.publisher import Publisher
 from transport.subscriber import Subscriber
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
-
-COUNTERS = (
-    "received",
-    "unique_processed",
-    "duplicate_dropped",
-    "rejected",
-    "late",
-    "stored",
-    "expired",
-    "conflicting_duplicates",
-    "topic_count",
-)
 
 
 def event(topic: str, n: int, **fields: Any) -> dict[str, Any]:
@@ -77,7 +66,7 @@ def test_a_sqlite_database_copied_into_postgresql_goes_on_with_every_key_seq_pos
 
     new = daemon_factory("postgresql", storage={"backend": "postgresql", "dsn": database, "node": "moved"}).start()
     after = new.stats()
-    assert {name: after[name] for name in COUNTERS} == {name: before[name] for name in COUNTERS}
+    assert {name: after[name] for name in NODE_COUNTERS} == {name: before[name] for name in NODE_COUNTERS}
     assert new.events() == listed  # seqs, positions, late flags, timestamps and payloads as stored
     assert new.request({"op": "topics"})["topics"] == topics  # each topic's counters and retention figures
     with Subscriber(new.subscribe, name="reader") as reader:  # resumes after what it acknowledged
