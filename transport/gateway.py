@@ -999,7 +999,16 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
     app.openapi = openapi  # type: ignore[method-assign]
 
     async def ask(request: dict[str, Any]) -> dict[str, Any]:
-        """One query within ``request_timeout_ms`` in all, the wait for a free query slot included."""
+        """One query within ``request_timeout_ms`` in all, the wait for a free query slot included.
+
+        Checked first by the daemon's own rules: a query they refuse was built from the client's
+        parameters (a topics page ``after`` holding a NUL, say), so it is the client's 400, not a
+        503 saying the daemon could not answer.
+        """
+        try:
+            parse_query(request, config.query.max_limit)
+        except QueryError as exc:
+            raise GatewayError(400, f"bad query parameter: {exc}") from None
         deadline = time.monotonic() + link.timeout
         if not await _acquire(query_slots, deadline, link):
             if link.stopping:
@@ -1258,12 +1267,7 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
         if after is None and limit is None:
             return json_response(_answered(await ask({"op": "topics"})))
         page = min(limit or DEFAULT_PAGE, config.query.max_limit)
-        query = {"op": "topics", "after": after or "", "limit": page}
-        try:
-            parse_query(query, config.query.max_limit)  # the daemon's own rules: its refusal is the client's 400
-        except QueryError as exc:
-            raise GatewayError(400, f"query parameter 'after': {exc}") from None
-        return json_response(_answered(await ask(query)))
+        return json_response(_answered(await ask({"op": "topics", "after": after or "", "limit": page})))
 
     @app.get(
         "/healthz",
