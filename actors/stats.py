@@ -19,10 +19,10 @@ import pykka
 from actors.flow import InFlight, LiveFigures
 from actors.messages import EXPIRED, Freeze, Ping, QueryRequest
 from actors.store import EventReader
+from transport.queries import ConsumersQuery, DebugFreezeQuery, HealthQuery, Query, StatsQuery, TopicsQuery
 
 if TYPE_CHECKING:
     from actors.reader import PackedReply
-from transport.queries import ConsumersQuery, DebugFreezeQuery, HealthQuery, Query, StatsQuery, TopicsQuery
 
 log = logging.getLogger(__name__)
 
