@@ -297,6 +297,23 @@ def test_each_expired_notice_comes_just_before_the_first_event_past_it(
     assert told == expected
 
 
+def test_an_http_1_0_client_gets_the_stream_unchunked_ended_by_the_connection(gateway: Gateway) -> None:
+    # HTTP/1.0 has no chunked encoding; nginx's proxy_pass speaks it unless told otherwise.
+    ok(gateway.publish({"events": [event("orders", "o-1")]}))
+    host, port = gateway.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as client:
+        client.sendall(b"GET /events/stream?topic=orders HTTP/1.0\r\n\r\n")
+        received = b""
+        while b"\n\n" not in received.partition(b"\r\n\r\n")[2]:
+            chunk = client.recv(65536)
+            assert chunk, received
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"text/event-stream" in head, head
+    assert b"transfer-encoding" not in head.lower() and b"connection: close" in head.lower(), head
+    assert body.startswith(b"id: 1\nevent: event\ndata: {"), body
+
+
 def test_stopping_the_gateway_ends_its_open_streams_and_it_exits_soon(gateway: Gateway) -> None:
     stream = Stream(gateway)
     try:

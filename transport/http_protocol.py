@@ -12,6 +12,8 @@ between requests is uvicorn's keep-alive timeout). Past that the client gets a 4
 is read by the application within its own request budget (``[http] request_timeout_ms``); a
 response that goes out before its request's body has all come closes the connection, or the
 rest of the body would be read and dropped, for as long as the client sent it a byte at a time.
+An HTTP/1.0 client's response of no stated length (an event stream) goes out unchunked, ended by
+the close: HTTP/1.0 has no chunked encoding, which uvicorn would use.
 
 Nor did uvicorn bound how long a response may wait for a client that reads none of it: each
 such client held its whole response (a page of events is up to 4 MiB) in the gateway for as long
@@ -31,6 +33,7 @@ import asyncio
 import fcntl
 import json
 import struct
+import sys
 import termios
 from typing import Any
 
@@ -111,6 +114,8 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         if self.cycle is not None and self.cycle is not earlier:
             self._cycles.append(self.cycle)
             _close_when_answered_early(self.cycle)
+            if self.scope.get("http_version") == "1.0":
+                _close_delimited(self.cycle)
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -223,6 +228,36 @@ def _close_when_answered_early(cycle: Any) -> None:
         await send(message)
 
     cycle.send = send_closing_early
+
+
+def _close_delimited(cycle: Any) -> None:
+    """Send an HTTP/1.0 request's response of no stated length (an event stream) as it is, ended
+    by closing the connection (RFC 9112 6.3), not in chunks.
+
+    HTTP/1.0 has no chunked encoding, and uvicorn chunks whatever has no Content-Length: an
+    HTTP/1.0 client (``curl -0``, or nginx's ``proxy_pass`` by default) took the chunk sizes for
+    part of the stream. uvicorn already closes every HTTP/1.0 connection after its response.
+    """
+    send = cycle.send
+    unbounded = False
+
+    async def send_close_delimited(message: Any) -> None:
+        nonlocal unbounded
+        if message["type"] == "http.response.start":
+            names = {name.lower() for name, _ in message.get("headers", [])}
+            unbounded = (
+                not names & {b"content-length", b"transfer-encoding"}
+                and cycle.scope["method"] != "HEAD"
+                and message["status"] not in (204, 304)
+            )
+            if unbounded:
+                cycle.chunked_encoding = False
+                cycle.expected_content_length = sys.maxsize  # uvicorn counts a plain body down
+        elif unbounded and not message.get("more_body", False):
+            cycle.expected_content_length = len(message.get("body", b""))  # this is the end
+        await send(message)
+
+    cycle.send = send_close_delimited
 
 
 def _authority_of(target: bytes) -> bytes | None:
