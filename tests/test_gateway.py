@@ -7,6 +7,7 @@ daemon's own config file, whose ``[http]`` section the daemon must accept and ig
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import random
@@ -135,8 +136,25 @@ def test_publish_takes_only_a_json_content_type(gateway: Gateway) -> None:
         )
         assert odd.status_code == 415 and f"declared as charset {quoted_back}" in odd.json()["error"], odd.text
     assert gateway.daemon.stats()["received"] == 0
+    # Compressed bytes would be refused as JSON in the parser's words; two Content-Types are ambiguous.
+    for coding in ("gzip", "identity, br"):
+        zipped = gateway.client.post(
+            "/publish",
+            content=gzip.compress(body),
+            headers={"content-type": "application/json", "content-encoding": coding},
+        )
+        assert zipped.status_code == 415 and "does not decode: send the JSON uncompressed" in zipped.json()["error"]
+    twice = gateway.client.post(
+        "/publish", content=body, headers=[("content-type", "application/json"), ("content-type", "text/plain")]
+    )
+    assert twice.status_code == 400 and "Content-Type given 2 times" in twice.json()["error"], twice.text
+    assert gateway.daemon.stats()["received"] == 0
     reply = gateway.client.post("/publish", content=body, headers={"content-type": "Application/JSON; charset=utf-8"})
     assert ok(reply)["added_to_queue"] == 1
+    plain = gateway.client.post(
+        "/publish", content=body, headers={"content-type": "application/json", "content-encoding": "identity"}
+    )
+    assert ok(plain)["duplicates"] == 1
     quoted = gateway.client.post("/publish", content=body, headers={"content-type": 'application/json; charset="UTF8"'})
     assert ok(quoted)["duplicates"] == 1
 

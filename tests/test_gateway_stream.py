@@ -110,10 +110,11 @@ def test_a_stream_of_a_few_topics_gives_only_theirs_in_commit_order(gateway: Gat
         ({"topics": ["a", ""]}, {}, "topic"),
         ({"topics": [f"t{n}" for n in range(1001)]}, {}, "topics may be given at most 1000 times, not 1001"),
         ({"after": ["1", "2"]}, {}, "query parameter 'after' given more than once"),
+        ({}, [("Last-Event-ID", "1"), ("Last-Event-ID", "2")], "Last-Event-ID given 2 times"),
     ],
 )
 def test_a_bad_parameter_or_last_event_id_is_400(
-    gateway: Gateway, params: dict[str, Any], headers: dict[str, str | bytes], words: str
+    gateway: Gateway, params: dict[str, Any], headers: dict[str, str | bytes] | list[tuple[str, str]], words: str
 ) -> None:
     response = gateway.client.get("/events/stream", params=params, headers=headers)
     assert response.status_code == 400 and words in response.json()["error"], response.text

@@ -1065,14 +1065,19 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
                 "description": "Body or event count over the limit, or an event too big for a message to the "
                 "daemon ([ingest] max_message_bytes); nothing sent.",
             },
-            415: {"model": Error, "description": "The body is not sent as Content-Type: application/json."},
+            415: {
+                "model": Error,
+                "description": "The body is not sent as Content-Type: application/json in UTF-8, or is sent "
+                "with a Content-Encoding (none is decoded).",
+            },
             **_PUBLISH_ERRORS,
         },
         openapi_extra={"requestBody": _PUBLISH_BODY},
     )
     async def publish(request: Request) -> Response:
         deadline = time.monotonic() + link.timeout
-        _check_content_type(request.headers.get("content-type"))
+        _check_content_type(request.headers.getlist("content-type"))
+        _check_content_encoding(request.headers.getlist("content-encoding"))
         body = await _read_body(request, http.max_body_bytes, deadline)
         ingest = config.ingest
         events = parse_events(body, http.max_events, ingest.max_payload_bytes, ingest.max_message_bytes)
@@ -1175,9 +1180,11 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
                 raise GatewayError(400, f"topics may be given at most {MAX_FILTER_TOPICS} times, not {len(topics)}")
             for one in topics:
                 _check_topic(one)
-        resume = request.headers.get("last-event-id")
-        if resume is not None:
-            after = _last_event_id(resume)
+        resumes = request.headers.getlist("last-event-id")
+        if len(resumes) > 1:
+            raise GatewayError(400, f"Last-Event-ID given {len(resumes)} times: send the last id once")
+        if resumes:
+            after = _last_event_id(resumes[0])
         if link.stopping:
             raise stopping(sent=False)
         if streams.here >= http.max_streams:
@@ -1523,16 +1530,19 @@ def _check_query_names(
         raise GatewayError(400, f"query parameter {', '.join(map(repr, repeated))} given more than once: give it once")
 
 
-def _check_content_type(value: str | None) -> None:
+def _check_content_type(values: list[str]) -> None:
     """Refuse with 415 a ``POST /publish`` body not declared ``application/json``, or declared in a
-    charset other than UTF-8 (other parameters are ignored).
+    charset other than UTF-8 (other parameters are ignored); with 400 one declared more than once.
 
     Why: a web page on any origin can make a browser send a text/plain or form POST without asking
     first (no CORS preflight), so a gateway taking those would let any page a user opens publish
     through a gateway on that user's loopback. A JSON POST from another origin needs a preflight,
     which the gateway does not answer.
     """
-    value = _header_text(value) if value else value  # quoted back as the client wrote it
+    if len(values) > 1:
+        given = ", ".join(repr(_header_text(value)) for value in values)
+        raise GatewayError(400, f"Content-Type given {len(values)} times ({given}): give it once")
+    value = _header_text(values[0]) if values else None  # quoted back as the client wrote it
     media_type, _, parameters = (value or "").partition(";")
     if media_type.strip().lower() != "application/json":
         given = f"Content-Type {value}" if value else "no Content-Type"
@@ -1546,6 +1556,19 @@ def _check_content_type(value: str | None) -> None:
                 415,
                 f"the body is declared as charset {charset!r}: JSON is read as UTF-8 only; send it as UTF-8",
             )
+
+
+def _check_content_encoding(values: list[str]) -> None:
+    """Refuse with 415 a ``POST /publish`` body in a content coding (gzip, say): the gateway
+    decodes none, and would read the compressed bytes as JSON and refuse them in its words."""
+    codings = [token.strip().lower() for value in values for token in value.split(",")]
+    encoded = [coding for coding in codings if coding not in ("", "identity")]
+    if encoded:
+        raise GatewayError(
+            415,
+            f"the body is sent with Content-Encoding {_header_text(', '.join(encoded))[:60]}, which the gateway "
+            "does not decode: send the JSON uncompressed",
+        )
 
 
 async def _read_body(request: Request, limit: int, send_by: float) -> bytes:
