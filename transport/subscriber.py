@@ -230,7 +230,9 @@ class Subscriber:
     def ack(self, position: int | None = None) -> None:
         """Acknowledge ``position`` (default: the cursor of the last event taken) now.
 
-        Nothing is sent when no event was taken in this session and no ``position`` is given.
+        Nothing is sent when no event was taken in this session and no ``position`` is given, nor
+        while the subscription is being made again (the daemon restarting, say): then the last
+        event taken is acknowledged once it is made, as at every ``ack_interval``.
         """
         if self.name is None:
             raise SubscriberError("only a named subscriber (name=...) can acknowledge")
