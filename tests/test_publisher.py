@@ -26,6 +26,7 @@ from transport.publisher import (
     InvalidEvent,
     Publisher,
     PublisherClosed,
+    PublisherInUse,
     PublishTimeout,
 )
 from transport.security import curve_client
@@ -250,6 +251,45 @@ def test_resends_and_repeats_are_acknowledged_as_duplicates(daemon: Daemon) -> N
         publisher.publish_many(events[:120])
     assert (publisher.totals.acked_new, publisher.totals.acked_duplicate) == (300, 120)
     daemon.wait_stats(unique_processed=300, duplicate_dropped=120)
+
+
+@pytest.mark.e2e
+def test_a_call_while_another_thread_is_inside_one_raises_and_nothing_is_lost(daemon: Daemon) -> None:
+    """Two threads sharing one publisher's socket and pending batch lost events without a word."""
+    inside = threading.Event()
+    go_on = threading.Event()
+    seen: list[int] = []
+
+    def on_ack(result: Any) -> None:
+        seen.append(result.new)
+        if len(seen) == 1:
+            publisher.publish(make_event(1, 1, "again"))  # a call from within a call, same thread
+            inside.set()
+            go_on.wait(10)
+
+    publisher = Publisher(daemon.ack, on_ack=on_ack)
+    publisher.publish(make_event(0, 1, "first"))
+    flushing = threading.Thread(target=publisher.flush, args=(30,))
+    flushing.start()
+    try:
+        assert inside.wait(10)
+        for call in (
+            lambda: publisher.publish(make_event(2, 1, "other")),
+            lambda: publisher.publish_many([make_event(3, 1, "other")]),
+            lambda: publisher.poll(),
+            lambda: publisher.flush(1),
+            lambda: publisher.close(1),
+        ):
+            with pytest.raises(PublisherInUse, match="a Publisher serves one thread at a time"):
+                call()
+    finally:
+        go_on.set()
+        flushing.join(30)
+    # Taken in turn, any thread may use it.
+    publisher.publish(make_event(4, 1, "later"))
+    publisher.close(30)
+    assert publisher.totals.acked_new == 3 and not flushing.is_alive()
+    daemon.wait_stats(unique_processed=3)
 
 
 @pytest.mark.e2e

@@ -40,16 +40,18 @@ is raised, carrying every unacknowledged event so the application may keep or re
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
+import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import msgpack
 import zmq
@@ -77,6 +79,7 @@ __all__ = [
     "Publisher",
     "PublisherClosed",
     "PublisherError",
+    "PublisherInUse",
     "PublishTimeout",
     "Rejection",
     "Totals",
@@ -165,6 +168,33 @@ class BatchRefused(PublisherError):
 
 class PublisherClosed(PublisherError):
     """The publisher was used after :meth:`Publisher.close`."""
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_S = TypeVar("_S", bound="Publisher")
+
+
+class PublisherInUse(PublisherError):
+    """Another thread is inside a call to this publisher: one publisher serves one thread at a time."""
+
+
+def _one_thread_at_a_time(method: Callable[Concatenate[_S, _P], _R]) -> Callable[Concatenate[_S, _P], _R]:
+    """Make ``method`` raise :class:`PublisherInUse` while another thread is inside a call to the
+    same publisher: two threads sharing a ZeroMQ socket and a pending batch lose events without a
+    word. A call from within a call on the same thread (an ``on_ack`` that publishes) goes on."""
+
+    @functools.wraps(method)
+    def guarded(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        # A reentrant lock: the thread holding it takes it again.
+        if not self._in_call.acquire(False):
+            self._in_use()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._in_call.release()
+
+    return guarded
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,6 +454,7 @@ class Publisher:
         self._tuples = _TupleSpotter()
         self._packer = msgpack.Packer(use_bin_type=True, datetime=False, strict_types=True, default=self._tuples)
         self._closed = False
+        self._in_call = threading.RLock()  # held by the thread inside a public call
         # A context of its own, so close() can terminate it (which is what makes a PUSH socket's
         # linger actually deliver queued frames) without touching the application's sockets.
         self._forks = _forks
@@ -467,11 +498,18 @@ class Publisher:
         without queueing the event. Raises :class:`DeliveryFailed` when retries are exhausted
         and :class:`BatchRefused` when the daemon refused a whole batch.
         """
-        self._check_open()
-        arguments.seconds("timeout", timeout, none=True)
-        packed = self._encode(event)
-        self._add(event, packed, timeout)
+        # What _one_thread_at_a_time does, written out: this is the call made per event.
+        if not self._in_call.acquire(False):
+            self._in_use()
+        try:
+            self._check_open()
+            arguments.seconds("timeout", timeout, none=True)
+            packed = self._encode(event)
+            self._add(event, packed, timeout)
+        finally:
+            self._in_call.release()
 
+    @_one_thread_at_a_time
     def publish_many(self, events: Iterable[dict[str, Any]], timeout: float | None = None) -> None:
         """Validate every event first, then queue them all; one bad event queues none.
 
@@ -498,6 +536,7 @@ class Publisher:
         # queueing an event (~7 of ~13 µs), and a full batch was sent as it filled anyway.
         self._service()
 
+    @_one_thread_at_a_time
     def flush(self, timeout: float | None = None) -> None:
         """Send the pending batch and, in acknowledged mode, wait until every batch is acknowledged.
 
@@ -523,6 +562,7 @@ class Publisher:
                 f"the publisher keeps them and retries: call flush() again, or close()"
             )
 
+    @_one_thread_at_a_time
     def poll(self, timeout: float = 0.0) -> int:
         """Do the work that is due (read acks, retry, send a batch whose linger ended).
 
@@ -537,6 +577,7 @@ class Publisher:
             self._service()
         return self.unacknowledged
 
+    @_one_thread_at_a_time
     def close(self, timeout: float | None = None, flush: bool = True) -> None:
         """Flush (unless ``flush`` is False), then close the socket and the context.
 
@@ -597,6 +638,15 @@ class Publisher:
                 f".events; the {self.totals.sent} sent before them are dropped if not delivered by then",
                 unqueued,
             )
+
+    def _in_use(self) -> None:
+        """Raise :class:`PublisherInUse`: another thread holds this publisher (or, in a forked
+        child, held it at the fork: then the fork is what to say)."""
+        self._check_open()
+        raise PublisherInUse(
+            f"another thread is inside a call to this publisher to {self.endpoint}: a Publisher serves one "
+            "thread at a time; make one per thread, or hold a lock around its calls"
+        )
 
     def __enter__(self) -> Publisher:
         return self
