@@ -31,6 +31,7 @@ import zmq
 
 from actors.bind_check import bind_place, bind_problem
 from actors.dedup import DedupActor
+from actors.descriptors import DescriptorWatch, raise_descriptor_limit
 from actors.event_sources import EventSource, SqliteEventSource
 from actors.flow import InFlight, LiveFigures, PipelineDepth
 from actors.ingest import IngestServer
@@ -118,6 +119,7 @@ class Daemon:
         self._ticker: threading.Thread | None = None
         self.notifier = Notifier.from_environment()
         self._monitor: ServiceMonitor | None = None
+        self._descriptors = DescriptorWatch()
         self.stuck_actors: list[str] = []  # those that did not stop when asked (see stop)
 
     @property
@@ -512,6 +514,10 @@ class Daemon:
         # over 1 000 000 events of 1 000 000 topics 3 collections (0.38 s) instead of 76 (1.47 s),
         # the longest pause the same 0.13 s (bench.py, gc.callbacks).
         gc.set_threshold(*GC_THRESHOLDS)
+        before, limit = raise_descriptor_limit()
+        if limit != before:
+            log.info("file descriptor limit raised from %d to %d, the hard limit", before, limit)
+        self._descriptors = DescriptorWatch(limit)
         wake, woken = socket.socketpair()
         for end in (wake, woken):
             end.setblocking(False)
@@ -548,6 +554,7 @@ class Daemon:
                     pass
             except BlockingIOError:
                 pass
+            self._descriptors.check(time.monotonic())
             noted, self._signals = self._signals, set()
             if noted & {signal.SIGTERM, signal.SIGINT}:
                 self._stop.set()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
 import signal
 import socket
 import subprocess
@@ -170,9 +171,15 @@ class Daemon:
         self._log_start = 0
 
     def start(
-        self, wait: bool = True, timeout: float = 30.0, env: dict[str, str] | None = None, own_session: bool = False
+        self,
+        wait: bool = True,
+        timeout: float = 30.0,
+        env: dict[str, str] | None = None,
+        own_session: bool = False,
+        descriptors: tuple[int, int] | None = None,
     ) -> Daemon:
-        """Start the daemon; with ``own_session`` it leads a process group of its own, as under a shell."""
+        """Start the daemon; with ``own_session`` it leads a process group of its own, as under a
+        shell; with ``descriptors`` its (soft, hard) limit of open files is that."""
         log = self.log_path.open("ab")
         self._log_start = log.tell()  # this run's lines begin here (a restart appends to the same file)
         self.proc = subprocess.Popen(
@@ -182,6 +189,7 @@ class Daemon:
             cwd=self.workdir,
             env=env,
             start_new_session=own_session,
+            preexec_fn=None if descriptors is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, descriptors),
         )
         log.close()
         if wait:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -311,3 +312,36 @@ def test_a_revoked_key_is_refused_on_its_open_connections(
     finally:
         context.destroy(linger=0)
     assert daemon.terminate() == 0
+
+
+@pytest.mark.e2e
+def test_a_daemon_at_its_descriptor_limit_says_so_and_serves_once_clients_leave(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """At the limit libzmq retried each accept in a busy loop and told nobody: clients hung, the log was silent."""
+    daemon = daemon_factory().start(descriptors=(150, 150))
+    assert daemon.proc is not None
+    held = len(os.listdir(f"/proc/{daemon.proc.pid}/fd"))
+    context: zmq.Context[Any] = zmq.Context()
+    clients = []
+    try:
+        for _ in range(150 - held + 20):  # more connections than descriptors left
+            clients.append(context.socket(zmq.DEALER))
+            clients[-1].setsockopt(zmq.LINGER, 0)
+            clients[-1].connect(daemon.ack)
+        eventually(lambda: "file descriptors it may open" in daemon.log(), 20, "the warning")
+        assert "of the 150 file descriptors it may open (RLIMIT_NOFILE)" in daemon.log()
+        assert "raise LimitNOFILE= in the unit" in daemon.log()
+    finally:
+        context.destroy(linger=0)
+    eventually(lambda: "back under the limit" in daemon.log(), 20, "the all-clear")
+    assert daemon.stats()["received"] == 0
+    assert daemon.log().count("file descriptors it may open") == 1  # once while it lasted, not every check
+
+
+@pytest.mark.e2e
+def test_the_daemon_raises_its_soft_descriptor_limit_to_the_hard_one(daemon_factory: Callable[..., Daemon]) -> None:
+    daemon = daemon_factory().start(descriptors=(256, 4096))
+    assert daemon.proc is not None
+    assert resource.prlimit(daemon.proc.pid, resource.RLIMIT_NOFILE) == (4096, 4096)
+    assert "file descriptor limit raised from 256 to 4096, the hard limit" in daemon.log()

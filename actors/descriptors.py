@@ -1,0 +1,89 @@
+"""The daemon's file descriptors against its limit: the limit raised at start, the use watched.
+
+Every connection a client holds costs the daemon a descriptor. At the limit (``RLIMIT_NOFILE``)
+libzmq's ``accept()`` fails; libzmq tells only a socket monitor, and tries again at once for as
+long as the connection waits: its I/O thread spins (about half a CPU here), clients hang, and the
+log says nothing. (A monitor is no cure: one not read at once blocks that I/O thread.) So:
+
+- at start the soft limit is raised to the hard one, the most an unprivileged process may take
+  (``LimitNOFILE=`` in the systemd unit, ``ulimit -Hn`` in a shell), as Go programs do; the
+  common soft default of 1024 is low for a server of many clients;
+- while running, :class:`DescriptorWatch` counts the open descriptors every few seconds; from
+  :data:`NEAR_LIMIT` of the limit it logs a warning saying what happens and what to do, at most
+  every :data:`REPEAT_S` while it lasts, and once when the count is back under :data:`CLEAR_BELOW`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import resource
+
+log = logging.getLogger(__name__)
+
+CHECK_EVERY_S = 2.0
+NEAR_LIMIT = 0.9  # of the soft limit: warn from here
+CLEAR_BELOW = 0.8  # of the soft limit: back to normal under this
+REPEAT_S = 60.0  # the warning again, while it lasts, at most this often
+
+_FD_DIRECTORY = "/proc/self/fd"
+
+
+def raise_descriptor_limit() -> tuple[int, int]:
+    """Raise this process's soft ``RLIMIT_NOFILE`` to its hard limit; the (old, new) soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= soft:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        log.debug("could not raise the file descriptor limit from %d to %d: %s", soft, hard, exc)
+        return soft, soft
+    return soft, hard
+
+
+def open_descriptors() -> int | None:
+    """How many file descriptors this process holds (None where ``/proc`` does not say)."""
+    try:
+        return len(os.listdir(_FD_DIRECTORY)) - 1  # less the one listdir itself opened
+    except OSError as exc:
+        if exc.errno == errno.EMFILE:  # no descriptor left even to look: every one is held
+            return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return None
+
+
+class DescriptorWatch:
+    """Warns in the log while the daemon's open descriptors are near its limit.
+
+    :meth:`check` is called often (the daemon's main loop); it counts at most every
+    :data:`CHECK_EVERY_S`, which costs a listing of ``/proc/self/fd``.
+    """
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0] if limit is None else limit
+        self._next_check = 0.0
+        self._warned_at: float | None = None  # while near the limit: when it was last said
+
+    def check(self, now: float) -> None:
+        """Count the open descriptors if a count is due, and say what the count calls for."""
+        if now < self._next_check or self.limit == resource.RLIM_INFINITY:
+            return
+        self._next_check = now + CHECK_EVERY_S
+        count = open_descriptors()
+        if count is None:
+            return
+        if count >= NEAR_LIMIT * self.limit:
+            if self._warned_at is None or now - self._warned_at >= REPEAT_S:
+                self._warned_at = now
+                log.warning(
+                    "the daemon holds %d of the %d file descriptors it may open (RLIMIT_NOFILE): at the limit it "
+                    "can accept no connection (ZeroMQ retries each in a busy loop, and clients wait) and open "
+                    "no file; raise LimitNOFILE= in the unit (ulimit -n in a shell), or find the clients that "
+                    "hold many connections open",
+                    count,
+                    self.limit,
+                )
+        elif self._warned_at is not None and count < CLEAR_BELOW * self.limit:
+            self._warned_at = None
+            log.warning("the daemon holds %d of its %d file descriptors again: back under the limit", count, self.limit)
