@@ -381,6 +381,30 @@ def test_a_payload_too_deep_is_refused_before_it_can_take_a_fire_and_forget_fram
     daemon.wait_stats(unique_processed=2, rejected=0)
 
 
+def exit_without_close(endpoint: str) -> subprocess.CompletedProcess[str]:
+    """A program that sends 10 events fire-and-forget to ``endpoint`` and ends without close()."""
+    code = (
+        "from transport.publisher import Publisher\n"
+        "from transport.workload import make_event\n"
+        f"p = Publisher({endpoint!r}, acked=False, close_timeout=2)\n"
+        "p.publish_many([make_event(i, 1, 'unclosed') for i in range(10)])\n"
+        "p.flush()\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.e2e
+def test_a_fire_and_forget_publisher_dropped_without_close_says_what_no_daemon_took(daemon: Daemon) -> None:
+    # Silent before: it lingered close_timeout at exit, then dropped what it had sent.
+    lost = exit_without_close(nowhere())
+    assert lost.returncode == 0, lost.stderr
+    assert "was dropped without close(), and no daemon took its connection" in lost.stderr, lost.stderr
+    assert "the 10 events it sent are lost" in lost.stderr
+    delivered = exit_without_close(daemon.ingest)
+    assert delivered.returncode == 0 and "dropped without close()" not in delivered.stderr, delivered.stderr
+    daemon.wait_stats(unique_processed=10)
+
+
 @pytest.mark.e2e
 def test_fire_and_forget_delivers_everything_queued_when_closed(daemon: Daemon) -> None:
     with Publisher(daemon.ingest, acked=False, batch_size=64) as publisher:

@@ -281,17 +281,40 @@ class _Resources:
     linger_ms: int = 0
     forks: int = 0  # _forks when made
     monitor: zmq.Socket[Any] | None = None  # fire-and-forget: tells when a daemon took the connection
+    # A fire-and-forget publisher dropped without close(): where it sent, and its counts.
+    endpoint: str = ""
+    totals: Totals | None = None
 
     def release(self) -> None:
         if self.forks != _forks:
             return  # the parent's: only it may close them
         if self.monitor is not None:
+            if self.totals is not None and self.totals.sent:
+                self._say_if_never_taken()
             self.monitor.close(linger=0)
             self.monitor = None
         if self.socket is not None:
             self.socket.close(linger=self.linger_ms)
             self.socket = None
         self.context.term()
+
+    def _say_if_never_taken(self) -> None:
+        """A fire-and-forget publisher dropped without close(): wait for a daemon to take the
+        connection as close() would, within the linger, and say what was lost if none did (close()
+        raises; nobody could catch that here)."""
+        assert self.monitor is not None and self.totals is not None
+        started = time.monotonic()
+        if self.monitor.poll(self.linger_ms, zmq.POLLIN):
+            self.linger_ms = max(0, self.linger_ms - int((time.monotonic() - started) * 1000))
+            return
+        self.linger_ms = 0
+        log.warning(
+            "a fire-and-forget publisher to %s was dropped without close(), and no daemon took its connection "
+            "in its close_timeout: the %d events it sent are lost; is the daemon running there? (close() "
+            "raises PublishTimeout for this)",
+            self.endpoint,
+            self.totals.sent,
+        )
 
 
 @dataclass(slots=True)
@@ -458,7 +481,13 @@ class Publisher:
         # A context of its own, so close() can terminate it (which is what makes a PUSH socket's
         # linger actually deliver queued frames) without touching the application's sockets.
         self._forks = _forks
-        self._resources = _Resources(zmq.Context(), linger_ms=0 if acked else int(close_timeout * 1000), forks=_forks)
+        self._resources = _Resources(
+            zmq.Context(),
+            linger_ms=0 if acked else int(close_timeout * 1000),
+            forks=_forks,
+            endpoint=endpoint,
+            totals=None if acked else self.totals,
+        )
         self._finalizer = weakref.finalize(self, self._resources.release)
         self._socket = self._open()
 
@@ -607,6 +636,7 @@ class Publisher:
                 raise
         finally:
             self._closed = True
+            self._resources.totals = None  # what became of the events is settled above
             if self.acked:  # its batches were settled (or handed back) above: nothing queued matters
                 self._resources.linger_ms = 0
             self._finalizer()
