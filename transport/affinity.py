@@ -31,6 +31,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from transport import arguments
+from transport.exclusive import one_thread_at_a_time
 from transport.publisher import (
     BatchRefused,
     DeliveryFailed,
@@ -38,7 +39,6 @@ from transport.publisher import (
     Publisher,
     PublishTimeout,
     Totals,
-    _one_thread_at_a_time,
     closed_unacknowledged,
 )
 
@@ -156,7 +156,7 @@ class AffinePublisher(Publisher):
 
     # -- the public calls ------------------------------------------------------------------
 
-    @_one_thread_at_a_time
+    @one_thread_at_a_time
     def publish(self, event: dict[str, Any], timeout: float | None = None) -> None:
         """Queue one event on its topic's daemon (see :meth:`Publisher.publish`)."""
         self._check_open()
@@ -186,7 +186,7 @@ class AffinePublisher(Publisher):
                 break
         self._refresh_totals()
 
-    @_one_thread_at_a_time
+    @one_thread_at_a_time
     def publish_many(self, events: Iterable[dict[str, Any]], timeout: float | None = None) -> None:
         """Validate every event first, then queue each on its topic's daemon; one bad event queues
         none (:class:`InvalidEvent` names its position), as :meth:`Publisher.publish_many`."""
@@ -209,7 +209,7 @@ class AffinePublisher(Publisher):
                 exc.events.extend(events[queued + 1 :])  # never queued: handed back with the rest
                 raise
 
-    @_one_thread_at_a_time
+    @one_thread_at_a_time
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every daemon has acknowledged everything (see :meth:`Publisher.flush`)."""
         self._check_open()
@@ -233,7 +233,7 @@ class AffinePublisher(Publisher):
                     f"{self.unacknowledged} events still unacknowledged by {self.endpoint} after {timeout:g} s"
                 )
 
-    @_one_thread_at_a_time
+    @one_thread_at_a_time
     def poll(self, timeout: float = 0.0) -> int:
         """Do what is due on every daemon's publisher; events not yet acknowledged."""
         self._check_open()
@@ -247,7 +247,7 @@ class AffinePublisher(Publisher):
         self._refresh_totals()
         return self.unacknowledged
 
-    @_one_thread_at_a_time
+    @one_thread_at_a_time
     def close(self, timeout: float | None = None, flush: bool = True) -> None:
         """Flush (unless ``flush`` is False), then close every daemon's publisher.
 

@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from os import PathLike
-from typing import Any
+from typing import Any, NoReturn
 
 import msgpack
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from transport.config import Config, load_config, wants_ipv6
+from transport.exclusive import one_thread_at_a_time
 from transport.replies import unpack_reply
 from transport.security import curve_client_from_config
 
@@ -38,6 +40,10 @@ class NoAnswer(QueryClientError):
 
 class GaveUp(NoAnswer):
     """The caller's ``give_up`` ended the wait for an answer."""
+
+
+class QueryClientInUse(QueryClientError):
+    """Another thread is inside a call to this client: one client serves one thread at a time."""
 
 
 class HandshakeRefused(NoAnswer):
@@ -124,7 +130,8 @@ class HandshakeVerdict:
 
 
 class QueryClient:
-    """Sends query maps and returns reply maps; one instance per thread."""
+    """Sends query maps and returns reply maps; one thread at a time (another's call raises
+    :class:`QueryClientInUse`)."""
 
     def __init__(
         self,
@@ -149,6 +156,18 @@ class QueryClient:
         self._pid = os.getpid()
         self._socket: zmq.Socket[Any] | None = None
         self._monitor: zmq.Socket[Any] | None = None
+        self._in_call = threading.RLock()  # held by the thread inside a call
+
+    def _in_use(self) -> NoReturn:
+        if self._pid != os.getpid():
+            raise QueryClientInUse(
+                f"this query client of {self.endpoint} was in use by another thread when this process was forked;"
+                " make a new QueryClient in this process"
+            )
+        raise QueryClientInUse(
+            f"another thread is inside a call to this query client of {self.endpoint}: a QueryClient serves one "
+            "thread at a time; make one per thread, or hold a lock around its calls"
+        )
 
     @classmethod
     def from_config(cls, config: Config | str | PathLike[str], timeout: float = 5.0) -> QueryClient:
@@ -196,6 +215,7 @@ class QueryClient:
             self._monitor.close(linger=0)
             self._monitor = None
 
+    @one_thread_at_a_time
     def request(self, query: dict[str, Any], give_up: Callable[[], bool] | None = None) -> dict[str, Any]:
         """Send one query and return the reply map (which may hold an ``error`` key).
 
@@ -346,6 +366,7 @@ class QueryClient:
             yield from topics
             after = reply["next"]
 
+    @one_thread_at_a_time
     def close(self) -> None:
         """Close the socket without waiting."""
         self._drop_socket()

@@ -40,7 +40,6 @@ is raised, carrying every unacknowledged event so the application may keep or re
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -51,7 +50,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, NoReturn
 
 import msgpack
 import zmq
@@ -60,6 +59,7 @@ from transport import arguments
 from transport.backoff import Backoff, RetryBudget
 from transport.client import connect, connectable, monitor_address
 from transport.config import load_config
+from transport.exclusive import one_thread_at_a_time
 from transport.schema import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     MAP_KEYS,
@@ -170,31 +170,8 @@ class PublisherClosed(PublisherError):
     """The publisher was used after :meth:`Publisher.close`."""
 
 
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-_S = TypeVar("_S", bound="Publisher")
-
-
 class PublisherInUse(PublisherError):
     """Another thread is inside a call to this publisher: one publisher serves one thread at a time."""
-
-
-def _one_thread_at_a_time(method: Callable[Concatenate[_S, _P], _R]) -> Callable[Concatenate[_S, _P], _R]:
-    """Make ``method`` raise :class:`PublisherInUse` while another thread is inside a call to the
-    same publisher: two threads sharing a ZeroMQ socket and a pending batch lose events without a
-    word. A call from within a call on the same thread (an ``on_ack`` that publishes) goes on."""
-
-    @functools.wraps(method)
-    def guarded(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        # A reentrant lock: the thread holding it takes it again.
-        if not self._in_call.acquire(False):
-            self._in_use()
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            self._in_call.release()
-
-    return guarded
 
 
 @dataclass(frozen=True, slots=True)
@@ -527,7 +504,7 @@ class Publisher:
         without queueing the event. Raises :class:`DeliveryFailed` when retries are exhausted
         and :class:`BatchRefused` when the daemon refused a whole batch.
         """
-        # What _one_thread_at_a_time does, written out: this is the call made per event.
+        # What one_thread_at_a_time does, written out: this is the call made per event.
         if not self._in_call.acquire(False):
             self._in_use()
         try:
@@ -538,7 +515,7 @@ class Publisher:
         finally:
             self._in_call.release()
 
-    @_one_thread_at_a_time
+    @one_thread_at_a_time
     def publish_many(self, events: Iterable[dict[str, Any]], timeout: float | None = None) -> None:
         """Validate every event first, then queue them all; one bad event queues none.
 
@@ -565,7 +542,7 @@ class Publisher:
         # queueing an event (~7 of ~13 µs), and a full batch was sent as it filled anyway.
         self._service()
 
-    @_one_thread_at_a_time
+    @one_thread_at_a_time
     def flush(self, timeout: float | None = None) -> None:
         """Send the pending batch and, in acknowledged mode, wait until every batch is acknowledged.
 
@@ -591,7 +568,7 @@ class Publisher:
                 f"the publisher keeps them and retries: call flush() again, or close()"
             )
 
-    @_one_thread_at_a_time
+    @one_thread_at_a_time
     def poll(self, timeout: float = 0.0) -> int:
         """Do the work that is due (read acks, retry, send a batch whose linger ended).
 
@@ -606,7 +583,7 @@ class Publisher:
             self._service()
         return self.unacknowledged
 
-    @_one_thread_at_a_time
+    @one_thread_at_a_time
     def close(self, timeout: float | None = None, flush: bool = True) -> None:
         """Flush (unless ``flush`` is False), then close the socket and the context.
 
@@ -669,7 +646,7 @@ class Publisher:
                 unqueued,
             )
 
-    def _in_use(self) -> None:
+    def _in_use(self) -> NoReturn:
         """Raise :class:`PublisherInUse`: another thread holds this publisher (or, in a forked
         child, held it at the fork: then the fork is what to say)."""
         self._check_open()

@@ -39,7 +39,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import msgpack
 import zmq
@@ -47,6 +47,7 @@ import zmq
 from transport import arguments
 from transport.backoff import Backoff
 from transport.client import connect
+from transport.exclusive import one_thread_at_a_time
 from transport.queries import MAX_CURSOR
 from transport.replies import unpack_reply
 
@@ -90,6 +91,10 @@ class SubscriberError(Exception):
     def __init__(self, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         self.reason = message if reason is None else reason
+
+
+class SubscriberInUse(SubscriberError):
+    """Another thread is inside a call to this subscriber: one thread iterates it (any may close it)."""
 
 
 class Subscriber:
@@ -180,6 +185,7 @@ class Subscriber:
         self._close_asked = False
         self._closed_event = threading.Event()
         self._pid = os.getpid()  # the socket and its context belong to this process
+        self._in_call = threading.RLock()  # held by the thread inside a call (see transport.exclusive)
 
     # Public API -------------------------------------------------------------------------------
 
@@ -195,6 +201,7 @@ class Subscriber:
             if event is not None:
                 yield event
 
+    @one_thread_at_a_time
     def next_event(self, timeout: float | None) -> dict[str, Any] | None:
         """The next event, or None when none came within ``timeout`` seconds (None: wait for ever)."""
         self._check_open()
@@ -227,6 +234,7 @@ class Subscriber:
         self._grant()
         return event
 
+    @one_thread_at_a_time
     def ack(self, position: int | None = None) -> None:
         """Acknowledge ``position`` (default: the cursor of the last event taken) now.
 
@@ -299,12 +307,20 @@ class Subscriber:
         else:
             self.abandon()
 
+    @one_thread_at_a_time
     def abandon(self) -> None:
         """Close, acknowledging only the events finished before the one taken last, whose
         handling may have been cut short (a named consumer gets it again next time)."""
         self._close(self._finished_cursor)
 
     # Internals --------------------------------------------------------------------------------
+
+    def _in_use(self) -> NoReturn:
+        self._check_open()  # a subscriber made before a fork says so
+        raise SubscriberInUse(
+            f"another thread is inside a call to this subscriber to {self.endpoint}: one thread takes its "
+            "events (any thread may close it); make one Subscriber per thread"
+        )
 
     def _check_open(self) -> None:
         if self._closed:
@@ -341,6 +357,7 @@ class Subscriber:
             return math.inf
         return max(now + 0.001, self._last_sent + self._send_every)
 
+    @one_thread_at_a_time
     def keep_alive(self) -> None:
         """Send a heartbeat if one is due, taking nothing: for a caller that holds events it cannot
         pass on yet for longer than the daemon's ``[subscribe] timeout_ms``, after which the daemon
