@@ -357,7 +357,8 @@ def _check_map_keys(packed: bytes) -> None:
 
 
 class Publisher:
-    """Validates, batches and sends events to one daemon endpoint; one instance per thread.
+    """Validates, batches and sends events to one daemon endpoint; one thread at a time (another's
+    call raises :class:`PublisherInUse`).
 
     Args:
         endpoint: where to connect: the daemon's ``[ingest] ack_bind`` in acknowledged mode,
