@@ -38,6 +38,10 @@ def test_a_map_python_would_merge_decodes_as_its_pairs_and_round_trips_through_j
     assert unpack_reply(msgpack.packb({"a": {1: 2, "1": 3}})) == {"a": {1: 2, "1": 3}}  # a dict holds these
     assert unpack_reply(b"\x82\xa1a\x01\xa1a\x02") == {"a": 2}  # one key written twice: its last value
     assert unpack_reply(b"\x83\x01\xa1a\x01\xa1b\xc3\xa1c") == MapPairs([(1, "a"), (1, "b"), (True, "c")])
+    # Maps keyed by strings and bytes alone are decoded by msgpack alone; what is no msgpack still raises.
+    assert unpack_reply(msgpack.packb({"a": {b"k": 1, "k": 2}})) == {"a": {b"k": 1, "k": 2}}
+    with pytest.raises(msgpack.FormatError):
+        unpack_reply(b"\xc1")
 
 
 def test_pairs_handed_over_as_a_generator_decode_as_a_list_would() -> None:

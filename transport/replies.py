@@ -64,5 +64,14 @@ def map_from_pairs(pairs: Iterable[tuple[Any, Any]]) -> dict[Any, Any] | MapPair
 
 
 def unpack_reply(data: bytes) -> Any:
-    """One msgpack object the daemon sent, maps whose keys Python takes for one kept as :class:`MapPairs`."""
-    return msgpack.unpackb(data, raw=False, strict_map_key=False, object_pairs_hook=map_from_pairs)
+    """One msgpack object the daemon sent, maps whose keys Python takes for one kept as :class:`MapPairs`.
+
+    Maps keyed only by strings (and bytes) cannot hold such keys, and nearly every map is one: those
+    are decoded by msgpack alone, which refuses any other key (``strict_map_key``), and only then is
+    the whole object decoded again, every map through :func:`map_from_pairs` (half the time an
+    event, which a reader of every event pays).
+    """
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except ValueError:  # a key of another kind (or bytes that are no msgpack, refused again below)
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, object_pairs_hook=map_from_pairs)
