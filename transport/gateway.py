@@ -78,7 +78,14 @@ from transport.logs import setup_logging
 from transport.publisher import BatchRefused, BatchResult, DeliveryFailed, Publisher, PublisherError, PublishTimeout
 from transport.queries import MAX_CURSOR, MAX_TOPIC_AFTER, QueryError, check_query_topic, parse_query
 from transport.replies import MapPairs
-from transport.schema import InvalidEvent, check_fields, pack_payload, type_name
+from transport.schema import (
+    MAX_PAYLOAD_DEPTH,
+    InvalidEvent,
+    check_fields,
+    pack_payload,
+    too_deep,
+    type_name,
+)
 from transport.security import (
     BindHostError,
     InsecureBindError,
@@ -482,6 +489,8 @@ def parse_events(
             size = len(packer.pack(clean))
             if size > max_payload_bytes:
                 _check_payload_size(payload, max_payload_bytes)
+            if size >= MAX_PAYLOAD_DEPTH:  # each level takes a byte: a smaller event cannot nest too deep
+                pack_payload(payload, max_payload_bytes)  # refuses a payload nested deeper than readers read
             if max_message_bytes is not None and size + BATCH_OVERHEAD_BYTES > max_message_bytes:
                 raise GatewayError(
                     413,
@@ -493,6 +502,8 @@ def parse_events(
         except InvalidEvent as exc:
             raise GatewayError(400, str(exc), index=index) from None
         except (TypeError, ValueError, OverflowError) as exc:
+            if str(exc).startswith("recursion limit"):  # msgpack packs 1024 levels; the daemon reads fewer
+                raise GatewayError(400, str(too_deep()), index=index) from None
             raise GatewayError(
                 400, f"event cannot be encoded as msgpack ({exc}); integers must fit in 64 bits", index=index
             ) from None
@@ -506,12 +517,12 @@ def _decode_json(body: bytes) -> Any:
         return _decoder.decode(body)
     except msgspec.DecodeError as exc:
         reason = str(exc)
-    except RecursionError:  # msgspec's decoder recurses per level of nesting
+    except RecursionError:  # msgspec's decoder recurses per level of nesting, as deep as Python lets it
         raise GatewayError(
             400,
-            "the body nests arrays and objects too deeply for the gateway to read: it reads about 970 levels, "
-            "counting the body's own object and an 'events' array, so an event's payload may nest about 965 "
-            "levels at most",
+            "the body nests arrays and objects too deeply for the gateway's JSON decoder to read (under Python "
+            "3.11 about 970 levels, counting the body's own object and an 'events' array, so a payload may nest "
+            f"about 965; under later Pythons more); a payload may nest {MAX_PAYLOAD_DEPTH} levels at most anyway",
         ) from None
     if _has_lone_surrogate(body):  # msgspec's own words for it ("Input data was truncated") mislead
         reason = (
