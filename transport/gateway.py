@@ -463,6 +463,9 @@ def parse_events(
     their own: the publisher closes a batch at half that size, and an event alone fits.
     """
     document = _decode_json(body)
+    # A payload nests one level an object or array: with fewer in the whole body than a payload
+    # may nest, none needs the depth check below (which packs and reads a payload again).
+    may_nest_too_deep = body.count(b"{") + body.count(b"[") > MAX_PAYLOAD_DEPTH
     if isinstance(document, dict) and "events" in document and "topic" not in document:
         events = document["events"]
         if not isinstance(events, list):
@@ -489,7 +492,7 @@ def parse_events(
             size = len(packer.pack(clean))
             if size > max_payload_bytes:
                 _check_payload_size(payload, max_payload_bytes)
-            if size >= MAX_PAYLOAD_DEPTH:  # each level takes a byte: a smaller event cannot nest too deep
+            if may_nest_too_deep and size >= MAX_PAYLOAD_DEPTH:  # each level takes a byte too
                 pack_payload(payload, max_payload_bytes)  # refuses a payload nested deeper than readers read
             if max_message_bytes is not None and size + BATCH_OVERHEAD_BYTES > max_message_bytes:
                 raise GatewayError(
