@@ -31,7 +31,6 @@ import zmq
 
 from actors.bind_check import bind_place, bind_problem
 from actors.dedup import DedupActor
-from actors.descriptors import DescriptorWatch, raise_descriptor_limit
 from actors.event_sources import EventSource, SqliteEventSource
 from actors.flow import InFlight, LiveFigures, PipelineDepth
 from actors.ingest import IngestServer
@@ -44,6 +43,7 @@ from actors.stats import StatsActor
 from actors.subscriptions import HeadSignal, SubscriptionServer
 from actors.watchdog import ServiceMonitor
 from transport.config import Config, ConfigError, colliding_binds, load_config
+from transport.descriptors import DescriptorWatch, raise_descriptor_limit
 from transport.logs import set_level
 from transport.queries import debug_hooks_enabled
 from transport.sdnotify import Notifier, NotifyError, watchdog_interval
@@ -514,10 +514,7 @@ class Daemon:
         # over 1 000 000 events of 1 000 000 topics 3 collections (0.38 s) instead of 76 (1.47 s),
         # the longest pause the same 0.13 s (bench.py, gc.callbacks).
         gc.set_threshold(*GC_THRESHOLDS)
-        before, limit = raise_descriptor_limit()
-        if limit != before:
-            log.info("file descriptor limit raised from %d to %d, the hard limit", before, limit)
-        self._descriptors = DescriptorWatch(limit)
+        raise_descriptor_limit()
         wake, woken = socket.socketpair()
         for end in (wake, woken):
             end.setblocking(False)

@@ -6,6 +6,8 @@ Real daemon, real gateway process, real HTTP with httpx; on SQLite and on a real
 from __future__ import annotations
 
 import contextlib
+import os
+import resource
 import signal
 import socket
 import time
@@ -401,3 +403,28 @@ def test_a_stream_whose_client_reads_slowly_keeps_its_subscription(gateway_facto
         client.close()
     assert "not heard from" not in gateway.daemon.log()
     assert "with no subscription" not in gateway.daemon.log()
+
+
+def test_a_gateway_near_its_descriptor_limit_says_so_even_when_the_limit_is_lowered_while_it_runs(
+    gateway: Gateway,
+) -> None:
+    """At its limit the gateway reset connections with one traceback in its log; and a limit
+    lowered by prlimit after the start went unseen by a watch that read it once."""
+    assert gateway.proc is not None
+    pid = gateway.proc.pid
+    held = len(os.listdir(f"/proc/{pid}/fd"))
+    hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)[1]
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (held + 12, hard))
+    streams = []
+    try:
+        for _ in range(8):  # about three descriptors a stream
+            with contextlib.suppress(httpx.HTTPError, AssertionError):
+                streams.append(Stream(gateway))
+        eventually(lambda: "the gateway process holds" in gateway.log(), 20, "the warning", detail=gateway.log)
+        assert f"of the {held + 12} file descriptors it may open (RLIMIT_NOFILE)" in gateway.log()
+    finally:
+        for stream in streams:
+            stream.close()
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))
+    eventually(lambda: "back under the limit" in gateway.log(), 20, "the all-clear", detail=gateway.log)
+    assert gateway.client.get("/healthz").status_code == 200

@@ -340,8 +340,23 @@ def test_a_daemon_at_its_descriptor_limit_says_so_and_serves_once_clients_leave(
 
 
 @pytest.mark.e2e
-def test_the_daemon_raises_its_soft_descriptor_limit_to_the_hard_one(daemon_factory: Callable[..., Daemon]) -> None:
+def test_the_daemon_raises_its_soft_descriptor_limit_to_the_hard_one_and_watches_it_lowered_later(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
     daemon = daemon_factory().start(descriptors=(256, 4096))
     assert daemon.proc is not None
     assert resource.prlimit(daemon.proc.pid, resource.RLIMIT_NOFILE) == (4096, 4096)
     assert "file descriptor limit raised from 256 to 4096, the hard limit" in daemon.log()
+    # A limit lowered while it runs (prlimit) is the one watched.
+    held = len(os.listdir(f"/proc/{daemon.proc.pid}/fd"))
+    resource.prlimit(daemon.proc.pid, resource.RLIMIT_NOFILE, (held + 15, 4096))
+    context: zmq.Context[Any] = zmq.Context()
+    clients = []
+    try:
+        for _ in range(30):
+            clients.append(context.socket(zmq.DEALER))
+            clients[-1].setsockopt(zmq.LINGER, 0)
+            clients[-1].connect(daemon.ack)
+        eventually(lambda: f"of the {held + 15} file descriptors it may open" in daemon.log(), 20, "the warning")
+    finally:
+        context.destroy(linger=0)

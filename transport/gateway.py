@@ -71,6 +71,8 @@ from transport.client import (
     connectable,
 )
 from transport.config import Config, load_config
+from transport.descriptors import CHECK_EVERY_S as DESCRIPTOR_CHECK_S
+from transport.descriptors import DescriptorWatch
 from transport.gateway_stream import STREAMS_FOLDER_ENV, EventStreamResponse, OpenStreams, StreamPump
 from transport.handshake import probe
 from transport.http_protocol import HeaderDeadlineProtocol
@@ -512,6 +514,13 @@ def parse_events(
             ) from None
         checked.append(clean)
     return checked
+
+
+async def _watch_descriptors(watch: DescriptorWatch) -> None:
+    """Warn in the log while this process's open descriptors are near its limit (see transport.descriptors)."""
+    while True:
+        watch.check(time.monotonic())
+        await asyncio.sleep(DESCRIPTOR_CHECK_S)
 
 
 def _decode_json(body: bytes) -> Any:
@@ -974,9 +983,11 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
         # In the background: the gateway serves at once, and a daemon started later is fine.
         threading.Thread(target=_warn_unreachable, args=(link,), name="handshake-check", daemon=True).start()
         restore = _on_stop_signals(link.stop)
+        watching = asyncio.create_task(_watch_descriptors(DescriptorWatch("the gateway process")))
         try:
             yield
         finally:
+            watching.cancel()
             restore()
             link.close()
 

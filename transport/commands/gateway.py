@@ -21,6 +21,7 @@ import tempfile
 from typing import Any
 
 from transport.config import ConfigError, load_config
+from transport.descriptors import raise_descriptor_limit
 from transport.logs import setup_logging
 from transport.security import SecurityError
 
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         )
         return 2
     setup_logging(config.log.level)
+    raise_descriptor_limit()  # a stream holds about three; worker processes inherit it
     try:
         app = create_app(config)  # made here even for workers: a bad key file fails now, with one message
     except (ConfigError, SecurityError) as exc:

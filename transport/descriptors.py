@@ -1,9 +1,10 @@
-"""The daemon's file descriptors against its limit: the limit raised at start, the use watched.
+"""A server's file descriptors against its limit: the limit raised at start, the use watched.
 
-Every connection a client holds costs the daemon a descriptor. At the limit (``RLIMIT_NOFILE``)
-libzmq's ``accept()`` fails; libzmq tells only a socket monitor, and tries again at once for as
-long as the connection waits: its I/O thread spins (about half a CPU here), clients hang, and the
-log says nothing. (A monitor is no cure: one not read at once blocks that I/O thread.) So:
+Every connection a client holds costs the daemon a descriptor (a gateway's stream about three).
+At the limit (``RLIMIT_NOFILE``) libzmq's ``accept()`` fails; libzmq tells only a socket monitor,
+and tries again at once for as long as the connection waits: its I/O thread spins (about half a
+CPU here), clients hang, and the log says nothing; the gateway resets connections. (A monitor is
+no cure: one not read at once blocks that I/O thread.) So, in the daemon and the gateway alike:
 
 - at start the soft limit is raised to the hard one, the most an unprivileged process may take
   (``LimitNOFILE=`` in the systemd unit, ``ulimit -Hn`` in a shell), as Go programs do; the
@@ -31,7 +32,8 @@ _FD_DIRECTORY = "/proc/self/fd"
 
 
 def raise_descriptor_limit() -> tuple[int, int]:
-    """Raise this process's soft ``RLIMIT_NOFILE`` to its hard limit; the (old, new) soft limit."""
+    """Raise this process's soft ``RLIMIT_NOFILE`` to its hard limit, saying so in the log; the
+    (old, new) soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard <= soft:
         return soft, soft
@@ -40,6 +42,7 @@ def raise_descriptor_limit() -> tuple[int, int]:
     except (ValueError, OSError) as exc:
         log.debug("could not raise the file descriptor limit from %d to %d: %s", soft, hard, exc)
         return soft, soft
+    log.info("file descriptor limit raised from %d to %d, the hard limit", soft, hard)
     return soft, hard
 
 
@@ -54,22 +57,27 @@ def open_descriptors() -> int | None:
 
 
 class DescriptorWatch:
-    """Warns in the log while the daemon's open descriptors are near its limit.
+    """Warns in the log while this process's open descriptors are near its limit.
 
-    :meth:`check` is called often (the daemon's main loop); it counts at most every
-    :data:`CHECK_EVERY_S`, which costs a listing of ``/proc/self/fd``.
+    :meth:`check` is called often (the daemon's main loop, the gateway's event loop); it counts at
+    most every :data:`CHECK_EVERY_S`, which costs a listing of ``/proc/self/fd``, and reads the
+    limit each time (``prlimit`` may change it while the process runs).
     """
 
-    def __init__(self, limit: int | None = None) -> None:
-        self.limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0] if limit is None else limit
+    def __init__(self, who: str = "the daemon") -> None:
+        self.who = who
+        self.limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self._next_check = 0.0
         self._warned_at: float | None = None  # while near the limit: when it was last said
 
     def check(self, now: float) -> None:
         """Count the open descriptors if a count is due, and say what the count calls for."""
-        if now < self._next_check or self.limit == resource.RLIM_INFINITY:
+        if now < self._next_check:
             return
         self._next_check = now + CHECK_EVERY_S
+        self.limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if self.limit == resource.RLIM_INFINITY:
+            return
         count = open_descriptors()
         if count is None:
             return
@@ -77,13 +85,15 @@ class DescriptorWatch:
             if self._warned_at is None or now - self._warned_at >= REPEAT_S:
                 self._warned_at = now
                 log.warning(
-                    "the daemon holds %d of the %d file descriptors it may open (RLIMIT_NOFILE): at the limit it "
-                    "can accept no connection (ZeroMQ retries each in a busy loop, and clients wait) and open "
-                    "no file; raise LimitNOFILE= in the unit (ulimit -n in a shell), or find the clients that "
-                    "hold many connections open",
+                    "%s holds %d of the %d file descriptors it may open (RLIMIT_NOFILE): at the limit it can "
+                    "accept no connection and open no file; raise LimitNOFILE= in the unit (ulimit -n in a "
+                    "shell), or find the clients that hold many connections open",
+                    self.who,
                     count,
                     self.limit,
                 )
         elif self._warned_at is not None and count < CLEAR_BELOW * self.limit:
             self._warned_at = None
-            log.warning("the daemon holds %d of its %d file descriptors again: back under the limit", count, self.limit)
+            log.warning(
+                "%s holds %d of its %d file descriptors again: back under the limit", self.who, count, self.limit
+            )
