@@ -7,6 +7,8 @@ the first thread waits for an answer that cannot come.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -67,3 +69,60 @@ def test_a_subscriber_taken_from_by_a_second_thread_at_once_raises_and_any_threa
     while_another_thread_waits_in(lambda: subscriber.next_event(3), second_thread_takes)
     with pytest.raises(SubscriberError, match="the subscriber is closed"):
         subscriber.next_event(0)
+
+
+def test_a_client_forked_while_another_thread_was_in_a_call_works_or_says_so_in_the_child() -> None:
+    """In the child the thread holding the lock is not there: close() must not raise, and each
+    call says what a client made before a fork does, not that another thread is in it."""
+    code = (
+        "import os, sys, threading, time\n"
+        "from transport.client import QueryClient, NoAnswer\n"
+        "from transport.publisher import Publisher, PublisherClosed\n"
+        "from transport.subscriber import Subscriber, SubscriberError\n"
+        "from transport.workload import make_event\n"
+        "nowhere = sys.argv[1]\n"
+        "client = QueryClient(nowhere, timeout=3)\n"
+        "publisher = Publisher(nowhere, deadline=10)\n"
+        "publisher.publish(make_event(0, 1, 'f'))\n"
+        "subscriber = Subscriber(nowhere, timeout=5)\n"
+        "def quietly(call):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except Exception:\n"
+        "        pass\n"
+        "for call in (lambda: client.call({'op': 'stats'}), lambda: publisher.flush(3),"
+        " lambda: subscriber.next_event(3)):\n"
+        "    threading.Thread(target=quietly, args=(call,), daemon=True).start()\n"
+        "time.sleep(0.5)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    said = []\n"
+        "    client.timeout = 0.3\n"
+        "    try:\n"
+        "        client.call({'op': 'stats'})\n"
+        "    except NoAnswer:\n"
+        "        said.append('query: no answer')\n"
+        "    client.close()\n"
+        "    try:\n"
+        "        publisher.publish(make_event(1, 1, 'f'))\n"
+        "    except PublisherClosed as exc:\n"
+        "        said.append('publish: ' + str(exc)[:120])\n"
+        "    publisher.close()\n"
+        "    try:\n"
+        "        subscriber.next_event(0)\n"
+        "    except SubscriberError as exc:\n"
+        "        said.append(type(exc).__name__ + ': ' + str(exc)[:120])\n"
+        "    subscriber.close()\n"
+        "    print('|'.join(said), flush=True)\n"
+        "    os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, f"tcp://127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    said = result.stdout.strip().split("|")
+    assert said[0] == "query: no answer", result.stdout + result.stderr
+    assert said[1].startswith("publish: this publisher to") and "was made before this process was forked" in said[1]
+    assert said[2].startswith("SubscriberError: this subscriber to"), said
+    assert "InUse" not in result.stdout + result.stderr

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from os import PathLike
-from typing import Any, NoReturn
+from typing import Any
 
 import msgpack
 import zmq
@@ -158,12 +158,10 @@ class QueryClient:
         self._monitor: zmq.Socket[Any] | None = None
         self._in_call = threading.RLock()  # held by the thread inside a call
 
-    def _in_use(self) -> NoReturn:
-        if self._pid != os.getpid():
-            raise QueryClientInUse(
-                f"this query client of {self.endpoint} was in use by another thread when this process was forked;"
-                " make a new QueryClient in this process"
-            )
+    def _in_use(self) -> None:
+        if self._pid != os.getpid():  # held by a thread of the parent, which is not in this child
+            self._in_call = threading.RLock()
+            return
         raise QueryClientInUse(
             f"another thread is inside a call to this query client of {self.endpoint}: a QueryClient serves one "
             "thread at a time; make one per thread, or hold a lock around its calls"

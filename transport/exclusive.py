@@ -5,14 +5,16 @@ one with state around it. Two threads in the same client at once lost a publishe
 without a word and hung a query client past every timeout. So each public call of a client holds
 the client's reentrant lock (``_in_call``), taken without waiting: a call from within a call on
 the same thread (an ``on_ack`` that publishes) goes on; another thread's call gets the client's
-own "in use" error (``_in_use``) at once. Taking turns from several threads is fine.
+own "in use" error (``_in_use``) at once. Taking turns from several threads is fine. In a child
+forked while a thread of the parent held the lock, that thread is not there: ``_in_use`` puts a
+fresh lock in its place instead, and the call says what a client made before a fork does.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, Concatenate, NoReturn, ParamSpec, Protocol, TypeVar
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 __all__ = ["Exclusive", "one_thread_at_a_time"]
 
@@ -22,8 +24,9 @@ class Exclusive(Protocol):
 
     _in_call: Any  # a threading.RLock
 
-    def _in_use(self) -> NoReturn:
-        """Raise the client's own error: another thread is inside a call."""
+    def _in_use(self) -> None:
+        """Raise the client's own error: another thread is inside a call. Returns only in a child
+        forked while the parent held the lock, having put a fresh one in ``_in_call``."""
 
 
 _P = ParamSpec("_P")
@@ -38,6 +41,7 @@ def one_thread_at_a_time(method: Callable[Concatenate[_C, _P], _R]) -> Callable[
     def guarded(self: _C, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         if not self._in_call.acquire(False):
             self._in_use()
+            self._in_call.acquire()  # the fresh lock of a forked child
         try:
             return method(self, *args, **kwargs)
         finally:

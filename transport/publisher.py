@@ -50,7 +50,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
-from typing import Any, NoReturn
+from typing import Any
 
 import msgpack
 import zmq
@@ -508,6 +508,7 @@ class Publisher:
         # What one_thread_at_a_time does, written out: this is the call made per event.
         if not self._in_call.acquire(False):
             self._in_use()
+            self._in_call.acquire()  # the fresh lock of a forked child
         try:
             self._check_open()
             arguments.seconds("timeout", timeout, none=True)
@@ -647,10 +648,12 @@ class Publisher:
                 unqueued,
             )
 
-    def _in_use(self) -> NoReturn:
-        """Raise :class:`PublisherInUse`: another thread holds this publisher (or, in a forked
-        child, held it at the fork: then the fork is what to say)."""
-        self._check_open()
+    def _in_use(self) -> None:
+        """Raise :class:`PublisherInUse`: another thread holds this publisher. In a child forked
+        while a thread of the parent held it, put a fresh lock in its place instead."""
+        if self._forks != _forks:
+            self._in_call = threading.RLock()
+            return
         raise PublisherInUse(
             f"another thread is inside a call to this publisher to {self.endpoint}: a Publisher serves one "
             "thread at a time; make one per thread, or hold a lock around its calls"

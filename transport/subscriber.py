@@ -39,7 +39,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
-from typing import Any, NoReturn
+from typing import Any
 
 import msgpack
 import zmq
@@ -315,8 +315,10 @@ class Subscriber:
 
     # Internals --------------------------------------------------------------------------------
 
-    def _in_use(self) -> NoReturn:
-        self._check_open()  # a subscriber made before a fork says so
+    def _in_use(self) -> None:
+        if self._pid != os.getpid():  # held by a thread of the parent, which is not in this child
+            self._in_call = threading.RLock()
+            return
         raise SubscriberInUse(
             f"another thread is inside a call to this subscriber to {self.endpoint}: one thread takes its "
             "events (any thread may close it); make one Subscriber per thread"
