@@ -206,6 +206,48 @@ def test_closing_from_another_thread_ends_the_iteration_and_stores_the_position(
     assert positions(daemon) == {"stoppable": 10}
 
 
+@pytest.mark.timeout(60)
+def test_closing_from_a_signal_handler_or_while_events_wait_in_the_buffer_closes_now(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """close() from a signal handler on the iterating thread closed the socket under the wait
+    (a raw ZMQError); from another thread while events waited in the buffer, the iteration went
+    on through them and close() gave up waiting after 3 s."""
+    daemon = daemon_factory(**FAST).start()
+    publish(daemon.ack, "--acked", "--events", "3", "--topics", "1")
+    subscriber = Subscriber(daemon.subscribe, name="signalled")
+    previous = signal.signal(signal.SIGALRM, lambda *_: subscriber.close())
+    try:
+        seen = [event["position"] for event in take(subscriber, 3)]
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        seen += [event["position"] for event in subscriber]  # waits for a fourth: the handler comes then
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert seen == [1, 2, 3] and positions(daemon) == {"signalled": 3}
+    publish(daemon.ack, "--acked", "--events", "400", "--topics", "1", "--id-prefix", "more")
+    # Another thread's close() while the buffer holds events: no more of them, and at once.
+    later = Subscriber(daemon.subscribe, name="buffered")
+    got: list[int] = []
+
+    def slowly() -> None:
+        for event in later:
+            got.append(event["position"])
+            time.sleep(0.05)
+
+    reading = threading.Thread(target=slowly)
+    reading.start()
+    deadline = time.monotonic() + 20
+    while len(got) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.monotonic()
+    later.close()
+    assert time.monotonic() - started < 1.5
+    reading.join(10)
+    assert not reading.is_alive() and len(got) < 20
+    assert positions(daemon)["buffered"] == got[-1]
+
+
 def test_a_query_interrupted_between_request_and_reply_leaves_the_client_usable() -> None:
     # A REQ socket between its send and its receive cannot send again (EFSM): Ctrl-C there left
     # the client unusable for good.

@@ -209,6 +209,9 @@ class Subscriber:
         self._reader = threading.get_ident()
         try:
             self._finish_taken()
+            if self._close_asked:  # before any event waiting in the buffer: close() means now
+                self._close(self._taken_cursor)
+                return None
             self._keep_alive()
             deadline = math.inf if timeout is None else time.monotonic() + timeout
             looked = False  # a timeout of 0 still reads what has arrived, once
@@ -267,13 +270,20 @@ class Subscriber:
         more. An acknowledgement not confirmed in time is logged as an error (``acked`` keeps
         the last confirmed position).
         """
-        reader = self._reader
-        if reader is not None and reader != threading.get_ident():
+        if self._reader == threading.get_ident():
+            # From within next_event on this thread (a signal handler): it closes within a step.
+            self._close_asked = True
+            return
+        if not self._in_call.acquire(False):
+            # Another thread is inside a call (its socket is that thread's): it closes within a step.
             self._close_asked = True
             if not self._closed_event.wait(CLOSE_ACK_WAIT_S + 1.0):
                 log.warning("the thread iterating this subscriber did not close it in time; it will")
             return
-        self._close(self._taken_cursor)
+        try:
+            self._close(self._taken_cursor)
+        finally:
+            self._in_call.release()
 
     def _close(self, position: int | None) -> None:
         """Close, acknowledging ``position`` first (None: nothing) for a named subscriber."""
