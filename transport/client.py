@@ -158,11 +158,11 @@ class QueryClient:
         self._monitor: zmq.Socket[Any] | None = None
         self._in_call = threading.RLock()  # held by the thread inside a call
 
-    def _in_use(self) -> None:
-        if self._pid != os.getpid():  # held by a thread of the parent, which is not in this child
-            self._in_call = threading.RLock()
-            return
-        raise QueryClientInUse(
+    def _forked(self) -> bool:
+        return self._pid != os.getpid()
+
+    def _in_use_error(self) -> Exception:
+        return QueryClientInUse(
             f"another thread is inside a call to this query client of {self.endpoint}: a QueryClient serves one "
             "thread at a time; make one per thread, or hold a lock around its calls"
         )

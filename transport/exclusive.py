@@ -5,18 +5,19 @@ one with state around it. Two threads in the same client at once lost a publishe
 without a word and hung a query client past every timeout. So each public call of a client holds
 the client's reentrant lock (``_in_call``), taken without waiting: a call from within a call on
 the same thread (an ``on_ack`` that publishes) goes on; another thread's call gets the client's
-own "in use" error (``_in_use``) at once. Taking turns from several threads is fine. In a child
-forked while a thread of the parent held the lock, that thread is not there: ``_in_use`` puts a
-fresh lock in its place instead, and the call says what a client made before a fork does.
+own "in use" error at once. Taking turns from several threads is fine. In a child forked while a
+thread of the parent held the lock, that thread is not there: the child takes a fresh lock, and
+the call says what a client made before a fork does.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
-__all__ = ["Exclusive", "one_thread_at_a_time"]
+__all__ = ["Exclusive", "one_thread_at_a_time", "take_held_lock"]
 
 
 class Exclusive(Protocol):
@@ -24,9 +25,20 @@ class Exclusive(Protocol):
 
     _in_call: Any  # a threading.RLock
 
-    def _in_use(self) -> None:
-        """Raise the client's own error: another thread is inside a call. Returns only in a child
-        forked while the parent held the lock, having put a fresh one in ``_in_call``."""
+    def _forked(self) -> bool:
+        """Whether this process is a child forked after the client was made."""
+
+    def _in_use_error(self) -> Exception:
+        """The client's own error for a call while another thread is inside one."""
+
+
+def take_held_lock(client: Exclusive) -> None:
+    """For a call that found the client's lock held: raise the client's "in use" error, or, in a
+    forked child (where the holder is a thread of the parent), take a fresh lock."""
+    if not client._forked():
+        raise client._in_use_error()
+    client._in_call = threading.RLock()
+    client._in_call.acquire()
 
 
 _P = ParamSpec("_P")
@@ -40,8 +52,7 @@ def one_thread_at_a_time(method: Callable[Concatenate[_C, _P], _R]) -> Callable[
     @functools.wraps(method)
     def guarded(self: _C, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         if not self._in_call.acquire(False):
-            self._in_use()
-            self._in_call.acquire()  # the fresh lock of a forked child
+            take_held_lock(self)
         try:
             return method(self, *args, **kwargs)
         finally:

@@ -59,7 +59,7 @@ from transport import arguments
 from transport.backoff import Backoff, RetryBudget
 from transport.client import connect, connectable, monitor_address
 from transport.config import load_config
-from transport.exclusive import one_thread_at_a_time
+from transport.exclusive import one_thread_at_a_time, take_held_lock
 from transport.schema import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     MAP_KEYS,
@@ -507,8 +507,7 @@ class Publisher:
         """
         # What one_thread_at_a_time does, written out: this is the call made per event.
         if not self._in_call.acquire(False):
-            self._in_use()
-            self._in_call.acquire()  # the fresh lock of a forked child
+            take_held_lock(self)
         try:
             self._check_open()
             arguments.seconds("timeout", timeout, none=True)
@@ -648,13 +647,11 @@ class Publisher:
                 unqueued,
             )
 
-    def _in_use(self) -> None:
-        """Raise :class:`PublisherInUse`: another thread holds this publisher. In a child forked
-        while a thread of the parent held it, put a fresh lock in its place instead."""
-        if self._forks != _forks:
-            self._in_call = threading.RLock()
-            return
-        raise PublisherInUse(
+    def _forked(self) -> bool:
+        return self._forks != _forks
+
+    def _in_use_error(self) -> Exception:
+        return PublisherInUse(
             f"another thread is inside a call to this publisher to {self.endpoint}: a Publisher serves one "
             "thread at a time; make one per thread, or hold a lock around its calls"
         )

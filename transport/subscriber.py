@@ -47,7 +47,7 @@ import zmq
 from transport import arguments
 from transport.backoff import Backoff
 from transport.client import connect
-from transport.exclusive import one_thread_at_a_time
+from transport.exclusive import one_thread_at_a_time, take_held_lock
 from transport.queries import MAX_CURSOR
 from transport.replies import unpack_reply
 
@@ -275,11 +275,13 @@ class Subscriber:
             self._close_asked = True
             return
         if not self._in_call.acquire(False):
-            # Another thread is inside a call (its socket is that thread's): it closes within a step.
-            self._close_asked = True
-            if not self._closed_event.wait(CLOSE_ACK_WAIT_S + 1.0):
-                log.warning("the thread iterating this subscriber did not close it in time; it will")
-            return
+            if not self._forked():
+                # Another thread is inside a call (its socket is that thread's): it closes within a step.
+                self._close_asked = True
+                if not self._closed_event.wait(CLOSE_ACK_WAIT_S + 1.0):
+                    log.warning("the thread iterating this subscriber did not close it in time; it will")
+                return
+            take_held_lock(self)  # held by a thread of the parent, which is not in this child
         try:
             self._close(self._taken_cursor)
         finally:
@@ -325,11 +327,11 @@ class Subscriber:
 
     # Internals --------------------------------------------------------------------------------
 
-    def _in_use(self) -> None:
-        if self._pid != os.getpid():  # held by a thread of the parent, which is not in this child
-            self._in_call = threading.RLock()
-            return
-        raise SubscriberInUse(
+    def _forked(self) -> bool:
+        return self._pid != os.getpid()
+
+    def _in_use_error(self) -> Exception:
+        return SubscriberInUse(
             f"another thread is inside a call to this subscriber to {self.endpoint}: one thread takes its "
             "events (any thread may close it); make one Subscriber per thread"
         )
