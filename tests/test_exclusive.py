@@ -61,10 +61,10 @@ def test_a_subscriber_taken_from_by_a_second_thread_at_once_raises_and_any_threa
     subscriber = Subscriber(f"tcp://127.0.0.1:{free_port()}", name="reader", timeout=5)
 
     def second_thread_takes() -> None:
-        for call in (lambda: subscriber.next_event(0), subscriber.ack, subscriber.keep_alive, subscriber.abandon):
+        for call in (lambda: subscriber.next_event(0), subscriber.ack, subscriber.keep_alive):
             with pytest.raises(SubscriberInUse, match="one thread takes its events"):
                 call()
-        subscriber.close()  # still allowed: the thread inside closes it within a step
+        subscriber.abandon()  # as close(), from any thread: the thread inside closes it within a step
 
     while_another_thread_waits_in(lambda: subscriber.next_event(3), second_thread_takes)
     with pytest.raises(SubscriberError, match="the subscriber is closed"):
@@ -86,7 +86,7 @@ def test_a_client_forked_while_another_thread_was_in_a_call_works_or_says_so_in_
         "publisher.publish(make_event(0, 1, 'f'))\n"
         "subscriber = Subscriber(nowhere, timeout=5)\n"
         "closing = Subscriber(nowhere, timeout=5)\n"
-        "closing_publisher = Publisher(nowhere, deadline=10)\n"
+        "closing_publisher = Publisher(endpoints=[nowhere, sys.argv[2]], deadline=10)\n"
         "closing_publisher.publish(make_event(0, 1, 'g'))\n"
         "def quietly(call):\n"
         "    try:\n"
@@ -125,7 +125,10 @@ def test_a_client_forked_while_another_thread_was_in_a_call_works_or_says_so_in_
         "os.waitpid(pid, 0)\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code, f"tcp://127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=30
+        [sys.executable, "-c", code, f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 0, result.stderr
     said = result.stdout.strip().split("|")

@@ -229,11 +229,15 @@ def test_closing_from_a_signal_handler_or_while_events_wait_in_the_buffer_closes
     # Another thread's close() while the buffer holds events: no more of them, and at once.
     later = Subscriber(daemon.subscribe, name="buffered")
     got: list[int] = []
+    failures: list[BaseException] = []
 
     def slowly() -> None:
-        for event in later:
-            got.append(event["position"])
-            time.sleep(0.05)
+        try:
+            for event in later:
+                got.append(event["position"])
+                time.sleep(0.001)  # the close() comes here mostly, between two calls
+        except BaseException as exc:  # SubscriberInUse, had the close's lock been taken for a refusal
+            failures.append(exc)
 
     reading = threading.Thread(target=slowly)
     reading.start()
@@ -244,8 +248,26 @@ def test_closing_from_a_signal_handler_or_while_events_wait_in_the_buffer_closes
     later.close()
     assert time.monotonic() - started < 1.5
     reading.join(10)
-    assert not reading.is_alive() and len(got) < 20
+    assert not reading.is_alive() and failures == [] and len(got) < 20
     assert positions(daemon)["buffered"] == got[-1]
+    # Leaving a with block while another thread iterates: handed over the same way.
+    with Subscriber(daemon.subscribe, name="with-block") as scoped:
+        taken: list[int] = []
+
+        def iterate() -> None:
+            try:
+                for event in scoped:
+                    taken.append(event["position"])
+                    time.sleep(0.05)
+            except BaseException as exc:  # a raw ZMQError, from the socket closed under it
+                failures.append(exc)
+
+        iterating = threading.Thread(target=iterate)
+        iterating.start()
+        while len(taken) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    iterating.join(10)
+    assert not iterating.is_alive() and failures == [] and taken
 
 
 def test_a_query_interrupted_between_request_and_reply_leaves_the_client_usable() -> None:

@@ -259,6 +259,8 @@ class AffinePublisher(Publisher):
         if self._closed:
             return
         arguments.seconds("timeout", timeout, none=True)
+        if self._forked():
+            flush = False  # the parent's events, which the parent still holds and sends
         first = self._publishers[self.endpoints[0]]
         wait = first.close_timeout if timeout is None else timeout
         if timeout is None and first.deadline is not None:

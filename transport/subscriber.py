@@ -33,13 +33,14 @@ docs/subscribe.md.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
 import os
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import msgpack
 import zmq
@@ -47,7 +48,7 @@ import zmq
 from transport import arguments
 from transport.backoff import Backoff
 from transport.client import connect
-from transport.exclusive import one_thread_at_a_time, take_held_lock
+from transport.exclusive import take_held_lock
 from transport.queries import MAX_CURSOR
 from transport.replies import unpack_reply
 
@@ -95,6 +96,32 @@ class SubscriberError(Exception):
 
 class SubscriberInUse(SubscriberError):
     """Another thread is inside a call to this subscriber: one thread iterates it (any may close it)."""
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _unless_closing(
+    method: Callable[Concatenate[Subscriber, _P], _R],
+) -> Callable[Concatenate[Subscriber, _P], _R | None]:
+    """:func:`transport.exclusive.one_thread_at_a_time`, but a call that finds another thread
+    closing the subscriber waits for the close to end and returns None: an iteration on one thread
+    ends quietly when another closes the subscriber, as documented."""
+
+    @functools.wraps(method)
+    def guarded(self: Subscriber, /, *args: _P.args, **kwargs: _P.kwargs) -> _R | None:
+        if not self._in_call.acquire(False):
+            if self._close_asked and not self._forked():
+                self._closed_event.wait(CLOSE_ACK_WAIT_S + 1.0)
+                return None
+            take_held_lock(self)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._in_call.release()
+
+    return guarded
 
 
 class Subscriber:
@@ -179,13 +206,14 @@ class Subscriber:
         self._finished_cursor: int | None = None  # ... and of the one taken before it (finished)
         self._busy_told = False
         self._closed = False
-        # The thread inside next_event, if any: a close() from another thread is left to it (a
-        # ZeroMQ socket belongs to one thread), which closes within a step and sets _closed_event.
-        self._reader: int | None = None
+        # close() asked: a call in progress (its socket is its thread's) closes within a step and
+        # sets _closed_event; a call that finds another thread closing ends quietly.
         self._close_asked = False
+        self._abandon_asked = False  # the close asked is an abandon(): the last event taken not acknowledged
         self._closed_event = threading.Event()
         self._pid = os.getpid()  # the socket and its context belong to this process
-        self._in_call = threading.RLock()  # held by the thread inside a call (see transport.exclusive)
+        # Held by the thread inside a call (see transport.exclusive); Any: typeshed lacks RLock._is_owned.
+        self._in_call: Any = threading.RLock()
 
     # Public API -------------------------------------------------------------------------------
 
@@ -197,37 +225,38 @@ class Subscriber:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Every event, for ever (until :meth:`close`, from any thread, or an error); blocks while none comes."""
         while not self._closed:
-            event = self.next_event(timeout=1.0)
+            try:
+                event = self.next_event(timeout=1.0)
+            except SubscriberError:
+                if self._close_asked and self._closed:
+                    return  # closed by close() (a signal handler) just before the call: the end
+                raise
             if event is not None:
                 yield event
 
-    @one_thread_at_a_time
+    @_unless_closing
     def next_event(self, timeout: float | None) -> dict[str, Any] | None:
         """The next event, or None when none came within ``timeout`` seconds (None: wait for ever)."""
         self._check_open()
         arguments.seconds("timeout", timeout, none=True)
-        self._reader = threading.get_ident()
-        try:
-            self._finish_taken()
-            if self._close_asked:  # before any event waiting in the buffer: close() means now
-                self._close(self._taken_cursor)
-                return None
-            self._keep_alive()
-            deadline = math.inf if timeout is None else time.monotonic() + timeout
-            looked = False  # a timeout of 0 still reads what has arrived, once
-            while not self._buffer:
-                self._tell_due_notices()
-                now = time.monotonic()
-                if self._close_asked:
-                    self._close(self._taken_cursor)  # the last event taken is finished: it asked again
-                    return None
-                if now >= deadline and looked:
-                    return None
-                looked = True
-                self._step(max(0.0, min(deadline, now + 0.25, self._heartbeat_due(now)) - now))
+        self._finish_taken()
+        if self._close_asked:  # before any event waiting in the buffer: close() means now
+            self._close(self._taken_cursor)
+            return None
+        self._keep_alive()
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        looked = False  # a timeout of 0 still reads what has arrived, once
+        while not self._buffer:
             self._tell_due_notices()
-        finally:
-            self._reader = None
+            now = time.monotonic()
+            if self._close_asked:
+                self._close(self._taken_cursor)  # the last event taken is finished: it asked again
+                return None
+            if now >= deadline and looked:
+                return None
+            looked = True
+            self._step(max(0.0, min(deadline, now + 0.25, self._heartbeat_due(now)) - now))
+        self._tell_due_notices()
         event = self._buffer.popleft()
         self._taken_count += 1
         self.cursor = event["seq"] if self.topic is not None else event["position"]
@@ -237,7 +266,7 @@ class Subscriber:
         self._grant()
         return event
 
-    @one_thread_at_a_time
+    @_unless_closing
     def ack(self, position: int | None = None) -> None:
         """Acknowledge ``position`` (default: the cursor of the last event taken) now.
 
@@ -270,20 +299,24 @@ class Subscriber:
         more. An acknowledgement not confirmed in time is logged as an error (``acked`` keeps
         the last confirmed position).
         """
-        if self._reader == threading.get_ident():
-            # From within next_event on this thread (a signal handler): it closes within a step.
-            self._close_asked = True
-            return
+        self._shut(abandon=False)
+
+    def _shut(self, abandon: bool) -> None:
+        """Close (or abandon) from any thread, a signal handler included: here when no call is in
+        progress, else by the call in progress, which closes within a step."""
+        self._close_asked = True  # a call that finds the lock held by this close ends quietly
+        self._abandon_asked = self._abandon_asked or abandon
+        if self._in_call._is_owned():
+            return  # a signal handler (or callback) within a call on this thread: that call closes
         if not self._in_call.acquire(False):
             if not self._forked():
                 # Another thread is inside a call (its socket is that thread's): it closes within a step.
-                self._close_asked = True
                 if not self._closed_event.wait(CLOSE_ACK_WAIT_S + 1.0):
                     log.warning("the thread iterating this subscriber did not close it in time; it will")
                 return
             take_held_lock(self)  # held by a thread of the parent, which is not in this child
         try:
-            self._close(self._taken_cursor)
+            self._close(self._finished_cursor if self._abandon_asked else self._taken_cursor)
         finally:
             self._in_call.release()
 
@@ -314,16 +347,12 @@ class Subscriber:
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         """Close; leaving by an exception is :meth:`abandon`."""
-        if exc_type is None:
-            self._close(self._taken_cursor)
-        else:
-            self.abandon()
+        self._shut(abandon=exc_type is not None)
 
-    @one_thread_at_a_time
     def abandon(self) -> None:
         """Close, acknowledging only the events finished before the one taken last, whose
         handling may have been cut short (a named consumer gets it again next time)."""
-        self._close(self._finished_cursor)
+        self._shut(abandon=True)
 
     # Internals --------------------------------------------------------------------------------
 
@@ -333,7 +362,7 @@ class Subscriber:
     def _in_use_error(self) -> Exception:
         return SubscriberInUse(
             f"another thread is inside a call to this subscriber to {self.endpoint}: one thread takes its "
-            "events (any thread may close it); make one Subscriber per thread"
+            "events (any thread may close or abandon it); make one Subscriber per thread"
         )
 
     def _check_open(self) -> None:
@@ -371,7 +400,7 @@ class Subscriber:
             return math.inf
         return max(now + 0.001, self._last_sent + self._send_every)
 
-    @one_thread_at_a_time
+    @_unless_closing
     def keep_alive(self) -> None:
         """Send a heartbeat if one is due, taking nothing: for a caller that holds events it cannot
         pass on yet for longer than the daemon's ``[subscribe] timeout_ms``, after which the daemon
