@@ -275,13 +275,20 @@ class _Resources:
             self.socket = None
         self.context.term()
 
+    def handshake_seen(self, timeout: float) -> bool:
+        """Whether a daemon has completed a handshake with the fire-and-forget socket, waiting up
+        to ``timeout`` seconds for one (a PUSH socket queues frames for a peer that may never come)."""
+        if self.monitor is None:
+            return True
+        return bool(self.monitor.poll(math.ceil(max(0.0, timeout) * 1000), zmq.POLLIN))
+
     def _say_if_never_taken(self) -> None:
         """A fire-and-forget publisher dropped without close(): wait for a daemon to take the
         connection as close() would, within the linger, and say what was lost if none did (close()
         raises; nobody could catch that here)."""
-        assert self.monitor is not None and self.totals is not None
+        assert self.totals is not None
         started = time.monotonic()
-        if self.monitor.poll(self.linger_ms, zmq.POLLIN):
+        if self.handshake_seen(self.linger_ms / 1000):
             self.linger_ms = max(0, self.linger_ms - int((time.monotonic() - started) * 1000))
             return
         self.linger_ms = 0
@@ -597,7 +604,7 @@ class Publisher:
         if self._closed:
             return
         arguments.seconds("timeout", timeout, none=True)
-        if self._forks != _forks:
+        if self._forked():
             flush = False  # the parent's events, which the parent still holds and sends
         wait = self.close_timeout if timeout is None else timeout
         try:
@@ -630,7 +637,7 @@ class Publisher:
                 self.flush(wait)
         except PublishTimeout:
             unqueued = self.held_events()  # ZeroMQ's queue stayed full for the whole wait
-        if self.totals.sent and not self._handshake_seen(deadline - time.monotonic()):
+        if self.totals.sent and not self._forked() and not self._resources.handshake_seen(deadline - time.monotonic()):
             also = f"; the {len(unqueued)} not yet sent are in this error's .events" if unqueued else ""
             raise PublishTimeout(
                 f"no daemon at {self.endpoint} took a connection within {wait:g} s of closing: the "
@@ -1022,18 +1029,10 @@ class Publisher:
             else:
                 time.sleep(wait_s)
 
-    def _handshake_seen(self, timeout: float) -> bool:
-        """Whether a daemon has completed a handshake with this fire-and-forget socket, waiting up
-        to ``timeout`` seconds for one (a PUSH socket queues frames for a peer that may never come)."""
-        monitor = self._resources.monitor
-        if monitor is None or self._forks != _forks:
-            return True
-        return bool(monitor.poll(math.ceil(max(0.0, timeout) * 1000), zmq.POLLIN))
-
     def _check_open(self) -> None:
         if self._closed:
             raise PublisherClosed(f"this publisher to {self.endpoint} is closed; make a new one")
-        if self._forks != _forks:
+        if self._forked():
             raise PublisherClosed(
                 f"this publisher to {self.endpoint} was made before this process was forked: its socket "
                 "belongs to the parent (which still holds and sends its events); make a new Publisher here"
