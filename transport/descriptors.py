@@ -31,19 +31,17 @@ REPEAT_S = 60.0  # the warning again, while it lasts, at most this often
 _FD_DIRECTORY = "/proc/self/fd"
 
 
-def raise_descriptor_limit() -> tuple[int, int]:
-    """Raise this process's soft ``RLIMIT_NOFILE`` to its hard limit, saying so in the log; the
-    (old, new) soft limit."""
+def raise_descriptor_limit() -> None:
+    """Raise this process's soft ``RLIMIT_NOFILE`` to its hard limit, saying so in the log."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard <= soft:
-        return soft, soft
+        return
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ValueError, OSError) as exc:
         log.debug("could not raise the file descriptor limit from %d to %d: %s", soft, hard, exc)
-        return soft, soft
+        return
     log.info("file descriptor limit raised from %d to %d, the hard limit", soft, hard)
-    return soft, hard
 
 
 def open_descriptors() -> int | None:
@@ -66,7 +64,6 @@ class DescriptorWatch:
 
     def __init__(self, who: str = "the daemon") -> None:
         self.who = who
-        self.limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self._next_check = 0.0
         self._warned_at: float | None = None  # while near the limit: when it was last said
 
@@ -75,13 +72,13 @@ class DescriptorWatch:
         if now < self._next_check:
             return
         self._next_check = now + CHECK_EVERY_S
-        self.limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        if self.limit == resource.RLIM_INFINITY:
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if limit == resource.RLIM_INFINITY:
             return
         count = open_descriptors()
         if count is None:
             return
-        if count >= NEAR_LIMIT * self.limit:
+        if count >= NEAR_LIMIT * limit:
             if self._warned_at is None or now - self._warned_at >= REPEAT_S:
                 self._warned_at = now
                 log.warning(
@@ -90,10 +87,8 @@ class DescriptorWatch:
                     "shell), or find the clients that hold many connections open",
                     self.who,
                     count,
-                    self.limit,
+                    limit,
                 )
-        elif self._warned_at is not None and count < CLEAR_BELOW * self.limit:
+        elif self._warned_at is not None and count < CLEAR_BELOW * limit:
             self._warned_at = None
-            log.warning(
-                "%s holds %d of its %d file descriptors again: back under the limit", self.who, count, self.limit
-            )
+            log.warning("%s holds %d of its %d file descriptors again: back under the limit", self.who, count, limit)
