@@ -1101,7 +1101,7 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
     )
     async def publish(request: Request) -> Response:
         deadline = time.monotonic() + link.timeout
-        _check_content_type(request.headers.getlist("content-type"))
+        _check_content_type(_one_header(request, "Content-Type"))
         _check_content_encoding(request.headers.getlist("content-encoding"))
         body = await _read_body(request, http.max_body_bytes, deadline)
         ingest = config.ingest
@@ -1205,11 +1205,9 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
                 raise GatewayError(400, f"topics may be given at most {MAX_FILTER_TOPICS} times, not {len(topics)}")
             for one in topics:
                 _check_topic(one)
-        resumes = request.headers.getlist("last-event-id")
-        if len(resumes) > 1:
-            raise GatewayError(400, f"Last-Event-ID given {len(resumes)} times: send the last id once")
-        if resumes:
-            after = _last_event_id(resumes[0])
+        resume = _one_header(request, "Last-Event-ID")
+        if resume is not None:
+            after = _last_event_id(resume)
         if link.stopping:
             raise stopping(sent=False)
         if streams.here >= http.max_streams:
@@ -1555,19 +1553,26 @@ def _check_query_names(
         raise GatewayError(400, f"query parameter {', '.join(map(repr, repeated))} given more than once: give it once")
 
 
-def _check_content_type(values: list[str]) -> None:
+def _one_header(request: Request, name: str) -> str | None:
+    """The value of a header that holds one (None if absent), or :class:`GatewayError` 400 when it
+    is given more than once: the first would win silently."""
+    values = request.headers.getlist(name)
+    if len(values) > 1:
+        given = ", ".join(repr(_header_text(value)) for value in values)
+        raise GatewayError(400, f"{name} given {len(values)} times ({given}): give it once")
+    return values[0] if values else None
+
+
+def _check_content_type(value: str | None) -> None:
     """Refuse with 415 a ``POST /publish`` body not declared ``application/json``, or declared in a
-    charset other than UTF-8 (other parameters are ignored); with 400 one declared more than once.
+    charset other than UTF-8 (other parameters are ignored).
 
     Why: a web page on any origin can make a browser send a text/plain or form POST without asking
     first (no CORS preflight), so a gateway taking those would let any page a user opens publish
     through a gateway on that user's loopback. A JSON POST from another origin needs a preflight,
     which the gateway does not answer.
     """
-    if len(values) > 1:
-        given = ", ".join(repr(_header_text(value)) for value in values)
-        raise GatewayError(400, f"Content-Type given {len(values)} times ({given}): give it once")
-    value = _header_text(values[0]) if values else None  # quoted back as the client wrote it
+    value = _header_text(value) if value else value  # quoted back as the client wrote it
     media_type, _, parameters = (value or "").partition(";")
     if media_type.strip().lower() != "application/json":
         given = f"Content-Type {value}" if value else "no Content-Type"
