@@ -199,7 +199,7 @@ class QueryClient:
         return sock
 
     def _drop_socket(self) -> None:
-        if self._pid != os.getpid():
+        if self._forked():
             # Made before a fork: the sockets and the context are the parent's, which a child
             # must neither use nor close. A new process gets the process-wide context anew.
             self._socket = self._monitor = None
@@ -222,7 +222,7 @@ class QueryClient:
         progress at once rather than after their timeout).
         """
         payload = msgpack.packb(query, use_bin_type=True)
-        if self._pid != os.getpid():
+        if self._forked():
             self._drop_socket()
         for _ in range(self.attempts):
             if self._socket is not None and not self._last_handshake_succeeded():

@@ -324,7 +324,7 @@ class Subscriber:
         """Close, acknowledging ``position`` first (None: nothing) for a named subscriber."""
         if self._closed:
             return
-        if self._pid != os.getpid():  # the parent's socket: neither used nor closed here
+        if self._forked():  # the parent's socket: neither used nor closed here
             self._socket = None
             self._closed = True
             self._closed_event.set()
@@ -368,7 +368,7 @@ class Subscriber:
     def _check_open(self) -> None:
         if self._closed:
             raise SubscriberError("the subscriber is closed")
-        if self._pid != os.getpid():
+        if self._forked():
             # Its socket is the parent's: a child that used it waited for ever on a poll that
             # no message could end. (The parent's own subscription goes on.)
             raise SubscriberError(
