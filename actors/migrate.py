@@ -67,12 +67,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.from_sqlite is not None and not args.from_sqlite.is_file():
-        print(
-            f"migrate: no SQLite database at {args.from_sqlite}: name the file its [storage] path names",
-            file=sys.stderr,
-        )
-        return 2
     if config.storage.backend != "postgresql":
         print(
             f"[storage] backend is {config.storage.backend}: the daemon migrates its database as it opens it,"
@@ -81,8 +75,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 0
     from actors.pg_session import connect, load_psycopg, one_line, set_statement_timeout
     from actors.postgres import SCHEMA_VERSION, MigrationTooLong, migrate, schema_version
-    from actors.sqlite_import import CopyRefused, copy_sqlite
+    from actors.sqlite_import import CopyRefused, check_source, copy_sqlite
 
+    if args.from_sqlite is not None:
+        try:
+            check_source(args.from_sqlite)  # before anything is done to the PostgreSQL database
+        except CopyRefused as exc:
+            print(f"migrate: {exc}; nothing was copied", file=sys.stderr)
+            return 2
     under_way = "the migration or copy under way" if args.from_sqlite else "the migration under way"
     started = time.monotonic()
     try:

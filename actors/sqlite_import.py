@@ -67,6 +67,12 @@ class Copied:
     seconds: float = 0.0
 
 
+def check_source(sqlite_path: Path) -> None:
+    """Refuse (:class:`CopyRefused`) a path where no SQLite database file is."""
+    if not sqlite_path.is_file():
+        raise CopyRefused(f"no SQLite database at {sqlite_path}: name the file its [storage] path names")
+
+
 def copy_sqlite(sqlite_path: Path, pg: psycopg.Connection[Any], node: str) -> Copied:
     """Copy the database at ``sqlite_path`` into the (migrated, empty) PostgreSQL database of
     ``pg``, an autocommit connection, its counters becoming node ``node``'s.
@@ -75,8 +81,7 @@ def copy_sqlite(sqlite_path: Path, pg: psycopg.Connection[Any], node: str) -> Co
     what to do) and :class:`StorageError` or a psycopg error when it failed; nothing is written
     then.
     """
-    if not sqlite_path.is_file():
-        raise CopyRefused(f"no SQLite database at {sqlite_path}: name the file its [storage] path names")
+    check_source(sqlite_path)
     lock = DatabaseLock(sqlite_path)
     try:
         lock.acquire()
