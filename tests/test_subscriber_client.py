@@ -185,24 +185,11 @@ def test_closing_from_another_thread_ends_the_iteration_and_stores_the_position(
     daemon = daemon_factory(**FAST).start()
     publish(daemon.ack, "--acked", "--events", "10", "--topics", "1")
     subscriber = Subscriber(daemon.subscribe, name="stoppable")
-    seen: list[int] = []
-    failures: list[BaseException] = []
-
-    def iterate() -> None:
-        try:
-            for event in subscriber:
-                seen.append(event["position"])
-        except BaseException as exc:  # the old behaviour: a raw ZMQError from a socket closed under it
-            failures.append(exc)
-
-    reading = threading.Thread(target=iterate)
-    reading.start()
-    deadline = time.monotonic() + 20
-    while len(seen) < 10 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    reading = Iterating(subscriber)
+    reading.wait_for(10)
     subscriber.close()
-    reading.join(10)
-    assert not reading.is_alive() and failures == [] and seen == list(range(1, 11))
+    reading.join()  # the old behaviour: a raw ZMQError from a socket closed under it
+    assert reading.seen == list(range(1, 11))
     assert positions(daemon) == {"stoppable": 10}
 
 
@@ -228,46 +215,49 @@ def test_closing_from_a_signal_handler_or_while_events_wait_in_the_buffer_closes
     publish(daemon.ack, "--acked", "--events", "400", "--topics", "1", "--id-prefix", "more")
     # Another thread's close() while the buffer holds events: no more of them, and at once.
     later = Subscriber(daemon.subscribe, name="buffered")
-    got: list[int] = []
-    failures: list[BaseException] = []
-
-    def slowly() -> None:
-        try:
-            for event in later:
-                got.append(event["position"])
-                time.sleep(0.001)  # the close() comes here mostly, between two calls
-        except BaseException as exc:  # SubscriberInUse, had the close's lock been taken for a refusal
-            failures.append(exc)
-
-    reading = threading.Thread(target=slowly)
-    reading.start()
-    deadline = time.monotonic() + 20
-    while len(got) < 5 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    reading = Iterating(later, pause=0.001)  # the close() comes mostly in the pause, between two calls
+    reading.wait_for(5)
     started = time.monotonic()
     later.close()
     assert time.monotonic() - started < 1.5
-    reading.join(10)
-    assert not reading.is_alive() and failures == [] and len(got) < 20
-    assert positions(daemon)["buffered"] == got[-1]
+    reading.join()  # SubscriberInUse, had the close's lock been taken for a refusal
+    assert len(reading.seen) < 20
+    assert positions(daemon)["buffered"] == reading.seen[-1]
     # Leaving a with block while another thread iterates: handed over the same way.
     with Subscriber(daemon.subscribe, name="with-block") as scoped:
-        taken: list[int] = []
+        iterating = Iterating(scoped, pause=0.05)
+        iterating.wait_for(3)
+    iterating.join()  # a raw ZMQError, from the socket closed under it
+    assert iterating.seen
 
-        def iterate() -> None:
-            try:
-                for event in scoped:
-                    taken.append(event["position"])
-                    time.sleep(0.05)
-            except BaseException as exc:  # a raw ZMQError, from the socket closed under it
-                failures.append(exc)
 
-        iterating = threading.Thread(target=iterate)
-        iterating.start()
-        while len(taken) < 3 and time.monotonic() < deadline:
+class Iterating:
+    """A thread iterating ``subscriber`` (pausing ``pause`` s an event), noting the positions it
+    took and what ended it other than the subscriber closing."""
+
+    def __init__(self, subscriber: Subscriber, pause: float = 0.0) -> None:
+        self.seen: list[int] = []
+        self.failures: list[BaseException] = []
+        self._thread = threading.Thread(target=self._iterate, args=(subscriber, pause))
+        self._thread.start()
+
+    def _iterate(self, subscriber: Subscriber, pause: float) -> None:
+        try:
+            for event in subscriber:
+                self.seen.append(event["position"])
+                time.sleep(pause)
+        except BaseException as exc:
+            self.failures.append(exc)
+
+    def wait_for(self, count: int, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.seen) < count and time.monotonic() < deadline:
             time.sleep(0.01)
-    iterating.join(10)
-    assert not iterating.is_alive() and failures == [] and taken
+
+    def join(self) -> None:
+        """Wait for the iteration to end; it must have ended quietly."""
+        self._thread.join(10)
+        assert not self._thread.is_alive() and self.failures == [], self.failures
 
 
 def test_a_query_interrupted_between_request_and_reply_leaves_the_client_usable() -> None:
