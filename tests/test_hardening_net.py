@@ -314,6 +314,21 @@ def test_a_revoked_key_is_refused_on_its_open_connections(
     assert daemon.terminate() == 0
 
 
+@contextmanager
+def held_connections(endpoint: str, count: int) -> Iterator[None]:
+    """``count`` DEALER connections to ``endpoint`` (a daemon's descriptor each), held for the block."""
+    context: zmq.Context[Any] = zmq.Context()
+    sockets = []
+    try:
+        for _ in range(count):
+            sockets.append(context.socket(zmq.DEALER))
+            sockets[-1].setsockopt(zmq.LINGER, 0)
+            sockets[-1].connect(endpoint)
+        yield
+    finally:
+        context.destroy(linger=0)
+
+
 @pytest.mark.e2e
 def test_a_daemon_at_its_descriptor_limit_says_so_and_serves_once_clients_leave(
     daemon_factory: Callable[..., Daemon],
@@ -322,18 +337,10 @@ def test_a_daemon_at_its_descriptor_limit_says_so_and_serves_once_clients_leave(
     daemon = daemon_factory().start(descriptors=(150, 150))
     assert daemon.proc is not None
     held = len(os.listdir(f"/proc/{daemon.proc.pid}/fd"))
-    context: zmq.Context[Any] = zmq.Context()
-    clients = []
-    try:
-        for _ in range(150 - held + 20):  # more connections than descriptors left
-            clients.append(context.socket(zmq.DEALER))
-            clients[-1].setsockopt(zmq.LINGER, 0)
-            clients[-1].connect(daemon.ack)
+    with held_connections(daemon.ack, 150 - held + 20):  # more connections than descriptors left
         eventually(lambda: "file descriptors it may open" in daemon.log(), 20, "the warning")
         assert "of the 150 file descriptors it may open (RLIMIT_NOFILE)" in daemon.log()
         assert "raise LimitNOFILE= in the unit" in daemon.log()
-    finally:
-        context.destroy(linger=0)
     eventually(lambda: "back under the limit" in daemon.log(), 20, "the all-clear")
     assert daemon.stats()["received"] == 0
     assert daemon.log().count("file descriptors it may open") == 1  # once while it lasted, not every check
@@ -350,13 +357,5 @@ def test_the_daemon_raises_its_soft_descriptor_limit_to_the_hard_one_and_watches
     # A limit lowered while it runs (prlimit) is the one watched.
     held = len(os.listdir(f"/proc/{daemon.proc.pid}/fd"))
     resource.prlimit(daemon.proc.pid, resource.RLIMIT_NOFILE, (held + 15, 4096))
-    context: zmq.Context[Any] = zmq.Context()
-    clients = []
-    try:
-        for _ in range(30):
-            clients.append(context.socket(zmq.DEALER))
-            clients[-1].setsockopt(zmq.LINGER, 0)
-            clients[-1].connect(daemon.ack)
+    with held_connections(daemon.ack, 30):
         eventually(lambda: f"of the {held + 15} file descriptors it may open" in daemon.log(), 20, "the warning")
-    finally:
-        context.destroy(linger=0)
