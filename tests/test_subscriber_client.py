@@ -57,11 +57,12 @@ def test_a_credit_beyond_a_lower_configured_cap_does_not_stall(daemon_factory: C
 def test_a_trickle_at_the_head_leaves_no_more_than_a_window_sent_ahead(daemon_factory: Callable[..., Daemon]) -> None:
     # Each quiet spell at the head, then one event, once made the subscriber grant a whole
     # window again, which the daemon added to the credit it held: 30 of them left 3 069 events
-    # sent ahead of an application that had stopped reading, with a window of 100.
+    # sent ahead of an application that had stopped reading, with a window of 100 (ten of them,
+    # over a thousand).
     daemon = daemon_factory(subscribe={"heartbeat_ms": 200}).start()
     event = {"topic": "t", "timestamp": "2025-10-22T10:00:00Z", "source": "s"}
     with Publisher(daemon.ack) as publisher, Subscriber(daemon.subscribe, credit=100, heartbeat=0.2) as subscriber:
-        for n in range(30):
+        for n in range(10):
             assert subscriber.next_event(0.5) is None  # waiting on an empty buffer, over a heartbeat
             publisher.publish({**event, "event_id": f"trickle-{n}"})
             publisher.flush()
