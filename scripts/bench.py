@@ -5,7 +5,7 @@
 [--mode ff|acked] [--client raw|library] [--runs R] [--scaling] [--prefill N] [--json]
 [--target CONFIG --pid PID]``
 
-One run starts a daemon on a temporary database (or uses ``--target``'s running one), forks P
+One run starts a daemon on a temporary database (or uses ``--target``'s running one), starts P
 publisher processes that prepare their share of a deterministic stream (``transport.workload``)
 and wait at a start line, then measures what follows. A ``raw`` publisher sends frames it
 encoded before the start (fire-and-forget PUSH, or a DEALER keeping ``--window`` acknowledged
@@ -451,8 +451,10 @@ def publisher_main(job: PublisherJob, ready: Any, go: Any, results: Any) -> None
 
 
 def run_publishers(jobs: list[PublisherJob], poller: StatsPoller | None, timeout_s: float) -> list[PublisherReport]:
-    """Fork the publishers, start them together, start the poller with them, and collect reports."""
-    mp = multiprocessing.get_context("fork")  # the children inherit the pre-encoded frames
+    """Start the publisher processes, start them sending together, start the poller with them, and collect reports."""
+    # Spawned, not forked: this process has threads by now (libzmq's), and a forked child may
+    # inherit one's lock held. The frames are pickled to each child before the start signal.
+    mp = multiprocessing.get_context("spawn")
     ready, results, go = mp.Queue(), mp.Queue(), mp.Event()
     procs = [mp.Process(target=publisher_main, args=(job, ready, go, results), daemon=True) for job in jobs]
     for proc in procs:
