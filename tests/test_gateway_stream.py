@@ -428,3 +428,75 @@ def test_a_gateway_near_its_descriptor_limit_says_so_even_when_the_limit_is_lowe
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))
     eventually(lambda: "back under the limit" in gateway.log(), 20, "the all-clear", detail=gateway.log)
     assert gateway.client.get("/healthz").status_code == 200
+
+
+def test_a_gateway_out_of_descriptors_answers_503_saying_so_and_serves_again_once_some_are_free(
+    gateway: Gateway,
+) -> None:
+    """With no descriptor free but the connection's, a stream and /healthz answered a plain-text
+    500 with a traceback in the log (the subscriber's socket failed with EMFILE, and anyio, which
+    imports its backend at its first use, could not read it), and so did a publish; the warning
+    came only at the watch's next count, up to 2 s later."""
+    held, hard = _hold_still(gateway)
+    assert gateway.proc is not None
+    pid = gateway.proc.pid
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (held + 1, hard))  # one for the connection below
+    try:
+        with httpx.Client(base_url=gateway.url, timeout=10.0, limits=httpx.Limits(max_connections=1)) as client:
+            answers = [
+                client.get("/events/stream", params={"topic": "orders"}),
+                client.get("/healthz"),
+                client.post("/publish", json=event("orders", "o-1")),
+            ]
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))
+    for answer in answers:
+        assert answer.status_code == 503, answer.text
+        body = answer.json()
+        said = body.get("error") or body.get("reason")
+        assert "out of file descriptors" in said and "LimitNOFILE=" in said, body
+    assert "Traceback" not in gateway.log()
+    assert f"holds {held + 1} of the {held + 1} file descriptors it may open" in gateway.log()  # at once
+    with httpx.Client(base_url=gateway.url, timeout=10.0) as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.post("/publish", json=event("orders", "o-1")).status_code == 200
+    stream = Stream(gateway, topic="orders")
+    try:
+        assert stream.next()["data"]["event_id"] == "o-1"
+    finally:
+        stream.close()
+
+
+def test_a_gateway_with_a_few_descriptors_free_refuses_a_publish_rather_than_abort(gateway: Gateway) -> None:
+    """A publisher has a ZeroMQ context of its own, whose threads libzmq starts with its first
+    socket: with two to four descriptors free it could not have theirs and aborted the gateway."""
+    held, hard = _hold_still(gateway)
+    assert gateway.proc is not None
+    pid = gateway.proc.pid
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (held + 3, hard))  # the connection's, and two
+    try:
+        with httpx.Client(base_url=gateway.url, timeout=10.0, limits=httpx.Limits(max_connections=1)) as client:
+            answer = client.post("/publish", json=event("orders", "o-1"))
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))
+    assert answer.status_code == 503 and "out of file descriptors" in answer.json()["error"], answer.text
+    assert "nothing was sent" in answer.json()["error"]
+    ok(gateway.publish(event("orders", "o-1")))
+
+
+def _hold_still(gateway: Gateway) -> tuple[int, int]:
+    """The gateway's open descriptors once they stay put, and its hard limit. The test's client
+    is replaced first: its keep-alive connection could close, freeing one, at any time."""
+    assert gateway.proc is not None
+    pid = gateway.proc.pid
+    gateway.client.close()
+    eventually(lambda: _settled(pid), 10, "the gateway's descriptors settle")
+    gateway.client = httpx.Client(base_url=gateway.url, timeout=30.0)
+    return len(os.listdir(f"/proc/{pid}/fd")), resource.prlimit(pid, resource.RLIMIT_NOFILE)[1]
+
+
+def _settled(pid: int) -> bool:
+    """Whether the process's count of open descriptors stayed the same for a moment."""
+    before = len(os.listdir(f"/proc/{pid}/fd"))
+    time.sleep(0.3)
+    return len(os.listdir(f"/proc/{pid}/fd")) == before

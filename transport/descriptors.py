@@ -11,7 +11,10 @@ no cure: one not read at once blocks that I/O thread.) So, in the daemon and the
   common soft default of 1024 is low for a server of many clients;
 - while running, :class:`DescriptorWatch` counts the open descriptors every few seconds; from
   :data:`NEAR_LIMIT` of the limit it logs a warning saying what happens and what to do, at most
-  every :data:`REPEAT_S` while it lasts, and once when the count is back under :data:`CLEAR_BELOW`.
+  every :data:`REPEAT_S` while it lasts, and once when the count is back under :data:`CLEAR_BELOW`;
+- a request that finds no descriptor free (:func:`out_of_descriptors`) is answered with a word
+  saying so (:func:`exhausted_message`) rather than a traceback, and the warning is logged at
+  once (``check(now, force=True)``) rather than at the next count.
 """
 
 from __future__ import annotations
@@ -29,6 +32,39 @@ CLEAR_BELOW = 0.8  # of the soft limit: back to normal under this
 REPEAT_S = 60.0  # the warning again, while it lasts, at most this often
 
 _FD_DIRECTORY = "/proc/self/fd"
+_EXHAUSTED = (errno.EMFILE, errno.ENFILE)  # this process's limit, the system's
+
+
+def out_of_descriptors(exc: BaseException) -> bool:
+    """Whether ``exc`` (an :class:`OSError`, a ``zmq.ZMQError``) failed for want of a free descriptor."""
+    return getattr(exc, "errno", None) in _EXHAUSTED
+
+
+def descriptors_free(count: int) -> bool:
+    """Whether ``count`` more descriptors can be opened now (each is opened and closed again)."""
+    opened: list[int] = []
+    try:
+        for _ in range(count):
+            opened.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as exc:
+        if out_of_descriptors(exc):
+            return False
+        raise
+    finally:
+        for fd in opened:
+            os.close(fd)
+    return True
+
+
+def exhausted_message(who: str, doing: str) -> str:
+    """What a client is told when ``who`` could not ``doing`` for want of a free descriptor."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    held = "" if limit == resource.RLIM_INFINITY else f" (it may open {limit}: RLIMIT_NOFILE)"
+    return (
+        f"{who} is out of file descriptors{held}: it could not {doing}; try again once connections close. "
+        "To stop it: raise LimitNOFILE= in its unit (ulimit -n in a shell), or close the connections and "
+        "event streams that clients hold open"
+    )
 
 
 def raise_descriptor_limit() -> None:
@@ -67,9 +103,10 @@ class DescriptorWatch:
         self._next_check = 0.0
         self._warned_at: float | None = None  # while near the limit: when it was last said
 
-    def check(self, now: float) -> None:
-        """Count the open descriptors if a count is due, and say what the count calls for."""
-        if now < self._next_check:
+    def check(self, now: float, force: bool = False) -> None:
+        """Count the open descriptors if a count is due (or ``force``: a descriptor could not be
+        had, so say it now rather than at the next count), and say what the count calls for."""
+        if now < self._next_check and not force:
             return
         self._next_check = now + CHECK_EVERY_S
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import ipaddress
 import json
 import logging
@@ -72,7 +73,7 @@ from transport.client import (
 )
 from transport.config import Config, load_config
 from transport.descriptors import CHECK_EVERY_S as DESCRIPTOR_CHECK_S
-from transport.descriptors import DescriptorWatch
+from transport.descriptors import DescriptorWatch, descriptors_free, exhausted_message, out_of_descriptors
 from transport.gateway_stream import STREAMS_FOLDER_ENV, EventStreamResponse, OpenStreams, StreamPump
 from transport.handshake import probe
 from transport.http_protocol import HeaderDeadlineProtocol
@@ -120,6 +121,11 @@ STOPPING_GRACE_S = 8.0
 STOP_POLL_S = 0.1
 QUERY_THREADS = 16  # queries to the daemon at once per gateway process (each holds a thread)
 KEEPALIVE_S = 15.0  # a comment line on an event stream this long quiet, so proxies keep it open
+# Free descriptors a new publisher needs: it has a ZeroMQ context of its own, whose threads libzmq
+# starts with its first socket and which aborts the whole process (an assertion in its poller)
+# when one of their descriptors cannot be had. With fewer free it is not made: 503. (Measured:
+# 7 for the context, the socket and its connection; with 2 to 4 free the gateway aborted.)
+NEW_PUBLISHER_DESCRIPTORS = 10
 
 
 class GatewayError(Exception):
@@ -168,6 +174,15 @@ class DaemonLink:
         # endpoint -> why the daemon refused this gateway's security there, from the start-up
         # check; dropped once the endpoint answers (its key authorized since, say).
         self._refused: dict[str, str] = {}
+        self.descriptors = DescriptorWatch("the gateway process")
+        self._new_publisher = threading.Lock()
+
+    def exhausted(self, doing: str) -> GatewayError:
+        """503 for a request that could not ``doing`` for want of a free descriptor, the warning
+        logged now (the watch would say it only at its next count); no traceback: the gateway
+        serves again as soon as descriptors are free."""
+        self.descriptors.check(time.monotonic(), force=True)
+        return GatewayError(503, exhausted_message("the gateway", doing))
 
     # -- stopping
 
@@ -207,6 +222,11 @@ class DaemonLink:
         client.timeout = wait
         try:
             reply = client.request(request, give_up=self.stop_due)
+        except zmq.ZMQError as exc:
+            client.close()
+            if out_of_descriptors(exc):  # its socket could not be made
+                raise self.exhausted(f"connect to the daemon's query endpoint {self.query_endpoint}") from None
+            raise
         except GaveUp:
             client.close()
             raise GatewayError(
@@ -243,7 +263,12 @@ class DaemonLink:
         left = deadline - time.monotonic()
         if left < self.reserve_s:  # the worker thread came late: no fair chance, so do not send
             raise out_of_time(left, self)
-        publisher = self._take_publisher()
+        try:
+            publisher = self._take_publisher()
+        except zmq.ZMQError as exc:
+            if out_of_descriptors(exc):
+                raise self.exhausted(f"connect to the daemon's {self.ack_endpoint}; nothing was sent") from None
+            raise
         probe_s = self.probe_s
         sent_at = time.monotonic()
         ok = False
@@ -261,6 +286,13 @@ class DaemonLink:
             raise GatewayError(400, str(exc)) from None
         except PublisherError as exc:
             raise GatewayError(503, f"cannot publish to {self.ack_endpoint}: {exc}") from None
+        except zmq.ZMQError as exc:  # a socket made again after a failed delivery, say
+            if out_of_descriptors(exc):
+                raise self.exhausted(
+                    f"keep its connection to the daemon's {self.ack_endpoint}; the events may or may not be "
+                    "stored: publishing them again is safe"
+                ) from None
+            raise
         finally:
             if ok:
                 self._refused.pop(self.ack_endpoint, None)
@@ -287,6 +319,14 @@ class DaemonLink:
             return self._publishers.get_nowait()
         except queue.Empty:
             pass
+        # One at a time, so two new publishers do not count the same free descriptors. (A
+        # connection accepted meanwhile may still take one: the margin is for that.)
+        with self._new_publisher:
+            if not descriptors_free(NEW_PUBLISHER_DESCRIPTORS):
+                raise zmq.ZMQError(errno.EMFILE)
+            return self._make_publisher()
+
+    def _make_publisher(self) -> Publisher:
         ingest = self._ingest
         batch_size = min(ingest.max_batch_events, self._max_events)
         return Publisher(
@@ -514,6 +554,20 @@ def parse_events(
             ) from None
         checked.append(clean)
     return checked
+
+
+def _ready_for_no_free_descriptor() -> None:
+    """Do now, with descriptors to spare, what would otherwise first happen in a request, where at
+    the descriptor limit it fails in a way no request can answer.
+
+    anyio imports its event loop backend at its first use (a streamed response, a thread for a
+    call to the daemon), which opens files: at the limit that import failed, as a 500 with a
+    traceback. libzmq starts the threads of the context the query clients and the streams'
+    subscribers share with its first socket, and aborts the process when it cannot have their
+    descriptors; started here, a socket that cannot be had later is a plain error (EMFILE).
+    """
+    anyio.current_time()  # loads the backend
+    zmq.Context.instance().socket(zmq.REQ).close(linger=0)
 
 
 async def _watch_descriptors(watch: DescriptorWatch) -> None:
@@ -983,7 +1037,8 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
         # In the background: the gateway serves at once, and a daemon started later is fine.
         threading.Thread(target=_warn_unreachable, args=(link,), name="handshake-check", daemon=True).start()
         restore = _on_stop_signals(link.stop)
-        watching = asyncio.create_task(_watch_descriptors(DescriptorWatch("the gateway process")))
+        _ready_for_no_free_descriptor()
+        watching = asyncio.create_task(_watch_descriptors(link.descriptors))
         try:
             yield
         finally:
@@ -1233,6 +1288,8 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
             raise
         if refusal is not None:
             closed()
+            if pump.exhausted:
+                raise link.exhausted("open a subscription to the daemon for the stream")
             raise GatewayError(400, f"the daemon refused the stream: {refusal}")
 
         async def body() -> AsyncIterator[bytes]:

@@ -11,7 +11,8 @@ memory is bounded whatever its client does, and the daemon never queues for it.
 The subscriber reconnects and resumes by itself when the daemon restarts, so a stream outlives a
 restart. :meth:`StreamPump.stop` (the client went away, or the gateway is stopping) ends the
 thread within ``POLL_S``, closing the subscriber; a subscription the daemon refuses ends it with
-an ``error`` item.
+an ``error`` item, and so does a subscriber whose socket cannot be had at the descriptor limit
+(:attr:`StreamPump.exhausted`: the route answers 503 when that happens before the stream began).
 
 :class:`OpenStreams` counts the open streams for ``[http] max_streams`` and ``/metrics``, over
 all of the gateway's worker processes when it has several.
@@ -31,6 +32,7 @@ from typing import Any
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from transport.descriptors import exhausted_message, out_of_descriptors
 from transport.subscriber import Subscriber, SubscriberError
 
 log = logging.getLogger(__name__)
@@ -121,6 +123,9 @@ class StreamPump:
         # The daemon's answer to the subscription: None once it confirmed it, or its refusal.
         self._answer: asyncio.Future[str | None] = loop.create_future()
         self._told = False  # the thread's own note that it settled ``_answer``
+        # Set by the thread before it settles ``_answer`` with a refusal: no descriptor was free
+        # for the subscriber's socket, so the refusal is the gateway's, not the daemon's.
+        self.exhausted = False
         self._thread = threading.Thread(target=self._run, name="event-stream", daemon=True)
 
     def start(self) -> None:
@@ -187,6 +192,13 @@ class StreamPump:
             self._tell(exc.reason)  # refused before the stream began: the route answers it as an error
             self._hand(("error", str(exc)))
         except Exception as exc:  # a stream must end with a word, not hang its client
+            if out_of_descriptors(exc):  # the limit: said in the log by the gateway's watch, no traceback
+                message = exhausted_message("the gateway", "open a subscription to the daemon for the stream")
+                log.warning("an event stream could not go on: %s", message)
+                self.exhausted = True
+                self._tell(message)
+                self._hand(("error", message))
+                return
             log.exception("an event stream failed")
             self._hand(("error", f"the gateway's subscription failed: {type(exc).__name__}: {exc}"))
         finally:
