@@ -105,7 +105,7 @@ def test_bad_requests_get_a_4xx_with_a_clear_message(gateway_factory: Callable[.
         (gateway.client.get("/events", params={"topic": "a b"}), 400, "whitespace"),
         (gateway.client.get("/events", params={"limt": 5}), 400, "unknown query parameter 'limt'"),
         (gateway.client.get("/events?topic=a&topic=b"), 400, "'topic' given more than once"),
-        (gateway.client.get("/nowhere"), 404, "Not Found"),
+        (gateway.client.get("/nowhere"), 404, "no route /nowhere: the routes are listed in /openapi.json"),
         (gateway.client.delete("/publish"), 405, "DELETE is not allowed on /publish: it takes POST"),
     ]
     for response, status, words in cases:
@@ -717,6 +717,27 @@ def test_a_405_allows_every_method_the_path_takes(gateway: Gateway) -> None:
         refused = gateway.client.put(path)
         assert (refused.status_code, refused.headers["allow"]) == (405, allowed), (path, refused.headers)
         assert refused.json()["error"] == f"PUT is not allowed on {path}: it takes {allowed}"
+
+
+@pytest.mark.e2e
+def test_a_trailing_slash_gets_a_json_404_naming_the_route_not_a_bodiless_redirect(gateway: Gateway) -> None:
+    """GET /events/ got Starlette's 307 to /events, with no body: no JSON for a JSON client."""
+    client = gateway.client
+    for response, meant in (
+        (client.get("/events/"), "/events"),
+        (client.get("/stats/", params={"x": 1}), "/stats"),
+        (client.get("/events/stream/"), "/events/stream"),
+        (client.post("/publish/", json=event()), "/publish"),
+        (client.options("/topics/"), "/topics"),
+        (client.get("/healthz//"), "/healthz"),
+    ):
+        path = response.request.url.path
+        assert response.status_code == 404, (path, response.status_code, response.headers)
+        assert response.json() == {"error": f"no route {path}: did you mean {meant}? (without the trailing slash)"}
+    head = client.head("/metrics/")
+    assert (head.status_code, head.content) == (404, b""), head.headers
+    assert client.get("/nowhere/").json() == {"error": "no route /nowhere/: the routes are listed in /openapi.json"}
+    assert gateway.daemon.stats()["received"] == 0
 
 
 def read_response(sock: socket.socket) -> bytes:

@@ -1054,6 +1054,10 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
         description="The original HTTP API of eventagg's publishers and readers, Prometheus metrics and a "
         "health check, in front of the eventagg daemon. See docs/gateway.md.",
         lifespan=lifespan,
+        # Starlette answers a path with a trailing slash (GET /events/) with a bodiless 307 to the
+        # path without it: a JSON client gets no JSON, and a POST's client may not follow. A 404
+        # naming the route (http_error) says what to fix.
+        redirect_slashes=False,
         responses={
             400: {"model": Error, "description": "More than one Host header, or HTTP/1.1 without one (RFC 9112)."},
             421: {"model": Error, "description": "The request's Host is not a name this gateway answers to."},
@@ -1132,7 +1136,18 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
             methods = ", ".join(sorted(allowed))
             error = f"{request.method} is not allowed on {path}: it takes {methods}"
             return json_response({"error": error}, 405, headers={"Allow": methods})
+        if exc.status_code == 404:
+            return json_response({"error": no_route(request.url.path)}, 404, headers=exc.headers)
         return json_response({"error": str(exc.detail)}, exc.status_code, headers=exc.headers)
+
+    def no_route(path: str) -> str:
+        """What a 404 says: the path meant, when it is a route but for a trailing slash."""
+        meant = path.rstrip("/")
+        if meant != path and any(
+            isinstance(route, Route) and route.path_regex.match(meant) for route in app.router.routes
+        ):
+            return f"no route {path}: did you mean {meant}? (without the trailing slash)"
+        return f"no route {path}: the routes are listed in /openapi.json"
 
     @app.post(
         "/publish",
