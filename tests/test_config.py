@@ -215,6 +215,18 @@ def test_allowed_hosts_is_an_array_of_names() -> None:
             parse_config({"http": {"allowed_hosts": bad}})
 
 
+def test_allowed_origins_is_an_array_of_web_origins_without_null() -> None:
+    origins = ["https://app.example.com", "http://localhost:3000", "http://[::1]:8080", "*"]
+    assert parse_config({"http": {"allowed_origins": origins}}).http.allowed_origins == tuple(origins)
+    for bad in (["https://app.example.com/"], ["app.example.com"], ["ftp://a.example"], ["https://u@a.example"]):
+        with pytest.raises(ConfigError, match=r"\[http\] allowed_origins must be an array of web origins"):
+            parse_config({"http": {"allowed_origins": bad}})
+    with pytest.raises(ConfigError, match=r'\[http\] allowed_origins cannot list "null"'):
+        parse_config({"http": {"allowed_origins": ["null"]}})
+    with pytest.raises(ConfigError, match=r"\[http\] allowed_origins must be an array"):
+        parse_config({"http": {"allowed_origins": "https://app.example.com"}})
+
+
 def test_a_dollar_dollar_in_a_daemon_path_is_one_dollar_once_expanded() -> None:
     """The daemon expanded its paths at start, then again when it resolved them: "k$$dir" became
     "k$dir", then the variable dir (a traceback when unset, another file when set)."""

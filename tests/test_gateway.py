@@ -719,6 +719,34 @@ def test_a_405_allows_every_method_the_path_takes(gateway: Gateway) -> None:
         assert refused.json()["error"] == f"PUT is not allowed on {path}: it takes {allowed}"
 
 
+def test_an_origin_is_the_gateways_own_or_one_listed_and_null_never() -> None:
+    """Which Origin may open an event stream: compared in lower case, without a default port."""
+    from transport.gateway import allowed_origins, foreign_origin
+
+    listed = allowed_origins(parse_config({"http": {"allowed_origins": ["https://App.example.com:443"]}}))
+    assert listed == {"https://app.example.com"}
+    for origin, host in (
+        (None, "localhost:8080"),  # not a browser
+        ("http://localhost:8080", "localhost:8080"),
+        ("https://events.example.com", "events.example.com"),  # behind a TLS proxy passing Host on
+        ("http://events.example.com", "events.example.com:80"),
+        ("HTTPS://app.example.com", None),
+    ):
+        assert foreign_origin(origin, host, listed) is None, origin
+    for origin, host in (
+        ("http://localhost:8081", "localhost:8080"),
+        ("http://localhost", "localhost:8080"),
+        ("https://evil.example", "localhost:8080"),
+        ("http://app.example.com", None),
+        ("null", "localhost:8080"),
+    ):
+        refusal = foreign_origin(origin, host, listed)
+        assert refusal is not None and "[http] allowed_origins" in refusal, origin
+    assert "no origin (Origin: null" in (foreign_origin("null", "x", listed) or "")
+    anyone = allowed_origins(parse_config({"http": {"allowed_origins": ["*"]}}))
+    assert anyone is None and foreign_origin("null", "localhost:8080", anyone) is None
+
+
 @pytest.mark.e2e
 def test_a_trailing_slash_gets_a_json_404_naming_the_route_not_a_bodiless_redirect(gateway: Gateway) -> None:
     """GET /events/ got Starlette's 307 to /events, with no body: no JSON for a JSON client."""
@@ -951,7 +979,7 @@ def test_openapi_lists_every_route(gateway: Gateway) -> None:
 ANSWERS = {
     ("post", "/publish"): {"200", "400", "413", "415", "502", "503", "504", "421"},
     ("get", "/events"): {"200", "400", "502", "503", "421"},
-    ("get", "/events/stream"): {"200", "400", "503", "421"},
+    ("get", "/events/stream"): {"200", "400", "403", "503", "421"},
     ("get", "/stats"): {"200", "400", "502", "503", "421"},
     ("get", "/topics"): {"200", "400", "502", "503", "421"},
     ("get", "/healthz"): {"200", "400", "503", "421"},

@@ -177,6 +177,35 @@ def test_one_stream_past_max_streams_gets_503_and_a_closed_stream_frees_its_slot
     eventually(slot_free, 10, "the closed stream's slot freed")
 
 
+def test_a_stream_for_a_web_page_of_another_origin_is_refused_before_it_takes_a_slot(
+    gateway_factory: Callable[..., Gateway],
+) -> None:
+    """Any web page could open GET /events/stream on a loopback gateway: CORS kept the page from
+    reading it, but each such stream held one of [http] max_streams and a subscription to the
+    daemon, so a page a local user opened could take them all."""
+    gateway = gateway_factory(http={"max_streams": 1, "allowed_origins": ["https://app.example.com"]})
+    own = gateway.url  # http://127.0.0.1:PORT, the Host the client sends
+    for origin in ("https://evil.example", "null", own.replace("127.0.0.1", "localhost"), own + "1"):
+        refused = Stream(gateway, headers={"Origin": origin}, topic="orders")
+        try:
+            assert refused.response.status_code == 403, (origin, refused.response.status_code)
+            said = refused.response.read().decode()
+        finally:
+            refused.close()
+        assert "[http] allowed_origins" in said and "this gateway does not stream to" in said, said
+    assert scrape(gateway)["eventagg_gateway_open_streams"][0] == 0
+    ok(gateway.publish(event("orders", "o-1")))
+    # No Origin (not a browser), the gateway's own (http, or https behind a TLS proxy), a listed one.
+    for origin in (None, own, own.replace("http:", "https:"), "https://APP.example.com:443"):
+        stream = Stream(gateway, headers=None if origin is None else {"Origin": origin}, topic="orders")
+        try:
+            assert stream.response.status_code == 200, (origin, stream.response.status_code)
+            assert stream.next()["data"]["event_id"] == "o-1"
+        finally:
+            stream.close()
+        eventually(lambda: scrape(gateway)["eventagg_gateway_open_streams"][0] == 0, 10, "the slot freed")
+
+
 def test_a_client_that_pipelined_a_request_behind_its_stream_and_left_frees_the_stream_at_once(
     gateway_factory: Callable[..., Gateway],
 ) -> None:

@@ -269,6 +269,7 @@ class HttpConfig:
     workers: int = 1
     max_streams: int = 100
     allowed_hosts: tuple[str, ...] = ()  # Host names answered besides loopback's; "*": any
+    allowed_origins: tuple[str, ...] = ()  # web origins that may open event streams besides the gateway's own; "*": any
 
     @property
     def host(self) -> str:
@@ -575,6 +576,28 @@ def _strings(key: str, values: list[Any]) -> tuple[str, ...]:
     return tuple(values)
 
 
+# A web origin as a browser's Origin header gives it: scheme://host[:port], nothing after.
+_ORIGIN = re.compile(r"https?://(?:\[[0-9A-Fa-f:.]+\]|[^\s/?#@:\[\]]+)(?::[0-9]{1,5})?", re.IGNORECASE)
+
+
+def _check_origins(origins: tuple[str, ...]) -> None:
+    """Refuse an ``[http] allowed_origins`` entry that no browser sends as an ``Origin``."""
+    for origin in origins:
+        if origin == "*":
+            continue
+        if origin.lower() == "null":
+            raise ConfigError(
+                '[http] allowed_origins cannot list "null": browsers send it for pages of no origin (a '
+                "sandboxed frame, a file:// page), which any web page can make itself; serve the page from an "
+                "origin and list that"
+            )
+        if _ORIGIN.fullmatch(origin) is None:
+            raise ConfigError(
+                f'[http] allowed_origins must be an array of web origins, like ["https://app.example.com"] '
+                f'(http or https://host, an optional :port, no path, not even /), or ["*"] for any; not {origin!r}'
+            )
+
+
 def _parse_section(name: str, section_type: type, values: dict[str, Any]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(section_type)}
     checked: dict[str, Any] = {}
@@ -588,6 +611,8 @@ def _parse_section(name: str, section_type: type, values: dict[str, Any]) -> Any
             value = _number_text(value)  # a bare number is seconds or bytes, as in a string
         if expected is tuple and type(value) is list:  # a TOML array, kept immutable
             value = _strings(f"[{name}] {key}", value)
+            if (name, key) == ("http", "allowed_origins"):
+                _check_origins(value)
         # bool is a subclass of int in Python; keep them apart so `actors = true` is an error.
         if type(value) is not expected:
             raise ConfigError(

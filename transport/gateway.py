@@ -1009,6 +1009,55 @@ def answered_hosts(config: Config) -> frozenset[str] | None:
     return LOOPBACK_NAMES | {host_name(http.host), *map(host_name, http.allowed_hosts)}
 
 
+def allowed_origins(config: Config) -> frozenset[str] | None:
+    """The web origins besides the gateway's own whose pages may open event streams, as compared
+    (:func:`origin_key`); None when ``[http] allowed_origins`` holds ``"*"``: any may."""
+    listed = config.http.allowed_origins
+    return None if "*" in listed else frozenset(map(origin_key, listed))
+
+
+def origin_key(origin: str) -> str:
+    """A web origin as compared: in lower case, without its scheme's default port."""
+    origin = origin.strip().lower()
+    scheme, _, authority = origin.partition("://")
+    name, colon, port = authority.rpartition(":")
+    if colon and name and port == {"http": "80", "https": "443"}.get(scheme):
+        return f"{scheme}://{name}"
+    return origin
+
+
+def foreign_origin(origin: str | None, host: str | None, allowed: frozenset[str] | None) -> str | None:
+    """Why a ``GET /events/stream`` whose ``Origin`` is ``origin`` is refused, or None.
+
+    A browser sends ``Origin`` with a cross-origin request, an ``EventSource``'s included. The
+    gateway sends no CORS headers, so a page of another origin cannot read a stream; but each
+    one it opens holds one of the gateway's ``[http] max_streams``, and any page a user opens
+    could open them all on a gateway on the user's loopback. Answered without ``Origin`` (not a
+    browser), from the gateway's own origin (``Host`` with http, or https for a TLS proxy in
+    front), or from one of ``allowed``; ``Origin: null`` (a sandboxed frame, a file:// page: any
+    page can make itself one) never.
+    """
+    if origin is None or allowed is None:
+        return None
+    key = origin_key(origin)
+    own = set() if host is None else {origin_key(f"{scheme}://{host}") for scheme in ("http", "https")}
+    if key in own or key in allowed:
+        return None
+    if key == "null":
+        return (
+            "this gateway does not stream to a page of no origin (Origin: null: a sandboxed frame, a file:// "
+            "page, which any web page can make itself); serve the page from the gateway's own origin or one "
+            "listed in [http] allowed_origins"
+        )
+    shown = _header_text(origin)[:100]
+    others = f" and {', '.join(sorted(allowed))}" if allowed else ""
+    return (
+        f"this gateway does not stream to pages of the origin {shown!r}: it streams to its own origin{others}; "
+        "a page of another origin cannot read a stream (the gateway sends no CORS headers) but would hold one "
+        "of [http] max_streams; add the origin to [http] allowed_origins to let its pages open streams"
+    )
+
+
 def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
     """The gateway's FastAPI application for the daemon that ``config`` describes; ``streams``
     counts its event streams (one process's alone when not given).
@@ -1019,6 +1068,7 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
     check_bind(config)
     http = config.http
     link = DaemonLink(config)
+    origins = allowed_origins(config)
     started = time.monotonic()
     publish_slots = anyio.CapacityLimiter(http.publishers)
     publish_threads = anyio.CapacityLimiter(http.publishers)
@@ -1258,12 +1308,21 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
                 "model": Error,
                 "description": "A bad query parameter or Last-Event-ID, or a cursor past the head.",
             },
+            403: {
+                "model": Error,
+                "description": "The request's Origin (a web page's) is neither the gateway's own nor in "
+                "[http] allowed_origins.",
+            },
             503: {"model": Error, "description": "[http] max_streams streams are open, or the gateway is stopping."},
         },
     )
     async def event_stream(
         request: Request, topic: TopicParam = None, topics: TopicsParam = None, after: AfterParam = 0
     ) -> Response:
+        # First: a page that may not hold a stream gets nothing of the gateway's, not even a check.
+        refused = foreign_origin(_one_header(request, "Origin"), request.headers.get("host"), origins)
+        if refused is not None:
+            raise GatewayError(403, refused)
         _check_query_names(
             request, "GET /events/stream", STREAM_PARAMETERS, repeatable=("topics",), whole_numbers=("after",)
         )
