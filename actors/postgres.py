@@ -466,6 +466,10 @@ class PostgresStore:
         self._last_txn = 0
         self._unknown: tuple[int, GroupOutcome] | None = None  # a COMMIT whose outcome was lost
         self._running_timeout_ms: int | None = None  # set once started (running_statement_timeout_ms)
+        # The backend pid of the session that took the sweep lock, while the sweep holds it: the
+        # lock is the session's, so a sweep whose session was lost (and made again by a write
+        # meanwhile) no longer holds it, and another daemon's sweep may run.
+        self._sweep_session: int | None = None
 
     def open(self) -> dict[str, int]:
         """Connect, migrate, claim this node's row; this node's committed counters."""
@@ -787,11 +791,18 @@ class PostgresStore:
         sweep is skipped by this one's DELETE.
         """
         row = self._run(lambda conn: conn.execute("SELECT pg_try_advisory_lock(%s)", (SWEEP_LOCK,)).fetchone())
-        return bool(row and row[0])
+        held = bool(row and row[0])
+        self._sweep_session = self._connection().info.backend_pid if held else None
+        return held
 
     def sweep_unlock(self) -> None:
         """Let another daemon's sweep run (no error if the lock went with a lost connection)."""
+        held_by, self._sweep_session = self._sweep_session, None
+        if held_by is None:
+            return
         if self._conn is not None and not (self._conn.closed or self._conn.broken):
+            if self._conn.info.backend_pid != held_by:
+                return  # the lock went with the session that held it
             try:
                 self._conn.execute("SELECT pg_advisory_unlock(%s)", (SWEEP_LOCK,))
             except Exception as exc:
@@ -850,6 +861,7 @@ class PostgresStore:
         horizon has passed: a replay of them is new again); how many went."""
 
         def run(conn: psycopg.Connection[Any]) -> int:
+            self._sweeping(conn)
             with conn.transaction():
                 gone = conn.execute(
                     "DELETE FROM deleted_keys WHERE (topic, event_id) IN (SELECT topic, event_id FROM deleted_keys"
@@ -883,6 +895,7 @@ class PostgresStore:
         sees a topic half-swept), delete the rows, keep their keys and count them."""
 
         def run(conn: psycopg.Connection[Any]) -> int:
+            self._sweeping(conn)
             with conn.transaction():
                 doomed = chunk(conn)
                 if not doomed:
@@ -929,6 +942,16 @@ class PostgresStore:
                 return len(deleted)
 
         return self._run(run)
+
+    def _sweeping(self, conn: psycopg.Connection[Any]) -> None:
+        """Raise :class:`StorageError` when the sweep lock was taken by a session since lost:
+        another daemon may be sweeping, and a chunk of this sweep would delete on top of its
+        (each trimming a topic by the excess it counted)."""
+        if self._sweep_session is not None and conn.info.backend_pid != self._sweep_session:
+            raise StorageError(
+                f"{self.where}: the sweep lock went with the writer's lost session; this sweep stops (the next"
+                " one takes the lock again)"
+            )
 
     def _run(self, work: Callable[[psycopg.Connection[Any]], _T]) -> _T:
         """``work(connection)``, its psycopg errors raised as one-line :class:`StorageError`; a

@@ -8,6 +8,7 @@ module; each test has a database of its own. Skipped where PostgreSQL or psycopg
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -388,3 +389,45 @@ def test_an_expiry_chunk_deletes_at_most_its_bytes_of_payload_as_on_sqlite(datab
         assert query(database, "SELECT seq FROM events ORDER BY seq") == [(seq,) for seq in range(2 * fit + 1, 9)]
     finally:
         store.close()
+
+
+def test_a_sweep_whose_session_was_lost_stops_rather_than_overlapping_another_daemons(database: str) -> None:
+    """The sweep lock is a session lock: once the writer's session is lost (a server restart,
+    a terminated backend) and a commit has made a new one, the sweep under way no longer holds
+    it, and another daemon's sweep may start. The first must then stop: going on, both trim a
+    topic by the excess each counted, and it keeps fewer than max_events_per_topic."""
+    from actors.postgres import PostgresStore
+    from actors.store import StorageError, TopicDelta
+
+    def rows(start: int, n: int) -> list[Any]:
+        return [("t", f"e{i}", 0, "2025-10-22T10:00:00Z", i, "s", b"\x80", 0.0, 0) for i in range(start, start + n)]
+
+    a, b = PostgresStore(database, "node-a"), PostgresStore(database, "node-b")
+    a.open()
+    b.open()
+    try:
+        assert a.write(rows(0, 150), {"t": TopicDelta(received=150)}, {"received": 150}).totals["stored"] == 150
+        assert a.try_sweep_lock()
+        assert a.topics_over(100) == [("t", 50)]
+        # A's session ends between two chunks; its next commit fails, the retry makes a new one.
+        writer = "SELECT pid FROM pg_stat_activity WHERE application_name = 'eventagg node-a writer'"
+        (pid,) = query(database, writer)[0]
+        query(database, "SELECT pg_terminate_backend(%s)", (pid,))
+        with contextlib.suppress(Exception):
+            a.write(rows(150, 1), {"t": TopicDelta(received=1)}, {"received": 1})
+        eventually(lambda: not query(database, "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)), 10, "gone")
+        a.write(rows(150, 1), {"t": TopicDelta(received=1)}, {"received": 1})
+        # B's sweep finds the lock free and trims the topic to 100.
+        assert b.try_sweep_lock()
+        assert b.topics_over(100) == [("t", 51)]
+        assert b.expire_topic_oldest("t", 51) == 51
+        b.sweep_unlock()
+        # A's sweep goes on with the excess it counted before: it must not delete anything.
+        with contextlib.suppress(StorageError):
+            a.expire_topic_oldest("t", 50)
+        a.sweep_unlock()
+        assert count(database, "events") == 100
+        assert query(database, "SELECT min(seq), max(seq) FROM events") == [(52, 151)]
+    finally:
+        a.close()
+        b.close()
