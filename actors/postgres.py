@@ -122,6 +122,9 @@ CONSUMERS_CHANNEL = "eventagg_consumers"
 RECONNECT_PAUSE_S = 1.0  # after a failed connect, reads fail at once for this long
 NODE_LOCK_WAIT_S = 15.0
 SESSION_CHECK_S = 5.0  # how often an idle writer makes sure its session (and node lock) lives
+# How often the writer reads the server's clock again (and on each new session): the daemons'
+# hosts have clocks of their own, and retention compares times written by one with another's.
+CLOCK_CHECK_S = 60.0
 # How long health waits for a ping, and stats for the cluster's counters: both are answered from
 # memory or a tiny table at once, and the stats actor serves every query while it waits. Stats
 # waits less: the gateway's probe (at most 1 s) reads a stats reply to tell a storage outage.
@@ -470,6 +473,9 @@ class PostgresStore:
         # lock is the session's, so a sweep whose session was lost (and made again by a write
         # meanwhile) no longer holds it, and another daemon's sweep may run.
         self._sweep_session: int | None = None
+        # The database server's clock less this host's (see now()), and when it was last read.
+        self._clock_offset = 0.0
+        self._clock_read = -math.inf
 
     def open(self) -> dict[str, int]:
         """Connect, migrate, claim this node's row; this node's committed counters."""
@@ -490,8 +496,29 @@ class PostgresStore:
             self._claim_node(conn, claim_wait_s)
             if self._running_timeout_ms is not None:
                 set_statement_timeout(conn, self._running_timeout_ms)
+            self._read_clock(conn)
             self._conn = conn
         return self._conn
+
+    def _read_clock(self, conn: psycopg.Connection[Any]) -> None:
+        """Measure how far the server's clock is from this host's."""
+        before = time.time()
+        row = conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()
+        after = time.time()
+        if row is not None:
+            self._clock_offset = float(row[0]) - (before + after) / 2
+            self._clock_read = time.monotonic()
+
+    def now(self) -> float:
+        """The time on the database server's clock, in Unix seconds.
+
+        Every daemon writes arrival times (``received_at``, from which a kept key's
+        ``committed_at`` follows) and sweeps against them on this one clock: with each host's
+        own, a sweeper whose clock is ahead of a writer's expires that writer's events early
+        and forgets their keys before the dedup horizon (a replay is then stored again), and
+        one whose clock is behind holds every later event of the cluster past max_age.
+        """
+        return time.time() + self._clock_offset
 
     def _claim_node(self, conn: psycopg.Connection[Any], wait_s: float) -> None:
         """Hold a session lock on this node's name: two daemons with one name would mix their counters.
@@ -606,6 +633,8 @@ class PostgresStore:
                 return lost_outcome
             serial = self._last_txn + 1
         conn = self._connection()
+        if time.monotonic() >= self._clock_read + CLOCK_CHECK_S:
+            self._read_clock(conn)
         topic_names = sorted(set(topics).union(row[0] for row in rows).union(d[0] for d in duplicates))
         missing = [topic for topic in topic_names if topic not in self._known_topics]
         if missing:
@@ -639,6 +668,8 @@ class PostgresStore:
                 first = last - len(new_rows) + 1
                 columns: list[list[Any]] = [list(column) for column in zip(*new_rows)]
                 columns.insert(3, list(range(first, last + 1)))
+                # Arrival times on the server's clock, which every daemon's sweep compares with (see now()).
+                columns[8] = [received_at + self._clock_offset for received_at in columns[8]]
                 conn.execute(_INSERT_EVENTS, columns)
                 # Delivered at COMMIT (and only then) to every daemon's subscription thread.
                 conn.execute(f"NOTIFY {COMMITS_CHANNEL}")
@@ -1634,7 +1665,7 @@ class PostgresDedupActor(DedupActor):
         try:
             max_age = retention.max_age_s
             if max_age is not None:
-                received_before = time.time() - max_age
+                received_before = store.now() - max_age
                 while self._expire_chunk(store.expire_oldest, received_before, self._chunk):
                     yield
             keep = retention.max_events_per_topic
@@ -1659,7 +1690,7 @@ class PostgresDedupActor(DedupActor):
                 self._note_budget(retention, *store.stored_bytes())
             horizon = retention.dedup_horizon_s
             if horizon is not None:
-                committed_before = time.time() - horizon
+                committed_before = store.now() - horizon
                 while store.forget_keys(committed_before, EXPIRE_CHUNK) == EXPIRE_CHUNK:
                     yield
         finally:

@@ -431,3 +431,50 @@ def test_a_sweep_whose_session_was_lost_stops_rather_than_overlapping_another_da
     finally:
         a.close()
         b.close()
+
+
+def clock_env(tmp_path: Any, offset_s: float) -> dict[str, str]:
+    """The environment of a daemon whose host clock is ``offset_s`` off (time.time only)."""
+    import os
+
+    folder = tmp_path / f"clock{offset_s:+g}"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(
+        f"import time\n_real = time.time\ntime.time = lambda: _real() + {offset_s!r}\n"
+    )
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": f"{folder}:{path}" if path else str(folder)}
+
+
+@pytest.mark.timeout(120)
+def test_a_daemon_whose_clock_is_behind_does_not_shorten_the_dedup_horizon_of_its_events(
+    daemon_factory: Callable[..., Daemon], database: str, tmp_path: Any
+) -> None:
+    """Daemons on several hosts have several clocks. The key of an event one of them stored must
+    keep rejecting replays for ``dedup_horizon`` after its commit, whichever daemon sweeps:
+    not be forgotten (and the replay stored a second time) because that host's clock is an hour
+    behind the sweeper's."""
+    retention = {"sweep_interval": "1s", "max_age": "10min", "dedup_horizon": "10min"}
+    behind = pg_daemon_with(daemon_factory, "node-a", database, retention)
+    behind.start(env=clock_env(tmp_path, -3600.0))
+    sweeper = pg_daemon_with(daemon_factory, "node-b", database, retention).start()
+    to_behind, to_sweeper = Acked(behind.ack), Acked(sweeper.ack)
+    try:
+        events = [event(n, topic="skew") for n in range(20)]
+        assert to_behind.send(events)["new"] == 20
+        time.sleep(4)  # several sweeps, seconds after the commit: nothing is 10 minutes old
+        reply = to_sweeper.send(events)
+        assert (reply["new"], reply["duplicate"]) == (0, 20), reply
+        assert count(database, "events") == 20
+    finally:
+        to_behind.close()
+        to_sweeper.close()
+
+
+def pg_daemon_with(factory: Callable[..., Daemon], name: str, dsn: str, retention: dict[str, Any]) -> Daemon:
+    return factory(
+        name,
+        storage={"backend": "postgresql", "dsn": dsn, "node": name},
+        retention=retention,
+        ordering={"window_ms": 0},
+    )
