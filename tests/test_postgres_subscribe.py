@@ -409,3 +409,37 @@ def test_a_named_consumer_rides_out_a_postgresql_restart_and_its_position_is_sto
         rest = take(subscriber, 30)
     assert [e["position"] for e in first + more + rest] == list(range(1, 51))
     assert query(database, "SELECT position FROM consumers WHERE name = 'steady'") == [(50,)]
+
+
+@pytest.mark.xfail(strict=True, reason="subscriptions.py reads a name's position before claiming the name")
+@pytest.mark.timeout(120)
+def test_a_name_taken_on_another_daemon_resumes_after_every_position_acknowledged_before(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    """A consumer restarted on daemon B while its old connection on A still acknowledges: an
+    ack A confirmed (``acked``) is either refused or the position B's follower starts after,
+    never sent again. B reads the stored position before it claims the name, so an ack A
+    stores in between is confirmed to the old connection, and its events sent again to the new.
+    (Another session's share lock on the claim row widens that window for the test; the
+    daemons' own statements open it as well.)"""
+    import psycopg
+
+    a, b = two_daemons(daemon_factory, database)
+    publish(a.ack, "--acked", "--events", "100", "--topics", "3")
+    old, new = RawConsumer(a.subscribe), RawConsumer(b.subscribe)
+    try:
+        follow_and_ack(old, "billing", 20, 10)
+        with psycopg.connect(database) as holder:
+            holder.execute("SELECT * FROM consumer_claims WHERE name = 'billing' FOR SHARE")
+            new.send({"op": "subscribe", "name": "billing", "credit": 100})
+            time.sleep(0.5)  # B has read the stored position (10) and waits to claim the name
+            old.send({"op": "ack", "position": 20})
+            assert old.receive() == {"op": "acked", "position": 20}
+            holder.rollback()
+        subscribed = new.receive()
+        assert subscribed["op"] == "subscribed", subscribed
+        first = new.events(1)[0]["position"]
+        assert (subscribed["after"], first) == (20, 21), "events acknowledged through A are sent again"
+    finally:
+        old.close()
+        new.close()
