@@ -469,10 +469,11 @@ class PostgresStore:
         self._last_txn = 0
         self._unknown: tuple[int, GroupOutcome] | None = None  # a COMMIT whose outcome was lost
         self._running_timeout_ms: int | None = None  # set once started (running_statement_timeout_ms)
-        # The backend pid of the session that took the sweep lock, while the sweep holds it: the
-        # lock is the session's, so a sweep whose session was lost (and made again by a write
-        # meanwhile) no longer holds it, and another daemon's sweep may run.
-        self._sweep_session: int | None = None
+        # The connection whose session took the sweep lock, while the sweep holds it: the lock is
+        # the session's, so a sweep whose session was lost (and made again by a write meanwhile)
+        # no longer holds it, and another daemon's sweep may run. (The object, not the backend's
+        # pid, which the server may give a new session again.)
+        self._sweep_session: psycopg.Connection[Any] | None = None
         # The database server's clock less this host's (see now()), and when it was last read.
         self._clock_offset = 0.0
         self._clock_read = -math.inf
@@ -823,7 +824,7 @@ class PostgresStore:
         """
         row = self._run(lambda conn: conn.execute("SELECT pg_try_advisory_lock(%s)", (SWEEP_LOCK,)).fetchone())
         held = bool(row and row[0])
-        self._sweep_session = self._connection().info.backend_pid if held else None
+        self._sweep_session = self._connection() if held else None
         return held
 
     def sweep_unlock(self) -> None:
@@ -832,7 +833,7 @@ class PostgresStore:
         if held_by is None:
             return
         if self._conn is not None and not (self._conn.closed or self._conn.broken):
-            if self._conn.info.backend_pid != held_by:
+            if self._conn is not held_by:
                 return  # the lock went with the session that held it
             try:
                 self._conn.execute("SELECT pg_advisory_unlock(%s)", (SWEEP_LOCK,))
@@ -978,7 +979,7 @@ class PostgresStore:
         """Raise :class:`StorageError` when the sweep lock was taken by a session since lost:
         another daemon may be sweeping, and a chunk of this sweep would delete on top of its
         (each trimming a topic by the excess it counted)."""
-        if self._sweep_session is not None and conn.info.backend_pid != self._sweep_session:
+        if self._sweep_session is not None and conn is not self._sweep_session:
             raise StorageError(
                 f"{self.where}: the sweep lock went with the writer's lost session; this sweep stops (the next"
                 " one takes the lock again)"
