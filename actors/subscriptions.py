@@ -661,6 +661,11 @@ class SubscriptionServer:
         if request.name is not None:
             try:
                 claim = self._source.claim(request.name)
+                if request.after is None:
+                    # Read again once claimed: an ack the name's old connection stored meanwhile
+                    # (on another daemon) was confirmed to it, and later ones are refused.
+                    stored = self._source.consumer(request.name)
+                    after = stored[1] if stored is not None else 0
             except self._source.errors as exc:
                 raise SubscribeError(f"cannot take consumer {request.name!r}: {exc}", code="unavailable") from None
         if replaced is not None:

@@ -411,15 +411,14 @@ def test_a_named_consumer_rides_out_a_postgresql_restart_and_its_position_is_sto
     assert query(database, "SELECT position FROM consumers WHERE name = 'steady'") == [(50,)]
 
 
-@pytest.mark.xfail(strict=True, reason="subscriptions.py reads a name's position before claiming the name")
 @pytest.mark.timeout(120)
 def test_a_name_taken_on_another_daemon_resumes_after_every_position_acknowledged_before(
     daemon_factory: Callable[..., Daemon], database: str
 ) -> None:
     """A consumer restarted on daemon B while its old connection on A still acknowledges: an
     ack A confirmed (``acked``) is either refused or the position B's follower starts after,
-    never sent again. B reads the stored position before it claims the name, so an ack A
-    stores in between is confirmed to the old connection, and its events sent again to the new.
+    never sent again. B read the stored position before it claimed the name, so an ack A
+    stored in between was confirmed to the old connection, and its events sent again to the new.
     (Another session's share lock on the claim row widens that window for the test; the
     daemons' own statements open it as well.)"""
     import psycopg
