@@ -18,10 +18,12 @@ import pytest
 import zmq
 from harness import Daemon, eventually, free_port, run_script, write_config
 
+from transport.affinity import rendezvous_order
 from transport.backoff import Backoff
 from transport.client import NoAnswer, QueryClient
 from transport.publisher import (
     BatchRefused,
+    BatchResult,
     DeliveryFailed,
     InvalidEvent,
     Publisher,
@@ -820,3 +822,42 @@ def test_a_tuple_map_key_is_refused_at_once_and_everything_else_packs_as_plain_m
         assert publisher.unacknowledged == 0
     finally:
         publisher.close(timeout=0, flush=False)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(30)
+def test_flush_waits_for_what_on_ack_publishes_meanwhile(daemon_factory: Callable[..., Daemon]) -> None:
+    """An AffinePublisher's flush returned once each daemon's publisher had been flushed in turn,
+    though an on_ack had since published to one flushed earlier; a Publisher's waits (both must)."""
+    first, second = daemon_factory("first").start(), daemon_factory("second").start()
+    endpoints = [first.ack, second.ack]
+    topic_of = {
+        endpoint: next(f"t{n}" for n in range(100) if rendezvous_order(f"t{n}", endpoints)[0] == endpoint)
+        for endpoint in endpoints
+    }
+    follow_ups = [make_event(i, 1, "follow") for i in range(3)]
+
+    def chained(publisher: Publisher, topic: str) -> Callable[[BatchResult], None]:
+        def on_ack(result: BatchResult) -> None:
+            if follow_ups:
+                publisher.publish({**follow_ups.pop(0), "topic": topic})
+
+        return on_ack
+
+    single = Publisher(first.ack, on_ack=lambda result: on_ack_single(result))
+    on_ack_single = chained(single, "single")
+    single.publish({**make_event(9, 1, "lead"), "topic": "single"})
+    single.flush(timeout=20)
+    assert not follow_ups and single.unacknowledged == 0 and single.totals.acked_new == 4
+
+    follow_ups.extend(make_event(i, 1, "again") for i in range(3))
+    affine = Publisher(endpoints=endpoints, on_ack=lambda result: on_ack_affine(result))
+    # The lead goes to the second daemon, whose on_ack publishes to the first, flushed before it.
+    on_ack_affine = chained(affine, topic_of[first.ack])
+    affine.publish({**make_event(9, 1, "lead"), "topic": topic_of[second.ack]})
+    try:
+        affine.flush(timeout=20)
+        assert not follow_ups and affine.unacknowledged == 0 and affine.totals.acked_new == 4
+    finally:
+        affine.close(timeout=5)
+        single.close(timeout=5)

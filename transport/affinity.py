@@ -226,7 +226,9 @@ class AffinePublisher(Publisher):
                     self._reroute(exc, name)
                     waiting = True
             self._refresh_totals()
-            if not waiting:
+            # Each daemon's publisher waited for what it held then; an on_ack may have published
+            # to one already passed in this round since, and that must be acknowledged too.
+            if not waiting and not self.unacknowledged:
                 return
             if deadline is not None and time.monotonic() >= deadline:
                 raise PublishTimeout(
