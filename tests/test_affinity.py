@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import socket
+import time
+from collections.abc import Callable
 
 import pytest
+from harness import Daemon
+from test_publisher import on_alarm, stopped
 
 from actors.watchdog import Snapshot, status_line
 from transport.affinity import rendezvous_order
 from transport.config import ConfigError, expand_environment, parse_config
+from transport.publisher import Publisher, PublisherClosed
+from transport.workload import make_event
 
 ENDPOINTS = ["tcp://a:5557", "tcp://b:5557", "tcp://c:5557"]
 
@@ -80,3 +86,38 @@ def test_the_status_line_names_failing_background_work() -> None:
     snapshot = Snapshot(at=1.0, received=10, unique=5, duplicates=5, rejected=0, topics=1)
     line = status_line(snapshot, background_errors=["retention's sweep failed: database or disk is full"])
     assert line.startswith("FAILING: retention's sweep failed: database or disk is full; 0 events/s; 5 unique")
+
+
+def topic_for(endpoint: str, endpoints: list[str]) -> str:
+    """A topic whose events go to ``endpoint`` first."""
+    return next(f"t{n}" for n in range(1000) if rendezvous_order(f"t{n}", endpoints)[0] == endpoint)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(30)
+def test_close_within_an_affine_flush_ends_it_with_publisher_closed(daemon_factory: Callable[..., Daemon]) -> None:
+    """close() from on_ack during an AffinePublisher's flush closed the daemons' publishers under
+    the one reading replies (a raw AttributeError); from a signal handler, it flushed within the
+    handler, then the flush went on into a publisher closed under it."""
+    first, second = daemon_factory("first").start(), daemon_factory("second").start()
+    endpoints = [first.ack, second.ack]
+    affine = Publisher(endpoints=endpoints, batch_size=5, window=1, linger=60, on_ack=lambda result: affine.close())
+    events = [{**make_event(i, 1, "aff"), "topic": topic_for(second.ack, endpoints)} for i in range(10)]
+    affine.publish_many(events)  # one batch sent, one waiting for room
+    with pytest.raises(PublisherClosed, match="was closed during this call") as caught:
+        affine.flush(timeout=20)
+    assert caught.value.events == events[5:] == affine.held_events()
+    assert affine.totals.acked_new == 5
+    assert not any(publisher._finalizer.alive for publisher in affine._publishers.values())  # freed
+    affine.close()  # again: harmless
+
+    signalled = Publisher(endpoints=endpoints, close_timeout=1, deadline=None)
+    held = [{**make_event(i, 1, "sig"), "topic": topic_for(first.ack, endpoints)} for i in range(3)]
+    with stopped(first):
+        signalled.publish_many(held)
+        started = time.monotonic()
+        with on_alarm(signalled.close, 0.3), pytest.raises(PublisherClosed, match="closed during this call") as caught:
+            signalled.flush(timeout=20)
+        assert time.monotonic() - started < 2
+    assert caught.value.events == held == signalled.held_events()
+    assert not any(publisher._finalizer.alive for publisher in signalled._publishers.values())

@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 from harness import free_port
+from test_publisher import on_alarm
 
-from transport.client import QueryClient, QueryClientInUse
+from transport.client import NoAnswer, QueryClient, QueryClientClosed, QueryClientInUse
 from transport.subscriber import Subscriber, SubscriberError, SubscriberInUse
 
 pytestmark = pytest.mark.timeout(60)
@@ -137,3 +138,21 @@ def test_a_client_forked_while_another_thread_was_in_a_call_works_or_says_so_in_
     assert said[2].startswith("publish: this publisher to") and "was made before this process was forked" in said[2]
     assert said[3].startswith("SubscriberError: this subscriber to"), said
     assert "InUse" not in result.stdout + result.stderr
+
+
+def test_close_from_a_signal_handler_or_give_up_during_a_query_ends_it_at_once() -> None:
+    """A handler (Ctrl-C's, say) calling close() while a query waited closed the socket under its
+    poll: a raw ZMQError."""
+    client = QueryClient(f"tcp://127.0.0.1:{free_port()}", timeout=5)
+    started = time.monotonic()
+    with on_alarm(client.close, 0.3), pytest.raises(QueryClientClosed, match="closed while a request waited"):
+        client.call({"op": "stats"})
+    assert time.monotonic() - started < 1.5
+    assert client._socket is None and client._monitor is None  # closed
+    with pytest.raises(QueryClientClosed):
+        client.request({"op": "stats"}, give_up=lambda: bool(client.close()))
+    assert client._socket is None
+    client.timeout = 0.3
+    with pytest.raises(NoAnswer, match="no answer"):  # a later request opens a new socket
+        client.call({"op": "stats"})
+    client.close()

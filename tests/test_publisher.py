@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import pickle
 import random
+import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -822,6 +825,88 @@ def test_a_tuple_map_key_is_refused_at_once_and_everything_else_packs_as_plain_m
         assert publisher.unacknowledged == 0
     finally:
         publisher.close(timeout=0, flush=False)
+
+
+@contextlib.contextmanager
+def on_alarm(call: Callable[[], Any], after: float) -> Iterator[None]:
+    """Run ``call`` in a SIGALRM handler ``after`` seconds in (on this, the main thread)."""
+    previous = signal.signal(signal.SIGALRM, lambda *_: call())
+    signal.setitimer(signal.ITIMER_REAL, after)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@contextlib.contextmanager
+def stopped(daemon: Daemon) -> Iterator[None]:
+    """The daemon SIGSTOPped (it takes connections but answers nothing) for the block."""
+    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(30)
+def test_close_from_on_ack_ends_the_flush_with_publisher_closed_and_the_rest_held(daemon: Daemon) -> None:
+    """close() from on_ack during flush() pulled the socket from under the flush reading replies:
+    a raw AttributeError, and the events not acknowledged told nowhere."""
+    results: list[BatchResult] = []
+
+    def on_ack(result: BatchResult) -> None:
+        results.append(result)
+        publisher.close()
+
+    # window 1: the second batch waits for the first's ack, when the flush is asked to stop.
+    publisher = Publisher(daemon.ack, batch_size=5, window=1, linger=60, on_ack=on_ack)
+    events = [make_event(i, 1, "ca") for i in range(10)]
+    publisher.publish_many(events)
+    started = time.monotonic()
+    with pytest.raises(PublisherClosed, match="was closed during this call") as caught:
+        publisher.flush(timeout=20)
+    assert time.monotonic() - started < 5
+    assert [result.size for result in results] == [5] and publisher.totals.acked_new == 5
+    assert caught.value.events == events[5:] == publisher.held_events()  # not acknowledged: told so
+    assert publisher._resources.socket is None and not publisher._finalizer.alive  # freed, once
+    publisher.close()  # closing again is harmless
+    with pytest.raises(PublisherClosed, match="is closed"):
+        publisher.publish(make_event(10, 1, "ca"))
+    # The last ack's on_ack closing: the flush's work is done, so it returns.
+    done = Publisher(daemon.ack, on_ack=lambda result: done.close())
+    done.publish_many([make_event(i, 1, "cb") for i in range(3)])
+    done.flush(timeout=20)
+    assert done.totals.acked_new == 3 and done.held_events() == [] and not done._finalizer.alive
+    # From on_ack during publish(): the event queued is not sent, and said so.
+    during = Publisher(daemon.ack, batch_size=1, window=1, on_ack=lambda result: during.close())
+    during.publish_many([make_event(0, 1, "cc"), make_event(1, 1, "cc")])  # one sent, one waiting for room
+    late = make_event(2, 1, "cc")
+    with pytest.raises(PublisherClosed, match="was closed during this call") as caught:
+        during.publish(late)  # waits for room: the first ack comes, and closes
+    assert caught.value.events[-1] == late == during.held_events()[-1] and not during._finalizer.alive
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(30)
+def test_close_from_a_signal_handler_during_flush_ends_it_at_once(daemon: Daemon) -> None:
+    """A SIGINT-style handler calling close() while flush() waited on a daemon that did not answer
+    broke the flush with a raw ZMQError (its socket closed under its poll)."""
+    publisher = Publisher(daemon.ack, ack_timeout=10)
+    first = [make_event(i, 1, "sig") for i in range(5)]
+    publisher.publish_many(first)
+    publisher.flush(timeout=20)
+    later = [make_event(i, 1, "sig") for i in range(5, 10)]
+    with stopped(daemon):
+        publisher.publish_many(later)
+        started = time.monotonic()
+        with on_alarm(publisher.close, 0.3), pytest.raises(PublisherClosed, match="closed during this call") as caught:
+            publisher.flush(timeout=20)
+        assert time.monotonic() - started < 2
+    assert caught.value.events == later == publisher.held_events()
+    assert publisher.totals.acked_new == 5 and sum(result.size for result in publisher.results) == 5
+    assert not publisher._finalizer.alive
 
 
 @pytest.mark.e2e

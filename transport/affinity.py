@@ -31,7 +31,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from transport import arguments
-from transport.exclusive import one_thread_at_a_time
 from transport.publisher import (
     BatchRefused,
     DeliveryFailed,
@@ -40,6 +39,7 @@ from transport.publisher import (
     PublishTimeout,
     Totals,
     closed_unacknowledged,
+    closes_when_asked,
 )
 
 # How long one attempt to queue an event on a daemon may wait before routing is looked at again.
@@ -102,7 +102,8 @@ class AffinePublisher(Publisher):
         self._orders: dict[str, list[str]] = {}
         self._give_ups: dict[str, _GiveUps] = {}  # endpoint -> its publisher's last give-up
         self._closed = False
-        self._in_call = threading.RLock()  # held by the thread inside a public call
+        self._close_asked = False  # by on_ack or a signal handler within a call: that call closes
+        self._in_call: Any = threading.RLock()  # held by the thread inside a public call
         self._forks = next(iter(self._publishers.values()))._forks
         self.totals = Totals()
         self.results = next(iter(self._publishers.values())).results  # the first daemon's; on_ack sees all
@@ -156,7 +157,7 @@ class AffinePublisher(Publisher):
 
     # -- the public calls ------------------------------------------------------------------
 
-    @one_thread_at_a_time
+    @closes_when_asked
     def publish(self, event: dict[str, Any], timeout: float | None = None) -> None:
         """Queue one event on its topic's daemon (see :meth:`Publisher.publish`)."""
         self._check_open()
@@ -174,6 +175,10 @@ class AffinePublisher(Publisher):
                 if deadline is not None and time.monotonic() >= deadline:
                     self._refresh_totals()
                     raise
+                if self._close_asked:  # by on_ack or a signal handler: no more waiting
+                    closed = self._closed_during_call()
+                    closed.events.append(event)  # queued nowhere: handed back with the others
+                    raise closed from None
                 try:
                     self._service_others(target)
                 except (DeliveryFailed, BatchRefused) as exc:
@@ -186,7 +191,7 @@ class AffinePublisher(Publisher):
                 break
         self._refresh_totals()
 
-    @one_thread_at_a_time
+    @closes_when_asked
     def publish_many(self, events: Iterable[dict[str, Any]], timeout: float | None = None) -> None:
         """Validate every event first, then queue each on its topic's daemon; one bad event queues
         none (:class:`InvalidEvent` names its position), as :meth:`Publisher.publish_many`."""
@@ -209,7 +214,7 @@ class AffinePublisher(Publisher):
                 exc.events.extend(events[queued + 1 :])  # never queued: handed back with the rest
                 raise
 
-    @one_thread_at_a_time
+    @closes_when_asked
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every daemon has acknowledged everything (see :meth:`Publisher.flush`)."""
         self._check_open()
@@ -230,12 +235,14 @@ class AffinePublisher(Publisher):
             # to one already passed in this round since, and that must be acknowledged too.
             if not waiting and not self.unacknowledged:
                 return
+            if self._close_asked:  # by on_ack or a signal handler: no more waiting
+                raise self._closed_during_call()
             if deadline is not None and time.monotonic() >= deadline:
                 raise PublishTimeout(
                     f"{self.unacknowledged} events still unacknowledged by {self.endpoint} after {timeout:g} s"
                 )
 
-    @one_thread_at_a_time
+    @closes_when_asked
     def poll(self, timeout: float = 0.0) -> int:
         """Do what is due on every daemon's publisher; events not yet acknowledged."""
         self._check_open()
@@ -249,18 +256,18 @@ class AffinePublisher(Publisher):
         self._refresh_totals()
         return self.unacknowledged
 
-    @one_thread_at_a_time
-    def close(self, timeout: float | None = None, flush: bool = True) -> None:
+    @closes_when_asked
+    def _close(self, timeout: float | None = None, flush: bool = True) -> None:
         """Flush (unless ``flush`` is False), then close every daemon's publisher.
 
         By default it waits ``close_timeout``, and at least long enough for what a silent daemon
         holds to reach the others: its publisher gives its batches up at their ``deadline``, and
         they get ``failover_after`` more to be acknowledged elsewhere. On a timeout the error's
-        ``events`` holds every event not acknowledged.
+        ``events`` holds every event not acknowledged. A ``close()`` within a call is handled as
+        :meth:`Publisher.close` says.
         """
         if self._closed:
             return
-        arguments.seconds("timeout", timeout, none=True)
         if self._forked():
             flush = False  # the parent's events, which the parent still holds and sends
         first = self._publishers[self.endpoints[0]]
@@ -271,13 +278,22 @@ class AffinePublisher(Publisher):
             if flush:
                 self.flush(wait)
         except PublishTimeout as exc:
-            held = [event for publisher in self._publishers.values() for event in publisher.held_events()]
-            raise closed_unacknowledged(self.endpoint, wait, held) from exc
+            raise closed_unacknowledged(self.endpoint, wait, self.held_events()) from exc
         finally:
-            self._closed = True
-            for publisher in self._publishers.values():
-                publisher.close(timeout=0, flush=False)
-            self._refresh_totals()
+            self._close_as_asked()
+
+    def _close_as_asked(self) -> None:
+        """Close every daemon's publisher at once, what they hold staying in :meth:`held_events`."""
+        if self._closed:
+            return
+        self._closed = True
+        for publisher in self._publishers.values():
+            publisher.close(timeout=0, flush=False)
+        self._refresh_totals()
+
+    def held_events(self) -> list[dict[str, Any]]:
+        """Every event held by the daemons' publishers (each one's in the order published)."""
+        return [event for publisher in self._publishers.values() for event in publisher.held_events()]
 
     def __repr__(self) -> str:
         return f"Publisher(endpoints={self.endpoints!r}, unacknowledged={self.unacknowledged})"

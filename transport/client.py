@@ -42,6 +42,11 @@ class GaveUp(NoAnswer):
     """The caller's ``give_up`` ended the wait for an answer."""
 
 
+class QueryClientClosed(GaveUp):
+    """:meth:`QueryClient.close` was called on the thread waiting for an answer (by a signal
+    handler, or ``give_up``): the wait ended there, and the socket is closed."""
+
+
 class QueryClientInUse(QueryClientError):
     """Another thread is inside a call to this client: one client serves one thread at a time."""
 
@@ -156,7 +161,11 @@ class QueryClient:
         self._pid = os.getpid()
         self._socket: zmq.Socket[Any] | None = None
         self._monitor: zmq.Socket[Any] | None = None
-        self._in_call = threading.RLock()  # held by the thread inside a call
+        # Held by the thread inside a call (see transport.exclusive); Any: typeshed lacks RLock._is_owned.
+        self._in_call: Any = threading.RLock()
+        # close() asked on the thread of a request in progress (a signal handler): the request
+        # closes at its next step, for closing here would pull the socket from under its wait.
+        self._close_asked = False
 
     def _forked(self) -> bool:
         return self._pid != os.getpid()
@@ -221,10 +230,20 @@ class QueryClient:
         it says so the wait ends with :class:`GaveUp` (a server stopping answers its requests in
         progress at once rather than after their timeout).
         """
+        try:
+            return self._request(query, give_up)
+        finally:
+            if self._close_asked:  # a close() asked meanwhile, carried out once the answer was in
+                self._close_asked = False
+                self._drop_socket()
+
+    def _request(self, query: dict[str, Any], give_up: Callable[[], bool] | None) -> dict[str, Any]:
         payload = msgpack.packb(query, use_bin_type=True)
         if self._forked():
             self._drop_socket()
         for _ in range(self.attempts):
+            if self._close_asked:
+                raise self._closed_during_request()
             if self._socket is not None and not self._last_handshake_succeeded():
                 self._drop_socket()
             if self._socket is None:
@@ -289,10 +308,13 @@ class QueryClient:
             poller.register(monitor, zmq.POLLIN)
         while True:
             left = deadline - time.monotonic()
-            wait = min(left, GIVE_UP_POLL_S) if give_up is not None else left
+            # In steps: a close() from a signal handler, which only asks, is seen within one.
+            wait = min(left, GIVE_UP_POLL_S)
             ready = dict(poller.poll(max(0, int(wait * 1000))))
             if sock in ready:
                 return True
+            if self._close_asked:
+                raise self._closed_during_request()
             if monitor is not None and monitor in ready:
                 event = recv_monitor_message(monitor)
                 if verdict.refused(int(event["event"])):
@@ -302,8 +324,16 @@ class QueryClient:
                 continue
             if give_up is not None and give_up():
                 return None
-            if left <= (GIVE_UP_POLL_S if give_up is not None else 0):
+            if self._close_asked:  # by give_up
+                raise self._closed_during_request()
+            if left <= GIVE_UP_POLL_S:
                 return False
+
+    def _closed_during_request(self) -> QueryClientClosed:
+        return QueryClientClosed(
+            f"this query client of {self.endpoint} was closed while a request waited for its answer (close() from "
+            "a signal handler or give_up on the waiting thread); a later request opens a new socket"
+        )
 
     def call(self, query: dict[str, Any]) -> dict[str, Any]:
         """Like :meth:`request`, but an ``error`` reply raises :class:`QueryClientError`."""
@@ -364,9 +394,20 @@ class QueryClient:
             yield from topics
             after = reply["next"]
 
-    @one_thread_at_a_time
     def close(self) -> None:
-        """Close the socket without waiting."""
+        """Close the socket without waiting.
+
+        Called on the thread of a request in progress (a signal handler, or ``give_up``), it
+        only asks: the request ends within a step with :class:`QueryClientClosed` (or returns
+        the answer, if it had come) and closes the socket then.
+        """
+        if self._in_call._is_owned():
+            self._close_asked = True
+            return
+        self._close()
+
+    @one_thread_at_a_time
+    def _close(self) -> None:
         self._drop_socket()
 
     def __enter__(self) -> QueryClient:

@@ -40,6 +40,7 @@ is raised, carrying every unacknowledged event so the application may keep or re
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -50,7 +51,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import msgpack
 import zmq
@@ -59,7 +60,7 @@ from transport import arguments
 from transport.backoff import Backoff, RetryBudget
 from transport.client import connect, connectable, monitor_address
 from transport.config import load_config
-from transport.exclusive import one_thread_at_a_time, take_held_lock
+from transport.exclusive import take_held_lock
 from transport.schema import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     MAP_KEYS,
@@ -167,7 +168,18 @@ class BatchRefused(PublisherError):
 
 
 class PublisherClosed(PublisherError):
-    """The publisher was used after :meth:`Publisher.close`."""
+    """The publisher was used after :meth:`Publisher.close`, or closed during the call that raises.
+
+    ``close()`` called on the thread of a call in progress (by ``on_ack``, or a signal handler
+    such as one for Ctrl-C) is carried out by that call as soon as it gets back to its loop: it
+    stops waiting, frees the socket, and raises this error when events are left unacknowledged
+    (``events`` holds them, in the order published, as :meth:`Publisher.held_events` still
+    does; publishing them again is safe), or returns normally when none is.
+    """
+
+    def __init__(self, message: str, events: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.events: list[dict[str, Any]] = events if events is not None else []
 
 
 class PublisherInUse(PublisherError):
@@ -228,6 +240,39 @@ class _Batch:
     first_sent: float
     sent_at: float
     attempts: int = 1
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_Client = TypeVar("_Client", bound="Publisher")
+
+
+def closes_when_asked(method: Callable[Concatenate[_Client, _P], _R]) -> Callable[Concatenate[_Client, _P], _R]:
+    """:func:`transport.exclusive.one_thread_at_a_time`, and the outermost call on the thread
+    carries out a ``close()`` asked within it (by ``on_ack`` or a signal handler): it frees the
+    socket once the call ends, and raises :class:`PublisherClosed` if events are left
+    unacknowledged (a call that stopped waiting for them raised it already)."""
+
+    @functools.wraps(method)
+    def guarded(self: _Client, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if not self._in_call.acquire(False):
+            take_held_lock(self)
+        try:
+            try:
+                result = method(self, *args, **kwargs)
+            except BaseException:
+                if self._close_asked and self._in_call._recursion_count() == 1:
+                    self._close_as_asked()
+                raise
+            if self._close_asked and self._in_call._recursion_count() == 1:
+                self._close_as_asked()
+                if self.unacknowledged:
+                    raise self._closed_during_call()
+            return result
+        finally:
+            self._in_call.release()
+
+    return guarded
 
 
 # How many forks led to this process. A publisher notes it when made: one made before a fork
@@ -462,7 +507,13 @@ class Publisher:
         self._tuples = _TupleSpotter()
         self._packer = msgpack.Packer(use_bin_type=True, datetime=False, strict_types=True, default=self._tuples)
         self._closed = False
-        self._in_call = threading.RLock()  # held by the thread inside a public call
+        # close() asked by on_ack or a signal handler within a call on this thread: that call
+        # stops waiting and closes (see closes_when_asked), for closing here would pull its
+        # socket from under it.
+        self._close_asked = False
+        # Held by the thread inside a public call (see transport.exclusive); Any: typeshed lacks
+        # RLock._is_owned and _recursion_count.
+        self._in_call: Any = threading.RLock()
         # A context of its own, so close() can terminate it (which is what makes a PUSH socket's
         # linger actually deliver queued frames) without touching the application's sockets.
         self._forks = _forks
@@ -512,18 +563,27 @@ class Publisher:
         without queueing the event. Raises :class:`DeliveryFailed` when retries are exhausted
         and :class:`BatchRefused` when the daemon refused a whole batch.
         """
-        # What one_thread_at_a_time does, written out: this is the call made per event.
+        # What closes_when_asked does, written out: this is the call made per event.
         if not self._in_call.acquire(False):
             take_held_lock(self)
         try:
-            self._check_open()
-            arguments.seconds("timeout", timeout, none=True)
-            packed = self._encode(event)
-            self._add(event, packed, timeout)
+            try:
+                self._check_open()
+                arguments.seconds("timeout", timeout, none=True)
+                packed = self._encode(event)
+                self._add(event, packed, timeout)
+            except BaseException:
+                if self._close_asked and self._in_call._recursion_count() == 1:
+                    self._close_as_asked()
+                raise
+            if self._close_asked and self._in_call._recursion_count() == 1:
+                self._close_as_asked()
+                if self.unacknowledged:
+                    raise self._closed_during_call()
         finally:
             self._in_call.release()
 
-    @one_thread_at_a_time
+    @closes_when_asked
     def publish_many(self, events: Iterable[dict[str, Any]], timeout: float | None = None) -> None:
         """Validate every event first, then queue them all; one bad event queues none.
 
@@ -550,7 +610,7 @@ class Publisher:
         # queueing an event (~7 of ~13 µs), and a full batch was sent as it filled anyway.
         self._service()
 
-    @one_thread_at_a_time
+    @closes_when_asked
     def flush(self, timeout: float | None = None) -> None:
         """Send the pending batch and, in acknowledged mode, wait until every batch is acknowledged.
 
@@ -576,7 +636,7 @@ class Publisher:
                 f"the publisher keeps them and retries: call flush() again, or close()"
             )
 
-    @one_thread_at_a_time
+    @closes_when_asked
     def poll(self, timeout: float = 0.0) -> int:
         """Do the work that is due (read acks, retry, send a batch whose linger ended).
 
@@ -591,7 +651,6 @@ class Publisher:
             self._service()
         return self.unacknowledged
 
-    @one_thread_at_a_time
     def close(self, timeout: float | None = None, flush: bool = True) -> None:
         """Flush (unless ``flush`` is False), then close the socket and the context.
 
@@ -600,10 +659,25 @@ class Publisher:
         publisher lingers up to that long for queued frames to leave, and raises
         :class:`PublishTimeout` if no daemon ever took its connection (what it sent is then
         lost: ZeroMQ held it for a peer that never came). Closing twice is harmless.
+
+        Called on the thread of a call in progress (by ``on_ack``, or a signal handler), it
+        returns at once and that call closes the publisher as soon as it gets back to its loop,
+        without waiting further (see :class:`PublisherClosed`).
         """
         if self._closed:
             return
         arguments.seconds("timeout", timeout, none=True)
+        if self._in_call._is_owned():
+            # Closing here would pull the socket from under the call in progress on this thread
+            # (a raw AttributeError or ZMQError there): that call closes instead.
+            self._close_asked = True
+            return
+        self._close(timeout, flush)
+
+    @closes_when_asked
+    def _close(self, timeout: float | None, flush: bool) -> None:
+        if self._closed:
+            return
         if self._forked():
             flush = False  # the parent's events, which the parent still holds and sends
         wait = self.close_timeout if timeout is None else timeout
@@ -620,11 +694,33 @@ class Publisher:
                 exc.events.extend(self.held_events())  # closed now: nothing else holds them
                 raise
         finally:
-            self._closed = True
-            self._resources.totals = None  # what became of the events is settled above
-            if self.acked:  # its batches were settled (or handed back) above: nothing queued matters
-                self._resources.linger_ms = 0
-            self._finalizer()
+            self._release()
+
+    def _release(self) -> None:
+        """Mark the publisher closed and free its socket and context (the finalizer runs once)."""
+        self._closed = True
+        self._resources.totals = None  # what became of the events is settled by the caller
+        if self.acked:  # its batches were settled (or are held, or handed back): nothing queued matters
+            self._resources.linger_ms = 0
+        self._finalizer()
+
+    def _close_as_asked(self) -> None:
+        """Carry out a close() asked within the call now ending: without waiting any further,
+        what is not acknowledged staying in :meth:`held_events`."""
+        if self._closed:
+            return
+        if not self.acked and not self._forked() and not self._resources.handshake_seen(0):
+            self._resources.linger_ms = 0  # no daemon took the connection: nothing queued would leave
+        self._release()
+
+    def _closed_during_call(self) -> PublisherClosed:
+        events = self.held_events()
+        return PublisherClosed(
+            f"this publisher to {self.endpoint} was closed during this call (close() from on_ack or a signal "
+            f"handler on its thread), with {len(events)} events not acknowledged: they are in this error's "
+            ".events and in held_events(), and publishing them again is safe",
+            events,
+        )
 
     def _close_fire_and_forget(self, wait: float, flush: bool) -> None:
         """Queue the pending batch and see that a daemon took the connection, within ``wait``
@@ -1009,6 +1105,8 @@ class Publisher:
             self._service()
             if done():
                 return True
+            if self._close_asked:  # by on_ack or a signal handler: no more waiting
+                raise self._closed_during_call()
             now = time.monotonic()
             if end is not None and now >= end:
                 return False
@@ -1030,7 +1128,7 @@ class Publisher:
                 time.sleep(wait_s)
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self._closed or self._close_asked:
             raise PublisherClosed(f"this publisher to {self.endpoint} is closed; make a new one")
         if self._forked():
             raise PublisherClosed(
