@@ -121,3 +121,26 @@ def test_close_within_an_affine_flush_ends_it_with_publisher_closed(daemon_facto
         assert time.monotonic() - started < 2
     assert caught.value.events == held == signalled.held_events()
     assert not any(publisher._finalizer.alive for publisher in signalled._publishers.values())
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(30)
+def test_an_on_ack_failure_in_an_affine_close_still_settles_everything_then_raises(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """As a Publisher's (test_publisher): the batches still in flight stayed held for good."""
+    first, second = daemon_factory("first").start(), daemon_factory("second").start()
+    endpoints = [first.ack, second.ack]
+    seen: list[object] = []
+
+    def on_ack(result: object) -> None:
+        seen.append(result)
+        if len(seen) == 1:
+            raise RuntimeError("the application's on_ack failed")
+
+    affine = Publisher(endpoints=endpoints, batch_size=5, on_ack=on_ack)
+    affine.publish_many({**make_event(i, 1, "af"), "topic": topic_for(endpoints[i % 2], endpoints)} for i in range(20))
+    with pytest.raises(RuntimeError, match="the application's on_ack failed"):
+        affine.close(timeout=20)
+    assert affine.held_events() == [] and affine.totals.acked_new == 20 and len(seen) == 4
+    assert not any(publisher._finalizer.alive for publisher in affine._publishers.values())

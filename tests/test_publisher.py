@@ -946,3 +946,25 @@ def test_flush_waits_for_what_on_ack_publishes_meanwhile(daemon_factory: Callabl
     finally:
         affine.close(timeout=5)
         single.close(timeout=5)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(30)
+def test_an_on_ack_failure_in_close_still_settles_and_frees_everything_then_raises(daemon: Daemon) -> None:
+    """An on_ack that raised inside close() stopped its flush: the batches still in flight stayed
+    in held_events() for good (never settled, the socket gone)."""
+    seen: list[BatchResult] = []
+
+    def on_ack(result: BatchResult) -> None:
+        seen.append(result)
+        if len(seen) == 1:
+            raise RuntimeError("the application's on_ack failed")
+
+    publisher = Publisher(daemon.ack, batch_size=5, on_ack=on_ack)
+    publisher.publish_many([make_event(i, 1, "cf") for i in range(20)])  # four batches in flight
+    with pytest.raises(RuntimeError, match="the application's on_ack failed"):
+        publisher.close(timeout=20)
+    assert publisher.held_events() == [] and publisher.totals.acked_new == 20
+    assert len(seen) == 4  # the others were told too
+    assert not publisher._finalizer.alive
+    daemon.wait_stats(unique_processed=20)

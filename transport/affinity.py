@@ -103,6 +103,8 @@ class AffinePublisher(Publisher):
         self._give_ups: dict[str, _GiveUps] = {}  # endpoint -> its publisher's last give-up
         self._closed = False
         self._close_asked = False  # by on_ack or a signal handler within a call: that call closes
+        self._closing = False
+        self._callback_error: Exception | None = None
         self._in_call: Any = threading.RLock()  # held by the thread inside a public call
         self._forks = next(iter(self._publishers.values()))._forks
         self.totals = Totals()
@@ -263,8 +265,8 @@ class AffinePublisher(Publisher):
         By default it waits ``close_timeout``, and at least long enough for what a silent daemon
         holds to reach the others: its publisher gives its batches up at their ``deadline``, and
         they get ``failover_after`` more to be acknowledged elsewhere. On a timeout the error's
-        ``events`` holds every event not acknowledged. A ``close()`` within a call is handled as
-        :meth:`Publisher.close` says.
+        ``events`` holds every event not acknowledged. An ``on_ack`` failure, or a ``close()``
+        within a call, is handled as :meth:`Publisher.close` says.
         """
         if self._closed:
             return
@@ -274,13 +276,28 @@ class AffinePublisher(Publisher):
         wait = first.close_timeout if timeout is None else timeout
         if timeout is None and first.deadline is not None:
             wait = max(wait, first.deadline + self.failover_after)
+        for publisher in self._publishers.values():
+            publisher._closing = True  # an on_ack failure does not stop the flush
         try:
-            if flush:
-                self.flush(wait)
-        except PublishTimeout as exc:
-            raise closed_unacknowledged(self.endpoint, wait, self.held_events()) from exc
+            try:
+                if flush:
+                    self.flush(wait)
+            except PublishTimeout as exc:
+                raise closed_unacknowledged(self.endpoint, wait, self.held_events()) from (
+                    self._first_callback_error() or exc
+                )
+            failure = self._first_callback_error()
+            if failure is not None:
+                raise failure
         finally:
+            for publisher in self._publishers.values():
+                publisher._closing = False
+                publisher._callback_error = None
             self._close_as_asked()
+
+    def _first_callback_error(self) -> Exception | None:
+        """The first on_ack failure any daemon's publisher held aside while closing."""
+        return next((p._callback_error for p in self._publishers.values() if p._callback_error is not None), None)
 
     def _close_as_asked(self) -> None:
         """Close every daemon's publisher at once, what they hold staying in :meth:`held_events`."""

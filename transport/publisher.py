@@ -511,6 +511,8 @@ class Publisher:
         # stops waiting and closes (see closes_when_asked), for closing here would pull its
         # socket from under it.
         self._close_asked = False
+        self._closing = False  # inside close(): an on_ack failure does not stop it
+        self._callback_error: Exception | None = None  # the first on_ack failure while closing
         # Held by the thread inside a public call (see transport.exclusive); Any: typeshed lacks
         # RLock._is_owned and _recursion_count.
         self._in_call: Any = threading.RLock()
@@ -660,9 +662,12 @@ class Publisher:
         :class:`PublishTimeout` if no daemon ever took its connection (what it sent is then
         lost: ZeroMQ held it for a peer that never came). Closing twice is harmless.
 
-        Called on the thread of a call in progress (by ``on_ack``, or a signal handler), it
-        returns at once and that call closes the publisher as soon as it gets back to its loop,
-        without waiting further (see :class:`PublisherClosed`).
+        An exception raised by ``on_ack`` meanwhile does not stop it: the flush goes on (and
+        calls ``on_ack`` for the other batches), the socket is freed, and then the first such
+        exception is raised; should events be left unacknowledged too, :class:`PublishTimeout`
+        is raised as above, from it. Called on the thread of a call in progress (by ``on_ack``,
+        or a signal handler), it returns at once and that call closes the publisher as soon as
+        it gets back to its loop, without waiting further (see :class:`PublisherClosed`).
         """
         if self._closed:
             return
@@ -681,6 +686,7 @@ class Publisher:
         if self._forked():
             flush = False  # the parent's events, which the parent still holds and sends
         wait = self.close_timeout if timeout is None else timeout
+        self._closing = True
         try:
             if not self.acked:
                 self._close_fire_and_forget(wait, flush)
@@ -689,11 +695,15 @@ class Publisher:
                 if flush:
                     self.flush(wait)
             except PublishTimeout as exc:
-                raise closed_unacknowledged(self.endpoint, wait, self.held_events()) from exc
+                raise closed_unacknowledged(self.endpoint, wait, self.held_events()) from (self._callback_error or exc)
             except BatchRefused as exc:
                 exc.events.extend(self.held_events())  # closed now: nothing else holds them
                 raise
+            if self._callback_error is not None:
+                raise self._callback_error
         finally:
+            self._closing = False
+            self._callback_error = None
             self._release()
 
     def _release(self) -> None:
@@ -771,7 +781,7 @@ class Publisher:
             return
         try:
             self.close(0.0 if issubclass(exc_type, KeyboardInterrupt) else None)
-        except PublisherError as failure:
+        except Exception as failure:  # PublisherError, or the one on_ack raised while closing
             # Nobody can take the failure's .events: say what became of them instead.
             lost = len(getattr(failure, "events", None) or ())
             log.error(
@@ -1044,8 +1054,16 @@ class Publisher:
         totals.rejected += len(rejected)
         totals.batches_acked += 1
         self.results.append(result)
-        if self._on_ack is not None:
+        if self._on_ack is None:
+            return
+        if not self._closing:
             self._on_ack(result)
+            return
+        try:
+            self._on_ack(result)
+        except Exception as exc:  # close() goes on settling and freeing, then raises it
+            if self._callback_error is None:
+                self._callback_error = exc
 
     def _give_up_or_pause(self, oldest: _Batch, now: float) -> None:
         """The oldest batch timed out: close the socket and pause before resending, or give up."""
