@@ -907,6 +907,15 @@ def test_close_from_a_signal_handler_during_flush_ends_it_at_once(daemon: Daemon
     assert caught.value.events == later == publisher.held_events()
     assert publisher.totals.acked_new == 5 and sum(result.size for result in publisher.results) == 5
     assert not publisher._finalizer.alive
+    # A publish waiting for room: the event it did not queue is handed back with the others.
+    waiting = Publisher(daemon.ack, batch_size=5, window=1, linger=60, ack_timeout=10)
+    held = [make_event(i, 1, "room") for i in range(10)]  # one batch sent, one waiting for room
+    with stopped(daemon):
+        waiting.publish_many(held)
+        late = make_event(10, 1, "room")
+        with on_alarm(waiting.close, 0.3), pytest.raises(PublisherClosed, match="closed during this call") as caught:
+            waiting.publish(late, timeout=20)
+    assert caught.value.events == [*held, late] and waiting.held_events() == held
 
 
 @pytest.mark.e2e

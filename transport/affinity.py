@@ -36,6 +36,7 @@ from transport.publisher import (
     DeliveryFailed,
     InvalidEvent,
     Publisher,
+    PublisherClosed,
     PublishTimeout,
     Totals,
     closed_unacknowledged,
@@ -103,8 +104,6 @@ class AffinePublisher(Publisher):
         self._give_ups: dict[str, _GiveUps] = {}  # endpoint -> its publisher's last give-up
         self._closed = False
         self._close_asked = False  # by on_ack or a signal handler within a call: that call closes
-        self._closing = False
-        self._callback_error: Exception | None = None
         self._in_call: Any = threading.RLock()  # held by the thread inside a public call
         self._forks = next(iter(self._publishers.values()))._forks
         self.totals = Totals()
@@ -207,12 +206,16 @@ class AffinePublisher(Publisher):
             except InvalidEvent as exc:
                 raise InvalidEvent(f"event {index}: {exc}") from None
         for queued, event in enumerate(events):
+            if self._close_asked:  # by on_ack or a signal handler: the rest is not queued
+                closed = self._closed_during_call()
+                closed.events.extend(events[queued:])
+                raise closed
             try:
                 self.publish(event, timeout)
             except PublishTimeout as exc:
                 exc.queued = queued
                 raise
-            except (DeliveryFailed, BatchRefused) as exc:
+            except (DeliveryFailed, BatchRefused, PublisherClosed) as exc:
                 exc.events.extend(events[queued + 1 :])  # never queued: handed back with the rest
                 raise
 
@@ -258,8 +261,7 @@ class AffinePublisher(Publisher):
         self._refresh_totals()
         return self.unacknowledged
 
-    @closes_when_asked
-    def _close(self, timeout: float | None = None, flush: bool = True) -> None:
+    def close(self, timeout: float | None = None, flush: bool = True) -> None:
         """Flush (unless ``flush`` is False), then close every daemon's publisher.
 
         By default it waits ``close_timeout``, and at least long enough for what a silent daemon
@@ -268,6 +270,10 @@ class AffinePublisher(Publisher):
         ``events`` holds every event not acknowledged. An ``on_ack`` failure, or a ``close()``
         within a call, is handled as :meth:`Publisher.close` says.
         """
+        super().close(timeout, flush)
+
+    @closes_when_asked
+    def _close(self, timeout: float | None, flush: bool) -> None:
         if self._closed:
             return
         if self._forked():

@@ -605,7 +605,7 @@ class Publisher:
             except PublishTimeout as exc:
                 exc.queued = queued
                 raise
-            except (DeliveryFailed, BatchRefused) as exc:
+            except (DeliveryFailed, BatchRefused, PublisherClosed) as exc:
                 exc.events.extend(event for event, _ in checked[queued + 1 :])
                 raise
         # Once for the lot, not per event: reading the socket for replies costs more than
@@ -852,7 +852,7 @@ class Publisher:
             # this event, so the pending batch never outgrows batch_size.
             try:
                 self._send_pending(self.block_timeout if timeout is None else timeout)
-            except (DeliveryFailed, BatchRefused) as exc:
+            except (DeliveryFailed, BatchRefused, PublisherClosed) as exc:
                 exc.events.append(event)  # not queued, so hand it back with the others
                 raise
         if not pending.events:
