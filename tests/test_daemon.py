@@ -405,6 +405,30 @@ def test_bad_config_fails_at_start_naming_the_key(tmp_path) -> None:
     assert result.returncode == 2 and "[ordering] actorz" in result.stderr
 
 
+def test_values_zeromq_or_the_publishers_cannot_take_are_refused_at_start(tmp_path) -> None:
+    # Taken, a heartbeat over a C int stopped the daemon at start with a traceback and exit 1
+    # (restarted in a loop by systemd), and a payload limit over 2 GiB left `publish --config`
+    # failing with "process 0: ValueError" while the daemon ran.
+    binds = {
+        "ingest": {"bind": f"tcp://127.0.0.1:{free_port()}", "ack_bind": f"tcp://127.0.0.1:{free_port()}"},
+        "query": {"bind": f"tcp://127.0.0.1:{free_port()}"},
+        "storage": {"path": str(tmp_path / "events.db")},
+    }
+    cases = {
+        "[subscribe] heartbeat_ms": {"subscribe": {"heartbeat_ms": 2**31, "timeout_ms": 2**31 + 1}},
+        "[subscribe] timeout_ms": {"subscribe": {"timeout_ms": 2**31}},
+        "[ingest] max_payload_bytes": {"ingest": {**binds["ingest"], "max_payload_bytes": 2**31}},
+    }
+    for key, sections in cases.items():
+        subscribe = {"bind": f"tcp://127.0.0.1:{free_port()}", **sections.get("subscribe", {})}
+        config = write_config(tmp_path / "big.toml", {**binds, **sections, "subscribe": subscribe})
+        result = run_script("aggregatord.py", "--config", str(config), timeout=30)
+        assert result.returncode == 2 and f"{key} must be at most 2147483647" in result.stderr, (key, result.stderr)
+        assert "Traceback" not in result.stderr, result.stderr
+        published = run_script("publish.py", "--config", str(config), "--events", "1", "--deadline", "2", timeout=30)
+        assert published.returncode == 2 and f"publish: {key} must be at most" in published.stderr, published.stderr
+
+
 def test_an_empty_storage_path_is_refused_at_start_naming_the_key(tmp_path) -> None:
     config = tmp_path / "empty-path.toml"
     config.write_text('[storage]\npath = ""\n')

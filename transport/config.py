@@ -397,6 +397,12 @@ _MAXIMA = {
         "an hour: every event waits that long before it is stored or acknowledged, and publishers give up sooner",
     ),
     ("ingest", "rcvhwm"): (2**31 - 1, "ZeroMQ takes it as a C int"),
+    # The publishers (Publisher.from_config, eventagg publish, the gateway) check payloads
+    # against it, and take a limit of at most this.
+    ("ingest", "max_payload_bytes"): (2**31 - 1, "2 GiB: the publishers take no larger limit"),
+    # Set as ZeroMQ's heartbeat options, C ints: larger stopped the daemon at start with a traceback.
+    ("subscribe", "heartbeat_ms"): (2**31 - 1, "ZeroMQ takes it as a C int"),
+    ("subscribe", "timeout_ms"): (2**31 - 1, "ZeroMQ takes it as a C int"),
     ("http", "workers"): (256, "each is a process"),
     ("http", "publishers"): (1024, "each holds a connection to the daemon"),
     ("http", "max_streams"): (10000, "each holds a thread and a connection to the daemon"),
