@@ -109,6 +109,29 @@ def test_an_endpoint_or_topic_that_cannot_work_is_refused_before_connecting(
     assert words in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["topics", "--after", "a\udcff"], "--after"),  # was msgpack's UnicodeEncodeError traceback
+        (["events", "--follow", "--name", "a\udcff"], "--name"),  # the same, once subscribing
+        (["consumers", "--forget", "a\udcff"], "--forget"),  # was "no named consumer" (exit 1)
+        (["publish", "--id-prefix", "a\udcff"], "--id-prefix"),  # was msgpack's words, naming no flag
+        (["stats", "--endpoint", "tcp://\udcff:1"], "--endpoint"),  # was "'utf-8' codec can't encode" (exit 1)
+    ],
+)
+def test_an_argument_whose_bytes_are_not_utf8_is_refused_naming_the_flag(
+    argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A shell passes such bytes as they are ($'a\xff'); Python hands them over as lone surrogates.
+    nowhere = ["--timeout", "1"] if argv[0] != "publish" else ["--deadline", "1"]
+    if flag != "--endpoint":
+        nowhere += ["--endpoint", f"tcp://127.0.0.1:{free_port()}"]
+    with pytest.raises(SystemExit) as leaving:
+        main([*argv, *nowhere])
+    assert leaving.value.code == 2
+    assert f"argument {flag}: " in (err := capsys.readouterr().err) and "holds a byte that is not UTF-8" in err, err
+
+
 def test_stats_prints_a_nested_map_as_a_block_of_its_own() -> None:
     lines = table({"uptime_s": 1.5, "received": 12_000, "cluster": {"received": 30_000, "late": 0}})
     assert lines[0].split() == ["received", "12,000"]

@@ -39,9 +39,24 @@ def endpoint_from_args(args: argparse.Namespace) -> str:
     return connectable(QueryConfig().bind)
 
 
+def utf8_text(text: str) -> str:
+    """An argparse type: text as given, refused when its bytes are not UTF-8.
+
+    Python hands such bytes over as lone surrogates (``\\udcff``), which no request can carry:
+    taken, they failed at the first send, with msgpack's traceback or its words.
+    """
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} holds a byte that is not UTF-8 (character {exc.start + 1}); give it in UTF-8"
+        ) from None
+    return text
+
+
 def endpoint_url(text: str) -> str:
     """An argparse type: a ZeroMQ endpoint to connect to, refused with the reason otherwise."""
-    problem = endpoint_problem(text)
+    problem = endpoint_problem(utf8_text(text))
     if problem is not None:
         raise argparse.ArgumentTypeError(problem)
     return text

@@ -38,6 +38,7 @@ from transport.commands.client_flags import (
     run_command,
     subscribe_endpoint_from_args,
     subscribe_endpoint_of,
+    utf8_text,
 )
 from transport.commands.tables import table
 from transport.config import ConfigError
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the daemon's reply as one JSON document")
     parser.add_argument(
         "--forget",
+        type=utf8_text,
         metavar="NAME",
         help="delete this named consumer's stored position (one following under it now is ended)",
     )

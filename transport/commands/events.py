@@ -37,6 +37,7 @@ from transport.commands.client_flags import (
     run_command,
     subscribe_endpoint_from_args,
     subscribe_endpoint_of,
+    utf8_text,
 )
 from transport.config import ConfigError
 from transport.handshake import probe
@@ -73,7 +74,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         help="start after this seq (or commit position)",
     )
     parser.add_argument("--follow", action="store_true", help="then print live events until SIGINT, SIGTERM or SIGHUP")
-    parser.add_argument("--name", help="with --follow: a named consumer; without --after it resumes where it left")
+    parser.add_argument(
+        "--name", type=utf8_text, help="with --follow: a named consumer; without --after it resumes where it left"
+    )
     add_subscribe_endpoint_arg(parser, "--follow")
     parser.add_argument("--limit", type=at_least(0), default=None, metavar="N", help="print at most N events")
     # Sent in the request, so bounded to what msgpack and the daemon's cursor take; --limit is only counted here.

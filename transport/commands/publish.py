@@ -47,6 +47,7 @@ from transport.commands.client_flags import (
     interrupt_on_stop,
     prefix_library_logs,
     stopped_by,
+    utf8_text,
     write_output,
 )
 from transport.config import ConfigError, IngestConfig, load_config
@@ -382,7 +383,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         help="events per frame (default 100, or the config's [ingest] max_batch_events if lower)",
     )
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
-    parser.add_argument("--id-prefix", default="e", metavar="STR", help="prefix of every event_id (default 'e')")
+    parser.add_argument(
+        "--id-prefix", type=utf8_text, default="e", metavar="STR", help="prefix of every event_id (default 'e')"
+    )
     parser.add_argument("--slice", metavar="K/P", help="send only slice K (0-based) of P interleaved slices")
     parser.add_argument(
         "--acked",

@@ -19,7 +19,7 @@ import sys
 from typing import Any
 
 from transport.client import QueryClient, QueryClientError
-from transport.commands.client_flags import add_endpoint_args, at_least, query_daemon, run_command
+from transport.commands.client_flags import add_endpoint_args, at_least, query_daemon, run_command, utf8_text
 from transport.commands.tables import table
 from transport.queries import DEFAULT_LIMIT
 
@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description="List every topic with its counts.")
     add_endpoint_args(parser)
     parser.add_argument("--json", action="store_true", help="print the daemon's reply as one JSON document")
-    parser.add_argument("--after", metavar="NAME", help="one page: the topics named after NAME (the 'next' of a page)")
+    parser.add_argument(
+        "--after", type=utf8_text, metavar="NAME", help="one page: the topics named after NAME (the 'next' of a page)"
+    )
     parser.add_argument("--limit", type=at_least(1), metavar="N", help="one page: at most N topics")
     args = parser.parse_args(argv)
     if args.after is not None or args.limit is not None:
