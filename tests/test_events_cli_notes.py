@@ -7,11 +7,12 @@ import json
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 
 import pytest
-from harness import Daemon, default_sigint, eventually, publish, run_script
+from harness import SCRIPTS, Daemon, default_sigint, eventually, publish, run_script
 from test_subscribe import follow_command
 
 from transport.subscriber import Subscriber
@@ -195,3 +196,24 @@ def test_sigterm_or_sighup_ends_a_named_follower_as_ctrl_c_does(
     assert len(printed) == 8, out
     (stored,) = daemon.request({"op": "consumers"})["consumers"]
     assert stored["position"] == printed[-1], (stored, printed)
+
+
+@pytest.mark.timeout(120)
+def test_a_listing_cut_short_by_ctrl_c_exits_130(daemon_factory: Callable[..., Daemon]) -> None:
+    # It exited 0, as --follow does, so a dump cut short (its last line without its newline) passed for the whole.
+    daemon = daemon_factory().start()
+    publish(daemon.ack, "--acked", "--events", "20000", "--topics", "2")
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPTS / "events.py"), "--endpoint", daemon.query],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=default_sigint,
+    )
+    assert proc.stdout is not None
+    first = proc.stdout.readline()  # listing; the pipe, unread, soon holds it up
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert json.loads(first)["topic"].startswith("topic-")
+    assert 1 + out.count(b"\n") < 20000, "the listing ended before Ctrl-C came: nothing was cut short"
+    assert proc.returncode == 130 and b"Traceback" not in err, (proc.returncode, err)

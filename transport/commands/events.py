@@ -148,7 +148,9 @@ def _print_events(args: argparse.Namespace, endpoint: str, secure: SocketHook | 
                 if args.limit is not None and printed >= args.limit:
                     break
     except KeyboardInterrupt:
-        return 0
+        # Following ends this way (exit 0); a listing cut short is not the whole answer: 130,
+        # as a shell gives SIGINT, so `events > dump && ...` does not take a part for the whole.
+        return 0 if args.follow else 130
     except QueryClientError as exc:
         print(f"events: {explain(exc, endpoint, secure)}", file=sys.stderr)
         return 1
