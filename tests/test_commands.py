@@ -10,6 +10,7 @@ import ast
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,20 @@ def test_an_argument_whose_bytes_are_not_utf8_is_refused_naming_the_flag(
         main([*argv, *nowhere])
     assert leaving.value.code == 2
     assert f"argument {flag}: " in (err := capsys.readouterr().err) and "holds a byte that is not UTF-8" in err, err
+
+
+@pytest.mark.parametrize(("slice_", "words"), [("abc", "--slice must look like K/P"), ("3/2", "needs 0 <= K < P")])
+def test_a_bad_slice_is_a_usage_error_before_the_daemon_is_waited_for(
+    slice_: str, words: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It was checked after waiting up to --deadline for the daemon: with none there, the usage
+    # error was never said, only "accepted no connection" (exit 1) a minute later.
+    nowhere = f"tcp://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as leaving:
+        main(["publish", "--endpoint", nowhere, "--slice", slice_, "--deadline", "20"])
+    assert leaving.value.code == 2 and words in capsys.readouterr().err
+    assert time.monotonic() - started < 10
 
 
 def test_stats_prints_a_nested_map_as_a_block_of_its_own() -> None:

@@ -471,6 +471,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         parser.error(f"--ack-timeout and --deadline must be above 0 and at most {MAX_TIMEOUT_S} s")
     if args.rate and not 0.001 <= args.rate <= MAX_RATE:
         parser.error(f"--rate must be 0 (no limit) or from 0.001 to {MAX_RATE:g} events/s, not {args.rate:g}")
+    if args.slice:  # a usage error, said before waiting up to --deadline for the daemon
+        try:
+            index, count = (int(part) for part in args.slice.split("/"))
+        except ValueError:
+            parser.error("--slice must look like K/P, e.g. 0/3")
+        if not 0 <= index < count:
+            parser.error("--slice K/P needs 0 <= K < P")
     # Before the sending (and its _CtrlC) begins, SIGTERM and SIGHUP end the command as Ctrl-C does.
     for signum in STOP_SIGNALS:
         signal.signal(signum, interrupt_on_stop)
@@ -488,12 +495,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ticker = None
     started = time.perf_counter()
     if args.slice:
-        try:
-            index, count = (int(part) for part in args.slice.split("/"))
-        except ValueError:
-            parser.error("--slice must look like K/P, e.g. 0/3")
-        if not 0 <= index < count:
-            parser.error("--slice K/P needs 0 <= K < P")
         total = len(range(index, args.events, count))
     else:
         index, count = 0, 1
