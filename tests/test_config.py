@@ -248,3 +248,11 @@ def test_a_dollar_dollar_in_a_daemon_path_is_one_dollar_once_expanded() -> None:
 def test_binds_whose_ports_differ_only_by_leading_zeros_collide() -> None:
     with pytest.raises(ConfigError, match="would take the same address"):
         parse_config({"ingest": {"bind": "tcp://127.0.0.1:05555", "ack_bind": "tcp://127.0.0.1:5555"}})
+
+
+def test_a_relative_ipc_bind_is_made_absolute_against_the_config_files_folder(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[query]\nbind = "ipc://q.sock"\n[subscribe]\nbind = "ipc://@eventagg-sub"\n')
+    config = load_config(path)
+    assert config.query.bind == f"ipc://{tmp_path}/q.sock"
+    assert config.subscribe.bind == "ipc://@eventagg-sub"  # an abstract socket's name, no path

@@ -429,6 +429,40 @@ def test_values_zeromq_or_the_publishers_cannot_take_are_refused_at_start(tmp_pa
         assert published.returncode == 2 and f"publish: {key} must be at most" in published.stderr, published.stderr
 
 
+@pytest.mark.timeout(120)
+def test_a_relative_ipc_bind_is_relative_to_the_config_file_for_daemon_and_clients(tmp_path) -> None:
+    # The daemon bound it in its own working folder, and `stats --config` (run from another)
+    # looked for it in its own: "accepted no connection: is the daemon running?".
+    folder, elsewhere = tmp_path / "conf", tmp_path / "run"
+    folder.mkdir()
+    elsewhere.mkdir()
+    config = write_config(
+        folder / "c.toml",
+        {
+            "ingest": {"bind": "ipc://in.sock", "ack_bind": "ipc://ack.sock"},
+            "query": {"bind": "ipc://q.sock"},
+            "subscribe": {"bind": "ipc://sub.sock"},
+            "storage": {"path": "events.db"},
+        },
+    )
+    daemon = subprocess.Popen(
+        [sys.executable, str(SCRIPTS / "aggregatord.py"), "--config", str(config)],
+        cwd=elsewhere,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        eventually(lambda: (folder / "sub.sock").exists() or daemon.poll() is not None, 30, "the daemon bound")
+        assert daemon.poll() is None and not list(elsewhere.iterdir()), list(elsewhere.iterdir())
+        stats = run_script("stats.py", "--config", str(config), "--json", "--timeout", "10", timeout=60)
+        assert stats.returncode == 0 and json.loads(stats.stdout)["received"] == 0, stats.stderr
+    finally:
+        daemon.send_signal(signal.SIGINT)
+        _, err = daemon.communicate(timeout=30)
+    assert daemon.returncode == 0, err
+
+
 def test_an_empty_storage_path_is_refused_at_start_naming_the_key(tmp_path) -> None:
     config = tmp_path / "empty-path.toml"
     config.write_text('[storage]\npath = ""\n')

@@ -513,11 +513,26 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> Config:
         sections[name] = _parse_section(name, section_type, values)
     if "retention" in sections:
         _check_retention(sections["retention"])
+    if source is not None:
+        _resolve_ipc_paths(sections, source.parent)
     config = Config(**sections, source=source)
     collision = colliding_binds(config)
     if collision is not None:
         raise ConfigError(collision)
     return config
+
+
+def _resolve_ipc_paths(sections: dict[str, Any], base: Path) -> None:
+    """Make each relative ``ipc://`` bind absolute against the config file's folder, ``base``, as
+    every relative path in the file is: else the daemon bound it in its own working folder and a
+    client given the same file looked for it in another (``@name``, Linux's abstract sockets, is no path)."""
+    for name, key in sorted(_ENDPOINTS):
+        section = sections.get(name)
+        if section is None:
+            continue
+        transport, _, address = getattr(section, key).partition("://")
+        if transport == "ipc" and address and not address.startswith(("/", "@")):
+            sections[name] = dataclasses.replace(section, **{key: f"ipc://{base / address}"})
 
 
 # What to write instead, added to a [retention] value refused.
