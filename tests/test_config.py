@@ -256,3 +256,15 @@ def test_a_relative_ipc_bind_is_made_absolute_against_the_config_files_folder(tm
     config = load_config(path)
     assert config.query.bind == f"ipc://{tmp_path}/q.sock"
     assert config.subscribe.bind == "ipc://@eventagg-sub"  # an abstract socket's name, no path
+
+
+def test_a_config_path_that_never_ends_is_refused_not_read_for_ever(tmp_path: Path) -> None:
+    # tomllib.load read all of it: `--config /dev/zero` (or a log given by mistake) grew until
+    # the machine ran out of memory, every command and the daemon alike.
+    big = tmp_path / "big.toml"
+    big.write_text("# x\n" * 300_000)
+    with pytest.raises(ConfigError, match="larger than 1048576 bytes"):
+        load_config(big)
+    with pytest.raises(ConfigError, match=r"config file /dev/zero is larger than 1048576 bytes"):
+        load_config("/dev/zero")
+    assert load_config("/dev/null") == Config(source=Path("/dev/null"))  # empty: every default

@@ -479,6 +479,10 @@ def expand_environment(config: Config) -> Config:
     return dataclasses.replace(config, **sections, expanded=True)
 
 
+# Every setting with a comment is a few KiB; more is not a config file (a device, a log).
+MAX_CONFIG_BYTES = 1_048_576
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Read a config file (or return the defaults when ``path`` is None) and check every value."""
     if path is None:
@@ -486,7 +490,13 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     source = Path(path).resolve()
     try:
         with source.open("rb") as handle:
-            data = tomllib.load(handle)
+            text = handle.read(MAX_CONFIG_BYTES + 1)  # bounded: /dev/zero never ends
+        if len(text) > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"config file {source} is larger than {MAX_CONFIG_BYTES} bytes, far more than any config;"
+                " give the path of the config file"
+            )
+        data = tomllib.loads(text.decode())
     except FileNotFoundError:
         raise ConfigError(f"config file {source} does not exist: give the path of an existing one") from None
     except tomllib.TOMLDecodeError as exc:
