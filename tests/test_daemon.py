@@ -686,6 +686,21 @@ def test_publish_script_reports_what_it_sent(daemon: Daemon) -> None:
         assert refused.returncode == 2 and flag in refused.stderr and "Traceback" not in refused.stderr
 
 
+@pytest.mark.timeout(120)
+def test_publish_to_several_daemons_one_down_exits_0_once_every_event_is_acknowledged(daemon: Daemon) -> None:
+    # The events of the topics whose daemon is down go to the next one: `sent` counts them
+    # twice, and the command compared it with the events planned, exiting 1 without a word
+    # though every event was acknowledged ("unacked": 0, "errors": []).
+    down = f"tcp://127.0.0.1:{free_port()}"
+    args = ("--acked", "--events", "200", "--topics", "10", "--ack-timeout", "1", "--deadline", "10", "--json")
+    result = run_script("publish.py", "--endpoint", daemon.ack, "--endpoint", down, *args, timeout=100)
+    summary = json.loads(result.stdout)
+    assert (summary["acked_new"], summary["unacked"], summary["errors"]) == (200, 0, []), summary
+    assert summary["sent"] > 200, "no topic went to the daemon that is down first: the test tests nothing"
+    assert result.returncode == 0, (summary, result.stderr)
+    assert daemon.stats()["unique_processed"] == 200
+
+
 def test_publish_waits_for_a_daemon_that_cut_off_one_handshake_as_it_stopped(
     daemon_factory: Callable[..., Daemon],
 ) -> None:
