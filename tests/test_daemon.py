@@ -334,6 +334,9 @@ def check_topic_pages(daemon: Daemon) -> None:
     assert json.loads(one.stdout) == {"topics": whole[8:], "next": "t09"}, one.stderr
     table = run_script("topics.py", "--endpoint", daemon.query)
     assert table.stdout.splitlines()[0].endswith(": 10 topics"), table
+    # A page asked for, capped at max_limit, says it is one and where the next starts ("4 topics" read as all).
+    paged = run_script("topics.py", "--endpoint", daemon.query, "--limit", "100")
+    assert paged.stdout.splitlines()[0].endswith(": 4 topics (one page; the next: --after t03)"), paged
 
 
 def test_stats_script_against_a_live_daemon_and_against_nothing(daemon: Daemon) -> None:

@@ -6,7 +6,8 @@ Asks the daemon's ``topics`` query (docs/protocol.md) and prints one line a topi
 how many of its events are stored now, the seqs they run from and to, and what it received,
 dropped as duplicates, stored late and lost to retention. Every topic is read in pages of
 10 000 (a daemon from before paged listings is asked for all at once); ``--after`` and
-``--limit`` ask for one page, whose ``next`` ``--json`` shows. With ``--json``, stdout holds
+``--limit`` ask for one page, whose ``next`` ``--json`` shows (the table's first line says
+``one page; the next: --after NAME``). With ``--json``, stdout holds
 exactly one JSON document, ``{"topics": [...]}``. Exits 0, 1 when no daemon answers, 2 for a
 bad flag.
 """
@@ -44,7 +45,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(json.dumps(reply, sort_keys=True))
         return 0
     topics = reply.get("topics", [])
-    print(f"eventagg at {endpoint}: {len(topics):,} topic{'' if len(topics) == 1 else 's'}")
+    # One page (--after/--limit, capped by [query] max_limit) is said to be one, with the way to
+    # the next: "3 topics" alone read as every topic there is.
+    one_page = f" (one page; the next: --after {reply['next']})" if isinstance(reply.get("next"), str) else ""
+    print(f"eventagg at {endpoint}: {len(topics):,} topic{'' if len(topics) == 1 else 's'}{one_page}")
     if topics:
         print("\n".join(table(topics, COLUMNS)))
     return 0
