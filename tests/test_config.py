@@ -90,6 +90,8 @@ def test_state_directory_wins_for_a_relative_storage_path(tmp_path: Path, monkey
         ("[ordering]\nactors = 100000\n", r"\[ordering\] actors must be at most 256 \(each is a thread"),
         ("[ordering]\nwindow_ms = 99999999999999\n", r"\[ordering\] window_ms must be at most 3600000 \(an hour"),
         ("[ingest]\nrcvhwm = 2147483648\n", r"\[ingest\] rcvhwm must be at most 2147483647 \(ZeroMQ takes it"),
+        # Rounded to "0.", it was called "not a duration; write a number and a unit" though it was one.
+        ("[retention]\nsweep_interval = 1e-300\n", r"\[retention\] sweep_interval '0.0' must be longer than 0"),
         # Taken, these stopped the daemon at start with a traceback (exit 1: restarted in a loop).
         ("[subscribe]\nheartbeat_ms = 2147483648\ntimeout_ms = 2147483649\n", r"\[subscribe\] heartbeat_ms must be at"),
         ("[subscribe]\ntimeout_ms = 2147483648\n", r"\[subscribe\] timeout_ms must be at most 2147483647 \(ZeroMQ"),

@@ -154,7 +154,8 @@ def _number_text(value: float) -> str:
         return str(value)
     if value.is_integer():
         return str(int(value))
-    return f"{value:.17f}".rstrip("0")
+    text = f"{value:.17f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text  # 1e-300 rounds to "0.", which reads as no number
 
 
 def parse_duration(text: str) -> float:
