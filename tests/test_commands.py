@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -145,6 +146,20 @@ def test_a_bad_slice_is_a_usage_error_before_the_daemon_is_waited_for(
         main(["publish", "--endpoint", nowhere, "--slice", slice_, "--deadline", "20"])
     assert leaving.value.code == 2 and words in capsys.readouterr().err
     assert time.monotonic() - started < 10
+
+
+def test_a_daemon_that_takes_the_connection_but_never_speaks_is_said_to_be_not_answering(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # As a stopped (SIGSTOP) or hung daemon: the kernel completes the TCP handshake for it. The
+    # command said only "took the connection but completed no handshake", with nothing to do.
+    port = free_port()
+    with socket.create_server(("127.0.0.1", port)):  # listening, never accepting nor speaking
+        with pytest.raises(SystemExit) as leaving:
+            main(["stats", "--endpoint", f"tcp://127.0.0.1:{port}", "--timeout", "1"])
+    assert leaving.value.code == 1
+    err = capsys.readouterr().err
+    assert "completed no handshake" in err and "is not answering (stopped, hung or overloaded" in err, err
 
 
 def test_stats_prints_a_nested_map_as_a_block_of_its_own() -> None:

@@ -120,7 +120,12 @@ def _watch(
             continue  # connected, or cut off without a reason: ZeroMQ connects again by itself
         return HandshakeFailure(handshake_refusal(kind, event["value"], hints), refused=True)
     if verdict.connected:
-        return HandshakeFailure(f"took the connection but completed no handshake within {timeout:g} s", refused=False)
+        # As a stopped (SIGSTOP), hung or swamped daemon does: the kernel takes the connection for it.
+        return HandshakeFailure(
+            f"took the connection but completed no handshake within {timeout:g} s: the process there is not"
+            " answering (stopped, hung or overloaded: see its log, and whether it runs) or speaks no ZeroMQ",
+            refused=False,
+        )
     return HandshakeFailure(
         f"accepted no connection within {timeout:g} s: is the daemon running, and is this its endpoint?", refused=False
     )
