@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import ipaddress
 import os
 import socket
 import stat
-import struct
 from pathlib import Path
 
 from transport.config import BindPlace, tcp_host_port
+from transport.interfaces import interface_ipv4, interface_names
 
 IPC_PATH_MAX = 107  # a Unix socket's path, as libzmq takes it (sun_path less its NUL)
 
@@ -45,7 +44,6 @@ def _ipc_path_problem(address: str) -> OSError | None:
     return OSError(errno.EADDRINUSE, f"Address already in use (ipc path {address!r} is answered)")
 
 
-_SIOCGIFADDR = 0x8915  # Linux: an interface's (first) IPv4 address
 _LOOPBACK = frozenset({"127.0.0.0/8", "::1"})  # every address lo may hold
 
 
@@ -53,14 +51,14 @@ def interface_hosts(name: str) -> frozenset[str]:
     """The addresses of interface ``name`` (its IPv4 address by ``SIOCGIFADDR``, its IPv6 ones from
     ``/proc/net/if_inet6``), with the name itself; for ``lo``, all of 127.0.0.0/8 and ::1. Empty
     when ``name`` is not an interface of this machine."""
-    if name not in {each for _index, each in socket.if_nameindex()}:
+    if name not in interface_names():
         return frozenset()
     hosts = {name}
     if name == "lo":
         hosts |= _LOOPBACK
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe, contextlib.suppress(OSError):
-        answer = fcntl.ioctl(probe.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
-        hosts.add(socket.inet_ntoa(answer[20:24]))
+    ipv4 = interface_ipv4(name)
+    if ipv4 is not None:
+        hosts.add(ipv4)
     with contextlib.suppress(OSError), open("/proc/net/if_inet6", encoding="ascii") as table:
         for line in table:
             fields = line.split()

@@ -432,6 +432,40 @@ def test_values_zeromq_or_the_publishers_cannot_take_are_refused_at_start(tmp_pa
         assert published.returncode == 2 and f"publish: {key} must be at most" in published.stderr, published.stderr
 
 
+@pytest.mark.e2e
+@pytest.mark.timeout(120)
+def test_clients_given_the_config_connect_to_binds_that_name_an_interface(tmp_path) -> None:
+    # A bind may name an interface (tcp://lo:PORT); the clients read it from the config and tried
+    # to connect to a host named "lo": "accepted no connection ... is the daemon running?".
+    ports = {name: free_port() for name in ("bind", "ack_bind", "query", "subscribe")}
+    config = write_config(
+        tmp_path / "lo.toml",
+        {
+            "ingest": {"bind": f"tcp://lo:{ports['bind']}", "ack_bind": f"tcp://lo:{ports['ack_bind']}"},
+            "query": {"bind": f"tcp://lo:{ports['query']}"},
+            "subscribe": {"bind": f"tcp://lo:{ports['subscribe']}"},
+            "storage": {"path": str(tmp_path / "events.db")},
+        },
+    )
+    daemon = subprocess.Popen(
+        [sys.executable, str(SCRIPTS / "aggregatord.py"), "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        published = run_script(
+            "publish.py", "--config", str(config), "--acked", "--events", "5", "--deadline", "20", timeout=60
+        )
+        assert published.returncode == 0, published.stderr
+        stats = run_script("stats.py", "--config", str(config), "--json", "--timeout", "10", timeout=60)
+        assert stats.returncode == 0 and json.loads(stats.stdout)["unique_processed"] == 5, stats.stderr
+    finally:
+        daemon.send_signal(signal.SIGINT)
+        _, err = daemon.communicate(timeout=30)
+    assert daemon.returncode == 0, err
+
+
 @pytest.mark.timeout(120)
 def test_a_relative_ipc_bind_is_relative_to_the_config_file_for_daemon_and_clients(tmp_path) -> None:
     # The daemon bound it in its own working folder, and `stats --config` (run from another)

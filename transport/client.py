@@ -24,6 +24,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from transport.config import Config, load_config, wants_ipv6
 from transport.exclusive import one_thread_at_a_time
+from transport.interfaces import interface_ipv4
 from transport.replies import unpack_reply
 from transport.security import curve_client_from_config
 
@@ -438,7 +439,14 @@ def connect(sock: zmq.Socket[Any], endpoint: str) -> None:
 
 
 def connectable(endpoint: str) -> str:
-    """Turn a bind endpoint into one a client can connect to (``*``, 0.0.0.0 and ``[::]`` become loopback)."""
+    """Turn a bind endpoint into one a client can connect to (``*``, 0.0.0.0 and ``[::]`` become
+    loopback; an interface's name, as ``tcp://eth0:5555``, its IPv4 address)."""
     for wildcard, loopback in (("://*:", "://127.0.0.1:"), ("://0.0.0.0:", "://127.0.0.1:"), ("://[::]:", "://[::1]:")):
         endpoint = endpoint.replace(wildcard, loopback)
+    scheme, _, rest = endpoint.partition("://")
+    host, colon, port = rest.rpartition(":")
+    if scheme == "tcp" and colon and host and not host.startswith("["):
+        address = interface_ipv4(host)
+        if address is not None:
+            return f"tcp://{address}:{port}"
     return endpoint

@@ -120,8 +120,9 @@ class DeliveryFailed(PublisherError):
         # Counted when read: the call that raises adds the events it had not queued.
         return (
             f"no acknowledgement from {self.endpoint} for {self.elapsed:.1f} s ({self.attempts} attempts): is the "
-            "daemon running, is this its acknowledged endpoint ([ingest] ack_bind), and do its CURVE settings and "
-            f"this publisher's agree? {len(self.events)} unacknowledged events are in this exception's .events; "
+            "daemon running, is this its acknowledged endpoint ([ingest] ack_bind), do its CURVE settings and "
+            "this publisher's agree, and can it commit (a full disk or a storage outage holds every acknowledgement: "
+            f"`eventagg health` says)? {len(self.events)} unacknowledged events are in this exception's .events; "
             "publishing them again is safe"
         )
 
