@@ -49,8 +49,9 @@ def test_postgresql_config_keys() -> None:
     assert parse_config({"storage": {"backend": "postgresql", "dsn": "host=db", "node": "n1"}}).storage_node == "n1"
     with pytest.raises(ConfigError, match=r"\[storage\] backend must be one of sqlite, postgresql"):
         parse_config({"storage": {"backend": "mysql"}})
-    with pytest.raises(ConfigError, match=r"\[storage\] dsn must be set"):
-        parse_config({"storage": {"backend": "postgresql"}})
+    for unset in ({}, {"dsn": ""}, {"dsn": " \t"}):  # blank: libpq would connect with its defaults
+        with pytest.raises(ConfigError, match=r"\[storage\] dsn must be set"):
+            parse_config({"storage": {"backend": "postgresql", **unset}})
 
 
 def test_dsn_expands_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -679,7 +679,7 @@ def _parse_section(name: str, section_type: type, values: dict[str, Any]) -> Any
             except ValueError as exc:
                 raise ConfigError(f"[http] bind {exc}") from None
         checked[key] = value
-    if name == "storage" and checked.get("backend") == "postgresql" and not checked.get("dsn"):
+    if name == "storage" and checked.get("backend") == "postgresql" and not str(checked.get("dsn", "")).strip():
         raise ConfigError(
             '[storage] dsn must be set when backend = "postgresql", e.g. dsn = "postgresql://eventagg@db.example/eventagg"'
         )
