@@ -61,9 +61,31 @@ STEPS: list[Step] = [
         4,
         "subscriptions: each topic's last deleted commit position (topic_retention.expired_position), so a"
         " follower of some topics is told of what retention deleted of them",
-        lambda conn: _add_column(conn, "topic_retention", "expired_position INTEGER NOT NULL DEFAULT 0"),
+        lambda conn: _add_expired_positions(conn),
     ),
 ]
+
+
+def _add_expired_positions(conn: sqlite3.Connection) -> None:
+    """Step 4: add ``topic_retention.expired_position`` and fill it for topics retention has
+    already deleted events of. Left at 0, a follower of some topics that started before those
+    deletions would be sent the topic's stored events without being told of the ones before them.
+
+    The deleted events' positions are gone with them, but retention deletes a topic's lowest seqs
+    and a topic's seqs are committed in order: its last deleted event lies below its first stored
+    one, or (none stored) at most the head. That bound may tell a follower of a hole that lies
+    before where it started, never miss one after.
+    """
+    _add_column(conn, "topic_retention", "expired_position INTEGER NOT NULL DEFAULT 0")
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(topic_retention)")}
+    if "expired_position" not in columns:
+        return  # no table yet: the schema script makes it, and no topic has expired
+    conn.execute(
+        "UPDATE topic_retention SET expired_position = coalesce("
+        "(SELECT rowid - 1 FROM events WHERE events.topic = topic_retention.topic ORDER BY seq LIMIT 1),"
+        " (SELECT max(rowid) FROM events), 0)"
+        " WHERE expired > 0 AND expired_position = 0"
+    )
 
 
 def _add_column(conn: sqlite3.Connection, table: str, column: str) -> None:

@@ -226,8 +226,17 @@ MIGRATIONS: tuple[str, ...] = (
     WHERE node = (SELECT min(node) FROM nodes);
     """,
     # Each topic's last deleted commit position: a follower of some topics is told of what
-    # retention deleted of them (see PostgresEventSource.expired_marks).
-    "ALTER TABLE topics ADD COLUMN expired_position bigint NOT NULL DEFAULT 0",
+    # retention deleted of them (see PostgresEventSource.expired_marks). A topic retention has
+    # already deleted from gets a bound on it (left at 0 such a follower was never told): a topic's
+    # lowest seqs are deleted and its seqs committed in order, so its last deleted event lies below
+    # its first stored one, or (none stored) at most the last position given out.
+    """
+    ALTER TABLE topics ADD COLUMN expired_position bigint NOT NULL DEFAULT 0;
+    UPDATE topics SET expired_position = coalesce(
+        (SELECT position - 1 FROM events WHERE events.topic = topics.topic ORDER BY seq LIMIT 1),
+        (SELECT last FROM positions WHERE id = 1), 0)
+    WHERE expired > 0;
+    """,
     # A new topic's last timestamp is below every instant, not 0: with 0 every pre-1970 event
     # was late. A topic stuck at 0 gets its real last timestamp, max(ts_ns) of its events (a
     # late one is below the last), or the new start when it has stored none.

@@ -48,3 +48,90 @@ def test_an_added_step_migrates_an_older_database_and_a_failing_step_writes_noth
     with pytest.raises(StorageError, match=f"migrating schema {added} -> {added + 1} failed"):
         connect_writer(path)
     assert version(path) == str(added)
+
+
+# store._SCHEMA as schema version 3 left it (releases 2c77dd4 to 373c10c^): topic_retention
+# without expired_position.
+VERSION_3_SCHEMA = """
+CREATE TABLE events (
+    topic TEXT NOT NULL, event_id TEXT NOT NULL, seq INTEGER NOT NULL, timestamp TEXT NOT NULL,
+    ts_ns INTEGER NOT NULL, source TEXT NOT NULL, payload BLOB NOT NULL, received_at REAL NOT NULL,
+    late INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (topic, event_id)
+);
+CREATE UNIQUE INDEX events_by_topic_seq ON events (topic, seq);
+CREATE TABLE topics (
+    topic TEXT PRIMARY KEY, last_seq INTEGER NOT NULL DEFAULT 0, last_ts_ns INTEGER NOT NULL DEFAULT 0,
+    received INTEGER NOT NULL DEFAULT 0, duplicate_dropped INTEGER NOT NULL DEFAULT 0,
+    late INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE consumers (name TEXT PRIMARY KEY, topic TEXT, position INTEGER NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE deleted_keys (
+    topic TEXT NOT NULL, event_id TEXT NOT NULL, seq INTEGER NOT NULL, fingerprint BLOB NOT NULL,
+    committed_at INTEGER NOT NULL, PRIMARY KEY (topic, event_id)
+) WITHOUT ROWID;
+CREATE INDEX deleted_keys_by_age ON deleted_keys (committed_at);
+CREATE TABLE topic_retention (
+    topic TEXT PRIMARY KEY, expired INTEGER NOT NULL DEFAULT 0,
+    conflicting_duplicates INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+INSERT INTO meta (key, value) VALUES ('schema_version', '3');
+"""
+
+
+def test_topics_retention_deleted_from_before_step_4_get_a_last_deleted_position(tmp_path: Path) -> None:
+    """Left at 0, a follower of some topics after position 5 was sent topic a from seq 11 on
+    without being told that its seqs 1-10 (positions 11-20) were deleted."""
+    path = tmp_path / "db"
+    conn = sqlite3.connect(path)
+    conn.executescript(VERSION_3_SCHEMA)
+    row = "INSERT INTO events (rowid, topic, event_id, seq, timestamp, ts_ns, source, payload, received_at)"
+    row += " VALUES (?, ?, ?, ?, '', 0, '', x'', 0)"
+    conn.executemany(row, [(n, "z", f"z{n}", n) for n in range(1, 11)])  # positions 1-10, none deleted
+    conn.executemany(row, [(n + 10, "a", f"a{n}", n) for n in range(11, 21)])  # 11-20 deleted: 21-30 kept
+    conn.execute("INSERT INTO topic_retention (topic, expired) VALUES ('a', 10), ('gone', 3), ('z', 0)")
+    conn.commit()
+    conn.close()
+    connect_writer(path).close()
+    conn = sqlite3.connect(path)
+    positions = dict(conn.execute("SELECT topic, expired_position FROM topic_retention"))
+    conn.close()
+    assert version(path) == str(migrations.SCHEMA_VERSION)
+    # a: below its first stored event; gone (nothing stored): at most the head; z: nothing deleted.
+    assert positions == {"a": 20, "gone": 30, "z": 0}
+
+
+def test_postgresql_topics_retention_deleted_from_before_migration_6_get_a_last_deleted_position(
+    database: str,
+) -> None:
+    import psycopg
+
+    from actors.pg_session import connect
+    from actors.postgres import MIGRATIONS, SCHEMA_VERSION, migrate
+
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE eventagg_schema (version integer PRIMARY KEY, applied_at timestamptz"
+            " NOT NULL DEFAULT now(), applied_by text NOT NULL)"
+        )
+        for applied, step in enumerate(MIGRATIONS[:5], start=1):
+            conn.execute(step)
+            conn.execute("INSERT INTO eventagg_schema (version, applied_by) VALUES (%s, 'old')", (applied,))
+        conn.execute("UPDATE positions SET last = 30")
+        conn.execute("INSERT INTO topics (topic, last_seq, expired) VALUES ('z', 10, 0), ('a', 20, 10), ('gone', 3, 3)")
+        insert = (
+            "INSERT INTO events (topic, event_id, seq, position, timestamp, ts_ns, source, payload, received_at)"
+            " VALUES (%s, %s, %s, %s, '', 0, '', '', 0)"
+        )
+        with conn.cursor() as cursor:
+            cursor.executemany(insert, [("z", f"z{n}", n, n) for n in range(1, 11)])
+            cursor.executemany(insert, [("a", f"a{n}", n, n + 10) for n in range(11, 21)])
+    writer = connect(database, "writer", "test")
+    try:
+        assert migrate(writer, "writer") == SCHEMA_VERSION
+    finally:
+        writer.close()
+    with psycopg.connect(database, autocommit=True) as conn:
+        positions = dict(conn.execute("SELECT topic, expired_position FROM topics").fetchall())
+    assert positions == {"a": 20, "gone": 30, "z": 0}
