@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from transport.schema import MIN_TS_NS
+
 log = logging.getLogger(__name__)
 
 
@@ -45,9 +47,11 @@ STEPS: list[Step] = [
         "topics made of pre-1970 events get their real last timestamp (it was stuck at 0)",
         # A topic's last_ts_ns is the largest timestamp among its events that were not late, and a
         # late one is below it: so max(ts_ns) of all its events. Only a topic whose every event
-        # is at or before 1970 can be stuck at 0, so only those are looked at.
+        # is at or before 1970 can be stuck at 0, so only those are looked at. One whose events
+        # retention deleted starts again below every instant, as a new topic does: left at 0,
+        # every pre-1970 event it is sent would be late for ever.
         "UPDATE topics SET last_ts_ns = coalesce("
-        "(SELECT max(ts_ns) FROM events WHERE events.topic = topics.topic), last_ts_ns)"
+        f"(SELECT max(ts_ns) FROM events WHERE events.topic = topics.topic), {MIN_TS_NS})"
         " WHERE last_ts_ns = 0",
     ),
     Step(

@@ -239,11 +239,12 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # A new topic's last timestamp is below every instant, not 0: with 0 every pre-1970 event
     # was late. A topic stuck at 0 gets its real last timestamp, max(ts_ns) of its events (a
-    # late one is below the last), or the new start when it has stored none.
+    # late one is below the last), or the new start when it has stored none (never had any, or
+    # retention deleted them: left at 0, every pre-1970 event it is sent would be late for ever).
     f"""
     ALTER TABLE topics ALTER COLUMN last_ts_ns SET DEFAULT {NO_TIMESTAMP};
-    UPDATE topics SET last_ts_ns = CASE WHEN last_seq = 0 THEN {NO_TIMESTAMP}
-        ELSE coalesce((SELECT max(ts_ns) FROM events WHERE events.topic = topics.topic), last_ts_ns) END
+    UPDATE topics SET last_ts_ns =
+        coalesce((SELECT max(ts_ns) FROM events WHERE events.topic = topics.topic), {NO_TIMESTAMP})
     WHERE last_ts_ns = 0;
     """,
     # Which daemon serves each named consumer, numbered so that of two claims the later wins: a

@@ -10,7 +10,7 @@ import pytest
 
 from actors import migrations
 from actors.migrations import Step
-from actors.store import StorageError, connect_writer
+from actors.store import NO_TIMESTAMP, StorageError, connect_writer
 
 
 def version(path: Path) -> str:
@@ -50,9 +50,9 @@ def test_an_added_step_migrates_an_older_database_and_a_failing_step_writes_noth
     assert version(path) == str(added)
 
 
-# store._SCHEMA as schema version 3 left it (releases 2c77dd4 to 373c10c^): topic_retention
+# store._SCHEMA as retention left it (52fb6b9, schema version 1, to 373c10c^, version 3): topic_retention
 # without expired_position.
-VERSION_3_SCHEMA = """
+OLD_SCHEMA = """
 CREATE TABLE events (
     topic TEXT NOT NULL, event_id TEXT NOT NULL, seq INTEGER NOT NULL, timestamp TEXT NOT NULL,
     ts_ns INTEGER NOT NULL, source TEXT NOT NULL, payload BLOB NOT NULL, received_at REAL NOT NULL,
@@ -76,7 +76,6 @@ CREATE TABLE topic_retention (
     topic TEXT PRIMARY KEY, expired INTEGER NOT NULL DEFAULT 0,
     conflicting_duplicates INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
-INSERT INTO meta (key, value) VALUES ('schema_version', '3');
 """
 
 
@@ -85,7 +84,8 @@ def test_topics_retention_deleted_from_before_step_4_get_a_last_deleted_position
     without being told that its seqs 1-10 (positions 11-20) were deleted."""
     path = tmp_path / "db"
     conn = sqlite3.connect(path)
-    conn.executescript(VERSION_3_SCHEMA)
+    conn.executescript(OLD_SCHEMA)
+    conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '3')")
     row = "INSERT INTO events (rowid, topic, event_id, seq, timestamp, ts_ns, source, payload, received_at)"
     row += " VALUES (?, ?, ?, ?, '', 0, '', x'', 0)"
     conn.executemany(row, [(n, "z", f"z{n}", n) for n in range(1, 11)])  # positions 1-10, none deleted
@@ -100,6 +100,59 @@ def test_topics_retention_deleted_from_before_step_4_get_a_last_deleted_position
     assert version(path) == str(migrations.SCHEMA_VERSION)
     # a: below its first stored event; gone (nothing stored): at most the head; z: nothing deleted.
     assert positions == {"a": 20, "gone": 30, "z": 0}
+
+
+def test_a_pre_1970_topic_whose_events_retention_deleted_before_step_2_is_not_late_for_ever(
+    tmp_path: Path,
+) -> None:
+    """Versions 1 started every topic at 0, so pre-1970 events were all late; step 2 gives such a
+    topic its real last instant, and one with no event left (retention deleted them) the start of
+    a new topic, not 0: its next pre-1970 event is late only if it is late."""
+    path = tmp_path / "db"
+    conn = sqlite3.connect(path)
+    conn.executescript(OLD_SCHEMA)
+    conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')")
+    conn.execute(
+        "INSERT INTO topics (topic, last_seq, last_ts_ns) VALUES ('kept', 1, 0), ('gone', 3, 0), ('now', 1, 5)"
+    )
+    conn.execute(
+        "INSERT INTO events (topic, event_id, seq, timestamp, ts_ns, source, payload, received_at)"
+        " VALUES ('kept', 'a', 1, '', -300, '', x'', 0), ('now', 'b', 1, '', 5, '', x'', 0)"
+    )
+    conn.execute("INSERT INTO topic_retention (topic, expired) VALUES ('gone', 3)")
+    conn.commit()
+    conn.close()
+    connect_writer(path).close()
+    conn = sqlite3.connect(path)
+    last = dict(conn.execute("SELECT topic, last_ts_ns FROM topics"))
+    conn.close()
+    assert last == {"kept": -300, "gone": NO_TIMESTAMP, "now": 5}
+
+
+def test_postgresql_a_pre_1970_topic_whose_events_retention_deleted_before_migration_7_is_not_late_for_ever(
+    database: str,
+) -> None:
+    import psycopg
+
+    from actors.pg_session import connect
+    from actors.postgres import MIGRATIONS, SCHEMA_VERSION, migrate
+
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE eventagg_schema (version integer PRIMARY KEY, applied_at timestamptz"
+            " NOT NULL DEFAULT now(), applied_by text NOT NULL)"
+        )
+        for applied, step in enumerate(MIGRATIONS[:6], start=1):
+            conn.execute(step)
+            conn.execute("INSERT INTO eventagg_schema (version, applied_by) VALUES (%s, 'old')", (applied,))
+        conn.execute("INSERT INTO topics (topic, last_seq, last_ts_ns, expired) VALUES ('gone', 3, 0, 3)")
+    writer = connect(database, "writer", "test")
+    try:
+        assert migrate(writer, "writer") == SCHEMA_VERSION
+    finally:
+        writer.close()
+    with psycopg.connect(database, autocommit=True) as conn:
+        assert conn.execute("SELECT last_ts_ns FROM topics").fetchall() == [(NO_TIMESTAMP,)]
 
 
 def test_postgresql_topics_retention_deleted_from_before_migration_6_get_a_last_deleted_position(
