@@ -977,3 +977,27 @@ def test_an_on_ack_failure_in_close_still_settles_and_frees_everything_then_rais
     assert len(seen) == 4  # the others were told too
     assert not publisher._finalizer.alive
     daemon.wait_stats(unique_processed=20)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(30)
+def test_close_from_on_ack_during_close_lets_that_close_flush_everything(daemon_factory: Callable[..., Daemon]) -> None:
+    """close() from on_ack while close() itself flushed stopped that flush at the first ack: the
+    close raised PublisherClosed and handed back events a running daemon was about to take."""
+    daemon, second = daemon_factory("one").start(), daemon_factory("two").start()
+    acks: list[int] = []
+
+    def on_ack(result: BatchResult) -> None:
+        acks.append(result.size)
+        publisher.close()  # "done with it": already closing, so nothing to add
+
+    publisher = Publisher(daemon.ack, batch_size=5, window=8, on_ack=on_ack)
+    publisher.publish_many([make_event(i, 1, "cwc") for i in range(20)])
+    publisher.close(timeout=20)
+    assert acks == [5, 5, 5, 5] and publisher.totals.acked_new == 20 and publisher.held_events() == []
+    assert not publisher._finalizer.alive
+    # The same through several daemons.
+    affine = Publisher(endpoints=[daemon.ack, second.ack], batch_size=5, window=8, on_ack=lambda _: affine.close())
+    affine.publish_many([make_event(i, 1, f"cwd{i % 4}") for i in range(20)])
+    affine.close(timeout=20)
+    assert affine.totals.acked_new == 20 and affine.held_events() == []

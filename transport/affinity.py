@@ -104,6 +104,7 @@ class AffinePublisher(Publisher):
         self._give_ups: dict[str, _GiveUps] = {}  # endpoint -> its publisher's last give-up
         self._closed = False
         self._close_asked = False  # by on_ack or a signal handler within a call: that call closes
+        self._closing = False  # inside close(): a close() asked again (flushing) leaves it to finish
         self._in_call: Any = threading.RLock()  # held by the thread inside a public call
         self._forks = next(iter(self._publishers.values()))._forks
         self.totals = Totals()
@@ -282,6 +283,7 @@ class AffinePublisher(Publisher):
         wait = first.close_timeout if timeout is None else timeout
         if timeout is None and first.deadline is not None:
             wait = max(wait, first.deadline + self.failover_after)
+        self._closing = True
         for publisher in self._publishers.values():
             publisher._closing = True  # an on_ack failure does not stop the flush
         try:
@@ -296,6 +298,7 @@ class AffinePublisher(Publisher):
             if failure is not None:
                 raise failure
         finally:
+            self._closing = False
             for publisher in self._publishers.values():
                 publisher._closing = False
                 publisher._callback_error = None

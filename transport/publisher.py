@@ -668,12 +668,18 @@ class Publisher:
         exception is raised; should events be left unacknowledged too, :class:`PublishTimeout`
         is raised as above, from it. Called on the thread of a call in progress (by ``on_ack``,
         or a signal handler), it returns at once and that call closes the publisher as soon as
-        it gets back to its loop, without waiting further (see :class:`PublisherClosed`).
+        it gets back to its loop, without waiting further (see :class:`PublisherClosed`); but
+        from within ``close()`` itself (its ``on_ack``), a ``close()`` that flushes changes
+        nothing: the close in progress goes on flushing, as both asked.
         """
         if self._closed:
             return
         arguments.seconds("timeout", timeout, none=True)
         if self._in_call._is_owned():
+            if self._closing and flush:
+                # Asked again from within close() (its on_ack): the close in progress already
+                # flushes, as asked; stopping its wait would hand back what the daemon is about to take.
+                return
             # Closing here would pull the socket from under the call in progress on this thread
             # (a raw AttributeError or ZMQError there): that call closes instead.
             self._close_asked = True
