@@ -228,6 +228,12 @@ def test_allowed_origins_is_an_array_of_web_origins_without_null() -> None:
     for bad in (["https://app.example.com/"], ["app.example.com"], ["ftp://a.example"], ["https://u@a.example"]):
         with pytest.raises(ConfigError, match=r"\[http\] allowed_origins must be an array of web origins"):
             parse_config({"http": {"allowed_origins": bad}})
+    # Each of these was taken and then matched no Origin a browser sends.
+    for bad in (["http://x.example:99999"], ["http://localhost:0080"]):
+        with pytest.raises(ConfigError, match=r"\[http\] allowed_origins must be an array of web origins"):
+            parse_config({"http": {"allowed_origins": bad}})
+    with pytest.raises(ConfigError, match=r"allowed_origins takes no patterns \('https://\*\.example\.com'"):
+        parse_config({"http": {"allowed_origins": ["https://*.example.com"]}})
     with pytest.raises(ConfigError, match=r'\[http\] allowed_origins cannot list "null"'):
         parse_config({"http": {"allowed_origins": ["null"]}})
     with pytest.raises(ConfigError, match=r"\[http\] allowed_origins must be an array"):

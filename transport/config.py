@@ -608,8 +608,9 @@ def _strings(key: str, values: list[Any]) -> tuple[str, ...]:
     return tuple(values)
 
 
-# A web origin as a browser's Origin header gives it: scheme://host[:port], nothing after.
-_ORIGIN = re.compile(r"https?://(?:\[[0-9A-Fa-f:.]+\]|[^\s/?#@:\[\]]+)(?::[0-9]{1,5})?", re.IGNORECASE)
+# A web origin as a browser's Origin header gives it: scheme://host[:port], nothing after (a
+# port as browsers write it: no leading zero, at most 65535, checked apart).
+_ORIGIN = re.compile(r"https?://(?:\[[0-9A-Fa-f:.]+\]|[^\s/?#@:\[\]*]+)(?::([1-9][0-9]{0,4}))?", re.IGNORECASE)
 
 
 def _check_origins(origins: tuple[str, ...]) -> None:
@@ -623,7 +624,13 @@ def _check_origins(origins: tuple[str, ...]) -> None:
                 "sandboxed frame, a file:// page), which any web page can make itself; serve the page from an "
                 "origin and list that"
             )
-        if _ORIGIN.fullmatch(origin) is None:
+        if "*" in origin:
+            raise ConfigError(
+                f"[http] allowed_origins takes no patterns ({origin!r} would match no page): list each origin, "
+                'like "https://app.example.com", or "*" alone for any'
+            )
+        matched = _ORIGIN.fullmatch(origin)
+        if matched is None or int(matched.group(1) or 1) > 65535:
             raise ConfigError(
                 f'[http] allowed_origins must be an array of web origins, like ["https://app.example.com"] '
                 f'(http or https://host, an optional :port, no path, not even /), or ["*"] for any; not {origin!r}'
