@@ -1001,3 +1001,43 @@ def test_close_from_on_ack_during_close_lets_that_close_flush_everything(daemon_
     affine.publish_many([make_event(i, 1, f"cwd{i % 4}") for i in range(20)])
     affine.close(timeout=20)
     assert affine.totals.acked_new == 20 and affine.held_events() == []
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(30)
+def test_a_publish_from_on_ack_after_a_close_asked_ends_the_call_with_every_event_held(daemon: Daemon) -> None:
+    """An on_ack publishing after close() was asked in the call (by itself, or a signal handler
+    just before) raised "is closed; make a new one" with no events out of that call: the events
+    held, and the one on_ack published, were in no error's .events."""
+    follow_up = make_event(100, 1, "fu")
+
+    def on_ack(result: BatchResult) -> None:
+        publisher.close()
+        publisher.publish(follow_up)
+
+    publisher = Publisher(daemon.ack, batch_size=5, window=1, linger=60, on_ack=on_ack)
+    events = [make_event(i, 1, "fo") for i in range(10)]
+    publisher.publish_many(events)  # the first batch sent, the second waiting for its ack
+    with pytest.raises(PublisherClosed, match="was closed during this call") as caught:
+        publisher.flush(timeout=20)
+    assert caught.value.events == [*events[5:], follow_up]
+    assert publisher.held_events() == events[5:] and not publisher._finalizer.alive
+    with pytest.raises(PublisherClosed, match="is closed; make a new one") as later:
+        publisher.publish(follow_up)
+    assert later.value.events == []
+    # publish_many from on_ack, through several daemons.
+    many = [make_event(200 + i, 1, "fm") for i in range(3)]
+    affine = Publisher(
+        endpoints=[daemon.ack, nowhere()], batch_size=5, window=1, linger=60, on_ack=lambda _: on_ack_many()
+    )
+
+    def on_ack_many() -> None:
+        affine.close()
+        affine.publish_many(iter(many))
+
+    topic = next(t for t in (f"fa{i}" for i in range(50)) if rendezvous_order(t, affine.endpoints)[0] == daemon.ack)
+    sent = [{**make_event(i, 1, "fa"), "topic": topic} for i in range(10)]
+    affine.publish_many(sent)
+    with pytest.raises(PublisherClosed, match="was closed during this call") as caught:
+        affine.flush(timeout=20)
+    assert caught.value.events == [*sent[5:], *many]

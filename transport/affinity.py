@@ -162,7 +162,7 @@ class AffinePublisher(Publisher):
     @closes_when_asked
     def publish(self, event: dict[str, Any], timeout: float | None = None) -> None:
         """Queue one event on its topic's daemon (see :meth:`Publisher.publish`)."""
-        self._check_open()
+        self._check_open((event,))
         arguments.seconds("timeout", timeout, none=True)
         topic = event.get("topic") if isinstance(event, dict) else None
         wait = self._publishers[self.endpoints[0]].block_timeout if timeout is None else timeout
@@ -197,7 +197,7 @@ class AffinePublisher(Publisher):
     def publish_many(self, events: Iterable[dict[str, Any]], timeout: float | None = None) -> None:
         """Validate every event first, then queue each on its topic's daemon; one bad event queues
         none (:class:`InvalidEvent` names its position), as :meth:`Publisher.publish_many`."""
-        self._check_open()
+        self._check_open(events)
         arguments.seconds("timeout", timeout, none=True)
         events = list(events)
         check = self._publishers[self.endpoints[0]]._encode

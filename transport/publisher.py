@@ -571,7 +571,7 @@ class Publisher:
             take_held_lock(self)
         try:
             try:
-                self._check_open()
+                self._check_open((event,) if self._close_asked else None)
                 arguments.seconds("timeout", timeout, none=True)
                 packed = self._encode(event)
                 self._add(event, packed, timeout)
@@ -592,7 +592,7 @@ class Publisher:
 
         :class:`InvalidEvent` names the bad event's position. Otherwise as :meth:`publish`.
         """
-        self._check_open()
+        self._check_open(events)
         arguments.seconds("timeout", timeout, none=True)
         checked: list[tuple[dict[str, Any], bytes]] = []
         for index, event in enumerate(events):
@@ -1152,8 +1152,15 @@ class Publisher:
             else:
                 time.sleep(wait_s)
 
-    def _check_open(self) -> None:
-        if self._closed or self._close_asked:
+    def _check_open(self, unqueued: Iterable[dict[str, Any]] | None = None) -> None:
+        """Raise :class:`PublisherClosed` if closed, or if a close was asked within the call on
+        this thread (by on_ack or a signal handler), as that call would: with the events held,
+        then ``unqueued`` (the events of the call refused here, handed back too)."""
+        if self._close_asked and not self._closed:
+            closed = self._closed_during_call()
+            closed.events.extend(unqueued or ())
+            raise closed
+        if self._closed:
             raise PublisherClosed(f"this publisher to {self.endpoint} is closed; make a new one")
         if self._forked():
             raise PublisherClosed(
