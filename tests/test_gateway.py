@@ -765,6 +765,9 @@ def test_a_trailing_slash_gets_a_json_404_naming_the_route_not_a_bodiless_redire
     head = client.head("/metrics/")
     assert (head.status_code, head.content) == (404, b""), head.headers
     assert client.get("/nowhere/").json() == {"error": "no route /nowhere/: the routes are listed in /openapi.json"}
+    long = "/" + "x" * 60_000  # quoted back cut short, not whole
+    error = client.get(long).json()["error"]
+    assert error == f"no route {long[:200]}... (60001 characters): the routes are listed in /openapi.json"
     assert gateway.daemon.stats()["received"] == 0
 
 

@@ -126,6 +126,7 @@ KEEPALIVE_S = 15.0  # a comment line on an event stream this long quiet, so prox
 # when one of their descriptors cannot be had. With fewer free it is not made: 503. (Measured:
 # 7 for the context, the socket and its connection; with 2 to 4 free the gateway aborted.)
 NEW_PUBLISHER_DESCRIPTORS = 10
+MAX_QUOTED_PATH = 200  # most characters of an unknown path a 404 quotes back
 
 
 class GatewayError(Exception):
@@ -1197,7 +1198,9 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
             isinstance(route, Route) and route.path_regex.match(meant) for route in app.router.routes
         ):
             return f"no route {path}: did you mean {meant}? (without the trailing slash)"
-        return f"no route {path}: the routes are listed in /openapi.json"
+        # The path quoted back at most this long: a client may send tens of KB of it.
+        shown = path if len(path) <= MAX_QUOTED_PATH else f"{path[:MAX_QUOTED_PATH]}... ({len(path)} characters)"
+        return f"no route {shown}: the routes are listed in /openapi.json"
 
     @app.post(
         "/publish",
