@@ -69,6 +69,9 @@ IF_NEVER_ANSWERED = (
 )
 # Most topics in a subscription's ``topics`` filter (the subscribe protocol's limit).
 MAX_FILTER_TOPICS = 1000
+# The daemon's messages ZeroMQ may queue for a subscriber with ``buffer_bytes`` (each at most
+# about 1 MiB, or one event): the rest wait in the daemon, which a consumer not reading costs little.
+BOUNDED_RCVHWM = 2
 
 
 def name_problem(name: object) -> str | None:
@@ -130,8 +133,13 @@ class Subscriber:
     ``topic``: one topic, the cursor is its seq; without it every topic in commit order (or only
     ``topics``), the cursor is the commit ``position``. ``after``: start after this cursor (None:
     the named consumer's acknowledged position, or the beginning). ``credit``: the window, the
-    most events the daemon may have sent ahead of the application. ``reconnects`` counts the
-    times the subscription was made again: on a new connection, or when the daemon had dropped it.
+    most events the daemon may have sent ahead of the application. ``buffer_bytes``: bound in
+    bytes too what waits in this process, whatever the events' sizes: the subscriber then reads
+    at most about this many bytes of the daemon's messages into its buffer at a time (more only
+    once the application took them all) and lets ZeroMQ queue only ``BOUNDED_RCVHWM`` messages,
+    so the rest of the window waits in the daemon (None: only the window bounds it, in events).
+    ``reconnects`` counts the times the subscription was made again: on a new connection, or
+    when the daemon had dropped it.
     """
 
     def __init__(
@@ -143,6 +151,7 @@ class Subscriber:
         after: int | None = None,
         name: str | None = None,
         credit: int = DEFAULT_CREDIT,
+        buffer_bytes: int | None = None,
         heartbeat: float = 1.0,
         timeout: float = 5.0,
         ack_interval: float = 0.5,
@@ -153,6 +162,8 @@ class Subscriber:
         if topic is not None:
             arguments.text("topic", topic)
         arguments.count("credit", credit)
+        if buffer_bytes is not None:
+            arguments.count("buffer_bytes", buffer_bytes)
         if after is not None:
             arguments.count("after", after, minimum=0, maximum=MAX_CURSOR)
         arguments.seconds("ack_interval", ack_interval)
@@ -166,6 +177,7 @@ class Subscriber:
         self.topics = topics
         self.name = name
         self.window = credit
+        self.buffer_bytes = buffer_bytes
         self.heartbeat = heartbeat
         self.timeout = timeout
         self.ack_interval = ack_interval
@@ -179,6 +191,7 @@ class Subscriber:
         self._context: zmq.Context[Any] = zmq.Context.instance()
         self._socket: zmq.Socket[Any] | None = None
         self._buffer: collections.deque[dict[str, Any]] = collections.deque()
+        self._buffered_bytes = 0  # the size of the messages read since the buffer was last empty
         # The daemon's expired notices, each told once the events that came before it are taken
         # (so a note never runs ahead of the events printed): (events arrived before it, after, first).
         self._notices: collections.deque[tuple[int, int, int]] = collections.deque()
@@ -258,6 +271,8 @@ class Subscriber:
             self._step(max(0.0, min(deadline, now + 0.25, self._heartbeat_due(now)) - now))
         self._tell_due_notices()
         event = self._buffer.popleft()
+        if not self._buffer:
+            self._buffered_bytes = 0
         self._taken_count += 1
         self.cursor = event["seq"] if self.topic is not None else event["position"]
         self._finished_cursor = self._taken_cursor
@@ -443,6 +458,8 @@ class Subscriber:
                 self._on_message(frame)
                 if self._socket is None:
                     return
+                if self.buffer_bytes is not None and self._buffered_bytes >= self.buffer_bytes:
+                    break  # the rest stays in the socket, and past BOUNDED_RCVHWM in the daemon
         now = time.monotonic()
         if now - self._last_heard > self._silence:
             # Never answered on this connection: nothing there, or a handshake it refused.
@@ -462,6 +479,8 @@ class Subscriber:
     def _connect(self) -> None:
         sock: zmq.Socket[Any] = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.buffer_bytes is not None:
+            sock.setsockopt(zmq.RCVHWM, BOUNDED_RCVHWM)
         if self._configure is not None:
             self._configure(sock)
         try:
@@ -555,6 +574,7 @@ class Subscriber:
             # is above what this side grants, and a quiet spell means only the head is reached.
             self._roomy = self._roomy or self._granted < 0
             self._buffer.extend(events)
+            self._buffered_bytes += len(frame)
             self._arrived += len(events)
             self._last_event_at = time.monotonic()
             self._regranted = False
@@ -636,6 +656,7 @@ class Subscriber:
         """Forget the events not yet taken, and the notices not yet told: the daemon sends both
         again to the subscription made after the cursor."""
         self._buffer.clear()
+        self._buffered_bytes = 0
         self._notices.clear()
         self._arrived = self._taken_count
 
