@@ -6,6 +6,7 @@ Real daemon, real gateway process, real HTTP with httpx; on SQLite and on a real
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import resource
 import signal
@@ -432,6 +433,64 @@ def test_a_stream_whose_client_reads_slowly_keeps_its_subscription(gateway_facto
         client.close()
     assert "not heard from" not in gateway.daemon.log()
     assert "with no subscription" not in gateway.daemon.log()
+
+
+BIG_PAYLOAD = 512 * 1024
+BIG_EVENTS = 300  # 150 MiB of payloads
+
+
+def test_a_stream_whose_client_reads_nothing_holds_a_few_mib_of_large_events_then_gives_them_all(
+    gateway: Gateway,
+) -> None:
+    """A stream held up to ~2 500 events whatever their size: a client that read nothing made
+    the gateway take every one of 300 events of 512 KiB (150 MiB and more as JSON) into memory."""
+    from transport.publisher import Publisher
+
+    publisher = Publisher(gateway.daemon.ack, batch_size=5, deadline=30.0)
+    try:
+        for i in range(BIG_EVENTS):
+            publisher.publish(event("big", f"b-{i}", payload={"n": f"{i:06d}" + "x" * (BIG_PAYLOAD - 16)}))
+        publisher.flush(timeout=30.0)
+    finally:
+        publisher.close(timeout=10.0)
+    assert gateway.proc is not None
+    pid = gateway.proc.pid
+    host, port = gateway.url.removeprefix("http://").rsplit(":", 1)
+    before = _rss(pid)
+    with socket.create_connection((host, int(port)), timeout=20) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        # HTTP/1.0: the body unchunked, plain Server-Sent Events.
+        client.sendall(b"GET /events/stream?topic=big&after=0 HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        received = client.recv(4096)
+        assert received.startswith(b"HTTP/1.1 200 "), received
+        grown = 0
+        deadline = time.monotonic() + 4  # the client takes nothing more meanwhile
+        while time.monotonic() < deadline:
+            grown = max(grown, _rss(pid) - before)
+            time.sleep(0.1)
+        assert grown < 32 * 2**20, f"the gateway's RSS grew {grown / 2**20:.0f} MiB for one stream that read nothing"
+        ids: list[int] = []
+        rest = received.partition(b"\r\n\r\n")[2]
+        while len(ids) < BIG_EVENTS:
+            chunk = client.recv(1 << 20)
+            assert chunk, f"the stream ended after {len(ids)} events"
+            messages = (rest + chunk).split(b"\n\n")
+            rest = messages.pop()
+            for message in messages:
+                head, _, data = message.partition(b"\ndata: ")
+                assert head.startswith(b"id: ") and head.endswith(b"\nevent: event"), message[:200]
+                ids.append(int(head[4:].partition(b"\n")[0]))
+                assert json.loads(data)["payload"]["n"][:6] == f"{len(ids) - 1:06d}"
+    assert ids == list(range(1, BIG_EVENTS + 1))
+
+
+def _rss(pid: int) -> int:
+    """The process's resident memory, in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def test_a_gateway_near_its_descriptor_limit_says_so_even_when_the_limit_is_lowered_while_it_runs(

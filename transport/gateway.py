@@ -74,7 +74,13 @@ from transport.client import (
 from transport.config import Config, load_config
 from transport.descriptors import CHECK_EVERY_S as DESCRIPTOR_CHECK_S
 from transport.descriptors import DescriptorWatch, descriptors_free, exhausted_message, out_of_descriptors
-from transport.gateway_stream import STREAMS_FOLDER_ENV, EventStreamResponse, OpenStreams, StreamPump
+from transport.gateway_stream import (
+    STREAMS_FOLDER_ENV,
+    SUBSCRIBER_BYTES,
+    EventStreamResponse,
+    OpenStreams,
+    StreamPump,
+)
 from transport.handshake import probe
 from transport.http_protocol import HeaderDeadlineProtocol
 from transport.logs import setup_logging
@@ -432,8 +438,16 @@ class DaemonLink:
 
     def subscriber(self, topic: str | None, after: int, topics: list[str] | None = None) -> Subscriber:
         """A subscription to the daemon's stored and live events after ``after`` (a seq with
-        ``topic``; else a commit position, of every topic or only ``topics``)."""
-        return Subscriber(self.subscribe_endpoint, topic, topics=topics, after=after, configure=self._secure)
+        ``topic``; else a commit position, of every topic or only ``topics``), reading at most
+        ``SUBSCRIBER_BYTES`` of them ahead of its stream."""
+        return Subscriber(
+            self.subscribe_endpoint,
+            topic,
+            topics=topics,
+            after=after,
+            buffer_bytes=SUBSCRIBER_BYTES,
+            configure=self._secure,
+        )
 
     def close(self) -> None:
         """Close every pooled connection (ones lent out are closed when they come back)."""
@@ -1348,7 +1362,11 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
             )
         streams.opened()
         cursor = "seq" if topic is not None else "position"  # what each event's id is
-        pump = StreamPump(lambda: link.subscriber(topic, after, topics), asyncio.get_running_loop(), cursor)
+
+        def encode(event: dict[str, Any]) -> bytes:  # one event as the stream's text, on the stream's thread
+            return b"id: %d\nevent: event\ndata: %s\n\n" % (event[cursor], _json_bytes(event))
+
+        pump = StreamPump(lambda: link.subscriber(topic, after, topics), asyncio.get_running_loop(), encode, cursor)
 
         def closed() -> None:  # however the response ends, also before its body began
             pump.stop()
@@ -1387,10 +1405,7 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
                     quiet_since = time.monotonic()
                     kind, value = item
                     if kind == "events":
-                        yield b"".join(
-                            b"id: %d\nevent: event\ndata: %s\n\n" % (event[cursor], _json_bytes(event))
-                            for event in value
-                        )
+                        yield value  # the events' text, written by the stream's thread
                     elif kind == "expired":
                         yield b"event: expired\ndata: %s\n\n" % _json_bytes(value)
                     elif kind == "error":

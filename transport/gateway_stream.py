@@ -2,11 +2,14 @@
 
 A :class:`transport.subscriber.Subscriber` blocks and its ZeroMQ socket belongs to one thread,
 so each stream runs one on a thread of its own (:class:`StreamPump`). The thread takes what the
-subscriber has (up to ``BATCH_EVENTS`` events at a time, or a notice that retention deleted
-events after the cursor) and puts it on an asyncio queue for the route's writer, at most
-``AHEAD`` items ahead of what the writer took: a slow HTTP client holds the thread back, the
-thread stops taking events, and the subscriber stops granting the daemon credit. So a stream's
-memory is bounded whatever its client does, and the daemon never queues for it.
+subscriber has (up to ``BATCH_EVENTS`` events at a time, or ``ITEM_BYTES`` of their text, or a
+notice that retention deleted events after the cursor), writes it as the stream's text, and puts
+it on an asyncio queue for the route's writer, at most ``AHEAD`` items and ``QUEUE_BYTES`` ahead
+of what the writer took: a slow HTTP client holds the thread back, the thread stops taking
+events, and the subscriber stops granting the daemon credit and, past ``SUBSCRIBER_BYTES``,
+reading its messages. So a stream's memory is bounded in events and in bytes (about 8 MiB
+whatever the events' sizes up to 1 MiB, see docs/gateway.md) whatever its client does, and the
+daemon queues for it no more than for any consumer that stops reading.
 
 The subscriber reconnects and resumes by itself when the daemon restarts, so a stream outlives a
 restart. :meth:`StreamPump.stop` (the client went away, or the gateway is stopping) ends the
@@ -38,11 +41,19 @@ from transport.subscriber import Subscriber, SubscriberError
 log = logging.getLogger(__name__)
 
 BATCH_EVENTS = 256  # most events in one item: one wake-up of the event loop per batch, not per event
+ITEM_BYTES = 256 * 1024  # ... and at most this much of their text (one event at least, whatever its size)
 AHEAD = 4  # items the thread may put on the queue before the writer takes one
+# ... and bytes of them: the thread waits while this much waits for the writer (events of up to
+# 1 MiB each would otherwise make AHEAD items of BATCH_EVENTS hundreds of MiB).
+QUEUE_BYTES = 2 * 1024 * 1024
+# The most bytes of the daemon's messages the stream's subscriber reads ahead of the thread
+# (``Subscriber(buffer_bytes=...)``): its credit window alone, 1000 events, could be 1 GiB.
+SUBSCRIBER_BYTES = 1024 * 1024
 POLL_S = 0.25  # how often a waiting thread looks whether the stream was stopped
 CONFIRM_POLL_S = 0.02  # ... and whether the daemon has confirmed the subscription, until it has
 
-Item = tuple[str, Any]  # ("events", [event, ...]), ("expired", {"after", "first"}), ("error", str), ("end", None)
+# ("events", the events' text), ("expired", {"after", "first"}), ("error", str), ("end", None)
+Item = tuple[str, Any]
 
 STREAMS_FOLDER_ENV = "EVENTAGG_GATEWAY_STREAMS"
 """The folder where each worker process of a gateway with ``[http] workers`` above 1 keeps its count."""
@@ -109,16 +120,28 @@ class OpenStreams:
 
 
 class StreamPump:
-    """One subscription on its own thread, feeding :meth:`get` with batches of events, in order."""
+    """One subscription on its own thread, feeding :meth:`get` with batches of events, in order.
+
+    ``encode`` writes one event as the stream's text: on the thread, so that what waits for the
+    writer is counted in the bytes it will write (and the event loop is spared the encoding).
+    """
 
     def __init__(
-        self, make_subscriber: Callable[[], Subscriber], loop: asyncio.AbstractEventLoop, cursor: str = "position"
+        self,
+        make_subscriber: Callable[[], Subscriber],
+        loop: asyncio.AbstractEventLoop,
+        encode: Callable[[dict[str, Any]], bytes],
+        cursor: str = "position",
     ) -> None:
         self._make_subscriber = make_subscriber
         self._loop = loop
+        self._encode = encode
         self._cursor = cursor  # the event field that retention's notices count in: "seq" or "position"
         self._items: asyncio.Queue[Item] = asyncio.Queue()
-        self._room = threading.Semaphore(AHEAD)
+        # What the thread has queued and the writer not yet taken: items, and bytes of events.
+        self._drained = threading.Condition()
+        self._ahead = 0
+        self._queued_bytes = 0
         self._stopped = threading.Event()
         # The daemon's answer to the subscription: None once it confirmed it, or its refusal.
         self._answer: asyncio.Future[str | None] = loop.create_future()
@@ -150,7 +173,10 @@ class StreamPump:
         except TimeoutError:
             return None
         if item[0] in ("events", "expired"):
-            self._room.release()
+            with self._drained:
+                self._ahead -= 1
+                self._queued_bytes -= _size(item)
+                self._drained.notify()
         return item
 
     # -- the thread ------------------------------------------------------------------------------
@@ -161,7 +187,8 @@ class StreamPump:
             subscriber = self._make_subscriber()
             told = 0  # the subscriber's expired notices taken into ``notices``
             notices: list[tuple[int, int]] = []  # (after, first) not yet passed on
-            batch: list[dict[str, Any]] = []
+            batch: list[bytes] = []  # the text of the events in hand
+            batch_bytes = 0
             while not self._stopped.is_set():
                 # Waits only with nothing in hand; else takes what has already arrived. Until the
                 # daemon confirms the subscription, in short steps: the route waits for that.
@@ -175,19 +202,27 @@ class StreamPump:
                 # (events before it came before it), all of them once no event is left in hand.
                 due = [n for n in notices if event is None or n[1] <= event[self._cursor]]
                 if due:
-                    if batch and not self._put(("events", batch), subscriber):
-                        return
-                    batch = []
+                    if batch:
+                        item = ("events", b"".join(batch))
+                        batch, batch_bytes = [], 0
+                        if not self._put(item, subscriber):
+                            return
                     for after, first in due:
                         if not self._put(("expired", {"after": after, "first": first}), subscriber):
                             return
                     notices = notices[len(due) :]
                 if event is not None:
-                    batch.append(event)
-                if batch and (event is None or len(batch) >= BATCH_EVENTS):
-                    if not self._put(("events", batch), subscriber):
+                    batch.append(self._encode(event))
+                    batch_bytes += len(batch[-1])
+                    del event  # not held while the thread waits for room
+                    full = len(batch) >= BATCH_EVENTS or batch_bytes >= ITEM_BYTES
+                else:
+                    full = True
+                if batch and full:
+                    item = ("events", b"".join(batch))
+                    batch, batch_bytes = [], 0  # not held twice while the thread waits for room
+                    if not self._put(item, subscriber):
                         return
-                    batch = []
         except SubscriberError as exc:
             self._tell(exc.reason)  # refused before the stream began: the route answers it as an error
             self._hand(("error", str(exc)))
@@ -223,10 +258,18 @@ class StreamPump:
     def _put(self, item: Item, subscriber: Subscriber) -> bool:
         """Queue ``item`` once the writer has room for it; False when the stream was stopped first.
 
-        Waiting on a client that reads slowly can outlast the daemon's ``[subscribe] timeout_ms``:
-        the subscription is kept alive meanwhile, or the daemon drops it and it starts over.
+        Room: fewer than ``AHEAD`` items and ``QUEUE_BYTES`` queued (so one item at least, however
+        large). Waiting on a client that reads slowly can outlast the daemon's ``[subscribe]
+        timeout_ms``: the subscription is kept alive meanwhile, or the daemon drops it and it
+        starts over.
         """
-        while not self._room.acquire(timeout=POLL_S):
+        while True:
+            with self._drained:
+                if self._ahead < AHEAD and self._queued_bytes < QUEUE_BYTES:
+                    self._ahead += 1
+                    self._queued_bytes += _size(item)
+                    break
+                self._drained.wait(POLL_S)
             if self._stopped.is_set():
                 return False
             subscriber.keep_alive()
@@ -238,6 +281,11 @@ class StreamPump:
         except RuntimeError:  # the event loop is closed: the gateway has stopped
             return False
         return True
+
+
+def _size(item: Item) -> int:
+    """The bytes of text an item holds, as counted against ``QUEUE_BYTES``."""
+    return len(item[1]) if item[0] == "events" else 0
 
 
 class EventStreamResponse(StreamingResponse):
