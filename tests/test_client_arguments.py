@@ -78,6 +78,8 @@ def test_a_nan_or_negative_timeout_is_refused_at_the_call_not_waited_on_for_ever
     [
         ({"credit": 2**64}, ValueError, "credit must be from 1 to 2147483647"),
         ({"credit": 1.5}, TypeError, "credit must be a whole number"),
+        ({"buffer_bytes": 0}, ValueError, "buffer_bytes must be from 1"),
+        ({"buffer_bytes": "1MB"}, TypeError, "buffer_bytes must be a whole number"),
         ({"after": 2**64}, ValueError, "after must be from 0 to 9223372036854775807"),
         ({"after": -1}, ValueError, "after must be from 0"),
         ({"ack_interval": -1}, ValueError, "ack_interval must be 0 or more seconds"),
