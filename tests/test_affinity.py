@@ -100,7 +100,10 @@ def test_close_within_an_affine_flush_ends_it_with_publisher_closed(daemon_facto
     """close() from on_ack during an AffinePublisher's flush closed the daemons' publishers under
     the one reading replies (a raw AttributeError); from a signal handler, it flushed within the
     handler, then the flush went on into a publisher closed under it."""
-    first, second = daemon_factory("first").start(), daemon_factory("second").start()
+    # The second daemon holds each batch 0.5 s (its reorder window), so the batch sent once the
+    # first is acknowledged cannot be acknowledged within the same step of the flush: without
+    # that, a quick enough daemon acknowledged everything and the flush rightly returned.
+    first, second = daemon_factory("first").start(), daemon_factory("second", ordering={"window_ms": 500}).start()
     endpoints = [first.ack, second.ack]
     affine = Publisher(endpoints=endpoints, batch_size=5, window=1, linger=60, on_ack=lambda result: affine.close())
     events = [{**make_event(i, 1, "aff"), "topic": topic_for(second.ack, endpoints)} for i in range(10)]
