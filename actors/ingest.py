@@ -90,6 +90,24 @@ class _Message:
         self.suspect = False  # a decoder process ended while decoding it
 
 
+def rejection_reasons(rejected: list[tuple[int, str]], shown: int = 3) -> str:
+    """The reasons for a message's refused events, each once with how many events it refused and
+    the index of the first: a log line under a count must not give one event's reason for all."""
+    by_reason: dict[str, list[int]] = {}
+    for index, reason in rejected:
+        by_reason.setdefault(reason, []).append(index)
+    if len(by_reason) == 1:
+        return rejected[0][1]
+    parts = [
+        f"{len(indexes)} at index {indexes[0]}{'' if len(indexes) == 1 else ' and after'}: {reason}"
+        for reason, indexes in list(by_reason.items())[:shown]
+    ]
+    rest = list(by_reason.values())[shown:]
+    if rest:
+        parts.append(f"{sum(len(indexes) for indexes in rest)} more for {len(rest)} other reason(s)")
+    return "; ".join(parts)
+
+
 def _envelope_problem(parts: list[bytes]) -> str | None:
     """Why an acknowledged message's envelope (the sender's frames before its last) is refused, or None."""
     frames, size = len(parts) - 2, sum(map(len, parts[1:-1]))
@@ -385,7 +403,7 @@ class IngestServer:
                 self._answer_refused([*message.envelope, msgpack.packb(reply)])
             return tickets
         if decoded.rejected:
-            self._reject(len(decoded.rejected), decoded.rejected[0][1])
+            self._reject(len(decoded.rejected), rejection_reasons(decoded.rejected))
             if message.kind is ACKNOWLEDGED and decoded.events:
                 # Counted before the events are handed on, so in the commit that answers them.
                 self._flush_rejected(force=True)

@@ -231,6 +231,18 @@ def test_malformed_input_is_rejected_counted_and_harmless(daemon: Daemon) -> Non
     assert daemon.log().count("rejected ") < 100
 
 
+def test_a_log_line_for_several_refused_events_gives_each_reason(daemon: Daemon) -> None:
+    # One batch, three events refused for three different reasons: the warning counts 3 and must
+    # not give the first event's reason as if it were all three's.
+    batch = [{**EVENT, "event_id": 12}, {**EVENT, "timestamp": "not a time"}, {**EVENT, "payload": [1, 2]}, EVENT]
+    push_frames(daemon.ingest, [msgpack.packb(batch)])
+    daemon.wait_stats(rejected=3, unique_processed=1)
+    line = next(line for line in daemon.log().splitlines() if "rejected 3" in line)
+    assert "1 at index 0: " in line and "event_id" in line
+    assert "1 at index 1: " in line and "not a time" in line
+    assert "1 at index 2: " in line and "payload" in line
+
+
 def test_query_protocol_errors_and_paging(daemon: Daemon) -> None:
     events = [{**EVENT, "topic": f"t{i % 2}", "event_id": str(i)} for i in range(25)]
     push_frames(daemon.ingest, [msgpack.packb(events)])
