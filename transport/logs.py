@@ -62,19 +62,23 @@ class RateLimitedLog:
         self._window_start = 0.0
         self._count = 0
         self._suppressed = 0
+        self._first_suppressed = self._last_suppressed = 0.0
 
     def warning(self, message: str, *args: object) -> None:
         """Log the message (at this log's level) unless this interval's burst is spent."""
         now = time.monotonic()
         if now - self._window_start >= self._interval_s:
             if self._suppressed:
+                # Said when the next one comes, which may be long after: the line says when they
+                # were held back, not "in the last interval", which would place them wrongly.
                 kind = "warnings" if self._level >= logging.WARNING else "messages"
                 self._logger.log(
                     self._level,
-                    "%d similar %s suppressed in the last %.0f s",
+                    "%d similar %s suppressed between %.0f and %.0f s ago",
                     self._suppressed,
                     kind,
-                    self._interval_s,
+                    now - self._first_suppressed,
+                    now - self._last_suppressed,
                 )
             self._window_start = now
             self._count = 0
@@ -83,6 +87,9 @@ class RateLimitedLog:
             self._count += 1
             self._logger.log(self._level, message, *args)
         else:
+            if not self._suppressed:
+                self._first_suppressed = now
+            self._last_suppressed = now
             self._suppressed += 1
 
     info = warning  # the same, named for a log made at INFO
