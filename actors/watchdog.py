@@ -68,8 +68,11 @@ def status_line(
     rate = 0.0
     if previous is not None and current.at > previous.at:
         rate = max(0, current.received - previous.received) / (current.at - previous.at)
+    # Below 10 events/s two significant digits: a trickle of one event per 2 s status interval
+    # rounded to "0 events/s" as if nothing came.
+    shown = f"{rate:.2g}" if 0 < rate < 10 else f"{rate:,.0f}"
     text = (
-        f"{rate:,.0f} events/s; {current.unique:,} unique, {current.duplicates:,} duplicates, "
+        f"{shown} events/s; {current.unique:,} unique, {current.duplicates:,} duplicates, "
         f"{current.rejected:,} rejected; {current.topics:,} topics"
     )
     if background_errors:

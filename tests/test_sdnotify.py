@@ -136,6 +136,16 @@ def test_status_line_gives_rate_totals_and_silent_parts() -> None:
     assert status_line(after, before, ["dedup"]).startswith("UNHEALTHY, not answering: dedup; 2,000 events/s")
 
 
+def test_status_line_shows_a_trickle_rather_than_zero() -> None:
+    # One event committed in the 2 s between status lines is 0.5 events/s, not "0 events/s".
+    before = Snapshot(at=10.0, received=7, unique=7, duplicates=0, rejected=0, topics=1)
+    after = Snapshot(at=12.0, received=8, unique=8, duplicates=0, rejected=0, topics=1)
+    assert status_line(after, before).startswith("0.5 events/s;")
+    slow = Snapshot(at=22.0, received=8 + 73, unique=81, duplicates=0, rejected=0, topics=1)
+    assert status_line(slow, after).startswith("7.3 events/s;")
+    assert status_line(after, after).startswith("0 events/s;")  # nothing came
+
+
 def test_ping_timeout_leaves_room_within_the_interval() -> None:
     assert ping_timeout(1.0) == pytest.approx(0.8)
     assert ping_timeout(15.0) == 10.0
