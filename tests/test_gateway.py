@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgpack
 import pytest
 from harness import (
     GATEWAY_TIMEOUT_MS as TIMEOUT_MS,
@@ -412,6 +413,22 @@ def test_metrics_are_the_stats(gateway: Gateway) -> None:
     assert samples["eventagg_received_total"][0] == 8
     assert samples["eventagg_duplicate_dropped_total"][0] == 1
     assert samples["eventagg_topics"][0] == 2
+
+
+@pytest.mark.e2e
+def test_the_rejected_help_says_a_message_refused_whole_counts_one(daemon_factory: Callable[..., Daemon]) -> None:
+    """A batch over max_batch_events is refused whole and counted once: a HELP text saying the
+    counter counts refused events had 11 events refused read as 1."""
+    from transport.metrics import render
+
+    daemon = daemon_factory(ingest={"max_batch_events": 10}).start()
+    event = {"topic": "t", "event_id": "x", "timestamp": "2025-10-22T10:00:00Z", "source": "s"}
+    push_frames(daemon.ingest, [msgpack.packb([event] * 11), msgpack.packb({**event, "event_id": 5})])
+    stats = daemon.wait_stats(rejected=2)
+    (help_text,) = [
+        f.documentation for f in text_string_to_metric_families(render(stats).decode()) if f.name == "eventagg_rejected"
+    ]
+    assert "refused whole" in help_text and "counts one" in help_text, help_text
 
 
 @pytest.mark.e2e

@@ -53,7 +53,12 @@ COUNTERS: dict[str, tuple[str, str]] = {
         "eventagg_duplicate_dropped",
         "Events this daemon dropped as copies of an already stored event.",
     ),
-    "rejected": ("eventagg_rejected", "Events this daemon refused as invalid by the schema rules."),
+    # Counts rejections, not events: a batch over max_batch_events is one, however many it held.
+    "rejected": (
+        "eventagg_rejected",
+        "Rejections by this daemon: each invalid event counts one, and so does each message refused whole "
+        "(not msgpack, empty, over the batch limit), however many events it held.",
+    ),
     "late": (
         "eventagg_late",
         "Events this daemon stored after a later-timestamped event of their topic had left the window.",
