@@ -319,6 +319,31 @@ def test_a_whole_batch_refused_by_the_daemon_raises_batch_refused(daemon_factory
     assert daemon.request({"op": "stats"})["rejected"] == 1  # the first Publisher's batch of 8, alone
 
 
+# publish.py with a planner that takes 2 s, as a stream of a few hundred thousand events does.
+SLOW_PLANNING = (
+    "import sys, time; import transport.commands.publish as p; planned = p.plan; "
+    "p.plan = lambda *a, **k: (time.sleep(2), planned(*a, **k))[1]; sys.exit(p.main(sys.argv[1:]))"
+)
+
+
+@pytest.mark.e2e
+def test_publish_gives_the_rate_of_its_sending_not_of_its_planning_too(daemon: Daemon) -> None:
+    """200 events at --rate 200 take 1 s to send; with 2 s of planning counted in, the summary
+    said about 67 events/s, a third of the rate kept."""
+    flags = ["--endpoint", daemon.ingest, "--events", "200", "--rate", "200", "--json"]
+    done = subprocess.run(
+        [sys.executable, "-c", SLOW_PLANNING, *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.splitlines()[-1])
+    assert summary["sent"] == 200 and summary["elapsed_s"] >= 3, summary
+    assert 150 <= summary["events_per_s"] <= 210, summary
+    assert summary["sending_s"] < summary["elapsed_s"] - 1.5, summary
+
+
 @pytest.mark.e2e
 def test_publish_with_a_config_keeps_to_its_payload_limit(daemon_factory: Callable[..., Daemon]) -> None:
     """With [ingest] max_payload_bytes = 16, `publish --config` sent 20 events the daemon refused,
