@@ -101,6 +101,7 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.live = LiveFigures()
+        self._at_start: dict[str, int] = {}
         self.in_flight = InFlight(config.ingest.max_in_flight, config.ingest.max_in_flight_bytes)
         self.context: zmq.Context[Any] = zmq.Context()
         self.dedup: pykka.ActorRef[Any] | None = None
@@ -158,6 +159,8 @@ class Daemon:
                 head_moved=self.head.moved,
             )
             self._confirm(self.dedup, "dedup")
+            # The database's counters as this run found them: the stop line says what the run did.
+            self._at_start = dict(self.live.committed)
             self.live.buffered = [0] * cfg.ordering.actors
             self.live.committed_writes = [0] * cfg.ordering.actors
             for index in range(cfg.ordering.actors):
@@ -465,12 +468,16 @@ class Daemon:
             self.head.close()
             self.context.term()
         counters = self.live.committed
+        # The totals first (what stats shows: the database's, on PostgreSQL this node's), then this run's:
+        # the totals alone read as what this run did, thousands received by a run that got none.
+        names = ("received", "unique_processed", "duplicate_dropped", "rejected")
+        total = [counters.get(name, 0) for name in names]
+        run = [counters.get(name, 0) - self._at_start.get(name, 0) for name in names]
         log.info(
-            "stopped: received %d, unique %d, duplicates %d, rejected %d%s",
-            counters.get("received", 0),
-            counters.get("unique_processed", 0),
-            counters.get("duplicate_dropped", 0),
-            counters.get("rejected", 0),
+            "stopped: received %d, unique %d, duplicates %d, rejected %d in all;"
+            " this run received %d, unique %d, duplicates %d, rejected %d%s",
+            *total,
+            *run,
             "" if drained else " (drain incomplete)",
         )
         return drained

@@ -243,6 +243,24 @@ def test_a_log_line_for_several_refused_events_gives_each_reason(daemon: Daemon)
     assert "1 at index 2: " in line and "payload" in line
 
 
+def test_the_stop_line_says_what_this_run_did_beside_the_databases_totals(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    # "stopped: received 5" from a run that received 3 read as this run's figures: they are the totals.
+    daemon = daemon_factory().start()
+    push_frames(daemon.ingest, [msgpack.packb([{**EVENT, "event_id": str(i)} for i in range(5)])])
+    daemon.wait_stats(unique_processed=5)
+    assert daemon.terminate() == 0
+    daemon.start()
+    again = [{**EVENT, "event_id": "0"}, {**EVENT, "event_id": "1"}, {**EVENT, "event_id": "new"}, {"x": 1}]
+    push_frames(daemon.ingest, [msgpack.packb(again)])
+    daemon.wait_stats(unique_processed=6, rejected=1)
+    assert daemon.terminate() == 0
+    line = [line for line in daemon.log().splitlines() if "stopped: " in line][-1]  # the second run's
+    assert "stopped: received 8, unique 6, duplicates 2, rejected 1 in all;" in line, line
+    assert "this run received 3, unique 1, duplicates 2, rejected 1" in line, line
+
+
 def test_query_protocol_errors_and_paging(daemon: Daemon) -> None:
     events = [{**EVENT, "topic": f"t{i % 2}", "event_id": str(i)} for i in range(25)]
     push_frames(daemon.ingest, [msgpack.packb(events)])
