@@ -473,12 +473,17 @@ class Daemon:
         names = ("received", "unique_processed", "duplicate_dropped", "rejected")
         total = [counters.get(name, 0) for name in names]
         run = [counters.get(name, 0) - self._at_start.get(name, 0) for name in names]
-        log.info(
+        # An incomplete drain loses what was received and not committed: said with its count (the
+        # docs promise what could not be committed or read), as an error, since the exit is 1.
+        unread = "; what stayed queued in its sockets was not read either" if not read_all else ""
+        incomplete = f" (drain incomplete: {self.in_flight.value:,} events received were not committed{unread})"
+        log.log(
+            logging.INFO if drained else logging.ERROR,
             "stopped: received %d, unique %d, duplicates %d, rejected %d in all;"
             " this run received %d, unique %d, duplicates %d, rejected %d%s",
             *total,
             *run,
-            "" if drained else " (drain incomplete)",
+            "" if drained else incomplete,
         )
         return drained
 

@@ -246,6 +246,10 @@ def test_sigterm_with_the_disk_full_and_events_waiting_stops_without_a_traceback
     assert "Traceback" not in log and "ingest loop failed" not in log, log[-3000:]
     assert "ingest did not finish reading what was queued within 3 s (commits are failing: " in log
     assert "drain incomplete" in log
+    # The stop line says what was lost: "received 0 ... (drain incomplete)" did not.
+    lost = re.search(r"ERROR +actors.daemon: stopped: .* \(drain incomplete: ([\d,]+) events received were not", log)
+    assert lost is not None and int(lost[1].replace(",", "")) > 0, log[-1500:]
+    assert "what stayed queued in its sockets was not read either" in log
     assert time.monotonic() - started < 10  # 15 s for credit that failing commits never give, then 10 more
 
 
