@@ -44,7 +44,7 @@ from actors.subscriptions import HeadSignal, SubscriptionServer
 from actors.watchdog import ServiceMonitor
 from transport.config import Config, ConfigError, colliding_binds, load_config
 from transport.descriptors import DescriptorWatch, raise_descriptor_limit
-from transport.logs import set_level
+from transport.logs import flush_held_back, set_level
 from transport.queries import debug_hooks_enabled
 from transport.sdnotify import Notifier, NotifyError, watchdog_interval
 from transport.security import SecurityError, ServerSecurity
@@ -364,6 +364,7 @@ class Daemon:
                 if now - last_dedup_tick >= DEDUP_TICK_S and self.dedup is not None:
                     self.dedup.tell(Tick())
                     last_dedup_tick = now
+                    flush_held_back()  # a burst of refusals nothing follows is counted in the log too
             except pykka.ActorDeadError:
                 log.error("an actor has died; ticks stop")
                 return

@@ -261,6 +261,15 @@ def test_the_stop_line_says_what_this_run_did_beside_the_databases_totals(
     assert "this run received 3, unique 1, duplicates 2, rejected 1" in line, line
 
 
+def test_a_burst_of_refusals_nothing_follows_is_counted_in_the_log(daemon: Daemon) -> None:
+    # Ten warnings are logged in 10 s, the rest counted; the count came only with a later
+    # warning, so a burst that nothing followed left its refusals out of the log for ever.
+    push_frames(daemon.ingest, [b"\xc1"] * 15)
+    daemon.wait_stats(rejected=15)
+    assert daemon.log().count("rejected 1: frame is not valid msgpack") == 10
+    eventually(lambda: "5 similar warnings suppressed between" in daemon.log(), 20, "the count of the held back")
+
+
 def test_query_protocol_errors_and_paging(daemon: Daemon) -> None:
     events = [{**EVENT, "topic": f"t{i % 2}", "event_id": str(i)} for i in range(25)]
     push_frames(daemon.ingest, [msgpack.packb(events)])
