@@ -1066,3 +1066,25 @@ def test_a_publish_from_on_ack_after_a_close_asked_ends_the_call_with_every_even
     with pytest.raises(PublisherClosed, match="was closed during this call") as caught:
         affine.flush(timeout=20)
     assert caught.value.events == [*sent[5:], *many]
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(60)
+def test_publish_giving_up_tells_its_user_what_to_check_not_an_exception_attribute(daemon: Daemon) -> None:
+    """The command printed DeliveryFailed's own words: "N unacknowledged events are in this
+    exception's .events", which a command's user cannot reach (and N matched no figure shown)."""
+    flags = ["--endpoint", daemon.ack, "--acked", "--events", "3000", "--rate", "1000", "--deadline", "2"]
+    command = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parents[1] / "scripts" / "publish.py"), *flags, "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    eventually(lambda: daemon.stats()["received"] > 0 or None, 20, "the first events received")
+    with stopped(daemon):
+        out, err = command.communicate(timeout=30)
+    summary = json.loads(out.splitlines()[-1])
+    assert command.returncode == 1 and summary["unacked"] > 0, (out, err)
+    (error,) = summary["errors"]
+    assert ".events" not in error and "Running the same command again is safe" in error, error
+    assert f"no acknowledgement from {daemon.ack}" in error, error

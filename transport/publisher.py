@@ -116,13 +116,20 @@ class DeliveryFailed(PublisherError):
         self.events = events
         super().__init__(endpoint, elapsed, attempts, events)  # the arguments again, so it pickles
 
-    def __str__(self) -> str:
-        # Counted when read: the call that raises adds the events it had not queued.
+    @property
+    def reason(self) -> str:
+        """What went wrong and what to check, without what the exception holds (for a command's user)."""
         return (
             f"no acknowledgement from {self.endpoint} for {self.elapsed:.1f} s ({self.attempts} attempts): is the "
             "daemon running, is this its acknowledged endpoint ([ingest] ack_bind), do its CURVE settings and "
             "this publisher's agree, and can it commit (a full disk or a storage outage holds every acknowledgement: "
-            f"`eventagg health` says)? {len(self.events)} unacknowledged events are in this exception's .events; "
+            "`eventagg health` says)?"
+        )
+
+    def __str__(self) -> str:
+        # Counted when read: the call that raises adds the events it had not queued.
+        return (
+            f"{self.reason} {len(self.events)} unacknowledged events are in this exception's .events; "
             "publishing them again is safe"
         )
 

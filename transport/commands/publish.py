@@ -175,7 +175,11 @@ def send_slice(
                     pass  # counted below as unacknowledged
         finally:
             publisher.close(timeout=0 if ctrl_c.seen else args.deadline, flush=False)
-    except (DeliveryFailed, PublisherError) as exc:
+    except DeliveryFailed as exc:
+        if not ctrl_c.seen:
+            # Not the exception's own words: a command's user has no .events to reach.
+            error = f"{exc.reason} Running the same command again is safe: what was stored counts as duplicates"
+    except PublisherError as exc:
         if not ctrl_c.seen:
             error = str(exc)
     except InvalidEvent as exc:  # e.g. over the config's [ingest] max_payload_bytes: the daemon would refuse it
