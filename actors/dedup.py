@@ -157,6 +157,7 @@ class DedupActor(pykka.ThreadingActor):
         self._chunk = EXPIRE_CHUNK_MIN  # rows per expiry chunk, adapted to take about EXPIRE_CHUNK_S
         self._last_chunk = 0.0
         self._budget_unmet = False  # max_bytes was said to be unmet, and has not been met since
+        self._syncing = False  # inside a Sync (the daemon's drain), which retries a failed commit itself
 
     def on_start(self) -> None:
         # The connection is opened here, on the actor's own thread, never in __init__.
@@ -229,7 +230,11 @@ class DedupActor(pykka.ThreadingActor):
             self._rejected += message.count
             self._rejected_replies.extend(message.replies)
         elif isinstance(message, Sync):
-            self._commit()
+            self._syncing = True  # a failure now is retried at the drain's next Sync, not by the back-off
+            try:
+                self._commit()
+            finally:
+                self._syncing = False
             return not self._writes
         elif isinstance(message, Ping):
             # Answered, not raised: pykka would log a raised one with its traceback, above the
@@ -582,6 +587,10 @@ class DedupActor(pykka.ThreadingActor):
         log.critical("%s", self._live.fatal)
         return False
 
+    def _retry_words(self, delay: float) -> str:
+        """When a failed commit is tried again: after the back-off, or (stopping) at the drain's next try."""
+        return "when the stop's drain tries again" if self._syncing else f"in {delay:.1f} s"
+
     def _fail(self, exc: sqlite3.Error) -> None:
         """Roll back; keep every write of the group for a retry, their ids still counted as present."""
         assert self._store is not None
@@ -590,10 +599,10 @@ class DedupActor(pykka.ThreadingActor):
         self._failures += 1
         self._retry_at = time.monotonic() + delay
         log.error(
-            "writing %d events failed (%s); none of them is acknowledged; retrying in %.1f s",
+            "writing %d events failed (%s); none of them is acknowledged; retrying %s",
             sum(w.events for w in self._writes),
             exc,
-            delay,
+            self._retry_words(delay),
         )
         self._live.last_commit_error = str(exc)
 

@@ -1731,11 +1731,11 @@ class PostgresDedupActor(DedupActor):
         message = f"storage {self._pg.where} is unavailable: {one_line(exc)}"
         if self._failures == 1 or self._failures % 20 == 0:
             log.error(
-                "writing the %d events held to %s failed (%s); none of them is acknowledged; retrying in %.1f s",
+                "writing the %d events held to %s failed (%s); none of them is acknowledged; retrying %s",
                 sum(write.events for write in self._writes),
                 self._pg.where,
                 one_line(exc),
-                delay,
+                self._retry_words(delay),
             )
         self._live.last_commit_error = message
 

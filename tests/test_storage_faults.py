@@ -250,6 +250,9 @@ def test_sigterm_with_the_disk_full_and_events_waiting_stops_without_a_traceback
     lost = re.search(r"ERROR +actors.daemon: stopped: .* \(drain incomplete: ([\d,]+) events received were not", log)
     assert lost is not None and int(lost[1].replace(",", "")) > 0, log[-1500:]
     assert "what stayed queued in its sockets was not read either" in log
+    # The drain retries every 0.5 s: its own failures said "retrying in 0.4 / 0.8 / 3.2 s", the back-off's.
+    stopping = log[log.index("stopping: no new events are read") :]
+    assert "retrying when the stop's drain tries again" in stopping, stopping[-2000:]
     assert time.monotonic() - started < 10  # 15 s for credit that failing commits never give, then 10 more
 
 
