@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from harness import free_port
 
@@ -138,3 +139,21 @@ class PgCluster:
         if self.data.exists() and self.running():
             self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def made_at_version(database: str, version: int) -> Iterator[Any]:
+    """A connection to ``database`` with the schema as the release at ``version`` left it."""
+    import psycopg
+
+    from actors.postgres import MIGRATIONS
+
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE eventagg_schema (version integer PRIMARY KEY, applied_at timestamptz"
+            " NOT NULL DEFAULT now(), applied_by text NOT NULL)"
+        )
+        for applied, step in enumerate(MIGRATIONS[:version], start=1):
+            conn.execute(step)
+            conn.execute("INSERT INTO eventagg_schema (version, applied_by) VALUES (%s, 'old')", (applied,))
+        yield conn

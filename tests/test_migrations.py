@@ -3,13 +3,11 @@ versions are refused before anything is written."""
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from pg_cluster import made_at_version
 
 from actors import migrations
 from actors.migrations import Step
@@ -132,24 +130,6 @@ def test_a_pre_1970_topic_whose_events_retention_deleted_before_step_2_is_not_la
     assert last == {"kept": -300, "gone": NO_TIMESTAMP, "now": 5}
 
 
-@contextlib.contextmanager
-def postgresql_at_version(database: str, version: int) -> Iterator[Any]:
-    """A connection to ``database`` made as an older daemon left it: the first ``version`` migrations run."""
-    import psycopg
-
-    from actors.postgres import MIGRATIONS
-
-    with psycopg.connect(database, autocommit=True) as conn:
-        conn.execute(
-            "CREATE TABLE eventagg_schema (version integer PRIMARY KEY, applied_at timestamptz"
-            " NOT NULL DEFAULT now(), applied_by text NOT NULL)"
-        )
-        for applied, step in enumerate(MIGRATIONS[:version], start=1):
-            conn.execute(step)
-            conn.execute("INSERT INTO eventagg_schema (version, applied_by) VALUES (%s, 'old')", (applied,))
-        yield conn
-
-
 def test_postgresql_a_pre_1970_topic_whose_events_retention_deleted_before_migration_7_is_not_late_for_ever(
     database: str,
 ) -> None:
@@ -158,7 +138,7 @@ def test_postgresql_a_pre_1970_topic_whose_events_retention_deleted_before_migra
     from actors.pg_session import connect
     from actors.postgres import SCHEMA_VERSION, migrate
 
-    with postgresql_at_version(database, 6) as conn:
+    with made_at_version(database, 6) as conn:
         conn.execute("INSERT INTO topics (topic, last_seq, last_ts_ns, expired) VALUES ('gone', 3, 0, 3)")
     writer = connect(database, "writer", "test")
     try:
@@ -177,7 +157,7 @@ def test_postgresql_topics_retention_deleted_from_before_migration_6_get_a_last_
     from actors.pg_session import connect
     from actors.postgres import SCHEMA_VERSION, migrate
 
-    with postgresql_at_version(database, 5) as conn:
+    with made_at_version(database, 5) as conn:
         conn.execute("UPDATE positions SET last = 30")
         conn.execute("INSERT INTO topics (topic, last_seq, expired) VALUES ('z', 10, 0), ('a', 20, 10), ('gone', 3, 3)")
         insert = (

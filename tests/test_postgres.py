@@ -21,7 +21,7 @@ from typing import Any
 import msgpack
 import pytest
 from harness import SCRIPTS, Daemon, eventually, free_port
-from pg_cluster import PgCluster, missing_reason
+from pg_cluster import PgCluster, made_at_version, missing_reason
 from test_daemon import check_topic_pages
 
 from actors.postgres import MIGRATIONS, SCHEMA_VERSION
@@ -339,24 +339,6 @@ def test_pre_1970_events_of_a_new_topic_are_ordered_not_late(
 
 # The migration to this version reads every stored topic's events (its last instant).
 LAST_INSTANT_VERSION = 7
-
-
-@contextlib.contextmanager
-def made_at_version(database: str, version: int) -> Iterator[Any]:
-    """A connection to ``database`` with the schema as the release at ``version`` left it."""
-    import psycopg
-
-    from actors.postgres import MIGRATIONS
-
-    with psycopg.connect(database, autocommit=True) as conn:
-        conn.execute(
-            "CREATE TABLE eventagg_schema (version integer PRIMARY KEY, applied_at timestamptz"
-            " NOT NULL DEFAULT now(), applied_by text NOT NULL)"
-        )
-        for applied, step in enumerate(MIGRATIONS[:version], start=1):
-            conn.execute(step)
-            conn.execute("INSERT INTO eventagg_schema (version, applied_by) VALUES (%s, 'old')", (applied,))
-        yield conn
 
 
 def test_a_topic_stuck_at_1970_by_an_older_schema_gets_its_real_last_instant(database: str) -> None:
