@@ -3,8 +3,11 @@ versions are refused before anything is written."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pg_cluster import made_at_version
@@ -80,24 +83,41 @@ CREATE TABLE topic_retention (
 """
 
 
+@contextlib.contextmanager
+def made_by_an_older_release(path: Path, schema_version: int) -> Iterator[sqlite3.Connection]:
+    """A database at ``path`` with :data:`OLD_SCHEMA` at ``schema_version``, for the block to fill;
+    committed and closed when it ends."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.executescript(OLD_SCHEMA)
+        conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(schema_version),))
+        yield conn
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def migrated_rows(path: Path, query: str) -> dict[Any, Any]:
+    """Open ``path`` as the daemon does (which migrates it), then ``query``'s rows as a dict."""
+    connect_writer(path).close()
+    conn = sqlite3.connect(path)
+    try:
+        return dict(conn.execute(query))
+    finally:
+        conn.close()
+
+
 def test_topics_retention_deleted_from_before_step_4_get_a_last_deleted_position(tmp_path: Path) -> None:
     """Left at 0, a follower of some topics after position 5 was sent topic a from seq 11 on
     without being told that its seqs 1-10 (positions 11-20) were deleted."""
     path = tmp_path / "db"
-    conn = sqlite3.connect(path)
-    conn.executescript(OLD_SCHEMA)
-    conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '3')")
-    row = "INSERT INTO events (rowid, topic, event_id, seq, timestamp, ts_ns, source, payload, received_at)"
-    row += " VALUES (?, ?, ?, ?, '', 0, '', x'', 0)"
-    conn.executemany(row, [(n, "z", f"z{n}", n) for n in range(1, 11)])  # positions 1-10, none deleted
-    conn.executemany(row, [(n + 10, "a", f"a{n}", n) for n in range(11, 21)])  # 11-20 deleted: 21-30 kept
-    conn.execute("INSERT INTO topic_retention (topic, expired) VALUES ('a', 10), ('gone', 3), ('z', 0)")
-    conn.commit()
-    conn.close()
-    connect_writer(path).close()
-    conn = sqlite3.connect(path)
-    positions = dict(conn.execute("SELECT topic, expired_position FROM topic_retention"))
-    conn.close()
+    with made_by_an_older_release(path, 3) as conn:
+        row = "INSERT INTO events (rowid, topic, event_id, seq, timestamp, ts_ns, source, payload, received_at)"
+        row += " VALUES (?, ?, ?, ?, '', 0, '', x'', 0)"
+        conn.executemany(row, [(n, "z", f"z{n}", n) for n in range(1, 11)])  # positions 1-10, none deleted
+        conn.executemany(row, [(n + 10, "a", f"a{n}", n) for n in range(11, 21)])  # 11-20 deleted: 21-30 kept
+        conn.execute("INSERT INTO topic_retention (topic, expired) VALUES ('a', 10), ('gone', 3), ('z', 0)")
+    positions = migrated_rows(path, "SELECT topic, expired_position FROM topic_retention")
     assert version(path) == str(migrations.SCHEMA_VERSION)
     # a: below its first stored event; gone (nothing stored): at most the head; z: nothing deleted.
     assert positions == {"a": 20, "gone": 30, "z": 0}
@@ -110,23 +130,16 @@ def test_a_pre_1970_topic_whose_events_retention_deleted_before_step_2_is_not_la
     topic its real last instant, and one with no event left (retention deleted them) the start of
     a new topic, not 0: its next pre-1970 event is late only if it is late."""
     path = tmp_path / "db"
-    conn = sqlite3.connect(path)
-    conn.executescript(OLD_SCHEMA)
-    conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')")
-    conn.execute(
-        "INSERT INTO topics (topic, last_seq, last_ts_ns) VALUES ('kept', 1, 0), ('gone', 3, 0), ('now', 1, 5)"
-    )
-    conn.execute(
-        "INSERT INTO events (topic, event_id, seq, timestamp, ts_ns, source, payload, received_at)"
-        " VALUES ('kept', 'a', 1, '', -300, '', x'', 0), ('now', 'b', 1, '', 5, '', x'', 0)"
-    )
-    conn.execute("INSERT INTO topic_retention (topic, expired) VALUES ('gone', 3)")
-    conn.commit()
-    conn.close()
-    connect_writer(path).close()
-    conn = sqlite3.connect(path)
-    last = dict(conn.execute("SELECT topic, last_ts_ns FROM topics"))
-    conn.close()
+    with made_by_an_older_release(path, 1) as conn:
+        conn.execute(
+            "INSERT INTO topics (topic, last_seq, last_ts_ns) VALUES ('kept', 1, 0), ('gone', 3, 0), ('now', 1, 5)"
+        )
+        conn.execute(
+            "INSERT INTO events (topic, event_id, seq, timestamp, ts_ns, source, payload, received_at)"
+            " VALUES ('kept', 'a', 1, '', -300, '', x'', 0), ('now', 'b', 1, '', 5, '', x'', 0)"
+        )
+        conn.execute("INSERT INTO topic_retention (topic, expired) VALUES ('gone', 3)")
+    last = migrated_rows(path, "SELECT topic, last_ts_ns FROM topics")
     assert last == {"kept": -300, "gone": NO_TIMESTAMP, "now": 5}
 
 
