@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -471,6 +471,24 @@ def test_values_zeromq_or_the_publishers_cannot_take_are_refused_at_start(tmp_pa
         assert published.returncode == 2 and f"publish: {key} must be at most" in published.stderr, published.stderr
 
 
+@contextlib.contextmanager
+def daemon_on(config: Path, cwd: Path | None = None) -> Iterator[subprocess.Popen[str]]:
+    """The daemon run on ``config`` (from ``cwd``) for the block, then stopped with SIGINT: it must exit 0."""
+    daemon = subprocess.Popen(
+        [sys.executable, str(SCRIPTS / "aggregatord.py"), "--config", str(config)],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield daemon
+    finally:
+        daemon.send_signal(signal.SIGINT)
+        _, err = daemon.communicate(timeout=30)
+    assert daemon.returncode == 0, err
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(120)
 def test_clients_given_the_config_connect_to_binds_that_name_an_interface(tmp_path) -> None:
@@ -486,23 +504,13 @@ def test_clients_given_the_config_connect_to_binds_that_name_an_interface(tmp_pa
             "storage": {"path": str(tmp_path / "events.db")},
         },
     )
-    daemon = subprocess.Popen(
-        [sys.executable, str(SCRIPTS / "aggregatord.py"), "--config", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with daemon_on(config):
         published = run_script(
             "publish.py", "--config", str(config), "--acked", "--events", "5", "--deadline", "20", timeout=60
         )
         assert published.returncode == 0, published.stderr
         stats = run_script("stats.py", "--config", str(config), "--json", "--timeout", "10", timeout=60)
         assert stats.returncode == 0 and json.loads(stats.stdout)["unique_processed"] == 5, stats.stderr
-    finally:
-        daemon.send_signal(signal.SIGINT)
-        _, err = daemon.communicate(timeout=30)
-    assert daemon.returncode == 0, err
 
 
 @pytest.mark.timeout(120)
@@ -521,22 +529,11 @@ def test_a_relative_ipc_bind_is_relative_to_the_config_file_for_daemon_and_clien
             "storage": {"path": "events.db"},
         },
     )
-    daemon = subprocess.Popen(
-        [sys.executable, str(SCRIPTS / "aggregatord.py"), "--config", str(config)],
-        cwd=elsewhere,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with daemon_on(config, cwd=elsewhere) as daemon:
         eventually(lambda: (folder / "sub.sock").exists() or daemon.poll() is not None, 30, "the daemon bound")
         assert daemon.poll() is None and not list(elsewhere.iterdir()), list(elsewhere.iterdir())
         stats = run_script("stats.py", "--config", str(config), "--json", "--timeout", "10", timeout=60)
         assert stats.returncode == 0 and json.loads(stats.stdout)["received"] == 0, stats.stderr
-    finally:
-        daemon.send_signal(signal.SIGINT)
-        _, err = daemon.communicate(timeout=30)
-    assert daemon.returncode == 0, err
 
 
 def test_an_empty_storage_path_is_refused_at_start_naming_the_key(tmp_path) -> None:
