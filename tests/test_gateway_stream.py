@@ -527,7 +527,7 @@ def test_a_gateway_out_of_descriptors_answers_503_saying_so_and_serves_again_onc
     came only at the watch's next count, up to 2 s later."""
     assert gateway.proc is not None
     pid = gateway.proc.pid
-    for _attempt in range(3):
+    for _attempt in range(10):
         held, hard = _hold_still(gateway)
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (held + 1, hard))  # one for the connection below
         try:
