@@ -188,6 +188,39 @@ def test_client_commands_read_a_config_whose_dsn_names_systemd_credentials(tmp_p
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(120)
+def test_run_says_its_start_errors_under_the_name_it_was_run_by(tmp_path: Path) -> None:
+    """`eventagg run` said its refusals as "aggregatord: ...", a name the operator never typed
+    (the systemd unit runs `eventagg run`); the script keeps the name it is known by."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[ordering]\nactorz = 3\n")
+    junk = tmp_path / "events.db"
+    junk.write_bytes(b"this is not an SQLite database\n" * 200)
+    binds = {name: f"tcp://127.0.0.1:{free_port()}" for name in ("bind", "ack_bind", "query", "subscribe")}
+    not_a_database = write_config(
+        tmp_path / "junk.toml",
+        {
+            "ingest": {"bind": binds["bind"], "ack_bind": binds["ack_bind"]},
+            "query": {"bind": binds["query"]},
+            "subscribe": {"bind": binds["subscribe"]},
+            "storage": {"path": str(junk)},
+        },
+    )
+    runs = {
+        "eventagg run": [sys.executable, "-m", "actors.cli", "run"],
+        "aggregatord": [sys.executable, str(ROOT / "scripts" / "aggregatord.py")],
+    }
+    for name, command in runs.items():
+        refused = subprocess.run([*command, "--config", str(bad)], capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.startswith(f"{name}: unknown key [ordering] actorz"), refused.stderr
+        failed = subprocess.run([*command, "--config", str(not_a_database)], capture_output=True, text=True, timeout=60)
+        assert failed.returncode == 2, failed.stderr
+        assert f" {name}: cannot start: cannot open database {junk}: file is not a database" in failed.stderr
+        assert "Traceback" not in failed.stderr
+
+
+@pytest.mark.e2e
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_a_script_run_by_a_python_without_eventagg_says_how_to_run_it(script: str) -> None:
     # `python -S` has no site-packages, so neither eventagg nor pyzmq: as plain python3 on a
