@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from harness import ROOT, free_port, run_script, write_config
+from harness import ROOT, free_port, run_script, unprivileged, write_config
 
 from actors.cli import COMMANDS, main
 from transport.commands.stats import table
@@ -287,6 +289,61 @@ def test_keys_whose_output_cannot_be_written_are_made_and_authorized_all_the_sam
     bad_name = run_script("keys.py", "client", "no/slash", str(tmp_path / "x"), timeout=30)
     assert bad_name.returncode == 2 and "must be letters, digits" in bad_name.stderr, bad_name  # a usage error
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(120)
+def test_keys_that_cannot_be_written_say_what_where_and_what_to_do_and_leave_nothing() -> None:
+    """A folder this user may not write printed "keys: [Errno 13] Permission denied: '/x/.keys-k2j'"
+    (a temporary folder the user never named); and a failed --authorize copy left the pair behind,
+    so the corrected command was refused ("already exists")."""
+    as_user, me = unprivileged()
+    if as_user and shutil.which("setpriv") is None:
+        pytest.skip("as root, this needs setpriv to run keys as a user whom file modes stop")
+    home = Path(tempfile.mkdtemp(prefix="eventagg-keys-"))
+    locked, mine, auth = home / "locked", home / "mine", home / "auth"
+
+    def keys(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [*as_user, sys.executable, str(ROOT / "scripts" / "keys.py"), *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=30, cwd=home)
+
+    try:
+        home.chmod(0o755)
+        locked.mkdir(mode=0o555)
+        for writable in (mine, auth):
+            writable.mkdir(mode=0o700)
+            os.chown(writable, me, -1)
+        denied = f"permission denied; give a folder this user (uid {me}) can write"
+        cases = {
+            ("server", str(locked)): f"cannot write the certificates server.key and server.key_secret into {locked}",
+            (
+                "client",
+                "alice",
+                str(locked),
+            ): f"cannot write the certificates alice.key and alice.key_secret into {locked}",
+            ("server", str(locked / "sub")): f"cannot make the folder {locked / 'sub'}",
+            # Not only permissions: every OSError is said so (here ENOENT: /proc makes no files).
+            ("server", "/proc/self"): "cannot write the certificates server.key and server.key_secret into /proc/self",
+            (
+                "client",
+                "bob",
+                str(mine),
+                "--authorize",
+                str(locked),
+            ): f"cannot copy bob.key into the authorized folder {locked}",
+        }
+        for args, doing in cases.items():
+            result = keys(*args)
+            assert result.returncode == 1, (args, result.stdout, result.stderr)
+            assert result.stderr.startswith(f"keys: {doing}: "), result.stderr
+            assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+            assert (denied if args[-1] != "/proc/self" else "give a folder this user can write") in result.stderr
+        assert not list(locked.iterdir()) and not list(mine.iterdir())  # no half pair, no temporary folder
+        fixed = keys("client", "bob", str(mine), "--authorize", str(auth))
+        assert fixed.returncode == 0, fixed.stderr
+        assert (auth / "bob.key").read_bytes() == (mine / "bob.key").read_bytes()
+    finally:
+        shutil.rmtree(home)
 
 
 @pytest.mark.parametrize("name", ["", "x" * 201])

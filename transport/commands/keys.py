@@ -6,7 +6,8 @@ Each command writes ``NAME.key`` (the public certificate, safe to share) and
 ``NAME.key_secret`` (the secret one: owner-only, never copy it off the machine that uses it)
 in the ``zmq.auth`` format, into DIR (created owner-only if missing). ``server`` uses the name
 ``server``. With ``--authorize FOLDER``, a client's public certificate is also copied into the
-daemon's ``[security] authorized_keys`` folder. Existing files are never overwritten.
+daemon's ``[security] authorized_keys`` folder. Existing files are never overwritten. A command
+that cannot write everything says what, where and why, exits 1 and leaves no certificate behind.
 
 Setup: ``keys server /etc/eventagg/curve`` on the daemon's machine; on each client machine
 ``keys client NAME ~/.eventagg``; copy each client's ``NAME.key`` into the daemon's
@@ -16,6 +17,7 @@ authorized folder, and the daemon's ``server.key`` to the clients.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import shutil
@@ -34,12 +36,33 @@ class KeysError(Exception):
     """The certificates cannot be written where asked; the message says why."""
 
 
+def cannot(doing: str, exc: OSError) -> KeysError:
+    """The :class:`KeysError` for an ``OSError`` met while ``doing`` (``"write ... into FOLDER"``):
+    what could not be done and where, the system's reason, and what to do about it."""
+    reason = (exc.strerror or str(exc)).lower()
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        uid = os.geteuid()
+        advice = f"give a folder this user (uid {uid}) can write" + (", or run as the folder's owner" if uid else "")
+    elif exc.errno == errno.EROFS:
+        advice = "give a folder on a file system mounted read-write"
+    elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        advice = "free some space, or give a folder on another file system"
+    else:
+        advice = "give a folder this user can write"
+    return KeysError(f"cannot {doing}: {reason}; {advice}")
+
+
 def make_folder(folder: Path) -> None:
-    """Make ``folder`` (owner-only) unless it exists; a file in its place, or in its path, is a :class:`KeysError`."""
+    """Make ``folder`` (owner-only) unless it exists; a file in its place, or in its path, is a :class:`KeysError`,
+    as is any other reason it cannot be made."""
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     except (FileExistsError, NotADirectoryError):
         raise KeysError(f"{folder} is not a folder (a file is in the way); give a folder, made if missing") from None
+    except OSError as exc:
+        # mkdir(parents=True) fails at the first folder it cannot make: say which, if not the last.
+        at = f" (at {exc.filename})" if exc.filename and Path(exc.filename) != folder else ""
+        raise cannot(f"make the folder {folder}{at}", exc) from None
 
 
 def create(directory: Path, name: str) -> tuple[Path, Path]:
@@ -57,15 +80,23 @@ def create(directory: Path, name: str) -> tuple[Path, Path]:
     for path in (public, secret):
         if path.exists():
             raise KeysError(f"{path} already exists; remove it first or choose another name")
-    staging = Path(tempfile.mkdtemp(prefix=".keys-", dir=directory))  # mkdtemp makes it 0700
+    placed: list[Path] = []
     try:
-        made_public, made_secret = (Path(p) for p in zmq.auth.create_certificates(staging, name))
-        os.chmod(made_secret, 0o600)
-        os.chmod(made_public, 0o644)
-        os.replace(made_secret, secret)
-        os.replace(made_public, public)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=".keys-", dir=directory))  # mkdtemp makes it 0700
+        try:
+            made_public, made_secret = (Path(p) for p in zmq.auth.create_certificates(staging, name))
+            os.chmod(made_secret, 0o600)
+            os.chmod(made_public, 0o644)
+            os.replace(made_secret, secret)
+            placed.append(secret)
+            os.replace(made_public, public)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError as exc:
+        # Half a pair is worse than none: it blocks the next try ("already exists") and works with nothing.
+        for path in placed:
+            path.unlink(missing_ok=True)
+        raise cannot(f"write the certificates {public.name} and {secret.name} into {directory}", exc) from None
     return public, secret
 
 
@@ -85,10 +116,23 @@ def authorizable(name: str, directory: Path, folder: Path) -> Path:
 
 
 def authorize(public: Path, folder: Path) -> Path:
-    """Copy a client's public certificate into the daemon's authorized keys folder."""
+    """Copy a client's public certificate into the daemon's authorized keys folder (mode 0644).
+
+    Raises :class:`KeysError`, leaving no partial copy, if it cannot be written there.
+    """
     target = authorizable(public.stem, public.parent, folder)
-    shutil.copyfile(public, target)
-    os.chmod(target, 0o644)
+    try:
+        # O_EXCL: a certificate that appeared since the check is not overwritten.
+        handle = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise cannot(f"copy {public.name} into the authorized folder {folder}", exc) from None
+    try:
+        with open(handle, "wb") as copy:
+            copy.write(public.read_bytes())
+            os.fchmod(copy.fileno(), 0o644)  # whatever the umask
+    except OSError as exc:
+        target.unlink(missing_ok=True)
+        raise cannot(f"copy {public.name} into the authorized folder {folder}", exc) from None
     return target
 
 
@@ -116,7 +160,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         lines = [f"public certificate: {public}  (give this one out)"]
         lines.append(f"secret certificate: {secret}  (owner-only; keep it where it is)")
         if args.command == "client" and args.authorize:
-            lines.append(f"authorized:         {authorize(public, args.authorize)}")
+            try:
+                lines.append(f"authorized:         {authorize(public, args.authorize)}")
+            except KeysError:
+                # All or nothing: a pair left behind would refuse the corrected command ("already exists").
+                public.unlink(missing_ok=True)
+                secret.unlink(missing_ok=True)
+                raise
     except (KeysError, OSError) as exc:
         print(f"keys: {exc}", file=sys.stderr)
         return 1
