@@ -223,6 +223,29 @@ def test_run_says_its_start_errors_under_the_name_it_was_run_by(tmp_path: Path) 
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(120)
+def test_every_command_refuses_a_named_pipe_as_its_config_at_once(tmp_path: Path) -> None:
+    """`--config` naming a FIFO (made by mistake, or `<(...)`) hung every command and the daemon
+    in open() until a writer came: for ever, under systemd."""
+    pipe = tmp_path / "config.toml"
+    os.mkfifo(pipe)
+    takes_config = ["run", "stats", "health", "events", "topics", "consumers", "publish", "migrate", "gateway"]
+    for command in takes_config:
+        try:
+            result = subprocess.run(
+                [sys.executable, "-m", "actors.cli", command, "--config", str(pipe)],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"eventagg {command} --config FIFO still waits after 20 s")
+        assert result.returncode == 2, (command, result.stderr)
+        assert f"config file {pipe} is a named pipe (FIFO): a config must be a regular file" in result.stderr
+        assert "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.e2e
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_a_script_run_by_a_python_without_eventagg_says_how_to_run_it(script: str) -> None:
     # `python -S` has no site-packages, so neither eventagg nor pyzmq: as plain python3 on a

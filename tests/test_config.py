@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import time
 import tomllib
 from pathlib import Path
 
@@ -273,6 +276,33 @@ def test_a_config_path_that_never_ends_is_refused_not_read_for_ever(tmp_path: Pa
     big.write_text("# x\n" * 300_000)
     with pytest.raises(ConfigError, match="larger than 1048576 bytes"):
         load_config(big)
-    with pytest.raises(ConfigError, match=r"config file /dev/zero is larger than 1048576 bytes"):
-        load_config("/dev/zero")
+    with pytest.raises(ConfigError, match=r"config file /dev/zero is a character device: a config must be a regular"):
+        load_config("/dev/zero")  # not read at all now: a device is no config file
     assert load_config("/dev/null") == Config(source=Path("/dev/null"))  # empty: every default
+
+
+@pytest.mark.timeout(30)
+def test_a_config_path_that_is_not_a_regular_file_is_refused_before_it_is_opened(tmp_path: Path) -> None:
+    """A named pipe given as --config blocked every command, and the daemon, in open() for ever
+    (waiting for a writer); a socket said "No such device or address", a folder "Is a directory"."""
+    pipe = tmp_path / "config.toml"
+    os.mkfifo(pipe)
+    listening = tmp_path / "config.sock"
+    folder = tmp_path / "conf.d"
+    folder.mkdir()
+    link = tmp_path / "link.toml"
+    link.symlink_to(pipe)
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(listening))
+        cases = {pipe: "a named pipe (FIFO)", link: "a named pipe (FIFO)", listening: "a socket", folder: "a folder"}
+        for path, kind in cases.items():
+            started = time.monotonic()
+            with pytest.raises(ConfigError) as refused:
+                load_config(path)
+            assert str(refused.value) == (
+                f"config file {path.resolve()} is {kind}: a config must be a regular file; give the path of one"
+            )
+            assert time.monotonic() - started < 5
+    regular = tmp_path / "regular.toml"
+    regular.write_text('[log]\nlevel = "DEBUG"\n')
+    assert load_config(regular).log.level == "DEBUG"

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import socket
+import stat
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -484,14 +485,62 @@ def expand_environment(config: Config) -> Config:
 MAX_CONFIG_BYTES = 1_048_576
 
 
+def _not_a_file(mode: int) -> str | None:
+    """What a file of this ``st_mode`` is, if it is not a regular file (None if it is)."""
+    if stat.S_ISREG(mode):
+        return None
+    kinds = {
+        stat.S_ISDIR: "a folder",
+        stat.S_ISFIFO: "a named pipe (FIFO)",
+        stat.S_ISSOCK: "a socket",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+    }
+    return next((kind for test, kind in kinds.items() if test(mode)), "not a regular file")
+
+
+def _is_devnull(status: os.stat_result) -> bool:
+    """Whether ``status`` is /dev/null's: an empty config (every default), as it always was."""
+    try:
+        null = os.stat(os.devnull)
+    except OSError:
+        return False
+    return stat.S_ISCHR(status.st_mode) and status.st_rdev == null.st_rdev
+
+
+def _check_regular(source: Path, status: os.stat_result) -> None:
+    """Refuse a config path that is not a regular file (/dev/null aside), naming what it is."""
+    kind = _not_a_file(status.st_mode)
+    if kind is not None and not _is_devnull(status):
+        raise ConfigError(f"config file {source} is {kind}: a config must be a regular file; give the path of one")
+
+
+def _read_config_file(source: Path) -> bytes:
+    """The first ``MAX_CONFIG_BYTES + 1`` bytes of the regular file at ``source``.
+
+    Opening a named pipe waits for a writer, for ever, and a device may never end (/dev/zero)
+    or wait for input (a terminal): only a regular file is read. It is checked before it is
+    opened, and again on what was opened, in case the path was swapped in between; O_NONBLOCK
+    makes that open return at once even then, and O_NOCTTY keeps a terminal from becoming ours.
+    """
+    _check_regular(source, source.stat())
+    fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    with open(fd, "rb") as handle:
+        _check_regular(source, os.fstat(fd))
+        return handle.read(MAX_CONFIG_BYTES + 1)  # bounded: a log given by mistake may be huge
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
-    """Read a config file (or return the defaults when ``path`` is None) and check every value."""
+    """Read a config file (or return the defaults when ``path`` is None) and check every value.
+
+    The path must be a regular file (or /dev/null, every default): a named pipe, a socket, a
+    device or a folder is refused, naming it, before anything waits on it.
+    """
     if path is None:
         return Config()
     source = Path(path).resolve()
     try:
-        with source.open("rb") as handle:
-            text = handle.read(MAX_CONFIG_BYTES + 1)  # bounded: /dev/zero never ends
+        text = _read_config_file(source)
         if len(text) > MAX_CONFIG_BYTES:
             raise ConfigError(
                 f"config file {source} is larger than {MAX_CONFIG_BYTES} bytes, far more than any config;"
