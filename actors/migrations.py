@@ -67,6 +67,12 @@ STEPS: list[Step] = [
         " follower of some topics is told of what retention deleted of them",
         lambda conn: _add_expired_positions(conn),
     ),
+    Step(
+        5,
+        "subscriptions: topics retention deleted from before version 4 get a bound on their last deleted"
+        " commit position, where step 4 of an older release left it at 0",
+        lambda conn: _bound_expired_positions(conn),
+    ),
 ]
 
 
@@ -81,6 +87,18 @@ def _add_expired_positions(conn: sqlite3.Connection) -> None:
     before where it started, never miss one after.
     """
     _add_column(conn, "topic_retention", "expired_position INTEGER NOT NULL DEFAULT 0")
+    _bound_expired_positions(conn)
+
+
+def _bound_expired_positions(conn: sqlite3.Connection) -> None:
+    """Give each topic retention deleted events of and whose last deleted position is unknown (0)
+    the bound step 4 describes; a known one (a sweep since set it) is left as it is, so running
+    this again changes nothing.
+
+    Step 5 runs it again: step 4 as 373c10c released it, until 773e063 gave it this UPDATE, only
+    added the column, so a database it migrated from version 3 kept 0 for every topic retention
+    had deleted from, and stayed so once at version 4 (step 4 never runs twice).
+    """
     columns = {row[1] for row in conn.execute("PRAGMA table_info(topic_retention)")}
     if "expired_position" not in columns:
         return  # no table yet: the schema script makes it, and no topic has expired

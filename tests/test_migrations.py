@@ -107,20 +107,40 @@ def migrated_rows(path: Path, query: str) -> dict[Any, Any]:
         conn.close()
 
 
+def store_a_with_its_first_ten_deleted(conn: sqlite3.Connection) -> None:
+    """Topic z at positions 1-10, none deleted; topic a's seqs 1-10 (positions 11-20) deleted and
+    11-20 kept (21-30); topic gone's 3 events all deleted."""
+    row = "INSERT INTO events (rowid, topic, event_id, seq, timestamp, ts_ns, source, payload, received_at)"
+    row += " VALUES (?, ?, ?, ?, '', 0, '', x'', 0)"
+    conn.executemany(row, [(n, "z", f"z{n}", n) for n in range(1, 11)])
+    conn.executemany(row, [(n + 10, "a", f"a{n}", n) for n in range(11, 21)])
+    conn.execute("INSERT INTO topic_retention (topic, expired) VALUES ('a', 10), ('gone', 3), ('z', 0)")
+
+
 def test_topics_retention_deleted_from_before_step_4_get_a_last_deleted_position(tmp_path: Path) -> None:
     """Left at 0, a follower of some topics after position 5 was sent topic a from seq 11 on
     without being told that its seqs 1-10 (positions 11-20) were deleted."""
     path = tmp_path / "db"
     with made_by_an_older_release(path, 3) as conn:
-        row = "INSERT INTO events (rowid, topic, event_id, seq, timestamp, ts_ns, source, payload, received_at)"
-        row += " VALUES (?, ?, ?, ?, '', 0, '', x'', 0)"
-        conn.executemany(row, [(n, "z", f"z{n}", n) for n in range(1, 11)])  # positions 1-10, none deleted
-        conn.executemany(row, [(n + 10, "a", f"a{n}", n) for n in range(11, 21)])  # 11-20 deleted: 21-30 kept
-        conn.execute("INSERT INTO topic_retention (topic, expired) VALUES ('a', 10), ('gone', 3), ('z', 0)")
+        store_a_with_its_first_ten_deleted(conn)
     positions = migrated_rows(path, "SELECT topic, expired_position FROM topic_retention")
     assert version(path) == str(migrations.SCHEMA_VERSION)
     # a: below its first stored event; gone (nothing stored): at most the head; z: nothing deleted.
     assert positions == {"a": 20, "gone": 30, "z": 0}
+
+
+def test_topics_step_4_of_an_older_release_left_at_0_get_a_last_deleted_position(tmp_path: Path) -> None:
+    """Step 4 as 373c10c released it (until 773e063) only added expired_position, so a database it
+    took from version 3 to 4 kept 0 for the topics retention had deleted from; and once at 4 it
+    never ran step 4 again. Step 5 gives them the bound; one a sweep has set since is kept."""
+    path = tmp_path / "db"
+    with made_by_an_older_release(path, 4) as conn:
+        conn.execute("ALTER TABLE topic_retention ADD COLUMN expired_position INTEGER NOT NULL DEFAULT 0")
+        store_a_with_its_first_ten_deleted(conn)
+        conn.execute("INSERT INTO topic_retention (topic, expired, expired_position) VALUES ('swept', 2, 8)")
+    positions = migrated_rows(path, "SELECT topic, expired_position FROM topic_retention")
+    assert version(path) == str(migrations.SCHEMA_VERSION)
+    assert positions == {"a": 20, "gone": 30, "z": 0, "swept": 8}
 
 
 def test_a_pre_1970_topic_whose_events_retention_deleted_before_step_2_is_not_late_for_ever(
