@@ -257,6 +257,17 @@ MIGRATIONS: tuple[str, ...] = (
         node  text   NOT NULL
     );
     """,
+    # Migration 6 as 373c10c released it, until 773e063 gave it the UPDATE above, only added
+    # expired_position: a database it migrated kept 0 for every topic retention had deleted
+    # from, and stayed so at versions 6 to 8 (a migration never runs twice); so did one that
+    # `eventagg migrate --from-sqlite` filled from a SQLite file its step 4 left so. The same
+    # bound again, for those only: a position a sweep has set since is known, and left as it is.
+    """
+    UPDATE topics SET expired_position = coalesce(
+        (SELECT position - 1 FROM events WHERE events.topic = topics.topic ORDER BY seq LIMIT 1),
+        (SELECT last FROM positions WHERE id = 1), 0)
+    WHERE expired > 0 AND expired_position = 0;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -182,29 +182,50 @@ def test_postgresql_a_pre_1970_topic_whose_events_retention_deleted_before_migra
         assert conn.execute("SELECT last_ts_ns FROM topics").fetchall() == [(NO_TIMESTAMP,)]
 
 
-def test_postgresql_topics_retention_deleted_from_before_migration_6_get_a_last_deleted_position(
-    database: str,
-) -> None:
+def pg_store_a_with_its_first_ten_deleted(conn: Any) -> None:
+    """:func:`store_a_with_its_first_ten_deleted` on PostgreSQL."""
+    conn.execute("UPDATE positions SET last = 30")
+    conn.execute("INSERT INTO topics (topic, last_seq, expired) VALUES ('z', 10, 0), ('a', 20, 10), ('gone', 3, 3)")
+    insert = (
+        "INSERT INTO events (topic, event_id, seq, position, timestamp, ts_ns, source, payload, received_at)"
+        " VALUES (%s, %s, %s, %s, '', 0, '', '', 0)"
+    )
+    with conn.cursor() as cursor:
+        cursor.executemany(insert, [("z", f"z{n}", n, n) for n in range(1, 11)])
+        cursor.executemany(insert, [("a", f"a{n}", n, n + 10) for n in range(11, 21)])
+
+
+def pg_migrated_expired_positions(database: str) -> dict[str, int]:
+    """Migrate ``database`` as a starting daemon does, then each topic's expired_position."""
     import psycopg
 
     from actors.pg_session import connect
     from actors.postgres import SCHEMA_VERSION, migrate
 
-    with made_at_version(database, 5) as conn:
-        conn.execute("UPDATE positions SET last = 30")
-        conn.execute("INSERT INTO topics (topic, last_seq, expired) VALUES ('z', 10, 0), ('a', 20, 10), ('gone', 3, 3)")
-        insert = (
-            "INSERT INTO events (topic, event_id, seq, position, timestamp, ts_ns, source, payload, received_at)"
-            " VALUES (%s, %s, %s, %s, '', 0, '', '', 0)"
-        )
-        with conn.cursor() as cursor:
-            cursor.executemany(insert, [("z", f"z{n}", n, n) for n in range(1, 11)])
-            cursor.executemany(insert, [("a", f"a{n}", n, n + 10) for n in range(11, 21)])
     writer = connect(database, "writer", "test")
     try:
         assert migrate(writer, "writer") == SCHEMA_VERSION
     finally:
         writer.close()
     with psycopg.connect(database, autocommit=True) as conn:
-        positions = dict(conn.execute("SELECT topic, expired_position FROM topics").fetchall())
-    assert positions == {"a": 20, "gone": 30, "z": 0}
+        return dict(conn.execute("SELECT topic, expired_position FROM topics").fetchall())
+
+
+def test_postgresql_topics_retention_deleted_from_before_migration_6_get_a_last_deleted_position(
+    database: str,
+) -> None:
+    with made_at_version(database, 5) as conn:
+        pg_store_a_with_its_first_ten_deleted(conn)
+    assert pg_migrated_expired_positions(database) == {"a": 20, "gone": 30, "z": 0}
+
+
+# Migration 6 as 373c10c released it (until 773e063) only added expired_position; releases before
+# 773e063 added migrations 7 and 8, so a database it migrated may be at any of versions 6 to 8.
+@pytest.mark.parametrize("left_at", [6, 7, 8])
+def test_postgresql_topics_migration_6_of_an_older_release_left_at_0_get_a_last_deleted_position(
+    database: str, left_at: int
+) -> None:
+    with made_at_version(database, left_at) as conn:
+        pg_store_a_with_its_first_ten_deleted(conn)  # after migration 6: expired_position 0, its default
+        conn.execute("INSERT INTO topics (topic, last_seq, expired, expired_position) VALUES ('swept', 2, 2, 8)")
+    assert pg_migrated_expired_positions(database) == {"a": 20, "gone": 30, "z": 0, "swept": 8}
