@@ -40,19 +40,29 @@ class Step:
     apply: str | Callable[[sqlite3.Connection], None]
 
 
+UNSTICK_TOPICS_AT_1970 = (
+    "UPDATE topics SET last_ts_ns = coalesce("
+    f"(SELECT max(ts_ns) FROM events WHERE events.topic = topics.topic), {MIN_TS_NS})"
+    " WHERE last_ts_ns = 0"
+)
+"""Gives each topic stuck at last_ts_ns 0 the last timestamp it should have: releases before
+0d2424c (SQLite) and efec7ae (PostgreSQL) started every topic at 0, so a topic made of pre-1970
+events stayed there. SQLite steps 2 and 5 run it, and PostgreSQL migrations 7 and 9.
+
+A topic's last_ts_ns is the largest timestamp among its events that were not late, and a late
+one is below it: so max(ts_ns) of all its events. Only a topic whose every event is at or
+before 1970 can be stuck at 0, so only those are looked at. One with no event stored (retention
+deleted them) starts again below every instant, as a new topic does: left at 0, every pre-1970
+event it is sent would be late for ever. What it leaves at 0 has an event at 0, so running it
+again changes nothing.
+"""
+
 STEPS: list[Step] = [
     # Version 1 is the first shape with a version: nothing to do to reach it.
     Step(
         2,
         "topics made of pre-1970 events get their real last timestamp (it was stuck at 0)",
-        # A topic's last_ts_ns is the largest timestamp among its events that were not late, and a
-        # late one is below it: so max(ts_ns) of all its events. Only a topic whose every event
-        # is at or before 1970 can be stuck at 0, so only those are looked at. One whose events
-        # retention deleted starts again below every instant, as a new topic does: left at 0,
-        # every pre-1970 event it is sent would be late for ever.
-        "UPDATE topics SET last_ts_ns = coalesce("
-        f"(SELECT max(ts_ns) FROM events WHERE events.topic = topics.topic), {MIN_TS_NS})"
-        " WHERE last_ts_ns = 0",
+        UNSTICK_TOPICS_AT_1970,
     ),
     Step(
         3,
@@ -70,8 +80,10 @@ STEPS: list[Step] = [
     Step(
         5,
         "subscriptions: topics retention deleted from before version 4 get a bound on their last deleted"
-        " commit position, where step 4 of an older release left it at 0",
-        lambda conn: _bound_expired_positions(conn),
+        " commit position, where step 4 of an older release left it at 0; pre-1970 topics whose events"
+        " retention deleted before version 2 start below every instant, where step 2 of an older release"
+        " left them at 0",
+        lambda conn: _mend_older_releases(conn),
     ),
 ]
 
@@ -108,6 +120,23 @@ def _bound_expired_positions(conn: sqlite3.Connection) -> None:
         " (SELECT max(rowid) FROM events), 0)"
         " WHERE expired > 0 AND expired_position = 0"
     )
+
+
+def _mend_older_releases(conn: sqlite3.Connection) -> None:
+    """Step 5: steps 4 and 2 again, where an older release ran them before they were mended and
+    left 0. Each touches only what is still 0, so what a sweep or a write has set since is kept,
+    and every database ends the same whatever version it came from.
+
+    Step 4: see :func:`_bound_expired_positions`. Step 2 as 0d2424c released it, until f01048b,
+    kept 0 for a topic with no event stored: a database it took from version 1 (written by a
+    release with retention, from 52fb6b9, whose topics started at 0) kept 0 for each topic made
+    of pre-1970 events that retention had emptied, and stayed so at versions 2 to 4 (step 2
+    never runs twice); every pre-1970 event sent to it since was late. Those are stored, late,
+    and the largest of their timestamps is where the topic would be had it started below every
+    instant.
+    """
+    _bound_expired_positions(conn)
+    conn.execute(UNSTICK_TOPICS_AT_1970)
 
 
 def _add_column(conn: sqlite3.Connection, table: str, column: str) -> None:

@@ -182,6 +182,34 @@ def test_postgresql_a_pre_1970_topic_whose_events_retention_deleted_before_migra
         assert conn.execute("SELECT last_ts_ns FROM topics").fetchall() == [(NO_TIMESTAMP,)]
 
 
+# Step 2 as 0d2424c released it (until f01048b) kept 0 for a topic with no event stored; releases
+# before f01048b had steps up to 4, so a database it migrated may be at any of versions 2 to 4.
+@pytest.mark.parametrize("left_at", [2, 3, 4])
+def test_pre_1970_topics_step_2_of_an_older_release_left_at_0_are_no_longer_late_for_ever(
+    tmp_path: Path, left_at: int
+) -> None:
+    """Retention had deleted every event of gone and sent, made of pre-1970 events from 0, where
+    version 1 started a topic; an older step 2 kept 0, and every pre-1970 event they were sent
+    since was late (sent's two are stored, late). Step 5 starts gone below every instant and sent
+    at its last such event; a topic at an event at 1970 exactly (epoch) or after it is kept."""
+    path = tmp_path / "db"
+    with made_by_an_older_release(path, left_at) as conn:
+        if left_at >= 4:
+            conn.execute("ALTER TABLE topic_retention ADD COLUMN expired_position INTEGER NOT NULL DEFAULT 0")
+        conn.execute(
+            "INSERT INTO topics (topic, last_seq, last_ts_ns)"
+            " VALUES ('gone', 2, 0), ('sent', 4, 0), ('epoch', 1, 0), ('now', 1, 5)"
+        )
+        conn.execute(
+            "INSERT INTO events (topic, event_id, seq, timestamp, ts_ns, source, payload, received_at, late)"
+            " VALUES ('sent', 'c', 3, '', -300, '', x'', 0, 1), ('sent', 'd', 4, '', -200, '', x'', 0, 1),"
+            " ('epoch', 'e', 1, '', 0, '', x'', 0, 0), ('now', 'f', 1, '', 5, '', x'', 0, 0)"
+        )
+        conn.execute("INSERT INTO topic_retention (topic, expired) VALUES ('gone', 2), ('sent', 2)")
+    last = migrated_rows(path, "SELECT topic, last_ts_ns FROM topics")
+    assert last == {"gone": NO_TIMESTAMP, "sent": -200, "epoch": 0, "now": 5}
+
+
 def pg_store_a_with_its_first_ten_deleted(conn: Any) -> None:
     """:func:`store_a_with_its_first_ten_deleted` on PostgreSQL."""
     conn.execute("UPDATE positions SET last = 30")
