@@ -56,6 +56,7 @@ from actors.dedup import EXPIRE_CHUNK, STORAGE_RETRY, DedupActor
 from actors.event_sources import Claim
 from actors.fingerprint import fingerprint
 from actors.messages import AckTicket, ClassifyResult, Ping, PositionsSaved, SaveConsumerPositions, Tick, WriteBatch
+from actors.migrations import UNSTICK_TOPICS_AT_1970
 from actors.pg_session import (
     CONNECT_TIMEOUT_S,
     connect,
@@ -240,12 +241,11 @@ MIGRATIONS: tuple[str, ...] = (
     # A new topic's last timestamp is below every instant, not 0: with 0 every pre-1970 event
     # was late. A topic stuck at 0 gets its real last timestamp, max(ts_ns) of its events (a
     # late one is below the last), or the new start when it has stored none (never had any, or
-    # retention deleted them: left at 0, every pre-1970 event it is sent would be late for ever).
+    # retention deleted them: left at 0, every pre-1970 event it is sent would be late for ever);
+    # the same statement as SQLite's step 2.
     f"""
     ALTER TABLE topics ALTER COLUMN last_ts_ns SET DEFAULT {NO_TIMESTAMP};
-    UPDATE topics SET last_ts_ns =
-        coalesce((SELECT max(ts_ns) FROM events WHERE events.topic = topics.topic), {NO_TIMESTAMP})
-    WHERE last_ts_ns = 0;
+    {UNSTICK_TOPICS_AT_1970};
     """,
     # Which daemon serves each named consumer, numbered so that of two claims the later wins: a
     # position is stored only under the name's current claim (see save_consumer_positions).
@@ -257,16 +257,24 @@ MIGRATIONS: tuple[str, ...] = (
         node  text   NOT NULL
     );
     """,
+    # Migrations 6 and 7 again, where an older release ran them before they were mended and
+    # left 0; each touches only what is still 0, so what a sweep or a write has set since is kept.
     # Migration 6 as 373c10c released it, until 773e063 gave it the UPDATE above, only added
     # expired_position: a database it migrated kept 0 for every topic retention had deleted
     # from, and stayed so at versions 6 to 8 (a migration never runs twice); so did one that
-    # `eventagg migrate --from-sqlite` filled from a SQLite file its step 4 left so. The same
-    # bound again, for those only: a position a sweep has set since is known, and left as it is.
-    """
+    # `eventagg migrate --from-sqlite` filled from a SQLite file its step 4 left so.
+    # Migration 7 as efec7ae released it, until f01048b, kept 0 for a topic with events but none
+    # stored: a database it migrated (written by a release with retention whose topics started
+    # at 0, such as 296ca67) kept 0 for each topic made of pre-1970 events that retention had
+    # emptied, at versions 7 and 8, as did a copy of a SQLite file step 2 of such a release left
+    # so; every pre-1970 event sent to it since was late (and, stored late, the largest of their
+    # timestamps is where the topic would be had it started below every instant).
+    f"""
     UPDATE topics SET expired_position = coalesce(
         (SELECT position - 1 FROM events WHERE events.topic = topics.topic ORDER BY seq LIMIT 1),
         (SELECT last FROM positions WHERE id = 1), 0)
     WHERE expired > 0 AND expired_position = 0;
+    {UNSTICK_TOPICS_AT_1970};
     """,
 )
 

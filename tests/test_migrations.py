@@ -223,8 +223,11 @@ def pg_store_a_with_its_first_ten_deleted(conn: Any) -> None:
         cursor.executemany(insert, [("a", f"a{n}", n, n + 10) for n in range(11, 21)])
 
 
-def pg_migrated_expired_positions(database: str) -> dict[str, int]:
-    """Migrate ``database`` as a starting daemon does, then each topic's expired_position."""
+EXPIRED_POSITIONS = "SELECT topic, expired_position FROM topics"
+
+
+def pg_migrated_rows(database: str, query: str) -> dict[Any, Any]:
+    """Migrate ``database`` as a starting daemon does, then ``query``'s rows as a dict."""
     import psycopg
 
     from actors.pg_session import connect
@@ -236,7 +239,7 @@ def pg_migrated_expired_positions(database: str) -> dict[str, int]:
     finally:
         writer.close()
     with psycopg.connect(database, autocommit=True) as conn:
-        return dict(conn.execute("SELECT topic, expired_position FROM topics").fetchall())
+        return dict(conn.execute(query).fetchall())
 
 
 def test_postgresql_topics_retention_deleted_from_before_migration_6_get_a_last_deleted_position(
@@ -244,7 +247,7 @@ def test_postgresql_topics_retention_deleted_from_before_migration_6_get_a_last_
 ) -> None:
     with made_at_version(database, 5) as conn:
         pg_store_a_with_its_first_ten_deleted(conn)
-    assert pg_migrated_expired_positions(database) == {"a": 20, "gone": 30, "z": 0}
+    assert pg_migrated_rows(database, EXPIRED_POSITIONS) == {"a": 20, "gone": 30, "z": 0}
 
 
 # Migration 6 as 373c10c released it (until 773e063) only added expired_position; releases before
@@ -256,4 +259,25 @@ def test_postgresql_topics_migration_6_of_an_older_release_left_at_0_get_a_last_
     with made_at_version(database, left_at) as conn:
         pg_store_a_with_its_first_ten_deleted(conn)  # after migration 6: expired_position 0, its default
         conn.execute("INSERT INTO topics (topic, last_seq, expired, expired_position) VALUES ('swept', 2, 2, 8)")
-    assert pg_migrated_expired_positions(database) == {"a": 20, "gone": 30, "z": 0, "swept": 8}
+    assert pg_migrated_rows(database, EXPIRED_POSITIONS) == {"a": 20, "gone": 30, "z": 0, "swept": 8}
+
+
+# Migration 7 as efec7ae released it (until f01048b) kept 0 for a topic with events but none
+# stored; releases before f01048b added migration 8 too.
+@pytest.mark.parametrize("left_at", [7, 8])
+def test_postgresql_pre_1970_topics_migration_7_of_an_older_release_left_at_0_are_no_longer_late_for_ever(
+    database: str, left_at: int
+) -> None:
+    """As on SQLite, by migration 9."""
+    with made_at_version(database, left_at) as conn:
+        conn.execute(
+            "INSERT INTO topics (topic, last_seq, last_ts_ns, expired)"
+            " VALUES ('gone', 2, 0, 2), ('sent', 4, 0, 2), ('epoch', 1, 0, 0), ('now', 1, 5, 0)"
+        )
+        conn.execute(
+            "INSERT INTO events (topic, event_id, seq, position, timestamp, ts_ns, source, payload, received_at, late)"
+            " VALUES ('sent', 'c', 3, 3, '', -300, '', '', 0, true), ('sent', 'd', 4, 4, '', -200, '', '', 0, true),"
+            " ('epoch', 'e', 1, 5, '', 0, '', '', 0, false), ('now', 'f', 1, 6, '', 5, '', '', 0, false)"
+        )
+    last = pg_migrated_rows(database, "SELECT topic, last_ts_ns FROM topics")
+    assert last == {"gone": NO_TIMESTAMP, "sent": -200, "epoch": 0, "now": 5}
