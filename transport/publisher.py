@@ -51,14 +51,15 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
 import msgpack
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from transport import arguments
 from transport.backoff import Backoff, RetryBudget
-from transport.client import connect, connectable, monitor_address
+from transport.client import HANDSHAKE_FAILED, connect, connectable, monitor_address
 from transport.config import load_config
 from transport.exclusive import take_held_lock
 from transport.schema import (
@@ -95,6 +96,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH_BYTES = 4 * 1024 * 1024
 DEFAULT_BACKOFF = Backoff()
+
+# What a publisher that watches its connection reads from the socket's monitor: a completed
+# handshake (the connection is up), or a connection refused, cut or refused its handshake (down).
+LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED
+# How often the monitor is read while the connection is up and nothing waits for it (per event
+# published, reading it would cost more than a time check); a disconnection is seen this late.
+WATCH_EVERY_S = 0.01
+Connection = Literal["up", "connecting", "down"]
 
 
 class PublisherError(Exception):
@@ -240,7 +249,13 @@ class Totals:
 
 @dataclass(slots=True)
 class _Batch:
-    """A sent batch waiting for its acknowledgement."""
+    """A batch waiting for its acknowledgement.
+
+    ``queued``: handed to the current socket. ``left``: handed to ZeroMQ at least once while the
+    connection was up, so the daemon may have it (a publisher that watches its connection hands
+    a batch over only then; see :attr:`Publisher._watches_connection`). A batch that never left
+    can go to another daemon without a duplicate.
+    """
 
     batch_id: int
     events: list[dict[str, Any]]
@@ -248,6 +263,8 @@ class _Batch:
     first_sent: float
     sent_at: float
     attempts: int = 1
+    queued: bool = False
+    left: bool = False
 
 
 _P = ParamSpec("_P")
@@ -447,6 +464,13 @@ class Publisher:
             to one of them by rendezvous hashing (see :mod:`transport.affinity`).
     """
 
+    # True for the daemons' publishers of transport.affinity: read the socket's monitor, and hand
+    # a batch to ZeroMQ only while a handshake with the daemon holds. A batch that never left can
+    # then go to another daemon when this one is down, with no copy left behind to arrive later
+    # (ZeroMQ would deliver what it queued once the daemon came back). A lone publisher has
+    # nowhere else to send, so it queues at once and spares the monitor's descriptors.
+    _watches_connection = False
+
     def __new__(cls, *args: Any, endpoints: Sequence[str] | None = None, **options: Any) -> Publisher:
         """``Publisher(endpoints=[...])`` publishes to several daemons, each topic to one
         (a :class:`transport.affinity.AffinePublisher`); otherwise to the one ``endpoint``."""
@@ -512,6 +536,13 @@ class Publisher:
         self._in_flight: dict[int, _Batch] = {}
         self._next_id = 1
         self._retry_at: float | None = None  # set while the socket is closed between retries
+        # The connection as the monitor last told (watching publishers; others take it as up):
+        # up after a handshake, down after a refusal, a cut or a failed handshake until the next.
+        self._up = not self._watches_connection
+        self._down = False
+        self._watch_at = 0.0  # when the monitor is next read while nothing waits for it
+        self._held = False  # some batch in flight is not queued on the socket (see _release_held)
+        self._poller: zmq.Poller | None = None  # the socket and its monitor, for watching waits
         self._tuples = _TupleSpotter()
         self._packer = msgpack.Packer(use_bin_type=True, datetime=False, strict_types=True, default=self._tuples)
         self._closed = False
@@ -930,9 +961,11 @@ class Publisher:
             ]
         )
         now = time.monotonic()
-        self._in_flight[batch_id] = _Batch(batch_id, events, frame, now, now)
-        if self._socket is not None:  # else it goes out with the others when the socket reopens
-            self._send_frame(frame)
+        batch = self._in_flight[batch_id] = _Batch(batch_id, events, frame, now, now)
+        if self._held:  # those waiting go first, in order (this one is the last of them)
+            self._release_held(now)
+        else:
+            self._transmit(batch, now)
 
     def _push(self, packed: list[bytes], timeout: float | None) -> bool:
         """PUSH one frame, waiting up to ``timeout`` (None: no limit); returns whether it was queued."""
@@ -965,20 +998,123 @@ class Publisher:
             sock.setsockopt(zmq.SNDHWM, max(1000, 2 * self.window))
         if self._configure is not None:
             self._configure(sock)
-        if not self.acked:  # attached before connecting, or a quick handshake would go unseen
+        # Attached before connecting, or a quick handshake would go unseen.
+        if not self.acked:
             self._resources.monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED, monitor_address())
+        elif self._watches_connection:
+            monitor = self._resources.monitor = sock.get_monitor_socket(LINK_EVENTS, monitor_address())
+            self._up = False  # a new socket: up once its handshake is seen; down stays until then
+            self._poller = zmq.Poller()
+            self._poller.register(sock, zmq.POLLIN)
+            self._poller.register(monitor, zmq.POLLIN)
         try:
             connect(sock, self.endpoint)
         except ValueError as exc:
+            self._drop_monitor()
             raise PublisherError(str(exc)) from None
         return sock
 
-    def _send_frame(self, frame: bytes) -> None:
+    def _drop_socket(self) -> None:
+        """Close the socket (linger 0) and, for a watching publisher, its monitor."""
         assert self._socket is not None
+        # Read first: libzmq blocks the context's I/O thread on a monitor whose queue is full
+        # (about 2 000 events: minutes of reconnecting to a port that refuses, with no call to
+        # read them), and closing the reader then would leave it blocked until the context ends.
+        self._watch(time.monotonic())
+        self._socket.close(linger=0)
+        self._socket = None
+        if self.acked:
+            self._drop_monitor()
+
+    def _drop_monitor(self) -> None:
+        if self._resources.monitor is not None:
+            self._resources.monitor.close(linger=0)
+            self._resources.monitor = None
+        self._poller = None
+        self._up = not self._watches_connection
+
+    def _watch(self, now: float) -> None:
+        """Read what the monitor told of the connection since last time (watching publishers)."""
+        monitor = self._resources.monitor
+        if monitor is None or not self.acked:
+            return
+        self._watch_at = now + WATCH_EVERY_S
+        while True:
+            try:
+                kind = int(recv_monitor_message(monitor, zmq.NOBLOCK)["event"])
+            except zmq.Again:
+                return
+            self._up = kind == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            self._down = not self._up
+
+    def _connection(self, now: float) -> Connection:
+        """The connection to the daemon, read from the monitor at most :data:`WATCH_EVERY_S` ago:
+        up (a handshake holds), down (refused, cut or its handshake failed since the last one
+        held), or connecting (neither yet: the first attempt pending, or taken by a process that
+        completes no handshake, as a stopped daemon's kernel does). Watching publishers only."""
+        if now >= self._watch_at:
+            self._watch(now)
+        if self._up:
+            return "up"
+        return "down" if self._down else "connecting"
+
+    def _transmit(self, batch: _Batch, now: float) -> None:
+        """Queue the batch on the socket, or hold it until the connection is up (watching
+        publishers) or the socket reopens; :meth:`_release_held` sends what is held."""
+        if self._socket is None or not self._up:
+            self._held = True
+            return
         try:
-            self._socket.send(frame, zmq.NOBLOCK)
+            self._socket.send(batch.frame, zmq.NOBLOCK)
         except zmq.Again:
-            pass  # not queued: the ack timeout will resend it
+            self._held = True  # not queued (the queue is full): tried again on the next call
+            return
+        batch.queued = batch.left = True
+        batch.sent_at = now
+
+    def _release_held(self, now: float) -> None:
+        """Queue every batch in flight not yet queued on the socket, in order, if it can take them."""
+        if self._socket is None or not self._up:
+            return
+        self._held = False
+        for batch in self._in_flight.values():
+            if not batch.queued:
+                self._transmit(batch, now)
+                if not batch.queued:
+                    return  # the queue is full: the rest wait too, keeping their order
+
+    def _take_unsent(self) -> list[dict[str, Any]]:
+        """Remove every batch that never left this process (see :class:`_Batch`), and the pending
+        one, and return their events in the order published, for another daemon's publisher.
+
+        They no longer count as ``sent`` here: they were not, and they are counted where they go."""
+        taken = [batch for batch in self._in_flight.values() if not batch.left]
+        for batch in taken:
+            del self._in_flight[batch.batch_id]
+        events = [event for batch in taken for event in batch.events]
+        self.totals.sent -= len(events)
+        events.extend(self._pending.events)
+        self._pending.clear()
+        return events
+
+    def _adopt(self, events: list[dict[str, Any]]) -> None:
+        """Send ``events``, taken from another daemon's publisher, in batches of their own at once,
+        past the window if need be (they were within that publisher's)."""
+        batch: list[dict[str, Any]] = []
+        packed: list[bytes] = []
+        size = 0
+        for event in events:
+            data = self._encode(event)
+            if batch and (len(batch) >= self.batch_size or size + len(data) > self.max_batch_bytes):
+                self._send_batch(batch, packed)
+                self.totals.sent += len(batch)
+                batch, packed, size = [], [], 0
+            batch.append(event)
+            packed.append(data)
+            size += len(data)
+        if batch:
+            self._send_batch(batch, packed)
+            self.totals.sent += len(batch)
 
     def _service(self) -> None:
         """Read replies, run the Lazy Pirate retry when due, send a batch whose linger ended."""
@@ -986,9 +1122,13 @@ class Publisher:
             if self._pending.events and time.monotonic() - self._pending.since >= self.linger:
                 self._try_send()
             return
-        if self._socket is not None:
-            self._read_replies()
         now = time.monotonic()
+        if self._socket is not None:
+            if self._poller is not None and (self._held or now >= self._watch_at):
+                self._watch(now)
+            if self._held:
+                self._release_held(now)
+            self._read_replies()
         oldest = next(iter(self._in_flight.values())) if self._in_flight else None
         if oldest is not None and self.deadline is not None and now - oldest.first_sent >= self.deadline:
             # At the deadline itself, not at the end of the last attempt's ack_timeout (up to
@@ -996,8 +1136,7 @@ class Publisher:
             self._count_against_budget(oldest)
             if self._socket is not None:  # an attempt was waiting for its answer: it failed too
                 self._budget.fail()
-                self._socket.close(linger=0)
-                self._socket = None
+                self._drop_socket()
             raise self._abandon()
         if self._socket is None:
             if self._retry_at is not None and now >= self._retry_at:
@@ -1081,9 +1220,7 @@ class Publisher:
 
     def _give_up_or_pause(self, oldest: _Batch, now: float) -> None:
         """The oldest batch timed out: close the socket and pause before resending, or give up."""
-        assert self._socket is not None
-        self._socket.close(linger=0)
-        self._socket = None
+        self._drop_socket()
         self._count_against_budget(oldest)
         pause = self._budget.fail()
         if pause is None:
@@ -1114,7 +1251,9 @@ class Publisher:
         for batch in self._in_flight.values():
             batch.sent_at = now
             batch.attempts += 1
-            self._send_frame(batch.frame)
+            batch.queued = False
+        self._held = bool(self._in_flight)
+        self._release_held(now)
 
     def _abandon(self) -> DeliveryFailed:
         """Drop every unacknowledged event into a :class:`DeliveryFailed` and start afresh."""
@@ -1127,6 +1266,7 @@ class Publisher:
         self._budget.reset()
         self._budget_batch = None
         self._retry_at = None
+        self._held = False
         self._socket = self._open()
         return DeliveryFailed(self.endpoint, elapsed, attempts, events)
 
@@ -1154,7 +1294,10 @@ class Publisher:
             if end is not None:
                 wake = min(wake, end)
             wait_s = max(0.0, wake - now)
-            if self._socket is not None:
+            if self._poller is not None:  # a reply, or news of the connection
+                if self._resources.monitor in dict(self._poller.poll(math.ceil(wait_s * 1000))):
+                    self._watch_at = 0.0  # read it now
+            elif self._socket is not None:
                 self._socket.poll(math.ceil(wait_s * 1000), zmq.POLLIN)
             else:
                 time.sleep(wait_s)
