@@ -664,32 +664,38 @@ def test_closing_a_fail_over_publisher_waits_for_a_silent_daemons_batches_to_go_
     daemon_factory: Callable[..., Daemon],
 ) -> None:
     silent, alive = daemon_factory("silent").start(), daemon_factory("alive").start()
-    silent.kill()
-    events = plan(200, 0.0, 20, 4, "fo")
+    endpoints = [silent.ack, alive.ack]
+    warm_up, events = plan(20, 0.0, 20, 3, "wu"), plan(200, 0.0, 20, 4, "fo")
     publisher = Publisher(
-        endpoints=[silent.ack, alive.ack],
+        endpoints=endpoints,
         batch_size=20,
         ack_timeout=0.5,
         deadline=3.0,
         close_timeout=1.0,
         backoff=Backoff(base=0.05, cap=0.2),
     )
-    publisher.publish_many(events)
-    started = time.monotonic()
-    publisher.close()  # waits past the deadline: the silent daemon's batches then go to the other
-    assert time.monotonic() - started >= 1.0
-    assert publisher.totals.acked_new == 200
-    assert alive.wait_stats(unique_processed=200)["unique_processed"] == 200
+    publisher.publish_many(warm_up)
+    publisher.flush(20)  # both answered: their connections are up
+    with stopped(silent):  # connected, answering nothing: what it was sent may have been stored
+        publisher.publish_many(events)
+        started = time.monotonic()
+        publisher.close()  # waits past the deadline: the silent daemon's batches then go to the other
+        assert time.monotonic() - started >= 1.0
+    assert publisher.totals.acked_new == 220
+    to_alive = 200 + sum(rendezvous_order(event["topic"], endpoints)[0] == alive.ack for event in warm_up)
+    assert alive.wait_stats(unique_processed=to_alive)["unique_processed"] == to_alive
 
 
 @pytest.mark.e2e
 @pytest.mark.timeout(60)
 def test_a_daemon_that_gave_its_events_up_is_passed_over_for_a_deadline_then_tried_again(
-    daemon: Daemon,
+    daemon_factory: Callable[..., Daemon],
 ) -> None:
-    dead = nowhere()
-    publisher = Publisher(endpoints=[dead, daemon.ack], batch_size=5, ack_timeout=0.3, deadline=1.5)
-    topic = next(f"t{n}" for n in range(1000) if publisher.ranking(f"t{n}")[0] == dead)
+    silent, daemon = daemon_factory("silent").start(), daemon_factory("alive").start()
+    publisher = Publisher(endpoints=[silent.ack, daemon.ack], batch_size=5, ack_timeout=0.3, deadline=1.5)
+    topic = next(f"t{n}" for n in range(1000) if publisher.ranking(f"t{n}")[0] == silent.ack)
+    publisher.publish(make_event(0, 1, "wu") | {"topic": topic})
+    publisher.flush(20)  # its connection is up
     count = 0
 
     def send() -> None:
@@ -698,24 +704,95 @@ def test_a_daemon_that_gave_its_events_up_is_passed_over_for_a_deadline_then_tri
         publisher.publish(make_event(count, 1, "po") | {"topic": topic})
         publisher.poll(0.02)
 
-    try:
-        while publisher.totals.abandoned == 0:  # its first events wait for the dead daemon's deadline
-            send()
-        gave_up = time.monotonic()
-        # Once it gave up it holds nothing, yet it is not taken for answering again: its topic's
-        # events go to the other daemon for a whole deadline (before, at once: each such round
-        # held a failover_after of events for a deadline).
-        while time.monotonic() - gave_up < 1.2:
-            send()
-            assert publisher.route(topic) == daemon.ack
-        while publisher.route(topic) != dead:  # then it is tried again
-            assert time.monotonic() - gave_up < 5
-            send()
-        publisher.flush(timeout=20)
-    finally:
-        publisher.close(timeout=20)
-    assert publisher.totals.acked_new == count
+    with stopped(silent):  # connected, answering nothing: what it was sent waits for its deadline
+        try:
+            while publisher.totals.abandoned == 0:  # its first events wait for the silent daemon's deadline
+                send()
+            gave_up = time.monotonic()
+            # Once it gave up it holds nothing, yet it is not taken for answering again: its topic's
+            # events go to the other daemon for a whole deadline (before, at once: each such round
+            # held a failover_after of events for a deadline).
+            while time.monotonic() - gave_up < 1.2:
+                send()
+                assert publisher.route(topic) == daemon.ack
+            while publisher.route(topic) != silent.ack:  # then it is tried again
+                assert time.monotonic() - gave_up < 5
+                send()
+            publisher.flush(timeout=20)
+        finally:
+            publisher.close(timeout=20)
+    assert publisher.totals.acked_new == count + 1
     assert daemon.wait_stats(unique_processed=count)["unique_processed"] == count
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(60)
+def test_what_a_daemon_never_connected_holds_goes_at_once_to_one_that_is_up(daemon: Daemon) -> None:
+    """Nothing listens at one endpoint (connection refused): its batches waited for their whole
+    deadline before going to the daemon that is up, though it cannot have received any of them."""
+    dead = nowhere()
+    events = plan(2000, 0.0, 20, 12, "nc")
+    publisher = Publisher(endpoints=[dead, daemon.ack], deadline=20.0)
+    assert sum(publisher.ranking(event["topic"])[0] == dead for event in events) > 200
+    started = time.monotonic()
+    try:
+        publisher.publish_many(events)
+        publisher.flush(timeout=10)
+        took = time.monotonic() - started
+    finally:
+        publisher.close(timeout=0, flush=False)
+    assert took < 3, took
+    totals = publisher.totals
+    assert (totals.sent, totals.acked_new, totals.acked_duplicate, totals.abandoned) == (2000, 2000, 0, 0), totals
+    stats = daemon.wait_stats(unique_processed=2000)
+    assert (stats["received"], stats["duplicate_dropped"]) == (2000, 0)  # none sent twice
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(60)
+def test_what_a_daemon_gone_down_never_got_goes_at_once_to_one_that_is_up_and_its_topics_come_back(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """A daemon stopped (its port now refuses connections): what is published after goes to the
+    other daemon at once, not after failover_after then a deadline; started again, it gets its
+    topics back."""
+    gone, alive = daemon_factory("gone").start(), daemon_factory("alive").start()
+    endpoints = [gone.ack, alive.ack]
+    warm_up, events = plan(20, 0.0, 20, 13, "wu"), plan(1000, 0.0, 20, 14, "gd")
+    to_gone = sum(rendezvous_order(event["topic"], endpoints)[0] == gone.ack for event in warm_up)
+    publisher = Publisher(endpoints=endpoints, deadline=20.0)
+    try:
+        publisher.publish_many(warm_up)
+        publisher.flush(timeout=10)  # both answered: their connections are up
+        gone.terminate()
+        started = time.monotonic()
+        publisher.publish_many(events)
+        publisher.flush(timeout=10)
+        assert time.monotonic() - started < 3
+        assert alive.wait_stats(unique_processed=1020 - to_gone)["duplicate_dropped"] == 0
+        gone.start()
+        topic = next(event["topic"] for event in warm_up if rendezvous_order(event["topic"], endpoints)[0] == gone.ack)
+        eventually(lambda: publisher.route(topic) == gone.ack, 10, "the daemon back takes its topics again")
+    finally:
+        publisher.close(timeout=0, flush=False)
+    totals = publisher.totals
+    assert (totals.sent, totals.acked_new, totals.abandoned) == (1020, 1020, 0), totals
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(60)
+def test_publish_acked_with_one_endpoint_refusing_takes_seconds_not_the_deadline(daemon: Daemon) -> None:
+    result = run_script(
+        "publish.py",
+        *("--endpoint", nowhere(), "--endpoint", daemon.ack, "--acked", "--events", "1000", "--topics", "20"),
+        *("--deadline", "20", "--json"),
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["elapsed_s"] < 5, summary
+    assert (summary["sent"], summary["acked_new"], summary["unacked"]) == (1000, 1000, 0), summary
+    assert daemon.wait_stats(unique_processed=1000)["duplicate_dropped"] == 0
 
 
 @pytest.mark.e2e

@@ -16,6 +16,14 @@ silent daemon stay with it (its publisher keeps retrying them with the same batc
 its ``deadline``; then they are sent through the other daemons. Re-sends are safe: the
 daemons deduplicate through their shared database.
 
+A daemon whose connection is down (refused: nothing listens there; cut; or its handshake
+failed) is passed over at once, until a handshake with it succeeds again. Each daemon's
+publisher reads its socket's monitor and hands a batch to ZeroMQ only while a handshake holds,
+so what it holds for a daemon that is down never left this process: it goes at once (within a
+call or two) to the daemons that are up, as does what waits for a daemon that has completed no
+handshake for ``failover_after``. Neither can cause a duplicate. Only what was handed over on a
+connection that was up waits for its ``deadline``, as above.
+
 Order: with one database a topic's ``seq`` is its commit order. While a topic stays on one
 daemon its events are ordered by that daemon's reorder window, as with a single daemon; during
 a fail-over two daemons commit the topic's events in whatever order their commits land.
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -43,10 +52,13 @@ from transport.publisher import (
     closes_when_asked,
 )
 
-# How long one attempt to queue an event on a daemon may wait before routing is looked at again.
+# How long one attempt to queue an event on a daemon may wait before routing is looked at again;
+# also how often a publish looks for events to move off a daemon that is down.
 _ROUTE_STEP_S = 0.05
 _ORDER_CACHE = 100_000
 TOTALS_FIELDS = tuple(spec.name for spec in dataclasses.fields(Totals))
+
+log = logging.getLogger(__name__)
 
 
 def rendezvous_order(topic: str, endpoints: Sequence[str]) -> list[str]:
@@ -60,6 +72,13 @@ def rendezvous_order(topic: str, endpoints: Sequence[str]) -> list[str]:
 
 # The longest a daemon that keeps giving events up is passed over, in ``deadline``s.
 MAX_PASS_OVER = 8
+
+
+class _DaemonPublisher(Publisher):
+    """One daemon's publisher: it watches its connection, so that batches that never reached the
+    daemon can go to another (see :meth:`AffinePublisher._move_unsent`)."""
+
+    _watches_connection = True
 
 
 @dataclasses.dataclass(slots=True)
@@ -99,7 +118,8 @@ class AffinePublisher(Publisher):
         self.endpoint = ",".join(listed)
         self.acked = True
         self.failover_after = failover_after if failover_after is not None else float(options.get("ack_timeout", 5.0))
-        self._publishers = {name: Publisher(name, **options) for name in listed}
+        self._publishers: dict[str, Publisher] = {name: _DaemonPublisher(name, **options) for name in listed}
+        self._move_at = 0.0  # when a publish next looks for events to move off a daemon that is down
         self._orders: dict[str, list[str]] = {}
         self._give_ups: dict[str, _GiveUps] = {}  # endpoint -> its publisher's last give-up
         self._closed = False
@@ -122,10 +142,15 @@ class AffinePublisher(Publisher):
         return order
 
     def acknowledging(self, endpoint: str) -> bool:
-        """Whether the daemon at ``endpoint`` is answering: no batch waits longer than
-        ``failover_after``, and it is not being passed over after giving events up (see :meth:`_passed_over`)."""
+        """Whether the daemon at ``endpoint`` is answering: its connection is not down (refused,
+        cut, or its handshake failed), no batch waits longer than ``failover_after``, and it is not
+        being passed over after giving events up (see :meth:`_passed_over`)."""
         publisher = self._publishers[endpoint]
-        return publisher.oldest_unacked_age() < self.failover_after and not self._passed_over(endpoint)
+        return (
+            publisher._connection(time.monotonic()) != "down"
+            and publisher.oldest_unacked_age() < self.failover_after
+            and not self._passed_over(endpoint)
+        )
 
     def _passed_over(self, endpoint: str) -> bool:
         """Whether ``endpoint`` gave events up lately and has acknowledged nothing since.
@@ -191,6 +216,8 @@ class AffinePublisher(Publisher):
                 # with the rest, or handed back with them; publishing it once more would send it twice.
                 self._reroute(exc, target)
                 break
+        if time.monotonic() >= self._move_at:
+            self._move_unsent()
         self._refresh_totals()
 
     @closes_when_asked
@@ -236,6 +263,7 @@ class AffinePublisher(Publisher):
                 except DeliveryFailed as exc:
                     self._reroute(exc, name)
                     waiting = True
+            self._move_unsent()
             self._refresh_totals()
             # Each daemon's publisher waited for what it held then; an on_ack may have published
             # to one already passed in this round since, and that must be acknowledged too.
@@ -259,6 +287,7 @@ class AffinePublisher(Publisher):
                 publisher.poll(share)
             except DeliveryFailed as exc:
                 self._reroute(exc, name)
+        self._move_unsent()
         self._refresh_totals()
         return self.unacknowledged
 
@@ -345,6 +374,47 @@ class AffinePublisher(Publisher):
                     publisher.poll()
                 except DeliveryFailed as exc:
                     self._reroute(exc, name)
+        self._move_unsent()
+
+    def _move_unsent(self) -> None:
+        """Send through the daemons that are up what a daemon that is not holds and never sent.
+
+        A daemon is left when its connection is down (refused, cut, or its handshake failed), or
+        when it has completed no handshake and its oldest batch has waited ``failover_after``
+        (a stopped process's kernel takes the connection, and nothing more happens). Only what
+        never left this process moves (its publisher hands a batch to ZeroMQ only while the
+        connection is up), so the daemon cannot have it: no duplicate, and nothing is lost. What
+        was sent on a connection that was up stays, as with a silent daemon, until its ``deadline``.
+        """
+        now = time.monotonic()
+        self._move_at = now + _ROUTE_STEP_S
+        states = {name: publisher._connection(now) for name, publisher in self._publishers.items()}
+        up = [name for name, state in states.items() if state == "up" and self.acknowledging(name)]
+        if not up:
+            return
+        for name, publisher in self._publishers.items():
+            if states[name] == "up" or not publisher.unacknowledged:
+                continue
+            if states[name] == "connecting" and publisher.oldest_unacked_age() < self.failover_after:
+                continue  # maybe still connecting: as a daemon that does not acknowledge, it gets failover_after
+            events = publisher._take_unsent()
+            if not events:
+                continue
+            moved: dict[str, list[dict[str, Any]]] = {}
+            for event in events:
+                target = next(other for other in self.ranking(str(event.get("topic", ""))) if other in up)
+                moved.setdefault(target, []).append(event)
+            for target, share in moved.items():
+                self._publishers[target]._adopt(share)
+            log.info(
+                "%s %s: the %d events held for it, never sent, go to %s",
+                name,
+                "is down (connection refused or cut, or its handshake failed)"
+                if states[name] == "down"
+                else f"completed no handshake in {self.failover_after:g} s",
+                len(events),
+                ", ".join(moved),
+            )
 
     def _reroute(self, failed: DeliveryFailed, endpoint: str) -> None:
         """Send the events a daemon never acknowledged through the others (its publisher gave up).
