@@ -115,6 +115,9 @@ class SubscribeError(ValueError):
     def __init__(self, message: str, code: str = "bad_request") -> None:
         super().__init__(message)
         self.code = code
+        # The refused subscribe's own ``ref``, echoed in the error as in ``subscribed``: a consumer
+        # that subscribes again on one connection can tell which subscribe was refused.
+        self.ref: int | None = None
 
 
 class HeadSignal:
@@ -191,6 +194,10 @@ def _check_topic_name(topic: str, field: str) -> None:
         raise SubscribeError(f"no event can have this topic in {field!r} ({exc})") from None
 
 
+def _is_ref(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_CURSOR
+
+
 def parse_subscribe(request: dict[Any, Any]) -> SubscribeRequest:
     """Check a ``subscribe`` map, raising :class:`SubscribeError` naming the field to fix."""
     known = {"op", "topic", "topics", "after", "name", "credit", "ref"}
@@ -222,7 +229,7 @@ def parse_subscribe(request: dict[Any, Any]) -> SubscribeRequest:
         raise SubscribeError(f"'name': {problem}")
     credit = _credit(request.get("credit", 0))
     ref = request.get("ref")
-    if ref is not None and (not isinstance(ref, int) or isinstance(ref, bool) or not 0 <= ref <= MAX_CURSOR):
+    if ref is not None and not _is_ref(ref):
         raise SubscribeError(f"'ref' must be an integer from 0 to {MAX_CURSOR}, not {wire_repr(ref)}")
     return SubscribeRequest(topic, frozenset(topics) if topics is not None else None, after, name, credit, ref)
 
@@ -568,7 +575,10 @@ class SubscriptionServer:
                     self._warn.warning("bad subscription message: %s", exc)
                 else:
                     self._warn.warning("refused a subscriber (%s): %s", exc.code, exc)
-                self._send(identity, {"op": "error", "code": exc.code, "error": str(exc)})
+                error: dict[str, Any] = {"op": "error", "code": exc.code, "error": str(exc)}
+                if exc.ref is not None:
+                    error["ref"] = exc.ref
+                self._send(identity, error)
 
     def _revoke(self, identity: bytes, why: str) -> None:
         """The connection's key was revoked: end what it follows, and tell it why."""
@@ -595,7 +605,12 @@ class SubscriptionServer:
         if sub is not None:
             sub.last_heard = now  # any message, even a bad one, says the consumer is alive
         if op == "subscribe":
-            self._subscribe(identity, parse_subscribe(request), now)
+            try:
+                self._subscribe(identity, parse_subscribe(request), now)
+            except SubscribeError as exc:
+                ref = request.get("ref")
+                exc.ref = ref if _is_ref(ref) else None
+                raise
             return
         if op not in _SUBSCRIBER_OPS:  # subscribe was taken above
             raise SubscribeError(f"unknown op {op!r}; known ops: subscribe, credit, ack, heartbeat, unsubscribe")

@@ -727,3 +727,34 @@ def test_a_query_sent_to_the_subscribe_endpoint_is_told_where_queries_go(daemon_
         publish(daemon.ack, "--acked", "--events", "3", "--topics", "1")
         assert follower.next_event(timeout=10) is not None
     assert daemon.terminate() == 0
+
+
+def test_a_refused_subscribe_is_answered_with_its_own_ref(daemon: Daemon) -> None:
+    """``ref`` lets a consumer tell its latest subscribe's answers from an older one's; the error
+    answering a refused subscribe carried none, so one that subscribed again on the same
+    connection could not tell whether its new subscribe or something else was refused."""
+    publish(daemon.ack, "--acked", "--events", "3", "--topics", "1")
+    consumer = RawConsumer(daemon.subscribe)
+    try:
+        consumer.send({"op": "subscribe", "topic": "topic-0", "after": 0, "credit": 0, "ref": 1})
+        assert consumer.receive()["ref"] == 1
+        refusals: list[tuple[dict[str, Any], str]] = [
+            ({"op": "subscribe", "topic": "topic-0", "after": 99, "ref": 2}, "past the last seq"),
+            ({"op": "subscribe", "topic": "topic-0", "colour": "red", "ref": 3}, "unknown field(s) colour"),
+            ({"op": "subscribe", "topic": "a b", "ref": 4}, "no event can have this topic"),
+        ]
+        for request, error in refusals:
+            consumer.send(request)
+            reply = consumer.receive()
+            assert reply["op"] == "error" and reply["code"] == "bad_request", reply
+            assert error in reply["error"] and reply["ref"] == request["ref"], reply
+        # A ref that is itself unreadable is not echoed; nor is one on another op's error.
+        consumer.send({"op": "subscribe", "topic": "topic-0", "ref": -1})
+        assert "ref" not in consumer.receive()
+        consumer.send({"op": "credit", "credit": -1, "ref": 5})
+        assert "ref" not in consumer.receive()
+        # Nothing changed: the first subscription goes on.
+        consumer.send({"op": "credit", "credit": 3})
+        assert [event["seq"] for event in consumer.events(3)] == [1, 2, 3]
+    finally:
+        consumer.close()
