@@ -227,7 +227,10 @@ def parse_subscribe(request: dict[Any, Any]) -> SubscribeRequest:
     name = request.get("name")
     if name is not None and (problem := name_problem(name)) is not None:
         raise SubscribeError(f"'name': {problem}")
-    credit = _credit(request.get("credit", 0))
+    # nil counts as absent, as for every other optional field (and the queries' after and limit):
+    # encoders with no "omit empty" send nil for a field left unset.
+    credit = request.get("credit")
+    credit = _credit(credit) if credit is not None else 0
     ref = request.get("ref")
     if ref is not None and not _is_ref(ref):
         raise SubscribeError(f"'ref' must be an integer from 0 to {MAX_CURSOR}, not {wire_repr(ref)}")
@@ -630,7 +633,9 @@ class SubscriptionServer:
         elif op == "ack":
             self._ack(sub, request)
         elif op == "unsubscribe":
-            forget = request.get("forget", False)
+            forget = request.get("forget")
+            if forget is None:  # absent, or nil as an encoder sends for a field left unset
+                forget = False
             if not isinstance(forget, bool):
                 raise SubscribeError(f"'forget' must be true or false, not {type_name(forget)}")
             if forget and sub.name is None:

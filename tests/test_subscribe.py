@@ -758,3 +758,30 @@ def test_a_refused_subscribe_is_answered_with_its_own_ref(daemon: Daemon) -> Non
         assert [event["seq"] for event in consumer.events(3)] == [1, 2, 3]
     finally:
         consumer.close()
+
+
+def test_nil_counts_as_absent_in_every_optional_field_of_subscribe_and_unsubscribe(daemon: Daemon) -> None:
+    """An encoder without "omit empty" (a Go struct of pointers) sends nil for each field left
+    unset. subscribe took it for topic, topics, after, name and ref, but refused a nil credit,
+    and unsubscribe a nil forget, so such a consumer could not subscribe at all."""
+    publish(daemon.ack, "--acked", "--events", "3", "--topics", "1")
+    consumer = RawConsumer(daemon.subscribe)
+    try:
+        unset = {"topics": None, "after": None, "name": None, "ref": None, "credit": None}
+        consumer.send({"op": "subscribe", "topic": "topic-0", **unset})
+        subscribed = consumer.receive()
+        assert subscribed["op"] == "subscribed" and subscribed["after"] == 0, subscribed
+        assert consumer.quiet(0.5) == []  # nil credit is the default, 0: nothing is sent yet
+        consumer.send({"op": "credit", "credit": 3})
+        assert [event["seq"] for event in consumer.events(3)] == [1, 2, 3]
+        consumer.send({"op": "unsubscribe", "forget": None})
+        assert consumer.receive() == {"op": "unsubscribed"}
+        # A required field stays required: credit's own credit, ack's position.
+        consumer.send({"op": "subscribe", "topic": "topic-0", "name": "nils", "credit": None})
+        assert consumer.receive()["op"] == "subscribed"
+        for request in ({"op": "credit", "credit": None}, {"op": "ack", "position": None}):
+            consumer.send(request)
+            reply = consumer.receive()
+            assert reply["op"] == "error" and reply["code"] == "bad_request", reply
+    finally:
+        consumer.close()
