@@ -54,7 +54,16 @@ from actors.outbox import DROPPED, GONE, SENT, Outbox
 from transport.config import SubscribeConfig, wants_ipv6
 from transport.logs import RateLimitedLog
 from transport.queries import MAX_CURSOR
-from transport.schema import InvalidEvent, check_topic, msgpack_problem, type_name, unpack_from_peer, wire_repr
+from transport.schema import (
+    InvalidEvent,
+    check_topic,
+    msgpack_problem,
+    quoted_names,
+    quoted_op,
+    type_name,
+    unpack_from_peer,
+    wire_repr,
+)
 from transport.security import SocketHook
 from transport.subscriber import MAX_FILTER_TOPICS, name_problem
 from transport.zap import REVOKED, ConnectionGate
@@ -203,7 +212,7 @@ def parse_subscribe(request: dict[Any, Any]) -> SubscribeRequest:
     known = {"op", "topic", "topics", "after", "name", "credit", "ref"}
     unknown = sorted(str(key) for key in request if key not in known)
     if unknown:
-        raise SubscribeError(f"unknown field(s) {', '.join(unknown)}; a subscribe has {', '.join(sorted(known))}")
+        raise SubscribeError(f"unknown field(s) {quoted_names(unknown)}; a subscribe has {', '.join(sorted(known))}")
     topic = request.get("topic")
     if topic is not None:
         if not isinstance(topic, str) or not topic:
@@ -616,7 +625,9 @@ class SubscriptionServer:
                 raise
             return
         if op not in _SUBSCRIBER_OPS:  # subscribe was taken above
-            raise SubscribeError(f"unknown op {op!r}; known ops: subscribe, credit, ack, heartbeat, unsubscribe")
+            raise SubscribeError(
+                f"unknown op {quoted_op(op)}; known ops: subscribe, credit, ack, heartbeat, unsubscribe"
+            )
         if sub is None:
             raise SubscribeError(
                 "no subscription on this connection (the daemon restarted or dropped it); send subscribe again",
@@ -626,7 +637,7 @@ class SubscriptionServer:
         extra = set(request) - known - {"op"}
         if extra:
             takes = f"only {', '.join(repr(field) for field in sorted(known))}" if known else "no field but 'op'"
-            raise SubscribeError(f"op {op!r} takes {takes}, not {', '.join(sorted(map(repr, extra)))}")
+            raise SubscribeError(f"op {op!r} takes {takes}, not {quoted_names(sorted(map(repr, extra)))}")
         if op == "credit":
             grant = _credit(request.get("credit"))
             sub.credit = min(self._config.max_credit, sub.credit + grant)

@@ -316,3 +316,37 @@ def test_a_query_sent_to_the_acknowledged_endpoint_is_told_where_queries_go(daem
         assert "needs a 'batch' id" in msgpack.unpackb(sock.recv())["error"]
     finally:
         sock.close(linger=0)
+
+
+def test_a_refusal_quotes_a_huge_op_or_field_name_cut_short_in_its_reply_and_the_log(daemon: Any) -> None:
+    """Unknown ops and field names were quoted whole: a 500 KB op name came back in a 500 KB
+    error reply and went into a 500 KB log line, from the query and the subscribe endpoints alike
+    (thousands of unknown fields the same), where other refusals quote 40 to 80 characters."""
+    huge = "x" * 500_000
+    many = {f"field-{n}": n for n in range(5000)}
+    context = zmq.Context.instance()
+    query = context.socket(zmq.DEALER)  # a DEALER with REQ's empty frame: one socket for every request
+    follower = context.socket(zmq.DEALER)
+    try:
+        query.connect(daemon.query)
+        follower.connect(daemon.subscribe)
+        asked: list[tuple[zmq.Socket[Any], dict[Any, Any], str]] = [
+            (query, {"op": huge}, "unknown op 'xxxx"),
+            (query, {"op": "events", huge: 1}, "unknown field(s) xxxx"),
+            (query, {"op": "stats", **many}, "unknown field(s) field-0"),
+            (follower, {"op": huge}, "unknown op 'xxxx"),
+            (follower, {"op": "subscribe", huge: 1}, "unknown field(s) xxxx"),
+            (follower, {"op": "subscribe", **many}, "unknown field(s) field-0"),
+        ]
+        for sock, request, said in asked:
+            frames = [b"", msgpack.packb(request)] if sock is query else [msgpack.packb(request)]
+            sock.send_multipart(frames)
+            reply = receive(sock)[-1]
+            assert len(reply) < 1000, (said, len(reply))
+            assert said in msgpack.unpackb(reply)["error"], reply
+        follower.send(msgpack.packb({"op": None}))
+        assert "unknown op nil;" in msgpack.unpackb(receive(follower)[0])["error"]  # msgpack's word, not Python's
+    finally:
+        query.close(linger=0)
+        follower.close(linger=0)
+    assert max(len(line) for line in daemon.log().splitlines()) < 2000

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from transport.schema import InvalidEvent, check_topic, type_name, wire_repr
+from transport.schema import InvalidEvent, check_topic, quoted_names, quoted_op, type_name, wire_repr
 
 DEFAULT_LIMIT = 1000
 MAX_FREEZE_S = 600.0
@@ -100,7 +100,7 @@ def parse_query(request: Any, max_limit: int, *, test_hooks: bool | None = None)
         raise QueryError("a request needs an 'op' string: stats, events, topics, health or consumers")
     hooks = debug_hooks_enabled() if test_hooks is None else test_hooks
     if op not in _FIELDS or (op == "debug_freeze" and not hooks):
-        raise QueryError(f"unknown op {op!r}; known ops: stats, events, topics, health, consumers")
+        raise QueryError(f"unknown op {quoted_op(op)}; known ops: stats, events, topics, health, consumers")
     _check_fields(op, request)
     simple = _SIMPLE.get(op)
     if simple is not None:
@@ -157,7 +157,7 @@ def _check_fields(op: str, request: dict[Any, Any]) -> None:
     unknown = sorted(str(key) for key in request if key != "op" and key not in takes)
     if unknown:
         what = f"its fields are {', '.join(sorted(takes))}" if takes else "it takes no field but 'op'"
-        raise QueryError(f"unknown field(s) {', '.join(unknown)} for op {op!r}; {what}")
+        raise QueryError(f"unknown field(s) {quoted_names(unknown)} for op {op!r}; {what}")
 
 
 def _parse_freeze(request: dict[Any, Any]) -> DebugFreezeQuery:

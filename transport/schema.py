@@ -409,6 +409,20 @@ def msgpack_problem(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def quoted_names(names: list[str], show: int = 5, width: int = 40) -> str:
+    """Peer-given names (unknown ops or fields) as a refusal lists them: the first ``show``, each cut
+    to ``width`` characters, and how many more, so a request of thousands of long names is not
+    echoed back, nor logged, whole."""
+    shown = [name if len(name) <= width else f"{name[:width]}..." for name in names[:show]]
+    more = f" and {len(names) - show} more" if len(names) > show else ""
+    return ", ".join(shown) + more
+
+
+def quoted_op(op: Any) -> str:
+    """An unknown ``op`` as a refusal quotes it: msgpack's words, a long string cut short."""
+    return repr(op[:40]) + ("..." if len(op) > 40 else "") if isinstance(op, str) else wire_repr(op)
+
+
 def wire_repr(value: Any) -> str:
     """``value`` as a refusal quotes it to a peer: msgpack's words for nil and booleans, not Python's."""
     if value is None or isinstance(value, bool):
