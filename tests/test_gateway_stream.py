@@ -23,6 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_gateway import event, ok, scrape
 from test_retention import QUICK
 
+from transport.gateway import NEW_QUERY_DESCRIPTORS
+
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 
@@ -577,6 +579,31 @@ def test_a_gateway_with_a_few_descriptors_free_refuses_a_publish_rather_than_abo
     assert answer.status_code == 503 and "out of file descriptors" in answer.json()["error"], answer.text
     assert "nothing was sent" in answer.json()["error"]
     ok(gateway.publish(event("orders", "o-1")))
+
+
+@pytest.mark.parametrize("free", [3, 4, NEW_QUERY_DESCRIPTORS + 1])
+def test_a_gateway_with_too_few_descriptors_for_a_query_says_so_at_once(gateway: Gateway, free: int) -> None:
+    """A new query client's socket takes four descriptors, its TCP connection last, which
+    libzmq's I/O thread makes and tells no one when it cannot: with the request's connection and
+    three free, /healthz waited its whole timeout and answered that the daemon's query endpoint
+    did not answer. (With two, making the socket failed at once, as it should.)"""
+    limit, hard = _hold_still(gateway, free=free)  # the connection's, and the rest
+    assert gateway.proc is not None
+    pid = gateway.proc.pid
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        with httpx.Client(base_url=gateway.url, timeout=10.0, limits=httpx.Limits(max_connections=1)) as client:
+            began = time.monotonic()
+            answer = client.get("/healthz")
+            took = time.monotonic() - began
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))
+    if free > NEW_QUERY_DESCRIPTORS:  # enough for the connection and the query
+        assert answer.status_code == 200, answer.text
+    else:
+        assert answer.status_code == 503 and "out of file descriptors" in answer.json()["reason"], answer.text
+        assert took < 1.0, f"{took:.3g} s: the whole request timeout was waited"
+    assert gateway.client.get("/healthz").status_code == 200
 
 
 def _hold_still(gateway: Gateway, free: int) -> tuple[int, int]:

@@ -132,6 +132,12 @@ KEEPALIVE_S = 15.0  # a comment line on an event stream this long quiet, so prox
 # when one of their descriptors cannot be had. With fewer free it is not made: 503. (Measured:
 # 7 for the context, the socket and its connection; with 2 to 4 free the gateway aborted.)
 NEW_PUBLISHER_DESCRIPTORS = 10
+# Free descriptors a new query client needs: its REQ socket's mailbox, those of its monitor's
+# pair of sockets, and the TCP connection, which libzmq's I/O thread makes after connect()
+# returned: when it cannot, nothing fails, the query waits its whole timeout and is told the
+# daemon did not answer. With fewer free it is not made: 503 at once. (Measured: 4; with 3 free
+# the query waited. Two more for a connection accepted, or another client made, meanwhile.)
+NEW_QUERY_DESCRIPTORS = 6
 MAX_QUOTED_PATH = 200  # most characters of an unknown path a 404 quotes back
 
 
@@ -182,7 +188,9 @@ class DaemonLink:
         # check; dropped once the endpoint answers (its key authorized since, say).
         self._refused: dict[str, str] = {}
         self.descriptors = DescriptorWatch("the gateway process")
-        self._new_publisher = threading.Lock()
+        # Held while free descriptors are counted for a new connection to the daemon, and while a
+        # new publisher's context starts (see _take_publisher).
+        self._new_connection = threading.Lock()
 
     def exhausted(self, doing: str) -> GatewayError:
         """503 for a request that could not ``doing`` for want of a free descriptor, the warning
@@ -223,8 +231,10 @@ class DaemonLink:
                 503, f"no time was left to ask the daemon within {self.timeout:g} s ([http] request_timeout_ms)"
             )
         try:
-            client = self._queries.get_nowait()
+            client = self._queries.get_nowait()  # a pooled one holds its descriptors: no check
         except queue.Empty:
+            if not self._descriptors_free(NEW_QUERY_DESCRIPTORS):
+                raise self.exhausted(f"connect to the daemon's query endpoint {self.query_endpoint}") from None
             client = QueryClient(self.query_endpoint, timeout=wait, configure=self._secure, hints=CONFIG_HINTS)
         client.timeout = wait
         try:
@@ -326,12 +336,19 @@ class DaemonLink:
             return self._publishers.get_nowait()
         except queue.Empty:
             pass
-        # One at a time, so two new publishers do not count the same free descriptors. (A
-        # connection accepted meanwhile may still take one: the margin is for that.)
-        with self._new_publisher:
+        # One at a time, so two new publishers do not count the same free descriptors, nor a
+        # query's count take them while a publisher's context starts. (A connection accepted
+        # meanwhile may still take one: the margin is for that.)
+        with self._new_connection:
             if not descriptors_free(NEW_PUBLISHER_DESCRIPTORS):
                 raise zmq.ZMQError(errno.EMFILE)
             return self._make_publisher()
+
+    def _descriptors_free(self, count: int) -> bool:
+        """Whether ``count`` descriptors are free, counted apart from a new publisher's count and
+        start (which this count, opening ``count`` descriptors for a moment, could leave short)."""
+        with self._new_connection:
+            return descriptors_free(count)
 
     def _make_publisher(self) -> Publisher:
         ingest = self._ingest
