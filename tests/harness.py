@@ -324,22 +324,36 @@ def stored_rows(db_path: Path) -> list[tuple[str, str, int]]:
 
 
 GATEWAY_TIMEOUT_MS = 2000  # [http] request_timeout_ms of the gateways tests start
+# ``python -c`` this, names, script, its arguments: runs the script with the modules named (comma
+# separated) unimportable, as where they are not installed.
+WITHOUT_MODULES = """\
+import runpy, sys
+for name in sys.argv[1].split(","):
+    sys.modules[name] = None  # an import of it raises ImportError
+del sys.argv[:2]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 class Gateway:
-    """One scripts/gateway.py process reading a daemon's config file."""
+    """One scripts/gateway.py process reading a daemon's config file; ``without``: modules it runs
+    without, as if not installed (``("uvloop",)``: uvicorn's asyncio event loop)."""
 
-    def __init__(self, daemon: Daemon, url: str) -> None:
+    def __init__(self, daemon: Daemon, url: str, without: tuple[str, ...] = ()) -> None:
         self.daemon = daemon
         self.url = url
+        self.without = without
         self.log_path = daemon.workdir / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.client = httpx.Client(base_url=self.url, timeout=30.0)
 
     def start(self, timeout: float = 30.0) -> Gateway:
         with self.log_path.open("ab") as log:
+            command = [str(SCRIPTS / "gateway.py"), "--config", str(self.daemon.config_path)]
+            if self.without:
+                command = ["-c", WITHOUT_MODULES, ",".join(self.without), *command]
             self.proc = subprocess.Popen(
-                [sys.executable, str(SCRIPTS / "gateway.py"), "--config", str(self.daemon.config_path)],
+                [sys.executable, *command],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.daemon.workdir,
