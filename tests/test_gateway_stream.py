@@ -606,6 +606,48 @@ def test_a_gateway_with_too_few_descriptors_for_a_query_says_so_at_once(gateway:
     assert gateway.client.get("/healthz").status_code == 200
 
 
+@pytest.mark.parametrize("without", [(), ("uvloop",)], ids=["uvloop", "asyncio"])
+def test_a_gateway_that_cannot_accept_a_connection_warns_once_and_serves_again_once_descriptors_are_free(
+    gateway_factory: Callable[..., Gateway], without: tuple[str, ...]
+) -> None:
+    """With no descriptor free the gateway cannot accept() a connection, so nothing can answer
+    it: uvloop (libuv) accepts it with a descriptor kept in reserve and closes it at once (the
+    client sees it reset), asyncio leaves it waiting and tries again a second later. On asyncio
+    (uvicorn's loop where uvloop is not installed) every attempt logged a traceback, hundreds a
+    second; the log should say once what the matter is and what to do."""
+    gateway = gateway_factory(without=without)
+    assert gateway.proc is not None
+    pid = gateway.proc.pid
+    failed = 0
+    limit, hard = _hold_still(gateway, free=0)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        for _ in range(3):
+            with httpx.Client(base_url=gateway.url, timeout=1.5) as client:
+                try:
+                    client.get("/healthz")  # answered (503) only if one of the gateway's closed meanwhile
+                except httpx.TransportError:  # reset, or not accepted within the timeout
+                    failed += 1
+        said = "file descriptors it may open (RLIMIT_NOFILE)"
+        eventually(lambda: said in gateway.log(), 10, "the warning", detail=gateway.log)
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))
+    assert failed, "every connection was accepted: the gateway was never at its limit"
+    eventually(lambda: _answers(gateway), 10, "the gateway serving again", detail=gateway.log)
+    log = gateway.log()
+    assert log.count(said) == 1, log
+    assert "Traceback" not in log and "out of system resource" not in log, log
+
+
+def _answers(gateway: Gateway) -> bool:
+    """Whether a new connection to the gateway gets /healthz answered 200."""
+    try:
+        with httpx.Client(base_url=gateway.url, timeout=2.0) as client:
+            return client.get("/healthz").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def _hold_still(gateway: Gateway, free: int) -> tuple[int, int]:
     """A soft limit that leaves the gateway ``free`` descriptors, once its own stay put, and its
     hard limit. The test's client is replaced first: its keep-alive connection could close,

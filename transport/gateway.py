@@ -609,6 +609,36 @@ async def _watch_descriptors(watch: DescriptorWatch) -> None:
         await asyncio.sleep(DESCRIPTOR_CHECK_S)
 
 
+def _warn_when_accept_fails(watch: DescriptorWatch) -> Callable[[], None]:
+    """Have the running event loop report an ``accept()`` that failed for want of a descriptor
+    (EMFILE) with the watch's warning, said at once and then at most every minute while it
+    lasts, rather than with a traceback a time; returns what puts the loop's handler back.
+
+    Why: asyncio's loop (uvicorn's where uvloop is not installed) logs "socket.accept() out of
+    system resource" with a traceback for each accept() that fails, up to uvicorn's backlog
+    (2048) in a row, and tries again a second later while the connection waits. uvloop says
+    nothing (libuv takes the connection with a descriptor kept in reserve and closes it at once,
+    so the client sees it reset): there the watch's count says it, within its
+    :data:`DESCRIPTOR_CHECK_S`. Neither connection can be answered: no descriptor is left to
+    answer it on.
+    """
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exception = context.get("exception")
+        # A listening socket's accept() at this process's limit (ENFILE, the system's, is left as it was).
+        if "socket" in context and isinstance(exception, OSError) and exception.errno == errno.EMFILE:
+            watch.check(time.monotonic(), force=True)
+        elif previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+    return lambda: loop.set_exception_handler(previous)
+
+
 def _decode_json(body: bytes) -> Any:
     """The JSON document in ``body``, or :class:`GatewayError` 400 saying why it is not one."""
     try:
@@ -1121,9 +1151,11 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
         restore = _on_stop_signals(link.stop)
         _ready_for_no_free_descriptor()
         watching = asyncio.create_task(_watch_descriptors(link.descriptors))
+        unwatch_accept = _warn_when_accept_fails(link.descriptors)
         try:
             yield
         finally:
+            unwatch_accept()
             watching.cancel()
             restore()
             link.close()
