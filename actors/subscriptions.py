@@ -268,8 +268,13 @@ class Subscription:
     # With a ``topics`` filter: the last seq sent of each topic, so a hole retention made in
     # a topic after the subscription saw it is told (positions of other topics hide it).
     seqs: dict[str, int] = field(default_factory=dict)
-    start: int = 0  # the cursor it subscribed at: a topic's events deleted after it were never sent
-    told_upto: int = 0  # the last position an expired notice it was sent covers
+    # ... the topics of the filter with deleted events the cursor moved past untold (passing
+    # other topics' events, or positions of none of the filter's): told before their next event.
+    owed: set[str] = field(default_factory=set)
+    # ... and each filtered topic's last deleted position (EventSource.expired_marks), as read
+    # when EventSource.expired_total was ``marks_total``.
+    marks: dict[str, int] = field(default_factory=dict)
+    marks_total: int = 0
     key: bytes | None = None  # its CURVE client key (None while CURVE is off): revoked, it is sent nothing more
 
 
@@ -711,7 +716,6 @@ class SubscriptionServer:
             topic=request.topic,
             topics=request.topics,
             cursor=after,
-            start=after,
             name=request.name,
             credit=min(self._config.max_credit, request.credit),
             last_heard=now,
@@ -962,9 +966,10 @@ class SubscriptionServer:
                 self._retrying = True
                 continue
             sub.blocked_for = 0.0
-            sub.cursor = taken[-1][0]
             if sub.topics is not None:
                 sub.seqs.update((row[2], row[3]) for row in taken)  # (position, packed, topic, seq)
+                self._passed(sub, {row[2] for row in taken})
+            sub.cursor = taken[-1][0]
             sub.credit -= len(taken)
             sub.delivered += len(taken)
             self.sent_events += len(taken)
@@ -1011,8 +1016,33 @@ class SubscriptionServer:
             return packed, len(rows) < limit and upper >= head
         if not self._check_expired(sub, head):
             return [], False
-        sub.cursor = max(sub.cursor, upper)  # nothing of these topics up to ``upper``: skip it
+        if upper > sub.cursor:  # nothing of these topics up to ``upper``: skip it
+            self._marks(sub)  # read after the scan, so never older than it
+            self._passed(sub, set())
+            sub.cursor = upper
         return [], upper >= head
+
+    def _marks(self, sub: Subscription) -> dict[str, int]:
+        """The last deleted position of each topic of ``sub``'s filter that retention deleted
+        from, never older than what was read before the call (read again only once more events
+        were deleted)."""
+        assert sub.topics is not None
+        total = self._source.expired_total()
+        if total != sub.marks_total:
+            marks = self._source.expired_marks(sub.topics) if total else {}
+            sub.marks = {topic: position for topic, (_count, position) in marks.items()}
+            sub.marks_total = total
+        return sub.marks
+
+    @staticmethod
+    def _passed(sub: Subscription, sent: set[str]) -> None:
+        """The cursor of a filtered subscription is about to move on, sending events of the
+        topics ``sent`` only: another topic of its filter whose last deleted event lies past the
+        cursor (as last read, after what moves it) may have deleted events it passes untold, so
+        that topic's next event is preceded by a notice."""
+        for topic, position in sub.marks.items():
+            if position > sub.cursor and topic not in sent:
+                sub.owed.add(topic)
 
     def _check_expired(self, sub: Subscription, head: int) -> bool:
         """Tell a filtered subscription of the events retention deleted from the start of commit
@@ -1032,11 +1062,14 @@ class SubscriptionServer:
         cursor. Commit positions are gapless once committed, so without a filter a position
         missing between the cursor and a stored event was deleted. With a ``topics`` filter,
         positions of other topics are missing too: the start of commit order is compared with
-        the cursor, and a later hole shows as a seq skipped in a topic this subscription has
-        been sent before, or as a topic first sent now whose last deleted event lies past where
-        the subscription started (retention deletes a topic's lowest seqs, so all of them precede
-        its stored ones, and none of them was sent). Cut short at a hole, the rows are not all
-        that follows the cursor.
+        the cursor, and a later hole is found at a topic's first event after the cursor: the
+        topic's last deleted event lies past the cursor (retention deletes a topic's lowest seqs,
+        so all of them precede its stored ones, and one past the cursor was never sent), or the
+        cursor passed some of them untold before (:attr:`Subscription.owed`). Deleted events at
+        or below the cursor that no topic owes were told by a notice already (or precede the
+        subscription), whatever a topic's seqs skip. A seq that skips after another event of its
+        topic in these rows is a hole too. Cut short at a hole, the rows are not all that follows
+        the cursor.
         """
         first = rows[0][0]
         if sub.topics is None:  # one topic, or every topic: rows[k][0] is in the cursor's own terms
@@ -1051,22 +1084,25 @@ class SubscriptionServer:
         if first > sub.cursor + 1 and not self._check_expired(sub, first - 1):
             return [], False
         seqs = dict(sub.seqs)  # as they will be once the rows before the one looked at are sent
-        new = {row[2] for row in rows if row[2] not in seqs}
         # Read after the rows, so never older than they are: no deletion before them is missed.
-        marks = self._source.expired_marks(new) if new else {}
+        marks = self._marks(sub)
+        seen: set[str] = set()  # topics met in these rows
         for index, (position, _, topic, seq) in enumerate(rows):
             last = seqs.get(topic)
-            if last is None:
-                # Deleted past where it started, and past what a notice already told it of.
-                hole = topic in marks and marks[topic][1] > max(sub.start, sub.told_upto)
+            if topic in seen:
+                hole = last is not None and seq > last + 1
             else:
-                hole = seq > last + 1
+                seen.add(topic)
+                # A seq that follows the last one sent skips nothing, whatever was deleted since.
+                skips = last is None or seq > last + 1
+                hole = topic in sub.owed or (skips and marks.get(topic, 0) > sub.cursor)
             seqs[topic] = seq
             if hole:
                 if index:
                     return rows[:index], False
                 if not self._expired(sub, position):
                     return [], False
+                sub.owed.discard(topic)
         return rows, complete
 
     def _expired_after_cursor(self, sub: Subscription) -> bool:
@@ -1109,5 +1145,4 @@ class SubscriptionServer:
             first,
         )
         sub.cursor = first - 1
-        sub.told_upto = max(sub.told_upto, sub.cursor)
         return True

@@ -369,6 +369,24 @@ def test_a_filtered_follower_is_told_of_a_hole_in_a_topic_it_was_never_sent(
     assert_told_of_holes_in_topics_never_sent(daemon, lambda: wait_cluster(daemon, stored=7, expired=20))
 
 
+def test_a_filtered_follower_is_told_of_a_hole_its_cursor_passed_before_another_topics_notice(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    from test_subscribe_retention import assert_told_of_a_hole_passed_before_another_notice
+
+    daemon, _ = two_daemons(daemon_factory, database, max_events_per_topic=2)
+    assert_told_of_a_hole_passed_before_another_notice(daemon, lambda: wait_cluster(daemon, stored=7, expired=2))
+
+
+def test_a_filtered_follower_told_of_a_hole_at_the_start_is_not_told_it_again(
+    daemon_factory: Callable[..., Daemon], database: str
+) -> None:
+    from test_subscribe_retention import assert_one_notice_for_a_hole_at_the_start
+
+    daemon, _ = two_daemons(daemon_factory, database, max_events_per_topic=2)
+    assert_one_notice_for_a_hole_at_the_start(daemon, lambda: wait_cluster(daemon, stored=2, expired=2))
+
+
 def test_an_expiry_chunk_deletes_at_most_its_bytes_of_payload_as_on_sqlite(database: str) -> None:
     import msgpack
 

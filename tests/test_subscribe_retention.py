@@ -276,3 +276,61 @@ def test_a_filtered_follower_is_told_of_each_hole_once_and_of_no_empty_stretch(
         notices = [message for message in messages if message["op"] == "expired"]
         assert notices == [{"op": "expired", "after": 0, "first": 11}], messages
         assert [e["position"] for m in messages if m["op"] == "events" for e in m["events"]] == positions
+
+
+def test_a_filtered_follower_is_told_of_a_hole_its_cursor_passed_before_another_topics_notice(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    daemon = retention_daemon(daemon_factory, max_events_per_topic=2)
+    assert_told_of_a_hole_passed_before_another_notice(daemon, lambda: daemon.wait_stats(timeout=60, expired=2))
+
+
+def assert_told_of_a_hole_passed_before_another_notice(daemon: Daemon, deleted: Callable[[], Any]) -> None:
+    """Commit order D0 (1), B0 (2), A0 (3), B1 (4), C0-C2 (5-7), A1-A2 (8-9); a limit of 2 events a
+    topic deletes A0 and C0. A follower of A, B and C from 0 passes A0's position sending B's
+    events, is told of C0 before C1, and was never told of A0 before A1: the notice for C said
+    that the cursor reached 5, so A0, below it, looked told."""
+    publisher = Acked(daemon.ack)
+    try:
+        for n, topic in enumerate("DBABCCCAA"):
+            publisher.send([event(n, topic=topic)])
+        deleted()
+    finally:
+        publisher.close()
+    consumer = subscribed(daemon, topics=["A", "B", "C"], after=0, credit=100)
+    try:
+        got = [m if m["op"] == "expired" else [e["position"] for e in m["events"]] for m in follow(consumer, 9)]
+    finally:
+        consumer.close()
+    notices = [m for m in got if isinstance(m, dict)]
+    assert notices == [{"op": "expired", "after": 4, "first": 6}, {"op": "expired", "after": 7, "first": 8}], got
+    assert [position for m in got if isinstance(m, list) for position in m] == [2, 4, 6, 7, 8, 9]
+
+
+def test_a_filtered_follower_told_of_a_hole_at_the_start_is_not_told_it_again(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    daemon = retention_daemon(daemon_factory, max_events_per_topic=2)
+    assert_one_notice_for_a_hole_at_the_start(daemon, lambda: daemon.wait_stats(timeout=60, stored=2, expired=2))
+
+
+def assert_one_notice_for_a_hole_at_the_start(daemon: Daemon, deleted: Callable[[], Any]) -> None:
+    """A follower of A and B sent B0 (1); then B1-B3 (2-4) come and a limit of 2 a topic deletes
+    B0 and B1. It was told `after 1, first 3` and then `after 2, first 3`, a stretch holding
+    nothing, as B2's seq still looked past a hole."""
+    publisher = Acked(daemon.ack)
+    consumer = None
+    try:
+        publisher.send([event(0, topic="B")])
+        consumer = subscribed(daemon, topics=["A", "B"], after=0, credit=1)
+        assert [e["position"] for e in follow(consumer, 1)[-1]["events"]] == [1]
+        for n in range(1, 4):
+            publisher.send([event(n, topic="B")])
+        deleted()
+        consumer.send({"op": "credit", "credit": 100})
+        got = [m if m["op"] == "expired" else [e["position"] for e in m["events"]] for m in follow(consumer, 4)]
+    finally:
+        publisher.close()
+        if consumer is not None:
+            consumer.close()
+    assert got == [{"op": "expired", "after": 1, "first": 3}, [3, 4]]
