@@ -6,6 +6,7 @@ never skipped in silence. Real daemon, real sockets, real SQLite, retention real
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,8 @@ import pytest
 from harness import Daemon
 from test_retention import Acked, event, retention_daemon
 from test_subscribe import RawConsumer
+
+from transport.subscriber import Subscriber
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -334,3 +337,48 @@ def assert_one_notice_for_a_hole_at_the_start(daemon: Daemon, deleted: Callable[
         if consumer is not None:
             consumer.close()
     assert got == [{"op": "expired", "after": 1, "first": 3}, [3, 4]]
+
+
+def test_a_named_subscriber_told_that_the_rest_expired_acknowledges_past_it(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """A named consumer behind whose unacknowledged events retention all deleted, nothing newer
+    stored: told of them, it acknowledged only the events it took, so its position stayed
+    behind (its lag high) for ever and every subscription under the name was told again."""
+    daemon = retention_daemon(daemon_factory, max_age="3s")
+    publisher = Acked(daemon.ack)
+    try:
+        # Position 1 is another topic's, so the cursors differ: t's seqs 1-20 are positions 2-21.
+        publisher.send([event(0, topic="other")])
+        publisher.send([event(n, topic="t") for n in range(20)])
+    finally:
+        publisher.close()
+    kinds: dict[str, dict[str, Any]] = {"one": {"topic": "t"}, "all": {}, "filtered": {"topics": ["t", "u"]}}
+    for name, kind in kinds.items():  # each takes 10 events and stops, well before they expire
+        with Subscriber(daemon.subscribe, name=name, **kind) as subscriber:
+            for _ in range(10):
+                assert subscriber.next_event(timeout=10) is not None, name
+    behind = {row["name"]: row["position"] for row in daemon.request({"op": "consumers"})["consumers"]}
+    assert behind == {"one": 10, "all": 10, "filtered": 11}
+    daemon.wait_stats(timeout=60, stored=0, expired=21)
+    # (after, first): past the topic's last seq, or past the last commit position.
+    notices = {"one": (10, 21), "all": (10, 22), "filtered": (11, 22)}
+    for name, kind in kinds.items():
+        with Subscriber(daemon.subscribe, name=name, **kind) as subscriber:
+            deadline = time.monotonic() + 10
+            while not subscriber.expired and time.monotonic() < deadline:
+                assert subscriber.next_event(timeout=0.2) is None, name
+            assert subscriber.expired == [notices[name]], name
+            assert subscriber.cursor == notices[name][1] - 1, name
+    rows = {row["name"]: row for row in daemon.request({"op": "consumers"})["consumers"]}
+    assert {name: (row["position"], row["lag"]) for name, row in rows.items()} == {
+        "one": (20, 0),
+        "all": (21, 0),
+        "filtered": (21, 0),
+    }
+    for name, kind in kinds.items():  # told once: the next subscription under the name starts past it
+        consumer = subscribed(daemon, name=name, credit=100, **kind)
+        try:
+            assert consumer.quiet(1.0) == [], name
+        finally:
+            consumer.close()

@@ -24,7 +24,10 @@ application has finished with (taken before the next one is asked for), at most 
 ``ack_interval`` seconds and at :meth:`Subscriber.close`, which waits briefly for the daemon to
 confirm it has stored it (subscribing again and re-sending it if the daemon had dropped the
 subscription) and logs an error if it could not. Only events taken in this session are
-acknowledged: a cursor given as ``after`` is not a position processed. Leaving a ``with`` block
+acknowledged: a cursor given as ``after`` is not a position processed. An ``expired`` notice
+told (once the events before it are taken) counts as events taken up to just before its
+``first``: they are gone, so the position moves past them and the next run is not told again.
+Leaving a ``with`` block
 by an exception acknowledges up to the event before the one being handled. A later
 subscription with the same name and no ``after`` resumes from there. The wire protocol is in
 docs/subscribe.md.
@@ -215,8 +218,10 @@ class Subscriber:
         self._ack_sent: int | None = None
         self._ack_sent_at = 0.0
         self._taken: dict[str, Any] | None = None  # handed out; finished once the next is asked for
-        self._taken_cursor: int | None = None  # the cursor of the last event taken in this session
-        self._finished_cursor: int | None = None  # ... and of the one taken before it (finished)
+        # The cursor of the last event taken in this session (or just before the ``first`` of an
+        # expired notice told since), and of the one taken before it (finished).
+        self._taken_cursor: int | None = None
+        self._finished_cursor: int | None = None
         self._busy_told = False
         self._closed = False
         # close() asked: a call in progress (its socket is its thread's) closes within a step and
@@ -661,13 +666,24 @@ class Subscriber:
         self._arrived = self._taken_count
 
     def _tell_due_notices(self) -> None:
-        """Record and log each expired notice whose preceding events have all been taken."""
+        """Record and log each expired notice whose preceding events have all been taken, and move
+        past it: the cursor and the position to acknowledge become ``first - 1`` (as the daemon's
+        cursor did when it sent the notice), as if the application had taken and finished events
+        up to there. Else a named consumer with no event after the notice could never acknowledge
+        past the deleted ones: its stored position would stay behind (its lag high) for ever, and
+        each subscription would be told of them again."""
         while self._notices and self._notices[0][0] <= self._taken_count:
             _, after, first = self._notices.popleft()
             self.expired.append((after, first))
             log.warning(
                 "events after %s are no longer stored; continuing from %s, the first still stored", after, first
             )
+            passed = first - 1
+            if self.cursor is None or passed > self.cursor:
+                self.cursor = passed
+            # Nothing of the hole is being handled: it counts as finished (abandon() acknowledges it too).
+            if self._taken_cursor is None or passed > self._taken_cursor:
+                self._taken_cursor = self._finished_cursor = passed
 
 
 def follow(

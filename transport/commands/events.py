@@ -161,8 +161,9 @@ def _print_events(args: argparse.Namespace, endpoint: str, secure: SocketHook | 
 
 
 def _subscription_answered(args: argparse.Namespace, where: str, secure: SocketHook | None) -> int:
-    """Subscribe as ``--follow`` would and leave once the daemon confirms (0), acknowledging
-    nothing; the refusal raises :class:`SubscriberError`, silence past ``--timeout`` is 1."""
+    """Subscribe as ``--follow`` would and leave once the daemon confirms (0), acknowledging no
+    event (only past deleted ones it said are gone, should that notice come meanwhile); the
+    refusal raises :class:`SubscriberError`, silence past ``--timeout`` is 1."""
     subscriber = Subscriber(where, args.topic, after=args.after, name=args.name, configure=secure)
     try:
         deadline = time.monotonic() + args.timeout
