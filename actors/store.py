@@ -595,7 +595,7 @@ class EventStore:
     Retention (``expire_*``, :meth:`forget_keys`, :meth:`conflicting`) keeps its SQL together
     at the end of the class. Deleting an event leaves a compact record of its key in
     ``deleted_keys`` (seq, 8-byte content fingerprint, commit second), which the key lookup
-    consults once any exists, so a replay stays a duplicate until ``dedup_horizon``.
+    consults once any exists, so a replay stays a duplicate until the first sweep past ``dedup_horizon``.
     """
 
     def __init__(self, conn: sqlite3.Connection) -> None:
