@@ -27,10 +27,9 @@ subscription) and logs an error if it could not. Only events taken in this sessi
 acknowledged: a cursor given as ``after`` is not a position processed. An ``expired`` notice
 told (once the events before it are taken) counts as events taken up to just before its
 ``first``: they are gone, so the position moves past them and the next run is not told again.
-Leaving a ``with`` block
-by an exception acknowledges up to the event before the one being handled. A later
-subscription with the same name and no ``after`` resumes from there. The wire protocol is in
-docs/subscribe.md.
+Leaving a ``with`` block by an exception acknowledges up to the event before the one being
+handled. A later subscription with the same name and no ``after`` resumes from there. The wire
+protocol is in docs/subscribe.md.
 """
 
 from __future__ import annotations
