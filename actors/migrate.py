@@ -129,6 +129,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             f" of {copied.topics} topics (commit positions up to {copied.head}), {copied.deleted_keys} deleted"
             f" keys, {copied.consumers} consumers; its counters went to node {config.storage_node!r}"
         )
+        if copied.future_arrivals or copied.future_keys:
+            print(
+                f"{copied.future_arrivals} arrival times and {copied.future_keys} deleted keys' commit times were"
+                " ahead of the PostgreSQL server's clock (the SQLite host's clock ran ahead): they were set to the"
+                " server's now, from which max_age and dedup_horizon count them"
+            )
     return 0
 
 

@@ -65,6 +65,9 @@ class Copied:
     consumers: int = 0
     head: int = 0  # the last commit position
     seconds: float = 0.0
+    # Arrival times and kept keys' commit times that lay ahead of the server's clock, set to its now.
+    future_arrivals: int = 0
+    future_keys: int = 0
 
 
 def check_source(sqlite_path: Path) -> None:
@@ -120,6 +123,12 @@ def _copy(source: sqlite3.Connection, sqlite_path: Path, pg: psycopg.Connection[
             raise CopyRefused(f"a daemon with node name {node!r} is connected to this database; stop the daemons first")
         pg.execute(f"LOCK TABLE {_PG_TABLES} IN EXCLUSIVE MODE")
         _check_empty(pg)
+        # The SQLite daemon stamped arrival times with its host's clock; the daemons sweep them
+        # against the server's. One ahead of the server's now would hold that event past max_age
+        # by as much, and with it every event after it (expiry goes in commit order and stops at
+        # the first too young): a host clock years ahead would stop max_age for the cluster. So a
+        # time in the server's future becomes its now (a clock behind cannot be told from age).
+        server_now = _server_now(pg)
         pg.execute("DELETE FROM topics")  # rows a daemon made for topics it never stored: nothing in them
         with pg.cursor().copy(
             "COPY events (topic, event_id, seq, position, timestamp, ts_ns, source, payload, received_at, late)"
@@ -128,6 +137,9 @@ def _copy(source: sqlite3.Connection, sqlite_path: Path, pg: psycopg.Connection[
             for topic, event_id, seq, rowid, timestamp, ts_ns, source_name, payload, received_at, late in _rows(
                 source, _EVENTS
             ):
+                if received_at > server_now:
+                    received_at = server_now
+                    copied.future_arrivals += 1
                 copy.write_row(
                     (topic, event_id, seq, rowid, timestamp, ts_ns, source_name, payload, received_at, bool(late))
                 )
@@ -144,6 +156,9 @@ def _copy(source: sqlite3.Connection, sqlite_path: Path, pg: psycopg.Connection[
             for topic, event_id, seq, fingerprint, committed_at in _rows(
                 source, "SELECT topic, event_id, seq, fingerprint, committed_at FROM deleted_keys"
             ):
+                if committed_at > int(server_now) + 1:  # a key's commit time is its arrival's second + 1
+                    committed_at = int(server_now) + 1
+                    copied.future_keys += 1
                 copy.write_row((topic, event_id, seq, fingerprint, committed_at))
                 stored_bytes += key_bytes(topic, event_id)
                 copied.deleted_keys += 1
@@ -164,6 +179,13 @@ def _copy(source: sqlite3.Connection, sqlite_path: Path, pg: psycopg.Connection[
         pg.execute("UPDATE positions SET last = %s WHERE id = 1", (copied.head,))
     copied.seconds = time.monotonic() - began
     return copied
+
+
+def _server_now(pg: psycopg.Connection[Any]) -> float:
+    """The time on the PostgreSQL server's clock, in Unix seconds."""
+    row = pg.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()
+    assert row is not None
+    return float(row[0])
 
 
 def _check_empty(pg: psycopg.Connection[Any]) -> None:

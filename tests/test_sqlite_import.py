@@ -5,8 +5,10 @@ exactly where the SQLite daemon stopped. Real daemons, a real SQLite file, a rea
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -88,3 +90,54 @@ def test_a_copy_is_refused_with_a_sqlite_config_or_no_sqlite_file(tmp_path: Path
     pg_config.write_text('[storage]\nbackend = "postgresql"\ndsn = "host=127.0.0.1 port=9 connect_timeout=1"\n')
     missing = run_migrate(pg_config, "--from-sqlite", str(tmp_path / "missing.db"))  # said before any server is asked
     assert missing.returncode == 2 and f"no SQLite database at {tmp_path / 'missing.db'}" in missing.stderr, missing
+
+
+def test_arrival_times_ahead_of_the_servers_clock_are_clamped_so_retention_still_expires(
+    daemon_factory: Callable[..., Daemon], database: str, tmp_path: Path
+) -> None:
+    # The SQLite daemon's host clock ran ten years ahead: its arrival times (and so its kept keys'
+    # commit times) lie in the future of the PostgreSQL server's clock, which the daemons now sweep
+    # against. Copied as they are, the first such event would stop every max_age sweep of the
+    # cluster (expiry goes in commit order and stops at the first event too young) for ten years.
+    old = daemon_factory(
+        "sqlite", retention={"sweep_interval": "1s", "max_events_per_topic": 2}, ordering={"window_ms": 0}
+    ).start()
+    with Publisher(old.ack, deadline=60.0) as publisher:
+        publisher.publish_many([event("a", n) for n in range(1, 5)])
+    old.wait_stats(timeout=60, stored=2, expired=2)
+    assert old.terminate() == 0
+    ahead = 10 * 365 * 86400
+    with sqlite3.connect(old.db_path) as conn:
+        conn.execute("UPDATE events SET received_at = received_at + ?", (ahead,))
+        conn.execute("UPDATE deleted_keys SET committed_at = committed_at + ?", (ahead,))
+    conn.close()
+    config = tmp_path / "pg.toml"
+    config.write_text(f'[storage]\nbackend = "postgresql"\ndsn = "{database}"\nnode = "moved"\n')
+    copied = run_migrate(config, "--from-sqlite", str(old.db_path))
+    assert copied.returncode == 0, copied.stderr
+    assert "2 events" in copied.stdout and "2 deleted keys" in copied.stdout, copied.stdout
+    assert "2 arrival times and 2 deleted keys' commit times were ahead of the PostgreSQL server's clock" in (
+        copied.stdout
+    ), copied.stdout
+
+    import psycopg
+
+    with psycopg.connect(database) as pg:
+        row = pg.execute(
+            "SELECT (SELECT max(received_at) FROM events), (SELECT max(committed_at) FROM deleted_keys),"
+            " extract(epoch FROM clock_timestamp())::float8"
+        ).fetchone()
+    assert row is not None and row[0] <= row[2] + 1 and row[1] <= row[2] + 1, row
+    new = daemon_factory(
+        "postgresql",
+        storage={"backend": "postgresql", "dsn": database, "node": "moved"},
+        retention={"sweep_interval": "1s", "max_age": "2s", "dedup_horizon": "2s"},
+    ).start()
+    with Publisher(new.ack, deadline=60.0) as publisher:
+        publisher.publish_many([event("a", 9)])
+    new.wait_stats(timeout=30, stored=0)  # the copied events and the new one behind them expire
+    with psycopg.connect(database) as pg:
+        deadline = time.monotonic() + 30
+        while (kept := pg.execute("SELECT count(*) FROM deleted_keys").fetchone()) != (0,):
+            assert time.monotonic() < deadline, kept  # the copied keys are forgotten past the horizon
+            time.sleep(0.5)
