@@ -390,6 +390,24 @@ def schema_version(conn: psycopg.Connection[Any]) -> int:
     return int(row[0]) if row else 0
 
 
+def _warn_of_missing_sequence_privilege(conn: psycopg.Connection[Any]) -> None:
+    """Say at start, naming the GRANT, when this role cannot take named consumers.
+
+    A role given only the tables' privileges (``GRANT ... ON ALL TABLES`` leaves sequences out)
+    runs the daemon, but every named subscriber is refused, again and again, with PostgreSQL's
+    "permission denied for sequence": a daemon without named consumers still works, so this is
+    said rather than refused.
+    """
+    row = conn.execute("SELECT has_sequence_privilege('consumer_claim_numbers', 'USAGE'), current_user").fetchone()
+    if row is not None and not row[0]:
+        log.warning(
+            "PostgreSQL role %s lacks USAGE on the sequence consumer_claim_numbers, so every named consumer will be"
+            " refused; as the tables' owner: GRANT USAGE ON SEQUENCE consumer_claim_numbers TO %s",
+            row[1],
+            row[1],
+        )
+
+
 def migrate(
     conn: psycopg.Connection[Any],
     node: str,
@@ -512,6 +530,7 @@ class PostgresStore:
         conn = self._connection(NODE_LOCK_WAIT_S)
         migrate(conn, self.node)
         conn.execute("INSERT INTO nodes (node) VALUES (%s) ON CONFLICT DO NOTHING", (self.node,))
+        _warn_of_missing_sequence_privilege(conn)
         self._running_timeout_ms = running_statement_timeout_ms()
         set_statement_timeout(conn, self._running_timeout_ms)
         return self.counters()

@@ -28,6 +28,7 @@ from test_daemon import check_topic_pages
 from actors.postgres import MIGRATIONS, SCHEMA_VERSION
 from transport.affinity import rendezvous_order
 from transport.publisher import Publisher
+from transport.subscriber import Subscriber
 from transport.workload import plan
 
 pytestmark = [
@@ -745,11 +746,21 @@ def test_a_role_without_create_runs_a_daemon_on_a_database_its_owner_migrated(
     ):
         query(database, statement)
     runtime_dsn = database.replace("postgresql://postgres@", "postgresql://eventagg_runtime@")
+    # The tables' privileges alone run it, but leave out the sequence that named consumers'
+    # claims are numbered from: the start says so, naming the GRANT, rather than every named
+    # subscriber being refused in silence.
+    short = pg_daemon(daemon_factory, "short", runtime_dsn).start()
+    assert "GRANT USAGE ON SEQUENCE consumer_claim_numbers TO eventagg_runtime" in short.log()
+    assert short.terminate() == 0
+    query(database, "GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO eventagg_runtime")  # as docs/postgresql.md says
     daemon = pg_daemon(daemon_factory, "runtime", runtime_dsn).start()
+    assert "consumer_claim_numbers" not in daemon.log()
     with Publisher(daemon.ack, ack_timeout=2.0, deadline=30.0) as publisher:
         publisher.publish_many(plan(20, 0.0, 2, 8, "r"))
         publisher.flush(30)
         assert publisher.totals.acked_new == 20
+    with Subscriber(daemon.subscribe, name="reader", after=0) as reader:  # a named consumer claims its name
+        assert reader.next_event(10) is not None
 
 
 def test_a_page_of_every_topic_gives_each_event_its_commit_position(
