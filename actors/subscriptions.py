@@ -429,6 +429,9 @@ class SubscriptionServer:
         self._told = RateLimitedLog(log, burst=50, level=logging.INFO)
         # A budget of its own: other clients' bad messages must not hide these.
         self._told_expired = RateLimitedLog(log)
+        # Consumers acknowledge every ack_interval while the database is away: a line each would be
+        # thousands in an outage; a few, then how many were held back, say as much.
+        self._positions_failed = RateLimitedLog(log, burst=3, level=logging.ERROR)
         self._stopping = threading.Event()
         self._socket = context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
@@ -808,7 +811,7 @@ class SubscriptionServer:
                 else:
                     self._send(identity, {"op": "error", "code": "ack_failed", "error": error})
             if error is not None:
-                log.error("%s", error)
+                self._positions_failed.warning("%s", error)
         if self._pending_acks:
             message = SaveConsumerPositions(self._pending_acks, self._pending_claims)
             self._pending_acks, self._pending_claims = {}, {}

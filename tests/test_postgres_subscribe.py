@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from harness import SCRIPTS, Daemon, publish
+from harness import SCRIPTS, Daemon, eventually, publish
 from pg_cluster import PgCluster, missing_reason
 from test_postgres import pg_daemon, query
 from test_subscribe import RawConsumer
@@ -442,3 +442,30 @@ def test_a_name_taken_on_another_daemon_resumes_after_every_position_acknowledge
     finally:
         old.close()
         new.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_named_consumer_acknowledging_through_an_outage_fills_the_log_with_a_few_lines_not_one_an_ack(
+    daemon_factory: Callable[..., Daemon], database: str, pg: PgCluster
+) -> None:
+    """Each ack the writer could not store was an ERROR line: one every ``ack_interval`` for as
+    long as the database was away (thousands in a long outage)."""
+    daemon = pg_daemon(daemon_factory, "nodeA", database, **FAST).start()
+    publish(daemon.ack, "--acked", "--events", "50", "--topics", "1")
+    with Subscriber(daemon.subscribe, name="chatty", credit=100, ack_interval=0.05) as subscriber:
+        got = take(subscriber, 10)
+        pg.stop()
+        try:
+            for _ in range(40):  # taken over 2 s, acknowledged (and refused) as they go
+                got += take(subscriber, 1)
+                time.sleep(0.05)
+        finally:
+            pg.start()
+    assert [e["position"] for e in got] == list(range(1, 51))
+    eventually(
+        lambda: query(database, "SELECT position FROM consumers WHERE name = 'chatty'") == [(50,)],
+        10,
+        "the position stored once the database is back",
+    )
+    failed = [line for line in daemon.log().splitlines() if "storing consumer positions" in line]
+    assert 1 <= len(failed) <= 3, "\n".join(failed)
