@@ -780,6 +780,60 @@ def test_what_a_daemon_gone_down_never_got_goes_at_once_to_one_that_is_up_and_it
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(90)
+def test_a_daemon_back_after_losing_a_batch_gets_its_topics_back_during_a_long_publish(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """A daemon killed with a batch it never read, three times, each time started again, while the
+    application only calls publish(): its publisher's Lazy Pirate retry must still run (publish
+    serviced only the daemon it queued on, so the passed-over daemon's lost batch waited,
+    unanswered, until the final flush, and its topics stayed on the other daemon all along)."""
+    flapping, alive = daemon_factory("flapping").start(), daemon_factory("alive").start()
+    endpoints = [flapping.ack, alive.ack]
+    publisher = Publisher(endpoints=endpoints, batch_size=10, ack_timeout=2.0, deadline=60.0)
+    topic = next(f"topic-{n}" for n in range(20) if rendezvous_order(f"topic-{n}", endpoints)[0] == flapping.ack)
+    count = 0
+
+    def publish_for(seconds: float, until: Callable[[], bool] = lambda: False) -> bool:
+        nonlocal count
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            publisher.publish(make_event(count, 20, "fl"))
+            count += 1
+            if count % 20 == 0:
+                time.sleep(0.005)
+            if until():
+                return True
+        return False
+
+    try:
+        for _ in range(3):
+            publish_for(0.3)
+            publisher.flush(timeout=20)  # both answered: their connections are up
+            assert flapping.proc is not None
+            os.kill(flapping.proc.pid, signal.SIGSTOP)  # the batch below reaches its kernel, never the daemon
+            publisher.publish(make_event(count, 1, "lost") | {"topic": topic})
+            count += 1
+            publisher.poll(0.1)  # sent (the connection is up), then the daemon is gone with it
+            flapping.kill()
+            publish_for(0.5)
+            flapping.start()
+            publish_for(2.5)  # past failover_after: the lost batch has been waiting too long
+            back = publish_for(8.0, until=lambda: publisher.route(topic) == flapping.ack)
+            assert back, "the daemon back never got its topic back while publish() went on"
+        publisher.flush(timeout=20)
+    finally:
+        publisher.close(timeout=0, flush=False)
+    totals = publisher.totals
+    # Each event acknowledged once: batches sent to the daemon back before the retry are resent
+    # with the lost one (their replies went with the old socket), and come back as duplicates.
+    assert (totals.sent, totals.acked_new + totals.acked_duplicate, totals.abandoned) == (count, count, 0), totals
+    assert totals.retries == 3, totals  # one recovery for each lost batch
+    stored = [(e["topic"], e["event_id"]) for daemon in (flapping, alive) for e in daemon.events()]
+    assert len(stored) == len(set(stored)) == count
+
+
+@pytest.mark.e2e
 @pytest.mark.timeout(60)
 def test_publish_acked_with_one_endpoint_refusing_takes_seconds_not_the_deadline(daemon: Daemon) -> None:
     result = run_script(

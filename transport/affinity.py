@@ -53,7 +53,7 @@ from transport.publisher import (
 )
 
 # How long one attempt to queue an event on a daemon may wait before routing is looked at again;
-# also how often a publish looks for events to move off a daemon that is down.
+# also how often a publish services the other daemons' publishers and moves events off one that is down.
 _ROUTE_STEP_S = 0.05
 _ORDER_CACHE = 100_000
 TOTALS_FIELDS = tuple(spec.name for spec in dataclasses.fields(Totals))
@@ -217,7 +217,10 @@ class AffinePublisher(Publisher):
                 self._reroute(exc, target)
                 break
         if time.monotonic() >= self._move_at:
-            self._move_unsent()
+            # The other daemons' publishers too: one passed over gets no event, so without this its
+            # replies went unread and its retries and deadline never ran while only publish() was
+            # called; a daemon back after losing a batch stayed passed over until a flush.
+            self._service_others(target)
         self._refresh_totals()
 
     @closes_when_asked
@@ -367,7 +370,8 @@ class AffinePublisher(Publisher):
     # -- helpers ---------------------------------------------------------------------------
 
     def _service_others(self, busy: str) -> None:
-        """Read acknowledgements on the other daemons while one makes us wait."""
+        """Read acknowledgements, retry and give up when due on the other daemons (while one makes
+        us wait, and every ``_ROUTE_STEP_S`` of publishing), then move what a daemon that is down holds."""
         for name, publisher in self._publishers.items():
             if name != busy:
                 try:
