@@ -835,6 +835,36 @@ def test_a_daemon_back_after_losing_a_batch_gets_its_topics_back_during_a_long_p
 
 @pytest.mark.e2e
 @pytest.mark.timeout(60)
+def test_what_a_daemon_found_down_holds_reaches_the_next_daemon_before_the_topics_later_events(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """An event waiting in a daemon's partial batch when it dies, then the topic's next events: those
+    went to the other daemon at once, the first up to 50 ms later (the next look for events to
+    move), so that daemon stored the topic's events out of order."""
+    gone, alive = daemon_factory("gone").start(), daemon_factory("alive", ordering={"window_ms": 0}).start()
+    publisher = Publisher(endpoints=[gone.ack, alive.ack], batch_size=50, deadline=20.0)
+    topic = next(f"t{n}" for n in range(1000) if publisher.ranking(f"t{n}")[0] == gone.ack)
+
+    def event(n: int) -> dict[str, Any]:
+        return {"topic": topic, "event_id": f"e{n}", "timestamp": "2025-10-22T10:00:00Z", "source": "test"}
+
+    try:
+        publisher.publish(event(0) | {"event_id": "warm-up"})
+        publisher.flush(timeout=10)  # its connection is up
+        publisher.publish(event(0))  # waits in its partial batch for the linger
+        gone.kill()
+        for n in range(1, 5):
+            time.sleep(0.01)  # each partial batch leaves by its linger
+            publisher.publish(event(n))
+        publisher.flush(timeout=10)
+    finally:
+        publisher.close(timeout=0, flush=False)
+    assert alive.wait_stats(unique_processed=5)["duplicate_dropped"] == 0
+    assert [event["event_id"] for event in alive.events(topic)] == [f"e{n}" for n in range(5)]  # arrival order
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(60)
 def test_publish_acked_with_one_endpoint_refusing_takes_seconds_not_the_deadline(daemon: Daemon) -> None:
     result = run_script(
         "publish.py",

@@ -119,7 +119,8 @@ class AffinePublisher(Publisher):
         self.acked = True
         self.failover_after = failover_after if failover_after is not None else float(options.get("ack_timeout", 5.0))
         self._publishers: dict[str, Publisher] = {name: _DaemonPublisher(name, **options) for name in listed}
-        self._move_at = 0.0  # when a publish next looks for events to move off a daemon that is down
+        # When a publish next services the other daemons' publishers and moves what one that is down holds.
+        self._others_at = 0.0
         self._orders: dict[str, list[str]] = {}
         self._give_ups: dict[str, _GiveUps] = {}  # endpoint -> its publisher's last give-up
         self._closed = False
@@ -194,6 +195,9 @@ class AffinePublisher(Publisher):
         deadline = None if wait is None else time.monotonic() + wait
         while True:
             target = self.route(topic) if isinstance(topic, str) else self.endpoints[0]
+            if isinstance(topic, str) and self._holds_unsent_before(topic, target):
+                # What a daemon ranked before it holds goes first, or it would land after this event.
+                self._move_unsent()
             step = _ROUTE_STEP_S if deadline is None else max(0.0, min(_ROUTE_STEP_S, deadline - time.monotonic()))
             try:
                 self._publishers[target].publish(event, timeout=step)
@@ -216,7 +220,9 @@ class AffinePublisher(Publisher):
                 # with the rest, or handed back with them; publishing it once more would send it twice.
                 self._reroute(exc, target)
                 break
-        if time.monotonic() >= self._move_at:
+        now = time.monotonic()
+        if now >= self._others_at:
+            self._others_at = now + _ROUTE_STEP_S
             # The other daemons' publishers too: one passed over gets no event, so without this its
             # replies went unread and its retries and deadline never ran while only publish() was
             # called; a daemon back after losing a batch stayed passed over until a flush.
@@ -380,6 +386,17 @@ class AffinePublisher(Publisher):
                     self._reroute(exc, name)
         self._move_unsent()
 
+    def _holds_unsent_before(self, topic: str, target: str) -> bool:
+        """Whether a daemon ranked before ``target`` for ``topic`` holds events it did not send
+        (a partial batch, or batches held while its connection is not up): they may be the topic's."""
+        for name in self.ranking(topic):
+            if name == target:
+                return False
+            publisher = self._publishers[name]
+            if publisher._pending.events or publisher._held:
+                return True
+        return False
+
     def _move_unsent(self) -> None:
         """Send through the daemons that are up what a daemon that is not holds and never sent.
 
@@ -391,7 +408,6 @@ class AffinePublisher(Publisher):
         was sent on a connection that was up stays, as with a silent daemon, until its ``deadline``.
         """
         now = time.monotonic()
-        self._move_at = now + _ROUTE_STEP_S
         states = {name: publisher._connection(now) for name, publisher in self._publishers.items()}
         up = [name for name, state in states.items() if state == "up" and self.acknowledging(name)]
         if not up:
