@@ -828,7 +828,9 @@ def test_a_daemon_back_after_losing_a_batch_gets_its_topics_back_during_a_long_p
     # Each event acknowledged once: batches sent to the daemon back before the retry are resent
     # with the lost one (their replies went with the old socket), and come back as duplicates.
     assert (totals.sent, totals.acked_new + totals.acked_duplicate, totals.abandoned) == (count, count, 0), totals
-    assert totals.retries == 3, totals  # one recovery for each lost batch
+    # At least one recovery for each lost batch; more where the daemon back was slow to start
+    # (a loaded machine) and an attempt timed out before it listened.
+    assert totals.retries >= 3, totals
     stored = [(e["topic"], e["event_id"]) for daemon in (flapping, alive) for e in daemon.events()]
     assert len(stored) == len(set(stored)) == count
 
