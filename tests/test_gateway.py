@@ -935,6 +935,50 @@ def test_a_daemon_that_starts_refusing_the_gateway_is_named_so_in_its_503s(
 
 
 @pytest.mark.e2e
+def test_a_gateway_whose_key_is_revoked_answers_503_naming_it_and_serves_again_once_restored(
+    gateway_factory: Callable[..., Gateway], tmp_path: Path
+) -> None:
+    """The gateway's key removed from the daemon's authorized folder (and SIGHUP): a publish on
+    its pooled connection was answered 502 ("refused the events"), every later one 504 "the
+    daemon answers queries but did not acknowledge ... (overloaded?)", the probe taking the
+    daemon's revocation error to its stats query for an answer."""
+    folder, authorized = tmp_path / "keys", tmp_path / "authorized"
+    for args in (("server", str(folder)), ("client", "gateway", str(folder), "--authorize", str(authorized))):
+        result = run_script("keys.py", *args, timeout=30)
+        assert result.returncode == 0, result.stderr
+    security = {
+        "curve_secret_key": str(folder / "server.key_secret"),
+        "authorized_keys": str(authorized),
+        "client_certificate": str(folder / "gateway.key_secret"),
+    }
+    gateway = gateway_factory(start_daemon=False, security=security)
+    daemon = gateway.daemon
+    daemon.start(wait=False)
+    eventually(lambda: gateway.client.get("/healthz").status_code == 200, 30, "healthz 200 over CURVE")
+    assert ok(gateway.publish(event(event_id="before")))["added_to_queue"] == 1
+    (authorized / "gateway.key").rename(tmp_path / "gateway.key")
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGHUP)
+    eventually(lambda: "1 revoked" in daemon.log(), 15, "the revocation to be logged")
+    for attempt in range(3):  # on the pooled connection, then on new ones the daemon refuses
+        published = gateway.publish(event(event_id=f"revoked-{attempt}"))
+        assert published.status_code == 503, (attempt, published.text)
+        assert (
+            "no longer authorized" in published.json()["error"]
+            or "refused this client's CURVE key" in (published.json()["error"])
+        ), (attempt, published.text)
+        assert "publishing again once it does is safe" in published.json()["error"], published.text
+        answer = gateway.client.get("/stats")
+        assert answer.status_code == 503 and "no longer authorized" in answer.json()["error"], answer.text
+    (tmp_path / "gateway.key").rename(authorized / "gateway.key")
+    daemon.proc.send_signal(signal.SIGHUP)
+    eventually(lambda: daemon.log().count("reloaded") >= 2, 15, "the key to be authorized again")
+    eventually(lambda: gateway.publish(event(event_id="after")).status_code == 200, 15, "a publish served again")
+    assert [e["event_id"] for e in ok(gateway.client.get("/events"))["events"]] == ["before", "after"]
+    assert "Traceback" not in gateway.log()
+
+
+@pytest.mark.e2e
 def test_a_gateway_whose_key_the_daemon_refuses_says_so_at_start(
     gateway_factory: Callable[..., Gateway], tmp_path: Path
 ) -> None:

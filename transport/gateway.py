@@ -103,10 +103,13 @@ from transport.security import (
     curve_client_from_config,
 )
 from transport.subscriber import MAX_FILTER_TOPICS, Subscriber
+from transport.zap import REVOKED
 
 log = logging.getLogger(__name__)
 
 HANDSHAKE_CHECK_S = 10.0  # how long the start-up check waits for the daemon's endpoints
+# The end of a publish's 503 when the daemon refuses this gateway's key (duplicates are dropped).
+AGAIN_ONCE_IT_DOES = "publishing again once it does is safe"
 
 T = TypeVar("T")
 
@@ -251,6 +254,9 @@ class DaemonLink:
             ) from None
         except HandshakeRefused as exc:
             client.close()
+            # Remembered as the start-up check's refusals are: a publish that gets no
+            # acknowledgement then names it too (the key is the same on both endpoints).
+            self._refused[self.query_endpoint] = str(exc)
             raise GatewayError(503, f"the daemon does not take this gateway's connections: {exc}") from None
         except NoAnswer:
             client.close()
@@ -298,6 +304,10 @@ class DaemonLink:
         except (PublishTimeout, DeliveryFailed):
             raise self._no_acknowledgement(deadline, sent_at) from None
         except BatchRefused as exc:
+            if exc.reason == REVOKED:  # refused for this gateway's key, not for these events
+                raise GatewayError(
+                    503, f"the daemon does not take this gateway's connections: {exc.reason}; {AGAIN_ONCE_IT_DOES}"
+                ) from None
             raise GatewayError(502, f"the daemon refused the events: {exc.reason}") from None
         except InvalidEvent as exc:  # checked before, so only if the rules changed under us
             raise GatewayError(400, str(exc)) from None
@@ -381,13 +391,17 @@ class DaemonLink:
         try:
             stats = self.query({"op": "stats"}, timeout=probe)
         except GatewayError:
-            refusal = self._refusal(self.ack_endpoint)
+            refusal = self._refusal(self.ack_endpoint) or self._refusal(self.query_endpoint)
             if refusal is not None:
-                return GatewayError(503, f"{refusal}; publishing again once it does is safe")
+                return GatewayError(503, f"{refusal}; {AGAIN_ONCE_IT_DOES}")
             return GatewayError(
                 503,
                 f"the daemon is not answering: no acknowledgement from {self.ack_endpoint} in {waited:.3g} s "
                 f"and no answer from {self.query_endpoint}; is it running? Publishing again later is safe",
+            )
+        if stats.get("error") == REVOKED:  # an open query connection, refused message by message
+            return GatewayError(
+                503, f"the daemon does not take this gateway's connections: {stats['error']}; {AGAIN_ONCE_IT_DOES}"
             )
         # A commit under way on a server that stopped answering has not failed yet: the cluster's
         # counters, read on the same server, say it first.
