@@ -691,3 +691,28 @@ def test_sighup_rechecks_the_secret_key_file(daemon_factory: Callable[..., Daemo
     assert "(the daemon goes on with the key it read at start)" in daemon.log()
     assert "error" not in ask(daemon, {"op": "stats"}, alice, timeout=5.0)
     assert daemon.terminate() == 0
+
+
+@pytest.mark.e2e
+def test_sighup_says_a_replaced_server_key_needs_a_restart(
+    daemon_factory: Callable[..., Daemon], keys: dict[str, Path], tmp_path: Path
+) -> None:
+    """A new server certificate written over ``curve_secret_key`` (a key rotation) and SIGHUP:
+    the daemon went on with the old key, saying nothing, while clients given the new
+    ``server.key`` were refused ("the security handshake failed")."""
+    alice = curve_client(keys["server_public"], keys["alice"])
+    daemon = curve_daemon(daemon_factory, keys).start(wait=False)
+    wait_ready(daemon, alice)
+    rotated = tmp_path / "rotated"
+    made = run_script("keys.py", "server", str(rotated), timeout=30)
+    assert made.returncode == 0, made.stderr
+    keys["server_secret"].write_bytes((rotated / "server.key_secret").read_bytes())
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGHUP)
+    eventually(lambda: "SIGHUP: re-read" in daemon.log(), 15, "the config to be re-read")
+    assert (
+        f"SIGHUP: [security] curve_secret_key {keys['server_secret']} now holds another key pair: the daemon "
+        "goes on with the one it read at start until it is restarted" in daemon.log()
+    )
+    assert "error" not in ask(daemon, {"op": "stats"}, alice, timeout=5.0)  # the old key, as it says
+    assert daemon.terminate() == 0

@@ -528,16 +528,29 @@ class ServerSecurity:
     def reload(self) -> None:
         """Re-read the authorized keys folder (SIGHUP); a bad folder keeps the keys already loaded.
 
-        The secret certificate's mode and owner are checked again too, and a problem logged.
+        The secret certificate is checked again too (its mode, owner and keys), and a problem
+        logged, as is a new key pair in its place (which takes a restart).
         """
         if not self.enabled or self._zap is None:
             return
         # The sockets keep the secret key they were given, so there is nothing to reload; but a
         # loose or foreign-owned file is a leak to report now, not at the next restart.
         try:
-            check_secret_file(self.secret_path, "[security] curve_secret_key")
+            public, _secret = load_secret_certificate(self.secret_path, "[security] curve_secret_key")
         except KeyFileError as exc:
             log.warning("SIGHUP: %s (the daemon goes on with the key it read at start)", exc)
+        else:
+            # A rotated server key is not taken live (the sockets hold the old one), so clients
+            # already given the new public half are refused until a restart: say so now.
+            if public != self._public:
+                log.warning(
+                    "SIGHUP: [security] curve_secret_key %s now holds another key pair: the daemon goes on with "
+                    "the one it read at start until it is restarted (server public key %s, not %s); clients given "
+                    "the new server.key are refused until then",
+                    self.secret_path,
+                    self._public.decode(),
+                    public.decode(),
+                )
         try:
             keys = self._load_keys()
         except SecurityError as exc:
