@@ -956,10 +956,21 @@ def test_a_gateway_whose_key_is_revoked_answers_503_naming_it_and_serves_again_o
     daemon.start(wait=False)
     eventually(lambda: gateway.client.get("/healthz").status_code == 200, 30, "healthz 200 over CURVE")
     assert ok(gateway.publish(event(event_id="before")))["added_to_queue"] == 1
+    live = Stream(gateway)
+    assert live.next()["data"]["event_id"] == "before"
     (authorized / "gateway.key").rename(tmp_path / "gateway.key")
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGHUP)
     eventually(lambda: "1 revoked" in daemon.log(), 15, "the revocation to be logged")
+    try:  # a stream open at the revocation ends, saying why
+        told = live.next()
+        assert told["event"] == "error" and "no longer authorized" in told["data"]["error"], told
+    finally:
+        live.close()
+    # A stream asked for now was answered 200 and then kept open, silent, for ever.
+    with gateway.client.stream("GET", "/events/stream", timeout=httpx.Timeout(20.0)) as refused:
+        assert refused.status_code == 503, refused.status_code
+        assert "refused this client's CURVE key" in refused.read().decode(), refused.text
     for attempt in range(3):  # on the pooled connection, then on new ones the daemon refuses
         published = gateway.publish(event(event_id=f"revoked-{attempt}"))
         assert published.status_code == 503, (attempt, published.text)

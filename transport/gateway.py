@@ -108,6 +108,9 @@ from transport.zap import REVOKED
 log = logging.getLogger(__name__)
 
 HANDSHAKE_CHECK_S = 10.0  # how long the start-up check waits for the daemon's endpoints
+# How long a stream the daemon did not answer in time waits to learn whether it refuses the
+# gateway's handshake (a refusal comes at once; only a daemon that is away takes it all).
+STREAM_PROBE_S = 1.0
 # The end of a publish's 503 when the daemon refuses this gateway's key (duplicates are dropped).
 AGAIN_ONCE_IT_DOES = "publishing again once it does is safe"
 
@@ -461,6 +464,18 @@ class DaemonLink:
         if failure.refused:
             self._refused[endpoint] = f"{endpoint} {failure}"
         return f"{endpoint} {failure}"
+
+    def subscribe_refusal(self, timeout: float) -> str | None:
+        """Why the daemon's subscribe endpoint refuses this gateway's handshake (its CURVE key,
+        or CURVE on one side only), found within ``timeout`` seconds; None if it does not, or if
+        that cannot be told now (no answer at all, no descriptor free for the probe)."""
+        if not self._descriptors_free(NEW_QUERY_DESCRIPTORS):
+            return None
+        try:
+            failure = probe(self.subscribe_endpoint, zmq.DEALER, self._secure, timeout, hints=CONFIG_HINTS)
+        except ValueError:
+            return None
+        return None if failure is None or not failure.refused else f"{self.subscribe_endpoint} {failure}"
 
     def _refusal(self, endpoint: str) -> str | None:
         """Why requests to ``endpoint`` fail, when the daemon is known to refuse this gateway there."""
@@ -1441,6 +1456,14 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
             # ends, but gives up on an error status. A daemon that does not answer in time is
             # waited for within the stream, as across a restart.
             refusal = await pump.answer(link.timeout)
+            if refusal is None and not pump.answered:
+                # No answer in time. A daemon that refuses this gateway's handshake (its CURVE key
+                # revoked, say) never will: say so now, as /stats does, rather than keep a
+                # stream open and silent for ever. A daemon that is away is waited for, as before.
+                handshake = await asyncio.to_thread(link.subscribe_refusal, STREAM_PROBE_S)
+                if handshake is not None:
+                    closed()
+                    raise GatewayError(503, f"the daemon does not take this gateway's connections: {handshake}")
         except BaseException:
             closed()
             raise

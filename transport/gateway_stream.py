@@ -162,6 +162,11 @@ class StreamPump:
         except TimeoutError:
             return None
 
+    @property
+    def answered(self) -> bool:
+        """Whether the daemon has confirmed or refused the subscription (or the thread has ended)."""
+        return self._answer.done()
+
     def stop(self) -> None:
         """End the subscription: the thread closes the subscriber within ``POLL_S``."""
         self._stopped.set()
