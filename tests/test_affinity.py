@@ -13,7 +13,7 @@ from test_publisher import on_alarm, stopped
 from actors.watchdog import Snapshot, status_line
 from transport.affinity import rendezvous_order
 from transport.config import ConfigError, expand_environment, parse_config
-from transport.publisher import Publisher, PublisherClosed
+from transport.publisher import BatchResult, Publisher, PublisherClosed
 from transport.workload import make_event
 
 ENDPOINTS = ["tcp://a:5557", "tcp://b:5557", "tcp://c:5557"]
@@ -135,9 +135,9 @@ def test_an_on_ack_failure_in_an_affine_close_still_settles_everything_then_rais
     """As a Publisher's (test_publisher): the batches still in flight stayed held for good."""
     first, second = daemon_factory("first").start(), daemon_factory("second").start()
     endpoints = [first.ack, second.ack]
-    seen: list[object] = []
+    seen: list[BatchResult] = []
 
-    def on_ack(result: object) -> None:
+    def on_ack(result: BatchResult) -> None:
         seen.append(result)
         if len(seen) == 1:
             raise RuntimeError("the application's on_ack failed")
@@ -146,5 +146,8 @@ def test_an_on_ack_failure_in_an_affine_close_still_settles_everything_then_rais
     affine.publish_many({**make_event(i, 1, "af"), "topic": topic_for(endpoints[i % 2], endpoints)} for i in range(20))
     with pytest.raises(RuntimeError, match="the application's on_ack failed"):
         affine.close(timeout=20)
-    assert affine.held_events() == [] and affine.totals.acked_new == 20 and len(seen) == 4
+    # Every batch answered to on_ack (four, or more where a daemon slow to shake hands on a
+    # loaded machine had its unsent events moved, in batches of their own, to the other).
+    assert affine.held_events() == [] and affine.totals.acked_new == 20
+    assert sum(result.size for result in seen) == 20, seen
     assert not any(publisher._finalizer.alive for publisher in affine._publishers.values())
