@@ -881,12 +881,18 @@ def test_a_client_that_reads_none_of_its_response_is_dropped_after_write_timeout
     assert "Traceback" not in gateway.log()
 
 
-@pytest.mark.e2e
-def test_curve_when_the_config_says_so(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> None:
+def _make_keys(tmp_path: Path, client: str) -> tuple[Path, Path]:
+    """A server key pair and ``client``'s, authorized, made by the keys command: (keys folder, authorized folder)."""
     folder, authorized = tmp_path / "keys", tmp_path / "authorized"
-    for args in (("server", str(folder)), ("client", "gateway", str(folder), "--authorize", str(authorized))):
+    for args in (("server", str(folder)), ("client", client, str(folder), "--authorize", str(authorized))):
         result = run_script("keys.py", *args, timeout=30)
         assert result.returncode == 0, result.stderr
+    return folder, authorized
+
+
+def _curve_gateway(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> Gateway:
+    """A gateway and its daemon speaking CURVE (the gateway's key authorized), both answering."""
+    folder, authorized = _make_keys(tmp_path, "gateway")
     security = {
         "curve_secret_key": str(folder / "server.key_secret"),
         "authorized_keys": str(authorized),
@@ -896,6 +902,12 @@ def test_curve_when_the_config_says_so(gateway_factory: Callable[..., Gateway], 
     assert gateway.daemon.proc is None
     gateway.daemon.start(wait=False)
     eventually(lambda: gateway.client.get("/healthz").status_code == 200, 30, "healthz 200 over CURVE")
+    return gateway
+
+
+@pytest.mark.e2e
+def test_curve_when_the_config_says_so(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> None:
+    gateway = _curve_gateway(gateway_factory, tmp_path)
     assert ok(gateway.publish(event(event_id="secret")))["added_to_queue"] == 1
     assert [e["event_id"] for e in ok(gateway.client.get("/events"))["events"]] == ["secret"]
     stream = Stream(gateway)  # the stream's subscription speaks CURVE too
@@ -911,10 +923,7 @@ def test_a_daemon_that_starts_refusing_the_gateway_is_named_so_in_its_503s(
 ) -> None:
     """A daemon restarted with CURVE behind a gateway without keys: its queries were answered 503
     "did not answer within 2 s", at once and naming no cause."""
-    folder, authorized = tmp_path / "keys", tmp_path / "authorized"
-    for args in (("server", str(folder)), ("client", "alice", str(folder), "--authorize", str(authorized))):
-        result = run_script("keys.py", *args, timeout=30)
-        assert result.returncode == 0, result.stderr
+    folder, authorized = _make_keys(tmp_path, "alice")
     gateway = gateway_factory()
     daemon = gateway.daemon
     assert gateway.client.get("/stats").status_code == 200
@@ -942,19 +951,9 @@ def test_a_gateway_whose_key_is_revoked_answers_503_naming_it_and_serves_again_o
     its pooled connection was answered 502 ("refused the events"), every later one 504 "the
     daemon answers queries but did not acknowledge ... (overloaded?)", the probe taking the
     daemon's revocation error to its stats query for an answer."""
-    folder, authorized = tmp_path / "keys", tmp_path / "authorized"
-    for args in (("server", str(folder)), ("client", "gateway", str(folder), "--authorize", str(authorized))):
-        result = run_script("keys.py", *args, timeout=30)
-        assert result.returncode == 0, result.stderr
-    security = {
-        "curve_secret_key": str(folder / "server.key_secret"),
-        "authorized_keys": str(authorized),
-        "client_certificate": str(folder / "gateway.key_secret"),
-    }
-    gateway = gateway_factory(start_daemon=False, security=security)
+    gateway = _curve_gateway(gateway_factory, tmp_path)
     daemon = gateway.daemon
-    daemon.start(wait=False)
-    eventually(lambda: gateway.client.get("/healthz").status_code == 200, 30, "healthz 200 over CURVE")
+    authorized = tmp_path / "authorized"  # the folder _curve_gateway authorized the gateway in
     assert ok(gateway.publish(event(event_id="before")))["added_to_queue"] == 1
     live = Stream(gateway)
     assert live.next()["data"]["event_id"] == "before"
