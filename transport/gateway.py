@@ -260,7 +260,7 @@ class DaemonLink:
             # Remembered as the start-up check's refusals are: a publish that gets no
             # acknowledgement then names it too (the key is the same on both endpoints).
             self._refused[self.query_endpoint] = str(exc)
-            raise GatewayError(503, f"the daemon does not take this gateway's connections: {exc}") from None
+            raise GatewayError(503, not_taken(str(exc))) from None
         except NoAnswer:
             client.close()
             raise GatewayError(
@@ -308,9 +308,7 @@ class DaemonLink:
             raise self._no_acknowledgement(deadline, sent_at) from None
         except BatchRefused as exc:
             if exc.reason == REVOKED:  # refused for this gateway's key, not for these events
-                raise GatewayError(
-                    503, f"the daemon does not take this gateway's connections: {exc.reason}; {AGAIN_ONCE_IT_DOES}"
-                ) from None
+                raise GatewayError(503, f"{not_taken(exc.reason)}; {AGAIN_ONCE_IT_DOES}") from None
             raise GatewayError(502, f"the daemon refused the events: {exc.reason}") from None
         except InvalidEvent as exc:  # checked before, so only if the rules changed under us
             raise GatewayError(400, str(exc)) from None
@@ -403,9 +401,7 @@ class DaemonLink:
                 f"and no answer from {self.query_endpoint}; is it running? Publishing again later is safe",
             )
         if stats.get("error") == REVOKED:  # an open query connection, refused message by message
-            return GatewayError(
-                503, f"the daemon does not take this gateway's connections: {stats['error']}; {AGAIN_ONCE_IT_DOES}"
-            )
+            return GatewayError(503, f"{not_taken(stats['error'])}; {AGAIN_ONCE_IT_DOES}")
         # A commit under way on a server that stopped answering has not failed yet: the cluster's
         # counters, read on the same server, say it first.
         storage_error = stats.get("storage_error") or stats.get("cluster_error")
@@ -480,7 +476,7 @@ class DaemonLink:
     def _refusal(self, endpoint: str) -> str | None:
         """Why requests to ``endpoint`` fail, when the daemon is known to refuse this gateway there."""
         refusal = self._refused.get(endpoint)
-        return None if refusal is None else f"the daemon does not take this gateway's connections: {refusal}"
+        return None if refusal is None else not_taken(refusal)
 
     def subscriber(self, topic: str | None, after: int, topics: list[str] | None = None) -> Subscriber:
         """A subscription to the daemon's stored and live events after ``after`` (a seq with
@@ -636,6 +632,11 @@ async def _watch_descriptors(watch: DescriptorWatch) -> None:
     while True:
         watch.check(time.monotonic())
         await asyncio.sleep(DESCRIPTOR_CHECK_S)
+
+
+def not_taken(why: str) -> str:
+    """What a client is told when the daemon refuses this gateway's connections (``why``)."""
+    return f"the daemon does not take this gateway's connections: {why}"
 
 
 def _warn_when_accept_fails(watch: DescriptorWatch) -> Callable[[], None]:
@@ -1463,7 +1464,7 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
                 handshake = await asyncio.to_thread(link.subscribe_refusal, STREAM_PROBE_S)
                 if handshake is not None:
                     closed()
-                    raise GatewayError(503, f"the daemon does not take this gateway's connections: {handshake}")
+                    raise GatewayError(503, not_taken(handshake))
         except BaseException:
             closed()
             raise
