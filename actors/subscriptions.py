@@ -811,7 +811,7 @@ class SubscriptionServer:
                 else:
                     self._send(identity, {"op": "error", "code": "ack_failed", "error": error})
             if error is not None:
-                self._positions_failed.warning("%s", error)
+                self._positions_failed.error("%s", error)
         if self._pending_acks:
             message = SaveConsumerPositions(self._pending_acks, self._pending_claims)
             self._pending_acks, self._pending_claims = {}, {}

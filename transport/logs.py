@@ -113,6 +113,7 @@ class RateLimitedLog:
         self._suppressed = 0
 
     info = warning  # the same, named for a log made at INFO
+    error = warning  # ... or at ERROR
 
 
 _LIVE: weakref.WeakSet[RateLimitedLog] = weakref.WeakSet()

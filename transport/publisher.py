@@ -890,9 +890,7 @@ class Publisher:
 
     def _add(self, event: dict[str, Any], packed: bytes, timeout: float | None, service: bool = True) -> None:
         pending = self._pending
-        if pending.events and (
-            len(pending.events) >= self.batch_size or pending.size + len(packed) > self.max_batch_bytes
-        ):
+        if pending.events and self._batch_full(len(pending.events), pending.size, len(packed)):
             # The batch is full and could not leave earlier: wait for it here, before queueing
             # this event, so the pending batch never outgrows batch_size.
             try:
@@ -909,6 +907,10 @@ class Publisher:
             self._try_send()
         elif service:
             self._service()
+
+    def _batch_full(self, count: int, size: int, more: int) -> bool:
+        """Whether a batch of ``count`` events and ``size`` bytes must leave before one of ``more`` bytes joins it."""
+        return count >= self.batch_size or size + more > self.max_batch_bytes
 
     def _try_send(self) -> bool:
         """Send the pending batch if that needs no waiting; returns whether it went."""
@@ -1105,7 +1107,7 @@ class Publisher:
         size = 0
         for event in events:
             data = self._encode(event)
-            if batch and (len(batch) >= self.batch_size or size + len(data) > self.max_batch_bytes):
+            if batch and self._batch_full(len(batch), size, len(data)):
                 self._send_batch(batch, packed)
                 self.totals.sent += len(batch)
                 batch, packed, size = [], [], 0
