@@ -116,6 +116,60 @@ def test_bad_requests_get_a_4xx_with_a_clear_message(gateway_factory: Callable[.
 
 
 @pytest.mark.e2e
+def test_every_route_refuses_a_query_parameter_it_does_not_take(gateway: Gateway) -> None:
+    """/events and /topics refused a misspelt parameter, but /stats?x=1, /healthz?x=1, /metrics?x=1
+    and a POST /publish?topic=t answered as if nothing were wrong: each route refuses the same way,
+    naming the parameter and those it takes."""
+    client = gateway.client
+    for method, path, params, takes in (
+        ("GET", "/stats", {"x": "1"}, "none"),
+        ("GET", "/healthz", {"x": "1"}, "none"),
+        ("HEAD", "/healthz", {"x": "1"}, "none"),
+        ("GET", "/metrics", {"x": "1"}, "none"),
+        ("GET", "/openapi.json", {"x": "1"}, "none"),
+        ("GET", "/docs", {"x": "1"}, "none"),
+        ("GET", "/redoc", {"x": "1"}, "none"),
+        ("GET", "/events", {"x": "1"}, "topic, after, limit"),
+        ("GET", "/topics", {"x": "1"}, "after, limit"),
+        ("GET", "/events/stream", {"x": "1"}, "topic, topics, after"),
+    ):
+        response = client.request(method, path, params=params)
+        assert response.status_code == 400, (method, path, response.status_code, response.text)
+        if method != "HEAD":
+            error = f"unknown query parameter 'x': {method} {path} takes {takes}"
+            assert response.json() == {"error": error}, response.text
+        assert response.headers["content-type"] == "application/json", (path, response.headers)
+    # Twice the same unknown name is one; two names are both named; a name without a value counts.
+    two = client.get("/stats?b=1&a=2&b=3").json()
+    assert two == {"error": "unknown query parameter 'a', 'b': GET /stats takes none"}
+    assert client.get("/metrics?x").json() == {"error": "unknown query parameter 'x': GET /metrics takes none"}
+    # HEAD answered as GET is checked as the GET.
+    assert client.head("/stats", params={"x": 1}).status_code == 400
+    # A publish whose events would go nowhere else than the body: refused, nothing sent.
+    published = client.post("/publish", params={"topic": "orders"}, json=event())
+    assert published.json() == {"error": "unknown query parameter 'topic': POST /publish takes none"}, published.text
+    assert published.status_code == 400
+    # A parameter given twice is refused on every route that takes parameters, but topics.
+    for path, repeated in (("/events", "limit=1&limit=2"), ("/topics", "after=a&after=b")):
+        twice = client.get(f"{path}?{repeated}")
+        assert twice.status_code == 400, (path, twice.text)
+        name = repeated.partition("=")[0]
+        assert twice.json() == {"error": f"query parameter '{name}' given more than once: give it once"}
+    # Swagger UI's OAuth2 login page (no OAuth2 here) is no longer served, with its providers' parameters.
+    assert client.get("/docs/oauth2-redirect", params={"code": "c", "state": "s"}).status_code == 404
+    # Not a route, or not its method: still 404 and 405, whatever the query.
+    assert client.put("/stats", params={"x": 1}).status_code == 405
+    assert client.get("/nowhere", params={"x": 1}).status_code == 404
+    assert gateway.daemon.stats()["received"] == 0
+    # What is documented still works, with an empty query too.
+    for path in ("/stats", "/healthz", "/metrics", "/openapi.json", "/docs", "/redoc", "/stats?", "/events?limit=5"):
+        assert client.get(path).status_code == 200, path
+    assert ok(client.get("/topics", params={"after": "a", "limit": 5}))["topics"] == []
+    ok(gateway.publish(event()))
+    assert ok(client.get("/events", params={"topic": "orders", "after": 0, "limit": 1}))["count"] == 1
+
+
+@pytest.mark.e2e
 def test_publish_takes_only_a_json_content_type(gateway: Gateway) -> None:
     """What a web page of any origin can make a browser POST without a preflight is refused."""
     body = json.dumps(event()).encode()

@@ -9,7 +9,9 @@ is a client of the daemon like any other and speaks only its public protocols:
 * ``GET /events``, ``/stats``, ``/topics``, ``/healthz`` and ``/metrics`` are one query each to
   the query endpoint (:class:`transport.client.QueryClient`).
 
-Both use CURVE when the config's ``[security]`` gives a client certificate.
+Both use CURVE when the config's ``[security]`` gives a client certificate. Every route, these
+and FastAPI's own pages, refuses a query parameter it does not declare with a 400
+(:mod:`transport.gateway_query`).
 
 Threads: route handlers run on the event loop; every call to the daemon runs on a worker thread
 (``anyio.to_thread``), since the ZeroMQ clients block. A :class:`Publisher` or a
@@ -74,6 +76,7 @@ from transport.client import (
 from transport.config import Config, load_config
 from transport.descriptors import CHECK_EVERY_S as DESCRIPTOR_CHECK_S
 from transport.descriptors import DescriptorWatch, descriptors_free, exhausted_message, out_of_descriptors
+from transport.gateway_query import QueryCheck, in_digits
 from transport.gateway_stream import (
     STREAMS_FOLDER_ENV,
     SUBSCRIBER_BYTES,
@@ -872,7 +875,7 @@ def _json_bytes(document: Any) -> bytes:
 def _last_event_id(value: str) -> int:
     """The cursor a reconnecting client's ``Last-Event-ID`` names, or :class:`GatewayError` 400."""
     text = value.strip()
-    if not (_in_digits(text) and int(text) <= MAX_CURSOR):
+    if not (in_digits(text) and int(text) <= MAX_CURSOR):
         raise GatewayError(
             400,
             f"Last-Event-ID must be an id this stream sent (a cursor from 0 to {MAX_CURSOR}), "
@@ -880,12 +883,6 @@ def _last_event_id(value: str) -> int:
             "reconnect without it, with after= the last cursor you processed",
         )
     return int(text)
-
-
-def _in_digits(text: str) -> bool:
-    """Whether ``text`` is a whole number written in ASCII digits only (``str.isdigit`` alone
-    takes other scripts' digits and superscripts, which ``int`` then reads or refuses)."""
-    return text.isascii() and text.isdigit()
 
 
 def _header_text(value: str) -> str:
@@ -1010,7 +1007,6 @@ AfterParam = Annotated[int, Query(ge=0, le=MAX_CURSOR, description="The cursor: 
 LimitParam = Annotated[
     int, Query(ge=1, description="Most events in the page (capped at the daemon's [query] max_limit).")
 ]
-EVENTS_PARAMETERS = ("topic", "after", "limit")
 TopicAfterParam = Annotated[
     str | None,
     Query(max_length=MAX_TOPIC_AFTER, description="A page of topics named after this: the `next` of the page before."),
@@ -1019,8 +1015,6 @@ TopicsLimitParam = Annotated[
     int | None,
     Query(ge=1, description="A page of at most this many topics (capped at the daemon's [query] max_limit)."),
 ]
-TOPICS_PARAMETERS = ("after", "limit")
-STREAM_PARAMETERS = ("topic", "topics", "after")
 
 
 # -- the application ---------------------------------------------------------------------------------
@@ -1202,8 +1196,15 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
         # path without it: a JSON client gets no JSON, and a POST's client may not follow. A 404
         # naming the route (http_error) says what to fix.
         redirect_slashes=False,
+        # Swagger UI's page for OAuth2 logins: the gateway has none, and the page's query is the
+        # login provider's (code, state), which no route may take unchecked (transport/gateway_query.py).
+        swagger_ui_oauth2_redirect_url=None,
         responses={
-            400: {"model": Error, "description": "More than one Host header, or HTTP/1.1 without one (RFC 9112)."},
+            400: {
+                "model": Error,
+                "description": "A query parameter the route does not take (most take none), or one given twice; "
+                "more than one Host header, or HTTP/1.1 without one (RFC 9112).",
+            },
             421: {"model": Error, "description": "The request's Host is not a name this gateway answers to."},
         },
     )
@@ -1300,7 +1301,11 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
         response_model=PublishReply,
         summary="Publish one event or a batch; answers after the daemon committed them",
         responses={
-            400: {"model": Error, "description": "Invalid JSON or an invalid event (index names it); nothing sent."},
+            400: {
+                "model": Error,
+                "description": "Invalid JSON or an invalid event (index names it), or a query parameter (it takes "
+                "none); nothing sent.",
+            },
             413: {
                 "model": Error,
                 "description": "Body or event count over the limit, or an event too big for a message to the "
@@ -1369,12 +1374,10 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
         responses={400: {"model": Error, "description": "A bad query parameter."}, **_QUERY_ERRORS},
     )
     async def events(
-        request: Request,
         topic: TopicParam = None,
         after: AfterParam = 0,
         limit: LimitParam = DEFAULT_PAGE,
     ) -> Response:
-        _check_query_names(request, "GET /events", EVENTS_PARAMETERS, whole_numbers=("after", "limit"))
         _check_topic(topic)
         # The daemon caps the page at its max_limit; capping here too keeps a huge limit packable.
         limit = min(limit, config.query.max_limit)
@@ -1415,13 +1418,11 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
     async def event_stream(
         request: Request, topic: TopicParam = None, topics: TopicsParam = None, after: AfterParam = 0
     ) -> Response:
-        # First: a page that may not hold a stream gets nothing of the gateway's, not even a check.
+        # First of the route's own checks: a page that may not hold a stream gets nothing more of
+        # the gateway's (its parameters were checked before the route ran, which takes nothing).
         refused = foreign_origin(_one_header(request, "Origin"), request.headers.get("host"), origins)
         if refused is not None:
             raise GatewayError(403, refused)
-        _check_query_names(
-            request, "GET /events/stream", STREAM_PARAMETERS, repeatable=("topics",), whole_numbers=("after",)
-        )
         _check_topic(topic)
         if topics is not None:
             if topic is not None:
@@ -1528,8 +1529,7 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
         summary="Every topic with its stored count, last seq and counters, by name; with `after` or `limit`, a page",
         responses={400: {"model": Error, "description": "A bad query parameter."}, **_QUERY_ERRORS},
     )
-    async def topics(request: Request, after: TopicAfterParam = None, limit: TopicsLimitParam = None) -> Response:
-        _check_query_names(request, "GET /topics", TOPICS_PARAMETERS, whole_numbers=("limit",))
+    async def topics(after: TopicAfterParam = None, limit: TopicsLimitParam = None) -> Response:
         if after is None and limit is None:
             return json_response(_answered(await ask({"op": "topics"})))
         page = min(limit or DEFAULT_PAGE, config.query.max_limit)
@@ -1583,6 +1583,8 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
             media_type=metrics.CONTENT_TYPE_LATEST,
         )
 
+    # Innermost: a HEAD answered as GET is checked as the GET (transport/gateway_query.py).
+    app.add_middleware(QueryCheck, routes=app.router.routes, refuse=lambda error: json_response({"error": error}, 400))
     app.add_middleware(HeadAsGet, paths=HEAD_AS_GET_PATHS)
     app.add_middleware(HostCheck, names=answered_hosts(config))
     return app
@@ -1762,33 +1764,6 @@ def _check_topic(topic: str | None) -> None:
             raise GatewayError(400, str(exc)) from None
 
 
-def _check_query_names(
-    request: Request,
-    route: str,
-    known: tuple[str, ...],
-    repeatable: tuple[str, ...] = (),
-    whole_numbers: tuple[str, ...] = (),
-) -> None:
-    """400 for a query parameter the route does not take (a misspelt ``limit`` would otherwise
-    give a default page that looks like an answer) or one given twice (which one counts?), but
-    for the ``repeatable`` ones, which are lists; and for a ``whole_numbers`` one written other
-    than in digits (pydantic reads ``1.0`` and ``+1`` as 1, where the daemon and Last-Event-ID
-    refuse them)."""
-    for name in whole_numbers:
-        value = request.query_params.get(name)
-        if value is not None and not _in_digits(value):
-            raise GatewayError(400, f"query parameter {name!r} must be a whole number in digits, not {value[:40]!r}")
-    names = [name for name, _ in request.query_params.multi_items() if name not in repeatable]
-    unknown = sorted({name for name, _ in request.query_params.multi_items() if name not in known})
-    if unknown:
-        raise GatewayError(
-            400, f"unknown query parameter {', '.join(map(repr, unknown))}: {route} takes {', '.join(known)}"
-        )
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise GatewayError(400, f"query parameter {', '.join(map(repr, repeated))} given more than once: give it once")
-
-
 def _one_header(request: Request, name: str) -> str | None:
     """The value of a header that holds one (None if absent), or :class:`GatewayError` 400 when it
     is given more than once: the first would win silently."""
@@ -1843,7 +1818,7 @@ async def _read_body(request: Request, limit: int, send_by: float) -> bytes:
     must not hold a connection for ever. A client gone mid-body gets a 400 nobody reads, logged
     as one line rather than a traceback."""
     declared = request.headers.get("content-length")
-    if declared is not None and _in_digits(declared) and int(declared) > limit:
+    if declared is not None and in_digits(declared) and int(declared) > limit:
         raise GatewayError(413, f"the body is {declared} bytes, over the limit of {limit} ([http] max_body_bytes)")
     chunks = []
     size = 0
