@@ -101,7 +101,7 @@ def handshake_refusal(kind: int, value: int, hints: KeyHints) -> str:
     if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return (
             f"refused this client's CURVE key (ZAP status {value}): add its public certificate to "
-            f"the daemon's authorized folder and send SIGHUP, or {hints.authorized_key}"
+            f"the daemon's authorized folder ([security] authorized_keys) and send SIGHUP, or {hints.authorized_key}"
         )
     # No retry would fare better: the keys, or the port, decide. The client sees the same
     # failure when the two sides' sockets are of kinds that cannot talk (a query client at
@@ -133,6 +133,69 @@ class HandshakeVerdict:
             self.unexplained += 1
             return self.unexplained >= UNEXPLAINED_FAILURES
         return bool(kind & HANDSHAKE_FAILED)
+
+
+# What a long-lived client reads from its socket's monitor to tell that the daemon refuses it.
+REFUSAL_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_FAILED
+
+
+class HandshakeWatch:
+    """The daemon's standing verdict on a long-lived client's handshakes, read from its sockets'
+    monitors event by event (at least :data:`REFUSAL_EVENTS`; others are ignored).
+
+    ``refusal`` says why the daemon refuses this client (a sentence to follow the endpoint, see
+    :func:`handshake_refusal`) from the event that showed it until a handshake succeeds again;
+    None meanwhile. Handshakes cut off without a reason count across sockets, for a client that
+    replaces its socket sooner than :data:`UNEXPLAINED_FAILURES` of them come on one.
+    """
+
+    def __init__(self, hints: KeyHints) -> None:
+        self.hints = hints
+        self.refusal: str | None = None
+        self._verdict = HandshakeVerdict()
+
+    def see(self, kind: int, value: int) -> None:
+        """Take one monitor event: its ``kind`` and ``value``."""
+        if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.refusal = None
+        if self._verdict.refused(kind):
+            self.refusal = handshake_refusal(kind, value, self.hints)
+
+    def read(self, monitor: zmq.Socket[Any]) -> str | None:
+        """Take every event waiting on ``monitor``, without waiting; then :attr:`refusal`. All of
+        them: what counts is the last verdict, not one a later handshake overturned."""
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return self.refusal
+            self.see(int(event["event"]), int(event["value"]))
+
+    def forget(self) -> None:
+        """A new socket: no handshake of its own was refused yet."""
+        self.refusal = None
+
+
+def unbounded_monitor(sock: zmq.Socket[Any], events: int) -> zmq.Socket[Any]:
+    """A monitor of ``sock`` for ``events`` (attach it before connecting), whose queue has no limit.
+
+    libzmq's I/O thread blocks on a monitor whose queue is full (about 2 000 events: a daemon
+    cutting every handshake adds one each 0.1 to 0.2 s), which stops every socket of the context
+    until someone reads it. A client on the process-wide context whose monitor is read only
+    within its calls (a :class:`transport.subscriber.Subscriber` whose application is busy) then
+    holds a few bytes an event instead.
+    """
+    address = monitor_address()
+    sock.monitor(address, events)
+    try:
+        monitor: zmq.Socket[Any] = sock.context.socket(zmq.PAIR)
+    except zmq.ZMQError:  # no descriptor free for it, say: no monitor left with nobody reading it
+        sock.disable_monitor()
+        raise
+    monitor.setsockopt(zmq.RCVHWM, 0)  # with the sender's limit, 0 makes libzmq's inproc pipe unbounded
+    monitor.setsockopt(zmq.LINGER, 0)
+    monitor.connect(address)
+    return monitor
 
 
 class QueryClient:
