@@ -87,7 +87,15 @@ from transport.gateway_stream import (
 from transport.handshake import probe
 from transport.http_protocol import HeaderDeadlineProtocol
 from transport.logs import setup_logging
-from transport.publisher import BatchRefused, BatchResult, DeliveryFailed, Publisher, PublisherError, PublishTimeout
+from transport.publisher import (
+    BatchRefused,
+    BatchResult,
+    DeliveryFailed,
+    Publisher,
+    PublisherError,
+    PublisherRefused,
+    PublishTimeout,
+)
 from transport.queries import MAX_CURSOR, MAX_TOPIC_AFTER, QueryError, check_query_topic, parse_query
 from transport.replies import MapPairs
 from transport.schema import (
@@ -139,8 +147,9 @@ KEEPALIVE_S = 15.0  # a comment line on an event stream this long quiet, so prox
 # Free descriptors a new publisher needs: it has a ZeroMQ context of its own, whose threads libzmq
 # starts with its first socket and which aborts the whole process (an assertion in its poller)
 # when one of their descriptors cannot be had. With fewer free it is not made: 503. (Measured:
-# 7 for the context, the socket and its connection; with 2 to 4 free the gateway aborted.)
-NEW_PUBLISHER_DESCRIPTORS = 10
+# 9 for the context, the socket, its monitor's pair of sockets and its connection; with 2 to 4
+# free the gateway aborted.)
+NEW_PUBLISHER_DESCRIPTORS = 12
 # Free descriptors a new query client needs: its REQ socket's mailbox, those of its monitor's
 # pair of sockets, and the TCP connection, which libzmq's I/O thread makes after connect()
 # returned: when it cannot, nothing fails, the query waits its whole timeout and is told the
@@ -307,6 +316,9 @@ class DaemonLink:
             self._flush(publisher, deadline - probe_s)
             results = sorted(publisher.results, key=lambda result: result.batch_id)
             ok = True
+        except PublisherRefused as exc:  # its handshake refused: said at once, not at the timeout
+            refusal = self._refused[self.ack_endpoint] = f"{self.ack_endpoint} {exc.refusals[self.ack_endpoint]}"
+            raise GatewayError(503, f"{not_taken(refusal)}; {AGAIN_ONCE_IT_DOES}") from None
         except (PublishTimeout, DeliveryFailed):
             raise self._no_acknowledgement(deadline, sent_at) from None
         except BatchRefused as exc:
@@ -379,6 +391,7 @@ class DaemonLink:
             max_payload_bytes=ingest.max_payload_bytes,
             max_batch_bytes=min(4 * 1024 * 1024, ingest.max_message_bytes // 2),
             configure=self._secure,
+            hints=CONFIG_HINTS,
             keep_results=self._max_events + 1,  # a batch holds one event at least
         )
 

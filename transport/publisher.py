@@ -59,7 +59,17 @@ from zmq.utils.monitor import recv_monitor_message
 
 from transport import arguments
 from transport.backoff import Backoff, RetryBudget
-from transport.client import HANDSHAKE_FAILED, connect, connectable, monitor_address
+from transport.client import (
+    CONFIG_HINTS,
+    HANDSHAKE_FAILED,
+    LIBRARY_HINTS,
+    REFUSAL_EVENTS,
+    HandshakeWatch,
+    KeyHints,
+    connect,
+    connectable,
+    monitor_address,
+)
 from transport.config import load_config
 from transport.exclusive import take_held_lock
 from transport.schema import (
@@ -82,6 +92,7 @@ __all__ = [
     "PublisherClosed",
     "PublisherError",
     "PublisherInUse",
+    "PublisherRefused",
     "PublishTimeout",
     "Rejection",
     "Totals",
@@ -103,6 +114,10 @@ LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECT_RETRIED | zmq.EV
 # How often the monitor is read while the connection is up and nothing waits for it (per event
 # published, reading it would cost more than a time check); a disconnection is seen this late.
 WATCH_EVERY_S = 0.01
+# How long a refusal seen on a socket stands, for a publisher that watches its connection: a socket
+# older than this is replaced, and the daemon judged afresh. libzmq never connects a socket again
+# once the daemon refused its key, so without this a daemon whose keys were put right stayed down.
+REFUSAL_STANDS_S = 1.0
 Connection = Literal["up", "connecting", "down"]
 
 
@@ -141,6 +156,36 @@ class DeliveryFailed(PublisherError):
             f"{self.reason} {len(self.events)} unacknowledged events are in this exception's .events; "
             "publishing them again is safe"
         )
+
+
+class PublisherRefused(DeliveryFailed):
+    """The daemon refused this publisher's security handshake: its CURVE key is not in the daemon's
+    authorized folder, the server key is not the daemon's, CURVE is on at one end only, or the
+    endpoint is another of the daemon's ports. Raised as soon as the socket's monitor shows it
+    (a key refused at once; handshakes cut off without a reason at the third in a row), not at the
+    ``deadline``: no retry can fare better until the keys change.
+
+    A :class:`DeliveryFailed`, so ``events`` holds every event not acknowledged, as there (the
+    publisher holds none of them any more, and can be used again). ``refusals`` maps each endpoint
+    that refused to why, in words that say what to change: one endpoint, or every daemon of a
+    publisher to several (:mod:`transport.affinity`).
+    """
+
+    def __init__(self, refusals: dict[str, str], elapsed: float, attempts: int, events: list[dict[str, Any]]) -> None:
+        super().__init__(",".join(refusals), elapsed, attempts, events)
+        self.refusals = refusals
+        self.args = (refusals, elapsed, attempts, events)  # so it pickles
+
+    @property
+    def reason(self) -> str:
+        # Daemons refused for the same reason (the same keys everywhere) are named together.
+        said: dict[str, list[str]] = {}
+        for endpoint, why in self.refusals.items():
+            said.setdefault(why, []).append(endpoint)
+        parts = [f"{' and '.join(endpoints)} {why}" for why, endpoints in said.items()]
+        if len(self.refusals) == 1:
+            return f"{parts[0]}."
+        return f"every daemon refused this publisher's handshake: {'; '.join(parts)}."
 
 
 class PublishTimeout(PublisherError):
@@ -457,6 +502,8 @@ class Publisher:
         max_batch_bytes: a batch is sent once its encoded events reach this many bytes.
         configure: called with every socket the publisher opens, before it connects (e.g. to set
             CURVE keys).
+        hints: where this publisher's keys are set, as :class:`PublisherRefused` names them
+            (``from_config`` names the config file's ``[security]`` keys).
         on_ack: called with each :class:`BatchResult`.
         on_retry: called before each retry pause with (attempt number, pause in seconds).
         keep_results: how many recent :class:`BatchResult` to keep in :attr:`results`.
@@ -497,6 +544,7 @@ class Publisher:
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         configure: SocketHook | None = None,
+        hints: KeyHints = LIBRARY_HINTS,
         on_ack: Callable[[BatchResult], None] | None = None,
         on_retry: Callable[[int, float], None] | None = None,
         keep_results: int = 1000,
@@ -542,7 +590,11 @@ class Publisher:
         self._down = False
         self._watch_at = 0.0  # when the monitor is next read while nothing waits for it
         self._held = False  # some batch in flight is not queued on the socket (see _release_held)
-        self._poller: zmq.Poller | None = None  # the socket and its monitor, for watching waits
+        self._poller: zmq.Poller | None = None  # the socket and its monitor, for acknowledged waits
+        # Whether the daemon refuses this publisher's handshake (acknowledged mode), and since when
+        # the socket that shows it was open.
+        self._handshakes = HandshakeWatch(hints)
+        self._opened_at = 0.0
         self._tuples = _TupleSpotter()
         self._packer = msgpack.Packer(use_bin_type=True, datetime=False, strict_types=True, default=self._tuples)
         self._closed = False
@@ -584,6 +636,7 @@ class Publisher:
         endpoint = connectable(ingest.ack_bind if acked else ingest.bind)
         if options.get("configure") is None:
             options["configure"] = curve_client_from_config(config)
+            options.setdefault("hints", CONFIG_HINTS)
         options.setdefault("max_payload_bytes", ingest.max_payload_bytes)
         options["batch_size"] = min(options.get("batch_size", 100), ingest.max_batch_events)
         # Half the message limit leaves room for the batch envelope and the msgpack headers.
@@ -963,6 +1016,13 @@ class Publisher:
             ]
         )
         now = time.monotonic()
+        if not self._in_flight and self._socket is not None and not self._watches_connection:
+            # The first batch after a quiet spell. A refusal seen meanwhile may be past (the keys
+            # put right since), and a socket whose key was refused never connects again: the
+            # daemon is asked afresh, on a new socket, what it says of this batch's handshake.
+            self._watch(now)
+            if self._handshakes.refusal is not None:
+                self._replace_socket()
         batch = self._in_flight[batch_id] = _Batch(batch_id, events, frame, now, now)
         if self._held:  # those waiting go first, in order (this one is the last of them)
             self._release_held(now)
@@ -1003,9 +1063,21 @@ class Publisher:
         # Attached before connecting, or a quick handshake would go unseen.
         if not self.acked:
             self._resources.monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED, monitor_address())
-        elif self._watches_connection:
-            monitor = self._resources.monitor = sock.get_monitor_socket(LINK_EVENTS, monitor_address())
-            self._up = False  # a new socket: up once its handshake is seen; down stays until then
+        else:
+            # Every acknowledged publisher reads whether the daemon refuses its handshake (see
+            # PublisherRefused); one that watches its connection, whether it is up, too. (The
+            # context is the publisher's own: a monitor left unread while the daemon keeps cutting
+            # handshakes, which blocks the context's I/O thread once full, blocks only this socket.)
+            events = LINK_EVENTS if self._watches_connection else REFUSAL_EVENTS
+            try:
+                monitor = self._resources.monitor = sock.get_monitor_socket(events, monitor_address())
+            except zmq.ZMQError:  # no descriptor free for it, say
+                sock.close(linger=0)
+                raise
+            self._handshakes.forget()
+            self._opened_at = time.monotonic()
+            # A new socket: a watching publisher's is up once its handshake is seen; down stays until then.
+            self._up = not self._watches_connection
             self._poller = zmq.Poller()
             self._poller.register(sock, zmq.POLLIN)
             self._poller.register(monitor, zmq.POLLIN)
@@ -1036,29 +1108,48 @@ class Publisher:
         self._up = not self._watches_connection
 
     def _watch(self, now: float) -> None:
-        """Read what the monitor told of the connection since last time (watching publishers)."""
+        """Read what the monitor told of the handshakes (and, watching publishers, of the
+        connection) since last time; acknowledged mode."""
         monitor = self._resources.monitor
         if monitor is None or not self.acked:
             return
         self._watch_at = now + WATCH_EVERY_S
         while True:
             try:
-                kind = int(recv_monitor_message(monitor, zmq.NOBLOCK)["event"])
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._up = kind == zmq.EVENT_HANDSHAKE_SUCCEEDED
-            self._down = not self._up
+            kind = int(event["event"])
+            self._handshakes.see(kind, int(event["value"]))
+            if self._watches_connection:
+                self._up = kind == zmq.EVENT_HANDSHAKE_SUCCEEDED
+                self._down = not self._up
 
     def _connection(self, now: float) -> Connection:
         """The connection to the daemon, read from the monitor at most :data:`WATCH_EVERY_S` ago:
         up (a handshake holds), down (refused, cut or its handshake failed since the last one
         held), or connecting (neither yet: the first attempt pending, or taken by a process that
-        completes no handshake, as a stopped daemon's kernel does). Watching publishers only."""
+        completes no handshake, as a stopped daemon's kernel does). Watching publishers only.
+
+        A socket that the daemon refused, opened more than :data:`REFUSAL_STANDS_S` ago, is
+        replaced here (its batches held for the new one), so that the daemon is asked again:
+        down it stays until the new socket's handshake succeeds."""
         if now >= self._watch_at:
             self._watch(now)
+        if self._handshakes.refusal is not None and self._socket is not None:
+            if now - self._opened_at >= REFUSAL_STANDS_S:
+                self._replace_socket()
         if self._up:
             return "up"
         return "down" if self._down else "connecting"
+
+    def _replace_socket(self) -> None:
+        """A new socket in the place of one the daemon refused; every batch in flight waits for it."""
+        self._drop_socket()
+        self._socket = self._open()
+        for batch in self._in_flight.values():
+            batch.queued = False
+        self._held = bool(self._in_flight)
 
     def _transmit(self, batch: _Batch, now: float) -> None:
         """Queue the batch on the socket, or hold it until the connection is up (watching
@@ -1131,6 +1222,10 @@ class Publisher:
             if self._held:
                 self._release_held(now)
             self._read_replies()
+            if self._handshakes.refusal is not None and self._in_flight and not self._watches_connection:
+                # No acknowledgement can come on this socket: say so now, not at the deadline.
+                # (A publisher to several daemons sends elsewhere instead: see transport.affinity.)
+                raise self._refused(now)
         oldest = next(iter(self._in_flight.values())) if self._in_flight else None
         if oldest is not None and self.deadline is not None and now - oldest.first_sent >= self.deadline:
             # At the deadline itself, not at the end of the last attempt's ack_timeout (up to
@@ -1258,10 +1353,32 @@ class Publisher:
         self._release_held(now)
 
     def _abandon(self) -> DeliveryFailed:
-        """Drop every unacknowledged event into a :class:`DeliveryFailed` and start afresh."""
-        events = self.held_events()
+        """Drop every unacknowledged event into a :class:`DeliveryFailed` and start afresh (the
+        socket was closed)."""
         attempts = self._budget.failures
         elapsed = self._budget.elapsed()
+        events = self._hand_back()
+        self._socket = self._open()
+        return DeliveryFailed(self.endpoint, elapsed, attempts, events)
+
+    def _refused(self, now: float) -> PublisherRefused:
+        """Drop every unacknowledged event into a :class:`PublisherRefused` (the daemon refuses this
+        publisher's handshake) and start afresh, on a new socket."""
+        refusal = self._handshakes.refusal
+        assert refusal is not None
+        oldest = next(iter(self._in_flight.values()), None)
+        elapsed = 0.0 if oldest is None else now - oldest.first_sent
+        attempts = 0 if oldest is None else oldest.attempts
+        if self._socket is not None:
+            self._drop_socket()
+        events = self._hand_back()
+        self._socket = self._open()
+        return PublisherRefused({self.endpoint: refusal}, elapsed, attempts, events)
+
+    def _hand_back(self) -> list[dict[str, Any]]:
+        """Every event held, in the order published, which the publisher no longer holds (counted
+        abandoned): for the exception that hands them back. Retries start afresh."""
+        events = self.held_events()
         self.totals.abandoned += len(events)
         self._in_flight.clear()
         self._pending.clear()
@@ -1269,8 +1386,7 @@ class Publisher:
         self._budget_batch = None
         self._retry_at = None
         self._held = False
-        self._socket = self._open()
-        return DeliveryFailed(self.endpoint, elapsed, attempts, events)
+        return events
 
     def _wait_until(self, done: Callable[[], bool], timeout: float | None) -> bool:
         """Service the socket until ``done()`` or ``timeout`` seconds pass; every wait is bounded."""

@@ -39,7 +39,7 @@ from typing import Any
 import zmq
 
 from transport.arguments import MAX_COUNT
-from transport.client import MAX_TIMEOUT_S, connectable
+from transport.client import FLAG_HINTS, MAX_TIMEOUT_S, connectable
 from transport.commands.client_flags import (
     STOP_SIGNALS,
     curve_from_args,
@@ -141,6 +141,7 @@ def send_slice(
         close_timeout=args.deadline,
         on_ack=(lambda result: advance(result.size)) if args.acked else None,
         configure=curve_from_args(args),  # built here: each process reads the key files itself
+        hints=FLAG_HINTS,  # a refusal met on the way (the daemon restarted with other keys) names the flags
     )
     error = None
     reported = 0

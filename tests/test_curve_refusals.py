@@ -1,0 +1,167 @@
+"""A CURVE daemon refusing a client's handshake: acknowledged publishers and subscribers say so at once.
+
+They used to find out late or never: an acknowledged publisher only at its ``deadline``, as a
+``DeliveryFailed`` that named no cause, and a subscriber not at all (it reconnected for ever,
+logging). Each refusal is tried three ways: a client key the daemon does not authorize (ZAP
+refuses it), a server key that is not the daemon's, and no CURVE at all.
+"""
+
+from __future__ import annotations
+
+import pickle
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import Daemon, eventually, run_script
+from test_security import Hook, curve_daemon, wait_ready
+from test_security import keys as keys  # the fixture: a server certificate and clients alice and mallory
+
+from transport.client import QueryClient
+from transport.publisher import DeliveryFailed, Publisher, PublisherRefused
+from transport.security import curve_client
+from transport.workload import plan
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+PROMPT_S = 3.0  # the most a refusal may take to be told, against deadlines of 60 s
+KEY_REFUSED = "refused this client's CURVE key (ZAP status 400)"
+HANDSHAKE_FAILED = "took the connection but the security handshake failed"
+
+
+def refused_clients(keys: dict[str, Path], tmp_path: Path) -> dict[str, tuple[Hook | None, str]]:
+    """Each way to be refused: the socket hook, and the words the refusal is told in."""
+    other = tmp_path / "other"
+    made = run_script("keys.py", "server", str(other), timeout=30)
+    assert made.returncode == 0, made.stderr
+    return {
+        "unauthorized key": (curve_client(keys["server_public"], keys["mallory"]), KEY_REFUSED),
+        "wrong server key": (curve_client(other / "server.key", keys["alice"]), HANDSHAKE_FAILED),
+        "no CURVE": (None, HANDSHAKE_FAILED),
+    }
+
+
+def stats(daemon: Daemon, hook: Hook) -> dict[str, Any]:
+    with QueryClient(daemon.query, timeout=5.0, configure=hook) as client:
+        return client.call({"op": "stats"})
+
+
+def test_an_acknowledged_publisher_refused_says_so_at_once_with_every_event(
+    daemon_factory: Callable[..., Daemon], keys: dict[str, Path], tmp_path: Path
+) -> None:
+    daemon = curve_daemon(daemon_factory, keys).start(wait=False)
+    alice = curve_client(keys["server_public"], keys["alice"])
+    wait_ready(daemon, alice)
+    for how, (hook, words) in refused_clients(keys, tmp_path).items():
+        events = plan(250, id_prefix=f"{how}-")
+        publisher = Publisher(daemon.ack, configure=hook, deadline=60.0, ack_timeout=30.0)
+        try:
+            started = time.monotonic()
+            with pytest.raises(DeliveryFailed) as caught:  # an `except DeliveryFailed` still takes it
+                publisher.publish_many(events)
+                publisher.flush(timeout=20)
+            took = time.monotonic() - started
+            assert took < PROMPT_S, (how, took)
+            refused = caught.value
+            assert isinstance(refused, PublisherRefused), (how, refused)
+            assert refused.events == events, how  # every one handed back, in order: nothing lost
+            assert publisher.unacknowledged == 0 and publisher.totals.abandoned == 250
+            message = str(refused)
+            assert message.startswith(f"{daemon.ack} {words}"), (how, message)
+            assert "configure=transport.security.curve_client" in message, message  # what to change
+            if words == HANDSHAKE_FAILED:
+                assert "the server key must be the daemon's" in message, message
+            assert "250 unacknowledged events are in this exception's .events" in message, message
+            assert refused.refusals == {daemon.ack: message[len(daemon.ack) + 1 : message.index(". 250")]}
+            assert str(pickle.loads(pickle.dumps(refused))) == message
+            # Still usable, and told again at once while the daemon still refuses.
+            started = time.monotonic()
+            with pytest.raises(PublisherRefused) as again:
+                publisher.publish_many(refused.events)
+                publisher.flush(timeout=20)
+            assert time.monotonic() - started < PROMPT_S and again.value.events == events
+            # close() flushing says it too, at once, rather than wait out close_timeout.
+            publisher.publish_many(events[:10])
+            started = time.monotonic()
+            with pytest.raises(PublisherRefused) as closing:
+                publisher.close()
+            assert time.monotonic() - started < PROMPT_S and closing.value.events == events[:10]
+        finally:
+            publisher.close(timeout=0, flush=False)
+    # The one the daemon takes gets its events through; none of the refused ones arrived.
+    with Publisher(daemon.ack, configure=alice) as publisher:
+        publisher.publish_many(plan(20, id_prefix="alice-"))
+    assert stats(daemon, alice)["received"] == 20
+
+
+def test_a_publisher_from_config_names_the_config_keys_to_change(
+    daemon_factory: Callable[..., Daemon], keys: dict[str, Path], tmp_path: Path
+) -> None:
+    daemon = curve_daemon(daemon_factory, keys).start(wait=False)
+    wait_ready(daemon, curve_client(keys["server_public"], keys["alice"]))
+    config = tmp_path / "client.toml"
+    config.write_text(
+        f"[ingest]\nbind = '{daemon.ingest}'\nack_bind = '{daemon.ack}'\n"
+        f"[security]\nserver_public_key = '{keys['server_public']}'\nclient_certificate = '{keys['mallory']}'\n"
+    )
+    started = time.monotonic()
+    with pytest.raises(PublisherRefused) as refused, Publisher.from_config(config, deadline=60.0) as publisher:
+        publisher.publish_many(plan(10, id_prefix="cfg-"))
+    assert time.monotonic() - started < PROMPT_S
+    message = str(refused.value)
+    assert f"{daemon.ack} {KEY_REFUSED}: add its public certificate to the daemon's authorized folder" in message
+    assert "([security] authorized_keys) and send SIGHUP" in message, message
+    assert "or point [security] client_certificate at an authorized certificate" in message, message
+    assert len(refused.value.events) == 10
+
+
+def two_daemons(daemon_factory: Callable[..., Daemon], keys: dict[str, Path], tmp_path: Path) -> tuple[Daemon, Daemon]:
+    """Two CURVE daemons with the same server key: the first authorizes alice, the second only bob
+    (its authorized folder is ``tmp_path / "bob-authorized"``)."""
+    made = run_script(
+        "keys.py", "client", "bob", str(tmp_path / "bob"), "--authorize", str(tmp_path / "bob-authorized"), timeout=30
+    )
+    assert made.returncode == 0, made.stderr
+    takes = curve_daemon(daemon_factory, keys).start(wait=False)
+    refuses = daemon_factory(
+        "refuses",
+        security={"curve_secret_key": str(keys["server_secret"]), "authorized_keys": str(tmp_path / "bob-authorized")},
+    ).start(wait=False)
+    wait_ready(takes, curve_client(keys["server_public"], keys["alice"]))
+    wait_ready(refuses, curve_client(keys["server_public"], tmp_path / "bob" / "bob.key_secret"))
+    return takes, refuses
+
+
+def test_a_publisher_to_several_daemons_passes_over_one_that_refuses_until_its_keys_are_put_right(
+    daemon_factory: Callable[..., Daemon], keys: dict[str, Path], tmp_path: Path
+) -> None:
+    """A daemon that refuses the key is passed over at once, and asked again each second: libzmq
+    never connects a socket again after a refused key, so such a daemon stayed passed over for
+    good once its keys were put right."""
+    takes, refuses = two_daemons(daemon_factory, keys, tmp_path)
+    alice = curve_client(keys["server_public"], keys["alice"])
+    events = plan(400, 0.0, 20, 3, "aff-")
+    publisher = Publisher(endpoints=[takes.ack, refuses.ack], configure=alice, deadline=60.0)
+    assert sum(publisher.ranking(event["topic"])[0] == refuses.ack for event in events) > 50
+    try:
+        started = time.monotonic()
+        publisher.publish_many(events)
+        publisher.flush(timeout=20)
+        assert time.monotonic() - started < PROMPT_S
+        assert (publisher.totals.acked_new, publisher.totals.abandoned) == (400, 0), publisher.totals
+        (tmp_path / "bob-authorized" / "alice.key").write_bytes(keys["alice"].with_suffix(".key").read_bytes())
+        assert refuses.proc is not None
+        refuses.proc.send_signal(signal.SIGHUP)
+        eventually(lambda: "reloaded 2 authorized client keys" in refuses.log(), 15, "the keys to be reloaded")
+
+        def back() -> bool:
+            publisher.publish_many(plan(40, 0.0, 20, 3, f"back-{time.monotonic()}-"))
+            publisher.flush(timeout=10)
+            return stats(refuses, alice)["unique_processed"] > 0
+
+        eventually(back, 10, "the daemon whose keys were put right to get its topics back", interval=0.2)
+    finally:
+        publisher.close(timeout=0, flush=False)
