@@ -165,3 +165,28 @@ def test_a_publisher_to_several_daemons_passes_over_one_that_refuses_until_its_k
         eventually(back, 10, "the daemon whose keys were put right to get its topics back", interval=0.2)
     finally:
         publisher.close(timeout=0, flush=False)
+
+
+def test_a_publisher_to_several_daemons_that_all_refuse_says_so_at_once_naming_each(
+    daemon_factory: Callable[..., Daemon], keys: dict[str, Path], tmp_path: Path
+) -> None:
+    takes, refuses = two_daemons(daemon_factory, keys, tmp_path)
+    endpoints = [takes.ack, refuses.ack]
+    events = plan(400, 0.0, 20, 3, "all-")
+    mallory = curve_client(keys["server_public"], keys["mallory"])  # authorized by neither
+    publisher = Publisher(endpoints=endpoints, configure=mallory, deadline=60.0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(DeliveryFailed) as caught:
+            publisher.publish_many(events)
+            publisher.flush(timeout=20)
+        assert time.monotonic() - started < PROMPT_S
+        refused = caught.value
+        assert isinstance(refused, PublisherRefused), refused
+        assert sorted(event["event_id"] for event in refused.events) == sorted(e["event_id"] for e in events)
+        assert set(refused.refusals) == set(endpoints) and publisher.unacknowledged == 0
+        assert str(refused).startswith(
+            f"every daemon refused this publisher's handshake: {takes.ack} and {refuses.ack} {KEY_REFUSED}"
+        ), refused
+    finally:
+        publisher.close(timeout=0, flush=False)

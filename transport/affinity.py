@@ -24,6 +24,13 @@ call or two) to the daemons that are up, as does what waits for a daemon that ha
 handshake for ``failover_after``. Neither can cause a duplicate. Only what was handed over on a
 connection that was up waits for its ``deadline``, as above.
 
+A daemon that refuses this publisher's handshake (its CURVE keys) is down so, and its publisher
+asks it again on a new socket every ``REFUSAL_STANDS_S`` (libzmq never connects a socket again
+once its key was refused), so that it gets its topics back once its keys are put right. When
+every daemon refuses, the call raises :class:`~transport.publisher.PublisherRefused` at once,
+naming each, with every event held: no retry could fare better. (When some only are down, the
+others' refusal is not the whole story, and the ``deadline`` decides as above.)
+
 Order: with one database a topic's ``seq`` is its commit order. While a topic stays on one
 daemon its events are ordered by that daemon's reorder window, as with a single daemon; during
 a fail-over two daemons commit the topic's events in whatever order their commits land.
@@ -46,6 +53,7 @@ from transport.publisher import (
     InvalidEvent,
     Publisher,
     PublisherClosed,
+    PublisherRefused,
     PublishTimeout,
     Totals,
     closed_unacknowledged,
@@ -409,6 +417,8 @@ class AffinePublisher(Publisher):
         """
         now = time.monotonic()
         states = {name: publisher._connection(now) for name, publisher in self._publishers.items()}
+        if self.unacknowledged and all(p._handshakes.refusal is not None for p in self._publishers.values()):
+            raise self._refused_everywhere(now)
         up = [name for name, state in states.items() if state == "up" and self.acknowledging(name)]
         if not up:
             return
@@ -435,6 +445,20 @@ class AffinePublisher(Publisher):
                 len(events),
                 ", ".join(moved),
             )
+
+    def _refused_everywhere(self, now: float) -> PublisherRefused:
+        """Every daemon refuses this publisher's handshake (each on a socket opened within
+        ``REFUSAL_STANDS_S``): a :class:`PublisherRefused` naming each, with every event held."""
+        refusals: dict[str, str] = {}
+        events: list[dict[str, Any]] = []
+        elapsed, attempts = 0.0, 0
+        for publisher in self._publishers.values():
+            refused = publisher._refused(now)
+            refusals.update(refused.refusals)
+            events.extend(refused.events)
+            elapsed, attempts = max(elapsed, refused.elapsed), max(attempts, refused.attempts)
+        self._refresh_totals()
+        return PublisherRefused(refusals, elapsed, attempts, events)
 
     def _reroute(self, failed: DeliveryFailed, endpoint: str) -> None:
         """Send the events a daemon never acknowledged through the others (its publisher gave up).
