@@ -23,6 +23,7 @@ from test_security import keys as keys  # the fixture: a server certificate and 
 from transport.client import QueryClient
 from transport.publisher import DeliveryFailed, Publisher, PublisherRefused
 from transport.security import curve_client
+from transport.subscriber import Subscriber, SubscriberRefused
 from transport.workload import plan
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -190,3 +191,47 @@ def test_a_publisher_to_several_daemons_that_all_refuse_says_so_at_once_naming_e
         ), refused
     finally:
         publisher.close(timeout=0, flush=False)
+
+
+def test_a_subscriber_refused_raises_at_once_instead_of_reconnecting_for_ever(
+    daemon_factory: Callable[..., Daemon], keys: dict[str, Path], tmp_path: Path
+) -> None:
+    daemon = curve_daemon(daemon_factory, keys).start(wait=False)
+    alice = curve_client(keys["server_public"], keys["alice"])
+    wait_ready(daemon, alice)
+    with Publisher(daemon.ack, configure=alice) as publisher:
+        publisher.publish_many(plan(5, 0.0, 1, id_prefix="s-"))
+    for how, (hook, words) in refused_clients(keys, tmp_path).items():
+        with Subscriber(daemon.subscribe, "topic-0", configure=hook, name="reader", timeout=30) as subscriber:
+            started = time.monotonic()
+            with pytest.raises(SubscriberRefused) as refused:
+                subscriber.next_event(timeout=20)
+            assert time.monotonic() - started < PROMPT_S, how
+            message = str(refused.value)
+            assert message.startswith(f"{daemon.subscribe} {words}"), (how, message)
+            assert "configure=transport.security.curve_client" in message, message
+            # Not closed: asked again, it tries again, and is told again.
+            started = time.monotonic()
+            with pytest.raises(SubscriberRefused):
+                subscriber.next_event(timeout=20)
+            assert time.monotonic() - started < PROMPT_S, how
+            # Iterating, as most programs do, ends with it too.
+            with pytest.raises(SubscriberRefused):
+                next(iter(subscriber))
+        assert time.monotonic() - started < 2 * PROMPT_S  # closing did not wait on a daemon that refuses
+
+    # Following, then the daemon comes back with other keys: told within a few seconds.
+    subscriber = Subscriber(daemon.subscribe, "topic-0", configure=alice, timeout=30)
+    try:
+        assert [subscriber.next_event(10)["seq"] for _ in range(5)] == [1, 2, 3, 4, 5]  # type: ignore[index]
+        daemon.terminate()
+        (keys["authorized"] / "alice.key").unlink()
+        daemon.start(wait=False)
+        started = time.monotonic()
+        with pytest.raises(SubscriberRefused, match=KEY_REFUSED.replace("(", r"\(").replace(")", r"\)")):
+            while time.monotonic() - started < 40:
+                subscriber.next_event(timeout=1)
+        assert time.monotonic() - started < 20
+    finally:
+        subscriber.close()
+    assert daemon.terminate() == 0

@@ -505,6 +505,7 @@ class DaemonLink:
             after=after,
             buffer_bytes=SUBSCRIBER_BYTES,
             configure=self._secure,
+            hints=CONFIG_HINTS,
         )
 
     def close(self) -> None:
@@ -1486,6 +1487,8 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
             closed()
             if pump.exhausted:
                 raise link.exhausted("open a subscription to the daemon for the stream")
+            if pump.handshake_refused:  # this gateway's key, not the stream asked for
+                raise GatewayError(503, not_taken(refusal))
             raise GatewayError(400, f"the daemon refused the stream: {refusal}")
 
         async def body() -> AsyncIterator[bytes]:

@@ -36,7 +36,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from transport.descriptors import exhausted_message, out_of_descriptors
-from transport.subscriber import Subscriber, SubscriberError
+from transport.subscriber import Subscriber, SubscriberError, SubscriberRefused
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,8 @@ class StreamPump:
         # Set by the thread before it settles ``_answer`` with a refusal: no descriptor was free
         # for the subscriber's socket, so the refusal is the gateway's, not the daemon's.
         self.exhausted = False
+        # Set likewise when the refusal is of the gateway's handshake (its CURVE key), not of the stream.
+        self.handshake_refused = False
         self._thread = threading.Thread(target=self._run, name="event-stream", daemon=True)
 
     def start(self) -> None:
@@ -228,6 +230,10 @@ class StreamPump:
                     batch, batch_bytes = [], 0  # not held twice while the thread waits for room
                     if not self._put(item, subscriber):
                         return
+        except SubscriberRefused as exc:
+            self.handshake_refused = True
+            self._tell(str(exc))  # naming the endpoint, as the gateway's other refusals do
+            self._hand(("error", str(exc)))
         except SubscriberError as exc:
             self._tell(exc.reason)  # refused before the stream began: the route answers it as an error
             self._hand(("error", str(exc)))

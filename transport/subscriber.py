@@ -17,7 +17,9 @@ has come from the daemon for ``timeout`` seconds, or three of its announced hear
 is longer (or it says it has no subscription for this connection, as after a restart), the
 socket is replaced and the subscription made again after the cursor of the last event handed
 to the application, with backoff between attempts. So the application sees every stored event
-once, in order, across daemon restarts.
+once, in order, across daemon restarts. A daemon that refuses this side's security handshake
+(its CURVE key, the server key, CURVE at one end only) will never answer, so that is not waited
+out: the socket's monitor shows it, and :class:`SubscriberRefused` is raised at once.
 
 A named subscription (``name=``) acknowledges positions: the cursor of the events the
 application has finished with (taken before the next one is asked for), at most every
@@ -49,7 +51,7 @@ import zmq
 
 from transport import arguments
 from transport.backoff import Backoff
-from transport.client import connect
+from transport.client import LIBRARY_HINTS, REFUSAL_EVENTS, HandshakeWatch, KeyHints, connect, unbounded_monitor
 from transport.exclusive import take_held_lock
 from transport.queries import MAX_CURSOR
 from transport.replies import unpack_reply
@@ -99,6 +101,18 @@ class SubscriberError(Exception):
         self.reason = message if reason is None else reason
 
 
+class SubscriberRefused(SubscriberError):
+    """The daemon refused this subscriber's security handshake (its CURVE key not authorized, the
+    wrong server key, CURVE at one end only, or not the subscription port): raised as soon as the
+    socket's monitor shows it, where the subscriber used to reconnect for ever. The message names
+    the endpoint and what to change; ``reason`` is the same without the endpoint.
+
+    The subscriber is not closed: a later call (iterating again, :meth:`Subscriber.next_event`)
+    connects again after a pause, resuming after the last event taken, and raises this again while
+    the daemon still refuses.
+    """
+
+
 class SubscriberInUse(SubscriberError):
     """Another thread is inside a call to this subscriber: one thread iterates it (any may close it)."""
 
@@ -141,7 +155,9 @@ class Subscriber:
     once the application took them all) and lets ZeroMQ queue only ``BOUNDED_RCVHWM`` messages,
     so the rest of the window waits in the daemon (None: only the window bounds it, in events).
     ``reconnects`` counts the times the subscription was made again: on a new connection, or
-    when the daemon had dropped it.
+    when the daemon had dropped it. A daemon that refuses this subscriber's handshake raises
+    :class:`SubscriberRefused`, its words naming where this subscriber's keys are set as ``hints``
+    says (``configure=``, by default).
     """
 
     def __init__(
@@ -159,6 +175,7 @@ class Subscriber:
         ack_interval: float = 0.5,
         configure: Callable[[zmq.Socket[Any]], None] | None = None,
         backoff: Backoff = RECONNECT_BACKOFF,
+        hints: KeyHints = LIBRARY_HINTS,
     ) -> None:
         arguments.text("endpoint", endpoint)
         if topic is not None:
@@ -192,6 +209,10 @@ class Subscriber:
         self.reconnects = 0
         self._context: zmq.Context[Any] = zmq.Context.instance()
         self._socket: zmq.Socket[Any] | None = None
+        # The socket's monitor, and the daemon's verdict on this subscriber's handshakes it told.
+        self._monitor: zmq.Socket[Any] | None = None
+        self._poller: zmq.Poller | None = None
+        self._handshakes = HandshakeWatch(hints)
         self._buffer: collections.deque[dict[str, Any]] = collections.deque()
         self._buffered_bytes = 0  # the size of the messages read since the buffer was last empty
         # The daemon's expired notices, each told once the events that came before it are taken
@@ -343,8 +364,9 @@ class Subscriber:
         """Close, acknowledging ``position`` first (None: nothing) for a named subscriber."""
         if self._closed:
             return
-        if self._forked():  # the parent's socket: neither used nor closed here
-            self._socket = None
+        if self._forked():  # the parent's sockets: neither used nor closed here
+            self._socket = self._monitor = None
+            self._poller = None
             self._closed = True
             self._closed_event.set()
             return
@@ -451,8 +473,15 @@ class Subscriber:
                 time.sleep(min(wait, self._retry_at - now))
                 return
             self._connect()
-        assert self._socket is not None
-        if self._socket.poll(max(0, int(wait * 1000)), zmq.POLLIN):
+        assert self._socket is not None and self._monitor is not None and self._poller is not None
+        ready = dict(self._poller.poll(max(0, int(wait * 1000))))
+        if self._monitor in ready and self._handshakes.read(self._monitor) is not None:
+            # Refused: no answer can come (and after a refused key libzmq never connects the
+            # socket again), so the user is told now rather than left with silence for ever.
+            refusal = self._handshakes.refusal
+            self._reconnect_later()
+            raise SubscriberRefused(f"{self.endpoint} {refusal}", refusal)
+        if self._socket in ready:
             for _ in range(100):
                 try:
                     frame = self._socket.recv(zmq.NOBLOCK)
@@ -487,11 +516,24 @@ class Subscriber:
             sock.setsockopt(zmq.RCVHWM, BOUNDED_RCVHWM)
         if self._configure is not None:
             self._configure(sock)
+        # Attached before connecting, or a quick refusal would go unseen. Unbounded: it is read
+        # only within calls, and a full one would stop every socket of the process-wide context.
+        try:
+            monitor = unbounded_monitor(sock, REFUSAL_EVENTS)
+        except zmq.ZMQError:
+            sock.close(linger=0)
+            raise
         try:
             connect(sock, self.endpoint)
         except ValueError as exc:
+            monitor.close(linger=0)
             raise SubscriberError(str(exc)) from None
         self._socket = sock
+        self._monitor = monitor
+        self._handshakes.forget()
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(monitor, zmq.POLLIN)
         self._subscribed = False
         self._roomy = False  # perhaps another daemon, or the same one with another max_credit
         self._drop_untaken()
@@ -653,6 +695,10 @@ class Subscriber:
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+            self._monitor = None
+        self._poller = None
         self._subscribed = False
         self._drop_untaken()
 

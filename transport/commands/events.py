@@ -22,7 +22,7 @@ from typing import Any
 
 import zmq
 
-from transport.client import QueryClient, QueryClientError
+from transport.client import FLAG_HINTS, QueryClient, QueryClientError
 from transport.commands.client_flags import (
     STOP_SIGNALS,
     add_endpoint_args,
@@ -138,7 +138,7 @@ def _print_events(args: argparse.Namespace, endpoint: str, secure: SocketHook | 
                 # A Subscriber in a with block: Ctrl-C while an event is printed leaves it
                 # unacknowledged (printed or not), while --limit's last event is acknowledged.
                 events = stack.enter_context(
-                    Subscriber(where, args.topic, after=args.after, name=args.name, configure=secure)
+                    Subscriber(where, args.topic, after=args.after, name=args.name, configure=secure, hints=FLAG_HINTS)
                 )
             else:
                 events = client.iter_events(args.topic, args.after or 0, page, on_expired=note_expired)
@@ -164,7 +164,7 @@ def _subscription_answered(args: argparse.Namespace, where: str, secure: SocketH
     """Subscribe as ``--follow`` would and leave once the daemon confirms (0), acknowledging no
     event (only past deleted ones it said are gone, should that notice come meanwhile); the
     refusal raises :class:`SubscriberError`, silence past ``--timeout`` is 1."""
-    subscriber = Subscriber(where, args.topic, after=args.after, name=args.name, configure=secure)
+    subscriber = Subscriber(where, args.topic, after=args.after, name=args.name, configure=secure, hints=FLAG_HINTS)
     try:
         deadline = time.monotonic() + args.timeout
         while not subscriber.subscribed and time.monotonic() < deadline:
