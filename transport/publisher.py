@@ -36,6 +36,9 @@ reply. A resend whose first copy was committed comes back as duplicates: retries
 because the daemon deduplicates by (topic, event_id). When the oldest batch has gone
 ``deadline`` seconds (or ``max_attempts`` sends) without an answer, :class:`DeliveryFailed`
 is raised, carrying every unacknowledged event so the application may keep or resend them.
+A daemon that refuses the publisher's security handshake could never answer, so that is not
+waited out: the socket's monitor shows it, and :class:`PublisherRefused` (a DeliveryFailed,
+carrying the events likewise) is raised at once.
 """
 
 from __future__ import annotations
