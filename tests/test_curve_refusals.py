@@ -8,25 +8,29 @@ refuses it), a server key that is not the daemon's, and no CURVE at all.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import signal
+import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 from harness import Daemon, eventually, run_script
 from test_security import Hook, curve_daemon, wait_ready
 from test_security import keys as keys  # the fixture: a server certificate and clients alice and mallory
 
-from transport.client import QueryClient
+from transport.client import REFUSAL_EVENTS, QueryClient, unbounded_monitor
 from transport.publisher import DeliveryFailed, Publisher, PublisherRefused
 from transport.security import curve_client
 from transport.subscriber import Subscriber, SubscriberRefused
 from transport.workload import plan
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
 
 PROMPT_S = 3.0  # the most a refusal may take to be told, against deadlines of 60 s
 KEY_REFUSED = "refused this client's CURVE key (ZAP status 400)"
@@ -50,6 +54,7 @@ def stats(daemon: Daemon, hook: Hook) -> dict[str, Any]:
         return client.call({"op": "stats"})
 
 
+@pytest.mark.e2e
 def test_an_acknowledged_publisher_refused_says_so_at_once_with_every_event(
     daemon_factory: Callable[..., Daemon], keys: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -98,6 +103,7 @@ def test_an_acknowledged_publisher_refused_says_so_at_once_with_every_event(
     assert stats(daemon, alice)["received"] == 20
 
 
+@pytest.mark.e2e
 def test_a_publisher_from_config_names_the_config_keys_to_change(
     daemon_factory: Callable[..., Daemon], keys: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -136,6 +142,7 @@ def two_daemons(daemon_factory: Callable[..., Daemon], keys: dict[str, Path], tm
     return takes, refuses
 
 
+@pytest.mark.e2e
 def test_a_publisher_to_several_daemons_passes_over_one_that_refuses_until_its_keys_are_put_right(
     daemon_factory: Callable[..., Daemon], keys: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -168,6 +175,7 @@ def test_a_publisher_to_several_daemons_passes_over_one_that_refuses_until_its_k
         publisher.close(timeout=0, flush=False)
 
 
+@pytest.mark.e2e
 def test_a_publisher_to_several_daemons_that_all_refuse_says_so_at_once_naming_each(
     daemon_factory: Callable[..., Daemon], keys: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -193,6 +201,7 @@ def test_a_publisher_to_several_daemons_that_all_refuse_says_so_at_once_naming_e
         publisher.close(timeout=0, flush=False)
 
 
+@pytest.mark.e2e
 def test_a_subscriber_refused_raises_at_once_instead_of_reconnecting_for_ever(
     daemon_factory: Callable[..., Daemon], keys: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -235,3 +244,47 @@ def test_a_subscriber_refused_raises_at_once_instead_of_reconnecting_for_ever(
     finally:
         subscriber.close()
     assert daemon.terminate() == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_subscribers_monitor_left_unread_does_not_stop_the_process_wide_context() -> None:
+    """The subscriber's monitor is on the process-wide context and read only within its calls.
+    A monitor's queue full (about 2 000 events) blocks libzmq's I/O thread, which stops every
+    socket of the context: so its queue has no limit. Here handshakes are cut a thousand times a
+    second while nothing reads the monitor; another pair of sockets must still talk."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(512)
+    server.settimeout(0.2)
+    done = threading.Event()
+
+    def cut() -> None:  # accept and close at once: every ZMTP handshake is cut
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                server.accept()[0].close()
+
+    cutter = threading.Thread(target=cut, daemon=True)
+    cutter.start()
+    context = zmq.Context.instance()
+    watched = context.socket(zmq.DEALER)
+    watched.setsockopt(zmq.RECONNECT_IVL, 1)
+    monitor = unbounded_monitor(watched, REFUSAL_EVENTS)
+    a, b = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
+    try:
+        watched.connect(f"tcp://127.0.0.1:{server.getsockname()[1]}")
+        time.sleep(5)  # thousands of cut handshakes, none read
+        port = a.bind_to_random_port("tcp://127.0.0.1")
+        b.connect(f"tcp://127.0.0.1:{port}")
+        b.send(b"still talking")
+        assert a.poll(5000), "the context's I/O thread is stuck"
+        unread = 0
+        while monitor.poll(0):
+            monitor.recv_multipart()
+            unread += 1
+        assert unread > 2500, unread  # past where a bounded monitor's queue would have filled
+    finally:
+        done.set()
+        for sock in (a, b, monitor, watched):
+            sock.close(linger=0)
+        cutter.join(5)
+        server.close()
