@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             " with no time limit; nothing to do"
         )
         return 0
-    from actors.pg_session import connect, load_psycopg, one_line, set_statement_timeout
+    from actors.pg_grants import COPY_NEEDS, RUNNING_NEEDS, denied
+    from actors.pg_session import connect, describe_dsn, load_psycopg, one_line, set_statement_timeout
     from actors.postgres import SCHEMA_VERSION, MigrationTooLong, migrate, schema_version
     from actors.sqlite_import import CopyRefused, check_source, copy_sqlite
 
@@ -93,7 +94,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         set_statement_timeout(conn, int(args.timeout * 1000))
         before = schema_version(conn)
-        migrate(conn, f"{config.storage_node} (eventagg migrate)", budget_s=args.timeout)
+        migrate(
+            conn,
+            f"{config.storage_node} (eventagg migrate)",
+            budget_s=args.timeout,
+            where=describe_dsn(config.storage.dsn),
+        )
         copied = None if args.from_sqlite is None else copy_sqlite(args.from_sqlite, conn, config.storage_node)
     except MigrationTooLong:
         print(
@@ -111,7 +117,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except sqlite3.Error as exc:  # reading the SQLite file, after it opened
         print(f"migrate: reading {args.from_sqlite}: {exc}; nothing was copied", file=sys.stderr)
         return 1
-    except load_psycopg().Error as exc:  # e.g. a role that may not alter the tables
+    except load_psycopg().errors.InsufficientPrivilege as exc:  # the copy's (the migrations' are StorageErrors)
+        said = denied(conn, exc, RUNNING_NEEDS if args.from_sqlite is None else COPY_NEEDS)
+        print(f"migrate: {said}; {under_way} was rolled back", file=sys.stderr)
+        return 1
+    except load_psycopg().Error as exc:
         print(f"migrate: {one_line(exc)}; {under_way} was rolled back", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

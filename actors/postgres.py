@@ -39,6 +39,7 @@ database made by a newer version is refused.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -57,6 +58,7 @@ from actors.event_sources import Claim
 from actors.fingerprint import fingerprint
 from actors.messages import AckTicket, ClassifyResult, Ping, PositionsSaved, SaveConsumerPositions, Tick, WriteBatch
 from actors.migrations import UNSTICK_TOPICS_AT_1970
+from actors.pg_grants import PrivilegeMissing, cannot_create, cannot_migrate, denied, refuse_if_lacking
 from actors.pg_session import (
     CONNECT_TIMEOUT_S,
     connect,
@@ -390,37 +392,22 @@ def schema_version(conn: psycopg.Connection[Any]) -> int:
     return int(row[0]) if row else 0
 
 
-def _warn_of_missing_sequence_privilege(conn: psycopg.Connection[Any]) -> None:
-    """Say at start, naming the GRANT, when this role cannot take named consumers.
-
-    A role given only the tables' privileges (``GRANT ... ON ALL TABLES`` leaves sequences out)
-    runs the daemon, but every named subscriber is refused, again and again, with PostgreSQL's
-    "permission denied for sequence": a daemon without named consumers still works, so this is
-    said rather than refused.
-    """
-    row = conn.execute("SELECT has_sequence_privilege('consumer_claim_numbers', 'USAGE'), current_user").fetchone()
-    if row is not None and not row[0]:
-        log.warning(
-            "PostgreSQL role %s lacks USAGE on the sequence consumer_claim_numbers, so every named consumer will be"
-            " refused; as the tables' owner: GRANT USAGE ON SEQUENCE consumer_claim_numbers TO %s",
-            row[1],
-            row[1],
-        )
-
-
 def migrate(
     conn: psycopg.Connection[Any],
     node: str,
     lock_wait_s: float = MIGRATION_LOCK_WAIT_S,
     budget_s: float = MIGRATION_BUDGET_S,
+    where: str = "the database",
 ) -> int:
     """Create or migrate the schema under an advisory lock; the version it is at.
 
     Raises :class:`StorageError` for a database made by a newer eventagg, when another session
     holds the lock for over ``lock_wait_s``, or when the migrations take over ``budget_s`` (the
-    one under way is rolled back; the message names ``eventagg migrate``, which has time). A
-    database already at this version is only read, so a role without CREATE on the schema can run
-    the daemon once its owner has migrated it.
+    one under way is rolled back; the message names ``eventagg migrate``, which has time); and
+    :class:`StorageRefused` naming what to do when the role may not read the version (``where``
+    names the database), create the tables, or alter them (only their owner may). A database
+    already at this version is only read, so a role without CREATE on the schema can run the
+    daemon once its owner has migrated it.
     """
     waited_until = time.monotonic() + lock_wait_s
     told = False
@@ -437,14 +424,24 @@ def migrate(
                 f" classid = {high} AND objid = {low})"
             )
         time.sleep(MIGRATION_LOCK_POLL_S)
+    errors = load_psycopg().errors
     try:
         (table,) = conn.execute("SELECT to_regclass('eventagg_schema')").fetchone() or (None,)
         if table is None:
-            conn.execute(
-                "CREATE TABLE eventagg_schema ("
-                " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now(), applied_by text NOT NULL)"
-            )
-        version = schema_version(conn)
+            # Not seen: a new database, or a schema holding the tables that this role may not use.
+            refuse_if_lacking(conn, where)
+            try:
+                conn.execute(
+                    "CREATE TABLE eventagg_schema (version integer PRIMARY KEY,"
+                    " applied_at timestamptz NOT NULL DEFAULT now(), applied_by text NOT NULL)"
+                )
+            except (errors.InsufficientPrivilege, errors.InvalidSchemaName) as exc:
+                raise StorageRefused(cannot_create(conn, exc)) from None
+        try:
+            version = schema_version(conn)
+        except errors.InsufficientPrivilege as exc:
+            refuse_if_lacking(conn, where)  # names every privilege the role lacks
+            raise PrivilegeMissing(denied(conn, exc)) from None
         if version > SCHEMA_VERSION:
             raise StorageRefused(
                 f"the database's schema is version {version}, made by a newer eventagg; this one knows "
@@ -460,7 +457,6 @@ def migrate(
                 ", ".join(others),
             )
         deadline = time.monotonic() + budget_s
-        errors = load_psycopg().errors
         for target in range(version + 1, SCHEMA_VERSION + 1):
             try:
                 with conn.transaction():
@@ -471,6 +467,8 @@ def migrate(
                     conn.execute(f"SET LOCAL statement_timeout = {left_ms}")
                     conn.execute(MIGRATIONS[target - 1])
                     conn.execute("INSERT INTO eventagg_schema (version, applied_by) VALUES (%s, %s)", (target, node))
+            except errors.InsufficientPrivilege as exc:  # altering a table takes its owner
+                raise StorageRefused(cannot_migrate(conn, exc, target)) from None
             except errors.LockNotAvailable:
                 holders = _open_transactions(conn)
                 raise StorageError(
@@ -528,9 +526,11 @@ class PostgresStore:
     def open(self) -> dict[str, int]:
         """Connect, migrate, claim this node's row; this node's committed counters."""
         conn = self._connection(NODE_LOCK_WAIT_S)
-        migrate(conn, self.node)
+        migrate(conn, self.node, where=self.where)
+        # Every privilege the daemon will use, at once: refused now with all of them named, not
+        # one at a time as writes, sweeps, queries and named consumers come to need them.
+        refuse_if_lacking(conn, self.where)
         conn.execute("INSERT INTO nodes (node) VALUES (%s) ON CONFLICT DO NOTHING", (self.node,))
-        _warn_of_missing_sequence_privilege(conn)
         self._running_timeout_ms = running_statement_timeout_ms()
         set_statement_timeout(conn, self._running_timeout_ms)
         return self.counters()
@@ -591,6 +591,15 @@ class PostgresStore:
                 )
             time.sleep(0.2)
 
+    @contextlib.contextmanager
+    def _naming_privileges(self) -> Iterator[None]:
+        """PostgreSQL's refusal for want of a privilege, raised as :class:`PrivilegeMissing` naming
+        the role, what it lacks and the GRANTs (looked up once the failed statement is rolled back)."""
+        try:
+            yield
+        except load_psycopg().errors.InsufficientPrivilege as exc:
+            raise PrivilegeMissing(denied(self._conn, exc)) from None
+
     def counters(self) -> dict[str, int]:
         """This node's committed counters (and remembers its last transaction serial)."""
         names = ", ".join(NODE_COUNTERS)
@@ -611,7 +620,8 @@ class PostgresStore:
         """:meth:`existing_keys`, and for keys found in ``events`` their stored (timestamp, source,
         payload hex), the hex None past ``CONTENT_BACK_BYTES`` (as SQLite's lookup answers: the
         ordering actor settles an exact re-send with it; a deleted key's record has all None)."""
-        contents = self._found(keys, with_content=True)
+        with self._naming_privileges():
+            contents = self._found(keys, with_content=True)
         return set(contents), contents
 
     def _found(self, keys: Sequence[tuple[str, str]], *, with_content: bool) -> StoredContents:
@@ -646,11 +656,12 @@ class PostgresStore:
         wanted = list(topics)
         states = dict.fromkeys(wanted, TopicState(0, NO_TIMESTAMP))
         if wanted:
-            rows = (
-                self._connection()
-                .execute("SELECT topic, last_seq, last_ts_ns FROM topics WHERE topic = ANY(%s)", (wanted,))
-                .fetchall()
-            )
+            with self._naming_privileges():
+                rows = (
+                    self._connection()
+                    .execute("SELECT topic, last_seq, last_ts_ns FROM topics WHERE topic = ANY(%s)", (wanted,))
+                    .fetchall()
+                )
             for topic, last_seq, last_ts_ns in rows:
                 states[topic] = TopicState(int(last_seq), int(last_ts_ns))
         return states
@@ -668,9 +679,20 @@ class PostgresStore:
         ``totals`` what they counted (received, duplicates, late; rejected); ``duplicates`` the
         events they found duplicates, compared (with the rows settled as duplicates here) with
         their originals for conflicting content. Raises a psycopg
-        error or :class:`StorageError` when nothing (knowably) committed: call again with the
-        same group, which is then safe whatever happened.
+        error or :class:`StorageError` (:class:`PrivilegeMissing` when the role lacks a privilege)
+        when nothing (knowably) committed: call again with the same group, which is then safe
+        whatever happened.
         """
+        with self._naming_privileges():
+            return self._write(rows, topics, totals, duplicates)
+
+    def _write(
+        self,
+        rows: Sequence[Row],
+        topics: dict[str, TopicDelta],
+        totals: dict[str, int],
+        duplicates: Sequence[Content],
+    ) -> GroupOutcome:
         pg = load_psycopg()
         serial = self._last_txn + 1
         if self._unknown is not None:
@@ -1041,6 +1063,9 @@ class PostgresStore:
         try:
             return work(conn)
         except pg.Error as exc:
+            if isinstance(exc, pg.errors.InsufficientPrivilege):
+                # Looked up on the connection that was refused, which stays usable.
+                raise PrivilegeMissing(f"{self.where}: {denied(conn, exc)}") from None
             if conn.closed or conn.broken:
                 conn.close()
                 self._conn = None
@@ -1059,6 +1084,16 @@ class PostgresStore:
         """
         kept = {name: value for name, value in sorted(positions.items()) if value is not None}
         forgotten = sorted(name for name, value in positions.items() if value is None)
+        with self._naming_privileges():
+            return self._save_consumer_positions(kept, forgotten, claims, at)
+
+    def _save_consumer_positions(
+        self,
+        kept: dict[str, tuple[str | None, int]],
+        forgotten: list[str],
+        claims: Mapping[str, Claim],
+        at: float,
+    ) -> set[str]:
         done: set[str] = set()
         conn = self._connection()
         if forgotten:
@@ -1087,7 +1122,7 @@ class PostgresStore:
                 ),
             ).fetchall()
             done.update(row[0] for row in rows)
-        return set(positions) - done
+        return (set(kept) | set(forgotten)) - done
 
     def keep_session(self) -> None:
         """Make sure the writer's session, and with it this node's lock, is alive: a session a
@@ -1175,6 +1210,8 @@ class PostgresReader:
             try:
                 rows: list[tuple[Any, ...]] = conn.execute(sql, params).fetchall()
                 return rows
+            except pg.errors.InsufficientPrivilege as exc:
+                raise PrivilegeMissing(f"{self.where}: {denied(conn, exc)}") from None
             except pg.OperationalError as exc:
                 if isinstance(exc, no_answer_error()):  # hung: a new connection would hang as well
                     self._troubled_at = time.monotonic()
@@ -1421,7 +1458,11 @@ class PostgresEventSource:
         conn = self._connection()
         try:
             return conn.execute(sql, params).fetchall()
-        except BaseException:
+        except BaseException as exc:
+            named = None
+            if isinstance(exc, load_psycopg().errors.InsufficientPrivilege):
+                # Looked up on the connection that was refused: subscribers and the log say what to grant.
+                named = PrivilegeMissing(f"{self.where}: {denied(conn, exc)}")
             if conn.closed or conn.broken:
                 # Lost (a hung server is given up on this way): neither the next read, maybe in
                 # the same pass over the subscriptions, nor the LISTEN connection (made only
@@ -1429,6 +1470,8 @@ class PostgresEventSource:
                 conn.close()
                 self._conn = None
                 self._retry_connect = time.monotonic() + RECONNECT_PAUSE_S
+            if named is not None:
+                raise named from None
             raise
 
     def head(self) -> int:
@@ -1766,7 +1809,10 @@ class PostgresDedupActor(DedupActor):
         delay = STORAGE_RETRY.delay(self._failures)
         self._failures += 1
         self._retry_at = time.monotonic() + delay
-        message = f"storage {self._pg.where} is unavailable: {one_line(exc)}"
+        if isinstance(exc, PrivilegeMissing):  # a GRANT mends it: the next retry commits what is held
+            message = f"storage {self._pg.where} refuses this daemon's writes: {exc}"
+        else:
+            message = f"storage {self._pg.where} is unavailable: {one_line(exc)}"
         if self._failures == 1 or self._failures % 20 == 0:
             log.error(
                 "writing the %d events held to %s failed (%s); none of them is acknowledged; retrying %s",
