@@ -1,20 +1,24 @@
-"""Rendezvous hashing of topics to daemons, the PostgreSQL config keys and the storage status line."""
+"""Rendezvous hashing of topics to daemons, the PostgreSQL config keys, the storage status line, and
+how a publisher to several daemons counts and resends what a daemon that went down held."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 from harness import Daemon
-from test_publisher import on_alarm, stopped
+from test_publisher import nowhere, on_alarm, stopped
 
 from actors.watchdog import Snapshot, status_line
 from transport.affinity import rendezvous_order
+from transport.backoff import Backoff
 from transport.config import ConfigError, expand_environment, parse_config
-from transport.publisher import BatchResult, Publisher, PublisherClosed
-from transport.workload import make_event
+from transport.publisher import BatchResult, DeliveryFailed, Publisher, PublisherClosed
+from transport.workload import make_event, plan
 
 ENDPOINTS = ["tcp://a:5557", "tcp://b:5557", "tcp://c:5557"]
 
@@ -151,3 +155,97 @@ def test_an_on_ack_failure_in_an_affine_close_still_settles_everything_then_rais
     assert affine.held_events() == [] and affine.totals.acked_new == 20
     assert sum(result.size for result in seen) == 20, seen
     assert not any(publisher._finalizer.alive for publisher in affine._publishers.values())
+
+
+# Every retry pause of the tests below. A publisher that closed its socket for a pause found a
+# daemon back meanwhile only when the pause ended; one that keeps it open sends what it held
+# within ZeroMQ's reconnect interval (0.1 to 0.2 s) of the daemon listening again. A quarter of
+# the pause is the margin, for a loaded machine.
+PAUSE_S = 6.0
+PAUSES = Backoff(base=PAUSE_S, cap=PAUSE_S, jitter=0.0)
+
+
+@contextlib.contextmanager
+def starting(daemon: Daemon) -> Iterator[list[float]]:
+    """Start ``daemon`` on another thread during the block, whose thread stays in the publisher's
+    calls; the list gets the moment the daemon was ready (filled by the end of the block)."""
+    ready: list[float] = []
+    failures: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            daemon.start()
+            ready.append(time.monotonic())
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    try:
+        yield ready
+    finally:
+        thread.join(60)
+    assert not failures and ready, failures
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(60)
+def test_what_waits_for_daemons_that_are_down_is_no_retry_and_goes_as_soon_as_one_is_back(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """Every daemon stopped: what is published then is held, never sent. Each ack_timeout counted
+    it as a retry (totals.retries, on_retry) and closed the socket for a retry pause, so a daemon
+    started again got it only when that pause ended."""
+    back, other = daemon_factory("back").start(), daemon_factory("other").start()
+    endpoints = [back.ack, other.ack]
+    retried: list[int] = []
+    publisher = Publisher(
+        endpoints=endpoints,
+        batch_size=10,
+        ack_timeout=0.2,
+        deadline=40.0,
+        backoff=PAUSES,
+        on_retry=lambda attempt, pause: retried.append(attempt),
+    )
+    warm_up, events = plan(20, 0.0, 20, 15, "wu"), plan(200, 0.0, 20, 16, "dn")
+    try:
+        publisher.publish_many(warm_up)
+        publisher.flush(timeout=10)  # both answered: their connections are up
+        back.terminate()
+        other.terminate()
+        publisher.publish_many(events)
+        assert publisher.poll(0.6) == 200  # three ack_timeouts, and nothing could be sent
+        with starting(back) as ready:  # only one comes back: it takes the other's topics too
+            publisher.flush(timeout=30)
+            done = time.monotonic()
+    finally:
+        publisher.close(timeout=0, flush=False)
+    assert done - ready[0] < PAUSE_S / 4, done - ready[0]
+    totals = publisher.totals
+    assert (totals.sent, totals.acked_new, totals.acked_duplicate, totals.abandoned) == (220, 220, 0, 0), totals
+    assert (totals.retries, retried) == (0, []), totals  # nothing was sent twice
+    assert (
+        back.wait_stats(
+            unique_processed=200 + sum(rendezvous_order(event["topic"], endpoints)[0] == back.ack for event in warm_up)
+        )["duplicate_dropped"]
+        == 0
+    )
+
+
+@pytest.mark.timeout(30)
+def test_max_attempts_counts_sends_not_the_time_a_daemon_down_made_a_batch_wait() -> None:
+    """A publisher that watches its connection sends nothing while the daemon is down, so no attempt
+    fails: max_attempts=1 gave up at the first ack_timeout all the same; the deadline decides."""
+    retried: list[int] = []
+    publisher = Publisher(
+        endpoints=[nowhere()], ack_timeout=0.1, deadline=1.0, max_attempts=1, on_retry=lambda a, p: retried.append(a)
+    )
+    try:
+        publisher.publish(make_event(0, 1, "ma"))
+        with pytest.raises(DeliveryFailed) as failed:
+            publisher.flush(timeout=10)
+    finally:
+        publisher.close(timeout=0, flush=False)
+    assert 1.0 <= failed.value.elapsed < 1.6, failed.value.elapsed
+    assert failed.value.attempts == 0 and "never sent" in str(failed.value), str(failed.value)
+    assert (publisher.totals.retries, retried) == (0, [])

@@ -24,6 +24,12 @@ call or two) to the daemons that are up, as does what waits for a daemon that ha
 handshake for ``failover_after``. Neither can cause a duplicate. Only what was handed over on a
 connection that was up waits for its ``deadline``, as above.
 
+Holding a batch for a daemon that is down is no attempt: no ``ack_timeout`` runs for it, and
+``totals.retries``, ``on_retry`` and ``max_attempts`` count none (only its ``deadline`` runs).
+The publisher keeps its socket open meanwhile, ZeroMQ reconnecting every 0.1 to 0.2 s, so when
+every daemon is down what it holds goes within that of one listening again (a socket closed for
+a retry pause would find it only when the pause ended).
+
 A daemon that refuses this publisher's handshake (its CURVE keys) is down so, and its publisher
 asks it again on a new socket every ``REFUSAL_STANDS_S`` (libzmq never connects a socket again
 once its key was refused), so that it gets its topics back once its keys are put right. When
@@ -84,7 +90,8 @@ MAX_PASS_OVER = 8
 
 class _DaemonPublisher(Publisher):
     """One daemon's publisher: it watches its connection, so that batches that never reached the
-    daemon can go to another (see :meth:`AffinePublisher._move_unsent`)."""
+    daemon can go to another (see :meth:`AffinePublisher._move_unsent`), holding them while it is
+    down costs no attempt, and they go as soon as it is back (see the module docstring)."""
 
     _watches_connection = True
 

@@ -28,14 +28,24 @@ path and has no acknowledgement: frames queued in either process when the daemon
 ``{"batch": id, "events": [...]}`` and keeps its events until the daemon answers, which it does
 only after the batch is committed. At most ``window`` batches are in flight; a publish that
 needs a slot waits (back-pressure), so memory stays bounded by ``window × batch_size`` events.
-When the oldest batch goes ``ack_timeout`` without an answer, the publisher runs the zguide's
-"Lazy Pirate" recovery: close the socket with linger 0, pause (exponential backoff with full
-jitter), open a new socket and resend every unacknowledged batch with its same id. Replies meant
-for the old socket can never arrive on the new one, so each batch is settled by exactly one
-reply. A resend whose first copy was committed comes back as duplicates: retries are safe
-because the daemon deduplicates by (topic, event_id). When the oldest batch has gone
-``deadline`` seconds (or ``max_attempts`` sends) without an answer, :class:`DeliveryFailed`
-is raised, carrying every unacknowledged event so the application may keep or resend them.
+When the oldest batch handed to the socket goes ``ack_timeout`` without an answer, the publisher
+runs the zguide's "Lazy Pirate" recovery: close the socket with linger 0, pause (exponential
+backoff with full jitter), open a new socket and resend every unacknowledged batch with its same
+id. Replies meant for the old socket can never arrive on the new one, so each batch is settled by
+exactly one reply. A resend whose first copy was committed comes back as duplicates: retries are
+safe because the daemon deduplicates by (topic, event_id). When the oldest batch has gone
+``deadline`` seconds without an answer, or ``max_attempts`` attempts for it got none,
+:class:`DeliveryFailed` is raised, carrying every unacknowledged event so the application may
+keep or resend them.
+
+An attempt is a batch handed to a socket (to ZeroMQ), and a retry one handed over again: that is
+what ``totals.retries``, ``on_retry`` and ``max_attempts`` count. A publisher to one daemon hands
+every batch over at once (ZeroMQ holds it until a connection takes it). The daemons' publishers
+of :mod:`transport.affinity` watch their connection and hand a batch over only while a handshake
+holds: one held while the daemon is down makes no attempt, and no ``ack_timeout`` runs for it.
+Their socket stays open meanwhile (ZeroMQ reconnects every 0.1 to 0.2 s), so what they hold
+goes as soon as the daemon is back.
+
 A daemon that refuses the publisher's security handshake could never answer, so that is not
 waited out: the socket's monitor shows it, and :class:`PublisherRefused` (a DeliveryFailed,
 carrying the events likewise) is raised at once.
@@ -146,8 +156,10 @@ class DeliveryFailed(PublisherError):
     @property
     def reason(self) -> str:
         """What went wrong and what to check, without what the exception holds (for a command's user)."""
+        # No attempt: a publisher that watches its connection found it down all along.
+        tries = f"{self.attempts} attempts" if self.attempts else "never sent: no connection to it was up"
         return (
-            f"no acknowledgement from {self.endpoint} for {self.elapsed:.1f} s ({self.attempts} attempts): is the "
+            f"no acknowledgement from {self.endpoint} for {self.elapsed:.1f} s ({tries}): is the "
             "daemon running, is this its acknowledged endpoint ([ingest] ack_bind), do its CURVE settings and "
             "this publisher's agree, and can it commit (a full disk or a storage outage holds every acknowledgement: "
             "`eventagg health` says)?"
@@ -279,7 +291,13 @@ class BatchResult:
 
 @dataclass(slots=True)
 class Totals:
-    """Running counts of one publisher, in events (``retries`` counts Lazy Pirate recoveries)."""
+    """Running counts of one publisher: in events, but ``batches_acked`` and ``retries``, in batches.
+
+    ``retries`` counts the batches sent again after a send whose answer did not come (each time
+    one is handed to a socket after the first). A batch held while its daemon is down is not
+    retried until it is sent: a publisher to one daemon hands every batch to ZeroMQ at once, one
+    to several only while the connection is up (see :mod:`transport.affinity`).
+    """
 
     sent: int = 0
     acked_new: int = 0
@@ -299,10 +317,12 @@ class Totals:
 class _Batch:
     """A batch waiting for its acknowledgement.
 
-    ``queued``: handed to the current socket. ``left``: handed to ZeroMQ at least once while the
-    connection was up, so the daemon may have it (a publisher that watches its connection hands
-    a batch over only then; see :attr:`Publisher._watches_connection`). A batch that never left
-    can go to another daemon without a duplicate.
+    ``first_sent``: when it was made (its ``deadline`` counts from then). ``sent_at``: when it was
+    last handed to a socket (its ``ack_timeout`` counts from then). ``attempts``: how many times
+    it was handed to a socket (to ZeroMQ); a publisher that watches its connection hands a batch
+    over only while a handshake with the daemon holds (see :attr:`Publisher._watches_connection`),
+    so a batch held while the daemon is down makes no attempt. ``queued``: handed to the current
+    socket (the batches queued are always the oldest ones, in order).
     """
 
     batch_id: int
@@ -310,9 +330,14 @@ class _Batch:
     frame: bytes
     first_sent: float
     sent_at: float
-    attempts: int = 1
+    attempts: int = 0
     queued: bool = False
-    left: bool = False
+
+    @property
+    def left(self) -> bool:
+        """Handed to ZeroMQ at least once, so the daemon may have it; one that never left can go to
+        another daemon without a duplicate."""
+        return self.attempts > 0
 
 
 _P = ParamSpec("_P")
@@ -492,10 +517,12 @@ class Publisher:
         batch_size: most events per batch.
         linger: seconds a partial batch may wait for more events before a call sends it.
         window: most acknowledged batches in flight at once (back-pressure beyond it).
-        ack_timeout: seconds to wait for a batch's acknowledgement before the Lazy Pirate retry.
+        ack_timeout: seconds to wait for the acknowledgement of a batch handed to the socket
+            before the Lazy Pirate retry.
         deadline: give up (:class:`DeliveryFailed`) when the oldest batch has gone this many
-            seconds unacknowledged; None for no time limit.
-        max_attempts: give up when the oldest batch was sent this many times; None for no limit.
+            seconds unacknowledged (from its making, sent or not); None for no time limit.
+        max_attempts: give up when this many attempts for the oldest batch got no answer (an
+            attempt: a send that reached a socket; see the module docstring); None for no limit.
         backoff: the pauses between retries.
         block_timeout: the default timeout of :meth:`publish` when it waits for room; None
             waits as long as retries go on.
@@ -508,7 +535,9 @@ class Publisher:
         hints: where this publisher's keys are set, as :class:`PublisherRefused` names them
             (``from_config`` names the config file's ``[security]`` keys).
         on_ack: called with each :class:`BatchResult`.
-        on_retry: called before each retry pause with (attempt number, pause in seconds).
+        on_retry: called when an attempt got no answer (its ``ack_timeout`` passed), before the
+            pause, with (the number of failed attempts, the pause in seconds). A batch never sent
+            makes no attempt.
         keep_results: how many recent :class:`BatchResult` to keep in :attr:`results`.
         endpoints: several daemons sharing one database instead of ``endpoint``: each topic goes
             to one of them by rendezvous hashing (see :mod:`transport.affinity`).
@@ -517,8 +546,10 @@ class Publisher:
     # True for the daemons' publishers of transport.affinity: read the socket's monitor, and hand
     # a batch to ZeroMQ only while a handshake with the daemon holds. A batch that never left can
     # then go to another daemon when this one is down, with no copy left behind to arrive later
-    # (ZeroMQ would deliver what it queued once the daemon came back). A lone publisher has
-    # nowhere else to send, so it queues at once and spares the monitor's descriptors.
+    # (ZeroMQ would deliver what it queued once the daemon came back), and a daemon down costs no
+    # attempt. A lone publisher has nowhere else to send, so it queues at once (its monitor tells
+    # only of refused handshakes): an attempt for it is a batch handed to ZeroMQ, which may hold
+    # it until the daemon comes; its Lazy Pirate pauses find that daemon again.
     _watches_connection = False
 
     def __new__(cls, *args: Any, endpoints: Sequence[str] | None = None, **options: Any) -> Publisher:
@@ -1156,7 +1187,11 @@ class Publisher:
 
     def _transmit(self, batch: _Batch, now: float) -> None:
         """Queue the batch on the socket, or hold it until the connection is up (watching
-        publishers) or the socket reopens; :meth:`_release_held` sends what is held."""
+        publishers) or the socket reopens; :meth:`_release_held` sends what is held.
+
+        A batch handed to a socket once before is a retry (its answer did not come): counted here,
+        when it is sent again, not when the socket closed or reopened (a daemon that is down may
+        never get it again, and holding it for the daemon is no attempt)."""
         if self._socket is None or not self._up:
             self._held = True
             return
@@ -1165,7 +1200,10 @@ class Publisher:
         except zmq.Again:
             self._held = True  # not queued (the queue is full): tried again on the next call
             return
-        batch.queued = batch.left = True
+        if batch.attempts:
+            self.totals.retries += 1
+        batch.attempts += 1
+        batch.queued = True
         batch.sent_at = now
 
     def _release_held(self, now: float) -> None:
@@ -1234,15 +1272,21 @@ class Publisher:
             # At the deadline itself, not at the end of the last attempt's ack_timeout (up to
             # ack_timeout later), and whether or not a retry's pause is running.
             self._count_against_budget(oldest)
-            if self._socket is not None:  # an attempt was waiting for its answer: it failed too
-                self._budget.fail()
+            if self._socket is not None:
+                if oldest.queued:  # an attempt was waiting for its answer: it failed too
+                    self._budget.fail()
                 self._drop_socket()
             raise self._abandon()
         if self._socket is None:
             if self._retry_at is not None and now >= self._retry_at:
                 self._reopen(now)
-        elif oldest is not None and now - oldest.sent_at >= self.ack_timeout:
-            self._give_up_or_pause(oldest, now)
+        elif oldest is not None and oldest.queued:
+            # Only a batch handed to this socket waits for an answer on it (those queued are the
+            # oldest): one held while the connection is down waits for the connection, which
+            # ZeroMQ tries again every 0.1 to 0.2 s. Closing the socket for a retry pause would
+            # only make a daemon back wait for the pause's end.
+            if now - oldest.sent_at >= self.ack_timeout:
+                self._give_up_or_pause(oldest, now)
         if self._pending.events and (
             now - self._pending.since >= self.linger or len(self._pending.events) >= self.batch_size
         ):
@@ -1345,12 +1389,10 @@ class Publisher:
             self._budget_batch = oldest.batch_id
 
     def _reopen(self, now: float) -> None:
+        """A new socket; every batch in flight waits for it (sent at once, or, watching, once it is up)."""
         self._socket = self._open()
         self._retry_at = None
-        self.totals.retries += 1
         for batch in self._in_flight.values():
-            batch.sent_at = now
-            batch.attempts += 1
             batch.queued = False
         self._held = bool(self._in_flight)
         self._release_held(now)
@@ -1404,10 +1446,13 @@ class Publisher:
             if end is not None and now >= end:
                 return False
             wake = now + 0.5
+            oldest = next(iter(self._in_flight.values()), None)
             if self._retry_at is not None:
                 wake = min(wake, self._retry_at)
-            elif self._in_flight:
-                wake = min(wake, next(iter(self._in_flight.values())).sent_at + self.ack_timeout)
+            elif oldest is not None and oldest.queued:  # (one held waits for the monitor's news)
+                wake = min(wake, oldest.sent_at + self.ack_timeout)
+            if oldest is not None and self.deadline is not None:
+                wake = min(wake, oldest.first_sent + self.deadline)
             if self._pending.events and not (self.acked and len(self._in_flight) >= self.window):
                 # (With the window full, a pending batch cannot leave before an ack comes, which
                 # the poll below wakes for; waking for its linger would only spin.)
