@@ -4,6 +4,8 @@ how a publisher to several daemons counts and resends what a daemon that went do
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
 import threading
 import time
@@ -230,6 +232,50 @@ def test_what_waits_for_daemons_that_are_down_is_no_retry_and_goes_as_soon_as_on
         )["duplicate_dropped"]
         == 0
     )
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(60)
+def test_a_batch_lost_with_its_connection_is_resent_as_soon_as_the_daemon_is_back_and_is_the_one_retry(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """A batch sent, then its daemon killed before reading it: the cut connection says no answer
+    can come on it, so the batch goes again as soon as the daemon is back (it waited out its
+    ack_timeout, then a retry pause with the socket closed). That resend is the only retry: the
+    batches published while the daemon was down were sent once, when it was back."""
+    daemon = daemon_factory("flapping").start()
+    pauses: list[float] = []
+    publisher = Publisher(
+        endpoints=[daemon.ack],
+        batch_size=10,
+        ack_timeout=1.0,
+        deadline=40.0,
+        backoff=PAUSES,
+        on_retry=lambda attempt, pause: pauses.append(pause),
+    )
+    events = plan(30, 0.0, 3, 17, "cut")
+    try:
+        publisher.publish(make_event(0, 1, "wu"))
+        publisher.flush(timeout=10)  # batch 1: the connection is up
+        assert daemon.proc is not None
+        os.kill(daemon.proc.pid, signal.SIGSTOP)  # batch 2 reaches its kernel, never the daemon
+        publisher.publish_many(events[:10])
+        publisher.poll(0.1)
+        assert publisher.in_flight == 1
+        daemon.kill()
+        publisher.poll(0.3)  # sees the connection cut
+        publisher.publish_many(events[10:])  # batches 3 and 4: held, the connection is down
+        publisher.poll(1.5)  # past batch 2's ack_timeout
+        with starting(daemon) as ready:
+            publisher.flush(timeout=30)
+            done = time.monotonic()
+    finally:
+        publisher.close(timeout=0, flush=False)
+    assert done - ready[0] < PAUSE_S / 4, done - ready[0]
+    totals = publisher.totals
+    assert (totals.sent, totals.acked_new, totals.acked_duplicate, totals.retries) == (31, 31, 0, 1), totals
+    assert pauses == [0.0]  # one failed attempt, the cut one: sent again once connected, no pause
+    assert {result.batch_id: result.attempts for result in publisher.results} == {1: 1, 2: 2, 3: 1, 4: 1}
 
 
 @pytest.mark.timeout(30)

@@ -28,7 +28,10 @@ Holding a batch for a daemon that is down is no attempt: no ``ack_timeout`` runs
 ``totals.retries``, ``on_retry`` and ``max_attempts`` count none (only its ``deadline`` runs).
 The publisher keeps its socket open meanwhile, ZeroMQ reconnecting every 0.1 to 0.2 s, so when
 every daemon is down what it holds goes within that of one listening again (a socket closed for
-a retry pause would find it only when the pause ended).
+a retry pause would find it only when the pause ended). A connection cut with batches handed
+over on it is an attempt that failed (their answers cannot come: the daemon answers on the
+connection a batch came by): its socket is replaced at once, and they go again, counted as
+retries, as soon as the daemon is back.
 
 A daemon that refuses this publisher's handshake (its CURVE keys) is down so, and its publisher
 asks it again on a new socket every ``REFUSAL_STANDS_S`` (libzmq never connects a socket again

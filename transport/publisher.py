@@ -44,7 +44,10 @@ every batch over at once (ZeroMQ holds it until a connection takes it). The daem
 of :mod:`transport.affinity` watch their connection and hand a batch over only while a handshake
 holds: one held while the daemon is down makes no attempt, and no ``ack_timeout`` runs for it.
 Their socket stays open meanwhile (ZeroMQ reconnects every 0.1 to 0.2 s), so what they hold
-goes as soon as the daemon is back.
+goes as soon as the daemon is back; and when a connection that carried batches is cut, no answer
+can come for them on it, so the socket is replaced at once, without a pause, and they go again
+on the new one as soon as its handshake succeeds. The Lazy Pirate pause is for a daemon that
+took a batch and went silent, its connection up.
 
 A daemon that refuses the publisher's security handshake could never answer, so that is not
 waited out: the socket's monitor shows it, and :class:`PublisherRefused` (a DeliveryFailed,
@@ -535,9 +538,10 @@ class Publisher:
         hints: where this publisher's keys are set, as :class:`PublisherRefused` names them
             (``from_config`` names the config file's ``[security]`` keys).
         on_ack: called with each :class:`BatchResult`.
-        on_retry: called when an attempt got no answer (its ``ack_timeout`` passed), before the
-            pause, with (the number of failed attempts, the pause in seconds). A batch never sent
-            makes no attempt.
+        on_retry: called when an attempt got no answer (its ``ack_timeout`` passed, or, watching
+            the connection, the connection was cut), before the pause, with (the number of
+            failed attempts, the pause in seconds: 0 after a cut, when what was sent goes again
+            as soon as the connection is back). A batch never sent makes no attempt.
         keep_results: how many recent :class:`BatchResult` to keep in :attr:`results`.
         endpoints: several daemons sharing one database instead of ``endpoint``: each topic goes
             to one of them by rendezvous hashing (see :mod:`transport.affinity`).
@@ -1285,7 +1289,9 @@ class Publisher:
             # oldest): one held while the connection is down waits for the connection, which
             # ZeroMQ tries again every 0.1 to 0.2 s. Closing the socket for a retry pause would
             # only make a daemon back wait for the pause's end.
-            if now - oldest.sent_at >= self.ack_timeout:
+            if not self._up:
+                self._resend_when_back(oldest, now)
+            elif now - oldest.sent_at >= self.ack_timeout:
                 self._give_up_or_pause(oldest, now)
         if self._pending.events and (
             now - self._pending.since >= self.linger or len(self._pending.events) >= self.batch_size
@@ -1387,6 +1393,25 @@ class Publisher:
             self._budget.reset()
             self._budget.start(at=oldest.first_sent)
             self._budget_batch = oldest.batch_id
+
+    def _resend_when_back(self, oldest: _Batch, now: float) -> None:
+        """The connection that carried the batches queued (a watching publisher's) was cut: no answer
+        can come for them, as the daemon answers on the connection a batch came by, and a new
+        connection is a new peer to it. That attempt failed: the socket is replaced at once, with
+        no pause (what ZeroMQ still held for the old connection goes with it, or it would be
+        delivered as well), and they go again as soon as a handshake on the new one succeeds."""
+        self._drop_socket()
+        self._count_against_budget(oldest)
+        if self._budget.fail() is None:
+            raise self._abandon()
+        log.info(
+            "the connection to %s was cut with %d batches unanswered; they go again as soon as it is back",
+            self.endpoint,
+            sum(batch.queued for batch in self._in_flight.values()),
+        )
+        if self._on_retry is not None:
+            self._on_retry(self._budget.failures, 0.0)
+        self._reopen(now)
 
     def _reopen(self, now: float) -> None:
         """A new socket; every batch in flight waits for it (sent at once, or, watching, once it is up)."""
