@@ -24,7 +24,7 @@ from harness import Daemon, eventually, run_script
 from test_security import Hook, curve_daemon, wait_ready
 from test_security import keys as keys  # the fixture: a server certificate and clients alice and mallory
 
-from transport.client import REFUSAL_EVENTS, QueryClient, unbounded_monitor
+from transport.client import REFUSAL_EVENTS, NoAnswer, QueryClient, close_monitored, unbounded_monitor
 from transport.publisher import DeliveryFailed, Publisher, PublisherRefused
 from transport.security import curve_client
 from transport.subscriber import Subscriber, SubscriberRefused
@@ -246,45 +246,113 @@ def test_a_subscriber_refused_raises_at_once_instead_of_reconnecting_for_ever(
     assert daemon.terminate() == 0
 
 
+class Cutter:
+    """A TCP server on 127.0.0.1 (on ``port``, or any free one) that accepts each connection and
+    closes it at once, so that every ZMTP handshake with it is cut; :attr:`cuts` counts them. A
+    ZeroMQ client with a reconnect interval of 1 ms comes back about a thousand times a second."""
+
+    def __init__(self, port: int = 0) -> None:
+        self._server = socket.socket()
+        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a daemon's port, just left
+        self._server.bind(("127.0.0.1", port))
+        self._server.listen(512)
+        self._server.settimeout(0.2)
+        self.port: int = self._server.getsockname()[1]
+        self.endpoint = f"tcp://127.0.0.1:{self.port}"
+        self.cuts = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._cut, name="cutter", daemon=True)
+        self._thread.start()
+
+    def _cut(self) -> None:
+        while not self._done.is_set():
+            with contextlib.suppress(TimeoutError):
+                self._server.accept()[0].close()
+                self.cuts += 1
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join(5)
+        self._server.close()
+
+
+def fast_reconnects(sock: zmq.Socket[Any]) -> None:
+    """A client's socket hook: reconnect after 1 ms rather than ZeroMQ's 100."""
+    sock.setsockopt(zmq.RECONNECT_IVL, 1)
+
+
+def still_talks(context: zmq.Context[Any]) -> bool:
+    """Whether a new pair of sockets of ``context`` can talk over TCP (which its I/O thread carries)."""
+    a, b = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
+    try:
+        port = a.bind_to_random_port("tcp://127.0.0.1")
+        b.connect(f"tcp://127.0.0.1:{port}")
+        b.send(b"still talking")
+        return bool(a.poll(5000))
+    finally:
+        a.close(linger=0)
+        b.close(linger=0)
+
+
 @pytest.mark.timeout(60)
 def test_a_subscribers_monitor_left_unread_does_not_stop_the_process_wide_context() -> None:
     """The subscriber's monitor is on the process-wide context and read only within its calls.
     A monitor's queue full (about 2 000 events) blocks libzmq's I/O thread, which stops every
     socket of the context: so its queue has no limit. Here handshakes are cut a thousand times a
     second while nothing reads the monitor; another pair of sockets must still talk."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(512)
-    server.settimeout(0.2)
-    done = threading.Event()
-
-    def cut() -> None:  # accept and close at once: every ZMTP handshake is cut
-        while not done.is_set():
-            with contextlib.suppress(TimeoutError):
-                server.accept()[0].close()
-
-    cutter = threading.Thread(target=cut, daemon=True)
-    cutter.start()
+    cutter = Cutter()
     context = zmq.Context.instance()
     watched = context.socket(zmq.DEALER)
-    watched.setsockopt(zmq.RECONNECT_IVL, 1)
+    fast_reconnects(watched)
     monitor = unbounded_monitor(watched, REFUSAL_EVENTS)
-    a, b = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
     try:
-        watched.connect(f"tcp://127.0.0.1:{server.getsockname()[1]}")
+        watched.connect(cutter.endpoint)
         time.sleep(5)  # thousands of cut handshakes, none read
-        port = a.bind_to_random_port("tcp://127.0.0.1")
-        b.connect(f"tcp://127.0.0.1:{port}")
-        b.send(b"still talking")
-        assert a.poll(5000), "the context's I/O thread is stuck"
+        assert still_talks(context), "the context's I/O thread is stuck"
         unread = 0
         while monitor.poll(0):
             monitor.recv_multipart()
             unread += 1
         assert unread > 2500, unread  # past where a bounded monitor's queue would have filled
     finally:
-        done.set()
-        for sock in (a, b, monitor, watched):
-            sock.close(linger=0)
-        cutter.join(5)
-        server.close()
+        close_monitored(watched, monitor)  # not the monitor first: that alone stopped the context
+        cutter.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["query client", "subscriber"])
+def test_clients_closed_while_their_handshakes_are_cut_leave_the_process_wide_context_running(kind: str) -> None:
+    """A client closed its socket, then its monitor's reader. libzmq tears a socket down a moment
+    after ``close()``, and its connection goes on meanwhile: an event then, to the reader already
+    closed, blocked libzmq's I/O thread for good, and every socket of the process-wide context
+    with it (the gateway's streams and queries). Three threads closing clients while a port cut
+    their handshakes each millisecond (a daemon with other CURVE settings, another program)
+    stopped it within a second or two."""
+    cutter = Cutter()
+    stop = threading.Event()
+    closed = [0, 0, 0]
+
+    def churn(index: int) -> None:
+        while not stop.is_set():
+            if kind == "query client":
+                with QueryClient(cutter.endpoint, timeout=2.0, configure=fast_reconnects) as client:
+                    with contextlib.suppress(NoAnswer):  # HandshakeRefused, at the third cut
+                        client.request({"op": "health"})
+            else:
+                with Subscriber(cutter.endpoint, "topic-0", configure=fast_reconnects, timeout=5) as subscriber:
+                    with contextlib.suppress(SubscriberRefused):
+                        subscriber.next_event(timeout=2)
+            closed[index] += 1
+
+    threads = [threading.Thread(target=churn, args=(index,), daemon=True) for index in range(len(closed))]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(8)
+        assert still_talks(zmq.Context.instance()), f"the process-wide context is stuck after {closed} closed"
+        assert min(closed) > 200, closed  # each closed hundreds of them
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+        cutter.close()

@@ -198,6 +198,20 @@ def unbounded_monitor(sock: zmq.Socket[Any], events: int) -> zmq.Socket[Any]:
     return monitor
 
 
+def close_monitored(sock: zmq.Socket[Any], monitor: zmq.Socket[Any]) -> None:
+    """Close ``sock`` and the reader of its ``monitor``, without waiting (linger 0).
+
+    The monitor is stopped first. libzmq's I/O thread sends each event with a blocking send, and
+    the socket's connection goes on for a moment after ``close()`` (until libzmq has torn it
+    down): an event then, to a reader already closed, blocks that thread for good, and with it
+    every socket of the context. A daemon cutting handshakes each millisecond did it within a
+    few dozen clients closed.
+    """
+    sock.disable_monitor()
+    sock.close(linger=0)
+    monitor.close(linger=0)
+
+
 class QueryClient:
     """Sends query maps and returns reply maps; one thread at a time (another's call raises
     :class:`QueryClientInUse`)."""
@@ -279,12 +293,9 @@ class QueryClient:
             self._context = zmq.Context.instance()
             self._pid = os.getpid()
             return
-        if self._socket is not None:
-            self._socket.close(linger=0)
-            self._socket = None
-        if self._monitor is not None:
-            self._monitor.close(linger=0)
-            self._monitor = None
+        if self._socket is not None and self._monitor is not None:  # opened together (see _open)
+            close_monitored(self._socket, self._monitor)
+            self._socket = self._monitor = None
 
     @one_thread_at_a_time
     def request(self, query: dict[str, Any], give_up: Callable[[], bool] | None = None) -> dict[str, Any]:

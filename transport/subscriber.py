@@ -51,7 +51,15 @@ import zmq
 
 from transport import arguments
 from transport.backoff import Backoff
-from transport.client import LIBRARY_HINTS, REFUSAL_EVENTS, HandshakeWatch, KeyHints, connect, unbounded_monitor
+from transport.client import (
+    LIBRARY_HINTS,
+    REFUSAL_EVENTS,
+    HandshakeWatch,
+    KeyHints,
+    close_monitored,
+    connect,
+    unbounded_monitor,
+)
 from transport.exclusive import take_held_lock
 from transport.queries import MAX_CURSOR
 from transport.replies import unpack_reply
@@ -692,12 +700,9 @@ class Subscriber:
         self.reconnects += 1
 
     def _drop_socket(self) -> None:
-        if self._socket is not None:
-            self._socket.close(linger=0)
-            self._socket = None
-        if self._monitor is not None:
-            self._monitor.close(linger=0)
-            self._monitor = None
+        if self._socket is not None and self._monitor is not None:  # opened together (see _connect)
+            close_monitored(self._socket, self._monitor)
+            self._socket = self._monitor = None
         self._poller = None
         self._subscribed = False
         self._drop_untaken()
