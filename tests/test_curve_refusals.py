@@ -356,3 +356,41 @@ def test_clients_closed_while_their_handshakes_are_cut_leave_the_process_wide_co
         for thread in threads:
             thread.join(10)
         cutter.close()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(90)
+def test_an_idle_query_clients_monitor_does_not_stop_the_process_wide_context(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """A query client reads its monitor only within requests, and the gateway keeps idle ones in
+    a pool. Its daemon gone and the port taken by a process that cuts every handshake (a daemon
+    with other CURVE settings, another program), the cut handshakes piled up unread: at about
+    2 000 (a few minutes at ZeroMQ's reconnect interval of 0.1 s; a second or two here, at 1 ms)
+    libzmq's I/O thread blocked on the full monitor, which stopped every socket of the
+    process-wide context (the gateway's streams and every other query) until a request came to
+    that one client."""
+    daemon = daemon_factory().start()
+    client = QueryClient(daemon.query, timeout=10.0, configure=fast_reconnects)
+    try:
+        assert "error" not in client.request({"op": "health"})  # connected, then idle
+        assert daemon.terminate() == 0
+        cutter = Cutter(int(daemon.query.rpartition(":")[2]))
+        try:
+            with contextlib.suppress(AssertionError):  # a client stopped by it stops coming back
+                eventually(lambda: cutter.cuts > 3000, 15, "3 000 cut handshakes")
+            cuts = cutter.cuts
+            stuck = not still_talks(zmq.Context.instance())
+            if stuck:  # until a request to that client reads its monitor (closing it would wait for ever)
+                with contextlib.suppress(NoAnswer):
+                    client.request({"op": "health"})
+            assert not stuck, f"the process-wide context is stuck after {cuts} cut handshakes"
+            assert cuts > 3000, cuts  # past where a bounded monitor's queue would have filled
+        finally:
+            cutter.close()
+        # The daemon back: the client, whose last handshake failed, asks on a new socket.
+        daemon.start()
+        assert "error" not in client.request({"op": "health"})
+    finally:
+        client.close()
+    assert daemon.terminate() == 0

@@ -182,8 +182,11 @@ def unbounded_monitor(sock: zmq.Socket[Any], events: int) -> zmq.Socket[Any]:
     libzmq's I/O thread blocks on a monitor whose queue is full (about 2 000 events: a daemon
     cutting every handshake adds one each 0.1 to 0.2 s), which stops every socket of the context
     until someone reads it. A client on the process-wide context whose monitor is read only
-    within its calls (a :class:`transport.subscriber.Subscriber` whose application is busy) then
-    holds a few bytes an event instead.
+    within its calls (a :class:`transport.subscriber.Subscriber` whose application is busy, a
+    :class:`QueryClient` idle between requests) then holds about 130 bytes an event instead. Its
+    own address (see :func:`monitor_address`): pyzmq's default names it by the socket's file
+    descriptor, which a socket opened just after one closed takes over while libzmq may still
+    hold the old name.
     """
     address = monitor_address()
     sock.monitor(address, events)
@@ -273,10 +276,16 @@ class QueryClient:
         sock.setsockopt(zmq.LINGER, 0)
         if self._configure is not None:
             self._configure(sock)
-        # Attached before connect: a handshake refused before the monitor would go unseen. Its
-        # own address: pyzmq's default names it by the socket's file descriptor, which a socket
-        # opened just after one closed takes over while libzmq may still hold the old name.
-        monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS, monitor_address())
+        # Attached before connect: a handshake refused before the monitor would go unseen.
+        # Unbounded: it is read only within requests, and a client idle between them (as the
+        # gateway pools them) while a daemon cut every handshake filled it in a few minutes,
+        # which stopped every socket of the process-wide context. Only the events read (no
+        # EVENT_CONNECTED), so that an idle one holds half as many.
+        try:
+            monitor = unbounded_monitor(sock, REFUSAL_EVENTS)
+        except zmq.ZMQError:  # no descriptor free for it, say
+            sock.close(linger=0)
+            raise
         try:
             connect(sock, self.endpoint)
         except ValueError as exc:
