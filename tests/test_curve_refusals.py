@@ -358,6 +358,47 @@ def test_clients_closed_while_their_handshakes_are_cut_leave_the_process_wide_co
         cutter.close()
 
 
+@pytest.mark.timeout(60)
+def test_acknowledged_publishers_refused_again_and_again_are_told_so_each_time() -> None:
+    """A refused acknowledged publisher opens a new socket; it closed the old one, then its
+    monitor's reader, and an event of the old socket's connection in between (libzmq tears a
+    socket down a moment after ``close()``) blocked its context's I/O thread for good. Told
+    nothing more, it failed at its deadline instead of at once, and would not have reached the
+    daemon once its keys were put right. Three publishers refused by a port that cuts every
+    handshake, reconnecting after 1 ms, each got there within a few seconds."""
+    cutter = Cutter()
+    told: dict[int, str] = {}
+
+    def refused_again(index: int) -> None:
+        publisher = Publisher(cutter.endpoint, configure=fast_reconnects, deadline=5.0, ack_timeout=2.0)
+        refusals = 0
+        started = time.monotonic()
+        try:
+            while time.monotonic() - started < 8:
+                try:
+                    publisher.publish_many(plan(1, id_prefix=f"{index}-{refusals}-"))
+                    publisher.flush(timeout=10)
+                except PublisherRefused:
+                    refusals += 1
+            told[index] = f"{refusals} refusals"
+        except Exception as exc:
+            told[index] = f"after {refusals} refusals, {time.monotonic() - started:.1f} s: {type(exc).__name__}: {exc}"
+        finally:
+            publisher.close(timeout=0, flush=False)
+
+    threads = [threading.Thread(target=refused_again, args=(index,), daemon=True) for index in range(3)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        cutter.close()
+    outcomes = "\n".join(f"publisher {index}: {outcome}" for index, outcome in sorted(told.items()))
+    assert len(told) == 3 and all(outcome.endswith(" refusals") for outcome in told.values()), outcomes
+    assert min(int(outcome.split()[0]) for outcome in told.values()) > 100, outcomes  # hundreds each
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(90)
 def test_an_idle_query_clients_monitor_does_not_stop_the_process_wide_context(

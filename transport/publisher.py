@@ -82,6 +82,7 @@ from transport.client import (
     REFUSAL_EVENTS,
     HandshakeWatch,
     KeyHints,
+    close_monitored,
     connect,
     connectable,
     monitor_address,
@@ -1127,13 +1128,19 @@ class Publisher:
         return sock
 
     def _drop_socket(self) -> None:
-        """Close the socket (linger 0) and, for a watching publisher, its monitor."""
+        """Close the socket (linger 0) and, in acknowledged mode, its monitor."""
         assert self._socket is not None
         # Read first: libzmq blocks the context's I/O thread on a monitor whose queue is full
         # (about 2 000 events: minutes of reconnecting to a port that refuses, with no call to
-        # read them), and closing the reader then would leave it blocked until the context ends.
+        # read them), and the monitor could not be stopped (see close_monitored) until it is read.
         self._watch(time.monotonic())
-        self._socket.close(linger=0)
+        if self.acked and self._resources.monitor is not None:
+            # The monitor stopped before the socket closes: an event after, to its reader
+            # closed, would stop this publisher's context (every later socket of it) for good.
+            close_monitored(self._socket, self._resources.monitor)
+            self._resources.monitor = None
+        else:
+            self._socket.close(linger=0)
         self._socket = None
         if self.acked:
             self._drop_monitor()
