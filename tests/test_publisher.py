@@ -1251,3 +1251,46 @@ def test_publish_giving_up_tells_its_user_what_to_check_not_an_exception_attribu
     (error,) = summary["errors"]
     assert ".events" not in error and "Running the same command again is safe" in error, error
     assert f"no acknowledgement from {daemon.ack}" in error, error
+
+
+@pytest.mark.timeout(60)
+def test_a_fire_and_forget_publisher_still_sends_after_thousands_of_reconnections() -> None:
+    """A fire-and-forget publisher's monitor tells close() whether a daemon ever took the
+    connection, and nothing read it before: each reconnection added an event, and at about
+    2 000 (a daemon restarted that often, a network that cuts idle connections) libzmq's I/O
+    thread blocked on the full monitor, which stopped the publisher for good: its frames queued,
+    then each publish waited for ever. Here a PULL socket that takes frames of 1 KiB at most, as
+    the daemon's ingest socket takes [ingest] max_message_bytes, cuts the connection at each
+    batch too big, and the publisher reconnects after 1 ms."""
+    context: zmq.Context[Any] = zmq.Context()
+    pull = context.socket(zmq.PULL)
+    pull.setsockopt(zmq.MAXMSGSIZE, 1024)
+    handshakes = pull.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    endpoint = f"tcp://127.0.0.1:{pull.bind_to_random_port('tcp://127.0.0.1')}"
+    publisher = Publisher(
+        endpoint, acked=False, batch_size=1, block_timeout=0, configure=lambda s: s.setsockopt(zmq.RECONNECT_IVL, 1)
+    )
+    taken = 0
+    try:
+        started = time.monotonic()
+        while taken < 3000 and time.monotonic() - started < 20:
+            with contextlib.suppress(PublishTimeout):  # its queue full: the connection is being made again
+                publisher.publish(make_event(taken, 1, "big-", payload_bytes=2048))
+            while handshakes.poll(1):
+                handshakes.recv_multipart()
+                taken += 1
+        assert taken >= 3000, f"the publisher stopped reconnecting after {taken} handshakes"
+
+        def small_one_arrives() -> bool:
+            with contextlib.suppress(PublishTimeout):
+                publisher.publish(make_event(0, 1, "small-"))
+            return bool(pull.poll(100))
+
+        eventually(small_one_arrives, 10, "a small event to arrive")  # once the big ones queued are gone
+        assert msgpack.unpackb(pull.recv())["event_id"].startswith("small-")
+    finally:
+        publisher.close(timeout=0, flush=False)
+        pull.disable_monitor()
+        for sock in (pull, handshakes):
+            sock.close(linger=0)
+        context.term()

@@ -86,6 +86,7 @@ from transport.client import (
     connect,
     connectable,
     monitor_address,
+    unbounded_monitor,
 )
 from transport.config import load_config
 from transport.exclusive import take_held_lock
@@ -1101,7 +1102,15 @@ class Publisher:
             self._configure(sock)
         # Attached before connecting, or a quick handshake would go unseen.
         if not self.acked:
-            self._resources.monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED, monitor_address())
+            # Unbounded: nothing reads it before close() (see handshake_seen), and each
+            # reconnection adds an event; at about 2 000 (a daemon restarted that often, a network
+            # that cuts idle connections) libzmq's I/O thread blocked on it, which stopped this
+            # publisher's context: its frames queued, then each publish waited for ever.
+            try:
+                self._resources.monitor = unbounded_monitor(sock, zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            except zmq.ZMQError:  # no descriptor free for it, say
+                sock.close(linger=0)
+                raise
         else:
             # Every acknowledged publisher reads whether the daemon refuses its handshake (see
             # PublisherRefused); one that watches its connection, whether it is up, too. (The
