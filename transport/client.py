@@ -207,8 +207,11 @@ def close_monitored(sock: zmq.Socket[Any], monitor: zmq.Socket[Any]) -> None:
     The monitor is stopped first. libzmq's I/O thread sends each event with a blocking send, and
     the socket's connection goes on for a moment after ``close()`` (until libzmq has torn it
     down): an event then, to a reader already closed, blocks that thread for good, and with it
-    every socket of the context. A daemon cutting handshakes each millisecond did it within a
-    few dozen clients closed.
+    every socket of the context. Three threads closing clients while a port cut their handshakes
+    each millisecond did it within a few dozen clients each.
+
+    The monitor must not be full (an :func:`unbounded_monitor`, or one just read): stopping it
+    waits for the I/O thread, which a full one holds until it is read, so this would wait for ever.
     """
     sock.disable_monitor()
     sock.close(linger=0)
