@@ -279,6 +279,16 @@ def _startup_failure(daemon: Daemon, status: int = 1) -> str:
     return lines[0]
 
 
+def serves_a_publisher_and_a_named_consumer(daemon: Daemon) -> None:
+    """Twenty events acknowledged as new, and a named consumer (which claims its name) reads one."""
+    with Publisher(daemon.ack, ack_timeout=2.0, deadline=30.0) as publisher:
+        publisher.publish_many(plan(20, 0.0, 2, 8, "r"))
+        publisher.flush(30)
+        assert publisher.totals.acked_new == 20
+    with Subscriber(daemon.subscribe, name="reader", after=0) as reader:
+        assert reader.next_event(10) is not None
+
+
 def test_bad_dsn_unreachable_server_and_newer_schema_each_give_one_clear_line(
     daemon_factory: Callable[..., Daemon], database: str, pg: PgCluster, tmp_path: Path
 ) -> None:
@@ -754,12 +764,7 @@ def test_a_role_without_create_runs_a_daemon_on_a_database_its_owner_migrated(
     query(database, "GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO eventagg_runtime")  # as docs/postgresql.md says
     daemon = pg_daemon(daemon_factory, "runtime", runtime_dsn).start()
     assert "consumer_claim_numbers" not in daemon.log()
-    with Publisher(daemon.ack, ack_timeout=2.0, deadline=30.0) as publisher:
-        publisher.publish_many(plan(20, 0.0, 2, 8, "r"))
-        publisher.flush(30)
-        assert publisher.totals.acked_new == 20
-    with Subscriber(daemon.subscribe, name="reader", after=0) as reader:  # a named consumer claims its name
-        assert reader.next_event(10) is not None
+    serves_a_publisher_and_a_named_consumer(daemon)
 
 
 def test_a_page_of_every_topic_gives_each_event_its_commit_position(

@@ -17,12 +17,11 @@ from pathlib import Path
 import pytest
 from harness import ROOT, Daemon, eventually, write_config
 from pg_cluster import made_at_version, missing_reason
-from test_postgres import _startup_failure, pg_daemon, query
+from test_postgres import _startup_failure, pg_daemon, query, serves_a_publisher_and_a_named_consumer
 from test_subscribe import RawConsumer
 
 from actors.pg_grants import RUNNING_NEEDS
 from transport.publisher import Publisher
-from transport.subscriber import Subscriber
 from transport.workload import plan
 
 pytestmark = [
@@ -112,12 +111,7 @@ def test_a_start_lacking_privileges_is_refused_with_one_line_naming_each_and_its
         query(database, grant)
     daemon = pg_daemon(daemon_factory, "runtime", dsn).start()
     assert "lacks" not in daemon.log()
-    with Publisher(daemon.ack, ack_timeout=2.0, deadline=30.0) as publisher:
-        publisher.publish_many(plan(20, 0.0, 2, 8, "r"))
-        publisher.flush(30)
-        assert publisher.totals.acked_new == 20
-    with Subscriber(daemon.subscribe, name="reader", after=0) as reader:  # a named consumer claims its name
-        assert reader.next_event(10) is not None
+    serves_a_publisher_and_a_named_consumer(daemon)
 
 
 @pytest.mark.timeout(180)
