@@ -293,6 +293,49 @@ def test_sighup_reloads_authorized_keys(daemon_factory: Callable[..., Daemon], k
 
 
 @pytest.mark.e2e
+def test_a_bad_authorized_file_at_sighup_does_not_hold_back_a_revocation(
+    daemon_factory: Callable[..., Daemon], keys: dict[str, Path]
+) -> None:
+    """At one SIGHUP alice's file is removed, bob's half rewritten and a bad carol.key added: before,
+    the bad files kept the whole old set in force, alice's revocation with it, until they were fixed.
+    Now alice is refused at once, bob keeps the key his file held, and the log names both bad files."""
+    made = run_script("keys.py", "client", "bob", str(keys["alice"].parent), "--authorize", str(keys["authorized"]))
+    assert made.returncode == 0, made.stderr
+    alice = curve_client(keys["server_public"], keys["alice"])
+    bob = curve_client(keys["server_public"], keys["alice"].with_name("bob.key_secret"))
+    daemon = curve_daemon(daemon_factory, keys).start(wait=False)
+    wait_ready(daemon, alice)
+    assert "error" not in ask(daemon, {"op": "stats"}, bob, timeout=5.0)
+    with QueryClient(daemon.query, timeout=5.0, configure=alice) as kept_open:
+        assert "error" not in kept_open.request({"op": "stats"})
+        (keys["authorized"] / "alice.key").unlink()
+        bob_file = keys["authorized"] / "bob.key"
+        bob_file.write_bytes(bob_file.read_bytes()[:60])  # a copy cut short, as one caught mid-write
+        carol_file = keys["authorized"] / "carol.key"
+        carol_file.write_bytes(b"not a certificate\n")
+        os.chmod(carol_file, 0o644)
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGHUP)
+        eventually(lambda: "SIGHUP: re-read" in daemon.log(), 15, "the config to be re-read")
+        # Alice: refused on her open connection and at a new handshake, right after the reload.
+        started = time.monotonic()
+        assert "no longer authorized" in kept_open.request({"op": "stats"}).get("error", ""), daemon.log()
+    with pytest.raises(NoAnswer):
+        ask(daemon, {"op": "stats"}, alice, timeout=5.0)
+    assert time.monotonic() - started < 10
+    # Bob: still served, with the key his file held before it was cut short.
+    assert "error" not in ask(daemon, {"op": "stats"}, bob, timeout=5.0)
+    log_text = daemon.log()
+    assert "reloaded 1 authorized client keys" in log_text and "(1 revoked" in log_text, log_text
+    assert f"authorized client certificate {bob_file} is not a zmq.auth certificate" in log_text, log_text
+    assert "the key this file held before stays authorized until the file is fixed" in log_text, log_text
+    assert f"authorized client certificate {carol_file} is not a zmq.auth certificate" in log_text, log_text
+    assert "it authorizes no client until the file is fixed" in log_text, log_text
+    assert "authorized keys not reloaded" not in log_text, log_text
+    assert daemon.terminate() == 0
+
+
+@pytest.mark.e2e
 def test_the_secret_key_can_come_from_systemd_credentials(
     daemon_factory: Callable[..., Daemon], keys: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -571,7 +614,8 @@ def test_a_key_that_is_not_a_regular_file_is_refused_not_waited_on(
     stats = run_script("stats.py", "--endpoint", "tcp://127.0.0.1:1", "--timeout", "1", *as_fifo, timeout=15)
     assert stats.returncode == 2 and f"client certificate {fifo} is not a regular file" in stats.stderr
 
-    # One appearing in the folder before a SIGHUP: refused, the old keys stay, SIGTERM still works.
+    # One appearing in the folder before a SIGHUP: refused (a new file, so it adds no key), the
+    # other keys stay, SIGTERM still works.
     client_fifo.unlink()
     alice = curve_client(keys["server_public"], keys["alice"])
     daemon = curve_daemon(daemon_factory, keys).start(wait=False)
@@ -580,7 +624,8 @@ def test_a_key_that_is_not_a_regular_file_is_refused_not_waited_on(
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGHUP)
     eventually(lambda: f"{client_fifo} is not a regular file" in daemon.log(), 10, "the FIFO to be refused")
-    assert "authorized keys not reloaded, the old ones stay in force" in daemon.log()
+    eventually(lambda: "reloaded 1 authorized client keys" in daemon.log(), 10, "the other keys to be reloaded")
+    assert "it authorizes no client until the file is fixed" in daemon.log()
     assert "error" not in ask(daemon, {"op": "stats"}, alice, timeout=5.0)
     assert daemon.terminate(timeout=15) == 0
 

@@ -9,7 +9,10 @@ routing id no peer can make a ROUTER crash over. A ZAP handler must be bound in 
 context *before* any server socket accepts a connection, otherwise libzmq lets every valid
 CURVE client in, so :meth:`ServerSecurity.start` runs before the sockets bind. A key removed
 by a reload also stops the connections it already has: the servers check each message's
-``User-Id`` through :attr:`ServerSecurity.gate`.
+``User-Id`` through :attr:`ServerSecurity.gate`. A reload takes the folder file by file: one bad
+certificate (a half-written copy, say) must not hold back the revocation of another client, so
+every good file's key is loaded, a removed file's key is dropped, and a bad file keeps the key
+that file name held before (none if it is new), with a warning naming it.
 
 Refused clients are counted from socket monitor events: a plain (NULL) client meets a CURVE
 server with ``EVENT_HANDSHAKE_FAILED_PROTOCOL`` (mechanism mismatch) and a CURVE client whose key
@@ -408,6 +411,8 @@ class ServerSecurity:
         self._on_refused = on_refused
         self._zap: ZapHandler | None = None
         self._authorized: frozenset[bytes] | None = None  # Z85 client keys; None while CURVE is off
+        # Which file name gave which of them: what a bad file at a reload falls back on.
+        self._keys_by_file: dict[str, bytes] = {}
         self.gate = ConnectionGate(lambda: self._authorized)
         self._monitor: _RefusalMonitor | None = None
         self._warn = RateLimitedLog(log)
@@ -430,7 +435,9 @@ class ServerSecurity:
             self.secret_path = config.resolve(sec.curve_secret_key, "[security] curve_secret_key")
             self.keys_dir = config.resolve(sec.authorized_keys, "[security] authorized_keys")
             self._public, self._secret = load_secret_certificate(self.secret_path, "[security] curve_secret_key")
-            self._authorized = self._load_keys()
+            # At start every file must be good (a bad one stops the daemon): there is no earlier key to keep.
+            self._keys_by_file = {path.name: load_authorized_key(path) for path in self._key_files()}
+            self._authorized = frozenset(self._keys_by_file.values())
         else:
             exposed = {key: ep for key, ep in endpoints.items() if not local[key]}
             if exposed and not sec.allow_insecure:
@@ -448,8 +455,8 @@ class ServerSecurity:
                     ", ".join(exposed.values()),
                 )
 
-    def _load_keys(self) -> frozenset[bytes]:
-        """The authorized folder's client keys (Z85), after checking the folder and every file."""
+    def _key_files(self) -> list[Path]:
+        """The authorized folder's certificate files, after checking the folder itself."""
         try:
             is_folder = self.keys_dir.is_dir()
         except PermissionError:  # a folder above it that this user may not enter: name that one
@@ -470,7 +477,32 @@ class ServerSecurity:
                 "every client is refused",
                 self.keys_dir,
             )
-        return frozenset(load_authorized_key(path) for path in files)
+        return files
+
+    def _reload_keys(self, files: list[Path]) -> dict[str, bytes]:
+        """The keys of ``files`` by file name, a bad file keeping the key its name held before (if any)."""
+        keys: dict[str, bytes] = {}
+        for path in files:
+            try:
+                keys[path.name] = load_authorized_key(path)
+            except (KeyFileError, OSError) as exc:
+                if not os.path.lexists(path):
+                    continue  # removed while it was read: revoked, as any removed file is
+                kept = self._keys_by_file.get(path.name)
+                if kept is not None:
+                    keys[path.name] = kept
+                    log.warning(
+                        "SIGHUP: %s; the key this file held before stays authorized until the file is fixed (or "
+                        "removed, which revokes it) and SIGHUP is sent again",
+                        exc,
+                    )
+                else:
+                    log.warning(
+                        "SIGHUP: %s; it authorizes no client until the file is fixed and SIGHUP is sent again (the "
+                        "folder's other files are loaded)",
+                        exc,
+                    )
+        return keys
 
     @property
     def public_key(self) -> bytes | None:
@@ -528,6 +560,9 @@ class ServerSecurity:
     def reload(self) -> None:
         """Re-read the authorized keys folder (SIGHUP); a bad folder keeps the keys already loaded.
 
+        Each file is taken on its own: a good one's key is loaded, a removed one's revoked, and a
+        bad one is logged and keeps the key that file name held before (a new bad file adds none).
+
         The secret certificate is checked again too (its mode, owner and keys), and a problem
         logged, as is a new key pair in its place (which takes a restart).
         """
@@ -552,10 +587,12 @@ class ServerSecurity:
                     public.decode(),
                 )
         try:
-            keys = self._load_keys()
+            files = self._key_files()
         except SecurityError as exc:
             log.error("authorized keys not reloaded, the old ones stay in force: %s", exc)
             return
+        self._keys_by_file = self._reload_keys(files)
+        keys = frozenset(self._keys_by_file.values())
         revoked = len((self._authorized or frozenset()) - keys)
         self._authorized = keys  # one reference swap: the ZAP thread and the servers see old or new
         log.warning(
