@@ -16,8 +16,9 @@ and FastAPI's own pages, refuses a query parameter it does not declare with a 40
 Threads: route handlers run on the event loop; every call to the daemon runs on a worker thread
 (``anyio.to_thread``), since the ZeroMQ clients block. A :class:`Publisher` or a
 :class:`QueryClient` is used by one thread at a time: :class:`DaemonLink` keeps idle ones in
-pools and lends them out. At most ``[http] publishers`` publishes wait for acknowledgements at
-once; a request that finds none free waits for one within its timeout.
+pools and lends them out, and closes a query client left unused ``QUERY_CLIENT_IDLE_S``. At
+most ``[http] publishers`` publishes wait for acknowledgements at once; a request that finds
+none free waits for one within its timeout.
 
 Never hanging: a request has ``[http] request_timeout_ms`` in all. A publish that gets no
 acknowledgement in time spends a short part of that budget asking the query endpoint for
@@ -43,6 +44,7 @@ import re
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -157,6 +159,12 @@ NEW_PUBLISHER_DESCRIPTORS = 12
 # the query waited. Two more for a connection accepted, or another client made, meanwhile.)
 NEW_QUERY_DESCRIPTORS = 6
 MAX_QUOTED_PATH = 200  # most characters of an unknown path a 404 quotes back
+# A pooled query client unused this long is closed (looked for every third of it, so closed within
+# 45 to 60 s). Idle, it holds its descriptors, and its monitor, read only within requests, grows
+# by about 130 bytes an event while a daemon (or whatever took its port) cuts its handshakes: 7 a
+# second, some 3 MB an hour, without bound on a gateway no query reached for days. The next
+# query after a quiet minute makes a new one, as the first query did.
+QUERY_CLIENT_IDLE_S = 45.0
 
 
 class GatewayError(Exception):
@@ -198,7 +206,7 @@ class DaemonLink:
         self._ingest = config.ingest
         self._max_events = config.http.max_events
         self._publishers: queue.SimpleQueue[Publisher] = queue.SimpleQueue()
-        self._queries: queue.SimpleQueue[QueryClient] = queue.SimpleQueue()
+        self._queries = IdleQueryClients()
         self._closed = False
         # Set by stop(): the time.monotonic() by which requests in progress give up and answer 503.
         self._stop_by: float | None = None
@@ -248,9 +256,8 @@ class DaemonLink:
             raise GatewayError(
                 503, f"no time was left to ask the daemon within {self.timeout:g} s ([http] request_timeout_ms)"
             )
-        try:
-            client = self._queries.get_nowait()  # a pooled one holds its descriptors: no check
-        except queue.Empty:
+        client = self._queries.take()  # a pooled one holds its descriptors: no check
+        if client is None:
             if not self._descriptors_free(NEW_QUERY_DESCRIPTORS):
                 raise self.exhausted(f"connect to the daemon's query endpoint {self.query_endpoint}") from None
             client = QueryClient(self.query_endpoint, timeout=wait, configure=self._secure, hints=CONFIG_HINTS)
@@ -284,8 +291,21 @@ class DaemonLink:
             client.close()  # a REQ socket after a bad reply is not worth reusing
             raise GatewayError(502, f"the daemon sent a reply the gateway cannot read: {exc}") from None
         self._refused.pop(self.query_endpoint, None)
-        self._return(self._queries, client)
+        if self._closed:
+            client.close()
+        else:
+            self._queries.put(client, time.monotonic())
         return reply
+
+    def close_idle_queries(self) -> None:
+        """Close the pooled query clients unused for ``QUERY_CLIENT_IDLE_S`` or longer (never one lent
+        out: those are not in the pool). Blocks while libzmq stops each one's monitor: run it on a
+        worker thread."""
+        for client in self._queries.returned_before(time.monotonic() - QUERY_CLIENT_IDLE_S):
+            try:
+                client.close()
+            except zmq.ZMQError:  # logged, and the rest still closed: none is left unclosed
+                log.exception("closing an idle query client failed")
 
     # -- publishing
 
@@ -511,16 +531,44 @@ class DaemonLink:
     def close(self) -> None:
         """Close every pooled connection (ones lent out are closed when they come back)."""
         self._closed = True
-        for pool in (self._publishers, self._queries):
-            while True:
-                try:
-                    item = pool.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(item, Publisher):
-                    item.close(flush=False)
-                else:
-                    item.close()
+        while True:
+            try:
+                publisher = self._publishers.get_nowait()
+            except queue.Empty:
+                break
+            publisher.close(flush=False)
+        for client in self._queries.returned_before(math.inf):
+            client.close()
+
+
+class IdleQueryClients:
+    """The query clients not in use, each with the time.monotonic() it came back; thread-safe.
+
+    The one back last is lent first: clients beyond what the traffic needs stay unused, and
+    :meth:`returned_before` finds them, the longest unused first.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: deque[tuple[float, QueryClient]] = deque()  # by the time each came back
+
+    def take(self) -> QueryClient | None:
+        """The client back last, now the caller's alone; None if none is idle."""
+        with self._lock:
+            return self._idle.pop()[1] if self._idle else None
+
+    def put(self, client: QueryClient, now: float) -> None:
+        """Hand ``client`` back, done with at ``now``."""
+        with self._lock:
+            self._idle.append((now, client))
+
+    def returned_before(self, cutoff: float) -> list[QueryClient]:
+        """Take out the clients back before ``cutoff``, now the caller's alone (to close)."""
+        taken: list[QueryClient] = []
+        with self._lock:
+            while self._idle and self._idle[0][0] < cutoff:
+                taken.append(self._idle.popleft()[1])
+        return taken
 
 
 def stopping(sent: bool) -> GatewayError:
@@ -642,6 +690,14 @@ def _ready_for_no_free_descriptor() -> None:
     """
     anyio.current_time()  # loads the backend
     zmq.Context.instance().socket(zmq.REQ).close(linger=0)
+
+
+async def _close_idle_queries(link: DaemonLink) -> None:
+    """Close the pooled query clients that went unused ``QUERY_CLIENT_IDLE_S``, on a worker thread
+    (closing one blocks until libzmq stopped its monitor), until cancelled."""
+    while True:
+        await asyncio.sleep(QUERY_CLIENT_IDLE_S / 3)
+        await anyio.to_thread.run_sync(link.close_idle_queries)
 
 
 async def _watch_descriptors(watch: DescriptorWatch) -> None:
@@ -1189,12 +1245,14 @@ def create_app(config: Config, streams: OpenStreams | None = None) -> FastAPI:
         restore = _on_stop_signals(link.stop)
         _ready_for_no_free_descriptor()
         watching = asyncio.create_task(_watch_descriptors(link.descriptors))
+        pruning = asyncio.create_task(_close_idle_queries(link))
         unwatch_accept = _warn_when_accept_fails(link.descriptors)
         try:
             yield
         finally:
             unwatch_accept()
             watching.cancel()
+            pruning.cancel()
             restore()
             link.close()
 
