@@ -76,10 +76,15 @@ def database(pg: PgCluster, request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def gateway_factory(daemon_factory: Callable[..., Daemon]) -> Iterator[Callable[..., Gateway]]:
     """Make a daemon with an [http] section and a gateway for it (started; ``without`` these modules,
-    see harness.Gateway); all stopped at teardown."""
+    with these ``constants`` of transport.gateway, see harness.Gateway); all stopped at teardown."""
     made: list[Gateway] = []
 
-    def make(start_daemon: bool = True, without: tuple[str, ...] = (), **overrides: dict[str, Any]) -> Gateway:
+    def make(
+        start_daemon: bool = True,
+        without: tuple[str, ...] = (),
+        constants: dict[str, Any] | None = None,
+        **overrides: dict[str, Any],
+    ) -> Gateway:
         port = free_port()
         http = {"bind": f"127.0.0.1:{port}", "request_timeout_ms": GATEWAY_TIMEOUT_MS, **overrides.pop("http", {})}
         # The daemon gets the [http] section too: it must accept it and leave it to the gateway.
@@ -87,7 +92,7 @@ def gateway_factory(daemon_factory: Callable[..., Daemon]) -> Iterator[Callable[
         if start_daemon:
             daemon.start()
         port = int(http["bind"].rsplit(":", 1)[1])  # a test's own bind (0.0.0.0) serves loopback too
-        gateway = Gateway(daemon, f"http://127.0.0.1:{port}", without)
+        gateway = Gateway(daemon, f"http://127.0.0.1:{port}", without, constants)
         made.append(gateway)
         return gateway.start()
 

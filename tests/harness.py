@@ -324,25 +324,36 @@ def stored_rows(db_path: Path) -> list[tuple[str, str, int]]:
 
 
 GATEWAY_TIMEOUT_MS = 2000  # [http] request_timeout_ms of the gateways tests start
-# ``python -c`` this, names, script, its arguments: runs the script with the modules named (comma
-# separated) unimportable, as where they are not installed.
+# ``python -c`` this, names, constants, script, its arguments: runs the script with the modules
+# named (comma separated) unimportable, as where they are not installed, and the constants of
+# transport.gateway given (a JSON object) set, as a test's shorter idle limit.
 WITHOUT_MODULES = """\
-import runpy, sys
-for name in sys.argv[1].split(","):
+import json, runpy, sys
+for name in filter(None, sys.argv[1].split(",")):
     sys.modules[name] = None  # an import of it raises ImportError
-del sys.argv[:2]
+constants = json.loads(sys.argv[2])
+if constants:
+    import transport.gateway
+    for name, value in constants.items():
+        assert hasattr(transport.gateway, name), f"transport.gateway has no {name}"
+        setattr(transport.gateway, name, value)
+del sys.argv[:3]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
 class Gateway:
     """One scripts/gateway.py process reading a daemon's config file; ``without``: modules it runs
-    without, as if not installed (``("uvloop",)``: uvicorn's asyncio event loop)."""
+    without, as if not installed (``("uvloop",)``: uvicorn's asyncio event loop); ``constants``:
+    module constants of transport.gateway it runs with (one worker only: workers import it anew)."""
 
-    def __init__(self, daemon: Daemon, url: str, without: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, daemon: Daemon, url: str, without: tuple[str, ...] = (), constants: dict[str, Any] | None = None
+    ) -> None:
         self.daemon = daemon
         self.url = url
         self.without = without
+        self.constants = constants or {}
         self.log_path = daemon.workdir / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.client = httpx.Client(base_url=self.url, timeout=30.0)
@@ -350,8 +361,8 @@ class Gateway:
     def start(self, timeout: float = 30.0) -> Gateway:
         with self.log_path.open("ab") as log:
             command = [str(SCRIPTS / "gateway.py"), "--config", str(self.daemon.config_path)]
-            if self.without:
-                command = ["-c", WITHOUT_MODULES, ",".join(self.without), *command]
+            if self.without or self.constants:
+                command = ["-c", WITHOUT_MODULES, ",".join(self.without), json.dumps(self.constants), *command]
             self.proc = subprocess.Popen(
                 [sys.executable, *command],
                 stdout=log,

@@ -585,6 +585,46 @@ def test_daemon_away_gives_503_in_time_and_the_gateway_recovers(gateway: Gateway
     assert ids == {"before", "after", "while-away"}
 
 
+def connections_to(pid: int, port: int) -> int:
+    """How many established TCP connections process ``pid`` holds to ``port`` (its sockets, matched
+    by inode with its network namespace's table)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except FileNotFoundError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    found = 0
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            remote, state, inode = fields[2], fields[3], fields[9]
+            found += state == "01" and int(remote.rsplit(":", 1)[1], 16) == port and inode in inodes
+    return found
+
+
+@pytest.mark.e2e
+def test_a_pooled_query_client_left_idle_is_closed_and_the_next_query_makes_another(
+    gateway_factory: Callable[..., Gateway],
+) -> None:
+    """An idle pooled client holds descriptors, and its monitor grows while something cuts its
+    handshakes: after QUERY_CLIENT_IDLE_S (1 s here) unused it is closed, and queries still work."""
+    gateway = gateway_factory(constants={"QUERY_CLIENT_IDLE_S": 1.0})
+    assert gateway.proc is not None
+    port = int(gateway.daemon.query.rsplit(":", 1)[1])
+    pid = gateway.proc.pid
+
+    assert ok(gateway.client.get("/healthz"))["status"] == "ok"
+    assert connections_to(pid, port) >= 1  # the client went back to the pool, connected
+    eventually(lambda: connections_to(pid, port) == 0, 10, "the idle query client closed", detail=lambda: gateway.log())
+
+    assert ok(gateway.client.get("/stats"))["total_topics"] == 0
+    assert connections_to(pid, port) >= 1
+    assert "Traceback" not in gateway.log()
+
+
 @pytest.mark.e2e
 def test_queries_answer_within_the_timeout_even_when_many_wait(gateway_factory: Callable[..., Gateway]) -> None:
     """64 health checks at once against a stopped daemon: more than the gateway's query slots, so
