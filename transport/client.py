@@ -187,13 +187,20 @@ def unbounded_monitor(sock: zmq.Socket[Any], events: int) -> zmq.Socket[Any]:
     own address (see :func:`monitor_address`): pyzmq's default names it by the socket's file
     descriptor, which a socket opened just after one closed takes over while libzmq may still
     hold the old name.
+
+    When the monitor cannot be made (no descriptor free for it, say), ``sock`` is closed and the
+    ``ZMQError`` raised: a socket whose refusals would go unseen is not to be used.
     """
     address = monitor_address()
-    sock.monitor(address, events)
     try:
-        monitor: zmq.Socket[Any] = sock.context.socket(zmq.PAIR)
-    except zmq.ZMQError:  # no descriptor free for it, say: no monitor left with nobody reading it
-        sock.disable_monitor()
+        sock.monitor(address, events)
+        try:
+            monitor: zmq.Socket[Any] = sock.context.socket(zmq.PAIR)
+        except zmq.ZMQError:  # no monitor left with nobody reading it
+            sock.disable_monitor()
+            raise
+    except zmq.ZMQError:
+        sock.close(linger=0)
         raise
     monitor.setsockopt(zmq.RCVHWM, 0)  # with the sender's limit, 0 makes libzmq's inproc pipe unbounded
     monitor.setsockopt(zmq.LINGER, 0)
@@ -284,11 +291,7 @@ class QueryClient:
         # gateway pools them) while a daemon cut every handshake filled it in a few minutes,
         # which stopped every socket of the process-wide context. Only the events read (no
         # EVENT_CONNECTED), so that an idle one holds half as many.
-        try:
-            monitor = unbounded_monitor(sock, REFUSAL_EVENTS)
-        except zmq.ZMQError:  # no descriptor free for it, say
-            sock.close(linger=0)
-            raise
+        monitor = unbounded_monitor(sock, REFUSAL_EVENTS)
         try:
             connect(sock, self.endpoint)
         except ValueError as exc:

@@ -1106,11 +1106,7 @@ class Publisher:
             # reconnection adds an event; at about 2 000 (a daemon restarted that often, a network
             # that cuts idle connections) libzmq's I/O thread blocked on it, which stopped this
             # publisher's context: its frames queued, then each publish waited for ever.
-            try:
-                self._resources.monitor = unbounded_monitor(sock, zmq.EVENT_HANDSHAKE_SUCCEEDED)
-            except zmq.ZMQError:  # no descriptor free for it, say
-                sock.close(linger=0)
-                raise
+            self._resources.monitor = unbounded_monitor(sock, zmq.EVENT_HANDSHAKE_SUCCEEDED)
         else:
             # Every acknowledged publisher reads whether the daemon refuses its handshake (see
             # PublisherRefused); one that watches its connection, whether it is up, too. (The

@@ -526,11 +526,7 @@ class Subscriber:
             self._configure(sock)
         # Attached before connecting, or a quick refusal would go unseen. Unbounded: it is read
         # only within calls, and a full one would stop every socket of the process-wide context.
-        try:
-            monitor = unbounded_monitor(sock, REFUSAL_EVENTS)
-        except zmq.ZMQError:
-            sock.close(linger=0)
-            raise
+        monitor = unbounded_monitor(sock, REFUSAL_EVENTS)
         try:
             connect(sock, self.endpoint)
         except ValueError as exc:
