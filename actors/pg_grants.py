@@ -104,6 +104,12 @@ def search_path(setting: str, user: str) -> list[str]:
     return names
 
 
+def _search_path_of(conn: psycopg.Connection[Any], role: Role) -> tuple[str, list[str]]:
+    """The session's ``search_path`` setting, and its schema names in order (see :func:`search_path`)."""
+    (setting,) = conn.execute("SELECT current_setting('search_path')").fetchone() or ("",)
+    return str(setting), search_path(str(setting), role.name)
+
+
 def _home(conn: psycopg.Connection[Any], role: Role) -> tuple[int, str, bool] | None:
     """The schema holding eventagg's tables (oid, name as SQL spells it, whether the role may use
     it), or None when no schema on the search path holds them."""
@@ -113,13 +119,13 @@ def _home(conn: psycopg.Connection[Any], role: Role) -> tuple[int, str, bool] | 
     ).fetchone()
     if row is not None:
         return int(row[0]), str(row[1]), True
-    (setting,) = conn.execute("SELECT current_setting('search_path')").fetchone() or ("",)
+    _setting, schemas = _search_path_of(conn, role)
     # The first schema on the path holding the tables, which the role may not use (so it was skipped).
     row = conn.execute(
         "SELECT n.oid, quote_ident(n.nspname) FROM unnest(%s::text[]) WITH ORDINALITY AS p(name, i)"
         " JOIN pg_namespace AS n ON n.nspname = p.name JOIN pg_class AS c ON c.relnamespace = n.oid"
         " WHERE c.relname = 'eventagg_schema' ORDER BY p.i LIMIT 1",
-        (search_path(str(setting), role.name),),
+        (schemas,),
     ).fetchone()
     return None if row is None else (int(row[0]), str(row[1]), False)
 
@@ -215,12 +221,12 @@ def cannot_create(conn: psycopg.Connection[Any], exc: BaseException) -> str:
     refused = said(exc)
     try:
         role = role_of(conn)
-        (setting,) = conn.execute("SELECT current_setting('search_path')").fetchone() or ("",)
+        setting, schemas = _search_path_of(conn, role)
         row = conn.execute(
             "SELECT quote_ident(n.nspname), pg_get_userbyid(n.nspowner), has_schema_privilege(n.oid, 'USAGE'),"
             " has_schema_privilege(n.oid, 'CREATE') FROM unnest(%s::text[]) WITH ORDINALITY AS p(name, i)"
             " JOIN pg_namespace AS n ON n.nspname = p.name ORDER BY p.i LIMIT 1",
-            (search_path(str(setting), role.name),),
+            (schemas,),
         ).fetchone()
     except pg.Error:
         return f"{refused} (see {DOCS})"
