@@ -291,10 +291,7 @@ class DaemonLink:
             client.close()  # a REQ socket after a bad reply is not worth reusing
             raise GatewayError(502, f"the daemon sent a reply the gateway cannot read: {exc}") from None
         self._refused.pop(self.query_endpoint, None)
-        if self._closed:
-            client.close()
-        else:
-            self._queries.put(client, time.monotonic())
+        self._return(self._queries, client)
         return reply
 
     def close_idle_queries(self) -> None:
@@ -457,7 +454,7 @@ class DaemonLink:
 
     # -- pools
 
-    def _return(self, pool: queue.SimpleQueue[Any], item: Any) -> None:
+    def _return(self, pool: queue.SimpleQueue[Any] | IdleQueryClients, item: Any) -> None:
         if self._closed:
             item.close()
         else:
@@ -557,10 +554,10 @@ class IdleQueryClients:
         with self._lock:
             return self._idle.pop()[1] if self._idle else None
 
-    def put(self, client: QueryClient, now: float) -> None:
-        """Hand ``client`` back, done with at ``now``."""
+    def put(self, client: QueryClient) -> None:
+        """Hand ``client`` back, done with now."""
         with self._lock:
-            self._idle.append((now, client))
+            self._idle.append((time.monotonic(), client))
 
     def returned_before(self, cutoff: float) -> list[QueryClient]:
         """Take out the clients back before ``cutoff``, now the caller's alone (to close)."""
