@@ -275,6 +275,13 @@ def test_query_clients_kept_open_while_their_daemon_refused_them_for_a_while_are
     assert daemon.terminate() == 0
 
 
+def sighup(daemon: Daemon) -> None:
+    """Send the daemon SIGHUP and wait until it logs that it re-read its config."""
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGHUP)
+    eventually(lambda: "SIGHUP: re-read" in daemon.log(), 15, "the config to be re-read")
+
+
 @pytest.mark.e2e
 def test_sighup_reloads_authorized_keys(daemon_factory: Callable[..., Daemon], keys: dict[str, Path]) -> None:
     alice = curve_client(keys["server_public"], keys["alice"])
@@ -314,9 +321,7 @@ def test_a_bad_authorized_file_at_sighup_does_not_hold_back_a_revocation(
         carol_file = keys["authorized"] / "carol.key"
         carol_file.write_bytes(b"not a certificate\n")
         os.chmod(carol_file, 0o644)
-        assert daemon.proc is not None
-        daemon.proc.send_signal(signal.SIGHUP)
-        eventually(lambda: "SIGHUP: re-read" in daemon.log(), 15, "the config to be re-read")
+        sighup(daemon)
         # Alice: refused on her open connection and at a new handshake, right after the reload.
         started = time.monotonic()
         assert "no longer authorized" in kept_open.request({"op": "stats"}).get("error", ""), daemon.log()
@@ -709,9 +714,7 @@ def test_sighup_says_a_new_authorized_keys_folder_needs_a_restart(
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     daemon.config_path.write_text(daemon.config_path.read_text().replace(str(keys["authorized"]), str(elsewhere)))
-    assert daemon.proc is not None
-    daemon.proc.send_signal(signal.SIGHUP)
-    eventually(lambda: "SIGHUP: re-read" in daemon.log(), 15, "the config to be re-read")
+    sighup(daemon)
     assert (
         f"SIGHUP: [security] authorized_keys changed from '{keys['authorized']}' to '{elsewhere}': that needs a "
         "restart (until then the old setting stays in force)" in daemon.log()
@@ -726,9 +729,7 @@ def test_sighup_rechecks_the_secret_key_file(daemon_factory: Callable[..., Daemo
     daemon = curve_daemon(daemon_factory, keys).start(wait=False)
     wait_ready(daemon, alice)
     os.chmod(keys["server_secret"], 0o644)
-    assert daemon.proc is not None
-    daemon.proc.send_signal(signal.SIGHUP)
-    eventually(lambda: "SIGHUP: re-read" in daemon.log(), 15, "the config to be re-read")
+    sighup(daemon)
     assert (
         f"SIGHUP: [security] curve_secret_key {keys['server_secret']} has loose permissions (-rw-r--r--)"
         in daemon.log()
@@ -752,9 +753,7 @@ def test_sighup_says_a_replaced_server_key_needs_a_restart(
     made = run_script("keys.py", "server", str(rotated), timeout=30)
     assert made.returncode == 0, made.stderr
     keys["server_secret"].write_bytes((rotated / "server.key_secret").read_bytes())
-    assert daemon.proc is not None
-    daemon.proc.send_signal(signal.SIGHUP)
-    eventually(lambda: "SIGHUP: re-read" in daemon.log(), 15, "the config to be re-read")
+    sighup(daemon)
     assert (
         f"SIGHUP: [security] curve_secret_key {keys['server_secret']} now holds another key pair: the daemon "
         "goes on with the one it read at start until it is restarted" in daemon.log()
