@@ -504,7 +504,9 @@ def test_the_received_counter_never_goes_back_when_a_daemon_is_killed(daemon_fac
     daemon = daemon_factory().start(env=hooks)
     publish(daemon.ingest, "--events", "2000")
     daemon.wait_stats(received=2000, in_flight=0)
-    assert "error" not in daemon.request({"op": "debug_freeze", "actor": "dedup", "seconds": 5})  # nothing commits
+    # Nothing commits until the kill below ends it: long enough for the publish command, which
+    # the full suite's load once kept starting past a 5 s freeze (the 500 then committed).
+    assert "error" not in daemon.request({"op": "debug_freeze", "actor": "dedup", "seconds": 60})
     publish(daemon.ingest, "--events", "500", "--id-prefix", "more-")
     before = eventually(lambda: s if (s := daemon.stats())["in_flight"] == 500 else None, 10, "500 in flight")
     assert before["received"] == 2500 and received_total(before) == 2000, before
